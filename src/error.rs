@@ -1,0 +1,44 @@
+//! The library's error type. Anything that comes from outside (files, flags, checkpoints) is
+//! reported through it with the file and key named; only programming errors panic.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid safetensors file: {reason}")]
+    Safetensors { path: PathBuf, reason: String },
+    #[error("{path}: tensor `{key}` has unsupported dtype {dtype} (expected f32, f16 or bf16)")]
+    UnsupportedDType {
+        path: PathBuf,
+        key: String,
+        dtype: String,
+    },
+    #[error("{path}: tensor `{key}` not found")]
+    MissingTensor { path: PathBuf, key: String },
+    #[error("{path}: tensor `{key}` has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch {
+        path: PathBuf,
+        key: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

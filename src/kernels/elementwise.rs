@@ -1,0 +1,194 @@
+//! Elementwise kernels: broadcasting binary ops, their reduction back to an operand's shape, and
+//! the pointwise activations with their derivatives.
+
+use crate::tensor::{numel, Tensor};
+use rayon::prelude::*;
+
+const CHUNK: usize = 1 << 14;
+
+/// NumPy-style broadcast of two shapes (right-aligned; a size-1 dim stretches).
+pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Vec<usize> {
+    let r = a.len().max(b.len());
+    (0..r)
+        .map(|i| {
+            let da = if i + a.len() >= r { a[i + a.len() - r] } else { 1 };
+            let db = if i + b.len() >= r { b[i + b.len() - r] } else { 1 };
+            assert!(
+                da == db || da == 1 || db == 1,
+                "shapes {a:?} and {b:?} do not broadcast"
+            );
+            da.max(db)
+        })
+        .collect()
+}
+
+/// Strides of `shape` read as the broadcast `out` shape (0 along stretched dims).
+fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
+    let r = out.len();
+    let mut strides = vec![0; r];
+    let mut s = 1;
+    for i in (0..shape.len()).rev() {
+        let o = i + r - shape.len();
+        strides[o] = if shape[i] == 1 { 0 } else { s };
+        s *= shape[i];
+    }
+    strides
+}
+
+/// Offset in a broadcast operand of the first element of output row `row` (rows = all dims but the last).
+fn row_offset(row: usize, out: &[usize], strides: &[usize]) -> usize {
+    let mut rem = row;
+    let mut off = 0;
+    for d in (0..out.len().saturating_sub(1)).rev() {
+        off += (rem % out[d]) * strides[d];
+        rem /= out[d];
+    }
+    off
+}
+
+/// `f(a, b)` with broadcasting.
+pub fn binary(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync) -> Tensor {
+    let (x, y) = (a.f32s(), b.f32s());
+    if a.shape() == b.shape() {
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(c, o)| {
+                let base = c * CHUNK;
+                for (i, o) in o.iter_mut().enumerate() {
+                    *o = f(x[base + i], y[base + i]);
+                }
+            });
+        return Tensor::from_vec(out, a.shape());
+    }
+    let shape = broadcast_shape(a.shape(), b.shape());
+    let (sa, sb) = (
+        broadcast_strides(a.shape(), &shape),
+        broadcast_strides(b.shape(), &shape),
+    );
+    let last = *shape.last().unwrap_or(&1);
+    let (la, lb) = (*sa.last().unwrap_or(&0), *sb.last().unwrap_or(&0));
+    let mut out = vec![0f32; numel(&shape)];
+    if last > 0 {
+        out.par_chunks_mut(last).enumerate().for_each(|(row, o)| {
+            let (oa, ob) = (row_offset(row, &shape, &sa), row_offset(row, &shape, &sb));
+            for (j, o) in o.iter_mut().enumerate() {
+                *o = f(x[oa + j * la], y[ob + j * lb]);
+            }
+        });
+    }
+    Tensor::from_vec(out, &shape)
+}
+
+pub fn add(a: &Tensor, b: &Tensor) -> Tensor {
+    binary(a, b, |x, y| x + y)
+}
+
+/// Sums a gradient of the broadcast shape back to `shape` (the inverse of broadcasting).
+pub fn sum_to_shape(g: &Tensor, shape: &[usize]) -> Tensor {
+    if g.shape() == shape {
+        return g.clone();
+    }
+    let out_shape = g.shape().to_vec();
+    let strides = broadcast_strides(shape, &out_shape);
+    let last = *out_shape.last().unwrap_or(&1);
+    let ls = *strides.last().unwrap_or(&0);
+    let mut out = vec![0f32; numel(shape)];
+    let src = g.f32s();
+    if last > 0 {
+        for (row, r) in src.chunks(last).enumerate() {
+            let o = row_offset(row, &out_shape, &strides);
+            if ls == 0 {
+                out[o] += r.iter().sum::<f32>();
+            } else {
+                for (j, v) in r.iter().enumerate() {
+                    out[o + j] += v;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(out, shape)
+}
+
+/// Pointwise activations with their derivatives (`d` returns dy/dx at x).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Activation {
+    /// GELU, tanh approximation (what SD3 uses).
+    GeluTanh,
+    Silu,
+    LeakyRelu(f32),
+    Softplus,
+    LogSigmoid,
+    Exp,
+}
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_C: f32 = 0.044_715;
+
+pub fn sigmoid(x: f32) -> f32 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+/// log(1 + e^x) without overflow.
+pub fn softplus(x: f32) -> f32 {
+    x.max(0.0) + (-x.abs()).exp().ln_1p()
+}
+
+impl Activation {
+    pub fn f(self, x: f32) -> f32 {
+        match self {
+            Activation::GeluTanh => {
+                0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + GELU_C * x * x * x)).tanh())
+            }
+            Activation::Silu => x * sigmoid(x),
+            Activation::LeakyRelu(s) => {
+                if x > 0.0 {
+                    x
+                } else {
+                    s * x
+                }
+            }
+            Activation::Softplus => softplus(x),
+            Activation::LogSigmoid => -softplus(-x),
+            Activation::Exp => x.exp(),
+        }
+    }
+
+    pub fn d(self, x: f32) -> f32 {
+        match self {
+            Activation::GeluTanh => {
+                let t = (SQRT_2_OVER_PI * (x + GELU_C * x * x * x)).tanh();
+                0.5 * (1.0 + t)
+                    + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x * x)
+            }
+            Activation::Silu => {
+                let s = sigmoid(x);
+                s * (1.0 + x * (1.0 - s))
+            }
+            Activation::LeakyRelu(s) => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    s
+                }
+            }
+            Activation::Softplus => sigmoid(x),
+            Activation::LogSigmoid => sigmoid(-x),
+            Activation::Exp => x.exp(),
+        }
+    }
+}
+
+pub fn activation_fwd(x: &Tensor, act: Activation) -> Tensor {
+    x.map(|v| act.f(v))
+}
+
+/// dx = dy · act'(x).
+pub fn activation_bwd(x: &Tensor, dy: &Tensor, act: Activation) -> Tensor {
+    binary(x, dy, |x, g| g * act.d(x))
+}

@@ -1,0 +1,19 @@
+//! advdmd: few-step AdvDMD distillation of MMDiT diffusion transformers.
+//!
+//! Layers, bottom up (design/ARCHITECTURE.md): `tensor` and `device` → `kernels` (CPU reference,
+//! later GPU launchers) → `ops` (differentiable primitives) → `autograd` (tape, backward) → the
+//! model and trainer layers that later issues add. `checkpoint` reads and writes safetensors.
+
+pub mod autograd;
+pub mod checkpoint;
+pub mod device;
+pub mod error;
+pub mod info;
+pub mod kernels;
+pub mod ops;
+pub mod tensor;
+
+pub use autograd::{backward, no_grad, Param, Var};
+pub use device::Device;
+pub use error::{Error, Result};
+pub use tensor::{DType, Rng, Tensor};

@@ -1,0 +1,145 @@
+//! Shared test helpers: the finite-difference gradient check and random inputs.
+#![allow(dead_code)]
+
+use advdmd::autograd::{backward, no_grad};
+use advdmd::{Rng, Tensor, Var};
+
+/// Random normal tensor (deterministic per seed).
+pub fn randn(shape: &[usize], seed: u64) -> Tensor {
+    Tensor::randn(shape, &mut Rng::new(seed))
+}
+
+/// Random normal tensor with every |value| ≥ `gap` (keeps kinks such as LeakyReLU's away from
+/// the finite-difference stencil).
+pub fn randn_away_from_zero(shape: &[usize], seed: u64, gap: f32) -> Tensor {
+    randn(shape, seed).map(|v| if v.abs() < gap { v.signum() * gap + v } else { v })
+}
+
+pub struct GradCheck {
+    /// Finite-difference step.
+    pub eps: f32,
+    /// Allowed error relative to each entry.
+    pub rtol: f64,
+    /// Allowed error relative to the largest entry of that input's gradient.
+    pub scale_tol: f64,
+    /// At most this many entries per input are differenced (chosen at random), to bound time.
+    pub max_entries: usize,
+}
+
+impl Default for GradCheck {
+    fn default() -> Self {
+        GradCheck {
+            eps: 1e-2,
+            rtol: 1e-2,
+            scale_tol: 5e-3,
+            max_entries: 400,
+        }
+    }
+}
+
+/// Checks the analytic gradients of `f` with respect to every input against central
+/// differences of the scalar Σ_k ⟨out_k, R_k⟩ with fixed random R_k, computed in f64 from the f32
+/// outputs. Panics with the worst entry on failure.
+pub fn gradcheck(name: &str, inputs: &[Tensor], f: impl Fn(&[Var]) -> Vec<Var>) {
+    GradCheck::default().run(name, inputs, f)
+}
+
+impl GradCheck {
+    pub fn run(&self, name: &str, inputs: &[Tensor], f: impl Fn(&[Var]) -> Vec<Var>) {
+        let vars: Vec<Var> = inputs.iter().cloned().map(Var::input).collect();
+        let outs = f(&vars);
+        let mut rng = Rng::new(0xC0FFEE);
+        let seeds: Vec<Tensor> = outs
+            .iter()
+            .map(|o| Tensor::randn(o.shape(), &mut rng))
+            .collect();
+        let pairs: Vec<(&Var, Tensor)> = outs.iter().zip(seeds.iter().cloned()).collect();
+        let grads = backward(&pairs);
+
+        let objective = |xs: &[Tensor]| -> f64 {
+            let _g = no_grad();
+            let vs: Vec<Var> = xs.iter().cloned().map(Var::constant).collect();
+            f(&vs)
+                .iter()
+                .zip(&seeds)
+                .map(|(o, r)| {
+                    o.value()
+                        .f32s()
+                        .iter()
+                        .zip(r.f32s())
+                        .map(|(&a, &b)| a as f64 * b as f64)
+                        .sum::<f64>()
+                })
+                .sum()
+        };
+
+        for (i, x) in inputs.iter().enumerate() {
+            let analytic = grads
+                .get(&vars[i])
+                .map(|g| g.to_vec())
+                .unwrap_or_else(|| vec![0.0; x.numel()]);
+            assert_eq!(analytic.len(), x.numel(), "{name}: input {i} gradient size");
+            let mut entries: Vec<usize> = (0..x.numel()).collect();
+            if entries.len() > self.max_entries {
+                let mut r = Rng::new(i as u64 + 17);
+                for j in 0..self.max_entries {
+                    let k = j + r.below((entries.len() - j) as u64) as usize;
+                    entries.swap(j, k);
+                }
+                entries.truncate(self.max_entries);
+            }
+            let mut numeric = Vec::with_capacity(entries.len());
+            for &e in &entries {
+                let mut plus = x.to_vec();
+                plus[e] += self.eps;
+                let mut minus = x.to_vec();
+                minus[e] -= self.eps;
+                let with = |v: Vec<f32>| {
+                    let mut xs = inputs.to_vec();
+                    xs[i] = Tensor::from_vec(v, x.shape());
+                    objective(&xs)
+                };
+                numeric.push((with(plus) - with(minus)) / (2.0 * self.eps as f64));
+            }
+            let scale = numeric
+                .iter()
+                .map(|v| v.abs())
+                .chain(entries.iter().map(|&e| analytic[e].abs() as f64))
+                .fold(0.0, f64::max);
+            let mut worst = (0.0f64, 0usize, 0.0f64, 0.0f64);
+            for (&e, &n) in entries.iter().zip(&numeric) {
+                let a = analytic[e] as f64;
+                let allowed = self.rtol * n.abs() + self.scale_tol * scale + 1e-5;
+                let ratio = (a - n).abs() / allowed;
+                if ratio > worst.0 {
+                    worst = (ratio, e, a, n);
+                }
+            }
+            println!(
+                "{name}: input {i} {:?}: {} entries, grad scale {scale:.3e}, worst error/allowed {:.3}",
+                x.shape(),
+                entries.len(),
+                worst.0
+            );
+            assert!(
+                worst.0 <= 1.0,
+                "{name}: input {i} {:?} entry {}: analytic {:.6e} vs numeric {:.6e} (scale {scale:.3e})",
+                x.shape(),
+                worst.1,
+                worst.2,
+                worst.3
+            );
+        }
+    }
+}
+
+/// Asserts two float slices agree within `atol + rtol·|reference|` entrywise.
+pub fn assert_close(name: &str, got: &[f32], reference: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(got.len(), reference.len(), "{name}: lengths differ");
+    for (i, (g, r)) in got.iter().zip(reference).enumerate() {
+        assert!(
+            (g - r).abs() <= atol + rtol * r.abs(),
+            "{name}: entry {i}: got {g}, reference {r}"
+        );
+    }
+}
