@@ -1,1 +1,200 @@
-//! stub
+//! Checkpoint IO: safetensors files read through a memory map, tensor by tensor, and written
+//! atomically (temporary file in the same folder, fsync, rename), so a crash never leaves a
+//! half-written checkpoint behind.
+
+use crate::error::{Error, Result};
+use crate::tensor::{numel, DType, StoredDType, Tensor};
+use safetensors::tensor::{Dtype, Metadata, TensorInfo};
+use safetensors::SafeTensors;
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// A safetensors file opened for reading. The header is parsed and validated once (offsets,
+/// sizes, total length: a truncated file is rejected here); tensor data is read on demand from the
+/// memory map, so a large model is never held twice in memory.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    mmap: memmap2::Mmap,
+    metadata: Metadata,
+    data_start: usize,
+}
+
+/// Name, stored dtype and shape of one tensor in a file.
+#[derive(Clone, Debug)]
+pub struct TensorEntry {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+}
+
+impl SafetensorsFile {
+    pub fn open(path: impl AsRef<Path>) -> Result<SafetensorsFile> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        // SAFETY: the map is read-only; a file changed underneath us by another process is the
+        // usual caveat of memory-mapped IO, the same as every safetensors loader accepts.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        let (header_len, metadata) =
+            SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(SafetensorsFile {
+            path,
+            mmap,
+            metadata,
+            data_start: 8 + header_len,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Tensor names in file order.
+    pub fn names(&self) -> Vec<String> {
+        self.metadata.offset_keys()
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.metadata.info(name).is_some()
+    }
+
+    /// The free-form `__metadata__` map of the header.
+    pub fn user_metadata(&self) -> HashMap<String, String> {
+        self.metadata.metadata().clone().unwrap_or_default()
+    }
+
+    pub fn entries(&self) -> Vec<TensorEntry> {
+        self.names()
+            .into_iter()
+            .map(|name| {
+                let info = self.metadata.info(&name).expect("listed name");
+                TensorEntry {
+                    dtype: format!("{:?}", info.dtype),
+                    shape: info.shape.clone(),
+                    name,
+                }
+            })
+            .collect()
+    }
+
+    fn info(&self, name: &str) -> Result<&TensorInfo> {
+        self.metadata
+            .info(name)
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.path.clone(),
+                key: name.to_string(),
+            })
+    }
+
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        Ok(self.info(name)?.shape.clone())
+    }
+
+    /// Loads a tensor: f32 and f16 become f32 (f16 is widened), bf16 stays bf16.
+    pub fn load(&self, name: &str) -> Result<Tensor> {
+        let info = self.info(name)?;
+        let stored = match info.dtype {
+            Dtype::F32 => StoredDType::F32,
+            Dtype::F16 => StoredDType::F16,
+            Dtype::BF16 => StoredDType::BF16,
+            other => {
+                return Err(Error::UnsupportedDType {
+                    path: self.path.clone(),
+                    key: name.to_string(),
+                    dtype: format!("{other:?}"),
+                })
+            }
+        };
+        let (a, b) = info.data_offsets;
+        let bytes = &self.mmap[self.data_start + a..self.data_start + b];
+        Ok(Tensor::from_le_bytes(bytes, stored, &info.shape))
+    }
+
+    /// Loads a tensor as f32, checking its shape when `expected` is given.
+    pub fn load_f32(&self, name: &str, expected: Option<&[usize]>) -> Result<Tensor> {
+        let t = self.load(name)?;
+        if let Some(want) = expected {
+            if t.shape() != want {
+                return Err(Error::ShapeMismatch {
+                    path: self.path.clone(),
+                    key: name.to_string(),
+                    found: t.shape().to_vec(),
+                    expected: want.to_vec(),
+                });
+            }
+        }
+        Ok(t.to_dtype(DType::F32))
+    }
+}
+
+struct TensorBytes<'a>(&'a Tensor);
+
+impl safetensors::View for TensorBytes<'_> {
+    fn dtype(&self) -> Dtype {
+        match self.0.dtype() {
+            DType::F32 => Dtype::F32,
+            DType::BF16 => Dtype::BF16,
+        }
+    }
+    fn shape(&self) -> &[usize] {
+        self.0.shape()
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Owned(self.0.to_le_bytes())
+    }
+    fn data_len(&self) -> usize {
+        numel(self.0.shape()) * self.0.dtype().size_in_bytes()
+    }
+}
+
+/// Writes tensors (in their own dtype) to a safetensors file atomically.
+pub fn save_safetensors(
+    path: impl AsRef<Path>,
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let path = path.as_ref();
+    let views = tensors.iter().map(|(n, t)| (n.as_str(), TensorBytes(t)));
+    let bytes = safetensors::serialize(views, metadata).map_err(|e| Error::Safetensors {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Invalid(format!("{}: not a file path", path.display())))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    // Make the rename itself durable; a failure here leaves a complete file, so it is not fatal.
+    if let Ok(d) = File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
