@@ -1,1 +1,76 @@
-//! stub
+//! `advdmd info`: what this build contains and what this machine offers.
+
+use crate::device::{cpu_threads, probe_cuda, CudaProbe};
+
+include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+
+/// Build features compiled in.
+pub fn features() -> Vec<&'static str> {
+    let mut f = Vec::new();
+    if cfg!(feature = "cuda") {
+        f.push("cuda");
+    }
+    f
+}
+
+pub struct Info {
+    pub version: &'static str,
+    pub features: Vec<&'static str>,
+    pub cpu_threads: usize,
+    pub cuda: CudaProbe,
+    pub kernels: Vec<&'static str>,
+}
+
+pub fn gather() -> Info {
+    Info {
+        version: env!("CARGO_PKG_VERSION"),
+        features: features(),
+        cpu_threads: cpu_threads(),
+        cuda: probe_cuda(),
+        kernels: EMBEDDED_KERNELS.iter().map(|(n, _)| *n).collect(),
+    }
+}
+
+impl Info {
+    pub fn to_json(&self) -> serde_json::Value {
+        let gpus: Vec<serde_json::Value> = match &self.cuda {
+            CudaProbe::Found(g) => g
+                .iter()
+                .map(|g| {
+                    serde_json::json!({
+                        "ordinal": g.ordinal,
+                        "name": g.name,
+                        "compute_capability": format!("{}.{}", g.compute_capability.0, g.compute_capability.1),
+                        "total_memory_bytes": g.total_memory_bytes,
+                    })
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        serde_json::json!({
+            "version": self.version,
+            "features": self.features,
+            "cpu_threads": self.cpu_threads,
+            "cuda": self.cuda.to_string(),
+            "gpus": gpus,
+            "kernels": self.kernels,
+        })
+    }
+
+    pub fn to_text(&self) -> String {
+        let kernels = if self.kernels.is_empty() {
+            "none".to_string()
+        } else {
+            self.kernels.join(", ")
+        };
+        let features = if self.features.is_empty() {
+            "none".to_string()
+        } else {
+            self.features.join(", ")
+        };
+        format!(
+            "advdmd {}\nfeatures: {features}\ncpu: {} threads\ncuda: {}\nkernels embedded: {kernels}\n",
+            self.version, self.cpu_threads, self.cuda
+        )
+    }
+}

@@ -1,1 +1,558 @@
-//! stub
+//! Joint attention of the MMDiT (MMDIT.md §A.3): the CPU forward and backward kernels and their
+//! f64 references.
+//!
+//! Two token streams, `a` (text, may be empty) and `b` (image), attend over the concatenation
+//! `[a; b]` of their tokens: `O = softmax(Q·Kᵀ/√d)·V`, no mask, no causality. The concatenation is
+//! never built. Every operand is `[B, L, H, d]`, the layout the qkv linear produces. For a given
+//! (batch, head) pair, the rows of one stream form a strided matrix (row stride `H·d`), and the
+//! GEMMs read them in place. A query tile's scores against the two streams go into the two
+//! column ranges of one buffer.
+//!
+//! The work splits into (batch, head) tasks on rayon. Each task walks its query rows in tiles of
+//! [`QUERY_TILE`] rows, one stream at a time, so a task holds at most `QUERY_TILE·(La+Lb)` scores:
+//! SD3's 4096+333 tokens never need an L² buffer. The backward is FlashAttention's: `P` is
+//! recomputed from the saved row log-sum-exp, and dK and dV accumulate over the query tiles.
+//! Each task runs its GEMMs serially and in a fixed order, so results are bitwise reproducible.
+//! Image-only self-attention (MMDiT-X `attn2`) is the case `La = 0`.
+
+use crate::kernels::gemm::{sgemm, MatRef};
+use crate::tensor::Tensor;
+use rayon::prelude::*;
+
+/// Query rows per tile. 256 rows against SD3's 4429 keys is 4.5 MB of scores per task, and the
+/// packing of K and V is spread over enough rows to stay cheap next to the products.
+pub const QUERY_TILE: usize = 256;
+
+/// The forward's outputs. `lse` is what the backward needs to rebuild the probabilities.
+pub struct JointAttentionOut {
+    /// `[B, La, H, d]`.
+    pub o_a: Tensor,
+    /// `[B, Lb, H, d]`.
+    pub o_b: Tensor,
+    /// `[B, H, La+Lb]`: log-sum-exp of each query row's scaled scores, rows ordered a then b.
+    pub lse: Tensor,
+}
+
+/// Sizes shared by all operands of one call.
+#[derive(Clone, Copy)]
+struct Dims {
+    batch: usize,
+    la: usize,
+    lb: usize,
+    heads: usize,
+    d: usize,
+}
+
+impl Dims {
+    fn lt(&self) -> usize {
+        self.la + self.lb
+    }
+    /// Row stride of a `[B, L, H, d]` operand.
+    fn ld(&self) -> usize {
+        self.heads * self.d
+    }
+    fn scale(&self) -> f32 {
+        1.0 / (self.d as f32).sqrt()
+    }
+}
+
+fn check_dims(q_a: &Tensor, k_a: &Tensor, v_a: &Tensor, q_b: &Tensor, k_b: &Tensor, v_b: &Tensor) -> Dims {
+    for (name, t) in [("q_a", q_a), ("k_a", k_a), ("v_a", v_a), ("q_b", q_b), ("k_b", k_b), ("v_b", v_b)] {
+        assert_eq!(t.rank(), 4, "joint attention: {name} must be [B, L, H, d], got {:?}", t.shape());
+    }
+    assert!(
+        k_a.shape() == q_a.shape() && v_a.shape() == q_a.shape(),
+        "joint attention: stream a needs q, k, v of one shape, got {:?}, {:?}, {:?}",
+        q_a.shape(),
+        k_a.shape(),
+        v_a.shape()
+    );
+    assert!(
+        k_b.shape() == q_b.shape() && v_b.shape() == q_b.shape(),
+        "joint attention: stream b needs q, k, v of one shape, got {:?}, {:?}, {:?}",
+        q_b.shape(),
+        k_b.shape(),
+        v_b.shape()
+    );
+    let (sa, sb) = (q_a.shape(), q_b.shape());
+    assert!(
+        sa[0] == sb[0] && sa[2] == sb[2] && sa[3] == sb[3],
+        "joint attention: streams differ in batch, heads or head dim: a {sa:?} vs b {sb:?} ([B, L, H, d])"
+    );
+    let dims = Dims {
+        batch: sb[0],
+        la: sa[1],
+        lb: sb[1],
+        heads: sb[2],
+        d: sb[3],
+    };
+    assert!(dims.d > 0, "joint attention: head dim is 0 in {sb:?}");
+    assert!(
+        dims.lt() > 0,
+        "joint attention: no tokens to attend to (La = Lb = 0 in {sa:?}, {sb:?})"
+    );
+    dims
+}
+
+/// `data[off..]`, or an empty slice for an empty stream (whose offsets point past its end).
+fn tail(data: &[f32], off: usize) -> &[f32] {
+    data.get(off..).unwrap_or(&[])
+}
+
+/// One stream's operands seen from one (batch, head) pair.
+struct StreamView<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    len: usize,
+    /// Row of the concatenation `[a; b]` where this stream starts.
+    start: usize,
+}
+
+impl<'a> StreamView<'a> {
+    fn new(q: &'a Tensor, k: &'a Tensor, v: &'a Tensor, len: usize, start: usize) -> Self {
+        StreamView {
+            q: q.f32s(),
+            k: k.f32s(),
+            v: v.f32s(),
+            len,
+            start,
+        }
+    }
+}
+
+/// Offset of row `r` of (batch `b`, head `h`) in a `[B, len, H, d]` operand.
+fn row_off(dims: &Dims, len: usize, b: usize, h: usize, r: usize) -> usize {
+    ((b * len + r) * dims.heads + h) * dims.d
+}
+
+/// Rows `r..` of (b, h) as a matrix of `d` columns.
+fn rows<'a>(data: &'a [f32], dims: &Dims, len: usize, b: usize, h: usize, r: usize) -> MatRef<'a> {
+    MatRef {
+        data: tail(data, row_off(dims, len, b, h, r)),
+        rs: dims.ld(),
+        cs: 1,
+    }
+}
+
+/// The transpose of [`rows`]: `d` rows, one column per token.
+fn rows_t<'a>(data: &'a [f32], dims: &Dims, len: usize, b: usize, h: usize, r: usize) -> MatRef<'a> {
+    MatRef {
+        data: tail(data, row_off(dims, len, b, h, r)),
+        rs: 1,
+        cs: dims.ld(),
+    }
+}
+
+/// Query tiles of both streams in concatenation order: (stream index, first row, rows).
+fn tiles(dims: &Dims) -> impl Iterator<Item = (usize, usize, usize)> {
+    let lens = [dims.la, dims.lb];
+    (0..2).flat_map(move |s| (0..lens[s]).step_by(QUERY_TILE).map(move |r0| (s, r0, QUERY_TILE.min(lens[s] - r0))))
+}
+
+/// Scores `scale·Q_tile·Kᵀ` of `m` query rows of `qs` (from row `r0`) against both streams'
+/// keys, into `s` (`m × (La+Lb)`, row-major).
+#[allow(clippy::too_many_arguments)]
+fn scores(dims: &Dims, streams: &[StreamView; 2], qs: &StreamView, b: usize, h: usize, r0: usize, m: usize, s: &mut [f32]) {
+    let (lt, d) = (dims.lt(), dims.d);
+    let q = rows(qs.q, dims, qs.len, b, h, r0);
+    for ks in streams {
+        let k = rows_t(ks.k, dims, ks.len, b, h, 0);
+        sgemm(m, ks.len, d, dims.scale(), q, k, &mut s[ks.start..], lt, false, false);
+    }
+}
+
+/// `out = P·V` for a tile: `p` is `m × (La+Lb)`, `out` row-major `m × d`.
+fn weighted_values(dims: &Dims, streams: &[StreamView; 2], p: &[f32], b: usize, h: usize, m: usize, out: &mut [f32]) {
+    for (i, vs) in streams.iter().enumerate() {
+        let pv = MatRef::rows(&p[vs.start..], dims.lt());
+        let v = rows(vs.v, dims, vs.len, b, h, 0);
+        sgemm(m, dims.d, vs.len, 1.0, pv, v, out, dims.d, i > 0, false);
+    }
+}
+
+/// Forward: outputs of both streams and the row log-sum-exp for the backward.
+pub fn joint_attention_fwd(
+    q_a: &Tensor,
+    k_a: &Tensor,
+    v_a: &Tensor,
+    q_b: &Tensor,
+    k_b: &Tensor,
+    v_b: &Tensor,
+) -> JointAttentionOut {
+    let dims = check_dims(q_a, k_a, v_a, q_b, k_b, v_b);
+    let streams = [
+        StreamView::new(q_a, k_a, v_a, dims.la, 0),
+        StreamView::new(q_b, k_b, v_b, dims.lb, dims.la),
+    ];
+    let (lt, d) = (dims.lt(), dims.d);
+    let tile_cap = QUERY_TILE.min(dims.la.max(dims.lb));
+    // Per task: the outputs of all La+Lb rows (concatenation order, row-major × d) and the lse.
+    let per_task: Vec<(Vec<f32>, Vec<f32>)> = (0..dims.batch * dims.heads)
+        .into_par_iter()
+        .map(|bh| {
+            let (b, h) = (bh / dims.heads, bh % dims.heads);
+            let mut o = vec![0f32; lt * d];
+            let mut lse = vec![0f32; lt];
+            let mut sbuf = vec![0f32; tile_cap * lt];
+            for (si, r0, m) in tiles(&dims) {
+                let qs = &streams[si];
+                let g0 = qs.start + r0;
+                let s = &mut sbuf[..m * lt];
+                scores(&dims, &streams, qs, b, h, r0, m, s);
+                for (row, l) in s.chunks_mut(lt).zip(&mut lse[g0..g0 + m]) {
+                    let max = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+                    let mut sum = 0f64;
+                    for x in row.iter_mut() {
+                        *x = (*x - max).exp();
+                        sum += *x as f64;
+                    }
+                    let inv = (1.0 / sum) as f32;
+                    row.iter_mut().for_each(|x| *x *= inv);
+                    *l = max + sum.ln() as f32;
+                }
+                weighted_values(&dims, &streams, s, b, h, m, &mut o[g0 * d..(g0 + m) * d]);
+            }
+            (o, lse)
+        })
+        .collect();
+    let outs: Vec<&[f32]> = per_task.iter().map(|(o, _)| o.as_slice()).collect();
+    let lse: Vec<f32> = per_task.iter().flat_map(|(_, l)| l.iter().copied()).collect();
+    JointAttentionOut {
+        o_a: Tensor::from_vec(scatter(&dims, &outs, 0, dims.la), q_a.shape()),
+        o_b: Tensor::from_vec(scatter(&dims, &outs, dims.la, dims.lb), q_b.shape()),
+        lse: Tensor::from_vec(lse, &[dims.batch, dims.heads, lt]),
+    }
+}
+
+/// Builds a `[B, len, H, d]` tensor's data from per-(batch, head) row-major `(La+Lb) × d` blocks,
+/// taking rows `start..start+len` of each block.
+fn scatter(dims: &Dims, per_task: &[&[f32]], start: usize, len: usize) -> Vec<f32> {
+    let (h_n, d) = (dims.heads, dims.d);
+    let mut out = vec![0f32; dims.batch * len * h_n * d];
+    if out.is_empty() {
+        return out;
+    }
+    out.par_chunks_mut(len * h_n * d).enumerate().for_each(|(b, ob)| {
+        for (h, src) in per_task[b * h_n..(b + 1) * h_n].iter().enumerate() {
+            for r in 0..len {
+                let dst = (r * h_n + h) * d;
+                ob[dst..dst + d].copy_from_slice(&src[(start + r) * d..(start + r + 1) * d]);
+            }
+        }
+    });
+    out
+}
+
+/// Backward: gradients of all six inputs, in the order dq_a, dk_a, dv_a, dq_b, dk_b, dv_b.
+#[allow(clippy::too_many_arguments)]
+pub fn joint_attention_bwd(
+    q_a: &Tensor,
+    k_a: &Tensor,
+    v_a: &Tensor,
+    q_b: &Tensor,
+    k_b: &Tensor,
+    v_b: &Tensor,
+    o_a: &Tensor,
+    o_b: &Tensor,
+    lse: &Tensor,
+    do_a: &Tensor,
+    do_b: &Tensor,
+) -> [Tensor; 6] {
+    joint_attention_bwd_masked(q_a, k_a, v_a, q_b, k_b, v_b, o_a, o_b, lse, do_a, do_b, [true; 6])
+        .map(|g| g.expect("every gradient was asked for"))
+}
+
+/// [`joint_attention_bwd`] computing only the gradients that `need` asks for (same order), the
+/// others `None`. dV needs only P; dQ and dK need dS as well, which costs two more GEMMs per tile.
+/// Query tiles whose output gradient is all zero are skipped: they contribute nothing to any
+/// gradient, and that is the whole of stream a in the context-pre-only last block.
+#[allow(clippy::too_many_arguments)]
+pub fn joint_attention_bwd_masked(
+    q_a: &Tensor,
+    k_a: &Tensor,
+    v_a: &Tensor,
+    q_b: &Tensor,
+    k_b: &Tensor,
+    v_b: &Tensor,
+    o_a: &Tensor,
+    o_b: &Tensor,
+    lse: &Tensor,
+    do_a: &Tensor,
+    do_b: &Tensor,
+    need: [bool; 6],
+) -> [Option<Tensor>; 6] {
+    let dims = check_dims(q_a, k_a, v_a, q_b, k_b, v_b);
+    for (name, t, q) in [("o_a", o_a, q_a), ("do_a", do_a, q_a), ("o_b", o_b, q_b), ("do_b", do_b, q_b)] {
+        assert_eq!(
+            t.shape(),
+            q.shape(),
+            "joint attention backward: {name} {:?} must match its stream's q {:?}",
+            t.shape(),
+            q.shape()
+        );
+    }
+    let lt = dims.lt();
+    assert_eq!(
+        lse.shape(),
+        [dims.batch, dims.heads, lt],
+        "joint attention backward: lse must be [B, H, La+Lb]"
+    );
+    let streams = [
+        StreamView::new(q_a, k_a, v_a, dims.la, 0),
+        StreamView::new(q_b, k_b, v_b, dims.lb, dims.la),
+    ];
+    let outs = [o_a.f32s(), o_b.f32s()];
+    let douts = [do_a.f32s(), do_b.f32s()];
+    let lse = lse.f32s();
+    let [need_dq, need_dk, need_dv] = [0, 1, 2].map(|j| [need[j], need[3 + j]]);
+    let any = |n: [bool; 2]| n[0] || n[1];
+    let d = dims.d;
+    let scale = dims.scale();
+    let tile_cap = QUERY_TILE.min(dims.la.max(dims.lb));
+
+    let per_task: Vec<[Vec<f32>; 3]> = if !need.iter().any(|&n| n) {
+        Vec::new()
+    } else {
+        (0..dims.batch * dims.heads)
+            .into_par_iter()
+            .map(|bh| {
+                let (b, h) = (bh / dims.heads, bh % dims.heads);
+                let buf = |n: [bool; 2]| if any(n) { vec![0f32; lt * d] } else { Vec::new() };
+                let (mut dq, mut dk, mut dv) = (buf(need_dq), buf(need_dk), buf(need_dv));
+                let mut p = vec![0f32; tile_cap * lt];
+                let mut dp = vec![0f32; tile_cap * lt];
+                let lse = &lse[bh * lt..(bh + 1) * lt];
+                for (si, r0, m) in tiles(&dims) {
+                    let qs = &streams[si];
+                    let g0 = qs.start + r0;
+                    let do_tile = rows(douts[si], &dims, qs.len, b, h, r0);
+                    let do_zero = (0..m).all(|i| {
+                        let off = i * do_tile.rs;
+                        do_tile.data[off..off + d].iter().all(|&x| x == 0.0)
+                    });
+                    let need_ds = need_dq[si] || any(need_dk);
+                    if do_zero || !(need_ds || any(need_dv)) {
+                        continue;
+                    }
+                    let p = &mut p[..m * lt];
+                    scores(&dims, &streams, qs, b, h, r0, m, p);
+                    for (row, &l) in p.chunks_mut(lt).zip(&lse[g0..g0 + m]) {
+                        row.iter_mut().for_each(|x| *x = (*x - l).exp());
+                    }
+                    // dV_s += P[:, s]ᵀ · dO
+                    for (ks, &want) in streams.iter().zip(&need_dv) {
+                        if want {
+                            let pt = MatRef { data: &p[ks.start..], rs: 1, cs: lt };
+                            let dst = &mut dv[ks.start * d..(ks.start + ks.len) * d];
+                            sgemm(ks.len, d, m, 1.0, pt, do_tile, dst, d, true, false);
+                        }
+                    }
+                    if !need_ds {
+                        continue;
+                    }
+                    // dS = P ∘ (dO·Vᵀ − Drow), Drow_i = dO_i·O_i
+                    let dp = &mut dp[..m * lt];
+                    for vs in &streams {
+                        let vt = rows_t(vs.v, &dims, vs.len, b, h, 0);
+                        sgemm(m, vs.len, d, 1.0, do_tile, vt, &mut dp[vs.start..], lt, false, false);
+                    }
+                    let o_tile = rows(outs[si], &dims, qs.len, b, h, r0);
+                    for (i, (ds_row, p_row)) in dp.chunks_mut(lt).zip(p.chunks(lt)).enumerate() {
+                        let off = i * o_tile.rs;
+                        let drow = do_tile.data[off..off + d]
+                            .iter()
+                            .zip(&o_tile.data[off..off + d])
+                            .map(|(&x, &y)| x as f64 * y as f64)
+                            .sum::<f64>() as f32;
+                        for (x, &pv) in ds_row.iter_mut().zip(p_row) {
+                            *x = pv * (*x - drow);
+                        }
+                    }
+                    let ds: &[f32] = dp;
+                    // dQ = scale · dS · K
+                    if need_dq[si] {
+                        let dst = &mut dq[g0 * d..(g0 + m) * d];
+                        for (i, ks) in streams.iter().enumerate() {
+                            let dsm = MatRef::rows(&ds[ks.start..], lt);
+                            let k = rows(ks.k, &dims, ks.len, b, h, 0);
+                            sgemm(m, d, ks.len, scale, dsm, k, dst, d, i > 0, false);
+                        }
+                    }
+                    // dK_s += scale · dS[:, s]ᵀ · Q
+                    let q_tile = rows(qs.q, &dims, qs.len, b, h, r0);
+                    for (ks, &want) in streams.iter().zip(&need_dk) {
+                        if want {
+                            let dst_t = MatRef { data: &ds[ks.start..], rs: 1, cs: lt };
+                            let dst = &mut dk[ks.start * d..(ks.start + ks.len) * d];
+                            sgemm(ks.len, d, m, scale, dst_t, q_tile, dst, d, true, false);
+                        }
+                    }
+                }
+                [dq, dk, dv]
+            })
+            .collect()
+    };
+    let grad = |j: usize, si: usize| -> Option<Tensor> {
+        if !need[3 * si + j] {
+            return None;
+        }
+        let blocks: Vec<&[f32]> = per_task.iter().map(|t| t[j].as_slice()).collect();
+        let (start, len) = (streams[si].start, streams[si].len);
+        let shape = if si == 0 { q_a.shape() } else { q_b.shape() };
+        Some(Tensor::from_vec(scatter(&dims, &blocks, start, len), shape))
+    };
+    [grad(0, 0), grad(1, 0), grad(2, 0), grad(0, 1), grad(1, 1), grad(2, 1)]
+}
+
+/// One (batch, head) slice of the concatenation `[a; b]` of a pair of `[B, L, H, d]` tensors, in
+/// f64, row-major `(La+Lb) × d`.
+fn concat_f64(dims: &Dims, a: &Tensor, bt: &Tensor, b: usize, h: usize) -> Vec<f64> {
+    let d = dims.d;
+    let mut out = Vec::with_capacity(dims.lt() * d);
+    for (t, len) in [(a, dims.la), (bt, dims.lb)] {
+        let x = t.f32s();
+        for r in 0..len {
+            let off = row_off(dims, len, b, h, r);
+            out.extend(x[off..off + d].iter().map(|&v| v as f64));
+        }
+    }
+    out
+}
+
+/// Softmax probabilities (row-major `(La+Lb)²`) and row log-sum-exps of one (batch, head), in f64.
+fn probs_f64(dims: &Dims, q: &[f64], k: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    let (lt, d) = (dims.lt(), dims.d);
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut p = vec![0f64; lt * lt];
+    let mut lse = vec![0f64; lt];
+    for i in 0..lt {
+        let row = &mut p[i * lt..(i + 1) * lt];
+        for (j, s) in row.iter_mut().enumerate() {
+            *s = (0..d).map(|c| q[i * d + c] * k[j * d + c]).sum::<f64>() * scale;
+        }
+        let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = row.iter().map(|s| (s - max).exp()).sum();
+        lse[i] = max + sum.ln();
+        row.iter_mut().for_each(|s| *s = (*s - lse[i]).exp());
+    }
+    (p, lse)
+}
+
+/// Writes row-major `(La+Lb) × d` f64 rows of one (batch, head) into the two `[B, L, H, d]` outputs.
+fn split_into(dims: &Dims, src: &[f64], out_a: &mut [f32], out_b: &mut [f32], b: usize, h: usize) {
+    let d = dims.d;
+    for (out, len, start) in [(out_a, dims.la, 0), (out_b, dims.lb, dims.la)] {
+        for r in 0..len {
+            let off = row_off(dims, len, b, h, r);
+            for c in 0..d {
+                out[off + c] = src[(start + r) * d + c] as f32;
+            }
+        }
+    }
+}
+
+/// Reference forward: concatenates the streams and computes the full softmax in f64 loops.
+pub fn joint_attention_naive(
+    q_a: &Tensor,
+    k_a: &Tensor,
+    v_a: &Tensor,
+    q_b: &Tensor,
+    k_b: &Tensor,
+    v_b: &Tensor,
+) -> JointAttentionOut {
+    let dims = check_dims(q_a, k_a, v_a, q_b, k_b, v_b);
+    let (lt, d) = (dims.lt(), dims.d);
+    let mut o_a = vec![0f32; q_a.numel()];
+    let mut o_b = vec![0f32; q_b.numel()];
+    let mut lse_out = vec![0f32; dims.batch * dims.heads * lt];
+    for b in 0..dims.batch {
+        for h in 0..dims.heads {
+            let q = concat_f64(&dims, q_a, q_b, b, h);
+            let k = concat_f64(&dims, k_a, k_b, b, h);
+            let v = concat_f64(&dims, v_a, v_b, b, h);
+            let (p, lse) = probs_f64(&dims, &q, &k);
+            let mut o = vec![0f64; lt * d];
+            for i in 0..lt {
+                for j in 0..lt {
+                    for c in 0..d {
+                        o[i * d + c] += p[i * lt + j] * v[j * d + c];
+                    }
+                }
+            }
+            split_into(&dims, &o, &mut o_a, &mut o_b, b, h);
+            let base = (b * dims.heads + h) * lt;
+            for (dst, &l) in lse_out[base..base + lt].iter_mut().zip(&lse) {
+                *dst = l as f32;
+            }
+        }
+    }
+    JointAttentionOut {
+        o_a: Tensor::from_vec(o_a, q_a.shape()),
+        o_b: Tensor::from_vec(o_b, q_b.shape()),
+        lse: Tensor::from_vec(lse_out, &[dims.batch, dims.heads, lt]),
+    }
+}
+
+/// Reference backward in f64 from the textbook softmax derivative (`dS = P∘(dP − rowsum(P∘dP))`,
+/// with nothing saved from a forward), same order as [`joint_attention_bwd`].
+#[allow(clippy::too_many_arguments)]
+pub fn joint_attention_bwd_naive(
+    q_a: &Tensor,
+    k_a: &Tensor,
+    v_a: &Tensor,
+    q_b: &Tensor,
+    k_b: &Tensor,
+    v_b: &Tensor,
+    do_a: &Tensor,
+    do_b: &Tensor,
+) -> [Tensor; 6] {
+    let dims = check_dims(q_a, k_a, v_a, q_b, k_b, v_b);
+    assert!(
+        do_a.shape() == q_a.shape() && do_b.shape() == q_b.shape(),
+        "joint attention backward: output gradients {:?}, {:?} for streams {:?}, {:?}",
+        do_a.shape(),
+        do_b.shape(),
+        q_a.shape(),
+        q_b.shape()
+    );
+    let (lt, d) = (dims.lt(), dims.d);
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut grads: [Vec<f32>; 6] = std::array::from_fn(|i| vec![0f32; if i < 3 { q_a.numel() } else { q_b.numel() }]);
+    for b in 0..dims.batch {
+        for h in 0..dims.heads {
+            let q = concat_f64(&dims, q_a, q_b, b, h);
+            let k = concat_f64(&dims, k_a, k_b, b, h);
+            let v = concat_f64(&dims, v_a, v_b, b, h);
+            let dout = concat_f64(&dims, do_a, do_b, b, h);
+            let (p, _) = probs_f64(&dims, &q, &k);
+            let mut dq = vec![0f64; lt * d];
+            let mut dk = vec![0f64; lt * d];
+            let mut dv = vec![0f64; lt * d];
+            for i in 0..lt {
+                let dp: Vec<f64> = (0..lt)
+                    .map(|j| (0..d).map(|c| dout[i * d + c] * v[j * d + c]).sum())
+                    .collect();
+                let pdp: f64 = (0..lt).map(|j| p[i * lt + j] * dp[j]).sum();
+                for j in 0..lt {
+                    let pij = p[i * lt + j];
+                    let ds = pij * (dp[j] - pdp) * scale;
+                    for c in 0..d {
+                        dq[i * d + c] += ds * k[j * d + c];
+                        dk[j * d + c] += ds * q[i * d + c];
+                        dv[j * d + c] += pij * dout[i * d + c];
+                    }
+                }
+            }
+            for (j, g) in [dq, dk, dv].iter().enumerate() {
+                let (ga, gb) = grads.split_at_mut(3);
+                split_into(&dims, g, &mut ga[j], &mut gb[j], b, h);
+            }
+        }
+    }
+    let mut grads = grads.into_iter();
+    std::array::from_fn(|i| {
+        let shape = if i < 3 { q_a.shape() } else { q_b.shape() };
+        Tensor::from_vec(grads.next().expect("six"), shape)
+    })
+}

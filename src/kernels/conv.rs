@@ -1,1 +1,339 @@
-//! stub
+//! 2-D convolution kernels (NCHW, weights `[O, C, kh, kw]` in checkpoint layout): `im2col` and
+//! its adjoint `col2im`, the GEMM-based forward and backward built on them, and a direct
+//! convolution that the tests hold the GEMM path to.
+//!
+//! Users: the MMDiT patch embedding (kernel 2, stride 2, no padding; MMDIT.md §A.2) and the
+//! discriminator head (kernel 4, stride 2, padding 1; ALGORITHM.md §2). The im2col inner order is
+//! (c, kh, kw), so a column row meets the weight flattened as `[O, C·kh·kw]` with no reordering.
+
+use super::gemm::{sgemm, MatRef};
+use crate::tensor::Tensor;
+use rayon::prelude::*;
+
+/// Stride and zero padding of a 2-D convolution, each as (height, width).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dSpec {
+    pub stride: (usize, usize),
+    pub padding: (usize, usize),
+}
+
+impl Default for Conv2dSpec {
+    fn default() -> Self {
+        Conv2dSpec {
+            stride: (1, 1),
+            padding: (0, 0),
+        }
+    }
+}
+
+impl Conv2dSpec {
+    pub fn new(stride: (usize, usize), padding: (usize, usize)) -> Self {
+        Conv2dSpec { stride, padding }
+    }
+
+    /// Output size (OH, OW) for an `h×w` input and a `kh×kw` kernel; panics when the kernel does
+    /// not fit the padded input or a stride is zero.
+    pub fn output_size(&self, h: usize, w: usize, kh: usize, kw: usize) -> (usize, usize) {
+        let (sh, sw) = self.stride;
+        let (ph, pw) = self.padding;
+        assert!(
+            sh > 0 && sw > 0,
+            "conv2d: stride {:?} must be positive",
+            self.stride
+        );
+        assert!(kh > 0 && kw > 0, "conv2d: empty {kh}x{kw} kernel");
+        assert!(
+            h + 2 * ph >= kh && w + 2 * pw >= kw,
+            "conv2d: {kh}x{kw} kernel does not fit a {h}x{w} input padded by {:?}",
+            self.padding
+        );
+        ((h + 2 * ph - kh) / sh + 1, (w + 2 * pw - kw) / sw + 1)
+    }
+}
+
+fn nchw(x: &Tensor, what: &str) -> [usize; 4] {
+    let &[b, c, h, w] = x.shape() else {
+        panic!("{what}: input must be [B, C, H, W], got {:?}", x.shape())
+    };
+    [b, c, h, w]
+}
+
+/// Input row touched by output row `o` and kernel row `i`, or `None` inside the zero padding.
+#[inline]
+fn source_index(o: usize, i: usize, stride: usize, pad: usize, size: usize) -> Option<usize> {
+    (o * stride + i).checked_sub(pad).filter(|&v| v < size)
+}
+
+/// Patches of `x [B, C, H, W]` as rows: `[B, OH·OW, C·kh·kw]`, rows in row-major (oh, ow) order,
+/// each row in (c, kh, kw) order, zeros where a patch overlaps the padding.
+pub fn im2col(x: &Tensor, kh: usize, kw: usize, spec: Conv2dSpec) -> Tensor {
+    let [b, c, h, w] = nchw(x, "im2col");
+    let (oh, ow) = spec.output_size(h, w, kh, kw);
+    let k = c * kh * kw;
+    let src = x.f32s();
+    let mut cols = vec![0f32; b * oh * ow * k];
+    if k == 0 || oh * ow == 0 {
+        return Tensor::from_vec(cols, &[b, oh * ow, k]);
+    }
+    // One task per output row of one image keeps the batch-1 case parallel too.
+    cols.par_chunks_mut(ow * k)
+        .enumerate()
+        .for_each(|(row, dst)| {
+            let (bi, y) = (row / oh, row % oh);
+            let img = &src[bi * c * h * w..(bi + 1) * c * h * w];
+            for (x_out, patch) in dst.chunks_mut(k).enumerate() {
+                for ci in 0..c {
+                    let plane = &img[ci * h * w..(ci + 1) * h * w];
+                    for i in 0..kh {
+                        let seg = &mut patch[(ci * kh + i) * kw..(ci * kh + i + 1) * kw];
+                        let Some(ih) = source_index(y, i, spec.stride.0, spec.padding.0, h) else {
+                            continue; // already zero
+                        };
+                        let line = &plane[ih * w..(ih + 1) * w];
+                        for (j, d) in seg.iter_mut().enumerate() {
+                            if let Some(iw) =
+                                source_index(x_out, j, spec.stride.1, spec.padding.1, w)
+                            {
+                                *d = line[iw];
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    Tensor::from_vec(cols, &[b, oh * ow, k])
+}
+
+/// The adjoint of [`im2col`]: scatters `cols [B, OH·OW, C·kh·kw]` back into an image of
+/// `input_shape [B, C, H, W]`, adding where patches overlap and dropping what falls on padding.
+pub fn col2im(
+    cols: &Tensor,
+    input_shape: &[usize],
+    kh: usize,
+    kw: usize,
+    spec: Conv2dSpec,
+) -> Tensor {
+    let &[b, c, h, w] = input_shape else {
+        panic!("col2im: input shape must be [B, C, H, W], got {input_shape:?}")
+    };
+    let (oh, ow) = spec.output_size(h, w, kh, kw);
+    let k = c * kh * kw;
+    assert_eq!(
+        cols.shape(),
+        [b, oh * ow, k],
+        "col2im: columns {:?} for input {input_shape:?} and a {kh}x{kw} kernel with {spec:?}",
+        cols.shape()
+    );
+    let src = cols.f32s();
+    let mut out = vec![0f32; b * c * h * w];
+    if h * w == 0 {
+        return Tensor::from_vec(out, input_shape);
+    }
+    // Each task owns one (b, c) plane, so overlapping patches accumulate without races.
+    out.par_chunks_mut(h * w)
+        .enumerate()
+        .for_each(|(plane_idx, plane)| {
+            let (bi, ci) = (plane_idx / c, plane_idx % c);
+            let img_cols = &src[bi * oh * ow * k..(bi + 1) * oh * ow * k];
+            for y in 0..oh {
+                for x_out in 0..ow {
+                    let patch = &img_cols[(y * ow + x_out) * k..(y * ow + x_out + 1) * k];
+                    for i in 0..kh {
+                        let Some(ih) = source_index(y, i, spec.stride.0, spec.padding.0, h) else {
+                            continue;
+                        };
+                        let seg = &patch[(ci * kh + i) * kw..(ci * kh + i + 1) * kw];
+                        for (j, v) in seg.iter().enumerate() {
+                            if let Some(iw) =
+                                source_index(x_out, j, spec.stride.1, spec.padding.1, w)
+                            {
+                                plane[ih * w + iw] += v;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    Tensor::from_vec(out, input_shape)
+}
+
+/// Checks operand shapes; returns (B, C, H, W, O, kh, kw, OH, OW).
+fn conv_dims(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: Conv2dSpec) -> [usize; 9] {
+    let [b, c, h, w] = nchw(x, "conv2d");
+    let &[o, wc, kh, kw] = weight.shape() else {
+        panic!(
+            "conv2d: weight must be [O, C, kh, kw], got {:?}",
+            weight.shape()
+        )
+    };
+    assert_eq!(
+        wc,
+        c,
+        "conv2d: weight {:?} expects {wc} input channels, input {:?} has {c}",
+        weight.shape(),
+        x.shape()
+    );
+    if let Some(bias) = bias {
+        assert_eq!(
+            bias.shape(),
+            [o],
+            "conv2d: bias {:?} for {o} output channels",
+            bias.shape()
+        );
+    }
+    let (oh, ow) = spec.output_size(h, w, kh, kw);
+    [b, c, h, w, o, kh, kw, oh, ow]
+}
+
+/// `y [B, O, OH, OW]` = conv of `x [B, C, H, W]` by `weight [O, C, kh, kw]` plus `bias [O]`.
+pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: Conv2dSpec) -> Tensor {
+    let [b, _, _, _, o, kh, kw, oh, ow] = conv_dims(x, weight, bias, spec);
+    let cols = im2col(x, kh, kw, spec);
+    let (p, k) = (oh * ow, cols.dim(-1));
+    let (cd, wd) = (cols.f32s(), weight.f32s());
+    let mut y = vec![0f32; b * o * p];
+    // Per image, Y_b [O, P] = W [O, K] · cols_bᵀ lands directly in NCHW: no output permute.
+    for bi in 0..b {
+        sgemm(
+            o,
+            p,
+            k,
+            1.0,
+            MatRef::rows(wd, k),
+            MatRef::rows_t(&cd[bi * p * k..(bi + 1) * p * k], k),
+            &mut y[bi * o * p..(bi + 1) * o * p],
+            p,
+            false,
+            true,
+        );
+    }
+    if let Some(bias) = bias {
+        let bd = bias.f32s();
+        if p > 0 {
+            y.par_chunks_mut(p).enumerate().for_each(|(row, plane)| {
+                let v = bd[row % o];
+                plane.iter_mut().for_each(|y| *y += v);
+            });
+        }
+    }
+    Tensor::from_vec(y, &[b, o, oh, ow])
+}
+
+/// Gradients of [`conv2d`] for output gradient `dy [B, O, OH, OW]`: (dx, dweight, dbias), each
+/// computed only when its flag is set.
+pub fn conv2d_backward(
+    x: &Tensor,
+    weight: &Tensor,
+    dy: &Tensor,
+    spec: Conv2dSpec,
+    need: (bool, bool, bool),
+) -> (Option<Tensor>, Option<Tensor>, Option<Tensor>) {
+    let [b, c, _, _, o, kh, kw, oh, ow] = conv_dims(x, weight, None, spec);
+    assert_eq!(
+        dy.shape(),
+        [b, o, oh, ow],
+        "conv2d backward: output gradient {:?} for input {:?} and weight {:?}",
+        dy.shape(),
+        x.shape(),
+        weight.shape()
+    );
+    let (p, k) = (oh * ow, c * kh * kw);
+    let (gd, wd) = (dy.f32s(), weight.f32s());
+    let dx = need.0.then(|| {
+        let mut dcols = vec![0f32; b * p * k];
+        // dcols_b [P, K] = dY_bᵀ · W
+        for bi in 0..b {
+            sgemm(
+                p,
+                k,
+                o,
+                1.0,
+                MatRef::rows_t(&gd[bi * o * p..(bi + 1) * o * p], p),
+                MatRef::rows(wd, k),
+                &mut dcols[bi * p * k..(bi + 1) * p * k],
+                k,
+                false,
+                true,
+            );
+        }
+        col2im(
+            &Tensor::from_vec(dcols, &[b, p, k]),
+            x.shape(),
+            kh,
+            kw,
+            spec,
+        )
+    });
+    let dw = need.1.then(|| {
+        // The columns are rebuilt rather than kept from the forward: they are kh·kw/(sh·sw)
+        // times the input's size, and the tape would hold them for the whole graph's lifetime.
+        let cols = im2col(x, kh, kw, spec);
+        let cd = cols.f32s();
+        let mut dw = vec![0f32; o * k];
+        // dW [O, K] = Σ_b dY_b [O, P] · cols_b [P, K]
+        for bi in 0..b {
+            sgemm(
+                o,
+                k,
+                p,
+                1.0,
+                MatRef::rows(&gd[bi * o * p..(bi + 1) * o * p], p),
+                MatRef::rows(&cd[bi * p * k..(bi + 1) * p * k], k),
+                &mut dw,
+                k,
+                bi > 0,
+                true,
+            );
+        }
+        Tensor::from_vec(dw, weight.shape())
+    });
+    let db = need.2.then(|| {
+        let mut db = vec![0f64; o];
+        if p > 0 {
+            for (row, plane) in gd.chunks(p).enumerate() {
+                db[row % o] += plane.iter().map(|&v| v as f64).sum::<f64>();
+            }
+        }
+        Tensor::from_vec(db.into_iter().map(|v| v as f32).collect(), &[o])
+    });
+    (dx, dw, db)
+}
+
+/// Direct convolution with f64 accumulation: the reference for the GEMM path.
+pub fn conv2d_naive(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    spec: Conv2dSpec,
+) -> Tensor {
+    let [b, c, h, w, o, kh, kw, oh, ow] = conv_dims(x, weight, bias, spec);
+    let (xd, wd) = (x.f32s(), weight.f32s());
+    let mut y = vec![0f32; b * o * oh * ow];
+    for bi in 0..b {
+        for oc in 0..o {
+            for y_out in 0..oh {
+                for x_out in 0..ow {
+                    let mut s = bias.map_or(0.0, |bias| bias.f32s()[oc] as f64);
+                    for ci in 0..c {
+                        for i in 0..kh {
+                            for j in 0..kw {
+                                let ih =
+                                    (y_out * spec.stride.0 + i) as isize - spec.padding.0 as isize;
+                                let iw =
+                                    (x_out * spec.stride.1 + j) as isize - spec.padding.1 as isize;
+                                if ih < 0 || iw < 0 || ih as usize >= h || iw as usize >= w {
+                                    continue;
+                                }
+                                let xv = xd[((bi * c + ci) * h + ih as usize) * w + iw as usize];
+                                let wv = wd[((oc * c + ci) * kh + i) * kw + j];
+                                s += xv as f64 * wv as f64;
+                            }
+                        }
+                    }
+                    y[((bi * o + oc) * oh + y_out) * ow + x_out] = s as f32;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(y, &[b, o, oh, ow])
+}

@@ -1,1 +1,200 @@
-//! stub
+//! Kernels of the discriminator head (ALGORITHM.md §2) other than its convolutions (those are in
+//! `conv`): GroupNorm forward and backward, and the global mean pool over spatial dimensions.
+//!
+//! Layout `[B, C, *spatial]`: the channels of a group are adjacent, so each (b, g) group is one
+//! contiguous run of `C/G · S` values (S = product of the spatial dims, 1 when there are none) and
+//! one rayon task. Statistics accumulate in f64: this CPU code is the oracle for the GPU kernels.
+
+use crate::tensor::Tensor;
+use rayon::prelude::*;
+
+/// (B, C, S, C/G) of a `[B, C, *spatial]` shape split into `groups` groups.
+fn group_dims(shape: &[usize], groups: usize, what: &str) -> (usize, usize, usize, usize) {
+    assert!(
+        shape.len() >= 2,
+        "{what}: input must be [B, C, *spatial], got {shape:?}"
+    );
+    let (b, c) = (shape[0], shape[1]);
+    let s: usize = shape[2..].iter().product();
+    assert!(
+        groups > 0 && c % groups == 0,
+        "{what}: {groups} groups do not divide {c} channels (input {shape:?})"
+    );
+    assert!(c > 0 && s > 0, "{what}: empty groups in input {shape:?}");
+    (b, c, s, c / groups)
+}
+
+fn check_affine(t: &Tensor, c: usize, what: &str, name: &str) {
+    assert_eq!(
+        t.shape(),
+        [c],
+        "{what}: {name} {:?} for {c} channels",
+        t.shape()
+    );
+}
+
+/// GroupNorm: `y = (x − mean_g)·rstd_g·weight[c] + bias[c]` with biased variance per (b, g).
+/// Returns `(y, mean, rstd)`, the statistics as `[B·G]` in (b, g) order for the backward.
+pub fn group_norm_fwd(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f32,
+) -> (Tensor, Tensor, Tensor) {
+    let (b, c, s, cg) = group_dims(x.shape(), groups, "group_norm");
+    check_affine(weight, c, "group_norm", "weight");
+    check_affine(bias, c, "group_norm", "bias");
+    let (xd, wd, bd) = (x.f32s(), weight.f32s(), bias.f32s());
+    let n = cg * s;
+    let mut y = vec![0f32; xd.len()];
+    let mut mean = vec![0f32; b * groups];
+    let mut rstd = vec![0f32; b * groups];
+    y.par_chunks_mut(n)
+        .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
+        .enumerate()
+        .for_each(|(bg, (yg, (mean, rstd)))| {
+            let xg = &xd[bg * n..(bg + 1) * n];
+            // Two passes: the one-pass E[x²] − E[x]² loses everything when |mean| ≫ std.
+            let m = xg.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+            let var = xg.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / n as f64;
+            let r = 1.0 / (var + eps as f64).sqrt();
+            (*mean, *rstd) = (m as f32, r as f32);
+            let c0 = (bg % groups) * cg;
+            for (ci, (yc, xc)) in yg.chunks_mut(s).zip(xg.chunks(s)).enumerate() {
+                let scale = r * wd[c0 + ci] as f64;
+                let shift = bd[c0 + ci] as f64;
+                for (yv, &xv) in yc.iter_mut().zip(xc) {
+                    *yv = ((xv as f64 - m) * scale + shift) as f32;
+                }
+            }
+        });
+    (
+        Tensor::from_vec(y, x.shape()),
+        Tensor::from_vec(mean, &[b * groups]),
+        Tensor::from_vec(rstd, &[b * groups]),
+    )
+}
+
+/// Gradients of [`group_norm_fwd`] for output gradient `dy`, given the saved statistics:
+/// `(dx, dweight, dbias)`.
+pub fn group_norm_bwd(
+    x: &Tensor,
+    mean: &Tensor,
+    rstd: &Tensor,
+    weight: &Tensor,
+    dy: &Tensor,
+    groups: usize,
+) -> (Tensor, Tensor, Tensor) {
+    let (b, c, s, cg) = group_dims(x.shape(), groups, "group_norm backward");
+    check_affine(weight, c, "group_norm backward", "weight");
+    assert_eq!(
+        dy.shape(),
+        x.shape(),
+        "group_norm backward: output gradient {:?} for input {:?}",
+        dy.shape(),
+        x.shape()
+    );
+    for (t, name) in [(mean, "mean"), (rstd, "rstd")] {
+        assert_eq!(
+            t.shape(),
+            [b * groups],
+            "group_norm backward: {name} {:?} for {b}x{groups} groups",
+            t.shape()
+        );
+    }
+    let (xd, gd, wd) = (x.f32s(), dy.f32s(), weight.f32s());
+    let (md, rd) = (mean.f32s(), rstd.f32s());
+    let n = cg * s;
+    let mut dx = vec![0f32; xd.len()];
+    // Per-(b, c) partial sums, reduced over b afterwards so the tasks never share an accumulator.
+    let mut dw_part = vec![0f64; b * c];
+    let mut db_part = vec![0f64; b * c];
+    dx.par_chunks_mut(n)
+        .zip(dw_part.par_chunks_mut(cg).zip(db_part.par_chunks_mut(cg)))
+        .enumerate()
+        .for_each(|(bg, (dxg, (dwg, dbg)))| {
+            let (xg, gg) = (&xd[bg * n..(bg + 1) * n], &gd[bg * n..(bg + 1) * n]);
+            let (m, r) = (md[bg] as f64, rd[bg] as f64);
+            let c0 = (bg % groups) * cg;
+            // With x̂ = (x − m)·r and dx̂ = dy·w: dx = r·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)).
+            let (mut sum_dxh, mut sum_dxh_xh) = (0f64, 0f64);
+            for ci in 0..cg {
+                let w = wd[c0 + ci] as f64;
+                let (mut sdy, mut sdy_xh) = (0f64, 0f64);
+                for (&xv, &gv) in xg[ci * s..(ci + 1) * s]
+                    .iter()
+                    .zip(&gg[ci * s..(ci + 1) * s])
+                {
+                    let xh = (xv as f64 - m) * r;
+                    sdy += gv as f64;
+                    sdy_xh += gv as f64 * xh;
+                }
+                dbg[ci] = sdy;
+                dwg[ci] = sdy_xh;
+                sum_dxh += sdy * w;
+                sum_dxh_xh += sdy_xh * w;
+            }
+            let (mean_dxh, mean_dxh_xh) = (sum_dxh / n as f64, sum_dxh_xh / n as f64);
+            for ci in 0..cg {
+                let w = wd[c0 + ci] as f64;
+                let range = ci * s..(ci + 1) * s;
+                for ((d, &xv), &gv) in dxg[range.clone()]
+                    .iter_mut()
+                    .zip(&xg[range.clone()])
+                    .zip(&gg[range])
+                {
+                    let xh = (xv as f64 - m) * r;
+                    *d = (r * (gv as f64 * w - mean_dxh - xh * mean_dxh_xh)) as f32;
+                }
+            }
+        });
+    let reduce = |part: &[f64]| -> Vec<f32> {
+        (0..c)
+            .map(|ci| (0..b).map(|bi| part[bi * c + ci]).sum::<f64>() as f32)
+            .collect()
+    };
+    (
+        Tensor::from_vec(dx, x.shape()),
+        Tensor::from_vec(reduce(&dw_part), &[c]),
+        Tensor::from_vec(reduce(&db_part), &[c]),
+    )
+}
+
+/// Mean over the spatial dims: `[B, C, *spatial]` → `[B, C]` (a copy when there are none).
+pub fn mean_pool_spatial(x: &Tensor) -> Tensor {
+    let shape = x.shape();
+    assert!(
+        shape.len() >= 2,
+        "mean_pool_spatial: input must be [B, C, *spatial], got {shape:?}"
+    );
+    let (b, c) = (shape[0], shape[1]);
+    let s: usize = shape[2..].iter().product();
+    assert!(s > 0, "mean_pool_spatial: empty spatial dims in {shape:?}");
+    let xd = x.f32s();
+    let mut out = vec![0f32; b * c];
+    out.par_iter_mut().enumerate().for_each(|(row, o)| {
+        let sum: f64 = xd[row * s..(row + 1) * s].iter().map(|&v| v as f64).sum();
+        *o = (sum / s as f64) as f32;
+    });
+    Tensor::from_vec(out, &[b, c])
+}
+
+/// The backward of [`mean_pool_spatial`]: spreads `dy [B, C]` evenly over `input_shape`.
+pub fn mean_pool_spatial_bwd(dy: &Tensor, input_shape: &[usize]) -> Tensor {
+    assert!(
+        input_shape.len() >= 2 && dy.shape() == [input_shape[0], input_shape[1]],
+        "mean_pool_spatial backward: gradient {:?} for input {input_shape:?}",
+        dy.shape()
+    );
+    let s: usize = input_shape[2..].iter().product();
+    let gd = dy.f32s();
+    let mut dx = vec![0f32; gd.len() * s];
+    if s > 0 {
+        let inv = 1.0 / s as f32;
+        dx.par_chunks_mut(s)
+            .zip(gd.par_iter())
+            .for_each(|(d, &g)| d.fill(g * inv));
+    }
+    Tensor::from_vec(dx, input_shape)
+}

@@ -12,7 +12,13 @@ pub fn randn(shape: &[usize], seed: u64) -> Tensor {
 /// Random normal tensor with every |value| ≥ `gap` (keeps kinks such as LeakyReLU's away from
 /// the finite-difference stencil).
 pub fn randn_away_from_zero(shape: &[usize], seed: u64, gap: f32) -> Tensor {
-    randn(shape, seed).map(|v| if v.abs() < gap { v.signum() * gap + v } else { v })
+    randn(shape, seed).map(|v| {
+        if v.abs() < gap {
+            v.signum() * gap + v
+        } else {
+            v
+        }
+    })
 }
 
 pub struct GradCheck {

@@ -1,0 +1,40 @@
+//! The binary on a machine without CUDA: `advdmd info` exits 0 and says what it found; bad
+//! subcommands and flags are clear errors, not panics.
+
+use std::process::Command;
+
+fn advdmd(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_advdmd"))
+        .args(args)
+        .output()
+        .expect("running advdmd")
+}
+
+#[test]
+fn info_runs_and_reports_devices() {
+    let out = advdmd(&["info"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("cpu: "), "{text}");
+    assert!(text.contains("cuda: "), "{text}");
+    assert!(text.contains("kernels embedded: "), "{text}");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+}
+
+#[test]
+fn info_json_is_valid_json() {
+    let out = advdmd(&["info", "--json"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    assert!(v["cpu_threads"].as_u64().unwrap() >= 1);
+    assert!(v["cuda"].is_string());
+}
+
+#[test]
+fn unknown_subcommand_is_a_clean_error() {
+    let out = advdmd(&["no-such-command"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no-such-command"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
