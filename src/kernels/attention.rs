@@ -56,9 +56,28 @@ impl Dims {
     }
 }
 
-fn check_dims(q_a: &Tensor, k_a: &Tensor, v_a: &Tensor, q_b: &Tensor, k_b: &Tensor, v_b: &Tensor) -> Dims {
-    for (name, t) in [("q_a", q_a), ("k_a", k_a), ("v_a", v_a), ("q_b", q_b), ("k_b", k_b), ("v_b", v_b)] {
-        assert_eq!(t.rank(), 4, "joint attention: {name} must be [B, L, H, d], got {:?}", t.shape());
+fn check_dims(
+    q_a: &Tensor,
+    k_a: &Tensor,
+    v_a: &Tensor,
+    q_b: &Tensor,
+    k_b: &Tensor,
+    v_b: &Tensor,
+) -> Dims {
+    for (name, t) in [
+        ("q_a", q_a),
+        ("k_a", k_a),
+        ("v_a", v_a),
+        ("q_b", q_b),
+        ("k_b", k_b),
+        ("v_b", v_b),
+    ] {
+        assert_eq!(
+            t.rank(),
+            4,
+            "joint attention: {name} must be [B, L, H, d], got {:?}",
+            t.shape()
+        );
     }
     assert!(
         k_a.shape() == q_a.shape() && v_a.shape() == q_a.shape(),
@@ -136,7 +155,14 @@ fn rows<'a>(data: &'a [f32], dims: &Dims, len: usize, b: usize, h: usize, r: usi
 }
 
 /// The transpose of [`rows`]: `d` rows, one column per token.
-fn rows_t<'a>(data: &'a [f32], dims: &Dims, len: usize, b: usize, h: usize, r: usize) -> MatRef<'a> {
+fn rows_t<'a>(
+    data: &'a [f32],
+    dims: &Dims,
+    len: usize,
+    b: usize,
+    h: usize,
+    r: usize,
+) -> MatRef<'a> {
     MatRef {
         data: tail(data, row_off(dims, len, b, h, r)),
         rs: 1,
@@ -147,23 +173,55 @@ fn rows_t<'a>(data: &'a [f32], dims: &Dims, len: usize, b: usize, h: usize, r: u
 /// Query tiles of both streams in concatenation order: (stream index, first row, rows).
 fn tiles(dims: &Dims) -> impl Iterator<Item = (usize, usize, usize)> {
     let lens = [dims.la, dims.lb];
-    (0..2).flat_map(move |s| (0..lens[s]).step_by(QUERY_TILE).map(move |r0| (s, r0, QUERY_TILE.min(lens[s] - r0))))
+    (0..2).flat_map(move |s| {
+        (0..lens[s])
+            .step_by(QUERY_TILE)
+            .map(move |r0| (s, r0, QUERY_TILE.min(lens[s] - r0)))
+    })
 }
 
 /// Scores `scale·Q_tile·Kᵀ` of `m` query rows of `qs` (from row `r0`) against both streams'
 /// keys, into `s` (`m × (La+Lb)`, row-major).
 #[allow(clippy::too_many_arguments)]
-fn scores(dims: &Dims, streams: &[StreamView; 2], qs: &StreamView, b: usize, h: usize, r0: usize, m: usize, s: &mut [f32]) {
+fn scores(
+    dims: &Dims,
+    streams: &[StreamView; 2],
+    qs: &StreamView,
+    b: usize,
+    h: usize,
+    r0: usize,
+    m: usize,
+    s: &mut [f32],
+) {
     let (lt, d) = (dims.lt(), dims.d);
     let q = rows(qs.q, dims, qs.len, b, h, r0);
     for ks in streams {
         let k = rows_t(ks.k, dims, ks.len, b, h, 0);
-        sgemm(m, ks.len, d, dims.scale(), q, k, &mut s[ks.start..], lt, false, false);
+        sgemm(
+            m,
+            ks.len,
+            d,
+            dims.scale(),
+            q,
+            k,
+            &mut s[ks.start..],
+            lt,
+            false,
+            false,
+        );
     }
 }
 
 /// `out = P·V` for a tile: `p` is `m × (La+Lb)`, `out` row-major `m × d`.
-fn weighted_values(dims: &Dims, streams: &[StreamView; 2], p: &[f32], b: usize, h: usize, m: usize, out: &mut [f32]) {
+fn weighted_values(
+    dims: &Dims,
+    streams: &[StreamView; 2],
+    p: &[f32],
+    b: usize,
+    h: usize,
+    m: usize,
+    out: &mut [f32],
+) {
     for (i, vs) in streams.iter().enumerate() {
         let pv = MatRef::rows(&p[vs.start..], dims.lt());
         let v = rows(vs.v, dims, vs.len, b, h, 0);
@@ -217,7 +275,10 @@ pub fn joint_attention_fwd(
         })
         .collect();
     let outs: Vec<&[f32]> = per_task.iter().map(|(o, _)| o.as_slice()).collect();
-    let lse: Vec<f32> = per_task.iter().flat_map(|(_, l)| l.iter().copied()).collect();
+    let lse: Vec<f32> = per_task
+        .iter()
+        .flat_map(|(_, l)| l.iter().copied())
+        .collect();
     JointAttentionOut {
         o_a: Tensor::from_vec(scatter(&dims, &outs, 0, dims.la), q_a.shape()),
         o_b: Tensor::from_vec(scatter(&dims, &outs, dims.la, dims.lb), q_b.shape()),
@@ -233,14 +294,16 @@ fn scatter(dims: &Dims, per_task: &[&[f32]], start: usize, len: usize) -> Vec<f3
     if out.is_empty() {
         return out;
     }
-    out.par_chunks_mut(len * h_n * d).enumerate().for_each(|(b, ob)| {
-        for (h, src) in per_task[b * h_n..(b + 1) * h_n].iter().enumerate() {
-            for r in 0..len {
-                let dst = (r * h_n + h) * d;
-                ob[dst..dst + d].copy_from_slice(&src[(start + r) * d..(start + r + 1) * d]);
+    out.par_chunks_mut(len * h_n * d)
+        .enumerate()
+        .for_each(|(b, ob)| {
+            for (h, src) in per_task[b * h_n..(b + 1) * h_n].iter().enumerate() {
+                for r in 0..len {
+                    let dst = (r * h_n + h) * d;
+                    ob[dst..dst + d].copy_from_slice(&src[(start + r) * d..(start + r + 1) * d]);
+                }
             }
-        }
-    });
+        });
     out
 }
 
@@ -259,8 +322,10 @@ pub fn joint_attention_bwd(
     do_a: &Tensor,
     do_b: &Tensor,
 ) -> [Tensor; 6] {
-    joint_attention_bwd_masked(q_a, k_a, v_a, q_b, k_b, v_b, o_a, o_b, lse, do_a, do_b, [true; 6])
-        .map(|g| g.expect("every gradient was asked for"))
+    joint_attention_bwd_masked(
+        q_a, k_a, v_a, q_b, k_b, v_b, o_a, o_b, lse, do_a, do_b, [true; 6],
+    )
+    .map(|g| g.expect("every gradient was asked for"))
 }
 
 /// [`joint_attention_bwd`] computing only the gradients that `need` asks for (same order), the
@@ -283,7 +348,12 @@ pub fn joint_attention_bwd_masked(
     need: [bool; 6],
 ) -> [Option<Tensor>; 6] {
     let dims = check_dims(q_a, k_a, v_a, q_b, k_b, v_b);
-    for (name, t, q) in [("o_a", o_a, q_a), ("do_a", do_a, q_a), ("o_b", o_b, q_b), ("do_b", do_b, q_b)] {
+    for (name, t, q) in [
+        ("o_a", o_a, q_a),
+        ("do_a", do_a, q_a),
+        ("o_b", o_b, q_b),
+        ("do_b", do_b, q_b),
+    ] {
         assert_eq!(
             t.shape(),
             q.shape(),
@@ -318,7 +388,13 @@ pub fn joint_attention_bwd_masked(
             .into_par_iter()
             .map(|bh| {
                 let (b, h) = (bh / dims.heads, bh % dims.heads);
-                let buf = |n: [bool; 2]| if any(n) { vec![0f32; lt * d] } else { Vec::new() };
+                let buf = |n: [bool; 2]| {
+                    if any(n) {
+                        vec![0f32; lt * d]
+                    } else {
+                        Vec::new()
+                    }
+                };
                 let (mut dq, mut dk, mut dv) = (buf(need_dq), buf(need_dk), buf(need_dv));
                 let mut p = vec![0f32; tile_cap * lt];
                 let mut dp = vec![0f32; tile_cap * lt];
@@ -343,7 +419,11 @@ pub fn joint_attention_bwd_masked(
                     // dV_s += P[:, s]ᵀ · dO
                     for (ks, &want) in streams.iter().zip(&need_dv) {
                         if want {
-                            let pt = MatRef { data: &p[ks.start..], rs: 1, cs: lt };
+                            let pt = MatRef {
+                                data: &p[ks.start..],
+                                rs: 1,
+                                cs: lt,
+                            };
                             let dst = &mut dv[ks.start * d..(ks.start + ks.len) * d];
                             sgemm(ks.len, d, m, 1.0, pt, do_tile, dst, d, true, false);
                         }
@@ -355,7 +435,18 @@ pub fn joint_attention_bwd_masked(
                     let dp = &mut dp[..m * lt];
                     for vs in &streams {
                         let vt = rows_t(vs.v, &dims, vs.len, b, h, 0);
-                        sgemm(m, vs.len, d, 1.0, do_tile, vt, &mut dp[vs.start..], lt, false, false);
+                        sgemm(
+                            m,
+                            vs.len,
+                            d,
+                            1.0,
+                            do_tile,
+                            vt,
+                            &mut dp[vs.start..],
+                            lt,
+                            false,
+                            false,
+                        );
                     }
                     let o_tile = rows(outs[si], &dims, qs.len, b, h, r0);
                     for (i, (ds_row, p_row)) in dp.chunks_mut(lt).zip(p.chunks(lt)).enumerate() {
@@ -383,7 +474,11 @@ pub fn joint_attention_bwd_masked(
                     let q_tile = rows(qs.q, &dims, qs.len, b, h, r0);
                     for (ks, &want) in streams.iter().zip(&need_dk) {
                         if want {
-                            let dst_t = MatRef { data: &ds[ks.start..], rs: 1, cs: lt };
+                            let dst_t = MatRef {
+                                data: &ds[ks.start..],
+                                rs: 1,
+                                cs: lt,
+                            };
                             let dst = &mut dk[ks.start * d..(ks.start + ks.len) * d];
                             sgemm(ks.len, d, m, scale, dst_t, q_tile, dst, d, true, false);
                         }
@@ -402,7 +497,14 @@ pub fn joint_attention_bwd_masked(
         let shape = if si == 0 { q_a.shape() } else { q_b.shape() };
         Some(Tensor::from_vec(scatter(&dims, &blocks, start, len), shape))
     };
-    [grad(0, 0), grad(1, 0), grad(2, 0), grad(0, 1), grad(1, 1), grad(2, 1)]
+    [
+        grad(0, 0),
+        grad(1, 0),
+        grad(2, 0),
+        grad(0, 1),
+        grad(1, 1),
+        grad(2, 1),
+    ]
 }
 
 /// One (batch, head) slice of the concatenation `[a; b]` of a pair of `[B, L, H, d]` tensors, in
@@ -518,7 +620,8 @@ pub fn joint_attention_bwd_naive(
     );
     let (lt, d) = (dims.lt(), dims.d);
     let scale = 1.0 / (d as f64).sqrt();
-    let mut grads: [Vec<f32>; 6] = std::array::from_fn(|i| vec![0f32; if i < 3 { q_a.numel() } else { q_b.numel() }]);
+    let mut grads: [Vec<f32>; 6] =
+        std::array::from_fn(|i| vec![0f32; if i < 3 { q_a.numel() } else { q_b.numel() }]);
     for b in 0..dims.batch {
         for h in 0..dims.heads {
             let q = concat_f64(&dims, q_a, q_b, b, h);
