@@ -27,7 +27,12 @@ fn find_nvcc() -> Option<PathBuf> {
 }
 
 fn main() {
-    for var in ["NVCC", "CUDA_HOME", "ADVDMD_CUDA_ARCHS", "ADVDMD_REQUIRE_NVCC"] {
+    for var in [
+        "NVCC",
+        "CUDA_HOME",
+        "ADVDMD_CUDA_ARCHS",
+        "ADVDMD_REQUIRE_NVCC",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     println!("cargo:rerun-if-changed=cuda");
@@ -58,7 +63,9 @@ fn main() {
                     let mut cmd = Command::new(&nvcc);
                     cmd.args(["--fatbin", "-O3", "-std=c++17", "-lineinfo", "-Icuda"]);
                     for a in archs.split([';', ',']).filter(|a| !a.is_empty()) {
-                        cmd.arg(format!("-gencode=arch=compute_{a},code=[sm_{a},compute_{a}]"));
+                        cmd.arg(format!(
+                            "-gencode=arch=compute_{a},code=[sm_{a},compute_{a}]"
+                        ));
                     }
                     cmd.arg("-o").arg(&fatbin).arg(src);
                     let res = cmd.output().expect("running nvcc");
@@ -70,12 +77,18 @@ fn main() {
                             String::from_utf8_lossy(&res.stderr)
                         );
                     }
-                    writeln!(table, "    ({stem:?}, include_bytes!({:?})),", fatbin.display())
-                        .unwrap();
+                    writeln!(
+                        table,
+                        "    ({stem:?}, include_bytes!({:?})),",
+                        fatbin.display()
+                    )
+                    .unwrap();
                 }
                 println!("cargo:rustc-cfg=advdmd_kernels");
             }
-            None if require => panic!("ADVDMD_REQUIRE_NVCC=1 but nvcc was not found ($NVCC, $CUDA_HOME/bin, PATH)"),
+            None if require => {
+                panic!("ADVDMD_REQUIRE_NVCC=1 but nvcc was not found ($NVCC, $CUDA_HOME/bin, PATH)")
+            }
             None => println!(
                 "cargo:warning=nvcc not found: building without CUDA kernels (CPU backend only)"
             ),

@@ -3,7 +3,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "advdmd", version, about = "Few-step AdvDMD distillation of MMDiT diffusion transformers")]
+#[command(
+    name = "advdmd",
+    version,
+    about = "Few-step AdvDMD distillation of MMDiT diffusion transformers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

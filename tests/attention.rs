@@ -119,11 +119,15 @@ fn forward_is_stable_for_large_scores() {
     assert_fwd_matches_naive("large scores", &x, 5e-5);
 }
 
+/// (La, Lb) with several query tiles in stream b only (300 rows with the 256-row tile), then in
+/// both streams, the last tile of each stream partial.
+fn tiled_lengths() -> [(usize, usize); 2] {
+    [(5, QUERY_TILE + 44), (QUERY_TILE + 4, QUERY_TILE + 44)]
+}
+
 #[test]
 fn forward_tiles_queries_longer_than_a_tile() {
-    assert!(300 > QUERY_TILE, "the test needs more rows than one tile");
-    // Tiles in stream b only, then in both streams (the a tiles end mid-way, at 260).
-    for (la, lb) in [(5, 300), (260, 300)] {
+    for (la, lb) in tiled_lengths() {
         let x = inputs(1, la, lb, 2, 8, 31 + la as u64);
         assert_fwd_matches_naive(&format!("La={la} Lb={lb}"), &x, 1e-5);
     }
@@ -131,7 +135,7 @@ fn forward_tiles_queries_longer_than_a_tile() {
 
 #[test]
 fn backward_tiles_queries_longer_than_a_tile() {
-    for (la, lb) in [(5, 300), (260, 300)] {
+    for (la, lb) in tiled_lengths() {
         let x = inputs(1, la, lb, 2, 8, 37 + la as u64);
         assert_bwd_matches_naive(&format!("La={la} Lb={lb}"), &x, 41, 1e-4);
     }

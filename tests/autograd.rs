@@ -33,7 +33,11 @@ fn seed_on_intermediate_tensor_grad() {
     let (xv, wv, sv) = (x.value().f32s(), w.value(), s.f32s());
     let wv = wv.f32s();
     let dx: Vec<f32> = (0..12)
-        .map(|i| (0..5).map(|o| sv[(i / 4) * 5 + o] * wv[o * 4 + i % 4]).sum())
+        .map(|i| {
+            (0..5)
+                .map(|o| sv[(i / 4) * 5 + o] * wv[o * 4 + i % 4])
+                .sum()
+        })
         .collect();
     let dw: Vec<f32> = (0..20)
         .map(|i| (0..3).map(|r| sv[r * 5 + i / 4] * xv[r * 4 + i % 4]).sum())
@@ -60,11 +64,23 @@ fn param_grads_accumulate_across_backward_calls_until_zeroed() {
     let once = w.grad().unwrap();
     loss().backward();
     let twice = w.grad().unwrap();
-    assert_close("accumulated", twice.f32s(), &once.map(|v| 2.0 * v).to_vec(), 1e-6, 1e-6);
+    assert_close(
+        "accumulated",
+        twice.f32s(),
+        &once.map(|v| 2.0 * v).to_vec(),
+        1e-6,
+        1e-6,
+    );
     w.zero_grad();
     assert!(w.grad().is_none());
     loss().backward();
-    assert_close("after zero_grad", w.grad().unwrap().f32s(), once.f32s(), 0.0, 0.0);
+    assert_close(
+        "after zero_grad",
+        w.grad().unwrap().f32s(),
+        once.f32s(),
+        0.0,
+        0.0,
+    );
 }
 
 #[test]
@@ -84,12 +100,21 @@ fn frozen_param_gets_no_grad_but_input_grad_flows() {
     let x = Var::input(randn(&[3, 4], 9));
     let y = linear(&x, &w.var(), None).sum();
     let g = y.backward();
-    assert!(w.grad().is_none(), "a frozen parameter must not receive a gradient");
+    assert!(
+        w.grad().is_none(),
+        "a frozen parameter must not receive a gradient"
+    );
     let wv = w.value();
     let want: Vec<f32> = (0..12)
         .map(|i| (0..5).map(|o| wv.f32s()[o * 4 + i % 4]).sum())
         .collect();
-    assert_close("input grad through frozen", g.get(&x).unwrap().f32s(), &want, 1e-5, 1e-5);
+    assert_close(
+        "input grad through frozen",
+        g.get(&x).unwrap().f32s(),
+        &want,
+        1e-5,
+        1e-5,
+    );
     w.set_trainable(true);
     linear(&x, &w.var(), None).sum().backward();
     assert!(w.grad().is_some(), "unfrozen again, it trains");

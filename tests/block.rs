@@ -36,11 +36,7 @@ fn stream_shapes() -> Vec<Vec<usize>> {
     ]
 }
 
-fn stream(
-    s: &Var,
-    c: &Var,
-    w: &[Var],
-) -> (Vec<Var>, Var, Var, Var) {
+fn stream(s: &Var, c: &Var, w: &[Var]) -> (Vec<Var>, Var, Var, Var) {
     let l = s.shape()[1];
     let m = linear(&c.silu(), &w[0], Some(&w[1])).chunk(6, -1);
     let h = adaln_modulate(s, &m[0], &m[1], LN_EPS);
@@ -54,7 +50,11 @@ fn stream(
 
 fn post(s: &Var, o: &Var, m: &[Var], w: &[Var]) -> Var {
     let l = s.shape()[1];
-    let s = gated_residual(s, &m[2], &linear(&o.reshape(&[B, l, D]), &w[6], Some(&w[7])));
+    let s = gated_residual(
+        s,
+        &m[2],
+        &linear(&o.reshape(&[B, l, D]), &w[6], Some(&w[7])),
+    );
     let h = adaln_modulate(&s, &m[3], &m[4], LN_EPS);
     let mlp = linear(&linear(&h, &w[8], Some(&w[9])).gelu(), &w[10], Some(&w[11]));
     gated_residual(&s, &m[5], &mlp)
@@ -69,9 +69,14 @@ fn joint_block(x: &Var, ctx: &Var, c: &Var, wx: &[Var], wc: &[Var]) -> (Var, Var
 
 /// image [B, 2, 4, 6] → patch embed (patch 2) → two joint blocks → linear → unpatchify.
 fn model(v: &[Var]) -> Vec<Var> {
-    let (img, ctx, c, embed_w, embed_b, out_w, out_b) = (&v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6]);
+    let (img, ctx, c, embed_w, embed_b, out_w, out_b) =
+        (&v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6]);
     let n = stream_shapes().len();
-    let mut x = linear(&img.patchify(2, PatchOrder::ChannelFirst), embed_w, Some(embed_b));
+    let mut x = linear(
+        &img.patchify(2, PatchOrder::ChannelFirst),
+        embed_w,
+        Some(embed_b),
+    );
     let mut ctx = ctx.clone();
     for layer in 0..2 {
         let base = 7 + layer * 2 * n;
@@ -146,9 +151,15 @@ fn frozen_block_passes_input_grads_and_accumulates_none() {
         (g.get(&v[0]).unwrap().clone(), g.get(&v[2]).unwrap().clone())
     };
     let (img_frozen, c_frozen) = run(true);
-    assert!(params.iter().all(|p| p.grad().is_none()), "frozen weights got gradients");
+    assert!(
+        params.iter().all(|p| p.grad().is_none()),
+        "frozen weights got gradients"
+    );
     let (img_free, c_free) = run(false);
-    assert!(params.iter().all(|p| p.grad().is_some()), "trainable weights got no gradient");
+    assert!(
+        params.iter().all(|p| p.grad().is_some()),
+        "trainable weights got no gradient"
+    );
     assert_eq!(img_frozen.f32s(), img_free.f32s());
     assert_eq!(c_frozen.f32s(), c_free.f32s());
 }

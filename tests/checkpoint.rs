@@ -34,7 +34,12 @@ fn round_trip_f32_and_bf16() {
     let a = randn(&[3, 5], 1);
     let b = randn(&[7], 2).to_dtype(DType::BF16);
     let p = d.join("m.safetensors");
-    save_safetensors(&p, &[("a".into(), a.clone()), ("b.c".into(), b.clone())], None).unwrap();
+    save_safetensors(
+        &p,
+        &[("a".into(), a.clone()), ("b.c".into(), b.clone())],
+        None,
+    )
+    .unwrap();
     let f = SafetensorsFile::open(&p).unwrap();
     assert_eq!(f.names().len(), 2);
     let a2 = f.load("a").unwrap();
@@ -45,7 +50,10 @@ fn round_trip_f32_and_bf16() {
     assert_eq!(b2.dtype(), DType::BF16);
     assert_eq!(b2.to_vec(), b.to_vec());
     // No temporary file is left next to the checkpoint.
-    let names: Vec<_> = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names.len(), 1, "{names:?}");
 }
 
@@ -53,7 +61,10 @@ fn round_trip_f32_and_bf16() {
 fn reads_f16_and_bf16_as_stored() {
     let d = tmpdir("f16");
     let vals = [1.5f32, -2.25, 0.1];
-    let data: Vec<u8> = vals.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect();
+    let data: Vec<u8> = vals
+        .iter()
+        .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+        .collect();
     let p = d.join("h.safetensors");
     std::fs::write(&p, raw_file("w", "F16", &[3], &data)).unwrap();
     let t = SafetensorsFile::open(&p).unwrap().load("w").unwrap();
@@ -61,7 +72,10 @@ fn reads_f16_and_bf16_as_stored() {
     let want: Vec<f32> = vals.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
     assert_eq!(t.f32s(), want.as_slice());
 
-    let data: Vec<u8> = vals.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()).collect();
+    let data: Vec<u8> = vals
+        .iter()
+        .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+        .collect();
     std::fs::write(&p, raw_file("w", "BF16", &[3], &data)).unwrap();
     let f = SafetensorsFile::open(&p).unwrap();
     let t = f.load_f32("w", Some(&[3])).unwrap();
@@ -76,7 +90,9 @@ fn truncated_file_is_an_error_naming_the_file() {
     save_safetensors(&p, &[("a".into(), randn(&[64], 3))], None).unwrap();
     let bytes = std::fs::read(&p).unwrap();
     std::fs::write(&p, &bytes[..bytes.len() - 10]).unwrap();
-    let err = SafetensorsFile::open(&p).err().expect("truncated file must fail");
+    let err = SafetensorsFile::open(&p)
+        .err()
+        .expect("truncated file must fail");
     assert!(matches!(err, Error::Safetensors { .. }), "{err}");
     assert!(err.to_string().contains("t.safetensors"), "{err}");
     // A file too short for even the header length.
@@ -90,7 +106,9 @@ fn garbage_and_missing_files_are_errors() {
     let p = d.join("g.safetensors");
     std::fs::write(&p, b"this is not a safetensors file at all").unwrap();
     assert!(SafetensorsFile::open(&p).is_err());
-    let err = SafetensorsFile::open(d.join("absent.safetensors")).err().unwrap();
+    let err = SafetensorsFile::open(d.join("absent.safetensors"))
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("absent.safetensors"), "{err}");
 }
 
@@ -108,7 +126,11 @@ fn unsupported_dtype_and_missing_key_and_wrong_shape_are_errors() {
 
     let p = d.join("s.safetensors");
     save_safetensors(&p, &[("w".into(), Tensor::zeros(&[2, 3]))], None).unwrap();
-    let err = SafetensorsFile::open(&p).unwrap().load_f32("w", Some(&[3, 2])).err().unwrap();
+    let err = SafetensorsFile::open(&p)
+        .unwrap()
+        .load_f32("w", Some(&[3, 2]))
+        .err()
+        .unwrap();
     assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
 }
 

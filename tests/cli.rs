@@ -14,7 +14,11 @@ fn advdmd(args: &[&str]) -> std::process::Output {
 fn info_runs_and_reports_devices() {
     let out = advdmd(&["info"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("cpu: "), "{text}");
     assert!(text.contains("cuda: "), "{text}");
     assert!(text.contains("kernels embedded: "), "{text}");

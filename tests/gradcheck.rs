@@ -2,6 +2,9 @@
 //! forward references for the elementwise, reduction, layout, linear and normalisation ops.
 //! Attention and convolution/GroupNorm have their own files (attention.rs, conv.rs).
 
+// Naive references index like the formulas they spell out.
+#![allow(clippy::needless_range_loop)]
+
 mod common;
 
 use advdmd::kernels::gemm::{sgemm, sgemm_naive, MatRef};
@@ -71,7 +74,10 @@ fn silu_grad() {
 
 #[test]
 fn leaky_relu_grad() {
-    activation_gradcheck(Activation::LeakyRelu(0.2), randn_away_from_zero(&[3, 7, 5], 6, 0.05));
+    activation_gradcheck(
+        Activation::LeakyRelu(0.2),
+        randn_away_from_zero(&[3, 7, 5], 6, 0.05),
+    );
 }
 
 #[test]
@@ -81,7 +87,10 @@ fn softplus_grad() {
 
 #[test]
 fn log_sigmoid_grad() {
-    activation_gradcheck(Activation::LogSigmoid, randn(&[3, 7, 5], 8).map(|v| 4.0 * v));
+    activation_gradcheck(
+        Activation::LogSigmoid,
+        randn(&[3, 7, 5], 8).map(|v| 4.0 * v),
+    );
 }
 
 #[test]
@@ -102,7 +111,10 @@ fn activations_forward_match_formulas() {
         let cases = [
             (Activation::GeluTanh, gelu),
             (Activation::Silu, v64 * sig),
-            (Activation::LeakyRelu(0.2), if v64 > 0.0 { v64 } else { 0.2 * v64 }),
+            (
+                Activation::LeakyRelu(0.2),
+                if v64 > 0.0 { v64 } else { 0.2 * v64 },
+            ),
             (Activation::Softplus, softplus),
             (Activation::LogSigmoid, -(1.0 + (-v64).exp()).ln()),
         ];
@@ -141,9 +153,11 @@ fn sum_dim_and_mean_dim_grad() {
 
 #[test]
 fn mse_grad() {
-    gradcheck("mse", &[randn(&[2, 3, 5], 13), randn(&[2, 3, 5], 14)], |v| {
-        vec![v[0].mse(&v[1])]
-    });
+    gradcheck(
+        "mse",
+        &[randn(&[2, 3, 5], 13), randn(&[2, 3, 5], 14)],
+        |v| vec![v[0].mse(&v[1])],
+    );
 }
 
 #[test]
@@ -172,7 +186,9 @@ fn permute_forward_matches_naive() {
 
 #[test]
 fn split_concat_grad() {
-    gradcheck("split", &[randn(&[3, 9, 2], 17)], |v| v[0].split(1, &[2, 4, 3]));
+    gradcheck("split", &[randn(&[3, 9, 2], 17)], |v| {
+        v[0].split(1, &[2, 4, 3])
+    });
     gradcheck(
         "concat",
         &[randn(&[3, 2, 5], 18), randn(&[3, 4, 5], 19)],
@@ -242,7 +258,11 @@ fn patchify_channel_orders_match_naive() {
         }
         assert_close("patchify", got.value().f32s(), &want, 0.0, 0.0);
         let back = got.unpatchify(p, h / p, w / p, order);
-        assert_eq!(back.value().f32s(), xv, "unpatchify inverts patchify ({order:?})");
+        assert_eq!(
+            back.value().f32s(),
+            xv,
+            "unpatchify inverts patchify ({order:?})"
+        );
     }
 }
 
@@ -253,20 +273,29 @@ fn linear_grad() {
         &[randn(&[2, 3, 7], 25), randn(&[5, 7], 26), randn(&[5], 27)],
         |v| vec![linear(&v[0], &v[1], Some(&v[2]))],
     );
-    gradcheck("linear_nobias", &[randn(&[3, 7], 28), randn(&[5, 7], 29)], |v| {
-        vec![linear(&v[0], &v[1], None)]
-    });
+    gradcheck(
+        "linear_nobias",
+        &[randn(&[3, 7], 28), randn(&[5, 7], 29)],
+        |v| vec![linear(&v[0], &v[1], None)],
+    );
 }
 
 #[test]
 fn linear_forward_matches_naive() {
     let (x, w, b) = (randn(&[13, 37], 30), randn(&[11, 37], 31), randn(&[11], 32));
-    let y = linear(&Var::constant(x.clone()), &Var::constant(w.clone()), Some(&Var::constant(b.clone())));
+    let y = linear(
+        &Var::constant(x.clone()),
+        &Var::constant(w.clone()),
+        Some(&Var::constant(b.clone())),
+    );
     let (xv, wv, bv) = (x.f32s(), w.f32s(), b.f32s());
     let want: Vec<f32> = (0..13 * 11)
         .map(|i| {
             let (r, o) = (i / 11, i % 11);
-            bv[o] + (0..37).map(|k| xv[r * 37 + k] * wv[o * 37 + k]).sum::<f32>()
+            bv[o]
+                + (0..37)
+                    .map(|k| xv[r * 37 + k] * wv[o * 37 + k])
+                    .sum::<f32>()
         })
         .collect();
     assert_close("linear", y.value().f32s(), &want, 1e-4, 1e-4);
@@ -274,9 +303,11 @@ fn linear_forward_matches_naive() {
 
 #[test]
 fn matmul_grad() {
-    gradcheck("matmul", &[randn(&[2, 3, 5, 7], 33), randn(&[2, 3, 7, 4], 34)], |v| {
-        vec![matmul(&v[0], &v[1])]
-    });
+    gradcheck(
+        "matmul",
+        &[randn(&[2, 3, 5, 7], 33), randn(&[2, 3, 7, 4], 34)],
+        |v| vec![matmul(&v[0], &v[1])],
+    );
 }
 
 #[test]
@@ -285,12 +316,26 @@ fn sgemm_matches_naive_with_transposes_and_large_sizes() {
         let a = randn(&[m * k], 35);
         let b = randn(&[k * n], 36);
         for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-            let am = if ta { MatRef::rows_t(a.f32s(), m) } else { MatRef::rows(a.f32s(), k) };
-            let bm = if tb { MatRef::rows_t(b.f32s(), k) } else { MatRef::rows(b.f32s(), n) };
+            let am = if ta {
+                MatRef::rows_t(a.f32s(), m)
+            } else {
+                MatRef::rows(a.f32s(), k)
+            };
+            let bm = if tb {
+                MatRef::rows_t(b.f32s(), k)
+            } else {
+                MatRef::rows(b.f32s(), n)
+            };
             let mut c = vec![0f32; m * n];
             sgemm(m, n, k, 1.0, am, bm, &mut c, n, false, true);
             let want = sgemm_naive(m, n, k, am, bm);
-            assert_close(&format!("sgemm {m}x{n}x{k} {ta} {tb}"), &c, &want, 1e-3, 1e-4);
+            assert_close(
+                &format!("sgemm {m}x{n}x{k} {ta} {tb}"),
+                &c,
+                &want,
+                1e-3,
+                1e-4,
+            );
         }
     }
 }
@@ -299,7 +344,11 @@ fn sgemm_matches_naive_with_transposes_and_large_sizes() {
 fn adaln_modulate_grad() {
     // Inputs with a non-zero mean per token, as real activations have.
     let x = randn(&[2, 5, 7], 37).map(|v| 1.5 * v + 0.5);
-    GradCheck { eps: 3e-3, ..Default::default() }.run(
+    GradCheck {
+        eps: 3e-3,
+        ..Default::default()
+    }
+    .run(
         "adaln_modulate",
         &[x, randn(&[2, 7], 38), randn(&[2, 7], 39)],
         |v| vec![adaln_modulate(&v[0], &v[1], &v[2], LN_EPS)],
@@ -308,8 +357,17 @@ fn adaln_modulate_grad() {
 
 #[test]
 fn adaln_modulate_forward_matches_naive() {
-    let (x, sh, sc) = (randn(&[2, 3, 9], 40), randn(&[2, 9], 41), randn(&[2, 9], 42));
-    let y = adaln_modulate(&Var::constant(x.clone()), &Var::constant(sh.clone()), &Var::constant(sc.clone()), LN_EPS);
+    let (x, sh, sc) = (
+        randn(&[2, 3, 9], 40),
+        randn(&[2, 9], 41),
+        randn(&[2, 9], 42),
+    );
+    let y = adaln_modulate(
+        &Var::constant(x.clone()),
+        &Var::constant(sh.clone()),
+        &Var::constant(sc.clone()),
+        LN_EPS,
+    );
     let (xv, shv, scv) = (x.f32s(), sh.f32s(), sc.f32s());
     let mut want = vec![];
     for t in 0..6 {
@@ -318,7 +376,9 @@ fn adaln_modulate_forward_matches_naive() {
         let var = row.iter().map(|v| (v - mu).powi(2)).sum::<f64>() / 9.0;
         for j in 0..9 {
             let xhat = (row[j] - mu) / (var + 1e-6).sqrt();
-            want.push((xhat * (1.0 + scv[(t / 3) * 9 + j] as f64) + shv[(t / 3) * 9 + j] as f64) as f32);
+            want.push(
+                (xhat * (1.0 + scv[(t / 3) * 9 + j] as f64) + shv[(t / 3) * 9 + j] as f64) as f32,
+            );
         }
     }
     assert_close("adaln", y.value().f32s(), &want, 1e-5, 1e-5);
@@ -328,25 +388,41 @@ fn adaln_modulate_forward_matches_naive() {
 fn gated_residual_grad() {
     gradcheck(
         "gated_residual",
-        &[randn(&[2, 5, 7], 43), randn(&[2, 7], 44), randn(&[2, 5, 7], 45)],
+        &[
+            randn(&[2, 5, 7], 43),
+            randn(&[2, 7], 44),
+            randn(&[2, 5, 7], 45),
+        ],
         |v| vec![gated_residual(&v[0], &v[1], &v[2])],
     );
 }
 
 #[test]
 fn gated_residual_forward_matches_broadcast_ops() {
-    let (x, g, y) = (randn(&[2, 5, 7], 46), randn(&[2, 7], 47), randn(&[2, 5, 7], 48));
+    let (x, g, y) = (
+        randn(&[2, 5, 7], 46),
+        randn(&[2, 7], 47),
+        randn(&[2, 5, 7], 48),
+    );
     let (xv, gv, yv) = (Var::constant(x), Var::constant(g), Var::constant(y));
     let fused = gated_residual(&xv, &gv, &yv);
     let composed = xv.add(&gv.reshape(&[2, 1, 7]).mul(&yv));
-    assert_close("gated", fused.value().f32s(), composed.value().f32s(), 1e-6, 1e-6);
+    assert_close(
+        "gated",
+        fused.value().f32s(),
+        composed.value().f32s(),
+        1e-6,
+        1e-6,
+    );
 }
 
 #[test]
 fn rms_norm_grad() {
-    gradcheck("rms_norm", &[randn(&[2, 3, 5, 7], 49), randn(&[7], 50)], |v| {
-        vec![rms_norm(&v[0], &v[1], 1e-6)]
-    });
+    gradcheck(
+        "rms_norm",
+        &[randn(&[2, 3, 5, 7], 49), randn(&[7], 50)],
+        |v| vec![rms_norm(&v[0], &v[1], 1e-6)],
+    );
 }
 
 #[test]

@@ -36,7 +36,9 @@ pub fn grad_enabled() -> bool {
 /// Disables recording on this thread until the guard is dropped (nests).
 pub fn no_grad() -> NoGradGuard {
     NO_GRAD_DEPTH.with(|d| d.set(d.get() + 1));
-    NoGradGuard { _not_send: std::marker::PhantomData }
+    NoGradGuard {
+        _not_send: std::marker::PhantomData,
+    }
 }
 
 pub struct NoGradGuard {
@@ -149,9 +151,11 @@ pub fn record(
     value: Tensor,
     backward: impl Fn(&Tensor, &[bool]) -> Vec<Option<Tensor>> + Send + Sync + 'static,
 ) -> Var {
-    record_multi(op, inputs, vec![value], move |g, need| backward(&g[0], need))
-        .pop()
-        .expect("one output")
+    record_multi(op, inputs, vec![value], move |g, need| {
+        backward(&g[0], need)
+    })
+    .pop()
+    .expect("one output")
 }
 
 /// Records an op with several outputs (split, joint attention).
@@ -247,7 +251,12 @@ pub fn backward(seeds: &[(&Var, Tensor)]) -> Gradients {
             .collect();
         let need: Vec<bool> = node.inputs.iter().map(|v| v.requires_grad()).collect();
         let input_grads = bw(&grads, &need);
-        assert_eq!(input_grads.len(), node.inputs.len(), "op {}: grads per input", node.op);
+        assert_eq!(
+            input_grads.len(),
+            node.inputs.len(),
+            "op {}: grads per input",
+            node.op
+        );
         for ((input, g), needed) in node.inputs.iter().zip(input_grads).zip(need) {
             if let (Some(g), true) = (g, needed) {
                 assert_eq!(

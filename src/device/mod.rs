@@ -104,7 +104,9 @@ fn probe_cuda_driver() -> CudaProbe {
         };
         gpus.push(GpuInfo {
             ordinal,
-            name: ctx.name().unwrap_or_else(|e| format!("<name unavailable: {e:?}>")),
+            name: ctx
+                .name()
+                .unwrap_or_else(|e| format!("<name unavailable: {e:?}>")),
             compute_capability: ctx.compute_capability().unwrap_or((0, 0)),
             total_memory_bytes: ctx.total_mem().unwrap_or(0),
         });

@@ -19,11 +19,20 @@ fn dims3(x: &Tensor, what: &str) -> (usize, usize, usize) {
 }
 
 fn check_mod(m: &Tensor, b: usize, d: usize, what: &str) {
-    assert_eq!(m.shape(), [b, d], "{what}: modulation must be [B, D] = [{b}, {d}]");
+    assert_eq!(
+        m.shape(),
+        [b, d],
+        "{what}: modulation must be [B, D] = [{b}, {d}]"
+    );
 }
 
 /// `y = LN(x)·(1+scale)+shift` for `x [B, L, D]`, `shift, scale [B, D]`.
-pub fn adaln_modulate_fwd(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f32) -> (Tensor, LnStats) {
+pub fn adaln_modulate_fwd(
+    x: &Tensor,
+    shift: &Tensor,
+    scale: &Tensor,
+    eps: f32,
+) -> (Tensor, LnStats) {
     let (b, l, d) = dims3(x, "adaln_modulate");
     check_mod(shift, b, d, "adaln_modulate shift");
     check_mod(scale, b, d, "adaln_modulate scale");
@@ -106,7 +115,11 @@ pub fn adaln_modulate_bwd(
 /// `x + g·y` for `x, y [B, L, D]`, `g [B, D]`.
 pub fn gated_residual_fwd(x: &Tensor, gate: &Tensor, y: &Tensor) -> Tensor {
     let (b, l, d) = dims3(x, "gated_residual");
-    assert_eq!(x.shape(), y.shape(), "gated_residual: x and y shapes differ");
+    assert_eq!(
+        x.shape(),
+        y.shape(),
+        "gated_residual: x and y shapes differ"
+    );
     check_mod(gate, b, d, "gated_residual gate");
     let (xs, gs, ys) = (x.f32s(), gate.f32s(), y.f32s());
     let mut out = vec![0f32; xs.len()];
@@ -142,5 +155,8 @@ pub fn gated_residual_bwd(gate: &Tensor, y: &Tensor, dz: &Tensor) -> (Tensor, Te
                 }
             });
     }
-    (Tensor::from_vec(dgate, &[b, d]), Tensor::from_vec(dy, y.shape()))
+    (
+        Tensor::from_vec(dgate, &[b, d]),
+        Tensor::from_vec(dy, y.shape()),
+    )
 }

@@ -11,8 +11,16 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Vec<usize> {
     let r = a.len().max(b.len());
     (0..r)
         .map(|i| {
-            let da = if i + a.len() >= r { a[i + a.len() - r] } else { 1 };
-            let db = if i + b.len() >= r { b[i + b.len() - r] } else { 1 };
+            let da = if i + a.len() >= r {
+                a[i + a.len() - r]
+            } else {
+                1
+            };
+            let db = if i + b.len() >= r {
+                b[i + b.len() - r]
+            } else {
+                1
+            };
             assert!(
                 da == db || da == 1 || db == 1,
                 "shapes {a:?} and {b:?} do not broadcast"
@@ -51,14 +59,12 @@ pub fn binary(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync) -> Ten
     let (x, y) = (a.f32s(), b.f32s());
     if a.shape() == b.shape() {
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(CHUNK)
-            .enumerate()
-            .for_each(|(c, o)| {
-                let base = c * CHUNK;
-                for (i, o) in o.iter_mut().enumerate() {
-                    *o = f(x[base + i], y[base + i]);
-                }
-            });
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+            let base = c * CHUNK;
+            for (i, o) in o.iter_mut().enumerate() {
+                *o = f(x[base + i], y[base + i]);
+            }
+        });
         return Tensor::from_vec(out, a.shape());
     }
     let shape = broadcast_shape(a.shape(), b.shape());

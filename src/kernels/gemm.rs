@@ -13,11 +13,19 @@ pub struct MatRef<'a> {
 impl<'a> MatRef<'a> {
     /// A row-major matrix with `cols` columns.
     pub fn rows(data: &'a [f32], cols: usize) -> Self {
-        MatRef { data, rs: cols, cs: 1 }
+        MatRef {
+            data,
+            rs: cols,
+            cs: 1,
+        }
     }
     /// The transpose of a row-major matrix with `cols` columns.
     pub fn rows_t(data: &'a [f32], cols: usize) -> Self {
-        MatRef { data, rs: 1, cs: cols }
+        MatRef {
+            data,
+            rs: 1,
+            cs: cols,
+        }
     }
     fn check(&self, r: usize, c: usize, what: &str) {
         if r > 0 && c > 0 {
@@ -49,7 +57,10 @@ pub fn sgemm(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "gemm: output too small");
+    assert!(
+        ldc >= n && c.len() >= (m - 1) * ldc + n,
+        "gemm: output too small"
+    );
     if k == 0 {
         if !accumulate {
             for i in 0..m {

@@ -9,7 +9,7 @@ pub fn rms_norm_fwd(x: &Tensor, weight: &Tensor, eps: f32) -> (Tensor, Vec<f32>)
     let d = x.dim(-1);
     assert_eq!(weight.shape(), [d], "rms_norm: weight must be [{d}]");
     let (xs, w) = (x.f32s(), weight.f32s());
-    let rows = if d == 0 { 0 } else { xs.len() / d };
+    let rows = xs.len().checked_div(d).unwrap_or(0);
     let mut y = vec![0f32; xs.len()];
     let mut rstd = vec![0f32; rows];
     if d > 0 {

@@ -15,10 +15,17 @@ fn strides(shape: &[usize]) -> Vec<usize> {
 /// Output dim `i` is input dim `perm[i]`.
 pub fn permute(x: &Tensor, perm: &[usize]) -> Tensor {
     let shape = x.shape();
-    assert_eq!(perm.len(), shape.len(), "permute {perm:?} of shape {shape:?}");
+    assert_eq!(
+        perm.len(),
+        shape.len(),
+        "permute {perm:?} of shape {shape:?}"
+    );
     let mut seen = vec![false; perm.len()];
     for &p in perm {
-        assert!(p < perm.len() && !seen[p], "permute: {perm:?} is not a permutation");
+        assert!(
+            p < perm.len() && !seen[p],
+            "permute: {perm:?} is not a permutation"
+        );
         seen[p] = true;
     }
     let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
@@ -58,11 +65,7 @@ pub fn inverse_permutation(perm: &[usize]) -> Vec<usize> {
 
 /// (outer, size along `dim`, inner) of a shape.
 fn split_dims(shape: &[usize], dim: usize) -> (usize, usize, usize) {
-    (
-        numel(&shape[..dim]),
-        shape[dim],
-        numel(&shape[dim + 1..]),
-    )
+    (numel(&shape[..dim]), shape[dim], numel(&shape[dim + 1..]))
 }
 
 /// Concatenates tensors that agree on every dim but `dim`.

@@ -1,20 +1,27 @@
 //! Broadcasting arithmetic, scaling and the pointwise activations.
 
 use crate::autograd::{record, Var};
-use crate::kernels::elementwise::{self as k, activation_bwd, activation_fwd, binary, sum_to_shape};
 pub use crate::kernels::elementwise::Activation;
+use crate::kernels::elementwise::{
+    self as k, activation_bwd, activation_fwd, binary, sum_to_shape,
+};
 use crate::tensor::Tensor;
 
 impl Var {
     /// `self + other`, broadcasting.
     pub fn add(&self, other: &Var) -> Var {
         let (sa, sb) = (self.shape().to_vec(), other.shape().to_vec());
-        record("add", &[self, other], k::add(self.value(), other.value()), move |g, need| {
-            vec![
-                need[0].then(|| sum_to_shape(g, &sa)),
-                need[1].then(|| sum_to_shape(g, &sb)),
-            ]
-        })
+        record(
+            "add",
+            &[self, other],
+            k::add(self.value(), other.value()),
+            move |g, need| {
+                vec![
+                    need[0].then(|| sum_to_shape(g, &sa)),
+                    need[1].then(|| sum_to_shape(g, &sb)),
+                ]
+            },
+        )
     }
 
     /// `self − other`, broadcasting.
@@ -43,23 +50,32 @@ impl Var {
 
     /// `self · s` for a constant scalar.
     pub fn scale(&self, s: f32) -> Var {
-        record("scale", &[self], self.value().map(|v| v * s), move |g, _| {
-            vec![Some(g.map(|v| v * s))]
-        })
+        record(
+            "scale",
+            &[self],
+            self.value().map(|v| v * s),
+            move |g, _| vec![Some(g.map(|v| v * s))],
+        )
     }
 
     /// `self + c` for a constant scalar.
     pub fn add_scalar(&self, c: f32) -> Var {
-        record("add_scalar", &[self], self.value().map(|v| v + c), |g, _| {
-            vec![Some(g.clone())]
-        })
+        record(
+            "add_scalar",
+            &[self],
+            self.value().map(|v| v + c),
+            |g, _| vec![Some(g.clone())],
+        )
     }
 
     pub fn activation(&self, act: Activation) -> Var {
         let x = self.value().clone();
-        record("activation", &[self], activation_fwd(&x, act), move |g, _| {
-            vec![Some(activation_bwd(&x, g, act))]
-        })
+        record(
+            "activation",
+            &[self],
+            activation_fwd(&x, act),
+            move |g, _| vec![Some(activation_bwd(&x, g, act))],
+        )
     }
 
     /// GELU with the tanh approximation.

@@ -32,7 +32,12 @@ pub fn linear(x: &Var, weight: &Var, bias: Option<&Var>) -> Var {
         true,
     );
     if let Some(b) = bias {
-        assert_eq!(b.shape(), [n_out], "linear: bias {:?} for {n_out} outputs", b.shape());
+        assert_eq!(
+            b.shape(),
+            [n_out],
+            "linear: bias {:?} for {n_out} outputs",
+            b.shape()
+        );
         let bv = b.value().f32s();
         for row in y.chunks_mut(n_out) {
             for (o, b) in row.iter_mut().zip(bv) {
@@ -45,32 +50,59 @@ pub fn linear(x: &Var, weight: &Var, bias: Option<&Var>) -> Var {
     let mut inputs = vec![x, weight];
     inputs.extend(bias);
     let has_bias = bias.is_some();
-    record("linear", &inputs, Tensor::from_vec(y, &out_shape), move |g, need| {
-        let gy = g.f32s();
-        let dx = need[0].then(|| {
-            let mut dx = vec![0f32; m * n_in];
-            sgemm(m, n_in, n_out, 1.0, MatRef::rows(gy, n_out), MatRef::rows(wv.f32s(), n_in), &mut dx, n_in, false, true);
-            Tensor::from_vec(dx, xv.shape())
-        });
-        let dw = need[1].then(|| {
-            let mut dw = vec![0f32; n_out * n_in];
-            sgemm(n_out, n_in, m, 1.0, MatRef::rows_t(gy, n_out), MatRef::rows(xv.f32s(), n_in), &mut dw, n_in, false, true);
-            Tensor::from_vec(dw, &[n_out, n_in])
-        });
-        let mut grads = vec![dx, dw];
-        if has_bias {
-            grads.push(need[2].then(|| {
-                let mut db = vec![0f64; n_out];
-                for row in gy.chunks(n_out) {
-                    for (acc, v) in db.iter_mut().zip(row) {
-                        *acc += *v as f64;
+    record(
+        "linear",
+        &inputs,
+        Tensor::from_vec(y, &out_shape),
+        move |g, need| {
+            let gy = g.f32s();
+            let dx = need[0].then(|| {
+                let mut dx = vec![0f32; m * n_in];
+                sgemm(
+                    m,
+                    n_in,
+                    n_out,
+                    1.0,
+                    MatRef::rows(gy, n_out),
+                    MatRef::rows(wv.f32s(), n_in),
+                    &mut dx,
+                    n_in,
+                    false,
+                    true,
+                );
+                Tensor::from_vec(dx, xv.shape())
+            });
+            let dw = need[1].then(|| {
+                let mut dw = vec![0f32; n_out * n_in];
+                sgemm(
+                    n_out,
+                    n_in,
+                    m,
+                    1.0,
+                    MatRef::rows_t(gy, n_out),
+                    MatRef::rows(xv.f32s(), n_in),
+                    &mut dw,
+                    n_in,
+                    false,
+                    true,
+                );
+                Tensor::from_vec(dw, &[n_out, n_in])
+            });
+            let mut grads = vec![dx, dw];
+            if has_bias {
+                grads.push(need[2].then(|| {
+                    let mut db = vec![0f64; n_out];
+                    for row in gy.chunks(n_out) {
+                        for (acc, v) in db.iter_mut().zip(row) {
+                            *acc += *v as f64;
+                        }
                     }
-                }
-                Tensor::from_vec(db.into_iter().map(|v| v as f32).collect(), &[n_out])
-            }));
-        }
-        grads
-    })
+                    Tensor::from_vec(db.into_iter().map(|v| v as f32).collect(), &[n_out])
+                }));
+            }
+            grads
+        },
+    )
 }
 
 /// Batched matrix product `a [..., M, K] · b [..., K, N] → [..., M, N]` (equal batch dims).
@@ -89,26 +121,61 @@ pub fn matmul(a: &Var, b: &Var) -> Var {
     out_shape[r - 1] = n;
     let (ad, bd) = (av.f32s(), bv.f32s());
     let y = batched_gemm(batch, m, n, kk, ad, false, bd, false);
-    record("matmul", &[a, b], Tensor::from_vec(y, &out_shape), move |g, need| {
-        let (ad, bd, gd) = (av.f32s(), bv.f32s(), g.f32s());
-        // da = g · bᵀ, db = aᵀ · g
-        let da = need[0].then(|| Tensor::from_vec(batched_gemm(batch, m, kk, n, gd, false, bd, true), &sa));
-        let db = need[1].then(|| Tensor::from_vec(batched_gemm(batch, kk, n, m, ad, true, gd, false), &sb));
-        vec![da, db]
-    })
+    record(
+        "matmul",
+        &[a, b],
+        Tensor::from_vec(y, &out_shape),
+        move |g, need| {
+            let (ad, bd, gd) = (av.f32s(), bv.f32s(), g.f32s());
+            // da = g · bᵀ, db = aᵀ · g
+            let da = need[0]
+                .then(|| Tensor::from_vec(batched_gemm(batch, m, kk, n, gd, false, bd, true), &sa));
+            let db = need[1]
+                .then(|| Tensor::from_vec(batched_gemm(batch, kk, n, m, ad, true, gd, false), &sb));
+            vec![da, db]
+        },
+    )
 }
 
 /// `batch` products of row-major matrices stored back to back: `op(a_i) · op(b_i)` where `op`
 /// transposes when asked; `a` holds m×k (or k×m when transposed) matrices, `b` k×n (or n×k).
 #[allow(clippy::too_many_arguments)]
-fn batched_gemm(batch: usize, m: usize, n: usize, k: usize, a: &[f32], ta: bool, b: &[f32], tb: bool) -> Vec<f32> {
+fn batched_gemm(
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    ta: bool,
+    b: &[f32],
+    tb: bool,
+) -> Vec<f32> {
     let mut c = vec![0f32; batch * m * n];
     for i in 0..batch {
         let ai = &a[i * m * k..(i + 1) * m * k];
         let bi = &b[i * k * n..(i + 1) * k * n];
-        let am = if ta { MatRef::rows_t(ai, m) } else { MatRef::rows(ai, k) };
-        let bm = if tb { MatRef::rows_t(bi, k) } else { MatRef::rows(bi, n) };
-        sgemm(m, n, k, 1.0, am, bm, &mut c[i * m * n..(i + 1) * m * n], n, false, true);
+        let am = if ta {
+            MatRef::rows_t(ai, m)
+        } else {
+            MatRef::rows(ai, k)
+        };
+        let bm = if tb {
+            MatRef::rows_t(bi, k)
+        } else {
+            MatRef::rows(bi, n)
+        };
+        sgemm(
+            m,
+            n,
+            k,
+            1.0,
+            am,
+            bm,
+            &mut c[i * m * n..(i + 1) * m * n],
+            n,
+            false,
+            true,
+        );
     }
     c
 }

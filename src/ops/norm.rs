@@ -15,7 +15,11 @@ pub fn adaln_modulate(x: &Var, shift: &Var, scale: &Var, eps: f32) -> Var {
     let stats = Arc::new(stats);
     record("adaln_modulate", &[x, shift, scale], y, move |g, need| {
         let (dx, dshift, dscale) = adaln::adaln_modulate_bwd(&xv, &sc, &stats, g);
-        vec![need[0].then_some(dx), need[1].then_some(dshift), need[2].then_some(dscale)]
+        vec![
+            need[0].then_some(dx),
+            need[1].then_some(dshift),
+            need[2].then_some(dscale),
+        ]
     })
 }
 
@@ -30,7 +34,11 @@ pub fn gated_residual(x: &Var, gate: &Var, y: &Var) -> Var {
         } else {
             (None, None)
         };
-        vec![need[0].then(|| g.clone()), dgate.filter(|_| need[1]), dy.filter(|_| need[2])]
+        vec![
+            need[0].then(|| g.clone()),
+            dgate.filter(|_| need[1]),
+            dy.filter(|_| need[2]),
+        ]
     })
 }
 

@@ -42,16 +42,26 @@ impl Var {
         let out_shape: Vec<usize> = if keepdim {
             kept.clone()
         } else {
-            shape.iter().enumerate().filter(|&(i, _)| i != d).map(|(_, &s)| s).collect()
+            shape
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| i != d)
+                .map(|(_, &s)| s)
+                .collect()
         };
-        record("sum_dim", &[self], Tensor::from_vec(out, &out_shape), move |g, _| {
-            let g = g.reshape(&kept);
-            vec![Some(crate::kernels::elementwise::binary(
-                &Tensor::zeros(&shape),
-                &g,
-                |_, g| g,
-            ))]
-        })
+        record(
+            "sum_dim",
+            &[self],
+            Tensor::from_vec(out, &out_shape),
+            move |g, _| {
+                let g = g.reshape(&kept);
+                vec![Some(crate::kernels::elementwise::binary(
+                    &Tensor::zeros(&shape),
+                    &g,
+                    |_, g| g,
+                ))]
+            },
+        )
     }
 
     /// Mean over dimension `dim`.
@@ -72,10 +82,15 @@ impl Var {
             .map(|(x, y)| ((x - y) as f64).powi(2))
             .sum::<f64>()
             / n;
-        record("mse", &[self, target], Tensor::scalar(s as f32), move |g, need| {
-            let c = 2.0 * g.item() / n as f32;
-            let d = crate::kernels::elementwise::binary(&a, &b, |x, y| c * (x - y));
-            vec![need[0].then(|| d.clone()), need[1].then(|| d.map(|v| -v))]
-        })
+        record(
+            "mse",
+            &[self, target],
+            Tensor::scalar(s as f32),
+            move |g, need| {
+                let c = 2.0 * g.item() / n as f32;
+                let d = crate::kernels::elementwise::binary(&a, &b, |x, y| c * (x - y));
+                vec![need[0].then(|| d.clone()), need[1].then(|| d.map(|v| -v))]
+            },
+        )
     }
 }

@@ -8,17 +8,23 @@ impl Var {
     /// Same data, new shape (`usize::MAX` infers one dimension).
     pub fn reshape(&self, shape: &[usize]) -> Var {
         let old = self.shape().to_vec();
-        record("reshape", &[self], self.value().reshape(shape), move |g, _| {
-            vec![Some(g.reshape(&old))]
-        })
+        record(
+            "reshape",
+            &[self],
+            self.value().reshape(shape),
+            move |g, _| vec![Some(g.reshape(&old))],
+        )
     }
 
     /// Output dim `i` is input dim `perm[i]`.
     pub fn permute(&self, perm: &[usize]) -> Var {
         let inv = k::inverse_permutation(perm);
-        record("permute", &[self], k::permute(self.value(), perm), move |g, _| {
-            vec![Some(k::permute(g, &inv))]
-        })
+        record(
+            "permute",
+            &[self],
+            k::permute(self.value(), perm),
+            move |g, _| vec![Some(k::permute(g, &inv))],
+        )
     }
 
     /// Splits along `dim` into pieces of the given sizes.
@@ -34,7 +40,10 @@ impl Var {
     /// Splits along `dim` into `n` equal chunks (`chunk` in PyTorch).
     pub fn chunk(&self, n: usize, dim: isize) -> Vec<Var> {
         let size = self.value().dim(dim);
-        assert!(n > 0 && size % n == 0, "chunk: {size} is not divisible by {n}");
+        assert!(
+            n > 0 && size % n == 0,
+            "chunk: {size} is not divisible by {n}"
+        );
         self.split(dim, &vec![size / n; n])
     }
 
@@ -44,7 +53,10 @@ impl Var {
         let &[b, c, h, w] = self.shape() else {
             panic!("patchify needs [B, C, H, W], got {:?}", self.shape())
         };
-        assert!(h % p == 0 && w % p == 0, "patchify: {h}x{w} is not a multiple of {p}");
+        assert!(
+            h % p == 0 && w % p == 0,
+            "patchify: {h}x{w} is not a multiple of {p}"
+        );
         let (gh, gw) = (h / p, w / p);
         // [B, C, gh, p, gw, p]: dims b=0 c=1 gh=2 ph=3 gw=4 pw=5
         let perm: &[usize] = match order {
@@ -59,7 +71,10 @@ impl Var {
     /// The inverse of [`Var::patchify`]: `[B, gh·gw, C·p·p]` back to `[B, C, gh·p, gw·p]`.
     pub fn unpatchify(&self, p: usize, gh: usize, gw: usize, order: PatchOrder) -> Var {
         let &[b, n, f] = self.shape() else {
-            panic!("unpatchify needs [B, tokens, features], got {:?}", self.shape())
+            panic!(
+                "unpatchify needs [B, tokens, features], got {:?}",
+                self.shape()
+            )
         };
         assert_eq!(n, gh * gw, "unpatchify: {n} tokens for a {gh}x{gw} grid");
         assert_eq!(f % (p * p), 0, "unpatchify: {f} features for patch {p}");
@@ -70,7 +85,9 @@ impl Var {
             // [B, gh, gw, p, p, C] → [B, C, gh, p, gw, p]  (SD3's nhwpqc → nchpwq)
             PatchOrder::ChannelLast => (vec![b, gh, gw, p, p, c], &[0, 5, 1, 3, 2, 4]),
         };
-        self.reshape(&split).permute(perm).reshape(&[b, c, gh * p, gw * p])
+        self.reshape(&split)
+            .permute(perm)
+            .reshape(&[b, c, gh * p, gw * p])
     }
 }
 

@@ -187,7 +187,12 @@ impl Tensor {
 
     /// The single value of a one-element tensor.
     pub fn item(&self) -> f32 {
-        assert_eq!(self.numel(), 1, "item() on a tensor of shape {:?}", self.shape);
+        assert_eq!(
+            self.numel(),
+            1,
+            "item() on a tensor of shape {:?}",
+            self.shape
+        );
         self.to_vec()[0]
     }
 
