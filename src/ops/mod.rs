@@ -14,3 +14,5 @@ pub mod shape;
 pub use elementwise::Activation;
 pub use linear::{linear, matmul};
 pub use shape::{concat, PatchOrder};
+pub use conv::{conv2d, Conv2dSpec};
+pub use disc_head::{group_norm, mean_pool_spatial};
