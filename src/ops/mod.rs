@@ -11,8 +11,9 @@ pub mod norm;
 pub mod reduce;
 pub mod shape;
 
+pub use attention::joint_attention;
+pub use conv::{conv2d, Conv2dSpec};
+pub use disc_head::{group_norm, mean_pool_spatial};
 pub use elementwise::Activation;
 pub use linear::{linear, matmul};
 pub use shape::{concat, PatchOrder};
-pub use conv::{conv2d, Conv2dSpec};
-pub use disc_head::{group_norm, mean_pool_spatial};
