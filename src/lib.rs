@@ -8,8 +8,11 @@ pub mod autograd;
 pub mod checkpoint;
 pub mod device;
 pub mod error;
+pub mod flow;
 pub mod info;
 pub mod kernels;
+pub mod mmdit;
+pub mod nn;
 pub mod ops;
 pub mod tensor;
 

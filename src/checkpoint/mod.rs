@@ -95,21 +95,24 @@ impl SafetensorsFile {
         Ok(self.info(name)?.shape.clone())
     }
 
+    /// The stored dtype of tensor `name`; an error for dtypes the engine does not read.
+    pub fn stored_dtype(&self, name: &str) -> Result<StoredDType> {
+        match self.info(name)?.dtype {
+            Dtype::F32 => Ok(StoredDType::F32),
+            Dtype::F16 => Ok(StoredDType::F16),
+            Dtype::BF16 => Ok(StoredDType::BF16),
+            other => Err(Error::UnsupportedDType {
+                path: self.path.clone(),
+                key: name.to_string(),
+                dtype: format!("{other:?}"),
+            }),
+        }
+    }
+
     /// Loads a tensor: f32 and f16 become f32 (f16 is widened), bf16 stays bf16.
     pub fn load(&self, name: &str) -> Result<Tensor> {
+        let stored = self.stored_dtype(name)?;
         let info = self.info(name)?;
-        let stored = match info.dtype {
-            Dtype::F32 => StoredDType::F32,
-            Dtype::F16 => StoredDType::F16,
-            Dtype::BF16 => StoredDType::BF16,
-            other => {
-                return Err(Error::UnsupportedDType {
-                    path: self.path.clone(),
-                    key: name.to_string(),
-                    dtype: format!("{other:?}"),
-                })
-            }
-        };
         let (a, b) = info.data_offsets;
         let bytes = &self.mmap[self.data_start + a..self.data_start + b];
         Ok(Tensor::from_le_bytes(bytes, stored, &info.shape))
@@ -132,23 +135,73 @@ impl SafetensorsFile {
     }
 }
 
-struct TensorBytes<'a>(&'a Tensor);
+/// A tensor to be written: its name, shape and stored dtype are known up front (for the header),
+/// its values are produced only when the writer reaches it, so a model is streamed to disk one
+/// tensor at a time.
+pub struct PendingTensor<'a> {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: StoredDType,
+    pub produce: Box<dyn Fn() -> Tensor + 'a>,
+}
 
-impl safetensors::View for TensorBytes<'_> {
-    fn dtype(&self) -> Dtype {
-        match self.0.dtype() {
-            DType::F32 => Dtype::F32,
-            DType::BF16 => Dtype::BF16,
+impl<'a> PendingTensor<'a> {
+    /// A tensor already in memory, written in its own dtype.
+    pub fn ready(name: impl Into<String>, t: &'a Tensor) -> Self {
+        let dtype = match t.dtype() {
+            DType::F32 => StoredDType::F32,
+            DType::BF16 => StoredDType::BF16,
+        };
+        PendingTensor {
+            name: name.into(),
+            shape: t.shape().to_vec(),
+            dtype,
+            produce: Box::new(move || t.clone()),
         }
     }
+}
+
+/// Little-endian bytes of `t` in the stored dtype (rounding to nearest even when narrowing).
+pub fn encode(t: &Tensor, dtype: StoredDType) -> Vec<u8> {
+    match (dtype, t.dtype()) {
+        (StoredDType::F32, DType::F32) | (StoredDType::BF16, DType::BF16) => t.to_le_bytes(),
+        (StoredDType::F32, DType::BF16) => t.to_dtype(DType::F32).to_le_bytes(),
+        (StoredDType::BF16, DType::F32) => t.to_dtype(DType::BF16).to_le_bytes(),
+        (StoredDType::F16, _) => t
+            .to_vec()
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect(),
+    }
+}
+
+fn safetensors_dtype(d: StoredDType) -> Dtype {
+    match d {
+        StoredDType::F32 => Dtype::F32,
+        StoredDType::F16 => Dtype::F16,
+        StoredDType::BF16 => Dtype::BF16,
+    }
+}
+
+impl safetensors::View for &PendingTensor<'_> {
+    fn dtype(&self) -> Dtype {
+        safetensors_dtype(self.dtype)
+    }
     fn shape(&self) -> &[usize] {
-        self.0.shape()
+        &self.shape
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Owned(self.0.to_le_bytes())
+        let t = (self.produce)();
+        assert_eq!(
+            t.shape(),
+            self.shape.as_slice(),
+            "tensor `{}` produced a different shape than declared",
+            self.name
+        );
+        Cow::Owned(encode(&t, self.dtype))
     }
     fn data_len(&self) -> usize {
-        numel(self.0.shape()) * self.0.dtype().size_in_bytes()
+        numel(&self.shape) * self.dtype.size_in_bytes()
     }
 }
 
@@ -158,43 +211,66 @@ pub fn save_safetensors(
     tensors: &[(String, Tensor)],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
-    let path = path.as_ref();
-    let views = tensors.iter().map(|(n, t)| (n.as_str(), TensorBytes(t)));
-    let bytes = safetensors::serialize(views, metadata).map_err(|e| Error::Safetensors {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    write_atomic(path, &bytes)
+    let pending: Vec<PendingTensor> = tensors
+        .iter()
+        .map(|(n, t)| PendingTensor::ready(n.clone(), t))
+        .collect();
+    write_safetensors(path.as_ref(), &pending, metadata)
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Streams tensors into a safetensors file atomically: a temporary file in the same folder is
+/// written tensor by tensor, synced, then renamed over `path`.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[PendingTensor],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let tmp = temp_path(path)?;
+    let views = tensors.iter().map(|t| (t.name.as_str(), t));
+    let result = safetensors::serialize_to_file(views, metadata, &tmp)
+        .map_err(|e| Error::Safetensors {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+        .and_then(|()| {
+            File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .and_then(|()| std::fs::rename(&tmp, path))
+                .map_err(|e| Error::io(path, e))
+        });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn temp_path(path: &Path) -> Result<PathBuf> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Invalid(format!("{}: not a file path", path.display())))?;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::Invalid(format!("{}: not a file path", path.display())))?;
-    let tmp = dir.join(format!(
+    Ok(dir.join(format!(
         ".{}.tmp-{}",
         name.to_string_lossy(),
         std::process::id()
-    ));
+    )))
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_path(path)?;
     let result = (|| -> std::io::Result<()> {
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        Ok(())
+        std::fs::rename(&tmp, path)
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
         return Err(Error::io(path, e));
-    }
-    // Make the rename itself durable; a failure here leaves a complete file, so it is not fatal.
-    if let Ok(d) = File::open(&dir) {
-        let _ = d.sync_all();
     }
     Ok(())
 }

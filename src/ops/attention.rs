@@ -8,7 +8,7 @@ use crate::kernels::attention::{joint_attention_bwd_masked, joint_attention_fwd}
 ///
 /// All six inputs are `[B, L, H, d]` (the qkv linear's layout, no permute); stream `a` (text) may
 /// be empty and then this is plain self-attention over `b`. Returns `(o_a, o_b)` shaped like
-/// `q_a` and `q_b`. The backward keeps only the inputs, the outputs and one log-sum-exp per query
+/// `q_a` and `q_b`. The backward keeps only the inputs and one log-sum-exp per query
 /// row: the probabilities are recomputed, never stored.
 pub fn joint_attention(
     q_a: &Var,
@@ -22,7 +22,7 @@ pub fn joint_attention(
     let out = joint_attention_fwd(
         &inputs[0], &inputs[1], &inputs[2], &inputs[3], &inputs[4], &inputs[5],
     );
-    let (o_a, o_b, lse) = (out.o_a.clone(), out.o_b.clone(), out.lse);
+    let lse = out.lse;
     let mut outs = record_multi(
         "joint_attention",
         &[q_a, k_a, v_a, q_b, k_b, v_b],
@@ -30,10 +30,8 @@ pub fn joint_attention(
         move |g, need| {
             let [q_a, k_a, v_a, q_b, k_b, v_b] = &inputs;
             let need: [bool; 6] = need.try_into().expect("six inputs");
-            joint_attention_bwd_masked(
-                q_a, k_a, v_a, q_b, k_b, v_b, &o_a, &o_b, &lse, &g[0], &g[1], need,
-            )
-            .into()
+            joint_attention_bwd_masked(q_a, k_a, v_a, q_b, k_b, v_b, &lse, &g[0], &g[1], need)
+                .into()
         },
     );
     let o_b = outs.pop().expect("two outputs");

@@ -311,6 +311,33 @@ pub enum StoredDType {
     BF16,
 }
 
+impl StoredDType {
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            StoredDType::F32 => 4,
+            StoredDType::F16 | StoredDType::BF16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            StoredDType::F32 => "f32",
+            StoredDType::F16 => "f16",
+            StoredDType::BF16 => "bf16",
+        }
+    }
+
+    /// Parses `f32`, `f16` or `bf16`.
+    pub fn parse(s: &str) -> Option<StoredDType> {
+        match s {
+            "f32" => Some(StoredDType::F32),
+            "f16" => Some(StoredDType::F16),
+            "bf16" => Some(StoredDType::BF16),
+            _ => None,
+        }
+    }
+}
+
 fn infer_shape(shape: &[usize], n: usize) -> Vec<usize> {
     let unknown = shape.iter().filter(|&&d| d == usize::MAX).count();
     assert!(unknown <= 1, "reshape: at most one inferred dimension");

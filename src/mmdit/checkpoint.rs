@@ -1,0 +1,472 @@
+//! Opening MMDiT checkpoints in either layout, loading them tensor by tensor, and saving them in
+//! either layout, streamed one tensor at a time and written atomically.
+//!
+//! Accepted inputs: an original single file (with or without the `model.diffusion_model.`
+//! prefix; other prefixes such as text encoders or the VAE are skipped and reported in one note),
+//! a diffusers `diffusion_pytorch_model.safetensors`, a sharded diffusers model through its
+//! `.index.json`, or a folder holding any of these (also a pipeline folder's `transformer/`).
+
+use super::config::{MmditConfig, ShapeMap};
+use super::layout::{diffusers_to_original, original_to_diffusers, Part};
+use crate::checkpoint::{write_atomic, write_safetensors, PendingTensor, SafetensorsFile};
+use crate::error::{Error, Result};
+use crate::kernels::shape::{concat, split};
+use crate::nn::ParamMap;
+use crate::tensor::{StoredDType, Tensor};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// The prefix of MMDiT keys in Stability's single-file checkpoints.
+pub const ORIGINAL_PREFIX: &str = "model.diffusion_model.";
+/// The diffusers weights file name.
+pub const DIFFUSERS_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
+/// Metadata key recording the head size in files we write (the weights cannot tell it without
+/// QK norm).
+const HEAD_DIM_METADATA: &str = "advdmd.head_dim";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    Original,
+    Diffusers,
+}
+
+impl Layout {
+    pub fn parse(s: &str) -> Option<Layout> {
+        match s {
+            "original" => Some(Layout::Original),
+            "diffusers" => Some(Layout::Diffusers),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::Original => "original",
+            Layout::Diffusers => "diffusers",
+        }
+    }
+}
+
+/// One stored tensor that makes up (part of) an original parameter.
+#[derive(Clone, Debug)]
+struct Source {
+    file: usize,
+    key: String,
+    part: Part,
+}
+
+/// An opened checkpoint: files mapped, names resolved, config detected and every tensor's
+/// presence, shape and dtype validated. No tensor data has been read yet.
+pub struct MmditCheckpoint {
+    pub path: PathBuf,
+    pub layout: Layout,
+    pub config: MmditConfig,
+    /// Things worth one info line (skipped keys), for the caller to print.
+    pub notes: Vec<String>,
+    files: Vec<SafetensorsFile>,
+    sources: BTreeMap<String, Vec<Source>>,
+}
+
+fn not_mmdit(path: &Path) -> Error {
+    Error::Invalid(format!(
+        "{}: not an MMDiT checkpoint: no `x_embedder.proj.weight` (original layout) or `pos_embed.proj.weight` (diffusers layout) tensor",
+        path.display()
+    ))
+}
+
+/// Resolves a folder or file argument to the file(s) to read.
+fn resolve(path: &Path) -> Result<Vec<PathBuf>> {
+    if path.is_dir() {
+        let index = path.join(format!("{DIFFUSERS_WEIGHTS}.index.json"));
+        if index.is_file() {
+            return resolve(&index);
+        }
+        let single = path.join(DIFFUSERS_WEIGHTS);
+        if single.is_file() {
+            return Ok(vec![single]);
+        }
+        let transformer = path.join("transformer");
+        if transformer.is_dir() {
+            return resolve(&transformer);
+        }
+        let files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| Error::io(path, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        return match files.len() {
+            1 => Ok(files),
+            0 => Err(Error::Invalid(format!("{}: no .safetensors file in this folder", path.display()))),
+            _ => Err(Error::Invalid(format!(
+                "{}: several .safetensors files and no {DIFFUSERS_WEIGHTS}(.index.json); name the file",
+                path.display()
+            ))),
+        };
+    }
+    if path.to_string_lossy().ends_with(".index.json") {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Invalid(format!("{}: not valid JSON: {e}", path.display())))?;
+        let map = json["weight_map"]
+            .as_object()
+            .ok_or_else(|| Error::Invalid(format!("{}: no `weight_map` object", path.display())))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut files: Vec<PathBuf> = Vec::new();
+        for (key, f) in map {
+            let f = f.as_str().ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: weight_map entry `{key}` is not a file name",
+                    path.display()
+                ))
+            })?;
+            let p = dir.join(f);
+            if !files.contains(&p) {
+                files.push(p);
+            }
+        }
+        files.sort();
+        return Ok(files);
+    }
+    Ok(vec![path.to_path_buf()])
+}
+
+/// The head size a diffusers `config.json` beside the weights gives, if any.
+fn config_json_head_dim(weights: &Path) -> Option<usize> {
+    let text = std::fs::read_to_string(weights.parent()?.join("config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["attention_head_dim"].as_u64().map(|h| h as usize)
+}
+
+impl MmditCheckpoint {
+    pub fn open(path: impl AsRef<Path>) -> Result<MmditCheckpoint> {
+        let path = path.as_ref().to_path_buf();
+        if !path.exists() {
+            return Err(Error::io(
+                &path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+            ));
+        }
+        let files: Vec<SafetensorsFile> = resolve(&path)?
+            .iter()
+            .map(SafetensorsFile::open)
+            .collect::<Result<_>>()?;
+        let keys: Vec<(usize, String)> = files
+            .iter()
+            .enumerate()
+            .flat_map(|(i, f)| f.names().into_iter().map(move |k| (i, k)))
+            .collect();
+        let is_diffusers = keys.iter().any(|(_, k)| k == "pos_embed.proj.weight");
+        let original_prefix = keys
+            .iter()
+            .filter_map(|(_, k)| k.strip_suffix("x_embedder.proj.weight"))
+            .min_by_key(|p| (*p != ORIGINAL_PREFIX && !p.is_empty(), p.len()))
+            .map(str::to_string);
+
+        let mut sources: BTreeMap<String, Vec<Source>> = BTreeMap::new();
+        let mut skipped: BTreeMap<String, usize> = BTreeMap::new();
+        let mut skip = |k: &str| {
+            let top = k.split('.').next().unwrap_or(k).to_string();
+            *skipped.entry(top).or_default() += 1;
+        };
+        let layout = if let Some(prefix) = original_prefix {
+            for (file, k) in &keys {
+                match k.strip_prefix(prefix.as_str()) {
+                    Some(name) if !name.is_empty() => {
+                        sources.entry(name.to_string()).or_default().push(Source {
+                            file: *file,
+                            key: k.clone(),
+                            part: Part::Whole,
+                        })
+                    }
+                    _ => skip(k),
+                }
+            }
+            Layout::Original
+        } else if is_diffusers {
+            let depth = (0..)
+                .take_while(|i| {
+                    keys.iter()
+                        .any(|(_, k)| *k == format!("transformer_blocks.{i}.norm1.linear.weight"))
+                })
+                .count();
+            for (file, k) in &keys {
+                match diffusers_to_original(k, depth) {
+                    Some((name, part)) => sources.entry(name).or_default().push(Source {
+                        file: *file,
+                        key: k.clone(),
+                        part,
+                    }),
+                    None => skip(k),
+                }
+            }
+            for parts in sources.values_mut() {
+                parts.sort_by_key(|s| match s.part {
+                    Part::QkvChunk(c) => c,
+                    _ => 0,
+                });
+            }
+            Layout::Diffusers
+        } else {
+            return Err(not_mmdit(&path));
+        };
+
+        let mut notes = Vec::new();
+        if !skipped.is_empty() {
+            let list: Vec<String> = skipped
+                .iter()
+                .map(|(p, n)| format!("{p}.* ({n})"))
+                .collect();
+            notes.push(format!(
+                "{}: skipped {} tensors that are not MMDiT weights: {}",
+                path.display(),
+                skipped.values().sum::<usize>(),
+                list.join(", ")
+            ));
+        }
+
+        let shapes = original_shapes(&files, &sources)?;
+        let hint = files.iter().find_map(|f| {
+            f.user_metadata()
+                .get(HEAD_DIM_METADATA)
+                .and_then(|v| v.parse().ok())
+                .or_else(|| config_json_head_dim(f.path()))
+        });
+        let config = MmditConfig::detect(&shapes, &path, hint)?;
+        let ckpt = MmditCheckpoint {
+            path,
+            layout,
+            config,
+            notes,
+            files,
+            sources,
+        };
+        // Every needed tensor has a readable dtype (checked now, before any data is read).
+        for name in ckpt.config.param_shapes().keys() {
+            for s in &ckpt.sources[name] {
+                ckpt.files[s.file].stored_dtype(&s.key)?;
+            }
+        }
+        Ok(ckpt)
+    }
+
+    /// Loads parameter `name` (original name) as f32, assembled from its stored parts.
+    pub fn load(&self, name: &str) -> Result<Tensor> {
+        let parts = self.sources.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            key: name.to_string(),
+        })?;
+        let load = |s: &Source| -> Result<Tensor> {
+            Ok(self.files[s.file].load(&s.key)?.to_dtype(crate::DType::F32))
+        };
+        let t = match parts[0].part {
+            Part::Whole => load(&parts[0])?,
+            Part::SwappedHalves => swap_halves(&load(&parts[0])?),
+            Part::QkvChunk(_) => {
+                let ts: Vec<Tensor> = parts.iter().map(load).collect::<Result<_>>()?;
+                concat(&ts.iter().collect::<Vec<_>>(), 0)
+            }
+        };
+        Ok(t)
+    }
+
+    /// Loads every parameter, one tensor at a time. `pos_embed` is a fixed buffer: frozen.
+    pub fn load_params(&self) -> Result<ParamMap> {
+        let mut params = ParamMap::new();
+        for name in self.config.param_shapes().keys() {
+            let p = params.insert(name.clone(), self.load(name)?);
+            if name == "pos_embed" {
+                p.set_trainable(false);
+            }
+        }
+        Ok(params)
+    }
+
+    /// Count of stored tensors per dtype among the MMDiT's weights.
+    pub fn stored_dtypes(&self) -> BTreeMap<&'static str, usize> {
+        let mut out = BTreeMap::new();
+        for name in self.config.param_shapes().keys() {
+            for s in &self.sources[name] {
+                if let Ok(d) = self.files[s.file].stored_dtype(&s.key) {
+                    *out.entry(d.name()).or_default() += 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// The most common stored dtype (what `convert` writes by default).
+    pub fn main_dtype(&self) -> StoredDType {
+        let counts = self.stored_dtypes();
+        let name = counts
+            .iter()
+            .max_by_key(|(_, n)| **n)
+            .map(|(d, _)| *d)
+            .unwrap_or("f32");
+        StoredDType::parse(name).unwrap_or(StoredDType::F32)
+    }
+}
+
+/// The original-name shape of every parameter found, assembling fused qkv from its parts.
+fn original_shapes(
+    files: &[SafetensorsFile],
+    sources: &BTreeMap<String, Vec<Source>>,
+) -> Result<ShapeMap> {
+    let mut shapes = ShapeMap::new();
+    for (name, parts) in sources {
+        let first = &parts[0];
+        let file = &files[first.file];
+        let mut shape = file.shape(&first.key)?;
+        if let Part::QkvChunk(_) = first.part {
+            let path = file.path().to_path_buf();
+            let depth = usize::MAX; // only the names of q, k and v are needed here
+            let want = original_to_diffusers(name, depth).unwrap_or_default();
+            for (c, (key, _)) in want.iter().enumerate() {
+                let Some(s) = parts.iter().find(|s| s.part == Part::QkvChunk(c)) else {
+                    return Err(Error::MissingTensor {
+                        path,
+                        key: key.clone(),
+                    });
+                };
+                let sh = files[s.file].shape(&s.key)?;
+                if sh != shape {
+                    return Err(Error::ShapeMismatch {
+                        path: files[s.file].path().to_path_buf(),
+                        key: s.key.clone(),
+                        found: sh,
+                        expected: shape,
+                    });
+                }
+            }
+            shape[0] *= 3;
+        } else if parts.len() > 1 {
+            return Err(Error::Invalid(format!(
+                "{}: tensor `{}` is stored more than once",
+                file.path().display(),
+                first.key
+            )));
+        }
+        shapes.insert(name.clone(), shape);
+    }
+    Ok(shapes)
+}
+
+/// Exchanges the two halves along dim 0 ((shift, scale) ↔ (scale, shift)).
+pub fn swap_halves(t: &Tensor) -> Tensor {
+    let n = t.shape()[0];
+    let halves = split(t, 0, &[n / 2, n - n / 2]);
+    concat(&[&halves[1], &halves[0]], 0)
+}
+
+/// The diffusers tensor that `part` of original parameter `t` becomes.
+pub fn diffusers_part(t: &Tensor, part: &Part) -> Tensor {
+    match part {
+        Part::Whole => t.clone(),
+        Part::SwappedHalves => swap_halves(t),
+        Part::QkvChunk(c) => {
+            let rows = t.shape()[0] / 3;
+            split(t, 0, &[rows; 3]).swap_remove(*c)
+        }
+    }
+}
+
+/// Where tensors for saving come from: an opened checkpoint or a model in memory.
+pub trait ParamSource {
+    /// Parameter `name` (original name), f32.
+    fn param(&self, name: &str) -> Tensor;
+}
+
+impl ParamSource for MmditCheckpoint {
+    fn param(&self, name: &str) -> Tensor {
+        // Presence, shapes and dtypes were validated when the checkpoint was opened.
+        self.load(name)
+            .unwrap_or_else(|e| panic!("validated tensor failed to load: {e}"))
+    }
+}
+
+impl ParamSource for ParamMap {
+    fn param(&self, name: &str) -> Tensor {
+        self.param(name).value()
+    }
+}
+
+/// Writes an MMDiT in `layout`: the original layout as one file `out` (keys prefixed with
+/// `model.diffusion_model.`), the diffusers layout as a folder `out` holding
+/// `diffusion_pytorch_model.safetensors` and a `config.json` diffusers accepts. Tensors are
+/// streamed from `source` one at a time and converted to `dtype`; every file is written atomically.
+pub fn save_mmdit(
+    source: &dyn ParamSource,
+    config: &MmditConfig,
+    layout: Layout,
+    out: &Path,
+    dtype: StoredDType,
+) -> Result<()> {
+    let shapes = config.param_shapes();
+    let mut metadata = HashMap::new();
+    metadata.insert("format".to_string(), "pt".to_string());
+    metadata.insert(HEAD_DIM_METADATA.to_string(), config.head_dim.to_string());
+    match layout {
+        Layout::Original => {
+            let pending: Vec<PendingTensor> = shapes
+                .iter()
+                .map(|(name, shape)| PendingTensor {
+                    name: format!("{ORIGINAL_PREFIX}{name}"),
+                    shape: shape.clone(),
+                    dtype,
+                    produce: Box::new(move || source.param(name)),
+                })
+                .collect();
+            write_safetensors(out, &pending, Some(metadata))
+        }
+        Layout::Diffusers => {
+            let json = diffusers_config_json(config)?;
+            std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+            let mut pending = Vec::new();
+            for (name, shape) in &shapes {
+                let parts = original_to_diffusers(name, config.depth)
+                    .unwrap_or_else(|| panic!("parameter `{name}` has no diffusers name"));
+                let n = parts.len();
+                for (key, part) in parts {
+                    let mut shape = shape.clone();
+                    shape[0] /= n;
+                    pending.push(PendingTensor {
+                        name: key,
+                        shape,
+                        dtype,
+                        produce: Box::new(move || diffusers_part(&source.param(name), &part)),
+                    });
+                }
+            }
+            write_safetensors(&out.join(DIFFUSERS_WEIGHTS), &pending, Some(metadata))?;
+            let text = serde_json::to_string_pretty(&json).expect("JSON");
+            write_atomic(&out.join("config.json"), text.as_bytes())
+        }
+    }
+}
+
+/// The `config.json` of diffusers' `SD3Transformer2DModel` for this configuration.
+pub fn diffusers_config_json(c: &MmditConfig) -> Result<serde_json::Value> {
+    if c.mlp_hidden != 4 * c.hidden || c.freq_dim != 256 {
+        return Err(Error::Invalid(format!(
+            "this MMDiT (MLP width {}, timestep features {}) cannot be described by diffusers' SD3Transformer2DModel, which fixes them to 4·D = {} and 256",
+            c.mlp_hidden,
+            c.freq_dim,
+            4 * c.hidden
+        )));
+    }
+    Ok(serde_json::json!({
+        "_class_name": "SD3Transformer2DModel",
+        "_diffusers_version": "0.32.0",
+        "sample_size": 128,
+        "patch_size": c.patch,
+        "in_channels": c.in_channels,
+        "num_layers": c.depth,
+        "attention_head_dim": c.head_dim,
+        "num_attention_heads": c.heads,
+        "joint_attention_dim": c.context_dim,
+        "caption_projection_dim": c.hidden,
+        "pooled_projection_dim": c.pooled_dim,
+        "out_channels": c.out_channels,
+        "pos_embed_max_size": c.pos_embed_max_size,
+        "dual_attention_layers": c.dual_attention_blocks,
+        "qk_norm": if c.qk_norm { serde_json::Value::from("rms_norm") } else { serde_json::Value::Null },
+    }))
+}

@@ -1,0 +1,11 @@
+//! The MMDiT of SD3 / SD3.5 (MMDIT.md §A): configuration detected from the weights, the forward
+//! pass on the ops (its backward comes from the tape), and checkpoint IO in both layouts.
+
+pub mod checkpoint;
+pub mod config;
+pub mod layout;
+pub mod model;
+
+pub use checkpoint::{save_mmdit, Layout, MmditCheckpoint};
+pub use config::MmditConfig;
+pub use model::{Mmdit, MmditInputs, MmditOutput};
