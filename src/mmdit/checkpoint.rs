@@ -167,6 +167,7 @@ impl MmditCheckpoint {
             let top = k.split('.').next().unwrap_or(k).to_string();
             *skipped.entry(top).or_default() += 1;
         };
+        let prefix = original_prefix.clone();
         let layout = if let Some(prefix) = original_prefix {
             for (file, k) in &keys {
                 match k.strip_prefix(prefix.as_str()) {
@@ -230,7 +231,8 @@ impl MmditCheckpoint {
                 .and_then(|v| v.parse().ok())
                 .or_else(|| config_json_head_dim(f.path()))
         });
-        let config = MmditConfig::detect(&shapes, &path, hint)?;
+        let config = MmditConfig::detect(&shapes, &path, hint)
+            .map_err(|e| name_stored_key(e, layout, prefix.as_deref(), &sources, &files))?;
         let ckpt = MmditCheckpoint {
             path,
             layout,
@@ -347,6 +349,51 @@ fn original_shapes(
         shapes.insert(name.clone(), shape);
     }
     Ok(shapes)
+}
+
+/// Rewrites an error about an original parameter name into one about the key as stored in the
+/// input (with its prefix, or its diffusers name) and the file that holds it.
+fn name_stored_key(
+    e: Error,
+    layout: Layout,
+    prefix: Option<&str>,
+    sources: &BTreeMap<String, Vec<Source>>,
+    files: &[SafetensorsFile],
+) -> Error {
+    let stored = |name: &str| -> (Option<PathBuf>, String) {
+        if let Some(s) = sources.get(name).and_then(|v| v.first()) {
+            return (Some(files[s.file].path().to_path_buf()), s.key.clone());
+        }
+        let key = match layout {
+            Layout::Original => format!("{}{name}", prefix.unwrap_or("")),
+            Layout::Diffusers => original_to_diffusers(name, usize::MAX)
+                .and_then(|v| v.into_iter().next())
+                .map(|(k, _)| k)
+                .unwrap_or_else(|| name.to_string()),
+        };
+        (None, key)
+    };
+    match e {
+        Error::MissingTensor { path, key } => {
+            let (_, key) = stored(&key);
+            Error::MissingTensor { path, key }
+        }
+        Error::ShapeMismatch {
+            path,
+            key,
+            found,
+            expected,
+        } => {
+            let (file, key) = stored(&key);
+            Error::ShapeMismatch {
+                path: file.unwrap_or(path),
+                key,
+                found,
+                expected,
+            }
+        }
+        other => other,
+    }
 }
 
 /// Exchanges the two halves along dim 0 ((shift, scale) ↔ (scale, shift)).
@@ -469,4 +516,116 @@ pub fn diffusers_config_json(c: &MmditConfig) -> Result<serde_json::Value> {
         "dual_attention_layers": c.dual_attention_blocks,
         "qk_norm": if c.qk_norm { serde_json::Value::from("rms_norm") } else { serde_json::Value::Null },
     }))
+}
+
+impl MmditCheckpoint {
+    /// A human-readable summary: layout, files, detected configuration, size, stored dtypes.
+    pub fn describe(&self) -> String {
+        let c = &self.config;
+        let dtypes: Vec<String> = self
+            .stored_dtypes()
+            .iter()
+            .map(|(d, n)| format!("{d} ×{n}"))
+            .collect();
+        let files: Vec<String> = self
+            .files
+            .iter()
+            .map(|f| f.path().display().to_string())
+            .collect();
+        let dual = if c.dual_attention_blocks.is_empty() {
+            "none".to_string()
+        } else {
+            format!("{:?}", c.dual_attention_blocks)
+        };
+        format!(
+            "checkpoint: {}\nlayout: {}\nfiles: {}\nmodel: {}\ndepth: {}\nhidden: {}\nheads: {} × {}\npatch: {}\nchannels: {} in, {} out\npos_embed_max_size: {}\ncontext dim: {}\npooled dim: {}\ntimestep features: {}\nmlp hidden: {}\nqk norm: {}\ndual attention blocks: {dual}\nparameters: {} ({})\nstored dtypes: {}\n",
+            self.path.display(),
+            self.layout.name(),
+            files.join(", "),
+            c.family(),
+            c.depth,
+            c.hidden,
+            c.heads,
+            c.head_dim,
+            c.patch,
+            c.in_channels,
+            c.out_channels,
+            c.pos_embed_max_size,
+            c.context_dim,
+            c.pooled_dim,
+            c.freq_dim,
+            c.mlp_hidden,
+            if c.qk_norm { "rms_norm" } else { "none" },
+            c.param_count(),
+            human_count(c.param_count()),
+            dtypes.join(", ")
+        )
+    }
+
+    /// The same summary as JSON.
+    pub fn describe_json(&self) -> serde_json::Value {
+        let c = &self.config;
+        serde_json::json!({
+            "checkpoint": self.path.display().to_string(),
+            "layout": self.layout.name(),
+            "files": self.files.iter().map(|f| f.path().display().to_string()).collect::<Vec<_>>(),
+            "model": c.family(),
+            "depth": c.depth,
+            "hidden": c.hidden,
+            "heads": c.heads,
+            "head_dim": c.head_dim,
+            "patch": c.patch,
+            "in_channels": c.in_channels,
+            "out_channels": c.out_channels,
+            "pos_embed_max_size": c.pos_embed_max_size,
+            "context_dim": c.context_dim,
+            "pooled_dim": c.pooled_dim,
+            "freq_dim": c.freq_dim,
+            "mlp_hidden": c.mlp_hidden,
+            "qk_norm": c.qk_norm,
+            "dual_attention_blocks": c.dual_attention_blocks,
+            "parameters": c.param_count(),
+            "stored_dtypes": self.stored_dtypes(),
+            "notes": self.notes,
+        })
+    }
+}
+
+/// `advdmd convert`: reads `input` (either layout) and writes it to `out` in `layout`, tensor by
+/// tensor, in `dtype` (default: the input's main stored dtype). Returns the opened input.
+pub fn convert(
+    input: &Path,
+    out: &Path,
+    layout: Layout,
+    dtype: Option<StoredDType>,
+) -> Result<MmditCheckpoint> {
+    let ckpt = MmditCheckpoint::open(input)?;
+    let dtype = dtype.unwrap_or_else(|| ckpt.main_dtype());
+    if layout == Layout::Diffusers {
+        diffusers_config_json(&ckpt.config)?;
+        if out.is_file() {
+            return Err(Error::Invalid(format!(
+                "{}: is a file; the diffusers layout is written as a folder",
+                out.display()
+            )));
+        }
+    } else if out.is_dir() {
+        return Err(Error::Invalid(format!(
+            "{}: is a folder; the original layout is written as one .safetensors file",
+            out.display()
+        )));
+    }
+    save_mmdit(&ckpt, &ckpt.config, layout, out, dtype)?;
+    Ok(ckpt)
+}
+
+fn human_count(n: usize) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2} B", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.2} M", n / 1e6)
+    } else {
+        format!("{:.1} K", n / 1e3)
+    }
 }

@@ -153,7 +153,7 @@ impl Mmdit {
     }
 
     /// Rows `top .. top+gh` and columns `left .. left+gw` of the `P×P` position grid, centred.
-    fn cropped_pos_embed(&self, gh: usize, gw: usize) -> Var {
+    pub fn cropped_pos_embed(&self, gh: usize, gw: usize) -> Var {
         let (p, d) = (self.config.pos_embed_max_size, self.config.hidden);
         let (top, left) = ((p - gh) / 2, (p - gw) / 2);
         let grid = self.params.var("pos_embed").reshape(&[p, p, d]);
@@ -207,7 +207,7 @@ impl Mmdit {
     /// Joint block `i` (MMDIT.md A.3): both streams' adaLN and qkv, one attention over the
     /// concatenated tokens, then gated residuals and MLPs. MMDiT-X blocks add an image-only
     /// attention on a second modulation of the same LN(x); the last block updates only x.
-    fn joint_block(&self, i: usize, x: &Var, ctx: &Var, silu_c: &Var) -> (Var, Var) {
+    pub fn joint_block(&self, i: usize, x: &Var, ctx: &Var, silu_c: &Var) -> (Var, Var) {
         let c = &self.config;
         let pre_only = i + 1 == c.depth;
         let dual = c.dual_attention_blocks.contains(&i);
