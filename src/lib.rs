@@ -6,8 +6,10 @@
 
 pub mod autograd;
 pub mod checkpoint;
+pub mod data;
 pub mod device;
 pub mod error;
+pub mod eval;
 pub mod flow;
 pub mod info;
 pub mod kernels;
