@@ -37,6 +37,7 @@ fn config(
 }
 
 fn bench_shapes_model(c: &mut Criterion) {
+    advdmd::device::tune_allocator();
     let mut g = c.benchmark_group("mmdit_shapes");
     g.sample_size(10).measurement_time(Duration::from_secs(5));
     let cfg = config(4, 128, 64, 3, 128, vec![]);

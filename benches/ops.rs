@@ -15,6 +15,7 @@ fn randn(n: usize, seed: u64) -> Vec<f32> {
 }
 
 fn bench_gemm(c: &mut Criterion) {
+    advdmd::device::tune_allocator();
     let mut g = c.benchmark_group("gemm");
     g.sample_size(10).measurement_time(Duration::from_secs(3));
     let n = 512;

@@ -16,7 +16,10 @@ pub mod kernels;
 pub mod mmdit;
 pub mod nn;
 pub mod ops;
+pub mod optim;
 pub mod tensor;
+pub mod text;
+pub mod train;
 
 pub use autograd::{backward, no_grad, Param, Var};
 pub use device::Device;

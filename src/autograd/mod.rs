@@ -367,6 +367,12 @@ impl Param {
         *self.0.grad.lock().expect("grad lock") = None;
     }
 
+    /// Replaces the accumulated gradient (gradient clipping, loading a state).
+    pub fn set_grad(&self, g: Tensor) {
+        assert_eq!(g.shape(), self.value().shape(), "param {}: gradient shape", self.0.name);
+        *self.0.grad.lock().expect("grad lock") = Some(g);
+    }
+
     fn accumulate_grad(&self, g: &Tensor) {
         let mut slot = self.0.grad.lock().expect("grad lock");
         *slot = Some(match slot.take() {

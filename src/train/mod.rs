@@ -1,0 +1,4 @@
+//! Training loops: the Shapes teacher's flow-matching pretraining (here), the AdvDMD step (later).
+
+pub mod pretrain;
+pub mod shapes_model;

@@ -1,0 +1,232 @@
+//! The Shapes text-to-image model: tokenizer + text encoder + pixel-space MMDiT, with its folder
+//! format and its sampler.
+//!
+//! A model folder holds `transformer/` (the MMDiT in the diffusers layout), `text_encoder/`
+//! (`model.safetensors`), `tokenizer.json` and `shapes.json` (the text encoder's head count and
+//! length, the sampling shift, how it was trained).
+
+use crate::autograd::{no_grad, Var};
+use crate::checkpoint::{save_safetensors, write_atomic, SafetensorsFile};
+use crate::error::{Error, Result};
+use crate::flow::{cfg, reference_sigmas};
+use crate::kernels::shape::{concat, split};
+use crate::mmdit::checkpoint::{save_mmdit, Layout, MmditCheckpoint};
+use crate::mmdit::init::init_params;
+use crate::mmdit::{Mmdit, MmditConfig, MmditInputs};
+use crate::nn::ParamMap;
+use crate::tensor::{Rng, StoredDType, Tensor};
+use crate::text::{PromptTokenizer, TextEncoder, TextEncoderConfig};
+use std::path::Path;
+
+/// Canvas side and channels of the Shapes world.
+pub const RESOLUTION: usize = 16;
+pub const CHANNELS: usize = 3;
+/// Tokens per prompt: `[CLS]` + up to 9 words (the longest template has 8).
+pub const MAX_TOKENS: usize = 10;
+
+/// Sizes of a fresh Shapes model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShapesModelSize {
+    pub hidden: usize,
+    pub depth: usize,
+    pub head_dim: usize,
+    pub text_dim: usize,
+    pub text_layers: usize,
+    pub text_heads: usize,
+}
+
+impl Default for ShapesModelSize {
+    fn default() -> Self {
+        ShapesModelSize {
+            hidden: 128,
+            depth: 4,
+            head_dim: 64,
+            text_dim: 128,
+            text_layers: 2,
+            text_heads: 2,
+        }
+    }
+}
+
+pub struct ShapesModel {
+    pub tokenizer: PromptTokenizer,
+    pub text: TextEncoder,
+    pub mmdit: Mmdit,
+    /// The sigma-schedule shift used for sampling.
+    pub sample_shift: f64,
+}
+
+impl ShapesModel {
+    pub fn init(size: &ShapesModelSize, words: &[&str], rng: &mut Rng) -> Result<ShapesModel> {
+        let tokenizer = PromptTokenizer::new(words, MAX_TOKENS)?;
+        let text = TextEncoder::init(
+            TextEncoderConfig {
+                vocab: tokenizer.vocab_size(),
+                max_len: MAX_TOKENS,
+                dim: size.text_dim,
+                layers: size.text_layers,
+                heads: size.text_heads,
+            },
+            rng,
+        );
+        let config = MmditConfig {
+            depth: size.depth,
+            hidden: size.hidden,
+            heads: size.hidden / size.head_dim,
+            head_dim: size.head_dim,
+            patch: 2,
+            in_channels: CHANNELS,
+            out_channels: CHANNELS,
+            pos_embed_max_size: RESOLUTION / 2,
+            context_dim: size.text_dim,
+            pooled_dim: size.text_dim,
+            freq_dim: 256,
+            mlp_hidden: 4 * size.hidden,
+            qk_norm: true,
+            dual_attention_blocks: Vec::new(),
+        };
+        let params = init_params(&config, rng);
+        Ok(ShapesModel {
+            tokenizer,
+            text,
+            mmdit: Mmdit::new(config, params),
+            sample_shift: 1.0,
+        })
+    }
+
+    /// The velocity for noisy images `x [B, 3, 16, 16]` at `sigma`, given token ids `[B, L]`.
+    pub fn velocity(&self, x: &Var, sigma: &[f32], ids: &[u32]) -> Var {
+        let (context, pooled) = self.text.forward(ids);
+        let t: Vec<f32> = sigma.iter().map(|s| s * 1000.0).collect();
+        self.mmdit.forward(&MmditInputs { x, timestep: &t, pooled: &pooled, context: &context })
+    }
+
+    /// Writes the model folder (see the module comment) with the given weights.
+    pub fn save(&self, dir: &Path, mmdit: &ParamMap, text: &ParamMap, extra: serde_json::Value) -> Result<()> {
+        std::fs::create_dir_all(dir.join("text_encoder")).map_err(|e| Error::io(dir, e))?;
+        save_mmdit(mmdit, &self.mmdit.config, Layout::Diffusers, &dir.join("transformer"), StoredDType::F32)?;
+        save_safetensors(dir.join("text_encoder/model.safetensors"), &text.tensors(), None)?;
+        self.tokenizer.save(&dir.join("tokenizer.json"))?;
+        let meta = serde_json::json!({
+            "text_heads": self.text.config.heads,
+            "max_tokens": self.text.config.max_len,
+            "sample_shift": self.sample_shift,
+            "resolution": RESOLUTION,
+            "training": extra,
+        });
+        write_atomic(&dir.join("shapes.json"), serde_json::to_string_pretty(&meta).expect("json").as_bytes())
+    }
+
+    pub fn load(dir: &Path) -> Result<ShapesModel> {
+        let meta_path = dir.join("shapes.json");
+        let text = std::fs::read_to_string(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
+        let meta: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Invalid(format!("{}: {e}", meta_path.display())))?;
+        let field = |k: &str| {
+            meta[k].as_u64().map(|v| v as usize).ok_or_else(|| {
+                Error::Invalid(format!("{}: missing number `{k}`", meta_path.display()))
+            })
+        };
+        let (heads, max_tokens) = (field("text_heads")?, field("max_tokens")?);
+        let tokenizer = PromptTokenizer::load(&dir.join("tokenizer.json"), max_tokens)?;
+        let te_path = dir.join("text_encoder/model.safetensors");
+        let f = SafetensorsFile::open(&te_path)?;
+        let mut tparams = ParamMap::new();
+        for n in f.names() {
+            tparams.insert(n.clone(), f.load_f32(&n, None)?);
+        }
+        let tconfig = TextEncoderConfig::detect(&tparams, heads)
+            .map_err(|e| Error::Invalid(format!("{}: {e}", te_path.display())))?;
+        let ckpt = MmditCheckpoint::open(dir.join("transformer"))?;
+        let mmdit = Mmdit::new(ckpt.config.clone(), ckpt.load_params()?);
+        Ok(ShapesModel {
+            tokenizer,
+            text: TextEncoder { config: tconfig, params: tparams },
+            mmdit,
+            sample_shift: meta["sample_shift"].as_f64().unwrap_or(1.0),
+        })
+    }
+}
+
+/// How each sampling step moves from σ to σ'.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sampler {
+    /// The Euler ODE step `x + (σ'−σ)·v`.
+    Euler,
+    /// Re-noising: `x̂0 = x − σ·v`, then `(1−σ')·x̂0 + σ'·ε` with fresh noise.
+    Sde,
+}
+
+impl Sampler {
+    pub fn parse(s: &str) -> Option<Sampler> {
+        match s {
+            "euler" => Some(Sampler::Euler),
+            "sde" => Some(Sampler::Sde),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Sampler::Euler => "euler",
+            Sampler::Sde => "sde",
+        }
+    }
+}
+
+/// Samples one image per prompt: `steps` steps of the shifted reference schedule with CFG weight
+/// `w` (unconditional = empty prompt; `w = 1` skips it). Sample `i` draws its noise from
+/// `seed + i`, so results do not depend on batching. Returns `[N, 3, 16, 16]` in [−1, 1] (unclamped).
+pub fn sample_images(
+    model: &ShapesModel,
+    prompts: &[String],
+    steps: usize,
+    w: f32,
+    sampler: Sampler,
+    seed: u64,
+    batch: usize,
+    mut progress: impl FnMut(usize),
+) -> Result<Tensor> {
+    let _ng = no_grad();
+    let per = CHANNELS * RESOLUTION * RESOLUTION;
+    let sigmas = reference_sigmas(steps, model.sample_shift);
+    let mut out = Vec::with_capacity(prompts.len() * per);
+    let empty = model.tokenizer.encode("")?;
+    for (c, chunk) in prompts.chunks(batch.max(1)).enumerate() {
+        let n = chunk.len();
+        let mut rngs: Vec<Rng> = (0..n).map(|i| Rng::new(seed + (c * batch + i) as u64)).collect();
+        let mut x: Vec<f32> = rngs.iter_mut().flat_map(|r| (0..per).map(|_| r.normal()).collect::<Vec<_>>()).collect();
+        let mut ids = model.tokenizer.encode_batch(chunk)?;
+        let guided = w != 1.0;
+        if guided {
+            for _ in 0..n {
+                ids.extend_from_slice(&empty);
+            }
+        }
+        for i in 0..steps {
+            let (s, s_next) = (sigmas[i], sigmas[i + 1]);
+            let xt = Tensor::from_vec(x.clone(), &[n, CHANNELS, RESOLUTION, RESOLUTION]);
+            let input = if guided { concat(&[&xt, &xt], 0) } else { xt };
+            let m = if guided { 2 * n } else { n };
+            let v = model.velocity(&Var::constant(input), &vec![s; m], &ids);
+            let v = if guided {
+                let halves = split(v.value(), 0, &[n, n]);
+                cfg(halves[0].f32s(), halves[1].f32s(), w)
+            } else {
+                v.value().to_vec()
+            };
+            match sampler {
+                Sampler::Euler => crate::flow::euler_step(&mut x, &v, s, s_next),
+                Sampler::Sde => {
+                    for (j, (xv, vv)) in x.iter_mut().zip(&v).enumerate() {
+                        let x0 = *xv - s * vv;
+                        let eps = if s_next > 0.0 { rngs[j / per].normal() } else { 0.0 };
+                        *xv = (1.0 - s_next) * x0 + s_next * eps;
+                    }
+                }
+            }
+            progress(n);
+        }
+        out.extend_from_slice(&x);
+    }
+    Ok(Tensor::from_vec(out, &[prompts.len(), CHANNELS, RESOLUTION, RESOLUTION]))
+}
