@@ -18,9 +18,11 @@ pub fn default_teacher() -> PathBuf {
 pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);
     bar.set_style(
-        ProgressStyle::with_template("{prefix} [{elapsed_precise}<{eta_precise}] {bar:30} {pos}/{len} {msg}")
-            .expect("template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{prefix} [{elapsed_precise}<{eta_precise}] {bar:30} {pos}/{len} {msg}",
+        )
+        .expect("template")
+        .progress_chars("=> "),
     );
     bar.set_prefix(what.to_string());
     bar
@@ -30,13 +32,25 @@ fn read_prompts(prompt: Option<String>, prompts: Option<String>) -> anyhow::Resu
     if let Some(p) = prompt {
         return Ok(vec![p]);
     }
-    let Some(spec) = prompts else { bail!("give --prompt \"...\" or --prompts FILE (or --prompts eval:N)") };
+    let Some(spec) = prompts else {
+        bail!("give --prompt \"...\" or --prompts FILE (or --prompts eval:N)")
+    };
     if let Some(n) = spec.strip_prefix("eval:") {
-        let n: usize = n.parse().with_context(|| format!("--prompts {spec}: N must be a number"))?;
-        return Ok(evaluation_prompts(n, 0).into_iter().map(|(_, p)| p).collect());
+        let n: usize = n
+            .parse()
+            .with_context(|| format!("--prompts {spec}: N must be a number"))?;
+        return Ok(evaluation_prompts(n, 0)
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect());
     }
     let text = std::fs::read_to_string(&spec).with_context(|| format!("--prompts {spec}"))?;
-    let list: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    let list: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
     if list.is_empty() {
         bail!("--prompts {spec}: no prompts in the file");
     }
@@ -61,11 +75,14 @@ pub fn sample(
     }
     let sampler = Sampler::parse(sampler).expect("clap checked the sampler");
     let dir = checkpoint.unwrap_or_else(default_teacher);
-    let model = ShapesModel::load(&dir).with_context(|| format!("loading the model in {}", dir.display()))?;
+    let model = ShapesModel::load(&dir)
+        .with_context(|| format!("loading the model in {}", dir.display()))?;
     let base = read_prompts(prompt, prompts)?;
     let mut list = Vec::new();
     for p in &base {
-        let task: Task = Prompt::parse(p).map(|q| q.task()).with_context(|| format!("prompt `{p}`"))?;
+        let task: Task = Prompt::parse(p)
+            .map(|q| q.task())
+            .with_context(|| format!("prompt `{p}`"))?;
         model.tokenizer.encode(p)?;
         for _ in 0..per_prompt.max(1) {
             list.push((p.clone(), task));
@@ -74,7 +91,9 @@ pub fn sample(
     let prompts: Vec<String> = list.iter().map(|(p, _)| p.clone()).collect();
     let bar = progress_bar((prompts.len() * steps) as u64, "sample");
     let start = std::time::Instant::now();
-    let images = sample_images(&model, &prompts, steps, cfg, sampler, seed, batch, |n| bar.inc(n as u64))?;
+    let images = sample_images(&model, &prompts, steps, cfg, sampler, seed, batch, |n| {
+        bar.inc(n as u64)
+    })?;
     bar.finish();
     std::fs::create_dir_all(out).with_context(|| format!("{}", out.display()))?;
     let per = CHANNELS * RESOLUTION * RESOLUTION;

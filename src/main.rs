@@ -3,7 +3,7 @@
 use advdmd::mmdit::checkpoint::{convert, Layout, MmditCheckpoint};
 use advdmd::tensor::StoredDType;
 use advdmd::train::pretrain::{pretrain, PretrainConfig};
-use advdmd::train::shapes_model::{ShapesModelSize};
+use advdmd::train::shapes_model::ShapesModelSize;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -184,7 +184,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ema_decay,
                 seed,
                 checkpoint_every,
-                size: ShapesModelSize { hidden, depth, ..Default::default() },
+                size: ShapesModelSize {
+                    hidden,
+                    depth,
+                    ..Default::default()
+                },
                 ..Default::default()
             };
             let bar = cli::progress_bar(steps, "pretrain");
@@ -194,7 +198,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let s = smooth.map_or(m.loss, |s| 0.98 * s + 0.02 * m.loss);
                 smooth = Some(s);
                 bar.set_position(m.step);
-                bar.set_message(format!("loss {:.4} (avg {s:.4}) lr {:.2e} |g| {:.2}", m.loss, m.lr, m.grad_norm));
+                bar.set_message(format!(
+                    "loss {:.4} (avg {s:.4}) lr {:.2e} |g| {:.2}",
+                    m.loss, m.lr, m.grad_norm
+                ));
             })?;
             bar.finish();
             eprintln!(
@@ -204,18 +211,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 out.join("model").display()
             );
         }
-        Command::Sample { checkpoint, prompt, prompts, per_prompt, steps, cfg, sampler, seed, batch, out } => {
-            cli::sample(checkpoint, prompt, prompts, per_prompt, steps, cfg, &sampler, seed, batch, &out)?;
+        Command::Sample {
+            checkpoint,
+            prompt,
+            prompts,
+            per_prompt,
+            steps,
+            cfg,
+            sampler,
+            seed,
+            batch,
+            out,
+        } => {
+            cli::sample(
+                checkpoint, prompt, prompts, per_prompt, steps, cfg, &sampler, seed, batch, &out,
+            )?;
         }
         Command::Dataset { out, n, task, seed } => {
-            let task = task.map(|t| advdmd::data::shapes::Task::parse(&t)).transpose()?;
+            let task = task
+                .map(|t| advdmd::data::shapes::Task::parse(&t))
+                .transpose()?;
             let written = advdmd::data::shapes::write_dataset(&out, n, task, seed)?;
             eprintln!("wrote {written} scenes to {}", out.display());
         }
         Command::Eval { dir, json, seed } => {
             let report = advdmd::eval::evaluate_folder(&dir, seed)?;
             if json {
-                out(&format!("{}\n", serde_json::to_string_pretty(&report.to_json())?))?;
+                out(&format!(
+                    "{}\n",
+                    serde_json::to_string_pretty(&report.to_json())?
+                ))?;
             } else {
                 out(&report.to_text())?;
             }

@@ -5,7 +5,9 @@
 use advdmd::data::shapes::{all_prompts, vocabulary, Task};
 use advdmd::text::PromptTokenizer;
 use advdmd::train::pretrain::{pretrain, PretrainConfig};
-use advdmd::train::shapes_model::{sample_images, Sampler, ShapesModel, ShapesModelSize, MAX_TOKENS};
+use advdmd::train::shapes_model::{
+    sample_images, Sampler, ShapesModel, ShapesModelSize, MAX_TOKENS,
+};
 use std::path::PathBuf;
 
 fn tmpdir(name: &str) -> PathBuf {
@@ -40,7 +42,13 @@ fn tokenizer_round_trips_every_prompt_and_rejects_unknown_words() {
     let tok = PromptTokenizer::new(&vocabulary(), MAX_TOKENS).unwrap();
     tok.save(&d.join("tokenizer.json")).unwrap();
     let back = PromptTokenizer::load(&d.join("tokenizer.json"), MAX_TOKENS).unwrap();
-    for task in [Task::Single, Task::Position, Task::Two, Task::Relation, Task::Counting] {
+    for task in [
+        Task::Single,
+        Task::Position,
+        Task::Two,
+        Task::Relation,
+        Task::Counting,
+    ] {
         for p in all_prompts(task).iter().step_by(7) {
             let ids = tok.encode(p).unwrap();
             assert_eq!(ids.len(), MAX_TOKENS);
@@ -51,7 +59,9 @@ fn tokenizer_round_trips_every_prompt_and_rejects_unknown_words() {
     let empty = tok.encode("").unwrap();
     assert_eq!(tok.decode(&empty), "");
     assert!(tok.encode("a purple circle").is_err());
-    assert!(tok.encode("a red circle and a red circle and a red circle").is_err());
+    assert!(tok
+        .encode("a red circle and a red circle and a red circle")
+        .is_err());
 }
 
 #[test]
@@ -87,10 +97,18 @@ fn resumed_pretraining_equals_uninterrupted_bit_for_bit() {
     let resumed = pretrain(&tiny(12), &b, true, |_| {}).unwrap();
     assert_eq!(resumed.step, 12);
     for (name, p) in full.model.mmdit.params.iter() {
-        assert_eq!(p.value().f32s(), resumed.model.mmdit.params.param(name).value().f32s(), "{name}");
+        assert_eq!(
+            p.value().f32s(),
+            resumed.model.mmdit.params.param(name).value().f32s(),
+            "{name}"
+        );
     }
     for (name, p) in full.ema_text.shadow.iter() {
-        assert_eq!(p.value().f32s(), resumed.ema_text.shadow.param(name).value().f32s(), "{name}");
+        assert_eq!(
+            p.value().f32s(),
+            resumed.ema_text.shadow.param(name).value().f32s(),
+            "{name}"
+        );
     }
     let la = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap();
     let lb = std::fs::read_to_string(b.join("metrics.jsonl")).unwrap();
@@ -115,7 +133,11 @@ fn model_folder_round_trip_and_sampling_is_deterministic() {
     let state = pretrain(&tiny(3), &d, false, |_| {}).unwrap();
     let model = ShapesModel::load(&d.join("model")).unwrap();
     assert_eq!(model.mmdit.config, state.model.mmdit.config);
-    let prompts: Vec<String> = vec!["a red circle".into(), "two blue squares".into(), "a green triangle on the left".into()];
+    let prompts: Vec<String> = vec![
+        "a red circle".into(),
+        "two blue squares".into(),
+        "a green triangle on the left".into(),
+    ];
     let a = sample_images(&model, &prompts, 3, 3.0, Sampler::Euler, 7, 2, |_| {}).unwrap();
     let b = sample_images(&model, &prompts, 3, 3.0, Sampler::Euler, 7, 3, |_| {}).unwrap();
     assert_eq!(a.shape(), [3, 3, 16, 16]);

@@ -369,7 +369,12 @@ impl Param {
 
     /// Replaces the accumulated gradient (gradient clipping, loading a state).
     pub fn set_grad(&self, g: Tensor) {
-        assert_eq!(g.shape(), self.value().shape(), "param {}: gradient shape", self.0.name);
+        assert_eq!(
+            g.shape(),
+            self.value().shape(),
+            "param {}: gradient shape",
+            self.0.name
+        );
         *self.0.grad.lock().expect("grad lock") = Some(g);
     }
 

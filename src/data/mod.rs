@@ -1,1 +1,9 @@
-//! stub
+//! Training data. For now the procedural Shapes world (design/TOY.md): prompts, scene sampling,
+//! the renderer and dataset folders; the text encoder and trainers build on it.
+
+pub mod shapes;
+
+pub use shapes::{
+    all_prompts, render, render_u8, sample_batch, sample_scene, scene_for_prompt, vocabulary,
+    write_dataset, Color, Item, Object, Prompt, Relation, Scene, ShapeKind, Side, Task, CANVAS,
+};

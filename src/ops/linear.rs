@@ -187,7 +187,11 @@ pub fn embedding(table: &Var, ids: &[u32], shape: &[usize]) -> Var {
     let &[v, e] = tv.shape() else {
         panic!("embedding: table must be [V, E], got {:?}", tv.shape())
     };
-    assert_eq!(ids.len(), shape.iter().product::<usize>(), "embedding: ids for shape {shape:?}");
+    assert_eq!(
+        ids.len(),
+        shape.iter().product::<usize>(),
+        "embedding: ids for shape {shape:?}"
+    );
     let src = tv.f32s();
     let mut out = Vec::with_capacity(ids.len() * e);
     for &i in ids {
@@ -198,14 +202,19 @@ pub fn embedding(table: &Var, ids: &[u32], shape: &[usize]) -> Var {
     let mut out_shape = shape.to_vec();
     out_shape.push(e);
     let ids = ids.to_vec();
-    record("embedding", &[table], Tensor::from_vec(out, &out_shape), move |g, _| {
-        let mut d = vec![0f32; v * e];
-        for (r, &i) in ids.iter().enumerate() {
-            let row = &g.f32s()[r * e..(r + 1) * e];
-            for (acc, x) in d[i as usize * e..(i as usize + 1) * e].iter_mut().zip(row) {
-                *acc += x;
+    record(
+        "embedding",
+        &[table],
+        Tensor::from_vec(out, &out_shape),
+        move |g, _| {
+            let mut d = vec![0f32; v * e];
+            for (r, &i) in ids.iter().enumerate() {
+                let row = &g.f32s()[r * e..(r + 1) * e];
+                for (acc, x) in d[i as usize * e..(i as usize + 1) * e].iter_mut().zip(row) {
+                    *acc += x;
+                }
             }
-        }
-        vec![Some(Tensor::from_vec(d, &[v, e]))]
-    })
+            vec![Some(Tensor::from_vec(d, &[v, e]))]
+        },
+    )
 }

@@ -64,7 +64,11 @@ impl AdamW {
                 let n = value.numel();
                 let m = self.m.entry(name.clone()).or_insert_with(|| vec![0.0; n]);
                 let v = self.v.entry(name.clone()).or_insert_with(|| vec![0.0; n]);
-                let decay = if value.rank() >= 2 { c.weight_decay } else { 0.0 };
+                let decay = if value.rank() >= 2 {
+                    c.weight_decay
+                } else {
+                    0.0
+                };
                 let mut w = value.to_vec();
                 w.par_chunks_mut(4096)
                     .zip(m.par_chunks_mut(4096))
@@ -91,7 +95,11 @@ pub fn clip_grad_norm(params: &[&ParamMap], max_norm: f32) -> f32 {
     for map in params {
         for (_, p) in map.iter() {
             if let Some(g) = p.grad() {
-                sq += g.f32s().iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
+                sq += g
+                    .f32s()
+                    .iter()
+                    .map(|&v| (v as f64) * (v as f64))
+                    .sum::<f64>();
             }
         }
     }
@@ -159,14 +167,21 @@ mod tests {
     fn adamw_minimises_a_quadratic() {
         let mut params = ParamMap::new();
         let p = params.insert("w", Tensor::from_vec(vec![3.0, -2.0], &[2]));
-        let mut opt = AdamW::new(AdamWConfig { lr: 0.1, ..Default::default() });
+        let mut opt = AdamW::new(AdamWConfig {
+            lr: 0.1,
+            ..Default::default()
+        });
         for _ in 0..300 {
             params.zero_grad();
             let w = p.var();
             w.mul(&w).sum().backward();
             opt.step(&[&params], 0.1);
         }
-        assert!(p.value().f32s().iter().all(|v| v.abs() < 1e-2), "{:?}", p.value().f32s());
+        assert!(
+            p.value().f32s().iter().all(|v| v.abs() < 1e-2),
+            "{:?}",
+            p.value().f32s()
+        );
     }
 
     #[test]

@@ -62,8 +62,9 @@ impl PromptTokenizer {
     }
 
     pub fn load(path: &Path, max_len: usize) -> Result<PromptTokenizer> {
-        let inner = Tokenizer::from_file(path)
-            .map_err(|e| Error::Invalid(format!("{}: not a tokenizer.json: {e}", path.display())))?;
+        let inner = Tokenizer::from_file(path).map_err(|e| {
+            Error::Invalid(format!("{}: not a tokenizer.json: {e}", path.display()))
+        })?;
         PromptTokenizer::wrap(inner, max_len)
     }
 
@@ -139,7 +140,10 @@ impl TextEncoderConfig {
         let e = self.dim;
         let mut out = vec![
             ("token_embedding.weight".to_string(), vec![self.vocab, e]),
-            ("position_embedding.weight".to_string(), vec![self.max_len, e]),
+            (
+                "position_embedding.weight".to_string(),
+                vec![self.max_len, e],
+            ),
         ];
         for i in 0..self.layers {
             for (name, shape) in [
@@ -168,7 +172,9 @@ impl TextEncoderConfig {
         };
         let tok = shape("token_embedding.weight")?;
         let pos = shape("position_embedding.weight")?;
-        let layers = (0..).take_while(|i| params.contains(&format!("layers.{i}.attn.qkv.weight"))).count();
+        let layers = (0..)
+            .take_while(|i| params.contains(&format!("layers.{i}.attn.qkv.weight")))
+            .count();
         let cfg = TextEncoderConfig {
             vocab: tok[0],
             max_len: pos[0],
@@ -178,7 +184,9 @@ impl TextEncoderConfig {
         };
         for (n, s) in cfg.param_shapes() {
             if shape(&n)? != s {
-                return Err(Error::Invalid(format!("text encoder: `{n}` has the wrong shape")));
+                return Err(Error::Invalid(format!(
+                    "text encoder: `{n}` has the wrong shape"
+                )));
             }
         }
         Ok(cfg)
@@ -214,7 +222,10 @@ impl TextEncoder {
         let (l, e) = (c.max_len, c.dim);
         assert_eq!(ids.len() % l, 0, "token ids must be [B, {l}]");
         let b = ids.len() / l;
-        let pos = self.params.var("position_embedding.weight").reshape(&[1, l, e]);
+        let pos = self
+            .params
+            .var("position_embedding.weight")
+            .reshape(&[1, l, e]);
         let mut h = embedding(&self.params.var("token_embedding.weight"), ids, &[b, l]).add(&pos);
         let hd = e / c.heads;
         for i in 0..c.layers {
@@ -225,7 +236,11 @@ impl TextEncoder {
             let [q, k, v] = [0, 1, 2].map(|j| qkv[j].reshape(&[b, l, c.heads, hd]));
             let none = Var::constant(Tensor::zeros(&[b, 0, c.heads, hd]));
             let (_, o) = joint_attention(&none, &none, &none, &q, &k, &v);
-            h = h.add(&linear_named(&self.params, &format!("{p}.attn.proj"), &o.reshape(&[b, l, e])));
+            h = h.add(&linear_named(
+                &self.params,
+                &format!("{p}.attn.proj"),
+                &o.reshape(&[b, l, e]),
+            ));
             let m = linear_named(&self.params, &format!("{p}.mlp.fc1"), &layer_norm(&h)).gelu();
             h = h.add(&linear_named(&self.params, &format!("{p}.mlp.fc2"), &m));
         }

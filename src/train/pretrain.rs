@@ -103,7 +103,14 @@ impl PretrainState {
             weight_decay: config.weight_decay,
             ..Default::default()
         });
-        Ok(PretrainState { model, opt, ema_mmdit, ema_text, rng, step: 0 })
+        Ok(PretrainState {
+            model,
+            opt,
+            ema_mmdit,
+            ema_text,
+            rng,
+            step: 0,
+        })
     }
 
     /// One optimisation step.
@@ -118,7 +125,9 @@ impl PretrainState {
         }
         let ids = self.model.tokenizer.encode_batch(&prompts)?;
         // σ ~ logit-normal(0, 1).
-        let sigma: Vec<f32> = (0..b).map(|_| crate::kernels::elementwise::sigmoid(self.rng.normal())).collect();
+        let sigma: Vec<f32> = (0..b)
+            .map(|_| crate::kernels::elementwise::sigmoid(self.rng.normal()))
+            .collect();
         let per = CHANNELS * RESOLUTION * RESOLUTION;
         let eps: Vec<f32> = (0..b * per).map(|_| self.rng.normal()).collect();
         let x0v = x0.f32s();
@@ -130,7 +139,9 @@ impl PretrainState {
             target[i] = eps[i] - x0v[i];
         }
         let shape = [b, CHANNELS, RESOLUTION, RESOLUTION];
-        let v = self.model.velocity(&Var::constant(Tensor::from_vec(xt, &shape)), &sigma, &ids);
+        let v = self
+            .model
+            .velocity(&Var::constant(Tensor::from_vec(xt, &shape)), &sigma, &ids);
         let loss = v.mse(&Var::constant(Tensor::from_vec(target, &shape)));
         let maps = [&self.model.mmdit.params, &self.model.text.params];
         for m in maps {
@@ -138,7 +149,13 @@ impl PretrainState {
         }
         loss.backward();
         let grad_norm = clip_grad_norm(&maps, config.grad_clip);
-        let lr = lr_at(self.step, config.lr, config.warmup, config.steps, config.final_lr_fraction);
+        let lr = lr_at(
+            self.step,
+            config.lr,
+            config.warmup,
+            config.steps,
+            config.final_lr_fraction,
+        );
         self.opt.step(&maps, lr);
         self.ema_mmdit.update(&self.model.mmdit.params);
         self.ema_text.update(&self.model.text.params);
@@ -168,7 +185,10 @@ impl PretrainState {
         }
         for (kind, moments) in [("adam.m.", &self.opt.m), ("adam.v.", &self.opt.v)] {
             for (n, m) in moments {
-                tensors.push((format!("{kind}{n}"), Tensor::from_vec(m.clone(), &[m.len()])));
+                tensors.push((
+                    format!("{kind}{n}"),
+                    Tensor::from_vec(m.clone(), &[m.len()]),
+                ));
             }
         }
         let state = serde_json::json!({
@@ -191,7 +211,9 @@ impl PretrainState {
         let state: serde_json::Value = meta
             .get("advdmd.pretrain")
             .and_then(|s| serde_json::from_str(s).ok())
-            .ok_or_else(|| bad("not a pretraining checkpoint (no advdmd.pretrain metadata)".into()))?;
+            .ok_or_else(|| {
+                bad("not a pretraining checkpoint (no advdmd.pretrain metadata)".into())
+            })?;
         let now = config.to_json().to_string();
         if state["config"].as_str() != Some(now.as_str()) {
             return Err(bad(format!(
@@ -212,12 +234,18 @@ impl PretrainState {
         load_into("ema.text.", &st.ema_text.shadow)?;
         for n in f.names() {
             if let Some(name) = n.strip_prefix("adam.m.") {
-                st.opt.m.insert(name.to_string(), f.load_f32(&n, None)?.to_vec());
+                st.opt
+                    .m
+                    .insert(name.to_string(), f.load_f32(&n, None)?.to_vec());
             } else if let Some(name) = n.strip_prefix("adam.v.") {
-                st.opt.v.insert(name.to_string(), f.load_f32(&n, None)?.to_vec());
+                st.opt
+                    .v
+                    .insert(name.to_string(), f.load_f32(&n, None)?.to_vec());
             }
         }
-        let num = |v: &serde_json::Value, what: &str| v.as_u64().ok_or_else(|| bad(format!("bad `{what}`")));
+        let num = |v: &serde_json::Value, what: &str| {
+            v.as_u64().ok_or_else(|| bad(format!("bad `{what}`")))
+        };
         st.step = num(&state["step"], "step")?;
         st.opt.step = num(&state["adam_step"], "adam_step")?;
         let rng: Vec<u64> = state["rng"]
@@ -250,8 +278,14 @@ impl RunDir {
 /// Keeps the first `steps` lines of a metrics file (a resumed run rewrites what came after its
 /// checkpoint).
 fn truncate_metrics(path: &Path, steps: u64) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
-    let kept: String = text.lines().take(steps as usize).map(|l| format!("{l}\n")).collect();
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .take(steps as usize)
+        .map(|l| format!("{l}\n"))
+        .collect();
     crate::checkpoint::write_atomic(path, kept.as_bytes())
 }
 
@@ -270,7 +304,10 @@ pub fn pretrain(
         st
     } else {
         if resume {
-            return Err(Error::Invalid(format!("--resume: no checkpoint at {}", run.checkpoint.display())));
+            return Err(Error::Invalid(format!(
+                "--resume: no checkpoint at {}",
+                run.checkpoint.display()
+            )));
         }
         let _ = std::fs::remove_file(&run.metrics);
         PretrainState::new(config)?
@@ -283,7 +320,10 @@ pub fn pretrain(
     while state.step < config.steps {
         let m = state.train_step(config)?;
         if !m.loss.is_finite() {
-            return Err(Error::Invalid(format!("loss became {} at step {}", m.loss, m.step)));
+            return Err(Error::Invalid(format!(
+                "loss became {} at step {}",
+                m.loss, m.step
+            )));
         }
         let line = serde_json::json!({
             "step": m.step, "loss": m.loss, "lr": m.lr, "grad_norm": m.grad_norm, "seconds": m.seconds,
@@ -296,6 +336,11 @@ pub fn pretrain(
         }
     }
     let extra = serde_json::json!({ "pretrain": config.to_json(), "steps_done": state.step, "weights": "ema" });
-    state.model.save(&run.model, &state.ema_mmdit.shadow, &state.ema_text.shadow, extra)?;
+    state.model.save(
+        &run.model,
+        &state.ema_mmdit.shadow,
+        &state.ema_text.shadow,
+        extra,
+    )?;
     Ok(state)
 }

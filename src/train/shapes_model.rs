@@ -98,14 +98,35 @@ impl ShapesModel {
     pub fn velocity(&self, x: &Var, sigma: &[f32], ids: &[u32]) -> Var {
         let (context, pooled) = self.text.forward(ids);
         let t: Vec<f32> = sigma.iter().map(|s| s * 1000.0).collect();
-        self.mmdit.forward(&MmditInputs { x, timestep: &t, pooled: &pooled, context: &context })
+        self.mmdit.forward(&MmditInputs {
+            x,
+            timestep: &t,
+            pooled: &pooled,
+            context: &context,
+        })
     }
 
     /// Writes the model folder (see the module comment) with the given weights.
-    pub fn save(&self, dir: &Path, mmdit: &ParamMap, text: &ParamMap, extra: serde_json::Value) -> Result<()> {
+    pub fn save(
+        &self,
+        dir: &Path,
+        mmdit: &ParamMap,
+        text: &ParamMap,
+        extra: serde_json::Value,
+    ) -> Result<()> {
         std::fs::create_dir_all(dir.join("text_encoder")).map_err(|e| Error::io(dir, e))?;
-        save_mmdit(mmdit, &self.mmdit.config, Layout::Diffusers, &dir.join("transformer"), StoredDType::F32)?;
-        save_safetensors(dir.join("text_encoder/model.safetensors"), &text.tensors(), None)?;
+        save_mmdit(
+            mmdit,
+            &self.mmdit.config,
+            Layout::Diffusers,
+            &dir.join("transformer"),
+            StoredDType::F32,
+        )?;
+        save_safetensors(
+            dir.join("text_encoder/model.safetensors"),
+            &text.tensors(),
+            None,
+        )?;
         self.tokenizer.save(&dir.join("tokenizer.json"))?;
         let meta = serde_json::json!({
             "text_heads": self.text.config.heads,
@@ -114,7 +135,12 @@ impl ShapesModel {
             "resolution": RESOLUTION,
             "training": extra,
         });
-        write_atomic(&dir.join("shapes.json"), serde_json::to_string_pretty(&meta).expect("json").as_bytes())
+        write_atomic(
+            &dir.join("shapes.json"),
+            serde_json::to_string_pretty(&meta)
+                .expect("json")
+                .as_bytes(),
+        )
     }
 
     pub fn load(dir: &Path) -> Result<ShapesModel> {
@@ -141,7 +167,10 @@ impl ShapesModel {
         let mmdit = Mmdit::new(ckpt.config.clone(), ckpt.load_params()?);
         Ok(ShapesModel {
             tokenizer,
-            text: TextEncoder { config: tconfig, params: tparams },
+            text: TextEncoder {
+                config: tconfig,
+                params: tparams,
+            },
             mmdit,
             sample_shift: meta["sample_shift"].as_f64().unwrap_or(1.0),
         })
@@ -176,6 +205,7 @@ impl Sampler {
 /// Samples one image per prompt: `steps` steps of the shifted reference schedule with CFG weight
 /// `w` (unconditional = empty prompt; `w = 1` skips it). Sample `i` draws its noise from
 /// `seed + i`, so results do not depend on batching. Returns `[N, 3, 16, 16]` in [−1, 1] (unclamped).
+#[allow(clippy::too_many_arguments)]
 pub fn sample_images(
     model: &ShapesModel,
     prompts: &[String],
@@ -193,8 +223,13 @@ pub fn sample_images(
     let empty = model.tokenizer.encode("")?;
     for (c, chunk) in prompts.chunks(batch.max(1)).enumerate() {
         let n = chunk.len();
-        let mut rngs: Vec<Rng> = (0..n).map(|i| Rng::new(seed + (c * batch + i) as u64)).collect();
-        let mut x: Vec<f32> = rngs.iter_mut().flat_map(|r| (0..per).map(|_| r.normal()).collect::<Vec<_>>()).collect();
+        let mut rngs: Vec<Rng> = (0..n)
+            .map(|i| Rng::new(seed + (c * batch + i) as u64))
+            .collect();
+        let mut x: Vec<f32> = rngs
+            .iter_mut()
+            .flat_map(|r| (0..per).map(|_| r.normal()).collect::<Vec<_>>())
+            .collect();
         let mut ids = model.tokenizer.encode_batch(chunk)?;
         let guided = w != 1.0;
         if guided {
@@ -219,7 +254,11 @@ pub fn sample_images(
                 Sampler::Sde => {
                     for (j, (xv, vv)) in x.iter_mut().zip(&v).enumerate() {
                         let x0 = *xv - s * vv;
-                        let eps = if s_next > 0.0 { rngs[j / per].normal() } else { 0.0 };
+                        let eps = if s_next > 0.0 {
+                            rngs[j / per].normal()
+                        } else {
+                            0.0
+                        };
                         *xv = (1.0 - s_next) * x0 + s_next * eps;
                     }
                 }
@@ -228,5 +267,8 @@ pub fn sample_images(
         }
         out.extend_from_slice(&x);
     }
-    Ok(Tensor::from_vec(out, &[prompts.len(), CHANNELS, RESOLUTION, RESOLUTION]))
+    Ok(Tensor::from_vec(
+        out,
+        &[prompts.len(), CHANNELS, RESOLUTION, RESOLUTION],
+    ))
 }
