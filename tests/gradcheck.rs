@@ -440,3 +440,23 @@ fn rms_norm_forward_matches_naive() {
     }
     assert_close("rms_norm", y.value().f32s(), &want, 1e-5, 1e-5);
 }
+
+#[test]
+fn embedding_grad_with_repeated_ids() {
+    use advdmd::ops::linear::embedding;
+    let ids = [3u32, 0, 3, 4, 1, 3];
+    gradcheck("embedding", &[randn(&[5, 7], 53)], |v| {
+        vec![embedding(&v[0], &ids, &[2, 3])]
+    });
+    let table = randn(&[5, 7], 53);
+    let out = embedding(&Var::constant(table.clone()), &ids, &[2, 3]);
+    assert_eq!(out.shape(), [2, 3, 7]);
+    assert_eq!(&out.value().f32s()[7..14], &table.f32s()[0..7]);
+}
+
+#[test]
+fn layer_norm_grad() {
+    use advdmd::ops::norm::layer_norm;
+    let x = randn(&[2, 3, 9], 54).map(|v| 2.0 * v + 1.0);
+    GradCheck { eps: 3e-3, ..Default::default() }.run("layer_norm", &[x], |v| vec![layer_norm(&v[0])]);
+}
