@@ -2,7 +2,7 @@
 
 use advdmd::mmdit::checkpoint::{convert, Layout, MmditCheckpoint};
 use advdmd::tensor::StoredDType;
-use advdmd::train::pretrain::{pretrain, PretrainConfig};
+use advdmd::train::pretrain::{export_checkpoint, pretrain, PretrainConfig};
 use advdmd::train::shapes_model::ShapesModelSize;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -43,6 +43,9 @@ enum Command {
         /// Continue the run in --out from its last checkpoint, exactly.
         #[arg(long)]
         resume: bool,
+        /// Only write the EMA model of the last checkpoint to OUT/model-stepN/ (with the run's flags).
+        #[arg(long)]
+        export_only: bool,
         #[arg(long, default_value_t = PretrainConfig::default().steps)]
         steps: u64,
         #[arg(long, default_value_t = PretrainConfig::default().batch)]
@@ -166,6 +169,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pretrain {
             out,
             resume,
+            export_only,
             steps,
             batch,
             lr,
@@ -191,6 +195,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 ..Default::default()
             };
+            if export_only {
+                let dir = export_checkpoint(&config, &out)?;
+                eprintln!("wrote {}", dir.display());
+                return Ok(());
+            }
             let bar = cli::progress_bar(steps, "pretrain");
             let start = std::time::Instant::now();
             let mut smooth = None::<f32>;

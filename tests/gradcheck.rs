@@ -458,5 +458,9 @@ fn embedding_grad_with_repeated_ids() {
 fn layer_norm_grad() {
     use advdmd::ops::norm::layer_norm;
     let x = randn(&[2, 3, 9], 54).map(|v| 2.0 * v + 1.0);
-    GradCheck { eps: 3e-3, ..Default::default() }.run("layer_norm", &[x], |v| vec![layer_norm(&v[0])]);
+    GradCheck {
+        eps: 3e-3,
+        ..Default::default()
+    }
+    .run("layer_norm", &[x], |v| vec![layer_norm(&v[0])]);
 }

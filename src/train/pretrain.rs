@@ -344,3 +344,16 @@ pub fn pretrain(
     )?;
     Ok(state)
 }
+
+/// Writes the EMA model of the run's last checkpoint to `OUT/model-step{N}/` (to look at a run
+/// while it trains). Returns the folder.
+pub fn export_checkpoint(config: &PretrainConfig, out: &Path) -> Result<PathBuf> {
+    let run = RunDir::new(out);
+    let state = PretrainState::load(&run.checkpoint, config)?;
+    let dir = out.join(format!("model-step{}", state.step));
+    let extra = serde_json::json!({ "pretrain": config.to_json(), "steps_done": state.step, "weights": "ema" });
+    state
+        .model
+        .save(&dir, &state.ema_mmdit.shadow, &state.ema_text.shadow, extra)?;
+    Ok(dir)
+}
