@@ -143,28 +143,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Info { json } => {
             let info = advdmd::info::gather();
-            if json {
-                out(&format!(
-                    "{}\n",
-                    serde_json::to_string_pretty(&info.to_json())?
-                ))?;
-            } else {
-                out(&info.to_text())?;
-            }
+            emit(json, &info.to_json(), || info.to_text())?;
         }
         Command::Inspect { checkpoint, json } => {
             let ckpt = MmditCheckpoint::open(&checkpoint)?;
-            if json {
-                out(&format!(
-                    "{}\n",
-                    serde_json::to_string_pretty(&ckpt.describe_json())?
-                ))?;
-            } else {
+            if !json {
                 for n in &ckpt.notes {
                     eprintln!("info: {n}");
                 }
-                out(&ckpt.describe())?;
             }
+            emit(json, &ckpt.describe_json(), || ckpt.describe())?;
         }
         Command::Pretrain {
             out,
@@ -245,14 +233,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Eval { dir, json, seed } => {
             let report = advdmd::eval::evaluate_folder(&dir, seed)?;
-            if json {
-                out(&format!(
-                    "{}\n",
-                    serde_json::to_string_pretty(&report.to_json())?
-                ))?;
-            } else {
-                out(&report.to_text())?;
-            }
+            emit(json, &report.to_json(), || report.to_text())?;
         }
         Command::Convert {
             input,
@@ -275,6 +256,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Prints a report as pretty JSON or as text.
+fn emit(
+    json: bool,
+    value: &serde_json::Value,
+    text: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
+    if json {
+        out(&format!("{}\n", serde_json::to_string_pretty(value)?))
+    } else {
+        out(&text())
+    }
 }
 
 /// Writes to stdout; a closed pipe (`advdmd inspect X | head`) ends the output quietly.
