@@ -57,26 +57,47 @@ fn read_prompts(prompt: Option<String>, prompts: Option<String>) -> anyhow::Resu
     Ok(list)
 }
 
-#[allow(clippy::too_many_arguments)]
+pub struct SampleOptions {
+    pub per_prompt: usize,
+    pub steps: usize,
+    pub cfg: f32,
+    pub shift: Option<f64>,
+    pub sampler: String,
+    pub seed: u64,
+    pub batch: usize,
+}
+
 pub fn sample(
     checkpoint: Option<PathBuf>,
     prompt: Option<String>,
     prompts: Option<String>,
-    per_prompt: usize,
-    steps: usize,
-    cfg: f32,
-    sampler: &str,
-    seed: u64,
-    batch: usize,
+    opts: &SampleOptions,
     out: &Path,
 ) -> anyhow::Result<()> {
+    let SampleOptions {
+        per_prompt,
+        steps,
+        cfg,
+        shift,
+        seed,
+        batch,
+        ..
+    } = *opts;
     if steps == 0 {
         bail!("--steps must be at least 1");
     }
-    let sampler = Sampler::parse(sampler).expect("clap checked the sampler");
+    if let Some(s) = shift {
+        if !(s > 0.0 && s.is_finite()) {
+            bail!("--shift must be a positive number, got {s}");
+        }
+    }
+    let sampler = Sampler::parse(&opts.sampler).expect("clap checked the sampler");
     let dir = checkpoint.unwrap_or_else(default_teacher);
-    let model = ShapesModel::load(&dir)
+    let mut model = ShapesModel::load(&dir)
         .with_context(|| format!("loading the model in {}", dir.display()))?;
+    if let Some(s) = shift {
+        model.sample_shift = s;
+    }
     let base = read_prompts(prompt, prompts)?;
     let mut list = Vec::new();
     for p in &base {
@@ -105,7 +126,7 @@ pub fn sample(
         write_png(out.join(&file), &rgb, RESOLUTION, RESOLUTION)?;
         let line = serde_json::json!({
             "file": file, "prompt": p, "task": task.name(), "seed": seed + i as u64,
-            "model": dir.display().to_string(), "steps": steps, "sampler": sampler.name(), "cfg": cfg,
+            "model": dir.display().to_string(), "steps": steps, "sampler": sampler.name(), "shift": model.sample_shift, "cfg": cfg,
         });
         manifest.push_str(&format!("{line}\n"));
         tiles.push(rgb);

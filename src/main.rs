@@ -85,6 +85,9 @@ enum Command {
         steps: usize,
         #[arg(long, default_value_t = 4.0)]
         cfg: f32,
+        /// Sigma-schedule shift (default: the model's own, from shapes.json).
+        #[arg(long)]
+        shift: Option<f64>,
         #[arg(long, default_value = "euler", value_parser = ["euler", "sde"])]
         sampler: String,
         #[arg(long, default_value_t = 0)]
@@ -215,14 +218,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             per_prompt,
             steps,
             cfg,
+            shift,
             sampler,
             seed,
             batch,
             out,
         } => {
-            cli::sample(
-                checkpoint, prompt, prompts, per_prompt, steps, cfg, &sampler, seed, batch, &out,
-            )?;
+            let opts = cli::SampleOptions {
+                per_prompt,
+                steps,
+                cfg,
+                shift,
+                sampler,
+                seed,
+                batch,
+            };
+            cli::sample(checkpoint, prompt, prompts, &opts, &out)?;
         }
         Command::Dataset { out, n, task, seed } => {
             let task = task

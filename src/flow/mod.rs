@@ -1,6 +1,8 @@
 //! Flow matching basics (MMDIT.md A.6): the shifted sigma schedule and timesteps exactly as the
 //! reference scheduler computes them, the Euler step, classifier-free guidance. The few-step
-//! schedules and the ρ-SDE join this module with the trainer.
+//! schedules and the trainer's use of the ρ-SDE (`sde`) come with the trainer.
+
+pub mod sde;
 
 /// Training timesteps of the reference scheduler (σ·1000 is what the model is fed).
 pub const NUM_TRAIN_TIMESTEPS: f64 = 1000.0;
