@@ -83,7 +83,7 @@ enum Command {
         per_prompt: usize,
         #[arg(long, default_value_t = 40)]
         steps: usize,
-        #[arg(long, default_value_t = 4.0)]
+        #[arg(long, default_value_t = 1.5)]
         cfg: f32,
         /// Sigma-schedule shift (default: the model's own, from shapes.json).
         #[arg(long)]

@@ -146,3 +146,35 @@ fn model_folder_round_trip_and_sampling_is_deterministic() {
     assert!(c.f32s().iter().all(|v| v.is_finite()));
     assert_ne!(a.f32s(), c.f32s());
 }
+
+#[test]
+fn committed_teacher_loads_and_samples_through_the_cli() {
+    let teacher = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/shapes-teacher");
+    let model = ShapesModel::load(&teacher).unwrap();
+    assert_eq!(model.mmdit.config.hidden, 128);
+    let d = tmpdir("teacher-cli");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_advdmd"))
+        .args([
+            "sample",
+            "--prompt",
+            "a red circle",
+            "--per-prompt",
+            "3",
+            "--steps",
+            "4",
+        ])
+        .arg("--out")
+        .arg(&d)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let manifest = std::fs::read_to_string(d.join("manifest.jsonl")).unwrap();
+    assert_eq!(manifest.lines().count(), 3);
+    assert!(d.join("grid.png").is_file() && d.join("00002.png").is_file());
+    let report = advdmd::eval::evaluate_folder(&d, 0).unwrap();
+    assert_eq!(report.images, 3);
+}
