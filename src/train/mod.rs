@@ -1,4 +1,5 @@
 //! Training loops: the Shapes teacher's flow-matching pretraining (here), the AdvDMD step (later).
 
+pub mod losses;
 pub mod pretrain;
 pub mod shapes_model;
