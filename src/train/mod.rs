@@ -2,4 +2,5 @@
 
 pub mod losses;
 pub mod pretrain;
+pub mod rollout;
 pub mod shapes_model;
