@@ -111,3 +111,72 @@ fn returns_to_go_sum_the_later_rewards() {
     assert_eq!(returns_to_go(&[1.0, 2.0, 3.0, 4.0]), vec![10.0, 9.0, 7.0]);
     assert_eq!(returns_to_go(&[5.0, -1.0]), vec![4.0]);
 }
+
+#[test]
+fn gan_losses_match_their_formulas_and_fake_score_trains() {
+    use advdmd::data::shapes::{sample_batch, vocabulary};
+    use advdmd::optim::{AdamW, AdamWConfig};
+    use advdmd::train::losses::{discriminator_loss, fake_score_loss, generator_gan_loss};
+    use advdmd::train::shapes_model::{ShapesModel, ShapesModelSize};
+    let f = Var::constant(Tensor::from_vec(vec![0.5, -1.0], &[2]));
+    let r = Var::constant(Tensor::from_vec(vec![2.0, 0.0], &[2]));
+    let sp = |x: f64| (1.0 + x.exp()).ln();
+    let want_d = (sp(0.5) + sp(-1.0)) / 2.0 + (sp(-2.0) + sp(0.0)) / 2.0;
+    assert!((discriminator_loss(&f, &r).value().item() as f64 - want_d).abs() < 1e-6);
+    let want_g = (sp(-0.5) + sp(1.0)) / 2.0;
+    assert!((generator_gan_loss(&f).value().item() as f64 - want_g).abs() < 1e-6);
+
+    // The fake score starts as a copy of a (tiny) teacher and its loss falls on a fixed batch.
+    let size = ShapesModelSize {
+        hidden: 32,
+        depth: 2,
+        head_dim: 16,
+        text_dim: 32,
+        text_layers: 1,
+        text_heads: 2,
+    };
+    let teacher = ShapesModel::init(&size, &vocabulary(), &mut Rng::new(2)).unwrap();
+    let fake = teacher.copy_transformer();
+    assert_eq!(
+        fake.mmdit
+            .params
+            .param("final_layer.linear.weight")
+            .value()
+            .f32s(),
+        teacher
+            .mmdit
+            .params
+            .param("final_layer.linear.weight")
+            .value()
+            .f32s()
+    );
+    let (prompts, x0) = sample_batch(16, &mut Rng::new(3));
+    let ids = fake.tokenizer.encode_batch(&prompts).unwrap();
+    fake.text.params.set_trainable(false);
+    let mut opt = AdamW::new(AdamWConfig::default());
+    let mut losses = Vec::new();
+    for _ in 0..15 {
+        fake.mmdit.params.zero_grad();
+        let loss = fake_score_loss(&fake, &x0, &ids, &mut Rng::new(4));
+        losses.push(loss.value().item());
+        loss.backward();
+        opt.step(&[&fake.mmdit.params], 3e-3);
+    }
+    assert!(losses[14] < 0.8 * losses[0], "fake-score loss {:?}", losses);
+    // Training the copy leaves the teacher untouched; the text encoder is shared and frozen.
+    assert!(teacher.mmdit.params.iter().all(|(_, p)| p.grad().is_none()));
+    assert!(fake.text.params.iter().all(|(_, p)| p.grad().is_none()));
+    assert_ne!(
+        fake.mmdit
+            .params
+            .param("final_layer.linear.weight")
+            .value()
+            .f32s(),
+        teacher
+            .mmdit
+            .params
+            .param("final_layer.linear.weight")
+            .value()
+            .f32s()
+    );
+}

@@ -21,6 +21,7 @@ pub const UNK: &str = "[UNK]";
 pub const CLS: &str = "[CLS]";
 
 /// Word-level tokenizer: `[CLS]` + one id per word + `[PAD]` up to a fixed length.
+#[derive(Clone)]
 pub struct PromptTokenizer {
     inner: Tokenizer,
     pub max_len: usize,
@@ -193,6 +194,8 @@ impl TextEncoderConfig {
     }
 }
 
+/// Cloning shares the parameters (one text encoder serves teacher, generator and fake score).
+#[derive(Clone)]
 pub struct TextEncoder {
     pub config: TextEncoderConfig,
     pub params: ParamMap,

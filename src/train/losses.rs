@@ -1,7 +1,12 @@
-//! The AdvDMD loss pieces that are plain arithmetic on rollout data (ALGORITHM.md §4): the DMD
-//! gradient with its per-sample normaliser, returns-to-go, group-normalised advantages and the
-//! clipped policy objective with its gradient. Each works per sample on flat slices; the trainer
-//! seeds the gradients they return into the generator's backward.
+//! The AdvDMD loss pieces (ALGORITHM.md §4). Plain arithmetic on rollout data: the DMD gradient
+//! with its per-sample normaliser, returns-to-go, group-normalised advantages and the clipped
+//! policy objective with its gradient (per sample on flat slices; the trainer seeds the gradients
+//! they return into the generator's backward). Differentiable ones on the tape: the fake score's
+//! flow-matching loss and the two GAN losses.
+
+use super::shapes_model::ShapesModel;
+use crate::autograd::Var;
+use crate::tensor::{Rng, Tensor};
 
 /// The DMD gradient `g = (x̂0_fake − x̂0_real) / mean_d |x − x̂0_real|` of one sample (§4.1), with
 /// non-finite entries replaced by 0 (`nan_to_num`). Descending `g` moves `x` toward the teacher's
@@ -89,4 +94,39 @@ pub fn ppo_loss(logp: &[f64], logp_old: &[f64], adv: &[f32], eps: f64) -> (f64, 
         })
         .collect();
     (loss, grad)
+}
+
+/// The fake score's loss on detached generator samples `x0 [B, C, H, W]` (§4.2): velocity MSE at
+/// σ ~ logit-normal(0, 1), `x_σ = (1−σ)·x0 + σ·n`, target `n − x0`.
+pub fn fake_score_loss(fake: &ShapesModel, x0: &Tensor, ids: &[u32], rng: &mut Rng) -> Var {
+    let b = x0.shape()[0];
+    let per = x0.numel() / b.max(1);
+    let sigma: Vec<f32> = (0..b)
+        .map(|_| crate::kernels::elementwise::sigmoid(rng.normal()))
+        .collect();
+    let noise: Vec<f32> = (0..x0.numel()).map(|_| rng.normal()).collect();
+    let xs = x0.f32s();
+    let noisy: Vec<f32> = (0..xs.len())
+        .map(|i| (1.0 - sigma[i / per]) * xs[i] + sigma[i / per] * noise[i])
+        .collect();
+    let target: Vec<f32> = (0..xs.len()).map(|i| noise[i] - xs[i]).collect();
+    let v = fake.velocity(
+        &Var::constant(Tensor::from_vec(noisy, x0.shape())),
+        &sigma,
+        ids,
+    );
+    v.mse(&Var::constant(Tensor::from_vec(target, x0.shape())))
+}
+
+/// The discriminator's non-saturating loss (§4.3): `mean softplus(D(fake)) + mean softplus(−D(real))`.
+pub fn discriminator_loss(logits_fake: &Var, logits_real: &Var) -> Var {
+    logits_fake
+        .softplus()
+        .mean()
+        .add(&logits_real.scale(-1.0).softplus().mean())
+}
+
+/// The generator's GAN term (§4.4): `mean softplus(−D(x̃))`.
+pub fn generator_gan_loss(logits: &Var) -> Var {
+    logits.scale(-1.0).softplus().mean()
 }

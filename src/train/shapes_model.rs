@@ -94,6 +94,21 @@ impl ShapesModel {
         })
     }
 
+    /// A model with its own copy of the MMDiT weights (initialised from these) that shares this
+    /// model's tokenizer and text encoder: how the generator and the fake score start from the
+    /// teacher (ALGORITHM.md §2).
+    pub fn copy_transformer(&self) -> ShapesModel {
+        let params = self.mmdit.params.duplicate();
+        params.set_trainable(true);
+        params.param("pos_embed").set_trainable(false);
+        ShapesModel {
+            tokenizer: self.tokenizer.clone(),
+            text: self.text.clone(),
+            mmdit: Mmdit::new(self.mmdit.config.clone(), params),
+            sample_shift: self.sample_shift,
+        }
+    }
+
     /// The velocity for noisy images `x [B, 3, 16, 16]` at `sigma`, given token ids `[B, L]`.
     pub fn velocity(&self, x: &Var, sigma: &[f32], ids: &[u32]) -> Var {
         let (context, pooled) = self.text.forward(ids);
