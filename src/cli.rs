@@ -101,9 +101,7 @@ pub fn sample(
     let base = read_prompts(prompt, prompts)?;
     let mut list = Vec::new();
     for p in &base {
-        let task: Task = Prompt::parse(p)
-            .map(|q| q.task())
-            .with_context(|| format!("prompt `{p}`"))?;
+        let task: Task = Prompt::parse(p).map(|q| q.task())?;
         model.tokenizer.encode(p)?;
         for _ in 0..per_prompt.max(1) {
             list.push((p.clone(), task));

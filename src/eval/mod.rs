@@ -201,7 +201,7 @@ pub fn evaluate_folder(dir: impl AsRef<Path>, seed: u64) -> Result<EvalReport> {
         .map(|e| -> Result<Vec<u8>> {
             let path = dir.join(&e.file);
             let (rgb, w, h) = image::read_png(&path).map_err(|err| match err {
-                Error::Io { source, .. } => Error::Invalid(format!(
+                Error::Io { err: source, .. } => Error::Invalid(format!(
                     "{}:{}: image `{}`: {source}",
                     dir.join("manifest.jsonl").display(),
                     e.line,
