@@ -1,5 +1,6 @@
 //! Training loops: the Shapes teacher's flow-matching pretraining (here), the AdvDMD step (later).
 
+pub mod advdmd;
 pub mod disc_head;
 pub mod losses;
 pub mod pretrain;
