@@ -100,3 +100,57 @@ fn ten_iterations_with_rl_through_every_loss() {
 fn ten_iterations_without_rl_and_final_state_discriminator() {
     run(false, DiscStates::Final);
 }
+
+#[test]
+fn interrupted_and_resumed_distillation_equals_the_uninterrupted_run() {
+    let config = AdvDmdConfig {
+        prompts: 2,
+        group: 2,
+        r_dmd: 2,
+        rl_warmup: 1,
+        ..Default::default()
+    };
+    let mut straight = AdvDmd::new(tiny_teacher(), config.clone());
+    for _ in 0..6 {
+        straight.step().unwrap();
+    }
+    let dir = std::env::temp_dir().join(format!("advdmd-distill-resume-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("checkpoint.safetensors");
+    let mut first = AdvDmd::new(tiny_teacher(), config.clone());
+    for _ in 0..3 {
+        first.step().unwrap();
+    }
+    first.save(&path).unwrap();
+    drop(first);
+    let mut resumed = AdvDmd::load(&path, tiny_teacher(), config.clone()).unwrap();
+    for _ in 0..3 {
+        resumed.step().unwrap();
+    }
+    for (maps, name) in [
+        (
+            (
+                &straight.generator.mmdit.params,
+                &resumed.generator.mmdit.params,
+            ),
+            "generator",
+        ),
+        (
+            (&straight.fake.mmdit.params, &resumed.fake.mmdit.params),
+            "fake",
+        ),
+        ((&straight.head.params, &resumed.head.params), "head"),
+        ((&straight.ema.shadow, &resumed.ema.shadow), "ema"),
+    ] {
+        for (n, p) in maps.0.iter() {
+            assert_eq!(
+                p.value().f32s(),
+                maps.1.param(n).value().f32s(),
+                "{name}.{n}"
+            );
+        }
+    }
+    assert_eq!(straight.rng.state(), resumed.rng.state());
+    let other = AdvDmdConfig { rho: 1.0, ..config };
+    assert!(AdvDmd::load(&path, tiny_teacher(), other).is_err());
+}

@@ -11,6 +11,7 @@ use super::losses::{
 };
 use super::rollout::{few_step_sigmas, rollout_sde, Rollout};
 use super::shapes_model::ShapesModel;
+use super::state::{rng_from_json, rng_to_json, save_state, StateFile};
 use crate::autograd::{backward, no_grad, Var};
 use crate::data::shapes::sample_batch;
 use crate::error::Result;
@@ -476,5 +477,69 @@ impl AdvDmd {
                 (v, Tensor::from_vec(seed, &shape))
             })
             .collect()
+    }
+}
+
+impl AdvDmd {
+    /// Everything a resumed run needs except the teacher (reloaded from its folder): generator,
+    /// fake score, head, EMA, both optimizers, RNG and counters, written atomically.
+    pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        let meta = serde_json::json!({
+            "kind": "advdmd",
+            "iteration": self.iteration,
+            "generator_steps": self.generator_steps,
+            "rng": rng_to_json(&self.rng),
+            "config": format!("{:?}", self.config),
+        });
+        save_state(
+            path,
+            &[
+                ("generator.", &self.generator.mmdit.params),
+                ("fake.", &self.fake.mmdit.params),
+                ("head.", &self.head.params),
+                ("ema.", &self.ema.shadow),
+            ],
+            &[
+                ("adam_g.", &self.opt_generator),
+                ("adam_f.", &self.opt_fake),
+            ],
+            meta,
+        )
+    }
+
+    /// Restores a run saved by [`AdvDmd::save`] (same teacher, same configuration).
+    pub fn load(
+        path: &std::path::Path,
+        teacher: ShapesModel,
+        config: AdvDmdConfig,
+    ) -> Result<AdvDmd> {
+        let f = StateFile::open(path)?;
+        let bad = |why: String| crate::error::Error::Invalid(format!("{}: {why}", path.display()));
+        let meta = f.meta();
+        if meta["kind"] != "advdmd" {
+            return Err(bad("not a distillation checkpoint".into()));
+        }
+        let now = format!("{config:?}");
+        if meta["config"].as_str() != Some(now.as_str()) {
+            return Err(bad(format!(
+                "was written with another configuration: {} (now {now})",
+                meta["config"]
+            )));
+        }
+        let mut run = AdvDmd::new(teacher, config);
+        f.load_group("generator.", &run.generator.mmdit.params)?;
+        f.load_group("fake.", &run.fake.mmdit.params)?;
+        f.load_group("head.", &run.head.params)?;
+        f.load_group("ema.", &run.ema.shadow)?;
+        f.load_optimizer("adam_g.", &mut run.opt_generator)?;
+        f.load_optimizer("adam_f.", &mut run.opt_fake)?;
+        run.iteration = meta["iteration"]
+            .as_u64()
+            .ok_or_else(|| bad("bad `iteration`".into()))?;
+        run.generator_steps = meta["generator_steps"]
+            .as_u64()
+            .ok_or_else(|| bad("bad `generator_steps`".into()))?;
+        run.rng = rng_from_json(&meta["rng"]).ok_or_else(|| bad("bad `rng` state".into()))?;
+        Ok(run)
     }
 }

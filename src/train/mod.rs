@@ -6,3 +6,4 @@ pub mod losses;
 pub mod pretrain;
 pub mod rollout;
 pub mod shapes_model;
+pub mod state;

@@ -9,14 +9,12 @@
 //! At the end the EMA model is written to `OUT/model/`.
 
 use super::shapes_model::{ShapesModel, ShapesModelSize, CHANNELS, RESOLUTION};
+use super::state::{rng_from_json, rng_to_json, save_state, StateFile};
 use crate::autograd::Var;
-use crate::checkpoint::{save_safetensors, SafetensorsFile};
 use crate::data::shapes::{sample_batch, vocabulary};
 use crate::error::{Error, Result};
-use crate::nn::ParamMap;
 use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig, Ema};
 use crate::tensor::{Rng, Tensor};
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -171,89 +169,51 @@ impl PretrainState {
 
     /// The whole state as one safetensors file (written atomically).
     pub fn save(&self, path: &Path, config: &PretrainConfig) -> Result<()> {
-        let mut tensors: Vec<(String, Tensor)> = Vec::new();
-        let groups: [(&str, &ParamMap); 4] = [
-            ("mmdit.", &self.model.mmdit.params),
-            ("text.", &self.model.text.params),
-            ("ema.mmdit.", &self.ema_mmdit.shadow),
-            ("ema.text.", &self.ema_text.shadow),
-        ];
-        for (prefix, map) in groups {
-            for (n, t) in map.tensors() {
-                tensors.push((format!("{prefix}{n}"), t));
-            }
-        }
-        for (kind, moments) in [("adam.m.", &self.opt.m), ("adam.v.", &self.opt.v)] {
-            for (n, m) in moments {
-                tensors.push((
-                    format!("{kind}{n}"),
-                    Tensor::from_vec(m.clone(), &[m.len()]),
-                ));
-            }
-        }
-        let state = serde_json::json!({
+        let meta = serde_json::json!({
+            "kind": "pretrain",
             "step": self.step,
-            "adam_step": self.opt.step,
-            "rng": self.rng.state().iter().map(|v| v.to_string()).collect::<Vec<_>>(),
+            "rng": rng_to_json(&self.rng),
             // As a string: f32 fields do not survive a JSON number round trip exactly.
             "config": config.to_json().to_string(),
         });
-        let mut meta = HashMap::new();
-        meta.insert("advdmd.pretrain".to_string(), state.to_string());
-        save_safetensors(path, &tensors, Some(meta))
+        save_state(
+            path,
+            &[
+                ("mmdit.", &self.model.mmdit.params),
+                ("text.", &self.model.text.params),
+                ("ema.mmdit.", &self.ema_mmdit.shadow),
+                ("ema.text.", &self.ema_text.shadow),
+            ],
+            &[("adam.", &self.opt)],
+            meta,
+        )
     }
 
     /// Restores a state saved by [`PretrainState::save`] under the same configuration.
     pub fn load(path: &Path, config: &PretrainConfig) -> Result<PretrainState> {
-        let f = SafetensorsFile::open(path)?;
+        let f = StateFile::open(path)?;
         let bad = |why: String| Error::Invalid(format!("{}: {why}", path.display()));
-        let meta = f.user_metadata();
-        let state: serde_json::Value = meta
-            .get("advdmd.pretrain")
-            .and_then(|s| serde_json::from_str(s).ok())
-            .ok_or_else(|| {
-                bad("not a pretraining checkpoint (no advdmd.pretrain metadata)".into())
-            })?;
+        let meta = f.meta();
+        if meta["kind"] != "pretrain" {
+            return Err(bad("not a pretraining checkpoint".into()));
+        }
         let now = config.to_json().to_string();
-        if state["config"].as_str() != Some(now.as_str()) {
+        if meta["config"].as_str() != Some(now.as_str()) {
             return Err(bad(format!(
                 "was written with another configuration: {} (now {now})",
-                state["config"]
+                meta["config"]
             )));
         }
         let mut st = PretrainState::new(config)?;
-        let load_into = |prefix: &str, map: &ParamMap| -> Result<()> {
-            for (n, p) in map.iter() {
-                p.set_value(f.load_f32(&format!("{prefix}{n}"), Some(p.value().shape()))?);
-            }
-            Ok(())
-        };
-        load_into("mmdit.", &st.model.mmdit.params)?;
-        load_into("text.", &st.model.text.params)?;
-        load_into("ema.mmdit.", &st.ema_mmdit.shadow)?;
-        load_into("ema.text.", &st.ema_text.shadow)?;
-        for n in f.names() {
-            if let Some(name) = n.strip_prefix("adam.m.") {
-                st.opt
-                    .m
-                    .insert(name.to_string(), f.load_f32(&n, None)?.to_vec());
-            } else if let Some(name) = n.strip_prefix("adam.v.") {
-                st.opt
-                    .v
-                    .insert(name.to_string(), f.load_f32(&n, None)?.to_vec());
-            }
-        }
-        let num = |v: &serde_json::Value, what: &str| {
-            v.as_u64().ok_or_else(|| bad(format!("bad `{what}`")))
-        };
-        st.step = num(&state["step"], "step")?;
-        st.opt.step = num(&state["adam_step"], "adam_step")?;
-        let rng: Vec<u64> = state["rng"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_str()?.parse().ok()).collect())
-            .unwrap_or_default();
-        let rng: [u64; 4] = rng.try_into().map_err(|_| bad("bad `rng` state".into()))?;
-        st.rng = Rng::from_state(rng);
+        f.load_group("mmdit.", &st.model.mmdit.params)?;
+        f.load_group("text.", &st.model.text.params)?;
+        f.load_group("ema.mmdit.", &st.ema_mmdit.shadow)?;
+        f.load_group("ema.text.", &st.ema_text.shadow)?;
+        f.load_optimizer("adam.", &mut st.opt)?;
+        st.step = meta["step"]
+            .as_u64()
+            .ok_or_else(|| bad("bad `step`".into()))?;
+        st.rng = rng_from_json(&meta["rng"]).ok_or_else(|| bad("bad `rng` state".into()))?;
         Ok(st)
     }
 }

@@ -1,0 +1,126 @@
+//! Training state on disk: groups of named parameters, AdamW moments and a JSON metadata record
+//! in one safetensors file, written atomically, so a resumed run continues bit for bit.
+
+use crate::checkpoint::{save_safetensors, SafetensorsFile};
+use crate::error::{Error, Result};
+use crate::nn::ParamMap;
+use crate::optim::AdamW;
+use crate::tensor::Tensor;
+use std::collections::HashMap;
+use std::path::Path;
+
+const META_KEY: &str = "advdmd.state";
+
+/// Writes `groups` (prefix, parameters), `optimizers` (prefix, AdamW) and `meta` to `path`.
+pub fn save_state(
+    path: &Path,
+    groups: &[(&str, &ParamMap)],
+    optimizers: &[(&str, &AdamW)],
+    meta: serde_json::Value,
+) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for (prefix, map) in groups {
+        for (n, t) in map.tensors() {
+            tensors.push((format!("{prefix}{n}"), t));
+        }
+    }
+    let mut steps = serde_json::Map::new();
+    for (prefix, opt) in optimizers {
+        for (kind, moments) in [("m.", &opt.m), ("v.", &opt.v)] {
+            for (n, m) in moments {
+                tensors.push((
+                    format!("{prefix}{kind}{n}"),
+                    Tensor::from_vec(m.clone(), &[m.len()]),
+                ));
+            }
+        }
+        steps.insert(prefix.to_string(), opt.step.into());
+    }
+    let record = serde_json::json!({ "meta": meta, "optimizer_steps": steps });
+    let mut m = HashMap::new();
+    m.insert(META_KEY.to_string(), record.to_string());
+    save_safetensors(path, &tensors, Some(m))
+}
+
+/// An opened state file.
+pub struct StateFile {
+    file: SafetensorsFile,
+    record: serde_json::Value,
+}
+
+impl StateFile {
+    pub fn open(path: &Path) -> Result<StateFile> {
+        let file = SafetensorsFile::open(path)?;
+        let record = file
+            .user_metadata()
+            .get(META_KEY)
+            .and_then(|s| serde_json::from_str(s).ok())
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: not a training state (no {META_KEY} metadata)",
+                    path.display()
+                ))
+            })?;
+        Ok(StateFile { file, record })
+    }
+
+    pub fn meta(&self) -> &serde_json::Value {
+        &self.record["meta"]
+    }
+
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    /// Loads every parameter of `map` from `prefix` + name, checking shapes.
+    pub fn load_group(&self, prefix: &str, map: &ParamMap) -> Result<()> {
+        for (n, p) in map.iter() {
+            p.set_value(
+                self.file
+                    .load_f32(&format!("{prefix}{n}"), Some(p.value().shape()))?,
+            );
+        }
+        Ok(())
+    }
+
+    pub fn load_optimizer(&self, prefix: &str, opt: &mut AdamW) -> Result<()> {
+        for n in self.file.names() {
+            if let Some(rest) = n.strip_prefix(prefix) {
+                if let Some(name) = rest.strip_prefix("m.") {
+                    opt.m
+                        .insert(name.to_string(), self.file.load_f32(&n, None)?.to_vec());
+                } else if let Some(name) = rest.strip_prefix("v.") {
+                    opt.v
+                        .insert(name.to_string(), self.file.load_f32(&n, None)?.to_vec());
+                }
+            }
+        }
+        opt.step = self.record["optimizer_steps"][prefix]
+            .as_u64()
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: no step count for optimizer `{prefix}`",
+                    self.path().display()
+                ))
+            })?;
+        Ok(())
+    }
+}
+
+/// The RNG state as JSON strings (u64s do not survive every JSON reader as numbers).
+pub fn rng_to_json(rng: &crate::tensor::Rng) -> serde_json::Value {
+    rng.state()
+        .iter()
+        .map(|v| v.to_string())
+        .collect::<Vec<_>>()
+        .into()
+}
+
+pub fn rng_from_json(v: &serde_json::Value) -> Option<crate::tensor::Rng> {
+    let s: Vec<u64> = v
+        .as_array()?
+        .iter()
+        .filter_map(|x| x.as_str()?.parse().ok())
+        .collect();
+    Some(crate::tensor::Rng::from_state(s.try_into().ok()?))
+}
