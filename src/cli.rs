@@ -59,8 +59,8 @@ fn read_prompts(prompt: Option<String>, prompts: Option<String>) -> anyhow::Resu
 
 pub struct SampleOptions {
     pub per_prompt: usize,
-    pub steps: usize,
-    pub cfg: f32,
+    pub steps: Option<usize>,
+    pub cfg: Option<f32>,
     pub shift: Option<f64>,
     pub sampler: String,
     pub seed: u64,
@@ -76,16 +76,11 @@ pub fn sample(
 ) -> anyhow::Result<()> {
     let SampleOptions {
         per_prompt,
-        steps,
-        cfg,
         shift,
         seed,
         batch,
         ..
     } = *opts;
-    if steps == 0 {
-        bail!("--steps must be at least 1");
-    }
     if let Some(s) = shift {
         if !(s > 0.0 && s.is_finite()) {
             bail!("--shift must be a positive number, got {s}");
@@ -97,6 +92,14 @@ pub fn sample(
         .with_context(|| format!("loading the model in {}", dir.display()))?;
     if let Some(s) = shift {
         model.sample_shift = s;
+    }
+    let (default_steps, default_cfg) = model.default_steps_and_cfg();
+    let (steps, cfg) = (
+        opts.steps.unwrap_or(default_steps),
+        opts.cfg.unwrap_or(default_cfg),
+    );
+    if steps == 0 {
+        bail!("--steps must be at least 1");
     }
     let base = read_prompts(prompt, prompts)?;
     let mut list = Vec::new();

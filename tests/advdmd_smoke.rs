@@ -154,3 +154,67 @@ fn interrupted_and_resumed_distillation_equals_the_uninterrupted_run() {
     let other = AdvDmdConfig { rho: 1.0, ..config };
     assert!(AdvDmd::load(&path, tiny_teacher(), other).is_err());
 }
+
+#[test]
+fn distill_cli_writes_a_generator_that_samples_on_its_own_schedule() {
+    let dir = std::env::temp_dir().join(format!("advdmd-distill-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let bin = env!("CARGO_BIN_EXE_advdmd");
+    let out = std::process::Command::new(bin)
+        .args([
+            "distill",
+            "--iterations",
+            "3",
+            "--prompts",
+            "2",
+            "--group",
+            "2",
+            "--r-dmd",
+            "2",
+        ])
+        .args(["--rl-warmup", "0", "--eval-per-task", "1", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("EMA generator, 4 steps") && table.contains("teacher, 40 steps"),
+        "{table}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        3
+    );
+    let model = ShapesModel::load(&dir.join("model")).unwrap();
+    assert_eq!(model.few_step, Some(4));
+    assert_eq!(model.default_steps_and_cfg(), (4, 1.0));
+    assert_eq!(model.schedule(4), vec![1.0, 0.9, 0.75, 0.5, 0.0]);
+    let s = std::process::Command::new(bin)
+        .args(["sample", "--prompt", "a blue square", "--checkpoint"])
+        .arg(dir.join("model"))
+        .arg("--out")
+        .arg(dir.join("samples"))
+        .output()
+        .unwrap();
+    assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
+    let line = std::fs::read_to_string(dir.join("samples/manifest.jsonl")).unwrap();
+    assert!(
+        line.contains("\"steps\":4") && line.contains("\"cfg\":1.0"),
+        "{line}"
+    );
+    // The inspect/convert tools read the generator's transformer like any MMDiT.
+    let i = std::process::Command::new(bin)
+        .arg("inspect")
+        .arg(dir.join("model/transformer"))
+        .output()
+        .unwrap();
+    assert!(i.status.success());
+}

@@ -2,6 +2,7 @@
 
 pub mod advdmd;
 pub mod disc_head;
+pub mod distill;
 pub mod losses;
 pub mod pretrain;
 pub mod rollout;

@@ -54,6 +54,9 @@ pub struct ShapesModel {
     pub mmdit: Mmdit,
     /// The sigma-schedule shift used for sampling.
     pub sample_shift: f64,
+    /// `Some(K)` for a distilled few-step generator: it samples on the K-step schedule of
+    /// ALGORITHM.md §3.3 (no CFG) instead of the teacher's reference schedule.
+    pub few_step: Option<usize>,
 }
 
 impl ShapesModel {
@@ -91,6 +94,7 @@ impl ShapesModel {
             text,
             mmdit: Mmdit::new(config, params),
             sample_shift: 1.0,
+            few_step: None,
         })
     }
 
@@ -106,6 +110,24 @@ impl ShapesModel {
             text: self.text.clone(),
             mmdit: Mmdit::new(self.mmdit.config.clone(), params),
             sample_shift: self.sample_shift,
+            few_step: self.few_step,
+        }
+    }
+
+    /// The sampling schedule of `steps` steps (n + 1 sigmas ending in 0).
+    pub fn schedule(&self, steps: usize) -> Vec<f32> {
+        match self.few_step {
+            Some(_) => crate::train::rollout::few_step_sigmas(steps, self.sample_shift),
+            None => reference_sigmas(steps, self.sample_shift),
+        }
+    }
+
+    /// Default steps and CFG weight: the K-step schedule without CFG for a distilled generator,
+    /// 40 steps with CFG 1.5 for a teacher (the best of {1.5, 2, 3, 4, 6}, assets/README.md).
+    pub fn default_steps_and_cfg(&self) -> (usize, f32) {
+        match self.few_step {
+            Some(k) => (k, 1.0),
+            None => (40, 1.5),
         }
     }
 
@@ -147,6 +169,7 @@ impl ShapesModel {
             "text_heads": self.text.config.heads,
             "max_tokens": self.text.config.max_len,
             "sample_shift": self.sample_shift,
+            "few_step": self.few_step,
             "resolution": RESOLUTION,
             "training": extra,
         });
@@ -188,6 +211,7 @@ impl ShapesModel {
             },
             mmdit,
             sample_shift: meta["sample_shift"].as_f64().unwrap_or(1.0),
+            few_step: meta["few_step"].as_u64().map(|k| k as usize),
         })
     }
 }
@@ -233,7 +257,7 @@ pub fn sample_images(
 ) -> Result<Tensor> {
     let _ng = no_grad();
     let per = CHANNELS * RESOLUTION * RESOLUTION;
-    let sigmas = reference_sigmas(steps, model.sample_shift);
+    let sigmas = model.schedule(steps);
     let mut out = Vec::with_capacity(prompts.len() * per);
     let empty = model.tokenizer.encode("")?;
     for (c, chunk) in prompts.chunks(batch.max(1)).enumerate() {

@@ -1,0 +1,123 @@
+//! `advdmd distill`: the AdvDMD run loop around [`AdvDmd::step`] — metrics (JSON lines), atomic
+//! checkpoints every `checkpoint_every` iterations with bit-exact `--resume`, and at the end the
+//! EMA generator as a model folder (`OUT/model`, sampled on its own K-step schedule) and an
+//! evaluation of it beside the teacher.
+
+use super::advdmd::{AdvDmd, AdvDmdConfig, IterMetrics};
+use super::shapes_model::{sample_images, Sampler, ShapesModel};
+use crate::error::{Error, Result};
+use crate::eval::image::to_u8;
+use crate::eval::{evaluate_images, evaluation_prompts, EvalReport};
+use std::io::Write;
+use std::path::Path;
+
+pub struct DistillRun {
+    pub config: AdvDmdConfig,
+    pub iterations: u64,
+    pub checkpoint_every: u64,
+}
+
+fn metrics_line(m: &IterMetrics) -> serde_json::Value {
+    serde_json::json!({
+        "iteration": m.iteration, "fake_loss": m.fake_loss, "d_loss": m.d_loss,
+        "d_acc_real": m.d_acc_real, "d_acc_fake": m.d_acc_fake, "dmd_grad_norm": m.dmd_grad_norm,
+        "gan_loss": m.gan_loss, "rl_loss": m.rl_loss, "mean_reward": m.mean_reward,
+        "generator_step": m.generator_step, "rl_step": m.rl_step,
+    })
+}
+
+/// Runs (or resumes) a distillation of the teacher in `teacher_dir` into `out`.
+pub fn distill(
+    run: &DistillRun,
+    teacher_dir: &Path,
+    out: &Path,
+    resume: bool,
+    mut on_iter: impl FnMut(&IterMetrics),
+) -> Result<AdvDmd> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let ckpt = out.join("checkpoint.safetensors");
+    let metrics_path = out.join("metrics.jsonl");
+    let teacher = ShapesModel::load(teacher_dir)?;
+    let mut state = if resume {
+        if !ckpt.exists() {
+            return Err(Error::Invalid(format!(
+                "--resume: no checkpoint at {}",
+                ckpt.display()
+            )));
+        }
+        let st = AdvDmd::load(&ckpt, teacher, run.config.clone())?;
+        if let Ok(text) = std::fs::read_to_string(&metrics_path) {
+            let kept: String = text
+                .lines()
+                .take(st.iteration as usize)
+                .map(|l| format!("{l}\n"))
+                .collect();
+            crate::checkpoint::write_atomic(&metrics_path, kept.as_bytes())?;
+        }
+        st
+    } else {
+        let _ = std::fs::remove_file(&metrics_path);
+        AdvDmd::new(teacher, run.config.clone())
+    };
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| Error::io(&metrics_path, e))?;
+    while state.iteration < run.iterations {
+        let m = state.step()?;
+        writeln!(metrics, "{}", metrics_line(&m)).map_err(|e| Error::io(&metrics_path, e))?;
+        on_iter(&m);
+        if state.iteration % run.checkpoint_every.max(1) == 0 || state.iteration == run.iterations {
+            metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
+            state.save(&ckpt)?;
+        }
+    }
+    let model = distilled_model(&state);
+    let extra = serde_json::json!({ "distill": format!("{:?}", run.config), "iterations": state.iteration, "weights": "ema" });
+    model.save(
+        &out.join("model"),
+        &state.ema.shadow,
+        &state.teacher.text.params,
+        extra,
+    )?;
+    Ok(state)
+}
+
+/// The EMA generator as a Shapes model (sharing the teacher's text encoder and tokenizer).
+pub fn distilled_model(state: &AdvDmd) -> ShapesModel {
+    let mut m = state.teacher.copy_transformer();
+    for (n, p) in state.ema.shadow.iter() {
+        m.mmdit.params.param(n).set_value(p.value());
+    }
+    m.sample_shift = state.config.shift;
+    m.few_step = Some(state.config.steps_per_sample);
+    m
+}
+
+/// Scores `model` on the fixed evaluation prompts (`per_task` each) at its default steps/CFG.
+pub fn evaluate_model(
+    model: &ShapesModel,
+    per_task: usize,
+    steps: Option<usize>,
+    cfg: Option<f32>,
+) -> Result<EvalReport> {
+    let prompts: Vec<String> = evaluation_prompts(per_task, 0)
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    let (ds, dc) = model.default_steps_and_cfg();
+    let images = sample_images(
+        model,
+        &prompts,
+        steps.unwrap_or(ds),
+        cfg.unwrap_or(dc),
+        Sampler::Euler,
+        0,
+        128,
+        |_| {},
+    )?;
+    let per = images.numel() / prompts.len();
+    let rgb: Vec<Vec<u8>> = images.f32s().chunks(per).map(to_u8).collect();
+    evaluate_images(&prompts, &rgb, 0)
+}
