@@ -1,32 +1,13 @@
 //! A 10-iteration AdvDMD run on a tiny Shapes teacher through every loss, with RL on and off and
 //! both discriminator-state modes: every metric finite, the generator moves, the teacher does not.
 
-use advdmd::data::shapes::vocabulary;
+mod common;
+
 use advdmd::train::advdmd::{AdvDmd, AdvDmdConfig, DiscStates};
-use advdmd::train::shapes_model::{ShapesModel, ShapesModelSize};
-use advdmd::{Rng, Tensor};
+use advdmd::train::shapes_model::ShapesModel;
 
 fn tiny_teacher() -> ShapesModel {
-    let size = ShapesModelSize {
-        hidden: 32,
-        depth: 2,
-        head_dim: 16,
-        text_dim: 32,
-        text_layers: 1,
-        text_heads: 2,
-    };
-    let m = ShapesModel::init(&size, &vocabulary(), &mut Rng::new(1)).unwrap();
-    // adaLN-Zero starts every block as the identity; give the modulations weights so the networks
-    // (and their gradients) are not trivially zero.
-    for (name, p) in m.mmdit.params.iter() {
-        if name.contains("adaLN") || name.starts_with("final_layer") {
-            p.set_value(
-                Tensor::randn(p.value().shape(), &mut Rng::new(name.len() as u64))
-                    .map(|v| 0.05 * v),
-            );
-        }
-    }
-    m
+    common::tiny_shapes_model(1, true)
 }
 
 fn run(rl: bool, states: DiscStates) {

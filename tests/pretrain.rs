@@ -2,12 +2,12 @@
 //! interrupted-and-resumed equals uninterrupted bit for bit, and the model folder round trip with
 //! deterministic sampling.
 
+mod common;
+
 use advdmd::data::shapes::{all_prompts, vocabulary, Task};
 use advdmd::text::PromptTokenizer;
 use advdmd::train::pretrain::{pretrain, PretrainConfig};
-use advdmd::train::shapes_model::{
-    sample_images, Sampler, ShapesModel, ShapesModelSize, MAX_TOKENS,
-};
+use advdmd::train::shapes_model::{sample_images, Sampler, ShapesModel, MAX_TOKENS};
 use std::path::PathBuf;
 
 fn tmpdir(name: &str) -> PathBuf {
@@ -24,14 +24,7 @@ fn tiny(steps: u64) -> PretrainConfig {
         lr: 2e-3,
         warmup: 2,
         checkpoint_every: 5,
-        size: ShapesModelSize {
-            hidden: 32,
-            depth: 2,
-            head_dim: 16,
-            text_dim: 32,
-            text_layers: 1,
-            text_heads: 2,
-        },
+        size: common::tiny_shapes_size(),
         ..Default::default()
     }
 }

@@ -1,33 +1,16 @@
 //! The unified SDE rollout on a tiny Shapes model: the schedule, ρ = 0 equals the Euler ODE,
 //! ρ = 1 re-noises the clean prediction, log-probabilities are those of the drawn noise.
 
+mod common;
+
 use advdmd::autograd::{no_grad, Var};
-use advdmd::data::shapes::vocabulary;
 use advdmd::flow::euler_step;
 use advdmd::train::rollout::{few_step_sigmas, rollout_sde};
-use advdmd::train::shapes_model::{ShapesModel, ShapesModelSize};
+use advdmd::train::shapes_model::ShapesModel;
 use advdmd::{Rng, Tensor};
 
 fn tiny() -> ShapesModel {
-    let size = ShapesModelSize {
-        hidden: 32,
-        depth: 2,
-        head_dim: 16,
-        text_dim: 32,
-        text_layers: 1,
-        text_heads: 2,
-    };
-    let m = ShapesModel::init(&size, &vocabulary(), &mut Rng::new(1)).unwrap();
-    // adaLN-Zero makes a fresh model output zeros; give the final layer weights so steps move.
-    for (name, p) in m.mmdit.params.iter() {
-        if name.starts_with("final_layer") || name.contains("adaLN") {
-            p.set_value(
-                Tensor::randn(p.value().shape(), &mut Rng::new(name.len() as u64))
-                    .map(|v| 0.05 * v),
-            );
-        }
-    }
-    m
+    common::tiny_shapes_model(1, true)
 }
 
 #[test]

@@ -1,5 +1,7 @@
 //! ALGORITHM.md §7.5 invariants 4–7 on the loss pieces (1–3 are in tests/flow.rs).
 
+mod common;
+
 use advdmd::autograd::{backward, Var};
 use advdmd::train::losses::{dmd_gradient, group_advantages, ppo_loss, returns_to_go};
 use advdmd::{Rng, Tensor};
@@ -114,10 +116,9 @@ fn returns_to_go_sum_the_later_rewards() {
 
 #[test]
 fn gan_losses_match_their_formulas_and_fake_score_trains() {
-    use advdmd::data::shapes::{sample_batch, vocabulary};
+    use advdmd::data::shapes::sample_batch;
     use advdmd::optim::{AdamW, AdamWConfig};
     use advdmd::train::losses::{discriminator_loss, fake_score_loss, generator_gan_loss};
-    use advdmd::train::shapes_model::{ShapesModel, ShapesModelSize};
     let f = Var::constant(Tensor::from_vec(vec![0.5, -1.0], &[2]));
     let r = Var::constant(Tensor::from_vec(vec![2.0, 0.0], &[2]));
     let sp = |x: f64| (1.0 + x.exp()).ln();
@@ -127,15 +128,7 @@ fn gan_losses_match_their_formulas_and_fake_score_trains() {
     assert!((generator_gan_loss(&f).value().item() as f64 - want_g).abs() < 1e-6);
 
     // The fake score starts as a copy of a (tiny) teacher and its loss falls on a fixed batch.
-    let size = ShapesModelSize {
-        hidden: 32,
-        depth: 2,
-        head_dim: 16,
-        text_dim: 32,
-        text_layers: 1,
-        text_heads: 2,
-    };
-    let teacher = ShapesModel::init(&size, &vocabulary(), &mut Rng::new(2)).unwrap();
+    let teacher = common::tiny_shapes_model(2, false);
     let fake = teacher.copy_transformer();
     assert_eq!(
         fake.mmdit

@@ -149,3 +149,37 @@ pub fn assert_close(name: &str, got: &[f32], reference: &[f32], atol: f32, rtol:
         );
     }
 }
+
+/// The sizes of the tiny Shapes model the training tests use.
+pub fn tiny_shapes_size() -> advdmd::train::shapes_model::ShapesModelSize {
+    advdmd::train::shapes_model::ShapesModelSize {
+        hidden: 32,
+        depth: 2,
+        head_dim: 16,
+        text_dim: 32,
+        text_layers: 1,
+        text_heads: 2,
+    }
+}
+
+/// A fresh tiny Shapes model. adaLN-Zero starts every block as the identity and the output at
+/// zero; `awake` gives the modulations and the final layer small random weights so the network
+/// and its gradients are not trivially zero.
+pub fn tiny_shapes_model(seed: u64, awake: bool) -> advdmd::train::shapes_model::ShapesModel {
+    let words = advdmd::data::shapes::vocabulary();
+    let m = advdmd::train::shapes_model::ShapesModel::init(
+        &tiny_shapes_size(),
+        &words,
+        &mut Rng::new(seed),
+    )
+    .unwrap();
+    if awake {
+        for (name, p) in m.mmdit.params.iter() {
+            if name.contains("adaLN") || name.starts_with("final_layer") {
+                let t = Tensor::randn(p.value().shape(), &mut Rng::new(name.len() as u64));
+                p.set_value(t.map(|v| 0.05 * v));
+            }
+        }
+    }
+    m
+}
