@@ -1,12 +1,387 @@
-//! Compiles every `cuda/*.cu` with nvcc into a fatbin (SASS + PTX per architecture) and embeds
-//! the results as `EMBEDDED_KERNELS` (design/CUDA.md §3). Without nvcc the build warns and embeds
-//! nothing, unless `ADVDMD_REQUIRE_NVCC=1` (set by CI) makes that an error. Never calls
-//! nvidia-smi: architectures come from `ADVDMD_CUDA_ARCHS` (default "90").
+//! Builds the two executable forms of the CUDA kernels in `cuda/` (design/CUDA.md §3, §4).
+//!
+//! * GPU: with the `cuda` feature and nvcc found, every `cuda/*.cu` is compiled (in parallel) into
+//!   a fatbin (SASS + PTX per architecture) embedded as `EMBEDDED_KERNELS`. ptxas's resource
+//!   report (registers, shared memory, spills) goes to `$OUT_DIR/ptxas-report.txt`, is printed
+//!   with `ADVDMD_PTXAS_REPORT=1`, and any spilling kernel fails the build unless
+//!   `cuda/spill-allowlist.txt` names it. Without nvcc the build warns and embeds nothing, unless
+//!   `ADVDMD_REQUIRE_NVCC=1` (set by CI) makes that an error. Never calls nvidia-smi:
+//!   architectures come from `ADVDMD_CUDA_ARCHS` (default "90").
+//! * CPU SIMT emulator: always (it needs only a C++17 compiler, `$CXX` or `c++`). Every
+//!   `cuda/*.cu` plus the emulator's own test kernels (`cuda/emu/tests/*.cu`, never given to nvcc)
+//!   is compiled with `-DADVDMD_EMU` together with one generated trampoline per
+//!   `extern "C" __global__` function, and archived with the runtime (`cuda/emu/emu.cpp`) into a
+//!   static library. `$OUT_DIR/emu_kernels.rs` lists (name, trampoline, parameter count) for
+//!   `src/device/emu.rs`.
+//!
+//! Compiled objects are cached in `$OUT_DIR` keyed by a hash of the compiler, flags and every
+//! source they can include, so editing one kernel recompiles only that file.
 
+use std::collections::hash_map::DefaultHasher;
+use std::collections::BTreeMap;
 use std::env;
 use std::fmt::Write as _;
+use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+fn main() {
+    for var in [
+        "NVCC",
+        "CUDA_HOME",
+        "ADVDMD_CUDA_ARCHS",
+        "ADVDMD_REQUIRE_NVCC",
+        "ADVDMD_PTXAS_REPORT",
+        "CXX",
+        "AR",
+    ] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    // A directory: cargo rescans everything below it (kernels, headers, the emulator).
+    println!("cargo:rerun-if-changed=cuda");
+    println!("cargo:rustc-check-cfg=cfg(advdmd_kernels)");
+    let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
+    let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    let cuda = root.join("cuda");
+
+    let sources = list_files(&cuda, "cu");
+    let test_sources = list_files(&cuda.join("emu/tests"), "cu");
+    // Everything a kernel file can include: part of every cache key.
+    let mut headers = list_files(&cuda, "cuh");
+    headers.extend(list_files(&cuda.join("emu"), "h"));
+    headers.extend(list_files(&cuda.join("emu"), "cpp"));
+    headers.extend(list_files(&cuda.join("emu/tests"), "cuh"));
+    let header_text: String = headers.iter().map(|h| read(h)).collect();
+
+    build_emulator(&out, &cuda, &sources, &test_sources, &header_text);
+    build_fatbins(&out, &cuda, &sources, &header_text);
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
+}
+
+/// The files `dir/*.ext`, sorted (none if `dir` does not exist).
+fn list_files(dir: &Path, ext: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == ext))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn hash_of(parts: &[&str]) -> String {
+    let mut h = DefaultHasher::new();
+    parts.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+/// Runs `cmd`; on failure returns the command line and its stderr for the build error.
+fn run(cmd: &mut Command) -> Result<std::process::Output, String> {
+    match cmd.output() {
+        Ok(o) if o.status.success() => Ok(o),
+        Ok(o) => Err(format!(
+            "{cmd:?}\nexit status: {}\n{}{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )),
+        Err(e) => Err(format!("{cmd:?}\ncould not run: {e}")),
+    }
+}
+
+/// Runs `jobs` on up to `available_parallelism` threads, keeping their order.
+fn parallel<T: Send, R: Send>(jobs: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .max(1);
+    let queue = std::sync::Mutex::new(jobs.into_iter().enumerate().collect::<Vec<_>>());
+    let results = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let job = queue.lock().unwrap().pop();
+                let Some((i, job)) = job else { break };
+                let r = f(job);
+                results.lock().unwrap().push((i, r));
+            });
+        }
+    });
+    let mut r = results.into_inner().unwrap();
+    r.sort_by_key(|(i, _)| *i);
+    r.into_iter().map(|(_, r)| r).collect()
+}
+
+// ---- Kernel signatures ------------------------------------------------------------------------
+
+struct Kernel {
+    name: String,
+    params: usize,
+}
+
+/// `src` with comments replaced by spaces (string literals kept, so `extern "C"` survives).
+fn strip_comments(src: &str) -> String {
+    let b = src.as_bytes();
+    let mut out = String::with_capacity(src.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i..].starts_with(b"//") {
+            while i < b.len() && b[i] != b'\n' {
+                i += 1;
+            }
+        } else if b[i..].starts_with(b"/*") {
+            i += 2;
+            while i < b.len() && !b[i..].starts_with(b"*/") {
+                i += 1;
+            }
+            i += 2;
+            out.push(' ');
+        } else if b[i] == b'"' {
+            let start = i;
+            i += 1;
+            while i < b.len() && b[i] != b'"' {
+                i += if b[i] == b'\\' { 2 } else { 1 };
+            }
+            i += 1;
+            out.push_str(&src[start..i.min(b.len())]);
+        } else {
+            let c = src[i..].chars().next().unwrap();
+            out.push(c);
+            i += c.len_utf8();
+        }
+    }
+    out
+}
+
+/// Index just past the bracket that closes the one at `open`.
+fn skip_balanced(b: &[u8], open: usize) -> usize {
+    let mut depth = 0;
+    for (i, &c) in b.iter().enumerate().skip(open) {
+        match c {
+            b'(' => depth += 1,
+            b')' => {
+                depth -= 1;
+                if depth == 0 {
+                    return i + 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    panic!("unbalanced parentheses in a kernel signature")
+}
+
+/// The `extern "C" __global__` functions of a kernel file: name and parameter count (the
+/// trampoline checks the count against the compiler's view with a static_assert).
+fn parse_kernels(file: &Path, src: &str) -> Vec<Kernel> {
+    let text = strip_comments(src);
+    let b = text.as_bytes();
+    let is_ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    let mut kernels = Vec::new();
+    let mut from = 0;
+    while let Some(pos) = text[from..].find("__global__").map(|p| p + from) {
+        from = pos + "__global__".len();
+        if (pos > 0 && is_ident(b[pos - 1])) || b.get(from).is_some_and(|&c| is_ident(c)) {
+            continue; // part of a longer identifier
+        }
+        if text[..pos].trim_end().ends_with("#define") {
+            continue;
+        }
+        if !text[..pos].trim_end().ends_with("extern \"C\"") {
+            println!(
+                "cargo:warning={}: a __global__ function without extern \"C\" cannot be launched by name",
+                file.display()
+            );
+            continue;
+        }
+        // [__launch_bounds__(...)] void [__launch_bounds__(...)] name ( params )
+        let mut i = from;
+        let name = loop {
+            while i < b.len() && b[i].is_ascii_whitespace() {
+                i += 1;
+            }
+            let start = i;
+            while i < b.len() && is_ident(b[i]) {
+                i += 1;
+            }
+            let word = &text[start..i];
+            match word {
+                "" => panic!(
+                    "{}: cannot parse the kernel signature after byte {from}",
+                    file.display()
+                ),
+                "__launch_bounds__" => {
+                    let open = i + text[i..].find('(').expect("__launch_bounds__(");
+                    i = skip_balanced(b, open);
+                }
+                "void" | "static" | "inline" | "__noinline__" => {}
+                _ => break word.to_string(),
+            }
+        };
+        let open = i + text[i..].find('(').expect("kernel parameter list");
+        let close = skip_balanced(b, open);
+        let params = &text[open + 1..close - 1];
+        let mut count = 0;
+        let mut depth = 0i32;
+        let mut any = false;
+        for c in params.bytes() {
+            match c {
+                b'(' | b'<' | b'[' => depth += 1,
+                b')' | b'>' | b']' => depth -= 1,
+                b',' if depth == 0 => count += 1,
+                _ => {}
+            }
+            any |= !c.is_ascii_whitespace();
+        }
+        let params = if !any || params.trim() == "void" {
+            0
+        } else {
+            count + 1
+        };
+        kernels.push(Kernel { name, params });
+        from = close;
+    }
+    kernels
+}
+
+// ---- The CPU SIMT emulator -------------------------------------------------------------------
+
+fn build_emulator(
+    out: &Path,
+    cuda: &Path,
+    sources: &[PathBuf],
+    test_sources: &[PathBuf],
+    header_text: &str,
+) {
+    let cxx = env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let ar = env::var("AR").unwrap_or_else(|_| "ar".into());
+    let dir = out.join("emu");
+    std::fs::create_dir_all(&dir).expect("creating $OUT_DIR/emu");
+    let flags: Vec<String> = [
+        "-O2",
+        "-std=c++17",
+        "-DADVDMD_EMU",
+        "-fno-strict-aliasing",
+        "-fPIC",
+        "-Wno-unknown-pragmas",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([format!("-I{}", cuda.display())])
+    .collect();
+
+    // One translation unit per kernel file: the file itself, then its trampolines.
+    let mut units: Vec<(String, String)> = Vec::new(); // (unit name, C++ text)
+    let mut table: Vec<(Kernel, String)> = Vec::new(); // (kernel, file, for messages)
+    units.push((
+        "runtime".into(),
+        format!("#include \"{}\"\n", cuda.join("emu/emu.cpp").display()),
+    ));
+    let tagged = sources
+        .iter()
+        .map(|s| ("k", s))
+        .chain(test_sources.iter().map(|s| ("t", s)));
+    for (tag, src) in tagged {
+        let kernels = parse_kernels(src, &read(src));
+        let mut unit = format!(
+            "// Generated by build.rs: {} and its emulator trampolines.\n#include \"{}\"\n",
+            src.display(),
+            src.display()
+        );
+        for k in &kernels {
+            writeln!(
+                unit,
+                "extern \"C\" void advdmd_emu_tramp_{n}(void** args) {{ ::emu::invoke(&{n}, args); }}\n\
+                 static_assert(::emu::arity(&{n}) == {p}, \"build.rs counted {p} parameters for {n}\");",
+                n = k.name,
+                p = k.params
+            )
+            .unwrap();
+        }
+        let stem = src.file_stem().unwrap().to_string_lossy();
+        units.push((format!("{tag}_{stem}"), unit));
+        let rel = src.strip_prefix(cuda.parent().unwrap()).unwrap_or(src);
+        table.extend(kernels.into_iter().map(|k| (k, rel.display().to_string())));
+    }
+    let mut seen = BTreeMap::new();
+    for (k, file) in &table {
+        if let Some(prev) = seen.insert(k.name.clone(), file.clone()) {
+            panic!("kernel {} is defined in both {prev} and {file}", k.name);
+        }
+    }
+
+    let flags_text = format!("{cxx} {}", flags.join(" "));
+    let results = parallel(units, |(name, text)| -> Result<PathBuf, String> {
+        let cpp = dir.join(format!("{name}.cpp"));
+        let obj = dir.join(format!("{name}.o"));
+        let keyf = dir.join(format!("{name}.key"));
+        // The wrapper names its source by path; the key also covers the source's contents.
+        let src_text = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("#include \""))
+            .map(|p| std::fs::read_to_string(p.trim_end_matches('"')).unwrap_or_default())
+            .collect::<String>();
+        let key = hash_of(&[&flags_text, &text, &src_text, header_text]);
+        if obj.exists() && std::fs::read_to_string(&keyf).is_ok_and(|k| k == key) {
+            return Ok(obj);
+        }
+        std::fs::write(&cpp, &text).map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(&cxx);
+        cmd.args(&flags).arg("-c").arg(&cpp).arg("-o").arg(&obj);
+        run(&mut cmd)?;
+        std::fs::write(&keyf, key).map_err(|e| e.to_string())?;
+        Ok(obj)
+    });
+    let mut objs = Vec::new();
+    let mut errors = String::new();
+    for r in results {
+        match r {
+            Ok(o) => objs.push(o),
+            Err(e) => errors.push_str(&e),
+        }
+    }
+    if !errors.is_empty() {
+        panic!("compiling the CUDA kernels for the CPU emulator failed:\n{errors}");
+    }
+    let lib = out.join("libadvdmd_emu.a");
+    let _ = std::fs::remove_file(&lib);
+    if let Err(e) = run(Command::new(&ar).arg("crs").arg(&lib).args(&objs)) {
+        panic!("archiving the emulator library failed:\n{e}");
+    }
+    println!("cargo:rustc-link-search=native={}", out.display());
+    println!("cargo:rustc-link-lib=static=advdmd_emu");
+    println!("cargo:rustc-link-lib=dylib=stdc++");
+
+    let mut rs = String::from(
+        "// Generated by build.rs: the kernels the CPU emulator can run.\n\
+         extern \"C\" {\n",
+    );
+    for (k, _) in &table {
+        writeln!(
+            rs,
+            "    fn advdmd_emu_tramp_{}(args: *mut *mut std::ffi::c_void);",
+            k.name
+        )
+        .unwrap();
+    }
+    rs.push_str("}\n\nstatic EMU_KERNELS: &[EmuKernel] = &[\n");
+    for (k, file) in &table {
+        writeln!(
+            rs,
+            "    EmuKernel {{ name: {:?}, file: {file:?}, params: {}, tramp: advdmd_emu_tramp_{} }},",
+            k.name, k.params, k.name
+        )
+        .unwrap();
+    }
+    rs.push_str("];\n");
+    std::fs::write(out.join("emu_kernels.rs"), rs).expect("writing emu_kernels.rs");
+}
+
+// ---- nvcc ----------------------------------------------------------------------------------
 
 fn find_nvcc() -> Option<PathBuf> {
     let mut candidates = Vec::new();
@@ -26,30 +401,68 @@ fn find_nvcc() -> Option<PathBuf> {
     })
 }
 
-fn main() {
-    for var in [
-        "NVCC",
-        "CUDA_HOME",
-        "ADVDMD_CUDA_ARCHS",
-        "ADVDMD_REQUIRE_NVCC",
-    ] {
-        println!("cargo:rerun-if-env-changed={var}");
-    }
-    println!("cargo:rerun-if-changed=cuda");
-    println!("cargo:rustc-check-cfg=cfg(advdmd_kernels)");
-    let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
-    let mut sources: Vec<PathBuf> = std::fs::read_dir("cuda")
-        .map(|d| {
-            d.filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "cu"))
-                .collect()
-        })
-        .unwrap_or_default();
-    sources.sort();
-    for s in &sources {
-        println!("cargo:rerun-if-changed={}", s.display());
-    }
+/// One kernel's line of ptxas's `-v` report.
+#[derive(Default)]
+struct Resources {
+    arch: String,
+    registers: u32,
+    smem: u32,
+    stack: u32,
+    spill_stores: u32,
+    spill_loads: u32,
+}
 
+/// The number before `unit` in `line` ("..., 40 bytes spill stores" → 40).
+fn number_before(line: &str, unit: &str) -> Option<u32> {
+    let end = line.find(unit)?;
+    line[..end].split_whitespace().last()?.parse().ok()
+}
+
+/// Parses ptxas `-v` output: per function (entry or not) and architecture.
+fn parse_ptxas(stderr: &str) -> Vec<(String, Resources)> {
+    let mut out: Vec<(String, Resources)> = Vec::new();
+    let mut arch = String::new();
+    let mut current: Option<usize> = None;
+    let quoted = |l: &str, after: &str| -> Option<String> {
+        let rest = &l[l.find(after)? + after.len()..];
+        let rest = rest.trim_start().trim_start_matches('\'');
+        Some(rest[..rest.find('\'').unwrap_or(rest.len())].to_string())
+    };
+    for line in stderr.lines() {
+        if line.contains("Compiling entry function") {
+            arch = line
+                .rsplit("for '")
+                .next()
+                .unwrap_or("")
+                .trim_end_matches('\'')
+                .to_string();
+        }
+        if let Some(name) = quoted(line, "Function properties for ") {
+            out.push((
+                name,
+                Resources {
+                    arch: arch.clone(),
+                    ..Default::default()
+                },
+            ));
+            current = Some(out.len() - 1);
+        } else if let Some(i) = current {
+            let r = &mut out[i].1;
+            if line.contains("spill stores") {
+                r.stack = number_before(line, "bytes stack frame").unwrap_or(0);
+                r.spill_stores = number_before(line, "bytes spill stores").unwrap_or(0);
+                r.spill_loads = number_before(line, "bytes spill loads").unwrap_or(0);
+            } else if line.contains("Used ") && line.contains("registers") {
+                r.registers = number_before(line, "registers").unwrap_or(0);
+                r.smem = number_before(line, "bytes smem").unwrap_or(0);
+                current = None;
+            }
+        }
+    }
+    out
+}
+
+fn build_fatbins(out: &Path, cuda: &Path, sources: &[PathBuf], header_text: &str) {
     let want = env::var("CARGO_FEATURE_CUDA").is_ok();
     let require = env::var("ADVDMD_REQUIRE_NVCC").is_ok_and(|v| v == "1");
     let mut table = String::from("pub static EMBEDDED_KERNELS: &[(&str, &[u8])] = &[\n");
@@ -57,25 +470,80 @@ fn main() {
         match find_nvcc() {
             Some(nvcc) => {
                 let archs = env::var("ADVDMD_CUDA_ARCHS").unwrap_or_else(|_| "90".into());
-                for src in &sources {
-                    let stem = src.file_stem().unwrap().to_string_lossy().to_string();
-                    let fatbin = out.join(format!("{stem}.fatbin"));
-                    let mut cmd = Command::new(&nvcc);
-                    cmd.args(["--fatbin", "-O3", "-std=c++17", "-lineinfo", "-Icuda"]);
-                    for a in archs.split([';', ',']).filter(|a| !a.is_empty()) {
-                        cmd.arg(format!(
-                            "-gencode=arch=compute_{a},code=[sm_{a},compute_{a}]"
-                        ));
-                    }
-                    cmd.arg("-o").arg(&fatbin).arg(src);
-                    let res = cmd.output().expect("running nvcc");
-                    if !res.status.success() {
-                        panic!(
-                            "nvcc failed on {}:\n{:?}\n{}",
-                            src.display(),
-                            cmd,
+                let mut args: Vec<String> = [
+                    "--fatbin",
+                    "-O3",
+                    "-std=c++17",
+                    "-lineinfo",
+                    "-Xptxas",
+                    "-v",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .chain([format!("-I{}", cuda.display())])
+                .collect();
+                for a in archs.split([';', ',']).filter(|a| !a.is_empty()) {
+                    args.push(format!(
+                        "-gencode=arch=compute_{a},code=[sm_{a},compute_{a}]"
+                    ));
+                }
+                let args_text = format!("{} {}", nvcc.display(), args.join(" "));
+                let results = parallel(
+                    sources.to_vec(),
+                    |src| -> Result<(PathBuf, String), String> {
+                        let stem = src.file_stem().unwrap().to_string_lossy().to_string();
+                        let fatbin = out.join(format!("{stem}.fatbin"));
+                        let reportf = out.join(format!("{stem}.ptxas.txt"));
+                        let keyf = out.join(format!("{stem}.fatbin.key"));
+                        let key = hash_of(&[&args_text, &read(&src), header_text]);
+                        if fatbin.exists() && std::fs::read_to_string(&keyf).is_ok_and(|k| k == key)
+                        {
+                            if let Ok(report) = std::fs::read_to_string(&reportf) {
+                                return Ok((fatbin, report));
+                            }
+                        }
+                        let mut cmd = Command::new(&nvcc);
+                        cmd.args(&args).arg("-o").arg(&fatbin).arg(&src);
+                        let res = run(&mut cmd)?;
+                        // ptxas -v writes to stderr (some versions to stdout): keep both.
+                        let report = format!(
+                            "{}{}",
+                            String::from_utf8_lossy(&res.stdout),
                             String::from_utf8_lossy(&res.stderr)
                         );
+                        std::fs::write(&reportf, &report).map_err(|e| e.to_string())?;
+                        std::fs::write(&keyf, key).map_err(|e| e.to_string())?;
+                        Ok((fatbin, report))
+                    },
+                );
+                let mut errors = String::new();
+                let mut report = String::from(
+                    "# file  kernel  arch  registers  smem_bytes  stack_bytes  spill_stores  spill_loads\n",
+                );
+                let allow = spill_allowlist(cuda);
+                let mut spills = Vec::new();
+                for (src, r) in sources.iter().zip(results) {
+                    let (fatbin, text) = match r {
+                        Ok(x) => x,
+                        Err(e) => {
+                            errors.push_str(&e);
+                            continue;
+                        }
+                    };
+                    let stem = src.file_stem().unwrap().to_string_lossy().to_string();
+                    for (name, r) in parse_ptxas(&text) {
+                        writeln!(
+                            report,
+                            "{stem}.cu  {name}  {}  {}  {}  {}  {}  {}",
+                            r.arch, r.registers, r.smem, r.stack, r.spill_stores, r.spill_loads
+                        )
+                        .unwrap();
+                        if (r.spill_stores > 0 || r.spill_loads > 0) && !allow.contains(&name) {
+                            spills.push(format!(
+                                "{stem}.cu: {name} ({}) spills {} bytes stored, {} bytes loaded",
+                                r.arch, r.spill_stores, r.spill_loads
+                            ));
+                        }
                     }
                     writeln!(
                         table,
@@ -83,6 +551,24 @@ fn main() {
                         fatbin.display()
                     )
                     .unwrap();
+                }
+                if !errors.is_empty() {
+                    panic!("nvcc failed:\n{errors}");
+                }
+                std::fs::write(out.join("ptxas-report.txt"), &report)
+                    .expect("writing ptxas-report.txt");
+                if env::var("ADVDMD_PTXAS_REPORT").is_ok_and(|v| v == "1") {
+                    for line in report.lines() {
+                        println!("cargo:warning=ptxas: {line}");
+                    }
+                }
+                if !spills.is_empty() {
+                    panic!(
+                        "register spills (list a kernel in cuda/spill-allowlist.txt, with the reason, \
+                         to accept them):\n{}\nfull report: {}",
+                        spills.join("\n"),
+                        out.join("ptxas-report.txt").display()
+                    );
                 }
                 println!("cargo:rustc-cfg=advdmd_kernels");
             }
@@ -96,4 +582,15 @@ fn main() {
     }
     table.push_str("];\n");
     std::fs::write(out.join("kernels.rs"), table).expect("writing kernels.rs");
+}
+
+/// Kernel names allowed to spill: the first word of each line of `cuda/spill-allowlist.txt`
+/// (`#` starts a comment).
+fn spill_allowlist(cuda: &Path) -> Vec<String> {
+    std::fs::read_to_string(cuda.join("spill-allowlist.txt"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split('#').next()?.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
 }

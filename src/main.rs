@@ -92,6 +92,10 @@ enum Command {
         no_rl: bool,
         #[arg(long, default_value = "trajectory", value_parser = ["trajectory", "final"])]
         disc_states: String,
+        /// Freeze the discriminator (head and feature backbone) from this iteration on: the
+        /// reward-hacking control.
+        #[arg(long)]
+        frozen_disc_after: Option<u64>,
         #[arg(long, default_value_t = AdvDmdConfig::default().rho)]
         rho: f32,
         #[arg(long, default_value_t = AdvDmdConfig::default().w_real)]
@@ -304,6 +308,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             steps_per_sample,
             no_rl,
             disc_states,
+            frozen_disc_after,
             rho,
             w_real,
             lambda_dmd,
@@ -340,6 +345,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 lr_generator: lr,
                 lr_fake: lr,
+                frozen_disc_after,
                 seed,
                 ..Default::default()
             };

@@ -84,18 +84,67 @@ fn ten_iterations_without_rl_and_final_state_discriminator() {
 
 #[test]
 fn interrupted_and_resumed_distillation_equals_the_uninterrupted_run() {
+    resume_equals_straight(None, "plain");
+}
+
+#[test]
+fn resume_after_the_discriminator_froze_equals_the_uninterrupted_run() {
+    resume_equals_straight(Some(2), "frozen");
+}
+
+#[test]
+fn a_frozen_discriminator_stops_learning_while_the_fake_score_trains_on() {
     let config = AdvDmdConfig {
         prompts: 2,
         group: 2,
         r_dmd: 2,
         rl_warmup: 1,
+        frozen_disc_after: Some(2),
+        ..Default::default()
+    };
+    let mut t = AdvDmd::new(tiny_teacher(), config);
+    t.step().unwrap();
+    t.step().unwrap();
+    assert!(!t.disc_frozen());
+    let head = |t: &AdvDmd| t.head.params.param("conv2.weight").value().f32s().to_vec();
+    let fake = |t: &AdvDmd| {
+        let p = t.fake.mmdit.params.param("final_layer.linear.weight");
+        p.value().f32s().to_vec()
+    };
+    let (h0, f0) = (head(&t), fake(&t));
+    for _ in 0..3 {
+        let m = t.step().unwrap();
+        assert!(m.d_loss.is_finite() && m.d_acc_by_sigma.len() == 4, "{m:?}");
+    }
+    assert!(t.disc_frozen());
+    assert_eq!(h0, head(&t), "the frozen head moved");
+    assert_ne!(f0, fake(&t), "the fake score stopped training");
+    let snap = t.frozen_backbone.as_ref().unwrap();
+    let p = snap.mmdit.params.param("final_layer.linear.weight");
+    assert_eq!(
+        p.value().f32s(),
+        &f0[..],
+        "the snapshot is not the fake score at freezing time"
+    );
+}
+
+fn resume_equals_straight(frozen_disc_after: Option<u64>, what: &str) {
+    let config = AdvDmdConfig {
+        prompts: 2,
+        group: 2,
+        r_dmd: 2,
+        rl_warmup: 1,
+        frozen_disc_after,
         ..Default::default()
     };
     let mut straight = AdvDmd::new(tiny_teacher(), config.clone());
     for _ in 0..6 {
         straight.step().unwrap();
     }
-    let dir = std::env::temp_dir().join(format!("advdmd-distill-resume-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "advdmd-distill-resume-{what}-{}",
+        std::process::id()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("checkpoint.safetensors");
     let mut first = AdvDmd::new(tiny_teacher(), config.clone());
@@ -128,6 +177,16 @@ fn interrupted_and_resumed_distillation_equals_the_uninterrupted_run() {
                 p.value().f32s(),
                 maps.1.param(n).value().f32s(),
                 "{name}.{n}"
+            );
+        }
+    }
+    assert_eq!(straight.disc_frozen(), resumed.disc_frozen());
+    if let (Some(a), Some(b)) = (&straight.frozen_backbone, &resumed.frozen_backbone) {
+        for (n, p) in a.mmdit.params.iter() {
+            assert_eq!(
+                p.value().f32s(),
+                b.mmdit.params.param(n).value().f32s(),
+                "frozen.{n}"
             );
         }
     }

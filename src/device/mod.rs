@@ -5,6 +5,13 @@
 //! driver library is present *before* any call that would make cudarc panic (CUDA.md §2), and
 //! reports what it found as plain data.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(feature = "cuda")]
+pub mod cublaslt;
+pub mod emu;
+pub mod kernel;
+
 use std::fmt;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -160,3 +160,207 @@ pub fn gated_residual_bwd(gate: &Tensor, y: &Tensor, dz: &Tensor) -> (Tensor, Te
         Tensor::from_vec(dy, y.shape()),
     )
 }
+
+/// Launchers of `cuda/adaln.cu` on a [`KernelDevice`] (a GPU, or the emulator in CI). Tensors
+/// are bf16 device buffers of `[B, L, D]` (x, y) and `[B, D]` (modulation); statistics f32.
+pub mod dev {
+    use crate::device::kernel::{
+        blocks_for, DevBuf, KernelArgs, KernelDevice, KernelResult, LaunchCfg,
+    };
+    use half::bf16;
+
+    const ROWS_PER_BLOCK: u32 = 4;
+
+    /// Splits of the token axis for the column reductions: enough blocks to fill a GPU, few
+    /// enough partial rows to keep the final sum cheap.
+    fn splits(b: usize, l: usize, d: usize) -> usize {
+        let col_blocks = d.div_ceil(128).max(1);
+        (512 / (col_blocks * b.max(1))).clamp(1, l.max(1)).min(64)
+    }
+
+    /// Sums `[S, n]` partial rows into `out [n]`.
+    pub fn sum_splits(
+        dev: &KernelDevice,
+        out: &DevBuf<f32>,
+        part: &DevBuf<f32>,
+        s: usize,
+    ) -> KernelResult<()> {
+        let n = out.len();
+        dev.launch(
+            "sum_splits",
+            LaunchCfg::linear(blocks_for(n, 256), 256),
+            KernelArgs::new()
+                .buf(out)
+                .buf(part)
+                .i32(s as i32)
+                .i64(n as i64)
+                .i32(0),
+        )
+    }
+
+    /// `y = LN(x)·(1+scale)+shift`; returns (y, mean, rstd).
+    #[allow(clippy::too_many_arguments)]
+    pub fn adaln_modulate_fwd(
+        dev: &KernelDevice,
+        x: &DevBuf<bf16>,
+        shift: &DevBuf<bf16>,
+        scale: &DevBuf<bf16>,
+        (b, l, d): (usize, usize, usize),
+        eps: f32,
+    ) -> KernelResult<(DevBuf<bf16>, DevBuf<f32>, DevBuf<f32>)> {
+        let rows = b * l;
+        let y = dev.alloc::<bf16>(rows * d)?;
+        let mean = dev.alloc::<f32>(rows)?;
+        let rstd = dev.alloc::<f32>(rows)?;
+        if rows > 0 && d > 0 {
+            dev.launch(
+                "adaln_modulate_fwd",
+                LaunchCfg::linear(blocks_for(rows, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK),
+                KernelArgs::new()
+                    .buf(&y)
+                    .buf(&mean)
+                    .buf(&rstd)
+                    .buf(x)
+                    .buf(shift)
+                    .buf(scale)
+                    .i32(rows as i32)
+                    .i32(l as i32)
+                    .i32(d as i32)
+                    .f32(eps),
+            )?;
+        }
+        Ok((y, mean, rstd))
+    }
+
+    /// Gradients of [`adaln_modulate_fwd`]: (dx bf16, dshift f32, dscale f32).
+    #[allow(clippy::too_many_arguments)]
+    pub fn adaln_modulate_bwd(
+        dev: &KernelDevice,
+        x: &DevBuf<bf16>,
+        scale: &DevBuf<bf16>,
+        mean: &DevBuf<f32>,
+        rstd: &DevBuf<f32>,
+        dy: &DevBuf<bf16>,
+        (b, l, d): (usize, usize, usize),
+    ) -> KernelResult<(DevBuf<bf16>, DevBuf<f32>, DevBuf<f32>)> {
+        let rows = b * l;
+        let dx = dev.alloc::<bf16>(rows * d)?;
+        let dshift = dev.zeros::<f32>(b * d)?;
+        let dscale = dev.zeros::<f32>(b * d)?;
+        if rows == 0 || d == 0 {
+            return Ok((dx, dshift, dscale));
+        }
+        dev.launch(
+            "adaln_modulate_bwd_dx",
+            LaunchCfg::linear(blocks_for(rows, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK),
+            KernelArgs::new()
+                .buf(&dx)
+                .buf(x)
+                .buf(scale)
+                .buf(mean)
+                .buf(rstd)
+                .buf(dy)
+                .i32(rows as i32)
+                .i32(l as i32)
+                .i32(d as i32),
+        )?;
+        let s = splits(b, l, d);
+        let part_shift = dev.alloc::<f32>(s * b * d)?;
+        let part_scale = dev.alloc::<f32>(s * b * d)?;
+        dev.launch(
+            "adaln_modulate_bwd_params",
+            LaunchCfg {
+                grid: [d.div_ceil(128) as u32, b as u32, s as u32],
+                block: [128, 1, 1],
+                shared_bytes: 0,
+            },
+            KernelArgs::new()
+                .buf(&part_shift)
+                .buf(&part_scale)
+                .buf(x)
+                .buf(mean)
+                .buf(rstd)
+                .buf(dy)
+                .i32(b as i32)
+                .i32(l as i32)
+                .i32(d as i32),
+        )?;
+        sum_splits(dev, &dshift, &part_shift, s)?;
+        sum_splits(dev, &dscale, &part_scale, s)?;
+        Ok((dx, dshift, dscale))
+    }
+
+    /// `x + gate·y`.
+    pub fn gated_residual_fwd(
+        dev: &KernelDevice,
+        x: &DevBuf<bf16>,
+        gate: &DevBuf<bf16>,
+        y: &DevBuf<bf16>,
+        (b, l, d): (usize, usize, usize),
+    ) -> KernelResult<DevBuf<bf16>> {
+        let n = b * l * d;
+        let out = dev.alloc::<bf16>(n)?;
+        if n > 0 {
+            let per_thread = if d % 8 == 0 { 8 } else { 1 };
+            dev.launch(
+                "gated_residual_fwd",
+                LaunchCfg::linear(blocks_for(n.div_ceil(per_thread), 256), 256),
+                KernelArgs::new()
+                    .buf(&out)
+                    .buf(x)
+                    .buf(gate)
+                    .buf(y)
+                    .i64((b * l) as i64)
+                    .i32(l as i32)
+                    .i32(d as i32),
+            )?;
+        }
+        Ok(out)
+    }
+
+    /// Gradients of [`gated_residual_fwd`]: (dgate f32, dy bf16); dx is dz itself.
+    pub fn gated_residual_bwd(
+        dev: &KernelDevice,
+        gate: &DevBuf<bf16>,
+        y: &DevBuf<bf16>,
+        dz: &DevBuf<bf16>,
+        (b, l, d): (usize, usize, usize),
+    ) -> KernelResult<(DevBuf<f32>, DevBuf<bf16>)> {
+        let n = b * l * d;
+        let dgate = dev.zeros::<f32>(b * d)?;
+        let dy = dev.alloc::<bf16>(n)?;
+        if n == 0 {
+            return Ok((dgate, dy));
+        }
+        dev.launch(
+            "gated_residual_bwd_dy",
+            LaunchCfg::linear(blocks_for(n, 256), 256),
+            KernelArgs::new()
+                .buf(&dy)
+                .buf(gate)
+                .buf(dz)
+                .i64((b * l) as i64)
+                .i32(l as i32)
+                .i32(d as i32),
+        )?;
+        let s = splits(b, l, d);
+        let part = dev.alloc::<f32>(s * b * d)?;
+        dev.launch(
+            "colsum_mul_partial",
+            LaunchCfg {
+                grid: [d.div_ceil(128) as u32, b as u32, s as u32],
+                block: [128, 1, 1],
+                shared_bytes: 0,
+            },
+            KernelArgs::new()
+                .buf(&part)
+                .buf(dz)
+                .buf(y)
+                .i32(b as i32)
+                .i32(l as i32)
+                .i32(d as i32),
+        )?;
+        sum_splits(dev, &dgate, &part, s)?;
+        Ok((dgate, dy))
+    }
+}

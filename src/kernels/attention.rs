@@ -653,3 +653,283 @@ pub fn joint_attention_bwd_naive(
         Tensor::from_vec(grads.next().expect("six"), shape)
     })
 }
+
+/// Launchers for `cuda/attention.cu` on a [`KernelDevice`](crate::device::kernel::KernelDevice)
+/// (a GPU, or the CPU SIMT emulator): the same operands as the CPU kernels above, in bf16 device
+/// buffers of layout `[B, L, H, d]`, with the row log-sum-exp in f32 `[B, H, La+Lb]`.
+///
+/// Forward: one launch, grid (query tiles of both streams, B·H). Backward: `Drow = rowsum(dO∘O)`
+/// (FlashAttention's row term, from the forward's bf16 output), then one launch over key tiles
+/// that writes dK, dV and adds dQ into zeroed f32 buffers with atomics, then the conversion of
+/// dQ to bf16. dQ's summation order therefore varies between runs on a GPU; the forward, dK and
+/// dV are bitwise reproducible.
+pub mod dev {
+    use crate::device::kernel::{
+        blocks_for, DevBuf, KernelArgs, KernelDevice, KernelError, KernelResult, LaunchCfg,
+    };
+    use half::bf16;
+
+    /// Threads per block of the forward and backward kernels (4 warps).
+    const THREADS: u32 = 128;
+    /// Rows per tile (queries in the forward, keys in the backward, and the streamed tiles).
+    const TILE: usize = 64;
+
+    /// Sizes of one joint-attention call: batch, tokens of stream a (may be 0) and b, heads,
+    /// head dim (64 or 128).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct AttnDims {
+        pub b: usize,
+        pub la: usize,
+        pub lb: usize,
+        pub h: usize,
+        pub d: usize,
+    }
+
+    impl AttnDims {
+        /// Tokens of the concatenation `[a; b]`.
+        pub fn lt(&self) -> usize {
+            self.la + self.lb
+        }
+        /// Elements of a `[B, La, H, d]` operand.
+        pub fn numel_a(&self) -> usize {
+            self.b * self.la * self.h * self.d
+        }
+        /// Elements of a `[B, Lb, H, d]` operand.
+        pub fn numel_b(&self) -> usize {
+            self.b * self.lb * self.h * self.d
+        }
+        /// Elements of the lse (and of Drow): `[B, H, La+Lb]`.
+        pub fn numel_rows(&self) -> usize {
+            self.b * self.h * self.lt()
+        }
+        /// The softmax scale 1/√d, computed as the CPU kernel computes it.
+        pub fn scale(&self) -> f32 {
+            1.0 / (self.d as f32).sqrt()
+        }
+        /// Tiles of [`TILE`] rows over both streams (each stream's last tile may be partial).
+        fn tiles(&self) -> u32 {
+            (self.la.div_ceil(TILE) + self.lb.div_ceil(TILE)) as u32
+        }
+        /// Whether there is any work (B·H > 0); the kernels need La+Lb > 0 and d ∈ {64, 128}.
+        fn validate(&self) -> KernelResult<bool> {
+            if self.d != 64 && self.d != 128 {
+                return Err(KernelError::Invalid(format!(
+                    "joint attention: head dim {} (the kernels take 64 or 128)",
+                    self.d
+                )));
+            }
+            if self.lt() == 0 {
+                return Err(KernelError::Invalid(
+                    "joint attention: no tokens to attend to (La = Lb = 0)".into(),
+                ));
+            }
+            let bh = self.b * self.h;
+            if bh > 65_535 || self.lt() > i32::MAX as usize / 2 {
+                return Err(KernelError::Invalid(format!(
+                    "joint attention: {self:?} exceeds the launch grid (B·H ≤ 65535)"
+                )));
+            }
+            Ok(bh > 0)
+        }
+    }
+
+    fn check_len<T>(name: &str, buf: &DevBuf<T>, want: usize) -> KernelResult<()> {
+        if buf.len() == want {
+            Ok(())
+        } else {
+            Err(KernelError::Invalid(format!(
+                "joint attention: {name} holds {} elements, the dims ask for {want}",
+                buf.len()
+            )))
+        }
+    }
+
+    /// Checks the six q, k, v buffers against `dims`.
+    #[allow(clippy::too_many_arguments)]
+    fn check_qkv(
+        dims: &AttnDims,
+        qa: &DevBuf<bf16>,
+        ka: &DevBuf<bf16>,
+        va: &DevBuf<bf16>,
+        qb: &DevBuf<bf16>,
+        kb: &DevBuf<bf16>,
+        vb: &DevBuf<bf16>,
+    ) -> KernelResult<()> {
+        for (name, buf) in [("q_a", qa), ("k_a", ka), ("v_a", va)] {
+            check_len(name, buf, dims.numel_a())?;
+        }
+        for (name, buf) in [("q_b", qb), ("k_b", kb), ("v_b", vb)] {
+            check_len(name, buf, dims.numel_b())?;
+        }
+        Ok(())
+    }
+
+    /// Dynamic shared memory of the forward: the Q, K and V tiles, rows padded to d+8.
+    fn fwd_shared_bytes(d: usize) -> u32 {
+        (3 * TILE * (d + 8) * 2) as u32
+    }
+
+    /// Dynamic shared memory of the backward: K, V, Q, dO tiles, the dSᵀ tile (64 × 72) and two
+    /// rows of 64 f32 (lse, Drow).
+    fn bwd_shared_bytes(d: usize) -> u32 {
+        ((4 * TILE * (d + 8) + TILE * (TILE + 8)) * 2 + 2 * TILE * 4) as u32
+    }
+
+    /// Forward: `(o_a [B, La, H, d], o_b [B, Lb, H, d], lse [B, H, La+Lb])`, as
+    /// [`super::joint_attention_fwd`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn joint_attention_fwd(
+        dev: &KernelDevice,
+        qa: &DevBuf<bf16>,
+        ka: &DevBuf<bf16>,
+        va: &DevBuf<bf16>,
+        qb: &DevBuf<bf16>,
+        kb: &DevBuf<bf16>,
+        vb: &DevBuf<bf16>,
+        dims: AttnDims,
+    ) -> KernelResult<(DevBuf<bf16>, DevBuf<bf16>, DevBuf<f32>)> {
+        let work = dims.validate()?;
+        check_qkv(&dims, qa, ka, va, qb, kb, vb)?;
+        let oa = dev.alloc::<bf16>(dims.numel_a())?;
+        let ob = dev.alloc::<bf16>(dims.numel_b())?;
+        let lse = dev.alloc::<f32>(dims.numel_rows())?;
+        if !work {
+            return Ok((oa, ob, lse));
+        }
+        let scale_log2 = dims.scale() * std::f32::consts::LOG2_E;
+        dev.launch(
+            &format!("joint_attn_fwd_d{}", dims.d),
+            LaunchCfg::grid2(dims.tiles(), (dims.b * dims.h) as u32, THREADS)
+                .with_shared(fwd_shared_bytes(dims.d)),
+            KernelArgs::new()
+                .buf(&oa)
+                .buf(&ob)
+                .buf(&lse)
+                .buf(qa)
+                .buf(ka)
+                .buf(va)
+                .buf(qb)
+                .buf(kb)
+                .buf(vb)
+                .i32(dims.la as i32)
+                .i32(dims.lb as i32)
+                .i32(dims.h as i32)
+                .f32(scale_log2),
+        )?;
+        Ok((oa, ob, lse))
+    }
+
+    /// Backward: the gradients of all six inputs in [`super::joint_attention_bwd`]'s order
+    /// `[dq_a, dk_a, dv_a, dq_b, dk_b, dv_b]`, bf16. Takes the forward's outputs `o_a`, `o_b` (for
+    /// the row term) and `lse`, and the output gradients `do_a`, `do_b`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn joint_attention_bwd(
+        dev: &KernelDevice,
+        qa: &DevBuf<bf16>,
+        ka: &DevBuf<bf16>,
+        va: &DevBuf<bf16>,
+        qb: &DevBuf<bf16>,
+        kb: &DevBuf<bf16>,
+        vb: &DevBuf<bf16>,
+        oa: &DevBuf<bf16>,
+        ob: &DevBuf<bf16>,
+        lse: &DevBuf<f32>,
+        doa: &DevBuf<bf16>,
+        dob: &DevBuf<bf16>,
+        dims: AttnDims,
+    ) -> KernelResult<[DevBuf<bf16>; 6]> {
+        let work = dims.validate()?;
+        check_qkv(&dims, qa, ka, va, qb, kb, vb)?;
+        for (name, buf) in [("o_a", oa), ("do_a", doa)] {
+            check_len(name, buf, dims.numel_a())?;
+        }
+        for (name, buf) in [("o_b", ob), ("do_b", dob)] {
+            check_len(name, buf, dims.numel_b())?;
+        }
+        check_len("lse", lse, dims.numel_rows())?;
+        let (na, nb) = (dims.numel_a(), dims.numel_b());
+        let [dqa, dka, dva] = [0; 3].map(|_| dev.alloc::<bf16>(na));
+        let [dqb, dkb, dvb] = [0; 3].map(|_| dev.alloc::<bf16>(nb));
+        let grads = [dqa?, dka?, dva?, dqb?, dkb?, dvb?];
+        if !work {
+            return Ok(grads);
+        }
+        let [dqa, dka, dva, dqb, dkb, dvb] = &grads;
+
+        // Drow: 8 lanes per (batch, token, head) row, 32 rows per block of 256 threads.
+        let drow = dev.alloc::<f32>(dims.numel_rows())?;
+        dev.launch(
+            "joint_attn_bwd_rowdot",
+            LaunchCfg::linear(blocks_for(dims.numel_rows(), 32), 256),
+            KernelArgs::new()
+                .buf(&drow)
+                .buf(oa)
+                .buf(ob)
+                .buf(doa)
+                .buf(dob)
+                .i32(dims.b as i32)
+                .i32(dims.la as i32)
+                .i32(dims.lb as i32)
+                .i32(dims.h as i32)
+                .i32(dims.d as i32),
+        )?;
+
+        let dqa_acc = dev.zeros::<f32>(na)?;
+        let dqb_acc = dev.zeros::<f32>(nb)?;
+        let scale = dims.scale();
+        dev.launch(
+            &format!("joint_attn_bwd_d{}", dims.d),
+            LaunchCfg::grid2(dims.tiles(), (dims.b * dims.h) as u32, THREADS)
+                .with_shared(bwd_shared_bytes(dims.d)),
+            KernelArgs::new()
+                .buf(dka)
+                .buf(dva)
+                .buf(dkb)
+                .buf(dvb)
+                .buf(&dqa_acc)
+                .buf(&dqb_acc)
+                .buf(qa)
+                .buf(ka)
+                .buf(va)
+                .buf(doa)
+                .buf(qb)
+                .buf(kb)
+                .buf(vb)
+                .buf(dob)
+                .buf(lse)
+                .buf(&drow)
+                .i32(dims.la as i32)
+                .i32(dims.lb as i32)
+                .i32(dims.h as i32)
+                .f32(scale * std::f32::consts::LOG2_E)
+                .f32(scale),
+        )?;
+
+        // dQ = scale · accumulator, 8 elements per thread (na, nb are multiples of d).
+        dev.launch(
+            "joint_attn_dq_convert",
+            LaunchCfg::linear(blocks_for((na + nb) / 8, 256), 256),
+            KernelArgs::new()
+                .buf(dqa)
+                .buf(dqb)
+                .buf(&dqa_acc)
+                .buf(&dqb_acc)
+                .i64(na as i64)
+                .i64(nb as i64)
+                .f32(scale),
+        )?;
+        Ok(grads)
+    }
+
+    /// FLOPs of one call in the FlashAttention convention (PERF.md): forward
+    /// `4·Lt²·d·H·B` with `Lt = La+Lb` (two GEMMs of `2·Lt²·d` per head), backward 2.5× that.
+    pub fn joint_attention_flops(dims: AttnDims, backward: bool) -> f64 {
+        let lt = dims.lt() as f64;
+        let fwd = 4.0 * lt * lt * dims.d as f64 * dims.h as f64 * dims.b as f64;
+        if backward {
+            2.5 * fwd
+        } else {
+            fwd
+        }
+    }
+}

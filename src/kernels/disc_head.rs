@@ -198,3 +198,214 @@ pub fn mean_pool_spatial_bwd(dy: &Tensor, input_shape: &[usize]) -> Tensor {
     }
     Tensor::from_vec(dx, input_shape)
 }
+
+/// Launchers of `cuda/disc_head.cu` on a [`KernelDevice`] (a GPU, or the emulator in CI).
+/// Activations `[B, C, S]` and the affine parameters are bf16; statistics `[B·G]`, parameter
+/// gradients `[C]` and pooled values `[B, C]` are f32.
+pub mod dev {
+    use crate::device::kernel::{
+        blocks_for, DevBuf, KernelArgs, KernelDevice, KernelError, KernelResult, LaunchCfg,
+    };
+    use crate::kernels::adaln::dev::sum_splits;
+    use half::bf16;
+
+    const GN_THREADS: u32 = 256;
+    const POOL_ROWS: u32 = 8;
+
+    fn check_dims(c: usize, s: usize, groups: usize) -> KernelResult<()> {
+        if groups == 0 || c % groups != 0 || s == 0 {
+            return Err(KernelError::Invalid(format!(
+                "group_norm: {groups} groups for {c} channels of {s} positions"
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_len<T>(b: &DevBuf<T>, want: usize, what: &str) -> KernelResult<()> {
+        if b.len() != want {
+            return Err(KernelError::Invalid(format!(
+                "disc_head: {what} has {} elements, expected {want}",
+                b.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// `(slope, flag)` kernel arguments of an optional fused LeakyReLU.
+    fn leaky_args(leaky: Option<f32>) -> (f32, i32) {
+        match leaky {
+            Some(s) => (s, 1),
+            None => (1.0, 0),
+        }
+    }
+
+    /// GroupNorm with affine `weight`, `bias [C]`, followed by LeakyReLU(`slope`) when `leaky`
+    /// is `Some(slope)` (the head uses 0.2); returns (y, mean, rstd), statistics `[B·G]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn group_norm_fwd(
+        dev: &KernelDevice,
+        x: &DevBuf<bf16>,
+        weight: &DevBuf<bf16>,
+        bias: &DevBuf<bf16>,
+        (b, c, s): (usize, usize, usize),
+        groups: usize,
+        eps: f32,
+        leaky: Option<f32>,
+    ) -> KernelResult<(DevBuf<bf16>, DevBuf<f32>, DevBuf<f32>)> {
+        check_dims(c, s, groups)?;
+        check_len(x, b * c * s, "x")?;
+        check_len(weight, c, "weight")?;
+        check_len(bias, c, "bias")?;
+        let y = dev.alloc::<bf16>(b * c * s)?;
+        let mean = dev.alloc::<f32>(b * groups)?;
+        let rstd = dev.alloc::<f32>(b * groups)?;
+        if b == 0 {
+            return Ok((y, mean, rstd));
+        }
+        let (slope, flag) = leaky_args(leaky);
+        dev.launch(
+            "group_norm_fwd",
+            LaunchCfg::linear((b * groups) as u32, GN_THREADS),
+            KernelArgs::new()
+                .buf(&y)
+                .buf(&mean)
+                .buf(&rstd)
+                .buf(x)
+                .buf(weight)
+                .buf(bias)
+                .i32(c as i32)
+                .i32(s as i32)
+                .i32(groups as i32)
+                .f32(eps)
+                .f32(slope)
+                .i32(flag),
+        )?;
+        Ok((y, mean, rstd))
+    }
+
+    /// Gradients of [`group_norm_fwd`] (with the same `leaky`): (dx bf16, dweight f32,
+    /// dbias f32). The per-sample parameter partials are summed over the batch in sample order.
+    #[allow(clippy::too_many_arguments)]
+    pub fn group_norm_bwd(
+        dev: &KernelDevice,
+        x: &DevBuf<bf16>,
+        mean: &DevBuf<f32>,
+        rstd: &DevBuf<f32>,
+        weight: &DevBuf<bf16>,
+        bias: &DevBuf<bf16>,
+        dy: &DevBuf<bf16>,
+        (b, c, s): (usize, usize, usize),
+        groups: usize,
+        leaky: Option<f32>,
+    ) -> KernelResult<(DevBuf<bf16>, DevBuf<f32>, DevBuf<f32>)> {
+        check_dims(c, s, groups)?;
+        for (t, what) in [(x, "x"), (dy, "dy")] {
+            check_len(t, b * c * s, what)?;
+        }
+        for (t, what) in [(weight, "weight"), (bias, "bias")] {
+            check_len(t, c, what)?;
+        }
+        for (t, what) in [(mean, "mean"), (rstd, "rstd")] {
+            check_len(t, b * groups, what)?;
+        }
+        let dx = dev.alloc::<bf16>(b * c * s)?;
+        let dw = dev.zeros::<f32>(c)?;
+        let db = dev.zeros::<f32>(c)?;
+        if b == 0 {
+            return Ok((dx, dw, db));
+        }
+        let dw_part = dev.alloc::<f32>(b * c)?;
+        let db_part = dev.alloc::<f32>(b * c)?;
+        let (slope, flag) = leaky_args(leaky);
+        dev.launch(
+            "group_norm_bwd",
+            LaunchCfg::linear((b * groups) as u32, GN_THREADS)
+                .with_shared((2 * (c / groups) * 4) as u32),
+            KernelArgs::new()
+                .buf(&dx)
+                .buf(&dw_part)
+                .buf(&db_part)
+                .buf(x)
+                .buf(mean)
+                .buf(rstd)
+                .buf(weight)
+                .buf(bias)
+                .buf(dy)
+                .i32(c as i32)
+                .i32(s as i32)
+                .i32(groups as i32)
+                .f32(slope)
+                .i32(flag),
+        )?;
+        sum_splits(dev, &dw, &dw_part, b)?;
+        sum_splits(dev, &db, &db_part, b)?;
+        Ok((dx, dw, db))
+    }
+
+    /// The mean over the `s` positions of each of `rows` rows (`rows = B·C`) into `out [rows]`.
+    pub fn mean_pool_fwd_into(
+        dev: &KernelDevice,
+        out: &DevBuf<f32>,
+        x: &DevBuf<bf16>,
+        (rows, s): (usize, usize),
+    ) -> KernelResult<()> {
+        check_len(x, rows * s, "x")?;
+        check_len(out, rows, "out")?;
+        if rows == 0 || s == 0 {
+            return Ok(());
+        }
+        dev.launch(
+            "mean_pool_fwd",
+            LaunchCfg::linear(blocks_for(rows, POOL_ROWS), 32 * POOL_ROWS),
+            KernelArgs::new()
+                .buf(out)
+                .buf(x)
+                .i64(rows as i64)
+                .i32(s as i32),
+        )
+    }
+
+    pub fn mean_pool_fwd(
+        dev: &KernelDevice,
+        x: &DevBuf<bf16>,
+        (rows, s): (usize, usize),
+    ) -> KernelResult<DevBuf<f32>> {
+        let out = dev.alloc::<f32>(rows)?;
+        mean_pool_fwd_into(dev, &out, x, (rows, s))?;
+        Ok(out)
+    }
+
+    /// `dx[r, ·] = dy[r]/s` into `dx [rows, s]`.
+    pub fn mean_pool_bwd_into(
+        dev: &KernelDevice,
+        dx: &DevBuf<bf16>,
+        dy: &DevBuf<f32>,
+        (rows, s): (usize, usize),
+    ) -> KernelResult<()> {
+        check_len(dx, rows * s, "dx")?;
+        check_len(dy, rows, "dy")?;
+        let n = rows * s;
+        if n == 0 {
+            return Ok(());
+        }
+        dev.launch(
+            "mean_pool_bwd",
+            LaunchCfg::linear(blocks_for(n.div_ceil(8), 256), 256),
+            KernelArgs::new()
+                .buf(dx)
+                .buf(dy)
+                .i64(rows as i64)
+                .i32(s as i32),
+        )
+    }
+
+    pub fn mean_pool_bwd(
+        dev: &KernelDevice,
+        dy: &DevBuf<f32>,
+        (rows, s): (usize, usize),
+    ) -> KernelResult<DevBuf<bf16>> {
+        let dx = dev.alloc::<bf16>(rows * s)?;
+        mean_pool_bwd_into(dev, &dx, dy, (rows, s))?;
+        Ok(dx)
+    }
+}

@@ -292,3 +292,169 @@ mod tests {
         assert_eq!(fast_tanh(-50.0), -1.0);
     }
 }
+
+/// Launchers of `cuda/elementwise.cu` on a [`KernelDevice`] (a GPU, or the emulator in CI):
+/// GELU-tanh and SiLU forward and backward on bf16 buffers, the f32 ↔ bf16 casts and a byte copy.
+/// Every kernel works on whole buffers of equal length.
+pub mod dev {
+    use super::Activation;
+    use crate::device::kernel::{
+        blocks_for, DevBuf, KernelArgs, KernelDevice, KernelError, KernelResult, LaunchCfg,
+    };
+    use bytemuck::Pod;
+    use half::bf16;
+
+    const THREADS: u32 = 256;
+
+    /// One 16-byte vector (8 bf16) per thread; the kernels' grid-stride loops cover any rest.
+    fn cfg(n: usize) -> LaunchCfg {
+        LaunchCfg::linear(blocks_for(n.div_ceil(8), THREADS), THREADS)
+    }
+
+    fn same_len(a: usize, b: usize, what: &str) -> KernelResult<()> {
+        if a != b {
+            return Err(KernelError::Invalid(format!(
+                "{what}: buffers of {a} and {b} elements"
+            )));
+        }
+        Ok(())
+    }
+
+    fn kernel_names(act: Activation) -> KernelResult<(&'static str, &'static str)> {
+        match act {
+            Activation::GeluTanh => Ok(("gelu_tanh_fwd", "gelu_tanh_bwd")),
+            Activation::Silu => Ok(("silu_fwd", "silu_bwd")),
+            other => Err(KernelError::Invalid(format!(
+                "no device kernel for {other:?} (GeluTanh and Silu only)"
+            ))),
+        }
+    }
+
+    /// `y = act(x)` into `y`.
+    pub fn activation_fwd_into(
+        dev: &KernelDevice,
+        y: &DevBuf<bf16>,
+        x: &DevBuf<bf16>,
+        act: Activation,
+    ) -> KernelResult<()> {
+        let (name, _) = kernel_names(act)?;
+        same_len(y.len(), x.len(), name)?;
+        if x.is_empty() {
+            return Ok(());
+        }
+        dev.launch(
+            name,
+            cfg(x.len()),
+            KernelArgs::new().buf(y).buf(x).i64(x.len() as i64),
+        )
+    }
+
+    /// `act(x)` for [`Activation::GeluTanh`] or [`Activation::Silu`].
+    pub fn activation_fwd(
+        dev: &KernelDevice,
+        x: &DevBuf<bf16>,
+        act: Activation,
+    ) -> KernelResult<DevBuf<bf16>> {
+        let y = dev.alloc::<bf16>(x.len())?;
+        activation_fwd_into(dev, &y, x, act)?;
+        Ok(y)
+    }
+
+    /// `dx = dy·act'(x)` into `dx`.
+    pub fn activation_bwd_into(
+        dev: &KernelDevice,
+        dx: &DevBuf<bf16>,
+        x: &DevBuf<bf16>,
+        dy: &DevBuf<bf16>,
+        act: Activation,
+    ) -> KernelResult<()> {
+        let (_, name) = kernel_names(act)?;
+        same_len(dx.len(), x.len(), name)?;
+        same_len(dy.len(), x.len(), name)?;
+        if x.is_empty() {
+            return Ok(());
+        }
+        dev.launch(
+            name,
+            cfg(x.len()),
+            KernelArgs::new()
+                .buf(dx)
+                .buf(x)
+                .buf(dy)
+                .i64(x.len() as i64),
+        )
+    }
+
+    /// `dy·act'(x)`.
+    pub fn activation_bwd(
+        dev: &KernelDevice,
+        x: &DevBuf<bf16>,
+        dy: &DevBuf<bf16>,
+        act: Activation,
+    ) -> KernelResult<DevBuf<bf16>> {
+        let dx = dev.alloc::<bf16>(x.len())?;
+        activation_bwd_into(dev, &dx, x, dy, act)?;
+        Ok(dx)
+    }
+
+    /// `out = bf16(x)` (round to nearest even) into `out`.
+    pub fn cast_f32_to_bf16_into(
+        dev: &KernelDevice,
+        out: &DevBuf<bf16>,
+        x: &DevBuf<f32>,
+    ) -> KernelResult<()> {
+        same_len(out.len(), x.len(), "cast_f32_to_bf16")?;
+        if x.is_empty() {
+            return Ok(());
+        }
+        dev.launch(
+            "cast_f32_to_bf16",
+            cfg(x.len()),
+            KernelArgs::new().buf(out).buf(x).i64(x.len() as i64),
+        )
+    }
+
+    pub fn cast_f32_to_bf16(dev: &KernelDevice, x: &DevBuf<f32>) -> KernelResult<DevBuf<bf16>> {
+        let out = dev.alloc::<bf16>(x.len())?;
+        cast_f32_to_bf16_into(dev, &out, x)?;
+        Ok(out)
+    }
+
+    /// `out = f32(x)` (exact) into `out`.
+    pub fn cast_bf16_to_f32_into(
+        dev: &KernelDevice,
+        out: &DevBuf<f32>,
+        x: &DevBuf<bf16>,
+    ) -> KernelResult<()> {
+        same_len(out.len(), x.len(), "cast_bf16_to_f32")?;
+        if x.is_empty() {
+            return Ok(());
+        }
+        dev.launch(
+            "cast_bf16_to_f32",
+            cfg(x.len()),
+            KernelArgs::new().buf(out).buf(x).i64(x.len() as i64),
+        )
+    }
+
+    pub fn cast_bf16_to_f32(dev: &KernelDevice, x: &DevBuf<bf16>) -> KernelResult<DevBuf<f32>> {
+        let out = dev.alloc::<f32>(x.len())?;
+        cast_bf16_to_f32_into(dev, &out, x)?;
+        Ok(out)
+    }
+
+    /// Copies `src` into `dst` (equal lengths) with the `copy_bytes` kernel: the device-to-device
+    /// bandwidth ceiling the kernel benchmarks compare against.
+    pub fn copy<T: Pod>(dev: &KernelDevice, dst: &DevBuf<T>, src: &DevBuf<T>) -> KernelResult<()> {
+        same_len(dst.len(), src.len(), "copy_bytes")?;
+        let bytes = src.bytes();
+        if bytes == 0 {
+            return Ok(());
+        }
+        dev.launch(
+            "copy_bytes",
+            LaunchCfg::linear(blocks_for(bytes.div_ceil(16), THREADS), THREADS),
+            KernelArgs::new().buf(dst).buf(src).i64(bytes as i64),
+        )
+    }
+}

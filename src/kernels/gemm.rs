@@ -117,3 +117,185 @@ pub fn sgemm_naive(m: usize, n: usize, k: usize, a: MatRef, b: MatRef) -> Vec<f3
     }
     c
 }
+
+/// GEMMs on a [`KernelDevice`]: cuBLASLt on a GPU; under the emulator the same call runs on the
+/// CPU GEMM above (CUDA.md §4: the emulator does not emulate tensor-core libraries), reading and
+/// writing the emulator's host-memory buffers, so model code is identical on both.
+pub mod dev {
+    use super::{sgemm, MatRef};
+    use crate::device::kernel::{
+        DevBuf, EpilogueKind, GemmPtrs, GemmSpec, KernelDevice, KernelError, KernelResult,
+    };
+    use half::bf16;
+
+    /// Extra buffers an epilogue reads or writes.
+    #[derive(Default)]
+    pub struct EpilogueBufs<'a> {
+        /// `[N]` bias (Bias, GeluBias, GeluAuxBias).
+        pub bias: Option<&'a DevBuf<bf16>>,
+        /// `[M, N]` GELU pre-activation: written by GeluAuxBias, read by DGeluBgrad.
+        pub aux: Option<&'a DevBuf<bf16>>,
+        /// Bias gradient: `[N]` for DGeluBgrad, `[M]` for BgradB.
+        pub bias_grad: Option<&'a DevBuf<bf16>>,
+    }
+
+    const GELU_C: f32 = 0.797_884_6; // √(2/π)
+
+    pub fn gelu_tanh(x: f32) -> f32 {
+        0.5 * x * (1.0 + (GELU_C * (x + 0.044715 * x * x * x)).tanh())
+    }
+
+    pub fn gelu_tanh_grad(x: f32) -> f32 {
+        let t = (GELU_C * (x + 0.044715 * x * x * x)).tanh();
+        0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * 0.044715 * x * x)
+    }
+
+    fn need<'a>(
+        b: Option<&'a DevBuf<bf16>>,
+        len: usize,
+        what: &str,
+    ) -> KernelResult<&'a DevBuf<bf16>> {
+        let b = b.ok_or_else(|| KernelError::Invalid(format!("gemm: epilogue needs {what}")))?;
+        if b.len() < len {
+            return Err(KernelError::Invalid(format!(
+                "gemm: {what} holds {} < {len}",
+                b.len()
+            )));
+        }
+        Ok(b)
+    }
+
+    /// `c = epilogue(op(a)·op(b))` (see [`GemmSpec`]); bf16 buffers, f32 accumulation.
+    pub fn gemm_bf16(
+        dev: &KernelDevice,
+        spec: GemmSpec,
+        a: &DevBuf<bf16>,
+        b: &DevBuf<bf16>,
+        c: &DevBuf<bf16>,
+        ep: EpilogueBufs,
+    ) -> KernelResult<()> {
+        let GemmSpec { m, n, k, .. } = spec;
+        if a.len() < m * k || b.len() < k * n || c.len() < m * n {
+            return Err(KernelError::Invalid(format!(
+                "gemm {spec:?}: operands hold {}, {}, {} elements",
+                a.len(),
+                b.len(),
+                c.len()
+            )));
+        }
+        let mut ptrs = GemmPtrs {
+            a: a.device_ptr(),
+            b: b.device_ptr(),
+            c: c.device_ptr(),
+            ..Default::default()
+        };
+        use EpilogueKind as E;
+        if matches!(spec.epilogue, E::Bias | E::GeluBias | E::GeluAuxBias) {
+            ptrs.bias = need(ep.bias, n, "bias")?.device_ptr();
+        }
+        if matches!(spec.epilogue, E::GeluAuxBias | E::DGeluBgrad) {
+            ptrs.aux = need(ep.aux, m * n, "aux")?.device_ptr();
+        }
+        match spec.epilogue {
+            E::DGeluBgrad => ptrs.bias_grad = need(ep.bias_grad, n, "bias_grad")?.device_ptr(),
+            E::BgradB => ptrs.bias_grad = need(ep.bias_grad, m, "bias_grad")?.device_ptr(),
+            _ => {}
+        }
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        if let Some(r) = dev.gpu_gemm(&spec, &ptrs) {
+            return r;
+        }
+        gemm_cpu(dev, spec, a, b, c, &ep)
+    }
+
+    fn to_f32(dev: &KernelDevice, b: &DevBuf<bf16>) -> KernelResult<Vec<f32>> {
+        Ok(dev.download(b)?.iter().map(|x| x.to_f32()).collect())
+    }
+
+    fn store(dev: &KernelDevice, b: &DevBuf<bf16>, v: &[f32]) -> KernelResult<()> {
+        let mut host = dev.download(b)?;
+        for (h, &x) in host.iter_mut().zip(v) {
+            *h = bf16::from_f32(x);
+        }
+        dev.copy_to_device(&host, b)
+    }
+
+    /// The emulator's GEMM: f32 product of the bf16 operands, epilogue in f32, bf16 outputs.
+    fn gemm_cpu(
+        dev: &KernelDevice,
+        spec: GemmSpec,
+        a: &DevBuf<bf16>,
+        b: &DevBuf<bf16>,
+        c: &DevBuf<bf16>,
+        ep: &EpilogueBufs,
+    ) -> KernelResult<()> {
+        let GemmSpec { m, n, k, .. } = spec;
+        let (av, bv) = (to_f32(dev, a)?, to_f32(dev, b)?);
+        let am = if spec.trans_a {
+            MatRef::rows_t(&av, m)
+        } else {
+            MatRef::rows(&av, k)
+        };
+        let bm = if spec.trans_b {
+            MatRef::rows_t(&bv, k)
+        } else {
+            MatRef::rows(&bv, n)
+        };
+        let mut out = vec![0f32; m * n];
+        sgemm(m, n, k, 1.0, am, bm, &mut out, n, false, true);
+        let bias = match ep.bias {
+            Some(bb)
+                if matches!(
+                    spec.epilogue,
+                    EpilogueKind::Bias | EpilogueKind::GeluBias | EpilogueKind::GeluAuxBias
+                ) =>
+            {
+                to_f32(dev, bb)?
+            }
+            _ => vec![0f32; n],
+        };
+        match spec.epilogue {
+            EpilogueKind::None => {}
+            EpilogueKind::Bias => out
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, v)| *v += bias[i % n]),
+            EpilogueKind::Gelu => out.iter_mut().for_each(|v| *v = gelu_tanh(*v)),
+            EpilogueKind::GeluBias => out
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, v)| *v = gelu_tanh(*v + bias[i % n])),
+            EpilogueKind::GeluAuxBias => {
+                let pre: Vec<f32> = out
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| v + bias[i % n])
+                    .collect();
+                store(dev, ep.aux.expect("checked"), &pre)?;
+                out = pre.iter().map(|&x| gelu_tanh(x)).collect();
+            }
+            EpilogueKind::DGeluBgrad => {
+                let aux = to_f32(dev, ep.aux.expect("checked"))?;
+                let mut grad = vec![0f32; n];
+                for (i, v) in out.iter_mut().enumerate() {
+                    *v *= gelu_tanh_grad(aux[i]);
+                    grad[i % n] += *v;
+                }
+                store(dev, ep.bias_grad.expect("checked"), &grad)?;
+            }
+            EpilogueKind::BgradB => {
+                let grad: Vec<f32> = (0..m)
+                    .map(|i| {
+                        (0..k)
+                            .map(|j| av[if spec.trans_a { j * m + i } else { i * k + j }])
+                            .sum()
+                    })
+                    .collect();
+                store(dev, ep.bias_grad.expect("checked"), &grad)?;
+            }
+        }
+        store(dev, c, &out)
+    }
+}

@@ -9,7 +9,9 @@ pub mod conv;
 pub mod disc_head;
 pub mod elementwise;
 pub mod gemm;
+pub mod optim;
 pub mod qknorm;
+pub mod sde;
 pub mod shape;
 
 /// Work below this many multiply-adds runs on the calling thread: rayon's overhead would

@@ -72,3 +72,149 @@ pub fn rms_norm_bwd(x: &Tensor, weight: &Tensor, rstd: &[f32], dy: &Tensor) -> (
         Tensor::from_vec(dw.into_iter().map(|v| v as f32).collect(), &[d]),
     )
 }
+
+/// Launchers of `cuda/qknorm.cu` on a [`KernelDevice`] (a GPU, or the emulator in CI). `x`, `y`,
+/// `dy`, `dx` and the weight are bf16 device buffers of `[rows, D]` and `[D]` (D = the head dim);
+/// `rstd` and the weight gradient are f32.
+pub mod dev {
+    use crate::device::kernel::{
+        blocks_for, DevBuf, KernelArgs, KernelDevice, KernelError, KernelResult, LaunchCfg,
+    };
+    use crate::kernels::adaln::dev::sum_splits;
+    use half::bf16;
+
+    const THREADS: u32 = 256;
+    /// The most partial weight-gradient rows of the backward: about one resident block per
+    /// 256-thread slot of an H100 (132 SMs × 8), so one wave covers every row.
+    pub const MAX_PARTS: usize = 1024;
+
+    /// Lanes per row: the power of two ≥ D/8, at most 32 (the kernels' register path); 32 for
+    /// widths that are not a multiple of 8 (their scalar path).
+    fn group_lanes(d: usize) -> u32 {
+        if d % 8 != 0 {
+            return 32;
+        }
+        (d / 8).next_power_of_two().clamp(1, 32) as u32
+    }
+
+    fn check_len<T>(b: &DevBuf<T>, want: usize, what: &str) -> KernelResult<()> {
+        if b.len() != want {
+            return Err(KernelError::Invalid(format!(
+                "rms_norm: {what} has {} elements, expected {want}",
+                b.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// `y = x·rsqrt(mean(x²)+eps)·w` per row into `y`, the per-row rsqrt into `rstd`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rms_norm_fwd_into(
+        dev: &KernelDevice,
+        y: &DevBuf<bf16>,
+        rstd: &DevBuf<f32>,
+        x: &DevBuf<bf16>,
+        weight: &DevBuf<bf16>,
+        (rows, d): (usize, usize),
+        eps: f32,
+    ) -> KernelResult<()> {
+        check_len(x, rows * d, "x")?;
+        check_len(y, rows * d, "y")?;
+        check_len(rstd, rows, "rstd")?;
+        check_len(weight, d, "weight")?;
+        if rows == 0 || d == 0 {
+            return Ok(());
+        }
+        let g = group_lanes(d);
+        dev.launch(
+            "rms_norm_fwd",
+            LaunchCfg::linear(blocks_for(rows, THREADS / g), THREADS),
+            KernelArgs::new()
+                .buf(y)
+                .buf(rstd)
+                .buf(x)
+                .buf(weight)
+                .i64(rows as i64)
+                .i32(d as i32)
+                .f32(eps)
+                .i32(g as i32),
+        )
+    }
+
+    /// `y = x·rsqrt(mean(x²)+eps)·w` per row; returns (y, rstd).
+    pub fn rms_norm_fwd(
+        dev: &KernelDevice,
+        x: &DevBuf<bf16>,
+        weight: &DevBuf<bf16>,
+        (rows, d): (usize, usize),
+        eps: f32,
+    ) -> KernelResult<(DevBuf<bf16>, DevBuf<f32>)> {
+        let y = dev.alloc::<bf16>(rows * d)?;
+        let rstd = dev.alloc::<f32>(rows)?;
+        rms_norm_fwd_into(dev, &y, &rstd, x, weight, (rows, d), eps)?;
+        Ok((y, rstd))
+    }
+
+    /// Gradients of [`rms_norm_fwd`]: (dx bf16, dweight f32).
+    pub fn rms_norm_bwd(
+        dev: &KernelDevice,
+        x: &DevBuf<bf16>,
+        weight: &DevBuf<bf16>,
+        rstd: &DevBuf<f32>,
+        dy: &DevBuf<bf16>,
+        (rows, d): (usize, usize),
+    ) -> KernelResult<(DevBuf<bf16>, DevBuf<f32>)> {
+        let dx = dev.alloc::<bf16>(rows * d)?;
+        let dw = dev.zeros::<f32>(d)?;
+        rms_norm_bwd_into(dev, &dx, &dw, x, weight, rstd, dy, (rows, d), MAX_PARTS)?;
+        Ok((dx, dw))
+    }
+
+    /// [`rms_norm_bwd`] into given buffers, with at most `max_parts` partial rows of the weight
+    /// gradient (the tests use a small number to run the blocks' row loop several times).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rms_norm_bwd_into(
+        dev: &KernelDevice,
+        dx: &DevBuf<bf16>,
+        dweight: &DevBuf<f32>,
+        x: &DevBuf<bf16>,
+        weight: &DevBuf<bf16>,
+        rstd: &DevBuf<f32>,
+        dy: &DevBuf<bf16>,
+        (rows, d): (usize, usize),
+        max_parts: usize,
+    ) -> KernelResult<()> {
+        for (b, what) in [(x, "x"), (dy, "dy"), (dx, "dx")] {
+            check_len(b, rows * d, what)?;
+        }
+        check_len(rstd, rows, "rstd")?;
+        check_len(weight, d, "weight")?;
+        check_len(dweight, d, "dweight")?;
+        if d == 0 {
+            return Ok(());
+        }
+        if rows == 0 {
+            return dev.memset_zero(dweight);
+        }
+        let g = group_lanes(d);
+        let groups = (THREADS / g) as usize;
+        // Depends on the shape only: the same partition, hence the same sums, on every GPU.
+        let parts = rows.div_ceil(groups).clamp(1, max_parts.max(1));
+        let part = dev.alloc::<f32>(parts * d)?;
+        dev.launch(
+            "rms_norm_bwd",
+            LaunchCfg::linear(parts as u32, THREADS).with_shared((groups * d * 4) as u32),
+            KernelArgs::new()
+                .buf(dx)
+                .buf(&part)
+                .buf(x)
+                .buf(weight)
+                .buf(rstd)
+                .buf(dy)
+                .i64(rows as i64)
+                .i32(d as i32)
+                .i32(g as i32),
+        )?;
+        sum_splits(dev, dweight, &part, parts)
+    }
+}

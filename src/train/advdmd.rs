@@ -57,6 +57,10 @@ pub struct AdvDmdConfig {
     pub clip_eps: f64,
     pub adv_clip: f32,
     pub reward_clip: f32,
+    /// From this iteration on the discriminator is frozen: the head stops training and its
+    /// features come from a snapshot of the fake score taken then (the fake score itself keeps
+    /// training for the DMD gradient). The control for reward hacking (ALGORITHM.md).
+    pub frozen_disc_after: Option<u64>,
     pub seed: u64,
 }
 
@@ -85,6 +89,7 @@ impl Default for AdvDmdConfig {
             clip_eps: 1e-4,
             adv_clip: 5.0,
             reward_clip: 10.0,
+            frozen_disc_after: None,
             seed: 0,
         }
     }
@@ -98,6 +103,8 @@ pub struct IterMetrics {
     pub d_loss: f32,
     pub d_acc_real: f32,
     pub d_acc_fake: f32,
+    /// Discriminator accuracy per noise level it saw: (σ, on real, on fake).
+    pub d_acc_by_sigma: Vec<(f32, f32, f32)>,
     pub dmd_grad_norm: f32,
     pub gan_loss: f32,
     pub rl_loss: f32,
@@ -112,6 +119,8 @@ pub struct AdvDmd {
     pub generator: ShapesModel,
     pub fake: ShapesModel,
     pub head: DiscHead,
+    /// The fake score's MMDiT as it was when the discriminator froze (see `frozen_disc_after`).
+    pub frozen_backbone: Option<ShapesModel>,
     pub feature_block: usize,
     pub opt_generator: AdamW,
     pub opt_fake: AdamW,
@@ -151,6 +160,7 @@ impl AdvDmd {
             generator,
             fake,
             head,
+            frozen_backbone: None,
             ema,
             rng,
             iteration: 0,
@@ -163,9 +173,21 @@ impl AdvDmd {
         few_step_sigmas(self.config.steps_per_sample, self.config.shift)
     }
 
+    /// Whether the discriminator is frozen (head fixed, backbone snapshot in use).
+    pub fn disc_frozen(&self) -> bool {
+        self.frozen_backbone.is_some()
+    }
+
+    fn freeze_disc(&mut self) {
+        let snap = self.fake.copy_transformer();
+        snap.mmdit.params.set_trainable(false);
+        self.frozen_backbone = Some(snap);
+    }
+
     /// Discriminator logits `[B]` of images `x` at noise levels `sigma` (one per sample).
     fn logits(&self, x: &Var, sigma: &[f32], ids: &[u32]) -> Var {
-        let (context, pooled) = self.fake.text.forward(ids);
+        let backbone = self.frozen_backbone.as_ref().unwrap_or(&self.fake);
+        let (context, pooled) = backbone.text.forward(ids);
         let t: Vec<f32> = sigma.iter().map(|s| s * 1000.0).collect();
         let inputs = MmditInputs {
             x,
@@ -173,7 +195,7 @@ impl AdvDmd {
             pooled: &pooled,
             context: &context,
         };
-        discriminator_logits(&self.fake.mmdit, &self.head, &inputs, self.feature_block)
+        discriminator_logits(&backbone.mmdit, &self.head, &inputs, self.feature_block)
     }
 
     fn rl_due(&self) -> bool {
@@ -184,6 +206,9 @@ impl AdvDmd {
     /// One iteration.
     pub fn step(&mut self) -> Result<IterMetrics> {
         let c = self.config.clone();
+        if c.frozen_disc_after.is_some_and(|n| self.iteration >= n) && !self.disc_frozen() {
+            self.freeze_disc();
+        }
         let sig = self.sigmas();
         let k = c.steps_per_sample;
         let (m, g) = (c.prompts, c.group);
@@ -252,8 +277,9 @@ impl AdvDmd {
         let c = &self.config;
         let k = sig.len() - 1;
         let (n, m) = (roll.states[0].shape()[0], real.shape()[0]);
+        let frozen = self.disc_frozen();
         self.fake.mmdit.params.set_trainable(true);
-        self.head.params.set_trainable(true);
+        self.head.params.set_trainable(!frozen);
         self.fake.mmdit.params.zero_grad();
         self.head.params.zero_grad();
         let pick = self.rng.below(k as u64) as usize;
@@ -285,7 +311,12 @@ impl AdvDmd {
         let lf = crate::ops::concat(&fake_logits.iter().collect::<Vec<_>>(), 0);
         let lr = crate::ops::concat(&real_logits.iter().collect::<Vec<_>>(), 0);
         let d_loss = discriminator_loss(&lf, &lr);
-        fake_loss.add(&d_loss.scale(c.lambda_d)).backward();
+        // A frozen discriminator is still evaluated (its accuracy is the reward model's).
+        if frozen {
+            fake_loss.backward();
+        } else {
+            fake_loss.add(&d_loss.scale(c.lambda_d)).backward();
+        }
         clip_grad_norm(&[&self.fake.mmdit.params, &self.head.params], c.grad_clip);
         self.opt_fake
             .step(&[&self.fake.mmdit.params, &self.head.params], c.lr_fake);
@@ -296,6 +327,17 @@ impl AdvDmd {
         metrics.d_loss = d_loss.value().item();
         metrics.d_acc_real = frac(lr.value().f32s(), true);
         metrics.d_acc_fake = frac(lf.value().f32s(), false);
+        metrics.d_acc_by_sigma = states
+            .iter()
+            .zip(real_logits.iter().zip(&fake_logits))
+            .map(|(&s, (r, f))| {
+                (
+                    sig[s],
+                    frac(r.value().f32s(), true),
+                    frac(f.value().f32s(), false),
+                )
+            })
+            .collect();
     }
 
     fn generator_update(
@@ -490,15 +532,20 @@ impl AdvDmd {
             "generator_steps": self.generator_steps,
             "rng": rng_to_json(&self.rng),
             "config": format!("{:?}", self.config),
+            "disc_frozen": self.disc_frozen(),
         });
+        let mut groups = vec![
+            ("generator.", &self.generator.mmdit.params),
+            ("fake.", &self.fake.mmdit.params),
+            ("head.", &self.head.params),
+            ("ema.", &self.ema.shadow),
+        ];
+        if let Some(b) = &self.frozen_backbone {
+            groups.push(("frozen_fake.", &b.mmdit.params));
+        }
         save_state(
             path,
-            &[
-                ("generator.", &self.generator.mmdit.params),
-                ("fake.", &self.fake.mmdit.params),
-                ("head.", &self.head.params),
-                ("ema.", &self.ema.shadow),
-            ],
+            &groups,
             &[
                 ("adam_g.", &self.opt_generator),
                 ("adam_f.", &self.opt_fake),
@@ -533,6 +580,11 @@ impl AdvDmd {
         f.load_group("ema.", &run.ema.shadow)?;
         f.load_optimizer("adam_g.", &mut run.opt_generator)?;
         f.load_optimizer("adam_f.", &mut run.opt_fake)?;
+        if meta["disc_frozen"].as_bool() == Some(true) {
+            run.freeze_disc();
+            let b = run.frozen_backbone.as_ref().expect("just frozen");
+            f.load_group("frozen_fake.", &b.mmdit.params)?;
+        }
         run.iteration = meta["iteration"]
             .as_u64()
             .ok_or_else(|| bad("bad `iteration`".into()))?;

@@ -20,7 +20,11 @@ pub struct DistillRun {
 fn metrics_line(m: &IterMetrics) -> serde_json::Value {
     serde_json::json!({
         "iteration": m.iteration, "fake_loss": m.fake_loss, "d_loss": m.d_loss,
-        "d_acc_real": m.d_acc_real, "d_acc_fake": m.d_acc_fake, "dmd_grad_norm": m.dmd_grad_norm,
+        "d_acc_real": m.d_acc_real, "d_acc_fake": m.d_acc_fake,
+        "d_acc_by_sigma": m.d_acc_by_sigma.iter()
+            .map(|&(s, r, f)| serde_json::json!({"sigma": s, "real": r, "fake": f}))
+            .collect::<Vec<_>>(),
+        "dmd_grad_norm": m.dmd_grad_norm,
         "gan_loss": m.gan_loss, "rl_loss": m.rl_loss, "mean_reward": m.mean_reward,
         "generator_step": m.generator_step, "rl_step": m.rl_step,
     })

@@ -1,0 +1,242 @@
+// adaLN modulation and the gated residual (MMDIT.md A.3), bf16 in and out, f32 math.
+// CPU twin: src/kernels/adaln.rs.
+//
+//   adaln_modulate_fwd:  y = (x − μ)·rstd·(1 + scale[b]) + shift[b], saving μ and rstd per row
+//   adaln_modulate_bwd:  dx per row; dshift, dscale as per-split column partials (then
+//                        sum_splits), so the reduction over a sample's tokens is deterministic
+//   gated_residual_fwd:  out = x + gate[b]·y;  its backward reuses colsum_mul_partial
+//
+// Rows are tokens of [B, L, D]; a row's sample is row / L. One warp per row: for D ≤ 3072 and
+// D % 8 == 0 each lane keeps its slice of the row in registers (16-byte loads), so x is read
+// from memory once; other widths take a scalar path that re-reads the row from cache.
+#include "common.cuh"
+
+#define ROWS_PER_BLOCK 4
+#define MAX_VPL 12  // 16-byte vectors per lane kept in registers: D ≤ 32·8·12 = 3072
+
+template <int VPL>
+__device__ __forceinline__ void adaln_fwd_row_vec(bf16* __restrict__ y, float* __restrict__ mean_out,
+                                                  float* __restrict__ rstd_out, const bf16* __restrict__ x,
+                                                  const bf16* __restrict__ shift, const bf16* __restrict__ scale,
+                                                  long long row, int L, int D, float eps) {
+    const int lane = threadIdx.x & 31;
+    const int nvec = D / 8;
+    const bf16* xr = x + row * D;
+    float v[VPL][8];
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < VPL; i++) {
+        int c = lane + 32 * i;
+        if (c < nvec) {
+            unpack_bf16x8(load16(xr + 8 * c), v[i]);
+#pragma unroll
+            for (int k = 0; k < 8; k++) sum += v[i][k];
+        }
+    }
+    const float mu = warp_sum(sum) / D;
+    float sq = 0.f;
+#pragma unroll
+    for (int i = 0; i < VPL; i++) {
+        if (lane + 32 * i < nvec) {
+#pragma unroll
+            for (int k = 0; k < 8; k++) sq += (v[i][k] - mu) * (v[i][k] - mu);
+        }
+    }
+    const float rs = rsqrtf(warp_sum(sq) / D + eps);
+    const long long b = row / L;
+    const bf16* sh = shift + b * D;
+    const bf16* sc = scale + b * D;
+#pragma unroll
+    for (int i = 0; i < VPL; i++) {
+        int c = lane + 32 * i;
+        if (c < nvec) {
+            float fs[8], fc[8], o[8];
+            unpack_bf16x8(load16(sh + 8 * c), fs);
+            unpack_bf16x8(load16(sc + 8 * c), fc);
+#pragma unroll
+            for (int k = 0; k < 8; k++) o[k] = (v[i][k] - mu) * rs * (1.f + fc[k]) + fs[k];
+            store16(y + row * D + 8 * c, pack_bf16x8(o));
+        }
+    }
+    if (lane == 0) {
+        mean_out[row] = mu;
+        rstd_out[row] = rs;
+    }
+}
+
+__device__ __forceinline__ void adaln_fwd_row_scalar(bf16* __restrict__ y, float* __restrict__ mean_out,
+                                                     float* __restrict__ rstd_out, const bf16* __restrict__ x,
+                                                     const bf16* __restrict__ shift,
+                                                     const bf16* __restrict__ scale, long long row, int L, int D,
+                                                     float eps) {
+    const int lane = threadIdx.x & 31;
+    const bf16* xr = x + row * D;
+    float sum = 0.f;
+    for (int j = lane; j < D; j += 32) sum += bf2f(xr[j]);
+    const float mu = warp_sum(sum) / D;
+    float sq = 0.f;
+    for (int j = lane; j < D; j += 32) {
+        float d = bf2f(xr[j]) - mu;
+        sq += d * d;
+    }
+    const float rs = rsqrtf(warp_sum(sq) / D + eps);
+    const long long b = row / L;
+    for (int j = lane; j < D; j += 32) {
+        float o = (bf2f(xr[j]) - mu) * rs * (1.f + bf2f(scale[b * D + j])) + bf2f(shift[b * D + j]);
+        y[row * D + j] = f2bf(o);
+    }
+    if (lane == 0) {
+        mean_out[row] = mu;
+        rstd_out[row] = rs;
+    }
+}
+
+// grid: ceil(rows / ROWS_PER_BLOCK), block: 32·ROWS_PER_BLOCK.
+extern "C" __global__ void __launch_bounds__(32 * ROWS_PER_BLOCK)
+    adaln_modulate_fwd(bf16* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd,
+                       const bf16* __restrict__ x, const bf16* __restrict__ shift,
+                       const bf16* __restrict__ scale, int rows, int L, int D, float eps) {
+    const long long row = (long long)blockIdx.x * ROWS_PER_BLOCK + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const int vpl = (D / 8 + 31) / 32;
+    const bool vec = D % 8 == 0 && vpl <= MAX_VPL && aligned16(x) && aligned16(y) && aligned16(shift) &&
+                     aligned16(scale);
+    if (!vec) {
+        adaln_fwd_row_scalar(y, mean, rstd, x, shift, scale, row, L, D, eps);
+        return;
+    }
+    switch (vpl) {
+        case 1: adaln_fwd_row_vec<1>(y, mean, rstd, x, shift, scale, row, L, D, eps); break;
+        case 2: adaln_fwd_row_vec<2>(y, mean, rstd, x, shift, scale, row, L, D, eps); break;
+        case 3: adaln_fwd_row_vec<3>(y, mean, rstd, x, shift, scale, row, L, D, eps); break;
+        case 4: adaln_fwd_row_vec<4>(y, mean, rstd, x, shift, scale, row, L, D, eps); break;
+        case 5: adaln_fwd_row_vec<5>(y, mean, rstd, x, shift, scale, row, L, D, eps); break;
+        case 6: adaln_fwd_row_vec<6>(y, mean, rstd, x, shift, scale, row, L, D, eps); break;
+        case 7:
+        case 8: adaln_fwd_row_vec<8>(y, mean, rstd, x, shift, scale, row, L, D, eps); break;
+        case 9:
+        case 10: adaln_fwd_row_vec<10>(y, mean, rstd, x, shift, scale, row, L, D, eps); break;
+        default: adaln_fwd_row_vec<MAX_VPL>(y, mean, rstd, x, shift, scale, row, L, D, eps); break;
+    }
+}
+
+// dx of one row: dx̂ = dy·(1+scale); dx = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)).
+// Scalar loop over the row (three cached passes); the row-wise parts are cheap next to the
+// column reductions of the parameter gradients.
+// grid: ceil(rows / ROWS_PER_BLOCK), block: 32·ROWS_PER_BLOCK.
+extern "C" __global__ void __launch_bounds__(32 * ROWS_PER_BLOCK)
+    adaln_modulate_bwd_dx(bf16* __restrict__ dx, const bf16* __restrict__ x, const bf16* __restrict__ scale,
+                          const float* __restrict__ mean, const float* __restrict__ rstd,
+                          const bf16* __restrict__ dy, int rows, int L, int D) {
+    const long long row = (long long)blockIdx.x * ROWS_PER_BLOCK + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const int lane = threadIdx.x & 31;
+    const long long b = row / L;
+    const float mu = mean[row], rs = rstd[row];
+    const bf16* xr = x + row * D;
+    const bf16* gr = dy + row * D;
+    const bf16* sc = scale + b * D;
+    float sg = 0.f, sgx = 0.f;
+    for (int j = lane; j < D; j += 32) {
+        float xh = (bf2f(xr[j]) - mu) * rs;
+        float dxh = bf2f(gr[j]) * (1.f + bf2f(sc[j]));
+        sg += dxh;
+        sgx += dxh * xh;
+    }
+    const float mg = warp_sum(sg) / D, mgx = warp_sum(sgx) / D;
+    for (int j = lane; j < D; j += 32) {
+        float xh = (bf2f(xr[j]) - mu) * rs;
+        float dxh = bf2f(gr[j]) * (1.f + bf2f(sc[j]));
+        dx[row * D + j] = f2bf(rs * (dxh - mg - xh * mgx));
+    }
+}
+
+// Column partial sums over the tokens of each sample, split S ways along L:
+//   part_shift[s, b, j] = Σ_{l in split s} dy[b, l, j]
+//   part_scale[s, b, j] = Σ_{l in split s} dy[b, l, j]·x̂[b, l, j]
+// grid: (ceil(D / 128), B, S), block: 128. Reduce with sum_splits.
+extern "C" __global__ void adaln_modulate_bwd_params(float* __restrict__ part_shift, float* __restrict__ part_scale,
+                                                     const bf16* __restrict__ x, const float* __restrict__ mean,
+                                                     const float* __restrict__ rstd, const bf16* __restrict__ dy,
+                                                     int B, int L, int D) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    const int b = blockIdx.y, s = blockIdx.z, S = gridDim.z;
+    if (j >= D) return;
+    const int per = (L + S - 1) / S;
+    const int l0 = s * per, l1 = min(L, l0 + per);
+    float a_sh = 0.f, a_sc = 0.f;
+    for (int l = l0; l < l1; l++) {
+        const long long row = (long long)b * L + l;
+        float g = bf2f(dy[row * D + j]);
+        float xh = (bf2f(x[row * D + j]) - mean[row]) * rstd[row];
+        a_sh += g;
+        a_sc += g * xh;
+    }
+    const long long o = ((long long)s * B + b) * D + j;
+    part_shift[o] = a_sh;
+    part_scale[o] = a_sc;
+}
+
+// out[i] = Σ_s part[s·n + i]  (f32 out, or added to `out` when accumulate != 0).
+extern "C" __global__ void sum_splits(float* __restrict__ out, const float* __restrict__ part, int S, long long n,
+                                      int accumulate) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float a = 0.f;
+    for (int s = 0; s < S; s++) a += part[(long long)s * n + i];
+    out[i] = accumulate ? out[i] + a : a;
+}
+
+// out = x + gate[b]·y, 8 elements per thread when D % 8 == 0 (else one).
+extern "C" __global__ void gated_residual_fwd(bf16* __restrict__ out, const bf16* __restrict__ x,
+                                              const bf16* __restrict__ gate, const bf16* __restrict__ y,
+                                              long long rows, int L, int D) {
+    const long long n = rows * D;
+    if (D % 8 == 0 && aligned16(out) && aligned16(x) && aligned16(gate) && aligned16(y)) {
+        const long long v = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+        if (v * 8 >= n) return;
+        const long long e = v * 8, row = e / D;
+        const int j = (int)(e - row * D);
+        float fx[8], fg[8], fy[8], o[8];
+        unpack_bf16x8(load16(x + e), fx);
+        unpack_bf16x8(load16(gate + (row / L) * D + j), fg);
+        unpack_bf16x8(load16(y + e), fy);
+#pragma unroll
+        for (int k = 0; k < 8; k++) o[k] = fx[k] + fg[k] * fy[k];
+        store16(out + e, pack_bf16x8(o));
+    } else {
+        const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+        if (e >= n) return;
+        const long long row = e / D;
+        const int j = (int)(e - row * D);
+        out[e] = f2bf(bf2f(x[e]) + bf2f(gate[(row / L) * D + j]) * bf2f(y[e]));
+    }
+}
+
+// dy = gate[b]·dz (elementwise; dx is dz itself).
+extern "C" __global__ void gated_residual_bwd_dy(bf16* __restrict__ dy, const bf16* __restrict__ gate,
+                                                 const bf16* __restrict__ dz, long long rows, int L, int D) {
+    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= rows * D) return;
+    const long long row = e / D;
+    const int j = (int)(e - row * D);
+    dy[e] = f2bf(bf2f(gate[(row / L) * D + j]) * bf2f(dz[e]));
+}
+
+// part[s, b, j] = Σ_{l in split s} a[b, l, j]·c[b, l, j]  (c may be null: Σ a). The gate
+// gradient of the gated residual is colsum_mul_partial(dz, y) reduced by sum_splits.
+// grid: (ceil(D / 128), B, S), block: 128.
+extern "C" __global__ void colsum_mul_partial(float* __restrict__ part, const bf16* __restrict__ a,
+                                              const bf16* __restrict__ c, int B, int L, int D) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    const int b = blockIdx.y, s = blockIdx.z, S = gridDim.z;
+    if (j >= D) return;
+    const int per = (L + S - 1) / S;
+    const int l0 = s * per, l1 = min(L, l0 + per);
+    float acc = 0.f;
+    for (int l = l0; l < l1; l++) {
+        const long long e = ((long long)b * L + l) * D + j;
+        acc += c ? bf2f(a[e]) * bf2f(c[e]) : bf2f(a[e]);
+    }
+    part[((long long)s * B + b) * D + j] = acc;
+}

@@ -1,0 +1,564 @@
+// Joint attention of the MMDiT (MMDIT.md §A.3), FlashAttention-2 style, bf16 in and out with f32
+// accumulation on the tensor cores (mma.m16n8k16 + ldmatrix, via common.cuh's wrappers).
+// CPU twin: src/kernels/attention.rs (same layouts, same saved lse).
+//
+// Operands: two token streams a (text, La tokens, La may be 0) and b (image, Lb tokens), each with
+// its own q, k, v pointers in the layout [B, L, H, D] (token row stride H·D). Every query attends
+// over the concatenated keys [a; b] with one softmax, O = softmax(Q·Kᵀ/√D)·V, no mask, no
+// causality; the concatenation is never built: the key (and query) tiles are enumerated stream
+// a first, then stream b, and each tile lies inside one stream (a stream's last tile is partial
+// and masked). D is 64 or 128 (template, one extern "C" entry per value).
+//
+//   joint_attn_fwd_d{64,128}     O (two buffers) and the row log-sum-exp lse [B, H, La+Lb] (f32,
+//                                natural log of Σ exp(scale·s), rows ordered a then b)
+//   joint_attn_bwd_rowdot        Drow = rowsum(dO ∘ O) [B, H, La+Lb], the softmax backward's row term
+//   joint_attn_bwd_d{64,128}     dK, dV (bf16) per key tile; dQ accumulated with f32 atomics into
+//                                two f32 buffers [B, L, H, D] (zeroed by the launcher), unscaled
+//   joint_attn_dq_convert        dQ = scale · accumulator, to bf16
+//
+// Tiling (both passes): 128 threads = 4 warps; tiles of 64 rows (queries in the forward, keys in
+// the backward), each warp owning 16 of them; the other operand streams through shared memory in
+// tiles of 64 rows. Shared rows are padded to D+8 bf16 (144 or 272 bytes): the 8 row addresses
+// of one ldmatrix 8×8 matrix then fall in 8 distinct 16-byte bank groups, so ldmatrix and the
+// fragment stores are free of bank conflicts. Global↔shared copies use 16-byte vectors (rows are
+// 16-byte aligned because D·2 is a multiple of 16 and buffers are 16-byte aligned).
+//
+// Forward (grid: query tiles of both streams × B·H): Q fragments stay in registers; for every key
+// tile, S = Q·Kᵀ (16×64 per warp, f32), online softmax in the log2 domain (scores prescaled by
+// scale·log2 e, exp2f), P rounded to bf16 and reused in registers as the A operand of O += P·V.
+// Shared memory: Q, K, V tiles = 3·64·(D+8)·2 bytes (27,648 for D=64, 52,224 for D=128).
+//
+// Backward (grid: key tiles of both streams × B·H): K, V of the block's key tile stay in shared
+// memory, dK, dV accumulate in registers; for every query tile: Sᵀ = K·Qᵀ,
+// Pᵀ = exp2(Sᵀ·c − lse·log2 e), dV += Pᵀ·dO, dPᵀ = V·dOᵀ, dSᵀ = Pᵀ∘(dPᵀ − Drow), dK += dSᵀ·Q
+// (per warp 16 keys × 64 queries; for D = 128 in two chunks of 32 queries, to stay within 255
+// registers). dSᵀ goes to shared memory (bf16) and each warp then forms dQ = dS·K for 16 query
+// rows of the tile and adds it to the f32 accumulator with atomicAdd (so dQ's summation order,
+// unlike everything else here, is not fixed on a GPU). Shared memory: K, V, Q, dO tiles + dSᵀ
+// (64×72) + two 64-float row vectors (46,592 bytes for D=64, 79,360 for D=128).
+//
+// The row term: FlashAttention's Drow = dO·O, with O the bf16 forward output. The CPU kernel uses
+// Σ P·dP instead (exact cancellation where attention is one-hot), which would need a second pass
+// over all keys. Measured against the CPU kernel (tests/kernels/attention.rs): no difference at
+// unit-variance scores (max relative error of dQ, dK ≈ 3e-3 either way, the bf16 output rounding
+// being 2e-3); on peaked rows (score std 9) O's rounding raises it to ≈ 7e-3 (≈ 3e-3 with an
+// exact Drow).
+#include "common.cuh"
+
+#define ATTN_THREADS 128  // 4 warps
+#define ATTN_TILE 64      // rows per tile: queries (forward), keys (backward), and the streamed tiles
+
+namespace attn {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+__device__ __forceinline__ int ntiles(int len) { return (len + ATTN_TILE - 1) / ATTN_TILE; }
+
+// Tile `t` of the concatenation [a; b]: its stream (0 = a, 1 = b), first row within the stream,
+// and number of valid rows (1..64).
+struct Tile {
+    int stream, row0, rows;
+};
+__device__ __forceinline__ Tile tile_of(int t, int La, int Lb) {
+    const int na = ntiles(La);
+    Tile r;
+    r.stream = t < na ? 0 : 1;
+    r.row0 = (t < na ? t : t - na) * ATTN_TILE;
+    r.rows = min(ATTN_TILE, (t < na ? La : Lb) - r.row0);
+    return r;
+}
+
+// Element offset of (batch b, token r, head h, column 0) in a [B, L, H, D] operand.
+__device__ __forceinline__ long long row_offset(int b, int L, int r, int H, int h, int D) {
+    return (((long long)b * L + r) * H + h) * D;
+}
+
+// Copies `rows` token rows starting at `g` (global, row stride `ld` elements) into a 64-row shared
+// tile of stride D+8; rows past `rows` are zero-filled, so padded queries/keys give finite scores
+// and contribute exact zeros through P or V.
+template <int D>
+__device__ __forceinline__ void load_tile(bf16* s, const bf16* __restrict__ g, long long ld, int rows) {
+    constexpr int CH = D / 8;  // 16-byte chunks per row
+    const pack16 zero = {{0u, 0u, 0u, 0u}};
+#pragma unroll
+    for (int it = 0; it < ATTN_TILE * CH / ATTN_THREADS; it++) {
+        const int i = threadIdx.x + it * ATTN_THREADS, r = i / CH, c = i % CH;
+        store16(s + r * (D + 8) + c * 8, r < rows ? load16(g + r * ld + c * 8) : zero);
+    }
+}
+
+// The reverse: the first `rows` rows of a shared tile out to global memory.
+template <int D>
+__device__ __forceinline__ void store_tile(bf16* __restrict__ g, const bf16* s, long long ld, int rows) {
+    constexpr int CH = D / 8;
+#pragma unroll
+    for (int it = 0; it < ATTN_TILE * CH / ATTN_THREADS; it++) {
+        const int i = threadIdx.x + it * ATTN_THREADS, r = i / CH, c = i % CH;
+        if (r < rows) store16(g + r * ld + c * 8, load16(s + r * (D + 8) + c * 8));
+    }
+}
+
+__device__ __forceinline__ void st_u32(bf16* p, uint32_t v) { *reinterpret_cast<uint32_t*>(p) = v; }
+
+// Shared-memory addresses a lane passes to ldmatrix_x4 for the operand fragments of
+// mma.m16n8k16 (fragment layouts in common.cuh). `s` is a tile of stride `ld` elements.
+//
+// A operand, 16×16 at (row0, col0), stored row-major (rows = M, cols = K). Matrices 0..3 are
+// (rows +0, cols +0), (rows +8, cols +0), (rows +0, cols +8), (rows +8, cols +8) = a[0..3].
+__device__ __forceinline__ const bf16* frag_a(const bf16* s, int ld, int row0, int col0, int lane) {
+    return s + (row0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + col0 + (lane >> 4) * 8;
+}
+// B operands of two adjacent n-blocks from a tile stored with rows = N, cols = K (e.g. K in
+// S = Q·Kᵀ): matrices (n +0, k +0), (n +0, k +8), (n +8, k +0), (n +8, k +8), i.e. r[0..1] = b
+// of n-block n0, r[2..3] = b of n-block n0+8. Non-transposed ldmatrix.
+__device__ __forceinline__ const bf16* frag_b_nk(const bf16* s, int ld, int n0, int k0, int lane) {
+    return s + (n0 + (lane & 7) + (lane >> 4) * 8) * ld + k0 + ((lane >> 3) & 1) * 8;
+}
+// B operands of two adjacent n-blocks from a tile stored with rows = K, cols = N (e.g. V in
+// O = P·V): matrices (k +0, n +0), (k +8, n +0), (k +0, n +8), (k +8, n +8), read with
+// ldmatrix .trans; again r[0..1] = b of n-block n0, r[2..3] = b of n-block n0+8.
+__device__ __forceinline__ const bf16* frag_b_kn(const bf16* s, int ld, int k0, int n0, int lane) {
+    return s + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8;
+}
+// A operand 16×16 (M = rows of the result, K) from a tile stored transposed, rows = K, cols = M
+// (dSᵀ when forming dQ = dS·K): matrices (k +0, m +0), (k +0, m +8), (k +8, m +0), (k +8, m +8)
+// read with ldmatrix .trans give a[0..3].
+__device__ __forceinline__ const bf16* frag_a_t(const bf16* s, int ld, int k0, int m0, int lane) {
+    return s + (k0 + (lane & 7) + (lane >> 4) * 8) * ld + m0 + ((lane >> 3) & 1) * 8;
+}
+
+// The A fragment of a 16×16 slice (columns 16c..16c+15) of a 16×8NB accumulator `x[NB][4]` (the
+// C layout of NB n-blocks), rounded to bf16: how P (or dS) feeds the next product without
+// leaving registers.
+template <int NB>
+__device__ __forceinline__ void acc_to_a(uint32_t a[4], const float x[NB][4], int c) {
+    a[0] = pack_bf16x2(x[2 * c][0], x[2 * c][1]);
+    a[1] = pack_bf16x2(x[2 * c][2], x[2 * c][3]);
+    a[2] = pack_bf16x2(x[2 * c + 1][0], x[2 * c + 1][1]);
+    a[3] = pack_bf16x2(x[2 * c + 1][2], x[2 * c + 1][3]);
+}
+
+// acc[16 × D] += A(16 × 8NB, as 16×16 A fragments from `x`) · B(8NB × D), B being rows k0.. of a
+// shared tile with rows = K, cols = D: O += P·V, dV += Pᵀ·dO, dK += dSᵀ·Q.
+template <int D, int NB>
+__device__ __forceinline__ void acc_times_tile(float acc[D / 8][4], const float x[NB][4], const bf16* s, int k0,
+                                               int lane) {
+#pragma unroll
+    for (int c = 0; c < NB / 2; c++) {
+        uint32_t a[4];
+        acc_to_a<NB>(a, x, c);
+#pragma unroll
+        for (int j = 0; j < D / 16; j++) {
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, frag_b_kn(s, D + 8, k0 + 16 * c, 16 * j, lane));
+            mma_m16n8k16_bf16(acc[2 * j], a, b, acc[2 * j]);
+            mma_m16n8k16_bf16(acc[2 * j + 1], a, b + 2, acc[2 * j + 1]);
+        }
+    }
+}
+
+// x[16 × 8NB] = A(16 × D, rows row0.. of shared tile `sa`) · B(8NB × D, rows n0.. of tile `sb`)ᵀ:
+// Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ.
+template <int D, int NB>
+__device__ __forceinline__ void tile_times_tile_t(float x[NB][4], const bf16* sa, int row0, const bf16* sb,
+                                                  int n0, int lane) {
+#pragma unroll
+    for (int n = 0; n < NB; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) x[n][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        uint32_t a[4];
+        ldmatrix_x4(a, frag_a(sa, D + 8, row0, 16 * kk, lane));
+#pragma unroll
+        for (int j = 0; j < NB / 2; j++) {
+            uint32_t b[4];
+            ldmatrix_x4(b, frag_b_nk(sb, D + 8, n0 + 16 * j, 16 * kk, lane));
+            mma_m16n8k16_bf16(x[2 * j], a, b, x[2 * j]);
+            mma_m16n8k16_bf16(x[2 * j + 1], a, b + 2, x[2 * j + 1]);
+        }
+    }
+}
+
+// Writes a warp's 16 × D accumulator (times per-row factors f0 for rows g, f1 for rows g+8) as
+// bf16 into rows row0.. of a shared tile, for a coalesced copy-out.
+template <int D>
+__device__ __forceinline__ void acc_to_shared(bf16* s, int row0, const float acc[D / 8][4], float f0, float f1,
+                                              int lane) {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int n = 0; n < D / 8; n++) {
+        st_u32(s + (row0 + g) * (D + 8) + 8 * n + 2 * t, pack_bf16x2(acc[n][0] * f0, acc[n][1] * f0));
+        st_u32(s + (row0 + g + 8) * (D + 8) + 8 * n + 2 * t, pack_bf16x2(acc[n][2] * f1, acc[n][3] * f1));
+    }
+}
+
+// ---- Forward ---------------------------------------------------------------------------------
+
+template <int D>
+__device__ __forceinline__ void fwd(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+                                    const bf16* __restrict__ qa, const bf16* __restrict__ ka,
+                                    const bf16* __restrict__ va, const bf16* __restrict__ qb,
+                                    const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
+                                    int H, float scale_log2) {
+    constexpr int LDS = D + 8;
+    DYNAMIC_SMEM(bf16, smem);
+    bf16* sQ = smem;
+    bf16* sK = sQ + ATTN_TILE * LDS;
+    bf16* sV = sK + ATTN_TILE * LDS;
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;
+    const int Lt = La + Lb;
+    const long long ld = (long long)H * D;
+
+    const Tile qt = tile_of(blockIdx.x, La, Lb);
+    const int Lq = qt.stream == 0 ? La : Lb;
+    const long long q_off = row_offset(b, Lq, qt.row0, H, h, D);
+    load_tile<D>(sQ, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
+    __syncthreads();
+
+    // This warp's 16 query rows as A fragments, for the whole key loop.
+    uint32_t qf[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) ldmatrix_x4(qf[kk], frag_a(sQ, LDS, 16 * warp, 16 * kk, lane));
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) o[n][e] = 0.f;
+    // Running max (log2 domain) and this thread's partial row sums, for rows g and g+8.
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+
+    const int nkt = ntiles(La) + ntiles(Lb);
+    for (int kt_i = 0; kt_i < nkt; kt_i++) {
+        const Tile kt = tile_of(kt_i, La, Lb);
+        const int Lk = kt.stream == 0 ? La : Lb;
+        const long long k_off = row_offset(b, Lk, kt.row0, H, h, D);
+        __syncthreads();  // every warp is done with the previous K, V tile
+        load_tile<D>(sK, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
+        load_tile<D>(sV, (kt.stream == 0 ? va : vb) + k_off, ld, kt.rows);
+        __syncthreads();
+
+        float s[8][4];
+#pragma unroll
+        for (int n = 0; n < 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[n][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                uint32_t bk[4];
+                ldmatrix_x4(bk, frag_b_nk(sK, LDS, 16 * j, 16 * kk, lane));
+                mma_m16n8k16_bf16(s[2 * j], qf[kk], bk, s[2 * j]);
+                mma_m16n8k16_bf16(s[2 * j + 1], qf[kk], bk + 2, s[2 * j + 1]);
+            }
+        }
+
+        // Scale into the log2 domain, mask the keys past the tile's end, new row maxima (a row
+        // is spread over the 4 lanes of a quad).
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int n = 0; n < 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int col = 8 * n + 2 * t + (e & 1);
+                const float x = col < kt.rows ? s[n][e] * scale_log2 : -INFINITY;
+                s[n][e] = x;
+                mx[e >> 1] = fmaxf(mx[e >> 1], x);
+            }
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 2));
+            // Every tile has at least one valid key, so the new max is finite; on the first tile
+            // m = −inf and alpha = 0.
+            const float m_new = fmaxf(m[r], mx[r]);
+            alpha[r] = exp2f(m[r] - m_new);
+            m[r] = m_new;
+        }
+        float rs[2] = {0.f, 0.f};
+#pragma unroll
+        for (int n = 0; n < 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const float p = exp2f(s[n][e] - m[e >> 1]);  // masked: exp2(−inf) = 0
+                s[n][e] = p;
+                rs[e >> 1] += p;
+            }
+#pragma unroll
+        for (int r = 0; r < 2; r++) l[r] = l[r] * alpha[r] + rs[r];
+#pragma unroll
+        for (int n = 0; n < D / 8; n++) {
+            o[n][0] *= alpha[0];
+            o[n][1] *= alpha[0];
+            o[n][2] *= alpha[1];
+            o[n][3] *= alpha[1];
+        }
+        acc_times_tile<D, 8>(o, s, sV, 0, lane);
+    }
+
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(FULL_MASK, l[r], 1);
+        l[r] += __shfl_xor_sync(FULL_MASK, l[r], 2);
+    }
+    // lse in natural log: ln Σ exp(scale·s) = m·ln 2 + ln l (m is the max in log2 units).
+    if (t == 0) {
+        float* lrow = lse + (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0;
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const int row = 16 * warp + g + 8 * r;
+            if (row < qt.rows) lrow[row] = m[r] * kLn2 + logf(l[r]);
+        }
+    }
+    // O through shared memory (this warp's own rows of the Q tile, read only by this warp and
+    // only before the loop) for 16-byte coalesced stores.
+    acc_to_shared<D>(sQ, 16 * warp, o, 1.f / l[0], 1.f / l[1], lane);
+    __syncthreads();
+    store_tile<D>((qt.stream == 0 ? oa : ob) + q_off, sQ, ld, qt.rows);
+}
+
+// ---- Backward --------------------------------------------------------------------------------
+
+template <int D>
+__device__ __forceinline__ void bwd(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
+                                    bf16* __restrict__ dvb, float* __restrict__ dqa_acc,
+                                    float* __restrict__ dqb_acc, const bf16* __restrict__ qa,
+                                    const bf16* __restrict__ ka, const bf16* __restrict__ va,
+                                    const bf16* __restrict__ doa, const bf16* __restrict__ qb,
+                                    const bf16* __restrict__ kb, const bf16* __restrict__ vb,
+                                    const bf16* __restrict__ dob, const float* __restrict__ lse,
+                                    const float* __restrict__ drow, int La, int Lb, int H, float scale_log2,
+                                    float scale) {
+    constexpr int LDS = D + 8;
+    constexpr int LDP = ATTN_TILE + 8;  // dSᵀ tile stride (keys × queries)
+    constexpr int QC = D == 128 ? 32 : 64;  // query columns per Pᵀ/dSᵀ chunk
+    constexpr int NB = QC / 8;
+    DYNAMIC_SMEM(bf16, smem);
+    bf16* sK = smem;
+    bf16* sV = sK + ATTN_TILE * LDS;
+    bf16* sQ = sV + ATTN_TILE * LDS;
+    bf16* sdO = sQ + ATTN_TILE * LDS;
+    bf16* sdS = sdO + ATTN_TILE * LDS;
+    float* sL = reinterpret_cast<float*>(sdS + ATTN_TILE * LDP);  // lse·log2 e per query row
+    float* sDr = sL + ATTN_TILE;                                   // Drow per query row
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;
+    const int Lt = La + Lb;
+    const long long ld = (long long)H * D;
+
+    const Tile kt = tile_of(blockIdx.x, La, Lb);
+    const int Lk = kt.stream == 0 ? La : Lb;
+    const long long k_off = row_offset(b, Lk, kt.row0, H, h, D);
+    load_tile<D>(sK, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
+    load_tile<D>(sV, (kt.stream == 0 ? va : vb) + k_off, ld, kt.rows);
+    // Keys (rows of this warp's Sᵀ) past the tile's end get P = 0.
+    const bool key_ok[2] = {16 * warp + g < kt.rows, 16 * warp + g + 8 < kt.rows};
+
+    float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dk[n][e] = dv[n][e] = 0.f;
+
+    const int nqt = ntiles(La) + ntiles(Lb);
+    for (int qt_i = 0; qt_i < nqt; qt_i++) {
+        const Tile qt = tile_of(qt_i, La, Lb);
+        const int Lq = qt.stream == 0 ? La : Lb;
+        const long long q_off = row_offset(b, Lq, qt.row0, H, h, D);
+        const long long r_off = (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0;
+        __syncthreads();  // every warp is done with the previous Q, dO and dSᵀ tiles
+        load_tile<D>(sQ, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
+        load_tile<D>(sdO, (qt.stream == 0 ? doa : dob) + q_off, ld, qt.rows);
+        for (int i = threadIdx.x; i < ATTN_TILE; i += ATTN_THREADS) {
+            // Padded query rows: lse = +inf makes their P exactly 0.
+            sL[i] = i < qt.rows ? lse[r_off + i] * kLog2e : INFINITY;
+            sDr[i] = i < qt.rows ? drow[r_off + i] : 0.f;
+        }
+        __syncthreads();
+
+        // The tile's 64 queries in chunks of QC columns (all 64 for D = 64; two halves of 32 for
+        // D = 128, where dK, dV already hold 128 registers and full-width Pᵀ, dSᵀ spill). Not
+        // unrolled: ptxas then keeps both chunks' values live and spills anyway.
+#pragma unroll 1
+        for (int q0 = 0; q0 < ATTN_TILE; q0 += QC) {
+            // Pᵀ (rows: this warp's 16 keys; columns: queries q0..q0+QC−1).
+            float p[NB][4];
+            tile_times_tile_t<D, NB>(p, sK, 16 * warp, sQ, q0, lane);
+#pragma unroll
+            for (int n = 0; n < NB; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int q = q0 + 8 * n + 2 * t + (e & 1);
+                    p[n][e] = key_ok[e >> 1] ? exp2f(p[n][e] * scale_log2 - sL[q]) : 0.f;
+                }
+            acc_times_tile<D, NB>(dv, p, sdO, q0, lane);  // dV += Pᵀ·dO
+
+            // dSᵀ = Pᵀ ∘ (dPᵀ − Drow), dPᵀ = V·dOᵀ.
+            float ds[NB][4];
+            tile_times_tile_t<D, NB>(ds, sV, 16 * warp, sdO, q0, lane);
+#pragma unroll
+            for (int n = 0; n < NB; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int q = q0 + 8 * n + 2 * t + (e & 1);
+                    ds[n][e] = p[n][e] * (ds[n][e] - sDr[q]);
+                }
+            acc_times_tile<D, NB>(dk, ds, sQ, q0, lane);  // dK += dSᵀ·Q (scaled at the end)
+
+            // dSᵀ to shared memory for dQ below.
+#pragma unroll
+            for (int n = 0; n < NB; n++) {
+                const int q = q0 + 8 * n + 2 * t;
+                st_u32(sdS + (16 * warp + g) * LDP + q, pack_bf16x2(ds[n][0], ds[n][1]));
+                st_u32(sdS + (16 * warp + g + 8) * LDP + q, pack_bf16x2(ds[n][2], ds[n][3]));
+            }
+        }
+        // dQ[16 queries of this warp] += dS·K over the tile's 64 keys (all warps' dSᵀ rows).
+        __syncthreads();
+        if (16 * warp < qt.rows) {  // warp-uniform: skip query rows that are all padding
+            float* dq = (qt.stream == 0 ? dqa_acc : dqb_acc) + q_off;
+            const int r0 = 16 * warp + g;
+#pragma unroll
+            for (int j = 0; j < D / 16; j++) {
+                float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    uint32_t a[4], bk[4];
+                    ldmatrix_x4_trans(a, frag_a_t(sdS, LDP, 16 * c, 16 * warp, lane));
+                    ldmatrix_x4_trans(bk, frag_b_kn(sK, LDS, 16 * c, 16 * j, lane));
+                    mma_m16n8k16_bf16(acc[0], a, bk, acc[0]);
+                    mma_m16n8k16_bf16(acc[1], a, bk + 2, acc[1]);
+                }
+#pragma unroll
+                for (int hn = 0; hn < 2; hn++) {
+                    const int col = 16 * j + 8 * hn + 2 * t;
+                    if (r0 < qt.rows) {
+                        atomicAdd(dq + r0 * ld + col, acc[hn][0]);
+                        atomicAdd(dq + r0 * ld + col + 1, acc[hn][1]);
+                    }
+                    if (r0 + 8 < qt.rows) {
+                        atomicAdd(dq + (r0 + 8) * ld + col, acc[hn][2]);
+                        atomicAdd(dq + (r0 + 8) * ld + col + 1, acc[hn][3]);
+                    }
+                }
+            }
+        }
+    }
+
+    // dK (times the softmax scale, which the scores carried) and dV out through this warp's own
+    // rows of the K and V tiles (no warp reads them after the barrier).
+    __syncthreads();
+    acc_to_shared<D>(sK, 16 * warp, dk, scale, scale, lane);
+    acc_to_shared<D>(sV, 16 * warp, dv, 1.f, 1.f, lane);
+    __syncthreads();
+    store_tile<D>((kt.stream == 0 ? dka : dkb) + k_off, sK, ld, kt.rows);
+    store_tile<D>((kt.stream == 0 ? dva : dvb) + k_off, sV, ld, kt.rows);
+}
+
+}  // namespace attn
+
+// ---- Entry points ------------------------------------------------------------------------------
+// Grid: (query tiles of a + of b, B·H); block 128; dynamic shared memory 3·64·(D+8)·2 bytes.
+// scale_log2 = log2(e)/√D.
+
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+    joint_attn_fwd_d64(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+                       const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+                       const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
+                       int La, int Lb, int H, float scale_log2) {
+    attn::fwd<64>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
+}
+
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+    joint_attn_fwd_d128(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+                        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+                        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
+                        int La, int Lb, int H, float scale_log2) {
+    attn::fwd<128>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
+}
+
+// Drow[b, h, i] = Σ_c dO[i, c]·O[i, c] over the concatenated rows i of [a; b]. Eight lanes per
+// (batch, token, head) row, 32 rows per 256-thread block; rows enumerated (b, token, h) so that
+// consecutive groups read consecutive memory.
+extern "C" __global__ void __launch_bounds__(256)
+    joint_attn_bwd_rowdot(float* __restrict__ drow, const bf16* __restrict__ oa, const bf16* __restrict__ ob,
+                          const bf16* __restrict__ doa, const bf16* __restrict__ dob, int B, int La, int Lb,
+                          int H, int D) {
+    const int Lt = La + Lb;
+    const long long rows = (long long)B * Lt * H;
+    const long long R = (long long)blockIdx.x * (blockDim.x / 8) + threadIdx.x / 8;
+    const int sub = threadIdx.x & 7;
+    float sum = 0.f;
+    int b = 0, tok = 0, h = 0;
+    if (R < rows) {
+        h = (int)(R % H);
+        tok = (int)((R / H) % Lt);
+        b = (int)(R / ((long long)H * Lt));
+        const bool in_a = tok < La;
+        const long long off = in_a ? attn::row_offset(b, La, tok, H, h, D) : attn::row_offset(b, Lb, tok - La, H, h, D);
+        const bf16* o = (in_a ? oa : ob) + off;
+        const bf16* d = (in_a ? doa : dob) + off;
+        for (int c = sub; c < D / 8; c += 8) {
+            float fo[8], fd[8];
+            unpack_bf16x8(load16(o + 8 * c), fo);
+            unpack_bf16x8(load16(d + 8 * c), fd);
+#pragma unroll
+            for (int k = 0; k < 8; k++) sum += fo[k] * fd[k];
+        }
+    }
+    // Every lane takes part in the shuffles (groups of 8 never straddle a row boundary).
+    sum += __shfl_xor_sync(FULL_MASK, sum, 4);
+    sum += __shfl_xor_sync(FULL_MASK, sum, 2);
+    sum += __shfl_xor_sync(FULL_MASK, sum, 1);
+    if (R < rows && sub == 0) drow[((long long)b * H + h) * Lt + tok] = sum;
+}
+
+// Grid: (key tiles of a + of b, B·H); block 128; dynamic shared memory
+// (4·64·(D+8) + 64·72)·2 + 2·64·4 bytes. dq*_acc must be zero on entry.
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+    joint_attn_bwd_d64(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
+                       bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
+                       const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+                       const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
+                       const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
+                       const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
+    attn::bwd<64>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La, Lb, H,
+                  scale_log2, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+    joint_attn_bwd_d128(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
+                        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
+                        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+                        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
+                        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
+                        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
+    attn::bwd<128>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La, Lb, H,
+                   scale_log2, scale);
+}
+
+// dq = scale · acc for both streams (na, nb elements, multiples of 8): 8 elements per thread.
+extern "C" __global__ void __launch_bounds__(256)
+    joint_attn_dq_convert(bf16* __restrict__ dqa, bf16* __restrict__ dqb, const float* __restrict__ acc_a,
+                          const float* __restrict__ acc_b, long long na, long long nb, float scale) {
+    const long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (i >= na + nb) return;
+    const bool in_a = i < na;
+    const float* src = in_a ? acc_a + i : acc_b + (i - na);
+    bf16* dst = in_a ? dqa + i : dqb + (i - na);
+    const pack16 lo = load16(src), hi = load16(src + 4);
+    float f[8];
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        f[k] = bits_to_float(lo.w[k]) * scale;
+        f[4 + k] = bits_to_float(hi.w[k]) * scale;
+    }
+    store16(dst, pack_bf16x8(f));
+}

@@ -1,0 +1,638 @@
+// The CPU SIMT emulator's runtime (design/CUDA.md §4): fibers, the block scheduler, block and
+// warp barriers, deadlock reports, and the warp-collective tensor-core twins. The CUDA surface
+// kernels compile against is emu.h; the Rust side (src/device/emu.rs) calls advdmd_emu_launch
+// through the trampolines build.rs generates.
+//
+// One launch runs on the calling OS thread: its blocks one after another, each block's threads
+// as fibers with their own stacks. A fiber runs until it reaches a collective it must wait at,
+// then switches back to the scheduler, which resumes the next runnable fiber. All state is per OS
+// thread, so launches from several threads (parallel tests) run side by side.
+#include "emu.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstdarg>
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+__thread uint3 threadIdx;
+__thread uint3 blockIdx;
+__thread uint3 blockDim;
+__thread uint3 gridDim;
+
+namespace emu {
+namespace {
+
+// ---- Context switching ----------------------------------------------------------------------
+// x86-64: a minimal switch saving the callee-saved registers and the FP control words (a
+// ucontext swap makes a sigprocmask system call, 100× slower, and a warp shuffle costs 64
+// switches). Elsewhere: ucontext.
+#if defined(__x86_64__)
+extern "C" void advdmd_emu_switch(void** save_sp, void* load_sp);
+extern "C" void advdmd_emu_fiber_start();
+asm(R"(
+    .text
+    .globl advdmd_emu_switch
+    .hidden advdmd_emu_switch
+    .type advdmd_emu_switch,@function
+advdmd_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size advdmd_emu_switch, .-advdmd_emu_switch
+
+    .globl advdmd_emu_fiber_start
+    .hidden advdmd_emu_fiber_start
+    .type advdmd_emu_fiber_start,@function
+advdmd_emu_fiber_start:
+    movq %r12, %rdi
+    callq *%r13
+    ud2
+    .size advdmd_emu_fiber_start, .-advdmd_emu_fiber_start
+)");
+
+struct Ctx {
+    void* sp = nullptr;
+};
+inline void ctx_switch(Ctx* from, Ctx* to) { advdmd_emu_switch(&from->sp, to->sp); }
+// A fresh context that calls fn(arg) on the stack [lo, lo + size); fn must never return.
+void ctx_init(Ctx* c, void* lo, size_t size, void (*fn)(void*), void* arg) {
+    uintptr_t top = ((uintptr_t)lo + size) & ~(uintptr_t)15;
+    uint64_t* sp = (uint64_t*)(top - 80);  // 16-aligned; the start stub then calls fn aligned
+    uint32_t csr[2];
+    asm volatile("stmxcsr %0" : "=m"(csr[0]));
+    asm volatile("fnstcw %0" : "=m"(csr[1]));
+    std::memcpy(&sp[0], csr, 8);                    // mxcsr, x87 control word
+    sp[1] = 0;                                      // r15
+    sp[2] = 0;                                      // r14
+    sp[3] = (uint64_t)fn;                           // r13
+    sp[4] = (uint64_t)arg;                          // r12
+    sp[5] = 0;                                      // rbx
+    sp[6] = 0;                                      // rbp
+    sp[7] = (uint64_t)&advdmd_emu_fiber_start;      // return address
+    c->sp = sp;
+}
+#else
+struct Ctx {
+    ucontext_t uc;
+};
+thread_local void (*t_start_fn)(void*);
+thread_local void* t_start_arg;
+void ucontext_entry() { t_start_fn(t_start_arg); }
+inline void ctx_switch(Ctx* from, Ctx* to) { swapcontext(&from->uc, &to->uc); }
+void ctx_init(Ctx* c, void* lo, size_t size, void (*fn)(void*), void* arg) {
+    getcontext(&c->uc);
+    c->uc.uc_stack.ss_sp = lo;
+    c->uc.uc_stack.ss_size = size;
+    c->uc.uc_link = nullptr;
+    t_start_fn = fn;  // the same for every fiber of a launch
+    t_start_arg = arg;
+    makecontext(&c->uc, ucontext_entry, 0);
+}
+#endif
+
+// ---- Fiber stacks ----------------------------------------------------------------------------
+// 256 KiB of address space per thread, touched lazily, with a guard page below so that a kernel
+// overflowing its stack crashes instead of silently corrupting the next fiber's stack.
+constexpr size_t kStackBytes = 256 << 10;
+
+struct StackPool {
+    std::vector<void*> stacks;  // each kStackBytes + one guard page
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    ~StackPool() {
+        for (void* s : stacks) munmap(s, kStackBytes + page);
+    }
+    // The usable low end of stack i, mapping more stacks as needed; nullptr if mmap fails.
+    void* get(size_t i) {
+        while (stacks.size() <= i) {
+            void* m = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (m == MAP_FAILED) return nullptr;
+            mprotect(m, page, PROT_NONE);
+            stacks.push_back(m);
+        }
+        return (char*)stacks[i] + page;
+    }
+};
+thread_local StackPool t_stacks;
+
+// ---- Launch state ----------------------------------------------------------------------------
+enum class St : uint8_t { Ready, AtBlock, AtWarp, Done };
+
+struct Rdv;
+
+struct Fiber {
+    Ctx ctx;
+    St st;
+    uint3 tid;
+    unsigned warp, lane;
+    Rdv* rdv;  // the warp rendezvous this lane takes part in, until warp_release
+    // Where it waits (for barrier checks and deadlock reports).
+    const char* what;
+    const char* file;
+    int line;
+};
+
+// One warp collective in progress: the lanes of `mask` meet and exchange kSlotBytes each.
+struct Rdv {
+    Op op;
+    unsigned mask, arrived;
+    bool complete;
+    int readers;  // lanes that still have to read the slots
+    const char* file;
+    int line;
+    alignas(16) unsigned char slots[32][kSlotBytes];
+};
+
+struct Warp {
+    unsigned exists;  // lanes present (a partial last warp has fewer than 32)
+    unsigned exited;
+    std::vector<Rdv*> live;
+};
+
+const char* const kOpNames[kOpCount] = {
+    "__syncwarp",      "__shfl_sync",       "__shfl_xor_sync", "__shfl_up_sync",
+    "__shfl_down_sync", "__ballot_sync",     "__any_sync",      "__all_sync",
+    "__match_any_sync", "mma_m16n8k16_bf16", "ldmatrix_x4",     "ldmatrix_x4_trans",
+    "ldmatrix_x2",      "ldmatrix_x2_trans",
+};
+
+enum Code : int { kOk = 0, kBadLaunch = 1, kDeadlock = 2, kFault = 3 };
+
+struct Launch {
+    const char* name = nullptr;
+    void (*tramp)(void**) = nullptr;
+    void** args = nullptr;
+    unsigned nthreads = 0;
+    std::vector<Fiber> fibers;
+    std::vector<Warp> warps;
+    std::vector<Rdv*> free_rdvs;
+    unsigned cur = 0;
+    unsigned done = 0;
+    Ctx sched;
+    // Block barrier.
+    unsigned bar_arrived = 0;
+    int bar_count = 0, bar_result = 0;
+    const char* bar_file = nullptr;
+    int bar_line = 0;
+    bool bar_divergent = false;
+    // Dynamic shared memory.
+    unsigned char* smem = nullptr;
+    size_t smem_cap = 0, smem_bytes = 0;
+    // The first error.
+    int code = kOk;
+    std::string err;
+
+    ~Launch() {
+        for (auto& w : warps)
+            for (Rdv* r : w.live) delete r;
+        for (Rdv* r : free_rdvs) delete r;
+        std::free(smem);
+    }
+};
+
+// The state of launches on this OS thread (kept between launches to reuse its allocations) and
+// the launch in progress (null outside one).
+thread_local Launch t_state;
+thread_local Launch* g = nullptr;
+
+inline Fiber& cur_fiber() { return g->fibers[g->cur]; }
+
+// Suspends the running fiber until the scheduler resumes it.
+inline void yield() { ctx_switch(&cur_fiber().ctx, &g->sched); }
+
+std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
+std::string fmt(const char* f, ...) {
+    char buf[1024];
+    va_list ap;
+    va_start(ap, f);
+    vsnprintf(buf, sizeof buf, f, ap);
+    va_end(ap);
+    return buf;
+}
+
+std::string where() {
+    return fmt("kernel %s, block (%u,%u,%u) of grid (%u,%u,%u), block dims (%u,%u,%u)", g->name,
+               blockIdx.x, blockIdx.y, blockIdx.z, gridDim.x, gridDim.y, gridDim.z, blockDim.x,
+               blockDim.y, blockDim.z);
+}
+
+// Ends the launch with an error from inside a fiber: the fiber is abandoned mid-kernel.
+[[noreturn]] void fail(int code, std::string msg) {
+    if (g->code == kOk) {
+        g->code = code;
+        g->err = std::move(msg);
+    }
+    for (;;) yield();  // the scheduler stops at the error and never resumes this fiber
+}
+
+void set_ready(Fiber& f) {
+    f.st = St::Ready;
+}
+
+// Completes rdv `r` of warp `w` if every non-exited lane of its mask has arrived; wakes the
+// waiting lanes other than the running fiber.
+bool try_complete(Warp& w, unsigned warp_index, Rdv* r) {
+    const unsigned need = r->mask & w.exists & ~w.exited;
+    if ((r->arrived & need) != need) return false;
+    r->complete = true;
+    for (unsigned l = 0; l < 32; ++l) {
+        if (!(r->arrived >> l & 1)) continue;
+        Fiber& f = g->fibers[warp_index * 32 + l];
+        if (f.st == St::AtWarp) set_ready(f);
+    }
+    return true;
+}
+
+void fiber_entry(void*) {
+    g->tramp(g->args);
+    Fiber& f = cur_fiber();
+    f.st = St::Done;
+    ++g->done;
+    Warp& w = g->warps[f.warp];
+    w.exited |= 1u << f.lane;
+    // Lanes waiting only for this one at a warp collective may go on (sm_70+ semantics).
+    for (Rdv* r : w.live)
+        if (!r->complete) try_complete(w, f.warp, r);
+    for (;;) yield();
+}
+
+// "3" or "3-17": runs of consecutive ids.
+std::string ranges(const std::vector<unsigned>& ids) {
+    std::string s;
+    for (size_t i = 0; i < ids.size();) {
+        size_t j = i;
+        while (j + 1 < ids.size() && ids[j + 1] == ids[j] + 1) ++j;
+        if (!s.empty()) s += ",";
+        s += j == i ? fmt("%u", ids[i]) : fmt("%u-%u", ids[i], ids[j]);
+        i = j + 1;
+    }
+    return s;
+}
+
+// Groups the threads of the block by what they are doing, for error messages.
+std::string block_picture() {
+    struct Group {
+        std::string label;
+        std::vector<unsigned> ids;
+    };
+    std::vector<Group> groups;
+    for (unsigned i = 0; i < g->nthreads; ++i) {
+        const Fiber& f = g->fibers[i];
+        std::string label;
+        switch (f.st) {
+            case St::Done: label = "have exited"; break;
+            case St::Ready: label = "are runnable"; break;
+            case St::AtBlock: label = fmt("wait at %s (%s:%d)", f.what, f.file, f.line); break;
+            case St::AtWarp: {
+                const Warp& w = g->warps[f.warp];
+                const unsigned missing = f.rdv->mask & w.exists & ~w.exited & ~f.rdv->arrived;
+                label = fmt("wait at %s (%s:%d) with mask 0x%08x for lanes 0x%08x of warp %u", f.what,
+                            f.file, f.line, f.rdv->mask, missing, f.warp);
+                break;
+            }
+        }
+        auto it = groups.begin();
+        while (it != groups.end() && it->label != label) ++it;
+        if (it == groups.end()) {
+            groups.push_back({label, {}});
+            it = groups.end() - 1;
+        }
+        it->ids.push_back(i);
+    }
+    std::string s;
+    for (auto& gr : groups) s += fmt("\n  threads %s %s", ranges(gr.ids).c_str(), gr.label.c_str());
+    return s;
+}
+
+Rdv* new_rdv() {
+    if (g->free_rdvs.empty()) return new Rdv;
+    Rdv* r = g->free_rdvs.back();
+    g->free_rdvs.pop_back();
+    return r;
+}
+
+// Runs one block to completion; false on deadlock or fault (g->code, g->err set).
+bool run_block() {
+    Launch& L = *g;
+    if (L.smem_bytes) std::memset(L.smem, 0xFF, L.smem_bytes);
+    for (auto& w : L.warps) {
+        for (Rdv* r : w.live) L.free_rdvs.push_back(r);
+        w.live.clear();
+        w.exited = 0;
+    }
+    L.done = 0;
+    L.bar_arrived = 0;
+    L.bar_divergent = false;
+    for (unsigned i = 0; i < L.nthreads; ++i) {
+        Fiber& f = L.fibers[i];
+        f.st = St::Ready;
+        f.rdv = nullptr;
+        ctx_init(&f.ctx, t_stacks.get(i), kStackBytes, fiber_entry, nullptr);
+    }
+    while (L.done < L.nthreads) {
+        bool ran = false;
+        for (unsigned i = 0; i < L.nthreads; ++i) {
+            Fiber& f = L.fibers[i];
+            if (f.st != St::Ready) continue;
+            L.cur = i;
+            threadIdx = f.tid;
+            ctx_switch(&L.sched, &f.ctx);
+            ran = true;
+            if (L.code != kOk) return false;
+        }
+        if (!ran && L.done < L.nthreads) {
+            bool exited_at_bar = false;
+            for (unsigned i = 0; i < L.nthreads; ++i) exited_at_bar |= L.fibers[i].st == St::Done;
+            L.code = kDeadlock;
+            L.err = where() + ": no thread can make progress:" + block_picture();
+            if (exited_at_bar && L.bar_arrived)
+                L.err += "\n  (CUDA requires every thread of the block to reach each __syncthreads; "
+                         "threads that exit early make it undefined behaviour)";
+            return false;
+        }
+    }
+    return true;
+}
+
+}  // namespace
+
+// ---- Collectives (called from kernel code, on a fiber) -----------------------------------------
+int block_barrier(int pred, const char* what, const char* file, int line) {
+    Launch& L = *g;
+    Fiber& f = cur_fiber();
+    if (L.bar_arrived == 0) {
+        L.bar_count = 0;
+        L.bar_file = file;
+        L.bar_line = line;
+    } else if (line != L.bar_line || std::strcmp(file, L.bar_file) != 0) {
+        L.bar_divergent = true;
+    }
+    f.what = what;
+    f.file = file;
+    f.line = line;
+    L.bar_count += pred;
+    if (++L.bar_arrived < L.nthreads) {
+        f.st = St::AtBlock;
+        yield();
+        return L.bar_result;
+    }
+    if (L.bar_divergent) {
+        f.st = St::AtBlock;  // so that the picture shows this thread's barrier too
+        fail(kDeadlock, where() + ": threads meet at different __syncthreads (divergent barrier):" +
+                            block_picture());
+    }
+    L.bar_arrived = 0;
+    L.bar_divergent = false;
+    L.bar_result = L.bar_count;
+    for (unsigned i = 0; i < L.nthreads; ++i)
+        if (L.fibers[i].st == St::AtBlock) set_ready(L.fibers[i]);
+    return L.bar_result;
+}
+
+const unsigned char* warp_exchange(Op op, unsigned mask, const void* in, unsigned bytes,
+                                   unsigned* arrived, const char* file, int line) {
+    Launch& L = *g;
+    Fiber& f = cur_fiber();
+    Warp& w = L.warps[f.warp];
+    const unsigned bit = 1u << f.lane;
+    if (!(mask & bit))
+        fault("%s (%s:%d) with mask 0x%08x called by lane %u, which is not in the mask", kOpNames[op],
+              file, line, mask, f.lane);
+    Rdv* r = nullptr;
+    for (Rdv* x : w.live)
+        if (!x->complete && x->mask == mask) r = x;
+    if (!r) {
+        r = new_rdv();
+        r->op = op;
+        r->mask = mask;
+        r->arrived = 0;
+        r->complete = false;
+        r->readers = 0;
+        r->file = file;
+        r->line = line;
+        w.live.push_back(r);
+    } else if (r->op != op) {
+        fault("warp %u: lanes 0x%08x are at %s (%s:%d) while lane %u calls %s (%s:%d) with the "
+              "same mask 0x%08x",
+              f.warp, r->arrived, kOpNames[r->op], r->file, r->line, f.lane, kOpNames[op], file, line,
+              mask);
+    }
+    if (bytes) std::memcpy(r->slots[f.lane], in, bytes);
+    r->arrived |= bit;
+    r->readers++;
+    f.rdv = r;
+    f.what = kOpNames[op];
+    f.file = file;
+    f.line = line;
+    if (!try_complete(w, f.warp, r)) {
+        f.st = St::AtWarp;
+        yield();
+    }
+    *arrived = r->arrived;
+    return &r->slots[0][0];
+}
+
+void warp_release() {
+    Fiber& f = cur_fiber();
+    Rdv* r = f.rdv;
+    f.rdv = nullptr;
+    if (--r->readers > 0) return;
+    auto& live = g->warps[f.warp].live;
+    for (size_t i = 0; i < live.size(); ++i)
+        if (live[i] == r) {
+            live[i] = live.back();
+            live.pop_back();
+            break;
+        }
+    g->free_rdvs.push_back(r);
+}
+
+unsigned lane_id() { return cur_fiber().lane; }
+
+void fault(const char* f, ...) {
+    char buf[2048];
+    va_list ap;
+    va_start(ap, f);
+    vsnprintf(buf, sizeof buf, f, ap);
+    va_end(ap);
+    if (!g) {  // not inside a launch: nothing to report to
+        std::fprintf(stderr, "advdmd emulator: %s\n", buf);
+        std::abort();
+    }
+    const Fiber& fb = cur_fiber();
+    fail(kFault, where() + fmt(", thread (%u,%u,%u): ", fb.tid.x, fb.tid.y, fb.tid.z) + buf);
+}
+
+// ---- Tensor cores ------------------------------------------------------------------------------
+void mma_bf16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4],
+                       const char* file, int line) {
+    struct In {
+        uint32_t a[4], b[2];
+        float c[4];
+    } in;
+    static_assert(sizeof(In) <= kSlotBytes, "mma operands fit a slot");
+    std::memcpy(in.a, a, sizeof in.a);
+    std::memcpy(in.b, b, sizeof in.b);
+    std::memcpy(in.c, c, sizeof in.c);
+    unsigned arrived;
+    const unsigned char* s = warp_exchange(kMma, 0xffffffffu, &in, sizeof in, &arrived, file, line);
+    if (arrived != 0xffffffffu)
+        fault("mma_m16n8k16_bf16 (%s:%d) needs all 32 lanes; lanes 0x%08x took part", file, line,
+              arrived);
+    auto lane_in = [&](unsigned l) {
+        In x;
+        std::memcpy(&x, s + l * kSlotBytes, sizeof x);
+        return x;
+    };
+    // A is 16×16 row-major, B 16×8 (k × n); fragments as in common.cuh with g = lane/4, t = lane%4.
+    float A[16][16], B[16][8];
+    for (unsigned l = 0; l < 32; ++l) {
+        const In x = lane_in(l);
+        const unsigned gr = l >> 2, t = l & 3;
+        auto lo = [](uint32_t w) { return bf_bits2f((unsigned short)(w & 0xffff)); };
+        auto hi = [](uint32_t w) { return bf_bits2f((unsigned short)(w >> 16)); };
+        A[gr][2 * t] = lo(x.a[0]), A[gr][2 * t + 1] = hi(x.a[0]);
+        A[gr + 8][2 * t] = lo(x.a[1]), A[gr + 8][2 * t + 1] = hi(x.a[1]);
+        A[gr][2 * t + 8] = lo(x.a[2]), A[gr][2 * t + 9] = hi(x.a[2]);
+        A[gr + 8][2 * t + 8] = lo(x.a[3]), A[gr + 8][2 * t + 9] = hi(x.a[3]);
+        B[2 * t][gr] = lo(x.b[0]), B[2 * t + 1][gr] = hi(x.b[0]);
+        B[2 * t + 8][gr] = lo(x.b[1]), B[2 * t + 9][gr] = hi(x.b[1]);
+    }
+    warp_release();
+    const unsigned gr = lane_id() >> 2, t = lane_id() & 3;
+    const unsigned rows[4] = {gr, gr, gr + 8, gr + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+    float out[4];
+    for (int i = 0; i < 4; ++i) {
+        // Products of bf16 values are exact in f32; the sum runs in k order.
+        float acc = in.c[i];
+        for (int k = 0; k < 16; ++k) acc += A[rows[i]][k] * B[k][cols[i]];
+        out[i] = acc;
+    }
+    std::memcpy(d, out, sizeof out);
+}
+
+void ldmatrix(Op op, uint32_t* r, const void* row, const char* file, int line) {
+    const bool x4 = op == kLdmatrixX4 || op == kLdmatrixX4Trans;
+    const bool trans = op == kLdmatrixX4Trans || op == kLdmatrixX2Trans;
+    const unsigned lane = lane_id();
+    if ((x4 || lane < 16) && ((uintptr_t)row & 15))
+        fault("%s (%s:%d): row address %p is not 16-byte aligned", kOpNames[op], file, line, row);
+    unsigned arrived;
+    const unsigned char* s = warp_exchange(op, 0xffffffffu, &row, sizeof row, &arrived, file, line);
+    if (arrived != 0xffffffffu)
+        fault("%s (%s:%d) needs all 32 lanes; lanes 0x%08x took part", kOpNames[op], file, line, arrived);
+    auto row_of = [&](unsigned l) {
+        const unsigned char* p;
+        std::memcpy(&p, s + l * kSlotBytes, sizeof p);
+        return p;
+    };
+    const unsigned n = x4 ? 4 : 2;
+    uint32_t out[4];
+    for (unsigned j = 0; j < n; ++j) {
+        uint16_t lo, hi;
+        if (!trans) {  // (row l/4, cols 2(l%4), 2(l%4)+1) of matrix j
+            const unsigned char* p = row_of(j * 8 + lane / 4) + 4 * (lane % 4);
+            std::memcpy(&lo, p, 2);
+            std::memcpy(&hi, p + 2, 2);
+        } else {  // (rows 2(l%4), 2(l%4)+1, col l/4) of matrix j
+            std::memcpy(&lo, row_of(j * 8 + 2 * (lane % 4)) + 2 * (lane / 4), 2);
+            std::memcpy(&hi, row_of(j * 8 + 2 * (lane % 4) + 1) + 2 * (lane / 4), 2);
+        }
+        out[j] = (uint32_t)lo | (uint32_t)hi << 16;
+    }
+    warp_release();
+    std::memcpy(r, out, n * sizeof(uint32_t));
+}
+
+}  // namespace emu
+
+unsigned char* emu_dynamic_smem() { return emu::g ? emu::g->smem : nullptr; }
+
+// ---- Launch entry point (src/device/emu.rs) -----------------------------------------------------
+// Runs `tramp` (the generated trampoline of kernel `name`) over the grid. Returns 0, or an error
+// code (1 bad launch, 2 deadlock, 3 fault) with a message in `err`. Never aborts.
+extern "C" int advdmd_emu_launch(void (*tramp)(void**), const char* name, const unsigned grid[3],
+                                 const unsigned block[3], unsigned smem_bytes, void** args, char* err,
+                                 size_t err_len) {
+    using namespace emu;
+    auto report = [&](int code, const std::string& msg) {
+        if (err && err_len) std::snprintf(err, err_len, "%s", msg.c_str());
+        return code;
+    };
+    if (g) return report(kBadLaunch, "emulator launch from inside a running kernel");
+    const unsigned long long nthreads = (unsigned long long)block[0] * block[1] * block[2];
+    if (!grid[0] || !grid[1] || !grid[2] || !nthreads || nthreads > 1024)
+        return report(kBadLaunch, fmt("grid (%u,%u,%u) block (%u,%u,%u): every dimension must be "
+                                      "nonzero and a block at most 1024 threads",
+                                      grid[0], grid[1], grid[2], block[0], block[1], block[2]));
+    Launch& L = t_state;
+    L.name = name;
+    L.tramp = tramp;
+    L.args = args;
+    L.nthreads = (unsigned)nthreads;
+    L.code = kOk;
+    L.err.clear();
+    if (L.smem_cap < smem_bytes) {
+        std::free(L.smem);
+        L.smem = (unsigned char*)std::aligned_alloc(128, (smem_bytes + 127) & ~127u);
+        L.smem_cap = L.smem ? smem_bytes : 0;
+        if (!L.smem) return report(kBadLaunch, fmt("cannot allocate %u bytes of shared memory", smem_bytes));
+    }
+    L.smem_bytes = smem_bytes;
+    L.fibers.resize(L.nthreads);
+    for (unsigned i = 0; i < L.nthreads; ++i) {
+        Fiber& f = L.fibers[i];
+        f.tid = uint3{i % block[0], i / block[0] % block[1], i / (block[0] * block[1])};
+        f.warp = i / 32;
+        f.lane = i % 32;
+        if (!t_stacks.get(i)) return report(kBadLaunch, "cannot map fiber stacks");
+    }
+    const unsigned nwarps = (L.nthreads + 31) / 32;
+    for (auto& w : L.warps) {
+        for (Rdv* r : w.live) L.free_rdvs.push_back(r);
+        w.live.clear();
+    }
+    L.warps.resize(nwarps);
+    for (unsigned w = 0; w < nwarps; ++w) {
+        const unsigned lanes = std::min(32u, L.nthreads - 32 * w);
+        L.warps[w].exists = lanes == 32 ? 0xffffffffu : (1u << lanes) - 1;
+    }
+    gridDim = uint3{grid[0], grid[1], grid[2]};
+    blockDim = uint3{block[0], block[1], block[2]};
+    g = &L;
+    int code = kOk;
+    for (unsigned z = 0; z < grid[2] && code == kOk; ++z)
+        for (unsigned y = 0; y < grid[1] && code == kOk; ++y)
+            for (unsigned x = 0; x < grid[0] && code == kOk; ++x) {
+                blockIdx = uint3{x, y, z};
+                if (!run_block()) code = L.code;
+            }
+    g = nullptr;
+    return code == kOk ? kOk : report(code, L.err);
+}

@@ -1,0 +1,561 @@
+// The CPU SIMT emulator's CUDA surface (design/CUDA.md §4). `cuda/common.cuh` includes this
+// header instead of the CUDA headers when ADVDMD_EMU is defined, so every `cuda/*.cu` compiles
+// unchanged with g++ (C++17) and runs on the CPU.
+//
+// Execution model (runtime in emu.cpp): each thread of a block is a fiber on the calling OS
+// thread; fibers switch only inside the collectives declared here (__syncthreads, the warp
+// intrinsics, mma/ldmatrix), so between two collectives a thread runs alone. Blocks run one
+// after another in linear order (x fastest), so atomics and results are deterministic.
+//
+// What this header provides: the qualifiers (__global__, __device__, __shared__, ...), the
+// built-in index variables, bf16/fp16 types with round-to-nearest-even conversions, vector
+// types, math and integer intrinsics, atomics, block and warp collectives, and warp-collective
+// twins of the tensor-core wrappers of common.cuh (mma.m16n8k16 bf16, ldmatrix) that reproduce
+// the PTX ISA fragment layouts.
+#pragma once
+
+#include <cfloat>
+#include <climits>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
+// ---- Qualifiers -------------------------------------------------------------------------------
+#define __global__
+#define __device__
+#define __host__
+#define __constant__
+#define __noinline__ __attribute__((noinline))
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+// Static shared memory is one copy per OS thread, shared by the fibers of the running block.
+// Blocks of one launch run one after another on one OS thread, so a block sees the previous
+// block's leftovers (zeros at first): unlike dynamic shared memory it is NOT poisoned.
+#define __shared__ static thread_local
+#define warpSize 32
+
+// ---- Built-in variables ----------------------------------------------------------------------
+struct uint3 {
+    unsigned x, y, z;
+};
+struct dim3 {
+    unsigned x, y, z;
+    constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+    constexpr dim3(uint3 v) : x(v.x), y(v.y), z(v.z) {}
+    constexpr operator uint3() const { return uint3{x, y, z}; }
+};
+// Set by the scheduler on every switch into a fiber (per OS thread, so concurrent launches from
+// different threads, e.g. parallel tests, do not interfere).
+extern __thread uint3 threadIdx;
+extern __thread uint3 blockIdx;
+extern __thread uint3 blockDim;
+extern __thread uint3 gridDim;
+
+// ---- Vector types ------------------------------------------------------------------------------
+#define ADVDMD_EMU_VEC2(T, name, al)          \
+    struct __attribute__((aligned(al))) name { \
+        T x, y;                                \
+    };
+#define ADVDMD_EMU_VEC4(T, name, al)          \
+    struct __attribute__((aligned(al))) name { \
+        T x, y, z, w;                          \
+    };
+ADVDMD_EMU_VEC2(float, float2, 8)
+ADVDMD_EMU_VEC4(float, float4, 16)
+ADVDMD_EMU_VEC2(int, int2, 8)
+ADVDMD_EMU_VEC4(int, int4, 16)
+ADVDMD_EMU_VEC2(unsigned, uint2, 8)
+ADVDMD_EMU_VEC4(unsigned, uint4, 16)
+ADVDMD_EMU_VEC2(double, double2, 16)
+struct float3 {
+    float x, y, z;
+};
+struct int3 {
+    int x, y, z;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float3 make_float3(float x, float y, float z) { return {x, y, z}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline int2 make_int2(int x, int y) { return {x, y}; }
+inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline uint3 make_uint3(unsigned x, unsigned y, unsigned z) { return {x, y, z}; }
+
+// ---- Runtime entry points (emu.cpp) -------------------------------------------------------------
+namespace emu {
+// One lane's published bytes at a warp rendezvous; mma publishes the most (a[4], b[2], c[4]).
+constexpr unsigned kSlotBytes = 64;
+enum Op : int {
+    kSyncwarp,
+    kShfl,
+    kShflXor,
+    kShflUp,
+    kShflDown,
+    kBallot,
+    kAny,
+    kAll,
+    kMatchAny,
+    kMma,
+    kLdmatrixX4,
+    kLdmatrixX4Trans,
+    kLdmatrixX2,
+    kLdmatrixX2Trans,
+    kOpCount
+};
+// The block barrier; returns the number of threads whose `pred` was nonzero.
+int block_barrier(int pred, const char* what, const char* file, int line);
+// Publishes `bytes` (<= kSlotBytes) from `in` for this lane, waits until every non-exited lane in
+// `mask` has arrived at the same warp collective, and returns the rendezvous' 32 slots (lane j
+// at base + j * kSlotBytes). `*arrived` gets the lanes that published. Call warp_release()
+// once done reading the slots.
+const unsigned char* warp_exchange(Op op, unsigned mask, const void* in, unsigned bytes,
+                                   unsigned* arrived, const char* file, int line);
+void warp_release();
+// This thread's lane (linear thread id % 32).
+unsigned lane_id();
+// Records a usage error (the launch fails with EmuError::Fault) and never returns.
+[[noreturn]] void fault(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+}  // namespace emu
+
+// The block's dynamic shared memory (the launch's shared bytes, filled with 0xFF before every
+// block so reads of unwritten data show up as NaN); nullptr when the launch asked for none.
+unsigned char* emu_dynamic_smem();
+
+// ---- Block collectives -------------------------------------------------------------------------
+#define __syncthreads() ((void)::emu::block_barrier(0, "__syncthreads", __FILE__, __LINE__))
+#define __syncthreads_count(p) ::emu::block_barrier((p) != 0, "__syncthreads_count", __FILE__, __LINE__)
+#define __syncthreads_and(p) \
+    (::emu::block_barrier(!(p), "__syncthreads_and", __FILE__, __LINE__) == 0)
+#define __syncthreads_or(p) (::emu::block_barrier((p) != 0, "__syncthreads_or", __FILE__, __LINE__) != 0)
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+// ---- Warp collectives -----------------------------------------------------------------------
+// Semantics of sm_70+: a collective waits for every non-exited lane named in the mask (lanes
+// beyond the end of a partial last warp count as exited). A lane that reads from a lane which
+// did not take part (exited, not in the mask) gets the poison pattern (0xFF bytes: NaN for
+// floats), where the GPU would give an undefined value.
+namespace emu {
+// Source lane of each shuffle flavour (PTX shfl.sync with c = ((32 - width) << 8) | 31): -1 when
+// the source lies outside the lane's segment, where the lane keeps its own value.
+inline int shfl_src(Op op, int lane, int b, int width) {
+    if (width <= 0 || width > 32 || (width & (width - 1)))
+        fault("shuffle width %d is not a power of two in 1..32", width);
+    const int seg_lo = lane & ~(width - 1), seg_hi = seg_lo + width - 1;
+    int j;
+    switch (op) {
+        case kShfl: return seg_lo + (b & (width - 1));
+        case kShflXor: j = lane ^ b; break;
+        case kShflUp: j = lane - b; break;
+        default: j = lane + b; break;  // kShflDown
+    }
+    return (j < seg_lo || j > seg_hi) ? -1 : j;
+}
+
+template <class T>
+T shfl(Op op, const char* file, int line, unsigned mask, T v, int b, int width) {
+    static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= kSlotBytes,
+                  "shuffled type must be trivially copyable and at most 64 bytes");
+    unsigned arrived;
+    const unsigned char* slots = warp_exchange(op, mask, &v, sizeof(T), &arrived, file, line);
+    const int j = shfl_src(op, (int)lane_id(), b, width);
+    T r = v;
+    if (j >= 0) {
+        if (arrived >> j & 1)
+            std::memcpy(&r, slots + j * kSlotBytes, sizeof(T));
+        else
+            std::memset(&r, 0xFF, sizeof(T));
+    }
+    warp_release();
+    return r;
+}
+
+inline unsigned vote(Op op, const char* file, int line, unsigned mask, int pred) {
+    unsigned arrived;
+    pred = pred != 0;
+    const unsigned char* slots = warp_exchange(op, mask, &pred, sizeof pred, &arrived, file, line);
+    unsigned ballot = 0;
+    for (int j = 0; j < 32; ++j) {
+        int p;
+        std::memcpy(&p, slots + j * kSlotBytes, sizeof p);
+        if ((arrived >> j & 1) && p) ballot |= 1u << j;
+    }
+    warp_release();
+    if (op == kAny) return ballot != 0;
+    if (op == kAll) return ballot == arrived;
+    return ballot;
+}
+
+template <class T>
+unsigned match_any(const char* file, int line, unsigned mask, T v) {
+    static_assert(sizeof(T) == 4 || sizeof(T) == 8, "__match_any_sync takes 32- or 64-bit values");
+    unsigned arrived;
+    const unsigned char* slots = warp_exchange(kMatchAny, mask, &v, sizeof(T), &arrived, file, line);
+    unsigned m = 0;
+    for (int j = 0; j < 32; ++j)
+        if ((arrived >> j & 1) && std::memcmp(slots + j * kSlotBytes, &v, sizeof(T)) == 0) m |= 1u << j;
+    warp_release();
+    return m;
+}
+
+inline void syncwarp(const char* file, int line, unsigned mask) {
+    unsigned arrived;
+    warp_exchange(kSyncwarp, mask, nullptr, 0, &arrived, file, line);
+    warp_release();
+}
+}  // namespace emu
+
+// The optional width argument of the shuffles: absent means 32.
+#define ADVDMD_EMU_WIDTH(...) ::emu::width_arg(0 __VA_OPT__(, ) __VA_ARGS__)
+namespace emu {
+inline int width_arg(int) { return 32; }
+inline int width_arg(int, int w) { return w; }
+}  // namespace emu
+#define __shfl_sync(mask, v, src, ...) \
+    ::emu::shfl(::emu::kShfl, __FILE__, __LINE__, mask, v, src, ADVDMD_EMU_WIDTH(__VA_ARGS__))
+#define __shfl_xor_sync(mask, v, m, ...) \
+    ::emu::shfl(::emu::kShflXor, __FILE__, __LINE__, mask, v, m, ADVDMD_EMU_WIDTH(__VA_ARGS__))
+#define __shfl_up_sync(mask, v, d, ...) \
+    ::emu::shfl(::emu::kShflUp, __FILE__, __LINE__, mask, v, (int)(d), ADVDMD_EMU_WIDTH(__VA_ARGS__))
+#define __shfl_down_sync(mask, v, d, ...) \
+    ::emu::shfl(::emu::kShflDown, __FILE__, __LINE__, mask, v, (int)(d), ADVDMD_EMU_WIDTH(__VA_ARGS__))
+#define __ballot_sync(mask, p) ::emu::vote(::emu::kBallot, __FILE__, __LINE__, mask, (p) != 0)
+#define __any_sync(mask, p) ((int)::emu::vote(::emu::kAny, __FILE__, __LINE__, mask, (p) != 0))
+#define __all_sync(mask, p) ((int)::emu::vote(::emu::kAll, __FILE__, __LINE__, mask, (p) != 0))
+#define __match_any_sync(mask, v) ::emu::match_any(__FILE__, __LINE__, mask, v)
+#define __syncwarp(...) ::emu::syncwarp(__FILE__, __LINE__, ::emu::mask_arg(0 __VA_OPT__(, ) __VA_ARGS__))
+namespace emu {
+inline unsigned mask_arg(int) { return 0xffffffffu; }
+inline unsigned mask_arg(int, unsigned m) { return m; }
+}  // namespace emu
+
+// ---- Math ---------------------------------------------------------------------------------------
+// <cmath> supplies expf, logf, sqrtf, tanhf, fmaxf, fminf, fabsf, exp2f, log2f, fmaf, erff, powf,
+// INFINITY, ... The fast-math intrinsics are computed exactly here (the GPU's are approximate).
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __log2f(float x) { return std::log2(x); }
+inline float __exp10f(float x) { return std::pow(10.0f, x); }
+inline float __powf(float x, float y) { return std::pow(x, y); }
+inline float __sinf(float x) { return std::sin(x); }
+inline float __cosf(float x) { return std::cos(x); }
+inline float __tanf(float x) { return std::tan(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __frcp_rn(float x) { return 1.0f / x; }
+inline float __fsqrt_rn(float x) { return std::sqrt(x); }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __saturatef(float x) { return x != x ? 0.0f : (x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x)); }
+inline void __sincosf(float x, float* s, float* c) { *s = std::sin(x), *c = std::cos(x); }
+inline float __int_as_float(int x) { float f; std::memcpy(&f, &x, 4); return f; }
+inline int __float_as_int(float x) { int i; std::memcpy(&i, &x, 4); return i; }
+inline float __uint_as_float(unsigned x) { float f; std::memcpy(&f, &x, 4); return f; }
+inline unsigned __float_as_uint(float x) { unsigned i; std::memcpy(&i, &x, 4); return i; }
+inline int __float2int_rn(float x) { return (int)std::nearbyint(x); }
+inline int __float2int_rz(float x) { return (int)x; }
+inline int __float2int_rd(float x) { return (int)std::floor(x); }
+inline int __float2int_ru(float x) { return (int)std::ceil(x); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
+inline int __clzll(long long x) { return x == 0 ? 64 : __builtin_clzll((unsigned long long)x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline int __ffsll(long long x) { return __builtin_ffsll(x); }
+inline unsigned __brev(unsigned x) {
+    x = ((x >> 1) & 0x55555555u) | ((x & 0x55555555u) << 1);
+    x = ((x >> 2) & 0x33333333u) | ((x & 0x33333333u) << 2);
+    x = ((x >> 4) & 0x0F0F0F0Fu) | ((x & 0x0F0F0F0Fu) << 4);
+    x = ((x >> 8) & 0x00FF00FFu) | ((x & 0x00FF00FFu) << 8);
+    return (x >> 16) | (x << 16);
+}
+inline int __mul24(int a, int b) { return a * b; }
+inline int __mulhi(int a, int b) { return (int)(((long long)a * b) >> 32); }
+inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((unsigned long long)a * b) >> 32); }
+template <class T>
+inline T __ldg(const T* p) { return *p; }
+template <class T>
+inline T __ldcs(const T* p) { return *p; }
+template <class T>
+inline void __stcs(T* p, T v) { *p = v; }
+
+// CUDA's device-side min/max overloads (the host has only std::min/std::max).
+#define ADVDMD_EMU_MINMAX(T)                               \
+    inline T min(T a, T b) { return b < a ? b : a; }       \
+    inline T max(T a, T b) { return a < b ? b : a; }
+ADVDMD_EMU_MINMAX(int)
+ADVDMD_EMU_MINMAX(unsigned)
+ADVDMD_EMU_MINMAX(long)
+ADVDMD_EMU_MINMAX(unsigned long)
+ADVDMD_EMU_MINMAX(long long)
+ADVDMD_EMU_MINMAX(unsigned long long)
+#undef ADVDMD_EMU_MINMAX
+inline float min(float a, float b) { return std::fmin(a, b); }
+inline float max(float a, float b) { return std::fmax(a, b); }
+inline double min(double a, double b) { return std::fmin(a, b); }
+inline double max(double a, double b) { return std::fmax(a, b); }
+// Mixed signedness, as CUDA's math header resolves them (to the unsigned type).
+inline unsigned min(int a, unsigned b) { return min((unsigned)a, b); }
+inline unsigned min(unsigned a, int b) { return min(a, (unsigned)b); }
+inline unsigned max(int a, unsigned b) { return max((unsigned)a, b); }
+inline unsigned max(unsigned a, int b) { return max(a, (unsigned)b); }
+inline long long min(int a, long long b) { return min((long long)a, b); }
+inline long long min(long long a, int b) { return min(a, (long long)b); }
+inline long long max(int a, long long b) { return max((long long)a, b); }
+inline long long max(long long a, int b) { return max(a, (long long)b); }
+
+// ---- Atomics -------------------------------------------------------------------------------------
+// Real atomics (relaxed), so the runtime stays correct if blocks ever run on several OS threads.
+template <class T>
+inline T emu_atomic_cas_loop_(T* p, T v, T (*f)(T, T)) {
+    T old = *p;
+    for (;;) {
+        T upd = f(old, v);
+        if (__atomic_compare_exchange(p, &old, &upd, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) return old;
+    }
+}
+inline float atomicAdd(float* p, float v) {
+    return emu_atomic_cas_loop_<float>(p, v, [](float a, float b) { return a + b; });
+}
+inline double atomicAdd(double* p, double v) {
+    return emu_atomic_cas_loop_<double>(p, v, [](double a, double b) { return a + b; });
+}
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+    return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+}
+inline int atomicSub(int* p, int v) { return __atomic_fetch_sub(p, v, __ATOMIC_RELAXED); }
+inline unsigned atomicSub(unsigned* p, unsigned v) { return __atomic_fetch_sub(p, v, __ATOMIC_RELAXED); }
+#define ADVDMD_EMU_ATOMIC_MINMAX(T)                                                                      \
+    inline T atomicMax(T* p, T v) { return emu_atomic_cas_loop_<T>(p, v, [](T a, T b) { return a < b ? b : a; }); } \
+    inline T atomicMin(T* p, T v) { return emu_atomic_cas_loop_<T>(p, v, [](T a, T b) { return b < a ? b : a; }); }
+ADVDMD_EMU_ATOMIC_MINMAX(int)
+ADVDMD_EMU_ATOMIC_MINMAX(unsigned)
+ADVDMD_EMU_ATOMIC_MINMAX(long long)
+ADVDMD_EMU_ATOMIC_MINMAX(unsigned long long)
+#undef ADVDMD_EMU_ATOMIC_MINMAX
+template <class T>
+inline T atomicExch(T* p, T v) {
+    T old;
+    __atomic_exchange(p, &v, &old, __ATOMIC_RELAXED);
+    return old;
+}
+template <class T>
+inline T atomicCAS(T* p, T cmp, T v) {
+    __atomic_compare_exchange(p, &cmp, &v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+    return cmp;
+}
+inline int atomicAnd(int* p, int v) { return __atomic_fetch_and(p, v, __ATOMIC_RELAXED); }
+inline unsigned atomicAnd(unsigned* p, unsigned v) { return __atomic_fetch_and(p, v, __ATOMIC_RELAXED); }
+inline int atomicOr(int* p, int v) { return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }
+inline unsigned atomicOr(unsigned* p, unsigned v) { return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }
+
+// ---- bf16 and fp16 -----------------------------------------------------------------------------
+namespace emu {
+inline unsigned short f2bf_bits(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fff;  // the canonical NaN cvt.rn.bf16 writes
+    u += 0x7fffu + ((u >> 16) & 1u);                     // round to nearest, ties to even
+    return (unsigned short)(u >> 16);
+}
+inline float bf_bits2f(unsigned short b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline unsigned short f2h_bits(float fv) {
+    // Round to nearest even, subnormals included (F. Giesen's float_to_half_fast3_rtne).
+    uint32_t f;
+    std::memcpy(&f, &fv, 4);
+    const uint32_t sign = f & 0x80000000u;
+    f ^= sign;
+    uint16_t o;
+    if (f >= (127u + 16u) << 23) {
+        o = f > 0x7f800000u ? 0x7fff : 0x7c00;
+    } else if (f < 113u << 23) {
+        const uint32_t magic_bits = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+        float magic, t;
+        std::memcpy(&magic, &magic_bits, 4);
+        std::memcpy(&t, &f, 4);
+        t += magic;
+        uint32_t tb;
+        std::memcpy(&tb, &t, 4);
+        o = (uint16_t)(tb - magic_bits);
+    } else {
+        const uint32_t mant_odd = (f >> 13) & 1u;
+        f += ((uint32_t)(15 - 127) << 23) + 0xfffu;
+        f += mant_odd;
+        o = (uint16_t)(f >> 13);
+    }
+    return (unsigned short)(o | (sign >> 16));
+}
+inline float h_bits2f(unsigned short h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t e = (h >> 10) & 0x1f, m = h & 0x3ffu, u;
+    if (e == 0) {
+        if (m == 0) {
+            u = sign;
+        } else {  // subnormal: normalise
+            e = 127 - 15 + 1;
+            while (!(m & 0x400u)) m <<= 1, --e;
+            u = sign | (e << 23) | ((m & 0x3ffu) << 13);
+        }
+    } else if (e == 31) {
+        u = sign | 0x7f800000u | (m << 13);
+    } else {
+        u = sign | ((e + 127 - 15) << 23) | (m << 13);
+    }
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+}  // namespace emu
+
+struct __nv_bfloat16_raw {
+    unsigned short x;
+};
+// Mirrors cuda_bf16.h: 16-bit storage, implicit conversions from/to float, arithmetic operators.
+struct __attribute__((aligned(2))) __nv_bfloat16 {
+    unsigned short __x;
+    __nv_bfloat16() = default;
+    constexpr __nv_bfloat16(const __nv_bfloat16_raw& r) : __x(r.x) {}
+    __nv_bfloat16(float f) : __x(emu::f2bf_bits(f)) {}
+    __nv_bfloat16(double f) : __x(emu::f2bf_bits((float)f)) {}
+    __nv_bfloat16(int v) : __x(emu::f2bf_bits((float)v)) {}
+    __nv_bfloat16(unsigned v) : __x(emu::f2bf_bits((float)v)) {}
+    __nv_bfloat16(long long v) : __x(emu::f2bf_bits((float)v)) {}
+    __nv_bfloat16(unsigned long long v) : __x(emu::f2bf_bits((float)v)) {}
+    __nv_bfloat16(short v) : __x(emu::f2bf_bits((float)v)) {}
+    __nv_bfloat16(unsigned short v) : __x(emu::f2bf_bits((float)v)) {}
+    __nv_bfloat16& operator=(const __nv_bfloat16_raw& r) { __x = r.x; return *this; }
+    operator float() const { return emu::bf_bits2f(__x); }
+    operator __nv_bfloat16_raw() const { return {__x}; }
+};
+struct __attribute__((aligned(4))) __nv_bfloat162 {
+    __nv_bfloat16 x, y;
+};
+typedef __nv_bfloat16 nv_bfloat16;
+typedef __nv_bfloat162 nv_bfloat162;
+
+inline __nv_bfloat16 emu_bf_from_bits_(unsigned short b) { return __nv_bfloat16_raw{b}; }
+inline __nv_bfloat16 __float2bfloat16(float f) { return emu_bf_from_bits_(emu::f2bf_bits(f)); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return emu_bf_from_bits_(emu::f2bf_bits(f)); }
+inline __nv_bfloat16 __float2bfloat16_rz(float f) { return emu_bf_from_bits_((unsigned short)(__float_as_uint(f) >> 16)); }
+inline float __bfloat162float(__nv_bfloat16 b) { return emu::bf_bits2f(b.__x); }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.__x; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return emu_bf_from_bits_(u); }
+inline short __bfloat16_as_short(__nv_bfloat16 b) { return (short)b.__x; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) { return {__float2bfloat16_rn(lo), __float2bfloat16_rn(hi)}; }
+inline __nv_bfloat162 __float22bfloat162_rn(float2 v) { return __floats2bfloat162_rn(v.x, v.y); }
+inline __nv_bfloat162 __halves2bfloat162(__nv_bfloat16 lo, __nv_bfloat16 hi) { return {lo, hi}; }
+inline __nv_bfloat162 __bfloat162bfloat162(__nv_bfloat16 v) { return {v, v}; }
+inline __nv_bfloat162 make_bfloat162(__nv_bfloat16 x, __nv_bfloat16 y) { return {x, y}; }
+inline float __low2float(__nv_bfloat162 v) { return __bfloat162float(v.x); }
+inline float __high2float(__nv_bfloat162 v) { return __bfloat162float(v.y); }
+inline __nv_bfloat16 __low2bfloat16(__nv_bfloat162 v) { return v.x; }
+inline __nv_bfloat16 __high2bfloat16(__nv_bfloat162 v) { return v.y; }
+inline float2 __bfloat1622float2(__nv_bfloat162 v) { return {__bfloat162float(v.x), __bfloat162float(v.y)}; }
+#define ADVDMD_EMU_BF_BINOP(op)                                                                 \
+    inline __nv_bfloat16 operator op(const __nv_bfloat16& a, const __nv_bfloat16& b) {          \
+        return __float2bfloat16_rn(__bfloat162float(a) op __bfloat162float(b));                  \
+    }                                                                                           \
+    inline __nv_bfloat16& operator op##=(__nv_bfloat16 & a, const __nv_bfloat16& b) {            \
+        return a = a op b;                                                                      \
+    }
+ADVDMD_EMU_BF_BINOP(+)
+ADVDMD_EMU_BF_BINOP(-)
+ADVDMD_EMU_BF_BINOP(*)
+ADVDMD_EMU_BF_BINOP(/)
+#undef ADVDMD_EMU_BF_BINOP
+inline __nv_bfloat16 operator-(const __nv_bfloat16& a) { return emu_bf_from_bits_((unsigned short)(a.__x ^ 0x8000u)); }
+#define ADVDMD_EMU_BF_CMP(op) \
+    inline bool operator op(const __nv_bfloat16& a, const __nv_bfloat16& b) { return __bfloat162float(a) op __bfloat162float(b); }
+ADVDMD_EMU_BF_CMP(==)
+ADVDMD_EMU_BF_CMP(!=)
+ADVDMD_EMU_BF_CMP(<)
+ADVDMD_EMU_BF_CMP(>)
+ADVDMD_EMU_BF_CMP(<=)
+ADVDMD_EMU_BF_CMP(>=)
+#undef ADVDMD_EMU_BF_CMP
+inline __nv_bfloat16 __hadd(__nv_bfloat16 a, __nv_bfloat16 b) { return a + b; }
+inline __nv_bfloat16 __hsub(__nv_bfloat16 a, __nv_bfloat16 b) { return a - b; }
+inline __nv_bfloat16 __hmul(__nv_bfloat16 a, __nv_bfloat16 b) { return a * b; }
+inline __nv_bfloat16 __hfma(__nv_bfloat16 a, __nv_bfloat16 b, __nv_bfloat16 c) {
+    return __float2bfloat16_rn(std::fma(__bfloat162float(a), __bfloat162float(b), __bfloat162float(c)));
+}
+inline __nv_bfloat16 __hmax(__nv_bfloat16 a, __nv_bfloat16 b) { return __float2bfloat16_rn(std::fmax((float)a, (float)b)); }
+inline __nv_bfloat16 __hmin(__nv_bfloat16 a, __nv_bfloat16 b) { return __float2bfloat16_rn(std::fmin((float)a, (float)b)); }
+
+struct __half_raw {
+    unsigned short x;
+};
+// Mirrors cuda_fp16.h's storage and conversions (operators: add them when a kernel needs them).
+struct __attribute__((aligned(2))) __half {
+    unsigned short __x;
+    __half() = default;
+    constexpr __half(const __half_raw& r) : __x(r.x) {}
+    __half(float f) : __x(emu::f2h_bits(f)) {}
+    __half(double f) : __x(emu::f2h_bits((float)f)) {}
+    __half(int v) : __x(emu::f2h_bits((float)v)) {}
+    __half(unsigned v) : __x(emu::f2h_bits((float)v)) {}
+    operator float() const { return emu::h_bits2f(__x); }
+    operator __half_raw() const { return {__x}; }
+};
+struct __attribute__((aligned(4))) __half2 {
+    __half x, y;
+};
+typedef __half half;
+typedef __half2 half2;
+inline __half __float2half(float f) { return __half_raw{emu::f2h_bits(f)}; }
+inline __half __float2half_rn(float f) { return __half_raw{emu::f2h_bits(f)}; }
+inline float __half2float(__half h) { return emu::h_bits2f(h.__x); }
+inline unsigned short __half_as_ushort(__half h) { return h.__x; }
+inline __half __ushort_as_half(unsigned short u) { return __half_raw{u}; }
+inline __half2 __floats2half2_rn(float lo, float hi) { return {__float2half_rn(lo), __float2half_rn(hi)}; }
+inline __half2 __float22half2_rn(float2 v) { return __floats2half2_rn(v.x, v.y); }
+inline float __low2float(__half2 v) { return __half2float(v.x); }
+inline float __high2float(__half2 v) { return __half2float(v.y); }
+inline float2 __half22float2(__half2 v) { return {__half2float(v.x), __half2float(v.y)}; }
+
+// ---- Tensor-core twins of common.cuh's wrappers --------------------------------------------------
+// Warp-collective: every lane publishes its operands, the warp meets, then each lane computes
+// its own outputs from everybody's operands with the PTX ISA fragment layouts (common.cuh).
+namespace emu {
+void mma_bf16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4],
+                       const char* file, int line);
+void ldmatrix(Op op, uint32_t* r, const void* row, const char* file, int line);
+}  // namespace emu
+#define mma_m16n8k16_bf16(d, a, b, c) ::emu::mma_bf16(d, a, b, c, __FILE__, __LINE__)
+#define ldmatrix_x4(r, row) ::emu::ldmatrix(::emu::kLdmatrixX4, r, row, __FILE__, __LINE__)
+#define ldmatrix_x4_trans(r, row) ::emu::ldmatrix(::emu::kLdmatrixX4Trans, r, row, __FILE__, __LINE__)
+#define ldmatrix_x2(r, row) ::emu::ldmatrix(::emu::kLdmatrixX2, r, row, __FILE__, __LINE__)
+#define ldmatrix_x2_trans(r, row) ::emu::ldmatrix(::emu::kLdmatrixX2Trans, r, row, __FILE__, __LINE__)
+
+// ---- Launch support for the generated trampolines (build.rs) -------------------------------------
+namespace emu {
+template <class... A, std::size_t... I>
+void invoke_(void (*k)(A...), void** args, std::index_sequence<I...>) {
+    k(*static_cast<std::remove_cv_t<std::remove_reference_t<A>>*>(args[I])...);
+}
+// Calls kernel `k` with each argument read from `args[i]` (a pointer to the value), exactly as
+// cuLaunchKernel reads its `kernelParams`.
+template <class... A>
+void invoke(void (*k)(A...), void** args) {
+    invoke_(k, args, std::index_sequence_for<A...>{});
+}
+template <class... A>
+constexpr std::size_t arity(void (*)(A...)) {
+    return sizeof...(A);
+}
+}  // namespace emu

@@ -1,0 +1,178 @@
+// Test kernels of the CPU SIMT emulator (tests/emu.rs). build.rs compiles this directory into the
+// emulator library only; nvcc never sees it, so these never reach the product's fatbins.
+#include "common.cuh"
+
+// out[row] = sum of row `row` of x (rows × n, n arbitrary): a block-stride loop, warp shuffles and
+// __syncthreads through common.cuh's block_sum; out2[row] = the same sum by a shfl_down tree with
+// a __syncthreads_count of the nonzero elements as a cross-check of the block barrier's reduction.
+extern "C" __global__ void emu_test_block_sum(const float* __restrict__ x, float* __restrict__ out,
+                                              int* __restrict__ nonzero, int n) {
+    __shared__ float scratch[32];
+    const long long row = blockIdx.x;
+    float v = 0.f;
+    int nz = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        v += x[row * n + i];
+        nz += x[row * n + i] != 0.f;
+    }
+    const float s = block_sum(v, scratch);
+    const int count = __syncthreads_count(nz);
+    if (threadIdx.x == 0) {
+        out[row] = s;
+        nonzero[row] = count;  // threads holding a nonzero, not elements: checked as such
+    }
+}
+
+// Per-lane results of the warp intrinsics for one block of `blockDim.x` threads (any count, the
+// last warp may be partial). out has 12 ints per thread.
+extern "C" __global__ void emu_test_warp_ops(int* __restrict__ out) {
+    const int t = threadIdx.x, lane = t & 31;
+    int* o = out + 12 * t;
+    const int v = 100 * t;
+    o[0] = __shfl_sync(FULL_MASK, v, 3);
+    o[1] = __shfl_xor_sync(FULL_MASK, v, 5);
+    o[2] = __shfl_down_sync(FULL_MASK, v, 4);
+    o[3] = __shfl_up_sync(FULL_MASK, v, 4);
+    o[4] = __shfl_xor_sync(FULL_MASK, v, 9, 8);   // partner outside the 8-lane segment: own value
+    o[5] = __shfl_sync(FULL_MASK, v, 13, 8);      // lane 5 of each 8-lane segment
+    o[6] = (int)__ballot_sync(FULL_MASK, lane % 3 == 0);
+    o[7] = __any_sync(FULL_MASK, lane == 7);
+    o[8] = __all_sync(FULL_MASK, lane < 40);
+    // A partial mask: only the even lanes take part.
+    if (lane % 2 == 0) {
+        const unsigned even = 0x55555555u;
+        o[9] = __shfl_xor_sync(even, v, 2);
+        o[10] = (int)__ballot_sync(even, lane < 8);
+    } else {
+        o[9] = -1;
+        o[10] = -1;
+    }
+    __syncwarp();
+    o[11] = (int)__shfl_down_sync(FULL_MASK, (float)v, 1);
+}
+
+// Partial warp: float warp_sum over a block whose last warp is not full. Lanes that do not exist
+// read as NaN, so sums[w] is finite only for full warps.
+extern "C" __global__ void emu_test_partial_warp(float* __restrict__ sums) {
+    const float s = warp_sum(1.0f);
+    if ((threadIdx.x & 31) == 0) sums[threadIdx.x >> 5] = s;
+}
+
+// C (M×N) = A (M×K) · B (K×N), f32, 16×16 tiles staged in dynamic shared memory (2·16·16 floats);
+// any M, N, K. Block (16, 16), grid (ceil(N/16), ceil(M/16)).
+extern "C" __global__ void emu_test_matmul(const float* __restrict__ a, const float* __restrict__ b,
+                                           float* __restrict__ c, int M, int N, int K) {
+    DYNAMIC_SMEM(float, smem);
+    float* As = smem;
+    float* Bs = smem + 16 * 16;
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int row = blockIdx.y * 16 + ty, col = blockIdx.x * 16 + tx;
+    float acc = 0.f;
+    for (int k0 = 0; k0 < K; k0 += 16) {
+        As[ty * 16 + tx] = (row < M && k0 + tx < K) ? a[(long long)row * K + k0 + tx] : 0.f;
+        Bs[ty * 16 + tx] = (k0 + ty < K && col < N) ? b[(long long)(k0 + ty) * N + col] : 0.f;
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < 16; ++k) acc += As[ty * 16 + k] * Bs[k * 16 + tx];
+        __syncthreads();
+    }
+    if (row < M && col < N) c[(long long)row * N + col] = acc;
+}
+
+// D (16×16, f32) = A (16×16, bf16, row-major) · B (16×16, bf16, row-major k×n) + C (f32), on one
+// warp: two m16n8k16 MMAs (n = 0..7 and 8..15). A's fragments come from ldmatrix_x4; B's from
+// mode 0: ldmatrix_x4_trans of B, 1: ldmatrix_x2_trans per n-tile, 2: ldmatrix_x2 of Bᵀ (n×k).
+extern "C" __global__ void emu_test_mma(const bf16* __restrict__ a, const bf16* __restrict__ b,
+                                        const float* __restrict__ c, float* __restrict__ d, int mode) {
+    __shared__ __align__(16) bf16 sA[16 * 16];
+    __shared__ __align__(16) bf16 sB[16 * 16];
+    __shared__ __align__(16) bf16 sBt[16 * 16];
+    const int lane = threadIdx.x;
+    for (int i = lane; i < 256; i += 32) {
+        sA[i] = a[i];
+        sB[i] = b[i];
+        sBt[(i % 16) * 16 + i / 16] = b[i];
+    }
+    __syncwarp();
+    // Matrix j = lane / 8 of A's x4: rows 8(j % 2).., cols 8(j / 2)..; this lane gives row lane % 8.
+    const int j = lane / 8, r = lane % 8;
+    uint32_t fa[4];
+    ldmatrix_x4(fa, &sA[(r + 8 * (j % 2)) * 16 + 8 * (j / 2)]);
+    uint32_t fb[2][2];
+    if (mode == 0) {
+        // Matrices: (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15).
+        uint32_t t[4];
+        ldmatrix_x4_trans(t, &sB[(r + 8 * (j % 2)) * 16 + 8 * (j / 2)]);
+        fb[0][0] = t[0], fb[0][1] = t[1], fb[1][0] = t[2], fb[1][1] = t[3];
+    } else if (mode == 1) {
+        for (int nt = 0; nt < 2; ++nt)  // matrices (k 0-7) and (k 8-15) of n-tile nt
+            ldmatrix_x2_trans(fb[nt], &sB[(r + 8 * (j % 2)) * 16 + 8 * nt]);
+    } else {
+        for (int nt = 0; nt < 2; ++nt)  // Bᵀ rows n = 8nt + r, cols k 0-7 and 8-15
+            ldmatrix_x2(fb[nt], &sBt[(8 * nt + r) * 16 + 8 * (j % 2)]);
+    }
+    const int g = lane / 4, t = lane % 4;
+    for (int nt = 0; nt < 2; ++nt) {
+        float acc[4] = {c[g * 16 + 8 * nt + 2 * t], c[g * 16 + 8 * nt + 2 * t + 1],
+                        c[(g + 8) * 16 + 8 * nt + 2 * t], c[(g + 8) * 16 + 8 * nt + 2 * t + 1]};
+        mma_m16n8k16_bf16(acc, fa, fb[nt], acc);
+        d[g * 16 + 8 * nt + 2 * t] = acc[0];
+        d[g * 16 + 8 * nt + 2 * t + 1] = acc[1];
+        d[(g + 8) * 16 + 8 * nt + 2 * t] = acc[2];
+        d[(g + 8) * 16 + 8 * nt + 2 * t + 1] = acc[3];
+    }
+}
+
+// Reads dynamic shared memory before writing it: the poison (0xFF bytes) shows as NaN.
+extern "C" __global__ void emu_test_smem_poison(float* __restrict__ out) {
+    DYNAMIC_SMEM(float, s);
+    out[blockIdx.x * blockDim.x + threadIdx.x] = s[threadIdx.x];
+    s[threadIdx.x] = 1.f;  // the next block must see the poison again
+}
+
+// bf16 and fp16 round-to-nearest-even: y[i] = bits of bf16(x[i]), h[i] = bits of half(x[i]).
+extern "C" __global__ void emu_test_convert(const float* __restrict__ x, uint16_t* __restrict__ y,
+                                            uint16_t* __restrict__ h, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const bf16 b = f2bf(x[i]);
+    y[i] = *reinterpret_cast<const uint16_t*>(&b);
+    const __half hv = __float2half_rn(x[i]);
+    h[i] = __half_as_ushort(hv);
+}
+
+// Deliberate deadlock: half the warp waits at a barrier the other half never reaches.
+extern "C" __global__ void emu_test_deadlock(float* __restrict__ x) {
+    if (threadIdx.x < 16) __syncthreads();
+    x[threadIdx.x] = 1.f;
+}
+
+// Deliberately divergent barriers: the two halves of the block meet at different __syncthreads.
+extern "C" __global__ void emu_test_divergent(float* __restrict__ x) {
+    if (threadIdx.x < 16) {
+        __syncthreads();
+    } else {
+        __syncthreads();
+    }
+    x[threadIdx.x] = 1.f;
+}
+
+// Deliberate warp deadlock: a full-mask shuffle that lanes 16..31 never reach while they wait at
+// __syncthreads.
+extern "C" __global__ void emu_test_warp_deadlock(float* __restrict__ x) {
+    float v = x[threadIdx.x];
+    if (threadIdx.x < 16) v = __shfl_xor_sync(FULL_MASK, v, 1);
+    __syncthreads();
+    x[threadIdx.x] = v;
+}
+
+// Three parameters of mixed kinds, for the argument-count check; writes a + b + c to out[0].
+extern "C" __global__ void __launch_bounds__(32) emu_test_args(long long* out, long long a, unsigned b,
+                                                               float c) {
+    if (threadIdx.x == 0) out[0] = a + b + (long long)c;
+}
+
+// Deliberate misuse: every lane calls a shuffle whose mask names lane 0 only.
+extern "C" __global__ void emu_test_bad_mask(float* __restrict__ x) {
+    x[threadIdx.x] = __shfl_sync(1u, x[threadIdx.x], 0);
+}

@@ -1,0 +1,140 @@
+// The optimiser over flat f32 master weights: a fused AdamW step that also writes the bf16 copy
+// the forward uses and the EMA of the weights, and the global gradient L2 norm with its clip
+// factor. All state f32, as src/optim/mod.rs.
+// CPU twin: src/kernels/optim.rs (which mirrors src/optim/mod.rs: AdamW::step, clip_grad_norm,
+// Ema::update).
+//
+//   grad_sq_partial:     part[p] = Σ g² over block p's grid-stride share (f64 accumulation)
+//   grad_norm_finalize:  clip[0] = ‖g‖ = sqrt(Σ_p part[p]) (fixed order), clip[1] = the clip
+//                        factor max_norm/(‖g‖ + 1e-6) when ‖g‖ > max_norm > 0, else 1
+//   adamw_step:          with ĝ = g·clip[1]:  m ← β1·m + (1−β1)·ĝ,  v ← β2·v + (1−β2)·ĝ²,
+//                        w ← w − lr·((m/bc1)/(sqrt(v/bc2) + eps) + wd·w)  (wd for i < n_decay,
+//                        0 after: the flat layout puts the decayed matrices first),
+//                        w_bf16 ← bf16(w),  ema ← d·ema + (1−d)·w
+//
+// adamw_step moves 8 elements per thread per step (two 16-byte loads of each f32 array, one
+// 16-byte bf16 store), then a scalar tail; every optional output may be null.
+#include "common.cuh"
+
+#define OPT_THREADS 256
+
+namespace optim {
+
+__device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ void st4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
+__device__ __forceinline__ void to_array(float4 v, float* f) {
+    f[0] = v.x, f[1] = v.y, f[2] = v.z, f[3] = v.w;
+}
+
+struct Hyper {
+    float lr, beta1, beta2, eps, wd, bc1, bc2, ema_decay, gscale;
+};
+
+// One element, in the CPU twin's operation order.
+__device__ __forceinline__ void adamw_elem(const Hyper& h, bool decay, float g, float& w, float& m, float& v) {
+    g = g * h.gscale;
+    m = h.beta1 * m + (1.f - h.beta1) * g;
+    v = h.beta2 * v + (1.f - h.beta2) * g * g;
+    const float update = (m / h.bc1) / (sqrtf(v / h.bc2) + h.eps);
+    w -= h.lr * (update + (decay ? h.wd : 0.f) * w);
+}
+
+// Sum over the block (blockDim.x a power of two ≤ 1024) in f64, tree order fixed; thread 0 gets it.
+__device__ __forceinline__ double block_sum_f64(double v, double* red) {
+    red[threadIdx.x] = v;
+    __syncthreads();
+    for (int s = blockDim.x >> 1; s > 0; s >>= 1) {
+        if ((int)threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
+        __syncthreads();
+    }
+    return red[0];
+}
+
+}  // namespace optim
+
+// grid: P (the launcher picks it from n alone: the sum's order then never depends on the GPU),
+// block: OPT_THREADS.
+extern "C" __global__ void __launch_bounds__(OPT_THREADS)
+    grad_sq_partial(double* __restrict__ part, const float* __restrict__ g, long long n) {
+    using namespace optim;
+    __shared__ double red[OPT_THREADS];
+    const long long t0 = (long long)blockIdx.x * blockDim.x + threadIdx.x, step = (long long)gridDim.x * blockDim.x;
+    double acc = 0.0;
+    long long done = 0;
+    if (aligned16(g)) {
+        const long long nv = n / 4;
+        for (long long k = t0; k < nv; k += step) {
+            const float4 a = ld4(g + 4 * k);
+            acc += (double)a.x * a.x + (double)a.y * a.y + (double)a.z * a.z + (double)a.w * a.w;
+        }
+        done = nv * 4;
+    }
+    for (long long i = done + t0; i < n; i += step) acc += (double)g[i] * g[i];
+    acc = block_sum_f64(acc, red);
+    if (threadIdx.x == 0) part[blockIdx.x] = acc;
+}
+
+// grid: 1, block: OPT_THREADS.
+extern "C" __global__ void __launch_bounds__(OPT_THREADS)
+    grad_norm_finalize(float* __restrict__ clip, const double* __restrict__ part, int P, float max_norm) {
+    using namespace optim;
+    __shared__ double red[OPT_THREADS];
+    double acc = 0.0;
+    for (int p = threadIdx.x; p < P; p += blockDim.x) acc += part[p];
+    acc = block_sum_f64(acc, red);
+    if (threadIdx.x == 0) {
+        const float norm = (float)sqrt(acc);
+        clip[0] = norm;
+        clip[1] = max_norm > 0.f && norm > max_norm ? max_norm / (norm + 1e-6f) : 1.f;
+    }
+}
+
+// grid: ceil(n / 8 / OPT_THREADS) (any grid is correct), block: OPT_THREADS. clip: null (no
+// clipping) or the [norm, factor] pair written by grad_norm_finalize. bc1 = 1 − β1^t and
+// bc2 = 1 − β2^t come from the host in f32, as the CPU computes them.
+extern "C" __global__ void __launch_bounds__(OPT_THREADS)
+    adamw_step(float* __restrict__ w, bf16* __restrict__ w_bf16, float* __restrict__ m, float* __restrict__ v,
+               float* __restrict__ ema, const float* __restrict__ g, const float* __restrict__ clip, long long n,
+               long long n_decay, float lr, float beta1, float beta2, float eps, float weight_decay, float bc1,
+               float bc2, float ema_decay) {
+    using namespace optim;
+    const Hyper h{lr, beta1, beta2, eps, weight_decay, bc1, bc2, ema_decay, clip ? clip[1] : 1.f};
+    const long long t0 = (long long)blockIdx.x * blockDim.x + threadIdx.x, step = (long long)gridDim.x * blockDim.x;
+    long long done = 0;
+    if (aligned16(w) && aligned16(w_bf16) && aligned16(m) && aligned16(v) && aligned16(ema) && aligned16(g)) {
+        const long long nv = n / 8;
+        for (long long k = t0; k < nv; k += step) {
+            const long long i = 8 * k;
+            float fw[8], fm[8], fv[8], fg[8];
+            to_array(ld4(w + i), fw), to_array(ld4(w + i + 4), fw + 4);
+            to_array(ld4(m + i), fm), to_array(ld4(m + i + 4), fm + 4);
+            to_array(ld4(v + i), fv), to_array(ld4(v + i + 4), fv + 4);
+            to_array(ld4(g + i), fg), to_array(ld4(g + i + 4), fg + 4);
+#pragma unroll
+            for (int j = 0; j < 8; j++) adamw_elem(h, i + j < n_decay, fg[j], fw[j], fm[j], fv[j]);
+            st4(w + i, make_float4(fw[0], fw[1], fw[2], fw[3]));
+            st4(w + i + 4, make_float4(fw[4], fw[5], fw[6], fw[7]));
+            st4(m + i, make_float4(fm[0], fm[1], fm[2], fm[3]));
+            st4(m + i + 4, make_float4(fm[4], fm[5], fm[6], fm[7]));
+            st4(v + i, make_float4(fv[0], fv[1], fv[2], fv[3]));
+            st4(v + i + 4, make_float4(fv[4], fv[5], fv[6], fv[7]));
+            if (w_bf16) store16(w_bf16 + i, pack_bf16x8(fw));
+            if (ema) {
+                float fe[8];
+                to_array(ld4(ema + i), fe), to_array(ld4(ema + i + 4), fe + 4);
+#pragma unroll
+                for (int j = 0; j < 8; j++) fe[j] = h.ema_decay * fe[j] + (1.f - h.ema_decay) * fw[j];
+                st4(ema + i, make_float4(fe[0], fe[1], fe[2], fe[3]));
+                st4(ema + i + 4, make_float4(fe[4], fe[5], fe[6], fe[7]));
+            }
+        }
+        done = nv * 8;
+    }
+    for (long long i = done + t0; i < n; i += step) {
+        float fw = w[i], fm = m[i], fv = v[i];
+        adamw_elem(h, i < n_decay, g[i], fw, fm, fv);
+        w[i] = fw, m[i] = fm, v[i] = fv;
+        if (w_bf16) w_bf16[i] = f2bf(fw);
+        if (ema) ema[i] = h.ema_decay * ema[i] + (1.f - h.ema_decay) * fw;
+    }
+}

@@ -1,0 +1,214 @@
+// Per-head RMSNorm with a learned weight (SD3.5's QK normalisation, MMDIT.md), bf16 x / y / dy /
+// dx and weight, f32 math, f32 statistics and weight gradient.
+// CPU twin: src/kernels/qknorm.rs (rms_norm_fwd, rms_norm_bwd).
+//
+//   rms_norm_fwd:  y = x·rstd·w, rstd = rsqrt(mean(x²) + eps) over each row of D (the head dim),
+//                  saving rstd per row
+//   rms_norm_bwd:  dx = rstd·(dy·w − x·rstd·mean(dy·w·x̂)) per row, and the weight gradient
+//                  Σ_rows dy·x̂ as one f32 partial row per block (fixed grid, fixed order, so the
+//                  result is deterministic), reduced by sum_splits (adaln.cu)
+//
+// A row belongs to a group of G lanes of one warp (G = the power of two ≥ D/8, at most 32), so at
+// head dim 64 a warp normalises four rows and every lane moves 16 bytes per access instead of a
+// warp-per-row layout leaving 24 of 32 lanes idle. For D % 8 == 0 each lane keeps its slice of
+// the row in registers (forward D ≤ 512, backward D ≤ 256); other widths (odd head dims) take a
+// scalar path that re-reads the row from cache.
+#include "common.cuh"
+
+#define QK_THREADS 256
+#define QK_MAX_VPL 2  // 16-byte vectors per lane kept in registers (forward): D ≤ 32·8·2 = 512
+
+namespace qknorm {
+
+// Sum over an aligned group of G lanes (G a power of two ≤ 32). Every lane of the warp must call
+// it, including lanes whose row is past the end (they contribute zeros).
+__device__ __forceinline__ float group_sum(float v, int G) {
+    for (int o = G >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+template <int VPL>
+__device__ __forceinline__ void fwd_row_vec(bf16* __restrict__ y, float* __restrict__ rstd,
+                                            const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                            long long row, bool valid, int D, float eps, int G, int gl) {
+    const int nvec = D / 8;
+    float v[VPL][8];
+    float sq = 0.f;
+#pragma unroll
+    for (int i = 0; i < VPL; i++) {
+        const int c = gl + G * i;
+        if (valid && c < nvec) {
+            unpack_bf16x8(load16(x + row * D + 8 * c), v[i]);
+#pragma unroll
+            for (int k = 0; k < 8; k++) sq += v[i][k] * v[i][k];
+        }
+    }
+    const float rs = rsqrtf(group_sum(sq, G) / D + eps);
+    if (!valid) return;
+#pragma unroll
+    for (int i = 0; i < VPL; i++) {
+        const int c = gl + G * i;
+        if (c < nvec) {
+            float fw[8], o[8];
+            unpack_bf16x8(load16(w + 8 * c), fw);
+#pragma unroll
+            for (int k = 0; k < 8; k++) o[k] = v[i][k] * rs * fw[k];
+            store16(y + row * D + 8 * c, pack_bf16x8(o));
+        }
+    }
+    if (gl == 0) rstd[row] = rs;
+}
+
+__device__ __forceinline__ void fwd_row_scalar(bf16* __restrict__ y, float* __restrict__ rstd,
+                                               const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                               long long row, bool valid, int D, float eps, int G, int gl) {
+    float sq = 0.f;
+    if (valid)
+        for (int j = gl; j < D; j += G) {
+            const float v = bf2f(x[row * D + j]);
+            sq += v * v;
+        }
+    const float rs = rsqrtf(group_sum(sq, G) / D + eps);
+    if (!valid) return;
+    for (int j = gl; j < D; j += G) y[row * D + j] = f2bf(bf2f(x[row * D + j]) * rs * bf2f(w[j]));
+    if (gl == 0) rstd[row] = rs;
+}
+
+// Whether a row of D takes the register path with G lanes, and with how many vectors per lane.
+__device__ __forceinline__ int vectors_per_lane(int D, int G, bool aligned) {
+    if (D % 8 != 0 || !aligned) return 0;
+    const int vpl = (D / 8 + G - 1) / G;
+    return vpl <= QK_MAX_VPL ? vpl : 0;
+}
+
+
+// The register path of rms_norm_bwd: columns 8·(gl + G·i) .. +8 of every row belong to this lane,
+// so its weight slice and its Σ dy·x̂ accumulators stay in registers for the whole loop.
+template <int VPL>
+__device__ __forceinline__ void bwd_rows_vec(bf16* __restrict__ dx, float* __restrict__ my,
+                                             const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                             const float* __restrict__ rstd, const bf16* __restrict__ dy,
+                                             long long rows, int D, int G, int gl, int grp, int groups) {
+    const int nvec = D / 8;
+    const long long stride = (long long)gridDim.x * groups;
+    float wv[VPL][8], dw[VPL][8];
+#pragma unroll
+    for (int i = 0; i < VPL; i++) {
+        const int c = gl + G * i;
+#pragma unroll
+        for (int k = 0; k < 8; k++) dw[i][k] = wv[i][k] = 0.f;
+        if (c < nvec) unpack_bf16x8(load16(w + 8 * c), wv[i]);
+    }
+    // The loop bound depends on the block only, so all groups of a warp iterate together.
+    for (long long r0 = (long long)blockIdx.x * groups; r0 < rows; r0 += stride) {
+        const long long row = r0 + grp;
+        const bool valid = row < rows;
+        const float rs = valid ? rstd[row] : 0.f;
+        float xv[VPL][8], gv[VPL][8];
+        float dot = 0.f;
+#pragma unroll
+        for (int i = 0; i < VPL; i++) {
+            const int c = gl + G * i;
+            if (valid && c < nvec) {
+                unpack_bf16x8(load16(x + row * D + 8 * c), xv[i]);
+                unpack_bf16x8(load16(dy + row * D + 8 * c), gv[i]);
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    const float xh = xv[i][k] * rs;
+                    dw[i][k] += gv[i][k] * xh;
+                    dot += gv[i][k] * wv[i][k] * xh;
+                }
+            }
+        }
+        const float m = group_sum(dot, G) / D;
+        if (!valid) continue;
+#pragma unroll
+        for (int i = 0; i < VPL; i++) {
+            const int c = gl + G * i;
+            if (c < nvec) {
+                float o[8];
+#pragma unroll
+                for (int k = 0; k < 8; k++) o[k] = rs * (gv[i][k] * wv[i][k] - xv[i][k] * rs * m);
+                store16(dx + row * D + 8 * c, pack_bf16x8(o));
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < VPL; i++) {
+        const int c = gl + G * i;
+        if (c < nvec)
+#pragma unroll
+            for (int k = 0; k < 8; k++) my[8 * c + k] = dw[i][k];
+    }
+}
+
+}  // namespace qknorm
+
+// grid: ceil(rows / (QK_THREADS / G)), block: QK_THREADS; G as chosen by the launcher (a power
+// of two ≤ 32; 32 when D % 8 != 0).
+extern "C" __global__ void __launch_bounds__(QK_THREADS)
+    rms_norm_fwd(bf16* __restrict__ y, float* __restrict__ rstd, const bf16* __restrict__ x,
+                 const bf16* __restrict__ w, long long rows, int D, float eps, int G) {
+    using namespace qknorm;
+    const int gl = threadIdx.x % G;
+    const long long row = (long long)blockIdx.x * (blockDim.x / G) + threadIdx.x / G;
+    const bool valid = row < rows;  // a past-the-end group still joins its warp's shuffles
+    const int vpl = vectors_per_lane(D, G, aligned16(x) && aligned16(y) && aligned16(w));
+    if (vpl == 1)
+        fwd_row_vec<1>(y, rstd, x, w, row, valid, D, eps, G, gl);
+    else if (vpl == 2)
+        fwd_row_vec<2>(y, rstd, x, w, row, valid, D, eps, G, gl);
+    else
+        fwd_row_scalar(y, rstd, x, w, row, valid, D, eps, G, gl);
+}
+
+// Fused backward: dx of every row and the per-block partial weight gradient.
+// grid: P blocks (the launcher picks P from the shape alone, so the reduction order never depends
+// on the GPU), block: QK_THREADS, dynamic shared memory (QK_THREADS / G)·D floats. Block p takes
+// the row groups p, p + P, p + 2P, ... (QK_THREADS / G rows each); dw_part[p·D + j] = the block's
+// Σ dy·x̂ over column j.
+extern "C" __global__ void __launch_bounds__(QK_THREADS)
+    rms_norm_bwd(bf16* __restrict__ dx, float* __restrict__ dw_part, const bf16* __restrict__ x,
+                 const bf16* __restrict__ w, const float* __restrict__ rstd, const bf16* __restrict__ dy,
+                 long long rows, int D, int G) {
+    using namespace qknorm;
+    DYNAMIC_SMEM(float, acc);  // [groups][D]: each group's running Σ dy·x̂
+    const int groups = blockDim.x / G, grp = threadIdx.x / G, gl = threadIdx.x % G;
+    float* my = acc + (long long)grp * D;
+    const int vpl = vectors_per_lane(D, G, aligned16(x) && aligned16(w) && aligned16(dy) && aligned16(dx));
+    const long long stride = (long long)gridDim.x * groups;
+
+    // Only one vector per lane in the backward (D ≤ 256, every head dim in use): the second
+    // (D ≤ 512) would take the kernel from 60 to 112 registers and halve its occupancy.
+    if (vpl == 1) {
+        bwd_rows_vec<1>(dx, my, x, w, rstd, dy, rows, D, G, gl, grp, groups);
+    } else {
+        // Scalar path: column j of the group's accumulator row belongs to lane j % G alone.
+        for (int j = gl; j < D; j += G) my[j] = 0.f;
+        for (long long r0 = (long long)blockIdx.x * groups; r0 < rows; r0 += stride) {
+            const long long row = r0 + grp;
+            const bool valid = row < rows;
+            const float rs = valid ? rstd[row] : 0.f;
+            float dot = 0.f;
+            if (valid)
+                for (int j = gl; j < D; j += G) {
+                    const float xh = bf2f(x[row * D + j]) * rs, g = bf2f(dy[row * D + j]);
+                    my[j] += g * xh;
+                    dot += g * bf2f(w[j]) * xh;
+                }
+            const float m = group_sum(dot, G) / D;
+            if (!valid) continue;
+            for (int j = gl; j < D; j += G) {
+                const float xv = bf2f(x[row * D + j]);
+                dx[row * D + j] = f2bf(rs * (bf2f(dy[row * D + j]) * bf2f(w[j]) - xv * rs * m));
+            }
+        }
+    }
+    __syncthreads();
+    // The block's partial: the groups' accumulators summed in group order.
+    for (int j = threadIdx.x; j < D; j += blockDim.x) {
+        float s = 0.f;
+        for (int g = 0; g < groups; g++) s += acc[(long long)g * D + j];
+        dw_part[(long long)blockIdx.x * D + j] = s;
+    }
+}

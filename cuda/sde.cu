@@ -1,0 +1,212 @@
+// The few-step sampler's and the losses' per-element SDE math (ALGORITHM.md §3.1, §4.1, §4.2), f32
+// data, f32 math, per-sample reductions as f32 partials summed in a fixed order.
+// CPU twin: src/kernels/sde.rs (which mirrors src/flow/sde.rs and src/train/losses.rs).
+//
+//   sde_rho_step:          the ρ-family transition of a batch [B, D], one pass over x, v and z:
+//                          x̂0 = x − σ·v, ε̂ = x + (1−σ)·v, μ = (1−σ')·x̂0 + σ'·sqrt(1−ρ²)·ε̂,
+//                          s = σ'·ρ, x' = μ + s·z (or a given x', the policy-gradient recompute),
+//                          ∂ℓ/∂v̂ = c·(x' − μ)/(D·s²), and per-block partials of Σ (x' − μ)²
+//   sde_logprob_finalize:  ℓ = −Σ(x' − μ)²/(2s²D) − log s − ½ log 2π per sample (f64)
+//   dmd_abs_partial,       the DMD gradient g = (x̂0_fake − x̂0_real) / mean|x − x̂0_real| per
+//   dmd_grad_apply:        sample, non-finite entries → 0, times a caller's scale
+//   flow_noise:            x_σ = (1−σ_b)·x0 + σ_b·n and the velocity target n − x0
+//
+// Layout [B, D] row-major. The reducing kernels use grid (P, B): block (p, b) owns elements
+// [p·per, min(D, (p+1)·per)) of sample b, `per` a multiple of 4 chosen by the launcher from D alone,
+// so partial sums never depend on the GPU. 16-byte vectors when D % 4 == 0 and the pointers allow.
+#include "common.cuh"
+
+#define SDE_THREADS 256
+
+namespace sde {
+
+__device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ void st4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
+__device__ __forceinline__ float get(const float4& v, int k) {
+    return k == 0 ? v.x : k == 1 ? v.y : k == 2 ? v.z : v.w;
+}
+
+// Finite and not NaN, without <cmath>'s isfinite (the emulator's g++ and nvcc disagree on it).
+__device__ __forceinline__ bool finite(float v) { return fabsf(v) <= 3.402823466e38f; }
+
+// The coefficients of one sample's transition.
+struct Rho {
+    float sigma, keep, one_minus_sn, std, gscale;
+    bool det;  // σ' ≤ 0: x' = μ = x̂0, no density
+};
+
+__device__ __forceinline__ Rho rho_coeffs(float s, float sn, float rho, long long D) {
+    Rho r;
+    r.sigma = s;
+    r.det = !(sn > 0.f);
+    r.keep = r.det ? 0.f : sn * sqrtf(fmaxf(1.f - rho * rho, 0.f));
+    r.one_minus_sn = 1.f - sn;
+    r.std = r.det ? 0.f : sn * rho;
+    // ∂μ/∂v̂ = σ'·sqrt(1−ρ²)·(1−σ) − σ·(1−σ'); the log-prob gradient is 0 where s = 0 (undefined).
+    const float c = r.keep * (1.f - s) - s * (1.f - sn);
+    r.gscale = r.std > 0.f ? c / ((float)D * r.std * r.std) : 0.f;
+    return r;
+}
+
+// One element: writes what is asked, returns (x' − μ)².
+__device__ __forceinline__ float rho_elem(const Rho& r, float x, float v, float z, float given, bool have_given,
+                                          float& x0, float& mean, float& next, float& grad) {
+    x0 = x - r.sigma * v;
+    const float eps = x + (1.f - r.sigma) * v;
+    mean = r.det ? x0 : r.one_minus_sn * x0 + r.keep * eps;
+    next = have_given ? given : (r.det ? x0 : mean + r.std * z);
+    const float d = next - mean;
+    grad = r.gscale * d;
+    return d * d;
+}
+
+}  // namespace sde
+
+// grid: (P, B), block: SDE_THREADS. Rollout: z given, next_in null, x' = μ + s·z written to
+// next_out. Recompute (x' held fixed, as the policy gradient needs): next_in given, z and
+// next_out null. x0_out, mean_out, grad_v may be null (not written). σ, σ' per sample ([B]).
+// sq_part[b·P + p] = the block's Σ (x' − μ)².
+extern "C" __global__ void __launch_bounds__(SDE_THREADS)
+    sde_rho_step(float* __restrict__ next_out, float* __restrict__ x0_out, float* __restrict__ mean_out,
+                 float* __restrict__ grad_v, float* __restrict__ sq_part, const float* __restrict__ x,
+                 const float* __restrict__ v, const float* __restrict__ z, const float* __restrict__ next_in,
+                 const float* __restrict__ sigma, const float* __restrict__ sigma_next, float rho, long long D,
+                 long long per) {
+    using namespace sde;
+    __shared__ float scratch[32];
+    const int b = blockIdx.y, p = blockIdx.x, P = gridDim.x;
+    const Rho r = rho_coeffs(sigma[b], sigma_next[b], rho, D);
+    const bool given = next_in != nullptr;
+    const long long lo = (long long)p * per, hi = min(D, lo + per), base = (long long)b * D;
+    float sq = 0.f;
+    const bool vec = D % 4 == 0 && aligned16(next_out) && aligned16(x0_out) && aligned16(mean_out) &&
+                     aligned16(grad_v) && aligned16(x) && aligned16(v) && aligned16(z) && aligned16(next_in);
+    if (vec) {
+        for (long long i = base + lo + 4 * threadIdx.x; i < base + hi; i += 4 * blockDim.x) {
+            const float4 xv = ld4(x + i), vv = ld4(v + i);
+            const float4 zv = given ? make_float4(0.f, 0.f, 0.f, 0.f) : ld4(z + i);
+            const float4 nv = given ? ld4(next_in + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+            float o0[4], om[4], on[4], og[4];
+#pragma unroll
+            for (int k = 0; k < 4; k++)
+                sq += rho_elem(r, get(xv, k), get(vv, k), get(zv, k), get(nv, k), given, o0[k], om[k], on[k], og[k]);
+            if (next_out) st4(next_out + i, make_float4(on[0], on[1], on[2], on[3]));
+            if (x0_out) st4(x0_out + i, make_float4(o0[0], o0[1], o0[2], o0[3]));
+            if (mean_out) st4(mean_out + i, make_float4(om[0], om[1], om[2], om[3]));
+            if (grad_v) st4(grad_v + i, make_float4(og[0], og[1], og[2], og[3]));
+        }
+    } else {
+        for (long long i = base + lo + threadIdx.x; i < base + hi; i += blockDim.x) {
+            float o0, om, on, og;
+            sq += rho_elem(r, x[i], v[i], given ? 0.f : z[i], given ? next_in[i] : 0.f, given, o0, om, on, og);
+            if (next_out) next_out[i] = on;
+            if (x0_out) x0_out[i] = o0;
+            if (mean_out) mean_out[i] = om;
+            if (grad_v) grad_v[i] = og;
+        }
+    }
+    sq = block_sum(sq, scratch);
+    if (threadIdx.x == 0) sq_part[(long long)b * P + p] = sq;
+}
+
+// logp[b] = −Σ_p sq_part[b, p] / (2s²D) − log s − ½ log 2π with s = σ'_b·ρ, in f64 (the policy
+// ratio exp(ℓ − ℓ_old) needs ~1e-6 absolute accuracy); NaN where s ≤ 0 (no density).
+// grid: ceil(B / 32), block: 32.
+extern "C" __global__ void sde_logprob_finalize(double* __restrict__ logp, const float* __restrict__ sq_part,
+                                                const float* __restrict__ sigma_next, float rho, int B, int P,
+                                                long long D) {
+    const int b = blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= B) return;
+    double sq = 0.0;
+    for (int p = 0; p < P; p++) sq += (double)sq_part[(long long)b * P + p];
+    const float sn = sigma_next[b];
+    const float stdf = sn > 0.f ? sn * rho : 0.f;
+    if (!(stdf > 0.f)) {
+        logp[b] = (double)bits_to_float(0x7fc00000u);
+        return;
+    }
+    const double s = (double)stdf;
+    logp[b] = -sq / (2.0 * s * s * (double)D) - log(s) - 0.5 * log(2.0 * 3.14159265358979323846);
+}
+
+// part[b·P + p] = Σ |x − x̂0_real| over block (p, b)'s elements. grid: (P, B), block: SDE_THREADS.
+extern "C" __global__ void __launch_bounds__(SDE_THREADS)
+    dmd_abs_partial(float* __restrict__ part, const float* __restrict__ x, const float* __restrict__ x0_real,
+                    long long D, long long per) {
+    using namespace sde;
+    __shared__ float scratch[32];
+    const int b = blockIdx.y, p = blockIdx.x, P = gridDim.x;
+    const long long lo = (long long)p * per, hi = min(D, lo + per), base = (long long)b * D;
+    float acc = 0.f;
+    if (D % 4 == 0 && aligned16(x) && aligned16(x0_real)) {
+        for (long long i = base + lo + 4 * threadIdx.x; i < base + hi; i += 4 * blockDim.x) {
+            const float4 a = ld4(x + i), r = ld4(x0_real + i);
+            acc += fabsf(a.x - r.x) + fabsf(a.y - r.y) + fabsf(a.z - r.z) + fabsf(a.w - r.w);
+        }
+    } else {
+        for (long long i = base + lo + threadIdx.x; i < base + hi; i += blockDim.x) acc += fabsf(x[i] - x0_real[i]);
+    }
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) part[(long long)b * P + p] = acc;
+}
+
+// g = scale · nan_to_num((x̂0_fake − x̂0_real) / norm_b), norm_b = Σ_p part[b, p] / D. Every block
+// of sample b sums the same P partials in the same order, so all agree on norm_b.
+// grid: (P, B) as for dmd_abs_partial, block: SDE_THREADS.
+extern "C" __global__ void __launch_bounds__(SDE_THREADS)
+    dmd_grad_apply(float* __restrict__ g, const float* __restrict__ x0_real, const float* __restrict__ x0_fake,
+                   const float* __restrict__ part, long long D, long long per, float scale) {
+    using namespace sde;
+    __shared__ float norm_s;
+    const int b = blockIdx.y, p = blockIdx.x, P = gridDim.x;
+    if (threadIdx.x == 0) {
+        double s = 0.0;
+        for (int q = 0; q < P; q++) s += (double)part[(long long)b * P + q];
+        norm_s = (float)(s / (double)D);
+    }
+    __syncthreads();
+    const float norm = norm_s;
+    const long long lo = (long long)p * per, hi = min(D, lo + per), base = (long long)b * D;
+    if (D % 4 == 0 && aligned16(g) && aligned16(x0_real) && aligned16(x0_fake)) {
+        for (long long i = base + lo + 4 * threadIdx.x; i < base + hi; i += 4 * blockDim.x) {
+            const float4 r = ld4(x0_real + i), f = ld4(x0_fake + i);
+            float o[4];
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const float q = (get(f, k) - get(r, k)) / norm;
+                o[k] = finite(q) ? scale * q : 0.f;
+            }
+            st4(g + i, make_float4(o[0], o[1], o[2], o[3]));
+        }
+    } else {
+        for (long long i = base + lo + threadIdx.x; i < base + hi; i += blockDim.x) {
+            const float q = (x0_fake[i] - x0_real[i]) / norm;
+            g[i] = finite(q) ? scale * q : 0.f;
+        }
+    }
+}
+
+// x_σ = (1 − σ_b)·x0 + σ_b·noise; target = noise − x0 (not written when null).
+// grid: (P, B) with any P (blocks stride over their sample), block: SDE_THREADS.
+extern "C" __global__ void __launch_bounds__(SDE_THREADS)
+    flow_noise(float* __restrict__ xt, float* __restrict__ target, const float* __restrict__ x0,
+               const float* __restrict__ noise, const float* __restrict__ sigma, long long D) {
+    using namespace sde;
+    const int b = blockIdx.y;
+    const float s = sigma[b], keep = 1.f - s;
+    const long long base = (long long)b * D, step = (long long)gridDim.x * blockDim.x;
+    const long long t0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (D % 4 == 0 && aligned16(xt) && aligned16(target) && aligned16(x0) && aligned16(noise)) {
+        for (long long i = base + 4 * t0; i < base + D; i += 4 * step) {
+            const float4 a = ld4(x0 + i), n = ld4(noise + i);
+            st4(xt + i, make_float4(keep * a.x + s * n.x, keep * a.y + s * n.y, keep * a.z + s * n.z,
+                                    keep * a.w + s * n.w));
+            if (target) st4(target + i, make_float4(n.x - a.x, n.y - a.y, n.z - a.z, n.w - a.w));
+        }
+    } else {
+        for (long long i = base + t0; i < base + D; i += step) {
+            xt[i] = keep * x0[i] + s * noise[i];
+            if (target) target[i] = noise[i] - x0[i];
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! cuBLASLt GEMMs for the CUDA device: bf16 in and out, f32 accumulation, with the epilogues the
+//! MMDiT needs (bias, GELU, GELU saving its pre-activation) and their backward (DGELU with the
+//! bias gradient, the bias gradient of a weight-gradient GEMM). cudarc's safe wrapper rebuilds
+//! descriptors and reruns the algorithm heuristic on every call and lacks the backward
+//! epilogues (CUDA.md §2), so this works at the `result`/`sys` level with a cache keyed by shape,
+//! transposes and epilogue; per call only the pointer attributes are set.
+//!
+//! The API is row-major (see [`GemmSpec`]); cuBLASLt is column-major, so `C = op(A)·op(B)` is
+//! issued as `Cᵀ = op(B)ᵀ·op(A)ᵀ` with the operands swapped and no data moved.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Mutex;
+
+use cudarc::cublaslt::{result as lt, sys as ltsys};
+
+use super::kernel::{EpilogueKind, GemmPtrs, GemmSpec, KernelError, KernelResult};
+
+struct Plan {
+    desc: ltsys::cublasLtMatmulDesc_t,
+    layout_first: ltsys::cublasLtMatrixLayout_t,
+    layout_second: ltsys::cublasLtMatrixLayout_t,
+    layout_c: ltsys::cublasLtMatrixLayout_t,
+    algo: ltsys::cublasLtMatmulAlgo_t,
+}
+
+// SAFETY: descriptors are plain heap objects of cuBLASLt, used under the cache's mutex.
+unsafe impl Send for Plan {}
+
+pub struct Cublaslt {
+    handle: ltsys::cublasLtHandle_t,
+    plans: Mutex<HashMap<GemmSpec, Plan>>,
+    workspace: u64,
+    workspace_bytes: usize,
+}
+
+// SAFETY: the handle is thread-safe per cuBLASLt's documentation; plans sit behind a mutex.
+unsafe impl Send for Cublaslt {}
+unsafe impl Sync for Cublaslt {}
+
+fn lt_err(what: &str, e: impl std::fmt::Debug) -> KernelError {
+    KernelError::Cuda(format!("cuBLASLt {what}: {e:?}"))
+}
+
+const OP_N: i32 = 0;
+const OP_T: i32 = 1;
+
+fn epilogue_code(e: EpilogueKind) -> ltsys::cublasLtEpilogue_t {
+    use ltsys::cublasLtEpilogue_t as E;
+    match e {
+        EpilogueKind::None => E::CUBLASLT_EPILOGUE_DEFAULT,
+        EpilogueKind::Bias => E::CUBLASLT_EPILOGUE_BIAS,
+        EpilogueKind::Gelu => E::CUBLASLT_EPILOGUE_GELU,
+        EpilogueKind::GeluBias => E::CUBLASLT_EPILOGUE_GELU_BIAS,
+        EpilogueKind::GeluAuxBias => E::CUBLASLT_EPILOGUE_GELU_AUX_BIAS,
+        EpilogueKind::DGeluBgrad => E::CUBLASLT_EPILOGUE_DGELU_BGRAD,
+        EpilogueKind::BgradB => E::CUBLASLT_EPILOGUE_BGRADB,
+    }
+}
+
+unsafe fn set_desc<T>(
+    desc: ltsys::cublasLtMatmulDesc_t,
+    attr: ltsys::cublasLtMatmulDescAttributes_t,
+    value: &T,
+) -> KernelResult<()> {
+    lt::set_matmul_desc_attribute(
+        desc,
+        attr,
+        value as *const T as *const c_void,
+        std::mem::size_of::<T>(),
+    )
+    .map_err(|e| lt_err(&format!("{attr:?}"), e))
+}
+
+impl Cublaslt {
+    /// Creates the handle and a 32 MiB workspace; `alloc` gives device memory that lives as long
+    /// as the runtime.
+    pub fn new(alloc: impl FnOnce(usize) -> KernelResult<u64>) -> KernelResult<Cublaslt> {
+        // SAFETY: only dlopens the library.
+        if !unsafe { ltsys::is_culib_present() } {
+            return Err(KernelError::Cuda("libcublasLt not found".into()));
+        }
+        let handle = lt::create_handle().map_err(|e| lt_err("create", e))?;
+        let workspace_bytes = 32 << 20;
+        Ok(Cublaslt {
+            handle,
+            plans: Mutex::new(HashMap::new()),
+            workspace: alloc(workspace_bytes)?,
+            workspace_bytes,
+        })
+    }
+
+    pub fn workspace_ptr(&self) -> u64 {
+        self.workspace
+    }
+
+    /// Builds the descriptors and picks the algorithm for `spec` (once per spec).
+    unsafe fn plan(&self, spec: &GemmSpec) -> KernelResult<Plan> {
+        use ltsys::cublasLtMatmulDescAttributes_t as A;
+        use ltsys::cudaDataType_t::{CUDA_R_16BF, CUDA_R_32F};
+        let (m, n, k) = (spec.m as u64, spec.n as u64, spec.k as u64);
+        let desc =
+            lt::create_matmul_desc(ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F, CUDA_R_32F)
+                .map_err(|e| lt_err("desc", e))?;
+        // Column-major view: Cᵀ[N, M] = first[N, K] · second[K, M] with first = op(B)ᵀ,
+        // second = op(A)ᵀ. B stored row-major [K, N] is column-major [N, K] (no transpose).
+        let (op_first, first_rows, first_cols) = if spec.trans_b {
+            (OP_T, k, n)
+        } else {
+            (OP_N, n, k)
+        };
+        let (op_second, second_rows, second_cols) = if spec.trans_a {
+            (OP_T, m, k)
+        } else {
+            (OP_N, k, m)
+        };
+        set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &op_first)?;
+        set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &op_second)?;
+        set_desc(
+            desc,
+            A::CUBLASLT_MATMUL_DESC_EPILOGUE,
+            &epilogue_code(spec.epilogue),
+        )?;
+        let layout = |r: u64, c: u64| {
+            lt::create_matrix_layout(CUDA_R_16BF, r, c, r as i64).map_err(|e| lt_err("layout", e))
+        };
+        let layout_first = layout(first_rows, first_cols)?;
+        let layout_second = layout(second_rows, second_cols)?;
+        let layout_c = layout(n, m)?;
+        if matches!(
+            spec.epilogue,
+            EpilogueKind::GeluAuxBias | EpilogueKind::DGeluBgrad
+        ) {
+            set_desc(desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &(n as i64))?;
+        }
+        let pref = lt::create_matmul_pref().map_err(|e| lt_err("preference", e))?;
+        let ws = self.workspace_bytes as u64;
+        lt::set_matmul_pref_attribute(
+            pref,
+            ltsys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            &ws as *const u64 as *const c_void,
+            8,
+        )
+        .map_err(|e| lt_err("preference", e))?;
+        // The heuristic checks the epilogue's pointers for alignment: give it plausible ones.
+        self.set_pointers(
+            desc,
+            spec,
+            &GemmPtrs {
+                bias: self.workspace,
+                aux: self.workspace,
+                bias_grad: self.workspace,
+                ..Default::default()
+            },
+        )?;
+        let heur = lt::get_matmul_algo_heuristic(
+            self.handle,
+            desc,
+            layout_first,
+            layout_second,
+            layout_c,
+            layout_c,
+            pref,
+        );
+        let _ = lt::destroy_matmul_pref(pref);
+        let heur = heur.map_err(|e| lt_err(&format!("no algorithm for {spec:?}"), e))?;
+        Ok(Plan {
+            desc,
+            layout_first,
+            layout_second,
+            layout_c,
+            algo: heur.algo,
+        })
+    }
+
+    unsafe fn set_pointers(
+        &self,
+        desc: ltsys::cublasLtMatmulDesc_t,
+        spec: &GemmSpec,
+        p: &GemmPtrs,
+    ) -> KernelResult<()> {
+        use ltsys::cublasLtMatmulDescAttributes_t as A;
+        match spec.epilogue {
+            EpilogueKind::Bias | EpilogueKind::GeluBias => {
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p.bias)?;
+            }
+            EpilogueKind::GeluAuxBias => {
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p.bias)?;
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &p.aux)?;
+            }
+            EpilogueKind::DGeluBgrad => {
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p.bias_grad)?;
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &p.aux)?;
+            }
+            EpilogueKind::BgradB => {
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p.bias_grad)?;
+            }
+            EpilogueKind::None | EpilogueKind::Gelu => {}
+        }
+        Ok(())
+    }
+
+    /// Queues `C = epilogue(op(A)·op(B))` on `stream`.
+    pub fn matmul(&self, spec: &GemmSpec, p: &GemmPtrs, stream: *mut c_void) -> KernelResult<()> {
+        let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        if !plans.contains_key(spec) {
+            // SAFETY: the handle is live; the plan's objects are owned by the cache from here on.
+            let plan = unsafe { self.plan(spec)? };
+            plans.insert(*spec, plan);
+        }
+        let plan = &plans[spec];
+        let (alpha, beta) = (1f32, 0f32);
+        // SAFETY: pointers are device buffers of the sizes `spec` implies (checked by the
+        // caller); the workspace is owned by the runtime.
+        unsafe {
+            self.set_pointers(plan.desc, spec, p)?;
+            lt::matmul(
+                self.handle,
+                plan.desc,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                p.b as *const c_void,
+                plan.layout_first,
+                p.a as *const c_void,
+                plan.layout_second,
+                p.c as *const c_void,
+                plan.layout_c,
+                p.c as *mut c_void,
+                plan.layout_c,
+                &plan.algo,
+                self.workspace as *mut c_void,
+                self.workspace_bytes,
+                stream as ltsys::cudaStream_t,
+            )
+        }
+        .map_err(|e| lt_err(&format!("matmul {spec:?}"), e))
+    }
+}

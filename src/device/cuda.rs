@@ -1,0 +1,262 @@
+//! The CUDA runtime behind [`super::kernel::KernelDevice`] on a GPU: one context and one stream,
+//! the embedded fatbins loaded lazily on the first launch, stream-ordered allocation from the
+//! device's memory pool (kept cached: the release threshold is raised so freed blocks are reused
+//! rather than returned to the driver), copies, launches and event timing.
+//!
+//! Works at cudarc's `result`/`sys` level: the safe API's per-slice event tracking and its PTX-only
+//! module loading (which needs NVRTC) are not wanted here (design/CUDA.md §2).
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{result, sys, CudaContext, CudaStream};
+
+use super::kernel::{KernelError, KernelResult, LaunchCfg};
+
+fn cuda_err(what: &str, e: impl std::fmt::Debug) -> KernelError {
+    KernelError::Cuda(format!("{what}: {e:?}"))
+}
+
+/// A function handle; CUfunction is a raw pointer owned by its (never unloaded) module.
+#[derive(Clone, Copy)]
+struct Function {
+    handle: sys::CUfunction,
+    /// Dynamic shared memory the function is currently allowed.
+    max_dynamic_shared: u32,
+}
+
+// SAFETY: CUDA function handles may be used from any thread once the context is current.
+unsafe impl Send for Function {}
+
+struct Modules {
+    loaded: Vec<(String, ModuleHandle)>,
+    functions: HashMap<String, Function>,
+}
+
+struct ModuleHandle(sys::CUmodule);
+// SAFETY: module handles are plain driver handles, valid from any thread of the context.
+unsafe impl Send for ModuleHandle {}
+
+pub struct CudaRuntime {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    name: String,
+    modules: Mutex<Option<Modules>>,
+    cublaslt: std::sync::OnceLock<super::cublaslt::Cublaslt>,
+}
+
+impl CudaRuntime {
+    pub fn new(ordinal: usize) -> KernelResult<Arc<CudaRuntime>> {
+        // SAFETY: only dlopens the driver library (CUDA.md §2: CudaContext::new panics without).
+        if !unsafe { sys::is_culib_present() } {
+            return Err(KernelError::Cuda("no CUDA driver found".into()));
+        }
+        if crate::info::EMBEDDED_KERNELS.is_empty() {
+            return Err(KernelError::Cuda(
+                "this build embeds no kernels (nvcc was absent when it was built)".into(),
+            ));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| cuda_err("context", e))?;
+        // Raw device pointers are used throughout; the safe API's event tracking is not needed.
+        // SAFETY: called before any allocation through the safe API.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(|e| cuda_err("stream", e))?;
+        let name = ctx.name().unwrap_or_else(|_| format!("cuda:{ordinal}"));
+        // Keep freed pool memory for reuse: the default threshold (0) returns it at every sync.
+        // SAFETY: the device handle is valid; the attribute takes a u64.
+        unsafe {
+            let pool = result::device::get_default_mem_pool(ctx.cu_device())
+                .map_err(|e| cuda_err("memory pool", e))?;
+            let mut threshold = u64::MAX;
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut threshold as *mut u64 as *mut c_void,
+            )
+            .result()
+            .map_err(|e| cuda_err("memory pool threshold", e))?;
+        }
+        Ok(Arc::new(CudaRuntime {
+            ctx,
+            stream,
+            name,
+            modules: Mutex::new(None),
+            cublaslt: std::sync::OnceLock::new(),
+        }))
+    }
+
+    pub fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn bind(&self) -> KernelResult<()> {
+        self.ctx.bind_to_thread().map_err(|e| cuda_err("bind", e))
+    }
+
+    pub fn alloc(&self, bytes: usize) -> KernelResult<u64> {
+        self.bind()?;
+        // SAFETY: the stream belongs to this context; the memory is used on this stream only.
+        unsafe { result::malloc_async(self.stream.cu_stream(), bytes) }
+            .map_err(|e| cuda_err(&format!("allocating {bytes} bytes"), e))
+    }
+
+    pub fn free(&self, ptr: u64) {
+        if self.bind().is_ok() {
+            // SAFETY: `ptr` came from `alloc` on this stream and is freed once (DevBuf's drop).
+            let _ = unsafe { result::free_async(ptr, self.stream.cu_stream()) };
+        }
+    }
+
+    pub fn memset_zero(&self, ptr: u64, bytes: usize) -> KernelResult<()> {
+        self.bind()?;
+        // SAFETY: `ptr` holds at least `bytes` bytes (DevBuf invariant).
+        unsafe { result::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream()) }
+            .map_err(|e| cuda_err("memset", e))
+    }
+
+    pub fn htod(&self, src: &[u8], dst: u64) -> KernelResult<()> {
+        self.bind()?;
+        // SAFETY: `dst` holds `src.len()` bytes; the sync copy finishes before `src` is released.
+        unsafe {
+            result::stream::synchronize(self.stream.cu_stream())
+                .map_err(|e| cuda_err("sync before upload", e))?;
+            result::memcpy_htod_sync(dst, src)
+        }
+        .map_err(|e| cuda_err("upload", e))
+    }
+
+    pub fn dtoh(&self, src: u64, dst: &mut [u8]) -> KernelResult<()> {
+        self.bind()?;
+        // SAFETY: `src` holds `dst.len()` bytes; the stream is drained first so the data is final.
+        unsafe {
+            result::stream::synchronize(self.stream.cu_stream())
+                .map_err(|e| cuda_err("kernel error (reported at download)", e))?;
+            result::memcpy_dtoh_sync(dst, src)
+        }
+        .map_err(|e| cuda_err("download", e))
+    }
+
+    pub fn synchronize(&self) -> KernelResult<()> {
+        self.bind()?;
+        // SAFETY: the stream is alive for `self`'s lifetime.
+        unsafe { result::stream::synchronize(self.stream.cu_stream()) }
+            .map_err(|e| cuda_err("synchronize", e))
+    }
+
+    /// Loads every embedded fatbin once. The bytes are copied to an 8-byte aligned buffer first:
+    /// `include_bytes!` promises no alignment and the driver reads the fatbin header in place.
+    fn load_modules(&self) -> KernelResult<Modules> {
+        let mut loaded = Vec::new();
+        for (name, bytes) in crate::info::EMBEDDED_KERNELS {
+            let mut aligned = vec![0u64; bytes.len().div_ceil(8) + 1];
+            bytemuck::cast_slice_mut::<u64, u8>(&mut aligned)[..bytes.len()].copy_from_slice(bytes);
+            // SAFETY: a complete fatbin produced by build.rs, kept alive across the call.
+            let m = unsafe { result::module::load_data(aligned.as_ptr() as *const c_void) }
+                .map_err(|e| cuda_err(&format!("loading module {name}"), e))?;
+            loaded.push((name.to_string(), ModuleHandle(m)));
+        }
+        Ok(Modules {
+            loaded,
+            functions: HashMap::new(),
+        })
+    }
+
+    fn function(&self, kernel: &str, shared_bytes: u32) -> KernelResult<sys::CUfunction> {
+        let mut guard = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            *guard = Some(self.load_modules()?);
+        }
+        let modules = guard.as_mut().expect("loaded above");
+        if !modules.functions.contains_key(kernel) {
+            let cname = CString::new(kernel).map_err(|_| KernelError::Invalid(kernel.into()))?;
+            let found = modules.loaded.iter().find_map(|(_, m)| {
+                // SAFETY: the module is loaded and never unloaded.
+                unsafe { result::module::get_function(m.0, cname.clone()) }.ok()
+            });
+            let handle = found.ok_or_else(|| KernelError::MissingKernel(kernel.into()))?;
+            modules.functions.insert(
+                kernel.to_string(),
+                Function {
+                    handle,
+                    max_dynamic_shared: 48 * 1024,
+                },
+            );
+        }
+        let f = modules.functions.get_mut(kernel).expect("inserted above");
+        if shared_bytes > f.max_dynamic_shared {
+            // SAFETY: a valid function handle; the driver rejects sizes the device cannot give.
+            unsafe {
+                result::function::set_function_attribute(
+                    f.handle,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    shared_bytes as i32,
+                )
+            }
+            .map_err(|e| cuda_err(&format!("{kernel}: {shared_bytes} B of shared memory"), e))?;
+            f.max_dynamic_shared = shared_bytes;
+        }
+        Ok(f.handle)
+    }
+
+    pub fn launch(
+        &self,
+        kernel: &str,
+        cfg: LaunchCfg,
+        args: &mut [*mut c_void],
+    ) -> KernelResult<()> {
+        self.bind()?;
+        let f = self.function(kernel, cfg.shared_bytes)?;
+        let g = (cfg.grid[0], cfg.grid[1], cfg.grid[2]);
+        let b = (cfg.block[0], cfg.block[1], cfg.block[2]);
+        // SAFETY: `args` holds one pointer per kernel parameter (KernelArgs); buffers outlive the
+        // launch because every later host access synchronizes the stream first.
+        unsafe { result::launch_kernel(f, g, b, cfg.shared_bytes, self.stream.cu_stream(), args) }
+            .map_err(|e| cuda_err(&format!("launching {kernel} {cfg:?}"), e))?;
+        if std::env::var("ADVDMD_CUDA_SYNC").is_ok_and(|v| v == "1") {
+            self.synchronize()
+                .map_err(|e| KernelError::Cuda(format!("after {kernel}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Queues a cuBLASLt GEMM (the handle and its workspace are created on first use).
+    pub fn gemm(
+        &self,
+        spec: &super::kernel::GemmSpec,
+        ptrs: &super::kernel::GemmPtrs,
+    ) -> KernelResult<()> {
+        self.bind()?;
+        if self.cublaslt.get().is_none() {
+            let lt = super::cublaslt::Cublaslt::new(|bytes| {
+                // SAFETY: a plain allocation kept for the runtime's lifetime (never freed).
+                unsafe { result::malloc_sync(bytes) }.map_err(|e| cuda_err("workspace", e))
+            })?;
+            let _ = self.cublaslt.set(lt);
+        }
+        let lt = self.cublaslt.get().expect("set above");
+        lt.matmul(spec, ptrs, self.stream.cu_stream() as *mut c_void)
+    }
+
+    pub fn time_ms(&self, work: impl FnOnce() -> KernelResult<()>) -> KernelResult<f32> {
+        self.bind()?;
+        let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
+        let start = result::event::create(flags).map_err(|e| cuda_err("event", e))?;
+        let end = result::event::create(flags).map_err(|e| cuda_err("event", e))?;
+        let s = self.stream.cu_stream();
+        // SAFETY: events and stream belong to this context; the events are destroyed below.
+        let ms = unsafe {
+            let timed = (|| {
+                result::event::record(start, s).map_err(|e| cuda_err("record", e))?;
+                work()?;
+                result::event::record(end, s).map_err(|e| cuda_err("record", e))?;
+                result::event::synchronize(end).map_err(|e| cuda_err("event sync", e))?;
+                result::event::elapsed(start, end).map_err(|e| cuda_err("elapsed", e))
+            })();
+            let _ = result::event::destroy(start);
+            let _ = result::event::destroy(end);
+            timed
+        }?;
+        Ok(ms)
+    }
+}

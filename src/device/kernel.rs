@@ -1,0 +1,399 @@
+//! The kernel device: where the `cuda/*.cu` kernels run. One launch path for both back ends —
+//! (kernel name, grid, block, shared bytes, one pointer per argument), as `cuLaunchKernel` takes
+//! it — dispatched to the CUDA driver on a GPU and to the CPU SIMT emulator (`device::emu`)
+//! everywhere else (design/CUDA.md §4). In emulator mode "device memory" is host memory, so the
+//! same launcher code and the same tests run in CI.
+//!
+//! Kept deliberately small: typed buffers ([`DevBuf`]), uploads/downloads, launches, events for
+//! timing. The GPU side is in `device::cuda`.
+
+use std::ffi::c_void;
+use std::marker::PhantomData;
+
+use bytemuck::Pod;
+
+use super::emu;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("emulator: {0}")]
+    Emu(#[from] emu::EmuError),
+    #[error("CUDA: {0}")]
+    Cuda(String),
+    #[error("kernel {0:?} is not in any embedded module (built without nvcc?)")]
+    MissingKernel(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type KernelResult<T> = Result<T, KernelError>;
+
+/// Grid, block and dynamic shared memory of one launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchCfg {
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub shared_bytes: u32,
+}
+
+impl LaunchCfg {
+    /// A 1-D launch: `blocks` blocks of `threads` threads.
+    pub fn linear(blocks: u32, threads: u32) -> LaunchCfg {
+        LaunchCfg {
+            grid: [blocks.max(1), 1, 1],
+            block: [threads, 1, 1],
+            shared_bytes: 0,
+        }
+    }
+
+    pub fn grid2(gx: u32, gy: u32, threads: u32) -> LaunchCfg {
+        LaunchCfg {
+            grid: [gx.max(1), gy.max(1), 1],
+            block: [threads, 1, 1],
+            shared_bytes: 0,
+        }
+    }
+
+    pub fn with_shared(mut self, bytes: u32) -> LaunchCfg {
+        self.shared_bytes = bytes;
+        self
+    }
+}
+
+/// Blocks of `threads` needed to cover `n` items, one per thread.
+pub fn blocks_for(n: usize, threads: u32) -> u32 {
+    n.div_ceil(threads as usize).max(1) as u32
+}
+
+/// The argument list of one launch. Every argument occupies an 8-byte slot; the kernel reads the
+/// first `sizeof(param)` bytes of its slot, which on a little-endian machine is the value itself.
+#[derive(Default)]
+pub struct KernelArgs {
+    slots: Vec<u64>,
+}
+
+impl KernelArgs {
+    pub fn new() -> KernelArgs {
+        KernelArgs::default()
+    }
+    pub fn buf<T>(mut self, b: &DevBuf<T>) -> Self {
+        self.slots.push(b.ptr);
+        self
+    }
+    /// A null pointer argument (an optional input the kernel skips).
+    pub fn null(mut self) -> Self {
+        self.slots.push(0);
+        self
+    }
+    pub fn i32(mut self, v: i32) -> Self {
+        self.slots.push(v as u32 as u64);
+        self
+    }
+    pub fn u32(mut self, v: u32) -> Self {
+        self.slots.push(v as u64);
+        self
+    }
+    pub fn i64(mut self, v: i64) -> Self {
+        self.slots.push(v as u64);
+        self
+    }
+    pub fn f32(mut self, v: f32) -> Self {
+        self.slots.push(v.to_bits() as u64);
+        self
+    }
+    /// One pointer per argument, into this list's own slots (valid while `self` is borrowed).
+    fn pointers(&mut self) -> Vec<*mut c_void> {
+        self.slots
+            .iter_mut()
+            .map(|s| s as *mut u64 as *mut c_void)
+            .collect()
+    }
+}
+
+/// The epilogue kind, without its pointers (part of the cache key).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EpilogueKind {
+    None,
+    /// `+ bias[n]`
+    Bias,
+    /// `gelu_tanh(·)`
+    Gelu,
+    /// `gelu_tanh(· + bias[n])`
+    GeluBias,
+    /// `gelu_tanh(· + bias[n])`, storing the pre-activation in `aux` (`[M, N]`, bf16)
+    GeluAuxBias,
+    /// `· ∘ gelu_tanh'(aux)` and the bias gradient `Σ_m` of that into `bias_grad[n]`
+    DGeluBgrad,
+    /// The plain product, plus `bias_grad[m] = Σ_k op(A)[m, k]` (length M): a linear layer's
+    /// weight gradient `dW = dYᵀ·X` (A = dY stored `[tokens, out]`, `trans_a`) with its bias
+    /// gradient `Σ_tokens dY` in the same call.
+    BgradB,
+}
+
+/// A row-major GEMM `C[M, N] = op(A)[M, K] · op(B)[K, N]` over bf16 buffers. `trans_a`: A is
+/// stored `[K, M]`; `trans_b`: B is stored `[N, K]` (a PyTorch weight in a linear layer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GemmSpec {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub epilogue: EpilogueKind,
+}
+
+/// Device pointers of one call (0 where unused).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GemmPtrs {
+    pub a: u64,
+    pub b: u64,
+    pub c: u64,
+    pub bias: u64,
+    pub aux: u64,
+    pub bias_grad: u64,
+}
+
+/// Which back end a [`KernelDevice`] drives.
+#[derive(Clone)]
+enum Backend {
+    Emulator,
+    #[cfg(feature = "cuda")]
+    Gpu(std::sync::Arc<super::cuda::CudaRuntime>),
+}
+
+/// Runs kernels: a CUDA GPU or the CPU SIMT emulator. Cheap to clone.
+#[derive(Clone)]
+pub struct KernelDevice {
+    backend: Backend,
+}
+
+/// Who frees a buffer's memory.
+enum Owner {
+    /// Emulator memory: a 16-byte aligned host allocation.
+    Host(#[allow(dead_code)] Vec<u128>),
+    #[cfg(feature = "cuda")]
+    Gpu(std::sync::Arc<super::cuda::CudaRuntime>),
+}
+
+/// A typed buffer of `len` elements in device memory (host memory under the emulator).
+pub struct DevBuf<T> {
+    ptr: u64,
+    len: usize,
+    owner: Owner,
+    _t: PhantomData<T>,
+}
+
+impl<T> DevBuf<T> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The raw device address (a host address under the emulator).
+    pub fn device_ptr(&self) -> u64 {
+        self.ptr
+    }
+    pub fn bytes(&self) -> usize {
+        self.len * std::mem::size_of::<T>()
+    }
+}
+
+impl<T> Drop for DevBuf<T> {
+    fn drop(&mut self) {
+        match &self.owner {
+            Owner::Host(_) => {}
+            #[cfg(feature = "cuda")]
+            Owner::Gpu(rt) => rt.free(self.ptr),
+        }
+    }
+}
+
+/// Byte pattern written into fresh buffers under the emulator: 0xFF bytes are NaN in f32 and
+/// bf16, so an element a kernel forgot to write shows up in every comparison.
+const POISON: u8 = 0xFF;
+
+impl KernelDevice {
+    /// The CPU SIMT emulator: always available.
+    pub fn emulator() -> KernelDevice {
+        KernelDevice {
+            backend: Backend::Emulator,
+        }
+    }
+
+    /// The CUDA GPU `ordinal`, if the driver and the embedded kernels are there.
+    #[cfg(feature = "cuda")]
+    pub fn cuda(ordinal: usize) -> KernelResult<KernelDevice> {
+        Ok(KernelDevice {
+            backend: Backend::Gpu(super::cuda::CudaRuntime::new(ordinal)?),
+        })
+    }
+
+    /// The first GPU when one is usable, else `None` (never panics; CUDA.md §2).
+    pub fn gpu_if_available() -> Option<KernelDevice> {
+        #[cfg(feature = "cuda")]
+        {
+            match super::probe_cuda() {
+                super::CudaProbe::Found(_) => KernelDevice::cuda(0).ok(),
+                _ => None,
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            None
+        }
+    }
+
+    pub fn is_emulator(&self) -> bool {
+        matches!(self.backend, Backend::Emulator)
+    }
+
+    /// "emulator" or the GPU's name.
+    pub fn name(&self) -> String {
+        match &self.backend {
+            Backend::Emulator => "emulator".into(),
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(rt) => rt.name(),
+        }
+    }
+
+    /// An uninitialised buffer (poisoned under the emulator).
+    pub fn alloc<T: Pod>(&self, len: usize) -> KernelResult<DevBuf<T>> {
+        let bytes = len * std::mem::size_of::<T>();
+        match &self.backend {
+            Backend::Emulator => {
+                let mut host = vec![0u128; bytes.div_ceil(16).max(1)];
+                bytemuck::cast_slice_mut::<u128, u8>(&mut host).fill(POISON);
+                Ok(DevBuf {
+                    ptr: host.as_ptr() as u64,
+                    len,
+                    owner: Owner::Host(host),
+                    _t: PhantomData,
+                })
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(rt) => Ok(DevBuf {
+                ptr: rt.alloc(bytes.max(1))?,
+                len,
+                owner: Owner::Gpu(rt.clone()),
+                _t: PhantomData,
+            }),
+        }
+    }
+
+    /// A buffer of zeros.
+    pub fn zeros<T: Pod>(&self, len: usize) -> KernelResult<DevBuf<T>> {
+        let b = self.alloc::<T>(len)?;
+        self.memset_zero(&b)?;
+        Ok(b)
+    }
+
+    pub fn memset_zero<T: Pod>(&self, b: &DevBuf<T>) -> KernelResult<()> {
+        match &self.backend {
+            Backend::Emulator => {
+                // SAFETY: `b` owns `b.bytes()` bytes of host memory at `b.ptr`.
+                unsafe { std::ptr::write_bytes(b.ptr as *mut u8, 0, b.bytes()) };
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(rt) => rt.memset_zero(b.ptr, b.bytes()),
+        }
+    }
+
+    pub fn upload<T: Pod>(&self, host: &[T]) -> KernelResult<DevBuf<T>> {
+        let b = self.alloc::<T>(host.len())?;
+        self.copy_to_device(host, &b)?;
+        Ok(b)
+    }
+
+    pub fn copy_to_device<T: Pod>(&self, host: &[T], b: &DevBuf<T>) -> KernelResult<()> {
+        if host.len() != b.len {
+            return Err(KernelError::Invalid(format!(
+                "upload of {} elements into a buffer of {}",
+                host.len(),
+                b.len
+            )));
+        }
+        let src: &[u8] = bytemuck::cast_slice(host);
+        match &self.backend {
+            Backend::Emulator => {
+                // SAFETY: `b` owns exactly `src.len()` bytes at `b.ptr`; the regions are disjoint.
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), b.ptr as *mut u8, src.len()) };
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(rt) => rt.htod(src, b.ptr),
+        }
+    }
+
+    /// Copies the buffer back (waits for the work queued before it).
+    pub fn download<T: Pod>(&self, b: &DevBuf<T>) -> KernelResult<Vec<T>> {
+        let mut host = vec![T::zeroed(); b.len];
+        let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut host);
+        match &self.backend {
+            Backend::Emulator => {
+                // SAFETY: as in `copy_to_device`.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(b.ptr as *const u8, dst.as_mut_ptr(), dst.len())
+                };
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(rt) => rt.dtoh(b.ptr, dst)?,
+        }
+        Ok(host)
+    }
+
+    /// Launches `kernel` (an `extern "C" __global__` name from `cuda/*.cu`).
+    pub fn launch(&self, kernel: &str, cfg: LaunchCfg, mut args: KernelArgs) -> KernelResult<()> {
+        let threads = cfg.block.iter().map(|&d| d as u64).product::<u64>();
+        if threads == 0 || threads > 1024 || cfg.grid.contains(&0) {
+            return Err(KernelError::Invalid(format!(
+                "{kernel}: bad launch {cfg:?}"
+            )));
+        }
+        let mut ptrs = args.pointers();
+        match &self.backend {
+            Backend::Emulator => {
+                emu::emu_launch(kernel, cfg.grid, cfg.block, cfg.shared_bytes, &mut ptrs)?;
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(rt) => rt.launch(kernel, cfg, &mut ptrs),
+        }
+    }
+
+    /// Waits for every queued launch and reports the first asynchronous error.
+    pub fn synchronize(&self) -> KernelResult<()> {
+        match &self.backend {
+            Backend::Emulator => Ok(()),
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(rt) => rt.synchronize(),
+        }
+    }
+
+    /// Queues a cuBLASLt GEMM (GPU only; the emulator's GEMMs run on the CPU in `kernels::gemm`).
+    pub(crate) fn gpu_gemm(&self, spec: &GemmSpec, ptrs: &GemmPtrs) -> Option<KernelResult<()>> {
+        match &self.backend {
+            Backend::Emulator => {
+                let _ = (spec, ptrs);
+                None
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(rt) => Some(rt.gemm(spec, ptrs)),
+        }
+    }
+
+    /// Milliseconds `work` takes on the device: CUDA events around it on a GPU, the host clock
+    /// under the emulator (meaningless for speed, but the same code path).
+    pub fn time_ms(&self, work: impl FnOnce() -> KernelResult<()>) -> KernelResult<f32> {
+        match &self.backend {
+            Backend::Emulator => {
+                let t = std::time::Instant::now();
+                work()?;
+                Ok(t.elapsed().as_secs_f32() * 1e3)
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(rt) => rt.time_ms(work),
+        }
+    }
+}

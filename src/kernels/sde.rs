@@ -1,0 +1,437 @@
+//! The SDE and loss arithmetic of the few-step sampler and the AdvDMD losses on flat `[B, D]`
+//! batches (ALGORITHM.md §3.1, §4.1, §4.2): the ρ-family transition with its Gaussian
+//! log-probability and the log-probability's gradient with respect to the velocity, the DMD
+//! gradient with its per-sample normaliser, and flow-matching noising.
+//!
+//! These CPU functions are the twins of `cuda/sde.cu`. They mirror — rather than call, since
+//! `kernels` sits below `flow` and `train` — `flow::sde::{rho_step, log_prob, log_prob_grad_v}`,
+//! `train::losses::dmd_gradient` and the noising inside `train::losses::fake_score_loss`, with
+//! σ and σ' per sample; tests/kernels/sde.rs checks that both agree.
+
+/// Where the transition's next state comes from.
+#[derive(Clone, Copy, Debug)]
+pub enum NextState<'a> {
+    /// The rollout: `x' = μ + s·z` with this noise `z [B, D]`.
+    Sample(&'a [f32]),
+    /// The policy-gradient recompute: `x' [B, D]` from the rollout, held fixed while `μ` moves.
+    Given(&'a [f32]),
+}
+
+/// The ρ-step of a batch.
+#[derive(Clone, Debug)]
+pub struct RhoStepBatch {
+    /// `x'` (the sampled state, or the given one).
+    pub next: Vec<f32>,
+    /// `x̂0 = x − σ·v`.
+    pub x0: Vec<f32>,
+    /// `μ = (1−σ')·x̂0 + σ'·sqrt(1−ρ²)·ε̂` (`x̂0` when σ' ≤ 0).
+    pub mean: Vec<f32>,
+    /// `∂ℓ/∂v̂ = c·(x' − μ)/(D·s²)`; 0 where `s = 0` (no density).
+    pub grad_v: Vec<f32>,
+    /// `ℓ = (1/D)·Σ [−(x' − μ)²/(2s²) − log s − ½ log 2π]` per sample; NaN where `s = 0`.
+    pub log_prob: Vec<f64>,
+}
+
+/// The ρ-family transition of every sample of `x, v [B, D]` from `sigma[b]` to `sigma_next[b]`
+/// (`B = sigma.len()`), with its log-probability and the log-probability's velocity gradient.
+pub fn rho_step_batch(
+    x: &[f32],
+    v: &[f32],
+    next: NextState,
+    sigma: &[f32],
+    sigma_next: &[f32],
+    rho: f32,
+) -> RhoStepBatch {
+    let b = sigma.len();
+    assert_eq!(sigma_next.len(), b, "rho_step_batch: σ and σ' lengths");
+    assert!(
+        x.len() == v.len() && (b == 0 || x.len() % b == 0),
+        "rho_step_batch: x {} and v {} for {b} samples",
+        x.len(),
+        v.len()
+    );
+    let d = x.len().checked_div(b).unwrap_or(0);
+    let src = match next {
+        NextState::Sample(z) | NextState::Given(z) => z,
+    };
+    assert_eq!(src.len(), x.len(), "rho_step_batch: noise / next size");
+    let mut out = RhoStepBatch {
+        next: vec![0.0; x.len()],
+        x0: vec![0.0; x.len()],
+        mean: vec![0.0; x.len()],
+        grad_v: vec![0.0; x.len()],
+        log_prob: vec![f64::NAN; b],
+    };
+    for s in 0..b {
+        let r = s * d..(s + 1) * d;
+        let (sg, sn) = (sigma[s], sigma_next[s]);
+        let det = sn <= 0.0 || sn.is_nan();
+        let keep = if det {
+            0.0
+        } else {
+            sn * (1.0 - rho * rho).max(0.0).sqrt()
+        };
+        let std = if det { 0.0 } else { sn * rho };
+        let mut sq = 0f64;
+        for i in r.clone() {
+            let x0 = x[i] - sg * v[i];
+            let eps = x[i] + (1.0 - sg) * v[i];
+            let mean = if det {
+                x0
+            } else {
+                (1.0 - sn) * x0 + keep * eps
+            };
+            let nx = match next {
+                NextState::Given(given) => given[i],
+                NextState::Sample(z) if !det => mean + std * z[i],
+                NextState::Sample(_) => x0,
+            };
+            out.x0[i] = x0;
+            out.mean[i] = mean;
+            out.next[i] = nx;
+            sq += (nx as f64 - mean as f64).powi(2);
+        }
+        if std > 0.0 {
+            // flow::sde::log_prob and log_prob_grad_v, term for term.
+            let sd = std as f64;
+            out.log_prob[s] = -sq / (2.0 * sd * sd * d as f64)
+                - sd.ln()
+                - 0.5 * (2.0 * std::f64::consts::PI).ln();
+            let c = keep * (1.0 - sg) - sg * (1.0 - sn);
+            let scale = c as f64 / (d as f64 * sd.powi(2));
+            for i in r {
+                out.grad_v[i] = (scale * (out.next[i] as f64 - out.mean[i] as f64)) as f32;
+            }
+        }
+    }
+    out
+}
+
+/// The DMD gradient of every sample of `[B, D]` (`B = len / d`): `scale·(x̂0_fake − x̂0_real) /
+/// mean_d |x − x̂0_real|`, non-finite entries → 0 before scaling (`train::losses::dmd_gradient`).
+pub fn dmd_gradient_batch(
+    x: &[f32],
+    x0_real: &[f32],
+    x0_fake: &[f32],
+    d: usize,
+    scale: f32,
+) -> Vec<f32> {
+    assert!(
+        x.len() == x0_real.len() && x.len() == x0_fake.len(),
+        "dmd_gradient_batch: sizes differ"
+    );
+    if d == 0 {
+        return Vec::new();
+    }
+    let mut g = vec![0f32; x.len()];
+    for (s, gs) in g.chunks_mut(d).enumerate() {
+        let r = s * d..(s + 1) * d;
+        let norm = x[r.clone()]
+            .iter()
+            .zip(&x0_real[r.clone()])
+            .map(|(a, b)| (*a as f64 - *b as f64).abs())
+            .sum::<f64>()
+            / d as f64;
+        for ((o, f), rr) in gs.iter_mut().zip(&x0_fake[r.clone()]).zip(&x0_real[r]) {
+            let q = ((*f as f64 - *rr as f64) / norm) as f32;
+            *o = if q.is_finite() { scale * q } else { 0.0 };
+        }
+    }
+    g
+}
+
+/// Flow-matching noising of `x0, noise [B, D]` at `sigma[b]`: `(x_σ, target)` with
+/// `x_σ = (1−σ)·x0 + σ·noise` and the velocity target `noise − x0`.
+pub fn flow_noise(x0: &[f32], noise: &[f32], sigma: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    assert_eq!(x0.len(), noise.len(), "flow_noise: sizes differ");
+    let b = sigma.len();
+    assert!(
+        b > 0 && x0.len() % b == 0,
+        "flow_noise: {} elements for {b} samples",
+        x0.len()
+    );
+    let d = x0.len() / b;
+    let xt = (0..x0.len())
+        .map(|i| (1.0 - sigma[i / d]) * x0[i] + sigma[i / d] * noise[i])
+        .collect();
+    let target = x0.iter().zip(noise).map(|(a, n)| n - a).collect();
+    (xt, target)
+}
+
+/// Launchers of `cuda/sde.cu` on a [`KernelDevice`] (a GPU, or the emulator in CI). All data f32
+/// `[B, D]` device buffers, σ and σ' f32 `[B]`, log-probabilities f64 `[B]`.
+pub mod dev {
+    use crate::device::kernel::{
+        DevBuf, KernelArgs, KernelDevice, KernelError, KernelResult, LaunchCfg,
+    };
+
+    const THREADS: u32 = 256;
+    /// Elements per block of the reducing kernels: 4 per thread per step, 4 steps. At SD3's
+    /// 16×128×128 latents that is 64 blocks per sample.
+    const CHUNK: usize = 4096;
+
+    /// (blocks per sample, elements per block): depends on D alone, so the partial sums — and
+    /// the results — are the same on every GPU. `per` is a multiple of 4 (whole vectors).
+    fn chunking(d: usize) -> (usize, usize) {
+        let per = CHUNK.min(d.div_ceil(4) * 4).max(4);
+        (d.div_ceil(per).max(1), per)
+    }
+
+    fn grid(p: usize, b: usize) -> LaunchCfg {
+        LaunchCfg::grid2(p as u32, b as u32, THREADS)
+    }
+
+    fn opt<T>(a: KernelArgs, b: Option<&DevBuf<T>>) -> KernelArgs {
+        match b {
+            Some(b) => a.buf(b),
+            None => a.null(),
+        }
+    }
+
+    fn check(cond: bool, what: impl FnOnce() -> String) -> KernelResult<()> {
+        if cond {
+            Ok(())
+        } else {
+            Err(KernelError::Invalid(what()))
+        }
+    }
+
+    /// Where the next state comes from (see [`super::NextState`]).
+    #[derive(Clone, Copy)]
+    pub enum NextState<'a> {
+        /// The rollout: `x' = μ + s·z`, written to the `next` output.
+        Sample(&'a DevBuf<f32>),
+        /// The recompute: `x'` given and held fixed; no `next` output.
+        Given(&'a DevBuf<f32>),
+    }
+
+    /// Output buffers of [`rho_step_into`]; `None` skips writing that output.
+    pub struct RhoStepOutputs<'a> {
+        /// Written only for [`NextState::Sample`].
+        pub next: Option<&'a DevBuf<f32>>,
+        pub x0: Option<&'a DevBuf<f32>>,
+        pub mean: Option<&'a DevBuf<f32>>,
+        pub grad_v: Option<&'a DevBuf<f32>>,
+        /// `[B]`, always written.
+        pub log_prob: &'a DevBuf<f64>,
+    }
+
+    /// The ρ-step of `x, v [B, D]` from `sigma[b]` to `sigma_next[b]`: one pass over x, v and z
+    /// (or the given x'), then a per-sample reduction of the log-probability.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rho_step_into(
+        dev: &KernelDevice,
+        out: &RhoStepOutputs,
+        x: &DevBuf<f32>,
+        v: &DevBuf<f32>,
+        next: NextState,
+        sigma: &DevBuf<f32>,
+        sigma_next: &DevBuf<f32>,
+        rho: f32,
+        (b, d): (usize, usize),
+    ) -> KernelResult<()> {
+        let n = b * d;
+        let (src, z, given) = match next {
+            NextState::Sample(z) => (z, Some(z), None),
+            NextState::Given(g) => (g, None, Some(g)),
+        };
+        let sizes = [Some(x), Some(v), Some(src), out.next, out.x0, out.mean, out.grad_v];
+        check(sizes.iter().flatten().all(|t| t.len() == n), || {
+            format!("sde_rho_step: every [B, D] buffer must hold {b}x{d}")
+        })?;
+        check(
+            sigma.len() == b && sigma_next.len() == b && out.log_prob.len() == b,
+            || format!("sde_rho_step: σ, σ' and log_prob must hold {b}"),
+        )?;
+        if b == 0 {
+            return Ok(());
+        }
+        let (p, per) = chunking(d);
+        let sq = dev.alloc::<f32>(b * p)?;
+        let next_out = if given.is_some() { None } else { out.next };
+        let mut args = opt(KernelArgs::new(), next_out);
+        args = opt(args, out.x0);
+        args = opt(args, out.mean);
+        args = opt(args, out.grad_v);
+        args = args.buf(&sq).buf(x).buf(v);
+        args = opt(args, z);
+        args = opt(args, given);
+        args = args
+            .buf(sigma)
+            .buf(sigma_next)
+            .f32(rho)
+            .i64(d as i64)
+            .i64(per as i64);
+        dev.launch("sde_rho_step", grid(p, b), args)?;
+        dev.launch(
+            "sde_logprob_finalize",
+            LaunchCfg::linear(b.div_ceil(32) as u32, 32),
+            KernelArgs::new()
+                .buf(out.log_prob)
+                .buf(&sq)
+                .buf(sigma_next)
+                .f32(rho)
+                .i32(b as i32)
+                .i32(p as i32)
+                .i64(d as i64),
+        )
+    }
+
+    /// Every output of the ρ-step (`next` is `None` for [`NextState::Given`]).
+    pub struct RhoStep {
+        pub next: Option<DevBuf<f32>>,
+        pub x0: DevBuf<f32>,
+        pub mean: DevBuf<f32>,
+        pub grad_v: DevBuf<f32>,
+        pub log_prob: DevBuf<f64>,
+    }
+
+    /// [`rho_step_into`] with fresh buffers for every output.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rho_step(
+        dev: &KernelDevice,
+        x: &DevBuf<f32>,
+        v: &DevBuf<f32>,
+        next: NextState,
+        sigma: &DevBuf<f32>,
+        sigma_next: &DevBuf<f32>,
+        rho: f32,
+        (b, d): (usize, usize),
+    ) -> KernelResult<RhoStep> {
+        let n = b * d;
+        let next_buf = match next {
+            NextState::Sample(_) => Some(dev.alloc::<f32>(n)?),
+            NextState::Given(_) => None,
+        };
+        let (x0, mean, grad_v) = (dev.alloc(n)?, dev.alloc(n)?, dev.alloc(n)?);
+        let log_prob = dev.alloc::<f64>(b)?;
+        rho_step_into(
+            dev,
+            &RhoStepOutputs {
+                next: next_buf.as_ref(),
+                x0: Some(&x0),
+                mean: Some(&mean),
+                grad_v: Some(&grad_v),
+                log_prob: &log_prob,
+            },
+            x,
+            v,
+            next,
+            sigma,
+            sigma_next,
+            rho,
+            (b, d),
+        )?;
+        Ok(RhoStep {
+            next: next_buf,
+            x0,
+            mean,
+            grad_v,
+            log_prob,
+        })
+    }
+
+    /// The DMD gradient `scale·nan_to_num((x̂0_fake − x̂0_real) / mean_d|x − x̂0_real|)` per
+    /// sample, into `g`: a partial-sum pass over x and x̂0_real, then the elementwise pass.
+    #[allow(clippy::too_many_arguments)]
+    pub fn dmd_gradient_into(
+        dev: &KernelDevice,
+        g: &DevBuf<f32>,
+        x: &DevBuf<f32>,
+        x0_real: &DevBuf<f32>,
+        x0_fake: &DevBuf<f32>,
+        (b, d): (usize, usize),
+        scale: f32,
+    ) -> KernelResult<()> {
+        let n = b * d;
+        check(
+            [g, x, x0_real, x0_fake].iter().all(|t| t.len() == n),
+            || format!("dmd_gradient: every buffer must hold {b}x{d}"),
+        )?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (p, per) = chunking(d);
+        let part = dev.alloc::<f32>(b * p)?;
+        dev.launch(
+            "dmd_abs_partial",
+            grid(p, b),
+            KernelArgs::new()
+                .buf(&part)
+                .buf(x)
+                .buf(x0_real)
+                .i64(d as i64)
+                .i64(per as i64),
+        )?;
+        dev.launch(
+            "dmd_grad_apply",
+            grid(p, b),
+            KernelArgs::new()
+                .buf(g)
+                .buf(x0_real)
+                .buf(x0_fake)
+                .buf(&part)
+                .i64(d as i64)
+                .i64(per as i64)
+                .f32(scale),
+        )
+    }
+
+    pub fn dmd_gradient(
+        dev: &KernelDevice,
+        x: &DevBuf<f32>,
+        x0_real: &DevBuf<f32>,
+        x0_fake: &DevBuf<f32>,
+        (b, d): (usize, usize),
+        scale: f32,
+    ) -> KernelResult<DevBuf<f32>> {
+        let g = dev.alloc::<f32>(b * d)?;
+        dmd_gradient_into(dev, &g, x, x0_real, x0_fake, (b, d), scale)?;
+        Ok(g)
+    }
+
+    /// `x_σ = (1−σ_b)·x0 + σ_b·noise` into `xt` and, when given, `noise − x0` into `target`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn flow_noise_into(
+        dev: &KernelDevice,
+        xt: &DevBuf<f32>,
+        target: Option<&DevBuf<f32>>,
+        x0: &DevBuf<f32>,
+        noise: &DevBuf<f32>,
+        sigma: &DevBuf<f32>,
+        (b, d): (usize, usize),
+    ) -> KernelResult<()> {
+        let n = b * d;
+        check(
+            [Some(xt), target, Some(x0), Some(noise)]
+                .iter()
+                .flatten()
+                .all(|t| t.len() == n)
+                && sigma.len() == b,
+            || format!("flow_noise: buffers must hold {b}x{d} and σ {b}"),
+        )?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (p, _) = chunking(d);
+        let args = opt(KernelArgs::new().buf(xt), target)
+            .buf(x0)
+            .buf(noise)
+            .buf(sigma)
+            .i64(d as i64);
+        dev.launch("flow_noise", grid(p, b), args)
+    }
+
+    /// `(x_σ, target)`.
+    pub fn flow_noise(
+        dev: &KernelDevice,
+        x0: &DevBuf<f32>,
+        noise: &DevBuf<f32>,
+        sigma: &DevBuf<f32>,
+        (b, d): (usize, usize),
+    ) -> KernelResult<(DevBuf<f32>, DevBuf<f32>)> {
+        let (xt, target) = (dev.alloc(b * d)?, dev.alloc(b * d)?);
+        flow_noise_into(dev, &xt, Some(&target), x0, noise, sigma, (b, d))?;
+        Ok((xt, target))
+    }
+}

@@ -1,0 +1,373 @@
+//! The CPU SIMT emulator (src/device/emu.rs, cuda/emu/) on its own test kernels
+//! (cuda/emu/tests/emu_tests.cu): block and warp collectives, dynamic shared memory, the
+//! tensor-core twins against plain loops, bf16/fp16 rounding, and the errors it must report
+//! instead of hanging or aborting.
+
+use advdmd::device::emu::{emu_kernel_names, emu_launch, EmuError};
+use std::ffi::c_void;
+
+/// `&mut value` as the launch's untyped argument pointer.
+fn arg<T>(v: &mut T) -> *mut c_void {
+    (v as *mut T).cast()
+}
+
+/// A deterministic pseudo-random sequence in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+#[test]
+fn block_sum_over_rows_not_a_multiple_of_the_block() {
+    for (rows, n, threads) in [
+        (3usize, 1000usize, 256u32),
+        (5, 37, 64),
+        (2, 4099, 1024),
+        (4, 1, 32),
+    ] {
+        let mut x = values(rows * n, n as u64);
+        x[0] = 0.0; // one zero, for the nonzero count
+        let mut out = vec![f32::NAN; rows];
+        let mut nonzero = vec![-1i32; rows];
+        let (mut px, mut po, mut pn, mut n32) =
+            (x.as_ptr(), out.as_mut_ptr(), nonzero.as_mut_ptr(), n as i32);
+        emu_launch(
+            "emu_test_block_sum",
+            [rows as u32, 1, 1],
+            [threads, 1, 1],
+            0,
+            &mut [arg(&mut px), arg(&mut po), arg(&mut pn), arg(&mut n32)],
+        )
+        .unwrap();
+        for r in 0..rows {
+            let row = &x[r * n..(r + 1) * n];
+            let want: f64 = row.iter().map(|&v| v as f64).sum();
+            assert!(
+                (out[r] as f64 - want).abs() < 1e-4 * (1.0 + want.abs()) + 1e-4,
+                "rows {rows} n {n} threads {threads}: row {r}: {} vs {want}",
+                out[r]
+            );
+            // Threads with at least one nonzero element in their block-stride slice.
+            let want_nz = (0..threads as usize)
+                .filter(|&t| (t..n).step_by(threads as usize).any(|i| row[i] != 0.0))
+                .count();
+            assert_eq!(nonzero[r] as usize, want_nz, "row {r}");
+        }
+    }
+}
+
+#[test]
+fn warp_intrinsics_match_cuda_semantics() {
+    for threads in [64u32, 96] {
+        let mut out = vec![i32::MIN; 12 * threads as usize];
+        let mut po = out.as_mut_ptr();
+        emu_launch(
+            "emu_test_warp_ops",
+            [1, 1, 1],
+            [threads, 1, 1],
+            0,
+            &mut [arg(&mut po)],
+        )
+        .unwrap();
+        for t in 0..threads as i32 {
+            let o = &out[12 * t as usize..12 * t as usize + 12];
+            let (lane, base) = (t % 32, t - t % 32);
+            let v = |l: i32| 100 * (base + l);
+            let ballot3 = (0..32).filter(|l| l % 3 == 0).fold(0u32, |m, l| m | 1 << l) as i32;
+            let seg = lane & !7;
+            let want = [
+                v(3),
+                v(lane ^ 5),
+                if lane + 4 < 32 { v(lane + 4) } else { v(lane) },
+                if lane >= 4 { v(lane - 4) } else { v(lane) },
+                v(lane), // lane ^ 9 leaves the 8-lane segment
+                v(seg + 5),
+                ballot3,
+                1,
+                1,
+                if lane % 2 == 0 { v(lane ^ 2) } else { -1 },
+                if lane % 2 == 0 { 0b0101_0101 } else { -1 },
+                (if lane < 31 { v(lane + 1) } else { v(lane) }) as f32 as i32,
+            ];
+            assert_eq!(o, want, "thread {t} of {threads}");
+        }
+    }
+}
+
+#[test]
+fn partial_warp_reads_missing_lanes_as_poison() {
+    let mut sums = vec![0f32; 2];
+    let mut ps = sums.as_mut_ptr();
+    emu_launch(
+        "emu_test_partial_warp",
+        [1, 1, 1],
+        [48, 1, 1],
+        0,
+        &mut [arg(&mut ps)],
+    )
+    .unwrap();
+    assert_eq!(sums[0], 32.0);
+    assert!(
+        sums[1].is_nan(),
+        "a warp of 16 lanes summing over 32: {}",
+        sums[1]
+    );
+}
+
+#[test]
+fn tiled_matmul_with_dynamic_shared_memory() {
+    for (m, n, k) in [(33usize, 17usize, 40usize), (16, 16, 16), (5, 70, 3)] {
+        let a = values(m * k, 1);
+        let b = values(k * n, 2);
+        let mut c = vec![f32::NAN; m * n];
+        let (mut pa, mut pb, mut pc) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+        let (mut mi, mut ni, mut ki) = (m as i32, n as i32, k as i32);
+        emu_launch(
+            "emu_test_matmul",
+            [n.div_ceil(16) as u32, m.div_ceil(16) as u32, 1],
+            [16, 16, 1],
+            2 * 16 * 16 * 4,
+            &mut [
+                arg(&mut pa),
+                arg(&mut pb),
+                arg(&mut pc),
+                arg(&mut mi),
+                arg(&mut ni),
+                arg(&mut ki),
+            ],
+        )
+        .unwrap();
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
+                let got = c[i * n + j];
+                assert!(
+                    (got - want).abs() < 1e-4,
+                    "{m}x{n}x{k} at ({i},{j}): {got} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn dynamic_shared_memory_is_poisoned_before_every_block() {
+    let mut out = vec![0f32; 3 * 32];
+    let mut po = out.as_mut_ptr();
+    emu_launch(
+        "emu_test_smem_poison",
+        [3, 1, 1],
+        [32, 1, 1],
+        32 * 4,
+        &mut [arg(&mut po)],
+    )
+    .unwrap();
+    assert!(out.iter().all(|v| v.is_nan()), "{out:?}");
+}
+
+fn bf16_bits(x: f32) -> u16 {
+    half::bf16::from_f32(x).to_bits()
+}
+
+#[test]
+fn mma_and_ldmatrix_match_a_plain_product() {
+    // bf16 inputs with few significant bits so every product and sum is exact in f32.
+    let round = |v: f32| (v * 8.0).round() / 8.0;
+    let a: Vec<f32> = values(256, 7).into_iter().map(round).collect();
+    let b: Vec<f32> = values(256, 8).into_iter().map(round).collect();
+    let c: Vec<f32> = values(256, 9).into_iter().map(round).collect();
+    let ab: Vec<u16> = a.iter().map(|&v| bf16_bits(v)).collect();
+    let bb: Vec<u16> = b.iter().map(|&v| bf16_bits(v)).collect();
+    for mode in 0..3i32 {
+        let mut d = vec![f32::NAN; 256];
+        let (mut pa, mut pb, mut pc, mut pd, mut md) =
+            (ab.as_ptr(), bb.as_ptr(), c.as_ptr(), d.as_mut_ptr(), mode);
+        emu_launch(
+            "emu_test_mma",
+            [1, 1, 1],
+            [32, 1, 1],
+            0,
+            &mut [
+                arg(&mut pa),
+                arg(&mut pb),
+                arg(&mut pc),
+                arg(&mut pd),
+                arg(&mut md),
+            ],
+        )
+        .unwrap();
+        for i in 0..16 {
+            for j in 0..16 {
+                let want =
+                    c[i * 16 + j] + (0..16).map(|k| a[i * 16 + k] * b[k * 16 + j]).sum::<f32>();
+                assert_eq!(d[i * 16 + j], want, "mode {mode} at ({i},{j})");
+            }
+        }
+    }
+}
+
+#[test]
+fn bf16_and_fp16_round_to_nearest_even() {
+    let mut x: Vec<f32> = values(4096, 3).into_iter().map(|v| v * 70000.0).collect();
+    x.extend([
+        0.0,
+        -0.0,
+        1.0 + 1.0 / 256.0, // bf16 tie: rounds to even (1.0)
+        1.0 + 3.0 / 256.0, // bf16 tie: rounds up
+        65504.0,
+        65520.0, // fp16 overflows to inf
+        1e-7,    // fp16 subnormal
+        6e-8,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MAX,
+        f32::MIN_POSITIVE,
+    ]);
+    let n = x.len();
+    let (mut y, mut h) = (vec![0u16; n], vec![0u16; n]);
+    let (mut px, mut py, mut ph, mut ni) = (x.as_ptr(), y.as_mut_ptr(), h.as_mut_ptr(), n as i32);
+    emu_launch(
+        "emu_test_convert",
+        [n.div_ceil(128) as u32, 1, 1],
+        [128, 1, 1],
+        0,
+        &mut [arg(&mut px), arg(&mut py), arg(&mut ph), arg(&mut ni)],
+    )
+    .unwrap();
+    for i in 0..n {
+        assert_eq!(y[i], bf16_bits(x[i]), "bf16({})", x[i]);
+        assert_eq!(h[i], half::f16::from_f32(x[i]).to_bits(), "f16({})", x[i]);
+    }
+}
+
+#[test]
+fn a_barrier_that_half_the_block_skips_is_a_deadlock() {
+    let mut x = vec![0f32; 32];
+    let mut px = x.as_mut_ptr();
+    let err = emu_launch(
+        "emu_test_deadlock",
+        [2, 1, 1],
+        [32, 1, 1],
+        0,
+        &mut [arg(&mut px)],
+    )
+    .unwrap_err();
+    let EmuError::Deadlock(msg) = &err else {
+        panic!("expected a deadlock, got {err}")
+    };
+    eprintln!("{msg}");
+    assert!(msg.contains("emu_test_deadlock"), "{msg}");
+    assert!(msg.contains("block (0,0,0)"), "{msg}");
+    assert!(msg.contains("threads 0-15 wait at __syncthreads"), "{msg}");
+    assert!(msg.contains("threads 16-31 have exited"), "{msg}");
+
+    // The emulator is usable again afterwards on this thread.
+    block_sum_over_rows_not_a_multiple_of_the_block();
+}
+
+#[test]
+fn divergent_barriers_and_warp_deadlocks_are_reported() {
+    let mut x = vec![0f32; 64];
+    let mut px = x.as_mut_ptr();
+    let err = emu_launch(
+        "emu_test_divergent",
+        [1, 1, 1],
+        [64, 1, 1],
+        0,
+        &mut [arg(&mut px)],
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, EmuError::Deadlock(m) if m.contains("different __syncthreads")),
+        "{err}"
+    );
+    let err = emu_launch(
+        "emu_test_warp_deadlock",
+        [1, 1, 1],
+        [64, 1, 1],
+        0,
+        &mut [arg(&mut px)],
+    )
+    .unwrap_err();
+    let EmuError::Deadlock(msg) = &err else {
+        panic!("expected a deadlock, got {err}")
+    };
+    eprintln!("{msg}");
+    assert!(msg.contains("__shfl_xor_sync"), "{msg}");
+    assert!(msg.contains("0xffff0000"), "the missing lanes: {msg}");
+    let err = emu_launch(
+        "emu_test_bad_mask",
+        [1, 1, 1],
+        [32, 1, 1],
+        0,
+        &mut [arg(&mut px)],
+    )
+    .unwrap_err();
+    eprintln!("{err}");
+    assert!(
+        matches!(&err, EmuError::Fault(m) if m.contains("not in the mask")),
+        "{err}"
+    );
+}
+
+#[test]
+fn launch_errors() {
+    assert!(emu_kernel_names().contains(&"emu_test_args"));
+    let mut out = 0i64;
+    let (mut po, mut a, mut b, mut c) = (&mut out as *mut i64, 40i64, 2u32, 0.5f32);
+    let err = emu_launch("no_such_kernel", [1, 1, 1], [32, 1, 1], 0, &mut []).unwrap_err();
+    assert_eq!(err, EmuError::UnknownKernel("no_such_kernel".into()));
+    let err = emu_launch(
+        "emu_test_args",
+        [1, 1, 1],
+        [32, 1, 1],
+        0,
+        &mut [arg(&mut po)],
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EmuError::ArgCount {
+                expected: 4,
+                got: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let mut args = [arg(&mut po), arg(&mut a), arg(&mut b), arg(&mut c)];
+    for (grid, block) in [
+        ([1, 1, 1], [1025, 1, 1]),
+        ([1, 1, 1], [32, 33, 1]),
+        ([0, 1, 1], [32, 1, 1]),
+        ([1, 1, 1], [32, 1, 0]),
+    ] {
+        let err = emu_launch("emu_test_args", grid, block, 0, &mut args).unwrap_err();
+        assert!(
+            matches!(err, EmuError::BadLaunch { .. }),
+            "{grid:?} {block:?}: {err}"
+        );
+    }
+    emu_launch("emu_test_args", [1, 1, 1], [32, 1, 1], 0, &mut args).unwrap();
+    assert_eq!(out, 42);
+}
+
+#[test]
+fn launches_from_parallel_threads_do_not_interfere() {
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(tiled_matmul_with_dynamic_shared_memory);
+            s.spawn(warp_intrinsics_match_cuda_semantics);
+        }
+    });
+}

@@ -1,0 +1,147 @@
+//! cuda/adaln.cu ↔ src/kernels/adaln.rs.
+
+use super::*;
+use advdmd::kernels::adaln::{self as cpu, dev as gpu};
+
+const SHAPES: &[(usize, usize, usize)] = &[
+    (1, 1, 8),
+    (2, 7, 24),
+    (2, 33, 1536),
+    (1, 5, 37),
+    (3, 4, 3072),
+    (1, 3, 3080),
+];
+
+#[test]
+fn adaln_modulate_fwd_and_bwd_match_cpu() {
+    for dev in devices() {
+        for &(b, l, d) in SHAPES {
+            let mut rng = Rng::new(17 + d as u64);
+            let x = randn_bf16(&mut rng, b * l * d, 1.5);
+            let shift = randn_bf16(&mut rng, b * d, 0.5);
+            let scale = randn_bf16(&mut rng, b * d, 0.5);
+            let dy = randn_bf16(&mut rng, b * l * d, 1.0);
+            let shape = format!("{b}x{l}x{d}");
+            let (xd, shd, scd, dyd) = (
+                upload_bf16(&dev, &x),
+                upload_bf16(&dev, &shift),
+                upload_bf16(&dev, &scale),
+                upload_bf16(&dev, &dy),
+            );
+            let (y, mean, rstd) =
+                gpu::adaln_modulate_fwd(&dev, &xd, &shd, &scd, (b, l, d), 1e-6).unwrap();
+            let xt = tensor(x.clone(), &[b, l, d]);
+            let (st, ct) = (
+                tensor(shift.clone(), &[b, d]),
+                tensor(scale.clone(), &[b, d]),
+            );
+            let (yc, stats) = cpu::adaln_modulate_fwd(&xt, &st, &ct, 1e-6);
+            check(
+                "adaln_modulate_fwd",
+                &dev,
+                &shape,
+                &download_f32(&dev, &y),
+                yc.f32s(),
+                1e-2,
+            );
+            check(
+                "adaln_modulate_fwd.mean",
+                &dev,
+                &shape,
+                &dev.download(&mean).unwrap(),
+                &stats.mean,
+                1e-4,
+            );
+            check(
+                "adaln_modulate_fwd.rstd",
+                &dev,
+                &shape,
+                &dev.download(&rstd).unwrap(),
+                &stats.rstd,
+                1e-4,
+            );
+
+            let (dx, dsh, dsc) =
+                gpu::adaln_modulate_bwd(&dev, &xd, &scd, &mean, &rstd, &dyd, (b, l, d)).unwrap();
+            let (dxc, dshc, dscc) =
+                cpu::adaln_modulate_bwd(&xt, &ct, &stats, &tensor(dy.clone(), &[b, l, d]));
+            check(
+                "adaln_modulate_bwd.dx",
+                &dev,
+                &shape,
+                &download_f32(&dev, &dx),
+                dxc.f32s(),
+                1e-2,
+            );
+            check(
+                "adaln_modulate_bwd.dshift",
+                &dev,
+                &shape,
+                &dev.download(&dsh).unwrap(),
+                dshc.f32s(),
+                1e-4,
+            );
+            check(
+                "adaln_modulate_bwd.dscale",
+                &dev,
+                &shape,
+                &dev.download(&dsc).unwrap(),
+                dscc.f32s(),
+                1e-4,
+            );
+        }
+    }
+}
+
+#[test]
+fn gated_residual_fwd_and_bwd_match_cpu() {
+    for dev in devices() {
+        for &(b, l, d) in SHAPES {
+            let mut rng = Rng::new(5 + d as u64);
+            let x = randn_bf16(&mut rng, b * l * d, 1.0);
+            let gate = randn_bf16(&mut rng, b * d, 1.0);
+            let y = randn_bf16(&mut rng, b * l * d, 1.0);
+            let dz = randn_bf16(&mut rng, b * l * d, 1.0);
+            let shape = format!("{b}x{l}x{d}");
+            let (xd, gd, yd, dzd) = (
+                upload_bf16(&dev, &x),
+                upload_bf16(&dev, &gate),
+                upload_bf16(&dev, &y),
+                upload_bf16(&dev, &dz),
+            );
+            let out = gpu::gated_residual_fwd(&dev, &xd, &gd, &yd, (b, l, d)).unwrap();
+            let (xt, gt, yt) = (
+                tensor(x, &[b, l, d]),
+                tensor(gate, &[b, d]),
+                tensor(y, &[b, l, d]),
+            );
+            let oc = cpu::gated_residual_fwd(&xt, &gt, &yt);
+            check(
+                "gated_residual_fwd",
+                &dev,
+                &shape,
+                &download_f32(&dev, &out),
+                oc.f32s(),
+                1e-2,
+            );
+            let (dg, dyv) = gpu::gated_residual_bwd(&dev, &gd, &yd, &dzd, (b, l, d)).unwrap();
+            let (dgc, dyc) = cpu::gated_residual_bwd(&gt, &yt, &tensor(dz, &[b, l, d]));
+            check(
+                "gated_residual_bwd.dgate",
+                &dev,
+                &shape,
+                &dev.download(&dg).unwrap(),
+                dgc.f32s(),
+                1e-4,
+            );
+            check(
+                "gated_residual_bwd.dy",
+                &dev,
+                &shape,
+                &download_f32(&dev, &dyv),
+                dyc.f32s(),
+                1e-2,
+            );
+        }
+    }
+}

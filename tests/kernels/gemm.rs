@@ -1,0 +1,264 @@
+//! The device GEMM (cuBLASLt on a GPU, the CPU GEMM under the emulator) against an f64 loop, with
+//! every epilogue the model uses.
+
+use super::*;
+use advdmd::device::kernel::{EpilogueKind as E, GemmSpec};
+use advdmd::kernels::gemm::dev::{gelu_tanh, gelu_tanh_grad, gemm_bf16, EpilogueBufs};
+
+fn reference(spec: &GemmSpec, a: &[f32], b: &[f32]) -> Vec<f32> {
+    let GemmSpec { m, n, k, .. } = *spec;
+    let mut out = vec![0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = 0f64;
+            for p in 0..k {
+                let av = if spec.trans_a {
+                    a[p * m + i]
+                } else {
+                    a[i * k + p]
+                };
+                let bv = if spec.trans_b {
+                    b[j * k + p]
+                } else {
+                    b[p * n + j]
+                };
+                s += av as f64 * bv as f64;
+            }
+            out[i * n + j] = s as f32;
+        }
+    }
+    out
+}
+
+const SHAPES: &[(usize, usize, usize)] =
+    &[(8, 8, 8), (33, 24, 40), (128, 256, 64), (77, 1536, 192)];
+
+#[test]
+fn gemm_with_every_epilogue_matches_reference() {
+    for dev in devices() {
+        for &(m, n, k) in SHAPES {
+            for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
+                let mut rng = Rng::new((m * 31 + n * 7 + k) as u64);
+                let a = randn_bf16(&mut rng, m * k, 1.0);
+                let b = randn_bf16(&mut rng, k * n, 0.2);
+                let bias = randn_bf16(&mut rng, n, 0.5);
+                let (ad, bd, biasd) = (
+                    upload_bf16(&dev, &a),
+                    upload_bf16(&dev, &b),
+                    upload_bf16(&dev, &bias),
+                );
+                let base = GemmSpec {
+                    m,
+                    n,
+                    k,
+                    trans_a,
+                    trans_b,
+                    epilogue: E::None,
+                };
+                let prod = reference(&base, &a, &b);
+                let shape = format!("{m}x{n}x{k} t{}{}", trans_a as u8, trans_b as u8);
+                let c = dev.alloc(m * n).unwrap();
+
+                gemm_bf16(&dev, base, &ad, &bd, &c, EpilogueBufs::default()).unwrap();
+                check("gemm", &dev, &shape, &download_f32(&dev, &c), &prod, 1e-2);
+
+                let spec = GemmSpec {
+                    epilogue: E::Bias,
+                    ..base
+                };
+                gemm_bf16(
+                    &dev,
+                    spec,
+                    &ad,
+                    &bd,
+                    &c,
+                    EpilogueBufs {
+                        bias: Some(&biasd),
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+                let want: Vec<f32> = prod
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| v + bias[i % n])
+                    .collect();
+                check(
+                    "gemm+bias",
+                    &dev,
+                    &shape,
+                    &download_f32(&dev, &c),
+                    &want,
+                    1e-2,
+                );
+
+                let spec = GemmSpec {
+                    epilogue: E::GeluBias,
+                    ..base
+                };
+                gemm_bf16(
+                    &dev,
+                    spec,
+                    &ad,
+                    &bd,
+                    &c,
+                    EpilogueBufs {
+                        bias: Some(&biasd),
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+                let want: Vec<f32> = prod
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| gelu_tanh(v + bias[i % n]))
+                    .collect();
+                check(
+                    "gemm+gelu_bias",
+                    &dev,
+                    &shape,
+                    &download_f32(&dev, &c),
+                    &want,
+                    1e-2,
+                );
+
+                if n % 8 != 0 || trans_a || trans_b {
+                    continue; // the aux epilogues: the layouts the MLP uses, ld a multiple of 8
+                }
+                let aux = dev.alloc(m * n).unwrap();
+                let spec = GemmSpec {
+                    epilogue: E::GeluAuxBias,
+                    ..base
+                };
+                gemm_bf16(
+                    &dev,
+                    spec,
+                    &ad,
+                    &bd,
+                    &c,
+                    EpilogueBufs {
+                        bias: Some(&biasd),
+                        aux: Some(&aux),
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+                let pre: Vec<f32> = prod
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| v + bias[i % n])
+                    .collect();
+                check(
+                    "gemm+gelu_aux_bias.aux",
+                    &dev,
+                    &shape,
+                    &download_f32(&dev, &aux),
+                    &pre,
+                    1e-2,
+                );
+                let want: Vec<f32> = pre.iter().map(|&x| gelu_tanh(x)).collect();
+                check(
+                    "gemm+gelu_aux_bias",
+                    &dev,
+                    &shape,
+                    &download_f32(&dev, &c),
+                    &want,
+                    1e-2,
+                );
+
+                // DGELU with bias gradient, reading the aux just written (rounded to bf16).
+                let aux_host = download_f32(&dev, &aux);
+                let bgrad = dev.alloc(n).unwrap();
+                let spec = GemmSpec {
+                    epilogue: E::DGeluBgrad,
+                    ..base
+                };
+                gemm_bf16(
+                    &dev,
+                    spec,
+                    &ad,
+                    &bd,
+                    &c,
+                    EpilogueBufs {
+                        aux: Some(&aux),
+                        bias_grad: Some(&bgrad),
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+                let want: Vec<f32> = prod
+                    .iter()
+                    .zip(&aux_host)
+                    .map(|(v, &x)| v * gelu_tanh_grad(x))
+                    .collect();
+                check(
+                    "gemm+dgelu_bgrad",
+                    &dev,
+                    &shape,
+                    &download_f32(&dev, &c),
+                    &want,
+                    2e-2,
+                );
+                let mut bg = vec![0f32; n];
+                want.iter().enumerate().for_each(|(i, v)| bg[i % n] += v);
+                check(
+                    "gemm+dgelu_bgrad.bias_grad",
+                    &dev,
+                    &shape,
+                    &download_f32(&dev, &bgrad),
+                    &bg,
+                    2e-2,
+                );
+            }
+            // Weight gradient with the bias gradient: dW[N_out, K_in] = dYᵀ·X, db = Σ_tokens dY.
+            let (tokens, out_f, in_f) = (m, n, k);
+            let mut rng = Rng::new(99 + m as u64);
+            let dy = randn_bf16(&mut rng, tokens * out_f, 1.0);
+            let x = randn_bf16(&mut rng, tokens * in_f, 1.0);
+            let spec = GemmSpec {
+                m: out_f,
+                n: in_f,
+                k: tokens,
+                trans_a: true,
+                trans_b: false,
+                epilogue: E::BgradB,
+            };
+            let (dyd, xd) = (upload_bf16(&dev, &dy), upload_bf16(&dev, &x));
+            let dw = dev.alloc(out_f * in_f).unwrap();
+            let db = dev.alloc(out_f).unwrap();
+            gemm_bf16(
+                &dev,
+                spec,
+                &dyd,
+                &xd,
+                &dw,
+                EpilogueBufs {
+                    bias_grad: Some(&db),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let shape = format!("wgrad {tokens}x{out_f}x{in_f}");
+            check(
+                "gemm+bgradb",
+                &dev,
+                &shape,
+                &download_f32(&dev, &dw),
+                &reference(&spec, &dy, &x),
+                1e-2,
+            );
+            let mut want = vec![0f32; out_f];
+            dy.iter()
+                .enumerate()
+                .for_each(|(i, v)| want[i % out_f] += v);
+            check(
+                "gemm+bgradb.bias_grad",
+                &dev,
+                &shape,
+                &download_f32(&dev, &db),
+                &want,
+                2e-2,
+            );
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! cuda/optim.cu ↔ src/kernels/optim.rs, and src/kernels/optim.rs ↔ src/optim/mod.rs.
+
+use super::*;
+use advdmd::kernels::optim::{self as cpu, dev as gpu, AdamWStep};
+use advdmd::nn::ParamMap;
+use advdmd::optim::{clip_grad_norm, AdamW, AdamWConfig, Ema};
+
+fn randn(rng: &mut Rng, n: usize, std: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.normal() * std).collect()
+}
+
+fn hyper(step: u64) -> AdamWStep {
+    AdamWStep {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        step,
+    }
+}
+
+/// The flat twin against the optimiser the CPU trainer uses: a matrix (decayed) and a vector
+/// (not), three steps with clipping on, then the EMA.
+#[test]
+fn cpu_twin_matches_optim_module() {
+    let mut params = ParamMap::new();
+    let mut rng = Rng::new(5);
+    let a = params.insert("a.weight", tensor(randn(&mut rng, 15, 1.0), &[3, 5]));
+    let b = params.insert("b.bias", tensor(randn(&mut rng, 7, 1.0), &[7]));
+    let h0 = hyper(0);
+    let mut opt = AdamW::new(AdamWConfig {
+        lr: h0.lr,
+        beta1: h0.beta1,
+        beta2: h0.beta2,
+        eps: h0.eps,
+        weight_decay: h0.weight_decay,
+    });
+    let ema = Ema::new(&params, 0.99);
+    let mut w: Vec<f32> = [a.value().f32s(), b.value().f32s()].concat();
+    let (mut m, mut v) = (vec![0f32; 22], vec![0f32; 22]);
+    let mut shadow = w.clone();
+    for step in 1..=3u64 {
+        let g = randn(&mut rng, 22, 2.0);
+        params.zero_grad();
+        a.set_grad(tensor(g[..15].to_vec(), &[3, 5]));
+        b.set_grad(tensor(g[15..].to_vec(), &[7]));
+        let max_norm = 3.0;
+        let norm = clip_grad_norm(&[&params], max_norm);
+        opt.step(&[&params], h0.lr);
+        ema.update(&params);
+
+        let n2 = cpu::grad_norm(&g);
+        assert!((n2 - norm).abs() <= 1e-6 * norm, "norm {n2} vs {norm}");
+        cpu::adamw_step(
+            &mut w,
+            &mut m,
+            &mut v,
+            &g,
+            cpu::clip_factor(n2, max_norm),
+            15,
+            &hyper(step),
+            Some((&mut shadow, 0.99)),
+        );
+        let want: Vec<f32> = [a.value().f32s(), b.value().f32s()].concat();
+        let want_ema: Vec<f32> = [
+            ema.shadow.param("a.weight").value().f32s(),
+            ema.shadow.param("b.bias").value().f32s(),
+        ]
+        .concat();
+        let err = max_rel_err(&w, &want).max(max_rel_err(&shadow, &want_ema));
+        assert!(
+            err <= 1e-6,
+            "step {step}: flat AdamW differs from optim::AdamW by {err:e}"
+        );
+    }
+}
+
+#[test]
+fn grad_norm_matches_cpu() {
+    for dev in devices() {
+        for n in [1usize, 7, 1000, 4103, 70_001, 300_000] {
+            let mut rng = Rng::new(71 + n as u64);
+            let g = randn(&mut rng, n, 0.5);
+            let norm = cpu::grad_norm(&g);
+            let shape = format!("{n}");
+            for max_norm in [0.0, norm * 0.5, norm * 2.0] {
+                let clip = dev
+                    .download(
+                        &gpu::grad_norm_clip(&dev, &dev.upload(&g).unwrap(), max_norm).unwrap(),
+                    )
+                    .unwrap();
+                check(
+                    "grad_norm_clip",
+                    &dev,
+                    &shape,
+                    &clip,
+                    &[norm, cpu::clip_factor(norm, max_norm)],
+                    1e-6,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn adamw_step_matches_cpu() {
+    for dev in devices() {
+        for n in [1usize, 7, 8, 1000, 4103, 70_001] {
+            for (with_extras, clip_on) in [(true, true), (false, false)] {
+                let mut rng = Rng::new(81 + n as u64);
+                let mut w = randn(&mut rng, n, 1.0);
+                let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+                let mut shadow = w.clone();
+                let n_decay = n * 2 / 3;
+                let up = |h: &[f32]| dev.upload(h).unwrap();
+                let (wd, md, vd, ed) = (up(&w), up(&m), up(&v), up(&shadow));
+                let wb = dev.alloc::<bf16>(n).unwrap();
+                let shape = format!("{n}{}", if with_extras { "+bf16+ema+clip" } else { "" });
+                for step in 1..=3u64 {
+                    let g = randn(&mut rng, n, 1.0);
+                    let gd = up(&g);
+                    let max_norm = if clip_on {
+                        cpu::grad_norm(&g) * 0.5
+                    } else {
+                        0.0
+                    };
+                    let clip = gpu::grad_norm_clip(&dev, &gd, max_norm).unwrap();
+                    let bufs = gpu::FlatAdamW {
+                        w: &wd,
+                        w_bf16: with_extras.then_some(&wb),
+                        m: &md,
+                        v: &vd,
+                        g: &gd,
+                        ema: with_extras.then_some((&ed, 0.99)),
+                        n_decay,
+                    };
+                    gpu::adamw_step(&dev, &bufs, clip_on.then_some(&clip), &hyper(step)).unwrap();
+                    let scale = cpu::clip_factor(cpu::grad_norm(&g), max_norm);
+                    let ema = with_extras.then_some((&mut shadow[..], 0.99));
+                    cpu::adamw_step(
+                        &mut w,
+                        &mut m,
+                        &mut v,
+                        &g,
+                        scale,
+                        n_decay,
+                        &hyper(step),
+                        ema,
+                    );
+                }
+                check(
+                    "adamw_step.w",
+                    &dev,
+                    &shape,
+                    &dev.download(&wd).unwrap(),
+                    &w,
+                    1e-5,
+                );
+                check(
+                    "adamw_step.m",
+                    &dev,
+                    &shape,
+                    &dev.download(&md).unwrap(),
+                    &m,
+                    1e-5,
+                );
+                check(
+                    "adamw_step.v",
+                    &dev,
+                    &shape,
+                    &dev.download(&vd).unwrap(),
+                    &v,
+                    1e-5,
+                );
+                if with_extras {
+                    let wbf: Vec<f32> = w.iter().map(|&x| bf16::from_f32(x).to_f32()).collect();
+                    check(
+                        "adamw_step.w_bf16",
+                        &dev,
+                        &shape,
+                        &download_f32(&dev, &wb),
+                        &wbf,
+                        1e-2,
+                    );
+                    check(
+                        "adamw_step.ema",
+                        &dev,
+                        &shape,
+                        &dev.download(&ed).unwrap(),
+                        &shadow,
+                        1e-5,
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# One complete check on a lent GPU machine (design/CUDA.md §5), in one command under 10 minutes:
+# kernel parity tests on the GPU (every kernel vs its CPU twin), compute-sanitizer memcheck and
+# racecheck over them, the kernel benchmarks (GB/s against a measured copy ceiling), PyTorch's
+# SDPA on the attention shapes for reference, and a markdown + JSON report in OUTDIR.
+#
+# The GPU machines have nvcc but no Rust toolchain, so the binaries are built here first:
+#   tools/gpu-check.sh --bundle          (on the dev machine: builds and strips into .gpu/bin)
+#   tools/gpu-check.sh OUTDIR            (on the GPU machine, with .gpu carried along)
+# Where cargo exists (a full CUDA dev box), OUTDIR mode builds the binaries itself.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN=.gpu/bin
+
+bundle() {
+  set -e
+  if [ -z "${NVCC:-}" ]; then NVCC="$(tools/install-cuda-toolchain.sh)"; export NVCC; fi
+  export PATH="$(dirname "$NVCC"):$PATH" ADVDMD_REQUIRE_NVCC=1
+  mkdir -p "$BIN"
+  cargo build --release --bin advdmd
+  local tests bench
+  tests=$(cargo test --release --test kernels --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import sys,json
+for l in sys.stdin:
+  m=json.loads(l)
+  if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]=="kernels": print(m["executable"])' | tail -1)
+  bench=$(cargo bench --bench kernels --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import sys,json
+for l in sys.stdin:
+  m=json.loads(l)
+  if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]=="kernels": print(m["executable"])' | tail -1)
+  cp target/release/advdmd "$BIN/advdmd"
+  cp "$tests" "$BIN/kernels-test"
+  cp "$bench" "$BIN/kernels-bench"
+  strip "$BIN"/*
+  ls -la "$BIN"
+}
+
+if [ "${1:-}" = "--bundle" ]; then bundle; exit $?; fi
+OUT="${1:?usage: tools/gpu-check.sh OUTDIR | --bundle}"
+mkdir -p "$OUT"
+if command -v cargo >/dev/null && [ ! -x "$BIN/kernels-test" ]; then bundle >"$OUT/build.log" 2>&1 || { echo "build failed"; tail -30 "$OUT/build.log"; exit 1; }; fi
+[ -x "$BIN/kernels-test" ] || { echo "no binaries in $BIN: run tools/gpu-check.sh --bundle where cargo is"; exit 1; }
+
+status=0
+step() { # name timeout_s command...
+  local name=$1 t=$2; shift 2
+  local s=$(date +%s.%N)
+  timeout "$t" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  local e=$(python3 -c "print(f'{$(date +%s.%N)-$s:.1f}')")
+  echo "$name rc=$rc ${e}s" | tee -a "$OUT/steps.txt"
+  [ $rc -eq 0 ] || status=1
+  return $rc
+}
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv; nvcc --version | tail -2; } >"$OUT/machine.txt" 2>&1
+"$BIN/advdmd" info >>"$OUT/machine.txt" 2>&1
+export ADVDMD_KERNEL_TESTS_GPU_ONLY=1
+step tests 240 "$BIN/kernels-test" --test-threads=1 --nocapture
+if command -v compute-sanitizer >/dev/null; then
+  step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/kernels-test" --test-threads=1
+  step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 9 "$BIN/kernels-test" --test-threads=1 adaln
+fi
+ADVDMD_BENCH_JSON="$OUT/bench.json" step bench 150 "$BIN/kernels-bench"
+if [ -f tools/bench_vs_torch.py ]; then
+  PYTHONUNBUFFERED=1 step torch 120 python3 tools/bench_vs_torch.py --json "$OUT/torch.json"
+fi
+
+python3 - "$OUT" <<'PY'
+import json, os, re, sys
+out = sys.argv[1]
+rep = {"machine": open(f"{out}/machine.txt").read(), "steps": open(f"{out}/steps.txt").read().split("\n")[:-1], "parity": []}
+pat = re.compile(r"kernel (\S+)\s+device (.+?)\s+shape (.+?)\s+max_rel_err (\S+)")
+if os.path.exists(f"{out}/tests.log"):
+    for l in open(f"{out}/tests.log"):
+        m = pat.search(l)
+        if m: rep["parity"].append({"kernel": m[1], "device": m[2], "shape": m[3], "max_rel_err": float(m[4])})
+for name in ("bench", "torch"):
+    p = f"{out}/{name}.json"
+    if os.path.exists(p):
+        try: rep[name] = json.load(open(p))
+        except Exception as e: rep[name] = f"unreadable: {e}"
+json.dump(rep, open(f"{out}/report.json", "w"), indent=1)
+with open(f"{out}/report.md", "w") as f:
+    f.write("# gpu-check report\n\n```\n" + rep["machine"] + "```\n\n## Steps\n\n" + "\n".join(f"* {s}" for s in rep["steps"]) + "\n\n## Parity (GPU vs CPU twin)\n\n| kernel | shape | max rel err |\n|---|---|---|\n")
+    for p in rep["parity"]:
+        f.write(f"| {p['kernel']} | {p['shape']} | {p['max_rel_err']:.2e} |\n")
+print(open(f"{out}/report.md").read()[-6000:])
+PY
+for s in tests memcheck racecheck bench torch; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
+exit $status
