@@ -16,7 +16,9 @@
 // (the second and third passes hit L2: the head's groups are tens of KB).
 #include "common.cuh"
 
-#define GN_THREADS 256
+// One block per (b, g) and few groups (B·32 for the head): a block of 32 warps per SM keeps
+// enough loads in flight.
+#define GN_THREADS 1024
 #define POOL_ROWS 8  // rows (one warp each) per block of mean_pool_fwd
 
 namespace disc_head {

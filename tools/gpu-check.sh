@@ -12,26 +12,27 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=.gpu/bin
 
+# The executable cargo builds for `cargo KIND --KIND NAME --no-run` (KIND: test or bench).
+artifact() {
+  local rel=""; [ "$1" = test ] && rel=--release
+  cargo "$1" $rel --"$1" "$2" --no-run --message-format=json 2>/dev/null | python3 -c '
+import sys, json
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
+        print(m["executable"])' "$2" | tail -1
+}
+
 bundle() {
   set -e
   if [ -z "${NVCC:-}" ]; then NVCC="$(tools/install-cuda-toolchain.sh)"; export NVCC; fi
   export PATH="$(dirname "$NVCC"):$PATH" ADVDMD_REQUIRE_NVCC=1
   mkdir -p "$BIN"
   cargo build --release --bin advdmd
-  local tests bench
-  tests=$(cargo test --release --test kernels --no-run --message-format=json 2>/dev/null |
-    python3 -c 'import sys,json
-for l in sys.stdin:
-  m=json.loads(l)
-  if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]=="kernels": print(m["executable"])' | tail -1)
-  bench=$(cargo bench --bench kernels --no-run --message-format=json 2>/dev/null |
-    python3 -c 'import sys,json
-for l in sys.stdin:
-  m=json.loads(l)
-  if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]=="kernels": print(m["executable"])' | tail -1)
   cp target/release/advdmd "$BIN/advdmd"
-  cp "$tests" "$BIN/kernels-test"
-  cp "$bench" "$BIN/kernels-bench"
+  cp "$(artifact test kernels)" "$BIN/kernels-test"
+  cp "$(artifact bench kernels)" "$BIN/kernels-bench"
+  cp "$(artifact bench attention)" "$BIN/attention-bench"
   strip "$BIN"/*
   ls -la "$BIN"
 }
@@ -60,9 +61,10 @@ export ADVDMD_KERNEL_TESTS_GPU_ONLY=1
 step tests 240 "$BIN/kernels-test" --test-threads=1 --nocapture
 if command -v compute-sanitizer >/dev/null; then
   step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/kernels-test" --test-threads=1
-  step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 9 "$BIN/kernels-test" --test-threads=1 adaln
+  step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 9 "$BIN/kernels-test" --test-threads=1
 fi
 ADVDMD_BENCH_JSON="$OUT/bench.json" step bench 150 "$BIN/kernels-bench"
+ADVDMD_ATTN_BENCH_JSON="$OUT/attention.json" step attention 120 "$BIN/attention-bench"
 if [ -f tools/bench_vs_torch.py ]; then
   PYTHONUNBUFFERED=1 step torch 120 python3 tools/bench_vs_torch.py --json "$OUT/torch.json"
 fi
@@ -76,7 +78,7 @@ if os.path.exists(f"{out}/tests.log"):
     for l in open(f"{out}/tests.log"):
         m = pat.search(l)
         if m: rep["parity"].append({"kernel": m[1], "device": m[2], "shape": m[3], "max_rel_err": float(m[4])})
-for name in ("bench", "torch"):
+for name in ("bench", "attention", "torch"):
     p = f"{out}/{name}.json"
     if os.path.exists(p):
         try: rep[name] = json.load(open(p))
@@ -88,5 +90,5 @@ with open(f"{out}/report.md", "w") as f:
         f.write(f"| {p['kernel']} | {p['shape']} | {p['max_rel_err']:.2e} |\n")
 print(open(f"{out}/report.md").read()[-6000:])
 PY
-for s in tests memcheck racecheck bench torch; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
+for s in tests memcheck racecheck bench attention torch; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
 exit $status

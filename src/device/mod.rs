@@ -6,9 +6,9 @@
 //! reports what it found as plain data.
 
 #[cfg(feature = "cuda")]
-pub mod cuda;
-#[cfg(feature = "cuda")]
 pub mod cublaslt;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod emu;
 pub mod kernel;
 

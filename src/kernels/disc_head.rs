@@ -209,7 +209,7 @@ pub mod dev {
     use crate::kernels::adaln::dev::sum_splits;
     use half::bf16;
 
-    const GN_THREADS: u32 = 256;
+    const GN_THREADS: u32 = 1024;
     const POOL_ROWS: u32 = 8;
 
     fn check_dims(c: usize, s: usize, groups: usize) -> KernelResult<()> {
@@ -240,7 +240,50 @@ pub mod dev {
     }
 
     /// GroupNorm with affine `weight`, `bias [C]`, followed by LeakyReLU(`slope`) when `leaky`
-    /// is `Some(slope)` (the head uses 0.2); returns (y, mean, rstd), statistics `[B·G]`.
+    /// is `Some(slope)` (the head uses 0.2), into `y` and the statistics `mean`, `rstd [B·G]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn group_norm_fwd_into(
+        dev: &KernelDevice,
+        (y, mean, rstd): (&DevBuf<bf16>, &DevBuf<f32>, &DevBuf<f32>),
+        x: &DevBuf<bf16>,
+        weight: &DevBuf<bf16>,
+        bias: &DevBuf<bf16>,
+        (b, c, s): (usize, usize, usize),
+        groups: usize,
+        eps: f32,
+        leaky: Option<f32>,
+    ) -> KernelResult<()> {
+        check_dims(c, s, groups)?;
+        check_len(x, b * c * s, "x")?;
+        check_len(y, b * c * s, "y")?;
+        check_len(weight, c, "weight")?;
+        check_len(bias, c, "bias")?;
+        check_len(mean, b * groups, "mean")?;
+        check_len(rstd, b * groups, "rstd")?;
+        if b == 0 {
+            return Ok(());
+        }
+        let (slope, flag) = leaky_args(leaky);
+        dev.launch(
+            "group_norm_fwd",
+            LaunchCfg::linear((b * groups) as u32, GN_THREADS),
+            KernelArgs::new()
+                .buf(y)
+                .buf(mean)
+                .buf(rstd)
+                .buf(x)
+                .buf(weight)
+                .buf(bias)
+                .i32(c as i32)
+                .i32(s as i32)
+                .i32(groups as i32)
+                .f32(eps)
+                .f32(slope)
+                .i32(flag),
+        )
+    }
+
+    /// [`group_norm_fwd_into`] with fresh buffers: returns (y, mean, rstd).
     #[allow(clippy::too_many_arguments)]
     pub fn group_norm_fwd(
         dev: &KernelDevice,
@@ -252,33 +295,19 @@ pub mod dev {
         eps: f32,
         leaky: Option<f32>,
     ) -> KernelResult<(DevBuf<bf16>, DevBuf<f32>, DevBuf<f32>)> {
-        check_dims(c, s, groups)?;
-        check_len(x, b * c * s, "x")?;
-        check_len(weight, c, "weight")?;
-        check_len(bias, c, "bias")?;
         let y = dev.alloc::<bf16>(b * c * s)?;
         let mean = dev.alloc::<f32>(b * groups)?;
         let rstd = dev.alloc::<f32>(b * groups)?;
-        if b == 0 {
-            return Ok((y, mean, rstd));
-        }
-        let (slope, flag) = leaky_args(leaky);
-        dev.launch(
-            "group_norm_fwd",
-            LaunchCfg::linear((b * groups) as u32, GN_THREADS),
-            KernelArgs::new()
-                .buf(&y)
-                .buf(&mean)
-                .buf(&rstd)
-                .buf(x)
-                .buf(weight)
-                .buf(bias)
-                .i32(c as i32)
-                .i32(s as i32)
-                .i32(groups as i32)
-                .f32(eps)
-                .f32(slope)
-                .i32(flag),
+        group_norm_fwd_into(
+            dev,
+            (&y, &mean, &rstd),
+            x,
+            weight,
+            bias,
+            (b, c, s),
+            groups,
+            eps,
+            leaky,
         )?;
         Ok((y, mean, rstd))
     }

@@ -377,11 +377,7 @@ pub mod dev {
         dev.launch(
             name,
             cfg(x.len()),
-            KernelArgs::new()
-                .buf(dx)
-                .buf(x)
-                .buf(dy)
-                .i64(x.len() as i64),
+            KernelArgs::new().buf(dx).buf(x).buf(dy).i64(x.len() as i64),
         )
     }
 

@@ -84,9 +84,9 @@ pub mod dev {
     use half::bf16;
 
     const THREADS: u32 = 256;
-    /// The most partial weight-gradient rows of the backward: about one resident block per
-    /// 256-thread slot of an H100 (132 SMs × 8), so one wave covers every row.
-    pub const MAX_PARTS: usize = 1024;
+    /// The most partial weight-gradient rows of the backward: one wave of its blocks on a
+    /// 132-SM H100/H200 (4 resident 256-thread blocks per SM at 60 registers = 528).
+    pub const MAX_PARTS: usize = 512;
 
     /// Lanes per row: the power of two ≥ D/8, at most 32 (the kernels' register path); 32 for
     /// widths that are not a multiple of 8 (their scalar path).

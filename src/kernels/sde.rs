@@ -235,7 +235,15 @@ pub mod dev {
             NextState::Sample(z) => (z, Some(z), None),
             NextState::Given(g) => (g, None, Some(g)),
         };
-        let sizes = [Some(x), Some(v), Some(src), out.next, out.x0, out.mean, out.grad_v];
+        let sizes = [
+            Some(x),
+            Some(v),
+            Some(src),
+            out.next,
+            out.x0,
+            out.mean,
+            out.grad_v,
+        ];
         check(sizes.iter().flatten().all(|t| t.len() == n), || {
             format!("sde_rho_step: every [B, D] buffer must hold {b}x{d}")
         })?;

@@ -1,0 +1,137 @@
+//! Fused joint attention on the kernel device (issue 7): forward and backward TFLOP/s at the
+//! MMDiT shapes, FlashAttention convention (forward 4·Lq·Lk·d·heads·batch, backward 2.5×).
+//! On a GPU: CUDA events, warm-up, median of repeats. Without one the same code runs once on the
+//! emulator at a tiny shape (a smoke run; its times say nothing about speed).
+//! `ADVDMD_ATTN_BENCH_JSON=path` also writes the results as JSON.
+
+use advdmd::device::kernel::{DevBuf, KernelDevice, KernelResult};
+use advdmd::kernels::attention::dev::{
+    joint_attention_bwd, joint_attention_flops, joint_attention_fwd, AttnDims,
+};
+use advdmd::Rng;
+use half::bf16;
+
+fn randn(dev: &KernelDevice, n: usize, rng: &mut Rng) -> DevBuf<bf16> {
+    let v: Vec<bf16> = (0..n).map(|_| bf16::from_f32(rng.normal())).collect();
+    dev.upload(&v).expect("upload")
+}
+
+fn median(mut v: Vec<f32>) -> f32 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn run(
+    dev: &KernelDevice,
+    name: &str,
+    dims: AttnDims,
+    reps: usize,
+) -> KernelResult<serde_json::Value> {
+    let mut rng = Rng::new(1);
+    let (na, nb) = (
+        dims.b * dims.la * dims.h * dims.d,
+        dims.b * dims.lb * dims.h * dims.d,
+    );
+    let [qa, ka, va, doa] = [0; 4].map(|_| randn(dev, na, &mut rng));
+    let [qb, kb, vb, dob] = [0; 4].map(|_| randn(dev, nb, &mut rng));
+    let (oa, ob, lse) = joint_attention_fwd(dev, &qa, &ka, &va, &qb, &kb, &vb, dims)?;
+    joint_attention_bwd(
+        dev, &qa, &ka, &va, &qb, &kb, &vb, &oa, &ob, &lse, &doa, &dob, dims,
+    )?;
+    dev.synchronize()?;
+    let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        fwd.push(dev.time_ms(|| {
+            joint_attention_fwd(dev, &qa, &ka, &va, &qb, &kb, &vb, dims).map(|_| ())
+        })?);
+        bwd.push(dev.time_ms(|| {
+            joint_attention_bwd(
+                dev, &qa, &ka, &va, &qb, &kb, &vb, &oa, &ob, &lse, &doa, &dob, dims,
+            )
+            .map(|_| ())
+        })?);
+    }
+    let (f, b) = (median(fwd), median(bwd));
+    let (ff, fb) = (
+        joint_attention_flops(dims, false),
+        joint_attention_flops(dims, true),
+    );
+    let (tf, tb) = (ff / f as f64 / 1e9, fb / b as f64 / 1e9);
+    println!("attention {name:<20} {:<22} fwd {f:8.3} ms {tf:7.1} TFLOP/s   bwd {b:8.3} ms {tb:7.1} TFLOP/s", dev.name());
+    Ok(
+        serde_json::json!({"shape": name, "device": dev.name(), "b": dims.b, "h": dims.h, "la": dims.la, "lb": dims.lb, "d": dims.d,
+        "fwd_ms": f, "bwd_ms": b, "fwd_tflops": tf, "bwd_tflops": tb}),
+    )
+}
+
+fn main() {
+    let (dev, shapes, reps) = match KernelDevice::gpu_if_available() {
+        Some(g) => (
+            g,
+            vec![
+                (
+                    "sd35m-1024px-d64",
+                    AttnDims {
+                        b: 2,
+                        la: 333,
+                        lb: 4096,
+                        h: 24,
+                        d: 64,
+                    },
+                ),
+                (
+                    "d128-1024px",
+                    AttnDims {
+                        b: 2,
+                        la: 333,
+                        lb: 4096,
+                        h: 12,
+                        d: 128,
+                    },
+                ),
+                (
+                    "sd35m-512px-d64",
+                    AttnDims {
+                        b: 2,
+                        la: 333,
+                        lb: 1024,
+                        h: 24,
+                        d: 64,
+                    },
+                ),
+            ],
+            20,
+        ),
+        None => {
+            eprintln!("attention bench: no GPU; one tiny emulator run (times are not speeds)");
+            (
+                KernelDevice::emulator(),
+                vec![(
+                    "tiny-emulator",
+                    AttnDims {
+                        b: 1,
+                        la: 7,
+                        lb: 64,
+                        h: 1,
+                        d: 64,
+                    },
+                )],
+                1,
+            )
+        }
+    };
+    let mut out = Vec::new();
+    for (name, dims) in shapes {
+        match run(&dev, name, dims, reps) {
+            Ok(v) => out.push(v),
+            Err(e) => {
+                eprintln!("attention {name}: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    if let Ok(p) = std::env::var("ADVDMD_ATTN_BENCH_JSON") {
+        std::fs::write(&p, serde_json::to_string_pretty(&out).unwrap())
+            .expect("writing bench json");
+    }
+}

@@ -1,0 +1,521 @@
+//! Memory bandwidth of every non-GEMM kernel family (issue 6 "Performance"): GB/s computed from
+//! the bytes each kernel must move — every input read once, every output written once — over the
+//! time CUDA events measure around a run of launches, next to a device-to-device copy (the
+//! `copy_bytes` kernel) as the ceiling.
+//!
+//! A plain `main` (harness = false) rather than criterion groups: the figure that matters is
+//! device time between two events around queued launches (`KernelDevice::time_ms`), which
+//! criterion's host-clock sampling cannot take. Each case cycles through enough copies of its
+//! buffers that a copy is out of L2 (50 MB on an H100) before it is used again.
+//!
+//! On a GPU it runs the production shapes (adaLN at [4429 × 1536] bf16, ...). Without one it runs
+//! the same code on the CPU SIMT emulator at tiny sizes, so the bench always builds and runs; those
+//! timings say nothing about speed. Prints a table; writes JSON to `$ADVDMD_BENCH_JSON` if set.
+//!
+//! `cargo bench --bench kernels`
+
+use advdmd::device::kernel::{DevBuf, KernelArgs, KernelDevice, KernelResult, LaunchCfg};
+use advdmd::kernels::elementwise::{dev as ew, Activation};
+use advdmd::kernels::{disc_head, optim, qknorm, sde};
+use advdmd::Rng;
+use bytemuck::Pod;
+use half::bf16;
+
+/// Bytes of buffers a case cycles through, at least: three times the H100's L2.
+const ROTATE_BYTES: usize = 150 << 20;
+
+struct Bench {
+    dev: KernelDevice,
+    gpu: bool,
+    /// Normal samples tiled into every input (generating hundreds of millions would take the
+    /// bench's time budget; values only need to be ordinary numbers).
+    pool: Vec<f32>,
+    next: usize,
+    rows: Vec<Row>,
+}
+
+struct Row {
+    kernel: String,
+    shape: String,
+    bytes: usize,
+    ms: f64,
+}
+
+impl Row {
+    fn gbps(&self) -> f64 {
+        self.bytes as f64 / (self.ms * 1e6)
+    }
+}
+
+impl Bench {
+    /// `gpu` on a GPU, `emu` under the emulator.
+    fn size(&self, gpu: usize, emu: usize) -> usize {
+        if self.gpu {
+            gpu
+        } else {
+            emu
+        }
+    }
+
+    /// How many copies of a case's buffers (`bytes` per call) to cycle through.
+    fn sets(&self, bytes: usize) -> usize {
+        if self.gpu {
+            ROTATE_BYTES.div_ceil(bytes.max(1)).clamp(2, 64)
+        } else {
+            1
+        }
+    }
+
+    fn upload_randn<T: Pod>(&mut self, n: usize, conv: impl Fn(f32) -> T) -> DevBuf<T> {
+        let start = self.next;
+        self.next += 7919;
+        let len = self.pool.len();
+        let host: Vec<T> = (0..n).map(|i| conv(self.pool[(start + i) % len])).collect();
+        self.dev.upload(&host).expect("upload")
+    }
+    fn bf(&mut self, n: usize) -> DevBuf<bf16> {
+        self.upload_randn(n, bf16::from_f32)
+    }
+    fn f(&mut self, n: usize) -> DevBuf<f32> {
+        self.upload_randn(n, |v| v)
+    }
+
+    /// Times `launch(set)` over the rotating sets: a few untimed calls, then `reps` calls
+    /// between two events; records ms per call.
+    fn time(
+        &mut self,
+        kernel: &str,
+        shape: &str,
+        bytes: usize,
+        sets: usize,
+        mut launch: impl FnMut(usize) -> KernelResult<()>,
+    ) {
+        let (warm, reps) = if self.gpu { (3, 30) } else { (1, 2) };
+        for i in 0..warm {
+            launch(i % sets).expect(kernel);
+        }
+        self.dev.synchronize().expect("synchronize");
+        let ms = self
+            .dev
+            .time_ms(|| {
+                for i in 0..reps {
+                    launch(i % sets)?;
+                }
+                Ok(())
+            })
+            .expect(kernel) as f64
+            / reps as f64;
+        self.rows.push(Row {
+            kernel: kernel.into(),
+            shape: shape.into(),
+            bytes,
+            ms,
+        });
+    }
+}
+
+fn copy_baseline(b: &mut Bench) {
+    let n = b.size(256 << 20, 1 << 16);
+    let sets = b.sets(2 * n);
+    let bufs: Vec<(DevBuf<u8>, DevBuf<u8>)> = (0..sets)
+        .map(|_| (b.dev.zeros::<u8>(n).unwrap(), b.dev.zeros::<u8>(n).unwrap()))
+        .collect();
+    let dev = b.dev.clone();
+    b.time("copy_bytes", &format!("{n} B"), 2 * n, sets, |i| {
+        ew::copy(&dev, &bufs[i].1, &bufs[i].0)
+    });
+}
+
+/// adaLN forward and the gated residual at the MMDiT's [tokens × hidden]. Launched directly
+/// (same configuration as `kernels::adaln::dev`) into preallocated outputs: the allocating
+/// launchers would put host-side allocation work between kernels this short (~10 µs).
+fn adaln(b: &mut Bench) {
+    let (l, d) = (b.size(4429, 33), b.size(1536, 64));
+    let rows = l;
+    let per_call = 2 * rows * d * 2 + 2 * d * 2 + 2 * rows * 4;
+    let sets = b.sets(per_call);
+    struct Set {
+        x: DevBuf<bf16>,
+        y: DevBuf<bf16>,
+        mean: DevBuf<f32>,
+        rstd: DevBuf<f32>,
+        shift: DevBuf<bf16>,
+        scale: DevBuf<bf16>,
+        out: DevBuf<bf16>,
+        gate: DevBuf<bf16>,
+    }
+    let s: Vec<Set> = (0..sets)
+        .map(|_| Set {
+            x: b.bf(rows * d),
+            y: b.bf(rows * d),
+            mean: b.dev.zeros(rows).unwrap(),
+            rstd: b.dev.zeros(rows).unwrap(),
+            shift: b.bf(d),
+            scale: b.bf(d),
+            out: b.bf(rows * d),
+            gate: b.bf(d),
+        })
+        .collect();
+    let dev = b.dev.clone();
+    let shape = format!("{rows}x{d} bf16");
+    b.time("adaln_modulate_fwd", &shape, per_call, sets, |i| {
+        let t = &s[i];
+        dev.launch(
+            "adaln_modulate_fwd",
+            LaunchCfg::linear(rows.div_ceil(4) as u32, 128),
+            KernelArgs::new()
+                .buf(&t.y)
+                .buf(&t.mean)
+                .buf(&t.rstd)
+                .buf(&t.x)
+                .buf(&t.shift)
+                .buf(&t.scale)
+                .i32(rows as i32)
+                .i32(l as i32)
+                .i32(d as i32)
+                .f32(1e-6),
+        )
+    });
+    let bytes = 3 * rows * d * 2 + d * 2;
+    b.time("gated_residual_fwd", &shape, bytes, sets, |i| {
+        let t = &s[i];
+        dev.launch(
+            "gated_residual_fwd",
+            LaunchCfg::linear((rows * d).div_ceil(8).div_ceil(256) as u32, 256),
+            KernelArgs::new()
+                .buf(&t.out)
+                .buf(&t.x)
+                .buf(&t.gate)
+                .buf(&t.y)
+                .i64(rows as i64)
+                .i32(l as i32)
+                .i32(d as i32),
+        )
+    });
+    // The backward through its public launcher (allocates its outputs and partials).
+    let bytes = 3 * rows * d * 2 + rows * 8 + d * 2 + 2 * d * 4;
+    b.time("adaln_modulate_bwd (3 kernels)", &shape, bytes, sets, |i| {
+        let t = &s[i];
+        advdmd::kernels::adaln::dev::adaln_modulate_bwd(
+            &dev,
+            &t.x,
+            &t.scale,
+            &t.mean,
+            &t.rstd,
+            &t.y,
+            (1, l, d),
+        )
+        .map(|_| ())
+    });
+}
+
+/// QK RMSNorm over SD3-medium's heads: [tokens·heads, 64].
+fn qk(b: &mut Bench) {
+    let (rows, d) = (b.size(4429 * 24, 300), 64);
+    let per_call = 2 * rows * d * 2 + rows * 4 + d * 2;
+    let sets = b.sets(per_call);
+    let s: Vec<_> = (0..sets)
+        .map(|_| {
+            (
+                b.bf(rows * d),
+                b.bf(rows * d),
+                b.dev.zeros::<f32>(rows).unwrap(),
+                b.bf(d),
+                b.bf(rows * d),
+                b.dev.zeros::<f32>(d).unwrap(),
+            )
+        })
+        .collect();
+    let dev = b.dev.clone();
+    let shape = format!("{rows}x{d} bf16");
+    b.time("rms_norm_fwd", &shape, per_call, sets, |i| {
+        let (x, y, rstd, w, _, _) = &s[i];
+        qknorm::dev::rms_norm_fwd_into(&dev, y, rstd, x, w, (rows, d), 1e-6)
+    });
+    let bytes = 3 * rows * d * 2 + rows * 4 + d * 2 + d * 4;
+    b.time("rms_norm_bwd (+sum_splits)", &shape, bytes, sets, |i| {
+        let (x, dx, rstd, w, dy, dw) = &s[i];
+        qknorm::dev::rms_norm_bwd_into(
+            &dev,
+            dx,
+            dw,
+            x,
+            w,
+            rstd,
+            dy,
+            (rows, d),
+            qknorm::dev::MAX_PARTS,
+        )
+    });
+}
+
+/// GELU and SiLU over an MLP hidden activation [tokens × 4·hidden]; the casts over 32 Mi values.
+fn elementwise(b: &mut Bench) {
+    let n = b.size(4429 * 6144, 4099);
+    let sets = b.sets(3 * n * 2);
+    let s: Vec<_> = (0..sets).map(|_| (b.bf(n), b.bf(n), b.bf(n))).collect();
+    let dev = b.dev.clone();
+    let shape = format!("{n} bf16");
+    for (act, name) in [
+        (Activation::GeluTanh, "gelu_tanh"),
+        (Activation::Silu, "silu"),
+    ] {
+        b.time(&format!("{name}_fwd"), &shape, 2 * n * 2, sets, |i| {
+            ew::activation_fwd_into(&dev, &s[i].1, &s[i].0, act)
+        });
+        b.time(&format!("{name}_bwd"), &shape, 3 * n * 2, sets, |i| {
+            ew::activation_bwd_into(&dev, &s[i].2, &s[i].0, &s[i].1, act)
+        });
+    }
+    drop(s);
+    let n = b.size(32 << 20, 4099);
+    let sets = b.sets(n * 6);
+    let s: Vec<_> = (0..sets).map(|_| (b.f(n), b.bf(n))).collect();
+    let shape = format!("{n}");
+    b.time("cast_f32_to_bf16", &shape, n * 6, sets, |i| {
+        ew::cast_f32_to_bf16_into(&dev, &s[i].1, &s[i].0)
+    });
+    b.time("cast_bf16_to_f32", &shape, n * 6, sets, |i| {
+        ew::cast_bf16_to_f32_into(&dev, &s[i].0, &s[i].1)
+    });
+}
+
+/// The SDE step, the DMD gradient and flow noising over SD3 1024² latents: [8, 16·128·128] f32.
+fn sde_kernels(b: &mut Bench) {
+    let (bs, d) = (b.size(8, 2), b.size(16 * 128 * 128, 5000));
+    let n = bs * d;
+    let sets = b.sets(7 * n * 4);
+    let s: Vec<Vec<DevBuf<f32>>> = (0..sets)
+        .map(|_| (0..7).map(|_| b.f(n)).collect())
+        .collect();
+    let sig = b.dev.upload(&vec![0.9f32; bs]).unwrap();
+    let sig_next = b.dev.upload(&vec![0.75f32; bs]).unwrap();
+    let lp = b.dev.zeros::<f64>(bs).unwrap();
+    let dev = b.dev.clone();
+    let shape = format!("{bs}x{d} f32");
+    // Reads x, v, z; writes x', x̂0, μ, ∂ℓ/∂v̂ (the log-prob itself is B values).
+    b.time("sde_rho_step (+finalize)", &shape, 7 * n * 4, sets, |i| {
+        let t = &s[i];
+        let out = sde::dev::RhoStepOutputs {
+            next: Some(&t[3]),
+            x0: Some(&t[4]),
+            mean: Some(&t[5]),
+            grad_v: Some(&t[6]),
+            log_prob: &lp,
+        };
+        sde::dev::rho_step_into(
+            &dev,
+            &out,
+            &t[0],
+            &t[1],
+            sde::dev::NextState::Sample(&t[2]),
+            &sig,
+            &sig_next,
+            0.9877,
+            (bs, d),
+        )
+    });
+    // Must move: x, x̂0_real, x̂0_fake in, g out (the kernel pair reads x̂0_real twice).
+    b.time("dmd_gradient (2 kernels)", &shape, 4 * n * 4, sets, |i| {
+        let t = &s[i];
+        sde::dev::dmd_gradient_into(&dev, &t[3], &t[0], &t[1], &t[2], (bs, d), 1.0)
+    });
+    b.time("flow_noise", &shape, 4 * n * 4, sets, |i| {
+        let t = &s[i];
+        sde::dev::flow_noise_into(&dev, &t[3], Some(&t[4]), &t[0], &t[1], &sig, (bs, d))
+    });
+}
+
+/// The discriminator head's GroupNorm(32) + LeakyReLU and mean pool at SD3-medium's head:
+/// [4, 768, 32·32] bf16.
+fn head(b: &mut Bench) {
+    let (bs, c, sp, g) = (b.size(4, 2), b.size(768, 64), b.size(1024, 37), 32);
+    let n = bs * c * sp;
+    let sets = b.sets(3 * n * 2);
+    let s: Vec<_> = (0..sets)
+        .map(|_| {
+            (
+                b.bf(n),
+                b.bf(n),
+                b.bf(n),
+                b.dev.zeros::<f32>(bs * g).unwrap(),
+                b.dev.zeros::<f32>(bs * g).unwrap(),
+                b.dev.zeros::<f32>(bs * c).unwrap(),
+            )
+        })
+        .collect();
+    let (w, bias) = (b.bf(c), b.bf(c));
+    let dev = b.dev.clone();
+    let shape = format!("{bs}x{c}x{sp} bf16");
+    b.time("group_norm_fwd+leaky", &shape, 2 * n * 2, sets, |i| {
+        let (x, y, _, mean, rstd, _) = &s[i];
+        disc_head::dev::group_norm_fwd_into(
+            &dev,
+            (y, mean, rstd),
+            x,
+            &w,
+            &bias,
+            (bs, c, sp),
+            g,
+            1e-5,
+            Some(0.2),
+        )
+    });
+    // The backward through its public launcher (allocates its outputs and partials).
+    b.time(
+        "group_norm_bwd+leaky (+2 sum)",
+        &shape,
+        3 * n * 2,
+        sets,
+        |i| {
+            let (x, _, dy, mean, rstd, _) = &s[i];
+            disc_head::dev::group_norm_bwd(
+                &dev,
+                x,
+                mean,
+                rstd,
+                &w,
+                &bias,
+                dy,
+                (bs, c, sp),
+                g,
+                Some(0.2),
+            )
+            .map(|_| ())
+        },
+    );
+    b.time("mean_pool_fwd", &shape, n * 2 + bs * c * 4, sets, |i| {
+        disc_head::dev::mean_pool_fwd_into(&dev, &s[i].5, &s[i].0, (bs * c, sp))
+    });
+    b.time("mean_pool_bwd", &shape, n * 2 + bs * c * 4, sets, |i| {
+        disc_head::dev::mean_pool_bwd_into(&dev, &s[i].1, &s[i].5, (bs * c, sp))
+    });
+}
+
+/// The fused AdamW over 16 Mi f32 masters (with the bf16 copy, with and without the EMA) and the
+/// gradient norm over 64 Mi values.
+fn optimiser(b: &mut Bench) {
+    let n = b.size(16 << 20, 4103);
+    let sets = b.sets(n * 38);
+    // w, m, g, ema random; v zeros (so sqrt(v) stays a number).
+    let s: Vec<Vec<DevBuf<f32>>> = (0..sets)
+        .map(|_| (0..4).map(|_| b.f(n)).collect())
+        .collect();
+    let vz: Vec<DevBuf<f32>> = (0..sets).map(|_| b.dev.zeros::<f32>(n).unwrap()).collect();
+    let wb: Vec<DevBuf<bf16>> = (0..sets).map(|_| b.dev.zeros::<bf16>(n).unwrap()).collect();
+    let clip = b.dev.upload(&[1.0f32, 1.0]).unwrap();
+    let dev = b.dev.clone();
+    let h = optim::AdamWStep {
+        lr: 1e-4,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        step: 10,
+    };
+    let shape = format!("{n} f32");
+    for with_ema in [true, false] {
+        // Reads w, m, v, g (+ema); writes w, m, v (+ema) and the bf16 copy.
+        let bytes = n * (4 * 4 + 3 * 4 + 2) + if with_ema { n * 8 } else { 0 };
+        let name = if with_ema {
+            "adamw_step (+bf16 +ema)"
+        } else {
+            "adamw_step (+bf16)"
+        };
+        b.time(name, &shape, bytes, sets, |i| {
+            let t = &s[i];
+            let bufs = optim::dev::FlatAdamW {
+                w: &t[0],
+                w_bf16: Some(&wb[i]),
+                m: &t[1],
+                v: &vz[i],
+                g: &t[2],
+                ema: with_ema.then_some((&t[3], 0.999)),
+                n_decay: n / 2,
+            };
+            optim::dev::adamw_step(&dev, &bufs, Some(&clip), &h)
+        });
+    }
+    drop(s);
+    let n = b.size(64 << 20, 70_001);
+    let sets = b.sets(n * 4);
+    let g: Vec<DevBuf<f32>> = (0..sets).map(|_| b.f(n)).collect();
+    let out = b.dev.zeros::<f32>(2).unwrap();
+    b.time(
+        "grad_norm_clip (2 kernels)",
+        &format!("{n} f32"),
+        n * 4,
+        sets,
+        |i| optim::dev::grad_norm_clip_into(&dev, &out, &g[i], 1.0),
+    );
+}
+
+fn main() {
+    let dev = KernelDevice::gpu_if_available().unwrap_or_else(KernelDevice::emulator);
+    let gpu = !dev.is_emulator();
+    if !gpu {
+        eprintln!("kernels bench: no usable GPU; running the emulator at tiny sizes (timings are not speeds)");
+    }
+    let mut rng = Rng::new(1);
+    let mut b = Bench {
+        dev: dev.clone(),
+        gpu,
+        pool: (0..1 << 20).map(|_| rng.normal()).collect(),
+        next: 0,
+        rows: Vec::new(),
+    };
+    copy_baseline(&mut b);
+    adaln(&mut b);
+    qk(&mut b);
+    elementwise(&mut b);
+    sde_kernels(&mut b);
+    head(&mut b);
+    optimiser(&mut b);
+
+    let copy = b.rows[0].gbps();
+    println!(
+        "device: {}{}",
+        dev.name(),
+        if gpu { "" } else { " (tiny sizes)" }
+    );
+    println!(
+        "{:<32} {:<20} {:>10} {:>10} {:>9} {:>7}",
+        "kernel", "shape", "MB moved", "µs", "GB/s", "% copy"
+    );
+    for r in &b.rows {
+        println!(
+            "{:<32} {:<20} {:>10.2} {:>10.2} {:>9.1} {:>6.1}%",
+            r.kernel,
+            r.shape,
+            r.bytes as f64 / 1e6,
+            r.ms * 1e3,
+            r.gbps(),
+            100.0 * r.gbps() / copy
+        );
+    }
+    if let Ok(path) = std::env::var("ADVDMD_BENCH_JSON") {
+        let results: Vec<serde_json::Value> = b
+            .rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "kernel": r.kernel,
+                    "shape": r.shape,
+                    "bytes": r.bytes,
+                    "ms": r.ms,
+                    "gbps": r.gbps(),
+                    "fraction_of_copy": r.gbps() / copy,
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({
+            "device": dev.name(),
+            "emulator": !gpu,
+            "copy_gbps": copy,
+            "results": results,
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap())
+            .unwrap_or_else(|e| panic!("writing {path}: {e}"));
+        eprintln!("kernels bench: wrote {path}");
+    }
+}
