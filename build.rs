@@ -581,6 +581,16 @@ fn build_fatbins(out: &Path, cuda: &Path, sources: &[PathBuf], header_text: &str
         }
     }
     table.push_str("];\n");
+    // Which module holds each kernel, so the runtime loads one module per family on first use
+    // and never probes modules that lack a name.
+    table.push_str("pub static KERNEL_MODULES: &[(&str, &str)] = &[\n");
+    for src in sources {
+        let stem = src.file_stem().unwrap().to_string_lossy().to_string();
+        for k in parse_kernels(src, &read(src)) {
+            writeln!(table, "    ({:?}, {stem:?}),", k.name).unwrap();
+        }
+    }
+    table.push_str("];\n");
     std::fs::write(out.join("kernels.rs"), table).expect("writing kernels.rs");
 }
 

@@ -126,9 +126,9 @@ fn copy_baseline(b: &mut Bench) {
     });
 }
 
-/// adaLN forward and the gated residual at the MMDiT's [tokens × hidden]. Launched directly
-/// (same configuration as `kernels::adaln::dev`) into preallocated outputs: the allocating
-/// launchers would put host-side allocation work between kernels this short (~10 µs).
+/// adaLN forward and the gated residual at the MMDiT's [tokens × hidden], into preallocated
+/// outputs: the allocating launchers would put host-side allocation work between kernels this
+/// short (~10 µs).
 fn adaln(b: &mut Bench) {
     let (l, d) = (b.size(4429, 33), b.size(1536, 64));
     let rows = l;
@@ -160,20 +160,16 @@ fn adaln(b: &mut Bench) {
     let shape = format!("{rows}x{d} bf16");
     b.time("adaln_modulate_fwd", &shape, per_call, sets, |i| {
         let t = &s[i];
-        dev.launch(
-            "adaln_modulate_fwd",
-            LaunchCfg::linear(rows.div_ceil(4) as u32, 128),
-            KernelArgs::new()
-                .buf(&t.y)
-                .buf(&t.mean)
-                .buf(&t.rstd)
-                .buf(&t.x)
-                .buf(&t.shift)
-                .buf(&t.scale)
-                .i32(rows as i32)
-                .i32(l as i32)
-                .i32(d as i32)
-                .f32(1e-6),
+        advdmd::kernels::adaln::dev::adaln_modulate_fwd_into(
+            &dev,
+            &t.y,
+            &t.mean,
+            &t.rstd,
+            &t.x,
+            &t.shift,
+            &t.scale,
+            (1, l, d),
+            1e-6,
         )
     });
     let bytes = 3 * rows * d * 2 + d * 2;

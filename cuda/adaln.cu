@@ -6,63 +6,15 @@
 //                        sum_splits), so the reduction over a sample's tokens is deterministic
 //   gated_residual_fwd:  out = x + gate[b]·y;  its backward reuses colsum_mul_partial
 //
-// Rows are tokens of [B, L, D]; a row's sample is row / L. One warp per row: for D ≤ 3072 and
-// D % 8 == 0 each lane keeps its slice of the row in registers (16-byte loads), so x is read
-// from memory once; other widths take a scalar path that re-reads the row from cache.
+// Rows are tokens of [B, L, D]; a row's sample is row / L. When D % 8 == 0 and D ≤ 8192 one
+// block handles one row with one 16-byte pack (8 bf16) per thread held in registers, so x is read
+// from memory once and registers stay few (high occupancy; the first version kept up to 12 packs
+// per lane of a warp-per-row kernel and ran at 48% of the copy rate on an H200 for want of
+// occupancy). Other widths take the warp-per-row scalar kernels (`*_rows`), which re-read the
+// row from cache.
 #include "common.cuh"
 
 #define ROWS_PER_BLOCK 4
-#define MAX_VPL 12  // 16-byte vectors per lane kept in registers: D ≤ 32·8·12 = 3072
-
-template <int VPL>
-__device__ __forceinline__ void adaln_fwd_row_vec(bf16* __restrict__ y, float* __restrict__ mean_out,
-                                                  float* __restrict__ rstd_out, const bf16* __restrict__ x,
-                                                  const bf16* __restrict__ shift, const bf16* __restrict__ scale,
-                                                  long long row, int L, int D, float eps) {
-    const int lane = threadIdx.x & 31;
-    const int nvec = D / 8;
-    const bf16* xr = x + row * D;
-    float v[VPL][8];
-    float sum = 0.f;
-#pragma unroll
-    for (int i = 0; i < VPL; i++) {
-        int c = lane + 32 * i;
-        if (c < nvec) {
-            unpack_bf16x8(load16(xr + 8 * c), v[i]);
-#pragma unroll
-            for (int k = 0; k < 8; k++) sum += v[i][k];
-        }
-    }
-    const float mu = warp_sum(sum) / D;
-    float sq = 0.f;
-#pragma unroll
-    for (int i = 0; i < VPL; i++) {
-        if (lane + 32 * i < nvec) {
-#pragma unroll
-            for (int k = 0; k < 8; k++) sq += (v[i][k] - mu) * (v[i][k] - mu);
-        }
-    }
-    const float rs = rsqrtf(warp_sum(sq) / D + eps);
-    const long long b = row / L;
-    const bf16* sh = shift + b * D;
-    const bf16* sc = scale + b * D;
-#pragma unroll
-    for (int i = 0; i < VPL; i++) {
-        int c = lane + 32 * i;
-        if (c < nvec) {
-            float fs[8], fc[8], o[8];
-            unpack_bf16x8(load16(sh + 8 * c), fs);
-            unpack_bf16x8(load16(sc + 8 * c), fc);
-#pragma unroll
-            for (int k = 0; k < 8; k++) o[k] = (v[i][k] - mu) * rs * (1.f + fc[k]) + fs[k];
-            store16(y + row * D + 8 * c, pack_bf16x8(o));
-        }
-    }
-    if (lane == 0) {
-        mean_out[row] = mu;
-        rstd_out[row] = rs;
-    }
-}
 
 __device__ __forceinline__ void adaln_fwd_row_scalar(bf16* __restrict__ y, float* __restrict__ mean_out,
                                                      float* __restrict__ rstd_out, const bf16* __restrict__ x,
@@ -91,32 +43,57 @@ __device__ __forceinline__ void adaln_fwd_row_scalar(bf16* __restrict__ y, float
     }
 }
 
-// grid: ceil(rows / ROWS_PER_BLOCK), block: 32·ROWS_PER_BLOCK.
+// Scalar path, any D: one warp per row. grid: ceil(rows / ROWS_PER_BLOCK), block: 32·ROWS_PER_BLOCK.
 extern "C" __global__ void __launch_bounds__(32 * ROWS_PER_BLOCK)
+    adaln_modulate_fwd_rows(bf16* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd,
+                            const bf16* __restrict__ x, const bf16* __restrict__ shift,
+                            const bf16* __restrict__ scale, int rows, int L, int D, float eps) {
+    const long long row = (long long)blockIdx.x * ROWS_PER_BLOCK + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    adaln_fwd_row_scalar(y, mean, rstd, x, shift, scale, row, L, D, eps);
+}
+
+// Loads pack c of a bf16 row as 8 floats: one 16-byte load (the launcher guarantees 16-byte
+// aligned buffers and D % 8 == 0).
+__device__ __forceinline__ void load_pack(const bf16* row, int c, float f[8]) {
+    unpack_bf16x8(load16(row + 8 * c), f);
+}
+
+// Vector path (D % 8 == 0, D/8 ≤ 1024): grid: rows, block: D/8 rounded up to a multiple of 32.
+extern "C" __global__ void __launch_bounds__(1024)
     adaln_modulate_fwd(bf16* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd,
                        const bf16* __restrict__ x, const bf16* __restrict__ shift,
                        const bf16* __restrict__ scale, int rows, int L, int D, float eps) {
-    const long long row = (long long)blockIdx.x * ROWS_PER_BLOCK + (threadIdx.x >> 5);
-    if (row >= rows) return;
-    const int vpl = (D / 8 + 31) / 32;
-    const bool vec = D % 8 == 0 && vpl <= MAX_VPL && aligned16(x) && aligned16(y) && aligned16(shift) &&
-                     aligned16(scale);
-    if (!vec) {
-        adaln_fwd_row_scalar(y, mean, rstd, x, shift, scale, row, L, D, eps);
-        return;
+    __shared__ float scratch[32];
+    const long long row = blockIdx.x;
+    const int c = threadIdx.x, nvec = D / 8;
+    const bool mine = c < nvec;
+    float v[8];
+    float sum = 0.f;
+    if (mine) {
+        load_pack(x + row * D, c, v);
+#pragma unroll
+        for (int k = 0; k < 8; k++) sum += v[k];
     }
-    switch (vpl) {
-        case 1: adaln_fwd_row_vec<1>(y, mean, rstd, x, shift, scale, row, L, D, eps); break;
-        case 2: adaln_fwd_row_vec<2>(y, mean, rstd, x, shift, scale, row, L, D, eps); break;
-        case 3: adaln_fwd_row_vec<3>(y, mean, rstd, x, shift, scale, row, L, D, eps); break;
-        case 4: adaln_fwd_row_vec<4>(y, mean, rstd, x, shift, scale, row, L, D, eps); break;
-        case 5: adaln_fwd_row_vec<5>(y, mean, rstd, x, shift, scale, row, L, D, eps); break;
-        case 6: adaln_fwd_row_vec<6>(y, mean, rstd, x, shift, scale, row, L, D, eps); break;
-        case 7:
-        case 8: adaln_fwd_row_vec<8>(y, mean, rstd, x, shift, scale, row, L, D, eps); break;
-        case 9:
-        case 10: adaln_fwd_row_vec<10>(y, mean, rstd, x, shift, scale, row, L, D, eps); break;
-        default: adaln_fwd_row_vec<MAX_VPL>(y, mean, rstd, x, shift, scale, row, L, D, eps); break;
+    const float mu = block_sum(sum, scratch) / D;
+    float sq = 0.f;
+    if (mine) {
+#pragma unroll
+        for (int k = 0; k < 8; k++) sq += (v[k] - mu) * (v[k] - mu);
+    }
+    const float rs = rsqrtf(block_sum(sq, scratch) / D + eps);
+    if (mine) {
+        const long long b = row / L;
+        float fs[8], fc[8], o[8];
+        load_pack(shift + b * D, c, fs);
+        load_pack(scale + b * D, c, fc);
+#pragma unroll
+        for (int k = 0; k < 8; k++) o[k] = (v[k] - mu) * rs * (1.f + fc[k]) + fs[k];
+        store16(y + row * D + 8 * c, pack_bf16x8(o));
+    }
+    if (threadIdx.x == 0) {
+        mean[row] = mu;
+        rstd[row] = rs;
     }
 }
 
@@ -125,7 +102,7 @@ extern "C" __global__ void __launch_bounds__(32 * ROWS_PER_BLOCK)
 // column reductions of the parameter gradients.
 // grid: ceil(rows / ROWS_PER_BLOCK), block: 32·ROWS_PER_BLOCK.
 extern "C" __global__ void __launch_bounds__(32 * ROWS_PER_BLOCK)
-    adaln_modulate_bwd_dx(bf16* __restrict__ dx, const bf16* __restrict__ x, const bf16* __restrict__ scale,
+    adaln_modulate_bwd_dx_rows(bf16* __restrict__ dx, const bf16* __restrict__ x, const bf16* __restrict__ scale,
                           const float* __restrict__ mean, const float* __restrict__ rstd,
                           const bf16* __restrict__ dy, int rows, int L, int D) {
     const long long row = (long long)blockIdx.x * ROWS_PER_BLOCK + (threadIdx.x >> 5);
@@ -148,6 +125,76 @@ extern "C" __global__ void __launch_bounds__(32 * ROWS_PER_BLOCK)
         float xh = (bf2f(xr[j]) - mu) * rs;
         float dxh = bf2f(gr[j]) * (1.f + bf2f(sc[j]));
         dx[row * D + j] = f2bf(rs * (dxh - mg - xh * mgx));
+    }
+}
+
+// Vector dx (D % 8 == 0, D/8 ≤ 1024): grid: rows, block: D/8 rounded up to a multiple of 32.
+extern "C" __global__ void __launch_bounds__(1024)
+    adaln_modulate_bwd_dx(bf16* __restrict__ dx, const bf16* __restrict__ x, const bf16* __restrict__ scale,
+                          const float* __restrict__ mean, const float* __restrict__ rstd,
+                          const bf16* __restrict__ dy, int rows, int L, int D) {
+    __shared__ float scratch[32];
+    const long long row = blockIdx.x;
+    const int c = threadIdx.x;
+    const bool mine = c < D / 8;
+    const float mu = mean[row], rs = rstd[row];
+    float xh[8], dxh[8];
+    float sg = 0.f, sgx = 0.f;
+    if (mine) {
+        float g[8], sc[8];
+        load_pack(x + row * D, c, xh);
+        load_pack(dy + row * D, c, g);
+        load_pack(scale + (row / L) * D, c, sc);
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            xh[k] = (xh[k] - mu) * rs;
+            dxh[k] = g[k] * (1.f + sc[k]);
+            sg += dxh[k];
+            sgx += dxh[k] * xh[k];
+        }
+    }
+    const float mg = block_sum(sg, scratch) / D;
+    const float mgx = block_sum(sgx, scratch) / D;
+    if (mine) {
+        float o[8];
+#pragma unroll
+        for (int k = 0; k < 8; k++) o[k] = rs * (dxh[k] - mg - xh[k] * mgx);
+        store16(dx + row * D + 8 * c, pack_bf16x8(o));
+    }
+}
+
+// Vector column partials (D % 8 == 0): like adaln_modulate_bwd_params with 8 columns per thread
+// and 16-byte row loads. grid: (ceil(D / 8 / 128), B, S), block: 128.
+extern "C" __global__ void adaln_modulate_bwd_params_vec(float* __restrict__ part_shift,
+                                                         float* __restrict__ part_scale,
+                                                         const bf16* __restrict__ x, const float* __restrict__ mean,
+                                                         const float* __restrict__ rstd, const bf16* __restrict__ dy,
+                                                         int B, int L, int D) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    const int b = blockIdx.y, s = blockIdx.z, S = gridDim.z;
+    if (c >= D / 8) return;
+    const int per = (L + S - 1) / S;
+    const int l0 = s * per, l1 = min(L, l0 + per);
+    float a_sh[8], a_sc[8];
+#pragma unroll
+    for (int k = 0; k < 8; k++) a_sh[k] = a_sc[k] = 0.f;
+    for (int l = l0; l < l1; l++) {
+        const long long row = (long long)b * L + l;
+        const float mu = mean[row], rs = rstd[row];
+        float xv[8], g[8];
+        load_pack(x + row * D, c, xv);
+        load_pack(dy + row * D, c, g);
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            a_sh[k] += g[k];
+            a_sc[k] += g[k] * (xv[k] - mu) * rs;
+        }
+    }
+    const long long o = ((long long)s * B + b) * D + 8 * c;
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        part_shift[o + k] = a_sh[k];
+        part_scale[o + k] = a_sc[k];
     }
 }
 

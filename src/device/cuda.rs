@@ -29,8 +29,9 @@ struct Function {
 // SAFETY: CUDA function handles may be used from any thread once the context is current.
 unsafe impl Send for Function {}
 
+/// Modules loaded so far (by family name) and functions looked up so far (by kernel name).
 struct Modules {
-    loaded: Vec<(String, ModuleHandle)>,
+    loaded: HashMap<&'static str, ModuleHandle>,
     functions: HashMap<String, Function>,
 }
 
@@ -42,7 +43,7 @@ pub struct CudaRuntime {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     name: String,
-    modules: Mutex<Option<Modules>>,
+    modules: Mutex<Modules>,
     cublaslt: std::sync::OnceLock<super::cublaslt::Cublaslt>,
 }
 
@@ -81,7 +82,10 @@ impl CudaRuntime {
             ctx,
             stream,
             name,
-            modules: Mutex::new(None),
+            modules: Mutex::new(Modules {
+                loaded: HashMap::new(),
+                functions: HashMap::new(),
+            }),
             cublaslt: std::sync::OnceLock::new(),
         }))
     }
@@ -144,37 +148,38 @@ impl CudaRuntime {
             .map_err(|e| cuda_err("synchronize", e))
     }
 
-    /// Loads every embedded fatbin once. The bytes are copied to an 8-byte aligned buffer first:
-    /// `include_bytes!` promises no alignment and the driver reads the fatbin header in place.
-    fn load_modules(&self) -> KernelResult<Modules> {
-        let mut loaded = Vec::new();
-        for (name, bytes) in crate::info::EMBEDDED_KERNELS {
-            let mut aligned = vec![0u64; bytes.len().div_ceil(8) + 1];
-            bytemuck::cast_slice_mut::<u64, u8>(&mut aligned)[..bytes.len()].copy_from_slice(bytes);
-            // SAFETY: a complete fatbin produced by build.rs, kept alive across the call.
-            let m = unsafe { result::module::load_data(aligned.as_ptr() as *const c_void) }
-                .map_err(|e| cuda_err(&format!("loading module {name}"), e))?;
-            loaded.push((name.to_string(), ModuleHandle(m)));
-        }
-        Ok(Modules {
-            loaded,
-            functions: HashMap::new(),
-        })
+    /// Loads the embedded fatbin of `family`. The bytes are copied to an 8-byte aligned buffer
+    /// first: `include_bytes!` promises no alignment and the driver reads the header in place.
+    fn load_module(family: &str) -> KernelResult<ModuleHandle> {
+        let bytes = crate::info::EMBEDDED_KERNELS
+            .iter()
+            .find(|(n, _)| *n == family)
+            .map(|(_, b)| *b)
+            .ok_or_else(|| KernelError::MissingKernel(format!("module {family}")))?;
+        let mut aligned = vec![0u64; bytes.len().div_ceil(8) + 1];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut aligned)[..bytes.len()].copy_from_slice(bytes);
+        // SAFETY: a complete fatbin produced by build.rs, kept alive across the call.
+        let m = unsafe { result::module::load_data(aligned.as_ptr() as *const c_void) }
+            .map_err(|e| cuda_err(&format!("loading module {family}"), e))?;
+        Ok(ModuleHandle(m))
     }
 
     fn function(&self, kernel: &str, shared_bytes: u32) -> KernelResult<sys::CUfunction> {
         let mut guard = self.modules.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.is_none() {
-            *guard = Some(self.load_modules()?);
-        }
-        let modules = guard.as_mut().expect("loaded above");
+        let modules = &mut *guard;
         if !modules.functions.contains_key(kernel) {
+            let family = crate::info::KERNEL_MODULES
+                .iter()
+                .find(|(k, _)| *k == kernel)
+                .map(|(_, m)| *m)
+                .ok_or_else(|| KernelError::MissingKernel(kernel.into()))?;
+            if !modules.loaded.contains_key(family) {
+                modules.loaded.insert(family, Self::load_module(family)?);
+            }
             let cname = CString::new(kernel).map_err(|_| KernelError::Invalid(kernel.into()))?;
-            let found = modules.loaded.iter().find_map(|(_, m)| {
-                // SAFETY: the module is loaded and never unloaded.
-                unsafe { result::module::get_function(m.0, cname.clone()) }.ok()
-            });
-            let handle = found.ok_or_else(|| KernelError::MissingKernel(kernel.into()))?;
+            // SAFETY: the module is loaded and never unloaded.
+            let handle = unsafe { result::module::get_function(modules.loaded[family].0, cname) }
+                .map_err(|e| cuda_err(&format!("{kernel} in module {family}"), e))?;
             modules.functions.insert(
                 kernel.to_string(),
                 Function {

@@ -174,8 +174,9 @@ pub mod dev {
     /// Splits of the token axis for the column reductions: enough blocks to fill a GPU, few
     /// enough partial rows to keep the final sum cheap.
     fn splits(b: usize, l: usize, d: usize) -> usize {
-        let col_blocks = d.div_ceil(128).max(1);
-        (512 / (col_blocks * b.max(1))).clamp(1, l.max(1)).min(64)
+        let cols = if d % 8 == 0 { d / 8 } else { d };
+        let col_blocks = cols.div_ceil(128).max(1);
+        (1024 / (col_blocks * b.max(1))).clamp(1, l.max(1)).min(256)
     }
 
     /// Sums `[S, n]` partial rows into `out [n]`.
@@ -198,37 +199,67 @@ pub mod dev {
         )
     }
 
-    /// `y = LN(x)·(1+scale)+shift`; returns (y, mean, rstd).
+    /// Threads of the block-per-row vector kernels when `d` allows them (`d % 8 == 0`, at most
+    /// 1024 packs of 8): one 16-byte pack per thread, rounded up to whole warps.
+    fn row_threads(d: usize) -> Option<u32> {
+        (d % 8 == 0 && d / 8 <= 1024).then(|| (d / 8).div_ceil(32) as u32 * 32)
+    }
+
+    /// `y = LN(x)·(1+scale)+shift` into preallocated `y [B·L·D]`, `mean`, `rstd [B·L]`.
     #[allow(clippy::too_many_arguments)]
-    pub fn adaln_modulate_fwd(
+    pub fn adaln_modulate_fwd_into(
         dev: &KernelDevice,
+        y: &DevBuf<bf16>,
+        mean: &DevBuf<f32>,
+        rstd: &DevBuf<f32>,
         x: &DevBuf<bf16>,
         shift: &DevBuf<bf16>,
         scale: &DevBuf<bf16>,
         (b, l, d): (usize, usize, usize),
         eps: f32,
-    ) -> KernelResult<(DevBuf<bf16>, DevBuf<f32>, DevBuf<f32>)> {
+    ) -> KernelResult<()> {
         let rows = b * l;
-        let y = dev.alloc::<bf16>(rows * d)?;
+        if rows == 0 || d == 0 {
+            return Ok(());
+        }
+        let (name, cfg) = match row_threads(d) {
+            Some(t) => ("adaln_modulate_fwd", LaunchCfg::linear(rows as u32, t)),
+            None => (
+                "adaln_modulate_fwd_rows",
+                LaunchCfg::linear(blocks_for(rows, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK),
+            ),
+        };
+        dev.launch(
+            name,
+            cfg,
+            KernelArgs::new()
+                .buf(y)
+                .buf(mean)
+                .buf(rstd)
+                .buf(x)
+                .buf(shift)
+                .buf(scale)
+                .i32(rows as i32)
+                .i32(l as i32)
+                .i32(d as i32)
+                .f32(eps),
+        )
+    }
+
+    /// `y = LN(x)·(1+scale)+shift`; returns (y, mean, rstd).
+    pub fn adaln_modulate_fwd(
+        dev: &KernelDevice,
+        x: &DevBuf<bf16>,
+        shift: &DevBuf<bf16>,
+        scale: &DevBuf<bf16>,
+        dims: (usize, usize, usize),
+        eps: f32,
+    ) -> KernelResult<(DevBuf<bf16>, DevBuf<f32>, DevBuf<f32>)> {
+        let rows = dims.0 * dims.1;
+        let y = dev.alloc::<bf16>(rows * dims.2)?;
         let mean = dev.alloc::<f32>(rows)?;
         let rstd = dev.alloc::<f32>(rows)?;
-        if rows > 0 && d > 0 {
-            dev.launch(
-                "adaln_modulate_fwd",
-                LaunchCfg::linear(blocks_for(rows, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK),
-                KernelArgs::new()
-                    .buf(&y)
-                    .buf(&mean)
-                    .buf(&rstd)
-                    .buf(x)
-                    .buf(shift)
-                    .buf(scale)
-                    .i32(rows as i32)
-                    .i32(l as i32)
-                    .i32(d as i32)
-                    .f32(eps),
-            )?;
-        }
+        adaln_modulate_fwd_into(dev, &y, &mean, &rstd, x, shift, scale, dims, eps)?;
         Ok((y, mean, rstd))
     }
 
@@ -250,9 +281,16 @@ pub mod dev {
         if rows == 0 || d == 0 {
             return Ok((dx, dshift, dscale));
         }
+        let (dx_kernel, dx_cfg) = match row_threads(d) {
+            Some(t) => ("adaln_modulate_bwd_dx", LaunchCfg::linear(rows as u32, t)),
+            None => (
+                "adaln_modulate_bwd_dx_rows",
+                LaunchCfg::linear(blocks_for(rows, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK),
+            ),
+        };
         dev.launch(
-            "adaln_modulate_bwd_dx",
-            LaunchCfg::linear(blocks_for(rows, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK),
+            dx_kernel,
+            dx_cfg,
             KernelArgs::new()
                 .buf(&dx)
                 .buf(x)
@@ -267,10 +305,15 @@ pub mod dev {
         let s = splits(b, l, d);
         let part_shift = dev.alloc::<f32>(s * b * d)?;
         let part_scale = dev.alloc::<f32>(s * b * d)?;
+        let (params_kernel, cols) = if d % 8 == 0 {
+            ("adaln_modulate_bwd_params_vec", d / 8)
+        } else {
+            ("adaln_modulate_bwd_params", d)
+        };
         dev.launch(
-            "adaln_modulate_bwd_params",
+            params_kernel,
             LaunchCfg {
-                grid: [d.div_ceil(128) as u32, b as u32, s as u32],
+                grid: [cols.div_ceil(128) as u32, b as u32, s as u32],
                 block: [128, 1, 1],
                 shared_bytes: 0,
             },
