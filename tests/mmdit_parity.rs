@@ -186,7 +186,8 @@ fn check_sampling(dir: &Path, report: &mut Report) {
     let _g = no_grad();
     for i in 0..4 {
         let xb = Var::constant(concat(&[&x, &x], 0));
-        let t = [sig[i] * 1000.0; 2];
+        // Invariant 8 (ALGORITHM.md §7.5): the trainer's σ → timestep map against golden values.
+        let t = [advdmd::flow::timestep_of(sig[i]); 2];
         let v = model.forward(&MmditInputs {
             x: &xb,
             timestep: &t,

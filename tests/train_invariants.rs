@@ -1,4 +1,5 @@
-//! ALGORITHM.md §7.5 invariants 4–7 on the loss pieces (1–3 are in tests/flow.rs).
+//! ALGORITHM.md §7.5 invariants 4–7 on the loss pieces (1–3 are in tests/flow.rs), and 8's
+//! plumbing half (its golden-value half is in tests/mmdit_parity.rs).
 
 mod common;
 
@@ -172,4 +173,32 @@ fn gan_losses_match_their_formulas_and_fake_score_trains() {
             .value()
             .f32s()
     );
+}
+
+/// Invariant 8: the trainer calls the MMDiT with `flow::timestep_of(σ)` (= 1000σ for SD3), the map
+/// tests/mmdit_parity.rs holds to the reference implementation's golden timesteps and outputs.
+#[test]
+fn the_trainer_calls_the_mmdit_with_the_golden_timestep_map() {
+    use advdmd::mmdit::MmditInputs;
+    let model = common::tiny_shapes_model(3, true);
+    let ids = model
+        .tokenizer
+        .encode_batch(&["a red circle".to_string(), String::new()])
+        .unwrap();
+    let sigma = [0.7f32, 0.05];
+    let x = Var::constant(Tensor::from_vec(randn(2 * 3 * 16 * 16, 5), &[2, 3, 16, 16]));
+    let via_trainer = model.velocity(&x, &sigma, &ids);
+    let (context, pooled) = model.text.forward(&ids);
+    let t = sigma.map(advdmd::flow::timestep_of);
+    assert!(
+        (t[0] - 700.0).abs() < 1e-3 && (t[1] - 50.0).abs() < 1e-4,
+        "{t:?}"
+    );
+    let direct = model.mmdit.forward(&MmditInputs {
+        x: &x,
+        timestep: &t,
+        pooled: &pooled,
+        context: &context,
+    });
+    assert_eq!(via_trainer.value().f32s(), direct.value().f32s());
 }

@@ -40,11 +40,18 @@ pub fn reference_sigmas(n: usize, shift: f64) -> Vec<f32> {
     sigmas
 }
 
-/// The model timesteps `σ·1000` for the first `n` sigmas of a schedule.
+/// The timestep an SD3-family MMDiT is called with at noise level σ: `1000·σ` (ALGORITHM.md §7.5
+/// invariant 8; Qwen-Image, when it arrives, takes σ itself). Every model call of the sampler and
+/// the trainer goes through this one function, and the MMDiT fixtures' golden values test it.
+pub fn timestep_of(sigma: f32) -> f32 {
+    sigma * NUM_TRAIN_TIMESTEPS as f32
+}
+
+/// The model timesteps for the first `n` sigmas of a schedule.
 pub fn timesteps(sigmas: &[f32]) -> Vec<f32> {
     sigmas[..sigmas.len() - 1]
         .iter()
-        .map(|&s| s * NUM_TRAIN_TIMESTEPS as f32)
+        .map(|&s| timestep_of(s))
         .collect()
 }
 

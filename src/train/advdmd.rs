@@ -188,7 +188,7 @@ impl AdvDmd {
     fn logits(&self, x: &Var, sigma: &[f32], ids: &[u32]) -> Var {
         let backbone = self.frozen_backbone.as_ref().unwrap_or(&self.fake);
         let (context, pooled) = backbone.text.forward(ids);
-        let t: Vec<f32> = sigma.iter().map(|s| s * 1000.0).collect();
+        let t: Vec<f32> = sigma.iter().map(|&s| crate::flow::timestep_of(s)).collect();
         let inputs = MmditInputs {
             x,
             timestep: &t,

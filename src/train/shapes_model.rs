@@ -134,7 +134,7 @@ impl ShapesModel {
     /// The velocity for noisy images `x [B, 3, 16, 16]` at `sigma`, given token ids `[B, L]`.
     pub fn velocity(&self, x: &Var, sigma: &[f32], ids: &[u32]) -> Var {
         let (context, pooled) = self.text.forward(ids);
-        let t: Vec<f32> = sigma.iter().map(|s| s * 1000.0).collect();
+        let t: Vec<f32> = sigma.iter().map(|&s| crate::flow::timestep_of(s)).collect();
         self.mmdit.forward(&MmditInputs {
             x,
             timestep: &t,
