@@ -6,7 +6,8 @@
 
 use advdmd::device::kernel::{DevBuf, KernelDevice, KernelResult};
 use advdmd::kernels::attention::dev::{
-    joint_attention_bwd, joint_attention_flops, joint_attention_fwd, AttnDims,
+    joint_attention_bwd, joint_attention_bwd_with, joint_attention_flops, joint_attention_fwd,
+    joint_attention_fwd_with, AttnDims, BwdVariant, FwdVariant,
 };
 use advdmd::Rng;
 use half::bf16;
@@ -39,10 +40,15 @@ fn run(
         dev, &qa, &ka, &va, &qb, &kb, &vb, &oa, &ob, &lse, &doa, &dob, dims,
     )?;
     dev.synchronize()?;
-    let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
+    let (mut fwd, mut fwd16, mut bwd, mut bwd64) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..reps {
         fwd.push(dev.time_ms(|| {
             joint_attention_fwd(dev, &qa, &ka, &va, &qb, &kb, &vb, dims).map(|_| ())
+        })?);
+        // The other forward kernel (FwdVariant::W16, 8 warps of 16 rows), for comparison.
+        fwd16.push(dev.time_ms(|| {
+            joint_attention_fwd_with(dev, &qa, &ka, &va, &qb, &kb, &vb, dims, FwdVariant::W16)
+                .map(|_| ())
         })?);
         bwd.push(dev.time_ms(|| {
             joint_attention_bwd(
@@ -50,17 +56,43 @@ fn run(
             )
             .map(|_| ())
         })?);
+        // The other backward kernel (BwdVariant::K64, 4 warps, 64-key tiles).
+        bwd64.push(dev.time_ms(|| {
+            joint_attention_bwd_with(
+                dev,
+                &qa,
+                &ka,
+                &va,
+                &qb,
+                &kb,
+                &vb,
+                &oa,
+                &ob,
+                &lse,
+                &doa,
+                &dob,
+                dims,
+                BwdVariant::K64,
+            )
+            .map(|_| ())
+        })?);
     }
-    let (f, b) = (median(fwd), median(bwd));
+    let (f, f16, b, b64) = (median(fwd), median(fwd16), median(bwd), median(bwd64));
     let (ff, fb) = (
         joint_attention_flops(dims, false),
         joint_attention_flops(dims, true),
     );
-    let (tf, tb) = (ff / f as f64 / 1e9, fb / b as f64 / 1e9);
+    let (tf, tf16, tb, tb64) = (
+        ff / f as f64 / 1e9,
+        ff / f16 as f64 / 1e9,
+        fb / b as f64 / 1e9,
+        fb / b64 as f64 / 1e9,
+    );
     println!("attention {name:<20} {:<22} fwd {f:8.3} ms {tf:7.1} TFLOP/s   bwd {b:8.3} ms {tb:7.1} TFLOP/s", dev.name());
+    println!("  other variants: fwd w16 {f16:8.3} ms {tf16:7.1} TFLOP/s   bwd k64 {b64:8.3} ms {tb64:7.1} TFLOP/s");
     Ok(
         serde_json::json!({"shape": name, "device": dev.name(), "b": dims.b, "h": dims.h, "la": dims.la, "lb": dims.lb, "d": dims.d,
-        "fwd_ms": f, "bwd_ms": b, "fwd_tflops": tf, "bwd_tflops": tb}),
+        "fwd_ms": f, "bwd_ms": b, "fwd_tflops": tf, "bwd_tflops": tb, "fwd_w16_ms": f16, "fwd_w16_tflops": tf16, "bwd_k64_ms": b64, "bwd_k64_tflops": tb64}),
     )
 }
 

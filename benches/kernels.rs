@@ -322,10 +322,20 @@ fn sde_kernels(b: &mut Bench) {
     });
 }
 
-/// The discriminator head's GroupNorm(32) + LeakyReLU and mean pool at SD3-medium's head:
-/// [4, 768, 32·32] bf16.
+/// The discriminator head's GroupNorm(32) + LeakyReLU and mean pool (ALGORITHM.md §2,
+/// src/train/disc_head.rs) for SD3.5-medium at 1024px, batch 2: latents 128×128 → 64×64 image
+/// tokens of D = 1536 → Conv 4×4 s2 (D → 768) → GroupNorm/LeakyReLU on [2, 768, 32·32] bf16
+/// (3.1 MB) → Conv 1×1 (768 → 1) → mean pool of [2, 1, 32·32]. Also [4, 768, 32·32], the shape of
+/// the earlier table, for comparison. At these sizes a launch is a few µs against ~1.5 µs of
+/// copying: the rates below are bounded by launch latency, not bandwidth.
 fn head(b: &mut Bench) {
-    let (bs, c, sp, g) = (b.size(4, 2), b.size(768, 64), b.size(1024, 37), 32);
+    let (c, sp, g) = (b.size(768, 64), b.size(1024, 37), 32);
+    for bs in [b.size(2, 2), b.size(4, 3)] {
+        head_case(b, bs, c, sp, g, bs == b.size(2, 2));
+    }
+}
+
+fn head_case(b: &mut Bench, bs: usize, c: usize, sp: usize, g: usize, pool_realistic: bool) {
     let n = bs * c * sp;
     let sets = b.sets(3 * n * 2);
     let s: Vec<_> = (0..sets)
@@ -336,7 +346,6 @@ fn head(b: &mut Bench) {
                 b.bf(n),
                 b.dev.zeros::<f32>(bs * g).unwrap(),
                 b.dev.zeros::<f32>(bs * g).unwrap(),
-                b.dev.zeros::<f32>(bs * c).unwrap(),
             )
         })
         .collect();
@@ -344,7 +353,7 @@ fn head(b: &mut Bench) {
     let dev = b.dev.clone();
     let shape = format!("{bs}x{c}x{sp} bf16");
     b.time("group_norm_fwd+leaky", &shape, 2 * n * 2, sets, |i| {
-        let (x, y, _, mean, rstd, _) = &s[i];
+        let (x, y, _, mean, rstd) = &s[i];
         disc_head::dev::group_norm_fwd_into(
             &dev,
             (y, mean, rstd),
@@ -357,14 +366,15 @@ fn head(b: &mut Bench) {
             Some(0.2),
         )
     });
-    // The backward through its public launcher (allocates its outputs and partials).
+    // The backward through its public launcher (allocates its outputs and partials; one memset
+    // of the last-block counter and one kernel).
     b.time(
-        "group_norm_bwd+leaky (+2 sum)",
+        "group_norm_bwd+leaky (+memset)",
         &shape,
         3 * n * 2,
         sets,
         |i| {
-            let (x, _, dy, mean, rstd, _) = &s[i];
+            let (x, _, dy, mean, rstd) = &s[i];
             disc_head::dev::group_norm_bwd(
                 &dev,
                 x,
@@ -380,11 +390,20 @@ fn head(b: &mut Bench) {
             .map(|_| ())
         },
     );
-    b.time("mean_pool_fwd", &shape, n * 2 + bs * c * 4, sets, |i| {
-        disc_head::dev::mean_pool_fwd_into(&dev, &s[i].5, &s[i].0, (bs * c, sp))
+    // The head pools the 1-channel output of its Conv 1×1: [B, 1, S] (the first case); the
+    // [B, C, S] pool of the second case only tracks the kernels' bandwidth at a larger size.
+    let rows = if pool_realistic { bs } else { bs * c };
+    let pn = rows * sp;
+    let psets = b.sets(2 * pn * 2);
+    let p: Vec<_> = (0..psets)
+        .map(|_| (b.bf(pn), b.bf(pn), b.f(rows)))
+        .collect();
+    let pshape = format!("{bs}x{}x{sp} bf16", rows / bs);
+    b.time("mean_pool_fwd", &pshape, pn * 2 + rows * 4, psets, |i| {
+        disc_head::dev::mean_pool_fwd_into(&dev, &p[i].2, &p[i].0, (rows, sp))
     });
-    b.time("mean_pool_bwd", &shape, n * 2 + bs * c * 4, sets, |i| {
-        disc_head::dev::mean_pool_bwd_into(&dev, &s[i].1, &s[i].5, (bs * c, sp))
+    b.time("mean_pool_bwd", &pshape, pn * 2 + rows * 4, psets, |i| {
+        disc_head::dev::mean_pool_bwd_into(&dev, &p[i].1, &p[i].2, (rows, sp))
     });
 }
 

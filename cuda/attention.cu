@@ -9,33 +9,49 @@
 // a first, then stream b, and each tile lies inside one stream (a stream's last tile is partial
 // and masked). D is 64 or 128 (template, one extern "C" entry per value).
 //
-//   joint_attn_fwd_d{64,128}     O (two buffers) and the row log-sum-exp lse [B, H, La+Lb] (f32,
-//                                natural log of Σ exp(scale·s), rows ordered a then b)
+//   joint_attn_fwd_w32_d{64,128} O (two buffers) and the row log-sum-exp lse [B, H, La+Lb] (f32,
+//                                natural log of Σ exp(scale·s), rows ordered a then b); the
+//                                default forward (4 warps of 32 query rows)
+//   joint_attn_fwd_d{64,128}     the same, 8 warps of 16 query rows (FwdVariant::W16)
 //   joint_attn_bwd_rowdot        Drow = rowsum(dO ∘ O) [B, H, La+Lb], the softmax backward's row term
-//   joint_attn_bwd_d{64,128}     dK, dV (bf16) per key tile; dQ accumulated with f32 atomics into
-//                                two f32 buffers [B, L, H, D] (zeroed by the launcher), unscaled
+//   joint_attn_bwd_k128_d{64,128} dK, dV (bf16) per 128-key tile (8 warps; the default); dQ
+//                                accumulated with f32 reductions into two f32 buffers [B, L, H, D]
+//                                (zeroed by the launcher), unscaled
+//   joint_attn_bwd_d{64,128}     the same with 64-key tiles and 4 warps (BwdVariant::K64)
 //   joint_attn_dq_convert        dQ = scale · accumulator, to bf16
 //
-// Tiling (both passes): 128 threads = 4 warps; tiles of 64 rows (queries in the forward, keys in
-// the backward), each warp owning 16 of them; the other operand streams through shared memory in
-// tiles of 64 rows. Shared rows are padded to D+8 bf16 (144 or 272 bytes): the 8 row addresses
-// of one ldmatrix 8×8 matrix then fall in 8 distinct 16-byte bank groups, so ldmatrix and the
-// fragment stores are free of bank conflicts. Global↔shared copies use 16-byte vectors (rows are
+// Tiling: every warp owns 16 rows (32 in fwd_w32) of the block's tile: 128 query rows per block
+// in the forward, 64 or 128 key rows in the backward; the other operand streams through shared
+// memory in tiles of 64 rows, double-buffered: the next tile's cp.async copies are issued before
+// the current tile's math and waited for (cp.async.wait_group + barrier) one iteration later, so
+// global latency overlaps the tensor-core work. Blocks of one (batch, head) are consecutive in
+// blockIdx.x, so they run together and share the streamed tiles in L2. Shared rows are padded to
+// D+8 bf16 (144 or 272 bytes): the 8 row addresses of one ldmatrix 8×8 matrix then fall in 8
+// distinct 16-byte bank groups, so ldmatrix and the fragment stores are free of bank conflicts.
+// Global↔shared copies are 16-byte (cp.async.cg, zero-filled past a tile's valid rows; rows are
 // 16-byte aligned because D·2 is a multiple of 16 and buffers are 16-byte aligned).
 //
-// Forward (grid: query tiles of both streams × B·H): Q fragments stay in registers; for every key
-// tile, S = Q·Kᵀ (16×64 per warp, f32), online softmax in the log2 domain (scores prescaled by
-// scale·log2 e, exp2f), P rounded to bf16 and reused in registers as the A operand of O += P·V.
-// Shared memory: Q, K, V tiles = 3·64·(D+8)·2 bytes (27,648 for D=64, 52,224 for D=128).
+// Forward (grid: 128-row query tiles of both streams × B·H): for every key tile, S = Q·Kᵀ (f32),
+// online softmax on the raw scores with the scale folded into the exponent (p = 2^(s·c − m·c),
+// c = scale·log2 e: one FFMA + ex2.approx; keys are masked only on a stream's partial last tile),
+// P rounded to bf16 and reused in registers as the A operand of O += P·V. W16: each warp 16 rows,
+// Q fragments in registers. W32: each warp two 16-row m-tiles, so every K, V fragment read from
+// shared memory feeds two mma (half the ldmatrix traffic per mma); Q fragments in registers for
+// D = 64, re-read from the Q tile per key tile for D = 128 (O alone holds 128 registers there).
+// Shared memory: the Q tile + two stages of K, V = (128 + 4·64)·(D+8)·2 bytes (55,296 for D=64,
+// 104,448 for D=128).
 //
 // Backward (grid: key tiles of both streams × B·H): K, V of the block's key tile stay in shared
-// memory, dK, dV accumulate in registers; for every query tile: Sᵀ = K·Qᵀ,
-// Pᵀ = exp2(Sᵀ·c − lse·log2 e), dV += Pᵀ·dO, dPᵀ = V·dOᵀ, dSᵀ = Pᵀ∘(dPᵀ − Drow), dK += dSᵀ·Q
-// (per warp 16 keys × 64 queries; for D = 128 in two chunks of 32 queries, to stay within 255
-// registers). dSᵀ goes to shared memory (bf16) and each warp then forms dQ = dS·K for 16 query
-// rows of the tile and adds it to the f32 accumulator with atomicAdd (so dQ's summation order,
-// unlike everything else here, is not fixed on a GPU). Shared memory: K, V, Q, dO tiles + dSᵀ
-// (64×72) + two 64-float row vectors (46,592 bytes for D=64, 79,360 for D=128).
+// memory (and, for D = 64, this warp's K, V rows in registers as A fragments), dK, dV accumulate
+// in registers; for every query tile: Sᵀ = K·Qᵀ, Pᵀ = exp2(Sᵀ·c − lse·log2 e), dV += Pᵀ·dO,
+// dPᵀ = V·dOᵀ, dSᵀ = Pᵀ∘(dPᵀ − Drow), dK += dSᵀ·Q (per warp 16 keys × 64 queries; for D = 128 in
+// chunks of 32 queries (16 with 8 warps), to stay within 255 registers). dSᵀ goes to shared
+// memory (bf16) and then each warp forms dQ = dS·K for 16 query rows (× D/2 columns with 8 warps)
+// and adds it to the f32 accumulator with red.global.add.v2.f32 (so dQ's summation order, unlike
+// everything else here, is not fixed on a GPU). Q, dO, lse and Drow of the next query tile are
+// prefetched with cp.async. Shared memory: K, V + two stages of Q, dO + dSᵀ (keys × 72) + two
+// stages of two 64-float row vectors: 64 keys 65,536 bytes for D=64, 114,688 for D=128 (two
+// blocks per SM); 128 keys 93,184 and 158,720 (one block of 8 warps per SM).
 //
 // The row term: FlashAttention's Drow = dO·O, with O the bf16 forward output. The CPU kernel uses
 // Σ P·dP instead (exact cancellation where attention is one-hot), which would need a second pass
@@ -45,28 +61,55 @@
 // exact Drow).
 #include "common.cuh"
 
-#define ATTN_THREADS 128  // 4 warps
-#define ATTN_TILE 64      // rows per tile: queries (forward), keys (backward), and the streamed tiles
+#define ATTN_THREADS 128      // backward: 4 warps
+#define ATTN_TILE 64          // rows per key tile (both passes) and per query tile (backward)
+#define ATTN_FWD_THREADS 256  // forward: 8 warps
+#define ATTN_FWD_QTILE 128    // forward: query rows per block (16 per warp)
+#define ATTN_FWD_W32_THREADS 128  // forward, 32 rows per warp (fwd_w32): 4 warps
 
 namespace attn {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-__device__ __forceinline__ int ntiles(int len) { return (len + ATTN_TILE - 1) / ATTN_TILE; }
+template <int T = ATTN_TILE>
+__device__ __forceinline__ int ntiles(int len) { return (len + T - 1) / T; }
 
-// Tile `t` of the concatenation [a; b]: its stream (0 = a, 1 = b), first row within the stream,
-// and number of valid rows (1..64).
+// Tile `t` (of T rows) of the concatenation [a; b]: its stream (0 = a, 1 = b), first row within
+// the stream, and number of valid rows (1..T).
 struct Tile {
     int stream, row0, rows;
 };
+template <int T = ATTN_TILE>
 __device__ __forceinline__ Tile tile_of(int t, int La, int Lb) {
-    const int na = ntiles(La);
+    const int na = ntiles<T>(La);
     Tile r;
     r.stream = t < na ? 0 : 1;
-    r.row0 = (t < na ? t : t - na) * ATTN_TILE;
-    r.rows = min(ATTN_TILE, (t < na ? La : Lb) - r.row0);
+    r.row0 = (t < na ? t : t - na) * T;
+    r.rows = min(T, (t < na ? La : Lb) - r.row0);
     return r;
+}
+
+// 2^x on the special-function unit (ex2.approx.ftz: 2^-22 relative error, −inf → +0). The
+// emulator uses exp2f.
+__device__ __forceinline__ float fast_exp2(float x) {
+#ifdef ADVDMD_EMU
+    return exp2f(x);
+#else
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+#endif
+}
+
+// p[0] += a, p[1] += b as one vector reduction (red.global.add.v2.f32, sm_90; p 8-byte aligned).
+__device__ __forceinline__ void red_add2(float* p, float a, float b) {
+#ifdef ADVDMD_EMU
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#else
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b) : "memory");
+#endif
 }
 
 // Element offset of (batch b, token r, head h, column 0) in a [B, L, H, D] operand.
@@ -88,13 +131,26 @@ __device__ __forceinline__ void load_tile(bf16* s, const bf16* __restrict__ g, l
     }
 }
 
+// The same as asynchronous copies (cp.async, completed by the caller's commit/wait + barrier): a
+// tile of NR rows copied by NT threads; rows past `rows` are zero-filled (rows ≥ 1).
+template <int D, int NR, int NT>
+__device__ __forceinline__ void load_tile_async(bf16* s, const bf16* __restrict__ g, long long ld, int rows) {
+    constexpr int CH = D / 8;
+    static_assert(NR * CH % NT == 0, "tile copy must divide evenly");
+#pragma unroll
+    for (int it = 0; it < NR * CH / NT; it++) {
+        const int i = threadIdx.x + it * NT, r = i / CH, c = i % CH;
+        cp_async_16_zfill(s + r * (D + 8) + c * 8, g + min(r, rows - 1) * ld + c * 8, r < rows);
+    }
+}
+
 // The reverse: the first `rows` rows of a shared tile out to global memory.
-template <int D>
+template <int D, int NR = ATTN_TILE, int NT = ATTN_THREADS>
 __device__ __forceinline__ void store_tile(bf16* __restrict__ g, const bf16* s, long long ld, int rows) {
     constexpr int CH = D / 8;
 #pragma unroll
-    for (int it = 0; it < ATTN_TILE * CH / ATTN_THREADS; it++) {
-        const int i = threadIdx.x + it * ATTN_THREADS, r = i / CH, c = i % CH;
+    for (int it = 0; it < NR * CH / NT; it++) {
+        const int i = threadIdx.x + it * NT, r = i / CH, c = i % CH;
         if (r < rows) store16(g + r * ld + c * 8, load16(s + r * (D + 8) + c * 8));
     }
 }
@@ -181,6 +237,26 @@ __device__ __forceinline__ void tile_times_tile_t(float x[NB][4], const bf16* sa
     }
 }
 
+// The same with the A operand already in registers (af[kk] = 16×16 A fragment of columns 16kk..).
+template <int D, int NB>
+__device__ __forceinline__ void frag_times_tile_t(float x[NB][4], const uint32_t af[D / 16][4], const bf16* sb,
+                                                  int n0, int lane) {
+#pragma unroll
+    for (int n = 0; n < NB; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) x[n][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+#pragma unroll
+        for (int j = 0; j < NB / 2; j++) {
+            uint32_t b[4];
+            ldmatrix_x4(b, frag_b_nk(sb, D + 8, n0 + 16 * j, 16 * kk, lane));
+            mma_m16n8k16_bf16(x[2 * j], af[kk], b, x[2 * j]);
+            mma_m16n8k16_bf16(x[2 * j + 1], af[kk], b + 2, x[2 * j + 1]);
+        }
+    }
+}
+
 // Writes a warp's 16 × D accumulator (times per-row factors f0 for rows g, f1 for rows g+8) as
 // bf16 into rows row0.. of a shared tile, for a coalesced copy-out.
 template <int D>
@@ -203,44 +279,65 @@ __device__ __forceinline__ void fwd(bf16* __restrict__ oa, bf16* __restrict__ ob
                                     const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
                                     int H, float scale_log2) {
     constexpr int LDS = D + 8;
+    constexpr int QT = ATTN_FWD_QTILE, NT = ATTN_FWD_THREADS;
     DYNAMIC_SMEM(bf16, smem);
-    bf16* sQ = smem;
-    bf16* sK = sQ + ATTN_TILE * LDS;
-    bf16* sV = sK + ATTN_TILE * LDS;
+    bf16* sQ = smem;                  // QT rows
+    bf16* sK0 = sQ + QT * LDS;        // two stages of K and V, 64 rows each
+    bf16* sV0 = sK0 + 2 * ATTN_TILE * LDS;
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int bh = blockIdx.y, b = bh / H, h = bh % H;
     const int Lt = La + Lb;
     const long long ld = (long long)H * D;
 
-    const Tile qt = tile_of(blockIdx.x, La, Lb);
+    const Tile qt = tile_of<QT>(blockIdx.x, La, Lb);
     const int Lq = qt.stream == 0 ? La : Lb;
     const long long q_off = row_offset(b, Lq, qt.row0, H, h, D);
-    load_tile<D>(sQ, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
-    __syncthreads();
 
-    // This warp's 16 query rows as A fragments, for the whole key loop.
+    // Key/value tile `i` into stage `st` (asynchronous; the caller commits).
+    auto issue_kv = [&](int i, int st) {
+        const Tile kt = tile_of(i, La, Lb);
+        const int Lk = kt.stream == 0 ? La : Lb;
+        const long long k_off = row_offset(b, Lk, kt.row0, H, h, D);
+        load_tile_async<D, ATTN_TILE, NT>(sK0 + st * ATTN_TILE * LDS, (kt.stream == 0 ? ka : kb) + k_off, ld,
+                                          kt.rows);
+        load_tile_async<D, ATTN_TILE, NT>(sV0 + st * ATTN_TILE * LDS, (kt.stream == 0 ? va : vb) + k_off, ld,
+                                          kt.rows);
+    };
+
+    // Group 0: the Q tile and key tile 0.
+    load_tile_async<D, QT, NT>(sQ, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
+    issue_kv(0, 0);
+    cp_async_commit();
+
+    // This warp's 16 query rows as A fragments, for the whole key loop (loaded in iteration 0).
     uint32_t qf[D / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < D / 16; kk++) ldmatrix_x4(qf[kk], frag_a(sQ, LDS, 16 * warp, 16 * kk, lane));
 
     float o[D / 8][4];
 #pragma unroll
     for (int n = 0; n < D / 8; n++)
 #pragma unroll
         for (int e = 0; e < 4; e++) o[n][e] = 0.f;
-    // Running max (log2 domain) and this thread's partial row sums, for rows g and g+8.
+    // Running max of the raw scores and this thread's partial row sums, for rows g and g+8.
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
     const int nkt = ntiles(La) + ntiles(Lb);
     for (int kt_i = 0; kt_i < nkt; kt_i++) {
-        const Tile kt = tile_of(kt_i, La, Lb);
-        const int Lk = kt.stream == 0 ? La : Lb;
-        const long long k_off = row_offset(b, Lk, kt.row0, H, h, D);
-        __syncthreads();  // every warp is done with the previous K, V tile
-        load_tile<D>(sK, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
-        load_tile<D>(sV, (kt.stream == 0 ? va : vb) + k_off, ld, kt.rows);
+        // Prefetch the next key tile into the other stage (its previous contents were consumed in
+        // iteration kt_i − 1, closed by the barrier at the loop's end), then wait for this one.
+        // The group is committed even when empty, so the wait count stays 1.
+        if (kt_i + 1 < nkt) issue_kv(kt_i + 1, (kt_i + 1) & 1);
+        cp_async_commit();
+        cp_async_wait<1>();
         __syncthreads();
+        if (kt_i == 0) {
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) ldmatrix_x4(qf[kk], frag_a(sQ, LDS, 16 * warp, 16 * kk, lane));
+        }
+        const bf16* sK = sK0 + (kt_i & 1) * ATTN_TILE * LDS;
+        const bf16* sV = sV0 + (kt_i & 1) * ATTN_TILE * LDS;
+        const int krows = min(ATTN_TILE, kt_i < ntiles(La) ? La - kt_i * ATTN_TILE
+                                                            : Lb - (kt_i - ntiles(La)) * ATTN_TILE);
 
         float s[8][4];
 #pragma unroll
@@ -258,35 +355,38 @@ __device__ __forceinline__ void fwd(bf16* __restrict__ oa, bf16* __restrict__ ob
             }
         }
 
-        // Scale into the log2 domain, mask the keys past the tile's end, new row maxima (a row
-        // is spread over the 4 lanes of a quad).
-        float mx[2] = {-INFINITY, -INFINITY};
+        // Mask the keys past a partial tile's end (block-uniform branch: only a stream's last
+        // tile), then the new row maxima of the raw scores (a row is spread over the 4 lanes of
+        // a quad). The scale is applied inside the exponent: p = 2^(s·c − m·c), c = scale·log2 e.
+        if (krows < ATTN_TILE) {
+#pragma unroll
+            for (int n = 0; n < 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    if (8 * n + 2 * t + (e & 1) >= krows) s[n][e] = -INFINITY;
+        }
+        float mx[2] = {m[0], m[1]};
 #pragma unroll
         for (int n = 0; n < 8; n++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int col = 8 * n + 2 * t + (e & 1);
-                const float x = col < kt.rows ? s[n][e] * scale_log2 : -INFINITY;
-                s[n][e] = x;
-                mx[e >> 1] = fmaxf(mx[e >> 1], x);
-            }
-        float alpha[2];
+            for (int e = 0; e < 4; e++) mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
+        float alpha[2], ms[2];
 #pragma unroll
         for (int r = 0; r < 2; r++) {
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 1));
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 2));
             // Every tile has at least one valid key, so the new max is finite; on the first tile
             // m = −inf and alpha = 0.
-            const float m_new = fmaxf(m[r], mx[r]);
-            alpha[r] = exp2f(m[r] - m_new);
-            m[r] = m_new;
+            alpha[r] = fast_exp2((m[r] - mx[r]) * scale_log2);
+            m[r] = mx[r];
+            ms[r] = mx[r] * scale_log2;
         }
         float rs[2] = {0.f, 0.f};
 #pragma unroll
         for (int n = 0; n < 8; n++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                const float p = exp2f(s[n][e] - m[e >> 1]);  // masked: exp2(−inf) = 0
+                const float p = fast_exp2(fmaf(s[n][e], scale_log2, -ms[e >> 1]));  // masked: 0
                 s[n][e] = p;
                 rs[e >> 1] += p;
             }
@@ -300,32 +400,230 @@ __device__ __forceinline__ void fwd(bf16* __restrict__ oa, bf16* __restrict__ ob
             o[n][3] *= alpha[1];
         }
         acc_times_tile<D, 8>(o, s, sV, 0, lane);
+        __syncthreads();  // every warp is done with this stage before it is refilled
     }
+    cp_async_wait<0>();
 
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         l[r] += __shfl_xor_sync(FULL_MASK, l[r], 1);
         l[r] += __shfl_xor_sync(FULL_MASK, l[r], 2);
     }
-    // lse in natural log: ln Σ exp(scale·s) = m·ln 2 + ln l (m is the max in log2 units).
+    // lse in natural log: ln Σ exp(scale·s) = m·scale + ln l (m the max raw score).
     if (t == 0) {
         float* lrow = lse + (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0;
 #pragma unroll
         for (int r = 0; r < 2; r++) {
             const int row = 16 * warp + g + 8 * r;
-            if (row < qt.rows) lrow[row] = m[r] * kLn2 + logf(l[r]);
+            if (row < qt.rows) lrow[row] = m[r] * scale_log2 * kLn2 + logf(l[r]);
         }
     }
     // O through shared memory (this warp's own rows of the Q tile, read only by this warp and
-    // only before the loop) for 16-byte coalesced stores.
+    // only in the first iteration) for 16-byte coalesced stores.
     acc_to_shared<D>(sQ, 16 * warp, o, 1.f / l[0], 1.f / l[1], lane);
     __syncthreads();
-    store_tile<D>((qt.stream == 0 ? oa : ob) + q_off, sQ, ld, qt.rows);
+    store_tile<D, QT, NT>((qt.stream == 0 ? oa : ob) + q_off, sQ, ld, qt.rows);
+}
+
+// The forward with 32 query rows per warp (two 16-row m-tiles sharing every K, V fragment read
+// from shared memory, which halves the ldmatrix traffic per mma) and 4 warps per 128-row block.
+// QREG: the Q fragments stay in registers (D = 64); otherwise they are re-read from the Q tile
+// for every key tile (D = 128, where O alone takes 128 registers). Same results bit for bit as
+// fwd (same per-row arithmetic in the same order).
+template <int D, bool QREG>
+__device__ __forceinline__ void fwd_w32(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+                                        const bf16* __restrict__ qa, const bf16* __restrict__ ka,
+                                        const bf16* __restrict__ va, const bf16* __restrict__ qb,
+                                        const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
+                                        int H, float scale_log2) {
+    constexpr int LDS = D + 8;
+    constexpr int MT = 2;  // m-tiles per warp
+    constexpr int QT = ATTN_FWD_QTILE, NT = ATTN_FWD_W32_THREADS;
+    static_assert(QT == 16 * MT * (NT / 32), "tile rows = warps · 32");
+    DYNAMIC_SMEM(bf16, smem);
+    bf16* sQ = smem;
+    bf16* sK0 = sQ + QT * LDS;
+    bf16* sV0 = sK0 + 2 * ATTN_TILE * LDS;
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;
+    const int Lt = La + Lb;
+    const long long ld = (long long)H * D;
+    const int row_w = 32 * warp;  // this warp's first row in the tile
+
+    const Tile qt = tile_of<QT>(blockIdx.x, La, Lb);
+    const int Lq = qt.stream == 0 ? La : Lb;
+    const long long q_off = row_offset(b, Lq, qt.row0, H, h, D);
+
+    auto issue_kv = [&](int i, int st) {
+        const Tile kt = tile_of(i, La, Lb);
+        const int Lk = kt.stream == 0 ? La : Lb;
+        const long long k_off = row_offset(b, Lk, kt.row0, H, h, D);
+        load_tile_async<D, ATTN_TILE, NT>(sK0 + st * ATTN_TILE * LDS, (kt.stream == 0 ? ka : kb) + k_off, ld,
+                                          kt.rows);
+        load_tile_async<D, ATTN_TILE, NT>(sV0 + st * ATTN_TILE * LDS, (kt.stream == 0 ? va : vb) + k_off, ld,
+                                          kt.rows);
+    };
+
+    load_tile_async<D, QT, NT>(sQ, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
+    issue_kv(0, 0);
+    cp_async_commit();
+
+    uint32_t qf[QREG ? MT : 1][QREG ? D / 16 : 1][4];
+
+    float o[MT][D / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int n = 0; n < D / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) o[mt][n][e] = 0.f;
+    // Row r = 2·mt + (0: row g, 1: row g+8) of this warp's m-tiles.
+    float m[2 * MT], l[2 * MT];
+#pragma unroll
+    for (int r = 0; r < 2 * MT; r++) m[r] = -INFINITY, l[r] = 0.f;
+
+    const int nkt = ntiles(La) + ntiles(Lb);
+    for (int kt_i = 0; kt_i < nkt; kt_i++) {
+        if (kt_i + 1 < nkt) issue_kv(kt_i + 1, (kt_i + 1) & 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        if (QREG && kt_i == 0) {
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int kk = 0; kk < D / 16; kk++)
+                    ldmatrix_x4(qf[QREG ? mt : 0][QREG ? kk : 0], frag_a(sQ, LDS, row_w + 16 * mt, 16 * kk, lane));
+        }
+        const bf16* sK = sK0 + (kt_i & 1) * ATTN_TILE * LDS;
+        const bf16* sV = sV0 + (kt_i & 1) * ATTN_TILE * LDS;
+        const int krows = min(ATTN_TILE, kt_i < ntiles(La) ? La - kt_i * ATTN_TILE
+                                                            : Lb - (kt_i - ntiles(La)) * ATTN_TILE);
+
+        float s[MT][8][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int n = 0; n < 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) s[mt][n][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            uint32_t qa_[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                if (QREG) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) qa_[mt][e] = qf[QREG ? mt : 0][QREG ? kk : 0][e];
+                } else {
+                    ldmatrix_x4(qa_[mt], frag_a(sQ, LDS, row_w + 16 * mt, 16 * kk, lane));
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                uint32_t bk[4];
+                ldmatrix_x4(bk, frag_b_nk(sK, LDS, 16 * j, 16 * kk, lane));
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    mma_m16n8k16_bf16(s[mt][2 * j], qa_[mt], bk, s[mt][2 * j]);
+                    mma_m16n8k16_bf16(s[mt][2 * j + 1], qa_[mt], bk + 2, s[mt][2 * j + 1]);
+                }
+            }
+        }
+
+        if (krows < ATTN_TILE) {
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int n = 0; n < 8; n++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++)
+                        if (8 * n + 2 * t + (e & 1) >= krows) s[mt][n][e] = -INFINITY;
+        }
+        float alpha[2 * MT];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+            float mx[2] = {m[2 * mt], m[2 * mt + 1]};
+#pragma unroll
+            for (int n = 0; n < 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) mx[e >> 1] = fmaxf(mx[e >> 1], s[mt][n][e]);
+            float ms[2];
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 1));
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 2));
+                alpha[2 * mt + r] = fast_exp2((m[2 * mt + r] - mx[r]) * scale_log2);
+                m[2 * mt + r] = mx[r];
+                ms[r] = mx[r] * scale_log2;
+            }
+            float rs[2] = {0.f, 0.f};
+#pragma unroll
+            for (int n = 0; n < 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const float p = fast_exp2(fmaf(s[mt][n][e], scale_log2, -ms[e >> 1]));
+                    s[mt][n][e] = p;
+                    rs[e >> 1] += p;
+                }
+#pragma unroll
+            for (int r = 0; r < 2; r++) l[2 * mt + r] = l[2 * mt + r] * alpha[2 * mt + r] + rs[r];
+#pragma unroll
+            for (int n = 0; n < D / 8; n++) {
+                o[mt][n][0] *= alpha[2 * mt];
+                o[mt][n][1] *= alpha[2 * mt];
+                o[mt][n][2] *= alpha[2 * mt + 1];
+                o[mt][n][3] *= alpha[2 * mt + 1];
+            }
+        }
+        // O += P·V, every V fragment feeding both m-tiles.
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            uint32_t pa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) acc_to_a<8>(pa[mt], s[mt], c);
+#pragma unroll
+            for (int j = 0; j < D / 16; j++) {
+                uint32_t bv[4];
+                ldmatrix_x4_trans(bv, frag_b_kn(sV, LDS, 16 * c, 16 * j, lane));
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    mma_m16n8k16_bf16(o[mt][2 * j], pa[mt], bv, o[mt][2 * j]);
+                    mma_m16n8k16_bf16(o[mt][2 * j + 1], pa[mt], bv + 2, o[mt][2 * j + 1]);
+                }
+            }
+        }
+        __syncthreads();
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int r = 0; r < 2 * MT; r++) {
+        l[r] += __shfl_xor_sync(FULL_MASK, l[r], 1);
+        l[r] += __shfl_xor_sync(FULL_MASK, l[r], 2);
+    }
+    if (t == 0) {
+        float* lrow = lse + (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0;
+#pragma unroll
+        for (int r = 0; r < 2 * MT; r++) {
+            const int row = row_w + 16 * (r >> 1) + g + 8 * (r & 1);
+            if (row < qt.rows) lrow[row] = m[r] * scale_log2 * kLn2 + logf(l[r]);
+        }
+    }
+    // O through this warp's own 32 rows of the Q tile (every warp is past its last Q read: the
+    // loop ended with a barrier).
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+        acc_to_shared<D>(sQ, row_w + 16 * mt, o[mt], 1.f / l[2 * mt], 1.f / l[2 * mt + 1], lane);
+    __syncthreads();
+    store_tile<D, QT, NT>((qt.stream == 0 ? oa : ob) + q_off, sQ, ld, qt.rows);
 }
 
 // ---- Backward --------------------------------------------------------------------------------
 
-template <int D>
+// NW warps (4 or 8), each owning 16 keys: a key tile of KT = 16·NW rows per block.
+template <int D, int NW>
 __device__ __forceinline__ void bwd(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
                                     bf16* __restrict__ dvb, float* __restrict__ dqa_acc,
                                     float* __restrict__ dqb_acc, const bf16* __restrict__ qa,
@@ -337,27 +635,52 @@ __device__ __forceinline__ void bwd(bf16* __restrict__ dka, bf16* __restrict__ d
                                     float scale) {
     constexpr int LDS = D + 8;
     constexpr int LDP = ATTN_TILE + 8;  // dSᵀ tile stride (keys × queries)
-    constexpr int QC = D == 128 ? 32 : 64;  // query columns per Pᵀ/dSᵀ chunk
+    constexpr int QC = D == 128 ? (NW == 8 ? 16 : 32) : 64;  // query columns per Pᵀ/dSᵀ chunk
     constexpr int NB = QC / 8;
+    constexpr int TS = ATTN_TILE * LDS;  // elements of one query tile
+    constexpr int NT = 32 * NW, KT = 16 * NW;
     DYNAMIC_SMEM(bf16, smem);
-    bf16* sK = smem;
-    bf16* sV = sK + ATTN_TILE * LDS;
-    bf16* sQ = sV + ATTN_TILE * LDS;
-    bf16* sdO = sQ + ATTN_TILE * LDS;
-    bf16* sdS = sdO + ATTN_TILE * LDS;
-    float* sL = reinterpret_cast<float*>(sdS + ATTN_TILE * LDP);  // lse·log2 e per query row
-    float* sDr = sL + ATTN_TILE;                                   // Drow per query row
+    bf16* sK = smem;               // KT rows
+    bf16* sV = sK + KT * LDS;      // KT rows
+    bf16* sQ0 = sV + KT * LDS;     // two stages of Q
+    bf16* sdO0 = sQ0 + 2 * TS;  // two stages of dO
+    bf16* sdS = sdO0 + 2 * TS;
+    float* sL0 = reinterpret_cast<float*>(sdS + KT * LDP);  // two stages of lse per query row
+    float* sDr0 = sL0 + 2 * ATTN_TILE;                              // two stages of Drow per query row
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int bh = blockIdx.y, b = bh / H, h = bh % H;
     const int Lt = La + Lb;
     const long long ld = (long long)H * D;
 
-    const Tile kt = tile_of(blockIdx.x, La, Lb);
+    const Tile kt = tile_of<KT>(blockIdx.x, La, Lb);
     const int Lk = kt.stream == 0 ? La : Lb;
     const long long k_off = row_offset(b, Lk, kt.row0, H, h, D);
-    load_tile<D>(sK, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
-    load_tile<D>(sV, (kt.stream == 0 ? va : vb) + k_off, ld, kt.rows);
+
+    // Query tile `i` (Q, dO, lse, Drow) into stage `st`, asynchronously (the caller commits).
+    // Padded query rows: zero Q and dO, lse = +inf (P exactly 0), Drow = 0.
+    auto issue_q = [&](int i, int st) {
+        const Tile qt = tile_of(i, La, Lb);
+        const int Lq = qt.stream == 0 ? La : Lb;
+        const long long q_off = row_offset(b, Lq, qt.row0, H, h, D);
+        const long long r_off = (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0;
+        load_tile_async<D, ATTN_TILE, NT>(sQ0 + st * TS, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
+        load_tile_async<D, ATTN_TILE, NT>(sdO0 + st * TS, (qt.stream == 0 ? doa : dob) + q_off, ld, qt.rows);
+        for (int j = threadIdx.x; j < 2 * ATTN_TILE; j += NT) {
+            const int r = j & (ATTN_TILE - 1);
+            float* dst = (j < ATTN_TILE ? sL0 : sDr0) + st * ATTN_TILE + r;
+            if (r < qt.rows)
+                cp_async_4(dst, (j < ATTN_TILE ? lse : drow) + r_off + r);
+            else
+                *dst = j < ATTN_TILE ? INFINITY : 0.f;
+        }
+    };
+
+    // Group 0: K, V of this block and query tile 0.
+    load_tile_async<D, KT, NT>(sK, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
+    load_tile_async<D, KT, NT>(sV, (kt.stream == 0 ? va : vb) + k_off, ld, kt.rows);
+    issue_q(0, 0);
+    cp_async_commit();
     // Keys (rows of this warp's Sᵀ) past the tile's end get P = 0.
     const bool key_ok[2] = {16 * warp + g < kt.rows, 16 * warp + g + 8 < kt.rows};
 
@@ -367,21 +690,32 @@ __device__ __forceinline__ void bwd(bf16* __restrict__ dka, bf16* __restrict__ d
 #pragma unroll
         for (int e = 0; e < 4; e++) dk[n][e] = dv[n][e] = 0.f;
 
+    // D = 64: this warp's K and V rows as A fragments in registers for the whole loop (32
+    // registers; D = 128 has no room and re-reads them from shared memory).
+    constexpr bool KVREG = D == 64;
+    uint32_t kf[KVREG ? D / 16 : 1][4], vf[KVREG ? D / 16 : 1][4];
+
     const int nqt = ntiles(La) + ntiles(Lb);
     for (int qt_i = 0; qt_i < nqt; qt_i++) {
-        const Tile qt = tile_of(qt_i, La, Lb);
-        const int Lq = qt.stream == 0 ? La : Lb;
-        const long long q_off = row_offset(b, Lq, qt.row0, H, h, D);
-        const long long r_off = (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0;
-        __syncthreads();  // every warp is done with the previous Q, dO and dSᵀ tiles
-        load_tile<D>(sQ, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
-        load_tile<D>(sdO, (qt.stream == 0 ? doa : dob) + q_off, ld, qt.rows);
-        for (int i = threadIdx.x; i < ATTN_TILE; i += ATTN_THREADS) {
-            // Padded query rows: lse = +inf makes their P exactly 0.
-            sL[i] = i < qt.rows ? lse[r_off + i] * kLog2e : INFINITY;
-            sDr[i] = i < qt.rows ? drow[r_off + i] : 0.f;
-        }
+        // Prefetch the next query tile into the other stage (last read in iteration qt_i − 1,
+        // before that iteration's middle barrier), then wait for this one. The barrier also
+        // orders the previous iteration's dQ reads of dSᵀ before this iteration's writes.
+        if (qt_i + 1 < nqt) issue_q(qt_i + 1, (qt_i + 1) & 1);
+        cp_async_commit();
+        cp_async_wait<1>();
         __syncthreads();
+        if (KVREG && qt_i == 0) {
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                ldmatrix_x4(kf[KVREG ? kk : 0], frag_a(sK, LDS, 16 * warp, 16 * kk, lane));
+                ldmatrix_x4(vf[KVREG ? kk : 0], frag_a(sV, LDS, 16 * warp, 16 * kk, lane));
+            }
+        }
+        const int st = qt_i & 1;
+        const bf16* sQ = sQ0 + st * TS;
+        const bf16* sdO = sdO0 + st * TS;
+        const float* sL = sL0 + st * ATTN_TILE;
+        const float* sDr = sDr0 + st * ATTN_TILE;
 
         // The tile's 64 queries in chunks of QC columns (all 64 for D = 64; two halves of 32 for
         // D = 128, where dK, dV already hold 128 registers and full-width Pᵀ, dSᵀ spill). Not
@@ -390,19 +724,28 @@ __device__ __forceinline__ void bwd(bf16* __restrict__ dka, bf16* __restrict__ d
         for (int q0 = 0; q0 < ATTN_TILE; q0 += QC) {
             // Pᵀ (rows: this warp's 16 keys; columns: queries q0..q0+QC−1).
             float p[NB][4];
-            tile_times_tile_t<D, NB>(p, sK, 16 * warp, sQ, q0, lane);
+            if constexpr (KVREG)
+                frag_times_tile_t<D, NB>(p, kf, sQ, q0, lane);
+            else
+                tile_times_tile_t<D, NB>(p, sK, 16 * warp, sQ, q0, lane);
 #pragma unroll
             for (int n = 0; n < NB; n++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int q = q0 + 8 * n + 2 * t + (e & 1);
-                    p[n][e] = key_ok[e >> 1] ? exp2f(p[n][e] * scale_log2 - sL[q]) : 0.f;
+                for (int c = 0; c < 2; c++) {
+                    const int q = q0 + 8 * n + 2 * t + c;
+                    const float lq = sL[q] * kLog2e;
+#pragma unroll
+                    for (int r = 0; r < 2; r++)
+                        p[n][2 * r + c] = key_ok[r] ? fast_exp2(fmaf(p[n][2 * r + c], scale_log2, -lq)) : 0.f;
                 }
             acc_times_tile<D, NB>(dv, p, sdO, q0, lane);  // dV += Pᵀ·dO
 
             // dSᵀ = Pᵀ ∘ (dPᵀ − Drow), dPᵀ = V·dOᵀ.
             float ds[NB][4];
-            tile_times_tile_t<D, NB>(ds, sV, 16 * warp, sdO, q0, lane);
+            if constexpr (KVREG)
+                frag_times_tile_t<D, NB>(ds, vf, sdO, q0, lane);
+            else
+                tile_times_tile_t<D, NB>(ds, sV, 16 * warp, sdO, q0, lane);
 #pragma unroll
             for (int n = 0; n < NB; n++)
 #pragma unroll
@@ -420,37 +763,40 @@ __device__ __forceinline__ void bwd(bf16* __restrict__ dka, bf16* __restrict__ d
                 st_u32(sdS + (16 * warp + g + 8) * LDP + q, pack_bf16x2(ds[n][2], ds[n][3]));
             }
         }
-        // dQ[16 queries of this warp] += dS·K over the tile's 64 keys (all warps' dSᵀ rows).
+        // dQ += dS·K over the tile's KT keys (all warps' dSᵀ rows): warp w takes the 16 queries
+        // 16·(w mod 4).. and the D/CG columns (w / 4)·D/CG.. (CG = NW/4 column groups).
         __syncthreads();
-        if (16 * warp < qt.rows) {  // warp-uniform: skip query rows that are all padding
-            float* dq = (qt.stream == 0 ? dqa_acc : dqb_acc) + q_off;
-            const int r0 = 16 * warp + g;
+        const Tile qt = tile_of(qt_i, La, Lb);
+        constexpr int CG = NW / 4, DC = D / CG;
+        const int qr = CG == 1 ? 16 * warp : 16 * (warp & 3), c0 = CG == 1 ? 0 : (warp >> 2) * DC;
+        if (qr < qt.rows) {  // warp-uniform: skip query rows that are all padding
+            const int Lq = qt.stream == 0 ? La : Lb;
+            float* dq = (qt.stream == 0 ? dqa_acc : dqb_acc) + row_offset(b, Lq, qt.row0, H, h, D);
+            const int r0 = qr + g;
+            // This warp's dS rows (16 queries × KT keys) as A fragments, read once for all columns.
+            uint32_t a[KT / 16][4];
 #pragma unroll
-            for (int j = 0; j < D / 16; j++) {
+            for (int c = 0; c < KT / 16; c++) ldmatrix_x4_trans(a[c], frag_a_t(sdS, LDP, 16 * c, qr, lane));
+#pragma unroll
+            for (int j = 0; j < DC / 16; j++) {
                 float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
-                for (int c = 0; c < 4; c++) {
-                    uint32_t a[4], bk[4];
-                    ldmatrix_x4_trans(a, frag_a_t(sdS, LDP, 16 * c, 16 * warp, lane));
-                    ldmatrix_x4_trans(bk, frag_b_kn(sK, LDS, 16 * c, 16 * j, lane));
-                    mma_m16n8k16_bf16(acc[0], a, bk, acc[0]);
-                    mma_m16n8k16_bf16(acc[1], a, bk + 2, acc[1]);
+                for (int c = 0; c < KT / 16; c++) {
+                    uint32_t bk[4];
+                    ldmatrix_x4_trans(bk, frag_b_kn(sK, LDS, 16 * c, c0 + 16 * j, lane));
+                    mma_m16n8k16_bf16(acc[0], a[c], bk, acc[0]);
+                    mma_m16n8k16_bf16(acc[1], a[c], bk + 2, acc[1]);
                 }
 #pragma unroll
                 for (int hn = 0; hn < 2; hn++) {
-                    const int col = 16 * j + 8 * hn + 2 * t;
-                    if (r0 < qt.rows) {
-                        atomicAdd(dq + r0 * ld + col, acc[hn][0]);
-                        atomicAdd(dq + r0 * ld + col + 1, acc[hn][1]);
-                    }
-                    if (r0 + 8 < qt.rows) {
-                        atomicAdd(dq + (r0 + 8) * ld + col, acc[hn][2]);
-                        atomicAdd(dq + (r0 + 8) * ld + col + 1, acc[hn][3]);
-                    }
+                    const int col = c0 + 16 * j + 8 * hn + 2 * t;
+                    if (r0 < qt.rows) red_add2(dq + r0 * ld + col, acc[hn][0], acc[hn][1]);
+                    if (r0 + 8 < qt.rows) red_add2(dq + (r0 + 8) * ld + col, acc[hn][2], acc[hn][3]);
                 }
             }
         }
     }
+    cp_async_wait<0>();
 
     // dK (times the softmax scale, which the scores carried) and dV out through this warp's own
     // rows of the K and V tiles (no warp reads them after the barrier).
@@ -458,17 +804,18 @@ __device__ __forceinline__ void bwd(bf16* __restrict__ dka, bf16* __restrict__ d
     acc_to_shared<D>(sK, 16 * warp, dk, scale, scale, lane);
     acc_to_shared<D>(sV, 16 * warp, dv, 1.f, 1.f, lane);
     __syncthreads();
-    store_tile<D>((kt.stream == 0 ? dka : dkb) + k_off, sK, ld, kt.rows);
-    store_tile<D>((kt.stream == 0 ? dva : dvb) + k_off, sV, ld, kt.rows);
+    store_tile<D, KT, NT>((kt.stream == 0 ? dka : dkb) + k_off, sK, ld, kt.rows);
+    store_tile<D, KT, NT>((kt.stream == 0 ? dva : dvb) + k_off, sV, ld, kt.rows);
 }
 
 }  // namespace attn
 
 // ---- Entry points ------------------------------------------------------------------------------
-// Grid: (query tiles of a + of b, B·H); block 128; dynamic shared memory 3·64·(D+8)·2 bytes.
+// Grid: (128-row query tiles of a + of b, B·H); block 256; dynamic shared memory
+// (128 + 4·64)·(D+8)·2 bytes. d64 is capped at 128 registers for two blocks per SM.
 // scale_log2 = log2(e)/√D.
 
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+extern "C" __global__ void __launch_bounds__(ATTN_FWD_THREADS, 2)
     joint_attn_fwd_d64(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
                        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
                        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
@@ -476,12 +823,29 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     attn::fwd<64>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
 }
 
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+extern "C" __global__ void __launch_bounds__(ATTN_FWD_THREADS)
     joint_attn_fwd_d128(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
                         const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
                         const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
                         int La, int Lb, int H, float scale_log2) {
     attn::fwd<128>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
+}
+
+// The 32-rows-per-warp variants (fwd_w32): same grid, arguments, shared memory and results; block 128.
+extern "C" __global__ void __launch_bounds__(ATTN_FWD_W32_THREADS)
+    joint_attn_fwd_w32_d64(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+                           const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+                           const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
+                           int La, int Lb, int H, float scale_log2) {
+    attn::fwd_w32<64, true>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
+}
+
+extern "C" __global__ void __launch_bounds__(ATTN_FWD_W32_THREADS)
+    joint_attn_fwd_w32_d128(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+                            const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+                            const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
+                            int La, int Lb, int H, float scale_log2) {
+    attn::fwd_w32<128, false>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
 }
 
 // Drow[b, h, i] = Σ_c dO[i, c]·O[i, c] over the concatenated rows i of [a; b]. Eight lanes per
@@ -521,7 +885,7 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 // Grid: (key tiles of a + of b, B·H); block 128; dynamic shared memory
-// (4·64·(D+8) + 64·72)·2 + 2·64·4 bytes. dq*_acc must be zero on entry.
+// (6·64·(D+8) + 64·72)·2 + 4·64·4 bytes. dq*_acc must be zero on entry.
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     joint_attn_bwd_d64(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
                        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
@@ -529,7 +893,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
                        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
                        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
                        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
-    attn::bwd<64>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La, Lb, H,
+    attn::bwd<64, 4>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La, Lb, H,
                   scale_log2, scale);
 }
 
@@ -540,8 +904,33 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
                         const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
                         const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
                         const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
-    attn::bwd<128>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La, Lb, H,
+    attn::bwd<128, 4>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La, Lb, H,
                    scale_log2, scale);
+}
+
+// The 8-warp variants: key tiles of 128 rows (grid: 128-row key tiles of a + of b, B·H), block
+// 256, dynamic shared memory (2·128·(D+8) + 4·64·(D+8) + 128·72)·2 + 4·64·4 bytes. Half the dQ
+// reductions and half the Q, dO traffic per key of the 64-key kernels.
+extern "C" __global__ void __launch_bounds__(2 * ATTN_THREADS)
+    joint_attn_bwd_k128_d64(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
+                            bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
+                            const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+                            const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
+                            const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
+                            const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
+    attn::bwd<64, 8>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La, Lb, H,
+                     scale_log2, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(2 * ATTN_THREADS)
+    joint_attn_bwd_k128_d128(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
+                             bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
+                             const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+                             const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
+                             const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
+                             const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
+    attn::bwd<128, 8>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La, Lb, H,
+                      scale_log2, scale);
 }
 
 // dq = scale · acc for both streams (na, nb elements, multiples of 8): 8 elements per thread.

@@ -151,3 +151,29 @@ __device__ __forceinline__ void store16(void* p, const pack16& v) { *reinterpret
 __device__ __forceinline__ bool aligned16(const void* p) {
     return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
 }
+
+// ---- cp.async: asynchronous global → shared copies (sm_80+) ---------------------------------
+// cp_async_16 copies 16 bytes (both addresses 16-byte aligned) bypassing L1 (.cg); the _zfill
+// form writes 16 zero bytes instead when !valid (src-size 0: nothing is read, but `gmem` should
+// still be a mapped address); cp_async_4 copies 4 bytes (.ca, 4-byte aligned). Copies issued
+// since the last cp_async_commit() form a group; cp_async_wait<N>() returns once at most N of
+// this thread's groups are still pending (a __syncthreads after it makes every thread's copies
+// visible to the block). The emulator's twins (emu.h) copy synchronously.
+#ifndef ADVDMD_EMU
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_16_zfill(void* smem, const void* gmem, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(smem)), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+#endif

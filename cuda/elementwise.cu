@@ -8,39 +8,52 @@
 //   gelu_tanh_bwd / silu_bwd:  dx = dy·f'(x)
 //   cast_f32_to_bf16, cast_bf16_to_f32, copy_bytes
 //
-// Every kernel is a grid-stride loop (any grid is correct; the launchers use one 16-byte vector
-// per thread) over 16-byte vectors when the pointers allow, then a scalar tail of < 8 elements.
-// tanh and the sigmoid use the same e^x formulations as the CPU twin's fast_tanh / fast_sigmoid
-// (through expf, which saturates to 0 or inf without NaN), so the two differ by rounding only.
+// Every kernel is a grid-stride loop (any grid is correct; the launchers use EW_UNROLL 16-byte
+// vectors per thread for the activations, one for the casts and the copy) over 16-byte vectors when the pointers allow, then a scalar tail of < 8 elements.
+// The activations use the sigmoid forms of the CPU twin's fast_tanh / fast_sigmoid formulas
+// (mathematically equal; through __expf / __fdividef, which saturate to 0 or inf without NaN),
+// so the two differ by a few f32 ulps, far inside one bf16 rounding.
 #include "common.cuh"
 
 #define EW_THREADS 256
+#define EW_UNROLL 4  // 16-byte vectors per thread per step of the activations, all loaded first
 
 namespace elementwise {
 
 #define SQRT_2_OVER_PI 0.7978845608f
 #define GELU_C 0.044715f
 
-// tanh(u) = 1 − 2/(e^{2u} + 1): exact limits ±1 for large |u|, no NaN.
-__device__ __forceinline__ float tanh_exp(float u) { return 1.f - 2.f / (expf(2.f * u) + 1.f); }
-
+// GELU-tanh through 0.5·(1 + tanh u) = σ(2u) and 1 − tanh²u = 4·σ(2u)·(1 − σ(2u)), the sigmoid
+// as 1/(1 + e^{−2u}) with __expf (ex2.approx) and __fdividef (rcp.approx): two special-function
+// instructions and a few FMAs per element instead of expf's range reduction and an IEEE divide.
+// Limits: e^{−2u} = inf (or > 2¹²⁶, where __fdividef returns 0) gives σ = 0, e^{−2u} = 0 gives 1,
+// so ±large x saturate without NaN, as the CPU twin's fast_tanh does.
 struct Gelu {
-    static __device__ __forceinline__ float f(float x) {
-        return 0.5f * x * (1.f + tanh_exp(SQRT_2_OVER_PI * (x + GELU_C * x * x * x)));
+    // −2u = x·(−2k − 2kC·x²), k = sqrt(2/π)
+    static __device__ __forceinline__ float sig2u(float x) {
+        const float m2u = x * fmaf(x * x, -2.f * SQRT_2_OVER_PI * GELU_C, -2.f * SQRT_2_OVER_PI);
+        return __fdividef(1.f, 1.f + __expf(m2u));
     }
+    static __device__ __forceinline__ float f(float x) {
+        const float m2u = x * fmaf(x * x, -2.f * SQRT_2_OVER_PI * GELU_C, -2.f * SQRT_2_OVER_PI);
+        return __fdividef(x, 1.f + __expf(m2u));
+    }
+    // d = σ(2u)·(1 + 2k·x·(1 − σ(2u))·(1 + 3C·x²))
     static __device__ __forceinline__ float d(float x) {
-        const float t = tanh_exp(SQRT_2_OVER_PI * (x + GELU_C * x * x * x));
-        return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * SQRT_2_OVER_PI * (1.f + 3.f * GELU_C * x * x);
+        const float x2 = x * x;
+        const float s = sig2u(x);
+        const float k = 2.f * SQRT_2_OVER_PI * x * fmaf(x2, 3.f * GELU_C, 1.f);
+        return s * fmaf(k, 1.f - s, 1.f);
     }
 };
 
 struct Silu {
     // σ(x) = 1/(1 + e^{−x}); e^{−x} = inf for very negative x gives σ = 0, as it should.
-    static __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
-    static __device__ __forceinline__ float f(float x) { return x * sigmoid(x); }
+    static __device__ __forceinline__ float sigmoid(float x) { return __fdividef(1.f, 1.f + __expf(-x)); }
+    static __device__ __forceinline__ float f(float x) { return __fdividef(x, 1.f + __expf(-x)); }
     static __device__ __forceinline__ float d(float x) {
         const float s = sigmoid(x);
-        return s * (1.f + x * (1.f - s));
+        return s * fmaf(x, 1.f - s, 1.f);
     }
 };
 
@@ -49,62 +62,95 @@ __device__ __forceinline__ long long thread_index() {
 }
 __device__ __forceinline__ long long thread_count() { return (long long)gridDim.x * blockDim.x; }
 
+// 8 floats to bf16 (round to nearest even), two per conversion instruction.
+__device__ __forceinline__ pack16 pack8(const float f[8]) {
+    pack16 p;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        __nv_bfloat162 h = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+        p.w[i] = *reinterpret_cast<uint32_t*>(&h);
+    }
+    return p;
+}
+
+// Block b's step covers vectors [b·U·T, (b+1)·U·T) (T = blockDim.x, U = EW_UNROLL), thread t the
+// vectors at + t + u·T: each warp access is coalesced, and every load of a step is issued before
+// the first result is computed. Grid-stride over steps, so any grid is correct.
 template <class Op>
 __device__ __forceinline__ void act_fwd(bf16* __restrict__ y, const bf16* __restrict__ x, long long n) {
-    const long long t0 = thread_index(), step = thread_count();
     long long done = 0;
     if (aligned16(x) && aligned16(y)) {
-        const long long nv = n / 8;
-        for (long long i = t0; i < nv; i += step) {
-            float f[8];
-            unpack_bf16x8(load16(x + 8 * i), f);
+        const long long nv = n / 8, T = blockDim.x, chunk = T * EW_UNROLL;
+        for (long long s = (long long)blockIdx.x * chunk + threadIdx.x; s < nv; s += (long long)gridDim.x * chunk) {
+            pack16 px[EW_UNROLL];
 #pragma unroll
-            for (int k = 0; k < 8; k++) f[k] = Op::f(f[k]);
-            store16(y + 8 * i, pack_bf16x8(f));
+            for (int u = 0; u < EW_UNROLL; u++)
+                if (s + u * T < nv) px[u] = load16(x + 8 * (s + u * T));
+#pragma unroll
+            for (int u = 0; u < EW_UNROLL; u++)
+                if (s + u * T < nv) {
+                    float f[8];
+                    unpack_bf16x8(px[u], f);
+#pragma unroll
+                    for (int k = 0; k < 8; k++) f[k] = Op::f(f[k]);
+                    store16(y + 8 * (s + u * T), pack8(f));
+                }
         }
         done = nv * 8;
     }
-    for (long long i = done + t0; i < n; i += step) y[i] = f2bf(Op::f(bf2f(x[i])));
+    for (long long i = done + thread_index(); i < n; i += thread_count()) y[i] = f2bf(Op::f(bf2f(x[i])));
 }
 
 template <class Op>
 __device__ __forceinline__ void act_bwd(bf16* __restrict__ dx, const bf16* __restrict__ x,
                                         const bf16* __restrict__ dy, long long n) {
-    const long long t0 = thread_index(), step = thread_count();
     long long done = 0;
     if (aligned16(x) && aligned16(dy) && aligned16(dx)) {
-        const long long nv = n / 8;
-        for (long long i = t0; i < nv; i += step) {
-            float f[8], g[8];
-            unpack_bf16x8(load16(x + 8 * i), f);
-            unpack_bf16x8(load16(dy + 8 * i), g);
+        const long long nv = n / 8, T = blockDim.x, chunk = T * EW_UNROLL;
+        for (long long s = (long long)blockIdx.x * chunk + threadIdx.x; s < nv; s += (long long)gridDim.x * chunk) {
+            pack16 px[EW_UNROLL], pg[EW_UNROLL];
 #pragma unroll
-            for (int k = 0; k < 8; k++) f[k] = g[k] * Op::d(f[k]);
-            store16(dx + 8 * i, pack_bf16x8(f));
+            for (int u = 0; u < EW_UNROLL; u++)
+                if (s + u * T < nv) {
+                    px[u] = load16(x + 8 * (s + u * T));
+                    pg[u] = load16(dy + 8 * (s + u * T));
+                }
+#pragma unroll
+            for (int u = 0; u < EW_UNROLL; u++)
+                if (s + u * T < nv) {
+                    float f[8], g[8];
+                    unpack_bf16x8(px[u], f);
+                    unpack_bf16x8(pg[u], g);
+#pragma unroll
+                    for (int k = 0; k < 8; k++) f[k] = g[k] * Op::d(f[k]);
+                    store16(dx + 8 * (s + u * T), pack8(f));
+                }
         }
         done = nv * 8;
     }
-    for (long long i = done + t0; i < n; i += step) dx[i] = f2bf(bf2f(dy[i]) * Op::d(bf2f(x[i])));
+    for (long long i = done + thread_index(); i < n; i += thread_count())
+        dx[i] = f2bf(bf2f(dy[i]) * Op::d(bf2f(x[i])));
 }
 
 }  // namespace elementwise
 
-// grid: ceil(n / 8 / EW_THREADS) (any grid is correct), block: EW_THREADS — for every kernel here.
-extern "C" __global__ void gelu_tanh_fwd(bf16* __restrict__ y, const bf16* __restrict__ x, long long n) {
+// Activations — grid: ceil(n / 8 / (EW_THREADS·EW_UNROLL)) (any grid is correct), block: EW_THREADS.
+extern "C" __global__ void __launch_bounds__(EW_THREADS) gelu_tanh_fwd(bf16* __restrict__ y, const bf16* __restrict__ x, long long n) {
     elementwise::act_fwd<elementwise::Gelu>(y, x, n);
 }
-extern "C" __global__ void gelu_tanh_bwd(bf16* __restrict__ dx, const bf16* __restrict__ x,
+extern "C" __global__ void __launch_bounds__(EW_THREADS) gelu_tanh_bwd(bf16* __restrict__ dx, const bf16* __restrict__ x,
                                          const bf16* __restrict__ dy, long long n) {
     elementwise::act_bwd<elementwise::Gelu>(dx, x, dy, n);
 }
-extern "C" __global__ void silu_fwd(bf16* __restrict__ y, const bf16* __restrict__ x, long long n) {
+extern "C" __global__ void __launch_bounds__(EW_THREADS) silu_fwd(bf16* __restrict__ y, const bf16* __restrict__ x, long long n) {
     elementwise::act_fwd<elementwise::Silu>(y, x, n);
 }
-extern "C" __global__ void silu_bwd(bf16* __restrict__ dx, const bf16* __restrict__ x,
+extern "C" __global__ void __launch_bounds__(EW_THREADS) silu_bwd(bf16* __restrict__ dx, const bf16* __restrict__ x,
                                     const bf16* __restrict__ dy, long long n) {
     elementwise::act_bwd<elementwise::Silu>(dx, x, dy, n);
 }
 
+// Casts — grid: ceil(n / 8 / EW_THREADS) (any grid is correct), block: EW_THREADS.
 // out = bf16(in), round to nearest even; 8 elements (two 16-byte loads, one store) per step.
 extern "C" __global__ void cast_f32_to_bf16(bf16* __restrict__ out, const float* __restrict__ in, long long n) {
     using namespace elementwise;

@@ -17,6 +17,8 @@
 
 #define QK_THREADS 256
 #define QK_MAX_VPL 2  // 16-byte vectors per lane kept in registers (forward): D ≤ 32·8·2 = 512
+#define QK_ROWS 2     // rows per lane group of the forward, loaded together (memory-level parallelism)
+#define QK_BWD_ROWS 2 // rows per lane group per step of the backward
 
 namespace qknorm {
 
@@ -27,36 +29,66 @@ __device__ __forceinline__ float group_sum(float v, int G) {
     return v;
 }
 
+// The register path of rms_norm_fwd: QK_ROWS rows per group (rows row0 + k·stride), every x
+// vector of all of them (and the lane's weight slice) loaded before the first is used.
 template <int VPL>
-__device__ __forceinline__ void fwd_row_vec(bf16* __restrict__ y, float* __restrict__ rstd,
-                                            const bf16* __restrict__ x, const bf16* __restrict__ w,
-                                            long long row, bool valid, int D, float eps, int G, int gl) {
+__device__ __forceinline__ void fwd_rows_vec(bf16* __restrict__ y, float* __restrict__ rstd,
+                                             const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                             long long row0, long long stride, long long rows, int D,
+                                             float eps, int G, int gl) {
     const int nvec = D / 8;
-    float v[VPL][8];
-    float sq = 0.f;
+    pack16 px[QK_ROWS][VPL], pw[VPL];
 #pragma unroll
-    for (int i = 0; i < VPL; i++) {
-        const int c = gl + G * i;
-        if (valid && c < nvec) {
-            unpack_bf16x8(load16(x + row * D + 8 * c), v[i]);
+    for (int i = 0; i < VPL; i++)
+        if (gl + G * i < nvec) pw[i] = load16(w + 8 * (gl + G * i));
 #pragma unroll
-            for (int k = 0; k < 8; k++) sq += v[i][k] * v[i][k];
+    for (int k = 0; k < QK_ROWS; k++) {
+        const long long row = row0 + k * stride;
+#pragma unroll
+        for (int i = 0; i < VPL; i++) {
+            const int c = gl + G * i;
+            if (row < rows && c < nvec) px[k][i] = load16(x + row * D + 8 * c);
         }
     }
-    const float rs = rsqrtf(group_sum(sq, G) / D + eps);
-    if (!valid) return;
+    float sq[QK_ROWS];
 #pragma unroll
-    for (int i = 0; i < VPL; i++) {
-        const int c = gl + G * i;
-        if (c < nvec) {
-            float fw[8], o[8];
-            unpack_bf16x8(load16(w + 8 * c), fw);
+    for (int k = 0; k < QK_ROWS; k++) {
+        const long long row = row0 + k * stride;
+        sq[k] = 0.f;
 #pragma unroll
-            for (int k = 0; k < 8; k++) o[k] = v[i][k] * rs * fw[k];
-            store16(y + row * D + 8 * c, pack_bf16x8(o));
+        for (int i = 0; i < VPL; i++) {
+            const int c = gl + G * i;
+            if (row < rows && c < nvec) {
+                float v[8];
+                unpack_bf16x8(px[k][i], v);
+#pragma unroll
+                for (int e = 0; e < 8; e++) sq[k] += v[e] * v[e];
+            }
         }
     }
-    if (gl == 0) rstd[row] = rs;
+    // The rows' group sums interleaved: independent shuffles in flight together.
+    for (int o = G >> 1; o > 0; o >>= 1)
+#pragma unroll
+        for (int k = 0; k < QK_ROWS; k++) sq[k] += __shfl_xor_sync(FULL_MASK, sq[k], o);
+#pragma unroll
+    for (int k = 0; k < QK_ROWS; k++) {
+        const long long row = row0 + k * stride;
+        if (row >= rows) continue;
+        const float rs = rsqrtf(sq[k] / D + eps);
+#pragma unroll
+        for (int i = 0; i < VPL; i++) {
+            const int c = gl + G * i;
+            if (c < nvec) {
+                float v[8], fw[8], o[8];
+                unpack_bf16x8(px[k][i], v);
+                unpack_bf16x8(pw[i], fw);
+#pragma unroll
+                for (int e = 0; e < 8; e++) o[e] = v[e] * rs * fw[e];
+                store16(y + row * D + 8 * c, pack_bf16x8(o));
+            }
+        }
+        if (gl == 0) rstd[row] = rs;
+    }
 }
 
 __device__ __forceinline__ void fwd_row_scalar(bf16* __restrict__ y, float* __restrict__ rstd,
@@ -90,7 +122,7 @@ __device__ __forceinline__ void bwd_rows_vec(bf16* __restrict__ dx, float* __res
                                              const float* __restrict__ rstd, const bf16* __restrict__ dy,
                                              long long rows, int D, int G, int gl, int grp, int groups) {
     const int nvec = D / 8;
-    const long long stride = (long long)gridDim.x * groups;
+    const long long stride = (long long)gridDim.x * groups * QK_BWD_ROWS;
     float wv[VPL][8], dw[VPL][8];
 #pragma unroll
     for (int i = 0; i < VPL; i++) {
@@ -99,37 +131,64 @@ __device__ __forceinline__ void bwd_rows_vec(bf16* __restrict__ dx, float* __res
         for (int k = 0; k < 8; k++) dw[i][k] = wv[i][k] = 0.f;
         if (c < nvec) unpack_bf16x8(load16(w + 8 * c), wv[i]);
     }
-    // The loop bound depends on the block only, so all groups of a warp iterate together.
-    for (long long r0 = (long long)blockIdx.x * groups; r0 < rows; r0 += stride) {
-        const long long row = r0 + grp;
-        const bool valid = row < rows;
-        const float rs = valid ? rstd[row] : 0.f;
-        float xv[VPL][8], gv[VPL][8];
-        float dot = 0.f;
+    // A step takes QK_BWD_ROWS rows per group (r0 + grp + k·groups), all their x, dy and rstd
+    // loaded before the first is used. The loop bound depends on the block only, so all groups
+    // of a warp iterate together.
+    for (long long r0 = (long long)blockIdx.x * groups * QK_BWD_ROWS; r0 < rows; r0 += stride) {
+        pack16 px[QK_BWD_ROWS][VPL], pg[QK_BWD_ROWS][VPL];
+        float rs[QK_BWD_ROWS], dot[QK_BWD_ROWS];
 #pragma unroll
-        for (int i = 0; i < VPL; i++) {
-            const int c = gl + G * i;
-            if (valid && c < nvec) {
-                unpack_bf16x8(load16(x + row * D + 8 * c), xv[i]);
-                unpack_bf16x8(load16(dy + row * D + 8 * c), gv[i]);
+        for (int k = 0; k < QK_BWD_ROWS; k++) {
+            const long long row = r0 + grp + (long long)k * groups;
+            rs[k] = row < rows ? rstd[row] : 0.f;
 #pragma unroll
-                for (int k = 0; k < 8; k++) {
-                    const float xh = xv[i][k] * rs;
-                    dw[i][k] += gv[i][k] * xh;
-                    dot += gv[i][k] * wv[i][k] * xh;
+            for (int i = 0; i < VPL; i++) {
+                const int c = gl + G * i;
+                if (row < rows && c < nvec) {
+                    px[k][i] = load16(x + row * D + 8 * c);
+                    pg[k][i] = load16(dy + row * D + 8 * c);
                 }
             }
         }
-        const float m = group_sum(dot, G) / D;
-        if (!valid) continue;
 #pragma unroll
-        for (int i = 0; i < VPL; i++) {
-            const int c = gl + G * i;
-            if (c < nvec) {
-                float o[8];
+        for (int k = 0; k < QK_BWD_ROWS; k++) {
+            const long long row = r0 + grp + (long long)k * groups;
+            dot[k] = 0.f;
 #pragma unroll
-                for (int k = 0; k < 8; k++) o[k] = rs * (gv[i][k] * wv[i][k] - xv[i][k] * rs * m);
-                store16(dx + row * D + 8 * c, pack_bf16x8(o));
+            for (int i = 0; i < VPL; i++) {
+                const int c = gl + G * i;
+                if (row < rows && c < nvec) {
+                    float xv[8], gv[8];
+                    unpack_bf16x8(px[k][i], xv);
+                    unpack_bf16x8(pg[k][i], gv);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) {
+                        const float xh = xv[e] * rs[k];
+                        dw[i][e] += gv[e] * xh;
+                        dot[k] += gv[e] * wv[i][e] * xh;
+                    }
+                }
+            }
+        }
+        for (int o = G >> 1; o > 0; o >>= 1)
+#pragma unroll
+            for (int k = 0; k < QK_BWD_ROWS; k++) dot[k] += __shfl_xor_sync(FULL_MASK, dot[k], o);
+#pragma unroll
+        for (int k = 0; k < QK_BWD_ROWS; k++) {
+            const long long row = r0 + grp + (long long)k * groups;
+            if (row >= rows) continue;
+            const float m = dot[k] / D;
+#pragma unroll
+            for (int i = 0; i < VPL; i++) {
+                const int c = gl + G * i;
+                if (c < nvec) {
+                    float xv[8], gv[8], o[8];
+                    unpack_bf16x8(px[k][i], xv);
+                    unpack_bf16x8(pg[k][i], gv);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) o[e] = rs[k] * (gv[e] * wv[i][e] - xv[e] * rs[k] * m);
+                    store16(dx + row * D + 8 * c, pack_bf16x8(o));
+                }
             }
         }
     }
@@ -144,29 +203,33 @@ __device__ __forceinline__ void bwd_rows_vec(bf16* __restrict__ dx, float* __res
 
 }  // namespace qknorm
 
-// grid: ceil(rows / (QK_THREADS / G)), block: QK_THREADS; G as chosen by the launcher (a power
-// of two ≤ 32; 32 when D % 8 != 0).
+// grid: ceil(rows / (QK_ROWS·QK_THREADS / G)), block: QK_THREADS; G as chosen by the launcher (a
+// power of two ≤ 32; 32 when D % 8 != 0). Block b's group j takes rows b·QK_ROWS·groups + j +
+// k·groups, k < QK_ROWS (so each warp access covers consecutive rows).
 extern "C" __global__ void __launch_bounds__(QK_THREADS)
     rms_norm_fwd(bf16* __restrict__ y, float* __restrict__ rstd, const bf16* __restrict__ x,
                  const bf16* __restrict__ w, long long rows, int D, float eps, int G) {
     using namespace qknorm;
-    const int gl = threadIdx.x % G;
-    const long long row = (long long)blockIdx.x * (blockDim.x / G) + threadIdx.x / G;
-    const bool valid = row < rows;  // a past-the-end group still joins its warp's shuffles
+    const int gl = threadIdx.x % G, groups = blockDim.x / G;
+    const long long row0 = (long long)blockIdx.x * groups * QK_ROWS + threadIdx.x / G;
+    // Past-the-end groups still join their warp's shuffles.
     const int vpl = vectors_per_lane(D, G, aligned16(x) && aligned16(y) && aligned16(w));
     if (vpl == 1)
-        fwd_row_vec<1>(y, rstd, x, w, row, valid, D, eps, G, gl);
+        fwd_rows_vec<1>(y, rstd, x, w, row0, groups, rows, D, eps, G, gl);
     else if (vpl == 2)
-        fwd_row_vec<2>(y, rstd, x, w, row, valid, D, eps, G, gl);
+        fwd_rows_vec<2>(y, rstd, x, w, row0, groups, rows, D, eps, G, gl);
     else
-        fwd_row_scalar(y, rstd, x, w, row, valid, D, eps, G, gl);
+        for (int k = 0; k < QK_ROWS; k++) {
+            const long long row = row0 + (long long)k * groups;
+            fwd_row_scalar(y, rstd, x, w, row, row < rows, D, eps, G, gl);
+        }
 }
 
 // Fused backward: dx of every row and the per-block partial weight gradient.
 // grid: P blocks (the launcher picks P from the shape alone, so the reduction order never depends
 // on the GPU), block: QK_THREADS, dynamic shared memory (QK_THREADS / G)·D floats. Block p takes
-// the row groups p, p + P, p + 2P, ... (QK_THREADS / G rows each); dw_part[p·D + j] = the block's
-// Σ dy·x̂ over column j.
+// the steps p, p + P, p + 2P, ... of QK_BWD_ROWS·QK_THREADS / G rows each; dw_part[p·D + j] = the
+// block's Σ dy·x̂ over column j.
 extern "C" __global__ void __launch_bounds__(QK_THREADS)
     rms_norm_bwd(bf16* __restrict__ dx, float* __restrict__ dw_part, const bf16* __restrict__ x,
                  const bf16* __restrict__ w, const float* __restrict__ rstd, const bf16* __restrict__ dy,
@@ -176,7 +239,7 @@ extern "C" __global__ void __launch_bounds__(QK_THREADS)
     const int groups = blockDim.x / G, grp = threadIdx.x / G, gl = threadIdx.x % G;
     float* my = acc + (long long)grp * D;
     const int vpl = vectors_per_lane(D, G, aligned16(x) && aligned16(w) && aligned16(dy) && aligned16(dx));
-    const long long stride = (long long)gridDim.x * groups;
+    const long long stride = (long long)gridDim.x * groups * QK_BWD_ROWS;
 
     // Only one vector per lane in the backward (D ≤ 256, every head dim in use): the second
     // (D ≤ 512) would take the kernel from 60 to 112 registers and halve its occupancy.
@@ -185,8 +248,9 @@ extern "C" __global__ void __launch_bounds__(QK_THREADS)
     } else {
         // Scalar path: column j of the group's accumulator row belongs to lane j % G alone.
         for (int j = gl; j < D; j += G) my[j] = 0.f;
-        for (long long r0 = (long long)blockIdx.x * groups; r0 < rows; r0 += stride) {
-            const long long row = r0 + grp;
+        for (long long r1 = (long long)blockIdx.x * groups * QK_BWD_ROWS; r1 < rows; r1 += stride)
+        for (int k = 0; k < QK_BWD_ROWS; k++) {
+            const long long row = r1 + grp + (long long)k * groups;
             const bool valid = row < rows;
             const float rs = valid ? rstd[row] : 0.f;
             float dot = 0.f;

@@ -17,6 +17,7 @@
 #include "common.cuh"
 
 #define SDE_THREADS 256
+#define SDE_UNROLL 2  // 16-byte vectors per thread per step, per array, all loaded before use
 
 namespace sde {
 
@@ -82,18 +83,36 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS)
     const bool vec = D % 4 == 0 && aligned16(next_out) && aligned16(x0_out) && aligned16(mean_out) &&
                      aligned16(grad_v) && aligned16(x) && aligned16(v) && aligned16(z) && aligned16(next_in);
     if (vec) {
-        for (long long i = base + lo + 4 * threadIdx.x; i < base + hi; i += 4 * blockDim.x) {
-            const float4 xv = ld4(x + i), vv = ld4(v + i);
-            const float4 zv = given ? make_float4(0.f, 0.f, 0.f, 0.f) : ld4(z + i);
-            const float4 nv = given ? ld4(next_in + i) : make_float4(0.f, 0.f, 0.f, 0.f);
-            float o0[4], om[4], on[4], og[4];
+        // Thread t's step covers vectors t + u·T (u < SDE_UNROLL) from s0: coalesced, and the
+        // step's 3·SDE_UNROLL loads are all issued before the first is used.
+        const long long T4 = 4ll * blockDim.x, end = base + hi;
+        for (long long s0 = base + lo + 4 * threadIdx.x; s0 < end; s0 += T4 * SDE_UNROLL) {
+            float4 xv[SDE_UNROLL], vv[SDE_UNROLL], zv[SDE_UNROLL];
 #pragma unroll
-            for (int k = 0; k < 4; k++)
-                sq += rho_elem(r, get(xv, k), get(vv, k), get(zv, k), get(nv, k), given, o0[k], om[k], on[k], og[k]);
-            if (next_out) st4(next_out + i, make_float4(on[0], on[1], on[2], on[3]));
-            if (x0_out) st4(x0_out + i, make_float4(o0[0], o0[1], o0[2], o0[3]));
-            if (mean_out) st4(mean_out + i, make_float4(om[0], om[1], om[2], om[3]));
-            if (grad_v) st4(grad_v + i, make_float4(og[0], og[1], og[2], og[3]));
+            for (int u = 0; u < SDE_UNROLL; u++) {
+                const long long i = s0 + u * T4;
+                if (i < end) {
+                    xv[u] = ld4(x + i);
+                    vv[u] = ld4(v + i);
+                    zv[u] = ld4(given ? next_in + i : z + i);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < SDE_UNROLL; u++) {
+                const long long i = s0 + u * T4;
+                if (i >= end) continue;
+                float o0[4], om[4], on[4], og[4];
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    const float zk = get(zv[u], k);
+                    sq += rho_elem(r, get(xv[u], k), get(vv[u], k), given ? 0.f : zk, given ? zk : 0.f, given,
+                                   o0[k], om[k], on[k], og[k]);
+                }
+                if (next_out) st4(next_out + i, make_float4(on[0], on[1], on[2], on[3]));
+                if (x0_out) st4(x0_out + i, make_float4(o0[0], o0[1], o0[2], o0[3]));
+                if (mean_out) st4(mean_out + i, make_float4(om[0], om[1], om[2], om[3]));
+                if (grad_v) st4(grad_v + i, make_float4(og[0], og[1], og[2], og[3]));
+            }
         }
     } else {
         for (long long i = base + lo + threadIdx.x; i < base + hi; i += blockDim.x) {
@@ -139,9 +158,20 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS)
     const long long lo = (long long)p * per, hi = min(D, lo + per), base = (long long)b * D;
     float acc = 0.f;
     if (D % 4 == 0 && aligned16(x) && aligned16(x0_real)) {
-        for (long long i = base + lo + 4 * threadIdx.x; i < base + hi; i += 4 * blockDim.x) {
-            const float4 a = ld4(x + i), r = ld4(x0_real + i);
-            acc += fabsf(a.x - r.x) + fabsf(a.y - r.y) + fabsf(a.z - r.z) + fabsf(a.w - r.w);
+        const long long T4 = 4ll * blockDim.x, end = base + hi;
+        for (long long s0 = base + lo + 4 * threadIdx.x; s0 < end; s0 += T4 * SDE_UNROLL) {
+            float4 a[SDE_UNROLL], r[SDE_UNROLL];
+#pragma unroll
+            for (int u = 0; u < SDE_UNROLL; u++)
+                if (s0 + u * T4 < end) {
+                    a[u] = ld4(x + s0 + u * T4);
+                    r[u] = ld4(x0_real + s0 + u * T4);
+                }
+#pragma unroll
+            for (int u = 0; u < SDE_UNROLL; u++)
+                if (s0 + u * T4 < end)
+                    acc += fabsf(a[u].x - r[u].x) + fabsf(a[u].y - r[u].y) + fabsf(a[u].z - r[u].z) +
+                           fabsf(a[u].w - r[u].w);
         }
     } else {
         for (long long i = base + lo + threadIdx.x; i < base + hi; i += blockDim.x) acc += fabsf(x[i] - x0_real[i]);
@@ -159,6 +189,20 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS)
     using namespace sde;
     __shared__ float norm_s;
     const int b = blockIdx.y, p = blockIdx.x, P = gridDim.x;
+    const long long lo = (long long)p * per, hi = min(D, lo + per), base = (long long)b * D;
+    const bool vec = D % 4 == 0 && aligned16(g) && aligned16(x0_real) && aligned16(x0_fake);
+    // The first step's data is loaded before norm_b is summed, so the two latencies overlap.
+    const long long T4 = 4ll * blockDim.x, end = base + hi;
+    long long s0 = base + lo + 4 * threadIdx.x;
+    float4 r[SDE_UNROLL], f[SDE_UNROLL];
+    if (vec) {
+#pragma unroll
+        for (int u = 0; u < SDE_UNROLL; u++)
+            if (s0 + u * T4 < end) {
+                r[u] = ld4(x0_real + s0 + u * T4);
+                f[u] = ld4(x0_fake + s0 + u * T4);
+            }
+    }
     if (threadIdx.x == 0) {
         double s = 0.0;
         for (int q = 0; q < P; q++) s += (double)part[(long long)b * P + q];
@@ -166,17 +210,28 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS)
     }
     __syncthreads();
     const float norm = norm_s;
-    const long long lo = (long long)p * per, hi = min(D, lo + per), base = (long long)b * D;
-    if (D % 4 == 0 && aligned16(g) && aligned16(x0_real) && aligned16(x0_fake)) {
-        for (long long i = base + lo + 4 * threadIdx.x; i < base + hi; i += 4 * blockDim.x) {
-            const float4 r = ld4(x0_real + i), f = ld4(x0_fake + i);
-            float o[4];
+    if (vec) {
+        while (s0 < end) {
 #pragma unroll
-            for (int k = 0; k < 4; k++) {
-                const float q = (get(f, k) - get(r, k)) / norm;
-                o[k] = finite(q) ? scale * q : 0.f;
+            for (int u = 0; u < SDE_UNROLL; u++) {
+                const long long i = s0 + u * T4;
+                if (i >= end) continue;
+                float o[4];
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    const float q = (get(f[u], k) - get(r[u], k)) / norm;
+                    o[k] = finite(q) ? scale * q : 0.f;
+                }
+                st4(g + i, make_float4(o[0], o[1], o[2], o[3]));
             }
-            st4(g + i, make_float4(o[0], o[1], o[2], o[3]));
+            s0 += T4 * SDE_UNROLL;
+            if (s0 >= end) break;
+#pragma unroll
+            for (int u = 0; u < SDE_UNROLL; u++)
+                if (s0 + u * T4 < end) {
+                    r[u] = ld4(x0_real + s0 + u * T4);
+                    f[u] = ld4(x0_fake + s0 + u * T4);
+                }
         }
     } else {
         for (long long i = base + lo + threadIdx.x; i < base + hi; i += blockDim.x) {
@@ -187,7 +242,8 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS)
 }
 
 // x_σ = (1 − σ_b)·x0 + σ_b·noise; target = noise − x0 (not written when null).
-// grid: (P, B) with any P (blocks stride over their sample), block: SDE_THREADS.
+// grid: (P, B) with any P (blocks stride over their sample; the launcher uses
+// ceil(D / (4·SDE_THREADS·SDE_UNROLL)), one step per thread), block: SDE_THREADS.
 extern "C" __global__ void __launch_bounds__(SDE_THREADS)
     flow_noise(float* __restrict__ xt, float* __restrict__ target, const float* __restrict__ x0,
                const float* __restrict__ noise, const float* __restrict__ sigma, long long D) {
@@ -197,11 +253,27 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS)
     const long long base = (long long)b * D, step = (long long)gridDim.x * blockDim.x;
     const long long t0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (D % 4 == 0 && aligned16(xt) && aligned16(target) && aligned16(x0) && aligned16(noise)) {
-        for (long long i = base + 4 * t0; i < base + D; i += 4 * step) {
-            const float4 a = ld4(x0 + i), n = ld4(noise + i);
-            st4(xt + i, make_float4(keep * a.x + s * n.x, keep * a.y + s * n.y, keep * a.z + s * n.z,
-                                    keep * a.w + s * n.w));
-            if (target) st4(target + i, make_float4(n.x - a.x, n.y - a.y, n.z - a.z, n.w - a.w));
+        // Block q's step covers vectors [q·T·U, (q+1)·T·U) of the sample, thread t those at
+        // t + u·T: coalesced, with all 2·SDE_UNROLL loads issued before the first is used.
+        const long long T4 = 4ll * blockDim.x, end = base + D;
+        for (long long s0 = base + 4 * ((long long)blockIdx.x * blockDim.x * SDE_UNROLL + threadIdx.x); s0 < end;
+             s0 += T4 * SDE_UNROLL * gridDim.x) {
+            float4 a[SDE_UNROLL], n[SDE_UNROLL];
+#pragma unroll
+            for (int u = 0; u < SDE_UNROLL; u++)
+                if (s0 + u * T4 < end) {
+                    a[u] = ld4(x0 + s0 + u * T4);
+                    n[u] = ld4(noise + s0 + u * T4);
+                }
+#pragma unroll
+            for (int u = 0; u < SDE_UNROLL; u++) {
+                const long long i = s0 + u * T4;
+                if (i >= end) continue;
+                st4(xt + i, make_float4(keep * a[u].x + s * n[u].x, keep * a[u].y + s * n[u].y,
+                                        keep * a[u].z + s * n[u].z, keep * a[u].w + s * n[u].w));
+                if (target)
+                    st4(target + i, make_float4(n[u].x - a[u].x, n[u].y - a[u].y, n[u].z - a[u].z, n[u].w - a[u].w));
+            }
         }
     } else {
         for (long long i = base + t0; i < base + D; i += step) {

@@ -559,3 +559,19 @@ constexpr std::size_t arity(void (*)(A...)) {
     return sizeof...(A);
 }
 }  // namespace emu
+
+// ---- cp.async twins (common.cuh's cp_async_* wrappers) ------------------------------------------
+// On the GPU these are asynchronous global→shared copies completed by commit/wait groups; here
+// each copy happens at once, so commit and wait are no-ops. The zfill variant copies the 16 bytes
+// when `valid` and writes 16 zero bytes otherwise (the PTX src-size-0 form).
+inline void cp_async_16(void* smem, const void* gmem) { std::memcpy(smem, gmem, 16); }
+inline void cp_async_16_zfill(void* smem, const void* gmem, bool valid) {
+    if (valid)
+        std::memcpy(smem, gmem, 16);
+    else
+        std::memset(smem, 0, 16);
+}
+inline void cp_async_4(void* smem, const void* gmem) { std::memcpy(smem, gmem, 4); }
+inline void cp_async_commit() {}
+template <int N>
+inline void cp_async_wait() {}

@@ -669,10 +669,62 @@ pub mod dev {
     };
     use half::bf16;
 
-    /// Threads per block of the forward and backward kernels (4 warps).
-    const THREADS: u32 = 128;
-    /// Rows per tile (queries in the forward, keys in the backward, and the streamed tiles).
+    /// Rows per tile: keys (both passes) and queries (backward).
     const TILE: usize = 64;
+    /// Query rows per forward block.
+    const FWD_QTILE: usize = 128;
+
+    /// The two forward kernels (same grid of 128-row query tiles, same shared memory, same
+    /// results): `W32` has 4 warps of 32 query rows (every K, V fragment read from shared memory
+    /// feeds two 16-row m-tiles; 244/255 registers at d = 64/128, 2 blocks per SM), `W16` 8 warps
+    /// of 16 rows (128 registers at d = 64, 2 blocks per SM; 212 at d = 128, 1 block).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+    pub enum FwdVariant {
+        #[default]
+        W32,
+        W16,
+    }
+
+    impl FwdVariant {
+        fn kernel(self, d: usize) -> String {
+            match self {
+                FwdVariant::W32 => format!("joint_attn_fwd_w32_d{d}"),
+                FwdVariant::W16 => format!("joint_attn_fwd_d{d}"),
+            }
+        }
+        fn threads(self) -> u32 {
+            match self {
+                FwdVariant::W32 => 128,
+                FwdVariant::W16 => 256,
+            }
+        }
+    }
+
+    /// The two backward kernels (same results up to the order of dQ's f32 reductions): `K128`
+    /// has 8 warps and 128-key tiles (half the dQ reductions and Q, dO reads per key; one block
+    /// per SM), `K64` 4 warps and 64-key tiles (two blocks per SM).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+    pub enum BwdVariant {
+        #[default]
+        K128,
+        K64,
+    }
+
+    impl BwdVariant {
+        fn kernel(self, d: usize) -> String {
+            match self {
+                BwdVariant::K128 => format!("joint_attn_bwd_k128_d{d}"),
+                BwdVariant::K64 => format!("joint_attn_bwd_d{d}"),
+            }
+        }
+        /// Keys per block (16 per warp).
+        fn keys(self) -> usize {
+            match self {
+                BwdVariant::K128 => 128,
+                BwdVariant::K64 => 64,
+            }
+        }
+    }
 
     /// Sizes of one joint-attention call: batch, tokens of stream a (may be 0) and b, heads,
     /// head dim (64 or 128).
@@ -706,10 +758,11 @@ pub mod dev {
         pub fn scale(&self) -> f32 {
             1.0 / (self.d as f32).sqrt()
         }
-        /// Tiles of [`TILE`] rows over both streams (each stream's last tile may be partial).
-        fn tiles(&self) -> u32 {
-            (self.la.div_ceil(TILE) + self.lb.div_ceil(TILE)) as u32
+        /// Tiles of `rows` rows over both streams (each stream's last tile may be partial).
+        fn tiles(&self, rows: usize) -> u32 {
+            (self.la.div_ceil(rows) + self.lb.div_ceil(rows)) as u32
         }
+
         /// Whether there is any work (B·H > 0); the kernels need La+Lb > 0 and d ∈ {64, 128}.
         fn validate(&self) -> KernelResult<bool> {
             if self.d != 64 && self.d != 128 {
@@ -764,15 +817,17 @@ pub mod dev {
         Ok(())
     }
 
-    /// Dynamic shared memory of the forward: the Q, K and V tiles, rows padded to d+8.
+    /// Dynamic shared memory of the forward: the Q tile (128 rows) and two stages of the K and V
+    /// tiles (64 rows each), rows padded to d+8.
     fn fwd_shared_bytes(d: usize) -> u32 {
-        (3 * TILE * (d + 8) * 2) as u32
+        ((FWD_QTILE + 4 * TILE) * (d + 8) * 2) as u32
     }
 
-    /// Dynamic shared memory of the backward: K, V, Q, dO tiles, the dSᵀ tile (64 × 72) and two
-    /// rows of 64 f32 (lse, Drow).
-    fn bwd_shared_bytes(d: usize) -> u32 {
-        ((4 * TILE * (d + 8) + TILE * (TILE + 8)) * 2 + 2 * TILE * 4) as u32
+    /// Dynamic shared memory of the backward: K, V tiles (`keys` rows), two stages of the Q and
+    /// dO tiles (64 rows), the dSᵀ tile (`keys` × 72) and two stages of two rows of 64 f32 (lse,
+    /// Drow).
+    fn bwd_shared_bytes(d: usize, keys: usize) -> u32 {
+        (((2 * keys + 4 * TILE) * (d + 8) + keys * (TILE + 8)) * 2 + 4 * TILE * 4) as u32
     }
 
     /// Forward: `(o_a [B, La, H, d], o_b [B, Lb, H, d], lse [B, H, La+Lb])`, as
@@ -788,6 +843,22 @@ pub mod dev {
         vb: &DevBuf<bf16>,
         dims: AttnDims,
     ) -> KernelResult<(DevBuf<bf16>, DevBuf<bf16>, DevBuf<f32>)> {
+        joint_attention_fwd_with(dev, qa, ka, va, qb, kb, vb, dims, FwdVariant::default())
+    }
+
+    /// [`joint_attention_fwd`] with a chosen kernel variant (for tests and the bench).
+    #[allow(clippy::too_many_arguments)]
+    pub fn joint_attention_fwd_with(
+        dev: &KernelDevice,
+        qa: &DevBuf<bf16>,
+        ka: &DevBuf<bf16>,
+        va: &DevBuf<bf16>,
+        qb: &DevBuf<bf16>,
+        kb: &DevBuf<bf16>,
+        vb: &DevBuf<bf16>,
+        dims: AttnDims,
+        variant: FwdVariant,
+    ) -> KernelResult<(DevBuf<bf16>, DevBuf<bf16>, DevBuf<f32>)> {
         let work = dims.validate()?;
         check_qkv(&dims, qa, ka, va, qb, kb, vb)?;
         let oa = dev.alloc::<bf16>(dims.numel_a())?;
@@ -798,9 +869,13 @@ pub mod dev {
         }
         let scale_log2 = dims.scale() * std::f32::consts::LOG2_E;
         dev.launch(
-            &format!("joint_attn_fwd_d{}", dims.d),
-            LaunchCfg::grid2(dims.tiles(), (dims.b * dims.h) as u32, THREADS)
-                .with_shared(fwd_shared_bytes(dims.d)),
+            &variant.kernel(dims.d),
+            LaunchCfg::grid2(
+                dims.tiles(FWD_QTILE),
+                (dims.b * dims.h) as u32,
+                variant.threads(),
+            )
+            .with_shared(fwd_shared_bytes(dims.d)),
             KernelArgs::new()
                 .buf(&oa)
                 .buf(&ob)
@@ -837,6 +912,42 @@ pub mod dev {
         doa: &DevBuf<bf16>,
         dob: &DevBuf<bf16>,
         dims: AttnDims,
+    ) -> KernelResult<[DevBuf<bf16>; 6]> {
+        joint_attention_bwd_with(
+            dev,
+            qa,
+            ka,
+            va,
+            qb,
+            kb,
+            vb,
+            oa,
+            ob,
+            lse,
+            doa,
+            dob,
+            dims,
+            BwdVariant::default(),
+        )
+    }
+
+    /// [`joint_attention_bwd`] with a chosen kernel variant (for tests and the bench).
+    #[allow(clippy::too_many_arguments)]
+    pub fn joint_attention_bwd_with(
+        dev: &KernelDevice,
+        qa: &DevBuf<bf16>,
+        ka: &DevBuf<bf16>,
+        va: &DevBuf<bf16>,
+        qb: &DevBuf<bf16>,
+        kb: &DevBuf<bf16>,
+        vb: &DevBuf<bf16>,
+        oa: &DevBuf<bf16>,
+        ob: &DevBuf<bf16>,
+        lse: &DevBuf<f32>,
+        doa: &DevBuf<bf16>,
+        dob: &DevBuf<bf16>,
+        dims: AttnDims,
+        variant: BwdVariant,
     ) -> KernelResult<[DevBuf<bf16>; 6]> {
         let work = dims.validate()?;
         check_qkv(&dims, qa, ka, va, qb, kb, vb)?;
@@ -878,9 +989,13 @@ pub mod dev {
         let dqb_acc = dev.zeros::<f32>(nb)?;
         let scale = dims.scale();
         dev.launch(
-            &format!("joint_attn_bwd_d{}", dims.d),
-            LaunchCfg::grid2(dims.tiles(), (dims.b * dims.h) as u32, THREADS)
-                .with_shared(bwd_shared_bytes(dims.d)),
+            &variant.kernel(dims.d),
+            LaunchCfg::grid2(
+                dims.tiles(variant.keys()),
+                (dims.b * dims.h) as u32,
+                2 * variant.keys() as u32,
+            )
+            .with_shared(bwd_shared_bytes(dims.d, variant.keys())),
             KernelArgs::new()
                 .buf(dka)
                 .buf(dva)

@@ -206,11 +206,58 @@ pub mod dev {
     use crate::device::kernel::{
         blocks_for, DevBuf, KernelArgs, KernelDevice, KernelError, KernelResult, LaunchCfg,
     };
-    use crate::kernels::adaln::dev::sum_splits;
     use half::bf16;
 
     const GN_THREADS: u32 = 1024;
     const POOL_ROWS: u32 = 8;
+
+    /// The register kernel `<base>_r<P>` for a group of `cg` channels of `s` positions: the
+    /// smallest P of `ps` with the group's `cg·s/8` packs ≤ 1024·P, and ⌈packs/P⌉ threads rounded
+    /// up to whole warps; `(name, threads, packs)`. None when `s % 8 != 0` or the group is larger.
+    fn regs_kernel(
+        names: &[(u32, &'static str)],
+        cg: usize,
+        s: usize,
+    ) -> Option<(&'static str, u32, usize)> {
+        if s % 8 != 0 {
+            return None;
+        }
+        let packs = cg * s / 8;
+        names
+            .iter()
+            .find(|(p, _)| packs <= 1024 * *p as usize)
+            .map(|&(p, name)| {
+                (
+                    name,
+                    (packs.div_ceil(p as usize).div_ceil(32) * 32) as u32,
+                    packs,
+                )
+            })
+    }
+
+    /// The forward kernel, its block size and the group's pack count (0 for the loop kernel).
+    fn fwd_kernel(cg: usize, s: usize) -> (&'static str, u32, usize) {
+        const R: &[(u32, &str)] = &[
+            (1, "group_norm_fwd_r1"),
+            (2, "group_norm_fwd_r2"),
+            (4, "group_norm_fwd_r4"),
+            (8, "group_norm_fwd_r8"),
+        ];
+        regs_kernel(R, cg, s).unwrap_or(("group_norm_fwd", GN_THREADS, 0))
+    }
+
+    /// The backward kernel, its block size and its dynamic shared memory in bytes.
+    fn bwd_kernel(cg: usize, s: usize) -> (&'static str, u32, u32) {
+        const R: &[(u32, &str)] = &[
+            (1, "group_norm_bwd_r1"),
+            (2, "group_norm_bwd_r2"),
+            (4, "group_norm_bwd_r4"),
+        ];
+        match regs_kernel(R, cg, s) {
+            Some((name, threads, packs)) => (name, threads, ((2 * packs + 2 * cg) * 4) as u32),
+            None => ("group_norm_bwd", GN_THREADS, (2 * cg * 4) as u32),
+        }
+    }
 
     fn check_dims(c: usize, s: usize, groups: usize) -> KernelResult<()> {
         if groups == 0 || c % groups != 0 || s == 0 {
@@ -264,9 +311,10 @@ pub mod dev {
             return Ok(());
         }
         let (slope, flag) = leaky_args(leaky);
+        let (name, threads, _) = fwd_kernel(c / groups, s);
         dev.launch(
-            "group_norm_fwd",
-            LaunchCfg::linear((b * groups) as u32, GN_THREADS),
+            name,
+            LaunchCfg::linear((b * groups) as u32, threads),
             KernelArgs::new()
                 .buf(y)
                 .buf(mean)
@@ -337,37 +385,45 @@ pub mod dev {
         for (t, what) in [(mean, "mean"), (rstd, "rstd")] {
             check_len(t, b * groups, what)?;
         }
-        let dx = dev.alloc::<bf16>(b * c * s)?;
-        let dw = dev.zeros::<f32>(c)?;
-        let db = dev.zeros::<f32>(c)?;
         if b == 0 {
-            return Ok((dx, dw, db));
+            return Ok((
+                dev.alloc::<bf16>(0)?,
+                dev.zeros::<f32>(c)?,
+                dev.zeros::<f32>(c)?,
+            ));
         }
+        let dx = dev.alloc::<bf16>(b * c * s)?;
+        let dw = dev.alloc::<f32>(c)?;
+        let db = dev.alloc::<f32>(c)?;
+        // Per-(b, c) partials, reduced over b by the kernel's last block, and its counter.
         let dw_part = dev.alloc::<f32>(b * c)?;
         let db_part = dev.alloc::<f32>(b * c)?;
+        let counter = dev.zeros::<u32>(1)?;
         let (slope, flag) = leaky_args(leaky);
+        let (name, threads, shared) = bwd_kernel(c / groups, s);
         dev.launch(
-            "group_norm_bwd",
-            LaunchCfg::linear((b * groups) as u32, GN_THREADS)
-                .with_shared((2 * (c / groups) * 4) as u32),
+            name,
+            LaunchCfg::linear((b * groups) as u32, threads).with_shared(shared),
             KernelArgs::new()
                 .buf(&dx)
+                .buf(&dw)
+                .buf(&db)
                 .buf(&dw_part)
                 .buf(&db_part)
+                .buf(&counter)
                 .buf(x)
                 .buf(mean)
                 .buf(rstd)
                 .buf(weight)
                 .buf(bias)
                 .buf(dy)
+                .i32(b as i32)
                 .i32(c as i32)
                 .i32(s as i32)
                 .i32(groups as i32)
                 .f32(slope)
                 .i32(flag),
         )?;
-        sum_splits(dev, &dw, &dw_part, b)?;
-        sum_splits(dev, &db, &db_part, b)?;
         Ok((dx, dw, db))
     }
 

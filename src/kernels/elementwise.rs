@@ -311,6 +311,14 @@ pub mod dev {
         LaunchCfg::linear(blocks_for(n.div_ceil(8), THREADS), THREADS)
     }
 
+    /// 16-byte vectors per thread of the activation kernels (`EW_UNROLL` in elementwise.cu).
+    const ACT_UNROLL: u32 = 4;
+
+    /// The activations: `ACT_UNROLL` vectors per thread, all loaded before the first is used.
+    fn act_cfg(n: usize) -> LaunchCfg {
+        LaunchCfg::linear(blocks_for(n.div_ceil(8), THREADS * ACT_UNROLL), THREADS)
+    }
+
     fn same_len(a: usize, b: usize, what: &str) -> KernelResult<()> {
         if a != b {
             return Err(KernelError::Invalid(format!(
@@ -344,7 +352,7 @@ pub mod dev {
         }
         dev.launch(
             name,
-            cfg(x.len()),
+            act_cfg(x.len()),
             KernelArgs::new().buf(y).buf(x).i64(x.len() as i64),
         )
     }
@@ -376,7 +384,7 @@ pub mod dev {
         }
         dev.launch(
             name,
-            cfg(x.len()),
+            act_cfg(x.len()),
             KernelArgs::new().buf(dx).buf(x).buf(dy).i64(x.len() as i64),
         )
     }

@@ -84,6 +84,10 @@ pub mod dev {
     use half::bf16;
 
     const THREADS: u32 = 256;
+    /// Rows per lane group of the forward (`QK_ROWS` in qknorm.cu).
+    const FWD_ROWS: u32 = 2;
+    /// Rows per lane group per step of the backward (`QK_BWD_ROWS` in qknorm.cu).
+    const BWD_ROWS: usize = 2;
     /// The most partial weight-gradient rows of the backward: one wave of its blocks on a
     /// 132-SM H100/H200 (4 resident 256-thread blocks per SM at 60 registers = 528).
     pub const MAX_PARTS: usize = 512;
@@ -128,7 +132,7 @@ pub mod dev {
         let g = group_lanes(d);
         dev.launch(
             "rms_norm_fwd",
-            LaunchCfg::linear(blocks_for(rows, THREADS / g), THREADS),
+            LaunchCfg::linear(blocks_for(rows, FWD_ROWS * THREADS / g), THREADS),
             KernelArgs::new()
                 .buf(y)
                 .buf(rstd)
@@ -198,8 +202,12 @@ pub mod dev {
         }
         let g = group_lanes(d);
         let groups = (THREADS / g) as usize;
-        // Depends on the shape only: the same partition, hence the same sums, on every GPU.
-        let parts = rows.div_ceil(groups).clamp(1, max_parts.max(1));
+        // Depends on the shape only: the same partition, hence the same sums, on every GPU. As
+        // few steps per block as `max_parts` allows, then as few blocks as give every block
+        // that many steps (at 106296 rows of 64: 1661 steps, 416 blocks of 4, no ragged tail).
+        let steps = rows.div_ceil(groups * BWD_ROWS);
+        let per_block = steps.div_ceil(max_parts.max(1));
+        let parts = steps.div_ceil(per_block).max(1);
         let part = dev.alloc::<f32>(parts * d)?;
         dev.launch(
             "rms_norm_bwd",

@@ -6,7 +6,8 @@ use advdmd::kernels::attention::{self as cpu, dev as gpu};
 use gpu::AttnDims;
 
 /// (B, La, Lb, H, std of q and k): an empty text stream, a partial tile next to a full one,
-/// several tiles with partial ends in both streams, and peaked (nearly one-hot) attention, where
+/// several tiles with partial ends in both streams (for the 64- and 128-row tiles alike), and
+/// peaked (nearly one-hot) attention, where
 /// the backward's row term dO·O is most sensitive to O's bf16 rounding. Each runs at d = 64 and
 /// 128.
 const CASES: &[(usize, usize, usize, usize, f32)] = &[
@@ -106,6 +107,41 @@ fn joint_attention_fwd_and_bwd_match_cpu() {
                     1e-5,
                 );
 
+                // The other forward kernel (8 warps of 16 rows) computes the same function.
+                let (oa16, ob16, lse16) = gpu::joint_attention_fwd_with(
+                    &dev,
+                    &qa,
+                    &ka,
+                    &va,
+                    &qb,
+                    &kb,
+                    &vb,
+                    dims,
+                    gpu::FwdVariant::W16,
+                )
+                .unwrap();
+                for (name, got, want) in [
+                    ("o_a", download_f32(&dev, &oa16), want.o_a.f32s()),
+                    ("o_b", download_f32(&dev, &ob16), want.o_b.f32s()),
+                ] {
+                    check(
+                        &format!("joint_attention_fwd[w16].{name}"),
+                        &dev,
+                        &shape,
+                        &got,
+                        want,
+                        1e-2,
+                    );
+                }
+                check(
+                    "joint_attention_fwd[w16].lse",
+                    &dev,
+                    &shape,
+                    &dev.download(&lse16).unwrap(),
+                    want.lse.f32s(),
+                    1e-5,
+                );
+
                 let (doa, dob) = (upload_bf16(&dev, &inp.do_a), upload_bf16(&dev, &inp.do_b));
                 let grads = gpu::joint_attention_bwd(
                     &dev, &qa, &ka, &va, &qb, &kb, &vb, &oa, &ob, &lse, &doa, &dob, dims,
@@ -122,51 +158,79 @@ fn joint_attention_fwd_and_bwd_match_cpu() {
                 // rows are nearly one-hot its rounding doubles the dQ, dK error (≈3e-3 → ≈7e-3
                 // on the peaked case, where the CPU kernel's Σ P·dP has none), hence the margin.
                 let grad_tol = if qk_std > 1.0 { 1.5e-2 } else { 1e-2 };
+                // The other backward kernel (4 warps, 64-key tiles) computes the same function.
+                let grads64 = gpu::joint_attention_bwd_with(
+                    &dev,
+                    &qa,
+                    &ka,
+                    &va,
+                    &qb,
+                    &kb,
+                    &vb,
+                    &oa,
+                    &ob,
+                    &lse,
+                    &doa,
+                    &dob,
+                    dims,
+                    gpu::BwdVariant::K64,
+                )
+                .unwrap();
                 let names = ["dq_a", "dk_a", "dv_a", "dq_b", "dk_b", "dv_b"];
-                for ((name, got), want) in names.iter().zip(&grads).zip(&want) {
-                    let kernel = format!("joint_attention_bwd.{name}");
-                    check(
-                        &kernel,
-                        &dev,
-                        &shape,
-                        &download_f32(&dev, got),
-                        want.f32s(),
-                        grad_tol,
-                    );
+                for (tag, grads) in [("", &grads), ("[k64]", &grads64)] {
+                    for ((name, got), want) in names.iter().zip(grads).zip(&want) {
+                        let kernel = format!("joint_attention_bwd{tag}.{name}");
+                        check(
+                            &kernel,
+                            &dev,
+                            &shape,
+                            &download_f32(&dev, got),
+                            want.f32s(),
+                            grad_tol,
+                        );
+                    }
                 }
             }
         }
     }
 }
 
-/// The forward has no atomics and a fixed reduction order: two runs agree bit for bit.
+/// The forward has no atomics and a fixed reduction order: two runs agree bit for bit (both
+/// kernel variants).
 #[test]
 fn joint_attention_fwd_is_deterministic() {
     for dev in devices() {
-        let inp = Inputs::new(1, 77, 130, 2, 64, 1.0, 7);
-        let [qa, ka, va, qb, kb, vb] = inp.qkv.each_ref().map(|v| upload_bf16(&dev, v));
-        let run = || {
-            let (oa, ob, lse) =
-                gpu::joint_attention_fwd(&dev, &qa, &ka, &va, &qb, &kb, &vb, inp.dims).unwrap();
-            let bits = |v: Vec<bf16>| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
-            let lse_bits: Vec<u32> = dev
-                .download(&lse)
-                .unwrap()
-                .iter()
-                .map(|x| x.to_bits())
-                .collect();
-            (
-                bits(dev.download(&oa).unwrap()),
-                bits(dev.download(&ob).unwrap()),
-                lse_bits,
-            )
-        };
-        assert!(
-            run() == run(),
-            "joint_attention_fwd on {}: two runs differ",
-            dev.name()
-        );
+        for variant in [gpu::FwdVariant::W32, gpu::FwdVariant::W16] {
+            fwd_is_deterministic(&dev, variant);
+        }
     }
+}
+
+fn fwd_is_deterministic(dev: &KernelDevice, variant: gpu::FwdVariant) {
+    let inp = Inputs::new(1, 77, 130, 2, 64, 1.0, 7);
+    let [qa, ka, va, qb, kb, vb] = inp.qkv.each_ref().map(|v| upload_bf16(dev, v));
+    let run = || {
+        let (oa, ob, lse) =
+            gpu::joint_attention_fwd_with(dev, &qa, &ka, &va, &qb, &kb, &vb, inp.dims, variant)
+                .unwrap();
+        let bits = |v: Vec<bf16>| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
+        let lse_bits: Vec<u32> = dev
+            .download(&lse)
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect();
+        (
+            bits(dev.download(&oa).unwrap()),
+            bits(dev.download(&ob).unwrap()),
+            lse_bits,
+        )
+    };
+    assert!(
+        run() == run(),
+        "joint_attention_fwd ({variant:?}) on {}: two runs differ",
+        dev.name()
+    );
 }
 
 #[test]

@@ -6,8 +6,10 @@ use advdmd::kernels::elementwise::{activation_bwd, activation_fwd, Activation};
 
 const SLOPE: f32 = 0.2;
 
-/// (B, C, S, groups): vector path (S % 8 == 0), scalar path (odd S), one channel per group, and a
-/// group of more channels than the block has warps.
+/// (B, C, S, groups): register kernels (S % 8 == 0) with 1, 2, 4 and 8 packs per thread (the
+/// backward's loop kernel at 8), the loop kernels' vector path (a group over 8192 packs) and scalar
+/// path (odd S), one channel per group, a group of more channels than the block has warps, and
+/// channels of several warps' packs.
 const GN_SHAPES: &[(usize, usize, usize, usize)] = &[
     (2, 8, 16, 4),
     (1, 6, 9, 3),
@@ -15,6 +17,11 @@ const GN_SHAPES: &[(usize, usize, usize, usize)] = &[
     (2, 64, 64, 32),
     (1, 48, 24, 1),
     (2, 16, 1, 4),
+    (3, 32, 256, 2),
+    (1, 12, 1024, 1),
+    (2, 48, 1024, 2),
+    (1, 6, 8192, 1),
+    (1, 3, 24000, 1),
 ];
 
 #[test]
@@ -134,6 +141,7 @@ fn mean_pool_fwd_and_bwd_match_cpu() {
             (3, 1, 16),
             (5, 3, 37),
             (4, 16, 1024),
+            (3, 2, 1096),
             (2, 5, 8),
         ] {
             let mut rng = Rng::new(61 + (b * c * s) as u64);
