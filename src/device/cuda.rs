@@ -39,6 +39,13 @@ struct ModuleHandle(sys::CUmodule);
 // SAFETY: module handles are plain driver handles, valid from any thread of the context.
 unsafe impl Send for ModuleHandle {}
 
+/// `ADVDMD_CUDA_SYNC=1`: synchronize after every launch so an asynchronous error names its
+/// kernel (debugging only). Read once: launches are on the hot path.
+fn sync_after_launch() -> bool {
+    static SYNC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SYNC.get_or_init(|| std::env::var("ADVDMD_CUDA_SYNC").is_ok_and(|v| v == "1"))
+}
+
 pub struct CudaRuntime {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -218,7 +225,7 @@ impl CudaRuntime {
         // launch because every later host access synchronizes the stream first.
         unsafe { result::launch_kernel(f, g, b, cfg.shared_bytes, self.stream.cu_stream(), args) }
             .map_err(|e| cuda_err(&format!("launching {kernel} {cfg:?}"), e))?;
-        if std::env::var("ADVDMD_CUDA_SYNC").is_ok_and(|v| v == "1") {
+        if sync_after_launch() {
             self.synchronize()
                 .map_err(|e| KernelError::Cuda(format!("after {kernel}: {e}")))?;
         }
@@ -241,6 +248,42 @@ impl CudaRuntime {
         }
         let lt = self.cublaslt.get().expect("set above");
         lt.matmul(spec, ptrs, self.stream.cu_stream() as *mut c_void)
+    }
+
+    /// Captures the launches `work` queues into a CUDA graph, replays it once to warm up, then
+    /// returns the milliseconds of one more replay: device time without the host's launch gaps
+    /// (METHOD.md: short kernels are otherwise timed at the host's launch rate).
+    pub fn time_graph_ms(&self, work: impl FnOnce() -> KernelResult<()>) -> KernelResult<f32> {
+        self.bind()?;
+        let s = self.stream.cu_stream();
+        // SAFETY: the stream is ours; capture is thread-local, so other threads are unaffected;
+        // the graph and its executable are destroyed before returning.
+        unsafe {
+            result::stream::begin_capture(
+                s,
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+            .map_err(|e| cuda_err("begin capture", e))?;
+            let queued = work();
+            let graph = result::stream::end_capture(s).map_err(|e| cuda_err("end capture", e));
+            queued?;
+            let graph = graph?;
+            let exec = result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0))
+                .map_err(|e| cuda_err("graph instantiate", e));
+            let timed = exec.and_then(|exec| {
+                let r = (|| {
+                    result::graph::launch(exec, s).map_err(|e| cuda_err("graph launch", e))?;
+                    self.time_ms(|| {
+                        result::graph::launch(exec, s).map_err(|e| cuda_err("graph launch", e))
+                    })
+                })();
+                let _ = result::stream::synchronize(s);
+                let _ = result::graph::exec_destroy(exec);
+                r
+            });
+            let _ = result::graph::destroy(graph);
+            timed
+        }
     }
 
     pub fn time_ms(&self, work: impl FnOnce() -> KernelResult<()>) -> KernelResult<f32> {

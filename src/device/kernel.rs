@@ -383,6 +383,16 @@ impl KernelDevice {
         }
     }
 
+    /// Device milliseconds of the launches `work` queues, replayed from a CUDA graph so the host's
+    /// launch gaps are not counted (GPU); the host clock under the emulator.
+    pub fn time_graph_ms(&self, work: impl FnOnce() -> KernelResult<()>) -> KernelResult<f32> {
+        match &self.backend {
+            Backend::Emulator => self.time_ms(work),
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(rt) => rt.time_graph_ms(work),
+        }
+    }
+
     /// Milliseconds `work` takes on the device: CUDA events around it on a GPU, the host clock
     /// under the emulator (meaningless for speed, but the same code path).
     pub fn time_ms(&self, work: impl FnOnce() -> KernelResult<()>) -> KernelResult<f32> {
