@@ -59,37 +59,63 @@ __device__ __forceinline__ void load_pack(const bf16* row, int c, float f[8]) {
     unpack_bf16x8(load16(row + 8 * c), f);
 }
 
-// Vector path (D % 8 == 0, D/8 ≤ 1024): grid: rows, block: D/8 rounded up to a multiple of 32.
+// Packs (8 bf16) per thread of the vector kernels: two, so each thread has two independent
+// 16-byte loads per tensor in flight and a 1536-wide row takes 96 threads (21 blocks per SM
+// rather than 10: more bytes in flight per SM, which a kernel this short is limited by).
+#define PACKS 2
+
+// Vector path (D % 8 == 0, D/8 ≤ 2048): grid: rows, block: ceil(D/8 / PACKS) rounded up to a
+// multiple of 32. The modulation packs are loaded before the reductions so their latency hides
+// behind them.
 extern "C" __global__ void __launch_bounds__(1024)
     adaln_modulate_fwd(bf16* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd,
                        const bf16* __restrict__ x, const bf16* __restrict__ shift,
                        const bf16* __restrict__ scale, int rows, int L, int D, float eps) {
     __shared__ float scratch[32];
     const long long row = blockIdx.x;
-    const int c = threadIdx.x, nvec = D / 8;
-    const bool mine = c < nvec;
-    float v[8];
-    float sum = 0.f;
-    if (mine) {
-        load_pack(x + row * D, c, v);
+    const int nvec = D / 8;
+    const long long b = row / L;
+    pack16 px[PACKS], psh[PACKS], psc[PACKS];
 #pragma unroll
-        for (int k = 0; k < 8; k++) sum += v[k];
+    for (int p = 0; p < PACKS; p++) {
+        const int c = threadIdx.x + p * blockDim.x;
+        if (c < nvec) {
+            px[p] = load16(x + row * D + 8 * c);
+            psh[p] = load16(shift + b * D + 8 * c);
+            psc[p] = load16(scale + b * D + 8 * c);
+        }
+    }
+    float v[PACKS][8];
+    float sum = 0.f;
+#pragma unroll
+    for (int p = 0; p < PACKS; p++) {
+        if (threadIdx.x + p * blockDim.x < nvec) {
+            unpack_bf16x8(px[p], v[p]);
+#pragma unroll
+            for (int k = 0; k < 8; k++) sum += v[p][k];
+        }
     }
     const float mu = block_sum(sum, scratch) / D;
     float sq = 0.f;
-    if (mine) {
 #pragma unroll
-        for (int k = 0; k < 8; k++) sq += (v[k] - mu) * (v[k] - mu);
+    for (int p = 0; p < PACKS; p++) {
+        if (threadIdx.x + p * blockDim.x < nvec) {
+#pragma unroll
+            for (int k = 0; k < 8; k++) sq += (v[p][k] - mu) * (v[p][k] - mu);
+        }
     }
     const float rs = rsqrtf(block_sum(sq, scratch) / D + eps);
-    if (mine) {
-        const long long b = row / L;
-        float fs[8], fc[8], o[8];
-        load_pack(shift + b * D, c, fs);
-        load_pack(scale + b * D, c, fc);
 #pragma unroll
-        for (int k = 0; k < 8; k++) o[k] = (v[k] - mu) * rs * (1.f + fc[k]) + fs[k];
-        store16(y + row * D + 8 * c, pack_bf16x8(o));
+    for (int p = 0; p < PACKS; p++) {
+        const int c = threadIdx.x + p * blockDim.x;
+        if (c < nvec) {
+            float fs[8], fc[8], o[8];
+            unpack_bf16x8(psh[p], fs);
+            unpack_bf16x8(psc[p], fc);
+#pragma unroll
+            for (int k = 0; k < 8; k++) o[k] = (v[p][k] - mu) * rs * (1.f + fc[k]) + fs[k];
+            store16(y + row * D + 8 * c, pack_bf16x8(o));
+        }
     }
     if (threadIdx.x == 0) {
         mean[row] = mu;
@@ -128,38 +154,92 @@ extern "C" __global__ void __launch_bounds__(32 * ROWS_PER_BLOCK)
     }
 }
 
-// Vector dx (D % 8 == 0, D/8 ≤ 1024): grid: rows, block: D/8 rounded up to a multiple of 32.
-extern "C" __global__ void __launch_bounds__(1024)
-    adaln_modulate_bwd_dx(bf16* __restrict__ dx, const bf16* __restrict__ x, const bf16* __restrict__ scale,
-                          const float* __restrict__ mean, const float* __restrict__ rstd,
-                          const bf16* __restrict__ dy, int rows, int L, int D) {
+// Fused vector backward (D % 8 == 0, D ≤ 4096: at most 256 threads of 2 packs): one block walks ROWS_PER_SPLIT consecutive
+// rows of one sample; per row it writes dx (two block reductions), and it accumulates the
+// row's dy and dy·x̂ into per-thread column partials, written once at the end as
+// part_shift/part_scale[split, j] (split = blockIdx.x; a split never crosses samples). x and dy
+// are read from memory once for both outputs. grid: (ceil(L / rows_per_split), B),
+// block: ceil(D/8 / PACKS) rounded up to a multiple of 32; then sum_splits per sample.
+extern "C" __global__ void __launch_bounds__(256)
+    adaln_modulate_bwd_fused(bf16* __restrict__ dx, float* __restrict__ part_shift, float* __restrict__ part_scale,
+                             const bf16* __restrict__ x, const bf16* __restrict__ scale,
+                             const float* __restrict__ mean, const float* __restrict__ rstd,
+                             const bf16* __restrict__ dy, int L, int D, int rows_per_split) {
     __shared__ float scratch[32];
-    const long long row = blockIdx.x;
-    const int c = threadIdx.x;
-    const bool mine = c < D / 8;
-    const float mu = mean[row], rs = rstd[row];
-    float xh[8], dxh[8];
-    float sg = 0.f, sgx = 0.f;
-    if (mine) {
-        float g[8], sc[8];
-        load_pack(x + row * D, c, xh);
-        load_pack(dy + row * D, c, g);
-        load_pack(scale + (row / L) * D, c, sc);
+    const int nvec = D / 8;
+    const long long b = blockIdx.y;
+    const int l0 = blockIdx.x * rows_per_split, l1 = min(L, l0 + rows_per_split);
+    // Row data stays packed (bf16) in registers and is unpacked where used: the fused kernel
+    // carries 32 f32 column accumulators per thread, and unpacked rows would make it spill.
+    pack16 psc[PACKS];
+    float a_sh[PACKS][8], a_sc[PACKS][8];
 #pragma unroll
-        for (int k = 0; k < 8; k++) {
-            xh[k] = (xh[k] - mu) * rs;
-            dxh[k] = g[k] * (1.f + sc[k]);
-            sg += dxh[k];
-            sgx += dxh[k] * xh[k];
+    for (int p = 0; p < PACKS; p++) {
+        const int c = threadIdx.x + p * blockDim.x;
+#pragma unroll
+        for (int k = 0; k < 8; k++) a_sh[p][k] = a_sc[p][k] = 0.f;
+        if (c < nvec) psc[p] = load16(scale + b * D + 8 * c);
+    }
+    for (int l = l0; l < l1; l++) {
+        const long long row = b * L + l;
+        pack16 px[PACKS], pg[PACKS];
+#pragma unroll
+        for (int p = 0; p < PACKS; p++) {
+            const int c = threadIdx.x + p * blockDim.x;
+            if (c < nvec) {
+                px[p] = load16(x + row * D + 8 * c);
+                pg[p] = load16(dy + row * D + 8 * c);
+            }
+        }
+        const float mu = mean[row], rs = rstd[row];
+        float sg = 0.f, sgx = 0.f;
+#pragma unroll
+        for (int p = 0; p < PACKS; p++) {
+            if (threadIdx.x + p * blockDim.x < nvec) {
+                float xv[8], g[8], sc[8];
+                unpack_bf16x8(px[p], xv);
+                unpack_bf16x8(pg[p], g);
+                unpack_bf16x8(psc[p], sc);
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    const float xh = (xv[k] - mu) * rs, dxh = g[k] * (1.f + sc[k]);
+                    a_sh[p][k] += g[k];
+                    a_sc[p][k] += g[k] * xh;
+                    sg += dxh;
+                    sgx += dxh * xh;
+                }
+            }
+        }
+        const float mg = block_sum(sg, scratch) / D;
+        const float mgx = block_sum(sgx, scratch) / D;
+#pragma unroll
+        for (int p = 0; p < PACKS; p++) {
+            const int c = threadIdx.x + p * blockDim.x;
+            if (c < nvec) {
+                float xv[8], g[8], sc[8], o[8];
+                unpack_bf16x8(px[p], xv);
+                unpack_bf16x8(pg[p], g);
+                unpack_bf16x8(psc[p], sc);
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    const float xh = (xv[k] - mu) * rs, dxh = g[k] * (1.f + sc[k]);
+                    o[k] = rs * (dxh - mg - xh * mgx);
+                }
+                store16(dx + row * D + 8 * c, pack_bf16x8(o));
+            }
         }
     }
-    const float mg = block_sum(sg, scratch) / D;
-    const float mgx = block_sum(sgx, scratch) / D;
-    if (mine) {
-        float o[8];
+    const long long split = (long long)blockIdx.x * gridDim.y + b;  // [S, B, D] like the other partials
 #pragma unroll
-        for (int k = 0; k < 8; k++) o[k] = rs * (dxh[k] - mg - xh[k] * mgx);
-        store16(dx + row * D + 8 * c, pack_bf16x8(o));
+    for (int p = 0; p < PACKS; p++) {
+        const int c = threadIdx.x + p * blockDim.x;
+        if (c < nvec) {
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                part_shift[split * D + 8 * c + k] = a_sh[p][k];
+                part_scale[split * D + 8 * c + k] = a_sc[p][k];
+            }
+        }
     }
 }
 
