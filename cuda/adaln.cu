@@ -154,92 +154,38 @@ extern "C" __global__ void __launch_bounds__(32 * ROWS_PER_BLOCK)
     }
 }
 
-// Fused vector backward (D % 8 == 0, D ≤ 4096: at most 256 threads of 2 packs): one block walks ROWS_PER_SPLIT consecutive
-// rows of one sample; per row it writes dx (two block reductions), and it accumulates the
-// row's dy and dy·x̂ into per-thread column partials, written once at the end as
-// part_shift/part_scale[split, j] (split = blockIdx.x; a split never crosses samples). x and dy
-// are read from memory once for both outputs. grid: (ceil(L / rows_per_split), B),
-// block: ceil(D/8 / PACKS) rounded up to a multiple of 32; then sum_splits per sample.
-extern "C" __global__ void __launch_bounds__(256)
-    adaln_modulate_bwd_fused(bf16* __restrict__ dx, float* __restrict__ part_shift, float* __restrict__ part_scale,
-                             const bf16* __restrict__ x, const bf16* __restrict__ scale,
-                             const float* __restrict__ mean, const float* __restrict__ rstd,
-                             const bf16* __restrict__ dy, int L, int D, int rows_per_split) {
+// Vector dx (D % 8 == 0, D/8 ≤ 1024): grid: rows, block: D/8 rounded up to a multiple of 32.
+extern "C" __global__ void __launch_bounds__(1024)
+    adaln_modulate_bwd_dx(bf16* __restrict__ dx, const bf16* __restrict__ x, const bf16* __restrict__ scale,
+                          const float* __restrict__ mean, const float* __restrict__ rstd,
+                          const bf16* __restrict__ dy, int rows, int L, int D) {
     __shared__ float scratch[32];
-    const int nvec = D / 8;
-    const long long b = blockIdx.y;
-    const int l0 = blockIdx.x * rows_per_split, l1 = min(L, l0 + rows_per_split);
-    // Row data stays packed (bf16) in registers and is unpacked where used: the fused kernel
-    // carries 32 f32 column accumulators per thread, and unpacked rows would make it spill.
-    pack16 psc[PACKS];
-    float a_sh[PACKS][8], a_sc[PACKS][8];
+    const long long row = blockIdx.x;
+    const int c = threadIdx.x;
+    const bool mine = c < D / 8;
+    const float mu = mean[row], rs = rstd[row];
+    float xh[8], dxh[8];
+    float sg = 0.f, sgx = 0.f;
+    if (mine) {
+        float g[8], sc[8];
+        load_pack(x + row * D, c, xh);
+        load_pack(dy + row * D, c, g);
+        load_pack(scale + (row / L) * D, c, sc);
 #pragma unroll
-    for (int p = 0; p < PACKS; p++) {
-        const int c = threadIdx.x + p * blockDim.x;
-#pragma unroll
-        for (int k = 0; k < 8; k++) a_sh[p][k] = a_sc[p][k] = 0.f;
-        if (c < nvec) psc[p] = load16(scale + b * D + 8 * c);
-    }
-    for (int l = l0; l < l1; l++) {
-        const long long row = b * L + l;
-        pack16 px[PACKS], pg[PACKS];
-#pragma unroll
-        for (int p = 0; p < PACKS; p++) {
-            const int c = threadIdx.x + p * blockDim.x;
-            if (c < nvec) {
-                px[p] = load16(x + row * D + 8 * c);
-                pg[p] = load16(dy + row * D + 8 * c);
-            }
-        }
-        const float mu = mean[row], rs = rstd[row];
-        float sg = 0.f, sgx = 0.f;
-#pragma unroll
-        for (int p = 0; p < PACKS; p++) {
-            if (threadIdx.x + p * blockDim.x < nvec) {
-                float xv[8], g[8], sc[8];
-                unpack_bf16x8(px[p], xv);
-                unpack_bf16x8(pg[p], g);
-                unpack_bf16x8(psc[p], sc);
-#pragma unroll
-                for (int k = 0; k < 8; k++) {
-                    const float xh = (xv[k] - mu) * rs, dxh = g[k] * (1.f + sc[k]);
-                    a_sh[p][k] += g[k];
-                    a_sc[p][k] += g[k] * xh;
-                    sg += dxh;
-                    sgx += dxh * xh;
-                }
-            }
-        }
-        const float mg = block_sum(sg, scratch) / D;
-        const float mgx = block_sum(sgx, scratch) / D;
-#pragma unroll
-        for (int p = 0; p < PACKS; p++) {
-            const int c = threadIdx.x + p * blockDim.x;
-            if (c < nvec) {
-                float xv[8], g[8], sc[8], o[8];
-                unpack_bf16x8(px[p], xv);
-                unpack_bf16x8(pg[p], g);
-                unpack_bf16x8(psc[p], sc);
-#pragma unroll
-                for (int k = 0; k < 8; k++) {
-                    const float xh = (xv[k] - mu) * rs, dxh = g[k] * (1.f + sc[k]);
-                    o[k] = rs * (dxh - mg - xh * mgx);
-                }
-                store16(dx + row * D + 8 * c, pack_bf16x8(o));
-            }
+        for (int k = 0; k < 8; k++) {
+            xh[k] = (xh[k] - mu) * rs;
+            dxh[k] = g[k] * (1.f + sc[k]);
+            sg += dxh[k];
+            sgx += dxh[k] * xh[k];
         }
     }
-    const long long split = (long long)blockIdx.x * gridDim.y + b;  // [S, B, D] like the other partials
+    const float mg = block_sum(sg, scratch) / D;
+    const float mgx = block_sum(sgx, scratch) / D;
+    if (mine) {
+        float o[8];
 #pragma unroll
-    for (int p = 0; p < PACKS; p++) {
-        const int c = threadIdx.x + p * blockDim.x;
-        if (c < nvec) {
-#pragma unroll
-            for (int k = 0; k < 8; k++) {
-                part_shift[split * D + 8 * c + k] = a_sh[p][k];
-                part_scale[split * D + 8 * c + k] = a_sc[p][k];
-            }
-        }
+        for (int k = 0; k < 8; k++) o[k] = rs * (dxh[k] - mg - xh[k] * mgx);
+        store16(dx + row * D + 8 * c, pack_bf16x8(o));
     }
 }
 

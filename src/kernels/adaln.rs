@@ -209,10 +209,12 @@ pub mod dev {
         (d % 8 == 0 && threads <= 1024).then_some(threads as u32)
     }
 
-    /// Rows per block of the fused backward: enough blocks to fill the GPU, few enough partial
-    /// rows that writing and summing them stays small next to x and dy.
-    fn fused_rows_per_split(b: usize, l: usize) -> usize {
-        (b * l).div_ceil(512).clamp(4, 64)
+    /// Threads of the block-per-row dx kernel (one pack per thread, `d % 8 == 0`, at most 1024
+    /// packs). A fused dx + column-partials kernel walking rows per block was tried and measured
+    /// slower on an H200 (57 µs against 41 µs at 4429×1536: its per-row block reductions
+    /// serialise), see docs/perf-log.md.
+    fn dx_threads(d: usize) -> Option<u32> {
+        (d % 8 == 0 && d / 8 <= 1024).then(|| (d / 8).div_ceil(32) as u32 * 32)
     }
 
     /// `y = LN(x)·(1+scale)+shift` into preallocated `y [B·L·D]`, `mean`, `rstd [B·L]`.
@@ -291,36 +293,16 @@ pub mod dev {
         if rows == 0 || d == 0 {
             return Ok((dx, dshift, dscale));
         }
-        // Fused: one pass over x and dy writes dx and the column partials (D ≤ 4096).
-        if let Some(threads) = row_threads(d).filter(|&t| t <= 256) {
-            let rps = fused_rows_per_split(b, l);
-            let s = l.div_ceil(rps);
-            let part_shift = dev.alloc::<f32>(s * b * d)?;
-            let part_scale = dev.alloc::<f32>(s * b * d)?;
-            dev.launch(
-                "adaln_modulate_bwd_fused",
-                LaunchCfg::grid2(s as u32, b as u32, threads),
-                KernelArgs::new()
-                    .buf(&dx)
-                    .buf(&part_shift)
-                    .buf(&part_scale)
-                    .buf(x)
-                    .buf(scale)
-                    .buf(mean)
-                    .buf(rstd)
-                    .buf(dy)
-                    .i32(l as i32)
-                    .i32(d as i32)
-                    .i32(rps as i32),
-            )?;
-            sum_splits(dev, &dshift, &part_shift, s)?;
-            sum_splits(dev, &dscale, &part_scale, s)?;
-            return Ok((dx, dshift, dscale));
-        }
-        // Otherwise: dx one warp per row, then the column partials in a second pass.
+        let (dx_kernel, dx_cfg) = match dx_threads(d) {
+            Some(t) => ("adaln_modulate_bwd_dx", LaunchCfg::linear(rows as u32, t)),
+            None => (
+                "adaln_modulate_bwd_dx_rows",
+                LaunchCfg::linear(blocks_for(rows, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK),
+            ),
+        };
         dev.launch(
-            "adaln_modulate_bwd_dx_rows",
-            LaunchCfg::linear(blocks_for(rows, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK),
+            dx_kernel,
+            dx_cfg,
             KernelArgs::new()
                 .buf(&dx)
                 .buf(x)

@@ -4,7 +4,7 @@ use super::*;
 use advdmd::kernels::adaln::{self as cpu, dev as gpu};
 
 const SHAPES: &[(usize, usize, usize)] = &[
-    (2, 5, 4104), // past the fused backward (D > 4096): dx per row, then column partials
+    (2, 5, 4104),
     (1, 1, 8),
     (2, 7, 24),
     (2, 33, 1536),
