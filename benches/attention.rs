@@ -40,60 +40,51 @@ fn run(
         dev, &qa, &ka, &va, &qb, &kb, &vb, &oa, &ob, &lse, &doa, &dob, dims,
     )?;
     dev.synchronize()?;
-    let (mut fwd, mut fwd16, mut bwd, mut bwd64) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..reps {
-        fwd.push(dev.time_ms(|| {
-            joint_attention_fwd(dev, &qa, &ka, &va, &qb, &kb, &vb, dims).map(|_| ())
-        })?);
-        // The other forward kernel (FwdVariant::W16, 8 warps of 16 rows), for comparison.
-        fwd16.push(dev.time_ms(|| {
-            joint_attention_fwd_with(dev, &qa, &ka, &va, &qb, &kb, &vb, dims, FwdVariant::W16)
-                .map(|_| ())
-        })?);
-        bwd.push(dev.time_ms(|| {
-            joint_attention_bwd(
-                dev, &qa, &ka, &va, &qb, &kb, &vb, &oa, &ob, &lse, &doa, &dob, dims,
-            )
-            .map(|_| ())
-        })?);
-        // The other backward kernel (BwdVariant::K64, 4 warps, 64-key tiles).
-        bwd64.push(dev.time_ms(|| {
-            joint_attention_bwd_with(
-                dev,
-                &qa,
-                &ka,
-                &va,
-                &qb,
-                &kb,
-                &vb,
-                &oa,
-                &ob,
-                &lse,
-                &doa,
-                &dob,
-                dims,
-                BwdVariant::K64,
-            )
-            .map(|_| ())
-        })?);
-    }
-    let (f, f16, b, b64) = (median(fwd), median(fwd16), median(bwd), median(bwd64));
     let (ff, fb) = (
         joint_attention_flops(dims, false),
         joint_attention_flops(dims, true),
     );
-    let (tf, tf16, tb, tb64) = (
-        ff / f as f64 / 1e9,
-        ff / f16 as f64 / 1e9,
-        fb / b as f64 / 1e9,
-        fb / b64 as f64 / 1e9,
-    );
+    // Every forward and backward variant, interleaved per repeat (the first of each list is the
+    // default).
+    let mut fwd: Vec<Vec<f32>> = FwdVariant::ALL.iter().map(|_| Vec::new()).collect();
+    let mut bwd: Vec<Vec<f32>> = BwdVariant::ALL.iter().map(|_| Vec::new()).collect();
+    for _ in 0..reps {
+        for (i, &v) in FwdVariant::ALL.iter().enumerate() {
+            fwd[i].push(dev.time_ms(|| {
+                joint_attention_fwd_with(dev, &qa, &ka, &va, &qb, &kb, &vb, dims, v).map(|_| ())
+            })?);
+        }
+        for (i, &v) in BwdVariant::ALL.iter().enumerate() {
+            bwd[i].push(dev.time_ms(|| {
+                joint_attention_bwd_with(
+                    dev, &qa, &ka, &va, &qb, &kb, &vb, &oa, &ob, &lse, &doa, &dob, dims, v,
+                )
+                .map(|_| ())
+            })?);
+        }
+    }
+    let fwd: Vec<f32> = fwd.into_iter().map(median).collect();
+    let bwd: Vec<f32> = bwd.into_iter().map(median).collect();
+    let (f, b) = (fwd[0], bwd[0]);
+    let (tf, tb) = (ff / f as f64 / 1e9, fb / b as f64 / 1e9);
     println!("attention {name:<20} {:<22} fwd {f:8.3} ms {tf:7.1} TFLOP/s   bwd {b:8.3} ms {tb:7.1} TFLOP/s", dev.name());
-    println!("  other variants: fwd w16 {f16:8.3} ms {tf16:7.1} TFLOP/s   bwd k64 {b64:8.3} ms {tb64:7.1} TFLOP/s");
-    Ok(
-        serde_json::json!({"shape": name, "device": dev.name(), "b": dims.b, "h": dims.h, "la": dims.la, "lb": dims.lb, "d": dims.d,
-        "fwd_ms": f, "bwd_ms": b, "fwd_tflops": tf, "bwd_tflops": tb, "fwd_w16_ms": f16, "fwd_w16_tflops": tf16, "bwd_k64_ms": b64, "bwd_k64_tflops": tb64}),
-    )
+    let mut json = serde_json::json!({"shape": name, "device": dev.name(), "b": dims.b, "h": dims.h, "la": dims.la, "lb": dims.lb, "d": dims.d,
+        "fwd_ms": f, "bwd_ms": b, "fwd_tflops": tf, "bwd_tflops": tb});
+    for (v, ms) in FwdVariant::ALL.iter().zip(&fwd) {
+        let t = ff / *ms as f64 / 1e9;
+        let tag = format!("{v:?}").to_lowercase();
+        println!("  {name:<20} fwd {tag:<5} {ms:8.3} ms {t:7.1} TFLOP/s");
+        json[format!("fwd_{tag}_ms")] = serde_json::json!(ms);
+        json[format!("fwd_{tag}_tflops")] = serde_json::json!(t);
+    }
+    for (v, ms) in BwdVariant::ALL.iter().zip(&bwd) {
+        let t = fb / *ms as f64 / 1e9;
+        let tag = format!("{v:?}").to_lowercase();
+        println!("  {name:<20} bwd {tag:<5} {ms:8.3} ms {t:7.1} TFLOP/s");
+        json[format!("bwd_{tag}_ms")] = serde_json::json!(ms);
+        json[format!("bwd_{tag}_tflops")] = serde_json::json!(t);
+    }
+    Ok(json)
 }
 
 fn main() {

@@ -13,11 +13,16 @@
 //                                natural log of Σ exp(scale·s), rows ordered a then b); the
 //                                default forward (4 warps of 32 query rows)
 //   joint_attn_fwd_d{64,128}     the same, 8 warps of 16 query rows (FwdVariant::W16)
+//   joint_attn_fwd_v{3,4}_d{64,128} the same, warps of 32 rows with a lazy softmax rescale and a
+//                                deeper K/V pipeline (fwd_v3): V3 8 warps (256-row blocks), V4 4
+//                                warps (FwdVariant::V3, V4)
 //   joint_attn_bwd_rowdot        Drow = rowsum(dO ∘ O) [B, H, La+Lb], the softmax backward's row term
 //   joint_attn_bwd_k128_d{64,128} dK, dV (bf16) per 128-key tile (8 warps; the default); dQ
 //                                accumulated with f32 reductions into two f32 buffers [B, L, H, D]
 //                                (zeroed by the launcher), unscaled
 //   joint_attn_bwd_d{64,128}     the same with 64-key tiles and 4 warps (BwdVariant::K64)
+//   joint_attn_bwd_v3_d64        the same with 128-key tiles and 4 warps of 32 keys (bwd_v3,
+//                                BwdVariant::V3)
 //   joint_attn_dq_convert        dQ = scale · accumulator, to bf16
 //
 // Tiling: every warp owns 16 rows (32 in fwd_w32) of the block's tile: 128 query rows per block
@@ -620,6 +625,235 @@ __device__ __forceinline__ void fwd_w32(bf16* __restrict__ oa, bf16* __restrict_
     store_tile<D, QT, NT>((qt.stream == 0 ? oa : ob) + q_off, sQ, ld, qt.rows);
 }
 
+// The forward generalised (FwdVariant::V3, V4): NW warps of 32 query rows (a 32·NW-row block),
+// STAGES-deep cp.async pipeline of K, V tiles, and a lazy softmax rescale: a row's reference
+// maximum m moves (and O, l are rescaled) only when some row of the warp sees a score whose
+// exponent would exceed 2^kLazyLog2 against the current m (warp-uniform branch, decided with
+// __any_sync); otherwise p = 2^(s·c − m·c) ≤ 2^kLazyLog2 stays well inside bf16 and f32 range.
+// The first tile always rescales (m = −inf, alpha = 0). After the first tiles the branch is
+// almost never taken, which removes the per-tile O rescale (one FMUL per score per thread at
+// d = 64) and the alpha exponentials. The result is the same function (lse = m·c·ln2 + ln l holds
+// for any reference m ≥ the running max − kLazyLog2/c); only roundings differ from fwd_w32.
+// Deterministic: fixed order, no atomics.
+constexpr float kLazyLog2 = 8.f;
+
+template <int D, bool QREG, int NW, int STAGES>
+__device__ __forceinline__ void fwd_v3(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+                                       const bf16* __restrict__ qa, const bf16* __restrict__ ka,
+                                       const bf16* __restrict__ va, const bf16* __restrict__ qb,
+                                       const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
+                                       int H, float scale_log2) {
+    constexpr int LDS = D + 8;
+    constexpr int MT = 2;  // m-tiles per warp
+    constexpr int NT = 32 * NW, QT = 32 * NW;
+    constexpr int KVS = ATTN_TILE * LDS;  // elements of one K (or V) stage
+    static_assert(STAGES >= 2, "at least double buffering");
+    DYNAMIC_SMEM(bf16, smem);
+    bf16* sQ = smem;
+    bf16* sK0 = sQ + QT * LDS;        // STAGES stages of K
+    bf16* sV0 = sK0 + STAGES * KVS;   // STAGES stages of V
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;
+    const int Lt = La + Lb;
+    const long long ld = (long long)H * D;
+    const int row_w = 32 * warp;
+
+    const Tile qt = tile_of<QT>(blockIdx.x, La, Lb);
+    const int Lq = qt.stream == 0 ? La : Lb;
+    const long long q_off = row_offset(b, Lq, qt.row0, H, h, D);
+
+    auto issue_kv = [&](int i, int st) {
+        const Tile kt = tile_of(i, La, Lb);
+        const int Lk = kt.stream == 0 ? La : Lb;
+        const long long k_off = row_offset(b, Lk, kt.row0, H, h, D);
+        load_tile_async<D, ATTN_TILE, NT>(sK0 + st * KVS, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
+        load_tile_async<D, ATTN_TILE, NT>(sV0 + st * KVS, (kt.stream == 0 ? va : vb) + k_off, ld, kt.rows);
+    };
+
+    const int nkt = ntiles(La) + ntiles(Lb);
+    // Prologue: group 0 = the Q tile and key tile 0; groups 1..STAGES−2 = key tiles 1..STAGES−2
+    // (committed even when empty, so the wait counts below stay fixed).
+    load_tile_async<D, QT, NT>(sQ, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
+    issue_kv(0, 0);
+    cp_async_commit();
+#pragma unroll
+    for (int s = 1; s < STAGES - 1; s++) {
+        if (s < nkt) issue_kv(s, s);
+        cp_async_commit();
+    }
+
+    uint32_t qf[QREG ? MT : 1][QREG ? D / 16 : 1][4];
+
+    float o[MT][D / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int n = 0; n < D / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) o[mt][n][e] = 0.f;
+    // Reference max in exponent units, ms = m·c (m a raw score), and partial row sums; row
+    // r = 2·mt + (0: row g, 1: row g+8).
+    float ms[2 * MT], l[2 * MT];
+#pragma unroll
+    for (int r = 0; r < 2 * MT; r++) ms[r] = -INFINITY, l[r] = 0.f;
+
+    int st = 0;  // stage of tile kt_i
+    for (int kt_i = 0; kt_i < nkt; kt_i++) {
+        // Refill the stage consumed in iteration kt_i − 1 (closed by that iteration's final
+        // barrier) with tile kt_i + STAGES − 1, then wait for tile kt_i.
+        {
+            const int nx = kt_i + STAGES - 1;
+            int nst = st + STAGES - 1;
+            if (nst >= STAGES) nst -= STAGES;
+            if (nx < nkt) issue_kv(nx, nst);
+        }
+        cp_async_commit();
+        cp_async_wait<STAGES - 1>();
+        __syncthreads();
+        if (QREG && kt_i == 0) {
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int kk = 0; kk < D / 16; kk++)
+                    ldmatrix_x4(qf[QREG ? mt : 0][QREG ? kk : 0], frag_a(sQ, LDS, row_w + 16 * mt, 16 * kk, lane));
+        }
+        const bf16* sK = sK0 + st * KVS;
+        const bf16* sV = sV0 + st * KVS;
+        const int krows = min(ATTN_TILE, kt_i < ntiles(La) ? La - kt_i * ATTN_TILE
+                                                            : Lb - (kt_i - ntiles(La)) * ATTN_TILE);
+
+        float s[MT][8][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int n = 0; n < 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) s[mt][n][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            uint32_t qa_[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                if (QREG) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) qa_[mt][e] = qf[QREG ? mt : 0][QREG ? kk : 0][e];
+                } else {
+                    ldmatrix_x4(qa_[mt], frag_a(sQ, LDS, row_w + 16 * mt, 16 * kk, lane));
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                uint32_t bk[4];
+                ldmatrix_x4(bk, frag_b_nk(sK, LDS, 16 * j, 16 * kk, lane));
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    mma_m16n8k16_bf16(s[mt][2 * j], qa_[mt], bk, s[mt][2 * j]);
+                    mma_m16n8k16_bf16(s[mt][2 * j + 1], qa_[mt], bk + 2, s[mt][2 * j + 1]);
+                }
+            }
+        }
+
+        if (krows < ATTN_TILE) {
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int n = 0; n < 8; n++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++)
+                        if (8 * n + 2 * t + (e & 1) >= krows) s[mt][n][e] = -INFINITY;
+        }
+        // Tile row maxima (quad-reduced) and whether any row of the warp must move its reference.
+        float mx[2 * MT];
+        bool need = false;
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+            float a0 = s[mt][0][0], a1 = s[mt][0][2];
+#pragma unroll
+            for (int n = 0; n < 8; n++) {
+                a0 = fmaxf(a0, fmaxf(s[mt][n][0], s[mt][n][1]));
+                a1 = fmaxf(a1, fmaxf(s[mt][n][2], s[mt][n][3]));
+            }
+            mx[2 * mt] = a0, mx[2 * mt + 1] = a1;
+        }
+#pragma unroll
+        for (int r = 0; r < 2 * MT; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 2));
+            // m = −inf on the first tile: +inf > threshold.
+            need |= fmaf(mx[r], scale_log2, -ms[r]) > kLazyLog2;
+        }
+        if (__any_sync(FULL_MASK, need)) {  // warp-uniform
+#pragma unroll
+            for (int r = 0; r < 2 * MT; r++) {
+                const float mn = fmaxf(ms[r], mx[r] * scale_log2);
+                const float alpha = fast_exp2(ms[r] - mn);  // first tile: 2^−inf = 0
+                ms[r] = mn;
+                l[r] *= alpha;
+                const int mt = r >> 1, hi = r & 1;
+#pragma unroll
+                for (int n = 0; n < D / 8; n++) {
+                    o[mt][n][2 * hi] *= alpha;
+                    o[mt][n][2 * hi + 1] *= alpha;
+                }
+            }
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+            float rs[2] = {0.f, 0.f};
+#pragma unroll
+            for (int n = 0; n < 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const float p = fast_exp2(fmaf(s[mt][n][e], scale_log2, -ms[2 * mt + (e >> 1)]));
+                    s[mt][n][e] = p;
+                    rs[e >> 1] += p;
+                }
+            l[2 * mt] += rs[0];
+            l[2 * mt + 1] += rs[1];
+        }
+        // O += P·V, every V fragment feeding both m-tiles.
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            uint32_t pa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) acc_to_a<8>(pa[mt], s[mt], c);
+#pragma unroll
+            for (int j = 0; j < D / 16; j++) {
+                uint32_t bv[4];
+                ldmatrix_x4_trans(bv, frag_b_kn(sV, LDS, 16 * c, 16 * j, lane));
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    mma_m16n8k16_bf16(o[mt][2 * j], pa[mt], bv, o[mt][2 * j]);
+                    mma_m16n8k16_bf16(o[mt][2 * j + 1], pa[mt], bv + 2, o[mt][2 * j + 1]);
+                }
+            }
+        }
+        __syncthreads();
+        if (++st == STAGES) st = 0;
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int r = 0; r < 2 * MT; r++) {
+        l[r] += __shfl_xor_sync(FULL_MASK, l[r], 1);
+        l[r] += __shfl_xor_sync(FULL_MASK, l[r], 2);
+    }
+    if (t == 0) {
+        float* lrow = lse + (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0;
+#pragma unroll
+        for (int r = 0; r < 2 * MT; r++) {
+            const int row = row_w + 16 * (r >> 1) + g + 8 * (r & 1);
+            if (row < qt.rows) lrow[row] = ms[r] * kLn2 + logf(l[r]);
+        }
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+        acc_to_shared<D>(sQ, row_w + 16 * mt, o[mt], 1.f / l[2 * mt], 1.f / l[2 * mt + 1], lane);
+    __syncthreads();
+    store_tile<D, QT, NT>((qt.stream == 0 ? oa : ob) + q_off, sQ, ld, qt.rows);
+}
+
 // ---- Backward --------------------------------------------------------------------------------
 
 // NW warps (4 or 8), each owning 16 keys: a key tile of KT = 16·NW rows per block.
@@ -808,6 +1042,224 @@ __device__ __forceinline__ void bwd(bf16* __restrict__ dka, bf16* __restrict__ d
     store_tile<D, KT, NT>((kt.stream == 0 ? dva : dvb) + k_off, sV, ld, kt.rows);
 }
 
+// The backward with MT 16-key m-tiles per warp (BwdVariant::V3: D = 64, 4 warps × 32 keys =
+// 128-key blocks, two blocks per SM). Every Q and dO fragment read from shared memory (the B
+// operand of Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ, dV += Pᵀ·dO, dK += dSᵀ·Q) feeds MT m-tiles instead of one;
+// K and V (the A operands) are re-read from shared memory per product instead of being held in
+// registers (dK, dV of 32 keys take 128 registers). Queries in chunks of QC = 32 columns. dQ as
+// in bwd: dSᵀ through shared memory, warp w forms dQ for queries 16w.. over all KT keys with
+// f32 reductions. Same shared-memory layout and launch arguments as bwd with KT = 32·NW.
+template <int D, int NW, int MT>
+__device__ __forceinline__ void bwd_v3(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
+                                       bf16* __restrict__ dvb, float* __restrict__ dqa_acc,
+                                       float* __restrict__ dqb_acc, const bf16* __restrict__ qa,
+                                       const bf16* __restrict__ ka, const bf16* __restrict__ va,
+                                       const bf16* __restrict__ doa, const bf16* __restrict__ qb,
+                                       const bf16* __restrict__ kb, const bf16* __restrict__ vb,
+                                       const bf16* __restrict__ dob, const float* __restrict__ lse,
+                                       const float* __restrict__ drow, int La, int Lb, int H, float scale_log2,
+                                       float scale) {
+    constexpr int LDS = D + 8;
+    constexpr int LDP = ATTN_TILE + 8;
+    constexpr int QC = 32, NB = QC / 8;
+    constexpr int TS = ATTN_TILE * LDS;
+    constexpr int NT = 32 * NW, KT = 16 * MT * NW;
+    static_assert(NW == 4, "dQ split assumes 4 warps of 16 query rows");
+    DYNAMIC_SMEM(bf16, smem);
+    bf16* sK = smem;
+    bf16* sV = sK + KT * LDS;
+    bf16* sQ0 = sV + KT * LDS;
+    bf16* sdO0 = sQ0 + 2 * TS;
+    bf16* sdS = sdO0 + 2 * TS;
+    float* sL0 = reinterpret_cast<float*>(sdS + KT * LDP);
+    float* sDr0 = sL0 + 2 * ATTN_TILE;
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;
+    const int Lt = La + Lb;
+    const long long ld = (long long)H * D;
+    const int key_w = 16 * MT * warp;  // this warp's first key in the tile
+
+    const Tile kt = tile_of<KT>(blockIdx.x, La, Lb);
+    const int Lk = kt.stream == 0 ? La : Lb;
+    const long long k_off = row_offset(b, Lk, kt.row0, H, h, D);
+
+    auto issue_q = [&](int i, int st) {
+        const Tile qt = tile_of(i, La, Lb);
+        const int Lq = qt.stream == 0 ? La : Lb;
+        const long long q_off = row_offset(b, Lq, qt.row0, H, h, D);
+        const long long r_off = (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0;
+        load_tile_async<D, ATTN_TILE, NT>(sQ0 + st * TS, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
+        load_tile_async<D, ATTN_TILE, NT>(sdO0 + st * TS, (qt.stream == 0 ? doa : dob) + q_off, ld, qt.rows);
+        for (int j = threadIdx.x; j < 2 * ATTN_TILE; j += NT) {
+            const int r = j & (ATTN_TILE - 1);
+            float* dst = (j < ATTN_TILE ? sL0 : sDr0) + st * ATTN_TILE + r;
+            if (r < qt.rows)
+                cp_async_4(dst, (j < ATTN_TILE ? lse : drow) + r_off + r);
+            else
+                *dst = j < ATTN_TILE ? INFINITY : 0.f;
+        }
+    };
+
+    load_tile_async<D, KT, NT>(sK, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
+    load_tile_async<D, KT, NT>(sV, (kt.stream == 0 ? va : vb) + k_off, ld, kt.rows);
+    issue_q(0, 0);
+    cp_async_commit();
+    // Key rows (2·mt + r: rows g, g+8 of m-tile mt) past the tile's end get P = 0.
+    bool key_ok[2 * MT];
+#pragma unroll
+    for (int r = 0; r < 2 * MT; r++) key_ok[r] = key_w + 16 * (r >> 1) + g + 8 * (r & 1) < kt.rows;
+
+    float dk[MT][D / 8][4], dv[MT][D / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int n = 0; n < D / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) dk[mt][n][e] = dv[mt][n][e] = 0.f;
+
+    // x[mt] = A(rows key_w + 16mt.. of sa) · B(rows n0.. of sb)ᵀ, B fragments shared by the m-tiles.
+    auto mm_t = [&](float x[MT][NB][4], const bf16* sa, const bf16* sb, int n0) {
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int n = 0; n < NB; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) x[mt][n][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            uint32_t a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) ldmatrix_x4(a[mt], frag_a(sa, LDS, key_w + 16 * mt, 16 * kk, lane));
+#pragma unroll
+            for (int j = 0; j < NB / 2; j++) {
+                uint32_t bb[4];
+                ldmatrix_x4(bb, frag_b_nk(sb, LDS, n0 + 16 * j, 16 * kk, lane));
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    mma_m16n8k16_bf16(x[mt][2 * j], a[mt], bb, x[mt][2 * j]);
+                    mma_m16n8k16_bf16(x[mt][2 * j + 1], a[mt], bb + 2, x[mt][2 * j + 1]);
+                }
+            }
+        }
+    };
+    // acc[mt] += x[mt] (as A fragments) · B(rows k0.. of tile s, cols = D).
+    auto mm_acc = [&](float acc[MT][D / 8][4], const float x[MT][NB][4], const bf16* s, int k0) {
+#pragma unroll
+        for (int c = 0; c < NB / 2; c++) {
+            uint32_t a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) acc_to_a<NB>(a[mt], x[mt], c);
+#pragma unroll
+            for (int j = 0; j < D / 16; j++) {
+                uint32_t bb[4];
+                ldmatrix_x4_trans(bb, frag_b_kn(s, LDS, k0 + 16 * c, 16 * j, lane));
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    mma_m16n8k16_bf16(acc[mt][2 * j], a[mt], bb, acc[mt][2 * j]);
+                    mma_m16n8k16_bf16(acc[mt][2 * j + 1], a[mt], bb + 2, acc[mt][2 * j + 1]);
+                }
+            }
+        }
+    };
+
+    const int nqt = ntiles(La) + ntiles(Lb);
+    for (int qt_i = 0; qt_i < nqt; qt_i++) {
+        if (qt_i + 1 < nqt) issue_q(qt_i + 1, (qt_i + 1) & 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const int st = qt_i & 1;
+        const bf16* sQ = sQ0 + st * TS;
+        const bf16* sdO = sdO0 + st * TS;
+        const float* sL = sL0 + st * ATTN_TILE;
+        const float* sDr = sDr0 + st * ATTN_TILE;
+
+#pragma unroll 1
+        for (int q0 = 0; q0 < ATTN_TILE; q0 += QC) {
+            float p[MT][NB][4];
+            mm_t(p, sK, sQ, q0);
+#pragma unroll
+            for (int n = 0; n < NB; n++)
+#pragma unroll
+                for (int c = 0; c < 2; c++) {
+                    const float lq = sL[q0 + 8 * n + 2 * t + c] * kLog2e;
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                        for (int r = 0; r < 2; r++)
+                            p[mt][n][2 * r + c] =
+                                key_ok[2 * mt + r] ? fast_exp2(fmaf(p[mt][n][2 * r + c], scale_log2, -lq)) : 0.f;
+                }
+            mm_acc(dv, p, sdO, q0);  // dV += Pᵀ·dO
+
+            float ds[MT][NB][4];
+            mm_t(ds, sV, sdO, q0);  // dPᵀ = V·dOᵀ
+#pragma unroll
+            for (int n = 0; n < NB; n++)
+#pragma unroll
+                for (int c = 0; c < 2; c++) {
+                    const float dr = sDr[q0 + 8 * n + 2 * t + c];
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                        for (int r = 0; r < 2; r++)
+                            ds[mt][n][2 * r + c] = p[mt][n][2 * r + c] * (ds[mt][n][2 * r + c] - dr);
+                }
+            mm_acc(dk, ds, sQ, q0);  // dK += dSᵀ·Q (scaled at the end)
+
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int n = 0; n < NB; n++) {
+                    const int q = q0 + 8 * n + 2 * t;
+                    st_u32(sdS + (key_w + 16 * mt + g) * LDP + q, pack_bf16x2(ds[mt][n][0], ds[mt][n][1]));
+                    st_u32(sdS + (key_w + 16 * mt + g + 8) * LDP + q, pack_bf16x2(ds[mt][n][2], ds[mt][n][3]));
+                }
+        }
+        // dQ += dS·K over the tile's KT keys: warp w takes the 16 queries 16w.. and all D columns.
+        __syncthreads();
+        const Tile qt = tile_of(qt_i, La, Lb);
+        const int qr = 16 * warp;
+        if (qr < qt.rows) {  // warp-uniform
+            const int Lq = qt.stream == 0 ? La : Lb;
+            float* dq = (qt.stream == 0 ? dqa_acc : dqb_acc) + row_offset(b, Lq, qt.row0, H, h, D);
+            const int r0 = qr + g;
+            uint32_t a[KT / 16][4];
+#pragma unroll
+            for (int c = 0; c < KT / 16; c++) ldmatrix_x4_trans(a[c], frag_a_t(sdS, LDP, 16 * c, qr, lane));
+#pragma unroll
+            for (int j = 0; j < D / 16; j++) {
+                float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+                for (int c = 0; c < KT / 16; c++) {
+                    uint32_t bk[4];
+                    ldmatrix_x4_trans(bk, frag_b_kn(sK, LDS, 16 * c, 16 * j, lane));
+                    mma_m16n8k16_bf16(acc[0], a[c], bk, acc[0]);
+                    mma_m16n8k16_bf16(acc[1], a[c], bk + 2, acc[1]);
+                }
+#pragma unroll
+                for (int hn = 0; hn < 2; hn++) {
+                    const int col = 16 * j + 8 * hn + 2 * t;
+                    if (r0 < qt.rows) red_add2(dq + r0 * ld + col, acc[hn][0], acc[hn][1]);
+                    if (r0 + 8 < qt.rows) red_add2(dq + (r0 + 8) * ld + col, acc[hn][2], acc[hn][3]);
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    __syncthreads();
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+        acc_to_shared<D>(sK, key_w + 16 * mt, dk[mt], scale, scale, lane);
+        acc_to_shared<D>(sV, key_w + 16 * mt, dv[mt], 1.f, 1.f, lane);
+    }
+    __syncthreads();
+    store_tile<D, KT, NT>((kt.stream == 0 ? dka : dkb) + k_off, sK, ld, kt.rows);
+    store_tile<D, KT, NT>((kt.stream == 0 ? dva : dvb) + k_off, sV, ld, kt.rows);
+}
+
 }  // namespace attn
 
 // ---- Entry points ------------------------------------------------------------------------------
@@ -846,6 +1298,42 @@ extern "C" __global__ void __launch_bounds__(ATTN_FWD_W32_THREADS)
                             const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
                             int La, int Lb, int H, float scale_log2) {
     attn::fwd_w32<128, false>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
+}
+
+// fwd_v3 entries (same arguments and results as the others). V3: 8 warps × 32 rows = 256-row
+// query blocks (grid: 256-row tiles of a + of b, B·H), 3 K/V stages at D = 64 and 2 at D = 128
+// (3 spill there), one block per SM; dynamic shared memory (256 + STAGES·2·64)·(D+8)·2 bytes. V4: 4 warps × 32 rows = 128-row blocks, 3 stages
+// at D = 64 (two blocks per SM), 2 at D = 128; (128 + STAGES·2·64)·(D+8)·2 bytes.
+extern "C" __global__ void __launch_bounds__(256, 1)
+    joint_attn_fwd_v3_d64(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+                          const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+                          const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
+                          int La, int Lb, int H, float scale_log2) {
+    attn::fwd_v3<64, true, 8, 3>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    joint_attn_fwd_v3_d128(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+                           const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+                           const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
+                           int La, int Lb, int H, float scale_log2) {
+    attn::fwd_v3<128, false, 8, 2>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 2)
+    joint_attn_fwd_v4_d64(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+                          const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+                          const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
+                          int La, int Lb, int H, float scale_log2) {
+    attn::fwd_v3<64, true, 4, 3>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 2)
+    joint_attn_fwd_v4_d128(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+                           const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+                           const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
+                           int La, int Lb, int H, float scale_log2) {
+    attn::fwd_v3<128, false, 4, 2>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
 }
 
 // Drow[b, h, i] = Σ_c dO[i, c]·O[i, c] over the concatenated rows i of [a; b]. Eight lanes per
@@ -931,6 +1419,20 @@ extern "C" __global__ void __launch_bounds__(2 * ATTN_THREADS)
                              const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
     attn::bwd<128, 8>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La, Lb, H,
                       scale_log2, scale);
+}
+
+// BwdVariant::V3 at D = 64: 4 warps × 32 keys (grid: 128-row key tiles of a + of b, B·H), block
+// 128, the same dynamic shared memory as joint_attn_bwd_k128_d64. (D = 128 has no room for 32
+// keys of dK, dV per warp; the Rust side runs K128 there.)
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)
+    joint_attn_bwd_v3_d64(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
+                          bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
+                          const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+                          const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
+                          const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
+                          const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
+    attn::bwd_v3<64, 4, 2>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
+                           Lb, H, scale_log2, scale);
 }
 
 // dq = scale · acc for both streams (na, nb elements, multiples of 8): 8 elements per thread.

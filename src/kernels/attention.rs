@@ -678,50 +678,122 @@ pub mod dev {
     /// results): `W32` has 4 warps of 32 query rows (every K, V fragment read from shared memory
     /// feeds two 16-row m-tiles; 244/255 registers at d = 64/128, 2 blocks per SM), `W16` 8 warps
     /// of 16 rows (128 registers at d = 64, 2 blocks per SM; 212 at d = 128, 1 block).
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+    ///
+    /// `V3` and `V4` (attention.cu's `fwd_v3`): warps of 32 rows with a lazy softmax rescale (O
+    /// and l rescaled only when a row's max grows past 2^8 of the reference) and a deeper K/V
+    /// pipeline. `V3`: 8 warps, 256-row query blocks (half the K/V tile loads per FLOP), 3 stages
+    /// at d = 64 / 2 at d = 128, one block per SM (237/255 registers). `V4`: 4 warps, 128-row
+    /// blocks, 3 stages at d = 64 / 2 at d = 128, two blocks per SM (243/255 registers).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum FwdVariant {
-        #[default]
         W32,
         W16,
+        V3,
+        V4,
     }
 
     impl FwdVariant {
+        /// The variant the plain launcher uses: the fastest measured at head dim `d` on an H200
+        /// (docs/perf-log.md, 2026-11-26: V4 308 TFLOP/s at d = 64, V3 284 at d = 128).
+        pub fn fastest(d: usize) -> FwdVariant {
+            if d == 64 {
+                FwdVariant::V4
+            } else {
+                FwdVariant::V3
+            }
+        }
+
+        /// Every variant, for tests and the bench.
+        pub const ALL: [FwdVariant; 4] = [
+            FwdVariant::W32,
+            FwdVariant::W16,
+            FwdVariant::V3,
+            FwdVariant::V4,
+        ];
         fn kernel(self, d: usize) -> String {
             match self {
                 FwdVariant::W32 => format!("joint_attn_fwd_w32_d{d}"),
                 FwdVariant::W16 => format!("joint_attn_fwd_d{d}"),
+                FwdVariant::V3 => format!("joint_attn_fwd_v3_d{d}"),
+                FwdVariant::V4 => format!("joint_attn_fwd_v4_d{d}"),
             }
         }
         fn threads(self) -> u32 {
             match self {
-                FwdVariant::W32 => 128,
-                FwdVariant::W16 => 256,
+                FwdVariant::W32 | FwdVariant::V4 => 128,
+                FwdVariant::W16 | FwdVariant::V3 => 256,
             }
+        }
+        /// Query rows per block.
+        fn rows(self) -> usize {
+            match self {
+                FwdVariant::V3 => 256,
+                _ => FWD_QTILE,
+            }
+        }
+        /// cp.async stages of the K, V tiles.
+        fn stages(self, d: usize) -> usize {
+            match self {
+                FwdVariant::V3 | FwdVariant::V4 if d == 64 => 3,
+                _ => 2,
+            }
+        }
+        /// Dynamic shared memory: the Q tile and `stages` stages of the K and V tiles (64 rows
+        /// each), rows padded to d+8.
+        fn shared_bytes(self, d: usize) -> u32 {
+            ((self.rows() + 2 * self.stages(d) * TILE) * (d + 8) * 2) as u32
         }
     }
 
     /// The two backward kernels (same results up to the order of dQ's f32 reductions): `K128`
     /// has 8 warps and 128-key tiles (half the dQ reductions and Q, dO reads per key; one block
     /// per SM), `K64` 4 warps and 64-key tiles (two blocks per SM).
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+    ///
+    /// `V3` (attention.cu's `bwd_v3`, d = 64): 4 warps of 32 keys in 128-key blocks, two blocks
+    /// per SM (254 registers): every Q and dO fragment read from shared memory feeds two key
+    /// m-tiles. At d = 128 (no register room for 32 keys of dK, dV per warp) it runs `K128`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum BwdVariant {
-        #[default]
         K128,
         K64,
+        V3,
     }
 
     impl BwdVariant {
-        fn kernel(self, d: usize) -> String {
+        /// The variant the plain launcher uses: the fastest measured on an H200 (V3: 257
+        /// TFLOP/s at d = 64; at d = 128 it resolves to K128, 199).
+        pub fn fastest(_d: usize) -> BwdVariant {
+            BwdVariant::V3
+        }
+
+        /// Every variant, for tests and the bench.
+        pub const ALL: [BwdVariant; 3] = [BwdVariant::K128, BwdVariant::K64, BwdVariant::V3];
+        /// The variant actually launched at head dim `d`.
+        fn resolve(self, d: usize) -> BwdVariant {
             match self {
-                BwdVariant::K128 => format!("joint_attn_bwd_k128_d{d}"),
-                BwdVariant::K64 => format!("joint_attn_bwd_d{d}"),
+                BwdVariant::V3 if d != 64 => BwdVariant::K128,
+                v => v,
             }
         }
-        /// Keys per block (16 per warp).
-        fn keys(self) -> usize {
-            match self {
-                BwdVariant::K128 => 128,
+        fn kernel(self, d: usize) -> String {
+            match self.resolve(d) {
+                BwdVariant::K128 => format!("joint_attn_bwd_k128_d{d}"),
+                BwdVariant::K64 => format!("joint_attn_bwd_d{d}"),
+                BwdVariant::V3 => format!("joint_attn_bwd_v3_d{d}"),
+            }
+        }
+        /// Keys per block.
+        fn keys(self, d: usize) -> usize {
+            match self.resolve(d) {
+                BwdVariant::K128 | BwdVariant::V3 => 128,
                 BwdVariant::K64 => 64,
+            }
+        }
+        /// Threads per block (warps of 16 keys; V3: warps of 32 keys).
+        fn threads(self, d: usize) -> u32 {
+            match self.resolve(d) {
+                BwdVariant::V3 => 128,
+                v => 2 * v.keys(d) as u32,
             }
         }
     }
@@ -817,12 +889,6 @@ pub mod dev {
         Ok(())
     }
 
-    /// Dynamic shared memory of the forward: the Q tile (128 rows) and two stages of the K and V
-    /// tiles (64 rows each), rows padded to d+8.
-    fn fwd_shared_bytes(d: usize) -> u32 {
-        ((FWD_QTILE + 4 * TILE) * (d + 8) * 2) as u32
-    }
-
     /// Dynamic shared memory of the backward: K, V tiles (`keys` rows), two stages of the Q and
     /// dO tiles (64 rows), the dSᵀ tile (`keys` × 72) and two stages of two rows of 64 f32 (lse,
     /// Drow).
@@ -843,7 +909,17 @@ pub mod dev {
         vb: &DevBuf<bf16>,
         dims: AttnDims,
     ) -> KernelResult<(DevBuf<bf16>, DevBuf<bf16>, DevBuf<f32>)> {
-        joint_attention_fwd_with(dev, qa, ka, va, qb, kb, vb, dims, FwdVariant::default())
+        joint_attention_fwd_with(
+            dev,
+            qa,
+            ka,
+            va,
+            qb,
+            kb,
+            vb,
+            dims,
+            FwdVariant::fastest(dims.d),
+        )
     }
 
     /// [`joint_attention_fwd`] with a chosen kernel variant (for tests and the bench).
@@ -871,11 +947,11 @@ pub mod dev {
         dev.launch(
             &variant.kernel(dims.d),
             LaunchCfg::grid2(
-                dims.tiles(FWD_QTILE),
+                dims.tiles(variant.rows()),
                 (dims.b * dims.h) as u32,
                 variant.threads(),
             )
-            .with_shared(fwd_shared_bytes(dims.d)),
+            .with_shared(variant.shared_bytes(dims.d)),
             KernelArgs::new()
                 .buf(&oa)
                 .buf(&ob)
@@ -927,7 +1003,7 @@ pub mod dev {
             doa,
             dob,
             dims,
-            BwdVariant::default(),
+            BwdVariant::fastest(dims.d),
         )
     }
 
@@ -991,11 +1067,11 @@ pub mod dev {
         dev.launch(
             &variant.kernel(dims.d),
             LaunchCfg::grid2(
-                dims.tiles(variant.keys()),
+                dims.tiles(variant.keys(dims.d)),
                 (dims.b * dims.h) as u32,
-                2 * variant.keys() as u32,
+                variant.threads(dims.d),
             )
-            .with_shared(bwd_shared_bytes(dims.d, variant.keys())),
+            .with_shared(bwd_shared_bytes(dims.d, variant.keys(dims.d))),
             KernelArgs::new()
                 .buf(dka)
                 .buf(dva)

@@ -39,7 +39,7 @@ pub struct PretrainConfig {
 impl Default for PretrainConfig {
     fn default() -> Self {
         PretrainConfig {
-            steps: 6000,
+            steps: 11000,
             batch: 128,
             lr: 1e-3,
             warmup: 300,

@@ -107,40 +107,38 @@ fn joint_attention_fwd_and_bwd_match_cpu() {
                     1e-5,
                 );
 
-                // The other forward kernel (8 warps of 16 rows) computes the same function.
-                let (oa16, ob16, lse16) = gpu::joint_attention_fwd_with(
-                    &dev,
-                    &qa,
-                    &ka,
-                    &va,
-                    &qb,
-                    &kb,
-                    &vb,
-                    dims,
-                    gpu::FwdVariant::W16,
-                )
-                .unwrap();
-                for (name, got, want) in [
-                    ("o_a", download_f32(&dev, &oa16), want.o_a.f32s()),
-                    ("o_b", download_f32(&dev, &ob16), want.o_b.f32s()),
-                ] {
+                // The other forward kernels compute the same function.
+                for variant in gpu::FwdVariant::ALL {
+                    if variant == gpu::FwdVariant::fastest(dims.d) {
+                        continue;
+                    }
+                    let tag = format!("{variant:?}").to_lowercase();
+                    let (oav, obv, lsev) = gpu::joint_attention_fwd_with(
+                        &dev, &qa, &ka, &va, &qb, &kb, &vb, dims, variant,
+                    )
+                    .unwrap();
+                    for (name, got, want) in [
+                        ("o_a", download_f32(&dev, &oav), want.o_a.f32s()),
+                        ("o_b", download_f32(&dev, &obv), want.o_b.f32s()),
+                    ] {
+                        check(
+                            &format!("joint_attention_fwd[{tag}].{name}"),
+                            &dev,
+                            &shape,
+                            &got,
+                            want,
+                            1e-2,
+                        );
+                    }
                     check(
-                        &format!("joint_attention_fwd[w16].{name}"),
+                        &format!("joint_attention_fwd[{tag}].lse"),
                         &dev,
                         &shape,
-                        &got,
-                        want,
-                        1e-2,
+                        &dev.download(&lsev).unwrap(),
+                        want.lse.f32s(),
+                        1e-5,
                     );
                 }
-                check(
-                    "joint_attention_fwd[w16].lse",
-                    &dev,
-                    &shape,
-                    &dev.download(&lse16).unwrap(),
-                    want.lse.f32s(),
-                    1e-5,
-                );
 
                 let (doa, dob) = (upload_bf16(&dev, &inp.do_a), upload_bf16(&dev, &inp.do_b));
                 let grads = gpu::joint_attention_bwd(
@@ -158,26 +156,21 @@ fn joint_attention_fwd_and_bwd_match_cpu() {
                 // rows are nearly one-hot its rounding doubles the dQ, dK error (≈3e-3 → ≈7e-3
                 // on the peaked case, where the CPU kernel's Σ P·dP has none), hence the margin.
                 let grad_tol = if qk_std > 1.0 { 1.5e-2 } else { 1e-2 };
-                // The other backward kernel (4 warps, 64-key tiles) computes the same function.
-                let grads64 = gpu::joint_attention_bwd_with(
-                    &dev,
-                    &qa,
-                    &ka,
-                    &va,
-                    &qb,
-                    &kb,
-                    &vb,
-                    &oa,
-                    &ob,
-                    &lse,
-                    &doa,
-                    &dob,
-                    dims,
-                    gpu::BwdVariant::K64,
-                )
-                .unwrap();
+                // The other backward kernels compute the same function.
+                let mut all = vec![(String::new(), grads)];
+                for variant in gpu::BwdVariant::ALL {
+                    if variant == gpu::BwdVariant::fastest(dims.d) {
+                        continue;
+                    }
+                    let g = gpu::joint_attention_bwd_with(
+                        &dev, &qa, &ka, &va, &qb, &kb, &vb, &oa, &ob, &lse, &doa, &dob, dims,
+                        variant,
+                    )
+                    .unwrap();
+                    all.push((format!("[{}]", format!("{variant:?}").to_lowercase()), g));
+                }
                 let names = ["dq_a", "dk_a", "dv_a", "dq_b", "dk_b", "dv_b"];
-                for (tag, grads) in [("", &grads), ("[k64]", &grads64)] {
+                for (tag, grads) in &all {
                     for ((name, got), want) in names.iter().zip(grads).zip(&want) {
                         let kernel = format!("joint_attention_bwd{tag}.{name}");
                         check(
@@ -195,12 +188,12 @@ fn joint_attention_fwd_and_bwd_match_cpu() {
     }
 }
 
-/// The forward has no atomics and a fixed reduction order: two runs agree bit for bit (both
-/// kernel variants).
+/// The forward has no atomics and a fixed reduction order: two runs agree bit for bit (every
+/// kernel variant).
 #[test]
 fn joint_attention_fwd_is_deterministic() {
     for dev in devices() {
-        for variant in [gpu::FwdVariant::W32, gpu::FwdVariant::W16] {
+        for variant in gpu::FwdVariant::ALL {
             fwd_is_deterministic(&dev, variant);
         }
     }
