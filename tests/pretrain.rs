@@ -145,6 +145,13 @@ fn committed_teacher_loads_and_samples_through_the_cli() {
     let teacher = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/shapes-teacher");
     let model = ShapesModel::load(&teacher).unwrap();
     assert_eq!(model.mmdit.config.hidden, 128);
+    // It was trained by `advdmd pretrain` with every default, to the end.
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(teacher.join("shapes.json")).unwrap())
+            .unwrap();
+    let defaults = PretrainConfig::default();
+    assert_eq!(meta["training"]["pretrain"], defaults.to_json());
+    assert_eq!(meta["training"]["steps_done"], defaults.steps);
     let d = tmpdir("teacher-cli");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_advdmd"))
         .args([

@@ -56,7 +56,8 @@ impl Default for PretrainConfig {
 }
 
 impl PretrainConfig {
-    fn to_json(&self) -> serde_json::Value {
+    /// The configuration as the model folder records it (`shapes.json`, `training.pretrain`).
+    pub fn to_json(&self) -> serde_json::Value {
         let s = &self.size;
         serde_json::json!({
             "steps": self.steps, "batch": self.batch, "lr": self.lr, "warmup": self.warmup,
