@@ -3,7 +3,7 @@
 use advdmd::mmdit::checkpoint::{convert, Layout, MmditCheckpoint};
 use advdmd::tensor::StoredDType;
 use advdmd::train::advdmd::{AdvDmdConfig, DiscStates};
-use advdmd::train::distill::{distill, distilled_model, evaluate_model, DistillRun};
+use advdmd::train::distill::{distill, distilled_model, evaluate_model, DistillRun, Start};
 use advdmd::train::pretrain::{export_checkpoint, pretrain, PretrainConfig};
 use advdmd::train::shapes_model::ShapesModelSize;
 use clap::{Parser, Subcommand};
@@ -79,6 +79,11 @@ enum Command {
         teacher: Option<PathBuf>,
         #[arg(long)]
         resume: bool,
+        /// Start from another run's folder at its last checkpoint, with flags that may differ in
+        /// the late switches only (--no-rl, --rl-warmup, --frozen-disc-after, RL weight/clips),
+        /// and only before any of them acted: the fork equals a fresh run with these flags.
+        #[arg(long, conflicts_with = "resume")]
+        fork_from: Option<PathBuf>,
         /// Iterations (the default run takes about 25 minutes on 2 cores).
         #[arg(long, default_value_t = 1200)]
         iterations: u64,
@@ -123,6 +128,9 @@ enum Command {
         group: usize,
         #[arg(long, default_value_t = AdvDmdConfig::default().lr_generator)]
         lr: f32,
+        /// Iterations over which both learning rates ramp up linearly (then constant).
+        #[arg(long, default_value_t = AdvDmdConfig::default().lr_warmup)]
+        lr_warmup: u64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Evaluation prompts per task for the final table (0 skips it).
@@ -303,6 +311,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out,
             teacher,
             resume,
+            fork_from,
             iterations,
             checkpoint_every,
             steps_per_sample,
@@ -321,6 +330,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             prompts,
             group,
             lr,
+            lr_warmup,
             seed,
             eval_per_task,
         } => {
@@ -345,6 +355,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 lr_generator: lr,
                 lr_fake: lr,
+                lr_warmup,
                 frozen_disc_after,
                 seed,
                 ..Default::default()
@@ -357,7 +368,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let teacher_dir = teacher.unwrap_or_else(cli::default_teacher);
             let bar = cli::progress_bar(iterations, "distill");
             let start = std::time::Instant::now();
-            let state = distill(&run, &teacher_dir, &out, resume, |m| {
+            let start_from = match (resume, fork_from) {
+                (true, _) => Start::Resume,
+                (false, Some(dir)) => Start::ForkFrom(dir),
+                (false, None) => Start::Fresh,
+            };
+            let state = distill(&run, &teacher_dir, &out, &start_from, |m| {
                 bar.set_position(m.iteration);
                 bar.set_message(format!(
                     "fake {:.3} D {:.3} acc r/f {:.2}/{:.2} |g_dmd| {:.2} reward {:.2}",

@@ -157,40 +157,7 @@ fn resume_equals_straight(frozen_disc_after: Option<u64>, what: &str) {
     for _ in 0..3 {
         resumed.step().unwrap();
     }
-    for (maps, name) in [
-        (
-            (
-                &straight.generator.mmdit.params,
-                &resumed.generator.mmdit.params,
-            ),
-            "generator",
-        ),
-        (
-            (&straight.fake.mmdit.params, &resumed.fake.mmdit.params),
-            "fake",
-        ),
-        ((&straight.head.params, &resumed.head.params), "head"),
-        ((&straight.ema.shadow, &resumed.ema.shadow), "ema"),
-    ] {
-        for (n, p) in maps.0.iter() {
-            assert_eq!(
-                p.value().f32s(),
-                maps.1.param(n).value().f32s(),
-                "{name}.{n}"
-            );
-        }
-    }
-    assert_eq!(straight.disc_frozen(), resumed.disc_frozen());
-    if let (Some(a), Some(b)) = (&straight.frozen_backbone, &resumed.frozen_backbone) {
-        for (n, p) in a.mmdit.params.iter() {
-            assert_eq!(
-                p.value().f32s(),
-                b.mmdit.params.param(n).value().f32s(),
-                "frozen.{n}"
-            );
-        }
-    }
-    assert_eq!(straight.rng.state(), resumed.rng.state());
+    assert_same_state(&straight, &resumed);
     let other = AdvDmdConfig { rho: 1.0, ..config };
     assert!(AdvDmd::load(&path, tiny_teacher(), other).is_err());
 }
@@ -257,4 +224,116 @@ fn distill_cli_writes_a_generator_that_samples_on_its_own_schedule() {
         .output()
         .unwrap();
     assert!(i.status.success());
+}
+
+/// Every parameter, EMA weight, frozen snapshot and the RNG are equal bit for bit.
+fn assert_same_state(straight: &AdvDmd, resumed: &AdvDmd) {
+    for (maps, name) in [
+        (
+            (
+                &straight.generator.mmdit.params,
+                &resumed.generator.mmdit.params,
+            ),
+            "generator",
+        ),
+        (
+            (&straight.fake.mmdit.params, &resumed.fake.mmdit.params),
+            "fake",
+        ),
+        ((&straight.head.params, &resumed.head.params), "head"),
+        ((&straight.ema.shadow, &resumed.ema.shadow), "ema"),
+    ] {
+        for (n, p) in maps.0.iter() {
+            assert_eq!(
+                p.value().f32s(),
+                maps.1.param(n).value().f32s(),
+                "{name}.{n}"
+            );
+        }
+    }
+    assert_eq!(straight.disc_frozen(), resumed.disc_frozen());
+    if let (Some(a), Some(b)) = (&straight.frozen_backbone, &resumed.frozen_backbone) {
+        for (n, p) in a.mmdit.params.iter() {
+            assert_eq!(
+                p.value().f32s(),
+                b.mmdit.params.param(n).value().f32s(),
+                "frozen.{n}"
+            );
+        }
+    }
+    assert_eq!(straight.rng.state(), resumed.rng.state());
+}
+
+/// The shared-prefix ablations: a fork taken before RL starts (and before the discriminator
+/// freezes) with RL switched off and a freeze scheduled equals that configuration run from scratch.
+#[test]
+fn a_fork_before_the_late_switches_act_equals_the_straight_run() {
+    let with_rl = AdvDmdConfig {
+        prompts: 2,
+        group: 2,
+        r_dmd: 2,
+        rl_warmup: 2,
+        ..Default::default()
+    };
+    let branch = AdvDmdConfig {
+        rl: false,
+        frozen_disc_after: Some(4),
+        ..with_rl.clone()
+    };
+    let mut straight = AdvDmd::new(tiny_teacher(), branch.clone());
+    for _ in 0..6 {
+        straight.step().unwrap();
+    }
+    let dir = std::env::temp_dir().join(format!("advdmd-distill-fork-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("checkpoint.safetensors");
+    // Iterations 0 and 2 are generator steps 0 and 1: RL (warm-up 2) has not run yet.
+    let mut prefix = AdvDmd::new(tiny_teacher(), with_rl.clone());
+    for _ in 0..4 {
+        prefix.step().unwrap();
+    }
+    prefix.save(&path).unwrap();
+    assert!(AdvDmd::load(&path, tiny_teacher(), branch.clone()).is_err());
+    let mut forked = AdvDmd::fork(&path, tiny_teacher(), branch.clone()).unwrap();
+    for _ in 0..2 {
+        forked.step().unwrap();
+    }
+    assert!(forked.disc_frozen());
+    assert_same_state(&straight, &forked);
+
+    // Refused: a change to the core, a freeze already due, RL already started in the prefix.
+    let rho = AdvDmdConfig {
+        rho: 1.0,
+        ..branch.clone()
+    };
+    assert!(AdvDmd::fork(&path, tiny_teacher(), rho).is_err());
+    let early = AdvDmdConfig {
+        frozen_disc_after: Some(3),
+        ..branch.clone()
+    };
+    assert!(AdvDmd::fork(&path, tiny_teacher(), early).is_err());
+    for _ in 0..2 {
+        prefix.step().unwrap();
+    }
+    prefix.save(&path).unwrap();
+    let err = AdvDmd::fork(&path, tiny_teacher(), branch).err().unwrap();
+    assert!(err.to_string().contains("RL has started"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn learning_rates_warm_up_linearly_then_stay_constant() {
+    let config = AdvDmdConfig {
+        lr_warmup: 4,
+        ..Default::default()
+    };
+    let mut t = AdvDmd::new(tiny_teacher(), config);
+    let at = |t: &mut AdvDmd, i: u64| {
+        t.iteration = i;
+        t.lr(2.0)
+    };
+    assert_eq!(at(&mut t, 0), 0.5);
+    assert_eq!(at(&mut t, 2), 1.5);
+    assert_eq!(at(&mut t, 3), 2.0);
+    assert_eq!(at(&mut t, 1000), 2.0);
 }

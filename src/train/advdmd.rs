@@ -52,6 +52,9 @@ pub struct AdvDmdConfig {
     pub disc_states: DiscStates,
     pub lr_generator: f32,
     pub lr_fake: f32,
+    /// Both learning rates ramp linearly over the first `lr_warmup` iterations, then stay
+    /// constant (ALGORITHM.md §5.2: constant LR after a short warm-up).
+    pub lr_warmup: u64,
     pub grad_clip: f32,
     pub ema_decay: f32,
     pub clip_eps: f64,
@@ -84,6 +87,7 @@ impl Default for AdvDmdConfig {
             disc_states: DiscStates::Trajectory,
             lr_generator: 1e-4,
             lr_fake: 1e-4,
+            lr_warmup: 50,
             grad_clip: 1.0,
             ema_decay: 0.99,
             clip_eps: 1e-4,
@@ -128,6 +132,24 @@ pub struct AdvDmd {
     pub rng: Rng,
     pub iteration: u64,
     pub generator_steps: u64,
+}
+
+impl AdvDmdConfig {
+    /// The configuration without the late switches a fork may change (see [`AdvDmd::fork`]).
+    pub fn core(&self) -> AdvDmdConfig {
+        let d = AdvDmdConfig::default();
+        AdvDmdConfig {
+            rl: d.rl,
+            rl_warmup: d.rl_warmup,
+            r_rl: d.r_rl,
+            lambda_rl: d.lambda_rl,
+            clip_eps: d.clip_eps,
+            adv_clip: d.adv_clip,
+            reward_clip: d.reward_clip,
+            frozen_disc_after: d.frozen_disc_after,
+            ..self.clone()
+        }
+    }
 }
 
 fn per_sample_tensor(values: &[f32], shape: &[usize]) -> Tensor {
@@ -196,6 +218,16 @@ impl AdvDmd {
             context: &context,
         };
         discriminator_logits(&backbone.mmdit, &self.head, &inputs, self.feature_block)
+    }
+
+    /// The learning rate at this iteration: the linear warm-up, then `peak`.
+    pub fn lr(&self, peak: f32) -> f32 {
+        let w = self.config.lr_warmup;
+        if self.iteration < w {
+            peak * (self.iteration + 1) as f32 / w as f32
+        } else {
+            peak
+        }
     }
 
     fn rl_due(&self) -> bool {
@@ -318,8 +350,10 @@ impl AdvDmd {
             fake_loss.add(&d_loss.scale(c.lambda_d)).backward();
         }
         clip_grad_norm(&[&self.fake.mmdit.params, &self.head.params], c.grad_clip);
-        self.opt_fake
-            .step(&[&self.fake.mmdit.params, &self.head.params], c.lr_fake);
+        self.opt_fake.step(
+            &[&self.fake.mmdit.params, &self.head.params],
+            self.lr(c.lr_fake),
+        );
         let frac = |v: &[f32], pos: bool| {
             v.iter().filter(|&&x| (x > 0.0) == pos).count() as f32 / v.len().max(1) as f32
         };
@@ -438,7 +472,7 @@ impl AdvDmd {
         backward(&pairs);
         clip_grad_norm(&[&self.generator.mmdit.params], c.grad_clip);
         self.opt_generator
-            .step(&[&self.generator.mmdit.params], c.lr_generator);
+            .step(&[&self.generator.mmdit.params], self.lr(c.lr_generator));
         self.ema.update(&self.generator.mmdit.params);
         Ok(())
     }
@@ -532,6 +566,9 @@ impl AdvDmd {
             "generator_steps": self.generator_steps,
             "rng": rng_to_json(&self.rng),
             "config": format!("{:?}", self.config),
+            "config_core": format!("{:?}", self.config.core()),
+            "rl": self.config.rl,
+            "rl_warmup": self.config.rl_warmup,
             "disc_frozen": self.disc_frozen(),
         });
         let mut groups = vec![
@@ -573,6 +610,67 @@ impl AdvDmd {
                 meta["config"]
             )));
         }
+        Self::restore(&f, path, teacher, config)
+    }
+
+    /// Starts a new run from another run's checkpoint with a configuration that may differ in the
+    /// switches that act late (RL on/off and its warm-up, cadence, weight and clips; the iteration
+    /// the discriminator freezes at) — but only where none of them has acted yet in either run, so
+    /// the fork continues exactly as a run started with `config` from scratch would have (the
+    /// shared-prefix ablations of the results table: DMD2 vs AdvDMD vs frozen discriminator).
+    pub fn fork(
+        path: &std::path::Path,
+        teacher: ShapesModel,
+        config: AdvDmdConfig,
+    ) -> Result<AdvDmd> {
+        let f = StateFile::open(path)?;
+        let bad = |why: String| {
+            crate::error::Error::Invalid(format!("cannot fork from {}: {why}", path.display()))
+        };
+        let meta = f.meta();
+        if meta["kind"] != "advdmd" {
+            return Err(bad("not a distillation checkpoint".into()));
+        }
+        let core = format!("{:?}", config.core());
+        if meta["config_core"].as_str() != Some(core.as_str()) {
+            return Err(bad(format!(
+                "it differs in more than the late switches (RL, frozen discriminator): {} (now {})",
+                meta["config"],
+                format!("{config:?}")
+            )));
+        }
+        let (iteration, gen_steps) = (meta["iteration"].as_u64(), meta["generator_steps"].as_u64());
+        let (Some(iteration), Some(gen_steps)) = (iteration, gen_steps) else {
+            return Err(bad("bad `iteration` / `generator_steps`".into()));
+        };
+        // RL ran in a prefix iff some generator step had generator_steps >= rl_warmup.
+        let rl_ran = |rl: bool, warmup: u64| rl && gen_steps > warmup;
+        let old_rl = meta["rl"].as_bool().unwrap_or(true);
+        let old_warmup = meta["rl_warmup"].as_u64().unwrap_or(0);
+        if rl_ran(old_rl, old_warmup) || rl_ran(config.rl, config.rl_warmup) {
+            return Err(bad(format!(
+                "RL has started by generator step {gen_steps} (warm-up {old_warmup} there, {} here)",
+                config.rl_warmup
+            )));
+        }
+        if meta["disc_frozen"].as_bool() != Some(false)
+            || config.frozen_disc_after.is_some_and(|n| n < iteration)
+        {
+            return Err(bad(format!(
+                "the discriminator froze before iteration {iteration} in one of the two runs"
+            )));
+        }
+        Self::restore(&f, path, teacher, config)
+    }
+
+    fn restore(
+        f: &StateFile,
+        path: &std::path::Path,
+        teacher: ShapesModel,
+        config: AdvDmdConfig,
+    ) -> Result<AdvDmd> {
+        let bad = |why: String| crate::error::Error::Invalid(format!("{}: {why}", path.display()));
+        let meta = f.meta();
         let mut run = AdvDmd::new(teacher, config);
         f.load_group("generator.", &run.generator.mmdit.params)?;
         f.load_group("fake.", &run.fake.mmdit.params)?;

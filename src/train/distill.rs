@@ -11,6 +11,18 @@ use crate::eval::{evaluate_images, evaluation_prompts, EvalReport};
 use std::io::Write;
 use std::path::Path;
 
+/// How a run begins.
+#[derive(Clone, Debug)]
+pub enum Start {
+    /// From the teacher.
+    Fresh,
+    /// From `OUT/checkpoint.safetensors`, with the same configuration.
+    Resume,
+    /// From another run's folder, with late switches changed ([`AdvDmd::fork`]); its metrics up
+    /// to the fork are copied, so `OUT/metrics.jsonl` reads as one run.
+    ForkFrom(std::path::PathBuf),
+}
+
 pub struct DistillRun {
     pub config: AdvDmdConfig,
     pub iterations: u64,
@@ -35,33 +47,45 @@ pub fn distill(
     run: &DistillRun,
     teacher_dir: &Path,
     out: &Path,
-    resume: bool,
+    start: &Start,
     mut on_iter: impl FnMut(&IterMetrics),
 ) -> Result<AdvDmd> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let ckpt = out.join("checkpoint.safetensors");
     let metrics_path = out.join("metrics.jsonl");
     let teacher = ShapesModel::load(teacher_dir)?;
-    let mut state = if resume {
-        if !ckpt.exists() {
-            return Err(Error::Invalid(format!(
-                "--resume: no checkpoint at {}",
-                ckpt.display()
-            )));
+    let from = match start {
+        Start::Fresh => None,
+        Start::Resume => Some(out.to_path_buf()),
+        Start::ForkFrom(dir) => Some(dir.clone()),
+    };
+    let mut state = match &from {
+        None => {
+            let _ = std::fs::remove_file(&metrics_path);
+            AdvDmd::new(teacher, run.config.clone())
         }
-        let st = AdvDmd::load(&ckpt, teacher, run.config.clone())?;
-        if let Ok(text) = std::fs::read_to_string(&metrics_path) {
-            let kept: String = text
+        Some(dir) => {
+            let src = dir.join("checkpoint.safetensors");
+            if !src.exists() {
+                return Err(Error::Invalid(format!(
+                    "no checkpoint at {}",
+                    src.display()
+                )));
+            }
+            let st = if matches!(start, Start::Resume) {
+                AdvDmd::load(&src, teacher, run.config.clone())?
+            } else {
+                AdvDmd::fork(&src, teacher, run.config.clone())?
+            };
+            let prefix = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap_or_default();
+            let kept: String = prefix
                 .lines()
                 .take(st.iteration as usize)
                 .map(|l| format!("{l}\n"))
                 .collect();
             crate::checkpoint::write_atomic(&metrics_path, kept.as_bytes())?;
+            st
         }
-        st
-    } else {
-        let _ = std::fs::remove_file(&metrics_path);
-        AdvDmd::new(teacher, run.config.clone())
     };
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
