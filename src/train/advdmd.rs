@@ -634,9 +634,8 @@ impl AdvDmd {
         let core = format!("{:?}", config.core());
         if meta["config_core"].as_str() != Some(core.as_str()) {
             return Err(bad(format!(
-                "it differs in more than the late switches (RL, frozen discriminator): {} (now {})",
-                meta["config"],
-                format!("{config:?}")
+                "it differs in more than the late switches (RL, frozen discriminator): {} (now {config:?})",
+                meta["config"]
             )));
         }
         let (iteration, gen_steps) = (meta["iteration"].as_u64(), meta["generator_steps"].as_u64());
