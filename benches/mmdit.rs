@@ -1,53 +1,30 @@
-//! CPU MMDiT benchmarks: forward and forward+backward of a Shapes-sized model (hidden 128,
-//! 4 blocks, 2 heads of 64, 3-channel 16×16 pixels → 64 image tokens, 16 text tokens, batch 32),
-//! and one SD3.5-medium-sized joint block (hidden 1536, 24 heads, MMDiT-X dual attention) at
-//! 256 image tokens + 154 context tokens, batch 1.
+//! CPU MMDiT benchmarks: forward and forward+backward of a Shapes-sized model (the committed
+//! teacher's configuration: hidden 128, 4 blocks, 2 heads of 64, 3-channel 16×16 pixels → 64
+//! image tokens; 16 text tokens, batch 32), and one SD3.5-medium-sized joint block (hidden 1536,
+//! 24 heads, MMDiT-X dual attention) at 256 image tokens + 154 context tokens, batch 1.
+//!
+//! The models and inputs come from `advdmd::bench::presets`, as `advdmd bench mmdit` builds them.
 
 use advdmd::autograd::no_grad;
-use advdmd::mmdit::init::init_params;
-use advdmd::mmdit::{Mmdit, MmditConfig, MmditInputs};
+use advdmd::bench::presets::{random_mmdit, ModelSpec, Preset};
+use advdmd::mmdit::MmditInputs;
 use advdmd::{Rng, Tensor, Var};
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use std::path::Path;
 use std::time::Duration;
-
-fn config(
-    depth: usize,
-    hidden: usize,
-    head_dim: usize,
-    channels: usize,
-    ctx: usize,
-    dual: Vec<usize>,
-) -> MmditConfig {
-    MmditConfig {
-        depth,
-        hidden,
-        heads: hidden / head_dim,
-        head_dim,
-        patch: 2,
-        in_channels: channels,
-        out_channels: channels,
-        pos_embed_max_size: 32,
-        context_dim: ctx,
-        pooled_dim: ctx,
-        freq_dim: 256,
-        mlp_hidden: 4 * hidden,
-        qk_norm: true,
-        dual_attention_blocks: dual,
-    }
-}
 
 fn bench_shapes_model(c: &mut Criterion) {
     advdmd::device::tune_allocator();
     let mut g = c.benchmark_group("mmdit_shapes");
     g.sample_size(10).measurement_time(Duration::from_secs(5));
-    let cfg = config(4, 128, 64, 3, 128, vec![]);
-    let mut rng = Rng::new(0);
-    let model = Mmdit::new(cfg.clone(), init_params(&cfg, &mut rng));
+    let teacher = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/shapes-teacher");
+    let mut spec = ModelSpec::new(Preset::Shapes, None, &teacher).expect("the committed teacher");
+    // 16 text tokens (the teacher encodes 10) keeps the figures comparable with docs/perf-log.md.
+    spec.text_tokens = 16;
+    let model = spec.random_model(0);
     let b = 32;
-    let x = Tensor::randn(&[b, 3, 16, 16], &mut rng);
-    let ctx = Tensor::randn(&[b, 16, 128], &mut rng);
-    let pooled = Tensor::randn(&[b, 128], &mut rng);
-    let t: Vec<f32> = (0..b).map(|i| 1000.0 * i as f32 / b as f32).collect();
+    let inputs = spec.random_inputs(b, 1);
+    let (x, ctx, pooled, t) = (inputs.x, inputs.context, inputs.pooled, inputs.timestep);
     g.bench_function("forward_b32", |bench| {
         bench.iter(|| {
             let _ng = no_grad();
@@ -87,13 +64,14 @@ fn bench_shapes_model(c: &mut Criterion) {
 fn bench_sd35m_block(c: &mut Criterion) {
     let mut g = c.benchmark_group("mmdit_sd35m_block");
     g.sample_size(10).measurement_time(Duration::from_secs(8));
-    // Depth 2 so that block 0 is a full (not context-pre-only) dual-attention block.
-    let cfg = config(2, 1536, 64, 16, 4096, vec![0]);
+    // Depth 2 so that block 0 is a full (not context-pre-only) dual-attention block. A joint
+    // block never reads the position grid, so a small one spares building SD3.5-medium's 0.9 GB.
+    let mut cfg = Preset::Sd35Medium.sd3_config().expect("an SD3 preset");
+    cfg.depth = 2;
+    cfg.dual_attention_blocks = vec![0];
+    cfg.pos_embed_max_size = 32;
+    let model = random_mmdit(&cfg, 1);
     let mut rng = Rng::new(1);
-    let model = Mmdit::new(
-        cfg,
-        init_params(&config(2, 1536, 64, 16, 4096, vec![0]), &mut rng),
-    );
     let x = Tensor::randn(&[1, 256, 1536], &mut rng);
     let ctx = Tensor::randn(&[1, 154, 1536], &mut rng);
     let cvec = Tensor::randn(&[1, 1536], &mut rng);

@@ -5,6 +5,7 @@
 //! model and trainer layers that later issues add. `checkpoint` reads and writes safetensors.
 
 pub mod autograd;
+pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod device;

@@ -191,6 +191,12 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Performance figures: CPU kernels, MMDiT forward/backward, a K-step sample, one AdvDMD
+    /// iteration (`--json` for one JSON object).
+    Bench {
+        #[command(subcommand)]
+        what: advdmd::bench::BenchCommand,
+    },
     /// Converts an MMDiT checkpoint between the original single-file and the diffusers layout.
     Convert {
         /// Input checkpoint (either layout).
@@ -414,6 +420,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval { dir, json, seed } => {
             let report = advdmd::eval::evaluate_folder(&dir, seed)?;
             emit(json, &report.to_json(), || report.to_text())?;
+        }
+        Command::Bench { what } => {
+            let report = advdmd::bench::run(&what, &cli::default_teacher())?;
+            emit(what.json(), &report.to_json(), || report.to_text())?;
         }
         Command::Convert {
             input,

@@ -1,0 +1,186 @@
+//! `bench mmdit`: forward (no grad) and forward+backward (a scalar loss through the autograd,
+//! parameter gradients included) of a random-weight MMDiT preset.
+
+use super::flops::{mmdit_forward_flops, mmdit_training_flops};
+use super::measure::{gemm_ceiling_tflops, tflops, time_runs, PeakRss, GEMM_CEILING_SIZE, WARMUP};
+use super::presets::{ModelSpec, RandomInputs};
+use super::report::{Cell, Report};
+use super::{common_parameters, MmditArgs};
+use crate::autograd::no_grad;
+use crate::error::Result;
+use crate::mmdit::{Mmdit, MmditInputs};
+use crate::Var;
+use std::hint::black_box;
+use std::path::Path;
+
+pub fn run(a: &MmditArgs, teacher: &Path) -> Result<Report> {
+    let spec = ModelSpec::new(a.model.model, a.model.res, teacher)?;
+    spec.check_fits(true)?;
+    Ok(measure(&spec, a))
+}
+
+/// Builds the model of `spec`, times it and writes the report.
+fn measure(spec: &ModelSpec, a: &MmditArgs) -> Report {
+    let batch = a.model.batch;
+    let iters = a.common.iters;
+    let model = spec.random_model(0);
+    let inputs = spec.random_inputs(batch, 1);
+    let ceiling = gemm_ceiling_tflops(GEMM_CEILING_SIZE, iters);
+
+    let memory = PeakRss::start();
+    let forward = time_runs(WARMUP, iters, || {
+        let _ng = no_grad();
+        black_box(forward_once(&model, &inputs));
+    });
+    let forward_peak = memory.growth_bytes();
+    let training = time_runs(WARMUP, iters, || {
+        // The mean of the velocity as the loss: one scalar seed, every parameter's gradient.
+        black_box(forward_once(&model, &inputs).mean().backward());
+        model.params.zero_grad();
+    });
+    let training_peak = memory.growth_bytes();
+
+    let shape = spec.call_shape(batch);
+    let fwd_flops = mmdit_forward_flops(&spec.config, shape);
+    let train_flops = mmdit_training_flops(&spec.config, shape);
+    let (fwd_ms, train_ms) = (forward.median_ms(), training.median_ms());
+    let (fwd_tf, train_tf) = (
+        tflops(fwd_flops as f64, fwd_ms),
+        tflops(train_flops as f64, train_ms),
+    );
+
+    let mut params = vec![
+        ("model", spec.preset.name().into()),
+        ("res", spec.resolution.into()),
+        ("input_side", spec.input_side.into()),
+        ("batch", batch.into()),
+        ("image_tokens", spec.image_tokens().into()),
+        ("text_tokens", spec.text_tokens.into()),
+        ("model_parameters", spec.config.param_count().into()),
+    ];
+    params.extend(common_parameters(&a.common));
+    let mut r = Report::new("mmdit", params);
+    r.figure("forward_ms", "forward", Cell::num(fwd_ms, 2), "ms");
+    r.figure(
+        "forward_backward_ms",
+        "forward+backward",
+        Cell::num(train_ms, 2),
+        "ms",
+    );
+    r.figure(
+        "forward_flops",
+        "forward FLOPs",
+        Cell::Count(fwd_flops),
+        "FLOP",
+    );
+    r.figure(
+        "forward_backward_flops",
+        "forward+backward FLOPs",
+        Cell::Count(train_flops),
+        "FLOP",
+    );
+    r.figure(
+        "forward_tflops",
+        "forward throughput",
+        Cell::num(fwd_tf, 4),
+        "TFLOP/s",
+    );
+    r.figure(
+        "forward_backward_tflops",
+        "forward+backward throughput",
+        Cell::num(train_tf, 4),
+        "TFLOP/s",
+    );
+    r.figure(
+        "gemm_ceiling_tflops",
+        "measured GEMM ceiling",
+        Cell::num(ceiling, 4),
+        "TFLOP/s",
+    );
+    r.figure(
+        "forward_ceiling_ratio",
+        "forward / GEMM ceiling",
+        Cell::num(fwd_tf / ceiling, 3),
+        "",
+    );
+    r.figure(
+        "forward_backward_ceiling_ratio",
+        "forward+backward / GEMM ceiling",
+        Cell::num(train_tf / ceiling, 3),
+        "",
+    );
+    r.figure(
+        "weights_bytes",
+        "weights (f32)",
+        Cell::Bytes(spec.weight_bytes()),
+        "",
+    );
+    r.figure(
+        "peak_memory_forward_bytes",
+        "peak memory, forward",
+        Cell::bytes(forward_peak),
+        "",
+    );
+    r.figure(
+        "peak_memory_bytes",
+        "peak memory, forward+backward",
+        Cell::bytes(training_peak),
+        "",
+    );
+    r.note(format!(
+        "the ceiling is a {n}x{n}x{n} f32 GEMM through the engine's sgemm, timed in this run: the ratios are a CPU stand-in for MFU, not a fraction of the chip's peak",
+        n = GEMM_CEILING_SIZE
+    ));
+    r.note("FLOPs: matmuls and attention products at 2·M·N·K, backward = 2× forward (src/bench/flops.rs)");
+    r.note(format!(
+        "peak memory is on top of the weights and inputs: {}",
+        memory.method()
+    ));
+    if spec.preset.sd3_config().is_some() {
+        r.note("random weights and random conditioning (no text encoders, no VAE)");
+    }
+    r
+}
+
+fn forward_once(model: &Mmdit, inputs: &RandomInputs) -> Var {
+    let (x, context, pooled) = inputs.vars(false);
+    model.forward(&MmditInputs {
+        x: &x,
+        timestep: &inputs.timestep,
+        pooled: &pooled,
+        context: &context,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::presets::tests::tiny_sd3_spec;
+    use crate::bench::{BenchDevice, CommonArgs, ModelArgs};
+
+    #[test]
+    fn an_sd3_style_spec_is_measured_end_to_end() {
+        let spec = tiny_sd3_spec();
+        let args = MmditArgs {
+            common: CommonArgs {
+                device: BenchDevice::Cpu,
+                iters: 1,
+                json: true,
+            },
+            model: ModelArgs {
+                model: spec.preset,
+                res: Some(spec.resolution),
+                batch: 2,
+            },
+        };
+        let r = measure(&spec, &args);
+        for key in ["forward_ms", "forward_backward_ms", "forward_tflops"] {
+            match r.value(key) {
+                Some(Cell::Num { value, .. }) => assert!(value.is_finite() && *value > 0.0),
+                other => panic!("{key}: {other:?}"),
+            }
+        }
+        let flops = mmdit_forward_flops(&spec.config, spec.call_shape(2));
+        assert!(matches!(r.value("forward_flops"), Some(Cell::Count(f)) if *f == flops));
+    }
+}

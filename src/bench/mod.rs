@@ -1,0 +1,223 @@
+//! `advdmd bench`: the engine's performance figures, as a table or one JSON object (issue 8).
+//!
+//! * `kernels` — each CPU kernel family's GB/s (TFLOP/s for attention) beside a memcpy (GEMM)
+//!   ceiling measured in the same run;
+//! * `mmdit` — forward and forward+backward of a random-weight MMDiT preset: ms, TFLOP/s from the
+//!   analytic FLOP count (`flops`), the ratio to a measured GEMM ceiling, peak memory;
+//! * `sample` — end-to-end latency of a K-step Euler sample;
+//! * `step` — one AdvDMD iteration of the Shapes trainer, per kind of iteration.
+//!
+//! This module owns the presets (`presets`, also used by `benches/mmdit.rs`), the FLOP count, the
+//! measuring (`measure`) and the report; `main.rs` only parses the flags defined here. Every
+//! bench takes `--device cpu|cuda`; the CUDA side of the model benches is not built yet and says
+//! so, so a GPU path can slot in behind the same flags and report.
+
+pub mod flops;
+mod kernels;
+pub mod measure;
+mod mmdit;
+pub mod presets;
+pub mod report;
+mod sample;
+mod step;
+
+use crate::error::{Error, Result};
+use crate::train::advdmd::AdvDmdConfig;
+pub use presets::{ModelSpec, Preset};
+pub use report::Report;
+use std::path::Path;
+
+/// Where a bench runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchDevice {
+    Cpu,
+    Cuda,
+}
+
+impl BenchDevice {
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchDevice::Cpu => "cpu",
+            BenchDevice::Cuda => "cuda",
+        }
+    }
+}
+
+impl std::str::FromStr for BenchDevice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<BenchDevice, String> {
+        match s {
+            "cpu" => Ok(BenchDevice::Cpu),
+            "cuda" => Ok(BenchDevice::Cuda),
+            _ => Err(format!("unknown device `{s}` (expected cpu or cuda)")),
+        }
+    }
+}
+
+/// Flags every bench takes.
+#[derive(Clone, Debug, clap::Args)]
+pub struct CommonArgs {
+    /// cpu, or cuda (not built yet for the model benches: issue 8).
+    #[arg(long, default_value = "cpu")]
+    pub device: BenchDevice,
+    /// Timed repetitions, after one untimed warm-up run; figures are their median.
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl CommonArgs {
+    /// The checks every bench shares; `what` names the subcommand in messages.
+    fn check(&self, what: &str) -> Result<()> {
+        if self.iters == 0 {
+            return Err(Error::Invalid(format!(
+                "bench {what}: --iters must be at least 1"
+            )));
+        }
+        match self.device {
+            BenchDevice::Cpu => Ok(()),
+            BenchDevice::Cuda if what == "kernels" => Err(Error::Invalid(
+                "bench kernels --device cuda: not built yet (issue 8); `cargo bench --bench kernels` times the CUDA kernels on a GPU".into(),
+            )),
+            BenchDevice::Cuda => Err(Error::Invalid(format!(
+                "bench {what} --device cuda: the GPU model path is not built yet (issue 8)"
+            ))),
+        }
+    }
+}
+
+/// The model flags of `mmdit` and `sample`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ModelArgs {
+    /// sd3.5-medium, sd3.5-large, sd3-medium (random weights), or shapes (the committed
+    /// teacher's configuration).
+    #[arg(long, default_value = "shapes")]
+    pub model: Preset,
+    /// Image side in pixels (default 512 for the SD3 presets, 16 for shapes).
+    #[arg(long)]
+    pub res: Option<usize>,
+    /// Samples per batch: per MMDiT call (`mmdit`), images sampled together (`sample`).
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+}
+
+impl ModelArgs {
+    fn check(&self, what: &str) -> Result<()> {
+        if self.batch == 0 {
+            return Err(Error::Invalid(format!(
+                "bench {what}: --batch must be at least 1"
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct KernelsArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// f32 elements per buffer (the default, 2^24, is 64 MiB: far beyond any CPU cache).
+    #[arg(long, default_value_t = 1 << 24)]
+    pub size: usize,
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct MmditArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct SampleArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Sampling steps K.
+    #[arg(long, default_value_t = 4)]
+    pub steps: usize,
+    /// CFG weight (1 = none, as a distilled few-step generator samples; otherwise every step
+    /// runs the batch twice).
+    #[arg(long, default_value_t = 1.0)]
+    pub cfg: f32,
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct StepArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Prompts per iteration (M).
+    #[arg(long, default_value_t = AdvDmdConfig::default().prompts)]
+    pub prompts: usize,
+    /// Samples per prompt (G).
+    #[arg(long, default_value_t = AdvDmdConfig::default().group)]
+    pub group: usize,
+    /// Generator steps K.
+    #[arg(long, default_value_t = AdvDmdConfig::default().steps_per_sample)]
+    pub steps_per_sample: usize,
+}
+
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// CPU kernels' GB/s (attention: TFLOP/s) beside a memcpy (GEMM) ceiling measured in the same run.
+    Kernels(KernelsArgs),
+    /// MMDiT forward and forward+backward (random weights): ms, TFLOP/s, ratio to a measured GEMM ceiling, peak memory.
+    Mmdit(MmditArgs),
+    /// End-to-end latency of a K-step Euler sample (shapes: the committed teacher).
+    Sample(SampleArgs),
+    /// One AdvDMD iteration on the committed Shapes teacher: ms per kind of iteration, peak memory.
+    Step(StepArgs),
+}
+
+impl BenchCommand {
+    pub fn json(&self) -> bool {
+        self.common().json
+    }
+
+    fn common(&self) -> &CommonArgs {
+        match self {
+            BenchCommand::Kernels(a) => &a.common,
+            BenchCommand::Mmdit(a) => &a.common,
+            BenchCommand::Sample(a) => &a.common,
+            BenchCommand::Step(a) => &a.common,
+        }
+    }
+}
+
+/// Runs one bench. `teacher` is the Shapes teacher folder (the `shapes` preset's configuration,
+/// the sampler's and the trainer's model).
+pub fn run(command: &BenchCommand, teacher: &Path) -> Result<Report> {
+    match command {
+        BenchCommand::Kernels(a) => {
+            a.common.check("kernels")?;
+            kernels::run(a)
+        }
+        BenchCommand::Mmdit(a) => {
+            a.common.check("mmdit")?;
+            a.model.check("mmdit")?;
+            mmdit::run(a, teacher)
+        }
+        BenchCommand::Sample(a) => {
+            a.common.check("sample")?;
+            a.model.check("sample")?;
+            sample::run(a, teacher)
+        }
+        BenchCommand::Step(a) => {
+            a.common.check("step")?;
+            step::run(a, teacher)
+        }
+    }
+}
+
+/// The parameters every report lists.
+fn common_parameters(c: &CommonArgs) -> Vec<(&'static str, serde_json::Value)> {
+    vec![
+        ("device", c.device.name().into()),
+        ("iters", c.iters.into()),
+        ("warmup", measure::WARMUP.into()),
+    ]
+}
