@@ -9,26 +9,23 @@
 // a first, then stream b, and each tile lies inside one stream (a stream's last tile is partial
 // and masked). D is 64 or 128 (template, one extern "C" entry per value).
 //
-//   joint_attn_fwd_w32_d{64,128} O (two buffers) and the row log-sum-exp lse [B, H, La+Lb] (f32,
-//                                natural log of Σ exp(scale·s), rows ordered a then b); the
-//                                default forward (4 warps of 32 query rows)
-//   joint_attn_fwd_d{64,128}     the same, 8 warps of 16 query rows (FwdVariant::W16)
-//   joint_attn_fwd_v{3,4}_d{64,128} the same, warps of 32 rows with a lazy softmax rescale and a
-//                                deeper K/V pipeline (fwd_v3): V3 8 warps (256-row blocks), V4 4
-//                                warps (FwdVariant::V3, V4)
+//   joint_attn_fwd_v{3,4}_d{64,128} O (two buffers) and the row log-sum-exp lse [B, H, La+Lb]
+//                                (f32, natural log of Σ exp(scale·s), rows ordered a then b):
+//                                warps of 32 query rows with a lazy softmax rescale and a 2–3 stage
+//                                K/V pipeline (fwd_v3); V3 8 warps (256-row blocks), V4 4 warps
+//                                (128-row blocks) (FwdVariant::V3, V4)
 //   joint_attn_bwd_rowdot        Drow = rowsum(dO ∘ O) [B, H, La+Lb], the softmax backward's row term
 //   joint_attn_bwd_k128_d{64,128} dK, dV (bf16) per 128-key tile (8 warps; the default); dQ
 //                                accumulated with f32 reductions into two f32 buffers [B, L, H, D]
 //                                (zeroed by the launcher), unscaled
-//   joint_attn_bwd_d{64,128}     the same with 64-key tiles and 4 warps (BwdVariant::K64)
 //   joint_attn_bwd_v3_d64        the same with 128-key tiles and 4 warps of 32 keys (bwd_v3,
 //                                BwdVariant::V3)
 //   joint_attn_dq_convert        dQ = scale · accumulator, to bf16
 //
-// Tiling: every warp owns 16 rows (32 in fwd_w32) of the block's tile: 128 query rows per block
-// in the forward, 64 or 128 key rows in the backward; the other operand streams through shared
-// memory in tiles of 64 rows, double-buffered: the next tile's cp.async copies are issued before
-// the current tile's math and waited for (cp.async.wait_group + barrier) one iteration later, so
+// Tiling: every warp owns 32 query rows of the forward's block (128 or 256 rows) or 16 or 32 keys of
+// the backward's 128-key block; the other operand streams through shared memory in tiles of 64
+// rows, pipelined: the next tiles' cp.async copies are issued before the current tile's math and
+// waited for (cp.async.wait_group + barrier) once they are needed, so
 // global latency overlaps the tensor-core work. Blocks of one (batch, head) are consecutive in
 // blockIdx.x, so they run together and share the streamed tiles in L2. Shared rows are padded to
 // D+8 bf16 (144 or 272 bytes): the 8 row addresses of one ldmatrix 8×8 matrix then fall in 8
@@ -36,15 +33,15 @@
 // Global↔shared copies are 16-byte (cp.async.cg, zero-filled past a tile's valid rows; rows are
 // 16-byte aligned because D·2 is a multiple of 16 and buffers are 16-byte aligned).
 //
-// Forward (grid: 128-row query tiles of both streams × B·H): for every key tile, S = Q·Kᵀ (f32),
-// online softmax on the raw scores with the scale folded into the exponent (p = 2^(s·c − m·c),
+// Forward (grid: query tiles of both streams × B·H): for every key tile, S = Q·Kᵀ (f32), online
+// softmax on the raw scores with the scale folded into the exponent (p = 2^(s·c − m·c),
 // c = scale·log2 e: one FFMA + ex2.approx; keys are masked only on a stream's partial last tile),
-// P rounded to bf16 and reused in registers as the A operand of O += P·V. W16: each warp 16 rows,
-// Q fragments in registers. W32: each warp two 16-row m-tiles, so every K, V fragment read from
-// shared memory feeds two mma (half the ldmatrix traffic per mma); Q fragments in registers for
-// D = 64, re-read from the Q tile per key tile for D = 128 (O alone holds 128 registers there).
-// Shared memory: the Q tile + two stages of K, V = (128 + 4·64)·(D+8)·2 bytes (55,296 for D=64,
-// 104,448 for D=128).
+// P rounded to bf16 and reused in registers as the A operand of O += P·V. Each warp holds two
+// 16-row m-tiles, so every K, V fragment read from shared memory feeds two mma; Q fragments stay
+// in registers for D = 64 and are re-read from the Q tile per key tile for D = 128 (O alone holds
+// 128 registers there). The variants measured and dropped (docs/perf-log.md, 2026-11-26): 8 warps
+// of 16 rows (W16) and 4 warps of 32 rows without the lazy rescale (W32), both slower than the
+// faster of V3/V4 at every measured shape on an H200; likewise the 64-key backward (K64).
 //
 // Backward (grid: key tiles of both streams × B·H): K, V of the block's key tile stay in shared
 // memory (and, for D = 64, this warp's K, V rows in registers as A fragments), dK, dV accumulate
@@ -55,8 +52,7 @@
 // and adds it to the f32 accumulator with red.global.add.v2.f32 (so dQ's summation order, unlike
 // everything else here, is not fixed on a GPU). Q, dO, lse and Drow of the next query tile are
 // prefetched with cp.async. Shared memory: K, V + two stages of Q, dO + dSᵀ (keys × 72) + two
-// stages of two 64-float row vectors: 64 keys 65,536 bytes for D=64, 114,688 for D=128 (two
-// blocks per SM); 128 keys 93,184 and 158,720 (one block of 8 warps per SM).
+// stages of two 64-float row vectors: 128 keys 93,184 bytes for D=64 and 158,720 for D=128.
 //
 // The row term: FlashAttention's Drow = dO·O, with O the bf16 forward output. The CPU kernel uses
 // Σ P·dP instead (exact cancellation where attention is one-hot), which would need a second pass
@@ -68,9 +64,6 @@
 
 #define ATTN_THREADS 128      // backward: 4 warps
 #define ATTN_TILE 64          // rows per key tile (both passes) and per query tile (backward)
-#define ATTN_FWD_THREADS 256  // forward: 8 warps
-#define ATTN_FWD_QTILE 128    // forward: query rows per block (16 per warp)
-#define ATTN_FWD_W32_THREADS 128  // forward, 32 rows per warp (fwd_w32): 4 warps
 
 namespace attn {
 
@@ -122,21 +115,8 @@ __device__ __forceinline__ long long row_offset(int b, int L, int r, int H, int 
     return (((long long)b * L + r) * H + h) * D;
 }
 
-// Copies `rows` token rows starting at `g` (global, row stride `ld` elements) into a 64-row shared
-// tile of stride D+8; rows past `rows` are zero-filled, so padded queries/keys give finite scores
-// and contribute exact zeros through P or V.
-template <int D>
-__device__ __forceinline__ void load_tile(bf16* s, const bf16* __restrict__ g, long long ld, int rows) {
-    constexpr int CH = D / 8;  // 16-byte chunks per row
-    const pack16 zero = {{0u, 0u, 0u, 0u}};
-#pragma unroll
-    for (int it = 0; it < ATTN_TILE * CH / ATTN_THREADS; it++) {
-        const int i = threadIdx.x + it * ATTN_THREADS, r = i / CH, c = i % CH;
-        store16(s + r * (D + 8) + c * 8, r < rows ? load16(g + r * ld + c * 8) : zero);
-    }
-}
-
-// The same as asynchronous copies (cp.async, completed by the caller's commit/wait + barrier): a
+// Copies `rows` token rows starting at `g` (global, row stride `ld` elements) into a shared tile of
+// stride D+8 with asynchronous copies (cp.async, completed by the caller's commit/wait + barrier): a
 // tile of NR rows copied by NT threads; rows past `rows` are zero-filled (rows ≥ 1).
 template <int D, int NR, int NT>
 __device__ __forceinline__ void load_tile_async(bf16* s, const bf16* __restrict__ g, long long ld, int rows) {
@@ -277,354 +257,6 @@ __device__ __forceinline__ void acc_to_shared(bf16* s, int row0, const float acc
 
 // ---- Forward ---------------------------------------------------------------------------------
 
-template <int D>
-__device__ __forceinline__ void fwd(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-                                    const bf16* __restrict__ qa, const bf16* __restrict__ ka,
-                                    const bf16* __restrict__ va, const bf16* __restrict__ qb,
-                                    const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
-                                    int H, float scale_log2) {
-    constexpr int LDS = D + 8;
-    constexpr int QT = ATTN_FWD_QTILE, NT = ATTN_FWD_THREADS;
-    DYNAMIC_SMEM(bf16, smem);
-    bf16* sQ = smem;                  // QT rows
-    bf16* sK0 = sQ + QT * LDS;        // two stages of K and V, 64 rows each
-    bf16* sV0 = sK0 + 2 * ATTN_TILE * LDS;
-
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int bh = blockIdx.y, b = bh / H, h = bh % H;
-    const int Lt = La + Lb;
-    const long long ld = (long long)H * D;
-
-    const Tile qt = tile_of<QT>(blockIdx.x, La, Lb);
-    const int Lq = qt.stream == 0 ? La : Lb;
-    const long long q_off = row_offset(b, Lq, qt.row0, H, h, D);
-
-    // Key/value tile `i` into stage `st` (asynchronous; the caller commits).
-    auto issue_kv = [&](int i, int st) {
-        const Tile kt = tile_of(i, La, Lb);
-        const int Lk = kt.stream == 0 ? La : Lb;
-        const long long k_off = row_offset(b, Lk, kt.row0, H, h, D);
-        load_tile_async<D, ATTN_TILE, NT>(sK0 + st * ATTN_TILE * LDS, (kt.stream == 0 ? ka : kb) + k_off, ld,
-                                          kt.rows);
-        load_tile_async<D, ATTN_TILE, NT>(sV0 + st * ATTN_TILE * LDS, (kt.stream == 0 ? va : vb) + k_off, ld,
-                                          kt.rows);
-    };
-
-    // Group 0: the Q tile and key tile 0.
-    load_tile_async<D, QT, NT>(sQ, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
-    issue_kv(0, 0);
-    cp_async_commit();
-
-    // This warp's 16 query rows as A fragments, for the whole key loop (loaded in iteration 0).
-    uint32_t qf[D / 16][4];
-
-    float o[D / 8][4];
-#pragma unroll
-    for (int n = 0; n < D / 8; n++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) o[n][e] = 0.f;
-    // Running max of the raw scores and this thread's partial row sums, for rows g and g+8.
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-
-    const int nkt = ntiles(La) + ntiles(Lb);
-    for (int kt_i = 0; kt_i < nkt; kt_i++) {
-        // Prefetch the next key tile into the other stage (its previous contents were consumed in
-        // iteration kt_i − 1, closed by the barrier at the loop's end), then wait for this one.
-        // The group is committed even when empty, so the wait count stays 1.
-        if (kt_i + 1 < nkt) issue_kv(kt_i + 1, (kt_i + 1) & 1);
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
-        if (kt_i == 0) {
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk++) ldmatrix_x4(qf[kk], frag_a(sQ, LDS, 16 * warp, 16 * kk, lane));
-        }
-        const bf16* sK = sK0 + (kt_i & 1) * ATTN_TILE * LDS;
-        const bf16* sV = sV0 + (kt_i & 1) * ATTN_TILE * LDS;
-        const int krows = min(ATTN_TILE, kt_i < ntiles(La) ? La - kt_i * ATTN_TILE
-                                                            : Lb - (kt_i - ntiles(La)) * ATTN_TILE);
-
-        float s[8][4];
-#pragma unroll
-        for (int n = 0; n < 8; n++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) s[n][e] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                uint32_t bk[4];
-                ldmatrix_x4(bk, frag_b_nk(sK, LDS, 16 * j, 16 * kk, lane));
-                mma_m16n8k16_bf16(s[2 * j], qf[kk], bk, s[2 * j]);
-                mma_m16n8k16_bf16(s[2 * j + 1], qf[kk], bk + 2, s[2 * j + 1]);
-            }
-        }
-
-        // Mask the keys past a partial tile's end (block-uniform branch: only a stream's last
-        // tile), then the new row maxima of the raw scores (a row is spread over the 4 lanes of
-        // a quad). The scale is applied inside the exponent: p = 2^(s·c − m·c), c = scale·log2 e.
-        if (krows < ATTN_TILE) {
-#pragma unroll
-            for (int n = 0; n < 8; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++)
-                    if (8 * n + 2 * t + (e & 1) >= krows) s[n][e] = -INFINITY;
-        }
-        float mx[2] = {m[0], m[1]};
-#pragma unroll
-        for (int n = 0; n < 8; n++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
-        float alpha[2], ms[2];
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 2));
-            // Every tile has at least one valid key, so the new max is finite; on the first tile
-            // m = −inf and alpha = 0.
-            alpha[r] = fast_exp2((m[r] - mx[r]) * scale_log2);
-            m[r] = mx[r];
-            ms[r] = mx[r] * scale_log2;
-        }
-        float rs[2] = {0.f, 0.f};
-#pragma unroll
-        for (int n = 0; n < 8; n++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const float p = fast_exp2(fmaf(s[n][e], scale_log2, -ms[e >> 1]));  // masked: 0
-                s[n][e] = p;
-                rs[e >> 1] += p;
-            }
-#pragma unroll
-        for (int r = 0; r < 2; r++) l[r] = l[r] * alpha[r] + rs[r];
-#pragma unroll
-        for (int n = 0; n < D / 8; n++) {
-            o[n][0] *= alpha[0];
-            o[n][1] *= alpha[0];
-            o[n][2] *= alpha[1];
-            o[n][3] *= alpha[1];
-        }
-        acc_times_tile<D, 8>(o, s, sV, 0, lane);
-        __syncthreads();  // every warp is done with this stage before it is refilled
-    }
-    cp_async_wait<0>();
-
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        l[r] += __shfl_xor_sync(FULL_MASK, l[r], 1);
-        l[r] += __shfl_xor_sync(FULL_MASK, l[r], 2);
-    }
-    // lse in natural log: ln Σ exp(scale·s) = m·scale + ln l (m the max raw score).
-    if (t == 0) {
-        float* lrow = lse + (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0;
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            const int row = 16 * warp + g + 8 * r;
-            if (row < qt.rows) lrow[row] = m[r] * scale_log2 * kLn2 + logf(l[r]);
-        }
-    }
-    // O through shared memory (this warp's own rows of the Q tile, read only by this warp and
-    // only in the first iteration) for 16-byte coalesced stores.
-    acc_to_shared<D>(sQ, 16 * warp, o, 1.f / l[0], 1.f / l[1], lane);
-    __syncthreads();
-    store_tile<D, QT, NT>((qt.stream == 0 ? oa : ob) + q_off, sQ, ld, qt.rows);
-}
-
-// The forward with 32 query rows per warp (two 16-row m-tiles sharing every K, V fragment read
-// from shared memory, which halves the ldmatrix traffic per mma) and 4 warps per 128-row block.
-// QREG: the Q fragments stay in registers (D = 64); otherwise they are re-read from the Q tile
-// for every key tile (D = 128, where O alone takes 128 registers). Same results bit for bit as
-// fwd (same per-row arithmetic in the same order).
-template <int D, bool QREG>
-__device__ __forceinline__ void fwd_w32(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-                                        const bf16* __restrict__ qa, const bf16* __restrict__ ka,
-                                        const bf16* __restrict__ va, const bf16* __restrict__ qb,
-                                        const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
-                                        int H, float scale_log2) {
-    constexpr int LDS = D + 8;
-    constexpr int MT = 2;  // m-tiles per warp
-    constexpr int QT = ATTN_FWD_QTILE, NT = ATTN_FWD_W32_THREADS;
-    static_assert(QT == 16 * MT * (NT / 32), "tile rows = warps · 32");
-    DYNAMIC_SMEM(bf16, smem);
-    bf16* sQ = smem;
-    bf16* sK0 = sQ + QT * LDS;
-    bf16* sV0 = sK0 + 2 * ATTN_TILE * LDS;
-
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int bh = blockIdx.y, b = bh / H, h = bh % H;
-    const int Lt = La + Lb;
-    const long long ld = (long long)H * D;
-    const int row_w = 32 * warp;  // this warp's first row in the tile
-
-    const Tile qt = tile_of<QT>(blockIdx.x, La, Lb);
-    const int Lq = qt.stream == 0 ? La : Lb;
-    const long long q_off = row_offset(b, Lq, qt.row0, H, h, D);
-
-    auto issue_kv = [&](int i, int st) {
-        const Tile kt = tile_of(i, La, Lb);
-        const int Lk = kt.stream == 0 ? La : Lb;
-        const long long k_off = row_offset(b, Lk, kt.row0, H, h, D);
-        load_tile_async<D, ATTN_TILE, NT>(sK0 + st * ATTN_TILE * LDS, (kt.stream == 0 ? ka : kb) + k_off, ld,
-                                          kt.rows);
-        load_tile_async<D, ATTN_TILE, NT>(sV0 + st * ATTN_TILE * LDS, (kt.stream == 0 ? va : vb) + k_off, ld,
-                                          kt.rows);
-    };
-
-    load_tile_async<D, QT, NT>(sQ, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
-    issue_kv(0, 0);
-    cp_async_commit();
-
-    uint32_t qf[QREG ? MT : 1][QREG ? D / 16 : 1][4];
-
-    float o[MT][D / 8][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-        for (int n = 0; n < D / 8; n++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) o[mt][n][e] = 0.f;
-    // Row r = 2·mt + (0: row g, 1: row g+8) of this warp's m-tiles.
-    float m[2 * MT], l[2 * MT];
-#pragma unroll
-    for (int r = 0; r < 2 * MT; r++) m[r] = -INFINITY, l[r] = 0.f;
-
-    const int nkt = ntiles(La) + ntiles(Lb);
-    for (int kt_i = 0; kt_i < nkt; kt_i++) {
-        if (kt_i + 1 < nkt) issue_kv(kt_i + 1, (kt_i + 1) & 1);
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
-        if (QREG && kt_i == 0) {
-#pragma unroll
-            for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-                for (int kk = 0; kk < D / 16; kk++)
-                    ldmatrix_x4(qf[QREG ? mt : 0][QREG ? kk : 0], frag_a(sQ, LDS, row_w + 16 * mt, 16 * kk, lane));
-        }
-        const bf16* sK = sK0 + (kt_i & 1) * ATTN_TILE * LDS;
-        const bf16* sV = sV0 + (kt_i & 1) * ATTN_TILE * LDS;
-        const int krows = min(ATTN_TILE, kt_i < ntiles(La) ? La - kt_i * ATTN_TILE
-                                                            : Lb - (kt_i - ntiles(La)) * ATTN_TILE);
-
-        float s[MT][8][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-            for (int n = 0; n < 8; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) s[mt][n][e] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            uint32_t qa_[MT][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; mt++) {
-                if (QREG) {
-#pragma unroll
-                    for (int e = 0; e < 4; e++) qa_[mt][e] = qf[QREG ? mt : 0][QREG ? kk : 0][e];
-                } else {
-                    ldmatrix_x4(qa_[mt], frag_a(sQ, LDS, row_w + 16 * mt, 16 * kk, lane));
-                }
-            }
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                uint32_t bk[4];
-                ldmatrix_x4(bk, frag_b_nk(sK, LDS, 16 * j, 16 * kk, lane));
-#pragma unroll
-                for (int mt = 0; mt < MT; mt++) {
-                    mma_m16n8k16_bf16(s[mt][2 * j], qa_[mt], bk, s[mt][2 * j]);
-                    mma_m16n8k16_bf16(s[mt][2 * j + 1], qa_[mt], bk + 2, s[mt][2 * j + 1]);
-                }
-            }
-        }
-
-        if (krows < ATTN_TILE) {
-#pragma unroll
-            for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-                for (int n = 0; n < 8; n++)
-#pragma unroll
-                    for (int e = 0; e < 4; e++)
-                        if (8 * n + 2 * t + (e & 1) >= krows) s[mt][n][e] = -INFINITY;
-        }
-        float alpha[2 * MT];
-#pragma unroll
-        for (int mt = 0; mt < MT; mt++) {
-            float mx[2] = {m[2 * mt], m[2 * mt + 1]};
-#pragma unroll
-            for (int n = 0; n < 8; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) mx[e >> 1] = fmaxf(mx[e >> 1], s[mt][n][e]);
-            float ms[2];
-#pragma unroll
-            for (int r = 0; r < 2; r++) {
-                mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 1));
-                mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 2));
-                alpha[2 * mt + r] = fast_exp2((m[2 * mt + r] - mx[r]) * scale_log2);
-                m[2 * mt + r] = mx[r];
-                ms[r] = mx[r] * scale_log2;
-            }
-            float rs[2] = {0.f, 0.f};
-#pragma unroll
-            for (int n = 0; n < 8; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const float p = fast_exp2(fmaf(s[mt][n][e], scale_log2, -ms[e >> 1]));
-                    s[mt][n][e] = p;
-                    rs[e >> 1] += p;
-                }
-#pragma unroll
-            for (int r = 0; r < 2; r++) l[2 * mt + r] = l[2 * mt + r] * alpha[2 * mt + r] + rs[r];
-#pragma unroll
-            for (int n = 0; n < D / 8; n++) {
-                o[mt][n][0] *= alpha[2 * mt];
-                o[mt][n][1] *= alpha[2 * mt];
-                o[mt][n][2] *= alpha[2 * mt + 1];
-                o[mt][n][3] *= alpha[2 * mt + 1];
-            }
-        }
-        // O += P·V, every V fragment feeding both m-tiles.
-#pragma unroll
-        for (int c = 0; c < 4; c++) {
-            uint32_t pa[MT][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; mt++) acc_to_a<8>(pa[mt], s[mt], c);
-#pragma unroll
-            for (int j = 0; j < D / 16; j++) {
-                uint32_t bv[4];
-                ldmatrix_x4_trans(bv, frag_b_kn(sV, LDS, 16 * c, 16 * j, lane));
-#pragma unroll
-                for (int mt = 0; mt < MT; mt++) {
-                    mma_m16n8k16_bf16(o[mt][2 * j], pa[mt], bv, o[mt][2 * j]);
-                    mma_m16n8k16_bf16(o[mt][2 * j + 1], pa[mt], bv + 2, o[mt][2 * j + 1]);
-                }
-            }
-        }
-        __syncthreads();
-    }
-    cp_async_wait<0>();
-
-#pragma unroll
-    for (int r = 0; r < 2 * MT; r++) {
-        l[r] += __shfl_xor_sync(FULL_MASK, l[r], 1);
-        l[r] += __shfl_xor_sync(FULL_MASK, l[r], 2);
-    }
-    if (t == 0) {
-        float* lrow = lse + (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0;
-#pragma unroll
-        for (int r = 0; r < 2 * MT; r++) {
-            const int row = row_w + 16 * (r >> 1) + g + 8 * (r & 1);
-            if (row < qt.rows) lrow[row] = m[r] * scale_log2 * kLn2 + logf(l[r]);
-        }
-    }
-    // O through this warp's own 32 rows of the Q tile (every warp is past its last Q read: the
-    // loop ended with a barrier).
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++)
-        acc_to_shared<D>(sQ, row_w + 16 * mt, o[mt], 1.f / l[2 * mt], 1.f / l[2 * mt + 1], lane);
-    __syncthreads();
-    store_tile<D, QT, NT>((qt.stream == 0 ? oa : ob) + q_off, sQ, ld, qt.rows);
-}
-
 // The forward generalised (FwdVariant::V3, V4): NW warps of 32 query rows (a 32·NW-row block),
 // STAGES-deep cp.async pipeline of K, V tiles, and a lazy softmax rescale: a row's reference
 // maximum m moves (and O, l are rescaled) only when some row of the warp sees a score whose
@@ -633,7 +265,7 @@ __device__ __forceinline__ void fwd_w32(bf16* __restrict__ oa, bf16* __restrict_
 // The first tile always rescales (m = −inf, alpha = 0). After the first tiles the branch is
 // almost never taken, which removes the per-tile O rescale (one FMUL per score per thread at
 // d = 64) and the alpha exponentials. The result is the same function (lse = m·c·ln2 + ln l holds
-// for any reference m ≥ the running max − kLazyLog2/c); only roundings differ from fwd_w32.
+// for any reference m ≥ the running max − kLazyLog2/c); only roundings differ from an eager rescale.
 // Deterministic: fixed order, no atomics.
 constexpr float kLazyLog2 = 8.f;
 
@@ -856,7 +488,7 @@ __device__ __forceinline__ void fwd_v3(bf16* __restrict__ oa, bf16* __restrict__
 
 // ---- Backward --------------------------------------------------------------------------------
 
-// NW warps (4 or 8), each owning 16 keys: a key tile of KT = 16·NW rows per block.
+// NW warps (8: BwdVariant::K128), each owning 16 keys: a key tile of KT = 16·NW rows per block.
 template <int D, int NW>
 __device__ __forceinline__ void bwd(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
                                     bf16* __restrict__ dvb, float* __restrict__ dqa_acc,
@@ -1263,42 +895,7 @@ __device__ __forceinline__ void bwd_v3(bf16* __restrict__ dka, bf16* __restrict_
 }  // namespace attn
 
 // ---- Entry points ------------------------------------------------------------------------------
-// Grid: (128-row query tiles of a + of b, B·H); block 256; dynamic shared memory
-// (128 + 4·64)·(D+8)·2 bytes. d64 is capped at 128 registers for two blocks per SM.
 // scale_log2 = log2(e)/√D.
-
-extern "C" __global__ void __launch_bounds__(ATTN_FWD_THREADS, 2)
-    joint_attn_fwd_d64(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-                       const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-                       const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
-                       int La, int Lb, int H, float scale_log2) {
-    attn::fwd<64>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
-}
-
-extern "C" __global__ void __launch_bounds__(ATTN_FWD_THREADS)
-    joint_attn_fwd_d128(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-                        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-                        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
-                        int La, int Lb, int H, float scale_log2) {
-    attn::fwd<128>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
-}
-
-// The 32-rows-per-warp variants (fwd_w32): same grid, arguments, shared memory and results; block 128.
-extern "C" __global__ void __launch_bounds__(ATTN_FWD_W32_THREADS)
-    joint_attn_fwd_w32_d64(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-                           const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-                           const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
-                           int La, int Lb, int H, float scale_log2) {
-    attn::fwd_w32<64, true>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
-}
-
-extern "C" __global__ void __launch_bounds__(ATTN_FWD_W32_THREADS)
-    joint_attn_fwd_w32_d128(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-                            const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-                            const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
-                            int La, int Lb, int H, float scale_log2) {
-    attn::fwd_w32<128, false>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
-}
 
 // fwd_v3 entries (same arguments and results as the others). V3: 8 warps × 32 rows = 256-row
 // query blocks (grid: 256-row tiles of a + of b, B·H), 3 K/V stages at D = 64 and 2 at D = 128
@@ -1372,33 +969,9 @@ extern "C" __global__ void __launch_bounds__(256)
     if (R < rows && sub == 0) drow[((long long)b * H + h) * Lt + tok] = sum;
 }
 
-// Grid: (key tiles of a + of b, B·H); block 128; dynamic shared memory
-// (6·64·(D+8) + 64·72)·2 + 4·64·4 bytes. dq*_acc must be zero on entry.
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
-    joint_attn_bwd_d64(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
-                       bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
-                       const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-                       const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
-                       const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
-                       const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
-    attn::bwd<64, 4>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La, Lb, H,
-                  scale_log2, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
-    joint_attn_bwd_d128(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
-                        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
-                        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-                        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
-                        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
-                        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
-    attn::bwd<128, 4>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La, Lb, H,
-                   scale_log2, scale);
-}
-
 // The 8-warp variants: key tiles of 128 rows (grid: 128-row key tiles of a + of b, B·H), block
 // 256, dynamic shared memory (2·128·(D+8) + 4·64·(D+8) + 128·72)·2 + 4·64·4 bytes. Half the dQ
-// reductions and half the Q, dO traffic per key of the 64-key kernels.
+// reductions and half the Q, dO traffic per key of 64-key tiles.
 extern "C" __global__ void __launch_bounds__(2 * ATTN_THREADS)
     joint_attn_bwd_k128_d64(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
                             bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,

@@ -671,23 +671,17 @@ pub mod dev {
 
     /// Rows per tile: keys (both passes) and queries (backward).
     const TILE: usize = 64;
-    /// Query rows per forward block.
-    const FWD_QTILE: usize = 128;
+    /// Keys per backward block (both variants).
+    const BWD_KEYS: usize = 128;
 
-    /// The two forward kernels (same grid of 128-row query tiles, same shared memory, same
-    /// results): `W32` has 4 warps of 32 query rows (every K, V fragment read from shared memory
-    /// feeds two 16-row m-tiles; 244/255 registers at d = 64/128, 2 blocks per SM), `W16` 8 warps
-    /// of 16 rows (128 registers at d = 64, 2 blocks per SM; 212 at d = 128, 1 block).
-    ///
-    /// `V3` and `V4` (attention.cu's `fwd_v3`): warps of 32 rows with a lazy softmax rescale (O
-    /// and l rescaled only when a row's max grows past 2^8 of the reference) and a deeper K/V
-    /// pipeline. `V3`: 8 warps, 256-row query blocks (half the K/V tile loads per FLOP), 3 stages
-    /// at d = 64 / 2 at d = 128, one block per SM (237/255 registers). `V4`: 4 warps, 128-row
-    /// blocks, 3 stages at d = 64 / 2 at d = 128, two blocks per SM (243/255 registers).
+    /// The forward kernels (attention.cu's `fwd_v3`): warps of 32 query rows with a lazy softmax
+    /// rescale (O and l rescaled only when a row's max grows past 2^8 of the reference) and a
+    /// deep K/V pipeline. `V3`: 8 warps, 256-row query blocks (half the K/V tile loads per FLOP),
+    /// 3 stages at d = 64 / 2 at d = 128, one block per SM (237/255 registers). `V4`: 4 warps,
+    /// 128-row blocks, 3 stages at d = 64 / 2 at d = 128, two blocks per SM (243/255 registers).
+    /// (W16 and W32, measured slower at every shape, were removed: docs/perf-log.md.)
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum FwdVariant {
-        W32,
-        W16,
         V3,
         V4,
     }
@@ -704,38 +698,32 @@ pub mod dev {
         }
 
         /// Every variant, for tests and the bench.
-        pub const ALL: [FwdVariant; 4] = [
-            FwdVariant::W32,
-            FwdVariant::W16,
-            FwdVariant::V3,
-            FwdVariant::V4,
-        ];
+        pub const ALL: [FwdVariant; 2] = [FwdVariant::V3, FwdVariant::V4];
         fn kernel(self, d: usize) -> String {
             match self {
-                FwdVariant::W32 => format!("joint_attn_fwd_w32_d{d}"),
-                FwdVariant::W16 => format!("joint_attn_fwd_d{d}"),
                 FwdVariant::V3 => format!("joint_attn_fwd_v3_d{d}"),
                 FwdVariant::V4 => format!("joint_attn_fwd_v4_d{d}"),
             }
         }
         fn threads(self) -> u32 {
             match self {
-                FwdVariant::W32 | FwdVariant::V4 => 128,
-                FwdVariant::W16 | FwdVariant::V3 => 256,
+                FwdVariant::V4 => 128,
+                FwdVariant::V3 => 256,
             }
         }
         /// Query rows per block.
         fn rows(self) -> usize {
             match self {
                 FwdVariant::V3 => 256,
-                _ => FWD_QTILE,
+                FwdVariant::V4 => 128,
             }
         }
         /// cp.async stages of the K, V tiles.
         fn stages(self, d: usize) -> usize {
-            match self {
-                FwdVariant::V3 | FwdVariant::V4 if d == 64 => 3,
-                _ => 2,
+            if d == 64 {
+                3
+            } else {
+                2
             }
         }
         /// Dynamic shared memory: the Q tile and `stages` stages of the K and V tiles (64 rows
@@ -745,9 +733,9 @@ pub mod dev {
         }
     }
 
-    /// The two backward kernels (same results up to the order of dQ's f32 reductions): `K128`
-    /// has 8 warps and 128-key tiles (half the dQ reductions and Q, dO reads per key; one block
-    /// per SM), `K64` 4 warps and 64-key tiles (two blocks per SM).
+    /// The backward kernels (same results up to the order of dQ's f32 reductions): `K128` has 8
+    /// warps of 16 keys in 128-key tiles (one block per SM; the 64-key K64, measured slower at
+    /// every shape, was removed).
     ///
     /// `V3` (attention.cu's `bwd_v3`, d = 64): 4 warps of 32 keys in 128-key blocks, two blocks
     /// per SM (254 registers): every Q and dO fragment read from shared memory feeds two key
@@ -755,7 +743,6 @@ pub mod dev {
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum BwdVariant {
         K128,
-        K64,
         V3,
     }
 
@@ -767,7 +754,7 @@ pub mod dev {
         }
 
         /// Every variant, for tests and the bench.
-        pub const ALL: [BwdVariant; 3] = [BwdVariant::K128, BwdVariant::K64, BwdVariant::V3];
+        pub const ALL: [BwdVariant; 2] = [BwdVariant::K128, BwdVariant::V3];
         /// The variant actually launched at head dim `d`.
         fn resolve(self, d: usize) -> BwdVariant {
             match self {
@@ -778,22 +765,14 @@ pub mod dev {
         fn kernel(self, d: usize) -> String {
             match self.resolve(d) {
                 BwdVariant::K128 => format!("joint_attn_bwd_k128_d{d}"),
-                BwdVariant::K64 => format!("joint_attn_bwd_d{d}"),
                 BwdVariant::V3 => format!("joint_attn_bwd_v3_d{d}"),
-            }
-        }
-        /// Keys per block.
-        fn keys(self, d: usize) -> usize {
-            match self.resolve(d) {
-                BwdVariant::K128 | BwdVariant::V3 => 128,
-                BwdVariant::K64 => 64,
             }
         }
         /// Threads per block (warps of 16 keys; V3: warps of 32 keys).
         fn threads(self, d: usize) -> u32 {
             match self.resolve(d) {
                 BwdVariant::V3 => 128,
-                v => 2 * v.keys(d) as u32,
+                BwdVariant::K128 => 256,
             }
         }
     }
@@ -1067,11 +1046,11 @@ pub mod dev {
         dev.launch(
             &variant.kernel(dims.d),
             LaunchCfg::grid2(
-                dims.tiles(variant.keys(dims.d)),
+                dims.tiles(BWD_KEYS),
                 (dims.b * dims.h) as u32,
                 variant.threads(dims.d),
             )
-            .with_shared(bwd_shared_bytes(dims.d, variant.keys(dims.d))),
+            .with_shared(bwd_shared_bytes(dims.d, BWD_KEYS)),
             KernelArgs::new()
                 .buf(dka)
                 .buf(dva)
