@@ -28,7 +28,7 @@ branch() { # prefix, name, then distill flags
   "$B" eval "$R/ev/$name" --json > "$R/ev/$name.json"
 }
 if [ "$s" = 0 ]; then # the teacher rows (sampling seed 0 like every row)
-  for n in 40 4; do
+  for n in 40 4 2; do
     "$B" sample --prompts eval:100 --steps $n --cfg 1.5 --out "$R/ev/teacher-$n" > /dev/null 2>&1
     "$B" eval "$R/ev/teacher-$n" --json > "$R/ev/teacher-$n.json"
   done
