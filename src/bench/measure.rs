@@ -70,10 +70,10 @@ pub fn time_fallible(
     }
 }
 
-/// One `Vm*` field of `/proc/self/status`, in bytes (Linux only).
-fn proc_status_bytes(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
+/// A `Name:   N kB` field of a /proc text file, in bytes (Linux only).
+fn proc_kb_field(path: &str, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text.lines().find(|l| l.starts_with(field))?;
     let kb: u64 = line[field.len()..]
         .trim()
         .trim_end_matches("kB")
@@ -83,17 +83,14 @@ fn proc_status_bytes(field: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// One `Vm*` field of `/proc/self/status`, in bytes (Linux only).
+fn proc_status_bytes(field: &str) -> Option<u64> {
+    proc_kb_field("/proc/self/status", field)
+}
+
 /// `MemAvailable` of `/proc/meminfo` in bytes (Linux only).
 pub fn mem_available_bytes() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line["MemAvailable:".len()..]
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
+    proc_kb_field("/proc/meminfo", "MemAvailable:")
 }
 
 /// The peak resident memory a piece of work adds on top of what the process holds when it
