@@ -220,14 +220,10 @@ impl AdvDmd {
         discriminator_logits(&backbone.mmdit, &self.head, &inputs, self.feature_block)
     }
 
-    /// The learning rate at this iteration: the linear warm-up, then `peak`.
+    /// The learning rate at this iteration: the linear warm-up, then `peak` (the shared schedule
+    /// with no decay).
     pub fn lr(&self, peak: f32) -> f32 {
-        let w = self.config.lr_warmup;
-        if self.iteration < w {
-            peak * (self.iteration + 1) as f32 / w as f32
-        } else {
-            peak
-        }
+        crate::optim::lr_at(self.iteration, peak, self.config.lr_warmup, 0, 1.0)
     }
 
     fn rl_due(&self) -> bool {
