@@ -171,6 +171,8 @@ pub struct KernelDevice {
 enum Owner {
     /// Emulator memory: a 16-byte aligned host allocation.
     Host(#[allow(dead_code)] Vec<u128>),
+    /// A window into another buffer ([`DevBuf::view`]): frees nothing.
+    View,
     #[cfg(feature = "cuda")]
     Gpu(std::sync::Arc<super::cuda::CudaRuntime>),
 }
@@ -199,10 +201,45 @@ impl<T> DevBuf<T> {
     }
 }
 
+impl<T> DevBuf<T> {
+    /// Elements `offset .. offset + len` as a buffer of their own, borrowed from this one: how one
+    /// flat parameter buffer hands each GEMM its weight. Errors when the range does not fit.
+    pub fn view(&self, offset: usize, len: usize) -> KernelResult<DevView<'_, T>> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(KernelError::Invalid(format!(
+                "view of {len} elements at {offset} in a buffer of {}",
+                self.len
+            )));
+        }
+        Ok(DevView {
+            buf: DevBuf {
+                ptr: self.ptr + (offset * std::mem::size_of::<T>()) as u64,
+                len,
+                owner: Owner::View,
+                _t: PhantomData,
+            },
+            _parent: PhantomData,
+        })
+    }
+}
+
+/// A borrowed window of a [`DevBuf`]; dereferences to a `DevBuf` every launcher takes.
+pub struct DevView<'a, T> {
+    buf: DevBuf<T>,
+    _parent: PhantomData<&'a DevBuf<T>>,
+}
+
+impl<T> std::ops::Deref for DevView<'_, T> {
+    type Target = DevBuf<T>;
+    fn deref(&self) -> &DevBuf<T> {
+        &self.buf
+    }
+}
+
 impl<T> Drop for DevBuf<T> {
     fn drop(&mut self) {
         match &self.owner {
-            Owner::Host(_) => {}
+            Owner::Host(_) | Owner::View => {}
             #[cfg(feature = "cuda")]
             Owner::Gpu(rt) => rt.free(self.ptr),
         }

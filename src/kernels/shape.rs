@@ -1,5 +1,7 @@
 //! Layout kernels: permute, concatenation and splitting along a dimension. Tensors are contiguous
-//! row-major, so every layout change is an explicit copy made here.
+//! row-major, so every layout change is an explicit copy made here. `flat` and `dev` are the
+//! device model path's layout kernels (`cuda/shape.cu`: column windows, patchify, the cropped
+//! position embedding, gradient accumulation) and their CPU twins.
 
 use crate::tensor::{numel, Tensor};
 use rayon::prelude::*;
@@ -124,4 +126,339 @@ pub fn split(x: &Tensor, dim: usize, sizes: &[usize]) -> Vec<Tensor> {
             Tensor::from_vec(data, &piece_shape)
         })
         .collect()
+}
+
+/// The twins of `cuda/shape.cu` on plain slices (f32 values standing for bf16 ones; the device
+/// rounds each sum to bf16 where the CPU keeps f32).
+pub mod flat {
+    /// `dst[r, dst_off + c] = src[r, src_off + c]` for `r < rows`, `c < cols`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn copy_cols(
+        dst: &mut [f32],
+        src: &[f32],
+        rows: usize,
+        cols: usize,
+        (dst_ld, dst_off): (usize, usize),
+        (src_ld, src_off): (usize, usize),
+    ) {
+        for r in 0..rows {
+            dst[r * dst_ld + dst_off..][..cols]
+                .copy_from_slice(&src[r * src_ld + src_off..][..cols]);
+        }
+    }
+
+    /// Index of image element `(b, c, y, x)` of `[B, C, H, W]` in the `[B, (H/p)·(W/p), C·p·p]`
+    /// tokens, features ordered (c, kh, kw) or, `channel_last`, (kh, kw, c).
+    pub fn token_index(
+        (b, c, y, x): (usize, usize, usize, usize),
+        (ch, h, w, p): (usize, usize, usize, usize),
+        channel_last: bool,
+    ) -> usize {
+        let gw = w / p;
+        let token = (y / p) * gw + x / p;
+        let (ky, kx) = (y % p, x % p);
+        let inner = if channel_last {
+            (ky * p + kx) * ch + c
+        } else {
+            (c * p + ky) * p + kx
+        };
+        (b * (h / p) * gw + token) * ch * p * p + inner
+    }
+
+    /// Image `[B, C, H, W]` → tokens (`to_tokens`), or tokens → image.
+    pub fn patchify(
+        input: &[f32],
+        (b, ch, h, w): (usize, usize, usize, usize),
+        p: usize,
+        channel_last: bool,
+        to_tokens: bool,
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; b * ch * h * w];
+        let mut i = 0;
+        for bi in 0..b {
+            for c in 0..ch {
+                for y in 0..h {
+                    for x in 0..w {
+                        let t = token_index((bi, c, y, x), (ch, h, w, p), channel_last);
+                        if to_tokens {
+                            out[t] = input[i];
+                        } else {
+                            out[i] = input[t];
+                        }
+                        i += 1;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Where the crop `(gh, gw)` at `(top, left)` of a `P×P` grid starts, per cell, in the table.
+    fn table_row(cell: usize, gw: usize, p: usize, (top, left): (usize, usize)) -> usize {
+        (top + cell / gw) * p + left + cell % gw
+    }
+
+    /// `tokens [B, gh·gw, D] += table[crop]`.
+    pub fn add_pos_embed(
+        tokens: &mut [f32],
+        table: &[f32],
+        (gh, gw, d): (usize, usize, usize),
+        p: usize,
+        corner: (usize, usize),
+    ) {
+        for (i, t) in tokens.iter_mut().enumerate() {
+            let cell = (i / d) % (gh * gw);
+            *t += table[table_row(cell, gw, p, corner) * d + i % d];
+        }
+    }
+
+    /// `g_table[crop] += Σ_b dtokens[b]`.
+    pub fn pos_embed_grad(
+        g_table: &mut [f32],
+        dtokens: &[f32],
+        (gh, gw, d): (usize, usize, usize),
+        p: usize,
+        corner: (usize, usize),
+    ) {
+        for (i, g) in dtokens.iter().enumerate() {
+            let cell = (i / d) % (gh * gw);
+            g_table[table_row(cell, gw, p, corner) * d + i % d] += g;
+        }
+    }
+}
+
+/// Launchers of `cuda/shape.cu`.
+pub mod dev {
+    use crate::device::kernel::{
+        blocks_for, DevBuf, KernelArgs, KernelDevice, KernelError, KernelResult, LaunchCfg,
+    };
+    use half::bf16;
+
+    const THREADS: u32 = 256;
+
+    fn cfg(n: usize) -> LaunchCfg {
+        LaunchCfg::linear(blocks_for(n, THREADS).min(65_535), THREADS)
+    }
+
+    fn invalid(msg: String) -> KernelError {
+        KernelError::Invalid(msg)
+    }
+
+    /// A window of columns: `ld` the row length, `off` the first column.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Cols {
+        pub ld: usize,
+        pub off: usize,
+    }
+
+    /// `dst[r, dst.off + c] = src[r, src.off + c]` for `r < rows`, `c < cols`: a chunk of a
+    /// modulation vector, q/k/v out of a fused projection, or their gradients back into one.
+    #[allow(clippy::too_many_arguments)]
+    pub fn copy_cols(
+        dev: &KernelDevice,
+        dst: &DevBuf<bf16>,
+        dst_cols: Cols,
+        src: &DevBuf<bf16>,
+        src_cols: Cols,
+        rows: usize,
+        cols: usize,
+    ) -> KernelResult<()> {
+        let fits = |b: &DevBuf<bf16>, w: Cols| {
+            cols == 0 || rows == 0 || (w.off + cols <= w.ld && b.len() >= rows * w.ld)
+        };
+        if !fits(dst, dst_cols) || !fits(src, src_cols) {
+            return Err(invalid(format!(
+                "copy_cols: {rows}×{cols} from {src_cols:?} ({} elements) to {dst_cols:?} ({})",
+                src.len(),
+                dst.len()
+            )));
+        }
+        if rows * cols == 0 {
+            return Ok(());
+        }
+        dev.launch(
+            "copy_cols_bf16",
+            cfg(rows * cols),
+            KernelArgs::new()
+                .buf(dst)
+                .buf(src)
+                .i64(rows as i64)
+                .i32(cols as i32)
+                .i32(dst_cols.ld as i32)
+                .i32(dst_cols.off as i32)
+                .i32(src_cols.ld as i32)
+                .i32(src_cols.off as i32),
+        )
+    }
+
+    /// Image `[B, C, H, W]` ↔ tokens `[B, (H/p)·(W/p), C·p·p]` (see `flat::token_index`).
+    pub fn patchify(
+        dev: &KernelDevice,
+        out: &DevBuf<bf16>,
+        input: &DevBuf<bf16>,
+        (b, c, h, w): (usize, usize, usize, usize),
+        p: usize,
+        channel_last: bool,
+        to_tokens: bool,
+    ) -> KernelResult<()> {
+        let n = b * c * h * w;
+        if p == 0 || h % p != 0 || w % p != 0 || out.len() != n || input.len() != n {
+            return Err(invalid(format!(
+                "patchify: [{b}, {c}, {h}, {w}] by {p} with buffers of {} and {}",
+                out.len(),
+                input.len()
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        dev.launch(
+            "patchify_bf16",
+            cfg(n),
+            KernelArgs::new()
+                .buf(out)
+                .buf(input)
+                .i32(b as i32)
+                .i32(c as i32)
+                .i32(h as i32)
+                .i32(w as i32)
+                .i32(p as i32)
+                .i32(channel_last as i32)
+                .i32(to_tokens as i32),
+        )
+    }
+
+    /// The crop of a `P×P×D` position table added to (or, for the gradient, summed from)
+    /// `[B, gh·gw, D]` tokens.
+    #[derive(Clone, Copy, Debug)]
+    pub struct PosCrop {
+        pub b: usize,
+        pub gh: usize,
+        pub gw: usize,
+        pub d: usize,
+        pub p: usize,
+        pub top: usize,
+        pub left: usize,
+    }
+
+    impl PosCrop {
+        fn check(&self, tokens: usize, table: usize) -> KernelResult<()> {
+            let ok = self.top + self.gh <= self.p
+                && self.left + self.gw <= self.p
+                && tokens == self.b * self.gh * self.gw * self.d
+                && table >= self.p * self.p * self.d;
+            if !ok {
+                return Err(invalid(format!(
+                    "position crop {self:?} with {tokens} token and {table} table elements"
+                )));
+            }
+            Ok(())
+        }
+        fn args(&self, a: KernelArgs) -> KernelArgs {
+            a.i32(self.b as i32)
+                .i32(self.gh as i32)
+                .i32(self.gw as i32)
+                .i32(self.d as i32)
+                .i32(self.p as i32)
+                .i32(self.top as i32)
+                .i32(self.left as i32)
+        }
+    }
+
+    /// `tokens += table[crop]` in place.
+    pub fn add_pos_embed(
+        dev: &KernelDevice,
+        tokens: &DevBuf<bf16>,
+        table: &DevBuf<bf16>,
+        crop: PosCrop,
+    ) -> KernelResult<()> {
+        crop.check(tokens.len(), table.len())?;
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        dev.launch(
+            "add_pos_embed",
+            cfg(tokens.len()),
+            crop.args(KernelArgs::new().buf(tokens).buf(table)),
+        )
+    }
+
+    /// `g_table[crop] += Σ_b dtokens[b]` (f32 gradient of the table).
+    pub fn pos_embed_grad(
+        dev: &KernelDevice,
+        g_table: &DevBuf<f32>,
+        dtokens: &DevBuf<bf16>,
+        crop: PosCrop,
+    ) -> KernelResult<()> {
+        crop.check(dtokens.len(), g_table.len())?;
+        if dtokens.is_empty() {
+            return Ok(());
+        }
+        dev.launch(
+            "pos_embed_grad",
+            cfg(crop.gh * crop.gw * crop.d),
+            crop.args(KernelArgs::new().buf(g_table).buf(dtokens)),
+        )
+    }
+
+    fn same_len(a: usize, b: usize, what: &str) -> KernelResult<()> {
+        if a != b {
+            return Err(invalid(format!("{what}: buffers of {a} and {b} elements")));
+        }
+        Ok(())
+    }
+
+    /// `y = a + b` (`y` may be `a`: the launch passes pointers, and each element is read before
+    /// it is written by the same thread).
+    pub fn add(
+        dev: &KernelDevice,
+        y: &DevBuf<bf16>,
+        a: &DevBuf<bf16>,
+        b: &DevBuf<bf16>,
+    ) -> KernelResult<()> {
+        same_len(y.len(), a.len(), "add_bf16")?;
+        same_len(a.len(), b.len(), "add_bf16")?;
+        if y.is_empty() {
+            return Ok(());
+        }
+        dev.launch(
+            "add_bf16",
+            cfg(y.len()),
+            KernelArgs::new().buf(y).buf(a).buf(b).i64(y.len() as i64),
+        )
+    }
+
+    /// `g += x` for a bf16 `x` into f32 `g` (gradients into the f32 gradient buffer).
+    pub fn accumulate_bf16(
+        dev: &KernelDevice,
+        g: &DevBuf<f32>,
+        x: &DevBuf<bf16>,
+    ) -> KernelResult<()> {
+        same_len(g.len(), x.len(), "accumulate_f32_bf16")?;
+        if g.is_empty() {
+            return Ok(());
+        }
+        dev.launch(
+            "accumulate_f32_bf16",
+            cfg(g.len()),
+            KernelArgs::new().buf(g).buf(x).i64(g.len() as i64),
+        )
+    }
+
+    /// `g += x`, both f32.
+    pub fn accumulate_f32(
+        dev: &KernelDevice,
+        g: &DevBuf<f32>,
+        x: &DevBuf<f32>,
+    ) -> KernelResult<()> {
+        same_len(g.len(), x.len(), "accumulate_f32")?;
+        if g.is_empty() {
+            return Ok(());
+        }
+        dev.launch(
+            "accumulate_f32",
+            cfg(g.len()),
+            KernelArgs::new().buf(g).buf(x).i64(g.len() as i64),
+        )
+    }
 }

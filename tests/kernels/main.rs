@@ -10,6 +10,7 @@ mod gemm;
 mod optim;
 mod qknorm;
 mod sde;
+mod shape;
 
 use advdmd::device::kernel::{DevBuf, KernelDevice};
 use advdmd::{Rng, Tensor};

@@ -1,0 +1,100 @@
+// Layout kernels of the model path on the device: column windows of row-major matrices (split and
+// concatenate along the last axis), patchify / unpatchify, the cropped position embedding and its
+// gradient, and in-place accumulation. All bf16 data with f32 sums; simple grid-stride loops —
+// these move a few MB per step next to the GEMMs and attention.
+// CPU twin: src/kernels/shape.rs (copy_cols, patchify_bf16, add_pos_embed, pos_embed_grad,
+// accumulate).
+//
+//   copy_cols_bf16       dst[r, dst_off + c] = src[r, src_off + c], c < cols
+//   patchify_bf16        [B, C, H, W] ↔ [B, (H/p)·(W/p), C·p·p] in either patch order
+//   add_pos_embed        tokens[b, i·gw + j, :] += table[(top+i)·P + left + j, :]
+//   pos_embed_grad       g_table[(top+i)·P + left + j, :] += Σ_b dtokens[b, i·gw + j, :]
+//   add_bf16             y = a + b (y may be a)
+//   accumulate_f32_bf16  g += f32(x)
+//   accumulate_f32       g += x
+#include "common.cuh"
+
+namespace shape {
+
+__device__ __forceinline__ long long thread_index() {
+    return (long long)blockIdx.x * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ long long thread_count() { return (long long)gridDim.x * blockDim.x; }
+
+}  // namespace shape
+
+// grid: ceil(rows·cols / 256) (any grid is correct), block: 256.
+extern "C" __global__ void copy_cols_bf16(bf16* __restrict__ dst, const bf16* __restrict__ src, long long rows,
+                                          int cols, int dst_ld, int dst_off, int src_ld, int src_off) {
+    const long long n = rows * cols;
+    for (long long i = shape::thread_index(); i < n; i += shape::thread_count()) {
+        const long long r = i / cols;
+        const int c = (int)(i - r * cols);
+        dst[r * dst_ld + dst_off + c] = src[r * src_ld + src_off + c];
+    }
+}
+
+// One thread per image element (b, c, y, x). Within a patch the token's features are ordered
+// (c, kh, kw) when channel_last = 0 (the conv weight's order) and (kh, kw, c) when 1 (SD3's
+// final layer). to_tokens = 1 gathers image → tokens, 0 scatters tokens → image.
+// grid: ceil(B·C·H·W / 256) (any grid is correct), block: 256.
+extern "C" __global__ void patchify_bf16(bf16* __restrict__ out, const bf16* __restrict__ in, int B, int C, int H,
+                                         int W, int p, int channel_last, int to_tokens) {
+    const long long n = (long long)B * C * H * W;
+    const int gw = W / p;
+    for (long long i = shape::thread_index(); i < n; i += shape::thread_count()) {
+        const int x = (int)(i % W);
+        const int y = (int)((i / W) % H);
+        const int c = (int)((i / ((long long)W * H)) % C);
+        const long long b = i / ((long long)W * H * C);
+        const long long token = (long long)(y / p) * gw + x / p;
+        const int ky = y % p, kx = x % p;
+        const int inner = channel_last ? (ky * p + kx) * C + c : (c * p + ky) * p + kx;
+        const long long t = (b * ((long long)(H / p) * gw) + token) * ((long long)C * p * p) + inner;
+        if (to_tokens)
+            out[t] = in[i];
+        else
+            out[i] = in[t];
+    }
+}
+
+// grid: ceil(B·gh·gw·D / 256) (any grid is correct), block: 256.
+extern "C" __global__ void add_pos_embed(bf16* __restrict__ tokens, const bf16* __restrict__ table, int B, int gh,
+                                         int gw, int D, int P, int top, int left) {
+    const long long n = (long long)B * gh * gw * D;
+    for (long long i = shape::thread_index(); i < n; i += shape::thread_count()) {
+        const int d = (int)(i % D);
+        const long long cell = (i / D) % ((long long)gh * gw);
+        const int r = (int)(cell / gw), c = (int)(cell % gw);
+        const long long src = ((long long)(top + r) * P + left + c) * D + d;
+        tokens[i] = f2bf(bf2f(tokens[i]) + bf2f(table[src]));
+    }
+}
+
+// One thread per table element of the crop, summing over the batch (no atomics).
+// grid: ceil(gh·gw·D / 256) (any grid is correct), block: 256.
+extern "C" __global__ void pos_embed_grad(float* __restrict__ g_table, const bf16* __restrict__ dtokens, int B,
+                                          int gh, int gw, int D, int P, int top, int left) {
+    const long long per_image = (long long)gh * gw * D;
+    for (long long i = shape::thread_index(); i < per_image; i += shape::thread_count()) {
+        const int d = (int)(i % D);
+        const long long cell = i / D;
+        const int r = (int)(cell / gw), c = (int)(cell % gw);
+        float s = 0.f;
+        for (int b = 0; b < B; b++) s += bf2f(dtokens[b * per_image + i]);
+        g_table[((long long)(top + r) * P + left + c) * D + d] += s;
+    }
+}
+
+// grid: ceil(n / 256) (any grid is correct), block: 256.
+extern "C" __global__ void add_bf16(bf16* y, const bf16* a, const bf16* b, long long n) {
+    for (long long i = shape::thread_index(); i < n; i += shape::thread_count()) y[i] = f2bf(bf2f(a[i]) + bf2f(b[i]));
+}
+
+extern "C" __global__ void accumulate_f32_bf16(float* __restrict__ g, const bf16* __restrict__ x, long long n) {
+    for (long long i = shape::thread_index(); i < n; i += shape::thread_count()) g[i] += bf2f(x[i]);
+}
+
+extern "C" __global__ void accumulate_f32(float* __restrict__ g, const float* __restrict__ x, long long n) {
+    for (long long i = shape::thread_index(); i < n; i += shape::thread_count()) g[i] += x[i];
+}

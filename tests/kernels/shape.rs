@@ -1,0 +1,176 @@
+//! cuda/shape.cu ↔ src/kernels/shape.rs `flat` (layout moves are exact; sums round to bf16).
+
+use super::*;
+use advdmd::kernels::shape::dev::{self as gpu, Cols, PosCrop};
+use advdmd::kernels::shape::flat;
+
+#[test]
+fn copy_cols_moves_exactly_the_window() {
+    for dev in devices() {
+        let mut rng = Rng::new(3);
+        let (rows, cols) = (37, 5);
+        let src = randn_bf16(&mut rng, rows * 16, 1.0);
+        let dst0 = randn_bf16(&mut rng, rows * 9, 1.0);
+        let (s, d) = (upload_bf16(&dev, &src), upload_bf16(&dev, &dst0));
+        gpu::copy_cols(
+            &dev,
+            &d,
+            Cols { ld: 9, off: 3 },
+            &s,
+            Cols { ld: 16, off: 10 },
+            rows,
+            cols,
+        )
+        .unwrap();
+        let mut want = dst0.clone();
+        flat::copy_cols(&mut want, &src, rows, cols, (9, 3), (16, 10));
+        assert_eq!(download_f32(&dev, &d), want, "copy_cols on {}", dev.name());
+        let bad = gpu::copy_cols(
+            &dev,
+            &d,
+            Cols { ld: 9, off: 5 },
+            &s,
+            Cols { ld: 16, off: 0 },
+            rows,
+            5,
+        );
+        assert!(bad.is_err(), "a window past the row end must be refused");
+    }
+}
+
+#[test]
+fn patchify_round_trips_in_both_orders() {
+    for dev in devices() {
+        let mut rng = Rng::new(5);
+        let dims = (2, 3, 6, 4);
+        let n = 2 * 3 * 6 * 4;
+        let img = randn_bf16(&mut rng, n, 1.0);
+        let x = upload_bf16(&dev, &img);
+        for channel_last in [false, true] {
+            let tokens = dev.alloc::<bf16>(n).unwrap();
+            gpu::patchify(&dev, &tokens, &x, dims, 2, channel_last, true).unwrap();
+            let want = flat::patchify(&img, dims, 2, channel_last, true);
+            assert_eq!(
+                download_f32(&dev, &tokens),
+                want,
+                "patchify on {}",
+                dev.name()
+            );
+            let back = dev.alloc::<bf16>(n).unwrap();
+            gpu::patchify(&dev, &back, &tokens, dims, 2, channel_last, false).unwrap();
+            assert_eq!(
+                download_f32(&dev, &back),
+                img,
+                "unpatchify on {}",
+                dev.name()
+            );
+        }
+        // the channel-first order of one patch is (c, kh, kw): element (c=1, y=1, x=0) of image 0
+        // is feature 1·4 + 1·2 + 0 = 6 of token 0
+        let t = flat::token_index((0, 1, 1, 0), (3, 6, 4, 2), false);
+        assert_eq!(t, 6);
+        assert!(gpu::patchify(&dev, &x, &x, (2, 3, 5, 4), 2, false, true).is_err());
+    }
+}
+
+#[test]
+fn pos_embed_adds_and_sums_the_crop() {
+    for dev in devices() {
+        let mut rng = Rng::new(7);
+        let (b, gh, gw, d, p, top, left) = (3, 2, 3, 8, 5, 1, 2);
+        let table = randn_bf16(&mut rng, p * p * d, 1.0);
+        let tok = randn_bf16(&mut rng, b * gh * gw * d, 1.0);
+        let crop = PosCrop {
+            b,
+            gh,
+            gw,
+            d,
+            p,
+            top,
+            left,
+        };
+        let (t, tab) = (upload_bf16(&dev, &tok), upload_bf16(&dev, &table));
+        gpu::add_pos_embed(&dev, &t, &tab, crop).unwrap();
+        let mut want = tok.clone();
+        flat::add_pos_embed(&mut want, &table, (gh, gw, d), p, (top, left));
+        check(
+            "add_pos_embed",
+            &dev,
+            "3x6x8",
+            &download_f32(&dev, &t),
+            &want,
+            4e-3,
+        );
+
+        let g0: Vec<f32> = (0..p * p * d).map(|i| i as f32 * 0.01).collect();
+        let g = dev.upload(&g0).unwrap();
+        gpu::pos_embed_grad(&dev, &g, &upload_bf16(&dev, &tok), crop).unwrap();
+        let mut want = g0.clone();
+        flat::pos_embed_grad(&mut want, &tok, (gh, gw, d), p, (top, left));
+        check(
+            "pos_embed_grad",
+            &dev,
+            "3x6x8",
+            &dev.download(&g).unwrap(),
+            &want,
+            1e-5,
+        );
+        let bad = PosCrop { top: 4, ..crop };
+        assert!(gpu::add_pos_embed(&dev, &t, &tab, bad).is_err());
+    }
+}
+
+#[test]
+fn accumulation_kernels_add() {
+    for dev in devices() {
+        let mut rng = Rng::new(9);
+        let n = 1001;
+        let (a, b) = (randn_bf16(&mut rng, n, 1.0), randn_bf16(&mut rng, n, 1.0));
+        let (da, db) = (upload_bf16(&dev, &a), upload_bf16(&dev, &b));
+        gpu::add(&dev, &da, &da, &db).unwrap();
+        let sum: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+        check(
+            "add_bf16",
+            &dev,
+            "1001",
+            &download_f32(&dev, &da),
+            &sum,
+            4e-3,
+        );
+
+        let g = dev.upload(&a).unwrap();
+        gpu::accumulate_bf16(&dev, &g, &db).unwrap();
+        check(
+            "accumulate_f32_bf16",
+            &dev,
+            "1001",
+            &dev.download(&g).unwrap(),
+            &sum,
+            1e-6,
+        );
+        let g2 = dev.upload(&a).unwrap();
+        gpu::accumulate_f32(&dev, &g2, &dev.upload(&b).unwrap()).unwrap();
+        check(
+            "accumulate_f32",
+            &dev,
+            "1001",
+            &dev.download(&g2).unwrap(),
+            &sum,
+            1e-6,
+        );
+        assert!(gpu::add(&dev, &da, &da, &dev.alloc::<bf16>(3).unwrap()).is_err());
+    }
+}
+
+#[test]
+fn views_are_windows_of_their_buffer() {
+    let dev = KernelDevice::emulator();
+    let base = dev.upload(&[1f32, 2., 3., 4., 5.]).unwrap();
+    let v = base.view(1, 3).unwrap();
+    assert_eq!(dev.download(&v).unwrap(), vec![2., 3., 4.]);
+    dev.memset_zero(&v).unwrap();
+    drop(v);
+    assert_eq!(dev.download(&base).unwrap(), vec![1., 0., 0., 0., 5.]);
+    assert!(base.view(3, 3).is_err());
+    assert!(base.view(usize::MAX, 2).is_err());
+}
