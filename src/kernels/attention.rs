@@ -663,6 +663,13 @@ pub fn joint_attention_bwd_naive(
 /// that writes dK, dV and adds dQ into zeroed f32 buffers with atomics, then the conversion of
 /// dQ to bf16. dQ's summation order therefore varies between runs on a GPU; the forward, dK and
 /// dV are bitwise reproducible.
+///
+/// The tensor-core kernels take head dim 64 or 128. Every other head dim (1 ≤ d ≤ 256, e.g. the
+/// tiny test models' 16 and 32) runs a simple fallback with the same operands and results
+/// (attention.cu's `joint_attn_*_naive`: one warp per query or key row over all rows of the other
+/// side, f32 throughout, no atomics, so the backward is bitwise reproducible too); the variant
+/// arguments of the `_with` launchers are ignored there. It is meant for small shapes only: its
+/// cost is O((La+Lb)²·d) per head with every operand re-read from global memory.
 pub mod dev {
     use crate::device::kernel::{
         blocks_for, DevBuf, KernelArgs, KernelDevice, KernelError, KernelResult, LaunchCfg,
@@ -673,6 +680,15 @@ pub mod dev {
     const TILE: usize = 64;
     /// Keys per backward block (both variants).
     const BWD_KEYS: usize = 128;
+    /// The largest head dim the fallback takes (32 lanes × 8 columns in registers).
+    const NAIVE_MAX_D: usize = 256;
+    /// Rows (one warp each) per block of the fallback kernels.
+    const NAIVE_ROWS: usize = 4;
+
+    /// Whether head dim `d` runs the tensor-core kernels (else the fallback).
+    fn has_fast_kernels(d: usize) -> bool {
+        d == 64 || d == 128
+    }
 
     /// The forward kernels (attention.cu's `fwd_v3`): warps of 32 query rows with a lazy softmax
     /// rescale (O and l rescaled only when a row's max grows past 2^8 of the reference) and a
@@ -777,8 +793,9 @@ pub mod dev {
         }
     }
 
-    /// Sizes of one joint-attention call: batch, tokens of stream a (may be 0) and b, heads,
-    /// head dim (64 or 128).
+    /// Sizes of one joint-attention call: batch, tokens of stream a (may be 0) and b (may be 0 if
+    /// a is not), heads, head dim (1..=256; 64 and 128 run the tensor-core kernels, any other the
+    /// fallback).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub struct AttnDims {
         pub b: usize,
@@ -813,12 +830,20 @@ pub mod dev {
         fn tiles(&self, rows: usize) -> u32 {
             (self.la.div_ceil(rows) + self.lb.div_ceil(rows)) as u32
         }
+        /// The fallback kernels' grid: blocks of [`NAIVE_ROWS`] rows of the concatenation, B·H.
+        fn naive_cfg(&self) -> LaunchCfg {
+            LaunchCfg::grid2(
+                self.lt().div_ceil(NAIVE_ROWS) as u32,
+                (self.b * self.h) as u32,
+                (32 * NAIVE_ROWS) as u32,
+            )
+        }
 
-        /// Whether there is any work (B·H > 0); the kernels need La+Lb > 0 and d ∈ {64, 128}.
+        /// Whether there is any work (B·H > 0); the kernels need La+Lb > 0 and 1 ≤ d ≤ 256.
         fn validate(&self) -> KernelResult<bool> {
-            if self.d != 64 && self.d != 128 {
+            if self.d == 0 || self.d > NAIVE_MAX_D {
                 return Err(KernelError::Invalid(format!(
-                    "joint attention: head dim {} (the kernels take 64 or 128)",
+                    "joint attention: head dim {} (the kernels take 1 to {NAIVE_MAX_D})",
                     self.d
                 )));
             }
@@ -901,7 +926,8 @@ pub mod dev {
         )
     }
 
-    /// [`joint_attention_fwd`] with a chosen kernel variant (for tests and the bench).
+    /// [`joint_attention_fwd`] with a chosen kernel variant (for tests and the bench; ignored at
+    /// head dims other than 64 and 128, which run the fallback).
     #[allow(clippy::too_many_arguments)]
     pub fn joint_attention_fwd_with(
         dev: &KernelDevice,
@@ -923,6 +949,28 @@ pub mod dev {
             return Ok((oa, ob, lse));
         }
         let scale_log2 = dims.scale() * std::f32::consts::LOG2_E;
+        if !has_fast_kernels(dims.d) {
+            dev.launch(
+                "joint_attn_fwd_naive",
+                dims.naive_cfg(),
+                KernelArgs::new()
+                    .buf(&oa)
+                    .buf(&ob)
+                    .buf(&lse)
+                    .buf(qa)
+                    .buf(ka)
+                    .buf(va)
+                    .buf(qb)
+                    .buf(kb)
+                    .buf(vb)
+                    .i32(dims.la as i32)
+                    .i32(dims.lb as i32)
+                    .i32(dims.h as i32)
+                    .i32(dims.d as i32)
+                    .f32(scale_log2),
+            )?;
+            return Ok((oa, ob, lse));
+        }
         dev.launch(
             &variant.kernel(dims.d),
             LaunchCfg::grid2(
@@ -986,7 +1034,8 @@ pub mod dev {
         )
     }
 
-    /// [`joint_attention_bwd`] with a chosen kernel variant (for tests and the bench).
+    /// [`joint_attention_bwd`] with a chosen kernel variant (for tests and the bench; ignored at
+    /// head dims other than 64 and 128, which run the fallback).
     #[allow(clippy::too_many_arguments)]
     pub fn joint_attention_bwd_with(
         dev: &KernelDevice,
@@ -1021,6 +1070,17 @@ pub mod dev {
             return Ok(grads);
         }
         let [dqa, dka, dva, dqb, dkb, dvb] = &grads;
+        if !has_fast_kernels(dims.d) {
+            bwd_naive(
+                dev,
+                [qa, ka, va, qb, kb, vb],
+                [oa, ob, doa, dob],
+                lse,
+                &grads,
+                dims,
+            )?;
+            return Ok(grads);
+        }
 
         // Drow: 8 lanes per (batch, token, head) row, 32 rows per block of 256 threads.
         let drow = dev.alloc::<f32>(dims.numel_rows())?;
@@ -1089,6 +1149,63 @@ pub mod dev {
                 .f32(scale),
         )?;
         Ok(grads)
+    }
+
+    /// The fallback backward (head dims other than 64 and 128): Drow = rowsum(dO∘O), then dQ per
+    /// query row and dK, dV per key row, each over all rows of the other side.
+    fn bwd_naive(
+        dev: &KernelDevice,
+        [qa, ka, va, qb, kb, vb]: [&DevBuf<bf16>; 6],
+        [oa, ob, doa, dob]: [&DevBuf<bf16>; 4],
+        lse: &DevBuf<f32>,
+        grads: &[DevBuf<bf16>; 6],
+        dims: AttnDims,
+    ) -> KernelResult<()> {
+        let [dqa, dka, dva, dqb, dkb, dvb] = grads;
+        let drow = dev.alloc::<f32>(dims.numel_rows())?;
+        dev.launch(
+            "joint_attn_bwd_naive_drow",
+            dims.naive_cfg(),
+            KernelArgs::new()
+                .buf(&drow)
+                .buf(oa)
+                .buf(ob)
+                .buf(doa)
+                .buf(dob)
+                .i32(dims.la as i32)
+                .i32(dims.lb as i32)
+                .i32(dims.h as i32)
+                .i32(dims.d as i32),
+        )?;
+        let scale = dims.scale();
+        let tail = |args: KernelArgs| {
+            args.buf(qa)
+                .buf(ka)
+                .buf(va)
+                .buf(doa)
+                .buf(qb)
+                .buf(kb)
+                .buf(vb)
+                .buf(dob)
+                .buf(lse)
+                .buf(&drow)
+                .i32(dims.la as i32)
+                .i32(dims.lb as i32)
+                .i32(dims.h as i32)
+                .i32(dims.d as i32)
+                .f32(scale * std::f32::consts::LOG2_E)
+                .f32(scale)
+        };
+        dev.launch(
+            "joint_attn_bwd_naive_dq",
+            dims.naive_cfg(),
+            tail(KernelArgs::new().buf(dqa).buf(dqb)),
+        )?;
+        dev.launch(
+            "joint_attn_bwd_naive_dkdv",
+            dims.naive_cfg(),
+            tail(KernelArgs::new().buf(dka).buf(dva).buf(dkb).buf(dvb)),
+        )
     }
 
     /// FLOPs of one call in the FlashAttention convention (PERF.md): forward

@@ -65,125 +65,163 @@ fn joint_attention_fwd_and_bwd_match_cpu() {
     for dev in devices() {
         for &(b, la, lb, h, qk_std) in CASES {
             for d in [64, 128] {
-                let inp = Inputs::new(
-                    b,
-                    la,
-                    lb,
-                    h,
-                    d,
-                    qk_std,
-                    1000 + (la * 131 + lb * 7 + d) as u64,
-                );
-                let dims = inp.dims;
-                let shape = inp.shape();
-                let [qa, ka, va, qb, kb, vb] = inp.qkv.each_ref().map(|v| upload_bf16(&dev, v));
-                let (oa, ob, lse) =
-                    gpu::joint_attention_fwd(&dev, &qa, &ka, &va, &qb, &kb, &vb, dims).unwrap();
-
-                let [qat, kat, vat, qbt, kbt, vbt] = inp.tensors();
-                let want = cpu::joint_attention_fwd(&qat, &kat, &vat, &qbt, &kbt, &vbt);
-                check(
-                    "joint_attention_fwd.o_a",
-                    &dev,
-                    &shape,
-                    &download_f32(&dev, &oa),
-                    want.o_a.f32s(),
-                    1e-2,
-                );
-                check(
-                    "joint_attention_fwd.o_b",
-                    &dev,
-                    &shape,
-                    &download_f32(&dev, &ob),
-                    want.o_b.f32s(),
-                    1e-2,
-                );
-                check(
-                    "joint_attention_fwd.lse",
-                    &dev,
-                    &shape,
-                    &dev.download(&lse).unwrap(),
-                    want.lse.f32s(),
-                    1e-5,
-                );
-
-                // The other forward kernels compute the same function.
-                for variant in gpu::FwdVariant::ALL {
-                    if variant == gpu::FwdVariant::fastest(dims.d) {
-                        continue;
-                    }
-                    let tag = format!("{variant:?}").to_lowercase();
-                    let (oav, obv, lsev) = gpu::joint_attention_fwd_with(
-                        &dev, &qa, &ka, &va, &qb, &kb, &vb, dims, variant,
-                    )
-                    .unwrap();
-                    for (name, got, want) in [
-                        ("o_a", download_f32(&dev, &oav), want.o_a.f32s()),
-                        ("o_b", download_f32(&dev, &obv), want.o_b.f32s()),
-                    ] {
-                        check(
-                            &format!("joint_attention_fwd[{tag}].{name}"),
-                            &dev,
-                            &shape,
-                            &got,
-                            want,
-                            1e-2,
-                        );
-                    }
-                    check(
-                        &format!("joint_attention_fwd[{tag}].lse"),
-                        &dev,
-                        &shape,
-                        &dev.download(&lsev).unwrap(),
-                        want.lse.f32s(),
-                        1e-5,
-                    );
-                }
-
-                let (doa, dob) = (upload_bf16(&dev, &inp.do_a), upload_bf16(&dev, &inp.do_b));
-                let grads = gpu::joint_attention_bwd(
-                    &dev, &qa, &ka, &va, &qb, &kb, &vb, &oa, &ob, &lse, &doa, &dob, dims,
-                )
-                .unwrap();
-                let (doat, dobt) = (
-                    tensor(inp.do_a.clone(), &[b, la, h, d]),
-                    tensor(inp.do_b.clone(), &[b, lb, h, d]),
-                );
-                let want = cpu::joint_attention_bwd(
-                    &qat, &kat, &vat, &qbt, &kbt, &vbt, &want.lse, &doat, &dobt,
-                );
-                // The row term dO·O uses the bf16 forward output (as FlashAttention does); where
-                // rows are nearly one-hot its rounding doubles the dQ, dK error (≈3e-3 → ≈7e-3
-                // on the peaked case, where the CPU kernel's Σ P·dP has none), hence the margin.
-                let grad_tol = if qk_std > 1.0 { 1.5e-2 } else { 1e-2 };
-                // The other backward kernels compute the same function.
-                let mut all = vec![(String::new(), grads)];
-                for variant in gpu::BwdVariant::ALL {
-                    if variant == gpu::BwdVariant::fastest(dims.d) {
-                        continue;
-                    }
-                    let g = gpu::joint_attention_bwd_with(
-                        &dev, &qa, &ka, &va, &qb, &kb, &vb, &oa, &ob, &lse, &doa, &dob, dims,
-                        variant,
-                    )
-                    .unwrap();
-                    all.push((format!("[{}]", format!("{variant:?}").to_lowercase()), g));
-                }
-                let names = ["dq_a", "dk_a", "dv_a", "dq_b", "dk_b", "dv_b"];
-                for (tag, grads) in &all {
-                    for ((name, got), want) in names.iter().zip(grads).zip(&want) {
-                        let kernel = format!("joint_attention_bwd{tag}.{name}");
-                        check(
-                            &kernel,
-                            &dev,
-                            &shape,
-                            &download_f32(&dev, got),
-                            want.f32s(),
-                            grad_tol,
-                        );
-                    }
-                }
+                let seed = 1000 + (la * 131 + lb * 7 + d) as u64;
+                check_case(&dev, &Inputs::new(b, la, lb, h, d, qk_std, seed), qk_std);
             }
+        }
+    }
+}
+
+/// Head dims without tensor-core kernels run the fallback (`joint_attn_*_naive`): the same
+/// checks and tolerances as the fast kernels, at the tiny test models' 16 and 32, an odd 24 (not
+/// a multiple of 8), 8 and the largest, 256. Cases: a text stream next to an image stream, an
+/// empty text stream (image-only attention), an empty image stream, and peaked attention.
+#[test]
+fn joint_attention_fallback_matches_cpu() {
+    const FALLBACK_CASES: &[(usize, usize, usize, usize, f32)] = &[
+        (2, 5, 16, 2, 1.0),
+        (2, 0, 16, 2, 1.0),
+        (1, 9, 0, 2, 1.0),
+        (1, 33, 40, 2, 3.0),
+    ];
+    for dev in devices() {
+        for &(b, la, lb, h, qk_std) in FALLBACK_CASES {
+            for d in [16, 32] {
+                let seed = 2000 + (la * 131 + lb * 7 + d) as u64;
+                check_case(&dev, &Inputs::new(b, la, lb, h, d, qk_std, seed), qk_std);
+            }
+        }
+        for d in [8, 24, 256] {
+            check_case(
+                &dev,
+                &Inputs::new(1, 5, 12, 2, d, 1.0, 3000 + d as u64),
+                1.0,
+            );
+        }
+    }
+}
+
+/// The tensor-core path with one stream empty (La = 0: image-only attention; Lb = 0 as well),
+/// with more than one 64-row tile and a partial last tile, every kernel variant.
+#[test]
+fn joint_attention_fast_path_with_an_empty_stream_matches_cpu() {
+    for dev in devices() {
+        for d in [64, 128] {
+            for (la, lb) in [(0, 70), (70, 0)] {
+                let seed = 4000 + (la * 131 + lb * 7 + d) as u64;
+                check_case(&dev, &Inputs::new(2, la, lb, 2, d, 1.0, seed), 1.0);
+            }
+        }
+    }
+}
+
+/// Runs the forward and backward (the default kernels and every other variant) on one case and
+/// compares them with the CPU kernels.
+fn check_case(dev: &KernelDevice, inp: &Inputs, qk_std: f32) {
+    let dims = inp.dims;
+    let AttnDims { b, la, lb, h, d } = dims;
+    let shape = inp.shape();
+    let [qa, ka, va, qb, kb, vb] = inp.qkv.each_ref().map(|v| upload_bf16(dev, v));
+    let (oa, ob, lse) = gpu::joint_attention_fwd(dev, &qa, &ka, &va, &qb, &kb, &vb, dims).unwrap();
+
+    let [qat, kat, vat, qbt, kbt, vbt] = inp.tensors();
+    let want = cpu::joint_attention_fwd(&qat, &kat, &vat, &qbt, &kbt, &vbt);
+    check(
+        "joint_attention_fwd.o_a",
+        dev,
+        &shape,
+        &download_f32(dev, &oa),
+        want.o_a.f32s(),
+        1e-2,
+    );
+    check(
+        "joint_attention_fwd.o_b",
+        dev,
+        &shape,
+        &download_f32(dev, &ob),
+        want.o_b.f32s(),
+        1e-2,
+    );
+    check(
+        "joint_attention_fwd.lse",
+        dev,
+        &shape,
+        &dev.download(&lse).unwrap(),
+        want.lse.f32s(),
+        1e-5,
+    );
+
+    // The other forward kernels compute the same function.
+    for variant in gpu::FwdVariant::ALL {
+        if variant == gpu::FwdVariant::fastest(dims.d) {
+            continue;
+        }
+        let tag = format!("{variant:?}").to_lowercase();
+        let (oav, obv, lsev) =
+            gpu::joint_attention_fwd_with(dev, &qa, &ka, &va, &qb, &kb, &vb, dims, variant)
+                .unwrap();
+        for (name, got, want) in [
+            ("o_a", download_f32(dev, &oav), want.o_a.f32s()),
+            ("o_b", download_f32(dev, &obv), want.o_b.f32s()),
+        ] {
+            check(
+                &format!("joint_attention_fwd[{tag}].{name}"),
+                dev,
+                &shape,
+                &got,
+                want,
+                1e-2,
+            );
+        }
+        check(
+            &format!("joint_attention_fwd[{tag}].lse"),
+            dev,
+            &shape,
+            &dev.download(&lsev).unwrap(),
+            want.lse.f32s(),
+            1e-5,
+        );
+    }
+
+    let (doa, dob) = (upload_bf16(dev, &inp.do_a), upload_bf16(dev, &inp.do_b));
+    let grads = gpu::joint_attention_bwd(
+        dev, &qa, &ka, &va, &qb, &kb, &vb, &oa, &ob, &lse, &doa, &dob, dims,
+    )
+    .unwrap();
+    let (doat, dobt) = (
+        tensor(inp.do_a.clone(), &[b, la, h, d]),
+        tensor(inp.do_b.clone(), &[b, lb, h, d]),
+    );
+    let want =
+        cpu::joint_attention_bwd(&qat, &kat, &vat, &qbt, &kbt, &vbt, &want.lse, &doat, &dobt);
+    // The row term dO·O uses the bf16 forward output (as FlashAttention does); where
+    // rows are nearly one-hot its rounding doubles the dQ, dK error (≈3e-3 → ≈7e-3
+    // on the peaked case, where the CPU kernel's Σ P·dP has none), hence the margin.
+    let grad_tol = if qk_std > 1.0 { 1.5e-2 } else { 1e-2 };
+    // The other backward kernels compute the same function.
+    let mut all = vec![(String::new(), grads)];
+    for variant in gpu::BwdVariant::ALL {
+        if variant == gpu::BwdVariant::fastest(dims.d) {
+            continue;
+        }
+        let g = gpu::joint_attention_bwd_with(
+            dev, &qa, &ka, &va, &qb, &kb, &vb, &oa, &ob, &lse, &doa, &dob, dims, variant,
+        )
+        .unwrap();
+        all.push((format!("[{}]", format!("{variant:?}").to_lowercase()), g));
+    }
+    let names = ["dq_a", "dk_a", "dv_a", "dq_b", "dk_b", "dv_b"];
+    for (tag, grads) in &all {
+        for ((name, got), want) in names.iter().zip(grads).zip(&want) {
+            let kernel = format!("joint_attention_bwd{tag}.{name}");
+            check(
+                &kernel,
+                dev,
+                &shape,
+                &download_f32(dev, got),
+                want.f32s(),
+                grad_tol,
+            );
         }
     }
 }
@@ -194,13 +232,14 @@ fn joint_attention_fwd_and_bwd_match_cpu() {
 fn joint_attention_fwd_is_deterministic() {
     for dev in devices() {
         for variant in gpu::FwdVariant::ALL {
-            fwd_is_deterministic(&dev, variant);
+            fwd_is_deterministic(&dev, variant, 64);
         }
+        fwd_is_deterministic(&dev, gpu::FwdVariant::fastest(32), 32);
     }
 }
 
-fn fwd_is_deterministic(dev: &KernelDevice, variant: gpu::FwdVariant) {
-    let inp = Inputs::new(1, 77, 130, 2, 64, 1.0, 7);
+fn fwd_is_deterministic(dev: &KernelDevice, variant: gpu::FwdVariant, d: usize) {
+    let inp = Inputs::new(1, 77, 130, 2, d, 1.0, 7);
     let [qa, ka, va, qb, kb, vb] = inp.qkv.each_ref().map(|v| upload_bf16(dev, v));
     let run = || {
         let (oa, ob, lse) =
@@ -221,29 +260,87 @@ fn fwd_is_deterministic(dev: &KernelDevice, variant: gpu::FwdVariant) {
     };
     assert!(
         run() == run(),
-        "joint_attention_fwd ({variant:?}) on {}: two runs differ",
+        "joint_attention_fwd ({variant:?}, d = {d}) on {}: two runs differ",
         dev.name()
     );
 }
 
+/// The fallback's backward has no atomics either (dQ per query row, dK and dV per key row): two
+/// runs agree bit for bit.
+#[test]
+fn joint_attention_fallback_bwd_is_deterministic() {
+    for dev in devices() {
+        let inp = Inputs::new(2, 5, 16, 2, 16, 1.0, 11);
+        let dims = inp.dims;
+        let [qa, ka, va, qb, kb, vb] = inp.qkv.each_ref().map(|v| upload_bf16(&dev, v));
+        let (doa, dob) = (upload_bf16(&dev, &inp.do_a), upload_bf16(&dev, &inp.do_b));
+        let (oa, ob, lse) =
+            gpu::joint_attention_fwd(&dev, &qa, &ka, &va, &qb, &kb, &vb, dims).unwrap();
+        let run = || {
+            let grads = gpu::joint_attention_bwd(
+                &dev, &qa, &ka, &va, &qb, &kb, &vb, &oa, &ob, &lse, &doa, &dob, dims,
+            )
+            .unwrap();
+            grads.map(|g| {
+                dev.download(&g)
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect::<Vec<u16>>()
+            })
+        };
+        assert!(
+            run() == run(),
+            "joint_attention_bwd (fallback, d = 16) on {}: two runs differ",
+            dev.name()
+        );
+    }
+}
+
+/// Head dims past the fallback's 256 (and 0), buffers that do not match the dims, and no tokens at
+/// all are errors.
 #[test]
 fn joint_attention_rejects_bad_dims() {
     let dev = KernelDevice::emulator();
+    let empty = upload_bf16(&dev, &[]);
+    for d in [0, 257, 512] {
+        let dims = AttnDims {
+            b: 1,
+            la: 0,
+            lb: 8,
+            h: 1,
+            d,
+        };
+        let buf = upload_bf16(&dev, &vec![0.0; 8 * d]);
+        assert!(
+            gpu::joint_attention_fwd(&dev, &empty, &empty, &empty, &buf, &buf, &buf, dims).is_err(),
+            "head dim {d} accepted"
+        );
+    }
+    let buf = upload_bf16(&dev, &vec![0.0; 8 * 32]);
+    for d in [16, 64] {
+        let dims = AttnDims {
+            b: 1,
+            la: 0,
+            lb: 8,
+            h: 1,
+            d,
+        };
+        assert!(
+            gpu::joint_attention_fwd(&dev, &empty, &empty, &empty, &buf, &buf, &buf, dims).is_err(),
+            "8×32 buffers accepted for d = {d}"
+        );
+    }
     let dims = AttnDims {
         b: 1,
         la: 0,
-        lb: 8,
+        lb: 0,
         h: 1,
         d: 32,
     };
-    let buf = upload_bf16(&dev, &vec![0.0; 8 * 32]);
-    let empty = upload_bf16(&dev, &[]);
     assert!(
-        gpu::joint_attention_fwd(&dev, &empty, &empty, &empty, &buf, &buf, &buf, dims).is_err()
-    );
-    let dims = AttnDims { d: 64, ..dims };
-    assert!(
-        gpu::joint_attention_fwd(&dev, &empty, &empty, &empty, &buf, &buf, &buf, dims).is_err()
+        gpu::joint_attention_fwd(&dev, &empty, &empty, &empty, &empty, &empty, &empty, dims)
+            .is_err()
     );
 }
 
