@@ -25,7 +25,7 @@
 //   joint_attn_dq_convert        dQ = scale · accumulator, to bf16
 //   joint_attn_fwd_naive         fallback for any other D ≤ 256 (section at the end): O and lse,
 //                                one warp per query row, online softmax over all keys
-//   joint_attn_bwd_naive_drow    fallback Drow = rowsum(dO ∘ O), one warp per query row
+//   joint_attn_bwd_naive_drow    fallback Drow = Σ_j P·dP, one warp per query row
 //   joint_attn_bwd_naive_dq      fallback dQ (bf16), one warp per query row over all keys
 //   joint_attn_bwd_naive_dkdv    fallback dK, dV (bf16), one warp per key row over all queries
 //
@@ -1053,8 +1053,8 @@ extern "C" __global__ void __launch_bounds__(256)
 //   joint_attn_fwd_naive         per query row, one pass over all La+Lb keys with an online softmax
 //                                in log2 units (s·c, c = scale·log2 e; eager rescale whenever the
 //                                max grows), O = acc / l, lse = m·ln 2 + ln l
-//   joint_attn_bwd_naive_drow    Drow = rowsum(dO ∘ O) per query row (any D; joint_attn_bwd_rowdot
-//                                reads 16-byte packs and needs D % 8 = 0)
+//   joint_attn_bwd_naive_drow    Drow = Σ_j P_ij·dP_ij per query row over all keys (the CPU
+//                                kernel's row term; exact cancellation, see the kernel)
 //   joint_attn_bwd_naive_dq      per query row, over all keys: p = 2^(s·c − lse·log2 e),
 //                                dS = p·(dO·v − Drow), dQ = scale · Σ dS·k
 //   joint_attn_bwd_naive_dkdv    per key row, over all queries: the same p and dS,
@@ -1161,19 +1161,32 @@ extern "C" __global__ void __launch_bounds__(ATTN_NAIVE_THREADS)
     if (lane == 0) lse[(long long)blockIdx.y * Lt + i] = m * kLn2 + logf(l);
 }
 
+// Drow = Σ_j P_ij·dP_ij over all keys (not dO·O): exact in f32 from the same P and dP the dQ and
+// dK kernels form, so Σ_j dS_ij cancels to f32 rounding. Gradients that vanish by that cancellation
+// (a key bias, nearly uniform rows) then stay at their true size instead of O's bf16 rounding.
 extern "C" __global__ void __launch_bounds__(ATTN_NAIVE_THREADS)
-    joint_attn_bwd_naive_drow(float* __restrict__ drow, const bf16* __restrict__ oa, const bf16* __restrict__ ob,
-                              const bf16* __restrict__ doa, const bf16* __restrict__ dob, int La, int Lb, int H,
-                              int D) {
+    joint_attn_bwd_naive_drow(float* __restrict__ drow, const bf16* __restrict__ qa, const bf16* __restrict__ ka,
+                              const bf16* __restrict__ va, const bf16* __restrict__ doa, const bf16* __restrict__ qb,
+                              const bf16* __restrict__ kb, const bf16* __restrict__ vb, const bf16* __restrict__ dob,
+                              const float* __restrict__ lse, int La, int Lb, int H, int D, float scale_log2) {
     using namespace attn;
     const NaiveRow w = naive_row(La, Lb, H);
     if (w.row < 0) return;
     const int lane = threadIdx.x & 31, Lt = La + Lb, i = w.row;
-    const long long off = naive_off(w.b, i, La, Lb, H, w.h, D);
-    float o[ATTN_NAIVE_COLS];
-    naive_load(o, (i < La ? oa : ob) + off, D, lane);
-    const float s = naive_dot(o, (i < La ? doa : dob) + off, D, lane);
-    if (lane == 0) drow[(long long)blockIdx.y * Lt + i] = s;
+    const long long qoff = naive_off(w.b, i, La, Lb, H, w.h, D);
+    float q[ATTN_NAIVE_COLS], dout[ATTN_NAIVE_COLS];
+    naive_load(q, (i < La ? qa : qb) + qoff, D, lane);
+    naive_load(dout, (i < La ? doa : dob) + qoff, D, lane);
+    const long long r = (long long)blockIdx.y * Lt + i;
+    const float lq = lse[r] * kLog2e;
+    float s = 0.f;
+    for (int j = 0; j < Lt; j++) {
+        const long long koff = naive_off(w.b, j, La, Lb, H, w.h, D);
+        const float score = naive_dot(q, (j < La ? ka : kb) + koff, D, lane);
+        const float dp = naive_dot(dout, (j < La ? va : vb) + koff, D, lane);
+        s = fmaf(fast_exp2(score * scale_log2 - lq), dp, s);
+    }
+    if (lane == 0) drow[r] = s;
 }
 
 extern "C" __global__ void __launch_bounds__(ATTN_NAIVE_THREADS)

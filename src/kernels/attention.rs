@@ -1151,33 +1151,40 @@ pub mod dev {
         Ok(grads)
     }
 
-    /// The fallback backward (head dims other than 64 and 128): Drow = rowsum(dO∘O), then dQ per
-    /// query row and dK, dV per key row, each over all rows of the other side.
+    /// The fallback backward (head dims other than 64 and 128): Drow = Σ P·dP per query row (as
+    /// the CPU kernel; `o_a`, `o_b` are not read), then dQ per query row and dK, dV per key row,
+    /// each over all rows of the other side.
     fn bwd_naive(
         dev: &KernelDevice,
         [qa, ka, va, qb, kb, vb]: [&DevBuf<bf16>; 6],
-        [oa, ob, doa, dob]: [&DevBuf<bf16>; 4],
+        [_oa, _ob, doa, dob]: [&DevBuf<bf16>; 4],
         lse: &DevBuf<f32>,
         grads: &[DevBuf<bf16>; 6],
         dims: AttnDims,
     ) -> KernelResult<()> {
         let [dqa, dka, dva, dqb, dkb, dvb] = grads;
         let drow = dev.alloc::<f32>(dims.numel_rows())?;
+        let scale = dims.scale();
         dev.launch(
             "joint_attn_bwd_naive_drow",
             dims.naive_cfg(),
             KernelArgs::new()
                 .buf(&drow)
-                .buf(oa)
-                .buf(ob)
+                .buf(qa)
+                .buf(ka)
+                .buf(va)
                 .buf(doa)
+                .buf(qb)
+                .buf(kb)
+                .buf(vb)
                 .buf(dob)
+                .buf(lse)
                 .i32(dims.la as i32)
                 .i32(dims.lb as i32)
                 .i32(dims.h as i32)
-                .i32(dims.d as i32),
+                .i32(dims.d as i32)
+                .f32(scale * std::f32::consts::LOG2_E),
         )?;
-        let scale = dims.scale();
         let tail = |args: KernelArgs| {
             args.buf(qa)
                 .buf(ka)

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod device;
 pub mod init;
 pub mod layout;
 pub mod model;

@@ -1,0 +1,1138 @@
+//! The MMDiT on a kernel device — a CUDA GPU, or the SIMT emulator in CI (ARCHITECTURE.md
+//! "Numbers and precision"): bf16 weights and activations, f32 master weights and f32 gradients,
+//! GEMMs through `kernels::gemm::dev` (cuBLASLt on a GPU) and every other op through the
+//! hand-written kernels' launchers.
+//!
+//! The backward is written out by hand, llm.c-style, rather than taped: the forward keeps exactly
+//! what the backward reads in a [`Saved`] record, and the backward walks the blocks in reverse.
+//! The CPU [`Mmdit`] stays the oracle (`tests/mmdit_device.rs` holds this model to it).
+//!
+//! Parameters live in three flat buffers with one aligned slot per tensor (the original SD3
+//! names, as in the CPU model): the f32 masters an optimizer updates, their bf16 copy the kernels
+//! read, and the f32 gradients the backward accumulates into.
+
+use std::collections::BTreeMap;
+
+use half::bf16;
+
+use super::config::MmditConfig;
+use super::model::Mmdit;
+use crate::device::kernel::{
+    DevBuf, DevView, EpilogueKind, GemmSpec, KernelDevice, KernelError, KernelResult,
+};
+use crate::kernels::adaln::dev as adaln;
+use crate::kernels::attention::dev::{self as attn, AttnDims};
+use crate::kernels::elementwise::dev as ew;
+use crate::kernels::elementwise::Activation;
+use crate::kernels::gemm::dev::{gemm_bf16, EpilogueBufs};
+use crate::kernels::qknorm::dev as qknorm;
+use crate::kernels::shape::dev::{self as layout, Cols, PosCrop};
+use crate::nn::timestep_features;
+use crate::ops::norm::LN_EPS;
+use crate::tensor::Tensor;
+
+/// RMSNorm eps of SD3.5's QK norm (as the CPU model).
+const QK_NORM_EPS: f32 = 1e-6;
+
+/// Slot alignment in elements: 128 bytes of bf16, so every weight a GEMM or a vector kernel reads
+/// starts 16-byte aligned (and cuBLASLt's preferred alignment holds).
+const ALIGN: usize = 64;
+
+/// Where one parameter sits in the flat buffers.
+#[derive(Clone, Debug)]
+pub struct Slot {
+    pub offset: usize,
+    pub shape: Vec<usize>,
+}
+
+impl Slot {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// The MMDiT's parameters on a device, and its forward and backward.
+pub struct DeviceMmdit {
+    pub config: MmditConfig,
+    pub dev: KernelDevice,
+    slots: BTreeMap<String, Slot>,
+    /// f32 master weights.
+    pub master: DevBuf<f32>,
+    /// The bf16 copy every kernel reads.
+    pub weights: DevBuf<bf16>,
+    /// f32 gradients, accumulated by [`DeviceMmdit::backward`] until [`DeviceMmdit::zero_grad`].
+    pub grads: DevBuf<f32>,
+}
+
+/// One batch of inputs on the device.
+pub struct DeviceInputs {
+    /// Latents `[B, C, H, W]`.
+    pub x: DevBuf<bf16>,
+    /// Sinusoidal timestep features `[B, freq_dim]`.
+    pub t_features: DevBuf<bf16>,
+    /// `[B, pooled_dim]`.
+    pub pooled: DevBuf<bf16>,
+    /// `[B, Lc, context_dim]`.
+    pub context: DevBuf<bf16>,
+    pub batch: usize,
+    pub height: usize,
+    pub width: usize,
+    pub context_len: usize,
+}
+
+/// Gradients of the inputs (bf16), shaped like them.
+pub struct InputGrads {
+    pub x: DevBuf<bf16>,
+    pub pooled: DevBuf<bf16>,
+    pub context: DevBuf<bf16>,
+}
+
+/// A LayerNorm-modulate's output with the statistics its backward reads.
+struct Ln {
+    y: DevBuf<bf16>,
+    mean: DevBuf<f32>,
+    rstd: DevBuf<f32>,
+}
+
+/// q, k, v of one attention (QK-normed when the model has QK norm) and what their backward reads.
+struct Qkv {
+    q: DevBuf<bf16>,
+    k: DevBuf<bf16>,
+    v: DevBuf<bf16>,
+    /// Pre-norm q, k and the norms' row statistics (QK norm only).
+    norm: Option<[(DevBuf<bf16>, DevBuf<f32>); 2]>,
+}
+
+/// One attention call: its inputs and outputs.
+struct Attn {
+    a: Qkv,
+    b: Qkv,
+    oa: DevBuf<bf16>,
+    ob: DevBuf<bf16>,
+    lse: DevBuf<f32>,
+    dims: AttnDims,
+}
+
+/// The parts of one stream (x or context) of a joint block after the attention.
+struct StreamTail {
+    /// The projected attention output (the first gated residual's `y`).
+    proj: DevBuf<bf16>,
+    /// After the attention residual(s): the MLP's adaLN input.
+    mid: DevBuf<bf16>,
+    ln_mlp: Ln,
+    /// fc1's pre-activation (GELU aux) and its GELU output.
+    fc1_pre: DevBuf<bf16>,
+    fc1_out: DevBuf<bf16>,
+    fc2_out: DevBuf<bf16>,
+}
+
+/// The MMDiT-X second attention of an x stream.
+struct Dual {
+    ln: Ln,
+    attn: Attn,
+    proj: DevBuf<bf16>,
+}
+
+struct BlockSaved {
+    x_in: DevBuf<bf16>,
+    ctx_in: DevBuf<bf16>,
+    x_chunks: Vec<DevBuf<bf16>>,
+    c_chunks: Vec<DevBuf<bf16>>,
+    x_ln: Ln,
+    c_ln: Ln,
+    attn: Attn,
+    dual: Option<Dual>,
+    x_tail: StreamTail,
+    /// `None` in the last block, which updates only x.
+    c_tail: Option<StreamTail>,
+}
+
+/// What the backward reads of one forward.
+pub struct Saved {
+    batch: usize,
+    height: usize,
+    width: usize,
+    context_len: usize,
+    x_tokens: DevBuf<bf16>,
+    t_pre: DevBuf<bf16>,
+    t_act: DevBuf<bf16>,
+    y_pre: DevBuf<bf16>,
+    y_act: DevBuf<bf16>,
+    cond: DevBuf<bf16>,
+    silu_c: DevBuf<bf16>,
+    blocks: Vec<BlockSaved>,
+    final_chunks: Vec<DevBuf<bf16>>,
+    final_in: DevBuf<bf16>,
+    final_ln: Ln,
+}
+
+/// A forward's velocity `[B, C_out, H, W]` (bf16) and, when asked for, what its backward needs.
+pub struct Forward {
+    pub velocity: DevBuf<bf16>,
+    pub saved: Option<Saved>,
+}
+
+fn invalid(msg: String) -> KernelError {
+    KernelError::Invalid(msg)
+}
+
+impl DeviceMmdit {
+    /// Uploads a CPU model's parameters (its current values) as f32 masters and bf16 weights.
+    pub fn new(dev: &KernelDevice, model: &Mmdit) -> KernelResult<DeviceMmdit> {
+        let tensors = model.params.tensors();
+        let mut slots = BTreeMap::new();
+        let mut total = 0usize;
+        for (name, t) in &tensors {
+            slots.insert(
+                name.clone(),
+                Slot {
+                    offset: total,
+                    shape: t.shape().to_vec(),
+                },
+            );
+            total += t.numel().div_ceil(ALIGN) * ALIGN;
+        }
+        let mut host = vec![0f32; total.max(1)];
+        for (name, t) in &tensors {
+            let s = &slots[name];
+            host[s.offset..s.offset + s.numel()].copy_from_slice(t.f32s());
+        }
+        let master = dev.upload(&host)?;
+        let weights = ew::cast_f32_to_bf16(dev, &master)?;
+        let grads = dev.zeros::<f32>(host.len())?;
+        Ok(DeviceMmdit {
+            config: model.config.clone(),
+            dev: dev.clone(),
+            slots,
+            master,
+            weights,
+            grads,
+        })
+    }
+
+    /// Every parameter's slot, by name.
+    pub fn slots(&self) -> &BTreeMap<String, Slot> {
+        &self.slots
+    }
+
+    fn slot(&self, name: &str) -> KernelResult<&Slot> {
+        self.slots
+            .get(name)
+            .ok_or_else(|| invalid(format!("the model has no parameter {name:?}")))
+    }
+
+    fn weight(&self, name: &str) -> KernelResult<DevView<'_, bf16>> {
+        let s = self.slot(name)?;
+        self.weights.view(s.offset, s.numel())
+    }
+
+    fn grad(&self, name: &str) -> KernelResult<DevView<'_, f32>> {
+        let s = self.slot(name)?;
+        self.grads.view(s.offset, s.numel())
+    }
+
+    pub fn zero_grad(&self) -> KernelResult<()> {
+        self.dev.memset_zero(&self.grads)
+    }
+
+    /// The bf16 weights again from the masters (after the masters changed).
+    pub fn refresh_weights(&self) -> KernelResult<()> {
+        ew::cast_f32_to_bf16_into(&self.dev, &self.weights, &self.master)
+    }
+
+    /// Downloads one flat f32 buffer (masters or gradients) as named tensors.
+    pub fn download_named(&self, flat: &DevBuf<f32>) -> KernelResult<Vec<(String, Tensor)>> {
+        let host = self.dev.download(flat)?;
+        Ok(self
+            .slots
+            .iter()
+            .map(|(name, s)| {
+                let v = host[s.offset..s.offset + s.numel()].to_vec();
+                (name.clone(), Tensor::from_vec(v, &s.shape))
+            })
+            .collect())
+    }
+
+    /// Uploads one batch: latents `[B, C, H, W]`, timesteps `σ·1000`, pooled `[B, P]`, context
+    /// `[B, Lc, Dc]` (host f32, rounded to bf16).
+    pub fn inputs(
+        &self,
+        x: &Tensor,
+        timestep: &[f32],
+        pooled: &Tensor,
+        context: &Tensor,
+    ) -> KernelResult<DeviceInputs> {
+        let c = &self.config;
+        let (&[b, ch, h, w], &[cb, lc, cd], &[pb, pd]) =
+            (x.shape(), context.shape(), pooled.shape())
+        else {
+            return Err(invalid(format!(
+                "MMDiT inputs: x {:?}, context {:?}, pooled {:?} (want [B, C, H, W], [B, L, D], [B, P])",
+                x.shape(),
+                context.shape(),
+                pooled.shape()
+            )));
+        };
+        let ok = ch == c.in_channels
+            && h % c.patch == 0
+            && w % c.patch == 0
+            && h / c.patch <= c.pos_embed_max_size
+            && w / c.patch <= c.pos_embed_max_size
+            && cb == b
+            && pb == b
+            && cd == c.context_dim
+            && pd == c.pooled_dim
+            && timestep.len() == b;
+        if !ok {
+            return Err(invalid(format!(
+                "MMDiT inputs do not fit the model: x {:?}, context {:?}, pooled {:?}, {} timesteps",
+                x.shape(),
+                context.shape(),
+                pooled.shape(),
+                timestep.len()
+            )));
+        }
+        let up = |t: &Tensor| {
+            let v: Vec<bf16> = t.f32s().iter().map(|&f| bf16::from_f32(f)).collect();
+            self.dev.upload(&v)
+        };
+        Ok(DeviceInputs {
+            x: up(x)?,
+            t_features: up(&timestep_features(timestep, c.freq_dim))?,
+            pooled: up(pooled)?,
+            context: up(context)?,
+            batch: b,
+            height: h,
+            width: w,
+            context_len: lc,
+        })
+    }
+
+    // ---- building blocks -------------------------------------------------------------------
+
+    /// `x·Wᵀ + b` over `rows` rows with `{prefix}.weight` (`[out, in…]`) and the optional
+    /// `{prefix}.bias`; `gelu` applies GELU-tanh and also returns the pre-activation.
+    fn linear(
+        &self,
+        x: &DevBuf<bf16>,
+        rows: usize,
+        prefix: &str,
+        gelu: bool,
+    ) -> KernelResult<(DevBuf<bf16>, Option<DevBuf<bf16>>)> {
+        let ws = self.slot(&format!("{prefix}.weight"))?;
+        let out = ws.shape[0];
+        let inp = ws.numel() / out;
+        let w = self.weight(&format!("{prefix}.weight"))?;
+        let bias_name = format!("{prefix}.bias");
+        let bias = if self.slots.contains_key(&bias_name) {
+            Some(self.weight(&bias_name)?)
+        } else {
+            None
+        };
+        if gelu && bias.is_none() {
+            return Err(invalid(format!("{prefix}: the GELU epilogue needs a bias")));
+        }
+        let y = self.dev.alloc::<bf16>(rows * out)?;
+        let aux = if gelu {
+            Some(self.dev.alloc::<bf16>(rows * out)?)
+        } else {
+            None
+        };
+        let epilogue = match (gelu, bias.is_some()) {
+            (true, _) => EpilogueKind::GeluAuxBias,
+            (false, true) => EpilogueKind::Bias,
+            (false, false) => EpilogueKind::None,
+        };
+        let spec = GemmSpec {
+            m: rows,
+            n: out,
+            k: inp,
+            trans_a: false,
+            trans_b: true,
+            epilogue,
+        };
+        let ep = EpilogueBufs {
+            bias: bias.as_deref(),
+            aux: aux.as_ref(),
+            bias_grad: None,
+        };
+        gemm_bf16(&self.dev, spec, x, &w, &y, ep)?;
+        Ok((y, aux))
+    }
+
+    /// Adds `dW = dyᵀ·x` (and, with a bias, `db = Σ dy`) into the gradients of `{prefix}`.
+    fn linear_weight_grad(
+        &self,
+        x: &DevBuf<bf16>,
+        dy: &DevBuf<bf16>,
+        rows: usize,
+        prefix: &str,
+        with_bias: bool,
+    ) -> KernelResult<()> {
+        let ws = self.slot(&format!("{prefix}.weight"))?;
+        let out = ws.shape[0];
+        let inp = ws.numel() / out;
+        let with_bias = with_bias && self.slots.contains_key(&format!("{prefix}.bias"));
+        let dw = self.dev.alloc::<bf16>(out * inp)?;
+        let db = if with_bias {
+            Some(self.dev.alloc::<bf16>(out)?)
+        } else {
+            None
+        };
+        let spec = GemmSpec {
+            m: out,
+            n: inp,
+            k: rows,
+            trans_a: true,
+            trans_b: false,
+            epilogue: if with_bias {
+                EpilogueKind::BgradB
+            } else {
+                EpilogueKind::None
+            },
+        };
+        let ep = EpilogueBufs {
+            bias_grad: db.as_ref(),
+            ..Default::default()
+        };
+        gemm_bf16(&self.dev, spec, dy, x, &dw, ep)?;
+        layout::accumulate_bf16(&self.dev, &*self.grad(&format!("{prefix}.weight"))?, &dw)?;
+        if let Some(db) = db {
+            layout::accumulate_bf16(&self.dev, &*self.grad(&format!("{prefix}.bias"))?, &db)?;
+        }
+        Ok(())
+    }
+
+    /// `dx = dy·W` of `{prefix}`; with `gelu_of = Some((aux, fc1))` the result is multiplied by
+    /// GELU′(aux) (the gradient of fc1's pre-activation) and, with `params`, fc1's bias gradient
+    /// is added.
+    fn linear_input_grad(
+        &self,
+        dy: &DevBuf<bf16>,
+        rows: usize,
+        prefix: &str,
+        gelu_of: Option<(&DevBuf<bf16>, &str)>,
+        params: bool,
+    ) -> KernelResult<DevBuf<bf16>> {
+        let ws = self.slot(&format!("{prefix}.weight"))?;
+        let out = ws.shape[0];
+        let inp = ws.numel() / out;
+        let w = self.weight(&format!("{prefix}.weight"))?;
+        let dx = self.dev.alloc::<bf16>(rows * inp)?;
+        let db = match gelu_of {
+            Some(_) => Some(self.dev.alloc::<bf16>(inp)?),
+            None => None,
+        };
+        let spec = GemmSpec {
+            m: rows,
+            n: inp,
+            k: out,
+            trans_a: false,
+            trans_b: false,
+            epilogue: if gelu_of.is_some() {
+                EpilogueKind::DGeluBgrad
+            } else {
+                EpilogueKind::None
+            },
+        };
+        let ep = EpilogueBufs {
+            aux: gelu_of.map(|(aux, _)| aux),
+            bias_grad: db.as_ref(),
+            ..Default::default()
+        };
+        gemm_bf16(&self.dev, spec, dy, &w, &dx, ep)?;
+        if let (Some((_, fc1)), Some(db), true) = (gelu_of, db, params) {
+            layout::accumulate_bf16(&self.dev, &*self.grad(&format!("{fc1}.bias"))?, &db)?;
+        }
+        Ok(dx)
+    }
+
+    /// `{prefix}.adaLN_modulation.1` of `silu(c)`, split into its `n` chunks `[B, D]`.
+    fn modulation(
+        &self,
+        silu_c: &DevBuf<bf16>,
+        b: usize,
+        prefix: &str,
+        n: usize,
+    ) -> KernelResult<Vec<DevBuf<bf16>>> {
+        let d = self.config.hidden;
+        let (m, _) = self.linear(silu_c, b, &format!("{prefix}.adaLN_modulation.1"), false)?;
+        if m.len() != b * n * d {
+            return Err(invalid(format!(
+                "{prefix}: modulation of {} elements, want {n} chunks of [{b}, {d}]",
+                m.len()
+            )));
+        }
+        (0..n)
+            .map(|j| {
+                let chunk = self.dev.alloc::<bf16>(b * d)?;
+                layout::copy_cols(
+                    &self.dev,
+                    &chunk,
+                    Cols { ld: d, off: 0 },
+                    &m,
+                    Cols {
+                        ld: n * d,
+                        off: j * d,
+                    },
+                    b,
+                    d,
+                )?;
+                Ok(chunk)
+            })
+            .collect()
+    }
+
+    /// Backward of [`Self::modulation`]: chunk gradients (f32 `[B, D]`, `None` = zero) →
+    /// parameter gradients, and `d silu(c)` added into `d_silu_c` (f32: it sums the terms of
+    /// every block, which cancel).
+    fn modulation_bwd(
+        &self,
+        silu_c: &DevBuf<bf16>,
+        b: usize,
+        prefix: &str,
+        dchunks: &[Option<DevBuf<f32>>],
+        d_silu_c: &DevBuf<f32>,
+        params: bool,
+    ) -> KernelResult<()> {
+        let d = self.config.hidden;
+        let n = dchunks.len();
+        let dm = self.dev.zeros::<bf16>(b * n * d)?;
+        for (j, g) in dchunks.iter().enumerate() {
+            if let Some(g) = g {
+                let g16 = ew::cast_f32_to_bf16(&self.dev, g)?;
+                layout::copy_cols(
+                    &self.dev,
+                    &dm,
+                    Cols {
+                        ld: n * d,
+                        off: j * d,
+                    },
+                    &g16,
+                    Cols { ld: d, off: 0 },
+                    b,
+                    d,
+                )?;
+            }
+        }
+        let name = format!("{prefix}.adaLN_modulation.1");
+        if params {
+            self.linear_weight_grad(silu_c, &dm, b, &name, true)?;
+        }
+        let dx = self.linear_input_grad(&dm, b, &name, None, params)?;
+        layout::accumulate_bf16(&self.dev, d_silu_c, &dx)
+    }
+
+    /// q, k, v `[B, L, H, hd]` of `{prefix}` (an `…attn` or `…attn2`) from the modulated `h`.
+    fn qkv(&self, h: &DevBuf<bf16>, rows: usize, prefix: &str) -> KernelResult<Qkv> {
+        let c = &self.config;
+        let d = c.heads * c.head_dim;
+        let (fused, _) = self.linear(h, rows, &format!("{prefix}.qkv"), false)?;
+        let part = |j: usize| -> KernelResult<DevBuf<bf16>> {
+            let out = self.dev.alloc::<bf16>(rows * d)?;
+            layout::copy_cols(
+                &self.dev,
+                &out,
+                Cols { ld: d, off: 0 },
+                &fused,
+                Cols {
+                    ld: 3 * d,
+                    off: j * d,
+                },
+                rows,
+                d,
+            )?;
+            Ok(out)
+        };
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        if !c.qk_norm {
+            return Ok(Qkv {
+                q,
+                k,
+                v,
+                norm: None,
+            });
+        }
+        let norm = |x: &DevBuf<bf16>, which: &str| {
+            let w = self.weight(&format!("{prefix}.{which}.weight"))?;
+            qknorm::rms_norm_fwd(&self.dev, x, &w, (rows * c.heads, c.head_dim), QK_NORM_EPS)
+        };
+        let (qn, rq) = norm(&q, "ln_q")?;
+        let (kn, rk) = norm(&k, "ln_k")?;
+        Ok(Qkv {
+            q: qn,
+            k: kn,
+            v,
+            norm: Some([(q, rq), (k, rk)]),
+        })
+    }
+
+    /// Backward of [`Self::qkv`] (which read `input`) from the gradients of q, k, v: returns `dh`.
+    fn qkv_bwd(
+        &self,
+        s: &Qkv,
+        input: &DevBuf<bf16>,
+        rows: usize,
+        prefix: &str,
+        [dq, dk, dv]: [&DevBuf<bf16>; 3],
+        params: bool,
+    ) -> KernelResult<DevBuf<bf16>> {
+        let c = &self.config;
+        let d = c.heads * c.head_dim;
+        let denorm = |pre: &(DevBuf<bf16>, DevBuf<f32>), dy: &DevBuf<bf16>, which: &str| {
+            let name = format!("{prefix}.{which}.weight");
+            let w = self.weight(&name)?;
+            let (dx, dw) = qknorm::rms_norm_bwd(
+                &self.dev,
+                &pre.0,
+                &w,
+                &pre.1,
+                dy,
+                (rows * c.heads, c.head_dim),
+            )?;
+            if params {
+                layout::accumulate_f32(&self.dev, &*self.grad(&name)?, &dw)?;
+            }
+            KernelResult::Ok(dx)
+        };
+        let (dq_pre, dk_pre) = match &s.norm {
+            Some([qn, kn]) => (Some(denorm(qn, dq, "ln_q")?), Some(denorm(kn, dk, "ln_k")?)),
+            None => (None, None),
+        };
+        let dq = dq_pre.as_ref().unwrap_or(dq);
+        let dk = dk_pre.as_ref().unwrap_or(dk);
+        let dfused = self.dev.alloc::<bf16>(rows * 3 * d)?;
+        for (j, g) in [dq, dk, dv].into_iter().enumerate() {
+            layout::copy_cols(
+                &self.dev,
+                &dfused,
+                Cols {
+                    ld: 3 * d,
+                    off: j * d,
+                },
+                g,
+                Cols { ld: d, off: 0 },
+                rows,
+                d,
+            )?;
+        }
+        let name = format!("{prefix}.qkv");
+        if params {
+            self.linear_weight_grad(input, &dfused, rows, &name, true)?;
+        }
+        self.linear_input_grad(&dfused, rows, &name, None, params)
+    }
+
+    fn ln(
+        &self,
+        x: &DevBuf<bf16>,
+        shift: &DevBuf<bf16>,
+        scale: &DevBuf<bf16>,
+        dims: (usize, usize, usize),
+    ) -> KernelResult<Ln> {
+        let (y, mean, rstd) = adaln::adaln_modulate_fwd(&self.dev, x, shift, scale, dims, LN_EPS)?;
+        Ok(Ln { y, mean, rstd })
+    }
+
+    /// Backward of [`Self::ln`] (its `scale` chunk given): `(dx, dshift, dscale)`.
+    fn ln_bwd(
+        &self,
+        x: &DevBuf<bf16>,
+        scale: &DevBuf<bf16>,
+        ln: &Ln,
+        dy: &DevBuf<bf16>,
+        dims: (usize, usize, usize),
+    ) -> KernelResult<(DevBuf<bf16>, DevBuf<f32>, DevBuf<f32>)> {
+        adaln::adaln_modulate_bwd(&self.dev, x, scale, &ln.mean, &ln.rstd, dy, dims)
+    }
+
+    fn attention(&self, a: Qkv, b: Qkv, dims: AttnDims) -> KernelResult<Attn> {
+        let (oa, ob, lse) =
+            attn::joint_attention_fwd(&self.dev, &a.q, &a.k, &a.v, &b.q, &b.k, &b.v, dims)?;
+        Ok(Attn {
+            a,
+            b,
+            oa,
+            ob,
+            lse,
+            dims,
+        })
+    }
+
+    fn attention_bwd(
+        &self,
+        s: &Attn,
+        doa: &DevBuf<bf16>,
+        dob: &DevBuf<bf16>,
+    ) -> KernelResult<[DevBuf<bf16>; 6]> {
+        let (a, b) = (&s.a, &s.b);
+        attn::joint_attention_bwd(
+            &self.dev, &a.q, &a.k, &a.v, &b.q, &b.k, &b.v, &s.oa, &s.ob, &s.lse, doa, dob, s.dims,
+        )
+    }
+
+    /// A zero-token stream (the missing context of an image-only attention).
+    fn empty_qkv(&self) -> KernelResult<Qkv> {
+        Ok(Qkv {
+            q: self.dev.alloc(0)?,
+            k: self.dev.alloc(0)?,
+            v: self.dev.alloc(0)?,
+            norm: None,
+        })
+    }
+
+    /// A stream's MLP half: `mid + gate·fc2(GELU(fc1(adaLN(mid))))` with chunks 3, 4, 5.
+    fn mlp_tail(
+        &self,
+        mid: DevBuf<bf16>,
+        proj: DevBuf<bf16>,
+        chunks: &[DevBuf<bf16>],
+        prefix: &str,
+        (b, l): (usize, usize),
+    ) -> KernelResult<(DevBuf<bf16>, StreamTail)> {
+        let dims = (b, l, self.config.hidden);
+        let ln_mlp = self.ln(&mid, &chunks[3], &chunks[4], dims)?;
+        let (fc1_out, fc1_pre) =
+            self.linear(&ln_mlp.y, b * l, &format!("{prefix}.mlp.fc1"), true)?;
+        let (fc2_out, _) = self.linear(&fc1_out, b * l, &format!("{prefix}.mlp.fc2"), false)?;
+        let out = adaln::gated_residual_fwd(&self.dev, &mid, &chunks[5], &fc2_out, dims)?;
+        let fc1_pre = fc1_pre.ok_or_else(|| invalid("fc1 without its GELU input".into()))?;
+        Ok((
+            out,
+            StreamTail {
+                proj,
+                mid,
+                ln_mlp,
+                fc1_pre,
+                fc1_out,
+                fc2_out,
+            },
+        ))
+    }
+
+    /// Backward of [`Self::mlp_tail`] from the stream's output gradient (bf16, and the f32 sum it
+    /// was rounded from): returns `d mid` in f32 and fills the gradients of chunks 3, 4, 5.
+    #[allow(clippy::too_many_arguments)]
+    fn mlp_tail_bwd(
+        &self,
+        t: &StreamTail,
+        chunks: &[DevBuf<bf16>],
+        (dout, dout32): (&DevBuf<bf16>, &DevBuf<f32>),
+        prefix: &str,
+        (b, l): (usize, usize),
+        dchunks: &mut [Option<DevBuf<f32>>],
+        params: bool,
+    ) -> KernelResult<DevBuf<f32>> {
+        let dims = (b, l, self.config.hidden);
+        let rows = b * l;
+        let (fc1, fc2) = (format!("{prefix}.mlp.fc1"), format!("{prefix}.mlp.fc2"));
+        let (dgate, dh2) =
+            adaln::gated_residual_bwd(&self.dev, &chunks[5], &t.fc2_out, dout, dims)?;
+        dchunks[5] = Some(dgate);
+        if params {
+            self.linear_weight_grad(&t.fc1_out, &dh2, rows, &fc2, true)?;
+        }
+        let dpre = self.linear_input_grad(&dh2, rows, &fc2, Some((&t.fc1_pre, &fc1)), params)?;
+        if params {
+            // fc1's bias gradient came with the GELU epilogue above
+            self.linear_weight_grad(&t.ln_mlp.y, &dpre, rows, &fc1, false)?;
+        }
+        let dln = self.linear_input_grad(&dpre, rows, &fc1, None, params)?;
+        let (dmid, dshift, dscale) = self.ln_bwd(&t.mid, &chunks[4], &t.ln_mlp, &dln, dims)?;
+        dchunks[3] = Some(dshift);
+        dchunks[4] = Some(dscale);
+        let dmid32 = self.dev.alloc::<f32>(dout32.len())?;
+        ew::copy(&self.dev, &dmid32, dout32)?;
+        layout::accumulate_bf16(&self.dev, &dmid32, &dmid)?;
+        Ok(dmid32)
+    }
+
+    // ---- the network -------------------------------------------------------------------------
+
+    /// Joint block `i` (as the CPU model's `joint_block`): returns the new x, the new context
+    /// (`None` after the last block, which updates only x) and what the backward reads.
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        &self,
+        i: usize,
+        x: DevBuf<bf16>,
+        ctx: DevBuf<bf16>,
+        silu_c: &DevBuf<bf16>,
+        (b, lx, lc): (usize, usize, usize),
+    ) -> KernelResult<(DevBuf<bf16>, Option<DevBuf<bf16>>, BlockSaved)> {
+        let c = &self.config;
+        let d = c.hidden;
+        let pre_only = i + 1 == c.depth;
+        let dual = c.dual_attention_blocks.contains(&i);
+        let xp = format!("joint_blocks.{i}.x_block");
+        let cp = format!("joint_blocks.{i}.context_block");
+        let (dx3, dc3) = ((b, lx, d), (b, lc, d));
+
+        let c_chunks = self.modulation(silu_c, b, &cp, if pre_only { 2 } else { 6 })?;
+        let x_chunks = self.modulation(silu_c, b, &xp, if dual { 9 } else { 6 })?;
+        let c_ln = self.ln(&ctx, &c_chunks[0], &c_chunks[1], dc3)?;
+        let x_ln = self.ln(&x, &x_chunks[0], &x_chunks[1], dx3)?;
+        let cq = self.qkv(&c_ln.y, b * lc, &format!("{cp}.attn"))?;
+        let xq = self.qkv(&x_ln.y, b * lx, &format!("{xp}.attn"))?;
+        let dims = AttnDims {
+            b,
+            la: lc,
+            lb: lx,
+            h: c.heads,
+            d: c.head_dim,
+        };
+        let attn = self.attention(cq, xq, dims)?;
+
+        let (x_proj, _) = self.linear(&attn.ob, b * lx, &format!("{xp}.attn.proj"), false)?;
+        let mut x_mid = adaln::gated_residual_fwd(&self.dev, &x, &x_chunks[2], &x_proj, dx3)?;
+        let dual = if dual {
+            let ln = self.ln(&x, &x_chunks[6], &x_chunks[7], dx3)?;
+            let q2 = self.qkv(&ln.y, b * lx, &format!("{xp}.attn2"))?;
+            let dims2 = AttnDims { la: 0, ..dims };
+            let attn = self.attention(self.empty_qkv()?, q2, dims2)?;
+            let (proj, _) = self.linear(&attn.ob, b * lx, &format!("{xp}.attn2.proj"), false)?;
+            x_mid = adaln::gated_residual_fwd(&self.dev, &x_mid, &x_chunks[8], &proj, dx3)?;
+            Some(Dual { ln, attn, proj })
+        } else {
+            None
+        };
+        let (x_out, x_tail) = self.mlp_tail(x_mid, x_proj, &x_chunks, &xp, (b, lx))?;
+
+        let (ctx_out, c_tail) = if pre_only {
+            (None, None)
+        } else {
+            let (proj, _) = self.linear(&attn.oa, b * lc, &format!("{cp}.attn.proj"), false)?;
+            let mid = adaln::gated_residual_fwd(&self.dev, &ctx, &c_chunks[2], &proj, dc3)?;
+            let (out, tail) = self.mlp_tail(mid, proj, &c_chunks, &cp, (b, lc))?;
+            (Some(out), Some(tail))
+        };
+        let saved = BlockSaved {
+            x_in: x,
+            ctx_in: ctx,
+            x_chunks,
+            c_chunks,
+            x_ln,
+            c_ln,
+            attn,
+            dual,
+            x_tail,
+            c_tail,
+        };
+        Ok((x_out, ctx_out, saved))
+    }
+
+    /// The velocity `[B, C_out, H, W]`; `keep` keeps what [`Self::backward`] needs.
+    pub fn forward(&self, inputs: &DeviceInputs, keep: bool) -> KernelResult<Forward> {
+        let c = &self.config;
+        let d = c.hidden;
+        let (b, h, w, lc) = (
+            inputs.batch,
+            inputs.height,
+            inputs.width,
+            inputs.context_len,
+        );
+        let (gh, gw) = (h / c.patch, w / c.patch);
+        let lx = gh * gw;
+
+        let x_tokens = self.dev.alloc::<bf16>(b * c.in_channels * h * w)?;
+        let img = (b, c.in_channels, h, w);
+        layout::patchify(&self.dev, &x_tokens, &inputs.x, img, c.patch, false, true)?;
+        let (mut x, _) = self.linear(&x_tokens, b * lx, "x_embedder.proj", false)?;
+        layout::add_pos_embed(
+            &self.dev,
+            &x,
+            &*self.weight("pos_embed")?,
+            self.crop(b, gh, gw),
+        )?;
+
+        let silu = |t: &DevBuf<bf16>| ew::activation_fwd(&self.dev, t, Activation::Silu);
+        let (t_pre, _) = self.linear(&inputs.t_features, b, "t_embedder.mlp.0", false)?;
+        let t_act = silu(&t_pre)?;
+        let (t_emb, _) = self.linear(&t_act, b, "t_embedder.mlp.2", false)?;
+        let (y_pre, _) = self.linear(&inputs.pooled, b, "y_embedder.mlp.0", false)?;
+        let y_act = silu(&y_pre)?;
+        let (y_emb, _) = self.linear(&y_act, b, "y_embedder.mlp.2", false)?;
+        layout::add(&self.dev, &t_emb, &t_emb, &y_emb)?;
+        let cond = t_emb;
+        let silu_c = silu(&cond)?;
+        let (mut ctx, _) = self.linear(&inputs.context, b * lc, "context_embedder", false)?;
+
+        let mut blocks = Vec::new();
+        for i in 0..c.depth {
+            let (nx, nctx, saved) = self.block(i, x, ctx, &silu_c, (b, lx, lc))?;
+            x = nx;
+            ctx = match nctx {
+                Some(n) => n,
+                None => self.dev.alloc(0)?,
+            };
+            if keep {
+                blocks.push(saved);
+            }
+        }
+        let final_chunks = self.modulation(&silu_c, b, "final_layer", 2)?;
+        let final_ln = self.ln(&x, &final_chunks[0], &final_chunks[1], (b, lx, d))?;
+        let (tokens, _) = self.linear(&final_ln.y, b * lx, "final_layer.linear", false)?;
+        let velocity = self.dev.alloc::<bf16>(b * c.out_channels * h * w)?;
+        let out = (b, c.out_channels, h, w);
+        layout::patchify(&self.dev, &velocity, &tokens, out, c.patch, true, false)?;
+        let saved = keep.then_some(Saved {
+            batch: b,
+            height: h,
+            width: w,
+            context_len: lc,
+            x_tokens,
+            t_pre,
+            t_act,
+            y_pre,
+            y_act,
+            cond,
+            silu_c,
+            blocks,
+            final_chunks,
+            final_in: x,
+            final_ln,
+        });
+        Ok(Forward { velocity, saved })
+    }
+
+    /// The centred crop of the position grid for a `gh × gw` patch grid.
+    fn crop(&self, b: usize, gh: usize, gw: usize) -> PosCrop {
+        let p = self.config.pos_embed_max_size;
+        PosCrop {
+            b,
+            gh,
+            gw,
+            d: self.config.hidden,
+            p,
+            top: (p - gh) / 2,
+            left: (p - gw) / 2,
+        }
+    }
+
+    /// Backward of one joint block from the gradients of its outputs (`dctx_out` is zeros for
+    /// the last block): returns the gradients of its inputs and adds `d silu(c)`. The residual
+    /// streams' gradients are carried in f32 (each block adds three or four terms into them) and
+    /// rounded to bf16 where a kernel reads them.
+    #[allow(clippy::too_many_arguments)]
+    fn block_bwd(
+        &self,
+        i: usize,
+        s: &BlockSaved,
+        dx_out: &DevBuf<f32>,
+        dctx_out: &DevBuf<f32>,
+        silu_c: &DevBuf<bf16>,
+        d_silu_c: &DevBuf<f32>,
+        (b, lx, lc): (usize, usize, usize),
+        params: bool,
+    ) -> KernelResult<(DevBuf<f32>, DevBuf<f32>)> {
+        let round = |g: &DevBuf<f32>| ew::cast_f32_to_bf16(&self.dev, g);
+        let d = self.config.hidden;
+        let xp = format!("joint_blocks.{i}.x_block");
+        let cp = format!("joint_blocks.{i}.context_block");
+        let (dx3, dc3) = ((b, lx, d), (b, lc, d));
+        let (xc, cc) = (&s.x_chunks, &s.c_chunks);
+        let mut dxc: Vec<Option<DevBuf<f32>>> = (0..xc.len()).map(|_| None).collect();
+        let mut dcc: Vec<Option<DevBuf<f32>>> = (0..cc.len()).map(|_| None).collect();
+
+        // x stream, back to the attention outputs
+        let dx_out16 = round(dx_out)?;
+        let dx_in = self.mlp_tail_bwd(
+            &s.x_tail,
+            xc,
+            (&dx_out16, dx_out),
+            &xp,
+            (b, lx),
+            &mut dxc,
+            params,
+        )?;
+        let dx_mid = round(&dx_in)?;
+        if let Some(du) = &s.dual {
+            let (dgate, dproj) =
+                adaln::gated_residual_bwd(&self.dev, &xc[8], &du.proj, &dx_mid, dx3)?;
+            dxc[8] = Some(dgate);
+            let name = format!("{xp}.attn2.proj");
+            if params {
+                self.linear_weight_grad(&du.attn.ob, &dproj, b * lx, &name, true)?;
+            }
+            let dob = self.linear_input_grad(&dproj, b * lx, &name, None, params)?;
+            let none = self.dev.alloc::<bf16>(0)?;
+            let [_, _, _, dq, dk, dv] = self.attention_bwd(&du.attn, &none, &dob)?;
+            let dh = self.qkv_bwd(
+                &du.attn.b,
+                &du.ln.y,
+                b * lx,
+                &format!("{xp}.attn2"),
+                [&dq, &dk, &dv],
+                params,
+            )?;
+            let (dx, dshift, dscale) = self.ln_bwd(&s.x_in, &xc[7], &du.ln, &dh, dx3)?;
+            dxc[6] = Some(dshift);
+            dxc[7] = Some(dscale);
+            layout::accumulate_bf16(&self.dev, &dx_in, &dx)?;
+        }
+        let (dgate, dproj) =
+            adaln::gated_residual_bwd(&self.dev, &xc[2], &s.x_tail.proj, &dx_mid, dx3)?;
+        dxc[2] = Some(dgate);
+        let name = format!("{xp}.attn.proj");
+        if params {
+            self.linear_weight_grad(&s.attn.ob, &dproj, b * lx, &name, true)?;
+        }
+        let dox = self.linear_input_grad(&dproj, b * lx, &name, None, params)?;
+
+        // context stream, back to the attention outputs
+        let (doc, dctx_in) = match &s.c_tail {
+            Some(t) => {
+                let dout16 = round(dctx_out)?;
+                let dmid32 =
+                    self.mlp_tail_bwd(t, cc, (&dout16, dctx_out), &cp, (b, lc), &mut dcc, params)?;
+                let dmid = round(&dmid32)?;
+                let (dgate, dproj) =
+                    adaln::gated_residual_bwd(&self.dev, &cc[2], &t.proj, &dmid, dc3)?;
+                dcc[2] = Some(dgate);
+                let name = format!("{cp}.attn.proj");
+                if params {
+                    self.linear_weight_grad(&s.attn.oa, &dproj, b * lc, &name, true)?;
+                }
+                (
+                    self.linear_input_grad(&dproj, b * lc, &name, None, params)?,
+                    dmid32,
+                )
+            }
+            // the last block passes the context through unused: its gradient is zero
+            None => (
+                self.dev.zeros::<bf16>(b * lc * d)?,
+                self.dev.zeros(b * lc * d)?,
+            ),
+        };
+
+        // the joint attention and both streams' qkv and first adaLN
+        let [dqa, dka, dva, dqb, dkb, dvb] = self.attention_bwd(&s.attn, &doc, &dox)?;
+        let dhx = self.qkv_bwd(
+            &s.attn.b,
+            &s.x_ln.y,
+            b * lx,
+            &format!("{xp}.attn"),
+            [&dqb, &dkb, &dvb],
+            params,
+        )?;
+        let dhc = self.qkv_bwd(
+            &s.attn.a,
+            &s.c_ln.y,
+            b * lc,
+            &format!("{cp}.attn"),
+            [&dqa, &dka, &dva],
+            params,
+        )?;
+        let (dx, dshift, dscale) = self.ln_bwd(&s.x_in, &xc[1], &s.x_ln, &dhx, dx3)?;
+        dxc[0] = Some(dshift);
+        dxc[1] = Some(dscale);
+        layout::accumulate_bf16(&self.dev, &dx_in, &dx)?;
+        let (dc, dshift, dscale) = self.ln_bwd(&s.ctx_in, &cc[1], &s.c_ln, &dhc, dc3)?;
+        dcc[0] = Some(dshift);
+        dcc[1] = Some(dscale);
+        layout::accumulate_bf16(&self.dev, &dctx_in, &dc)?;
+
+        self.modulation_bwd(silu_c, b, &xp, &dxc, d_silu_c, params)?;
+        self.modulation_bwd(silu_c, b, &cp, &dcc, d_silu_c, params)?;
+        Ok((dx_in, dctx_in))
+    }
+
+    /// Backward from `d velocity` (`[B, C_out, H, W]`, bf16): the inputs' gradients, and with
+    /// `params` every parameter's gradient added into [`Self::grads`] (`false` for a frozen
+    /// model that only passes gradients through, as the GAN term's fake-score backbone).
+    pub fn backward(
+        &self,
+        inputs: &DeviceInputs,
+        s: &Saved,
+        dvelocity: &DevBuf<bf16>,
+        params: bool,
+    ) -> KernelResult<InputGrads> {
+        let c = &self.config;
+        let d = c.hidden;
+        let (b, h, w, lc) = (s.batch, s.height, s.width, s.context_len);
+        let (gh, gw) = (h / c.patch, w / c.patch);
+        let lx = gh * gw;
+        if s.blocks.len() != c.depth || dvelocity.len() != b * c.out_channels * h * w {
+            return Err(invalid(
+                "MMDiT backward: the forward kept nothing, or the velocity gradient's shape differs"
+                    .into(),
+            ));
+        }
+
+        let dtokens = self.dev.alloc::<bf16>(dvelocity.len())?;
+        let out = (b, c.out_channels, h, w);
+        layout::patchify(&self.dev, &dtokens, dvelocity, out, c.patch, true, true)?;
+        if params {
+            self.linear_weight_grad(&s.final_ln.y, &dtokens, b * lx, "final_layer.linear", true)?;
+        }
+        let dln = self.linear_input_grad(&dtokens, b * lx, "final_layer.linear", None, params)?;
+        let (dx16, dshift, dscale) = self.ln_bwd(
+            &s.final_in,
+            &s.final_chunks[1],
+            &s.final_ln,
+            &dln,
+            (b, lx, d),
+        )?;
+        let mut dx = ew::cast_bf16_to_f32(&self.dev, &dx16)?;
+        let d_silu_c = self.dev.zeros::<f32>(b * d)?;
+        let dfinal = [Some(dshift), Some(dscale)];
+        self.modulation_bwd(&s.silu_c, b, "final_layer", &dfinal, &d_silu_c, params)?;
+
+        let mut dctx = self.dev.zeros::<f32>(b * lc * d)?;
+        for i in (0..c.depth).rev() {
+            let dims = (b, lx, lc);
+            let (nx, nc) = self.block_bwd(
+                i,
+                &s.blocks[i],
+                &dx,
+                &dctx,
+                &s.silu_c,
+                &d_silu_c,
+                dims,
+                params,
+            )?;
+            dx = nx;
+            dctx = nc;
+        }
+        let dx = ew::cast_f32_to_bf16(&self.dev, &dx)?;
+        let dctx = ew::cast_f32_to_bf16(&self.dev, &dctx)?;
+        let d_silu_c = ew::cast_f32_to_bf16(&self.dev, &d_silu_c)?;
+
+        if params {
+            self.linear_weight_grad(&inputs.context, &dctx, b * lc, "context_embedder", true)?;
+        }
+        let dcontext = self.linear_input_grad(&dctx, b * lc, "context_embedder", None, params)?;
+
+        let dcond = ew::activation_bwd(&self.dev, &s.cond, &d_silu_c, Activation::Silu)?;
+        let embedder =
+            |pre: &DevBuf<bf16>, act: &DevBuf<bf16>, input: &DevBuf<bf16>, name: &str| {
+                let (l0, l2) = (format!("{name}.mlp.0"), format!("{name}.mlp.2"));
+                if params {
+                    self.linear_weight_grad(act, &dcond, b, &l2, true)?;
+                }
+                let dact = self.linear_input_grad(&dcond, b, &l2, None, params)?;
+                let dpre = ew::activation_bwd(&self.dev, pre, &dact, Activation::Silu)?;
+                if params {
+                    self.linear_weight_grad(input, &dpre, b, &l0, true)?;
+                }
+                self.linear_input_grad(&dpre, b, &l0, None, params)
+            };
+        embedder(&s.t_pre, &s.t_act, &inputs.t_features, "t_embedder")?;
+        let dpooled = embedder(&s.y_pre, &s.y_act, &inputs.pooled, "y_embedder")?;
+
+        if params {
+            let crop = self.crop(b, gh, gw);
+            layout::pos_embed_grad(&self.dev, &*self.grad("pos_embed")?, &dx, crop)?;
+            self.linear_weight_grad(&s.x_tokens, &dx, b * lx, "x_embedder.proj", true)?;
+        }
+        let dx_tokens = self.linear_input_grad(&dx, b * lx, "x_embedder.proj", None, params)?;
+        let dimage = self.dev.alloc::<bf16>(dx_tokens.len())?;
+        let img = (b, c.in_channels, h, w);
+        layout::patchify(&self.dev, &dimage, &dx_tokens, img, c.patch, false, false)?;
+        Ok(InputGrads {
+            x: dimage,
+            pooled: dpooled,
+            context: dcontext,
+        })
+    }
+}

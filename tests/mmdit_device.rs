@@ -1,0 +1,408 @@
+//! The device MMDiT (`mmdit::device`: bf16 weights and activations, f32 masters and gradients)
+//! against the CPU oracle, through the SIMT emulator here and on the GPU when there is one:
+//! the output, the inputs' gradients and every parameter's gradient within bf16 tolerance
+//! (relative L2 ≤ 2e-2, issue 8).
+//!
+//! * A random head-dim-64 model (the fused attention kernels, an MMDiT-X block, a cropped
+//!   position grid) against the CPU model: every tensor within 2e-2.
+//! * The reference fixtures (head dim 16: the attention fallback; MMDiT-X blocks) against the
+//!   reference's own values. Their weights make some gradients sensitive beyond what bf16 can
+//!   hold: the f32 CPU model run on the weights and inputs merely *rounded* to bf16 already misses
+//!   2e-2 on some tensors (`sd35m_tiny`: dx 1.5e-2, parameter gradients median 1.3e-2, worst
+//!   3.3e-2). That run is the floor; each tensor must be within max(2e-2, 4 × its floor).
+//!   Gradients below 1e-4 of the largest parameter gradient's norm are cancellation residue
+//!   (`sd35m_tiny`'s block-1 image-only attention: q/k gradients 1e-5 of its v gradient, nearly
+//!   one-hot rows) that bf16 activations cannot resolve; they must be within 0.5 — a missing or
+//!   wrong term shows as ≥ 1 (before the fallback's exact row term they were at 10–30).
+
+use advdmd::autograd::backward;
+use advdmd::checkpoint::SafetensorsFile;
+use advdmd::device::kernel::{DevBuf, KernelDevice};
+use advdmd::mmdit::checkpoint::diffusers_part;
+use advdmd::mmdit::device::DeviceMmdit;
+use advdmd::mmdit::init::init_params;
+use advdmd::mmdit::layout::original_to_diffusers;
+use advdmd::mmdit::{Mmdit, MmditCheckpoint, MmditConfig, MmditInputs};
+use advdmd::{Rng, Tensor, Var};
+use half::bf16;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// bf16 tolerance on outputs and gradients (relative L2).
+const TOL: f64 = 2e-2;
+
+/// How far above the bf16-rounding floor a fixture tensor may be (the device also rounds every
+/// activation to bf16, which the floor run does not).
+const FLOOR_FACTOR: f64 = 4.0;
+
+/// Below this fraction of the largest parameter gradient's norm a gradient is cancellation
+/// residue, held to [`RESIDUE_TOL`].
+const RESIDUE_NORM: f64 = 1e-4;
+const RESIDUE_TOL: f64 = 0.5;
+
+fn l2(t: &Tensor) -> f64 {
+    t.f32s()
+        .iter()
+        .map(|&v| (v as f64) * (v as f64))
+        .sum::<f64>()
+        .sqrt()
+}
+
+fn round_bf16(t: &Tensor) -> Tensor {
+    let v = t
+        .f32s()
+        .iter()
+        .map(|&x| bf16::from_f32(x).to_f32())
+        .collect();
+    Tensor::from_vec(v, t.shape())
+}
+
+fn devices() -> Vec<KernelDevice> {
+    let mut d = vec![KernelDevice::emulator()];
+    match KernelDevice::gpu_if_available() {
+        Some(g) => d.push(g),
+        None => eprintln!("mmdit_device: no usable GPU here; GPU checks skipped (emulator only)"),
+    }
+    d
+}
+
+fn to_bf16(t: &Tensor) -> Vec<bf16> {
+    t.f32s().iter().map(|&x| bf16::from_f32(x)).collect()
+}
+
+fn download(dev: &KernelDevice, b: &DevBuf<bf16>, shape: &[usize]) -> Tensor {
+    let v: Vec<f32> = dev
+        .download(b)
+        .unwrap()
+        .iter()
+        .map(|x| x.to_f32())
+        .collect();
+    Tensor::from_vec(v, shape)
+}
+
+struct Check {
+    what: String,
+    failures: Vec<String>,
+}
+
+impl Check {
+    fn new(what: String) -> Check {
+        Check {
+            what,
+            failures: vec![],
+        }
+    }
+    fn rel(&mut self, name: &str, got: &Tensor, want: &Tensor) -> f64 {
+        self.within(name, got, want, TOL)
+    }
+    fn within(&mut self, name: &str, got: &Tensor, want: &Tensor, tol: f64) -> f64 {
+        let err = got.rel_l2(want);
+        if err.is_nan() || err > tol {
+            let norm = |t: &Tensor| t.f32s().iter().map(|v| (v * v) as f64).sum::<f64>().sqrt();
+            println!(
+                "  {name:<64} {err:.3e} > {tol:.3e}  FAIL (|got| {:.3e}, |want| {:.3e})",
+                norm(got),
+                norm(want)
+            );
+            self.failures.push(format!("{name}: {err:.3e} > {tol:.3e}"));
+        }
+        err
+    }
+    fn finish(self) {
+        assert!(
+            self.failures.is_empty(),
+            "{}: {} comparisons above their bound: {:?}",
+            self.what,
+            self.failures.len(),
+            self.failures
+        );
+    }
+}
+
+/// The device model's forward and backward for `x, t, pooled, context` seeded with `seed`:
+/// (velocity, dx, dpooled, dcontext, named parameter gradients).
+fn device_run(
+    dev: &KernelDevice,
+    model: &Mmdit,
+    (x, t, pooled, ctx): (&Tensor, &[f32], &Tensor, &Tensor),
+    seed: &Tensor,
+) -> (Tensor, Tensor, Tensor, Tensor, Vec<(String, Tensor)>) {
+    let m = DeviceMmdit::new(dev, model).unwrap();
+    let inputs = m.inputs(x, t, pooled, ctx).unwrap();
+    let fwd = m.forward(&inputs, true).unwrap();
+    let dv = dev.upload(&to_bf16(seed)).unwrap();
+    let g = m
+        .backward(&inputs, fwd.saved.as_ref().unwrap(), &dv, true)
+        .unwrap();
+    (
+        download(dev, &fwd.velocity, seed.shape()),
+        download(dev, &g.x, x.shape()),
+        download(dev, &g.pooled, pooled.shape()),
+        download(dev, &g.context, ctx.shape()),
+        m.download_named(&m.grads).unwrap(),
+    )
+}
+
+/// The f32 CPU model on bf16-rounded weights, inputs and seed: output, dx, dcontext and the
+/// parameter gradients in the diffusers layout (what the fixture stores).
+fn floor_run(
+    dir: &Path,
+    (x, t, pooled, ctx): (&Tensor, &[f32], &Tensor, &Tensor),
+    seed: &Tensor,
+) -> (Tensor, Tensor, Tensor, BTreeMap<String, Tensor>) {
+    let ckpt = MmditCheckpoint::open(dir.join("original.safetensors")).unwrap();
+    let params = ckpt.load_params().unwrap();
+    for (_, p) in params.iter() {
+        p.set_value(round_bf16(&p.value()));
+    }
+    let model = Mmdit::new(ckpt.config.clone(), params);
+    let (xv, pv, cv) = (
+        Var::input(round_bf16(x)),
+        Var::input(round_bf16(pooled)),
+        Var::input(round_bf16(ctx)),
+    );
+    let out = model.forward(&MmditInputs {
+        x: &xv,
+        timestep: t,
+        pooled: &pv,
+        context: &cv,
+    });
+    let g = backward(&[(&out, round_bf16(seed))]);
+    let mut grads = BTreeMap::new();
+    for (name, p) in model.params.iter() {
+        if let Some(gr) = p.grad() {
+            for (key, part) in original_to_diffusers(name, model.config.depth).unwrap() {
+                grads.insert(key, diffusers_part(&gr, &part));
+            }
+        }
+    }
+    (
+        out.value().clone(),
+        g.get(&xv).unwrap().clone(),
+        g.get(&cv).unwrap().clone(),
+        grads,
+    )
+}
+
+#[test]
+fn the_device_mmdit_matches_the_reference_fixtures() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/mmdit");
+    let mut dirs: Vec<_> = std::fs::read_dir(&root)
+        .unwrap_or_else(|e| panic!("fixtures {}: {e}", root.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("forward_backward.safetensors").is_file())
+        .collect();
+    dirs.sort();
+    assert!(!dirs.is_empty(), "no fixtures in {}", root.display());
+    for dir in &dirs {
+        let ckpt = MmditCheckpoint::open(dir.join("original.safetensors")).unwrap();
+        let model = Mmdit::new(ckpt.config.clone(), ckpt.load_params().unwrap());
+        let fb = SafetensorsFile::open(dir.join("forward_backward.safetensors")).unwrap();
+        let get = |k: &str| fb.load_f32(k, None).unwrap();
+        let (x, ctx, pooled) = (
+            get("hidden_states"),
+            get("encoder_hidden_states"),
+            get("pooled_projections"),
+        );
+        let t = get("timestep").to_vec();
+        let seed = get("grad_seed");
+        let inputs = (&x, t.as_slice(), &pooled, &ctx);
+        let (f_out, f_dx, f_dctx, f_grads) = floor_run(dir, inputs, &seed);
+        for dev in devices() {
+            let (v, dx, _, dctx, grads) = device_run(&dev, &model, inputs, &seed);
+            let mut check = Check::new(format!("{} on {}", dir.display(), dev.name()));
+            let mut compared = 0;
+            let (mut above_tol, mut worst_ratio) = (0, (0f64, String::new()));
+            let largest = fb
+                .names()
+                .iter()
+                .filter(|k| k.starts_with("grad_param."))
+                .map(|k| l2(&get(k)))
+                .fold(0f64, f64::max);
+            let mut compare = |check: &mut Check, name: &str, got: &Tensor, floor: &Tensor| {
+                let want = get(name);
+                let floor_err = floor.rel_l2(&want);
+                let residue = name.starts_with("grad_param.") && l2(&want) < RESIDUE_NORM * largest;
+                let bound = if residue {
+                    RESIDUE_TOL
+                } else {
+                    TOL.max(FLOOR_FACTOR * floor_err)
+                };
+                let err = check.within(name, got, &want, bound);
+                if err > TOL {
+                    above_tol += 1;
+                }
+                if err / floor_err.max(1e-12) > worst_ratio.0 {
+                    worst_ratio = (err / floor_err.max(1e-12), name.to_string());
+                }
+                compared += 1;
+                (err, floor_err)
+            };
+            let e_out = compare(&mut check, "output", &v, &f_out);
+            let e_dx = compare(&mut check, "grad_hidden_states", &dx, &f_dx);
+            let e_dc = compare(&mut check, "grad_encoder_hidden_states", &dctx, &f_dctx);
+            for (name, g) in &grads {
+                if name == "pos_embed" {
+                    continue; // a buffer in the reference: no gradient to compare
+                }
+                for (key, part) in original_to_diffusers(name, model.config.depth).unwrap() {
+                    let key = format!("grad_param.{key}");
+                    let floor = &f_grads[key.strip_prefix("grad_param.").unwrap()];
+                    compare(&mut check, &key, &diffusers_part(g, &part), floor);
+                }
+            }
+            let expected = fb
+                .names()
+                .iter()
+                .filter(|k| k.starts_with("grad_param."))
+                .count();
+            assert_eq!(compared, expected + 3, "tensors compared");
+            println!(
+                "{} on {}: (device error, bf16 floor) output {:.2e} ({:.2e}), dx {:.2e} ({:.2e}), \
+                 dcontext {:.2e} ({:.2e}); {above_tol} of {compared} tensors above {TOL:e}; \
+                 largest device/floor ratio {:.2} ({})",
+                dir.file_name().unwrap().to_string_lossy(),
+                dev.name(),
+                e_out.0,
+                e_out.1,
+                e_dx.0,
+                e_dx.1,
+                e_dc.0,
+                e_dc.1,
+                worst_ratio.0,
+                worst_ratio.1
+            );
+            check.finish();
+        }
+    }
+}
+
+/// A head-dim-64 model (the fused attention kernels) with every parameter random, so that no
+/// zero-initialised modulation hides a path.
+fn random_model() -> Mmdit {
+    let config = MmditConfig {
+        depth: 3,
+        hidden: 128,
+        heads: 2,
+        head_dim: 64,
+        patch: 2,
+        in_channels: 3,
+        out_channels: 3,
+        pos_embed_max_size: 8,
+        context_dim: 40,
+        pooled_dim: 24,
+        freq_dim: 256,
+        mlp_hidden: 512,
+        qk_norm: true,
+        dual_attention_blocks: vec![1],
+    };
+    let mut rng = Rng::new(17);
+    let params = init_params(&config, &mut rng);
+    for (name, p) in params.iter() {
+        let v = p.value();
+        let fan_in = if v.rank() >= 2 {
+            v.numel() / v.shape()[0]
+        } else {
+            16
+        };
+        let std = if name.contains("ln_") {
+            0.2
+        } else {
+            (1.0 / fan_in as f32).sqrt()
+        };
+        let base = if name.contains("ln_") { 1.0 } else { 0.0 };
+        let data: Vec<f32> = (0..v.numel()).map(|_| base + std * rng.normal()).collect();
+        p.set_value(Tensor::from_vec(data, v.shape()));
+        p.set_trainable(true);
+    }
+    Mmdit::new(config, params)
+}
+
+#[test]
+fn the_device_mmdit_matches_the_cpu_model_at_head_dim_64() {
+    let model = random_model();
+    let mut rng = Rng::new(5);
+    let mut randn = |shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        Tensor::from_vec((0..n).map(|_| rng.normal()).collect(), shape)
+    };
+    // a 6×4 patch grid inside the 8×8 position table: the centred crop is off the corner
+    let (x, pooled, ctx) = (randn(&[2, 3, 12, 8]), randn(&[2, 24]), randn(&[2, 7, 40]));
+    let seed = randn(&[2, 3, 12, 8]);
+    let t = [250.0, 875.0];
+
+    let (xv, pv, cv) = (
+        Var::input(x.clone()),
+        Var::input(pooled.clone()),
+        Var::input(ctx.clone()),
+    );
+    let out = model.forward(&MmditInputs {
+        x: &xv,
+        timestep: &t,
+        pooled: &pv,
+        context: &cv,
+    });
+    let cpu = backward(&[(&out, seed.clone())]);
+
+    for dev in devices() {
+        let (v, dx, dp, dc, grads) = device_run(&dev, &model, (&x, &t, &pooled, &ctx), &seed);
+        let mut check = Check::new(format!("head dim 64 on {}", dev.name()));
+        let errs = [
+            check.rel("output", &v, out.value()),
+            check.rel("grad x", &dx, cpu.get(&xv).unwrap()),
+            check.rel("grad pooled", &dp, cpu.get(&pv).unwrap()),
+            check.rel("grad context", &dc, cpu.get(&cv).unwrap()),
+        ];
+        let mut worst = (0f64, String::new());
+        for (name, g) in &grads {
+            let want = model.params.param(name).grad().unwrap_or_else(|| {
+                panic!("the CPU model gave {name} no gradient");
+            });
+            let err = check.rel(&format!("grad {name}"), g, &want);
+            if err > worst.0 || worst.1.is_empty() {
+                worst = (err, name.clone());
+            }
+        }
+        println!(
+            "head dim 64 on {}: output {:.2e}, dx {:.2e}, dpooled {:.2e}, dcontext {:.2e}, worst of {} parameter grads {:.2e} ({})",
+            dev.name(),
+            errs[0],
+            errs[1],
+            errs[2],
+            errs[3],
+            grads.len(),
+            worst.0,
+            worst.1
+        );
+        check.finish();
+    }
+}
+
+#[test]
+fn inputs_that_do_not_fit_are_refused() {
+    let model = random_model();
+    let dev = KernelDevice::emulator();
+    let m = DeviceMmdit::new(&dev, &model).unwrap();
+    let z = |s: &[usize]| Tensor::zeros(s);
+    // 4 channels for a 3-channel model; an odd height; a 20×20 grid beyond the 8×8 table
+    for x in [z(&[1, 4, 8, 8]), z(&[1, 3, 7, 8]), z(&[1, 3, 40, 40])] {
+        assert!(m.inputs(&x, &[1.0], &z(&[1, 24]), &z(&[1, 5, 40])).is_err());
+    }
+    assert!(m
+        .inputs(
+            &z(&[1, 3, 8, 8]),
+            &[1.0, 2.0],
+            &z(&[1, 24]),
+            &z(&[1, 5, 40])
+        )
+        .is_err());
+    assert!(m
+        .inputs(&z(&[1, 3, 8, 8]), &[1.0], &z(&[1, 24]), &z(&[1, 5, 41]))
+        .is_err());
+    // a forward that kept nothing cannot be differentiated
+    let inputs = m
+        .inputs(&z(&[1, 3, 8, 8]), &[1.0], &z(&[1, 24]), &z(&[1, 5, 40]))
+        .unwrap();
+    let fwd = m.forward(&inputs, false).unwrap();
+    assert!(fwd.saved.is_none());
+}
