@@ -28,6 +28,8 @@ pub enum Error {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error("device: {0}")]
+    Kernel(#[from] crate::device::kernel::KernelError),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

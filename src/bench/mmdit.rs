@@ -1,13 +1,18 @@
 //! `bench mmdit`: forward (no grad) and forward+backward (a scalar loss through the autograd,
-//! parameter gradients included) of a random-weight MMDiT preset.
+//! parameter gradients included) of a random-weight MMDiT preset — on the CPU backend, or with
+//! `--device cuda|emu` the device model path (`mmdit::device`, bf16) on a GPU or the emulator.
 
 use super::flops::{mmdit_forward_flops, mmdit_training_flops};
+use super::measure::Timing;
 use super::measure::{gemm_ceiling_tflops, tflops, time_runs, PeakRss, GEMM_CEILING_SIZE, WARMUP};
 use super::presets::{ModelSpec, RandomInputs};
 use super::report::{Cell, Report};
+use super::BenchDevice;
 use super::{common_parameters, MmditArgs};
 use crate::autograd::no_grad;
-use crate::error::Result;
+use crate::device::kernel::{KernelDevice, KernelResult};
+use crate::error::{Error, Result};
+use crate::mmdit::device::DeviceMmdit;
 use crate::mmdit::{Mmdit, MmditInputs};
 use crate::Var;
 use std::hint::black_box;
@@ -15,8 +20,158 @@ use std::path::Path;
 
 pub fn run(a: &MmditArgs, teacher: &Path) -> Result<Report> {
     let spec = ModelSpec::new(a.model.model, a.model.res, teacher)?;
-    spec.check_fits(true)?;
-    Ok(measure(&spec, a))
+    match a.common.device {
+        BenchDevice::Cpu => {
+            spec.check_fits(true)?;
+            Ok(measure(&spec, a))
+        }
+        BenchDevice::Cuda => {
+            let dev = KernelDevice::gpu_if_available().ok_or_else(|| {
+                Error::Invalid(format!(
+                    "bench mmdit --device cuda: no usable CUDA GPU ({})",
+                    crate::device::probe_cuda()
+                ))
+            })?;
+            measure_device(&spec, a, &dev, "cuda")
+        }
+        BenchDevice::Emu => measure_device(&spec, a, &KernelDevice::emulator(), "emu"),
+    }
+}
+
+/// Dense bf16 tensor-core peak of the cards whose MFU the benches report, TFLOP/s (NVIDIA's
+/// datasheets; H200 has the H100 SXM's compute).
+pub fn bf16_peak_tflops(card: &str) -> Option<f64> {
+    if card.contains("H100") && card.contains("PCIe") {
+        Some(756.0)
+    } else if card.contains("H100") || card.contains("H200") {
+        Some(989.4)
+    } else if card.contains("A100") {
+        Some(312.0)
+    } else {
+        None
+    }
+}
+
+/// The device model path: forward (nothing kept) and forward+backward (every parameter's
+/// gradient, seeded with the gradient of the velocity's mean), timed with the device's clock.
+fn measure_device(
+    spec: &ModelSpec,
+    a: &MmditArgs,
+    dev: &KernelDevice,
+    kind: &'static str,
+) -> Result<Report> {
+    let batch = a.model.batch;
+    let model = DeviceMmdit::new(dev, &spec.random_model(0))?;
+    let host = spec.random_inputs(batch, 1);
+    let inputs = model.inputs(&host.x, &host.timestep, &host.pooled, &host.context)?;
+    let out_numel = batch * spec.config.out_channels * spec.input_side * spec.input_side;
+    let seed = vec![half::bf16::from_f32(1.0 / out_numel as f32); out_numel];
+    let dv = dev.upload(&seed)?;
+
+    let forward = || model.forward(&inputs, false).map(|_| ());
+    let training = || {
+        model.zero_grad()?;
+        let f = model.forward(&inputs, true)?;
+        let saved = f.saved.as_ref().expect("kept");
+        model.backward(&inputs, saved, &dv, true).map(|_| ())
+    };
+    let time = |work: &dyn Fn() -> KernelResult<()>| -> Result<Timing> {
+        for _ in 0..WARMUP {
+            work()?;
+        }
+        dev.synchronize()?;
+        let mut runs_ms = Vec::new();
+        for _ in 0..a.common.iters {
+            runs_ms.push(dev.time_ms(work)? as f64);
+        }
+        Ok(Timing { runs_ms })
+    };
+    let (fwd, train) = (time(&forward)?, time(&training)?);
+
+    let shape = spec.call_shape(batch);
+    let fwd_flops = mmdit_forward_flops(&spec.config, shape);
+    let train_flops = mmdit_training_flops(&spec.config, shape);
+    let (fwd_ms, train_ms) = (fwd.median_ms(), train.median_ms());
+    let (fwd_tf, train_tf) = (
+        tflops(fwd_flops as f64, fwd_ms),
+        tflops(train_flops as f64, train_ms),
+    );
+    let mut params = vec![
+        ("model", spec.preset.name().into()),
+        ("res", spec.resolution.into()),
+        ("input_side", spec.input_side.into()),
+        ("batch", batch.into()),
+        ("image_tokens", spec.image_tokens().into()),
+        ("text_tokens", spec.text_tokens.into()),
+        ("model_parameters", spec.config.param_count().into()),
+        (
+            "precision",
+            "bf16 weights and activations, f32 masters and gradients".into(),
+        ),
+    ];
+    params.extend(common_parameters(&a.common));
+    let mut r = Report::new("mmdit", params);
+    r.kernel_device = Some((kind, dev.name()));
+    r.figure("forward_ms", "forward", Cell::num(fwd_ms, 3), "ms");
+    r.figure(
+        "forward_backward_ms",
+        "forward+backward",
+        Cell::num(train_ms, 3),
+        "ms",
+    );
+    r.figure(
+        "forward_flops",
+        "forward FLOPs",
+        Cell::Count(fwd_flops),
+        "FLOP",
+    );
+    r.figure(
+        "forward_backward_flops",
+        "forward+backward FLOPs",
+        Cell::Count(train_flops),
+        "FLOP",
+    );
+    r.figure(
+        "forward_tflops",
+        "forward throughput",
+        Cell::num(fwd_tf, 4),
+        "TFLOP/s",
+    );
+    r.figure(
+        "forward_backward_tflops",
+        "forward+backward throughput",
+        Cell::num(train_tf, 4),
+        "TFLOP/s",
+    );
+    match bf16_peak_tflops(&dev.name()).filter(|_| kind == "cuda") {
+        Some(peak) => {
+            r.figure(
+                "bf16_peak_tflops",
+                "card's dense bf16 peak",
+                Cell::num(peak, 1),
+                "TFLOP/s",
+            );
+            r.figure(
+                "forward_mfu",
+                "forward MFU",
+                Cell::num(fwd_tf / peak, 3),
+                "",
+            );
+            r.figure(
+                "forward_backward_mfu",
+                "forward+backward MFU",
+                Cell::num(train_tf / peak, 3),
+                "",
+            );
+        }
+        None => r.note("MFU: no bf16 peak known for this device"),
+    }
+    r.note("the device model path: every op a kernel of cuda/ or a cuBLASLt GEMM (on the emulator, the CPU GEMM); inputs uploaded once, outside the timing; forward+backward includes zeroing the gradients");
+    r.note("FLOPs: matmuls and attention products at 2·M·N·K, backward = 2× forward (src/bench/flops.rs)");
+    if kind == "emu" {
+        r.note("emu: the CPU SIMT emulator runs the CUDA kernels one thread at a time — a functional check of the device path, not a speed figure");
+    }
+    Ok(r)
 }
 
 /// Builds the model of `spec`, times it and writes the report.

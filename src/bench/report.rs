@@ -82,6 +82,9 @@ pub struct Report {
     /// The parameters the run used, defaults filled in.
     pub parameters: Vec<(&'static str, Value)>,
     pub cpu: CpuInfo,
+    /// The kernel device the figures were measured on (`("cuda", name)`, `("emu", "emulator")`);
+    /// `None` for the CPU backend.
+    pub kernel_device: Option<(&'static str, String)>,
     pub figures: Vec<Figure>,
     pub table: Option<Table>,
     /// What the figures mean where that is not obvious (method, what is not counted).
@@ -93,6 +96,7 @@ impl Report {
         Report {
             command,
             parameters,
+            kernel_device: None,
             cpu: CpuInfo::detect(),
             figures: Vec::new(),
             table: None,
@@ -135,15 +139,23 @@ impl Report {
             .iter()
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect();
-        let mut out = json!({
-            "command": self.command,
-            "parameters": parameters,
-            "device": {
+        let device = match &self.kernel_device {
+            None => json!({
                 "kind": "cpu",
                 "description": self.cpu.describe(),
                 "cpu_model": self.cpu.model,
                 "threads": self.cpu.threads,
-            },
+            }),
+            Some((kind, name)) => json!({
+                "kind": kind,
+                "name": name,
+                "host": self.cpu.describe(),
+            }),
+        };
+        let mut out = json!({
+            "command": self.command,
+            "parameters": parameters,
+            "device": device,
             "results": results,
             "notes": self.notes,
         });
@@ -167,7 +179,11 @@ impl Report {
     }
 
     pub fn to_text(&self) -> String {
-        let mut s = format!("advdmd bench {}  ({})\n", self.command, self.cpu.describe());
+        let device = match &self.kernel_device {
+            None => self.cpu.describe(),
+            Some((kind, name)) => format!("{kind}: {name}; host {}", self.cpu.describe()),
+        };
+        let mut s = format!("advdmd bench {}  ({device})\n", self.command);
         let params: Vec<String> = self
             .parameters
             .iter()
