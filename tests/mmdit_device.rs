@@ -26,7 +26,7 @@ use advdmd::mmdit::{Mmdit, MmditCheckpoint, MmditConfig, MmditInputs};
 use advdmd::{Rng, Tensor, Var};
 use half::bf16;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// bf16 tolerance on outputs and gradients (relative L2).
 const TOL: f64 = 2e-2;
@@ -184,16 +184,30 @@ fn floor_run(
     )
 }
 
-#[test]
-fn the_device_mmdit_matches_the_reference_fixtures() {
+/// `MMDIT_FIXTURES` (`:`-separated folders, as tests/mmdit_parity.rs; tools/gpu-check.sh carries
+/// them to the GPU machine), else every folder in `../shared/fixtures/mmdit/`.
+fn fixture_dirs() -> Vec<PathBuf> {
+    if let Ok(list) = std::env::var("MMDIT_FIXTURES") {
+        return list
+            .split(':')
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+            .collect();
+    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/mmdit");
     let mut dirs: Vec<_> = std::fs::read_dir(&root)
-        .unwrap_or_else(|e| panic!("fixtures {}: {e}", root.display()))
+        .unwrap_or_else(|e| panic!("fixtures {}: {e} (set MMDIT_FIXTURES)", root.display()))
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.join("forward_backward.safetensors").is_file())
         .collect();
     dirs.sort();
     assert!(!dirs.is_empty(), "no fixtures in {}", root.display());
+    dirs
+}
+
+#[test]
+fn the_device_mmdit_matches_the_reference_fixtures() {
+    let dirs = fixture_dirs();
     for dir in &dirs {
         let ckpt = MmditCheckpoint::open(dir.join("original.safetensors")).unwrap();
         let model = Mmdit::new(ckpt.config.clone(), ckpt.load_params().unwrap());

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One complete check on a lent GPU machine (design/CUDA.md §5), in one command under 10 minutes:
-# kernel parity tests on the GPU (every kernel vs its CPU twin), compute-sanitizer memcheck and
+# kernel parity tests on the GPU (every kernel vs its CPU twin), the device MMDiT's parity and
+# `bench mmdit --device cuda` (shapes, SD3.5-medium 1024px), compute-sanitizer memcheck and
 # racecheck over them, the kernel benchmarks (GB/s against a measured copy ceiling), PyTorch's
 # SDPA on the attention shapes for reference, and a markdown + JSON report in OUTDIR.
 #
@@ -31,6 +32,8 @@ bundle() {
   cargo build --release --bin advdmd
   cp target/release/advdmd "$BIN/advdmd"
   cp "$(artifact test kernels)" "$BIN/kernels-test"
+  cp "$(artifact test mmdit_device)" "$BIN/mmdit-device-test"
+  chmod -R u+w .gpu/fixtures 2>/dev/null || true; rm -rf .gpu/fixtures && mkdir -p .gpu/fixtures && cp -r ../shared/fixtures/mmdit/* .gpu/fixtures/
   cp "$(artifact bench kernels)" "$BIN/kernels-bench"
   cp "$(artifact bench attention)" "$BIN/attention-bench"
   strip "$BIN"/*
@@ -59,16 +62,20 @@ step() { # name timeout_s command...
 "$BIN/advdmd" info >>"$OUT/machine.txt" 2>&1
 export ADVDMD_KERNEL_TESTS_GPU_ONLY=1
 # Ordered by value: parity first, then speed, then the sanitizers (slowest, most likely to hit
-# their time limits). The limits sum to 8 minutes so one call under 10 minutes finishes.
+# their time limits). The limits sum to 9¾ minutes so one call of 10 minutes finishes.
 step tests 90 "$BIN/kernels-test" --test-threads=1 --nocapture
+# the device MMDiT against the fixtures and the CPU model, then its speed (issue 8)
+MMDIT_FIXTURES=$(ls -d .gpu/fixtures/*/ | tr '\n' ':') step model 60 "$BIN/mmdit-device-test" --test-threads=1 --nocapture
+step mmdit-shapes 30 "$BIN/advdmd" bench mmdit --device cuda --model shapes --batch 128 --iters 10 --json
+step mmdit-sd35m 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
 ADVDMD_BENCH_JSON="$OUT/bench.json" step bench 60 "$BIN/kernels-bench"
 ADVDMD_ATTN_BENCH_JSON="$OUT/attention.json" step attention 60 "$BIN/attention-bench"
 if [ -f tools/bench_vs_torch.py ]; then
   PYTHONUNBUFFERED=1 step torch 60 python3 tools/bench_vs_torch.py --json "$OUT/torch.json"
 fi
 if command -v compute-sanitizer >/dev/null; then
-  step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/kernels-test" --test-threads=1
-  step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 "$BIN/kernels-test" --test-threads=1
+  step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/kernels-test" --test-threads=1
+  step racecheck 45 compute-sanitizer --tool racecheck --error-exitcode 9 "$BIN/kernels-test" --test-threads=1
 fi
 
 python3 - "$OUT" <<'PY'
@@ -92,5 +99,5 @@ with open(f"{out}/report.md", "w") as f:
         f.write(f"| {p['kernel']} | {p['shape']} | {p['max_rel_err']:.2e} |\n")
 print(open(f"{out}/report.md").read()[-6000:])
 PY
-for s in tests memcheck racecheck bench attention torch; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
+for s in tests model mmdit-shapes mmdit-sd35m memcheck racecheck bench attention torch; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
 exit $status
