@@ -15,6 +15,8 @@
 //!   one-hot rows) that bf16 activations cannot resolve; they must be within 0.5 — a missing or
 //!   wrong term shows as ≥ 1 (before the fallback's exact row term they were at 10–30).
 
+mod common;
+
 use advdmd::autograd::backward;
 use advdmd::checkpoint::SafetensorsFile;
 use advdmd::device::kernel::{DevBuf, KernelDevice};
@@ -26,7 +28,7 @@ use advdmd::mmdit::{Mmdit, MmditCheckpoint, MmditConfig, MmditInputs};
 use advdmd::{Rng, Tensor, Var};
 use half::bf16;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// bf16 tolerance on outputs and gradients (relative L2).
 const TOL: f64 = 2e-2;
@@ -184,30 +186,9 @@ fn floor_run(
     )
 }
 
-/// `MMDIT_FIXTURES` (`:`-separated folders, as tests/mmdit_parity.rs; tools/gpu-check.sh carries
-/// them to the GPU machine), else every folder in `../shared/fixtures/mmdit/`.
-fn fixture_dirs() -> Vec<PathBuf> {
-    if let Ok(list) = std::env::var("MMDIT_FIXTURES") {
-        return list
-            .split(':')
-            .filter(|s| !s.is_empty())
-            .map(PathBuf::from)
-            .collect();
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/mmdit");
-    let mut dirs: Vec<_> = std::fs::read_dir(&root)
-        .unwrap_or_else(|e| panic!("fixtures {}: {e} (set MMDIT_FIXTURES)", root.display()))
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("forward_backward.safetensors").is_file())
-        .collect();
-    dirs.sort();
-    assert!(!dirs.is_empty(), "no fixtures in {}", root.display());
-    dirs
-}
-
 #[test]
 fn the_device_mmdit_matches_the_reference_fixtures() {
-    let dirs = fixture_dirs();
+    let dirs = common::fixture_dirs();
     for dir in &dirs {
         let ckpt = MmditCheckpoint::open(dir.join("original.safetensors")).unwrap();
         let model = Mmdit::new(ckpt.config.clone(), ckpt.load_params().unwrap());

@@ -3,6 +3,8 @@
 //! CFG Euler trajectory. Fixture folders come from `MMDIT_FIXTURES` (`:`-separated), defaulting to
 //! every folder in `../shared/fixtures/mmdit/`; a new folder of the same format needs no code.
 
+mod common;
+
 use advdmd::autograd::{backward, no_grad};
 use advdmd::checkpoint::SafetensorsFile;
 use advdmd::flow::{cfg, euler_step, reference_sigmas, timesteps};
@@ -11,35 +13,11 @@ use advdmd::mmdit::checkpoint::diffusers_part;
 use advdmd::mmdit::layout::original_to_diffusers;
 use advdmd::mmdit::{Mmdit, MmditCheckpoint, MmditInputs};
 use advdmd::{Tensor, Var};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 const TOL: f64 = 1e-4;
 const SIGMA_TOL: f32 = 1e-6;
 const SHIFT: f64 = 3.0;
-
-fn fixture_dirs() -> Vec<PathBuf> {
-    if let Ok(list) = std::env::var("MMDIT_FIXTURES") {
-        return list
-            .split(':')
-            .filter(|s| !s.is_empty())
-            .map(PathBuf::from)
-            .collect();
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/mmdit");
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
-        .unwrap_or_else(|e| {
-            panic!(
-                "fixture folder {}: {e} (set MMDIT_FIXTURES)",
-                root.display()
-            )
-        })
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("forward_backward.safetensors").is_file())
-        .collect();
-    dirs.sort();
-    assert!(!dirs.is_empty(), "no fixtures in {}", root.display());
-    dirs
-}
 
 fn first_sample(t: &Tensor) -> Tensor {
     let n = t.shape()[0];
@@ -210,7 +188,7 @@ fn check_sampling(dir: &Path, report: &mut Report) {
 #[test]
 fn mmdit_matches_reference_on_every_fixture() {
     let mut failures = Vec::new();
-    for dir in fixture_dirs() {
+    for dir in common::fixture_dirs() {
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
         println!("fixture {name} ({})", dir.display());
         let mut report = Report {

@@ -88,61 +88,12 @@ fn measure_device(
     };
     let (fwd, train) = (time(&forward)?, time(&training)?);
 
-    let shape = spec.call_shape(batch);
-    let fwd_flops = mmdit_forward_flops(&spec.config, shape);
-    let train_flops = mmdit_training_flops(&spec.config, shape);
-    let (fwd_ms, train_ms) = (fwd.median_ms(), train.median_ms());
-    let (fwd_tf, train_tf) = (
-        tflops(fwd_flops as f64, fwd_ms),
-        tflops(train_flops as f64, train_ms),
+    let extra = (
+        "precision",
+        "bf16 weights and activations, f32 masters and gradients".into(),
     );
-    let mut params = vec![
-        ("model", spec.preset.name().into()),
-        ("res", spec.resolution.into()),
-        ("input_side", spec.input_side.into()),
-        ("batch", batch.into()),
-        ("image_tokens", spec.image_tokens().into()),
-        ("text_tokens", spec.text_tokens.into()),
-        ("model_parameters", spec.config.param_count().into()),
-        (
-            "precision",
-            "bf16 weights and activations, f32 masters and gradients".into(),
-        ),
-    ];
-    params.extend(common_parameters(&a.common));
-    let mut r = Report::new("mmdit", params);
+    let (mut r, fwd_tf, train_tf) = timed_report(spec, a, &fwd, &train, Some(extra));
     r.kernel_device = Some((kind, dev.name()));
-    r.figure("forward_ms", "forward", Cell::num(fwd_ms, 3), "ms");
-    r.figure(
-        "forward_backward_ms",
-        "forward+backward",
-        Cell::num(train_ms, 3),
-        "ms",
-    );
-    r.figure(
-        "forward_flops",
-        "forward FLOPs",
-        Cell::Count(fwd_flops),
-        "FLOP",
-    );
-    r.figure(
-        "forward_backward_flops",
-        "forward+backward FLOPs",
-        Cell::Count(train_flops),
-        "FLOP",
-    );
-    r.figure(
-        "forward_tflops",
-        "forward throughput",
-        Cell::num(fwd_tf, 4),
-        "TFLOP/s",
-    );
-    r.figure(
-        "forward_backward_tflops",
-        "forward+backward throughput",
-        Cell::num(train_tf, 4),
-        "TFLOP/s",
-    );
     match bf16_peak_tflops(&dev.name()).filter(|_| kind == "cuda") {
         Some(peak) => {
             r.figure(
@@ -174,27 +125,16 @@ fn measure_device(
     Ok(r)
 }
 
-/// Builds the model of `spec`, times it and writes the report.
-fn measure(spec: &ModelSpec, a: &MmditArgs) -> Report {
+/// The report's parameters and the figures every device shares: times, FLOPs, TFLOP/s; returns
+/// the report and the two throughputs.
+fn timed_report(
+    spec: &ModelSpec,
+    a: &MmditArgs,
+    forward: &Timing,
+    training: &Timing,
+    extra: Option<(&'static str, serde_json::Value)>,
+) -> (Report, f64, f64) {
     let batch = a.model.batch;
-    let iters = a.common.iters;
-    let model = spec.random_model(0);
-    let inputs = spec.random_inputs(batch, 1);
-    let ceiling = gemm_ceiling_tflops(GEMM_CEILING_SIZE, iters);
-
-    let memory = PeakRss::start();
-    let forward = time_runs(WARMUP, iters, || {
-        let _ng = no_grad();
-        black_box(forward_once(&model, &inputs));
-    });
-    let forward_peak = memory.growth_bytes();
-    let training = time_runs(WARMUP, iters, || {
-        // The mean of the velocity as the loss: one scalar seed, every parameter's gradient.
-        black_box(forward_once(&model, &inputs).mean().backward());
-        model.params.zero_grad();
-    });
-    let training_peak = memory.growth_bytes();
-
     let shape = spec.call_shape(batch);
     let fwd_flops = mmdit_forward_flops(&spec.config, shape);
     let train_flops = mmdit_training_flops(&spec.config, shape);
@@ -203,7 +143,6 @@ fn measure(spec: &ModelSpec, a: &MmditArgs) -> Report {
         tflops(fwd_flops as f64, fwd_ms),
         tflops(train_flops as f64, train_ms),
     );
-
     let mut params = vec![
         ("model", spec.preset.name().into()),
         ("res", spec.resolution.into()),
@@ -213,13 +152,14 @@ fn measure(spec: &ModelSpec, a: &MmditArgs) -> Report {
         ("text_tokens", spec.text_tokens.into()),
         ("model_parameters", spec.config.param_count().into()),
     ];
+    params.extend(extra);
     params.extend(common_parameters(&a.common));
     let mut r = Report::new("mmdit", params);
-    r.figure("forward_ms", "forward", Cell::num(fwd_ms, 2), "ms");
+    r.figure("forward_ms", "forward", Cell::num(fwd_ms, 3), "ms");
     r.figure(
         "forward_backward_ms",
         "forward+backward",
-        Cell::num(train_ms, 2),
+        Cell::num(train_ms, 3),
         "ms",
     );
     r.figure(
@@ -246,6 +186,31 @@ fn measure(spec: &ModelSpec, a: &MmditArgs) -> Report {
         Cell::num(train_tf, 4),
         "TFLOP/s",
     );
+    (r, fwd_tf, train_tf)
+}
+
+/// Builds the model of `spec`, times it and writes the report.
+fn measure(spec: &ModelSpec, a: &MmditArgs) -> Report {
+    let batch = a.model.batch;
+    let iters = a.common.iters;
+    let model = spec.random_model(0);
+    let inputs = spec.random_inputs(batch, 1);
+    let ceiling = gemm_ceiling_tflops(GEMM_CEILING_SIZE, iters);
+
+    let memory = PeakRss::start();
+    let forward = time_runs(WARMUP, iters, || {
+        let _ng = no_grad();
+        black_box(forward_once(&model, &inputs));
+    });
+    let forward_peak = memory.growth_bytes();
+    let training = time_runs(WARMUP, iters, || {
+        // The mean of the velocity as the loss: one scalar seed, every parameter's gradient.
+        black_box(forward_once(&model, &inputs).mean().backward());
+        model.params.zero_grad();
+    });
+    let training_peak = memory.growth_bytes();
+
+    let (mut r, fwd_tf, train_tf) = timed_report(spec, a, &forward, &training, None);
     r.figure(
         "gemm_ceiling_tflops",
         "measured GEMM ceiling",

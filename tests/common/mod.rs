@@ -3,6 +3,7 @@
 
 use advdmd::autograd::{backward, no_grad};
 use advdmd::{Rng, Tensor, Var};
+use std::path::{Path, PathBuf};
 
 /// Random normal tensor (deterministic per seed).
 pub fn randn(shape: &[usize], seed: u64) -> Tensor {
@@ -182,4 +183,26 @@ pub fn tiny_shapes_model(seed: u64, awake: bool) -> advdmd::train::shapes_model:
         }
     }
     m
+}
+
+/// The MMDiT fixture folders: `MMDIT_FIXTURES` (`:`-separated; tools/gpu-check.sh carries them to
+/// the GPU machine), else every folder of `../shared/fixtures/mmdit/` with a
+/// `forward_backward.safetensors` (a new folder of the same format needs no code).
+pub fn fixture_dirs() -> Vec<PathBuf> {
+    if let Ok(list) = std::env::var("MMDIT_FIXTURES") {
+        return list
+            .split(':')
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+            .collect();
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/mmdit");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap_or_else(|e| panic!("fixtures {}: {e} (set MMDIT_FIXTURES)", root.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("forward_backward.safetensors").is_file())
+        .collect();
+    dirs.sort();
+    assert!(!dirs.is_empty(), "no fixtures in {}", root.display());
+    dirs
 }
