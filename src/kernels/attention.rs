@@ -949,26 +949,23 @@ pub mod dev {
             return Ok((oa, ob, lse));
         }
         let scale_log2 = dims.scale() * std::f32::consts::LOG2_E;
+        // Both kernels take (outputs, inputs, La, Lb, H); the fallback adds its head dim.
+        let args = KernelArgs::new()
+            .buf(&oa)
+            .buf(&ob)
+            .buf(&lse)
+            .buf(qa)
+            .buf(ka)
+            .buf(va)
+            .buf(qb)
+            .buf(kb)
+            .buf(vb)
+            .i32(dims.la as i32)
+            .i32(dims.lb as i32)
+            .i32(dims.h as i32);
         if !has_fast_kernels(dims.d) {
-            dev.launch(
-                "joint_attn_fwd_naive",
-                dims.naive_cfg(),
-                KernelArgs::new()
-                    .buf(&oa)
-                    .buf(&ob)
-                    .buf(&lse)
-                    .buf(qa)
-                    .buf(ka)
-                    .buf(va)
-                    .buf(qb)
-                    .buf(kb)
-                    .buf(vb)
-                    .i32(dims.la as i32)
-                    .i32(dims.lb as i32)
-                    .i32(dims.h as i32)
-                    .i32(dims.d as i32)
-                    .f32(scale_log2),
-            )?;
+            let args = args.i32(dims.d as i32).f32(scale_log2);
+            dev.launch("joint_attn_fwd_naive", dims.naive_cfg(), args)?;
             return Ok((oa, ob, lse));
         }
         dev.launch(
@@ -979,20 +976,7 @@ pub mod dev {
                 variant.threads(),
             )
             .with_shared(variant.shared_bytes(dims.d)),
-            KernelArgs::new()
-                .buf(&oa)
-                .buf(&ob)
-                .buf(&lse)
-                .buf(qa)
-                .buf(ka)
-                .buf(va)
-                .buf(qb)
-                .buf(kb)
-                .buf(vb)
-                .i32(dims.la as i32)
-                .i32(dims.lb as i32)
-                .i32(dims.h as i32)
-                .f32(scale_log2),
+            args.f32(scale_log2),
         )?;
         Ok((oa, ob, lse))
     }
@@ -1165,27 +1149,9 @@ pub mod dev {
         let [dqa, dka, dva, dqb, dkb, dvb] = grads;
         let drow = dev.alloc::<f32>(dims.numel_rows())?;
         let scale = dims.scale();
-        dev.launch(
-            "joint_attn_bwd_naive_drow",
-            dims.naive_cfg(),
-            KernelArgs::new()
-                .buf(&drow)
-                .buf(qa)
-                .buf(ka)
-                .buf(va)
-                .buf(doa)
-                .buf(qb)
-                .buf(kb)
-                .buf(vb)
-                .buf(dob)
-                .buf(lse)
-                .i32(dims.la as i32)
-                .i32(dims.lb as i32)
-                .i32(dims.h as i32)
-                .i32(dims.d as i32)
-                .f32(scale * std::f32::consts::LOG2_E),
-        )?;
-        let tail = |args: KernelArgs| {
+        // The three kernels read the same operands and sizes: (out…, q/k/v/dO of a, of b, lse,
+        // [Drow,] La, Lb, H, D, scale·log2 e[, scale]).
+        let operands = |args: KernelArgs| {
             args.buf(qa)
                 .buf(ka)
                 .buf(va)
@@ -1195,14 +1161,20 @@ pub mod dev {
                 .buf(vb)
                 .buf(dob)
                 .buf(lse)
-                .buf(&drow)
-                .i32(dims.la as i32)
+        };
+        let sizes = |args: KernelArgs| {
+            args.i32(dims.la as i32)
                 .i32(dims.lb as i32)
                 .i32(dims.h as i32)
                 .i32(dims.d as i32)
                 .f32(scale * std::f32::consts::LOG2_E)
-                .f32(scale)
         };
+        dev.launch(
+            "joint_attn_bwd_naive_drow",
+            dims.naive_cfg(),
+            sizes(operands(KernelArgs::new().buf(&drow))),
+        )?;
+        let tail = |args: KernelArgs| sizes(operands(args).buf(&drow)).f32(scale);
         dev.launch(
             "joint_attn_bwd_naive_dq",
             dims.naive_cfg(),
