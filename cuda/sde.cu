@@ -10,6 +10,8 @@
 //   dmd_abs_partial,       the DMD gradient g = (x̂0_fake − x̂0_real) / mean|x − x̂0_real| per
 //   dmd_grad_apply:        sample, non-finite entries → 0, times a caller's scale
 //   flow_noise:            x_σ = (1−σ_b)·x0 + σ_b·n and the velocity target n − x0
+//   euler_cfg_step:        the sampler's Euler step with classifier-free guidance, writing the
+//                          next model input (bf16) beside the f32 state
 //
 // Layout [B, D] row-major. The reducing kernels use grid (P, B): block (p, b) owns elements
 // [p·per, min(D, (p+1)·per)) of sample b, `per` a multiple of 4 chosen by the launcher from D alone,
@@ -280,5 +282,27 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS)
             xt[i] = keep * x0[i] + s * noise[i];
             if (target) target[i] = noise[i] - x0[i];
         }
+    }
+}
+
+// x += dt·g with g = u + w·(c − u) (guided: v is [2, n], the conditional half first) or g = v, then
+// the next model input bf16(x) into x_model (both halves when guided: the conditional and the
+// unconditional rows of the next call see the same state). Mirrors flow::cfg and flow::euler_step.
+// grid: ceil(n / SDE_THREADS) (any grid is correct), block: SDE_THREADS.
+extern "C" __global__ void __launch_bounds__(SDE_THREADS)
+    euler_cfg_step(float* __restrict__ x, bf16* __restrict__ x_model, const bf16* __restrict__ v, long long n,
+                   int guided, float w, float dt) {
+    const long long step = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
+        float g = bf2f(v[i]);
+        if (guided) {
+            const float u = bf2f(v[n + i]);
+            g = u + w * (g - u);
+        }
+        const float xi = x[i] + dt * g;
+        x[i] = xi;
+        const bf16 xb = f2bf(xi);
+        x_model[i] = xb;
+        if (guided) x_model[n + i] = xb;
     }
 }

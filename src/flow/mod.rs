@@ -2,6 +2,7 @@
 //! reference scheduler computes them, the Euler step, classifier-free guidance. The few-step
 //! schedules and the trainer's use of the ρ-SDE (`sde`) come with the trainer.
 
+pub mod device;
 pub mod sde;
 
 /// Training timesteps of the reference scheduler (σ·1000 is what the model is fed).

@@ -158,6 +158,27 @@ pub fn flow_noise(x0: &[f32], noise: &[f32], sigma: &[f32]) -> (Vec<f32>, Vec<f3
     (xt, target)
 }
 
+/// One Euler step with optional classifier-free guidance on `x [n]` (f32), from velocities `v`
+/// (`[2, n]` conditional half first when `guided`, else `[n]`): `x += dt·(u + w·(c − u))` as
+/// `flow::cfg` + `flow::euler_step`. The twin of `euler_cfg_step`.
+pub fn euler_cfg_step(x: &mut [f32], v: &[f32], guided: bool, w: f32, dt: f32) {
+    let n = x.len();
+    assert_eq!(
+        v.len(),
+        if guided { 2 * n } else { n },
+        "euler_cfg_step: v size"
+    );
+    for (i, xi) in x.iter_mut().enumerate() {
+        let g = if guided {
+            let (c, u) = (v[i], v[n + i]);
+            u + w * (c - u)
+        } else {
+            v[i]
+        };
+        *xi += dt * g;
+    }
+}
+
 /// Launchers of `cuda/sde.cu` on a [`KernelDevice`] (a GPU, or the emulator in CI). All data f32
 /// `[B, D]` device buffers, σ and σ' f32 `[B]`, log-probabilities f64 `[B]`.
 pub mod dev {
@@ -441,5 +462,44 @@ pub mod dev {
         let (xt, target) = (dev.alloc(b * d)?, dev.alloc(b * d)?);
         flow_noise_into(dev, &xt, Some(&target), x0, noise, sigma, (b, d))?;
         Ok((xt, target))
+    }
+
+    /// [`super::euler_cfg_step`] on the device: `x [n]` f32 updated in place, `v` bf16 (`[2, n]`
+    /// when `guided`), and the next model input `bf16(x)` written to `x_model` (`[2, n]` when
+    /// guided, both halves).
+    pub fn euler_cfg_step(
+        dev: &KernelDevice,
+        x: &DevBuf<f32>,
+        x_model: &DevBuf<half::bf16>,
+        v: &DevBuf<half::bf16>,
+        guided: bool,
+        w: f32,
+        dt: f32,
+    ) -> KernelResult<()> {
+        let n = x.len();
+        let rows = if guided { 2 } else { 1 };
+        check(v.len() == rows * n && x_model.len() == rows * n, || {
+            format!(
+                "euler_cfg_step: x {n}, v {}, model input {} (want {rows}×{n})",
+                v.len(),
+                x_model.len()
+            )
+        })?;
+        if n == 0 {
+            return Ok(());
+        }
+        let blocks = n.div_ceil(THREADS as usize).min(65_535) as u32;
+        dev.launch(
+            "euler_cfg_step",
+            LaunchCfg::linear(blocks, THREADS),
+            KernelArgs::new()
+                .buf(x)
+                .buf(x_model)
+                .buf(v)
+                .i64(n as i64)
+                .i32(guided as i32)
+                .f32(w)
+                .f32(dt),
+        )
     }
 }

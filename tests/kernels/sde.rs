@@ -330,3 +330,34 @@ fn flow_noise_matches_cpu() {
         }
     }
 }
+
+#[test]
+fn euler_cfg_step_matches_cpu() {
+    for dev in devices() {
+        for guided in [false, true] {
+            let mut rng = Rng::new(21 + guided as u64);
+            let n = 1003;
+            let x = randn_bf16(&mut rng, n, 1.0);
+            let v = randn_bf16(&mut rng, if guided { 2 * n } else { n }, 1.0);
+            let (w, dt) = (4.5, -0.25);
+            let xd = dev.upload(&x).unwrap();
+            let model_in = dev.alloc::<bf16>(v.len()).unwrap();
+            gpu::euler_cfg_step(&dev, &xd, &model_in, &upload_bf16(&dev, &v), guided, w, dt)
+                .unwrap();
+            let mut want = x.clone();
+            cpu::euler_cfg_step(&mut want, &v, guided, w, dt);
+            let shape = format!("{n} guided={guided}");
+            let got = dev.download(&xd).unwrap();
+            check("euler_cfg_step", &dev, &shape, &got, &want, 1e-6);
+            // the next model input: bf16(x), in both halves when guided
+            let input = download_f32(&dev, &model_in);
+            let rounded: Vec<f32> = got.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+            assert_eq!(input[..n], rounded[..], "model input on {}", dev.name());
+            if guided {
+                assert_eq!(input[n..], rounded[..], "second half on {}", dev.name());
+            }
+            let bad = dev.alloc::<bf16>(n + 1).unwrap();
+            assert!(gpu::euler_cfg_step(&dev, &xd, &bad, &bad, guided, w, dt).is_err());
+        }
+    }
+}
