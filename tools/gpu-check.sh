@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One complete check on a lent GPU machine (design/CUDA.md §5), in one command under 10 minutes:
 # kernel parity tests on the GPU (every kernel vs its CPU twin), the device MMDiT's parity and
-# `bench mmdit --device cuda` (shapes, SD3.5-medium 1024px), compute-sanitizer memcheck and
+# `bench mmdit|sample --device cuda` (shapes, SD3.5-medium 1024px), compute-sanitizer memcheck and
 # racecheck over them, the kernel benchmarks (GB/s against a measured copy ceiling), PyTorch's
 # SDPA on the attention shapes for reference, and a markdown + JSON report in OUTDIR.
 #
@@ -62,12 +62,14 @@ step() { # name timeout_s command...
 "$BIN/advdmd" info >>"$OUT/machine.txt" 2>&1
 export ADVDMD_KERNEL_TESTS_GPU_ONLY=1
 # Ordered by value: parity first, then speed, then the sanitizers (slowest, most likely to hit
-# their time limits). The limits sum to 9¾ minutes so one call of 10 minutes finishes.
+# their time limits). The limits sum to 10¾ minutes: in a 10-minute call the sanitizers, last,
+# are what may be cut.
 step tests 90 "$BIN/kernels-test" --test-threads=1 --nocapture
 # the device MMDiT against the fixtures and the CPU model, then its speed (issue 8)
 MMDIT_FIXTURES=$(ls -d .gpu/fixtures/*/ | tr '\n' ':') step model 60 "$BIN/mmdit-device-test" --test-threads=1 --nocapture
 step mmdit-shapes 30 "$BIN/advdmd" bench mmdit --device cuda --model shapes --batch 128 --iters 10 --json
 step mmdit-sd35m 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
+step sample-sd35m 90 "$BIN/advdmd" bench sample --device cuda --model sd3.5-medium --res 1024 --batch 1 --steps 4 --cfg 1 --iters 10 --json
 ADVDMD_BENCH_JSON="$OUT/bench.json" step bench 60 "$BIN/kernels-bench"
 ADVDMD_ATTN_BENCH_JSON="$OUT/attention.json" step attention 60 "$BIN/attention-bench"
 if [ -f tools/bench_vs_torch.py ]; then
@@ -99,5 +101,5 @@ with open(f"{out}/report.md", "w") as f:
         f.write(f"| {p['kernel']} | {p['shape']} | {p['max_rel_err']:.2e} |\n")
 print(open(f"{out}/report.md").read()[-6000:])
 PY
-for s in tests model mmdit-shapes mmdit-sd35m memcheck racecheck bench attention torch; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
+for s in tests model mmdit-shapes mmdit-sd35m sample-sd35m memcheck racecheck bench attention torch; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
 exit $status

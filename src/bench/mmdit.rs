@@ -7,11 +7,11 @@ use super::measure::Timing;
 use super::measure::{gemm_ceiling_tflops, tflops, time_runs, PeakRss, GEMM_CEILING_SIZE, WARMUP};
 use super::presets::{ModelSpec, RandomInputs};
 use super::report::{Cell, Report};
-use super::BenchDevice;
 use super::{common_parameters, MmditArgs};
+use super::{kernel_device, mfu_figures};
 use crate::autograd::no_grad;
 use crate::device::kernel::{KernelDevice, KernelResult};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::mmdit::device::DeviceMmdit;
 use crate::mmdit::{Mmdit, MmditInputs};
 use crate::Var;
@@ -20,35 +20,12 @@ use std::path::Path;
 
 pub fn run(a: &MmditArgs, teacher: &Path) -> Result<Report> {
     let spec = ModelSpec::new(a.model.model, a.model.res, teacher)?;
-    match a.common.device {
-        BenchDevice::Cpu => {
+    match kernel_device(a.common.device, "mmdit")? {
+        None => {
             spec.check_fits(true)?;
             Ok(measure(&spec, a))
         }
-        BenchDevice::Cuda => {
-            let dev = KernelDevice::gpu_if_available().ok_or_else(|| {
-                Error::Invalid(format!(
-                    "bench mmdit --device cuda: no usable CUDA GPU ({})",
-                    crate::device::probe_cuda()
-                ))
-            })?;
-            measure_device(&spec, a, &dev, "cuda")
-        }
-        BenchDevice::Emu => measure_device(&spec, a, &KernelDevice::emulator(), "emu"),
-    }
-}
-
-/// Dense bf16 tensor-core peak of the cards whose MFU the benches report, TFLOP/s (NVIDIA's
-/// datasheets; H200 has the H100 SXM's compute).
-pub fn bf16_peak_tflops(card: &str) -> Option<f64> {
-    if card.contains("H100") && card.contains("PCIe") {
-        Some(756.0)
-    } else if card.contains("H100") || card.contains("H200") {
-        Some(989.4)
-    } else if card.contains("A100") {
-        Some(312.0)
-    } else {
-        None
+        Some((dev, kind)) => measure_device(&spec, a, &dev, kind),
     }
 }
 
@@ -94,29 +71,15 @@ fn measure_device(
     );
     let (mut r, fwd_tf, train_tf) = timed_report(spec, a, &fwd, &train, Some(extra));
     r.kernel_device = Some((kind, dev.name()));
-    match bf16_peak_tflops(&dev.name()).filter(|_| kind == "cuda") {
-        Some(peak) => {
-            r.figure(
-                "bf16_peak_tflops",
-                "card's dense bf16 peak",
-                Cell::num(peak, 1),
-                "TFLOP/s",
-            );
-            r.figure(
-                "forward_mfu",
-                "forward MFU",
-                Cell::num(fwd_tf / peak, 3),
-                "",
-            );
-            r.figure(
-                "forward_backward_mfu",
-                "forward+backward MFU",
-                Cell::num(train_tf / peak, 3),
-                "",
-            );
-        }
-        None => r.note("MFU: no bf16 peak known for this device"),
-    }
+    mfu_figures(
+        &mut r,
+        &dev.name(),
+        kind,
+        [
+            ("forward_mfu", "forward MFU", fwd_tf),
+            ("forward_backward_mfu", "forward+backward MFU", train_tf),
+        ],
+    );
     r.note("the device model path: every op a kernel of cuda/ or a cuBLASLt GEMM (on the emulator, the CPU GEMM); inputs uploaded once, outside the timing; forward+backward includes zeroing the gradients");
     r.note("FLOPs: matmuls and attention products at 2·M·N·K, backward = 2× forward (src/bench/flops.rs)");
     if kind == "emu" {

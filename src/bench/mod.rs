@@ -9,8 +9,9 @@
 //!
 //! This module owns the presets (`presets`, also used by `benches/mmdit.rs`), the FLOP count, the
 //! measuring (`measure`) and the report; `main.rs` only parses the flags defined here. Every
-//! bench takes `--device cpu|cuda|emu`; `mmdit` runs the device model path (`mmdit::device`) on
-//! a GPU or the emulator, the others say that their device side is not built yet.
+//! bench takes `--device cpu|cuda|emu`; `mmdit` and `sample` run the device model path
+//! (`mmdit::device`, `flow::device`) on a GPU or the emulator, the others say that their device
+//! side is not built yet.
 
 pub mod flops;
 mod kernels;
@@ -62,8 +63,8 @@ impl std::str::FromStr for BenchDevice {
 /// Flags every bench takes.
 #[derive(Clone, Debug, clap::Args)]
 pub struct CommonArgs {
-    /// cpu; cuda (`mmdit` only so far: the device model path, bf16); emu (the same path on the
-    /// CPU SIMT emulator: a functional check, not a speed figure).
+    /// cpu; cuda (`mmdit` and `sample` so far: the device model path, bf16); emu (the same path
+    /// on the CPU SIMT emulator: a functional check, not a speed figure).
     #[arg(long, default_value = "cpu")]
     pub device: BenchDevice,
     /// Timed repetitions, after one untimed warm-up run; figures are their median.
@@ -84,7 +85,7 @@ impl CommonArgs {
         }
         match self.device {
             BenchDevice::Cpu => Ok(()),
-            BenchDevice::Cuda | BenchDevice::Emu if what == "mmdit" => Ok(()),
+            BenchDevice::Cuda | BenchDevice::Emu if what == "mmdit" || what == "sample" => Ok(()),
             d if what == "kernels" => Err(Error::Invalid(format!(
                 "bench kernels --device {}: not built yet (issue 8); `cargo bench --bench kernels` times the CUDA kernels on a GPU",
                 d.name()
@@ -94,6 +95,64 @@ impl CommonArgs {
                 d.name()
             ))),
         }
+    }
+}
+
+/// The kernel device a model bench runs on: `None` for the CPU backend, else the device and its
+/// kind (`cuda`: the first usable GPU, or a clear error; `emu`: the SIMT emulator).
+fn kernel_device(
+    d: BenchDevice,
+    what: &str,
+) -> Result<Option<(crate::device::kernel::KernelDevice, &'static str)>> {
+    use crate::device::kernel::KernelDevice;
+    match d {
+        BenchDevice::Cpu => Ok(None),
+        BenchDevice::Emu => Ok(Some((KernelDevice::emulator(), "emu"))),
+        BenchDevice::Cuda => match KernelDevice::gpu_if_available() {
+            Some(dev) => Ok(Some((dev, "cuda"))),
+            None => Err(Error::Invalid(format!(
+                "bench {what} --device cuda: no usable CUDA GPU ({})",
+                crate::device::probe_cuda()
+            ))),
+        },
+    }
+}
+
+/// Dense bf16 tensor-core peak of the cards whose MFU the benches report, TFLOP/s (NVIDIA's
+/// datasheets; H200 has the H100 SXM's compute).
+pub fn bf16_peak_tflops(card: &str) -> Option<f64> {
+    if card.contains("H100") && card.contains("PCIe") {
+        Some(756.0)
+    } else if card.contains("H100") || card.contains("H200") {
+        Some(989.4)
+    } else if card.contains("A100") {
+        Some(312.0)
+    } else {
+        None
+    }
+}
+
+/// The card's bf16 peak and each `(key, label, TFLOP/s)` as a fraction of it, on a GPU whose
+/// peak is known; a note otherwise.
+fn mfu_figures<const N: usize>(
+    r: &mut Report,
+    card: &str,
+    kind: &str,
+    figures: [(&'static str, &'static str, f64); N],
+) {
+    match bf16_peak_tflops(card).filter(|_| kind == "cuda") {
+        Some(peak) => {
+            r.figure(
+                "bf16_peak_tflops",
+                "card's dense bf16 peak",
+                report::Cell::num(peak, 1),
+                "TFLOP/s",
+            );
+            for (key, label, tf) in figures {
+                r.figure(key, label, report::Cell::num(tf / peak, 3), "");
+            }
+        }
+        None => r.note("MFU: no bf16 peak known for this device"),
     }
 }
 

@@ -1,7 +1,9 @@
 //! `bench sample`: the latency of one K-step Euler sample of a batch, no grad. For `shapes` it is
 //! the committed teacher end to end through `train::shapes_model::sample_images` (tokenizer,
 //! text encoder, K MMDiT calls, Euler updates); for the SD3 presets a random-weight MMDiT on
-//! random conditioning, with the same schedule, CFG and Euler step from `flow`.
+//! random conditioning, with the same schedule, CFG and Euler step from `flow`. With
+//! `--device cuda|emu` the whole K-step loop runs on the device (`flow::device::sample_euler`,
+//! bf16 MMDiT) for any preset — the MMDiT with random weights, the final latents read back.
 
 use super::flops::mmdit_forward_flops;
 use super::measure::{
@@ -9,12 +11,15 @@ use super::measure::{
 };
 use super::presets::{ModelSpec, Preset, RandomInputs};
 use super::report::{Cell, Report};
-use super::{common_parameters, SampleArgs};
+use super::{common_parameters, kernel_device, mfu_figures, SampleArgs};
 use crate::autograd::no_grad;
+use crate::device::kernel::KernelDevice;
 use crate::error::{Error, Result};
 use crate::eval::evaluation_prompts;
+use crate::flow::device::{sample_euler, Guidance};
 use crate::flow::{cfg, euler_step, reference_sigmas, timestep_of};
 use crate::kernels::shape::{concat, split};
+use crate::mmdit::device::DeviceMmdit;
 use crate::mmdit::{Mmdit, MmditInputs};
 use crate::tensor::Tensor;
 use crate::train::shapes_model::{sample_images, Sampler, ShapesModel, RESOLUTION};
@@ -35,6 +40,15 @@ pub fn run(a: &SampleArgs, teacher: &Path) -> Result<Report> {
             "bench sample: --cfg must be a number".into(),
         ));
     }
+    if let Some((dev, kind)) = kernel_device(a.common.device, "sample")? {
+        let spec = ModelSpec::new(a.model.model, a.model.res, teacher)?;
+        let timing = time_device(&spec, a, &dev)?;
+        let place = Where::Device {
+            kind,
+            name: dev.name(),
+        };
+        return Ok(sample_report(a, (spec, timing, place)));
+    }
     let ceiling = gemm_ceiling_tflops(GEMM_CEILING_SIZE, a.common.iters);
     let timed = if a.model.model == Preset::Shapes {
         time_teacher(a, teacher)?
@@ -43,11 +57,32 @@ pub fn run(a: &SampleArgs, teacher: &Path) -> Result<Report> {
         spec.check_fits(false)?;
         time_random_preset(spec, a)?
     };
-    Ok(sample_report(a, timed, ceiling))
+    Ok(cpu_report(a, timed, ceiling))
 }
 
-fn sample_report(a: &SampleArgs, timed: Timed, ceiling: f64) -> Report {
-    let (spec, timing, memory, peak) = timed;
+fn cpu_report(a: &SampleArgs, (spec, timing, memory, peak): Timed, ceiling: f64) -> Report {
+    let place = Where::Cpu {
+        ceiling,
+        memory,
+        peak,
+    };
+    sample_report(a, (spec, timing, place))
+}
+
+/// Where a sample was timed, with what its report needs from there.
+enum Where {
+    Cpu {
+        ceiling: f64,
+        memory: PeakRss,
+        peak: Option<u64>,
+    },
+    Device {
+        kind: &'static str,
+        name: String,
+    },
+}
+
+fn sample_report(a: &SampleArgs, (spec, timing, place): (ModelSpec, Timing, Where)) -> Report {
     let batch = a.model.batch;
     let guided = a.cfg != 1.0;
 
@@ -89,19 +124,37 @@ fn sample_report(a: &SampleArgs, timed: Timed, ceiling: f64) -> Report {
     );
     r.figure("mmdit_flops", "MMDiT FLOPs", Cell::Count(flops), "FLOP");
     r.figure("tflops", "effective", Cell::num(tf, 4), "TFLOP/s");
-    r.figure(
-        "gemm_ceiling_tflops",
-        "measured GEMM ceiling",
-        Cell::num(ceiling, 4),
-        "TFLOP/s",
-    );
-    r.figure(
-        "ceiling_ratio",
-        "effective / GEMM ceiling",
-        Cell::num(tf / ceiling, 3),
-        "",
-    );
-    r.figure("peak_memory_bytes", "peak memory", Cell::bytes(peak), "");
+    let memory = match place {
+        Where::Cpu {
+            ceiling,
+            memory,
+            peak,
+        } => {
+            r.figure(
+                "gemm_ceiling_tflops",
+                "measured GEMM ceiling",
+                Cell::num(ceiling, 4),
+                "TFLOP/s",
+            );
+            r.figure(
+                "ceiling_ratio",
+                "effective / GEMM ceiling",
+                Cell::num(tf / ceiling, 3),
+                "",
+            );
+            r.figure("peak_memory_bytes", "peak memory", Cell::bytes(peak), "");
+            memory
+        }
+        Where::Device { kind, name } => {
+            mfu_figures(&mut r, &name, kind, [("mfu", "MFU", tf)]);
+            r.kernel_device = Some((kind, name));
+            r.note("the device path: the K-step loop on the device (bf16 MMDiT with random weights, CFG and the Euler step in one kernel), the final latents read back; no text encoder, no VAE decode");
+            if kind == "emu" {
+                r.note("emu: the CPU SIMT emulator — a functional check of the device path, not a speed figure");
+            }
+            return r;
+        }
+    };
     if spec.preset == Preset::Shapes {
         r.note("the committed teacher end to end (tokenizer, text encoder, MMDiT, Euler); the FLOPs count the MMDiT only");
     } else {
@@ -115,6 +168,37 @@ fn sample_report(a: &SampleArgs, timed: Timed, ceiling: f64) -> Report {
 }
 
 type Timed = (ModelSpec, Timing, PeakRss, Option<u64>);
+
+/// The K-step sample on a kernel device: random weights and conditioning (the unconditional
+/// branch reuses the conditioning: its cost, not its value, is measured), end to end from the
+/// upload of the noise to the download of the final latents.
+fn time_device(spec: &ModelSpec, a: &SampleArgs, dev: &KernelDevice) -> Result<Timing> {
+    let model = DeviceMmdit::new(dev, &spec.random_model(0))?;
+    let inputs = spec.random_inputs(a.model.batch, 1);
+    let shift = if spec.preset == Preset::Shapes {
+        1.0
+    } else {
+        SD3_SHIFT
+    };
+    let sigmas = reference_sigmas(a.steps, shift);
+    time_fallible(WARMUP, a.common.iters, || {
+        let guidance = (a.cfg != 1.0).then_some(Guidance {
+            pooled: &inputs.pooled,
+            context: &inputs.context,
+            scale: a.cfg,
+        });
+        let x = sample_euler(
+            &model,
+            &inputs.x,
+            &sigmas,
+            &inputs.pooled,
+            &inputs.context,
+            guidance,
+        )?;
+        std::hint::black_box(x);
+        Ok(())
+    })
+}
 
 /// The committed teacher through the sampler the `sample` command uses.
 fn time_teacher(a: &SampleArgs, teacher: &Path) -> Result<Timed> {
@@ -232,7 +316,7 @@ mod tests {
             let spec = tiny_sd3_spec();
             let per_sample_call = mmdit_forward_flops(&spec.config, spec.call_shape(1));
             let a = args(w);
-            let r = sample_report(&a, time_random_preset(spec, &a).unwrap(), 1.0);
+            let r = cpu_report(&a, time_random_preset(spec, &a).unwrap(), 1.0);
             assert!(matches!(r.value("sample_ms"), Some(Cell::Num { value, .. }) if *value > 0.0));
             // Per-sample FLOPs scale with the batch: 3 steps × (2 or 4 samples per call).
             let want = 3 * calls_per_step * per_sample_call;
