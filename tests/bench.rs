@@ -208,6 +208,18 @@ fn mmdit_json_on_the_emulator() {
     let expected = mmdit_forward_flops(&spec.config, spec.call_shape(1));
     assert_eq!(res["forward_flops"].as_u64(), Some(expected));
     assert!(res["forward_mfu"].is_null(), "no MFU off a known GPU");
+    let ck = bench_json(&[
+        "mmdit",
+        "--model",
+        "shapes",
+        "--iters",
+        "1",
+        "--device",
+        "emu",
+        "--checkpoint-activations",
+    ]);
+    assert_eq!(ck["parameters"]["checkpoint_activations"], true);
+    positive(&ck["results"], "forward_backward_ms");
 }
 
 #[test]
@@ -322,6 +334,10 @@ fn bad_input_is_a_clean_error() {
         "the GPU path of this bench is not built yet (issue 8",
     );
     fails_cleanly(&["bench", "kernels", "--device", "cuda"], "not built yet");
+    fails_cleanly(
+        &["bench", "mmdit", "--checkpoint-activations"],
+        "only on the device path",
+    );
     fails_cleanly(
         &["bench", "mmdit", "--device", "tpu"],
         "unknown device `tpu`",

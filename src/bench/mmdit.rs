@@ -12,7 +12,7 @@ use super::{kernel_device, mfu_figures};
 use crate::autograd::no_grad;
 use crate::device::kernel::{KernelDevice, KernelResult};
 use crate::error::Result;
-use crate::mmdit::device::DeviceMmdit;
+use crate::mmdit::device::{DeviceMmdit, Keep};
 use crate::mmdit::{Mmdit, MmditInputs};
 use crate::Var;
 use std::hint::black_box;
@@ -21,6 +21,10 @@ use std::path::Path;
 pub fn run(a: &MmditArgs, teacher: &Path) -> Result<Report> {
     let spec = ModelSpec::new(a.model.model, a.model.res, teacher)?;
     match kernel_device(a.common.device, "mmdit")? {
+        None if a.checkpoint_activations => Err(crate::error::Error::Invalid(
+            "bench mmdit --checkpoint-activations: only on the device path (--device cuda|emu)"
+                .into(),
+        )),
         None => {
             spec.check_fits(true)?;
             Ok(measure(&spec, a))
@@ -45,10 +49,15 @@ fn measure_device(
     let seed = vec![half::bf16::from_f32(1.0 / out_numel as f32); out_numel];
     let dv = dev.upload(&seed)?;
 
-    let forward = || model.forward(&inputs, false).map(|_| ());
+    let keep = if a.checkpoint_activations {
+        Keep::BlockInputs
+    } else {
+        Keep::All
+    };
+    let forward = || model.forward(&inputs, Keep::Nothing).map(|_| ());
     let training = || {
         model.zero_grad()?;
-        let f = model.forward(&inputs, true)?;
+        let f = model.forward(&inputs, keep)?;
         let saved = f.saved.as_ref().expect("kept");
         model.backward(&inputs, saved, &dv, true).map(|_| ())
     };
@@ -65,11 +74,14 @@ fn measure_device(
     };
     let (fwd, train) = (time(&forward)?, time(&training)?);
 
-    let extra = (
-        "precision",
-        "bf16 weights and activations, f32 masters and gradients".into(),
-    );
-    let (mut r, fwd_tf, train_tf) = timed_report(spec, a, &fwd, &train, Some(extra));
+    let extra = [
+        (
+            "precision",
+            "bf16 weights and activations, f32 masters and gradients".into(),
+        ),
+        ("checkpoint_activations", a.checkpoint_activations.into()),
+    ];
+    let (mut r, fwd_tf, train_tf) = timed_report(spec, a, &fwd, &train, &extra);
     r.kernel_device = Some((kind, dev.name()));
     mfu_figures(
         &mut r,
@@ -95,7 +107,7 @@ fn timed_report(
     a: &MmditArgs,
     forward: &Timing,
     training: &Timing,
-    extra: Option<(&'static str, serde_json::Value)>,
+    extra: &[(&'static str, serde_json::Value)],
 ) -> (Report, f64, f64) {
     let batch = a.model.batch;
     let shape = spec.call_shape(batch);
@@ -115,7 +127,7 @@ fn timed_report(
         ("text_tokens", spec.text_tokens.into()),
         ("model_parameters", spec.config.param_count().into()),
     ];
-    params.extend(extra);
+    params.extend(extra.iter().cloned());
     params.extend(common_parameters(&a.common));
     let mut r = Report::new("mmdit", params);
     r.figure("forward_ms", "forward", Cell::num(fwd_ms, 3), "ms");
@@ -173,7 +185,7 @@ fn measure(spec: &ModelSpec, a: &MmditArgs) -> Report {
     });
     let training_peak = memory.growth_bytes();
 
-    let (mut r, fwd_tf, train_tf) = timed_report(spec, a, &forward, &training, None);
+    let (mut r, fwd_tf, train_tf) = timed_report(spec, a, &forward, &training, &[]);
     r.figure(
         "gemm_ceiling_tflops",
         "measured GEMM ceiling",
@@ -255,6 +267,7 @@ mod tests {
                 res: Some(spec.resolution),
                 batch: 2,
             },
+            checkpoint_activations: false,
         };
         let r = measure(&spec, &args);
         for key in ["forward_ms", "forward_backward_ms", "forward_tflops"] {

@@ -197,6 +197,10 @@ pub struct MmditArgs {
     pub common: CommonArgs,
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Activation checkpointing in forward+backward: keep only each block's inputs and recompute
+    /// the block in the backward (device path only).
+    #[arg(long)]
+    pub checkpoint_activations: bool,
 }
 
 #[derive(Clone, Debug, clap::Args)]

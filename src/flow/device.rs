@@ -7,7 +7,7 @@ use half::bf16;
 use crate::device::kernel::KernelResult;
 use crate::kernels::sde::dev::euler_cfg_step;
 use crate::kernels::shape::concat;
-use crate::mmdit::device::DeviceMmdit;
+use crate::mmdit::device::{DeviceMmdit, Keep};
 use crate::nn::timestep_features;
 use crate::tensor::Tensor;
 
@@ -53,7 +53,7 @@ pub fn sample_euler(
             let host: Vec<bf16> = f.f32s().iter().map(|&v| bf16::from_f32(v)).collect();
             dev.copy_to_device(&host, &inputs.t_features)?;
         }
-        let v = model.forward(&inputs, false)?.velocity;
+        let v = model.forward(&inputs, Keep::Nothing)?.velocity;
         euler_cfg_step(dev, &x, &inputs.x, &v, guided, w, sigmas[i + 1] - sigmas[i])?;
     }
     Ok(Tensor::from_vec(dev.download(&x)?, noise.shape()))

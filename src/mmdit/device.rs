@@ -147,6 +147,24 @@ struct BlockSaved {
     c_tail: Option<StreamTail>,
 }
 
+/// What a forward keeps for the backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keep {
+    /// Nothing (sampling, a frozen teacher).
+    Nothing,
+    /// Every block's activations.
+    All,
+    /// Activation checkpointing: only each block's two inputs; the backward recomputes one block's
+    /// forward at a time, so at most one block's activations are alive (≈ one more forward).
+    BlockInputs,
+}
+
+/// One block's record: all its activations, or (checkpointing) just its inputs.
+enum BlockRecord {
+    Full(Box<BlockSaved>),
+    Inputs { x: DevBuf<bf16>, ctx: DevBuf<bf16> },
+}
+
 /// What the backward reads of one forward.
 pub struct Saved {
     batch: usize,
@@ -160,7 +178,7 @@ pub struct Saved {
     y_act: DevBuf<bf16>,
     cond: DevBuf<bf16>,
     silu_c: DevBuf<bf16>,
-    blocks: Vec<BlockSaved>,
+    blocks: Vec<BlockRecord>,
     final_chunks: Vec<DevBuf<bf16>>,
     final_in: DevBuf<bf16>,
     final_ln: Ln,
@@ -821,8 +839,8 @@ impl DeviceMmdit {
         Ok((x_out, ctx_out, saved))
     }
 
-    /// The velocity `[B, C_out, H, W]`; `keep` keeps what [`Self::backward`] needs.
-    pub fn forward(&self, inputs: &DeviceInputs, keep: bool) -> KernelResult<Forward> {
+    /// The velocity `[B, C_out, H, W]`; `keep` says what it keeps for [`Self::backward`].
+    pub fn forward(&self, inputs: &DeviceInputs, keep: Keep) -> KernelResult<Forward> {
         let c = &self.config;
         let d = c.hidden;
         let (b, h, w, lc) = (
@@ -865,8 +883,13 @@ impl DeviceMmdit {
                 Some(n) => n,
                 None => self.dev.alloc(0)?,
             };
-            if keep {
-                blocks.push(saved);
+            match keep {
+                Keep::Nothing => {}
+                Keep::All => blocks.push(BlockRecord::Full(Box::new(saved))),
+                Keep::BlockInputs => blocks.push(BlockRecord::Inputs {
+                    x: saved.x_in,
+                    ctx: saved.ctx_in,
+                }),
             }
         }
         let final_chunks = self.modulation(&silu_c, b, "final_layer", 2)?;
@@ -875,7 +898,7 @@ impl DeviceMmdit {
         let velocity = self.dev.alloc::<bf16>(b * c.out_channels * h * w)?;
         let out = (b, c.out_channels, h, w);
         layout::patchify(&self.dev, &velocity, &tokens, out, c.patch, true, false)?;
-        let saved = keep.then_some(Saved {
+        let saved = (keep != Keep::Nothing).then_some(Saved {
             batch: b,
             height: h,
             width: w,
@@ -1081,16 +1104,19 @@ impl DeviceMmdit {
         let mut dctx = self.dev.zeros::<f32>(b * lc * d)?;
         for i in (0..c.depth).rev() {
             let dims = (b, lx, lc);
-            let (nx, nc) = self.block_bwd(
-                i,
-                &s.blocks[i],
-                &dx,
-                &dctx,
-                &s.silu_c,
-                &d_silu_c,
-                dims,
-                params,
-            )?;
+            let recomputed;
+            let block = match &s.blocks[i] {
+                BlockRecord::Full(saved) => saved.as_ref(),
+                BlockRecord::Inputs { x, ctx } => {
+                    let (xc, cc) = (self.dev.alloc(x.len())?, self.dev.alloc(ctx.len())?);
+                    ew::copy(&self.dev, &xc, x)?;
+                    ew::copy(&self.dev, &cc, ctx)?;
+                    recomputed = self.block(i, xc, cc, &s.silu_c, dims)?.2;
+                    &recomputed
+                }
+            };
+            let (nx, nc) =
+                self.block_bwd(i, block, &dx, &dctx, &s.silu_c, &d_silu_c, dims, params)?;
             dx = nx;
             dctx = nc;
         }
