@@ -12,6 +12,8 @@
 //   flow_noise:            x_σ = (1−σ_b)·x0 + σ_b·n and the velocity target n − x0
 //   euler_cfg_step:        the sampler's Euler step with classifier-free guidance, writing the
 //                          next model input (bf16) beside the f32 state
+//   velocity_mse_grad:     the flow-matching loss's gradient dv = scale·(v − target) (bf16) and
+//                          per-block partial sums of (v − target)² for the loss
 //
 // Layout [B, D] row-major. The reducing kernels use grid (P, B): block (p, b) owns elements
 // [p·per, min(D, (p+1)·per)) of sample b, `per` a multiple of 4 chosen by the launcher from D alone,
@@ -305,4 +307,22 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS)
         x_model[i] = xb;
         if (guided) x_model[n + i] = xb;
     }
+}
+
+// dv = scale·(v − target) (the MSE's gradient with scale = 2/N), and part[block] = Σ (v − target)²
+// over the elements this block visited (the host sums the few partials in a fixed order).
+// grid: any (the launcher uses ≤ 256 blocks), block: SDE_THREADS; part holds gridDim.x floats.
+extern "C" __global__ void __launch_bounds__(SDE_THREADS)
+    velocity_mse_grad(bf16* __restrict__ dv, float* __restrict__ part, const bf16* __restrict__ v,
+                      const float* __restrict__ target, long long n, float scale) {
+    __shared__ float scratch[32];
+    const long long step = (long long)gridDim.x * blockDim.x;
+    float sq = 0.f;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
+        const float e = bf2f(v[i]) - target[i];
+        sq = fmaf(e, e, sq);
+        dv[i] = f2bf(scale * e);
+    }
+    sq = block_sum(sq, scratch);
+    if (threadIdx.x == 0) part[blockIdx.x] = sq;
 }

@@ -493,3 +493,159 @@ fn checkpointed_activations_give_the_same_gradients() {
         );
     }
 }
+
+/// One flow-matching step on the device (noising, bf16 MMDiT, MSE gradient, backward, clipped
+/// AdamW) against the CPU: the loss and every gradient within bf16 tolerance of the CPU model's
+/// (max(2e-2, 4 × the floor of the f32 model on bf16-rounded weights and inputs), as for the
+/// fixtures: here the loss's own gradient comes from the bf16 velocity, so a few tensors sit
+/// just above 2e-2),
+/// the update exactly the CPU twin's AdamW applied to the device's gradients, and a frozen
+/// parameter (the position table) left alone.
+#[test]
+fn a_flow_matching_step_on_the_device_matches_the_cpu() {
+    use advdmd::kernels::optim::{adamw_step, clip_factor, grad_norm, AdamWStep};
+    use advdmd::optim::device::{DeviceAdamW, FlatParams};
+    use advdmd::optim::AdamWConfig;
+    use advdmd::train::device::{flow_matching_grads, FlowBatch};
+
+    let model = random_model();
+    model.params.param("pos_embed").set_trainable(false);
+    let mut rng = Rng::new(12);
+    let mut randn = |shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        Tensor::from_vec((0..n).map(|_| rng.normal()).collect(), shape)
+    };
+    let shape = [2, 3, 8, 8];
+    let (x0, noise, pooled, ctx) = (
+        randn(&shape),
+        randn(&shape),
+        randn(&[2, 24]),
+        randn(&[2, 5, 40]),
+    );
+    let sigma = [0.3f32, 0.8];
+
+    // the CPU: same noising, f32 model, autograd; and the floor: the same on bf16-rounded
+    // weights and inputs
+    let per = x0.numel() / 2;
+    let (xt, target): (Vec<f32>, Vec<f32>) = (0..x0.numel())
+        .map(|i| {
+            let s = sigma[i / per];
+            let (a, n) = (x0.f32s()[i], noise.f32s()[i]);
+            ((1.0 - s) * a + s * n, n - a)
+        })
+        .unzip();
+    let (xt, target) = (
+        Tensor::from_vec(xt, &shape),
+        Tensor::from_vec(target, &shape),
+    );
+    let floor = Mmdit::new(model.config.clone(), model.params.duplicate());
+    for (_, p) in floor.params.iter() {
+        p.set_value(round_bf16(&p.value()));
+    }
+    let cpu_step = |m: &Mmdit, round: bool| {
+        let r = |t: &Tensor| if round { round_bf16(t) } else { t.clone() };
+        let v = m.forward(&MmditInputs {
+            x: &Var::constant(r(&xt)),
+            timestep: &[300.0, 800.0],
+            pooled: &Var::constant(r(&pooled)),
+            context: &Var::constant(r(&ctx)),
+        });
+        let loss = v.mse(&Var::constant(target.clone()));
+        loss.backward();
+        loss.value().item()
+    };
+    let cpu_loss = cpu_step(&model, false);
+    cpu_step(&floor, true);
+
+    let config = AdamWConfig {
+        lr: 1e-3,
+        weight_decay: 0.01,
+        ..Default::default()
+    };
+    for dev in devices() {
+        let m = DeviceMmdit::new(&dev, &model).unwrap();
+        let batch = FlowBatch {
+            x0: &x0,
+            noise: &noise,
+            sigma: &sigma,
+            pooled: &pooled,
+            context: &ctx,
+        };
+        let dev_loss = flow_matching_grads(&m, &batch, Keep::All).unwrap();
+        let rel = ((dev_loss - cpu_loss) / cpu_loss).abs() as f64;
+        let mut check = Check::new(format!("flow-matching step on {}", dev.name()));
+        assert!(rel <= TOL, "loss {dev_loss} vs CPU {cpu_loss}");
+        let mut above = 0;
+        for (name, g) in m.download_named(&m.grads).unwrap() {
+            if let Some(want) = model.params.param(&name).grad() {
+                let floor_grad = floor.params.param(&name).grad().unwrap();
+                let bound = TOL.max(FLOOR_FACTOR * floor_grad.rel_l2(&want));
+                if check.within(&format!("grad {name}"), &g, &want, bound) > TOL {
+                    above += 1;
+                }
+            }
+        }
+        println!(
+            "flow-matching step on {}: {above} gradients above {TOL:e}",
+            dev.name()
+        );
+        check.finish();
+
+        let n = m.n_trainable;
+        let (w0, g) = (
+            dev.download(&m.master).unwrap(),
+            dev.download(&m.grads).unwrap(),
+        );
+        let mut opt = DeviceAdamW::new(&dev, n, config.clone()).unwrap();
+        let flat = FlatParams {
+            master: &m.master,
+            bf16: &m.weights,
+            grads: &m.grads,
+            n_decay: m.n_decay,
+        };
+        opt.step(&dev, &flat, 1e-3, 1.0).unwrap();
+        let w1 = dev.download(&m.master).unwrap();
+
+        let norm = grad_norm(&g[..n]);
+        assert!((opt.last_grad_norm(&dev).unwrap() - norm).abs() <= 1e-5 * norm);
+        let (mut w, mut mm, mut vv) = (w0[..n].to_vec(), vec![0f32; n], vec![0f32; n]);
+        let h = AdamWStep {
+            lr: 1e-3,
+            beta1: config.beta1,
+            beta2: config.beta2,
+            eps: config.eps,
+            weight_decay: config.weight_decay,
+            step: 1,
+        };
+        adamw_step(
+            &mut w,
+            &mut mm,
+            &mut vv,
+            &g[..n],
+            clip_factor(norm, 1.0),
+            m.n_decay,
+            &h,
+            None,
+        );
+        let worst = w
+            .iter()
+            .zip(&w1)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst <= 1e-6,
+            "AdamW update differs from the CPU twin by {worst}"
+        );
+        assert!(w1[..n] != w0[..n], "the step changed nothing");
+        assert_eq!(w1[n..], w0[n..], "a frozen parameter moved");
+        let wb = dev.download(&m.weights).unwrap();
+        assert!(
+            wb.iter().zip(&w1).all(|(b, f)| *b == bf16::from_f32(*f)),
+            "the bf16 copy is not the rounding of the new masters"
+        );
+        println!(
+            "flow-matching step on {}: loss {dev_loss:.5} (CPU {cpu_loss:.5}), grad norm {norm:.4}, AdamW vs twin {worst:.1e}",
+            dev.name()
+        );
+    }
+}

@@ -179,6 +179,24 @@ pub fn euler_cfg_step(x: &mut [f32], v: &[f32], guided: bool, w: f32, dt: f32) {
     }
 }
 
+/// The flow-matching loss `mean((v − target)²)` and its gradient `2·(v − target)/N`: the twin of
+/// `velocity_mse_grad` (the loss summed in f64 here).
+pub fn velocity_mse_grad(v: &[f32], target: &[f32]) -> (f32, Vec<f32>) {
+    assert_eq!(v.len(), target.len(), "velocity_mse_grad: sizes differ");
+    let n = v.len().max(1) as f32;
+    let mut sq = 0f64;
+    let grad = v
+        .iter()
+        .zip(target)
+        .map(|(a, t)| {
+            let e = a - t;
+            sq += (e as f64) * (e as f64);
+            2.0 / n * e
+        })
+        .collect();
+    ((sq / n as f64) as f32, grad)
+}
+
 /// Launchers of `cuda/sde.cu` on a [`KernelDevice`] (a GPU, or the emulator in CI). All data f32
 /// `[B, D]` device buffers, σ and σ' f32 `[B]`, log-probabilities f64 `[B]`.
 pub mod dev {
@@ -501,5 +519,41 @@ pub mod dev {
                 .f32(w)
                 .f32(dt),
         )
+    }
+
+    /// [`super::velocity_mse_grad`] on the device: writes `dv` (bf16) and returns the loss
+    /// (reads back one float per block, summed on the host in order).
+    pub fn velocity_mse_grad(
+        dev: &KernelDevice,
+        dv: &DevBuf<half::bf16>,
+        v: &DevBuf<half::bf16>,
+        target: &DevBuf<f32>,
+    ) -> KernelResult<f32> {
+        let n = v.len();
+        check(dv.len() == n && target.len() == n, || {
+            format!(
+                "velocity_mse_grad: v {n}, dv {}, target {}",
+                dv.len(),
+                target.len()
+            )
+        })?;
+        if n == 0 {
+            return Ok(0.0);
+        }
+        let blocks = n.div_ceil(THREADS as usize).min(256);
+        let part = dev.alloc::<f32>(blocks)?;
+        dev.launch(
+            "velocity_mse_grad",
+            LaunchCfg::linear(blocks as u32, THREADS),
+            KernelArgs::new()
+                .buf(dv)
+                .buf(&part)
+                .buf(v)
+                .buf(target)
+                .i64(n as i64)
+                .f32(2.0 / n as f32),
+        )?;
+        let sum: f64 = dev.download(&part)?.iter().map(|&p| p as f64).sum();
+        Ok((sum / n as f64) as f32)
     }
 }

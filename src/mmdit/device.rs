@@ -9,7 +9,9 @@
 //!
 //! Parameters live in three flat buffers with one aligned slot per tensor (the original SD3
 //! names, as in the CPU model): the f32 masters an optimizer updates, their bf16 copy the kernels
-//! read, and the f32 gradients the backward accumulates into.
+//! read, and the f32 gradients the backward accumulates into. The slots are grouped as the flat
+//! AdamW kernel wants them: trainable matrices (weight decay, as `optim::AdamW`) first, then the
+//! other trainable tensors, then the frozen ones, which no optimizer step touches.
 
 use std::collections::BTreeMap;
 
@@ -43,6 +45,7 @@ const ALIGN: usize = 64;
 pub struct Slot {
     pub offset: usize,
     pub shape: Vec<usize>,
+    pub trainable: bool,
 }
 
 impl Slot {
@@ -56,6 +59,10 @@ pub struct DeviceMmdit {
     pub config: MmditConfig,
     pub dev: KernelDevice,
     slots: BTreeMap<String, Slot>,
+    /// Elements `[0, n_decay)` are trainable matrices, `[n_decay, n_trainable)` the other
+    /// trainable tensors; the frozen ones follow.
+    pub n_decay: usize,
+    pub n_trainable: usize,
     /// f32 master weights.
     pub master: DevBuf<f32>,
     /// The bf16 copy every kernel reads.
@@ -197,21 +204,40 @@ fn invalid(msg: String) -> KernelError {
 impl DeviceMmdit {
     /// Uploads a CPU model's parameters (its current values) as f32 masters and bf16 weights.
     pub fn new(dev: &KernelDevice, model: &Mmdit) -> KernelResult<DeviceMmdit> {
-        let tensors = model.params.tensors();
+        let mut tensors: Vec<(String, Tensor, bool)> = model
+            .params
+            .iter()
+            .map(|(name, p)| (name.clone(), p.value(), p.trainable()))
+            .collect();
+        let group = |t: &Tensor, trainable: bool| match (trainable, t.rank() >= 2) {
+            (true, true) => 0,
+            (true, false) => 1,
+            (false, _) => 2,
+        };
+        tensors.sort_by_key(|(name, t, tr)| (group(t, *tr), name.clone()));
         let mut slots = BTreeMap::new();
-        let mut total = 0usize;
-        for (name, t) in &tensors {
+        let (mut total, mut n_decay, mut n_trainable) = (0usize, 0usize, 0usize);
+        for (name, t, trainable) in &tensors {
+            let g = group(t, *trainable);
             slots.insert(
                 name.clone(),
                 Slot {
                     offset: total,
                     shape: t.shape().to_vec(),
+                    trainable: *trainable,
                 },
             );
             total += t.numel().div_ceil(ALIGN) * ALIGN;
+            if g == 0 {
+                n_decay = total;
+            }
+            if g <= 1 {
+                n_trainable = total;
+            }
         }
+        let n_decay = n_decay.min(n_trainable);
         let mut host = vec![0f32; total.max(1)];
-        for (name, t) in &tensors {
+        for (name, t, _) in &tensors {
             let s = &slots[name];
             host[s.offset..s.offset + s.numel()].copy_from_slice(t.f32s());
         }
@@ -222,6 +248,8 @@ impl DeviceMmdit {
             config: model.config.clone(),
             dev: dev.clone(),
             slots,
+            n_decay,
+            n_trainable,
             master,
             weights,
             grads,

@@ -3,6 +3,8 @@
 //! plain tensors keyed by parameter name so a checkpoint can store it and a resumed run continues
 //! bit for bit.
 
+pub mod device;
+
 use crate::nn::ParamMap;
 use crate::tensor::Tensor;
 use rayon::prelude::*;

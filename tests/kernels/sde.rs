@@ -361,3 +361,33 @@ fn euler_cfg_step_matches_cpu() {
         }
     }
 }
+
+#[test]
+fn velocity_mse_grad_matches_cpu() {
+    for dev in devices() {
+        for n in [5, 1000, 100_003] {
+            let mut rng = Rng::new(31 + n as u64);
+            let v = randn_bf16(&mut rng, n, 1.0);
+            let t: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+            let dv = dev.alloc::<bf16>(n).unwrap();
+            let loss =
+                gpu::velocity_mse_grad(&dev, &dv, &upload_bf16(&dev, &v), &dev.upload(&t).unwrap())
+                    .unwrap();
+            let (want_loss, want) = cpu::velocity_mse_grad(&v, &t);
+            let shape = format!("{n}");
+            check(
+                "velocity_mse_grad",
+                &dev,
+                &shape,
+                &download_f32(&dev, &dv),
+                &want,
+                4e-3,
+            );
+            assert!(
+                (loss - want_loss).abs() <= 1e-5 * want_loss,
+                "loss {loss} vs {want_loss} on {}",
+                dev.name()
+            );
+        }
+    }
+}
