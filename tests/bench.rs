@@ -220,6 +220,10 @@ fn mmdit_json_on_the_emulator() {
     ]);
     assert_eq!(ck["parameters"]["checkpoint_activations"], true);
     positive(&ck["results"], "forward_backward_ms");
+    // checkpointing keeps less: its forward+backward peak is below the full record's
+    let peak = |r: &Value| positive(&r["results"], "peak_memory_bytes");
+    assert!(peak(&ck) < peak(&r), "{} vs {}", peak(&ck), peak(&r));
+    positive(&r["results"], "resident_bytes");
 }
 
 #[test]

@@ -61,7 +61,10 @@ fn measure_device(
         let saved = f.saved.as_ref().expect("kept");
         model.backward(&inputs, saved, &dv, true).map(|_| ())
     };
-    let time = |work: &dyn Fn() -> KernelResult<()>| -> Result<Timing> {
+    // (timing, peak bytes above the resident model state and inputs)
+    let resident = dev.live_bytes();
+    let time = |work: &dyn Fn() -> KernelResult<()>| -> Result<(Timing, usize)> {
+        dev.reset_peak();
         for _ in 0..WARMUP {
             work()?;
         }
@@ -70,9 +73,12 @@ fn measure_device(
         for _ in 0..a.common.iters {
             runs_ms.push(dev.time_ms(work)? as f64);
         }
-        Ok(Timing { runs_ms })
+        Ok((
+            Timing { runs_ms },
+            dev.peak_bytes().saturating_sub(resident),
+        ))
     };
-    let (fwd, train) = (time(&forward)?, time(&training)?);
+    let ((fwd, fwd_peak), (train, train_peak)) = (time(&forward)?, time(&training)?);
 
     let extra = [
         (
@@ -83,6 +89,24 @@ fn measure_device(
     ];
     let (mut r, fwd_tf, train_tf) = timed_report(spec, a, &fwd, &train, &extra);
     r.kernel_device = Some((kind, dev.name()));
+    r.figure(
+        "resident_bytes",
+        "weights (f32 + bf16), gradients, inputs",
+        Cell::Bytes(resident as u64),
+        "",
+    );
+    r.figure(
+        "peak_memory_forward_bytes",
+        "peak memory, forward",
+        Cell::Bytes(fwd_peak as u64),
+        "",
+    );
+    r.figure(
+        "peak_memory_bytes",
+        "peak memory, forward+backward",
+        Cell::Bytes(train_peak as u64),
+        "",
+    );
     mfu_figures(
         &mut r,
         &dev.name(),
@@ -93,6 +117,7 @@ fn measure_device(
         ],
     );
     r.note("the device model path: every op a kernel of cuda/ or a cuBLASLt GEMM (on the emulator, the CPU GEMM); inputs uploaded once, outside the timing; forward+backward includes zeroing the gradients");
+    r.note("memory: the engine's own device buffers (a counter in the kernel device), peaks above the resident state; cuBLASLt's workspace and the pool's slack are not counted");
     r.note("FLOPs: matmuls and attention products at 2·M·N·K, backward = 2× forward (src/bench/flops.rs)");
     if kind == "emu" {
         r.note("emu: the CPU SIMT emulator runs the CUDA kernels one thread at a time — a functional check of the device path, not a speed figure");

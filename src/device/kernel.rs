@@ -11,6 +11,8 @@ use std::ffi::c_void;
 use std::marker::PhantomData;
 
 use bytemuck::Pod;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use super::emu;
 
@@ -165,6 +167,26 @@ enum Backend {
 #[derive(Clone)]
 pub struct KernelDevice {
     backend: Backend,
+    memory: Arc<MemoryCounter>,
+}
+
+/// Bytes of the buffers this device handed out and not yet dropped, and their high-water mark:
+/// the engine's own device memory (not the driver's, cuBLASLt's workspace or pool slack), the
+/// same on a GPU and under the emulator.
+#[derive(Default)]
+struct MemoryCounter {
+    live: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl MemoryCounter {
+    fn add(&self, bytes: usize) {
+        let now = self.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+    }
+    fn sub(&self, bytes: usize) {
+        self.live.fetch_sub(bytes, Ordering::Relaxed);
+    }
 }
 
 /// Who frees a buffer's memory.
@@ -182,6 +204,8 @@ pub struct DevBuf<T> {
     ptr: u64,
     len: usize,
     owner: Owner,
+    /// The counter this buffer's bytes were added to (`None` for views).
+    counted: Option<Arc<MemoryCounter>>,
     _t: PhantomData<T>,
 }
 
@@ -216,6 +240,7 @@ impl<T> DevBuf<T> {
                 ptr: self.ptr + (offset * std::mem::size_of::<T>()) as u64,
                 len,
                 owner: Owner::View,
+                counted: None,
                 _t: PhantomData,
             },
             _parent: PhantomData,
@@ -238,6 +263,9 @@ impl<T> std::ops::Deref for DevView<'_, T> {
 
 impl<T> Drop for DevBuf<T> {
     fn drop(&mut self) {
+        if let Some(c) = &self.counted {
+            c.sub(self.bytes());
+        }
         match &self.owner {
             Owner::Host(_) | Owner::View => {}
             #[cfg(feature = "cuda")]
@@ -255,6 +283,7 @@ impl KernelDevice {
     pub fn emulator() -> KernelDevice {
         KernelDevice {
             backend: Backend::Emulator,
+            memory: Arc::default(),
         }
     }
 
@@ -263,6 +292,7 @@ impl KernelDevice {
     pub fn cuda(ordinal: usize) -> KernelResult<KernelDevice> {
         Ok(KernelDevice {
             backend: Backend::Gpu(super::cuda::CudaRuntime::new(ordinal)?),
+            memory: Arc::default(),
         })
     }
 
@@ -294,6 +324,26 @@ impl KernelDevice {
         }
     }
 
+    fn counted(&self, bytes: usize) -> Arc<MemoryCounter> {
+        self.memory.add(bytes);
+        self.memory.clone()
+    }
+
+    /// Bytes of this device's buffers alive now.
+    pub fn live_bytes(&self) -> usize {
+        self.memory.live.load(Ordering::Relaxed)
+    }
+
+    /// The most bytes alive at once since the device was made or [`Self::reset_peak`].
+    pub fn peak_bytes(&self) -> usize {
+        self.memory.peak.load(Ordering::Relaxed)
+    }
+
+    /// Starts a new high-water mark from what is alive now.
+    pub fn reset_peak(&self) {
+        self.memory.peak.store(self.live_bytes(), Ordering::Relaxed);
+    }
+
     /// An uninitialised buffer (poisoned under the emulator).
     pub fn alloc<T: Pod>(&self, len: usize) -> KernelResult<DevBuf<T>> {
         let bytes = len * std::mem::size_of::<T>();
@@ -305,6 +355,7 @@ impl KernelDevice {
                     ptr: host.as_ptr() as u64,
                     len,
                     owner: Owner::Host(host),
+                    counted: Some(self.counted(bytes)),
                     _t: PhantomData,
                 })
             }
@@ -313,6 +364,7 @@ impl KernelDevice {
                 ptr: rt.alloc(bytes.max(1))?,
                 len,
                 owner: Owner::Gpu(rt.clone()),
+                counted: Some(self.counted(bytes)),
                 _t: PhantomData,
             }),
         }
