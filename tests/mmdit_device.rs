@@ -649,3 +649,58 @@ fn a_flow_matching_step_on_the_device_matches_the_cpu() {
         );
     }
 }
+
+/// The teacher's form: bf16 weights only (2 bytes a parameter, measured by the device's counter),
+/// the same forward and input gradients as the trainable model, and no parameter gradients.
+#[test]
+fn a_frozen_device_model_is_bf16_only_and_computes_the_same() {
+    let model = random_model();
+    let mut rng = Rng::new(4);
+    let mut randn = |shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        Tensor::from_vec((0..n).map(|_| rng.normal()).collect(), shape)
+    };
+    let (x, pooled, ctx) = (randn(&[1, 3, 8, 8]), randn(&[1, 24]), randn(&[1, 5, 40]));
+    let seed = to_bf16(&randn(&[1, 3, 8, 8]));
+    for dev in devices() {
+        let before = dev.live_bytes();
+        let frozen = DeviceMmdit::frozen(&dev, &model).unwrap();
+        let bytes = dev.live_bytes() - before;
+        let weights = frozen.weights.len() * 2;
+        assert_eq!(bytes, weights, "a frozen model holds its bf16 weights only");
+        assert!(!frozen.is_trainable());
+        let full = DeviceMmdit::new(&dev, &model).unwrap();
+        assert_eq!(
+            dev.live_bytes() - before - bytes,
+            weights * 5,
+            "trainable: 10 bytes a parameter"
+        );
+
+        let run = |m: &DeviceMmdit| {
+            let inputs = m.inputs(&x, &[500.0], &pooled, &ctx).unwrap();
+            let f = m.forward(&inputs, Keep::All).unwrap();
+            let dv = dev.upload(&seed).unwrap();
+            let g = m
+                .backward(&inputs, f.saved.as_ref().unwrap(), &dv, false)
+                .unwrap();
+            let refused = m.backward(&inputs, f.saved.as_ref().unwrap(), &dv, true);
+            (
+                dev.download(&f.velocity).unwrap(),
+                dev.download(&g.x).unwrap(),
+                refused.is_err(),
+            )
+        };
+        let (a, b) = (run(&frozen), run(&full));
+        assert!(
+            a.2 && !b.2,
+            "only the frozen model refuses parameter gradients"
+        );
+        if dev.is_emulator() {
+            assert!(
+                a.0 == b.0 && a.1 == b.1,
+                "frozen and trainable models differ"
+            );
+        }
+        assert!(frozen.refresh_weights().is_err());
+    }
+}

@@ -202,8 +202,25 @@ fn invalid(msg: String) -> KernelError {
 }
 
 impl DeviceMmdit {
-    /// Uploads a CPU model's parameters (its current values) as f32 masters and bf16 weights.
+    /// Uploads a CPU model's parameters (its current values) as f32 masters and bf16 weights,
+    /// with f32 gradients: a model to train.
     pub fn new(dev: &KernelDevice, model: &Mmdit) -> KernelResult<DeviceMmdit> {
+        Self::upload(dev, model, true)
+    }
+
+    /// The bf16 weights only (2 bytes per parameter; no masters, no gradients): a frozen model —
+    /// the teacher — that runs forward and passes gradients to its inputs
+    /// (`backward(.., params = false)`) but can take no step.
+    pub fn frozen(dev: &KernelDevice, model: &Mmdit) -> KernelResult<DeviceMmdit> {
+        Self::upload(dev, model, false)
+    }
+
+    /// Whether the model has masters and gradients (built by [`Self::new`]).
+    pub fn is_trainable(&self) -> bool {
+        !self.master.is_empty()
+    }
+
+    fn upload(dev: &KernelDevice, model: &Mmdit, trainable: bool) -> KernelResult<DeviceMmdit> {
         let mut tensors: Vec<(String, Tensor, bool)> = model
             .params
             .iter()
@@ -241,9 +258,14 @@ impl DeviceMmdit {
             let s = &slots[name];
             host[s.offset..s.offset + s.numel()].copy_from_slice(t.f32s());
         }
-        let master = dev.upload(&host)?;
-        let weights = ew::cast_f32_to_bf16(dev, &master)?;
-        let grads = dev.zeros::<f32>(host.len())?;
+        let (master, weights, grads) = if trainable {
+            let master = dev.upload(&host)?;
+            let weights = ew::cast_f32_to_bf16(dev, &master)?;
+            (master, weights, dev.zeros::<f32>(host.len())?)
+        } else {
+            let bf: Vec<bf16> = host.iter().map(|&v| bf16::from_f32(v)).collect();
+            (dev.alloc(0)?, dev.upload(&bf)?, dev.alloc(0)?)
+        };
         Ok(DeviceMmdit {
             config: model.config.clone(),
             dev: dev.clone(),
@@ -283,6 +305,11 @@ impl DeviceMmdit {
 
     /// The bf16 weights again from the masters (after the masters changed).
     pub fn refresh_weights(&self) -> KernelResult<()> {
+        if !self.is_trainable() {
+            return Err(invalid(
+                "a frozen model has no masters to refresh from".into(),
+            ));
+        }
         ew::cast_f32_to_bf16_into(&self.dev, &self.weights, &self.master)
     }
 
@@ -1103,6 +1130,12 @@ impl DeviceMmdit {
         let (b, h, w, lc) = (s.batch, s.height, s.width, s.context_len);
         let (gh, gw) = (h / c.patch, w / c.patch);
         let lx = gh * gw;
+        if params && !self.is_trainable() {
+            return Err(invalid(
+                "MMDiT backward: a frozen model takes no parameter gradients (params = false)"
+                    .into(),
+            ));
+        }
         if s.blocks.len() != c.depth || dvelocity.len() != b * c.out_channels * h * w {
             return Err(invalid(
                 "MMDiT backward: the forward kept nothing, or the velocity gradient's shape differs"
