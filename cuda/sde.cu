@@ -14,6 +14,8 @@
 //                          next model input (bf16) beside the f32 state
 //   velocity_mse_grad:     the flow-matching loss's gradient dv = scale·(v − target) (bf16) and
 //                          per-block partial sums of (v − target)² for the loss
+//   x0_from_velocity:      x̂0 = x − σ_b·v from a model's bf16 velocity (CFG-combined when guided)
+//   velocity_grad_from_x0: dv = −scale·σ_b·g, a gradient seeded at x̂0 moved onto v (bf16)
 //
 // Layout [B, D] row-major. The reducing kernels use grid (P, B): block (p, b) owns elements
 // [p·per, min(D, (p+1)·per)) of sample b, `per` a multiple of 4 chosen by the launcher from D alone,
@@ -325,4 +327,31 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS)
     }
     sq = block_sum(sq, scratch);
     if (threadIdx.x == 0) part[blockIdx.x] = sq;
+}
+
+// x0 = x − σ_b·g with g = v, or (guided: v is [2, B·d], the conditional rows first)
+// g = u + w·(c − u). x, x0 f32 [B, d]; sigma f32 [B].
+// grid: ceil(B·d / SDE_THREADS) (any grid is correct), block: SDE_THREADS.
+extern "C" __global__ void __launch_bounds__(SDE_THREADS)
+    x0_from_velocity(float* __restrict__ x0, const float* __restrict__ x, const bf16* __restrict__ v,
+                     const float* __restrict__ sigma, long long d, int B, int guided, float w) {
+    const long long n = d * B, step = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
+        float g = bf2f(v[i]);
+        if (guided) {
+            const float u = bf2f(v[n + i]);
+            g = u + w * (g - u);
+        }
+        x0[i] = x[i] - sigma[i / d] * g;
+    }
+}
+
+// dv = −scale·σ_b·g (bf16): the gradient of x̂0 = x − σ·v with respect to v, applied to g.
+// grid: ceil(B·d / SDE_THREADS) (any grid is correct), block: SDE_THREADS.
+extern "C" __global__ void __launch_bounds__(SDE_THREADS)
+    velocity_grad_from_x0(bf16* __restrict__ dv, const float* __restrict__ g, const float* __restrict__ sigma,
+                          long long d, int B, float scale) {
+    const long long n = d * B, step = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step)
+        dv[i] = f2bf(-scale * sigma[i / d] * g[i]);
 }

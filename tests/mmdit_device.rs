@@ -275,6 +275,10 @@ fn the_device_mmdit_matches_the_reference_fixtures() {
 /// A head-dim-64 model (the fused attention kernels) with every parameter random, so that no
 /// zero-initialised modulation hides a path.
 fn random_model() -> Mmdit {
+    random_model_seeded(17)
+}
+
+fn random_model_seeded(seed: u64) -> Mmdit {
     let config = MmditConfig {
         depth: 3,
         hidden: 128,
@@ -291,7 +295,7 @@ fn random_model() -> Mmdit {
         qk_norm: true,
         dual_attention_blocks: vec![1],
     };
-    let mut rng = Rng::new(17);
+    let mut rng = Rng::new(seed);
     let params = init_params(&config, &mut rng);
     for (name, p) in params.iter() {
         let v = p.value();
@@ -702,5 +706,135 @@ fn a_frozen_device_model_is_bf16_only_and_computes_the_same() {
             );
         }
         assert!(frozen.refresh_weights().is_err());
+    }
+}
+
+/// The DMD term of the generator update on the device (generator forward, the frozen teacher
+/// with CFG and the fake score on the re-noised x̂0, the DMD gradient seeded at x̂0, the
+/// generator's backward) against the same computation on the CPU models: every generator
+/// gradient within max(2e-2, 4 × the bf16 floor), the DMD gradient's norm within 2e-2.
+#[test]
+fn the_dmd_generator_gradient_on_the_device_matches_the_cpu() {
+    use advdmd::flow::cfg;
+    use advdmd::kernels::sde::dmd_gradient_batch;
+    use advdmd::kernels::shape::{concat, split};
+    use advdmd::train::device::{dmd_generator_grads, DmdBatch};
+
+    let (generator, teacher, fake) = (
+        random_model_seeded(17),
+        random_model_seeded(18),
+        random_model_seeded(19),
+    );
+    let mut rng = Rng::new(23);
+    let mut randn = |shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        Tensor::from_vec((0..n).map(|_| rng.normal()).collect(), shape)
+    };
+    let shape = [2, 3, 8, 8];
+    let (x, noise, pooled, ctx) = (
+        randn(&shape),
+        randn(&shape),
+        randn(&[2, 24]),
+        randn(&[2, 5, 40]),
+    );
+    let (pooled_u, ctx_u) = (randn(&[2, 24]), randn(&[2, 5, 40]));
+    let (sigma, tau, w, lambda) = (0.6f32, [0.3f32, 0.7], 3.0f32, 1.0f32);
+    let (numel, per) = (x.numel(), x.numel() / 2);
+
+    // the CPU, on the models as they are and (the floor) on their bf16 roundings and inputs
+    let cpu_dmd = |generator: &Mmdit, teacher: &Mmdit, fake: &Mmdit, round: bool| -> f32 {
+        let c = |t: &Tensor| Var::constant(if round { round_bf16(t) } else { t.clone() });
+        let xk = c(&x);
+        let v = generator.forward(&MmditInputs {
+            x: &xk,
+            timestep: &[600.0, 600.0],
+            pooled: &c(&pooled),
+            context: &c(&ctx),
+        });
+        let x0 = xk.sub(&v.scale(sigma));
+        let (seed, norm) = {
+            let _ng = advdmd::autograd::no_grad();
+            let xv = x0.value().f32s();
+            let xt: Vec<f32> = (0..numel)
+                .map(|i| (1.0 - tau[i / per]) * xv[i] + tau[i / per] * noise.f32s()[i])
+                .collect();
+            let xt = Tensor::from_vec(xt, &shape);
+            let vt = teacher.forward(&MmditInputs {
+                x: &c(&concat(&[&xt, &xt], 0)),
+                timestep: &[300.0, 700.0, 300.0, 700.0],
+                pooled: &c(&concat(&[&pooled, &pooled_u], 0)),
+                context: &c(&concat(&[&ctx, &ctx_u], 0)),
+            });
+            let halves = split(vt.value(), 0, &[2, 2]);
+            let vw = cfg(halves[0].f32s(), halves[1].f32s(), w);
+            let vf = fake.forward(&MmditInputs {
+                x: &c(&xt),
+                timestep: &[300.0, 700.0],
+                pooled: &c(&pooled),
+                context: &c(&ctx),
+            });
+            let x0_of = |v: &[f32]| -> Vec<f32> {
+                (0..numel)
+                    .map(|i| xt.f32s()[i] - tau[i / per] * v[i])
+                    .collect()
+            };
+            let (real, fake_x0) = (x0_of(&vw), x0_of(vf.value().f32s()));
+            let unscaled = dmd_gradient_batch(xv, &real, &fake_x0, per, 1.0);
+            let norm = (unscaled.iter().map(|&g| (g as f64).powi(2)).sum::<f64>() / 2.0).sqrt();
+            let seed: Vec<f32> = unscaled.iter().map(|g| g * lambda / numel as f32).collect();
+            (Tensor::from_vec(seed, &shape), norm as f32)
+        };
+        backward(&[(&x0, seed)]);
+        norm
+    };
+    let rounded = |m: &Mmdit| {
+        let r = Mmdit::new(m.config.clone(), m.params.duplicate());
+        for (_, p) in r.params.iter() {
+            p.set_value(round_bf16(&p.value()));
+        }
+        r
+    };
+    let cpu_norm = cpu_dmd(&generator, &teacher, &fake, false);
+    let floor_gen = rounded(&generator);
+    cpu_dmd(&floor_gen, &rounded(&teacher), &rounded(&fake), true);
+
+    for dev in devices() {
+        let g = DeviceMmdit::new(&dev, &generator).unwrap();
+        let t = DeviceMmdit::frozen(&dev, &teacher).unwrap();
+        let f = DeviceMmdit::frozen(&dev, &fake).unwrap();
+        let batch = DmdBatch {
+            x: &x,
+            sigma,
+            tau: &tau,
+            noise: &noise,
+            pooled: &pooled,
+            context: &ctx,
+            pooled_uncond: &pooled_u,
+            context_uncond: &ctx_u,
+            w_real: w,
+            lambda,
+        };
+        let norm = dmd_generator_grads(&g, &t, &f, &batch, Keep::All).unwrap();
+        let mut check = Check::new(format!("DMD generator gradient on {}", dev.name()));
+        let rel_norm = ((norm - cpu_norm) / cpu_norm).abs() as f64;
+        let mut worst = (0f64, String::new());
+        for (name, gr) in g.download_named(&g.grads).unwrap() {
+            if let Some(want) = generator.params.param(&name).grad() {
+                let floor = floor_gen.params.param(&name).grad().unwrap().rel_l2(&want);
+                let bound = TOL.max(FLOOR_FACTOR * floor);
+                let e = check.within(&format!("grad {name}"), &gr, &want, bound);
+                if e > worst.0 {
+                    worst = (e, name);
+                }
+            }
+        }
+        println!(
+            "DMD generator gradient on {}: dmd_grad_norm {norm:.4} (CPU {cpu_norm:.4}), worst parameter gradient {:.2e} ({})",
+            dev.name(),
+            worst.0,
+            worst.1
+        );
+        assert!(rel_norm <= TOL, "dmd_grad_norm {norm} vs {cpu_norm}");
+        check.finish();
     }
 }

@@ -197,6 +197,37 @@ pub fn velocity_mse_grad(v: &[f32], target: &[f32]) -> (f32, Vec<f32>) {
     ((sq / n as f64) as f32, grad)
 }
 
+/// `x̂0 = x − σ_b·g`, `g = v` or (guided, `v` is `[2, B·d]` conditional rows first) the CFG
+/// combination `u + w·(c − u)`: the twin of `x0_from_velocity`.
+pub fn x0_from_velocity(x: &[f32], v: &[f32], sigma: &[f32], guided: bool, w: f32) -> Vec<f32> {
+    let n = x.len();
+    let d = n / sigma.len().max(1);
+    assert_eq!(
+        v.len(),
+        if guided { 2 * n } else { n },
+        "x0_from_velocity: v size"
+    );
+    (0..n)
+        .map(|i| {
+            let g = if guided {
+                v[n + i] + w * (v[i] - v[n + i])
+            } else {
+                v[i]
+            };
+            x[i] - sigma[i / d] * g
+        })
+        .collect()
+}
+
+/// `dv = −scale·σ_b·g`: the twin of `velocity_grad_from_x0`.
+pub fn velocity_grad_from_x0(g: &[f32], sigma: &[f32], scale: f32) -> Vec<f32> {
+    let d = g.len() / sigma.len().max(1);
+    g.iter()
+        .enumerate()
+        .map(|(i, &gi)| -scale * sigma[i / d] * gi)
+        .collect()
+}
+
 /// Launchers of `cuda/sde.cu` on a [`KernelDevice`] (a GPU, or the emulator in CI). All data f32
 /// `[B, D]` device buffers, σ and σ' f32 `[B]`, log-probabilities f64 `[B]`.
 pub mod dev {
@@ -555,5 +586,77 @@ pub mod dev {
         )?;
         let sum: f64 = dev.download(&part)?.iter().map(|&p| p as f64).sum();
         Ok((sum / n as f64) as f32)
+    }
+
+    fn rows_cfg(n: usize) -> LaunchCfg {
+        LaunchCfg::linear(n.div_ceil(THREADS as usize).min(65_535) as u32, THREADS)
+    }
+
+    /// [`super::x0_from_velocity`] into `x0` (f32 `[B, d]`; `v` bf16, `[2, B·d]` when guided).
+    pub fn x0_from_velocity(
+        dev: &KernelDevice,
+        x0: &DevBuf<f32>,
+        x: &DevBuf<f32>,
+        v: &DevBuf<half::bf16>,
+        sigma: &DevBuf<f32>,
+        guided: bool,
+        w: f32,
+    ) -> KernelResult<()> {
+        let (n, b) = (x.len(), sigma.len());
+        let rows = if guided { 2 } else { 1 };
+        check(
+            b > 0 && n % b == 0 && x0.len() == n && v.len() == rows * n,
+            || {
+                format!(
+                    "x0_from_velocity: x {n}, x0 {}, v {}, {b} sigmas",
+                    x0.len(),
+                    v.len()
+                )
+            },
+        )?;
+        if n == 0 {
+            return Ok(());
+        }
+        dev.launch(
+            "x0_from_velocity",
+            rows_cfg(n),
+            KernelArgs::new()
+                .buf(x0)
+                .buf(x)
+                .buf(v)
+                .buf(sigma)
+                .i64((n / b) as i64)
+                .i32(b as i32)
+                .i32(guided as i32)
+                .f32(w),
+        )
+    }
+
+    /// [`super::velocity_grad_from_x0`] into `dv` (bf16).
+    pub fn velocity_grad_from_x0(
+        dev: &KernelDevice,
+        dv: &DevBuf<half::bf16>,
+        g: &DevBuf<f32>,
+        sigma: &DevBuf<f32>,
+        scale: f32,
+    ) -> KernelResult<()> {
+        let (n, b) = (g.len(), sigma.len());
+        check(b > 0 && n % b == 0 && dv.len() == n, || {
+            format!("velocity_grad_from_x0: g {n}, dv {}, {b} sigmas", dv.len())
+        })?;
+        if n == 0 {
+            return Ok(());
+        }
+        dev.launch(
+            "velocity_grad_from_x0",
+            rows_cfg(n),
+            KernelArgs::new()
+                .buf(dv)
+                .buf(g)
+                .buf(sigma)
+                .i64((n / b) as i64)
+                .i32(b as i32)
+                .f32(scale),
+        )
     }
 }

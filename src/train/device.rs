@@ -63,3 +63,97 @@ pub fn flow_matching_grads(
     model.backward(&inputs, saved, &dv, true)?;
     Ok(loss)
 }
+
+/// The conditioning of one DMD generator update: the prompts' and the empty prompt's (CFG's
+/// unconditional branch of the teacher), one row per sample.
+pub struct DmdBatch<'a> {
+    /// The rollout state the generator denoises, `[n, C, H, W]`, at σ = `sigma`.
+    pub x: &'a Tensor,
+    pub sigma: f32,
+    /// Per-sample re-noising levels τ and the noise of `x_τ = (1−τ)·x̂0 + τ·noise`.
+    pub tau: &'a [f32],
+    pub noise: &'a Tensor,
+    pub pooled: &'a Tensor,
+    pub context: &'a Tensor,
+    pub pooled_uncond: &'a Tensor,
+    pub context_uncond: &'a Tensor,
+    /// The teacher's CFG scale and the DMD weight λ.
+    pub w_real: f32,
+    pub lambda: f32,
+}
+
+/// The DMD term of the generator update (ALGORITHM.md §4.1, as `AdvDmd::generator_update`):
+/// `x̂0 = x − σ·G(x)`; the frozen teacher (with CFG) and the fake score denoise
+/// `x_τ = (1−τ)·x̂0 + τ·noise`; the DMD gradient `λ·(x̂0_fake − x̂0_real) / mean|x̂0 − x̂0_real| / N`
+/// is seeded at x̂0 and taken back through the generator into its gradients. Returns the
+/// unscaled DMD gradient's RMS per sample (the trainer's `dmd_grad_norm`).
+pub fn dmd_generator_grads(
+    generator: &DeviceMmdit,
+    teacher: &DeviceMmdit,
+    fake: &DeviceMmdit,
+    batch: &DmdBatch,
+    keep: Keep,
+) -> KernelResult<f32> {
+    use crate::kernels::sde::dev::{
+        dmd_gradient, flow_noise_into, velocity_grad_from_x0, x0_from_velocity,
+    };
+    use crate::kernels::shape::concat;
+    let dev = &generator.dev;
+    let n = batch.x.shape().first().copied().unwrap_or(0);
+    let numel = batch.x.numel();
+    if n == 0 || batch.tau.len() != n || batch.noise.numel() != numel || keep == Keep::Nothing {
+        return Err(KernelError::Invalid(format!(
+            "DMD: x {:?}, {} taus, noise {:?}, keep {keep:?}",
+            batch.x.shape(),
+            batch.tau.len(),
+            batch.noise.shape()
+        )));
+    }
+    let per = numel / n;
+    let t_of = |s: &[f32]| -> Vec<f32> { s.iter().map(|&v| crate::flow::timestep_of(v)).collect() };
+
+    // the generator's x̂0, with what its backward needs
+    let sig = vec![batch.sigma; n];
+    let gin = generator.inputs(batch.x, &t_of(&sig), batch.pooled, batch.context)?;
+    let gf = generator.forward(&gin, keep)?;
+    let (x, sig_d) = (dev.upload(batch.x.f32s())?, dev.upload(&sig)?);
+    let x0 = dev.alloc::<f32>(numel)?;
+    x0_from_velocity(dev, &x0, &x, &gf.velocity, &sig_d, false, 1.0)?;
+
+    // re-noise; the teacher (conditional and unconditional rows in one call) and the fake score
+    let (tau, noise) = (dev.upload(batch.tau)?, dev.upload(batch.noise.f32s())?);
+    let xt = dev.alloc::<f32>(numel)?;
+    flow_noise_into(dev, &xt, None, &x0, &noise, &tau, (n, per))?;
+    let both_tau: Vec<f32> = batch.tau.iter().chain(batch.tau).copied().collect();
+    let tin = teacher.inputs(
+        &concat(&[batch.x, batch.x], 0),
+        &t_of(&both_tau),
+        &concat(&[batch.pooled, batch.pooled_uncond], 0),
+        &concat(&[batch.context, batch.context_uncond], 0),
+    )?;
+    cast_f32_to_bf16_into(dev, &*tin.x.view(0, numel)?, &xt)?;
+    cast_f32_to_bf16_into(dev, &*tin.x.view(numel, numel)?, &xt)?;
+    let vt = teacher.forward(&tin, Keep::Nothing)?.velocity;
+    let x0_real = dev.alloc::<f32>(numel)?;
+    x0_from_velocity(dev, &x0_real, &xt, &vt, &tau, true, batch.w_real)?;
+    let fin = fake.inputs(batch.x, &t_of(batch.tau), batch.pooled, batch.context)?;
+    cast_f32_to_bf16_into(dev, &fin.x, &xt)?;
+    let vf = fake.forward(&fin, Keep::Nothing)?.velocity;
+    let x0_fake = dev.alloc::<f32>(numel)?;
+    x0_from_velocity(dev, &x0_fake, &xt, &vf, &tau, false, 1.0)?;
+
+    // the seed at x̂0, moved onto the generator's velocity, and the generator's backward
+    let scale = batch.lambda / numel as f32;
+    let g = dmd_gradient(dev, &x0, &x0_real, &x0_fake, (n, per), scale)?;
+    let dv = dev.alloc::<bf16>(numel)?;
+    velocity_grad_from_x0(dev, &dv, &g, &sig_d, 1.0)?;
+    let saved = gf.saved.as_ref().expect("a kept forward");
+    generator.backward(&gin, saved, &dv, true)?;
+
+    let sq: f64 = dev
+        .download(&g)?
+        .iter()
+        .map(|&v| (v as f64 / scale as f64).powi(2))
+        .sum();
+    Ok((sq / n as f64).sqrt() as f32)
+}

@@ -391,3 +391,50 @@ fn velocity_mse_grad_matches_cpu() {
         }
     }
 }
+
+#[test]
+fn x0_from_velocity_and_its_gradient_match_cpu() {
+    for dev in devices() {
+        for guided in [false, true] {
+            let mut rng = Rng::new(41 + guided as u64);
+            let (b, d) = (3, 257);
+            let x: Vec<f32> = (0..b * d).map(|_| rng.normal()).collect();
+            let v = randn_bf16(&mut rng, if guided { 2 * b * d } else { b * d }, 1.0);
+            let sigma = [0.2f32, 0.5, 0.9];
+            let (xd, sd) = (dev.upload(&x).unwrap(), dev.upload(&sigma).unwrap());
+            let x0 = dev.alloc::<f32>(b * d).unwrap();
+            gpu::x0_from_velocity(&dev, &x0, &xd, &upload_bf16(&dev, &v), &sd, guided, 3.0)
+                .unwrap();
+            let want = cpu::x0_from_velocity(&x, &v, &sigma, guided, 3.0);
+            let shape = format!("{b}x{d} guided={guided}");
+            check(
+                "x0_from_velocity",
+                &dev,
+                &shape,
+                &dev.download(&x0).unwrap(),
+                &want,
+                1e-6,
+            );
+
+            let dv = dev.alloc::<bf16>(b * d).unwrap();
+            gpu::velocity_grad_from_x0(&dev, &dv, &xd, &sd, 0.5).unwrap();
+            let want = cpu::velocity_grad_from_x0(&x, &sigma, 0.5);
+            check(
+                "velocity_grad_from_x0",
+                &dev,
+                &shape,
+                &download_f32(&dev, &dv),
+                &want,
+                4e-3,
+            );
+            assert!(gpu::velocity_grad_from_x0(
+                &dev,
+                &dv,
+                &xd,
+                &dev.upload(&[1f32; 2]).unwrap(),
+                1.0
+            )
+            .is_err());
+        }
+    }
+}
