@@ -838,3 +838,85 @@ fn the_dmd_generator_gradient_on_the_device_matches_the_cpu() {
         check.finish();
     }
 }
+
+/// The ρ-SDE rollout on the device against the same transitions on the CPU model (same start
+/// noise and step noises): every state and x̂0 within bf16 tolerance, every log-probability to
+/// 1e-4 (it depends on the model only through μ, which x' is drawn around).
+#[test]
+fn the_device_rollout_follows_the_cpu_rollout() {
+    use advdmd::flow::sde::{log_prob, rho_step};
+    use advdmd::train::device::rollout_sde;
+    use advdmd::train::rollout::few_step_sigmas;
+
+    let model = random_model_seeded(31);
+    let mut rng = Rng::new(37);
+    let mut randn = |shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        Tensor::from_vec((0..n).map(|_| rng.normal()).collect(), shape)
+    };
+    let shape = [2, 3, 8, 8];
+    let (noise, pooled, ctx) = (randn(&shape), randn(&[2, 24]), randn(&[2, 5, 40]));
+    let sig = few_step_sigmas(4, 3.0);
+    let z: Vec<Tensor> = (0..4).map(|_| randn(&shape)).collect();
+    let rho = 0.5;
+
+    // the CPU
+    let per = noise.numel() / 2;
+    let (mut x, mut states, mut x0s, mut lps) = (noise.clone(), vec![], vec![], vec![]);
+    for k in 0..4 {
+        let v = model.forward(&MmditInputs {
+            x: &Var::constant(x.clone()),
+            timestep: &[sig[k] * 1000.0; 2],
+            pooled: &Var::constant(pooled.clone()),
+            context: &Var::constant(ctx.clone()),
+        });
+        let (mut next, mut x0, mut lp) = (vec![], vec![], vec![]);
+        for i in 0..2 {
+            let r = i * per..(i + 1) * per;
+            let (xs, vs) = (&x.f32s()[r.clone()], &v.value().f32s()[r.clone()]);
+            let t = rho_step(xs, vs, sig[k], sig[k + 1], rho, &z[k].f32s()[r]);
+            x0.extend(xs.iter().zip(vs).map(|(a, b)| a - sig[k] * b));
+            if t.std > 0.0 {
+                lp.push(log_prob(&t.next, &t.mean, t.std));
+            }
+            next.extend(t.next);
+        }
+        if !lp.is_empty() {
+            lps.push(lp);
+        }
+        x0s.push(Tensor::from_vec(x0, &shape));
+        x = Tensor::from_vec(next, &shape);
+        states.push(x.clone());
+    }
+
+    for dev in devices() {
+        let m = DeviceMmdit::frozen(&dev, &model).unwrap();
+        let r = rollout_sde(&m, &noise, &z, &sig, rho, &pooled, &ctx).unwrap();
+        assert_eq!(r.states.len(), 5);
+        assert_eq!(r.log_probs.len(), lps.len(), "stochastic transitions");
+        let t = |b: &DevBuf<f32>| Tensor::from_vec(dev.download(b).unwrap(), &shape);
+        let mut check = Check::new(format!("rollout on {}", dev.name()));
+        for k in 0..4 {
+            check.rel(
+                &format!("state {}", k + 1),
+                &t(&r.states[k + 1]),
+                &states[k],
+            );
+            check.rel(&format!("x0 {k}"), &t(&r.x0[k]), &x0s[k]);
+        }
+        let worst = r
+            .log_probs
+            .iter()
+            .flatten()
+            .zip(lps.iter().flatten())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f64, f64::max);
+        println!(
+            "rollout on {}: final state {:.2e}, log-probs within {worst:.1e}",
+            dev.name(),
+            t(&r.states[4]).rel_l2(&states[3])
+        );
+        assert!(worst <= 1e-4, "log-probabilities differ by {worst}");
+        check.finish();
+    }
+}

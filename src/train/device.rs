@@ -157,3 +157,67 @@ pub fn dmd_generator_grads(
         .sum();
     Ok((sq / n as f64).sqrt() as f32)
 }
+
+/// One batch of trajectories on the device (as `train::rollout::Rollout`): the K+1 states, the
+/// K x̂0's (f32 `[n, C, H, W]` device buffers) and the log-probability of every stochastic
+/// transition (`log_probs[k][i]`, read back: K−1 small vectors).
+pub struct DeviceRollout {
+    pub states: Vec<crate::device::kernel::DevBuf<f32>>,
+    pub x0: Vec<crate::device::kernel::DevBuf<f32>>,
+    pub log_probs: Vec<Vec<f64>>,
+}
+
+/// The unified ρ-SDE rollout (ALGORITHM.md §3.2) of `model` from the start noise `noise` along
+/// `sigmas`, with `z[k]` the noise of step k's transition (ignored on deterministic steps: ρ = 0
+/// or σ' = 0): K generator calls, each followed by the `sde_rho_step` kernel.
+pub fn rollout_sde(
+    model: &DeviceMmdit,
+    noise: &Tensor,
+    z: &[Tensor],
+    sigmas: &[f32],
+    rho: f32,
+    pooled: &Tensor,
+    context: &Tensor,
+) -> KernelResult<DeviceRollout> {
+    use crate::kernels::elementwise::dev::cast_bf16_to_f32;
+    use crate::kernels::sde::dev::{rho_step, NextState};
+    let dev = &model.dev;
+    let k = sigmas.len().saturating_sub(1);
+    let n = noise.shape().first().copied().unwrap_or(0);
+    if n == 0 || z.len() < k || z.iter().any(|t| t.numel() != noise.numel()) {
+        return Err(KernelError::Invalid(format!(
+            "rollout: noise {:?}, {} step noises for {k} steps",
+            noise.shape(),
+            z.len()
+        )));
+    }
+    let per = noise.numel() / n;
+    let t_of = |s: f32| vec![crate::flow::timestep_of(s); n];
+    let inputs = model.inputs(noise, &t_of(sigmas[0]), pooled, context)?;
+    let mut out = DeviceRollout {
+        states: vec![dev.upload(noise.f32s())?],
+        x0: Vec::new(),
+        log_probs: Vec::new(),
+    };
+    for step in 0..k {
+        let (s, s_next) = (sigmas[step], sigmas[step + 1]);
+        let x = out.states.last().expect("the start state");
+        cast_f32_to_bf16_into(dev, &inputs.x, x)?;
+        if step > 0 {
+            let f = crate::nn::timestep_features(&t_of(s), model.config.freq_dim);
+            let host: Vec<bf16> = f.f32s().iter().map(|&v| bf16::from_f32(v)).collect();
+            dev.copy_to_device(&host, &inputs.t_features)?;
+        }
+        let v = cast_bf16_to_f32(dev, &model.forward(&inputs, Keep::Nothing)?.velocity)?;
+        let zs = dev.upload(z[step].f32s())?;
+        let (sd, snd) = (dev.upload(&vec![s; n])?, dev.upload(&vec![s_next; n])?);
+        let t = rho_step(dev, x, &v, NextState::Sample(&zs), &sd, &snd, rho, (n, per))?;
+        if s_next > 0.0 && rho > 0.0 {
+            out.log_probs.push(dev.download(&t.log_prob)?);
+        }
+        out.x0.push(t.x0);
+        out.states
+            .push(t.next.expect("a sampled transition writes its next state"));
+    }
+    Ok(out)
+}
