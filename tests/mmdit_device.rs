@@ -50,6 +50,15 @@ fn l2(t: &Tensor) -> f64 {
         .sqrt()
 }
 
+/// A copy of `m` with every weight rounded to bf16 (the floor runs' model).
+fn rounded(m: &Mmdit) -> Mmdit {
+    let r = Mmdit::new(m.config.clone(), m.params.duplicate());
+    for (_, p) in r.params.iter() {
+        p.set_value(round_bf16(&p.value()));
+    }
+    r
+}
+
 fn round_bf16(t: &Tensor) -> Tensor {
     let v = t
         .f32s()
@@ -542,10 +551,7 @@ fn a_flow_matching_step_on_the_device_matches_the_cpu() {
         Tensor::from_vec(xt, &shape),
         Tensor::from_vec(target, &shape),
     );
-    let floor = Mmdit::new(model.config.clone(), model.params.duplicate());
-    for (_, p) in floor.params.iter() {
-        p.set_value(round_bf16(&p.value()));
-    }
+    let floor = rounded(&model);
     let cpu_step = |m: &Mmdit, round: bool| {
         let r = |t: &Tensor| if round { round_bf16(t) } else { t.clone() };
         let v = m.forward(&MmditInputs {
@@ -787,13 +793,6 @@ fn the_dmd_generator_gradient_on_the_device_matches_the_cpu() {
         backward(&[(&x0, seed)]);
         norm
     };
-    let rounded = |m: &Mmdit| {
-        let r = Mmdit::new(m.config.clone(), m.params.duplicate());
-        for (_, p) in r.params.iter() {
-            p.set_value(round_bf16(&p.value()));
-        }
-        r
-    };
     let cpu_norm = cpu_dmd(&generator, &teacher, &fake, false);
     let floor_gen = rounded(&generator);
     cpu_dmd(&floor_gen, &rounded(&teacher), &rounded(&fake), true);
@@ -917,6 +916,113 @@ fn the_device_rollout_follows_the_cpu_rollout() {
             t(&r.states[4]).rel_l2(&states[3])
         );
         assert!(worst <= 1e-4, "log-probabilities differ by {worst}");
+        check.finish();
+    }
+}
+
+/// The forward stopped at a feature block (the discriminator's features) and the backward from
+/// those features, against the CPU model's `forward_with(.., Some(block), true)` and a seeded
+/// backward: features and input gradients within 2e-2, every parameter gradient within
+/// max(2e-2, 4 × the bf16 floor); those of later blocks and the final layer stay zero on both.
+#[test]
+fn features_and_their_backward_match_the_cpu() {
+    let model = random_model_seeded(43);
+    let mut rng = Rng::new(47);
+    let mut randn = |shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        Tensor::from_vec((0..n).map(|_| rng.normal()).collect(), shape)
+    };
+    let (x, pooled, ctx) = (randn(&[2, 3, 8, 8]), randn(&[2, 24]), randn(&[2, 5, 40]));
+    let seed = randn(&[2, 16, 128]);
+    let block = 1;
+
+    let (xv, pv, cv) = (
+        Var::input(x.clone()),
+        Var::input(pooled.clone()),
+        Var::input(ctx.clone()),
+    );
+    let out = model.forward_with(
+        &MmditInputs {
+            x: &xv,
+            timestep: &[200.0, 700.0],
+            pooled: &pv,
+            context: &cv,
+        },
+        Some(block),
+        true,
+    );
+    let features = out.features.unwrap();
+    let cpu = backward(&[(&features, seed.clone())]);
+    // the floor: the same on bf16-rounded weights and inputs
+    let floor = rounded(&model);
+    let rf = floor.forward_with(
+        &MmditInputs {
+            x: &Var::constant(round_bf16(&x)),
+            timestep: &[200.0, 700.0],
+            pooled: &Var::constant(round_bf16(&pooled)),
+            context: &Var::constant(round_bf16(&ctx)),
+        },
+        Some(block),
+        true,
+    );
+    backward(&[(&rf.features.unwrap(), round_bf16(&seed))]);
+
+    for dev in devices() {
+        let m = DeviceMmdit::new(&dev, &model).unwrap();
+        let inputs = m.inputs(&x, &[200.0, 700.0], &pooled, &ctx).unwrap();
+        assert!(
+            m.forward_features(&inputs, 3, Keep::All).is_err(),
+            "block past the depth"
+        );
+        let f = m.forward_features(&inputs, block, Keep::All).unwrap();
+        let saved = f.saved.as_ref().unwrap();
+        let ds = dev.upload(&to_bf16(&seed)).unwrap();
+        assert!(
+            m.backward(&inputs, saved, &ds, true).is_err(),
+            "no velocity was computed"
+        );
+        let g = m.backward_features(&inputs, saved, &ds, true).unwrap();
+        let mut check = Check::new(format!("features on {}", dev.name()));
+        check.rel(
+            "features",
+            &download(&dev, &f.features, &[2, 16, 128]),
+            features.value(),
+        );
+        check.rel(
+            "grad x",
+            &download(&dev, &g.x, x.shape()),
+            cpu.get(&xv).unwrap(),
+        );
+        check.rel(
+            "grad pooled",
+            &download(&dev, &g.pooled, pooled.shape()),
+            cpu.get(&pv).unwrap(),
+        );
+        check.rel(
+            "grad context",
+            &download(&dev, &g.context, ctx.shape()),
+            cpu.get(&cv).unwrap(),
+        );
+        let (mut compared, mut untouched) = (0, 0);
+        for (name, gr) in m.download_named(&m.grads).unwrap() {
+            match model.params.param(&name).grad() {
+                Some(want) if want.f32s().iter().any(|&v| v != 0.0) => {
+                    let fl = floor.params.param(&name).grad().unwrap().rel_l2(&want);
+                    let bound = TOL.max(FLOOR_FACTOR * fl);
+                    check.within(&format!("grad {name}"), &gr, &want, bound);
+                    compared += 1;
+                }
+                _ => {
+                    assert!(gr.f32s().iter().all(|&v| v == 0.0), "{name} got a gradient");
+                    untouched += 1;
+                }
+            }
+        }
+        println!(
+            "features after block {block} on {}: {compared} parameter gradients compared, {untouched} untouched",
+            dev.name()
+        );
+        assert!(untouched > 0 && compared > 0);
         check.finish();
     }
 }

@@ -186,9 +186,22 @@ pub struct Saved {
     cond: DevBuf<bf16>,
     silu_c: DevBuf<bf16>,
     blocks: Vec<BlockRecord>,
-    final_chunks: Vec<DevBuf<bf16>>,
-    final_in: DevBuf<bf16>,
-    final_ln: Ln,
+    /// `None` for a forward that stopped at a feature block.
+    final_layer: Option<FinalSaved>,
+}
+
+/// The final layer's modulation chunks, its input (the last block's image tokens) and LayerNorm.
+struct FinalSaved {
+    chunks: Vec<DevBuf<bf16>>,
+    input: DevBuf<bf16>,
+    ln: Ln,
+}
+
+/// A forward stopped after a feature block: the image tokens there and, when asked for, what
+/// [`DeviceMmdit::backward_features`] needs.
+pub struct Features {
+    pub features: DevBuf<bf16>,
+    pub saved: Option<Saved>,
 }
 
 /// A forward's velocity `[B, C_out, H, W]` (bf16) and, when asked for, what its backward needs.
@@ -897,7 +910,57 @@ impl DeviceMmdit {
     /// The velocity `[B, C_out, H, W]`; `keep` says what it keeps for [`Self::backward`].
     pub fn forward(&self, inputs: &DeviceInputs, keep: Keep) -> KernelResult<Forward> {
         let c = &self.config;
-        let d = c.hidden;
+        let (b, h, w) = (inputs.batch, inputs.height, inputs.width);
+        let lx = (h / c.patch) * (w / c.patch);
+        let (x, mut saved) = self.trunk(inputs, keep, c.depth)?;
+        let chunks = self.modulation(&saved.silu_c, b, "final_layer", 2)?;
+        let ln = self.ln(&x, &chunks[0], &chunks[1], (b, lx, c.hidden))?;
+        let (tokens, _) = self.linear(&ln.y, b * lx, "final_layer.linear", false)?;
+        let velocity = self.dev.alloc::<bf16>(b * c.out_channels * h * w)?;
+        let out = (b, c.out_channels, h, w);
+        layout::patchify(&self.dev, &velocity, &tokens, out, c.patch, true, false)?;
+        saved.final_layer = Some(FinalSaved {
+            chunks,
+            input: x,
+            ln,
+        });
+        Ok(Forward {
+            velocity,
+            saved: (keep != Keep::Nothing).then_some(saved),
+        })
+    }
+
+    /// The image tokens `[B, gh·gw, D]` after block `block`, the forward stopping there (the
+    /// discriminator's features, ALGORITHM.md §2); [`Self::backward_features`] takes gradients
+    /// from them.
+    pub fn forward_features(
+        &self,
+        inputs: &DeviceInputs,
+        block: usize,
+        keep: Keep,
+    ) -> KernelResult<Features> {
+        if block >= self.config.depth {
+            return Err(invalid(format!(
+                "feature block {block} of a {}-block model",
+                self.config.depth
+            )));
+        }
+        let (features, saved) = self.trunk(inputs, keep, block + 1)?;
+        Ok(Features {
+            features,
+            saved: (keep != Keep::Nothing).then_some(saved),
+        })
+    }
+
+    /// The embedders and blocks `0..upto`: the image tokens after the last of them, and the
+    /// record (without a final layer; no blocks when `keep` is `Nothing`).
+    fn trunk(
+        &self,
+        inputs: &DeviceInputs,
+        keep: Keep,
+        upto: usize,
+    ) -> KernelResult<(DevBuf<bf16>, Saved)> {
+        let c = &self.config;
         let (b, h, w, lc) = (
             inputs.batch,
             inputs.height,
@@ -931,7 +994,7 @@ impl DeviceMmdit {
         let (mut ctx, _) = self.linear(&inputs.context, b * lc, "context_embedder", false)?;
 
         let mut blocks = Vec::new();
-        for i in 0..c.depth {
+        for i in 0..upto {
             let (nx, nctx, saved) = self.block(i, x, ctx, &silu_c, (b, lx, lc))?;
             x = nx;
             ctx = match nctx {
@@ -947,13 +1010,7 @@ impl DeviceMmdit {
                 }),
             }
         }
-        let final_chunks = self.modulation(&silu_c, b, "final_layer", 2)?;
-        let final_ln = self.ln(&x, &final_chunks[0], &final_chunks[1], (b, lx, d))?;
-        let (tokens, _) = self.linear(&final_ln.y, b * lx, "final_layer.linear", false)?;
-        let velocity = self.dev.alloc::<bf16>(b * c.out_channels * h * w)?;
-        let out = (b, c.out_channels, h, w);
-        layout::patchify(&self.dev, &velocity, &tokens, out, c.patch, true, false)?;
-        let saved = (keep != Keep::Nothing).then_some(Saved {
+        let saved = Saved {
             batch: b,
             height: h,
             width: w,
@@ -966,11 +1023,9 @@ impl DeviceMmdit {
             cond,
             silu_c,
             blocks,
-            final_chunks,
-            final_in: x,
-            final_ln,
-        });
-        Ok(Forward { velocity, saved })
+            final_layer: None,
+        };
+        Ok((x, saved))
     }
 
     /// The centred crop of the position grid for a `gh × gw` patch grid.
@@ -1127,43 +1182,100 @@ impl DeviceMmdit {
     ) -> KernelResult<InputGrads> {
         let c = &self.config;
         let d = c.hidden;
-        let (b, h, w, lc) = (s.batch, s.height, s.width, s.context_len);
-        let (gh, gw) = (h / c.patch, w / c.patch);
-        let lx = gh * gw;
-        if params && !self.is_trainable() {
-            return Err(invalid(
-                "MMDiT backward: a frozen model takes no parameter gradients (params = false)"
-                    .into(),
-            ));
-        }
-        if s.blocks.len() != c.depth || dvelocity.len() != b * c.out_channels * h * w {
-            return Err(invalid(
-                "MMDiT backward: the forward kept nothing, or the velocity gradient's shape differs"
-                    .into(),
-            ));
+        let (b, h, w) = (s.batch, s.height, s.width);
+        let lx = (h / c.patch) * (w / c.patch);
+        self.check_backward(params)?;
+        let f = match &s.final_layer {
+            Some(f) if s.blocks.len() == c.depth => f,
+            _ => {
+                return Err(invalid(
+                    "MMDiT backward: the forward kept nothing or stopped at a feature block".into(),
+                ))
+            }
+        };
+        if dvelocity.len() != b * c.out_channels * h * w {
+            return Err(invalid(format!(
+                "MMDiT backward: a velocity gradient of {} elements for [{b}, {}, {h}, {w}]",
+                dvelocity.len(),
+                c.out_channels
+            )));
         }
 
         let dtokens = self.dev.alloc::<bf16>(dvelocity.len())?;
         let out = (b, c.out_channels, h, w);
         layout::patchify(&self.dev, &dtokens, dvelocity, out, c.patch, true, true)?;
         if params {
-            self.linear_weight_grad(&s.final_ln.y, &dtokens, b * lx, "final_layer.linear", true)?;
+            self.linear_weight_grad(&f.ln.y, &dtokens, b * lx, "final_layer.linear", true)?;
         }
         let dln = self.linear_input_grad(&dtokens, b * lx, "final_layer.linear", None, params)?;
-        let (dx16, dshift, dscale) = self.ln_bwd(
-            &s.final_in,
-            &s.final_chunks[1],
-            &s.final_ln,
-            &dln,
-            (b, lx, d),
-        )?;
-        let mut dx = ew::cast_bf16_to_f32(&self.dev, &dx16)?;
+        let (dx16, dshift, dscale) =
+            self.ln_bwd(&f.input, &f.chunks[1], &f.ln, &dln, (b, lx, d))?;
+        let dx = ew::cast_bf16_to_f32(&self.dev, &dx16)?;
         let d_silu_c = self.dev.zeros::<f32>(b * d)?;
         let dfinal = [Some(dshift), Some(dscale)];
         self.modulation_bwd(&s.silu_c, b, "final_layer", &dfinal, &d_silu_c, params)?;
+        self.backward_trunk(inputs, s, dx, d_silu_c, params)
+    }
 
+    /// Backward from the gradient of [`Self::forward_features`]'s image tokens (`[B, gh·gw, D]`,
+    /// bf16): the inputs' gradients and, with `params`, the parameters' of the embedders and the
+    /// blocks up to the feature block (the GAN term through the fake score's backbone).
+    pub fn backward_features(
+        &self,
+        inputs: &DeviceInputs,
+        s: &Saved,
+        dfeatures: &DevBuf<bf16>,
+        params: bool,
+    ) -> KernelResult<InputGrads> {
+        let c = &self.config;
+        let lx = (s.height / c.patch) * (s.width / c.patch);
+        self.check_backward(params)?;
+        if s.blocks.is_empty() || s.final_layer.is_some() {
+            return Err(invalid(
+                "MMDiT feature backward: the forward kept nothing or ran to the velocity".into(),
+            ));
+        }
+        if dfeatures.len() != s.batch * lx * c.hidden {
+            return Err(invalid(format!(
+                "MMDiT feature backward: a gradient of {} elements for [{}, {lx}, {}]",
+                dfeatures.len(),
+                s.batch,
+                c.hidden
+            )));
+        }
+        let dx = ew::cast_bf16_to_f32(&self.dev, dfeatures)?;
+        let d_silu_c = self.dev.zeros::<f32>(s.batch * c.hidden)?;
+        self.backward_trunk(inputs, s, dx, d_silu_c, params)
+    }
+
+    fn check_backward(&self, params: bool) -> KernelResult<()> {
+        if params && !self.is_trainable() {
+            return Err(invalid(
+                "MMDiT backward: a frozen model takes no parameter gradients (params = false)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The blocks kept in `s` in reverse, then the embedders, from the gradient `dx` (f32) of
+    /// the last kept block's image tokens and the `d silu(c)` gathered so far.
+    fn backward_trunk(
+        &self,
+        inputs: &DeviceInputs,
+        s: &Saved,
+        mut dx: DevBuf<f32>,
+        d_silu_c: DevBuf<f32>,
+        params: bool,
+    ) -> KernelResult<InputGrads> {
+        let c = &self.config;
+        let d = c.hidden;
+        let (b, h, w, lc) = (s.batch, s.height, s.width, s.context_len);
+        let (gh, gw) = (h / c.patch, w / c.patch);
+        let lx = gh * gw;
+        // the context after the last kept block feeds nothing: its gradient is zero
         let mut dctx = self.dev.zeros::<f32>(b * lc * d)?;
-        for i in (0..c.depth).rev() {
+        for i in (0..s.blocks.len()).rev() {
             let dims = (b, lx, lc);
             let recomputed;
             let block = match &s.blocks[i] {
