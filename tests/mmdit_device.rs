@@ -330,10 +330,7 @@ fn random_model_seeded(seed: u64) -> Mmdit {
 fn the_device_mmdit_matches_the_cpu_model_at_head_dim_64() {
     let model = random_model();
     let mut rng = Rng::new(5);
-    let mut randn = |shape: &[usize]| {
-        let n: usize = shape.iter().product();
-        Tensor::from_vec((0..n).map(|_| rng.normal()).collect(), shape)
-    };
+    let mut randn = |shape: &[usize]| Tensor::randn(shape, &mut rng);
     // a 6×4 patch grid inside the 8×8 position table: the centred crop is off the corner
     let (x, pooled, ctx) = (randn(&[2, 3, 12, 8]), randn(&[2, 24]), randn(&[2, 7, 40]));
     let seed = randn(&[2, 3, 12, 8]);
@@ -467,10 +464,7 @@ fn the_device_euler_sampler_follows_the_reference_trajectory() {
 fn checkpointed_activations_give_the_same_gradients() {
     let model = random_model();
     let mut rng = Rng::new(8);
-    let mut randn = |shape: &[usize]| {
-        let n: usize = shape.iter().product();
-        Tensor::from_vec((0..n).map(|_| rng.normal()).collect(), shape)
-    };
+    let mut randn = |shape: &[usize]| Tensor::randn(shape, &mut rng);
     let (x, pooled, ctx) = (randn(&[2, 3, 8, 8]), randn(&[2, 24]), randn(&[2, 5, 40]));
     let seed = to_bf16(&randn(&[2, 3, 8, 8]));
     for dev in devices() {
@@ -524,10 +518,7 @@ fn a_flow_matching_step_on_the_device_matches_the_cpu() {
     let model = random_model();
     model.params.param("pos_embed").set_trainable(false);
     let mut rng = Rng::new(12);
-    let mut randn = |shape: &[usize]| {
-        let n: usize = shape.iter().product();
-        Tensor::from_vec((0..n).map(|_| rng.normal()).collect(), shape)
-    };
+    let mut randn = |shape: &[usize]| Tensor::randn(shape, &mut rng);
     let shape = [2, 3, 8, 8];
     let (x0, noise, pooled, ctx) = (
         randn(&shape),
@@ -666,10 +657,7 @@ fn a_flow_matching_step_on_the_device_matches_the_cpu() {
 fn a_frozen_device_model_is_bf16_only_and_computes_the_same() {
     let model = random_model();
     let mut rng = Rng::new(4);
-    let mut randn = |shape: &[usize]| {
-        let n: usize = shape.iter().product();
-        Tensor::from_vec((0..n).map(|_| rng.normal()).collect(), shape)
-    };
+    let mut randn = |shape: &[usize]| Tensor::randn(shape, &mut rng);
     let (x, pooled, ctx) = (randn(&[1, 3, 8, 8]), randn(&[1, 24]), randn(&[1, 5, 40]));
     let seed = to_bf16(&randn(&[1, 3, 8, 8]));
     for dev in devices() {
@@ -732,10 +720,7 @@ fn the_dmd_generator_gradient_on_the_device_matches_the_cpu() {
         random_model_seeded(19),
     );
     let mut rng = Rng::new(23);
-    let mut randn = |shape: &[usize]| {
-        let n: usize = shape.iter().product();
-        Tensor::from_vec((0..n).map(|_| rng.normal()).collect(), shape)
-    };
+    let mut randn = |shape: &[usize]| Tensor::randn(shape, &mut rng);
     let shape = [2, 3, 8, 8];
     let (x, noise, pooled, ctx) = (
         randn(&shape),
@@ -849,10 +834,7 @@ fn the_device_rollout_follows_the_cpu_rollout() {
 
     let model = random_model_seeded(31);
     let mut rng = Rng::new(37);
-    let mut randn = |shape: &[usize]| {
-        let n: usize = shape.iter().product();
-        Tensor::from_vec((0..n).map(|_| rng.normal()).collect(), shape)
-    };
+    let mut randn = |shape: &[usize]| Tensor::randn(shape, &mut rng);
     let shape = [2, 3, 8, 8];
     let (noise, pooled, ctx) = (randn(&shape), randn(&[2, 24]), randn(&[2, 5, 40]));
     let sig = few_step_sigmas(4, 3.0);
@@ -928,10 +910,7 @@ fn the_device_rollout_follows_the_cpu_rollout() {
 fn features_and_their_backward_match_the_cpu() {
     let model = random_model_seeded(43);
     let mut rng = Rng::new(47);
-    let mut randn = |shape: &[usize]| {
-        let n: usize = shape.iter().product();
-        Tensor::from_vec((0..n).map(|_| rng.normal()).collect(), shape)
-    };
+    let mut randn = |shape: &[usize]| Tensor::randn(shape, &mut rng);
     let (x, pooled, ctx) = (randn(&[2, 3, 8, 8]), randn(&[2, 24]), randn(&[2, 5, 40]));
     let seed = randn(&[2, 16, 128]);
     let block = 1;

@@ -7,8 +7,8 @@ use super::measure::Timing;
 use super::measure::{gemm_ceiling_tflops, tflops, time_runs, PeakRss, GEMM_CEILING_SIZE, WARMUP};
 use super::presets::{ModelSpec, RandomInputs};
 use super::report::{Cell, Report};
+use super::{ceiling_figures, kernel_device, mfu_figures};
 use super::{common_parameters, MmditArgs};
-use super::{kernel_device, mfu_figures};
 use crate::autograd::no_grad;
 use crate::device::kernel::{KernelDevice, KernelResult};
 use crate::error::Result;
@@ -211,23 +211,17 @@ fn measure(spec: &ModelSpec, a: &MmditArgs) -> Report {
     let training_peak = memory.growth_bytes();
 
     let (mut r, fwd_tf, train_tf) = timed_report(spec, a, &forward, &training, &[]);
-    r.figure(
-        "gemm_ceiling_tflops",
-        "measured GEMM ceiling",
-        Cell::num(ceiling, 4),
-        "TFLOP/s",
-    );
-    r.figure(
-        "forward_ceiling_ratio",
-        "forward / GEMM ceiling",
-        Cell::num(fwd_tf / ceiling, 3),
-        "",
-    );
-    r.figure(
-        "forward_backward_ceiling_ratio",
-        "forward+backward / GEMM ceiling",
-        Cell::num(train_tf / ceiling, 3),
-        "",
+    ceiling_figures(
+        &mut r,
+        ceiling,
+        [
+            ("forward_ceiling_ratio", "forward / GEMM ceiling", fwd_tf),
+            (
+                "forward_backward_ceiling_ratio",
+                "forward+backward / GEMM ceiling",
+                train_tf,
+            ),
+        ],
     );
     r.figure(
         "weights_bytes",

@@ -132,6 +132,24 @@ pub fn bf16_peak_tflops(card: &str) -> Option<f64> {
     }
 }
 
+/// The GEMM ceiling measured in the same run and each `(key, label, TFLOP/s)` as a fraction of
+/// it: the CPU backend's stand-in for MFU.
+fn ceiling_figures<const N: usize>(
+    r: &mut Report,
+    ceiling: f64,
+    figures: [(&'static str, &'static str, f64); N],
+) {
+    r.figure(
+        "gemm_ceiling_tflops",
+        "measured GEMM ceiling",
+        report::Cell::num(ceiling, 4),
+        "TFLOP/s",
+    );
+    for (key, label, tf) in figures {
+        r.figure(key, label, report::Cell::num(tf / ceiling, 3), "");
+    }
+}
+
 /// The card's bf16 peak and each `(key, label, TFLOP/s)` as a fraction of it, on a GPU whose
 /// peak is known; a note otherwise.
 fn mfu_figures<const N: usize>(

@@ -11,7 +11,7 @@ use super::measure::{
 };
 use super::presets::{ModelSpec, Preset, RandomInputs};
 use super::report::{Cell, Report};
-use super::{common_parameters, kernel_device, mfu_figures, SampleArgs};
+use super::{ceiling_figures, common_parameters, kernel_device, mfu_figures, SampleArgs};
 use crate::autograd::no_grad;
 use crate::device::kernel::KernelDevice;
 use crate::error::{Error, Result};
@@ -130,17 +130,10 @@ fn sample_report(a: &SampleArgs, (spec, timing, place): (ModelSpec, Timing, Wher
             memory,
             peak,
         } => {
-            r.figure(
-                "gemm_ceiling_tflops",
-                "measured GEMM ceiling",
-                Cell::num(ceiling, 4),
-                "TFLOP/s",
-            );
-            r.figure(
-                "ceiling_ratio",
-                "effective / GEMM ceiling",
-                Cell::num(tf / ceiling, 3),
-                "",
+            ceiling_figures(
+                &mut r,
+                ceiling,
+                [("ceiling_ratio", "effective / GEMM ceiling", tf)],
             );
             r.figure("peak_memory_bytes", "peak memory", Cell::bytes(peak), "");
             memory
