@@ -7,20 +7,15 @@
 //! what the backward reads in a [`Saved`] record, and the backward walks the blocks in reverse.
 //! The CPU [`Mmdit`] stays the oracle (`tests/mmdit_device.rs` holds this model to it).
 //!
-//! Parameters live in three flat buffers with one aligned slot per tensor (the original SD3
-//! names, as in the CPU model): the f32 masters an optimizer updates, their bf16 copy the kernels
-//! read, and the f32 gradients the backward accumulates into. The slots are grouped as the flat
-//! AdamW kernel wants them: trainable matrices (weight decay, as `optim::AdamW`) first, then the
-//! other trainable tensors, then the frozen ones, which no optimizer step touches.
-
-use std::collections::BTreeMap;
+//! Parameters live in `nn::device::DeviceParams` (flat f32 masters, bf16 copy, f32 gradients, one
+//! aligned slot per tensor under the original SD3 names, as in the CPU model).
 
 use half::bf16;
 
 use super::config::MmditConfig;
 use super::model::Mmdit;
 use crate::device::kernel::{
-    DevBuf, DevView, EpilogueKind, GemmSpec, KernelDevice, KernelError, KernelResult,
+    DevBuf, EpilogueKind, GemmSpec, KernelDevice, KernelError, KernelResult,
 };
 use crate::kernels::adaln::dev as adaln;
 use crate::kernels::attention::dev::{self as attn, AttnDims};
@@ -29,6 +24,7 @@ use crate::kernels::elementwise::Activation;
 use crate::kernels::gemm::dev::{gemm_bf16, EpilogueBufs};
 use crate::kernels::qknorm::dev as qknorm;
 use crate::kernels::shape::dev::{self as layout, Cols, PosCrop};
+use crate::nn::device::DeviceParams;
 use crate::nn::timestep_features;
 use crate::ops::norm::LN_EPS;
 use crate::tensor::Tensor;
@@ -36,39 +32,19 @@ use crate::tensor::Tensor;
 /// RMSNorm eps of SD3.5's QK norm (as the CPU model).
 const QK_NORM_EPS: f32 = 1e-6;
 
-/// Slot alignment in elements: 128 bytes of bf16, so every weight a GEMM or a vector kernel reads
-/// starts 16-byte aligned (and cuBLASLt's preferred alignment holds).
-const ALIGN: usize = 64;
-
-/// Where one parameter sits in the flat buffers.
-#[derive(Clone, Debug)]
-pub struct Slot {
-    pub offset: usize,
-    pub shape: Vec<usize>,
-    pub trainable: bool,
-}
-
-impl Slot {
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product()
-    }
-}
-
-/// The MMDiT's parameters on a device, and its forward and backward.
+/// The MMDiT's parameters on a device, and its forward and backward. It reads through to its
+/// [`DeviceParams`] (`m.grads`, `m.zero_grad()`, ...).
 pub struct DeviceMmdit {
     pub config: MmditConfig,
     pub dev: KernelDevice,
-    slots: BTreeMap<String, Slot>,
-    /// Elements `[0, n_decay)` are trainable matrices, `[n_decay, n_trainable)` the other
-    /// trainable tensors; the frozen ones follow.
-    pub n_decay: usize,
-    pub n_trainable: usize,
-    /// f32 master weights.
-    pub master: DevBuf<f32>,
-    /// The bf16 copy every kernel reads.
-    pub weights: DevBuf<bf16>,
-    /// f32 gradients, accumulated by [`DeviceMmdit::backward`] until [`DeviceMmdit::zero_grad`].
-    pub grads: DevBuf<f32>,
+    pub params: DeviceParams,
+}
+
+impl std::ops::Deref for DeviceMmdit {
+    type Target = DeviceParams;
+    fn deref(&self) -> &DeviceParams {
+        &self.params
+    }
 }
 
 /// One batch of inputs on the device.
@@ -228,115 +204,12 @@ impl DeviceMmdit {
         Self::upload(dev, model, false)
     }
 
-    /// Whether the model has masters and gradients (built by [`Self::new`]).
-    pub fn is_trainable(&self) -> bool {
-        !self.master.is_empty()
-    }
-
     fn upload(dev: &KernelDevice, model: &Mmdit, trainable: bool) -> KernelResult<DeviceMmdit> {
-        let mut tensors: Vec<(String, Tensor, bool)> = model
-            .params
-            .iter()
-            .map(|(name, p)| (name.clone(), p.value(), p.trainable()))
-            .collect();
-        let group = |t: &Tensor, trainable: bool| match (trainable, t.rank() >= 2) {
-            (true, true) => 0,
-            (true, false) => 1,
-            (false, _) => 2,
-        };
-        tensors.sort_by_key(|(name, t, tr)| (group(t, *tr), name.clone()));
-        let mut slots = BTreeMap::new();
-        let (mut total, mut n_decay, mut n_trainable) = (0usize, 0usize, 0usize);
-        for (name, t, trainable) in &tensors {
-            let g = group(t, *trainable);
-            slots.insert(
-                name.clone(),
-                Slot {
-                    offset: total,
-                    shape: t.shape().to_vec(),
-                    trainable: *trainable,
-                },
-            );
-            total += t.numel().div_ceil(ALIGN) * ALIGN;
-            if g == 0 {
-                n_decay = total;
-            }
-            if g <= 1 {
-                n_trainable = total;
-            }
-        }
-        let n_decay = n_decay.min(n_trainable);
-        let mut host = vec![0f32; total.max(1)];
-        for (name, t, _) in &tensors {
-            let s = &slots[name];
-            host[s.offset..s.offset + s.numel()].copy_from_slice(t.f32s());
-        }
-        let (master, weights, grads) = if trainable {
-            let master = dev.upload(&host)?;
-            let weights = ew::cast_f32_to_bf16(dev, &master)?;
-            (master, weights, dev.zeros::<f32>(host.len())?)
-        } else {
-            let bf: Vec<bf16> = host.iter().map(|&v| bf16::from_f32(v)).collect();
-            (dev.alloc(0)?, dev.upload(&bf)?, dev.alloc(0)?)
-        };
         Ok(DeviceMmdit {
             config: model.config.clone(),
             dev: dev.clone(),
-            slots,
-            n_decay,
-            n_trainable,
-            master,
-            weights,
-            grads,
+            params: DeviceParams::upload(dev, &model.params, trainable)?,
         })
-    }
-
-    /// Every parameter's slot, by name.
-    pub fn slots(&self) -> &BTreeMap<String, Slot> {
-        &self.slots
-    }
-
-    fn slot(&self, name: &str) -> KernelResult<&Slot> {
-        self.slots
-            .get(name)
-            .ok_or_else(|| invalid(format!("the model has no parameter {name:?}")))
-    }
-
-    fn weight(&self, name: &str) -> KernelResult<DevView<'_, bf16>> {
-        let s = self.slot(name)?;
-        self.weights.view(s.offset, s.numel())
-    }
-
-    fn grad(&self, name: &str) -> KernelResult<DevView<'_, f32>> {
-        let s = self.slot(name)?;
-        self.grads.view(s.offset, s.numel())
-    }
-
-    pub fn zero_grad(&self) -> KernelResult<()> {
-        self.dev.memset_zero(&self.grads)
-    }
-
-    /// The bf16 weights again from the masters (after the masters changed).
-    pub fn refresh_weights(&self) -> KernelResult<()> {
-        if !self.is_trainable() {
-            return Err(invalid(
-                "a frozen model has no masters to refresh from".into(),
-            ));
-        }
-        ew::cast_f32_to_bf16_into(&self.dev, &self.weights, &self.master)
-    }
-
-    /// Downloads one flat f32 buffer (masters or gradients) as named tensors.
-    pub fn download_named(&self, flat: &DevBuf<f32>) -> KernelResult<Vec<(String, Tensor)>> {
-        let host = self.dev.download(flat)?;
-        Ok(self
-            .slots
-            .iter()
-            .map(|(name, s)| {
-                let v = host[s.offset..s.offset + s.numel()].to_vec();
-                (name.clone(), Tensor::from_vec(v, &s.shape))
-            })
-            .collect())
     }
 
     /// Uploads one batch: latents `[B, C, H, W]`, timesteps `σ·1000`, pooled `[B, P]`, context
@@ -410,7 +283,7 @@ impl DeviceMmdit {
         let inp = ws.numel() / out;
         let w = self.weight(&format!("{prefix}.weight"))?;
         let bias_name = format!("{prefix}.bias");
-        let bias = if self.slots.contains_key(&bias_name) {
+        let bias = if self.params.contains(&bias_name) {
             Some(self.weight(&bias_name)?)
         } else {
             None
@@ -458,7 +331,7 @@ impl DeviceMmdit {
         let ws = self.slot(&format!("{prefix}.weight"))?;
         let out = ws.shape[0];
         let inp = ws.numel() / out;
-        let with_bias = with_bias && self.slots.contains_key(&format!("{prefix}.bias"));
+        let with_bias = with_bias && self.params.contains(&format!("{prefix}.bias"));
         let dw = self.dev.alloc::<bf16>(out * inp)?;
         let db = if with_bias {
             Some(self.dev.alloc::<bf16>(out)?)

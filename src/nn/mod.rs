@@ -2,6 +2,8 @@
 //! ARCHITECTURE.md rule 7) and the small layers every model here shares — linear layers by name,
 //! two-layer SiLU embedders, the sinusoidal timestep features.
 
+pub mod device;
+
 use crate::autograd::{Param, Var};
 use crate::ops::linear;
 use crate::tensor::Tensor;

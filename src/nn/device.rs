@@ -1,0 +1,175 @@
+//! Named parameters on a kernel device: one flat buffer each for the f32 masters an optimizer
+//! updates, their bf16 copy the kernels read and the f32 gradients a backward accumulates into,
+//! with one aligned slot per tensor under its `ParamMap` name. The slots are grouped as the flat
+//! AdamW kernel wants them: trainable matrices (weight decay, as `optim::AdamW`) first, then the
+//! other trainable tensors, then the frozen ones, which no optimizer step touches. A frozen
+//! upload keeps the bf16 copy only.
+
+use std::collections::BTreeMap;
+
+use half::bf16;
+
+use super::ParamMap;
+use crate::device::kernel::{DevBuf, DevView, KernelDevice, KernelError, KernelResult};
+use crate::kernels::elementwise::dev as ew;
+use crate::tensor::Tensor;
+
+/// Slot alignment in elements: 128 bytes of bf16, so every weight a GEMM or a vector kernel reads
+/// starts 16-byte aligned (and cuBLASLt's preferred alignment holds).
+const ALIGN: usize = 64;
+
+/// Where one parameter sits in the flat buffers.
+#[derive(Clone, Debug)]
+pub struct Slot {
+    pub offset: usize,
+    pub shape: Vec<usize>,
+    pub trainable: bool,
+}
+
+impl Slot {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+pub struct DeviceParams {
+    pub dev: KernelDevice,
+    slots: BTreeMap<String, Slot>,
+    /// Elements `[0, n_decay)` are trainable matrices, `[n_decay, n_trainable)` the other
+    /// trainable tensors; the frozen ones follow.
+    pub n_decay: usize,
+    pub n_trainable: usize,
+    /// f32 master weights (empty for a frozen upload).
+    pub master: DevBuf<f32>,
+    /// The bf16 copy every kernel reads.
+    pub weights: DevBuf<bf16>,
+    /// f32 gradients, accumulated until [`DeviceParams::zero_grad`] (empty for a frozen upload).
+    pub grads: DevBuf<f32>,
+}
+
+fn invalid(msg: String) -> KernelError {
+    KernelError::Invalid(msg)
+}
+
+impl DeviceParams {
+    /// Uploads the current values of `params`: masters, bf16 copy and zero gradients when
+    /// `trainable`, else the bf16 copy only (2 bytes a parameter).
+    pub fn upload(
+        dev: &KernelDevice,
+        params: &ParamMap,
+        trainable: bool,
+    ) -> KernelResult<DeviceParams> {
+        let mut tensors: Vec<(String, Tensor, bool)> = params
+            .iter()
+            .map(|(name, p)| (name.clone(), p.value(), p.trainable()))
+            .collect();
+        let group = |t: &Tensor, trainable: bool| match (trainable, t.rank() >= 2) {
+            (true, true) => 0,
+            (true, false) => 1,
+            (false, _) => 2,
+        };
+        tensors.sort_by_key(|(name, t, tr)| (group(t, *tr), name.clone()));
+        let mut slots = BTreeMap::new();
+        let (mut total, mut n_decay, mut n_trainable) = (0usize, 0usize, 0usize);
+        for (name, t, tr) in &tensors {
+            let g = group(t, *tr);
+            slots.insert(
+                name.clone(),
+                Slot {
+                    offset: total,
+                    shape: t.shape().to_vec(),
+                    trainable: *tr,
+                },
+            );
+            total += t.numel().div_ceil(ALIGN) * ALIGN;
+            if g == 0 {
+                n_decay = total;
+            }
+            if g <= 1 {
+                n_trainable = total;
+            }
+        }
+        let n_decay = n_decay.min(n_trainable);
+        let mut host = vec![0f32; total.max(1)];
+        for (name, t, _) in &tensors {
+            let s = &slots[name];
+            host[s.offset..s.offset + s.numel()].copy_from_slice(t.f32s());
+        }
+        let (master, weights, grads) = if trainable {
+            let master = dev.upload(&host)?;
+            let weights = ew::cast_f32_to_bf16(dev, &master)?;
+            (master, weights, dev.zeros::<f32>(host.len())?)
+        } else {
+            let bf: Vec<bf16> = host.iter().map(|&v| bf16::from_f32(v)).collect();
+            (dev.alloc(0)?, dev.upload(&bf)?, dev.alloc(0)?)
+        };
+        Ok(DeviceParams {
+            dev: dev.clone(),
+            slots,
+            n_decay,
+            n_trainable,
+            master,
+            weights,
+            grads,
+        })
+    }
+
+    /// Whether there are masters and gradients (a trainable upload).
+    pub fn is_trainable(&self) -> bool {
+        !self.master.is_empty()
+    }
+
+    /// Every parameter's slot, by name.
+    pub fn slots(&self) -> &BTreeMap<String, Slot> {
+        &self.slots
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.slots.contains_key(name)
+    }
+
+    pub fn slot(&self, name: &str) -> KernelResult<&Slot> {
+        self.slots
+            .get(name)
+            .ok_or_else(|| invalid(format!("no parameter {name:?}")))
+    }
+
+    /// The bf16 weight of `name`.
+    pub fn weight(&self, name: &str) -> KernelResult<DevView<'_, bf16>> {
+        let s = self.slot(name)?;
+        self.weights.view(s.offset, s.numel())
+    }
+
+    /// The f32 gradient of `name` (an error for a frozen upload).
+    pub fn grad(&self, name: &str) -> KernelResult<DevView<'_, f32>> {
+        let s = self.slot(name)?;
+        self.grads.view(s.offset, s.numel())
+    }
+
+    pub fn zero_grad(&self) -> KernelResult<()> {
+        self.dev.memset_zero(&self.grads)
+    }
+
+    /// The bf16 weights again from the masters (after the masters changed).
+    pub fn refresh_weights(&self) -> KernelResult<()> {
+        if !self.is_trainable() {
+            return Err(invalid(
+                "a frozen upload has no masters to refresh from".into(),
+            ));
+        }
+        ew::cast_f32_to_bf16_into(&self.dev, &self.weights, &self.master)
+    }
+
+    /// Downloads one flat f32 buffer (masters or gradients) as named tensors.
+    pub fn download_named(&self, flat: &DevBuf<f32>) -> KernelResult<Vec<(String, Tensor)>> {
+        let host = self.dev.download(flat)?;
+        Ok(self
+            .slots
+            .iter()
+            .map(|(name, s)| {
+                let v = host[s.offset..s.offset + s.numel()].to_vec();
+                (name.clone(), Tensor::from_vec(v, &s.shape))
+            })
+            .collect())
+    }
+}
