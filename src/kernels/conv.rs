@@ -337,3 +337,158 @@ pub fn conv2d_naive(
     }
     Tensor::from_vec(y, &[b, o, oh, ow])
 }
+
+/// The head's convolution over token-major features (`cuda/conv.cu`): `[B, H·W, C]` tokens
+/// gathered into per-sample columns `[B, K+1, OH·OW]` (K = C·KH·KW in (c, kh, kw) order, a last
+/// row of ones for the bias), and the adjoint. CPU twins of `im2col_tokens` / `col2im_tokens`.
+pub mod tokens {
+    /// Sizes of one token-major convolution.
+    #[derive(Clone, Copy, Debug)]
+    pub struct ConvDims {
+        pub b: usize,
+        pub h: usize,
+        pub w: usize,
+        pub c: usize,
+        pub kh: usize,
+        pub kw: usize,
+        pub stride: usize,
+        pub pad: usize,
+    }
+
+    impl ConvDims {
+        pub fn out(&self) -> (usize, usize) {
+            (
+                (self.h + 2 * self.pad - self.kh) / self.stride + 1,
+                (self.w + 2 * self.pad - self.kw) / self.stride + 1,
+            )
+        }
+        /// Rows of one sample's columns, the bias row included.
+        pub fn rows(&self) -> usize {
+            self.c * self.kh * self.kw + 1
+        }
+        pub fn spatial(&self) -> usize {
+            let (oh, ow) = self.out();
+            oh * ow
+        }
+        /// The input pixel `(iy, ix)` that output `(oy, ox)` reads at tap `(kh, kw)`, if inside.
+        fn tap(
+            &self,
+            (oy, ox): (usize, usize),
+            (kh, kw): (usize, usize),
+        ) -> Option<(usize, usize)> {
+            let iy = (oy * self.stride + kh).checked_sub(self.pad)?;
+            let ix = (ox * self.stride + kw).checked_sub(self.pad)?;
+            (iy < self.h && ix < self.w).then_some((iy, ix))
+        }
+    }
+
+    /// `[B, K+1, OH·OW]` columns of `x [B, H·W, C]`.
+    pub fn im2col(x: &[f32], d: &ConvDims) -> Vec<f32> {
+        let (rows, s) = (d.rows(), d.spatial());
+        let ow = d.out().1;
+        let mut cols = vec![0f32; d.b * rows * s];
+        for b in 0..d.b {
+            for c in 0..d.c {
+                for kh in 0..d.kh {
+                    for kw in 0..d.kw {
+                        let k = (c * d.kh + kh) * d.kw + kw;
+                        for p in 0..s {
+                            if let Some((iy, ix)) = d.tap((p / ow, p % ow), (kh, kw)) {
+                                cols[(b * rows + k) * s + p] =
+                                    x[((b * d.h + iy) * d.w + ix) * d.c + c];
+                            }
+                        }
+                    }
+                }
+            }
+            cols[(b * rows + rows - 1) * s..(b * rows + rows) * s].fill(1.0);
+        }
+        cols
+    }
+
+    /// The adjoint of [`im2col`] (the bias row ignored): `[B, H·W, C]`.
+    pub fn col2im(dcols: &[f32], d: &ConvDims) -> Vec<f32> {
+        let (rows, s) = (d.rows(), d.spatial());
+        let ow = d.out().1;
+        let mut dx = vec![0f32; d.b * d.h * d.w * d.c];
+        for b in 0..d.b {
+            for c in 0..d.c {
+                for kh in 0..d.kh {
+                    for kw in 0..d.kw {
+                        let k = (c * d.kh + kh) * d.kw + kw;
+                        for p in 0..s {
+                            if let Some((iy, ix)) = d.tap((p / ow, p % ow), (kh, kw)) {
+                                dx[((b * d.h + iy) * d.w + ix) * d.c + c] +=
+                                    dcols[(b * rows + k) * s + p];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        dx
+    }
+
+    /// Launchers of `cuda/conv.cu`.
+    pub mod dev {
+        use super::ConvDims;
+        use crate::device::kernel::{
+            blocks_for, DevBuf, KernelArgs, KernelDevice, KernelError, KernelResult, LaunchCfg,
+        };
+        use half::bf16;
+
+        fn args(a: KernelArgs, d: &ConvDims) -> KernelArgs {
+            let (oh, ow) = d.out();
+            [d.b, d.h, d.w, d.c, d.kh, d.kw, d.stride, d.pad, oh, ow]
+                .iter()
+                .fold(a, |a, &v| a.i32(v as i32))
+        }
+
+        fn check(d: &ConvDims, x: usize, cols: usize) -> KernelResult<()> {
+            let ok = d.stride > 0
+                && d.h + 2 * d.pad >= d.kh
+                && d.w + 2 * d.pad >= d.kw
+                && x == d.b * d.h * d.w * d.c
+                && cols == d.b * d.rows() * d.spatial();
+            if ok {
+                Ok(())
+            } else {
+                Err(KernelError::Invalid(format!(
+                    "token convolution {d:?}: {x} input and {cols} column elements"
+                )))
+            }
+        }
+
+        fn cfg(n: usize) -> LaunchCfg {
+            LaunchCfg::linear(blocks_for(n, 256).min(65_535), 256)
+        }
+
+        pub fn im2col(
+            dev: &KernelDevice,
+            cols: &DevBuf<bf16>,
+            x: &DevBuf<bf16>,
+            d: &ConvDims,
+        ) -> KernelResult<()> {
+            check(d, x.len(), cols.len())?;
+            if cols.is_empty() {
+                return Ok(());
+            }
+            let a = KernelArgs::new().buf(cols).buf(x);
+            dev.launch("im2col_tokens", cfg(cols.len()), args(a, d))
+        }
+
+        pub fn col2im(
+            dev: &KernelDevice,
+            dx: &DevBuf<bf16>,
+            dcols: &DevBuf<bf16>,
+            d: &ConvDims,
+        ) -> KernelResult<()> {
+            check(d, dx.len(), dcols.len())?;
+            if dx.is_empty() {
+                return Ok(());
+            }
+            let a = KernelArgs::new().buf(dx).buf(dcols);
+            dev.launch("col2im_tokens", cfg(dx.len()), args(a, d))
+        }
+    }
+}

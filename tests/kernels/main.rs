@@ -4,6 +4,7 @@
 
 mod adaln;
 mod attention;
+mod conv;
 mod disc_head;
 mod elementwise;
 mod gemm;
