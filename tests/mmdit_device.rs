@@ -1005,3 +1005,61 @@ fn features_and_their_backward_match_the_cpu() {
         check.finish();
     }
 }
+
+/// The discriminator head on the device against the CPU `DiscHead`: logits, the features'
+/// gradient and every head parameter's gradient within bf16 tolerance.
+#[test]
+fn the_device_discriminator_head_matches_the_cpu() {
+    use advdmd::train::device::DeviceDiscHead;
+    use advdmd::train::disc_head::DiscHead;
+
+    let mut rng = Rng::new(53);
+    let head = DiscHead::init(128, &mut rng);
+    for (name, p) in head.params.iter() {
+        if name.ends_with("bias") || name.starts_with("norm") {
+            let v = p.value();
+            let base = if name == "norm.weight" { 1.0 } else { 0.0 };
+            let t = Tensor::randn(v.shape(), &mut rng);
+            p.set_value(Tensor::from_vec(
+                t.f32s().iter().map(|x| base + 0.3 * x).collect(),
+                v.shape(),
+            ));
+        }
+    }
+    let (b, gh, gw) = (2, 4, 6);
+    let features = Tensor::randn(&[b, gh * gw, 128], &mut rng);
+    let dlogits = [0.7f32, -1.3];
+
+    let fv = Var::input(features.clone());
+    let logits = head.forward(&fv, gh, gw);
+    let cpu = backward(&[(&logits, Tensor::from_vec(dlogits.to_vec(), &[b]))]);
+
+    for dev in devices() {
+        let dh = DeviceDiscHead::new(&dev, &head, true).unwrap();
+        let f = dev.upload(&to_bf16(&features)).unwrap();
+        let (got, saved) = dh.forward(&f, (b, gh, gw)).unwrap();
+        let mut check = Check::new(format!("disc head on {}", dev.name()));
+        let lg = Tensor::from_vec(got.clone(), &[b]);
+        check.rel("logits", &lg, logits.value());
+        let df = dh.backward(&saved, &dlogits, true).unwrap();
+        check.rel(
+            "grad features",
+            &download(&dev, &df, features.shape()),
+            cpu.get(&fv).unwrap(),
+        );
+        for (name, g) in dh.params.download_named(&dh.params.grads).unwrap() {
+            let want = head.params.param(&name).grad().unwrap();
+            check.rel(&format!("grad {name}"), &g, &want);
+        }
+        assert!(
+            dh.backward(&saved, &[1.0], true).is_err(),
+            "one gradient per logit"
+        );
+        println!(
+            "disc head on {}: logits {got:?} (CPU {:?})",
+            dev.name(),
+            logits.value().f32s()
+        );
+        check.finish();
+    }
+}

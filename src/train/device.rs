@@ -221,3 +221,273 @@ pub fn rollout_sde(
     }
     Ok(out)
 }
+
+/// The discriminator head on a kernel device (the CPU `DiscHead`: Conv 4×4 s2 p1 → GroupNorm →
+/// LeakyReLU(0.2) → Conv 1×1 → mean pool). The first convolution is one GEMM per sample over
+/// token-major columns (`cuda/conv.cu`), writing channel-major maps for GroupNorm; the 1×1
+/// convolution and the mean pool commute, so the maps are pooled first and the last `[B, h]·[h]`
+/// product (and its gradient) runs on the host — B·h numbers, one small read-back per call.
+pub struct DeviceDiscHead {
+    pub params: crate::nn::device::DeviceParams,
+    pub hidden: usize,
+    pub groups: usize,
+}
+
+/// What [`DeviceDiscHead::backward`] reads of a forward.
+pub struct HeadSaved {
+    dims: crate::kernels::conv::tokens::ConvDims,
+    cols: crate::device::kernel::DevBuf<bf16>,
+    w_aug: crate::device::kernel::DevBuf<bf16>,
+    maps: crate::device::kernel::DevBuf<bf16>,
+    mean: crate::device::kernel::DevBuf<f32>,
+    rstd: crate::device::kernel::DevBuf<f32>,
+    pooled: Vec<f32>,
+    w2: Vec<f32>,
+}
+
+impl DeviceDiscHead {
+    /// Uploads a CPU head (trainable: masters and gradients too; else bf16 only).
+    pub fn new(
+        dev: &crate::device::kernel::KernelDevice,
+        head: &super::disc_head::DiscHead,
+        trainable: bool,
+    ) -> KernelResult<DeviceDiscHead> {
+        Ok(DeviceDiscHead {
+            params: crate::nn::device::DeviceParams::upload(dev, &head.params, trainable)?,
+            hidden: head.hidden,
+            groups: head.groups,
+        })
+    }
+
+    /// Logits `[B]` (host) of image-token features `[B, gh·gw, D]`, and what the backward needs.
+    pub fn forward(
+        &self,
+        features: &crate::device::kernel::DevBuf<bf16>,
+        (b, gh, gw): (usize, usize, usize),
+    ) -> KernelResult<(Vec<f32>, HeadSaved)> {
+        use crate::device::kernel::{EpilogueKind, GemmSpec};
+        use crate::kernels::conv::tokens::{dev::im2col, ConvDims};
+        use crate::kernels::disc_head::dev::{group_norm_fwd, mean_pool_fwd};
+        use crate::kernels::gemm::dev::{gemm_bf16, EpilogueBufs};
+        use crate::kernels::shape::dev::{copy_cols, Cols};
+        let p = &self.params;
+        let dev = &p.dev;
+        let (h, tokens) = (self.hidden, gh * gw);
+        if b == 0 || features.len() % (b * tokens.max(1)) != 0 {
+            return Err(KernelError::Invalid(format!(
+                "disc head: {} feature elements for [{b}, {gh}·{gw}, D]",
+                features.len()
+            )));
+        }
+        let d = features.len() / (b * tokens);
+        let dims = ConvDims {
+            b,
+            h: gh,
+            w: gw,
+            c: d,
+            kh: 4,
+            kw: 4,
+            stride: 2,
+            pad: 1,
+        };
+        let (rows, s) = (dims.rows(), dims.spatial());
+        let cols = dev.alloc::<bf16>(b * rows * s)?;
+        im2col(dev, &cols, features, &dims)?;
+        // [conv1.weight | conv1.bias] as one [h, K+1] matrix against the ones row
+        let w_aug = dev.alloc::<bf16>(h * rows)?;
+        let k = rows - 1;
+        copy_cols(
+            dev,
+            &w_aug,
+            Cols { ld: rows, off: 0 },
+            &*p.weight("conv1.weight")?,
+            Cols { ld: k, off: 0 },
+            h,
+            k,
+        )?;
+        copy_cols(
+            dev,
+            &w_aug,
+            Cols { ld: rows, off: k },
+            &*p.weight("conv1.bias")?,
+            Cols { ld: 1, off: 0 },
+            h,
+            1,
+        )?;
+        let maps = dev.alloc::<bf16>(b * h * s)?;
+        for i in 0..b {
+            let spec = GemmSpec {
+                m: h,
+                n: s,
+                k: rows,
+                trans_a: false,
+                trans_b: false,
+                epilogue: EpilogueKind::None,
+            };
+            let (ci, mi) = (
+                cols.view(i * rows * s, rows * s)?,
+                maps.view(i * h * s, h * s)?,
+            );
+            gemm_bf16(dev, spec, &w_aug, &ci, &mi, EpilogueBufs::default())?;
+        }
+        let (act, mean, rstd) = group_norm_fwd(
+            dev,
+            &maps,
+            &*p.weight("norm.weight")?,
+            &*p.weight("norm.bias")?,
+            (b, h, s),
+            self.groups,
+            1e-5,
+            Some(0.2),
+        )?;
+        let pooled = dev.download(&mean_pool_fwd(dev, &act, (b * h, s))?)?;
+        let w: Vec<f32> = dev
+            .download(&*p.weight("conv2.weight")?)?
+            .iter()
+            .map(|v| v.to_f32())
+            .collect();
+        let b2 = dev.download(&*p.weight("conv2.bias")?)?[0].to_f32();
+        let logits = (0..b)
+            .map(|i| {
+                pooled[i * h..(i + 1) * h]
+                    .iter()
+                    .zip(&w)
+                    .map(|(a, c)| a * c)
+                    .sum::<f32>()
+                    + b2
+            })
+            .collect();
+        let saved = HeadSaved {
+            dims,
+            cols,
+            w_aug,
+            maps,
+            mean,
+            rstd,
+            pooled,
+            w2: w,
+        };
+        Ok((logits, saved))
+    }
+
+    /// Gradients from `dlogits [B]`: returns the features' gradient `[B, gh·gw, D]` and, with
+    /// `params`, adds the head's parameter gradients.
+    pub fn backward(
+        &self,
+        s: &HeadSaved,
+        dlogits: &[f32],
+        params: bool,
+    ) -> KernelResult<crate::device::kernel::DevBuf<bf16>> {
+        use crate::device::kernel::{EpilogueKind, GemmSpec};
+        use crate::kernels::conv::tokens::dev::col2im;
+        use crate::kernels::disc_head::dev::{group_norm_bwd, mean_pool_bwd};
+        use crate::kernels::gemm::dev::{gemm_bf16, EpilogueBufs};
+        use crate::kernels::shape::dev::{accumulate_bf16, accumulate_f32, copy_cols, Cols};
+        let p = &self.params;
+        let dev = &p.dev;
+        let (b, h) = (s.dims.b, self.hidden);
+        let (rows, sp) = (s.dims.rows(), s.dims.spatial());
+        if dlogits.len() != b {
+            return Err(KernelError::Invalid(format!(
+                "disc head: {} logit gradients for {b}",
+                dlogits.len()
+            )));
+        }
+        if params && !p.is_trainable() {
+            return Err(KernelError::Invalid(
+                "a frozen head takes no parameter gradients".into(),
+            ));
+        }
+        let dpooled: Vec<f32> = (0..b * h).map(|i| dlogits[i / h] * s.w2[i % h]).collect();
+        if params {
+            let dw2: Vec<f32> = (0..h)
+                .map(|c| (0..b).map(|i| dlogits[i] * s.pooled[i * h + c]).sum())
+                .collect();
+            let db2 = [dlogits.iter().sum::<f32>()];
+            accumulate_f32(dev, &*p.grad("conv2.weight")?, &dev.upload(&dw2)?)?;
+            accumulate_f32(dev, &*p.grad("conv2.bias")?, &dev.upload(&db2)?)?;
+        }
+        let dact = mean_pool_bwd(dev, &dev.upload(&dpooled)?, (b * h, sp))?;
+        let (dmaps, dgw, dgb) = group_norm_bwd(
+            dev,
+            &s.maps,
+            &s.mean,
+            &s.rstd,
+            &*p.weight("norm.weight")?,
+            &*p.weight("norm.bias")?,
+            &dact,
+            (b, h, sp),
+            self.groups,
+            Some(0.2),
+        )?;
+        if params {
+            accumulate_f32(dev, &*p.grad("norm.weight")?, &dgw)?;
+            accumulate_f32(dev, &*p.grad("norm.bias")?, &dgb)?;
+        }
+        let dcols = dev.alloc::<bf16>(b * rows * sp)?;
+        let k = rows - 1;
+        let (dw_aug, dw, db) = (
+            dev.alloc::<bf16>(h * rows)?,
+            dev.alloc::<bf16>(h * k)?,
+            dev.alloc::<bf16>(h)?,
+        );
+        for i in 0..b {
+            let (ci, di) = (
+                s.cols.view(i * rows * sp, rows * sp)?,
+                dmaps.view(i * h * sp, h * sp)?,
+            );
+            if params {
+                // dW_aug = dmaps_i · cols_iᵀ: the weight's and (last column) the bias's gradient
+                let spec = GemmSpec {
+                    m: h,
+                    n: rows,
+                    k: sp,
+                    trans_a: false,
+                    trans_b: true,
+                    epilogue: EpilogueKind::None,
+                };
+                gemm_bf16(dev, spec, &di, &ci, &dw_aug, EpilogueBufs::default())?;
+                copy_cols(
+                    dev,
+                    &dw,
+                    Cols { ld: k, off: 0 },
+                    &dw_aug,
+                    Cols { ld: rows, off: 0 },
+                    h,
+                    k,
+                )?;
+                copy_cols(
+                    dev,
+                    &db,
+                    Cols { ld: 1, off: 0 },
+                    &dw_aug,
+                    Cols { ld: rows, off: k },
+                    h,
+                    1,
+                )?;
+                accumulate_bf16(dev, &*p.grad("conv1.weight")?, &dw)?;
+                accumulate_bf16(dev, &*p.grad("conv1.bias")?, &db)?;
+            }
+            // dcols_i = W_augᵀ · dmaps_i
+            let spec = GemmSpec {
+                m: rows,
+                n: sp,
+                k: h,
+                trans_a: true,
+                trans_b: false,
+                epilogue: EpilogueKind::None,
+            };
+            gemm_bf16(
+                dev,
+                spec,
+                &s.w_aug,
+                &di,
+                &*dcols.view(i * rows * sp, rows * sp)?,
+                EpilogueBufs::default(),
+            )?;
+        }
+        let dfeatures = dev.alloc::<bf16>(b * s.dims.h * s.dims.w * s.dims.c)?;
+        col2im(dev, &dfeatures, &dcols, &s.dims)?;
+        Ok(dfeatures)
+    }
+}
