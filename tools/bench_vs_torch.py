@@ -5,9 +5,15 @@ Attention: torch.nn.functional.scaled_dot_product_attention (whatever backend Py
 the flash backend explicitly) at the MMDiT joint-attention shapes of issue 7, bf16, forward and
 forward+backward, in TFLOP/s with the FlashAttention convention (forward 4·Lq·Lk·d·heads·batch,
 backward 2.5× forward). Also the two ceilings (device copy GB/s, bf16 GEMM TFLOP/s).
+
+The MMDiT: diffusers' SD3Transformer2DModel in the SD3.5-medium configuration (random weights,
+bf16), at the shapes of `advdmd bench mmdit|sample` (1024 px, batch 1, 333 text tokens): forward,
+forward+backward and a 4-step Euler loop (transformer only), eager and, with --compile,
+torch.compile. diffusers is pure Python: carry its wheel (and importlib_metadata's) where the GPU
+machine lacks it; without it this part is skipped with a message.
 Timing: CUDA events, warm-up first, median of repeats.
 """
-import argparse, json, statistics
+import argparse, json, statistics, time
 import torch
 import torch.nn.functional as F
 
@@ -70,13 +76,82 @@ def ceilings(results):
     print(f"gemm  bf16 8192^3 {2 * 8192**3 / ms / 1e9:.0f} TFLOP/s")
 
 
+def sd35_medium(results, res=1024, batch=1, steps=4, compile_too=False):
+    try:
+        from diffusers import SD3Transformer2DModel
+    except Exception as ex:
+        print(f"diffusers not importable, MMDiT comparison skipped: {ex}")
+        results.append({"op": "diffusers", "error": str(ex)[:200]})
+        return
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(
+        sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
+        dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+    ).to("cuda", torch.bfloat16)
+    side = res // 8
+    x = torch.randn(batch, 16, side, side, device="cuda", dtype=torch.bfloat16)
+    ctx = torch.randn(batch, 333, 4096, device="cuda", dtype=torch.bfloat16)
+    pooled = torch.randn(batch, 2048, device="cuda", dtype=torch.bfloat16)
+    t = torch.full((batch,), 500.0, device="cuda")
+
+    def forward(m, xin):
+        return m(hidden_states=xin, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t, return_dict=False)[0]
+
+    def sample(m):
+        xs = x
+        for k in range(steps):
+            v = forward(m, xs)
+            xs = xs - (1.0 / steps) * v
+        return xs
+
+    variants = [("eager", model)]
+    if compile_too:
+        variants.append(("compile", torch.compile(model)))
+    for name, m in variants:
+        t0 = time.time()
+        with torch.no_grad():
+            forward(m, x)
+        torch.cuda.synchronize()
+        first = time.time() - t0
+        with torch.no_grad():
+            fwd = bench(lambda: forward(m, x), reps=20, warmup=3)
+            smp = bench(lambda: sample(m), reps=10, warmup=2)
+        r = {"op": "diffusers_sd35m", "variant": name, "res": res, "batch": batch, "first_call_s": first,
+             "fwd_ms": fwd, f"sample{steps}_ms": smp}
+        if name == "eager":
+            model.train()
+            xg = x.clone()
+            fb = bench(lambda: forward(m, xg).float().square().mean().backward(), reps=5, warmup=2)
+            model.zero_grad(set_to_none=True)
+            r["fwd_bwd_ms"] = fb
+            model.eval()
+        results.append(r)
+        print(f"diffusers SD3.5-medium {name:7s} {res}px b{batch}: fwd {fwd:7.2f} ms  {steps}-step sample {smp:7.2f} ms"
+              + (f"  fwd+bwd {r['fwd_bwd_ms']:7.2f} ms" if "fwd_bwd_ms" in r else "") + f"  (first call {first:.1f} s)")
+    torch.cuda.synchronize()
+    print(f"diffusers peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
+    ap.add_argument("--no-attention", action="store_true")
+    ap.add_argument("--no-mmdit", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compiling)")
     args = ap.parse_args()
     res = []
     print(torch.__version__, torch.cuda.get_device_name())
+
+    def save():
+        if args.json:
+            json.dump({"torch": torch.__version__, "device": torch.cuda.get_device_name(), "results": res}, open(args.json, "w"), indent=1)
+
     ceilings(res)
-    attention(res)
-    if args.json:
-        json.dump({"torch": torch.__version__, "device": torch.cuda.get_device_name(), "results": res}, open(args.json, "w"), indent=1)
+    if not args.no_attention:
+        attention(res)
+    save()
+    if not args.no_mmdit:
+        sd35_medium(res, compile_too=args.compile)
+    save()

@@ -36,6 +36,11 @@ bundle() {
   chmod -R u+w .gpu/fixtures 2>/dev/null || true; rm -rf .gpu/fixtures && mkdir -p .gpu/fixtures && cp -r ../shared/fixtures/mmdit/* .gpu/fixtures/
   cp "$(artifact bench kernels)" "$BIN/kernels-bench"
   cp "$(artifact bench attention)" "$BIN/attention-bench"
+  # diffusers (pure Python) and its one dependency the GPU image lacks, for bench_vs_torch.py
+  mkdir -p .gpu/whl
+  ls .gpu/whl/diffusers-*.whl >/dev/null 2>&1 || python3 -m pip download -q --no-deps --only-binary=:all: \
+    --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 -d .gpu/whl diffusers importlib_metadata \
+    || echo "diffusers wheels not fetched: bench_vs_torch.py will skip the MMDiT comparison"
   strip "$BIN"/*
   ls -la "$BIN"
 }
@@ -47,8 +52,14 @@ if command -v cargo >/dev/null && [ ! -x "$BIN/kernels-test" ]; then bundle >"$O
 [ -x "$BIN/kernels-test" ] || { echo "no binaries in $BIN: run tools/gpu-check.sh --bundle where cargo is"; exit 1; }
 
 status=0
+# The whole check fits GPU_CHECK_BUDGET_S (default 540 s, inside a 10-minute call with the report):
+# a step gets at most what is left, and one with under 15 s left is skipped and named.
+DEADLINE=$(( $(date +%s) + ${GPU_CHECK_BUDGET_S:-540} ))
 step() { # name timeout_s command...
   local name=$1 t=$2; shift 2
+  local left=$(( DEADLINE - $(date +%s) ))
+  if [ "$left" -lt 15 ]; then echo "$name skipped (budget spent)" | tee -a "$OUT/steps.txt"; status=1; return 1; fi
+  [ "$t" -gt "$left" ] && t=$left
   local s=$(date +%s.%N)
   timeout "$t" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
@@ -61,24 +72,26 @@ step() { # name timeout_s command...
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv; nvcc --version | tail -2; } >"$OUT/machine.txt" 2>&1
 "$BIN/advdmd" info >>"$OUT/machine.txt" 2>&1
 export ADVDMD_KERNEL_TESTS_GPU_ONLY=1
-# Ordered by value: parity first, then speed, then the sanitizers (slowest, most likely to hit
-# their time limits). The limits sum to 10¾ minutes: in a 10-minute call the sanitizers, last,
-# are what may be cut.
+if ls .gpu/whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu-check-site .gpu/whl/*.whl \
+    && export PYTHONPATH=/tmp/gpu-check-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# Ordered by value: parity first, then speed against PyTorch/diffusers, the kernel benches, the
+# sanitizers, and torch.compile (minutes of compiling) last; the budget cuts from the end.
 step tests 90 "$BIN/kernels-test" --test-threads=1 --nocapture
 # the device MMDiT against the fixtures and the CPU model, then its speed (issue 8)
 MMDIT_FIXTURES=$(ls -d .gpu/fixtures/*/ | tr '\n' ':') step model 60 "$BIN/mmdit-device-test" --test-threads=1 --nocapture
 step mmdit-shapes 30 "$BIN/advdmd" bench mmdit --device cuda --model shapes --batch 128 --iters 10 --json
 step mmdit-sd35m 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
 step sample-sd35m 90 "$BIN/advdmd" bench sample --device cuda --model sd3.5-medium --res 1024 --batch 1 --steps 4 --cfg 1 --iters 10 --json
+PYTHONUNBUFFERED=1 step torch 120 python3 tools/bench_vs_torch.py --json "$OUT/torch.json"
 ADVDMD_BENCH_JSON="$OUT/bench.json" step bench 60 "$BIN/kernels-bench"
 ADVDMD_ATTN_BENCH_JSON="$OUT/attention.json" step attention 60 "$BIN/attention-bench"
-if [ -f tools/bench_vs_torch.py ]; then
-  PYTHONUNBUFFERED=1 step torch 60 python3 tools/bench_vs_torch.py --json "$OUT/torch.json"
-fi
 if command -v compute-sanitizer >/dev/null; then
   step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/kernels-test" --test-threads=1
   step racecheck 45 compute-sanitizer --tool racecheck --error-exitcode 9 "$BIN/kernels-test" --test-threads=1
 fi
+PYTHONUNBUFFERED=1 step torch-compile 180 python3 tools/bench_vs_torch.py --no-attention --compile --json "$OUT/torch-compile.json"
 
 python3 - "$OUT" <<'PY'
 import json, os, re, sys
@@ -89,7 +102,7 @@ if os.path.exists(f"{out}/tests.log"):
     for l in open(f"{out}/tests.log"):
         m = pat.search(l)
         if m: rep["parity"].append({"kernel": m[1], "device": m[2], "shape": m[3], "max_rel_err": float(m[4])})
-for name in ("bench", "attention", "torch"):
+for name in ("bench", "attention", "torch", "torch-compile"):
     p = f"{out}/{name}.json"
     if os.path.exists(p):
         try: rep[name] = json.load(open(p))
@@ -101,5 +114,5 @@ with open(f"{out}/report.md", "w") as f:
         f.write(f"| {p['kernel']} | {p['shape']} | {p['max_rel_err']:.2e} |\n")
 print(open(f"{out}/report.md").read()[-6000:])
 PY
-for s in tests model mmdit-shapes mmdit-sd35m sample-sd35m memcheck racecheck bench attention torch; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
+for s in tests model mmdit-shapes mmdit-sd35m sample-sd35m torch bench attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
 exit $status
