@@ -23,9 +23,26 @@ __device__ __forceinline__ long long thread_count() { return (long long)gridDim.
 
 }  // namespace shape
 
-// grid: ceil(rows·cols / 256) (any grid is correct), block: 256.
+// 16 bytes per thread when every window and both pointers are 8-element aligned (the MMDiT's
+// q/k/v and modulation chunks always are): the element-wise loop ran at a sixth of the copy
+// bandwidth on an H100-class card (docs/perf-log.md, 2026-11-26).
+// grid: ceil(rows·cols / 256), or ceil(rows·cols / 8 / 256) when aligned (any grid is correct),
+// block: 256.
 extern "C" __global__ void copy_cols_bf16(bf16* __restrict__ dst, const bf16* __restrict__ src, long long rows,
                                           int cols, int dst_ld, int dst_off, int src_ld, int src_off) {
+    const bool vec = ((cols | dst_ld | dst_off | src_ld | src_off) & 7) == 0 &&
+                     (((uintptr_t)dst | (uintptr_t)src) & 15) == 0;
+    if (vec) {
+        const int cv = cols >> 3;
+        const long long n = rows * cv;
+        for (long long i = shape::thread_index(); i < n; i += shape::thread_count()) {
+            const long long r = i / cv;
+            const int c = (int)(i - r * cv) << 3;
+            *reinterpret_cast<uint4*>(dst + r * dst_ld + dst_off + c) =
+                *reinterpret_cast<const uint4*>(src + r * src_ld + src_off + c);
+        }
+        return;
+    }
     const long long n = rows * cols;
     for (long long i = shape::thread_index(); i < n; i += shape::thread_count()) {
         const long long r = i / cols;

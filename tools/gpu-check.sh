@@ -33,6 +33,7 @@ bundle() {
   cp target/release/advdmd "$BIN/advdmd"
   cp "$(artifact test kernels)" "$BIN/kernels-test"
   cp "$(artifact test mmdit_device)" "$BIN/mmdit-device-test"
+  cp "$(artifact test advdmd_device)" "$BIN/advdmd-device-test"
   chmod -R u+w .gpu/fixtures 2>/dev/null || true; rm -rf .gpu/fixtures && mkdir -p .gpu/fixtures && cp -r ../shared/fixtures/mmdit/* .gpu/fixtures/
   cp "$(artifact bench kernels)" "$BIN/kernels-bench"
   cp "$(artifact bench attention)" "$BIN/attention-bench"
@@ -55,8 +56,10 @@ status=0
 # The whole check fits GPU_CHECK_BUDGET_S (default 540 s, inside a 10-minute call with the report):
 # a step gets at most what is left, and one with under 15 s left is skipped and named.
 DEADLINE=$(( $(date +%s) + ${GPU_CHECK_BUDGET_S:-540} ))
+# GPU_CHECK_STEPS="name ...": run only these steps (a session's subset; the rest are left out).
 step() { # name timeout_s command...
   local name=$1 t=$2; shift 2
+  if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ " $GPU_CHECK_STEPS " != *" $name "* ]]; then return 0; fi
   local left=$(( DEADLINE - $(date +%s) ))
   if [ "$left" -lt 15 ]; then echo "$name skipped (budget spent)" | tee -a "$OUT/steps.txt"; status=1; return 1; fi
   [ "$t" -gt "$left" ] && t=$left
@@ -83,7 +86,13 @@ step tests 90 "$BIN/kernels-test" --test-threads=1 --nocapture
 MMDIT_FIXTURES=$(ls -d .gpu/fixtures/*/ | tr '\n' ':') step model 60 "$BIN/mmdit-device-test" --test-threads=1 --nocapture
 step mmdit-shapes 30 "$BIN/advdmd" bench mmdit --device cuda --model shapes --batch 128 --iters 10 --json
 step mmdit-sd35m 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
+step mmdit-sd35m-512 60 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 512 --batch 4 --iters 10 --json
 step sample-sd35m 90 "$BIN/advdmd" bench sample --device cuda --model sd3.5-medium --res 1024 --batch 1 --steps 4 --cfg 1 --iters 10 --json
+# the AdvDMD iteration: parity with the CPU trainer, then its speed (Shapes; SD3.5-medium 512 px,
+# whose generator + fake score + teacher + EMA need ~105 GB: an H200, or an error on an H100)
+step advdmd 90 "$BIN/advdmd-device-test" --test-threads=1 --nocapture
+step step-shapes 60 "$BIN/advdmd" bench step --device cuda --iters 3 --json
+step step-sd35m 150 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 2 --json
 PYTHONUNBUFFERED=1 step torch 120 python3 tools/bench_vs_torch.py --json "$OUT/torch.json"
 ADVDMD_BENCH_JSON="$OUT/bench.json" step bench 60 "$BIN/kernels-bench"
 ADVDMD_ATTN_BENCH_JSON="$OUT/attention.json" step attention 60 "$BIN/attention-bench"
@@ -114,5 +123,5 @@ with open(f"{out}/report.md", "w") as f:
         f.write(f"| {p['kernel']} | {p['shape']} | {p['max_rel_err']:.2e} |\n")
 print(open(f"{out}/report.md").read()[-6000:])
 PY
-for s in tests model mmdit-shapes mmdit-sd35m sample-sd35m torch bench attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
+for s in tests model mmdit-shapes mmdit-sd35m mmdit-sd35m-512 sample-sd35m advdmd step-shapes step-sd35m torch bench attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
 exit $status

@@ -85,7 +85,11 @@ impl CommonArgs {
         }
         match self.device {
             BenchDevice::Cpu => Ok(()),
-            BenchDevice::Cuda | BenchDevice::Emu if what == "mmdit" || what == "sample" => Ok(()),
+            BenchDevice::Cuda | BenchDevice::Emu
+                if what == "mmdit" || what == "sample" || what == "step" =>
+            {
+                Ok(())
+            }
             d if what == "kernels" => Err(Error::Invalid(format!(
                 "bench kernels --device {}: not built yet (issue 8); `cargo bench --bench kernels` times the CUDA kernels on a GPU",
                 d.name()
@@ -249,6 +253,16 @@ pub struct StepArgs {
     /// Generator steps K.
     #[arg(long, default_value_t = AdvDmdConfig::default().steps_per_sample)]
     pub steps_per_sample: usize,
+    /// shapes (the committed teacher), or on a kernel device also sd3.5-medium, sd3.5-large,
+    /// sd3-medium (random weights and conditioning: teacher, generator and fake score).
+    #[arg(long, default_value = "shapes")]
+    pub model: Preset,
+    /// Image side in pixels of the SD3 presets (default 512).
+    #[arg(long)]
+    pub res: Option<usize>,
+    /// Activation checkpointing of every differentiated forward (device path only).
+    #[arg(long)]
+    pub checkpoint_activations: bool,
 }
 
 #[derive(Clone, Debug, clap::Subcommand)]

@@ -11,7 +11,7 @@
 
 use super::measure::{time_fallible, PeakRss, Timing, WARMUP};
 use super::report::{Cell, Column, Report, Table};
-use super::{common_parameters, StepArgs};
+use super::{common_parameters, Preset, StepArgs};
 use crate::error::{Error, Result};
 use crate::train::advdmd::{AdvDmd, AdvDmdConfig};
 use crate::train::shapes_model::ShapesModel;
@@ -34,20 +34,24 @@ impl Kind {
         }
     }
 
-    /// Puts the trainer's counters where the next `step` is of this kind: far past the LR
-    /// warm-up, on (or just after) a generator iteration, before or after the RL warm-up.
-    fn arm(self, t: &mut AdvDmd) {
-        let c = &t.config;
+    /// `(iteration, generator_steps)` that make a trainer's next `step` of this kind: far past
+    /// the LR warm-up, on (or just after) a generator iteration, before or after the RL warm-up.
+    fn counters(self, c: &AdvDmdConfig) -> (u64, u64) {
         let r_dmd = c.r_dmd.max(1);
         let generator_iteration = 1000 * r_dmd;
-        t.iteration = match self {
+        let iteration = match self {
             Kind::Critic => generator_iteration + 1,
             Kind::Generator | Kind::GeneratorRl => generator_iteration,
         };
-        t.generator_steps = match self {
+        let generator_steps = match self {
             Kind::GeneratorRl => c.rl_warmup.next_multiple_of(c.r_rl.max(1)),
             _ => 0,
         };
+        (iteration, generator_steps)
+    }
+
+    fn arm(self, t: &mut AdvDmd) {
+        (t.iteration, t.generator_steps) = self.counters(&t.config);
     }
 
     /// Whether `step` did what this kind stands for.
@@ -77,6 +81,16 @@ pub fn run(a: &StepArgs, teacher: &Path) -> Result<Report> {
         steps_per_sample: a.steps_per_sample,
         ..Default::default()
     };
+    if let Some((dev, kind)) = super::kernel_device(a.common.device, "step")? {
+        return device::run(a, teacher, config, &dev, kind);
+    }
+    if a.model != Preset::Shapes || a.res.is_some() || a.checkpoint_activations {
+        return Err(Error::Invalid(
+            "bench step on the CPU: the Shapes teacher only (--model, --res and \
+             --checkpoint-activations are for --device cuda|emu)"
+                .into(),
+        ));
+    }
     let mut trainer = AdvDmd::new(ShapesModel::load(teacher)?, config);
     if trainer.config.r_dmd <= 1 {
         return Err(Error::Invalid(
@@ -214,5 +228,215 @@ fn kinds_table(timings: &[(Kind, Timing)]) -> Table {
                 ]
             })
             .collect(),
+    }
+}
+
+/// `bench step --device cuda|emu`: the same iteration kinds through `train::advdmd_device` —
+/// the Shapes teacher (from its folder, batches from the Shapes world) or an SD3 preset with
+/// random weights and conditioning — with MFU from the matmul FLOPs the device counted.
+mod device {
+    use super::*;
+    use crate::bench::measure::time_fallible;
+    use crate::bench::presets::ModelSpec;
+    use crate::device::kernel::KernelDevice;
+    use crate::mmdit::device::Keep;
+    use crate::train::advdmd_device::{shapes_batch, Cond, DeviceAdvDmd, IterBatch};
+    use crate::Rng;
+
+    pub fn run(
+        a: &StepArgs,
+        teacher: &Path,
+        config: AdvDmdConfig,
+        dev: &KernelDevice,
+        kind: &'static str,
+    ) -> Result<Report> {
+        let keep = if a.checkpoint_activations {
+            Keep::BlockInputs
+        } else {
+            Keep::All
+        };
+        let (m, g, n) = (config.prompts, config.group, config.prompts * config.group);
+        let (mut run, batch, spec) = if a.model == Preset::Shapes {
+            let host = AdvDmd::new(ShapesModel::load(teacher)?, config);
+            let mut rng = Rng::new(1);
+            let batch = shapes_batch(&host.teacher, m, g, &mut rng)?;
+            (DeviceAdvDmd::from_host(dev, &host, keep)?, batch, None)
+        } else {
+            let spec = ModelSpec::new(a.model, a.res, teacher)?;
+            let run = DeviceAdvDmd::new(dev, &spec.random_model(0), config, keep)?;
+            let cond = |rows, seed| {
+                let r = spec.random_inputs(rows, seed);
+                (
+                    r.x,
+                    Cond {
+                        context: r.context,
+                        pooled: r.pooled,
+                    },
+                )
+            };
+            let (real, real_cond) = cond(m, 1);
+            let batch = IterBatch {
+                real,
+                real_cond,
+                cond: cond(n, 2).1,
+                uncond: cond(n, 3).1,
+            };
+            (run, batch, Some(spec))
+        };
+        if run.config.r_dmd <= 1 {
+            return Err(Error::Invalid(
+                "bench step: r_dmd = 1 leaves no critic-only iterations to time".into(),
+            ));
+        }
+        let rl_possible = run.config.steps_per_sample >= 2 && run.config.rho > 0.0;
+        let kinds: Vec<Kind> = [Kind::Critic, Kind::Generator, Kind::GeneratorRl]
+            .into_iter()
+            .filter(|&k| k != Kind::GeneratorRl || rl_possible)
+            .collect();
+        let resident = dev.live_bytes();
+        dev.reset_peak();
+        let mut timings = Vec::new();
+        for &k in &kinds {
+            let flops_before = dev.matmul_flops();
+            let t = time_fallible(WARMUP, a.common.iters, || {
+                (run.iteration, run.generator_steps) = k.counters(&run.config);
+                let m = run.step(&batch)?;
+                dev.synchronize()?;
+                if !k.matches(m.generator_step, m.rl_step) {
+                    return Err(Error::Invalid(format!(
+                        "bench step: an iteration meant as `{}` ran generator={} rl={}",
+                        k.name(),
+                        m.generator_step,
+                        m.rl_step
+                    )));
+                }
+                Ok(())
+            })?;
+            let flops =
+                (dev.matmul_flops() - flops_before) as f64 / (WARMUP + a.common.iters) as f64;
+            timings.push((k, t, flops));
+        }
+        let peak = dev.peak_bytes().saturating_sub(resident);
+
+        let r_dmd = run.config.r_dmd;
+        let generator_kind = if rl_possible {
+            Kind::GeneratorRl
+        } else {
+            Kind::Generator
+        };
+        let get = |k: Kind| {
+            timings
+                .iter()
+                .find(|t| t.0 == k)
+                .map(|t| (t.1.median_ms(), t.2))
+        };
+        let (critic_ms, critic_flops) = get(Kind::Critic).expect("always timed");
+        let (gen_ms, gen_flops) = get(generator_kind).expect("timed");
+        let w = (r_dmd - 1) as f64;
+        let steady_ms = (w * critic_ms + gen_ms) / r_dmd as f64;
+        let steady_flops = (w * critic_flops + gen_flops) / r_dmd as f64;
+
+        let mut params = vec![
+            ("model", a.model.name().into()),
+            ("prompts", a.prompts.into()),
+            ("group", a.group.into()),
+            ("steps_per_sample", a.steps_per_sample.into()),
+            ("r_dmd", r_dmd.into()),
+            ("checkpoint_activations", a.checkpoint_activations.into()),
+        ];
+        if let Some(spec) = &spec {
+            params.push(("res", spec.resolution.into()));
+            params.push(("text_tokens", spec.text_tokens.into()));
+            params.push(("model_parameters", spec.config.param_count().into()));
+        }
+        params.extend(common_parameters(&a.common));
+        let mut r = Report::new("step", params);
+        r.kernel_device = Some((kind, dev.name()));
+        r.figure(
+            "iteration_ms",
+            "mean iteration, steady state",
+            Cell::num(steady_ms, 1),
+            "ms",
+        );
+        r.figure(
+            "critic_iteration_ms",
+            "critic-only iteration",
+            Cell::num(critic_ms, 1),
+            "ms",
+        );
+        r.figure(
+            "generator_iteration_ms",
+            "generator iteration (DMD + GAN)",
+            Cell::num(get(Kind::Generator).expect("always timed").0, 1),
+            "ms",
+        );
+        r.figure(
+            "generator_rl_iteration_ms",
+            "generator iteration (DMD + GAN + RL)",
+            get(Kind::GeneratorRl).map_or(Cell::NotAvailable, |v| Cell::num(v.0, 1)),
+            "ms",
+        );
+        r.figure(
+            "samples_per_s",
+            "generator samples, steady state",
+            Cell::num(n as f64 / (steady_ms * 1e-3), 2),
+            "samples/s",
+        );
+        r.figure(
+            "iteration_flops",
+            "matmul FLOPs per iteration, steady state",
+            Cell::num(steady_flops, 0),
+            "FLOP",
+        );
+        let tf = |flops: f64, ms: f64| flops / (ms * 1e-3) / 1e12;
+        r.figure(
+            "tflops",
+            "throughput, steady state",
+            Cell::num(tf(steady_flops, steady_ms), 2),
+            "TFLOP/s",
+        );
+        r.figure(
+            "resident_bytes",
+            "models, gradients, optimizer and EMA state",
+            Cell::Bytes(resident as u64),
+            "",
+        );
+        r.figure(
+            "peak_memory_bytes",
+            "peak memory above the resident state",
+            Cell::Bytes(peak as u64),
+            "",
+        );
+        super::super::mfu_figures(
+            &mut r,
+            &dev.name(),
+            kind,
+            [
+                ("mfu", "MFU, steady state", tf(steady_flops, steady_ms)),
+                (
+                    "critic_mfu",
+                    "MFU, critic-only iteration",
+                    tf(critic_flops, critic_ms),
+                ),
+                (
+                    "generator_mfu",
+                    "MFU, generator iteration",
+                    tf(gen_flops, gen_ms),
+                ),
+            ],
+        );
+        let table_timings: Vec<(Kind, Timing)> =
+            timings.iter().map(|(k, t, _)| (*k, t.clone())).collect();
+        r.table = Some(kinds_table(&table_timings));
+        r.note(format!(
+            "steady state = ((r_dmd − 1)·critic + generator{}) / r_dmd with r_dmd = {r_dmd}",
+            if rl_possible { " with RL" } else { "" }
+        ));
+        r.note("FLOPs: the matmuls the device was given (GEMMs at 2·M·N·K, attention in the FlashAttention convention, backward 2.5× forward), counted per iteration kind; with --checkpoint-activations the recomputation counts too");
+        r.note("memory: the engine's own device buffers (a counter in the kernel device); cuBLASLt's workspace and the pool's slack are not counted");
+        if kind == "emu" {
+            r.note("emu: the SIMT emulator, a functional check, not a speed figure");
+        }
+        Ok(r)
     }
 }

@@ -14,7 +14,7 @@ use std::sync::Mutex;
 
 use cudarc::cublaslt::{result as lt, sys as ltsys};
 
-use super::kernel::{EpilogueKind, GemmPtrs, GemmSpec, KernelError, KernelResult};
+use super::kernel::{EpilogueKind, GemmOut, GemmPtrs, GemmSpec, KernelError, KernelResult};
 
 struct Plan {
     desc: ltsys::cublasLtMatmulDesc_t,
@@ -29,7 +29,8 @@ unsafe impl Send for Plan {}
 
 pub struct Cublaslt {
     handle: ltsys::cublasLtHandle_t,
-    plans: Mutex<HashMap<GemmSpec, Plan>>,
+    /// `None`: no algorithm for an `F32Accumulate` call (asked once; the caller falls back).
+    plans: Mutex<HashMap<(GemmSpec, GemmOut), Option<Plan>>>,
     workspace: u64,
     workspace_bytes: usize,
 }
@@ -95,7 +96,7 @@ impl Cublaslt {
     }
 
     /// Builds the descriptors and picks the algorithm for `spec` (once per spec).
-    unsafe fn plan(&self, spec: &GemmSpec) -> KernelResult<Plan> {
+    unsafe fn plan(&self, spec: &GemmSpec, out: GemmOut) -> KernelResult<Plan> {
         use ltsys::cublasLtMatmulDescAttributes_t as A;
         use ltsys::cudaDataType_t::{CUDA_R_16BF, CUDA_R_32F};
         let (m, n, k) = (spec.m as u64, spec.n as u64, spec.k as u64);
@@ -126,7 +127,19 @@ impl Cublaslt {
         };
         let layout_first = layout(first_rows, first_cols)?;
         let layout_second = layout(second_rows, second_cols)?;
-        let layout_c = layout(n, m)?;
+        let layout_c = match out {
+            GemmOut::Bf16 => layout(n, m)?,
+            GemmOut::F32Accumulate => {
+                // an f32 bias gradient beside the f32 product
+                set_desc(
+                    desc,
+                    A::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                    &(CUDA_R_32F as i32),
+                )?;
+                lt::create_matrix_layout(CUDA_R_32F, n, m, n as i64)
+                    .map_err(|e| lt_err("layout", e))?
+            }
+        };
         if matches!(
             spec.epilogue,
             EpilogueKind::GeluAuxBias | EpilogueKind::DGeluBgrad
@@ -200,16 +213,36 @@ impl Cublaslt {
         Ok(())
     }
 
-    /// Queues `C = epilogue(op(A)·op(B))` on `stream`.
-    pub fn matmul(&self, spec: &GemmSpec, p: &GemmPtrs, stream: *mut c_void) -> KernelResult<()> {
+    /// Queues `C = epilogue(op(A)·op(B))` (or `C += op(A)·op(B)`) on `stream`; `Ok(false)` when
+    /// an `F32Accumulate` call has no algorithm.
+    pub fn matmul(
+        &self,
+        spec: &GemmSpec,
+        out: GemmOut,
+        p: &GemmPtrs,
+        stream: *mut c_void,
+    ) -> KernelResult<bool> {
         let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
-        if !plans.contains_key(spec) {
-            // SAFETY: the handle is live; the plan's objects are owned by the cache from here on.
-            let plan = unsafe { self.plan(spec)? };
-            plans.insert(*spec, plan);
-        }
-        let plan = &plans[spec];
-        let (alpha, beta) = (1f32, 0f32);
+        let key = (*spec, out);
+        let plan = match plans.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                // SAFETY: the handle is live; the plan's objects are owned by the cache from here on.
+                let plan = match (unsafe { self.plan(spec, out) }, out) {
+                    (Ok(plan), _) => Some(plan),
+                    (Err(_), GemmOut::F32Accumulate) => None,
+                    (Err(e), GemmOut::Bf16) => return Err(e),
+                };
+                e.insert(plan)
+            }
+        };
+        let Some(plan) = plan else {
+            return Ok(false);
+        };
+        let (alpha, beta) = match out {
+            GemmOut::Bf16 => (1f32, 0f32),
+            GemmOut::F32Accumulate => (1f32, 1f32),
+        };
         // SAFETY: pointers are device buffers of the sizes `spec` implies (checked by the
         // caller); the workspace is owned by the runtime.
         unsafe {
@@ -233,6 +266,7 @@ impl Cublaslt {
                 stream as ltsys::cudaStream_t,
             )
         }
-        .map_err(|e| lt_err(&format!("matmul {spec:?}"), e))
+        .map_err(|e| lt_err(&format!("matmul {spec:?} {out:?}"), e))?;
+        Ok(true)
     }
 }

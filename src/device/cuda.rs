@@ -237,7 +237,8 @@ impl CudaRuntime {
         &self,
         spec: &super::kernel::GemmSpec,
         ptrs: &super::kernel::GemmPtrs,
-    ) -> KernelResult<()> {
+        out: super::kernel::GemmOut,
+    ) -> KernelResult<bool> {
         self.bind()?;
         if self.cublaslt.get().is_none() {
             let lt = super::cublaslt::Cublaslt::new(|bytes| {
@@ -247,7 +248,7 @@ impl CudaRuntime {
             let _ = self.cublaslt.set(lt);
         }
         let lt = self.cublaslt.get().expect("set above");
-        lt.matmul(spec, ptrs, self.stream.cu_stream() as *mut c_void)
+        lt.matmul(spec, out, ptrs, self.stream.cu_stream() as *mut c_void)
     }
 
     /// Captures the launches `work` queues into a CUDA graph, replays it once to warm up, then

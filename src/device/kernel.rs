@@ -144,6 +144,16 @@ pub struct GemmSpec {
     pub epilogue: EpilogueKind,
 }
 
+/// Where a GEMM's product goes (part of the cuBLASLt plan's key).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GemmOut {
+    /// `C = epilogue(op(A)·op(B))`, C bf16.
+    Bf16,
+    /// `C += op(A)·op(B)`, C f32 (a weight gradient added straight into the f32 gradients); with
+    /// `BgradB` the bias gradient is written as f32.
+    F32Accumulate,
+}
+
 /// Device pointers of one call (0 where unused).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct GemmPtrs {
@@ -168,6 +178,9 @@ enum Backend {
 pub struct KernelDevice {
     backend: Backend,
     memory: Arc<MemoryCounter>,
+    /// Matmul FLOPs queued so far (GEMMs at 2·M·N·K, attention in the FlashAttention
+    /// convention): what the benchmarks' MFU divides by, counted where the work is issued.
+    matmul_flops: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Bytes of the buffers this device handed out and not yet dropped, and their high-water mark:
@@ -284,6 +297,7 @@ impl KernelDevice {
         KernelDevice {
             backend: Backend::Emulator,
             memory: Arc::default(),
+            matmul_flops: Arc::default(),
         }
     }
 
@@ -293,6 +307,7 @@ impl KernelDevice {
         Ok(KernelDevice {
             backend: Backend::Gpu(super::cuda::CudaRuntime::new(ordinal)?),
             memory: Arc::default(),
+            matmul_flops: Arc::default(),
         })
     }
 
@@ -332,6 +347,16 @@ impl KernelDevice {
     /// Bytes of this device's buffers alive now.
     pub fn live_bytes(&self) -> usize {
         self.memory.live.load(Ordering::Relaxed)
+    }
+
+    /// Adds to the matmul FLOP counter (the GEMM and attention launchers call this).
+    pub fn count_matmul_flops(&self, flops: u64) {
+        self.matmul_flops.fetch_add(flops, Ordering::Relaxed);
+    }
+
+    /// Matmul FLOPs queued on this device (and its clones) since it was made.
+    pub fn matmul_flops(&self) -> u64 {
+        self.matmul_flops.load(Ordering::Relaxed)
     }
 
     /// The most bytes alive at once since the device was made or [`Self::reset_peak`].
@@ -461,14 +486,21 @@ impl KernelDevice {
     }
 
     /// Queues a cuBLASLt GEMM (GPU only; the emulator's GEMMs run on the CPU in `kernels::gemm`).
-    pub(crate) fn gpu_gemm(&self, spec: &GemmSpec, ptrs: &GemmPtrs) -> Option<KernelResult<()>> {
+    /// Queues a cuBLASLt GEMM on a GPU: `None` under the emulator, `Some(Ok(false))` when
+    /// cuBLASLt has no algorithm for an `F32Accumulate` call (the caller falls back).
+    pub(crate) fn gpu_gemm(
+        &self,
+        spec: &GemmSpec,
+        ptrs: &GemmPtrs,
+        out: GemmOut,
+    ) -> Option<KernelResult<bool>> {
         match &self.backend {
             Backend::Emulator => {
-                let _ = (spec, ptrs);
+                let _ = (spec, ptrs, out);
                 None
             }
             #[cfg(feature = "cuda")]
-            Backend::Gpu(rt) => Some(rt.gemm(spec, ptrs)),
+            Backend::Gpu(rt) => Some(rt.gemm(spec, ptrs, out)),
         }
     }
 

@@ -948,6 +948,7 @@ pub mod dev {
         if !work {
             return Ok((oa, ob, lse));
         }
+        dev.count_matmul_flops(joint_attention_flops(dims, false) as u64);
         let scale_log2 = dims.scale() * std::f32::consts::LOG2_E;
         // Both kernels take (outputs, inputs, La, Lb, H); the fallback adds its head dim.
         let args = KernelArgs::new()
@@ -1038,6 +1039,9 @@ pub mod dev {
         variant: BwdVariant,
     ) -> KernelResult<[DevBuf<bf16>; 6]> {
         let work = dims.validate()?;
+        if work {
+            dev.count_matmul_flops(joint_attention_flops(dims, true) as u64);
+        }
         check_qkv(&dims, qa, ka, va, qb, kb, vb)?;
         for (name, buf) in [("o_a", oa), ("do_a", doa)] {
             check_len(name, buf, dims.numel_a())?;

@@ -276,9 +276,13 @@ pub mod dev {
         if rows * cols == 0 {
             return Ok(());
         }
+        // the kernel's 16-byte path (same test as in shape.cu)
+        let aligned = (cols | dst_cols.ld | dst_cols.off | src_cols.ld | src_cols.off) % 8 == 0
+            && (dst.device_ptr() | src.device_ptr()) % 16 == 0;
+        let per_thread = if aligned { 8 } else { 1 };
         dev.launch(
             "copy_cols_bf16",
-            cfg(rows * cols),
+            cfg(rows * cols / per_thread),
             KernelArgs::new()
                 .buf(dst)
                 .buf(src)

@@ -21,7 +21,7 @@ use crate::kernels::adaln::dev as adaln;
 use crate::kernels::attention::dev::{self as attn, AttnDims};
 use crate::kernels::elementwise::dev as ew;
 use crate::kernels::elementwise::Activation;
-use crate::kernels::gemm::dev::{gemm_bf16, EpilogueBufs};
+use crate::kernels::gemm::dev::{gemm_bf16, gemm_bf16_acc_f32, EpilogueBufs};
 use crate::kernels::qknorm::dev as qknorm;
 use crate::kernels::shape::dev::{self as layout, Cols, PosCrop};
 use crate::nn::device::DeviceParams;
@@ -332,12 +332,6 @@ impl DeviceMmdit {
         let out = ws.shape[0];
         let inp = ws.numel() / out;
         let with_bias = with_bias && self.params.contains(&format!("{prefix}.bias"));
-        let dw = self.dev.alloc::<bf16>(out * inp)?;
-        let db = if with_bias {
-            Some(self.dev.alloc::<bf16>(out)?)
-        } else {
-            None
-        };
         let spec = GemmSpec {
             m: out,
             n: inp,
@@ -350,16 +344,19 @@ impl DeviceMmdit {
                 EpilogueKind::None
             },
         };
-        let ep = EpilogueBufs {
-            bias_grad: db.as_ref(),
-            ..Default::default()
+        let db = if with_bias {
+            Some(self.grad(&format!("{prefix}.bias"))?)
+        } else {
+            None
         };
-        gemm_bf16(&self.dev, spec, dy, x, &dw, ep)?;
-        layout::accumulate_bf16(&self.dev, &*self.grad(&format!("{prefix}.weight"))?, &dw)?;
-        if let Some(db) = db {
-            layout::accumulate_bf16(&self.dev, &*self.grad(&format!("{prefix}.bias"))?, &db)?;
-        }
-        Ok(())
+        gemm_bf16_acc_f32(
+            &self.dev,
+            spec,
+            dy,
+            x,
+            &*self.grad(&format!("{prefix}.weight"))?,
+            db.as_deref(),
+        )
     }
 
     /// `dx = dy·W` of `{prefix}`; with `gelu_of = Some((aux, fc1))` the result is multiplied by

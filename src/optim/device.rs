@@ -49,13 +49,39 @@ impl DeviceAdamW {
         lr: f32,
         max_norm: f32,
     ) -> KernelResult<()> {
+        let g = p.grads.view(0, self.m.len())?;
+        grad_norm_clip_into(dev, &self.clip, &g, max_norm)?;
+        self.update(dev, p, lr, None)
+    }
+
+    /// One step with a clip decided elsewhere — `[norm, factor]`, e.g. the joint norm of several
+    /// parameter sets clipped together — and, when given, the EMA `(shadow, decay)` of the
+    /// trainable elements updated in the same pass.
+    pub fn step_with_clip(
+        &mut self,
+        dev: &KernelDevice,
+        p: &FlatParams,
+        lr: f32,
+        clip: [f32; 2],
+        ema: Option<(&DevBuf<f32>, f32)>,
+    ) -> KernelResult<()> {
+        dev.copy_to_device(&clip, &self.clip)?;
+        self.update(dev, p, lr, ema)
+    }
+
+    fn update(
+        &mut self,
+        dev: &KernelDevice,
+        p: &FlatParams,
+        lr: f32,
+        ema: Option<(&DevBuf<f32>, f32)>,
+    ) -> KernelResult<()> {
         let n = self.m.len();
         let (w, wb, g) = (
             p.master.view(0, n)?,
             p.bf16.view(0, n)?,
             p.grads.view(0, n)?,
         );
-        grad_norm_clip_into(dev, &self.clip, &g, max_norm)?;
         self.step += 1;
         let c = &self.config;
         let h = AdamWStep {
@@ -72,7 +98,7 @@ impl DeviceAdamW {
             m: &self.m,
             v: &self.v,
             g: &g,
-            ema: None,
+            ema,
             n_decay: p.n_decay.min(n),
         };
         adamw_step(dev, &flat, Some(&self.clip), &h)

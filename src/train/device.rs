@@ -4,10 +4,10 @@
 
 use half::bf16;
 
-use crate::device::kernel::{KernelError, KernelResult};
+use crate::device::kernel::{DevBuf, KernelError, KernelResult};
 use crate::kernels::elementwise::dev::cast_f32_to_bf16_into;
 use crate::kernels::sde::dev::{flow_noise, velocity_mse_grad};
-use crate::mmdit::device::{DeviceMmdit, Keep};
+use crate::mmdit::device::{DeviceInputs, DeviceMmdit, Forward, Keep};
 use crate::tensor::Tensor;
 
 /// One batch: clean samples `x0 [B, C, H, W]`, the noise, per-sample σ, the conditioning.
@@ -82,48 +82,89 @@ pub struct DmdBatch<'a> {
     pub lambda: f32,
 }
 
-/// The DMD term of the generator update (ALGORITHM.md §4.1, as `AdvDmd::generator_update`):
-/// `x̂0 = x − σ·G(x)`; the frozen teacher (with CFG) and the fake score denoise
-/// `x_τ = (1−τ)·x̂0 + τ·noise`; the DMD gradient `λ·(x̂0_fake − x̂0_real) / mean|x̂0 − x̂0_real| / N`
-/// is seeded at x̂0 and taken back through the generator into its gradients. Returns the
-/// unscaled DMD gradient's RMS per sample (the trainer's `dmd_grad_norm`).
-pub fn dmd_generator_grads(
+/// The generator's `x̂0 = x − σ·G(x)` of a batch, with what its backward needs.
+pub struct GeneratorX0 {
+    pub inputs: DeviceInputs,
+    pub forward: Forward,
+    /// f32 `[n, C, H, W]`.
+    pub x0: DevBuf<f32>,
+    sigma: DevBuf<f32>,
+}
+
+/// `x̂0 = x − σ·G(x)` for the rollout state `x` (host, `[n, C, H, W]`) at one σ.
+pub fn generator_x0(
     generator: &DeviceMmdit,
+    x: &Tensor,
+    sigma: f32,
+    (pooled, context): (&Tensor, &Tensor),
+    keep: Keep,
+) -> KernelResult<GeneratorX0> {
+    use crate::kernels::sde::dev::x0_from_velocity;
+    let dev = &generator.dev;
+    let n = x.shape().first().copied().unwrap_or(0);
+    let sig = vec![sigma; n];
+    let t: Vec<f32> = sig.iter().map(|&s| crate::flow::timestep_of(s)).collect();
+    let inputs = generator.inputs(x, &t, pooled, context)?;
+    let forward = generator.forward(&inputs, keep)?;
+    let (xd, sigma) = (dev.upload(x.f32s())?, dev.upload(&sig)?);
+    let x0 = dev.alloc::<f32>(x.numel())?;
+    x0_from_velocity(dev, &x0, &xd, &forward.velocity, &sigma, false, 1.0)?;
+    Ok(GeneratorX0 {
+        inputs,
+        forward,
+        x0,
+        sigma,
+    })
+}
+
+/// Takes the gradient `g` at x̂0 back through the generator into its parameter gradients
+/// (`∂x̂0/∂v = −σ`).
+pub fn generator_backward_from_x0(
+    generator: &DeviceMmdit,
+    gx: &GeneratorX0,
+    g: &DevBuf<f32>,
+) -> KernelResult<()> {
+    use crate::kernels::sde::dev::velocity_grad_from_x0;
+    let dev = &generator.dev;
+    let saved = gx.forward.saved.as_ref().ok_or_else(|| {
+        KernelError::Invalid("generator x̂0: the forward kept nothing to differentiate".into())
+    })?;
+    let dv = dev.alloc::<bf16>(g.len())?;
+    velocity_grad_from_x0(dev, &dv, g, &gx.sigma, 1.0)?;
+    generator.backward(&gx.inputs, saved, &dv, true)?;
+    Ok(())
+}
+
+/// The DMD gradient at the generator's `x̂0` (ALGORITHM.md §4.1, as `AdvDmd::generator_update`):
+/// the frozen teacher (with CFG) and the fake score denoise `x_τ = (1−τ)·x̂0 + τ·noise`; returns
+/// `λ·(x̂0_fake − x̂0_real) / mean|x̂0 − x̂0_real| / N` (f32, the seed at x̂0) and its unscaled RMS
+/// per sample (the trainer's `dmd_grad_norm`).
+pub fn dmd_seed(
     teacher: &DeviceMmdit,
     fake: &DeviceMmdit,
+    x0: &DevBuf<f32>,
     batch: &DmdBatch,
-    keep: Keep,
-) -> KernelResult<f32> {
-    use crate::kernels::sde::dev::{
-        dmd_gradient, flow_noise_into, velocity_grad_from_x0, x0_from_velocity,
-    };
+) -> KernelResult<(DevBuf<f32>, f32)> {
+    use crate::kernels::sde::dev::{dmd_gradient, flow_noise_into, x0_from_velocity};
     use crate::kernels::shape::concat;
-    let dev = &generator.dev;
+    let dev = &teacher.dev;
     let n = batch.x.shape().first().copied().unwrap_or(0);
     let numel = batch.x.numel();
-    if n == 0 || batch.tau.len() != n || batch.noise.numel() != numel || keep == Keep::Nothing {
+    if n == 0 || batch.tau.len() != n || batch.noise.numel() != numel || x0.len() != numel {
         return Err(KernelError::Invalid(format!(
-            "DMD: x {:?}, {} taus, noise {:?}, keep {keep:?}",
+            "DMD: x {:?}, {} taus, noise {:?}, x̂0 of {}",
             batch.x.shape(),
             batch.tau.len(),
-            batch.noise.shape()
+            batch.noise.shape(),
+            x0.len()
         )));
     }
     let per = numel / n;
     let t_of = |s: &[f32]| -> Vec<f32> { s.iter().map(|&v| crate::flow::timestep_of(v)).collect() };
-
-    // the generator's x̂0, with what its backward needs
-    let sig = vec![batch.sigma; n];
-    let gin = generator.inputs(batch.x, &t_of(&sig), batch.pooled, batch.context)?;
-    let gf = generator.forward(&gin, keep)?;
-    let (x, sig_d) = (dev.upload(batch.x.f32s())?, dev.upload(&sig)?);
-    let x0 = dev.alloc::<f32>(numel)?;
-    x0_from_velocity(dev, &x0, &x, &gf.velocity, &sig_d, false, 1.0)?;
-
-    // re-noise; the teacher (conditional and unconditional rows in one call) and the fake score
     let (tau, noise) = (dev.upload(batch.tau)?, dev.upload(batch.noise.f32s())?);
     let xt = dev.alloc::<f32>(numel)?;
-    flow_noise_into(dev, &xt, None, &x0, &noise, &tau, (n, per))?;
+    flow_noise_into(dev, &xt, None, x0, &noise, &tau, (n, per))?;
+    // the teacher's conditional and unconditional rows in one call, then the fake score
     let both_tau: Vec<f32> = batch.tau.iter().chain(batch.tau).copied().collect();
     let tin = teacher.inputs(
         &concat(&[batch.x, batch.x], 0),
@@ -141,21 +182,40 @@ pub fn dmd_generator_grads(
     let vf = fake.forward(&fin, Keep::Nothing)?.velocity;
     let x0_fake = dev.alloc::<f32>(numel)?;
     x0_from_velocity(dev, &x0_fake, &xt, &vf, &tau, false, 1.0)?;
-
-    // the seed at x̂0, moved onto the generator's velocity, and the generator's backward
     let scale = batch.lambda / numel as f32;
-    let g = dmd_gradient(dev, &x0, &x0_real, &x0_fake, (n, per), scale)?;
-    let dv = dev.alloc::<bf16>(numel)?;
-    velocity_grad_from_x0(dev, &dv, &g, &sig_d, 1.0)?;
-    let saved = gf.saved.as_ref().expect("a kept forward");
-    generator.backward(&gin, saved, &dv, true)?;
-
+    let g = dmd_gradient(dev, x0, &x0_real, &x0_fake, (n, per), scale)?;
     let sq: f64 = dev
         .download(&g)?
         .iter()
         .map(|&v| (v as f64 / scale as f64).powi(2))
         .sum();
-    Ok((sq / n as f64).sqrt() as f32)
+    Ok((g, (sq / n as f64).sqrt() as f32))
+}
+
+/// The DMD term of the generator update alone: [`generator_x0`], [`dmd_seed`] and the
+/// generator's backward. Returns the trainer's `dmd_grad_norm`.
+pub fn dmd_generator_grads(
+    generator: &DeviceMmdit,
+    teacher: &DeviceMmdit,
+    fake: &DeviceMmdit,
+    batch: &DmdBatch,
+    keep: Keep,
+) -> KernelResult<f32> {
+    if keep == Keep::Nothing {
+        return Err(KernelError::Invalid(
+            "DMD: the generator's forward must keep what its backward reads".into(),
+        ));
+    }
+    let gx = generator_x0(
+        generator,
+        batch.x,
+        batch.sigma,
+        (batch.pooled, batch.context),
+        keep,
+    )?;
+    let (g, norm) = dmd_seed(teacher, fake, &gx.x0, batch)?;
+    generator_backward_from_x0(generator, &gx, &g)?;
+    Ok(norm)
 }
 
 /// One batch of trajectories on the device (as `train::rollout::Rollout`): the K+1 states, the

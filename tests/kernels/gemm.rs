@@ -262,3 +262,66 @@ fn gemm_with_every_epilogue_matches_reference() {
         }
     }
 }
+
+/// The weight-gradient GEMM that adds its f32 product (and bias gradient) into existing f32
+/// gradients: the sum of the old contents and the product, to f32 accuracy of the bf16 operands
+/// (tighter than any bf16 output could be), with and without the bias epilogue.
+#[test]
+fn accumulating_weight_gradient_gemm_adds_in_f32() {
+    use advdmd::kernels::gemm::dev::gemm_bf16_acc_f32;
+    for dev in devices() {
+        for &(tokens, out_f, in_f) in &[(40, 24, 33), (256, 128, 64), (333, 192, 77)] {
+            let mut rng = Rng::new(7 + tokens as u64);
+            let dy = randn_bf16(&mut rng, tokens * out_f, 1.0);
+            let x = randn_bf16(&mut rng, tokens * in_f, 1.0);
+            let old_w: Vec<f32> = (0..out_f * in_f).map(|_| rng.normal()).collect();
+            let old_b: Vec<f32> = (0..out_f).map(|_| rng.normal()).collect();
+            let (dyd, xd) = (upload_bf16(&dev, &dy), upload_bf16(&dev, &x));
+            for with_bias in [false, true] {
+                let spec = GemmSpec {
+                    m: out_f,
+                    n: in_f,
+                    k: tokens,
+                    trans_a: true,
+                    trans_b: false,
+                    epilogue: if with_bias { E::BgradB } else { E::None },
+                };
+                let (gw, gb) = (dev.upload(&old_w).unwrap(), dev.upload(&old_b).unwrap());
+                gemm_bf16_acc_f32(&dev, spec, &dyd, &xd, &gw, with_bias.then_some(&gb)).unwrap();
+                let want: Vec<f32> = reference(&spec, &dy, &x)
+                    .iter()
+                    .zip(&old_w)
+                    .map(|(p, o)| p + o)
+                    .collect();
+                let shape = format!("wgrad+= {tokens}x{out_f}x{in_f} bias={with_bias}");
+                check(
+                    "gemm_acc_f32",
+                    &dev,
+                    &shape,
+                    &dev.download(&gw).unwrap(),
+                    &want,
+                    1e-4,
+                );
+                let mut want_b = old_b.clone();
+                if with_bias {
+                    dy.iter()
+                        .enumerate()
+                        .for_each(|(i, v)| want_b[i % out_f] += v);
+                }
+                let got_b = dev.download(&gb).unwrap();
+                check("gemm_acc_f32.bias", &dev, &shape, &got_b, &want_b, 1e-4);
+            }
+            // a bias epilogue needs its gradient buffer, and nothing else is accepted
+            let bad = GemmSpec {
+                m: out_f,
+                n: in_f,
+                k: tokens,
+                trans_a: true,
+                trans_b: false,
+                epilogue: E::Bias,
+            };
+            let gw = dev.upload(&old_w).unwrap();
+            assert!(gemm_bf16_acc_f32(&dev, bad, &dyd, &xd, &gw, None).is_err());
+        }
+    }
+}

@@ -8,30 +8,34 @@ use advdmd::kernels::shape::flat;
 fn copy_cols_moves_exactly_the_window() {
     for dev in devices() {
         let mut rng = Rng::new(3);
-        let (rows, cols) = (37, 5);
-        let src = randn_bf16(&mut rng, rows * 16, 1.0);
-        let dst0 = randn_bf16(&mut rng, rows * 9, 1.0);
-        let (s, d) = (upload_bf16(&dev, &src), upload_bf16(&dev, &dst0));
-        gpu::copy_cols(
-            &dev,
-            &d,
-            Cols { ld: 9, off: 3 },
-            &s,
-            Cols { ld: 16, off: 10 },
-            rows,
-            cols,
-        )
-        .unwrap();
-        let mut want = dst0.clone();
-        flat::copy_cols(&mut want, &src, rows, cols, (9, 3), (16, 10));
-        assert_eq!(download_f32(&dev, &d), want, "copy_cols on {}", dev.name());
+        // (rows, cols, dst (ld, off), src (ld, off)): element-wise, then the 16-byte path
+        // (every window 8-aligned), over a row count that is not a multiple of anything
+        for (rows, cols, dw, sw) in [(37, 5, (9, 3), (16, 10)), (37, 24, (40, 8), (72, 48))] {
+            let src = randn_bf16(&mut rng, rows * sw.0, 1.0);
+            let dst0 = randn_bf16(&mut rng, rows * dw.0, 1.0);
+            let (s, d) = (upload_bf16(&dev, &src), upload_bf16(&dev, &dst0));
+            let win = |(ld, off)| Cols { ld, off };
+            gpu::copy_cols(&dev, &d, win(dw), &s, win(sw), rows, cols).unwrap();
+            let mut want = dst0.clone();
+            flat::copy_cols(&mut want, &src, rows, cols, dw, sw);
+            assert_eq!(
+                download_f32(&dev, &d),
+                want,
+                "copy_cols {rows}x{cols} on {}",
+                dev.name()
+            );
+        }
+        let (s, d) = (
+            upload_bf16(&dev, &randn_bf16(&mut rng, 37 * 16, 1.0)),
+            upload_bf16(&dev, &randn_bf16(&mut rng, 37 * 9, 1.0)),
+        );
         let bad = gpu::copy_cols(
             &dev,
             &d,
             Cols { ld: 9, off: 5 },
             &s,
             Cols { ld: 16, off: 0 },
-            rows,
+            37,
             5,
         );
         assert!(bad.is_err(), "a window past the row end must be refused");

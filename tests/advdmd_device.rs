@@ -1,0 +1,238 @@
+//! The AdvDMD iteration on a kernel device (`train::advdmd_device`) against the CPU trainer
+//! (`train::advdmd`) from the same tiny Shapes teacher, state and seed: the device run draws the
+//! same random numbers in the same order, so every metric of an iteration with the generator
+//! update and the RL term, and of the critic-only iteration after it (which sees both updates),
+//! agrees within bf16 tolerance; the generator's and fake score's parameter updates point the
+//! same way. Through the SIMT emulator here, and on the GPU when there is one.
+
+mod common;
+
+use advdmd::device::kernel::KernelDevice;
+use advdmd::mmdit::device::Keep;
+use advdmd::train::advdmd::{AdvDmd, AdvDmdConfig, IterMetrics};
+use advdmd::train::advdmd_device::{shapes_batch, DeviceAdvDmd};
+use advdmd::Tensor;
+
+/// The emulator, plus the GPU when one is usable; with a GPU and
+/// `ADVDMD_KERNEL_TESTS_GPU_ONLY=1` (tools/gpu-check.sh) the GPU alone.
+fn devices() -> Vec<KernelDevice> {
+    let gpu_only = std::env::var("ADVDMD_KERNEL_TESTS_GPU_ONLY").is_ok_and(|v| v == "1");
+    match KernelDevice::gpu_if_available() {
+        Some(g) if gpu_only => vec![g],
+        Some(g) => vec![KernelDevice::emulator(), g],
+        None => {
+            eprintln!("advdmd_device: no usable GPU here; GPU checks skipped (emulator only)");
+            vec![KernelDevice::emulator()]
+        }
+    }
+}
+
+fn config() -> AdvDmdConfig {
+    AdvDmdConfig {
+        prompts: 2,
+        group: 2,
+        steps_per_sample: 2,
+        r_dmd: 2,
+        rl_warmup: 0,
+        lr_warmup: 0,
+        lr_generator: 1e-3,
+        lr_fake: 1e-3,
+        ..Default::default()
+    }
+}
+
+fn close(what: &str, device: f32, cpu: f32, tol: f32) {
+    let err = (device - cpu).abs() / cpu.abs().max(1.0);
+    assert!(
+        device.is_finite() && err <= tol,
+        "{what}: device {device} vs CPU {cpu} (error {err:.2e} > {tol:.0e})"
+    );
+}
+
+fn compare(it: usize, d: &IterMetrics, c: &IterMetrics) {
+    println!("iteration {it}: device {d:?}\n             CPU    {c:?}");
+    assert_eq!((d.generator_step, d.rl_step), (c.generator_step, c.rl_step));
+    close("fake_loss", d.fake_loss, c.fake_loss, 2e-2);
+    close("d_loss", d.d_loss, c.d_loss, 2e-2);
+    if c.generator_step {
+        close("dmd_grad_norm", d.dmd_grad_norm, c.dmd_grad_norm, 2e-2);
+        close("gan_loss", d.gan_loss, c.gan_loss, 2e-2);
+    }
+    if c.rl_step {
+        close("mean_reward", d.mean_reward, c.mean_reward, 2e-2);
+        // group-normalised advantages magnify the logits' bf16 noise: finite and same sign
+        assert!(
+            d.rl_loss.is_finite() && (d.rl_loss * c.rl_loss >= 0.0 || c.rl_loss.abs() < 1e-3),
+            "rl_loss: device {} vs CPU {}",
+            d.rl_loss,
+            c.rl_loss
+        );
+    }
+}
+
+/// cos of the angle between two parameter updates.
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64) * (*y as f64))
+        .sum();
+    let n = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (n(a) * n(b)).max(1e-30)
+}
+
+fn delta(after: &Tensor, before: &Tensor) -> Vec<f32> {
+    after
+        .f32s()
+        .iter()
+        .zip(before.f32s())
+        .map(|(a, b)| a - b)
+        .collect()
+}
+
+#[test]
+fn the_device_iteration_follows_the_cpu_trainer() {
+    for dev in devices() {
+        let mut cpu = AdvDmd::new(common::tiny_shapes_model(1, true), config());
+        let mut gpu = DeviceAdvDmd::from_host(&dev, &cpu, Keep::All).unwrap();
+        let watch = [
+            "final_layer.linear.weight",
+            "joint_blocks.0.x_block.mlp.fc2.weight",
+        ];
+        let before: Vec<(Tensor, Tensor)> = watch
+            .iter()
+            .map(|w| {
+                (
+                    cpu.generator.mmdit.params.param(w).value(),
+                    cpu.fake.mmdit.params.param(w).value(),
+                )
+            })
+            .collect();
+        for it in 0..2 {
+            let batch = shapes_batch(&cpu.teacher, 2, 2, &mut gpu.rng).unwrap();
+            let c = cpu.step().unwrap();
+            let d = gpu.step(&batch).unwrap();
+            assert_eq!(c.generator_step, it == 0);
+            assert!(
+                !c.generator_step || c.rl_step,
+                "iteration 0 carries the RL term"
+            );
+            compare(it, &d, &c);
+        }
+        // the updates of both iterations: the same direction on the device
+        let named = |p: &advdmd::nn::device::DeviceParams| {
+            p.download_named(&p.master)
+                .unwrap()
+                .into_iter()
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        let (g_dev, f_dev) = (named(&gpu.generator), named(&gpu.fake));
+        for (w, (g0, f0)) in watch.iter().zip(&before) {
+            let gc = delta(&cpu.generator.mmdit.params.param(w).value(), g0);
+            let fc = delta(&cpu.fake.mmdit.params.param(w).value(), f0);
+            let (gd, fd) = (delta(&g_dev[*w], g0), delta(&f_dev[*w], f0));
+            let (cg, cf) = (cosine(&gd, &gc), cosine(&fd, &fc));
+            println!(
+                "{w} on {}: update cosine generator {cg:.3}, fake {cf:.3}",
+                dev.name()
+            );
+            assert!(
+                cg > 0.8 && cf > 0.8,
+                "{w}: updates differ (cos {cg:.3}, {cf:.3})"
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_batches_and_unsupported_settings_are_refused() {
+    let dev = KernelDevice::emulator();
+    let cpu = AdvDmd::new(common::tiny_shapes_model(1, true), config());
+    let mut gpu = DeviceAdvDmd::from_host(&dev, &cpu, Keep::All).unwrap();
+    // three prompts' worth for a two-prompt configuration
+    let batch = shapes_batch(&cpu.teacher, 3, 2, &mut gpu.rng).unwrap();
+    assert!(gpu.step(&batch).is_err());
+    assert!(DeviceAdvDmd::from_host(&dev, &cpu, Keep::Nothing).is_err());
+    let frozen = AdvDmd::new(
+        common::tiny_shapes_model(1, true),
+        AdvDmdConfig {
+            frozen_disc_after: Some(5),
+            ..config()
+        },
+    );
+    assert!(DeviceAdvDmd::from_host(&dev, &frozen, Keep::All).is_err());
+}
+
+/// A run built on the device from a bare MMDiT (as `bench step` builds the SD3 presets), with
+/// activation checkpointing: iterations of every kind run, the generator and fake score move,
+/// the teacher and the EMA's distance from the generator behave.
+#[test]
+fn a_fresh_checkpointed_run_trains_the_generator_and_not_the_teacher() {
+    for dev in devices() {
+        fresh_run(&dev);
+    }
+}
+
+fn fresh_run(dev: &KernelDevice) {
+    let dev = dev.clone();
+    let shapes = common::tiny_shapes_model(1, true);
+    let teacher = &shapes.mmdit;
+    let mut run = DeviceAdvDmd::new(&dev, teacher, config(), Keep::BlockInputs).unwrap();
+    let batch = shapes_batch(&shapes, 2, 2, &mut advdmd::Rng::new(4)).unwrap();
+    let w = "final_layer.linear.weight";
+    let get = |p: &advdmd::nn::device::DeviceParams, flat: &advdmd::device::kernel::DevBuf<f32>| {
+        p.download_named(flat)
+            .unwrap()
+            .into_iter()
+            .find(|(n, _)| n == w)
+            .unwrap()
+            .1
+    };
+    let g0 = get(&run.generator, &run.generator.master);
+    let f0 = get(&run.fake, &run.fake.master);
+    for it in 0..2 {
+        let m = run.step(&batch).unwrap();
+        assert_eq!(m.generator_step, it % 2 == 0, "{m:?}");
+        assert!(m.fake_loss.is_finite() && m.d_loss.is_finite(), "{m:?}");
+        if m.generator_step {
+            assert!(m.rl_step && m.dmd_grad_norm.is_finite() && m.gan_loss.is_finite());
+        }
+    }
+    let g1 = get(&run.generator, &run.generator.master);
+    let f1 = get(&run.fake, &run.fake.master);
+    assert!(
+        delta(&g1, &g0).iter().any(|d| *d != 0.0),
+        "the generator did not move"
+    );
+    assert!(
+        delta(&f1, &f0).iter().any(|d| *d != 0.0),
+        "the fake score did not move"
+    );
+    // the teacher's bf16 weights are the CPU teacher's, rounded
+    let t = run.teacher.weight(w).unwrap();
+    let host: Vec<f32> = dev
+        .download(&*t)
+        .unwrap()
+        .iter()
+        .map(|v| v.to_f32())
+        .collect();
+    let want = teacher.params.param(w).value();
+    let worst = host
+        .iter()
+        .zip(want.f32s())
+        .map(|(a, b)| (a - b).abs() / b.abs().max(1e-3))
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-2, "teacher weights moved: {worst}");
+    // the EMA (decay 0.99 from the initial weights) lags the generator: between the two
+    let ema: std::collections::BTreeMap<_, _> = run.ema_named().unwrap().into_iter().collect();
+    let (lag, moved): (f64, f64) = ema[w]
+        .f32s()
+        .iter()
+        .zip(g0.f32s().iter().zip(g1.f32s()))
+        .map(|(e, (a, b))| (((e - a) as f64).abs(), ((b - a) as f64).abs()))
+        .fold((0.0, 0.0), |(x, y), (a, b)| (x + a, y + b));
+    assert!(
+        lag > 0.0 && lag < 0.1 * moved,
+        "EMA moved {lag} for the generator's {moved}"
+    );
+}
