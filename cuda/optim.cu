@@ -11,6 +11,13 @@
 //                        w ← w − lr·((m/bc1)/(sqrt(v/bc2) + eps) + wd·w)  (wd for i < n_decay,
 //                        0 after: the flat layout puts the decayed matrices first),
 //                        w_bf16 ← bf16(w),  ema ← d·ema + (1−d)·w
+//   adamw_step_bf16m:    the same with m and v stored in bf16 (2 bytes each instead of 4: the
+//                        SD3.5-medium AdvDMD state's path to 80 GB, docs/memory-plan.md), the
+//                        arithmetic in f32, the stores stochastically rounded — 16 random bits
+//                        (a hash of the element index and the step's seed) added below bf16's
+//                        mantissa, then truncated — so v ← β2·v + (1−β2)·ĝ² with β2 = 0.999
+//                        still decays on average (round-to-nearest would freeze it: the step's
+//                        change is under half an ulp)
 //
 // adamw_step moves 8 elements per thread per step (two 16-byte loads of each f32 array, one
 // 16-byte bf16 store), then a scalar tail; every optional output may be null.
@@ -89,16 +96,62 @@ extern "C" __global__ void __launch_bounds__(OPT_THREADS)
     }
 }
 
-// grid: ceil(n / 8 / OPT_THREADS) (any grid is correct), block: OPT_THREADS. clip: null (no
-// clipping) or the [norm, factor] pair written by grad_norm_finalize. bc1 = 1 − β1^t and
-// bc2 = 1 − β2^t come from the host in f32, as the CPU computes them.
-extern "C" __global__ void __launch_bounds__(OPT_THREADS)
-    adamw_step(float* __restrict__ w, bf16* __restrict__ w_bf16, float* __restrict__ m, float* __restrict__ v,
-               float* __restrict__ ema, const float* __restrict__ g, const float* __restrict__ clip, long long n,
-               long long n_decay, float lr, float beta1, float beta2, float eps, float weight_decay, float bc1,
-               float bc2, float ema_decay) {
-    using namespace optim;
-    const Hyper h{lr, beta1, beta2, eps, weight_decay, bc1, bc2, ema_decay, clip ? clip[1] : 1.f};
+namespace optim {
+
+__device__ __forceinline__ uint32_t float_bits(float f) {
+#ifdef ADVDMD_EMU
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+#else
+    return __float_as_uint(f);
+#endif
+}
+
+// A 32-bit hash of (element, seed): the stochastic rounding's random bits (CPU twin:
+// src/kernels/optim.rs `sr_hash`).
+__device__ __forceinline__ uint32_t sr_hash(long long i, uint32_t seed) {
+    uint32_t h = (uint32_t)i * 0x9E3779B1u ^ (uint32_t)(i >> 32) * 0x85EBCA77u ^ seed;
+    h ^= h >> 16;
+    h *= 0x85EBCA6Bu;
+    h ^= h >> 13;
+    h *= 0xC2B2AE35u;
+    h ^= h >> 16;
+    return h;
+}
+
+// x rounded to bf16 stochastically with the 16 random bits r (the twin's `bf16_sr`).
+__device__ __forceinline__ bf16 bf16_sr(float x, uint32_t r) {
+    const uint32_t u = float_bits(x);
+    if ((u & 0x7f800000u) == 0x7f800000u) return f2bf(x);  // inf, nan: unchanged
+    return f2bf(bits_to_float((u + (r & 0xffffu)) & 0xffff0000u));
+}
+
+// Moments in f32: plain loads and stores.
+__device__ __forceinline__ void load8(const float* p, float f[8]) { to_array(ld4(p), f), to_array(ld4(p + 4), f + 4); }
+__device__ __forceinline__ void store8(float* p, const float f[8], long long, uint32_t, int) {
+    st4(p, make_float4(f[0], f[1], f[2], f[3]));
+    st4(p + 4, make_float4(f[4], f[5], f[6], f[7]));
+}
+__device__ __forceinline__ float load1(const float* p) { return *p; }
+__device__ __forceinline__ void store1(float* p, float f, long long, uint32_t, int) { *p = f; }
+
+// Moments in bf16: 16-byte loads; stores rounded stochastically (m from the hash's low 16 bits,
+// v from its high 16: `which` 0 or 1).
+__device__ __forceinline__ void load8(const bf16* p, float f[8]) { unpack_bf16x8(load16(p), f); }
+__device__ __forceinline__ void store8(bf16* p, const float f[8], long long i, uint32_t seed, int which) {
+#pragma unroll
+    for (int j = 0; j < 8; j++) p[j] = bf16_sr(f[j], sr_hash(i + j, seed) >> (16 * which));
+}
+__device__ __forceinline__ float load1(const bf16* p) { return bf2f(*p); }
+__device__ __forceinline__ void store1(bf16* p, float f, long long i, uint32_t seed, int which) {
+    *p = bf16_sr(f, sr_hash(i, seed) >> (16 * which));
+}
+
+template <typename M>
+__device__ __forceinline__ void adamw_body(float* __restrict__ w, bf16* __restrict__ w_bf16, M* __restrict__ m,
+                                           M* __restrict__ v, float* __restrict__ ema, const float* __restrict__ g,
+                                           long long n, long long n_decay, const Hyper& h, uint32_t seed) {
     const long long t0 = (long long)blockIdx.x * blockDim.x + threadIdx.x, step = (long long)gridDim.x * blockDim.x;
     long long done = 0;
     if (aligned16(w) && aligned16(w_bf16) && aligned16(m) && aligned16(v) && aligned16(ema) && aligned16(g)) {
@@ -107,17 +160,14 @@ extern "C" __global__ void __launch_bounds__(OPT_THREADS)
             const long long i = 8 * k;
             float fw[8], fm[8], fv[8], fg[8];
             to_array(ld4(w + i), fw), to_array(ld4(w + i + 4), fw + 4);
-            to_array(ld4(m + i), fm), to_array(ld4(m + i + 4), fm + 4);
-            to_array(ld4(v + i), fv), to_array(ld4(v + i + 4), fv + 4);
+            load8(m + i, fm), load8(v + i, fv);
             to_array(ld4(g + i), fg), to_array(ld4(g + i + 4), fg + 4);
 #pragma unroll
             for (int j = 0; j < 8; j++) adamw_elem(h, i + j < n_decay, fg[j], fw[j], fm[j], fv[j]);
             st4(w + i, make_float4(fw[0], fw[1], fw[2], fw[3]));
             st4(w + i + 4, make_float4(fw[4], fw[5], fw[6], fw[7]));
-            st4(m + i, make_float4(fm[0], fm[1], fm[2], fm[3]));
-            st4(m + i + 4, make_float4(fm[4], fm[5], fm[6], fm[7]));
-            st4(v + i, make_float4(fv[0], fv[1], fv[2], fv[3]));
-            st4(v + i + 4, make_float4(fv[4], fv[5], fv[6], fv[7]));
+            store8(m + i, fm, i, seed, 0);
+            store8(v + i, fv, i, seed, 1);
             if (w_bf16) store16(w_bf16 + i, pack_bf16x8(fw));
             if (ema) {
                 float fe[8];
@@ -131,10 +181,36 @@ extern "C" __global__ void __launch_bounds__(OPT_THREADS)
         done = nv * 8;
     }
     for (long long i = done + t0; i < n; i += step) {
-        float fw = w[i], fm = m[i], fv = v[i];
+        float fw = w[i], fm = load1(m + i), fv = load1(v + i);
         adamw_elem(h, i < n_decay, g[i], fw, fm, fv);
-        w[i] = fw, m[i] = fm, v[i] = fv;
+        w[i] = fw;
+        store1(m + i, fm, i, seed, 0);
+        store1(v + i, fv, i, seed, 1);
         if (w_bf16) w_bf16[i] = f2bf(fw);
         if (ema) ema[i] = h.ema_decay * ema[i] + (1.f - h.ema_decay) * fw;
     }
+}
+
+}  // namespace optim
+
+// grid: ceil(n / 8 / OPT_THREADS) (any grid is correct), block: OPT_THREADS. clip: null (no
+// clipping) or the [norm, factor] pair written by grad_norm_finalize. bc1 = 1 − β1^t and
+// bc2 = 1 − β2^t come from the host in f32, as the CPU computes them.
+extern "C" __global__ void __launch_bounds__(OPT_THREADS)
+    adamw_step(float* __restrict__ w, bf16* __restrict__ w_bf16, float* __restrict__ m, float* __restrict__ v,
+               float* __restrict__ ema, const float* __restrict__ g, const float* __restrict__ clip, long long n,
+               long long n_decay, float lr, float beta1, float beta2, float eps, float weight_decay, float bc1,
+               float bc2, float ema_decay) {
+    const optim::Hyper h{lr, beta1, beta2, eps, weight_decay, bc1, bc2, ema_decay, clip ? clip[1] : 1.f};
+    optim::adamw_body(w, w_bf16, m, v, ema, g, n, n_decay, h, 0u);
+}
+
+// As adamw_step, with bf16 moments and the step's rounding seed.
+extern "C" __global__ void __launch_bounds__(OPT_THREADS)
+    adamw_step_bf16m(float* __restrict__ w, bf16* __restrict__ w_bf16, bf16* __restrict__ m, bf16* __restrict__ v,
+                     float* __restrict__ ema, const float* __restrict__ g, const float* __restrict__ clip, long long n,
+                     long long n_decay, float lr, float beta1, float beta2, float eps, float weight_decay, float bc1,
+                     float bc2, float ema_decay, unsigned seed) {
+    const optim::Hyper h{lr, beta1, beta2, eps, weight_decay, bc1, bc2, ema_decay, clip ? clip[1] : 1.f};
+    optim::adamw_body(w, w_bf16, m, v, ema, g, n, n_decay, h, seed);
 }

@@ -10,7 +10,7 @@ mod common;
 use advdmd::device::kernel::KernelDevice;
 use advdmd::mmdit::device::Keep;
 use advdmd::train::advdmd::{AdvDmd, AdvDmdConfig, IterMetrics};
-use advdmd::train::advdmd_device::{shapes_batch, DeviceAdvDmd};
+use advdmd::train::advdmd_device::{shapes_batch, DeviceAdvDmd, DeviceRunOptions};
 use advdmd::Tensor;
 
 /// The emulator, plus the GPU when one is usable; with a GPU and
@@ -94,7 +94,7 @@ fn delta(after: &Tensor, before: &Tensor) -> Vec<f32> {
 fn the_device_iteration_follows_the_cpu_trainer() {
     for dev in devices() {
         let mut cpu = AdvDmd::new(common::tiny_shapes_model(1, true), config());
-        let mut gpu = DeviceAdvDmd::from_host(&dev, &cpu, Keep::All).unwrap();
+        let mut gpu = DeviceAdvDmd::from_host(&dev, &cpu, DeviceRunOptions::default()).unwrap();
         let watch = [
             "final_layer.linear.weight",
             "joint_blocks.0.x_block.mlp.fc2.weight",
@@ -148,11 +148,15 @@ fn the_device_iteration_follows_the_cpu_trainer() {
 fn bad_batches_and_unsupported_settings_are_refused() {
     let dev = KernelDevice::emulator();
     let cpu = AdvDmd::new(common::tiny_shapes_model(1, true), config());
-    let mut gpu = DeviceAdvDmd::from_host(&dev, &cpu, Keep::All).unwrap();
+    let mut gpu = DeviceAdvDmd::from_host(&dev, &cpu, DeviceRunOptions::default()).unwrap();
     // three prompts' worth for a two-prompt configuration
     let batch = shapes_batch(&cpu.teacher, 3, 2, &mut gpu.rng).unwrap();
     assert!(gpu.step(&batch).is_err());
-    assert!(DeviceAdvDmd::from_host(&dev, &cpu, Keep::Nothing).is_err());
+    let nothing = DeviceRunOptions {
+        keep: Keep::Nothing,
+        ..Default::default()
+    };
+    assert!(DeviceAdvDmd::from_host(&dev, &cpu, nothing).is_err());
     let frozen = AdvDmd::new(
         common::tiny_shapes_model(1, true),
         AdvDmdConfig {
@@ -160,7 +164,7 @@ fn bad_batches_and_unsupported_settings_are_refused() {
             ..config()
         },
     );
-    assert!(DeviceAdvDmd::from_host(&dev, &frozen, Keep::All).is_err());
+    assert!(DeviceAdvDmd::from_host(&dev, &frozen, DeviceRunOptions::default()).is_err());
 }
 
 /// A run built on the device from a bare MMDiT (as `bench step` builds the SD3 presets), with
@@ -177,7 +181,19 @@ fn fresh_run(dev: &KernelDevice) {
     let dev = dev.clone();
     let shapes = common::tiny_shapes_model(1, true);
     let teacher = &shapes.mmdit;
-    let mut run = DeviceAdvDmd::new(&dev, teacher, config(), Keep::BlockInputs).unwrap();
+    // checkpointed, with bf16 moments: the configuration that fits SD3.5-medium in 80 GB
+    let opts = DeviceRunOptions {
+        keep: Keep::BlockInputs,
+        bf16_moments: true,
+    };
+    let mut run = DeviceAdvDmd::new(&dev, teacher, config(), opts).unwrap();
+    let n_g = run.generator.n_trainable + run.fake.n_trainable + run.head.params.n_trainable;
+    assert_eq!(
+        run.optimizer_bytes(),
+        4 * n_g,
+        "bf16 moments: 4 bytes a trained parameter"
+    );
+    assert!(run.fake.shares_grads_with(&run.generator));
     let batch = shapes_batch(&shapes, 2, 2, &mut advdmd::Rng::new(4)).unwrap();
     let w = "final_layer.linear.weight";
     let get = |p: &advdmd::nn::device::DeviceParams, flat: &advdmd::device::kernel::DevBuf<f32>| {

@@ -263,6 +263,9 @@ pub struct StepArgs {
     /// Activation checkpointing of every differentiated forward (device path only).
     #[arg(long)]
     pub checkpoint_activations: bool,
+    /// Adam's moments in bf16 with stochastic rounding (device path only).
+    #[arg(long)]
+    pub bf16_moments: bool,
 }
 
 #[derive(Clone, Debug, clap::Subcommand)]

@@ -84,10 +84,10 @@ pub fn run(a: &StepArgs, teacher: &Path) -> Result<Report> {
     if let Some((dev, kind)) = super::kernel_device(a.common.device, "step")? {
         return device::run(a, teacher, config, &dev, kind);
     }
-    if a.model != Preset::Shapes || a.res.is_some() || a.checkpoint_activations {
+    if a.model != Preset::Shapes || a.res.is_some() || a.checkpoint_activations || a.bf16_moments {
         return Err(Error::Invalid(
-            "bench step on the CPU: the Shapes teacher only (--model, --res and \
-             --checkpoint-activations are for --device cuda|emu)"
+            "bench step on the CPU: the Shapes teacher only (--model, --res, \
+             --checkpoint-activations and --bf16-moments are for --device cuda|emu)"
                 .into(),
         ));
     }
@@ -240,7 +240,9 @@ mod device {
     use crate::bench::presets::ModelSpec;
     use crate::device::kernel::KernelDevice;
     use crate::mmdit::device::Keep;
-    use crate::train::advdmd_device::{shapes_batch, Cond, DeviceAdvDmd, IterBatch};
+    use crate::train::advdmd_device::{
+        shapes_batch, Cond, DeviceAdvDmd, DeviceRunOptions, IterBatch,
+    };
     use crate::Rng;
 
     pub fn run(
@@ -250,20 +252,23 @@ mod device {
         dev: &KernelDevice,
         kind: &'static str,
     ) -> Result<Report> {
-        let keep = if a.checkpoint_activations {
-            Keep::BlockInputs
-        } else {
-            Keep::All
+        let opts = DeviceRunOptions {
+            keep: if a.checkpoint_activations {
+                Keep::BlockInputs
+            } else {
+                Keep::All
+            },
+            bf16_moments: a.bf16_moments,
         };
         let (m, g, n) = (config.prompts, config.group, config.prompts * config.group);
         let (mut run, batch, spec) = if a.model == Preset::Shapes {
             let host = AdvDmd::new(ShapesModel::load(teacher)?, config);
             let mut rng = Rng::new(1);
             let batch = shapes_batch(&host.teacher, m, g, &mut rng)?;
-            (DeviceAdvDmd::from_host(dev, &host, keep)?, batch, None)
+            (DeviceAdvDmd::from_host(dev, &host, opts)?, batch, None)
         } else {
             let spec = ModelSpec::new(a.model, a.res, teacher)?;
-            let run = DeviceAdvDmd::new(dev, &spec.random_model(0), config, keep)?;
+            let run = DeviceAdvDmd::new(dev, &spec.random_model(0), config, opts)?;
             let cond = |rows, seed| {
                 let r = spec.random_inputs(rows, seed);
                 (
@@ -343,6 +348,7 @@ mod device {
             ("steps_per_sample", a.steps_per_sample.into()),
             ("r_dmd", r_dmd.into()),
             ("checkpoint_activations", a.checkpoint_activations.into()),
+            ("bf16_moments", a.bf16_moments.into()),
         ];
         if let Some(spec) = &spec {
             params.push(("res", spec.resolution.into()));

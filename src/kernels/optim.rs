@@ -59,26 +59,116 @@ pub fn adamw_step(
         .enumerate()
         .for_each(|(c, (((w, m), v), g))| {
             for i in 0..w.len() {
-                let decay = if c * CHUNK + i < n_decay {
-                    h.weight_decay
-                } else {
-                    0.0
-                };
-                // clip_grad_norm's scaled gradient, then AdamW::step's update, term for term.
-                let gi = g[i] * grad_scale;
-                m[i] = h.beta1 * m[i] + (1.0 - h.beta1) * gi;
-                v[i] = h.beta2 * v[i] + (1.0 - h.beta2) * gi * gi;
-                let update = (m[i] / bc1) / ((v[i] / bc2).sqrt() + h.eps);
-                w[i] -= h.lr * (update + decay * w[i]);
+                let decay = c * CHUNK + i < n_decay;
+                adamw_elem(
+                    h,
+                    (bc1, bc2),
+                    decay,
+                    g[i] * grad_scale,
+                    &mut w[i],
+                    &mut m[i],
+                    &mut v[i],
+                );
             }
         });
+    update_ema(w, ema);
+}
+
+/// One element: `clip_grad_norm`'s scaled gradient `g`, then `AdamW::step`'s update, term for
+/// term.
+fn adamw_elem(
+    h: &AdamWStep,
+    (bc1, bc2): (f32, f32),
+    decay: bool,
+    g: f32,
+    w: &mut f32,
+    m: &mut f32,
+    v: &mut f32,
+) {
+    let wd = if decay { h.weight_decay } else { 0.0 };
+    *m = h.beta1 * *m + (1.0 - h.beta1) * g;
+    *v = h.beta2 * *v + (1.0 - h.beta2) * g * g;
+    let update = (*m / bc1) / ((*v / bc2).sqrt() + h.eps);
+    *w -= h.lr * (update + wd * *w);
+}
+
+fn update_ema(w: &[f32], ema: Option<(&mut [f32], f32)>) {
     if let Some((shadow, d)) = ema {
-        assert_eq!(shadow.len(), n, "adamw_step: EMA size");
+        assert_eq!(shadow.len(), w.len(), "adamw_step: EMA size");
         shadow
             .par_iter_mut()
             .zip(w.par_iter())
             .for_each(|(s, &wv)| *s = d * *s + (1.0 - d) * wv);
     }
+}
+
+/// The stochastic rounding's random bits for element `i` at `seed` (`cuda/optim.cu` `sr_hash`).
+pub fn sr_hash(i: u64, seed: u32) -> u32 {
+    let mut h =
+        (i as u32).wrapping_mul(0x9E37_79B1) ^ ((i >> 32) as u32).wrapping_mul(0x85EB_CA77) ^ seed;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85EB_CA6B);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xC2B2_AE35);
+    h ^ (h >> 16)
+}
+
+/// `x` rounded to bf16 stochastically with the low 16 bits of `r`: added below bf16's mantissa,
+/// then truncated (rounds up with probability equal to the discarded fraction); inf and NaN
+/// unchanged.
+pub fn bf16_sr(x: f32, r: u32) -> half::bf16 {
+    let u = x.to_bits();
+    if u & 0x7f80_0000 == 0x7f80_0000 {
+        return half::bf16::from_f32(x);
+    }
+    half::bf16::from_bits((u.wrapping_add(r & 0xffff) >> 16) as u16)
+}
+
+/// [`adamw_step`] with the moments stored in bf16 (`cuda/optim.cu` `adamw_step_bf16m`): read as
+/// f32, updated in f32, stored rounded stochastically — m with the low 16 bits of
+/// `sr_hash(i, seed)`, v with the high 16.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_step_bf16_moments(
+    w: &mut [f32],
+    m: &mut [half::bf16],
+    v: &mut [half::bf16],
+    g: &[f32],
+    grad_scale: f32,
+    n_decay: usize,
+    h: &AdamWStep,
+    ema: Option<(&mut [f32], f32)>,
+    seed: u32,
+) {
+    let n = w.len();
+    assert!(
+        m.len() == n && v.len() == n && g.len() == n,
+        "adamw_step_bf16_moments: buffer sizes differ"
+    );
+    let bc = h.bias_corrections();
+    w.par_chunks_mut(CHUNK)
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
+        .zip(g.par_chunks(CHUNK))
+        .enumerate()
+        .for_each(|(c, (((w, m), v), g))| {
+            for i in 0..w.len() {
+                let at = c * CHUNK + i;
+                let (mut mf, mut vf) = (m[i].to_f32(), v[i].to_f32());
+                adamw_elem(
+                    h,
+                    bc,
+                    at < n_decay,
+                    g[i] * grad_scale,
+                    &mut w[i],
+                    &mut mf,
+                    &mut vf,
+                );
+                let r = sr_hash(at as u64, seed);
+                m[i] = bf16_sr(mf, r);
+                v[i] = bf16_sr(vf, r >> 16);
+            }
+        });
+    update_ema(w, ema);
 }
 
 /// The L2 norm of a flat gradient, summed in f64 (as `clip_grad_norm`).
@@ -113,13 +203,14 @@ pub mod dev {
     const MAX_PARTS: usize = 1024;
 
     /// The buffers of one fused AdamW step over a flat parameter vector.
-    pub struct FlatAdamW<'a> {
+    /// The moments `M` are f32 ([`adamw_step`]) or bf16 ([`adamw_step_bf16_moments`]).
+    pub struct FlatAdamW<'a, M = f32> {
         /// f32 master weights, updated in place.
         pub w: &'a DevBuf<f32>,
         /// The bf16 copy the forward reads, written from the updated weights (when given).
         pub w_bf16: Option<&'a DevBuf<bf16>>,
-        pub m: &'a DevBuf<f32>,
-        pub v: &'a DevBuf<f32>,
+        pub m: &'a DevBuf<M>,
+        pub v: &'a DevBuf<M>,
         pub g: &'a DevBuf<f32>,
         /// `(shadow, decay)`: the EMA updated from the new weights in the same pass (when given).
         pub ema: Option<(&'a DevBuf<f32>, f32)>,
@@ -138,6 +229,29 @@ pub mod dev {
         b: &FlatAdamW,
         clip: Option<&DevBuf<f32>>,
         h: &AdamWStep,
+    ) -> KernelResult<()> {
+        launch_adamw(dev, "adamw_step", b, clip, h, None)
+    }
+
+    /// [`adamw_step`] with bf16 moments, stochastically rounded with the random bits of `seed`
+    /// (give every step its own).
+    pub fn adamw_step_bf16_moments(
+        dev: &KernelDevice,
+        b: &FlatAdamW<bf16>,
+        clip: Option<&DevBuf<f32>>,
+        h: &AdamWStep,
+        seed: u32,
+    ) -> KernelResult<()> {
+        launch_adamw(dev, "adamw_step_bf16m", b, clip, h, Some(seed))
+    }
+
+    fn launch_adamw<M: bytemuck::Pod>(
+        dev: &KernelDevice,
+        kernel: &str,
+        b: &FlatAdamW<M>,
+        clip: Option<&DevBuf<f32>>,
+        h: &AdamWStep,
+        seed: Option<u32>,
     ) -> KernelResult<()> {
         let n = b.w.len();
         let sizes_ok = b.m.len() == n
@@ -181,8 +295,11 @@ pub mod dev {
             .f32(bc1)
             .f32(bc2)
             .f32(b.ema.map_or(0.0, |(_, d)| d));
+        if let Some(seed) = seed {
+            args = args.u32(seed);
+        }
         dev.launch(
-            "adamw_step",
+            kernel,
             LaunchCfg::linear(blocks_for(n.div_ceil(8), THREADS), THREADS),
             args,
         )
@@ -232,5 +349,91 @@ pub mod dev {
         let clip = dev.alloc::<f32>(2)?;
         grad_norm_clip_into(dev, &clip, g, max_norm)?;
         Ok(clip)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stochastic_rounding_is_unbiased_and_lands_on_neighbours() {
+        let x = 1.0f32 + 0.3 * 2f32.powi(-7); // 30% of the way between two bf16 values
+        let (lo, hi) = (1.0f32, 1.0 + 2f32.powi(-7));
+        let n = 100_000;
+        let mut ups = 0;
+        for i in 0..n {
+            let r = bf16_sr(x, sr_hash(i, 7)).to_f32();
+            assert!(r == lo || r == hi, "{r}");
+            ups += (r == hi) as u32;
+        }
+        let p = ups as f64 / n as f64;
+        assert!(
+            (p - 0.3).abs() < 0.01,
+            "rounded up {p} of the time, want 0.3"
+        );
+        assert_eq!(bf16_sr(f32::INFINITY, 0xffff).to_f32(), f32::INFINITY);
+        assert!(bf16_sr(f32::NAN, 0xffff).to_f32().is_nan());
+        assert_eq!(bf16_sr(-2.0, 0xffff).to_f32(), -2.0); // exact values stay
+    }
+
+    /// Adam's v with β2 = 0.999 after the gradient shrinks 100×: with f32 moments it decays;
+    /// with bf16 moments stochastically rounded it follows on average (round-to-nearest would
+    /// freeze it — each step's change is under half an ulp — and shrink the step size 100×).
+    #[test]
+    fn bf16_moments_follow_f32_moments_through_a_decay() {
+        let n = 4096;
+        let h = |step| AdamWStep {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            step,
+        };
+        let (mut w32, mut m32, mut v32) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        let mut w16 = vec![0f32; n];
+        let (mut m16, mut v16) = (vec![half::bf16::ZERO; n], vec![half::bf16::ZERO; n]);
+        for step in 1..=3000u64 {
+            let scale = if step <= 100 { 1.0 } else { 0.01 };
+            let g: Vec<f32> = (0..n)
+                .map(|i| {
+                    scale
+                        * if (i as u64 + step) % 2 == 0 {
+                            1.0
+                        } else {
+                            -1.0
+                        }
+                })
+                .collect();
+            adamw_step(&mut w32, &mut m32, &mut v32, &g, 1.0, 0, &h(step), None);
+            let seed = (step as u32).wrapping_mul(0x9E37_79B9);
+            adamw_step_bf16_moments(
+                &mut w16,
+                &mut m16,
+                &mut v16,
+                &g,
+                1.0,
+                0,
+                &h(step),
+                None,
+                seed,
+            );
+        }
+        let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+        let v16f: Vec<f32> = v16.iter().map(|x| x.to_f32()).collect();
+        let (a, b) = (mean(&v32), mean(&v16f));
+        assert!((b / a - 1.0).abs() < 0.05, "mean v: f32 {a:e}, bf16 {b:e}");
+        // and the weights took the same path
+        let dw: f64 = w32
+            .iter()
+            .zip(&w16)
+            .map(|(x, y)| ((x - y) as f64).abs())
+            .sum::<f64>();
+        let wn: f64 = w32.iter().map(|x| (*x as f64).abs()).sum::<f64>();
+        assert!(
+            dw < 0.05 * wn.max(1e-12),
+            "weights drift apart: {dw:e} of {wn:e}"
+        );
     }
 }

@@ -6,6 +6,7 @@
 //! upload keeps the bf16 copy only.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use half::bf16;
 
@@ -43,8 +44,9 @@ pub struct DeviceParams {
     pub master: DevBuf<f32>,
     /// The bf16 copy every kernel reads.
     pub weights: DevBuf<bf16>,
-    /// f32 gradients, accumulated until [`DeviceParams::zero_grad`] (empty for a frozen upload).
-    pub grads: DevBuf<f32>,
+    /// f32 gradients, accumulated until [`DeviceParams::zero_grad`] (empty for a frozen upload);
+    /// possibly shared with another model of the same layout ([`Self::share_grads_with`]).
+    pub grads: Arc<DevBuf<f32>>,
 }
 
 fn invalid(msg: String) -> KernelError {
@@ -98,10 +100,10 @@ impl DeviceParams {
         let (master, weights, grads) = if trainable {
             let master = dev.upload(&host)?;
             let weights = ew::cast_f32_to_bf16(dev, &master)?;
-            (master, weights, dev.zeros::<f32>(host.len())?)
+            (master, weights, Arc::new(dev.zeros::<f32>(host.len())?))
         } else {
             let bf: Vec<bf16> = host.iter().map(|&v| bf16::from_f32(v)).collect();
-            (dev.alloc(0)?, dev.upload(&bf)?, dev.alloc(0)?)
+            (dev.alloc(0)?, dev.upload(&bf)?, Arc::new(dev.alloc(0)?))
         };
         Ok(DeviceParams {
             dev: dev.clone(),
@@ -144,6 +146,33 @@ impl DeviceParams {
     pub fn grad(&self, name: &str) -> KernelResult<DevView<'_, f32>> {
         let s = self.slot(name)?;
         self.grads.view(s.offset, s.numel())
+    }
+
+    /// Gives up this model's gradient buffer for `other`'s: two trained models whose backward
+    /// passes never overlap (the AdvDMD generator and fake score) need one between them
+    /// (docs/memory-plan.md, item 2; 4 bytes a parameter). Each zeroes it before its backward and
+    /// takes its optimizer step before the other's backward starts. Both must be trainable
+    /// uploads of the same layout (copies of one configuration).
+    pub fn share_grads_with(&mut self, other: &DeviceParams) -> KernelResult<()> {
+        let same_layout = self.slots.len() == other.slots.len()
+            && self
+                .slots
+                .iter()
+                .zip(&other.slots)
+                .all(|((a, x), (b, y))| a == b && x.offset == y.offset && x.shape == y.shape)
+            && self.grads.len() == other.grads.len();
+        if !self.is_trainable() || !other.is_trainable() || !same_layout {
+            return Err(invalid(
+                "gradients can be shared only between trainable models of one layout".into(),
+            ));
+        }
+        self.grads = Arc::clone(&other.grads);
+        Ok(())
+    }
+
+    /// Whether `self` and `other` accumulate into one gradient buffer.
+    pub fn shares_grads_with(&self, other: &DeviceParams) -> bool {
+        Arc::ptr_eq(&self.grads, &other.grads)
     }
 
     pub fn zero_grad(&self) -> KernelResult<()> {

@@ -7,7 +7,9 @@ use half::bf16;
 
 use super::AdamWConfig;
 use crate::device::kernel::{DevBuf, KernelDevice, KernelResult};
-use crate::kernels::optim::dev::{adamw_step, grad_norm_clip_into, FlatAdamW};
+use crate::kernels::optim::dev::{
+    adamw_step, adamw_step_bf16_moments, grad_norm_clip_into, FlatAdamW,
+};
 use crate::kernels::optim::AdamWStep;
 
 /// The flat buffers one step updates: f32 masters, their bf16 copy (rewritten from the new
@@ -19,11 +21,17 @@ pub struct FlatParams<'a> {
     pub n_decay: usize,
 }
 
+/// Adam's moments: f32, or bf16 storage with f32 arithmetic and stochastic rounding (half the
+/// bytes; docs/memory-plan.md item 3) and the salt that makes its random bits this optimizer's.
+enum Moments {
+    F32(DevBuf<f32>, DevBuf<f32>),
+    Bf16(DevBuf<bf16>, DevBuf<bf16>, u32),
+}
+
 pub struct DeviceAdamW {
     pub config: AdamWConfig,
     pub step: u64,
-    m: DevBuf<f32>,
-    v: DevBuf<f32>,
+    moments: Moments,
     /// `[norm, clip factor]` of the last step's gradient, on the device.
     clip: DevBuf<f32>,
 }
@@ -34,10 +42,45 @@ impl DeviceAdamW {
         Ok(DeviceAdamW {
             config,
             step: 0,
-            m: dev.zeros(n_trainable)?,
-            v: dev.zeros(n_trainable)?,
+            moments: Moments::F32(dev.zeros(n_trainable)?, dev.zeros(n_trainable)?),
             clip: dev.zeros(2)?,
         })
+    }
+
+    /// Zero moments stored in bf16 (2 bytes each instead of 4), stochastically rounded with
+    /// random bits drawn from `salt` and the step count.
+    pub fn with_bf16_moments(
+        dev: &KernelDevice,
+        n_trainable: usize,
+        config: AdamWConfig,
+        salt: u32,
+    ) -> KernelResult<Self> {
+        Ok(DeviceAdamW {
+            config,
+            step: 0,
+            moments: Moments::Bf16(dev.zeros(n_trainable)?, dev.zeros(n_trainable)?, salt),
+            clip: dev.zeros(2)?,
+        })
+    }
+
+    /// Elements the optimizer updates.
+    pub fn len(&self) -> usize {
+        match &self.moments {
+            Moments::F32(m, _) => m.len(),
+            Moments::Bf16(m, _, _) => m.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes of optimizer state on the device.
+    pub fn state_bytes(&self) -> usize {
+        match &self.moments {
+            Moments::F32(..) => 8 * self.len(),
+            Moments::Bf16(..) => 4 * self.len(),
+        }
     }
 
     /// Clips the gradient to global norm `max_norm` (`≤ 0`: no clipping) and takes one step at
@@ -49,7 +92,7 @@ impl DeviceAdamW {
         lr: f32,
         max_norm: f32,
     ) -> KernelResult<()> {
-        let g = p.grads.view(0, self.m.len())?;
+        let g = p.grads.view(0, self.len())?;
         grad_norm_clip_into(dev, &self.clip, &g, max_norm)?;
         self.update(dev, p, lr, None)
     }
@@ -76,7 +119,7 @@ impl DeviceAdamW {
         lr: f32,
         ema: Option<(&DevBuf<f32>, f32)>,
     ) -> KernelResult<()> {
-        let n = self.m.len();
+        let n = self.len();
         let (w, wb, g) = (
             p.master.view(0, n)?,
             p.bf16.view(0, n)?,
@@ -92,16 +135,33 @@ impl DeviceAdamW {
             weight_decay: c.weight_decay,
             step: self.step,
         };
-        let flat = FlatAdamW {
-            w: &w,
-            w_bf16: Some(&wb),
-            m: &self.m,
-            v: &self.v,
-            g: &g,
-            ema,
-            n_decay: p.n_decay.min(n),
-        };
-        adamw_step(dev, &flat, Some(&self.clip), &h)
+        match &self.moments {
+            Moments::F32(m, v) => {
+                let flat = FlatAdamW {
+                    w: &w,
+                    w_bf16: Some(&wb),
+                    m,
+                    v,
+                    g: &g,
+                    ema,
+                    n_decay: p.n_decay.min(n),
+                };
+                adamw_step(dev, &flat, Some(&self.clip), &h)
+            }
+            Moments::Bf16(m, v, salt) => {
+                let flat = FlatAdamW {
+                    w: &w,
+                    w_bf16: Some(&wb),
+                    m,
+                    v,
+                    g: &g,
+                    ema,
+                    n_decay: p.n_decay.min(n),
+                };
+                let seed = salt ^ (self.step as u32).wrapping_mul(0x9E37_79B9);
+                adamw_step_bf16_moments(dev, &flat, Some(&self.clip), &h, seed)
+            }
+        }
     }
 
     /// The last step's gradient norm before clipping (reads it back: a synchronisation).

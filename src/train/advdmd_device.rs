@@ -6,7 +6,8 @@
 //!
 //! Conditioning comes in per iteration as host tensors ([`IterBatch`]): the Shapes world builds
 //! it from prompts with the teacher's frozen text encoder ([`shapes_batch`]); the SD3 benchmarks
-//! from random context and pooled vectors. A frozen discriminator (`frozen_disc_after`) and
+//! from random context and pooled vectors. Generator and fake score share one gradient buffer
+//! (their backward passes never overlap). A frozen discriminator (`frozen_disc_after`) and
 //! resuming from a CPU run's optimizer state are not on the device yet: both are refused.
 
 use half::bf16;
@@ -103,6 +104,25 @@ struct LogitsSaved {
     head: HeadSaved,
 }
 
+/// How a device run holds its state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceRunOptions {
+    /// What the differentiated forwards keep ([`Keep::BlockInputs`]: activation checkpointing).
+    pub keep: Keep,
+    /// Adam's moments in bf16 with stochastic rounding (4 instead of 8 bytes a trained
+    /// parameter: docs/memory-plan.md item 3).
+    pub bf16_moments: bool,
+}
+
+impl Default for DeviceRunOptions {
+    fn default() -> Self {
+        DeviceRunOptions {
+            keep: Keep::All,
+            bf16_moments: false,
+        }
+    }
+}
+
 pub struct DeviceAdvDmd {
     pub config: AdvDmdConfig,
     pub dev: KernelDevice,
@@ -147,7 +167,11 @@ fn joint_clip(norms: &[f32], max_norm: f32) -> (f32, f32) {
 impl DeviceAdvDmd {
     /// The device copy of a CPU trainer that has not stepped yet (its optimizers' moments are
     /// zero), with its configuration, RNG and counters.
-    pub fn from_host(dev: &KernelDevice, host: &AdvDmd, keep: Keep) -> Result<DeviceAdvDmd> {
+    pub fn from_host(
+        dev: &KernelDevice,
+        host: &AdvDmd,
+        opts: DeviceRunOptions,
+    ) -> Result<DeviceAdvDmd> {
         if host.opt_generator.step != 0 || host.opt_fake.step != 0 {
             return Err(Error::Invalid(
                 "device AdvDMD: resuming a CPU run's optimizer state is not supported yet".into(),
@@ -158,7 +182,7 @@ impl DeviceAdvDmd {
             host.config.clone(),
             (&host.teacher.mmdit, &host.generator.mmdit, &host.fake.mmdit),
             &host.head,
-            keep,
+            opts,
             host.rng.clone(),
         )?;
         run.feature_block = host.feature_block;
@@ -173,7 +197,7 @@ impl DeviceAdvDmd {
         dev: &KernelDevice,
         teacher: &Mmdit,
         config: AdvDmdConfig,
-        keep: Keep,
+        opts: DeviceRunOptions,
     ) -> Result<DeviceAdvDmd> {
         let mut rng = Rng::new(config.seed);
         let head = DiscHead::init(teacher.config.hidden, &mut rng);
@@ -184,7 +208,7 @@ impl DeviceAdvDmd {
             Mmdit::new(teacher.config.clone(), p)
         };
         let (generator, fake) = (trainable_copy(), trainable_copy());
-        Self::build(dev, config, (teacher, &generator, &fake), &head, keep, rng)
+        Self::build(dev, config, (teacher, &generator, &fake), &head, opts, rng)
     }
 
     fn build(
@@ -192,9 +216,10 @@ impl DeviceAdvDmd {
         config: AdvDmdConfig,
         (teacher, generator, fake): (&Mmdit, &Mmdit, &Mmdit),
         head: &DiscHead,
-        keep: Keep,
+        opts: DeviceRunOptions,
         rng: Rng,
     ) -> Result<DeviceAdvDmd> {
+        let keep = opts.keep;
         if config.frozen_disc_after.is_some() {
             return Err(Error::Invalid(
                 "device AdvDMD: a frozen discriminator (frozen_disc_after) is not supported yet"
@@ -207,17 +232,20 @@ impl DeviceAdvDmd {
             ));
         }
         let generator = DeviceMmdit::new(dev, generator)?;
-        let fake = DeviceMmdit::new(dev, fake)?;
+        let mut fake = DeviceMmdit::new(dev, fake)?;
+        // the critic's backward and step finish before the generator's backward starts
+        fake.params.share_grads_with(&generator)?;
         let head = DeviceDiscHead::new(dev, head, true)?;
-        let adam = |p: &DeviceParams, lr: f32| {
-            DeviceAdamW::new(
-                dev,
-                p.n_trainable,
-                AdamWConfig {
-                    lr,
-                    ..Default::default()
-                },
-            )
+        let adam = |p: &DeviceParams, lr: f32, salt: u32| {
+            let config = AdamWConfig {
+                lr,
+                ..Default::default()
+            };
+            if opts.bf16_moments {
+                DeviceAdamW::with_bf16_moments(dev, p.n_trainable, config, salt)
+            } else {
+                DeviceAdamW::new(dev, p.n_trainable, config)
+            }
         };
         let ema = dev.zeros::<f32>(generator.n_trainable)?;
         crate::kernels::shape::dev::accumulate_f32(
@@ -228,9 +256,9 @@ impl DeviceAdvDmd {
         Ok(DeviceAdvDmd {
             feature_block: teacher.config.depth / 2,
             teacher: DeviceMmdit::frozen(dev, teacher)?,
-            opt_generator: adam(&generator, config.lr_generator)?,
-            opt_fake: adam(&fake, config.lr_fake)?,
-            opt_head: adam(&head.params, config.lr_fake)?,
+            opt_generator: adam(&generator, config.lr_generator, 0x6e6e_0001)?,
+            opt_fake: adam(&fake, config.lr_fake, 0x6e6e_0002)?,
+            opt_head: adam(&head.params, config.lr_fake, 0x6e6e_0003)?,
             generator,
             fake,
             head,
@@ -674,6 +702,11 @@ impl DeviceAdvDmd {
         }
         metrics.rl_loss = loss as f32;
         Ok(())
+    }
+
+    /// Bytes of the three optimizers' moments on the device.
+    pub fn optimizer_bytes(&self) -> usize {
+        self.opt_generator.state_bytes() + self.opt_fake.state_bytes() + self.opt_head.state_bytes()
     }
 
     /// The generator's EMA weights as named host tensors (its trainable tensors).

@@ -196,3 +196,78 @@ fn adamw_step_matches_cpu() {
         }
     }
 }
+
+/// The bf16-moment step against its twin: the same stochastic rounding bits, so m and v agree
+/// bit for bit where the f32 arithmetic does (and within one bf16 ulp where an f32 rounding
+/// difference moves a value across a rounding threshold), the weights to f32 accuracy.
+#[test]
+fn adamw_step_with_bf16_moments_matches_cpu() {
+    for dev in devices() {
+        for n in [7usize, 1000, 4103] {
+            let mut rng = Rng::new(93 + n as u64);
+            let mut w = randn(&mut rng, n, 1.0);
+            let (mut m, mut v) = (vec![bf16::ZERO; n], vec![bf16::ZERO; n]);
+            let mut shadow = w.clone();
+            let n_decay = n / 2;
+            let (wd, ed) = (dev.upload(&w).unwrap(), dev.upload(&shadow).unwrap());
+            let (md, vd) = (dev.upload(&m).unwrap(), dev.upload(&v).unwrap());
+            let wb = dev.alloc::<bf16>(n).unwrap();
+            for step in 1..=3u64 {
+                let g = randn(&mut rng, n, 1.0);
+                let gd = dev.upload(&g).unwrap();
+                let seed = 0x1234 ^ step as u32;
+                let bufs = gpu::FlatAdamW {
+                    w: &wd,
+                    w_bf16: Some(&wb),
+                    m: &md,
+                    v: &vd,
+                    g: &gd,
+                    ema: Some((&ed, 0.99)),
+                    n_decay,
+                };
+                gpu::adamw_step_bf16_moments(&dev, &bufs, None, &hyper(step), seed).unwrap();
+                let ema = Some((&mut shadow[..], 0.99));
+                cpu::adamw_step_bf16_moments(
+                    &mut w,
+                    &mut m,
+                    &mut v,
+                    &g,
+                    1.0,
+                    n_decay,
+                    &hyper(step),
+                    ema,
+                    seed,
+                );
+            }
+            let shape = format!("{n} bf16 moments");
+            let f = |x: &[bf16]| x.iter().map(|v| v.to_f32()).collect::<Vec<_>>();
+            for (name, got, want) in [("m", &md, &m), ("v", &vd, &v)] {
+                let got = dev.download(got).unwrap();
+                let off_by_ulp = got
+                    .iter()
+                    .zip(want.iter())
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .map(|(a, b)| (a.to_bits() as i32 - b.to_bits() as i32).abs())
+                    .collect::<Vec<_>>();
+                assert!(
+                    off_by_ulp.iter().all(|&d| d <= 1) && off_by_ulp.len() * 100 <= n.max(100),
+                    "adamw_step_bf16m.{name} on {}: {} of {n} differ ({off_by_ulp:?})",
+                    dev.name(),
+                    off_by_ulp.len()
+                );
+                check(
+                    &format!("adamw_step_bf16m.{name}"),
+                    &dev,
+                    &shape,
+                    &f(&got),
+                    &f(want),
+                    1e-2,
+                );
+            }
+            let got_w = dev.download(&wd).unwrap();
+            check("adamw_step_bf16m.w", &dev, &shape, &got_w, &w, 1e-5);
+            let got_e = dev.download(&ed).unwrap();
+            check("adamw_step_bf16m.ema", &dev, &shape, &got_e, &shadow, 1e-5);
+        }
+    }
+}
