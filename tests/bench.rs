@@ -262,6 +262,39 @@ fn sample_json_on_the_emulator() {
     assert_eq!(res["mmdit_flops"].as_u64(), Some(2 * per_call));
 }
 
+/// The device iteration through the bench (its parity is tests/advdmd_device.rs): every kind
+/// timed, FLOPs counted, the state's bytes reported.
+#[test]
+fn step_json_on_the_emulator() {
+    let r = bench_json(&[
+        "step",
+        "--device",
+        "emu",
+        "--iters",
+        "1",
+        "--prompts",
+        "1",
+        "--group",
+        "2",
+        "--steps-per-sample",
+        "2",
+        "--bf16-moments",
+    ]);
+    assert_eq!(r["device"]["kind"], "emu");
+    let res = &r["results"];
+    for key in [
+        "iteration_ms",
+        "critic_iteration_ms",
+        "generator_iteration_ms",
+        "generator_rl_iteration_ms",
+        "iteration_flops",
+        "resident_bytes",
+    ] {
+        positive(res, key);
+    }
+    assert_eq!(r["iterations"].as_array().unwrap().len(), 3);
+}
+
 #[test]
 fn step_json_times_every_kind_of_iteration() {
     let r = bench_json(&["step", "--iters", "1", "--prompts", "1", "--group", "2"]);
@@ -333,9 +366,16 @@ fn bad_input_is_a_clean_error() {
             "no usable CUDA GPU",
         );
     }
+    if advdmd::device::kernel::KernelDevice::gpu_if_available().is_none() {
+        fails_cleanly(&["bench", "step", "--device", "cuda"], "no usable CUDA GPU");
+    }
     fails_cleanly(
-        &["bench", "step", "--device", "emu"],
-        "the GPU path of this bench is not built yet (issue 8",
+        &["bench", "step", "--model", "sd3.5-medium"],
+        "the Shapes teacher only",
+    );
+    fails_cleanly(
+        &["bench", "step", "--bf16-moments"],
+        "the Shapes teacher only",
     );
     fails_cleanly(&["bench", "kernels", "--device", "cuda"], "not built yet");
     fails_cleanly(

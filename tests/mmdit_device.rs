@@ -1068,3 +1068,32 @@ fn the_device_discriminator_head_matches_the_cpu() {
         check.finish();
     }
 }
+
+/// The kernel device's matmul FLOP counter (what `bench step --device` divides by) counts a
+/// forward exactly as the analytic count of `bench::flops` does.
+#[test]
+fn the_device_counts_a_forwards_matmul_flops() {
+    use advdmd::bench::flops::{mmdit_forward_flops, CallShape};
+    let model = random_model();
+    let c = &model.config;
+    let dev = KernelDevice::emulator();
+    let m = DeviceMmdit::new(&dev, &model).unwrap();
+    let (b, side, l) = (2, 8, 5);
+    let mut rng = Rng::new(3);
+    let inputs = m
+        .inputs(
+            &Tensor::randn(&[b, c.in_channels, side, side], &mut rng),
+            &[300.0, 700.0],
+            &Tensor::randn(&[b, c.pooled_dim], &mut rng),
+            &Tensor::randn(&[b, l, c.context_dim], &mut rng),
+        )
+        .unwrap();
+    let before = dev.matmul_flops();
+    m.forward(&inputs, Keep::Nothing).unwrap();
+    let shape = CallShape {
+        batch: b,
+        image_tokens: (side / c.patch).pow(2),
+        text_tokens: l,
+    };
+    assert_eq!(dev.matmul_flops() - before, mmdit_forward_flops(c, shape));
+}
