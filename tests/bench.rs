@@ -335,6 +335,22 @@ fn kernels_json_at_a_small_size() {
     }
 }
 
+/// The CUDA kernels' bench through the emulator (tiny sizes): every family's row, the copy first.
+#[test]
+fn kernels_json_on_the_emulator() {
+    let r = bench_json(&["kernels", "--device", "emu"]);
+    assert_eq!(r["device"]["kind"], "emu");
+    positive(&r["results"], "copy_gbps");
+    let rows = r["kernels"].as_array().unwrap();
+    assert_eq!(rows[0]["kernel"], "copy_bytes");
+    assert!(rows.len() >= 20, "{} kernels", rows.len());
+    for row in rows {
+        positive(row, "ms");
+        positive(row, "bytes");
+        positive(row, "gbps");
+    }
+}
+
 /// A bad flag: a non-zero exit with `expect` in the message, and no panic.
 fn fails_cleanly(args: &[&str], expect: &str) {
     let out = advdmd(args);
@@ -377,7 +393,12 @@ fn bad_input_is_a_clean_error() {
         &["bench", "step", "--bf16-moments"],
         "the Shapes teacher only",
     );
-    fails_cleanly(&["bench", "kernels", "--device", "cuda"], "not built yet");
+    if advdmd::device::kernel::KernelDevice::gpu_if_available().is_none() {
+        fails_cleanly(
+            &["bench", "kernels", "--device", "cuda"],
+            "no usable CUDA GPU",
+        );
+    }
     fails_cleanly(
         &["bench", "mmdit", "--checkpoint-activations"],
         "only on the device path",

@@ -93,6 +93,8 @@ step sample-sd35m 90 "$BIN/advdmd" bench sample --device cuda --model sd3.5-medi
 step advdmd 90 "$BIN/advdmd-device-test" --test-threads=1 --nocapture
 step step-shapes 60 "$BIN/advdmd" bench step --device cuda --iters 3 --json
 step step-sd35m 150 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 2 --json
+# the memory plan's configuration (shared gradients, bf16 moments, checkpointing): ~72 GB + activations
+step step-sd35m-80g 150 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 2 --bf16-moments --checkpoint-activations --json
 PYTHONUNBUFFERED=1 step torch 120 python3 tools/bench_vs_torch.py --json "$OUT/torch.json"
 ADVDMD_BENCH_JSON="$OUT/bench.json" step bench 60 "$BIN/kernels-bench"
 ADVDMD_ATTN_BENCH_JSON="$OUT/attention.json" step attention 60 "$BIN/attention-bench"
@@ -123,5 +125,5 @@ with open(f"{out}/report.md", "w") as f:
         f.write(f"| {p['kernel']} | {p['shape']} | {p['max_rel_err']:.2e} |\n")
 print(open(f"{out}/report.md").read()[-6000:])
 PY
-for s in tests model mmdit-shapes mmdit-sd35m mmdit-sd35m-512 sample-sd35m advdmd step-shapes step-sd35m torch bench attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
+for s in tests model mmdit-shapes mmdit-sd35m mmdit-sd35m-512 sample-sd35m advdmd step-shapes step-sd35m step-sd35m-80g torch bench attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
 exit $status

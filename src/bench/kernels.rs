@@ -73,6 +73,9 @@ impl Cases {
 }
 
 pub fn run(a: &KernelsArgs) -> Result<Report> {
+    if let Some((dev, kind)) = super::kernel_device(a.common.device, "kernels")? {
+        return run_device(a, &dev, kind);
+    }
     let n = a.size;
     if n < MIN_SIZE {
         return Err(Error::Invalid(format!(
@@ -118,6 +121,57 @@ pub fn run(a: &KernelsArgs) -> Result<Report> {
     ));
     r.note("bytes: every input read once, every output written once; attention FLOPs: FlashAttention's count (backward 2.5× forward)");
     r.note("buffers that fit in the CPU's caches can beat the memcpy ceiling: use the default --size for memory-bound figures");
+    Ok(r)
+}
+
+/// `--device cuda|emu`: the CUDA kernels' GB/s at the production shapes (`kernels_device`,
+/// shared with `cargo bench --bench kernels`), each against the device copy measured first.
+fn run_device(
+    a: &KernelsArgs,
+    dev: &crate::device::kernel::KernelDevice,
+    kind: &'static str,
+) -> Result<Report> {
+    let rows = super::kernels_device::measure(dev)?;
+    let copy = rows.first().map_or(f64::NAN, |r| r.gbps());
+    let mut params = vec![];
+    params.extend(common_parameters(&a.common));
+    let mut r = Report::new("kernels", params);
+    r.kernel_device = Some((kind, dev.name()));
+    r.figure(
+        "copy_gbps",
+        "measured device copy ceiling",
+        Cell::num(copy, 1),
+        "GB/s",
+    );
+    let col = |key, header| Column { key, header };
+    r.table = Some(Table {
+        name: "kernels",
+        columns: vec![
+            col("kernel", "kernel"),
+            col("shape", "shape"),
+            col("ms", "ms"),
+            col("bytes", "bytes"),
+            col("gbps", "GB/s"),
+            col("ceiling_ratio", "of copy"),
+        ],
+        rows: rows
+            .iter()
+            .map(|k| {
+                vec![
+                    Cell::Text(k.kernel.clone()),
+                    Cell::Text(k.shape.clone()),
+                    Cell::num(k.ms, 4),
+                    Cell::Count(k.bytes as u64),
+                    Cell::num(k.gbps(), 1),
+                    Cell::num(k.gbps() / copy, 3),
+                ]
+            })
+            .collect(),
+    });
+    r.note("device time of a CUDA graph of launches over buffer sets larger than L2; bytes: every input read once, every output written once; the copy row is the ceiling");
+    if kind == "emu" {
+        r.note("emu: tiny sizes on the SIMT emulator, a functional check, not a speed figure");
+    }
     Ok(r)
 }
 

@@ -15,6 +15,7 @@
 
 pub mod flops;
 mod kernels;
+pub mod kernels_device;
 pub mod measure;
 mod mmdit;
 pub mod presets;
@@ -63,8 +64,8 @@ impl std::str::FromStr for BenchDevice {
 /// Flags every bench takes.
 #[derive(Clone, Debug, clap::Args)]
 pub struct CommonArgs {
-    /// cpu; cuda (`mmdit` and `sample` so far: the device model path, bf16); emu (the same path
-    /// on the CPU SIMT emulator: a functional check, not a speed figure).
+    /// cpu; cuda (the device path: the CUDA kernels, the bf16 model, the AdvDMD iteration); emu
+    /// (the same path on the CPU SIMT emulator: a functional check, not a speed figure).
     #[arg(long, default_value = "cpu")]
     pub device: BenchDevice,
     /// Timed repetitions, after one untimed warm-up run; figures are their median.
@@ -85,19 +86,7 @@ impl CommonArgs {
         }
         match self.device {
             BenchDevice::Cpu => Ok(()),
-            BenchDevice::Cuda | BenchDevice::Emu
-                if what == "mmdit" || what == "sample" || what == "step" =>
-            {
-                Ok(())
-            }
-            d if what == "kernels" => Err(Error::Invalid(format!(
-                "bench kernels --device {}: not built yet (issue 8); `cargo bench --bench kernels` times the CUDA kernels on a GPU",
-                d.name()
-            ))),
-            d => Err(Error::Invalid(format!(
-                "bench {what} --device {}: the GPU path of this bench is not built yet (issue 8; `bench mmdit` has it)",
-                d.name()
-            ))),
+            BenchDevice::Cuda | BenchDevice::Emu => Ok(()),
         }
     }
 }
@@ -208,7 +197,8 @@ impl ModelArgs {
 pub struct KernelsArgs {
     #[command(flatten)]
     pub common: CommonArgs,
-    /// f32 elements per buffer (the default, 2^24, is 64 MiB: far beyond any CPU cache).
+    /// f32 elements per buffer (the default, 2^24, is 64 MiB: far beyond any CPU cache); CPU
+    /// only: the device runs the production shapes.
     #[arg(long, default_value_t = 1 << 24)]
     pub size: usize,
 }

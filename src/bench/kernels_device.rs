@@ -1,0 +1,537 @@
+//! Memory bandwidth of every non-GEMM kernel family on a kernel device (issue 6 "Performance"):
+//! GB/s computed from the bytes each kernel must move — every input read once, every output
+//! written once — over the device time of a CUDA graph of launches, next to a device-to-device
+//! copy (the `copy_bytes` kernel) as the ceiling. Each case cycles through enough copies of its
+//! buffers that a copy is out of L2 (50 MB on an H100) before it is used again.
+//!
+//! On a GPU it runs the production shapes (adaLN at [4429 × 1536] bf16, ...); under the SIMT
+//! emulator the same code at tiny sizes (a functional check: those timings say nothing about
+//! speed). `advdmd bench kernels --device cuda|emu` and `cargo bench --bench kernels` both run it.
+
+use crate::device::kernel::{DevBuf, KernelArgs, KernelDevice, KernelResult, LaunchCfg};
+use crate::kernels::elementwise::{dev as ew, Activation};
+use crate::kernels::{disc_head, optim, qknorm, sde};
+use crate::Rng;
+use bytemuck::Pod;
+use half::bf16;
+
+/// Bytes of buffers a case cycles through, at least: three times the H100's L2.
+const ROTATE_BYTES: usize = 150 << 20;
+
+struct Bench {
+    dev: KernelDevice,
+    gpu: bool,
+    /// Normal samples tiled into every input (generating hundreds of millions would take the
+    /// bench's time budget; values only need to be ordinary numbers).
+    pool: Vec<f32>,
+    next: usize,
+    rows: Vec<KernelRow>,
+}
+
+/// One kernel's figure: bytes it must move per call and device milliseconds per call.
+#[derive(Clone, Debug)]
+pub struct KernelRow {
+    pub kernel: String,
+    pub shape: String,
+    pub bytes: usize,
+    pub ms: f64,
+}
+
+impl KernelRow {
+    pub fn gbps(&self) -> f64 {
+        self.bytes as f64 / (self.ms * 1e6)
+    }
+}
+
+impl Bench {
+    /// `gpu` on a GPU, `emu` under the emulator.
+    fn size(&self, gpu: usize, emu: usize) -> usize {
+        if self.gpu {
+            gpu
+        } else {
+            emu
+        }
+    }
+
+    /// How many copies of a case's buffers (`bytes` per call) to cycle through.
+    fn sets(&self, bytes: usize) -> usize {
+        if self.gpu {
+            ROTATE_BYTES.div_ceil(bytes.max(1)).clamp(2, 64)
+        } else {
+            1
+        }
+    }
+
+    fn upload_randn<T: Pod>(
+        &mut self,
+        n: usize,
+        conv: impl Fn(f32) -> T,
+    ) -> KernelResult<DevBuf<T>> {
+        let start = self.next;
+        self.next += 7919;
+        let len = self.pool.len();
+        let host: Vec<T> = (0..n).map(|i| conv(self.pool[(start + i) % len])).collect();
+        self.dev.upload(&host)
+    }
+    fn bf(&mut self, n: usize) -> KernelResult<DevBuf<bf16>> {
+        self.upload_randn(n, bf16::from_f32)
+    }
+    fn f(&mut self, n: usize) -> KernelResult<DevBuf<f32>> {
+        self.upload_randn(n, |v| v)
+    }
+
+    /// Times `launch(set)` over the rotating sets: a few untimed calls, then `reps` calls
+    /// between two events; records ms per call.
+    fn time(
+        &mut self,
+        kernel: &str,
+        shape: &str,
+        bytes: usize,
+        sets: usize,
+        mut launch: impl FnMut(usize) -> KernelResult<()>,
+    ) -> KernelResult<()> {
+        let (warm, reps) = if self.gpu { (3, 30) } else { (1, 2) };
+        for i in 0..warm {
+            launch(i % sets)?;
+        }
+        self.dev.synchronize()?;
+        // One graph of `reps` launches: device time without host launch gaps, which for the
+        // 10 µs kernels here would otherwise set the measured rate.
+        let ms = self.dev.time_graph_ms(|| {
+            for i in 0..reps {
+                launch(i % sets)?;
+            }
+            Ok(())
+        })? as f64
+            / reps as f64;
+        self.rows.push(KernelRow {
+            kernel: kernel.into(),
+            shape: shape.into(),
+            bytes,
+            ms,
+        });
+        Ok(())
+    }
+}
+
+fn copy_baseline(b: &mut Bench) -> KernelResult<()> {
+    let n = b.size(256 << 20, 1 << 16);
+    let sets = b.sets(2 * n);
+    let bufs: Vec<(DevBuf<u8>, DevBuf<u8>)> = (0..sets)
+        .map(|_| -> KernelResult<_> { Ok((b.dev.zeros::<u8>(n)?, b.dev.zeros::<u8>(n)?)) })
+        .collect::<KernelResult<Vec<_>>>()?;
+    let dev = b.dev.clone();
+    b.time("copy_bytes", &format!("{n} B"), 2 * n, sets, |i| {
+        ew::copy(&dev, &bufs[i].1, &bufs[i].0)
+    })?;
+    Ok(())
+}
+
+/// adaLN forward and the gated residual at the MMDiT's [tokens × hidden], into preallocated
+/// outputs: the allocating launchers would put host-side allocation work between kernels this
+/// short (~10 µs).
+fn adaln(b: &mut Bench) -> KernelResult<()> {
+    let (l, d) = (b.size(4429, 33), b.size(1536, 64));
+    let rows = l;
+    let per_call = 2 * rows * d * 2 + 2 * d * 2 + 2 * rows * 4;
+    let sets = b.sets(per_call);
+    struct Set {
+        x: DevBuf<bf16>,
+        y: DevBuf<bf16>,
+        mean: DevBuf<f32>,
+        rstd: DevBuf<f32>,
+        shift: DevBuf<bf16>,
+        scale: DevBuf<bf16>,
+        out: DevBuf<bf16>,
+        gate: DevBuf<bf16>,
+    }
+    let s: Vec<Set> = (0..sets)
+        .map(|_| -> KernelResult<_> {
+            Ok(Set {
+                x: b.bf(rows * d)?,
+                y: b.bf(rows * d)?,
+                mean: b.dev.zeros(rows)?,
+                rstd: b.dev.zeros(rows)?,
+                shift: b.bf(d)?,
+                scale: b.bf(d)?,
+                out: b.bf(rows * d)?,
+                gate: b.bf(d)?,
+            })
+        })
+        .collect::<KernelResult<Vec<_>>>()?;
+    let dev = b.dev.clone();
+    let shape = format!("{rows}x{d} bf16");
+    b.time("adaln_modulate_fwd", &shape, per_call, sets, |i| {
+        let t = &s[i];
+        crate::kernels::adaln::dev::adaln_modulate_fwd_into(
+            &dev,
+            &t.y,
+            &t.mean,
+            &t.rstd,
+            &t.x,
+            &t.shift,
+            &t.scale,
+            (1, l, d),
+            1e-6,
+        )
+    })?;
+    let bytes = 3 * rows * d * 2 + d * 2;
+    b.time("gated_residual_fwd", &shape, bytes, sets, |i| {
+        let t = &s[i];
+        dev.launch(
+            "gated_residual_fwd",
+            LaunchCfg::linear((rows * d).div_ceil(8).div_ceil(256) as u32, 256),
+            KernelArgs::new()
+                .buf(&t.out)
+                .buf(&t.x)
+                .buf(&t.gate)
+                .buf(&t.y)
+                .i64(rows as i64)
+                .i32(l as i32)
+                .i32(d as i32),
+        )
+    })?;
+    // The backward through its public launcher (allocates its outputs and partials).
+    let bytes = 3 * rows * d * 2 + rows * 8 + d * 2 + 2 * d * 4;
+    b.time("adaln_modulate_bwd (3 kernels)", &shape, bytes, sets, |i| {
+        let t = &s[i];
+        crate::kernels::adaln::dev::adaln_modulate_bwd(
+            &dev,
+            &t.x,
+            &t.scale,
+            &t.mean,
+            &t.rstd,
+            &t.y,
+            (1, l, d),
+        )
+        .map(|_| ())
+    })?;
+    Ok(())
+}
+
+/// QK RMSNorm over SD3-medium's heads: [tokens·heads, 64].
+fn qk(b: &mut Bench) -> KernelResult<()> {
+    let (rows, d) = (b.size(4429 * 24, 300), 64);
+    let per_call = 2 * rows * d * 2 + rows * 4 + d * 2;
+    let sets = b.sets(per_call);
+    let s: Vec<_> = (0..sets)
+        .map(|_| -> KernelResult<_> {
+            Ok({
+                (
+                    b.bf(rows * d)?,
+                    b.bf(rows * d)?,
+                    b.dev.zeros::<f32>(rows)?,
+                    b.bf(d)?,
+                    b.bf(rows * d)?,
+                    b.dev.zeros::<f32>(d)?,
+                )
+            })
+        })
+        .collect::<KernelResult<Vec<_>>>()?;
+    let dev = b.dev.clone();
+    let shape = format!("{rows}x{d} bf16");
+    b.time("rms_norm_fwd", &shape, per_call, sets, |i| {
+        let (x, y, rstd, w, _, _) = &s[i];
+        qknorm::dev::rms_norm_fwd_into(&dev, y, rstd, x, w, (rows, d), 1e-6)
+    })?;
+    let bytes = 3 * rows * d * 2 + rows * 4 + d * 2 + d * 4;
+    b.time("rms_norm_bwd (+sum_splits)", &shape, bytes, sets, |i| {
+        let (x, dx, rstd, w, dy, dw) = &s[i];
+        qknorm::dev::rms_norm_bwd_into(
+            &dev,
+            dx,
+            dw,
+            x,
+            w,
+            rstd,
+            dy,
+            (rows, d),
+            qknorm::dev::MAX_PARTS,
+        )
+    })?;
+    Ok(())
+}
+
+/// GELU and SiLU over an MLP hidden activation [tokens × 4·hidden]; the casts over 32 Mi values.
+fn elementwise(b: &mut Bench) -> KernelResult<()> {
+    let n = b.size(4429 * 6144, 4099);
+    let sets = b.sets(3 * n * 2);
+    let s: Vec<_> = (0..sets)
+        .map(|_| -> KernelResult<_> { Ok((b.bf(n)?, b.bf(n)?, b.bf(n)?)) })
+        .collect::<KernelResult<Vec<_>>>()?;
+    let dev = b.dev.clone();
+    let shape = format!("{n} bf16");
+    for (act, name) in [
+        (Activation::GeluTanh, "gelu_tanh"),
+        (Activation::Silu, "silu"),
+    ] {
+        b.time(&format!("{name}_fwd"), &shape, 2 * n * 2, sets, |i| {
+            ew::activation_fwd_into(&dev, &s[i].1, &s[i].0, act)
+        })?;
+        b.time(&format!("{name}_bwd"), &shape, 3 * n * 2, sets, |i| {
+            ew::activation_bwd_into(&dev, &s[i].2, &s[i].0, &s[i].1, act)
+        })?;
+    }
+    drop(s);
+    let n = b.size(32 << 20, 4099);
+    let sets = b.sets(n * 6);
+    let s: Vec<_> = (0..sets)
+        .map(|_| -> KernelResult<_> { Ok((b.f(n)?, b.bf(n)?)) })
+        .collect::<KernelResult<Vec<_>>>()?;
+    let shape = format!("{n}");
+    b.time("cast_f32_to_bf16", &shape, n * 6, sets, |i| {
+        ew::cast_f32_to_bf16_into(&dev, &s[i].1, &s[i].0)
+    })?;
+    b.time("cast_bf16_to_f32", &shape, n * 6, sets, |i| {
+        ew::cast_bf16_to_f32_into(&dev, &s[i].0, &s[i].1)
+    })?;
+    Ok(())
+}
+
+/// The SDE step, the DMD gradient and flow noising over SD3 1024² latents: [8, 16·128·128] f32.
+fn sde_kernels(b: &mut Bench) -> KernelResult<()> {
+    let (bs, d) = (b.size(8, 2), b.size(16 * 128 * 128, 5000));
+    let n = bs * d;
+    let sets = b.sets(7 * n * 4);
+    let s: Vec<Vec<DevBuf<f32>>> = (0..sets)
+        .map(|_| (0..7).map(|_| b.f(n)).collect::<KernelResult<Vec<_>>>())
+        .collect::<KernelResult<Vec<_>>>()?;
+    let sig = b.dev.upload(&vec![0.9f32; bs])?;
+    let sig_next = b.dev.upload(&vec![0.75f32; bs])?;
+    let lp = b.dev.zeros::<f64>(bs)?;
+    let dev = b.dev.clone();
+    let shape = format!("{bs}x{d} f32");
+    // Reads x, v, z; writes x', x̂0, μ, ∂ℓ/∂v̂ (the log-prob itself is B values).
+    b.time("sde_rho_step (+finalize)", &shape, 7 * n * 4, sets, |i| {
+        let t = &s[i];
+        let out = sde::dev::RhoStepOutputs {
+            next: Some(&t[3]),
+            x0: Some(&t[4]),
+            mean: Some(&t[5]),
+            grad_v: Some(&t[6]),
+            log_prob: &lp,
+        };
+        sde::dev::rho_step_into(
+            &dev,
+            &out,
+            &t[0],
+            &t[1],
+            sde::dev::NextState::Sample(&t[2]),
+            &sig,
+            &sig_next,
+            0.9877,
+            (bs, d),
+        )
+    })?;
+    // Must move: x, x̂0_real, x̂0_fake in, g out (the kernel pair reads x̂0_real twice).
+    b.time("dmd_gradient (2 kernels)", &shape, 4 * n * 4, sets, |i| {
+        let t = &s[i];
+        sde::dev::dmd_gradient_into(&dev, &t[3], &t[0], &t[1], &t[2], (bs, d), 1.0)
+    })?;
+    b.time("flow_noise", &shape, 4 * n * 4, sets, |i| {
+        let t = &s[i];
+        sde::dev::flow_noise_into(&dev, &t[3], Some(&t[4]), &t[0], &t[1], &sig, (bs, d))
+    })?;
+    Ok(())
+}
+
+/// The discriminator head's GroupNorm(32) + LeakyReLU and mean pool (ALGORITHM.md §2,
+/// src/train/disc_head.rs) for SD3.5-medium at 1024px, batch 2: latents 128×128 → 64×64 image
+/// tokens of D = 1536 → Conv 4×4 s2 (D → 768) → GroupNorm/LeakyReLU on [2, 768, 32·32] bf16
+/// (3.1 MB) → Conv 1×1 (768 → 1) → mean pool of [2, 1, 32·32]. Also [4, 768, 32·32], the shape of
+/// the earlier table, for comparison. At these sizes a launch is a few µs against ~1.5 µs of
+/// copying: the rates below are bounded by launch latency, not bandwidth.
+fn head(b: &mut Bench) -> KernelResult<()> {
+    let (c, sp, g) = (b.size(768, 64), b.size(1024, 37), 32);
+    for bs in [b.size(2, 2), b.size(4, 3)] {
+        head_case(b, bs, c, sp, g, bs == b.size(2, 2))?;
+    }
+    Ok(())
+}
+
+fn head_case(
+    b: &mut Bench,
+    bs: usize,
+    c: usize,
+    sp: usize,
+    g: usize,
+    pool_realistic: bool,
+) -> KernelResult<()> {
+    let n = bs * c * sp;
+    let sets = b.sets(3 * n * 2);
+    let s: Vec<_> = (0..sets)
+        .map(|_| -> KernelResult<_> {
+            Ok({
+                (
+                    b.bf(n)?,
+                    b.bf(n)?,
+                    b.bf(n)?,
+                    b.dev.zeros::<f32>(bs * g)?,
+                    b.dev.zeros::<f32>(bs * g)?,
+                )
+            })
+        })
+        .collect::<KernelResult<Vec<_>>>()?;
+    let (w, bias) = (b.bf(c)?, b.bf(c)?);
+    let dev = b.dev.clone();
+    let shape = format!("{bs}x{c}x{sp} bf16");
+    b.time("group_norm_fwd+leaky", &shape, 2 * n * 2, sets, |i| {
+        let (x, y, _, mean, rstd) = &s[i];
+        disc_head::dev::group_norm_fwd_into(
+            &dev,
+            (y, mean, rstd),
+            x,
+            &w,
+            &bias,
+            (bs, c, sp),
+            g,
+            1e-5,
+            Some(0.2),
+        )
+    })?;
+    // The backward through its public launcher (allocates its outputs and partials; one memset
+    // of the last-block counter and one kernel).
+    b.time(
+        "group_norm_bwd+leaky (+memset)",
+        &shape,
+        3 * n * 2,
+        sets,
+        |i| {
+            let (x, _, dy, mean, rstd) = &s[i];
+            disc_head::dev::group_norm_bwd(
+                &dev,
+                x,
+                mean,
+                rstd,
+                &w,
+                &bias,
+                dy,
+                (bs, c, sp),
+                g,
+                Some(0.2),
+            )
+            .map(|_| ())
+        },
+    )?;
+    // The head pools the 1-channel output of its Conv 1×1: [B, 1, S] (the first case); the
+    // [B, C, S] pool of the second case only tracks the kernels' bandwidth at a larger size.
+    let rows = if pool_realistic { bs } else { bs * c };
+    let pn = rows * sp;
+    let psets = b.sets(2 * pn * 2);
+    let p: Vec<_> = (0..psets)
+        .map(|_| -> KernelResult<_> { Ok((b.bf(pn)?, b.bf(pn)?, b.f(rows)?)) })
+        .collect::<KernelResult<Vec<_>>>()?;
+    let pshape = format!("{bs}x{}x{sp} bf16", rows / bs);
+    b.time("mean_pool_fwd", &pshape, pn * 2 + rows * 4, psets, |i| {
+        disc_head::dev::mean_pool_fwd_into(&dev, &p[i].2, &p[i].0, (rows, sp))
+    })?;
+    b.time("mean_pool_bwd", &pshape, pn * 2 + rows * 4, psets, |i| {
+        disc_head::dev::mean_pool_bwd_into(&dev, &p[i].1, &p[i].2, (rows, sp))
+    })?;
+    Ok(())
+}
+
+/// The fused AdamW over 16 Mi f32 masters (with the bf16 copy, with and without the EMA) and the
+/// gradient norm over 64 Mi values.
+fn optimiser(b: &mut Bench) -> KernelResult<()> {
+    let n = b.size(16 << 20, 4103);
+    let sets = b.sets(n * 38);
+    // w, m, g, ema random; v zeros (so sqrt(v) stays a number).
+    let s: Vec<Vec<DevBuf<f32>>> = (0..sets)
+        .map(|_| (0..4).map(|_| b.f(n)).collect::<KernelResult<Vec<_>>>())
+        .collect::<KernelResult<Vec<_>>>()?;
+    let vz: Vec<DevBuf<f32>> = (0..sets)
+        .map(|_| b.dev.zeros::<f32>(n))
+        .collect::<KernelResult<Vec<_>>>()?;
+    let wb: Vec<DevBuf<bf16>> = (0..sets)
+        .map(|_| b.dev.zeros::<bf16>(n))
+        .collect::<KernelResult<Vec<_>>>()?;
+    let clip = b.dev.upload(&[1.0f32, 1.0])?;
+    let dev = b.dev.clone();
+    let h = optim::AdamWStep {
+        lr: 1e-4,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        step: 10,
+    };
+    let shape = format!("{n} f32");
+    for with_ema in [true, false] {
+        // Reads w, m, v, g (+ema); writes w, m, v (+ema) and the bf16 copy.
+        let bytes = n * (4 * 4 + 3 * 4 + 2) + if with_ema { n * 8 } else { 0 };
+        let name = if with_ema {
+            "adamw_step (+bf16 +ema)"
+        } else {
+            "adamw_step (+bf16)"
+        };
+        b.time(name, &shape, bytes, sets, |i| {
+            let t = &s[i];
+            let bufs = optim::dev::FlatAdamW {
+                w: &t[0],
+                w_bf16: Some(&wb[i]),
+                m: &t[1],
+                v: &vz[i],
+                g: &t[2],
+                ema: with_ema.then_some((&t[3], 0.999)),
+                n_decay: n / 2,
+            };
+            optim::dev::adamw_step(&dev, &bufs, Some(&clip), &h)
+        })?;
+    }
+    // The same step with bf16 moments (m random, v zero), stochastically rounded: reads w, m, v,
+    // g; writes w, m, v and the bf16 copy.
+    let m16: Vec<(DevBuf<bf16>, DevBuf<bf16>)> = (0..sets)
+        .map(|_| -> KernelResult<_> { Ok((b.bf(n)?, b.dev.zeros::<bf16>(n)?)) })
+        .collect::<KernelResult<Vec<_>>>()?;
+    let bytes = n * (4 + 2 + 2 + 4) + n * (4 + 2 + 2 + 2);
+    b.time("adamw_step_bf16m (+bf16)", &shape, bytes, sets, |i| {
+        let t = &s[i];
+        let bufs = optim::dev::FlatAdamW {
+            w: &t[0],
+            w_bf16: Some(&wb[i]),
+            m: &m16[i].0,
+            v: &m16[i].1,
+            g: &t[2],
+            ema: None,
+            n_decay: n / 2,
+        };
+        optim::dev::adamw_step_bf16_moments(&dev, &bufs, Some(&clip), &h, i as u32)
+    })?;
+    drop((s, m16));
+    let n = b.size(64 << 20, 70_001);
+    let sets = b.sets(n * 4);
+    let g: Vec<DevBuf<f32>> = (0..sets)
+        .map(|_| b.f(n))
+        .collect::<KernelResult<Vec<_>>>()?;
+    let out = b.dev.zeros::<f32>(2)?;
+    b.time(
+        "grad_norm_clip (2 kernels)",
+        &format!("{n} f32"),
+        n * 4,
+        sets,
+        |i| optim::dev::grad_norm_clip_into(&dev, &out, &g[i], 1.0),
+    )?;
+    Ok(())
+}
+
+/// Every case on `dev`: the copy ceiling first, then each kernel family.
+pub fn measure(dev: &KernelDevice) -> KernelResult<Vec<KernelRow>> {
+    let gpu = !dev.is_emulator();
+    let mut rng = Rng::new(1);
+    let mut b = Bench {
+        dev: dev.clone(),
+        gpu,
+        pool: (0..1 << 20).map(|_| rng.normal()).collect(),
+        next: 0,
+        rows: Vec::new(),
+    };
+    copy_baseline(&mut b)?;
+    adaln(&mut b)?;
+    qk(&mut b)?;
+    elementwise(&mut b)?;
+    sde_kernels(&mut b)?;
+    head(&mut b)?;
+    optimiser(&mut b)?;
+    Ok(b.rows)
+}
