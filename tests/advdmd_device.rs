@@ -13,18 +13,8 @@ use advdmd::train::advdmd::{AdvDmd, AdvDmdConfig, IterMetrics};
 use advdmd::train::advdmd_device::{shapes_batch, DeviceAdvDmd, DeviceRunOptions};
 use advdmd::Tensor;
 
-/// The emulator, plus the GPU when one is usable; with a GPU and
-/// `ADVDMD_KERNEL_TESTS_GPU_ONLY=1` (tools/gpu-check.sh) the GPU alone.
 fn devices() -> Vec<KernelDevice> {
-    let gpu_only = std::env::var("ADVDMD_KERNEL_TESTS_GPU_ONLY").is_ok_and(|v| v == "1");
-    match KernelDevice::gpu_if_available() {
-        Some(g) if gpu_only => vec![g],
-        Some(g) => vec![KernelDevice::emulator(), g],
-        None => {
-            eprintln!("advdmd_device: no usable GPU here; GPU checks skipped (emulator only)");
-            vec![KernelDevice::emulator()]
-        }
-    }
+    common::kernel_devices("advdmd_device")
 }
 
 fn config() -> AdvDmdConfig {

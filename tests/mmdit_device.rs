@@ -68,18 +68,8 @@ fn round_bf16(t: &Tensor) -> Tensor {
     Tensor::from_vec(v, t.shape())
 }
 
-/// The emulator, plus the GPU when one is usable; with a GPU and
-/// `ADVDMD_KERNEL_TESTS_GPU_ONLY=1` (tools/gpu-check.sh) the GPU alone.
 fn devices() -> Vec<KernelDevice> {
-    let gpu_only = std::env::var("ADVDMD_KERNEL_TESTS_GPU_ONLY").is_ok_and(|v| v == "1");
-    match KernelDevice::gpu_if_available() {
-        Some(g) if gpu_only => vec![g],
-        Some(g) => vec![KernelDevice::emulator(), g],
-        None => {
-            eprintln!("mmdit_device: no usable GPU here; GPU checks skipped (emulator only)");
-            vec![KernelDevice::emulator()]
-        }
-    }
+    common::kernel_devices("mmdit_device")
 }
 
 fn to_bf16(t: &Tensor) -> Vec<bf16> {

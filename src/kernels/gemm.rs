@@ -302,32 +302,43 @@ pub mod dev {
         c: &DevBuf<f32>,
         bias_out: Option<&DevBuf<f32>>,
     ) -> KernelResult<()> {
-        let GemmSpec { m, n, k, .. } = spec;
+        let (m, n) = (spec.m, spec.n);
         let (av, bv) = (to_f32(dev, a)?, to_f32(dev, b)?);
-        let am = if spec.trans_a {
-            MatRef::rows_t(&av, m)
-        } else {
-            MatRef::rows(&av, k)
-        };
-        let bm = if spec.trans_b {
-            MatRef::rows_t(&bv, k)
-        } else {
-            MatRef::rows(&bv, n)
-        };
         let mut out = dev.download(c)?;
-        sgemm(m, n, k, 1.0, am, bm, &mut out[..m * n], n, true, true);
+        cpu_product(spec, &av, &bv, &mut out[..m * n], true);
         dev.copy_to_device(&out, c)?;
         if let Some(g) = bias_out {
-            let sums: Vec<f32> = (0..m)
-                .map(|i| {
-                    (0..k)
-                        .map(|j| av[if spec.trans_a { j * m + i } else { i * k + j }])
-                        .sum()
-                })
-                .collect();
-            dev.copy_to_device(&sums, g)?;
+            dev.copy_to_device(&row_sums_of_a(spec, &av), g)?;
         }
         Ok(())
+    }
+
+    /// `out (+)= op(a)·op(b)` in f32 on the host.
+    fn cpu_product(spec: GemmSpec, av: &[f32], bv: &[f32], out: &mut [f32], accumulate: bool) {
+        let GemmSpec { m, n, k, .. } = spec;
+        let am = if spec.trans_a {
+            MatRef::rows_t(av, m)
+        } else {
+            MatRef::rows(av, k)
+        };
+        let bm = if spec.trans_b {
+            MatRef::rows_t(bv, k)
+        } else {
+            MatRef::rows(bv, n)
+        };
+        sgemm(m, n, k, 1.0, am, bm, out, n, accumulate, true);
+    }
+
+    /// BGRADB's bias gradient: `Σ_k op(A)[i, k]` for each of the M rows.
+    fn row_sums_of_a(spec: GemmSpec, av: &[f32]) -> Vec<f32> {
+        let GemmSpec { m, k, .. } = spec;
+        (0..m)
+            .map(|i| {
+                (0..k)
+                    .map(|j| av[if spec.trans_a { j * m + i } else { i * k + j }])
+                    .sum()
+            })
+            .collect()
     }
 
     fn to_f32(dev: &KernelDevice, b: &DevBuf<bf16>) -> KernelResult<Vec<f32>> {
@@ -351,20 +362,10 @@ pub mod dev {
         c: &DevBuf<bf16>,
         ep: &EpilogueBufs,
     ) -> KernelResult<()> {
-        let GemmSpec { m, n, k, .. } = spec;
+        let GemmSpec { m, n, .. } = spec;
         let (av, bv) = (to_f32(dev, a)?, to_f32(dev, b)?);
-        let am = if spec.trans_a {
-            MatRef::rows_t(&av, m)
-        } else {
-            MatRef::rows(&av, k)
-        };
-        let bm = if spec.trans_b {
-            MatRef::rows_t(&bv, k)
-        } else {
-            MatRef::rows(&bv, n)
-        };
         let mut out = vec![0f32; m * n];
-        sgemm(m, n, k, 1.0, am, bm, &mut out, n, false, true);
+        cpu_product(spec, &av, &bv, &mut out, false);
         let bias = match ep.bias {
             Some(bb)
                 if matches!(
@@ -406,14 +407,11 @@ pub mod dev {
                 store(dev, ep.bias_grad.expect("checked"), &grad)?;
             }
             EpilogueKind::BgradB => {
-                let grad: Vec<f32> = (0..m)
-                    .map(|i| {
-                        (0..k)
-                            .map(|j| av[if spec.trans_a { j * m + i } else { i * k + j }])
-                            .sum()
-                    })
-                    .collect();
-                store(dev, ep.bias_grad.expect("checked"), &grad)?;
+                store(
+                    dev,
+                    ep.bias_grad.expect("checked"),
+                    &row_sums_of_a(spec, &av),
+                )?;
             }
         }
         store(dev, c, &out)

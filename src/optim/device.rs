@@ -135,30 +135,15 @@ impl DeviceAdamW {
             weight_decay: c.weight_decay,
             step: self.step,
         };
+        let n_decay = p.n_decay.min(n);
         match &self.moments {
             Moments::F32(m, v) => {
-                let flat = FlatAdamW {
-                    w: &w,
-                    w_bf16: Some(&wb),
-                    m,
-                    v,
-                    g: &g,
-                    ema,
-                    n_decay: p.n_decay.min(n),
-                };
+                let flat = flat_step(&w, &wb, &g, (m, v), ema, n_decay);
                 adamw_step(dev, &flat, Some(&self.clip), &h)
             }
             Moments::Bf16(m, v, salt) => {
-                let flat = FlatAdamW {
-                    w: &w,
-                    w_bf16: Some(&wb),
-                    m,
-                    v,
-                    g: &g,
-                    ema,
-                    n_decay: p.n_decay.min(n),
-                };
                 let seed = salt ^ (self.step as u32).wrapping_mul(0x9E37_79B9);
+                let flat = flat_step(&w, &wb, &g, (m, v), ema, n_decay);
                 adamw_step_bf16_moments(dev, &flat, Some(&self.clip), &h, seed)
             }
         }
@@ -167,5 +152,25 @@ impl DeviceAdamW {
     /// The last step's gradient norm before clipping (reads it back: a synchronisation).
     pub fn last_grad_norm(&self, dev: &KernelDevice) -> KernelResult<f32> {
         Ok(dev.download(&self.clip)?[0])
+    }
+}
+
+/// The buffers of one fused step with moments of type `M`.
+fn flat_step<'a, M>(
+    w: &'a DevBuf<f32>,
+    w_bf16: &'a DevBuf<bf16>,
+    g: &'a DevBuf<f32>,
+    (m, v): (&'a DevBuf<M>, &'a DevBuf<M>),
+    ema: Option<(&'a DevBuf<f32>, f32)>,
+    n_decay: usize,
+) -> FlatAdamW<'a, M> {
+    FlatAdamW {
+        w,
+        w_bf16: Some(w_bf16),
+        m,
+        v,
+        g,
+        ema,
+        n_decay,
     }
 }

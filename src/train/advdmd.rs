@@ -135,6 +135,18 @@ pub struct AdvDmd {
 }
 
 impl AdvDmdConfig {
+    /// `(generator step, RL term)` of the iteration after `iteration` iterations and
+    /// `generator_steps` generator updates: the generator updates every `r_dmd` iterations, and
+    /// after the RL warm-up every `r_rl`-th of those carries the RL term, which needs a stochastic
+    /// transition (K ≥ 2, ρ > 0).
+    pub fn step_kind(&self, iteration: u64, generator_steps: u64) -> (bool, bool) {
+        let generator = iteration % self.r_dmd.max(1) == 0;
+        let rl_due =
+            self.rl && generator_steps >= self.rl_warmup && generator_steps % self.r_rl.max(1) == 0;
+        let rl = generator && rl_due && self.steps_per_sample >= 2 && self.rho > 0.0;
+        (generator, rl)
+    }
+
     /// The configuration without the late switches a fork may change (see [`AdvDmd::fork`]).
     pub fn core(&self) -> AdvDmdConfig {
         let d = AdvDmdConfig::default();
@@ -226,11 +238,6 @@ impl AdvDmd {
         crate::optim::lr_at(self.iteration, peak, self.config.lr_warmup, 0, 1.0)
     }
 
-    fn rl_due(&self) -> bool {
-        let c = &self.config;
-        c.rl && self.generator_steps >= c.rl_warmup && self.generator_steps % c.r_rl.max(1) == 0
-    }
-
     /// One iteration.
     pub fn step(&mut self) -> Result<IterMetrics> {
         let c = self.config.clone();
@@ -238,7 +245,6 @@ impl AdvDmd {
             self.freeze_disc();
         }
         let sig = self.sigmas();
-        let k = c.steps_per_sample;
         let (m, g) = (c.prompts, c.group);
         let n = m * g;
         let (real_prompts, real) = sample_batch(m, &mut self.rng);
@@ -253,8 +259,7 @@ impl AdvDmd {
             iteration: self.iteration + 1,
             ..Default::default()
         };
-        let generator_step = self.iteration % c.r_dmd.max(1) == 0;
-        let rl_step = generator_step && self.rl_due() && k >= 2 && c.rho > 0.0;
+        let (generator_step, rl_step) = c.step_kind(self.iteration, self.generator_steps);
 
         // Rewards with the discriminator as it is now, before it learns from this rollout.
         let rewards = if rl_step {

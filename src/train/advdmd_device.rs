@@ -280,11 +280,6 @@ impl DeviceAdvDmd {
         crate::optim::lr_at(self.iteration, peak, self.config.lr_warmup, 0, 1.0)
     }
 
-    fn rl_due(&self) -> bool {
-        let c = &self.config;
-        c.rl && self.generator_steps >= c.rl_warmup && self.generator_steps % c.r_rl.max(1) == 0
-    }
-
     /// One iteration on `batch` (M real samples, N = M·G generated).
     pub fn step(&mut self, batch: &IterBatch) -> Result<IterMetrics> {
         let c = self.config.clone();
@@ -331,8 +326,7 @@ impl DeviceAdvDmd {
             iteration: self.iteration + 1,
             ..Default::default()
         };
-        let generator_step = self.iteration % c.r_dmd.max(1) == 0;
-        let rl_step = generator_step && self.rl_due() && k >= 2 && c.rho > 0.0;
+        let (generator_step, rl_step) = c.step_kind(self.iteration, self.generator_steps);
         // rewards with the discriminator as it is now, before it learns from this rollout
         let rewards = if rl_step {
             Some(self.rewards(&roll, &batch.cond, &sig, &shape)?)

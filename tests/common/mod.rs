@@ -206,3 +206,19 @@ pub fn fixture_dirs() -> Vec<PathBuf> {
     assert!(!dirs.is_empty(), "no fixtures in {}", root.display());
     dirs
 }
+
+/// The devices the device-path tests run on: the emulator, plus the GPU when one is usable;
+/// with a GPU and `ADVDMD_KERNEL_TESTS_GPU_ONLY=1` (tools/gpu-check.sh) the GPU alone. `what`
+/// names the test file in the message printed when there is no GPU.
+pub fn kernel_devices(what: &str) -> Vec<advdmd::device::kernel::KernelDevice> {
+    use advdmd::device::kernel::KernelDevice;
+    let gpu_only = std::env::var("ADVDMD_KERNEL_TESTS_GPU_ONLY").is_ok_and(|v| v == "1");
+    match KernelDevice::gpu_if_available() {
+        Some(g) if gpu_only => vec![g],
+        Some(g) => vec![KernelDevice::emulator(), g],
+        None => {
+            eprintln!("{what}: no usable GPU here; GPU checks skipped (emulator only)");
+            vec![KernelDevice::emulator()]
+        }
+    }
+}
