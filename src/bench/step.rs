@@ -92,17 +92,7 @@ pub fn run(a: &StepArgs, teacher: &Path) -> Result<Report> {
         ));
     }
     let mut trainer = AdvDmd::new(ShapesModel::load(teacher)?, config);
-    if trainer.config.r_dmd <= 1 {
-        return Err(Error::Invalid(
-            "bench step: r_dmd = 1 leaves no critic-only iterations to time".into(),
-        ));
-    }
-    // The RL term needs a stochastic transition: K ≥ 2 and ρ > 0 (AdvDmd::step).
-    let rl_possible = trainer.config.steps_per_sample >= 2 && trainer.config.rho > 0.0;
-    let kinds: Vec<Kind> = [Kind::Critic, Kind::Generator, Kind::GeneratorRl]
-        .into_iter()
-        .filter(|&k| k != Kind::GeneratorRl || rl_possible)
-        .collect();
+    let (kinds, rl_possible) = kinds_to_time(&trainer.config)?;
 
     let memory = PeakRss::start();
     let mut timings = Vec::new();
@@ -181,6 +171,24 @@ pub fn run(a: &StepArgs, teacher: &Path) -> Result<Report> {
         memory.method()
     ));
     Ok(r)
+}
+
+/// The iteration kinds a configuration has, and whether the RL term is among them (it needs a
+/// stochastic transition: K ≥ 2 and ρ > 0); an error when no critic-only iteration exists.
+fn kinds_to_time(c: &AdvDmdConfig) -> Result<(Vec<Kind>, bool)> {
+    if c.r_dmd <= 1 {
+        return Err(Error::Invalid(
+            "bench step: r_dmd = 1 leaves no critic-only iterations to time".into(),
+        ));
+    }
+    let rl_possible = c
+        .step_kind(0, c.rl_warmup.next_multiple_of(c.r_rl.max(1)))
+        .1;
+    let kinds = [Kind::Critic, Kind::Generator, Kind::GeneratorRl]
+        .into_iter()
+        .filter(|&k| k != Kind::GeneratorRl || rl_possible)
+        .collect();
+    Ok((kinds, rl_possible))
 }
 
 /// A warm-up then `iters` timed iterations of one kind, each checked to be of that kind.
@@ -288,16 +296,7 @@ mod device {
             };
             (run, batch, Some(spec))
         };
-        if run.config.r_dmd <= 1 {
-            return Err(Error::Invalid(
-                "bench step: r_dmd = 1 leaves no critic-only iterations to time".into(),
-            ));
-        }
-        let rl_possible = run.config.steps_per_sample >= 2 && run.config.rho > 0.0;
-        let kinds: Vec<Kind> = [Kind::Critic, Kind::Generator, Kind::GeneratorRl]
-            .into_iter()
-            .filter(|&k| k != Kind::GeneratorRl || rl_possible)
-            .collect();
+        let (kinds, rl_possible) = kinds_to_time(&run.config)?;
         let resident = dev.live_bytes();
         dev.reset_peak();
         let mut timings = Vec::new();
