@@ -33,7 +33,7 @@ for name in ("ncu-sample", "ncu-mmdit"):
     for r in rows:
         if r.get("Metric Name") != "gpu__time_duration.sum": continue
         k = r["Kernel Name"].split("(")[0].split("<")[0][:60]
-        tot[k] += float(r["Metric Value"]) / 1e6; cnt[k] += 1
+        tot[k] += float(r["Metric Value"].replace(",", "")) / 1e6; cnt[k] += 1
     s = sum(tot.values())
     print(f"== {name}: {sum(cnt.values())} kernels, {s:.2f} ms of kernel time")
     for k, v in sorted(tot.items(), key=lambda kv: -kv[1])[:25]:
