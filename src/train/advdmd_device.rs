@@ -23,7 +23,7 @@ use super::rollout::few_step_sigmas;
 use super::shapes_model::ShapesModel;
 use crate::device::kernel::{DevBuf, KernelDevice, KernelResult};
 use crate::error::{Error, Result};
-use crate::kernels::elementwise::dev::{cast_bf16_to_f32, cast_f32_to_bf16_into};
+use crate::kernels::elementwise::dev::{cast_bf16_to_f32, cast_f32_to_bf16_into, copy};
 use crate::kernels::elementwise::sigmoid;
 use crate::kernels::sde::dev::{
     flow_noise_into, rho_step, velocity_grad_from_x0, x0_from_velocity, NextState,
@@ -45,6 +45,15 @@ pub struct Cond {
 impl Cond {
     fn rows(&self) -> usize {
         self.pooled.shape().first().copied().unwrap_or(0)
+    }
+
+    /// The rows `times` times over, block after block.
+    fn repeated(&self, times: usize) -> Cond {
+        use crate::kernels::shape::concat;
+        Cond {
+            context: concat(&vec![&self.context; times], 0),
+            pooled: concat(&vec![&self.pooled; times], 0),
+        }
     }
 }
 
@@ -482,47 +491,70 @@ impl DeviceAdvDmd {
             self.keep,
         )?;
 
-        // the discriminator on generated states and noised real samples; softplus losses are
-        // per logit, so each call's backward runs as soon as its logits are known
+        // The discriminator on generated states and noised real samples. Every kept state goes
+        // into one call for the generated rows and one for the real rows (state-major: the
+        // state's n, resp. m, samples at its σ) instead of a call per state: the GEMMs get
+        // S times the rows. A softplus loss is per logit, so the rows' gradients are independent
+        // and one backward per call carries them all. The real samples' noises are drawn state
+        // by state, in the CPU trainer's order.
         let states: Vec<usize> = match c.disc_states {
             DiscStates::Trajectory => (1..=k).collect(),
             DiscStates::Final => vec![k],
         };
-        let (n_fake, n_real) = ((n * states.len()) as f32, (m * states.len()) as f32);
-        let real_shape = batch.real.shape().to_vec();
+        let ns = states.len();
+        let (n_fake, n_real) = ((n * ns) as f32, (m * ns) as f32);
+        let per = roll.states[0].len() / n;
+        let xf = dev.alloc::<f32>(ns * n * per)?;
+        let xr = dev.alloc::<f32>(ns * m * per)?;
         let real = dev.upload(batch.real.f32s())?;
-        let (mut d_loss, mut lf_all, mut lr_all) = (0f32, Vec::new(), Vec::new());
-        let mut by_sigma = Vec::new();
+        for (j, &s) in states.iter().enumerate() {
+            copy(&dev, &*xf.view(j * n * per, n * per)?, &roll.states[s])?;
+            let noise = dev.upload(Tensor::randn(batch.real.shape(), &mut self.rng).f32s())?;
+            let sm = dev.upload(&vec![sig[s]; m])?;
+            let y = xr.view(j * m * per, m * per)?;
+            flow_noise_into(&dev, &y, None, &real, &noise, &sm, (m, per))?;
+        }
+        let at = |rows: usize| -> Vec<f32> {
+            states
+                .iter()
+                .flat_map(|&s| std::iter::repeat_n(sig[s], rows))
+                .collect()
+        };
+        let rows_shape = |rows: usize| [rows * ns, shape[1], shape[2], shape[3]];
+        let (lf, saved) =
+            self.logits(&xf, &rows_shape(n), &at(n), &batch.cond.repeated(ns), true)?;
+        let dl: Vec<f32> = lf
+            .iter()
+            .map(|&l| c.lambda_d * sigmoid(l) / n_fake)
+            .collect();
+        self.logits_backward(saved.as_ref().expect("kept"), &dl, true)?;
+        drop(saved);
+        let (lr, saved) = self.logits(
+            &xr,
+            &rows_shape(m),
+            &at(m),
+            &batch.real_cond.repeated(ns),
+            true,
+        )?;
+        let dl: Vec<f32> = lr
+            .iter()
+            .map(|&l| -c.lambda_d * sigmoid(-l) / n_real)
+            .collect();
+        self.logits_backward(saved.as_ref().expect("kept"), &dl, true)?;
+        drop(saved);
+        let d_loss = lf.iter().map(|&l| softplus(l)).sum::<f32>() / n_fake
+            + lr.iter().map(|&l| softplus(-l)).sum::<f32>() / n_real;
         let frac = |v: &[f32], pos: bool| {
             v.iter().filter(|&&x| (x > 0.0) == pos).count() as f32 / v.len().max(1) as f32
         };
-        for &s in &states {
-            let (lf, saved) =
-                self.logits(&roll.states[s], shape, &vec![sig[s]; n], &batch.cond, true)?;
-            let dl: Vec<f32> = lf
-                .iter()
-                .map(|&l| c.lambda_d * sigmoid(l) / n_fake)
-                .collect();
-            self.logits_backward(saved.as_ref().expect("kept"), &dl, true)?;
-            drop(saved);
-            let noise = Tensor::randn(&real_shape, &mut self.rng);
-            let y = dev.alloc::<f32>(real.len())?;
-            let (sm, zd) = (dev.upload(&vec![sig[s]; m])?, dev.upload(noise.f32s())?);
-            flow_noise_into(&dev, &y, None, &real, &zd, &sm, (m, real.len() / m))?;
-            let (lr, saved) =
-                self.logits(&y, &real_shape, &vec![sig[s]; m], &batch.real_cond, true)?;
-            let dl: Vec<f32> = lr
-                .iter()
-                .map(|&l| -c.lambda_d * sigmoid(-l) / n_real)
-                .collect();
-            self.logits_backward(saved.as_ref().expect("kept"), &dl, true)?;
-            drop(saved);
-            d_loss += lf.iter().map(|&l| softplus(l)).sum::<f32>() / n_fake
-                + lr.iter().map(|&l| softplus(-l)).sum::<f32>() / n_real;
-            by_sigma.push((sig[s], frac(&lr, true), frac(&lf, false)));
-            lf_all.extend(lf);
-            lr_all.extend(lr);
-        }
+        let by_sigma = states
+            .iter()
+            .enumerate()
+            .map(|(j, &s)| {
+                let (f, r) = (&lf[j * n..(j + 1) * n], &lr[j * m..(j + 1) * m]);
+                (sig[s], frac(r, true), frac(f, false))
+            })
+            .collect();
         let lr_fake = self.lr(c.lr_fake);
         Self::step_jointly(
             &dev,
@@ -535,8 +567,8 @@ impl DeviceAdvDmd {
         )?;
         metrics.fake_loss = fake_loss;
         metrics.d_loss = d_loss;
-        metrics.d_acc_real = frac(&lr_all, true);
-        metrics.d_acc_fake = frac(&lf_all, false);
+        metrics.d_acc_real = frac(&lr, true);
+        metrics.d_acc_fake = frac(&lf, false);
         metrics.d_acc_by_sigma = by_sigma;
         Ok(())
     }
