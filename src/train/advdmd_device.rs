@@ -153,6 +153,28 @@ pub struct DeviceAdvDmd {
     pub generator_steps: u64,
 }
 
+/// The rollout's `states` one after another in one buffer (state-major rows).
+fn stack_states(
+    dev: &KernelDevice,
+    roll: &DeviceRollout,
+    states: &[usize],
+) -> KernelResult<DevBuf<f32>> {
+    let len = roll.states[0].len();
+    let out = dev.alloc::<f32>(states.len() * len)?;
+    for (j, &s) in states.iter().enumerate() {
+        copy(dev, &*out.view(j * len, len)?, &roll.states[s])?;
+    }
+    Ok(out)
+}
+
+/// Each state's σ repeated for its `rows` samples, state after state.
+fn state_sigmas(states: &[usize], sig: &[f32], rows: usize) -> Vec<f32> {
+    states
+        .iter()
+        .flat_map(|&s| std::iter::repeat_n(sig[s], rows))
+        .collect()
+}
+
 fn softplus(x: f32) -> f32 {
     x.max(0.0) + (-x.abs()).exp().ln_1p()
 }
@@ -412,7 +434,8 @@ impl DeviceAdvDmd {
             .x)
     }
 
-    /// `r_{i,k} = clip(D(x_k, σ_k))` for k = 1..K, sample-major `[n][K]`.
+    /// `r_{i,k} = clip(D(x_k, σ_k))` for k = 1..K, sample-major `[n][K]`: one call over every
+    /// state's samples.
     fn rewards(
         &self,
         roll: &DeviceRollout,
@@ -422,15 +445,18 @@ impl DeviceAdvDmd {
     ) -> KernelResult<Vec<Vec<f32>>> {
         let (n, k) = (shape[0], sig.len() - 1);
         let clip = self.config.reward_clip;
-        let mut r = vec![vec![0f32; k]; n];
-        for step in 1..=k {
-            let (l, _) =
-                self.logits(&roll.states[step], shape, &vec![sig[step]; n], cond, false)?;
-            for (i, v) in l.iter().enumerate() {
-                r[i][step - 1] = v.clamp(-clip, clip);
-            }
-        }
-        Ok(r)
+        let states: Vec<usize> = (1..=k).collect();
+        let x = stack_states(&self.dev, roll, &states)?;
+        let (l, _) = self.logits(
+            &x,
+            &[n * k, shape[1], shape[2], shape[3]],
+            &state_sigmas(&states, sig, n),
+            &cond.repeated(k),
+            false,
+        )?;
+        Ok((0..n)
+            .map(|i| (0..k).map(|j| l[j * n + i].clamp(-clip, clip)).collect())
+            .collect())
     }
 
     /// Clips the gradients of `params` to their joint norm and steps each with its optimizer.
@@ -504,22 +530,16 @@ impl DeviceAdvDmd {
         let ns = states.len();
         let (n_fake, n_real) = ((n * ns) as f32, (m * ns) as f32);
         let per = roll.states[0].len() / n;
-        let xf = dev.alloc::<f32>(ns * n * per)?;
+        let xf = stack_states(&dev, roll, &states)?;
         let xr = dev.alloc::<f32>(ns * m * per)?;
         let real = dev.upload(batch.real.f32s())?;
         for (j, &s) in states.iter().enumerate() {
-            copy(&dev, &*xf.view(j * n * per, n * per)?, &roll.states[s])?;
             let noise = dev.upload(Tensor::randn(batch.real.shape(), &mut self.rng).f32s())?;
             let sm = dev.upload(&vec![sig[s]; m])?;
             let y = xr.view(j * m * per, m * per)?;
             flow_noise_into(&dev, &y, None, &real, &noise, &sm, (m, per))?;
         }
-        let at = |rows: usize| -> Vec<f32> {
-            states
-                .iter()
-                .flat_map(|&s| std::iter::repeat_n(sig[s], rows))
-                .collect()
-        };
+        let at = |rows: usize| state_sigmas(&states, sig, rows);
         let rows_shape = |rows: usize| [rows * ns, shape[1], shape[2], shape[3]];
         let (lf, saved) =
             self.logits(&xf, &rows_shape(n), &at(n), &batch.cond.repeated(ns), true)?;
