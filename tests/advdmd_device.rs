@@ -242,3 +242,80 @@ fn fresh_run(dev: &KernelDevice) {
         "EMA moved {lag} for the generator's {moved}"
     );
 }
+
+/// A device run written through the CPU trainer's checkpoint (`sync_to_host` + `AdvDmd::save`)
+/// and read back (`AdvDmd::load` + `from_host`) continues exactly: after a generator and a
+/// critic iteration, saved, then the next generator iteration, every weight, the EMA and the
+/// metrics equal a straight run's bit for bit (the emulator is deterministic). With bf16
+/// moments, which the f32 checkpoint holds exactly.
+#[test]
+fn a_saved_and_resumed_device_run_continues_exactly() {
+    let dev = KernelDevice::emulator();
+    let opts = DeviceRunOptions {
+        keep: Keep::All,
+        bf16_moments: true,
+    };
+    let step = |run: &mut DeviceAdvDmd, host: &AdvDmd| {
+        let b = shapes_batch(&host.teacher, 2, 2, &mut run.rng).unwrap();
+        run.step(&b).unwrap()
+    };
+    let host = AdvDmd::new(common::tiny_shapes_model(1, true), config());
+    let mut straight = DeviceAdvDmd::from_host(&dev, &host, opts).unwrap();
+    let mut last = None;
+    for _ in 0..3 {
+        last = Some(step(&mut straight, &host));
+    }
+
+    let mut host = AdvDmd::new(common::tiny_shapes_model(1, true), config());
+    let mut run = DeviceAdvDmd::from_host(&dev, &host, opts).unwrap();
+    step(&mut run, &host);
+    step(&mut run, &host);
+    run.sync_to_host(&mut host).unwrap();
+    let dir = std::env::temp_dir().join(format!("advdmd-device-resume-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("state.safetensors");
+    host.save(&path).unwrap();
+    drop(run);
+    let loaded = AdvDmd::load(&path, common::tiny_shapes_model(1, true), config()).unwrap();
+    let mut resumed = DeviceAdvDmd::from_host(&dev, &loaded, opts).unwrap();
+    let m = step(&mut resumed, &loaded);
+    std::fs::remove_dir_all(&dir).ok();
+
+    let last = last.unwrap();
+    assert!(m.generator_step && m.rl_step, "{m:?}");
+    assert_eq!(
+        format!("{m:?}"),
+        format!("{last:?}"),
+        "metrics of the third iteration"
+    );
+    assert_eq!(
+        (resumed.iteration, resumed.generator_steps),
+        (straight.iteration, straight.generator_steps)
+    );
+    let flat = |p: &advdmd::nn::device::DeviceParams| dev.download(&p.master).unwrap();
+    for (what, a, b) in [
+        (
+            "generator",
+            flat(&resumed.generator),
+            flat(&straight.generator),
+        ),
+        ("fake score", flat(&resumed.fake), flat(&straight.fake)),
+        (
+            "head",
+            flat(&resumed.head.params),
+            flat(&straight.head.params),
+        ),
+        (
+            "EMA",
+            dev.download(&resumed.ema).unwrap(),
+            dev.download(&straight.ema).unwrap(),
+        ),
+    ] {
+        let differ = a
+            .iter()
+            .zip(&b)
+            .filter(|(x, y)| x.to_bits() != y.to_bits())
+            .count();
+        assert_eq!(differ, 0, "{what}: {differ} of {} values differ", a.len());
+    }
+}

@@ -75,6 +75,49 @@ impl DeviceAdamW {
         self.len() == 0
     }
 
+    /// The moments `(m, v)` as f32 host vectors (bf16 moments widened exactly).
+    pub fn download_moments(&self, dev: &KernelDevice) -> KernelResult<(Vec<f32>, Vec<f32>)> {
+        let wide = |b: &DevBuf<bf16>| -> KernelResult<Vec<f32>> {
+            Ok(dev.download(b)?.iter().map(|x| x.to_f32()).collect())
+        };
+        match &self.moments {
+            Moments::F32(m, v) => Ok((dev.download(m)?, dev.download(v)?)),
+            Moments::Bf16(m, v, _) => Ok((wide(m)?, wide(v)?)),
+        }
+    }
+
+    /// Replaces the moments (a resumed run's; bf16 moments round to nearest, which keeps values
+    /// that came from bf16 exact) and the step count.
+    pub fn upload_moments(
+        &mut self,
+        dev: &KernelDevice,
+        m: &[f32],
+        v: &[f32],
+        step: u64,
+    ) -> KernelResult<()> {
+        let n = self.len();
+        if m.len() != n || v.len() != n {
+            return Err(crate::device::kernel::KernelError::Invalid(format!(
+                "optimizer moments of {} and {} elements for {n}",
+                m.len(),
+                v.len()
+            )));
+        }
+        let narrow = |x: &[f32]| -> Vec<bf16> { x.iter().map(|&f| bf16::from_f32(f)).collect() };
+        match &self.moments {
+            Moments::F32(dm, dv) => {
+                dev.copy_to_device(m, dm)?;
+                dev.copy_to_device(v, dv)?;
+            }
+            Moments::Bf16(dm, dv, _) => {
+                dev.copy_to_device(&narrow(m), dm)?;
+                dev.copy_to_device(&narrow(v), dv)?;
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+
     /// Bytes of optimizer state on the device.
     pub fn state_bytes(&self) -> usize {
         match &self.moments {

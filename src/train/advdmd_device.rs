@@ -153,6 +153,28 @@ pub struct DeviceAdvDmd {
     pub generator_steps: u64,
 }
 
+/// A flat vector over `p`'s trainable elements (its optimizer's layout) from per-name values;
+/// a name without a value (a CPU optimizer that has not stepped yet) stays zero.
+fn flat_trainable(p: &DeviceParams, value: impl Fn(&str) -> Option<Vec<f32>>) -> Result<Vec<f32>> {
+    let mut flat = vec![0f32; p.n_trainable];
+    for (name, slot) in p.slots() {
+        if !slot.trainable {
+            continue;
+        }
+        if let Some(v) = value(name) {
+            if v.len() != slot.numel() || slot.offset + v.len() > flat.len() {
+                return Err(Error::Invalid(format!(
+                    "device AdvDMD: {name} has {} values for {} elements",
+                    v.len(),
+                    slot.numel()
+                )));
+            }
+            flat[slot.offset..slot.offset + v.len()].copy_from_slice(&v);
+        }
+    }
+    Ok(flat)
+}
+
 /// The rollout's `states` one after another in one buffer (state-major rows).
 fn stack_states(
     dev: &KernelDevice,
@@ -196,18 +218,14 @@ fn joint_clip(norms: &[f32], max_norm: f32) -> (f32, f32) {
 }
 
 impl DeviceAdvDmd {
-    /// The device copy of a CPU trainer that has not stepped yet (its optimizers' moments are
-    /// zero), with its configuration, RNG and counters.
+    /// The device copy of a CPU trainer — fresh, or loaded from a checkpoint (`AdvDmd::load`,
+    /// which [`Self::sync_to_host`] + `AdvDmd::save` write): weights, optimizer moments and steps,
+    /// EMA, configuration, RNG and counters, so the run continues exactly.
     pub fn from_host(
         dev: &KernelDevice,
         host: &AdvDmd,
         opts: DeviceRunOptions,
     ) -> Result<DeviceAdvDmd> {
-        if host.opt_generator.step != 0 || host.opt_fake.step != 0 {
-            return Err(Error::Invalid(
-                "device AdvDMD: resuming a CPU run's optimizer state is not supported yet".into(),
-            ));
-        }
         let mut run = Self::build(
             dev,
             host.config.clone(),
@@ -219,7 +237,74 @@ impl DeviceAdvDmd {
         run.feature_block = host.feature_block;
         run.iteration = host.iteration;
         run.generator_steps = host.generator_steps;
+        let shadow = flat_trainable(&run.generator, |name| {
+            Some(host.ema.shadow.param(name).value().f32s().to_vec())
+        })?;
+        dev.copy_to_device(&shadow, &run.ema)?;
+        let opt_generator = &host.opt_generator;
+        let moments = |p: &DeviceParams, opt: &crate::optim::AdamW| {
+            let get = |map: &std::collections::BTreeMap<String, Vec<f32>>| {
+                flat_trainable(p, |name| map.get(name).cloned())
+            };
+            Result::Ok((get(&opt.m)?, get(&opt.v)?))
+        };
+        for (dst, p, src) in [
+            (&mut run.opt_generator, &*run.generator, opt_generator),
+            (&mut run.opt_fake, &*run.fake, &host.opt_fake),
+            (&mut run.opt_head, &run.head.params, &host.opt_fake),
+        ] {
+            let (m, v) = moments(p, src)?;
+            dst.upload_moments(dev, &m, &v, src.step)?;
+        }
         Ok(run)
+    }
+
+    /// Writes the run's state into `host` — weights (f32 masters), EMA, optimizer moments and
+    /// steps, RNG and counters — for `AdvDmd::save` (the teacher and configuration are the
+    /// host's own and stay).
+    pub fn sync_to_host(&self, host: &mut AdvDmd) -> Result<()> {
+        let dev = &self.dev;
+        let put = |p: &DeviceParams, map: &crate::nn::ParamMap| -> Result<()> {
+            for (name, t) in p.download_named(&p.master)? {
+                map.param(&name).set_value(t);
+            }
+            Ok(())
+        };
+        put(&self.generator, &host.generator.mmdit.params)?;
+        put(&self.fake, &host.fake.mmdit.params)?;
+        put(&self.head.params, &host.head.params)?;
+        for (name, t) in self.ema_named()? {
+            host.ema.shadow.param(&name).set_value(t);
+        }
+        let split = |p: &DeviceParams,
+                     flat: &[f32],
+                     into: &mut std::collections::BTreeMap<String, Vec<f32>>| {
+            for (name, slot) in p.slots() {
+                if slot.trainable {
+                    into.insert(
+                        name.clone(),
+                        flat[slot.offset..slot.offset + slot.numel()].to_vec(),
+                    );
+                }
+            }
+        };
+        let (m, v) = self.opt_generator.download_moments(dev)?;
+        split(&self.generator, &m, &mut host.opt_generator.m);
+        split(&self.generator, &v, &mut host.opt_generator.v);
+        host.opt_generator.step = self.opt_generator.step;
+        for (opt, p) in [
+            (&self.opt_fake, &*self.fake),
+            (&self.opt_head, &self.head.params),
+        ] {
+            let (m, v) = opt.download_moments(dev)?;
+            split(p, &m, &mut host.opt_fake.m);
+            split(p, &v, &mut host.opt_fake.v);
+        }
+        host.opt_fake.step = self.opt_fake.step;
+        host.rng = self.rng.clone();
+        host.iteration = self.iteration;
+        host.generator_steps = self.generator_steps;
+        Ok(())
     }
 
     /// A fresh run: generator and fake score start as the teacher (`teacher`'s trainable flags
