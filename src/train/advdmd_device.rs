@@ -7,8 +7,10 @@
 //! Conditioning comes in per iteration as host tensors ([`IterBatch`]): the Shapes world builds
 //! it from prompts with the teacher's frozen text encoder ([`shapes_batch`]); the SD3 benchmarks
 //! from random context and pooled vectors. Generator and fake score share one gradient buffer
-//! (their backward passes never overlap). A frozen discriminator (`frozen_disc_after`) and
-//! resuming from a CPU run's optimizer state are not on the device yet: both are refused.
+//! (their backward passes never overlap). A run saves through the CPU trainer's checkpoint
+//! ([`DeviceAdvDmd::sync_to_host`] + `AdvDmd::save`) and resumes exactly from one
+//! (`AdvDmd::load` + [`DeviceAdvDmd::from_host`]). A frozen discriminator (`frozen_disc_after`)
+//! is not on the device yet and is refused.
 
 use half::bf16;
 
