@@ -145,3 +145,44 @@ pub fn sample(
     );
     Ok(())
 }
+
+/// `advdmd distill --device`: `None` for the CPU trainer, else the kernel device (the first
+/// usable GPU, or a clear error; or the emulator) and how the run holds its state. The device
+/// flags without a device are an error rather than silently ignored.
+pub fn distill_device(
+    device: &str,
+    bf16_moments: bool,
+    checkpoint_activations: bool,
+) -> advdmd::Result<
+    Option<(
+        advdmd::device::kernel::KernelDevice,
+        advdmd::train::advdmd_device::DeviceRunOptions,
+    )>,
+> {
+    use advdmd::device::kernel::KernelDevice;
+    use advdmd::mmdit::device::Keep;
+    let dev =
+        match device {
+            "cpu" if bf16_moments || checkpoint_activations => return Err(advdmd::Error::Invalid(
+                "distill: --bf16-moments and --checkpoint-activations need --device cuda or emu"
+                    .into(),
+            )),
+            "cpu" => return Ok(None),
+            "emu" => KernelDevice::emulator(),
+            _ => KernelDevice::gpu_if_available().ok_or_else(|| {
+                advdmd::Error::Invalid(format!(
+                    "distill --device cuda: no usable CUDA GPU ({})",
+                    advdmd::device::probe_cuda()
+                ))
+            })?,
+        };
+    let keep = if checkpoint_activations {
+        Keep::BlockInputs
+    } else {
+        Keep::All
+    };
+    Ok(Some((
+        dev,
+        advdmd::train::advdmd_device::DeviceRunOptions { keep, bf16_moments },
+    )))
+}

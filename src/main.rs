@@ -121,6 +121,16 @@ enum Command {
         r_rl: u64,
         #[arg(long, default_value_t = 100)]
         rl_warmup: u64,
+        /// cpu (the CPU trainer); cuda (the iteration on the GPU: bf16 models, f32 masters);
+        /// emu (the same on the CPU SIMT emulator: slow, a functional check).
+        #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda", "emu"])]
+        device: String,
+        /// On a device: Adam's moments in bf16 with stochastic rounding (half the optimizer memory).
+        #[arg(long)]
+        bf16_moments: bool,
+        /// On a device: activation checkpointing of every differentiated forward.
+        #[arg(long)]
+        checkpoint_activations: bool,
         /// Prompts per iteration (M) and samples per prompt (G).
         #[arg(long, default_value_t = AdvDmdConfig::default().prompts)]
         prompts: usize,
@@ -333,6 +343,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             r_dmd,
             r_rl,
             rl_warmup,
+            device,
+            bf16_moments,
+            checkpoint_activations,
             prompts,
             group,
             lr,
@@ -340,6 +353,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             eval_per_task,
         } => {
+            let device = cli::distill_device(&device, bf16_moments, checkpoint_activations)?;
             let config = AdvDmdConfig {
                 steps_per_sample: steps_per_sample as usize,
                 rho,
@@ -370,6 +384,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 config,
                 iterations,
                 checkpoint_every,
+                device,
             };
             let teacher_dir = teacher.unwrap_or_else(cli::default_teacher);
             let bar = cli::progress_bar(iterations, "distill");

@@ -337,3 +337,70 @@ fn learning_rates_warm_up_linearly_then_stay_constant() {
     assert_eq!(at(&mut t, 3), 2.0);
     assert_eq!(at(&mut t, 1000), 2.0);
 }
+
+/// `advdmd distill --device emu`: the iterations on the kernel device (the emulator here),
+/// checkpointing through the CPU trainer's state and resuming; its first iteration's losses
+/// agree with the CPU trainer's from the same teacher and seed (bf16 tolerance).
+#[test]
+fn distill_cli_on_a_device_checkpoints_resumes_and_follows_the_cpu() {
+    let base = std::env::temp_dir().join(format!("advdmd-distill-dev-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let bin = env!("CARGO_BIN_EXE_advdmd");
+    let run = |dir: &std::path::Path, iterations: &str, extra: &[&str]| {
+        let out = std::process::Command::new(bin)
+            .args(["distill", "--iterations", iterations, "--prompts", "1"])
+            .args(["--group", "2", "--steps-per-sample", "2", "--r-dmd", "2"])
+            .args([
+                "--rl-warmup",
+                "0",
+                "--eval-per-task",
+                "0",
+                "--checkpoint-every",
+                "1",
+            ])
+            .args(extra)
+            .arg("--out")
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let metrics = |dir: &std::path::Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (dev_dir, cpu_dir) = (base.join("emu"), base.join("cpu"));
+    run(&dev_dir, "2", &["--device", "emu", "--bf16-moments"]);
+    run(
+        &dev_dir,
+        "3",
+        &["--device", "emu", "--bf16-moments", "--resume"],
+    );
+    run(&cpu_dir, "1", &[]);
+    let (d, c) = (metrics(&dev_dir), metrics(&cpu_dir));
+    assert_eq!(d.len(), 3);
+    assert_eq!(d[2]["generator_step"], true);
+    for key in ["fake_loss", "d_loss", "dmd_grad_norm", "gan_loss"] {
+        let (a, b) = (d[0][key].as_f64().unwrap(), c[0][key].as_f64().unwrap());
+        assert!(
+            (a - b).abs() <= 2e-2 * b.abs().max(1.0),
+            "{key}: device {a}, CPU {b}"
+        );
+    }
+    assert!(ShapesModel::load(&dev_dir.join("model")).is_ok());
+    let bad = std::process::Command::new(bin)
+        .args(["distill", "--bf16-moments", "--out"])
+        .arg(base.join("bad"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("need --device cuda or emu"));
+    std::fs::remove_dir_all(&base).ok();
+}

@@ -4,7 +4,9 @@
 //! evaluation of it beside the teacher.
 
 use super::advdmd::{AdvDmd, AdvDmdConfig, IterMetrics};
+use super::advdmd_device::{shapes_batch, DeviceAdvDmd, DeviceRunOptions};
 use super::shapes_model::{sample_images, Sampler, ShapesModel};
+use crate::device::kernel::KernelDevice;
 use crate::error::{Error, Result};
 use crate::eval::image::to_u8;
 use crate::eval::{evaluate_images, evaluation_prompts, EvalReport};
@@ -27,6 +29,9 @@ pub struct DistillRun {
     pub config: AdvDmdConfig,
     pub iterations: u64,
     pub checkpoint_every: u64,
+    /// Where the iterations run: `None` the CPU trainer, else a kernel device (a GPU, or the
+    /// emulator) through [`DeviceAdvDmd`], which checkpoints through the CPU trainer's state.
+    pub device: Option<(KernelDevice, DeviceRunOptions)>,
 }
 
 fn metrics_line(m: &IterMetrics) -> serde_json::Value {
@@ -92,14 +97,37 @@ pub fn distill(
         .append(true)
         .open(&metrics_path)
         .map_err(|e| Error::io(&metrics_path, e))?;
-    while state.iteration < run.iterations {
-        let m = state.step()?;
+    // On a kernel device the run's state lives there; the CPU trainer holds the teacher and
+    // receives the state at every checkpoint and at the end.
+    let mut on_device = match &run.device {
+        Some((dev, opts)) => Some(DeviceAdvDmd::from_host(dev, &state, *opts)?),
+        None => None,
+    };
+    let (prompts, group) = (run.config.prompts, run.config.group);
+    loop {
+        let done = on_device.as_ref().map_or(state.iteration, |d| d.iteration);
+        if done >= run.iterations {
+            break;
+        }
+        let m = match on_device.as_mut() {
+            Some(d) => {
+                let batch = shapes_batch(&state.teacher, prompts, group, &mut d.rng)?;
+                d.step(&batch)?
+            }
+            None => state.step()?,
+        };
         writeln!(metrics, "{}", metrics_line(&m)).map_err(|e| Error::io(&metrics_path, e))?;
         on_iter(&m);
-        if state.iteration % run.checkpoint_every.max(1) == 0 || state.iteration == run.iterations {
+        if m.iteration % run.checkpoint_every.max(1) == 0 || m.iteration == run.iterations {
             metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
+            if let Some(d) = &on_device {
+                d.sync_to_host(&mut state)?;
+            }
             state.save(&ckpt)?;
         }
+    }
+    if let Some(d) = &on_device {
+        d.sync_to_host(&mut state)?;
     }
     let model = distilled_model(&state);
     let extra = serde_json::json!({ "distill": format!("{:?}", run.config), "iterations": state.iteration, "weights": "ema" });
