@@ -93,6 +93,10 @@ step sample-sd35m 90 "$BIN/advdmd" bench sample --device cuda --model sd3.5-medi
 step advdmd 90 "$BIN/advdmd-device-test" --test-threads=1 --nocapture
 step step-shapes 60 "$BIN/advdmd" bench step --device cuda --iters 3 --json
 step step-sd35m 150 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 2 --json
+# the distill loop on the device: 20 Shapes iterations, a checkpoint at 10, --resume to 30
+ADVDMD_TEACHER=assets/shapes-teacher step distill 90 bash -c "rm -rf /tmp/gc-distill && \
+  $BIN/advdmd distill --device cuda --iterations 20 --checkpoint-every 10 --eval-per-task 0 --out /tmp/gc-distill && \
+  $BIN/advdmd distill --device cuda --iterations 30 --checkpoint-every 10 --eval-per-task 10 --resume --out /tmp/gc-distill"
 # the memory plan's configuration (shared gradients, bf16 moments, checkpointing): ~72 GB + activations
 step step-sd35m-80g 150 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 2 --bf16-moments --checkpoint-activations --json
 PYTHONUNBUFFERED=1 step torch 120 python3 tools/bench_vs_torch.py --json "$OUT/torch.json"
@@ -125,5 +129,5 @@ with open(f"{out}/report.md", "w") as f:
         f.write(f"| {p['kernel']} | {p['shape']} | {p['max_rel_err']:.2e} |\n")
 print(open(f"{out}/report.md").read()[-6000:])
 PY
-for s in tests model mmdit-shapes mmdit-sd35m mmdit-sd35m-512 sample-sd35m advdmd step-shapes step-sd35m step-sd35m-80g torch bench attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
+for s in tests model mmdit-shapes mmdit-sd35m mmdit-sd35m-512 sample-sd35m advdmd step-shapes distill step-sd35m step-sd35m-80g torch bench attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
 exit $status
