@@ -1099,28 +1099,23 @@ pub mod dev {
                 variant.threads(dims.d),
             )
             .with_shared(bwd_shared_bytes(dims.d, BWD_KEYS)),
-            KernelArgs::new()
-                .buf(dka)
-                .buf(dva)
-                .buf(dkb)
-                .buf(dvb)
-                .buf(&dqa_acc)
-                .buf(&dqb_acc)
-                .buf(qa)
-                .buf(ka)
-                .buf(va)
-                .buf(doa)
-                .buf(qb)
-                .buf(kb)
-                .buf(vb)
-                .buf(dob)
-                .buf(lse)
-                .buf(&drow)
-                .i32(dims.la as i32)
-                .i32(dims.lb as i32)
-                .i32(dims.h as i32)
-                .f32(scale * std::f32::consts::LOG2_E)
-                .f32(scale),
+            bwd_operands(
+                KernelArgs::new()
+                    .buf(dka)
+                    .buf(dva)
+                    .buf(dkb)
+                    .buf(dvb)
+                    .buf(&dqa_acc)
+                    .buf(&dqb_acc),
+                [qa, ka, va, doa, qb, kb, vb, dob],
+                lse,
+            )
+            .buf(&drow)
+            .i32(dims.la as i32)
+            .i32(dims.lb as i32)
+            .i32(dims.h as i32)
+            .f32(scale * std::f32::consts::LOG2_E)
+            .f32(scale),
         )?;
 
         // dQ = scale · accumulator, 8 elements per thread (na, nb are multiples of d).
@@ -1139,6 +1134,16 @@ pub mod dev {
         Ok(grads)
     }
 
+    /// The operands every backward kernel reads, in their order: q, k, v, dO of stream a, the
+    /// same of stream b, the log-sum-exp.
+    fn bwd_operands(
+        args: KernelArgs,
+        streams: [&DevBuf<bf16>; 8],
+        lse: &DevBuf<f32>,
+    ) -> KernelArgs {
+        streams.into_iter().fold(args, |a, b| a.buf(b)).buf(lse)
+    }
+
     /// The fallback backward (head dims other than 64 and 128): Drow = Σ P·dP per query row (as
     /// the CPU kernel; `o_a`, `o_b` are not read), then dQ per query row and dK, dV per key row,
     /// each over all rows of the other side.
@@ -1155,17 +1160,7 @@ pub mod dev {
         let scale = dims.scale();
         // The three kernels read the same operands and sizes: (out…, q/k/v/dO of a, of b, lse,
         // [Drow,] La, Lb, H, D, scale·log2 e[, scale]).
-        let operands = |args: KernelArgs| {
-            args.buf(qa)
-                .buf(ka)
-                .buf(va)
-                .buf(doa)
-                .buf(qb)
-                .buf(kb)
-                .buf(vb)
-                .buf(dob)
-                .buf(lse)
-        };
+        let operands = |args| bwd_operands(args, [qa, ka, va, doa, qb, kb, vb, dob], lse);
         let sizes = |args: KernelArgs| {
             args.i32(dims.la as i32)
                 .i32(dims.lb as i32)
