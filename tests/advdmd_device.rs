@@ -250,6 +250,12 @@ fn fresh_run(dev: &KernelDevice) {
 /// moments, which the f32 checkpoint holds exactly.
 #[test]
 fn a_saved_and_resumed_device_run_continues_exactly() {
+    // Bit-exact only where the arithmetic is deterministic: the GPU's attention backward adds dQ
+    // with atomics, so two straight GPU runs already differ in the last bits. The emulator is.
+    if std::env::var("ADVDMD_KERNEL_TESTS_GPU_ONLY").is_ok_and(|v| v == "1") {
+        eprintln!("resume bit-exactness: emulator-only test, skipped under ADVDMD_KERNEL_TESTS_GPU_ONLY=1 (CI runs it)");
+        return;
+    }
     let dev = KernelDevice::emulator();
     let opts = DeviceRunOptions {
         keep: Keep::All,
