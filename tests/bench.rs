@@ -246,13 +246,16 @@ fn sample_json_of_the_teacher() {
     assert_eq!(res["mmdit_flops"].as_u64(), Some(2 * per_call));
 }
 
-/// `bench sample` with the loop on the device (emulator): CFG doubles the calls per step.
+/// `bench sample` with the loop on the device (emulator): CFG doubles the calls per step; with
+/// `--graph` the reusable plan runs (the loop directly: the emulator has no graphs).
 #[test]
 fn sample_json_on_the_emulator() {
     let r = bench_json(&[
         "sample", "--steps", "2", "--batch", "1", "--cfg", "2", "--iters", "1", "--device", "emu",
+        "--graph",
     ]);
     assert_eq!(r["device"]["kind"], "emu");
+    assert_eq!(r["parameters"]["graph"], true);
     let res = &r["results"];
     for key in ["sample_ms", "ms_per_step", "images_per_s", "tflops"] {
         positive(res, key);

@@ -452,6 +452,53 @@ fn the_device_euler_sampler_follows_the_reference_trajectory() {
     }
 }
 
+/// The reusable Euler plan — inputs overwritten in place, on a GPU the loop replayed from a CUDA
+/// graph from the second sample on — samples what `sample_euler` samples, for new noise and
+/// conditioning each time: bit for bit on the emulator (no graph there: the same launches run),
+/// within 1e-3 on a GPU.
+#[test]
+fn the_euler_plan_replays_the_sampler() {
+    use advdmd::flow::device::{sample_euler, EulerPlan, Guidance};
+    use advdmd::flow::reference_sigmas;
+    let model = random_model();
+    let mut rng = Rng::new(21);
+    let mut randn = |shape: &[usize]| Tensor::randn(shape, &mut rng);
+    let sig = reference_sigmas(3, 3.0);
+    let (up, uc) = (Tensor::zeros(&[2, 24]), Tensor::zeros(&[2, 5, 40]));
+    let draws: Vec<_> = (0..3)
+        .map(|_| (randn(&[2, 3, 8, 8]), randn(&[2, 24]), randn(&[2, 5, 40])))
+        .collect();
+    for dev in devices() {
+        let m = DeviceMmdit::new(&dev, &model).unwrap();
+        let guide = || {
+            Some(Guidance {
+                pooled: &up,
+                context: &uc,
+                scale: 2.5,
+            })
+        };
+        let mut plan = EulerPlan::new(&m, &sig, Some(2.5), true);
+        for (i, (x, pooled, ctx)) in draws.iter().enumerate() {
+            let want = sample_euler(&m, x, &sig, pooled, ctx, guide()).unwrap();
+            let got = plan.sample(x, pooled, ctx, guide()).unwrap();
+            let err = got.rel_l2(&want);
+            println!(
+                "Euler plan on {}, sample {i} (graph replay: {}): {err:.2e}",
+                dev.name(),
+                plan.replayed()
+            );
+            let tol = if dev.is_emulator() { 0.0 } else { 1e-3 };
+            assert!(err <= tol, "sample {i}: plan vs sampler {err:e} > {tol:e}");
+            assert_eq!(plan.replayed(), !dev.is_emulator() && i >= 1);
+        }
+        assert!(
+            plan.sample(&draws[0].0, &draws[0].1, &draws[0].2, None)
+                .is_err(),
+            "an unguided call of a guided plan is refused"
+        );
+    }
+}
+
 /// Activation checkpointing (only the blocks' inputs kept, each block recomputed in the backward)
 /// gives the same gradients: bit for bit on the emulator (every kernel deterministic there); on
 /// a GPU the attention backward's dQ sums in no fixed order, so within 1e-3.

@@ -114,16 +114,27 @@ impl Bench {
     }
 }
 
+/// The copy ceiling (first row, what every "% copy" divides by), then copies of the sizes the
+/// kernels below move (27 MB: adaLN; 34 MB: the SDE kernels; 6 MB: GroupNorm): a ~10 µs kernel
+/// loses a fixed microsecond or two to its launch and its tail that a 180 µs copy does not, so
+/// these rows show what a kernel of that size can reach.
 fn copy_baseline(b: &mut Bench) -> KernelResult<()> {
-    let n = b.size(256 << 20, 1 << 16);
-    let sets = b.sets(2 * n);
-    let bufs: Vec<(DevBuf<u8>, DevBuf<u8>)> = (0..sets)
-        .map(|_| -> KernelResult<_> { Ok((b.dev.zeros::<u8>(n)?, b.dev.zeros::<u8>(n)?)) })
-        .collect::<KernelResult<Vec<_>>>()?;
-    let dev = b.dev.clone();
-    b.time("copy_bytes", &format!("{n} B"), 2 * n, sets, |i| {
-        ew::copy(&dev, &bufs[i].1, &bufs[i].0)
-    })?;
+    for (gpu, emu) in [
+        (256 << 20, 1 << 16),
+        (27 << 19, 1 << 12),
+        (17 << 20, 1 << 12),
+        (3 << 20, 1 << 12),
+    ] {
+        let n = b.size(gpu, emu);
+        let sets = b.sets(2 * n);
+        let bufs: Vec<(DevBuf<u8>, DevBuf<u8>)> = (0..sets)
+            .map(|_| -> KernelResult<_> { Ok((b.dev.zeros::<u8>(n)?, b.dev.zeros::<u8>(n)?)) })
+            .collect::<KernelResult<Vec<_>>>()?;
+        let dev = b.dev.clone();
+        b.time("copy_bytes", &format!("{n} B"), 2 * n, sets, |i| {
+            ew::copy(&dev, &bufs[i].1, &bufs[i].0)
+        })?;
+    }
     Ok(())
 }
 
@@ -191,21 +202,40 @@ fn adaln(b: &mut Bench) -> KernelResult<()> {
                 .i32(d as i32),
         )
     })?;
-    // The backward through its public launcher (allocates its outputs and partials).
+    // The backward through its public launcher (allocates its outputs and partials), by each
+    // path: the default is whichever measured fastest on an H100 (docs/perf-log.md).
+    use crate::kernels::adaln::dev::AdalnBwd;
     let bytes = 3 * rows * d * 2 + rows * 8 + d * 2 + 2 * d * 4;
-    b.time("adaln_modulate_bwd (3 kernels)", &shape, bytes, sets, |i| {
-        let t = &s[i];
-        crate::kernels::adaln::dev::adaln_modulate_bwd(
-            &dev,
-            &t.x,
-            &t.scale,
-            &t.mean,
-            &t.rstd,
-            &t.y,
-            (1, l, d),
-        )
-        .map(|_| ())
-    })?;
+    for (name, path) in [
+        ("adaln_modulate_bwd split (4 kernels)", AdalnBwd::Split),
+        (
+            "adaln_modulate_bwd fused/128 (3 k.)",
+            AdalnBwd::Fused { blocks: 128 },
+        ),
+        (
+            "adaln_modulate_bwd fused/256 (3 k.)",
+            AdalnBwd::Fused { blocks: 256 },
+        ),
+        (
+            "adaln_modulate_bwd fused/512 (3 k.)",
+            AdalnBwd::Fused { blocks: 512 },
+        ),
+    ] {
+        b.time(name, &shape, bytes, sets, |i| {
+            let t = &s[i];
+            crate::kernels::adaln::dev::adaln_modulate_bwd_with(
+                &dev,
+                &t.x,
+                &t.scale,
+                &t.mean,
+                &t.rstd,
+                &t.y,
+                (1, l, d),
+                path,
+            )
+            .map(|_| ())
+        })?;
+    }
     Ok(())
 }
 

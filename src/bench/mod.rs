@@ -228,6 +228,10 @@ pub struct SampleArgs {
     /// runs the batch twice).
     #[arg(long, default_value_t = 1.0)]
     pub cfg: f32,
+    /// On a GPU: replay the K-step loop from a CUDA graph recorded once (`flow::device::EulerPlan`),
+    /// so the host's launch gaps leave the figure; the untimed warm-up records it.
+    #[arg(long)]
+    pub graph: bool,
 }
 
 #[derive(Clone, Debug, clap::Args)]

@@ -16,7 +16,7 @@ use crate::autograd::no_grad;
 use crate::device::kernel::KernelDevice;
 use crate::error::{Error, Result};
 use crate::eval::evaluation_prompts;
-use crate::flow::device::{sample_euler, Guidance};
+use crate::flow::device::{EulerPlan, Guidance};
 use crate::flow::{cfg, euler_step, reference_sigmas, timestep_of};
 use crate::kernels::shape::{concat, split};
 use crate::mmdit::device::DeviceMmdit;
@@ -99,6 +99,7 @@ fn sample_report(a: &SampleArgs, (spec, timing, place): (ModelSpec, Timing, Wher
         ("steps", a.steps.into()),
         ("cfg", a.cfg.into()),
         ("sampler", "euler".into()),
+        ("graph", a.graph.into()),
         ("image_tokens", spec.image_tokens().into()),
         ("text_tokens", spec.text_tokens.into()),
     ];
@@ -142,6 +143,9 @@ fn sample_report(a: &SampleArgs, (spec, timing, place): (ModelSpec, Timing, Wher
             mfu_figures(&mut r, &name, kind, [("mfu", "MFU", tf)]);
             r.kernel_device = Some((kind, name));
             r.note("the device path: the K-step loop on the device (bf16 MMDiT with random weights, CFG and the Euler step in one kernel), the final latents read back; no text encoder, no VAE decode");
+            if a.graph && kind == "cuda" {
+                r.note("--graph: each timed sample is one CUDA graph launch of the whole loop (recorded in the warm-up), plus the input uploads and the download");
+            }
             if kind == "emu" {
                 r.note("emu: the CPU SIMT emulator — a functional check of the device path, not a speed figure");
             }
@@ -174,23 +178,24 @@ fn time_device(spec: &ModelSpec, a: &SampleArgs, dev: &KernelDevice) -> Result<T
         SD3_SHIFT
     };
     let sigmas = reference_sigmas(a.steps, shift);
-    time_fallible(WARMUP, a.common.iters, || {
-        let guidance = (a.cfg != 1.0).then_some(Guidance {
+    let scale = (a.cfg != 1.0).then_some(a.cfg);
+    // One plan for every run: its buffers (and with --graph its recorded graph) are reused, the
+    // inputs uploaded into them each run. The second run records the graph: warm up past it.
+    let mut plan = EulerPlan::new(&model, &sigmas, scale, a.graph);
+    let mut one = || -> Result<()> {
+        let guidance = scale.map(|scale| Guidance {
             pooled: &inputs.pooled,
             context: &inputs.context,
-            scale: a.cfg,
+            scale,
         });
-        let x = sample_euler(
-            &model,
-            &inputs.x,
-            &sigmas,
-            &inputs.pooled,
-            &inputs.context,
-            guidance,
-        )?;
+        let x = plan.sample(&inputs.x, &inputs.pooled, &inputs.context, guidance)?;
         std::hint::black_box(x);
         Ok(())
-    })
+    };
+    if a.graph {
+        one()?;
+    }
+    time_fallible(WARMUP, a.common.iters, one)
 }
 
 /// The committed teacher through the sampler the `sample` command uses.
@@ -300,6 +305,7 @@ mod tests {
             },
             steps: 3,
             cfg,
+            graph: false,
         }
     }
 

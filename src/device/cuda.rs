@@ -251,14 +251,17 @@ impl CudaRuntime {
         lt.matmul(spec, out, ptrs, self.stream.cu_stream() as *mut c_void)
     }
 
-    /// Captures the launches `work` queues into a CUDA graph, replays it once to warm up, then
-    /// returns the milliseconds of one more replay: device time without the host's launch gaps
-    /// (METHOD.md: short kernels are otherwise timed at the host's launch rate).
-    pub fn time_graph_ms(&self, work: impl FnOnce() -> KernelResult<()>) -> KernelResult<f32> {
+    /// Records the launches `work` queues into an executable CUDA graph (nothing runs yet).
+    /// Capture is thread-local: other threads' calls are unaffected; a call that may not be
+    /// captured (a synchronous copy, a module load) fails the capture with the driver's error.
+    pub fn capture(
+        self: &Arc<Self>,
+        work: impl FnOnce() -> KernelResult<()>,
+    ) -> KernelResult<CudaGraph> {
         self.bind()?;
         let s = self.stream.cu_stream();
-        // SAFETY: the stream is ours; capture is thread-local, so other threads are unaffected;
-        // the graph and its executable are destroyed before returning.
+        // SAFETY: the stream is ours; the graph is destroyed once instantiated (the executable
+        // keeps what it needs), or here on any error.
         unsafe {
             result::stream::begin_capture(
                 s,
@@ -267,24 +270,33 @@ impl CudaRuntime {
             .map_err(|e| cuda_err("begin capture", e))?;
             let queued = work();
             let graph = result::stream::end_capture(s).map_err(|e| cuda_err("end capture", e));
-            queued?;
+            if let Err(e) = queued {
+                if let Ok(g) = graph {
+                    let _ = result::graph::destroy(g);
+                }
+                return Err(e);
+            }
             let graph = graph?;
             let exec = result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0))
                 .map_err(|e| cuda_err("graph instantiate", e));
-            let timed = exec.and_then(|exec| {
-                let r = (|| {
-                    result::graph::launch(exec, s).map_err(|e| cuda_err("graph launch", e))?;
-                    self.time_ms(|| {
-                        result::graph::launch(exec, s).map_err(|e| cuda_err("graph launch", e))
-                    })
-                })();
-                let _ = result::stream::synchronize(s);
-                let _ = result::graph::exec_destroy(exec);
-                r
-            });
             let _ = result::graph::destroy(graph);
-            timed
+            Ok(CudaGraph {
+                exec: exec?,
+                rt: self.clone(),
+            })
         }
+    }
+
+    /// Captures the launches `work` queues into a CUDA graph, replays it once to warm up, then
+    /// returns the milliseconds of one more replay: device time without the host's launch gaps
+    /// (METHOD.md: short kernels are otherwise timed at the host's launch rate).
+    pub fn time_graph_ms(
+        self: &Arc<Self>,
+        work: impl FnOnce() -> KernelResult<()>,
+    ) -> KernelResult<f32> {
+        let graph = self.capture(work)?;
+        graph.launch()?;
+        self.time_ms(|| graph.launch())
     }
 
     pub fn time_ms(&self, work: impl FnOnce() -> KernelResult<()>) -> KernelResult<f32> {
@@ -307,5 +319,40 @@ impl CudaRuntime {
             timed
         }?;
         Ok(ms)
+    }
+}
+
+/// An instantiated CUDA graph on a runtime's stream; destroyed on drop.
+pub struct CudaGraph {
+    exec: sys::CUgraphExec,
+    rt: Arc<CudaRuntime>,
+}
+
+// SAFETY: an executable graph is a driver handle usable from any thread of its context.
+unsafe impl Send for CudaGraph {}
+
+impl CudaGraph {
+    /// Queues one replay of the recorded launches on the runtime's stream.
+    pub fn launch(&self) -> KernelResult<()> {
+        self.rt.bind()?;
+        // SAFETY: `exec` is alive while `self` is; the stream belongs to the same context.
+        unsafe { result::graph::launch(self.exec, self.rt.stream.cu_stream()) }
+            .map_err(|e| cuda_err("graph launch", e))?;
+        if sync_after_launch() {
+            self.rt.synchronize()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        if self.rt.bind().is_ok() {
+            // SAFETY: replays queued on the stream finish first; the handle is destroyed once.
+            unsafe {
+                let _ = result::stream::synchronize(self.rt.stream.cu_stream());
+                let _ = result::graph::exec_destroy(self.exec);
+            }
+        }
     }
 }

@@ -504,6 +504,26 @@ impl KernelDevice {
         }
     }
 
+    /// Records the launches `work` queues into a [`DeviceGraph`] to replay later: `Ok(None)`
+    /// under the emulator (which has no graphs: the caller runs `work` itself, and nothing has
+    /// run here). On a GPU nothing runs until [`DeviceGraph::launch`]; buffers `work` allocates
+    /// and drops become the graph's own, allocated and freed at each replay.
+    pub fn capture(
+        &self,
+        work: impl FnOnce() -> KernelResult<()>,
+    ) -> KernelResult<Option<DeviceGraph>> {
+        match &self.backend {
+            Backend::Emulator => {
+                let _ = work;
+                Ok(None)
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(rt) => Ok(Some(DeviceGraph {
+                graph: rt.capture(work)?,
+            })),
+        }
+    }
+
     /// Device milliseconds of the launches `work` queues, replayed from a CUDA graph so the host's
     /// launch gaps are not counted (GPU); the host clock under the emulator.
     pub fn time_graph_ms(&self, work: impl FnOnce() -> KernelResult<()>) -> KernelResult<f32> {
@@ -525,6 +545,27 @@ impl KernelDevice {
             }
             #[cfg(feature = "cuda")]
             Backend::Gpu(rt) => rt.time_ms(work),
+        }
+    }
+}
+
+/// Launches recorded once by [`KernelDevice::capture`], replayed as one unit: thousands of
+/// kernels without a host launch gap between them.
+pub struct DeviceGraph {
+    #[cfg(feature = "cuda")]
+    graph: super::cuda::CudaGraph,
+}
+
+impl DeviceGraph {
+    /// Queues one replay on the device's stream.
+    pub fn launch(&self) -> KernelResult<()> {
+        #[cfg(feature = "cuda")]
+        {
+            self.graph.launch()
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            Ok(())
         }
     }
 }

@@ -1,13 +1,15 @@
 //! The Euler sampler on a kernel device: the whole K-step loop (model calls, classifier-free
-//! guidance, the step) stays on the device; the host only uploads each step's timestep features
-//! (`[B, 256]`, a few kB) and reads the final latents back.
+//! guidance, the step) stays on the device; the host uploads the inputs and every step's
+//! timestep features once and reads the final latents back. [`EulerPlan`] keeps the buffers for
+//! repeated samples and replays the loop from a CUDA graph.
 
 use half::bf16;
 
-use crate::device::kernel::KernelResult;
+use crate::device::kernel::{DevBuf, DeviceGraph, KernelError, KernelResult};
+use crate::kernels::elementwise::dev::copy;
 use crate::kernels::sde::dev::euler_cfg_step;
 use crate::kernels::shape::concat;
-use crate::mmdit::device::{DeviceMmdit, Keep};
+use crate::mmdit::device::{DeviceInputs, DeviceMmdit, Keep};
 use crate::nn::timestep_features;
 use crate::tensor::Tensor;
 
@@ -30,31 +32,159 @@ pub fn sample_euler(
     context: &Tensor,
     guidance: Option<Guidance>,
 ) -> KernelResult<Tensor> {
-    let dev = &model.dev;
-    let b = noise.shape().first().copied().unwrap_or(0);
-    let guided = guidance.is_some();
-    let (x_in, pooled_in, ctx_in, w) = match &guidance {
-        Some(g) => (
-            concat(&[noise, noise], 0),
-            concat(&[pooled, g.pooled], 0),
-            concat(&[context, g.context], 0),
-            g.scale,
-        ),
-        None => (noise.clone(), pooled.clone(), context.clone(), 1.0),
-    };
-    let calls = if guided { 2 * b } else { b };
-    let t_of = |sigma: f32| vec![crate::flow::timestep_of(sigma); calls];
-    let steps = sigmas.len().saturating_sub(1);
-    let inputs = model.inputs(&x_in, &t_of(sigmas[0]), &pooled_in, &ctx_in)?;
-    let x = dev.upload(noise.f32s())?;
-    for i in 0..steps {
-        if i > 0 {
-            let f = timestep_features(&t_of(sigmas[i]), model.config.freq_dim);
-            let host: Vec<bf16> = f.f32s().iter().map(|&v| bf16::from_f32(v)).collect();
-            dev.copy_to_device(&host, &inputs.t_features)?;
+    let scale = guidance.as_ref().map(|g| g.scale);
+    EulerPlan::new(model, sigmas, scale, false).sample(noise, pooled, context, guidance)
+}
+
+/// The Euler sampler kept ready for repeated samples of one shape: the inputs stay in device
+/// buffers that each sample overwrites, every step's timestep features are uploaded once, and —
+/// with `graph` on a GPU — the whole K-step loop is recorded into a CUDA graph and each later
+/// sample is one graph launch, with no host launch gap between its kernels. The first sample
+/// runs the loop directly (it loads the kernel modules and cuBLASLt's plans, which a capture may
+/// not do); the second records the graph. Under the emulator the loop always runs directly.
+pub struct EulerPlan<'m> {
+    model: &'m DeviceMmdit,
+    sigmas: Vec<f32>,
+    /// The guidance scale when the plan samples with classifier-free guidance.
+    scale: Option<f32>,
+    graph: bool,
+    state: Option<PlanState>,
+}
+
+/// The device buffers of a plan's shape, and its graph once recorded.
+struct PlanState {
+    shapes: [Vec<usize>; 3],
+    inputs: DeviceInputs,
+    /// The f32 state `[B, C, H, W]`.
+    x: DevBuf<f32>,
+    /// Each step's timestep features, `[K, calls, freq_dim]`.
+    t_features: DevBuf<bf16>,
+    graph: Option<DeviceGraph>,
+    samples: usize,
+}
+
+impl<'m> EulerPlan<'m> {
+    /// A plan over `sigmas` (`K + 1` values), guided with `scale` when given; `graph`: replay
+    /// the loop from a CUDA graph after the first sample (GPU only).
+    pub fn new(
+        model: &'m DeviceMmdit,
+        sigmas: &[f32],
+        scale: Option<f32>,
+        graph: bool,
+    ) -> EulerPlan<'m> {
+        EulerPlan {
+            model,
+            sigmas: sigmas.to_vec(),
+            scale,
+            graph,
+            state: None,
         }
-        let v = model.forward(&inputs, Keep::Nothing)?.velocity;
-        euler_cfg_step(dev, &x, &inputs.x, &v, guided, w, sigmas[i + 1] - sigmas[i])?;
     }
-    Ok(Tensor::from_vec(dev.download(&x)?, noise.shape()))
+
+    /// Whether the last sample was a graph replay.
+    pub fn replayed(&self) -> bool {
+        self.state
+            .as_ref()
+            .is_some_and(|s| s.graph.is_some() && s.samples > 1)
+    }
+
+    /// One sample (see [`sample_euler`]); `guidance` must be given exactly when the plan was
+    /// made with a scale, and its scale is the plan's.
+    pub fn sample(
+        &mut self,
+        noise: &Tensor,
+        pooled: &Tensor,
+        context: &Tensor,
+        guidance: Option<Guidance>,
+    ) -> KernelResult<Tensor> {
+        let dev = &self.model.dev;
+        if guidance.is_some() != self.scale.is_some() {
+            return Err(KernelError::Invalid(
+                "Euler plan: guidance given to an unguided plan, or missing".into(),
+            ));
+        }
+        let (x_in, pooled_in, ctx_in) = match &guidance {
+            Some(g) => (
+                concat(&[noise, noise], 0),
+                concat(&[pooled, g.pooled], 0),
+                concat(&[context, g.context], 0),
+            ),
+            None => (noise.clone(), pooled.clone(), context.clone()),
+        };
+        let shapes = [
+            x_in.shape().to_vec(),
+            pooled_in.shape().to_vec(),
+            ctx_in.shape().to_vec(),
+        ];
+        let steps = self.sigmas.len().saturating_sub(1);
+        let fresh = self.state.as_ref().is_none_or(|s| s.shapes != shapes);
+        if fresh {
+            let calls = x_in.shape().first().copied().unwrap_or(0);
+            let t_of = |sigma: f32| vec![crate::flow::timestep_of(sigma); calls];
+            let sigma0 = self.sigmas.first().copied().unwrap_or(1.0);
+            let inputs = self
+                .model
+                .inputs(&x_in, &t_of(sigma0), &pooled_in, &ctx_in)?;
+            let mut all = Vec::new();
+            for &sigma in &self.sigmas[..steps] {
+                let f = timestep_features(&t_of(sigma), self.model.config.freq_dim);
+                all.extend(f.f32s().iter().map(|&v| bf16::from_f32(v)));
+            }
+            self.state = Some(PlanState {
+                shapes,
+                inputs,
+                x: dev.upload(noise.f32s())?,
+                t_features: dev.upload(&all)?,
+                graph: None,
+                samples: 0,
+            });
+        }
+        let st = self.state.as_mut().expect("set above");
+        if !fresh {
+            let bf =
+                |t: &Tensor| -> Vec<bf16> { t.f32s().iter().map(|&v| bf16::from_f32(v)).collect() };
+            dev.copy_to_device(&bf(&x_in), &st.inputs.x)?;
+            dev.copy_to_device(&bf(&pooled_in), &st.inputs.pooled)?;
+            dev.copy_to_device(&bf(&ctx_in), &st.inputs.context)?;
+            dev.copy_to_device(noise.f32s(), &st.x)?;
+        }
+        let (model, sigmas, w) = (self.model, &self.sigmas, self.scale);
+        if self.graph && st.samples >= 1 && st.graph.is_none() {
+            st.graph = dev.capture(|| euler_steps(model, st, sigmas, w))?;
+        }
+        match &st.graph {
+            Some(g) => g.launch()?,
+            None => euler_steps(model, st, sigmas, w)?,
+        }
+        st.samples += 1;
+        Ok(Tensor::from_vec(dev.download(&st.x)?, noise.shape()))
+    }
+}
+
+/// The K-step loop over a plan's buffers: each step's timestep features copied into the model's
+/// input, one model call, the guided Euler step on the f32 state (which also writes the model's
+/// bf16 input for the next step). Device work only: it can be recorded into a graph.
+fn euler_steps(
+    model: &DeviceMmdit,
+    st: &PlanState,
+    sigmas: &[f32],
+    scale: Option<f32>,
+) -> KernelResult<()> {
+    let dev = &model.dev;
+    let per_step = st.inputs.t_features.len();
+    for i in 0..sigmas.len().saturating_sub(1) {
+        let features = st.t_features.view(i * per_step, per_step)?;
+        copy(dev, &st.inputs.t_features, &features)?;
+        let v = model.forward(&st.inputs, Keep::Nothing)?.velocity;
+        euler_cfg_step(
+            dev,
+            &st.x,
+            &st.inputs.x,
+            &v,
+            scale.is_some(),
+            scale.unwrap_or(1.0),
+            sigmas[i + 1] - sigmas[i],
+        )?;
+    }
+    Ok(())
 }

@@ -179,7 +179,8 @@ pub mod dev {
         (1024 / (col_blocks * b.max(1))).clamp(1, l.max(1)).min(256)
     }
 
-    /// Sums `[S, n]` partial rows into `out [n]`.
+    /// Sums `[S, n]` partial rows into `out [n]`: 32 columns per block, and up to 32 threads per
+    /// column walking the splits (see `sum_splits` in adaln.cu).
     pub fn sum_splits(
         dev: &KernelDevice,
         out: &DevBuf<f32>,
@@ -187,9 +188,23 @@ pub mod dev {
         s: usize,
     ) -> KernelResult<()> {
         let n = out.len();
+        if n == 0 {
+            return Ok(());
+        }
+        if part.len() < s * n {
+            return Err(crate::device::kernel::KernelError::Invalid(format!(
+                "sum_splits: {} partials for {s} splits of {n}",
+                part.len()
+            )));
+        }
+        let y = s.clamp(1, 32) as u32;
         dev.launch(
             "sum_splits",
-            LaunchCfg::linear(blocks_for(n, 256), 256),
+            LaunchCfg {
+                grid: [blocks_for(n, 32), 1, 1],
+                block: [32, y, 1],
+                shared_bytes: 0,
+            },
             KernelArgs::new()
                 .buf(out)
                 .buf(part)
@@ -209,10 +224,8 @@ pub mod dev {
         (d % 8 == 0 && threads <= 1024).then_some(threads as u32)
     }
 
-    /// Threads of the block-per-row dx kernel (one pack per thread, `d % 8 == 0`, at most 1024
-    /// packs). A fused dx + column-partials kernel walking rows per block was tried and measured
-    /// slower on an H200 (57 µs against 41 µs at 4429×1536: its per-row block reductions
-    /// serialise), see docs/perf-log.md.
+    /// Threads of the block-per-row dx kernel of the split backward (one pack per thread,
+    /// `d % 8 == 0`, at most 1024 packs).
     fn dx_threads(d: usize) -> Option<u32> {
         (d % 8 == 0 && d / 8 <= 1024).then(|| (d / 8).div_ceil(32) as u32 * 32)
     }
@@ -275,6 +288,29 @@ pub mod dev {
         Ok((y, mean, rstd))
     }
 
+    /// How [`adaln_modulate_bwd_with`] computes the backward.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum AdalnBwd {
+        /// A dx kernel, a column-partials kernel, and `sum_splits` for each parameter gradient:
+        /// x and dy are read twice.
+        Split,
+        /// `adaln_modulate_bwd_fused`: dx and the column partials in one pass over x and dy,
+        /// about `blocks` blocks in all (more blocks: more parallelism, more partial rows), then
+        /// `sum_splits`. Needs `d % 8 == 0` and `d / 8 ≤ 384`; other widths take `Split`.
+        Fused { blocks: usize },
+    }
+
+    /// The path [`adaln_modulate_bwd`] takes.
+    pub const ADALN_BWD_DEFAULT: AdalnBwd = AdalnBwd::Fused { blocks: 256 };
+
+    /// Rows per block of the fused backward for `b` samples of `l` rows: about `blocks` blocks,
+    /// a whole number of 4-row groups each (`BWD_GROUP` in adaln.cu). Depends on the shape only,
+    /// so every GPU sums in the same order.
+    fn fused_rows_per_block(b: usize, l: usize, blocks: usize) -> usize {
+        let per_sample = blocks.div_ceil(b.max(1)).max(1);
+        l.div_ceil(per_sample).max(1).div_ceil(4) * 4
+    }
+
     /// Gradients of [`adaln_modulate_fwd`]: (dx bf16, dshift f32, dscale f32).
     #[allow(clippy::too_many_arguments)]
     pub fn adaln_modulate_bwd(
@@ -284,14 +320,62 @@ pub mod dev {
         mean: &DevBuf<f32>,
         rstd: &DevBuf<f32>,
         dy: &DevBuf<bf16>,
+        dims: (usize, usize, usize),
+    ) -> KernelResult<(DevBuf<bf16>, DevBuf<f32>, DevBuf<f32>)> {
+        adaln_modulate_bwd_with(dev, x, scale, mean, rstd, dy, dims, ADALN_BWD_DEFAULT)
+    }
+
+    /// [`adaln_modulate_bwd`] by the given path (the benchmark and the tests run both).
+    #[allow(clippy::too_many_arguments)]
+    pub fn adaln_modulate_bwd_with(
+        dev: &KernelDevice,
+        x: &DevBuf<bf16>,
+        scale: &DevBuf<bf16>,
+        mean: &DevBuf<f32>,
+        rstd: &DevBuf<f32>,
+        dy: &DevBuf<bf16>,
         (b, l, d): (usize, usize, usize),
+        path: AdalnBwd,
     ) -> KernelResult<(DevBuf<bf16>, DevBuf<f32>, DevBuf<f32>)> {
         let rows = b * l;
-        let dx = dev.alloc::<bf16>(rows * d)?;
-        let dshift = dev.zeros::<f32>(b * d)?;
-        let dscale = dev.zeros::<f32>(b * d)?;
         if rows == 0 || d == 0 {
-            return Ok((dx, dshift, dscale));
+            return Ok((
+                dev.alloc::<bf16>(rows * d)?,
+                dev.zeros::<f32>(b * d)?,
+                dev.zeros::<f32>(b * d)?,
+            ));
+        }
+        let dx = dev.alloc::<bf16>(rows * d)?;
+        // written whole by sum_splits
+        let dshift = dev.alloc::<f32>(b * d)?;
+        let dscale = dev.alloc::<f32>(b * d)?;
+        if let AdalnBwd::Fused { blocks } = path {
+            if d % 8 == 0 && d / 8 <= 384 {
+                let per = fused_rows_per_block(b, l, blocks);
+                let s = l.div_ceil(per);
+                let part_shift = dev.alloc::<f32>(s * b * d)?;
+                let part_scale = dev.alloc::<f32>(s * b * d)?;
+                dev.launch(
+                    "adaln_modulate_bwd_fused",
+                    LaunchCfg::grid2(s as u32, b as u32, (d / 8).div_ceil(32) as u32 * 32),
+                    KernelArgs::new()
+                        .buf(&dx)
+                        .buf(&part_shift)
+                        .buf(&part_scale)
+                        .buf(x)
+                        .buf(scale)
+                        .buf(mean)
+                        .buf(rstd)
+                        .buf(dy)
+                        .i32(b as i32)
+                        .i32(l as i32)
+                        .i32(d as i32)
+                        .i32(per as i32),
+                )?;
+                sum_splits(dev, &dshift, &part_shift, s)?;
+                sum_splits(dev, &dscale, &part_scale, s)?;
+                return Ok((dx, dshift, dscale));
+            }
         }
         let (dx_kernel, dx_cfg) = match dx_threads(d) {
             Some(t) => ("adaln_modulate_bwd_dx", LaunchCfg::linear(rows as u32, t)),

@@ -62,34 +62,50 @@ fn adaln_modulate_fwd_and_bwd_match_cpu() {
                 1e-4,
             );
 
-            let (dx, dsh, dsc) =
-                gpu::adaln_modulate_bwd(&dev, &xd, &scd, &mean, &rstd, &dyd, (b, l, d)).unwrap();
             let (dxc, dshc, dscc) =
                 cpu::adaln_modulate_bwd(&xt, &ct, &stats, &tensor(dy.clone(), &[b, l, d]));
-            check(
-                "adaln_modulate_bwd.dx",
-                &dev,
-                &shape,
-                &download_f32(&dev, &dx),
-                dxc.f32s(),
-                1e-2,
-            );
-            check(
-                "adaln_modulate_bwd.dshift",
-                &dev,
-                &shape,
-                &dev.download(&dsh).unwrap(),
-                dshc.f32s(),
-                1e-4,
-            );
-            check(
-                "adaln_modulate_bwd.dscale",
-                &dev,
-                &shape,
-                &dev.download(&dsc).unwrap(),
-                dscc.f32s(),
-                1e-4,
-            );
+            // both paths; few blocks as well, so that blocks take several 4-row groups
+            for (tag, path) in [
+                ("", gpu::AdalnBwd::Split),
+                ("[fused]", gpu::AdalnBwd::Fused { blocks: 256 }),
+                ("[fused 3]", gpu::AdalnBwd::Fused { blocks: 3 }),
+            ] {
+                let (dx, dsh, dsc) = gpu::adaln_modulate_bwd_with(
+                    &dev,
+                    &xd,
+                    &scd,
+                    &mean,
+                    &rstd,
+                    &dyd,
+                    (b, l, d),
+                    path,
+                )
+                .unwrap();
+                check(
+                    &format!("adaln_modulate_bwd{tag}.dx"),
+                    &dev,
+                    &shape,
+                    &download_f32(&dev, &dx),
+                    dxc.f32s(),
+                    1e-2,
+                );
+                check(
+                    &format!("adaln_modulate_bwd{tag}.dshift"),
+                    &dev,
+                    &shape,
+                    &dev.download(&dsh).unwrap(),
+                    dshc.f32s(),
+                    1e-4,
+                );
+                check(
+                    &format!("adaln_modulate_bwd{tag}.dscale"),
+                    &dev,
+                    &shape,
+                    &dev.download(&dsc).unwrap(),
+                    dscc.f32s(),
+                    1e-4,
+                );
+            }
         }
     }
 }
