@@ -123,6 +123,78 @@ extern "C" __global__ void __launch_bounds__(1024)
     }
 }
 
+// adaln_modulate_fwd with one block reduction (one barrier) instead of two (four): the sums of
+// x − K and (x − K)² for K = the row's first element give mean and variance in one pass
+// (var = E[(x−K)²] − (E[x−K])²). Shifting by a value of the row keeps the cancellation small
+// (the two-pass kernel's exactness is lost only when the row's mean is many standard deviations
+// from its first element). Same grid, block and arguments as adaln_modulate_fwd.
+extern "C" __global__ void __launch_bounds__(1024)
+    adaln_modulate_fwd_1r(bf16* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd,
+                          const bf16* __restrict__ x, const bf16* __restrict__ shift,
+                          const bf16* __restrict__ scale, int rows, int L, int D, float eps) {
+    __shared__ float scratch[2][32];
+    const long long row = blockIdx.x;
+    const int nvec = D / 8;
+    const long long b = row / L;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    pack16 px[PACKS], psh[PACKS], psc[PACKS];
+#pragma unroll
+    for (int p = 0; p < PACKS; p++) {
+        const int c = threadIdx.x + p * blockDim.x;
+        if (c < nvec) {
+            px[p] = load16(x + row * D + 8 * c);
+            psh[p] = load16(shift + b * D + 8 * c);
+            psc[p] = load16(scale + b * D + 8 * c);
+        }
+    }
+    const float K = bf2f(x[row * D]);
+    float v[PACKS][8];
+    float s1 = 0.f, s2 = 0.f;
+#pragma unroll
+    for (int p = 0; p < PACKS; p++) {
+        if (threadIdx.x + p * blockDim.x < nvec) {
+            unpack_bf16x8(px[p], v[p]);
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                const float d = v[p][k] - K;
+                s1 += d;
+                s2 += d * d;
+            }
+        }
+    }
+    s1 = warp_sum(s1);
+    s2 = warp_sum(s2);
+    if (lane == 0) {
+        scratch[0][warp] = s1;
+        scratch[1][warp] = s2;
+    }
+    __syncthreads();
+    s1 = s2 = 0.f;
+    for (int w = 0; w < warps; w++) {
+        s1 += scratch[0][w];
+        s2 += scratch[1][w];
+    }
+    const float m1 = s1 / D;
+    const float mu = K + m1;
+    const float rs = rsqrtf(fmaxf(s2 / D - m1 * m1, 0.f) + eps);
+#pragma unroll
+    for (int p = 0; p < PACKS; p++) {
+        const int c = threadIdx.x + p * blockDim.x;
+        if (c < nvec) {
+            float fs[8], fc[8], o[8];
+            unpack_bf16x8(psh[p], fs);
+            unpack_bf16x8(psc[p], fc);
+#pragma unroll
+            for (int k = 0; k < 8; k++) o[k] = (v[p][k] - mu) * rs * (1.f + fc[k]) + fs[k];
+            store16(y + row * D + 8 * c, pack_bf16x8(o));
+        }
+    }
+    if (threadIdx.x == 0) {
+        mean[row] = mu;
+        rstd[row] = rs;
+    }
+}
+
 // dx of one row: dx̂ = dy·(1+scale); dx = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)).
 // Scalar loop over the row (three cached passes); the row-wise parts are cheap next to the
 // column reductions of the parameter gradients.

@@ -3,7 +3,9 @@
 // CPU twin: src/kernels/attention.rs (same layouts, same saved lse).
 //
 // Operands: two token streams a (text, La tokens, La may be 0) and b (image, Lb tokens), each with
-// its own q, k, v pointers in the layout [B, L, H, D] (token row stride H·D). Every query attends
+// its own q, k, v pointers in the layout [B, L, H, D] (token row stride H·D; the tensor-core
+// kernels take V and write dV with a token stride of vmul·H·D, vmul = 3 where the MMDiT reads V
+// in place from its fused qkv projection and writes dV into the fused gradient). Every query attends
 // over the concatenated keys [a; b] with one softmax, O = softmax(Q·Kᵀ/√D)·V, no mask, no
 // causality; the concatenation is never built: the key (and query) tiles are enumerated stream
 // a first, then stream b, and each tile lies inside one stream (a stream's last tile is partial
@@ -120,6 +122,15 @@ __device__ __forceinline__ void red_add2(float* p, float a, float b) {
 // Element offset of (batch b, token r, head h, column 0) in a [B, L, H, D] operand.
 __device__ __forceinline__ long long row_offset(int b, int L, int r, int H, int h, int D) {
     return (((long long)b * L + r) * H + h) * D;
+}
+
+// The same in V (and dV), whose token rows are VMUL·H·D elements apart: H·D when V is its own
+// tensor, 3·H·D when it is read in place from the MMDiT's fused qkv projection.
+// Written as K's offset plus the extra stride, so that with VMUL = 1 it is K's offset exactly
+// (one value, no extra register in these register-bound kernels).
+template <int VMUL>
+__device__ __forceinline__ long long v_offset(long long k_off, int b, int L, int r, long long ld) {
+    return k_off + (long long)(VMUL - 1) * (((long long)b * L + r) * ld);
 }
 
 // Copies `rows` token rows starting at `g` (global, row stride `ld` elements) into a shared tile of
@@ -276,7 +287,7 @@ __device__ __forceinline__ void acc_to_shared(bf16* s, int row0, const float acc
 // Deterministic: fixed order, no atomics.
 constexpr float kLazyLog2 = 8.f;
 
-template <int D, bool QREG, int NW, int STAGES>
+template <int D, bool QREG, int NW, int STAGES, int VMUL>
 __device__ __forceinline__ void fwd_v3(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
                                        const bf16* __restrict__ qa, const bf16* __restrict__ ka,
                                        const bf16* __restrict__ va, const bf16* __restrict__ qb,
@@ -307,7 +318,9 @@ __device__ __forceinline__ void fwd_v3(bf16* __restrict__ oa, bf16* __restrict__
         const int Lk = kt.stream == 0 ? La : Lb;
         const long long k_off = row_offset(b, Lk, kt.row0, H, h, D);
         load_tile_async<D, ATTN_TILE, NT>(sK0 + st * KVS, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
-        load_tile_async<D, ATTN_TILE, NT>(sV0 + st * KVS, (kt.stream == 0 ? va : vb) + k_off, ld, kt.rows);
+        load_tile_async<D, ATTN_TILE, NT>(sV0 + st * KVS,
+                                          (kt.stream == 0 ? va : vb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld), VMUL * ld,
+                                          kt.rows);
     };
 
     const int nkt = ntiles(La) + ntiles(Lb);
@@ -496,7 +509,7 @@ __device__ __forceinline__ void fwd_v3(bf16* __restrict__ oa, bf16* __restrict__
 // ---- Backward --------------------------------------------------------------------------------
 
 // NW warps (8: BwdVariant::K128), each owning 16 keys: a key tile of KT = 16·NW rows per block.
-template <int D, int NW>
+template <int D, int NW, int VMUL>
 __device__ __forceinline__ void bwd(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
                                     bf16* __restrict__ dvb, float* __restrict__ dqa_acc,
                                     float* __restrict__ dqb_acc, const bf16* __restrict__ qa,
@@ -551,7 +564,7 @@ __device__ __forceinline__ void bwd(bf16* __restrict__ dka, bf16* __restrict__ d
 
     // Group 0: K, V of this block and query tile 0.
     load_tile_async<D, KT, NT>(sK, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
-    load_tile_async<D, KT, NT>(sV, (kt.stream == 0 ? va : vb) + k_off, ld, kt.rows);
+    load_tile_async<D, KT, NT>(sV, (kt.stream == 0 ? va : vb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld), VMUL * ld, kt.rows);
     issue_q(0, 0);
     cp_async_commit();
     // Keys (rows of this warp's Sᵀ) past the tile's end get P = 0.
@@ -678,7 +691,7 @@ __device__ __forceinline__ void bwd(bf16* __restrict__ dka, bf16* __restrict__ d
     acc_to_shared<D>(sV, 16 * warp, dv, 1.f, 1.f, lane);
     __syncthreads();
     store_tile<D, KT, NT>((kt.stream == 0 ? dka : dkb) + k_off, sK, ld, kt.rows);
-    store_tile<D, KT, NT>((kt.stream == 0 ? dva : dvb) + k_off, sV, ld, kt.rows);
+    store_tile<D, KT, NT>((kt.stream == 0 ? dva : dvb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld), sV, VMUL * ld, kt.rows);
 }
 
 // The backward with MT 16-key m-tiles per warp (BwdVariant::V3: D = 64, 4 warps × 32 keys =
@@ -688,7 +701,7 @@ __device__ __forceinline__ void bwd(bf16* __restrict__ dka, bf16* __restrict__ d
 // registers (dK, dV of 32 keys take 128 registers). Queries in chunks of QC = 32 columns. dQ as
 // in bwd: dSᵀ through shared memory, warp w forms dQ for queries 16w.. over all KT keys with
 // f32 reductions. Same shared-memory layout and launch arguments as bwd with KT = 32·NW.
-template <int D, int NW, int MT>
+template <int D, int NW, int MT, int VMUL>
 __device__ __forceinline__ void bwd_v3(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
                                        bf16* __restrict__ dvb, float* __restrict__ dqa_acc,
                                        float* __restrict__ dqb_acc, const bf16* __restrict__ qa,
@@ -741,7 +754,7 @@ __device__ __forceinline__ void bwd_v3(bf16* __restrict__ dka, bf16* __restrict_
     };
 
     load_tile_async<D, KT, NT>(sK, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
-    load_tile_async<D, KT, NT>(sV, (kt.stream == 0 ? va : vb) + k_off, ld, kt.rows);
+    load_tile_async<D, KT, NT>(sV, (kt.stream == 0 ? va : vb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld), VMUL * ld, kt.rows);
     issue_q(0, 0);
     cp_async_commit();
     // Key rows (2·mt + r: rows g, g+8 of m-tile mt) past the tile's end get P = 0.
@@ -896,7 +909,7 @@ __device__ __forceinline__ void bwd_v3(bf16* __restrict__ dka, bf16* __restrict_
     }
     __syncthreads();
     store_tile<D, KT, NT>((kt.stream == 0 ? dka : dkb) + k_off, sK, ld, kt.rows);
-    store_tile<D, KT, NT>((kt.stream == 0 ? dva : dvb) + k_off, sV, ld, kt.rows);
+    store_tile<D, KT, NT>((kt.stream == 0 ? dva : dvb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld), sV, VMUL * ld, kt.rows);
 }
 
 }  // namespace attn
@@ -908,36 +921,70 @@ __device__ __forceinline__ void bwd_v3(bf16* __restrict__ dka, bf16* __restrict_
 // query blocks (grid: 256-row tiles of a + of b, B·H), 3 K/V stages at D = 64 and 2 at D = 128
 // (3 spill there), one block per SM; dynamic shared memory (256 + STAGES·2·64)·(D+8)·2 bytes. V4: 4 warps × 32 rows = 128-row blocks, 3 stages
 // at D = 64 (two blocks per SM), 2 at D = 128; (128 + STAGES·2·64)·(D+8)·2 bytes.
+// The *_vfused entries read V with a token stride of 3·H·D (in place in a fused qkv projection):
+// a compile-time stride, since a runtime one costs these 241–255-register kernels a spill.
 extern "C" __global__ void __launch_bounds__(256, 1)
     joint_attn_fwd_v3_d64(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-                          const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-                          const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
-                          int La, int Lb, int H, float scale_log2) {
-    attn::fwd_v3<64, true, 8, 3>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
+        int H, float scale_log2) {
+    attn::fwd_v3<64, true, 8, 3, 1>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    joint_attn_fwd_v3_d64_vfused(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
+        int H, float scale_log2) {
+    attn::fwd_v3<64, true, 8, 3, 3>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
     joint_attn_fwd_v3_d128(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-                           const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-                           const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
-                           int La, int Lb, int H, float scale_log2) {
-    attn::fwd_v3<128, false, 8, 2>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
+        int H, float scale_log2) {
+    attn::fwd_v3<128, false, 8, 2, 1>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    joint_attn_fwd_v3_d128_vfused(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
+        int H, float scale_log2) {
+    attn::fwd_v3<128, false, 8, 2, 3>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 2)
     joint_attn_fwd_v4_d64(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-                          const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-                          const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
-                          int La, int Lb, int H, float scale_log2) {
-    attn::fwd_v3<64, true, 4, 3>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
+        int H, float scale_log2) {
+    attn::fwd_v3<64, true, 4, 3, 1>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 2)
+    joint_attn_fwd_v4_d64_vfused(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
+        int H, float scale_log2) {
+    attn::fwd_v3<64, true, 4, 3, 3>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 2)
     joint_attn_fwd_v4_d128(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-                           const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-                           const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
-                           int La, int Lb, int H, float scale_log2) {
-    attn::fwd_v3<128, false, 4, 2>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
+        int H, float scale_log2) {
+    attn::fwd_v3<128, false, 4, 2, 1>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 2)
+    joint_attn_fwd_v4_d128_vfused(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
+        int H, float scale_log2) {
+    attn::fwd_v3<128, false, 4, 2, 3>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
 }
 
 // Drow[b, h, i] = Σ_c dO[i, c]·O[i, c] over the concatenated rows i of [a; b]. Eight lanes per
@@ -979,26 +1026,49 @@ extern "C" __global__ void __launch_bounds__(256)
 // The 8-warp variants: key tiles of 128 rows (grid: 128-row key tiles of a + of b, B·H), block
 // 256, dynamic shared memory (2·128·(D+8) + 4·64·(D+8) + 128·72)·2 + 4·64·4 bytes. Half the dQ
 // reductions and half the Q, dO traffic per key of 64-key tiles.
+// The *_vfused entries read V and write dV with a token stride of 3·H·D (as the forward's).
 extern "C" __global__ void __launch_bounds__(2 * ATTN_THREADS)
     joint_attn_bwd_k128_d64(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
-                            bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
-                            const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-                            const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
-                            const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
-                            const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
-    attn::bwd<64, 8>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La, Lb, H,
-                     scale_log2, scale);
+        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
+        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
+        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
+    attn::bwd<64, 8, 1>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
+        Lb, H, scale_log2, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(2 * ATTN_THREADS)
+    joint_attn_bwd_k128_d64_vfused(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
+        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
+        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
+        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
+    attn::bwd<64, 8, 3>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
+        Lb, H, scale_log2, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(2 * ATTN_THREADS)
     joint_attn_bwd_k128_d128(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
-                             bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
-                             const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-                             const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
-                             const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
-                             const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
-    attn::bwd<128, 8>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La, Lb, H,
-                      scale_log2, scale);
+        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
+        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
+        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
+    attn::bwd<128, 8, 1>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
+        Lb, H, scale_log2, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(2 * ATTN_THREADS)
+    joint_attn_bwd_k128_d128_vfused(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
+        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
+        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
+        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
+    attn::bwd<128, 8, 3>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
+        Lb, H, scale_log2, scale);
 }
 
 // BwdVariant::V3 at D = 64: 4 warps × 32 keys (grid: 128-row key tiles of a + of b, B·H), block
@@ -1006,13 +1076,24 @@ extern "C" __global__ void __launch_bounds__(2 * ATTN_THREADS)
 // keys of dK, dV per warp; the Rust side runs K128 there.)
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)
     joint_attn_bwd_v3_d64(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
-                          bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
-                          const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-                          const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
-                          const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
-                          const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
-    attn::bwd_v3<64, 4, 2>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
-                           Lb, H, scale_log2, scale);
+        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
+        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
+        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
+    attn::bwd_v3<64, 4, 2, 1>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
+        Lb, H, scale_log2, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)
+    joint_attn_bwd_v3_d64_vfused(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
+        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
+        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
+        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
+    attn::bwd_v3<64, 4, 2, 3>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
+        Lb, H, scale_log2, scale);
 }
 
 // dq = scale · acc for both streams (na, nb elements, multiples of 8): 8 elements per thread.

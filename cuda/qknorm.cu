@@ -8,6 +8,11 @@
 //                  Σ_rows dy·x̂ as one f32 partial row per block (fixed grid, fixed order, so the
 //                  result is deterministic), reduced by sum_splits (adaln.cu)
 //
+// x (and in the backward dx) may be read and written in place inside a wider tensor: rows are
+// (token, head) pairs at x_row(row) = (row / H)·ld + (row % H)·D, so the MMDiT normalises q and k
+// straight out of its fused qkv projection and writes their gradients straight into the fused
+// gradient (no column copies). y, dy and rstd are always contiguous [rows, D] / [rows].
+//
 // A row belongs to a group of G lanes of one warp (G = the power of two ≥ D/8, at most 32), so at
 // head dim 64 a warp normalises four rows and every lane moves 16 bytes per access instead of a
 // warp-per-row layout leaving 24 of 32 lanes idle. For D % 8 == 0 each lane keeps its slice of
@@ -22,6 +27,13 @@
 
 namespace qknorm {
 
+// Element offset of row `row` of x (and dx): rows are (token, head) pairs, H heads of D per token
+// and `ld` elements from one token to the next — ld = H·D for a contiguous [rows, D] tensor, 3·H·D
+// to read q or k in place from a fused qkv projection [tokens, 3·H·D].
+__device__ __forceinline__ long long x_row(long long row, int H, long long ld, int D) {
+    return (row / H) * ld + (row % H) * D;
+}
+
 // Sum over an aligned group of G lanes (G a power of two ≤ 32). Every lane of the warp must call
 // it, including lanes whose row is past the end (they contribute zeros).
 __device__ __forceinline__ float group_sum(float v, int G) {
@@ -35,7 +47,7 @@ template <int VPL>
 __device__ __forceinline__ void fwd_rows_vec(bf16* __restrict__ y, float* __restrict__ rstd,
                                              const bf16* __restrict__ x, const bf16* __restrict__ w,
                                              long long row0, long long stride, long long rows, int D,
-                                             float eps, int G, int gl) {
+                                             float eps, int G, int gl, int H, long long ld) {
     const int nvec = D / 8;
     pack16 px[QK_ROWS][VPL], pw[VPL];
 #pragma unroll
@@ -47,7 +59,7 @@ __device__ __forceinline__ void fwd_rows_vec(bf16* __restrict__ y, float* __rest
 #pragma unroll
         for (int i = 0; i < VPL; i++) {
             const int c = gl + G * i;
-            if (row < rows && c < nvec) px[k][i] = load16(x + row * D + 8 * c);
+            if (row < rows && c < nvec) px[k][i] = load16(x + x_row(row, H, ld, D) + 8 * c);
         }
     }
     float sq[QK_ROWS];
@@ -93,16 +105,18 @@ __device__ __forceinline__ void fwd_rows_vec(bf16* __restrict__ y, float* __rest
 
 __device__ __forceinline__ void fwd_row_scalar(bf16* __restrict__ y, float* __restrict__ rstd,
                                                const bf16* __restrict__ x, const bf16* __restrict__ w,
-                                               long long row, bool valid, int D, float eps, int G, int gl) {
+                                               long long row, bool valid, int D, float eps, int G, int gl,
+                                               int H, long long ld) {
+    const bf16* xr = x + (valid ? x_row(row, H, ld, D) : 0);
     float sq = 0.f;
     if (valid)
         for (int j = gl; j < D; j += G) {
-            const float v = bf2f(x[row * D + j]);
+            const float v = bf2f(xr[j]);
             sq += v * v;
         }
     const float rs = rsqrtf(group_sum(sq, G) / D + eps);
     if (!valid) return;
-    for (int j = gl; j < D; j += G) y[row * D + j] = f2bf(bf2f(x[row * D + j]) * rs * bf2f(w[j]));
+    for (int j = gl; j < D; j += G) y[row * D + j] = f2bf(bf2f(xr[j]) * rs * bf2f(w[j]));
     if (gl == 0) rstd[row] = rs;
 }
 
@@ -120,7 +134,8 @@ template <int VPL>
 __device__ __forceinline__ void bwd_rows_vec(bf16* __restrict__ dx, float* __restrict__ my,
                                              const bf16* __restrict__ x, const bf16* __restrict__ w,
                                              const float* __restrict__ rstd, const bf16* __restrict__ dy,
-                                             long long rows, int D, int G, int gl, int grp, int groups) {
+                                             long long rows, int D, int G, int gl, int grp, int groups, int H,
+                                             long long ld) {
     const int nvec = D / 8;
     const long long stride = (long long)gridDim.x * groups * QK_BWD_ROWS;
     float wv[VPL][8], dw[VPL][8];
@@ -145,7 +160,7 @@ __device__ __forceinline__ void bwd_rows_vec(bf16* __restrict__ dx, float* __res
             for (int i = 0; i < VPL; i++) {
                 const int c = gl + G * i;
                 if (row < rows && c < nvec) {
-                    px[k][i] = load16(x + row * D + 8 * c);
+                    px[k][i] = load16(x + x_row(row, H, ld, D) + 8 * c);
                     pg[k][i] = load16(dy + row * D + 8 * c);
                 }
             }
@@ -187,7 +202,7 @@ __device__ __forceinline__ void bwd_rows_vec(bf16* __restrict__ dx, float* __res
                     unpack_bf16x8(pg[k][i], gv);
 #pragma unroll
                     for (int e = 0; e < 8; e++) o[e] = rs[k] * (gv[e] * wv[i][e] - xv[e] * rs[k] * m);
-                    store16(dx + row * D + 8 * c, pack_bf16x8(o));
+                    store16(dx + x_row(row, H, ld, D) + 8 * c, pack_bf16x8(o));
                 }
             }
         }
@@ -208,20 +223,20 @@ __device__ __forceinline__ void bwd_rows_vec(bf16* __restrict__ dx, float* __res
 // k·groups, k < QK_ROWS (so each warp access covers consecutive rows).
 extern "C" __global__ void __launch_bounds__(QK_THREADS)
     rms_norm_fwd(bf16* __restrict__ y, float* __restrict__ rstd, const bf16* __restrict__ x,
-                 const bf16* __restrict__ w, long long rows, int D, float eps, int G) {
+                 const bf16* __restrict__ w, long long rows, int D, float eps, int G, int H, long long ld) {
     using namespace qknorm;
     const int gl = threadIdx.x % G, groups = blockDim.x / G;
     const long long row0 = (long long)blockIdx.x * groups * QK_ROWS + threadIdx.x / G;
     // Past-the-end groups still join their warp's shuffles.
-    const int vpl = vectors_per_lane(D, G, aligned16(x) && aligned16(y) && aligned16(w));
+    const int vpl = vectors_per_lane(D, G, aligned16(x) && aligned16(y) && aligned16(w) && ld % 8 == 0);
     if (vpl == 1)
-        fwd_rows_vec<1>(y, rstd, x, w, row0, groups, rows, D, eps, G, gl);
+        fwd_rows_vec<1>(y, rstd, x, w, row0, groups, rows, D, eps, G, gl, H, ld);
     else if (vpl == 2)
-        fwd_rows_vec<2>(y, rstd, x, w, row0, groups, rows, D, eps, G, gl);
+        fwd_rows_vec<2>(y, rstd, x, w, row0, groups, rows, D, eps, G, gl, H, ld);
     else
         for (int k = 0; k < QK_ROWS; k++) {
             const long long row = row0 + (long long)k * groups;
-            fwd_row_scalar(y, rstd, x, w, row, row < rows, D, eps, G, gl);
+            fwd_row_scalar(y, rstd, x, w, row, row < rows, D, eps, G, gl, H, ld);
         }
 }
 
@@ -233,18 +248,19 @@ extern "C" __global__ void __launch_bounds__(QK_THREADS)
 extern "C" __global__ void __launch_bounds__(QK_THREADS)
     rms_norm_bwd(bf16* __restrict__ dx, float* __restrict__ dw_part, const bf16* __restrict__ x,
                  const bf16* __restrict__ w, const float* __restrict__ rstd, const bf16* __restrict__ dy,
-                 long long rows, int D, int G) {
+                 long long rows, int D, int G, int H, long long ld) {
     using namespace qknorm;
     DYNAMIC_SMEM(float, acc);  // [groups][D]: each group's running Σ dy·x̂
     const int groups = blockDim.x / G, grp = threadIdx.x / G, gl = threadIdx.x % G;
     float* my = acc + (long long)grp * D;
-    const int vpl = vectors_per_lane(D, G, aligned16(x) && aligned16(w) && aligned16(dy) && aligned16(dx));
+    const int vpl =
+        vectors_per_lane(D, G, aligned16(x) && aligned16(w) && aligned16(dy) && aligned16(dx) && ld % 8 == 0);
     const long long stride = (long long)gridDim.x * groups * QK_BWD_ROWS;
 
     // Only one vector per lane in the backward (D ≤ 256, every head dim in use): the second
     // (D ≤ 512) would take the kernel from 60 to 112 registers and halve its occupancy.
     if (vpl == 1) {
-        bwd_rows_vec<1>(dx, my, x, w, rstd, dy, rows, D, G, gl, grp, groups);
+        bwd_rows_vec<1>(dx, my, x, w, rstd, dy, rows, D, G, gl, grp, groups, H, ld);
     } else {
         // Scalar path: column j of the group's accumulator row belongs to lane j % G alone.
         for (int j = gl; j < D; j += G) my[j] = 0.f;
@@ -253,18 +269,19 @@ extern "C" __global__ void __launch_bounds__(QK_THREADS)
             const long long row = r1 + grp + (long long)k * groups;
             const bool valid = row < rows;
             const float rs = valid ? rstd[row] : 0.f;
+            const long long xo = valid ? x_row(row, H, ld, D) : 0;
             float dot = 0.f;
             if (valid)
                 for (int j = gl; j < D; j += G) {
-                    const float xh = bf2f(x[row * D + j]) * rs, g = bf2f(dy[row * D + j]);
+                    const float xh = bf2f(x[xo + j]) * rs, g = bf2f(dy[row * D + j]);
                     my[j] += g * xh;
                     dot += g * bf2f(w[j]) * xh;
                 }
             const float m = group_sum(dot, G) / D;
             if (!valid) continue;
             for (int j = gl; j < D; j += G) {
-                const float xv = bf2f(x[row * D + j]);
-                dx[row * D + j] = f2bf(rs * (bf2f(dy[row * D + j]) * bf2f(w[j]) - xv * rs * m));
+                const float xv = bf2f(x[xo + j]);
+                dx[xo + j] = f2bf(rs * (bf2f(dy[row * D + j]) * bf2f(w[j]) - xv * rs * m));
             }
         }
     }

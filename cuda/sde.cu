@@ -20,10 +20,24 @@
 // Layout [B, D] row-major. The reducing kernels use grid (P, B): block (p, b) owns elements
 // [p·per, min(D, (p+1)·per)) of sample b, `per` a multiple of 4 chosen by the launcher from D alone,
 // so partial sums never depend on the GPU. 16-byte vectors when D % 4 == 0 and the pointers allow.
+//
+// Bandwidth (the SD3 shape, 8 × 262144, moves 32–56 MB per call: 10–20 µs on an H100, so every
+// serial latency shows): each thread issues a whole step's 16-byte loads before it needs the
+// per-sample σ, σ' or norm, whose loads then overlap the data's; the per-sample sums of the P
+// partials are read by a warp at once (`warp_sum_parts`, a fixed order) rather than one after
+// another by a single thread (one L2 round trip per few partials: an estimated 2–3 µs at P = 64);
+// the two-input kernels (dmd_abs_partial, dmd_grad_apply, flow_noise) do one step of 4 vectors
+// per array per thread, all 8 loads in flight from the start; and those and sde_rho_step stay
+// within 64 registers (launch bounds), so the shape's 8 × 64 blocks of 4096 elements are resident
+// at once on 132 SMs (4 per SM): one wave, no tail.
 #include "common.cuh"
 
 #define SDE_THREADS 256
-#define SDE_UNROLL 2  // 16-byte vectors per thread per step, per array, all loaded before use
+// 16-byte vectors per thread per step, per array, all loaded before use: sde_rho_step's 3 inputs
+// take 2 steps of 2 per block of 4096 elements (one step of 12 loads would need > 64 registers);
+// the two-input kernels take 1 step of 4 (8 loads in flight per thread from its start).
+#define SDE_UNROLL 2
+#define SDE_WIDE 4
 
 namespace sde {
 
@@ -35,6 +49,25 @@ __device__ __forceinline__ float get(const float4& v, int k) {
 
 // Finite and not NaN, without <cmath>'s isfinite (the emulator's g++ and nvcc disagree on it).
 __device__ __forceinline__ bool finite(float v) { return fabsf(v) <= 3.402823466e38f; }
+
+// Σ_{p < P} part[p] in f64 by one warp: lane l adds the p ≡ l (mod 32) in increasing p, then a
+// fixed xor-shuffle tree, so the order depends on P alone and every lane (and every block that
+// sums the same partials) gets the same value, bit for bit (f64 addition commutes). Each lane
+// loads 4 partials at once (0 past P, which adds nothing): one L2 round trip per 128 partials
+// instead of a serial loop's one per few.
+__device__ __forceinline__ double warp_sum_parts(const float* __restrict__ part, int P) {
+    double s = 0.0;
+    for (int p0 = threadIdx.x & 31; p0 < P; p0 += 128) {
+        float q[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) q[k] = p0 + 32 * k < P ? part[p0 + 32 * k] : 0.f;
+#pragma unroll
+        for (int k = 0; k < 4; k++) s += (double)q[k];
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(FULL_MASK, s, o);
+    return s;
+}
 
 // The coefficients of one sample's transition.
 struct Rho {
@@ -72,8 +105,9 @@ __device__ __forceinline__ float rho_elem(const Rho& r, float x, float v, float 
 // grid: (P, B), block: SDE_THREADS. Rollout: z given, next_in null, x' = μ + s·z written to
 // next_out. Recompute (x' held fixed, as the policy gradient needs): next_in given, z and
 // next_out null. x0_out, mean_out, grad_v may be null (not written). σ, σ' per sample ([B]).
-// sq_part[b·P + p] = the block's Σ (x' − μ)².
-extern "C" __global__ void __launch_bounds__(SDE_THREADS)
+// sq_part[b·P + p] = the block's Σ (x' − μ)². At most 64 registers (launch bounds): 4 blocks
+// per SM, so the SD3 shape's 8 × 64 blocks are all resident on an H100's 132 SMs, one wave.
+extern "C" __global__ void __launch_bounds__(SDE_THREADS, 4)
     sde_rho_step(float* __restrict__ next_out, float* __restrict__ x0_out, float* __restrict__ mean_out,
                  float* __restrict__ grad_v, float* __restrict__ sq_part, const float* __restrict__ x,
                  const float* __restrict__ v, const float* __restrict__ z, const float* __restrict__ next_in,
@@ -82,27 +116,28 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS)
     using namespace sde;
     __shared__ float scratch[32];
     const int b = blockIdx.y, p = blockIdx.x, P = gridDim.x;
-    const Rho r = rho_coeffs(sigma[b], sigma_next[b], rho, D);
     const bool given = next_in != nullptr;
+    const float* __restrict__ third = given ? next_in : z;  // z, or the given x'
     const long long lo = (long long)p * per, hi = min(D, lo + per), base = (long long)b * D;
     float sq = 0.f;
     const bool vec = D % 4 == 0 && aligned16(next_out) && aligned16(x0_out) && aligned16(mean_out) &&
-                     aligned16(grad_v) && aligned16(x) && aligned16(v) && aligned16(z) && aligned16(next_in);
+                     aligned16(grad_v) && aligned16(x) && aligned16(v) && aligned16(third);
+    // Thread t's step covers vectors t + u·T (u < SDE_UNROLL) from s0: coalesced, and the step's
+    // 3·SDE_UNROLL loads are all issued before the first is used — the first step's before σ and
+    // σ' are read, so those two latencies overlap instead of adding up.
+    const long long T4 = 4ll * blockDim.x, end = base + hi;
+    long long s0 = base + lo + 4 * threadIdx.x;
+    float4 xv[SDE_UNROLL], vv[SDE_UNROLL], zv[SDE_UNROLL];
     if (vec) {
-        // Thread t's step covers vectors t + u·T (u < SDE_UNROLL) from s0: coalesced, and the
-        // step's 3·SDE_UNROLL loads are all issued before the first is used.
-        const long long T4 = 4ll * blockDim.x, end = base + hi;
-        for (long long s0 = base + lo + 4 * threadIdx.x; s0 < end; s0 += T4 * SDE_UNROLL) {
-            float4 xv[SDE_UNROLL], vv[SDE_UNROLL], zv[SDE_UNROLL];
 #pragma unroll
-            for (int u = 0; u < SDE_UNROLL; u++) {
-                const long long i = s0 + u * T4;
-                if (i < end) {
-                    xv[u] = ld4(x + i);
-                    vv[u] = ld4(v + i);
-                    zv[u] = ld4(given ? next_in + i : z + i);
-                }
-            }
+        for (int u = 0; u < SDE_UNROLL; u++) {
+            const long long i = s0 + u * T4;
+            if (i < end) xv[u] = ld4(x + i), vv[u] = ld4(v + i), zv[u] = ld4(third + i);
+        }
+    }
+    const Rho r = rho_coeffs(sigma[b], sigma_next[b], rho, D);
+    if (vec) {
+        while (s0 < end) {
 #pragma unroll
             for (int u = 0; u < SDE_UNROLL; u++) {
                 const long long i = s0 + u * T4;
@@ -118,6 +153,13 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS)
                 if (x0_out) st4(x0_out + i, make_float4(o0[0], o0[1], o0[2], o0[3]));
                 if (mean_out) st4(mean_out + i, make_float4(om[0], om[1], om[2], om[3]));
                 if (grad_v) st4(grad_v + i, make_float4(og[0], og[1], og[2], og[3]));
+            }
+            s0 += T4 * SDE_UNROLL;
+            if (s0 >= end) break;
+#pragma unroll
+            for (int u = 0; u < SDE_UNROLL; u++) {
+                const long long i = s0 + u * T4;
+                if (i < end) xv[u] = ld4(x + i), vv[u] = ld4(v + i), zv[u] = ld4(third + i);
             }
         }
     } else {
@@ -136,15 +178,15 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS)
 
 // logp[b] = −Σ_p sq_part[b, p] / (2s²D) − log s − ½ log 2π with s = σ'_b·ρ, in f64 (the policy
 // ratio exp(ℓ − ℓ_old) needs ~1e-6 absolute accuracy); NaN where s ≤ 0 (no density).
-// grid: ceil(B / 32), block: 32.
-extern "C" __global__ void sde_logprob_finalize(double* __restrict__ logp, const float* __restrict__ sq_part,
-                                                const float* __restrict__ sigma_next, float rho, int B, int P,
-                                                long long D) {
-    const int b = blockIdx.x * blockDim.x + threadIdx.x;
+// grid: B, block: 32 (one warp per sample, its partials summed by warp_sum_parts).
+extern "C" __global__ void __launch_bounds__(32)
+    sde_logprob_finalize(double* __restrict__ logp, const float* __restrict__ sq_part,
+                         const float* __restrict__ sigma_next, float rho, int B, int P, long long D) {
+    const int b = blockIdx.x;
     if (b >= B) return;
-    double sq = 0.0;
-    for (int p = 0; p < P; p++) sq += (double)sq_part[(long long)b * P + p];
-    const float sn = sigma_next[b];
+    const float sn = sigma_next[b];  // loaded beside the partials
+    const double sq = sde::warp_sum_parts(sq_part + (long long)b * P, P);
+    if (threadIdx.x != 0) return;
     const float stdf = sn > 0.f ? sn * rho : 0.f;
     if (!(stdf > 0.f)) {
         logp[b] = (double)bits_to_float(0x7fc00000u);
@@ -154,8 +196,10 @@ extern "C" __global__ void sde_logprob_finalize(double* __restrict__ logp, const
     logp[b] = -sq / (2.0 * s * s * (double)D) - log(s) - 0.5 * log(2.0 * 3.14159265358979323846);
 }
 
-// part[b·P + p] = Σ |x − x̂0_real| over block (p, b)'s elements. grid: (P, B), block: SDE_THREADS.
-extern "C" __global__ void __launch_bounds__(SDE_THREADS)
+// part[b·P + p] = Σ |x − x̂0_real| over block (p, b)'s elements. grid: (P, B), block: SDE_THREADS
+// (one wave at the SD3 shape, as sde_rho_step). x is read with the evict-first hint (__ldcs): of
+// the two arrays only x̂0_real is read again, by dmd_grad_apply, and it should find it in L2.
+extern "C" __global__ void __launch_bounds__(SDE_THREADS, 4)
     dmd_abs_partial(float* __restrict__ part, const float* __restrict__ x, const float* __restrict__ x0_real,
                     long long D, long long per) {
     using namespace sde;
@@ -165,16 +209,16 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS)
     float acc = 0.f;
     if (D % 4 == 0 && aligned16(x) && aligned16(x0_real)) {
         const long long T4 = 4ll * blockDim.x, end = base + hi;
-        for (long long s0 = base + lo + 4 * threadIdx.x; s0 < end; s0 += T4 * SDE_UNROLL) {
-            float4 a[SDE_UNROLL], r[SDE_UNROLL];
+        for (long long s0 = base + lo + 4 * threadIdx.x; s0 < end; s0 += T4 * SDE_WIDE) {
+            float4 a[SDE_WIDE], r[SDE_WIDE];
 #pragma unroll
-            for (int u = 0; u < SDE_UNROLL; u++)
+            for (int u = 0; u < SDE_WIDE; u++)
                 if (s0 + u * T4 < end) {
-                    a[u] = ld4(x + s0 + u * T4);
+                    a[u] = __ldcs(reinterpret_cast<const float4*>(x + s0 + u * T4));
                     r[u] = ld4(x0_real + s0 + u * T4);
                 }
 #pragma unroll
-            for (int u = 0; u < SDE_UNROLL; u++)
+            for (int u = 0; u < SDE_WIDE; u++)
                 if (s0 + u * T4 < end)
                     acc += fabsf(a[u].x - r[u].x) + fabsf(a[u].y - r[u].y) + fabsf(a[u].z - r[u].z) +
                            fabsf(a[u].w - r[u].w);
@@ -187,9 +231,11 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS)
 }
 
 // g = scale · nan_to_num((x̂0_fake − x̂0_real) / norm_b), norm_b = Σ_p part[b, p] / D. Every block
-// of sample b sums the same P partials in the same order, so all agree on norm_b.
+// of sample b sums the same P partials in the same order (warp_sum_parts), so all agree on norm_b.
+// The first step's data is loaded (evict-first: the gradient's last use of both) before warp 0
+// reads the partials, so the two latencies overlap while the other warps wait at the barrier.
 // grid: (P, B) as for dmd_abs_partial, block: SDE_THREADS.
-extern "C" __global__ void __launch_bounds__(SDE_THREADS)
+extern "C" __global__ void __launch_bounds__(SDE_THREADS, 4)
     dmd_grad_apply(float* __restrict__ g, const float* __restrict__ x0_real, const float* __restrict__ x0_fake,
                    const float* __restrict__ part, long long D, long long per, float scale) {
     using namespace sde;
@@ -197,29 +243,27 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS)
     const int b = blockIdx.y, p = blockIdx.x, P = gridDim.x;
     const long long lo = (long long)p * per, hi = min(D, lo + per), base = (long long)b * D;
     const bool vec = D % 4 == 0 && aligned16(g) && aligned16(x0_real) && aligned16(x0_fake);
-    // The first step's data is loaded before norm_b is summed, so the two latencies overlap.
     const long long T4 = 4ll * blockDim.x, end = base + hi;
     long long s0 = base + lo + 4 * threadIdx.x;
-    float4 r[SDE_UNROLL], f[SDE_UNROLL];
+    float4 r[SDE_WIDE], f[SDE_WIDE];
     if (vec) {
 #pragma unroll
-        for (int u = 0; u < SDE_UNROLL; u++)
+        for (int u = 0; u < SDE_WIDE; u++)
             if (s0 + u * T4 < end) {
-                r[u] = ld4(x0_real + s0 + u * T4);
-                f[u] = ld4(x0_fake + s0 + u * T4);
+                r[u] = __ldcs(reinterpret_cast<const float4*>(x0_real + s0 + u * T4));
+                f[u] = __ldcs(reinterpret_cast<const float4*>(x0_fake + s0 + u * T4));
             }
     }
-    if (threadIdx.x == 0) {
-        double s = 0.0;
-        for (int q = 0; q < P; q++) s += (double)part[(long long)b * P + q];
-        norm_s = (float)(s / (double)D);
+    if (threadIdx.x < 32) {
+        const double s = warp_sum_parts(part + (long long)b * P, P);
+        if (threadIdx.x == 0) norm_s = (float)(s / (double)D);
     }
     __syncthreads();
     const float norm = norm_s;
     if (vec) {
         while (s0 < end) {
 #pragma unroll
-            for (int u = 0; u < SDE_UNROLL; u++) {
+            for (int u = 0; u < SDE_WIDE; u++) {
                 const long long i = s0 + u * T4;
                 if (i >= end) continue;
                 float o[4];
@@ -230,13 +274,13 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS)
                 }
                 st4(g + i, make_float4(o[0], o[1], o[2], o[3]));
             }
-            s0 += T4 * SDE_UNROLL;
+            s0 += T4 * SDE_WIDE;
             if (s0 >= end) break;
 #pragma unroll
-            for (int u = 0; u < SDE_UNROLL; u++)
+            for (int u = 0; u < SDE_WIDE; u++)
                 if (s0 + u * T4 < end) {
-                    r[u] = ld4(x0_real + s0 + u * T4);
-                    f[u] = ld4(x0_fake + s0 + u * T4);
+                    r[u] = __ldcs(reinterpret_cast<const float4*>(x0_real + s0 + u * T4));
+                    f[u] = __ldcs(reinterpret_cast<const float4*>(x0_fake + s0 + u * T4));
                 }
         }
     } else {
@@ -248,31 +292,31 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS)
 }
 
 // x_σ = (1 − σ_b)·x0 + σ_b·noise; target = noise − x0 (not written when null).
-// grid: (P, B) with any P (blocks stride over their sample; the launcher uses
-// ceil(D / (4·SDE_THREADS·SDE_UNROLL)), one step per thread), block: SDE_THREADS.
-extern "C" __global__ void __launch_bounds__(SDE_THREADS)
+// grid: (P, B) with any P (blocks stride over their sample), block: SDE_THREADS. The launcher
+// uses P = ceil(D / (4·SDE_THREADS·SDE_WIDE)) (4096 elements per block): one step per thread, so
+// each thread's 8 loads are issued at once (σ_b read after them, its latency hidden) and none
+// waits on a previous step; at most 64 registers (launch bounds) keep 4 blocks per SM, the SD3
+// shape's 8 × 64 blocks resident in one wave on 132 SMs, every load in flight from the start.
+extern "C" __global__ void __launch_bounds__(SDE_THREADS, 4)
     flow_noise(float* __restrict__ xt, float* __restrict__ target, const float* __restrict__ x0,
                const float* __restrict__ noise, const float* __restrict__ sigma, long long D) {
     using namespace sde;
     const int b = blockIdx.y;
-    const float s = sigma[b], keep = 1.f - s;
-    const long long base = (long long)b * D, step = (long long)gridDim.x * blockDim.x;
-    const long long t0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long base = (long long)b * D;
     if (D % 4 == 0 && aligned16(xt) && aligned16(target) && aligned16(x0) && aligned16(noise)) {
         // Block q's step covers vectors [q·T·U, (q+1)·T·U) of the sample, thread t those at
-        // t + u·T: coalesced, with all 2·SDE_UNROLL loads issued before the first is used.
+        // t + u·T: coalesced, with all 2·SDE_WIDE loads issued before the first is used — the
+        // first step's before σ_b is read, so the two latencies overlap.
         const long long T4 = 4ll * blockDim.x, end = base + D;
-        for (long long s0 = base + 4 * ((long long)blockIdx.x * blockDim.x * SDE_UNROLL + threadIdx.x); s0 < end;
-             s0 += T4 * SDE_UNROLL * gridDim.x) {
-            float4 a[SDE_UNROLL], n[SDE_UNROLL];
+        long long s0 = base + 4 * ((long long)blockIdx.x * blockDim.x * SDE_WIDE + threadIdx.x);
+        float4 a[SDE_WIDE], n[SDE_WIDE];
 #pragma unroll
-            for (int u = 0; u < SDE_UNROLL; u++)
-                if (s0 + u * T4 < end) {
-                    a[u] = ld4(x0 + s0 + u * T4);
-                    n[u] = ld4(noise + s0 + u * T4);
-                }
+        for (int u = 0; u < SDE_WIDE; u++)
+            if (s0 + u * T4 < end) a[u] = ld4(x0 + s0 + u * T4), n[u] = ld4(noise + s0 + u * T4);
+        const float s = sigma[b], keep = 1.f - s;
+        while (true) {
 #pragma unroll
-            for (int u = 0; u < SDE_UNROLL; u++) {
+            for (int u = 0; u < SDE_WIDE; u++) {
                 const long long i = s0 + u * T4;
                 if (i >= end) continue;
                 st4(xt + i, make_float4(keep * a[u].x + s * n[u].x, keep * a[u].y + s * n[u].y,
@@ -280,9 +324,17 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS)
                 if (target)
                     st4(target + i, make_float4(n[u].x - a[u].x, n[u].y - a[u].y, n[u].z - a[u].z, n[u].w - a[u].w));
             }
+            // Only grids smaller than the launcher's (one step per thread) come round again.
+            s0 += T4 * SDE_WIDE * gridDim.x;
+            if (s0 >= end) break;
+#pragma unroll
+            for (int u = 0; u < SDE_WIDE; u++)
+                if (s0 + u * T4 < end) a[u] = ld4(x0 + s0 + u * T4), n[u] = ld4(noise + s0 + u * T4);
         }
     } else {
-        for (long long i = base + t0; i < base + D; i += step) {
+        const float s = sigma[b], keep = 1.f - s;
+        const long long step = (long long)gridDim.x * blockDim.x;
+        for (long long i = base + (long long)blockIdx.x * blockDim.x + threadIdx.x; i < base + D; i += step) {
             xt[i] = keep * x0[i] + s * noise[i];
             if (target) target[i] = noise[i] - x0[i];
         }

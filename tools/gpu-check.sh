@@ -88,6 +88,10 @@ step mmdit-shapes 30 "$BIN/advdmd" bench mmdit --device cuda --model shapes --ba
 step mmdit-sd35m 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
 step mmdit-sd35m-512 60 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 512 --batch 4 --iters 10 --json
 step sample-sd35m 90 "$BIN/advdmd" bench sample --device cuda --model sd3.5-medium --res 1024 --batch 1 --steps 4 --cfg 1 --iters 10 --json
+# the same loop replayed from a CUDA graph, then at 512 px (where launch gaps weigh more) both ways
+step sample-sd35m-graph 90 "$BIN/advdmd" bench sample --device cuda --model sd3.5-medium --res 1024 --batch 1 --steps 4 --cfg 1 --iters 10 --graph --json
+step sample-512 90 bash -c "$BIN/advdmd bench sample --device cuda --model sd3.5-medium --res 512 --batch 1 --steps 4 --cfg 1 --iters 10 --json && \
+  $BIN/advdmd bench sample --device cuda --model sd3.5-medium --res 512 --batch 1 --steps 4 --cfg 1 --iters 10 --graph --json"
 # the AdvDMD iteration: parity with the CPU trainer, then its speed (Shapes; SD3.5-medium 512 px,
 # whose generator + fake score + teacher + EMA need ~105 GB: an H200, or an error on an H100)
 step advdmd 90 "$BIN/advdmd-device-test" --test-threads=1 --nocapture
@@ -129,5 +133,5 @@ with open(f"{out}/report.md", "w") as f:
         f.write(f"| {p['kernel']} | {p['shape']} | {p['max_rel_err']:.2e} |\n")
 print(open(f"{out}/report.md").read()[-6000:])
 PY
-for s in tests model mmdit-shapes mmdit-sd35m mmdit-sd35m-512 sample-sd35m advdmd step-shapes distill step-sd35m step-sd35m-80g torch bench attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
+for s in tests model mmdit-shapes mmdit-sd35m mmdit-sd35m-512 sample-sd35m sample-sd35m-graph sample-512 advdmd step-shapes distill step-sd35m step-sd35m-80g torch bench attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
 exit $status

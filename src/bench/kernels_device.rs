@@ -172,20 +172,27 @@ fn adaln(b: &mut Bench) -> KernelResult<()> {
         .collect::<KernelResult<Vec<_>>>()?;
     let dev = b.dev.clone();
     let shape = format!("{rows}x{d} bf16");
-    b.time("adaln_modulate_fwd", &shape, per_call, sets, |i| {
-        let t = &s[i];
-        crate::kernels::adaln::dev::adaln_modulate_fwd_into(
-            &dev,
-            &t.y,
-            &t.mean,
-            &t.rstd,
-            &t.x,
-            &t.shift,
-            &t.scale,
-            (1, l, d),
-            1e-6,
-        )
-    })?;
+    use crate::kernels::adaln::dev::AdalnFwd;
+    for (name, path) in [
+        ("adaln_modulate_fwd", AdalnFwd::TwoPass),
+        ("adaln_modulate_fwd shifted (1 red.)", AdalnFwd::Shifted),
+    ] {
+        b.time(name, &shape, per_call, sets, |i| {
+            let t = &s[i];
+            crate::kernels::adaln::dev::adaln_modulate_fwd_into_with(
+                &dev,
+                &t.y,
+                &t.mean,
+                &t.rstd,
+                &t.x,
+                &t.shift,
+                &t.scale,
+                (1, l, d),
+                1e-6,
+                path,
+            )
+        })?;
+    }
     let bytes = 3 * rows * d * 2 + d * 2;
     b.time("gated_residual_fwd", &shape, bytes, sets, |i| {
         let t = &s[i];

@@ -230,6 +230,19 @@ pub mod dev {
         (d % 8 == 0 && d / 8 <= 1024).then(|| (d / 8).div_ceil(32) as u32 * 32)
     }
 
+    /// How [`adaln_modulate_fwd_into_with`] reduces a row (for `d % 8 == 0`; other widths take
+    /// the warp-per-row kernel either way).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum AdalnFwd {
+        /// Mean, then the variance about it: two block reductions.
+        TwoPass,
+        /// Sums of x − K and (x − K)², K the row's first element: one block reduction.
+        Shifted,
+    }
+
+    /// The path [`adaln_modulate_fwd_into`] takes.
+    pub const ADALN_FWD_DEFAULT: AdalnFwd = AdalnFwd::TwoPass;
+
     /// `y = LN(x)·(1+scale)+shift` into preallocated `y [B·L·D]`, `mean`, `rstd [B·L]`.
     #[allow(clippy::too_many_arguments)]
     pub fn adaln_modulate_fwd_into(
@@ -240,15 +253,47 @@ pub mod dev {
         x: &DevBuf<bf16>,
         shift: &DevBuf<bf16>,
         scale: &DevBuf<bf16>,
+        dims: (usize, usize, usize),
+        eps: f32,
+    ) -> KernelResult<()> {
+        adaln_modulate_fwd_into_with(
+            dev,
+            y,
+            mean,
+            rstd,
+            x,
+            shift,
+            scale,
+            dims,
+            eps,
+            ADALN_FWD_DEFAULT,
+        )
+    }
+
+    /// [`adaln_modulate_fwd_into`] by the given path (the benchmark and the tests run both).
+    #[allow(clippy::too_many_arguments)]
+    pub fn adaln_modulate_fwd_into_with(
+        dev: &KernelDevice,
+        y: &DevBuf<bf16>,
+        mean: &DevBuf<f32>,
+        rstd: &DevBuf<f32>,
+        x: &DevBuf<bf16>,
+        shift: &DevBuf<bf16>,
+        scale: &DevBuf<bf16>,
         (b, l, d): (usize, usize, usize),
         eps: f32,
+        path: AdalnFwd,
     ) -> KernelResult<()> {
         let rows = b * l;
         if rows == 0 || d == 0 {
             return Ok(());
         }
+        let vector = match path {
+            AdalnFwd::TwoPass => "adaln_modulate_fwd",
+            AdalnFwd::Shifted => "adaln_modulate_fwd_1r",
+        };
         let (name, cfg) = match row_threads(d) {
-            Some(t) => ("adaln_modulate_fwd", LaunchCfg::linear(rows as u32, t)),
+            Some(t) => (vector, LaunchCfg::linear(rows as u32, t)),
             None => (
                 "adaln_modulate_fwd_rows",
                 LaunchCfg::linear(blocks_for(rows, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK),

@@ -686,7 +686,7 @@ pub mod dev {
     const NAIVE_ROWS: usize = 4;
 
     /// Whether head dim `d` runs the tensor-core kernels (else the fallback).
-    fn has_fast_kernels(d: usize) -> bool {
+    pub fn has_fast_kernels(d: usize) -> bool {
         d == 64 || d == 128
     }
 
@@ -873,7 +873,7 @@ pub mod dev {
         }
     }
 
-    /// Checks the six q, k, v buffers against `dims`.
+    /// Checks the six q, k, v buffers against `dims`, V's token rows `v_ld` elements apart.
     #[allow(clippy::too_many_arguments)]
     fn check_qkv(
         dims: &AttnDims,
@@ -883,14 +883,52 @@ pub mod dev {
         qb: &DevBuf<bf16>,
         kb: &DevBuf<bf16>,
         vb: &DevBuf<bf16>,
+        v_ld: usize,
     ) -> KernelResult<()> {
-        for (name, buf) in [("q_a", qa), ("k_a", ka), ("v_a", va)] {
+        for (name, buf) in [("q_a", qa), ("k_a", ka)] {
             check_len(name, buf, dims.numel_a())?;
         }
-        for (name, buf) in [("q_b", qb), ("k_b", kb), ("v_b", vb)] {
+        for (name, buf) in [("q_b", qb), ("k_b", kb)] {
             check_len(name, buf, dims.numel_b())?;
         }
+        check_v(dims, "v_a", va, dims.la, v_ld)?;
+        check_v(dims, "v_b", vb, dims.lb, v_ld)
+    }
+
+    /// A V (or dV) buffer of `l` tokens per sample whose token rows are `v_ld` elements apart:
+    /// exactly `[B, L, H, d]` when `v_ld = H·d`; otherwise the V window of a fused qkv
+    /// (`v_ld = 3·H·d`), which the tensor-core kernels' `_vfused` entries read.
+    fn check_v(
+        dims: &AttnDims,
+        name: &str,
+        buf: &DevBuf<bf16>,
+        l: usize,
+        v_ld: usize,
+    ) -> KernelResult<()> {
+        let hd = dims.h * dims.d;
+        if v_ld == hd {
+            return check_len(name, buf, dims.b * l * hd);
+        }
+        let rows = dims.b * l;
+        let need = if rows == 0 { 0 } else { (rows - 1) * v_ld + hd };
+        if !has_fast_kernels(dims.d) || v_ld != 3 * hd || buf.len() < need {
+            return Err(KernelError::Invalid(format!(
+                "joint attention: {name} of {} elements with token stride {v_ld} for {dims:?} \
+                 (a strided V needs head dim 64 or 128, the stride 3·H·d of a fused qkv, and \
+                 {need} elements)",
+                buf.len()
+            )));
+        }
         Ok(())
+    }
+
+    /// The entry-name suffix of the kernels that read V at the fused qkv's token stride.
+    fn vfused(dims: AttnDims, v_ld: usize) -> &'static str {
+        if v_ld == dims.h * dims.d {
+            ""
+        } else {
+            "_vfused"
+        }
     }
 
     /// Dynamic shared memory of the backward: K, V tiles (`keys` rows), two stages of the Q and
@@ -940,8 +978,43 @@ pub mod dev {
         dims: AttnDims,
         variant: FwdVariant,
     ) -> KernelResult<(DevBuf<bf16>, DevBuf<bf16>, DevBuf<f32>)> {
+        fwd(
+            dev,
+            [qa, ka, va, qb, kb, vb],
+            dims,
+            variant,
+            dims.h * dims.d,
+        )
+    }
+
+    /// [`joint_attention_fwd`] with V read where it lies: `va`, `vb` hold their token rows
+    /// `v_ld` elements apart (the MMDiT passes windows of its fused qkv projections, `v_ld` =
+    /// 3·H·d). Head dims 64 and 128 only.
+    #[allow(clippy::too_many_arguments)]
+    pub fn joint_attention_fwd_v_ld(
+        dev: &KernelDevice,
+        qa: &DevBuf<bf16>,
+        ka: &DevBuf<bf16>,
+        va: &DevBuf<bf16>,
+        qb: &DevBuf<bf16>,
+        kb: &DevBuf<bf16>,
+        vb: &DevBuf<bf16>,
+        dims: AttnDims,
+        v_ld: usize,
+    ) -> KernelResult<(DevBuf<bf16>, DevBuf<bf16>, DevBuf<f32>)> {
+        let variant = FwdVariant::fastest(dims.d);
+        fwd(dev, [qa, ka, va, qb, kb, vb], dims, variant, v_ld)
+    }
+
+    fn fwd(
+        dev: &KernelDevice,
+        [qa, ka, va, qb, kb, vb]: [&DevBuf<bf16>; 6],
+        dims: AttnDims,
+        variant: FwdVariant,
+        v_ld: usize,
+    ) -> KernelResult<(DevBuf<bf16>, DevBuf<bf16>, DevBuf<f32>)> {
         let work = dims.validate()?;
-        check_qkv(&dims, qa, ka, va, qb, kb, vb)?;
+        check_qkv(&dims, qa, ka, va, qb, kb, vb, v_ld)?;
         let oa = dev.alloc::<bf16>(dims.numel_a())?;
         let ob = dev.alloc::<bf16>(dims.numel_b())?;
         let lse = dev.alloc::<f32>(dims.numel_rows())?;
@@ -970,7 +1043,7 @@ pub mod dev {
             return Ok((oa, ob, lse));
         }
         dev.launch(
-            &variant.kernel(dims.d),
+            &(variant.kernel(dims.d) + vfused(dims, v_ld)),
             LaunchCfg::grid2(
                 dims.tiles(variant.rows()),
                 (dims.b * dims.h) as u32,
@@ -1038,11 +1111,72 @@ pub mod dev {
         dims: AttnDims,
         variant: BwdVariant,
     ) -> KernelResult<[DevBuf<bf16>; 6]> {
+        let (na, nb) = (dims.numel_a(), dims.numel_b());
+        let [dqa, dka, dva] = [0; 3].map(|_| dev.alloc::<bf16>(na));
+        let [dqb, dkb, dvb] = [0; 3].map(|_| dev.alloc::<bf16>(nb));
+        let grads = [dqa?, dka?, dva?, dqb?, dkb?, dvb?];
+        let operands = [qa, ka, va, qb, kb, vb, oa, ob, doa, dob];
+        let outs = [
+            &grads[0], &grads[1], &grads[2], &grads[3], &grads[4], &grads[5],
+        ];
+        bwd(dev, operands, lse, dims, variant, dims.h * dims.d, outs)?;
+        Ok(grads)
+    }
+
+    /// [`joint_attention_bwd`] for [`joint_attention_fwd_v_ld`]: V read with token stride
+    /// `v_ld`, and dV written with the same stride into `dva`, `dvb` (windows of the fused qkv
+    /// gradient; their other columns are left alone). Returns `[dq_a, dk_a, dq_b, dk_b]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn joint_attention_bwd_v_ld(
+        dev: &KernelDevice,
+        [qa, ka, va, qb, kb, vb]: [&DevBuf<bf16>; 6],
+        [oa, ob, doa, dob]: [&DevBuf<bf16>; 4],
+        lse: &DevBuf<f32>,
+        dims: AttnDims,
+        v_ld: usize,
+        dva: &DevBuf<bf16>,
+        dvb: &DevBuf<bf16>,
+    ) -> KernelResult<[DevBuf<bf16>; 4]> {
+        check_v(&dims, "dv_a", dva, dims.la, v_ld)?;
+        check_v(&dims, "dv_b", dvb, dims.lb, v_ld)?;
+        let (na, nb) = (dims.numel_a(), dims.numel_b());
+        let grads = [
+            dev.alloc(na)?,
+            dev.alloc(na)?,
+            dev.alloc(nb)?,
+            dev.alloc(nb)?,
+        ];
+        let [dqa, dka, dqb, dkb] = &grads;
+        let operands = [qa, ka, va, qb, kb, vb, oa, ob, doa, dob];
+        let variant = BwdVariant::fastest(dims.d);
+        bwd(
+            dev,
+            operands,
+            lse,
+            dims,
+            variant,
+            v_ld,
+            [dqa, dka, dva, dqb, dkb, dvb],
+        )?;
+        Ok(grads)
+    }
+
+    /// The backward into `grads` `[dq_a, dk_a, dv_a, dq_b, dk_b, dv_b]` (dV with token stride
+    /// `v_ld`, like V).
+    fn bwd(
+        dev: &KernelDevice,
+        [qa, ka, va, qb, kb, vb, oa, ob, doa, dob]: [&DevBuf<bf16>; 10],
+        lse: &DevBuf<f32>,
+        dims: AttnDims,
+        variant: BwdVariant,
+        v_ld: usize,
+        grads: [&DevBuf<bf16>; 6],
+    ) -> KernelResult<()> {
         let work = dims.validate()?;
         if work {
             dev.count_matmul_flops(joint_attention_flops(dims, true) as u64);
         }
-        check_qkv(&dims, qa, ka, va, qb, kb, vb)?;
+        check_qkv(&dims, qa, ka, va, qb, kb, vb, v_ld)?;
         for (name, buf) in [("o_a", oa), ("do_a", doa)] {
             check_len(name, buf, dims.numel_a())?;
         }
@@ -1051,23 +1185,19 @@ pub mod dev {
         }
         check_len("lse", lse, dims.numel_rows())?;
         let (na, nb) = (dims.numel_a(), dims.numel_b());
-        let [dqa, dka, dva] = [0; 3].map(|_| dev.alloc::<bf16>(na));
-        let [dqb, dkb, dvb] = [0; 3].map(|_| dev.alloc::<bf16>(nb));
-        let grads = [dqa?, dka?, dva?, dqb?, dkb?, dvb?];
         if !work {
-            return Ok(grads);
+            return Ok(());
         }
-        let [dqa, dka, dva, dqb, dkb, dvb] = &grads;
+        let [dqa, dka, dva, dqb, dkb, dvb] = grads;
         if !has_fast_kernels(dims.d) {
-            bwd_naive(
+            return bwd_naive(
                 dev,
                 [qa, ka, va, qb, kb, vb],
                 [oa, ob, doa, dob],
                 lse,
-                &grads,
+                grads,
                 dims,
-            )?;
-            return Ok(grads);
+            );
         }
 
         // Drow: 8 lanes per (batch, token, head) row, 32 rows per block of 256 threads.
@@ -1092,7 +1222,7 @@ pub mod dev {
         let dqb_acc = dev.zeros::<f32>(nb)?;
         let scale = dims.scale();
         dev.launch(
-            &variant.kernel(dims.d),
+            &(variant.kernel(dims.d) + vfused(dims, v_ld)),
             LaunchCfg::grid2(
                 dims.tiles(BWD_KEYS),
                 (dims.b * dims.h) as u32,
@@ -1130,8 +1260,7 @@ pub mod dev {
                 .i64(na as i64)
                 .i64(nb as i64)
                 .f32(scale),
-        )?;
-        Ok(grads)
+        )
     }
 
     /// The operands every backward kernel reads, in their order: q, k, v, dO of stream a, the
@@ -1152,7 +1281,7 @@ pub mod dev {
         [qa, ka, va, qb, kb, vb]: [&DevBuf<bf16>; 6],
         [_oa, _ob, doa, dob]: [&DevBuf<bf16>; 4],
         lse: &DevBuf<f32>,
-        grads: &[DevBuf<bf16>; 6],
+        grads: [&DevBuf<bf16>; 6],
         dims: AttnDims,
     ) -> KernelResult<()> {
         let [dqa, dka, dva, dqb, dkb, dvb] = grads;

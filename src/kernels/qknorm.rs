@@ -111,6 +111,42 @@ pub mod dev {
         Ok(())
     }
 
+    /// Where the rows of x (and dx) lie in their buffer: rows are (token, head) pairs, head `h`
+    /// of token `t` at element `off + t·ld + h·D`. [`RowLayout::contiguous`] is a plain
+    /// `[rows, D]` tensor; the MMDiT reads q and k in place from its fused qkv projection
+    /// (`heads` = H, `ld` = 3·H·D, `off` = 0 or H·D).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct RowLayout {
+        pub heads: usize,
+        pub ld: usize,
+        pub off: usize,
+    }
+
+    impl RowLayout {
+        pub fn contiguous(d: usize) -> RowLayout {
+            RowLayout {
+                heads: 1,
+                ld: d,
+                off: 0,
+            }
+        }
+
+        /// Checks that `rows` rows of `d` fit a buffer of `len` elements.
+        fn check(&self, rows: usize, d: usize, len: usize, what: &str) -> KernelResult<()> {
+            let ok = self.heads > 0
+                && rows % self.heads == 0
+                && self.ld >= self.heads * d
+                && (rows == 0
+                    || self.off + (rows / self.heads - 1) * self.ld + self.heads * d <= len);
+            if ok {
+                return Ok(());
+            }
+            Err(KernelError::Invalid(format!(
+                "rms_norm: {rows} rows of {d} as {self:?} do not fit {what} of {len} elements"
+            )))
+        }
+    }
+
     /// `y = x·rsqrt(mean(x²)+eps)·w` per row into `y`, the per-row rsqrt into `rstd`.
     #[allow(clippy::too_many_arguments)]
     pub fn rms_norm_fwd_into(
@@ -123,12 +159,38 @@ pub mod dev {
         eps: f32,
     ) -> KernelResult<()> {
         check_len(x, rows * d, "x")?;
+        rms_norm_fwd_laid_into(
+            dev,
+            y,
+            rstd,
+            x,
+            RowLayout::contiguous(d),
+            weight,
+            (rows, d),
+            eps,
+        )
+    }
+
+    /// [`rms_norm_fwd_into`] with the rows of x at `layout` in its buffer.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rms_norm_fwd_laid_into(
+        dev: &KernelDevice,
+        y: &DevBuf<bf16>,
+        rstd: &DevBuf<f32>,
+        x: &DevBuf<bf16>,
+        layout: RowLayout,
+        weight: &DevBuf<bf16>,
+        (rows, d): (usize, usize),
+        eps: f32,
+    ) -> KernelResult<()> {
+        layout.check(rows, d, x.len(), "x")?;
         check_len(y, rows * d, "y")?;
         check_len(rstd, rows, "rstd")?;
         check_len(weight, d, "weight")?;
         if rows == 0 || d == 0 {
             return Ok(());
         }
+        let x = x.view(layout.off, x.len() - layout.off)?;
         let g = group_lanes(d);
         dev.launch(
             "rms_norm_fwd",
@@ -136,12 +198,14 @@ pub mod dev {
             KernelArgs::new()
                 .buf(y)
                 .buf(rstd)
-                .buf(x)
+                .buf(&x)
                 .buf(weight)
                 .i64(rows as i64)
                 .i32(d as i32)
                 .f32(eps)
-                .i32(g as i32),
+                .i32(g as i32)
+                .i32(layout.heads as i32)
+                .i64(layout.ld as i64),
         )
     }
 
@@ -153,9 +217,22 @@ pub mod dev {
         (rows, d): (usize, usize),
         eps: f32,
     ) -> KernelResult<(DevBuf<bf16>, DevBuf<f32>)> {
+        check_len(x, rows * d, "x")?;
+        rms_norm_fwd_laid(dev, x, RowLayout::contiguous(d), weight, (rows, d), eps)
+    }
+
+    /// [`rms_norm_fwd`] with the rows of x at `layout` in its buffer; y is contiguous.
+    pub fn rms_norm_fwd_laid(
+        dev: &KernelDevice,
+        x: &DevBuf<bf16>,
+        layout: RowLayout,
+        weight: &DevBuf<bf16>,
+        (rows, d): (usize, usize),
+        eps: f32,
+    ) -> KernelResult<(DevBuf<bf16>, DevBuf<f32>)> {
         let y = dev.alloc::<bf16>(rows * d)?;
         let rstd = dev.alloc::<f32>(rows)?;
-        rms_norm_fwd_into(dev, &y, &rstd, x, weight, (rows, d), eps)?;
+        rms_norm_fwd_laid_into(dev, &y, &rstd, x, layout, weight, (rows, d), eps)?;
         Ok((y, rstd))
     }
 
@@ -174,6 +251,35 @@ pub mod dev {
         Ok((dx, dw))
     }
 
+    /// Gradients of [`rms_norm_fwd_laid`]: dx written at `layout` into `dx` (a buffer shaped like
+    /// x's, e.g. the fused qkv gradient; the rest of it untouched); returns dweight (f32).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rms_norm_bwd_laid(
+        dev: &KernelDevice,
+        dx: &DevBuf<bf16>,
+        x: &DevBuf<bf16>,
+        layout: RowLayout,
+        weight: &DevBuf<bf16>,
+        rstd: &DevBuf<f32>,
+        dy: &DevBuf<bf16>,
+        (rows, d): (usize, usize),
+    ) -> KernelResult<DevBuf<f32>> {
+        let dw = dev.alloc::<f32>(d)?;
+        rms_norm_bwd_run(
+            dev,
+            dx,
+            &dw,
+            x,
+            layout,
+            weight,
+            rstd,
+            dy,
+            (rows, d),
+            MAX_PARTS,
+        )?;
+        Ok(dw)
+    }
+
     /// [`rms_norm_bwd`] into given buffers, with at most `max_parts` partial rows of the weight
     /// gradient (the tests use a small number to run the blocks' row loop several times).
     #[allow(clippy::too_many_arguments)]
@@ -188,9 +294,40 @@ pub mod dev {
         (rows, d): (usize, usize),
         max_parts: usize,
     ) -> KernelResult<()> {
-        for (b, what) in [(x, "x"), (dy, "dy"), (dx, "dx")] {
+        for (b, what) in [(x, "x"), (dx, "dx")] {
             check_len(b, rows * d, what)?;
         }
+        let layout = RowLayout::contiguous(d);
+        rms_norm_bwd_run(
+            dev,
+            dx,
+            dweight,
+            x,
+            layout,
+            weight,
+            rstd,
+            dy,
+            (rows, d),
+            max_parts,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rms_norm_bwd_run(
+        dev: &KernelDevice,
+        dx: &DevBuf<bf16>,
+        dweight: &DevBuf<f32>,
+        x: &DevBuf<bf16>,
+        layout: RowLayout,
+        weight: &DevBuf<bf16>,
+        rstd: &DevBuf<f32>,
+        dy: &DevBuf<bf16>,
+        (rows, d): (usize, usize),
+        max_parts: usize,
+    ) -> KernelResult<()> {
+        layout.check(rows, d, x.len(), "x")?;
+        check_len(dx, x.len(), "dx (shaped like x)")?;
+        check_len(dy, rows * d, "dy")?;
         check_len(rstd, rows, "rstd")?;
         check_len(weight, d, "weight")?;
         check_len(dweight, d, "dweight")?;
@@ -200,6 +337,8 @@ pub mod dev {
         if rows == 0 {
             return dev.memset_zero(dweight);
         }
+        let x = x.view(layout.off, x.len() - layout.off)?;
+        let dx = dx.view(layout.off, dx.len() - layout.off)?;
         let g = group_lanes(d);
         let groups = (THREADS / g) as usize;
         // Depends on the shape only: the same partition, hence the same sums, on every GPU. As
@@ -213,15 +352,17 @@ pub mod dev {
             "rms_norm_bwd",
             LaunchCfg::linear(parts as u32, THREADS).with_shared((groups * d * 4) as u32),
             KernelArgs::new()
-                .buf(dx)
+                .buf(&dx)
                 .buf(&part)
-                .buf(x)
+                .buf(&x)
                 .buf(weight)
                 .buf(rstd)
                 .buf(dy)
                 .i64(rows as i64)
                 .i32(d as i32)
-                .i32(g as i32),
+                .i32(g as i32)
+                .i32(layout.heads as i32)
+                .i64(layout.ld as i64),
         )?;
         sum_splits(dev, dweight, &part, parts)
     }

@@ -236,8 +236,10 @@ pub mod dev {
     };
 
     const THREADS: u32 = 256;
-    /// Elements per block of the reducing kernels: 4 per thread per step, 4 steps. At SD3's
-    /// 16×128×128 latents that is 64 blocks per sample.
+    /// Elements per block of the reducing kernels and flow_noise: 16 per thread, one step of 4
+    /// vectors per array (`SDE_WIDE` in sde.cu: the two-input kernels) or two of 2 (`SDE_UNROLL`:
+    /// the ρ-step). At SD3's 16×128×128 latents that is 64 blocks per sample, 512 for 8 samples:
+    /// one wave on an H100, where the kernels' ≤ 64 registers let 4 blocks share an SM.
     const CHUNK: usize = 4096;
 
     /// (blocks per sample, elements per block): depends on D alone, so the partial sums — and
@@ -341,9 +343,10 @@ pub mod dev {
             .i64(d as i64)
             .i64(per as i64);
         dev.launch("sde_rho_step", grid(p, b), args)?;
+        // One warp per sample: its partials are loaded at once and summed in a fixed order.
         dev.launch(
             "sde_logprob_finalize",
-            LaunchCfg::linear(b.div_ceil(32) as u32, 32),
+            LaunchCfg::linear(b as u32, 32),
             KernelArgs::new()
                 .buf(out.log_prob)
                 .buf(&sq)
@@ -491,6 +494,7 @@ pub mod dev {
         if n == 0 {
             return Ok(());
         }
+        // One step per thread (any grid is correct): every load is in flight at once.
         let (p, _) = chunking(d);
         let args = opt(KernelArgs::new().buf(xt), target)
             .buf(x0)

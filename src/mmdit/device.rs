@@ -15,7 +15,7 @@ use half::bf16;
 use super::config::MmditConfig;
 use super::model::Mmdit;
 use crate::device::kernel::{
-    DevBuf, EpilogueKind, GemmSpec, KernelDevice, KernelError, KernelResult,
+    DevBuf, DevView, EpilogueKind, GemmSpec, KernelDevice, KernelError, KernelResult,
 };
 use crate::kernels::adaln::dev as adaln;
 use crate::kernels::attention::dev::{self as attn, AttnDims};
@@ -78,12 +78,25 @@ struct Ln {
 }
 
 /// q, k, v of one attention (QK-normed when the model has QK norm) and what their backward reads.
+///
+/// With QK norm, q and k are normalised straight out of the fused projection `[rows, 3·H·d]`
+/// (which is kept: it holds the norms' inputs), and at head dims 64 and 128 the attention reads V
+/// in place there too — no column copies. Otherwise q, k, v are copied out and `fused` dropped.
 struct Qkv {
     q: DevBuf<bf16>,
     k: DevBuf<bf16>,
-    v: DevBuf<bf16>,
-    /// Pre-norm q, k and the norms' row statistics (QK norm only).
-    norm: Option<[(DevBuf<bf16>, DevBuf<f32>); 2]>,
+    /// V as its own `[rows, H·d]` tensor; `None`: V is read in place from `fused`.
+    v: Option<DevBuf<bf16>>,
+    fused: Option<DevBuf<bf16>>,
+    /// The QK norms' row statistics (their inputs are in `fused`).
+    rstd: Option<[DevBuf<f32>; 2]>,
+}
+
+/// Where the attention's dV went: its own tensor, or (V read in place) the V columns of the
+/// fused qkv gradient `[rows, 3·H·d]`, whose q and k columns are still to be written.
+enum DvGrad {
+    Own(DevBuf<bf16>),
+    InFused(DevBuf<bf16>),
 }
 
 /// One attention call: its inputs and outputs.
@@ -479,6 +492,22 @@ impl DeviceMmdit {
         layout::accumulate_bf16(&self.dev, d_silu_c, &dx)
     }
 
+    /// Whether the attention reads V in place from the fused qkv projection (QK norm keeps that
+    /// tensor anyway; the tensor-core kernels have entries for its stride).
+    fn v_in_place(&self) -> bool {
+        self.config.qk_norm && attn::has_fast_kernels(self.config.head_dim)
+    }
+
+    /// The column window `j` (0 q, 1 k, 2 v) of a fused qkv tensor, as the norms see it.
+    fn qkv_rows(&self, j: usize) -> qknorm::RowLayout {
+        let c = &self.config;
+        qknorm::RowLayout {
+            heads: c.heads,
+            ld: 3 * c.heads * c.head_dim,
+            off: j * c.heads * c.head_dim,
+        }
+    }
+
     /// q, k, v `[B, L, H, hd]` of `{prefix}` (an `…attn` or `…attn2`) from the modulated `h`.
     fn qkv(&self, h: &DevBuf<bf16>, rows: usize, prefix: &str) -> KernelResult<Qkv> {
         let c = &self.config;
@@ -500,68 +529,56 @@ impl DeviceMmdit {
             )?;
             Ok(out)
         };
-        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
         if !c.qk_norm {
             return Ok(Qkv {
-                q,
-                k,
-                v,
-                norm: None,
+                q: part(0)?,
+                k: part(1)?,
+                v: Some(part(2)?),
+                fused: None,
+                rstd: None,
             });
         }
-        let norm = |x: &DevBuf<bf16>, which: &str| {
+        let norm = |j: usize, which: &str| {
             let w = self.weight(&format!("{prefix}.{which}.weight"))?;
-            qknorm::rms_norm_fwd(&self.dev, x, &w, (rows * c.heads, c.head_dim), QK_NORM_EPS)
+            let dims = (rows * c.heads, c.head_dim);
+            qknorm::rms_norm_fwd_laid(&self.dev, &fused, self.qkv_rows(j), &w, dims, QK_NORM_EPS)
         };
-        let (qn, rq) = norm(&q, "ln_q")?;
-        let (kn, rk) = norm(&k, "ln_k")?;
+        let (q, rq) = norm(0, "ln_q")?;
+        let (k, rk) = norm(1, "ln_k")?;
+        let v = if self.v_in_place() {
+            None
+        } else {
+            Some(part(2)?)
+        };
         Ok(Qkv {
-            q: qn,
-            k: kn,
+            q,
+            k,
             v,
-            norm: Some([(q, rq), (k, rk)]),
+            fused: Some(fused),
+            rstd: Some([rq, rk]),
         })
     }
 
-    /// Backward of [`Self::qkv`] (which read `input`) from the gradients of q, k, v: returns `dh`.
+    /// Backward of [`Self::qkv`] (which read `input`) from the gradients of q, k and v: returns
+    /// `dh`.
+    #[allow(clippy::too_many_arguments)]
     fn qkv_bwd(
         &self,
         s: &Qkv,
         input: &DevBuf<bf16>,
         rows: usize,
         prefix: &str,
-        [dq, dk, dv]: [&DevBuf<bf16>; 3],
+        dq: &DevBuf<bf16>,
+        dk: &DevBuf<bf16>,
+        dv: DvGrad,
         params: bool,
     ) -> KernelResult<DevBuf<bf16>> {
         let c = &self.config;
         let d = c.heads * c.head_dim;
-        let denorm = |pre: &(DevBuf<bf16>, DevBuf<f32>), dy: &DevBuf<bf16>, which: &str| {
-            let name = format!("{prefix}.{which}.weight");
-            let w = self.weight(&name)?;
-            let (dx, dw) = qknorm::rms_norm_bwd(
-                &self.dev,
-                &pre.0,
-                &w,
-                &pre.1,
-                dy,
-                (rows * c.heads, c.head_dim),
-            )?;
-            if params {
-                layout::accumulate_f32(&self.dev, &*self.grad(&name)?, &dw)?;
-            }
-            KernelResult::Ok(dx)
-        };
-        let (dq_pre, dk_pre) = match &s.norm {
-            Some([qn, kn]) => (Some(denorm(qn, dq, "ln_q")?), Some(denorm(kn, dk, "ln_k")?)),
-            None => (None, None),
-        };
-        let dq = dq_pre.as_ref().unwrap_or(dq);
-        let dk = dk_pre.as_ref().unwrap_or(dk);
-        let dfused = self.dev.alloc::<bf16>(rows * 3 * d)?;
-        for (j, g) in [dq, dk, dv].into_iter().enumerate() {
+        let copy_in = |dfused: &DevBuf<bf16>, j: usize, g: &DevBuf<bf16>| {
             layout::copy_cols(
                 &self.dev,
-                &dfused,
+                dfused,
                 Cols {
                     ld: 3 * d,
                     off: j * d,
@@ -570,7 +587,35 @@ impl DeviceMmdit {
                 Cols { ld: d, off: 0 },
                 rows,
                 d,
-            )?;
+            )
+        };
+        let dfused = match dv {
+            DvGrad::InFused(f) => f,
+            DvGrad::Own(dv) => {
+                let f = self.dev.alloc::<bf16>(rows * 3 * d)?;
+                copy_in(&f, 2, &dv)?;
+                f
+            }
+        };
+        match (&s.rstd, &s.fused) {
+            (Some([rq, rk]), Some(fused)) => {
+                for (j, which, rstd, dy) in [(0, "ln_q", rq, dq), (1, "ln_k", rk, dk)] {
+                    let name = format!("{prefix}.{which}.weight");
+                    let w = self.weight(&name)?;
+                    let dims = (rows * c.heads, c.head_dim);
+                    let rows_j = self.qkv_rows(j);
+                    let dw = qknorm::rms_norm_bwd_laid(
+                        &self.dev, &dfused, fused, rows_j, &w, rstd, dy, dims,
+                    )?;
+                    if params {
+                        layout::accumulate_f32(&self.dev, &*self.grad(&name)?, &dw)?;
+                    }
+                }
+            }
+            _ => {
+                copy_in(&dfused, 0, dq)?;
+                copy_in(&dfused, 1, dk)?;
+            }
         }
         let name = format!("{prefix}.qkv");
         if params {
@@ -602,9 +647,32 @@ impl DeviceMmdit {
         adaln::adaln_modulate_bwd(&self.dev, x, scale, &ln.mean, &ln.rstd, dy, dims)
     }
 
+    /// V of a stream as the attention reads it: its own tensor, or the V window of the fused
+    /// projection (token stride 3·H·d).
+    fn v_operand<'q>(&self, s: &'q Qkv) -> KernelResult<DevView<'q, bf16>> {
+        match (&s.v, &s.fused) {
+            (Some(v), _) => v.view(0, v.len()),
+            (None, Some(f)) => self.v_window(f),
+            (None, None) => Err(invalid("qkv: no V".into())),
+        }
+    }
+
+    /// The V columns of a fused qkv tensor (or its gradient), from the first token's V on.
+    fn v_window<'f>(&self, f: &'f DevBuf<bf16>) -> KernelResult<DevView<'f, bf16>> {
+        let d = self.config.heads * self.config.head_dim;
+        let off = if f.is_empty() { 0 } else { 2 * d };
+        f.view(off, f.len() - off)
+    }
+
     fn attention(&self, a: Qkv, b: Qkv, dims: AttnDims) -> KernelResult<Attn> {
-        let (oa, ob, lse) =
-            attn::joint_attention_fwd(&self.dev, &a.q, &a.k, &a.v, &b.q, &b.k, &b.v, dims)?;
+        let (va, vb) = (self.v_operand(&a)?, self.v_operand(&b)?);
+        let (oa, ob, lse) = if b.v.is_none() {
+            let v_ld = 3 * dims.h * dims.d;
+            attn::joint_attention_fwd_v_ld(&self.dev, &a.q, &a.k, &va, &b.q, &b.k, &vb, dims, v_ld)?
+        } else {
+            attn::joint_attention_fwd(&self.dev, &a.q, &a.k, &va, &b.q, &b.k, &vb, dims)?
+        };
+        drop((va, vb));
         Ok(Attn {
             a,
             b,
@@ -615,25 +683,63 @@ impl DeviceMmdit {
         })
     }
 
+    /// The attention's input gradients `[dq_a, dk_a, dq_b, dk_b]` and both streams' dV.
     fn attention_bwd(
         &self,
         s: &Attn,
         doa: &DevBuf<bf16>,
         dob: &DevBuf<bf16>,
-    ) -> KernelResult<[DevBuf<bf16>; 6]> {
+    ) -> KernelResult<([DevBuf<bf16>; 4], [DvGrad; 2])> {
         let (a, b) = (&s.a, &s.b);
-        attn::joint_attention_bwd(
-            &self.dev, &a.q, &a.k, &a.v, &b.q, &b.k, &b.v, &s.oa, &s.ob, &s.lse, doa, dob, s.dims,
-        )
+        let (va, vb) = (self.v_operand(a)?, self.v_operand(b)?);
+        let outs = [&s.oa, &s.ob, doa, dob];
+        if b.v.is_some() {
+            let [dqa, dka, dva, dqb, dkb, dvb] = attn::joint_attention_bwd(
+                &self.dev, &a.q, &a.k, &va, &b.q, &b.k, &vb, &s.oa, &s.ob, &s.lse, doa, dob, s.dims,
+            )?;
+            return Ok(([dqa, dka, dqb, dkb], [DvGrad::Own(dva), DvGrad::Own(dvb)]));
+        }
+        // dV straight into the fused qkv gradients, which qkv_bwd completes
+        let hd = s.dims.h * s.dims.d;
+        let rows_a = s.dims.b * s.dims.la;
+        let rows_b = s.dims.b * s.dims.lb;
+        let (fa, fb) = (
+            self.dev.alloc::<bf16>(rows_a * 3 * hd)?,
+            self.dev.alloc::<bf16>(rows_b * 3 * hd)?,
+        );
+        let (dva, dvb) = (self.v_window(&fa)?, self.v_window(&fb)?);
+        let grads = attn::joint_attention_bwd_v_ld(
+            &self.dev,
+            [&a.q, &a.k, &va, &b.q, &b.k, &vb],
+            outs,
+            &s.lse,
+            s.dims,
+            3 * hd,
+            &dva,
+            &dvb,
+        )?;
+        drop((dva, dvb));
+        Ok((grads, [DvGrad::InFused(fa), DvGrad::InFused(fb)]))
     }
 
-    /// A zero-token stream (the missing context of an image-only attention).
+    /// A zero-token stream (the missing context of an image-only attention), V laid out as the
+    /// model's other streams are.
     fn empty_qkv(&self) -> KernelResult<Qkv> {
+        let in_place = self.v_in_place();
         Ok(Qkv {
             q: self.dev.alloc(0)?,
             k: self.dev.alloc(0)?,
-            v: self.dev.alloc(0)?,
-            norm: None,
+            v: if in_place {
+                None
+            } else {
+                Some(self.dev.alloc(0)?)
+            },
+            fused: if in_place {
+                Some(self.dev.alloc(0)?)
+            } else {
+                None
+            },
+            rstd: None,
         })
     }
 
@@ -959,13 +1065,15 @@ impl DeviceMmdit {
             }
             let dob = self.linear_input_grad(&dproj, b * lx, &name, None, params)?;
             let none = self.dev.alloc::<bf16>(0)?;
-            let [_, _, _, dq, dk, dv] = self.attention_bwd(&du.attn, &none, &dob)?;
+            let ([_, _, dq, dk], [_, dv]) = self.attention_bwd(&du.attn, &none, &dob)?;
             let dh = self.qkv_bwd(
                 &du.attn.b,
                 &du.ln.y,
                 b * lx,
                 &format!("{xp}.attn2"),
-                [&dq, &dk, &dv],
+                &dq,
+                &dk,
+                dv,
                 params,
             )?;
             let (dx, dshift, dscale) = self.ln_bwd(&s.x_in, &xc[7], &du.ln, &dh, dx3)?;
@@ -1009,13 +1117,15 @@ impl DeviceMmdit {
         };
 
         // the joint attention and both streams' qkv and first adaLN
-        let [dqa, dka, dva, dqb, dkb, dvb] = self.attention_bwd(&s.attn, &doc, &dox)?;
+        let ([dqa, dka, dqb, dkb], [dva, dvb]) = self.attention_bwd(&s.attn, &doc, &dox)?;
         let dhx = self.qkv_bwd(
             &s.attn.b,
             &s.x_ln.y,
             b * lx,
             &format!("{xp}.attn"),
-            [&dqb, &dkb, &dvb],
+            &dqb,
+            &dkb,
+            dvb,
             params,
         )?;
         let dhc = self.qkv_bwd(
@@ -1023,7 +1133,9 @@ impl DeviceMmdit {
             &s.c_ln.y,
             b * lc,
             &format!("{cp}.attn"),
-            [&dqa, &dka, &dva],
+            &dqa,
+            &dka,
+            dva,
             params,
         )?;
         let (dx, dshift, dscale) = self.ln_bwd(&s.x_in, &xc[1], &s.x_ln, &dhx, dx3)?;

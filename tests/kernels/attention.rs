@@ -357,3 +357,134 @@ fn joint_attention_flops_follow_the_fa_convention() {
     assert_eq!(gpu::joint_attention_flops(dims, false), fwd);
     assert_eq!(gpu::joint_attention_flops(dims, true), 2.5 * fwd);
 }
+
+/// V read in place from fused qkv tensors `[B, L, 3, H, d]` (the MMDiT's layout) and dV written
+/// back into fused gradients: the same outputs, lse and gradients as the plain call on separate
+/// tensors — bit for bit, except dQ on a GPU (its f32 reductions sum in no fixed order there) —
+/// and the fused gradients' q and k columns left alone.
+#[test]
+fn joint_attention_reads_v_inside_a_fused_qkv() {
+    for dev in devices() {
+        for &(b, la, lb, h, d) in &[(2, 7, 64, 2, 64), (1, 33, 96, 2, 128), (2, 0, 16, 2, 64)] {
+            let inp = Inputs::new(b, la, lb, h, d, 1.0, 91 + d as u64);
+            let dims = inp.dims;
+            let hd = h * d;
+            // fused [B·L, 3·H·d] with v in the last third (q, k thirds: other values)
+            let fuse = |v: &[f32], l: usize| -> Vec<f32> {
+                let mut f = vec![0.5f32; b * l * 3 * hd];
+                for r in 0..b * l {
+                    f[r * 3 * hd + 2 * hd..(r + 1) * 3 * hd]
+                        .copy_from_slice(&v[r * hd..(r + 1) * hd]);
+                }
+                f
+            };
+            let up = |v: &[f32]| upload_bf16(&dev, v);
+            let [qa, ka, va, qb, kb, vb] = std::array::from_fn(|i| up(&inp.qkv[i]));
+            let (fa, fb) = (up(&fuse(&inp.qkv[2], la)), up(&fuse(&inp.qkv[5], lb)));
+            fn window(
+                f: &DevBuf<bf16>,
+                l: usize,
+                hd: usize,
+            ) -> advdmd::device::kernel::DevView<'_, bf16> {
+                let off = if l == 0 { 0 } else { 2 * hd };
+                f.view(off, f.len() - off).unwrap()
+            }
+            let (vfa, vfb) = (window(&fa, la, hd), window(&fb, lb, hd));
+            let (oa, ob, lse) =
+                gpu::joint_attention_fwd(&dev, &qa, &ka, &va, &qb, &kb, &vb, dims).unwrap();
+            let (oa2, ob2, lse2) =
+                gpu::joint_attention_fwd_v_ld(&dev, &qa, &ka, &vfa, &qb, &kb, &vfb, dims, 3 * hd)
+                    .unwrap();
+            let shape = inp.shape();
+            assert_eq!(
+                download_f32(&dev, &oa2),
+                download_f32(&dev, &oa),
+                "{shape}: o_a"
+            );
+            assert_eq!(
+                download_f32(&dev, &ob2),
+                download_f32(&dev, &ob),
+                "{shape}: o_b"
+            );
+            assert_eq!(
+                dev.download(&lse2).unwrap(),
+                dev.download(&lse).unwrap(),
+                "{shape}: lse"
+            );
+
+            let (doa, dob) = (up(&inp.do_a), up(&inp.do_b));
+            let plain = gpu::joint_attention_bwd(
+                &dev, &qa, &ka, &va, &qb, &kb, &vb, &oa, &ob, &lse, &doa, &dob, dims,
+            )
+            .unwrap();
+            let (ga, gb) = (up(&vec![7.0; fa.len()]), up(&vec![7.0; fb.len()]));
+            let (dva, dvb) = (window(&ga, la, hd), window(&gb, lb, hd));
+            let [dqa, dka, dqb, dkb] = gpu::joint_attention_bwd_v_ld(
+                &dev,
+                [&qa, &ka, &vfa, &qb, &kb, &vfb],
+                [&oa, &ob, &doa, &dob],
+                &lse,
+                dims,
+                3 * hd,
+                &dva,
+                &dvb,
+            )
+            .unwrap();
+            let exact_dq = dev.is_emulator();
+            for (what, got, want, exact) in [
+                ("dq_a", &dqa, &plain[0], exact_dq),
+                ("dk_a", &dka, &plain[1], true),
+                ("dq_b", &dqb, &plain[3], exact_dq),
+                ("dk_b", &dkb, &plain[4], true),
+            ] {
+                let (g, w) = (download_f32(&dev, got), download_f32(&dev, want));
+                if exact {
+                    assert_eq!(g, w, "{shape}: {what}");
+                } else {
+                    check(
+                        &format!("attention[v fused].{what}"),
+                        &dev,
+                        &shape,
+                        &g,
+                        &w,
+                        1e-2,
+                    );
+                }
+            }
+            for (what, g, want, l) in [("dv_a", &ga, &plain[2], la), ("dv_b", &gb, &plain[5], lb)] {
+                let (g, want) = (download_f32(&dev, g), download_f32(&dev, want));
+                for r in 0..b * l {
+                    let row = &g[r * 3 * hd..(r + 1) * 3 * hd];
+                    assert!(
+                        row[..2 * hd].iter().all(|&x| x == 7.0),
+                        "{shape}: {what} wrote q/k columns"
+                    );
+                    assert_eq!(
+                        &row[2 * hd..],
+                        &want[r * hd..(r + 1) * hd],
+                        "{shape}: {what} row {r}"
+                    );
+                }
+            }
+            println!(
+                "kernel attention[v fused]           device {:<24} shape {shape:<18} identical",
+                dev.name()
+            );
+        }
+        // a stride other than the fused qkv's is refused
+        let inp = Inputs::new(1, 3, 8, 2, 64, 1.0, 5);
+        let [qa, ka, va, qb, kb, vb] = std::array::from_fn(|i| upload_bf16(&dev, &inp.qkv[i]));
+        assert!(gpu::joint_attention_fwd_v_ld(
+            &dev,
+            &qa,
+            &ka,
+            &va,
+            &qb,
+            &kb,
+            &vb,
+            inp.dims,
+            2 * 128
+        )
+        .is_err());
+    }
+}

@@ -98,3 +98,92 @@ fn rms_norm_fwd_and_bwd_match_cpu() {
         }
     }
 }
+
+/// q and k normalised in place inside a fused qkv tensor `[tokens, 3, H, D]` (`RowLayout`): the
+/// forward reads them there, the backward writes dx there and leaves the other columns alone.
+/// D = 64 and 128 (register path) and 36 (the scalar path).
+#[test]
+fn rms_norm_reads_and_writes_rows_inside_a_fused_qkv() {
+    for dev in devices() {
+        for &(tokens, heads, d) in &[(7, 3, 64), (5, 2, 128), (4, 3, 36)] {
+            let (rows, width) = (tokens * heads, 3 * heads * d);
+            let mut rng = Rng::new(77 + d as u64);
+            let fused = randn_bf16(&mut rng, tokens * width, 1.5);
+            let w: Vec<f32> = randn_bf16(&mut rng, d, 0.3)
+                .iter()
+                .map(|v| bf16::from_f32(1.0 + v).to_f32())
+                .collect();
+            let dy = randn_bf16(&mut rng, rows * d, 1.0);
+            let (fd, wd, dyd) = (
+                upload_bf16(&dev, &fused),
+                upload_bf16(&dev, &w),
+                upload_bf16(&dev, &dy),
+            );
+            for which in 0..2 {
+                let shape = format!("{tokens}x3x{heads}x{d} part {which}");
+                let part: Vec<f32> = (0..tokens)
+                    .flat_map(|t| {
+                        let o = t * width + which * heads * d;
+                        fused[o..o + heads * d].to_vec()
+                    })
+                    .collect();
+                let (xt, wt) = (tensor(part, &[rows, d]), tensor(w.clone(), &[d]));
+                let (yc, rstd_c) = cpu::rms_norm_fwd(&xt, &wt, 1e-6);
+                let (dxc, dwc) =
+                    cpu::rms_norm_bwd(&xt, &wt, &rstd_c, &tensor(dy.clone(), &[rows, d]));
+                let layout = gpu::RowLayout {
+                    heads,
+                    ld: width,
+                    off: which * heads * d,
+                };
+                let (y, rstd) =
+                    gpu::rms_norm_fwd_laid(&dev, &fd, layout, &wd, (rows, d), 1e-6).unwrap();
+                check(
+                    "rms_norm_fwd[laid]",
+                    &dev,
+                    &shape,
+                    &download_f32(&dev, &y),
+                    yc.f32s(),
+                    1e-2,
+                );
+                let sentinel = vec![7.0f32; tokens * width];
+                let dfused = upload_bf16(&dev, &sentinel);
+                let dw =
+                    gpu::rms_norm_bwd_laid(&dev, &dfused, &fd, layout, &wd, &rstd, &dyd, (rows, d))
+                        .unwrap();
+                let got = download_f32(&dev, &dfused);
+                let mut dx = Vec::with_capacity(rows * d);
+                for t in 0..tokens {
+                    for c in 0..width {
+                        let mine = (which * heads * d..(which + 1) * heads * d).contains(&c);
+                        if mine {
+                            dx.push(got[t * width + c]);
+                        } else {
+                            assert_eq!(
+                                got[t * width + c],
+                                7.0,
+                                "{shape}: column {c} of token {t} written"
+                            );
+                        }
+                    }
+                }
+                check("rms_norm_bwd[laid].dx", &dev, &shape, &dx, dxc.f32s(), 1e-2);
+                check(
+                    "rms_norm_bwd[laid].dweight",
+                    &dev,
+                    &shape,
+                    &dev.download(&dw).unwrap(),
+                    dwc.f32s(),
+                    1e-4,
+                );
+            }
+            // a layout that does not fit the buffer is refused
+            let bad = gpu::RowLayout {
+                heads,
+                ld: width,
+                off: 3 * heads * d,
+            };
+            assert!(gpu::rms_norm_fwd_laid(&dev, &fd, bad, &wd, (rows, d), 1e-6).is_err());
+        }
+    }
+}
