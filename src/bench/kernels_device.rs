@@ -172,27 +172,20 @@ fn adaln(b: &mut Bench) -> KernelResult<()> {
         .collect::<KernelResult<Vec<_>>>()?;
     let dev = b.dev.clone();
     let shape = format!("{rows}x{d} bf16");
-    use crate::kernels::adaln::dev::AdalnFwd;
-    for (name, path) in [
-        ("adaln_modulate_fwd", AdalnFwd::TwoPass),
-        ("adaln_modulate_fwd shifted (1 red.)", AdalnFwd::Shifted),
-    ] {
-        b.time(name, &shape, per_call, sets, |i| {
-            let t = &s[i];
-            crate::kernels::adaln::dev::adaln_modulate_fwd_into_with(
-                &dev,
-                &t.y,
-                &t.mean,
-                &t.rstd,
-                &t.x,
-                &t.shift,
-                &t.scale,
-                (1, l, d),
-                1e-6,
-                path,
-            )
-        })?;
-    }
+    b.time("adaln_modulate_fwd", &shape, per_call, sets, |i| {
+        let t = &s[i];
+        crate::kernels::adaln::dev::adaln_modulate_fwd_into(
+            &dev,
+            &t.y,
+            &t.mean,
+            &t.rstd,
+            &t.x,
+            &t.shift,
+            &t.scale,
+            (1, l, d),
+            1e-6,
+        )
+    })?;
     let bytes = 3 * rows * d * 2 + d * 2;
     b.time("gated_residual_fwd", &shape, bytes, sets, |i| {
         let t = &s[i];
@@ -209,40 +202,21 @@ fn adaln(b: &mut Bench) -> KernelResult<()> {
                 .i32(d as i32),
         )
     })?;
-    // The backward through its public launcher (allocates its outputs and partials), by each
-    // path: the default is whichever measured fastest on an H100 (docs/perf-log.md).
-    use crate::kernels::adaln::dev::AdalnBwd;
+    // The backward through its public launcher (allocates its outputs and partials).
     let bytes = 3 * rows * d * 2 + rows * 8 + d * 2 + 2 * d * 4;
-    for (name, path) in [
-        ("adaln_modulate_bwd split (4 kernels)", AdalnBwd::Split),
-        (
-            "adaln_modulate_bwd fused/128 (3 k.)",
-            AdalnBwd::Fused { blocks: 128 },
-        ),
-        (
-            "adaln_modulate_bwd fused/256 (3 k.)",
-            AdalnBwd::Fused { blocks: 256 },
-        ),
-        (
-            "adaln_modulate_bwd fused/512 (3 k.)",
-            AdalnBwd::Fused { blocks: 512 },
-        ),
-    ] {
-        b.time(name, &shape, bytes, sets, |i| {
-            let t = &s[i];
-            crate::kernels::adaln::dev::adaln_modulate_bwd_with(
-                &dev,
-                &t.x,
-                &t.scale,
-                &t.mean,
-                &t.rstd,
-                &t.y,
-                (1, l, d),
-                path,
-            )
-            .map(|_| ())
-        })?;
-    }
+    b.time("adaln_modulate_bwd (4 kernels)", &shape, bytes, sets, |i| {
+        let t = &s[i];
+        crate::kernels::adaln::dev::adaln_modulate_bwd(
+            &dev,
+            &t.x,
+            &t.scale,
+            &t.mean,
+            &t.rstd,
+            &t.y,
+            (1, l, d),
+        )
+        .map(|_| ())
+    })?;
     Ok(())
 }
 
