@@ -86,8 +86,6 @@ step tests 90 "$BIN/kernels-test" --test-threads=1 --nocapture
 MMDIT_FIXTURES=$(ls -d .gpu/fixtures/*/ | tr '\n' ':') step model 60 "$BIN/mmdit-device-test" --test-threads=1 --nocapture
 step mmdit-shapes 30 "$BIN/advdmd" bench mmdit --device cuda --model shapes --batch 128 --iters 10 --json
 step mmdit-sd35m 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
-# with cuBLASLt's candidates timed per GEMM shape (ADVDMD_GEMM_AUTOTUNE=1, off by default)
-ADVDMD_GEMM_AUTOTUNE=1 step mmdit-sd35m-tuned 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
 # the same benchmark by an earlier build carried as .gpu/bin/advdmd-base (a before/after in one call)
 [ -x "$BIN/advdmd-base" ] && step mmdit-sd35m-base 120 "$BIN/advdmd-base" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
 step mmdit-sd35m-512 60 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 512 --batch 4 --iters 10 --json
@@ -137,5 +135,5 @@ with open(f"{out}/report.md", "w") as f:
         f.write(f"| {p['kernel']} | {p['shape']} | {p['max_rel_err']:.2e} |\n")
 print(open(f"{out}/report.md").read()[-6000:])
 PY
-for s in tests model mmdit-shapes mmdit-sd35m mmdit-sd35m-tuned mmdit-sd35m-base mmdit-sd35m-512 sample-sd35m sample-sd35m-graph sample-512 advdmd step-shapes distill step-sd35m step-sd35m-80g torch bench attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
+for s in tests model mmdit-shapes mmdit-sd35m mmdit-sd35m-base mmdit-sd35m-512 sample-sd35m sample-sd35m-graph sample-512 advdmd step-shapes distill step-sd35m step-sd35m-80g torch bench attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
 exit $status

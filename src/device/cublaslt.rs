@@ -22,21 +22,6 @@ struct Plan {
     layout_second: ltsys::cublasLtMatrixLayout_t,
     layout_c: ltsys::cublasLtMatrixLayout_t,
     algo: ltsys::cublasLtMatmulAlgo_t,
-    /// The heuristic's candidates, best first (`algo` is the first until tuned).
-    candidates: Vec<ltsys::cublasLtMatmulAlgo_t>,
-    tuned: bool,
-}
-
-/// Heuristic candidates asked for per GEMM shape.
-const CANDIDATES: usize = 8;
-
-/// `ADVDMD_GEMM_AUTOTUNE=1`: on a GEMM shape's first call, time the heuristic's candidates on
-/// scratch outputs and keep the fastest. Off by default: the choice follows the timing of the
-/// moment, so two runs may pick different algorithms (and round differently); the heuristic's
-/// first choice is the same every run. Read once.
-fn autotune_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("ADVDMD_GEMM_AUTOTUNE").is_ok_and(|v| v == "1"))
 }
 
 // SAFETY: descriptors are plain heap objects of cuBLASLt, used under the cache's mutex.
@@ -181,11 +166,7 @@ impl Cublaslt {
                 ..Default::default()
             },
         )?;
-        let asked = if autotune_enabled() { CANDIDATES } else { 1 };
-        let mut results: Vec<ltsys::cublasLtMatmulHeuristicResult_t> =
-            vec![std::mem::zeroed(); asked];
-        let mut count = 0i32;
-        let status = ltsys::cublasLtMatmulAlgoGetHeuristic(
+        let heur = lt::get_matmul_algo_heuristic(
             self.handle,
             desc,
             layout_first,
@@ -193,27 +174,15 @@ impl Cublaslt {
             layout_c,
             layout_c,
             pref,
-            asked as i32,
-            results.as_mut_ptr(),
-            &mut count,
         );
         let _ = lt::destroy_matmul_pref(pref);
-        let candidates: Vec<_> = results[..(count.max(0) as usize).min(asked)]
-            .iter()
-            .filter(|r| r.state == ltsys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
-            .map(|r| r.algo)
-            .collect();
-        if status != ltsys::cublasStatus_t::CUBLAS_STATUS_SUCCESS || candidates.is_empty() {
-            return Err(lt_err(&format!("no algorithm for {spec:?}"), status));
-        }
+        let heur = heur.map_err(|e| lt_err(&format!("no algorithm for {spec:?}"), e))?;
         Ok(Plan {
             desc,
             layout_first,
             layout_second,
             layout_c,
-            algo: candidates[0],
-            candidates,
-            tuned: false,
+            algo: heur.algo,
         })
     }
 
@@ -246,8 +215,6 @@ impl Cublaslt {
 
     /// Queues `C = epilogue(op(A)·op(B))` (or `C += op(A)·op(B)`) on `stream`; `Ok(false)` when
     /// an `F32Accumulate` call has no algorithm.
-    // `stream` is an opaque driver handle passed through to cuBLASLt, never dereferenced here.
-    #[allow(clippy::not_unsafe_ptr_arg_deref)]
     pub fn matmul(
         &self,
         spec: &GemmSpec,
@@ -272,130 +239,34 @@ impl Cublaslt {
         let Some(plan) = plan else {
             return Ok(false);
         };
-        if autotune_enabled() && !plan.tuned && plan.candidates.len() > 1 && !capturing(stream) {
-            plan.tuned = true;
-            // SAFETY: scratch outputs of the sizes `spec` implies; inputs as the caller's call.
-            if let Ok(best) = unsafe { self.fastest(plan, spec, out, p, stream) } {
-                plan.algo = best;
-            }
-        }
-        let algo = plan.algo;
-        // SAFETY: pointers are device buffers of the sizes `spec` implies (checked by the
-        // caller); the workspace is owned by the runtime.
-        unsafe { self.run(plan, &algo, spec, out, p, stream) }
-            .map_err(|e| lt_err(&format!("matmul {spec:?} {out:?}"), e))?;
-        Ok(true)
-    }
-
-    /// Queues one product with `algo`.
-    unsafe fn run(
-        &self,
-        plan: &Plan,
-        algo: &ltsys::cublasLtMatmulAlgo_t,
-        spec: &GemmSpec,
-        out: GemmOut,
-        p: &GemmPtrs,
-        stream: *mut c_void,
-    ) -> Result<(), KernelError> {
         let (alpha, beta) = match out {
             GemmOut::Bf16 => (1f32, 0f32),
             GemmOut::F32Accumulate => (1f32, 1f32),
         };
-        self.set_pointers(plan.desc, spec, p)?;
-        lt::matmul(
-            self.handle,
-            plan.desc,
-            &alpha as *const f32 as *const c_void,
-            &beta as *const f32 as *const c_void,
-            p.b as *const c_void,
-            plan.layout_first,
-            p.a as *const c_void,
-            plan.layout_second,
-            p.c as *const c_void,
-            plan.layout_c,
-            p.c as *mut c_void,
-            plan.layout_c,
-            algo,
-            self.workspace as *mut c_void,
-            self.workspace_bytes,
-            stream as ltsys::cudaStream_t,
-        )
-        .map_err(|e| lt_err("matmul", e))
+        // SAFETY: pointers are device buffers of the sizes `spec` implies (checked by the
+        // caller); the workspace is owned by the runtime.
+        unsafe {
+            self.set_pointers(plan.desc, spec, p)?;
+            lt::matmul(
+                self.handle,
+                plan.desc,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                p.b as *const c_void,
+                plan.layout_first,
+                p.a as *const c_void,
+                plan.layout_second,
+                p.c as *const c_void,
+                plan.layout_c,
+                p.c as *mut c_void,
+                plan.layout_c,
+                &plan.algo,
+                self.workspace as *mut c_void,
+                self.workspace_bytes,
+                stream as ltsys::cudaStream_t,
+            )
+        }
+        .map_err(|e| lt_err(&format!("matmul {spec:?} {out:?}"), e))?;
+        Ok(true)
     }
-
-    /// The fastest of `plan`'s candidates on this call's inputs, each timed over 3 runs after a
-    /// warm-up, writing scratch outputs (the caller's C, aux and bias gradient are untouched).
-    unsafe fn fastest(
-        &self,
-        plan: &Plan,
-        spec: &GemmSpec,
-        out: GemmOut,
-        p: &GemmPtrs,
-        stream: *mut c_void,
-    ) -> KernelResult<ltsys::cublasLtMatmulAlgo_t> {
-        use cudarc::driver::{result as drv, sys as dsys};
-        let c_elem = if out == GemmOut::F32Accumulate { 4 } else { 2 };
-        let mut scratch = Vec::new();
-        let mut alloc = |bytes: usize| -> KernelResult<u64> {
-            let ptr = drv::malloc_sync(bytes.max(16)).map_err(|e| lt_err("tuning scratch", e))?;
-            scratch.push(ptr);
-            Ok(ptr)
-        };
-        let mut tp = *p;
-        tp.c = alloc(spec.m * spec.n * c_elem)?;
-        if spec.epilogue == EpilogueKind::GeluAuxBias {
-            tp.aux = alloc(spec.m * spec.n * 2)?;
-        }
-        if matches!(
-            spec.epilogue,
-            EpilogueKind::DGeluBgrad | EpilogueKind::BgradB
-        ) {
-            tp.bias_grad = alloc(spec.m.max(spec.n) * 4)?;
-        }
-        let flags = dsys::CUevent_flags::CU_EVENT_DEFAULT;
-        let events = (drv::event::create(flags), drv::event::create(flags));
-        let s = stream as dsys::CUstream;
-        let mut best: Option<(f32, ltsys::cublasLtMatmulAlgo_t)> = None;
-        if let (Ok(e0), Ok(e1)) = events {
-            for algo in &plan.candidates {
-                let timed = (|| -> Result<f32, KernelError> {
-                    self.run(plan, algo, spec, out, &tp, stream)?;
-                    drv::event::record(e0, s).map_err(|e| lt_err("event", e))?;
-                    for _ in 0..3 {
-                        self.run(plan, algo, spec, out, &tp, stream)?;
-                    }
-                    drv::event::record(e1, s).map_err(|e| lt_err("event", e))?;
-                    drv::event::synchronize(e1).map_err(|e| lt_err("event", e))?;
-                    drv::event::elapsed(e0, e1).map_err(|e| lt_err("event", e))
-                })();
-                if let Ok(ms) = timed {
-                    if best.is_none_or(|(b, _)| ms < b) {
-                        best = Some((ms, *algo));
-                    }
-                }
-            }
-        }
-        let _ = drv::stream::synchronize(s);
-        if let Ok(e) = events.0 {
-            let _ = drv::event::destroy(e);
-        }
-        if let Ok(e) = events.1 {
-            let _ = drv::event::destroy(e);
-        }
-        for ptr in scratch {
-            let _ = drv::free_sync(ptr);
-        }
-        best.map(|(_, a)| a)
-            .ok_or_else(|| KernelError::Cuda("cuBLASLt tuning: no candidate ran".into()))
-    }
-}
-
-/// Whether `stream` is being recorded into a graph (tuning synchronises, which a capture forbids).
-fn capturing(stream: *mut c_void) -> bool {
-    use cudarc::driver::sys as dsys;
-    let mut status = dsys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
-    // SAFETY: a query on a live stream.
-    let r = unsafe { dsys::cuStreamIsCapturing(stream as dsys::CUstream, &mut status) };
-    r != dsys::CUresult::CUDA_SUCCESS
-        || status != dsys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
 }
