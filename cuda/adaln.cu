@@ -191,6 +191,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 
 // Vector column partials (D % 8 == 0): like adaln_modulate_bwd_params with 8 columns per thread
 // and 16-byte row loads. grid: (ceil(D / 8 / 128), B, S), block: 128.
+#define PARAM_ROWS 4
 extern "C" __global__ void adaln_modulate_bwd_params_vec(float* __restrict__ part_shift,
                                                          float* __restrict__ part_scale,
                                                          const bf16* __restrict__ x, const float* __restrict__ mean,
@@ -204,16 +205,33 @@ extern "C" __global__ void adaln_modulate_bwd_params_vec(float* __restrict__ par
     float a_sh[8], a_sc[8];
 #pragma unroll
     for (int k = 0; k < 8; k++) a_sh[k] = a_sc[k] = 0.f;
-    for (int l = l0; l < l1; l++) {
-        const long long row = (long long)b * L + l;
-        const float mu = mean[row], rs = rstd[row];
-        float xv[8], g[8];
-        load_pack(x + row * D, c, xv);
-        load_pack(dy + row * D, c, g);
+    // PARAM_ROWS rows' loads issued before the first is summed (the sums keep row order): a
+    // thread walks ~17 rows, and one row's latency at a time bounded the kernel.
+    for (int l = l0; l < l1; l += PARAM_ROWS) {
+        pack16 px[PARAM_ROWS], pg[PARAM_ROWS];
+        float mu[PARAM_ROWS], rs[PARAM_ROWS];
 #pragma unroll
-        for (int k = 0; k < 8; k++) {
-            a_sh[k] += g[k];
-            a_sc[k] += g[k] * (xv[k] - mu) * rs;
+        for (int r = 0; r < PARAM_ROWS; r++) {
+            if (l + r < l1) {
+                const long long row = (long long)b * L + l + r;
+                mu[r] = mean[row];
+                rs[r] = rstd[row];
+                px[r] = load16(x + row * D + 8 * c);
+                pg[r] = load16(dy + row * D + 8 * c);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < PARAM_ROWS; r++) {
+            if (l + r < l1) {
+                float xv[8], g[8];
+                unpack_bf16x8(px[r], xv);
+                unpack_bf16x8(pg[r], g);
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    a_sh[k] += g[k];
+                    a_sc[k] += g[k] * (xv[k] - mu[r]) * rs[r];
+                }
+            }
         }
     }
     const long long o = ((long long)s * B + b) * D + 8 * c;
@@ -273,7 +291,8 @@ extern "C" __global__ void __launch_bounds__(1024)
     }
 }
 
-// out = x + gate[b]·y, 8 elements per thread when D % 8 == 0 (else one).
+// out = x + gate[b]·y, 8 elements per thread when D % 8 == 0 and the buffers are 16-byte aligned
+// (else one).
 extern "C" __global__ void gated_residual_fwd(bf16* __restrict__ out, const bf16* __restrict__ x,
                                               const bf16* __restrict__ gate, const bf16* __restrict__ y,
                                               long long rows, int L, int D) {
@@ -291,22 +310,43 @@ extern "C" __global__ void gated_residual_fwd(bf16* __restrict__ out, const bf16
         for (int k = 0; k < 8; k++) o[k] = fx[k] + fg[k] * fy[k];
         store16(out + e, pack_bf16x8(o));
     } else {
-        const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-        if (e >= n) return;
-        const long long row = e / D;
-        const int j = (int)(e - row * D);
-        out[e] = f2bf(bf2f(x[e]) + bf2f(gate[(row / L) * D + j]) * bf2f(y[e]));
+        // one element per thread, striding: with D % 8 == 0 but a misaligned buffer (a view) the
+        // grid was sized for 8 elements per thread
+        const long long step = (long long)gridDim.x * blockDim.x;
+        for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += step) {
+            const long long row = e / D;
+            const int j = (int)(e - row * D);
+            out[e] = f2bf(bf2f(x[e]) + bf2f(gate[(row / L) * D + j]) * bf2f(y[e]));
+        }
     }
 }
 
-// dy = gate[b]·dz (elementwise; dx is dz itself).
+// dy = gate[b]·dz (elementwise; dx is dz itself), 8 elements per thread when D % 8 == 0 and the
+// buffers are 16-byte aligned (else one; the launcher sizes the grid for 8 when D % 8 == 0).
 extern "C" __global__ void gated_residual_bwd_dy(bf16* __restrict__ dy, const bf16* __restrict__ gate,
                                                  const bf16* __restrict__ dz, long long rows, int L, int D) {
-    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= rows * D) return;
-    const long long row = e / D;
-    const int j = (int)(e - row * D);
-    dy[e] = f2bf(bf2f(gate[(row / L) * D + j]) * bf2f(dz[e]));
+    const long long n = rows * D;
+    const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (D % 8 == 0 && aligned16(dy) && aligned16(gate) && aligned16(dz)) {
+        const long long e = t * 8;
+        if (e >= n) return;
+        const long long row = e / D;
+        const int j = (int)(e - row * D);
+        float fg[8], fz[8], o[8];
+        unpack_bf16x8(load16(gate + (row / L) * D + j), fg);
+        unpack_bf16x8(load16(dz + e), fz);
+#pragma unroll
+        for (int k = 0; k < 8; k++) o[k] = fg[k] * fz[k];
+        store16(dy + e, pack_bf16x8(o));
+    } else {
+        // one element per thread: a grid sized for 8 per thread covers 1/8 of them, so loop
+        const long long step = (long long)gridDim.x * blockDim.x;
+        for (long long e = t; e < n; e += step) {
+            const long long row = e / D;
+            const int j = (int)(e - row * D);
+            dy[e] = f2bf(bf2f(gate[(row / L) * D + j]) * bf2f(dz[e]));
+        }
+    }
 }
 
 // part[s, b, j] = Σ_{l in split s} a[b, l, j]·c[b, l, j]  (c may be null: Σ a). The gate
@@ -319,10 +359,20 @@ extern "C" __global__ void colsum_mul_partial(float* __restrict__ part, const bf
     if (j >= D) return;
     const int per = (L + S - 1) / S;
     const int l0 = s * per, l1 = min(L, l0 + per);
+    // PARAM_ROWS rows' loads in flight at once, summed in row order (as adaln_modulate_bwd_params_vec).
     float acc = 0.f;
-    for (int l = l0; l < l1; l++) {
-        const long long e = ((long long)b * L + l) * D + j;
-        acc += c ? bf2f(a[e]) * bf2f(c[e]) : bf2f(a[e]);
+    for (int l = l0; l < l1; l += PARAM_ROWS) {
+        float va[PARAM_ROWS], vc[PARAM_ROWS];
+#pragma unroll
+        for (int r = 0; r < PARAM_ROWS; r++) {
+            const long long e = ((long long)b * L + l + r) * D + j;
+            const bool ok = l + r < l1;
+            va[r] = ok ? bf2f(a[e]) : 0.f;
+            vc[r] = ok && c ? bf2f(c[e]) : 1.f;
+        }
+#pragma unroll
+        for (int r = 0; r < PARAM_ROWS; r++)
+            if (l + r < l1) acc += c ? va[r] * vc[r] : va[r];
     }
     part[((long long)s * B + b) * D + j] = acc;
 }

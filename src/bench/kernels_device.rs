@@ -202,6 +202,14 @@ fn adaln(b: &mut Bench) -> KernelResult<()> {
                 .i32(d as i32),
         )
     })?;
+    // The gated residual's backward (dy, the gate's column partials, sum_splits): reads gate, y
+    // and dz, writes dy and the f32 gate gradient.
+    let bytes = 3 * rows * d * 2 + d * 2 + d * 4;
+    b.time("gated_residual_bwd (3 kernels)", &shape, bytes, sets, |i| {
+        let t = &s[i];
+        crate::kernels::adaln::dev::gated_residual_bwd(&dev, &t.gate, &t.y, &t.x, (1, l, d))
+            .map(|_| ())
+    })?;
     // The backward through its public launcher (allocates its outputs and partials).
     let bytes = 3 * rows * d * 2 + rows * 8 + d * 2 + 2 * d * 4;
     b.time("adaln_modulate_bwd (4 kernels)", &shape, bytes, sets, |i| {

@@ -367,6 +367,15 @@ pub mod dev {
         Ok((dx, dshift, dscale))
     }
 
+    /// Elements per thread of the gated-residual kernels: a 16-byte pack when rows allow it.
+    fn per_thread(d: usize) -> usize {
+        if d % 8 == 0 {
+            8
+        } else {
+            1
+        }
+    }
+
     /// `x + gate·y`.
     pub fn gated_residual_fwd(
         dev: &KernelDevice,
@@ -378,10 +387,9 @@ pub mod dev {
         let n = b * l * d;
         let out = dev.alloc::<bf16>(n)?;
         if n > 0 {
-            let per_thread = if d % 8 == 0 { 8 } else { 1 };
             dev.launch(
                 "gated_residual_fwd",
-                LaunchCfg::linear(blocks_for(n.div_ceil(per_thread), 256), 256),
+                LaunchCfg::linear(blocks_for(n.div_ceil(per_thread(d)), 256), 256),
                 KernelArgs::new()
                     .buf(&out)
                     .buf(x)
@@ -411,7 +419,7 @@ pub mod dev {
         }
         dev.launch(
             "gated_residual_bwd_dy",
-            LaunchCfg::linear(blocks_for(n, 256), 256),
+            LaunchCfg::linear(blocks_for(n.div_ceil(per_thread(d)), 256), 256),
             KernelArgs::new()
                 .buf(&dy)
                 .buf(gate)

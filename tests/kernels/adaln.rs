@@ -146,3 +146,55 @@ fn gated_residual_fwd_and_bwd_match_cpu() {
         }
     }
 }
+
+/// The gated residual on views one element into their buffers (not 16-byte aligned, with
+/// D % 8 == 0): the scalar path still covers every element of a grid sized for 8 per thread.
+#[test]
+fn gated_residual_on_misaligned_views_matches_cpu() {
+    let (b, l, d) = (2, 5, 64);
+    let mut rng = Rng::new(12);
+    let x = randn_bf16(&mut rng, b * l * d, 1.0);
+    let gate = randn_bf16(&mut rng, b * d, 1.0);
+    let y = randn_bf16(&mut rng, b * l * d, 1.0);
+    let dz = randn_bf16(&mut rng, b * l * d, 1.0);
+    let (xt, gt, yt) = (
+        tensor(x.clone(), &[b, l, d]),
+        tensor(gate.clone(), &[b, d]),
+        tensor(y.clone(), &[b, l, d]),
+    );
+    let oc = cpu::gated_residual_fwd(&xt, &gt, &yt);
+    let (_, dyc) = cpu::gated_residual_bwd(&gt, &yt, &tensor(dz.clone(), &[b, l, d]));
+    for dev in devices() {
+        let shifted = |v: &[f32]| {
+            let mut w = vec![0.0f32];
+            w.extend_from_slice(v);
+            upload_bf16(&dev, &w)
+        };
+        let (xb, gb, yb, dzb) = (shifted(&x), shifted(&gate), shifted(&y), shifted(&dz));
+        let (xv, gv, yv, dzv) = (
+            xb.view(1, xb.len() - 1).unwrap(),
+            gb.view(1, gb.len() - 1).unwrap(),
+            yb.view(1, yb.len() - 1).unwrap(),
+            dzb.view(1, dzb.len() - 1).unwrap(),
+        );
+        let out = gpu::gated_residual_fwd(&dev, &xv, &gv, &yv, (b, l, d)).unwrap();
+        let shape = "2x5x64 views at +1";
+        check(
+            "gated_residual_fwd[view]",
+            &dev,
+            shape,
+            &download_f32(&dev, &out),
+            oc.f32s(),
+            1e-2,
+        );
+        let (_, dyv) = gpu::gated_residual_bwd(&dev, &gv, &yv, &dzv, (b, l, d)).unwrap();
+        check(
+            "gated_residual_bwd.dy[view]",
+            &dev,
+            shape,
+            &download_f32(&dev, &dyv),
+            dyc.f32s(),
+            1e-2,
+        );
+    }
+}
