@@ -217,6 +217,16 @@ impl DeviceMmdit {
         Self::upload(dev, model, false)
     }
 
+    /// A frozen snapshot of this model's current bf16 weights (2 B/param; forward and input
+    /// gradients only), unaffected by later updates of `self`.
+    pub fn frozen_copy(&self) -> KernelResult<DeviceMmdit> {
+        Ok(DeviceMmdit {
+            config: self.config.clone(),
+            dev: self.dev.clone(),
+            params: self.params.frozen_copy()?,
+        })
+    }
+
     fn upload(dev: &KernelDevice, model: &Mmdit, trainable: bool) -> KernelResult<DeviceMmdit> {
         Ok(DeviceMmdit {
             config: model.config.clone(),

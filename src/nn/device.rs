@@ -189,6 +189,27 @@ impl DeviceParams {
         ew::cast_f32_to_bf16_into(&self.dev, &self.weights, &self.master)
     }
 
+    /// A frozen copy of the current bf16 weights (same layout, no masters, no gradients): a
+    /// snapshot that later steps of `self` do not change.
+    pub fn frozen_copy(&self) -> KernelResult<DeviceParams> {
+        let weights = self.dev.alloc::<bf16>(self.weights.len())?;
+        ew::copy(&self.dev, &weights, &self.weights)?;
+        Ok(DeviceParams {
+            dev: self.dev.clone(),
+            slots: self.slots.clone(),
+            n_decay: self.n_decay,
+            n_trainable: self.n_trainable,
+            master: self.dev.alloc(0)?,
+            weights,
+            grads: Arc::new(self.dev.alloc(0)?),
+        })
+    }
+
+    /// The bf16 weights as named f32 tensors (exact: every bf16 value is an f32).
+    pub fn download_weights_named(&self) -> KernelResult<Vec<(String, Tensor)>> {
+        self.download_named(&ew::cast_bf16_to_f32(&self.dev, &self.weights)?)
+    }
+
     /// Downloads one flat f32 buffer (masters or gradients) as named tensors.
     pub fn download_named(&self, flat: &DevBuf<f32>) -> KernelResult<Vec<(String, Tensor)>> {
         let host = self.dev.download(flat)?;

@@ -10,7 +10,7 @@
 //! (their backward passes never overlap). A run saves through the CPU trainer's checkpoint
 //! ([`DeviceAdvDmd::sync_to_host`] + `AdvDmd::save`) and resumes exactly from one
 //! (`AdvDmd::load` + [`DeviceAdvDmd::from_host`]). A frozen discriminator (`frozen_disc_after`)
-//! is not on the device yet and is refused.
+//! is a bf16 snapshot of the fake score's backbone with the head held fixed, as on the CPU.
 
 use half::bf16;
 
@@ -142,6 +142,10 @@ pub struct DeviceAdvDmd {
     pub generator: DeviceMmdit,
     pub fake: DeviceMmdit,
     pub head: DeviceDiscHead,
+    /// The fake score's backbone as it was when the discriminator froze
+    /// (`config.frozen_disc_after`): its bf16 weights, which the discriminator then evaluates
+    /// with the head held fixed.
+    pub frozen_backbone: Option<DeviceMmdit>,
     pub feature_block: usize,
     /// What the forwards that are differentiated keep ([`Keep::BlockInputs`]: checkpointing).
     pub keep: Keep,
@@ -237,6 +241,9 @@ impl DeviceAdvDmd {
             host.rng.clone(),
         )?;
         run.feature_block = host.feature_block;
+        if let Some(b) = &host.frozen_backbone {
+            run.frozen_backbone = Some(DeviceMmdit::frozen(dev, &b.mmdit)?);
+        }
         run.iteration = host.iteration;
         run.generator_steps = host.generator_steps;
         let shadow = flat_trainable(&run.generator, |name| {
@@ -303,6 +310,19 @@ impl DeviceAdvDmd {
             split(p, &v, &mut host.opt_fake.v);
         }
         host.opt_fake.step = self.opt_fake.step;
+        host.frozen_backbone = match &self.frozen_backbone {
+            Some(b) => {
+                // the snapshot as the device evaluates it: the fake score's bf16 weights at the
+                // freeze (a resumed device run rounds them to the same bf16 values)
+                let snap = host.fake.copy_transformer();
+                snap.mmdit.params.set_trainable(false);
+                for (name, t) in b.params.download_weights_named()? {
+                    snap.mmdit.params.param(&name).set_value(t);
+                }
+                Some(snap)
+            }
+            None => None,
+        };
         host.rng = self.rng.clone();
         host.iteration = self.iteration;
         host.generator_steps = self.generator_steps;
@@ -338,12 +358,6 @@ impl DeviceAdvDmd {
         rng: Rng,
     ) -> Result<DeviceAdvDmd> {
         let keep = opts.keep;
-        if config.frozen_disc_after.is_some() {
-            return Err(Error::Invalid(
-                "device AdvDMD: a frozen discriminator (frozen_disc_after) is not supported yet"
-                    .into(),
-            ));
-        }
         if keep == Keep::Nothing {
             return Err(Error::Invalid(
                 "device AdvDMD: the differentiated forwards must keep activations".into(),
@@ -380,6 +394,7 @@ impl DeviceAdvDmd {
             generator,
             fake,
             head,
+            frozen_backbone: None,
             keep,
             ema,
             rng,
@@ -416,6 +431,11 @@ impl DeviceAdvDmd {
                 batch.cond.rows(),
                 batch.uncond.rows()
             )));
+        }
+        if c.frozen_disc_after.is_some_and(|f| self.iteration >= f)
+            && self.frozen_backbone.is_none()
+        {
+            self.frozen_backbone = Some(self.fake.frozen_copy()?);
         }
         let sig = self.sigmas();
         let k = c.steps_per_sample;
@@ -487,7 +507,7 @@ impl DeviceAdvDmd {
         cond: &Cond,
         keep: bool,
     ) -> KernelResult<(Vec<f32>, Option<LogitsSaved>)> {
-        let backbone = &self.fake;
+        let backbone = self.disc_backbone();
         let inputs = Self::inputs_at(backbone, x, shape, sigma, cond)?;
         let mode = if keep { self.keep } else { Keep::Nothing };
         let f = backbone.forward_features(&inputs, self.feature_block, mode)?;
@@ -516,9 +536,14 @@ impl DeviceAdvDmd {
     ) -> KernelResult<DevBuf<bf16>> {
         let dfeat = self.head.backward(&s.head, dlogits, params)?;
         Ok(self
-            .fake
+            .disc_backbone()
             .backward_features(&s.inputs, &s.saved, &dfeat, params)?
             .x)
+    }
+
+    /// The discriminator's backbone: the fake score, or its snapshot once frozen.
+    fn disc_backbone(&self) -> &DeviceMmdit {
+        self.frozen_backbone.as_ref().unwrap_or(&self.fake)
     }
 
     /// `r_{i,k} = clip(D(x_k, σ_k))` for k = 1..K, sample-major `[n][K]`: one call over every
@@ -628,27 +653,32 @@ impl DeviceAdvDmd {
         }
         let at = |rows: usize| state_sigmas(&states, sig, rows);
         let rows_shape = |rows: usize| [rows * ns, shape[1], shape[2], shape[3]];
+        // A frozen discriminator is still evaluated (its accuracy is the reward model's), but
+        // neither its head nor its snapshot learns: no backward.
+        let train = self.frozen_backbone.is_none();
         let (lf, saved) =
-            self.logits(&xf, &rows_shape(n), &at(n), &batch.cond.repeated(ns), true)?;
-        let dl: Vec<f32> = lf
-            .iter()
-            .map(|&l| c.lambda_d * sigmoid(l) / n_fake)
-            .collect();
-        self.logits_backward(saved.as_ref().expect("kept"), &dl, true)?;
-        drop(saved);
+            self.logits(&xf, &rows_shape(n), &at(n), &batch.cond.repeated(ns), train)?;
+        if let Some(saved) = saved {
+            let dl: Vec<f32> = lf
+                .iter()
+                .map(|&l| c.lambda_d * sigmoid(l) / n_fake)
+                .collect();
+            self.logits_backward(&saved, &dl, true)?;
+        }
         let (lr, saved) = self.logits(
             &xr,
             &rows_shape(m),
             &at(m),
             &batch.real_cond.repeated(ns),
-            true,
+            train,
         )?;
-        let dl: Vec<f32> = lr
-            .iter()
-            .map(|&l| -c.lambda_d * sigmoid(-l) / n_real)
-            .collect();
-        self.logits_backward(saved.as_ref().expect("kept"), &dl, true)?;
-        drop(saved);
+        if let Some(saved) = saved {
+            let dl: Vec<f32> = lr
+                .iter()
+                .map(|&l| -c.lambda_d * sigmoid(-l) / n_real)
+                .collect();
+            self.logits_backward(&saved, &dl, true)?;
+        }
         let d_loss = lf.iter().map(|&l| softplus(l)).sum::<f32>() / n_fake
             + lr.iter().map(|&l| softplus(-l)).sum::<f32>() / n_real;
         let frac = |v: &[f32], pos: bool| {
@@ -663,15 +693,25 @@ impl DeviceAdvDmd {
             })
             .collect();
         let lr_fake = self.lr(c.lr_fake);
-        Self::step_jointly(
-            &dev,
-            &mut [
-                (&mut self.opt_fake, &*self.fake, None),
-                (&mut self.opt_head, &self.head.params, None),
-            ],
-            lr_fake,
-            c.grad_clip,
-        )?;
+        if train {
+            Self::step_jointly(
+                &dev,
+                &mut [
+                    (&mut self.opt_fake, &*self.fake, None),
+                    (&mut self.opt_head, &self.head.params, None),
+                ],
+                lr_fake,
+                c.grad_clip,
+            )?;
+        } else {
+            // the fixed head takes no step (AdamW's decay would still move it)
+            Self::step_jointly(
+                &dev,
+                &mut [(&mut self.opt_fake, &*self.fake, None)],
+                lr_fake,
+                c.grad_clip,
+            )?;
+        }
         metrics.fake_loss = fake_loss;
         metrics.d_loss = d_loss;
         metrics.d_acc_real = frac(&lr, true);
