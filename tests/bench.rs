@@ -224,6 +224,27 @@ fn mmdit_json_on_the_emulator() {
     let peak = |r: &Value| positive(&r["results"], "peak_memory_bytes");
     assert!(peak(&ck) < peak(&r), "{} vs {}", peak(&ck), peak(&r));
     positive(&r["results"], "resident_bytes");
+    // --forward-only: a frozen bf16 model, the forward alone, a fifth of the resident state
+    let fo = bench_json(&[
+        "mmdit",
+        "--model",
+        "shapes",
+        "--iters",
+        "1",
+        "--device",
+        "emu",
+        "--forward-only",
+    ]);
+    assert_eq!(fo["parameters"]["forward_only"], true);
+    positive(&fo["results"], "forward_ms");
+    assert!(fo["results"]["forward_backward_ms"].is_null());
+    let resident = |r: &Value| positive(&r["results"], "resident_bytes");
+    assert!(
+        resident(&fo) < 0.3 * resident(&r),
+        "{} vs {}",
+        resident(&fo),
+        resident(&r)
+    );
 }
 
 #[test]
@@ -404,6 +425,10 @@ fn bad_input_is_a_clean_error() {
     }
     fails_cleanly(
         &["bench", "mmdit", "--checkpoint-activations"],
+        "only on the device path",
+    );
+    fails_cleanly(
+        &["bench", "mmdit", "--forward-only"],
         "only on the device path",
     );
     fails_cleanly(

@@ -105,6 +105,9 @@ ADVDMD_TEACHER=assets/shapes-teacher step distill 90 bash -c "rm -rf /tmp/gc-dis
   $BIN/advdmd distill --device cuda --iterations 30 --checkpoint-every 10 --eval-per-task 10 --resume --out /tmp/gc-distill"
 # the memory plan's configuration (shared gradients, bf16 moments, checkpointing): ~72 GB + activations
 step step-sd35m-80g 150 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 2 --bf16-moments --checkpoint-activations --json
+# SD3.5-large (8.1 B parameters) as a frozen bf16 model: the forward and a 4-step sample in 80 GB
+step mmdit-sd35l 180 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-large --res 1024 --batch 1 --iters 5 --forward-only --json
+step sample-sd35l 180 "$BIN/advdmd" bench sample --device cuda --model sd3.5-large --res 1024 --batch 1 --steps 4 --cfg 1 --iters 5 --graph --json
 PYTHONUNBUFFERED=1 step torch 120 python3 tools/bench_vs_torch.py --json "$OUT/torch.json"
 ADVDMD_BENCH_JSON="$OUT/bench.json" step bench 60 "$BIN/kernels-bench"
 ADVDMD_ATTN_BENCH_JSON="$OUT/attention.json" step attention 60 "$BIN/attention-bench"
@@ -135,5 +138,5 @@ with open(f"{out}/report.md", "w") as f:
         f.write(f"| {p['kernel']} | {p['shape']} | {p['max_rel_err']:.2e} |\n")
 print(open(f"{out}/report.md").read()[-6000:])
 PY
-for s in tests model mmdit-shapes mmdit-sd35m mmdit-sd35m-base mmdit-sd35m-512 sample-sd35m sample-sd35m-graph sample-512 advdmd step-shapes distill step-sd35m step-sd35m-80g torch bench attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
+for s in tests model mmdit-shapes mmdit-sd35m mmdit-sd35m-base mmdit-sd35m-512 sample-sd35m sample-sd35m-graph sample-512 advdmd step-shapes distill step-sd35m step-sd35m-80g mmdit-sd35l sample-sd35l torch bench attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
 exit $status

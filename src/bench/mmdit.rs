@@ -21,8 +21,9 @@ use std::path::Path;
 pub fn run(a: &MmditArgs, teacher: &Path) -> Result<Report> {
     let spec = ModelSpec::new(a.model.model, a.model.res, teacher)?;
     match kernel_device(a.common.device, "mmdit")? {
-        None if a.checkpoint_activations => Err(crate::error::Error::Invalid(
-            "bench mmdit --checkpoint-activations: only on the device path (--device cuda|emu)"
+        None if a.checkpoint_activations || a.forward_only => Err(crate::error::Error::Invalid(
+            "bench mmdit --checkpoint-activations / --forward-only: only on the device path \
+             (--device cuda|emu)"
                 .into(),
         )),
         None => {
@@ -42,7 +43,11 @@ fn measure_device(
     kind: &'static str,
 ) -> Result<Report> {
     let batch = a.model.batch;
-    let model = DeviceMmdit::new(dev, &spec.random_model(0))?;
+    let model = if a.forward_only {
+        DeviceMmdit::frozen(dev, &spec.random_model(0))?
+    } else {
+        DeviceMmdit::new(dev, &spec.random_model(0))?
+    };
     let host = spec.random_inputs(batch, 1);
     let inputs = model.inputs(&host.x, &host.timestep, &host.pooled, &host.context)?;
     let out_numel = batch * spec.config.out_channels * spec.input_side * spec.input_side;
@@ -78,44 +83,63 @@ fn measure_device(
             dev.peak_bytes().saturating_sub(resident),
         ))
     };
-    let ((fwd, fwd_peak), (train, train_peak)) = (time(&forward)?, time(&training)?);
+    let (fwd, fwd_peak) = time(&forward)?;
+    let train = if a.forward_only {
+        None
+    } else {
+        Some(time(&training)?)
+    };
 
+    let precision = if a.forward_only {
+        "bf16 weights and activations (a frozen model: no masters, no gradients)"
+    } else {
+        "bf16 weights and activations, f32 masters and gradients"
+    };
     let extra = [
-        (
-            "precision",
-            "bf16 weights and activations, f32 masters and gradients".into(),
-        ),
+        ("precision", precision.into()),
         ("checkpoint_activations", a.checkpoint_activations.into()),
+        ("forward_only", a.forward_only.into()),
     ];
-    let (mut r, fwd_tf, train_tf) = timed_report(spec, a, &fwd, &train, &extra);
+    let (mut r, fwd_tf, train_tf) =
+        timed_report(spec, a, &fwd, train.as_ref().map(|t| &t.0), &extra);
     r.kernel_device = Some((kind, dev.name()));
-    r.figure(
-        "resident_bytes",
-        "weights (f32 + bf16), gradients, inputs",
-        Cell::Bytes(resident as u64),
-        "",
-    );
+    let what = if a.forward_only {
+        "weights (bf16), inputs"
+    } else {
+        "weights (f32 + bf16), gradients, inputs"
+    };
+    r.figure("resident_bytes", what, Cell::Bytes(resident as u64), "");
     r.figure(
         "peak_memory_forward_bytes",
         "peak memory, forward",
         Cell::Bytes(fwd_peak as u64),
         "",
     );
-    r.figure(
-        "peak_memory_bytes",
-        "peak memory, forward+backward",
-        Cell::Bytes(train_peak as u64),
-        "",
-    );
-    mfu_figures(
-        &mut r,
-        &dev.name(),
-        kind,
-        [
-            ("forward_mfu", "forward MFU", fwd_tf),
-            ("forward_backward_mfu", "forward+backward MFU", train_tf),
-        ],
-    );
+    match (train, train_tf) {
+        (Some((_, train_peak)), Some(train_tf)) => {
+            r.figure(
+                "peak_memory_bytes",
+                "peak memory, forward+backward",
+                Cell::Bytes(train_peak as u64),
+                "",
+            );
+            mfu_figures(
+                &mut r,
+                &dev.name(),
+                kind,
+                [
+                    ("forward_mfu", "forward MFU", fwd_tf),
+                    ("forward_backward_mfu", "forward+backward MFU", train_tf),
+                ],
+            );
+        }
+        _ => mfu_figures(
+            &mut r,
+            &dev.name(),
+            kind,
+            [("forward_mfu", "forward MFU", fwd_tf)],
+        ),
+    }
     r.note("the device model path: every op a kernel of cuda/ or a cuBLASLt GEMM (on the emulator, the CPU GEMM); inputs uploaded once, outside the timing; forward+backward includes zeroing the gradients");
     r.note("memory: the engine's own device buffers (a counter in the kernel device), peaks above the resident state; cuBLASLt's workspace and the pool's slack are not counted");
     r.note("FLOPs: matmuls and attention products at 2·M·N·K, backward = 2× forward (src/bench/flops.rs)");
@@ -131,18 +155,15 @@ fn timed_report(
     spec: &ModelSpec,
     a: &MmditArgs,
     forward: &Timing,
-    training: &Timing,
+    training: Option<&Timing>,
     extra: &[(&'static str, serde_json::Value)],
-) -> (Report, f64, f64) {
+) -> (Report, f64, Option<f64>) {
     let batch = a.model.batch;
     let shape = spec.call_shape(batch);
     let fwd_flops = mmdit_forward_flops(&spec.config, shape);
     let train_flops = mmdit_training_flops(&spec.config, shape);
-    let (fwd_ms, train_ms) = (forward.median_ms(), training.median_ms());
-    let (fwd_tf, train_tf) = (
-        tflops(fwd_flops as f64, fwd_ms),
-        tflops(train_flops as f64, train_ms),
-    );
+    let fwd_ms = forward.median_ms();
+    let fwd_tf = tflops(fwd_flops as f64, fwd_ms);
     let mut params = vec![
         ("model", spec.preset.name().into()),
         ("res", spec.resolution.into()),
@@ -157,21 +178,9 @@ fn timed_report(
     let mut r = Report::new("mmdit", params);
     r.figure("forward_ms", "forward", Cell::num(fwd_ms, 3), "ms");
     r.figure(
-        "forward_backward_ms",
-        "forward+backward",
-        Cell::num(train_ms, 3),
-        "ms",
-    );
-    r.figure(
         "forward_flops",
         "forward FLOPs",
         Cell::Count(fwd_flops),
-        "FLOP",
-    );
-    r.figure(
-        "forward_backward_flops",
-        "forward+backward FLOPs",
-        Cell::Count(train_flops),
         "FLOP",
     );
     r.figure(
@@ -180,13 +189,30 @@ fn timed_report(
         Cell::num(fwd_tf, 4),
         "TFLOP/s",
     );
+    let Some(training) = training else {
+        return (r, fwd_tf, None);
+    };
+    let train_ms = training.median_ms();
+    let train_tf = tflops(train_flops as f64, train_ms);
+    r.figure(
+        "forward_backward_ms",
+        "forward+backward",
+        Cell::num(train_ms, 3),
+        "ms",
+    );
+    r.figure(
+        "forward_backward_flops",
+        "forward+backward FLOPs",
+        Cell::Count(train_flops),
+        "FLOP",
+    );
     r.figure(
         "forward_backward_tflops",
         "forward+backward throughput",
         Cell::num(train_tf, 4),
         "TFLOP/s",
     );
-    (r, fwd_tf, train_tf)
+    (r, fwd_tf, Some(train_tf))
 }
 
 /// Builds the model of `spec`, times it and writes the report.
@@ -210,7 +236,8 @@ fn measure(spec: &ModelSpec, a: &MmditArgs) -> Report {
     });
     let training_peak = memory.growth_bytes();
 
-    let (mut r, fwd_tf, train_tf) = timed_report(spec, a, &forward, &training, &[]);
+    let (mut r, fwd_tf, train_tf) = timed_report(spec, a, &forward, Some(&training), &[]);
+    let train_tf = train_tf.unwrap_or(f64::NAN);
     ceiling_figures(
         &mut r,
         ceiling,
@@ -287,6 +314,7 @@ mod tests {
                 batch: 2,
             },
             checkpoint_activations: false,
+            forward_only: false,
         };
         let r = measure(&spec, &args);
         for key in ["forward_ms", "forward_backward_ms", "forward_tflops"] {

@@ -213,6 +213,10 @@ pub struct MmditArgs {
     /// the block in the backward (device path only).
     #[arg(long)]
     pub checkpoint_activations: bool,
+    /// The forward alone, on a frozen bf16 model (2 bytes a parameter instead of 10: SD3.5-large
+    /// fits an 80 GB card); device path only.
+    #[arg(long, conflicts_with = "checkpoint_activations")]
+    pub forward_only: bool,
 }
 
 #[derive(Clone, Debug, clap::Args)]
