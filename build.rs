@@ -462,6 +462,19 @@ fn parse_ptxas(stderr: &str) -> Vec<(String, Resources)> {
     out
 }
 
+/// A file that says `advdmd-arch: 90a` (Hopper-only instructions: wgmma, setmaxnreg) is compiled
+/// for sm_90a alone, whatever `ADVDMD_CUDA_ARCHS` lists; every other file takes `args` as they are.
+fn arch_args(args: &[String], source: &str) -> Vec<String> {
+    if !source.contains("advdmd-arch: 90a") {
+        return args.to_vec();
+    }
+    args.iter()
+        .filter(|a| !a.starts_with("-gencode"))
+        .cloned()
+        .chain(["-gencode=arch=compute_90a,code=[sm_90a,compute_90a]".to_string()])
+        .collect()
+}
+
 fn build_fatbins(out: &Path, cuda: &Path, sources: &[PathBuf], header_text: &str) {
     let want = env::var("CARGO_FEATURE_CUDA").is_ok();
     let require = env::var("ADVDMD_REQUIRE_NVCC").is_ok_and(|v| v == "1");
@@ -495,7 +508,9 @@ fn build_fatbins(out: &Path, cuda: &Path, sources: &[PathBuf], header_text: &str
                         let fatbin = out.join(format!("{stem}.fatbin"));
                         let reportf = out.join(format!("{stem}.ptxas.txt"));
                         let keyf = out.join(format!("{stem}.fatbin.key"));
-                        let key = hash_of(&[&args_text, &read(&src), header_text]);
+                        let text = read(&src);
+                        let file_args = arch_args(&args, &text);
+                        let key = hash_of(&[&file_args.join(" "), &args_text, &text, header_text]);
                         if fatbin.exists() && std::fs::read_to_string(&keyf).is_ok_and(|k| k == key)
                         {
                             if let Ok(report) = std::fs::read_to_string(&reportf) {
@@ -503,7 +518,7 @@ fn build_fatbins(out: &Path, cuda: &Path, sources: &[PathBuf], header_text: &str
                             }
                         }
                         let mut cmd = Command::new(&nvcc);
-                        cmd.args(&args).arg("-o").arg(&fatbin).arg(&src);
+                        cmd.args(&file_args).arg("-o").arg(&fatbin).arg(&src);
                         let res = run(&mut cmd)?;
                         // ptxas -v writes to stderr (some versions to stdout): keep both.
                         let report = format!(

@@ -69,45 +69,11 @@
 // unit-variance scores (max relative error of dQ, dK ≈ 3e-3 either way, the bf16 output rounding
 // being 2e-3); on peaked rows (score std 9) O's rounding raises it to ≈ 7e-3 (≈ 3e-3 with an
 // exact Drow).
-#include "common.cuh"
+#include "attention_common.cuh"
 
 #define ATTN_THREADS 128      // backward: 4 warps
-#define ATTN_TILE 64          // rows per key tile (both passes) and per query tile (backward)
 
 namespace attn {
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-
-template <int T = ATTN_TILE>
-__device__ __forceinline__ int ntiles(int len) { return (len + T - 1) / T; }
-
-// Tile `t` (of T rows) of the concatenation [a; b]: its stream (0 = a, 1 = b), first row within
-// the stream, and number of valid rows (1..T).
-struct Tile {
-    int stream, row0, rows;
-};
-template <int T = ATTN_TILE>
-__device__ __forceinline__ Tile tile_of(int t, int La, int Lb) {
-    const int na = ntiles<T>(La);
-    Tile r;
-    r.stream = t < na ? 0 : 1;
-    r.row0 = (t < na ? t : t - na) * T;
-    r.rows = min(T, (t < na ? La : Lb) - r.row0);
-    return r;
-}
-
-// 2^x on the special-function unit (ex2.approx.ftz: 2^-22 relative error, −inf → +0). The
-// emulator uses exp2f.
-__device__ __forceinline__ float fast_exp2(float x) {
-#ifdef ADVDMD_EMU
-    return exp2f(x);
-#else
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-#endif
-}
 
 // p[0] += a, p[1] += b as one vector reduction (red.global.add.v2.f32, sm_90; p 8-byte aligned).
 __device__ __forceinline__ void red_add2(float* p, float a, float b) {
@@ -117,20 +83,6 @@ __device__ __forceinline__ void red_add2(float* p, float a, float b) {
 #else
     asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b) : "memory");
 #endif
-}
-
-// Element offset of (batch b, token r, head h, column 0) in a [B, L, H, D] operand.
-__device__ __forceinline__ long long row_offset(int b, int L, int r, int H, int h, int D) {
-    return (((long long)b * L + r) * H + h) * D;
-}
-
-// The same in V (and dV), whose token rows are VMUL·H·D elements apart: H·D when V is its own
-// tensor, 3·H·D when it is read in place from the MMDiT's fused qkv projection.
-// Written as K's offset plus the extra stride, so that with VMUL = 1 it is K's offset exactly
-// (one value, no extra register in these register-bound kernels).
-template <int VMUL>
-__device__ __forceinline__ long long v_offset(long long k_off, int b, int L, int r, long long ld) {
-    return k_off + (long long)(VMUL - 1) * (((long long)b * L + r) * ld);
 }
 
 // Copies `rows` token rows starting at `g` (global, row stride `ld` elements) into a shared tile of
@@ -285,7 +237,6 @@ __device__ __forceinline__ void acc_to_shared(bf16* s, int row0, const float acc
 // d = 64) and the alpha exponentials. The result is the same function (lse = m·c·ln2 + ln l holds
 // for any reference m ≥ the running max − kLazyLog2/c); only roundings differ from an eager rescale.
 // Deterministic: fixed order, no atomics.
-constexpr float kLazyLog2 = 8.f;
 
 template <int D, bool QREG, int NW, int STAGES, int VMUL>
 __device__ __forceinline__ void fwd_v3(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,

@@ -574,6 +574,70 @@ void ldmatrix(Op op, uint32_t* r, const void* row, const char* file, int line) {
 
 unsigned char* emu_dynamic_smem() { return emu::g ? emu::g->smem : nullptr; }
 
+// ---- wgmma twins --------------------------------------------------------------------------------
+namespace emu {
+uint32_t smem_offset(const void* p, const char* file, int line) {
+    const unsigned char* c = static_cast<const unsigned char*>(p);
+    if (!g || c < g->smem || c > g->smem + g->smem_bytes)
+        fault("smem_addr (%s:%d): %p is not in the block's dynamic shared memory", file, line, p);
+    return (uint32_t)(c - g->smem);
+}
+
+// Element (i, k) of a wgmma operand named by `desc` (common.cuh lists the layouts): i the M or N
+// index, k the K index; `mn_major` for the transposed layouts.
+static const unsigned char* wgmma_element(uint64_t desc, bool mn_major, unsigned i, unsigned k,
+                                          const char* file, int line) {
+    const uint32_t start = (uint32_t)(desc & 0x3FFF) << 4;
+    const uint32_t lbo = (uint32_t)((desc >> 16) & 0x3FFF) << 4;
+    const uint32_t sbo = (uint32_t)((desc >> 32) & 0x3FFF) << 4;
+    const unsigned mode = (unsigned)(desc >> 62);
+    const uint32_t w = mode == 1 ? 128 : mode == 2 ? 64 : mode == 3 ? 32 : 0;
+    uint32_t off;
+    if (w == 0)
+        off = mn_major ? (i / 8) * sbo + 2 * (i % 8) + (k / 8) * lbo + (k % 8) * 16
+                       : (i / 8) * sbo + (i % 8) * 16 + (k / 8) * lbo + 2 * (k % 8);
+    else
+        off = mn_major ? (i / (w / 2)) * lbo + 2 * (i % (w / 2)) + (k / 8) * sbo + (k % 8) * w
+                       : (i / 8) * sbo + (i % 8) * w + 2 * k;
+    uint32_t addr = start + off;
+    if (w) addr ^= ((addr >> 7) & (w / 16 - 1)) << 4;
+    if (addr + 2 > g->smem_bytes)
+        fault("wgmma (%s:%d): operand element (%u, %u) at shared byte %u is beyond the %zu bytes of "
+              "dynamic shared memory",
+              file, line, i, k, addr, g->smem_bytes);
+    return g->smem + addr;
+}
+
+void wgmma_bf16(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b, int scale_d,
+                int trans_a, int trans_b, const char* file, int line) {
+    const unsigned linear = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    const unsigned w = (linear >> 5) & 3, lane = lane_id(), gr = lane >> 2, q = lane & 3;
+    auto pair = [&](uint64_t desc, bool mn, unsigned i, unsigned k) {
+        unsigned short lo, hi;
+        std::memcpy(&lo, wgmma_element(desc, mn, i, k, file, line), 2);
+        std::memcpy(&hi, wgmma_element(desc, mn, i, k + 1, file, line), 2);
+        return (uint32_t)lo | ((uint32_t)hi << 16);
+    };
+    uint32_t a[4];
+    if (a_regs) {
+        std::memcpy(a, a_regs, sizeof a);
+    } else {
+        const unsigned r = 16 * w + gr;
+        a[0] = pair(desc_a, trans_a, r, 2 * q);
+        a[1] = pair(desc_a, trans_a, r + 8, 2 * q);
+        a[2] = pair(desc_a, trans_a, r, 2 * q + 8);
+        a[3] = pair(desc_a, trans_a, r + 8, 2 * q + 8);
+    }
+    for (int j = 0; j < n / 8; ++j) {
+        const unsigned col = 8 * j + gr;
+        const uint32_t b[2] = {pair(desc_b, trans_b, col, 2 * q), pair(desc_b, trans_b, col, 2 * q + 8)};
+        float c[4];
+        for (int i = 0; i < 4; ++i) c[i] = scale_d ? d[4 * j + i] : 0.f;
+        mma_bf16(d + 4 * j, a, b, c, file, line);
+    }
+}
+}  // namespace emu
+
 // ---- Launch entry point (src/device/emu.rs) -----------------------------------------------------
 // Runs `tramp` (the generated trampoline of kernel `name`) over the grid. Returns 0, or an error
 // code (1 bad launch, 2 deadlock, 3 fault) with a message in `err`. Never aborts.

@@ -542,6 +542,39 @@ void ldmatrix(Op op, uint32_t* r, const void* row, const char* file, int line);
 #define ldmatrix_x2(r, row) ::emu::ldmatrix(::emu::kLdmatrixX2, r, row, __FILE__, __LINE__)
 #define ldmatrix_x2_trans(r, row) ::emu::ldmatrix(::emu::kLdmatrixX2Trans, r, row, __FILE__, __LINE__)
 
+// ---- wgmma twins (common.cuh's Hopper warpgroup MMA wrappers) ------------------------------------
+// A shared address is an offset into the block's dynamic shared memory, where wgmma operands must
+// live. Each wgmma computes at once: every lane reads its A fragment (from its registers, or
+// through A's descriptor) and its B fragments through B's descriptor, then the warp runs the
+// mma.m16n8k16 twin once per 8 columns; fences, commits and waits have nothing left to order.
+namespace emu {
+uint32_t smem_offset(const void* p, const char* file, int line);
+void wgmma_bf16(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b, int scale_d,
+                int trans_a, int trans_b, const char* file, int line);
+}  // namespace emu
+#define smem_addr(p) ::emu::smem_offset(p, __FILE__, __LINE__)
+inline void wgmma_fence() {}
+inline void wgmma_commit() {}
+template <int N>
+inline void wgmma_wait() {}
+inline void fence_proxy_async() {}
+template <int TRANS_A, int TRANS_B>
+inline void wgmma_m64n64k16_ss(float d[32], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+    ::emu::wgmma_bf16(d, 64, nullptr, desc_a, desc_b, scale_d, TRANS_A, TRANS_B, __FILE__, __LINE__);
+}
+template <int TRANS_B>
+inline void wgmma_m64n64k16_rs(float d[32], const uint32_t a[4], uint64_t desc_b, int scale_d) {
+    ::emu::wgmma_bf16(d, 64, a, 0, desc_b, scale_d, 0, TRANS_B, __FILE__, __LINE__);
+}
+template <int TRANS_A, int TRANS_B>
+inline void wgmma_m64n128k16_ss(float d[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+    ::emu::wgmma_bf16(d, 128, nullptr, desc_a, desc_b, scale_d, TRANS_A, TRANS_B, __FILE__, __LINE__);
+}
+template <int TRANS_B>
+inline void wgmma_m64n128k16_rs(float d[64], const uint32_t a[4], uint64_t desc_b, int scale_d) {
+    ::emu::wgmma_bf16(d, 128, a, 0, desc_b, scale_d, 0, TRANS_B, __FILE__, __LINE__);
+}
+
 // ---- Launch support for the generated trampolines (build.rs) -------------------------------------
 namespace emu {
 template <class... A, std::size_t... I>

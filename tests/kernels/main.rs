@@ -12,6 +12,7 @@ mod optim;
 mod qknorm;
 mod sde;
 mod shape;
+mod wgmma;
 
 use advdmd::device::kernel::{DevBuf, KernelDevice};
 use advdmd::{Rng, Tensor};

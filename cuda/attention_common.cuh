@@ -1,0 +1,62 @@
+// Shared by the joint-attention kernel files (attention.cu: mma.sync, any sm_90;
+// attention_hopper.cu: wgmma, sm_90a): the key/query tiling of the two streams, the operand
+// offsets, and the exponent helpers. attention.cu's top comment describes the operands.
+#pragma once
+#include "common.cuh"
+
+#define ATTN_TILE 64          // rows per key tile (both passes) and per query tile (backward)
+
+namespace attn {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <int T = ATTN_TILE>
+__device__ __forceinline__ int ntiles(int len) { return (len + T - 1) / T; }
+
+// Tile `t` (of T rows) of the concatenation [a; b]: its stream (0 = a, 1 = b), first row within
+// the stream, and number of valid rows (1..T).
+struct Tile {
+    int stream, row0, rows;
+};
+template <int T = ATTN_TILE>
+__device__ __forceinline__ Tile tile_of(int t, int La, int Lb) {
+    const int na = ntiles<T>(La);
+    Tile r;
+    r.stream = t < na ? 0 : 1;
+    r.row0 = (t < na ? t : t - na) * T;
+    r.rows = min(T, (t < na ? La : Lb) - r.row0);
+    return r;
+}
+
+// 2^x on the special-function unit (ex2.approx.ftz: 2^-22 relative error, −inf → +0). The
+// emulator uses exp2f.
+__device__ __forceinline__ float fast_exp2(float x) {
+#ifdef ADVDMD_EMU
+    return exp2f(x);
+#else
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+#endif
+}
+
+// Element offset of (batch b, token r, head h, column 0) in a [B, L, H, D] operand.
+__device__ __forceinline__ long long row_offset(int b, int L, int r, int H, int h, int D) {
+    return (((long long)b * L + r) * H + h) * D;
+}
+
+// The same in V (and dV), whose token rows are VMUL·H·D elements apart: H·D when V is its own
+// tensor, 3·H·D when it is read in place from the MMDiT's fused qkv projection.
+// Written as K's offset plus the extra stride, so that with VMUL = 1 it is K's offset exactly
+// (one value, no extra register in these register-bound kernels).
+template <int VMUL>
+__device__ __forceinline__ long long v_offset(long long k_off, int b, int L, int r, long long ld) {
+    return k_off + (long long)(VMUL - 1) * (((long long)b * L + r) * ld);
+}
+
+// The lazy softmax rescale's threshold (attention.cu, fwd_v3): a row's reference maximum moves
+// only when a score's exponent would exceed 2^kLazyLog2 against it.
+constexpr float kLazyLog2 = 8.f;
+
+}  // namespace attn

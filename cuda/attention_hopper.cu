@@ -1,0 +1,260 @@
+// advdmd-arch: 90a
+//
+// Joint-attention forward on Hopper's warpgroup MMA (FwdVariant::H1): the same operands, results
+// and lse as attention.cu's forward (its top comment describes them), with both products on
+// wgmma (common.cuh) instead of mma.sync. CPU twin: src/kernels/attention.rs.
+//
+//   joint_attn_fwd_h1_d{64,128}[_vfused]   O (two buffers) and lse [B, H, La+Lb]
+//
+// A block is NWG warpgroups of 64 query rows (warp w of a group owns rows 16w..16w+15); the key
+// and value tiles of KN rows stream through a STAGES-deep cp.async pipeline shared by the groups.
+// Every tile (Q, K, V) is stored as 128-byte rows of 64 columns, a row's 16-byte chunks swizzled
+// by the row's index mod 8 (the 128-byte swizzle of the wgmma descriptors), a D = 128 row split
+// into two such halves, each half a block of its own: so Q and K are the K-major operands of
+// S = Q·Kᵀ and V the MN-major B operand of O += P·V with no transposition anywhere. Per key tile:
+// S (64 × KN per group, f32 in registers) by D/16 wgmma; the lazy-rescaled online softmax of
+// attention.cu's fwd_v3 on S's fragments; P rounded to bf16 in registers as the A operand of
+// KN/16 register-sourced wgmma into O. This first Hopper version waits for each product before
+// the next (no overlap of softmax and MMA across warpgroups, no TMA): the step after it is
+// FlashAttention-3's ping-pong scheduling.
+#include "attention_common.cuh"
+
+namespace attn_h {
+using namespace attn;
+
+// Byte offset of 16-byte chunk c (of D/8) of row r in a swizzled tile of ROWS rows.
+template <int ROWS>
+__device__ __forceinline__ uint32_t chunk_offset(int r, int c) {
+    return (uint32_t)((c / 8) * ROWS * 128 + r * 128 + ((c % 8) ^ (r & 7)) * 16);
+}
+
+// `rows` token rows from `g` (row stride `ld` elements) into a swizzled tile of ROWS rows, by NT
+// threads with cp.async; rows past `rows` are zero-filled (rows ≥ 1).
+template <int D, int ROWS, int NT>
+__device__ __forceinline__ void load_tile_sw(unsigned char* s, const bf16* __restrict__ g, long long ld, int rows) {
+    constexpr int CH = D / 8;
+    static_assert(ROWS * CH % NT == 0, "tile copy must divide evenly");
+#pragma unroll
+    for (int it = 0; it < ROWS * CH / NT; it++) {
+        const int i = threadIdx.x + it * NT, r = i / CH, c = i % CH;
+        cp_async_16_zfill(s + chunk_offset<ROWS>(r, c), g + min(r, rows - 1) * ld + c * 8, r < rows);
+    }
+}
+
+template <int D, int NWG, int KN, int STAGES, int VMUL>
+__device__ __forceinline__ void fwd_h1(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+                                       const bf16* __restrict__ qa, const bf16* __restrict__ ka,
+                                       const bf16* __restrict__ va, const bf16* __restrict__ qb,
+                                       const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
+                                       int H, float scale_log2) {
+    constexpr int QT = 64 * NWG, NT = 128 * NWG;
+    constexpr int QBYTES = QT * D * 2, KVBYTES = KN * D * 2;
+    static_assert(STAGES >= 2, "at least double buffering");
+    DYNAMIC_SMEM(unsigned char, raw);
+    // Swizzled tiles start on a 1 KB boundary of the shared address space (the launcher adds 1 KB).
+    unsigned char* sQ = raw + ((1024 - (smem_addr(raw) & 1023)) & 1023);
+    unsigned char* sK0 = sQ + QBYTES;
+    unsigned char* sV0 = sK0 + STAGES * KVBYTES;
+
+    const int tid = threadIdx.x, wg = tid / 128, w = (tid / 32) % 4, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;
+    const int Lt = La + Lb;
+    const long long ld = (long long)H * D;
+
+    const Tile qt = tile_of<QT>(blockIdx.x, La, Lb);
+    const int Lq = qt.stream == 0 ? La : Lb;
+    const long long q_off = row_offset(b, Lq, qt.row0, H, h, D);
+
+    auto issue_kv = [&](int i, int st) {
+        const Tile kt = tile_of<KN>(i, La, Lb);
+        const int Lk = kt.stream == 0 ? La : Lb;
+        const long long k_off = row_offset(b, Lk, kt.row0, H, h, D);
+        load_tile_sw<D, KN, NT>(sK0 + st * KVBYTES, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
+        load_tile_sw<D, KN, NT>(sV0 + st * KVBYTES,
+                                (kt.stream == 0 ? va : vb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld), VMUL * ld,
+                                kt.rows);
+    };
+
+    const int nkt = ntiles<KN>(La) + ntiles<KN>(Lb);
+    // Prologue as in fwd_v3: group 0 = Q and key tile 0, then tiles 1..STAGES−2 (empty groups
+    // committed too, so the wait counts stay fixed).
+    load_tile_sw<D, QT, NT>(sQ, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
+    issue_kv(0, 0);
+    cp_async_commit();
+#pragma unroll
+    for (int s = 1; s < STAGES - 1; s++) {
+        if (s < nkt) issue_kv(s, s);
+        cp_async_commit();
+    }
+
+    // Descriptor bases: this group's 64 Q rows (8-row groups 1 KB apart, 32 bytes per k16 step
+    // inside a 128-byte half, halves QT·128 bytes apart), and K, V of stage 0.
+    const uint32_t q_addr = smem_addr(sQ) + wg * 64 * 128, k_addr = smem_addr(sK0), v_addr = smem_addr(sV0);
+
+    float o[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) o[i] = 0.f;
+    // Rows g (r = 0) and g + 8 (r = 1) of this warp: reference max in exponent units, row sums.
+    float ms[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+
+    int st = 0;
+    for (int kt_i = 0; kt_i < nkt; kt_i++) {
+        {
+            const int nx = kt_i + STAGES - 1;
+            int nst = st + STAGES - 1;
+            if (nst >= STAGES) nst -= STAGES;
+            if (nx < nkt) issue_kv(nx, nst);
+        }
+        cp_async_commit();
+        cp_async_wait<STAGES - 1>();
+        // cp.async wrote through the generic proxy; wgmma reads through the async one.
+        fence_proxy_async();
+        __syncthreads();
+        const int krows = min(KN, kt_i < ntiles<KN>(La) ? La - kt_i * KN : Lb - (kt_i - ntiles<KN>(La)) * KN);
+        const uint32_t k_st = k_addr + st * KVBYTES, v_st = v_addr + st * KVBYTES;
+
+        // S = Q·Kᵀ: D/16 steps of k16.
+        float s[KN / 2];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            const uint64_t dq = wgmma_desc(q_addr + (kk / 4) * QT * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128);
+            const uint64_t dk = wgmma_desc(k_st + (kk / 4) * KN * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128);
+            wgmma_ss<KN, 0, 0>(s, dq, dk, kk > 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+
+        if (krows < KN) {
+#pragma unroll
+            for (int j = 0; j < KN / 8; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    if (8 * j + 2 * t + (e & 1) >= krows) s[4 * j + e] = -INFINITY;
+        }
+        float mx[2] = {s[0], s[2]};
+#pragma unroll
+        for (int j = 0; j < KN / 8; j++) {
+            mx[0] = fmaxf(mx[0], fmaxf(s[4 * j], s[4 * j + 1]));
+            mx[1] = fmaxf(mx[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
+        }
+        bool need = false;
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 2));
+            need |= fmaf(mx[r], scale_log2, -ms[r]) > kLazyLog2;
+        }
+        if (__any_sync(FULL_MASK, need)) {  // warp-uniform
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const float mn = fmaxf(ms[r], mx[r] * scale_log2);
+                const float alpha = fast_exp2(ms[r] - mn);
+                ms[r] = mn;
+                l[r] *= alpha;
+#pragma unroll
+                for (int j = 0; j < D / 8; j++) {
+                    o[4 * j + 2 * r] *= alpha;
+                    o[4 * j + 2 * r + 1] *= alpha;
+                }
+            }
+        }
+        uint32_t pa[KN / 16][4];
+        {
+            float rs[2] = {0.f, 0.f};
+#pragma unroll
+            for (int j = 0; j < KN / 8; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const float p = fast_exp2(fmaf(s[4 * j + e], scale_log2, -ms[e >> 1]));
+                    s[4 * j + e] = p;
+                    rs[e >> 1] += p;
+                }
+            l[0] += rs[0];
+            l[1] += rs[1];
+#pragma unroll
+            for (int c = 0; c < KN / 16; c++) {
+                pa[c][0] = pack_bf16x2(s[8 * c], s[8 * c + 1]);
+                pa[c][1] = pack_bf16x2(s[8 * c + 2], s[8 * c + 3]);
+                pa[c][2] = pack_bf16x2(s[8 * c + 4], s[8 * c + 5]);
+                pa[c][3] = pack_bf16x2(s[8 * c + 6], s[8 * c + 7]);
+            }
+        }
+        // O += P·V: KN/16 steps of k16 over the keys; V rows 16c.. of this stage, MN-major
+        // (the D = 128 halves KN·128 bytes apart: the descriptor's leading-dimension offset).
+        wgmma_fence();
+#pragma unroll
+        for (int c = 0; c < KN / 16; c++) {
+            const uint64_t dv = wgmma_desc(v_st + c * 16 * 128, KN * 128, 1024, kSwizzle128);
+            wgmma_rs<D, 1>(o, pa[c], dv, 1);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        __syncthreads();  // every group is done with this stage before it is refilled
+        if (++st == STAGES) st = 0;
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(FULL_MASK, l[r], 1);
+        l[r] += __shfl_xor_sync(FULL_MASK, l[r], 2);
+    }
+    const int row0 = 64 * wg + 16 * w + g;  // this thread's rows: row0 and row0 + 8
+    if (t == 0) {
+        float* lrow = lse + (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0;
+#pragma unroll
+        for (int r = 0; r < 2; r++)
+            if (row0 + 8 * r < qt.rows) lrow[row0 + 8 * r] = ms[r] * kLn2 + logf(l[r]);
+    }
+    bf16* out = (qt.stream == 0 ? oa : ob) + q_off;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int row = row0 + 8 * r;
+        if (row >= qt.rows) continue;
+        const float f = 1.f / l[r];
+        bf16* dst = out + row * ld + 2 * t;
+#pragma unroll
+        for (int j = 0; j < D / 8; j++)
+            *reinterpret_cast<uint32_t*>(dst + 8 * j) = pack_bf16x2(o[4 * j + 2 * r] * f, o[4 * j + 2 * r + 1] * f);
+    }
+}
+
+}  // namespace attn_h
+
+// Entries (same arguments as attention.cu's forward entries). D = 64: 2 groups (128 query rows),
+// 128-key tiles, 2 stages; D = 128: 2 groups, 64-key tiles, 2 stages. Dynamic shared memory
+// 1024 + (128 + 2·STAGES·KN)·D·2 bytes (FwdVariant::H1 in src/kernels/attention.rs). The
+// _vfused entries read V with a token stride of 3·H·D (in place in a fused qkv projection).
+extern "C" __global__ void __launch_bounds__(256, 1)
+    joint_attn_fwd_h1_d64(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
+        int H, float scale_log2) {
+    attn_h::fwd_h1<64, 2, 128, 2, 1>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    joint_attn_fwd_h1_d64_vfused(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
+        int H, float scale_log2) {
+    attn_h::fwd_h1<64, 2, 128, 2, 3>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    joint_attn_fwd_h1_d128(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
+        int H, float scale_log2) {
+    attn_h::fwd_h1<128, 2, 64, 2, 1>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    joint_attn_fwd_h1_d128_vfused(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
+        int H, float scale_log2) {
+    attn_h::fwd_h1<128, 2, 64, 2, 3>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
+}

@@ -1,0 +1,88 @@
+// advdmd-arch: 90a
+//
+// The Hopper warpgroup MMA (common.cuh's wgmma wrappers) on one 64×64 output tile: the check that
+// the descriptors, the 128-byte-swizzled canonical layouts and the accumulator fragment layout
+// this project writes down are the ones the hardware uses — the ground a wgmma attention stands
+// on. Under the emulator it checks the twins the same way (tests/kernels/wgmma.rs).
+//
+// C[64×64] = A·Bᵀ (B stored N × K, K-major) or A·B (B stored K × N, MN-major), A 64 × K row-major,
+// K a multiple of 64, f32 out. Operands are staged with plain stores into shared memory in the
+// swizzled layouts the attention would use for Q/K (K-major: rows of 64 k, 128 bytes, 8-row
+// groups of 1 KB, one 8 KB atom per 64 k) and V (MN-major: one 128-byte row per k).
+#include "common.cuh"
+
+// Byte offset of (row i, k < 64) in a 128-byte-swizzled K-major atom of 64 rows.
+__device__ __forceinline__ uint32_t sw128_k_major(int i, int k) {
+    const uint32_t o = (uint32_t)((i / 8) * 1024 + (i % 8) * 128 + 2 * k);
+    return o ^ (((o >> 7) & 7) << 4);
+}
+
+// Byte offset of (k, column n < 64) in a 128-byte-swizzled MN-major tile: one 128-byte row per k.
+__device__ __forceinline__ uint32_t sw128_mn_major(int k, int n) {
+    const uint32_t o = (uint32_t)(k * 128 + 2 * n);
+    return o ^ (((o >> 7) & 7) << 4);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    wgmma_probe_m64n64(const bf16* a, const bf16* b, float* c, int k_len, int b_mn_major, int a_from_regs) {
+    DYNAMIC_SMEM(unsigned char, raw);
+    // Swizzled tiles start on a 1 KB boundary of the shared address space.
+    unsigned char* sa = raw + ((1024 - (smem_addr(raw) & 1023)) & 1023);
+    unsigned char* sb = sa + 64 * k_len * 2;
+    const int tid = threadIdx.x;
+    for (int e = tid; e < 64 * k_len; e += 128) {
+        const int i = e / k_len, k = e % k_len;
+        *reinterpret_cast<bf16*>(sa + (k / 64) * 8192 + sw128_k_major(i, k % 64)) = a[e];
+        if (b_mn_major) {
+            const int kk = e / 64, n = e % 64;
+            *reinterpret_cast<bf16*>(sb + sw128_mn_major(kk, n)) = b[e];
+        } else {
+            *reinterpret_cast<bf16*>(sb + (k / 64) * 8192 + sw128_k_major(i, k % 64)) = b[e];
+        }
+    }
+    fence_proxy_async();
+    __syncthreads();
+
+    const int w = tid / 32, g = (tid % 32) / 4, q = tid % 4;
+    float d[32];
+    for (int i = 0; i < 32; i++) d[i] = 0.f;
+    const uint32_t a_base = smem_addr(sa), b_base = smem_addr(sb);
+    for (int s = 0; s < k_len / 16; s++) {
+        // K-major: step s is 32 bytes into atom s/4; MN-major: 16 rows of 128 bytes further.
+        const uint64_t da = wgmma_desc(a_base + (s / 4) * 8192 + (s % 4) * 32, 16, 1024, kSwizzle128);
+        const uint64_t db = b_mn_major ? wgmma_desc(b_base + s * 2048, 8192, 1024, kSwizzle128)
+                                       : wgmma_desc(b_base + (s / 4) * 8192 + (s % 4) * 32, 16, 1024,
+                                                    kSwizzle128);
+        // scale_d = 0 on the first step: the old accumulators are ignored (they are zero anyway).
+        const int scale_d = s > 0;
+        if (a_from_regs) {
+            uint32_t af[4];
+            const bf16* r0 = a + (long long)(16 * w + g) * k_len + 16 * s + 2 * q;
+            const bf16* r1 = r0 + 8LL * k_len;
+            af[0] = pack_bf16x2(bf2f(r0[0]), bf2f(r0[1]));
+            af[1] = pack_bf16x2(bf2f(r1[0]), bf2f(r1[1]));
+            af[2] = pack_bf16x2(bf2f(r0[8]), bf2f(r0[9]));
+            af[3] = pack_bf16x2(bf2f(r1[8]), bf2f(r1[9]));
+            wgmma_fence();
+            if (b_mn_major)
+                wgmma_m64n64k16_rs<1>(d, af, db, scale_d);
+            else
+                wgmma_m64n64k16_rs<0>(d, af, db, scale_d);
+        } else {
+            wgmma_fence();
+            if (b_mn_major)
+                wgmma_m64n64k16_ss<0, 1>(d, da, db, scale_d);
+            else
+                wgmma_m64n64k16_ss<0, 0>(d, da, db, scale_d);
+        }
+        wgmma_commit();
+    }
+    wgmma_wait<0>();
+    for (int j = 0; j < 8; j++) {
+        const int row = 16 * w + g, col = 8 * j + 2 * q;
+        c[row * 64 + col] = d[4 * j];
+        c[row * 64 + col + 1] = d[4 * j + 1];
+        c[(row + 8) * 64 + col] = d[4 * j + 2];
+        c[(row + 8) * 64 + col + 1] = d[4 * j + 3];
+    }
+}
