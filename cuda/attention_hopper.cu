@@ -221,6 +221,199 @@ __device__ __forceinline__ void fwd_h1(bf16* __restrict__ oa, bf16* __restrict__
     }
 }
 
+// FwdVariant::H2: fwd_h1 with the product of one tile overlapping the softmax of the next
+// (FlashAttention-3's intra-warpgroup pipelining). Iteration i issues S_i = Q·K_iᵀ and then
+// O += P_{i−1}·V_{i−1}, waits for S_i alone (wgmma groups complete in order), and runs tile i's
+// softmax while the tensor cores still work on P_{i−1}·V_{i−1}; P alternates between two register
+// sets (the loop body is written twice) because P_{i−1} is being read while P_i is written. O is
+// touched only after waiting for every product: on the (lazy, rare) rescale, and at the end.
+// Loads: tile i+1 is fetched into stage (i+1) mod 3 at the top of iteration i, after the barrier
+// that proves P_{i−2}·V_{i−2} (the stage's last reader) complete.
+template <int D, int KN>
+struct H2Regs {
+    float o[D / 2];
+    float ms[2], l[2];
+};
+
+template <int D, int NWG, int KN, int VMUL>
+__device__ __forceinline__ void fwd_h2(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+                                       const bf16* __restrict__ qa, const bf16* __restrict__ ka,
+                                       const bf16* __restrict__ va, const bf16* __restrict__ qb,
+                                       const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
+                                       int H, float scale_log2) {
+    constexpr int STAGES = 3;
+    constexpr int QT = 64 * NWG, NT = 128 * NWG;
+    constexpr int QBYTES = QT * D * 2, KVBYTES = KN * D * 2;
+    DYNAMIC_SMEM(unsigned char, raw);
+    unsigned char* sQ = raw + ((1024 - (smem_addr(raw) & 1023)) & 1023);
+    unsigned char* sK0 = sQ + QBYTES;
+    unsigned char* sV0 = sK0 + STAGES * KVBYTES;
+
+    const int tid = threadIdx.x, wg = tid / 128, w = (tid / 32) % 4, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;
+    const int Lt = La + Lb;
+    const long long ld = (long long)H * D;
+
+    const Tile qt = tile_of<QT>(blockIdx.x, La, Lb);
+    const int Lq = qt.stream == 0 ? La : Lb;
+    const long long q_off = row_offset(b, Lq, qt.row0, H, h, D);
+
+    auto issue_kv = [&](int i, int st) {
+        const Tile kt = tile_of<KN>(i, La, Lb);
+        const int Lk = kt.stream == 0 ? La : Lb;
+        const long long k_off = row_offset(b, Lk, kt.row0, H, h, D);
+        load_tile_sw<D, KN, NT>(sK0 + st * KVBYTES, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
+        load_tile_sw<D, KN, NT>(sV0 + st * KVBYTES,
+                                (kt.stream == 0 ? va : vb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld), VMUL * ld,
+                                kt.rows);
+    };
+
+    const int nkt = ntiles<KN>(La) + ntiles<KN>(Lb);
+    load_tile_sw<D, QT, NT>(sQ, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
+    issue_kv(0, 0);
+    cp_async_commit();
+
+    const uint32_t q_addr = smem_addr(sQ) + wg * 64 * 128, k_addr = smem_addr(sK0), v_addr = smem_addr(sV0);
+    H2Regs<D, KN> R;
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) R.o[i] = 0.f;
+    R.ms[0] = R.ms[1] = -INFINITY;
+    R.l[0] = R.l[1] = 0.f;
+    uint32_t p0[KN / 16][4], p1[KN / 16][4];
+
+    // One iteration: tile i (stage i mod 3); `pv` = P_{i−1} (read by the product issued here),
+    // `pn` = P_i (written here).
+    // i == nkt drains: only the last tile's product.
+    auto step = [&](int i, const uint32_t (&pv)[KN / 16][4], uint32_t (&pn)[KN / 16][4]) {
+        if (i == nkt) {
+            const uint32_t v_last = v_addr + ((i - 1) % STAGES) * KVBYTES;
+            wgmma_fence();
+#pragma unroll
+            for (int c = 0; c < KN / 16; c++) {
+                const uint64_t dv = wgmma_desc(v_last + c * 16 * 128, KN * 128, 1024, kSwizzle128);
+                wgmma_rs<D, 1>(R.o, pv[c], dv, 1);
+            }
+            wgmma_commit();
+            wgmma_wait<0>();
+            return;
+        }
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();
+        if (i + 1 < nkt) issue_kv(i + 1, (i + 1) % STAGES);
+        cp_async_commit();
+        const int st = i % STAGES, sp = (i + STAGES - 1) % STAGES;
+        const int krows = min(KN, i < ntiles<KN>(La) ? La - i * KN : Lb - (i - ntiles<KN>(La)) * KN);
+        const uint32_t k_st = k_addr + st * KVBYTES, v_prev = v_addr + sp * KVBYTES;
+
+        float s[KN / 2];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            const uint64_t dq = wgmma_desc(q_addr + (kk / 4) * QT * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128);
+            const uint64_t dk = wgmma_desc(k_st + (kk / 4) * KN * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128);
+            wgmma_ss<KN, 0, 0>(s, dq, dk, kk > 0);
+        }
+        wgmma_commit();
+        if (i > 0) {
+#pragma unroll
+            for (int c = 0; c < KN / 16; c++) {
+                const uint64_t dv = wgmma_desc(v_prev + c * 16 * 128, KN * 128, 1024, kSwizzle128);
+                wgmma_rs<D, 1>(R.o, pv[c], dv, 1);
+            }
+        }
+        wgmma_commit();
+        wgmma_wait<1>();  // S_i complete; P_{i−1}·V_{i−1} may still run
+
+        if (krows < KN) {
+#pragma unroll
+            for (int j = 0; j < KN / 8; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    if (8 * j + 2 * t + (e & 1) >= krows) s[4 * j + e] = -INFINITY;
+        }
+        float mx[2] = {s[0], s[2]};
+#pragma unroll
+        for (int j = 0; j < KN / 8; j++) {
+            mx[0] = fmaxf(mx[0], fmaxf(s[4 * j], s[4 * j + 1]));
+            mx[1] = fmaxf(mx[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
+        }
+        bool need = false;
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 2));
+            need |= fmaf(mx[r], scale_log2, -R.ms[r]) > kLazyLog2;
+        }
+        if (__any_sync(FULL_MASK, need)) {  // warp-uniform
+            wgmma_wait<0>();                // O is final up to tile i−1 before it is rescaled
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const float mn = fmaxf(R.ms[r], mx[r] * scale_log2);
+                const float alpha = fast_exp2(R.ms[r] - mn);
+                R.ms[r] = mn;
+                R.l[r] *= alpha;
+#pragma unroll
+                for (int j = 0; j < D / 8; j++) {
+                    R.o[4 * j + 2 * r] *= alpha;
+                    R.o[4 * j + 2 * r + 1] *= alpha;
+                }
+            }
+        }
+        float rs[2] = {0.f, 0.f};
+#pragma unroll
+        for (int j = 0; j < KN / 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const float p = fast_exp2(fmaf(s[4 * j + e], scale_log2, -R.ms[e >> 1]));
+                s[4 * j + e] = p;
+                rs[e >> 1] += p;
+            }
+        R.l[0] += rs[0];
+        R.l[1] += rs[1];
+#pragma unroll
+        for (int c = 0; c < KN / 16; c++) {
+            pn[c][0] = pack_bf16x2(s[8 * c], s[8 * c + 1]);
+            pn[c][1] = pack_bf16x2(s[8 * c + 2], s[8 * c + 3]);
+            pn[c][2] = pack_bf16x2(s[8 * c + 4], s[8 * c + 5]);
+            pn[c][3] = pack_bf16x2(s[8 * c + 6], s[8 * c + 7]);
+        }
+        wgmma_wait<0>();  // P_{i−1}·V_{i−1} complete: its stage may be refilled after the next barrier
+    };
+
+    for (int i = 0; i <= nkt; i += 2) {
+        step(i, p1, p0);
+        if (i + 1 <= nkt) step(i + 1, p0, p1);
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        R.l[r] += __shfl_xor_sync(FULL_MASK, R.l[r], 1);
+        R.l[r] += __shfl_xor_sync(FULL_MASK, R.l[r], 2);
+    }
+    const int row0 = 64 * wg + 16 * w + g;
+    if (t == 0) {
+        float* lrow = lse + (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0;
+#pragma unroll
+        for (int r = 0; r < 2; r++)
+            if (row0 + 8 * r < qt.rows) lrow[row0 + 8 * r] = R.ms[r] * kLn2 + logf(R.l[r]);
+    }
+    bf16* out = (qt.stream == 0 ? oa : ob) + q_off;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int row = row0 + 8 * r;
+        if (row >= qt.rows) continue;
+        const float f = 1.f / R.l[r];
+        bf16* dst = out + row * ld + 2 * t;
+#pragma unroll
+        for (int j = 0; j < D / 8; j++)
+            *reinterpret_cast<uint32_t*>(dst + 8 * j) =
+                pack_bf16x2(R.o[4 * j + 2 * r] * f, R.o[4 * j + 2 * r + 1] * f);
+    }
+}
+
 }  // namespace attn_h
 
 // Entries (same arguments as attention.cu's forward entries). D = 64: 2 groups (128 query rows),
@@ -257,4 +450,36 @@ extern "C" __global__ void __launch_bounds__(256, 1)
         const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
         int H, float scale_log2) {
     attn_h::fwd_h1<128, 2, 64, 2, 3>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    joint_attn_fwd_h2_d64(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
+        int H, float scale_log2) {
+    attn_h::fwd_h2<64, 2, 128, 1>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    joint_attn_fwd_h2_d64_vfused(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
+        int H, float scale_log2) {
+    attn_h::fwd_h2<64, 2, 128, 3>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    joint_attn_fwd_h2_d128(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
+        int H, float scale_log2) {
+    attn_h::fwd_h2<128, 2, 64, 1>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    joint_attn_fwd_h2_d128_vfused(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
+        int H, float scale_log2) {
+    attn_h::fwd_h2<128, 2, 64, 3>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
 }

@@ -698,12 +698,15 @@ pub mod dev {
     /// (W16 and W32, measured slower at every shape, were removed: docs/perf-log.md.)
     /// `H1` (attention_hopper.cu, sm_90a): both products on the Hopper warpgroup MMA (wgmma)
     /// from 128-byte-swizzled shared tiles, 2 warpgroups of 64 query rows (128-row blocks),
-    /// 128-key tiles at d = 64 and 64-key tiles at d = 128, 2 stages; not yet measured on a GPU.
+    /// 128-key tiles at d = 64 and 64-key tiles at d = 128, 2 stages. `H2`: H1 with the P·V
+    /// product of one key tile overlapping the softmax of the next (3 stages). Neither is
+    /// measured on a GPU yet.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum FwdVariant {
         V3,
         V4,
         H1,
+        H2,
     }
 
     impl FwdVariant {
@@ -718,30 +721,39 @@ pub mod dev {
         }
 
         /// Every variant, for tests and the bench.
-        pub const ALL: [FwdVariant; 3] = [FwdVariant::V3, FwdVariant::V4, FwdVariant::H1];
+        pub const ALL: [FwdVariant; 4] = [
+            FwdVariant::V3,
+            FwdVariant::V4,
+            FwdVariant::H1,
+            FwdVariant::H2,
+        ];
         fn kernel(self, d: usize) -> String {
             match self {
                 FwdVariant::V3 => format!("joint_attn_fwd_v3_d{d}"),
                 FwdVariant::V4 => format!("joint_attn_fwd_v4_d{d}"),
                 FwdVariant::H1 => format!("joint_attn_fwd_h1_d{d}"),
+                FwdVariant::H2 => format!("joint_attn_fwd_h2_d{d}"),
             }
         }
         fn threads(self) -> u32 {
             match self {
                 FwdVariant::V4 => 128,
-                FwdVariant::V3 | FwdVariant::H1 => 256,
+                FwdVariant::V3 | FwdVariant::H1 | FwdVariant::H2 => 256,
             }
         }
         /// Query rows per block.
         fn rows(self) -> usize {
             match self {
                 FwdVariant::V3 => 256,
-                FwdVariant::V4 | FwdVariant::H1 => 128,
+                FwdVariant::V4 | FwdVariant::H1 | FwdVariant::H2 => 128,
             }
         }
         /// cp.async stages of the K, V tiles.
         fn stages(self, d: usize) -> usize {
-            if d == 64 && self != FwdVariant::H1 {
+            if self == FwdVariant::H1 {
+                return 2;
+            }
+            if d == 64 || self == FwdVariant::H2 {
                 3
             } else {
                 2
@@ -750,7 +762,7 @@ pub mod dev {
         /// Dynamic shared memory: the Q tile and `stages` stages of the K and V tiles (64 rows
         /// each), rows padded to d+8.
         fn shared_bytes(self, d: usize) -> u32 {
-            if self == FwdVariant::H1 {
+            if matches!(self, FwdVariant::H1 | FwdVariant::H2) {
                 // Unpadded swizzled tiles, 1 KB to align them, 128-key tiles at d = 64.
                 let keys = if d == 64 { 2 * TILE } else { TILE };
                 return (1024 + (self.rows() + 2 * self.stages(d) * keys) * d * 2) as u32;
