@@ -1025,7 +1025,18 @@ pub mod dev {
         v_ld: usize,
     ) -> KernelResult<(DevBuf<bf16>, DevBuf<bf16>, DevBuf<f32>)> {
         let variant = FwdVariant::fastest(dims.d);
-        fwd(dev, [qa, ka, va, qb, kb, vb], dims, variant, v_ld)
+        joint_attention_fwd_v_ld_with(dev, [qa, ka, va, qb, kb, vb], dims, v_ld, variant)
+    }
+
+    /// [`joint_attention_fwd_v_ld`] with a chosen kernel variant (`[qa, ka, va, qb, kb, vb]`).
+    pub fn joint_attention_fwd_v_ld_with(
+        dev: &KernelDevice,
+        qkv: [&DevBuf<bf16>; 6],
+        dims: AttnDims,
+        v_ld: usize,
+        variant: FwdVariant,
+    ) -> KernelResult<(DevBuf<bf16>, DevBuf<bf16>, DevBuf<f32>)> {
+        fwd(dev, qkv, dims, variant, v_ld)
     }
 
     fn fwd(

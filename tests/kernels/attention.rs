@@ -411,6 +411,35 @@ fn joint_attention_reads_v_inside_a_fused_qkv() {
                 dev.download(&lse).unwrap(),
                 "{shape}: lse"
             );
+            // Every forward variant's _vfused entry reproduces its plain entry.
+            for variant in gpu::FwdVariant::ALL {
+                let plain = gpu::joint_attention_fwd_with(
+                    &dev, &qa, &ka, &va, &qb, &kb, &vb, dims, variant,
+                )
+                .unwrap();
+                let fused = gpu::joint_attention_fwd_v_ld_with(
+                    &dev,
+                    [&qa, &ka, &vfa, &qb, &kb, &vfb],
+                    dims,
+                    3 * hd,
+                    variant,
+                )
+                .unwrap();
+                for (name, got, want) in [
+                    (
+                        "o_a",
+                        download_f32(&dev, &fused.0),
+                        download_f32(&dev, &plain.0),
+                    ),
+                    (
+                        "o_b",
+                        download_f32(&dev, &fused.1),
+                        download_f32(&dev, &plain.1),
+                    ),
+                ] {
+                    assert_eq!(got, want, "{shape} {variant:?}: {name}");
+                }
+            }
 
             let (doa, dob) = (up(&inp.do_a), up(&inp.do_b));
             let plain = gpu::joint_attention_bwd(
