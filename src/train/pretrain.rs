@@ -39,8 +39,8 @@ pub struct PretrainConfig {
 impl Default for PretrainConfig {
     fn default() -> Self {
         PretrainConfig {
-            steps: 11000,
-            batch: 128,
+            steps: 17000,
+            batch: 64,
             lr: 1e-3,
             warmup: 300,
             final_lr_fraction: 0.05,
