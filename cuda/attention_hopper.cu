@@ -41,6 +41,91 @@ __device__ __forceinline__ void load_tile_sw(unsigned char* s, const bf16* __res
     }
 }
 
+// Tile i's online softmax on S's accumulator fragments (rows g and g + 8 of this warp, as in
+// attention.cu's fwd_v3): keys ≥ krows masked, the reference maximum moved lazily (O and l
+// rescaled, after waiting for any product still writing O), the row sums added to l, and P
+// rounded to bf16 into the A fragments of the P·V wgmma.
+template <int D, int KN>
+__device__ __forceinline__ void softmax_to_p(float (&s)[KN / 2], float (&o)[D / 2], float (&ms)[2], float (&l)[2],
+                                             uint32_t (&pa)[KN / 16][4], int krows, int t, float scale_log2) {
+    if (krows < KN) {
+#pragma unroll
+        for (int j = 0; j < KN / 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                if (8 * j + 2 * t + (e & 1) >= krows) s[4 * j + e] = -INFINITY;
+    }
+    float mx[2] = {s[0], s[2]};
+#pragma unroll
+    for (int j = 0; j < KN / 8; j++) {
+        mx[0] = fmaxf(mx[0], fmaxf(s[4 * j], s[4 * j + 1]));
+        mx[1] = fmaxf(mx[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
+    }
+    bool need = false;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 2));
+        need |= fmaf(mx[r], scale_log2, -ms[r]) > kLazyLog2;
+    }
+    if (__any_sync(FULL_MASK, need)) {  // warp-uniform
+        wgmma_wait<0>();                // O is final up to the previous tile before it is rescaled
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const float mn = fmaxf(ms[r], mx[r] * scale_log2);
+            const float alpha = fast_exp2(ms[r] - mn);
+            ms[r] = mn;
+            l[r] *= alpha;
+#pragma unroll
+            for (int j = 0; j < D / 8; j++) {
+                o[4 * j + 2 * r] *= alpha;
+                o[4 * j + 2 * r + 1] *= alpha;
+            }
+        }
+    }
+    float rs[2] = {0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < KN / 8; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const float p = fast_exp2(fmaf(s[4 * j + e], scale_log2, -ms[e >> 1]));
+            s[4 * j + e] = p;
+            rs[e >> 1] += p;
+        }
+    l[0] += rs[0];
+    l[1] += rs[1];
+#pragma unroll
+    for (int c = 0; c < KN / 16; c++) {
+        pa[c][0] = pack_bf16x2(s[8 * c], s[8 * c + 1]);
+        pa[c][1] = pack_bf16x2(s[8 * c + 2], s[8 * c + 3]);
+        pa[c][2] = pack_bf16x2(s[8 * c + 4], s[8 * c + 5]);
+        pa[c][3] = pack_bf16x2(s[8 * c + 6], s[8 * c + 7]);
+    }
+}
+
+// The epilogue: this thread's rows row0 and row0 + 8 (of the block's `rows` valid ones) get their
+// lse (from the quad-summed l) and O / l in bf16.
+template <int D>
+__device__ __forceinline__ void store_rows(const float (&o)[D / 2], const float (&ms)[2], float (&l)[2], float* lrow,
+                                           bf16* out, long long ld, int row0, int rows, int t) {
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(FULL_MASK, l[r], 1);
+        l[r] += __shfl_xor_sync(FULL_MASK, l[r], 2);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int row = row0 + 8 * r;
+        if (row >= rows) continue;
+        if (t == 0) lrow[row] = ms[r] * kLn2 + logf(l[r]);
+        const float f = 1.f / l[r];
+        bf16* dst = out + row * ld + 2 * t;
+#pragma unroll
+        for (int j = 0; j < D / 8; j++)
+            *reinterpret_cast<uint32_t*>(dst + 8 * j) = pack_bf16x2(o[4 * j + 2 * r] * f, o[4 * j + 2 * r + 1] * f);
+    }
+}
+
 template <int D, int NWG, int KN, int STAGES, int VMUL>
 __device__ __forceinline__ void fwd_h1(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
                                        const bf16* __restrict__ qa, const bf16* __restrict__ ka,
@@ -126,61 +211,8 @@ __device__ __forceinline__ void fwd_h1(bf16* __restrict__ oa, bf16* __restrict__
         wgmma_commit();
         wgmma_wait<0>();
 
-        if (krows < KN) {
-#pragma unroll
-            for (int j = 0; j < KN / 8; j++)
-#pragma unroll
-                for (int e = 0; e < 4; e++)
-                    if (8 * j + 2 * t + (e & 1) >= krows) s[4 * j + e] = -INFINITY;
-        }
-        float mx[2] = {s[0], s[2]};
-#pragma unroll
-        for (int j = 0; j < KN / 8; j++) {
-            mx[0] = fmaxf(mx[0], fmaxf(s[4 * j], s[4 * j + 1]));
-            mx[1] = fmaxf(mx[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
-        }
-        bool need = false;
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 2));
-            need |= fmaf(mx[r], scale_log2, -ms[r]) > kLazyLog2;
-        }
-        if (__any_sync(FULL_MASK, need)) {  // warp-uniform
-#pragma unroll
-            for (int r = 0; r < 2; r++) {
-                const float mn = fmaxf(ms[r], mx[r] * scale_log2);
-                const float alpha = fast_exp2(ms[r] - mn);
-                ms[r] = mn;
-                l[r] *= alpha;
-#pragma unroll
-                for (int j = 0; j < D / 8; j++) {
-                    o[4 * j + 2 * r] *= alpha;
-                    o[4 * j + 2 * r + 1] *= alpha;
-                }
-            }
-        }
         uint32_t pa[KN / 16][4];
-        {
-            float rs[2] = {0.f, 0.f};
-#pragma unroll
-            for (int j = 0; j < KN / 8; j++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const float p = fast_exp2(fmaf(s[4 * j + e], scale_log2, -ms[e >> 1]));
-                    s[4 * j + e] = p;
-                    rs[e >> 1] += p;
-                }
-            l[0] += rs[0];
-            l[1] += rs[1];
-#pragma unroll
-            for (int c = 0; c < KN / 16; c++) {
-                pa[c][0] = pack_bf16x2(s[8 * c], s[8 * c + 1]);
-                pa[c][1] = pack_bf16x2(s[8 * c + 2], s[8 * c + 3]);
-                pa[c][2] = pack_bf16x2(s[8 * c + 4], s[8 * c + 5]);
-                pa[c][3] = pack_bf16x2(s[8 * c + 6], s[8 * c + 7]);
-            }
-        }
+        softmax_to_p<D, KN>(s, o, ms, l, pa, krows, t, scale_log2);
         // O += P·V: KN/16 steps of k16 over the keys; V rows 16c.. of this stage, MN-major
         // (the D = 128 halves KN·128 bytes apart: the descriptor's leading-dimension offset).
         wgmma_fence();
@@ -196,29 +228,9 @@ __device__ __forceinline__ void fwd_h1(bf16* __restrict__ oa, bf16* __restrict__
     }
     cp_async_wait<0>();
 
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        l[r] += __shfl_xor_sync(FULL_MASK, l[r], 1);
-        l[r] += __shfl_xor_sync(FULL_MASK, l[r], 2);
-    }
     const int row0 = 64 * wg + 16 * w + g;  // this thread's rows: row0 and row0 + 8
-    if (t == 0) {
-        float* lrow = lse + (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0;
-#pragma unroll
-        for (int r = 0; r < 2; r++)
-            if (row0 + 8 * r < qt.rows) lrow[row0 + 8 * r] = ms[r] * kLn2 + logf(l[r]);
-    }
-    bf16* out = (qt.stream == 0 ? oa : ob) + q_off;
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        const int row = row0 + 8 * r;
-        if (row >= qt.rows) continue;
-        const float f = 1.f / l[r];
-        bf16* dst = out + row * ld + 2 * t;
-#pragma unroll
-        for (int j = 0; j < D / 8; j++)
-            *reinterpret_cast<uint32_t*>(dst + 8 * j) = pack_bf16x2(o[4 * j + 2 * r] * f, o[4 * j + 2 * r + 1] * f);
-    }
+    store_rows<D>(o, ms, l, lse + (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0,
+                  (qt.stream == 0 ? oa : ob) + q_off, ld, row0, qt.rows, t);
 }
 
 // FwdVariant::H2: fwd_h1 with the product of one tile overlapping the softmax of the next
@@ -326,59 +338,7 @@ __device__ __forceinline__ void fwd_h2(bf16* __restrict__ oa, bf16* __restrict__
         wgmma_commit();
         wgmma_wait<1>();  // S_i complete; P_{i−1}·V_{i−1} may still run
 
-        if (krows < KN) {
-#pragma unroll
-            for (int j = 0; j < KN / 8; j++)
-#pragma unroll
-                for (int e = 0; e < 4; e++)
-                    if (8 * j + 2 * t + (e & 1) >= krows) s[4 * j + e] = -INFINITY;
-        }
-        float mx[2] = {s[0], s[2]};
-#pragma unroll
-        for (int j = 0; j < KN / 8; j++) {
-            mx[0] = fmaxf(mx[0], fmaxf(s[4 * j], s[4 * j + 1]));
-            mx[1] = fmaxf(mx[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
-        }
-        bool need = false;
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 2));
-            need |= fmaf(mx[r], scale_log2, -R.ms[r]) > kLazyLog2;
-        }
-        if (__any_sync(FULL_MASK, need)) {  // warp-uniform
-            wgmma_wait<0>();                // O is final up to tile i−1 before it is rescaled
-#pragma unroll
-            for (int r = 0; r < 2; r++) {
-                const float mn = fmaxf(R.ms[r], mx[r] * scale_log2);
-                const float alpha = fast_exp2(R.ms[r] - mn);
-                R.ms[r] = mn;
-                R.l[r] *= alpha;
-#pragma unroll
-                for (int j = 0; j < D / 8; j++) {
-                    R.o[4 * j + 2 * r] *= alpha;
-                    R.o[4 * j + 2 * r + 1] *= alpha;
-                }
-            }
-        }
-        float rs[2] = {0.f, 0.f};
-#pragma unroll
-        for (int j = 0; j < KN / 8; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const float p = fast_exp2(fmaf(s[4 * j + e], scale_log2, -R.ms[e >> 1]));
-                s[4 * j + e] = p;
-                rs[e >> 1] += p;
-            }
-        R.l[0] += rs[0];
-        R.l[1] += rs[1];
-#pragma unroll
-        for (int c = 0; c < KN / 16; c++) {
-            pn[c][0] = pack_bf16x2(s[8 * c], s[8 * c + 1]);
-            pn[c][1] = pack_bf16x2(s[8 * c + 2], s[8 * c + 3]);
-            pn[c][2] = pack_bf16x2(s[8 * c + 4], s[8 * c + 5]);
-            pn[c][3] = pack_bf16x2(s[8 * c + 6], s[8 * c + 7]);
-        }
+        softmax_to_p<D, KN>(s, R.o, R.ms, R.l, pn, krows, t, scale_log2);
         wgmma_wait<0>();  // P_{i−1}·V_{i−1} complete: its stage may be refilled after the next barrier
     };
 
@@ -388,30 +348,9 @@ __device__ __forceinline__ void fwd_h2(bf16* __restrict__ oa, bf16* __restrict__
     }
     cp_async_wait<0>();
 
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        R.l[r] += __shfl_xor_sync(FULL_MASK, R.l[r], 1);
-        R.l[r] += __shfl_xor_sync(FULL_MASK, R.l[r], 2);
-    }
-    const int row0 = 64 * wg + 16 * w + g;
-    if (t == 0) {
-        float* lrow = lse + (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0;
-#pragma unroll
-        for (int r = 0; r < 2; r++)
-            if (row0 + 8 * r < qt.rows) lrow[row0 + 8 * r] = R.ms[r] * kLn2 + logf(R.l[r]);
-    }
-    bf16* out = (qt.stream == 0 ? oa : ob) + q_off;
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        const int row = row0 + 8 * r;
-        if (row >= qt.rows) continue;
-        const float f = 1.f / R.l[r];
-        bf16* dst = out + row * ld + 2 * t;
-#pragma unroll
-        for (int j = 0; j < D / 8; j++)
-            *reinterpret_cast<uint32_t*>(dst + 8 * j) =
-                pack_bf16x2(R.o[4 * j + 2 * r] * f, R.o[4 * j + 2 * r + 1] * f);
-    }
+    const int row0 = 64 * wg + 16 * w + g;  // this thread's rows: row0 and row0 + 8
+    store_rows<D>(R.o, R.ms, R.l, lse + (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0,
+                  (qt.stream == 0 ? oa : ob) + q_off, ld, row0, qt.rows, t);
 }
 
 }  // namespace attn_h
