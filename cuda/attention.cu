@@ -75,16 +75,6 @@
 
 namespace attn {
 
-// p[0] += a, p[1] += b as one vector reduction (red.global.add.v2.f32, sm_90; p 8-byte aligned).
-__device__ __forceinline__ void red_add2(float* p, float a, float b) {
-#ifdef ADVDMD_EMU
-    atomicAdd(p, a);
-    atomicAdd(p + 1, b);
-#else
-    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b) : "memory");
-#endif
-}
-
 // Copies `rows` token rows starting at `g` (global, row stride `ld` elements) into a shared tile of
 // stride D+8 with asynchronous copies (cp.async, completed by the caller's commit/wait + barrier): a
 // tile of NR rows copied by NT threads; rows past `rows` are zero-filled (rows ≥ 1).

@@ -55,6 +55,16 @@ __device__ __forceinline__ long long v_offset(long long k_off, int b, int L, int
     return k_off + (long long)(VMUL - 1) * (((long long)b * L + r) * ld);
 }
 
+// p[0] += a, p[1] += b as one vector reduction (red.global.add.v2.f32, sm_90; p 8-byte aligned).
+__device__ __forceinline__ void red_add2(float* p, float a, float b) {
+#ifdef ADVDMD_EMU
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#else
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b) : "memory");
+#endif
+}
+
 // The lazy softmax rescale's threshold (attention.cu, fwd_v3): a row's reference maximum moves
 // only when a score's exponent would exceed 2^kLazyLog2 against it.
 constexpr float kLazyLog2 = 8.f;

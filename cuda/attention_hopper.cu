@@ -353,6 +353,216 @@ __device__ __forceinline__ void fwd_h2(bf16* __restrict__ oa, bf16* __restrict__
                   (qt.stream == 0 ? oa : ob) + q_off, ld, row0, qt.rows, t);
 }
 
+
+// ---- Backward (BwdVariant::H1) ---------------------------------------------------------------
+// attention.cu's backward (same operands, Drow from joint_attn_bwd_rowdot, dQ unscaled into the
+// f32 accumulators, dK and dV in bf16) with every product on wgmma. A block is 2 warpgroups of
+// 64 keys (KT = 128-key tiles); K and V stay in shared memory, dK and dV accumulate in registers,
+// and the 64-row query tiles (Q, dO, lse, Drow) stream through a 2-stage cp.async pipeline. Per
+// query tile, each group computes, as 64 keys × 64 queries:
+//   Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ   shared × shared, K-major (the forward's S = Q·Kᵀ with roles swapped)
+//   Pᵀ = 2^(Sᵀ·c − lse·log2 e) (keys past the tile masked), dSᵀ = Pᵀ∘(dPᵀ − Drow), both to bf16
+//   dV += Pᵀ·dO, dK += dSᵀ·Q  registers × shared, dO and Q MN-major (as V in the forward)
+// and dSᵀ goes to a swizzled shared tile (keys × 64 queries, 128-byte rows), from which
+//   dQ[:, cols] += dS·K       shared (MN-major, dSᵀ read through its transpose) × shared (MN-major)
+// over all 128 keys, group g taking half of the D columns (N = D/2: 32 or 64), added to the f32
+// accumulator with red.global.add.v2.f32. Products wait for each other (no overlap yet).
+template <int D, int VMUL>
+__device__ __forceinline__ void bwd_h1(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
+                                       bf16* __restrict__ dvb, float* __restrict__ dqa_acc,
+                                       float* __restrict__ dqb_acc, const bf16* __restrict__ qa,
+                                       const bf16* __restrict__ ka, const bf16* __restrict__ va,
+                                       const bf16* __restrict__ doa, const bf16* __restrict__ qb,
+                                       const bf16* __restrict__ kb, const bf16* __restrict__ vb,
+                                       const bf16* __restrict__ dob, const float* __restrict__ lse,
+                                       const float* __restrict__ drow, int La, int Lb, int H, float scale_log2,
+                                       float scale) {
+    constexpr int KT = 128, QT = 64, NT = 256, DN = D / 2;
+    constexpr int KVBYTES = KT * D * 2, QBYTES = QT * D * 2, DSBYTES = KT * QT * 2;
+    DYNAMIC_SMEM(unsigned char, raw);
+    unsigned char* sK = raw + ((1024 - (smem_addr(raw) & 1023)) & 1023);
+    unsigned char* sV = sK + KVBYTES;
+    unsigned char* sQ0 = sV + KVBYTES;      // two stages
+    unsigned char* sdO0 = sQ0 + 2 * QBYTES;  // two stages
+    unsigned char* sdS = sdO0 + 2 * QBYTES;
+    float* sL0 = reinterpret_cast<float*>(sdS + DSBYTES);  // two stages of lse per query row
+    float* sDr0 = sL0 + 2 * QT;                             // two stages of Drow per query row
+
+    const int tid = threadIdx.x, wg = tid / 128, w = (tid / 32) % 4, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;
+    const int Lt = La + Lb;
+    const long long ld = (long long)H * D;
+
+    const Tile kt = tile_of<KT>(blockIdx.x, La, Lb);
+    const int Lk = kt.stream == 0 ? La : Lb;
+    const long long k_off = row_offset(b, Lk, kt.row0, H, h, D);
+
+    // Query tile i (Q, dO, lse, Drow) into stage st; padded query rows: zero Q and dO, lse = +inf
+    // (P exactly 0), Drow = 0.
+    auto issue_q = [&](int i, int st) {
+        const Tile qt = tile_of<QT>(i, La, Lb);
+        const int Lq = qt.stream == 0 ? La : Lb;
+        const long long q_off = row_offset(b, Lq, qt.row0, H, h, D);
+        const long long r_off = (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0;
+        load_tile_sw<D, QT, NT>(sQ0 + st * QBYTES, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
+        load_tile_sw<D, QT, NT>(sdO0 + st * QBYTES, (qt.stream == 0 ? doa : dob) + q_off, ld, qt.rows);
+        if (tid < 2 * QT) {
+            const int r = tid & (QT - 1);
+            float* dst = (tid < QT ? sL0 : sDr0) + st * QT + r;
+            if (r < qt.rows)
+                cp_async_4(dst, (tid < QT ? lse : drow) + r_off + r);
+            else
+                *dst = tid < QT ? INFINITY : 0.f;
+        }
+    };
+
+    load_tile_sw<D, KT, NT>(sK, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
+    load_tile_sw<D, KT, NT>(sV, (kt.stream == 0 ? va : vb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld), VMUL * ld,
+                            kt.rows);
+    issue_q(0, 0);
+    cp_async_commit();
+
+    // This thread's keys (rows of Sᵀ): 64·wg + 16w + g and + 8.
+    const int key0 = 64 * wg + 16 * w + g;
+    const bool key_ok[2] = {key0 < kt.rows, key0 + 8 < kt.rows};
+    // Descriptor bases: this group's 64 K and V rows (halves of D = 128 KT·128 bytes apart), the
+    // dSᵀ tile, and this group's D/2 columns of K as dQ's B (64 bytes into each row at D = 64,
+    // the second half-tile at D = 128).
+    const uint32_t k_wg0 = smem_addr(sK) + wg * 64 * 128, v_wg0 = smem_addr(sV) + wg * 64 * 128;
+    const uint32_t ds_addr = smem_addr(sdS), q_addr = smem_addr(sQ0), do_addr = smem_addr(sdO0);
+    const uint32_t k_cols = smem_addr(sK) + (D == 64 ? wg * 64 : wg * KT * 128);
+
+    float dk[D / 2], dv[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) dk[i] = dv[i] = 0.f;
+
+    const int nqt = ntiles<QT>(La) + ntiles<QT>(Lb);
+    for (int qt_i = 0; qt_i < nqt; qt_i++) {
+        // Prefetch the next query tile into the other stage: its last readers (tile qt_i − 1's
+        // products) completed before every thread's wait at the end of that iteration.
+        if (qt_i + 1 < nqt) issue_q(qt_i + 1, (qt_i + 1) & 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        fence_proxy_async();
+        __syncthreads();
+        const int st = qt_i & 1;
+        const uint32_t q_st = q_addr + st * QBYTES, do_st = do_addr + st * QBYTES;
+        const uint32_t k_wg = opaque(k_wg0), v_wg = opaque(v_wg0);
+        const float* sL = sL0 + st * QT;
+        const float* sDr = sDr0 + st * QT;
+
+        // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ (64 keys × 64 queries each). At D = 128 dPᵀ is issued only
+        // after Pᵀ is packed (with dV's product), so that Sᵀ and dPᵀ are never live together next
+        // to dK and dV's 128 registers (both at once spill).
+        constexpr bool kSplitS = D == 128;
+        float s[32], dp[32];
+        auto issue_dp = [&]() {
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++)
+                wgmma_ss<64, 0, 0>(dp, wgmma_desc(v_wg + (kk / 4) * KT * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128),
+                                   wgmma_desc(do_st + (kk / 4) * QT * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128),
+                                   kk > 0);
+        };
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++)
+            wgmma_ss<64, 0, 0>(s, wgmma_desc(k_wg + (kk / 4) * KT * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128),
+                               wgmma_desc(q_st + (kk / 4) * QT * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128), kk > 0);
+        if constexpr (!kSplitS) issue_dp();
+        wgmma_commit();
+        wgmma_wait<0>();
+
+        // Pᵀ on the fragments (query column 8j + 2t + (e & 1); masked keys 0), to bf16 A
+        // fragments (k16 step c = fragments j = 2c, 2c + 1), kept in f32 for dSᵀ.
+        uint32_t pa[4][4], dsa[4][4];
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+#pragma unroll
+                for (int c = 0; c < 2; c++) {
+                    const int e = 2 * r + c, q = 8 * j + 2 * t + c;
+                    s[4 * j + e] =
+                        key_ok[r] ? fast_exp2(fmaf(s[4 * j + e], scale_log2, -sL[q] * kLog2e)) : 0.f;
+                }
+                pa[j / 2][2 * (j & 1) + r] = pack_bf16x2(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]);
+            }
+
+        // dV += Pᵀ·dO: 4 steps of 16 queries, dO rows MN-major.
+        wgmma_fence();
+#pragma unroll
+        for (int c = 0; c < 4; c++)
+            wgmma_rs<D, 1>(dv, pa[c], wgmma_desc(do_st + c * 16 * 128, QT * 128, 1024, kSwizzle128), 1);
+        if constexpr (kSplitS) issue_dp();
+        wgmma_commit();
+        if constexpr (kSplitS) wgmma_wait<0>();
+
+        // dSᵀ = Pᵀ∘(dPᵀ − Drow) to A fragments and to the shared tile (row = key, 4-byte pairs of
+        // queries).
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+#pragma unroll
+                for (int c = 0; c < 2; c++) {
+                    const int e = 2 * r + c;
+                    dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - sDr[8 * j + 2 * t + c]);
+                }
+                const uint32_t v = pack_bf16x2(dp[4 * j + 2 * r], dp[4 * j + 2 * r + 1]);
+                *reinterpret_cast<uint32_t*>(sdS + chunk_offset<KT>(key0 + 8 * r, j) + 4 * t) = v;
+                dsa[j / 2][2 * (j & 1) + r] = v;
+            }
+
+        // dK += dSᵀ·Q: Q rows MN-major.
+        wgmma_fence();
+#pragma unroll
+        for (int c = 0; c < 4; c++)
+            wgmma_rs<D, 1>(dk, dsa[c], wgmma_desc(q_st + c * 16 * 128, QT * 128, 1024, kSwizzle128), 1);
+        wgmma_commit();
+
+        // dQ[:, this group's columns] = dS·K over the 128 keys, once every group's dSᵀ is in place.
+        fence_proxy_async();
+        __syncthreads();
+        float dq[DN / 2];
+        const uint32_t ds_at = opaque(ds_addr), k_at = opaque(k_cols);
+        wgmma_fence();
+#pragma unroll
+        for (int c = 0; c < KT / 16; c++)
+            wgmma_ss<DN, 1, 1>(dq, wgmma_desc(ds_at + c * 16 * 128, KT * 128, 1024, kSwizzle128),
+                               wgmma_desc(k_at + c * 16 * 128, KT * 128, 1024, kSwizzle128), c > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+
+        const Tile qt = tile_of<QT>(qt_i, La, Lb);
+        const int Lq = qt.stream == 0 ? La : Lb;
+        float* dqp = (qt.stream == 0 ? dqa_acc : dqb_acc) + row_offset(b, Lq, qt.row0, H, h, D) + wg * DN + 2 * t;
+        const int r0 = 16 * w + g;
+#pragma unroll
+        for (int j = 0; j < DN / 8; j++) {
+            if (r0 < qt.rows) red_add2(dqp + r0 * ld + 8 * j, dq[4 * j], dq[4 * j + 1]);
+            if (r0 + 8 < qt.rows) red_add2(dqp + (r0 + 8) * ld + 8 * j, dq[4 * j + 2], dq[4 * j + 3]);
+        }
+    }
+    cp_async_wait<0>();
+
+    // dK (times the softmax scale the scores carried) and dV, straight from the fragments.
+    bf16* dkp = (kt.stream == 0 ? dka : dkb) + k_off + 2 * t;
+    bf16* dvp = (kt.stream == 0 ? dva : dvb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld) + 2 * t;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        if (!key_ok[r]) continue;
+        const int key = key0 + 8 * r;
+#pragma unroll
+        for (int j = 0; j < D / 8; j++) {
+            *reinterpret_cast<uint32_t*>(dkp + key * ld + 8 * j) =
+                pack_bf16x2(dk[4 * j + 2 * r] * scale, dk[4 * j + 2 * r + 1] * scale);
+            *reinterpret_cast<uint32_t*>(dvp + key * VMUL * ld + 8 * j) =
+                pack_bf16x2(dv[4 * j + 2 * r], dv[4 * j + 2 * r + 1]);
+        }
+    }
+}
+
 }  // namespace attn_h
 
 // Entries (same arguments as attention.cu's forward entries). D = 64: 2 groups (128 query rows),
@@ -421,4 +631,51 @@ extern "C" __global__ void __launch_bounds__(256, 1)
         const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
         int H, float scale_log2) {
     attn_h::fwd_h2<128, 2, 64, 3>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
+}
+
+// Backward entries (same arguments as attention.cu's backward entries): 2 groups of 64 keys
+// (128-key blocks), 64-query tiles in 2 stages. Dynamic shared memory 1024 + (2·128 + 4·64)·D·2
+// + 128·64·2 + 4·64·4 bytes (BwdVariant::H1 in src/kernels/attention.rs).
+extern "C" __global__ void __launch_bounds__(256, 1)
+    joint_attn_bwd_h1_d64(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
+        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
+        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
+        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
+    attn_h::bwd_h1<64, 1>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
+                            Lb, H, scale_log2, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    joint_attn_bwd_h1_d64_vfused(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
+        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
+        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
+        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
+    attn_h::bwd_h1<64, 3>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
+                            Lb, H, scale_log2, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    joint_attn_bwd_h1_d128(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
+        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
+        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
+        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
+    attn_h::bwd_h1<128, 1>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
+                            Lb, H, scale_log2, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    joint_attn_bwd_h1_d128_vfused(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
+        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
+        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
+        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
+    attn_h::bwd_h1<128, 3>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
+                            Lb, H, scale_log2, scale);
 }

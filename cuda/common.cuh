@@ -147,6 +147,20 @@ __device__ __forceinline__ pack16 pack_bf16x8(const float f[8]) {
 __device__ __forceinline__ pack16 load16(const void* p) { return *reinterpret_cast<const pack16*>(p); }
 __device__ __forceinline__ void store16(void* p, const pack16& v) { *reinterpret_cast<pack16*>(p) = v; }
 
+// `x`, as a value the compiler cannot see through: it is recomputed where it is used instead of
+// hoisted. For loop-invariant shared addresses that feed wgmma descriptors: hoisted out of a
+// loop, every 64-bit descriptor built from them stays live across it (2 registers each), which
+// spilled the d = 128 wgmma backward.
+__device__ __forceinline__ uint32_t opaque(uint32_t x) {
+#ifdef ADVDMD_EMU
+    return x;
+#else
+    uint32_t y;
+    asm volatile("mov.u32 %0, %1;" : "=r"(y) : "r"(x));
+    return y;
+#endif
+}
+
 // Whether pointers allow 16-byte accesses.
 __device__ __forceinline__ bool aligned16(const void* p) {
     return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
@@ -222,6 +236,30 @@ __device__ __forceinline__ void fence_proxy_async() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// d (+)= A·B, 64×32×16, both operands in shared memory; scale_d = 0 ignores d's old value.
+template <int TRANS_A, int TRANS_B>
+__device__ __forceinline__ void wgmma_m64n32k16_ss(float d[16], uint64_t desc_a, uint64_t desc_b,
+                                                    int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, %19, %20;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B));
+}
+
+// d (+)= A·B, 64×32×16, A from registers (this warp's 16 rows as an mma A fragment).
+template <int TRANS_B>
+__device__ __forceinline__ void wgmma_m64n32k16_rs(float d[16], const uint32_t a[4], uint64_t desc_b,
+                                                    int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, %22;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(TRANS_B));
+}
+
 // d (+)= A·B, 64×64×16, both operands in shared memory; scale_d = 0 ignores d's old value.
 template <int TRANS_A, int TRANS_B>
 __device__ __forceinline__ void wgmma_m64n64k16_ss(float d[32], uint64_t desc_a, uint64_t desc_b,
@@ -272,19 +310,23 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs(float d[64], const uint32_t 
 
 #endif
 
-// N-generic forms (N = 64 or 128) for kernels templated on a tile width.
+// N-generic forms (N = 32, 64 or 128) for kernels templated on a tile width.
 template <int N, int TRANS_A, int TRANS_B>
 __device__ __forceinline__ void wgmma_ss(float* d, uint64_t desc_a, uint64_t desc_b, int scale_d) {
-    static_assert(N == 64 || N == 128, "wgmma wrappers exist for N = 64 and 128");
-    if constexpr (N == 64)
+    static_assert(N == 32 || N == 64 || N == 128, "wgmma wrappers exist for N = 32, 64 and 128");
+    if constexpr (N == 32)
+        wgmma_m64n32k16_ss<TRANS_A, TRANS_B>(d, desc_a, desc_b, scale_d);
+    else if constexpr (N == 64)
         wgmma_m64n64k16_ss<TRANS_A, TRANS_B>(d, desc_a, desc_b, scale_d);
     else
         wgmma_m64n128k16_ss<TRANS_A, TRANS_B>(d, desc_a, desc_b, scale_d);
 }
 template <int N, int TRANS_B>
 __device__ __forceinline__ void wgmma_rs(float* d, const uint32_t a[4], uint64_t desc_b, int scale_d) {
-    static_assert(N == 64 || N == 128, "wgmma wrappers exist for N = 64 and 128");
-    if constexpr (N == 64)
+    static_assert(N == 32 || N == 64 || N == 128, "wgmma wrappers exist for N = 32, 64 and 128");
+    if constexpr (N == 32)
+        wgmma_m64n32k16_rs<TRANS_B>(d, a, desc_b, scale_d);
+    else if constexpr (N == 64)
         wgmma_m64n64k16_rs<TRANS_B>(d, a, desc_b, scale_d);
     else
         wgmma_m64n128k16_rs<TRANS_B>(d, a, desc_b, scale_d);

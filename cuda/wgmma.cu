@@ -9,6 +9,10 @@
 // K a multiple of 64, f32 out. Operands are staged with plain stores into shared memory in the
 // swizzled layouts the attention would use for Q/K (K-major: rows of 64 k, 128 bytes, 8-row
 // groups of 1 KB, one 8 KB atom per 64 k) and V (MN-major: one 128-byte row per k).
+// a_mode: 0 A K-major in shared memory, 1 A from registers, 2 A MN-major in shared memory (the
+// backward's dS read through its transpose). n_halves: C as two 64×32 products, the second's B
+// descriptor starting 32 columns into the tile (4 row groups further when K-major, 64 bytes into
+// each swizzled row when MN-major): the column split of the backward's dQ.
 #include "common.cuh"
 
 // Byte offset of (row i, k < 64) in a 128-byte-swizzled K-major atom of 64 rows.
@@ -24,7 +28,8 @@ __device__ __forceinline__ uint32_t sw128_mn_major(int k, int n) {
 }
 
 extern "C" __global__ void __launch_bounds__(128)
-    wgmma_probe_m64n64(const bf16* a, const bf16* b, float* c, int k_len, int b_mn_major, int a_from_regs) {
+    wgmma_probe_m64n64(const bf16* a, const bf16* b, float* c, int k_len, int b_mn_major, int a_mode,
+                       int n_halves) {
     DYNAMIC_SMEM(unsigned char, raw);
     // Swizzled tiles start on a 1 KB boundary of the shared address space.
     unsigned char* sa = raw + ((1024 - (smem_addr(raw) & 1023)) & 1023);
@@ -32,7 +37,10 @@ extern "C" __global__ void __launch_bounds__(128)
     const int tid = threadIdx.x;
     for (int e = tid; e < 64 * k_len; e += 128) {
         const int i = e / k_len, k = e % k_len;
-        *reinterpret_cast<bf16*>(sa + (k / 64) * 8192 + sw128_k_major(i, k % 64)) = a[e];
+        if (a_mode == 2)
+            *reinterpret_cast<bf16*>(sa + sw128_mn_major(k, i)) = a[e];
+        else
+            *reinterpret_cast<bf16*>(sa + (k / 64) * 8192 + sw128_k_major(i, k % 64)) = a[e];
         if (b_mn_major) {
             const int kk = e / 64, n = e % 64;
             *reinterpret_cast<bf16*>(sb + sw128_mn_major(kk, n)) = b[e];
@@ -44,18 +52,25 @@ extern "C" __global__ void __launch_bounds__(128)
     __syncthreads();
 
     const int w = tid / 32, g = (tid % 32) / 4, q = tid % 4;
-    float d[32];
+    float d[32], h[2][16];
     for (int i = 0; i < 32; i++) d[i] = 0.f;
+    for (int i = 0; i < 16; i++) h[0][i] = h[1][i] = 0.f;
     const uint32_t a_base = smem_addr(sa), b_base = smem_addr(sb);
     for (int s = 0; s < k_len / 16; s++) {
         // K-major: step s is 32 bytes into atom s/4; MN-major: 16 rows of 128 bytes further.
-        const uint64_t da = wgmma_desc(a_base + (s / 4) * 8192 + (s % 4) * 32, 16, 1024, kSwizzle128);
-        const uint64_t db = b_mn_major ? wgmma_desc(b_base + s * 2048, 8192, 1024, kSwizzle128)
-                                       : wgmma_desc(b_base + (s / 4) * 8192 + (s % 4) * 32, 16, 1024,
-                                                    kSwizzle128);
+        const uint64_t da = a_mode == 2 ? wgmma_desc(a_base + s * 2048, 8192, 1024, kSwizzle128)
+                                        : wgmma_desc(a_base + (s / 4) * 8192 + (s % 4) * 32, 16, 1024, kSwizzle128);
+        uint64_t db[2];
+        for (int half = 0; half < 2; half++) {
+            const uint32_t off = half ? (b_mn_major ? 64 : 4 * 1024) : 0;
+            db[half] = b_mn_major ? wgmma_desc(b_base + off + s * 2048, 8192, 1024, kSwizzle128)
+                                  : wgmma_desc(b_base + off + (s / 4) * 8192 + (s % 4) * 32, 16, 1024,
+                                               kSwizzle128);
+        }
         // scale_d = 0 on the first step: the old accumulators are ignored (they are zero anyway).
         const int scale_d = s > 0;
-        if (a_from_regs) {
+        wgmma_fence();
+        if (a_mode == 1) {
             uint32_t af[4];
             const bf16* r0 = a + (long long)(16 * w + g) * k_len + 16 * s + 2 * q;
             const bf16* r1 = r0 + 8LL * k_len;
@@ -64,20 +79,45 @@ extern "C" __global__ void __launch_bounds__(128)
             af[2] = pack_bf16x2(bf2f(r0[8]), bf2f(r0[9]));
             af[3] = pack_bf16x2(bf2f(r1[8]), bf2f(r1[9]));
             wgmma_fence();
-            if (b_mn_major)
-                wgmma_m64n64k16_rs<1>(d, af, db, scale_d);
-            else
-                wgmma_m64n64k16_rs<0>(d, af, db, scale_d);
+            if (n_halves) {
+                for (int half = 0; half < 2; half++) {
+                    if (b_mn_major)
+                        wgmma_rs<32, 1>(h[half], af, db[half], scale_d);
+                    else
+                        wgmma_rs<32, 0>(h[half], af, db[half], scale_d);
+                }
+            } else if (b_mn_major) {
+                wgmma_m64n64k16_rs<1>(d, af, db[0], scale_d);
+            } else {
+                wgmma_m64n64k16_rs<0>(d, af, db[0], scale_d);
+            }
+        } else if (n_halves) {
+            for (int half = 0; half < 2; half++) {
+                if (a_mode == 2 && b_mn_major)
+                    wgmma_ss<32, 1, 1>(h[half], da, db[half], scale_d);
+                else if (a_mode == 2)
+                    wgmma_ss<32, 1, 0>(h[half], da, db[half], scale_d);
+                else if (b_mn_major)
+                    wgmma_ss<32, 0, 1>(h[half], da, db[half], scale_d);
+                else
+                    wgmma_ss<32, 0, 0>(h[half], da, db[half], scale_d);
+            }
         } else {
-            wgmma_fence();
-            if (b_mn_major)
-                wgmma_m64n64k16_ss<0, 1>(d, da, db, scale_d);
+            if (a_mode == 2 && b_mn_major)
+                wgmma_m64n64k16_ss<1, 1>(d, da, db[0], scale_d);
+            else if (a_mode == 2)
+                wgmma_m64n64k16_ss<1, 0>(d, da, db[0], scale_d);
+            else if (b_mn_major)
+                wgmma_m64n64k16_ss<0, 1>(d, da, db[0], scale_d);
             else
-                wgmma_m64n64k16_ss<0, 0>(d, da, db, scale_d);
+                wgmma_m64n64k16_ss<0, 0>(d, da, db[0], scale_d);
         }
         wgmma_commit();
     }
     wgmma_wait<0>();
+    if (n_halves)
+        for (int j = 0; j < 8; j++)
+            for (int e = 0; e < 4; e++) d[4 * j + e] = h[j / 4][4 * (j % 4) + e];
     for (int j = 0; j < 8; j++) {
         const int row = 16 * w + g, col = 8 * j + 2 * q;
         c[row * 64 + col] = d[4 * j];

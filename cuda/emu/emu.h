@@ -559,6 +559,14 @@ template <int N>
 inline void wgmma_wait() {}
 inline void fence_proxy_async() {}
 template <int TRANS_A, int TRANS_B>
+inline void wgmma_m64n32k16_ss(float d[16], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+    ::emu::wgmma_bf16(d, 32, nullptr, desc_a, desc_b, scale_d, TRANS_A, TRANS_B, __FILE__, __LINE__);
+}
+template <int TRANS_B>
+inline void wgmma_m64n32k16_rs(float d[16], const uint32_t a[4], uint64_t desc_b, int scale_d) {
+    ::emu::wgmma_bf16(d, 32, a, 0, desc_b, scale_d, 0, TRANS_B, __FILE__, __LINE__);
+}
+template <int TRANS_A, int TRANS_B>
 inline void wgmma_m64n64k16_ss(float d[32], uint64_t desc_a, uint64_t desc_b, int scale_d) {
     ::emu::wgmma_bf16(d, 64, nullptr, desc_a, desc_b, scale_d, TRANS_A, TRANS_B, __FILE__, __LINE__);
 }

@@ -778,10 +778,16 @@ pub mod dev {
     /// `V3` (attention.cu's `bwd_v3`, d = 64): 4 warps of 32 keys in 128-key blocks, two blocks
     /// per SM (254 registers): every Q and dO fragment read from shared memory feeds two key
     /// m-tiles. At d = 128 (no register room for 32 keys of dK, dV per warp) it runs `K128`.
+    ///
+    /// `H1` (attention_hopper.cu, sm_90a): every product on the Hopper warpgroup MMA (wgmma)
+    /// from 128-byte-swizzled shared tiles, 2 warpgroups of 64 keys (128-key blocks), 64-query
+    /// tiles in 2 stages, dQ from the dSᵀ tile with each group taking half of the columns. Not
+    /// measured on a GPU yet.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum BwdVariant {
         K128,
         V3,
+        H1,
     }
 
     impl BwdVariant {
@@ -792,7 +798,7 @@ pub mod dev {
         }
 
         /// Every variant, for tests and the bench.
-        pub const ALL: [BwdVariant; 2] = [BwdVariant::K128, BwdVariant::V3];
+        pub const ALL: [BwdVariant; 3] = [BwdVariant::K128, BwdVariant::V3, BwdVariant::H1];
         /// The variant actually launched at head dim `d`.
         fn resolve(self, d: usize) -> BwdVariant {
             match self {
@@ -804,13 +810,31 @@ pub mod dev {
             match self.resolve(d) {
                 BwdVariant::K128 => format!("joint_attn_bwd_k128_d{d}"),
                 BwdVariant::V3 => format!("joint_attn_bwd_v3_d{d}"),
+                BwdVariant::H1 => format!("joint_attn_bwd_h1_d{d}"),
             }
         }
         /// Threads per block (warps of 16 keys; V3: warps of 32 keys).
         fn threads(self, d: usize) -> u32 {
             match self.resolve(d) {
                 BwdVariant::V3 => 128,
-                BwdVariant::K128 => 256,
+                BwdVariant::K128 | BwdVariant::H1 => 256,
+            }
+        }
+        /// Dynamic shared memory at head dim `d`.
+        fn shared_bytes(self, d: usize) -> u32 {
+            match self.resolve(d) {
+                // Swizzled unpadded tiles (1 KB to align them): K, V, two stages of Q and dO,
+                // the dSᵀ tile (keys × 64 queries) and two stages of lse and Drow.
+                BwdVariant::H1 => {
+                    (1024 + (2 * BWD_KEYS + 4 * TILE) * d * 2 + BWD_KEYS * TILE * 2 + 4 * TILE * 4)
+                        as u32
+                }
+                // K, V tiles, two stages of the Q and dO tiles, the dSᵀ tile (keys × 72) and two
+                // stages of lse and Drow; rows padded to d+8.
+                BwdVariant::K128 | BwdVariant::V3 => {
+                    (((2 * BWD_KEYS + 4 * TILE) * (d + 8) + BWD_KEYS * (TILE + 8)) * 2
+                        + 4 * TILE * 4) as u32
+                }
             }
         }
     }
@@ -951,13 +975,6 @@ pub mod dev {
         } else {
             "_vfused"
         }
-    }
-
-    /// Dynamic shared memory of the backward: K, V tiles (`keys` rows), two stages of the Q and
-    /// dO tiles (64 rows), the dSᵀ tile (`keys` × 72) and two stages of two rows of 64 f32 (lse,
-    /// Drow).
-    fn bwd_shared_bytes(d: usize, keys: usize) -> u32 {
-        (((2 * keys + 4 * TILE) * (d + 8) + keys * (TILE + 8)) * 2 + 4 * TILE * 4) as u32
     }
 
     /// Forward: `(o_a [B, La, H, d], o_b [B, Lb, H, d], lse [B, H, La+Lb])`, as
@@ -1162,13 +1179,29 @@ pub mod dev {
     #[allow(clippy::too_many_arguments)]
     pub fn joint_attention_bwd_v_ld(
         dev: &KernelDevice,
-        [qa, ka, va, qb, kb, vb]: [&DevBuf<bf16>; 6],
-        [oa, ob, doa, dob]: [&DevBuf<bf16>; 4],
+        qkv: [&DevBuf<bf16>; 6],
+        outs: [&DevBuf<bf16>; 4],
         lse: &DevBuf<f32>,
         dims: AttnDims,
         v_ld: usize,
         dva: &DevBuf<bf16>,
         dvb: &DevBuf<bf16>,
+    ) -> KernelResult<[DevBuf<bf16>; 4]> {
+        let variant = BwdVariant::fastest(dims.d);
+        joint_attention_bwd_v_ld_with(dev, qkv, outs, lse, dims, v_ld, [dva, dvb], variant)
+    }
+
+    /// [`joint_attention_bwd_v_ld`] with a chosen kernel variant (`[dva, dvb]` the dV windows).
+    #[allow(clippy::too_many_arguments)]
+    pub fn joint_attention_bwd_v_ld_with(
+        dev: &KernelDevice,
+        [qa, ka, va, qb, kb, vb]: [&DevBuf<bf16>; 6],
+        [oa, ob, doa, dob]: [&DevBuf<bf16>; 4],
+        lse: &DevBuf<f32>,
+        dims: AttnDims,
+        v_ld: usize,
+        [dva, dvb]: [&DevBuf<bf16>; 2],
+        variant: BwdVariant,
     ) -> KernelResult<[DevBuf<bf16>; 4]> {
         check_v(&dims, "dv_a", dva, dims.la, v_ld)?;
         check_v(&dims, "dv_b", dvb, dims.lb, v_ld)?;
@@ -1181,7 +1214,6 @@ pub mod dev {
         ];
         let [dqa, dka, dqb, dkb] = &grads;
         let operands = [qa, ka, va, qb, kb, vb, oa, ob, doa, dob];
-        let variant = BwdVariant::fastest(dims.d);
         bwd(
             dev,
             operands,
@@ -1261,7 +1293,7 @@ pub mod dev {
                 (dims.b * dims.h) as u32,
                 variant.threads(dims.d),
             )
-            .with_shared(bwd_shared_bytes(dims.d, BWD_KEYS)),
+            .with_shared(variant.shared_bytes(dims.d)),
             bwd_operands(
                 KernelArgs::new()
                     .buf(dka)

@@ -441,58 +441,64 @@ fn joint_attention_reads_v_inside_a_fused_qkv() {
                 }
             }
 
+            // Every backward variant's _vfused entry reproduces its plain entry: dK, dV bit for
+            // bit, dQ too on the emulator (on a GPU its f32 reductions have no fixed order).
             let (doa, dob) = (up(&inp.do_a), up(&inp.do_b));
-            let plain = gpu::joint_attention_bwd(
-                &dev, &qa, &ka, &va, &qb, &kb, &vb, &oa, &ob, &lse, &doa, &dob, dims,
-            )
-            .unwrap();
-            let (ga, gb) = (up(&vec![7.0; fa.len()]), up(&vec![7.0; fb.len()]));
-            let (dva, dvb) = (window(&ga, la, hd), window(&gb, lb, hd));
-            let [dqa, dka, dqb, dkb] = gpu::joint_attention_bwd_v_ld(
-                &dev,
-                [&qa, &ka, &vfa, &qb, &kb, &vfb],
-                [&oa, &ob, &doa, &dob],
-                &lse,
-                dims,
-                3 * hd,
-                &dva,
-                &dvb,
-            )
-            .unwrap();
-            let exact_dq = dev.is_emulator();
-            for (what, got, want, exact) in [
-                ("dq_a", &dqa, &plain[0], exact_dq),
-                ("dk_a", &dka, &plain[1], true),
-                ("dq_b", &dqb, &plain[3], exact_dq),
-                ("dk_b", &dkb, &plain[4], true),
-            ] {
-                let (g, w) = (download_f32(&dev, got), download_f32(&dev, want));
-                if exact {
-                    assert_eq!(g, w, "{shape}: {what}");
-                } else {
-                    check(
-                        &format!("attention[v fused].{what}"),
-                        &dev,
-                        &shape,
-                        &g,
-                        &w,
-                        1e-2,
-                    );
+            for variant in gpu::BwdVariant::ALL {
+                let plain = gpu::joint_attention_bwd_with(
+                    &dev, &qa, &ka, &va, &qb, &kb, &vb, &oa, &ob, &lse, &doa, &dob, dims, variant,
+                )
+                .unwrap();
+                let (ga, gb) = (up(&vec![7.0; fa.len()]), up(&vec![7.0; fb.len()]));
+                let (dva, dvb) = (window(&ga, la, hd), window(&gb, lb, hd));
+                let [dqa, dka, dqb, dkb] = gpu::joint_attention_bwd_v_ld_with(
+                    &dev,
+                    [&qa, &ka, &vfa, &qb, &kb, &vfb],
+                    [&oa, &ob, &doa, &dob],
+                    &lse,
+                    dims,
+                    3 * hd,
+                    [&dva, &dvb],
+                    variant,
+                )
+                .unwrap();
+                let exact_dq = dev.is_emulator();
+                for (what, got, want, exact) in [
+                    ("dq_a", &dqa, &plain[0], exact_dq),
+                    ("dk_a", &dka, &plain[1], true),
+                    ("dq_b", &dqb, &plain[3], exact_dq),
+                    ("dk_b", &dkb, &plain[4], true),
+                ] {
+                    let (g, w) = (download_f32(&dev, got), download_f32(&dev, want));
+                    if exact {
+                        assert_eq!(g, w, "{shape} {variant:?}: {what}");
+                    } else {
+                        check(
+                            &format!("attention[v fused, {variant:?}].{what}"),
+                            &dev,
+                            &shape,
+                            &g,
+                            &w,
+                            1e-2,
+                        );
+                    }
                 }
-            }
-            for (what, g, want, l) in [("dv_a", &ga, &plain[2], la), ("dv_b", &gb, &plain[5], lb)] {
-                let (g, want) = (download_f32(&dev, g), download_f32(&dev, want));
-                for r in 0..b * l {
-                    let row = &g[r * 3 * hd..(r + 1) * 3 * hd];
-                    assert!(
-                        row[..2 * hd].iter().all(|&x| x == 7.0),
-                        "{shape}: {what} wrote q/k columns"
-                    );
-                    assert_eq!(
-                        &row[2 * hd..],
-                        &want[r * hd..(r + 1) * hd],
-                        "{shape}: {what} row {r}"
-                    );
+                for (what, g, want, l) in
+                    [("dv_a", &ga, &plain[2], la), ("dv_b", &gb, &plain[5], lb)]
+                {
+                    let (g, want) = (download_f32(&dev, g), download_f32(&dev, want));
+                    for r in 0..b * l {
+                        let row = &g[r * 3 * hd..(r + 1) * 3 * hd];
+                        assert!(
+                            row[..2 * hd].iter().all(|&x| x == 7.0),
+                            "{shape} {variant:?}: {what} wrote q/k columns"
+                        );
+                        assert_eq!(
+                            &row[2 * hd..],
+                            &want[r * hd..(r + 1) * hd],
+                            "{shape} {variant:?}: {what} row {r}"
+                        );
+                    }
                 }
             }
             println!(

@@ -1,6 +1,7 @@
 //! The Hopper warpgroup MMA wrappers of `cuda/common.cuh` (`cuda/wgmma.cu`): a 64×64 tile through
-//! `wgmma.mma_async` with 128-byte-swizzled shared-memory operands (A and B K-major, or B
-//! MN-major) and with A from registers, against an f64 product. On the GPU this checks the
+//! `wgmma.mma_async` with 128-byte-swizzled shared-memory operands (A K-major or MN-major, B
+//! K-major or MN-major) and with A from registers, as one N = 64 product or two N = 32 halves,
+//! against an f64 product. On the GPU this checks the
 //! descriptor and layout formulas against the hardware; under the emulator, the twins.
 
 use super::*;
@@ -32,40 +33,44 @@ fn wgmma_tile_matches_reference() {
     for dev in devices() {
         for k in [64usize, 128] {
             for b_mn_major in [false, true] {
-                for a_from_regs in [false, true] {
-                    let mut rng =
-                        Rng::new(k as u64 * 4 + b_mn_major as u64 * 2 + a_from_regs as u64);
-                    let a = randn_bf16(&mut rng, 64 * k, 1.0);
-                    let b = randn_bf16(&mut rng, 64 * k, 1.0);
-                    let (ad, bd) = (upload_bf16(&dev, &a), upload_bf16(&dev, &b));
-                    let c = dev.alloc::<f32>(64 * 64).unwrap();
-                    let cfg = LaunchCfg {
-                        grid: [1, 1, 1],
-                        block: [128, 1, 1],
-                        shared_bytes: (1024 + 2 * 64 * k * 2) as u32,
-                    };
-                    let args = KernelArgs::new()
-                        .buf(&ad)
-                        .buf(&bd)
-                        .buf(&c)
-                        .i32(k as i32)
-                        .i32(b_mn_major as i32)
-                        .i32(a_from_regs as i32);
-                    dev.launch("wgmma_probe_m64n64", cfg, args).unwrap();
-                    let got = dev.download(&c).unwrap();
-                    let shape = format!(
-                        "64x64x{k} B {} A {}",
-                        if b_mn_major { "mn" } else { "k" },
-                        if a_from_regs { "regs" } else { "smem" }
-                    );
-                    check(
-                        "wgmma_m64n64k16",
-                        &dev,
-                        &shape,
-                        &got,
-                        &reference(&a, &b, k, b_mn_major),
-                        1e-5,
-                    );
+                for a_mode in 0..3i32 {
+                    for n_halves in [false, true] {
+                        let seed = k as u64 * 16 + b_mn_major as u64 * 8 + a_mode as u64 * 2;
+                        let mut rng = Rng::new(seed + n_halves as u64);
+                        let a = randn_bf16(&mut rng, 64 * k, 1.0);
+                        let b = randn_bf16(&mut rng, 64 * k, 1.0);
+                        let (ad, bd) = (upload_bf16(&dev, &a), upload_bf16(&dev, &b));
+                        let c = dev.alloc::<f32>(64 * 64).unwrap();
+                        let cfg = LaunchCfg {
+                            grid: [1, 1, 1],
+                            block: [128, 1, 1],
+                            shared_bytes: (1024 + 2 * 64 * k * 2) as u32,
+                        };
+                        let args = KernelArgs::new()
+                            .buf(&ad)
+                            .buf(&bd)
+                            .buf(&c)
+                            .i32(k as i32)
+                            .i32(b_mn_major as i32)
+                            .i32(a_mode)
+                            .i32(n_halves as i32);
+                        dev.launch("wgmma_probe_m64n64", cfg, args).unwrap();
+                        let got = dev.download(&c).unwrap();
+                        let shape = format!(
+                            "64x64x{k} B {} A {}{}",
+                            if b_mn_major { "mn" } else { "k" },
+                            ["smem-k", "regs", "smem-mn"][a_mode as usize],
+                            if n_halves { " 2xN32" } else { "" }
+                        );
+                        check(
+                            "wgmma_m64n64k16",
+                            &dev,
+                            &shape,
+                            &got,
+                            &reference(&a, &b, k, b_mn_major),
+                            1e-5,
+                        );
+                    }
                 }
             }
         }
