@@ -410,6 +410,9 @@ struct Resources {
     stack: u32,
     spill_stores: u32,
     spill_loads: u32,
+    /// ptxas serialized the kernel's wgmma (C7514/C7515: an ordinary instruction touches an
+    /// accumulator while a product may still write it), so none of its products overlap.
+    wgmma_serialized: bool,
 }
 
 /// The number before `unit` in `line` ("..., 40 bytes spill stores" → 40).
@@ -421,6 +424,7 @@ fn number_before(line: &str, unit: &str) -> Option<u32> {
 /// Parses ptxas `-v` output: per function (entry or not) and architecture.
 fn parse_ptxas(stderr: &str) -> Vec<(String, Resources)> {
     let mut out: Vec<(String, Resources)> = Vec::new();
+    let mut serialized: Vec<String> = Vec::new();
     let mut arch = String::new();
     let mut current: Option<usize> = None;
     let quoted = |l: &str, after: &str| -> Option<String> {
@@ -429,6 +433,9 @@ fn parse_ptxas(stderr: &str) -> Vec<(String, Resources)> {
         Some(rest[..rest.find('\'').unwrap_or(rest.len())].to_string())
     };
     for line in stderr.lines() {
+        if line.contains("wgmma.mma_async instructions are serialized") {
+            serialized.extend(quoted(line, "in the function"));
+        }
         if line.contains("Compiling entry function") {
             arch = line
                 .rsplit("for '")
@@ -458,6 +465,9 @@ fn parse_ptxas(stderr: &str) -> Vec<(String, Resources)> {
                 current = None;
             }
         }
+    }
+    for (name, r) in &mut out {
+        r.wgmma_serialized = serialized.contains(name);
     }
     out
 }
@@ -533,9 +543,11 @@ fn build_fatbins(out: &Path, cuda: &Path, sources: &[PathBuf], header_text: &str
                 );
                 let mut errors = String::new();
                 let mut report = String::from(
-                    "# file  kernel  arch  registers  smem_bytes  stack_bytes  spill_stores  spill_loads\n",
+                    "# file  kernel  arch  registers  smem_bytes  stack_bytes  spill_stores  spill_loads  \
+                     wgmma_serialized\n",
                 );
-                let allow = spill_allowlist(cuda);
+                let allow = allowlist(&cuda.join("spill-allowlist.txt"));
+                let allow_serial = allowlist(&cuda.join("wgmma-serial-allowlist.txt"));
                 let mut spills = Vec::new();
                 for (src, r) in sources.iter().zip(results) {
                     let (fatbin, text) = match r {
@@ -549,14 +561,29 @@ fn build_fatbins(out: &Path, cuda: &Path, sources: &[PathBuf], header_text: &str
                     for (name, r) in parse_ptxas(&text) {
                         writeln!(
                             report,
-                            "{stem}.cu  {name}  {}  {}  {}  {}  {}  {}",
-                            r.arch, r.registers, r.smem, r.stack, r.spill_stores, r.spill_loads
+                            "{stem}.cu  {name}  {}  {}  {}  {}  {}  {}  {}",
+                            r.arch,
+                            r.registers,
+                            r.smem,
+                            r.stack,
+                            r.spill_stores,
+                            r.spill_loads,
+                            r.wgmma_serialized
                         )
                         .unwrap();
                         if (r.spill_stores > 0 || r.spill_loads > 0) && !allow.contains(&name) {
                             spills.push(format!(
-                                "{stem}.cu: {name} ({}) spills {} bytes stored, {} bytes loaded",
+                                "{stem}.cu: {name} ({}) spills {} bytes stored, {} bytes loaded \
+                                 (cuda/spill-allowlist.txt)",
                                 r.arch, r.spill_stores, r.spill_loads
+                            ));
+                        }
+                        if r.wgmma_serialized && !allow_serial.contains(&name) {
+                            spills.push(format!(
+                                "{stem}.cu: {name} ({}) has its wgmma serialized by ptxas \
+                                 (C7514/C7515; list it in cuda/wgmma-serial-allowlist.txt, with \
+                                 the reason, to accept it)",
+                                r.arch
                             ));
                         }
                     }
@@ -579,8 +606,8 @@ fn build_fatbins(out: &Path, cuda: &Path, sources: &[PathBuf], header_text: &str
                 }
                 if !spills.is_empty() {
                     panic!(
-                        "register spills (list a kernel in cuda/spill-allowlist.txt, with the reason, \
-                         to accept them):\n{}\nfull report: {}",
+                        "register spills or serialized wgmma (each line says which allowlist \
+                         accepts it):\n{}\nfull report: {}",
                         spills.join("\n"),
                         out.join("ptxas-report.txt").display()
                     );
@@ -609,10 +636,11 @@ fn build_fatbins(out: &Path, cuda: &Path, sources: &[PathBuf], header_text: &str
     std::fs::write(out.join("kernels.rs"), table).expect("writing kernels.rs");
 }
 
-/// Kernel names allowed to spill: the first word of each line of `cuda/spill-allowlist.txt`
-/// (`#` starts a comment).
-fn spill_allowlist(cuda: &Path) -> Vec<String> {
-    std::fs::read_to_string(cuda.join("spill-allowlist.txt"))
+/// Kernel names an allowlist accepts (`cuda/spill-allowlist.txt`: spills;
+/// `cuda/wgmma-serial-allowlist.txt`: serialized wgmma): the first word of each line (`#` starts
+/// a comment).
+fn allowlist(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
         .filter_map(|l| l.split('#').next()?.split_whitespace().next())

@@ -1,11 +1,16 @@
 // advdmd-arch: 90a
 //
-// Joint-attention forward on Hopper's warpgroup MMA (FwdVariant::H1): the same operands, results
-// and lse as attention.cu's forward (its top comment describes them), with both products on
-// wgmma (common.cuh) instead of mma.sync. CPU twin: src/kernels/attention.rs.
+// Joint attention on Hopper's warpgroup MMA: the same operands, results and lse as attention.cu
+// (its top comment describes them), with every product on wgmma (common.cuh) instead of
+// mma.sync. CPU twin: src/kernels/attention.rs.
 //
-//   joint_attn_fwd_h1_d{64,128}[_vfused]   O (two buffers) and lse [B, H, La+Lb]
+//   joint_attn_fwd_h{1,2}_d{64,128}[_vfused]   O (two buffers) and lse [B, H, La+Lb]
+//                                              (FwdVariant::H1, H2)
+//   joint_attn_bwd_h{1,2}_d{64,128}[_vfused]   dK, dV (bf16) per 128-key tile, dQ into the f32
+//                                              accumulators (BwdVariant::H1, H2; the section
+//                                              "Backward" below)
 //
+// Forward:
 // A block is NWG warpgroups of 64 query rows (warp w of a group owns rows 16w..16w+15); the key
 // and value tiles of KN rows stream through a STAGES-deep cp.async pipeline shared by the groups.
 // Every tile (Q, K, V) is stored as 128-byte rows of 64 columns, a row's 16-byte chunks swizzled
@@ -366,8 +371,13 @@ __device__ __forceinline__ void fwd_h2(bf16* __restrict__ oa, bf16* __restrict__
 // and dSᵀ goes to a swizzled shared tile (keys × 64 queries, 128-byte rows), from which
 //   dQ[:, cols] += dS·K       shared (MN-major, dSᵀ read through its transpose) × shared (MN-major)
 // over all 128 keys, group g taking half of the D columns (N = D/2: 32 or 64), added to the f32
-// accumulator with red.global.add.v2.f32. Products wait for each other (no overlap yet).
-template <int D, int VMUL>
+// accumulator with red.global.add.v2.f32. H1 (PIPE = false) waits for each product. H2 (PIPE)
+// leaves tile i's dQ product running into tile i+1, whose Sᵀ (and dPᵀ) products queue behind it
+// with no wait and no barrier in between; its reductions follow Sᵀ's completion. (Reducing it as
+// soon as it alone is done, between wait<1> and wait<0>, made ptxas serialize every wgmma of
+// the kernel: C7514.) The dSᵀ tile is then double-buffered (dQ_i reads one while tile i+1
+// writes the other).
+template <int D, int VMUL, bool PIPE>
 __device__ __forceinline__ void bwd_h1(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
                                        bf16* __restrict__ dvb, float* __restrict__ dqa_acc,
                                        float* __restrict__ dqb_acc, const bf16* __restrict__ qa,
@@ -385,7 +395,7 @@ __device__ __forceinline__ void bwd_h1(bf16* __restrict__ dka, bf16* __restrict_
     unsigned char* sQ0 = sV + KVBYTES;      // two stages
     unsigned char* sdO0 = sQ0 + 2 * QBYTES;  // two stages
     unsigned char* sdS = sdO0 + 2 * QBYTES;
-    float* sL0 = reinterpret_cast<float*>(sdS + DSBYTES);  // two stages of lse per query row
+    float* sL0 = reinterpret_cast<float*>(sdS + (PIPE ? 2 : 1) * DSBYTES);  // two stages of lse per query row
     float* sDr0 = sL0 + 2 * QT;                             // two stages of Drow per query row
 
     const int tid = threadIdx.x, wg = tid / 128, w = (tid / 32) % 4, lane = tid & 31;
@@ -436,6 +446,20 @@ __device__ __forceinline__ void bwd_h1(bf16* __restrict__ dka, bf16* __restrict_
     float dk[D / 2], dv[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; i++) dk[i] = dv[i] = 0.f;
+    float dq[DN / 2];
+
+    // Query tile i's dQ product (complete) into the f32 accumulator.
+    auto flush_dq = [&](int i) {
+        const Tile qt = tile_of<QT>(i, La, Lb);
+        const int Lq = qt.stream == 0 ? La : Lb;
+        float* dqp = (qt.stream == 0 ? dqa_acc : dqb_acc) + row_offset(b, Lq, qt.row0, H, h, D) + wg * DN + 2 * t;
+        const int r0 = 16 * w + g;
+#pragma unroll
+        for (int j = 0; j < DN / 8; j++) {
+            if (r0 < qt.rows) red_add2(dqp + r0 * ld + 8 * j, dq[4 * j], dq[4 * j + 1]);
+            if (r0 + 8 < qt.rows) red_add2(dqp + (r0 + 8) * ld + 8 * j, dq[4 * j + 2], dq[4 * j + 3]);
+        }
+    };
 
     const int nqt = ntiles<QT>(La) + ntiles<QT>(Lb);
     for (int qt_i = 0; qt_i < nqt; qt_i++) {
@@ -447,7 +471,7 @@ __device__ __forceinline__ void bwd_h1(bf16* __restrict__ dka, bf16* __restrict_
         fence_proxy_async();
         __syncthreads();
         const int st = qt_i & 1;
-        const uint32_t q_st = q_addr + st * QBYTES, do_st = do_addr + st * QBYTES;
+        const uint32_t q_st = opaque(q_addr + st * QBYTES), do_st = opaque(do_addr + st * QBYTES);
         const uint32_t k_wg = opaque(k_wg0), v_wg = opaque(v_wg0);
         const float* sL = sL0 + st * QT;
         const float* sDr = sDr0 + st * QT;
@@ -472,6 +496,7 @@ __device__ __forceinline__ void bwd_h1(bf16* __restrict__ dka, bf16* __restrict_
         if constexpr (!kSplitS) issue_dp();
         wgmma_commit();
         wgmma_wait<0>();
+        if (PIPE && qt_i > 0) flush_dq(qt_i - 1);
 
         // Pᵀ on the fragments (query column 8j + 2t + (e & 1); masked keys 0), to bf16 A
         // fragments (k16 step c = fragments j = 2c, 2c + 1), kept in f32 for dSᵀ.
@@ -500,6 +525,7 @@ __device__ __forceinline__ void bwd_h1(bf16* __restrict__ dka, bf16* __restrict_
 
         // dSᵀ = Pᵀ∘(dPᵀ − Drow) to A fragments and to the shared tile (row = key, 4-byte pairs of
         // queries).
+        unsigned char* ds_tile = sdS + (PIPE ? (qt_i & 1) * DSBYTES : 0);
 #pragma unroll
         for (int j = 0; j < 8; j++)
 #pragma unroll
@@ -510,7 +536,7 @@ __device__ __forceinline__ void bwd_h1(bf16* __restrict__ dka, bf16* __restrict_
                     dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - sDr[8 * j + 2 * t + c]);
                 }
                 const uint32_t v = pack_bf16x2(dp[4 * j + 2 * r], dp[4 * j + 2 * r + 1]);
-                *reinterpret_cast<uint32_t*>(sdS + chunk_offset<KT>(key0 + 8 * r, j) + 4 * t) = v;
+                *reinterpret_cast<uint32_t*>(ds_tile + chunk_offset<KT>(key0 + 8 * r, j) + 4 * t) = v;
                 dsa[j / 2][2 * (j & 1) + r] = v;
             }
 
@@ -524,25 +550,23 @@ __device__ __forceinline__ void bwd_h1(bf16* __restrict__ dka, bf16* __restrict_
         // dQ[:, this group's columns] = dS·K over the 128 keys, once every group's dSᵀ is in place.
         fence_proxy_async();
         __syncthreads();
-        float dq[DN / 2];
-        const uint32_t ds_at = opaque(ds_addr), k_at = opaque(k_cols);
+        const uint32_t ds_at = opaque(ds_addr + (PIPE ? (qt_i & 1) * DSBYTES : 0)), k_at = opaque(k_cols);
         wgmma_fence();
 #pragma unroll
         for (int c = 0; c < KT / 16; c++)
             wgmma_ss<DN, 1, 1>(dq, wgmma_desc(ds_at + c * 16 * 128, KT * 128, 1024, kSwizzle128),
                                wgmma_desc(k_at + c * 16 * 128, KT * 128, 1024, kSwizzle128), c > 0);
         wgmma_commit();
-        wgmma_wait<0>();
-
-        const Tile qt = tile_of<QT>(qt_i, La, Lb);
-        const int Lq = qt.stream == 0 ? La : Lb;
-        float* dqp = (qt.stream == 0 ? dqa_acc : dqb_acc) + row_offset(b, Lq, qt.row0, H, h, D) + wg * DN + 2 * t;
-        const int r0 = 16 * w + g;
-#pragma unroll
-        for (int j = 0; j < DN / 8; j++) {
-            if (r0 < qt.rows) red_add2(dqp + r0 * ld + 8 * j, dq[4 * j], dq[4 * j + 1]);
-            if (r0 + 8 < qt.rows) red_add2(dqp + (r0 + 8) * ld + 8 * j, dq[4 * j + 2], dq[4 * j + 3]);
+        if constexpr (PIPE) {
+            wgmma_wait<1>();  // dV, dK done (their operands' stage is refilled next); dQ may run on
+        } else {
+            wgmma_wait<0>();
+            flush_dq(qt_i);
         }
+    }
+    if constexpr (PIPE) {
+        wgmma_wait<0>();
+        flush_dq(nqt - 1);
     }
     cp_async_wait<0>();
 
@@ -635,7 +659,8 @@ extern "C" __global__ void __launch_bounds__(256, 1)
 
 // Backward entries (same arguments as attention.cu's backward entries): 2 groups of 64 keys
 // (128-key blocks), 64-query tiles in 2 stages. Dynamic shared memory 1024 + (2·128 + 4·64)·D·2
-// + 128·64·2 + 4·64·4 bytes (BwdVariant::H1 in src/kernels/attention.rs).
+// + n·128·64·2 + 4·64·4 bytes, n = 1 (H1) or 2 (H2) dSᵀ tiles (BwdVariant::H1, H2
+// in src/kernels/attention.rs).
 extern "C" __global__ void __launch_bounds__(256, 1)
     joint_attn_bwd_h1_d64(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
         bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
@@ -643,7 +668,7 @@ extern "C" __global__ void __launch_bounds__(256, 1)
         const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
         const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
         const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
-    attn_h::bwd_h1<64, 1>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
+    attn_h::bwd_h1<64, 1, false>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
                             Lb, H, scale_log2, scale);
 }
 
@@ -654,7 +679,7 @@ extern "C" __global__ void __launch_bounds__(256, 1)
         const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
         const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
         const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
-    attn_h::bwd_h1<64, 3>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
+    attn_h::bwd_h1<64, 3, false>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
                             Lb, H, scale_log2, scale);
 }
 
@@ -665,7 +690,7 @@ extern "C" __global__ void __launch_bounds__(256, 1)
         const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
         const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
         const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
-    attn_h::bwd_h1<128, 1>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
+    attn_h::bwd_h1<128, 1, false>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
                             Lb, H, scale_log2, scale);
 }
 
@@ -676,6 +701,50 @@ extern "C" __global__ void __launch_bounds__(256, 1)
         const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
         const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
         const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
-    attn_h::bwd_h1<128, 3>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
+    attn_h::bwd_h1<128, 3, false>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
                             Lb, H, scale_log2, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    joint_attn_bwd_h2_d64(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
+        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
+        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
+        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
+    attn_h::bwd_h1<64, 1, true>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow,
+                                 La, Lb, H, scale_log2, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    joint_attn_bwd_h2_d64_vfused(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
+        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
+        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
+        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
+    attn_h::bwd_h1<64, 3, true>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow,
+                                 La, Lb, H, scale_log2, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    joint_attn_bwd_h2_d128(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
+        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
+        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
+        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
+    attn_h::bwd_h1<128, 1, true>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow,
+                                  La, Lb, H, scale_log2, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    joint_attn_bwd_h2_d128_vfused(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
+        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
+        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
+        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
+    attn_h::bwd_h1<128, 3, true>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow,
+                                  La, Lb, H, scale_log2, scale);
 }

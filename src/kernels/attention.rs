@@ -781,13 +781,15 @@ pub mod dev {
     ///
     /// `H1` (attention_hopper.cu, sm_90a): every product on the Hopper warpgroup MMA (wgmma)
     /// from 128-byte-swizzled shared tiles, 2 warpgroups of 64 keys (128-key blocks), 64-query
-    /// tiles in 2 stages, dQ from the dSᵀ tile with each group taking half of the columns. Not
-    /// measured on a GPU yet.
+    /// tiles in 2 stages, dQ from the dSᵀ tile with each group taking half of the columns. `H2`:
+    /// H1 with one query tile's dQ product running into the next tile's first products (the
+    /// dSᵀ tile double-buffered). Neither is measured on a GPU yet.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum BwdVariant {
         K128,
         V3,
         H1,
+        H2,
     }
 
     impl BwdVariant {
@@ -798,7 +800,12 @@ pub mod dev {
         }
 
         /// Every variant, for tests and the bench.
-        pub const ALL: [BwdVariant; 3] = [BwdVariant::K128, BwdVariant::V3, BwdVariant::H1];
+        pub const ALL: [BwdVariant; 4] = [
+            BwdVariant::K128,
+            BwdVariant::V3,
+            BwdVariant::H1,
+            BwdVariant::H2,
+        ];
         /// The variant actually launched at head dim `d`.
         fn resolve(self, d: usize) -> BwdVariant {
             match self {
@@ -811,23 +818,27 @@ pub mod dev {
                 BwdVariant::K128 => format!("joint_attn_bwd_k128_d{d}"),
                 BwdVariant::V3 => format!("joint_attn_bwd_v3_d{d}"),
                 BwdVariant::H1 => format!("joint_attn_bwd_h1_d{d}"),
+                BwdVariant::H2 => format!("joint_attn_bwd_h2_d{d}"),
             }
         }
         /// Threads per block (warps of 16 keys; V3: warps of 32 keys).
         fn threads(self, d: usize) -> u32 {
             match self.resolve(d) {
                 BwdVariant::V3 => 128,
-                BwdVariant::K128 | BwdVariant::H1 => 256,
+                BwdVariant::K128 | BwdVariant::H1 | BwdVariant::H2 => 256,
             }
         }
         /// Dynamic shared memory at head dim `d`.
         fn shared_bytes(self, d: usize) -> u32 {
             match self.resolve(d) {
                 // Swizzled unpadded tiles (1 KB to align them): K, V, two stages of Q and dO,
-                // the dSᵀ tile (keys × 64 queries) and two stages of lse and Drow.
-                BwdVariant::H1 => {
-                    (1024 + (2 * BWD_KEYS + 4 * TILE) * d * 2 + BWD_KEYS * TILE * 2 + 4 * TILE * 4)
-                        as u32
+                // the dSᵀ tile (keys × 64 queries; two for H2) and two stages of lse and Drow.
+                v @ (BwdVariant::H1 | BwdVariant::H2) => {
+                    let ds_tiles = if v == BwdVariant::H2 { 2 } else { 1 };
+                    (1024
+                        + (2 * BWD_KEYS + 4 * TILE) * d * 2
+                        + ds_tiles * BWD_KEYS * TILE * 2
+                        + 4 * TILE * 4) as u32
                 }
                 // K, V tiles, two stages of the Q and dO tiles, the dSᵀ tile (keys × 72) and two
                 // stages of lse and Drow; rows padded to d+8.
