@@ -46,15 +46,16 @@ fn run(
     );
     // Every forward and backward variant, interleaved per repeat; the headline figures are the
     // plain launchers' choice (`fastest`).
-    let mut fwd: Vec<Vec<f32>> = FwdVariant::ALL.iter().map(|_| Vec::new()).collect();
-    let mut bwd: Vec<Vec<f32>> = BwdVariant::ALL.iter().map(|_| Vec::new()).collect();
+    let (fvars, bvars) = (FwdVariant::enabled(), BwdVariant::enabled());
+    let mut fwd: Vec<Vec<f32>> = fvars.iter().map(|_| Vec::new()).collect();
+    let mut bwd: Vec<Vec<f32>> = bvars.iter().map(|_| Vec::new()).collect();
     for _ in 0..reps {
-        for (i, &v) in FwdVariant::ALL.iter().enumerate() {
+        for (i, &v) in fvars.iter().enumerate() {
             fwd[i].push(dev.time_ms(|| {
                 joint_attention_fwd_with(dev, &qa, &ka, &va, &qb, &kb, &vb, dims, v).map(|_| ())
             })?);
         }
-        for (i, &v) in BwdVariant::ALL.iter().enumerate() {
+        for (i, &v) in bvars.iter().enumerate() {
             bwd[i].push(dev.time_ms(|| {
                 joint_attention_bwd_with(
                     dev, &qa, &ka, &va, &qb, &kb, &vb, &oa, &ob, &lse, &doa, &dob, dims, v,
@@ -65,25 +66,21 @@ fn run(
     }
     let fwd: Vec<f32> = fwd.into_iter().map(median).collect();
     let bwd: Vec<f32> = bwd.into_iter().map(median).collect();
-    let pick_f = FwdVariant::ALL
-        .iter()
-        .position(|&v| v == FwdVariant::fastest(dims.d));
-    let pick_b = BwdVariant::ALL
-        .iter()
-        .position(|&v| v == BwdVariant::fastest(dims.d));
+    let pick_f = fvars.iter().position(|&v| v == FwdVariant::fastest(dims.d));
+    let pick_b = bvars.iter().position(|&v| v == BwdVariant::fastest(dims.d));
     let (f, b) = (fwd[pick_f.unwrap_or(0)], bwd[pick_b.unwrap_or(0)]);
     let (tf, tb) = (ff / f as f64 / 1e9, fb / b as f64 / 1e9);
     println!("attention {name:<20} {:<22} fwd {f:8.3} ms {tf:7.1} TFLOP/s   bwd {b:8.3} ms {tb:7.1} TFLOP/s", dev.name());
     let mut json = serde_json::json!({"shape": name, "device": dev.name(), "b": dims.b, "h": dims.h, "la": dims.la, "lb": dims.lb, "d": dims.d,
         "fwd_ms": f, "bwd_ms": b, "fwd_tflops": tf, "bwd_tflops": tb});
-    for (v, ms) in FwdVariant::ALL.iter().zip(&fwd) {
+    for (v, ms) in fvars.iter().zip(&fwd) {
         let t = ff / *ms as f64 / 1e9;
         let tag = format!("{v:?}").to_lowercase();
         println!("  {name:<20} fwd {tag:<5} {ms:8.3} ms {t:7.1} TFLOP/s");
         json[format!("fwd_{tag}_ms")] = serde_json::json!(ms);
         json[format!("fwd_{tag}_tflops")] = serde_json::json!(t);
     }
-    for (v, ms) in BwdVariant::ALL.iter().zip(&bwd) {
+    for (v, ms) in bvars.iter().zip(&bwd) {
         let t = fb / *ms as f64 / 1e9;
         let tag = format!("{v:?}").to_lowercase();
         println!("  {name:<20} bwd {tag:<5} {ms:8.3} ms {t:7.1} TFLOP/s");

@@ -690,6 +690,14 @@ pub mod dev {
         d == 64 || d == 128
     }
 
+    /// Whether `ADVDMD_ATTN_NO_HOPPER=1` leaves the wgmma variants (attention_hopper.cu) out of
+    /// [`FwdVariant::enabled`] and [`BwdVariant::enabled`]. `tools/gpu-check.sh` sets it after
+    /// its `hopper` step fails: a wgmma kernel that faults leaves a sticky error in the process's
+    /// CUDA context, which would fail every later test and benchmark of that process too.
+    pub fn hopper_disabled() -> bool {
+        std::env::var("ADVDMD_ATTN_NO_HOPPER").is_ok_and(|v| v == "1")
+    }
+
     /// The forward kernels (attention.cu's `fwd_v3`): warps of 32 query rows with a lazy softmax
     /// rescale (O and l rescaled only when a row's max grows past 2^8 of the reference) and a
     /// deep K/V pipeline. `V3`: 8 warps, 256-row query blocks (half the K/V tile loads per FLOP),
@@ -718,6 +726,15 @@ pub mod dev {
             } else {
                 FwdVariant::V3
             }
+        }
+
+        /// [`Self::ALL`] less the wgmma variants under `ADVDMD_ATTN_NO_HOPPER=1` (see
+        /// [`hopper_disabled`]): what tests and the bench iterate.
+        pub fn enabled() -> Vec<FwdVariant> {
+            Self::ALL
+                .into_iter()
+                .filter(|v| !(hopper_disabled() && matches!(v, FwdVariant::H1 | FwdVariant::H2)))
+                .collect()
         }
 
         /// Every variant, for tests and the bench.
@@ -797,6 +814,15 @@ pub mod dev {
         /// TFLOP/s at d = 64; at d = 128 it resolves to K128, 199).
         pub fn fastest(_d: usize) -> BwdVariant {
             BwdVariant::V3
+        }
+
+        /// [`Self::ALL`] less the wgmma variants under `ADVDMD_ATTN_NO_HOPPER=1` (see
+        /// [`hopper_disabled`]): what tests and the bench iterate.
+        pub fn enabled() -> Vec<BwdVariant> {
+            Self::ALL
+                .into_iter()
+                .filter(|v| !(hopper_disabled() && matches!(v, BwdVariant::H1 | BwdVariant::H2)))
+                .collect()
         }
 
         /// Every variant, for tests and the bench.

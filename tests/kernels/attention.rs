@@ -152,7 +152,7 @@ fn check_case(dev: &KernelDevice, inp: &Inputs, qk_std: f32) {
     );
 
     // The other forward kernels compute the same function.
-    for variant in gpu::FwdVariant::ALL {
+    for variant in gpu::FwdVariant::enabled() {
         if variant == gpu::FwdVariant::fastest(dims.d) {
             continue;
         }
@@ -200,7 +200,7 @@ fn check_case(dev: &KernelDevice, inp: &Inputs, qk_std: f32) {
     let grad_tol = if qk_std > 1.0 { 1.5e-2 } else { 1e-2 };
     // The other backward kernels compute the same function.
     let mut all = vec![(String::new(), grads)];
-    for variant in gpu::BwdVariant::ALL {
+    for variant in gpu::BwdVariant::enabled() {
         if variant == gpu::BwdVariant::fastest(dims.d) {
             continue;
         }
@@ -231,7 +231,7 @@ fn check_case(dev: &KernelDevice, inp: &Inputs, qk_std: f32) {
 #[test]
 fn joint_attention_fwd_is_deterministic() {
     for dev in devices() {
-        for variant in gpu::FwdVariant::ALL {
+        for variant in gpu::FwdVariant::enabled() {
             fwd_is_deterministic(&dev, variant, 64);
         }
         fwd_is_deterministic(&dev, gpu::FwdVariant::fastest(32), 32);
@@ -412,7 +412,7 @@ fn joint_attention_reads_v_inside_a_fused_qkv() {
                 "{shape}: lse"
             );
             // Every forward variant's _vfused entry reproduces its plain entry.
-            for variant in gpu::FwdVariant::ALL {
+            for variant in gpu::FwdVariant::enabled() {
                 let plain = gpu::joint_attention_fwd_with(
                     &dev, &qa, &ka, &va, &qb, &kb, &vb, dims, variant,
                 )
@@ -444,7 +444,7 @@ fn joint_attention_reads_v_inside_a_fused_qkv() {
             // Every backward variant's _vfused entry reproduces its plain entry: dK, dV bit for
             // bit, dQ too on the emulator (on a GPU its f32 reductions have no fixed order).
             let (doa, dob) = (up(&inp.do_a), up(&inp.do_b));
-            for variant in gpu::BwdVariant::ALL {
+            for variant in gpu::BwdVariant::enabled() {
                 let plain = gpu::joint_attention_bwd_with(
                     &dev, &qa, &ka, &va, &qb, &kb, &vb, &oa, &ob, &lse, &doa, &dob, dims, variant,
                 )
