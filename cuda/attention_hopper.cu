@@ -359,6 +359,160 @@ __device__ __forceinline__ void fwd_h2(bf16* __restrict__ oa, bf16* __restrict__
 }
 
 
+// FwdVariant::H3: fwd_h2's consumers fed by a producer warpgroup, FlashAttention-3's structure
+// (with cp.async where FA3 uses TMA). Warpgroup 0 produces: it loads Q once and streams the key
+// and value tiles through STAGES shared stages, each guarded by two mbarriers: `full` (the
+// producer's 128 threads arrive once their copies of the tile have landed, fenced for the async
+// proxy) and `empty` (the 256 consumer threads arrive once their products have read it). It runs
+// with 72 registers (setmaxnreg; 40 and 56 spilled its copy addressing), giving the consumers
+// 216. Warpgroups 1 and 2 consume 64 query rows each exactly as fwd_h2 does (S_i overlapping
+// P_{i−1}·V_{i−1}), with no block barrier, and take turns to issue their products (named
+// barriers 1 and 2: a group issues after bar.sync on its own and then bar.arrive on the
+// other's), so that one group's softmax runs while the other's products occupy the tensor cores
+// (FA3's ping-pong scheduling).
+template <int D, int KN, int STAGES, int VMUL>
+__device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+                                       const bf16* __restrict__ qa, const bf16* __restrict__ ka,
+                                       const bf16* __restrict__ va, const bf16* __restrict__ qb,
+                                       const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
+                                       int H, float scale_log2) {
+    constexpr int QT = 128, PT = 128, CT = 256;  // query rows, producer and consumer threads
+    constexpr int QBYTES = QT * D * 2, KVBYTES = KN * D * 2;
+    // The producer marks tile i full once tile i + LAG is issued (LAG tiles' copies in flight
+    // behind it). Issuing tile i + LAG waits for the stage of tile i + LAG − STAGES to be released,
+    // which the consumers do after tile i + LAG − STAGES + 1 is full: so LAG ≤ STAGES − 2, or
+    // the two wait for each other (the emulator reports that deadlock at STAGES − 1).
+    constexpr int LAG = STAGES - 2;
+    static_assert(LAG >= 1, "at least one tile in flight behind the one being published");
+    DYNAMIC_SMEM(unsigned char, raw);
+    unsigned char* sQ = raw + ((1024 - (smem_addr(raw) & 1023)) & 1023);
+    unsigned char* sK0 = sQ + QBYTES;
+    unsigned char* sV0 = sK0 + STAGES * KVBYTES;
+    uint64_t* q_full = reinterpret_cast<uint64_t*>(sV0 + STAGES * KVBYTES);
+    uint64_t* full = q_full + 1;
+    uint64_t* empty = full + STAGES;
+
+    const int tid = threadIdx.x, wg = tid / 128;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;
+    const int Lt = La + Lb;
+    const long long ld = (long long)H * D;
+    const Tile qt = tile_of<QT>(blockIdx.x, La, Lb);
+    const int Lq = qt.stream == 0 ? La : Lb;
+    const long long q_off = row_offset(b, Lq, qt.row0, H, h, D);
+    const int nkt = ntiles<KN>(La) + ntiles<KN>(Lb);
+
+    if (tid == 0) {
+        mbar_init(q_full, PT);
+        for (int s = 0; s < STAGES; s++) {
+            mbar_init(&full[s], PT);
+            mbar_init(&empty[s], CT);
+        }
+        fence_mbarrier_init();
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        setmaxnreg_dec<72>();
+        // Tile j's copies have landed (the caller waited for its cp.async group): fence them for
+        // the wgmma that read them, then arrive (j = −1: Q).
+        auto publish = [&](int j) {
+            fence_proxy_async();
+            mbar_arrive(j < 0 ? q_full : &full[j % STAGES]);
+        };
+        load_tile_sw<D, QT, PT>(sQ, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
+        cp_async_commit();
+        for (int i = 0; i < nkt; i++) {
+            const int st = i % STAGES;
+            if (i >= STAGES) mbar_wait(&empty[st], ((i / STAGES) - 1) & 1);
+            const Tile kt = tile_of<KN>(i, La, Lb);
+            const int Lk = kt.stream == 0 ? La : Lb;
+            const long long k_off = row_offset(b, Lk, kt.row0, H, h, D);
+            load_tile_sw<D, KN, PT>(sK0 + st * KVBYTES, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
+            load_tile_sw<D, KN, PT>(sV0 + st * KVBYTES,
+                                    (kt.stream == 0 ? va : vb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld),
+                                    VMUL * ld, kt.rows);
+            cp_async_commit();
+            if (i - LAG >= -1) {
+                cp_async_wait<LAG>();
+                publish(i - LAG);
+            }
+        }
+        cp_async_wait<0>();
+        for (int j = max(-1, nkt - LAG); j < nkt; j++) publish(j);
+        return;
+    }
+
+    setmaxnreg_inc<216>();
+    const int c = wg - 1, w = (tid / 32) % 4, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const uint32_t q_addr = smem_addr(sQ) + c * 64 * 128, k_addr = smem_addr(sK0), v_addr = smem_addr(sV0);
+    H2Regs<D, KN> R;
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) R.o[i] = 0.f;
+    R.ms[0] = R.ms[1] = -INFINITY;
+    R.l[0] = R.l[1] = 0.f;
+    uint32_t p0[KN / 16][4], p1[KN / 16][4];
+
+    if (c == 1) named_bar_arrive(1, CT);  // group 0 issues first
+    mbar_wait(q_full, 0);
+    // One iteration, as fwd_h2's: tile i (stage i mod STAGES), `pv` = P_{i−1}, `pn` = P_i; i == nkt
+    // issues only the last tile's product. The stage of tile i − 1 is released once P_{i−1}·V_{i−1}
+    // (its last reader) is complete.
+    auto step = [&](int i, const uint32_t (&pv)[KN / 16][4], uint32_t (&pn)[KN / 16][4]) {
+        const int sp = (i + STAGES - 1) % STAGES;
+        const uint32_t v_prev = opaque(v_addr + sp * KVBYTES);
+        if (i == nkt) {
+            named_bar_sync(1 + c, CT);
+            wgmma_fence();
+#pragma unroll
+            for (int cc = 0; cc < KN / 16; cc++) {
+                const uint64_t dv = wgmma_desc(v_prev + cc * 16 * 128, KN * 128, 1024, kSwizzle128);
+                wgmma_rs<D, 1>(R.o, pv[cc], dv, 1);
+            }
+            wgmma_commit();
+            named_bar_arrive(2 - c, CT);
+            wgmma_wait<0>();
+            return;
+        }
+        const int st = i % STAGES;
+        mbar_wait(&full[st], (i / STAGES) & 1);
+        const uint32_t k_st = opaque(k_addr + st * KVBYTES), q_at = opaque(q_addr);
+        float s[KN / 2];
+        named_bar_sync(1 + c, CT);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            const uint64_t dq = wgmma_desc(q_at + (kk / 4) * QT * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128);
+            const uint64_t dk = wgmma_desc(k_st + (kk / 4) * KN * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128);
+            wgmma_ss<KN, 0, 0>(s, dq, dk, kk > 0);
+        }
+        wgmma_commit();
+        if (i > 0) {
+#pragma unroll
+            for (int cc = 0; cc < KN / 16; cc++) {
+                const uint64_t dv = wgmma_desc(v_prev + cc * 16 * 128, KN * 128, 1024, kSwizzle128);
+                wgmma_rs<D, 1>(R.o, pv[cc], dv, 1);
+            }
+        }
+        wgmma_commit();
+        named_bar_arrive(2 - c, CT);
+        wgmma_wait<1>();  // S_i complete; P_{i−1}·V_{i−1} may still run
+        const int krows = min(KN, i < ntiles<KN>(La) ? La - i * KN : Lb - (i - ntiles<KN>(La)) * KN);
+        softmax_to_p<D, KN>(s, R.o, R.ms, R.l, pn, krows, t, scale_log2);
+        wgmma_wait<0>();
+        if (i > 0) mbar_arrive(&empty[sp]);  // P_{i−1}·V_{i−1}, the stage's last reader, is done
+    };
+    for (int i = 0; i <= nkt; i += 2) {
+        step(i, p1, p0);
+        if (i + 1 <= nkt) step(i + 1, p0, p1);
+    }
+    if (c == 0) named_bar_sync(1, CT);  // group 1's last arrive
+
+    const int row0 = 64 * c + 16 * w + g;  // this thread's rows: row0 and row0 + 8
+    store_rows<D>(R.o, R.ms, R.l, lse + (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0,
+                  (qt.stream == 0 ? oa : ob) + q_off, ld, row0, qt.rows, t);
+}
+
 // ---- Backward (BwdVariant::H1) ---------------------------------------------------------------
 // attention.cu's backward (same operands, Drow from joint_attn_bwd_rowdot, dQ unscaled into the
 // f32 accumulators, dK and dV in bf16) with every product on wgmma. A block is 2 warpgroups of
@@ -747,4 +901,36 @@ extern "C" __global__ void __launch_bounds__(256, 1)
         const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
     attn_h::bwd_h1<128, 3, true>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow,
                                   La, Lb, H, scale_log2, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1)
+    joint_attn_fwd_h3_d64(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
+        int H, float scale_log2) {
+    attn_h::fwd_h3<64, 128, 4, 1>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1)
+    joint_attn_fwd_h3_d64_vfused(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
+        int H, float scale_log2) {
+    attn_h::fwd_h3<64, 128, 4, 3>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1)
+    joint_attn_fwd_h3_d128(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
+        int H, float scale_log2) {
+    attn_h::fwd_h3<128, 64, 4, 1>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1)
+    joint_attn_fwd_h3_d128_vfused(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
+        int H, float scale_log2) {
+    attn_h::fwd_h3<128, 64, 4, 3>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
 }

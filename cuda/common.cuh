@@ -310,6 +310,50 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs(float d[64], const uint32_t 
 
 #endif
 
+// ---- Warp specialization (sm_90): named barriers, mbarriers, setmaxnreg (sm_90a) --------------
+// named_bar_sync(id, n) / named_bar_arrive(id, n): bar.sync / bar.arrive on barrier id (1..15; 0
+// is __syncthreads) completing once n threads (a multiple of 32, whole warps) have arrived; arrive
+// does not wait. mbar_*: an 8-byte mbarrier in shared memory, initialized by one thread with its
+// arrival count (then fence_mbarrier_init() and a __syncthreads before anyone else uses it); each
+// phase completes after `count` arrivals; mbar_wait(bar, parity) returns once the phase of that
+// parity has completed (phases alternate 0, 1, 0, ...: the k-th completion, 0-based, has parity
+// k & 1; waiting with parity 1 on a fresh barrier returns at once). Arrive releases and wait
+// acquires at CTA scope. setmaxnreg_{inc,dec}<N>: the warpgroup's per-thread register budget
+// (sm_90a; all warps of the group execute it). The emulator's twins (emu.h) count and spin.
+#ifndef ADVDMD_EMU
+__device__ __forceinline__ void named_bar_sync(int id, int n) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int n) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+__device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void fence_mbarrier_init() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+    asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
+    asm volatile(
+        "{\n.reg .pred p;\nWAIT:\n"
+        "mbarrier.try_wait.parity.acquire.cta.shared::cta.b64 p, [%0], %1;\n"
+        "@!p bra WAIT;\n}\n" ::"r"(smem_addr(bar)),
+        "r"(parity)
+        : "memory");
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+#endif
+
 // N-generic forms (N = 32, 64 or 128) for kernels templated on a tile width.
 template <int N, int TRANS_A, int TRANS_B>
 __device__ __forceinline__ void wgmma_ss(float* d, uint64_t desc_a, uint64_t desc_b, int scale_d) {

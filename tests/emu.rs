@@ -371,3 +371,58 @@ fn launches_from_parallel_threads_do_not_interfere() {
         }
     });
 }
+
+#[test]
+fn mbarrier_pipeline_with_named_barrier_turns() {
+    let n = 7usize;
+    let mut out = vec![0f32; 32];
+    let mut po = out.as_mut_ptr();
+    let mut ni = n as i32;
+    emu_launch(
+        "emu_test_pipeline",
+        [2, 1, 1],
+        [96, 1, 1],
+        2 * 32 * 4 + 4 * 8,
+        &mut [arg(&mut po), arg(&mut ni)],
+    )
+    .unwrap();
+    // Two blocks, each adding every item once.
+    for (lane, &v) in out.iter().enumerate() {
+        let want: f32 = (0..n).map(|i| (i * 32 + lane) as f32).sum::<f32>() * 2.0;
+        assert_eq!(v, want, "lane {lane}");
+    }
+}
+
+#[test]
+fn mbarrier_and_named_barrier_misuse_is_reported() {
+    let mut x = vec![0f32; 64];
+    let mut px = x.as_mut_ptr();
+    let err = emu_launch(
+        "emu_test_mbar_deadlock",
+        [1, 1, 1],
+        [32, 1, 1],
+        8,
+        &mut [arg(&mut px)],
+    )
+    .unwrap_err();
+    let EmuError::Deadlock(msg) = &err else {
+        panic!("expected a deadlock, got {err}")
+    };
+    eprintln!("{msg}");
+    assert!(msg.contains("threads 0-31 spin at mbarrier wait"), "{msg}");
+    let err = emu_launch(
+        "emu_test_named_dangling",
+        [1, 1, 1],
+        [64, 1, 1],
+        0,
+        &mut [arg(&mut px)],
+    )
+    .unwrap_err();
+    let EmuError::Deadlock(msg) = &err else {
+        panic!("expected an error, got {err}")
+    };
+    eprintln!("{msg}");
+    assert!(msg.contains("named barrier 3"), "{msg}");
+    // The emulator is usable again afterwards on this thread.
+    mbarrier_pipeline_with_named_barrier_turns();
+}

@@ -142,7 +142,10 @@ struct StackPool {
 thread_local StackPool t_stacks;
 
 // ---- Launch state ----------------------------------------------------------------------------
-enum class St : uint8_t { Ready, AtBlock, AtWarp, Done };
+enum class St : uint8_t { Ready, AtBlock, AtWarp, AtNamed, Done };
+
+// Named barriers: bar.sync / bar.arrive ids 1..15 (0 is __syncthreads).
+constexpr int kNamedBarriers = 16;
 
 struct Rdv;
 
@@ -152,6 +155,8 @@ struct Fiber {
     uint3 tid;
     unsigned warp, lane;
     Rdv* rdv;  // the warp rendezvous this lane takes part in, until warp_release
+    int named;     // the named barrier it waits at (St::AtNamed)
+    bool spinning; // last yielded in an mbarrier wait that had not completed
     // Where it waits (for barrier checks and deadlock reports).
     const char* what;
     const char* file;
@@ -201,6 +206,11 @@ struct Launch {
     const char* bar_file = nullptr;
     int bar_line = 0;
     bool bar_divergent = false;
+    // Named barriers: arrivals so far and the count they complete at (0: idle).
+    unsigned named_arrived[kNamedBarriers] = {};
+    unsigned named_count[kNamedBarriers] = {};
+    // Spin detection: set by a spinning mbarrier wait before it yields, and when one completes.
+    bool yield_was_spin = false, spin_done = false;
     // Dynamic shared memory.
     unsigned char* smem = nullptr;
     size_t smem_cap = 0, smem_bytes = 0;
@@ -307,7 +317,10 @@ std::string block_picture() {
         std::string label;
         switch (f.st) {
             case St::Done: label = "have exited"; break;
-            case St::Ready: label = "are runnable"; break;
+            case St::Ready:
+                label = f.spinning ? fmt("spin at %s (%s:%d)", f.what, f.file, f.line) : "are runnable";
+                break;
+            case St::AtNamed: label = fmt("wait at %s %d (%s:%d)", f.what, f.named, f.file, f.line); break;
             case St::AtBlock: label = fmt("wait at %s (%s:%d)", f.what, f.file, f.line); break;
             case St::AtWarp: {
                 const Warp& w = g->warps[f.warp];
@@ -349,22 +362,34 @@ bool run_block() {
     L.done = 0;
     L.bar_arrived = 0;
     L.bar_divergent = false;
+    for (int b = 0; b < kNamedBarriers; ++b) L.named_arrived[b] = L.named_count[b] = 0;
     for (unsigned i = 0; i < L.nthreads; ++i) {
         Fiber& f = L.fibers[i];
         f.st = St::Ready;
         f.rdv = nullptr;
+        f.spinning = false;
         ctx_init(&f.ctx, t_stacks.get(i), kStackBytes, fiber_entry, nullptr);
     }
     while (L.done < L.nthreads) {
-        bool ran = false;
+        bool ran = false, progress = false;
         for (unsigned i = 0; i < L.nthreads; ++i) {
             Fiber& f = L.fibers[i];
             if (f.st != St::Ready) continue;
             L.cur = i;
             threadIdx = f.tid;
+            L.yield_was_spin = L.spin_done = false;
             ctx_switch(&L.sched, &f.ctx);
             ran = true;
+            progress |= !L.yield_was_spin || L.spin_done;
             if (L.code != kOk) return false;
+        }
+        // A pass in which every thread that ran only re-tested an mbarrier that did not complete
+        // changed nothing: the next one would repeat it forever.
+        if (ran && !progress) {
+            L.code = kDeadlock;
+            L.err = where() + ": no thread can make progress (mbarrier waits that nothing can "
+                              "complete):" + block_picture();
+            return false;
         }
         if (!ran && L.done < L.nthreads) {
             bool exited_at_bar = false;
@@ -377,6 +402,14 @@ bool run_block() {
             return false;
         }
     }
+    for (int b = 0; b < kNamedBarriers; ++b)
+        if (L.named_arrived[b]) {
+            L.code = kDeadlock;
+            L.err = where() + fmt(": the block ended with %u of %u threads arrived at named barrier %d "
+                                  "(an arrive nothing waited for)",
+                                  L.named_arrived[b], L.named_count[b], b);
+            return false;
+        }
     return true;
 }
 
@@ -413,6 +446,85 @@ int block_barrier(int pred, const char* what, const char* file, int line) {
     for (unsigned i = 0; i < L.nthreads; ++i)
         if (L.fibers[i].st == St::AtBlock) set_ready(L.fibers[i]);
     return L.bar_result;
+}
+
+void named_barrier(int id, unsigned count, bool wait, const char* file, int line) {
+    Launch& L = *g;
+    Fiber& f = cur_fiber();
+    const char* what = wait ? "bar.sync" : "bar.arrive";
+    if (id < 1 || id >= kNamedBarriers)
+        fault("%s (%s:%d): barrier id %d is not in 1..15 (0 is __syncthreads)", what, file, line, id);
+    if (count == 0 || count % 32 || count > L.nthreads)
+        fault("%s (%s:%d): thread count %u must be a nonzero multiple of 32, at most the block's %u",
+              what, file, line, count, L.nthreads);
+    if (L.named_arrived[id] && L.named_count[id] != count)
+        fault("%s (%s:%d): barrier %d used with count %u while %u threads are arrived for count %u",
+              what, file, line, id, count, L.named_arrived[id], L.named_count[id]);
+    L.named_count[id] = count;
+    if (++L.named_arrived[id] == count) {
+        L.named_arrived[id] = 0;
+        for (unsigned i = 0; i < L.nthreads; ++i)
+            if (L.fibers[i].st == St::AtNamed && L.fibers[i].named == id) set_ready(L.fibers[i]);
+        return;
+    }
+    if (!wait) return;
+    f.st = St::AtNamed;
+    f.named = id;
+    f.what = what;
+    f.file = file;
+    f.line = line;
+    yield();
+}
+
+// An mbarrier's 8 bytes here: pending arrivals (u32), the count it was initialized with (u16) and
+// the number of completed phases (u16).
+struct Mbar {
+    uint32_t pending;
+    uint16_t expected, phase;
+};
+static_assert(sizeof(Mbar) == 8, "an mbarrier is 8 bytes");
+
+static Mbar* mbar_at(void* bar, const char* what, const char* file, int line) {
+    unsigned char* c = static_cast<unsigned char*>(bar);
+    if (!g->smem || c < g->smem || c + 8 > g->smem + g->smem_bytes || (c - g->smem) % 8)
+        fault("%s (%s:%d): %p is not an 8-byte aligned slot of the block's dynamic shared memory",
+              what, file, line, bar);
+    return static_cast<Mbar*>(bar);
+}
+
+void mbarrier_init(void* bar, unsigned count, const char* file, int line) {
+    if (count == 0 || count >= 0xFFFF) fault("mbarrier init (%s:%d): count %u", file, line, count);
+    Mbar* m = mbar_at(bar, "mbarrier init", file, line);
+    *m = Mbar{count, (uint16_t)count, 0};
+}
+
+void mbarrier_arrive(void* bar, const char* file, int line) {
+    Mbar* m = mbar_at(bar, "mbarrier arrive", file, line);
+    if (m->expected == 0xFFFF || m->expected == 0)
+        fault("mbarrier arrive (%s:%d): the mbarrier was not initialized", file, line);
+    if (--m->pending == 0) {
+        m->pending = m->expected;
+        m->phase++;
+    }
+    g->spin_done = true;  // a state change: other threads' waits may now complete
+}
+
+void mbarrier_wait(void* bar, unsigned parity, const char* file, int line) {
+    Fiber& f = cur_fiber();
+    Mbar* m = mbar_at(bar, "mbarrier wait", file, line);
+    if (m->expected == 0xFFFF || m->expected == 0)
+        fault("mbarrier wait (%s:%d): the mbarrier was not initialized", file, line);
+    // The phase of parity `parity` is complete once the current phase's parity differs from it.
+    while ((m->phase & 1u) == (parity & 1u)) {
+        f.spinning = true;
+        f.what = "mbarrier wait";
+        f.file = file;
+        f.line = line;
+        g->yield_was_spin = true;
+        yield();
+    }
+    if (f.spinning) g->spin_done = true;
+    f.spinning = false;
 }
 
 const unsigned char* warp_exchange(Op op, unsigned mask, const void* in, unsigned bytes,

@@ -111,6 +111,14 @@ enum Op : int {
 };
 // The block barrier; returns the number of threads whose `pred` was nonzero.
 int block_barrier(int pred, const char* what, const char* file, int line);
+// Named barrier `id` (1..15) completing at `count` threads: bar.sync (`wait`) or bar.arrive.
+void named_barrier(int id, unsigned count, bool wait, const char* file, int line);
+// mbarriers in dynamic shared memory (common.cuh's mbar_* wrappers): init with an arrival count,
+// arrive, and wait for the phase of a parity to complete (the waiting thread spins, yielding; a
+// pass of the scheduler in which only such waits ran and none completed is a deadlock).
+void mbarrier_init(void* bar, unsigned count, const char* file, int line);
+void mbarrier_arrive(void* bar, const char* file, int line);
+void mbarrier_wait(void* bar, unsigned parity, const char* file, int line);
 // Publishes `bytes` (<= kSlotBytes) from `in` for this lane, waits until every non-exited lane in
 // `mask` has arrived at the same warp collective, and returns the rendezvous' 32 slots (lane j
 // at base + j * kSlotBytes). `*arrived` gets the lanes that published. Call warp_release()
@@ -582,6 +590,18 @@ template <int TRANS_B>
 inline void wgmma_m64n128k16_rs(float d[64], const uint32_t a[4], uint64_t desc_b, int scale_d) {
     ::emu::wgmma_bf16(d, 128, a, 0, desc_b, scale_d, 0, TRANS_B, __FILE__, __LINE__);
 }
+
+// ---- Named barriers, mbarriers, setmaxnreg (common.cuh's wrappers) --------------------------------
+#define named_bar_sync(id, n) ::emu::named_barrier((id), (n), true, __FILE__, __LINE__)
+#define named_bar_arrive(id, n) ::emu::named_barrier((id), (n), false, __FILE__, __LINE__)
+#define mbar_init(bar, count) ::emu::mbarrier_init((bar), (count), __FILE__, __LINE__)
+#define mbar_arrive(bar) ::emu::mbarrier_arrive((bar), __FILE__, __LINE__)
+#define mbar_wait(bar, parity) ::emu::mbarrier_wait((bar), (parity), __FILE__, __LINE__)
+inline void fence_mbarrier_init() {}
+template <int N>
+inline void setmaxnreg_inc() {}
+template <int N>
+inline void setmaxnreg_dec() {}
 
 // ---- Launch support for the generated trampolines (build.rs) -------------------------------------
 namespace emu {

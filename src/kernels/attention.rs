@@ -707,14 +707,17 @@ pub mod dev {
     /// `H1` (attention_hopper.cu, sm_90a): both products on the Hopper warpgroup MMA (wgmma)
     /// from 128-byte-swizzled shared tiles, 2 warpgroups of 64 query rows (128-row blocks),
     /// 128-key tiles at d = 64 and 64-key tiles at d = 128, 2 stages. `H2`: H1 with the P·V
-    /// product of one key tile overlapping the softmax of the next (3 stages). Neither is
-    /// measured on a GPU yet.
+    /// product of one key tile overlapping the softmax of the next (3 stages). `H3`:
+    /// FlashAttention-3's structure — a producer warpgroup streams the tiles through 4 stages
+    /// guarded by mbarriers, and H2's two consumer warpgroups take turns to issue their products
+    /// (ping-pong), with no block barrier (384 threads). None is measured on a GPU yet.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum FwdVariant {
         V3,
         V4,
         H1,
         H2,
+        H3,
     }
 
     impl FwdVariant {
@@ -733,16 +736,20 @@ pub mod dev {
         pub fn enabled() -> Vec<FwdVariant> {
             Self::ALL
                 .into_iter()
-                .filter(|v| !(hopper_disabled() && matches!(v, FwdVariant::H1 | FwdVariant::H2)))
+                .filter(|v| {
+                    !(hopper_disabled()
+                        && matches!(v, FwdVariant::H1 | FwdVariant::H2 | FwdVariant::H3))
+                })
                 .collect()
         }
 
         /// Every variant, for tests and the bench.
-        pub const ALL: [FwdVariant; 4] = [
+        pub const ALL: [FwdVariant; 5] = [
             FwdVariant::V3,
             FwdVariant::V4,
             FwdVariant::H1,
             FwdVariant::H2,
+            FwdVariant::H3,
         ];
         fn kernel(self, d: usize) -> String {
             match self {
@@ -750,39 +757,46 @@ pub mod dev {
                 FwdVariant::V4 => format!("joint_attn_fwd_v4_d{d}"),
                 FwdVariant::H1 => format!("joint_attn_fwd_h1_d{d}"),
                 FwdVariant::H2 => format!("joint_attn_fwd_h2_d{d}"),
+                FwdVariant::H3 => format!("joint_attn_fwd_h3_d{d}"),
             }
         }
         fn threads(self) -> u32 {
             match self {
                 FwdVariant::V4 => 128,
                 FwdVariant::V3 | FwdVariant::H1 | FwdVariant::H2 => 256,
+                FwdVariant::H3 => 384,
             }
         }
         /// Query rows per block.
         fn rows(self) -> usize {
             match self {
                 FwdVariant::V3 => 256,
-                FwdVariant::V4 | FwdVariant::H1 | FwdVariant::H2 => 128,
+                FwdVariant::V4 | FwdVariant::H1 | FwdVariant::H2 | FwdVariant::H3 => 128,
             }
         }
         /// cp.async stages of the K, V tiles.
         fn stages(self, d: usize) -> usize {
-            if self == FwdVariant::H1 {
-                return 2;
-            }
-            if d == 64 || self == FwdVariant::H2 {
-                3
-            } else {
-                2
+            match self {
+                FwdVariant::H1 => 2,
+                FwdVariant::H3 => 4,
+                FwdVariant::H2 => 3,
+                FwdVariant::V3 | FwdVariant::V4 if d == 64 => 3,
+                FwdVariant::V3 | FwdVariant::V4 => 2,
             }
         }
         /// Dynamic shared memory: the Q tile and `stages` stages of the K and V tiles (64 rows
         /// each), rows padded to d+8.
         fn shared_bytes(self, d: usize) -> u32 {
-            if matches!(self, FwdVariant::H1 | FwdVariant::H2) {
-                // Unpadded swizzled tiles, 1 KB to align them, 128-key tiles at d = 64.
+            if matches!(self, FwdVariant::H1 | FwdVariant::H2 | FwdVariant::H3) {
+                // Unpadded swizzled tiles, 1 KB to align them, 128-key tiles at d = 64; H3's
+                // mbarriers (Q, and full and empty per stage) after the tiles.
                 let keys = if d == 64 { 2 * TILE } else { TILE };
-                return (1024 + (self.rows() + 2 * self.stages(d) * keys) * d * 2) as u32;
+                let bars = if self == FwdVariant::H3 {
+                    8 * (1 + 2 * self.stages(d))
+                } else {
+                    0
+                };
+                return (1024 + (self.rows() + 2 * self.stages(d) * keys) * d * 2 + bars) as u32;
             }
             ((self.rows() + 2 * self.stages(d) * TILE) * (d + 8) * 2) as u32
         }

@@ -176,3 +176,63 @@ extern "C" __global__ void __launch_bounds__(32) emu_test_args(long long* out, l
 extern "C" __global__ void emu_test_bad_mask(float* __restrict__ x) {
     x[threadIdx.x] = __shfl_sync(1u, x[threadIdx.x], 0);
 }
+
+// A warp-specialized pipeline (the shape of attention_hopper.cu's fwd_h3): warp 0 produces
+// `n` items of 32 floats through 2 shared stages guarded by full/empty mbarriers; warps 1 and 2
+// consume alternate items in turns passed through named barriers 1 and 2 (bar.sync on their own,
+// bar.arrive on the other's), each lane adding its element into out[lane] (one writer per turn).
+// Dynamic shared memory: 2·32 floats + 4 mbarriers.
+extern "C" __global__ void emu_test_pipeline(float* __restrict__ out, int n) {
+    DYNAMIC_SMEM(unsigned char, raw);
+    float* stage = reinterpret_cast<float*>(raw);
+    uint64_t* full = reinterpret_cast<uint64_t*>(raw + 2 * 32 * 4);
+    uint64_t* empty = full + 2;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < 2; s++) {
+            mbar_init(&full[s], 32);
+            mbar_init(&empty[s], 64);
+        }
+        fence_mbarrier_init();
+    }
+    __syncthreads();
+    if (warp == 0) {
+        for (int i = 0; i < n; i++) {
+            const int s = i % 2;
+            if (i >= 2) mbar_wait(&empty[s], ((i / 2) - 1) & 1);
+            stage[s * 32 + lane] = (float)(i * 32 + lane);
+            mbar_arrive(&full[s]);
+        }
+        return;
+    }
+    const int c = warp - 1;  // consumer 0 or 1
+    if (c == 1) named_bar_arrive(1, 64);  // consumer 0 takes the first turn
+    for (int i = 0; i < n; i++) {
+        const int s = i % 2;
+        mbar_wait(&full[s], (i / 2) & 1);
+        named_bar_sync(1 + c, 64);
+        if (i % 2 == c) out[lane] += stage[s * 32 + lane];
+        named_bar_arrive(2 - c, 64);
+        mbar_arrive(&empty[s]);
+    }
+    if (c == 0) named_bar_sync(1, 64);  // consumer 1's last arrive
+}
+
+// An mbarrier wait that nothing completes: a deadlock, reported with where the threads spin.
+extern "C" __global__ void emu_test_mbar_deadlock(float* __restrict__ x) {
+    DYNAMIC_SMEM(uint64_t, bar);
+    if (threadIdx.x == 0) {
+        mbar_init(bar, 64);
+        fence_mbarrier_init();
+    }
+    __syncthreads();
+    mbar_arrive(bar);  // 32 of the 64 arrivals
+    mbar_wait(bar, 0);
+    x[threadIdx.x] = 1.f;
+}
+
+// A bar.arrive that no bar.sync consumes before the block ends.
+extern "C" __global__ void emu_test_named_dangling(float* __restrict__ x) {
+    if (threadIdx.x < 32) named_bar_arrive(3, 64);
+    x[threadIdx.x] = 2.f;
+}
