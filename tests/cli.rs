@@ -42,3 +42,31 @@ fn unknown_subcommand_is_a_clean_error() {
     assert!(err.contains("no-such-command"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// `ADVDMD_ATTN_FWD` / `ADVDMD_ATTN_BWD` set to something other than a kernel variant is an
+/// error that names the accepted values, before any work.
+#[test]
+fn bad_attention_variant_env_is_an_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_advdmd"))
+        .arg("info")
+        .env("ADVDMD_ATTN_FWD", "h9")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("ADVDMD_ATTN_FWD") && err.contains("h3"),
+        "{err}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_advdmd"))
+        .arg("info")
+        .env("ADVDMD_ATTN_FWD", "H3")
+        .env("ADVDMD_ATTN_BWD", "h2")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -690,6 +690,37 @@ pub mod dev {
         d == 64 || d == 128
     }
 
+    /// The variant named (case-insensitively, as its `Debug` name: "h3") by environment
+    /// variable `var`, among `all`; `None` when unset or not a name (which
+    /// [`check_variant_env`] turns into an error up front).
+    fn env_variant<V: Copy + std::fmt::Debug>(var: &str, all: &[V]) -> Option<V> {
+        let want = std::env::var(var).ok()?;
+        all.iter()
+            .copied()
+            .find(|v| format!("{v:?}").eq_ignore_ascii_case(want.trim()))
+    }
+
+    /// `ADVDMD_ATTN_FWD` and `ADVDMD_ATTN_BWD` choose the attention kernels the model path
+    /// launches (the plain launchers: [`FwdVariant::fastest`], [`BwdVariant::fastest`]), so that a
+    /// GPU session can time the whole model on a new variant without a rebuild. An error names
+    /// the accepted values when either is set to anything else (the CLI checks at start).
+    pub fn check_variant_env() -> Result<(), String> {
+        fn check<V: Copy + std::fmt::Debug>(var: &str, all: &[V]) -> Result<(), String> {
+            match std::env::var(var) {
+                Ok(v) if env_variant(var, all).is_none() => {
+                    let names: Vec<String> = all
+                        .iter()
+                        .map(|x| format!("{x:?}").to_lowercase())
+                        .collect();
+                    Err(format!("{var}={v:?} is not one of {}", names.join(", ")))
+                }
+                _ => Ok(()),
+            }
+        }
+        check("ADVDMD_ATTN_FWD", &FwdVariant::ALL)?;
+        check("ADVDMD_ATTN_BWD", &BwdVariant::ALL)
+    }
+
     /// Whether `ADVDMD_ATTN_NO_HOPPER=1` leaves the wgmma variants (attention_hopper.cu) out of
     /// [`FwdVariant::enabled`] and [`BwdVariant::enabled`]. `tools/gpu-check.sh` sets it after
     /// its `hopper` step fails: a wgmma kernel that faults leaves a sticky error in the process's
@@ -721,9 +752,13 @@ pub mod dev {
     }
 
     impl FwdVariant {
-        /// The variant the plain launcher uses: the fastest measured at head dim `d` on an H200
+        /// The variant the plain launcher (and so the model) uses: `ADVDMD_ATTN_FWD` when set
+        /// (see [`check_variant_env`]), else the fastest measured at head dim `d` on an H200
         /// (docs/perf-log.md, 2026-11-26: V4 308 TFLOP/s at d = 64, V3 284 at d = 128).
         pub fn fastest(d: usize) -> FwdVariant {
+            if let Some(v) = env_variant("ADVDMD_ATTN_FWD", &Self::ALL) {
+                return v;
+            }
             if d == 64 {
                 FwdVariant::V4
             } else {
@@ -824,10 +859,11 @@ pub mod dev {
     }
 
     impl BwdVariant {
-        /// The variant the plain launcher uses: the fastest measured on an H200 (V3: 257
-        /// TFLOP/s at d = 64; at d = 128 it resolves to K128, 199).
+        /// The variant the plain launcher (and so the model) uses: `ADVDMD_ATTN_BWD` when set
+        /// (see [`check_variant_env`]), else the fastest measured on an H200 (V3: 257 TFLOP/s at
+        /// d = 64; at d = 128 it resolves to K128, 199).
         pub fn fastest(_d: usize) -> BwdVariant {
-            BwdVariant::V3
+            env_variant("ADVDMD_ATTN_BWD", &Self::ALL).unwrap_or(BwdVariant::V3)
         }
 
         /// [`Self::ALL`] less the wgmma variants under `ADVDMD_ATTN_NO_HOPPER=1` (see
