@@ -531,6 +531,94 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
 // soon as it alone is done, between wait<1> and wait<0>, made ptxas serialize every wgmma of
 // the kernel: C7514.) The dSᵀ tile is then double-buffered (dQ_i reads one while tile i+1
 // writes the other).
+// The backward's pieces, per warpgroup of 64 keys and a 64-query tile (bwd_h1, bwd_h3). Tiles
+// are the swizzled 128-byte-row tiles of load_tile_sw: K, V of KT rows, Q, dO of 64 rows.
+
+// acc (64 keys × 64 queries) = A·Bᵀ over D: A this group's 64 rows of a KT-row tile at `a_rows`
+// (K or V), B the 64-row tile at `b_rows` (Q or dO), both K-major.
+template <int D, int KT>
+__device__ __forceinline__ void bwd_issue_rows(float (&acc)[32], uint32_t a_rows, uint32_t b_rows) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++)
+        wgmma_ss<64, 0, 0>(acc, wgmma_desc(a_rows + (kk / 4) * KT * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128),
+                           wgmma_desc(b_rows + (kk / 4) * 64 * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128), kk > 0);
+}
+
+// acc (64 keys × D) += A·B: A 64 keys × 64 queries in registers (Pᵀ or dSᵀ), B the 64-row tile
+// at `b_rows` (dO or Q) read MN-major.
+template <int D>
+__device__ __forceinline__ void bwd_issue_acc(float* acc, const uint32_t (&a)[4][4], uint32_t b_rows) {
+#pragma unroll
+    for (int c = 0; c < 4; c++) wgmma_rs<D, 1>(acc, a[c], wgmma_desc(b_rows + c * 16 * 128, 64 * 128, 1024, kSwizzle128), 1);
+}
+
+// dq (64 queries × DN columns) = dS·K over KT keys: A the dSᵀ tile at `ds` read through its
+// transpose, B the K tile's columns from `k_cols`, both MN-major.
+template <int DN, int KT>
+__device__ __forceinline__ void bwd_issue_dq(float* dq, uint32_t ds, uint32_t k_cols) {
+#pragma unroll
+    for (int c = 0; c < KT / 16; c++)
+        wgmma_ss<DN, 1, 1>(dq, wgmma_desc(ds + c * 16 * 128, KT * 128, 1024, kSwizzle128),
+                           wgmma_desc(k_cols + c * 16 * 128, KT * 128, 1024, kSwizzle128), c > 0);
+}
+
+// Pᵀ = 2^(Sᵀ·c − lse·log2 e) in place on the Sᵀ fragments (query column 8j + 2t + (e & 1); keys
+// past the tile 0), kept in f32 for dSᵀ and packed to bf16 A fragments (k16 step c = fragments
+// j = 2c, 2c + 1).
+__device__ __forceinline__ void bwd_p(float (&s)[32], uint32_t (&pa)[4][4], const bool (&key_ok)[2], const float* sL,
+                                      int t, float scale_log2) {
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                const int e = 2 * r + c, q = 8 * j + 2 * t + c;
+                s[4 * j + e] = key_ok[r] ? fast_exp2(fmaf(s[4 * j + e], scale_log2, -sL[q] * kLog2e)) : 0.f;
+            }
+            pa[j / 2][2 * (j & 1) + r] = pack_bf16x2(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]);
+        }
+}
+
+// dSᵀ = Pᵀ∘(dPᵀ − Drow) in place in dp, packed to bf16 A fragments and stored into the dSᵀ tile
+// (row = key, 4-byte pairs of queries) for dQ.
+template <int KT>
+__device__ __forceinline__ void bwd_ds(const float (&p)[32], float (&dp)[32], uint32_t (&dsa)[4][4],
+                                       unsigned char* ds_tile, int key0, const float* sDr, int t) {
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                const int e = 2 * r + c;
+                dp[4 * j + e] = p[4 * j + e] * (dp[4 * j + e] - sDr[8 * j + 2 * t + c]);
+            }
+            const uint32_t v = pack_bf16x2(dp[4 * j + 2 * r], dp[4 * j + 2 * r + 1]);
+            *reinterpret_cast<uint32_t*>(ds_tile + chunk_offset<KT>(key0 + 8 * r, j) + 4 * t) = v;
+            dsa[j / 2][2 * (j & 1) + r] = v;
+        }
+}
+
+// dK (times the softmax scale the scores carried) and dV of this thread's keys key0, key0 + 8
+// (those inside the tile), straight from the fragments.
+template <int D, int VMUL>
+__device__ __forceinline__ void bwd_store_kv(const float* dk, const float* dv, bf16* dkp, bf16* dvp, long long ld,
+                                             int key0, const bool (&key_ok)[2], float scale) {
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        if (!key_ok[r]) continue;
+        const int key = key0 + 8 * r;
+#pragma unroll
+        for (int j = 0; j < D / 8; j++) {
+            *reinterpret_cast<uint32_t*>(dkp + key * ld + 8 * j) =
+                pack_bf16x2(dk[4 * j + 2 * r] * scale, dk[4 * j + 2 * r + 1] * scale);
+            *reinterpret_cast<uint32_t*>(dvp + key * VMUL * ld + 8 * j) =
+                pack_bf16x2(dv[4 * j + 2 * r], dv[4 * j + 2 * r + 1]);
+        }
+    }
+}
+
 template <int D, int VMUL, bool PIPE>
 __device__ __forceinline__ void bwd_h1(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
                                        bf16* __restrict__ dvb, float* __restrict__ dqa_acc,
@@ -635,81 +723,30 @@ __device__ __forceinline__ void bwd_h1(bf16* __restrict__ dka, bf16* __restrict_
         // to dK and dV's 128 registers (both at once spill).
         constexpr bool kSplitS = D == 128;
         float s[32], dp[32];
-        auto issue_dp = [&]() {
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk++)
-                wgmma_ss<64, 0, 0>(dp, wgmma_desc(v_wg + (kk / 4) * KT * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128),
-                                   wgmma_desc(do_st + (kk / 4) * QT * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128),
-                                   kk > 0);
-        };
         wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++)
-            wgmma_ss<64, 0, 0>(s, wgmma_desc(k_wg + (kk / 4) * KT * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128),
-                               wgmma_desc(q_st + (kk / 4) * QT * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128), kk > 0);
-        if constexpr (!kSplitS) issue_dp();
+        bwd_issue_rows<D, KT>(s, k_wg, q_st);
+        if constexpr (!kSplitS) bwd_issue_rows<D, KT>(dp, v_wg, do_st);
         wgmma_commit();
         wgmma_wait<0>();
         if (PIPE && qt_i > 0) flush_dq(qt_i - 1);
 
-        // Pᵀ on the fragments (query column 8j + 2t + (e & 1); masked keys 0), to bf16 A
-        // fragments (k16 step c = fragments j = 2c, 2c + 1), kept in f32 for dSᵀ.
         uint32_t pa[4][4], dsa[4][4];
-#pragma unroll
-        for (int j = 0; j < 8; j++)
-#pragma unroll
-            for (int r = 0; r < 2; r++) {
-#pragma unroll
-                for (int c = 0; c < 2; c++) {
-                    const int e = 2 * r + c, q = 8 * j + 2 * t + c;
-                    s[4 * j + e] =
-                        key_ok[r] ? fast_exp2(fmaf(s[4 * j + e], scale_log2, -sL[q] * kLog2e)) : 0.f;
-                }
-                pa[j / 2][2 * (j & 1) + r] = pack_bf16x2(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]);
-            }
-
-        // dV += Pᵀ·dO: 4 steps of 16 queries, dO rows MN-major.
+        bwd_p(s, pa, key_ok, sL, t, scale_log2);
         wgmma_fence();
-#pragma unroll
-        for (int c = 0; c < 4; c++)
-            wgmma_rs<D, 1>(dv, pa[c], wgmma_desc(do_st + c * 16 * 128, QT * 128, 1024, kSwizzle128), 1);
-        if constexpr (kSplitS) issue_dp();
+        bwd_issue_acc<D>(dv, pa, do_st);  // dV += Pᵀ·dO
+        if constexpr (kSplitS) bwd_issue_rows<D, KT>(dp, v_wg, do_st);
         wgmma_commit();
         if constexpr (kSplitS) wgmma_wait<0>();
-
-        // dSᵀ = Pᵀ∘(dPᵀ − Drow) to A fragments and to the shared tile (row = key, 4-byte pairs of
-        // queries).
-        unsigned char* ds_tile = sdS + (PIPE ? (qt_i & 1) * DSBYTES : 0);
-#pragma unroll
-        for (int j = 0; j < 8; j++)
-#pragma unroll
-            for (int r = 0; r < 2; r++) {
-#pragma unroll
-                for (int c = 0; c < 2; c++) {
-                    const int e = 2 * r + c;
-                    dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - sDr[8 * j + 2 * t + c]);
-                }
-                const uint32_t v = pack_bf16x2(dp[4 * j + 2 * r], dp[4 * j + 2 * r + 1]);
-                *reinterpret_cast<uint32_t*>(ds_tile + chunk_offset<KT>(key0 + 8 * r, j) + 4 * t) = v;
-                dsa[j / 2][2 * (j & 1) + r] = v;
-            }
-
-        // dK += dSᵀ·Q: Q rows MN-major.
+        bwd_ds<KT>(s, dp, dsa, sdS + (PIPE ? (qt_i & 1) * DSBYTES : 0), key0, sDr, t);
         wgmma_fence();
-#pragma unroll
-        for (int c = 0; c < 4; c++)
-            wgmma_rs<D, 1>(dk, dsa[c], wgmma_desc(q_st + c * 16 * 128, QT * 128, 1024, kSwizzle128), 1);
+        bwd_issue_acc<D>(dk, dsa, q_st);  // dK += dSᵀ·Q
         wgmma_commit();
 
         // dQ[:, this group's columns] = dS·K over the 128 keys, once every group's dSᵀ is in place.
         fence_proxy_async();
         __syncthreads();
-        const uint32_t ds_at = opaque(ds_addr + (PIPE ? (qt_i & 1) * DSBYTES : 0)), k_at = opaque(k_cols);
         wgmma_fence();
-#pragma unroll
-        for (int c = 0; c < KT / 16; c++)
-            wgmma_ss<DN, 1, 1>(dq, wgmma_desc(ds_at + c * 16 * 128, KT * 128, 1024, kSwizzle128),
-                               wgmma_desc(k_at + c * 16 * 128, KT * 128, 1024, kSwizzle128), c > 0);
+        bwd_issue_dq<DN, KT>(dq, opaque(ds_addr + (PIPE ? (qt_i & 1) * DSBYTES : 0)), opaque(k_cols));
         wgmma_commit();
         if constexpr (PIPE) {
             wgmma_wait<1>();  // dV, dK done (their operands' stage is refilled next); dQ may run on
@@ -724,21 +761,9 @@ __device__ __forceinline__ void bwd_h1(bf16* __restrict__ dka, bf16* __restrict_
     }
     cp_async_wait<0>();
 
-    // dK (times the softmax scale the scores carried) and dV, straight from the fragments.
-    bf16* dkp = (kt.stream == 0 ? dka : dkb) + k_off + 2 * t;
-    bf16* dvp = (kt.stream == 0 ? dva : dvb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld) + 2 * t;
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        if (!key_ok[r]) continue;
-        const int key = key0 + 8 * r;
-#pragma unroll
-        for (int j = 0; j < D / 8; j++) {
-            *reinterpret_cast<uint32_t*>(dkp + key * ld + 8 * j) =
-                pack_bf16x2(dk[4 * j + 2 * r] * scale, dk[4 * j + 2 * r + 1] * scale);
-            *reinterpret_cast<uint32_t*>(dvp + key * VMUL * ld + 8 * j) =
-                pack_bf16x2(dv[4 * j + 2 * r], dv[4 * j + 2 * r + 1]);
-        }
-    }
+    bwd_store_kv<D, VMUL>(dk, dv, (kt.stream == 0 ? dka : dkb) + k_off + 2 * t,
+                          (kt.stream == 0 ? dva : dvb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld) + 2 * t, ld, key0,
+                          key_ok, scale);
 }
 
 }  // namespace attn_h
