@@ -65,6 +65,19 @@ __device__ __forceinline__ void red_add2(float* p, float a, float b) {
 #endif
 }
 
+// p[0..3] += v as one vector reduction (red.global.add.v4.f32, sm_90; p 16-byte aligned).
+__device__ __forceinline__ void red_add4(float* p, float4 v) {
+#ifdef ADVDMD_EMU
+    atomicAdd(p, v.x);
+    atomicAdd(p + 1, v.y);
+    atomicAdd(p + 2, v.z);
+    atomicAdd(p + 3, v.w);
+#else
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
+                 : "memory");
+#endif
+}
+
 // The lazy softmax rescale's threshold (attention.cu, fwd_v3): a row's reference maximum moves
 // only when a score's exponent would exceed 2^kLazyLog2 against it.
 constexpr float kLazyLog2 = 8.f;

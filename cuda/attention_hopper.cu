@@ -766,6 +766,192 @@ __device__ __forceinline__ void bwd_h1(bf16* __restrict__ dka, bf16* __restrict_
                           key_ok, scale);
 }
 
+// BwdVariant::H3 (D = 64): bwd_h1's consumers, warp-specialized. Warpgroup 0 (96 registers by
+// setmaxnreg; 72 spilled) serves two consumer warpgroups (208) with no block barrier: its warps 0–1 load K, V
+// once and stream the query tiles (Q, dO, lse, Drow) through STAGES stages guarded by full/empty
+// mbarriers, publishing tile i once tile i + 1 is issued; its warps 2–3 take each tile's dQ from
+// shared memory (the consumers' products, written there and handed over through two more
+// mbarrier pairs, double-buffered) and add it into the f32 accumulator with 16-byte vector
+// reductions, so the consumers issue no reductions at all. The consumers meet once per tile on
+// named barrier 1, when both halves of dSᵀ are in place for dQ. (D = 128 has no room: its
+// consumers need 252 registers, more than a producer warpgroup leaves them.)
+template <int VMUL>
+__device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
+                                       bf16* __restrict__ dvb, float* __restrict__ dqa_acc,
+                                       float* __restrict__ dqb_acc, const bf16* __restrict__ qa,
+                                       const bf16* __restrict__ ka, const bf16* __restrict__ va,
+                                       const bf16* __restrict__ doa, const bf16* __restrict__ qb,
+                                       const bf16* __restrict__ kb, const bf16* __restrict__ vb,
+                                       const bf16* __restrict__ dob, const float* __restrict__ lse,
+                                       const float* __restrict__ drow, int La, int Lb, int H, float scale_log2,
+                                       float scale) {
+    constexpr int D = 64, KT = 128, QT = 64, DN = D / 2, STAGES = 3, LAG = 1;
+    constexpr int LT = 64, FT = 64, CT = 256;  // loader, flusher and consumer threads
+    constexpr int KVBYTES = KT * D * 2, QBYTES = QT * D * 2, DSBYTES = KT * QT * 2;
+    constexpr int DQLD = D + 4;  // f32 row stride of the dQ tile: float2 stores of 8 rows hit 8 banks
+    constexpr int DQBYTES = QT * DQLD * 4;
+    DYNAMIC_SMEM(unsigned char, raw);
+    unsigned char* sK = raw + ((1024 - (smem_addr(raw) & 1023)) & 1023);
+    unsigned char* sV = sK + KVBYTES;
+    unsigned char* sQ0 = sV + KVBYTES;             // STAGES stages
+    unsigned char* sdO0 = sQ0 + STAGES * QBYTES;   // STAGES stages
+    unsigned char* sdS0 = sdO0 + STAGES * QBYTES;  // two tiles
+    float* sdQ0 = reinterpret_cast<float*>(sdS0 + 2 * DSBYTES);  // two tiles
+    float* sL0 = sdQ0 + 2 * QT * DQLD;                           // STAGES stages of lse
+    float* sDr0 = sL0 + STAGES * QT;                             // STAGES stages of Drow
+    uint64_t* kv_full = reinterpret_cast<uint64_t*>(sDr0 + STAGES * QT);
+    uint64_t* q_full = kv_full + 1;
+    uint64_t* q_empty = q_full + STAGES;
+    uint64_t* dq_full = q_empty + STAGES;
+    uint64_t* dq_empty = dq_full + 2;
+
+    const int tid = threadIdx.x, wg = tid / 128;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;
+    const int Lt = La + Lb;
+    const long long ld = (long long)H * D;
+    const Tile kt = tile_of<KT>(blockIdx.x, La, Lb);
+    const int Lk = kt.stream == 0 ? La : Lb;
+    const long long k_off = row_offset(b, Lk, kt.row0, H, h, D);
+    const int nqt = ntiles<QT>(La) + ntiles<QT>(Lb);
+
+    if (tid == 0) {
+        mbar_init(kv_full, LT);
+        for (int s = 0; s < STAGES; s++) {
+            mbar_init(&q_full[s], LT);
+            mbar_init(&q_empty[s], CT);
+        }
+        for (int s = 0; s < 2; s++) {
+            mbar_init(&dq_full[s], CT);
+            mbar_init(&dq_empty[s], FT);
+        }
+        fence_mbarrier_init();
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        setmaxnreg_dec<96>();
+        if (tid < LT) {
+            // Loader: tile j's copies have landed (the caller waited for its group): fence them
+            // for the wgmma that read them, then arrive (j = −1: K and V).
+            auto publish = [&](int j) {
+                fence_proxy_async();
+                mbar_arrive(j < 0 ? kv_full : &q_full[j % STAGES]);
+            };
+            load_tile_sw<D, KT, LT>(sK, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
+            load_tile_sw<D, KT, LT>(sV, (kt.stream == 0 ? va : vb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld),
+                                    VMUL * ld, kt.rows);
+            cp_async_commit();
+            for (int i = 0; i < nqt; i++) {
+                const int st = i % STAGES;
+                if (i >= STAGES) mbar_wait(&q_empty[st], ((i / STAGES) - 1) & 1);
+                const Tile qt = tile_of<QT>(i, La, Lb);
+                const int Lq = qt.stream == 0 ? La : Lb;
+                const long long q_off = row_offset(b, Lq, qt.row0, H, h, D);
+                const long long r_off = (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0;
+                load_tile_sw<D, QT, LT>(sQ0 + st * QBYTES, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
+                load_tile_sw<D, QT, LT>(sdO0 + st * QBYTES, (qt.stream == 0 ? doa : dob) + q_off, ld, qt.rows);
+                // lse and Drow (padded query rows: lse = +inf, so P is exactly 0; Drow = 0)
+                const int r = tid;
+                if (r < qt.rows) {
+                    cp_async_4(sL0 + st * QT + r, lse + r_off + r);
+                    cp_async_4(sDr0 + st * QT + r, drow + r_off + r);
+                } else {
+                    sL0[st * QT + r] = INFINITY;
+                    sDr0[st * QT + r] = 0.f;
+                }
+                cp_async_commit();
+                if (i - LAG >= -1) {
+                    cp_async_wait<LAG>();
+                    publish(i - LAG);
+                }
+            }
+            cp_async_wait<0>();
+            for (int j = max(-1, nqt - LAG); j < nqt; j++) publish(j);
+        } else {
+            // Flusher: each tile's dQ (64 queries × 64 columns, f32) from shared memory into the
+            // accumulator, a row's 16 float4 by 16 consecutive threads.
+            const int f = tid - LT;
+            for (int j = 0; j < nqt; j++) {
+                mbar_wait(&dq_full[j & 1], (j / 2) & 1);
+                const Tile qt = tile_of<QT>(j, La, Lb);
+                const int Lq = qt.stream == 0 ? La : Lb;
+                float* dq = (qt.stream == 0 ? dqa_acc : dqb_acc) + row_offset(b, Lq, qt.row0, H, h, D);
+                const float* src = sdQ0 + (j & 1) * QT * DQLD;
+#pragma unroll 4
+                for (int it = 0; it < QT * D / 4 / FT; it++) {
+                    const int idx = f + it * FT, row = idx / (D / 4), c4 = idx % (D / 4);
+                    if (row < qt.rows)
+                        red_add4(dq + row * ld + 4 * c4, *reinterpret_cast<const float4*>(src + row * DQLD + 4 * c4));
+                }
+                mbar_arrive(&dq_empty[j & 1]);
+            }
+        }
+        return;
+    }
+
+    setmaxnreg_inc<208>();
+    const int c = wg - 1, w = (tid / 32) % 4, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int key0 = 64 * c + 16 * w + g;  // this thread's keys (rows of Sᵀ): key0 and key0 + 8
+    const bool key_ok[2] = {key0 < kt.rows, key0 + 8 < kt.rows};
+    const uint32_t k_wg0 = smem_addr(sK) + c * 64 * 128, v_wg0 = smem_addr(sV) + c * 64 * 128;
+    const uint32_t q_addr = smem_addr(sQ0), do_addr = smem_addr(sdO0), ds_addr = smem_addr(sdS0);
+    const uint32_t k_cols = smem_addr(sK) + c * 64;  // this group's 32 columns of K, dQ's B
+
+    float dk[D / 2], dv[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) dk[i] = dv[i] = 0.f;
+    mbar_wait(kv_full, 0);
+    for (int i = 0; i < nqt; i++) {
+        const int st = i % STAGES;
+        mbar_wait(&q_full[st], (i / STAGES) & 1);
+        const uint32_t q_st = opaque(q_addr + st * QBYTES), do_st = opaque(do_addr + st * QBYTES);
+        const float* sL = sL0 + st * QT;
+        const float* sDr = sDr0 + st * QT;
+
+        float s[32], dp[32];
+        wgmma_fence();
+        bwd_issue_rows<D, KT>(s, opaque(k_wg0), q_st);   // Sᵀ = K·Qᵀ
+        bwd_issue_rows<D, KT>(dp, opaque(v_wg0), do_st);  // dPᵀ = V·dOᵀ
+        wgmma_commit();
+        wgmma_wait<0>();
+        uint32_t pa[4][4], dsa[4][4];
+        bwd_p(s, pa, key_ok, sL, t, scale_log2);
+        wgmma_fence();
+        bwd_issue_acc<D>(dv, pa, do_st);  // dV += Pᵀ·dO
+        wgmma_commit();
+        bwd_ds<KT>(s, dp, dsa, sdS0 + (i & 1) * DSBYTES, key0, sDr, t);
+        wgmma_fence();
+        bwd_issue_acc<D>(dk, dsa, q_st);  // dK += dSᵀ·Q
+        wgmma_commit();
+
+        // dQ[:, this group's columns] = dS·K, once both groups' dSᵀ rows are in place.
+        fence_proxy_async();
+        named_bar_sync(1, CT);
+        float dq[DN / 2];
+        wgmma_fence();
+        bwd_issue_dq<DN, KT>(dq, opaque(ds_addr + (i & 1) * DSBYTES), opaque(k_cols));
+        wgmma_commit();
+        wgmma_wait<0>();
+        mbar_arrive(&q_empty[st]);  // every product reading this stage is done
+
+        // dQ to the flushers through shared tile i mod 2, once they are done with tile i − 2.
+        if (i >= 2) mbar_wait(&dq_empty[i & 1], ((i / 2) - 1) & 1);
+        float* dst = sdQ0 + (i & 1) * QT * DQLD + c * DN + 2 * t;
+#pragma unroll
+        for (int j = 0; j < DN / 8; j++) {
+            *reinterpret_cast<float2*>(dst + (16 * w + g) * DQLD + 8 * j) = make_float2(dq[4 * j], dq[4 * j + 1]);
+            *reinterpret_cast<float2*>(dst + (16 * w + g + 8) * DQLD + 8 * j) =
+                make_float2(dq[4 * j + 2], dq[4 * j + 3]);
+        }
+        mbar_arrive(&dq_full[i & 1]);
+    }
+
+    bwd_store_kv<D, VMUL>(dk, dv, (kt.stream == 0 ? dka : dkb) + k_off + 2 * t,
+                          (kt.stream == 0 ? dva : dvb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld) + 2 * t, ld, key0,
+                          key_ok, scale);
+}
+
 }  // namespace attn_h
 
 // Entries (same arguments as attention.cu's forward entries). D = 64: 2 groups (128 query rows),
@@ -958,4 +1144,26 @@ extern "C" __global__ void __launch_bounds__(384, 1)
         const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
         int H, float scale_log2) {
     attn_h::fwd_h3<128, 64, 4, 3>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1)
+    joint_attn_bwd_h3_d64(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
+        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
+        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
+        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
+    attn_h::bwd_h3<1>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La, Lb, H,
+                        scale_log2, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1)
+    joint_attn_bwd_h3_d64_vfused(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
+        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
+        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
+        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
+        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
+        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
+    attn_h::bwd_h3<3>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La, Lb, H,
+                        scale_log2, scale);
 }

@@ -849,13 +849,17 @@ pub mod dev {
     /// from 128-byte-swizzled shared tiles, 2 warpgroups of 64 keys (128-key blocks), 64-query
     /// tiles in 2 stages, dQ from the dSᵀ tile with each group taking half of the columns. `H2`:
     /// H1 with one query tile's dQ product running into the next tile's first products (the
-    /// dSᵀ tile double-buffered). Neither is measured on a GPU yet.
+    /// dSᵀ tile double-buffered). `H3` (d = 64; at d = 128 it runs `H2`): H1's consumers fed by a
+    /// producer warpgroup (FlashAttention-3's structure: mbarrier-guarded query-tile stages, and
+    /// dQ added into the accumulator by the producer's warps from shared memory, 384 threads).
+    /// None is measured on a GPU yet.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum BwdVariant {
         K128,
         V3,
         H1,
         H2,
+        H3,
     }
 
     impl BwdVariant {
@@ -871,21 +875,26 @@ pub mod dev {
         pub fn enabled() -> Vec<BwdVariant> {
             Self::ALL
                 .into_iter()
-                .filter(|v| !(hopper_disabled() && matches!(v, BwdVariant::H1 | BwdVariant::H2)))
+                .filter(|v| {
+                    !(hopper_disabled()
+                        && matches!(v, BwdVariant::H1 | BwdVariant::H2 | BwdVariant::H3))
+                })
                 .collect()
         }
 
         /// Every variant, for tests and the bench.
-        pub const ALL: [BwdVariant; 4] = [
+        pub const ALL: [BwdVariant; 5] = [
             BwdVariant::K128,
             BwdVariant::V3,
             BwdVariant::H1,
             BwdVariant::H2,
+            BwdVariant::H3,
         ];
         /// The variant actually launched at head dim `d`.
         fn resolve(self, d: usize) -> BwdVariant {
             match self {
                 BwdVariant::V3 if d != 64 => BwdVariant::K128,
+                BwdVariant::H3 if d != 64 => BwdVariant::H2,
                 v => v,
             }
         }
@@ -895,6 +904,7 @@ pub mod dev {
                 BwdVariant::V3 => format!("joint_attn_bwd_v3_d{d}"),
                 BwdVariant::H1 => format!("joint_attn_bwd_h1_d{d}"),
                 BwdVariant::H2 => format!("joint_attn_bwd_h2_d{d}"),
+                BwdVariant::H3 => format!("joint_attn_bwd_h3_d{d}"),
             }
         }
         /// Threads per block (warps of 16 keys; V3: warps of 32 keys).
@@ -902,6 +912,7 @@ pub mod dev {
             match self.resolve(d) {
                 BwdVariant::V3 => 128,
                 BwdVariant::K128 | BwdVariant::H1 | BwdVariant::H2 => 256,
+                BwdVariant::H3 => 384,
             }
         }
         /// Dynamic shared memory at head dim `d`.
@@ -918,6 +929,17 @@ pub mod dev {
                 }
                 // K, V tiles, two stages of the Q and dO tiles, the dSᵀ tile (keys × 72) and two
                 // stages of lse and Drow; rows padded to d+8.
+                // H3 (d = 64): K, V, 3 stages of Q, dO, lse and Drow, two dSᵀ tiles, two f32 dQ
+                // tiles (rows padded to d+4) and 11 mbarriers.
+                BwdVariant::H3 => {
+                    (1024
+                        + 2 * BWD_KEYS * d * 2
+                        + 3 * 2 * TILE * d * 2
+                        + 2 * BWD_KEYS * TILE * 2
+                        + 2 * TILE * (d + 4) * 4
+                        + 3 * 2 * TILE * 4
+                        + 8 * 11) as u32
+                }
                 BwdVariant::K128 | BwdVariant::V3 => {
                     (((2 * BWD_KEYS + 4 * TILE) * (d + 8) + BWD_KEYS * (TILE + 8)) * 2
                         + 4 * TILE * 4) as u32
