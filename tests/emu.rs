@@ -249,6 +249,19 @@ fn bf16_and_fp16_round_to_nearest_even() {
     }
 }
 
+/// The deadlock report of one block of `threads` running test kernel `name` on a 64-float buffer
+/// (`smem` dynamic shared bytes); it panics if the launch does not deadlock.
+fn deadlock_of(name: &str, threads: u32, smem: u32) -> String {
+    let mut x = vec![0f32; 64];
+    let mut px = x.as_mut_ptr();
+    let err = emu_launch(name, [1, 1, 1], [threads, 1, 1], smem, &mut [arg(&mut px)]).unwrap_err();
+    let EmuError::Deadlock(msg) = err else {
+        panic!("{name}: expected a deadlock, got {err}")
+    };
+    eprintln!("{msg}");
+    msg
+}
+
 #[test]
 fn a_barrier_that_half_the_block_skips_is_a_deadlock() {
     let mut x = vec![0f32; 32];
@@ -290,18 +303,7 @@ fn divergent_barriers_and_warp_deadlocks_are_reported() {
         matches!(&err, EmuError::Deadlock(m) if m.contains("different __syncthreads")),
         "{err}"
     );
-    let err = emu_launch(
-        "emu_test_warp_deadlock",
-        [1, 1, 1],
-        [64, 1, 1],
-        0,
-        &mut [arg(&mut px)],
-    )
-    .unwrap_err();
-    let EmuError::Deadlock(msg) = &err else {
-        panic!("expected a deadlock, got {err}")
-    };
-    eprintln!("{msg}");
+    let msg = deadlock_of("emu_test_warp_deadlock", 64, 0);
     assert!(msg.contains("__shfl_xor_sync"), "{msg}");
     assert!(msg.contains("0xffff0000"), "the missing lanes: {msg}");
     let err = emu_launch(
@@ -395,33 +397,9 @@ fn mbarrier_pipeline_with_named_barrier_turns() {
 
 #[test]
 fn mbarrier_and_named_barrier_misuse_is_reported() {
-    let mut x = vec![0f32; 64];
-    let mut px = x.as_mut_ptr();
-    let err = emu_launch(
-        "emu_test_mbar_deadlock",
-        [1, 1, 1],
-        [32, 1, 1],
-        8,
-        &mut [arg(&mut px)],
-    )
-    .unwrap_err();
-    let EmuError::Deadlock(msg) = &err else {
-        panic!("expected a deadlock, got {err}")
-    };
-    eprintln!("{msg}");
+    let msg = deadlock_of("emu_test_mbar_deadlock", 32, 8);
     assert!(msg.contains("threads 0-31 spin at mbarrier wait"), "{msg}");
-    let err = emu_launch(
-        "emu_test_named_dangling",
-        [1, 1, 1],
-        [64, 1, 1],
-        0,
-        &mut [arg(&mut px)],
-    )
-    .unwrap_err();
-    let EmuError::Deadlock(msg) = &err else {
-        panic!("expected an error, got {err}")
-    };
-    eprintln!("{msg}");
+    let msg = deadlock_of("emu_test_named_dangling", 64, 0);
     assert!(msg.contains("named barrier 3"), "{msg}");
     // The emulator is usable again afterwards on this thread.
     mbarrier_pipeline_with_named_barrier_turns();
