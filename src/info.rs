@@ -1,6 +1,7 @@
 //! `advdmd info`: what this build contains and what this machine offers.
 
 use crate::device::{cpu_threads, probe_cuda, CudaProbe};
+use crate::kernels::attention::dev::{BwdVariant, FwdVariant};
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
@@ -19,6 +20,18 @@ pub struct Info {
     pub cpu_threads: usize,
     pub cuda: CudaProbe,
     pub kernels: Vec<&'static str>,
+    /// The attention kernels the model path launches at head dim 64 and 128, forward and
+    /// backward (`ADVDMD_ATTN_FWD` / `ADVDMD_ATTN_BWD` override the measured defaults).
+    pub attention: [(usize, String, String); 2],
+}
+
+fn attention_choice(d: usize) -> (usize, String, String) {
+    let name = |v: String| v.to_lowercase();
+    (
+        d,
+        name(format!("{:?}", FwdVariant::fastest(d))),
+        name(format!("{:?}", BwdVariant::fastest(d).resolve(d))),
+    )
 }
 
 pub fn gather() -> Info {
@@ -28,6 +41,7 @@ pub fn gather() -> Info {
         cpu_threads: cpu_threads(),
         cuda: probe_cuda(),
         kernels: EMBEDDED_KERNELS.iter().map(|(n, _)| *n).collect(),
+        attention: [attention_choice(64), attention_choice(128)],
     }
 }
 
@@ -54,6 +68,9 @@ impl Info {
             "cuda": self.cuda.to_string(),
             "gpus": gpus,
             "kernels": self.kernels,
+            "attention": self.attention.iter().map(|(d, f, b)| {
+                serde_json::json!({"head_dim": d, "fwd": f, "bwd": b})
+            }).collect::<Vec<_>>(),
         })
     }
 
@@ -68,9 +85,18 @@ impl Info {
         } else {
             self.features.join(", ")
         };
+        let attention: Vec<String> = self
+            .attention
+            .iter()
+            .map(|(d, f, b)| format!("d{d} fwd {f} bwd {b}"))
+            .collect();
         format!(
-            "advdmd {}\nfeatures: {features}\ncpu: {} threads\ncuda: {}\nkernels embedded: {kernels}\n",
-            self.version, self.cpu_threads, self.cuda
+            "advdmd {}\nfeatures: {features}\ncpu: {} threads\ncuda: {}\nkernels embedded: {kernels}\n\
+             attention kernels: {} (ADVDMD_ATTN_FWD / ADVDMD_ATTN_BWD override)\n",
+            self.version,
+            self.cpu_threads,
+            self.cuda,
+            attention.join(", ")
         )
     }
 }

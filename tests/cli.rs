@@ -58,8 +58,10 @@ fn bad_attention_variant_env_is_an_error() {
         err.contains("ADVDMD_ATTN_FWD") && err.contains("h3"),
         "{err}"
     );
+    // a valid choice is what `info` reports the model path launches (K128 is what V3 runs at
+    // d128 by default)
     let out = Command::new(env!("CARGO_BIN_EXE_advdmd"))
-        .arg("info")
+        .args(["info", "--json"])
         .env("ADVDMD_ATTN_FWD", "H3")
         .env("ADVDMD_ATTN_BWD", "h2")
         .output()
@@ -69,4 +71,16 @@ fn bad_attention_variant_env_is_an_error() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    for d in v["attention"].as_array().unwrap() {
+        assert_eq!(
+            (d["fwd"].as_str(), d["bwd"].as_str()),
+            (Some("h3"), Some("h2")),
+            "{d}"
+        );
+    }
+    let out = advdmd(&["info", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    assert_eq!(v["attention"][1]["head_dim"], 128);
+    assert_eq!(v["attention"][1]["bwd"], "k128");
 }

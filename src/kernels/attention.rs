@@ -891,7 +891,7 @@ pub mod dev {
             BwdVariant::H3,
         ];
         /// The variant actually launched at head dim `d`.
-        fn resolve(self, d: usize) -> BwdVariant {
+        pub fn resolve(self, d: usize) -> BwdVariant {
             match self {
                 BwdVariant::V3 if d != 64 => BwdVariant::K128,
                 BwdVariant::H3 if d != 64 => BwdVariant::H2,
