@@ -175,12 +175,125 @@ fn skip_balanced(b: &[u8], open: usize) -> usize {
     panic!("unbalanced parentheses in a kernel signature")
 }
 
+/// Byte ranges of the `#define` directives of `text` (a directive goes on over lines that end in
+/// a backslash).
+fn define_ranges(text: &str) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    while let Some(p) = text[from..].find("#define").map(|p| p + from) {
+        let mut end = p;
+        loop {
+            let Some(nl) = text[end..].find('\n').map(|n| n + end) else {
+                end = text.len();
+                break;
+            };
+            end = nl + 1;
+            if !text[..nl].trim_end().ends_with('\\') {
+                break;
+            }
+        }
+        out.push((p, end));
+        from = end;
+    }
+    out
+}
+
+/// After `__global__` at byte `from`: `[__launch_bounds__(...)] void name ( params )` → the name,
+/// the parameter count and the byte after the parameter list.
+fn parse_signature(file: &Path, text: &str, from: usize) -> (String, usize, usize) {
+    let b = text.as_bytes();
+    let is_ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    let mut i = from;
+    let name = loop {
+        while i < b.len() && (b[i].is_ascii_whitespace() || b[i] == b'\\') {
+            i += 1;
+        }
+        let start = i;
+        while i < b.len() && is_ident(b[i]) {
+            i += 1;
+        }
+        let word = &text[start..i];
+        match word {
+            "" => panic!(
+                "{}: cannot parse the kernel signature after byte {from}",
+                file.display()
+            ),
+            "__launch_bounds__" => {
+                let open = i + text[i..].find('(').expect("__launch_bounds__(");
+                i = skip_balanced(b, open);
+            }
+            "void" | "static" | "inline" | "__noinline__" => {}
+            _ => break word.to_string(),
+        }
+    };
+    let open = i + text[i..].find('(').expect("kernel parameter list");
+    let close = skip_balanced(b, open);
+    let params = &text[open + 1..close - 1];
+    let mut count = 0;
+    let mut depth = 0i32;
+    let mut any = false;
+    for c in params.bytes() {
+        match c {
+            b'(' | b'<' | b'[' => depth += 1,
+            b')' | b'>' | b']' => depth -= 1,
+            b',' if depth == 0 => count += 1,
+            _ => {}
+        }
+        any |= !c.is_ascii_whitespace() && c != b'\\';
+    }
+    let params = if !any || params.trim() == "void" {
+        0
+    } else {
+        count + 1
+    };
+    (name, params, close)
+}
+
+/// The entry macros `#define`d in `text`: a `#define M(name, ...)` whose body defines an
+/// `extern "C" __global__` function called by its first parameter, with that function's
+/// parameter count.
+fn entry_macros(file: &Path, text: &str) -> Vec<(String, usize)> {
+    let is_ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    let mut out = Vec::new();
+    for (s, e) in define_ranges(text) {
+        let Some(g) = text[s..e].find("__global__").map(|g| g + s) else {
+            continue;
+        };
+        let before = text[..g].trim_end_matches(|c: char| c.is_whitespace() || c == '\\');
+        if !before.ends_with("extern \"C\"") {
+            continue;
+        }
+        let (name, params, _) = parse_signature(file, text, g + "__global__".len());
+        let def = text[s + "#define".len()..].trim_start();
+        let macro_name: String = def
+            .bytes()
+            .take_while(|&c| is_ident(c))
+            .map(char::from)
+            .collect();
+        let first_param = def[macro_name.len()..]
+            .trim_start()
+            .trim_start_matches('(')
+            .split([',', ')'])
+            .next()
+            .unwrap_or("")
+            .trim();
+        if first_param == name {
+            out.push((macro_name, params));
+        }
+    }
+    out
+}
+
 /// The `extern "C" __global__` functions of a kernel file: name and parameter count (the
-/// trampoline checks the count against the compiler's view with a static_assert).
-fn parse_kernels(file: &Path, src: &str) -> Vec<Kernel> {
+/// trampoline checks the count against the compiler's view with a static_assert). Besides the
+/// functions written out, each invocation `M(kernel_name, ...)` of an entry macro
+/// ([`entry_macros`], defined in the file or in `headers`) outside `#define`s declares one.
+fn parse_kernels(file: &Path, src: &str, headers: &str) -> Vec<Kernel> {
     let text = strip_comments(src);
     let b = text.as_bytes();
     let is_ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    let defines = define_ranges(&text);
+    let in_define = |p: usize| defines.iter().any(|&(s, e)| p >= s && p < e);
     let mut kernels = Vec::new();
     let mut from = 0;
     while let Some(pos) = text[from..].find("__global__").map(|p| p + from) {
@@ -188,8 +301,8 @@ fn parse_kernels(file: &Path, src: &str) -> Vec<Kernel> {
         if (pos > 0 && is_ident(b[pos - 1])) || b.get(from).is_some_and(|&c| is_ident(c)) {
             continue; // part of a longer identifier
         }
-        if text[..pos].trim_end().ends_with("#define") {
-            continue;
+        if in_define(pos) {
+            continue; // an entry macro's body (below) or another macro
         }
         if !text[..pos].trim_end().ends_with("extern \"C\"") {
             println!(
@@ -198,52 +311,36 @@ fn parse_kernels(file: &Path, src: &str) -> Vec<Kernel> {
             );
             continue;
         }
-        // [__launch_bounds__(...)] void [__launch_bounds__(...)] name ( params )
-        let mut i = from;
-        let name = loop {
-            while i < b.len() && b[i].is_ascii_whitespace() {
-                i += 1;
-            }
-            let start = i;
-            while i < b.len() && is_ident(b[i]) {
-                i += 1;
-            }
-            let word = &text[start..i];
-            match word {
-                "" => panic!(
-                    "{}: cannot parse the kernel signature after byte {from}",
-                    file.display()
-                ),
-                "__launch_bounds__" => {
-                    let open = i + text[i..].find('(').expect("__launch_bounds__(");
-                    i = skip_balanced(b, open);
-                }
-                "void" | "static" | "inline" | "__noinline__" => {}
-                _ => break word.to_string(),
-            }
-        };
-        let open = i + text[i..].find('(').expect("kernel parameter list");
-        let close = skip_balanced(b, open);
-        let params = &text[open + 1..close - 1];
-        let mut count = 0;
-        let mut depth = 0i32;
-        let mut any = false;
-        for c in params.bytes() {
-            match c {
-                b'(' | b'<' | b'[' => depth += 1,
-                b')' | b'>' | b']' => depth -= 1,
-                b',' if depth == 0 => count += 1,
-                _ => {}
-            }
-            any |= !c.is_ascii_whitespace();
-        }
-        let params = if !any || params.trim() == "void" {
-            0
-        } else {
-            count + 1
-        };
+        let (name, params, close) = parse_signature(file, &text, from);
         kernels.push(Kernel { name, params });
         from = close;
+    }
+    let mut macros = entry_macros(file, &strip_comments(headers));
+    macros.extend(entry_macros(file, &text));
+    for (m, params) in macros {
+        let mut at = 0;
+        while let Some(pos) = text[at..].find(m.as_str()).map(|p| p + at) {
+            at = pos + m.len();
+            let inside_word =
+                (pos > 0 && is_ident(b[pos - 1])) || b.get(at).is_some_and(|&c| is_ident(c));
+            if inside_word || in_define(pos) || !text[at..].trim_start().starts_with('(') {
+                continue;
+            }
+            let args = &text[at + text[at..].find('(').unwrap() + 1..];
+            let name = args
+                .split([',', ')'])
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            if name.is_empty() || !name.bytes().all(is_ident) {
+                panic!(
+                    "{}: entry macro {m} invoked without a kernel name",
+                    file.display()
+                );
+            }
+            kernels.push(Kernel { name, params });
+        }
     }
     kernels
 }
@@ -286,7 +383,7 @@ fn build_emulator(
         .map(|s| ("k", s))
         .chain(test_sources.iter().map(|s| ("t", s)));
     for (tag, src) in tagged {
-        let kernels = parse_kernels(src, &read(src));
+        let kernels = parse_kernels(src, &read(src), header_text);
         let mut unit = format!(
             "// Generated by build.rs: {} and its emulator trampolines.\n#include \"{}\"\n",
             src.display(),
@@ -633,7 +730,7 @@ fn build_fatbins(out: &Path, cuda: &Path, sources: &[PathBuf], header_text: &str
     table.push_str("pub static KERNEL_MODULES: &[(&str, &str)] = &[\n");
     for src in sources {
         let stem = src.file_stem().unwrap().to_string_lossy().to_string();
-        for k in parse_kernels(src, &read(src)) {
+        for k in parse_kernels(src, &read(src), header_text) {
             writeln!(table, "    ({:?}, {stem:?}),", k.name).unwrap();
         }
     }

@@ -864,69 +864,14 @@ __device__ __forceinline__ void bwd_v3(bf16* __restrict__ dka, bf16* __restrict_
 // at D = 64 (two blocks per SM), 2 at D = 128; (128 + STAGES·2·64)·(D+8)·2 bytes.
 // The *_vfused entries read V with a token stride of 3·H·D (in place in a fused qkv projection):
 // a compile-time stride, since a runtime one costs these 241–255-register kernels a spill.
-extern "C" __global__ void __launch_bounds__(256, 1)
-    joint_attn_fwd_v3_d64(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
-        int H, float scale_log2) {
-    attn::fwd_v3<64, true, 8, 3, 1>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 1)
-    joint_attn_fwd_v3_d64_vfused(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
-        int H, float scale_log2) {
-    attn::fwd_v3<64, true, 8, 3, 3>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 1)
-    joint_attn_fwd_v3_d128(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
-        int H, float scale_log2) {
-    attn::fwd_v3<128, false, 8, 2, 1>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 1)
-    joint_attn_fwd_v3_d128_vfused(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
-        int H, float scale_log2) {
-    attn::fwd_v3<128, false, 8, 2, 3>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
-}
-
-extern "C" __global__ void __launch_bounds__(128, 2)
-    joint_attn_fwd_v4_d64(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
-        int H, float scale_log2) {
-    attn::fwd_v3<64, true, 4, 3, 1>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
-}
-
-extern "C" __global__ void __launch_bounds__(128, 2)
-    joint_attn_fwd_v4_d64_vfused(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
-        int H, float scale_log2) {
-    attn::fwd_v3<64, true, 4, 3, 3>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
-}
-
-extern "C" __global__ void __launch_bounds__(128, 2)
-    joint_attn_fwd_v4_d128(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
-        int H, float scale_log2) {
-    attn::fwd_v3<128, false, 4, 2, 1>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
-}
-
-extern "C" __global__ void __launch_bounds__(128, 2)
-    joint_attn_fwd_v4_d128_vfused(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
-        int H, float scale_log2) {
-    attn::fwd_v3<128, false, 4, 2, 3>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
-}
+ATTN_FWD_ENTRY(joint_attn_fwd_v3_d64, 256, 1, attn::fwd_v3<64, true, 8, 3, 1>)
+ATTN_FWD_ENTRY(joint_attn_fwd_v3_d64_vfused, 256, 1, attn::fwd_v3<64, true, 8, 3, 3>)
+ATTN_FWD_ENTRY(joint_attn_fwd_v3_d128, 256, 1, attn::fwd_v3<128, false, 8, 2, 1>)
+ATTN_FWD_ENTRY(joint_attn_fwd_v3_d128_vfused, 256, 1, attn::fwd_v3<128, false, 8, 2, 3>)
+ATTN_FWD_ENTRY(joint_attn_fwd_v4_d64, 128, 2, attn::fwd_v3<64, true, 4, 3, 1>)
+ATTN_FWD_ENTRY(joint_attn_fwd_v4_d64_vfused, 128, 2, attn::fwd_v3<64, true, 4, 3, 3>)
+ATTN_FWD_ENTRY(joint_attn_fwd_v4_d128, 128, 2, attn::fwd_v3<128, false, 4, 2, 1>)
+ATTN_FWD_ENTRY(joint_attn_fwd_v4_d128_vfused, 128, 2, attn::fwd_v3<128, false, 4, 2, 3>)
 
 // Drow[b, h, i] = Σ_c dO[i, c]·O[i, c] over the concatenated rows i of [a; b]. Eight lanes per
 // (batch, token, head) row, 32 rows per 256-thread block; rows enumerated (b, token, h) so that
@@ -968,74 +913,16 @@ extern "C" __global__ void __launch_bounds__(256)
 // 256, dynamic shared memory (2·128·(D+8) + 4·64·(D+8) + 128·72)·2 + 4·64·4 bytes. Half the dQ
 // reductions and half the Q, dO traffic per key of 64-key tiles.
 // The *_vfused entries read V and write dV with a token stride of 3·H·D (as the forward's).
-extern "C" __global__ void __launch_bounds__(2 * ATTN_THREADS)
-    joint_attn_bwd_k128_d64(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
-        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
-        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
-        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
-    attn::bwd<64, 8, 1>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
-        Lb, H, scale_log2, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(2 * ATTN_THREADS)
-    joint_attn_bwd_k128_d64_vfused(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
-        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
-        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
-        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
-    attn::bwd<64, 8, 3>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
-        Lb, H, scale_log2, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(2 * ATTN_THREADS)
-    joint_attn_bwd_k128_d128(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
-        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
-        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
-        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
-    attn::bwd<128, 8, 1>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
-        Lb, H, scale_log2, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(2 * ATTN_THREADS)
-    joint_attn_bwd_k128_d128_vfused(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
-        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
-        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
-        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
-    attn::bwd<128, 8, 3>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
-        Lb, H, scale_log2, scale);
-}
+ATTN_BWD_ENTRY(joint_attn_bwd_k128_d64, 2 * ATTN_THREADS, 1, attn::bwd<64, 8, 1>)
+ATTN_BWD_ENTRY(joint_attn_bwd_k128_d64_vfused, 2 * ATTN_THREADS, 1, attn::bwd<64, 8, 3>)
+ATTN_BWD_ENTRY(joint_attn_bwd_k128_d128, 2 * ATTN_THREADS, 1, attn::bwd<128, 8, 1>)
+ATTN_BWD_ENTRY(joint_attn_bwd_k128_d128_vfused, 2 * ATTN_THREADS, 1, attn::bwd<128, 8, 3>)
 
 // BwdVariant::V3 at D = 64: 4 warps × 32 keys (grid: 128-row key tiles of a + of b, B·H), block
 // 128, the same dynamic shared memory as joint_attn_bwd_k128_d64. (D = 128 has no room for 32
 // keys of dK, dV per warp; the Rust side runs K128 there.)
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)
-    joint_attn_bwd_v3_d64(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
-        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
-        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
-        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
-    attn::bwd_v3<64, 4, 2, 1>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
-        Lb, H, scale_log2, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 2)
-    joint_attn_bwd_v3_d64_vfused(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
-        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
-        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
-        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
-    attn::bwd_v3<64, 4, 2, 3>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
-        Lb, H, scale_log2, scale);
-}
+ATTN_BWD_ENTRY(joint_attn_bwd_v3_d64, ATTN_THREADS, 2, attn::bwd_v3<64, 4, 2, 1>)
+ATTN_BWD_ENTRY(joint_attn_bwd_v3_d64_vfused, ATTN_THREADS, 2, attn::bwd_v3<64, 4, 2, 3>)
 
 // dq = scale · acc for both streams (na, nb elements, multiples of 8): 8 elements per thread.
 extern "C" __global__ void __launch_bounds__(256)

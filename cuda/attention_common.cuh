@@ -78,6 +78,31 @@ __device__ __forceinline__ void red_add4(float* p, float4 v) {
 #endif
 }
 
+// The joint-attention entry points (attention.cu, attention_hopper.cu), one line each: the kernel's
+// name, its __launch_bounds__ (threads, minimum blocks per SM) and the kernel body it runs (a
+// template instance taking the entry's arguments in this order). build.rs reads the kernel names
+// from these invocations.
+#define ATTN_FWD_ENTRY(name, threads, min_blocks, ...)                                                  \
+    extern "C" __global__ void __launch_bounds__(threads, min_blocks)                                   \
+        name(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,                     \
+             const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,     \
+             const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,     \
+             int La, int Lb, int H, float scale_log2) {                                                 \
+        __VA_ARGS__(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);                        \
+    }
+
+#define ATTN_BWD_ENTRY(name, threads, min_blocks, ...)                                                  \
+    extern "C" __global__ void __launch_bounds__(threads, min_blocks)                                   \
+        name(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,                    \
+             bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,          \
+             const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,     \
+             const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,    \
+             const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,  \
+             const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {    \
+        __VA_ARGS__(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow,  \
+                    La, Lb, H, scale_log2, scale);                                                      \
+    }
+
 // The lazy softmax rescale's threshold (attention.cu, fwd_v3): a row's reference maximum moves
 // only when a score's exponent would exceed 2^kLazyLog2 against it.
 constexpr float kLazyLog2 = 8.f;

@@ -954,216 +954,35 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
 
 }  // namespace attn_h
 
-// Entries (same arguments as attention.cu's forward entries). D = 64: 2 groups (128 query rows),
-// 128-key tiles, 2 stages; D = 128: 2 groups, 64-key tiles, 2 stages. Dynamic shared memory
-// 1024 + (128 + 2·STAGES·KN)·D·2 bytes (FwdVariant::H1 in src/kernels/attention.rs). The
-// _vfused entries read V with a token stride of 3·H·D (in place in a fused qkv projection).
-extern "C" __global__ void __launch_bounds__(256, 1)
-    joint_attn_fwd_h1_d64(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
-        int H, float scale_log2) {
-    attn_h::fwd_h1<64, 2, 128, 2, 1>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 1)
-    joint_attn_fwd_h1_d64_vfused(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
-        int H, float scale_log2) {
-    attn_h::fwd_h1<64, 2, 128, 2, 3>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 1)
-    joint_attn_fwd_h1_d128(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
-        int H, float scale_log2) {
-    attn_h::fwd_h1<128, 2, 64, 2, 1>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 1)
-    joint_attn_fwd_h1_d128_vfused(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
-        int H, float scale_log2) {
-    attn_h::fwd_h1<128, 2, 64, 2, 3>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 1)
-    joint_attn_fwd_h2_d64(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
-        int H, float scale_log2) {
-    attn_h::fwd_h2<64, 2, 128, 1>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 1)
-    joint_attn_fwd_h2_d64_vfused(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
-        int H, float scale_log2) {
-    attn_h::fwd_h2<64, 2, 128, 3>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 1)
-    joint_attn_fwd_h2_d128(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
-        int H, float scale_log2) {
-    attn_h::fwd_h2<128, 2, 64, 1>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 1)
-    joint_attn_fwd_h2_d128_vfused(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
-        int H, float scale_log2) {
-    attn_h::fwd_h2<128, 2, 64, 3>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
-}
-
-// Backward entries (same arguments as attention.cu's backward entries): 2 groups of 64 keys
-// (128-key blocks), 64-query tiles in 2 stages. Dynamic shared memory 1024 + (2·128 + 4·64)·D·2
-// + n·128·64·2 + 4·64·4 bytes, n = 1 (H1) or 2 (H2) dSᵀ tiles (BwdVariant::H1, H2
-// in src/kernels/attention.rs).
-extern "C" __global__ void __launch_bounds__(256, 1)
-    joint_attn_bwd_h1_d64(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
-        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
-        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
-        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
-    attn_h::bwd_h1<64, 1, false>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
-                            Lb, H, scale_log2, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 1)
-    joint_attn_bwd_h1_d64_vfused(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
-        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
-        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
-        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
-    attn_h::bwd_h1<64, 3, false>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
-                            Lb, H, scale_log2, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 1)
-    joint_attn_bwd_h1_d128(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
-        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
-        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
-        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
-    attn_h::bwd_h1<128, 1, false>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
-                            Lb, H, scale_log2, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 1)
-    joint_attn_bwd_h1_d128_vfused(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
-        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
-        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
-        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
-    attn_h::bwd_h1<128, 3, false>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La,
-                            Lb, H, scale_log2, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 1)
-    joint_attn_bwd_h2_d64(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
-        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
-        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
-        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
-    attn_h::bwd_h1<64, 1, true>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow,
-                                 La, Lb, H, scale_log2, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 1)
-    joint_attn_bwd_h2_d64_vfused(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
-        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
-        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
-        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
-    attn_h::bwd_h1<64, 3, true>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow,
-                                 La, Lb, H, scale_log2, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 1)
-    joint_attn_bwd_h2_d128(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
-        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
-        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
-        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
-    attn_h::bwd_h1<128, 1, true>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow,
-                                  La, Lb, H, scale_log2, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 1)
-    joint_attn_bwd_h2_d128_vfused(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
-        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
-        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
-        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
-    attn_h::bwd_h1<128, 3, true>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow,
-                                  La, Lb, H, scale_log2, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(384, 1)
-    joint_attn_fwd_h3_d64(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
-        int H, float scale_log2) {
-    attn_h::fwd_h3<64, 128, 4, 1>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
-}
-
-extern "C" __global__ void __launch_bounds__(384, 1)
-    joint_attn_fwd_h3_d64_vfused(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
-        int H, float scale_log2) {
-    attn_h::fwd_h3<64, 128, 4, 3>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
-}
-
-extern "C" __global__ void __launch_bounds__(384, 1)
-    joint_attn_fwd_h3_d128(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
-        int H, float scale_log2) {
-    attn_h::fwd_h3<128, 64, 4, 1>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
-}
-
-extern "C" __global__ void __launch_bounds__(384, 1)
-    joint_attn_fwd_h3_d128_vfused(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
-        int H, float scale_log2) {
-    attn_h::fwd_h3<128, 64, 4, 3>(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);
-}
-
-extern "C" __global__ void __launch_bounds__(384, 1)
-    joint_attn_bwd_h3_d64(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
-        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
-        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
-        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
-    attn_h::bwd_h3<1>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La, Lb, H,
-                        scale_log2, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(384, 1)
-    joint_attn_bwd_h3_d64_vfused(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
-        bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
-        const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
-        const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,
-        const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,
-        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {
-    attn_h::bwd_h3<3>(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow, La, Lb, H,
-                        scale_log2, scale);
-}
+// Entries (arguments as attention.cu's; the _vfused ones read V, and write dV, with a token stride
+// of 3·H·D, in place in a fused qkv projection). Dynamic shared memory as src/kernels/attention.rs
+// computes it (FwdVariant::shared_bytes, BwdVariant::shared_bytes), from a 1 KB alignment and
+// the tiles each kernel's comment lists.
+// Forward H1, H2: 2 groups of 64 query rows; 128-key tiles at D = 64, 64-key at D = 128; 2 and 3
+// stages.
+ATTN_FWD_ENTRY(joint_attn_fwd_h1_d64, 256, 1, attn_h::fwd_h1<64, 2, 128, 2, 1>)
+ATTN_FWD_ENTRY(joint_attn_fwd_h1_d64_vfused, 256, 1, attn_h::fwd_h1<64, 2, 128, 2, 3>)
+ATTN_FWD_ENTRY(joint_attn_fwd_h1_d128, 256, 1, attn_h::fwd_h1<128, 2, 64, 2, 1>)
+ATTN_FWD_ENTRY(joint_attn_fwd_h1_d128_vfused, 256, 1, attn_h::fwd_h1<128, 2, 64, 2, 3>)
+ATTN_FWD_ENTRY(joint_attn_fwd_h2_d64, 256, 1, attn_h::fwd_h2<64, 2, 128, 1>)
+ATTN_FWD_ENTRY(joint_attn_fwd_h2_d64_vfused, 256, 1, attn_h::fwd_h2<64, 2, 128, 3>)
+ATTN_FWD_ENTRY(joint_attn_fwd_h2_d128, 256, 1, attn_h::fwd_h2<128, 2, 64, 1>)
+ATTN_FWD_ENTRY(joint_attn_fwd_h2_d128_vfused, 256, 1, attn_h::fwd_h2<128, 2, 64, 3>)
+// Forward H3: a producer and 2 consumer groups, 4 stages.
+ATTN_FWD_ENTRY(joint_attn_fwd_h3_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 1>)
+ATTN_FWD_ENTRY(joint_attn_fwd_h3_d64_vfused, 384, 1, attn_h::fwd_h3<64, 128, 4, 3>)
+ATTN_FWD_ENTRY(joint_attn_fwd_h3_d128, 384, 1, attn_h::fwd_h3<128, 64, 4, 1>)
+ATTN_FWD_ENTRY(joint_attn_fwd_h3_d128_vfused, 384, 1, attn_h::fwd_h3<128, 64, 4, 3>)
+// Backward H1, H2 (bwd_h1 without and with PIPE): 2 groups of 64 keys, 64-query tiles in 2 stages,
+// one and two dSᵀ tiles.
+ATTN_BWD_ENTRY(joint_attn_bwd_h1_d64, 256, 1, attn_h::bwd_h1<64, 1, false>)
+ATTN_BWD_ENTRY(joint_attn_bwd_h1_d64_vfused, 256, 1, attn_h::bwd_h1<64, 3, false>)
+ATTN_BWD_ENTRY(joint_attn_bwd_h1_d128, 256, 1, attn_h::bwd_h1<128, 1, false>)
+ATTN_BWD_ENTRY(joint_attn_bwd_h1_d128_vfused, 256, 1, attn_h::bwd_h1<128, 3, false>)
+ATTN_BWD_ENTRY(joint_attn_bwd_h2_d64, 256, 1, attn_h::bwd_h1<64, 1, true>)
+ATTN_BWD_ENTRY(joint_attn_bwd_h2_d64_vfused, 256, 1, attn_h::bwd_h1<64, 3, true>)
+ATTN_BWD_ENTRY(joint_attn_bwd_h2_d128, 256, 1, attn_h::bwd_h1<128, 1, true>)
+ATTN_BWD_ENTRY(joint_attn_bwd_h2_d128_vfused, 256, 1, attn_h::bwd_h1<128, 3, true>)
+// Backward H3 (D = 64): a producer and 2 consumer groups.
+ATTN_BWD_ENTRY(joint_attn_bwd_h3_d64, 384, 1, attn_h::bwd_h3<1>)
+ATTN_BWD_ENTRY(joint_attn_bwd_h3_d64_vfused, 384, 1, attn_h::bwd_h3<3>)
