@@ -46,6 +46,25 @@ __device__ __forceinline__ void load_tile_sw(unsigned char* s, const bf16* __res
     }
 }
 
+// S (64 query rows × KN keys) = Q·Kᵀ over D: this group's Q rows at `q_rows` (a QT-row tile),
+// the key tile at `k_rows`, both K-major.
+template <int D, int KN, int QT>
+__device__ __forceinline__ void fwd_issue_s(float (&s)[KN / 2], uint32_t q_rows, uint32_t k_rows) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++)
+        wgmma_ss<KN, 0, 0>(s, wgmma_desc(q_rows + (kk / 4) * QT * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128),
+                           wgmma_desc(k_rows + (kk / 4) * KN * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128), kk > 0);
+}
+
+// O += P·V: KN/16 steps of k16 over the keys, P from registers, V's rows 16c.. MN-major (the D = 128
+// halves KN·128 bytes apart: the descriptor's leading-dimension offset).
+template <int D, int KN>
+__device__ __forceinline__ void fwd_issue_pv(float* o, const uint32_t (&p)[KN / 16][4], uint32_t v_rows) {
+#pragma unroll
+    for (int c = 0; c < KN / 16; c++)
+        wgmma_rs<D, 1>(o, p[c], wgmma_desc(v_rows + c * 16 * 128, KN * 128, 1024, kSwizzle128), 1);
+}
+
 // Tile i's online softmax on S's accumulator fragments (rows g and g + 8 of this warp, as in
 // attention.cu's fwd_v3): keys ≥ krows masked, the reference maximum moved lazily (O and l
 // rescaled, after waiting for any product still writing O), the row sums added to l, and P
@@ -204,28 +223,16 @@ __device__ __forceinline__ void fwd_h1(bf16* __restrict__ oa, bf16* __restrict__
         const int krows = min(KN, kt_i < ntiles<KN>(La) ? La - kt_i * KN : Lb - (kt_i - ntiles<KN>(La)) * KN);
         const uint32_t k_st = k_addr + st * KVBYTES, v_st = v_addr + st * KVBYTES;
 
-        // S = Q·Kᵀ: D/16 steps of k16.
         float s[KN / 2];
         wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            const uint64_t dq = wgmma_desc(q_addr + (kk / 4) * QT * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128);
-            const uint64_t dk = wgmma_desc(k_st + (kk / 4) * KN * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128);
-            wgmma_ss<KN, 0, 0>(s, dq, dk, kk > 0);
-        }
+        fwd_issue_s<D, KN, QT>(s, q_addr, k_st);
         wgmma_commit();
         wgmma_wait<0>();
 
         uint32_t pa[KN / 16][4];
         softmax_to_p<D, KN>(s, o, ms, l, pa, krows, t, scale_log2);
-        // O += P·V: KN/16 steps of k16 over the keys; V rows 16c.. of this stage, MN-major
-        // (the D = 128 halves KN·128 bytes apart: the descriptor's leading-dimension offset).
         wgmma_fence();
-#pragma unroll
-        for (int c = 0; c < KN / 16; c++) {
-            const uint64_t dv = wgmma_desc(v_st + c * 16 * 128, KN * 128, 1024, kSwizzle128);
-            wgmma_rs<D, 1>(o, pa[c], dv, 1);
-        }
+        fwd_issue_pv<D, KN>(o, pa, v_st);
         wgmma_commit();
         wgmma_wait<0>();
         __syncthreads();  // every group is done with this stage before it is refilled
@@ -306,11 +313,7 @@ __device__ __forceinline__ void fwd_h2(bf16* __restrict__ oa, bf16* __restrict__
         if (i == nkt) {
             const uint32_t v_last = v_addr + ((i - 1) % STAGES) * KVBYTES;
             wgmma_fence();
-#pragma unroll
-            for (int c = 0; c < KN / 16; c++) {
-                const uint64_t dv = wgmma_desc(v_last + c * 16 * 128, KN * 128, 1024, kSwizzle128);
-                wgmma_rs<D, 1>(R.o, pv[c], dv, 1);
-            }
+            fwd_issue_pv<D, KN>(R.o, pv, v_last);
             wgmma_commit();
             wgmma_wait<0>();
             return;
@@ -326,20 +329,9 @@ __device__ __forceinline__ void fwd_h2(bf16* __restrict__ oa, bf16* __restrict__
 
         float s[KN / 2];
         wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            const uint64_t dq = wgmma_desc(q_addr + (kk / 4) * QT * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128);
-            const uint64_t dk = wgmma_desc(k_st + (kk / 4) * KN * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128);
-            wgmma_ss<KN, 0, 0>(s, dq, dk, kk > 0);
-        }
+        fwd_issue_s<D, KN, QT>(s, q_addr, k_st);
         wgmma_commit();
-        if (i > 0) {
-#pragma unroll
-            for (int c = 0; c < KN / 16; c++) {
-                const uint64_t dv = wgmma_desc(v_prev + c * 16 * 128, KN * 128, 1024, kSwizzle128);
-                wgmma_rs<D, 1>(R.o, pv[c], dv, 1);
-            }
-        }
+        if (i > 0) fwd_issue_pv<D, KN>(R.o, pv, v_prev);
         wgmma_commit();
         wgmma_wait<1>();  // S_i complete; P_{i−1}·V_{i−1} may still run
 
@@ -464,11 +456,7 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
         if (i == nkt) {
             named_bar_sync(1 + c, CT);
             wgmma_fence();
-#pragma unroll
-            for (int cc = 0; cc < KN / 16; cc++) {
-                const uint64_t dv = wgmma_desc(v_prev + cc * 16 * 128, KN * 128, 1024, kSwizzle128);
-                wgmma_rs<D, 1>(R.o, pv[cc], dv, 1);
-            }
+            fwd_issue_pv<D, KN>(R.o, pv, v_prev);
             wgmma_commit();
             named_bar_arrive(2 - c, CT);
             wgmma_wait<0>();
@@ -480,20 +468,9 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
         float s[KN / 2];
         named_bar_sync(1 + c, CT);
         wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            const uint64_t dq = wgmma_desc(q_at + (kk / 4) * QT * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128);
-            const uint64_t dk = wgmma_desc(k_st + (kk / 4) * KN * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128);
-            wgmma_ss<KN, 0, 0>(s, dq, dk, kk > 0);
-        }
+        fwd_issue_s<D, KN, QT>(s, q_at, k_st);
         wgmma_commit();
-        if (i > 0) {
-#pragma unroll
-            for (int cc = 0; cc < KN / 16; cc++) {
-                const uint64_t dv = wgmma_desc(v_prev + cc * 16 * 128, KN * 128, 1024, kSwizzle128);
-                wgmma_rs<D, 1>(R.o, pv[cc], dv, 1);
-            }
-        }
+        if (i > 0) fwd_issue_pv<D, KN>(R.o, pv, v_prev);
         wgmma_commit();
         named_bar_arrive(2 - c, CT);
         wgmma_wait<1>();  // S_i complete; P_{i−1}·V_{i−1} may still run
