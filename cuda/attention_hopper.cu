@@ -46,6 +46,20 @@ __device__ __forceinline__ void load_tile_sw(unsigned char* s, const bf16* __res
     }
 }
 
+// Key tile i (of KN rows, streams a then b) of K and V into the swizzled tiles sK, sV by NT
+// threads, asynchronously (the caller commits).
+template <int D, int KN, int NT, int VMUL>
+__device__ __forceinline__ void load_kv_tile(unsigned char* sK, unsigned char* sV, int i, const bf16* __restrict__ ka,
+                                             const bf16* __restrict__ va, const bf16* __restrict__ kb,
+                                             const bf16* __restrict__ vb, int La, int Lb, int b, int H, int h) {
+    const Tile kt = tile_of<KN>(i, La, Lb);
+    const int Lk = kt.stream == 0 ? La : Lb;
+    const long long ld = (long long)H * D, k_off = row_offset(b, Lk, kt.row0, H, h, D);
+    load_tile_sw<D, KN, NT>(sK, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
+    load_tile_sw<D, KN, NT>(sV, (kt.stream == 0 ? va : vb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld), VMUL * ld,
+                            kt.rows);
+}
+
 // S (64 query rows × KN keys) = Q·Kᵀ over D: this group's Q rows at `q_rows` (a QT-row tile),
 // the key tile at `k_rows`, both K-major.
 template <int D, int KN, int QT>
@@ -176,13 +190,7 @@ __device__ __forceinline__ void fwd_h1(bf16* __restrict__ oa, bf16* __restrict__
     const long long q_off = row_offset(b, Lq, qt.row0, H, h, D);
 
     auto issue_kv = [&](int i, int st) {
-        const Tile kt = tile_of<KN>(i, La, Lb);
-        const int Lk = kt.stream == 0 ? La : Lb;
-        const long long k_off = row_offset(b, Lk, kt.row0, H, h, D);
-        load_tile_sw<D, KN, NT>(sK0 + st * KVBYTES, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
-        load_tile_sw<D, KN, NT>(sV0 + st * KVBYTES,
-                                (kt.stream == 0 ? va : vb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld), VMUL * ld,
-                                kt.rows);
+        load_kv_tile<D, KN, NT, VMUL>(sK0 + st * KVBYTES, sV0 + st * KVBYTES, i, ka, va, kb, vb, La, Lb, b, H, h);
     };
 
     const int nkt = ntiles<KN>(La) + ntiles<KN>(Lb);
@@ -284,13 +292,7 @@ __device__ __forceinline__ void fwd_h2(bf16* __restrict__ oa, bf16* __restrict__
     const long long q_off = row_offset(b, Lq, qt.row0, H, h, D);
 
     auto issue_kv = [&](int i, int st) {
-        const Tile kt = tile_of<KN>(i, La, Lb);
-        const int Lk = kt.stream == 0 ? La : Lb;
-        const long long k_off = row_offset(b, Lk, kt.row0, H, h, D);
-        load_tile_sw<D, KN, NT>(sK0 + st * KVBYTES, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
-        load_tile_sw<D, KN, NT>(sV0 + st * KVBYTES,
-                                (kt.stream == 0 ? va : vb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld), VMUL * ld,
-                                kt.rows);
+        load_kv_tile<D, KN, NT, VMUL>(sK0 + st * KVBYTES, sV0 + st * KVBYTES, i, ka, va, kb, vb, La, Lb, b, H, h);
     };
 
     const int nkt = ntiles<KN>(La) + ntiles<KN>(Lb);
@@ -416,13 +418,7 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
         for (int i = 0; i < nkt; i++) {
             const int st = i % STAGES;
             if (i >= STAGES) mbar_wait(&empty[st], ((i / STAGES) - 1) & 1);
-            const Tile kt = tile_of<KN>(i, La, Lb);
-            const int Lk = kt.stream == 0 ? La : Lb;
-            const long long k_off = row_offset(b, Lk, kt.row0, H, h, D);
-            load_tile_sw<D, KN, PT>(sK0 + st * KVBYTES, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
-            load_tile_sw<D, KN, PT>(sV0 + st * KVBYTES,
-                                    (kt.stream == 0 ? va : vb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld),
-                                    VMUL * ld, kt.rows);
+            load_kv_tile<D, KN, PT, VMUL>(sK0 + st * KVBYTES, sV0 + st * KVBYTES, i, ka, va, kb, vb, La, Lb, b, H, h);
             cp_async_commit();
             if (i - LAG >= -1) {
                 cp_async_wait<LAG>();
