@@ -4,11 +4,11 @@
 // (its top comment describes them), with every product on wgmma (common.cuh) instead of
 // mma.sync. CPU twin: src/kernels/attention.rs.
 //
-//   joint_attn_fwd_h{1,2}_d{64,128}[_vfused]   O (two buffers) and lse [B, H, La+Lb]
-//                                              (FwdVariant::H1, H2)
-//   joint_attn_bwd_h{1,2}_d{64,128}[_vfused]   dK, dV (bf16) per 128-key tile, dQ into the f32
-//                                              accumulators (BwdVariant::H1, H2; the section
-//                                              "Backward" below)
+//   joint_attn_fwd_h{1,2,3}_d{64,128}[_vfused]  O (two buffers) and lse [B, H, La+Lb]
+//                                               (FwdVariant::H1, H2, H3)
+//   joint_attn_bwd_h{1,2}_d{64,128}[_vfused],   dK, dV (bf16) per 128-key tile, dQ into the f32
+//   joint_attn_bwd_h3_d64[_vfused]              accumulators (BwdVariant::H1, H2, H3; the section
+//                                               "Backward" below)
 //
 // Forward:
 // A block is NWG warpgroups of 64 query rows (warp w of a group owns rows 16w..16w+15); the key
@@ -19,9 +19,9 @@
 // S = Q·Kᵀ and V the MN-major B operand of O += P·V with no transposition anywhere. Per key tile:
 // S (64 × KN per group, f32 in registers) by D/16 wgmma; the lazy-rescaled online softmax of
 // attention.cu's fwd_v3 on S's fragments; P rounded to bf16 in registers as the A operand of
-// KN/16 register-sourced wgmma into O. This first Hopper version waits for each product before
-// the next (no overlap of softmax and MMA across warpgroups, no TMA): the step after it is
-// FlashAttention-3's ping-pong scheduling.
+// KN/16 register-sourced wgmma into O. H1 waits for each product before the next; H2 overlaps
+// one tile's P·V with the next tile's softmax; H3 adds FlashAttention-3's warp specialization
+// and ping-pong scheduling (fwd_h3's comment). None uses TMA yet.
 #include "attention_common.cuh"
 
 namespace attn_h {
