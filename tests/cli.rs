@@ -4,8 +4,14 @@
 use std::process::Command;
 
 fn advdmd(args: &[&str]) -> std::process::Output {
+    advdmd_env(args, &[])
+}
+
+/// `advdmd args` with environment variables `env` set.
+fn advdmd_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_advdmd"))
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("running advdmd")
 }
@@ -47,11 +53,7 @@ fn unknown_subcommand_is_a_clean_error() {
 /// error that names the accepted values, before any work.
 #[test]
 fn bad_attention_variant_env_is_an_error() {
-    let out = Command::new(env!("CARGO_BIN_EXE_advdmd"))
-        .arg("info")
-        .env("ADVDMD_ATTN_FWD", "h9")
-        .output()
-        .unwrap();
+    let out = advdmd_env(&["info"], &[("ADVDMD_ATTN_FWD", "h9")]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -60,12 +62,10 @@ fn bad_attention_variant_env_is_an_error() {
     );
     // a valid choice is what `info` reports the model path launches (K128 is what V3 runs at
     // d128 by default)
-    let out = Command::new(env!("CARGO_BIN_EXE_advdmd"))
-        .args(["info", "--json"])
-        .env("ADVDMD_ATTN_FWD", "H3")
-        .env("ADVDMD_ATTN_BWD", "h2")
-        .output()
-        .unwrap();
+    let out = advdmd_env(
+        &["info", "--json"],
+        &[("ADVDMD_ATTN_FWD", "H3"), ("ADVDMD_ATTN_BWD", "h2")],
+    );
     assert!(
         out.status.success(),
         "{}",

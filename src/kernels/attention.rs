@@ -721,6 +721,15 @@ pub mod dev {
         check("ADVDMD_ATTN_BWD", &BwdVariant::ALL)
     }
 
+    /// `all` less the variants `is_hopper` names when [`hopper_disabled`].
+    fn without_hopper<V: Copy>(all: &[V], is_hopper: impl Fn(V) -> bool) -> Vec<V> {
+        let drop = hopper_disabled();
+        all.iter()
+            .copied()
+            .filter(|&v| !(drop && is_hopper(v)))
+            .collect()
+    }
+
     /// Whether `ADVDMD_ATTN_NO_HOPPER=1` leaves the wgmma variants (attention_hopper.cu) out of
     /// [`FwdVariant::enabled`] and [`BwdVariant::enabled`]. `tools/gpu-check.sh` sets it after
     /// its `hopper` step fails: a wgmma kernel that faults leaves a sticky error in the process's
@@ -769,13 +778,9 @@ pub mod dev {
         /// [`Self::ALL`] less the wgmma variants under `ADVDMD_ATTN_NO_HOPPER=1` (see
         /// [`hopper_disabled`]): what tests and the bench iterate.
         pub fn enabled() -> Vec<FwdVariant> {
-            Self::ALL
-                .into_iter()
-                .filter(|v| {
-                    !(hopper_disabled()
-                        && matches!(v, FwdVariant::H1 | FwdVariant::H2 | FwdVariant::H3))
-                })
-                .collect()
+            without_hopper(&Self::ALL, |v| {
+                matches!(v, FwdVariant::H1 | FwdVariant::H2 | FwdVariant::H3)
+            })
         }
 
         /// Every variant, for tests and the bench.
@@ -873,13 +878,9 @@ pub mod dev {
         /// [`Self::ALL`] less the wgmma variants under `ADVDMD_ATTN_NO_HOPPER=1` (see
         /// [`hopper_disabled`]): what tests and the bench iterate.
         pub fn enabled() -> Vec<BwdVariant> {
-            Self::ALL
-                .into_iter()
-                .filter(|v| {
-                    !(hopper_disabled()
-                        && matches!(v, BwdVariant::H1 | BwdVariant::H2 | BwdVariant::H3))
-                })
-                .collect()
+            without_hopper(&Self::ALL, |v| {
+                matches!(v, BwdVariant::H1 | BwdVariant::H2 | BwdVariant::H3)
+            })
         }
 
         /// Every variant, for tests and the bench.
