@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::emu;
+use super::emu_graph::{self, CaptureSlot, EmuGraph, Op};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -104,6 +105,7 @@ impl KernelArgs {
         self
     }
     /// One pointer per argument, into this list's own slots (valid while `self` is borrowed).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     fn pointers(&mut self) -> Vec<*mut c_void> {
         self.slots
             .iter_mut()
@@ -186,10 +188,12 @@ pub struct KernelDevice {
 /// Bytes of the buffers this device handed out and not yet dropped, and their high-water mark:
 /// the engine's own device memory (not the driver's, cuBLASLt's workspace or pool slack), the
 /// same on a GPU and under the emulator.
+/// Also the emulator's capture state, which a buffer's drop must reach.
 #[derive(Default)]
 struct MemoryCounter {
     live: AtomicUsize,
     peak: AtomicUsize,
+    capture: CaptureSlot,
 }
 
 impl MemoryCounter {
@@ -219,6 +223,8 @@ pub struct DevBuf<T> {
     owner: Owner,
     /// The counter this buffer's bytes were added to (`None` for views).
     counted: Option<Arc<MemoryCounter>>,
+    /// The emulator capture it was allocated in (0: none).
+    born: u64,
     _t: PhantomData<T>,
 }
 
@@ -254,10 +260,25 @@ impl<T> DevBuf<T> {
                 len,
                 owner: Owner::View,
                 counted: None,
+                born: 0,
                 _t: PhantomData,
             },
             _parent: PhantomData,
         })
+    }
+
+    /// A view of the same memory that borrows nothing, for work recorded into an emulator graph
+    /// (which outlives the borrow). The caller keeps the memory alive for as long as the alias
+    /// is used — a graph's replays, as on a GPU.
+    pub(crate) fn alias(&self) -> DevBuf<T> {
+        DevBuf {
+            ptr: self.ptr,
+            len: self.len,
+            owner: Owner::View,
+            counted: None,
+            born: 0,
+            _t: PhantomData,
+        }
     }
 }
 
@@ -279,8 +300,13 @@ impl<T> Drop for DevBuf<T> {
         if let Some(c) = &self.counted {
             c.sub(self.bytes());
         }
-        match &self.owner {
-            Owner::Host(_) | Owner::View => {}
+        match &mut self.owner {
+            Owner::Host(host) => {
+                if let Some(c) = &self.counted {
+                    c.capture.freed(self.born, Some(std::mem::take(host)));
+                }
+            }
+            Owner::View => {}
             #[cfg(feature = "cuda")]
             Owner::Gpu(rt) => rt.free(self.ptr),
         }
@@ -381,6 +407,7 @@ impl KernelDevice {
                     len,
                     owner: Owner::Host(host),
                     counted: Some(self.counted(bytes)),
+                    born: self.memory.capture.allocated(),
                     _t: PhantomData,
                 })
             }
@@ -390,6 +417,7 @@ impl KernelDevice {
                 len,
                 owner: Owner::Gpu(rt.clone()),
                 counted: Some(self.counted(bytes)),
+                born: 0,
                 _t: PhantomData,
             }),
         }
@@ -404,11 +432,10 @@ impl KernelDevice {
 
     pub fn memset_zero<T: Pod>(&self, b: &DevBuf<T>) -> KernelResult<()> {
         match &self.backend {
-            Backend::Emulator => {
-                // SAFETY: `b` owns `b.bytes()` bytes of host memory at `b.ptr`.
-                unsafe { std::ptr::write_bytes(b.ptr as *mut u8, 0, b.bytes()) };
-                Ok(())
-            }
+            Backend::Emulator => self.run_or_record(Op::Memset {
+                ptr: b.ptr,
+                bytes: b.bytes(),
+            }),
             #[cfg(feature = "cuda")]
             Backend::Gpu(rt) => rt.memset_zero(b.ptr, b.bytes()),
         }
@@ -431,6 +458,7 @@ impl KernelDevice {
         let src: &[u8] = bytemuck::cast_slice(host);
         match &self.backend {
             Backend::Emulator => {
+                self.memory.capture.forbid("an upload")?;
                 // SAFETY: `b` owns exactly `src.len()` bytes at `b.ptr`; the regions are disjoint.
                 unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), b.ptr as *mut u8, src.len()) };
                 Ok(())
@@ -446,6 +474,7 @@ impl KernelDevice {
         let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut host);
         match &self.backend {
             Backend::Emulator => {
+                self.memory.capture.forbid("a download")?;
                 // SAFETY: as in `copy_to_device`.
                 unsafe {
                     std::ptr::copy_nonoverlapping(b.ptr as *const u8, dst.as_mut_ptr(), dst.len())
@@ -465,21 +494,21 @@ impl KernelDevice {
                 "{kernel}: bad launch {cfg:?}"
             )));
         }
-        let mut ptrs = args.pointers();
         match &self.backend {
-            Backend::Emulator => {
-                emu::emu_launch(kernel, cfg.grid, cfg.block, cfg.shared_bytes, &mut ptrs)?;
-                Ok(())
-            }
+            Backend::Emulator => self.run_or_record(Op::Launch {
+                kernel: kernel.to_string(),
+                cfg,
+                slots: std::mem::take(&mut args.slots),
+            }),
             #[cfg(feature = "cuda")]
-            Backend::Gpu(rt) => rt.launch(kernel, cfg, &mut ptrs),
+            Backend::Gpu(rt) => rt.launch(kernel, cfg, &mut args.pointers()),
         }
     }
 
     /// Waits for every queued launch and reports the first asynchronous error.
     pub fn synchronize(&self) -> KernelResult<()> {
         match &self.backend {
-            Backend::Emulator => Ok(()),
+            Backend::Emulator => self.memory.capture.forbid("a synchronisation"),
             #[cfg(feature = "cuda")]
             Backend::Gpu(rt) => rt.synchronize(),
         }
@@ -504,31 +533,58 @@ impl KernelDevice {
         }
     }
 
-    /// Records the launches `work` queues into a [`DeviceGraph`] to replay later: `Ok(None)`
-    /// under the emulator (which has no graphs: the caller runs `work` itself, and nothing has
-    /// run here). On a GPU nothing runs until [`DeviceGraph::launch`]; buffers `work` allocates
-    /// and drops become the graph's own, allocated and freed at each replay.
-    pub fn capture(
-        &self,
-        work: impl FnOnce() -> KernelResult<()>,
-    ) -> KernelResult<Option<DeviceGraph>> {
+    /// Records the work `work` queues into a [`DeviceGraph`] to replay later; nothing runs until
+    /// [`DeviceGraph::launch`], on a GPU and under the emulator alike (whose recorder also
+    /// enforces the capture rules, `device::emu_graph`). Buffers `work` allocates and drops become
+    /// the graph's own, allocated and freed at each replay; buffers it reads or writes that were
+    /// allocated before must stay alive while the graph is used.
+    pub fn capture(&self, work: impl FnOnce() -> KernelResult<()>) -> KernelResult<DeviceGraph> {
         match &self.backend {
             Backend::Emulator => {
-                let _ = work;
-                Ok(None)
+                let slot = &self.memory.capture;
+                slot.begin()?;
+                if let Err(e) = work() {
+                    slot.abort();
+                    return Err(e);
+                }
+                Ok(DeviceGraph {
+                    inner: GraphInner::Emu(slot.end()?),
+                })
             }
             #[cfg(feature = "cuda")]
-            Backend::Gpu(rt) => Ok(Some(DeviceGraph {
-                graph: rt.capture(work)?,
-            })),
+            Backend::Gpu(rt) => Ok(DeviceGraph {
+                inner: GraphInner::Gpu(rt.capture(work)?),
+            }),
         }
     }
 
-    /// Device milliseconds of the launches `work` queues, replayed from a CUDA graph so the host's
-    /// launch gaps are not counted (GPU); the host clock under the emulator.
+    /// Runs `op` now, or records it when a capture is running (emulator).
+    fn run_or_record(&self, op: Op) -> KernelResult<()> {
+        match self.memory.capture.record(op) {
+            Some(op) => emu_graph::run(&op),
+            None => Ok(()),
+        }
+    }
+
+    /// Work the emulator does on the host in place of a device call (its GEMMs): run now, or
+    /// recorded into the running capture. `step` reaches device memory through
+    /// [`DevBuf::alias`]es, and may copy to and from it (it runs outside any capture).
+    pub(crate) fn emulated_host_step(
+        &self,
+        step: impl Fn() -> KernelResult<()> + Send + Sync + 'static,
+    ) -> KernelResult<()> {
+        self.run_or_record(Op::Host(Box::new(step)))
+    }
+
+    /// Device milliseconds of the launches `work` queues, replayed from a graph so the host's
+    /// launch gaps are not counted (GPU); the host clock over one replay under the emulator.
     pub fn time_graph_ms(&self, work: impl FnOnce() -> KernelResult<()>) -> KernelResult<f32> {
         match &self.backend {
-            Backend::Emulator => self.time_ms(work),
+            Backend::Emulator => {
+                let graph = self.capture(work)?;
+                graph.launch()?;
+                self.time_ms(|| graph.launch())
+            }
             #[cfg(feature = "cuda")]
             Backend::Gpu(rt) => rt.time_graph_ms(work),
         }
@@ -552,20 +608,31 @@ impl KernelDevice {
 /// Launches recorded once by [`KernelDevice::capture`], replayed as one unit: thousands of
 /// kernels without a host launch gap between them.
 pub struct DeviceGraph {
+    inner: GraphInner,
+}
+
+enum GraphInner {
+    Emu(EmuGraph),
     #[cfg(feature = "cuda")]
-    graph: super::cuda::CudaGraph,
+    Gpu(super::cuda::CudaGraph),
 }
 
 impl DeviceGraph {
-    /// Queues one replay on the device's stream.
+    /// Queues one replay on the device's stream (runs it, under the emulator).
     pub fn launch(&self) -> KernelResult<()> {
-        #[cfg(feature = "cuda")]
-        {
-            self.graph.launch()
+        match &self.inner {
+            GraphInner::Emu(g) => g.replay(),
+            #[cfg(feature = "cuda")]
+            GraphInner::Gpu(g) => g.launch(),
         }
-        #[cfg(not(feature = "cuda"))]
-        {
-            Ok(())
+    }
+
+    /// Pieces of work recorded (emulator); `None` on a GPU, which does not say.
+    pub fn recorded_ops(&self) -> Option<usize> {
+        match &self.inner {
+            GraphInner::Emu(g) => Some(g.len()),
+            #[cfg(feature = "cuda")]
+            GraphInner::Gpu(_) => None,
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod cublaslt;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod emu;
+pub mod emu_graph;
 pub mod kernel;
 
 use std::fmt;

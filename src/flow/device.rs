@@ -41,7 +41,7 @@ pub fn sample_euler(
 /// with `graph` on a GPU — the whole K-step loop is recorded into a CUDA graph and each later
 /// sample is one graph launch, with no host launch gap between its kernels. The first sample
 /// runs the loop directly (it loads the kernel modules and cuBLASLt's plans, which a capture may
-/// not do); the second records the graph. Under the emulator the loop always runs directly.
+/// not do); the second records the graph. The emulator records and replays the graph too.
 pub struct EulerPlan<'m> {
     model: &'m DeviceMmdit,
     sigmas: Vec<f32>,
@@ -65,7 +65,7 @@ struct PlanState {
 
 impl<'m> EulerPlan<'m> {
     /// A plan over `sigmas` (`K + 1` values), guided with `scale` when given; `graph`: replay
-    /// the loop from a CUDA graph after the first sample (GPU only).
+    /// the loop from a CUDA graph after the first sample.
     pub fn new(
         model: &'m DeviceMmdit,
         sigmas: &[f32],
@@ -150,7 +150,7 @@ impl<'m> EulerPlan<'m> {
         }
         let (model, sigmas, w) = (self.model, &self.sigmas, self.scale);
         if self.graph && st.samples >= 1 && st.graph.is_none() {
-            st.graph = dev.capture(|| euler_steps(model, st, sigmas, w))?;
+            st.graph = Some(dev.capture(|| euler_steps(model, st, sigmas, w))?);
         }
         match &st.graph {
             Some(g) => g.launch()?,

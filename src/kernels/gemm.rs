@@ -208,7 +208,19 @@ pub mod dev {
         if let Some(r) = dev.gpu_gemm(&spec, &ptrs, GemmOut::Bf16) {
             return r.map(|_| ());
         }
-        gemm_cpu(dev, spec, a, b, c, &ep)
+        // the emulator's GEMM runs on the host, or is recorded into a running capture
+        let (a, b, c) = (a.alias(), b.alias(), c.alias());
+        let alias = |x: Option<&DevBuf<bf16>>| x.map(DevBuf::alias);
+        let (bias, aux, bias_grad) = (alias(ep.bias), alias(ep.aux), alias(ep.bias_grad));
+        let d = dev.clone();
+        dev.emulated_host_step(move || {
+            let ep = EpilogueBufs {
+                bias: bias.as_ref(),
+                aux: aux.as_ref(),
+                bias_grad: bias_grad.as_ref(),
+            };
+            gemm_cpu(&d, spec, &a, &b, &c, &ep)
+        })
     }
 
     /// `c += op(a)·op(b)` into the f32 buffer `c` — a linear layer's weight gradient added
@@ -283,7 +295,10 @@ pub mod dev {
             Some(Err(e)) => return Err(e),
             None => {
                 dev.count_matmul_flops(2 * (m * n * k) as u64);
-                gemm_acc_cpu(dev, spec, a, b, c, bias_out.as_ref())?;
+                let (a, b, c) = (a.alias(), b.alias(), c.alias());
+                let out = bias_out.as_ref().map(DevBuf::alias);
+                let d = dev.clone();
+                dev.emulated_host_step(move || gemm_acc_cpu(&d, spec, &a, &b, &c, out.as_ref()))?;
             }
         }
         if let (Some(out), Some(g)) = (bias_out, bias_acc) {
