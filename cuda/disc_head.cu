@@ -12,6 +12,10 @@
 //                    pre-activation recomputed from x
 //   mean_pool_fwd:   out[b, c] = mean_s x[b, c, s]
 //   mean_pool_bwd:   dx[b, c, s] = dy[b, c] / S
+//   head_logits_fwd: logits[b] = Σ_c pooled[b, c]·w[c] + bias — the 1×1 convolution after the pool
+//                    (they commute), on the device so that a training step needs no host read
+//   head_logits_bwd: dpooled[b, c] = dl[b]·w[c]; with parameter gradients gw[c] += Σ_b dl[b]·pooled[b, c],
+//                    gb += Σ_b dl[b]
 //
 // One block per (b, g): a group is one contiguous run of C/G·S elements. The register kernels (`*_r<P>`) hold a whole group in
 // registers, P 16-byte packs per thread, so x (and dy) are read from memory exactly once, every load
@@ -564,5 +568,36 @@ extern "C" __global__ void mean_pool_bwd(bf16* __restrict__ dx, const float* __r
         }
     } else {
         for (long long e = t0; e < n; e += step) dx[e] = f2bf(dy[e / S] * inv);
+    }
+}
+
+// ---- The last 1×1 convolution, after the pool ----------------------------------------------------
+
+// B and h are small (a batch of logits, the head's width): one thread per logit, the sum over c in
+// order as the CPU twin's. grid: ceil(B / 256), block: 256.
+extern "C" __global__ void head_logits_fwd(float* __restrict__ logits, const float* __restrict__ pooled,
+                                           const bf16* __restrict__ w, const bf16* __restrict__ bias, int B, int h) {
+    const int b = blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= B) return;
+    float acc = 0.f;
+    for (int c = 0; c < h; c++) acc += pooled[(long long)b * h + c] * bf2f(w[c]);
+    logits[b] = acc + bf2f(bias[0]);
+}
+
+// grid: ceil(max(B·h, h + 1) / 256), block: 256. gw, gb: null without parameter gradients.
+extern "C" __global__ void head_logits_bwd(float* __restrict__ dpooled, float* __restrict__ gw, float* __restrict__ gb,
+                                           const float* __restrict__ dl, const float* __restrict__ pooled,
+                                           const bf16* __restrict__ w, int B, int h) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (long long)B * h) dpooled[i] = dl[i / h] * bf2f(w[i % h]);
+    if (gw && i < h) {
+        float acc = 0.f;
+        for (int b = 0; b < B; b++) acc += dl[b] * pooled[(long long)b * h + i];
+        gw[i] += acc;
+    }
+    if (gb && i == h) {
+        float acc = 0.f;
+        for (int b = 0; b < B; b++) acc += dl[b];
+        gb[0] += acc;
     }
 }

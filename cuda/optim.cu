@@ -7,7 +7,7 @@
 //   grad_sq_partial:     part[p] = Σ g² over block p's grid-stride share (f64 accumulation)
 //   grad_norm_finalize:  clip[0] = ‖g‖ = sqrt(Σ_p part[p]) (fixed order), clip[1] = the clip
 //                        factor max_norm/(‖g‖ + 1e-6) when ‖g‖ > max_norm > 0, else 1
-//   adamw_step:          with ĝ = g·clip[1]:  m ← β1·m + (1−β1)·ĝ,  v ← β2·v + (1−β2)·ĝ²,
+//   adamw_step:          (lr, bc1, bc2 read from the step's schedule in device memory) with ĝ = g·clip[1]:  m ← β1·m + (1−β1)·ĝ,  v ← β2·v + (1−β2)·ĝ²,
 //                        w ← w − lr·((m/bc1)/(sqrt(v/bc2) + eps) + wd·w)  (wd for i < n_decay,
 //                        0 after: the flat layout puts the decayed matrices first),
 //                        w_bf16 ← bf16(w),  ema ← d·ema + (1−d)·w
@@ -185,7 +185,7 @@ __device__ __forceinline__ void store_moments1(bf16* m, bf16* v, float fm, float
 template <typename M>
 __device__ __forceinline__ void adamw_body(float* __restrict__ w, bf16* __restrict__ w_bf16, M* __restrict__ m,
                                            M* __restrict__ v, float* __restrict__ ema, const float* __restrict__ g,
-                                           long long n, long long n_decay, const Hyper& h, uint32_t seed) {
+                                           long long n, long long n_decay, const Hyper h, uint32_t seed) {
     const long long t0 = (long long)blockIdx.x * blockDim.x + threadIdx.x, step = (long long)gridDim.x * blockDim.x;
     long long done = 0;
     if (aligned16(w) && aligned16(w_bf16) && aligned16(m) && aligned16(v) && aligned16(ema) && aligned16(g)) {
@@ -226,23 +226,26 @@ __device__ __forceinline__ void adamw_body(float* __restrict__ w, bf16* __restri
 }  // namespace optim
 
 // grid: ceil(n / 8 / OPT_THREADS) (any grid is correct), block: OPT_THREADS. clip: null (no
-// clipping) or the [norm, factor] pair written by grad_norm_finalize. bc1 = 1 − β1^t and
-// bc2 = 1 − β2^t come from the host in f32, as the CPU computes them.
-extern "C" __global__ void __launch_bounds__(OPT_THREADS)
+// clipping) or the [norm, factor] pair written by grad_norm_finalize. sched: the step's
+// [lr, bc1, bc2, seed bits] with bc1 = 1 − β1^t and bc2 = 1 − β2^t in f32 as the CPU computes them,
+// read from device memory so that a graph replayed step after step reads each step's own. (The
+// three scalars in registers instead of the parameter bank pushed ptxas's 64-register choice into a
+// 56-byte spill; min-blocks 1 lets it take 72: 3 blocks of 256 per SM instead of 4.)
+extern "C" __global__ void __launch_bounds__(OPT_THREADS, 1)
     adamw_step(float* __restrict__ w, bf16* __restrict__ w_bf16, float* __restrict__ m, float* __restrict__ v,
-               float* __restrict__ ema, const float* __restrict__ g, const float* __restrict__ clip, long long n,
-               long long n_decay, float lr, float beta1, float beta2, float eps, float weight_decay, float bc1,
-               float bc2, float ema_decay) {
-    const optim::Hyper h{lr, beta1, beta2, eps, weight_decay, bc1, bc2, ema_decay, clip ? clip[1] : 1.f};
+               float* __restrict__ ema, const float* __restrict__ g, const float* __restrict__ clip,
+               const float* __restrict__ sched, long long n, long long n_decay, float beta1, float beta2, float eps,
+               float weight_decay, float ema_decay) {
+    const optim::Hyper h{sched[0], beta1, beta2, eps, weight_decay, sched[1], sched[2], ema_decay, clip ? clip[1] : 1.f};
     optim::adamw_body(w, w_bf16, m, v, ema, g, n, n_decay, h, 0u);
 }
 
-// As adamw_step, with bf16 moments and the step's rounding seed.
+// As adamw_step, with bf16 moments rounded with the step's seed (sched[3]'s bits).
 extern "C" __global__ void __launch_bounds__(OPT_THREADS)
     adamw_step_bf16m(float* __restrict__ w, bf16* __restrict__ w_bf16, bf16* __restrict__ m, bf16* __restrict__ v,
-                     float* __restrict__ ema, const float* __restrict__ g, const float* __restrict__ clip, long long n,
-                     long long n_decay, float lr, float beta1, float beta2, float eps, float weight_decay, float bc1,
-                     float bc2, float ema_decay, unsigned seed) {
-    const optim::Hyper h{lr, beta1, beta2, eps, weight_decay, bc1, bc2, ema_decay, clip ? clip[1] : 1.f};
-    optim::adamw_body(w, w_bf16, m, v, ema, g, n, n_decay, h, seed);
+                     float* __restrict__ ema, const float* __restrict__ g, const float* __restrict__ clip,
+                     const float* __restrict__ sched, long long n, long long n_decay, float beta1, float beta2,
+                     float eps, float weight_decay, float ema_decay) {
+    const optim::Hyper h{sched[0], beta1, beta2, eps, weight_decay, sched[1], sched[2], ema_decay, clip ? clip[1] : 1.f};
+    optim::adamw_body(w, w_bf16, m, v, ema, g, n, n_decay, h, optim::float_bits(sched[3]));
 }

@@ -12,6 +12,8 @@
 //   add_bf16             y = a + b (y may be a)
 //   accumulate_f32_bf16  g += f32(x)
 //   accumulate_f32       g += x
+//   select_block_f32     dst = src[idx[slot]·len .. +len]: one of several stacked blocks, picked by an
+//                        index in device memory (a graph replays with the index its host staged)
 #include "common.cuh"
 
 namespace shape {
@@ -114,4 +116,11 @@ extern "C" __global__ void accumulate_f32_bf16(float* __restrict__ g, const bf16
 
 extern "C" __global__ void accumulate_f32(float* __restrict__ g, const float* __restrict__ x, long long n) {
     for (long long i = shape::thread_index(); i < n; i += shape::thread_count()) g[i] += x[i];
+}
+
+// grid-stride over len.
+extern "C" __global__ void select_block_f32(float* __restrict__ dst, const float* __restrict__ src,
+                                            const int* __restrict__ idx, int slot, long long len) {
+    const float* from = src + (long long)idx[slot] * len;
+    for (long long i = shape::thread_index(); i < len; i += shape::thread_count()) dst[i] = from[i];
 }

@@ -153,6 +153,7 @@ pub fn distill_device(
     device: &str,
     bf16_moments: bool,
     checkpoint_activations: bool,
+    graph: bool,
 ) -> advdmd::Result<
     Option<(
         advdmd::device::kernel::KernelDevice,
@@ -161,21 +162,23 @@ pub fn distill_device(
 > {
     use advdmd::device::kernel::KernelDevice;
     use advdmd::mmdit::device::Keep;
-    let dev =
-        match device {
-            "cpu" if bf16_moments || checkpoint_activations => return Err(advdmd::Error::Invalid(
-                "distill: --bf16-moments and --checkpoint-activations need --device cuda or emu"
+    let dev = match device {
+        "cpu" if bf16_moments || checkpoint_activations || graph => {
+            return Err(advdmd::Error::Invalid(
+                "distill: --bf16-moments, --checkpoint-activations and --graph need --device \
+                     cuda or emu"
                     .into(),
-            )),
-            "cpu" => return Ok(None),
-            "emu" => KernelDevice::emulator(),
-            _ => KernelDevice::gpu_if_available().ok_or_else(|| {
-                advdmd::Error::Invalid(format!(
-                    "distill --device cuda: no usable CUDA GPU ({})",
-                    advdmd::device::probe_cuda()
-                ))
-            })?,
-        };
+            ))
+        }
+        "cpu" => return Ok(None),
+        "emu" => KernelDevice::emulator(),
+        _ => KernelDevice::gpu_if_available().ok_or_else(|| {
+            advdmd::Error::Invalid(format!(
+                "distill --device cuda: no usable CUDA GPU ({})",
+                advdmd::device::probe_cuda()
+            ))
+        })?,
+    };
     let keep = if checkpoint_activations {
         Keep::BlockInputs
     } else {
@@ -183,6 +186,10 @@ pub fn distill_device(
     };
     Ok(Some((
         dev,
-        advdmd::train::advdmd_device::DeviceRunOptions { keep, bf16_moments },
+        advdmd::train::advdmd_device::DeviceRunOptions {
+            keep,
+            bf16_moments,
+            graph,
+        },
     )))
 }

@@ -131,6 +131,10 @@ enum Command {
         /// On a device: activation checkpointing of every differentiated forward.
         #[arg(long)]
         checkpoint_activations: bool,
+        /// On a device: replay each kind of iteration from a CUDA graph (recorded the second time
+        /// the kind runs; the emulator records and replays too).
+        #[arg(long)]
+        graph: bool,
         /// Prompts per iteration (M) and samples per prompt (G).
         #[arg(long, default_value_t = AdvDmdConfig::default().prompts)]
         prompts: usize,
@@ -347,6 +351,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             device,
             bf16_moments,
             checkpoint_activations,
+            graph,
             prompts,
             group,
             lr,
@@ -354,7 +359,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             eval_per_task,
         } => {
-            let device = cli::distill_device(&device, bf16_moments, checkpoint_activations)?;
+            let device = cli::distill_device(&device, bf16_moments, checkpoint_activations, graph)?;
             let config = AdvDmdConfig {
                 steps_per_sample: steps_per_sample as usize,
                 rho,

@@ -242,7 +242,7 @@ fn a_frozen_discriminator_follows_the_cpu_trainer() {
 }
 
 /// A run built on the device from a bare MMDiT (as `bench step` builds the SD3 presets), with
-/// activation checkpointing: iterations of every kind run, the generator and fake score move,
+/// activation checkpointing and graphs: iterations of every kind run, the generator and fake score move,
 /// the teacher and the EMA's distance from the generator behave.
 #[test]
 fn a_fresh_checkpointed_run_trains_the_generator_and_not_the_teacher() {
@@ -255,10 +255,12 @@ fn fresh_run(dev: &KernelDevice) {
     let dev = dev.clone();
     let shapes = common::tiny_shapes_model(1, true);
     let teacher = &shapes.mmdit;
-    // checkpointed, with bf16 moments: the configuration that fits SD3.5-medium in 80 GB
+    // checkpointed, with bf16 moments: the configuration that fits SD3.5-medium in 80 GB; the
+    // generator's kind recorded into a graph on its second run (iteration 2) and launched
     let opts = DeviceRunOptions {
         keep: Keep::BlockInputs,
         bf16_moments: true,
+        graph: true,
     };
     let mut run = DeviceAdvDmd::new(&dev, teacher, config(), opts).unwrap();
     let n_g = run.generator.n_trainable + run.fake.n_trainable + run.head.params.n_trainable;
@@ -280,7 +282,7 @@ fn fresh_run(dev: &KernelDevice) {
     };
     let g0 = get(&run.generator, &run.generator.master);
     let f0 = get(&run.fake, &run.fake.master);
-    for it in 0..2 {
+    for it in 0..3 {
         let m = run.step(&batch).unwrap();
         assert_eq!(m.generator_step, it % 2 == 0, "{m:?}");
         assert!(m.fake_loss.is_finite() && m.d_loss.is_finite(), "{m:?}");
@@ -344,6 +346,7 @@ fn a_saved_and_resumed_device_run_continues_exactly() {
     let opts = DeviceRunOptions {
         keep: Keep::All,
         bf16_moments: true,
+        graph: false,
     };
     let step = |run: &mut DeviceAdvDmd, host: &AdvDmd| {
         let b = shapes_batch(&host.teacher, 2, 2, &mut run.rng).unwrap();
@@ -407,5 +410,69 @@ fn a_saved_and_resumed_device_run_continues_exactly() {
             .filter(|(x, y)| x.to_bits() != y.to_bits())
             .count();
         assert_eq!(differ, 0, "{what}: {differ} of {} values differ", a.len());
+    }
+}
+
+/// Every kind of iteration replayed from a CUDA graph (`--graph`): a run recording each kind on
+/// its second occurrence and replaying it after gives a direct run's metrics, weights and EMA:
+/// bit for bit on the emulator (the replay runs the recorded launches on each iteration's newly
+/// staged draws and conditioning), within bf16 noise on a GPU. (The freeze's new kinds take the
+/// same path; `a_frozen_discriminator_follows_the_cpu_trainer` covers the freeze itself.)
+#[test]
+fn graph_replayed_iterations_equal_direct_ones() {
+    for dev in devices() {
+        // one prompt, two samples: the emulator's cheapest iteration that still has groups
+        let config = AdvDmdConfig {
+            prompts: 1,
+            ..config()
+        };
+        let host = AdvDmd::new(common::tiny_shapes_model(1, true), config);
+        let opts = |graph| DeviceRunOptions {
+            graph,
+            ..DeviceRunOptions::default()
+        };
+        let mut direct = DeviceAdvDmd::from_host(&dev, &host, opts(false)).unwrap();
+        let mut graphed = DeviceAdvDmd::from_host(&dev, &host, opts(true)).unwrap();
+        let mut rng = advdmd::Rng::new(9);
+        let exact = dev.is_emulator();
+        for it in 0..6 {
+            // new prompts and real samples each iteration: the replay must read them
+            let batch = shapes_batch(&host.teacher, 1, 2, &mut rng).unwrap();
+            let (a, b) = (direct.step(&batch).unwrap(), graphed.step(&batch).unwrap());
+            println!(
+                "iteration {it} on {} (generator {}, rl {}): direct d_loss {} / graphed {}",
+                dev.name(),
+                a.generator_step,
+                a.rl_step,
+                a.d_loss,
+                b.d_loss
+            );
+            if exact {
+                assert_eq!(format!("{a:?}"), format!("{b:?}"), "iteration {it}");
+            } else {
+                compare(it, &b, &a);
+            }
+        }
+        // kinds alternate (generator + RL, critic): each recorded at its second run (iterations
+        // 2, 3), replayed at its third (4, 5)
+        assert_eq!((direct.graph_replays(), graphed.graph_replays()), (0, 2));
+        let flat = |r: &DeviceAdvDmd| {
+            let mut v = dev.download(&r.generator.master).unwrap();
+            v.extend(dev.download(&r.fake.master).unwrap());
+            v.extend(dev.download(&r.head.params.master).unwrap());
+            v.extend(dev.download(&r.ema).unwrap());
+            v
+        };
+        let (a, b) = (flat(&direct), flat(&graphed));
+        if exact {
+            assert!(a == b, "weights differ after replays");
+        } else {
+            let worst = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs() / x.abs().max(1e-2))
+                .fold(0f32, f32::max);
+            assert!(worst < 5e-2, "weights differ by {worst}");
+        }
     }
 }

@@ -110,6 +110,8 @@ step sample-512 90 bash -c "$BIN/advdmd bench sample --device cuda --model sd3.5
 # whose generator + fake score + teacher + EMA need ~105 GB: an H200, or an error on an H100)
 step advdmd 90 "$BIN/advdmd-device-test" --test-threads=1 --nocapture
 step step-shapes 60 "$BIN/advdmd" bench step --device cuda --iters 3 --json
+# each kind of iteration replayed from a CUDA graph (recorded on its second run)
+step step-shapes-graph 60 "$BIN/advdmd" bench step --device cuda --iters 5 --graph --json
 step step-sd35m 150 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 2 --json
 # the distill loop on the device: 20 Shapes iterations, a checkpoint at 10, --resume to 30
 ADVDMD_TEACHER=assets/shapes-teacher step distill 90 bash -c "rm -rf /tmp/gc-distill && \
@@ -117,6 +119,7 @@ ADVDMD_TEACHER=assets/shapes-teacher step distill 90 bash -c "rm -rf /tmp/gc-dis
   $BIN/advdmd distill --device cuda --iterations 30 --checkpoint-every 10 --eval-per-task 10 --resume --out /tmp/gc-distill"
 # the memory plan's configuration (shared gradients, bf16 moments, checkpointing): ~72 GB + activations
 step step-sd35m-80g 150 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 2 --bf16-moments --checkpoint-activations --json
+step step-sd35m-80g-graph 180 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 3 --bf16-moments --checkpoint-activations --graph --json
 # SD3.5-large (8.1 B parameters) as a frozen bf16 model: the forward and a 4-step sample in 80 GB
 step mmdit-sd35l 180 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-large --res 1024 --batch 1 --iters 5 --forward-only --json
 step sample-sd35l 180 "$BIN/advdmd" bench sample --device cuda --model sd3.5-large --res 1024 --batch 1 --steps 4 --cfg 1 --iters 5 --graph --json
@@ -149,5 +152,5 @@ with open(f"{out}/report.md", "w") as f:
         f.write(f"| {p['kernel']} | {p['shape']} | {p['max_rel_err']:.2e} |\n")
 print(open(f"{out}/report.md").read()[-6000:])
 PY
-for s in hopper tests model mmdit-shapes mmdit-sd35m mmdit-sd35m-hopper mmdit-sd35m-base mmdit-sd35m-512 sample-sd35m sample-sd35m-graph sample-512 advdmd step-shapes distill step-sd35m step-sd35m-80g mmdit-sd35l sample-sd35l torch bench attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
+for s in hopper tests model mmdit-shapes mmdit-sd35m mmdit-sd35m-hopper mmdit-sd35m-base mmdit-sd35m-512 sample-sd35m sample-sd35m-graph sample-512 advdmd step-shapes step-shapes-graph distill step-sd35m step-sd35m-80g step-sd35m-80g-graph mmdit-sd35l sample-sd35l torch bench attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
 exit $status

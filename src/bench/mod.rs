@@ -264,6 +264,10 @@ pub struct StepArgs {
     /// Adam's moments in bf16 with stochastic rounding (device path only).
     #[arg(long)]
     pub bf16_moments: bool,
+    /// Replay each kind of iteration from a CUDA graph (device path only; recorded the second
+    /// time the kind runs).
+    #[arg(long)]
+    pub graph: bool,
 }
 
 #[derive(Clone, Debug, clap::Subcommand)]

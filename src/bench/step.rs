@@ -84,10 +84,15 @@ pub fn run(a: &StepArgs, teacher: &Path) -> Result<Report> {
     if let Some((dev, kind)) = super::kernel_device(a.common.device, "step")? {
         return device::run(a, teacher, config, &dev, kind);
     }
-    if a.model != Preset::Shapes || a.res.is_some() || a.checkpoint_activations || a.bf16_moments {
+    if a.model != Preset::Shapes
+        || a.res.is_some()
+        || a.checkpoint_activations
+        || a.bf16_moments
+        || a.graph
+    {
         return Err(Error::Invalid(
             "bench step on the CPU: the Shapes teacher only (--model, --res, \
-             --checkpoint-activations and --bf16-moments are for --device cuda|emu)"
+             --checkpoint-activations, --bf16-moments and --graph are for --device cuda|emu)"
                 .into(),
         ));
     }
@@ -267,6 +272,7 @@ mod device {
                 Keep::All
             },
             bf16_moments: a.bf16_moments,
+            graph: a.graph,
         };
         let (m, g, n) = (config.prompts, config.group, config.prompts * config.group);
         let (mut run, batch, spec) = if a.model == Preset::Shapes {
@@ -348,6 +354,7 @@ mod device {
             ("r_dmd", r_dmd.into()),
             ("checkpoint_activations", a.checkpoint_activations.into()),
             ("bf16_moments", a.bf16_moments.into()),
+            ("graph", a.graph.into()),
         ];
         if let Some(spec) = &spec {
             params.push(("res", spec.resolution.into()));

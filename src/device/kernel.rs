@@ -104,6 +104,10 @@ impl KernelArgs {
         self.slots.push(v.to_bits() as u64);
         self
     }
+    pub fn f64(mut self, v: f64) -> Self {
+        self.slots.push(v.to_bits());
+        self
+    }
     /// One pointer per argument, into this list's own slots (valid while `self` is borrowed).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     fn pointers(&mut self) -> Vec<*mut c_void> {

@@ -202,6 +202,43 @@ pub fn mean_pool_spatial_bwd(dy: &Tensor, input_shape: &[usize]) -> Tensor {
 /// Launchers of `cuda/disc_head.cu` on a [`KernelDevice`] (a GPU, or the emulator in CI).
 /// Activations `[B, C, S]` and the affine parameters are bf16; statistics `[B·G]`, parameter
 /// gradients `[C]` and pooled values `[B, C]` are f32.
+/// The head's last 1×1 convolution after the pool: `logits[b] = Σ_c pooled[b, c]·w[c] + bias`
+/// (f32, the sum in c order), the twin of `head_logits_fwd`.
+pub fn head_logits(pooled: &[f32], w: &[f32], bias: f32) -> Vec<f32> {
+    let h = w.len();
+    pooled
+        .chunks(h.max(1))
+        .map(|row| {
+            let mut acc = 0f32;
+            for (a, c) in row.iter().zip(w) {
+                acc += a * c;
+            }
+            acc + bias
+        })
+        .collect()
+}
+
+/// Its backward from `dl [B]`: `(dpooled [B, h], dw [h], db)` with `dw[c] = Σ_b dl[b]·pooled[b, c]`
+/// and `db = Σ_b dl[b]` (sums in b order), the twin of `head_logits_bwd`.
+pub fn head_logits_bwd(dl: &[f32], pooled: &[f32], w: &[f32]) -> (Vec<f32>, Vec<f32>, f32) {
+    let h = w.len();
+    let dpooled = (0..dl.len() * h).map(|i| dl[i / h] * w[i % h]).collect();
+    let dw = (0..h)
+        .map(|c| {
+            let mut acc = 0f32;
+            for (b, &d) in dl.iter().enumerate() {
+                acc += d * pooled[b * h + c];
+            }
+            acc
+        })
+        .collect();
+    let mut db = 0f32;
+    for &d in dl {
+        db += d;
+    }
+    (dpooled, dw, db)
+}
+
 pub mod dev {
     use crate::device::kernel::{
         blocks_for, DevBuf, KernelArgs, KernelDevice, KernelError, KernelResult, LaunchCfg,
@@ -492,5 +529,67 @@ pub mod dev {
         let dx = dev.alloc::<bf16>(rows * s)?;
         mean_pool_bwd_into(dev, &dx, dy, (rows, s))?;
         Ok(dx)
+    }
+
+    /// `logits[b] = Σ_c pooled[b, c]·w[c] + bias[0]` for `pooled [B, h]` (f32), `w [h]`, `bias [1]`.
+    pub fn head_logits_fwd(
+        dev: &KernelDevice,
+        logits: &DevBuf<f32>,
+        pooled: &DevBuf<f32>,
+        w: &DevBuf<bf16>,
+        bias: &DevBuf<bf16>,
+    ) -> KernelResult<()> {
+        let (b, h) = (logits.len(), w.len());
+        if h == 0 || pooled.len() != b * h || bias.is_empty() {
+            return Err(KernelError::Invalid(format!(
+                "head_logits_fwd: {} pooled values for {b} logits of a {h}-wide head",
+                pooled.len()
+            )));
+        }
+        if b == 0 {
+            return Ok(());
+        }
+        dev.launch(
+            "head_logits_fwd",
+            LaunchCfg::linear(blocks_for(b, 256), 256),
+            KernelArgs::new()
+                .buf(logits)
+                .buf(pooled)
+                .buf(w)
+                .buf(bias)
+                .i32(b as i32)
+                .i32(h as i32),
+        )
+    }
+
+    /// The backward of [`head_logits_fwd`] from `dl [B]`: writes `dpooled [B, h]` and, with
+    /// `grads = Some((gw [h], gb [1]))`, adds the weight's and the bias's gradients into them.
+    pub fn head_logits_bwd(
+        dev: &KernelDevice,
+        dpooled: &DevBuf<f32>,
+        grads: Option<(&DevBuf<f32>, &DevBuf<f32>)>,
+        dl: &DevBuf<f32>,
+        pooled: &DevBuf<f32>,
+        w: &DevBuf<bf16>,
+    ) -> KernelResult<()> {
+        let (b, h) = (dl.len(), w.len());
+        let grads_ok = grads.is_none_or(|(gw, gb)| gw.len() == h && !gb.is_empty());
+        if h == 0 || pooled.len() != b * h || dpooled.len() != b * h || !grads_ok {
+            return Err(KernelError::Invalid(format!(
+                "head_logits_bwd: {b} logit gradients, {} pooled, {} dpooled, a {h}-wide head",
+                pooled.len(),
+                dpooled.len()
+            )));
+        }
+        let args = KernelArgs::new().buf(dpooled);
+        let args = match grads {
+            Some((gw, gb)) => args.buf(gw).buf(gb),
+            None => args.null().null(),
+        };
+        dev.launch(
+            "head_logits_bwd",
+            LaunchCfg::linear(blocks_for((b * h).max(h + 1), 256), 256),
+            args.buf(dl).buf(pooled).buf(w).i32(b as i32).i32(h as i32),
+        )
     }
 }

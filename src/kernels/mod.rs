@@ -11,6 +11,7 @@ pub mod elementwise;
 pub mod gemm;
 pub mod optim;
 pub mod qknorm;
+pub mod rl;
 pub mod sde;
 pub mod shape;
 

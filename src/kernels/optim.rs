@@ -179,6 +179,16 @@ pub fn grad_norm(g: &[f32]) -> f32 {
         .sqrt() as f32
 }
 
+/// The joint L2 norm of several gradients (f64 sum over all of them): the twin of
+/// `dev::joint_grad_norm_clip`'s norm, up to the order of the f64 sum.
+pub fn joint_grad_norm(gs: &[&[f32]]) -> f32 {
+    gs.iter()
+        .flat_map(|g| g.iter())
+        .map(|&v| (v as f64) * (v as f64))
+        .sum::<f64>()
+        .sqrt() as f32
+}
+
 /// The factor `clip_grad_norm` scales gradients by: `max_norm/(norm + 1e-6)` when
 /// `norm > max_norm > 0`, else 1.
 pub fn clip_factor(norm: f32, max_norm: f32) -> f32 {
@@ -222,15 +232,24 @@ pub mod dev {
         KernelError::Invalid(msg)
     }
 
+    /// The step's scalars an AdamW launch reads from device memory: `[lr, 1 − β1^t, 1 − β2^t,
+    /// seed]` (the seed's bits as an f32: the bf16-moment rounding's, ignored with f32 moments).
+    pub fn adamw_sched(h: &AdamWStep, seed: u32) -> [f32; 4] {
+        let (bc1, bc2) = h.bias_corrections();
+        [h.lr, bc1, bc2, f32::from_bits(seed)]
+    }
+
     /// One AdamW step. `clip`: `None`, or the `[norm, factor]` pair of [`grad_norm_clip_into`]
-    /// (read on the device, so no host synchronisation sits between the two).
+    /// (read on the device, so no host synchronisation sits between the two). Uploads the
+    /// step's scalars first: outside a graph; [`adamw_step_staged`] reads staged ones.
     pub fn adamw_step(
         dev: &KernelDevice,
         b: &FlatAdamW,
         clip: Option<&DevBuf<f32>>,
         h: &AdamWStep,
     ) -> KernelResult<()> {
-        launch_adamw(dev, "adamw_step", b, clip, h, None)
+        let sched = dev.upload(&adamw_sched(h, 0))?;
+        adamw_step_staged(dev, b, clip, &sched, h)
     }
 
     /// [`adamw_step`] with bf16 moments, stochastically rounded with the random bits of `seed`
@@ -242,7 +261,32 @@ pub mod dev {
         h: &AdamWStep,
         seed: u32,
     ) -> KernelResult<()> {
-        launch_adamw(dev, "adamw_step_bf16m", b, clip, h, Some(seed))
+        let sched = dev.upload(&adamw_sched(h, seed))?;
+        adamw_step_bf16_moments_staged(dev, b, clip, &sched, h)
+    }
+
+    /// One AdamW step reading its scalars from `sched` ([`adamw_sched`], staged beforehand):
+    /// no host copy, so a graph can replay it. `h` gives the constant hyper-parameters (its `lr`
+    /// and `step` are not read).
+    pub fn adamw_step_staged(
+        dev: &KernelDevice,
+        b: &FlatAdamW,
+        clip: Option<&DevBuf<f32>>,
+        sched: &DevBuf<f32>,
+        h: &AdamWStep,
+    ) -> KernelResult<()> {
+        launch_adamw(dev, "adamw_step", b, clip, sched, h)
+    }
+
+    /// [`adamw_step_staged`] with bf16 moments (the seed is `sched[3]`).
+    pub fn adamw_step_bf16_moments_staged(
+        dev: &KernelDevice,
+        b: &FlatAdamW<bf16>,
+        clip: Option<&DevBuf<f32>>,
+        sched: &DevBuf<f32>,
+        h: &AdamWStep,
+    ) -> KernelResult<()> {
+        launch_adamw(dev, "adamw_step_bf16m", b, clip, sched, h)
     }
 
     fn launch_adamw<M: bytemuck::Pod>(
@@ -250,8 +294,8 @@ pub mod dev {
         kernel: &str,
         b: &FlatAdamW<M>,
         clip: Option<&DevBuf<f32>>,
+        sched: &DevBuf<f32>,
         h: &AdamWStep,
-        seed: Option<u32>,
     ) -> KernelResult<()> {
         let n = b.w.len();
         let sizes_ok = b.m.len() == n
@@ -265,10 +309,14 @@ pub mod dev {
         if clip.is_some_and(|c| c.len() != 2) {
             return Err(invalid("adamw_step: clip must be [norm, factor]".into()));
         }
+        if sched.len() != 4 {
+            return Err(invalid(
+                "adamw_step: sched must be [lr, bc1, bc2, seed]".into(),
+            ));
+        }
         if n == 0 {
             return Ok(());
         }
-        let (bc1, bc2) = h.bias_corrections();
         let mut args = KernelArgs::new().buf(b.w);
         args = match b.w_bf16 {
             Some(t) => args.buf(t),
@@ -285,19 +333,14 @@ pub mod dev {
             None => args.null(),
         };
         args = args
+            .buf(sched)
             .i64(n as i64)
             .i64(b.n_decay.min(n) as i64)
-            .f32(h.lr)
             .f32(h.beta1)
             .f32(h.beta2)
             .f32(h.eps)
             .f32(h.weight_decay)
-            .f32(bc1)
-            .f32(bc2)
             .f32(b.ema.map_or(0.0, |(_, d)| d));
-        if let Some(seed) = seed {
-            args = args.u32(seed);
-        }
         dev.launch(
             kernel,
             LaunchCfg::linear(blocks_for(n.div_ceil(8), THREADS), THREADS),
@@ -349,6 +392,51 @@ pub mod dev {
         let clip = dev.alloc::<f32>(2)?;
         grad_norm_clip_into(dev, &clip, g, max_norm)?;
         Ok(clip)
+    }
+
+    /// The joint L2 norm of several flat gradients and its clip factor into
+    /// `clip = [norm, factor]` (the CPU `clip_grad_norm` over several parameter maps): each
+    /// gradient's partial sums of squares into one buffer, then one finalisation over all of
+    /// them, in a fixed order. No host copies.
+    pub fn joint_grad_norm_clip(
+        dev: &KernelDevice,
+        clip: &DevBuf<f32>,
+        grads: &[&DevBuf<f32>],
+        max_norm: f32,
+    ) -> KernelResult<()> {
+        if clip.len() != 2 {
+            return Err(invalid("grad_norm: clip must be [norm, factor]".into()));
+        }
+        let parts: Vec<usize> = grads.iter().map(|g| norm_parts(g.len())).collect();
+        let total: usize = parts.iter().sum();
+        if total > MAX_PARTS * 8 || grads.is_empty() {
+            return Err(invalid(format!(
+                "joint grad norm: {} gradients, {total} partial sums",
+                grads.len()
+            )));
+        }
+        let part = dev.alloc::<f64>(total)?;
+        let mut at = 0;
+        for (g, &p) in grads.iter().zip(&parts) {
+            dev.launch(
+                "grad_sq_partial",
+                LaunchCfg::linear(p as u32, THREADS),
+                KernelArgs::new()
+                    .buf(&*part.view(at, p)?)
+                    .buf(*g)
+                    .i64(g.len() as i64),
+            )?;
+            at += p;
+        }
+        dev.launch(
+            "grad_norm_finalize",
+            LaunchCfg::linear(1, THREADS),
+            KernelArgs::new()
+                .buf(clip)
+                .buf(&part)
+                .i32(total as i32)
+                .f32(max_norm),
+        )
     }
 }
 

@@ -564,32 +564,57 @@ pub mod dev {
         v: &DevBuf<half::bf16>,
         target: &DevBuf<f32>,
     ) -> KernelResult<f32> {
+        let part = dev.alloc::<f32>(mse_parts(v.len()))?;
+        velocity_mse_grad_into(dev, dv, &part, v, target)?;
+        Ok(mse_from_parts(&dev.download(&part)?, v.len()))
+    }
+
+    /// How many partial sums [`velocity_mse_grad_into`] writes for `n` elements.
+    pub fn mse_parts(n: usize) -> usize {
+        n.div_ceil(THREADS as usize).clamp(1, 256)
+    }
+
+    /// The loss from the partial sums, read back.
+    pub fn mse_from_parts(part: &[f32], n: usize) -> f32 {
+        let sum: f64 = part.iter().map(|&p| p as f64).sum();
+        (sum / n.max(1) as f64) as f32
+    }
+
+    /// [`velocity_mse_grad`] with the loss left on the device as [`mse_parts`]`(n)` partial sums
+    /// of the squared error in `part` (no host copy: recordable into a graph).
+    pub fn velocity_mse_grad_into(
+        dev: &KernelDevice,
+        dv: &DevBuf<half::bf16>,
+        part: &DevBuf<f32>,
+        v: &DevBuf<half::bf16>,
+        target: &DevBuf<f32>,
+    ) -> KernelResult<()> {
         let n = v.len();
-        check(dv.len() == n && target.len() == n, || {
-            format!(
-                "velocity_mse_grad: v {n}, dv {}, target {}",
-                dv.len(),
-                target.len()
-            )
-        })?;
+        check(
+            dv.len() == n && target.len() == n && part.len() == mse_parts(n),
+            || {
+                format!(
+                    "velocity_mse_grad: v {n}, dv {}, target {}, {} partial sums",
+                    dv.len(),
+                    target.len(),
+                    part.len()
+                )
+            },
+        )?;
         if n == 0 {
-            return Ok(0.0);
+            return dev.memset_zero(part);
         }
-        let blocks = n.div_ceil(THREADS as usize).min(256);
-        let part = dev.alloc::<f32>(blocks)?;
         dev.launch(
             "velocity_mse_grad",
-            LaunchCfg::linear(blocks as u32, THREADS),
+            LaunchCfg::linear(mse_parts(n) as u32, THREADS),
             KernelArgs::new()
                 .buf(dv)
-                .buf(&part)
+                .buf(part)
                 .buf(v)
                 .buf(target)
                 .i64(n as i64)
                 .f32(2.0 / n as f32),
-        )?;
-        let sum: f64 = dev.download(&part)?.iter().map(|&p| p as f64).sum();
-        Ok((sum / n as f64) as f32)
+        )
     }
 
     fn rows_cfg(n: usize) -> LaunchCfg {

@@ -465,4 +465,35 @@ pub mod dev {
             KernelArgs::new().buf(g).buf(x).i64(g.len() as i64),
         )
     }
+
+    /// `dst = src[idx[slot]·L .. (idx[slot] + 1)·L]` (L = `dst.len()`): one block of a stack of
+    /// `src.len() / L`, chosen by an index the host staged in device memory — so a replayed graph
+    /// picks the block of its replay. The index must be below the block count (checked where it
+    /// is staged; the kernel trusts it).
+    pub fn select_block_f32(
+        dev: &KernelDevice,
+        dst: &DevBuf<f32>,
+        src: &DevBuf<f32>,
+        idx: &DevBuf<i32>,
+        slot: usize,
+    ) -> KernelResult<()> {
+        let len = dst.len();
+        if len == 0 || src.len() % len != 0 || slot >= idx.len() {
+            return Err(invalid(format!(
+                "select_block_f32: a block of {len} from {} elements, index slot {slot} of {}",
+                src.len(),
+                idx.len()
+            )));
+        }
+        dev.launch(
+            "select_block_f32",
+            cfg(len),
+            KernelArgs::new()
+                .buf(dst)
+                .buf(src)
+                .buf(idx)
+                .i32(slot as i32)
+                .i64(len as i64),
+        )
+    }
 }

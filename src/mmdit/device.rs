@@ -290,6 +290,42 @@ impl DeviceMmdit {
         })
     }
 
+    /// Overwrites the timestep features and the conditioning of inputs made by [`Self::inputs`]
+    /// (the latents are left: the device writes them), for the same shapes — what a replayed
+    /// graph reads changes in place.
+    pub fn restage(
+        &self,
+        inputs: &DeviceInputs,
+        timestep: &[f32],
+        pooled: &Tensor,
+        context: &Tensor,
+    ) -> KernelResult<()> {
+        let c = &self.config;
+        let b = inputs.batch;
+        let fits = timestep.len() == b
+            && pooled.shape() == [b, c.pooled_dim]
+            && context.shape() == [b, inputs.context_len, c.context_dim];
+        if !fits {
+            return Err(invalid(format!(
+                "MMDiT restage: {} timesteps, pooled {:?}, context {:?} for inputs of batch {b}, \
+                 context length {}",
+                timestep.len(),
+                pooled.shape(),
+                context.shape(),
+                inputs.context_len
+            )));
+        }
+        let bf =
+            |t: &Tensor| -> Vec<bf16> { t.f32s().iter().map(|&f| bf16::from_f32(f)).collect() };
+        let dev = &self.dev;
+        dev.copy_to_device(
+            &bf(&timestep_features(timestep, c.freq_dim)),
+            &inputs.t_features,
+        )?;
+        dev.copy_to_device(&bf(pooled), &inputs.pooled)?;
+        dev.copy_to_device(&bf(context), &inputs.context)
+    }
+
     // ---- building blocks -------------------------------------------------------------------
 
     /// `x·Wᵀ + b` over `rows` rows with `{prefix}.weight` (`[out, in…]`) and the optional

@@ -8,7 +8,7 @@ use half::bf16;
 use super::AdamWConfig;
 use crate::device::kernel::{DevBuf, KernelDevice, KernelResult};
 use crate::kernels::optim::dev::{
-    adamw_step, adamw_step_bf16_moments, grad_norm_clip_into, FlatAdamW,
+    adamw_sched, adamw_step_bf16_moments_staged, adamw_step_staged, grad_norm_clip_into, FlatAdamW,
 };
 use crate::kernels::optim::AdamWStep;
 
@@ -34,6 +34,8 @@ pub struct DeviceAdamW {
     moments: Moments,
     /// `[norm, clip factor]` of the last step's gradient, on the device.
     clip: DevBuf<f32>,
+    /// The staged step's `[lr, bc1, bc2, seed]` (`kernels::optim::dev::adamw_sched`).
+    sched: DevBuf<f32>,
 }
 
 impl DeviceAdamW {
@@ -44,6 +46,7 @@ impl DeviceAdamW {
             step: 0,
             moments: Moments::F32(dev.zeros(n_trainable)?, dev.zeros(n_trainable)?),
             clip: dev.zeros(2)?,
+            sched: dev.zeros(4)?,
         })
     }
 
@@ -60,6 +63,7 @@ impl DeviceAdamW {
             step: 0,
             moments: Moments::Bf16(dev.zeros(n_trainable)?, dev.zeros(n_trainable)?, salt),
             clip: dev.zeros(2)?,
+            sched: dev.zeros(4)?,
         })
     }
 
@@ -135,9 +139,10 @@ impl DeviceAdamW {
         lr: f32,
         max_norm: f32,
     ) -> KernelResult<()> {
+        self.stage(dev, lr)?;
         let g = p.grads.view(0, self.len())?;
         grad_norm_clip_into(dev, &self.clip, &g, max_norm)?;
-        self.update(dev, p, lr, None)
+        self.update_staged(dev, p, &self.clip, None)
     }
 
     /// One step with a clip decided elsewhere — `[norm, factor]`, e.g. the joint norm of several
@@ -151,15 +156,31 @@ impl DeviceAdamW {
         clip: [f32; 2],
         ema: Option<(&DevBuf<f32>, f32)>,
     ) -> KernelResult<()> {
+        self.stage(dev, lr)?;
         dev.copy_to_device(&clip, &self.clip)?;
-        self.update(dev, p, lr, ema)
+        self.update_staged(dev, p, &self.clip, ema)
     }
 
-    fn update(
-        &mut self,
+    /// Counts the next step and uploads its scalars (learning rate, bias corrections, the bf16
+    /// moments' rounding seed) for [`Self::update_staged`]: the host half of a step, done outside
+    /// a graph before each replay.
+    pub fn stage(&mut self, dev: &KernelDevice, lr: f32) -> KernelResult<()> {
+        self.step += 1;
+        let seed = match &self.moments {
+            Moments::F32(..) => 0,
+            Moments::Bf16(_, _, salt) => salt ^ (self.step as u32).wrapping_mul(0x9E37_79B9),
+        };
+        dev.copy_to_device(&adamw_sched(&self.hyper(lr), seed), &self.sched)
+    }
+
+    /// The device half of a step: the fused AdamW (and EMA) with the staged scalars and the
+    /// clip `[norm, factor]` in device memory. Launches only, and changes no host state: a graph
+    /// can record it.
+    pub fn update_staged(
+        &self,
         dev: &KernelDevice,
         p: &FlatParams,
-        lr: f32,
+        clip: &DevBuf<f32>,
         ema: Option<(&DevBuf<f32>, f32)>,
     ) -> KernelResult<()> {
         let n = self.len();
@@ -168,27 +189,30 @@ impl DeviceAdamW {
             p.bf16.view(0, n)?,
             p.grads.view(0, n)?,
         );
-        self.step += 1;
+        let h = self.hyper(0.0);
+        let n_decay = p.n_decay.min(n);
+        match &self.moments {
+            Moments::F32(m, v) => {
+                let flat = flat_step(&w, &wb, &g, (m, v), ema, n_decay);
+                adamw_step_staged(dev, &flat, Some(clip), &self.sched, &h)
+            }
+            Moments::Bf16(m, v, _) => {
+                let flat = flat_step(&w, &wb, &g, (m, v), ema, n_decay);
+                adamw_step_bf16_moments_staged(dev, &flat, Some(clip), &self.sched, &h)
+            }
+        }
+    }
+
+    /// The hyper-parameters of the current step at `lr`.
+    fn hyper(&self, lr: f32) -> AdamWStep {
         let c = &self.config;
-        let h = AdamWStep {
+        AdamWStep {
             lr,
             beta1: c.beta1,
             beta2: c.beta2,
             eps: c.eps,
             weight_decay: c.weight_decay,
             step: self.step,
-        };
-        let n_decay = p.n_decay.min(n);
-        match &self.moments {
-            Moments::F32(m, v) => {
-                let flat = flat_step(&w, &wb, &g, (m, v), ema, n_decay);
-                adamw_step(dev, &flat, Some(&self.clip), &h)
-            }
-            Moments::Bf16(m, v, salt) => {
-                let seed = salt ^ (self.step as u32).wrapping_mul(0x9E37_79B9);
-                let flat = flat_step(&w, &wb, &g, (m, v), ema, n_decay);
-                adamw_step_bf16_moments(dev, &flat, Some(&self.clip), &h, seed)
-            }
         }
     }
 

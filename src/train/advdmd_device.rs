@@ -16,20 +16,24 @@ use half::bf16;
 
 use super::advdmd::{AdvDmd, AdvDmdConfig, DiscStates, IterMetrics};
 use super::device::{
-    dmd_seed, flow_matching_grads, generator_backward_from_x0, generator_x0, rollout_sde,
-    DeviceDiscHead, DeviceRollout, DmdBatch, FlowBatch, HeadSaved,
+    dmd_rms, dmd_seed_dev, flow_matching_grads_dev, generator_backward_from_x0, generator_x0,
+    rollout_schedule, rollout_sde_dev, stochastic_step, DeviceDiscHead, DmdInputs, HeadSaved,
+    RolloutInputs, StackedRollout,
 };
 use super::disc_head::DiscHead;
-use super::losses::{group_advantages, ppo_loss, returns_to_go};
 use super::rollout::few_step_sigmas;
 use super::shapes_model::ShapesModel;
-use crate::device::kernel::{DevBuf, KernelDevice, KernelResult};
+use crate::device::kernel::{DevBuf, DeviceGraph, KernelDevice, KernelError, KernelResult};
 use crate::error::{Error, Result};
 use crate::kernels::elementwise::dev::{cast_bf16_to_f32, cast_f32_to_bf16_into, copy};
 use crate::kernels::elementwise::sigmoid;
+use crate::kernels::optim::dev::joint_grad_norm_clip;
+use crate::kernels::rl::dev::{advantages, logit_grads, ppo_grad};
 use crate::kernels::sde::dev::{
-    flow_noise_into, rho_step, velocity_grad_from_x0, x0_from_velocity, NextState,
+    flow_noise_into, mse_from_parts, mse_parts, rho_step, velocity_grad_from_x0, x0_from_velocity,
+    NextState,
 };
+use crate::kernels::shape::dev::select_block_f32;
 use crate::mmdit::device::{DeviceInputs, DeviceMmdit, Keep, Saved};
 use crate::mmdit::Mmdit;
 use crate::nn::device::DeviceParams;
@@ -103,16 +107,34 @@ pub fn shapes_batch(
 /// One parameter set of a joint optimizer step: its optimizer, its buffers and (the generator)
 /// its EMA `(shadow, decay)`.
 type StepPart<'a> = (
-    &'a mut DeviceAdamW,
+    &'a DeviceAdamW,
     &'a DeviceParams,
     Option<(&'a DevBuf<f32>, f32)>,
 );
 
-/// A discriminator call kept for its backward.
+/// A discriminator call kept for its backward (its inputs live in the step's buffers).
 struct LogitsSaved {
-    inputs: DeviceInputs,
     saved: Saved,
     head: HeadSaved,
+}
+
+/// Which work an iteration does: the generator update, the RL term, the discriminator's
+/// training. Each kind is one CUDA graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct StepKind {
+    generator: bool,
+    rl: bool,
+    train_disc: bool,
+}
+
+/// A kind's graph, recorded the second time the kind runs (the first loads the kernel modules
+/// and GEMM plans, which a capture may not do).
+#[derive(Default)]
+struct KindGraph {
+    runs: usize,
+    graph: Option<DeviceGraph>,
+    /// Matmul FLOPs of one run, counted at the capture.
+    flops: u64,
 }
 
 /// How a device run holds its state.
@@ -123,6 +145,9 @@ pub struct DeviceRunOptions {
     /// Adam's moments in bf16 with stochastic rounding (4 instead of 8 bytes a trained
     /// parameter: docs/memory-plan.md item 3).
     pub bf16_moments: bool,
+    /// Replay each kind of iteration from a CUDA graph (recorded the second time the kind runs):
+    /// no host launch gaps. The step's buffers persist between iterations either way.
+    pub graph: bool,
 }
 
 impl Default for DeviceRunOptions {
@@ -130,6 +155,7 @@ impl Default for DeviceRunOptions {
         DeviceRunOptions {
             keep: Keep::All,
             bf16_moments: false,
+            graph: false,
         }
     }
 }
@@ -157,6 +183,11 @@ pub struct DeviceAdvDmd {
     pub rng: Rng,
     pub iteration: u64,
     pub generator_steps: u64,
+    /// Graphs first: they read the step's buffers, so they go before them.
+    graphs: std::collections::HashMap<StepKind, KindGraph>,
+    buffers: Option<StepBuffers>,
+    use_graphs: bool,
+    replays: u64,
 }
 
 /// A flat vector over `p`'s trainable elements (its optimizer's layout) from per-name values;
@@ -181,46 +212,267 @@ fn flat_trainable(p: &DeviceParams, value: impl Fn(&str) -> Option<Vec<f32>>) ->
     Ok(flat)
 }
 
-/// The rollout's `states` one after another in one buffer (state-major rows).
-fn stack_states(
-    dev: &KernelDevice,
-    roll: &DeviceRollout,
-    states: &[usize],
-) -> KernelResult<DevBuf<f32>> {
-    let len = roll.states[0].len();
-    let out = dev.alloc::<f32>(states.len() * len)?;
-    for (j, &s) in states.iter().enumerate() {
-        copy(dev, &*out.view(j * len, len)?, &roll.states[s])?;
-    }
-    Ok(out)
-}
-
-/// Each state's σ repeated for its `rows` samples, state after state.
-fn state_sigmas(states: &[usize], sig: &[f32], rows: usize) -> Vec<f32> {
-    states
-        .iter()
-        .flat_map(|&s| std::iter::repeat_n(sig[s], rows))
-        .collect()
-}
-
 fn softplus(x: f32) -> f32 {
     x.max(0.0) + (-x.abs()).exp().ln_1p()
 }
 
-/// `(norm, factor)` of the joint gradient norm of several flat gradients (the CPU
-/// `clip_grad_norm` over several parameter maps).
-fn joint_clip(norms: &[f32], max_norm: f32) -> (f32, f32) {
-    let norm = norms
-        .iter()
-        .map(|&n| (n as f64).powi(2))
-        .sum::<f64>()
-        .sqrt() as f32;
-    let factor = if max_norm > 0.0 && norm > max_norm {
-        max_norm / (norm + 1e-6)
-    } else {
-        1.0
-    };
-    (norm, factor)
+/// The rollout states the discriminator sees (ALGORITHM.md §4.3).
+fn disc_states(c: &AdvDmdConfig) -> Vec<usize> {
+    let k = c.steps_per_sample;
+    match c.disc_states {
+        DiscStates::Trajectory => (1..=k).collect(),
+        DiscStates::Final => vec![k],
+    }
+}
+
+/// The generator update's draws.
+struct GeneratorDraws {
+    ks: usize,
+    tau: Vec<f32>,
+    dmd_noise: Vec<f32>,
+    gan_sigma: Vec<f32>,
+    gan_noise: Vec<f32>,
+}
+
+/// One iteration's random draws (host, in the CPU trainer's order).
+struct Draws {
+    noise: Vec<f32>,
+    z: Vec<f32>,
+    pick: usize,
+    fm_sigma: Vec<f32>,
+    fm_noise: Vec<f32>,
+    real_noise: Vec<f32>,
+    gen: Option<GeneratorDraws>,
+}
+
+/// What fixes the step buffers' sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct StepKey {
+    /// `[n, C, H, W]` of the generated batch.
+    shape: [usize; 4],
+    m: usize,
+    context_len: usize,
+}
+
+/// Everything an iteration's device work reads that the host provides, and everything the host
+/// reads back, in buffers kept across iterations: a replayed graph finds this iteration's draws
+/// and conditioning where the recorded one found its own. Each model call has its own inputs
+/// (timestep features and conditioning staged; the device writes the latents).
+struct StepBuffers {
+    key: StepKey,
+    // drawn each iteration
+    noise: DevBuf<f32>,
+    z: DevBuf<f32>,
+    /// `[pick, k*]`: the rollout x̂0 the fake score learns from, the state the generator denoises.
+    picks: DevBuf<i32>,
+    fm_sigma: DevBuf<f32>,
+    fm_noise: DevBuf<f32>,
+    real: DevBuf<f32>,
+    real_noise: DevBuf<f32>,
+    gx_sigma: DevBuf<f32>,
+    tau: DevBuf<f32>,
+    dmd_noise: DevBuf<f32>,
+    gan_sigma: DevBuf<f32>,
+    /// `σ̃ − 1` per sample.
+    gan_coef: DevBuf<f32>,
+    gan_noise: DevBuf<f32>,
+    // fixed by the schedule
+    roll_sigma: DevBuf<f32>,
+    roll_sigma_next: DevBuf<f32>,
+    roll_features: DevBuf<bf16>,
+    real_sigma: DevBuf<f32>,
+    // the model calls' inputs
+    roll_in: DeviceInputs,
+    reward_in: DeviceInputs,
+    fm_in: DeviceInputs,
+    dfake_in: DeviceInputs,
+    dreal_in: DeviceInputs,
+    gx_in: DeviceInputs,
+    teacher_in: DeviceInputs,
+    dmd_fake_in: DeviceInputs,
+    gan_in: DeviceInputs,
+    rl_in: Vec<DeviceInputs>,
+    // read back
+    reward_logits: DevBuf<f32>,
+    adv: DevBuf<f32>,
+    fake_logits: DevBuf<f32>,
+    real_logits: DevBuf<f32>,
+    gan_logits: DevBuf<f32>,
+    fm_parts: DevBuf<f32>,
+    dmd_norm: DevBuf<f32>,
+    rl_loss: DevBuf<f64>,
+    clip_fake: DevBuf<f32>,
+    clip_generator: DevBuf<f32>,
+}
+
+impl StepBuffers {
+    /// Elements of one batch of states (`n·C·H·W`).
+    fn len(&self) -> usize {
+        self.key.shape.iter().product()
+    }
+
+    fn new(run: &DeviceAdvDmd, key: StepKey) -> KernelResult<StepBuffers> {
+        let c = &run.config;
+        let dev = &run.dev;
+        let [n, ch, h, w] = key.shape;
+        let (m, k) = (key.m, c.steps_per_sample);
+        let len = n * ch * h * w;
+        let per = len / n;
+        let ns = disc_states(c).len();
+        let sig = run.sigmas();
+        // placeholder conditioning: every call's inputs are restaged before each iteration
+        let inputs = |model: &DeviceMmdit, rows: usize| {
+            let cfg = &model.config;
+            model.inputs(
+                &Tensor::zeros(&[rows, ch, h, w]),
+                &vec![0.0; rows],
+                &Tensor::zeros(&[rows, cfg.pooled_dim]),
+                &Tensor::zeros(&[rows, key.context_len, cfg.context_dim]),
+            )
+        };
+        let disc = run.disc_backbone();
+        let (roll_sigma, roll_sigma_next, roll_features) =
+            rollout_schedule(&sig, n, run.generator.config.freq_dim);
+        let real_sigma: Vec<f32> = disc_states(c)
+            .iter()
+            .flat_map(|&s| std::iter::repeat_n(sig[s], m))
+            .collect();
+        let rl_count = if c.rl { k.saturating_sub(1) } else { 0 };
+        Ok(StepBuffers {
+            key,
+            noise: dev.alloc(len)?,
+            z: dev.alloc(k * len)?,
+            picks: dev.alloc(2)?,
+            fm_sigma: dev.alloc(n)?,
+            fm_noise: dev.alloc(len)?,
+            real: dev.alloc(m * per)?,
+            real_noise: dev.alloc(ns * m * per)?,
+            gx_sigma: dev.alloc(n)?,
+            tau: dev.alloc(n)?,
+            dmd_noise: dev.alloc(len)?,
+            gan_sigma: dev.alloc(n)?,
+            gan_coef: dev.alloc(n)?,
+            gan_noise: dev.alloc(len)?,
+            roll_sigma: dev.upload(&roll_sigma)?,
+            roll_sigma_next: dev.upload(&roll_sigma_next)?,
+            roll_features: dev.upload(&roll_features)?,
+            real_sigma: dev.upload(&real_sigma)?,
+            roll_in: inputs(&run.generator, n)?,
+            reward_in: inputs(disc, if c.rl { n * k } else { 1 })?,
+            fm_in: inputs(&run.fake, n)?,
+            dfake_in: inputs(disc, n * ns)?,
+            dreal_in: inputs(disc, m * ns)?,
+            gx_in: inputs(&run.generator, n)?,
+            teacher_in: inputs(&run.teacher, 2 * n)?,
+            dmd_fake_in: inputs(&run.fake, n)?,
+            gan_in: inputs(disc, n)?,
+            rl_in: (0..rl_count)
+                .map(|_| inputs(&run.generator, n))
+                .collect::<KernelResult<_>>()?,
+            reward_logits: dev.zeros(n * k)?,
+            adv: dev.zeros(n * k.saturating_sub(1).max(1))?,
+            fake_logits: dev.zeros(n * ns)?,
+            real_logits: dev.zeros(m * ns)?,
+            gan_logits: dev.zeros(n)?,
+            fm_parts: dev.zeros(mse_parts(len))?,
+            dmd_norm: dev.zeros(2)?,
+            rl_loss: dev.zeros(rl_count.max(1))?,
+            clip_fake: dev.zeros(2)?,
+            clip_generator: dev.zeros(2)?,
+        })
+    }
+
+    /// Uploads this iteration's draws and conditioning (outside any graph).
+    fn stage(&self, run: &DeviceAdvDmd, batch: &IterBatch, d: &Draws) -> KernelResult<()> {
+        let c = &run.config;
+        let dev = &run.dev;
+        let sig = run.sigmas();
+        let (n, k) = (self.key.shape[0], c.steps_per_sample);
+        let t_of =
+            |s: &[f32]| -> Vec<f32> { s.iter().map(|&v| crate::flow::timestep_of(v)).collect() };
+        let rows_at = |s: f32, rows: usize| vec![crate::flow::timestep_of(s); rows];
+        dev.copy_to_device(&d.noise, &self.noise)?;
+        dev.copy_to_device(&d.z, &self.z)?;
+        dev.copy_to_device(&d.fm_sigma, &self.fm_sigma)?;
+        dev.copy_to_device(&d.fm_noise, &self.fm_noise)?;
+        dev.copy_to_device(batch.real.f32s(), &self.real)?;
+        dev.copy_to_device(&d.real_noise, &self.real_noise)?;
+        let (cond, real) = (&batch.cond, &batch.real_cond);
+        run.generator.restage(
+            &self.roll_in,
+            &rows_at(sig[0], n),
+            &cond.pooled,
+            &cond.context,
+        )?;
+        run.fake
+            .restage(&self.fm_in, &t_of(&d.fm_sigma), &cond.pooled, &cond.context)?;
+        let states = disc_states(c);
+        let ns = states.len();
+        let disc = run.disc_backbone();
+        let at = |rows: usize| -> Vec<f32> {
+            states.iter().flat_map(|&s| rows_at(sig[s], rows)).collect()
+        };
+        let rep = cond.repeated(ns);
+        disc.restage(&self.dfake_in, &at(n), &rep.pooled, &rep.context)?;
+        let rep = real.repeated(ns);
+        disc.restage(&self.dreal_in, &at(self.key.m), &rep.pooled, &rep.context)?;
+        if c.rl {
+            let all: Vec<f32> = (1..=k).flat_map(|s| rows_at(sig[s], n)).collect();
+            let rep = cond.repeated(k);
+            disc.restage(&self.reward_in, &all, &rep.pooled, &rep.context)?;
+            for (t, inputs) in self.rl_in.iter().enumerate() {
+                run.generator
+                    .restage(inputs, &rows_at(sig[t], n), &cond.pooled, &cond.context)?;
+            }
+        }
+        let ks = match &d.gen {
+            Some(g) => {
+                let gx_sigma = vec![sig[g.ks]; n];
+                dev.copy_to_device(&gx_sigma, &self.gx_sigma)?;
+                dev.copy_to_device(&g.tau, &self.tau)?;
+                dev.copy_to_device(&g.dmd_noise, &self.dmd_noise)?;
+                dev.copy_to_device(&g.gan_sigma, &self.gan_sigma)?;
+                let coef: Vec<f32> = g.gan_sigma.iter().map(|s| s - 1.0).collect();
+                dev.copy_to_device(&coef, &self.gan_coef)?;
+                dev.copy_to_device(&g.gan_noise, &self.gan_noise)?;
+                run.generator.restage(
+                    &self.gx_in,
+                    &t_of(&gx_sigma),
+                    &cond.pooled,
+                    &cond.context,
+                )?;
+                let both_tau: Vec<f32> = g.tau.iter().chain(&g.tau).copied().collect();
+                let both = |a: &Tensor, b: &Tensor| crate::kernels::shape::concat(&[a, b], 0);
+                run.teacher.restage(
+                    &self.teacher_in,
+                    &t_of(&both_tau),
+                    &both(&cond.pooled, &batch.uncond.pooled),
+                    &both(&cond.context, &batch.uncond.context),
+                )?;
+                run.fake.restage(
+                    &self.dmd_fake_in,
+                    &t_of(&g.tau),
+                    &cond.pooled,
+                    &cond.context,
+                )?;
+                disc.restage(
+                    &self.gan_in,
+                    &t_of(&g.gan_sigma),
+                    &cond.pooled,
+                    &cond.context,
+                )?;
+                g.ks
+            }
+            None => 0,
+        };
+        if d.pick >= k || ks >= k {
+            return Err(KernelError::Invalid(format!(
+                "device AdvDMD: picks {} / {ks} of {k} steps",
+                d.pick
+            )));
+        }
+        dev.copy_to_device(&[d.pick as i32, ks as i32], &self.picks)
+    }
 }
 
 impl DeviceAdvDmd {
@@ -400,6 +652,10 @@ impl DeviceAdvDmd {
             rng,
             iteration: 0,
             generator_steps: 0,
+            graphs: Default::default(),
+            buffers: None,
+            use_graphs: opts.graph,
+            replays: 0,
             config,
             dev: dev.clone(),
         })
@@ -413,7 +669,10 @@ impl DeviceAdvDmd {
         crate::optim::lr_at(self.iteration, peak, self.config.lr_warmup, 0, 1.0)
     }
 
-    /// One iteration on `batch` (M real samples, N = M·G generated).
+    /// One iteration on `batch` (M real samples, N = M·G generated): the host draws every
+    /// random number (in the CPU trainer's order) and stages them with the conditioning into the
+    /// step's buffers, the device does the rest — run directly, or replayed from the kind's graph
+    /// — and the metrics are read back at the end.
     pub fn step(&mut self, batch: &IterBatch) -> Result<IterMetrics> {
         let c = self.config.clone();
         let (m, n) = (c.prompts, c.prompts * c.group);
@@ -423,10 +682,12 @@ impl DeviceAdvDmd {
             || batch.real_cond.rows() != m
             || batch.cond.rows() != n
             || batch.uncond.rows() != n
+            || batch.cond.context.shape() != batch.uncond.context.shape()
+            || batch.real_cond.context.shape()[1..] != batch.cond.context.shape()[1..]
         {
             return Err(Error::Invalid(format!(
                 "device AdvDMD: a batch of {m} real samples {rs:?} with {} / {} / {} conditioning \
-                 rows (want {m} / {n} / {n})",
+                 rows (want {m} / {n} / {n}, one context length)",
                 batch.real_cond.rows(),
                 batch.cond.rows(),
                 batch.uncond.rows()
@@ -436,108 +697,254 @@ impl DeviceAdvDmd {
             && self.frozen_backbone.is_none()
         {
             self.frozen_backbone = Some(self.fake.frozen_copy()?);
+            // the kinds that train the discriminator never run again: free their graphs
+            self.graphs.retain(|k, _| !k.train_disc);
         }
-        let sig = self.sigmas();
-        let k = c.steps_per_sample;
+        let (generator, rl) = c.step_kind(self.iteration, self.generator_steps);
+        let kind = StepKind {
+            generator,
+            rl,
+            train_disc: self.frozen_backbone.is_none(),
+        };
         let shape = [n, rs[1], rs[2], rs[3]];
-        // the rollout's noise, drawn as train::rollout::rollout_sde draws it
-        let noise = Tensor::randn(&shape, &mut self.rng);
-        let z: Vec<Tensor> = (0..k)
-            .map(|s| {
-                if sig[s + 1] > 0.0 && c.rho > 0.0 {
-                    Tensor::randn(&shape, &mut self.rng)
-                } else {
-                    Tensor::zeros(&shape)
-                }
-            })
-            .collect();
-        let roll = rollout_sde(
-            &self.generator,
-            &noise,
-            &z,
-            &sig,
-            c.rho,
-            &batch.cond.pooled,
-            &batch.cond.context,
-        )?;
-        let mut metrics = IterMetrics {
-            iteration: self.iteration + 1,
-            ..Default::default()
+        let draws = self.draw(&shape, generator);
+        let key = StepKey {
+            shape,
+            m,
+            context_len: batch.cond.context.shape()[1],
         };
-        let (generator_step, rl_step) = c.step_kind(self.iteration, self.generator_steps);
-        // rewards with the discriminator as it is now, before it learns from this rollout
-        let rewards = if rl_step {
-            Some(self.rewards(&roll, &batch.cond, &sig, &shape)?)
-        } else {
-            None
-        };
-        self.guidance_update(&roll, batch, &sig, &shape, &mut metrics)?;
-        if generator_step {
-            self.generator_update(&roll, batch, &sig, &shape, rewards.as_deref(), &mut metrics)?;
+        if self.buffers.as_ref().is_none_or(|b| b.key != key) {
+            // the graphs read the old buffers
+            self.graphs.clear();
+            self.buffers = None;
+            self.buffers = Some(StepBuffers::new(self, key)?);
+        }
+        let bufs = self.buffers.as_ref().expect("made above");
+        bufs.stage(self, batch, &draws)?;
+        self.opt_fake.stage(&self.dev, self.lr(c.lr_fake))?;
+        if kind.train_disc {
+            self.opt_head.stage(&self.dev, self.lr(c.lr_fake))?;
+        }
+        if generator {
+            self.opt_generator
+                .stage(&self.dev, self.lr(c.lr_generator))?;
+        }
+        self.run_kind(kind)?;
+        let metrics = self.read_metrics(kind)?;
+        if generator {
             self.generator_steps += 1;
         }
-        metrics.generator_step = generator_step;
-        metrics.rl_step = rl_step;
         self.iteration += 1;
         Ok(metrics)
     }
 
-    /// `model`'s inputs for the device state `x` (f32, `shape`) at per-sample `sigma`.
-    fn inputs_at(
-        model: &DeviceMmdit,
-        x: &DevBuf<f32>,
-        shape: &[usize],
-        sigma: &[f32],
-        cond: &Cond,
-    ) -> KernelResult<DeviceInputs> {
-        let t: Vec<f32> = sigma.iter().map(|&s| crate::flow::timestep_of(s)).collect();
-        // a placeholder of the right shape, overwritten on the device
-        let inputs = model.inputs(&Tensor::zeros(shape), &t, &cond.pooled, &cond.context)?;
-        cast_f32_to_bf16_into(&model.dev, &inputs.x, x)?;
-        Ok(inputs)
+    /// This iteration's random draws, in the CPU trainer's order.
+    fn draw(&mut self, shape: &[usize; 4], generator: bool) -> Draws {
+        let c = &self.config;
+        let sig = self.sigmas();
+        let k = c.steps_per_sample;
+        let n = shape[0];
+        let per: usize = shape[1..].iter().product();
+        let rng = &mut self.rng;
+        // the rollout's noise, drawn as train::rollout::rollout_sde draws it
+        let noise = Tensor::randn(shape, rng).f32s().to_vec();
+        let mut z = Vec::with_capacity(k * n * per);
+        for s in 0..k {
+            if stochastic_step(&sig, c.rho, s) {
+                z.extend_from_slice(Tensor::randn(shape, rng).f32s());
+            } else {
+                z.extend(std::iter::repeat_n(0f32, n * per));
+            }
+        }
+        // the fake score's flow-matching loss on one of the rollout's x̂0
+        let pick = rng.below(k as u64) as usize;
+        let fm_sigma: Vec<f32> = (0..n).map(|_| sigmoid(rng.normal())).collect();
+        let fm_noise = Tensor::randn(shape, rng).f32s().to_vec();
+        // the real samples' noises, state by state
+        let real_shape = [c.prompts, shape[1], shape[2], shape[3]];
+        let real_noise: Vec<f32> = (0..disc_states(c).len())
+            .flat_map(|_| Tensor::randn(&real_shape, rng).f32s().to_vec())
+            .collect();
+        let gen = generator.then(|| {
+            let ks = rng.below(k as u64) as usize;
+            let tau: Vec<f32> = (0..n)
+                .map(|_| {
+                    let u = (0.02 + 0.96 * rng.uniform()) as f64;
+                    crate::flow::shift_sigma(u, c.shift) as f32
+                })
+                .collect();
+            let dmd_noise = Tensor::randn(shape, rng).f32s().to_vec();
+            let gan_sigma: Vec<f32> = (0..n).map(|_| sig[rng.below(k as u64) as usize]).collect();
+            let gan_noise = Tensor::randn(shape, rng).f32s().to_vec();
+            GeneratorDraws {
+                ks,
+                tau,
+                dmd_noise,
+                gan_sigma,
+                gan_noise,
+            }
+        });
+        Draws {
+            noise,
+            z,
+            pick,
+            fm_sigma,
+            fm_noise,
+            real_noise,
+            gen,
+        }
     }
 
-    /// Discriminator logits `[B]` of the device images `x` at per-sample `sigma`; with `keep`,
-    /// what [`Self::logits_backward`] needs.
+    /// Runs `kind`'s device work: directly, or from its graph. A replay adds the matmul FLOPs
+    /// its capture counted (the launchers count as they queue, and a replay queues nothing).
+    fn run_kind(&mut self, kind: StepKind) -> Result<()> {
+        let entry = self.graphs.entry(kind).or_default();
+        entry.runs += 1;
+        let record = self.use_graphs && entry.runs >= 2 && entry.graph.is_none();
+        if record {
+            let before = self.dev.matmul_flops();
+            let graph = {
+                let this = &*self;
+                this.dev.capture(|| this.device_work(kind))?
+            };
+            let entry = self.graphs.get_mut(&kind).expect("entry above");
+            entry.flops = self.dev.matmul_flops() - before;
+            entry.graph = Some(graph);
+            self.graphs[&kind].graph.as_ref().expect("set").launch()?;
+            return Ok(());
+        }
+        let entry = &self.graphs[&kind];
+        match &entry.graph {
+            Some(g) => {
+                self.dev.count_matmul_flops(entry.flops);
+                g.launch()?;
+                self.replays += 1;
+            }
+            None => self.device_work(kind)?,
+        }
+        Ok(())
+    }
+
+    /// The whole iteration on the device: reads only the step's staged buffers, the models and
+    /// the optimizers; no host copies, so it can be recorded into a graph.
+    fn device_work(&self, kind: StepKind) -> KernelResult<()> {
+        let b = self.buffers.as_ref().expect("staged");
+        let c = &self.config;
+        let sig = self.sigmas();
+        let roll = rollout_sde_dev(
+            &self.generator,
+            &RolloutInputs {
+                inputs: &b.roll_in,
+                t_features: &b.roll_features,
+                noise: &b.noise,
+                z: &b.z,
+                sigma: &b.roll_sigma,
+                sigma_next: &b.roll_sigma_next,
+            },
+            &sig,
+            c.rho,
+        )?;
+        // rewards with the discriminator as it is now, before it learns from this rollout
+        if kind.rl {
+            self.rewards(b, &roll)?;
+        }
+        self.guidance_update(b, &roll, kind)?;
+        if kind.generator {
+            self.generator_update(b, &roll, kind)?;
+        }
+        Ok(())
+    }
+
+    /// The iteration's metrics from what the device left in the step's buffers.
+    fn read_metrics(&self, kind: StepKind) -> Result<IterMetrics> {
+        let b = self.buffers.as_ref().expect("staged");
+        let c = &self.config;
+        let dev = &self.dev;
+        let sig = self.sigmas();
+        let (n, m) = (b.key.shape[0], b.key.m);
+        let states = disc_states(c);
+        let ns = states.len();
+        let (n_fake, n_real) = ((n * ns) as f32, (m * ns) as f32);
+        let (lf, lr) = (dev.download(&b.fake_logits)?, dev.download(&b.real_logits)?);
+        let frac = |v: &[f32], pos: bool| {
+            v.iter().filter(|&&x| (x > 0.0) == pos).count() as f32 / v.len().max(1) as f32
+        };
+        let mut metrics = IterMetrics {
+            iteration: self.iteration + 1,
+            fake_loss: mse_from_parts(&dev.download(&b.fm_parts)?, b.len()),
+            d_loss: lf.iter().map(|&l| softplus(l)).sum::<f32>() / n_fake
+                + lr.iter().map(|&l| softplus(-l)).sum::<f32>() / n_real,
+            d_acc_real: frac(&lr, true),
+            d_acc_fake: frac(&lf, false),
+            d_acc_by_sigma: states
+                .iter()
+                .enumerate()
+                .map(|(j, &s)| {
+                    let (f, r) = (&lf[j * n..(j + 1) * n], &lr[j * m..(j + 1) * m]);
+                    (sig[s], frac(r, true), frac(f, false))
+                })
+                .collect(),
+            generator_step: kind.generator,
+            rl_step: kind.rl,
+            ..Default::default()
+        };
+        if kind.generator {
+            let l2 = dev.download(&b.dmd_norm)?[0];
+            metrics.dmd_grad_norm = dmd_rms(l2, c.lambda_dmd, b.len(), n);
+            let l = dev.download(&b.gan_logits)?;
+            metrics.gan_loss = l.iter().map(|&v| softplus(-v)).sum::<f32>() / n as f32;
+        }
+        if kind.rl {
+            let k = sig.len() - 1;
+            let last = &dev.download(&b.reward_logits)?[(k - 1) * n..];
+            let clip = c.reward_clip;
+            metrics.mean_reward = last.iter().map(|l| l.clamp(-clip, clip)).sum::<f32>() / n as f32;
+            let share = 1.0 / (k - 1) as f64;
+            metrics.rl_loss = dev
+                .download(&b.rl_loss)?
+                .iter()
+                .map(|&l| l * share)
+                .sum::<f64>() as f32;
+        }
+        Ok(metrics)
+    }
+
+    /// Discriminator logits of the f32 images `x` (rows of `inputs`, whose timestep features and
+    /// conditioning are staged) into `out`; with `keep`, what [`Self::logits_backward`] needs.
     fn logits(
         &self,
+        inputs: &DeviceInputs,
         x: &DevBuf<f32>,
-        shape: &[usize],
-        sigma: &[f32],
-        cond: &Cond,
+        out: &DevBuf<f32>,
         keep: bool,
-    ) -> KernelResult<(Vec<f32>, Option<LogitsSaved>)> {
+    ) -> KernelResult<Option<LogitsSaved>> {
         let backbone = self.disc_backbone();
-        let inputs = Self::inputs_at(backbone, x, shape, sigma, cond)?;
+        cast_f32_to_bf16_into(&self.dev, &inputs.x, x)?;
         let mode = if keep { self.keep } else { Keep::Nothing };
-        let f = backbone.forward_features(&inputs, self.feature_block, mode)?;
+        let f = backbone.forward_features(inputs, self.feature_block, mode)?;
         let p = backbone.config.patch;
-        let (logits, head) = self
-            .head
-            .forward(&f.features, (shape[0], shape[2] / p, shape[3] / p))?;
-        let saved = match (keep, f.saved) {
-            (true, Some(saved)) => Some(LogitsSaved {
-                inputs,
-                saved,
-                head,
-            }),
+        let dims = (inputs.batch, inputs.height / p, inputs.width / p);
+        let (logits, head) = self.head.forward_device(&f.features, dims)?;
+        copy(&self.dev, out, &logits)?;
+        Ok(match (keep, f.saved) {
+            (true, Some(saved)) => Some(LogitsSaved { saved, head }),
             _ => None,
-        };
-        Ok((logits, saved))
+        })
     }
 
-    /// Gradients of a kept discriminator call from `dlogits`: into the head's and the fake
-    /// backbone's parameter gradients when asked; returns the image's gradient (bf16).
+    /// Gradients of a kept discriminator call from `dlogits` (device): into the head's and the
+    /// fake backbone's parameter gradients when asked; returns the image's gradient (bf16).
     fn logits_backward(
         &self,
+        inputs: &DeviceInputs,
         s: &LogitsSaved,
-        dlogits: &[f32],
+        dlogits: &DevBuf<f32>,
         params: bool,
     ) -> KernelResult<DevBuf<bf16>> {
-        let dfeat = self.head.backward(&s.head, dlogits, params)?;
+        let dfeat = self.head.backward_device(&s.head, dlogits, params)?;
         Ok(self
             .disc_backbone()
-            .backward_features(&s.inputs, &s.saved, &dfeat, params)?
+            .backward_features(inputs, &s.saved, &dfeat, params)?
             .x)
     }
 
@@ -546,335 +953,242 @@ impl DeviceAdvDmd {
         self.frozen_backbone.as_ref().unwrap_or(&self.fake)
     }
 
-    /// `r_{i,k} = clip(D(x_k, σ_k))` for k = 1..K, sample-major `[n][K]`: one call over every
-    /// state's samples.
-    fn rewards(
-        &self,
-        roll: &DeviceRollout,
-        cond: &Cond,
-        sig: &[f32],
-        shape: &[usize],
-    ) -> KernelResult<Vec<Vec<f32>>> {
-        let (n, k) = (shape[0], sig.len() - 1);
-        let clip = self.config.reward_clip;
-        let states: Vec<usize> = (1..=k).collect();
-        let x = stack_states(&self.dev, roll, &states)?;
-        let (l, _) = self.logits(
-            &x,
-            &[n * k, shape[1], shape[2], shape[3]],
-            &state_sigmas(&states, sig, n),
-            &cond.repeated(k),
-            false,
-        )?;
-        Ok((0..n)
-            .map(|i| (0..k).map(|j| l[j * n + i].clamp(-clip, clip)).collect())
-            .collect())
+    /// `r_{i,k} = clip(D(x_k, σ_k))` for k = 1..K in one call over every state's samples, and
+    /// from them each transition's group-normalised advantages (`b.adv`, `[K−1][n]`).
+    fn rewards(&self, b: &StepBuffers, roll: &StackedRollout) -> KernelResult<()> {
+        let c = &self.config;
+        let k = c.steps_per_sample;
+        let n = b.key.shape[0];
+        let x = roll.states.view(roll.len, k * roll.len)?;
+        self.logits(&b.reward_in, &x, &b.reward_logits, false)?;
+        advantages(
+            &self.dev,
+            &b.adv,
+            &b.reward_logits,
+            n,
+            k,
+            c.group,
+            c.reward_clip,
+            c.adv_clip,
+        )
     }
 
-    /// Clips the gradients of `params` to their joint norm and steps each with its optimizer.
+    /// Clips the gradients of `parts` to their joint norm (into `clip`) and steps each with its
+    /// optimizer (staged before the work) and, for the generator, its EMA.
     fn step_jointly(
         dev: &KernelDevice,
-        parts: &mut [StepPart],
-        lr: f32,
+        parts: &[StepPart],
+        clip: &DevBuf<f32>,
         max_norm: f32,
-    ) -> KernelResult<f32> {
-        let mut norms = Vec::with_capacity(parts.len());
-        for (_, p, _) in parts.iter() {
-            let g = p.grads.view(0, p.n_trainable)?;
-            norms
-                .push(dev.download(&crate::kernels::optim::dev::grad_norm_clip(dev, &g, 0.0)?)?[0]);
-        }
-        let (norm, factor) = joint_clip(&norms, max_norm);
-        for (opt, p, ema) in parts.iter_mut() {
+    ) -> KernelResult<()> {
+        let grads: Vec<_> = parts
+            .iter()
+            .map(|(_, p, _)| p.grads.view(0, p.n_trainable))
+            .collect::<KernelResult<_>>()?;
+        let refs: Vec<&DevBuf<f32>> = grads.iter().map(|g| &**g).collect();
+        joint_grad_norm_clip(dev, clip, &refs, max_norm)?;
+        for (opt, p, ema) in parts {
             let flat = FlatParams {
                 master: &p.master,
                 bf16: &p.weights,
                 grads: &p.grads,
                 n_decay: p.n_decay,
             };
-            opt.step_with_clip(dev, &flat, lr, [norm, factor], *ema)?;
+            opt.update_staged(dev, &flat, clip, *ema)?;
         }
-        Ok(norm)
+        Ok(())
     }
 
     fn guidance_update(
-        &mut self,
-        roll: &DeviceRollout,
-        batch: &IterBatch,
-        sig: &[f32],
-        shape: &[usize],
-        metrics: &mut IterMetrics,
-    ) -> Result<()> {
-        let c = self.config.clone();
-        let dev = self.dev.clone();
-        let k = sig.len() - 1;
-        let (n, m) = (shape[0], c.prompts);
+        &self,
+        b: &StepBuffers,
+        roll: &StackedRollout,
+        kind: StepKind,
+    ) -> KernelResult<()> {
+        let c = &self.config;
+        let dev = &self.dev;
+        let (n, m) = (b.key.shape[0], b.key.m);
+        let per = b.len() / n;
         self.fake.zero_grad()?;
         self.head.params.zero_grad()?;
 
         // the fake score's flow-matching loss on one of the rollout's x̂0 (train::losses::fake_score_loss)
-        let pick = self.rng.below(k as u64) as usize;
-        let x0 = Tensor::from_vec(dev.download(&roll.x0[pick])?, shape);
-        let sigma: Vec<f32> = (0..n).map(|_| sigmoid(self.rng.normal())).collect();
-        let noise = Tensor::randn(shape, &mut self.rng);
-        let fake_loss = flow_matching_grads(
+        let x0 = dev.alloc::<f32>(b.len())?;
+        select_block_f32(dev, &x0, &roll.x0, &b.picks, 0)?;
+        flow_matching_grads_dev(
             &self.fake,
-            &FlowBatch {
-                x0: &x0,
-                noise: &noise,
-                sigma: &sigma,
-                pooled: &batch.cond.pooled,
-                context: &batch.cond.context,
-            },
+            &b.fm_in,
+            &x0,
+            &b.fm_noise,
+            &b.fm_sigma,
+            &b.fm_parts,
             self.keep,
         )?;
+        drop(x0);
 
         // The discriminator on generated states and noised real samples. Every kept state goes
         // into one call for the generated rows and one for the real rows (state-major: the
         // state's n, resp. m, samples at its σ) instead of a call per state: the GEMMs get
         // S times the rows. A softplus loss is per logit, so the rows' gradients are independent
-        // and one backward per call carries them all. The real samples' noises are drawn state
-        // by state, in the CPU trainer's order.
-        let states: Vec<usize> = match c.disc_states {
-            DiscStates::Trajectory => (1..=k).collect(),
-            DiscStates::Final => vec![k],
-        };
+        // and one backward per call carries them all.
+        let states = disc_states(c);
         let ns = states.len();
         let (n_fake, n_real) = ((n * ns) as f32, (m * ns) as f32);
-        let per = roll.states[0].len() / n;
-        let xf = stack_states(&dev, roll, &states)?;
+        let xf = roll.states.view(states[0] * roll.len, ns * roll.len)?;
         let xr = dev.alloc::<f32>(ns * m * per)?;
-        let real = dev.upload(batch.real.f32s())?;
-        for (j, &s) in states.iter().enumerate() {
-            let noise = dev.upload(Tensor::randn(batch.real.shape(), &mut self.rng).f32s())?;
-            let sm = dev.upload(&vec![sig[s]; m])?;
+        for j in 0..ns {
             let y = xr.view(j * m * per, m * per)?;
-            flow_noise_into(&dev, &y, None, &real, &noise, &sm, (m, per))?;
+            let noise = b.real_noise.view(j * m * per, m * per)?;
+            let sm = b.real_sigma.view(j * m, m)?;
+            flow_noise_into(dev, &y, None, &b.real, &noise, &sm, (m, per))?;
         }
-        let at = |rows: usize| state_sigmas(&states, sig, rows);
-        let rows_shape = |rows: usize| [rows * ns, shape[1], shape[2], shape[3]];
         // A frozen discriminator is still evaluated (its accuracy is the reward model's), but
         // neither its head nor its snapshot learns: no backward.
-        let train = self.frozen_backbone.is_none();
-        let (lf, saved) =
-            self.logits(&xf, &rows_shape(n), &at(n), &batch.cond.repeated(ns), train)?;
-        if let Some(saved) = saved {
-            let dl: Vec<f32> = lf
-                .iter()
-                .map(|&l| c.lambda_d * sigmoid(l) / n_fake)
-                .collect();
-            self.logits_backward(&saved, &dl, true)?;
+        let train = kind.train_disc;
+        for (inputs, x, out, sign, rows) in [
+            (&b.dfake_in, &*xf, &b.fake_logits, 1.0, n_fake),
+            (&b.dreal_in, &xr, &b.real_logits, -1.0, n_real),
+        ] {
+            if let Some(saved) = self.logits(inputs, x, out, train)? {
+                // d/dl λ·softplus(±l)/rows
+                let dl = dev.alloc::<f32>(out.len())?;
+                logit_grads(dev, &dl, out, sign, c.lambda_d / rows)?;
+                self.logits_backward(inputs, &saved, &dl, true)?;
+            }
         }
-        let (lr, saved) = self.logits(
-            &xr,
-            &rows_shape(m),
-            &at(m),
-            &batch.real_cond.repeated(ns),
-            train,
-        )?;
-        if let Some(saved) = saved {
-            let dl: Vec<f32> = lr
-                .iter()
-                .map(|&l| -c.lambda_d * sigmoid(-l) / n_real)
-                .collect();
-            self.logits_backward(&saved, &dl, true)?;
-        }
-        let d_loss = lf.iter().map(|&l| softplus(l)).sum::<f32>() / n_fake
-            + lr.iter().map(|&l| softplus(-l)).sum::<f32>() / n_real;
-        let frac = |v: &[f32], pos: bool| {
-            v.iter().filter(|&&x| (x > 0.0) == pos).count() as f32 / v.len().max(1) as f32
-        };
-        let by_sigma = states
-            .iter()
-            .enumerate()
-            .map(|(j, &s)| {
-                let (f, r) = (&lf[j * n..(j + 1) * n], &lr[j * m..(j + 1) * m]);
-                (sig[s], frac(r, true), frac(f, false))
-            })
-            .collect();
-        let lr_fake = self.lr(c.lr_fake);
-        if train {
-            Self::step_jointly(
-                &dev,
-                &mut [
-                    (&mut self.opt_fake, &*self.fake, None),
-                    (&mut self.opt_head, &self.head.params, None),
-                ],
-                lr_fake,
-                c.grad_clip,
-            )?;
+        drop(xr);
+        let parts: &[StepPart] = if train {
+            &[
+                (&self.opt_fake, &self.fake, None),
+                (&self.opt_head, &self.head.params, None),
+            ]
         } else {
             // the fixed head takes no step (AdamW's decay would still move it)
-            Self::step_jointly(
-                &dev,
-                &mut [(&mut self.opt_fake, &*self.fake, None)],
-                lr_fake,
-                c.grad_clip,
-            )?;
-        }
-        metrics.fake_loss = fake_loss;
-        metrics.d_loss = d_loss;
-        metrics.d_acc_real = frac(&lr, true);
-        metrics.d_acc_fake = frac(&lf, false);
-        metrics.d_acc_by_sigma = by_sigma;
-        Ok(())
+            &[(&self.opt_fake, &self.fake, None)]
+        };
+        Self::step_jointly(dev, parts, &b.clip_fake, c.grad_clip)
     }
 
     fn generator_update(
-        &mut self,
-        roll: &DeviceRollout,
-        batch: &IterBatch,
-        sig: &[f32],
-        shape: &[usize],
-        rewards: Option<&[Vec<f32>]>,
-        metrics: &mut IterMetrics,
-    ) -> Result<()> {
-        let c = self.config.clone();
-        let dev = self.dev.clone();
-        let k = sig.len() - 1;
-        let n = shape[0];
-        let per = shape[1..].iter().product::<usize>();
+        &self,
+        b: &StepBuffers,
+        roll: &StackedRollout,
+        kind: StepKind,
+    ) -> KernelResult<()> {
+        let c = &self.config;
+        let dev = &self.dev;
+        let n = b.key.shape[0];
+        let per = b.len() / n;
         self.generator.zero_grad()?;
 
         // x̂0 at a random step k*, kept for the backward
-        let ks = self.rng.below(k as u64) as usize;
-        let xk = Tensor::from_vec(dev.download(&roll.states[ks])?, shape);
-        let cond = (&batch.cond.pooled, &batch.cond.context);
-        let gx = generator_x0(&self.generator, &xk, sig[ks], cond, self.keep)?;
+        let xk = dev.alloc::<f32>(b.len())?;
+        select_block_f32(dev, &xk, &roll.states, &b.picks, 1)?;
+        let gx = generator_x0(&self.generator, &b.gx_in, &xk, &b.gx_sigma, self.keep)?;
+        drop(xk);
 
         // DMD: teacher (CFG) and fake denoise a re-noised x̂0
-        let tau: Vec<f32> = (0..n)
-            .map(|_| {
-                let u = (0.02 + 0.96 * self.rng.uniform()) as f64;
-                crate::flow::shift_sigma(u, c.shift) as f32
-            })
-            .collect();
-        let noise = Tensor::randn(shape, &mut self.rng);
-        let (g, dmd_norm) = dmd_seed(
+        let g = dmd_seed_dev(
             &self.teacher,
             &self.fake,
             &gx.x0,
-            &DmdBatch {
-                x: &xk,
-                sigma: sig[ks],
-                tau: &tau,
-                noise: &noise,
-                pooled: &batch.cond.pooled,
-                context: &batch.cond.context,
-                pooled_uncond: &batch.uncond.pooled,
-                context_uncond: &batch.uncond.context,
+            &DmdInputs {
+                teacher: &b.teacher_in,
+                fake: &b.dmd_fake_in,
+                tau: &b.tau,
+                noise: &b.dmd_noise,
                 w_real: c.w_real,
                 lambda: c.lambda_dmd,
             },
+            &b.dmd_norm,
         )?;
-        metrics.dmd_grad_norm = dmd_norm;
 
         // GAN: mean softplus(−D(x̃)), x̃ = (1−σ̃)·x̂0 + σ̃·noise, through the fake backbone and
         // the head (neither takes gradients here), added to the DMD seed at x̂0
-        let st: Vec<f32> = (0..n)
-            .map(|_| sig[self.rng.below(k as u64) as usize])
-            .collect();
-        let noise = Tensor::randn(shape, &mut self.rng);
-        let (std, zd) = (dev.upload(&st)?, dev.upload(noise.f32s())?);
         let xt = dev.alloc::<f32>(n * per)?;
-        flow_noise_into(&dev, &xt, None, &gx.x0, &zd, &std, (n, per))?;
-        let (l, saved) = self.logits(&xt, shape, &st, &batch.cond, true)?;
-        metrics.gan_loss = l.iter().map(|&v| softplus(-v)).sum::<f32>() / n as f32;
-        let dl: Vec<f32> = l
-            .iter()
-            .map(|&v| -c.lambda_gan * sigmoid(-v) / n as f32)
-            .collect();
-        let dxt = self.logits_backward(saved.as_ref().expect("kept"), &dl, false)?;
+        flow_noise_into(dev, &xt, None, &gx.x0, &b.gan_noise, &b.gan_sigma, (n, per))?;
+        let saved = self
+            .logits(&b.gan_in, &xt, &b.gan_logits, true)?
+            .expect("kept");
+        drop(xt);
+        let dl = dev.alloc::<f32>(n)?;
+        logit_grads(dev, &dl, &b.gan_logits, -1.0, c.lambda_gan / n as f32)?;
+        let dxt = self.logits_backward(&b.gan_in, &saved, &dl, false)?;
         drop(saved);
-        // g += (1−σ̃_i)·dx̃: the per-sample axpy of x0_from_velocity (x − c_i·v) with c_i = σ̃_i − 1
-        let coef = dev.upload(&st.iter().map(|s| s - 1.0).collect::<Vec<_>>())?;
+        // g += (1−σ̃)·dx̃: the per-sample axpy of x0_from_velocity (x − c_i·v) with c_i = σ̃_i − 1
         let total = dev.alloc::<f32>(n * per)?;
-        x0_from_velocity(&dev, &total, &g, &dxt, &coef, false, 1.0)?;
-        generator_backward_from_x0(&self.generator, &gx, &total)?;
-        drop(gx);
+        x0_from_velocity(dev, &total, &g, &dxt, &b.gan_coef, false, 1.0)?;
+        drop((g, dxt));
+        generator_backward_from_x0(&self.generator, &b.gx_in, &gx, &total)?;
+        drop((gx, total));
 
-        if let Some(rewards) = rewards {
-            self.rl_grads(roll, &batch.cond, sig, shape, rewards, metrics)?;
+        if kind.rl {
+            self.rl_grads(b, roll)?;
         }
-        let lr_g = self.lr(c.lr_generator);
         Self::step_jointly(
-            &dev,
-            &mut [(
-                &mut self.opt_generator,
-                &*self.generator,
+            dev,
+            &[(
+                &self.opt_generator,
+                &self.generator,
                 Some((&self.ema, c.ema_decay)),
             )],
-            lr_g,
+            &b.clip_generator,
             c.grad_clip,
-        )?;
-        Ok(())
+        )
     }
 
     /// The RL term: for every stochastic transition the generator's velocity is recomputed with
     /// grad, its log-probability of the rollout's next state taken on the device, and the PPO
     /// objective's gradient `λ_RL·∂L/∂ℓ·∂ℓ/∂v̂` seeded into the generator's backward. The clipped
     /// objective's gradient is per transition, so each backward runs right after its forward.
-    fn rl_grads(
-        &mut self,
-        roll: &DeviceRollout,
-        cond: &Cond,
-        sig: &[f32],
-        shape: &[usize],
-        rewards: &[Vec<f32>],
-        metrics: &mut IterMetrics,
-    ) -> Result<()> {
-        let c = self.config.clone();
-        let dev = self.dev.clone();
-        let n = shape[0];
-        let per = shape[1..].iter().product::<usize>();
-        let transitions = sig.len() - 2;
-        let returns: Vec<Vec<f32>> = rewards.iter().map(|r| returns_to_go(r)).collect();
-        metrics.mean_reward = rewards.iter().map(|r| r[r.len() - 1]).sum::<f32>() / n as f32;
+    fn rl_grads(&self, b: &StepBuffers, roll: &StackedRollout) -> KernelResult<()> {
+        let c = &self.config;
+        let dev = &self.dev;
+        let n = b.key.shape[0];
+        let per = b.len() / n;
+        let transitions = c.steps_per_sample - 1;
         let share = 1.0 / transitions as f64;
-        let mut loss = 0f64;
-        for t in 0..transitions {
-            let adv = group_advantages(
-                &returns.iter().map(|r| r[t]).collect::<Vec<_>>(),
-                c.group,
-                c.adv_clip,
-            );
-            let inputs = Self::inputs_at(
-                &self.generator,
-                &roll.states[t],
-                shape,
-                &vec![sig[t]; n],
-                cond,
-            )?;
-            let f = self.generator.forward(&inputs, self.keep)?;
-            let v = cast_bf16_to_f32(&dev, &f.velocity)?;
-            let (sd, snd) = (
-                dev.upload(&vec![sig[t]; n])?,
-                dev.upload(&vec![sig[t + 1]; n])?,
-            );
+        for (t, inputs) in b.rl_in.iter().enumerate() {
+            let x = roll.state(t)?;
+            cast_f32_to_bf16_into(dev, &inputs.x, &x)?;
+            let f = self.generator.forward(inputs, self.keep)?;
+            let v = cast_bf16_to_f32(dev, &f.velocity)?;
             let tr = rho_step(
-                &dev,
-                &roll.states[t],
+                dev,
+                &x,
                 &v,
-                NextState::Given(&roll.states[t + 1]),
-                &sd,
-                &snd,
+                NextState::Given(&*roll.state(t + 1)?),
+                &*b.roll_sigma.view(t * n, n)?,
+                &*b.roll_sigma_next.view(t * n, n)?,
                 c.rho,
                 (n, per),
             )?;
-            let logp = dev.download(&tr.log_prob)?;
-            // ppo_loss over this transition's n entries is the mean over all of them scaled by
-            // the transition's share
-            let (l, dl) = ppo_loss(&logp, &roll.log_probs[t], &adv, c.clip_eps);
-            loss += l * share;
-            // dv_i = λ·dl_i·∂ℓ_i/∂v (velocity_grad_from_x0: −scale·c_i·g with c_i = dl_i, scale = −λ)
-            let coef: Vec<f32> = dl.iter().map(|&d| (d * share) as f32).collect();
+            drop(v);
+            // dv_i = λ·dl_i·∂ℓ_i/∂v (velocity_grad_from_x0: −scale·c_i·g with c_i = dl_i·share,
+            // scale = −λ)
+            let coef = dev.alloc::<f32>(n)?;
+            ppo_grad(
+                dev,
+                &coef,
+                &*b.rl_loss.view(t, 1)?,
+                &tr.log_prob,
+                &*roll.log_prob(t)?,
+                &*b.adv.view(t * n, n)?,
+                c.clip_eps,
+                share,
+            )?;
             let dv = dev.alloc::<bf16>(n * per)?;
-            velocity_grad_from_x0(&dev, &dv, &tr.grad_v, &dev.upload(&coef)?, -c.lambda_rl)?;
+            velocity_grad_from_x0(dev, &dv, &tr.grad_v, &coef, -c.lambda_rl)?;
+            drop(tr);
             let saved = f.saved.as_ref().expect("a kept forward");
-            self.generator.backward(&inputs, saved, &dv, true)?;
+            self.generator.backward(inputs, saved, &dv, true)?;
         }
-        metrics.rl_loss = loss as f32;
         Ok(())
+    }
+
+    /// Iterations replayed from an already recorded graph.
+    pub fn graph_replays(&self) -> u64 {
+        self.replays
     }
 
     /// Bytes of the three optimizers' moments on the device.
@@ -902,15 +1216,6 @@ impl DeviceAdvDmd {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn joint_clip_matches_the_cpu_rule() {
-        let (norm, f) = joint_clip(&[3.0, 4.0], 1.0);
-        assert!((norm - 5.0).abs() < 1e-6);
-        assert!((f - 1.0 / (5.0 + 1e-6)).abs() < 1e-7);
-        assert_eq!(joint_clip(&[0.3, 0.4], 1.0).1, 1.0);
-        assert_eq!(joint_clip(&[3.0, 4.0], 0.0).1, 1.0);
-    }
 
     #[test]
     fn softplus_is_stable_at_both_ends() {

@@ -171,3 +171,77 @@ fn mean_pool_fwd_and_bwd_match_cpu() {
         }
     }
 }
+
+#[test]
+fn head_logits_fwd_and_bwd_match_cpu() {
+    for dev in devices() {
+        let mut rng = Rng::new(17);
+        for (b, h) in [(1, 8), (5, 33), (300, 64)] {
+            let pooled: Vec<f32> = (0..b * h).map(|_| rng.normal()).collect();
+            let w = randn_bf16(&mut rng, h, 0.3);
+            let bias = randn_bf16(&mut rng, 1, 0.3);
+            let dl: Vec<f32> = (0..b).map(|_| rng.normal()).collect();
+            let (pd, wd, bd, dld) = (
+                dev.upload(&pooled).unwrap(),
+                upload_bf16(&dev, &w),
+                upload_bf16(&dev, &bias),
+                dev.upload(&dl).unwrap(),
+            );
+            let logits = dev.alloc::<f32>(b).unwrap();
+            gpu::head_logits_fwd(&dev, &logits, &pd, &wd, &bd).unwrap();
+            let want = cpu::head_logits(&pooled, &w, bias[0]);
+            let shape = format!("[{b}, {h}]");
+            check(
+                "head_logits_fwd",
+                &dev,
+                &shape,
+                &dev.download(&logits).unwrap(),
+                &want,
+                1e-5,
+            );
+            let (gw0, gb0) = (randn_bf16(&mut rng, h, 1.0), vec![0.25f32]);
+            let (gw, gb) = (dev.upload(&gw0).unwrap(), dev.upload(&gb0).unwrap());
+            let dpooled = dev.alloc::<f32>(b * h).unwrap();
+            gpu::head_logits_bwd(&dev, &dpooled, Some((&gw, &gb)), &dld, &pd, &wd).unwrap();
+            let (dp, dw, db) = cpu::head_logits_bwd(&dl, &pooled, &w);
+            let dw_acc: Vec<f32> = gw0.iter().zip(&dw).map(|(a, d)| a + d).collect();
+            check(
+                "head_logits_bwd dpooled",
+                &dev,
+                &shape,
+                &dev.download(&dpooled).unwrap(),
+                &dp,
+                1e-6,
+            );
+            check(
+                "head_logits_bwd dw",
+                &dev,
+                &shape,
+                &dev.download(&gw).unwrap(),
+                &dw_acc,
+                1e-5,
+            );
+            check(
+                "head_logits_bwd db",
+                &dev,
+                &shape,
+                &dev.download(&gb).unwrap(),
+                &[gb0[0] + db],
+                1e-5,
+            );
+            // without parameter gradients only dpooled is written
+            gpu::head_logits_bwd(&dev, &dpooled, None, &dld, &pd, &wd).unwrap();
+            assert_eq!(dev.download(&gb).unwrap(), vec![gb0[0] + db]);
+        }
+        let (p, w, bias, out) = (
+            dev.zeros::<f32>(10).unwrap(),
+            upload_bf16(&dev, &[0.0; 4]),
+            upload_bf16(&dev, &[0.0]),
+            dev.alloc::<f32>(3).unwrap(),
+        );
+        assert!(
+            gpu::head_logits_fwd(&dev, &out, &p, &w, &bias).is_err(),
+            "10 ≠ 3·4 pooled"
+        );
+    }
+}

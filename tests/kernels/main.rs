@@ -10,6 +10,7 @@ mod elementwise;
 mod gemm;
 mod optim;
 mod qknorm;
+mod rl;
 mod sde;
 mod shape;
 mod wgmma;

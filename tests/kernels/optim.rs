@@ -271,3 +271,130 @@ fn adamw_step_with_bf16_moments_matches_cpu() {
         }
     }
 }
+
+/// The joint norm of several gradients and its clip factor on the device, against the CPU twin.
+#[test]
+fn joint_grad_norm_clip_matches_cpu() {
+    for dev in devices() {
+        let mut rng = Rng::new(11);
+        let gs: Vec<Vec<f32>> = [37, 70_001, 5]
+            .iter()
+            .map(|&n| randn(&mut rng, n, 1.0))
+            .collect();
+        let up: Vec<DevBuf<f32>> = gs.iter().map(|g| dev.upload(g).unwrap()).collect();
+        for count in 1..=3 {
+            let refs: Vec<&DevBuf<f32>> = up[..count].iter().collect();
+            let host: Vec<&[f32]> = gs[..count].iter().map(|g| g.as_slice()).collect();
+            let norm = cpu::joint_grad_norm(&host);
+            for max_norm in [0.0, 1.0, 1e9] {
+                let clip = dev.alloc::<f32>(2).unwrap();
+                gpu::joint_grad_norm_clip(&dev, &clip, &refs, max_norm).unwrap();
+                let got = dev.download(&clip).unwrap();
+                let want = [norm, cpu::clip_factor(norm, max_norm)];
+                let shape = format!("{count} grads, max {max_norm}");
+                check("joint_grad_norm_clip", &dev, &shape, &got, &want, 1e-6);
+            }
+        }
+        let bad = dev.alloc::<f32>(3).unwrap();
+        assert!(gpu::joint_grad_norm_clip(&dev, &bad, &[&up[0]], 1.0).is_err());
+        assert!(gpu::joint_grad_norm_clip(&dev, &up[2], &[], 1.0).is_err() || up[2].len() != 2);
+    }
+}
+
+/// `DeviceAdamW::stage` + `update_staged` (the split a replayed graph needs) against the plain
+/// step with the clip given by value: the same weights, moments and EMA, bit for bit, over
+/// several steps — and a step recorded into a graph once, then replayed after each staging,
+/// equals them too.
+#[test]
+fn staged_optimizer_steps_equal_plain_ones() {
+    use advdmd::optim::device::{DeviceAdamW, FlatParams};
+    for dev in devices() {
+        for bf16_moments in [false, true] {
+            let mut rng = Rng::new(12);
+            let n = 1000;
+            let config = AdamWConfig {
+                lr: 1e-2,
+                weight_decay: 0.1,
+                ..Default::default()
+            };
+            let make = || {
+                if bf16_moments {
+                    DeviceAdamW::with_bf16_moments(&dev, n, config.clone(), 77).unwrap()
+                } else {
+                    DeviceAdamW::new(&dev, n, config.clone()).unwrap()
+                }
+            };
+            let w0 = randn(&mut rng, n, 1.0);
+            let grads: Vec<Vec<f32>> = (0..4).map(|_| randn(&mut rng, n, 3.0)).collect();
+            let runs: Vec<_> = (0..3)
+                .map(|_| {
+                    (
+                        dev.upload(&w0).unwrap(),
+                        dev.zeros::<bf16>(n).unwrap(),
+                        dev.zeros::<f32>(n).unwrap(),
+                        dev.upload(&w0).unwrap(),
+                        make(),
+                    )
+                })
+                .collect();
+            let clip = dev.alloc::<f32>(2).unwrap();
+            let mut runs = runs;
+            let mut graph = None;
+            for (s, g) in grads.iter().enumerate() {
+                let lr = 1e-2 * (s + 1) as f32 / 4.0;
+                for (r, (w, wb, gb, ema, opt)) in runs.iter_mut().enumerate() {
+                    dev.copy_to_device(g, gb).unwrap();
+                    let flat = FlatParams {
+                        master: w,
+                        bf16: wb,
+                        grads: gb,
+                        n_decay: n / 2,
+                    };
+                    let norm = cpu::grad_norm(g);
+                    match r {
+                        0 => {
+                            let f = [norm, cpu::clip_factor(norm, 5.0)];
+                            opt.step_with_clip(&dev, &flat, lr, f, Some((ema, 0.9)))
+                                .unwrap()
+                        }
+                        1 => {
+                            opt.stage(&dev, lr).unwrap();
+                            gpu::joint_grad_norm_clip(&dev, &clip, &[gb], 5.0).unwrap();
+                            opt.update_staged(&dev, &flat, &clip, Some((ema, 0.9)))
+                                .unwrap()
+                        }
+                        _ => {
+                            opt.stage(&dev, lr).unwrap();
+                            let g = graph.get_or_insert_with(|| {
+                                dev.capture(|| {
+                                    gpu::joint_grad_norm_clip(&dev, &clip, &[gb], 5.0)?;
+                                    opt.update_staged(&dev, &flat, &clip, Some((ema, 0.9)))
+                                })
+                                .unwrap()
+                            });
+                            g.launch().unwrap()
+                        }
+                    }
+                }
+            }
+            let (a, b, c) = (&runs[0], &runs[1], &runs[2]);
+            for (what, x, y, z) in [("w", &a.0, &b.0, &c.0), ("ema", &a.3, &b.3, &c.3)] {
+                let (x, y, z) = (
+                    dev.download(x).unwrap(),
+                    dev.download(y).unwrap(),
+                    dev.download(z).unwrap(),
+                );
+                let shape = format!("{n} bf16 moments {bf16_moments}");
+                // the plain step's clip factor comes from the host's f64 norm: the last bits
+                check(&format!("staged AdamW {what}"), &dev, &shape, &y, &x, 1e-5);
+                assert_eq!(
+                    y,
+                    z,
+                    "the graph replays the staged step ({what}) on {}",
+                    dev.name()
+                );
+            }
+            assert_eq!((a.4.step, b.4.step, c.4.step), (4, 4, 4));
+        }
+    }
+}

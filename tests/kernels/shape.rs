@@ -178,3 +178,30 @@ fn views_are_windows_of_their_buffer() {
     assert!(base.view(3, 3).is_err());
     assert!(base.view(usize::MAX, 2).is_err());
 }
+
+#[test]
+fn select_block_picks_the_staged_block() {
+    for dev in devices() {
+        let (blocks, len) = (4, 37);
+        let src: Vec<f32> = (0..blocks * len).map(|i| i as f32 * 0.5).collect();
+        let s = dev.upload(&src).unwrap();
+        let idx = dev.upload(&[2i32, 3]).unwrap();
+        let d = dev.alloc::<f32>(len).unwrap();
+        for slot in 0..2 {
+            gpu::select_block_f32(&dev, &d, &s, &idx, slot).unwrap();
+            let b = [2, 3][slot];
+            assert_eq!(
+                dev.download(&d).unwrap(),
+                src[b * len..(b + 1) * len],
+                "select_block slot {slot} on {}",
+                dev.name()
+            );
+        }
+        let short = dev.alloc::<f32>(36).unwrap();
+        assert!(
+            gpu::select_block_f32(&dev, &short, &s, &idx, 0).is_err(),
+            "a block size that does not divide the stack is refused"
+        );
+        assert!(gpu::select_block_f32(&dev, &d, &s, &idx, 2).is_err());
+    }
+}
