@@ -3,7 +3,11 @@
 // graph): the discriminator losses' logit gradients, the rewards' returns-to-go with their
 // group-normalised advantages, and the clipped policy objective's gradient. A few hundred numbers
 // each: simple loops, sums in the CPU twin's order (f64 where it uses f64), so the results are the
-// twin's bit for bit except where `exp` may differ in the last place.
+// twin's bit for bit except where `exp` may differ in the last place. To keep them so: products
+// that feed a sum go through `mul_rn` (nvcc would otherwise contract `s += d·d` into an FMA, one
+// rounding instead of the twin's two), sums that mirror Rust's `Iterator::sum` start at −0.0 as it
+// does (the sign of an all-zero sum), and clamps are Rust's `clamp` (NaN stays NaN; fminf/fmaxf
+// would replace it by a bound and hide a diverged discriminator).
 // CPU twin: src/kernels/rl.rs (which mirrors src/train/losses.rs: returns_to_go, group_advantages,
 // ppo_loss).
 //
@@ -24,6 +28,29 @@ __device__ __forceinline__ float sigmoid(float x) {
     return e / (1.f + e);
 }
 
+// Rust's `f32::clamp` / `f64::clamp` (lo ≤ hi, checked by the launchers): NaN passes through.
+__device__ __forceinline__ float clamp(float x, float lo, float hi) {
+    x = x < lo ? lo : x;
+    return x > hi ? hi : x;
+}
+__device__ __forceinline__ double clamp(double x, double lo, double hi) {
+    x = x < lo ? lo : x;
+    return x > hi ? hi : x;
+}
+
+// a·b rounded on its own, never fused into a following add.
+__device__ __forceinline__ double mul_rn(double a, double b) {
+#ifdef ADVDMD_EMU
+    return a * b;
+#else
+    return __dmul_rn(a, b);
+#endif
+}
+
+// The start of Rust's f64 `sum()`: −0.0 (the identity of addition; an empty or all −0.0 sum
+// stays −0.0).
+#define RL_SUM0 (-0.0)
+
 }  // namespace rl
 
 // grid-stride over n.
@@ -42,22 +69,22 @@ extern "C" __global__ void rl_advantages(float* __restrict__ adv, const float* _
         const int t = p / groups, g0 = (p % groups) * group;
         // R_t,i = Σ_{j=t}^{k−1} r_{i,j} in f64, rounded to f32 (returns_to_go)
         auto ret = [&](int i) {
-            double s = 0.0;
-            for (int j = t; j < k; j++) s += (double)fminf(fmaxf(logits[(long long)j * n + i], -reward_clip), reward_clip);
+            double s = RL_SUM0;
+            for (int j = t; j < k; j++) s += (double)rl::clamp(logits[(long long)j * n + i], -reward_clip, reward_clip);
             return (float)s;
         };
-        double mean = 0.0;
+        double mean = RL_SUM0;
         for (int i = g0; i < g0 + group; i++) mean += (double)ret(i);
         mean /= (double)group;
-        double var = 0.0;
+        double var = RL_SUM0;
         for (int i = g0; i < g0 + group; i++) {
             const double d = (double)ret(i) - mean;
-            var += d * d;
+            var += rl::mul_rn(d, d);
         }
         const double std_ = sqrt(var / (double)group);
         for (int i = g0; i < g0 + group; i++) {
             const float a = (float)(((double)ret(i) - mean) / (std_ + 1e-4));
-            adv[(long long)t * n + i] = fminf(fmaxf(a, -adv_clip), adv_clip);
+            adv[(long long)t * n + i] = rl::clamp(a, -adv_clip, adv_clip);
         }
     }
 }
@@ -69,14 +96,15 @@ extern "C" __global__ void rl_ppo_grad(float* __restrict__ coef, double* __restr
     const double N = n > 0 ? (double)n : 1.0;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         const double a = (double)adv[i], r = exp(logp[i] - logp_old[i]);
-        const double unclipped = -a * r, clipped = -a * fmin(fmax(r, 1.0 - eps), 1.0 + eps);
+        const double unclipped = -a * r, clipped = -a * rl::clamp(r, 1.0 - eps, 1.0 + eps);
         coef[i] = (float)((unclipped >= clipped ? -a * r / N : 0.0) * share);
     }
     if (threadIdx.x == 0) {
         double s = 0.0;
         for (int i = 0; i < n; i++) {
             const double a = (double)adv[i], r = exp(logp[i] - logp_old[i]);
-            s += fmax(-a * r, -a * fmin(fmax(r, 1.0 - eps), 1.0 + eps)) / N;
+            // f64::max is fmax (a NaN operand yields the other); the loss starts at +0.0 as ppo_loss's
+            s += fmax(-a * r, -a * rl::clamp(r, 1.0 - eps, 1.0 + eps)) / N;
         }
         loss[0] = s;
     }

@@ -303,6 +303,8 @@ fn step_json_on_the_emulator() {
         "--steps-per-sample",
         "2",
         "--bf16-moments",
+        // each kind's second run (the timed one) is recorded into a graph and launched
+        "--graph",
     ]);
     assert_eq!(r["device"]["kind"], "emu");
     let res = &r["results"];

@@ -69,6 +69,10 @@ pub fn ppo_grad(
     eps: f64,
     share: f64,
 ) -> (Vec<f32>, f64) {
+    assert!(
+        logp.len() == logp_old.len() && logp.len() == adv.len(),
+        "ppo_grad: sizes differ"
+    );
     let n = logp.len().max(1) as f64;
     let mut loss = 0.0;
     let coef = logp
@@ -90,6 +94,10 @@ pub fn ppo_grad(
     (coef, loss)
 }
 
+/// Launchers of `cuda/rl.cu` on a [`KernelDevice`] (a GPU, or the emulator in CI). They copy
+/// nothing between host and device and allocate nothing, so a CUDA graph can record them; bad
+/// sizes or parameters (those on which the twins' `clamp` would panic) are
+/// [`KernelError::Invalid`].
 pub mod dev {
     use crate::device::kernel::{
         blocks_for, DevBuf, KernelArgs, KernelDevice, KernelError, KernelResult, LaunchCfg,
@@ -101,6 +109,16 @@ pub mod dev {
         KernelError::Invalid(msg)
     }
 
+    /// The kernels index with `int`.
+    fn fits_i32(n: usize) -> bool {
+        i32::try_from(n).is_ok()
+    }
+
+    /// `x ≥ 0` and not NaN: a clip bound `clamp(−x, x)` (or `1±x`) accepts.
+    fn clip_ok(x: f64) -> bool {
+        x >= 0.0
+    }
+
     /// `dl = scale·sign·sigmoid(sign·logits)` (see [`super::logit_grads`]).
     pub fn logit_grads(
         dev: &KernelDevice,
@@ -110,7 +128,7 @@ pub mod dev {
         scale: f32,
     ) -> KernelResult<()> {
         let n = logits.len();
-        if dl.len() != n {
+        if dl.len() != n || !fits_i32(n) {
             return Err(invalid(format!(
                 "rl_logit_grads: {} gradients for {n} logits",
                 dl.len()
@@ -146,7 +164,8 @@ pub mod dev {
         if k < 2
             || group == 0
             || n % group != 0
-            || logits.len() != n * k
+            || n.checked_mul(k)
+                .is_none_or(|nk| !fits_i32(nk) || logits.len() != nk)
             || adv.len() != (k - 1) * n
         {
             return Err(invalid(format!(
@@ -154,6 +173,12 @@ pub mod dev {
                  {group}",
                 logits.len(),
                 adv.len()
+            )));
+        }
+        // f32::clamp's precondition (−clip ≤ clip, neither NaN)
+        if !clip_ok(reward_clip as f64) || !clip_ok(adv_clip as f64) {
+            return Err(invalid(format!(
+                "rl_advantages: reward clip {reward_clip} and advantage clip {adv_clip} must be ≥ 0"
             )));
         }
         let pairs = (k - 1) * (n / group);
@@ -185,7 +210,12 @@ pub mod dev {
         share: f64,
     ) -> KernelResult<()> {
         let n = logp.len();
-        if coef.len() != n || logp_old.len() != n || adv.len() != n || loss.len() != 1 {
+        if coef.len() != n
+            || logp_old.len() != n
+            || adv.len() != n
+            || loss.len() != 1
+            || !fits_i32(n)
+        {
             return Err(invalid(format!(
                 "rl_ppo_grad: {n} log-probs, {} old, {} advantages, {} coefficients, {} losses",
                 logp_old.len(),
@@ -194,6 +224,11 @@ pub mod dev {
                 loss.len()
             )));
         }
+        // f64::clamp's precondition (1−ε ≤ 1+ε, neither NaN)
+        if !clip_ok(eps) {
+            return Err(invalid(format!("rl_ppo_grad: clip ε {eps} must be ≥ 0")));
+        }
+        // n = 0 still launches: the loss is written (0).
         dev.launch(
             "rl_ppo_grad",
             LaunchCfg::linear(1, THREADS),

@@ -1,8 +1,14 @@
 //! One AdvDMD iteration on a kernel device (ALGORITHM.md §5.2): the CPU trainer's
 //! [`super::advdmd::AdvDmd::step`] step for step — the same host random draws in the same order,
 //! the same losses and cadence — with every model call on the device (the bf16 MMDiTs, the
-//! discriminator head, the ρ-SDE, the DMD seed, the fused AdamW with EMA). The host keeps what is
-//! a handful of numbers per sample: logits, rewards, advantages, the PPO objective.
+//! discriminator head, the ρ-SDE, the DMD seed, the fused AdamW with EMA) and so is the
+//! arithmetic between them (logit gradients, advantages, the PPO gradient, the joint clip).
+//!
+//! An iteration is three phases: the host draws its random numbers and stages them, with the
+//! conditioning and every model call's timestep features, into buffers kept across iterations
+//! (`StepBuffers`); the device does the whole iteration from them without a host copy
+//! (`DeviceAdvDmd::device_work`) — directly, or replayed from a CUDA graph recorded per kind of
+//! iteration ([`DeviceRunOptions::graph`]); the host reads the metrics back at the end.
 //!
 //! Conditioning comes in per iteration as host tensors ([`IterBatch`]): the Shapes world builds
 //! it from prompts with the teacher's frozen text encoder ([`shapes_batch`]); the SD3 benchmarks
