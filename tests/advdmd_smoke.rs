@@ -378,15 +378,19 @@ fn distill_cli_on_a_device_checkpoints_resumes_and_follows_the_cpu() {
     };
     let (dev_dir, cpu_dir) = (base.join("emu"), base.join("cpu"));
     run(&dev_dir, "2", &["--device", "emu", "--bf16-moments"]);
+    // resumed with --graph: iteration 4 is the generator's kind's second run in this process,
+    // recorded into a graph and launched
     run(
         &dev_dir,
-        "3",
-        &["--device", "emu", "--bf16-moments", "--resume"],
+        "5",
+        &["--device", "emu", "--bf16-moments", "--resume", "--graph"],
     );
     run(&cpu_dir, "1", &[]);
     let (d, c) = (metrics(&dev_dir), metrics(&cpu_dir));
-    assert_eq!(d.len(), 3);
+    assert_eq!(d.len(), 5);
     assert_eq!(d[2]["generator_step"], true);
+    assert_eq!(d[4]["generator_step"], true);
+    assert!(d[4]["d_loss"].as_f64().unwrap().is_finite());
     for key in ["fake_loss", "d_loss", "dmd_grad_norm", "gan_loss"] {
         let (a, b) = (d[0][key].as_f64().unwrap(), c[0][key].as_f64().unwrap());
         assert!(
@@ -395,12 +399,14 @@ fn distill_cli_on_a_device_checkpoints_resumes_and_follows_the_cpu() {
         );
     }
     assert!(ShapesModel::load(&dev_dir.join("model")).is_ok());
-    let bad = std::process::Command::new(bin)
-        .args(["distill", "--bf16-moments", "--out"])
-        .arg(base.join("bad"))
-        .output()
-        .unwrap();
-    assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("need --device cuda or emu"));
+    for flag in ["--bf16-moments", "--graph"] {
+        let bad = std::process::Command::new(bin)
+            .args(["distill", flag, "--out"])
+            .arg(base.join("bad"))
+            .output()
+            .unwrap();
+        assert!(!bad.status.success());
+        assert!(String::from_utf8_lossy(&bad.stderr).contains("need --device"));
+    }
     std::fs::remove_dir_all(&base).ok();
 }
