@@ -7,7 +7,7 @@
 //   grad_sq_partial:     part[p] = Σ g² over block p's grid-stride share (f64 accumulation)
 //   grad_norm_finalize:  clip[0] = ‖g‖ = sqrt(Σ_p part[p]) (fixed order), clip[1] = the clip
 //                        factor max_norm/(‖g‖ + 1e-6) when ‖g‖ > max_norm > 0, else 1
-//   adamw_step:          (lr, bc1, bc2 read from the step's schedule in device memory) with ĝ = g·clip[1]:  m ← β1·m + (1−β1)·ĝ,  v ← β2·v + (1−β2)·ĝ²,
+//   adamw_step:          with ĝ = g·clip[1]:  m ← β1·m + (1−β1)·ĝ,  v ← β2·v + (1−β2)·ĝ²,
 //                        w ← w − lr·((m/bc1)/(sqrt(v/bc2) + eps) + wd·w)  (wd for i < n_decay,
 //                        0 after: the flat layout puts the decayed matrices first),
 //                        w_bf16 ← bf16(w),  ema ← d·ema + (1−d)·w
@@ -18,6 +18,16 @@
 //                        mantissa, then truncated — so v ← β2·v + (1−β2)·ĝ² with β2 = 0.999
 //                        still decays on average (round-to-nearest would freeze it: the step's
 //                        change is under half an ulp)
+//
+// The per-step scalars live in device memory, not in kernel arguments, so that one recorded CUDA
+// graph replays every step (a graph freezes its kernels' arguments at capture): the host writes
+// them before each launch or replay (src/optim/device.rs `DeviceAdamW::stage`), and the kernels
+// read
+//   sched = [lr, bc1, bc2, seed]  (f32[4]; bc1 = 1 − β1^t, bc2 = 1 − β2^t computed in f32 on the
+//                                  host as the CPU twin does; seed: the bf16-moment rounding's u32,
+//                                  its bits stored as the 4th f32, ignored with f32 moments)
+//   clip  = [norm, factor]        (grad_norm_finalize's, over one or several gradients; or null)
+// β1, β2, eps, weight decay and the EMA decay are constant over a run: kernel arguments.
 //
 // Both AdamW kernels move 8 elements per thread per step (two 16-byte loads and stores of each
 // f32 array, one 16-byte load and store of each bf16 moment, one 16-byte store of the bf16 copy),

@@ -1,6 +1,7 @@
 //! The optimiser's arithmetic over flat f32 master weights: one fused AdamW step (decoupled
 //! weight decay, bias correction, optional gradient clip factor, optional EMA of the updated
-//! weights) and the global gradient L2 norm with its clip factor.
+//! weights) and the global gradient L2 norm — of one flat gradient or of several together — with
+//! its clip factor.
 //!
 //! These CPU functions are the twins of `cuda/optim.cu`. They mirror — rather than call, since
 //! `kernels` sits below `optim` — `optim::AdamW::step`, `optim::clip_grad_norm` and
@@ -179,16 +180,6 @@ pub fn grad_norm(g: &[f32]) -> f32 {
         .sqrt() as f32
 }
 
-/// The joint L2 norm of several gradients (f64 sum over all of them): the twin of
-/// `dev::joint_grad_norm_clip`'s norm, up to the order of the f64 sum.
-pub fn joint_grad_norm(gs: &[&[f32]]) -> f32 {
-    gs.iter()
-        .flat_map(|g| g.iter())
-        .map(|&v| (v as f64) * (v as f64))
-        .sum::<f64>()
-        .sqrt() as f32
-}
-
 /// The factor `clip_grad_norm` scales gradients by: `max_norm/(norm + 1e-6)` when
 /// `norm > max_norm > 0`, else 1.
 pub fn clip_factor(norm: f32, max_norm: f32) -> f32 {
@@ -199,18 +190,85 @@ pub fn clip_factor(norm: f32, max_norm: f32) -> f32 {
     }
 }
 
+/// Threads per block of the gradient norm's two kernels (`OPT_THREADS` in `cuda/optim.cu`).
+const NORM_THREADS: usize = 256;
+/// The most blocks (partial sums) of the norm's first stage for one gradient.
+const NORM_MAX_PARTS: usize = 1024;
+
+/// Blocks of the norm's first stage (`grad_sq_partial`) for `n` elements: from `n` alone, so the
+/// summation order (hence the result, bit for bit) is the same on every GPU.
+pub fn norm_parts(n: usize) -> usize {
+    n.div_ceil(NORM_THREADS * 16).clamp(1, NORM_MAX_PARTS)
+}
+
+/// `block_sum_f64`: thread t's value in `red[t]`, summed in `cuda/optim.cu`'s tree order.
+fn tree_sum(red: &mut [f64; NORM_THREADS]) -> f64 {
+    let mut s = NORM_THREADS / 2;
+    while s > 0 {
+        for t in 0..s {
+            red[t] += red[t + s];
+        }
+        s /= 2;
+    }
+    red[0]
+}
+
+/// `grad_sq_partial` over `g` with [`norm_parts`] blocks: each block's Σ g² in f64, in the
+/// kernel's order — thread t of block b takes the 4-element groups b·256 + t, + P·256, … (each
+/// group summed left to right), then the tail's elements with the same stride, then the block's
+/// tree. Assumes `g` starts 16-byte aligned on the device (every allocation does, and so does a
+/// view at offset 0); elsewhere the kernel skips the grouping and only the last bits differ.
+fn sq_partials(g: &[f32]) -> Vec<f64> {
+    let n = g.len();
+    let parts = norm_parts(n);
+    let stride = parts * NORM_THREADS;
+    let nv = n / 4;
+    let sq = |x: f32| (x as f64) * (x as f64);
+    (0..parts)
+        .into_par_iter()
+        .map(|b| {
+            let mut red = [0f64; NORM_THREADS];
+            for (t, r) in red.iter_mut().enumerate() {
+                let t0 = b * NORM_THREADS + t;
+                let mut acc = 0f64;
+                for k in (t0..nv).step_by(stride) {
+                    let a = &g[4 * k..4 * k + 4];
+                    acc += sq(a[0]) + sq(a[1]) + sq(a[2]) + sq(a[3]);
+                }
+                for &x in g.iter().skip(4 * nv + t0).step_by(stride) {
+                    acc += sq(x);
+                }
+                *r = acc;
+            }
+            tree_sum(&mut red)
+        })
+        .collect()
+}
+
+/// `[norm, clip factor]` of several flat gradients together (the twin of
+/// [`dev::joint_grad_norm_clip`], in its summation order): every gradient's partial sums of
+/// squares one after the other, then `grad_norm_finalize`'s — thread t sums partials t, t + 256,
+/// … in order, then the tree — and the factor of [`clip_factor`]. The same up to f64 rounding as
+/// `sqrt(Σ_i ‖g_i‖²)` with [`grad_norm`]s, the host's rule.
+pub fn joint_grad_norm_clip(gs: &[&[f32]], max_norm: f32) -> [f32; 2] {
+    let mut red = [0f64; NORM_THREADS];
+    for (p, s) in gs.iter().flat_map(|g| sq_partials(g)).enumerate() {
+        red[p % NORM_THREADS] += s;
+    }
+    let norm = tree_sum(&mut red).sqrt() as f32;
+    [norm, clip_factor(norm, max_norm)]
+}
+
 /// Launchers of `cuda/optim.cu` on a [`KernelDevice`] (a GPU, or the emulator in CI). All
 /// buffers flat f32 `[n]` except the bf16 weight copy.
 pub mod dev {
-    use super::AdamWStep;
+    use super::{norm_parts, AdamWStep, NORM_THREADS};
     use crate::device::kernel::{
         blocks_for, DevBuf, KernelArgs, KernelDevice, KernelError, KernelResult, LaunchCfg,
     };
     use half::bf16;
 
-    const THREADS: u32 = 256;
-    /// The most partial sums of the gradient norm (one per block of the first stage).
-    const MAX_PARTS: usize = 1024;
+    const THREADS: u32 = NORM_THREADS as u32;
 
     /// The buffers of one fused AdamW step over a flat parameter vector.
     /// The moments `M` are f32 ([`adamw_step`]) or bf16 ([`adamw_step_bf16_moments`]).
@@ -348,12 +406,6 @@ pub mod dev {
         )
     }
 
-    /// Blocks of the norm's first stage: from `n` alone, so the summation order (hence the
-    /// result, bit for bit) is the same on every GPU.
-    fn norm_parts(n: usize) -> usize {
-        n.div_ceil(THREADS as usize * 16).clamp(1, MAX_PARTS)
-    }
-
     /// The global L2 norm of `g` and its clip factor into `clip = [norm, factor]`
     /// (`factor = max_norm/(norm + 1e-6)` when `norm > max_norm > 0`, else 1).
     pub fn grad_norm_clip_into(
@@ -362,25 +414,7 @@ pub mod dev {
         g: &DevBuf<f32>,
         max_norm: f32,
     ) -> KernelResult<()> {
-        if clip.len() != 2 {
-            return Err(invalid("grad_norm: clip must be [norm, factor]".into()));
-        }
-        let p = norm_parts(g.len());
-        let part = dev.alloc::<f64>(p)?;
-        dev.launch(
-            "grad_sq_partial",
-            LaunchCfg::linear(p as u32, THREADS),
-            KernelArgs::new().buf(&part).buf(g).i64(g.len() as i64),
-        )?;
-        dev.launch(
-            "grad_norm_finalize",
-            LaunchCfg::linear(1, THREADS),
-            KernelArgs::new()
-                .buf(clip)
-                .buf(&part)
-                .i32(p as i32)
-                .f32(max_norm),
-        )
+        joint_grad_norm_clip(dev, clip, &[g], max_norm)
     }
 
     /// `[norm, clip factor]` of `g`.
@@ -395,9 +429,12 @@ pub mod dev {
     }
 
     /// The joint L2 norm of several flat gradients and its clip factor into
-    /// `clip = [norm, factor]` (the CPU `clip_grad_norm` over several parameter maps): each
-    /// gradient's partial sums of squares into one buffer, then one finalisation over all of
-    /// them, in a fixed order. No host copies.
+    /// `clip = [norm, factor]` (the CPU `clip_grad_norm` over several parameter maps;
+    /// `factor = max_norm/(norm + 1e-6)` when `norm > max_norm > 0`, else 1): each gradient's
+    /// partial sums of squares ([`norm_parts`] of them) into consecutive slices of one buffer,
+    /// then one `grad_norm_finalize` over all of them — a fixed order, so deterministic. Launches
+    /// only, no host copies: a graph can record it. CPU twin:
+    /// [`super::joint_grad_norm_clip`].
     pub fn joint_grad_norm_clip(
         dev: &KernelDevice,
         clip: &DevBuf<f32>,
@@ -407,14 +444,11 @@ pub mod dev {
         if clip.len() != 2 {
             return Err(invalid("grad_norm: clip must be [norm, factor]".into()));
         }
+        if grads.is_empty() {
+            return Err(invalid("joint grad norm: no gradients".into()));
+        }
         let parts: Vec<usize> = grads.iter().map(|g| norm_parts(g.len())).collect();
         let total: usize = parts.iter().sum();
-        if total > MAX_PARTS * 8 || grads.is_empty() {
-            return Err(invalid(format!(
-                "joint grad norm: {} gradients, {total} partial sums",
-                grads.len()
-            )));
-        }
         let part = dev.alloc::<f64>(total)?;
         let mut at = 0;
         for (g, &p) in grads.iter().zip(&parts) {

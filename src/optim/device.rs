@@ -30,9 +30,12 @@ enum Moments {
 
 pub struct DeviceAdamW {
     pub config: AdamWConfig,
+    /// Steps staged so far ([`Self::stage`] counts them): the step the next
+    /// [`Self::update_staged`] takes, and the count a checkpoint saves and
+    /// [`Self::upload_moments`] restores.
     pub step: u64,
     moments: Moments,
-    /// `[norm, clip factor]` of the last step's gradient, on the device.
+    /// `[norm, clip factor]` of the last [`Self::step`] / [`Self::step_with_clip`], on the device.
     clip: DevBuf<f32>,
     /// The staged step's `[lr, bc1, bc2, seed]` (`kernels::optim::dev::adamw_sched`).
     sched: DevBuf<f32>,
@@ -161,9 +164,10 @@ impl DeviceAdamW {
         self.update_staged(dev, p, &self.clip, ema)
     }
 
-    /// Counts the next step and uploads its scalars (learning rate, bias corrections, the bf16
-    /// moments' rounding seed) for [`Self::update_staged`]: the host half of a step, done outside
-    /// a graph before each replay.
+    /// Counts the next step and writes its scalars `[lr, bc1, bc2, seed]` (learning rate, bias
+    /// corrections, the bf16 moments' rounding seed) into this optimizer's device buffer for
+    /// [`Self::update_staged`]: the host half of a step — a host→device copy, so outside a graph,
+    /// before each launch or replay of one that recorded `update_staged`.
     pub fn stage(&mut self, dev: &KernelDevice, lr: f32) -> KernelResult<()> {
         self.step += 1;
         let seed = match &self.moments {
@@ -173,9 +177,11 @@ impl DeviceAdamW {
         dev.copy_to_device(&adamw_sched(&self.hyper(lr), seed), &self.sched)
     }
 
-    /// The device half of a step: the fused AdamW (and EMA) with the staged scalars and the
-    /// clip `[norm, factor]` in device memory. Launches only, and changes no host state: a graph
-    /// can record it.
+    /// The device half of a step: the fused AdamW (and, when given, the EMA `(shadow, decay)` of
+    /// the trainable elements) with the scalars [`Self::stage`] wrote and the clip
+    /// `[norm, factor]` read from device memory (e.g. `kernels::optim::dev::joint_grad_norm_clip`'s).
+    /// Launches only, and changes no host state: a graph can record it, and each replay takes
+    /// the step staged before it.
     pub fn update_staged(
         &self,
         dev: &KernelDevice,
@@ -216,7 +222,9 @@ impl DeviceAdamW {
         }
     }
 
-    /// The last step's gradient norm before clipping (reads it back: a synchronisation).
+    /// The gradient norm before clipping of the last [`Self::step`] or [`Self::step_with_clip`]
+    /// (reads it back: a synchronisation). After [`Self::update_staged`], the norm is the first
+    /// element of the clip buffer it was given.
     pub fn last_grad_norm(&self, dev: &KernelDevice) -> KernelResult<f32> {
         Ok(dev.download(&self.clip)?[0])
     }

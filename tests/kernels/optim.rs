@@ -272,46 +272,116 @@ fn adamw_step_with_bf16_moments_matches_cpu() {
     }
 }
 
-/// The joint norm of several gradients and its clip factor on the device, against the CPU twin.
+/// The host's joint clip (what `step_jointly` computed before the device did): each part's norm,
+/// then `sqrt(Σ norm²)` in f64 and `clip_factor`.
+fn host_joint_clip(gs: &[&[f32]], max_norm: f32) -> [f32; 2] {
+    let norm = gs
+        .iter()
+        .map(|g| (cpu::grad_norm(g) as f64).powi(2))
+        .sum::<f64>()
+        .sqrt() as f32;
+    [norm, cpu::clip_factor(norm, max_norm)]
+}
+
+/// The joint norm of 1, 2 and 3 gradients of odd lengths and its clip factor, unclipped and
+/// clipped, on the device against the CPU twin (bit for bit on the emulator, which sums in the
+/// twin's order without FMA contraction), and the twin against the host's rule (to f32 rounding).
 #[test]
 fn joint_grad_norm_clip_matches_cpu() {
+    let mut rng = Rng::new(11);
+    let gs: Vec<Vec<f32>> = [37usize, 70_001, 5, 4097]
+        .iter()
+        .map(|&n| randn(&mut rng, n, 1.0))
+        .collect();
+    let sets: [&[usize]; 4] = [&[0], &[1], &[0, 1], &[2, 1, 3]];
     for dev in devices() {
-        let mut rng = Rng::new(11);
-        let gs: Vec<Vec<f32>> = [37, 70_001, 5]
-            .iter()
-            .map(|&n| randn(&mut rng, n, 1.0))
-            .collect();
         let up: Vec<DevBuf<f32>> = gs.iter().map(|g| dev.upload(g).unwrap()).collect();
-        for count in 1..=3 {
-            let refs: Vec<&DevBuf<f32>> = up[..count].iter().collect();
-            let host: Vec<&[f32]> = gs[..count].iter().map(|g| g.as_slice()).collect();
-            let norm = cpu::joint_grad_norm(&host);
-            for max_norm in [0.0, 1.0, 1e9] {
+        for set in sets {
+            let refs: Vec<&DevBuf<f32>> = set.iter().map(|&i| &up[i]).collect();
+            let host: Vec<&[f32]> = set.iter().map(|&i| gs[i].as_slice()).collect();
+            let norm = cpu::joint_grad_norm_clip(&host, 0.0)[0];
+            for max_norm in [0.0, norm * 0.25, 1.0, norm * 2.0] {
+                let want = cpu::joint_grad_norm_clip(&host, max_norm);
+                let rule = host_joint_clip(&host, max_norm);
+                let ulps = (want[0].to_bits() as i64 - rule[0].to_bits() as i64).abs();
+                assert!(ulps <= 1, "twin {want:?} vs the host rule {rule:?}");
+                assert!((want[1] - rule[1]).abs() <= 2.0 * f32::EPSILON * rule[1]);
+                if max_norm == 0.0 || max_norm > norm {
+                    assert_eq!(want[1], 1.0);
+                } else {
+                    assert!(want[1] < 1.0);
+                }
+
                 let clip = dev.alloc::<f32>(2).unwrap();
                 gpu::joint_grad_norm_clip(&dev, &clip, &refs, max_norm).unwrap();
                 let got = dev.download(&clip).unwrap();
-                let want = [norm, cpu::clip_factor(norm, max_norm)];
-                let shape = format!("{count} grads, max {max_norm}");
+                let lens: Vec<usize> = set.iter().map(|&i| gs[i].len()).collect();
+                let shape = format!("{lens:?} max {max_norm:.3}");
                 check("joint_grad_norm_clip", &dev, &shape, &got, &want, 1e-6);
+                if dev.is_emulator() {
+                    assert_eq!(got, want, "{shape}: the emulator sums in the twin's order");
+                }
             }
         }
         let bad = dev.alloc::<f32>(3).unwrap();
         assert!(gpu::joint_grad_norm_clip(&dev, &bad, &[&up[0]], 1.0).is_err());
-        assert!(gpu::joint_grad_norm_clip(&dev, &up[2], &[], 1.0).is_err() || up[2].len() != 2);
+        let clip = dev.alloc::<f32>(2).unwrap();
+        assert!(gpu::joint_grad_norm_clip(&dev, &clip, &[], 1.0).is_err());
+    }
+}
+
+/// One [`DeviceAdamW`](advdmd::optim::device::DeviceAdamW) run's buffers: f32 weights, their
+/// bf16 copy, the gradient, the EMA shadow (starting at the weights).
+struct OptRun {
+    w: DevBuf<f32>,
+    wb: DevBuf<bf16>,
+    g: DevBuf<f32>,
+    ema: DevBuf<f32>,
+    opt: advdmd::optim::device::DeviceAdamW,
+}
+
+impl OptRun {
+    fn new(dev: &KernelDevice, w0: &[f32], opt: advdmd::optim::device::DeviceAdamW) -> Self {
+        OptRun {
+            w: dev.upload(w0).unwrap(),
+            wb: dev.zeros(w0.len()).unwrap(),
+            g: dev.zeros(w0.len()).unwrap(),
+            ema: dev.upload(w0).unwrap(),
+            opt,
+        }
+    }
+
+    /// Everything a step writes: weights, their bf16 copy (as bits), EMA, moments.
+    fn state(&self, dev: &KernelDevice) -> Vec<Vec<u32>> {
+        let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+        let (m, v) = self.opt.download_moments(dev).unwrap();
+        vec![
+            bits(dev.download(&self.w).unwrap()),
+            dev.download(&self.wb)
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits() as u32)
+                .collect(),
+            bits(dev.download(&self.ema).unwrap()),
+            bits(m),
+            bits(v),
+        ]
     }
 }
 
 /// `DeviceAdamW::stage` + `update_staged` (the split a replayed graph needs) against the plain
-/// step with the clip given by value: the same weights, moments and EMA, bit for bit, over
-/// several steps — and a step recorded into a graph once, then replayed after each staging,
-/// equals them too.
+/// `step_with_clip` given the same clip by value: the same weights, bf16 copy, EMA and moments,
+/// bit for bit, over several steps with and without clipping and a changing learning rate, with
+/// f32 and bf16 moments — and the clip + update recorded into a graph once, then replayed after
+/// each staging, equals them too.
 #[test]
 fn staged_optimizer_steps_equal_plain_ones() {
     use advdmd::optim::device::{DeviceAdamW, FlatParams};
+    const MAX_NORM: f32 = 60.0;
     for dev in devices() {
         for bf16_moments in [false, true] {
             let mut rng = Rng::new(12);
-            let n = 1000;
+            let n = 1003;
             let config = AdamWConfig {
                 lr: 1e-2,
                 weight_decay: 0.1,
@@ -325,76 +395,213 @@ fn staged_optimizer_steps_equal_plain_ones() {
                 }
             };
             let w0 = randn(&mut rng, n, 1.0);
-            let grads: Vec<Vec<f32>> = (0..4).map(|_| randn(&mut rng, n, 3.0)).collect();
-            let runs: Vec<_> = (0..3)
-                .map(|_| {
-                    (
-                        dev.upload(&w0).unwrap(),
-                        dev.zeros::<bf16>(n).unwrap(),
-                        dev.zeros::<f32>(n).unwrap(),
-                        dev.upload(&w0).unwrap(),
-                        make(),
-                    )
-                })
+            // norms ≈ 32, 95, 16, 126 against MAX_NORM: clipped and not
+            let grads: Vec<Vec<f32>> = [1.0, 3.0, 0.5, 4.0]
+                .iter()
+                .map(|&std| randn(&mut rng, n, std))
                 .collect();
+            let mut runs: Vec<OptRun> = (0..3).map(|_| OptRun::new(&dev, &w0, make())).collect();
             let clip = dev.alloc::<f32>(2).unwrap();
-            let mut runs = runs;
             let mut graph = None;
+            let mut clipped = 0;
             for (s, g) in grads.iter().enumerate() {
                 let lr = 1e-2 * (s + 1) as f32 / 4.0;
-                for (r, (w, wb, gb, ema, opt)) in runs.iter_mut().enumerate() {
-                    dev.copy_to_device(g, gb).unwrap();
+                for (r, run) in runs.iter_mut().enumerate() {
+                    dev.copy_to_device(g, &run.g).unwrap();
                     let flat = FlatParams {
-                        master: w,
-                        bf16: wb,
-                        grads: gb,
+                        master: &run.w,
+                        bf16: &run.wb,
+                        grads: &run.g,
                         n_decay: n / 2,
                     };
-                    let norm = cpu::grad_norm(g);
+                    let ema = Some((&run.ema, 0.9));
                     match r {
                         0 => {
-                            let f = [norm, cpu::clip_factor(norm, 5.0)];
-                            opt.step_with_clip(&dev, &flat, lr, f, Some((ema, 0.9)))
-                                .unwrap()
+                            // the plain step, with the device's clip read back
+                            gpu::joint_grad_norm_clip(&dev, &clip, &[&run.g], MAX_NORM).unwrap();
+                            let f = dev.download(&clip).unwrap();
+                            clipped += (f[1] < 1.0) as usize;
+                            run.opt
+                                .step_with_clip(&dev, &flat, lr, [f[0], f[1]], ema)
+                                .unwrap();
                         }
                         1 => {
-                            opt.stage(&dev, lr).unwrap();
-                            gpu::joint_grad_norm_clip(&dev, &clip, &[gb], 5.0).unwrap();
-                            opt.update_staged(&dev, &flat, &clip, Some((ema, 0.9)))
-                                .unwrap()
+                            run.opt.stage(&dev, lr).unwrap();
+                            gpu::joint_grad_norm_clip(&dev, &clip, &[&run.g], MAX_NORM).unwrap();
+                            run.opt.update_staged(&dev, &flat, &clip, ema).unwrap();
                         }
                         _ => {
-                            opt.stage(&dev, lr).unwrap();
+                            run.opt.stage(&dev, lr).unwrap();
+                            let opt = &run.opt;
                             let g = graph.get_or_insert_with(|| {
                                 dev.capture(|| {
-                                    gpu::joint_grad_norm_clip(&dev, &clip, &[gb], 5.0)?;
-                                    opt.update_staged(&dev, &flat, &clip, Some((ema, 0.9)))
+                                    gpu::joint_grad_norm_clip(
+                                        &dev,
+                                        &clip,
+                                        &[flat.grads],
+                                        MAX_NORM,
+                                    )?;
+                                    opt.update_staged(&dev, &flat, &clip, ema)
                                 })
                                 .unwrap()
                             });
-                            g.launch().unwrap()
+                            g.launch().unwrap();
                         }
                     }
                 }
             }
-            let (a, b, c) = (&runs[0], &runs[1], &runs[2]);
-            for (what, x, y, z) in [("w", &a.0, &b.0, &c.0), ("ema", &a.3, &b.3, &c.3)] {
-                let (x, y, z) = (
-                    dev.download(x).unwrap(),
-                    dev.download(y).unwrap(),
-                    dev.download(z).unwrap(),
-                );
-                let shape = format!("{n} bf16 moments {bf16_moments}");
-                // the plain step's clip factor comes from the host's f64 norm: the last bits
-                check(&format!("staged AdamW {what}"), &dev, &shape, &y, &x, 1e-5);
-                assert_eq!(
-                    y,
-                    z,
-                    "the graph replays the staged step ({what}) on {}",
-                    dev.name()
-                );
+            assert_eq!(clipped, 2, "two of the four steps clip");
+            let want = runs[0].state(&dev);
+            let names = ["w", "w_bf16", "ema", "m", "v"];
+            for (r, how) in [(1, "staged"), (2, "graph-replayed")] {
+                for (k, (got, want)) in runs[r].state(&dev).iter().zip(&want).enumerate() {
+                    assert!(
+                        got == want,
+                        "{how} AdamW ({}) differs from step_with_clip in {} on {} (bf16 moments \
+                         {bf16_moments})",
+                        names[k],
+                        got.iter().zip(want).filter(|(a, b)| a != b).count(),
+                        dev.name()
+                    );
+                }
             }
-            assert_eq!((a.4.step, b.4.step, c.4.step), (4, 4, 4));
+            println!(
+                "staged AdamW (bf16 moments {bf16_moments}) on {}: plain, staged, replayed equal",
+                dev.name()
+            );
+            assert!(runs.iter().all(|r| r.opt.step == 4));
         }
+    }
+}
+
+/// `step_jointly`'s pattern — stage every part's optimizer, then the joint clip of all parts'
+/// gradients on the device and each part's `update_staged` reading it, recorded once and replayed
+/// — against the CPU twin's AdamW with the host's joint clip, over four steps (clipped and not).
+#[test]
+fn staged_joint_steps_match_cpu_twin() {
+    use advdmd::optim::device::{DeviceAdamW, FlatParams};
+    let sizes = [301usize, 1027, 19];
+    let lrs = [1e-2f32, 3e-3, 5e-2];
+    let max_norm = 40.0;
+    for dev in devices() {
+        let mut rng = Rng::new(13);
+        let config = AdamWConfig {
+            weight_decay: 0.05,
+            ..Default::default()
+        };
+        let w0: Vec<Vec<f32>> = sizes.iter().map(|&n| randn(&mut rng, n, 1.0)).collect();
+        let runs: Vec<OptRun> = w0
+            .iter()
+            .map(|w| {
+                OptRun::new(
+                    &dev,
+                    w,
+                    DeviceAdamW::new(&dev, w.len(), config.clone()).unwrap(),
+                )
+            })
+            .collect();
+        let mut runs = runs;
+        // the twin's state: w, m, v, and the EMA of part 0
+        let mut host: Vec<[Vec<f32>; 3]> = w0
+            .iter()
+            .map(|w| [w.clone(), vec![0.0; w.len()], vec![0.0; w.len()]])
+            .collect();
+        let mut shadow = w0[0].clone();
+        let clip = dev.alloc::<f32>(2).unwrap();
+        let mut graph = None;
+        let mut clipped = 0;
+        // joint norms ≈ 55, 11, 73, 18 against max_norm 40: steps 1 and 3 clip
+        for (step, std) in [(1u64, 1.5f32), (2, 0.3), (3, 2.0), (4, 0.5)] {
+            let gs: Vec<Vec<f32>> = sizes.iter().map(|&n| randn(&mut rng, n, std)).collect();
+            for (run, g) in runs.iter_mut().zip(&gs) {
+                dev.copy_to_device(g, &run.g).unwrap();
+            }
+            let decay = |n: usize| n * 3 / 4;
+            for (run, lr) in runs.iter_mut().zip(lrs) {
+                run.opt.stage(&dev, lr).unwrap();
+            }
+            let work = || -> advdmd::device::kernel::KernelResult<()> {
+                let grads: Vec<&DevBuf<f32>> = runs.iter().map(|r| &r.g).collect();
+                gpu::joint_grad_norm_clip(&dev, &clip, &grads, max_norm)?;
+                for (i, r) in runs.iter().enumerate() {
+                    let flat = FlatParams {
+                        master: &r.w,
+                        bf16: &r.wb,
+                        grads: &r.g,
+                        n_decay: decay(r.w.len()),
+                    };
+                    r.opt
+                        .update_staged(&dev, &flat, &clip, (i == 0).then_some((&r.ema, 0.99)))?;
+                }
+                Ok(())
+            };
+            if step == 1 {
+                work().unwrap(); // directly, then recorded once and replayed
+            } else {
+                graph
+                    .get_or_insert_with(|| dev.capture(work).unwrap())
+                    .launch()
+                    .unwrap();
+            }
+
+            let host_gs: Vec<&[f32]> = gs.iter().map(|g| g.as_slice()).collect();
+            let [norm, factor] = host_joint_clip(&host_gs, max_norm);
+            clipped += (factor < 1.0) as usize;
+            let got = dev.download(&clip).unwrap();
+            check(
+                "joint clip (staged step)",
+                &dev,
+                &format!("step {step}"),
+                &got,
+                &[norm, factor],
+                1e-6,
+            );
+            for (i, ([w, m, v], g)) in host.iter_mut().zip(&gs).enumerate() {
+                let h = AdamWStep {
+                    lr: lrs[i],
+                    beta1: config.beta1,
+                    beta2: config.beta2,
+                    eps: config.eps,
+                    weight_decay: config.weight_decay,
+                    step,
+                };
+                let (ema, n_decay) = ((i == 0).then_some((&mut shadow[..], 0.99)), decay(w.len()));
+                cpu::adamw_step(w, m, v, g, factor, n_decay, &h, ema);
+            }
+        }
+        assert_eq!(clipped, 2, "two of the four steps clip");
+        for (i, (run, [w, m, v])) in runs.iter().zip(&host).enumerate() {
+            assert_eq!(run.opt.step, 4);
+            let shape = format!("part {i}: {}", w.len());
+            let (dm, dv) = run.opt.download_moments(&dev).unwrap();
+            check(
+                "staged joint AdamW.w",
+                &dev,
+                &shape,
+                &dev.download(&run.w).unwrap(),
+                w,
+                1e-5,
+            );
+            check("staged joint AdamW.m", &dev, &shape, &dm, m, 1e-5);
+            check("staged joint AdamW.v", &dev, &shape, &dv, v, 1e-5);
+            let wbf: Vec<f32> = w.iter().map(|&x| bf16::from_f32(x).to_f32()).collect();
+            check(
+                "staged joint AdamW.w_bf16",
+                &dev,
+                &shape,
+                &download_f32(&dev, &run.wb),
+                &wbf,
+                1e-2,
+            );
+        }
+        let got_ema = dev.download(&runs[0].ema).unwrap();
+        check(
+            "staged joint AdamW.ema",
+            &dev,
+            "part 0",
+            &got_ema,
+            &shadow,
+            1e-5,
+        );
     }
 }
