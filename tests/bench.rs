@@ -303,10 +303,15 @@ fn step_json_on_the_emulator() {
         "--steps-per-sample",
         "2",
         "--bf16-moments",
-        // each kind's second run (the timed one) is recorded into a graph and launched
+        // each kind's second run (a warm-up) records its graph; the timed third replays it
         "--graph",
     ]);
     assert_eq!(r["device"]["kind"], "emu");
+    assert_eq!(
+        r["results"]["graph_replays"].as_f64(),
+        Some(3.0),
+        "one replay per kind"
+    );
     let res = &r["results"];
     for key in [
         "iteration_ms",
