@@ -290,40 +290,20 @@ impl DeviceMmdit {
         })
     }
 
-    /// Overwrites the timestep features and the conditioning of inputs made by [`Self::inputs`]
-    /// (the latents are left: the device writes them), for the same shapes — what a replayed
-    /// graph reads changes in place.
-    pub fn restage(
-        &self,
-        inputs: &DeviceInputs,
-        timestep: &[f32],
-        pooled: &Tensor,
-        context: &Tensor,
-    ) -> KernelResult<()> {
-        let c = &self.config;
-        let b = inputs.batch;
-        let fits = timestep.len() == b
-            && pooled.shape() == [b, c.pooled_dim]
-            && context.shape() == [b, inputs.context_len, c.context_dim];
-        if !fits {
+    /// Overwrites the timestep features of inputs made by [`Self::inputs`] (the latents and the
+    /// conditioning are left: the device writes them) — what a replayed graph reads changes in
+    /// place.
+    pub fn restage_timesteps(&self, inputs: &DeviceInputs, timestep: &[f32]) -> KernelResult<()> {
+        if timestep.len() != inputs.batch {
             return Err(invalid(format!(
-                "MMDiT restage: {} timesteps, pooled {:?}, context {:?} for inputs of batch {b}, \
-                 context length {}",
+                "MMDiT restage: {} timesteps for inputs of batch {}",
                 timestep.len(),
-                pooled.shape(),
-                context.shape(),
-                inputs.context_len
+                inputs.batch
             )));
         }
-        let bf =
-            |t: &Tensor| -> Vec<bf16> { t.f32s().iter().map(|&f| bf16::from_f32(f)).collect() };
-        let dev = &self.dev;
-        dev.copy_to_device(
-            &bf(&timestep_features(timestep, c.freq_dim)),
-            &inputs.t_features,
-        )?;
-        dev.copy_to_device(&bf(pooled), &inputs.pooled)?;
-        dev.copy_to_device(&bf(context), &inputs.context)
+        let f = timestep_features(timestep, self.config.freq_dim);
+        let bf: Vec<bf16> = f.f32s().iter().map(|&v| bf16::from_f32(v)).collect();
+        self.dev.copy_to_device(&bf, &inputs.t_features)
     }
 
     // ---- building blocks -------------------------------------------------------------------

@@ -58,15 +58,6 @@ impl Cond {
     fn rows(&self) -> usize {
         self.pooled.shape().first().copied().unwrap_or(0)
     }
-
-    /// The rows `times` times over, block after block.
-    fn repeated(&self, times: usize) -> Cond {
-        use crate::kernels::shape::concat;
-        Cond {
-            context: concat(&vec![&self.context; times], 0),
-            pooled: concat(&vec![&self.pooled; times], 0),
-        }
-    }
 }
 
 /// What one iteration reads besides its own random draws: M real samples with their prompts'
@@ -287,6 +278,11 @@ struct StepBuffers {
     roll_sigma_next: DevBuf<f32>,
     roll_features: DevBuf<bf16>,
     real_sigma: DevBuf<f32>,
+    /// The batch's conditioning (bf16), staged once and copied on the device into every call's
+    /// inputs (`fill_conditioning`): the prompts', the empty prompt's, the real samples'.
+    cond: DevCond,
+    uncond: DevCond,
+    real_cond: DevCond,
     // the model calls' inputs
     roll_in: DeviceInputs,
     reward_in: DeviceInputs,
@@ -311,7 +307,90 @@ struct StepBuffers {
     clip_generator: DevBuf<f32>,
 }
 
+/// Conditioning rows on the device: pooled `[rows, P]` and context `[rows, L, C]`, bf16.
+struct DevCond {
+    pooled: DevBuf<bf16>,
+    context: DevBuf<bf16>,
+}
+
+impl DevCond {
+    fn new(
+        dev: &KernelDevice,
+        rows: usize,
+        pooled_dim: usize,
+        context_len: usize,
+        context_dim: usize,
+    ) -> KernelResult<DevCond> {
+        Ok(DevCond {
+            pooled: dev.alloc(rows * pooled_dim)?,
+            context: dev.alloc(rows * context_len * context_dim)?,
+        })
+    }
+
+    fn stage(&self, dev: &KernelDevice, cond: &Cond) -> KernelResult<()> {
+        let bf =
+            |t: &Tensor| -> Vec<bf16> { t.f32s().iter().map(|&v| bf16::from_f32(v)).collect() };
+        dev.copy_to_device(&bf(&cond.pooled), &self.pooled)?;
+        dev.copy_to_device(&bf(&cond.context), &self.context)
+    }
+}
+
+/// Writes `parts` — each a block of conditioning rows, repeated — one after another into the
+/// conditioning of `inputs` (device copies: a graph records them).
+fn fill_conditioning(
+    dev: &KernelDevice,
+    inputs: &DeviceInputs,
+    parts: &[(&DevCond, usize)],
+) -> KernelResult<()> {
+    let (mut p_at, mut c_at) = (0, 0);
+    for &(src, times) in parts {
+        let (pl, cl) = (src.pooled.len(), src.context.len());
+        for _ in 0..times {
+            copy(dev, &*inputs.pooled.view(p_at, pl)?, &src.pooled)?;
+            copy(dev, &*inputs.context.view(c_at, cl)?, &src.context)?;
+            p_at += pl;
+            c_at += cl;
+        }
+    }
+    if p_at != inputs.pooled.len() || c_at != inputs.context.len() {
+        return Err(KernelError::Invalid(format!(
+            "device AdvDMD: {p_at} / {c_at} conditioning values for inputs of {} / {}",
+            inputs.pooled.len(),
+            inputs.context.len()
+        )));
+    }
+    Ok(())
+}
+
 impl StepBuffers {
+    /// Copies the staged conditioning into the inputs of the calls `kind` makes.
+    fn fill_conditioning(
+        &self,
+        dev: &KernelDevice,
+        c: &AdvDmdConfig,
+        kind: StepKind,
+    ) -> KernelResult<()> {
+        let ns = disc_states(c).len();
+        let (cond, real) = (&self.cond, &self.real_cond);
+        fill_conditioning(dev, &self.roll_in, &[(cond, 1)])?;
+        fill_conditioning(dev, &self.fm_in, &[(cond, 1)])?;
+        fill_conditioning(dev, &self.dfake_in, &[(cond, ns)])?;
+        fill_conditioning(dev, &self.dreal_in, &[(real, ns)])?;
+        if kind.rl {
+            fill_conditioning(dev, &self.reward_in, &[(cond, c.steps_per_sample)])?;
+            for inputs in &self.rl_in {
+                fill_conditioning(dev, inputs, &[(cond, 1)])?;
+            }
+        }
+        if kind.generator {
+            fill_conditioning(dev, &self.gx_in, &[(cond, 1)])?;
+            fill_conditioning(dev, &self.teacher_in, &[(cond, 1), (&self.uncond, 1)])?;
+            fill_conditioning(dev, &self.dmd_fake_in, &[(cond, 1)])?;
+            fill_conditioning(dev, &self.gan_in, &[(cond, 1)])?;
+        }
+        Ok(())
+    }
+
     /// Elements of one batch of states (`n·C·H·W`).
     fn len(&self) -> usize {
         self.key.shape.iter().product()
@@ -326,7 +405,8 @@ impl StepBuffers {
         let per = len / n;
         let ns = disc_states(c).len();
         let sig = run.sigmas();
-        // placeholder conditioning: every call's inputs are restaged before each iteration
+        // placeholders: every call's timestep features are restaged before each iteration, its
+        // conditioning copied on the device
         let inputs = |model: &DeviceMmdit, rows: usize| {
             let cfg = &model.config;
             model.inputs(
@@ -344,8 +424,13 @@ impl StepBuffers {
             .flat_map(|&s| std::iter::repeat_n(sig[s], m))
             .collect();
         let rl_count = if c.rl { k.saturating_sub(1) } else { 0 };
+        let g = &run.generator.config;
+        let dev_cond = |rows| DevCond::new(dev, rows, g.pooled_dim, key.context_len, g.context_dim);
         Ok(StepBuffers {
             key,
+            cond: dev_cond(n)?,
+            uncond: dev_cond(n)?,
+            real_cond: dev_cond(m)?,
             noise: dev.alloc(len)?,
             z: dev.alloc(k * len)?,
             picks: dev.alloc(2)?,
@@ -403,32 +488,26 @@ impl StepBuffers {
         dev.copy_to_device(&d.fm_noise, &self.fm_noise)?;
         dev.copy_to_device(batch.real.f32s(), &self.real)?;
         dev.copy_to_device(&d.real_noise, &self.real_noise)?;
-        let (cond, real) = (&batch.cond, &batch.real_cond);
-        run.generator.restage(
-            &self.roll_in,
-            &rows_at(sig[0], n),
-            &cond.pooled,
-            &cond.context,
-        )?;
+        self.cond.stage(dev, &batch.cond)?;
+        self.uncond.stage(dev, &batch.uncond)?;
+        self.real_cond.stage(dev, &batch.real_cond)?;
+        run.generator
+            .restage_timesteps(&self.roll_in, &rows_at(sig[0], n))?;
         run.fake
-            .restage(&self.fm_in, &t_of(&d.fm_sigma), &cond.pooled, &cond.context)?;
+            .restage_timesteps(&self.fm_in, &t_of(&d.fm_sigma))?;
         let states = disc_states(c);
-        let ns = states.len();
         let disc = run.disc_backbone();
         let at = |rows: usize| -> Vec<f32> {
             states.iter().flat_map(|&s| rows_at(sig[s], rows)).collect()
         };
-        let rep = cond.repeated(ns);
-        disc.restage(&self.dfake_in, &at(n), &rep.pooled, &rep.context)?;
-        let rep = real.repeated(ns);
-        disc.restage(&self.dreal_in, &at(self.key.m), &rep.pooled, &rep.context)?;
+        disc.restage_timesteps(&self.dfake_in, &at(n))?;
+        disc.restage_timesteps(&self.dreal_in, &at(self.key.m))?;
         if c.rl {
             let all: Vec<f32> = (1..=k).flat_map(|s| rows_at(sig[s], n)).collect();
-            let rep = cond.repeated(k);
-            disc.restage(&self.reward_in, &all, &rep.pooled, &rep.context)?;
+            disc.restage_timesteps(&self.reward_in, &all)?;
             for (t, inputs) in self.rl_in.iter().enumerate() {
                 run.generator
-                    .restage(inputs, &rows_at(sig[t], n), &cond.pooled, &cond.context)?;
+                    .restage_timesteps(inputs, &rows_at(sig[t], n))?;
             }
         }
         let ks = match &d.gen {
@@ -441,32 +520,14 @@ impl StepBuffers {
                 let coef: Vec<f32> = g.gan_sigma.iter().map(|s| s - 1.0).collect();
                 dev.copy_to_device(&coef, &self.gan_coef)?;
                 dev.copy_to_device(&g.gan_noise, &self.gan_noise)?;
-                run.generator.restage(
-                    &self.gx_in,
-                    &t_of(&gx_sigma),
-                    &cond.pooled,
-                    &cond.context,
-                )?;
+                run.generator
+                    .restage_timesteps(&self.gx_in, &t_of(&gx_sigma))?;
                 let both_tau: Vec<f32> = g.tau.iter().chain(&g.tau).copied().collect();
-                let both = |a: &Tensor, b: &Tensor| crate::kernels::shape::concat(&[a, b], 0);
-                run.teacher.restage(
-                    &self.teacher_in,
-                    &t_of(&both_tau),
-                    &both(&cond.pooled, &batch.uncond.pooled),
-                    &both(&cond.context, &batch.uncond.context),
-                )?;
-                run.fake.restage(
-                    &self.dmd_fake_in,
-                    &t_of(&g.tau),
-                    &cond.pooled,
-                    &cond.context,
-                )?;
-                disc.restage(
-                    &self.gan_in,
-                    &t_of(&g.gan_sigma),
-                    &cond.pooled,
-                    &cond.context,
-                )?;
+                run.teacher
+                    .restage_timesteps(&self.teacher_in, &t_of(&both_tau))?;
+                run.fake
+                    .restage_timesteps(&self.dmd_fake_in, &t_of(&g.tau))?;
+                disc.restage_timesteps(&self.gan_in, &t_of(&g.gan_sigma))?;
                 g.ks
             }
             None => 0,
@@ -837,6 +898,7 @@ impl DeviceAdvDmd {
         let b = self.buffers.as_ref().expect("staged");
         let c = &self.config;
         let sig = self.sigmas();
+        b.fill_conditioning(&self.dev, c, kind)?;
         let roll = rollout_sde_dev(
             &self.generator,
             &RolloutInputs {
