@@ -1134,3 +1134,92 @@ fn the_device_counts_a_forwards_matmul_flops() {
     };
     assert_eq!(dev.matmul_flops() - before, mmdit_forward_flops(c, shape));
 }
+
+/// With two streams (the text tokens' work on the side stream) the model computes what it does
+/// with one: on the emulator, which defers the side stream's work to each join and refuses any
+/// race (`device::emu_lanes`), the velocity and the input gradients bit for bit, the parameter
+/// gradients within f32 rounding (the two streams' `d silu(c)` are summed apart, then added);
+/// recomputed blocks (activation checkpointing) too.
+#[test]
+fn two_streams_compute_what_one_does() {
+    let model = random_model();
+    let mut rng = Rng::new(12);
+    let mut randn = |shape: &[usize]| Tensor::randn(shape, &mut rng);
+    let (x, pooled, ctx) = (randn(&[2, 3, 8, 8]), randn(&[2, 24]), randn(&[2, 5, 40]));
+    let seed = to_bf16(&randn(&[2, 3, 8, 8]));
+    for dev in devices() {
+        let m = DeviceMmdit::new(&dev, &model).unwrap();
+        let inputs = m.inputs(&x, &[300.0, 700.0], &pooled, &ctx).unwrap();
+        let dv = dev.upload(&seed).unwrap();
+        let run = |streams: usize, keep: Keep| {
+            dev.set_streams(streams).unwrap();
+            m.zero_grad().unwrap();
+            let f = m.forward(&inputs, keep).unwrap();
+            let g = m
+                .backward(&inputs, f.saved.as_ref().unwrap(), &dv, true)
+                .unwrap();
+            dev.set_streams(1).unwrap();
+            (
+                dev.download(&f.velocity).unwrap(),
+                dev.download(&g.x).unwrap(),
+                dev.download(&g.context).unwrap(),
+                dev.download(&m.grads).unwrap(),
+            )
+        };
+        let one = run(1, Keep::All);
+        for keep in [Keep::All, Keep::BlockInputs] {
+            let two = run(2, keep);
+            let t = |v: &[f32]| Tensor::from_vec(v.to_vec(), &[v.len()]);
+            let f32s = |v: &[bf16]| t(&v.iter().map(|x| x.to_f32()).collect::<Vec<_>>());
+            let grads = t(&two.3).rel_l2(&t(&one.3));
+            if dev.is_emulator() {
+                assert!(two.0 == one.0, "velocity differs ({keep:?})");
+                assert!(two.1 == one.1 && two.2 == one.2, "dx or dcontext differs");
+                assert!(grads < 1e-6, "parameter gradients {grads:.3e} apart");
+            } else {
+                assert!(f32s(&two.0).rel_l2(&f32s(&one.0)) < 1e-3);
+                assert!(f32s(&two.1).rel_l2(&f32s(&one.1)) < 1e-3);
+                assert!(grads < 1e-3, "parameter gradients {grads:.3e} apart");
+            }
+            println!(
+                "two streams on {} ({keep:?}): velocity and dx as one stream's, gradients {grads:.2e} apart",
+                dev.name()
+            );
+        }
+    }
+}
+
+/// At batch 1 the modulation chunks are windows of the modulation GEMM's output and their
+/// gradients are cast straight into its gradient (no column copies); at batch 2 they are copies.
+/// The first sample of a batch of two and the same sample alone give the same velocity and input
+/// gradients.
+#[test]
+fn batch_one_gives_what_the_first_of_a_batch_of_two_does() {
+    use advdmd::kernels::shape::split;
+    let model = random_model();
+    let mut rng = Rng::new(21);
+    let mut randn = |shape: &[usize]| Tensor::randn(shape, &mut rng);
+    let (x, pooled, ctx) = (randn(&[2, 3, 8, 8]), randn(&[2, 24]), randn(&[2, 5, 40]));
+    let seed = randn(&[2, 3, 8, 8]);
+    let first = |t: &Tensor| split(t, 0, &[1, 1]).swap_remove(0);
+    for dev in devices() {
+        let t = [400.0, 400.0];
+        let (v2, dx2, dp2, dc2, _) = device_run(&dev, &model, (&x, &t, &pooled, &ctx), &seed);
+        let one = (&first(&x), &t[..1], &first(&pooled), &first(&ctx));
+        let (v1, dx1, dp1, dc1, _) = device_run(&dev, &model, one, &first(&seed));
+        let tol = if dev.is_emulator() { 1e-6 } else { 1e-2 };
+        for (name, a, b) in [
+            ("velocity", &v1, &v2),
+            ("dx", &dx1, &dx2),
+            ("dpooled", &dp1, &dp2),
+            ("dcontext", &dc1, &dc2),
+        ] {
+            let err = a.rel_l2(&first(b));
+            println!(
+                "batch 1 vs the first of 2 on {}: {name} {err:.2e}",
+                dev.name()
+            );
+            assert!(err <= tol, "{name}: {err:.3e} > {tol:.0e}");
+        }
+    }
+}

@@ -94,6 +94,8 @@ MMDIT_FIXTURES=$(ls -d .gpu/fixtures/*/ | tr '\n' ':') step model 60 "$BIN/mmdit
 ADVDMD_ATTN_BENCH_JSON="$OUT/attention.json" step attention 60 "$BIN/attention-bench"
 step mmdit-shapes 30 "$BIN/advdmd" bench mmdit --device cuda --model shapes --batch 128 --iters 10 --json
 step mmdit-sd35m 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
+# the same with the text tokens' work on a second stream (ADVDMD_STREAMS=2), forward and fwd+bwd
+ADVDMD_STREAMS=2 step mmdit-sd35m-streams 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
 # The same model on the wgmma attention (ADVDMD_ATTN_FWD/BWD pick the variants the model launches;
 # the attention step's per-variant figures say which to try).
 [ "${ADVDMD_ATTN_NO_HOPPER:-0}" = 1 ] || ADVDMD_ATTN_FWD=${GPU_CHECK_ATTN_FWD:-h3} ADVDMD_ATTN_BWD=${GPU_CHECK_ATTN_BWD:-h2} \
@@ -104,6 +106,7 @@ step mmdit-sd35m-512 60 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-me
 step sample-sd35m 90 "$BIN/advdmd" bench sample --device cuda --model sd3.5-medium --res 1024 --batch 1 --steps 4 --cfg 1 --iters 10 --json
 # the same loop replayed from a CUDA graph, then at 512 px (where launch gaps weigh more) both ways
 step sample-sd35m-graph 90 "$BIN/advdmd" bench sample --device cuda --model sd3.5-medium --res 1024 --batch 1 --steps 4 --cfg 1 --iters 10 --graph --json
+ADVDMD_STREAMS=2 step sample-sd35m-graph-streams 90 "$BIN/advdmd" bench sample --device cuda --model sd3.5-medium --res 1024 --batch 1 --steps 4 --cfg 1 --iters 10 --graph --json
 step sample-512 90 bash -c "$BIN/advdmd bench sample --device cuda --model sd3.5-medium --res 512 --batch 1 --steps 4 --cfg 1 --iters 10 --json && \
   $BIN/advdmd bench sample --device cuda --model sd3.5-medium --res 512 --batch 1 --steps 4 --cfg 1 --iters 10 --graph --json"
 # the AdvDMD iteration: parity with the CPU trainer, then its speed (Shapes; SD3.5-medium 512 px,
@@ -120,6 +123,7 @@ ADVDMD_TEACHER=assets/shapes-teacher step distill 90 bash -c "rm -rf /tmp/gc-dis
 # the memory plan's configuration (shared gradients, bf16 moments, checkpointing): ~72 GB + activations
 step step-sd35m-80g 150 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 2 --bf16-moments --checkpoint-activations --json
 step step-sd35m-80g-graph 180 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 3 --bf16-moments --checkpoint-activations --graph --json
+ADVDMD_STREAMS=2 step step-sd35m-80g-graph-streams 180 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 3 --bf16-moments --checkpoint-activations --graph --json
 # SD3.5-large (8.1 B parameters) as a frozen bf16 model: the forward and a 4-step sample in 80 GB
 step mmdit-sd35l 180 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-large --res 1024 --batch 1 --iters 5 --forward-only --json
 step sample-sd35l 180 "$BIN/advdmd" bench sample --device cuda --model sd3.5-large --res 1024 --batch 1 --steps 4 --cfg 1 --iters 5 --graph --json
@@ -152,5 +156,5 @@ with open(f"{out}/report.md", "w") as f:
         f.write(f"| {p['kernel']} | {p['shape']} | {p['max_rel_err']:.2e} |\n")
 print(open(f"{out}/report.md").read()[-6000:])
 PY
-for s in hopper tests model mmdit-shapes mmdit-sd35m mmdit-sd35m-hopper mmdit-sd35m-base mmdit-sd35m-512 sample-sd35m sample-sd35m-graph sample-512 advdmd step-shapes step-shapes-graph distill step-sd35m step-sd35m-80g step-sd35m-80g-graph mmdit-sd35l sample-sd35l torch bench attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
+for s in hopper tests model mmdit-shapes mmdit-sd35m mmdit-sd35m-streams mmdit-sd35m-hopper mmdit-sd35m-base mmdit-sd35m-512 sample-sd35m sample-sd35m-graph sample-sd35m-graph-streams sample-512 advdmd step-shapes step-shapes-graph distill step-sd35m step-sd35m-80g step-sd35m-80g-graph step-sd35m-80g-graph-streams mmdit-sd35l sample-sd35l torch bench attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
 exit $status

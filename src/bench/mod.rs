@@ -326,6 +326,11 @@ pub fn run(command: &BenchCommand, teacher: &Path) -> Result<Report> {
 fn common_parameters(c: &CommonArgs) -> Vec<(&'static str, serde_json::Value)> {
     vec![
         ("device", c.device.name().into()),
+        // the kernel devices' streams (ADVDMD_STREAMS): the text tokens' work on a second one
+        (
+            "streams",
+            crate::device::kernel::streams_env().unwrap_or(1).into(),
+        ),
         ("iters", c.iters.into()),
         ("warmup", measure::WARMUP.into()),
     ]

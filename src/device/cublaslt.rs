@@ -31,7 +31,8 @@ pub struct Cublaslt {
     handle: ltsys::cublasLtHandle_t,
     /// `None`: no algorithm for an `F32Accumulate` call (asked once; the caller falls back).
     plans: Mutex<HashMap<(GemmSpec, GemmOut), Option<Plan>>>,
-    workspace: u64,
+    /// One workspace per stream (main, side): GEMMs on both may run at once.
+    workspaces: [u64; 2],
     workspace_bytes: usize,
 }
 
@@ -74,9 +75,9 @@ unsafe fn set_desc<T>(
 }
 
 impl Cublaslt {
-    /// Creates the handle and a 32 MiB workspace; `alloc` gives device memory that lives as long
+    /// Creates the handle and a 32 MiB workspace per stream; `alloc` gives device memory that lives as long
     /// as the runtime.
-    pub fn new(alloc: impl FnOnce(usize) -> KernelResult<u64>) -> KernelResult<Cublaslt> {
+    pub fn new(alloc: impl Fn(usize) -> KernelResult<u64>) -> KernelResult<Cublaslt> {
         // SAFETY: only dlopens the library.
         if !unsafe { ltsys::is_culib_present() } {
             return Err(KernelError::Cuda("libcublasLt not found".into()));
@@ -86,13 +87,13 @@ impl Cublaslt {
         Ok(Cublaslt {
             handle,
             plans: Mutex::new(HashMap::new()),
-            workspace: alloc(workspace_bytes)?,
+            workspaces: [alloc(workspace_bytes)?, alloc(workspace_bytes)?],
             workspace_bytes,
         })
     }
 
     pub fn workspace_ptr(&self) -> u64 {
-        self.workspace
+        self.workspaces[0]
     }
 
     /// Builds the descriptors and picks the algorithm for `spec` (once per spec).
@@ -160,9 +161,9 @@ impl Cublaslt {
             desc,
             spec,
             &GemmPtrs {
-                bias: self.workspace,
-                aux: self.workspace,
-                bias_grad: self.workspace,
+                bias: self.workspaces[0],
+                aux: self.workspaces[0],
+                bias_grad: self.workspaces[0],
                 ..Default::default()
             },
         )?;
@@ -221,6 +222,7 @@ impl Cublaslt {
         out: GemmOut,
         p: &GemmPtrs,
         stream: *mut c_void,
+        side: bool,
     ) -> KernelResult<bool> {
         let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
         let key = (*spec, out);
@@ -261,7 +263,7 @@ impl Cublaslt {
                 p.c as *mut c_void,
                 plan.layout_c,
                 &plan.algo,
-                self.workspace as *mut c_void,
+                self.workspaces[usize::from(side)] as *mut c_void,
                 self.workspace_bytes,
                 stream as ltsys::cudaStream_t,
             )

@@ -1,4 +1,5 @@
-//! The CUDA runtime behind [`super::kernel::KernelDevice`] on a GPU: one context and one stream,
+//! The CUDA runtime behind [`super::kernel::KernelDevice`] on a GPU: one context, a main stream
+//! and a side stream (used only between a fork and a join, `KernelDevice::on_side`),
 //! the embedded fatbins loaded lazily on the first launch, stream-ordered allocation from the
 //! device's memory pool (kept cached: the release threshold is raised so freed blocks are reused
 //! rather than returned to the driver), copies, launches and event timing.
@@ -46,9 +47,19 @@ fn sync_after_launch() -> bool {
     *SYNC.get_or_init(|| std::env::var("ADVDMD_CUDA_SYNC").is_ok_and(|v| v == "1"))
 }
 
+/// The two events of a fork (main → side) and a join (side → main).
+struct LaneEvents([sys::CUevent; 2]);
+// SAFETY: events are driver handles, valid from any thread of the context.
+unsafe impl Send for LaneEvents {}
+unsafe impl Sync for LaneEvents {}
+
 pub struct CudaRuntime {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    side: Arc<CudaStream>,
+    /// Whether new work (allocations and frees included) goes to the side stream.
+    on_side: std::sync::atomic::AtomicBool,
+    lane_events: LaneEvents,
     name: String,
     modules: Mutex<Modules>,
     cublaslt: std::sync::OnceLock<super::cublaslt::Cublaslt>,
@@ -70,6 +81,12 @@ impl CudaRuntime {
         // SAFETY: called before any allocation through the safe API.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|e| cuda_err("stream", e))?;
+        let side = ctx.new_stream().map_err(|e| cuda_err("side stream", e))?;
+        let no_timing = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
+        let lane_events = LaneEvents([
+            result::event::create(no_timing).map_err(|e| cuda_err("event", e))?,
+            result::event::create(no_timing).map_err(|e| cuda_err("event", e))?,
+        ]);
         let name = ctx.name().unwrap_or_else(|_| format!("cuda:{ordinal}"));
         // Keep freed pool memory for reuse: the default threshold (0) returns it at every sync.
         // SAFETY: the device handle is valid; the attribute takes a u64.
@@ -88,6 +105,9 @@ impl CudaRuntime {
         Ok(Arc::new(CudaRuntime {
             ctx,
             stream,
+            side,
+            on_side: std::sync::atomic::AtomicBool::new(false),
+            lane_events,
             name,
             modules: Mutex::new(Modules {
                 loaded: HashMap::new(),
@@ -105,24 +125,79 @@ impl CudaRuntime {
         self.ctx.bind_to_thread().map_err(|e| cuda_err("bind", e))
     }
 
+    fn side_now(&self) -> bool {
+        self.on_side.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The stream new work goes to.
+    fn current(&self) -> sys::CUstream {
+        if self.side_now() {
+            self.side.cu_stream()
+        } else {
+            self.stream.cu_stream()
+        }
+    }
+
+    /// Sends new work to the side stream (or back); returns the previous choice.
+    pub fn set_side(&self, on: bool) -> bool {
+        self.on_side.swap(on, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// `to` waits for what `from` has queued so far (through `event`; no host wait).
+    fn order(
+        &self,
+        from: sys::CUstream,
+        to: sys::CUstream,
+        event: sys::CUevent,
+    ) -> KernelResult<()> {
+        self.bind()?;
+        // SAFETY: both streams and the event belong to this context; a re-recorded event is
+        // waited on at its latest record, as the driver defines.
+        unsafe {
+            result::event::record(event, from).map_err(|e| cuda_err("record", e))?;
+            result::stream::wait_event(to, event, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
+                .map_err(|e| cuda_err("stream wait", e))
+        }
+    }
+
+    /// The side stream waits for the main stream.
+    pub fn fork(&self) -> KernelResult<()> {
+        self.order(
+            self.stream.cu_stream(),
+            self.side.cu_stream(),
+            self.lane_events.0[0],
+        )
+    }
+
+    /// The main stream waits for the side stream.
+    pub fn join(&self) -> KernelResult<()> {
+        self.order(
+            self.side.cu_stream(),
+            self.stream.cu_stream(),
+            self.lane_events.0[1],
+        )
+    }
+
     pub fn alloc(&self, bytes: usize) -> KernelResult<u64> {
         self.bind()?;
-        // SAFETY: the stream belongs to this context; the memory is used on this stream only.
-        unsafe { result::malloc_async(self.stream.cu_stream(), bytes) }
+        // SAFETY: the stream belongs to this context; the memory is used on this stream, or on
+        // the other after a fork or join orders the two.
+        unsafe { result::malloc_async(self.current(), bytes) }
             .map_err(|e| cuda_err(&format!("allocating {bytes} bytes"), e))
     }
 
     pub fn free(&self, ptr: u64) {
         if self.bind().is_ok() {
-            // SAFETY: `ptr` came from `alloc` on this stream and is freed once (DevBuf's drop).
-            let _ = unsafe { result::free_async(ptr, self.stream.cu_stream()) };
+            // SAFETY: `ptr` came from `alloc` and is freed once (DevBuf's drop), on the stream
+            // of the work queued last that uses it (the model joins the side stream first).
+            let _ = unsafe { result::free_async(ptr, self.current()) };
         }
     }
 
     pub fn memset_zero(&self, ptr: u64, bytes: usize) -> KernelResult<()> {
         self.bind()?;
         // SAFETY: `ptr` holds at least `bytes` bytes (DevBuf invariant).
-        unsafe { result::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream()) }
+        unsafe { result::memset_d8_async(ptr, 0, bytes, self.current()) }
             .map_err(|e| cuda_err("memset", e))
     }
 
@@ -223,7 +298,7 @@ impl CudaRuntime {
         let b = (cfg.block[0], cfg.block[1], cfg.block[2]);
         // SAFETY: `args` holds one pointer per kernel parameter (KernelArgs); buffers outlive the
         // launch because every later host access synchronizes the stream first.
-        unsafe { result::launch_kernel(f, g, b, cfg.shared_bytes, self.stream.cu_stream(), args) }
+        unsafe { result::launch_kernel(f, g, b, cfg.shared_bytes, self.current(), args) }
             .map_err(|e| cuda_err(&format!("launching {kernel} {cfg:?}"), e))?;
         if sync_after_launch() {
             self.synchronize()
@@ -248,7 +323,13 @@ impl CudaRuntime {
             let _ = self.cublaslt.set(lt);
         }
         let lt = self.cublaslt.get().expect("set above");
-        lt.matmul(spec, out, ptrs, self.stream.cu_stream() as *mut c_void)
+        lt.matmul(
+            spec,
+            out,
+            ptrs,
+            self.current() as *mut c_void,
+            self.side_now(),
+        )
     }
 
     /// Records the launches `work` queues into an executable CUDA graph (nothing runs yet).

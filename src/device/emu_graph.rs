@@ -125,6 +125,11 @@ impl CaptureSlot {
         }
     }
 
+    /// Whether a capture is running.
+    pub fn is_active(&self) -> bool {
+        self.lock().is_some()
+    }
+
     /// An error when a capture is running: `what` may not happen inside one.
     pub fn forbid(&self, what: &str) -> KernelResult<()> {
         if self.lock().is_some() {

@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::emu;
-use super::emu_graph::{self, CaptureSlot, EmuGraph, Op};
+use super::emu_graph::{CaptureSlot, EmuGraph, Op};
+use super::emu_lanes::{EmuLanes, Span};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -63,6 +64,20 @@ impl LaunchCfg {
     }
 }
 
+/// `ADVDMD_STREAMS=1|2`: whether new devices queue the model's text-token work on a second
+/// stream (default 1), so a GPU session can time both without a rebuild. An error names the
+/// accepted values (the CLI checks at start).
+pub fn streams_env() -> Result<usize, String> {
+    match std::env::var("ADVDMD_STREAMS") {
+        Err(_) => Ok(1),
+        Ok(v) => match v.trim() {
+            "1" => Ok(1),
+            "2" => Ok(2),
+            _ => Err(format!("ADVDMD_STREAMS={v:?} is not 1 or 2")),
+        },
+    }
+}
+
 /// Blocks of `threads` needed to cover `n` items, one per thread.
 pub fn blocks_for(n: usize, threads: u32) -> u32 {
     n.div_ceil(threads as usize).max(1) as u32
@@ -73,6 +88,8 @@ pub fn blocks_for(n: usize, threads: u32) -> u32 {
 #[derive(Default)]
 pub struct KernelArgs {
     slots: Vec<u64>,
+    /// The byte ranges of the buffer arguments (the emulator's stream checker reads them).
+    spans: Vec<Span>,
 }
 
 impl KernelArgs {
@@ -81,6 +98,7 @@ impl KernelArgs {
     }
     pub fn buf<T>(mut self, b: &DevBuf<T>) -> Self {
         self.slots.push(b.ptr);
+        self.spans.push(b.span());
         self
     }
     /// A null pointer argument (an optional input the kernel skips).
@@ -192,12 +210,14 @@ pub struct KernelDevice {
 /// Bytes of the buffers this device handed out and not yet dropped, and their high-water mark:
 /// the engine's own device memory (not the driver's, cuBLASLt's workspace or pool slack), the
 /// same on a GPU and under the emulator.
-/// Also the emulator's capture state, which a buffer's drop must reach.
+/// Also the emulator's capture and stream state, which a buffer's drop must reach.
 #[derive(Default)]
 struct MemoryCounter {
     live: AtomicUsize,
     peak: AtomicUsize,
     capture: CaptureSlot,
+    /// Whether the side stream is in use (both back ends), and the emulator's checker of it.
+    lanes: EmuLanes,
 }
 
 impl MemoryCounter {
@@ -245,6 +265,10 @@ impl<T> DevBuf<T> {
     }
     pub fn bytes(&self) -> usize {
         self.len * std::mem::size_of::<T>()
+    }
+    /// The byte range the buffer covers (what [`KernelDevice::fork`] takes as shared).
+    pub fn span(&self) -> Span {
+        (self.ptr, self.bytes())
     }
 }
 
@@ -307,7 +331,13 @@ impl<T> Drop for DevBuf<T> {
         match &mut self.owner {
             Owner::Host(host) => {
                 if let Some(c) = &self.counted {
-                    c.capture.freed(self.born, Some(std::mem::take(host)));
+                    let host = std::mem::take(host);
+                    let host = if c.capture.is_active() {
+                        Some(host)
+                    } else {
+                        c.lanes.freed((self.ptr, self.bytes().max(1)), host)
+                    };
+                    c.capture.freed(self.born, host);
                 }
             }
             Owner::View => {}
@@ -322,23 +352,27 @@ impl<T> Drop for DevBuf<T> {
 const POISON: u8 = 0xFF;
 
 impl KernelDevice {
-    /// The CPU SIMT emulator: always available.
+    /// The CPU SIMT emulator: always available. `ADVDMD_STREAMS` as [`streams_env`] reads it.
     pub fn emulator() -> KernelDevice {
-        KernelDevice {
+        let dev = KernelDevice {
             backend: Backend::Emulator,
             memory: Arc::default(),
             matmul_flops: Arc::default(),
-        }
+        };
+        let _ = dev.set_streams(streams_env().unwrap_or(1));
+        dev
     }
 
     /// The CUDA GPU `ordinal`, if the driver and the embedded kernels are there.
     #[cfg(feature = "cuda")]
     pub fn cuda(ordinal: usize) -> KernelResult<KernelDevice> {
-        Ok(KernelDevice {
+        let dev = KernelDevice {
             backend: Backend::Gpu(super::cuda::CudaRuntime::new(ordinal)?),
             memory: Arc::default(),
             matmul_flops: Arc::default(),
-        })
+        };
+        dev.set_streams(streams_env().map_err(KernelError::Invalid)?)?;
+        Ok(dev)
     }
 
     /// The first GPU when one is usable, else `None` (never panics; CUDA.md §2).
@@ -436,10 +470,13 @@ impl KernelDevice {
 
     pub fn memset_zero<T: Pod>(&self, b: &DevBuf<T>) -> KernelResult<()> {
         match &self.backend {
-            Backend::Emulator => self.run_or_record(Op::Memset {
-                ptr: b.ptr,
-                bytes: b.bytes(),
-            }),
+            Backend::Emulator => self.run_or_record(
+                Op::Memset {
+                    ptr: b.ptr,
+                    bytes: b.bytes(),
+                },
+                vec![b.span()],
+            ),
             #[cfg(feature = "cuda")]
             Backend::Gpu(rt) => rt.memset_zero(b.ptr, b.bytes()),
         }
@@ -463,6 +500,7 @@ impl KernelDevice {
         match &self.backend {
             Backend::Emulator => {
                 self.memory.capture.forbid("an upload")?;
+                self.memory.lanes.require_joined("an upload")?;
                 // SAFETY: `b` owns exactly `src.len()` bytes at `b.ptr`; the regions are disjoint.
                 unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), b.ptr as *mut u8, src.len()) };
                 Ok(())
@@ -479,6 +517,7 @@ impl KernelDevice {
         match &self.backend {
             Backend::Emulator => {
                 self.memory.capture.forbid("a download")?;
+                self.memory.lanes.require_joined("a download")?;
                 // SAFETY: as in `copy_to_device`.
                 unsafe {
                     std::ptr::copy_nonoverlapping(b.ptr as *const u8, dst.as_mut_ptr(), dst.len())
@@ -499,11 +538,14 @@ impl KernelDevice {
             )));
         }
         match &self.backend {
-            Backend::Emulator => self.run_or_record(Op::Launch {
-                kernel: kernel.to_string(),
-                cfg,
-                slots: std::mem::take(&mut args.slots),
-            }),
+            Backend::Emulator => self.run_or_record(
+                Op::Launch {
+                    kernel: kernel.to_string(),
+                    cfg,
+                    slots: std::mem::take(&mut args.slots),
+                },
+                std::mem::take(&mut args.spans),
+            ),
             #[cfg(feature = "cuda")]
             Backend::Gpu(rt) => rt.launch(kernel, cfg, &mut args.pointers()),
         }
@@ -512,7 +554,10 @@ impl KernelDevice {
     /// Waits for every queued launch and reports the first asynchronous error.
     pub fn synchronize(&self) -> KernelResult<()> {
         match &self.backend {
-            Backend::Emulator => self.memory.capture.forbid("a synchronisation"),
+            Backend::Emulator => {
+                self.memory.capture.forbid("a synchronisation")?;
+                self.memory.lanes.require_joined("a synchronisation")
+            }
             #[cfg(feature = "cuda")]
             Backend::Gpu(rt) => rt.synchronize(),
         }
@@ -545,6 +590,7 @@ impl KernelDevice {
     pub fn capture(&self, work: impl FnOnce() -> KernelResult<()>) -> KernelResult<DeviceGraph> {
         match &self.backend {
             Backend::Emulator => {
+                self.memory.lanes.require_joined("a capture's start")?;
                 let slot = &self.memory.capture;
                 slot.begin()?;
                 if let Err(e) = work() {
@@ -562,22 +608,93 @@ impl KernelDevice {
         }
     }
 
-    /// Runs `op` now, or records it when a capture is running (emulator).
-    fn run_or_record(&self, op: Op) -> KernelResult<()> {
+    /// Runs `op` now (or at the side stream's join), or records it when a capture is running
+    /// (emulator). `touches`: the byte ranges it reads or writes.
+    fn run_or_record(&self, op: Op, touches: Vec<Span>) -> KernelResult<()> {
         match self.memory.capture.record(op) {
-            Some(op) => emu_graph::run(&op),
+            Some(op) => self.memory.lanes.submit(op, touches),
             None => Ok(()),
         }
     }
 
     /// Work the emulator does on the host in place of a device call (its GEMMs): run now, or
     /// recorded into the running capture. `step` reaches device memory through
-    /// [`DevBuf::alias`]es, and may copy to and from it (it runs outside any capture).
+    /// [`DevBuf::alias`]es (`touches` are their spans), and may copy to and from it (it runs
+    /// outside any capture).
     pub(crate) fn emulated_host_step(
         &self,
+        touches: Vec<Span>,
         step: impl Fn() -> KernelResult<()> + Send + Sync + 'static,
     ) -> KernelResult<()> {
-        self.run_or_record(Op::Host(Box::new(step)))
+        self.run_or_record(Op::Host(Box::new(step)), touches)
+    }
+
+    // ---- two streams -----------------------------------------------------------------------
+
+    /// Uses a second stream for the work inside [`Self::on_side`] (`2`), or queues everything on
+    /// one (`1`, the default). With one, `fork`, `join` and `on_side` change nothing.
+    pub fn set_streams(&self, streams: usize) -> KernelResult<()> {
+        if !matches!(streams, 1 | 2) {
+            return Err(KernelError::Invalid(format!("streams: {streams} (1 or 2)")));
+        }
+        self.memory.lanes.set_enabled(streams == 2)
+    }
+
+    /// 1 or 2: see [`Self::set_streams`].
+    pub fn streams(&self) -> usize {
+        if self.memory.lanes.enabled() {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// The side stream waits for all the main stream queued so far. `shared`: buffers both
+    /// streams read, and neither writes, until the [`Self::join`] (the emulator's checker).
+    pub fn fork(&self, shared: &[Span]) -> KernelResult<()> {
+        if !self.memory.lanes.enabled() {
+            return Ok(());
+        }
+        match &self.backend {
+            Backend::Emulator => self.memory.lanes.fork(shared),
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(rt) => rt.fork(),
+        }
+    }
+
+    /// The main stream waits for all the side stream queued so far. Every buffer the side work
+    /// used must stay alive until here.
+    pub fn join(&self) -> KernelResult<()> {
+        if !self.memory.lanes.enabled() {
+            return Ok(());
+        }
+        match &self.backend {
+            Backend::Emulator => self.memory.lanes.join(),
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(rt) => rt.join(),
+        }
+    }
+
+    /// Queues what `work` queues on the side stream (allocations and frees included), after a
+    /// [`Self::fork`] and before a [`Self::join`]; on the main stream with one stream.
+    pub fn on_side<R>(&self, work: impl FnOnce() -> KernelResult<R>) -> KernelResult<R> {
+        if !self.memory.lanes.enabled() {
+            return work();
+        }
+        let set = |on: bool| match &self.backend {
+            Backend::Emulator => self.memory.lanes.set_side(on),
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(rt) => rt.set_side(on),
+        };
+        if set(true) {
+            set(true);
+            return Err(KernelError::Invalid(
+                "streams: on_side inside on_side".into(),
+            ));
+        }
+        let r = work();
+        set(false);
+        r
     }
 
     /// Device milliseconds of the launches `work` queues, replayed from a graph so the host's

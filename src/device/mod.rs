@@ -11,6 +11,7 @@ pub mod cublaslt;
 pub mod cuda;
 pub mod emu;
 pub mod emu_graph;
+pub mod emu_lanes;
 pub mod kernel;
 
 use std::fmt;

@@ -213,7 +213,13 @@ pub mod dev {
         let alias = |x: Option<&DevBuf<bf16>>| x.map(DevBuf::alias);
         let (bias, aux, bias_grad) = (alias(ep.bias), alias(ep.aux), alias(ep.bias_grad));
         let d = dev.clone();
-        dev.emulated_host_step(move || {
+        let touches = [Some(&a), Some(&b), Some(&c), bias.as_ref(), aux.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(DevBuf::span)
+            .chain(bias_grad.as_ref().map(DevBuf::span))
+            .collect();
+        dev.emulated_host_step(touches, move || {
             let ep = EpilogueBufs {
                 bias: bias.as_ref(),
                 aux: aux.as_ref(),
@@ -298,7 +304,11 @@ pub mod dev {
                 let (a, b, c) = (a.alias(), b.alias(), c.alias());
                 let out = bias_out.as_ref().map(DevBuf::alias);
                 let d = dev.clone();
-                dev.emulated_host_step(move || gemm_acc_cpu(&d, spec, &a, &b, &c, out.as_ref()))?;
+                let mut touches = vec![a.span(), b.span(), c.span()];
+                touches.extend(out.as_ref().map(DevBuf::span));
+                dev.emulated_host_step(touches, move || {
+                    gemm_acc_cpu(&d, spec, &a, &b, &c, out.as_ref())
+                })?;
             }
         }
         if let (Some(out), Some(g)) = (bias_out, bias_acc) {

@@ -132,8 +132,8 @@ struct Dual {
 struct BlockSaved {
     x_in: DevBuf<bf16>,
     ctx_in: DevBuf<bf16>,
-    x_chunks: Vec<DevBuf<bf16>>,
-    c_chunks: Vec<DevBuf<bf16>>,
+    x_chunks: Chunks,
+    c_chunks: Chunks,
     x_ln: Ln,
     c_ln: Ln,
     attn: Attn,
@@ -179,9 +179,25 @@ pub struct Saved {
     final_layer: Option<FinalSaved>,
 }
 
+/// A modulation's chunks `[B, D]` (shift, scale, gate, …). At batch 1 they are windows of the
+/// modulation GEMM's output `[1, n·D]`, kept alive here (no copies: ~300 small launches per
+/// SD3.5-medium forward); at larger batches each is a copy of its columns.
+struct Chunks {
+    /// The GEMM output the windows point into (`None` when the chunks are copies).
+    _whole: Option<DevBuf<bf16>>,
+    parts: Vec<DevBuf<bf16>>,
+}
+
+impl std::ops::Deref for Chunks {
+    type Target = [DevBuf<bf16>];
+    fn deref(&self) -> &[DevBuf<bf16>] {
+        &self.parts
+    }
+}
+
 /// The final layer's modulation chunks, its input (the last block's image tokens) and LayerNorm.
 struct FinalSaved {
-    chunks: Vec<DevBuf<bf16>>,
+    chunks: Chunks,
     input: DevBuf<bf16>,
     ln: Ln,
 }
@@ -449,7 +465,7 @@ impl DeviceMmdit {
         b: usize,
         prefix: &str,
         n: usize,
-    ) -> KernelResult<Vec<DevBuf<bf16>>> {
+    ) -> KernelResult<Chunks> {
         let d = self.config.hidden;
         let (m, _) = self.linear(silu_c, b, &format!("{prefix}.adaLN_modulation.1"), false)?;
         if m.len() != b * n * d {
@@ -458,7 +474,17 @@ impl DeviceMmdit {
                 m.len()
             )));
         }
-        (0..n)
+        if b == 1 {
+            // windows into `m`, which `Chunks` keeps alive for as long as it hands them out
+            let parts = (0..n)
+                .map(|j| m.view(j * d, d).map(|v| v.alias()))
+                .collect::<KernelResult<Vec<_>>>()?;
+            return Ok(Chunks {
+                _whole: Some(m),
+                parts,
+            });
+        }
+        let parts = (0..n)
             .map(|j| {
                 let chunk = self.dev.alloc::<bf16>(b * d)?;
                 layout::copy_cols(
@@ -475,7 +501,11 @@ impl DeviceMmdit {
                 )?;
                 Ok(chunk)
             })
-            .collect()
+            .collect::<KernelResult<Vec<_>>>()?;
+        Ok(Chunks {
+            _whole: None,
+            parts,
+        })
     }
 
     /// Backward of [`Self::modulation`]: chunk gradients (f32 `[B, D]`, `None` = zero) →
@@ -494,7 +524,10 @@ impl DeviceMmdit {
         let n = dchunks.len();
         let dm = self.dev.zeros::<bf16>(b * n * d)?;
         for (j, g) in dchunks.iter().enumerate() {
-            if let Some(g) = g {
+            if let (Some(g), 1) = (g, b) {
+                // batch 1: the chunk's columns are one window of `dm`
+                ew::cast_f32_to_bf16_into(&self.dev, &*dm.view(j * d, d)?, g)?;
+            } else if let Some(g) = g {
                 let g16 = ew::cast_f32_to_bf16(&self.dev, g)?;
                 layout::copy_cols(
                     &self.dev,
@@ -856,12 +889,20 @@ impl DeviceMmdit {
         let cp = format!("joint_blocks.{i}.context_block");
         let (dx3, dc3) = ((b, lx, d), (b, lc, d));
 
-        let c_chunks = self.modulation(silu_c, b, &cp, if pre_only { 2 } else { 6 })?;
+        // The text tokens' work goes to the side stream (with two streams): its GEMMs are too
+        // small to fill the card alone, the image tokens' kernels leave room at their tails.
+        let dev = &self.dev;
+        dev.fork(&[silu_c.span()])?;
+        let (c_chunks, c_ln, cq) = dev.on_side(|| {
+            let chunks = self.modulation(silu_c, b, &cp, if pre_only { 2 } else { 6 })?;
+            let ln = self.ln(&ctx, &chunks[0], &chunks[1], dc3)?;
+            let q = self.qkv(&ln.y, b * lc, &format!("{cp}.attn"))?;
+            Ok((chunks, ln, q))
+        })?;
         let x_chunks = self.modulation(silu_c, b, &xp, if dual { 9 } else { 6 })?;
-        let c_ln = self.ln(&ctx, &c_chunks[0], &c_chunks[1], dc3)?;
         let x_ln = self.ln(&x, &x_chunks[0], &x_chunks[1], dx3)?;
-        let cq = self.qkv(&c_ln.y, b * lc, &format!("{cp}.attn"))?;
         let xq = self.qkv(&x_ln.y, b * lx, &format!("{xp}.attn"))?;
+        dev.join()?;
         let dims = AttnDims {
             b,
             la: lc,
@@ -871,29 +912,31 @@ impl DeviceMmdit {
         };
         let attn = self.attention(cq, xq, dims)?;
 
+        dev.fork(&[])?;
+        let (ctx_out, c_tail) = dev.on_side(|| {
+            if pre_only {
+                return Ok((None, None));
+            }
+            let (proj, _) = self.linear(&attn.oa, b * lc, &format!("{cp}.attn.proj"), false)?;
+            let mid = adaln::gated_residual_fwd(dev, &ctx, &c_chunks[2], &proj, dc3)?;
+            let (out, tail) = self.mlp_tail(mid, proj, &c_chunks, &cp, (b, lc))?;
+            Ok((Some(out), Some(tail)))
+        })?;
         let (x_proj, _) = self.linear(&attn.ob, b * lx, &format!("{xp}.attn.proj"), false)?;
-        let mut x_mid = adaln::gated_residual_fwd(&self.dev, &x, &x_chunks[2], &x_proj, dx3)?;
+        let mut x_mid = adaln::gated_residual_fwd(dev, &x, &x_chunks[2], &x_proj, dx3)?;
         let dual = if dual {
             let ln = self.ln(&x, &x_chunks[6], &x_chunks[7], dx3)?;
             let q2 = self.qkv(&ln.y, b * lx, &format!("{xp}.attn2"))?;
             let dims2 = AttnDims { la: 0, ..dims };
             let attn = self.attention(self.empty_qkv()?, q2, dims2)?;
             let (proj, _) = self.linear(&attn.ob, b * lx, &format!("{xp}.attn2.proj"), false)?;
-            x_mid = adaln::gated_residual_fwd(&self.dev, &x_mid, &x_chunks[8], &proj, dx3)?;
+            x_mid = adaln::gated_residual_fwd(dev, &x_mid, &x_chunks[8], &proj, dx3)?;
             Some(Dual { ln, attn, proj })
         } else {
             None
         };
         let (x_out, x_tail) = self.mlp_tail(x_mid, x_proj, &x_chunks, &xp, (b, lx))?;
-
-        let (ctx_out, c_tail) = if pre_only {
-            (None, None)
-        } else {
-            let (proj, _) = self.linear(&attn.oa, b * lc, &format!("{cp}.attn.proj"), false)?;
-            let mid = adaln::gated_residual_fwd(&self.dev, &ctx, &c_chunks[2], &proj, dc3)?;
-            let (out, tail) = self.mlp_tail(mid, proj, &c_chunks, &cp, (b, lc))?;
-            (Some(out), Some(tail))
-        };
+        dev.join()?;
         let saved = BlockSaved {
             x_in: x,
             ctx_in: ctx,
@@ -1069,7 +1112,29 @@ impl DeviceMmdit {
         let mut dxc: Vec<Option<DevBuf<f32>>> = (0..xc.len()).map(|_| None).collect();
         let mut dcc: Vec<Option<DevBuf<f32>>> = (0..cc.len()).map(|_| None).collect();
 
-        // x stream, back to the attention outputs
+        // The context stream's backward runs on the side stream (with two streams), as in the
+        // forward. First back to the attention outputs.
+        let dev = &self.dev;
+        dev.fork(&[])?;
+        let (doc, dctx_in) = dev.on_side(|| match &s.c_tail {
+            Some(t) => {
+                let dout16 = round(dctx_out)?;
+                let dmid32 =
+                    self.mlp_tail_bwd(t, cc, (&dout16, dctx_out), &cp, (b, lc), &mut dcc, params)?;
+                let dmid = round(&dmid32)?;
+                let (dgate, dproj) = adaln::gated_residual_bwd(dev, &cc[2], &t.proj, &dmid, dc3)?;
+                dcc[2] = Some(dgate);
+                let name = format!("{cp}.attn.proj");
+                if params {
+                    self.linear_weight_grad(&s.attn.oa, &dproj, b * lc, &name, true)?;
+                }
+                let doc = self.linear_input_grad(&dproj, b * lc, &name, None, params)?;
+                Ok((doc, dmid32))
+            }
+            // the last block passes the context through unused: its gradient is zero
+            None => Ok((dev.zeros::<bf16>(b * lc * d)?, dev.zeros(b * lc * d)?)),
+        })?;
+
         let dx_out16 = round(dx_out)?;
         let dx_in = self.mlp_tail_bwd(
             &s.x_tail,
@@ -1082,15 +1147,14 @@ impl DeviceMmdit {
         )?;
         let dx_mid = round(&dx_in)?;
         if let Some(du) = &s.dual {
-            let (dgate, dproj) =
-                adaln::gated_residual_bwd(&self.dev, &xc[8], &du.proj, &dx_mid, dx3)?;
+            let (dgate, dproj) = adaln::gated_residual_bwd(dev, &xc[8], &du.proj, &dx_mid, dx3)?;
             dxc[8] = Some(dgate);
             let name = format!("{xp}.attn2.proj");
             if params {
                 self.linear_weight_grad(&du.attn.ob, &dproj, b * lx, &name, true)?;
             }
             let dob = self.linear_input_grad(&dproj, b * lx, &name, None, params)?;
-            let none = self.dev.alloc::<bf16>(0)?;
+            let none = dev.alloc::<bf16>(0)?;
             let ([_, _, dq, dk], [_, dv]) = self.attention_bwd(&du.attn, &none, &dob)?;
             let dh = self.qkv_bwd(
                 &du.attn.b,
@@ -1105,45 +1169,44 @@ impl DeviceMmdit {
             let (dx, dshift, dscale) = self.ln_bwd(&s.x_in, &xc[7], &du.ln, &dh, dx3)?;
             dxc[6] = Some(dshift);
             dxc[7] = Some(dscale);
-            layout::accumulate_bf16(&self.dev, &dx_in, &dx)?;
+            layout::accumulate_bf16(dev, &dx_in, &dx)?;
         }
-        let (dgate, dproj) =
-            adaln::gated_residual_bwd(&self.dev, &xc[2], &s.x_tail.proj, &dx_mid, dx3)?;
+        let (dgate, dproj) = adaln::gated_residual_bwd(dev, &xc[2], &s.x_tail.proj, &dx_mid, dx3)?;
         dxc[2] = Some(dgate);
         let name = format!("{xp}.attn.proj");
         if params {
             self.linear_weight_grad(&s.attn.ob, &dproj, b * lx, &name, true)?;
         }
         let dox = self.linear_input_grad(&dproj, b * lx, &name, None, params)?;
+        dev.join()?;
 
-        // context stream, back to the attention outputs
-        let (doc, dctx_in) = match &s.c_tail {
-            Some(t) => {
-                let dout16 = round(dctx_out)?;
-                let dmid32 =
-                    self.mlp_tail_bwd(t, cc, (&dout16, dctx_out), &cp, (b, lc), &mut dcc, params)?;
-                let dmid = round(&dmid32)?;
-                let (dgate, dproj) =
-                    adaln::gated_residual_bwd(&self.dev, &cc[2], &t.proj, &dmid, dc3)?;
-                dcc[2] = Some(dgate);
-                let name = format!("{cp}.attn.proj");
-                if params {
-                    self.linear_weight_grad(&s.attn.oa, &dproj, b * lc, &name, true)?;
-                }
-                (
-                    self.linear_input_grad(&dproj, b * lc, &name, None, params)?,
-                    dmid32,
-                )
-            }
-            // the last block passes the context through unused: its gradient is zero
-            None => (
-                self.dev.zeros::<bf16>(b * lc * d)?,
-                self.dev.zeros(b * lc * d)?,
-            ),
-        };
-
-        // the joint attention and both streams' qkv and first adaLN
+        // the joint attention, then each stream's qkv, first adaLN and modulation; the side
+        // stream gathers its d silu(c) apart (both streams add theirs) and the main adds it
         let ([dqa, dka, dqb, dkb], [dva, dvb]) = self.attention_bwd(&s.attn, &doc, &dox)?;
+        let side_silu = if dev.streams() == 2 {
+            Some(dev.zeros::<f32>(d_silu_c.len())?)
+        } else {
+            None
+        };
+        dev.fork(&[silu_c.span()])?;
+        dev.on_side(|| {
+            let dhc = self.qkv_bwd(
+                &s.attn.a,
+                &s.c_ln.y,
+                b * lc,
+                &format!("{cp}.attn"),
+                &dqa,
+                &dka,
+                dva,
+                params,
+            )?;
+            let (dc, dshift, dscale) = self.ln_bwd(&s.ctx_in, &cc[1], &s.c_ln, &dhc, dc3)?;
+            dcc[0] = Some(dshift);
+            dcc[1] = Some(dscale);
+            layout::accumulate_bf16(dev, &dctx_in, &dc)?;
+            let acc = side_silu.as_ref().unwrap_or(d_silu_c);
+            self.modulation_bwd(silu_c, b, &cp, &dcc, acc, params)
+        })?;
         let dhx = self.qkv_bwd(
             &s.attn.b,
             &s.x_ln.y,
@@ -1154,27 +1217,15 @@ impl DeviceMmdit {
             dvb,
             params,
         )?;
-        let dhc = self.qkv_bwd(
-            &s.attn.a,
-            &s.c_ln.y,
-            b * lc,
-            &format!("{cp}.attn"),
-            &dqa,
-            &dka,
-            dva,
-            params,
-        )?;
         let (dx, dshift, dscale) = self.ln_bwd(&s.x_in, &xc[1], &s.x_ln, &dhx, dx3)?;
         dxc[0] = Some(dshift);
         dxc[1] = Some(dscale);
-        layout::accumulate_bf16(&self.dev, &dx_in, &dx)?;
-        let (dc, dshift, dscale) = self.ln_bwd(&s.ctx_in, &cc[1], &s.c_ln, &dhc, dc3)?;
-        dcc[0] = Some(dshift);
-        dcc[1] = Some(dscale);
-        layout::accumulate_bf16(&self.dev, &dctx_in, &dc)?;
-
+        layout::accumulate_bf16(dev, &dx_in, &dx)?;
         self.modulation_bwd(silu_c, b, &xp, &dxc, d_silu_c, params)?;
-        self.modulation_bwd(silu_c, b, &cp, &dcc, d_silu_c, params)?;
+        dev.join()?;
+        if let Some(g) = side_silu {
+            layout::accumulate_f32(dev, d_silu_c, &g)?;
+        }
         Ok((dx_in, dctx_in))
     }
 
