@@ -12,6 +12,8 @@
 //   add_bf16             y = a + b (y may be a)
 //   accumulate_f32_bf16  g += f32(x)
 //   accumulate_f32       g += x
+//   residual_grad_add    out = a + f32(x), and its bf16 rounding (the residual stream's gradient
+//                        in the MMDiT's backward: one pass for a copy, an add and a cast)
 //   select_block_f32     dst = src[idx[slot]·len .. +len]: one of several stacked blocks, picked by an
 //                        index in device memory (a graph replays with the index its host staged)
 #include "common.cuh"
@@ -116,6 +118,41 @@ extern "C" __global__ void accumulate_f32_bf16(float* __restrict__ g, const bf16
 
 extern "C" __global__ void accumulate_f32(float* __restrict__ g, const float* __restrict__ x, long long n) {
     for (long long i = shape::thread_index(); i < n; i += shape::thread_count()) g[i] += x[i];
+}
+
+// out = a + f32(x) (out may be a), and out16 = bf16(out) when out16 is not null. 8 elements a
+// thread (two float4 and one 16-byte bf16 load) when n % 8 == 0 and every pointer is 16-byte
+// aligned, else one. grid-stride over n / 8 (or n).
+extern "C" __global__ void residual_grad_add(float* out, bf16* __restrict__ out16, const float* a,
+                                             const bf16* __restrict__ x, long long n) {
+    const bool vec = (n & 7) == 0 &&
+                     (((uintptr_t)out | (uintptr_t)out16 | (uintptr_t)a | (uintptr_t)x) & 15) == 0;
+    if (vec) {
+        for (long long i = shape::thread_index(); i < n / 8; i += shape::thread_count()) {
+            const float4 a0 = reinterpret_cast<const float4*>(a)[2 * i];
+            const float4 a1 = reinterpret_cast<const float4*>(a)[2 * i + 1];
+            const uint4 xv = reinterpret_cast<const uint4*>(x)[i];
+            const bf16* xs = reinterpret_cast<const bf16*>(&xv);
+            float o[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+#pragma unroll
+            for (int k = 0; k < 8; k++) o[k] += bf2f(xs[k]);
+            reinterpret_cast<float4*>(out)[2 * i] = make_float4(o[0], o[1], o[2], o[3]);
+            reinterpret_cast<float4*>(out)[2 * i + 1] = make_float4(o[4], o[5], o[6], o[7]);
+            if (out16) {
+                uint4 r;
+                bf16* rs = reinterpret_cast<bf16*>(&r);
+#pragma unroll
+                for (int k = 0; k < 8; k++) rs[k] = f2bf(o[k]);
+                reinterpret_cast<uint4*>(out16)[i] = r;
+            }
+        }
+        return;
+    }
+    for (long long i = shape::thread_index(); i < n; i += shape::thread_count()) {
+        const float o = a[i] + bf2f(x[i]);
+        out[i] = o;
+        if (out16) out16[i] = f2bf(o);
+    }
 }
 
 // grid-stride over len.

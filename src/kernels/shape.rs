@@ -131,6 +131,11 @@ pub fn split(x: &Tensor, dim: usize, sizes: &[usize]) -> Vec<Tensor> {
 /// The twins of `cuda/shape.cu` on plain slices (f32 values standing for bf16 ones; the device
 /// rounds each sum to bf16 where the CPU keeps f32).
 pub mod flat {
+    /// `a + x` (the device also gives the bf16 rounding of each sum).
+    pub fn residual_grad_add(a: &[f32], x: &[f32]) -> Vec<f32> {
+        a.iter().zip(x).map(|(p, q)| p + q).collect()
+    }
+
     /// `dst[r, dst_off + c] = src[r, src_off + c]` for `r < rows`, `c < cols`.
     #[allow(clippy::too_many_arguments)]
     pub fn copy_cols(
@@ -446,6 +451,37 @@ pub mod dev {
             "accumulate_f32_bf16",
             cfg(g.len()),
             KernelArgs::new().buf(g).buf(x).i64(g.len() as i64),
+        )
+    }
+
+    /// `out = a + x` (x bf16, `out` may be `a` itself) and, with `out16`, its bf16 rounding: the
+    /// residual stream's gradient in one pass (a copy, an accumulation and a cast before).
+    pub fn residual_grad_add(
+        dev: &KernelDevice,
+        out: &DevBuf<f32>,
+        out16: Option<&DevBuf<bf16>>,
+        a: &DevBuf<f32>,
+        x: &DevBuf<bf16>,
+    ) -> KernelResult<()> {
+        same_len(out.len(), a.len(), "residual_grad_add")?;
+        same_len(out.len(), x.len(), "residual_grad_add")?;
+        if let Some(o) = out16 {
+            same_len(out.len(), o.len(), "residual_grad_add")?;
+        }
+        let n = out.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let args = KernelArgs::new().buf(out);
+        let args = match out16 {
+            Some(o) => args.buf(o),
+            None => args.null(),
+        };
+        let work = if n % 8 == 0 { n / 8 } else { n };
+        dev.launch(
+            "residual_grad_add",
+            cfg(work),
+            args.buf(a).buf(x).i64(n as i64),
         )
     }
 

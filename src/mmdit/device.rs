@@ -195,6 +195,10 @@ impl std::ops::Deref for Chunks {
     }
 }
 
+/// A residual stream's gradient in f32 (each block adds three or four terms into it) and
+/// rounded to bf16 (what the kernels read).
+type ResidualGrad = (DevBuf<f32>, DevBuf<bf16>);
+
 /// The final layer's modulation chunks, its input (the last block's image tokens) and LayerNorm.
 struct FinalSaved {
     chunks: Chunks,
@@ -832,7 +836,8 @@ impl DeviceMmdit {
     }
 
     /// Backward of [`Self::mlp_tail`] from the stream's output gradient (bf16, and the f32 sum it
-    /// was rounded from): returns `d mid` in f32 and fills the gradients of chunks 3, 4, 5.
+    /// was rounded from): returns `d mid` in f32 and rounded to bf16, and fills the gradients of
+    /// chunks 3, 4, 5.
     #[allow(clippy::too_many_arguments)]
     fn mlp_tail_bwd(
         &self,
@@ -843,7 +848,7 @@ impl DeviceMmdit {
         (b, l): (usize, usize),
         dchunks: &mut [Option<DevBuf<f32>>],
         params: bool,
-    ) -> KernelResult<DevBuf<f32>> {
+    ) -> KernelResult<(DevBuf<f32>, DevBuf<bf16>)> {
         let dims = (b, l, self.config.hidden);
         let rows = b * l;
         let (fc1, fc2) = (format!("{prefix}.mlp.fc1"), format!("{prefix}.mlp.fc2"));
@@ -863,9 +868,9 @@ impl DeviceMmdit {
         dchunks[3] = Some(dshift);
         dchunks[4] = Some(dscale);
         let dmid32 = self.dev.alloc::<f32>(dout32.len())?;
-        ew::copy(&self.dev, &dmid32, dout32)?;
-        layout::accumulate_bf16(&self.dev, &dmid32, &dmid)?;
-        Ok(dmid32)
+        let dmid16 = self.dev.alloc::<bf16>(dout32.len())?;
+        layout::residual_grad_add(&self.dev, &dmid32, Some(&dmid16), dout32, &dmid)?;
+        Ok((dmid32, dmid16))
     }
 
     // ---- the network -------------------------------------------------------------------------
@@ -1096,14 +1101,13 @@ impl DeviceMmdit {
         &self,
         i: usize,
         s: &BlockSaved,
-        dx_out: &DevBuf<f32>,
-        dctx_out: &DevBuf<f32>,
+        (dx_out, dx_out16): (&DevBuf<f32>, &DevBuf<bf16>),
+        (dctx_out, dctx_out16): (&DevBuf<f32>, &DevBuf<bf16>),
         silu_c: &DevBuf<bf16>,
         d_silu_c: &DevBuf<f32>,
         (b, lx, lc): (usize, usize, usize),
         params: bool,
-    ) -> KernelResult<(DevBuf<f32>, DevBuf<f32>)> {
-        let round = |g: &DevBuf<f32>| ew::cast_f32_to_bf16(&self.dev, g);
+    ) -> KernelResult<(ResidualGrad, ResidualGrad)> {
         let d = self.config.hidden;
         let xp = format!("joint_blocks.{i}.x_block");
         let cp = format!("joint_blocks.{i}.context_block");
@@ -1118,10 +1122,15 @@ impl DeviceMmdit {
         dev.fork(&[])?;
         let (doc, dctx_in) = dev.on_side(|| match &s.c_tail {
             Some(t) => {
-                let dout16 = round(dctx_out)?;
-                let dmid32 =
-                    self.mlp_tail_bwd(t, cc, (&dout16, dctx_out), &cp, (b, lc), &mut dcc, params)?;
-                let dmid = round(&dmid32)?;
+                let (dmid32, dmid) = self.mlp_tail_bwd(
+                    t,
+                    cc,
+                    (dctx_out16, dctx_out),
+                    &cp,
+                    (b, lc),
+                    &mut dcc,
+                    params,
+                )?;
                 let (dgate, dproj) = adaln::gated_residual_bwd(dev, &cc[2], &t.proj, &dmid, dc3)?;
                 dcc[2] = Some(dgate);
                 let name = format!("{cp}.attn.proj");
@@ -1135,17 +1144,15 @@ impl DeviceMmdit {
             None => Ok((dev.zeros::<bf16>(b * lc * d)?, dev.zeros(b * lc * d)?)),
         })?;
 
-        let dx_out16 = round(dx_out)?;
-        let dx_in = self.mlp_tail_bwd(
+        let (dx_in, dx_mid) = self.mlp_tail_bwd(
             &s.x_tail,
             xc,
-            (&dx_out16, dx_out),
+            (dx_out16, dx_out),
             &xp,
             (b, lx),
             &mut dxc,
             params,
         )?;
-        let dx_mid = round(&dx_in)?;
         if let Some(du) = &s.dual {
             let (dgate, dproj) = adaln::gated_residual_bwd(dev, &xc[8], &du.proj, &dx_mid, dx3)?;
             dxc[8] = Some(dgate);
@@ -1189,7 +1196,7 @@ impl DeviceMmdit {
             None
         };
         dev.fork(&[silu_c.span()])?;
-        dev.on_side(|| {
+        let dctx_in16 = dev.on_side(|| {
             let dhc = self.qkv_bwd(
                 &s.attn.a,
                 &s.c_ln.y,
@@ -1203,9 +1210,12 @@ impl DeviceMmdit {
             let (dc, dshift, dscale) = self.ln_bwd(&s.ctx_in, &cc[1], &s.c_ln, &dhc, dc3)?;
             dcc[0] = Some(dshift);
             dcc[1] = Some(dscale);
-            layout::accumulate_bf16(dev, &dctx_in, &dc)?;
+            // the block's context gradient, and its bf16 rounding for the block before
+            let dctx_in16 = dev.alloc::<bf16>(dctx_in.len())?;
+            layout::residual_grad_add(dev, &dctx_in, Some(&dctx_in16), &dctx_in, &dc)?;
             let acc = side_silu.as_ref().unwrap_or(d_silu_c);
-            self.modulation_bwd(silu_c, b, &cp, &dcc, acc, params)
+            self.modulation_bwd(silu_c, b, &cp, &dcc, acc, params)?;
+            Ok(dctx_in16)
         })?;
         let dhx = self.qkv_bwd(
             &s.attn.b,
@@ -1220,13 +1230,14 @@ impl DeviceMmdit {
         let (dx, dshift, dscale) = self.ln_bwd(&s.x_in, &xc[1], &s.x_ln, &dhx, dx3)?;
         dxc[0] = Some(dshift);
         dxc[1] = Some(dscale);
-        layout::accumulate_bf16(dev, &dx_in, &dx)?;
+        let dx_in16 = dev.alloc::<bf16>(dx_in.len())?;
+        layout::residual_grad_add(dev, &dx_in, Some(&dx_in16), &dx_in, &dx)?;
         self.modulation_bwd(silu_c, b, &xp, &dxc, d_silu_c, params)?;
         dev.join()?;
         if let Some(g) = side_silu {
             layout::accumulate_f32(dev, d_silu_c, &g)?;
         }
-        Ok((dx_in, dctx_in))
+        Ok(((dx_in, dx_in16), (dctx_in, dctx_in16)))
     }
 
     /// Backward from `d velocity` (`[B, C_out, H, W]`, bf16): the inputs' gradients, and with
@@ -1273,7 +1284,7 @@ impl DeviceMmdit {
         let d_silu_c = self.dev.zeros::<f32>(b * d)?;
         let dfinal = [Some(dshift), Some(dscale)];
         self.modulation_bwd(&s.silu_c, b, "final_layer", &dfinal, &d_silu_c, params)?;
-        self.backward_trunk(inputs, s, dx, d_silu_c, params)
+        self.backward_trunk(inputs, s, (dx, dx16), d_silu_c, params)
     }
 
     /// Backward from the gradient of [`Self::forward_features`]'s image tokens (`[B, gh·gw, D]`,
@@ -1303,8 +1314,9 @@ impl DeviceMmdit {
             )));
         }
         let dx = ew::cast_bf16_to_f32(&self.dev, dfeatures)?;
+        let dx16 = ew::cast_f32_to_bf16(&self.dev, &dx)?;
         let d_silu_c = self.dev.zeros::<f32>(s.batch * c.hidden)?;
-        self.backward_trunk(inputs, s, dx, d_silu_c, params)
+        self.backward_trunk(inputs, s, (dx, dx16), d_silu_c, params)
     }
 
     fn check_backward(&self, params: bool) -> KernelResult<()> {
@@ -1317,13 +1329,13 @@ impl DeviceMmdit {
         Ok(())
     }
 
-    /// The blocks kept in `s` in reverse, then the embedders, from the gradient `dx` (f32) of
-    /// the last kept block's image tokens and the `d silu(c)` gathered so far.
+    /// The blocks kept in `s` in reverse, then the embedders, from the gradient `dx` of the last
+    /// kept block's image tokens and the `d silu(c)` gathered so far.
     fn backward_trunk(
         &self,
         inputs: &DeviceInputs,
         s: &Saved,
-        mut dx: DevBuf<f32>,
+        mut dx: ResidualGrad,
         d_silu_c: DevBuf<f32>,
         params: bool,
     ) -> KernelResult<InputGrads> {
@@ -1333,7 +1345,10 @@ impl DeviceMmdit {
         let (gh, gw) = (h / c.patch, w / c.patch);
         let lx = gh * gw;
         // the context after the last kept block feeds nothing: its gradient is zero
-        let mut dctx = self.dev.zeros::<f32>(b * lc * d)?;
+        let mut dctx = (
+            self.dev.zeros::<f32>(b * lc * d)?,
+            self.dev.zeros::<bf16>(b * lc * d)?,
+        );
         for i in (0..s.blocks.len()).rev() {
             let dims = (b, lx, lc);
             let recomputed;
@@ -1347,13 +1362,20 @@ impl DeviceMmdit {
                     &recomputed
                 }
             };
-            let (nx, nc) =
-                self.block_bwd(i, block, &dx, &dctx, &s.silu_c, &d_silu_c, dims, params)?;
+            let (nx, nc) = self.block_bwd(
+                i,
+                block,
+                (&dx.0, &dx.1),
+                (&dctx.0, &dctx.1),
+                &s.silu_c,
+                &d_silu_c,
+                dims,
+                params,
+            )?;
             dx = nx;
             dctx = nc;
         }
-        let dx = ew::cast_f32_to_bf16(&self.dev, &dx)?;
-        let dctx = ew::cast_f32_to_bf16(&self.dev, &dctx)?;
+        let (dx, dctx) = (dx.1, dctx.1);
         let d_silu_c = ew::cast_f32_to_bf16(&self.dev, &d_silu_c)?;
 
         if params {

@@ -166,6 +166,39 @@ fn accumulation_kernels_add() {
     }
 }
 
+/// `residual_grad_add`: the f32 sum exactly (one f32 add of an exact bf16), its bf16 rounding
+/// exactly, in place or not, on the vector path (n % 8 == 0) and the scalar one.
+#[test]
+fn residual_grad_add_sums_and_rounds_in_one_pass() {
+    for dev in devices() {
+        let mut rng = Rng::new(10);
+        for n in [4096, 1001, 8] {
+            let a: Vec<f32> = (0..n).map(|_| rng.normal() * 3.0).collect();
+            let x = randn_bf16(&mut rng, n, 1.0);
+            let want = advdmd::kernels::shape::flat::residual_grad_add(&a, &x);
+            let (da, dx) = (dev.upload(&a).unwrap(), upload_bf16(&dev, &x));
+            let out = dev.alloc::<f32>(n).unwrap();
+            let out16 = dev.alloc::<bf16>(n).unwrap();
+            gpu::residual_grad_add(&dev, &out, Some(&out16), &da, &dx).unwrap();
+            assert_eq!(dev.download(&out).unwrap(), want, "sum, n = {n}");
+            let rounded: Vec<bf16> = want.iter().map(|&v| bf16::from_f32(v)).collect();
+            assert_eq!(dev.download(&out16).unwrap(), rounded, "bf16, n = {n}");
+            // in place, without the bf16 copy
+            gpu::residual_grad_add(&dev, &da, None, &da, &dx).unwrap();
+            check(
+                "residual_grad_add",
+                &dev,
+                &n.to_string(),
+                &dev.download(&da).unwrap(),
+                &want,
+                0.0,
+            );
+        }
+        let (f, h) = (dev.alloc::<f32>(8).unwrap(), dev.alloc::<bf16>(7).unwrap());
+        assert!(gpu::residual_grad_add(&dev, &f, Some(&h), &f, &dev.alloc(8).unwrap()).is_err());
+    }
+}
+
 #[test]
 fn views_are_windows_of_their_buffer() {
     let dev = KernelDevice::emulator();
