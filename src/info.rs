@@ -23,6 +23,9 @@ pub struct Info {
     /// The attention kernels the model path launches at head dim 64 and 128, forward and
     /// backward (`ADVDMD_ATTN_FWD` / `ADVDMD_ATTN_BWD` override the measured defaults).
     pub attention: [(usize, String, String); 2],
+    /// Streams a kernel device queues the model on (`ADVDMD_STREAMS`: 2 puts the text tokens'
+    /// work on a second one).
+    pub streams: usize,
 }
 
 fn attention_choice(d: usize) -> (usize, String, String) {
@@ -42,6 +45,7 @@ pub fn gather() -> Info {
         cuda: probe_cuda(),
         kernels: EMBEDDED_KERNELS.iter().map(|(n, _)| *n).collect(),
         attention: [attention_choice(64), attention_choice(128)],
+        streams: crate::device::kernel::streams_env().unwrap_or(1),
     }
 }
 
@@ -71,6 +75,7 @@ impl Info {
             "attention": self.attention.iter().map(|(d, f, b)| {
                 serde_json::json!({"head_dim": d, "fwd": f, "bwd": b})
             }).collect::<Vec<_>>(),
+            "streams": self.streams,
         })
     }
 
@@ -92,11 +97,13 @@ impl Info {
             .collect();
         format!(
             "advdmd {}\nfeatures: {features}\ncpu: {} threads\ncuda: {}\nkernels embedded: {kernels}\n\
-             attention kernels: {} (ADVDMD_ATTN_FWD / ADVDMD_ATTN_BWD override)\n",
+             attention kernels: {} (ADVDMD_ATTN_FWD / ADVDMD_ATTN_BWD override)\n\
+             streams: {} (ADVDMD_STREAMS=2: the text tokens' work on a second stream)\n",
             self.version,
             self.cpu_threads,
             self.cuda,
-            attention.join(", ")
+            attention.join(", "),
+            self.streams
         )
     }
 }

@@ -84,3 +84,23 @@ fn bad_attention_variant_env_is_an_error() {
     assert_eq!(v["attention"][1]["head_dim"], 128);
     assert_eq!(v["attention"][1]["bwd"], "k128");
 }
+
+/// `ADVDMD_STREAMS` other than 1 or 2 is an error before any work; `info` reports the choice.
+#[test]
+fn bad_streams_env_is_an_error() {
+    let out = advdmd_env(&["info"], &[("ADVDMD_STREAMS", "3")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("ADVDMD_STREAMS") && err.contains("1 or 2"),
+        "{err}"
+    );
+    for (set, want) in [(Some("2"), 2), (None, 1)] {
+        let out = match set {
+            Some(v) => advdmd_env(&["info", "--json"], &[("ADVDMD_STREAMS", v)]),
+            None => advdmd(&["info", "--json"]),
+        };
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+        assert_eq!(v["streams"], want);
+    }
+}
