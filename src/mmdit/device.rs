@@ -1264,12 +1264,7 @@ impl DeviceMmdit {
         // the joint attention, then each stream's qkv, first adaLN and modulation; the side
         // stream gathers its d silu(c) apart (both streams add theirs) and the main adds it
         let ([dqa, dka, dqb, dkb], [dva, dvb]) = self.attention_bwd(&s.attn, &doc, &dox)?;
-        let side_silu = if dev.streams() == 2 {
-            Some(dev.zeros::<f32>(d_silu_c.len())?)
-        } else {
-            None
-        };
-        dev.fork(&[silu_c.span()])?;
+        dev.fork(&[])?;
         let dctx_in16 = dev.on_side(|| {
             let dhc = self.qkv_bwd(
                 &s.attn.a,
@@ -1287,8 +1282,6 @@ impl DeviceMmdit {
             // the block's context gradient, and its bf16 rounding for the block before
             let dctx_in16 = dev.alloc::<bf16>(dctx_in.len())?;
             layout::residual_grad_add(dev, &dctx_in, Some(&dctx_in16), &dctx_in, &dc)?;
-            let acc = side_silu.as_ref().unwrap_or(d_silu_c);
-            self.modulation_bwd(silu_c, b, &cp, &dcc, acc, params)?;
             Ok(dctx_in16)
         })?;
         let dhx = self.qkv_bwd(
@@ -1306,11 +1299,18 @@ impl DeviceMmdit {
         dxc[1] = Some(dscale);
         let dx_in16 = dev.alloc::<bf16>(dx_in.len())?;
         layout::residual_grad_add(dev, &dx_in, Some(&dx_in16), &dx_in, &dx)?;
-        self.modulation_bwd(silu_c, b, &xp, &dxc, d_silu_c, params)?;
         dev.join()?;
-        if let Some(g) = side_silu {
-            layout::accumulate_f32(dev, d_silu_c, &g)?;
-        }
+
+        // Both modulations' backward on the side stream, left running into the next block's
+        // backward (whose first join waits for it; `backward_trunk` joins after the last): they
+        // only read weights and write their own gradients and `d silu(c)`, which nothing else
+        // touches until then. The chunk gradients are moved in, so they are freed on the side.
+        dev.fork(&[silu_c.span()])?;
+        dev.on_side(move || {
+            let (dcc, dxc) = (dcc, dxc);
+            self.modulation_bwd(silu_c, b, &cp, &dcc, d_silu_c, params)?;
+            self.modulation_bwd(silu_c, b, &xp, &dxc, d_silu_c, params)
+        })?;
         Ok(((dx_in, dx_in16), (dctx_in, dctx_in16)))
     }
 
@@ -1449,6 +1449,8 @@ impl DeviceMmdit {
             dx = nx;
             dctx = nc;
         }
+        // the last block's modulation backward, still on the side stream
+        self.dev.join()?;
         let (dx, dctx) = (dx.1, dctx.1);
         let d_silu_c = ew::cast_f32_to_bf16(&self.dev, &d_silu_c)?;
 
