@@ -478,8 +478,8 @@ fn graph_replayed_iterations_equal_direct_ones() {
 }
 
 /// The iteration with the text tokens' work on a second stream (every model call forks and
-/// joins, the emulator checking each) gives the one-stream iteration's metrics: within f32
-/// rounding on the emulator (the streams sum `d silu(c)` apart), within bf16 noise on a GPU.
+/// joins, the emulator checking each) gives the one-stream iteration's metrics: exactly on the
+/// emulator, within bf16 noise on a GPU (its attention backward sums dQ in no fixed order).
 #[test]
 fn two_streams_run_the_iteration_as_one_does() {
     for dev in devices() {
@@ -497,7 +497,7 @@ fn two_streams_run_the_iteration_as_one_does() {
             metrics
         };
         let (one, two) = (run(1), run(2));
-        let tol = if dev.is_emulator() { 1e-4 } else { 2e-2 };
+        let tol = if dev.is_emulator() { 0.0 } else { 2e-2 };
         for (a, b) in one.iter().zip(&two) {
             println!(
                 "streams on {}: one {a:?}\n             two {b:?}",
