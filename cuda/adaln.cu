@@ -4,7 +4,8 @@
 //   adaln_modulate_fwd:  y = (x − μ)·rstd·(1 + scale[b]) + shift[b], saving μ and rstd per row
 //   adaln_modulate_bwd:  dx per row; dshift, dscale as per-split column partials (then
 //                        sum_splits), so the reduction over a sample's tokens is deterministic
-//   gated_residual_fwd:  out = x + gate[b]·y;  its backward reuses colsum_mul_partial
+//   gated_residual_fwd:  out = x + gate[b]·y;  its backward reuses colsum_mul_partial, or
+//                        gated_residual_bwd_vec adds the producing layer's bias gradient in one pass
 //
 // Rows are tokens of [B, L, D]; a row's sample is row / L. When D % 8 == 0 and D ≤ 8192 one
 // block handles one row with one 16-byte pack (8 bf16) per thread held in registers, so x is read
@@ -346,6 +347,64 @@ extern "C" __global__ void gated_residual_bwd_dy(bf16* __restrict__ dy, const bf
             const int j = (int)(e - row * D);
             dy[e] = f2bf(bf2f(gate[(row / L) * D + j]) * bf2f(dz[e]));
         }
+    }
+}
+
+// The gated residual's backward in one pass (D % 8 == 0, every buffer 16-byte aligned):
+//   dy = gate[b]·dz, and per split s of each sample's rows the column partials
+//   part_gate[s, b, j] = Σ dz·y (the gate's gradient, summed as colsum_mul_partial does) and
+//   part_bias[s, b, j] = Σ dy as stored in bf16 (the bias gradient of the linear layer that made
+//   y, which its weight-gradient GEMM's BGRADB epilogue otherwise sums in a kernel of its own).
+// dz is read once (the two-kernel path reads it twice). grid: (ceil(D / 8 / 128), B, S), block:
+// 128. Reduce with sum_splits (part_bias over S·B rows).
+extern "C" __global__ void gated_residual_bwd_vec(bf16* __restrict__ dy, float* __restrict__ part_gate,
+                                                  float* __restrict__ part_bias, const bf16* __restrict__ gate,
+                                                  const bf16* __restrict__ y, const bf16* __restrict__ dz, int B,
+                                                  int L, int D) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    const int b = blockIdx.y, s = blockIdx.z, S = gridDim.z;
+    if (c >= D / 8) return;
+    const int per = (L + S - 1) / S;
+    const int l0 = s * per, l1 = min(L, l0 + per);
+    float g[8], a_g[8], a_b[8];
+    unpack_bf16x8(load16(gate + (long long)b * D + 8 * c), g);
+#pragma unroll
+    for (int k = 0; k < 8; k++) a_g[k] = a_b[k] = 0.f;
+    for (int l = l0; l < l1; l += PARAM_ROWS) {
+        pack16 pz[PARAM_ROWS], py[PARAM_ROWS];
+#pragma unroll
+        for (int r = 0; r < PARAM_ROWS; r++) {
+            if (l + r < l1) {
+                const long long e = ((long long)b * L + l + r) * D + 8 * c;
+                pz[r] = load16(dz + e);
+                py[r] = load16(y + e);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < PARAM_ROWS; r++) {
+            if (l + r < l1) {
+                const long long e = ((long long)b * L + l + r) * D + 8 * c;
+                float z[8], yv[8], o[8], rounded[8];
+                unpack_bf16x8(pz[r], z);
+                unpack_bf16x8(py[r], yv);
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    o[k] = g[k] * z[k];
+                    a_g[k] += z[k] * yv[k];
+                }
+                const pack16 p = pack_bf16x8(o);
+                store16(dy + e, p);
+                unpack_bf16x8(p, rounded);
+#pragma unroll
+                for (int k = 0; k < 8; k++) a_b[k] += rounded[k];
+            }
+        }
+    }
+    const long long o = ((long long)s * B + b) * D + 8 * c;
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        part_gate[o + k] = a_g[k];
+        part_bias[o + k] = a_b[k];
     }
 }
 

@@ -187,6 +187,17 @@ pub mod dev {
         part: &DevBuf<f32>,
         s: usize,
     ) -> KernelResult<()> {
+        sum_splits_acc(dev, out, part, s, false)
+    }
+
+    /// [`sum_splits`], adding into `out` when `accumulate`.
+    pub fn sum_splits_acc(
+        dev: &KernelDevice,
+        out: &DevBuf<f32>,
+        part: &DevBuf<f32>,
+        s: usize,
+        accumulate: bool,
+    ) -> KernelResult<()> {
         let n = out.len();
         if n == 0 {
             return Ok(());
@@ -210,7 +221,7 @@ pub mod dev {
                 .buf(part)
                 .i32(s as i32)
                 .i64(n as i64)
-                .i32(0),
+                .i32(i32::from(accumulate)),
         )
     }
 
@@ -446,6 +457,86 @@ pub mod dev {
                 .i32(d as i32),
         )?;
         sum_splits(dev, &dgate, &part, s)?;
+        Ok((dgate, dy))
+    }
+
+    /// [`gated_residual_bwd`], and the bias gradient of the linear layer that produced `y`
+    /// (`Σ_rows dy` as stored in bf16) added into `bias_grad [D]` (f32): in one pass over `dz`
+    /// and `y` when `D % 8 == 0` and the buffers are 16-byte aligned (`gated_residual_bwd_vec`),
+    /// else the two-kernel path and a column sum of `dy`.
+    pub fn gated_residual_bwd_bias(
+        dev: &KernelDevice,
+        gate: &DevBuf<bf16>,
+        y: &DevBuf<bf16>,
+        dz: &DevBuf<bf16>,
+        (b, l, d): (usize, usize, usize),
+        bias_grad: &DevBuf<f32>,
+    ) -> KernelResult<(DevBuf<f32>, DevBuf<bf16>)> {
+        if bias_grad.len() != d {
+            return Err(crate::device::kernel::KernelError::Invalid(format!(
+                "gated_residual_bwd_bias: a bias gradient of {} for width {d}",
+                bias_grad.len()
+            )));
+        }
+        let n = b * l * d;
+        if gate.len() != b * d || y.len() != n || dz.len() != n {
+            return Err(crate::device::kernel::KernelError::Invalid(format!(
+                "gated_residual_bwd_bias: gate {}, y {}, dz {} for [{b}, {l}, {d}]",
+                gate.len(),
+                y.len(),
+                dz.len()
+            )));
+        }
+        let s = splits(b, l, d);
+        let aligned = [gate.device_ptr(), y.device_ptr(), dz.device_ptr()]
+            .iter()
+            .all(|p| p % 16 == 0);
+        if n == 0 || d % 8 != 0 || !aligned {
+            let (dgate, dy) = gated_residual_bwd(dev, gate, y, dz, (b, l, d))?;
+            if n > 0 {
+                let part = dev.alloc::<f32>(s * b * d)?;
+                dev.launch(
+                    "colsum_mul_partial",
+                    LaunchCfg {
+                        grid: [d.div_ceil(128) as u32, b as u32, s as u32],
+                        block: [128, 1, 1],
+                        shared_bytes: 0,
+                    },
+                    KernelArgs::new()
+                        .buf(&part)
+                        .buf(&dy)
+                        .null()
+                        .i32(b as i32)
+                        .i32(l as i32)
+                        .i32(d as i32),
+                )?;
+                sum_splits_acc(dev, bias_grad, &part, s * b, true)?;
+            }
+            return Ok((dgate, dy));
+        }
+        let dgate = dev.alloc::<f32>(b * d)?;
+        let dy = dev.alloc::<bf16>(n)?;
+        let (part_gate, part_bias) = (dev.alloc::<f32>(s * b * d)?, dev.alloc::<f32>(s * b * d)?);
+        dev.launch(
+            "gated_residual_bwd_vec",
+            LaunchCfg {
+                grid: [(d / 8).div_ceil(128) as u32, b as u32, s as u32],
+                block: [128, 1, 1],
+                shared_bytes: 0,
+            },
+            KernelArgs::new()
+                .buf(&dy)
+                .buf(&part_gate)
+                .buf(&part_bias)
+                .buf(gate)
+                .buf(y)
+                .buf(dz)
+                .i32(b as i32)
+                .i32(l as i32)
+                .i32(d as i32),
+        )?;
+        sum_splits(dev, &dgate, &part_gate, s)?;
+        sum_splits_acc(dev, bias_grad, &part_bias, s * b, true)?;
         Ok((dgate, dy))
     }
 }

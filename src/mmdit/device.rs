@@ -485,6 +485,35 @@ impl DeviceMmdit {
         Ok(dx)
     }
 
+    /// Backward of `x + gate·y` where `y` is the output of the linear layer `{name}` (which read
+    /// `input`), from `dz`: `(dgate, dy)`; with `params` the layer's weight gradient too, its bias
+    /// gradient summed in the residual's own pass over `dz` (`gated_residual_bwd_bias`) rather
+    /// than by the weight-gradient GEMM's BGRADB epilogue, a kernel of its own in cuBLASLt.
+    #[allow(clippy::too_many_arguments)]
+    fn gated_linear_bwd(
+        &self,
+        gate: &DevBuf<bf16>,
+        y: &DevBuf<bf16>,
+        dz: &DevBuf<bf16>,
+        (b, l, d): (usize, usize, usize),
+        input: &DevBuf<bf16>,
+        name: &str,
+        params: bool,
+    ) -> KernelResult<(DevBuf<f32>, DevBuf<bf16>)> {
+        let bias = format!("{name}.bias");
+        if !params {
+            return adaln::gated_residual_bwd(&self.dev, gate, y, dz, (b, l, d));
+        }
+        let (dgate, dy) = if self.params.contains(&bias) {
+            let g = self.grad(&bias)?;
+            adaln::gated_residual_bwd_bias(&self.dev, gate, y, dz, (b, l, d), &g)?
+        } else {
+            adaln::gated_residual_bwd(&self.dev, gate, y, dz, (b, l, d))?
+        };
+        self.linear_weight_grad(input, &dy, b * l, name, false)?;
+        Ok((dgate, dy))
+    }
+
     /// `{prefix}.adaLN_modulation.1` of `silu(c)`, split into its `n` chunks `[B, D]`.
     fn modulation(
         &self,
@@ -876,11 +905,8 @@ impl DeviceMmdit {
         let rows = b * l;
         let (fc1, fc2) = (format!("{prefix}.mlp.fc1"), format!("{prefix}.mlp.fc2"));
         let (dgate, dh2) =
-            adaln::gated_residual_bwd(&self.dev, &chunks[5], &t.fc2_out, dout, dims)?;
+            self.gated_linear_bwd(&chunks[5], &t.fc2_out, dout, dims, &t.fc1_out, &fc2, params)?;
         dchunks[5] = Some(dgate);
-        if params {
-            self.linear_weight_grad(&t.fc1_out, &dh2, rows, &fc2, true)?;
-        }
         let pre = t
             .fc1_pre
             .as_ref()
@@ -1205,12 +1231,10 @@ impl DeviceMmdit {
                     &mut dcc,
                     params,
                 )?;
-                let (dgate, dproj) = adaln::gated_residual_bwd(dev, &cc[2], &t.proj, &dmid, dc3)?;
-                dcc[2] = Some(dgate);
                 let name = format!("{cp}.attn.proj");
-                if params {
-                    self.linear_weight_grad(&s.attn.oa, &dproj, b * lc, &name, true)?;
-                }
+                let (dgate, dproj) =
+                    self.gated_linear_bwd(&cc[2], &t.proj, &dmid, dc3, &s.attn.oa, &name, params)?;
+                dcc[2] = Some(dgate);
                 let doc = self.linear_input_grad(&dproj, b * lc, &name, None, params)?;
                 Ok((doc, dmid32))
             }
@@ -1228,12 +1252,10 @@ impl DeviceMmdit {
             params,
         )?;
         if let Some(du) = &s.dual {
-            let (dgate, dproj) = adaln::gated_residual_bwd(dev, &xc[8], &du.proj, &dx_mid, dx3)?;
-            dxc[8] = Some(dgate);
             let name = format!("{xp}.attn2.proj");
-            if params {
-                self.linear_weight_grad(&du.attn.ob, &dproj, b * lx, &name, true)?;
-            }
+            let (dgate, dproj) =
+                self.gated_linear_bwd(&xc[8], &du.proj, &dx_mid, dx3, &du.attn.ob, &name, params)?;
+            dxc[8] = Some(dgate);
             let dob = self.linear_input_grad(&dproj, b * lx, &name, None, params)?;
             let none = dev.alloc::<bf16>(0)?;
             let ([_, _, dq, dk], [_, dv]) = self.attention_bwd(&du.attn, &none, &dob)?;
@@ -1252,12 +1274,17 @@ impl DeviceMmdit {
             dxc[7] = Some(dscale);
             layout::accumulate_bf16(dev, &dx_in, &dx)?;
         }
-        let (dgate, dproj) = adaln::gated_residual_bwd(dev, &xc[2], &s.x_tail.proj, &dx_mid, dx3)?;
-        dxc[2] = Some(dgate);
         let name = format!("{xp}.attn.proj");
-        if params {
-            self.linear_weight_grad(&s.attn.ob, &dproj, b * lx, &name, true)?;
-        }
+        let (dgate, dproj) = self.gated_linear_bwd(
+            &xc[2],
+            &s.x_tail.proj,
+            &dx_mid,
+            dx3,
+            &s.attn.ob,
+            &name,
+            params,
+        )?;
+        dxc[2] = Some(dgate);
         let dox = self.linear_input_grad(&dproj, b * lx, &name, None, params)?;
         dev.join()?;
 

@@ -143,8 +143,44 @@ fn gated_residual_fwd_and_bwd_match_cpu() {
                 dyc.f32s(),
                 1e-2,
             );
+            check_bias_pass(&dev, &shape, (&gd, &yd, &dzd), (b, l, d), (&dg, &dyv));
         }
     }
+}
+
+/// `gated_residual_bwd_bias`: the same dgate and dy as `gated_residual_bwd` (bit for bit on the
+/// emulator), and `Σ_rows dy` (as stored) added into the bias gradient.
+fn check_bias_pass(
+    dev: &KernelDevice,
+    shape: &str,
+    (gate, y, dz): (&DevBuf<bf16>, &DevBuf<bf16>, &DevBuf<bf16>),
+    (b, l, d): (usize, usize, usize),
+    (dg, dy): (&DevBuf<f32>, &DevBuf<bf16>),
+) {
+    let before: Vec<f32> = (0..d).map(|j| j as f32 * 0.25).collect();
+    let bias = dev.upload(&before).unwrap();
+    let (dg2, dy2) = gpu::gated_residual_bwd_bias(dev, gate, y, dz, (b, l, d), &bias).unwrap();
+    let dyh = download_f32(dev, dy);
+    let want: Vec<f32> = (0..d)
+        .map(|j| before[j] + (0..b * l).map(|r| dyh[r * d + j]).sum::<f32>())
+        .collect();
+    check(
+        "gated_residual_bwd_bias.bias",
+        dev,
+        shape,
+        &dev.download(&bias).unwrap(),
+        &want,
+        1e-4,
+    );
+    if dev.is_emulator() {
+        assert_eq!(dev.download(&dg2).unwrap(), dev.download(dg).unwrap());
+        assert_eq!(dev.download(&dy2).unwrap(), dev.download(dy).unwrap());
+    } else {
+        let (a, w) = (dev.download(&dg2).unwrap(), dev.download(dg).unwrap());
+        check("gated_residual_bwd_bias.dgate", dev, shape, &a, &w, 1e-5);
+    }
+    let short = dev.alloc::<f32>(d + 1).unwrap();
+    assert!(gpu::gated_residual_bwd_bias(dev, gate, y, dz, (b, l, d), &short).is_err());
 }
 
 /// The gated residual on views one element into their buffers (not 16-byte aligned, with
@@ -187,7 +223,7 @@ fn gated_residual_on_misaligned_views_matches_cpu() {
             oc.f32s(),
             1e-2,
         );
-        let (_, dyv) = gpu::gated_residual_bwd(&dev, &gv, &yv, &dzv, (b, l, d)).unwrap();
+        let (dgv, dyv) = gpu::gated_residual_bwd(&dev, &gv, &yv, &dzv, (b, l, d)).unwrap();
         check(
             "gated_residual_bwd.dy[view]",
             &dev,
@@ -196,5 +232,7 @@ fn gated_residual_on_misaligned_views_matches_cpu() {
             dyc.f32s(),
             1e-2,
         );
+        // the bias pass on misaligned views takes the two-kernel path
+        check_bias_pass(&dev, shape, (&gv, &yv, &dzv), (b, l, d), (&dgv, &dyv));
     }
 }
