@@ -210,6 +210,31 @@ fn adaln(b: &mut Bench) -> KernelResult<()> {
         crate::kernels::adaln::dev::gated_residual_bwd(&dev, &t.gate, &t.y, &t.x, (1, l, d))
             .map(|_| ())
     })?;
+    // The same in one pass that also sums the producing layer's bias gradient (what the model's
+    // backward runs in place of the above plus a BGRADB epilogue): dz and y read once.
+    let biases = (0..sets)
+        .map(|_| b.f(d))
+        .collect::<KernelResult<Vec<_>>>()?;
+    let bytes = 3 * rows * d * 2 + d * 2 + 3 * d * 4;
+    b.time(
+        "gated_residual_bwd_bias (1 pass + 2 sums)",
+        &shape,
+        bytes,
+        sets,
+        |i| {
+            let t = &s[i];
+            let g = &biases[i];
+            crate::kernels::adaln::dev::gated_residual_bwd_bias(
+                &dev,
+                &t.gate,
+                &t.y,
+                &t.x,
+                (1, l, d),
+                g,
+            )
+            .map(|_| ())
+        },
+    )?;
     // The backward through its public launcher (allocates its outputs and partials).
     let bytes = 3 * rows * d * 2 + rows * 8 + d * 2 + 2 * d * 4;
     b.time("adaln_modulate_bwd (4 kernels)", &shape, bytes, sets, |i| {
