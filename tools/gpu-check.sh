@@ -154,7 +154,28 @@ with open(f"{out}/report.md", "w") as f:
     f.write("# gpu-check report\n\n```\n" + rep["machine"] + "```\n\n## Steps\n\n" + "\n".join(f"* {s}" for s in rep["steps"]) + "\n\n## Parity (GPU vs CPU twin)\n\n| kernel | shape | max rel err |\n|---|---|---|\n")
     for p in rep["parity"]:
         f.write(f"| {p['kernel']} | {p['shape']} | {p['max_rel_err']:.2e} |\n")
-print(open(f"{out}/report.md").read()[-6000:])
+    # The headline figures of every `advdmd bench … --json` step (its log's JSON object): what
+    # docs/perf-log.md records, side by side (the `-streams` and `-hopper` steps beside theirs).
+    f.write("\n## Bench steps\n\n| step | streams | figures |\n|---|---|---|\n")
+    keep = re.compile(r"(_ms|mfu|tflops|replays|peak_memory_bytes|resident_bytes)$")
+    for step in sorted(os.listdir(out)):
+        if not step.endswith(".log"):
+            continue
+        text = open(f"{out}/{step}", errors="replace").read()
+        start = text.find("\n{")
+        start = 0 if text.startswith("{") else start + 1 if start >= 0 else -1
+        if start < 0:
+            continue
+        try:
+            doc = json.JSONDecoder().raw_decode(text[start:])[0]
+        except ValueError:
+            continue
+        res = doc.get("results") if isinstance(doc, dict) else None
+        if not isinstance(res, dict):
+            continue
+        figs = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(res.items()) if keep.search(k))
+        f.write(f"| {step[:-4]} | {doc.get('parameters', {}).get('streams', '?')} | {figs} |\n")
+print(open(f"{out}/report.md").read()[-8000:])
 PY
 for s in hopper tests model mmdit-shapes mmdit-sd35m mmdit-sd35m-streams mmdit-sd35m-hopper mmdit-sd35m-base mmdit-sd35m-512 sample-sd35m sample-sd35m-graph sample-sd35m-graph-streams sample-512 advdmd step-shapes step-shapes-graph distill step-sd35m step-sd35m-80g step-sd35m-80g-graph step-sd35m-80g-graph-streams mmdit-sd35l sample-sd35l torch bench attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
 exit $status
