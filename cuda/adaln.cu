@@ -7,7 +7,9 @@
 //   gated_residual_fwd:  out = x + gate[b]·y;  its backward reuses colsum_mul_partial, or
 //                        gated_residual_bwd_vec adds the producing layer's bias gradient in one pass
 //
-// Rows are tokens of [B, L, D]; a row's sample is row / L. When D % 8 == 0 and D ≤ 8192 one
+// Rows are tokens of [B, L, D]; a row's sample is row / L. The modulation vectors (shift, scale,
+// gate) are rows of M ≥ D elements, sample b's at b·M: windows of the modulation GEMM's output
+// [B, n·D] (M = n·D), so its chunks need no copies. When D % 8 == 0 and D ≤ 8192 one
 // block handles one row with one 16-byte pack (8 bf16) per thread held in registers, so x is read
 // from memory once and registers stay few (high occupancy; the first version kept up to 12 packs
 // per lane of a warp-per-row kernel and ran at 48% of the copy rate on an H200 for want of
@@ -21,7 +23,7 @@ __device__ __forceinline__ void adaln_fwd_row_scalar(bf16* __restrict__ y, float
                                                      float* __restrict__ rstd_out, const bf16* __restrict__ x,
                                                      const bf16* __restrict__ shift,
                                                      const bf16* __restrict__ scale, long long row, int L, int D,
-                                                     float eps) {
+                                                     float eps, int M) {
     const int lane = threadIdx.x & 31;
     const bf16* xr = x + row * D;
     float sum = 0.f;
@@ -35,7 +37,7 @@ __device__ __forceinline__ void adaln_fwd_row_scalar(bf16* __restrict__ y, float
     const float rs = rsqrtf(warp_sum(sq) / D + eps);
     const long long b = row / L;
     for (int j = lane; j < D; j += 32) {
-        float o = (bf2f(xr[j]) - mu) * rs * (1.f + bf2f(scale[b * D + j])) + bf2f(shift[b * D + j]);
+        float o = (bf2f(xr[j]) - mu) * rs * (1.f + bf2f(scale[b * M + j])) + bf2f(shift[b * M + j]);
         y[row * D + j] = f2bf(o);
     }
     if (lane == 0) {
@@ -48,10 +50,10 @@ __device__ __forceinline__ void adaln_fwd_row_scalar(bf16* __restrict__ y, float
 extern "C" __global__ void __launch_bounds__(32 * ROWS_PER_BLOCK)
     adaln_modulate_fwd_rows(bf16* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd,
                             const bf16* __restrict__ x, const bf16* __restrict__ shift,
-                            const bf16* __restrict__ scale, int rows, int L, int D, float eps) {
+                            const bf16* __restrict__ scale, int rows, int L, int D, float eps, int M) {
     const long long row = (long long)blockIdx.x * ROWS_PER_BLOCK + (threadIdx.x >> 5);
     if (row >= rows) return;
-    adaln_fwd_row_scalar(y, mean, rstd, x, shift, scale, row, L, D, eps);
+    adaln_fwd_row_scalar(y, mean, rstd, x, shift, scale, row, L, D, eps, M);
 }
 
 // Loads pack c of a bf16 row as 8 floats: one 16-byte load (the launcher guarantees 16-byte
@@ -71,7 +73,7 @@ __device__ __forceinline__ void load_pack(const bf16* row, int c, float f[8]) {
 extern "C" __global__ void __launch_bounds__(1024)
     adaln_modulate_fwd(bf16* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd,
                        const bf16* __restrict__ x, const bf16* __restrict__ shift,
-                       const bf16* __restrict__ scale, int rows, int L, int D, float eps) {
+                       const bf16* __restrict__ scale, int rows, int L, int D, float eps, int M) {
     __shared__ float scratch[32];
     const long long row = blockIdx.x;
     const int nvec = D / 8;
@@ -82,8 +84,8 @@ extern "C" __global__ void __launch_bounds__(1024)
         const int c = threadIdx.x + p * blockDim.x;
         if (c < nvec) {
             px[p] = load16(x + row * D + 8 * c);
-            psh[p] = load16(shift + b * D + 8 * c);
-            psc[p] = load16(scale + b * D + 8 * c);
+            psh[p] = load16(shift + b * M + 8 * c);
+            psc[p] = load16(scale + b * M + 8 * c);
         }
     }
     float v[PACKS][8];
@@ -131,7 +133,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 extern "C" __global__ void __launch_bounds__(32 * ROWS_PER_BLOCK)
     adaln_modulate_bwd_dx_rows(bf16* __restrict__ dx, const bf16* __restrict__ x, const bf16* __restrict__ scale,
                           const float* __restrict__ mean, const float* __restrict__ rstd,
-                          const bf16* __restrict__ dy, int rows, int L, int D) {
+                          const bf16* __restrict__ dy, int rows, int L, int D, int M) {
     const long long row = (long long)blockIdx.x * ROWS_PER_BLOCK + (threadIdx.x >> 5);
     if (row >= rows) return;
     const int lane = threadIdx.x & 31;
@@ -139,7 +141,7 @@ extern "C" __global__ void __launch_bounds__(32 * ROWS_PER_BLOCK)
     const float mu = mean[row], rs = rstd[row];
     const bf16* xr = x + row * D;
     const bf16* gr = dy + row * D;
-    const bf16* sc = scale + b * D;
+    const bf16* sc = scale + b * M;
     float sg = 0.f, sgx = 0.f;
     for (int j = lane; j < D; j += 32) {
         float xh = (bf2f(xr[j]) - mu) * rs;
@@ -159,7 +161,7 @@ extern "C" __global__ void __launch_bounds__(32 * ROWS_PER_BLOCK)
 extern "C" __global__ void __launch_bounds__(1024)
     adaln_modulate_bwd_dx(bf16* __restrict__ dx, const bf16* __restrict__ x, const bf16* __restrict__ scale,
                           const float* __restrict__ mean, const float* __restrict__ rstd,
-                          const bf16* __restrict__ dy, int rows, int L, int D) {
+                          const bf16* __restrict__ dy, int rows, int L, int D, int M) {
     __shared__ float scratch[32];
     const long long row = blockIdx.x;
     const int c = threadIdx.x;
@@ -171,7 +173,7 @@ extern "C" __global__ void __launch_bounds__(1024)
         float g[8], sc[8];
         load_pack(x + row * D, c, xh);
         load_pack(dy + row * D, c, g);
-        load_pack(scale + (row / L) * D, c, sc);
+        load_pack(scale + (row / L) * M, c, sc);
 #pragma unroll
         for (int k = 0; k < 8; k++) {
             xh[k] = (xh[k] - mu) * rs;
@@ -296,16 +298,16 @@ extern "C" __global__ void __launch_bounds__(1024)
 // (else one).
 extern "C" __global__ void gated_residual_fwd(bf16* __restrict__ out, const bf16* __restrict__ x,
                                               const bf16* __restrict__ gate, const bf16* __restrict__ y,
-                                              long long rows, int L, int D) {
+                                              long long rows, int L, int D, int M) {
     const long long n = rows * D;
-    if (D % 8 == 0 && aligned16(out) && aligned16(x) && aligned16(gate) && aligned16(y)) {
+    if (D % 8 == 0 && M % 8 == 0 && aligned16(out) && aligned16(x) && aligned16(gate) && aligned16(y)) {
         const long long v = (long long)blockIdx.x * blockDim.x + threadIdx.x;
         if (v * 8 >= n) return;
         const long long e = v * 8, row = e / D;
         const int j = (int)(e - row * D);
         float fx[8], fg[8], fy[8], o[8];
         unpack_bf16x8(load16(x + e), fx);
-        unpack_bf16x8(load16(gate + (row / L) * D + j), fg);
+        unpack_bf16x8(load16(gate + (row / L) * M + j), fg);
         unpack_bf16x8(load16(y + e), fy);
 #pragma unroll
         for (int k = 0; k < 8; k++) o[k] = fx[k] + fg[k] * fy[k];
@@ -317,7 +319,7 @@ extern "C" __global__ void gated_residual_fwd(bf16* __restrict__ out, const bf16
         for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += step) {
             const long long row = e / D;
             const int j = (int)(e - row * D);
-            out[e] = f2bf(bf2f(x[e]) + bf2f(gate[(row / L) * D + j]) * bf2f(y[e]));
+            out[e] = f2bf(bf2f(x[e]) + bf2f(gate[(row / L) * M + j]) * bf2f(y[e]));
         }
     }
 }
@@ -325,16 +327,17 @@ extern "C" __global__ void gated_residual_fwd(bf16* __restrict__ out, const bf16
 // dy = gate[b]·dz (elementwise; dx is dz itself), 8 elements per thread when D % 8 == 0 and the
 // buffers are 16-byte aligned (else one; the launcher sizes the grid for 8 when D % 8 == 0).
 extern "C" __global__ void gated_residual_bwd_dy(bf16* __restrict__ dy, const bf16* __restrict__ gate,
-                                                 const bf16* __restrict__ dz, long long rows, int L, int D) {
+                                                 const bf16* __restrict__ dz, long long rows, int L, int D,
+                                                 int M) {
     const long long n = rows * D;
     const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (D % 8 == 0 && aligned16(dy) && aligned16(gate) && aligned16(dz)) {
+    if (D % 8 == 0 && M % 8 == 0 && aligned16(dy) && aligned16(gate) && aligned16(dz)) {
         const long long e = t * 8;
         if (e >= n) return;
         const long long row = e / D;
         const int j = (int)(e - row * D);
         float fg[8], fz[8], o[8];
-        unpack_bf16x8(load16(gate + (row / L) * D + j), fg);
+        unpack_bf16x8(load16(gate + (row / L) * M + j), fg);
         unpack_bf16x8(load16(dz + e), fz);
 #pragma unroll
         for (int k = 0; k < 8; k++) o[k] = fg[k] * fz[k];
@@ -345,7 +348,7 @@ extern "C" __global__ void gated_residual_bwd_dy(bf16* __restrict__ dy, const bf
         for (long long e = t; e < n; e += step) {
             const long long row = e / D;
             const int j = (int)(e - row * D);
-            dy[e] = f2bf(bf2f(gate[(row / L) * D + j]) * bf2f(dz[e]));
+            dy[e] = f2bf(bf2f(gate[(row / L) * M + j]) * bf2f(dz[e]));
         }
     }
 }
@@ -360,14 +363,14 @@ extern "C" __global__ void gated_residual_bwd_dy(bf16* __restrict__ dy, const bf
 extern "C" __global__ void gated_residual_bwd_vec(bf16* __restrict__ dy, float* __restrict__ part_gate,
                                                   float* __restrict__ part_bias, const bf16* __restrict__ gate,
                                                   const bf16* __restrict__ y, const bf16* __restrict__ dz, int B,
-                                                  int L, int D) {
+                                                  int L, int D, int M) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     const int b = blockIdx.y, s = blockIdx.z, S = gridDim.z;
     if (c >= D / 8) return;
     const int per = (L + S - 1) / S;
     const int l0 = s * per, l1 = min(L, l0 + per);
     float g[8], a_g[8], a_b[8];
-    unpack_bf16x8(load16(gate + (long long)b * D + 8 * c), g);
+    unpack_bf16x8(load16(gate + (long long)b * M + 8 * c), g);
 #pragma unroll
     for (int k = 0; k < 8; k++) a_g[k] = a_b[k] = 0.f;
     for (int l = l0; l < l1; l += PARAM_ROWS) {

@@ -12,6 +12,7 @@
 //   add_bf16             y = a + b (y may be a)
 //   accumulate_f32_bf16  g += f32(x)
 //   accumulate_f32       g += x
+//   cast_cols_f32_bf16   an f32 [rows, cols] block cast into a column window of a bf16 matrix
 //   residual_grad_add    out = a + f32(x), and its bf16 rounding (the residual stream's gradient
 //                        in the MMDiT's backward: one pass for a copy, an add and a cast)
 //   select_block_f32     dst = src[idx[slot]·len .. +len]: one of several stacked blocks, picked by an
@@ -118,6 +119,18 @@ extern "C" __global__ void accumulate_f32_bf16(float* __restrict__ g, const bf16
 
 extern "C" __global__ void accumulate_f32(float* __restrict__ g, const float* __restrict__ x, long long n) {
     for (long long i = shape::thread_index(); i < n; i += shape::thread_count()) g[i] += x[i];
+}
+
+// dst[r, dst_off + c] = bf16(src[r·cols + c]) for r < rows, c < cols: an f32 chunk gradient cast
+// into its columns of a modulation's gradient. grid-stride over rows·cols.
+extern "C" __global__ void cast_cols_f32_bf16(bf16* __restrict__ dst, const float* __restrict__ src, long long rows,
+                                              int cols, int dst_ld, int dst_off) {
+    const long long n = rows * cols;
+    for (long long i = shape::thread_index(); i < n; i += shape::thread_count()) {
+        const long long r = i / cols;
+        const int c = (int)(i - r * cols);
+        dst[r * dst_ld + dst_off + c] = f2bf(src[i]);
+    }
 }
 
 // out = a + f32(x) (out may be a), and out16 = bf16(out) when out16 is not null. 8 elements a

@@ -1188,10 +1188,9 @@ fn two_streams_compute_what_one_does() {
     }
 }
 
-/// At batch 1 the modulation chunks are windows of the modulation GEMM's output and their
-/// gradients are cast straight into its gradient (no column copies); at batch 2 they are copies.
-/// The first sample of a batch of two and the same sample alone give the same velocity and input
-/// gradients.
+/// The modulation chunks are strided windows of the modulation GEMM's output (sample s's row at
+/// s·n·D) and their gradients are cast straight into its gradient's columns: the first sample of
+/// a batch of two and the same sample alone give the same velocity and input gradients.
 #[test]
 fn batch_one_gives_what_the_first_of_a_batch_of_two_does() {
     use advdmd::kernels::shape::split;

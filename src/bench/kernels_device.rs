@@ -199,6 +199,7 @@ fn adaln(b: &mut Bench) -> KernelResult<()> {
                 .buf(&t.y)
                 .i64(rows as i64)
                 .i32(l as i32)
+                .i32(d as i32)
                 .i32(d as i32),
         )
     })?;
@@ -226,7 +227,7 @@ fn adaln(b: &mut Bench) -> KernelResult<()> {
             let g = &biases[i];
             crate::kernels::adaln::dev::gated_residual_bwd_bias(
                 &dev,
-                &t.gate,
+                (&t.gate, d),
                 &t.y,
                 &t.x,
                 (1, l, d),

@@ -241,6 +241,24 @@ pub mod dev {
         (d % 8 == 0 && d / 8 <= 1024).then(|| (d / 8).div_ceil(32) as u32 * 32)
     }
 
+    /// Checks that `m` holds `b` modulation rows of `d` at stride `ld` (sample `s`'s at `s·ld`),
+    /// and says whether the 16-byte vector kernels may read them.
+    fn mod_rows(
+        m: &DevBuf<bf16>,
+        ld: usize,
+        (b, d): (usize, usize),
+        what: &str,
+    ) -> KernelResult<bool> {
+        let need = if b == 0 { 0 } else { (b - 1) * ld + d };
+        if ld < d || m.len() < need {
+            return Err(crate::device::kernel::KernelError::Invalid(format!(
+                "{what}: a modulation of {} elements for {b} rows of {d} at stride {ld}",
+                m.len()
+            )));
+        }
+        Ok(ld % 8 == 0 && m.device_ptr() % 16 == 0)
+    }
+
     /// `y = LN(x)·(1+scale)+shift` into preallocated `y [B·L·D]`, `mean`, `rstd [B·L]`.
     #[allow(clippy::too_many_arguments)]
     pub fn adaln_modulate_fwd_into(
@@ -251,6 +269,23 @@ pub mod dev {
         x: &DevBuf<bf16>,
         shift: &DevBuf<bf16>,
         scale: &DevBuf<bf16>,
+        dims: (usize, usize, usize),
+        eps: f32,
+    ) -> KernelResult<()> {
+        let mods = (shift, scale, dims.2);
+        adaln_modulate_fwd_into_ld(dev, y, mean, rstd, x, mods, dims, eps)
+    }
+
+    /// [`adaln_modulate_fwd_into`] with `shift` and `scale` rows at stride `ld` (`(shift, scale,
+    /// ld)`): windows of the modulation GEMM's output, no copies.
+    #[allow(clippy::too_many_arguments)]
+    pub fn adaln_modulate_fwd_into_ld(
+        dev: &KernelDevice,
+        y: &DevBuf<bf16>,
+        mean: &DevBuf<f32>,
+        rstd: &DevBuf<f32>,
+        x: &DevBuf<bf16>,
+        (shift, scale, ld): (&DevBuf<bf16>, &DevBuf<bf16>, usize),
         (b, l, d): (usize, usize, usize),
         eps: f32,
     ) -> KernelResult<()> {
@@ -258,7 +293,9 @@ pub mod dev {
         if rows == 0 || d == 0 {
             return Ok(());
         }
-        let (name, cfg) = match row_threads(d) {
+        let vec = mod_rows(shift, ld, (b, d), "adaln shift")?
+            & mod_rows(scale, ld, (b, d), "adaln scale")?;
+        let (name, cfg) = match row_threads(d).filter(|_| vec) {
             Some(t) => ("adaln_modulate_fwd", LaunchCfg::linear(rows as u32, t)),
             None => (
                 "adaln_modulate_fwd_rows",
@@ -278,7 +315,8 @@ pub mod dev {
                 .i32(rows as i32)
                 .i32(l as i32)
                 .i32(d as i32)
-                .f32(eps),
+                .f32(eps)
+                .i32(ld as i32),
         )
     }
 
@@ -291,11 +329,22 @@ pub mod dev {
         dims: (usize, usize, usize),
         eps: f32,
     ) -> KernelResult<(DevBuf<bf16>, DevBuf<f32>, DevBuf<f32>)> {
+        adaln_modulate_fwd_ld(dev, x, (shift, scale, dims.2), dims, eps)
+    }
+
+    /// [`adaln_modulate_fwd`] with the modulation rows at stride `ld` (`(shift, scale, ld)`).
+    pub fn adaln_modulate_fwd_ld(
+        dev: &KernelDevice,
+        x: &DevBuf<bf16>,
+        mods: (&DevBuf<bf16>, &DevBuf<bf16>, usize),
+        dims: (usize, usize, usize),
+        eps: f32,
+    ) -> KernelResult<(DevBuf<bf16>, DevBuf<f32>, DevBuf<f32>)> {
         let rows = dims.0 * dims.1;
         let y = dev.alloc::<bf16>(rows * dims.2)?;
         let mean = dev.alloc::<f32>(rows)?;
         let rstd = dev.alloc::<f32>(rows)?;
-        adaln_modulate_fwd_into(dev, &y, &mean, &rstd, x, shift, scale, dims, eps)?;
+        adaln_modulate_fwd_into_ld(dev, &y, &mean, &rstd, x, mods, dims, eps)?;
         Ok((y, mean, rstd))
     }
 
@@ -309,6 +358,20 @@ pub mod dev {
         dev: &KernelDevice,
         x: &DevBuf<bf16>,
         scale: &DevBuf<bf16>,
+        mean: &DevBuf<f32>,
+        rstd: &DevBuf<f32>,
+        dy: &DevBuf<bf16>,
+        dims: (usize, usize, usize),
+    ) -> KernelResult<(DevBuf<bf16>, DevBuf<f32>, DevBuf<f32>)> {
+        adaln_modulate_bwd_ld(dev, x, (scale, dims.2), mean, rstd, dy, dims)
+    }
+
+    /// [`adaln_modulate_bwd`] with the scale rows at stride `ld` (`(scale, ld)`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn adaln_modulate_bwd_ld(
+        dev: &KernelDevice,
+        x: &DevBuf<bf16>,
+        (scale, ld): (&DevBuf<bf16>, usize),
         mean: &DevBuf<f32>,
         rstd: &DevBuf<f32>,
         dy: &DevBuf<bf16>,
@@ -326,7 +389,8 @@ pub mod dev {
         // written whole by sum_splits
         let dshift = dev.alloc::<f32>(b * d)?;
         let dscale = dev.alloc::<f32>(b * d)?;
-        let (dx_kernel, dx_cfg) = match dx_threads(d) {
+        let vec = mod_rows(scale, ld, (b, d), "adaln scale")?;
+        let (dx_kernel, dx_cfg) = match dx_threads(d).filter(|_| vec) {
             Some(t) => ("adaln_modulate_bwd_dx", LaunchCfg::linear(rows as u32, t)),
             None => (
                 "adaln_modulate_bwd_dx_rows",
@@ -345,7 +409,8 @@ pub mod dev {
                 .buf(dy)
                 .i32(rows as i32)
                 .i32(l as i32)
-                .i32(d as i32),
+                .i32(d as i32)
+                .i32(ld as i32),
         )?;
         let s = splits(b, l, d);
         let part_shift = dev.alloc::<f32>(s * b * d)?;
@@ -393,9 +458,21 @@ pub mod dev {
         x: &DevBuf<bf16>,
         gate: &DevBuf<bf16>,
         y: &DevBuf<bf16>,
+        dims: (usize, usize, usize),
+    ) -> KernelResult<DevBuf<bf16>> {
+        gated_residual_fwd_ld(dev, x, (gate, dims.2), y, dims)
+    }
+
+    /// [`gated_residual_fwd`] with the gate rows at stride `ld` (`(gate, ld)`).
+    pub fn gated_residual_fwd_ld(
+        dev: &KernelDevice,
+        x: &DevBuf<bf16>,
+        (gate, ld): (&DevBuf<bf16>, usize),
+        y: &DevBuf<bf16>,
         (b, l, d): (usize, usize, usize),
     ) -> KernelResult<DevBuf<bf16>> {
         let n = b * l * d;
+        mod_rows(gate, ld, (b, d), "gate")?;
         let out = dev.alloc::<bf16>(n)?;
         if n > 0 {
             dev.launch(
@@ -408,7 +485,8 @@ pub mod dev {
                     .buf(y)
                     .i64((b * l) as i64)
                     .i32(l as i32)
-                    .i32(d as i32),
+                    .i32(d as i32)
+                    .i32(ld as i32),
             )?;
         }
         Ok(out)
@@ -420,9 +498,21 @@ pub mod dev {
         gate: &DevBuf<bf16>,
         y: &DevBuf<bf16>,
         dz: &DevBuf<bf16>,
+        dims: (usize, usize, usize),
+    ) -> KernelResult<(DevBuf<f32>, DevBuf<bf16>)> {
+        gated_residual_bwd_ld(dev, (gate, dims.2), y, dz, dims)
+    }
+
+    /// [`gated_residual_bwd`] with the gate rows at stride `ld` (`(gate, ld)`).
+    pub fn gated_residual_bwd_ld(
+        dev: &KernelDevice,
+        (gate, ld): (&DevBuf<bf16>, usize),
+        y: &DevBuf<bf16>,
+        dz: &DevBuf<bf16>,
         (b, l, d): (usize, usize, usize),
     ) -> KernelResult<(DevBuf<f32>, DevBuf<bf16>)> {
         let n = b * l * d;
+        mod_rows(gate, ld, (b, d), "gate")?;
         let dgate = dev.zeros::<f32>(b * d)?;
         let dy = dev.alloc::<bf16>(n)?;
         if n == 0 {
@@ -437,7 +527,8 @@ pub mod dev {
                 .buf(dz)
                 .i64((b * l) as i64)
                 .i32(l as i32)
-                .i32(d as i32),
+                .i32(d as i32)
+                .i32(ld as i32),
         )?;
         let s = splits(b, l, d);
         let part = dev.alloc::<f32>(s * b * d)?;
@@ -460,13 +551,13 @@ pub mod dev {
         Ok((dgate, dy))
     }
 
-    /// [`gated_residual_bwd`], and the bias gradient of the linear layer that produced `y`
+    /// [`gated_residual_bwd_ld`], and the bias gradient of the linear layer that produced `y`
     /// (`Σ_rows dy` as stored in bf16) added into `bias_grad [D]` (f32): in one pass over `dz`
     /// and `y` when `D % 8 == 0` and the buffers are 16-byte aligned (`gated_residual_bwd_vec`),
     /// else the two-kernel path and a column sum of `dy`.
     pub fn gated_residual_bwd_bias(
         dev: &KernelDevice,
-        gate: &DevBuf<bf16>,
+        (gate, ld): (&DevBuf<bf16>, usize),
         y: &DevBuf<bf16>,
         dz: &DevBuf<bf16>,
         (b, l, d): (usize, usize, usize),
@@ -479,20 +570,21 @@ pub mod dev {
             )));
         }
         let n = b * l * d;
-        if gate.len() != b * d || y.len() != n || dz.len() != n {
+        let vec = mod_rows(gate, ld, (b, d), "gate")?;
+        if y.len() != n || dz.len() != n {
             return Err(crate::device::kernel::KernelError::Invalid(format!(
-                "gated_residual_bwd_bias: gate {}, y {}, dz {} for [{b}, {l}, {d}]",
-                gate.len(),
+                "gated_residual_bwd_bias: y {}, dz {} for [{b}, {l}, {d}]",
                 y.len(),
                 dz.len()
             )));
         }
         let s = splits(b, l, d);
-        let aligned = [gate.device_ptr(), y.device_ptr(), dz.device_ptr()]
-            .iter()
-            .all(|p| p % 16 == 0);
+        let aligned = vec
+            && [y.device_ptr(), dz.device_ptr()]
+                .iter()
+                .all(|p| p % 16 == 0);
         if n == 0 || d % 8 != 0 || !aligned {
-            let (dgate, dy) = gated_residual_bwd(dev, gate, y, dz, (b, l, d))?;
+            let (dgate, dy) = gated_residual_bwd_ld(dev, (gate, ld), y, dz, (b, l, d))?;
             if n > 0 {
                 let part = dev.alloc::<f32>(s * b * d)?;
                 dev.launch(
@@ -533,7 +625,8 @@ pub mod dev {
                 .buf(dz)
                 .i32(b as i32)
                 .i32(l as i32)
-                .i32(d as i32),
+                .i32(d as i32)
+                .i32(ld as i32),
         )?;
         sum_splits(dev, &dgate, &part_gate, s)?;
         sum_splits_acc(dev, bias_grad, &part_bias, s * b, true)?;

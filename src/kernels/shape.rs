@@ -454,6 +454,40 @@ pub mod dev {
         )
     }
 
+    /// `dst[r, dst.off + c] = bf16(src[r, c])` for `r < rows`, `c < cols` (`src` f32
+    /// `[rows, cols]`): a chunk's gradient into its columns of the modulation's gradient.
+    pub fn cast_cols_f32_bf16(
+        dev: &KernelDevice,
+        dst: &DevBuf<bf16>,
+        dst_cols: Cols,
+        src: &DevBuf<f32>,
+        rows: usize,
+        cols: usize,
+    ) -> KernelResult<()> {
+        let fits = dst_cols.off + cols <= dst_cols.ld && dst.len() >= rows * dst_cols.ld;
+        if rows * cols > 0 && (!fits || src.len() != rows * cols) {
+            return Err(invalid(format!(
+                "cast_cols: {rows}×{cols} ({} elements) to {dst_cols:?} ({})",
+                src.len(),
+                dst.len()
+            )));
+        }
+        if rows * cols == 0 {
+            return Ok(());
+        }
+        dev.launch(
+            "cast_cols_f32_bf16",
+            cfg(rows * cols),
+            KernelArgs::new()
+                .buf(dst)
+                .buf(src)
+                .i64(rows as i64)
+                .i32(cols as i32)
+                .i32(dst_cols.ld as i32)
+                .i32(dst_cols.off as i32),
+        )
+    }
+
     /// `out = a + x` (x bf16, `out` may be `a` itself) and, with `out16`, its bf16 rounding: the
     /// residual stream's gradient in one pass (a copy, an accumulation and a cast before).
     pub fn residual_grad_add(

@@ -180,19 +180,26 @@ pub struct Saved {
     final_layer: Option<FinalSaved>,
 }
 
-/// A modulation's chunks `[B, D]` (shift, scale, gate, …). At batch 1 they are windows of the
-/// modulation GEMM's output `[1, n·D]`, kept alive here (no copies: ~300 small launches per
-/// SD3.5-medium forward); at larger batches each is a copy of its columns.
+/// A modulation's chunks (shift, scale, gate, …): windows of the modulation GEMM's output
+/// `[B, n·D]`, kept alive here, chunk `j`'s row for sample `s` at `j·D + s·n·D` — the adaLN and
+/// gated-residual kernels read rows at that stride, so no chunk is copied (~300 small launches
+/// per SD3.5-medium forward, ~600 per backward).
 struct Chunks {
-    /// The GEMM output the windows point into (`None` when the chunks are copies).
-    _whole: Option<DevBuf<bf16>>,
+    /// The GEMM output the windows point into.
+    _whole: DevBuf<bf16>,
     parts: Vec<DevBuf<bf16>>,
+    /// Elements between two samples' rows (`n·D`).
+    ld: usize,
 }
 
-impl std::ops::Deref for Chunks {
-    type Target = [DevBuf<bf16>];
-    fn deref(&self) -> &[DevBuf<bf16>] {
-        &self.parts
+impl Chunks {
+    /// Chunk `j` as the `_ld` launchers take it: its window and the row stride.
+    fn at(&self, j: usize) -> (&DevBuf<bf16>, usize) {
+        (&self.parts[j], self.ld)
+    }
+
+    fn len(&self) -> usize {
+        self.parts.len()
     }
 }
 
@@ -492,7 +499,7 @@ impl DeviceMmdit {
     #[allow(clippy::too_many_arguments)]
     fn gated_linear_bwd(
         &self,
-        gate: &DevBuf<bf16>,
+        gate: (&DevBuf<bf16>, usize),
         y: &DevBuf<bf16>,
         dz: &DevBuf<bf16>,
         (b, l, d): (usize, usize, usize),
@@ -502,13 +509,13 @@ impl DeviceMmdit {
     ) -> KernelResult<(DevBuf<f32>, DevBuf<bf16>)> {
         let bias = format!("{name}.bias");
         if !params {
-            return adaln::gated_residual_bwd(&self.dev, gate, y, dz, (b, l, d));
+            return adaln::gated_residual_bwd_ld(&self.dev, gate, y, dz, (b, l, d));
         }
         let (dgate, dy) = if self.params.contains(&bias) {
             let g = self.grad(&bias)?;
             adaln::gated_residual_bwd_bias(&self.dev, gate, y, dz, (b, l, d), &g)?
         } else {
-            adaln::gated_residual_bwd(&self.dev, gate, y, dz, (b, l, d))?
+            adaln::gated_residual_bwd_ld(&self.dev, gate, y, dz, (b, l, d))?
         };
         self.linear_weight_grad(input, &dy, b * l, name, false)?;
         Ok((dgate, dy))
@@ -530,37 +537,16 @@ impl DeviceMmdit {
                 m.len()
             )));
         }
-        if b == 1 {
-            // windows into `m`, which `Chunks` keeps alive for as long as it hands them out
-            let parts = (0..n)
-                .map(|j| m.view(j * d, d).map(|v| v.alias()))
-                .collect::<KernelResult<Vec<_>>>()?;
-            return Ok(Chunks {
-                _whole: Some(m),
-                parts,
-            });
-        }
+        // windows into `m` from chunk j's first row to its last, which `Chunks` keeps alive
+        // for as long as it hands them out
+        let span = (b - 1) * n * d + d;
         let parts = (0..n)
-            .map(|j| {
-                let chunk = self.dev.alloc::<bf16>(b * d)?;
-                layout::copy_cols(
-                    &self.dev,
-                    &chunk,
-                    Cols { ld: d, off: 0 },
-                    &m,
-                    Cols {
-                        ld: n * d,
-                        off: j * d,
-                    },
-                    b,
-                    d,
-                )?;
-                Ok(chunk)
-            })
+            .map(|j| m.view(j * d, span).map(|v| v.alias()))
             .collect::<KernelResult<Vec<_>>>()?;
         Ok(Chunks {
-            _whole: None,
+            _whole: m,
             parts,
+            ld: n * d,
         })
     }
 
@@ -580,23 +566,12 @@ impl DeviceMmdit {
         let n = dchunks.len();
         let dm = self.dev.zeros::<bf16>(b * n * d)?;
         for (j, g) in dchunks.iter().enumerate() {
-            if let (Some(g), 1) = (g, b) {
-                // batch 1: the chunk's columns are one window of `dm`
-                ew::cast_f32_to_bf16_into(&self.dev, &*dm.view(j * d, d)?, g)?;
-            } else if let Some(g) = g {
-                let g16 = ew::cast_f32_to_bf16(&self.dev, g)?;
-                layout::copy_cols(
-                    &self.dev,
-                    &dm,
-                    Cols {
-                        ld: n * d,
-                        off: j * d,
-                    },
-                    &g16,
-                    Cols { ld: d, off: 0 },
-                    b,
-                    d,
-                )?;
+            if let Some(g) = g {
+                let cols = Cols {
+                    ld: n * d,
+                    off: j * d,
+                };
+                layout::cast_cols_f32_bf16(&self.dev, &dm, cols, g, b, d)?;
             }
         }
         let name = format!("{prefix}.adaLN_modulation.1");
@@ -739,27 +714,29 @@ impl DeviceMmdit {
         self.linear_input_grad(&dfused, rows, &name, None, params)
     }
 
+    /// adaLN of `x` with chunks `shift` and `scale` of `m`.
     fn ln(
         &self,
         x: &DevBuf<bf16>,
-        shift: &DevBuf<bf16>,
-        scale: &DevBuf<bf16>,
+        m: &Chunks,
+        (shift, scale): (usize, usize),
         dims: (usize, usize, usize),
     ) -> KernelResult<Ln> {
-        let (y, mean, rstd) = adaln::adaln_modulate_fwd(&self.dev, x, shift, scale, dims, LN_EPS)?;
+        let mods = (m.at(shift).0, m.at(scale).0, m.ld);
+        let (y, mean, rstd) = adaln::adaln_modulate_fwd_ld(&self.dev, x, mods, dims, LN_EPS)?;
         Ok(Ln { y, mean, rstd })
     }
 
-    /// Backward of [`Self::ln`] (its `scale` chunk given): `(dx, dshift, dscale)`.
+    /// Backward of [`Self::ln`] (its `scale` chunk of `m` given): `(dx, dshift, dscale)`.
     fn ln_bwd(
         &self,
         x: &DevBuf<bf16>,
-        scale: &DevBuf<bf16>,
+        (m, scale): (&Chunks, usize),
         ln: &Ln,
         dy: &DevBuf<bf16>,
         dims: (usize, usize, usize),
     ) -> KernelResult<(DevBuf<bf16>, DevBuf<f32>, DevBuf<f32>)> {
-        adaln::adaln_modulate_bwd(&self.dev, x, scale, &ln.mean, &ln.rstd, dy, dims)
+        adaln::adaln_modulate_bwd_ld(&self.dev, x, m.at(scale), &ln.mean, &ln.rstd, dy, dims)
     }
 
     /// V of a stream as the attention reads it: its own tensor, or the V window of the fused
@@ -863,17 +840,17 @@ impl DeviceMmdit {
         &self,
         mid: DevBuf<bf16>,
         proj: DevBuf<bf16>,
-        chunks: &[DevBuf<bf16>],
+        chunks: &Chunks,
         prefix: &str,
         (b, l): (usize, usize),
         saving: bool,
     ) -> KernelResult<(DevBuf<bf16>, StreamTail)> {
         let dims = (b, l, self.config.hidden);
-        let ln_mlp = self.ln(&mid, &chunks[3], &chunks[4], dims)?;
+        let ln_mlp = self.ln(&mid, chunks, (3, 4), dims)?;
         let fc1 = format!("{prefix}.mlp.fc1");
         let (fc1_out, fc1_pre) = self.linear_act(&ln_mlp.y, b * l, &fc1, true, saving)?;
         let (fc2_out, _) = self.linear(&fc1_out, b * l, &format!("{prefix}.mlp.fc2"), false)?;
-        let out = adaln::gated_residual_fwd(&self.dev, &mid, &chunks[5], &fc2_out, dims)?;
+        let out = adaln::gated_residual_fwd_ld(&self.dev, &mid, chunks.at(5), &fc2_out, dims)?;
         Ok((
             out,
             StreamTail {
@@ -894,7 +871,7 @@ impl DeviceMmdit {
     fn mlp_tail_bwd(
         &self,
         t: &StreamTail,
-        chunks: &[DevBuf<bf16>],
+        chunks: &Chunks,
         (dout, dout32): (&DevBuf<bf16>, &DevBuf<f32>),
         prefix: &str,
         (b, l): (usize, usize),
@@ -904,8 +881,15 @@ impl DeviceMmdit {
         let dims = (b, l, self.config.hidden);
         let rows = b * l;
         let (fc1, fc2) = (format!("{prefix}.mlp.fc1"), format!("{prefix}.mlp.fc2"));
-        let (dgate, dh2) =
-            self.gated_linear_bwd(&chunks[5], &t.fc2_out, dout, dims, &t.fc1_out, &fc2, params)?;
+        let (dgate, dh2) = self.gated_linear_bwd(
+            chunks.at(5),
+            &t.fc2_out,
+            dout,
+            dims,
+            &t.fc1_out,
+            &fc2,
+            params,
+        )?;
         dchunks[5] = Some(dgate);
         let pre = t
             .fc1_pre
@@ -917,7 +901,7 @@ impl DeviceMmdit {
             self.linear_weight_grad(&t.ln_mlp.y, &dpre, rows, &fc1, false)?;
         }
         let dln = self.linear_input_grad(&dpre, rows, &fc1, None, params)?;
-        let (dmid, dshift, dscale) = self.ln_bwd(&t.mid, &chunks[4], &t.ln_mlp, &dln, dims)?;
+        let (dmid, dshift, dscale) = self.ln_bwd(&t.mid, (chunks, 4), &t.ln_mlp, &dln, dims)?;
         dchunks[3] = Some(dshift);
         dchunks[4] = Some(dscale);
         let dmid32 = self.dev.alloc::<f32>(dout32.len())?;
@@ -986,7 +970,7 @@ impl DeviceMmdit {
                 Some(chunks) => chunks,
                 None => self.modulation(silu_c, b, &cp, if pre_only { 2 } else { 6 })?,
             };
-            let ln = self.ln(&ctx, &chunks[0], &chunks[1], dc3)?;
+            let ln = self.ln(&ctx, &chunks, (0, 1), dc3)?;
             let q = self.qkv(&ln.y, b * lc, &format!("{cp}.attn"))?;
             Ok((chunks, ln, q))
         })?;
@@ -994,7 +978,7 @@ impl DeviceMmdit {
             Some(chunks) => chunks,
             None => self.modulation(silu_c, b, &xp, if dual { 9 } else { 6 })?,
         };
-        let x_ln = self.ln(&x, &x_chunks[0], &x_chunks[1], dx3)?;
+        let x_ln = self.ln(&x, &x_chunks, (0, 1), dx3)?;
         let xq = self.qkv(&x_ln.y, b * lx, &format!("{xp}.attn"))?;
         dev.join()?;
         let dims = AttnDims {
@@ -1017,19 +1001,19 @@ impl DeviceMmdit {
                 return Ok((None, None, next));
             }
             let (proj, _) = self.linear(&attn.oa, b * lc, &format!("{cp}.attn.proj"), false)?;
-            let mid = adaln::gated_residual_fwd(dev, &ctx, &c_chunks[2], &proj, dc3)?;
+            let mid = adaln::gated_residual_fwd_ld(dev, &ctx, c_chunks.at(2), &proj, dc3)?;
             let (out, tail) = self.mlp_tail(mid, proj, &c_chunks, &cp, (b, lc), saving)?;
             Ok((Some(out), Some(tail), next))
         })?;
         let (x_proj, _) = self.linear(&attn.ob, b * lx, &format!("{xp}.attn.proj"), false)?;
-        let mut x_mid = adaln::gated_residual_fwd(dev, &x, &x_chunks[2], &x_proj, dx3)?;
+        let mut x_mid = adaln::gated_residual_fwd_ld(dev, &x, x_chunks.at(2), &x_proj, dx3)?;
         let dual = if dual {
-            let ln = self.ln(&x, &x_chunks[6], &x_chunks[7], dx3)?;
+            let ln = self.ln(&x, &x_chunks, (6, 7), dx3)?;
             let q2 = self.qkv(&ln.y, b * lx, &format!("{xp}.attn2"))?;
             let dims2 = AttnDims { la: 0, ..dims };
             let attn = self.attention(self.empty_qkv()?, q2, dims2)?;
             let (proj, _) = self.linear(&attn.ob, b * lx, &format!("{xp}.attn2.proj"), false)?;
-            x_mid = adaln::gated_residual_fwd(dev, &x_mid, &x_chunks[8], &proj, dx3)?;
+            x_mid = adaln::gated_residual_fwd_ld(dev, &x_mid, x_chunks.at(8), &proj, dx3)?;
             Some(Dual { ln, attn, proj })
         } else {
             None
@@ -1058,7 +1042,7 @@ impl DeviceMmdit {
         let lx = (h / c.patch) * (w / c.patch);
         let (x, mut saved) = self.trunk(inputs, keep, c.depth)?;
         let chunks = self.modulation(&saved.silu_c, b, "final_layer", 2)?;
-        let ln = self.ln(&x, &chunks[0], &chunks[1], (b, lx, c.hidden))?;
+        let ln = self.ln(&x, &chunks, (0, 1), (b, lx, c.hidden))?;
         let (tokens, _) = self.linear(&ln.y, b * lx, "final_layer.linear", false)?;
         let velocity = self.dev.alloc::<bf16>(b * c.out_channels * h * w)?;
         let out = (b, c.out_channels, h, w);
@@ -1232,8 +1216,15 @@ impl DeviceMmdit {
                     params,
                 )?;
                 let name = format!("{cp}.attn.proj");
-                let (dgate, dproj) =
-                    self.gated_linear_bwd(&cc[2], &t.proj, &dmid, dc3, &s.attn.oa, &name, params)?;
+                let (dgate, dproj) = self.gated_linear_bwd(
+                    cc.at(2),
+                    &t.proj,
+                    &dmid,
+                    dc3,
+                    &s.attn.oa,
+                    &name,
+                    params,
+                )?;
                 dcc[2] = Some(dgate);
                 let doc = self.linear_input_grad(&dproj, b * lc, &name, None, params)?;
                 Ok((doc, dmid32))
@@ -1253,8 +1244,15 @@ impl DeviceMmdit {
         )?;
         if let Some(du) = &s.dual {
             let name = format!("{xp}.attn2.proj");
-            let (dgate, dproj) =
-                self.gated_linear_bwd(&xc[8], &du.proj, &dx_mid, dx3, &du.attn.ob, &name, params)?;
+            let (dgate, dproj) = self.gated_linear_bwd(
+                xc.at(8),
+                &du.proj,
+                &dx_mid,
+                dx3,
+                &du.attn.ob,
+                &name,
+                params,
+            )?;
             dxc[8] = Some(dgate);
             let dob = self.linear_input_grad(&dproj, b * lx, &name, None, params)?;
             let none = dev.alloc::<bf16>(0)?;
@@ -1269,14 +1267,14 @@ impl DeviceMmdit {
                 dv,
                 params,
             )?;
-            let (dx, dshift, dscale) = self.ln_bwd(&s.x_in, &xc[7], &du.ln, &dh, dx3)?;
+            let (dx, dshift, dscale) = self.ln_bwd(&s.x_in, (xc, 7), &du.ln, &dh, dx3)?;
             dxc[6] = Some(dshift);
             dxc[7] = Some(dscale);
             layout::accumulate_bf16(dev, &dx_in, &dx)?;
         }
         let name = format!("{xp}.attn.proj");
         let (dgate, dproj) = self.gated_linear_bwd(
-            &xc[2],
+            xc.at(2),
             &s.x_tail.proj,
             &dx_mid,
             dx3,
@@ -1303,7 +1301,7 @@ impl DeviceMmdit {
                 dva,
                 params,
             )?;
-            let (dc, dshift, dscale) = self.ln_bwd(&s.ctx_in, &cc[1], &s.c_ln, &dhc, dc3)?;
+            let (dc, dshift, dscale) = self.ln_bwd(&s.ctx_in, (cc, 1), &s.c_ln, &dhc, dc3)?;
             dcc[0] = Some(dshift);
             dcc[1] = Some(dscale);
             // the block's context gradient, and its bf16 rounding for the block before
@@ -1321,7 +1319,7 @@ impl DeviceMmdit {
             dvb,
             params,
         )?;
-        let (dx, dshift, dscale) = self.ln_bwd(&s.x_in, &xc[1], &s.x_ln, &dhx, dx3)?;
+        let (dx, dshift, dscale) = self.ln_bwd(&s.x_in, (xc, 1), &s.x_ln, &dhx, dx3)?;
         dxc[0] = Some(dshift);
         dxc[1] = Some(dscale);
         let dx_in16 = dev.alloc::<bf16>(dx_in.len())?;
@@ -1380,7 +1378,7 @@ impl DeviceMmdit {
         }
         let dln = self.linear_input_grad(&dtokens, b * lx, "final_layer.linear", None, params)?;
         let (dx16, dshift, dscale) =
-            self.ln_bwd(&f.input, &f.chunks[1], &f.ln, &dln, (b, lx, d))?;
+            self.ln_bwd(&f.input, (&f.chunks, 1), &f.ln, &dln, (b, lx, d))?;
         let dx = ew::cast_bf16_to_f32(&self.dev, &dx16)?;
         let d_silu_c = self.dev.zeros::<f32>(b * d)?;
         let dfinal = [Some(dshift), Some(dscale)];

@@ -159,7 +159,7 @@ fn check_bias_pass(
 ) {
     let before: Vec<f32> = (0..d).map(|j| j as f32 * 0.25).collect();
     let bias = dev.upload(&before).unwrap();
-    let (dg2, dy2) = gpu::gated_residual_bwd_bias(dev, gate, y, dz, (b, l, d), &bias).unwrap();
+    let (dg2, dy2) = gpu::gated_residual_bwd_bias(dev, (gate, d), y, dz, (b, l, d), &bias).unwrap();
     let dyh = download_f32(dev, dy);
     let want: Vec<f32> = (0..d)
         .map(|j| before[j] + (0..b * l).map(|r| dyh[r * d + j]).sum::<f32>())
@@ -180,7 +180,7 @@ fn check_bias_pass(
         check("gated_residual_bwd_bias.dgate", dev, shape, &a, &w, 1e-5);
     }
     let short = dev.alloc::<f32>(d + 1).unwrap();
-    assert!(gpu::gated_residual_bwd_bias(dev, gate, y, dz, (b, l, d), &short).is_err());
+    assert!(gpu::gated_residual_bwd_bias(dev, (gate, d), y, dz, (b, l, d), &short).is_err());
 }
 
 /// The gated residual on views one element into their buffers (not 16-byte aligned, with
@@ -234,5 +234,95 @@ fn gated_residual_on_misaligned_views_matches_cpu() {
         );
         // the bias pass on misaligned views takes the two-kernel path
         check_bias_pass(&dev, shape, (&gv, &yv, &dzv), (b, l, d), (&dgv, &dyv));
+    }
+}
+
+/// The modulation rows at a stride (chunks as windows of a `[B, n·D]` modulation output, as the
+/// model passes them) give what the same rows packed `[B, D]` give, bit for bit on the emulator:
+/// adaLN forward and backward, the gated residual forward and backward (with the bias pass), on
+/// the vector path (D % 8 == 0) and the scalar one.
+#[test]
+fn strided_modulation_rows_match_packed_ones() {
+    for dev in devices() {
+        for &(b, l, d) in &[(2usize, 5usize, 64usize), (2, 5, 37), (3, 2, 1536)] {
+            let mut rng = Rng::new(31 + d as u64);
+            let n = 3;
+            let ld = n * d;
+            let m = randn_bf16(&mut rng, b * ld, 0.5);
+            let md = upload_bf16(&dev, &m);
+            // chunk j packed, and as a window of m
+            let packed = |j: usize| {
+                let v: Vec<f32> = (0..b)
+                    .flat_map(|s| m[s * ld + j * d..s * ld + j * d + d].to_vec())
+                    .collect();
+                upload_bf16(&dev, &v)
+            };
+            let win = |j: usize| md.view(j * d, (b - 1) * ld + d).unwrap();
+            let (p0, p1, p2) = (packed(0), packed(1), packed(2));
+            let (w0, w1, w2) = (win(0), win(1), win(2));
+            let x = upload_bf16(&dev, &randn_bf16(&mut rng, b * l * d, 1.0));
+            let y = upload_bf16(&dev, &randn_bf16(&mut rng, b * l * d, 1.0));
+            let dz = upload_bf16(&dev, &randn_bf16(&mut rng, b * l * d, 1.0));
+            let dims = (b, l, d);
+            let bits = |v: &DevBuf<bf16>| dev.download(v).unwrap();
+            let f = |v: &DevBuf<f32>| dev.download(v).unwrap();
+            let shape = format!("{b}x{l}x{d} at stride {ld}");
+            let same_bf = |what: &str, a: &DevBuf<bf16>, w: &DevBuf<bf16>| {
+                if dev.is_emulator() {
+                    assert_eq!(bits(a), bits(w), "{what} {shape}");
+                } else {
+                    check(
+                        what,
+                        &dev,
+                        &shape,
+                        &download_f32(&dev, a),
+                        &download_f32(&dev, w),
+                        1e-2,
+                    );
+                }
+            };
+            let same_f = |what: &str, a: &DevBuf<f32>, w: &DevBuf<f32>| {
+                if dev.is_emulator() {
+                    assert_eq!(f(a), f(w), "{what} {shape}");
+                } else {
+                    check(what, &dev, &shape, &f(a), &f(w), 1e-4);
+                }
+            };
+
+            let (ya, ma, ra) = gpu::adaln_modulate_fwd(&dev, &x, &p0, &p1, dims, 1e-6).unwrap();
+            let (yb, mb, rb) =
+                gpu::adaln_modulate_fwd_ld(&dev, &x, (&w0, &w1, ld), dims, 1e-6).unwrap();
+            same_bf("adaln fwd", &ya, &yb);
+            same_f("adaln mean", &ma, &mb);
+            let (dxa, dsa, dca) =
+                gpu::adaln_modulate_bwd(&dev, &x, &p1, &ma, &ra, &dz, dims).unwrap();
+            let (dxb, dsb, dcb) =
+                gpu::adaln_modulate_bwd_ld(&dev, &x, (&w1, ld), &mb, &rb, &dz, dims).unwrap();
+            same_bf("adaln bwd dx", &dxa, &dxb);
+            same_f("adaln bwd dshift", &dsa, &dsb);
+            same_f("adaln bwd dscale", &dca, &dcb);
+
+            let oa = gpu::gated_residual_fwd(&dev, &x, &p2, &y, dims).unwrap();
+            let ob = gpu::gated_residual_fwd_ld(&dev, &x, (&w2, ld), &y, dims).unwrap();
+            same_bf("gated fwd", &oa, &ob);
+            let (ga, da) = gpu::gated_residual_bwd(&dev, &p2, &y, &dz, dims).unwrap();
+            let (gb, db) = gpu::gated_residual_bwd_ld(&dev, (&w2, ld), &y, &dz, dims).unwrap();
+            same_f("gated bwd dgate", &ga, &gb);
+            same_bf("gated bwd dy", &da, &db);
+            let (bias_a, bias_b) = (dev.zeros::<f32>(d).unwrap(), dev.zeros::<f32>(d).unwrap());
+            let (ga2, da2) =
+                gpu::gated_residual_bwd_bias(&dev, (&p2, d), &y, &dz, dims, &bias_a).unwrap();
+            let (gb2, db2) =
+                gpu::gated_residual_bwd_bias(&dev, (&w2, ld), &y, &dz, dims, &bias_b).unwrap();
+            same_f("gated bwd+bias dgate", &ga2, &gb2);
+            same_bf("gated bwd+bias dy", &da2, &db2);
+            same_f("gated bwd+bias bias", &bias_a, &bias_b);
+            // a stride that does not fit the buffer is refused
+            assert!(gpu::gated_residual_fwd_ld(&dev, &x, (&w2, ld + 8), &y, dims).is_err());
+            println!(
+                "strided modulation rows on {}: {shape} as packed",
+                dev.name()
+            );
+        }
     }
 }

@@ -166,6 +166,35 @@ fn accumulation_kernels_add() {
     }
 }
 
+/// `cast_cols_f32_bf16`: exactly the window, each value rounded once; the rest untouched.
+#[test]
+fn cast_cols_writes_exactly_the_window() {
+    for dev in devices() {
+        let mut rng = Rng::new(11);
+        let (rows, cols, ld, off) = (3, 24, 72, 40);
+        let src: Vec<f32> = (0..rows * cols).map(|_| rng.normal()).collect();
+        let before = randn_bf16(&mut rng, rows * ld, 1.0);
+        let dst = upload_bf16(&dev, &before);
+        let s = dev.upload(&src).unwrap();
+        gpu::cast_cols_f32_bf16(&dev, &dst, Cols { ld, off }, &s, rows, cols).unwrap();
+        let mut want = before.clone();
+        for r in 0..rows {
+            for c in 0..cols {
+                want[r * ld + off + c] = bf16::from_f32(src[r * cols + c]).to_f32();
+            }
+        }
+        check(
+            "cast_cols_f32_bf16",
+            &dev,
+            "3x24 into 72 at 40",
+            &download_f32(&dev, &dst),
+            &want,
+            0.0,
+        );
+        assert!(gpu::cast_cols_f32_bf16(&dev, &dst, Cols { ld, off: 50 }, &s, rows, cols).is_err());
+    }
+}
+
 /// `residual_grad_add`: the f32 sum exactly (one f32 add of an exact bf16), its bf16 rounding
 /// exactly, in place or not, on the vector path (n % 8 == 0) and the scalar one.
 #[test]
