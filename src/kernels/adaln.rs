@@ -530,8 +530,26 @@ pub mod dev {
                 .i32(d as i32)
                 .i32(ld as i32),
         )?;
+        let (part, s) = colsum_partials(dev, dz, Some(y), (b, l, d))?;
+        sum_splits(dev, &dgate, &part, s)?;
+        Ok((dgate, dy))
+    }
+
+    /// The column partials `part[s, b, j] = Σ_{l in split s} a·c` (or `Σ a` without `c`) over
+    /// each sample's rows (`colsum_mul_partial`), and the number of splits.
+    fn colsum_partials(
+        dev: &KernelDevice,
+        a: &DevBuf<bf16>,
+        c: Option<&DevBuf<bf16>>,
+        (b, l, d): (usize, usize, usize),
+    ) -> KernelResult<(DevBuf<f32>, usize)> {
         let s = splits(b, l, d);
         let part = dev.alloc::<f32>(s * b * d)?;
+        let args = KernelArgs::new().buf(&part).buf(a);
+        let args = match c {
+            Some(c) => args.buf(c),
+            None => args.null(),
+        };
         dev.launch(
             "colsum_mul_partial",
             LaunchCfg {
@@ -539,16 +557,9 @@ pub mod dev {
                 block: [128, 1, 1],
                 shared_bytes: 0,
             },
-            KernelArgs::new()
-                .buf(&part)
-                .buf(dz)
-                .buf(y)
-                .i32(b as i32)
-                .i32(l as i32)
-                .i32(d as i32),
+            args.i32(b as i32).i32(l as i32).i32(d as i32),
         )?;
-        sum_splits(dev, &dgate, &part, s)?;
-        Ok((dgate, dy))
+        Ok((part, s))
     }
 
     /// [`gated_residual_bwd_ld`], and the bias gradient of the linear layer that produced `y`
@@ -586,22 +597,7 @@ pub mod dev {
         if n == 0 || d % 8 != 0 || !aligned {
             let (dgate, dy) = gated_residual_bwd_ld(dev, (gate, ld), y, dz, (b, l, d))?;
             if n > 0 {
-                let part = dev.alloc::<f32>(s * b * d)?;
-                dev.launch(
-                    "colsum_mul_partial",
-                    LaunchCfg {
-                        grid: [d.div_ceil(128) as u32, b as u32, s as u32],
-                        block: [128, 1, 1],
-                        shared_bytes: 0,
-                    },
-                    KernelArgs::new()
-                        .buf(&part)
-                        .buf(&dy)
-                        .null()
-                        .i32(b as i32)
-                        .i32(l as i32)
-                        .i32(d as i32),
-                )?;
+                let (part, s) = colsum_partials(dev, &dy, None, (b, l, d))?;
                 sum_splits_acc(dev, bias_grad, &part, s * b, true)?;
             }
             return Ok((dgate, dy));

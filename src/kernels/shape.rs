@@ -256,6 +256,13 @@ pub mod dev {
         pub off: usize,
     }
 
+    impl Cols {
+        /// Whether `rows × cols` of this window fit a buffer of `len` elements.
+        fn fits(self, len: usize, rows: usize, cols: usize) -> bool {
+            cols == 0 || rows == 0 || (self.off + cols <= self.ld && len >= rows * self.ld)
+        }
+    }
+
     /// `dst[r, dst.off + c] = src[r, src.off + c]` for `r < rows`, `c < cols`: a chunk of a
     /// modulation vector, q/k/v out of a fused projection, or their gradients back into one.
     #[allow(clippy::too_many_arguments)]
@@ -268,10 +275,7 @@ pub mod dev {
         rows: usize,
         cols: usize,
     ) -> KernelResult<()> {
-        let fits = |b: &DevBuf<bf16>, w: Cols| {
-            cols == 0 || rows == 0 || (w.off + cols <= w.ld && b.len() >= rows * w.ld)
-        };
-        if !fits(dst, dst_cols) || !fits(src, src_cols) {
+        if !dst_cols.fits(dst.len(), rows, cols) || !src_cols.fits(src.len(), rows, cols) {
             return Err(invalid(format!(
                 "copy_cols: {rows}×{cols} from {src_cols:?} ({} elements) to {dst_cols:?} ({})",
                 src.len(),
@@ -464,8 +468,7 @@ pub mod dev {
         rows: usize,
         cols: usize,
     ) -> KernelResult<()> {
-        let fits = dst_cols.off + cols <= dst_cols.ld && dst.len() >= rows * dst_cols.ld;
-        if rows * cols > 0 && (!fits || src.len() != rows * cols) {
+        if !dst_cols.fits(dst.len(), rows, cols) || src.len() != rows * cols {
             return Err(invalid(format!(
                 "cast_cols: {rows}×{cols} ({} elements) to {dst_cols:?} ({})",
                 src.len(),
