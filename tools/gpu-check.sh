@@ -34,6 +34,7 @@ bundle() {
   cp "$(artifact test kernels)" "$BIN/kernels-test"
   cp "$(artifact test mmdit_device)" "$BIN/mmdit-device-test"
   cp "$(artifact test advdmd_device)" "$BIN/advdmd-device-test"
+  cp "$(artifact test streams)" "$BIN/streams-test"
   chmod -R u+w .gpu/fixtures 2>/dev/null || true; rm -rf .gpu/fixtures && mkdir -p .gpu/fixtures && cp -r ../shared/fixtures/mmdit/* .gpu/fixtures/
   cp "$(artifact bench kernels)" "$BIN/kernels-bench"
   cp "$(artifact bench attention)" "$BIN/attention-bench"
@@ -90,6 +91,8 @@ step hopper 60 "$BIN/kernels-test" wgmma attention --test-threads=1 --nocapture 
 step tests 90 "$BIN/kernels-test" --test-threads=1 --nocapture
 # the device MMDiT against the fixtures and the CPU model, then its speed (issue 8)
 MMDIT_FIXTURES=$(ls -d .gpu/fixtures/*/ | tr '\n' ':') step model 60 "$BIN/mmdit-device-test" --test-threads=1 --nocapture
+# fork / side work / join on the card's two streams, directly and captured into a graph
+step streams 30 "$BIN/streams-test" --test-threads=1 --nocapture
 # Every attention variant's TFLOP/s (the wgmma ones included): early, the budget cuts from the end.
 ADVDMD_ATTN_BENCH_JSON="$OUT/attention.json" step attention 60 "$BIN/attention-bench"
 step mmdit-shapes 30 "$BIN/advdmd" bench mmdit --device cuda --model shapes --batch 128 --iters 10 --json
@@ -177,5 +180,5 @@ with open(f"{out}/report.md", "w") as f:
         f.write(f"| {step[:-4]} | {doc.get('parameters', {}).get('streams', '?')} | {figs} |\n")
 print(open(f"{out}/report.md").read()[-8000:])
 PY
-for s in hopper tests model mmdit-shapes mmdit-sd35m mmdit-sd35m-streams mmdit-sd35m-hopper mmdit-sd35m-base mmdit-sd35m-512 sample-sd35m sample-sd35m-graph sample-sd35m-graph-streams sample-512 advdmd step-shapes step-shapes-graph distill step-sd35m step-sd35m-80g step-sd35m-80g-graph step-sd35m-80g-graph-streams mmdit-sd35l sample-sd35l torch bench attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
+for s in hopper tests model streams mmdit-shapes mmdit-sd35m mmdit-sd35m-streams mmdit-sd35m-hopper mmdit-sd35m-base mmdit-sd35m-512 sample-sd35m sample-sd35m-graph sample-sd35m-graph-streams sample-512 advdmd step-shapes step-shapes-graph distill step-sd35m step-sd35m-80g step-sd35m-80g-graph step-sd35m-80g-graph-streams mmdit-sd35l sample-sd35l torch bench attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
 exit $status
