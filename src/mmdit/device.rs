@@ -912,17 +912,24 @@ impl DeviceMmdit {
 
     // ---- the network -------------------------------------------------------------------------
 
+    /// The modulation chunks of block `i`'s x and context streams: 6 each, 9 for an x stream
+    /// with a second attention, 2 for the last block's context (which only feeds the attention).
+    fn chunk_counts(&self, i: usize) -> (usize, usize) {
+        let c = &self.config;
+        let x = if c.dual_attention_blocks.contains(&i) {
+            9
+        } else {
+            6
+        };
+        (x, if i + 1 == c.depth { 2 } else { 6 })
+    }
+
     /// Both streams' modulation chunks of block `i`.
     fn block_mods(&self, i: usize, silu_c: &DevBuf<bf16>, b: usize) -> KernelResult<BlockMods> {
-        let c = &self.config;
-        let (pre_only, dual) = (i + 1 == c.depth, c.dual_attention_blocks.contains(&i));
-        let (xp, cp) = (
-            format!("joint_blocks.{i}.x_block"),
-            format!("joint_blocks.{i}.context_block"),
-        );
+        let (nx, nc) = self.chunk_counts(i);
         Ok(BlockMods {
-            x: self.modulation(silu_c, b, &xp, if dual { 9 } else { 6 })?,
-            c: self.modulation(silu_c, b, &cp, if pre_only { 2 } else { 6 })?,
+            x: self.modulation(silu_c, b, &format!("joint_blocks.{i}.x_block"), nx)?,
+            c: self.modulation(silu_c, b, &format!("joint_blocks.{i}.context_block"), nc)?,
         })
     }
 
@@ -968,7 +975,7 @@ impl DeviceMmdit {
         let (c_chunks, c_ln, cq) = dev.on_side(|| {
             let chunks = match pre_c {
                 Some(chunks) => chunks,
-                None => self.modulation(silu_c, b, &cp, if pre_only { 2 } else { 6 })?,
+                None => self.modulation(silu_c, b, &cp, self.chunk_counts(i).1)?,
             };
             let ln = self.ln(&ctx, &chunks, (0, 1), dc3)?;
             let q = self.qkv(&ln.y, b * lc, &format!("{cp}.attn"))?;
@@ -976,7 +983,7 @@ impl DeviceMmdit {
         })?;
         let x_chunks = match pre_x {
             Some(chunks) => chunks,
-            None => self.modulation(silu_c, b, &xp, if dual { 9 } else { 6 })?,
+            None => self.modulation(silu_c, b, &xp, self.chunk_counts(i).0)?,
         };
         let x_ln = self.ln(&x, &x_chunks, (0, 1), dx3)?;
         let xq = self.qkv(&x_ln.y, b * lx, &format!("{xp}.attn"))?;
