@@ -162,7 +162,7 @@ with open(f"{out}/report.md", "w") as f:
     # The headline figures of every `advdmd bench … --json` step (its log's JSON object): what
     # docs/perf-log.md records, side by side (the `-streams` and `-hopper` steps beside theirs).
     f.write("\n## Bench steps\n\n| step | streams | figures |\n|---|---|---|\n")
-    keep = re.compile(r"(_ms|mfu|tflops|replays|peak_memory_bytes|resident_bytes)$")
+    keep = re.compile(r"(_ms|mfu|tflops|replays|_bytes)$")
     for step in sorted(os.listdir(out)):
         if not step.endswith(".log"):
             continue
