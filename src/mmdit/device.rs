@@ -539,7 +539,7 @@ impl DeviceMmdit {
         }
         // windows into `m` from chunk j's first row to its last, which `Chunks` keeps alive
         // for as long as it hands them out
-        let span = (b - 1) * n * d + d;
+        let span = if b == 0 { 0 } else { (b - 1) * n * d + d };
         let parts = (0..n)
             .map(|j| m.view(j * d, span).map(|v| v.alias()))
             .collect::<KernelResult<Vec<_>>>()?;
