@@ -80,11 +80,13 @@ __device__ __forceinline__ void fwd_issue_pv(float* o, const uint32_t (&p)[KN / 
 }
 
 // Tile i's online softmax on S's accumulator fragments (rows g and g + 8 of this warp, as in
-// attention.cu's fwd_v3): keys ≥ krows masked, the reference maximum moved lazily (O and l
-// rescaled, after waiting for any product still writing O), the row sums added to l, and P
-// rounded to bf16 into the A fragments of the P·V wgmma.
+// attention.cu's fwd_v3): keys ≥ krows masked, the reference maximum moved lazily (l rescaled
+// here; O's factor returned in alpha, for rescale_o once no product writes O any more), the row
+// sums added to l, and P rounded to bf16 into the A fragments of the P·V wgmma. No wgmma wait in
+// here: a wait is `.aligned` (the whole warpgroup executes it or the behaviour is undefined), and
+// whether the maximum moves differs from warp to warp.
 template <int D, int KN>
-__device__ __forceinline__ void softmax_to_p(float (&s)[KN / 2], float (&o)[D / 2], float (&ms)[2], float (&l)[2],
+__device__ __forceinline__ void softmax_to_p(float (&s)[KN / 2], float (&alpha)[2], float (&ms)[2], float (&l)[2],
                                              uint32_t (&pa)[KN / 16][4], int krows, int t, float scale_log2) {
     if (krows < KN) {
 #pragma unroll
@@ -106,19 +108,14 @@ __device__ __forceinline__ void softmax_to_p(float (&s)[KN / 2], float (&o)[D / 
         mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 2));
         need |= fmaf(mx[r], scale_log2, -ms[r]) > kLazyLog2;
     }
+    alpha[0] = alpha[1] = 1.f;
     if (__any_sync(FULL_MASK, need)) {  // warp-uniform
-        wgmma_wait<0>();                // O is final up to the previous tile before it is rescaled
 #pragma unroll
         for (int r = 0; r < 2; r++) {
             const float mn = fmaxf(ms[r], mx[r] * scale_log2);
-            const float alpha = fast_exp2(ms[r] - mn);
+            alpha[r] = fast_exp2(ms[r] - mn);
             ms[r] = mn;
-            l[r] *= alpha;
-#pragma unroll
-            for (int j = 0; j < D / 8; j++) {
-                o[4 * j + 2 * r] *= alpha;
-                o[4 * j + 2 * r + 1] *= alpha;
-            }
+            l[r] *= alpha[r];
         }
     }
     float rs[2] = {0.f, 0.f};
@@ -139,6 +136,20 @@ __device__ __forceinline__ void softmax_to_p(float (&s)[KN / 2], float (&o)[D / 
         pa[c][2] = pack_bf16x2(s[8 * c + 4], s[8 * c + 5]);
         pa[c][3] = pack_bf16x2(s[8 * c + 6], s[8 * c + 7]);
     }
+}
+
+// O's rows moved to softmax_to_p's new maximum (call once every product writing O is complete;
+// warp-uniform skip when the maximum stayed).
+template <int D>
+__device__ __forceinline__ void rescale_o(float (&o)[D / 2], const float (&alpha)[2]) {
+    if (!__any_sync(FULL_MASK, alpha[0] != 1.f || alpha[1] != 1.f)) return;
+#pragma unroll
+    for (int r = 0; r < 2; r++)
+#pragma unroll
+        for (int j = 0; j < D / 8; j++) {
+            o[4 * j + 2 * r] *= alpha[r];
+            o[4 * j + 2 * r + 1] *= alpha[r];
+        }
 }
 
 // The epilogue: this thread's rows row0 and row0 + 8 (of the block's `rows` valid ones) get their
@@ -238,7 +249,9 @@ __device__ __forceinline__ void fwd_h1(bf16* __restrict__ oa, bf16* __restrict__
         wgmma_wait<0>();
 
         uint32_t pa[KN / 16][4];
-        softmax_to_p<D, KN>(s, o, ms, l, pa, krows, t, scale_log2);
+        float alpha[2];
+        softmax_to_p<D, KN>(s, alpha, ms, l, pa, krows, t, scale_log2);
+        rescale_o<D>(o, alpha);  // the previous P·V was waited for at the end of its step
         wgmma_fence();
         fwd_issue_pv<D, KN>(o, pa, v_st);
         wgmma_commit();
@@ -337,8 +350,10 @@ __device__ __forceinline__ void fwd_h2(bf16* __restrict__ oa, bf16* __restrict__
         wgmma_commit();
         wgmma_wait<1>();  // S_i complete; P_{i−1}·V_{i−1} may still run
 
-        softmax_to_p<D, KN>(s, R.o, R.ms, R.l, pn, krows, t, scale_log2);
+        float alpha[2];
+        softmax_to_p<D, KN>(s, alpha, R.ms, R.l, pn, krows, t, scale_log2);
         wgmma_wait<0>();  // P_{i−1}·V_{i−1} complete: its stage may be refilled after the next barrier
+        rescale_o<D>(R.o, alpha);
     };
 
     for (int i = 0; i <= nkt; i += 2) {
@@ -405,6 +420,7 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
     }
     __syncthreads();
 
+    static_assert(setmaxnreg_fits<384, 72, 216>(), "setmaxnreg over the block's registers");
     if (wg == 0) {
         setmaxnreg_dec<72>();
         // Tile j's copies have landed (the caller waited for its cp.async group): fence them for
@@ -471,8 +487,10 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
         named_bar_arrive(2 - c, CT);
         wgmma_wait<1>();  // S_i complete; P_{i−1}·V_{i−1} may still run
         const int krows = min(KN, i < ntiles<KN>(La) ? La - i * KN : Lb - (i - ntiles<KN>(La)) * KN);
-        softmax_to_p<D, KN>(s, R.o, R.ms, R.l, pn, krows, t, scale_log2);
+        float alpha[2];
+        softmax_to_p<D, KN>(s, alpha, R.ms, R.l, pn, krows, t, scale_log2);
         wgmma_wait<0>();
+        rescale_o<D>(R.o, alpha);
         if (i > 0) mbar_arrive(&empty[sp]);  // P_{i−1}·V_{i−1}, the stage's last reader, is done
     };
     for (int i = 0; i <= nkt; i += 2) {
@@ -678,13 +696,17 @@ __device__ __forceinline__ void bwd_h1(bf16* __restrict__ dka, bf16* __restrict_
 
     const int nqt = ntiles<QT>(La) + ntiles<QT>(Lb);
     for (int qt_i = 0; qt_i < nqt; qt_i++) {
-        // Prefetch the next query tile into the other stage: its last readers (tile qt_i − 1's
-        // products) completed before every thread's wait at the end of that iteration.
-        if (qt_i + 1 < nqt) issue_q(qt_i + 1, (qt_i + 1) & 1);
-        cp_async_commit();
-        cp_async_wait<1>();
+        // Tile qt_i landed (issued during the previous iteration); then, past the barrier, the
+        // next tile is prefetched into the other stage. Its last readers, tile qt_i − 1's dV and
+        // dK products, are complete only once *both* warpgroups have waited for their own at the
+        // end of that iteration: a wgmma wait covers the executing warpgroup's products alone,
+        // so the prefetch must follow the barrier (before it, one group's copy could overwrite
+        // Q or dO under the other group's running product).
+        cp_async_wait<0>();
         fence_proxy_async();
         __syncthreads();
+        if (qt_i + 1 < nqt) issue_q(qt_i + 1, (qt_i + 1) & 1);
+        cp_async_commit();
         const int st = qt_i & 1;
         const uint32_t q_st = opaque(q_addr + st * QBYTES), do_st = opaque(do_addr + st * QBYTES);
         const uint32_t k_wg = opaque(k_wg0), v_wg = opaque(v_wg0);
@@ -739,8 +761,8 @@ __device__ __forceinline__ void bwd_h1(bf16* __restrict__ dka, bf16* __restrict_
                           key_ok, scale);
 }
 
-// BwdVariant::H3 (D = 64): bwd_h1's consumers, warp-specialized. Warpgroup 0 (96 registers by
-// setmaxnreg; 72 spilled) serves two consumer warpgroups (208) with no block barrier: its warps 0–1 load K, V
+// BwdVariant::H3 (D = 64): bwd_h1's consumers, warp-specialized. Warpgroup 0 (kBwdH3Producer
+// registers by setmaxnreg) serves two consumer warpgroups (kBwdH3Consumer) with no block barrier: its warps 0–1 load K, V
 // once and stream the query tiles (Q, dO, lse, Drow) through STAGES stages guarded by full/empty
 // mbarriers, publishing tile i once tile i + 1 is issued; its warps 2–3 take each tile's dQ from
 // shared memory (the consumers' products, written there and handed over through two more
@@ -748,6 +770,10 @@ __device__ __forceinline__ void bwd_h1(bf16* __restrict__ dka, bf16* __restrict_
 // reductions, so the consumers issue no reductions at all. The consumers meet once per tile on
 // named barrier 1, when both halves of dSᵀ are in place for dQ. (D = 128 has no room: its
 // consumers need 252 registers, more than a producer warpgroup leaves them.)
+// The H3 backward's register split of the 384-thread block's 168 registers a thread: 96/208 (the
+// first choice) does not fit (setmaxnreg_fits).
+constexpr int kBwdH3Producer = 104, kBwdH3Consumer = 200;
+
 template <int VMUL>
 __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
                                        bf16* __restrict__ dvb, float* __restrict__ dqa_acc,
@@ -801,8 +827,9 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
     }
     __syncthreads();
 
+    static_assert(setmaxnreg_fits<384, kBwdH3Producer, kBwdH3Consumer>(), "setmaxnreg over the block's registers");
     if (wg == 0) {
-        setmaxnreg_dec<96>();
+        setmaxnreg_dec<kBwdH3Producer>();
         if (tid < LT) {
             // Loader: tile j's copies have landed (the caller waited for its group): fence them
             // for the wgmma that read them, then arrive (j = −1: K and V).
@@ -862,7 +889,7 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
         return;
     }
 
-    setmaxnreg_inc<208>();
+    setmaxnreg_inc<kBwdH3Consumer>();
     const int c = wg - 1, w = (tid / 32) % 4, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
     const int key0 = 64 * c + 16 * w + g;  // this thread's keys (rows of Sᵀ): key0 and key0 + 8

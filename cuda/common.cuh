@@ -348,6 +348,18 @@ template <int N>
 __device__ __forceinline__ void setmaxnreg_inc() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
 }
+#endif
+
+// Whether a block of THREADS (one producer warpgroup, the rest consumers) may move to PRODUCER and
+// CONSUMER registers per thread: setmaxnreg.inc takes registers from the block's own pool and
+// blocks until there are enough, so the two budgets must fit what the block was launched with —
+// at most 65536 / THREADS per thread, rounded down to a multiple of 8 (168 for 384 threads: 72/216
+// and 88/208 fit, 96/208 hangs every consumer warp that finds the pool empty).
+template <int THREADS, int PRODUCER, int CONSUMER>
+__host__ __device__ constexpr bool setmaxnreg_fits() {
+    return 128 * PRODUCER + (THREADS - 128) * CONSUMER <= THREADS * ((65536 / THREADS) & ~7);
+}
+#ifndef ADVDMD_EMU
 template <int N>
 __device__ __forceinline__ void setmaxnreg_dec() {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));

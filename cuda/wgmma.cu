@@ -126,3 +126,70 @@ extern "C" __global__ void __launch_bounds__(128)
         c[(row + 8) * 64 + col + 1] = d[4 * j + 3];
     }
 }
+
+// The same check at N = 128, the width the attention uses for S at D = 64 (K-major B: 128 key
+// rows, 16 KB per 64 k) and for P·V and the backward's dV/dK at D = 128 (MN-major B: two 64-column
+// halves, the second k_len·128 bytes after the first — the only place the descriptor's leading
+// byte offset is read). A K-major in shared memory (a_mode 0) or from registers (a_mode 1).
+// C[64×128]; b is 128 × K (K-major) or K × 128 (MN-major).
+extern "C" __global__ void __launch_bounds__(128)
+    wgmma_probe_m64n128(const bf16* a, const bf16* b, float* c, int k_len, int b_mn_major, int a_mode) {
+    DYNAMIC_SMEM(unsigned char, raw);
+    unsigned char* sa = raw + ((1024 - (smem_addr(raw) & 1023)) & 1023);
+    unsigned char* sb = sa + 64 * k_len * 2;
+    const int tid = threadIdx.x;
+    for (int e = tid; e < 64 * k_len; e += 128) {
+        const int i = e / k_len, k = e % k_len;
+        *reinterpret_cast<bf16*>(sa + (k / 64) * 8192 + sw128_k_major(i, k % 64)) = a[e];
+    }
+    for (int e = tid; e < 128 * k_len; e += 128) {
+        if (b_mn_major) {
+            const int k = e / 128, n = e % 128;
+            *reinterpret_cast<bf16*>(sb + (n / 64) * k_len * 128 + sw128_mn_major(k, n % 64)) = b[e];
+        } else {
+            const int n = e / k_len, k = e % k_len;
+            *reinterpret_cast<bf16*>(sb + (k / 64) * 16384 + sw128_k_major(n, k % 64)) = b[e];
+        }
+    }
+    fence_proxy_async();
+    __syncthreads();
+
+    const int w = tid / 32, g = (tid % 32) / 4, q = tid % 4;
+    float d[64];
+    for (int i = 0; i < 64; i++) d[i] = 0.f;
+    const uint32_t a_base = smem_addr(sa), b_base = smem_addr(sb);
+    for (int s = 0; s < k_len / 16; s++) {
+        const uint64_t da = wgmma_desc(a_base + (s / 4) * 8192 + (s % 4) * 32, 16, 1024, kSwizzle128);
+        const uint64_t db = b_mn_major ? wgmma_desc(b_base + s * 2048, k_len * 128, 1024, kSwizzle128)
+                                       : wgmma_desc(b_base + (s / 4) * 16384 + (s % 4) * 32, 16, 1024, kSwizzle128);
+        const int scale_d = s > 0;
+        wgmma_fence();
+        if (a_mode == 1) {
+            uint32_t af[4];
+            const bf16* r0 = a + (long long)(16 * w + g) * k_len + 16 * s + 2 * q;
+            const bf16* r1 = r0 + 8LL * k_len;
+            af[0] = pack_bf16x2(bf2f(r0[0]), bf2f(r0[1]));
+            af[1] = pack_bf16x2(bf2f(r1[0]), bf2f(r1[1]));
+            af[2] = pack_bf16x2(bf2f(r0[8]), bf2f(r0[9]));
+            af[3] = pack_bf16x2(bf2f(r1[8]), bf2f(r1[9]));
+            wgmma_fence();
+            if (b_mn_major)
+                wgmma_rs<128, 1>(d, af, db, scale_d);
+            else
+                wgmma_rs<128, 0>(d, af, db, scale_d);
+        } else if (b_mn_major) {
+            wgmma_ss<128, 0, 1>(d, da, db, scale_d);
+        } else {
+            wgmma_ss<128, 0, 0>(d, da, db, scale_d);
+        }
+        wgmma_commit();
+    }
+    wgmma_wait<0>();
+    for (int j = 0; j < 16; j++) {
+        const int row = 16 * w + g, col = 8 * j + 2 * q;
+        c[row * 128 + col] = d[4 * j];
+        c[row * 128 + col + 1] = d[4 * j + 1];
+        c[(row + 8) * 128 + col] = d[4 * j + 2];
+        c[(row + 8) * 128 + col + 1] = d[4 * j + 3];
+    }
+}

@@ -234,9 +234,11 @@ fn mmdit_json_on_the_emulator() {
         "--device",
         "emu",
         "--forward-only",
+        "--profile",
     ]);
     assert_eq!(fo["parameters"]["forward_only"], true);
     positive(&fo["results"], "forward_ms");
+    check_profile(&fo, "forward", "forward_ops");
     assert!(fo["results"]["forward_backward_ms"].is_null());
     let resident = |r: &Value| positive(&r["results"], "resident_bytes");
     assert!(
@@ -245,6 +247,33 @@ fn mmdit_json_on_the_emulator() {
         resident(&fo),
         resident(&r)
     );
+}
+
+/// `--profile`'s two tables: per family and per op, each op's calls, time and FLOPs; every GEMM
+/// and attention row with its TFLOP/s, and the per-op calls summing to the families'.
+fn check_profile(r: &Value, families: &str, ops: &str) {
+    let rows = |key: &str| {
+        r[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {key}: {r}"))
+            .clone()
+    };
+    let (fam, op) = (rows(families), rows(ops));
+    let calls = |v: &[Value]| v.iter().map(|x| x["calls"].as_u64().unwrap()).sum::<u64>();
+    assert!(calls(&fam) > 10, "{fam:?}");
+    assert_eq!(calls(&fam), calls(&op));
+    let gemm = fam
+        .iter()
+        .find(|x| x["op"] == "gemm")
+        .expect("a gemm family");
+    assert!(gemm["tflops"].as_f64().is_some(), "{gemm}");
+    assert!(op
+        .iter()
+        .any(|x| x["op"].as_str().unwrap().starts_with("gemm ")));
+    assert!(fam
+        .iter()
+        .any(|x| x["op"].as_str().unwrap().starts_with("joint_attn_fwd") && x["tflops"].is_f64()));
+    assert!(r["notes"].to_string().contains("profile of"));
 }
 
 #[test]
@@ -271,6 +300,21 @@ fn sample_json_of_the_teacher() {
 /// `--graph` the reusable plan runs (the loop directly: the emulator has no graphs).
 #[test]
 fn sample_json_on_the_emulator() {
+    let r = bench_json(&[
+        "sample",
+        "--steps",
+        "2",
+        "--batch",
+        "1",
+        "--cfg",
+        "2",
+        "--iters",
+        "1",
+        "--device",
+        "emu",
+        "--profile",
+    ]);
+    check_profile(&r, "sample", "sample_ops");
     let r = bench_json(&[
         "sample", "--steps", "2", "--batch", "1", "--cfg", "2", "--iters", "1", "--device", "emu",
         "--graph",
@@ -437,6 +481,14 @@ fn bad_input_is_a_clean_error() {
     fails_cleanly(
         &["bench", "mmdit", "--forward-only"],
         "only on the device path",
+    );
+    fails_cleanly(
+        &["bench", "mmdit", "--profile"],
+        "--profile times the device path's ops",
+    );
+    fails_cleanly(
+        &["bench", "kernels", "--device", "emu", "--profile"],
+        "--profile times the device path's ops",
     );
     fails_cleanly(
         &["bench", "mmdit", "--device", "tpu"],

@@ -34,7 +34,7 @@ bundle() {
   cp "$(artifact test kernels)" "$BIN/kernels-test"
   cp "$(artifact test mmdit_device)" "$BIN/mmdit-device-test"
   cp "$(artifact test advdmd_device)" "$BIN/advdmd-device-test"
-  cp "$(artifact test streams)" "$BIN/streams-test"
+  cp "$(artifact test runtime)" "$BIN/runtime-test"
   chmod -R u+w .gpu/fixtures 2>/dev/null || true; rm -rf .gpu/fixtures && mkdir -p .gpu/fixtures && cp -r ../shared/fixtures/mmdit/* .gpu/fixtures/
   cp "$(artifact bench kernels)" "$BIN/kernels-bench"
   cp "$(artifact bench attention)" "$BIN/attention-bench"
@@ -91,8 +91,9 @@ step hopper 60 "$BIN/kernels-test" wgmma attention --test-threads=1 --nocapture 
 step tests 90 "$BIN/kernels-test" --test-threads=1 --nocapture
 # the device MMDiT against the fixtures and the CPU model, then its speed (issue 8)
 MMDIT_FIXTURES=$(ls -d .gpu/fixtures/*/ | tr '\n' ':') step model 60 "$BIN/mmdit-device-test" --test-threads=1 --nocapture
-# fork / side work / join on the card's two streams, directly and captured into a graph
-step streams 30 "$BIN/streams-test" --test-threads=1 --nocapture
+# the runtime on the card: graphs (the driver's capture rules, replays), fork / side work / join
+# on its two streams (directly and captured), the op profile's events
+step runtime 45 "$BIN/runtime-test" --test-threads=1 --nocapture
 # Every attention variant's TFLOP/s (the wgmma ones included): early, the budget cuts from the end.
 ADVDMD_ATTN_BENCH_JSON="$OUT/attention.json" step attention 60 "$BIN/attention-bench"
 step mmdit-shapes 30 "$BIN/advdmd" bench mmdit --device cuda --model shapes --batch 128 --iters 10 --json
@@ -103,6 +104,9 @@ ADVDMD_STREAMS=2 step mmdit-sd35m-streams 120 "$BIN/advdmd" bench mmdit --device
 # the attention step's per-variant figures say which to try).
 [ "${ADVDMD_ATTN_NO_HOPPER:-0}" = 1 ] || ADVDMD_ATTN_FWD=${GPU_CHECK_ATTN_FWD:-h3} ADVDMD_ATTN_BWD=${GPU_CHECK_ATTN_BWD:-h2} \
   step mmdit-sd35m-hopper 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
+# where the forward's and the forward+backward's time goes, op by op (the device's event profile:
+# each kernel, each GEMM shape with its TFLOP/s), on the default attention variants
+step mmdit-sd35m-profile 90 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 3 --profile --json
 # the same benchmark by an earlier build carried as .gpu/bin/advdmd-base (a before/after in one call)
 [ -x "$BIN/advdmd-base" ] && step mmdit-sd35m-base 120 "$BIN/advdmd-base" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
 step mmdit-sd35m-512 60 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 512 --batch 4 --iters 10 --json
@@ -163,6 +167,7 @@ with open(f"{out}/report.md", "w") as f:
     # docs/perf-log.md records, side by side (the `-streams` and `-hopper` steps beside theirs).
     f.write("\n## Bench steps\n\n| step | streams | figures |\n|---|---|---|\n")
     keep = re.compile(r"(_ms|mfu|tflops|replays|_bytes)$")
+    profiles = []
     for step in sorted(os.listdir(out)):
         if not step.endswith(".log"):
             continue
@@ -180,7 +185,17 @@ with open(f"{out}/report.md", "w") as f:
             continue
         figs = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(res.items()) if keep.search(k))
         f.write(f"| {step[:-4]} | {doc.get('parameters', {}).get('streams', '?')} | {figs} |\n")
+        # `--profile` tables: each family's share (ops with matmul FLOPs: their TFLOP/s)
+        for table in ("forward", "forward_backward", "sample", "critic", "generator", "generator_rl"):
+            rows = doc.get(table)
+            if isinstance(rows, list) and rows:
+                profiles.append((f"{step[:-4]}: {table}", rows))
+    for name, rows in profiles:
+        f.write(f"\n### Profile, {name}\n\n| op | calls | ms | share % | TFLOP/s |\n|---|---|---|---|---|\n")
+        for r in rows[:20]:
+            tf = r.get("tflops")
+            f.write(f"| {r['op']} | {r['calls']} | {r['ms']:.3f} | {r['share']:.1f} | {'' if tf is None else f'{tf:.0f}'} |\n")
 print(open(f"{out}/report.md").read()[-8000:])
 PY
-for s in hopper tests model streams mmdit-shapes mmdit-sd35m mmdit-sd35m-streams mmdit-sd35m-hopper mmdit-sd35m-base mmdit-sd35m-512 sample-sd35m sample-sd35m-graph sample-sd35m-graph-streams sample-512 advdmd step-shapes step-shapes-graph distill step-sd35m step-sd35m-80g step-sd35m-80g-graph step-sd35m-80g-1024 step-sd35m-80g-graph-streams mmdit-sd35l sample-sd35l torch bench attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
+for s in hopper tests model runtime mmdit-shapes mmdit-sd35m mmdit-sd35m-streams mmdit-sd35m-hopper mmdit-sd35m-profile mmdit-sd35m-base mmdit-sd35m-512 sample-sd35m sample-sd35m-graph sample-sd35m-graph-streams sample-512 advdmd step-shapes step-shapes-graph distill step-sd35m step-sd35m-80g step-sd35m-80g-graph step-sd35m-80g-1024 step-sd35m-80g-graph-streams mmdit-sd35l sample-sd35l torch bench attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
 exit $status

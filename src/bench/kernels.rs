@@ -114,7 +114,7 @@ pub fn run(a: &KernelsArgs) -> Result<Report> {
         Cell::num(gemm_tflops, 4),
         "TFLOP/s",
     );
-    r.table = Some(table(&cases.rows, copy_gbps, gemm_tflops));
+    r.tables.push(table(&cases.rows, copy_gbps, gemm_tflops));
     r.note(format!(
         "ceilings measured in this run: a rayon-parallel copy of {n} f32 (bytes read + written), and a {g}x{g}x{g} f32 GEMM through the engine's sgemm",
         g = GEMM_CEILING_SIZE
@@ -144,7 +144,7 @@ fn run_device(
         "GB/s",
     );
     let col = |key, header| Column { key, header };
-    r.table = Some(Table {
+    r.tables.push(Table {
         name: "kernels",
         columns: vec![
             col("kernel", "kernel"),

@@ -6,6 +6,7 @@ use super::flops::{mmdit_forward_flops, mmdit_training_flops};
 use super::measure::Timing;
 use super::measure::{gemm_ceiling_tflops, tflops, time_runs, PeakRss, GEMM_CEILING_SIZE, WARMUP};
 use super::presets::{ModelSpec, RandomInputs};
+use super::profile::add_profile;
 use super::report::{Cell, Report};
 use super::{ceiling_figures, kernel_device, mfu_figures};
 use super::{common_parameters, MmditArgs};
@@ -139,6 +140,22 @@ fn measure_device(
             kind,
             [("forward_mfu", "forward MFU", fwd_tf)],
         ),
+    }
+    if a.common.profile {
+        // the first profile of each only warms the profiler's event pool
+        dev.profile(forward)?;
+        let p = dev.profile(forward)?;
+        add_profile(&mut r, "one forward", ("forward", "forward_ops"), &p);
+        if !a.forward_only {
+            dev.profile(training)?;
+            let p = dev.profile(training)?;
+            add_profile(
+                &mut r,
+                "one forward+backward",
+                ("forward_backward", "forward_backward_ops"),
+                &p,
+            );
+        }
     }
     r.note("the device model path: every op a kernel of cuda/ or a cuBLASLt GEMM (on the emulator, the CPU GEMM); inputs uploaded once, outside the timing; forward+backward includes zeroing the gradients");
     r.note("memory: the engine's own device buffers (a counter in the kernel device), peaks above the resident state; cuBLASLt's workspace and the pool's slack are not counted");
@@ -307,6 +324,7 @@ mod tests {
                 device: BenchDevice::Cpu,
                 iters: 1,
                 json: true,
+                profile: false,
             },
             model: ModelArgs {
                 model: spec.preset,

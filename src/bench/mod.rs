@@ -19,6 +19,7 @@ pub mod kernels_device;
 pub mod measure;
 mod mmdit;
 pub mod presets;
+mod profile;
 pub mod report;
 mod sample;
 mod step;
@@ -74,6 +75,10 @@ pub struct CommonArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// After the timed runs, time every op of one more run (each kernel, each GEMM shape) and
+    /// add where the time goes to the report (`--device cuda|emu`; mmdit, sample, step).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 impl CommonArgs {
@@ -84,10 +89,13 @@ impl CommonArgs {
                 "bench {what}: --iters must be at least 1"
             )));
         }
-        match self.device {
-            BenchDevice::Cpu => Ok(()),
-            BenchDevice::Cuda | BenchDevice::Emu => Ok(()),
+        if self.profile && (what == "kernels" || matches!(self.device, BenchDevice::Cpu)) {
+            return Err(Error::Invalid(format!(
+                "bench {what}: --profile times the device path's ops: bench mmdit, sample or step \
+                 with --device cuda or emu"
+            )));
         }
+        Ok(())
     }
 }
 

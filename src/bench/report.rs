@@ -86,7 +86,8 @@ pub struct Report {
     /// `None` for the CPU backend.
     pub kernel_device: Option<(&'static str, String)>,
     pub figures: Vec<Figure>,
-    pub table: Option<Table>,
+    /// Tables of rows, each under its own JSON key.
+    pub tables: Vec<Table>,
     /// What the figures mean where that is not obvious (method, what is not counted).
     pub notes: Vec<String>,
 }
@@ -99,7 +100,7 @@ impl Report {
             kernel_device: None,
             cpu: CpuInfo::detect(),
             figures: Vec::new(),
-            table: None,
+            tables: Vec::new(),
             notes: Vec::new(),
         }
     }
@@ -159,7 +160,7 @@ impl Report {
             "results": results,
             "notes": self.notes,
         });
-        if let Some(t) = &self.table {
+        for t in &self.tables {
             let rows: Vec<Value> = t
                 .rows
                 .iter()
@@ -199,7 +200,7 @@ impl Report {
             .map(|f| vec![f.label.to_string(), f.value.to_text(), f.unit.to_string()])
             .collect();
         s += &aligned(&figure_rows, &[false, true, false]);
-        if let Some(t) = &self.table {
+        for t in &self.tables {
             let mut rows = vec![t.columns.iter().map(|c| c.header.to_string()).collect()];
             rows.extend(t.rows.iter().map(|r| r.iter().map(Cell::to_text).collect()));
             let right: Vec<bool> = (0..t.columns.len()).map(|i| i > 1).collect();

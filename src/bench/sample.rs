@@ -10,10 +10,12 @@ use super::measure::{
     gemm_ceiling_tflops, tflops, time_fallible, PeakRss, Timing, GEMM_CEILING_SIZE, WARMUP,
 };
 use super::presets::{ModelSpec, Preset, RandomInputs};
+use super::profile::{add_profile, profile_fallible};
 use super::report::{Cell, Report};
 use super::{ceiling_figures, common_parameters, kernel_device, mfu_figures, SampleArgs};
 use crate::autograd::no_grad;
 use crate::device::kernel::KernelDevice;
+use crate::device::profile::OpProfile;
 use crate::error::{Error, Result};
 use crate::eval::evaluation_prompts;
 use crate::flow::device::{EulerPlan, Guidance};
@@ -42,12 +44,21 @@ pub fn run(a: &SampleArgs, teacher: &Path) -> Result<Report> {
     }
     if let Some((dev, kind)) = kernel_device(a.common.device, "sample")? {
         let spec = ModelSpec::new(a.model.model, a.model.res, teacher)?;
-        let timing = time_device(&spec, a, &dev)?;
+        let (timing, profile) = time_device(&spec, a, &dev)?;
         let place = Where::Device {
             kind,
             name: dev.name(),
         };
-        return Ok(sample_report(a, (spec, timing, place)));
+        let mut r = sample_report(a, (spec, timing, place));
+        if let Some(p) = profile {
+            let what = if a.graph {
+                "one sample (its loop one graph replay)"
+            } else {
+                "one sample"
+            };
+            add_profile(&mut r, what, ("sample", "sample_ops"), &p);
+        }
+        return Ok(r);
     }
     let ceiling = gemm_ceiling_tflops(GEMM_CEILING_SIZE, a.common.iters);
     let timed = if a.model.model == Preset::Shapes {
@@ -169,7 +180,11 @@ type Timed = (ModelSpec, Timing, PeakRss, Option<u64>);
 /// The K-step sample on a kernel device: random weights and conditioning (the unconditional
 /// branch reuses the conditioning: its cost, not its value, is measured), end to end from the
 /// upload of the noise to the download of the final latents.
-fn time_device(spec: &ModelSpec, a: &SampleArgs, dev: &KernelDevice) -> Result<Timing> {
+fn time_device(
+    spec: &ModelSpec,
+    a: &SampleArgs,
+    dev: &KernelDevice,
+) -> Result<(Timing, Option<OpProfile>)> {
     // sampling needs the bf16 weights only (2 bytes a parameter: SD3.5-large fits an 80 GB card)
     let model = DeviceMmdit::frozen(dev, &spec.random_model(0))?;
     let inputs = spec.random_inputs(a.model.batch, 1);
@@ -196,7 +211,11 @@ fn time_device(spec: &ModelSpec, a: &SampleArgs, dev: &KernelDevice) -> Result<T
     if a.graph {
         one()?;
     }
-    time_fallible(WARMUP, a.common.iters, one)
+    let timing = time_fallible(WARMUP, a.common.iters, &mut one)?;
+    if !a.common.profile {
+        return Ok((timing, None));
+    }
+    Ok((timing, Some(profile_fallible(dev, one)?)))
 }
 
 /// The committed teacher through the sampler the `sample` command uses.
@@ -298,6 +317,7 @@ mod tests {
                 device: BenchDevice::Cpu,
                 iters: 1,
                 json: false,
+                profile: false,
             },
             model: ModelArgs {
                 model: Preset::Sd35Medium,

@@ -165,7 +165,7 @@ pub fn run(a: &StepArgs, teacher: &Path) -> Result<Report> {
     );
     r.figure("mfu", "MFU", Cell::NotAvailable, "");
     r.figure("peak_memory_bytes", "peak memory", Cell::bytes(peak), "");
-    r.table = Some(kinds_table(&timings));
+    r.tables.push(kinds_table(&timings));
     r.note(format!(
         "steady state = ((r_dmd − 1)·critic + generator{}) / r_dmd with r_dmd = {r_dmd}",
         if rl_possible { " with RL" } else { "" }
@@ -251,6 +251,7 @@ mod device {
     use super::*;
     use crate::bench::measure::time_fallible;
     use crate::bench::presets::ModelSpec;
+    use crate::bench::profile::profile_fallible;
     use crate::device::kernel::KernelDevice;
     use crate::mmdit::device::Keep;
     use crate::train::advdmd_device::{
@@ -309,9 +310,10 @@ mod device {
         let resident = dev.live_bytes();
         dev.reset_peak();
         let mut timings = Vec::new();
+        let mut profiles = Vec::new();
         for &k in &kinds {
             let flops_before = dev.matmul_flops();
-            let t = time_fallible(warmup, a.common.iters, || {
+            let mut one = || {
                 (run.iteration, run.generator_steps) = k.counters(&run.config);
                 let m = run.step(&batch)?;
                 dev.synchronize()?;
@@ -324,10 +326,14 @@ mod device {
                     )));
                 }
                 Ok(())
-            })?;
+            };
+            let t = time_fallible(warmup, a.common.iters, &mut one)?;
             let flops =
                 (dev.matmul_flops() - flops_before) as f64 / (warmup + a.common.iters) as f64;
             timings.push((k, t, flops));
+            if a.common.profile {
+                profiles.push((k, profile_fallible(dev, &mut one)?));
+            }
         }
         let peak = dev.peak_bytes().saturating_sub(resident);
 
@@ -448,7 +454,16 @@ mod device {
         );
         let table_timings: Vec<(Kind, Timing)> =
             timings.iter().map(|(k, t, _)| (*k, t.clone())).collect();
-        r.table = Some(kinds_table(&table_timings));
+        r.tables.push(kinds_table(&table_timings));
+        for (k, p) in &profiles {
+            let names = match k {
+                Kind::Critic => ("critic", "critic_ops"),
+                Kind::Generator => ("generator", "generator_ops"),
+                Kind::GeneratorRl => ("generator_rl", "generator_rl_ops"),
+            };
+            let what = format!("one iteration, {}", k.name());
+            super::super::profile::add_profile(&mut r, &what, names, p);
+        }
         r.note(format!(
             "steady state = ((r_dmd − 1)·critic + generator{}) / r_dmd with r_dmd = {r_dmd}",
             if rl_possible { " with RL" } else { "" }

@@ -96,6 +96,11 @@ impl Cublaslt {
         self.workspaces[0]
     }
 
+    /// Both workspaces (the runtime frees them when it is dropped).
+    pub fn workspaces(&self) -> [u64; 2] {
+        self.workspaces
+    }
+
     /// Builds the descriptors and picks the algorithm for `spec` (once per spec).
     unsafe fn plan(&self, spec: &GemmSpec, out: GemmOut) -> KernelResult<Plan> {
         use ltsys::cublasLtMatmulDescAttributes_t as A;

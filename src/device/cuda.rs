@@ -63,7 +63,22 @@ pub struct CudaRuntime {
     name: String,
     modules: Mutex<Modules>,
     cublaslt: std::sync::OnceLock<super::cublaslt::Cublaslt>,
+    /// Set while `capture` records (its launches are not profiled).
+    capturing: std::sync::atomic::AtomicBool,
+    /// The events of the op profile in progress (`KernelDevice::profile`).
+    profile: Mutex<ProfileEvents>,
 }
+
+/// A profile's timing events: one per stream at its start, then one after each op, and the
+/// created events kept for the next profile (creating one costs a driver call).
+#[derive(Default)]
+struct ProfileEvents {
+    start: Vec<sys::CUevent>,
+    marks: Vec<sys::CUevent>,
+    spare: Vec<sys::CUevent>,
+}
+// SAFETY: events are driver handles, valid from any thread of the context.
+unsafe impl Send for ProfileEvents {}
 
 impl CudaRuntime {
     pub fn new(ordinal: usize) -> KernelResult<Arc<CudaRuntime>> {
@@ -114,6 +129,8 @@ impl CudaRuntime {
                 functions: HashMap::new(),
             }),
             cublaslt: std::sync::OnceLock::new(),
+            capturing: std::sync::atomic::AtomicBool::new(false),
+            profile: Mutex::new(ProfileEvents::default()),
         }))
     }
 
@@ -201,26 +218,29 @@ impl CudaRuntime {
             .map_err(|e| cuda_err("memset", e))
     }
 
+    /// Queues an upload on the main stream, after the work queued before it. Not
+    /// `cuMemcpyHtoD`: that copies on the legacy default stream, which our non-blocking streams
+    /// do not wait for, and from pageable memory it may return before its last transfer lands,
+    /// so a kernel queued next could read a half-written input.
     pub fn htod(&self, src: &[u8], dst: u64) -> KernelResult<()> {
         self.bind()?;
-        // SAFETY: `dst` holds `src.len()` bytes; the sync copy finishes before `src` is released.
-        unsafe {
-            result::stream::synchronize(self.stream.cu_stream())
-                .map_err(|e| cuda_err("sync before upload", e))?;
-            result::memcpy_htod_sync(dst, src)
-        }
-        .map_err(|e| cuda_err("upload", e))
+        // SAFETY: `dst` holds `src.len()` bytes. `src` is pageable (a Rust slice): the driver
+        // stages it before returning, so it may be released as soon as this returns.
+        unsafe { result::memcpy_htod_async(dst, src, self.stream.cu_stream()) }
+            .map_err(|e| cuda_err("upload", e))
     }
 
     pub fn dtoh(&self, src: u64, dst: &mut [u8]) -> KernelResult<()> {
         self.bind()?;
-        // SAFETY: `src` holds `dst.len()` bytes; the stream is drained first so the data is final.
+        let s = self.stream.cu_stream();
+        // SAFETY: `src` holds `dst.len()` bytes; the stream is drained first (so an earlier
+        // kernel's error is reported as such), and again after the copy queued on it.
         unsafe {
-            result::stream::synchronize(self.stream.cu_stream())
+            result::stream::synchronize(s)
                 .map_err(|e| cuda_err("kernel error (reported at download)", e))?;
-            result::memcpy_dtoh_sync(dst, src)
+            result::memcpy_dtoh_async(dst, src, s).map_err(|e| cuda_err("download", e))?;
+            result::stream::synchronize(s).map_err(|e| cuda_err("download", e))
         }
-        .map_err(|e| cuda_err("download", e))
     }
 
     pub fn synchronize(&self) -> KernelResult<()> {
@@ -228,6 +248,14 @@ impl CudaRuntime {
         // SAFETY: the stream is alive for `self`'s lifetime.
         unsafe { result::stream::synchronize(self.stream.cu_stream()) }
             .map_err(|e| cuda_err("synchronize", e))
+    }
+
+    /// Both streams drained (`ADVDMD_CUDA_SYNC`: a side-stream kernel's error named at once).
+    fn synchronize_both(&self) -> KernelResult<()> {
+        self.synchronize()?;
+        // SAFETY: the side stream is alive for `self`'s lifetime.
+        unsafe { result::stream::synchronize(self.side.cu_stream()) }
+            .map_err(|e| cuda_err("synchronize the side stream", e))
     }
 
     /// Loads the embedded fatbin of `family`. The bytes are copied to an 8-byte aligned buffer
@@ -300,11 +328,47 @@ impl CudaRuntime {
         // launch because every later host access synchronizes the stream first.
         unsafe { result::launch_kernel(f, g, b, cfg.shared_bytes, self.current(), args) }
             .map_err(|e| cuda_err(&format!("launching {kernel} {cfg:?}"), e))?;
-        if sync_after_launch() {
-            self.synchronize()
+        // (not while capturing: a capturing stream cannot be synchronised)
+        if sync_after_launch() && !self.is_capturing() {
+            self.synchronize_both()
                 .map_err(|e| KernelError::Cuda(format!("after {kernel}: {e}")))?;
         }
         Ok(())
+    }
+
+    /// The cuBLASLt handle and workspaces, created on first use (outside any capture: creating
+    /// them allocates with `cuMemAlloc`, which a capture forbids).
+    fn cublaslt(&self) -> KernelResult<&super::cublaslt::Cublaslt> {
+        if self.cublaslt.get().is_none() {
+            let lt = super::cublaslt::Cublaslt::new(|bytes| {
+                // SAFETY: a plain allocation kept for the runtime's lifetime (never freed).
+                unsafe { result::malloc_sync(bytes) }.map_err(|e| cuda_err("workspace", e))
+            })?;
+            let _ = self.cublaslt.set(lt);
+        }
+        Ok(self.cublaslt.get().expect("set above"))
+    }
+
+    /// What a capture must not do the first time: create cuBLASLt's handle and workspaces, load
+    /// the modules and look up their kernels (a module load inside a capture is legal only on
+    /// recent drivers). Then the pool gives back the memory it keeps
+    /// (the release threshold keeps all of it): the graph's allocations come from the driver's
+    /// separate graph pool, and the last direct run's working set would otherwise be held twice.
+    fn prepare_capture(&self) -> KernelResult<()> {
+        self.cublaslt()?;
+        // (a module this card cannot load fails here only if the capture launches from it)
+        for (kernel, _) in crate::info::KERNEL_MODULES {
+            let _ = self.function(kernel, 0);
+        }
+        self.synchronize()?;
+        // SAFETY: the device's default pool; trimming frees only blocks no allocation holds.
+        unsafe {
+            let pool = result::device::get_default_mem_pool(self.ctx.cu_device())
+                .map_err(|e| cuda_err("memory pool", e))?;
+            sys::cuMemPoolTrimTo(pool, 0)
+                .result()
+                .map_err(|e| cuda_err("memory pool trim", e))
+        }
     }
 
     /// Queues a cuBLASLt GEMM (the handle and its workspace are created on first use).
@@ -315,21 +379,79 @@ impl CudaRuntime {
         out: super::kernel::GemmOut,
     ) -> KernelResult<bool> {
         self.bind()?;
-        if self.cublaslt.get().is_none() {
-            let lt = super::cublaslt::Cublaslt::new(|bytes| {
-                // SAFETY: a plain allocation kept for the runtime's lifetime (never freed).
-                unsafe { result::malloc_sync(bytes) }.map_err(|e| cuda_err("workspace", e))
-            })?;
-            let _ = self.cublaslt.set(lt);
-        }
-        let lt = self.cublaslt.get().expect("set above");
-        lt.matmul(
+        self.cublaslt()?.matmul(
             spec,
             out,
             ptrs,
             self.current() as *mut c_void,
             self.side_now(),
         )
+    }
+
+    pub fn is_capturing(&self) -> bool {
+        self.capturing.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn profile_events(&self) -> std::sync::MutexGuard<'_, ProfileEvents> {
+        self.profile.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A timing event on `stream`, from the spare ones when there are.
+    fn stamp(&self, p: &mut ProfileEvents, stream: sys::CUstream) -> KernelResult<sys::CUevent> {
+        let event = match p.spare.pop() {
+            Some(e) => e,
+            None => result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
+                .map_err(|e| cuda_err("profile event", e))?,
+        };
+        // SAFETY: the event and the stream belong to this context.
+        unsafe { result::event::record(event, stream) }.map_err(|e| cuda_err("record", e))?;
+        Ok(event)
+    }
+
+    /// Starts a profile: a timestamp on each stream.
+    pub fn profile_begin(&self) -> KernelResult<()> {
+        self.bind()?;
+        let mut guard = self.profile_events();
+        let p = &mut *guard;
+        let used: Vec<_> = p.start.drain(..).chain(p.marks.drain(..)).collect();
+        p.spare.extend(used);
+        for s in [self.stream.cu_stream(), self.side.cu_stream()] {
+            let e = self.stamp(p, s)?;
+            p.start.push(e);
+        }
+        Ok(())
+    }
+
+    /// A timestamp after the op just queued, on its stream; returns whether that is the side.
+    pub fn profile_mark(&self) -> KernelResult<bool> {
+        let mut p = self.profile_events();
+        let e = self.stamp(&mut p, self.current())?;
+        p.marks.push(e);
+        Ok(self.side_now())
+    }
+
+    /// Ends a profile (the caller synchronised both streams): every mark's time and each
+    /// stream's start, in milliseconds from the main stream's start.
+    pub fn profile_end(&self) -> KernelResult<(Vec<f64>, [f64; 2])> {
+        self.bind()?;
+        let mut p = self.profile_events();
+        let (starts, marks) = (std::mem::take(&mut p.start), std::mem::take(&mut p.marks));
+        let since = |e: sys::CUevent| -> KernelResult<f64> {
+            // SAFETY: both events were recorded and have completed (the streams were drained).
+            unsafe { result::event::synchronize(e) }.map_err(|e| cuda_err("event sync", e))?;
+            unsafe { result::event::elapsed(starts[0], e) }
+                .map(f64::from)
+                .map_err(|e| cuda_err("elapsed", e))
+        };
+        let out = (|| {
+            let stamps = marks
+                .iter()
+                .map(|&e| since(e))
+                .collect::<KernelResult<Vec<_>>>()?;
+            Ok((stamps, [0.0, since(starts[1])?]))
+        })();
+        p.spare.extend(starts.into_iter().chain(marks));
+        out
     }
 
     /// Records the launches `work` queues into an executable CUDA graph (nothing runs yet).
@@ -340,6 +462,7 @@ impl CudaRuntime {
         work: impl FnOnce() -> KernelResult<()>,
     ) -> KernelResult<CudaGraph> {
         self.bind()?;
+        self.prepare_capture()?;
         let s = self.stream.cu_stream();
         // SAFETY: the stream is ours; the graph is destroyed once instantiated (the executable
         // keeps what it needs), or here on any error.
@@ -349,7 +472,11 @@ impl CudaRuntime {
                 sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
             )
             .map_err(|e| cuda_err("begin capture", e))?;
+            self.capturing
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             let queued = work();
+            self.capturing
+                .store(false, std::sync::atomic::Ordering::Relaxed);
             let graph = result::stream::end_capture(s).map_err(|e| cuda_err("end capture", e));
             if let Err(e) = queued {
                 if let Ok(g) = graph {
@@ -400,6 +527,36 @@ impl CudaRuntime {
             timed
         }?;
         Ok(ms)
+    }
+}
+
+impl Drop for CudaRuntime {
+    /// Gives back what the runtime made itself: events and cuBLASLt's workspaces (a test
+    /// process makes many runtimes). Buffers and graphs hold the runtime, so they are gone.
+    fn drop(&mut self) {
+        if self.bind().is_err() {
+            return;
+        }
+        let profile = std::mem::take(self.profile.get_mut().unwrap_or_else(|e| e.into_inner()));
+        // SAFETY: every handle below was made by this runtime and is released once, after both
+        // streams have finished with them.
+        unsafe {
+            let _ = result::stream::synchronize(self.stream.cu_stream());
+            let _ = result::stream::synchronize(self.side.cu_stream());
+            let events = profile
+                .start
+                .into_iter()
+                .chain(profile.marks)
+                .chain(profile.spare);
+            for e in events.chain(self.lane_events.0) {
+                let _ = result::event::destroy(e);
+            }
+            if let Some(lt) = self.cublaslt.get() {
+                for w in lt.workspaces() {
+                    let _ = result::free_sync(w);
+                }
+            }
+        }
     }
 }
 

@@ -39,6 +39,8 @@ fn overlaps(a: &[Span], b: &[Span]) -> bool {
 #[derive(Default)]
 struct LaneState {
     on_side: bool,
+    /// Forked and not joined since (a capture must not end so: the side stream is part of it).
+    forked: bool,
     /// Side work queued since the last join, in order, with what it touches.
     pending: Vec<(Op, Vec<Span>)>,
     /// What the main stream touched since the last fork.
@@ -133,6 +135,7 @@ impl EmuLanes {
         }
         s.main_since_fork.clear();
         s.shared.extend_from_slice(shared);
+        s.forked = true;
         Ok(())
     }
 
@@ -150,6 +153,7 @@ impl EmuLanes {
                 ));
             }
             s.shared.clear();
+            s.forked = false;
             std::mem::take(&mut s.pending)
         };
         let mut result = Ok(());
@@ -172,6 +176,11 @@ impl EmuLanes {
                 hazards.join("; ")
             )))
         }
+    }
+
+    /// Whether new work goes to the side lane now.
+    pub fn is_side(&self) -> bool {
+        self.lock().on_side
     }
 
     /// Switches the lane new work goes to; returns the previous one.
@@ -204,6 +213,17 @@ impl EmuLanes {
         }
         s.graveyard.push(host);
         None
+    }
+
+    /// An error when the side stream was forked and not joined: a capture must not start or end
+    /// so (on a GPU its end fails: the side stream joined the capture at the fork).
+    pub fn require_no_fork(&self, what: &str) -> KernelResult<()> {
+        if self.enabled() && self.lock().forked {
+            return Err(KernelError::Invalid(format!(
+                "streams: {what} with the side stream forked and not joined"
+            )));
+        }
+        Ok(())
     }
 
     /// An error when side work is pending: `what` (a host copy, a synchronisation) would not

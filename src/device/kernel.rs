@@ -17,6 +17,7 @@ use std::sync::Arc;
 use super::emu;
 use super::emu_graph::{CaptureSlot, EmuGraph, Op};
 use super::emu_lanes::{EmuLanes, Span};
+use super::profile::{gaps, Mark, OpProfile, ProfileLog};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -168,6 +169,32 @@ pub struct GemmSpec {
     pub epilogue: EpilogueKind,
 }
 
+impl GemmSpec {
+    /// 2·M·N·K.
+    pub fn flops(&self) -> u64 {
+        2 * (self.m * self.n * self.k) as u64
+    }
+}
+
+/// A GEMM's name in a profile: `gemm M×N×K`, the operands' storage (`N` as is, `T` transposed,
+/// A then B), the epilogue and the output (`bf16`, or `+=f32` accumulated into f32).
+fn gemm_name(s: &GemmSpec, out: GemmOut) -> String {
+    let t = |on: bool| if on { 'T' } else { 'N' };
+    let out = match out {
+        GemmOut::Bf16 => "bf16",
+        GemmOut::F32Accumulate => "+=f32",
+    };
+    format!(
+        "gemm {}×{}×{} {}{} {:?} {out}",
+        s.m,
+        s.n,
+        s.k,
+        t(s.trans_a),
+        t(s.trans_b),
+        s.epilogue
+    )
+}
+
 /// Where a GEMM's product goes (part of the cuBLASLt plan's key).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum GemmOut {
@@ -218,6 +245,11 @@ struct MemoryCounter {
     capture: CaptureSlot,
     /// Whether the side stream is in use (both back ends), and the emulator's checker of it.
     lanes: EmuLanes,
+    /// The op profile in progress (`KernelDevice::profile`), if any.
+    profile: std::sync::Mutex<Option<ProfileLog>>,
+    /// Matmul FLOPs counted by [`KernelDevice::count_matmul_flops`] since the last timed launch:
+    /// the next launch's (attention counts its FLOPs, then launches).
+    pending_flops: std::sync::atomic::AtomicU64,
 }
 
 impl MemoryCounter {
@@ -413,8 +445,17 @@ impl KernelDevice {
         self.memory.live.load(Ordering::Relaxed)
     }
 
-    /// Adds to the matmul FLOP counter (the GEMM and attention launchers call this).
+    /// Adds to the matmul FLOP counter: the FLOPs of the next kernel launch (the attention
+    /// launchers call this before launching; a profile credits them to that launch).
     pub fn count_matmul_flops(&self, flops: u64) {
+        self.matmul_flops.fetch_add(flops, Ordering::Relaxed);
+        self.memory
+            .pending_flops
+            .fetch_add(flops, Ordering::Relaxed);
+    }
+
+    /// Adds a GEMM's FLOPs to the matmul FLOP counter (a profile takes them from its shape).
+    pub(crate) fn count_gemm_flops(&self, flops: u64) {
         self.matmul_flops.fetch_add(flops, Ordering::Relaxed);
     }
 
@@ -476,10 +517,11 @@ impl KernelDevice {
                     bytes: b.bytes(),
                 },
                 vec![b.span()],
-            ),
+            )?,
             #[cfg(feature = "cuda")]
-            Backend::Gpu(rt) => rt.memset_zero(b.ptr, b.bytes()),
+            Backend::Gpu(rt) => rt.memset_zero(b.ptr, b.bytes())?,
         }
+        self.mark(|| "memset".into(), 0)
     }
 
     pub fn upload<T: Pod>(&self, host: &[T]) -> KernelResult<DevBuf<T>> {
@@ -505,8 +547,12 @@ impl KernelDevice {
                 unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), b.ptr as *mut u8, src.len()) };
                 Ok(())
             }
+            // (a profile times a GPU's copies; the emulator's are its GEMMs' own host copies)
             #[cfg(feature = "cuda")]
-            Backend::Gpu(rt) => rt.htod(src, b.ptr),
+            Backend::Gpu(rt) => {
+                rt.htod(src, b.ptr)?;
+                self.mark(|| "upload (host to device)".into(), 0)
+            }
         }
     }
 
@@ -524,7 +570,10 @@ impl KernelDevice {
                 };
             }
             #[cfg(feature = "cuda")]
-            Backend::Gpu(rt) => rt.dtoh(b.ptr, dst)?,
+            Backend::Gpu(rt) => {
+                rt.dtoh(b.ptr, dst)?;
+                self.mark(|| "download (device to host)".into(), 0)?;
+            }
         }
         Ok(host)
     }
@@ -545,10 +594,12 @@ impl KernelDevice {
                     slots: std::mem::take(&mut args.slots),
                 },
                 std::mem::take(&mut args.spans),
-            ),
+            )?,
             #[cfg(feature = "cuda")]
-            Backend::Gpu(rt) => rt.launch(kernel, cfg, &mut args.pointers()),
+            Backend::Gpu(rt) => rt.launch(kernel, cfg, &mut args.pointers())?,
         }
+        let flops = self.memory.pending_flops.swap(0, Ordering::Relaxed);
+        self.mark(|| kernel.to_string(), flops)
     }
 
     /// Waits for every queued launch and reports the first asynchronous error.
@@ -578,7 +629,12 @@ impl KernelDevice {
                 None
             }
             #[cfg(feature = "cuda")]
-            Backend::Gpu(rt) => Some(rt.gemm(spec, ptrs, out)),
+            Backend::Gpu(rt) => Some(rt.gemm(spec, ptrs, out).and_then(|queued| {
+                if queued {
+                    self.mark(|| gemm_name(spec, out), spec.flops())?;
+                }
+                Ok(queued)
+            })),
         }
     }
 
@@ -591,19 +647,24 @@ impl KernelDevice {
         match &self.backend {
             Backend::Emulator => {
                 self.memory.lanes.require_joined("a capture's start")?;
+                self.memory.lanes.require_no_fork("a capture's start")?;
                 let slot = &self.memory.capture;
                 slot.begin()?;
-                if let Err(e) = work() {
+                let ended =
+                    work().and_then(|_| self.memory.lanes.require_no_fork("a capture's end"));
+                if let Err(e) = ended {
                     slot.abort();
                     return Err(e);
                 }
                 Ok(DeviceGraph {
                     inner: GraphInner::Emu(slot.end()?),
+                    dev: self.clone(),
                 })
             }
             #[cfg(feature = "cuda")]
             Backend::Gpu(rt) => Ok(DeviceGraph {
                 inner: GraphInner::Gpu(rt.capture(work)?),
+                dev: self.clone(),
             }),
         }
     }
@@ -621,12 +682,104 @@ impl KernelDevice {
     /// recorded into the running capture. `step` reaches device memory through
     /// [`DevBuf::alias`]es (`touches` are their spans), and may copy to and from it (it runs
     /// outside any capture).
+    /// `gemm`: the GEMM it stands for (the profile's name for it).
     pub(crate) fn emulated_host_step(
         &self,
+        gemm: (&GemmSpec, GemmOut),
         touches: Vec<Span>,
         step: impl Fn() -> KernelResult<()> + Send + Sync + 'static,
     ) -> KernelResult<()> {
-        self.run_or_record(Op::Host(Box::new(step)), touches)
+        self.run_or_record(Op::Host(Box::new(step)), touches)?;
+        self.mark(|| gemm_name(gemm.0, gemm.1), gemm.0.flops())
+    }
+
+    // ---- the op profile (device::profile) -------------------------------------------------
+
+    /// Whether a graph capture is recording now (its ops are not timed).
+    fn capturing(&self) -> bool {
+        match &self.backend {
+            Backend::Emulator => self.memory.capture.is_active(),
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(rt) => rt.is_capturing(),
+        }
+    }
+
+    /// Timestamps the op just queued when a profile is running (outside captures).
+    fn mark(&self, name: impl FnOnce() -> String, flops: u64) -> KernelResult<()> {
+        let mut guard = self
+            .memory
+            .profile
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let Some(log) = guard.as_mut() else {
+            return Ok(());
+        };
+        if self.capturing() {
+            return Ok(());
+        }
+        let side = match &self.backend {
+            Backend::Emulator => {
+                let t = log.started.map_or(0.0, |s| s.elapsed().as_secs_f64() * 1e3);
+                log.host_s.push(t);
+                self.memory.lanes.is_side()
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(rt) => rt.profile_mark()?,
+        };
+        log.marks.push(Mark {
+            name: name(),
+            flops,
+            side,
+        });
+        Ok(())
+    }
+
+    /// Runs `work` and times every op it queues ([`super::profile`]): per kernel, per GEMM
+    /// shape. Waits for the device before and after. Not inside a capture, a fork or another
+    /// profile.
+    pub fn profile(&self, work: impl FnOnce() -> KernelResult<()>) -> KernelResult<OpProfile> {
+        if self.capturing() {
+            return Err(KernelError::Invalid("profile: inside a capture".into()));
+        }
+        self.synchronize()?;
+        {
+            let mut guard = self
+                .memory
+                .profile
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if guard.is_some() {
+                return Err(KernelError::Invalid(
+                    "profile: one is running already".into(),
+                ));
+            }
+            #[cfg(feature = "cuda")]
+            if let Backend::Gpu(rt) = &self.backend {
+                rt.profile_begin()?;
+            }
+            *guard = Some(ProfileLog {
+                started: Some(std::time::Instant::now()),
+                ..Default::default()
+            });
+        }
+        let ran = work().and_then(|_| self.synchronize());
+        let log = self
+            .memory
+            .profile
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_default();
+        let stamps = match &self.backend {
+            Backend::Emulator => ran.map(|_| (log.host_s, [0.0, 0.0])),
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(rt) => {
+                let stamps = rt.profile_end();
+                ran.and(stamps)
+            }
+        }?;
+        let ms = gaps(&log.marks, &stamps.0, stamps.1);
+        Ok(OpProfile::from_marks(&log.marks, &ms))
     }
 
     // ---- two streams -----------------------------------------------------------------------
@@ -730,6 +883,8 @@ impl KernelDevice {
 /// kernels without a host launch gap between them.
 pub struct DeviceGraph {
     inner: GraphInner,
+    /// The device it replays on (a profile times each replay as one op).
+    dev: KernelDevice,
 }
 
 enum GraphInner {
@@ -742,10 +897,12 @@ impl DeviceGraph {
     /// Queues one replay on the device's stream (runs it, under the emulator).
     pub fn launch(&self) -> KernelResult<()> {
         match &self.inner {
-            GraphInner::Emu(g) => g.replay(),
+            GraphInner::Emu(g) => g.replay()?,
             #[cfg(feature = "cuda")]
-            GraphInner::Gpu(g) => g.launch(),
+            GraphInner::Gpu(g) => g.launch()?,
         }
+        let flops = self.dev.memory.pending_flops.swap(0, Ordering::Relaxed);
+        self.dev.mark(|| "graph replay".into(), flops)
     }
 
     /// Pieces of work recorded (emulator); `None` on a GPU, which does not say.

@@ -13,6 +13,7 @@ pub mod emu;
 pub mod emu_graph;
 pub mod emu_lanes;
 pub mod kernel;
+pub mod profile;
 
 use std::fmt;
 

@@ -1348,9 +1348,6 @@ pub mod dev {
         grads: [&DevBuf<bf16>; 6],
     ) -> KernelResult<()> {
         let work = dims.validate()?;
-        if work {
-            dev.count_matmul_flops(joint_attention_flops(dims, true) as u64);
-        }
         check_qkv(&dims, qa, ka, va, qb, kb, vb, v_ld)?;
         for (name, buf) in [("o_a", oa), ("do_a", doa)] {
             check_len(name, buf, dims.numel_a())?;
@@ -1364,7 +1361,10 @@ pub mod dev {
             return Ok(());
         }
         let [dqa, dka, dva, dqb, dkb, dvb] = grads;
+        // counted just before the launch that does the products (a profile credits it)
+        let flops = joint_attention_flops(dims, true) as u64;
         if !has_fast_kernels(dims.d) {
+            dev.count_matmul_flops(flops);
             return bwd_naive(
                 dev,
                 [qa, ka, va, qb, kb, vb],
@@ -1396,6 +1396,7 @@ pub mod dev {
         let dqa_acc = dev.zeros::<f32>(na)?;
         let dqb_acc = dev.zeros::<f32>(nb)?;
         let scale = dims.scale();
+        dev.count_matmul_flops(flops);
         dev.launch(
             &(variant.kernel(dims.d) + vfused(dims, v_ld)),
             LaunchCfg::grid2(

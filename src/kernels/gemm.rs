@@ -183,7 +183,7 @@ pub mod dev {
                 c.len()
             )));
         }
-        dev.count_matmul_flops(2 * (m * n * k) as u64);
+        dev.count_gemm_flops(2 * (m * n * k) as u64);
         let mut ptrs = GemmPtrs {
             a: a.device_ptr(),
             b: b.device_ptr(),
@@ -219,7 +219,7 @@ pub mod dev {
             .map(DevBuf::span)
             .chain(bias_grad.as_ref().map(DevBuf::span))
             .collect();
-        dev.emulated_host_step(touches, move || {
+        dev.emulated_host_step((&spec, GemmOut::Bf16), touches, move || {
             let ep = EpilogueBufs {
                 bias: bias.as_ref(),
                 aux: aux.as_ref(),
@@ -278,7 +278,7 @@ pub mod dev {
             ..Default::default()
         };
         match dev.gpu_gemm(&spec, &ptrs, GemmOut::F32Accumulate) {
-            Some(Ok(true)) => dev.count_matmul_flops(2 * (m * n * k) as u64),
+            Some(Ok(true)) => dev.count_gemm_flops(2 * (m * n * k) as u64),
             Some(Ok(false)) => {
                 // no f32-output algorithm: the bf16 product, then accumulated
                 let d = dev.alloc::<bf16>(m * n)?;
@@ -300,13 +300,13 @@ pub mod dev {
             }
             Some(Err(e)) => return Err(e),
             None => {
-                dev.count_matmul_flops(2 * (m * n * k) as u64);
+                dev.count_gemm_flops(2 * (m * n * k) as u64);
                 let (a, b, c) = (a.alias(), b.alias(), c.alias());
                 let out = bias_out.as_ref().map(DevBuf::alias);
                 let d = dev.clone();
                 let mut touches = vec![a.span(), b.span(), c.span()];
                 touches.extend(out.as_ref().map(DevBuf::span));
-                dev.emulated_host_step(touches, move || {
+                dev.emulated_host_step((&spec, GemmOut::F32Accumulate), touches, move || {
                     gemm_acc_cpu(&d, spec, &a, &b, &c, out.as_ref())
                 })?;
             }

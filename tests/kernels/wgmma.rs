@@ -1,4 +1,4 @@
-//! The Hopper warpgroup MMA wrappers of `cuda/common.cuh` (`cuda/wgmma.cu`): a 64×64 tile through
+//! The Hopper warpgroup MMA wrappers of `cuda/common.cuh` (`cuda/wgmma.cu`): a 64×64 (and 64×128) tile through
 //! `wgmma.mma_async` with 128-byte-swizzled shared-memory operands (A K-major or MN-major, B
 //! K-major or MN-major) and with A from registers, as one N = 64 product or two N = 32 halves,
 //! against an f64 product. On the GPU this checks the
@@ -7,22 +7,22 @@
 use super::*;
 use advdmd::device::kernel::{KernelArgs, LaunchCfg};
 
-/// C = A·Bᵀ (`b` is N × K) or A·B (`b` is K × N, `b_mn_major`), A 64 × K, N = 64.
-fn reference(a: &[f32], b: &[f32], k: usize, b_mn_major: bool) -> Vec<f32> {
-    let mut c = vec![0f32; 64 * 64];
+/// C = A·Bᵀ (`b` is N × K) or A·B (`b` is K × N, `b_mn_major`), A 64 × K.
+fn reference(a: &[f32], b: &[f32], (k, n): (usize, usize), b_mn_major: bool) -> Vec<f32> {
+    let mut c = vec![0f32; 64 * n];
     for i in 0..64 {
-        for j in 0..64 {
+        for j in 0..n {
             let s: f64 = (0..k)
                 .map(|p| {
                     let bv = if b_mn_major {
-                        b[p * 64 + j]
+                        b[p * n + j]
                     } else {
                         b[j * k + p]
                     };
                     a[i * k + p] as f64 * bv as f64
                 })
                 .sum();
-            c[i * 64 + j] = s as f32;
+            c[i * n + j] = s as f32;
         }
     }
     c
@@ -67,10 +67,57 @@ fn wgmma_tile_matches_reference() {
                             &dev,
                             &shape,
                             &got,
-                            &reference(&a, &b, k, b_mn_major),
+                            &reference(&a, &b, (k, 64), b_mn_major),
                             1e-5,
                         );
                     }
+                }
+            }
+        }
+    }
+}
+
+/// N = 128 (`wgmma_probe_m64n128`): K-major B over two 8 KB row blocks per 64 k, MN-major B over
+/// two 64-column halves (the descriptor's leading byte offset), A from shared memory or registers.
+#[test]
+fn wgmma_n128_tile_matches_reference() {
+    for dev in devices() {
+        for k in [64usize, 128] {
+            for b_mn_major in [false, true] {
+                for a_mode in 0..2i32 {
+                    let seed = 1000 + k as u64 * 16 + b_mn_major as u64 * 8 + a_mode as u64;
+                    let mut rng = Rng::new(seed);
+                    let a = randn_bf16(&mut rng, 64 * k, 1.0);
+                    let b = randn_bf16(&mut rng, 128 * k, 1.0);
+                    let (ad, bd) = (upload_bf16(&dev, &a), upload_bf16(&dev, &b));
+                    let c = dev.alloc::<f32>(64 * 128).unwrap();
+                    let cfg = LaunchCfg {
+                        grid: [1, 1, 1],
+                        block: [128, 1, 1],
+                        shared_bytes: (1024 + 3 * 64 * k * 2) as u32,
+                    };
+                    let args = KernelArgs::new()
+                        .buf(&ad)
+                        .buf(&bd)
+                        .buf(&c)
+                        .i32(k as i32)
+                        .i32(b_mn_major as i32)
+                        .i32(a_mode);
+                    dev.launch("wgmma_probe_m64n128", cfg, args).unwrap();
+                    let got = dev.download(&c).unwrap();
+                    let shape = format!(
+                        "64x128x{k} B {} A {}",
+                        if b_mn_major { "mn" } else { "k" },
+                        ["smem-k", "regs"][a_mode as usize],
+                    );
+                    check(
+                        "wgmma_m64n128k16",
+                        &dev,
+                        &shape,
+                        &got,
+                        &reference(&a, &b, (k, 128), b_mn_major),
+                        1e-5,
+                    );
                 }
             }
         }

@@ -169,3 +169,26 @@ fn two_stream_work_is_captured_and_replayed() {
         println!("two streams captured and replayed on {}", dev.name());
     }
 }
+
+/// A capture that forks and does not join would fail on a GPU (the side stream joined the capture
+/// at the fork and must leave it before its end): the emulator refuses it too, at the capture's
+/// end, and a capture cannot start with a fork still open.
+#[test]
+fn a_capture_must_join_what_it_forks() {
+    let dev = &two_stream_devices()[0];
+    let (a, b) = (dev.zeros::<f32>(2).unwrap(), dev.zeros::<f32>(2).unwrap());
+    let e = dev
+        .capture(|| {
+            dev.fork(&[])?;
+            dev.on_side(|| copy(dev, &a, &b))
+        })
+        .err()
+        .expect("an unjoined capture is refused");
+    assert!(e.to_string().contains("capture's end"), "{e}");
+    dev.join().unwrap();
+    dev.fork(&[]).unwrap();
+    let e = dev.capture(|| Ok(())).err().expect("refused");
+    assert!(e.to_string().contains("capture's start"), "{e}");
+    dev.join().unwrap();
+    dev.capture(|| Ok(())).unwrap();
+}

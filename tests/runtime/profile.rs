@@ -1,0 +1,122 @@
+//! The kernel device's op profile (`KernelDevice::profile`, `advdmd bench … --profile`): every op
+//! queued is timed once, under its kernel's name or its GEMM's shape, with its matmul FLOPs; ops
+//! recorded into a capture are not, a replay is (as one op). On the emulator the times are the
+//! host's (meaningless for speed); on a GPU, when there is one, the same checks run on events.
+
+use advdmd::device::kernel::{DevBuf, EpilogueKind, GemmSpec, KernelDevice};
+use advdmd::kernels::attention::dev::{joint_attention_flops, joint_attention_fwd, AttnDims};
+use advdmd::kernels::elementwise::dev::copy;
+use advdmd::kernels::gemm::dev::{gemm_bf16, EpilogueBufs};
+use half::bf16;
+
+fn devices() -> Vec<KernelDevice> {
+    let mut v = vec![KernelDevice::emulator()];
+    match KernelDevice::gpu_if_available() {
+        Some(g) => v.push(g),
+        None => println!("no GPU: profile tests run on the emulator only"),
+    }
+    v
+}
+
+fn bf(dev: &KernelDevice, n: usize) -> DevBuf<bf16> {
+    let v: Vec<bf16> = (0..n)
+        .map(|i| bf16::from_f32((i % 7) as f32 * 0.1))
+        .collect();
+    dev.upload(&v).unwrap()
+}
+
+#[test]
+fn every_op_is_timed_once_under_its_name() {
+    for dev in devices() {
+        let (m, n, k) = (5, 6, 8);
+        let (a, b, c) = (bf(&dev, m * k), bf(&dev, k * n), bf(&dev, m * n));
+        let (src, dst) = (dev.zeros::<f32>(64).unwrap(), dev.zeros::<f32>(64).unwrap());
+        let spec = GemmSpec {
+            m,
+            n,
+            k,
+            trans_a: false,
+            trans_b: true,
+            epilogue: EpilogueKind::None,
+        };
+        let p = dev
+            .profile(|| {
+                for _ in 0..3 {
+                    copy(&dev, &dst, &src)?;
+                }
+                dev.memset_zero(&dst)?;
+                gemm_bf16(&dev, spec, &a, &b, &c, EpilogueBufs::default())
+            })
+            .unwrap();
+        let row = |name: &str| p.rows.iter().find(|r| r.name == name);
+        assert_eq!(p.ops, 5, "{:?}", p.rows);
+        let copies = row("copy_bytes").expect("the copies' row");
+        assert_eq!((copies.calls, copies.flops), (3, 0));
+        assert_eq!(row("memset").expect("the memset's row").calls, 1);
+        let g = row("gemm 5×6×8 NT None bf16").expect("the GEMM's row");
+        assert_eq!((g.calls, g.flops), (1, 2 * 5 * 6 * 8));
+        assert!(p.rows.iter().all(|r| r.ms >= 0.0));
+        assert_eq!(p.families().iter().map(|r| r.calls).sum::<u64>(), 5);
+        // the next profile starts empty
+        let p = dev.profile(|| copy(&dev, &dst, &src)).unwrap();
+        assert_eq!(p.ops, 1);
+        println!("profile on {}: {:?}", dev.name(), p.rows);
+    }
+}
+
+#[test]
+fn attention_flops_go_to_the_attention_kernel() {
+    for dev in devices() {
+        let dims = AttnDims {
+            b: 1,
+            la: 8,
+            lb: 24,
+            h: 2,
+            d: 64,
+        };
+        let (na, nb) = (dims.la * dims.h * dims.d, dims.lb * dims.h * dims.d);
+        let [qa, ka, va] = [0, 1, 2].map(|_| bf(&dev, na));
+        let [qb, kb, vb] = [0, 1, 2].map(|_| bf(&dev, nb));
+        let p = dev
+            .profile(|| joint_attention_fwd(&dev, &qa, &ka, &va, &qb, &kb, &vb, dims).map(|_| ()))
+            .unwrap();
+        let with_flops: Vec<_> = p.rows.iter().filter(|r| r.flops > 0).collect();
+        assert_eq!(with_flops.len(), 1, "{:?}", p.rows);
+        assert!(
+            with_flops[0].name.starts_with("joint_attn_fwd"),
+            "{:?}",
+            p.rows
+        );
+        assert_eq!(
+            with_flops[0].flops,
+            joint_attention_flops(dims, false) as u64
+        );
+    }
+}
+
+#[test]
+fn a_capture_is_not_timed_and_a_replay_is_one_op() {
+    for dev in devices() {
+        let (src, dst) = (dev.zeros::<f32>(64).unwrap(), dev.zeros::<f32>(64).unwrap());
+        let mut graph = None;
+        let p = dev
+            .profile(|| {
+                graph = Some(dev.capture(|| {
+                    copy(&dev, &dst, &src)?;
+                    copy(&dev, &src, &dst)
+                })?);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(p.ops, 0, "{:?}", p.rows);
+        let graph = graph.unwrap();
+        let p = dev.profile(|| graph.launch()).unwrap();
+        assert_eq!(p.ops, 1);
+        assert_eq!(p.rows[0].name, "graph replay");
+        // not inside a capture, nor inside another profile
+        assert!(dev.capture(|| dev.profile(|| Ok(())).map(|_| ())).is_err());
+        assert!(dev.profile(|| dev.profile(|| Ok(())).map(|_| ())).is_err());
+        // and the device works on after both refusals
+        assert_eq!(dev.profile(|| copy(&dev, &dst, &src)).unwrap().ops, 1);
+    }
+}
