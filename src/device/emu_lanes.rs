@@ -73,7 +73,7 @@ impl EmuLanes {
 
     pub fn set_enabled(&self, on: bool) -> KernelResult<()> {
         let s = self.lock();
-        if s.on_side || !s.pending.is_empty() {
+        if s.on_side || s.forked || !s.pending.is_empty() {
             return Err(KernelError::Invalid(
                 "streams: changed while side-stream work is queued (join first)".into(),
             ));
@@ -213,6 +213,11 @@ impl EmuLanes {
         }
         s.graveyard.push(host);
         None
+    }
+
+    /// A GPU's fork (`true`) or join: the state the checks above read, kept on both back ends.
+    pub fn set_forked(&self, on: bool) {
+        self.lock().forked = on;
     }
 
     /// An error when the side stream was forked and not joined: a capture must not start or end

@@ -662,10 +662,16 @@ impl KernelDevice {
                 })
             }
             #[cfg(feature = "cuda")]
-            Backend::Gpu(rt) => Ok(DeviceGraph {
-                inner: GraphInner::Gpu(rt.capture(work)?),
-                dev: self.clone(),
-            }),
+            Backend::Gpu(rt) => {
+                let lanes = &self.memory.lanes;
+                lanes.require_no_fork("a capture's start")?;
+                let graph =
+                    rt.capture(|| work().and_then(|_| lanes.require_no_fork("a capture's end")))?;
+                Ok(DeviceGraph {
+                    inner: GraphInner::Gpu(graph),
+                    dev: self.clone(),
+                })
+            }
         }
     }
 
@@ -811,7 +817,11 @@ impl KernelDevice {
         match &self.backend {
             Backend::Emulator => self.memory.lanes.fork(shared),
             #[cfg(feature = "cuda")]
-            Backend::Gpu(rt) => rt.fork(),
+            Backend::Gpu(rt) => {
+                rt.fork()?;
+                self.memory.lanes.set_forked(true);
+                Ok(())
+            }
         }
     }
 
@@ -824,7 +834,11 @@ impl KernelDevice {
         match &self.backend {
             Backend::Emulator => self.memory.lanes.join(),
             #[cfg(feature = "cuda")]
-            Backend::Gpu(rt) => rt.join(),
+            Backend::Gpu(rt) => {
+                rt.join()?;
+                self.memory.lanes.set_forked(false);
+                Ok(())
+            }
         }
     }
 
