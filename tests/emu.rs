@@ -404,3 +404,33 @@ fn mbarrier_and_named_barrier_misuse_is_reported() {
     // The emulator is usable again afterwards on this thread.
     mbarrier_pipeline_with_named_barrier_turns();
 }
+
+/// What a GPU's asynchronous wgmma would get wrong and the emulator's at-once twin cannot show:
+/// a cp.async into a shared operand of a product no thread of its warpgroup has waited for, and a
+/// wgmma wait (an `.aligned` instruction) executed by some warps of the warpgroup and not others.
+#[test]
+fn wgmma_hazards_are_faults() {
+    let mut out = vec![0f32; 128];
+    let src = vec![0f32; 4];
+    let run = |name: &str, out: &mut Vec<f32>, flag: i32, smem: u32| {
+        let (mut po, mut ps, mut f) = (out.as_mut_ptr(), src.as_ptr(), flag);
+        let mut args = vec![arg(&mut po)];
+        if name.ends_with("war") {
+            args.push(arg(&mut ps));
+        }
+        args.push(arg(&mut f));
+        emu_launch(name, [1, 1, 1], [128, 1, 1], smem, &mut args)
+    };
+    run("emu_test_wgmma_war", &mut out, 0, 5 << 10).unwrap();
+    let err = run("emu_test_wgmma_war", &mut out, 1, 5 << 10).unwrap_err();
+    let EmuError::Fault(msg) = err else {
+        panic!("expected a fault, got {err}")
+    };
+    assert!(msg.contains("still reads"), "{msg}");
+    run("emu_test_wgmma_divergent_wait", &mut out, 0, 0).unwrap();
+    let err = run("emu_test_wgmma_divergent_wait", &mut out, 1, 0).unwrap_err();
+    let EmuError::Fault(msg) = err else {
+        panic!("expected a fault, got {err}")
+    };
+    assert!(msg.contains("different sequences of .aligned"), "{msg}");
+}

@@ -14,6 +14,7 @@
 
 #include <cstdarg>
 #include <algorithm>
+#include <map>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -157,6 +158,11 @@ struct Fiber {
     Rdv* rdv;  // the warp rendezvous this lane takes part in, until warp_release
     int named;     // the named barrier it waits at (St::AtNamed)
     bool spinning; // last yielded in an mbarrier wait that had not completed
+    // wgmma bookkeeping: commit groups so far, groups covered by the waits so far, and the
+    // .aligned instructions executed (a hash of their kinds, arguments and lines, and how many).
+    unsigned commits, waited;
+    uint64_t aligned_hash;
+    unsigned aligned_count;
     // Where it waits (for barrier checks and deadlock reports).
     const char* what;
     const char* file;
@@ -214,6 +220,19 @@ struct Launch {
     // Dynamic shared memory.
     unsigned char* smem = nullptr;
     size_t smem_cap = 0, smem_bytes = 0;
+    // In-flight wgmma reads: per 16-byte chunk of dynamic shared memory, how many element reads
+    // of products not yet waited for touch it, and the line of the last such product; per
+    // warpgroup, the chunks each commit group read and how many groups are known complete.
+    std::vector<uint32_t> chunk_readers;
+    std::vector<int> chunk_line;
+    struct WarpgroupReads {
+        struct Group {
+            std::vector<uint32_t> chunks;
+            unsigned passed = 0;  // threads of the warpgroup past a wait that covers the group
+        };
+        std::map<unsigned, Group> groups;
+    };
+    std::vector<WarpgroupReads> wg_reads;
     // The first error.
     int code = kOk;
     std::string err;
@@ -351,9 +370,33 @@ Rdv* new_rdv() {
 }
 
 // Runs one block to completion; false on deadlock or fault (g->code, g->err set).
+// The .aligned rule at the block's end: the threads of each whole warpgroup executed the same
+// sequence of wgmma / fence / commit / wait / setmaxnreg instructions.
+bool warpgroups_aligned() {
+    Launch& L = *g;
+    for (unsigned wg = 0; 128 * (wg + 1) <= L.nthreads; ++wg) {
+        const Fiber& first = L.fibers[128 * wg];
+        for (unsigned i = 128 * wg + 1; i < 128 * (wg + 1); ++i) {
+            const Fiber& f = L.fibers[i];
+            if (f.aligned_hash == first.aligned_hash && f.aligned_count == first.aligned_count) continue;
+            L.code = kFault;
+            L.err = where() + fmt(": threads %u and %u of warpgroup %u executed different sequences of "
+                                  ".aligned instructions (wgmma, fence, commit, wait, setmaxnreg: %u and %u "
+                                  "of them). PTX requires every thread of the warpgroup to execute the same "
+                                  "one: one in a branch that differs between its warps is undefined",
+                                  128 * wg, i, wg, first.aligned_count, f.aligned_count);
+            return false;
+        }
+    }
+    return true;
+}
+
 bool run_block() {
     Launch& L = *g;
     if (L.smem_bytes) std::memset(L.smem, 0xFF, L.smem_bytes);
+    L.chunk_readers.assign(L.smem_bytes / 16 + 1, 0);
+    L.chunk_line.assign(L.smem_bytes / 16 + 1, 0);
+    L.wg_reads.assign((L.nthreads + 127) / 128, Launch::WarpgroupReads{});
     for (auto& w : L.warps) {
         for (Rdv* r : w.live) L.free_rdvs.push_back(r);
         w.live.clear();
@@ -368,6 +411,9 @@ bool run_block() {
         f.st = St::Ready;
         f.rdv = nullptr;
         f.spinning = false;
+        f.commits = f.waited = 0;
+        f.aligned_hash = 0;
+        f.aligned_count = 0;
         ctx_init(&f.ctx, t_stacks.get(i), kStackBytes, fiber_entry, nullptr);
     }
     while (L.done < L.nthreads) {
@@ -410,7 +456,7 @@ bool run_block() {
                                   L.named_arrived[b], L.named_count[b], b);
             return false;
         }
-    return true;
+    return warpgroups_aligned();
 }
 
 }  // namespace
@@ -720,14 +766,56 @@ static const unsigned char* wgmma_element(uint64_t desc, bool mn_major, unsigned
     return g->smem + addr;
 }
 
+static unsigned linear_tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
+
+void aligned_op(Aligned kind, int arg, const char* file, int line) {
+    Fiber& f = cur_fiber();
+    const uint64_t x = ((uint64_t)kind << 56) ^ ((uint64_t)(uint32_t)arg << 24) ^ (uint64_t)(uint32_t)line;
+    f.aligned_hash = (f.aligned_hash ^ x) * 0x100000001b3ull + 0x9e3779b97f4a7c15ull;
+    ++f.aligned_count;
+    if (kind == kCommit) ++f.commits;
+    if (kind != kWait) return;
+    // This thread's groups older than its newest `arg` are complete. On a GPU the whole warpgroup
+    // passes a wait together; here its threads pass one by one, so a group's reads leave flight
+    // once every thread of the warpgroup has passed a wait covering it.
+    const unsigned wg = linear_tid() / 128;
+    const unsigned members = std::min(128u, g->nthreads - 128 * wg);
+    Launch::WarpgroupReads& wr = g->wg_reads[wg];
+    const unsigned done = f.commits > (unsigned)arg ? f.commits - (unsigned)arg : 0;
+    for (; f.waited < done; ++f.waited) {
+        auto& grp = wr.groups[f.waited];
+        if (++grp.passed < members) continue;
+        for (uint32_t c : grp.chunks) --g->chunk_readers[c];
+        wr.groups.erase(f.waited);
+    }
+}
+
+void cp_async_store(void* smem, unsigned bytes, const char* file, int line) {
+    const unsigned char* p = static_cast<unsigned char*>(smem);
+    if (!g || p < g->smem || p + bytes > g->smem + g->smem_bytes) return;  // static shared memory
+    const size_t off = (size_t)(p - g->smem);
+    for (size_t c = off / 16; c <= (off + bytes - 1) / 16; ++c)
+        if (g->chunk_readers[c])
+            fault("cp.async (%s:%d) writes shared bytes %zu.. that a wgmma product (line %d) still reads: "
+                  "no thread of its warpgroup has waited for it yet (a wgmma.wait_group orders only the "
+                  "executing warpgroup's own products)",
+                  file, line, off, g->chunk_line[c]);
+}
+
 void wgmma_bf16(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b, int scale_d,
                 int trans_a, int trans_b, const char* file, int line) {
-    const unsigned linear = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    aligned_op(kWgmma, n, file, line);
+    const unsigned linear = linear_tid();
     const unsigned w = (linear >> 5) & 3, lane = lane_id(), gr = lane >> 2, q = lane & 3;
+    std::vector<uint32_t> chunks;  // the shared chunks this thread's part of the product reads
     auto pair = [&](uint64_t desc, bool mn, unsigned i, unsigned k) {
         unsigned short lo, hi;
-        std::memcpy(&lo, wgmma_element(desc, mn, i, k, file, line), 2);
-        std::memcpy(&hi, wgmma_element(desc, mn, i, k + 1, file, line), 2);
+        const unsigned char* e0 = wgmma_element(desc, mn, i, k, file, line);
+        const unsigned char* e1 = wgmma_element(desc, mn, i, k + 1, file, line);
+        std::memcpy(&lo, e0, 2);
+        std::memcpy(&hi, e1, 2);
+        chunks.push_back((uint32_t)((e0 - g->smem) / 16));
+        chunks.push_back((uint32_t)((e1 - g->smem) / 16));
         return (uint32_t)lo | ((uint32_t)hi << 16);
     };
     uint32_t a[4];
@@ -746,6 +834,14 @@ void wgmma_bf16(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64
         float c[4];
         for (int i = 0; i < 4; ++i) c[i] = scale_d ? d[4 * j + i] : 0.f;
         mma_bf16(d + 4 * j, a, b, c, file, line);
+    }
+    // The reads stay in flight with this thread's next commit group until the whole warpgroup
+    // has waited for it (see aligned_op).
+    std::vector<uint32_t>& reads = g->wg_reads[linear / 128].groups[cur_fiber().commits].chunks;
+    for (uint32_t ch : chunks) {
+        reads.push_back(ch);
+        ++g->chunk_readers[ch];
+        g->chunk_line[ch] = line;
     }
 }
 }  // namespace emu

@@ -554,17 +554,38 @@ void ldmatrix(Op op, uint32_t* r, const void* row, const char* file, int line);
 // A shared address is an offset into the block's dynamic shared memory, where wgmma operands must
 // live. Each wgmma computes at once: every lane reads its A fragment (from its registers, or
 // through A's descriptor) and its B fragments through B's descriptor, then the warp runs the
-// mma.m16n8k16 twin once per 8 columns; fences, commits and waits have nothing left to order.
+// mma.m16n8k16 twin once per 8 columns. What a GPU would still be doing is checked instead:
+// * the shared bytes a wgmma reads stay "in flight" until every thread of its warpgroup has
+//   passed a wgmma_wait that covers it (commit groups counted per thread); a cp.async writing
+//   them before that is a fault (on a GPU: the product may read the new bytes);
+// * the .aligned instructions (wgmma, fence, commit, wait, setmaxnreg) must be executed alike by
+//   all 128 threads of a warpgroup: each thread's sequence (kind, argument, line) is hashed and a
+//   warpgroup whose warps differ is a fault at the block's end (PTX: undefined behaviour).
 namespace emu {
 uint32_t smem_offset(const void* p, const char* file, int line);
 void wgmma_bf16(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b, int scale_d,
                 int trans_a, int trans_b, const char* file, int line);
+enum Aligned : int { kFence = 1, kCommit, kWait, kSetmaxnregInc, kSetmaxnregDec, kWgmma };
+void aligned_op(Aligned kind, int arg, const char* file, int line);
+// `wgmma_wait<N>()` and `setmaxnreg_*<N>()` with the caller's line: a macro names this, then the
+// member template takes N.
+struct AlignedAt {
+    const char* file;
+    int line;
+    template <int N>
+    void wait() const { aligned_op(kWait, N, file, line); }
+    template <int N>
+    void inc() const { aligned_op(kSetmaxnregInc, N, file, line); }
+    template <int N>
+    void dec() const { aligned_op(kSetmaxnregDec, N, file, line); }
+};
+// A cp.async of `bytes` into shared memory at `smem` (checked against in-flight wgmma reads).
+void cp_async_store(void* smem, unsigned bytes, const char* file, int line);
 }  // namespace emu
 #define smem_addr(p) ::emu::smem_offset(p, __FILE__, __LINE__)
-inline void wgmma_fence() {}
-inline void wgmma_commit() {}
-template <int N>
-inline void wgmma_wait() {}
+#define wgmma_fence() ::emu::aligned_op(::emu::kFence, 0, __FILE__, __LINE__)
+#define wgmma_commit() ::emu::aligned_op(::emu::kCommit, 0, __FILE__, __LINE__)
+#define wgmma_wait ::emu::AlignedAt{__FILE__, __LINE__}.wait
 inline void fence_proxy_async() {}
 template <int TRANS_A, int TRANS_B>
 inline void wgmma_m64n32k16_ss(float d[16], uint64_t desc_a, uint64_t desc_b, int scale_d) {
@@ -598,10 +619,8 @@ inline void wgmma_m64n128k16_rs(float d[64], const uint32_t a[4], uint64_t desc_
 #define mbar_arrive(bar) ::emu::mbarrier_arrive((bar), __FILE__, __LINE__)
 #define mbar_wait(bar, parity) ::emu::mbarrier_wait((bar), (parity), __FILE__, __LINE__)
 inline void fence_mbarrier_init() {}
-template <int N>
-inline void setmaxnreg_inc() {}
-template <int N>
-inline void setmaxnreg_dec() {}
+#define setmaxnreg_inc ::emu::AlignedAt{__FILE__, __LINE__}.inc
+#define setmaxnreg_dec ::emu::AlignedAt{__FILE__, __LINE__}.dec
 
 // ---- Launch support for the generated trampolines (build.rs) -------------------------------------
 namespace emu {
@@ -625,14 +644,27 @@ constexpr std::size_t arity(void (*)(A...)) {
 // On the GPU these are asynchronous global→shared copies completed by commit/wait groups; here
 // each copy happens at once, so commit and wait are no-ops. The zfill variant copies the 16 bytes
 // when `valid` and writes 16 zero bytes otherwise (the PTX src-size-0 form).
-inline void cp_async_16(void* smem, const void* gmem) { std::memcpy(smem, gmem, 16); }
-inline void cp_async_16_zfill(void* smem, const void* gmem, bool valid) {
+// Each copy's destination is checked against the shared bytes in-flight wgmma products read.
+namespace emu {
+inline void cp_async_16_at(void* smem, const void* gmem, const char* file, int line) {
+    cp_async_store(smem, 16, file, line);
+    std::memcpy(smem, gmem, 16);
+}
+inline void cp_async_16_zfill_at(void* smem, const void* gmem, bool valid, const char* file, int line) {
+    cp_async_store(smem, 16, file, line);
     if (valid)
         std::memcpy(smem, gmem, 16);
     else
         std::memset(smem, 0, 16);
 }
-inline void cp_async_4(void* smem, const void* gmem) { std::memcpy(smem, gmem, 4); }
+inline void cp_async_4_at(void* smem, const void* gmem, const char* file, int line) {
+    cp_async_store(smem, 4, file, line);
+    std::memcpy(smem, gmem, 4);
+}
+}  // namespace emu
+#define cp_async_16(smem, gmem) ::emu::cp_async_16_at(smem, gmem, __FILE__, __LINE__)
+#define cp_async_16_zfill(smem, gmem, valid) ::emu::cp_async_16_zfill_at(smem, gmem, valid, __FILE__, __LINE__)
+#define cp_async_4(smem, gmem) ::emu::cp_async_4_at(smem, gmem, __FILE__, __LINE__)
 inline void cp_async_commit() {}
 template <int N>
 inline void cp_async_wait() {}

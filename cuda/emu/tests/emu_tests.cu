@@ -236,3 +236,35 @@ extern "C" __global__ void emu_test_named_dangling(float* __restrict__ x) {
     if (threadIdx.x < 32) named_bar_arrive(3, 64);
     x[threadIdx.x] = 2.f;
 }
+
+// A wgmma's shared operand overwritten by cp.async before any thread of its warpgroup waited for
+// the product (`early` = 1), or after (0: fine). 128 threads, dynamic shared memory 5 KB (A and
+// B, 64×16 bf16 each, after 1 KB of alignment slack); the values do not matter, the addresses do.
+extern "C" __global__ void emu_test_wgmma_war(float* __restrict__ out, const float* __restrict__ src, int early) {
+    DYNAMIC_SMEM(unsigned char, raw);
+    unsigned char* s = raw + ((1024 - (smem_addr(raw) & 1023)) & 1023);
+    for (int e = threadIdx.x; e < 2 * 64 * 16; e += 128) reinterpret_cast<bf16*>(s)[e] = f2bf(1.f);
+    __syncthreads();
+    const uint32_t base = smem_addr(s);
+    float d[32];
+    wgmma_fence();
+    // K-major, no swizzle: core matrices of 8 rows × 16 bytes, LBO between the two k halves,
+    // SBO between 8-row groups.
+    wgmma_m64n64k16_ss<0, 0>(d, wgmma_desc(base, 128, 256, 0), wgmma_desc(base + 2048, 128, 256, 0), 0);
+    wgmma_commit();
+    if (early && threadIdx.x == 0) cp_async_16(s, src);  // A's first bytes, product still running
+    wgmma_wait<0>();
+    __syncthreads();
+    if (!early && threadIdx.x == 0) cp_async_16(s, src);
+    cp_async_commit();
+    cp_async_wait<0>();
+    out[threadIdx.x] = d[0];
+}
+
+// A wgmma wait executed by warps 0–1 of the warpgroup and not by warps 2–3 (`diverge` = 1).
+extern "C" __global__ void emu_test_wgmma_divergent_wait(float* __restrict__ out, int diverge) {
+    wgmma_fence();
+    wgmma_commit();
+    if (!diverge || threadIdx.x < 64) wgmma_wait<0>();
+    out[threadIdx.x] = 1.f;
+}
