@@ -411,7 +411,7 @@ fn mbarrier_and_named_barrier_misuse_is_reported() {
 #[test]
 fn wgmma_hazards_are_faults() {
     let mut out = vec![0f32; 128];
-    let src = vec![0f32; 4];
+    let src = [0f32; 4];
     let run = |name: &str, out: &mut Vec<f32>, flag: i32, smem: u32| {
         let (mut po, mut ps, mut f) = (out.as_mut_ptr(), src.as_ptr(), flag);
         let mut args = vec![arg(&mut po)];
