@@ -116,6 +116,18 @@ impl CudaRuntime {
             )
             .result()
             .map_err(|e| cuda_err("memory pool threshold", e))?;
+            // No stream dependencies of the pool's own making: reusing memory the side stream
+            // freed would otherwise let an allocation on the main stream wait for the side
+            // stream's progress, a silent serialisation of the two. Reuse still follows the
+            // fork and join events (CU_MEMPOOL_ATTR_REUSE_FOLLOW_EVENT_DEPENDENCIES).
+            let mut off: i32 = 0;
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_REUSE_ALLOW_INTERNAL_DEPENDENCIES,
+                &mut off as *mut i32 as *mut c_void,
+            )
+            .result()
+            .map_err(|e| cuda_err("memory pool reuse", e))?;
         }
         Ok(Arc::new(CudaRuntime {
             ctx,
