@@ -132,6 +132,8 @@ step step-sd35m-80g 150 "$BIN/advdmd" bench step --device cuda --model sd3.5-med
 step step-sd35m-80g-graph 180 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 3 --bf16-moments --checkpoint-activations --graph --json
 # the same configuration at 1024 px (bigger GEMMs, the attention's larger share): MFU and whether it fits
 step step-sd35m-80g-1024 180 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 1024 --prompts 1 --group 2 --iters 2 --bf16-moments --checkpoint-activations --graph --json
+# where the iteration's time goes (no graphs: every op timed), per kind of iteration
+step step-sd35m-80g-profile 180 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 1 --bf16-moments --checkpoint-activations --profile --json
 ADVDMD_STREAMS=2 step step-sd35m-80g-graph-streams 180 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 3 --bf16-moments --checkpoint-activations --graph --json
 # SD3.5-large (8.1 B parameters) as a frozen bf16 model: the forward and a 4-step sample in 80 GB
 step mmdit-sd35l 180 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-large --res 1024 --batch 1 --iters 5 --forward-only --json
@@ -197,5 +199,5 @@ with open(f"{out}/report.md", "w") as f:
             f.write(f"| {r['op']} | {r['calls']} | {r['ms']:.3f} | {r['share']:.1f} | {'' if tf is None else f'{tf:.0f}'} |\n")
 print(open(f"{out}/report.md").read()[-8000:])
 PY
-for s in hopper tests model runtime mmdit-shapes mmdit-sd35m mmdit-sd35m-streams mmdit-sd35m-hopper mmdit-sd35m-profile mmdit-sd35m-base mmdit-sd35m-512 sample-sd35m sample-sd35m-graph sample-sd35m-graph-streams sample-512 advdmd step-shapes step-shapes-graph distill step-sd35m step-sd35m-80g step-sd35m-80g-graph step-sd35m-80g-1024 step-sd35m-80g-graph-streams mmdit-sd35l sample-sd35l torch bench attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
+for s in hopper tests model runtime mmdit-shapes mmdit-sd35m mmdit-sd35m-streams mmdit-sd35m-hopper mmdit-sd35m-profile mmdit-sd35m-base mmdit-sd35m-512 sample-sd35m sample-sd35m-graph sample-sd35m-graph-streams sample-512 advdmd step-shapes step-shapes-graph distill step-sd35m step-sd35m-80g step-sd35m-80g-graph step-sd35m-80g-1024 step-sd35m-80g-profile step-sd35m-80g-graph-streams mmdit-sd35l sample-sd35l torch bench attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
 exit $status
