@@ -251,6 +251,26 @@ fn adaln(b: &mut Bench) -> KernelResult<()> {
         )
         .map(|_| ())
     })?;
+    // The same in one pass over x and dy (dx and the column partials together), same bytes.
+    b.time(
+        "adaln_modulate_bwd_fused (1 pass + 2 sums)",
+        &shape,
+        bytes,
+        sets,
+        |i| {
+            let t = &s[i];
+            crate::kernels::adaln::dev::adaln_modulate_bwd_fused_ld(
+                &dev,
+                &t.x,
+                (&t.scale, d),
+                &t.mean,
+                &t.rstd,
+                &t.y,
+                (1, l, d),
+            )
+            .map(|_| ())
+        },
+    )?;
     Ok(())
 }
 

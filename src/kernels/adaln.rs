@@ -443,6 +443,73 @@ pub mod dev {
         Ok((dx, dshift, dscale))
     }
 
+    /// [`adaln_modulate_bwd_ld`] in one pass over `x` and `dy` (`adaln_modulate_bwd_fused`:
+    /// dx and the column partials together, then the two `sum_splits`) where the rows allow
+    /// 16-byte packs (`D % 8 == 0`, `D ≤ 4096`, aligned buffers); the three-kernel path otherwise.
+    /// The `kernels` bench times both; the model keeps the three-kernel path until a GPU says
+    /// which is faster.
+    #[allow(clippy::too_many_arguments)]
+    pub fn adaln_modulate_bwd_fused_ld(
+        dev: &KernelDevice,
+        x: &DevBuf<bf16>,
+        (scale, ld): (&DevBuf<bf16>, usize),
+        mean: &DevBuf<f32>,
+        rstd: &DevBuf<f32>,
+        dy: &DevBuf<bf16>,
+        (b, l, d): (usize, usize, usize),
+    ) -> KernelResult<(DevBuf<bf16>, DevBuf<f32>, DevBuf<f32>)> {
+        let rows = b * l;
+        let vec = mod_rows(scale, ld, (b, d), "adaln scale")?;
+        let aligned = [x.device_ptr(), dy.device_ptr()]
+            .iter()
+            .all(|p| p % 16 == 0);
+        let threads = dx_threads(d).filter(|&t| vec && aligned && t <= 512);
+        let (Some(threads), true) = (threads, rows > 0) else {
+            return adaln_modulate_bwd_ld(dev, x, (scale, ld), mean, rstd, dy, (b, l, d));
+        };
+        if x.len() < rows * d || dy.len() < rows * d || mean.len() < rows || rstd.len() < rows {
+            return Err(crate::device::kernel::KernelError::Invalid(format!(
+                "adaln_modulate_bwd_fused: x {}, dy {}, mean {}, rstd {} for [{b}, {l}, {d}]",
+                x.len(),
+                dy.len(),
+                mean.len(),
+                rstd.len()
+            )));
+        }
+        // ~2 blocks per SM of an H100 over the whole batch, at least FUSED_ROWS rows each
+        let s = (256 / b).clamp(1, l.div_ceil(FUSED_ROWS));
+        let dx = dev.alloc::<bf16>(rows * d)?;
+        let (dshift, dscale) = (dev.alloc::<f32>(b * d)?, dev.alloc::<f32>(b * d)?);
+        let (part_shift, part_scale) = (dev.alloc::<f32>(s * b * d)?, dev.alloc::<f32>(s * b * d)?);
+        dev.launch(
+            "adaln_modulate_bwd_fused",
+            LaunchCfg {
+                grid: [s as u32, b as u32, 1],
+                block: [threads, 1, 1],
+                shared_bytes: 0,
+            },
+            KernelArgs::new()
+                .buf(&dx)
+                .buf(&part_shift)
+                .buf(&part_scale)
+                .buf(x)
+                .buf(scale)
+                .buf(mean)
+                .buf(rstd)
+                .buf(dy)
+                .i32(b as i32)
+                .i32(l as i32)
+                .i32(d as i32)
+                .i32(ld as i32),
+        )?;
+        sum_splits(dev, &dshift, &part_shift, s)?;
+        sum_splits(dev, &dscale, &part_scale, s)?;
+        Ok((dx, dshift, dscale))
+    }
+
+    /// Rows a block of `adaln_modulate_bwd_fused` takes per round (`FUSED_ROWS` in adaln.cu).
+    const FUSED_ROWS: usize = 4;
+
     /// Elements per thread of the gated-residual kernels: a 16-byte pack when rows allow it.
     fn per_thread(d: usize) -> usize {
         if d % 8 == 0 {

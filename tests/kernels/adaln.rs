@@ -90,6 +90,40 @@ fn adaln_modulate_fwd_and_bwd_match_cpu() {
                 dscc.f32s(),
                 1e-4,
             );
+            // the one-pass backward (its own kernel where D % 8 == 0, else the same path)
+            let (dx, dsh, dsc) = gpu::adaln_modulate_bwd_fused_ld(
+                &dev,
+                &xd,
+                (&scd, d),
+                &mean,
+                &rstd,
+                &dyd,
+                (b, l, d),
+            )
+            .unwrap();
+            let fused = [
+                (
+                    "adaln_modulate_bwd_fused.dx",
+                    download_f32(&dev, &dx),
+                    dxc.f32s(),
+                    1e-2,
+                ),
+                (
+                    "adaln_modulate_bwd_fused.dshift",
+                    dev.download(&dsh).unwrap(),
+                    dshc.f32s(),
+                    1e-4,
+                ),
+                (
+                    "adaln_modulate_bwd_fused.dscale",
+                    dev.download(&dsc).unwrap(),
+                    dscc.f32s(),
+                    1e-4,
+                ),
+            ];
+            for (name, got, want, tol) in fused {
+                check(name, &dev, &shape, &got, want, tol);
+            }
         }
     }
 }
