@@ -660,7 +660,31 @@ fn build_fatbins(out: &Path, cuda: &Path, sources: &[PathBuf], header_text: &str
                     for line in text.lines().filter(|l| l.contains("(C7508)")) {
                         spills.push(format!("{stem}.cu: setmaxnreg ignored: {}", line.trim()));
                     }
-                    for (name, r) in parse_ptxas(&text) {
+                    // `advdmd-entry-registers: KERNEL N` in a source: the register count at
+                    // launch that the kernel's setmaxnreg split was sized for (setmaxnreg.inc
+                    // waits for the block's pool: a split over the entry budget hangs).
+                    let entry: Vec<(String, u32)> = read(src)
+                        .lines()
+                        .filter_map(|l| l.split("advdmd-entry-registers:").nth(1))
+                        .filter_map(|d| {
+                            let mut w = d.split_whitespace();
+                            Some((w.next()?.to_string(), w.next()?.parse().ok()?))
+                        })
+                        .collect();
+                    let ptxas = parse_ptxas(&text);
+                    for (kernel, want) in &entry {
+                        match ptxas.iter().find(|(n, _)| n == kernel) {
+                            Some((_, r)) if r.registers == *want => {}
+                            found => spills.push(format!(
+                                "{stem}.cu: {kernel} has {} registers at entry; its setmaxnreg \
+                                 split assumes {want} (advdmd-entry-registers)",
+                                found.map_or("no ptxas line / ".into(), |(_, r)| r
+                                    .registers
+                                    .to_string())
+                            )),
+                        }
+                    }
+                    for (name, r) in ptxas {
                         writeln!(
                             report,
                             "{stem}.cu  {name}  {}  {}  {}  {}  {}  {}  {}",

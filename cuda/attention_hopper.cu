@@ -770,6 +770,14 @@ __device__ __forceinline__ void bwd_h1(bf16* __restrict__ dka, bf16* __restrict_
 // reductions, so the consumers issue no reductions at all. The consumers meet once per tile on
 // named barrier 1, when both halves of dSᵀ are in place for dQ. (D = 128 has no room: its
 // consumers need 252 registers, more than a producer warpgroup leaves them.)
+// The H3 kernels' setmaxnreg splits assume 168 registers a thread at launch (384 threads; build.rs
+// checks the ptxas figure):
+// advdmd-entry-registers: joint_attn_fwd_h3_d64 168
+// advdmd-entry-registers: joint_attn_fwd_h3_d64_vfused 168
+// advdmd-entry-registers: joint_attn_fwd_h3_d128 168
+// advdmd-entry-registers: joint_attn_fwd_h3_d128_vfused 168
+// advdmd-entry-registers: joint_attn_bwd_h3_d64 168
+// advdmd-entry-registers: joint_attn_bwd_h3_d64_vfused 168
 // The H3 backward's register split of the 384-thread block's 168 registers a thread: 96/208 (the
 // first choice) does not fit (setmaxnreg_fits).
 constexpr int kBwdH3Producer = 104, kBwdH3Consumer = 200;

@@ -464,7 +464,7 @@ pub mod dev {
             .iter()
             .all(|p| p % 16 == 0);
         let threads = dx_threads(d).filter(|&t| vec && aligned && t <= 512);
-        let (Some(threads), true) = (threads, rows > 0) else {
+        let (Some(threads), true) = (threads, rows > 0 && d > 0) else {
             return adaln_modulate_bwd_ld(dev, x, (scale, ld), mean, rstd, dy, (b, l, d));
         };
         if x.len() < rows * d || dy.len() < rows * d || mean.len() < rows || rstd.len() < rows {
