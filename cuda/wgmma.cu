@@ -27,6 +27,17 @@ __device__ __forceinline__ uint32_t sw128_mn_major(int k, int n) {
     return o ^ (((o >> 7) & 7) << 4);
 }
 
+// This thread's register A fragment of k-step s, read from A (64 × k_len, row-major) in global
+// memory: rows 16w + g and + 8, columns 16s + 2q (+1) and + 8 (the m64nNk16 register-A layout).
+__device__ __forceinline__ void a_fragment(uint32_t (&af)[4], const bf16* a, int k_len, int s, int w, int g, int q) {
+    const bf16* r0 = a + (long long)(16 * w + g) * k_len + 16 * s + 2 * q;
+    const bf16* r1 = r0 + 8LL * k_len;
+    af[0] = pack_bf16x2(bf2f(r0[0]), bf2f(r0[1]));
+    af[1] = pack_bf16x2(bf2f(r1[0]), bf2f(r1[1]));
+    af[2] = pack_bf16x2(bf2f(r0[8]), bf2f(r0[9]));
+    af[3] = pack_bf16x2(bf2f(r1[8]), bf2f(r1[9]));
+}
+
 extern "C" __global__ void __launch_bounds__(128)
     wgmma_probe_m64n64(const bf16* a, const bf16* b, float* c, int k_len, int b_mn_major, int a_mode,
                        int n_halves) {
@@ -72,12 +83,7 @@ extern "C" __global__ void __launch_bounds__(128)
         wgmma_fence();
         if (a_mode == 1) {
             uint32_t af[4];
-            const bf16* r0 = a + (long long)(16 * w + g) * k_len + 16 * s + 2 * q;
-            const bf16* r1 = r0 + 8LL * k_len;
-            af[0] = pack_bf16x2(bf2f(r0[0]), bf2f(r0[1]));
-            af[1] = pack_bf16x2(bf2f(r1[0]), bf2f(r1[1]));
-            af[2] = pack_bf16x2(bf2f(r0[8]), bf2f(r0[9]));
-            af[3] = pack_bf16x2(bf2f(r1[8]), bf2f(r1[9]));
+            a_fragment(af, a, k_len, s, w, g, q);
             wgmma_fence();
             if (n_halves) {
                 for (int half = 0; half < 2; half++) {
@@ -166,12 +172,7 @@ extern "C" __global__ void __launch_bounds__(128)
         wgmma_fence();
         if (a_mode == 1) {
             uint32_t af[4];
-            const bf16* r0 = a + (long long)(16 * w + g) * k_len + 16 * s + 2 * q;
-            const bf16* r1 = r0 + 8LL * k_len;
-            af[0] = pack_bf16x2(bf2f(r0[0]), bf2f(r0[1]));
-            af[1] = pack_bf16x2(bf2f(r1[0]), bf2f(r1[1]));
-            af[2] = pack_bf16x2(bf2f(r0[8]), bf2f(r0[9]));
-            af[3] = pack_bf16x2(bf2f(r1[8]), bf2f(r1[9]));
+            a_fragment(af, a, k_len, s, w, g, q);
             wgmma_fence();
             if (b_mn_major)
                 wgmma_rs<128, 1>(d, af, db, scale_d);

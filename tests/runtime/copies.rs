@@ -6,12 +6,7 @@ use advdmd::device::kernel::KernelDevice;
 use advdmd::kernels::elementwise::dev::copy;
 
 fn devices() -> Vec<KernelDevice> {
-    let mut v = vec![KernelDevice::emulator()];
-    match KernelDevice::gpu_if_available() {
-        Some(g) => v.push(g),
-        None => println!("no GPU: copy tests run on the emulator only"),
-    }
-    v
+    super::devices("copy")
 }
 
 #[test]

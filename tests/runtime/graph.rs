@@ -10,12 +10,7 @@ use advdmd::kernels::gemm::dev::{gemm_bf16, EpilogueBufs};
 use half::bf16;
 
 fn devices() -> Vec<KernelDevice> {
-    let mut v = vec![KernelDevice::emulator()];
-    match KernelDevice::gpu_if_available() {
-        Some(g) => v.push(g),
-        None => println!("no GPU: graph tests run on the emulator only"),
-    }
-    v
+    super::devices("graph")
 }
 
 fn bf(v: &[f32]) -> Vec<bf16> {

@@ -7,3 +7,15 @@ mod copies;
 mod graph;
 mod profile;
 mod streams;
+
+use advdmd::device::kernel::KernelDevice;
+
+/// The emulator, and the GPU when there is one (else said once per test: `what` tests).
+fn devices(what: &str) -> Vec<KernelDevice> {
+    let mut v = vec![KernelDevice::emulator()];
+    match KernelDevice::gpu_if_available() {
+        Some(g) => v.push(g),
+        None => println!("no GPU: {what} tests run on the emulator only"),
+    }
+    v
+}

@@ -7,11 +7,7 @@ use advdmd::device::kernel::KernelDevice;
 use advdmd::kernels::elementwise::dev::copy;
 
 fn two_stream_devices() -> Vec<KernelDevice> {
-    let mut v = vec![KernelDevice::emulator()];
-    match KernelDevice::gpu_if_available() {
-        Some(g) => v.push(g),
-        None => println!("no GPU: stream tests run on the emulator only"),
-    }
+    let v = super::devices("stream");
     for d in &v {
         d.set_streams(2).unwrap();
     }
