@@ -38,6 +38,46 @@ __device__ __forceinline__ void a_fragment(uint32_t (&af)[4], const bf16* a, int
     af[3] = pack_bf16x2(bf2f(r1[8]), bf2f(r1[9]));
 }
 
+// A (64 × k_len, row-major in global memory) into shared memory at `sa`: K-major (8 KB atoms of
+// 64 k) or, with `mn_major`, one 128-byte swizzled row per k (the backward's dSᵀ read through its
+// transpose).
+__device__ __forceinline__ void stage_a(unsigned char* sa, const bf16* a, int k_len, bool mn_major) {
+    for (int e = threadIdx.x; e < 64 * k_len; e += blockDim.x) {
+        const int i = e / k_len, k = e % k_len;
+        const uint32_t o = mn_major ? sw128_mn_major(k, i) : (k / 64) * 8192 + sw128_k_major(i, k % 64);
+        *reinterpret_cast<bf16*>(sa + o) = a[e];
+    }
+}
+
+// B into shared memory at `sb`, N columns of the product: stored N × K and K-major (N·128 bytes
+// per 64 k), or K × N and MN-major (64-column halves k_len·128 bytes apart).
+template <int N>
+__device__ __forceinline__ void stage_b(unsigned char* sb, const bf16* b, int k_len, bool mn_major) {
+    for (int e = threadIdx.x; e < N * k_len; e += blockDim.x) {
+        uint32_t o;
+        if (mn_major) {
+            const int k = e / N, n = e % N;
+            o = (n / 64) * k_len * 128 + sw128_mn_major(k, n % 64);
+        } else {
+            const int n = e / k_len, k = e % k_len;
+            o = (k / 64) * (N * 128) + sw128_k_major(n, k % 64);
+        }
+        *reinterpret_cast<bf16*>(sb + o) = b[e];
+    }
+}
+
+// The accumulators d (m64nNk16 layout) into C (64 × N, row-major).
+template <int N>
+__device__ __forceinline__ void store_c(float* c, const float* d, int w, int g, int q) {
+    for (int j = 0; j < N / 8; j++) {
+        const int row = 16 * w + g, col = 8 * j + 2 * q;
+        c[row * N + col] = d[4 * j];
+        c[row * N + col + 1] = d[4 * j + 1];
+        c[(row + 8) * N + col] = d[4 * j + 2];
+        c[(row + 8) * N + col + 1] = d[4 * j + 3];
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(128)
     wgmma_probe_m64n64(const bf16* a, const bf16* b, float* c, int k_len, int b_mn_major, int a_mode,
                        int n_halves) {
@@ -46,19 +86,8 @@ extern "C" __global__ void __launch_bounds__(128)
     unsigned char* sa = raw + ((1024 - (smem_addr(raw) & 1023)) & 1023);
     unsigned char* sb = sa + 64 * k_len * 2;
     const int tid = threadIdx.x;
-    for (int e = tid; e < 64 * k_len; e += 128) {
-        const int i = e / k_len, k = e % k_len;
-        if (a_mode == 2)
-            *reinterpret_cast<bf16*>(sa + sw128_mn_major(k, i)) = a[e];
-        else
-            *reinterpret_cast<bf16*>(sa + (k / 64) * 8192 + sw128_k_major(i, k % 64)) = a[e];
-        if (b_mn_major) {
-            const int kk = e / 64, n = e % 64;
-            *reinterpret_cast<bf16*>(sb + sw128_mn_major(kk, n)) = b[e];
-        } else {
-            *reinterpret_cast<bf16*>(sb + (k / 64) * 8192 + sw128_k_major(i, k % 64)) = b[e];
-        }
-    }
+    stage_a(sa, a, k_len, a_mode == 2);
+    stage_b<64>(sb, b, k_len, b_mn_major);
     fence_proxy_async();
     __syncthreads();
 
@@ -124,13 +153,7 @@ extern "C" __global__ void __launch_bounds__(128)
     if (n_halves)
         for (int j = 0; j < 8; j++)
             for (int e = 0; e < 4; e++) d[4 * j + e] = h[j / 4][4 * (j % 4) + e];
-    for (int j = 0; j < 8; j++) {
-        const int row = 16 * w + g, col = 8 * j + 2 * q;
-        c[row * 64 + col] = d[4 * j];
-        c[row * 64 + col + 1] = d[4 * j + 1];
-        c[(row + 8) * 64 + col] = d[4 * j + 2];
-        c[(row + 8) * 64 + col + 1] = d[4 * j + 3];
-    }
+    store_c<64>(c, d, w, g, q);
 }
 
 // The same check at N = 128, the width the attention uses for S at D = 64 (K-major B: 128 key
@@ -144,19 +167,8 @@ extern "C" __global__ void __launch_bounds__(128)
     unsigned char* sa = raw + ((1024 - (smem_addr(raw) & 1023)) & 1023);
     unsigned char* sb = sa + 64 * k_len * 2;
     const int tid = threadIdx.x;
-    for (int e = tid; e < 64 * k_len; e += 128) {
-        const int i = e / k_len, k = e % k_len;
-        *reinterpret_cast<bf16*>(sa + (k / 64) * 8192 + sw128_k_major(i, k % 64)) = a[e];
-    }
-    for (int e = tid; e < 128 * k_len; e += 128) {
-        if (b_mn_major) {
-            const int k = e / 128, n = e % 128;
-            *reinterpret_cast<bf16*>(sb + (n / 64) * k_len * 128 + sw128_mn_major(k, n % 64)) = b[e];
-        } else {
-            const int n = e / k_len, k = e % k_len;
-            *reinterpret_cast<bf16*>(sb + (k / 64) * 16384 + sw128_k_major(n, k % 64)) = b[e];
-        }
-    }
+    stage_a(sa, a, k_len, false);
+    stage_b<128>(sb, b, k_len, b_mn_major);
     fence_proxy_async();
     __syncthreads();
 
@@ -186,11 +198,5 @@ extern "C" __global__ void __launch_bounds__(128)
         wgmma_commit();
     }
     wgmma_wait<0>();
-    for (int j = 0; j < 16; j++) {
-        const int row = 16 * w + g, col = 8 * j + 2 * q;
-        c[row * 128 + col] = d[4 * j];
-        c[row * 128 + col + 1] = d[4 * j + 1];
-        c[(row + 8) * 128 + col] = d[4 * j + 2];
-        c[(row + 8) * 128 + col + 1] = d[4 * j + 3];
-    }
+    store_c<128>(c, d, w, g, q);
 }

@@ -245,8 +245,10 @@ struct MemoryCounter {
     capture: CaptureSlot,
     /// Whether the side stream is in use (both back ends), and the emulator's checker of it.
     lanes: EmuLanes,
-    /// The op profile in progress (`KernelDevice::profile`), if any.
+    /// The op profile in progress (`KernelDevice::profile`), if any; `profiling` says so without
+    /// the lock (every launch asks).
     profile: std::sync::Mutex<Option<ProfileLog>>,
+    profiling: std::sync::atomic::AtomicBool,
     /// Matmul FLOPs counted by [`KernelDevice::count_matmul_flops`] since the last timed launch:
     /// the next launch's (attention counts its FLOPs, then launches).
     pending_flops: std::sync::atomic::AtomicU64,
@@ -712,6 +714,9 @@ impl KernelDevice {
 
     /// Timestamps the op just queued when a profile is running (outside captures).
     fn mark(&self, name: impl FnOnce() -> String, flops: u64) -> KernelResult<()> {
+        if !self.memory.profiling.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         let mut guard = self
             .memory
             .profile
@@ -767,15 +772,18 @@ impl KernelDevice {
                 started: Some(std::time::Instant::now()),
                 ..Default::default()
             });
+            self.memory.profiling.store(true, Ordering::Relaxed);
         }
         let ran = work().and_then(|_| self.synchronize());
-        let log = self
-            .memory
-            .profile
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .unwrap_or_default();
+        let log = {
+            let mut guard = self
+                .memory
+                .profile
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            self.memory.profiling.store(false, Ordering::Relaxed);
+            guard.take().unwrap_or_default()
+        };
         let stamps = match &self.backend {
             Backend::Emulator => ran.map(|_| (log.host_s, [0.0, 0.0])),
             #[cfg(feature = "cuda")]

@@ -66,25 +66,12 @@ pub struct OpProfile {
 impl OpProfile {
     /// Aggregates per-op durations (`ms[i]` for `marks[i]`) by name.
     pub(crate) fn from_marks(marks: &[Mark], ms: &[f64]) -> OpProfile {
-        let mut index: HashMap<&str, usize> = HashMap::new();
-        let mut rows: Vec<ProfileRow> = Vec::new();
-        for (m, &t) in marks.iter().zip(ms) {
-            let i = *index.entry(m.name.as_str()).or_insert_with(|| {
-                rows.push(ProfileRow {
-                    name: m.name.clone(),
-                    calls: 0,
-                    ms: 0.0,
-                    flops: 0,
-                });
-                rows.len() - 1
-            });
-            rows[i].calls += 1;
-            rows[i].ms += t;
-            rows[i].flops += m.flops;
-        }
-        sort_by_time(&mut rows);
+        let ops = marks
+            .iter()
+            .zip(ms)
+            .map(|(m, &t)| (m.name.as_str(), 1, t, m.flops));
         OpProfile {
-            rows,
+            rows: sum_by_name(ops),
             ops: marks.len() as u64,
             side_ops: marks.iter().filter(|m| m.side).count() as u64,
         }
@@ -97,25 +84,34 @@ impl OpProfile {
 
     /// The rows summed per family (every GEMM shape in one `gemm` row), by descending time.
     pub fn families(&self) -> Vec<ProfileRow> {
-        let mut index: HashMap<&str, usize> = HashMap::new();
-        let mut out: Vec<ProfileRow> = Vec::new();
-        for r in &self.rows {
-            let i = *index.entry(r.family()).or_insert_with(|| {
-                out.push(ProfileRow {
-                    name: r.family().to_string(),
-                    calls: 0,
-                    ms: 0.0,
-                    flops: 0,
-                });
-                out.len() - 1
-            });
-            out[i].calls += r.calls;
-            out[i].ms += r.ms;
-            out[i].flops += r.flops;
-        }
-        sort_by_time(&mut out);
-        out
+        sum_by_name(
+            self.rows
+                .iter()
+                .map(|r| (r.family(), r.calls, r.ms, r.flops)),
+        )
     }
+}
+
+/// Rows summed per name (`(name, calls, ms, flops)` each), by descending time.
+fn sum_by_name<'a>(items: impl Iterator<Item = (&'a str, u64, f64, u64)>) -> Vec<ProfileRow> {
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    let mut rows: Vec<ProfileRow> = Vec::new();
+    for (name, calls, ms, flops) in items {
+        let i = *index.entry(name).or_insert_with(|| {
+            rows.push(ProfileRow {
+                name: name.to_string(),
+                calls: 0,
+                ms: 0.0,
+                flops: 0,
+            });
+            rows.len() - 1
+        });
+        rows[i].calls += calls;
+        rows[i].ms += ms;
+        rows[i].flops += flops;
+    }
+    sort_by_time(&mut rows);
+    rows
 }
 
 /// Descending time; ties by name, so equal profiles print alike.

@@ -28,6 +28,54 @@ fn reference(a: &[f32], b: &[f32], (k, n): (usize, usize), b_mn_major: bool) -> 
     c
 }
 
+/// One probe launch (`wgmma_probe_m64n{n}`: `n_halves` only for N = 64) on random A (64 × k)
+/// and B, checked against the f64 product.
+fn probe(
+    dev: &KernelDevice,
+    (n, k): (usize, usize),
+    (b_mn_major, a_mode, n_halves): (bool, i32, Option<bool>),
+    seed: u64,
+) {
+    let mut rng = Rng::new(seed);
+    let a = randn_bf16(&mut rng, 64 * k, 1.0);
+    let b = randn_bf16(&mut rng, n * k, 1.0);
+    let (ad, bd) = (upload_bf16(dev, &a), upload_bf16(dev, &b));
+    let c = dev.alloc::<f32>(64 * n).unwrap();
+    let cfg = LaunchCfg {
+        grid: [1, 1, 1],
+        block: [128, 1, 1],
+        shared_bytes: (1024 + (64 + n) * k * 2) as u32,
+    };
+    let args = KernelArgs::new()
+        .buf(&ad)
+        .buf(&bd)
+        .buf(&c)
+        .i32(k as i32)
+        .i32(b_mn_major as i32)
+        .i32(a_mode);
+    let args = match n_halves {
+        Some(h) => args.i32(h as i32),
+        None => args,
+    };
+    dev.launch(&format!("wgmma_probe_m64n{n}"), cfg, args)
+        .unwrap();
+    let shape = format!(
+        "64x{n}x{k} B {} A {}{}",
+        if b_mn_major { "mn" } else { "k" },
+        ["smem-k", "regs", "smem-mn"][a_mode as usize],
+        if n_halves == Some(true) { " 2xN32" } else { "" }
+    );
+    check(
+        &format!("wgmma_m64n{n}k16"),
+        dev,
+        &shape,
+        &dev.download(&c).unwrap(),
+        &reference(&a, &b, (k, n), b_mn_major),
+        1e-5,
+    );
+}
+
+/// N = 64: A K-major, in registers or MN-major; B K- or MN-major; one product or two N = 32 halves.
 #[test]
 fn wgmma_tile_matches_reference() {
     for dev in devices() {
@@ -36,40 +84,8 @@ fn wgmma_tile_matches_reference() {
                 for a_mode in 0..3i32 {
                     for n_halves in [false, true] {
                         let seed = k as u64 * 16 + b_mn_major as u64 * 8 + a_mode as u64 * 2;
-                        let mut rng = Rng::new(seed + n_halves as u64);
-                        let a = randn_bf16(&mut rng, 64 * k, 1.0);
-                        let b = randn_bf16(&mut rng, 64 * k, 1.0);
-                        let (ad, bd) = (upload_bf16(&dev, &a), upload_bf16(&dev, &b));
-                        let c = dev.alloc::<f32>(64 * 64).unwrap();
-                        let cfg = LaunchCfg {
-                            grid: [1, 1, 1],
-                            block: [128, 1, 1],
-                            shared_bytes: (1024 + 2 * 64 * k * 2) as u32,
-                        };
-                        let args = KernelArgs::new()
-                            .buf(&ad)
-                            .buf(&bd)
-                            .buf(&c)
-                            .i32(k as i32)
-                            .i32(b_mn_major as i32)
-                            .i32(a_mode)
-                            .i32(n_halves as i32);
-                        dev.launch("wgmma_probe_m64n64", cfg, args).unwrap();
-                        let got = dev.download(&c).unwrap();
-                        let shape = format!(
-                            "64x64x{k} B {} A {}{}",
-                            if b_mn_major { "mn" } else { "k" },
-                            ["smem-k", "regs", "smem-mn"][a_mode as usize],
-                            if n_halves { " 2xN32" } else { "" }
-                        );
-                        check(
-                            "wgmma_m64n64k16",
-                            &dev,
-                            &shape,
-                            &got,
-                            &reference(&a, &b, (k, 64), b_mn_major),
-                            1e-5,
-                        );
+                        let modes = (b_mn_major, a_mode, Some(n_halves));
+                        probe(&dev, (64, k), modes, seed + n_halves as u64);
                     }
                 }
             }
@@ -86,38 +102,7 @@ fn wgmma_n128_tile_matches_reference() {
             for b_mn_major in [false, true] {
                 for a_mode in 0..2i32 {
                     let seed = 1000 + k as u64 * 16 + b_mn_major as u64 * 8 + a_mode as u64;
-                    let mut rng = Rng::new(seed);
-                    let a = randn_bf16(&mut rng, 64 * k, 1.0);
-                    let b = randn_bf16(&mut rng, 128 * k, 1.0);
-                    let (ad, bd) = (upload_bf16(&dev, &a), upload_bf16(&dev, &b));
-                    let c = dev.alloc::<f32>(64 * 128).unwrap();
-                    let cfg = LaunchCfg {
-                        grid: [1, 1, 1],
-                        block: [128, 1, 1],
-                        shared_bytes: (1024 + 3 * 64 * k * 2) as u32,
-                    };
-                    let args = KernelArgs::new()
-                        .buf(&ad)
-                        .buf(&bd)
-                        .buf(&c)
-                        .i32(k as i32)
-                        .i32(b_mn_major as i32)
-                        .i32(a_mode);
-                    dev.launch("wgmma_probe_m64n128", cfg, args).unwrap();
-                    let got = dev.download(&c).unwrap();
-                    let shape = format!(
-                        "64x128x{k} B {} A {}",
-                        if b_mn_major { "mn" } else { "k" },
-                        ["smem-k", "regs"][a_mode as usize],
-                    );
-                    check(
-                        "wgmma_m64n128k16",
-                        &dev,
-                        &shape,
-                        &got,
-                        &reference(&a, &b, (k, 128), b_mn_major),
-                        1e-5,
-                    );
+                    probe(&dev, (128, k), (b_mn_major, a_mode, None), seed);
                 }
             }
         }
