@@ -66,8 +66,12 @@ fn run(
     }
     let fwd: Vec<f32> = fwd.into_iter().map(median).collect();
     let bwd: Vec<f32> = bwd.into_iter().map(median).collect();
-    let pick_f = fvars.iter().position(|&v| v == FwdVariant::fastest(dims.d));
-    let pick_b = bvars.iter().position(|&v| v == BwdVariant::fastest(dims.d));
+    let pick_f = fvars
+        .iter()
+        .position(|&v| v == FwdVariant::fastest(dev, dims.d));
+    let pick_b = bvars
+        .iter()
+        .position(|&v| v == BwdVariant::fastest(dev, dims.d));
     let (f, b) = (fwd[pick_f.unwrap_or(0)], bwd[pick_b.unwrap_or(0)]);
     let (tf, tb) = (ff / f as f64 / 1e9, fb / b as f64 / 1e9);
     println!("attention {name:<20} {:<22} fwd {f:8.3} ms {tf:7.1} TFLOP/s   bwd {b:8.3} ms {tb:7.1} TFLOP/s", dev.name());

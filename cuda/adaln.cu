@@ -3,8 +3,7 @@
 //
 //   adaln_modulate_fwd:  y = (x − μ)·rstd·(1 + scale[b]) + shift[b], saving μ and rstd per row
 //   adaln_modulate_bwd:  dx per row; dshift, dscale as per-split column partials (then
-//                        sum_splits), so the reduction over a sample's tokens is deterministic;
-//                        adaln_modulate_bwd_fused does both in one pass over x and dy
+//                        sum_splits), so the reduction over a sample's tokens is deterministic
 //   gated_residual_fwd:  out = x + gate[b]·y;  its backward reuses colsum_mul_partial, or
 //                        gated_residual_bwd_vec adds the producing layer's bias gradient in one pass
 //
@@ -190,103 +189,6 @@ extern "C" __global__ void __launch_bounds__(1024)
 #pragma unroll
         for (int k = 0; k < 8; k++) o[k] = rs * (dxh[k] - mg - xh[k] * mgx);
         store16(dx + row * D + 8 * c, pack_bf16x8(o));
-    }
-}
-
-// The backward in one pass over x and dy (D % 8 == 0, D/8 ≤ 512, 16-byte aligned buffers): the
-// three-kernel path reads x and dy twice (dx, then the column partials), 27 MB of its 68 at the
-// SD3.5 shape. Block (s, b) takes split s of sample b's rows, one 16-byte pack of columns a
-// thread, FUSED_ROWS rows at a time: their loads issued together, their two row sums each (Σ dx̂,
-// Σ dx̂·x̂) reduced over the block in one round (warp shuffles, then the warps' sums through
-// shared memory double-buffered by parity, so one barrier a round), dx written, and the column
-// partials dshift += dy, dscale += dy·x̂ kept in registers until the end. Reduce with sum_splits.
-// grid: (S, B), block: D/8 rounded up to a multiple of 32, at most 512 (D ≤ 4096: at 1024
-// threads the 64-register cap spilled 140 bytes).
-#define FUSED_ROWS 4
-extern "C" __global__ void __launch_bounds__(512)
-    adaln_modulate_bwd_fused(bf16* __restrict__ dx, float* __restrict__ part_shift, float* __restrict__ part_scale,
-                             const bf16* __restrict__ x, const bf16* __restrict__ scale,
-                             const float* __restrict__ mean, const float* __restrict__ rstd,
-                             const bf16* __restrict__ dy, int B, int L, int D, int M) {
-    __shared__ float sums[2][32][2 * FUSED_ROWS];
-    const int c = threadIdx.x, b = blockIdx.y, s = blockIdx.x, S = gridDim.x;
-    const int lane = c & 31, warp = c >> 5, warps = blockDim.x >> 5;
-    const bool mine = c < D / 8;
-    const int per = (L + S - 1) / S;
-    const int l0 = s * per, l1 = min(L, l0 + per);
-    float sc1[8], a_sh[8], a_sc[8];
-#pragma unroll
-    for (int k = 0; k < 8; k++) sc1[k] = a_sh[k] = a_sc[k] = 0.f;
-    if (mine) {
-        load_pack(scale + (long long)b * M, c, sc1);
-#pragma unroll
-        for (int k = 0; k < 8; k++) sc1[k] += 1.f;
-    }
-    int parity = 0;
-    for (int l = l0; l < l1; l += FUSED_ROWS, parity ^= 1) {
-        pack16 px[FUSED_ROWS], pg[FUSED_ROWS];
-        float mu[FUSED_ROWS], rs[FUSED_ROWS], red[2 * FUSED_ROWS];
-#pragma unroll
-        for (int r = 0; r < FUSED_ROWS; r++) {
-            const long long row = (long long)b * L + l + r;
-            const bool valid = l + r < l1;
-            mu[r] = valid ? mean[row] : 0.f;
-            rs[r] = valid ? rstd[row] : 0.f;
-            if (valid && mine) {
-                px[r] = load16(x + row * D + 8 * c);
-                pg[r] = load16(dy + row * D + 8 * c);
-            }
-        }
-#pragma unroll
-        for (int r = 0; r < FUSED_ROWS; r++) {
-            red[2 * r] = red[2 * r + 1] = 0.f;
-            if (l + r < l1 && mine) {
-                float xv[8], g[8];
-                unpack_bf16x8(px[r], xv);
-                unpack_bf16x8(pg[r], g);
-#pragma unroll
-                for (int k = 0; k < 8; k++) {
-                    const float xh = (xv[k] - mu[r]) * rs[r], dxh = g[k] * sc1[k];
-                    red[2 * r] += dxh;
-                    red[2 * r + 1] += dxh * xh;
-                    a_sh[k] += g[k];
-                    a_sc[k] += g[k] * xh;
-                }
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < 2 * FUSED_ROWS; i++) red[i] = warp_sum(red[i]);
-        if (lane == 0)
-#pragma unroll
-            for (int i = 0; i < 2 * FUSED_ROWS; i++) sums[parity][warp][i] = red[i];
-        __syncthreads();
-#pragma unroll
-        for (int i = 0; i < 2 * FUSED_ROWS; i++) {
-            float t = 0.f;
-            for (int w = 0; w < warps; w++) t += sums[parity][w][i];
-            red[i] = t / D;
-        }
-#pragma unroll
-        for (int r = 0; r < FUSED_ROWS; r++) {
-            if (l + r >= l1 || !mine) continue;
-            float xv[8], g[8], o[8];
-            unpack_bf16x8(px[r], xv);
-            unpack_bf16x8(pg[r], g);
-#pragma unroll
-            for (int k = 0; k < 8; k++) {
-                const float xh = (xv[k] - mu[r]) * rs[r];
-                o[k] = rs[r] * (g[k] * sc1[k] - red[2 * r] - xh * red[2 * r + 1]);
-            }
-            store16(dx + ((long long)b * L + l + r) * D + 8 * c, pack_bf16x8(o));
-        }
-    }
-    if (mine) {
-        const long long o = ((long long)s * B + b) * D + 8 * c;
-#pragma unroll
-        for (int k = 0; k < 8; k++) {
-            part_shift[o + k] = a_sh[k];
-            part_scale[o + k] = a_sc[k];
-        }
     }
 }
 
@@ -507,6 +409,40 @@ extern "C" __global__ void gated_residual_bwd_vec(bf16* __restrict__ dy, float* 
         part_gate[o + k] = a_g[k];
         part_bias[o + k] = a_b[k];
     }
+}
+
+// part[s, b, j] = Σ_{l in split s} a[b, l, j]: colsum_mul_partial without c, 8 columns a thread
+// with 16-byte row loads (D % 8 == 0, a 16-byte aligned), PARAM_ROWS rows' loads in flight, summed
+// in row order. A bias gradient (Σ over tokens of a layer's output gradient). grid:
+// (ceil(D / 8 / 128), B, S), block: 128.
+extern "C" __global__ void colsum_partial_vec(float* __restrict__ part, const bf16* __restrict__ a, int B, int L,
+                                              int D) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    const int b = blockIdx.y, s = blockIdx.z, S = gridDim.z;
+    if (c >= D / 8) return;
+    const int per = (L + S - 1) / S;
+    const int l0 = s * per, l1 = min(L, l0 + per);
+    float acc[8];
+#pragma unroll
+    for (int k = 0; k < 8; k++) acc[k] = 0.f;
+    for (int l = l0; l < l1; l += PARAM_ROWS) {
+        pack16 pa[PARAM_ROWS];
+#pragma unroll
+        for (int r = 0; r < PARAM_ROWS; r++)
+            if (l + r < l1) pa[r] = load16(a + ((long long)b * L + l + r) * D + 8 * c);
+#pragma unroll
+        for (int r = 0; r < PARAM_ROWS; r++) {
+            if (l + r < l1) {
+                float v[8];
+                unpack_bf16x8(pa[r], v);
+#pragma unroll
+                for (int k = 0; k < 8; k++) acc[k] += v[k];
+            }
+        }
+    }
+    const long long o = ((long long)s * B + b) * D + 8 * c;
+#pragma unroll
+    for (int k = 0; k < 8; k++) part[o + k] = acc[k];
 }
 
 // part[s, b, j] = Σ_{l in split s} a[b, l, j]·c[b, l, j]  (c may be null: Σ a). The gate

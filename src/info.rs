@@ -28,24 +28,31 @@ pub struct Info {
     pub streams: usize,
 }
 
-fn attention_choice(d: usize) -> (usize, String, String) {
+/// What the model path launches at head dim `d` on the device `--device cuda` would use (the
+/// first GPU), or on the emulator when there is none.
+fn attention_choice(d: usize, cuda: &CudaProbe) -> (usize, String, String) {
     let name = |v: String| v.to_lowercase();
+    let has_wgmma = match cuda {
+        CudaProbe::Found(gpus) => gpus.first().is_some_and(|g| g.compute_capability == (9, 0)),
+        _ => true,
+    };
     (
         d,
-        name(format!("{:?}", FwdVariant::fastest(d))),
-        name(format!("{:?}", BwdVariant::fastest(d).resolve(d))),
+        name(format!("{:?}", FwdVariant::choose(d, has_wgmma))),
+        name(format!("{:?}", BwdVariant::choose(d, has_wgmma).resolve(d))),
     )
 }
 
 pub fn gather() -> Info {
+    let cuda = probe_cuda();
     Info {
         version: env!("CARGO_PKG_VERSION"),
         features: features(),
         cpu_threads: cpu_threads(),
-        cuda: probe_cuda(),
         kernels: EMBEDDED_KERNELS.iter().map(|(n, _)| *n).collect(),
-        attention: [attention_choice(64), attention_choice(128)],
-        streams: crate::device::kernel::streams_env().unwrap_or(1),
+        attention: [attention_choice(64, &cuda), attention_choice(128, &cuda)],
+        cuda,
+        streams: crate::device::kernel::streams_env().unwrap_or(2),
     }
 }
 
@@ -98,7 +105,7 @@ impl Info {
         format!(
             "advdmd {}\nfeatures: {features}\ncpu: {} threads\ncuda: {}\nkernels embedded: {kernels}\n\
              attention kernels: {} (ADVDMD_ATTN_FWD / ADVDMD_ATTN_BWD override)\n\
-             streams: {} (ADVDMD_STREAMS=2: the text tokens' work on a second stream)\n",
+             streams: {} (ADVDMD_STREAMS=1: all work on one stream)\n",
             self.version,
             self.cpu_threads,
             self.cuda,

@@ -98,12 +98,10 @@ step runtime 45 "$BIN/runtime-test" --test-threads=1 --nocapture
 ADVDMD_ATTN_BENCH_JSON="$OUT/attention.json" step attention 60 "$BIN/attention-bench"
 step mmdit-shapes 30 "$BIN/advdmd" bench mmdit --device cuda --model shapes --batch 128 --iters 10 --json
 step mmdit-sd35m 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
-# the same with the text tokens' work on a second stream (ADVDMD_STREAMS=2), forward and fwd+bwd
-ADVDMD_STREAMS=2 step mmdit-sd35m-streams 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
-# The same model on the wgmma attention (ADVDMD_ATTN_FWD/BWD pick the variants the model launches;
-# the attention step's per-variant figures say which to try).
-[ "${ADVDMD_ATTN_NO_HOPPER:-0}" = 1 ] || ADVDMD_ATTN_FWD=${GPU_CHECK_ATTN_FWD:-h3} ADVDMD_ATTN_BWD=${GPU_CHECK_ATTN_BWD:-h2} \
-  step mmdit-sd35m-hopper 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
+# the same on one stream (the default, 2, puts the text tokens' work on a second one)
+ADVDMD_STREAMS=1 step mmdit-sd35m-1stream 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
+# The same model without the wgmma attention (the default on an sm_90 card): V4 / V3.
+ADVDMD_ATTN_NO_HOPPER=1 step mmdit-sd35m-nohopper 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
 # where the forward's and the forward+backward's time goes, op by op (the device's event profile:
 # each kernel, each GEMM shape with its TFLOP/s), on the default attention variants
 step mmdit-sd35m-profile 90 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 3 --profile --json
@@ -113,7 +111,7 @@ step mmdit-sd35m-512 60 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-me
 step sample-sd35m 90 "$BIN/advdmd" bench sample --device cuda --model sd3.5-medium --res 1024 --batch 1 --steps 4 --cfg 1 --iters 10 --json
 # the same loop replayed from a CUDA graph, then at 512 px (where launch gaps weigh more) both ways
 step sample-sd35m-graph 90 "$BIN/advdmd" bench sample --device cuda --model sd3.5-medium --res 1024 --batch 1 --steps 4 --cfg 1 --iters 10 --graph --json
-ADVDMD_STREAMS=2 step sample-sd35m-graph-streams 90 "$BIN/advdmd" bench sample --device cuda --model sd3.5-medium --res 1024 --batch 1 --steps 4 --cfg 1 --iters 10 --graph --json
+ADVDMD_STREAMS=1 step sample-sd35m-graph-1stream 90 "$BIN/advdmd" bench sample --device cuda --model sd3.5-medium --res 1024 --batch 1 --steps 4 --cfg 1 --iters 10 --graph --json
 step sample-512 90 bash -c "$BIN/advdmd bench sample --device cuda --model sd3.5-medium --res 512 --batch 1 --steps 4 --cfg 1 --iters 10 --json && \
   $BIN/advdmd bench sample --device cuda --model sd3.5-medium --res 512 --batch 1 --steps 4 --cfg 1 --iters 10 --graph --json"
 # the AdvDMD iteration: parity with the CPU trainer, then its speed (Shapes; SD3.5-medium 512 px,
@@ -134,7 +132,7 @@ step step-sd35m-80g-graph 180 "$BIN/advdmd" bench step --device cuda --model sd3
 step step-sd35m-80g-1024 180 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 1024 --prompts 1 --group 2 --iters 2 --bf16-moments --checkpoint-activations --graph --json
 # where the iteration's time goes (no graphs: every op timed), per kind of iteration
 step step-sd35m-80g-profile 180 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 1 --bf16-moments --checkpoint-activations --profile --json
-ADVDMD_STREAMS=2 step step-sd35m-80g-graph-streams 180 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 3 --bf16-moments --checkpoint-activations --graph --json
+ADVDMD_STREAMS=1 step step-sd35m-80g-graph-1stream 180 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 3 --bf16-moments --checkpoint-activations --graph --json
 # SD3.5-large (8.1 B parameters) as a frozen bf16 model: the forward and a 4-step sample in 80 GB
 step mmdit-sd35l 180 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-large --res 1024 --batch 1 --iters 5 --forward-only --json
 step sample-sd35l 180 "$BIN/advdmd" bench sample --device cuda --model sd3.5-large --res 1024 --batch 1 --steps 4 --cfg 1 --iters 5 --graph --json
@@ -142,7 +140,7 @@ PYTHONUNBUFFERED=1 step torch 120 python3 tools/bench_vs_torch.py --json "$OUT/t
 ADVDMD_BENCH_JSON="$OUT/bench.json" step bench 60 "$BIN/kernels-bench"
 if command -v compute-sanitizer >/dev/null; then
   step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/kernels-test" --test-threads=1
-  step racecheck 45 compute-sanitizer --tool racecheck --error-exitcode 9 "$BIN/kernels-test" --test-threads=1
+  step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 "$BIN/kernels-test" --test-threads=1
 fi
 PYTHONUNBUFFERED=1 step torch-compile 180 python3 tools/bench_vs_torch.py --no-attention --compile --json "$OUT/torch-compile.json"
 
@@ -166,7 +164,7 @@ with open(f"{out}/report.md", "w") as f:
     for p in rep["parity"]:
         f.write(f"| {p['kernel']} | {p['shape']} | {p['max_rel_err']:.2e} |\n")
     # The headline figures of every `advdmd bench … --json` step (its log's JSON object): what
-    # docs/perf-log.md records, side by side (the `-streams` and `-hopper` steps beside theirs).
+    # docs/perf-log.md records, side by side (the `-1stream` and `-nohopper` steps beside theirs).
     f.write("\n## Bench steps\n\n| step | streams | figures |\n|---|---|---|\n")
     keep = re.compile(r"(_ms|mfu|tflops|replays|_bytes)$")
     profiles = []
@@ -199,5 +197,5 @@ with open(f"{out}/report.md", "w") as f:
             f.write(f"| {r['op']} | {r['calls']} | {r['ms']:.3f} | {r['share']:.1f} | {'' if tf is None else f'{tf:.0f}'} |\n")
 print(open(f"{out}/report.md").read()[-8000:])
 PY
-for s in hopper tests model runtime mmdit-shapes mmdit-sd35m mmdit-sd35m-streams mmdit-sd35m-hopper mmdit-sd35m-profile mmdit-sd35m-base mmdit-sd35m-512 sample-sd35m sample-sd35m-graph sample-sd35m-graph-streams sample-512 advdmd step-shapes step-shapes-graph distill step-sd35m step-sd35m-80g step-sd35m-80g-graph step-sd35m-80g-1024 step-sd35m-80g-profile step-sd35m-80g-graph-streams mmdit-sd35l sample-sd35l torch bench attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
+for s in hopper tests model runtime mmdit-shapes mmdit-sd35m mmdit-sd35m-1stream mmdit-sd35m-nohopper mmdit-sd35m-profile mmdit-sd35m-base mmdit-sd35m-512 sample-sd35m sample-sd35m-graph sample-sd35m-graph-1stream sample-512 advdmd step-shapes step-shapes-graph distill step-sd35m step-sd35m-80g step-sd35m-80g-graph step-sd35m-80g-1024 step-sd35m-80g-profile step-sd35m-80g-graph-1stream mmdit-sd35l sample-sd35l torch bench attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
 exit $status

@@ -251,26 +251,6 @@ fn adaln(b: &mut Bench) -> KernelResult<()> {
         )
         .map(|_| ())
     })?;
-    // The same in one pass over x and dy (dx and the column partials together), same bytes.
-    b.time(
-        "adaln_modulate_bwd_fused (1 pass + 2 sums)",
-        &shape,
-        bytes,
-        sets,
-        |i| {
-            let t = &s[i];
-            crate::kernels::adaln::dev::adaln_modulate_bwd_fused_ld(
-                &dev,
-                &t.x,
-                (&t.scale, d),
-                &t.mean,
-                &t.rstd,
-                &t.y,
-                (1, l, d),
-            )
-            .map(|_| ())
-        },
-    )?;
     Ok(())
 }
 
@@ -350,6 +330,134 @@ fn elementwise(b: &mut Bench) -> KernelResult<()> {
     b.time("cast_bf16_to_f32", &shape, n * 6, sets, |i| {
         ew::cast_bf16_to_f32_into(&dev, &s[i].0, &s[i].1)
     })?;
+    Ok(())
+}
+
+/// The MLP's backward through its GELU at SD3.5-medium 1024 px ([4096 × 6144], K = 1536): the
+/// DGeluBgrad GEMM epilogue (its bf16 bias gradient then added into the f32 gradient) against
+/// `gemm_bf16_dgelu` (plain GEMM, then GELU′ with the column sums in one pass). GEMM-bound:
+/// compare the µs.
+fn mlp_backward(b: &mut Bench) -> KernelResult<()> {
+    use crate::device::kernel::{EpilogueKind, GemmSpec};
+    use crate::kernels::gemm::dev::{gemm_bf16, gemm_bf16_dgelu, EpilogueBufs};
+    use crate::kernels::shape::dev::accumulate_bf16;
+    let (m, n, k) = (b.size(4096, 48), b.size(6144, 96), b.size(1536, 32));
+    let bytes = (m * k + k * n + 2 * m * n) * 2;
+    let sets = b.sets(bytes);
+    let s: Vec<_> = (0..sets)
+        .map(|_| -> KernelResult<_> {
+            Ok((b.bf(m * k)?, b.bf(k * n)?, b.bf(m * n)?, b.bf(m * n)?))
+        })
+        .collect::<KernelResult<Vec<_>>>()?;
+    let (dh, db, db32) = (b.bf(m * n)?, b.bf(n)?, b.f(n)?);
+    let dev = b.dev.clone();
+    let shape = format!("{m}x{n}x{k} bf16");
+    let spec = GemmSpec {
+        m,
+        n,
+        k,
+        trans_a: false,
+        trans_b: false,
+        epilogue: EpilogueKind::DGeluBgrad,
+    };
+    b.time(
+        "mlp_bwd: DGeluBgrad GEMM (+bias add)",
+        &shape,
+        bytes,
+        sets,
+        |i| {
+            let (dy, w, pre, dpre) = &s[i];
+            let ep = EpilogueBufs {
+                aux: Some(pre),
+                bias_grad: Some(&db),
+                ..Default::default()
+            };
+            gemm_bf16(&dev, spec, dy, w, dpre, ep)?;
+            accumulate_bf16(&dev, &db32, &db)
+        },
+    )?;
+    b.time(
+        "mlp_bwd: GEMM + gelu_tanh_bwd_colsum",
+        &shape,
+        bytes,
+        sets,
+        |i| {
+            let (dy, w, pre, dpre) = &s[i];
+            gemm_bf16_dgelu(&dev, (m, n, k), dy, w, pre, &dh, dpre, Some(&db32))
+        },
+    )?;
+    drop(s);
+    qkv_weight_grad(b)
+}
+
+/// The qkv projection's weight gradient with its bias gradient at SD3.5-medium 1024 px
+/// ([4608 × 1536], 4096 tokens, added into f32): the BGRADB epilogue against a plain GEMM and
+/// `colsum_acc`. GEMM-bound: compare the µs.
+fn qkv_weight_grad(b: &mut Bench) -> KernelResult<()> {
+    use crate::device::kernel::{EpilogueKind, GemmSpec};
+    use crate::kernels::adaln::dev::colsum_acc;
+    use crate::kernels::gemm::dev::gemm_bf16_acc_f32;
+    let (out, inp, rows) = (b.size(4608, 96), b.size(1536, 64), b.size(4096, 40));
+    let bytes = (rows * (out + inp)) * 2 + out * inp * 8;
+    let sets = b.sets(bytes);
+    let s: Vec<_> = (0..sets)
+        .map(|_| -> KernelResult<_> { Ok((b.bf(rows * out)?, b.bf(rows * inp)?)) })
+        .collect::<KernelResult<Vec<_>>>()?;
+    let (gw, gb) = (b.f(out * inp)?, b.f(out)?);
+    let dev = b.dev.clone();
+    let shape = format!("{out}x{inp}x{rows} f32+=");
+    let spec = |epilogue| GemmSpec {
+        m: out,
+        n: inp,
+        k: rows,
+        trans_a: true,
+        trans_b: false,
+        epilogue,
+    };
+    b.time("qkv_wgrad: BgradB GEMM", &shape, bytes, sets, |i| {
+        let (dy, x) = &s[i];
+        gemm_bf16_acc_f32(&dev, spec(EpilogueKind::BgradB), dy, x, &gw, Some(&gb))
+    })?;
+    b.time("qkv_wgrad: GEMM + colsum_acc", &shape, bytes, sets, |i| {
+        let (dy, x) = &s[i];
+        gemm_bf16_acc_f32(&dev, spec(EpilogueKind::None), dy, x, &gw, None)?;
+        colsum_acc(&dev, dy, (rows, out), &gb)
+    })
+}
+
+/// The modulation layers' weight gradient at batch 1 and 2 (SD3.5-medium's [9216 × 1536] with
+/// its bias; `weight_grad_small_k`): bytes are the f32 gradient read and written (cuBLASLt:
+/// 67 µs at K = 1 on an H200, 2026-11-27).
+fn small_k_weight_grad(b: &mut Bench) -> KernelResult<()> {
+    use crate::device::kernel::{EpilogueKind, GemmSpec};
+    use crate::kernels::gemm::dev::gemm_bf16_acc_f32;
+    let (m, n) = (b.size(9216, 40), b.size(1536, 64));
+    for k in [1, 2] {
+        let bytes = m * n * 8 + (m + n) * k * 2 + m * 8;
+        let sets = b.sets(bytes);
+        let s: Vec<_> = (0..sets)
+            .map(|_| -> KernelResult<_> { Ok((b.bf(k * m)?, b.bf(k * n)?, b.f(m * n)?, b.f(m)?)) })
+            .collect::<KernelResult<Vec<_>>>()?;
+        let dev = b.dev.clone();
+        let spec = GemmSpec {
+            m,
+            n,
+            k,
+            trans_a: true,
+            trans_b: false,
+            epilogue: EpilogueKind::BgradB,
+        };
+        b.time(
+            "weight_grad_small_k (+bias)",
+            &format!("{m}x{n}x{k} f32+="),
+            bytes,
+            sets,
+            |i| {
+                let (dy, x, g, gb) = &s[i];
+                gemm_bf16_acc_f32(&dev, spec, dy, x, g, Some(gb))
+            },
+        )?;
+    }
     Ok(())
 }
 
@@ -597,6 +705,8 @@ pub fn measure(dev: &KernelDevice) -> KernelResult<Vec<KernelRow>> {
     adaln(&mut b)?;
     qk(&mut b)?;
     elementwise(&mut b)?;
+    mlp_backward(&mut b)?;
+    small_k_weight_grad(&mut b)?;
     sde_kernels(&mut b)?;
     head(&mut b)?;
     optimiser(&mut b)?;

@@ -337,7 +337,7 @@ fn common_parameters(c: &CommonArgs) -> Vec<(&'static str, serde_json::Value)> {
         // the kernel devices' streams (ADVDMD_STREAMS): the text tokens' work on a second one
         (
             "streams",
-            crate::device::kernel::streams_env().unwrap_or(1).into(),
+            crate::device::kernel::streams_env().unwrap_or(2).into(),
         ),
         ("iters", c.iters.into()),
         ("warmup", measure::WARMUP.into()),

@@ -138,6 +138,11 @@ impl CudaRuntime {
         self.name.clone()
     }
 
+    /// The GPU's compute capability, `(major, minor)`.
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.ctx.compute_capability().unwrap_or((0, 0))
+    }
+
     fn bind(&self) -> KernelResult<()> {
         self.ctx.bind_to_thread().map_err(|e| cuda_err("bind", e))
     }

@@ -66,17 +66,26 @@ impl LaunchCfg {
 }
 
 /// `ADVDMD_STREAMS=1|2`: whether new devices queue the model's text-token work on a second
-/// stream (default 1), so a GPU session can time both without a rebuild. An error names the
-/// accepted values (the CLI checks at start).
+/// stream (default 2: on an H200 it took the SD3.5-medium forward+backward from 113.8 to
+/// 107.5 ms and the AdvDMD iteration from 426.8 to 414.4 ms, docs/perf-log.md 2026-11-27), so
+/// a GPU session can time both without a rebuild. An error names the accepted values (the CLI
+/// checks at start).
 pub fn streams_env() -> Result<usize, String> {
     match std::env::var("ADVDMD_STREAMS") {
-        Err(_) => Ok(1),
+        Err(_) => Ok(2),
         Ok(v) => match v.trim() {
             "1" => Ok(1),
             "2" => Ok(2),
             _ => Err(format!("ADVDMD_STREAMS={v:?} is not 1 or 2")),
         },
     }
+}
+
+/// `host` rounded to bf16 (to nearest even) on all cores: what the host stages is often
+/// millions of values (SD3.5's 333 × 4096 context a prompt, a model's weights).
+pub fn bf16_of(host: &[f32]) -> Vec<half::bf16> {
+    use rayon::prelude::*;
+    host.par_iter().map(|&v| half::bf16::from_f32(v)).collect()
 }
 
 /// Blocks of `threads` needed to cover `n` items, one per thread.
@@ -381,6 +390,11 @@ impl<T> Drop for DevBuf<T> {
     }
 }
 
+/// The profile's name for the time before a copy: the host preparing its data (or reading the
+/// last one's) while the stream has nothing left to run. Timed apart, so that a copy's row is the
+/// transfer alone.
+const HOST_GAP: &str = "idle (host work before a copy)";
+
 /// Byte pattern written into fresh buffers under the emulator: 0xFF bytes are NaN in f32 and
 /// bf16, so an element a kernel forgot to write shows up in every comparison.
 const POISON: u8 = 0xFF;
@@ -393,7 +407,7 @@ impl KernelDevice {
             memory: Arc::default(),
             matmul_flops: Arc::default(),
         };
-        let _ = dev.set_streams(streams_env().unwrap_or(1));
+        let _ = dev.set_streams(streams_env().unwrap_or(2));
         dev
     }
 
@@ -426,6 +440,16 @@ impl KernelDevice {
 
     pub fn is_emulator(&self) -> bool {
         matches!(self.backend, Backend::Emulator)
+    }
+
+    /// Whether the Hopper-only kernels (attention_hopper.cu, wgmma.cu: built for sm_90a alone)
+    /// run here: on an sm_90 GPU (H100, H200) and under the emulator, which models wgmma.
+    pub fn has_wgmma(&self) -> bool {
+        match &self.backend {
+            Backend::Emulator => true,
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(rt) => rt.compute_capability() == (9, 0),
+        }
     }
 
     /// "emulator" or the GPU's name.
@@ -552,6 +576,7 @@ impl KernelDevice {
             // (a profile times a GPU's copies; the emulator's are its GEMMs' own host copies)
             #[cfg(feature = "cuda")]
             Backend::Gpu(rt) => {
+                self.mark(|| HOST_GAP.into(), 0)?;
                 rt.htod(src, b.ptr)?;
                 self.mark(|| "upload (host to device)".into(), 0)
             }
@@ -573,6 +598,7 @@ impl KernelDevice {
             }
             #[cfg(feature = "cuda")]
             Backend::Gpu(rt) => {
+                self.mark(|| HOST_GAP.into(), 0)?;
                 rt.dtoh(b.ptr, dst)?;
                 self.mark(|| "download (device to host)".into(), 0)?;
             }

@@ -5,10 +5,11 @@
 //! replay) is followed by a timestamp on its stream: a CUDA event on a GPU, the host clock under
 //! the emulator. An op's time is the gap between its timestamp and the previous one on the same
 //! stream, so it includes any idle time before it on that stream (a launch gap when the host falls
-//! behind; on the side stream, waiting at a fork); with one stream and a busy GPU the gaps are the
-//! kernels' durations, and they sum to the wall time. No replays, no serialisation: unlike Nsight
-//! Compute, the whole forward and backward of a 2-billion-parameter model is profiled in the time
-//! it takes to run it. Ops recorded into a graph capture are not timed (the replay is, as one op).
+//! behind; on the side stream, waiting at a fork; before a copy, timed apart as "idle (host work
+//! before a copy)"); with one stream and a busy GPU the gaps are the kernels' durations, and they
+//! sum to the wall time. No replays, no serialisation: unlike Nsight Compute, the whole forward and
+//! backward of a 2-billion-parameter model is profiled in the time it takes to run it. Ops recorded
+//! into a graph capture are not timed (the replay is, as one op).
 
 use std::collections::HashMap;
 

@@ -5,7 +5,7 @@
 
 use half::bf16;
 
-use crate::device::kernel::{DevBuf, DeviceGraph, KernelError, KernelResult};
+use crate::device::kernel::{bf16_of, DevBuf, DeviceGraph, KernelError, KernelResult};
 use crate::kernels::elementwise::dev::copy;
 use crate::kernels::sde::dev::euler_cfg_step;
 use crate::kernels::shape::concat;
@@ -141,8 +141,7 @@ impl<'m> EulerPlan<'m> {
         }
         let st = self.state.as_mut().expect("set above");
         if !fresh {
-            let bf =
-                |t: &Tensor| -> Vec<bf16> { t.f32s().iter().map(|&v| bf16::from_f32(v)).collect() };
+            let bf = |t: &Tensor| bf16_of(t.f32s());
             dev.copy_to_device(&bf(&x_in), &st.inputs.x)?;
             dev.copy_to_device(&bf(&pooled_in), &st.inputs.pooled)?;
             dev.copy_to_device(&bf(&ctx_in), &st.inputs.context)?;

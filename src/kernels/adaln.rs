@@ -443,73 +443,6 @@ pub mod dev {
         Ok((dx, dshift, dscale))
     }
 
-    /// [`adaln_modulate_bwd_ld`] in one pass over `x` and `dy` (`adaln_modulate_bwd_fused`:
-    /// dx and the column partials together, then the two `sum_splits`) where the rows allow
-    /// 16-byte packs (`D % 8 == 0`, `D ≤ 4096`, aligned buffers); the three-kernel path otherwise.
-    /// The `kernels` bench times both; the model keeps the three-kernel path until a GPU says
-    /// which is faster.
-    #[allow(clippy::too_many_arguments)]
-    pub fn adaln_modulate_bwd_fused_ld(
-        dev: &KernelDevice,
-        x: &DevBuf<bf16>,
-        (scale, ld): (&DevBuf<bf16>, usize),
-        mean: &DevBuf<f32>,
-        rstd: &DevBuf<f32>,
-        dy: &DevBuf<bf16>,
-        (b, l, d): (usize, usize, usize),
-    ) -> KernelResult<(DevBuf<bf16>, DevBuf<f32>, DevBuf<f32>)> {
-        let rows = b * l;
-        let vec = mod_rows(scale, ld, (b, d), "adaln scale")?;
-        let aligned = [x.device_ptr(), dy.device_ptr()]
-            .iter()
-            .all(|p| p % 16 == 0);
-        let threads = dx_threads(d).filter(|&t| vec && aligned && t <= 512);
-        let (Some(threads), true) = (threads, rows > 0 && d > 0) else {
-            return adaln_modulate_bwd_ld(dev, x, (scale, ld), mean, rstd, dy, (b, l, d));
-        };
-        if x.len() < rows * d || dy.len() < rows * d || mean.len() < rows || rstd.len() < rows {
-            return Err(crate::device::kernel::KernelError::Invalid(format!(
-                "adaln_modulate_bwd_fused: x {}, dy {}, mean {}, rstd {} for [{b}, {l}, {d}]",
-                x.len(),
-                dy.len(),
-                mean.len(),
-                rstd.len()
-            )));
-        }
-        // ~2 blocks per SM of an H100 over the whole batch, at least FUSED_ROWS rows each
-        let s = (256 / b).clamp(1, l.div_ceil(FUSED_ROWS));
-        let dx = dev.alloc::<bf16>(rows * d)?;
-        let (dshift, dscale) = (dev.alloc::<f32>(b * d)?, dev.alloc::<f32>(b * d)?);
-        let (part_shift, part_scale) = (dev.alloc::<f32>(s * b * d)?, dev.alloc::<f32>(s * b * d)?);
-        dev.launch(
-            "adaln_modulate_bwd_fused",
-            LaunchCfg {
-                grid: [s as u32, b as u32, 1],
-                block: [threads, 1, 1],
-                shared_bytes: 0,
-            },
-            KernelArgs::new()
-                .buf(&dx)
-                .buf(&part_shift)
-                .buf(&part_scale)
-                .buf(x)
-                .buf(scale)
-                .buf(mean)
-                .buf(rstd)
-                .buf(dy)
-                .i32(b as i32)
-                .i32(l as i32)
-                .i32(d as i32)
-                .i32(ld as i32),
-        )?;
-        sum_splits(dev, &dshift, &part_shift, s)?;
-        sum_splits(dev, &dscale, &part_scale, s)?;
-        Ok((dx, dshift, dscale))
-    }
-
-    /// Rows a block of `adaln_modulate_bwd_fused` takes per round (`FUSED_ROWS` in adaln.cu).
-    const FUSED_ROWS: usize = 4;
-
     /// Elements per thread of the gated-residual kernels: a 16-byte pack when rows allow it.
     fn per_thread(d: usize) -> usize {
         if d % 8 == 0 {
@@ -602,8 +535,31 @@ pub mod dev {
         Ok((dgate, dy))
     }
 
+    /// `out[j] += Σ_r a[r, j]` over the `rows` rows of `a [rows, d]` (bf16 into f32): a bias
+    /// gradient.
+    pub fn colsum_acc(
+        dev: &KernelDevice,
+        a: &DevBuf<bf16>,
+        (rows, d): (usize, usize),
+        out: &DevBuf<f32>,
+    ) -> KernelResult<()> {
+        if a.len() != rows * d || out.len() != d {
+            return Err(crate::device::kernel::KernelError::Invalid(format!(
+                "colsum_acc: {} values for [{rows}, {d}] into {}",
+                a.len(),
+                out.len()
+            )));
+        }
+        if rows == 0 || d == 0 {
+            return Ok(());
+        }
+        let (part, s) = colsum_partials(dev, a, None, (1, rows, d))?;
+        sum_splits_acc(dev, out, &part, s, true)
+    }
+
     /// The column partials `part[s, b, j] = Σ_{l in split s} a·c` (or `Σ a` without `c`) over
-    /// each sample's rows (`colsum_mul_partial`), and the number of splits.
+    /// each sample's rows (`colsum_mul_partial`; without `c`, where rows allow 16-byte packs,
+    /// `colsum_partial_vec`), and the number of splits.
     fn colsum_partials(
         dev: &KernelDevice,
         a: &DevBuf<bf16>,
@@ -612,6 +568,23 @@ pub mod dev {
     ) -> KernelResult<(DevBuf<f32>, usize)> {
         let s = splits(b, l, d);
         let part = dev.alloc::<f32>(s * b * d)?;
+        if c.is_none() && d % 8 == 0 && a.device_ptr() % 16 == 0 {
+            dev.launch(
+                "colsum_partial_vec",
+                LaunchCfg {
+                    grid: [(d / 8).div_ceil(128) as u32, b as u32, s as u32],
+                    block: [128, 1, 1],
+                    shared_bytes: 0,
+                },
+                KernelArgs::new()
+                    .buf(&part)
+                    .buf(a)
+                    .i32(b as i32)
+                    .i32(l as i32)
+                    .i32(d as i32),
+            )?;
+            return Ok((part, s));
+        }
         let args = KernelArgs::new().buf(&part).buf(a);
         let args = match c {
             Some(c) => args.buf(c),

@@ -750,7 +750,7 @@ pub mod dev {
     /// product of one key tile overlapping the softmax of the next (3 stages). `H3`:
     /// FlashAttention-3's structure — a producer warpgroup streams the tiles through 4 stages
     /// guarded by mbarriers, and H2's two consumer warpgroups take turns to issue their products
-    /// (ping-pong), with no block barrier (384 threads). None is measured on a GPU yet.
+    /// (ping-pong), with no block barrier (384 threads).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum FwdVariant {
         V3,
@@ -761,17 +761,27 @@ pub mod dev {
     }
 
     impl FwdVariant {
-        /// The variant the plain launcher (and so the model) uses: `ADVDMD_ATTN_FWD` when set
-        /// (see [`check_variant_env`]), else the fastest measured at head dim `d` on an H200
-        /// (docs/perf-log.md, 2026-11-26: V4 308 TFLOP/s at d = 64, V3 284 at d = 128).
-        pub fn fastest(d: usize) -> FwdVariant {
-            if let Some(v) = env_variant("ADVDMD_ATTN_FWD", &Self::ALL) {
-                return v;
-            }
-            if d == 64 {
-                FwdVariant::V4
-            } else {
-                FwdVariant::V3
+        /// The variant the plain launcher (and so the model) uses on `dev`.
+        pub fn fastest(dev: &KernelDevice, d: usize) -> FwdVariant {
+            Self::choose(d, dev.has_wgmma())
+        }
+
+        /// `ADVDMD_ATTN_FWD` when set (see [`check_variant_env`]), else
+        /// [`Self::measured_best`] on a device that runs wgmma or not (`ADVDMD_ATTN_NO_HOPPER=1`:
+        /// not).
+        pub fn choose(d: usize, has_wgmma: bool) -> FwdVariant {
+            env_variant("ADVDMD_ATTN_FWD", &Self::ALL)
+                .unwrap_or_else(|| Self::measured_best(d, has_wgmma && !hopper_disabled()))
+        }
+
+        /// The fastest measured at head dim `d` (docs/perf-log.md, H200, 2026-11-27, 1024 px:
+        /// with wgmma, H3 at 319 TFLOP/s at d = 64 and 363 at d = 128; without, V4 307 at
+        /// d = 64 and V3 281 at d = 128).
+        pub fn measured_best(d: usize, wgmma: bool) -> FwdVariant {
+            match (wgmma, d) {
+                (true, _) => FwdVariant::H3,
+                (false, 64) => FwdVariant::V4,
+                (false, _) => FwdVariant::V3,
             }
         }
 
@@ -857,7 +867,6 @@ pub mod dev {
     /// dSᵀ tile double-buffered). `H3` (d = 64; at d = 128 it runs `H2`): H1's consumers fed by a
     /// producer warpgroup (FlashAttention-3's structure: mbarrier-guarded query-tile stages, and
     /// dQ added into the accumulator by the producer's warps from shared memory, 384 threads).
-    /// None is measured on a GPU yet.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum BwdVariant {
         K128,
@@ -868,11 +877,28 @@ pub mod dev {
     }
 
     impl BwdVariant {
-        /// The variant the plain launcher (and so the model) uses: `ADVDMD_ATTN_BWD` when set
-        /// (see [`check_variant_env`]), else the fastest measured on an H200 (V3: 257 TFLOP/s at
-        /// d = 64; at d = 128 it resolves to K128, 199).
-        pub fn fastest(_d: usize) -> BwdVariant {
-            env_variant("ADVDMD_ATTN_BWD", &Self::ALL).unwrap_or(BwdVariant::V3)
+        /// The variant the plain launcher (and so the model) uses on `dev`.
+        pub fn fastest(dev: &KernelDevice, d: usize) -> BwdVariant {
+            Self::choose(d, dev.has_wgmma())
+        }
+
+        /// `ADVDMD_ATTN_BWD` when set (see [`check_variant_env`]), else
+        /// [`Self::measured_best`] on a device that runs wgmma or not (`ADVDMD_ATTN_NO_HOPPER=1`:
+        /// not).
+        pub fn choose(d: usize, has_wgmma: bool) -> BwdVariant {
+            env_variant("ADVDMD_ATTN_BWD", &Self::ALL)
+                .unwrap_or_else(|| Self::measured_best(d, has_wgmma && !hopper_disabled()))
+        }
+
+        /// The fastest measured (docs/perf-log.md, H200, 2026-11-27, 1024 px): with wgmma, H3
+        /// at 287 TFLOP/s at d = 64 (at d = 128 it resolves to H2, 306); without, V3 at 257
+        /// (at d = 128 it resolves to K128, 199).
+        pub fn measured_best(_d: usize, wgmma: bool) -> BwdVariant {
+            if wgmma {
+                BwdVariant::H3
+            } else {
+                BwdVariant::V3
+            }
         }
 
         /// [`Self::ALL`] less the wgmma variants under `ADVDMD_ATTN_NO_HOPPER=1` (see
@@ -1109,7 +1135,7 @@ pub mod dev {
             kb,
             vb,
             dims,
-            FwdVariant::fastest(dims.d),
+            FwdVariant::fastest(dev, dims.d),
         )
     }
 
@@ -1151,7 +1177,7 @@ pub mod dev {
         dims: AttnDims,
         v_ld: usize,
     ) -> KernelResult<(DevBuf<bf16>, DevBuf<bf16>, DevBuf<f32>)> {
-        let variant = FwdVariant::fastest(dims.d);
+        let variant = FwdVariant::fastest(dev, dims.d);
         joint_attention_fwd_v_ld_with(dev, [qa, ka, va, qb, kb, vb], dims, v_ld, variant)
     }
 
@@ -1248,7 +1274,7 @@ pub mod dev {
             doa,
             dob,
             dims,
-            BwdVariant::fastest(dims.d),
+            BwdVariant::fastest(dev, dims.d),
         )
     }
 
@@ -1297,7 +1323,7 @@ pub mod dev {
         dva: &DevBuf<bf16>,
         dvb: &DevBuf<bf16>,
     ) -> KernelResult<[DevBuf<bf16>; 4]> {
-        let variant = BwdVariant::fastest(dims.d);
+        let variant = BwdVariant::fastest(dev, dims.d);
         joint_attention_bwd_v_ld_with(dev, qkv, outs, lse, dims, v_ld, [dva, dvb], variant)
     }
 

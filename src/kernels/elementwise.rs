@@ -389,6 +389,53 @@ pub mod dev {
         )
     }
 
+    /// `dx = dy·GELU′(x)` over `[m, n]` rows into `dx`, and the column sums of `dx` (as stored
+    /// in bf16) added into `bias_grad` (f32 `[n]`): an MLP's fc1 bias gradient. One pass
+    /// (`gelu_tanh_bwd_colsum`) where `n % 8 == 0` and the buffers are 16-byte aligned, else
+    /// the activation's backward and a column sum.
+    pub fn gelu_tanh_bwd_colsum(
+        dev: &KernelDevice,
+        dx: &DevBuf<bf16>,
+        x: &DevBuf<bf16>,
+        dy: &DevBuf<bf16>,
+        (m, n): (usize, usize),
+        bias_grad: &DevBuf<f32>,
+    ) -> KernelResult<()> {
+        let what = "gelu_tanh_bwd_colsum";
+        for len in [dx.len(), x.len(), dy.len()] {
+            same_len(len, m * n, what)?;
+        }
+        same_len(bias_grad.len(), n, what)?;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let aligned = [dx, x, dy].iter().all(|b| b.device_ptr() % 16 == 0);
+        if n % 8 != 0 || !aligned {
+            activation_bwd_into(dev, dx, x, dy, Activation::GeluTanh)?;
+            return crate::kernels::adaln::dev::colsum_acc(dev, dx, (m, n), bias_grad);
+        }
+        // ~1024 blocks of 128 threads (8 columns each), at most 256 partial rows to sum
+        let col_blocks = (n / 8).div_ceil(128);
+        let s = (1024 / col_blocks).clamp(1, m).min(256);
+        let part = dev.alloc::<f32>(s * n)?;
+        dev.launch(
+            what,
+            LaunchCfg {
+                grid: [col_blocks as u32, s as u32, 1],
+                block: [128, 1, 1],
+                shared_bytes: 0,
+            },
+            KernelArgs::new()
+                .buf(dx)
+                .buf(&part)
+                .buf(x)
+                .buf(dy)
+                .i32(m as i32)
+                .i32(n as i32),
+        )?;
+        crate::kernels::adaln::dev::sum_splits_acc(dev, bias_grad, &part, s, true)
+    }
+
     /// `dy·act'(x)`.
     pub fn activation_bwd(
         dev: &KernelDevice,

@@ -124,7 +124,8 @@ pub fn sgemm_naive(m: usize, n: usize, k: usize, a: MatRef, b: MatRef) -> Vec<f3
 pub mod dev {
     use super::{sgemm, MatRef};
     use crate::device::kernel::{
-        DevBuf, EpilogueKind, GemmOut, GemmPtrs, GemmSpec, KernelDevice, KernelError, KernelResult,
+        DevBuf, EpilogueKind, GemmOut, GemmPtrs, GemmSpec, KernelArgs, KernelDevice, KernelError,
+        KernelResult, LaunchCfg,
     };
     use half::bf16;
 
@@ -229,6 +230,62 @@ pub mod dev {
         })
     }
 
+    /// An MLP's backward through its GELU: `dpre = (dy·w) ⊙ GELU′(pre)` with `dy [M, K]`,
+    /// `w [K, N]` (NN), `pre`, `dpre [M, N]`, and with `bias_grad` (f32 `[N]`) the column sums
+    /// of `dpre` added into it — what the DGeluBgrad epilogue computes, as a plain GEMM, the
+    /// activation's backward kernel and a column sum: on an H200 cuBLASLt's DGeluBgrad GEMM ran
+    /// the SD3.5-medium MLP's [4096 × 6144 × 1536] at 292 TFLOP/s against ~700–800 for the plain
+    /// GEMMs of the same size (docs/perf-log.md, 2026-11-27). `dh` (`[M, N]` bf16) holds the
+    /// product.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_bf16_dgelu(
+        dev: &KernelDevice,
+        (m, n, k): (usize, usize, usize),
+        dy: &DevBuf<bf16>,
+        w: &DevBuf<bf16>,
+        pre: &DevBuf<bf16>,
+        dh: &DevBuf<bf16>,
+        dpre: &DevBuf<bf16>,
+        bias_grad: Option<&DevBuf<f32>>,
+    ) -> KernelResult<()> {
+        use crate::kernels::elementwise::{dev as ew, Activation};
+        let spec = GemmSpec {
+            m,
+            n,
+            k,
+            trans_a: false,
+            trans_b: false,
+            epilogue: EpilogueKind::None,
+        };
+        if pre.len() != m * n || dh.len() != m * n || dpre.len() != m * n {
+            return Err(KernelError::Invalid(format!(
+                "gemm_bf16_dgelu [{m} × {n} × {k}]: pre {}, dh {}, dpre {}",
+                pre.len(),
+                dh.len(),
+                dpre.len()
+            )));
+        }
+        gemm_bf16(dev, spec, dy, w, dh, EpilogueBufs::default())?;
+        match bias_grad {
+            Some(g) => ew::gelu_tanh_bwd_colsum(dev, dpre, pre, dh, (m, n), g),
+            None => ew::activation_bwd_into(dev, dpre, pre, dh, Activation::GeluTanh),
+        }
+    }
+
+    /// Whether [`gemm_bf16_acc_f32`] runs `spec` as `weight_grad_small_k`: a weight gradient
+    /// (`aᵀ·b`) over at most 8 rows — an outer product, bound by reading and writing the f32
+    /// gradient, where cuBLASLt ran at 40% of the copy rate — with `n % 8 == 0` and `b`, `c`
+    /// 16-byte aligned.
+    fn small_k_weight_grad(spec: &GemmSpec, b: &DevBuf<bf16>, c: &DevBuf<f32>) -> bool {
+        spec.trans_a
+            && !spec.trans_b
+            && (1..=8).contains(&spec.k)
+            && spec.n % 8 == 0
+            && spec.m <= 65535
+            && b.device_ptr() % 16 == 0
+            && c.device_ptr() % 16 == 0
+    }
+
     /// `c += op(a)·op(b)` into the f32 buffer `c` — a linear layer's weight gradient added
     /// straight into its f32 gradient, with no bf16 rounding of the product and no second pass
     /// (the bf16 product plus `accumulate_f32_bf16` took 6.5% of an SD3.5-medium backward,
@@ -264,6 +321,25 @@ pub mod dev {
         }
         if m == 0 || n == 0 {
             return Ok(());
+        }
+        if small_k_weight_grad(&spec, b, c) {
+            // a memory-bound outer product: its own kernel (`weight_grad_small_k`), named as such
+            // in a profile, credited its FLOPs
+            dev.count_matmul_flops(2 * (m * n * k) as u64);
+            let args = KernelArgs::new().buf(c);
+            let args = match bias_acc {
+                Some(g) => args.buf(g),
+                None => args.null(),
+            };
+            return dev.launch(
+                "weight_grad_small_k",
+                LaunchCfg {
+                    grid: [(n / 8).div_ceil(128) as u32, m as u32, 1],
+                    block: [128, 1, 1],
+                    shared_bytes: 0,
+                },
+                args.buf(a).buf(b).i32(k as i32).i32(m as i32).i32(n as i32),
+            );
         }
         let bias_out = if bias {
             Some(dev.alloc::<f32>(m)?)

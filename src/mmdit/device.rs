@@ -21,7 +21,7 @@ use crate::kernels::adaln::dev as adaln;
 use crate::kernels::attention::dev::{self as attn, AttnDims};
 use crate::kernels::elementwise::dev as ew;
 use crate::kernels::elementwise::Activation;
-use crate::kernels::gemm::dev::{gemm_bf16, gemm_bf16_acc_f32, EpilogueBufs};
+use crate::kernels::gemm::dev::{gemm_bf16, gemm_bf16_acc_f32, gemm_bf16_dgelu, EpilogueBufs};
 use crate::kernels::qknorm::dev as qknorm;
 use crate::kernels::shape::dev::{self as layout, Cols, PosCrop};
 use crate::nn::device::DeviceParams;
@@ -308,10 +308,7 @@ impl DeviceMmdit {
                 timestep.len()
             )));
         }
-        let up = |t: &Tensor| {
-            let v: Vec<bf16> = t.f32s().iter().map(|&f| bf16::from_f32(f)).collect();
-            self.dev.upload(&v)
-        };
+        let up = |t: &Tensor| self.dev.upload(&crate::device::kernel::bf16_of(t.f32s()));
         Ok(DeviceInputs {
             x: up(x)?,
             t_features: up(&timestep_features(timestep, c.freq_dim))?,
@@ -408,7 +405,11 @@ impl DeviceMmdit {
         Ok((y, aux))
     }
 
-    /// Adds `dW = dyᵀ·x` (and, with a bias, `db = Σ dy`) into the gradients of `{prefix}`.
+    /// Adds `dW = dyᵀ·x` (and, with a bias, `db = Σ dy`) into the gradients of `{prefix}`. The
+    /// bias gradient is a column sum of its own (`colsum_acc`) where the GEMM has more than a
+    /// few rows: the BGRADB epilogue slowed the qkv weight gradient [4608 × 1536 × 4096] from
+    /// ~720 to 505 TFLOP/s on an H200 (docs/perf-log.md, 2026-11-27); over at most 8 rows
+    /// (`weight_grad_small_k`) it comes with the product.
     fn linear_weight_grad(
         &self,
         x: &DevBuf<bf16>,
@@ -421,36 +422,39 @@ impl DeviceMmdit {
         let out = ws.shape[0];
         let inp = ws.numel() / out;
         let with_bias = with_bias && self.params.contains(&format!("{prefix}.bias"));
+        let db = if with_bias {
+            Some(self.grad(&format!("{prefix}.bias"))?)
+        } else {
+            None
+        };
+        let few_rows = rows <= 8;
         let spec = GemmSpec {
             m: out,
             n: inp,
             k: rows,
             trans_a: true,
             trans_b: false,
-            epilogue: if with_bias {
+            epilogue: if with_bias && few_rows {
                 EpilogueKind::BgradB
             } else {
                 EpilogueKind::None
             },
         };
-        let db = if with_bias {
-            Some(self.grad(&format!("{prefix}.bias"))?)
-        } else {
-            None
-        };
-        gemm_bf16_acc_f32(
-            &self.dev,
-            spec,
-            dy,
-            x,
-            &*self.grad(&format!("{prefix}.weight"))?,
-            db.as_deref(),
-        )
+        let gw = self.grad(&format!("{prefix}.weight"))?;
+        match db.as_deref() {
+            Some(db) if few_rows => gemm_bf16_acc_f32(&self.dev, spec, dy, x, &gw, Some(db)),
+            Some(db) => {
+                gemm_bf16_acc_f32(&self.dev, spec, dy, x, &gw, None)?;
+                adaln::colsum_acc(&self.dev, dy, (rows, out), db)
+            }
+            None => gemm_bf16_acc_f32(&self.dev, spec, dy, x, &gw, None),
+        }
     }
 
     /// `dx = dy·W` of `{prefix}`; with `gelu_of = Some((aux, fc1))` the result is multiplied by
     /// GELU′(aux) (the gradient of fc1's pre-activation) and, with `params`, fc1's bias gradient
-    /// is added.
+    /// is added (`gemm_bf16_dgelu`: a plain GEMM, then the activation's backward and a column
+    /// sum, faster than cuBLASLt's DGeluBgrad epilogue).
     fn linear_input_grad(
         &self,
         dy: &DevBuf<bf16>,
@@ -464,30 +468,36 @@ impl DeviceMmdit {
         let inp = ws.numel() / out;
         let w = self.weight(&format!("{prefix}.weight"))?;
         let dx = self.dev.alloc::<bf16>(rows * inp)?;
-        let db = match gelu_of {
-            Some(_) => Some(self.dev.alloc::<bf16>(inp)?),
-            None => None,
-        };
-        let spec = GemmSpec {
-            m: rows,
-            n: inp,
-            k: out,
-            trans_a: false,
-            trans_b: false,
-            epilogue: if gelu_of.is_some() {
-                EpilogueKind::DGeluBgrad
-            } else {
-                EpilogueKind::None
-            },
-        };
-        let ep = EpilogueBufs {
-            aux: gelu_of.map(|(aux, _)| aux),
-            bias_grad: db.as_ref(),
-            ..Default::default()
-        };
-        gemm_bf16(&self.dev, spec, dy, &w, &dx, ep)?;
-        if let (Some((_, fc1)), Some(db), true) = (gelu_of, db, params) {
-            layout::accumulate_bf16(&self.dev, &*self.grad(&format!("{fc1}.bias"))?, &db)?;
+        match gelu_of {
+            Some((pre, fc1)) => {
+                let dh = self.dev.alloc::<bf16>(rows * inp)?;
+                let db = if params {
+                    Some(self.grad(&format!("{fc1}.bias"))?)
+                } else {
+                    None
+                };
+                gemm_bf16_dgelu(
+                    &self.dev,
+                    (rows, inp, out),
+                    dy,
+                    &w,
+                    pre,
+                    &dh,
+                    &dx,
+                    db.as_deref(),
+                )?;
+            }
+            None => {
+                let spec = GemmSpec {
+                    m: rows,
+                    n: inp,
+                    k: out,
+                    trans_a: false,
+                    trans_b: false,
+                    epilogue: EpilogueKind::None,
+                };
+                gemm_bf16(&self.dev, spec, dy, &w, &dx, EpilogueBufs::default())?;
+            }
         }
         Ok(dx)
     }

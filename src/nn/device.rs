@@ -102,7 +102,7 @@ impl DeviceParams {
             let weights = ew::cast_f32_to_bf16(dev, &master)?;
             (master, weights, Arc::new(dev.zeros::<f32>(host.len())?))
         } else {
-            let bf: Vec<bf16> = host.iter().map(|&v| bf16::from_f32(v)).collect();
+            let bf = crate::device::kernel::bf16_of(&host);
             (dev.alloc(0)?, dev.upload(&bf)?, Arc::new(dev.alloc(0)?))
         };
         Ok(DeviceParams {

@@ -185,6 +185,7 @@ pub struct DeviceAdvDmd {
     buffers: Option<StepBuffers>,
     use_graphs: bool,
     replays: u64,
+    predrawn: Option<Predrawn>,
 }
 
 /// A flat vector over `p`'s trainable elements (its optimizer's layout) from per-name values;
@@ -240,6 +241,104 @@ struct Draws {
     fm_noise: Vec<f32>,
     real_noise: Vec<f32>,
     gen: Option<GeneratorDraws>,
+}
+
+/// What an iteration's draws depend on besides the generator state.
+#[derive(PartialEq)]
+struct DrawKey {
+    shape: [usize; 4],
+    sigmas: Vec<f32>,
+    rho: f32,
+    shift: f64,
+    prompts: usize,
+    states: Vec<usize>,
+}
+
+impl DrawKey {
+    fn new(c: &AdvDmdConfig, shape: &[usize; 4]) -> DrawKey {
+        DrawKey {
+            shape: *shape,
+            sigmas: few_step_sigmas(c.steps_per_sample, c.shift),
+            rho: c.rho,
+            shift: c.shift,
+            prompts: c.prompts,
+            states: disc_states(c),
+        }
+    }
+}
+
+/// The next iteration's draws, made while the device ran this one: `common` from `from` leaves
+/// the generator at `mid`; the generator update's `gen` after them leaves it at `after`.
+struct Predrawn {
+    from: Rng,
+    key: DrawKey,
+    common: Draws,
+    mid: Rng,
+    gen: GeneratorDraws,
+    after: Rng,
+}
+
+/// The draws every iteration makes (the generator update's are [`draw_generator`]'s).
+fn draw_common(c: &AdvDmdConfig, sig: &[f32], rng: &mut Rng, shape: &[usize; 4]) -> Draws {
+    let k = c.steps_per_sample;
+    let n = shape[0];
+    let per: usize = shape[1..].iter().product();
+    // the rollout's noise, drawn as train::rollout::rollout_sde draws it
+    let noise = Tensor::randn(shape, rng).f32s().to_vec();
+    let mut z = Vec::with_capacity(k * n * per);
+    for s in 0..k {
+        if stochastic_step(sig, c.rho, s) {
+            z.extend_from_slice(Tensor::randn(shape, rng).f32s());
+        } else {
+            z.extend(std::iter::repeat_n(0f32, n * per));
+        }
+    }
+    // the fake score's flow-matching loss on one of the rollout's x̂0
+    let pick = rng.below(k as u64) as usize;
+    let fm_sigma: Vec<f32> = (0..n).map(|_| sigmoid(rng.normal())).collect();
+    let fm_noise = Tensor::randn(shape, rng).f32s().to_vec();
+    // the real samples' noises, state by state
+    let real_shape = [c.prompts, shape[1], shape[2], shape[3]];
+    let real_noise: Vec<f32> = (0..disc_states(c).len())
+        .flat_map(|_| Tensor::randn(&real_shape, rng).f32s().to_vec())
+        .collect();
+    Draws {
+        noise,
+        z,
+        pick,
+        fm_sigma,
+        fm_noise,
+        real_noise,
+        gen: None,
+    }
+}
+
+/// The generator update's draws, after [`draw_common`]'s.
+fn draw_generator(
+    c: &AdvDmdConfig,
+    sig: &[f32],
+    rng: &mut Rng,
+    shape: &[usize; 4],
+) -> GeneratorDraws {
+    let k = c.steps_per_sample;
+    let n = shape[0];
+    let ks = rng.below(k as u64) as usize;
+    let tau: Vec<f32> = (0..n)
+        .map(|_| {
+            let u = (0.02 + 0.96 * rng.uniform()) as f64;
+            crate::flow::shift_sigma(u, c.shift) as f32
+        })
+        .collect();
+    let dmd_noise = Tensor::randn(shape, rng).f32s().to_vec();
+    let gan_sigma: Vec<f32> = (0..n).map(|_| sig[rng.below(k as u64) as usize]).collect();
+    let gan_noise = Tensor::randn(shape, rng).f32s().to_vec();
+    GeneratorDraws {
+        ks,
+        tau,
+        dmd_noise,
+        gan_sigma,
+        gan_noise,
+    }
 }
 
 /// What fixes the step buffers' sizes.
@@ -328,8 +427,7 @@ impl DevCond {
     }
 
     fn stage(&self, dev: &KernelDevice, cond: &Cond) -> KernelResult<()> {
-        let bf =
-            |t: &Tensor| -> Vec<bf16> { t.f32s().iter().map(|&v| bf16::from_f32(v)).collect() };
+        let bf = |t: &Tensor| crate::device::kernel::bf16_of(t.f32s());
         dev.copy_to_device(&bf(&cond.pooled), &self.pooled)?;
         dev.copy_to_device(&bf(&cond.context), &self.context)
     }
@@ -723,6 +821,7 @@ impl DeviceAdvDmd {
             buffers: None,
             use_graphs: opts.graph,
             replays: 0,
+            predrawn: None,
             config,
             dev: dev.clone(),
         })
@@ -774,7 +873,7 @@ impl DeviceAdvDmd {
             train_disc: self.frozen_backbone.is_none(),
         };
         let shape = [n, rs[1], rs[2], rs[3]];
-        let draws = self.draw(&shape, generator);
+        let draws = self.take_draws(&shape, generator);
         let key = StepKey {
             shape,
             m,
@@ -797,6 +896,8 @@ impl DeviceAdvDmd {
                 .stage(&self.dev, self.lr(c.lr_generator))?;
         }
         self.run_kind(kind)?;
+        // the host's share of the next iteration, while the device runs this one
+        self.predraw(&shape);
         let metrics = self.read_metrics(kind)?;
         if generator {
             self.generator_steps += 1;
@@ -805,61 +906,52 @@ impl DeviceAdvDmd {
         Ok(metrics)
     }
 
-    /// This iteration's random draws, in the CPU trainer's order.
-    fn draw(&mut self, shape: &[usize; 4], generator: bool) -> Draws {
-        let c = &self.config;
-        let sig = self.sigmas();
-        let k = c.steps_per_sample;
-        let n = shape[0];
-        let per: usize = shape[1..].iter().product();
-        let rng = &mut self.rng;
-        // the rollout's noise, drawn as train::rollout::rollout_sde draws it
-        let noise = Tensor::randn(shape, rng).f32s().to_vec();
-        let mut z = Vec::with_capacity(k * n * per);
-        for s in 0..k {
-            if stochastic_step(&sig, c.rho, s) {
-                z.extend_from_slice(Tensor::randn(shape, rng).f32s());
-            } else {
-                z.extend(std::iter::repeat_n(0f32, n * per));
+    /// This iteration's random draws, in the CPU trainer's order: the ones the previous
+    /// iteration drew ahead ([`Self::predraw`]) when they were drawn from this state for this
+    /// shape and configuration, else drawn now.
+    fn take_draws(&mut self, shape: &[usize; 4], generator: bool) -> Draws {
+        let key = DrawKey::new(&self.config, shape);
+        if let Some(p) = self.predrawn.take() {
+            if p.from == self.rng && p.key == key {
+                let mut d = p.common;
+                if generator {
+                    d.gen = Some(p.gen);
+                    self.rng = p.after;
+                } else {
+                    self.rng = p.mid;
+                }
+                return d;
             }
         }
-        // the fake score's flow-matching loss on one of the rollout's x̂0
-        let pick = rng.below(k as u64) as usize;
-        let fm_sigma: Vec<f32> = (0..n).map(|_| sigmoid(rng.normal())).collect();
-        let fm_noise = Tensor::randn(shape, rng).f32s().to_vec();
-        // the real samples' noises, state by state
-        let real_shape = [c.prompts, shape[1], shape[2], shape[3]];
-        let real_noise: Vec<f32> = (0..disc_states(c).len())
-            .flat_map(|_| Tensor::randn(&real_shape, rng).f32s().to_vec())
-            .collect();
-        let gen = generator.then(|| {
-            let ks = rng.below(k as u64) as usize;
-            let tau: Vec<f32> = (0..n)
-                .map(|_| {
-                    let u = (0.02 + 0.96 * rng.uniform()) as f64;
-                    crate::flow::shift_sigma(u, c.shift) as f32
-                })
-                .collect();
-            let dmd_noise = Tensor::randn(shape, rng).f32s().to_vec();
-            let gan_sigma: Vec<f32> = (0..n).map(|_| sig[rng.below(k as u64) as usize]).collect();
-            let gan_noise = Tensor::randn(shape, rng).f32s().to_vec();
-            GeneratorDraws {
-                ks,
-                tau,
-                dmd_noise,
-                gan_sigma,
-                gan_noise,
-            }
-        });
-        Draws {
-            noise,
-            z,
-            pick,
-            fm_sigma,
-            fm_noise,
-            real_noise,
+        let mut d = draw_common(&self.config, &key.sigmas, &mut self.rng, shape);
+        if generator {
+            d.gen = Some(draw_generator(
+                &self.config,
+                &key.sigmas,
+                &mut self.rng,
+                shape,
+            ));
+        }
+        d
+    }
+
+    /// Draws the next iteration's randoms on the host (for either kind; the generator's part
+    /// last, as the CPU trainer draws it) while the device runs this one, from a copy of the
+    /// generator state: `self.rng` stays what a checkpoint saves.
+    fn predraw(&mut self, shape: &[usize; 4]) {
+        let key = DrawKey::new(&self.config, shape);
+        let mut rng = self.rng.clone();
+        let common = draw_common(&self.config, &key.sigmas, &mut rng, shape);
+        let mid = rng.clone();
+        let gen = draw_generator(&self.config, &key.sigmas, &mut rng, shape);
+        self.predrawn = Some(Predrawn {
+            from: self.rng.clone(),
+            key,
+            common,
+            mid,
             gen,
-        }
+            after: rng,
+        });
     }
 
     /// Runs `kind`'s device work: directly, or from its graph. A replay adds the matmul FLOPs

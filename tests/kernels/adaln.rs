@@ -90,40 +90,6 @@ fn adaln_modulate_fwd_and_bwd_match_cpu() {
                 dscc.f32s(),
                 1e-4,
             );
-            // the one-pass backward (its own kernel where D % 8 == 0, else the same path)
-            let (dx, dsh, dsc) = gpu::adaln_modulate_bwd_fused_ld(
-                &dev,
-                &xd,
-                (&scd, d),
-                &mean,
-                &rstd,
-                &dyd,
-                (b, l, d),
-            )
-            .unwrap();
-            let fused = [
-                (
-                    "adaln_modulate_bwd_fused.dx",
-                    download_f32(&dev, &dx),
-                    dxc.f32s(),
-                    1e-2,
-                ),
-                (
-                    "adaln_modulate_bwd_fused.dshift",
-                    dev.download(&dsh).unwrap(),
-                    dshc.f32s(),
-                    1e-4,
-                ),
-                (
-                    "adaln_modulate_bwd_fused.dscale",
-                    dev.download(&dsc).unwrap(),
-                    dscc.f32s(),
-                    1e-4,
-                ),
-            ];
-            for (name, got, want, tol) in fused {
-                check(name, &dev, &shape, &got, want, tol);
-            }
         }
     }
 }
@@ -357,6 +323,36 @@ fn strided_modulation_rows_match_packed_ones() {
                 "strided modulation rows on {}: {shape} as packed",
                 dev.name()
             );
+        }
+    }
+}
+
+/// `colsum_acc` (a bias gradient: column sums of bf16 rows added into f32): the 16-byte
+/// `colsum_partial_vec` where D % 8 == 0, the scalar kernel otherwise, against f64 sums.
+#[test]
+fn column_sums_add_into_f32() {
+    for dev in devices() {
+        for (rows, d) in [(5, 37), (300, 64), (9, 1536), (1, 8)] {
+            let mut rng = Rng::new(41 + (rows * d) as u64);
+            let a = randn_bf16(&mut rng, rows * d, 1.0);
+            let old: Vec<f32> = (0..d).map(|j| 0.1 * j as f32 - 2.0).collect();
+            let (ad, gd) = (upload_bf16(&dev, &a), dev.upload(&old).unwrap());
+            gpu::colsum_acc(&dev, &ad, (rows, d), &gd).unwrap();
+            let mut want: Vec<f64> = old.iter().map(|&v| v as f64).collect();
+            a.iter()
+                .enumerate()
+                .for_each(|(i, &v)| want[i % d] += v as f64);
+            let want: Vec<f32> = want.iter().map(|&v| v as f32).collect();
+            let shape = format!("{rows}x{d}");
+            check(
+                "colsum_acc",
+                &dev,
+                &shape,
+                &dev.download(&gd).unwrap(),
+                &want,
+                1e-5,
+            );
+            assert!(gpu::colsum_acc(&dev, &ad, (rows + 1, d), &gd).is_err());
         }
     }
 }

@@ -153,7 +153,7 @@ fn check_case(dev: &KernelDevice, inp: &Inputs, qk_std: f32) {
 
     // The other forward kernels compute the same function.
     for variant in gpu::FwdVariant::enabled() {
-        if variant == gpu::FwdVariant::fastest(dims.d) {
+        if variant == gpu::FwdVariant::fastest(dev, dims.d) {
             continue;
         }
         let tag = format!("{variant:?}").to_lowercase();
@@ -201,7 +201,7 @@ fn check_case(dev: &KernelDevice, inp: &Inputs, qk_std: f32) {
     // The other backward kernels compute the same function.
     let mut all = vec![(String::new(), grads)];
     for variant in gpu::BwdVariant::enabled() {
-        if variant == gpu::BwdVariant::fastest(dims.d) {
+        if variant == gpu::BwdVariant::fastest(dev, dims.d) {
             continue;
         }
         let g = gpu::joint_attention_bwd_with(
@@ -234,7 +234,7 @@ fn joint_attention_fwd_is_deterministic() {
         for variant in gpu::FwdVariant::enabled() {
             fwd_is_deterministic(&dev, variant, 64);
         }
-        fwd_is_deterministic(&dev, gpu::FwdVariant::fastest(32), 32);
+        fwd_is_deterministic(&dev, gpu::FwdVariant::fastest(&dev, 32), 32);
     }
 }
 

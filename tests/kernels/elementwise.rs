@@ -72,6 +72,50 @@ fn activations_match_cpu() {
     }
 }
 
+/// GELU's backward over [M, N] rows with the column sums of its (bf16) result added into an f32
+/// bias gradient: the one-pass kernel (N % 8 == 0, more rows than splits too) and the two-kernel
+/// path (N = 37), against the CPU twin.
+#[test]
+fn gelu_bwd_with_column_sums_matches_cpu() {
+    for dev in devices() {
+        for (m, n) in [(7, 24), (5, 37), (300, 64), (33, 1536)] {
+            let mut rng = Rng::new(31 + (m * n) as u64);
+            let x = inputs(&mut rng, m * n);
+            let dy = randn_bf16(&mut rng, m * n, 1.0);
+            let old: Vec<f32> = (0..n).map(|j| j as f32 * 0.5 - 3.0).collect();
+            let (xd, dyd, gd) = (
+                upload_bf16(&dev, &x),
+                upload_bf16(&dev, &dy),
+                dev.upload(&old).unwrap(),
+            );
+            let dx = dev.alloc(m * n).unwrap();
+            gpu::gelu_tanh_bwd_colsum(&dev, &dx, &xd, &dyd, (m, n), &gd).unwrap();
+            let want = cpu::activation_bwd(
+                &tensor(x, &[m * n]),
+                &tensor(dy, &[m * n]),
+                Activation::GeluTanh,
+            );
+            let got = download_f32(&dev, &dx);
+            let shape = format!("{m}x{n}");
+            check_each("gelu_tanh_bwd_colsum.dx", &dev, &shape, &got, want.f32s());
+            // the sums of what was stored, to f32 accuracy
+            let mut sums: Vec<f64> = old.iter().map(|&v| v as f64).collect();
+            got.iter()
+                .enumerate()
+                .for_each(|(i, &v)| sums[i % n] += v as f64);
+            let sums: Vec<f32> = sums.iter().map(|&v| v as f32).collect();
+            check(
+                "gelu_tanh_bwd_colsum.bias_grad",
+                &dev,
+                &shape,
+                &dev.download(&gd).unwrap(),
+                &sums,
+                1e-5,
+            );
+        }
+    }
+}
+
 #[test]
 fn casts_are_exact() {
     for dev in devices() {

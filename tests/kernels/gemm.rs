@@ -3,7 +3,9 @@
 
 use super::*;
 use advdmd::device::kernel::{EpilogueKind as E, GemmSpec};
-use advdmd::kernels::gemm::dev::{gelu_tanh, gelu_tanh_grad, gemm_bf16, EpilogueBufs};
+use advdmd::kernels::gemm::dev::{
+    gelu_tanh, gelu_tanh_grad, gemm_bf16, gemm_bf16_dgelu, EpilogueBufs,
+};
 
 fn reference(spec: &GemmSpec, a: &[f32], b: &[f32]) -> Vec<f32> {
     let GemmSpec { m, n, k, .. } = *spec;
@@ -209,6 +211,30 @@ fn gemm_with_every_epilogue_matches_reference() {
                     &bg,
                     2e-2,
                 );
+
+                // The same as a plain GEMM, GELU's backward and a column sum added into an f32
+                // bias gradient (the model's path).
+                let (dh, dpre) = (dev.alloc(m * n).unwrap(), dev.alloc(m * n).unwrap());
+                let old: Vec<f32> = (0..n).map(|j| j as f32 * 0.25 - 1.0).collect();
+                let bg32 = dev.upload(&old).unwrap();
+                gemm_bf16_dgelu(&dev, (m, n, k), &ad, &bd, &aux, &dh, &dpre, Some(&bg32)).unwrap();
+                check(
+                    "gemm_bf16_dgelu",
+                    &dev,
+                    &shape,
+                    &download_f32(&dev, &dpre),
+                    &want,
+                    2e-2,
+                );
+                let want_bg: Vec<f32> = old.iter().zip(&bg).map(|(o, g)| o + g).collect();
+                check(
+                    "gemm_bf16_dgelu.bias_grad",
+                    &dev,
+                    &shape,
+                    &dev.download(&bg32).unwrap(),
+                    &want_bg,
+                    2e-2,
+                );
             }
             // Weight gradient with the bias gradient: dW[N_out, K_in] = dYᵀ·X, db = Σ_tokens dY.
             let (tokens, out_f, in_f) = (m, n, k);
@@ -270,7 +296,17 @@ fn gemm_with_every_epilogue_matches_reference() {
 fn accumulating_weight_gradient_gemm_adds_in_f32() {
     use advdmd::kernels::gemm::dev::gemm_bf16_acc_f32;
     for dev in devices() {
-        for &(tokens, out_f, in_f) in &[(40, 24, 33), (256, 128, 64), (333, 192, 77)] {
+        // K ≤ 8 with in_f % 8 == 0 runs `weight_grad_small_k` (the modulation layers' gradient:
+        // one row per sample), the rest cuBLASLt (the CPU GEMM under the emulator)
+        for &(tokens, out_f, in_f) in &[
+            (40, 24, 33),
+            (256, 128, 64),
+            (333, 192, 77),
+            (1, 96, 1536),
+            (5, 40, 24),
+            (8, 300, 136),
+            (3, 16, 12),
+        ] {
             let mut rng = Rng::new(7 + tokens as u64);
             let dy = randn_bf16(&mut rng, tokens * out_f, 1.0);
             let x = randn_bf16(&mut rng, tokens * in_f, 1.0);

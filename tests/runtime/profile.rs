@@ -115,3 +115,28 @@ fn a_capture_is_not_timed_and_a_replay_is_one_op() {
         assert_eq!(dev.profile(|| copy(&dev, &dst, &src)).unwrap().ops, 1);
     }
 }
+
+/// On a GPU, the host's time before a copy (preparing its data while the stream has nothing to
+/// run) is a row of its own, so the copy's row is the transfer alone.
+#[test]
+fn host_time_before_a_copy_is_timed_apart() {
+    for dev in devices() {
+        if dev.is_emulator() {
+            println!("skipped on the emulator: its copies are host copies, not timed");
+            continue;
+        }
+        let host = vec![1f32; 1 << 20];
+        let buf = dev.zeros::<f32>(host.len()).unwrap();
+        let p = dev
+            .profile(|| {
+                std::thread::sleep(std::time::Duration::from_millis(30));
+                dev.copy_to_device(&host, &buf)
+            })
+            .unwrap();
+        let row = |name: &str| p.rows.iter().find(|r| r.name == name).expect(name);
+        let idle = row("idle (host work before a copy)");
+        let upload = row("upload (host to device)");
+        assert_eq!((idle.calls, upload.calls), (1, 1), "{:?}", p.rows);
+        assert!(idle.ms >= 25.0 && upload.ms < 20.0, "{:?}", p.rows);
+    }
+}
