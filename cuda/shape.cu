@@ -12,8 +12,6 @@
 //   add_bf16             y = a + b (y may be a)
 //   accumulate_f32_bf16  g += f32(x)
 //   accumulate_f32       g += x
-//   weight_grad_small_k  g += aᵀ·b over K ≤ 8 rows (a linear layer's weight gradient from a few
-//                        samples' rows: the modulation layers), and its bias gradient
 //   cast_cols_f32_bf16   an f32 [rows, cols] block cast into a column window of a bf16 matrix
 //   residual_grad_add    out = a + f32(x), and its bf16 rounding (the residual stream's gradient
 //                        in the MMDiT's backward: one pass for a copy, an add and a cast)
@@ -121,52 +119,6 @@ extern "C" __global__ void accumulate_f32_bf16(float* __restrict__ g, const bf16
 
 extern "C" __global__ void accumulate_f32(float* __restrict__ g, const float* __restrict__ x, long long n) {
     for (long long i = shape::thread_index(); i < n; i += shape::thread_count()) g[i] += x[i];
-}
-
-// A linear layer's weight gradient from K ≤ 8 rows (the modulation layers read one conditioning
-// vector per sample): g[m, n] += Σ_k a[k, m]·b[k, n] with a = dy [K, M] and b = x [K, N] (bf16),
-// and bias[m] += Σ_k a[k, m] when bias is not null. Memory-bound on g (f32, read and written once):
-// cuBLASLt took 67 µs at [9216 × 1536 × 1], 2.4× a copy of g's bytes on an H200. N % 8 == 0, b and
-// g 16-byte aligned. grid: (ceil(N / 8 / 128), M), block: 128.
-extern "C" __global__ void weight_grad_small_k(float* __restrict__ g, float* __restrict__ bias,
-                                               const bf16* __restrict__ a, const bf16* __restrict__ b, int K,
-                                               int M, int N) {
-    const int m = blockIdx.y;
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    float av[8];
-#pragma unroll
-    for (int k = 0; k < 8; k++) av[k] = k < K ? bf2f(a[(long long)k * M + m]) : 0.f;
-    if (bias != nullptr && c == 0) {
-        float s = 0.f;
-#pragma unroll
-        for (int k = 0; k < 8; k++) s += av[k];
-        bias[m] += s;
-    }
-    if (c >= N / 8) return;
-    float acc[8];
-#pragma unroll
-    for (int j = 0; j < 8; j++) acc[j] = 0.f;
-#pragma unroll
-    for (int k = 0; k < 8; k++) {
-        if (k < K) {
-            float bv[8];
-            unpack_bf16x8(load16(b + (long long)k * N + 8 * c), bv);
-#pragma unroll
-            for (int j = 0; j < 8; j++) acc[j] += av[k] * bv[j];
-        }
-    }
-    float4* gp = reinterpret_cast<float4*>(g + (long long)m * N + 8 * c);
-    float4 g0 = gp[0], g1 = gp[1];
-    g0.x += acc[0];
-    g0.y += acc[1];
-    g0.z += acc[2];
-    g0.w += acc[3];
-    g1.x += acc[4];
-    g1.y += acc[5];
-    g1.z += acc[6];
-    g1.w += acc[7];
-    gp[0] = g0;
-    gp[1] = g1;
 }
 
 // dst[r, dst_off + c] = bf16(src[r·cols + c]) for r < rows, c < cols: an f32 chunk gradient cast

@@ -425,38 +425,63 @@ fn qkv_weight_grad(b: &mut Bench) -> KernelResult<()> {
     })
 }
 
-/// The modulation layers' weight gradient at batch 1 and 2 (SD3.5-medium's [9216 × 1536] with
-/// its bias; `weight_grad_small_k`): bytes are the f32 gradient read and written (cuBLASLt:
-/// 67 µs at K = 1 on an H200, 2026-11-27).
-fn small_k_weight_grad(b: &mut Bench) -> KernelResult<()> {
+/// The modulation layers' products at batch 1 and 2 (SD3.5-medium's [9216 × 1536] with its bias):
+/// the forward (`gemv_small_m`; bytes: the weight read) and the weight gradient
+/// (`weight_grad_small_k`; bytes: the f32 gradient read and written). cuBLASLt on an H200
+/// (2026-11-27): 14.7 µs and 67 µs at batch 1.
+fn modulation_products(b: &mut Bench) -> KernelResult<()> {
     use crate::device::kernel::{EpilogueKind, GemmSpec};
-    use crate::kernels::gemm::dev::gemm_bf16_acc_f32;
-    let (m, n) = (b.size(9216, 40), b.size(1536, 64));
-    for k in [1, 2] {
-        let bytes = m * n * 8 + (m + n) * k * 2 + m * 8;
+    use crate::kernels::gemm::dev::{gemm_bf16, gemm_bf16_acc_f32, EpilogueBufs};
+    let (out, inp) = (b.size(9216, 40), b.size(1536, 64));
+    let dev = b.dev.clone();
+    for rows in [1, 2] {
+        let wsets = b.sets(out * inp * 2);
+        let w: Vec<_> = (0..wsets)
+            .map(|_| b.bf(out * inp))
+            .collect::<KernelResult<Vec<_>>>()?;
+        let (x, bias, y) = (b.bf(rows * inp)?, b.bf(out)?, b.bf(rows * out)?);
+        let fwd = GemmSpec {
+            m: rows,
+            n: out,
+            k: inp,
+            trans_a: false,
+            trans_b: true,
+            epilogue: EpilogueKind::Bias,
+        };
+        let shape = format!("{rows}x{out}x{inp} bf16");
+        b.time("gemv_small_m (+bias)", &shape, out * inp * 2, wsets, |i| {
+            let ep = EpilogueBufs {
+                bias: Some(&bias),
+                ..Default::default()
+            };
+            gemm_bf16(&dev, fwd, &x, &w[i], &y, ep)
+        })?;
+        drop(w);
+        let bytes = out * inp * 8 + (out + inp) * rows * 2 + out * 8;
         let sets = b.sets(bytes);
         let s: Vec<_> = (0..sets)
-            .map(|_| -> KernelResult<_> { Ok((b.bf(k * m)?, b.bf(k * n)?, b.f(m * n)?, b.f(m)?)) })
+            .map(|_| -> KernelResult<_> {
+                Ok((
+                    b.bf(rows * out)?,
+                    b.bf(rows * inp)?,
+                    b.f(out * inp)?,
+                    b.f(out)?,
+                ))
+            })
             .collect::<KernelResult<Vec<_>>>()?;
-        let dev = b.dev.clone();
-        let spec = GemmSpec {
-            m,
-            n,
-            k,
+        let wgrad = GemmSpec {
+            m: out,
+            n: inp,
+            k: rows,
             trans_a: true,
             trans_b: false,
             epilogue: EpilogueKind::BgradB,
         };
-        b.time(
-            "weight_grad_small_k (+bias)",
-            &format!("{m}x{n}x{k} f32+="),
-            bytes,
-            sets,
-            |i| {
-                let (dy, x, g, gb) = &s[i];
-                gemm_bf16_acc_f32(&dev, spec, dy, x, g, Some(gb))
-            },
-        )?;
+        let shape = format!("{out}x{inp}x{rows} f32+=");
+        b.time("weight_grad_small_k (+bias)", &shape, bytes, sets, |i| {
+            let (dy, x, g, gb) = &s[i];
+            gemm_bf16_acc_f32(&dev, wgrad, dy, x, g, Some(gb))
+        })?;
     }
     Ok(())
 }
@@ -706,7 +731,7 @@ pub fn measure(dev: &KernelDevice) -> KernelResult<Vec<KernelRow>> {
     qk(&mut b)?;
     elementwise(&mut b)?;
     mlp_backward(&mut b)?;
-    small_k_weight_grad(&mut b)?;
+    modulation_products(&mut b)?;
     sde_kernels(&mut b)?;
     head(&mut b)?;
     optimiser(&mut b)?;

@@ -557,6 +557,16 @@ pub mod dev {
         sum_splits_acc(dev, out, &part, s, true)
     }
 
+    /// The launch of the column kernels with one 16-byte pack (8 columns) a thread: 128 threads
+    /// a block, blocks over the packs, the `b` samples and the `s` splits of their rows.
+    fn pack_cols_cfg(b: usize, d: usize, s: usize) -> LaunchCfg {
+        LaunchCfg {
+            grid: [(d / 8).div_ceil(128) as u32, b as u32, s as u32],
+            block: [128, 1, 1],
+            shared_bytes: 0,
+        }
+    }
+
     /// The column partials `part[s, b, j] = Σ_{l in split s} a·c` (or `Σ a` without `c`) over
     /// each sample's rows (`colsum_mul_partial`; without `c`, where rows allow 16-byte packs,
     /// `colsum_partial_vec`), and the number of splits.
@@ -571,11 +581,7 @@ pub mod dev {
         if c.is_none() && d % 8 == 0 && a.device_ptr() % 16 == 0 {
             dev.launch(
                 "colsum_partial_vec",
-                LaunchCfg {
-                    grid: [(d / 8).div_ceil(128) as u32, b as u32, s as u32],
-                    block: [128, 1, 1],
-                    shared_bytes: 0,
-                },
+                pack_cols_cfg(b, d, s),
                 KernelArgs::new()
                     .buf(&part)
                     .buf(a)
@@ -647,11 +653,7 @@ pub mod dev {
         let (part_gate, part_bias) = (dev.alloc::<f32>(s * b * d)?, dev.alloc::<f32>(s * b * d)?);
         dev.launch(
             "gated_residual_bwd_vec",
-            LaunchCfg {
-                grid: [(d / 8).div_ceil(128) as u32, b as u32, s as u32],
-                block: [128, 1, 1],
-                shared_bytes: 0,
-            },
+            pack_cols_cfg(b, d, s),
             KernelArgs::new()
                 .buf(&dy)
                 .buf(&part_gate)

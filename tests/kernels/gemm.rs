@@ -32,8 +32,17 @@ fn reference(spec: &GemmSpec, a: &[f32], b: &[f32]) -> Vec<f32> {
     out
 }
 
-const SHAPES: &[(usize, usize, usize)] =
-    &[(8, 8, 8), (33, 24, 40), (128, 256, 64), (77, 1536, 192)];
+/// M ≤ 8 with K % 8 == 0 (NT, None or Bias) runs `gemv_small_m`: (8, 8, 8), (1, 96, 1536),
+/// (3, 40, 24); (5, 24, 36) does not (K % 8 ≠ 0).
+const SHAPES: &[(usize, usize, usize)] = &[
+    (8, 8, 8),
+    (33, 24, 40),
+    (128, 256, 64),
+    (77, 1536, 192),
+    (1, 96, 1536),
+    (3, 40, 24),
+    (5, 24, 36),
+];
 
 #[test]
 fn gemm_with_every_epilogue_matches_reference() {
@@ -358,6 +367,70 @@ fn accumulating_weight_gradient_gemm_adds_in_f32() {
             };
             let gw = dev.upload(&old_w).unwrap();
             assert!(gemm_bf16_acc_f32(&dev, bad, &dyd, &xd, &gw, None).is_err());
+        }
+    }
+}
+
+/// A linear layer over at most 8 rows and a weight gradient over at most 8 rows run the
+/// memory-bound kernels of small_gemm.cu (not cuBLASLt), credited their FLOPs in a profile.
+#[test]
+fn small_products_run_their_own_kernels() {
+    use advdmd::kernels::gemm::dev::gemm_bf16_acc_f32;
+    for dev in devices() {
+        let (m, n, k) = (2, 96, 64);
+        let mut rng = Rng::new(5);
+        let (x, w) = (
+            randn_bf16(&mut rng, m * k, 1.0),
+            randn_bf16(&mut rng, n * k, 1.0),
+        );
+        let (xd, wd, bias) = (
+            upload_bf16(&dev, &x),
+            upload_bf16(&dev, &w),
+            upload_bf16(&dev, &w[..n]),
+        );
+        let y = dev.alloc(m * n).unwrap();
+        let (gw, gb) = (
+            dev.zeros::<f32>(n * k).unwrap(),
+            dev.zeros::<f32>(n).unwrap(),
+        );
+        let fwd = GemmSpec {
+            m,
+            n,
+            k,
+            trans_a: false,
+            trans_b: true,
+            epilogue: E::Bias,
+        };
+        let wgrad = GemmSpec {
+            m: n,
+            n: k,
+            k: m,
+            trans_a: true,
+            trans_b: false,
+            epilogue: E::BgradB,
+        };
+        let dy = upload_bf16(&dev, &randn_bf16(&mut rng, m * n, 1.0));
+        let p = dev
+            .profile(|| {
+                let ep = EpilogueBufs {
+                    bias: Some(&bias),
+                    ..Default::default()
+                };
+                gemm_bf16(&dev, fwd, &xd, &wd, &y, ep)?;
+                gemm_bf16_acc_f32(&dev, wgrad, &dy, &xd, &gw, Some(&gb))
+            })
+            .unwrap();
+        for name in ["gemv_small_m", "weight_grad_small_k"] {
+            let row = p
+                .rows
+                .iter()
+                .find(|r| r.name == name)
+                .unwrap_or_else(|| panic!("{name}: {:?}", p.rows));
+            assert_eq!(
+                (row.calls, row.flops),
+                (1, 2 * (m * n * k) as u64),
+                "{name}"
+            );
         }
     }
 }

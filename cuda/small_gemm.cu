@@ -1,0 +1,95 @@
+// Products with a tiny dimension: a few samples' rows through a linear layer (the MMDiT's adaLN
+// modulation layers read one conditioning vector per sample). Memory-bound on the weight or its
+// gradient; cuBLASLt runs them far below the copy rate (H200, docs/perf-log.md 2026-11-27:
+// [1 × 9216 × 1536] in 14.7 µs, 2.2× a read of the weight; its weight gradient in 67 µs, 2.4× a
+// read and write of the f32 gradient). CPU twin: the CPU GEMM (src/kernels/gemm.rs), which the
+// tests compare against.
+//
+//   gemv_small_m         y = x·wᵀ (+ bias) for M ≤ 8 rows of x: one warp per output column
+//   weight_grad_small_k  g += aᵀ·b over K ≤ 8 rows, and the bias gradient
+#include "common.cuh"
+
+// y[m, n] = Σ_k x[m, k]·w[n, k] + bias[n] (bias may be null), bf16 in and out, f32 sums, M ≤ 8,
+// K % 8 == 0, x and w 16-byte aligned. Warp j of a block takes column n = 8·blockIdx.x + j: its
+// lanes stride over the row of w in 16-byte packs (the block's 8 rows of w are contiguous), each
+// pack against the same pack of every row of x (read from cache), then a warp sum per row.
+// grid: ceil(N / 8), block: 256.
+extern "C" __global__ void __launch_bounds__(256)
+    gemv_small_m(bf16* __restrict__ y, const bf16* __restrict__ x, const bf16* __restrict__ w,
+                 const bf16* __restrict__ bias, int M, int N, int K) {
+    const int lane = threadIdx.x & 31;
+    const int n = blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (n >= N) return;
+    float acc[8];
+#pragma unroll
+    for (int m = 0; m < 8; m++) acc[m] = 0.f;
+    const bf16* wr = w + (long long)n * K;
+#pragma unroll 2
+    for (int p = lane; p < K / 8; p += 32) {
+        float wv[8];
+        unpack_bf16x8(load16(wr + 8 * p), wv);
+#pragma unroll
+        for (int m = 0; m < 8; m++) {
+            if (m < M) {
+                float xv[8];
+                unpack_bf16x8(load16(x + (long long)m * K + 8 * p), xv);
+#pragma unroll
+                for (int k = 0; k < 8; k++) acc[m] += xv[k] * wv[k];
+            }
+        }
+    }
+    const float b = bias != nullptr ? bf2f(bias[n]) : 0.f;
+#pragma unroll
+    for (int m = 0; m < 8; m++) {
+        if (m < M) {
+            const float v = warp_sum(acc[m]);
+            if (lane == 0) y[(long long)m * N + n] = f2bf(v + b);
+        }
+    }
+}
+
+// A linear layer's weight gradient from K ≤ 8 rows (the modulation layers read one conditioning
+// vector per sample): g[m, n] += Σ_k a[k, m]·b[k, n] with a = dy [K, M] and b = x [K, N] (bf16),
+// and bias[m] += Σ_k a[k, m] when bias is not null. Memory-bound on g (f32, read and written once):
+// cuBLASLt took 67 µs at [9216 × 1536 × 1], 2.4× a copy of g's bytes on an H200. N % 8 == 0, b and
+// g 16-byte aligned. grid: (ceil(N / 8 / 128), M), block: 128.
+extern "C" __global__ void weight_grad_small_k(float* __restrict__ g, float* __restrict__ bias,
+                                               const bf16* __restrict__ a, const bf16* __restrict__ b, int K,
+                                               int M, int N) {
+    const int m = blockIdx.y;
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    float av[8];
+#pragma unroll
+    for (int k = 0; k < 8; k++) av[k] = k < K ? bf2f(a[(long long)k * M + m]) : 0.f;
+    if (bias != nullptr && c == 0) {
+        float s = 0.f;
+#pragma unroll
+        for (int k = 0; k < 8; k++) s += av[k];
+        bias[m] += s;
+    }
+    if (c >= N / 8) return;
+    float acc[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) acc[j] = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        if (k < K) {
+            float bv[8];
+            unpack_bf16x8(load16(b + (long long)k * N + 8 * c), bv);
+#pragma unroll
+            for (int j = 0; j < 8; j++) acc[j] += av[k] * bv[j];
+        }
+    }
+    float4* gp = reinterpret_cast<float4*>(g + (long long)m * N + 8 * c);
+    float4 g0 = gp[0], g1 = gp[1];
+    g0.x += acc[0];
+    g0.y += acc[1];
+    g0.z += acc[2];
+    g0.w += acc[3];
+    g1.x += acc[4];
+    g1.y += acc[5];
+    g1.z += acc[6];
+    g1.w += acc[7];
+    gp[0] = g0;
+    gp[1] = g1;
+}
