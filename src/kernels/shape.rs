@@ -458,37 +458,39 @@ pub mod dev {
         )
     }
 
-    /// `dst[r, dst.off + c] = bf16(src[r, c])` for `r < rows`, `c < cols` (`src` f32
-    /// `[rows, cols]`): a chunk's gradient into its columns of the modulation's gradient.
-    pub fn cast_cols_f32_bf16(
+    /// A modulation's gradient `dst [rows, n·d]` (bf16) from its `n ≤ 9` chunks' f32 gradients
+    /// `[rows, d]`: chunk `j` into columns `j·d..(j+1)·d`, zeros for a chunk without one. One
+    /// launch (`gather_chunks_bf16`).
+    pub fn gather_chunks_bf16(
         dev: &KernelDevice,
         dst: &DevBuf<bf16>,
-        dst_cols: Cols,
-        src: &DevBuf<f32>,
-        rows: usize,
-        cols: usize,
+        (rows, d): (usize, usize),
+        chunks: &[Option<&DevBuf<f32>>],
     ) -> KernelResult<()> {
-        if !dst_cols.fits(dst.len(), rows, cols) || src.len() != rows * cols {
+        let n = chunks.len();
+        let sizes_ok = chunks.iter().flatten().all(|c| c.len() == rows * d);
+        if n == 0 || n > 9 || dst.len() != rows * n * d || !sizes_ok {
             return Err(invalid(format!(
-                "cast_cols: {rows}×{cols} ({} elements) to {dst_cols:?} ({})",
-                src.len(),
+                "gather_chunks: {n} chunks of [{rows}, {d}] (at most 9, each {} elements) into {}",
+                rows * d,
                 dst.len()
             )));
         }
-        if rows * cols == 0 {
+        if dst.is_empty() {
             return Ok(());
         }
-        dev.launch(
-            "cast_cols_f32_bf16",
-            cfg(rows * cols),
-            KernelArgs::new()
-                .buf(dst)
-                .buf(src)
-                .i64(rows as i64)
-                .i32(cols as i32)
-                .i32(dst_cols.ld as i32)
-                .i32(dst_cols.off as i32),
-        )
+        let mut args = KernelArgs::new()
+            .buf(dst)
+            .i64(rows as i64)
+            .i32(d as i32)
+            .i32(n as i32);
+        for j in 0..9 {
+            args = match chunks.get(j).copied().flatten() {
+                Some(c) => args.buf(c),
+                None => args.null(),
+            };
+        }
+        dev.launch("gather_chunks_bf16", cfg(dst.len()), args)
     }
 
     /// `out = a + x` (x bf16, `out` may be `a` itself) and, with `out16`, its bf16 rounding: the

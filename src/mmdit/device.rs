@@ -574,16 +574,9 @@ impl DeviceMmdit {
     ) -> KernelResult<()> {
         let d = self.config.hidden;
         let n = dchunks.len();
-        let dm = self.dev.zeros::<bf16>(b * n * d)?;
-        for (j, g) in dchunks.iter().enumerate() {
-            if let Some(g) = g {
-                let cols = Cols {
-                    ld: n * d,
-                    off: j * d,
-                };
-                layout::cast_cols_f32_bf16(&self.dev, &dm, cols, g, b, d)?;
-            }
-        }
+        let dm = self.dev.alloc::<bf16>(b * n * d)?;
+        let chunks: Vec<Option<&DevBuf<f32>>> = dchunks.iter().map(Option::as_ref).collect();
+        layout::gather_chunks_bf16(&self.dev, &dm, (b, d), &chunks)?;
         let name = format!("{prefix}.adaLN_modulation.1");
         if params {
             self.linear_weight_grad(silu_c, &dm, b, &name, true)?;

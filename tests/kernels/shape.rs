@@ -166,32 +166,45 @@ fn accumulation_kernels_add() {
     }
 }
 
-/// `cast_cols_f32_bf16`: exactly the window, each value rounded once; the rest untouched.
+/// `gather_chunks_bf16`: every chunk into its columns, each value rounded once, zeros for the
+/// chunks without a gradient; bad shapes are errors.
 #[test]
-fn cast_cols_writes_exactly_the_window() {
+fn gather_chunks_writes_every_column() {
     for dev in devices() {
         let mut rng = Rng::new(11);
-        let (rows, cols, ld, off) = (3, 24, 72, 40);
-        let src: Vec<f32> = (0..rows * cols).map(|_| rng.normal()).collect();
-        let before = randn_bf16(&mut rng, rows * ld, 1.0);
-        let dst = upload_bf16(&dev, &before);
-        let s = dev.upload(&src).unwrap();
-        gpu::cast_cols_f32_bf16(&dev, &dst, Cols { ld, off }, &s, rows, cols).unwrap();
-        let mut want = before.clone();
-        for r in 0..rows {
-            for c in 0..cols {
-                want[r * ld + off + c] = bf16::from_f32(src[r * cols + c]).to_f32();
+        for (rows, d, n) in [(3, 24, 6), (2, 40, 9), (1, 8, 1)] {
+            let srcs: Vec<Vec<f32>> = (0..n)
+                .map(|_| (0..rows * d).map(|_| rng.normal()).collect())
+                .collect();
+            let bufs: Vec<_> = srcs.iter().map(|v| dev.upload(v).unwrap()).collect();
+            // every third chunk without a gradient
+            let chunks: Vec<_> = (0..n).map(|j| (j % 3 != 1).then(|| &bufs[j])).collect();
+            let dst = upload_bf16(&dev, &randn_bf16(&mut rng, rows * n * d, 1.0));
+            gpu::gather_chunks_bf16(&dev, &dst, (rows, d), &chunks).unwrap();
+            let mut want = vec![0f32; rows * n * d];
+            for r in 0..rows {
+                for (j, src) in srcs.iter().enumerate() {
+                    for c in 0..d {
+                        if j % 3 != 1 {
+                            want[r * n * d + j * d + c] = bf16::from_f32(src[r * d + c]).to_f32();
+                        }
+                    }
+                }
             }
+            let shape = format!("{rows}x{n}x{d}");
+            check(
+                "gather_chunks_bf16",
+                &dev,
+                &shape,
+                &download_f32(&dev, &dst),
+                &want,
+                0.0,
+            );
+            assert!(gpu::gather_chunks_bf16(&dev, &dst, (rows, d + 1), &chunks).is_err());
         }
-        check(
-            "cast_cols_f32_bf16",
-            &dev,
-            "3x24 into 72 at 40",
-            &download_f32(&dev, &dst),
-            &want,
-            0.0,
-        );
-        assert!(gpu::cast_cols_f32_bf16(&dev, &dst, Cols { ld, off: 50 }, &s, rows, cols).is_err());
+        let too_many: Vec<Option<&DevBuf<f32>>> = vec![None; 10];
+        let dst = dev.alloc::<bf16>(10 * 8).unwrap();
+        assert!(gpu::gather_chunks_bf16(&dev, &dst, (1, 8), &too_many).is_err());
     }
 }
 
