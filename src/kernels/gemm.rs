@@ -253,10 +253,9 @@ pub mod dev {
     /// `w [K, N]` (NN), `pre`, `dpre [M, N]`, and with `bias_grad` (f32 `[N]`) the column sums
     /// of `dpre` added into it — what the DGeluBgrad epilogue computes, as a plain GEMM and then
     /// GELU′ with the column sums in the same pass (`gelu_tanh_bwd_colsum`): on an H200
-    /// cuBLASLt's DGeluBgrad GEMM ran
-    /// the SD3.5-medium MLP's [4096 × 6144 × 1536] at 292 TFLOP/s against ~700–800 for the plain
-    /// GEMMs of the same size (docs/perf-log.md, 2026-11-27). `dh` (`[M, N]` bf16) holds the
-    /// product.
+    /// cuBLASLt's DGeluBgrad GEMM ran the SD3.5-medium MLP's [4096 × 6144 × 1536] at 292
+    /// TFLOP/s against ~700–800 for the plain GEMMs of the same size (docs/perf-log.md,
+    /// 2026-11-27). `dh` (`[M, N]` bf16) holds the product.
     #[allow(clippy::too_many_arguments)]
     pub fn gemm_bf16_dgelu(
         dev: &KernelDevice,
