@@ -23,7 +23,8 @@ fn bf(dev: &KernelDevice, n: usize) -> DevBuf<bf16> {
 #[test]
 fn every_op_is_timed_once_under_its_name() {
     for dev in devices() {
-        let (m, n, k) = (5, 6, 8);
+        // more than 8 rows: a GEMM (`gemv_small_m` takes linear layers over at most 8)
+        let (m, n, k) = (12, 6, 8);
         let (a, b, c) = (bf(&dev, m * k), bf(&dev, k * n), bf(&dev, m * n));
         let (src, dst) = (dev.zeros::<f32>(64).unwrap(), dev.zeros::<f32>(64).unwrap());
         let spec = GemmSpec {
@@ -48,8 +49,8 @@ fn every_op_is_timed_once_under_its_name() {
         let copies = row("copy_bytes").expect("the copies' row");
         assert_eq!((copies.calls, copies.flops), (3, 0));
         assert_eq!(row("memset").expect("the memset's row").calls, 1);
-        let g = row("gemm 5×6×8 NT None bf16").expect("the GEMM's row");
-        assert_eq!((g.calls, g.flops), (1, 2 * 5 * 6 * 8));
+        let g = row("gemm 12×6×8 NT None bf16").expect("the GEMM's row");
+        assert_eq!((g.calls, g.flops), (1, 2 * 12 * 6 * 8));
         assert!(p.rows.iter().all(|r| r.ms >= 0.0));
         assert_eq!(p.families().iter().map(|r| r.calls).sum::<u64>(), 5);
         // the next profile starts empty
