@@ -277,9 +277,8 @@ extern "C" __global__ void adaln_modulate_bwd_params(float* __restrict__ part_sh
 // so the result is deterministic. The Y lanes along the splits are what make it fast: with one
 // thread per column (the first version) a 64-column weight gradient over 416 splits ran on one
 // block as 416 dependent loads, longer than the norm's backward itself.
-extern "C" __global__ void __launch_bounds__(1024)
-    sum_splits(float* __restrict__ out, const float* __restrict__ part, int S, long long n, int accumulate) {
-    __shared__ float sums[32][32];
+__device__ __forceinline__ void sum_splits_cols(float* __restrict__ out, const float* __restrict__ part, int S,
+                                                long long n, int accumulate, float (*sums)[32]) {
     const long long i = (long long)blockIdx.x * 32 + threadIdx.x;
     const int Y = blockDim.y, y = threadIdx.y;
     float a = 0.f;
@@ -292,6 +291,25 @@ extern "C" __global__ void __launch_bounds__(1024)
         for (int k = 0; k < Y; k++) t += sums[k][threadIdx.x];
         out[i] = accumulate ? out[i] + t : t;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+    sum_splits(float* __restrict__ out, const float* __restrict__ part, int S, long long n, int accumulate) {
+    __shared__ float sums[32][32];
+    sum_splits_cols(out, part, S, n, accumulate, sums);
+}
+
+// Two independent sum_splits in one launch (a backward's pair of column reductions: adaLN's
+// dshift and dscale, the gated residual's dgate and bias gradient): blockIdx.y picks the pair.
+// grid: (ceil(max(n0, n1) / 32), 2), block: (32, Y).
+extern "C" __global__ void __launch_bounds__(1024)
+    sum_splits2(float* __restrict__ out0, const float* __restrict__ part0, int S0, long long n0, int acc0,
+                float* __restrict__ out1, const float* __restrict__ part1, int S1, long long n1, int acc1) {
+    __shared__ float sums[32][32];
+    if (blockIdx.y == 0)
+        sum_splits_cols(out0, part0, S0, n0, acc0, sums);
+    else
+        sum_splits_cols(out1, part1, S1, n1, acc1, sums);
 }
 
 // out = x + gate[b]·y, 8 elements per thread when D % 8 == 0 and the buffers are 16-byte aligned

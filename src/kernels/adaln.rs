@@ -225,6 +225,46 @@ pub mod dev {
         )
     }
 
+    /// Two independent [`sum_splits_acc`] in one launch (`sum_splits2`): each of `pairs` is
+    /// `(out, part, splits, accumulate)`.
+    pub fn sum_splits_pair(
+        dev: &KernelDevice,
+        pairs: [(&DevBuf<f32>, &DevBuf<f32>, usize, bool); 2],
+    ) -> KernelResult<()> {
+        for (out, part, s, _) in pairs {
+            if part.len() < s * out.len() {
+                return Err(crate::device::kernel::KernelError::Invalid(format!(
+                    "sum_splits: {} partials for {s} splits of {}",
+                    part.len(),
+                    out.len()
+                )));
+            }
+        }
+        let n = pairs[0].0.len().max(pairs[1].0.len());
+        if n == 0 {
+            return Ok(());
+        }
+        let y = pairs[0].2.max(pairs[1].2).clamp(1, 32) as u32;
+        let mut args = KernelArgs::new();
+        for (out, part, s, acc) in pairs {
+            args = args
+                .buf(out)
+                .buf(part)
+                .i32(s as i32)
+                .i64(out.len() as i64)
+                .i32(i32::from(acc));
+        }
+        dev.launch(
+            "sum_splits2",
+            LaunchCfg {
+                grid: [blocks_for(n, 32), 2, 1],
+                block: [32, y, 1],
+                shared_bytes: 0,
+            },
+            args,
+        )
+    }
+
     /// 16-byte packs (8 bf16) per thread of the vector kernels (`PACKS` in adaln.cu).
     const PACKS: usize = 2;
 
@@ -438,8 +478,13 @@ pub mod dev {
                 .i32(l as i32)
                 .i32(d as i32),
         )?;
-        sum_splits(dev, &dshift, &part_shift, s)?;
-        sum_splits(dev, &dscale, &part_scale, s)?;
+        sum_splits_pair(
+            dev,
+            [
+                (&dshift, &part_shift, s, false),
+                (&dscale, &part_scale, s, false),
+            ],
+        )?;
         Ok((dx, dshift, dscale))
     }
 
@@ -666,8 +711,13 @@ pub mod dev {
                 .i32(d as i32)
                 .i32(ld as i32),
         )?;
-        sum_splits(dev, &dgate, &part_gate, s)?;
-        sum_splits_acc(dev, bias_grad, &part_bias, s * b, true)?;
+        sum_splits_pair(
+            dev,
+            [
+                (&dgate, &part_gate, s, false),
+                (bias_grad, &part_bias, s * b, true),
+            ],
+        )?;
         Ok((dgate, dy))
     }
 }
