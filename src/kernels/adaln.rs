@@ -202,12 +202,7 @@ pub mod dev {
         if n == 0 {
             return Ok(());
         }
-        if part.len() < s * n {
-            return Err(crate::device::kernel::KernelError::Invalid(format!(
-                "sum_splits: {} partials for {s} splits of {n}",
-                part.len()
-            )));
-        }
+        enough_partials(out, part, s)?;
         let y = s.clamp(1, 32) as u32;
         dev.launch(
             "sum_splits",
@@ -225,6 +220,18 @@ pub mod dev {
         )
     }
 
+    /// `part` holds `s` partial rows of `out`'s length.
+    fn enough_partials(out: &DevBuf<f32>, part: &DevBuf<f32>, s: usize) -> KernelResult<()> {
+        if part.len() < s * out.len() {
+            return Err(crate::device::kernel::KernelError::Invalid(format!(
+                "sum_splits: {} partials for {s} splits of {}",
+                part.len(),
+                out.len()
+            )));
+        }
+        Ok(())
+    }
+
     /// Two independent [`sum_splits_acc`] in one launch (`sum_splits2`): each of `pairs` is
     /// `(out, part, splits, accumulate)`.
     pub fn sum_splits_pair(
@@ -232,13 +239,7 @@ pub mod dev {
         pairs: [(&DevBuf<f32>, &DevBuf<f32>, usize, bool); 2],
     ) -> KernelResult<()> {
         for (out, part, s, _) in pairs {
-            if part.len() < s * out.len() {
-                return Err(crate::device::kernel::KernelError::Invalid(format!(
-                    "sum_splits: {} partials for {s} splits of {}",
-                    part.len(),
-                    out.len()
-                )));
-            }
+            enough_partials(out, part, s)?;
         }
         let n = pairs[0].0.len().max(pairs[1].0.len());
         if n == 0 {
