@@ -140,7 +140,17 @@ PYTHONUNBUFFERED=1 step torch 120 python3 tools/bench_vs_torch.py --json "$OUT/t
 ADVDMD_BENCH_JSON="$OUT/bench.json" step bench 60 "$BIN/kernels-bench"
 if command -v compute-sanitizer >/dev/null; then
   step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/kernels-test" --test-threads=1
-  step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 "$BIN/kernels-test" --test-threads=1
+  # Hazards count only in our kernels: on an H100 (2026-11-27) racecheck reported 13 inside
+  # cuBLASLt's own (nvjet_*, the epilogue test's small-tile GEMMs) and none in ours, and
+  # `--kernel-name-exclude kns=nvjet` made the sanitizer fail ("failed to handle a hardware
+  # exception"). So it runs over everything and the step fails on any other kernel's hazard.
+  step racecheck 120 compute-sanitizer --tool racecheck "$BIN/kernels-test" --test-threads=1
+  if [ -f "$OUT/racecheck.log" ]; then
+    ours=$(grep "Race reported" "$OUT/racecheck.log" | grep -vc "at nvjet_")
+    theirs=$(grep "Race reported" "$OUT/racecheck.log" | grep -c "at nvjet_")
+    echo "racecheck: $ours hazard reports in our kernels, $theirs in cuBLASLt's (nvjet)" | tee -a "$OUT/steps.txt"
+    [ "$ours" -eq 0 ] || status=1
+  fi
 fi
 PYTHONUNBUFFERED=1 step torch-compile 180 python3 tools/bench_vs_torch.py --no-attention --compile --json "$OUT/torch-compile.json"
 

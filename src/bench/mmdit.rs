@@ -6,7 +6,7 @@ use super::flops::{mmdit_forward_flops, mmdit_training_flops};
 use super::measure::Timing;
 use super::measure::{gemm_ceiling_tflops, tflops, time_runs, PeakRss, GEMM_CEILING_SIZE, WARMUP};
 use super::presets::{ModelSpec, RandomInputs};
-use super::profile::add_profile;
+use super::profile::{add_profile, profile_one_stream};
 use super::report::{Cell, Report};
 use super::{ceiling_figures, kernel_device, mfu_figures};
 use super::{common_parameters, MmditArgs};
@@ -142,13 +142,10 @@ fn measure_device(
         ),
     }
     if a.common.profile {
-        // the first profile of each only warms the profiler's event pool
-        dev.profile(forward)?;
-        let p = dev.profile(forward)?;
+        let p = profile_one_stream(&dev, forward)?;
         add_profile(&mut r, "one forward", ("forward", "forward_ops"), &p);
         if !a.forward_only {
-            dev.profile(training)?;
-            let p = dev.profile(training)?;
+            let p = profile_one_stream(&dev, training)?;
             add_profile(
                 &mut r,
                 "one forward+backward",

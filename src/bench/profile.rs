@@ -9,21 +9,36 @@ use crate::device::profile::{OpProfile, ProfileRow};
 /// Op rows shown per profile; the rest are summed into one row.
 const TOP_OPS: usize = 60;
 
-/// The profile of one more run of `work` (a bench's timed unit, which may fail with any error):
-/// the second of two, the first only warming the profiler's event pool.
+/// The op profile of `work` run twice, the first only warming the profiler's event pool. Both
+/// run on one stream: on two, an op's gap on the side stream includes its waits for the main one
+/// and the time it shares the SMs (on an H100 the SD3.5-medium fwd+bwd's RMSNorm backward read
+/// 41 ms so; an H200's one-stream profile had 1.7 ms), so the per-op times would no longer add
+/// up to the run.
+pub fn profile_one_stream(
+    dev: &KernelDevice,
+    mut work: impl FnMut() -> Result<(), KernelError>,
+) -> Result<OpProfile, KernelError> {
+    let streams = dev.streams();
+    dev.set_streams(1)?;
+    let profile = dev.profile(&mut work).and_then(|_| dev.profile(&mut work));
+    dev.set_streams(streams)?;
+    profile
+}
+
+/// [`profile_one_stream`] of a bench's timed unit, which may fail with any error.
 pub fn profile_fallible(
     dev: &KernelDevice,
     mut work: impl FnMut() -> crate::Result<()>,
 ) -> crate::Result<OpProfile> {
     let mut failed = None;
-    let mut run = || {
+    let run = || {
         work().map_err(|e| {
             let text = e.to_string();
             failed = Some(e);
             KernelError::Invalid(text)
         })
     };
-    let profile = dev.profile(&mut run).and_then(|_| dev.profile(&mut run));
+    let profile = profile_one_stream(dev, run);
     match failed {
         Some(e) => Err(e),
         None => Ok(profile?),

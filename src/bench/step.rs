@@ -336,6 +336,8 @@ mod device {
             }
         }
         let peak = dev.peak_bytes().saturating_sub(resident);
+        // with graphs, their temporaries come from the driver's graph memory, not the counter
+        let graph_memory = dev.graph_memory_bytes()?;
 
         let r_dmd = run.config.r_dmd;
         let generator_kind = if rl_possible {
@@ -434,6 +436,14 @@ mod device {
             Cell::Bytes(peak as u64),
             "",
         );
+        if let (true, Some(bytes)) = (a.graph, graph_memory) {
+            r.figure(
+                "graph_memory_bytes",
+                "graph memory the driver holds for the recorded iterations",
+                Cell::Bytes(bytes),
+                "",
+            );
+        }
         super::super::mfu_figures(
             &mut r,
             &dev.name(),

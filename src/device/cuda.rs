@@ -65,6 +65,10 @@ pub struct CudaRuntime {
     cublaslt: std::sync::OnceLock<super::cublaslt::Cublaslt>,
     /// Set while `capture` records (its launches are not profiled).
     capturing: std::sync::atomic::AtomicBool,
+    /// Bytes allocated outside a capture since the last graph launch, and whether a launched
+    /// graph may hold physical memory now: see `hand_over_to_direct_work`.
+    direct_bytes: std::sync::atomic::AtomicUsize,
+    graph_memory_mapped: std::sync::atomic::AtomicBool,
     /// The events of the op profile in progress (`KernelDevice::profile`).
     profile: Mutex<ProfileEvents>,
 }
@@ -130,6 +134,8 @@ impl CudaRuntime {
             }),
             cublaslt: std::sync::OnceLock::new(),
             capturing: std::sync::atomic::AtomicBool::new(false),
+            direct_bytes: std::sync::atomic::AtomicUsize::new(0),
+            graph_memory_mapped: std::sync::atomic::AtomicBool::new(false),
             profile: Mutex::new(ProfileEvents::default()),
         }))
     }
@@ -202,6 +208,7 @@ impl CudaRuntime {
 
     pub fn alloc(&self, bytes: usize) -> KernelResult<u64> {
         self.bind()?;
+        self.hand_over_to_direct_work(bytes)?;
         // SAFETY: the stream belongs to this context; the memory is used on this stream, or on
         // the other after a fork or join orders the two.
         unsafe { result::malloc_async(self.current(), bytes) }
@@ -360,6 +367,73 @@ impl CudaRuntime {
         Ok(self.cublaslt.get().expect("set above"))
     }
 
+    /// Graphs and direct (uncaptured) runs draw on two pools: a graph's allocations are mapped
+    /// from the driver's graph memory and stay mapped after its replay; direct runs allocate from
+    /// the default pool, which keeps what they free (the release threshold). Where one step of a
+    /// training loop replays a graph and the next runs directly (a kind of iteration before its
+    /// graph is recorded), the two working sets would be held at once: at 1024 px the AdvDMD
+    /// iteration's ~7 GB each, past an 80 GB card. So a direct run that allocates a large amount
+    /// (`HANDOVER_BYTES`) after a replay first returns the graphs' memory to the driver (the next
+    /// replay maps it again), and a replay after direct runs first trims the default pool.
+    const HANDOVER_BYTES: usize = 1 << 30;
+
+    fn hand_over_to_direct_work(&self, bytes: usize) -> KernelResult<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.is_capturing() {
+            return Ok(());
+        }
+        let since = self.direct_bytes.fetch_add(bytes, Relaxed) + bytes;
+        if since < Self::HANDOVER_BYTES || !self.graph_memory_mapped.swap(false, Relaxed) {
+            return Ok(());
+        }
+        // a replay still running holds its memory: trim only frees what no graph uses
+        self.synchronize_both()?;
+        // SAFETY: the context's device; trimming frees only blocks no queued graph uses.
+        unsafe { sys::cuDeviceGraphMemTrim(self.ctx.cu_device()) }
+            .result()
+            .map_err(|e| cuda_err("graph memory trim", e))
+    }
+
+    fn hand_over_to_graph(&self) -> KernelResult<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.graph_memory_mapped.store(true, Relaxed);
+        if self.direct_bytes.swap(0, Relaxed) < Self::HANDOVER_BYTES {
+            return Ok(());
+        }
+        self.synchronize_both()?;
+        self.trim_default_pool()
+    }
+
+    /// Gives the default pool's free blocks back to the driver (the release threshold keeps
+    /// them otherwise).
+    fn trim_default_pool(&self) -> KernelResult<()> {
+        // SAFETY: the device's default pool; trimming frees only blocks no allocation holds.
+        unsafe {
+            let pool = result::device::get_default_mem_pool(self.ctx.cu_device())
+                .map_err(|e| cuda_err("memory pool", e))?;
+            sys::cuMemPoolTrimTo(pool, 0)
+                .result()
+                .map_err(|e| cuda_err("memory pool trim", e))
+        }
+    }
+
+    /// Bytes of graph memory the driver holds mapped now (`CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT`).
+    pub fn graph_memory_reserved(&self) -> KernelResult<u64> {
+        self.bind()?;
+        let mut v = 0u64;
+        // SAFETY: the attribute is a u64 the call writes.
+        unsafe {
+            sys::cuDeviceGetGraphMemAttribute(
+                self.ctx.cu_device(),
+                sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT,
+                &mut v as *mut u64 as *mut c_void,
+            )
+        }
+        .result()
+        .map_err(|e| cuda_err("graph memory attribute", e))?;
+        Ok(v)
+    }
+
     /// What a capture must not do the first time: create cuBLASLt's handle and workspaces, load
     /// the modules and look up their kernels (a module load inside a capture is legal only on
     /// recent drivers). Then the pool gives back the memory it keeps
@@ -373,14 +447,7 @@ impl CudaRuntime {
             let _ = self.function(kernel, 0);
         }
         self.synchronize()?;
-        // SAFETY: the device's default pool; trimming frees only blocks no allocation holds.
-        unsafe {
-            let pool = result::device::get_default_mem_pool(self.ctx.cu_device())
-                .map_err(|e| cuda_err("memory pool", e))?;
-            sys::cuMemPoolTrimTo(pool, 0)
-                .result()
-                .map_err(|e| cuda_err("memory pool trim", e))
-        }
+        self.trim_default_pool()
     }
 
     /// Queues a cuBLASLt GEMM (the handle and its workspace are created on first use).
@@ -585,6 +652,7 @@ impl CudaGraph {
     /// Queues one replay of the recorded launches on the runtime's stream.
     pub fn launch(&self) -> KernelResult<()> {
         self.rt.bind()?;
+        self.rt.hand_over_to_graph()?;
         // SAFETY: `exec` is alive while `self` is; the stream belongs to the same context.
         unsafe { result::graph::launch(self.exec, self.rt.stream.cu_stream()) }
             .map_err(|e| cuda_err("graph launch", e))?;

@@ -466,6 +466,16 @@ impl KernelDevice {
         self.memory.clone()
     }
 
+    /// Bytes of graph memory the driver keeps mapped for this device's CUDA graphs (their
+    /// temporaries: outside the buffer counter); `None` under the emulator.
+    pub fn graph_memory_bytes(&self) -> KernelResult<Option<u64>> {
+        match &self.backend {
+            Backend::Emulator => Ok(None),
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(rt) => rt.graph_memory_reserved().map(Some),
+        }
+    }
+
     /// Bytes of this device's buffers alive now.
     pub fn live_bytes(&self) -> usize {
         self.memory.live.load(Ordering::Relaxed)
