@@ -142,10 +142,10 @@ fn measure_device(
         ),
     }
     if a.common.profile {
-        let p = profile_one_stream(&dev, forward)?;
+        let p = profile_one_stream(dev, forward)?;
         add_profile(&mut r, "one forward", ("forward", "forward_ops"), &p);
         if !a.forward_only {
-            let p = profile_one_stream(&dev, training)?;
+            let p = profile_one_stream(dev, training)?;
             add_profile(
                 &mut r,
                 "one forward+backward",
