@@ -41,6 +41,21 @@ __device__ __forceinline__ float fast_exp2(float x) {
 #endif
 }
 
+// 2^x on the FMA pipes, for a share of a softmax's exponentials beside fast_exp2's (the split of
+// FlashAttention-4; at head dim 64 an SM's 16 exponentials a clock take as long as the 256
+// tensor-core FLOPs of each score). x is rounded to the nearest integer n by adding 1.5·2^23,
+// 2^(x − n) comes from a cubic on [−½, ½] (relative error ≤ 7.5e-5, a fiftieth of P's bf16
+// rounding; coefficients fitted for relative error), and n is added to the exponent bits. x is
+// first raised to −125, so −inf (a masked key) gives 2^−125 ≈ 2e-38 where fast_exp2 gives 0.
+__device__ __forceinline__ float poly_exp2(float x) {
+    x = fmaxf(x, -125.f);
+    const float t = __fadd_rn(x, 12582912.f);
+    const float f = __fsub_rn(x, __fsub_rn(t, 12582912.f));
+    const float p = fmaf(fmaf(fmaf(0.055171676f, f, 0.242611155f), f, 0.693260968f), f, 0.999928057f);
+    // t's low mantissa bits hold n (two's complement): shifted to the exponent field they add n
+    return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
+}
+
 // Element offset of (batch b, token r, head h, column 0) in a [B, L, H, D] operand.
 __device__ __forceinline__ long long row_offset(int b, int L, int r, int H, int h, int D) {
     return (((long long)b * L + r) * H + h) * D;

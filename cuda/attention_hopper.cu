@@ -85,7 +85,9 @@ __device__ __forceinline__ void fwd_issue_pv(float* o, const uint32_t (&p)[KN / 
 // sums added to l, and P rounded to bf16 into the A fragments of the P·V wgmma. No wgmma wait in
 // here: a wait is `.aligned` (the whole warpgroup executes it or the behaviour is undefined), and
 // whether the maximum moves differs from warp to warp.
-template <int D, int KN>
+// POLY > 0: every POLY-th group of 4 scores (j ≡ POLY − 1 mod POLY) takes its exponentials from
+// poly_exp2 on the FMA pipes instead of the special-function unit (FwdVariant::H4: POLY = 4).
+template <int D, int KN, int POLY = 0>
 __device__ __forceinline__ void softmax_to_p(float (&s)[KN / 2], float (&alpha)[2], float (&ms)[2], float (&l)[2],
                                              uint32_t (&pa)[KN / 16][4], int krows, int t, float scale_log2) {
     if (krows < KN) {
@@ -123,7 +125,8 @@ __device__ __forceinline__ void softmax_to_p(float (&s)[KN / 2], float (&alpha)[
     for (int j = 0; j < KN / 8; j++)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-            const float p = fast_exp2(fmaf(s[4 * j + e], scale_log2, -ms[e >> 1]));
+            const float x = fmaf(s[4 * j + e], scale_log2, -ms[e >> 1]);
+            const float p = POLY > 0 && j % POLY == POLY - 1 ? poly_exp2(x) : fast_exp2(x);
             s[4 * j + e] = p;
             rs[e >> 1] += p;
         }
@@ -379,7 +382,7 @@ __device__ __forceinline__ void fwd_h2(bf16* __restrict__ oa, bf16* __restrict__
 // barriers 1 and 2: a group issues after bar.sync on its own and then bar.arrive on the
 // other's), so that one group's softmax runs while the other's products occupy the tensor cores
 // (FA3's ping-pong scheduling).
-template <int D, int KN, int STAGES, int VMUL>
+template <int D, int KN, int STAGES, int VMUL, int POLY = 0>
 __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
                                        const bf16* __restrict__ qa, const bf16* __restrict__ ka,
                                        const bf16* __restrict__ va, const bf16* __restrict__ qb,
@@ -488,7 +491,7 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
         wgmma_wait<1>();  // S_i complete; P_{i−1}·V_{i−1} may still run
         const int krows = min(KN, i < ntiles<KN>(La) ? La - i * KN : Lb - (i - ntiles<KN>(La)) * KN);
         float alpha[2];
-        softmax_to_p<D, KN>(s, alpha, R.ms, R.l, pn, krows, t, scale_log2);
+        softmax_to_p<D, KN, POLY>(s, alpha, R.ms, R.l, pn, krows, t, scale_log2);
         wgmma_wait<0>();
         rescale_o<D>(R.o, alpha);
         if (i > 0) mbar_arrive(&empty[sp]);  // P_{i−1}·V_{i−1}, the stage's last reader, is done
@@ -776,6 +779,8 @@ __device__ __forceinline__ void bwd_h1(bf16* __restrict__ dka, bf16* __restrict_
 // advdmd-entry-registers: joint_attn_fwd_h3_d64_vfused 168
 // advdmd-entry-registers: joint_attn_fwd_h3_d128 168
 // advdmd-entry-registers: joint_attn_fwd_h3_d128_vfused 168
+// advdmd-entry-registers: joint_attn_fwd_h4_d64 168
+// advdmd-entry-registers: joint_attn_fwd_h4_d64_vfused 168
 // advdmd-entry-registers: joint_attn_bwd_h3_d64 168
 // advdmd-entry-registers: joint_attn_bwd_h3_d64_vfused 168
 // The H3 backward's register split of the 384-thread block's 168 registers a thread: 96/208 (the
@@ -981,6 +986,9 @@ ATTN_FWD_ENTRY(joint_attn_fwd_h3_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 1>)
 ATTN_FWD_ENTRY(joint_attn_fwd_h3_d64_vfused, 384, 1, attn_h::fwd_h3<64, 128, 4, 3>)
 ATTN_FWD_ENTRY(joint_attn_fwd_h3_d128, 384, 1, attn_h::fwd_h3<128, 64, 4, 1>)
 ATTN_FWD_ENTRY(joint_attn_fwd_h3_d128_vfused, 384, 1, attn_h::fwd_h3<128, 64, 4, 3>)
+// Forward H4 (D = 64): H3 with a quarter of the exponentials on the FMA pipes (poly_exp2).
+ATTN_FWD_ENTRY(joint_attn_fwd_h4_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4>)
+ATTN_FWD_ENTRY(joint_attn_fwd_h4_d64_vfused, 384, 1, attn_h::fwd_h3<64, 128, 4, 3, 4>)
 // Backward H1, H2 (bwd_h1 without and with PIPE): 2 groups of 64 keys, 64-query tiles in 2 stages,
 // one and two dSᵀ tiles.
 ATTN_BWD_ENTRY(joint_attn_bwd_h1_d64, 256, 1, attn_h::bwd_h1<64, 1, false>)

@@ -750,7 +750,10 @@ pub mod dev {
     /// product of one key tile overlapping the softmax of the next (3 stages). `H3`:
     /// FlashAttention-3's structure — a producer warpgroup streams the tiles through 4 stages
     /// guarded by mbarriers, and H2's two consumer warpgroups take turns to issue their products
-    /// (ping-pong), with no block barrier (384 threads).
+    /// (ping-pong), with no block barrier (384 threads). `H4` (d = 64; at d = 128 it runs
+    /// `H3`): H3 with a quarter of the softmax's exponentials on the FMA pipes (`poly_exp2`,
+    /// FlashAttention-4's split): at d = 64 the special-function unit's exponentials take as
+    /// long as the tensor cores' products.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum FwdVariant {
         V3,
@@ -758,6 +761,7 @@ pub mod dev {
         H1,
         H2,
         H3,
+        H4,
     }
 
     impl FwdVariant {
@@ -789,46 +793,62 @@ pub mod dev {
         /// [`hopper_disabled`]): what tests and the bench iterate.
         pub fn enabled() -> Vec<FwdVariant> {
             without_hopper(&Self::ALL, |v| {
-                matches!(v, FwdVariant::H1 | FwdVariant::H2 | FwdVariant::H3)
+                matches!(
+                    v,
+                    FwdVariant::H1 | FwdVariant::H2 | FwdVariant::H3 | FwdVariant::H4
+                )
             })
         }
 
         /// Every variant, for tests and the bench.
-        pub const ALL: [FwdVariant; 5] = [
+        pub const ALL: [FwdVariant; 6] = [
             FwdVariant::V3,
             FwdVariant::V4,
             FwdVariant::H1,
             FwdVariant::H2,
             FwdVariant::H3,
+            FwdVariant::H4,
         ];
-        fn kernel(self, d: usize) -> String {
+        /// The variant actually launched at head dim `d`.
+        pub fn resolve(self, d: usize) -> FwdVariant {
             match self {
+                FwdVariant::H4 if d != 64 => FwdVariant::H3,
+                v => v,
+            }
+        }
+        fn kernel(self, d: usize) -> String {
+            match self.resolve(d) {
                 FwdVariant::V3 => format!("joint_attn_fwd_v3_d{d}"),
                 FwdVariant::V4 => format!("joint_attn_fwd_v4_d{d}"),
                 FwdVariant::H1 => format!("joint_attn_fwd_h1_d{d}"),
                 FwdVariant::H2 => format!("joint_attn_fwd_h2_d{d}"),
                 FwdVariant::H3 => format!("joint_attn_fwd_h3_d{d}"),
+                FwdVariant::H4 => format!("joint_attn_fwd_h4_d{d}"),
             }
         }
         fn threads(self) -> u32 {
             match self {
                 FwdVariant::V4 => 128,
                 FwdVariant::V3 | FwdVariant::H1 | FwdVariant::H2 => 256,
-                FwdVariant::H3 => 384,
+                FwdVariant::H3 | FwdVariant::H4 => 384,
             }
         }
         /// Query rows per block.
         fn rows(self) -> usize {
             match self {
                 FwdVariant::V3 => 256,
-                FwdVariant::V4 | FwdVariant::H1 | FwdVariant::H2 | FwdVariant::H3 => 128,
+                FwdVariant::V4
+                | FwdVariant::H1
+                | FwdVariant::H2
+                | FwdVariant::H3
+                | FwdVariant::H4 => 128,
             }
         }
         /// cp.async stages of the K, V tiles.
         fn stages(self, d: usize) -> usize {
             match self {
                 FwdVariant::H1 => 2,
-                FwdVariant::H3 => 4,
+                FwdVariant::H3 | FwdVariant::H4 => 4,
                 FwdVariant::H2 => 3,
                 FwdVariant::V3 | FwdVariant::V4 if d == 64 => 3,
                 FwdVariant::V3 | FwdVariant::V4 => 2,
@@ -837,11 +857,14 @@ pub mod dev {
         /// Dynamic shared memory: the Q tile and `stages` stages of the K and V tiles (64 rows
         /// each), rows padded to d+8.
         fn shared_bytes(self, d: usize) -> u32 {
-            if matches!(self, FwdVariant::H1 | FwdVariant::H2 | FwdVariant::H3) {
+            if matches!(
+                self,
+                FwdVariant::H1 | FwdVariant::H2 | FwdVariant::H3 | FwdVariant::H4
+            ) {
                 // Unpadded swizzled tiles, 1 KB to align them, 128-key tiles at d = 64; H3's
                 // mbarriers (Q, and full and empty per stage) after the tiles.
                 let keys = if d == 64 { 2 * TILE } else { TILE };
-                let bars = if self == FwdVariant::H3 {
+                let bars = if matches!(self, FwdVariant::H3 | FwdVariant::H4) {
                     8 * (1 + 2 * self.stages(d))
                 } else {
                     0
