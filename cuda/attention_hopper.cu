@@ -46,18 +46,38 @@ __device__ __forceinline__ void load_tile_sw(unsigned char* s, const bf16* __res
     }
 }
 
+// load_tile_sw with a rolled loop: a few registers, for a producer warpgroup left 32 by setmaxnreg
+// (the unrolled copy keeps every chunk's addresses live).
+template <int D, int ROWS, int NT>
+__device__ __forceinline__ void load_tile_sw_lean(unsigned char* s, const bf16* __restrict__ g, long long ld,
+                                                  int rows) {
+    constexpr int CH = D / 8;
+    static_assert(ROWS * CH % NT == 0, "tile copy must divide evenly");
+#pragma unroll 1
+    for (int i = threadIdx.x; i < ROWS * CH; i += NT) {
+        const int r = i / CH, c = i % CH;
+        cp_async_16_zfill(s + chunk_offset<ROWS>(r, c), g + min(r, rows - 1) * ld + c * 8, r < rows);
+    }
+}
+
 // Key tile i (of KN rows, streams a then b) of K and V into the swizzled tiles sK, sV by NT
-// threads, asynchronously (the caller commits).
-template <int D, int KN, int NT, int VMUL>
+// threads, asynchronously (the caller commits). LEAN: load_tile_sw_lean's rolled copies.
+template <int D, int KN, int NT, int VMUL, bool LEAN = false>
 __device__ __forceinline__ void load_kv_tile(unsigned char* sK, unsigned char* sV, int i, const bf16* __restrict__ ka,
                                              const bf16* __restrict__ va, const bf16* __restrict__ kb,
                                              const bf16* __restrict__ vb, int La, int Lb, int b, int H, int h) {
     const Tile kt = tile_of<KN>(i, La, Lb);
     const int Lk = kt.stream == 0 ? La : Lb;
     const long long ld = (long long)H * D, k_off = row_offset(b, Lk, kt.row0, H, h, D);
-    load_tile_sw<D, KN, NT>(sK, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
-    load_tile_sw<D, KN, NT>(sV, (kt.stream == 0 ? va : vb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld), VMUL * ld,
-                            kt.rows);
+    const bf16* k = (kt.stream == 0 ? ka : kb) + k_off;
+    const bf16* v = (kt.stream == 0 ? va : vb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld);
+    if constexpr (LEAN) {
+        load_tile_sw_lean<D, KN, NT>(sK, k, ld, kt.rows);
+        load_tile_sw_lean<D, KN, NT>(sV, v, VMUL * ld, kt.rows);
+    } else {
+        load_tile_sw<D, KN, NT>(sK, k, ld, kt.rows);
+        load_tile_sw<D, KN, NT>(sV, v, VMUL * ld, kt.rows);
+    }
 }
 
 // S (64 query rows × KN keys) = Q·Kᵀ over D: this group's Q rows at `q_rows` (a QT-row tile),
@@ -82,14 +102,14 @@ __device__ __forceinline__ void fwd_issue_pv(float* o, const uint32_t (&p)[KN / 
 // Tile i's online softmax on S's accumulator fragments (rows g and g + 8 of this warp, as in
 // attention.cu's fwd_v3): keys ≥ krows masked, the reference maximum moved lazily (l rescaled
 // here; O's factor returned in alpha, for rescale_o once no product writes O any more), the row
-// sums added to l, and P rounded to bf16 into the A fragments of the P·V wgmma. No wgmma wait in
+// sums added to l, P's values left in s (pack_p rounds them for the P·V wgmma). No wgmma wait in
 // here: a wait is `.aligned` (the whole warpgroup executes it or the behaviour is undefined), and
 // whether the maximum moves differs from warp to warp.
 // POLY > 0: every POLY-th group of 4 scores (j ≡ POLY − 1 mod POLY) takes its exponentials from
 // poly_exp2 on the FMA pipes instead of the special-function unit (FwdVariant::H4: POLY = 4).
 template <int D, int KN, int POLY = 0>
-__device__ __forceinline__ void softmax_to_p(float (&s)[KN / 2], float (&alpha)[2], float (&ms)[2], float (&l)[2],
-                                             uint32_t (&pa)[KN / 16][4], int krows, int t, float scale_log2) {
+__device__ __forceinline__ void softmax_exps(float (&s)[KN / 2], float (&alpha)[2], float (&ms)[2], float (&l)[2],
+                                             int krows, int t, float scale_log2) {
     if (krows < KN) {
 #pragma unroll
         for (int j = 0; j < KN / 8; j++)
@@ -132,6 +152,11 @@ __device__ __forceinline__ void softmax_to_p(float (&s)[KN / 2], float (&alpha)[
         }
     l[0] += rs[0];
     l[1] += rs[1];
+}
+
+// P (softmax_exps' values in s) rounded to bf16 into the A fragments of the P·V wgmma.
+template <int KN>
+__device__ __forceinline__ void pack_p(const float (&s)[KN / 2], uint32_t (&pa)[KN / 16][4]) {
 #pragma unroll
     for (int c = 0; c < KN / 16; c++) {
         pa[c][0] = pack_bf16x2(s[8 * c], s[8 * c + 1]);
@@ -139,6 +164,14 @@ __device__ __forceinline__ void softmax_to_p(float (&s)[KN / 2], float (&alpha)[
         pa[c][2] = pack_bf16x2(s[8 * c + 4], s[8 * c + 5]);
         pa[c][3] = pack_bf16x2(s[8 * c + 6], s[8 * c + 7]);
     }
+}
+
+// Tile i's softmax with P packed at once (the caller's P registers are free: two P sets).
+template <int D, int KN, int POLY = 0>
+__device__ __forceinline__ void softmax_to_p(float (&s)[KN / 2], float (&alpha)[2], float (&ms)[2], float (&l)[2],
+                                             uint32_t (&pa)[KN / 16][4], int krows, int t, float scale_log2) {
+    softmax_exps<D, KN, POLY>(s, alpha, ms, l, krows, t, scale_log2);
+    pack_p<KN>(s, pa);
 }
 
 // O's rows moved to softmax_to_p's new maximum (call once every product writing O is complete;
@@ -382,13 +415,23 @@ __device__ __forceinline__ void fwd_h2(bf16* __restrict__ oa, bf16* __restrict__
 // barriers 1 and 2: a group issues after bar.sync on its own and then bar.arrive on the
 // other's), so that one group's softmax runs while the other's products occupy the tensor cores
 // (FA3's ping-pong scheduling).
-template <int D, int KN, int STAGES, int VMUL, int POLY = 0>
+template <int D, int KN, int STAGES, int VMUL, int POLY = 0, int NC = 2>
 __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
                                        const bf16* __restrict__ qa, const bf16* __restrict__ ka,
                                        const bf16* __restrict__ va, const bf16* __restrict__ qb,
                                        const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
                                        int H, float scale_log2) {
-    constexpr int QT = 128, PT = 128, CT = 256;  // query rows, producer and consumer threads
+    constexpr int QT = 64 * NC, PT = 128, CT = 128 * NC;  // query rows, producer and consumer threads
+    // A turn's named barrier: its group's 128 threads (bar.sync) and the previous group's (arrive).
+    constexpr int TURN = 256;
+    // Two P register sets (P_i written while P_{i−1}·V_{i−1} reads the other) fit beside two
+    // consumer groups' registers, one beside three's: then P_i is packed only after that product.
+    constexpr int PSETS = NC == 2 ? 2 : 1;
+    // setmaxnreg's split of the block's registers (168 a thread at entry with 384 threads, 128
+    // with 512: three groups need 160, so the producer copies with rolled loops in 32)
+    constexpr bool LEAN = NC == 3;
+    constexpr int PREGS = LEAN ? 32 : 72, CREGS = NC == 2 ? 216 : 160;
+    static_assert(NC == 2 || NC == 3, "two or three consumer groups");
     constexpr int QBYTES = QT * D * 2, KVBYTES = KN * D * 2;
     // The producer marks tile i full once tile i + LAG is issued (LAG tiles' copies in flight
     // behind it). Issuing tile i + LAG waits for the stage of tile i + LAG − STAGES to be released,
@@ -423,21 +466,25 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
     }
     __syncthreads();
 
-    static_assert(setmaxnreg_fits<384, 72, 216>(), "setmaxnreg over the block's registers");
+    static_assert(setmaxnreg_fits<PT + CT, PREGS, CREGS>(), "setmaxnreg over the block's registers");
     if (wg == 0) {
-        setmaxnreg_dec<72>();
+        setmaxnreg_dec<PREGS>();
         // Tile j's copies have landed (the caller waited for its cp.async group): fence them for
         // the wgmma that read them, then arrive (j = −1: Q).
         auto publish = [&](int j) {
             fence_proxy_async();
             mbar_arrive(j < 0 ? q_full : &full[j % STAGES]);
         };
-        load_tile_sw<D, QT, PT>(sQ, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
+        if constexpr (LEAN)
+            load_tile_sw_lean<D, QT, PT>(sQ, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
+        else
+            load_tile_sw<D, QT, PT>(sQ, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
         cp_async_commit();
         for (int i = 0; i < nkt; i++) {
             const int st = i % STAGES;
             if (i >= STAGES) mbar_wait(&empty[st], ((i / STAGES) - 1) & 1);
-            load_kv_tile<D, KN, PT, VMUL>(sK0 + st * KVBYTES, sV0 + st * KVBYTES, i, ka, va, kb, vb, La, Lb, b, H, h);
+            load_kv_tile<D, KN, PT, VMUL, LEAN>(sK0 + st * KVBYTES, sV0 + st * KVBYTES, i, ka, va, kb, vb, La, Lb, b,
+                                                H, h);
             cp_async_commit();
             if (i - LAG >= -1) {
                 cp_async_wait<LAG>();
@@ -449,7 +496,7 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
         return;
     }
 
-    setmaxnreg_inc<216>();
+    setmaxnreg_inc<CREGS>();
     const int c = wg - 1, w = (tid / 32) % 4, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
     const uint32_t q_addr = smem_addr(sQ) + c * 64 * 128, k_addr = smem_addr(sK0), v_addr = smem_addr(sV0);
@@ -460,7 +507,8 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
     R.l[0] = R.l[1] = 0.f;
     uint32_t p0[KN / 16][4], p1[KN / 16][4];
 
-    if (c == 1) named_bar_arrive(1, CT);  // group 0 issues first
+    const int next_turn = 1 + (c + 1) % NC;  // the named barrier of the group issuing after this one
+    if (c == NC - 1) named_bar_arrive(1, TURN);  // group 0 issues first
     mbar_wait(q_full, 0);
     // One iteration, as fwd_h2's: tile i (stage i mod STAGES), `pv` = P_{i−1}, `pn` = P_i; i == nkt
     // issues only the last tile's product. The stage of tile i − 1 is released once P_{i−1}·V_{i−1}
@@ -469,11 +517,11 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
         const int sp = (i + STAGES - 1) % STAGES;
         const uint32_t v_prev = opaque(v_addr + sp * KVBYTES);
         if (i == nkt) {
-            named_bar_sync(1 + c, CT);
+            named_bar_sync(1 + c, TURN);
             wgmma_fence();
             fwd_issue_pv<D, KN>(R.o, pv, v_prev);
             wgmma_commit();
-            named_bar_arrive(2 - c, CT);
+            named_bar_arrive(next_turn, TURN);
             wgmma_wait<0>();
             return;
         }
@@ -481,26 +529,37 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
         mbar_wait(&full[st], (i / STAGES) & 1);
         const uint32_t k_st = opaque(k_addr + st * KVBYTES), q_at = opaque(q_addr);
         float s[KN / 2];
-        named_bar_sync(1 + c, CT);
+        named_bar_sync(1 + c, TURN);
         wgmma_fence();
         fwd_issue_s<D, KN, QT>(s, q_at, k_st);
         wgmma_commit();
         if (i > 0) fwd_issue_pv<D, KN>(R.o, pv, v_prev);
         wgmma_commit();
-        named_bar_arrive(2 - c, CT);
+        named_bar_arrive(next_turn, TURN);
         wgmma_wait<1>();  // S_i complete; P_{i−1}·V_{i−1} may still run
         const int krows = min(KN, i < ntiles<KN>(La) ? La - i * KN : Lb - (i - ntiles<KN>(La)) * KN);
         float alpha[2];
-        softmax_to_p<D, KN, POLY>(s, alpha, R.ms, R.l, pn, krows, t, scale_log2);
-        wgmma_wait<0>();
-        rescale_o<D>(R.o, alpha);
+        if constexpr (PSETS == 2) {
+            softmax_to_p<D, KN, POLY>(s, alpha, R.ms, R.l, pn, krows, t, scale_log2);
+            wgmma_wait<0>();
+            rescale_o<D>(R.o, alpha);
+        } else {
+            softmax_exps<D, KN, POLY>(s, alpha, R.ms, R.l, krows, t, scale_log2);
+            wgmma_wait<0>();  // P_{i−1}·V_{i−1} has read the P registers
+            rescale_o<D>(R.o, alpha);
+            pack_p<KN>(s, pn);
+        }
         if (i > 0) mbar_arrive(&empty[sp]);  // P_{i−1}·V_{i−1}, the stage's last reader, is done
     };
-    for (int i = 0; i <= nkt; i += 2) {
-        step(i, p1, p0);
-        if (i + 1 <= nkt) step(i + 1, p0, p1);
+    if constexpr (PSETS == 2) {
+        for (int i = 0; i <= nkt; i += 2) {
+            step(i, p1, p0);
+            if (i + 1 <= nkt) step(i + 1, p0, p1);
+        }
+    } else {
+        for (int i = 0; i <= nkt; i++) step(i, p0, p0);
     }
-    if (c == 0) named_bar_sync(1, CT);  // group 1's last arrive
+    if (c == 0) named_bar_sync(1, TURN);  // the last group's last arrive
 
     const int row0 = 64 * c + 16 * w + g;  // this thread's rows: row0 and row0 + 8
     store_rows<D>(R.o, R.ms, R.l, lse + (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0,
@@ -781,6 +840,10 @@ __device__ __forceinline__ void bwd_h1(bf16* __restrict__ dka, bf16* __restrict_
 // advdmd-entry-registers: joint_attn_fwd_h3_d128_vfused 168
 // advdmd-entry-registers: joint_attn_fwd_h4_d64 168
 // advdmd-entry-registers: joint_attn_fwd_h4_d64_vfused 168
+// advdmd-entry-registers: joint_attn_fwd_h5_d64 128
+// advdmd-entry-registers: joint_attn_fwd_h5_d64_vfused 128
+// advdmd-entry-registers: joint_attn_fwd_h6_d64 128
+// advdmd-entry-registers: joint_attn_fwd_h6_d64_vfused 128
 // advdmd-entry-registers: joint_attn_bwd_h3_d64 168
 // advdmd-entry-registers: joint_attn_bwd_h3_d64_vfused 168
 // The H3 backward's register split of the 384-thread block's 168 registers a thread: 96/208 (the
@@ -989,6 +1052,12 @@ ATTN_FWD_ENTRY(joint_attn_fwd_h3_d128_vfused, 384, 1, attn_h::fwd_h3<128, 64, 4,
 // Forward H4 (D = 64): H3 with a quarter of the exponentials on the FMA pipes (poly_exp2).
 ATTN_FWD_ENTRY(joint_attn_fwd_h4_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4>)
 ATTN_FWD_ENTRY(joint_attn_fwd_h4_d64_vfused, 384, 1, attn_h::fwd_h3<64, 128, 4, 3, 4>)
+// Forward H5, H6 (D = 64): H3 with three consumer groups (192 query rows; one P register set),
+// without and with H4's polynomial exponentials.
+ATTN_FWD_ENTRY(joint_attn_fwd_h5_d64, 512, 1, attn_h::fwd_h3<64, 128, 4, 1, 0, 3>)
+ATTN_FWD_ENTRY(joint_attn_fwd_h5_d64_vfused, 512, 1, attn_h::fwd_h3<64, 128, 4, 3, 0, 3>)
+ATTN_FWD_ENTRY(joint_attn_fwd_h6_d64, 512, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 3>)
+ATTN_FWD_ENTRY(joint_attn_fwd_h6_d64_vfused, 512, 1, attn_h::fwd_h3<64, 128, 4, 3, 4, 3>)
 // Backward H1, H2 (bwd_h1 without and with PIPE): 2 groups of 64 keys, 64-query tiles in 2 stages,
 // one and two dSᵀ tiles.
 ATTN_BWD_ENTRY(joint_attn_bwd_h1_d64, 256, 1, attn_h::bwd_h1<64, 1, false>)

@@ -753,7 +753,11 @@ pub mod dev {
     /// (ping-pong), with no block barrier (384 threads). `H4` (d = 64; at d = 128 it runs
     /// `H3`): H3 with a quarter of the softmax's exponentials on the FMA pipes (`poly_exp2`,
     /// FlashAttention-4's split): at d = 64 the special-function unit's exponentials take as
-    /// long as the tensor cores' products.
+    /// long as the tensor cores' products. `H5` (d = 64; at d = 128 it runs `H3`): H3 with
+    /// three consumer groups, 192-row blocks of 512 threads as FlashAttention-3 uses at d ≤ 64
+    /// (each K/V tile feeds 1.5× the rows); one P register set (P_i packed once
+    /// P_{i−1}·V_{i−1} has read it), consumers at 160 registers and a producer of rolled copies
+    /// at 32. `H6`: H5 with H4's polynomial exponentials.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum FwdVariant {
         V3,
@@ -762,6 +766,8 @@ pub mod dev {
         H2,
         H3,
         H4,
+        H5,
+        H6,
     }
 
     impl FwdVariant {
@@ -795,24 +801,31 @@ pub mod dev {
             without_hopper(&Self::ALL, |v| {
                 matches!(
                     v,
-                    FwdVariant::H1 | FwdVariant::H2 | FwdVariant::H3 | FwdVariant::H4
+                    FwdVariant::H1
+                        | FwdVariant::H2
+                        | FwdVariant::H3
+                        | FwdVariant::H4
+                        | FwdVariant::H5
+                        | FwdVariant::H6
                 )
             })
         }
 
         /// Every variant, for tests and the bench.
-        pub const ALL: [FwdVariant; 6] = [
+        pub const ALL: [FwdVariant; 8] = [
             FwdVariant::V3,
             FwdVariant::V4,
             FwdVariant::H1,
             FwdVariant::H2,
             FwdVariant::H3,
             FwdVariant::H4,
+            FwdVariant::H5,
+            FwdVariant::H6,
         ];
         /// The variant actually launched at head dim `d`.
         pub fn resolve(self, d: usize) -> FwdVariant {
             match self {
-                FwdVariant::H4 if d != 64 => FwdVariant::H3,
+                FwdVariant::H4 | FwdVariant::H5 | FwdVariant::H6 if d != 64 => FwdVariant::H3,
                 v => v,
             }
         }
@@ -824,6 +837,8 @@ pub mod dev {
                 FwdVariant::H2 => format!("joint_attn_fwd_h2_d{d}"),
                 FwdVariant::H3 => format!("joint_attn_fwd_h3_d{d}"),
                 FwdVariant::H4 => format!("joint_attn_fwd_h4_d{d}"),
+                FwdVariant::H5 => format!("joint_attn_fwd_h5_d{d}"),
+                FwdVariant::H6 => format!("joint_attn_fwd_h6_d{d}"),
             }
         }
         fn threads(self) -> u32 {
@@ -831,12 +846,14 @@ pub mod dev {
                 FwdVariant::V4 => 128,
                 FwdVariant::V3 | FwdVariant::H1 | FwdVariant::H2 => 256,
                 FwdVariant::H3 | FwdVariant::H4 => 384,
+                FwdVariant::H5 | FwdVariant::H6 => 512,
             }
         }
         /// Query rows per block.
         fn rows(self) -> usize {
             match self {
                 FwdVariant::V3 => 256,
+                FwdVariant::H5 | FwdVariant::H6 => 192,
                 FwdVariant::V4
                 | FwdVariant::H1
                 | FwdVariant::H2
@@ -848,7 +865,7 @@ pub mod dev {
         fn stages(self, d: usize) -> usize {
             match self {
                 FwdVariant::H1 => 2,
-                FwdVariant::H3 | FwdVariant::H4 => 4,
+                FwdVariant::H3 | FwdVariant::H4 | FwdVariant::H5 | FwdVariant::H6 => 4,
                 FwdVariant::H2 => 3,
                 FwdVariant::V3 | FwdVariant::V4 if d == 64 => 3,
                 FwdVariant::V3 | FwdVariant::V4 => 2,
@@ -857,14 +874,11 @@ pub mod dev {
         /// Dynamic shared memory: the Q tile and `stages` stages of the K and V tiles (64 rows
         /// each), rows padded to d+8.
         fn shared_bytes(self, d: usize) -> u32 {
-            if matches!(
-                self,
-                FwdVariant::H1 | FwdVariant::H2 | FwdVariant::H3 | FwdVariant::H4
-            ) {
+            if !matches!(self, FwdVariant::V3 | FwdVariant::V4) {
                 // Unpadded swizzled tiles, 1 KB to align them, 128-key tiles at d = 64; H3's
                 // mbarriers (Q, and full and empty per stage) after the tiles.
                 let keys = if d == 64 { 2 * TILE } else { TILE };
-                let bars = if matches!(self, FwdVariant::H3 | FwdVariant::H4) {
+                let bars = if !matches!(self, FwdVariant::H1 | FwdVariant::H2) {
                     8 * (1 + 2 * self.stages(d))
                 } else {
                     0
@@ -1251,6 +1265,7 @@ pub mod dev {
             dev.launch("joint_attn_fwd_naive", dims.naive_cfg(), args)?;
             return Ok((oa, ob, lse));
         }
+        let variant = variant.resolve(dims.d);
         dev.launch(
             &(variant.kernel(dims.d) + vfused(dims, v_ld)),
             LaunchCfg::grid2(

@@ -8,13 +8,15 @@ use gpu::AttnDims;
 /// (B, La, Lb, H, std of q and k): an empty text stream, a partial tile next to a full one,
 /// several tiles with partial ends in both streams (for the 64- and 128-row tiles alike), and
 /// peaked (nearly one-hot) attention, where
-/// the backward's row term dO·O is most sensitive to O's bf16 rounding. Each runs at d = 64 and
-/// 128.
+/// the backward's row term dO·O is most sensitive to O's bf16 rounding, and a long image stream:
+/// more key tiles than the Hopper kernels' 4 stages at d = 64 too (their ring of shared stages
+/// wraps), and three 192-row query tiles with a partial one (H5, H6). Each runs at d = 64 and 128.
 const CASES: &[(usize, usize, usize, usize, f32)] = &[
     (2, 0, 16, 2, 1.0),
     (1, 7, 64, 2, 1.0),
     (2, 77, 130, 2, 1.0),
     (1, 33, 96, 2, 3.0),
+    (1, 77, 520, 1, 1.0),
 ];
 
 /// One case's inputs, as f32 values that are exactly bf16.
