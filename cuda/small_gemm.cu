@@ -50,12 +50,13 @@ extern "C" __global__ void __launch_bounds__(256)
 
 // A linear layer's weight gradient from K ≤ 8 rows (the modulation layers read one conditioning
 // vector per sample): g[m, n] += Σ_k a[k, m]·b[k, n] with a = dy [K, M] and b = x [K, N] (bf16),
-// and bias[m] += Σ_k a[k, m] when bias is not null. Memory-bound on g (f32, read and written once):
+// and bias[m] += Σ_k a[k, m] when bias is not null; with `overwrite` g = Σ (g unread: its first
+// write since it was zeroed; the bias is added to either way). Memory-bound on g (f32, read and written once):
 // cuBLASLt took 67 µs at [9216 × 1536 × 1], 2.4× a copy of g's bytes on an H200. N % 8 == 0, b and
 // g 16-byte aligned. grid: (ceil(N / 8 / 128), M), block: 128.
 extern "C" __global__ void weight_grad_small_k(float* __restrict__ g, float* __restrict__ bias,
                                                const bf16* __restrict__ a, const bf16* __restrict__ b, int K,
-                                               int M, int N) {
+                                               int M, int N, int overwrite) {
     const int m = blockIdx.y;
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     float av[8];
@@ -81,7 +82,11 @@ extern "C" __global__ void weight_grad_small_k(float* __restrict__ g, float* __r
         }
     }
     float4* gp = reinterpret_cast<float4*>(g + (long long)m * N + 8 * c);
-    float4 g0 = gp[0], g1 = gp[1];
+    float4 g0 = make_float4(0.f, 0.f, 0.f, 0.f), g1 = g0;
+    if (!overwrite) {  // the gradient's first write since it was zeroed reads nothing
+        g0 = gp[0];
+        g1 = gp[1];
+    }
     g0.x += acc[0];
     g0.y += acc[1];
     g0.z += acc[2];

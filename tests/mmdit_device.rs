@@ -145,7 +145,7 @@ fn device_run(
         download(dev, &g.x, x.shape()),
         download(dev, &g.pooled, pooled.shape()),
         download(dev, &g.context, ctx.shape()),
-        m.download_named(&m.grads).unwrap(),
+        m.download_named(m.grads().unwrap()).unwrap(),
     )
 }
 
@@ -523,7 +523,7 @@ fn checkpointed_activations_give_the_same_gradients() {
             (
                 dev.download(&f.velocity).unwrap(),
                 dx,
-                dev.download(&m.grads).unwrap(),
+                dev.download(m.grads().unwrap()).unwrap(),
             )
         };
         let (full, ckpt) = (run(Keep::All), run(Keep::BlockInputs));
@@ -540,6 +540,72 @@ fn checkpointed_activations_give_the_same_gradients() {
             "checkpointed activations on {}: gradients equal",
             dev.name()
         );
+    }
+}
+
+/// `zero_grad` leaves the weight matrices' slots to be overwritten by their first write (no
+/// memset): two backward passes after it add up (the second accumulates onto the first's), one
+/// after a new `zero_grad` shows none of the earlier values, and a pass that writes no parameter
+/// gradient leaves zeros, not the stale slots.
+#[test]
+fn gradients_restart_at_zero_grad_and_accumulate_after() {
+    let model = random_model();
+    let mut rng = Rng::new(21);
+    let mut randn = |shape: &[usize]| Tensor::randn(shape, &mut rng);
+    let (x, pooled, ctx) = (randn(&[2, 3, 8, 8]), randn(&[2, 24]), randn(&[2, 5, 40]));
+    let (seed_a, seed_b) = (
+        to_bf16(&randn(&[2, 3, 8, 8])),
+        to_bf16(&randn(&[2, 3, 8, 8])),
+    );
+    for dev in devices() {
+        let m = DeviceMmdit::new(&dev, &model).unwrap();
+        let inputs = m.inputs(&x, &[100.0, 900.0], &pooled, &ctx).unwrap();
+        let (da, db) = (dev.upload(&seed_a).unwrap(), dev.upload(&seed_b).unwrap());
+        let backward = |dv: &DevBuf<bf16>, params: bool| {
+            let f = m.forward(&inputs, Keep::All).unwrap();
+            m.backward(&inputs, f.saved.as_ref().unwrap(), dv, params)
+                .unwrap();
+        };
+        let grads = || dev.download(m.grads().unwrap()).unwrap();
+        m.zero_grad().unwrap();
+        backward(&da, true);
+        let ga = grads();
+        backward(&db, true);
+        let gab = grads();
+        m.zero_grad().unwrap();
+        backward(&db, true);
+        let gb = grads();
+        let t = |v: Vec<f32>| Tensor::from_vec(v.clone(), &[v.len()]);
+        let sum: Vec<f32> = ga.iter().zip(&gb).map(|(a, b)| a + b).collect();
+        // on a GPU the attention backward's dQ sums in no fixed order
+        let tol = if dev.is_emulator() { 1e-5 } else { 1e-3 };
+        let err = t(gab.clone()).rel_l2(&t(sum));
+        assert!(err < tol, "two passes do not add up: rel L2 {err:.2e}");
+        assert!(
+            t(gb.clone()).rel_l2(&t(ga.clone())) > 1e-2,
+            "the two seeds give different gradients"
+        );
+        // a fresh device model's gradients for seed b: what a pass after zero_grad must give
+        let fresh = DeviceMmdit::new(&dev, &model).unwrap();
+        let fi = fresh.inputs(&x, &[100.0, 900.0], &pooled, &ctx).unwrap();
+        fresh.zero_grad().unwrap();
+        let f = fresh.forward(&fi, Keep::All).unwrap();
+        fresh
+            .backward(&fi, f.saved.as_ref().unwrap(), &db, true)
+            .unwrap();
+        let want = dev.download(fresh.grads().unwrap()).unwrap();
+        let err = t(gb).rel_l2(&t(want));
+        assert!(
+            err < tol,
+            "stale gradients leaked past zero_grad: rel L2 {err:.2e}"
+        );
+        m.zero_grad().unwrap();
+        backward(&da, false);
+        assert!(
+            grads().iter().all(|&g| g == 0.0),
+            "a pass with no parameter gradients left stale values"
+        );
+        println!("gradients restart at zero_grad on {}: ok", dev.name());
     }
 }
 
@@ -619,7 +685,7 @@ fn a_flow_matching_step_on_the_device_matches_the_cpu() {
         let mut check = Check::new(format!("flow-matching step on {}", dev.name()));
         assert!(rel <= TOL, "loss {dev_loss} vs CPU {cpu_loss}");
         let mut above = 0;
-        for (name, g) in m.download_named(&m.grads).unwrap() {
+        for (name, g) in m.download_named(m.grads().unwrap()).unwrap() {
             if let Some(want) = model.params.param(&name).grad() {
                 let floor_grad = floor.params.param(&name).grad().unwrap();
                 let bound = TOL.max(FLOOR_FACTOR * floor_grad.rel_l2(&want));
@@ -637,13 +703,13 @@ fn a_flow_matching_step_on_the_device_matches_the_cpu() {
         let n = m.n_trainable;
         let (w0, g) = (
             dev.download(&m.master).unwrap(),
-            dev.download(&m.grads).unwrap(),
+            dev.download(m.grads().unwrap()).unwrap(),
         );
         let mut opt = DeviceAdamW::new(&dev, n, config.clone()).unwrap();
         let flat = FlatParams {
             master: &m.master,
             bf16: &m.weights,
-            grads: &m.grads,
+            grads: m.grads().unwrap(),
             n_decay: m.n_decay,
         };
         opt.step(&dev, &flat, 1e-3, 1.0).unwrap();
@@ -844,7 +910,7 @@ fn the_dmd_generator_gradient_on_the_device_matches_the_cpu() {
         let mut check = Check::new(format!("DMD generator gradient on {}", dev.name()));
         let rel_norm = ((norm - cpu_norm) / cpu_norm).abs() as f64;
         let mut worst = (0f64, String::new());
-        for (name, gr) in g.download_named(&g.grads).unwrap() {
+        for (name, gr) in g.download_named(g.grads().unwrap()).unwrap() {
             if let Some(want) = generator.params.param(&name).grad() {
                 let floor = floor_gen.params.param(&name).grad().unwrap().rel_l2(&want);
                 let bound = TOL.max(FLOOR_FACTOR * floor);
@@ -1025,7 +1091,7 @@ fn features_and_their_backward_match_the_cpu() {
             cpu.get(&cv).unwrap(),
         );
         let (mut compared, mut untouched) = (0, 0);
-        for (name, gr) in m.download_named(&m.grads).unwrap() {
+        for (name, gr) in m.download_named(m.grads().unwrap()).unwrap() {
             match model.params.param(&name).grad() {
                 Some(want) if want.f32s().iter().any(|&v| v != 0.0) => {
                     let fl = floor.params.param(&name).grad().unwrap().rel_l2(&want);
@@ -1089,7 +1155,11 @@ fn the_device_discriminator_head_matches_the_cpu() {
             &download(&dev, &df, features.shape()),
             cpu.get(&fv).unwrap(),
         );
-        for (name, g) in dh.params.download_named(&dh.params.grads).unwrap() {
+        for (name, g) in dh
+            .params
+            .download_named(dh.params.grads().unwrap())
+            .unwrap()
+        {
             let want = head.params.param(&name).grad().unwrap();
             check.rel(&format!("grad {name}"), &g, &want);
         }
@@ -1162,7 +1232,7 @@ fn two_streams_compute_what_one_does() {
                 dev.download(&f.velocity).unwrap(),
                 dev.download(&g.x).unwrap(),
                 dev.download(&g.context).unwrap(),
-                dev.download(&m.grads).unwrap(),
+                dev.download(m.grads().unwrap()).unwrap(),
             )
         };
         let one = run(1, Keep::All);

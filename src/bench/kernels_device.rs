@@ -427,11 +427,12 @@ fn qkv_weight_grad(b: &mut Bench) -> KernelResult<()> {
 
 /// The modulation layers' products at batch 1 and 2 (SD3.5-medium's [9216 × 1536] with its bias):
 /// the forward (`gemv_small_m`; bytes: the weight read) and the weight gradient
-/// (`weight_grad_small_k`; bytes: the f32 gradient read and written). cuBLASLt on an H200
+/// (`weight_grad_small_k`; bytes: the f32 gradient read and written, or written only on its first
+/// write after zero_grad). cuBLASLt on an H200
 /// (2026-11-27): 14.7 µs and 67 µs at batch 1.
 fn modulation_products(b: &mut Bench) -> KernelResult<()> {
     use crate::device::kernel::{EpilogueKind, GemmSpec};
-    use crate::kernels::gemm::dev::{gemm_bf16, gemm_bf16_acc_f32, EpilogueBufs};
+    use crate::kernels::gemm::dev::{gemm_bf16, gemm_bf16_acc_f32, gemm_bf16_f32, EpilogueBufs};
     let (out, inp) = (b.size(9216, 40), b.size(1536, 64));
     let dev = b.dev.clone();
     for rows in [1, 2] {
@@ -481,6 +482,13 @@ fn modulation_products(b: &mut Bench) -> KernelResult<()> {
         b.time("weight_grad_small_k (+bias)", &shape, bytes, sets, |i| {
             let (dy, x, g, gb) = &s[i];
             gemm_bf16_acc_f32(&dev, wgrad, dy, x, g, Some(gb))
+        })?;
+        // the first write after zero_grad: the gradient written, not read
+        let shape = format!("{out}x{inp}x{rows} f32=");
+        let bytes = bytes - out * inp * 4;
+        b.time("weight_grad_small_k (=, +bias)", &shape, bytes, sets, |i| {
+            let (dy, x, g, gb) = &s[i];
+            gemm_bf16_f32(&dev, wgrad, dy, x, g, Some(gb), true)
         })?;
     }
     Ok(())

@@ -135,7 +135,7 @@ impl Cublaslt {
         let layout_second = layout(second_rows, second_cols)?;
         let layout_c = match out {
             GemmOut::Bf16 => layout(n, m)?,
-            GemmOut::F32Accumulate => {
+            GemmOut::F32Accumulate | GemmOut::F32Overwrite => {
                 // an f32 bias gradient beside the f32 product
                 set_desc(
                     desc,
@@ -237,7 +237,7 @@ impl Cublaslt {
                 // SAFETY: the handle is live; the plan's objects are owned by the cache from here on.
                 let plan = match (unsafe { self.plan(spec, out) }, out) {
                     (Ok(plan), _) => Some(plan),
-                    (Err(_), GemmOut::F32Accumulate) => None,
+                    (Err(_), GemmOut::F32Accumulate | GemmOut::F32Overwrite) => None,
                     (Err(e), GemmOut::Bf16) => return Err(e),
                 };
                 e.insert(plan)
@@ -249,6 +249,7 @@ impl Cublaslt {
         let (alpha, beta) = match out {
             GemmOut::Bf16 => (1f32, 0f32),
             GemmOut::F32Accumulate => (1f32, 1f32),
+            GemmOut::F32Overwrite => (1f32, 0f32),
         };
         // SAFETY: pointers are device buffers of the sizes `spec` implies (checked by the
         // caller); the workspace is owned by the runtime.

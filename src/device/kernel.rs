@@ -192,6 +192,7 @@ fn gemm_name(s: &GemmSpec, out: GemmOut) -> String {
     let out = match out {
         GemmOut::Bf16 => "bf16",
         GemmOut::F32Accumulate => "+=f32",
+        GemmOut::F32Overwrite => "=f32",
     };
     format!(
         "gemm {}×{}×{} {}{} {:?} {out}",
@@ -212,6 +213,9 @@ pub enum GemmOut {
     /// `C += op(A)·op(B)`, C f32 (a weight gradient added straight into the f32 gradients); with
     /// `BgradB` the bias gradient is written as f32.
     F32Accumulate,
+    /// `C = op(A)·op(B)`, C f32: `F32Accumulate`'s first write into a gradient since it was
+    /// last zeroed (β = 0: C is not read, so it needs no zeroing).
+    F32Overwrite,
 }
 
 /// Device pointers of one call (0 where unused).

@@ -332,7 +332,27 @@ pub mod dev {
         c: &DevBuf<f32>,
         bias_acc: Option<&DevBuf<f32>>,
     ) -> KernelResult<()> {
+        gemm_bf16_f32(dev, spec, a, b, c, bias_acc, false)
+    }
+
+    /// [`gemm_bf16_acc_f32`], or with `overwrite` `c = op(a)·op(b)` (β = 0: `c` is neither read
+    /// nor needs zeroing; a gradient's first write since `DeviceParams::zero_grad`). The bias
+    /// gradient is added into `bias_acc` either way.
+    pub fn gemm_bf16_f32(
+        dev: &KernelDevice,
+        spec: GemmSpec,
+        a: &DevBuf<bf16>,
+        b: &DevBuf<bf16>,
+        c: &DevBuf<f32>,
+        bias_acc: Option<&DevBuf<f32>>,
+        overwrite: bool,
+    ) -> KernelResult<()> {
         use crate::kernels::shape::dev::{accumulate_bf16, accumulate_f32};
+        let out_kind = if overwrite {
+            GemmOut::F32Overwrite
+        } else {
+            GemmOut::F32Accumulate
+        };
         let GemmSpec { m, n, k, .. } = spec;
         let bias = match (spec.epilogue, bias_acc) {
             (EpilogueKind::None, None) => false,
@@ -370,7 +390,12 @@ pub mod dev {
                     block: [128, 1, 1],
                     shared_bytes: 0,
                 },
-                args.buf(a).buf(b).i32(k as i32).i32(m as i32).i32(n as i32),
+                args.buf(a)
+                    .buf(b)
+                    .i32(k as i32)
+                    .i32(m as i32)
+                    .i32(n as i32)
+                    .i32(overwrite.into()),
             );
         }
         let bias_out = if bias {
@@ -385,7 +410,7 @@ pub mod dev {
             bias_grad: bias_out.as_ref().map_or(0, |g| g.device_ptr()),
             ..Default::default()
         };
-        match dev.gpu_gemm(&spec, &ptrs, GemmOut::F32Accumulate) {
+        match dev.gpu_gemm(&spec, &ptrs, out_kind) {
             Some(Ok(true)) => dev.count_gemm_flops(2 * (m * n * k) as u64),
             Some(Ok(false)) => {
                 // no f32-output algorithm: the bf16 product, then accumulated
@@ -400,6 +425,9 @@ pub mod dev {
                     ..Default::default()
                 };
                 gemm_bf16(dev, spec, a, b, &d, ep)?;
+                if overwrite {
+                    dev.memset_zero(&*c.view(0, m * n)?)?;
+                }
                 accumulate_bf16(dev, c, &d)?;
                 if let (Some(db), Some(g)) = (db, bias_acc) {
                     accumulate_bf16(dev, g, &db)?;
@@ -414,8 +442,8 @@ pub mod dev {
                 let d = dev.clone();
                 let mut touches = vec![a.span(), b.span(), c.span()];
                 touches.extend(out.as_ref().map(DevBuf::span));
-                dev.emulated_host_step((&spec, GemmOut::F32Accumulate), touches, move || {
-                    gemm_acc_cpu(&d, spec, &a, &b, &c, out.as_ref())
+                dev.emulated_host_step((&spec, out_kind), touches, move || {
+                    gemm_acc_cpu(&d, spec, &a, &b, &c, out.as_ref(), overwrite)
                 })?;
             }
         }
@@ -425,8 +453,9 @@ pub mod dev {
         Ok(())
     }
 
-    /// The emulator's [`gemm_bf16_acc_f32`]: the f32 product of the bf16 operands added into `c`,
-    /// the bias gradient (row sums of op(A)) written to `bias_out`.
+    /// The emulator's [`gemm_bf16_f32`]: the f32 product of the bf16 operands added into `c`
+    /// (written over it with `overwrite`, `c` unread), the bias gradient (row sums of op(A))
+    /// written to `bias_out`.
     fn gemm_acc_cpu(
         dev: &KernelDevice,
         spec: GemmSpec,
@@ -434,11 +463,20 @@ pub mod dev {
         b: &DevBuf<bf16>,
         c: &DevBuf<f32>,
         bias_out: Option<&DevBuf<f32>>,
+        overwrite: bool,
     ) -> KernelResult<()> {
         let (m, n) = (spec.m, spec.n);
         let (av, bv) = (to_f32(dev, a)?, to_f32(dev, b)?);
-        let mut out = dev.download(c)?;
-        cpu_product(spec, &av, &bv, &mut out[..m * n], true);
+        let mut out = if overwrite {
+            vec![0f32; c.len()]
+        } else {
+            dev.download(c)?
+        };
+        if overwrite && c.len() > m * n {
+            // only the product's elements are written
+            out[m * n..].copy_from_slice(&dev.download(c)?[m * n..]);
+        }
+        cpu_product(spec, &av, &bv, &mut out[..m * n], !overwrite);
         dev.copy_to_device(&out, c)?;
         if let Some(g) = bias_out {
             dev.copy_to_device(&row_sums_of_a(spec, &av), g)?;

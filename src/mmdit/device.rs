@@ -21,7 +21,7 @@ use crate::kernels::adaln::dev as adaln;
 use crate::kernels::attention::dev::{self as attn, AttnDims};
 use crate::kernels::elementwise::dev as ew;
 use crate::kernels::elementwise::Activation;
-use crate::kernels::gemm::dev::{gemm_bf16, gemm_bf16_acc_f32, gemm_bf16_dgelu, EpilogueBufs};
+use crate::kernels::gemm::dev::{gemm_bf16, gemm_bf16_dgelu, gemm_bf16_f32, EpilogueBufs};
 use crate::kernels::qknorm::dev as qknorm;
 use crate::kernels::shape::dev::{self as layout, Cols, PosCrop};
 use crate::nn::device::DeviceParams;
@@ -440,14 +440,15 @@ impl DeviceMmdit {
                 EpilogueKind::None
             },
         };
-        let gw = self.grad(&format!("{prefix}.weight"))?;
+        // the first write since zero_grad overwrites (no memset of the gradients, no read of zeros)
+        let (gw, first) = self.params.grad_first_write(&format!("{prefix}.weight"))?;
         match db.as_deref() {
-            Some(db) if few_rows => gemm_bf16_acc_f32(&self.dev, spec, dy, x, &gw, Some(db)),
+            Some(db) if few_rows => gemm_bf16_f32(&self.dev, spec, dy, x, &gw, Some(db), first),
             Some(db) => {
-                gemm_bf16_acc_f32(&self.dev, spec, dy, x, &gw, None)?;
+                gemm_bf16_f32(&self.dev, spec, dy, x, &gw, None, first)?;
                 adaln::colsum_acc(&self.dev, dy, (rows, out), db)
             }
-            None => gemm_bf16_acc_f32(&self.dev, spec, dy, x, &gw, None),
+            None => gemm_bf16_f32(&self.dev, spec, dy, x, &gw, None, first),
         }
     }
 

@@ -5,8 +5,8 @@
 //! other trainable tensors, then the frozen ones, which no optimizer step touches. A frozen
 //! upload keeps the bf16 copy only.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 
 use half::bf16;
 
@@ -46,7 +46,11 @@ pub struct DeviceParams {
     pub weights: DevBuf<bf16>,
     /// f32 gradients, accumulated until [`DeviceParams::zero_grad`] (empty for a frozen upload);
     /// possibly shared with another model of the same layout ([`Self::share_grads_with`]).
-    pub grads: Arc<DevBuf<f32>>,
+    /// Read through [`Self::grads`].
+    grads: Arc<DevBuf<f32>>,
+    /// The offsets of the trainable matrices' slots not written since the last `zero_grad`:
+    /// their contents are stale, and their first write overwrites (shared with the gradients).
+    unwritten: Arc<Mutex<BTreeSet<usize>>>,
 }
 
 fn invalid(msg: String) -> KernelError {
@@ -113,6 +117,7 @@ impl DeviceParams {
             master,
             weights,
             grads,
+            unwritten: Default::default(),
         })
     }
 
@@ -142,10 +147,38 @@ impl DeviceParams {
         self.weights.view(s.offset, s.numel())
     }
 
-    /// The f32 gradient of `name` (an error for a frozen upload).
+    /// The f32 gradient of `name` to add into (an error for a frozen upload); zeroed first if
+    /// nothing wrote it since [`Self::zero_grad`].
     pub fn grad(&self, name: &str) -> KernelResult<DevView<'_, f32>> {
+        let (g, first) = self.grad_first_write(name)?;
+        if first {
+            self.dev.memset_zero(&*g)?;
+        }
+        Ok(g)
+    }
+
+    /// The f32 gradient of `name`, and whether this is its first write since
+    /// [`Self::zero_grad`]: then its contents are stale and the caller must write all of it
+    /// (a weight-gradient GEMM with β = 0), else add into it.
+    pub fn grad_first_write(&self, name: &str) -> KernelResult<(DevView<'_, f32>, bool)> {
         let s = self.slot(name)?;
-        self.grads.view(s.offset, s.numel())
+        let first = self.unwritten().remove(&s.offset);
+        Ok((self.grads.view(s.offset, s.numel())?, first))
+    }
+
+    fn unwritten(&self) -> std::sync::MutexGuard<'_, BTreeSet<usize>> {
+        self.unwritten.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The whole gradient buffer, every slot as the backward passes since [`Self::zero_grad`]
+    /// left it (slots none of them wrote are zeroed now): what an optimizer step reads.
+    pub fn grads(&self) -> KernelResult<&DevBuf<f32>> {
+        let offsets = std::mem::take(&mut *self.unwritten());
+        for s in self.slots.values().filter(|s| offsets.contains(&s.offset)) {
+            self.dev
+                .memset_zero(&*self.grads.view(s.offset, s.numel())?)?;
+        }
+        Ok(&self.grads)
     }
 
     /// Gives up this model's gradient buffer for `other`'s: two trained models whose backward
@@ -167,6 +200,7 @@ impl DeviceParams {
             ));
         }
         self.grads = Arc::clone(&other.grads);
+        self.unwritten = Arc::clone(&other.unwritten);
         Ok(())
     }
 
@@ -175,8 +209,28 @@ impl DeviceParams {
         Arc::ptr_eq(&self.grads, &other.grads)
     }
 
+    /// Starts a new gradient: the trainable matrices' slots are marked unwritten (their first
+    /// write overwrites: the memset of SD3.5-medium's 9.9 GB of f32 gradients took 2.9 ms of a
+    /// 1024 px forward+backward on an H200, and the first accumulating GEMM then read the zeros
+    /// back), the other trainable tensors (biases, norms: small) are zeroed.
     pub fn zero_grad(&self) -> KernelResult<()> {
-        self.dev.memset_zero(&self.grads)
+        if !self.is_trainable() {
+            return self.dev.memset_zero(&self.grads);
+        }
+        let rest = self.n_trainable - self.n_decay;
+        if rest > 0 {
+            self.dev
+                .memset_zero(&*self.grads.view(self.n_decay, rest)?)?;
+        }
+        let mut unwritten = self.unwritten();
+        unwritten.clear();
+        unwritten.extend(
+            self.slots
+                .values()
+                .filter(|s| s.trainable && s.offset < self.n_decay)
+                .map(|s| s.offset),
+        );
+        Ok(())
     }
 
     /// The bf16 weights again from the masters (after the masters changed).
@@ -202,6 +256,7 @@ impl DeviceParams {
             master: self.dev.alloc(0)?,
             weights,
             grads: Arc::new(self.dev.alloc(0)?),
+            unwritten: Default::default(),
         })
     }
 

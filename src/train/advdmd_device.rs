@@ -1143,7 +1143,7 @@ impl DeviceAdvDmd {
     ) -> KernelResult<()> {
         let grads: Vec<_> = parts
             .iter()
-            .map(|(_, p, _)| p.grads.view(0, p.n_trainable))
+            .map(|(_, p, _)| p.grads()?.view(0, p.n_trainable))
             .collect::<KernelResult<_>>()?;
         let refs: Vec<&DevBuf<f32>> = grads.iter().map(|g| &**g).collect();
         joint_grad_norm_clip(dev, clip, &refs, max_norm)?;
@@ -1151,7 +1151,7 @@ impl DeviceAdvDmd {
             let flat = FlatParams {
                 master: &p.master,
                 bf16: &p.weights,
-                grads: &p.grads,
+                grads: p.grads()?,
                 n_decay: p.n_decay,
             };
             opt.update_staged(dev, &flat, clip, *ema)?;

@@ -303,7 +303,7 @@ fn gemm_with_every_epilogue_matches_reference() {
 /// (tighter than any bf16 output could be), with and without the bias epilogue.
 #[test]
 fn accumulating_weight_gradient_gemm_adds_in_f32() {
-    use advdmd::kernels::gemm::dev::gemm_bf16_acc_f32;
+    use advdmd::kernels::gemm::dev::{gemm_bf16_acc_f32, gemm_bf16_f32};
     for dev in devices() {
         // K ≤ 8 with in_f % 8 == 0 runs `weight_grad_small_k` (the modulation layers' gradient:
         // one row per sample), the rest cuBLASLt (the CPU GEMM under the emulator)
@@ -322,7 +322,11 @@ fn accumulating_weight_gradient_gemm_adds_in_f32() {
             let old_w: Vec<f32> = (0..out_f * in_f).map(|_| rng.normal()).collect();
             let old_b: Vec<f32> = (0..out_f).map(|_| rng.normal()).collect();
             let (dyd, xd) = (upload_bf16(&dev, &dy), upload_bf16(&dev, &x));
-            for with_bias in [false, true] {
+            // `overwrite` (a gradient's first write since zero_grad): the product alone, the
+            // old values unread; the bias gradient is added either way
+            for (with_bias, overwrite) in
+                [(false, false), (true, false), (false, true), (true, true)]
+            {
                 let spec = GemmSpec {
                     m: out_f,
                     n: in_f,
@@ -332,13 +336,19 @@ fn accumulating_weight_gradient_gemm_adds_in_f32() {
                     epilogue: if with_bias { E::BgradB } else { E::None },
                 };
                 let (gw, gb) = (dev.upload(&old_w).unwrap(), dev.upload(&old_b).unwrap());
-                gemm_bf16_acc_f32(&dev, spec, &dyd, &xd, &gw, with_bias.then_some(&gb)).unwrap();
+                let bias = with_bias.then_some(&gb);
+                if overwrite {
+                    gemm_bf16_f32(&dev, spec, &dyd, &xd, &gw, bias, true).unwrap();
+                } else {
+                    gemm_bf16_acc_f32(&dev, spec, &dyd, &xd, &gw, bias).unwrap();
+                }
                 let want: Vec<f32> = reference(&spec, &dy, &x)
                     .iter()
                     .zip(&old_w)
-                    .map(|(p, o)| p + o)
+                    .map(|(p, o)| if overwrite { *p } else { p + o })
                     .collect();
-                let shape = format!("wgrad+= {tokens}x{out_f}x{in_f} bias={with_bias}");
+                let op = if overwrite { "=" } else { "+=" };
+                let shape = format!("wgrad{op} {tokens}x{out_f}x{in_f} bias={with_bias}");
                 check(
                     "gemm_acc_f32",
                     &dev,
