@@ -128,6 +128,9 @@ step mmdit-sd35m 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-mediu
 ADVDMD_STREAMS=1 step mmdit-sd35m-1stream 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
 # The same model without the wgmma attention (the default on an sm_90 card): V4 / V3.
 ADVDMD_ATTN_NO_HOPPER=1 step mmdit-sd35m-nohopper 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
+# cuBLASLt's candidates timed per shape at first use (ADVDMD_GEMM_AUTOTUNE=1) against the
+# heuristic's first choice (the default)
+ADVDMD_GEMM_AUTOTUNE=1 step mmdit-sd35m-autotune 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
 # where the forward's and the forward+backward's time goes, op by op (the device's event profile:
 # each kernel, each GEMM shape with its TFLOP/s), on the default attention variants
 step mmdit-sd35m-profile 90 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 3 --profile --json
@@ -159,6 +162,7 @@ step step-sd35m-80g-1024 180 "$BIN/advdmd" bench step --device cuda --model sd3.
 # where the iteration's time goes (no graphs: every op timed), per kind of iteration
 step step-sd35m-80g-profile 180 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 1 --bf16-moments --checkpoint-activations --profile --json
 ADVDMD_STREAMS=1 step step-sd35m-80g-graph-1stream 180 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 3 --bf16-moments --checkpoint-activations --graph --json
+ADVDMD_GEMM_AUTOTUNE=1 step step-sd35m-80g-graph-autotune 180 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 3 --bf16-moments --checkpoint-activations --graph --json
 # SD3.5-large (8.1 B parameters) as a frozen bf16 model: the forward and a 4-step sample in 80 GB
 step mmdit-sd35l 180 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-large --res 1024 --batch 1 --iters 5 --forward-only --json
 step sample-sd35l 180 "$BIN/advdmd" bench sample --device cuda --model sd3.5-large --res 1024 --batch 1 --steps 4 --cfg 1 --iters 5 --graph --json
@@ -233,5 +237,5 @@ with open(f"{out}/report.md", "w") as f:
             f.write(f"| {r['op']} | {r['calls']} | {r['ms']:.3f} | {r['share']:.1f} | {'' if tf is None else f'{tf:.0f}'} |\n")
 print(open(f"{out}/report.md").read()[-8000:])
 PY
-for s in hopper tests model runtime ncu-attention mmdit-shapes mmdit-sd35m mmdit-sd35m-1stream mmdit-sd35m-nohopper mmdit-sd35m-profile mmdit-sd35m-base mmdit-sd35m-512 sample-sd35m sample-sd35m-graph sample-sd35m-graph-1stream sample-512 advdmd step-shapes step-shapes-graph distill step-sd35m step-sd35m-80g step-sd35m-80g-graph step-sd35m-80g-1024 step-sd35m-80g-profile step-sd35m-80g-graph-1stream mmdit-sd35l sample-sd35l torch bench attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
+for s in hopper tests model runtime ncu-attention mmdit-shapes mmdit-sd35m mmdit-sd35m-1stream mmdit-sd35m-nohopper mmdit-sd35m-autotune mmdit-sd35m-profile mmdit-sd35m-base mmdit-sd35m-512 sample-sd35m sample-sd35m-graph sample-sd35m-graph-1stream sample-512 advdmd step-shapes step-shapes-graph distill step-sd35m step-sd35m-80g step-sd35m-80g-graph step-sd35m-80g-1024 step-sd35m-80g-profile step-sd35m-80g-graph-1stream step-sd35m-80g-graph-autotune mmdit-sd35l sample-sd35l torch bench attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
 exit $status

@@ -22,7 +22,21 @@ struct Plan {
     layout_second: ltsys::cublasLtMatrixLayout_t,
     layout_c: ltsys::cublasLtMatrixLayout_t,
     algo: ltsys::cublasLtMatmulAlgo_t,
+    /// The heuristic's other candidates, best first (`ADVDMD_GEMM_AUTOTUNE`: timed once).
+    others: Vec<ltsys::cublasLtMatmulAlgo_t>,
 }
+
+/// `ADVDMD_GEMM_AUTOTUNE=1`: the first call of each GEMM shape outside a capture times the
+/// heuristic's candidates (up to `AUTOTUNE_ALGOS`) on scratch operands and keeps the fastest.
+/// The heuristic's first choice left context GEMMs of 666 rows at 355–476 TFLOP/s on an H100
+/// (docs/perf-log.md, 2026-11-27) where the token GEMMs ran 627–807. Off by default until a card
+/// has timed it.
+fn autotune_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("ADVDMD_GEMM_AUTOTUNE").is_ok_and(|v| v == "1"))
+}
+
+const AUTOTUNE_ALGOS: usize = 8;
 
 // SAFETY: descriptors are plain heap objects of cuBLASLt, used under the cache's mutex.
 unsafe impl Send for Plan {}
@@ -172,7 +186,15 @@ impl Cublaslt {
                 ..Default::default()
             },
         )?;
-        let heur = lt::get_matmul_algo_heuristic(
+        let wanted = if autotune_enabled() {
+            AUTOTUNE_ALGOS
+        } else {
+            1
+        };
+        let mut results: Vec<ltsys::cublasLtMatmulHeuristicResult_t> =
+            vec![std::mem::zeroed(); wanted];
+        let mut found = 0i32;
+        let status = ltsys::cublasLtMatmulAlgoGetHeuristic(
             self.handle,
             desc,
             layout_first,
@@ -180,16 +202,110 @@ impl Cublaslt {
             layout_c,
             layout_c,
             pref,
+            wanted as i32,
+            results.as_mut_ptr(),
+            &mut found,
         );
         let _ = lt::destroy_matmul_pref(pref);
-        let heur = heur.map_err(|e| lt_err(&format!("no algorithm for {spec:?}"), e))?;
+        if status != ltsys::cublasStatus_t::CUBLAS_STATUS_SUCCESS || found < 1 {
+            return Err(lt_err(&format!("no algorithm for {spec:?}"), status));
+        }
+        let mut algos = results[..found as usize]
+            .iter()
+            .filter(|r| r.state == ltsys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+            .map(|r| r.algo);
+        let algo = algos
+            .next()
+            .ok_or_else(|| lt_err(&format!("no usable algorithm for {spec:?}"), status))?;
         Ok(Plan {
             desc,
             layout_first,
             layout_second,
             layout_c,
-            algo: heur.algo,
+            algo,
+            others: algos.collect(),
         })
+    }
+
+    /// Times `plan`'s candidates on scratch operands of `spec`'s sizes on `stream` (nothing the
+    /// caller owns is read or written) and makes the fastest its algorithm. Any failure keeps the
+    /// heuristic's choice.
+    unsafe fn autotune(&self, plan: &mut Plan, spec: &GemmSpec, out: GemmOut, stream: *mut c_void) {
+        use cudarc::driver::{result as drv, sys as dsys};
+        if plan.others.is_empty() {
+            return;
+        }
+        let (m, n, k) = (spec.m, spec.n, spec.k);
+        let c_bytes = m * n * if out == GemmOut::Bf16 { 2 } else { 4 };
+        // A, B, C, the aux matrix (bf16 m × n) and a bias vector, each 256-byte aligned
+        let sizes = [m * k * 2, k * n * 2, c_bytes, m * n * 2, 4 * m.max(n)];
+        let round = |b: usize| b.div_ceil(256) * 256;
+        let Ok(base) = drv::malloc_sync(sizes.iter().map(|&b| round(b)).sum()) else {
+            return;
+        };
+        let mut at = base;
+        let mut ptr = |b: usize| {
+            let p = at;
+            at += round(b) as u64;
+            p
+        };
+        let (a, b, c, aux, vec) = (
+            ptr(sizes[0]),
+            ptr(sizes[1]),
+            ptr(sizes[2]),
+            ptr(sizes[3]),
+            ptr(sizes[4]),
+        );
+        // operands of small finite values (the bf16 pattern 0x3c00: 2^-7), not zeros, which can
+        // run faster than data (METHOD.md)
+        let _ = dsys::cuMemsetD16Async(a, 0x3c00, m * k, stream as dsys::CUstream);
+        let _ = dsys::cuMemsetD16Async(b, 0x3c00, k * n, stream as dsys::CUstream);
+        let p = GemmPtrs {
+            a,
+            b,
+            c,
+            bias: vec,
+            aux,
+            bias_grad: vec,
+        };
+        let time = |algo: &ltsys::cublasLtMatmulAlgo_t| -> Option<f32> {
+            let flags = dsys::CUevent_flags::CU_EVENT_DEFAULT;
+            let (e0, e1) = (
+                drv::event::create(flags).ok()?,
+                drv::event::create(flags).ok()?,
+            );
+            let run = || {
+                self.launch(plan, spec, out, &p, algo, stream, false)
+                    .is_ok()
+            };
+            let mut best = f32::INFINITY;
+            let ok = run()
+                && (0..3).all(|_| {
+                    let ok = drv::event::record(e0, stream as dsys::CUstream).is_ok()
+                        && run()
+                        && drv::event::record(e1, stream as dsys::CUstream).is_ok()
+                        && drv::event::synchronize(e1).is_ok();
+                    if let Ok(ms) = drv::event::elapsed(e0, e1) {
+                        best = best.min(ms);
+                    }
+                    ok
+                });
+            let _ = drv::event::destroy(e0);
+            let _ = drv::event::destroy(e1);
+            ok.then_some(best)
+        };
+        let mut best = (time(&plan.algo).unwrap_or(f32::INFINITY), plan.algo);
+        for algo in &plan.others {
+            if let Some(ms) = time(algo) {
+                if ms < best.0 {
+                    best = (ms, *algo);
+                }
+            }
+        }
+        plan.algo = best.1;
+        plan.others.clear();
+        let _ = drv::stream::synchronize(stream as dsys::CUstream);
+        let _ = drv::free_sync(base);
     }
 
     unsafe fn set_pointers(
@@ -228,6 +344,7 @@ impl Cublaslt {
         p: &GemmPtrs,
         stream: *mut c_void,
         side: bool,
+        capturing: bool,
     ) -> KernelResult<bool> {
         let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
         let key = (*spec, out);
@@ -236,7 +353,13 @@ impl Cublaslt {
             std::collections::hash_map::Entry::Vacant(e) => {
                 // SAFETY: the handle is live; the plan's objects are owned by the cache from here on.
                 let plan = match (unsafe { self.plan(spec, out) }, out) {
-                    (Ok(plan), _) => Some(plan),
+                    (Ok(mut plan), _) => {
+                        if autotune_enabled() && !capturing {
+                            // SAFETY: as `plan`; the scratch operands are its own
+                            unsafe { self.autotune(&mut plan, spec, out, stream) };
+                        }
+                        Some(plan)
+                    }
                     (Err(_), GemmOut::F32Accumulate | GemmOut::F32Overwrite) => None,
                     (Err(e), GemmOut::Bf16) => return Err(e),
                 };
@@ -246,13 +369,30 @@ impl Cublaslt {
         let Some(plan) = plan else {
             return Ok(false);
         };
+        // SAFETY: pointers are device buffers of the sizes `spec` implies (checked by the
+        // caller); the workspace is owned by the runtime.
+        unsafe { self.launch(plan, spec, out, p, &plan.algo, stream, side) }?;
+        Ok(true)
+    }
+
+    /// Queues one product with `algo` (the plan's, or a candidate being timed).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn launch(
+        &self,
+        plan: &Plan,
+        spec: &GemmSpec,
+        out: GemmOut,
+        p: &GemmPtrs,
+        algo: &ltsys::cublasLtMatmulAlgo_t,
+        stream: *mut c_void,
+        side: bool,
+    ) -> KernelResult<()> {
         let (alpha, beta) = match out {
             GemmOut::Bf16 => (1f32, 0f32),
             GemmOut::F32Accumulate => (1f32, 1f32),
             GemmOut::F32Overwrite => (1f32, 0f32),
         };
-        // SAFETY: pointers are device buffers of the sizes `spec` implies (checked by the
-        // caller); the workspace is owned by the runtime.
+        // SAFETY: the caller's
         unsafe {
             self.set_pointers(plan.desc, spec, p)?;
             lt::matmul(
@@ -268,13 +408,12 @@ impl Cublaslt {
                 plan.layout_c,
                 p.c as *mut c_void,
                 plan.layout_c,
-                &plan.algo,
+                algo,
                 self.workspaces[usize::from(side)] as *mut c_void,
                 self.workspace_bytes,
                 stream as ltsys::cudaStream_t,
             )
         }
-        .map_err(|e| lt_err(&format!("matmul {spec:?} {out:?}"), e))?;
-        Ok(true)
+        .map_err(|e| lt_err(&format!("matmul {spec:?} {out:?}"), e))
     }
 }

@@ -464,6 +464,7 @@ impl CudaRuntime {
             ptrs,
             self.current() as *mut c_void,
             self.side_now(),
+            self.is_capturing(),
         )
     }
 
