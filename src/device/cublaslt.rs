@@ -337,6 +337,8 @@ impl Cublaslt {
 
     /// Queues `C = epilogue(op(A)·op(B))` (or `C += op(A)·op(B)`) on `stream`; `Ok(false)` when
     /// an `F32Accumulate` call has no algorithm.
+    // `stream` is an opaque driver handle passed through to cuBLASLt, never dereferenced here
+    #[allow(clippy::not_unsafe_ptr_arg_deref)]
     pub fn matmul(
         &self,
         spec: &GemmSpec,
