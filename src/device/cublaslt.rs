@@ -228,9 +228,16 @@ impl Cublaslt {
     }
 
     /// Times `plan`'s candidates on scratch operands of `spec`'s sizes on `stream` (nothing the
-    /// caller owns is read or written) and makes the fastest its algorithm. Any failure keeps the
-    /// heuristic's choice.
-    unsafe fn autotune(&self, plan: &mut Plan, spec: &GemmSpec, out: GemmOut, stream: *mut c_void) {
+    /// caller owns is read or written; `side`: the stream's own workspace, as the call's) and
+    /// makes the fastest its algorithm. Any failure keeps the heuristic's choice.
+    unsafe fn autotune(
+        &self,
+        plan: &mut Plan,
+        spec: &GemmSpec,
+        out: GemmOut,
+        stream: *mut c_void,
+        side: bool,
+    ) {
         use cudarc::driver::{result as drv, sys as dsys};
         if plan.others.is_empty() {
             return;
@@ -274,10 +281,7 @@ impl Cublaslt {
                 drv::event::create(flags).ok()?,
                 drv::event::create(flags).ok()?,
             );
-            let run = || {
-                self.launch(plan, spec, out, &p, algo, stream, false)
-                    .is_ok()
-            };
+            let run = || self.launch(plan, spec, out, &p, algo, stream, side).is_ok();
             let mut best = f32::INFINITY;
             let ok = run()
                 && (0..3).all(|_| {
@@ -358,7 +362,7 @@ impl Cublaslt {
                     (Ok(mut plan), _) => {
                         if autotune_enabled() && !capturing {
                             // SAFETY: as `plan`; the scratch operands are its own
-                            unsafe { self.autotune(&mut plan, spec, out, stream) };
+                            unsafe { self.autotune(&mut plan, spec, out, stream, side) };
                         }
                         Some(plan)
                     }
