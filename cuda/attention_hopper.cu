@@ -615,11 +615,11 @@ __device__ __forceinline__ void bwd_issue_dq(float* dq, uint32_t ds, uint32_t k_
                            wgmma_desc(k_cols + c * 16 * 128, KT * 128, 1024, kSwizzle128), c > 0);
 }
 
-// Pᵀ = 2^(Sᵀ·c − lse·log2 e) in place on the Sᵀ fragments (query column 8j + 2t + (e & 1); keys
-// past the tile 0), kept in f32 for dSᵀ and packed to bf16 A fragments (k16 step c = fragments
-// j = 2c, 2c + 1).
-__device__ __forceinline__ void bwd_p(float (&s)[32], uint32_t (&pa)[4][4], const bool (&key_ok)[2], const float* sL,
-                                      int t, float scale_log2) {
+// Pᵀ = 2^(Sᵀ·c − lse·log2 e) from the Sᵀ fragments into p (query column 8j + 2t + (e & 1); keys
+// past the tile 0; p may be s itself), kept in f32 for dSᵀ and packed to bf16 A fragments (k16
+// step c = fragments j = 2c, 2c + 1).
+__device__ __forceinline__ void bwd_p(const float (&s)[32], float (&p)[32], uint32_t (&pa)[4][4],
+                                      const bool (&key_ok)[2], const float* sL, int t, float scale_log2) {
 #pragma unroll
     for (int j = 0; j < 8; j++)
 #pragma unroll
@@ -627,27 +627,28 @@ __device__ __forceinline__ void bwd_p(float (&s)[32], uint32_t (&pa)[4][4], cons
 #pragma unroll
             for (int c = 0; c < 2; c++) {
                 const int e = 2 * r + c, q = 8 * j + 2 * t + c;
-                s[4 * j + e] = key_ok[r] ? fast_exp2(fmaf(s[4 * j + e], scale_log2, -sL[q] * kLog2e)) : 0.f;
+                p[4 * j + e] = key_ok[r] ? fast_exp2(fmaf(s[4 * j + e], scale_log2, -sL[q] * kLog2e)) : 0.f;
             }
-            pa[j / 2][2 * (j & 1) + r] = pack_bf16x2(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]);
+            pa[j / 2][2 * (j & 1) + r] = pack_bf16x2(p[4 * j + 2 * r], p[4 * j + 2 * r + 1]);
         }
 }
 
-// dSᵀ = Pᵀ∘(dPᵀ − Drow) in place in dp, packed to bf16 A fragments and stored into the dSᵀ tile
-// (row = key, 4-byte pairs of queries) for dQ.
+// dSᵀ = Pᵀ∘(dPᵀ − Drow), packed to bf16 A fragments and stored into the dSᵀ tile (row = key,
+// 4-byte pairs of queries) for dQ; dp is only read.
 template <int KT>
-__device__ __forceinline__ void bwd_ds(const float (&p)[32], float (&dp)[32], uint32_t (&dsa)[4][4],
+__device__ __forceinline__ void bwd_ds(const float (&p)[32], const float (&dp)[32], uint32_t (&dsa)[4][4],
                                        unsigned char* ds_tile, int key0, const float* sDr, int t) {
 #pragma unroll
     for (int j = 0; j < 8; j++)
 #pragma unroll
         for (int r = 0; r < 2; r++) {
+            float d[2];
 #pragma unroll
             for (int c = 0; c < 2; c++) {
                 const int e = 2 * r + c;
-                dp[4 * j + e] = p[4 * j + e] * (dp[4 * j + e] - sDr[8 * j + 2 * t + c]);
+                d[c] = p[4 * j + e] * (dp[4 * j + e] - sDr[8 * j + 2 * t + c]);
             }
-            const uint32_t v = pack_bf16x2(dp[4 * j + 2 * r], dp[4 * j + 2 * r + 1]);
+            const uint32_t v = pack_bf16x2(d[0], d[1]);
             *reinterpret_cast<uint32_t*>(ds_tile + chunk_offset<KT>(key0 + 8 * r, j) + 4 * t) = v;
             dsa[j / 2][2 * (j & 1) + r] = v;
         }
@@ -788,7 +789,7 @@ __device__ __forceinline__ void bwd_h1(bf16* __restrict__ dka, bf16* __restrict_
         if (PIPE && qt_i > 0) flush_dq(qt_i - 1);
 
         uint32_t pa[4][4], dsa[4][4];
-        bwd_p(s, pa, key_ok, sL, t, scale_log2);
+        bwd_p(s, s, pa, key_ok, sL, t, scale_log2);
         wgmma_fence();
         bwd_issue_acc<D>(dv, pa, do_st);  // dV += Pᵀ·dO
         if constexpr (kSplitS) bwd_issue_rows<D, KT>(dp, v_wg, do_st);
@@ -846,11 +847,17 @@ __device__ __forceinline__ void bwd_h1(bf16* __restrict__ dka, bf16* __restrict_
 // advdmd-entry-registers: joint_attn_fwd_h6_d64_vfused 128
 // advdmd-entry-registers: joint_attn_bwd_h3_d64 168
 // advdmd-entry-registers: joint_attn_bwd_h3_d64_vfused 168
+// advdmd-entry-registers: joint_attn_bwd_h4_d64 168
+// advdmd-entry-registers: joint_attn_bwd_h4_d64_vfused 168
 // The H3 backward's register split of the 384-thread block's 168 registers a thread: 96/208 (the
 // first choice) does not fit (setmaxnreg_fits).
 constexpr int kBwdH3Producer = 104, kBwdH3Consumer = 200;
 
-template <int VMUL>
+// PIPE (BwdVariant::H4): tile i + 1's Sᵀ and dPᵀ products are issued right behind tile i's dQ
+// product, so the tensor cores work on them while the consumers hand dQ_i over and release the
+// stage; the top of each tile then waits only for what is still running. (H3 waits for every
+// product of tile i before issuing tile i + 1's.)
+template <int VMUL, bool PIPE = false>
 __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
                                        bf16* __restrict__ dvb, float* __restrict__ dqa_acc,
                                        float* __restrict__ dqb_acc, const bf16* __restrict__ qa,
@@ -903,9 +910,12 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
     }
     __syncthreads();
 
-    static_assert(setmaxnreg_fits<384, kBwdH3Producer, kBwdH3Consumer>(), "setmaxnreg over the block's registers");
+    // PIPE holds tile i + 1's Sᵀ, dPᵀ beside tile i's P, dS and dQ: its consumers take 208
+    // (at 200 they spilled 64 bytes), the producer 88 (the whole pool: 128·88 + 256·208 = 384·168)
+    constexpr int PREGS = PIPE ? 88 : kBwdH3Producer, CREGS = PIPE ? 208 : kBwdH3Consumer;
+    static_assert(setmaxnreg_fits<384, PREGS, CREGS>(), "setmaxnreg over the block's registers");
     if (wg == 0) {
-        setmaxnreg_dec<kBwdH3Producer>();
+        setmaxnreg_dec<PREGS>();
         if (tid < LT) {
             // Loader: tile j's copies have landed (the caller waited for its group): fence them
             // for the wgmma that read them, then arrive (j = −1: K and V).
@@ -913,9 +923,14 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
                 fence_proxy_async();
                 mbar_arrive(j < 0 ? kv_full : &q_full[j % STAGES]);
             };
-            load_tile_sw<D, KT, LT>(sK, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
-            load_tile_sw<D, KT, LT>(sV, (kt.stream == 0 ? va : vb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld),
-                                    VMUL * ld, kt.rows);
+            const bf16* v_src = (kt.stream == 0 ? va : vb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld);
+            if constexpr (PIPE) {
+                load_tile_sw_lean<D, KT, LT>(sK, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
+                load_tile_sw_lean<D, KT, LT>(sV, v_src, VMUL * ld, kt.rows);
+            } else {
+                load_tile_sw<D, KT, LT>(sK, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
+                load_tile_sw<D, KT, LT>(sV, v_src, VMUL * ld, kt.rows);
+            }
             cp_async_commit();
             for (int i = 0; i < nqt; i++) {
                 const int st = i % STAGES;
@@ -924,8 +939,14 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
                 const int Lq = qt.stream == 0 ? La : Lb;
                 const long long q_off = row_offset(b, Lq, qt.row0, H, h, D);
                 const long long r_off = (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0;
-                load_tile_sw<D, QT, LT>(sQ0 + st * QBYTES, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
-                load_tile_sw<D, QT, LT>(sdO0 + st * QBYTES, (qt.stream == 0 ? doa : dob) + q_off, ld, qt.rows);
+                if constexpr (PIPE) {  // rolled copies: the producer has 88 registers here
+                    load_tile_sw_lean<D, QT, LT>(sQ0 + st * QBYTES, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
+                    load_tile_sw_lean<D, QT, LT>(sdO0 + st * QBYTES, (qt.stream == 0 ? doa : dob) + q_off, ld,
+                                                 qt.rows);
+                } else {
+                    load_tile_sw<D, QT, LT>(sQ0 + st * QBYTES, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
+                    load_tile_sw<D, QT, LT>(sdO0 + st * QBYTES, (qt.stream == 0 ? doa : dob) + q_off, ld, qt.rows);
+                }
                 // lse and Drow (padded query rows: lse = +inf, so P is exactly 0; Drow = 0)
                 const int r = tid;
                 if (r < qt.rows) {
@@ -965,7 +986,7 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
         return;
     }
 
-    setmaxnreg_inc<kBwdH3Consumer>();
+    setmaxnreg_inc<CREGS>();
     const int c = wg - 1, w = (tid / 32) % 4, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
     const int key0 = 64 * c + 16 * w + g;  // this thread's keys (rows of Sᵀ): key0 and key0 + 8
@@ -978,28 +999,46 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
 #pragma unroll
     for (int i = 0; i < D / 2; i++) dk[i] = dv[i] = 0.f;
     mbar_wait(kv_full, 0);
+    float s[32], dp[32];
+    // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ of tile j (its stage full)
+    auto issue_rows = [&](int j) {
+        const int sj = j % STAGES;
+        mbar_wait(&q_full[sj], (j / STAGES) & 1);
+        wgmma_fence();
+        bwd_issue_rows<D, KT>(s, opaque(k_wg0), opaque(q_addr + sj * QBYTES));
+        bwd_issue_rows<D, KT>(dp, opaque(v_wg0), opaque(do_addr + sj * QBYTES));
+        wgmma_commit();
+    };
+    if (PIPE && nqt > 0) issue_rows(0);
     for (int i = 0; i < nqt; i++) {
         const int st = i % STAGES;
-        mbar_wait(&q_full[st], (i / STAGES) & 1);
         const uint32_t q_st = opaque(q_addr + st * QBYTES), do_st = opaque(do_addr + st * QBYTES);
         const float* sL = sL0 + st * QT;
         const float* sDr = sDr0 + st * QT;
 
-        float s[32], dp[32];
-        wgmma_fence();
-        bwd_issue_rows<D, KT>(s, opaque(k_wg0), q_st);   // Sᵀ = K·Qᵀ
-        bwd_issue_rows<D, KT>(dp, opaque(v_wg0), do_st);  // dPᵀ = V·dOᵀ
-        wgmma_commit();
+        if (!PIPE) issue_rows(i);
         wgmma_wait<0>();
         uint32_t pa[4][4], dsa[4][4];
-        bwd_p(s, pa, key_ok, sL, t, scale_log2);
-        wgmma_fence();
-        bwd_issue_acc<D>(dv, pa, do_st);  // dV += Pᵀ·dO
-        wgmma_commit();
-        bwd_ds<KT>(s, dp, dsa, sdS0 + (i & 1) * DSBYTES, key0, sDr, t);
-        wgmma_fence();
-        bwd_issue_acc<D>(dk, dsa, q_st);  // dK += dSᵀ·Q
-        wgmma_commit();
+        // Pᵀ (into p), dV += Pᵀ·dO, dSᵀ, dK += dSᵀ·Q
+        auto p_and_products = [&](float (&p)[32]) {
+            bwd_p(s, p, pa, key_ok, sL, t, scale_log2);
+            wgmma_fence();
+            bwd_issue_acc<D>(dv, pa, do_st);
+            wgmma_commit();
+            bwd_ds<KT>(p, dp, dsa, sdS0 + (i & 1) * DSBYTES, key0, sDr, t);
+            wgmma_fence();
+            bwd_issue_acc<D>(dk, dsa, q_st);
+            wgmma_commit();
+        };
+        if constexpr (PIPE) {
+            // P in registers of its own: no ordinary instruction may write the Sᵀ registers,
+            // which tile i + 1's product accumulates into, within this tile's span of products
+            // (ptxas serializes every wgmma otherwise, C7515)
+            float p[32];
+            p_and_products(p);
+        } else {
+            p_and_products(s);  // P in place of Sᵀ
+        }
 
         // dQ[:, this group's columns] = dS·K, once both groups' dSᵀ rows are in place.
         fence_proxy_async();
@@ -1008,7 +1047,12 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
         wgmma_fence();
         bwd_issue_dq<DN, KT>(dq, opaque(ds_addr + (i & 1) * DSBYTES), opaque(k_cols));
         wgmma_commit();
-        wgmma_wait<0>();
+        if (PIPE && i + 1 < nqt) {
+            issue_rows(i + 1);
+            wgmma_wait<1>();  // dV_i, dK_i, dQ_i complete; tile i + 1's products may still run
+        } else {
+            wgmma_wait<0>();
+        }
         mbar_arrive(&q_empty[st]);  // every product reading this stage is done
 
         // dQ to the flushers through shared tile i mod 2, once they are done with tile i − 2.
@@ -1071,3 +1115,6 @@ ATTN_BWD_ENTRY(joint_attn_bwd_h2_d128_vfused, 256, 1, attn_h::bwd_h1<128, 3, tru
 // Backward H3 (D = 64): a producer and 2 consumer groups.
 ATTN_BWD_ENTRY(joint_attn_bwd_h3_d64, 384, 1, attn_h::bwd_h3<1>)
 ATTN_BWD_ENTRY(joint_attn_bwd_h3_d64_vfused, 384, 1, attn_h::bwd_h3<3>)
+// Backward H4 (D = 64): H3 with the next tile's first products issued behind dQ.
+ATTN_BWD_ENTRY(joint_attn_bwd_h4_d64, 384, 1, attn_h::bwd_h3<1, true>)
+ATTN_BWD_ENTRY(joint_attn_bwd_h4_d64_vfused, 384, 1, attn_h::bwd_h3<3, true>)

@@ -904,6 +904,9 @@ pub mod dev {
     /// dSᵀ tile double-buffered). `H3` (d = 64; at d = 128 it runs `H2`): H1's consumers fed by a
     /// producer warpgroup (FlashAttention-3's structure: mbarrier-guarded query-tile stages, and
     /// dQ added into the accumulator by the producer's warps from shared memory, 384 threads).
+    /// `H4` (d = 64; at d = 128 `H2`): H3 with the next query tile's Sᵀ and dPᵀ products issued
+    /// behind this tile's dQ product, so the tensor cores run them while dQ is handed over
+    /// (consumers at 208 registers, a rolled-copy producer at 88).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum BwdVariant {
         K128,
@@ -911,6 +914,7 @@ pub mod dev {
         H1,
         H2,
         H3,
+        H4,
     }
 
     impl BwdVariant {
@@ -942,23 +946,27 @@ pub mod dev {
         /// [`hopper_disabled`]): what tests and the bench iterate.
         pub fn enabled() -> Vec<BwdVariant> {
             without_hopper(&Self::ALL, |v| {
-                matches!(v, BwdVariant::H1 | BwdVariant::H2 | BwdVariant::H3)
+                matches!(
+                    v,
+                    BwdVariant::H1 | BwdVariant::H2 | BwdVariant::H3 | BwdVariant::H4
+                )
             })
         }
 
         /// Every variant, for tests and the bench.
-        pub const ALL: [BwdVariant; 5] = [
+        pub const ALL: [BwdVariant; 6] = [
             BwdVariant::K128,
             BwdVariant::V3,
             BwdVariant::H1,
             BwdVariant::H2,
             BwdVariant::H3,
+            BwdVariant::H4,
         ];
         /// The variant actually launched at head dim `d`.
         pub fn resolve(self, d: usize) -> BwdVariant {
             match self {
                 BwdVariant::V3 if d != 64 => BwdVariant::K128,
-                BwdVariant::H3 if d != 64 => BwdVariant::H2,
+                BwdVariant::H3 | BwdVariant::H4 if d != 64 => BwdVariant::H2,
                 v => v,
             }
         }
@@ -969,6 +977,7 @@ pub mod dev {
                 BwdVariant::H1 => format!("joint_attn_bwd_h1_d{d}"),
                 BwdVariant::H2 => format!("joint_attn_bwd_h2_d{d}"),
                 BwdVariant::H3 => format!("joint_attn_bwd_h3_d{d}"),
+                BwdVariant::H4 => format!("joint_attn_bwd_h4_d{d}"),
             }
         }
         /// Threads per block (warps of 16 keys; V3: warps of 32 keys).
@@ -976,7 +985,7 @@ pub mod dev {
             match self.resolve(d) {
                 BwdVariant::V3 => 128,
                 BwdVariant::K128 | BwdVariant::H1 | BwdVariant::H2 => 256,
-                BwdVariant::H3 => 384,
+                BwdVariant::H3 | BwdVariant::H4 => 384,
             }
         }
         /// Dynamic shared memory at head dim `d`.
@@ -995,7 +1004,7 @@ pub mod dev {
                 // stages of lse and Drow; rows padded to d+8.
                 // H3 (d = 64): K, V, 3 stages of Q, dO, lse and Drow, two dSᵀ tiles, two f32 dQ
                 // tiles (rows padded to d+4) and 11 mbarriers.
-                BwdVariant::H3 => {
+                BwdVariant::H3 | BwdVariant::H4 => {
                     (1024
                         + 2 * BWD_KEYS * d * 2
                         + 3 * 2 * TILE * d * 2
