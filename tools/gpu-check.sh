@@ -96,23 +96,27 @@ MMDIT_FIXTURES=$(ls -d .gpu/fixtures/*/ | tr '\n' ':') step model 60 "$BIN/mmdit
 step runtime 45 "$BIN/runtime-test" --test-threads=1 --nocapture
 # Every attention variant's TFLOP/s (the wgmma ones included): early, the budget cuts from the end.
 ADVDMD_ATTN_BENCH_JSON="$OUT/attention.json" step attention 60 "$BIN/attention-bench"
-# The d64 forward variants H4–H6 (not yet timed when written): when one beats the default H3 by
-# 2% at the 1024 px shape in this run, the later steps use it (ADVDMD_ATTN_FWD), said in steps.txt.
-if [ -f "$OUT/attention.json" ] && [ -z "${ADVDMD_ATTN_FWD:-}" ]; then
-  best=$(python3 - "$OUT/attention.json" <<'PY'
+# The d64 variants not yet timed when written (forward H4–H6, backward H4): one that beats the
+# default H3 by 2% at the 1024 px shape in this run is used by the later steps (ADVDMD_ATTN_FWD,
+# ADVDMD_ATTN_BWD), said in steps.txt.
+if [ -f "$OUT/attention.json" ]; then
+  picks=$(python3 - "$OUT/attention.json" <<'PY'
 import json, sys
 r = next((s for s in json.load(open(sys.argv[1])) if s.get("shape") == "sd35m-1024px-d64"), None)
-if r:
-    base = r.get("fwd_h3_ms")
-    c = [(r[f"fwd_{v}_ms"], v) for v in ("h4", "h5", "h6") if f"fwd_{v}_ms" in r]
+for way, env, cands in (("fwd", "ADVDMD_ATTN_FWD", ("h4", "h5", "h6")), ("bwd", "ADVDMD_ATTN_BWD", ("h4",))):
+    base = r and r.get(f"{way}_h3_ms")
+    c = [(r[f"{way}_{v}_ms"], v) for v in cands if r and f"{way}_{v}_ms" in r]
     if base and c and min(c)[0] < 0.98 * base:
-        print(min(c)[1])
+        print(f"{env}={min(c)[1]}")
 PY
 )
-  if [ -n "$best" ]; then
-    export ADVDMD_ATTN_FWD=$best
-    echo "attention: ADVDMD_ATTN_FWD=$best for the later steps (faster than h3 at d64 1024 px)" | tee -a "$OUT/steps.txt"
-  fi
+  for p in $picks; do
+    var=${p%%=*}
+    if [ -z "${!var:-}" ]; then
+      export "$p"
+      echo "attention: $p for the later steps (faster than h3 at d64 1024 px)" | tee -a "$OUT/steps.txt"
+    fi
+  done
 fi
 # Nsight Compute on the d64 1024 px attention kernels (the first shape the bench runs): the
 # plain launchers' forward and backward, then each Hopper forward variant once (H3–H6) — each
