@@ -1159,3 +1159,10 @@ extern "C" __global__ void __launch_bounds__(ATTN_NAIVE_THREADS)
     naive_store((j < La ? dka : dkb) + koff, dk, scale, D, lane);
     naive_store((j < La ? dva : dvb) + koff, dv, 1.f, D, lane);
 }
+
+// poly_exp2 (attention_common.cuh, FwdVariant::H4 and H6) on n values, for its accuracy test.
+extern "C" __global__ void __launch_bounds__(256)
+    poly_exp2_probe(float* __restrict__ y, const float* __restrict__ x, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = attn::poly_exp2(x[i]);
+}

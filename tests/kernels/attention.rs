@@ -525,3 +525,59 @@ fn joint_attention_reads_v_inside_a_fused_qkv() {
         .is_err());
     }
 }
+
+/// `poly_exp2`, the exponentials H4 and H6 take on the FMA pipes: within 1e-4 of 2^x (relative)
+/// over the range a softmax feeds it (scores minus the lazy maximum: up to +8, down past the
+/// −125 floor), at most 2^−124 below −125, and finite at −inf (a masked key).
+#[test]
+fn poly_exp2_is_within_1e4_of_exp2() {
+    use advdmd::device::kernel::{KernelArgs, LaunchCfg};
+    let mut x: Vec<f32> = (0..=13_800).map(|i| 8.0 - i as f32 * 0.01).collect();
+    x.extend([
+        0.0,
+        -0.5,
+        0.5,
+        -1e-7,
+        -125.0,
+        -125.5,
+        -200.0,
+        f32::NEG_INFINITY,
+    ]);
+    for dev in devices() {
+        let xd = dev.upload(&x).unwrap();
+        let y = dev.alloc::<f32>(x.len()).unwrap();
+        let n = x.len();
+        dev.launch(
+            "poly_exp2_probe",
+            LaunchCfg {
+                grid: [n.div_ceil(256) as u32, 1, 1],
+                block: [256, 1, 1],
+                shared_bytes: 0,
+            },
+            KernelArgs::new().buf(&y).buf(&xd).i32(n as i32),
+        )
+        .unwrap();
+        let got = dev.download(&y).unwrap();
+        let mut worst = 0f64;
+        for (&xi, &yi) in x.iter().zip(&got) {
+            if xi >= -125.0 {
+                let want = (xi as f64).exp2();
+                let rel = ((yi as f64) - want).abs() / want;
+                assert!(
+                    rel <= 1e-4,
+                    "poly_exp2({xi}) = {yi}, want {want} (rel {rel:.2e})"
+                );
+                worst = worst.max(rel);
+            } else {
+                assert!(
+                    yi.is_finite() && (0.0..=2f32.powi(-124)).contains(&yi),
+                    "poly_exp2({xi}) = {yi}"
+                );
+            }
+        }
+        println!(
+            "kernel poly_exp2 device {} max_rel_err {worst:.3e}",
+            dev.name()
+        );
+    }
+}
