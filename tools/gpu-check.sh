@@ -119,10 +119,11 @@ PY
   done
 fi
 # Nsight Compute on the d64 1024 px attention kernels (the first shape the bench runs): the
-# plain launchers' forward and backward, then each Hopper forward variant once (H3–H6) — each
-# kernel's speed of light, pipe utilisation (tensor, FMA, SFU), warp stalls and issue slots.
+# plain launchers' forward and backward, then the Hopper forward variants H3–H6 and backward H3,
+# H4 once each, in the bench's order — each kernel's speed of light, pipe utilisation (tensor,
+# FMA, SFU), warp stalls and issue slots.
 if command -v ncu >/dev/null; then
-  step ncu-attention 120 ncu --kernel-name "regex:joint_attn_(fwd_h[3-6]|bwd_h3)_d64$" --launch-count 6 \
+  step ncu-attention 120 ncu --kernel-name "regex:joint_attn_(fwd_h[3-6]|bwd_h[34])_d64$" --launch-count 8 \
     --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
     "$BIN/attention-bench"
 fi
