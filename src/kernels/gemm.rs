@@ -130,7 +130,7 @@ pub mod dev {
     use half::bf16;
 
     /// Extra buffers an epilogue reads or writes.
-    #[derive(Default)]
+    #[derive(Clone, Copy, Default)]
     pub struct EpilogueBufs<'a> {
         /// `[N]` bias (Bias, GeluBias, GeluAuxBias).
         pub bias: Option<&'a DevBuf<bf16>>,
@@ -175,6 +175,31 @@ pub mod dev {
         c: &DevBuf<bf16>,
         ep: EpilogueBufs,
     ) -> KernelResult<()> {
+        gemm_bf16_routed(dev, spec, a, b, c, ep, true)
+    }
+
+    /// [`gemm_bf16`] through cuBLASLt (the CPU GEMM under the emulator) even where it would run
+    /// `gemv_small_m`: the `kernels` bench's same-run reference for that kernel.
+    pub fn gemm_bf16_cublaslt(
+        dev: &KernelDevice,
+        spec: GemmSpec,
+        a: &DevBuf<bf16>,
+        b: &DevBuf<bf16>,
+        c: &DevBuf<bf16>,
+        ep: EpilogueBufs,
+    ) -> KernelResult<()> {
+        gemm_bf16_routed(dev, spec, a, b, c, ep, false)
+    }
+
+    fn gemm_bf16_routed(
+        dev: &KernelDevice,
+        spec: GemmSpec,
+        a: &DevBuf<bf16>,
+        b: &DevBuf<bf16>,
+        c: &DevBuf<bf16>,
+        ep: EpilogueBufs,
+        own_kernels: bool,
+    ) -> KernelResult<()> {
         let GemmSpec { m, n, k, .. } = spec;
         if a.len() < m * k || b.len() < k * n || c.len() < m * n {
             return Err(KernelError::Invalid(format!(
@@ -184,7 +209,7 @@ pub mod dev {
                 c.len()
             )));
         }
-        if small_m_gemv(&spec, a, b) && m > 0 && n > 0 {
+        if own_kernels && small_m_gemv(&spec, a, b) && m > 0 && n > 0 {
             let bias = match spec.epilogue {
                 EpilogueKind::Bias => Some(need(ep.bias, n, "bias")?),
                 _ => None,
@@ -347,6 +372,33 @@ pub mod dev {
         bias_acc: Option<&DevBuf<f32>>,
         overwrite: bool,
     ) -> KernelResult<()> {
+        gemm_bf16_f32_routed(dev, spec, a, b, c, bias_acc, overwrite, true)
+    }
+
+    /// [`gemm_bf16_acc_f32`] through cuBLASLt (the CPU GEMM under the emulator) even where it
+    /// would run `weight_grad_small_k`: the `kernels` bench's same-run reference for that kernel.
+    pub fn gemm_bf16_acc_f32_cublaslt(
+        dev: &KernelDevice,
+        spec: GemmSpec,
+        a: &DevBuf<bf16>,
+        b: &DevBuf<bf16>,
+        c: &DevBuf<f32>,
+        bias_acc: Option<&DevBuf<f32>>,
+    ) -> KernelResult<()> {
+        gemm_bf16_f32_routed(dev, spec, a, b, c, bias_acc, false, false)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_bf16_f32_routed(
+        dev: &KernelDevice,
+        spec: GemmSpec,
+        a: &DevBuf<bf16>,
+        b: &DevBuf<bf16>,
+        c: &DevBuf<f32>,
+        bias_acc: Option<&DevBuf<f32>>,
+        overwrite: bool,
+        own_kernels: bool,
+    ) -> KernelResult<()> {
         use crate::kernels::shape::dev::{accumulate_bf16, accumulate_f32};
         let out_kind = if overwrite {
             GemmOut::F32Overwrite
@@ -374,7 +426,7 @@ pub mod dev {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        if small_k_weight_grad(&spec, b, c) {
+        if own_kernels && small_k_weight_grad(&spec, b, c) {
             // a memory-bound outer product: its own kernel (`weight_grad_small_k`), named as such
             // in a profile, credited its FLOPs
             dev.count_matmul_flops(2 * (m * n * k) as u64);

@@ -385,7 +385,9 @@ fn accumulating_weight_gradient_gemm_adds_in_f32() {
 /// memory-bound kernels of small_gemm.cu (not cuBLASLt), credited their FLOPs in a profile.
 #[test]
 fn small_products_run_their_own_kernels() {
-    use advdmd::kernels::gemm::dev::gemm_bf16_acc_f32;
+    use advdmd::kernels::gemm::dev::{
+        gemm_bf16_acc_f32, gemm_bf16_acc_f32_cublaslt, gemm_bf16_cublaslt,
+    };
     for dev in devices() {
         let (m, n, k) = (2, 96, 64);
         let mut rng = Rng::new(5);
@@ -441,6 +443,35 @@ fn small_products_run_their_own_kernels() {
                 (1, 2 * (m * n * k) as u64),
                 "{name}"
             );
+        }
+        // the library path the bench compares them with: no kernel of ours, the same products
+        let (y2, gw2, gb2) = (
+            dev.alloc(m * n).unwrap(),
+            dev.zeros::<f32>(n * k).unwrap(),
+            dev.zeros::<f32>(n).unwrap(),
+        );
+        let p = dev
+            .profile(|| {
+                let ep = EpilogueBufs {
+                    bias: Some(&bias),
+                    ..Default::default()
+                };
+                gemm_bf16_cublaslt(&dev, fwd, &xd, &wd, &y2, ep)?;
+                gemm_bf16_acc_f32_cublaslt(&dev, wgrad, &dy, &xd, &gw2, Some(&gb2))
+            })
+            .unwrap();
+        assert!(
+            p.rows
+                .iter()
+                .all(|r| r.name != "gemv_small_m" && r.name != "weight_grad_small_k"),
+            "{:?}",
+            p.rows
+        );
+        let f = |b: &DevBuf<bf16>| download_f32(&dev, b);
+        check("gemv vs cuBLASLt", &dev, "2x96x64", &f(&y2), &f(&y), 1e-2);
+        for (name, a, b) in [("weight_grad", &gw2, &gw), ("weight_grad.bias", &gb2, &gb)] {
+            let (got, want) = (dev.download(a).unwrap(), dev.download(b).unwrap());
+            check(name, &dev, "96x64x2", &got, &want, 1e-4);
         }
     }
 }
