@@ -432,10 +432,7 @@ fn qkv_weight_grad(b: &mut Bench) -> KernelResult<()> {
 /// (2026-11-27): 14.7 µs and 67 µs at batch 1.
 fn modulation_products(b: &mut Bench) -> KernelResult<()> {
     use crate::device::kernel::{EpilogueKind, GemmSpec};
-    use crate::kernels::gemm::dev::{
-        gemm_bf16, gemm_bf16_acc_f32, gemm_bf16_acc_f32_cublaslt, gemm_bf16_cublaslt,
-        gemm_bf16_f32, EpilogueBufs,
-    };
+    use crate::kernels::gemm::dev::{gemm_bf16_f32, gemm_bf16_via, EpilogueBufs, SmallProducts};
     let (out, inp) = (b.size(9216, 40), b.size(1536, 64));
     let dev = b.dev.clone();
     for rows in [1, 2] {
@@ -457,17 +454,15 @@ fn modulation_products(b: &mut Bench) -> KernelResult<()> {
             bias: Some(&bias),
             ..Default::default()
         };
-        b.time("gemv_small_m (+bias)", &shape, out * inp * 2, wsets, |i| {
-            gemm_bf16(&dev, fwd, &x, &w[i], &y, ep)
-        })?;
-        // the same product through cuBLASLt, the reference it must beat
-        b.time(
-            "gemv: cuBLASLt (+bias)",
-            &shape,
-            out * inp * 2,
-            wsets,
-            |i| gemm_bf16_cublaslt(&dev, fwd, &x, &w[i], &y, ep),
-        )?;
+        // ours, then the same product through cuBLASLt: the reference it must beat
+        for (name, via) in [
+            ("gemv_small_m (+bias)", SmallProducts::OwnKernels),
+            ("gemv: cuBLASLt (+bias)", SmallProducts::Library),
+        ] {
+            b.time(name, &shape, out * inp * 2, wsets, |i| {
+                gemm_bf16_via(&dev, fwd, &x, &w[i], &y, ep, via)
+            })?;
+        }
         drop(w);
         let bytes = out * inp * 8 + (out + inp) * rows * 2 + out * 8;
         let sets = b.sets(bytes);
@@ -489,22 +484,38 @@ fn modulation_products(b: &mut Bench) -> KernelResult<()> {
             trans_b: false,
             epilogue: EpilogueKind::BgradB,
         };
-        let shape = format!("{out}x{inp}x{rows} f32+=");
-        b.time("weight_grad_small_k (+bias)", &shape, bytes, sets, |i| {
-            let (dy, x, g, gb) = &s[i];
-            gemm_bf16_acc_f32(&dev, wgrad, dy, x, g, Some(gb))
-        })?;
-        b.time("weight_grad: cuBLASLt (+bias)", &shape, bytes, sets, |i| {
-            let (dy, x, g, gb) = &s[i];
-            gemm_bf16_acc_f32_cublaslt(&dev, wgrad, dy, x, g, Some(gb))
-        })?;
-        // the first write after zero_grad: the gradient written, not read
-        let shape = format!("{out}x{inp}x{rows} f32=");
-        let bytes = bytes - out * inp * 4;
-        b.time("weight_grad_small_k (=, +bias)", &shape, bytes, sets, |i| {
-            let (dy, x, g, gb) = &s[i];
-            gemm_bf16_f32(&dev, wgrad, dy, x, g, Some(gb), true)
-        })?;
+        // accumulating (ours, then cuBLASLt), and the first write after zero_grad (the
+        // gradient written, not read)
+        let first_write = bytes - out * inp * 4;
+        for (name, op, bytes, overwrite, via) in [
+            (
+                "weight_grad_small_k (+bias)",
+                "+=",
+                bytes,
+                false,
+                SmallProducts::OwnKernels,
+            ),
+            (
+                "weight_grad: cuBLASLt (+bias)",
+                "+=",
+                bytes,
+                false,
+                SmallProducts::Library,
+            ),
+            (
+                "weight_grad_small_k (=, +bias)",
+                "=",
+                first_write,
+                true,
+                SmallProducts::OwnKernels,
+            ),
+        ] {
+            let shape = format!("{out}x{inp}x{rows} f32{op}");
+            b.time(name, &shape, bytes, sets, |i| {
+                let (dy, x, g, gb) = &s[i];
+                gemm_bf16_f32(&dev, wgrad, dy, x, g, Some(gb), overwrite, via)
+            })?;
+        }
     }
     Ok(())
 }

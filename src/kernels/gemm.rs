@@ -175,30 +175,27 @@ pub mod dev {
         c: &DevBuf<bf16>,
         ep: EpilogueBufs,
     ) -> KernelResult<()> {
-        gemm_bf16_routed(dev, spec, a, b, c, ep, true)
+        gemm_bf16_via(dev, spec, a, b, c, ep, SmallProducts::OwnKernels)
     }
 
-    /// [`gemm_bf16`] through cuBLASLt (the CPU GEMM under the emulator) even where it would run
-    /// `gemv_small_m`: the `kernels` bench's same-run reference for that kernel.
-    pub fn gemm_bf16_cublaslt(
+    /// Where the products over at most 8 rows go: our memory-bound kernels (`gemv_small_m`,
+    /// `weight_grad_small_k`, what the model uses) or the library (cuBLASLt; the CPU GEMM under
+    /// the emulator), the `kernels` bench's same-run reference for those kernels.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum SmallProducts {
+        OwnKernels,
+        Library,
+    }
+
+    /// [`gemm_bf16`] with the small products sent `via`.
+    pub fn gemm_bf16_via(
         dev: &KernelDevice,
         spec: GemmSpec,
         a: &DevBuf<bf16>,
         b: &DevBuf<bf16>,
         c: &DevBuf<bf16>,
         ep: EpilogueBufs,
-    ) -> KernelResult<()> {
-        gemm_bf16_routed(dev, spec, a, b, c, ep, false)
-    }
-
-    fn gemm_bf16_routed(
-        dev: &KernelDevice,
-        spec: GemmSpec,
-        a: &DevBuf<bf16>,
-        b: &DevBuf<bf16>,
-        c: &DevBuf<bf16>,
-        ep: EpilogueBufs,
-        own_kernels: bool,
+        via: SmallProducts,
     ) -> KernelResult<()> {
         let GemmSpec { m, n, k, .. } = spec;
         if a.len() < m * k || b.len() < k * n || c.len() < m * n {
@@ -209,7 +206,7 @@ pub mod dev {
                 c.len()
             )));
         }
-        if own_kernels && small_m_gemv(&spec, a, b) && m > 0 && n > 0 {
+        if via == SmallProducts::OwnKernels && small_m_gemv(&spec, a, b) && m > 0 && n > 0 {
             let bias = match spec.epilogue {
                 EpilogueKind::Bias => Some(need(ep.bias, n, "bias")?),
                 _ => None,
@@ -357,12 +354,22 @@ pub mod dev {
         c: &DevBuf<f32>,
         bias_acc: Option<&DevBuf<f32>>,
     ) -> KernelResult<()> {
-        gemm_bf16_f32(dev, spec, a, b, c, bias_acc, false)
+        gemm_bf16_f32(
+            dev,
+            spec,
+            a,
+            b,
+            c,
+            bias_acc,
+            false,
+            SmallProducts::OwnKernels,
+        )
     }
 
     /// [`gemm_bf16_acc_f32`], or with `overwrite` `c = op(a)·op(b)` (β = 0: `c` is neither read
-    /// nor needs zeroing; a gradient's first write since `DeviceParams::zero_grad`). The bias
-    /// gradient is added into `bias_acc` either way.
+    /// nor needs zeroing; a gradient's first write since `DeviceParams::zero_grad`), the small
+    /// products sent `via`. The bias gradient is added into `bias_acc` either way.
+    #[allow(clippy::too_many_arguments)]
     pub fn gemm_bf16_f32(
         dev: &KernelDevice,
         spec: GemmSpec,
@@ -371,33 +378,7 @@ pub mod dev {
         c: &DevBuf<f32>,
         bias_acc: Option<&DevBuf<f32>>,
         overwrite: bool,
-    ) -> KernelResult<()> {
-        gemm_bf16_f32_routed(dev, spec, a, b, c, bias_acc, overwrite, true)
-    }
-
-    /// [`gemm_bf16_acc_f32`] through cuBLASLt (the CPU GEMM under the emulator) even where it
-    /// would run `weight_grad_small_k`: the `kernels` bench's same-run reference for that kernel.
-    pub fn gemm_bf16_acc_f32_cublaslt(
-        dev: &KernelDevice,
-        spec: GemmSpec,
-        a: &DevBuf<bf16>,
-        b: &DevBuf<bf16>,
-        c: &DevBuf<f32>,
-        bias_acc: Option<&DevBuf<f32>>,
-    ) -> KernelResult<()> {
-        gemm_bf16_f32_routed(dev, spec, a, b, c, bias_acc, false, false)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn gemm_bf16_f32_routed(
-        dev: &KernelDevice,
-        spec: GemmSpec,
-        a: &DevBuf<bf16>,
-        b: &DevBuf<bf16>,
-        c: &DevBuf<f32>,
-        bias_acc: Option<&DevBuf<f32>>,
-        overwrite: bool,
-        own_kernels: bool,
+        via: SmallProducts,
     ) -> KernelResult<()> {
         use crate::kernels::shape::dev::{accumulate_bf16, accumulate_f32};
         let out_kind = if overwrite {
@@ -426,7 +407,7 @@ pub mod dev {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        if own_kernels && small_k_weight_grad(&spec, b, c) {
+        if via == SmallProducts::OwnKernels && small_k_weight_grad(&spec, b, c) {
             // a memory-bound outer product: its own kernel (`weight_grad_small_k`), named as such
             // in a profile, credited its FLOPs
             dev.count_matmul_flops(2 * (m * n * k) as u64);

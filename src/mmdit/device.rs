@@ -21,7 +21,9 @@ use crate::kernels::adaln::dev as adaln;
 use crate::kernels::attention::dev::{self as attn, AttnDims};
 use crate::kernels::elementwise::dev as ew;
 use crate::kernels::elementwise::Activation;
-use crate::kernels::gemm::dev::{gemm_bf16, gemm_bf16_dgelu, gemm_bf16_f32, EpilogueBufs};
+use crate::kernels::gemm::dev::{
+    gemm_bf16, gemm_bf16_dgelu, gemm_bf16_f32, EpilogueBufs, SmallProducts,
+};
 use crate::kernels::qknorm::dev as qknorm;
 use crate::kernels::shape::dev::{self as layout, Cols, PosCrop};
 use crate::nn::device::DeviceParams;
@@ -441,14 +443,17 @@ impl DeviceMmdit {
             },
         };
         // the first write since zero_grad overwrites (no memset of the gradients, no read of zeros)
+        const OWN: SmallProducts = SmallProducts::OwnKernels;
         let (gw, first) = self.params.grad_first_write(&format!("{prefix}.weight"))?;
         match db.as_deref() {
-            Some(db) if few_rows => gemm_bf16_f32(&self.dev, spec, dy, x, &gw, Some(db), first),
+            Some(db) if few_rows => {
+                gemm_bf16_f32(&self.dev, spec, dy, x, &gw, Some(db), first, OWN)
+            }
             Some(db) => {
-                gemm_bf16_f32(&self.dev, spec, dy, x, &gw, None, first)?;
+                gemm_bf16_f32(&self.dev, spec, dy, x, &gw, None, first, OWN)?;
                 adaln::colsum_acc(&self.dev, dy, (rows, out), db)
             }
-            None => gemm_bf16_f32(&self.dev, spec, dy, x, &gw, None, first),
+            None => gemm_bf16_f32(&self.dev, spec, dy, x, &gw, None, first, OWN),
         }
     }
 

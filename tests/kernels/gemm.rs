@@ -303,7 +303,7 @@ fn gemm_with_every_epilogue_matches_reference() {
 /// (tighter than any bf16 output could be), with and without the bias epilogue.
 #[test]
 fn accumulating_weight_gradient_gemm_adds_in_f32() {
-    use advdmd::kernels::gemm::dev::{gemm_bf16_acc_f32, gemm_bf16_f32};
+    use advdmd::kernels::gemm::dev::{gemm_bf16_acc_f32, gemm_bf16_f32, SmallProducts};
     for dev in devices() {
         // K ≤ 8 with in_f % 8 == 0 runs `weight_grad_small_k` (the modulation layers' gradient:
         // one row per sample), the rest cuBLASLt (the CPU GEMM under the emulator)
@@ -338,7 +338,17 @@ fn accumulating_weight_gradient_gemm_adds_in_f32() {
                 let (gw, gb) = (dev.upload(&old_w).unwrap(), dev.upload(&old_b).unwrap());
                 let bias = with_bias.then_some(&gb);
                 if overwrite {
-                    gemm_bf16_f32(&dev, spec, &dyd, &xd, &gw, bias, true).unwrap();
+                    gemm_bf16_f32(
+                        &dev,
+                        spec,
+                        &dyd,
+                        &xd,
+                        &gw,
+                        bias,
+                        true,
+                        SmallProducts::OwnKernels,
+                    )
+                    .unwrap();
                 } else {
                     gemm_bf16_acc_f32(&dev, spec, &dyd, &xd, &gw, bias).unwrap();
                 }
@@ -385,9 +395,7 @@ fn accumulating_weight_gradient_gemm_adds_in_f32() {
 /// memory-bound kernels of small_gemm.cu (not cuBLASLt), credited their FLOPs in a profile.
 #[test]
 fn small_products_run_their_own_kernels() {
-    use advdmd::kernels::gemm::dev::{
-        gemm_bf16_acc_f32, gemm_bf16_acc_f32_cublaslt, gemm_bf16_cublaslt,
-    };
+    use advdmd::kernels::gemm::dev::{gemm_bf16_f32, gemm_bf16_via, SmallProducts};
     for dev in devices() {
         let (m, n, k) = (2, 96, 64);
         let mut rng = Rng::new(5);
@@ -399,11 +407,6 @@ fn small_products_run_their_own_kernels() {
             upload_bf16(&dev, &x),
             upload_bf16(&dev, &w),
             upload_bf16(&dev, &w[..n]),
-        );
-        let y = dev.alloc(m * n).unwrap();
-        let (gw, gb) = (
-            dev.zeros::<f32>(n * k).unwrap(),
-            dev.zeros::<f32>(n).unwrap(),
         );
         let fwd = GemmSpec {
             m,
@@ -422,16 +425,26 @@ fn small_products_run_their_own_kernels() {
             epilogue: E::BgradB,
         };
         let dy = upload_bf16(&dev, &randn_bf16(&mut rng, m * n, 1.0));
-        let p = dev
-            .profile(|| {
-                let ep = EpilogueBufs {
-                    bias: Some(&bias),
-                    ..Default::default()
-                };
-                gemm_bf16(&dev, fwd, &xd, &wd, &y, ep)?;
-                gemm_bf16_acc_f32(&dev, wgrad, &dy, &xd, &gw, Some(&gb))
-            })
-            .unwrap();
+        // both products sent `via`: their profile, y and the weight and bias gradients
+        let run = |via: SmallProducts| {
+            let y = dev.alloc(m * n).unwrap();
+            let (gw, gb) = (
+                dev.zeros::<f32>(n * k).unwrap(),
+                dev.zeros::<f32>(n).unwrap(),
+            );
+            let p = dev
+                .profile(|| {
+                    let ep = EpilogueBufs {
+                        bias: Some(&bias),
+                        ..Default::default()
+                    };
+                    gemm_bf16_via(&dev, fwd, &xd, &wd, &y, ep, via)?;
+                    gemm_bf16_f32(&dev, wgrad, &dy, &xd, &gw, Some(&gb), false, via)
+                })
+                .unwrap();
+            (p, y, gw, gb)
+        };
+        let (p, y, gw, gb) = run(SmallProducts::OwnKernels);
         for name in ["gemv_small_m", "weight_grad_small_k"] {
             let row = p
                 .rows
@@ -445,21 +458,7 @@ fn small_products_run_their_own_kernels() {
             );
         }
         // the library path the bench compares them with: no kernel of ours, the same products
-        let (y2, gw2, gb2) = (
-            dev.alloc(m * n).unwrap(),
-            dev.zeros::<f32>(n * k).unwrap(),
-            dev.zeros::<f32>(n).unwrap(),
-        );
-        let p = dev
-            .profile(|| {
-                let ep = EpilogueBufs {
-                    bias: Some(&bias),
-                    ..Default::default()
-                };
-                gemm_bf16_cublaslt(&dev, fwd, &xd, &wd, &y2, ep)?;
-                gemm_bf16_acc_f32_cublaslt(&dev, wgrad, &dy, &xd, &gw2, Some(&gb2))
-            })
-            .unwrap();
+        let (p, y2, gw2, gb2) = run(SmallProducts::Library);
         assert!(
             p.rows
                 .iter()
