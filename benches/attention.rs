@@ -7,7 +7,8 @@
 use advdmd::device::kernel::{DevBuf, KernelDevice, KernelResult};
 use advdmd::kernels::attention::dev::{
     joint_attention_bwd, joint_attention_bwd_with, joint_attention_flops, joint_attention_fwd,
-    joint_attention_fwd_with, AttnDims, BwdVariant, FwdVariant,
+    joint_attention_fwd_split_with, joint_attention_fwd_with, AttnDims, BwdVariant, FwdVariant,
+    SplitPlan,
 };
 use advdmd::Rng;
 use half::bf16;
@@ -47,13 +48,33 @@ fn run(
     // Every forward and backward variant, interleaved per repeat; the headline figures are the
     // plain launchers' choice (`fastest`).
     let (fvars, bvars) = (FwdVariant::enabled(), BwdVariant::enabled());
+    // The variants whose plain launch splits its last wave here (SplitPlan::last_wave) are
+    // timed unsplit too: rows `fwd_<variant>_whole`.
+    let whole: Vec<(FwdVariant, SplitPlan)> = fvars
+        .iter()
+        .filter_map(|&v| {
+            let (units, key_tiles) = v.split_units(dims)?;
+            let auto = SplitPlan::last_wave(units, dev.sm_count() as u32, key_tiles);
+            (auto != SplitPlan::none(units) && v.resolve(dims.d) == v)
+                .then_some((v, SplitPlan::none(units)))
+        })
+        .collect();
     let mut fwd: Vec<Vec<f32>> = fvars.iter().map(|_| Vec::new()).collect();
+    let mut fwd_whole: Vec<Vec<f32>> = whole.iter().map(|_| Vec::new()).collect();
     let mut bwd: Vec<Vec<f32>> = bvars.iter().map(|_| Vec::new()).collect();
+    let qkv = [&qa, &ka, &va, &qb, &kb, &vb];
     for _ in 0..reps {
         for (i, &v) in fvars.iter().enumerate() {
             fwd[i].push(dev.time_ms(|| {
                 joint_attention_fwd_with(dev, &qa, &ka, &va, &qb, &kb, &vb, dims, v).map(|_| ())
             })?);
+        }
+        for (i, &(v, plan)) in whole.iter().enumerate() {
+            fwd_whole[i].push(
+                dev.time_ms(|| {
+                    joint_attention_fwd_split_with(dev, qkv, dims, v, plan).map(|_| ())
+                })?,
+            );
         }
         for (i, &v) in bvars.iter().enumerate() {
             bwd[i].push(dev.time_ms(|| {
@@ -81,6 +102,13 @@ fn run(
         let t = ff / *ms as f64 / 1e9;
         let tag = format!("{v:?}").to_lowercase();
         println!("  {name:<20} fwd {tag:<5} {ms:8.3} ms {t:7.1} TFLOP/s");
+        json[format!("fwd_{tag}_ms")] = serde_json::json!(ms);
+        json[format!("fwd_{tag}_tflops")] = serde_json::json!(t);
+    }
+    for ((v, _), ms) in whole.iter().zip(fwd_whole.into_iter().map(median)) {
+        let t = ff / ms as f64 / 1e9;
+        let tag = format!("{v:?}").to_lowercase() + "_whole";
+        println!("  {name:<20} fwd {tag:<5} {ms:8.3} ms {t:7.1} TFLOP/s (last wave not split)");
         json[format!("fwd_{tag}_ms")] = serde_json::json!(ms);
         json[format!("fwd_{tag}_tflops")] = serde_json::json!(t);
     }
@@ -117,6 +145,18 @@ fn main() {
                         lb: 4096,
                         h: 12,
                         d: 128,
+                    },
+                ),
+                // the model's own shape at batch 1 (the forward goal's): 840 query tiles on 132
+                // SMs, a part-full last wave that the H3–H6 launches split
+                (
+                    "sd35m-1024px-d64-b1",
+                    AttnDims {
+                        b: 1,
+                        la: 333,
+                        lb: 4096,
+                        h: 24,
+                        d: 64,
                     },
                 ),
                 (

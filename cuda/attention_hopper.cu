@@ -404,6 +404,102 @@ __device__ __forceinline__ void fwd_h2(bf16* __restrict__ oa, bf16* __restrict__
 }
 
 
+// A block of the split forward (fwd_h3): its unit (b·H + h, query tile) and key tiles, and its
+// slot in the partial outputs (−1: the unit is whole). Units before `split_from` are one block
+// each; every later unit is `splits` consecutive blocks, piece p taking key tiles
+// [p·n/splits, (p + 1)·n/splits) of the n over both streams (each piece ≥ 1 tile: splits ≤ n).
+struct SplitPiece {
+    int bh, qtile, k0, nkt, slot;
+};
+template <int QT, int KN>
+__device__ __forceinline__ SplitPiece fwd_split_piece(int block, int split_from, int splits, int La, int Lb) {
+    const int tiles = ntiles<QT>(La) + ntiles<QT>(Lb), n = ntiles<KN>(La) + ntiles<KN>(Lb);
+    SplitPiece r;
+    int unit = block, piece = 0, ways = 1;
+    r.slot = -1;
+    if (block >= split_from) {
+        r.slot = block - split_from;
+        unit = split_from + r.slot / splits;
+        piece = r.slot % splits;
+        ways = splits;
+    }
+    r.bh = unit / tiles;
+    r.qtile = unit % tiles;
+    r.k0 = piece * n / ways;
+    r.nkt = (piece + 1) * n / ways - r.k0;
+    return r;
+}
+
+// The split forward's partial outputs: slot s holds QT rows of O/l (f32, D columns) and then
+// their QT lse values; rows past the tile's `rows` are left unwritten (the combine skips them).
+template <int D, int QT>
+__device__ __forceinline__ float* piece_slot(float* opart, int slot) {
+    return opart + (long long)slot * QT * (D + 1);
+}
+
+// store_rows for a piece of a split unit: this thread's rows row0 and row0 + 8 as O/l in f32 and
+// their lse, into its slot.
+template <int D, int QT>
+__device__ __forceinline__ void fwd_store_piece(const float (&o)[D / 2], const float (&ms)[2], float (&l)[2],
+                                                float* __restrict__ opart, int slot, int row0, int rows, int t) {
+    float* dst = piece_slot<D, QT>(opart, slot);
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(FULL_MASK, l[r], 1);
+        l[r] += __shfl_xor_sync(FULL_MASK, l[r], 2);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int row = row0 + 8 * r;
+        if (row >= rows) continue;
+        if (t == 0) dst[QT * D + row] = ms[r] * kLn2 + logf(l[r]);
+        const float f = 1.f / l[r];
+        float* out = dst + row * D + 2 * t;
+#pragma unroll
+        for (int j = 0; j < D / 8; j++)
+            *reinterpret_cast<float2*>(out + 8 * j) = make_float2(o[4 * j + 2 * r] * f, o[4 * j + 2 * r + 1] * f);
+    }
+}
+
+// O and lse of the split units from their pieces: lse = log Σ_p e^{lse_p}, O = Σ_p e^{lse_p − lse}·O_p
+// (each O_p normalised by its own sum). Unit split_from + blockIdx.x; a thread per 8 columns of
+// a row, rows strided by the block. grid: units split, block: 256.
+template <int D, int QT>
+__device__ __forceinline__ void fwd_split_combine(bf16* __restrict__ oa, bf16* __restrict__ ob,
+                                                  float* __restrict__ lse, const float* __restrict__ opart,
+                                                  int La, int Lb, int H, int split_from, int splits) {
+    constexpr int CH = D / 8;
+    const int tiles = ntiles<QT>(La) + ntiles<QT>(Lb);
+    const int unit = split_from + blockIdx.x, bh = unit / tiles, b = bh / H, h = bh % H;
+    const Tile qt = tile_of<QT>(unit % tiles, La, Lb);
+    const int Lq = qt.stream == 0 ? La : Lb;
+    const long long ld = (long long)H * D;
+    bf16* out = (qt.stream == 0 ? oa : ob) + row_offset(b, Lq, qt.row0, H, h, D);
+    float* lrow = lse + (long long)bh * (La + Lb) + (qt.stream == 0 ? 0 : La) + qt.row0;
+    const float* first = opart + (long long)blockIdx.x * splits * QT * (D + 1);
+    for (int i = threadIdx.x; i < qt.rows * CH; i += blockDim.x) {
+        const int r = i / CH, c = i % CH;
+        float m = -INFINITY;
+        for (int p = 0; p < splits; p++) m = fmaxf(m, first[(long long)p * QT * (D + 1) + QT * D + r]);
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, sum = 0.f;
+        for (int p = 0; p < splits; p++) {
+            const float* slot = first + (long long)p * QT * (D + 1);
+            const float w = __expf(slot[QT * D + r] - m);
+            const float4 lo = *reinterpret_cast<const float4*>(slot + r * D + 8 * c);
+            const float4 hi = *reinterpret_cast<const float4*>(slot + r * D + 8 * c + 4);
+            const float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+            for (int k = 0; k < 8; k++) acc[k] += w * v[k];
+            sum += w;
+        }
+        const float f = 1.f / sum;
+#pragma unroll
+        for (int k = 0; k < 8; k++) acc[k] *= f;
+        store16(out + r * ld + 8 * c, pack_bf16x8(acc));
+        if (c == 0) lrow[r] = m + logf(sum);
+    }
+}
+
 // FwdVariant::H3: fwd_h2's consumers fed by a producer warpgroup, FlashAttention-3's structure
 // (with cp.async where FA3 uses TMA). Warpgroup 0 produces: it loads Q once and streams the key
 // and value tiles through STAGES shared stages, each guarded by two mbarriers: `full` (the
@@ -415,12 +511,19 @@ __device__ __forceinline__ void fwd_h2(bf16* __restrict__ oa, bf16* __restrict__
 // barriers 1 and 2: a group issues after bar.sync on its own and then bar.arrive on the
 // other's), so that one group's softmax runs while the other's products occupy the tensor cores
 // (FA3's ping-pong scheduling).
+//
+// The grid is one-dimensional over the units (b·H + h)·tiles + query tile, in that order; the
+// units from `split_from` on are split `splits` ways along the keys (the last wave's units, so
+// that a wave left part-full runs pieces of 1/splits the length on more SMs: fwd_split_piece).
+// A piece writes its rows' O/l in f32 and their lse to its slot of `opart` (fwd_store_piece),
+// and joint_attn_fwd_split_combine makes O and lse of them; split_from = the unit count: none.
 template <int D, int KN, int STAGES, int VMUL, int POLY = 0, int NC = 2>
 __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
                                        const bf16* __restrict__ qa, const bf16* __restrict__ ka,
                                        const bf16* __restrict__ va, const bf16* __restrict__ qb,
                                        const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
-                                       int H, float scale_log2) {
+                                       int H, float scale_log2, float* __restrict__ opart, int split_from,
+                                       int splits) {
     constexpr int QT = 64 * NC, PT = 128, CT = 128 * NC;  // query rows, producer and consumer threads
     // A turn's named barrier: its group's 128 threads (bar.sync) and the previous group's (arrive).
     constexpr int TURN = 256;
@@ -448,13 +551,15 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
     uint64_t* empty = full + STAGES;
 
     const int tid = threadIdx.x, wg = tid / 128;
-    const int bh = blockIdx.y, b = bh / H, h = bh % H;
+    const SplitPiece sp = fwd_split_piece<QT, KN>(blockIdx.x, split_from, splits, La, Lb);
+    const int bh = sp.bh, b = bh / H, h = bh % H;
     const int Lt = La + Lb;
     const long long ld = (long long)H * D;
-    const Tile qt = tile_of<QT>(blockIdx.x, La, Lb);
+    const Tile qt = tile_of<QT>(sp.qtile, La, Lb);
     const int Lq = qt.stream == 0 ? La : Lb;
     const long long q_off = row_offset(b, Lq, qt.row0, H, h, D);
-    const int nkt = ntiles<KN>(La) + ntiles<KN>(Lb);
+    // This piece's key tiles k0 .. k0 + nkt − 1 (all of them when the unit is not split).
+    const int k0 = sp.k0, nkt = sp.nkt;
 
     if (tid == 0) {
         mbar_init(q_full, PT);
@@ -483,8 +588,8 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
         for (int i = 0; i < nkt; i++) {
             const int st = i % STAGES;
             if (i >= STAGES) mbar_wait(&empty[st], ((i / STAGES) - 1) & 1);
-            load_kv_tile<D, KN, PT, VMUL, LEAN>(sK0 + st * KVBYTES, sV0 + st * KVBYTES, i, ka, va, kb, vb, La, Lb, b,
-                                                H, h);
+            load_kv_tile<D, KN, PT, VMUL, LEAN>(sK0 + st * KVBYTES, sV0 + st * KVBYTES, k0 + i, ka, va, kb, vb, La,
+                                                Lb, b, H, h);
             cp_async_commit();
             if (i - LAG >= -1) {
                 cp_async_wait<LAG>();
@@ -537,7 +642,8 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
         wgmma_commit();
         named_bar_arrive(next_turn, TURN);
         wgmma_wait<1>();  // S_i complete; P_{i−1}·V_{i−1} may still run
-        const int krows = min(KN, i < ntiles<KN>(La) ? La - i * KN : Lb - (i - ntiles<KN>(La)) * KN);
+        const int kg = k0 + i;  // the key tile's index over both streams
+        const int krows = min(KN, kg < ntiles<KN>(La) ? La - kg * KN : Lb - (kg - ntiles<KN>(La)) * KN);
         float alpha[2];
         if constexpr (PSETS == 2) {
             softmax_to_p<D, KN, POLY>(s, alpha, R.ms, R.l, pn, krows, t, scale_log2);
@@ -562,8 +668,11 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
     if (c == 0) named_bar_sync(1, TURN);  // the last group's last arrive
 
     const int row0 = 64 * c + 16 * w + g;  // this thread's rows: row0 and row0 + 8
-    store_rows<D>(R.o, R.ms, R.l, lse + (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0,
-                  (qt.stream == 0 ? oa : ob) + q_off, ld, row0, qt.rows, t);
+    if (sp.slot >= 0)
+        fwd_store_piece<D, QT>(R.o, R.ms, R.l, opart, sp.slot, row0, qt.rows, t);
+    else
+        store_rows<D>(R.o, R.ms, R.l, lse + (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0,
+                      (qt.stream == 0 ? oa : ob) + q_off, ld, row0, qt.rows, t);
 }
 
 // ---- Backward (BwdVariant::H1) ---------------------------------------------------------------
@@ -1088,20 +1197,39 @@ ATTN_FWD_ENTRY(joint_attn_fwd_h2_d64, 256, 1, attn_h::fwd_h2<64, 2, 128, 1>)
 ATTN_FWD_ENTRY(joint_attn_fwd_h2_d64_vfused, 256, 1, attn_h::fwd_h2<64, 2, 128, 3>)
 ATTN_FWD_ENTRY(joint_attn_fwd_h2_d128, 256, 1, attn_h::fwd_h2<128, 2, 64, 1>)
 ATTN_FWD_ENTRY(joint_attn_fwd_h2_d128_vfused, 256, 1, attn_h::fwd_h2<128, 2, 64, 3>)
-// Forward H3: a producer and 2 consumer groups, 4 stages.
-ATTN_FWD_ENTRY(joint_attn_fwd_h3_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 1>)
-ATTN_FWD_ENTRY(joint_attn_fwd_h3_d64_vfused, 384, 1, attn_h::fwd_h3<64, 128, 4, 3>)
-ATTN_FWD_ENTRY(joint_attn_fwd_h3_d128, 384, 1, attn_h::fwd_h3<128, 64, 4, 1>)
-ATTN_FWD_ENTRY(joint_attn_fwd_h3_d128_vfused, 384, 1, attn_h::fwd_h3<128, 64, 4, 3>)
+// Forward H3: a producer and 2 consumer groups, 4 stages; split along the keys from split_from on.
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h3_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 1>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h3_d64_vfused, 384, 1, attn_h::fwd_h3<64, 128, 4, 3>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h3_d128, 384, 1, attn_h::fwd_h3<128, 64, 4, 1>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h3_d128_vfused, 384, 1, attn_h::fwd_h3<128, 64, 4, 3>)
+// The split forward's combine, per head dim and query rows a unit (H3, H4: 128; H5, H6: 192).
+extern "C" __global__ void __launch_bounds__(256)
+    joint_attn_fwd_split_combine_d64_q128(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+                                          const float* __restrict__ opart, int La, int Lb, int H, int split_from,
+                                          int splits) {
+    attn_h::fwd_split_combine<64, 128>(oa, ob, lse, opart, La, Lb, H, split_from, splits);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    joint_attn_fwd_split_combine_d64_q192(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+                                          const float* __restrict__ opart, int La, int Lb, int H, int split_from,
+                                          int splits) {
+    attn_h::fwd_split_combine<64, 192>(oa, ob, lse, opart, La, Lb, H, split_from, splits);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    joint_attn_fwd_split_combine_d128_q128(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
+                                           const float* __restrict__ opart, int La, int Lb, int H, int split_from,
+                                           int splits) {
+    attn_h::fwd_split_combine<128, 128>(oa, ob, lse, opart, La, Lb, H, split_from, splits);
+}
 // Forward H4 (D = 64): H3 with a quarter of the exponentials on the FMA pipes (poly_exp2).
-ATTN_FWD_ENTRY(joint_attn_fwd_h4_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4>)
-ATTN_FWD_ENTRY(joint_attn_fwd_h4_d64_vfused, 384, 1, attn_h::fwd_h3<64, 128, 4, 3, 4>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h4_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h4_d64_vfused, 384, 1, attn_h::fwd_h3<64, 128, 4, 3, 4>)
 // Forward H5, H6 (D = 64): H3 with three consumer groups (192 query rows; one P register set),
 // without and with H4's polynomial exponentials.
-ATTN_FWD_ENTRY(joint_attn_fwd_h5_d64, 512, 1, attn_h::fwd_h3<64, 128, 4, 1, 0, 3>)
-ATTN_FWD_ENTRY(joint_attn_fwd_h5_d64_vfused, 512, 1, attn_h::fwd_h3<64, 128, 4, 3, 0, 3>)
-ATTN_FWD_ENTRY(joint_attn_fwd_h6_d64, 512, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 3>)
-ATTN_FWD_ENTRY(joint_attn_fwd_h6_d64_vfused, 512, 1, attn_h::fwd_h3<64, 128, 4, 3, 4, 3>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h5_d64, 512, 1, attn_h::fwd_h3<64, 128, 4, 1, 0, 3>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h5_d64_vfused, 512, 1, attn_h::fwd_h3<64, 128, 4, 3, 0, 3>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h6_d64, 512, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 3>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h6_d64_vfused, 512, 1, attn_h::fwd_h3<64, 128, 4, 3, 4, 3>)
 // Backward H1, H2 (bwd_h1 without and with PIPE): 2 groups of 64 keys, 64-query tiles in 2 stages,
 // one and two dSᵀ tiles.
 ATTN_BWD_ENTRY(joint_attn_bwd_h1_d64, 256, 1, attn_h::bwd_h1<64, 1, false>)

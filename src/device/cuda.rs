@@ -144,6 +144,13 @@ impl CudaRuntime {
         self.name.clone()
     }
 
+    /// The GPU's streaming multiprocessors (132 on an H100 SXM or H200; 1 if the query fails).
+    pub fn sm_count(&self) -> usize {
+        self.ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_or(1, |n| n.max(1) as usize)
+    }
+
     /// The GPU's compute capability, `(major, minor)`.
     pub fn compute_capability(&self) -> (i32, i32) {
         self.ctx.compute_capability().unwrap_or((0, 0))

@@ -446,6 +446,17 @@ impl KernelDevice {
         matches!(self.backend, Backend::Emulator)
     }
 
+    /// Streaming multiprocessors: the GPU's, and under the emulator an H100's 132 (the card the
+    /// emulator's wgmma path stands for), so launch plans that depend on it (the attention
+    /// forward's split of its last wave) take the same shape in CI as on that card.
+    pub fn sm_count(&self) -> usize {
+        match &self.backend {
+            Backend::Emulator => 132,
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(rt) => rt.sm_count(),
+        }
+    }
+
     /// Whether the Hopper-only kernels (attention_hopper.cu, wgmma.cu: built for sm_90a alone)
     /// run here: on an sm_90 GPU (H100, H200) and under the emulator, which models wgmma.
     pub fn has_wgmma(&self) -> bool {

@@ -861,6 +861,32 @@ pub mod dev {
                 | FwdVariant::H4 => 128,
             }
         }
+        /// Keys a tile of the wgmma forwards: 128 at d = 64, 64 at d = 128.
+        fn key_rows(d: usize) -> usize {
+            if d == 64 {
+                2 * TILE
+            } else {
+                TILE
+            }
+        }
+        /// Whether the kernel takes a [`SplitPlan`] (H3–H6, the `fwd_h3` family: one block a
+        /// unit on a 1-D grid, one block an SM).
+        fn splits_keys(self) -> bool {
+            matches!(
+                self,
+                FwdVariant::H3 | FwdVariant::H4 | FwdVariant::H5 | FwdVariant::H6
+            )
+        }
+        /// The units (a block each: one query tile of one head of one sample) and key tiles of a
+        /// call by a variant that takes a [`SplitPlan`] at head dim `dims.d` (64 or 128); `None`
+        /// for the others.
+        pub fn split_units(self, dims: AttnDims) -> Option<(u32, u32)> {
+            let v = self.resolve(dims.d);
+            (v.splits_keys() && has_fast_kernels(dims.d)).then(|| {
+                let units = dims.tiles(v.rows()) * (dims.b * dims.h) as u32;
+                (units, dims.tiles(Self::key_rows(dims.d)))
+            })
+        }
         /// cp.async stages of the K, V tiles.
         fn stages(self, d: usize) -> usize {
             match self {
@@ -877,7 +903,7 @@ pub mod dev {
             if !matches!(self, FwdVariant::V3 | FwdVariant::V4) {
                 // Unpadded swizzled tiles, 1 KB to align them, 128-key tiles at d = 64; H3's
                 // mbarriers (Q, and full and empty per stage) after the tiles.
-                let keys = if d == 64 { 2 * TILE } else { TILE };
+                let keys = Self::key_rows(d);
                 let bars = if !matches!(self, FwdVariant::H1 | FwdVariant::H2) {
                     8 * (1 + 2 * self.stages(d))
                 } else {
@@ -886,6 +912,75 @@ pub mod dev {
                 return (1024 + (self.rows() + 2 * self.stages(d) * keys) * d * 2 + bars) as u32;
             }
             ((self.rows() + 2 * self.stages(d) * TILE) * (d + 8) * 2) as u32
+        }
+    }
+
+    /// How an H3–H6 forward splits its last wave along the keys (`fwd_h3` in
+    /// attention_hopper.cu). Its blocks are units of equal length — one query tile of one head,
+    /// over every key tile — one resident an SM: when the unit count is not a multiple of the SM
+    /// count, the last wave runs part-full for a whole unit's time (at SD3.5-medium 1024 px,
+    /// batch 1: 840 units on 132 SMs, 6.36 waves run as 7, so the model's attention ran at 0.93×
+    /// the bench's batch-2 rate). Units from `split_from` on run as `splits` blocks each, a
+    /// share of the key tiles apiece, writing f32 partial outputs that
+    /// `joint_attn_fwd_split_combine` merges in a second launch; `splits == 1`: none.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct SplitPlan {
+        pub split_from: u32,
+        pub splits: u32,
+    }
+
+    impl SplitPlan {
+        /// Key tiles a piece gets at least: its pipeline's fill, its partial rows' write and the
+        /// combine stay small against its products.
+        pub const MIN_PIECE_TILES: u32 = 4;
+        /// Ways a unit is split at most.
+        pub const MAX_SPLITS: u32 = 4;
+
+        /// No unit split.
+        pub fn none(units: u32) -> SplitPlan {
+            SplitPlan {
+                split_from: units,
+                splits: 1,
+            }
+        }
+
+        /// The plan for `units` units of `key_tiles` key tiles on `slots` SMs: the r = units mod
+        /// slots units of a part-full last wave split s = ⌊slots / r⌋ ways (at most
+        /// [`Self::MAX_SPLITS`], each piece ≥ [`Self::MIN_PIECE_TILES`] tiles), so that wave
+        /// takes 1/s of a unit's time; no split when the waves are full or s would be 1.
+        pub fn last_wave(units: u32, slots: u32, key_tiles: u32) -> SplitPlan {
+            let r = units % slots.max(1);
+            if r == 0 {
+                return Self::none(units);
+            }
+            let s = (slots / r)
+                .min(Self::MAX_SPLITS)
+                .min(key_tiles / Self::MIN_PIECE_TILES);
+            if s < 2 {
+                return Self::none(units);
+            }
+            SplitPlan {
+                split_from: units - r,
+                splits: s,
+            }
+        }
+
+        /// Blocks of the launch.
+        pub fn blocks(self, units: u32) -> u32 {
+            self.split_from + self.splits * (units - self.split_from)
+        }
+
+        fn is_split(self, units: u32) -> bool {
+            self.splits > 1 && self.split_from < units
+        }
+
+        fn check(self, units: u32, key_tiles: u32) -> KernelResult<()> {
+            if self.splits == 0 || self.split_from > units || self.splits > key_tiles.max(1) {
+                return Err(KernelError::Invalid(format!(
+                    "joint attention: {self:?} for {units} units of {key_tiles} key tiles"
+                )));
+            }
+            Ok(())
         }
     }
 
@@ -1238,12 +1333,44 @@ pub mod dev {
         fwd(dev, qkv, dims, variant, v_ld)
     }
 
+    /// [`joint_attention_fwd_with`] under a chosen [`SplitPlan`] (`[qa, ka, va, qb, kb, vb]`; V
+    /// rows `H·d` apart), for tests and the bench: `variant` must take one
+    /// ([`FwdVariant::split_units`]).
+    pub fn joint_attention_fwd_split_with(
+        dev: &KernelDevice,
+        qkv: [&DevBuf<bf16>; 6],
+        dims: AttnDims,
+        variant: FwdVariant,
+        plan: SplitPlan,
+    ) -> KernelResult<(DevBuf<bf16>, DevBuf<bf16>, DevBuf<f32>)> {
+        if variant.split_units(dims).is_none() {
+            return Err(KernelError::Invalid(format!(
+                "joint attention: {variant:?} at d = {} takes no split plan",
+                dims.d
+            )));
+        }
+        fwd_planned(dev, qkv, dims, variant, dims.h * dims.d, Some(plan))
+    }
+
     fn fwd(
+        dev: &KernelDevice,
+        qkv: [&DevBuf<bf16>; 6],
+        dims: AttnDims,
+        variant: FwdVariant,
+        v_ld: usize,
+    ) -> KernelResult<(DevBuf<bf16>, DevBuf<bf16>, DevBuf<f32>)> {
+        fwd_planned(dev, qkv, dims, variant, v_ld, None)
+    }
+
+    /// The forward; `plan` for the H3–H6 kernels (`None`: [`SplitPlan::last_wave`] on the
+    /// device's SMs), ignored by the others.
+    fn fwd_planned(
         dev: &KernelDevice,
         [qa, ka, va, qb, kb, vb]: [&DevBuf<bf16>; 6],
         dims: AttnDims,
         variant: FwdVariant,
         v_ld: usize,
+        plan: Option<SplitPlan>,
     ) -> KernelResult<(DevBuf<bf16>, DevBuf<bf16>, DevBuf<f32>)> {
         let work = dims.validate()?;
         check_qkv(&dims, qa, ka, va, qb, kb, vb, v_ld)?;
@@ -1275,15 +1402,50 @@ pub mod dev {
             return Ok((oa, ob, lse));
         }
         let variant = variant.resolve(dims.d);
-        dev.launch(
-            &(variant.kernel(dims.d) + vfused(dims, v_ld)),
-            LaunchCfg::grid2(
+        let name = variant.kernel(dims.d) + vfused(dims, v_ld);
+        let shared = variant.shared_bytes(dims.d);
+        let Some((units, key_tiles)) = variant.split_units(dims) else {
+            let grid = LaunchCfg::grid2(
                 dims.tiles(variant.rows()),
                 (dims.b * dims.h) as u32,
                 variant.threads(),
-            )
-            .with_shared(variant.shared_bytes(dims.d)),
-            args.f32(scale_log2),
+            );
+            dev.launch(&name, grid.with_shared(shared), args.f32(scale_log2))?;
+            return Ok((oa, ob, lse));
+        };
+        let plan =
+            plan.unwrap_or_else(|| SplitPlan::last_wave(units, dev.sm_count() as u32, key_tiles));
+        plan.check(units, key_tiles)?;
+        let grid = LaunchCfg::linear(plan.blocks(units), variant.threads()).with_shared(shared);
+        let args = args.f32(scale_log2);
+        if !plan.is_split(units) {
+            let args = args.null().i32(units as i32).i32(1);
+            dev.launch(&name, grid, args)?;
+            return Ok((oa, ob, lse));
+        }
+        // Each piece's rows: O/l (d columns, f32) and then the lse of each row.
+        let split_units = units - plan.split_from;
+        let rows = variant.rows();
+        let opart = dev.alloc::<f32>((split_units * plan.splits) as usize * rows * (dims.d + 1))?;
+        let args = args
+            .buf(&opart)
+            .i32(plan.split_from as i32)
+            .i32(plan.splits as i32);
+        dev.launch(&name, grid, args)?;
+        let combine = KernelArgs::new()
+            .buf(&oa)
+            .buf(&ob)
+            .buf(&lse)
+            .buf(&opart)
+            .i32(dims.la as i32)
+            .i32(dims.lb as i32)
+            .i32(dims.h as i32)
+            .i32(plan.split_from as i32)
+            .i32(plan.splits as i32);
+        dev.launch(
+            &format!("joint_attn_fwd_split_combine_d{}_q{rows}", dims.d),
+            LaunchCfg::linear(split_units, 256),
+            combine,
         )?;
         Ok((oa, ob, lse))
     }

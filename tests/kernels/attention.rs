@@ -228,6 +228,133 @@ fn check_case(dev: &KernelDevice, inp: &Inputs, qk_std: f32) {
     }
 }
 
+/// The H3–H6 forwards with their units split along the keys (`SplitPlan`): every unit split
+/// two ways, the last units three ways, the last unit into single key tiles; against the CPU
+/// kernel with the unsplit launch's tolerances, on a case with several query and key tiles
+/// in both streams (at d = 64 and 128) and two heads.
+#[test]
+fn joint_attention_fwd_split_along_the_keys_matches_cpu() {
+    for dev in devices() {
+        for d in [64, 128] {
+            let inp = Inputs::new(1, 77, 300, 2, d, 1.0, 5000 + d as u64);
+            let dims = inp.dims;
+            let [qat, kat, vat, qbt, kbt, vbt] = inp.tensors();
+            let want = cpu::joint_attention_fwd(&qat, &kat, &vat, &qbt, &kbt, &vbt);
+            let bufs = inp.qkv.each_ref().map(|v| upload_bf16(&dev, v));
+            let qkv = bufs.each_ref();
+            for variant in gpu::FwdVariant::enabled() {
+                let Some((units, key_tiles)) = variant.split_units(dims) else {
+                    continue;
+                };
+                if variant.resolve(d) != variant {
+                    continue; // H4–H6 run H3 at d = 128
+                }
+                let plans = [
+                    gpu::SplitPlan {
+                        split_from: 0,
+                        splits: 2,
+                    },
+                    gpu::SplitPlan {
+                        split_from: units - 2,
+                        splits: 3,
+                    },
+                    gpu::SplitPlan {
+                        split_from: units - 1,
+                        splits: key_tiles,
+                    },
+                ];
+                for plan in plans {
+                    let (oa, ob, lse) =
+                        gpu::joint_attention_fwd_split_with(&dev, qkv, dims, variant, plan)
+                            .unwrap();
+                    let tag = format!(
+                        "joint_attention_fwd[{variant:?} from {} x{}]",
+                        plan.split_from, plan.splits
+                    );
+                    let shape = inp.shape();
+                    for (name, got, want) in [
+                        ("o_a", download_f32(&dev, &oa), want.o_a.f32s()),
+                        ("o_b", download_f32(&dev, &ob), want.o_b.f32s()),
+                    ] {
+                        check(&format!("{tag}.{name}"), &dev, &shape, &got, want, 1e-2);
+                    }
+                    let got = dev.download(&lse).unwrap();
+                    check(
+                        &format!("{tag}.lse"),
+                        &dev,
+                        &shape,
+                        &got,
+                        want.lse.f32s(),
+                        1e-5,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The split plan of the forward's last wave: none when the waves are full, the part-full
+/// wave's units split as many ways as the SMs allow (at most 4, pieces of ≥ 4 key tiles).
+#[test]
+fn split_plan_fills_the_last_wave() {
+    use gpu::SplitPlan;
+    let plan = |split_from, splits| SplitPlan { split_from, splits };
+    // SD3.5-medium 1024 px, batch 1: 24 heads × 35 query tiles on 132 SMs, 35 key tiles
+    assert_eq!(SplitPlan::last_wave(840, 132, 35), plan(792, 2));
+    assert_eq!(SplitPlan::last_wave(840, 132, 35).blocks(840), 888);
+    // batch 2: 12 waves and 96 units, which split two ways would not fit one wave
+    assert_eq!(SplitPlan::last_wave(1680, 132, 35), SplitPlan::none(1680));
+    // 512 px: 264 units, two full waves
+    assert_eq!(SplitPlan::last_wave(264, 132, 11), SplitPlan::none(264));
+    // under one wave: at most 4 ways, and no piece under 4 key tiles
+    assert_eq!(SplitPlan::last_wave(10, 132, 35), plan(0, 4));
+    assert_eq!(SplitPlan::last_wave(50, 132, 35), plan(0, 2));
+    assert_eq!(SplitPlan::last_wave(10, 132, 12), plan(0, 3));
+    assert_eq!(SplitPlan::last_wave(10, 132, 7), SplitPlan::none(10));
+    assert_eq!(SplitPlan::none(7).blocks(7), 7);
+}
+
+/// A plan the kernels cannot run is an error, not a launch.
+#[test]
+fn joint_attention_rejects_a_bad_split_plan() {
+    for dev in devices() {
+        let inp = Inputs::new(1, 7, 64, 1, 64, 1.0, 9);
+        let bufs = inp.qkv.each_ref().map(|v| upload_bf16(&dev, v));
+        let (units, key_tiles) = gpu::FwdVariant::H3.split_units(inp.dims).unwrap();
+        for plan in [
+            gpu::SplitPlan {
+                split_from: 0,
+                splits: key_tiles + 1,
+            },
+            gpu::SplitPlan {
+                split_from: units + 1,
+                splits: 2,
+            },
+            gpu::SplitPlan {
+                split_from: 0,
+                splits: 0,
+            },
+        ] {
+            let r = gpu::joint_attention_fwd_split_with(
+                &dev,
+                bufs.each_ref(),
+                inp.dims,
+                gpu::FwdVariant::H3,
+                plan,
+            );
+            assert!(r.is_err(), "{plan:?} was accepted");
+        }
+        let r = gpu::joint_attention_fwd_split_with(
+            &dev,
+            bufs.each_ref(),
+            inp.dims,
+            gpu::FwdVariant::H1,
+            gpu::SplitPlan::none(2),
+        );
+        assert!(r.is_err(), "H1 took a split plan");
+    }
+}
+
 /// The forward has no atomics and a fixed reduction order: two runs agree bit for bit (every
 /// kernel variant).
 #[test]
