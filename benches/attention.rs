@@ -6,9 +6,9 @@
 
 use advdmd::device::kernel::{DevBuf, KernelDevice, KernelResult};
 use advdmd::kernels::attention::dev::{
-    joint_attention_bwd, joint_attention_bwd_with, joint_attention_flops, joint_attention_fwd,
-    joint_attention_fwd_split_with, joint_attention_fwd_with, AttnDims, BwdVariant, FwdVariant,
-    SplitPlan,
+    joint_attention_bwd, joint_attention_bwd_split_with, joint_attention_bwd_with,
+    joint_attention_flops, joint_attention_fwd, joint_attention_fwd_split_with,
+    joint_attention_fwd_with, AttnDims, BwdVariant, FwdVariant, SplitPlan,
 };
 use advdmd::Rng;
 use half::bf16;
@@ -49,7 +49,7 @@ fn run(
     // plain launchers' choice (`fastest`).
     let (fvars, bvars) = (FwdVariant::enabled(), BwdVariant::enabled());
     // The variants whose plain launch splits its last wave here (SplitPlan::last_wave) are
-    // timed unsplit too: rows `fwd_<variant>_whole`.
+    // timed unsplit too: rows `fwd_<variant>_whole`, `bwd_<variant>_whole`.
     let whole: Vec<(FwdVariant, SplitPlan)> = fvars
         .iter()
         .filter_map(|&v| {
@@ -59,9 +59,19 @@ fn run(
                 .then_some((v, SplitPlan::none(units)))
         })
         .collect();
+    let bwd_whole: Vec<(BwdVariant, SplitPlan)> = bvars
+        .iter()
+        .filter_map(|&v| {
+            let (units, query_tiles) = v.split_units(dims)?;
+            let auto = SplitPlan::last_wave(units, dev.sm_count() as u32, query_tiles);
+            (auto != SplitPlan::none(units) && v.resolve(dims.d) == v)
+                .then_some((v, SplitPlan::none(units)))
+        })
+        .collect();
     let mut fwd: Vec<Vec<f32>> = fvars.iter().map(|_| Vec::new()).collect();
     let mut fwd_whole: Vec<Vec<f32>> = whole.iter().map(|_| Vec::new()).collect();
     let mut bwd: Vec<Vec<f32>> = bvars.iter().map(|_| Vec::new()).collect();
+    let mut bwd_whole_ms: Vec<Vec<f32>> = bwd_whole.iter().map(|_| Vec::new()).collect();
     let qkv = [&qa, &ka, &va, &qb, &kb, &vb];
     for _ in 0..reps {
         for (i, &v) in fvars.iter().enumerate() {
@@ -82,6 +92,12 @@ fn run(
                     dev, &qa, &ka, &va, &qb, &kb, &vb, &oa, &ob, &lse, &doa, &dob, dims, v,
                 )
                 .map(|_| ())
+            })?);
+        }
+        for (i, &(v, plan)) in bwd_whole.iter().enumerate() {
+            bwd_whole_ms[i].push(dev.time_ms(|| {
+                let outs = [&oa, &ob, &doa, &dob];
+                joint_attention_bwd_split_with(dev, qkv, outs, &lse, dims, v, plan).map(|_| ())
             })?);
         }
     }
@@ -116,6 +132,13 @@ fn run(
         let t = fb / *ms as f64 / 1e9;
         let tag = format!("{v:?}").to_lowercase();
         println!("  {name:<20} bwd {tag:<5} {ms:8.3} ms {t:7.1} TFLOP/s");
+        json[format!("bwd_{tag}_ms")] = serde_json::json!(ms);
+        json[format!("bwd_{tag}_tflops")] = serde_json::json!(t);
+    }
+    for ((v, _), ms) in bwd_whole.iter().zip(bwd_whole_ms.into_iter().map(median)) {
+        let t = fb / ms as f64 / 1e9;
+        let tag = format!("{v:?}").to_lowercase() + "_whole";
+        println!("  {name:<20} bwd {tag:<5} {ms:8.3} ms {t:7.1} TFLOP/s (last wave not split)");
         json[format!("bwd_{tag}_ms")] = serde_json::json!(ms);
         json[format!("bwd_{tag}_tflops")] = serde_json::json!(t);
     }

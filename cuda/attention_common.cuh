@@ -131,6 +131,21 @@ __device__ __forceinline__ void red_add4(float* p, float4 v) {
                     La, Lb, H, scale_log2, scale);                                                      \
     }
 
+// The backward with its units split along the queries from split_from on (attention_hopper.cu's
+// bwd_h3): ATTN_BWD_ENTRY's arguments, then the pieces' partial dK, dV and the split.
+#define ATTN_BWD_SPLIT_ENTRY(name, threads, min_blocks, ...)                                            \
+    extern "C" __global__ void __launch_bounds__(threads, min_blocks)                                   \
+        name(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,                    \
+             bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,          \
+             const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,     \
+             const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,    \
+             const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,  \
+             const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale,      \
+             float* __restrict__ kvpart, int split_from, int splits) {                                  \
+        __VA_ARGS__(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow,  \
+                    La, Lb, H, scale_log2, scale, kvpart, split_from, splits);                          \
+    }
+
 // The lazy softmax rescale's threshold (attention.cu, fwd_v3): a row's reference maximum moves
 // only when a score's exponent would exceed 2^kLazyLog2 against it.
 constexpr float kLazyLog2 = 8.f;

@@ -404,16 +404,18 @@ __device__ __forceinline__ void fwd_h2(bf16* __restrict__ oa, bf16* __restrict__
 }
 
 
-// A block of the split forward (fwd_h3): its unit (b·H + h, query tile) and key tiles, and its
-// slot in the partial outputs (−1: the unit is whole). Units before `split_from` are one block
-// each; every later unit is `splits` consecutive blocks, piece p taking key tiles
-// [p·n/splits, (p + 1)·n/splits) of the n over both streams (each piece ≥ 1 tile: splits ≤ n).
+// A block of a split pass (fwd_h3: units of QT query rows over key tiles of KN; bwd_h3: units of
+// KT keys over query tiles of 64): its unit (b·H + h, tile of UT rows), the tiles of TT rows it
+// loops over, and its slot in the partial outputs (−1: the unit is whole). Units before
+// `split_from` are one block each; every later unit is `splits` consecutive blocks, piece p
+// taking tiles [p·n/splits, (p + 1)·n/splits) of the n over both streams (each piece ≥ 1 tile:
+// splits ≤ n).
 struct SplitPiece {
-    int bh, qtile, k0, nkt, slot;
+    int bh, tile, k0, nkt, slot;
 };
-template <int QT, int KN>
-__device__ __forceinline__ SplitPiece fwd_split_piece(int block, int split_from, int splits, int La, int Lb) {
-    const int tiles = ntiles<QT>(La) + ntiles<QT>(Lb), n = ntiles<KN>(La) + ntiles<KN>(Lb);
+template <int UT, int TT>
+__device__ __forceinline__ SplitPiece split_piece(int block, int split_from, int splits, int La, int Lb) {
+    const int tiles = ntiles<UT>(La) + ntiles<UT>(Lb), n = ntiles<TT>(La) + ntiles<TT>(Lb);
     SplitPiece r;
     int unit = block, piece = 0, ways = 1;
     r.slot = -1;
@@ -424,7 +426,7 @@ __device__ __forceinline__ SplitPiece fwd_split_piece(int block, int split_from,
         ways = splits;
     }
     r.bh = unit / tiles;
-    r.qtile = unit % tiles;
+    r.tile = unit % tiles;
     r.k0 = piece * n / ways;
     r.nkt = (piece + 1) * n / ways - r.k0;
     return r;
@@ -514,7 +516,7 @@ __device__ __forceinline__ void fwd_split_combine(bf16* __restrict__ oa, bf16* _
 //
 // The grid is one-dimensional over the units (b·H + h)·tiles + query tile, in that order; the
 // units from `split_from` on are split `splits` ways along the keys (the last wave's units, so
-// that a wave left part-full runs pieces of 1/splits the length on more SMs: fwd_split_piece).
+// that a wave left part-full runs pieces of 1/splits the length on more SMs: split_piece).
 // A piece writes its rows' O/l in f32 and their lse to its slot of `opart` (fwd_store_piece),
 // and joint_attn_fwd_split_combine makes O and lse of them; split_from = the unit count: none.
 template <int D, int KN, int STAGES, int VMUL, int POLY = 0, int NC = 2>
@@ -551,11 +553,11 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
     uint64_t* empty = full + STAGES;
 
     const int tid = threadIdx.x, wg = tid / 128;
-    const SplitPiece sp = fwd_split_piece<QT, KN>(blockIdx.x, split_from, splits, La, Lb);
+    const SplitPiece sp = split_piece<QT, KN>(blockIdx.x, split_from, splits, La, Lb);
     const int bh = sp.bh, b = bh / H, h = bh % H;
     const int Lt = La + Lb;
     const long long ld = (long long)H * D;
-    const Tile qt = tile_of<QT>(sp.qtile, La, Lb);
+    const Tile qt = tile_of<QT>(sp.tile, La, Lb);
     const int Lq = qt.stream == 0 ? La : Lb;
     const long long q_off = row_offset(b, Lq, qt.row0, H, h, D);
     // This piece's key tiles k0 .. k0 + nkt − 1 (all of them when the unit is not split).
@@ -933,6 +935,25 @@ __device__ __forceinline__ void bwd_h1(bf16* __restrict__ dka, bf16* __restrict_
                           key_ok, scale);
 }
 
+// bwd_store_kv for a piece of a split unit: this thread's keys key0 and key0 + 8 of dK (scaled)
+// and dV in f32, into slot `slot` of the partials (KT rows of dK, then KT rows of dV, D columns).
+template <int D, int KT>
+__device__ __forceinline__ void bwd_store_kv_piece(const float* dk, const float* dv, float* __restrict__ kvpart,
+                                                   int slot, int key0, const bool (&key_ok)[2], int t, float scale) {
+    float* dst = kvpart + (long long)slot * 2 * KT * D + 2 * t;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        if (!key_ok[r]) continue;
+        const int key = key0 + 8 * r;
+#pragma unroll
+        for (int j = 0; j < D / 8; j++) {
+            *reinterpret_cast<float2*>(dst + key * D + 8 * j) =
+                make_float2(dk[4 * j + 2 * r] * scale, dk[4 * j + 2 * r + 1] * scale);
+            *reinterpret_cast<float2*>(dst + (KT + key) * D + 8 * j) = make_float2(dv[4 * j + 2 * r], dv[4 * j + 2 * r + 1]);
+        }
+    }
+}
+
 // BwdVariant::H3 (D = 64): bwd_h1's consumers, warp-specialized. Warpgroup 0 (kBwdH3Producer
 // registers by setmaxnreg) serves two consumer warpgroups (kBwdH3Consumer) with no block barrier: its warps 0–1 load K, V
 // once and stream the query tiles (Q, dO, lse, Drow) through STAGES stages guarded by full/empty
@@ -975,7 +996,7 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
                                        const bf16* __restrict__ kb, const bf16* __restrict__ vb,
                                        const bf16* __restrict__ dob, const float* __restrict__ lse,
                                        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2,
-                                       float scale) {
+                                       float scale, float* __restrict__ kvpart, int split_from, int splits) {
     constexpr int D = 64, KT = 128, QT = 64, DN = D / 2, STAGES = 3, LAG = 1;
     constexpr int LT = 64, FT = 64, CT = 256;  // loader, flusher and consumer threads
     constexpr int KVBYTES = KT * D * 2, QBYTES = QT * D * 2, DSBYTES = KT * QT * 2;
@@ -997,13 +1018,16 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
     uint64_t* dq_empty = dq_full + 2;
 
     const int tid = threadIdx.x, wg = tid / 128;
-    const int bh = blockIdx.y, b = bh / H, h = bh % H;
+    // A 1-D grid of units (b·H + h, key tile), split along the query tiles from split_from on
+    // (as fwd_h3's along the keys): this block's query tiles are q0 .. q0 + nqt − 1.
+    const SplitPiece sp = split_piece<KT, QT>(blockIdx.x, split_from, splits, La, Lb);
+    const int bh = sp.bh, b = bh / H, h = bh % H;
     const int Lt = La + Lb;
     const long long ld = (long long)H * D;
-    const Tile kt = tile_of<KT>(blockIdx.x, La, Lb);
+    const Tile kt = tile_of<KT>(sp.tile, La, Lb);
     const int Lk = kt.stream == 0 ? La : Lb;
     const long long k_off = row_offset(b, Lk, kt.row0, H, h, D);
-    const int nqt = ntiles<QT>(La) + ntiles<QT>(Lb);
+    const int q0 = sp.k0, nqt = sp.nkt;
 
     if (tid == 0) {
         mbar_init(kv_full, LT);
@@ -1032,19 +1056,16 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
                 fence_proxy_async();
                 mbar_arrive(j < 0 ? kv_full : &q_full[j % STAGES]);
             };
+            // K and V once, by rolled copies (unrolled, their 32 addresses spilled beside the
+            // split's indices at 104 registers; a once-a-block copy loses nothing rolled)
             const bf16* v_src = (kt.stream == 0 ? va : vb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld);
-            if constexpr (PIPE) {
-                load_tile_sw_lean<D, KT, LT>(sK, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
-                load_tile_sw_lean<D, KT, LT>(sV, v_src, VMUL * ld, kt.rows);
-            } else {
-                load_tile_sw<D, KT, LT>(sK, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
-                load_tile_sw<D, KT, LT>(sV, v_src, VMUL * ld, kt.rows);
-            }
+            load_tile_sw_lean<D, KT, LT>(sK, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
+            load_tile_sw_lean<D, KT, LT>(sV, v_src, VMUL * ld, kt.rows);
             cp_async_commit();
             for (int i = 0; i < nqt; i++) {
                 const int st = i % STAGES;
                 if (i >= STAGES) mbar_wait(&q_empty[st], ((i / STAGES) - 1) & 1);
-                const Tile qt = tile_of<QT>(i, La, Lb);
+                const Tile qt = tile_of<QT>(q0 + i, La, Lb);
                 const int Lq = qt.stream == 0 ? La : Lb;
                 const long long q_off = row_offset(b, Lq, qt.row0, H, h, D);
                 const long long r_off = (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0;
@@ -1079,7 +1100,7 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
             const int f = tid - LT;
             for (int j = 0; j < nqt; j++) {
                 mbar_wait(&dq_full[j & 1], (j / 2) & 1);
-                const Tile qt = tile_of<QT>(j, La, Lb);
+                const Tile qt = tile_of<QT>(q0 + j, La, Lb);
                 const int Lq = qt.stream == 0 ? La : Lb;
                 float* dq = (qt.stream == 0 ? dqa_acc : dqb_acc) + row_offset(b, Lq, qt.row0, H, h, D);
                 const float* src = sdQ0 + (j & 1) * QT * DQLD;
@@ -1176,9 +1197,44 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
         mbar_arrive(&dq_full[i & 1]);
     }
 
-    bwd_store_kv<D, VMUL>(dk, dv, (kt.stream == 0 ? dka : dkb) + k_off + 2 * t,
-                          (kt.stream == 0 ? dva : dvb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld) + 2 * t, ld, key0,
-                          key_ok, scale);
+    if (sp.slot >= 0)
+        bwd_store_kv_piece<D, KT>(dk, dv, kvpart, sp.slot, key0, key_ok, t, scale);
+    else
+        bwd_store_kv<D, VMUL>(dk, dv, (kt.stream == 0 ? dka : dkb) + k_off + 2 * t,
+                              (kt.stream == 0 ? dva : dvb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld) + 2 * t, ld,
+                              key0, key_ok, scale);
+}
+
+// dK and dV of the split units from their pieces' partials (summed in piece order), in bf16 where
+// the whole units write them (dV rows VMUL·H·D apart). Unit split_from + blockIdx.x; a thread per
+// 8 columns of a key row. grid: units split, block: 256.
+template <int D, int KT, int VMUL>
+__device__ __forceinline__ void bwd_split_combine(bf16* __restrict__ dka, bf16* __restrict__ dva,
+                                                  bf16* __restrict__ dkb, bf16* __restrict__ dvb,
+                                                  const float* __restrict__ kvpart, int La, int Lb, int H,
+                                                  int split_from, int splits) {
+    constexpr int CH = D / 8;
+    const int tiles = ntiles<KT>(La) + ntiles<KT>(Lb);
+    const int unit = split_from + blockIdx.x, bh = unit / tiles, b = bh / H, h = bh % H;
+    const Tile kt = tile_of<KT>(unit % tiles, La, Lb);
+    const int Lk = kt.stream == 0 ? La : Lb;
+    const long long ld = (long long)H * D, k_off = row_offset(b, Lk, kt.row0, H, h, D);
+    bf16* dk = (kt.stream == 0 ? dka : dkb) + k_off;
+    bf16* dv = (kt.stream == 0 ? dva : dvb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld);
+    const float* first = kvpart + (long long)blockIdx.x * splits * 2 * KT * D;
+    for (int i = threadIdx.x; i < 2 * kt.rows * CH; i += blockDim.x) {
+        const int half = i / (kt.rows * CH), r = (i / CH) % kt.rows, c = i % CH;
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        for (int p = 0; p < splits; p++) {
+            const float* src = first + (long long)p * 2 * KT * D + (half * KT + r) * D + 8 * c;
+            const float4 lo = *reinterpret_cast<const float4*>(src);
+            const float4 hi = *reinterpret_cast<const float4*>(src + 4);
+            acc[0] += lo.x, acc[1] += lo.y, acc[2] += lo.z, acc[3] += lo.w;
+            acc[4] += hi.x, acc[5] += hi.y, acc[6] += hi.z, acc[7] += hi.w;
+        }
+        bf16* out = half == 0 ? dk + r * ld : dv + r * VMUL * ld;
+        store16(out + 8 * c, pack_bf16x8(acc));
+    }
 }
 
 }  // namespace attn_h
@@ -1240,9 +1296,22 @@ ATTN_BWD_ENTRY(joint_attn_bwd_h2_d64, 256, 1, attn_h::bwd_h1<64, 1, true>)
 ATTN_BWD_ENTRY(joint_attn_bwd_h2_d64_vfused, 256, 1, attn_h::bwd_h1<64, 3, true>)
 ATTN_BWD_ENTRY(joint_attn_bwd_h2_d128, 256, 1, attn_h::bwd_h1<128, 1, true>)
 ATTN_BWD_ENTRY(joint_attn_bwd_h2_d128_vfused, 256, 1, attn_h::bwd_h1<128, 3, true>)
-// Backward H3 (D = 64): a producer and 2 consumer groups.
-ATTN_BWD_ENTRY(joint_attn_bwd_h3_d64, 384, 1, attn_h::bwd_h3<1>)
-ATTN_BWD_ENTRY(joint_attn_bwd_h3_d64_vfused, 384, 1, attn_h::bwd_h3<3>)
+// Backward H3 (D = 64): a producer and 2 consumer groups; split along the queries from split_from on.
+ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h3_d64, 384, 1, attn_h::bwd_h3<1>)
+ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h3_d64_vfused, 384, 1, attn_h::bwd_h3<3>)
 // Backward H4 (D = 64): H3 with the next tile's first products issued behind dQ.
-ATTN_BWD_ENTRY(joint_attn_bwd_h4_d64, 384, 1, attn_h::bwd_h3<1, true>)
-ATTN_BWD_ENTRY(joint_attn_bwd_h4_d64_vfused, 384, 1, attn_h::bwd_h3<3, true>)
+ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h4_d64, 384, 1, attn_h::bwd_h3<1, true>)
+ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h4_d64_vfused, 384, 1, attn_h::bwd_h3<3, true>)
+// The split backward's combine (H3, H4: 128-key units at D = 64), V alone and inside a fused qkv.
+extern "C" __global__ void __launch_bounds__(256)
+    joint_attn_bwd_split_combine_d64(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
+                                     bf16* __restrict__ dvb, const float* __restrict__ kvpart, int La, int Lb, int H,
+                                     int split_from, int splits) {
+    attn_h::bwd_split_combine<64, 128, 1>(dka, dva, dkb, dvb, kvpart, La, Lb, H, split_from, splits);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    joint_attn_bwd_split_combine_d64_vfused(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
+                                            bf16* __restrict__ dvb, const float* __restrict__ kvpart, int La, int Lb,
+                                            int H, int split_from, int splits) {
+    attn_h::bwd_split_combine<64, 128, 3>(dka, dva, dkb, dvb, kvpart, La, Lb, H, split_from, splits);
+}

@@ -916,7 +916,8 @@ pub mod dev {
     }
 
     /// How an H3–H6 forward splits its last wave along the keys (`fwd_h3` in
-    /// attention_hopper.cu). Its blocks are units of equal length — one query tile of one head,
+    /// attention_hopper.cu), and the H3, H4 backward along the queries (`bwd_h3`: units of 128
+    /// keys over the query tiles; partial dK, dV merged by `joint_attn_bwd_split_combine`). Its blocks are units of equal length — one query tile of one head,
     /// over every key tile — one resident an SM: when the unit count is not a multiple of the SM
     /// count, the last wave runs part-full for a whole unit's time (at SD3.5-medium 1024 px,
     /// batch 1: 840 units on 132 SMs, 6.36 waves run as 7, so the model's attention ran at 0.93×
@@ -1082,6 +1083,17 @@ pub mod dev {
                 BwdVariant::K128 | BwdVariant::H1 | BwdVariant::H2 => 256,
                 BwdVariant::H3 | BwdVariant::H4 => 384,
             }
+        }
+        /// The units (a block each: one 128-key tile of one head of one sample) and query tiles
+        /// of a call by a variant that takes a [`SplitPlan`] (H3, H4 at d = 64: `bwd_h3`, split
+        /// along the queries; its dQ is added into the accumulator either way); `None` for the
+        /// others.
+        pub fn split_units(self, dims: AttnDims) -> Option<(u32, u32)> {
+            let splits = matches!(self.resolve(dims.d), BwdVariant::H3 | BwdVariant::H4);
+            splits.then(|| {
+                let units = dims.tiles(BWD_KEYS) * (dims.b * dims.h) as u32;
+                (units, dims.tiles(TILE))
+            })
         }
         /// Dynamic shared memory at head dim `d`.
         fn shared_bytes(self, d: usize) -> u32 {
@@ -1573,7 +1585,51 @@ pub mod dev {
 
     /// The backward into `grads` `[dq_a, dk_a, dv_a, dq_b, dk_b, dv_b]` (dV with token stride
     /// `v_ld`, like V).
+    /// [`joint_attention_bwd_with`] under a chosen [`SplitPlan`] (`[qa, ka, va, qb, kb, vb]`,
+    /// `[oa, ob, doa, dob]`), for tests and the bench: `variant` must take one
+    /// ([`BwdVariant::split_units`]).
+    pub fn joint_attention_bwd_split_with(
+        dev: &KernelDevice,
+        [qa, ka, va, qb, kb, vb]: [&DevBuf<bf16>; 6],
+        [oa, ob, doa, dob]: [&DevBuf<bf16>; 4],
+        lse: &DevBuf<f32>,
+        dims: AttnDims,
+        variant: BwdVariant,
+        plan: SplitPlan,
+    ) -> KernelResult<[DevBuf<bf16>; 6]> {
+        if variant.split_units(dims).is_none() {
+            return Err(KernelError::Invalid(format!(
+                "joint attention: {variant:?} at d = {} takes no split plan",
+                dims.d
+            )));
+        }
+        let (na, nb) = (dims.numel_a(), dims.numel_b());
+        let [dqa, dka, dva] = [0; 3].map(|_| dev.alloc::<bf16>(na));
+        let [dqb, dkb, dvb] = [0; 3].map(|_| dev.alloc::<bf16>(nb));
+        let grads = [dqa?, dka?, dva?, dqb?, dkb?, dvb?];
+        let operands = [qa, ka, va, qb, kb, vb, oa, ob, doa, dob];
+        let outs = grads.each_ref();
+        let v_ld = dims.h * dims.d;
+        bwd_planned(dev, operands, lse, dims, variant, v_ld, outs, Some(plan))?;
+        Ok(grads)
+    }
+
     fn bwd(
+        dev: &KernelDevice,
+        operands: [&DevBuf<bf16>; 10],
+        lse: &DevBuf<f32>,
+        dims: AttnDims,
+        variant: BwdVariant,
+        v_ld: usize,
+        grads: [&DevBuf<bf16>; 6],
+    ) -> KernelResult<()> {
+        bwd_planned(dev, operands, lse, dims, variant, v_ld, grads, None)
+    }
+
+    /// The backward; `plan` for the H3, H4 kernels (`None`: [`SplitPlan::last_wave`] on the
+    /// device's SMs), ignored by the others.
+    #[allow(clippy::too_many_arguments)]
+    fn bwd_planned(
         dev: &KernelDevice,
         [qa, ka, va, qb, kb, vb, oa, ob, doa, dob]: [&DevBuf<bf16>; 10],
         lse: &DevBuf<f32>,
@@ -1581,6 +1637,7 @@ pub mod dev {
         variant: BwdVariant,
         v_ld: usize,
         grads: [&DevBuf<bf16>; 6],
+        plan: Option<SplitPlan>,
     ) -> KernelResult<()> {
         let work = dims.validate()?;
         check_qkv(&dims, qa, ka, va, qb, kb, vb, v_ld)?;
@@ -1632,32 +1689,73 @@ pub mod dev {
         let dqb_acc = dev.zeros::<f32>(nb)?;
         let scale = dims.scale();
         dev.count_matmul_flops(flops);
-        dev.launch(
-            &(variant.kernel(dims.d) + vfused(dims, v_ld)),
-            LaunchCfg::grid2(
-                dims.tiles(BWD_KEYS),
-                (dims.b * dims.h) as u32,
-                variant.threads(dims.d),
-            )
-            .with_shared(variant.shared_bytes(dims.d)),
-            bwd_operands(
-                KernelArgs::new()
-                    .buf(dka)
-                    .buf(dva)
-                    .buf(dkb)
-                    .buf(dvb)
-                    .buf(&dqa_acc)
-                    .buf(&dqb_acc),
-                [qa, ka, va, doa, qb, kb, vb, dob],
-                lse,
-            )
-            .buf(&drow)
-            .i32(dims.la as i32)
-            .i32(dims.lb as i32)
-            .i32(dims.h as i32)
-            .f32(scale * std::f32::consts::LOG2_E)
-            .f32(scale),
-        )?;
+        let name = variant.kernel(dims.d) + vfused(dims, v_ld);
+        let threads = variant.threads(dims.d);
+        let shared = variant.shared_bytes(dims.d);
+        let args = bwd_operands(
+            KernelArgs::new()
+                .buf(dka)
+                .buf(dva)
+                .buf(dkb)
+                .buf(dvb)
+                .buf(&dqa_acc)
+                .buf(&dqb_acc),
+            [qa, ka, va, doa, qb, kb, vb, dob],
+            lse,
+        )
+        .buf(&drow)
+        .i32(dims.la as i32)
+        .i32(dims.lb as i32)
+        .i32(dims.h as i32)
+        .f32(scale * std::f32::consts::LOG2_E)
+        .f32(scale);
+        match variant.split_units(dims) {
+            None => {
+                let grid =
+                    LaunchCfg::grid2(dims.tiles(BWD_KEYS), (dims.b * dims.h) as u32, threads);
+                dev.launch(&name, grid.with_shared(shared), args)?;
+            }
+            Some((units, query_tiles)) => {
+                let plan = plan.unwrap_or_else(|| {
+                    SplitPlan::last_wave(units, dev.sm_count() as u32, query_tiles)
+                });
+                plan.check(units, query_tiles)?;
+                let grid = LaunchCfg::linear(plan.blocks(units), threads).with_shared(shared);
+                if !plan.is_split(units) {
+                    dev.launch(&name, grid, args.null().i32(units as i32).i32(1))?;
+                } else {
+                    // Each piece's keys: dK (scaled) and then dV, d columns of f32.
+                    let split_units = units - plan.split_from;
+                    let kvpart = dev.alloc::<f32>(
+                        (split_units * plan.splits) as usize * 2 * BWD_KEYS * dims.d,
+                    )?;
+                    let args = args
+                        .buf(&kvpart)
+                        .i32(plan.split_from as i32)
+                        .i32(plan.splits as i32);
+                    dev.launch(&name, grid, args)?;
+                    dev.launch(
+                        &format!(
+                            "joint_attn_bwd_split_combine_d{}{}",
+                            dims.d,
+                            vfused(dims, v_ld)
+                        ),
+                        LaunchCfg::linear(split_units, 256),
+                        KernelArgs::new()
+                            .buf(dka)
+                            .buf(dva)
+                            .buf(dkb)
+                            .buf(dvb)
+                            .buf(&kvpart)
+                            .i32(dims.la as i32)
+                            .i32(dims.lb as i32)
+                            .i32(dims.h as i32)
+                            .i32(plan.split_from as i32)
+                            .i32(plan.splits as i32),
+                    )?;
+                }
+            }
+        }
 
         // dQ = scale · accumulator, 8 elements per thread (na, nb are multiples of d).
         dev.launch(

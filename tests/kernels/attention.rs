@@ -293,6 +293,81 @@ fn joint_attention_fwd_split_along_the_keys_matches_cpu() {
     }
 }
 
+/// The H3, H4 backward with their 128-key units split along the queries (`SplitPlan`): every
+/// unit two ways, the last units three ways, the last unit into single query tiles; all six
+/// gradients against the CPU kernel with the unsplit launch's tolerance (dQ goes through the
+/// accumulator either way; dK, dV of a split unit are its pieces' sums).
+#[test]
+fn joint_attention_bwd_split_along_the_queries_matches_cpu() {
+    for dev in devices() {
+        let inp = Inputs::new(1, 77, 300, 2, 64, 1.0, 5100);
+        let dims = inp.dims;
+        let AttnDims { b, la, lb, h, d } = dims;
+        let [qat, kat, vat, qbt, kbt, vbt] = inp.tensors();
+        let fwd = cpu::joint_attention_fwd(&qat, &kat, &vat, &qbt, &kbt, &vbt);
+        let (doat, dobt) = (
+            tensor(inp.do_a.clone(), &[b, la, h, d]),
+            tensor(inp.do_b.clone(), &[b, lb, h, d]),
+        );
+        let want =
+            cpu::joint_attention_bwd(&qat, &kat, &vat, &qbt, &kbt, &vbt, &fwd.lse, &doat, &dobt);
+        let bufs = inp.qkv.each_ref().map(|v| upload_bf16(&dev, v));
+        let (oa, ob, lse) = gpu::joint_attention_fwd_with(
+            &dev,
+            &bufs[0],
+            &bufs[1],
+            &bufs[2],
+            &bufs[3],
+            &bufs[4],
+            &bufs[5],
+            dims,
+            gpu::FwdVariant::fastest(&dev, d),
+        )
+        .unwrap();
+        let (doa, dob) = (upload_bf16(&dev, &inp.do_a), upload_bf16(&dev, &inp.do_b));
+        for variant in gpu::BwdVariant::enabled() {
+            let Some((units, query_tiles)) = variant.split_units(dims) else {
+                continue;
+            };
+            let plans = [
+                gpu::SplitPlan {
+                    split_from: 0,
+                    splits: 2,
+                },
+                gpu::SplitPlan {
+                    split_from: units - 2,
+                    splits: 3,
+                },
+                gpu::SplitPlan {
+                    split_from: units - 1,
+                    splits: query_tiles,
+                },
+            ];
+            for plan in plans {
+                let grads = gpu::joint_attention_bwd_split_with(
+                    &dev,
+                    bufs.each_ref(),
+                    [&oa, &ob, &doa, &dob],
+                    &lse,
+                    dims,
+                    variant,
+                    plan,
+                )
+                .unwrap();
+                let names = ["dq_a", "dk_a", "dv_a", "dq_b", "dk_b", "dv_b"];
+                for ((name, got), want) in names.iter().zip(&grads).zip(&want) {
+                    let kernel = format!(
+                        "joint_attention_bwd[{variant:?} from {} x{}].{name}",
+                        plan.split_from, plan.splits
+                    );
+                    let got = download_f32(&dev, got);
+                    check(&kernel, &dev, &inp.shape(), &got, want.f32s(), 1e-2);
+                }
+            }
+        }
+    }
+}
+
 /// The split plan of the forward's last wave: none when the waves are full, the part-full
 /// wave's units split as many ways as the SMs allow (at most 4, pieces of ≥ 4 key tiles).
 #[test]
