@@ -19,7 +19,7 @@ pub mod kernels_device;
 pub mod measure;
 mod mmdit;
 pub mod presets;
-mod profile;
+pub mod profile;
 pub mod report;
 mod sample;
 mod step;

@@ -141,3 +141,29 @@ fn host_time_before_a_copy_is_timed_apart() {
         assert!(idle.ms >= 25.0 && upload.ms < 20.0, "{:?}", p.rows);
     }
 }
+
+/// `bench … --profile` profiles on one stream (`profile_one_stream`): the work of `on_side` then
+/// queues on the main stream and no op is the side stream's, where a plain profile with two
+/// streams has it there (and an op's gap on the side stream would include its waits).
+#[test]
+fn a_one_stream_profile_has_no_side_stream_ops() {
+    use advdmd::bench::profile::profile_one_stream;
+    for dev in devices() {
+        let streams = dev.streams();
+        dev.set_streams(2).unwrap();
+        let src = dev.zeros::<f32>(64).unwrap();
+        let (dst, dst_side) = (dev.zeros::<f32>(64).unwrap(), dev.zeros::<f32>(64).unwrap());
+        let work = || {
+            dev.fork(&[src.span()])?;
+            dev.on_side(|| copy(&dev, &dst_side, &src))?;
+            copy(&dev, &dst, &src)?;
+            dev.join()
+        };
+        let two = dev.profile(work).unwrap();
+        assert_eq!((two.ops, two.side_ops), (2, 1), "{:?}", two.rows);
+        let one = profile_one_stream(&dev, work).unwrap();
+        assert_eq!((one.ops, one.side_ops), (2, 0), "{:?}", one.rows);
+        assert_eq!(dev.streams(), 2, "the stream setting is restored");
+        dev.set_streams(streams).unwrap();
+    }
+}
