@@ -121,6 +121,19 @@ fn parallel<T: Send, R: Send>(jobs: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R>
 struct Kernel {
     name: String,
     params: usize,
+    /// Whether its body begins with `kernel_prologue();` (cuda/common.cuh): every kernel of the
+    /// production sources must, since any of them may be launched as a programmatic dependent.
+    prologue: bool,
+}
+
+/// Whether the function body opening at or after byte `close` (the end of the parameter list)
+/// begins with `kernel_prologue();` (macro line continuations skipped).
+fn begins_with_prologue(text: &str, close: usize) -> bool {
+    let rest = text[close..].trim_start_matches(|c: char| c.is_whitespace() || c == '\\');
+    rest.strip_prefix('{').is_some_and(|body| {
+        body.trim_start_matches(|c: char| c.is_whitespace() || c == '\\')
+            .starts_with("kernel_prologue();")
+    })
 }
 
 /// `src` with comments replaced by spaces (string literals kept, so `extern "C"` survives).
@@ -252,7 +265,7 @@ fn parse_signature(file: &Path, text: &str, from: usize) -> (String, usize, usiz
 /// The entry macros `#define`d in `text`: a `#define M(name, ...)` whose body defines an
 /// `extern "C" __global__` function called by its first parameter, with that function's
 /// parameter count.
-fn entry_macros(file: &Path, text: &str) -> Vec<(String, usize)> {
+fn entry_macros(file: &Path, text: &str) -> Vec<(String, usize, bool)> {
     let is_ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
     let mut out = Vec::new();
     for (s, e) in define_ranges(text) {
@@ -263,7 +276,8 @@ fn entry_macros(file: &Path, text: &str) -> Vec<(String, usize)> {
         if !before.ends_with("extern \"C\"") {
             continue;
         }
-        let (name, params, _) = parse_signature(file, text, g + "__global__".len());
+        let (name, params, close) = parse_signature(file, text, g + "__global__".len());
+        let prologue = begins_with_prologue(text, close);
         let def = text[s + "#define".len()..].trim_start();
         let macro_name: String = def
             .bytes()
@@ -278,7 +292,7 @@ fn entry_macros(file: &Path, text: &str) -> Vec<(String, usize)> {
             .unwrap_or("")
             .trim();
         if first_param == name {
-            out.push((macro_name, params));
+            out.push((macro_name, params, prologue));
         }
     }
     out
@@ -312,12 +326,17 @@ fn parse_kernels(file: &Path, src: &str, headers: &str) -> Vec<Kernel> {
             continue;
         }
         let (name, params, close) = parse_signature(file, &text, from);
-        kernels.push(Kernel { name, params });
+        let prologue = begins_with_prologue(&text, close);
+        kernels.push(Kernel {
+            name,
+            params,
+            prologue,
+        });
         from = close;
     }
     let mut macros = entry_macros(file, &strip_comments(headers));
     macros.extend(entry_macros(file, &text));
-    for (m, params) in macros {
+    for (m, params, prologue) in macros {
         let mut at = 0;
         while let Some(pos) = text[at..].find(m.as_str()).map(|p| p + at) {
             at = pos + m.len();
@@ -339,7 +358,11 @@ fn parse_kernels(file: &Path, src: &str, headers: &str) -> Vec<Kernel> {
                     file.display()
                 );
             }
-            kernels.push(Kernel { name, params });
+            kernels.push(Kernel {
+                name,
+                params,
+                prologue,
+            });
         }
     }
     kernels
@@ -755,6 +778,14 @@ fn build_fatbins(out: &Path, cuda: &Path, sources: &[PathBuf], header_text: &str
     for src in sources {
         let stem = src.file_stem().unwrap().to_string_lossy().to_string();
         for k in parse_kernels(src, &read(src), header_text) {
+            if !k.prologue {
+                panic!(
+                    "{}: kernel {} does not begin with `kernel_prologue();` (cuda/common.cuh: \
+                     any kernel may be launched as a programmatic dependent)",
+                    src.display(),
+                    k.name
+                );
+            }
             writeln!(table, "    ({:?}, {stem:?}),", k.name).unwrap();
         }
     }

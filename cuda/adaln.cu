@@ -51,6 +51,7 @@ extern "C" __global__ void __launch_bounds__(32 * ROWS_PER_BLOCK)
     adaln_modulate_fwd_rows(bf16* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd,
                             const bf16* __restrict__ x, const bf16* __restrict__ shift,
                             const bf16* __restrict__ scale, int rows, int L, int D, float eps, int M) {
+    kernel_prologue();
     const long long row = (long long)blockIdx.x * ROWS_PER_BLOCK + (threadIdx.x >> 5);
     if (row >= rows) return;
     adaln_fwd_row_scalar(y, mean, rstd, x, shift, scale, row, L, D, eps, M);
@@ -74,6 +75,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     adaln_modulate_fwd(bf16* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd,
                        const bf16* __restrict__ x, const bf16* __restrict__ shift,
                        const bf16* __restrict__ scale, int rows, int L, int D, float eps, int M) {
+    kernel_prologue();
     __shared__ float scratch[32];
     const long long row = blockIdx.x;
     const int nvec = D / 8;
@@ -134,6 +136,7 @@ extern "C" __global__ void __launch_bounds__(32 * ROWS_PER_BLOCK)
     adaln_modulate_bwd_dx_rows(bf16* __restrict__ dx, const bf16* __restrict__ x, const bf16* __restrict__ scale,
                           const float* __restrict__ mean, const float* __restrict__ rstd,
                           const bf16* __restrict__ dy, int rows, int L, int D, int M) {
+    kernel_prologue();
     const long long row = (long long)blockIdx.x * ROWS_PER_BLOCK + (threadIdx.x >> 5);
     if (row >= rows) return;
     const int lane = threadIdx.x & 31;
@@ -162,6 +165,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     adaln_modulate_bwd_dx(bf16* __restrict__ dx, const bf16* __restrict__ x, const bf16* __restrict__ scale,
                           const float* __restrict__ mean, const float* __restrict__ rstd,
                           const bf16* __restrict__ dy, int rows, int L, int D, int M) {
+    kernel_prologue();
     __shared__ float scratch[32];
     const long long row = blockIdx.x;
     const int c = threadIdx.x;
@@ -200,6 +204,7 @@ extern "C" __global__ void adaln_modulate_bwd_params_vec(float* __restrict__ par
                                                          const bf16* __restrict__ x, const float* __restrict__ mean,
                                                          const float* __restrict__ rstd, const bf16* __restrict__ dy,
                                                          int B, int L, int D) {
+    kernel_prologue();
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     const int b = blockIdx.y, s = blockIdx.z, S = gridDim.z;
     if (c >= D / 8) return;
@@ -253,6 +258,7 @@ extern "C" __global__ void adaln_modulate_bwd_params(float* __restrict__ part_sh
                                                      const bf16* __restrict__ x, const float* __restrict__ mean,
                                                      const float* __restrict__ rstd, const bf16* __restrict__ dy,
                                                      int B, int L, int D) {
+    kernel_prologue();
     const int j = blockIdx.x * blockDim.x + threadIdx.x;
     const int b = blockIdx.y, s = blockIdx.z, S = gridDim.z;
     if (j >= D) return;
@@ -295,6 +301,7 @@ __device__ __forceinline__ void sum_splits_cols(float* __restrict__ out, const f
 
 extern "C" __global__ void __launch_bounds__(1024)
     sum_splits(float* __restrict__ out, const float* __restrict__ part, int S, long long n, int accumulate) {
+    kernel_prologue();
     __shared__ float sums[32][32];
     sum_splits_cols(out, part, S, n, accumulate, sums);
 }
@@ -305,6 +312,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 extern "C" __global__ void __launch_bounds__(1024)
     sum_splits2(float* __restrict__ out0, const float* __restrict__ part0, int S0, long long n0, int acc0,
                 float* __restrict__ out1, const float* __restrict__ part1, int S1, long long n1, int acc1) {
+    kernel_prologue();
     __shared__ float sums[32][32];
     if (blockIdx.y == 0)
         sum_splits_cols(out0, part0, S0, n0, acc0, sums);
@@ -317,6 +325,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 extern "C" __global__ void gated_residual_fwd(bf16* __restrict__ out, const bf16* __restrict__ x,
                                               const bf16* __restrict__ gate, const bf16* __restrict__ y,
                                               long long rows, int L, int D, int M) {
+    kernel_prologue();
     const long long n = rows * D;
     if (D % 8 == 0 && M % 8 == 0 && aligned16(out) && aligned16(x) && aligned16(gate) && aligned16(y)) {
         const long long v = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -347,6 +356,7 @@ extern "C" __global__ void gated_residual_fwd(bf16* __restrict__ out, const bf16
 extern "C" __global__ void gated_residual_bwd_dy(bf16* __restrict__ dy, const bf16* __restrict__ gate,
                                                  const bf16* __restrict__ dz, long long rows, int L, int D,
                                                  int M) {
+    kernel_prologue();
     const long long n = rows * D;
     const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (D % 8 == 0 && M % 8 == 0 && aligned16(dy) && aligned16(gate) && aligned16(dz)) {
@@ -382,6 +392,7 @@ extern "C" __global__ void gated_residual_bwd_vec(bf16* __restrict__ dy, float* 
                                                   float* __restrict__ part_bias, const bf16* __restrict__ gate,
                                                   const bf16* __restrict__ y, const bf16* __restrict__ dz, int B,
                                                   int L, int D, int M) {
+    kernel_prologue();
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     const int b = blockIdx.y, s = blockIdx.z, S = gridDim.z;
     if (c >= D / 8) return;
@@ -435,6 +446,7 @@ extern "C" __global__ void gated_residual_bwd_vec(bf16* __restrict__ dy, float* 
 // (ceil(D / 8 / 128), B, S), block: 128.
 extern "C" __global__ void colsum_partial_vec(float* __restrict__ part, const bf16* __restrict__ a, int B, int L,
                                               int D) {
+    kernel_prologue();
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     const int b = blockIdx.y, s = blockIdx.z, S = gridDim.z;
     if (c >= D / 8) return;
@@ -468,6 +480,7 @@ extern "C" __global__ void colsum_partial_vec(float* __restrict__ part, const bf
 // grid: (ceil(D / 128), B, S), block: 128.
 extern "C" __global__ void colsum_mul_partial(float* __restrict__ part, const bf16* __restrict__ a,
                                               const bf16* __restrict__ c, int B, int L, int D) {
+    kernel_prologue();
     const int j = blockIdx.x * blockDim.x + threadIdx.x;
     const int b = blockIdx.y, s = blockIdx.z, S = gridDim.z;
     if (j >= D) return;

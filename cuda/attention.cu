@@ -880,6 +880,7 @@ extern "C" __global__ void __launch_bounds__(256)
     joint_attn_bwd_rowdot(float* __restrict__ drow, const bf16* __restrict__ oa, const bf16* __restrict__ ob,
                           const bf16* __restrict__ doa, const bf16* __restrict__ dob, int B, int La, int Lb,
                           int H, int D) {
+    kernel_prologue();
     const int Lt = La + Lb;
     const long long rows = (long long)B * Lt * H;
     const long long R = (long long)blockIdx.x * (blockDim.x / 8) + threadIdx.x / 8;
@@ -928,6 +929,7 @@ ATTN_BWD_ENTRY(joint_attn_bwd_v3_d64_vfused, ATTN_THREADS, 2, attn::bwd_v3<64, 4
 extern "C" __global__ void __launch_bounds__(256)
     joint_attn_dq_convert(bf16* __restrict__ dqa, bf16* __restrict__ dqb, const float* __restrict__ acc_a,
                           const float* __restrict__ acc_b, long long na, long long nb, float scale) {
+    kernel_prologue();
     const long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
     if (i >= na + nb) return;
     const bool in_a = i < na;
@@ -1042,6 +1044,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_NAIVE_THREADS)
                          const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,
                          const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
                          int La, int Lb, int H, int D, float scale_log2) {
+    kernel_prologue();
     using namespace attn;
     const NaiveRow w = naive_row(La, Lb, H);
     if (w.row < 0) return;
@@ -1078,6 +1081,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_NAIVE_THREADS)
                               const bf16* __restrict__ va, const bf16* __restrict__ doa, const bf16* __restrict__ qb,
                               const bf16* __restrict__ kb, const bf16* __restrict__ vb, const bf16* __restrict__ dob,
                               const float* __restrict__ lse, int La, int Lb, int H, int D, float scale_log2) {
+    kernel_prologue();
     using namespace attn;
     const NaiveRow w = naive_row(La, Lb, H);
     if (w.row < 0) return;
@@ -1105,6 +1109,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_NAIVE_THREADS)
                             const bf16* __restrict__ dob, const float* __restrict__ lse,
                             const float* __restrict__ drow, int La, int Lb, int H, int D, float scale_log2,
                             float scale) {
+    kernel_prologue();
     using namespace attn;
     const NaiveRow w = naive_row(La, Lb, H);
     if (w.row < 0) return;
@@ -1135,6 +1140,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_NAIVE_THREADS)
                               const bf16* __restrict__ vb, const bf16* __restrict__ dob,
                               const float* __restrict__ lse, const float* __restrict__ drow, int La, int Lb, int H,
                               int D, float scale_log2, float scale) {
+    kernel_prologue();
     using namespace attn;
     const NaiveRow w = naive_row(La, Lb, H);
     if (w.row < 0) return;
@@ -1163,6 +1169,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_NAIVE_THREADS)
 // poly_exp2 (attention_common.cuh, FwdVariant::H4 and H6) on n values, for its accuracy test.
 extern "C" __global__ void __launch_bounds__(256)
     poly_exp2_probe(float* __restrict__ y, const float* __restrict__ x, int n) {
+    kernel_prologue();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) y[i] = attn::poly_exp2(x[i]);
 }

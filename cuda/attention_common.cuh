@@ -103,6 +103,7 @@ __device__ __forceinline__ void red_add4(float* p, float4 v) {
              const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,     \
              const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,     \
              int La, int Lb, int H, float scale_log2) {                                                 \
+        kernel_prologue();                                                                              \
         __VA_ARGS__(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2);                        \
     }
 
@@ -115,6 +116,7 @@ __device__ __forceinline__ void red_add4(float* p, float4 v) {
              const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,     \
              int La, int Lb, int H, float scale_log2, float* __restrict__ opart, int split_from,        \
              int splits) {                                                                              \
+        kernel_prologue();                                                                              \
         __VA_ARGS__(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2, opart, split_from,      \
                     splits);                                                                            \
     }
@@ -127,6 +129,7 @@ __device__ __forceinline__ void red_add4(float* p, float4 v) {
              const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,    \
              const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,  \
              const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale) {    \
+        kernel_prologue();                                                                              \
         __VA_ARGS__(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow,  \
                     La, Lb, H, scale_log2, scale);                                                      \
     }
@@ -142,6 +145,7 @@ __device__ __forceinline__ void red_add4(float* p, float4 v) {
              const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,  \
              const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale,      \
              float* __restrict__ kvpart, int split_from, int splits) {                                  \
+        kernel_prologue();                                                                              \
         __VA_ARGS__(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow,  \
                     La, Lb, H, scale_log2, scale, kvpart, split_from, splits);                          \
     }

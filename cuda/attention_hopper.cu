@@ -1263,18 +1263,21 @@ extern "C" __global__ void __launch_bounds__(256)
     joint_attn_fwd_split_combine_d64_q128(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
                                           const float* __restrict__ opart, int La, int Lb, int H, int split_from,
                                           int splits) {
+    kernel_prologue();
     attn_h::fwd_split_combine<64, 128>(oa, ob, lse, opart, La, Lb, H, split_from, splits);
 }
 extern "C" __global__ void __launch_bounds__(256)
     joint_attn_fwd_split_combine_d64_q192(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
                                           const float* __restrict__ opart, int La, int Lb, int H, int split_from,
                                           int splits) {
+    kernel_prologue();
     attn_h::fwd_split_combine<64, 192>(oa, ob, lse, opart, La, Lb, H, split_from, splits);
 }
 extern "C" __global__ void __launch_bounds__(256)
     joint_attn_fwd_split_combine_d128_q128(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
                                            const float* __restrict__ opart, int La, int Lb, int H, int split_from,
                                            int splits) {
+    kernel_prologue();
     attn_h::fwd_split_combine<128, 128>(oa, ob, lse, opart, La, Lb, H, split_from, splits);
 }
 // Forward H4 (D = 64): H3 with a quarter of the exponentials on the FMA pipes (poly_exp2).
@@ -1307,11 +1310,13 @@ extern "C" __global__ void __launch_bounds__(256)
     joint_attn_bwd_split_combine_d64(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
                                      bf16* __restrict__ dvb, const float* __restrict__ kvpart, int La, int Lb, int H,
                                      int split_from, int splits) {
+    kernel_prologue();
     attn_h::bwd_split_combine<64, 128, 1>(dka, dva, dkb, dvb, kvpart, La, Lb, H, split_from, splits);
 }
 extern "C" __global__ void __launch_bounds__(256)
     joint_attn_bwd_split_combine_d64_vfused(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
                                             bf16* __restrict__ dvb, const float* __restrict__ kvpart, int La, int Lb,
                                             int H, int split_from, int splits) {
+    kernel_prologue();
     attn_h::bwd_split_combine<64, 128, 3>(dka, dva, dkb, dvb, kvpart, La, Lb, H, split_from, splits);
 }

@@ -25,6 +25,22 @@ typedef __nv_bfloat16 bf16;
     T* name = reinterpret_cast<T*>(advdmd_smem_)
 #endif
 
+// Every kernel's first statement (build.rs fails the build on a kernel that does not begin with
+// it). Programmatic dependent launch (sm_90; `ADVDMD_PDL=1`, src/device/cuda.rs): a kernel
+// launched with the programmatic-serialization attribute may be scheduled while the grid before it
+// on the stream is still running. `griddepcontrol.wait` blocks until that grid has completed and
+// its writes are visible — before any global access, so nothing races — and
+// `griddepcontrol.launch_dependents` lets the next kernel's blocks be scheduled once every block
+// of this grid has started (they then wait at their own prologue): the launch latency and the
+// next grid's block scheduling overlap this grid's last wave. Both are no-ops in a kernel launched
+// without the attribute, and under the emulator, which runs launches one after another.
+__device__ __forceinline__ void kernel_prologue() {
+#if !defined(ADVDMD_EMU) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float bf2f(bf16 x) { return __bfloat162float(x); }
 // Round to nearest even, as every bf16 output of this project is written.
 __device__ __forceinline__ bf16 f2bf(float x) { return __float2bfloat16_rn(x); }

@@ -21,6 +21,7 @@ __device__ __forceinline__ long long conv_k(const ConvDims& d) { return (long lo
 // grid: ceil(B·(K+1)·OH·OW / 256) (any grid is correct), block: 256.
 extern "C" __global__ void im2col_tokens(bf16* __restrict__ cols, const bf16* __restrict__ x, int B, int H, int W, int C, int KH, int KW, int stride, int pad,
                                          int OH, int OW) {
+    kernel_prologue();
     const ConvDims d{B, H, W, C, KH, KW, stride, pad, OH, OW};
     const long long K = conv_k(d), S = (long long)d.OH * d.OW, n = d.B * (K + 1) * S;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
@@ -40,6 +41,7 @@ extern "C" __global__ void im2col_tokens(bf16* __restrict__ cols, const bf16* __
 // grid: ceil(B·H·W·C / 256) (any grid is correct), block: 256.
 extern "C" __global__ void col2im_tokens(bf16* __restrict__ dx, const bf16* __restrict__ dcols, int B, int H, int W, int C, int KH, int KW, int stride, int pad,
                                          int OH, int OW) {
+    kernel_prologue();
     const ConvDims d{B, H, W, C, KH, KW, stride, pad, OH, OW};
     const long long K = conv_k(d), S = (long long)d.OH * d.OW, n = (long long)d.B * d.H * d.W * d.C;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {

@@ -195,6 +195,7 @@ extern "C" __global__ void __launch_bounds__(GN_THREADS)
     group_norm_fwd(bf16* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd,
                    const bf16* __restrict__ x, const bf16* __restrict__ weight, const bf16* __restrict__ bias, int C,
                    int S, int G, float eps, float slope, int leaky) {
+    kernel_prologue();
     __shared__ float scratch[32];
     disc_head::gn_fwd_loop(y, mean, rstd, x, weight, bias, C, S, G, eps, slope, leaky, scratch);
 }
@@ -205,6 +206,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     group_norm_fwd_r1(bf16* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd,
                       const bf16* __restrict__ x, const bf16* __restrict__ weight, const bf16* __restrict__ bias,
                       int C, int S, int G, float eps, float slope, int leaky) {
+    kernel_prologue();
     __shared__ float scratch[32];
     if (aligned16(x) && aligned16(y))
         disc_head::gn_fwd_regs<1>(y, mean, rstd, x, weight, bias, C, S, G, eps, slope, leaky, scratch);
@@ -215,6 +217,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     group_norm_fwd_r2(bf16* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd,
                       const bf16* __restrict__ x, const bf16* __restrict__ weight, const bf16* __restrict__ bias,
                       int C, int S, int G, float eps, float slope, int leaky) {
+    kernel_prologue();
     __shared__ float scratch[32];
     if (aligned16(x) && aligned16(y))
         disc_head::gn_fwd_regs<2>(y, mean, rstd, x, weight, bias, C, S, G, eps, slope, leaky, scratch);
@@ -225,6 +228,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     group_norm_fwd_r4(bf16* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd,
                       const bf16* __restrict__ x, const bf16* __restrict__ weight, const bf16* __restrict__ bias,
                       int C, int S, int G, float eps, float slope, int leaky) {
+    kernel_prologue();
     __shared__ float scratch[32];
     if (aligned16(x) && aligned16(y))
         disc_head::gn_fwd_regs<4>(y, mean, rstd, x, weight, bias, C, S, G, eps, slope, leaky, scratch);
@@ -235,6 +239,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     group_norm_fwd_r8(bf16* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd,
                       const bf16* __restrict__ x, const bf16* __restrict__ weight, const bf16* __restrict__ bias,
                       int C, int S, int G, float eps, float slope, int leaky) {
+    kernel_prologue();
     __shared__ float scratch[32];
     if (aligned16(x) && aligned16(y))
         disc_head::gn_fwd_regs<8>(y, mean, rstd, x, weight, bias, C, S, G, eps, slope, leaky, scratch);
@@ -439,6 +444,7 @@ extern "C" __global__ void __launch_bounds__(GN_THREADS)
                    const float* __restrict__ mean, const float* __restrict__ rstd, const bf16* __restrict__ weight,
                    const bf16* __restrict__ bias, const bf16* __restrict__ dy, int B, int C, int S, int G, float slope,
                    int leaky) {
+    kernel_prologue();
     DYNAMIC_SMEM(float, sums);
     __shared__ unsigned flag;
     disc_head::gn_bwd_loop(dx, dw_part, db_part, x, mean, rstd, weight, bias, dy, C, S, G, slope, leaky, sums);
@@ -454,6 +460,7 @@ extern "C" __global__ void __launch_bounds__(1024)
                       const float* __restrict__ mean, const float* __restrict__ rstd, const bf16* __restrict__ weight,
                       const bf16* __restrict__ bias, const bf16* __restrict__ dy, int B, int C, int S, int G,
                       float slope, int leaky) {
+    kernel_prologue();
     DYNAMIC_SMEM(float, part);
     __shared__ unsigned flag;
     const int packs = C / G * S / 8;
@@ -471,6 +478,7 @@ extern "C" __global__ void __launch_bounds__(1024)
                       const float* __restrict__ mean, const float* __restrict__ rstd, const bf16* __restrict__ weight,
                       const bf16* __restrict__ bias, const bf16* __restrict__ dy, int B, int C, int S, int G,
                       float slope, int leaky) {
+    kernel_prologue();
     DYNAMIC_SMEM(float, part);
     __shared__ unsigned flag;
     const int packs = C / G * S / 8;
@@ -488,6 +496,7 @@ extern "C" __global__ void __launch_bounds__(1024)
                       const float* __restrict__ mean, const float* __restrict__ rstd, const bf16* __restrict__ weight,
                       const bf16* __restrict__ bias, const bf16* __restrict__ dy, int B, int C, int S, int G,
                       float slope, int leaky) {
+    kernel_prologue();
     DYNAMIC_SMEM(float, part);
     __shared__ unsigned flag;
     const int packs = C / G * S / 8;
@@ -506,6 +515,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 // grid: ceil(rows / POOL_ROWS), block: 32·POOL_ROWS.
 extern "C" __global__ void __launch_bounds__(32 * POOL_ROWS)
     mean_pool_fwd(float* __restrict__ out, const bf16* __restrict__ x, long long rows, int S) {
+    kernel_prologue();
     const long long row = (long long)blockIdx.x * POOL_ROWS + (threadIdx.x >> 5);
     if (row >= rows) return;  // whole warps leave together
     const int lane = threadIdx.x & 31;
@@ -543,6 +553,7 @@ extern "C" __global__ void __launch_bounds__(32 * POOL_ROWS)
 // index arithmetic when the pack count allows: the row of a pack is one 32-bit division).
 // grid: ceil(rows·S / 8 / 256), block: 256.
 extern "C" __global__ void mean_pool_bwd(bf16* __restrict__ dx, const float* __restrict__ dy, long long rows, int S) {
+    kernel_prologue();
     const long long t0 = (long long)blockIdx.x * blockDim.x + threadIdx.x, step = (long long)gridDim.x * blockDim.x;
     const float inv = 1.f / (float)S;
     const long long n = rows * S;
@@ -577,6 +588,7 @@ extern "C" __global__ void mean_pool_bwd(bf16* __restrict__ dx, const float* __r
 // order as the CPU twin's. grid: ceil(B / 256), block: 256.
 extern "C" __global__ void head_logits_fwd(float* __restrict__ logits, const float* __restrict__ pooled,
                                            const bf16* __restrict__ w, const bf16* __restrict__ bias, int B, int h) {
+    kernel_prologue();
     const int b = blockIdx.x * blockDim.x + threadIdx.x;
     if (b >= B) return;
     float acc = 0.f;
@@ -588,6 +600,7 @@ extern "C" __global__ void head_logits_fwd(float* __restrict__ logits, const flo
 extern "C" __global__ void head_logits_bwd(float* __restrict__ dpooled, float* __restrict__ gw, float* __restrict__ gb,
                                            const float* __restrict__ dl, const float* __restrict__ pooled,
                                            const bf16* __restrict__ w, int B, int h) {
+    kernel_prologue();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < (long long)B * h) dpooled[i] = dl[i / h] * bf2f(w[i % h]);
     if (gw && i < h) {

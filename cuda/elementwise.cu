@@ -138,17 +138,21 @@ __device__ __forceinline__ void act_bwd(bf16* __restrict__ dx, const bf16* __res
 
 // Activations — grid: ceil(n / 8 / (EW_THREADS·EW_UNROLL)) (any grid is correct), block: EW_THREADS.
 extern "C" __global__ void __launch_bounds__(EW_THREADS) gelu_tanh_fwd(bf16* __restrict__ y, const bf16* __restrict__ x, long long n) {
+    kernel_prologue();
     elementwise::act_fwd<elementwise::Gelu>(y, x, n);
 }
 extern "C" __global__ void __launch_bounds__(EW_THREADS) gelu_tanh_bwd(bf16* __restrict__ dx, const bf16* __restrict__ x,
                                          const bf16* __restrict__ dy, long long n) {
+    kernel_prologue();
     elementwise::act_bwd<elementwise::Gelu>(dx, x, dy, n);
 }
 extern "C" __global__ void __launch_bounds__(EW_THREADS) silu_fwd(bf16* __restrict__ y, const bf16* __restrict__ x, long long n) {
+    kernel_prologue();
     elementwise::act_fwd<elementwise::Silu>(y, x, n);
 }
 extern "C" __global__ void __launch_bounds__(EW_THREADS) silu_bwd(bf16* __restrict__ dx, const bf16* __restrict__ x,
                                     const bf16* __restrict__ dy, long long n) {
+    kernel_prologue();
     elementwise::act_bwd<elementwise::Silu>(dx, x, dy, n);
 }
 
@@ -160,6 +164,7 @@ extern "C" __global__ void __launch_bounds__(EW_THREADS) silu_bwd(bf16* __restri
 extern "C" __global__ void __launch_bounds__(128)
     gelu_tanh_bwd_colsum(bf16* __restrict__ dx, float* __restrict__ part, const bf16* __restrict__ x,
                          const bf16* __restrict__ dy, int M, int N) {
+    kernel_prologue();
     using namespace elementwise;
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     const int s = blockIdx.y, S = gridDim.y;
@@ -200,6 +205,7 @@ extern "C" __global__ void __launch_bounds__(128)
 // Casts — grid: ceil(n / 8 / EW_THREADS) (any grid is correct), block: EW_THREADS.
 // out = bf16(in), round to nearest even; 8 elements (two 16-byte loads, one store) per step.
 extern "C" __global__ void cast_f32_to_bf16(bf16* __restrict__ out, const float* __restrict__ in, long long n) {
+    kernel_prologue();
     using namespace elementwise;
     const long long t0 = thread_index(), step = thread_count();
     long long done = 0;
@@ -222,6 +228,7 @@ extern "C" __global__ void cast_f32_to_bf16(bf16* __restrict__ out, const float*
 
 // out = f32(in), exact; 8 elements (one 16-byte load, two stores) per step.
 extern "C" __global__ void cast_bf16_to_f32(float* __restrict__ out, const bf16* __restrict__ in, long long n) {
+    kernel_prologue();
     using namespace elementwise;
     const long long t0 = thread_index(), step = thread_count();
     long long done = 0;
@@ -243,6 +250,7 @@ extern "C" __global__ void cast_bf16_to_f32(float* __restrict__ out, const bf16*
 // grid: ceil(n / 16 / EW_THREADS), block: EW_THREADS.
 extern "C" __global__ void copy_bytes(unsigned char* __restrict__ dst, const unsigned char* __restrict__ src,
                                       long long n) {
+    kernel_prologue();
     using namespace elementwise;
     const long long t0 = thread_index(), step = thread_count();
     long long done = 0;

@@ -74,6 +74,7 @@ __device__ __forceinline__ double block_sum_f64(double v, double* red) {
 // block: OPT_THREADS.
 extern "C" __global__ void __launch_bounds__(OPT_THREADS)
     grad_sq_partial(double* __restrict__ part, const float* __restrict__ g, long long n) {
+    kernel_prologue();
     using namespace optim;
     __shared__ double red[OPT_THREADS];
     const long long t0 = (long long)blockIdx.x * blockDim.x + threadIdx.x, step = (long long)gridDim.x * blockDim.x;
@@ -95,6 +96,7 @@ extern "C" __global__ void __launch_bounds__(OPT_THREADS)
 // grid: 1, block: OPT_THREADS.
 extern "C" __global__ void __launch_bounds__(OPT_THREADS)
     grad_norm_finalize(float* __restrict__ clip, const double* __restrict__ part, int P, float max_norm) {
+    kernel_prologue();
     using namespace optim;
     __shared__ double red[OPT_THREADS];
     double acc = 0.0;
@@ -246,6 +248,7 @@ extern "C" __global__ void __launch_bounds__(OPT_THREADS, 1)
                float* __restrict__ ema, const float* __restrict__ g, const float* __restrict__ clip,
                const float* __restrict__ sched, long long n, long long n_decay, float beta1, float beta2, float eps,
                float weight_decay, float ema_decay) {
+    kernel_prologue();
     const optim::Hyper h{sched[0], beta1, beta2, eps, weight_decay, sched[1], sched[2], ema_decay, clip ? clip[1] : 1.f};
     optim::adamw_body(w, w_bf16, m, v, ema, g, n, n_decay, h, 0u);
 }
@@ -256,6 +259,7 @@ extern "C" __global__ void __launch_bounds__(OPT_THREADS)
                      float* __restrict__ ema, const float* __restrict__ g, const float* __restrict__ clip,
                      const float* __restrict__ sched, long long n, long long n_decay, float beta1, float beta2,
                      float eps, float weight_decay, float ema_decay) {
+    kernel_prologue();
     const optim::Hyper h{sched[0], beta1, beta2, eps, weight_decay, sched[1], sched[2], ema_decay, clip ? clip[1] : 1.f};
     optim::adamw_body(w, w_bf16, m, v, ema, g, n, n_decay, h, optim::float_bits(sched[3]));
 }

@@ -224,6 +224,7 @@ __device__ __forceinline__ void bwd_rows_vec(bf16* __restrict__ dx, float* __res
 extern "C" __global__ void __launch_bounds__(QK_THREADS)
     rms_norm_fwd(bf16* __restrict__ y, float* __restrict__ rstd, const bf16* __restrict__ x,
                  const bf16* __restrict__ w, long long rows, int D, float eps, int G, int H, long long ld) {
+    kernel_prologue();
     using namespace qknorm;
     const int gl = threadIdx.x % G, groups = blockDim.x / G;
     const long long row0 = (long long)blockIdx.x * groups * QK_ROWS + threadIdx.x / G;
@@ -249,6 +250,7 @@ extern "C" __global__ void __launch_bounds__(QK_THREADS)
     rms_norm_bwd(bf16* __restrict__ dx, float* __restrict__ dw_part, const bf16* __restrict__ x,
                  const bf16* __restrict__ w, const float* __restrict__ rstd, const bf16* __restrict__ dy,
                  long long rows, int D, int G, int H, long long ld) {
+    kernel_prologue();
     using namespace qknorm;
     DYNAMIC_SMEM(float, acc);  // [groups][D]: each group's running Σ dy·x̂
     const int groups = blockDim.x / G, grp = threadIdx.x / G, gl = threadIdx.x % G;

@@ -56,6 +56,7 @@ __device__ __forceinline__ double mul_rn(double a, double b) {
 // grid-stride over n.
 extern "C" __global__ void rl_logit_grads(float* __restrict__ dl, const float* __restrict__ logits, int n, float sign,
                                           float scale) {
+    kernel_prologue();
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
         dl[i] = scale * sign * rl::sigmoid(sign * logits[i]);
 }
@@ -64,6 +65,7 @@ extern "C" __global__ void rl_logit_grads(float* __restrict__ dl, const float* _
 // grid-stride over (K − 1)·(n / group).
 extern "C" __global__ void rl_advantages(float* __restrict__ adv, const float* __restrict__ logits, int n, int k,
                                          int group, float reward_clip, float adv_clip) {
+    kernel_prologue();
     const int groups = n / group, pairs = (k - 1) * groups;
     for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < pairs; p += gridDim.x * blockDim.x) {
         const int t = p / groups, g0 = (p % groups) * group;
@@ -93,6 +95,7 @@ extern "C" __global__ void rl_advantages(float* __restrict__ adv, const float* _
 extern "C" __global__ void rl_ppo_grad(float* __restrict__ coef, double* __restrict__ loss, const double* __restrict__ logp,
                                        const double* __restrict__ logp_old, const float* __restrict__ adv, int n,
                                        double eps, double share) {
+    kernel_prologue();
     const double N = n > 0 ? (double)n : 1.0;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         const double a = (double)adv[i], r = exp(logp[i] - logp_old[i]);

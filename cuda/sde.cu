@@ -113,6 +113,7 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS, 4)
                  const float* __restrict__ v, const float* __restrict__ z, const float* __restrict__ next_in,
                  const float* __restrict__ sigma, const float* __restrict__ sigma_next, float rho, long long D,
                  long long per) {
+    kernel_prologue();
     using namespace sde;
     __shared__ float scratch[32];
     const int b = blockIdx.y, p = blockIdx.x, P = gridDim.x;
@@ -182,6 +183,7 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS, 4)
 extern "C" __global__ void __launch_bounds__(32)
     sde_logprob_finalize(double* __restrict__ logp, const float* __restrict__ sq_part,
                          const float* __restrict__ sigma_next, float rho, int B, int P, long long D) {
+    kernel_prologue();
     const int b = blockIdx.x;
     if (b >= B) return;
     const float sn = sigma_next[b];  // loaded beside the partials
@@ -202,6 +204,7 @@ extern "C" __global__ void __launch_bounds__(32)
 extern "C" __global__ void __launch_bounds__(SDE_THREADS, 4)
     dmd_abs_partial(float* __restrict__ part, const float* __restrict__ x, const float* __restrict__ x0_real,
                     long long D, long long per) {
+    kernel_prologue();
     using namespace sde;
     __shared__ float scratch[32];
     const int b = blockIdx.y, p = blockIdx.x, P = gridDim.x;
@@ -238,6 +241,7 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS, 4)
 extern "C" __global__ void __launch_bounds__(SDE_THREADS, 4)
     dmd_grad_apply(float* __restrict__ g, const float* __restrict__ x0_real, const float* __restrict__ x0_fake,
                    const float* __restrict__ part, long long D, long long per, float scale) {
+    kernel_prologue();
     using namespace sde;
     __shared__ float norm_s;
     const int b = blockIdx.y, p = blockIdx.x, P = gridDim.x;
@@ -300,6 +304,7 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS, 4)
 extern "C" __global__ void __launch_bounds__(SDE_THREADS, 4)
     flow_noise(float* __restrict__ xt, float* __restrict__ target, const float* __restrict__ x0,
                const float* __restrict__ noise, const float* __restrict__ sigma, long long D) {
+    kernel_prologue();
     using namespace sde;
     const int b = blockIdx.y;
     const long long base = (long long)b * D;
@@ -348,6 +353,7 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS, 4)
 extern "C" __global__ void __launch_bounds__(SDE_THREADS)
     euler_cfg_step(float* __restrict__ x, bf16* __restrict__ x_model, const bf16* __restrict__ v, long long n,
                    int guided, float w, float dt) {
+    kernel_prologue();
     const long long step = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
         float g = bf2f(v[i]);
@@ -369,6 +375,7 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS)
 extern "C" __global__ void __launch_bounds__(SDE_THREADS)
     velocity_mse_grad(bf16* __restrict__ dv, float* __restrict__ part, const bf16* __restrict__ v,
                       const float* __restrict__ target, long long n, float scale) {
+    kernel_prologue();
     __shared__ float scratch[32];
     const long long step = (long long)gridDim.x * blockDim.x;
     float sq = 0.f;
@@ -387,6 +394,7 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS)
 extern "C" __global__ void __launch_bounds__(SDE_THREADS)
     x0_from_velocity(float* __restrict__ x0, const float* __restrict__ x, const bf16* __restrict__ v,
                      const float* __restrict__ sigma, long long d, int B, int guided, float w) {
+    kernel_prologue();
     const long long n = d * B, step = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
         float g = bf2f(v[i]);
@@ -403,6 +411,7 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS)
 extern "C" __global__ void __launch_bounds__(SDE_THREADS)
     velocity_grad_from_x0(bf16* __restrict__ dv, const float* __restrict__ g, const float* __restrict__ sigma,
                           long long d, int B, float scale) {
+    kernel_prologue();
     const long long n = d * B, step = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step)
         dv[i] = f2bf(-scale * sigma[i / d] * g[i]);

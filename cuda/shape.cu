@@ -35,6 +35,7 @@ __device__ __forceinline__ long long thread_count() { return (long long)gridDim.
 // block: 256.
 extern "C" __global__ void copy_cols_bf16(bf16* __restrict__ dst, const bf16* __restrict__ src, long long rows,
                                           int cols, int dst_ld, int dst_off, int src_ld, int src_off) {
+    kernel_prologue();
     const bool vec = ((cols | dst_ld | dst_off | src_ld | src_off) & 7) == 0 &&
                      (((uintptr_t)dst | (uintptr_t)src) & 15) == 0;
     if (vec) {
@@ -62,6 +63,7 @@ extern "C" __global__ void copy_cols_bf16(bf16* __restrict__ dst, const bf16* __
 // grid: ceil(B·C·H·W / 256) (any grid is correct), block: 256.
 extern "C" __global__ void patchify_bf16(bf16* __restrict__ out, const bf16* __restrict__ in, int B, int C, int H,
                                          int W, int p, int channel_last, int to_tokens) {
+    kernel_prologue();
     const long long n = (long long)B * C * H * W;
     const int gw = W / p;
     for (long long i = shape::thread_index(); i < n; i += shape::thread_count()) {
@@ -83,6 +85,7 @@ extern "C" __global__ void patchify_bf16(bf16* __restrict__ out, const bf16* __r
 // grid: ceil(B·gh·gw·D / 256) (any grid is correct), block: 256.
 extern "C" __global__ void add_pos_embed(bf16* __restrict__ tokens, const bf16* __restrict__ table, int B, int gh,
                                          int gw, int D, int P, int top, int left) {
+    kernel_prologue();
     const long long n = (long long)B * gh * gw * D;
     for (long long i = shape::thread_index(); i < n; i += shape::thread_count()) {
         const int d = (int)(i % D);
@@ -97,6 +100,7 @@ extern "C" __global__ void add_pos_embed(bf16* __restrict__ tokens, const bf16* 
 // grid: ceil(gh·gw·D / 256) (any grid is correct), block: 256.
 extern "C" __global__ void pos_embed_grad(float* __restrict__ g_table, const bf16* __restrict__ dtokens, int B,
                                           int gh, int gw, int D, int P, int top, int left) {
+    kernel_prologue();
     const long long per_image = (long long)gh * gw * D;
     for (long long i = shape::thread_index(); i < per_image; i += shape::thread_count()) {
         const int d = (int)(i % D);
@@ -110,14 +114,17 @@ extern "C" __global__ void pos_embed_grad(float* __restrict__ g_table, const bf1
 
 // grid: ceil(n / 256) (any grid is correct), block: 256.
 extern "C" __global__ void add_bf16(bf16* y, const bf16* a, const bf16* b, long long n) {
+    kernel_prologue();
     for (long long i = shape::thread_index(); i < n; i += shape::thread_count()) y[i] = f2bf(bf2f(a[i]) + bf2f(b[i]));
 }
 
 extern "C" __global__ void accumulate_f32_bf16(float* __restrict__ g, const bf16* __restrict__ x, long long n) {
+    kernel_prologue();
     for (long long i = shape::thread_index(); i < n; i += shape::thread_count()) g[i] += bf2f(x[i]);
 }
 
 extern "C" __global__ void accumulate_f32(float* __restrict__ g, const float* __restrict__ x, long long n) {
+    kernel_prologue();
     for (long long i = shape::thread_index(); i < n; i += shape::thread_count()) g[i] += x[i];
 }
 
@@ -144,6 +151,7 @@ extern "C" __global__ void gather_chunks_bf16(bf16* __restrict__ dst, long long 
                                               const float* s0, const float* s1, const float* s2, const float* s3,
                                               const float* s4, const float* s5, const float* s6, const float* s7,
                                               const float* s8) {
+    kernel_prologue();
     const long long width = (long long)n * D, total = rows * width;
     for (long long i = shape::thread_index(); i < total; i += shape::thread_count()) {
         const long long r = i / width;
@@ -159,6 +167,7 @@ extern "C" __global__ void gather_chunks_bf16(bf16* __restrict__ dst, long long 
 // aligned, else one. grid-stride over n / 8 (or n).
 extern "C" __global__ void residual_grad_add(float* out, bf16* __restrict__ out16, const float* a,
                                              const bf16* __restrict__ x, long long n) {
+    kernel_prologue();
     const bool vec = (n & 7) == 0 &&
                      (((uintptr_t)out | (uintptr_t)out16 | (uintptr_t)a | (uintptr_t)x) & 15) == 0;
     if (vec) {
@@ -192,6 +201,7 @@ extern "C" __global__ void residual_grad_add(float* out, bf16* __restrict__ out1
 // grid-stride over len.
 extern "C" __global__ void select_block_f32(float* __restrict__ dst, const float* __restrict__ src,
                                             const int* __restrict__ idx, int slot, long long len) {
+    kernel_prologue();
     const float* from = src + (long long)idx[slot] * len;
     for (long long i = shape::thread_index(); i < len; i += shape::thread_count()) dst[i] = from[i];
 }

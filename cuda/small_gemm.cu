@@ -17,6 +17,7 @@
 extern "C" __global__ void __launch_bounds__(256)
     gemv_small_m(bf16* __restrict__ y, const bf16* __restrict__ x, const bf16* __restrict__ w,
                  const bf16* __restrict__ bias, int M, int N, int K) {
+    kernel_prologue();
     const int lane = threadIdx.x & 31;
     const int n = blockIdx.x * 8 + (threadIdx.x >> 5);
     if (n >= N) return;
@@ -57,6 +58,7 @@ extern "C" __global__ void __launch_bounds__(256)
 extern "C" __global__ void weight_grad_small_k(float* __restrict__ g, float* __restrict__ bias,
                                                const bf16* __restrict__ a, const bf16* __restrict__ b, int K,
                                                int M, int N, int overwrite) {
+    kernel_prologue();
     const int m = blockIdx.y;
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     float av[8];

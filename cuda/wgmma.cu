@@ -81,6 +81,7 @@ __device__ __forceinline__ void store_c(float* c, const float* d, int w, int g, 
 extern "C" __global__ void __launch_bounds__(128)
     wgmma_probe_m64n64(const bf16* a, const bf16* b, float* c, int k_len, int b_mn_major, int a_mode,
                        int n_halves) {
+    kernel_prologue();
     DYNAMIC_SMEM(unsigned char, raw);
     // Swizzled tiles start on a 1 KB boundary of the shared address space.
     unsigned char* sa = raw + ((1024 - (smem_addr(raw) & 1023)) & 1023);
@@ -163,6 +164,7 @@ extern "C" __global__ void __launch_bounds__(128)
 // C[64×128]; b is 128 × K (K-major) or K × 128 (MN-major).
 extern "C" __global__ void __launch_bounds__(128)
     wgmma_probe_m64n128(const bf16* a, const bf16* b, float* c, int k_len, int b_mn_major, int a_mode) {
+    kernel_prologue();
     DYNAMIC_SMEM(unsigned char, raw);
     unsigned char* sa = raw + ((1024 - (smem_addr(raw) & 1023)) & 1023);
     unsigned char* sb = sa + 64 * k_len * 2;

@@ -26,6 +26,8 @@ pub struct Info {
     /// Streams a kernel device queues the model on (`ADVDMD_STREAMS`: 2 puts the text tokens'
     /// work on a second one).
     pub streams: usize,
+    /// `ADVDMD_PDL` (programmatic dependent launches), as read.
+    pub pdl: bool,
 }
 
 /// What the model path launches at head dim `d` on the device `--device cuda` would use (the
@@ -53,6 +55,7 @@ pub fn gather() -> Info {
         attention: [attention_choice(64, &cuda), attention_choice(128, &cuda)],
         cuda,
         streams: crate::device::kernel::streams_env().unwrap_or(2),
+        pdl: crate::device::kernel::pdl_env().unwrap_or(false),
     }
 }
 
@@ -83,6 +86,7 @@ impl Info {
                 serde_json::json!({"head_dim": d, "fwd": f, "bwd": b})
             }).collect::<Vec<_>>(),
             "streams": self.streams,
+            "pdl": self.pdl,
         })
     }
 
@@ -105,12 +109,14 @@ impl Info {
         format!(
             "advdmd {}\nfeatures: {features}\ncpu: {} threads\ncuda: {}\nkernels embedded: {kernels}\n\
              attention kernels: {} (ADVDMD_ATTN_FWD / ADVDMD_ATTN_BWD override)\n\
-             streams: {} (ADVDMD_STREAMS=1: all work on one stream)\n",
+             streams: {} (ADVDMD_STREAMS=1: all work on one stream)\n\
+             programmatic dependent launches: {} (ADVDMD_PDL=1: on)\n",
             self.version,
             self.cpu_threads,
             self.cuda,
             attention.join(", "),
-            self.streams
+            self.streams,
+            if self.pdl { "on" } else { "off" }
         )
     }
 }

@@ -133,6 +133,16 @@ step mmdit-sd35m 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-mediu
 ADVDMD_STREAMS=1 step mmdit-sd35m-1stream 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
 # The same model without the wgmma attention (the default on an sm_90 card): V4 / V3.
 ADVDMD_ATTN_NO_HOPPER=1 step mmdit-sd35m-nohopper 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
+# Programmatic dependent launches (ADVDMD_PDL=1: each kernel scheduled while the one before it
+# finishes, waiting in its kernel_prologue): the device model's parity and the AdvDMD tests with
+# them on, then the forward+backward, the graph sample and the graph iteration against the same
+# steps without (mmdit-sd35m, sample-sd35m-graph, step-sd35m-80g-graph)
+MMDIT_FIXTURES=$(ls -d .gpu/fixtures/*/ | tr '\n' ':') ADVDMD_PDL=1 step tests-pdl 150 bash -c \
+  "$BIN/mmdit-device-test --test-threads=1 && $BIN/advdmd-device-test --test-threads=1 && $BIN/kernels-test attention --test-threads=1"
+ADVDMD_PDL=1 step mmdit-sd35m-pdl 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
+ADVDMD_PDL=1 step sample-sd35m-graph-pdl 90 "$BIN/advdmd" bench sample --device cuda --model sd3.5-medium --res 1024 --batch 1 --steps 4 --cfg 1 --iters 10 --graph --json
+ADVDMD_PDL=1 step step-sd35m-80g-graph-pdl 180 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 3 --bf16-moments --checkpoint-activations --graph --json
+ADVDMD_PDL=1 ADVDMD_BENCH_JSON="$OUT/bench-pdl.json" step bench-pdl 60 "$BIN/kernels-bench"
 # cuBLASLt's candidates timed per shape at first use (ADVDMD_GEMM_AUTOTUNE=1) against the
 # heuristic's first choice (the default)
 ADVDMD_GEMM_AUTOTUNE=1 step mmdit-sd35m-autotune 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
@@ -242,5 +252,5 @@ with open(f"{out}/report.md", "w") as f:
             f.write(f"| {r['op']} | {r['calls']} | {r['ms']:.3f} | {r['share']:.1f} | {'' if tf is None else f'{tf:.0f}'} |\n")
 print(open(f"{out}/report.md").read()[-8000:])
 PY
-for s in hopper tests model runtime ncu-attention mmdit-shapes mmdit-sd35m mmdit-sd35m-1stream mmdit-sd35m-nohopper mmdit-sd35m-autotune mmdit-sd35m-profile mmdit-sd35m-base mmdit-sd35m-512 sample-sd35m sample-sd35m-graph sample-sd35m-graph-1stream sample-512 advdmd step-shapes step-shapes-graph distill step-sd35m step-sd35m-80g step-sd35m-80g-graph step-sd35m-80g-1024 step-sd35m-80g-profile step-sd35m-80g-graph-1stream step-sd35m-80g-graph-autotune mmdit-sd35l sample-sd35l torch bench attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
+for s in hopper tests model runtime tests-pdl ncu-attention mmdit-shapes mmdit-sd35m mmdit-sd35m-pdl mmdit-sd35m-1stream mmdit-sd35m-nohopper mmdit-sd35m-autotune mmdit-sd35m-profile mmdit-sd35m-base mmdit-sd35m-512 sample-sd35m sample-sd35m-graph sample-sd35m-graph-1stream sample-sd35m-graph-pdl sample-512 advdmd step-shapes step-shapes-graph distill step-sd35m step-sd35m-80g step-sd35m-80g-graph step-sd35m-80g-1024 step-sd35m-80g-profile step-sd35m-80g-graph-1stream step-sd35m-80g-graph-autotune step-sd35m-80g-graph-pdl mmdit-sd35l sample-sd35l torch bench bench-pdl attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
 exit $status

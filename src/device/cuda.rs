@@ -59,6 +59,8 @@ pub struct CudaRuntime {
     side: Arc<CudaStream>,
     /// Whether new work (allocations and frees included) goes to the side stream.
     on_side: std::sync::atomic::AtomicBool,
+    /// Kernels launch as programmatic dependents (`KernelDevice::set_pdl`).
+    pdl: std::sync::atomic::AtomicBool,
     lane_events: LaneEvents,
     name: String,
     modules: Mutex<Modules>,
@@ -126,6 +128,7 @@ impl CudaRuntime {
             stream,
             side,
             on_side: std::sync::atomic::AtomicBool::new(false),
+            pdl: std::sync::atomic::AtomicBool::new(false),
             lane_events,
             name,
             modules: Mutex::new(Modules {
@@ -171,6 +174,14 @@ impl CudaRuntime {
         } else {
             self.stream.cu_stream()
         }
+    }
+
+    pub fn set_pdl(&self, on: bool) {
+        self.pdl.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn pdl(&self) -> bool {
+        self.pdl.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Sends new work to the side stream (or back); returns the previous choice.
@@ -349,10 +360,37 @@ impl CudaRuntime {
         let f = self.function(kernel, cfg.shared_bytes)?;
         let g = (cfg.grid[0], cfg.grid[1], cfg.grid[2]);
         let b = (cfg.block[0], cfg.block[1], cfg.block[2]);
-        // SAFETY: `args` holds one pointer per kernel parameter (KernelArgs); buffers outlive the
-        // launch because every later host access synchronizes the stream first.
-        unsafe { result::launch_kernel(f, g, b, cfg.shared_bytes, self.current(), args) }
-            .map_err(|e| cuda_err(&format!("launching {kernel} {cfg:?}"), e))?;
+        let launched = if self.pdl() {
+            // A programmatic dependent of the grid before it on the stream: every kernel begins
+            // with kernel_prologue (griddepcontrol.wait; build.rs checks), so none touches memory
+            // before that grid is complete.
+            // SAFETY: the attribute value is the union's integer member; the rest as below.
+            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attr.id =
+                sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr.value.programmaticStreamSerializationAllowed = 1;
+            let config = sys::CUlaunchConfig {
+                gridDimX: g.0,
+                gridDimY: g.1,
+                gridDimZ: g.2,
+                blockDimX: b.0,
+                blockDimY: b.1,
+                blockDimZ: b.2,
+                sharedMemBytes: cfg.shared_bytes,
+                hStream: self.current(),
+                attrs: &mut attr,
+                numAttrs: 1,
+            };
+            // SAFETY: as launch_kernel below; `config` and `attr` outlive the call.
+            unsafe {
+                sys::cuLaunchKernelEx(&config, f, args.as_mut_ptr(), std::ptr::null_mut()).result()
+            }
+        } else {
+            // SAFETY: `args` holds one pointer per kernel parameter (KernelArgs); buffers outlive
+            // the launch because every later host access synchronizes the stream first.
+            unsafe { result::launch_kernel(f, g, b, cfg.shared_bytes, self.current(), args) }
+        };
+        launched.map_err(|e| cuda_err(&format!("launching {kernel} {cfg:?}"), e))?;
         // (not while capturing: a capturing stream cannot be synchronised)
         if sync_after_launch() && !self.is_capturing() {
             self.synchronize_both()

@@ -81,6 +81,20 @@ pub fn streams_env() -> Result<usize, String> {
     }
 }
 
+/// `ADVDMD_PDL`: `1` launches every kernel as a programmatic dependent of the grid before it on
+/// its stream (sm_90: it may be scheduled while that grid finishes, and waits in its
+/// `kernel_prologue`, cuda/common.cuh); `0` or unset: plain launches. Anything else is an error.
+pub fn pdl_env() -> Result<bool, String> {
+    match std::env::var("ADVDMD_PDL") {
+        Err(_) => Ok(false),
+        Ok(v) => match v.trim() {
+            "0" => Ok(false),
+            "1" => Ok(true),
+            _ => Err(format!("ADVDMD_PDL={v:?} is not 0 or 1")),
+        },
+    }
+}
+
 /// `host` rounded to bf16 (to nearest even) on all cores: what the host stages is often
 /// millions of values (SD3.5's 333 × 4096 context a prompt, a model's weights).
 pub fn bf16_of(host: &[f32]) -> Vec<half::bf16> {
@@ -424,6 +438,7 @@ impl KernelDevice {
             matmul_flops: Arc::default(),
         };
         dev.set_streams(streams_env().map_err(KernelError::Invalid)?)?;
+        dev.set_pdl(pdl_env().map_err(KernelError::Invalid)?);
         Ok(dev)
     }
 
@@ -845,6 +860,25 @@ impl KernelDevice {
         }?;
         let ms = gaps(&log.marks, &stamps.0, stamps.1);
         Ok(OpProfile::from_marks(&log.marks, &ms))
+    }
+
+    /// Launches kernels as programmatic dependents (`true`; see [`pdl_env`]) or plainly. The
+    /// emulator runs launches one after another either way.
+    pub fn set_pdl(&self, on: bool) {
+        match &self.backend {
+            Backend::Emulator => {}
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(rt) => rt.set_pdl(on),
+        }
+    }
+
+    /// Whether kernels launch as programmatic dependents (always `false` under the emulator).
+    pub fn pdl(&self) -> bool {
+        match &self.backend {
+            Backend::Emulator => false,
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(rt) => rt.pdl(),
+        }
     }
 
     // ---- two streams -----------------------------------------------------------------------
