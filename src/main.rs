@@ -237,6 +237,7 @@ fn main() {
 fn run(cli: Cli) -> anyhow::Result<()> {
     advdmd::kernels::attention::dev::check_variant_env().map_err(anyhow::Error::msg)?;
     advdmd::device::kernel::streams_env().map_err(anyhow::Error::msg)?;
+    advdmd::device::kernel::pdl_env().map_err(anyhow::Error::msg)?;
     match cli.command {
         Command::Info { json } => {
             let info = advdmd::info::gather();

@@ -125,3 +125,23 @@ fn bad_streams_env_is_an_error() {
         assert_eq!(v["streams"], want);
     }
 }
+
+/// `ADVDMD_PDL` other than 0 or 1 is an error before any work; `info` reports the choice.
+#[test]
+fn bad_pdl_env_is_an_error() {
+    let out = advdmd_env(&["info"], &[("ADVDMD_PDL", "yes")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("ADVDMD_PDL") && err.contains("0 or 1"),
+        "{err}"
+    );
+    for (set, want) in [(Some("1"), true), (Some("0"), false), (None, false)] {
+        let out = match set {
+            Some(v) => advdmd_env(&["info", "--json"], &[("ADVDMD_PDL", v)]),
+            None => advdmd(&["info", "--json"]),
+        };
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+        assert_eq!(v["pdl"], want);
+    }
+}
