@@ -33,7 +33,8 @@ fn reference(spec: &GemmSpec, a: &[f32], b: &[f32]) -> Vec<f32> {
 }
 
 /// M ≤ 8 with K % 8 == 0 (NT, None or Bias) runs `gemv_small_m`: (8, 8, 8), (1, 96, 1536),
-/// (3, 40, 24); (5, 24, 36) does not (K % 8 ≠ 0).
+/// (3, 40, 24), and (2, 16, 2600), whose rows are longer than one round of its packs (2048);
+/// (5, 24, 36) does not (K % 8 ≠ 0).
 const SHAPES: &[(usize, usize, usize)] = &[
     (8, 8, 8),
     (33, 24, 40),
@@ -41,6 +42,7 @@ const SHAPES: &[(usize, usize, usize)] = &[
     (77, 1536, 192),
     (1, 96, 1536),
     (3, 40, 24),
+    (2, 16, 2600),
     (5, 24, 36),
 ];
 
