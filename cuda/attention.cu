@@ -18,10 +18,11 @@
 //                                warps of 32 query rows with a lazy softmax rescale and a 2–3 stage
 //                                K/V pipeline (fwd_v3); V3 8 warps (256-row blocks), V4 4 warps
 //                                (128-row blocks) (FwdVariant::V3, V4)
-//   joint_attn_bwd_rowdot        Drow = rowsum(dO ∘ O) [B, H, La+Lb], the softmax backward's row term
+//   joint_attn_bwd_rowdot        Drow = rowsum(dO ∘ O) [B, H, La+Lb], the softmax backward's row term,
+//                                and the dQ accumulators zeroed
 //   joint_attn_bwd_k128_d{64,128} dK, dV (bf16) per 128-key tile (8 warps; the default); dQ
 //                                accumulated with f32 reductions into two f32 buffers [B, L, H, D]
-//                                (zeroed by the launcher), unscaled
+//                                (zeroed by joint_attn_bwd_rowdot), unscaled
 //   joint_attn_bwd_v3_d64        the same with 128-key tiles and 4 warps of 32 keys (bwd_v3,
 //                                BwdVariant::V3)
 //   joint_attn_dq_convert        dQ = scale · accumulator, to bf16
@@ -873,11 +874,13 @@ ATTN_FWD_ENTRY(joint_attn_fwd_v4_d64_vfused, 128, 2, attn::fwd_v3<64, true, 4, 3
 ATTN_FWD_ENTRY(joint_attn_fwd_v4_d128, 128, 2, attn::fwd_v3<128, false, 4, 2, 1>)
 ATTN_FWD_ENTRY(joint_attn_fwd_v4_d128_vfused, 128, 2, attn::fwd_v3<128, false, 4, 2, 3>)
 
-// Drow[b, h, i] = Σ_c dO[i, c]·O[i, c] over the concatenated rows i of [a; b]. Eight lanes per
-// (batch, token, head) row, 32 rows per 256-thread block; rows enumerated (b, token, h) so that
-// consecutive groups read consecutive memory.
+// Drow[b, h, i] = Σ_c dO[i, c]·O[i, c] over the concatenated rows i of [a; b], and the row's
+// dQ accumulator (same [B, L, H, D] layout as O) zeroed for the backward's reductions (in place of
+// two memsets). Eight lanes per (batch, token, head) row, 32 rows per 256-thread block; rows
+// enumerated (b, token, h) so that consecutive groups read consecutive memory.
 extern "C" __global__ void __launch_bounds__(256)
-    joint_attn_bwd_rowdot(float* __restrict__ drow, const bf16* __restrict__ oa, const bf16* __restrict__ ob,
+    joint_attn_bwd_rowdot(float* __restrict__ drow, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
+                          const bf16* __restrict__ oa, const bf16* __restrict__ ob,
                           const bf16* __restrict__ doa, const bf16* __restrict__ dob, int B, int La, int Lb,
                           int H, int D) {
     kernel_prologue();
@@ -895,6 +898,9 @@ extern "C" __global__ void __launch_bounds__(256)
         const long long off = in_a ? attn::row_offset(b, La, tok, H, h, D) : attn::row_offset(b, Lb, tok - La, H, h, D);
         const bf16* o = (in_a ? oa : ob) + off;
         const bf16* d = (in_a ? doa : dob) + off;
+        float* acc = (in_a ? dqa_acc : dqb_acc) + off;
+        for (int c = sub; c < D / 4; c += 8)
+            *reinterpret_cast<float4*>(acc + 4 * c) = make_float4(0.f, 0.f, 0.f, 0.f);
         for (int c = sub; c < D / 8; c += 8) {
             float fo[8], fd[8];
             unpack_bf16x8(load16(o + 8 * c), fo);

@@ -1667,13 +1667,18 @@ pub mod dev {
             );
         }
 
-        // Drow: 8 lanes per (batch, token, head) row, 32 rows per block of 256 threads.
+        // Drow, and the dQ accumulators zeroed: 8 lanes per (batch, token, head) row, 32 rows
+        // per block of 256 threads.
         let drow = dev.alloc::<f32>(dims.numel_rows())?;
+        let dqa_acc = dev.alloc::<f32>(na)?;
+        let dqb_acc = dev.alloc::<f32>(nb)?;
         dev.launch(
             "joint_attn_bwd_rowdot",
             LaunchCfg::linear(blocks_for(dims.numel_rows(), 32), 256),
             KernelArgs::new()
                 .buf(&drow)
+                .buf(&dqa_acc)
+                .buf(&dqb_acc)
                 .buf(oa)
                 .buf(ob)
                 .buf(doa)
@@ -1685,8 +1690,6 @@ pub mod dev {
                 .i32(dims.d as i32),
         )?;
 
-        let dqa_acc = dev.zeros::<f32>(na)?;
-        let dqb_acc = dev.zeros::<f32>(nb)?;
         let scale = dims.scale();
         dev.count_matmul_flops(flops);
         let name = variant.kernel(dims.d) + vfused(dims, v_ld);
