@@ -68,8 +68,19 @@ fn run(
                 .then_some((v, SplitPlan::none(units)))
         })
         .collect();
+    // ... and on one block an SM taking the units in turns (ADVDMD_ATTN_PERSISTENT=1), with the
+    // plain launch's plan: rows `fwd_<variant>_persistent`.
+    let sms = dev.sm_count() as u32;
+    let persistent: Vec<(FwdVariant, SplitPlan)> = fvars
+        .iter()
+        .filter_map(|&v| {
+            let (units, key_tiles) = v.split_units(dims)?;
+            (v.resolve(dims.d) == v).then(|| (v, SplitPlan::last_wave(units, sms, key_tiles)))
+        })
+        .collect();
     let mut fwd: Vec<Vec<f32>> = fvars.iter().map(|_| Vec::new()).collect();
     let mut fwd_whole: Vec<Vec<f32>> = whole.iter().map(|_| Vec::new()).collect();
+    let mut fwd_persistent: Vec<Vec<f32>> = persistent.iter().map(|_| Vec::new()).collect();
     let mut bwd: Vec<Vec<f32>> = bvars.iter().map(|_| Vec::new()).collect();
     let mut bwd_whole_ms: Vec<Vec<f32>> = bwd_whole.iter().map(|_| Vec::new()).collect();
     let qkv = [&qa, &ka, &va, &qb, &kb, &vb];
@@ -79,12 +90,15 @@ fn run(
                 joint_attention_fwd_with(dev, &qa, &ka, &va, &qb, &kb, &vb, dims, v).map(|_| ())
             })?);
         }
+        for (i, &(v, plan)) in persistent.iter().enumerate() {
+            fwd_persistent[i].push(dev.time_ms(|| {
+                joint_attention_fwd_split_with(dev, qkv, dims, v, plan, Some(sms)).map(|_| ())
+            })?);
+        }
         for (i, &(v, plan)) in whole.iter().enumerate() {
-            fwd_whole[i].push(
-                dev.time_ms(|| {
-                    joint_attention_fwd_split_with(dev, qkv, dims, v, plan).map(|_| ())
-                })?,
-            );
+            fwd_whole[i].push(dev.time_ms(|| {
+                joint_attention_fwd_split_with(dev, qkv, dims, v, plan, None).map(|_| ())
+            })?);
         }
         for (i, &v) in bvars.iter().enumerate() {
             bwd[i].push(dev.time_ms(|| {
@@ -134,6 +148,16 @@ fn run(
         println!("  {name:<20} bwd {tag:<5} {ms:8.3} ms {t:7.1} TFLOP/s");
         json[format!("bwd_{tag}_ms")] = serde_json::json!(ms);
         json[format!("bwd_{tag}_tflops")] = serde_json::json!(t);
+    }
+    for ((v, _), ms) in persistent
+        .iter()
+        .zip(fwd_persistent.into_iter().map(median))
+    {
+        let t = ff / ms as f64 / 1e9;
+        let tag = format!("{v:?}").to_lowercase() + "_persistent";
+        println!("  {name:<20} fwd {tag:<5} {ms:8.3} ms {t:7.1} TFLOP/s (one block an SM)");
+        json[format!("fwd_{tag}_ms")] = serde_json::json!(ms);
+        json[format!("fwd_{tag}_tflops")] = serde_json::json!(t);
     }
     for ((v, _), ms) in bwd_whole.iter().zip(bwd_whole_ms.into_iter().map(median)) {
         let t = fb / ms as f64 / 1e9;

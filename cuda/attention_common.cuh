@@ -108,17 +108,18 @@ __device__ __forceinline__ void red_add4(float* p, float4 v) {
     }
 
 // The forward with its units split along the keys from split_from on (attention_hopper.cu's
-// fwd_h3): ATTN_FWD_ENTRY's arguments, then the pieces' partial outputs and the split.
+// fwd_h3): ATTN_FWD_ENTRY's arguments, then the pieces' partial outputs, the split and the
+// number of (virtual) blocks, which a smaller grid takes in turns.
 #define ATTN_FWD_SPLIT_ENTRY(name, threads, min_blocks, ...)                                            \
     extern "C" __global__ void __launch_bounds__(threads, min_blocks)                                   \
         name(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,                     \
              const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,     \
              const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,     \
              int La, int Lb, int H, float scale_log2, float* __restrict__ opart, int split_from,        \
-             int splits) {                                                                              \
+             int splits, int blocks) {                                                                  \
         kernel_prologue();                                                                              \
         __VA_ARGS__(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2, opart, split_from,      \
-                    splits);                                                                            \
+                    splits, blocks);                                                                    \
     }
 
 #define ATTN_BWD_ENTRY(name, threads, min_blocks, ...)                                                  \

@@ -514,18 +514,22 @@ __device__ __forceinline__ void fwd_split_combine(bf16* __restrict__ oa, bf16* _
 // other's), so that one group's softmax runs while the other's products occupy the tensor cores
 // (FA3's ping-pong scheduling).
 //
-// The grid is one-dimensional over the units (b·H + h)·tiles + query tile, in that order; the
-// units from `split_from` on are split `splits` ways along the keys (the last wave's units, so
-// that a wave left part-full runs pieces of 1/splits the length on more SMs: split_piece).
-// A piece writes its rows' O/l in f32 and their lse to its slot of `opart` (fwd_store_piece),
-// and joint_attn_fwd_split_combine makes O and lse of them; split_from = the unit count: none.
+// The work is `blocks` virtual blocks over the units (b·H + h)·tiles + query tile, in that order;
+// the units from `split_from` on are split `splits` ways along the keys (the last wave's units,
+// so that a wave left part-full runs pieces of 1/splits the length on more SMs: split_piece). A
+// piece writes its rows' O/l in f32 and their lse to its slot of `opart` (fwd_store_piece), and
+// joint_attn_fwd_split_combine makes O and lse of them; split_from = the unit count: none.
+// Block x of the grid takes virtual blocks x, x + gridDim.x, …: with a grid of `blocks` one each;
+// with fewer (persistent: one a SM) the producer loads a unit's Q and first key tiles while the
+// consumers still work on the previous unit and store its rows (Q double-buffered, the ring of
+// stages running on), where a new block would first wait for its launch and its loads.
 template <int D, int KN, int STAGES, int VMUL, int POLY = 0, int NC = 2>
 __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
                                        const bf16* __restrict__ qa, const bf16* __restrict__ ka,
                                        const bf16* __restrict__ va, const bf16* __restrict__ qb,
                                        const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
                                        int H, float scale_log2, float* __restrict__ opart, int split_from,
-                                       int splits) {
+                                       int splits, int blocks) {
     constexpr int QT = 64 * NC, PT = 128, CT = 128 * NC;  // query rows, producer and consumer threads
     // A turn's named barrier: its group's 128 threads (bar.sync) and the previous group's (arrive).
     constexpr int TURN = 256;
@@ -545,26 +549,25 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
     constexpr int LAG = STAGES - 2;
     static_assert(LAG >= 1, "at least one tile in flight behind the one being published");
     DYNAMIC_SMEM(unsigned char, raw);
-    unsigned char* sQ = raw + ((1024 - (smem_addr(raw) & 1023)) & 1023);
-    unsigned char* sK0 = sQ + QBYTES;
+    // Two Q tiles (unit n uses tile n mod 2, so the next unit's Q loads while this one's is read),
+    // the K/V ring, and the mbarriers: q_full, q_empty per Q tile, full and empty per stage.
+    unsigned char* sQ0 = raw + ((1024 - (smem_addr(raw) & 1023)) & 1023);
+    unsigned char* sK0 = sQ0 + 2 * QBYTES;
     unsigned char* sV0 = sK0 + STAGES * KVBYTES;
     uint64_t* q_full = reinterpret_cast<uint64_t*>(sV0 + STAGES * KVBYTES);
-    uint64_t* full = q_full + 1;
+    uint64_t* q_empty = q_full + 2;
+    uint64_t* full = q_empty + 2;
     uint64_t* empty = full + STAGES;
 
     const int tid = threadIdx.x, wg = tid / 128;
-    const SplitPiece sp = split_piece<QT, KN>(blockIdx.x, split_from, splits, La, Lb);
-    const int bh = sp.bh, b = bh / H, h = bh % H;
     const int Lt = La + Lb;
     const long long ld = (long long)H * D;
-    const Tile qt = tile_of<QT>(sp.tile, La, Lb);
-    const int Lq = qt.stream == 0 ? La : Lb;
-    const long long q_off = row_offset(b, Lq, qt.row0, H, h, D);
-    // This piece's key tiles k0 .. k0 + nkt − 1 (all of them when the unit is not split).
-    const int k0 = sp.k0, nkt = sp.nkt;
 
     if (tid == 0) {
-        mbar_init(q_full, PT);
+        for (int s = 0; s < 2; s++) {
+            mbar_init(&q_full[s], PT);
+            mbar_init(&q_empty[s], CT);
+        }
         for (int s = 0; s < STAGES; s++) {
             mbar_init(&full[s], PT);
             mbar_init(&empty[s], CT);
@@ -576,105 +579,130 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
     static_assert(setmaxnreg_fits<PT + CT, PREGS, CREGS>(), "setmaxnreg over the block's registers");
     if (wg == 0) {
         setmaxnreg_dec<PREGS>();
-        // Tile j's copies have landed (the caller waited for its cp.async group): fence them for
-        // the wgmma that read them, then arrive (j = −1: Q).
-        auto publish = [&](int j) {
-            fence_proxy_async();
-            mbar_arrive(j < 0 ? q_full : &full[j % STAGES]);
-        };
-        if constexpr (LEAN)
+        // Unit n of this block (virtual block v = blockIdx.x + n·gridDim.x): its Q, once the
+        // consumers are done with unit n − 2's (the same tile), then its key tiles through the
+        // ring, whose position g (key tiles loaded before this unit) runs on across units.
+        int g = 0, n = 0;
+        for (int v = blockIdx.x; v < blocks; v += gridDim.x, n++) {
+            const SplitPiece sp = split_piece<QT, KN>(v, split_from, splits, La, Lb);
+            const int b = sp.bh / H, h = sp.bh % H, qs = n & 1;
+            const Tile qt = tile_of<QT>(sp.tile, La, Lb);
+            const long long q_off = row_offset(b, qt.stream == 0 ? La : Lb, qt.row0, H, h, D);
+            // Tile j of this unit has landed (the caller waited for its cp.async group): fence it
+            // for the wgmma that read it, then arrive (j = −1: Q).
+            auto publish = [&](int j) {
+                fence_proxy_async();
+                mbar_arrive(j < 0 ? &q_full[qs] : &full[(g + j) % STAGES]);
+            };
+            if (n >= 2) mbar_wait(&q_empty[qs], ((n / 2) - 1) & 1);
+            // Q once a unit by a rolled copy (unrolled, its addresses spilled at d = 128 beside
+            // the unit loop's state in the producer's 72 registers)
+            unsigned char* sQ = sQ0 + qs * QBYTES;
             load_tile_sw_lean<D, QT, PT>(sQ, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
-        else
-            load_tile_sw<D, QT, PT>(sQ, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
-        cp_async_commit();
-        for (int i = 0; i < nkt; i++) {
-            const int st = i % STAGES;
-            if (i >= STAGES) mbar_wait(&empty[st], ((i / STAGES) - 1) & 1);
-            load_kv_tile<D, KN, PT, VMUL, LEAN>(sK0 + st * KVBYTES, sV0 + st * KVBYTES, k0 + i, ka, va, kb, vb, La,
-                                                Lb, b, H, h);
             cp_async_commit();
-            if (i - LAG >= -1) {
-                cp_async_wait<LAG>();
-                publish(i - LAG);
+            for (int i = 0; i < sp.nkt; i++) {
+                const int tg = g + i, st = tg % STAGES;
+                if (tg >= STAGES) mbar_wait(&empty[st], ((tg / STAGES) - 1) & 1);
+                load_kv_tile<D, KN, PT, VMUL, LEAN>(sK0 + st * KVBYTES, sV0 + st * KVBYTES, sp.k0 + i, ka, va, kb,
+                                                    vb, La, Lb, b, H, h);
+                cp_async_commit();
+                if (i - LAG >= -1) {
+                    cp_async_wait<LAG>();
+                    publish(i - LAG);
+                }
             }
+            cp_async_wait<0>();
+            for (int j = max(-1, sp.nkt - LAG); j < sp.nkt; j++) publish(j);
+            g += sp.nkt;
         }
-        cp_async_wait<0>();
-        for (int j = max(-1, nkt - LAG); j < nkt; j++) publish(j);
         return;
     }
 
     setmaxnreg_inc<CREGS>();
     const int c = wg - 1, w = (tid / 32) % 4, lane = tid & 31;
-    const int g = lane >> 2, t = lane & 3;
-    const uint32_t q_addr = smem_addr(sQ) + c * 64 * 128, k_addr = smem_addr(sK0), v_addr = smem_addr(sV0);
+    const int gr = lane >> 2, t = lane & 3;
+    const uint32_t k_addr = smem_addr(sK0), v_addr = smem_addr(sV0);
     H2Regs<D, KN> R;
-#pragma unroll
-    for (int i = 0; i < D / 2; i++) R.o[i] = 0.f;
-    R.ms[0] = R.ms[1] = -INFINITY;
-    R.l[0] = R.l[1] = 0.f;
     uint32_t p0[KN / 16][4], p1[KN / 16][4];
 
     const int next_turn = 1 + (c + 1) % NC;  // the named barrier of the group issuing after this one
+    // The groups' turns alternate without a break from unit to unit (each takes nkt + 1 a unit).
     if (c == NC - 1) named_bar_arrive(1, TURN);  // group 0 issues first
-    mbar_wait(q_full, 0);
-    // One iteration, as fwd_h2's: tile i (stage i mod STAGES), `pv` = P_{i−1}, `pn` = P_i; i == nkt
-    // issues only the last tile's product. The stage of tile i − 1 is released once P_{i−1}·V_{i−1}
-    // (its last reader) is complete.
-    auto step = [&](int i, const uint32_t (&pv)[KN / 16][4], uint32_t (&pn)[KN / 16][4]) {
-        const int sp = (i + STAGES - 1) % STAGES;
-        const uint32_t v_prev = opaque(v_addr + sp * KVBYTES);
-        if (i == nkt) {
+    int g = 0, n = 0;
+    for (int v = blockIdx.x; v < blocks; v += gridDim.x, n++) {
+        const SplitPiece sp = split_piece<QT, KN>(v, split_from, splits, La, Lb);
+        const int qs = n & 1, nkt = sp.nkt, k0 = sp.k0;
+        const uint32_t q_addr = smem_addr(sQ0) + qs * QBYTES + c * 64 * 128;
+#pragma unroll
+        for (int i = 0; i < D / 2; i++) R.o[i] = 0.f;
+        R.ms[0] = R.ms[1] = -INFINITY;
+        R.l[0] = R.l[1] = 0.f;
+        mbar_wait(&q_full[qs], (n / 2) & 1);
+        // One iteration, as fwd_h2's: tile i (ring position g + i), `pv` = P_{i−1}, `pn` = P_i;
+        // i == nkt issues only the last tile's product. The stage of tile i − 1 is released once
+        // P_{i−1}·V_{i−1} (its last reader) is complete; Q's once S of the last tile is.
+        auto step = [&](int i, const uint32_t (&pv)[KN / 16][4], uint32_t (&pn)[KN / 16][4]) {
+            const int prev = (g + i + STAGES - 1) % STAGES;
+            const uint32_t v_prev = opaque(v_addr + prev * KVBYTES);
+            if (i == nkt) {
+                named_bar_sync(1 + c, TURN);
+                wgmma_fence();
+                fwd_issue_pv<D, KN>(R.o, pv, v_prev);
+                wgmma_commit();
+                named_bar_arrive(next_turn, TURN);
+                wgmma_wait<0>();
+                mbar_arrive(&empty[prev]);
+                return;
+            }
+            const int st = (g + i) % STAGES;
+            mbar_wait(&full[st], ((g + i) / STAGES) & 1);
+            const uint32_t k_st = opaque(k_addr + st * KVBYTES), q_at = opaque(q_addr);
+            float s[KN / 2];
             named_bar_sync(1 + c, TURN);
             wgmma_fence();
-            fwd_issue_pv<D, KN>(R.o, pv, v_prev);
+            fwd_issue_s<D, KN, QT>(s, q_at, k_st);
+            wgmma_commit();
+            if (i > 0) fwd_issue_pv<D, KN>(R.o, pv, v_prev);
             wgmma_commit();
             named_bar_arrive(next_turn, TURN);
-            wgmma_wait<0>();
-            return;
-        }
-        const int st = i % STAGES;
-        mbar_wait(&full[st], (i / STAGES) & 1);
-        const uint32_t k_st = opaque(k_addr + st * KVBYTES), q_at = opaque(q_addr);
-        float s[KN / 2];
-        named_bar_sync(1 + c, TURN);
-        wgmma_fence();
-        fwd_issue_s<D, KN, QT>(s, q_at, k_st);
-        wgmma_commit();
-        if (i > 0) fwd_issue_pv<D, KN>(R.o, pv, v_prev);
-        wgmma_commit();
-        named_bar_arrive(next_turn, TURN);
-        wgmma_wait<1>();  // S_i complete; P_{i−1}·V_{i−1} may still run
-        const int kg = k0 + i;  // the key tile's index over both streams
-        const int krows = min(KN, kg < ntiles<KN>(La) ? La - kg * KN : Lb - (kg - ntiles<KN>(La)) * KN);
-        float alpha[2];
+            wgmma_wait<1>();  // S_i complete; P_{i−1}·V_{i−1} may still run
+            if (i == nkt - 1) mbar_arrive(&q_empty[qs]);  // Q's last reader is done
+            const int kg = k0 + i;  // the key tile's index over both streams
+            const int krows = min(KN, kg < ntiles<KN>(La) ? La - kg * KN : Lb - (kg - ntiles<KN>(La)) * KN);
+            float alpha[2];
+            if constexpr (PSETS == 2) {
+                softmax_to_p<D, KN, POLY>(s, alpha, R.ms, R.l, pn, krows, t, scale_log2);
+                wgmma_wait<0>();
+                rescale_o<D>(R.o, alpha);
+            } else {
+                softmax_exps<D, KN, POLY>(s, alpha, R.ms, R.l, krows, t, scale_log2);
+                wgmma_wait<0>();  // P_{i−1}·V_{i−1} has read the P registers
+                rescale_o<D>(R.o, alpha);
+                pack_p<KN>(s, pn);
+            }
+            if (i > 0) mbar_arrive(&empty[prev]);  // P_{i−1}·V_{i−1}, the stage's last reader, is done
+        };
         if constexpr (PSETS == 2) {
-            softmax_to_p<D, KN, POLY>(s, alpha, R.ms, R.l, pn, krows, t, scale_log2);
-            wgmma_wait<0>();
-            rescale_o<D>(R.o, alpha);
+            for (int i = 0; i <= nkt; i += 2) {
+                step(i, p1, p0);
+                if (i + 1 <= nkt) step(i + 1, p0, p1);
+            }
         } else {
-            softmax_exps<D, KN, POLY>(s, alpha, R.ms, R.l, krows, t, scale_log2);
-            wgmma_wait<0>();  // P_{i−1}·V_{i−1} has read the P registers
-            rescale_o<D>(R.o, alpha);
-            pack_p<KN>(s, pn);
+            for (int i = 0; i <= nkt; i++) step(i, p0, p0);
         }
-        if (i > 0) mbar_arrive(&empty[sp]);  // P_{i−1}·V_{i−1}, the stage's last reader, is done
-    };
-    if constexpr (PSETS == 2) {
-        for (int i = 0; i <= nkt; i += 2) {
-            step(i, p1, p0);
-            if (i + 1 <= nkt) step(i + 1, p0, p1);
-        }
-    } else {
-        for (int i = 0; i <= nkt; i++) step(i, p0, p0);
+
+        const int bh = sp.bh, b = bh / H, h = bh % H;
+        const Tile qt = tile_of<QT>(sp.tile, La, Lb);
+        const int row0 = 64 * c + 16 * w + gr;  // this thread's rows: row0 and row0 + 8
+        if (sp.slot >= 0)
+            fwd_store_piece<D, QT>(R.o, R.ms, R.l, opart, sp.slot, row0, qt.rows, t);
+        else
+            store_rows<D>(R.o, R.ms, R.l, lse + (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0,
+                          (qt.stream == 0 ? oa : ob) + row_offset(b, qt.stream == 0 ? La : Lb, qt.row0, H, h, D),
+                          ld, row0, qt.rows, t);
+        g += nkt;
     }
     if (c == 0) named_bar_sync(1, TURN);  // the last group's last arrive
-
-    const int row0 = 64 * c + 16 * w + g;  // this thread's rows: row0 and row0 + 8
-    if (sp.slot >= 0)
-        fwd_store_piece<D, QT>(R.o, R.ms, R.l, opart, sp.slot, row0, qt.rows, t);
-    else
-        store_rows<D>(R.o, R.ms, R.l, lse + (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0,
-                      (qt.stream == 0 ? oa : ob) + q_off, ld, row0, qt.rows, t);
 }
 
 // ---- Backward (BwdVariant::H1) ---------------------------------------------------------------

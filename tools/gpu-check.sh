@@ -139,6 +139,8 @@ ADVDMD_ATTN_NO_HOPPER=1 step mmdit-sd35m-nohopper 120 "$BIN/advdmd" bench mmdit 
 # steps without (mmdit-sd35m, sample-sd35m-graph, step-sd35m-80g-graph)
 MMDIT_FIXTURES=$(ls -d .gpu/fixtures/*/ | tr '\n' ':') ADVDMD_PDL=1 step tests-pdl 150 bash -c \
   "$BIN/mmdit-device-test --test-threads=1 && $BIN/advdmd-device-test --test-threads=1 && $BIN/kernels-test attention --test-threads=1"
+# the H3-H6 forward on one block an SM taking the units in turns (ADVDMD_ATTN_PERSISTENT=1)
+ADVDMD_ATTN_PERSISTENT=1 step mmdit-sd35m-persistent 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
 ADVDMD_PDL=1 step mmdit-sd35m-pdl 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
 ADVDMD_PDL=1 step sample-sd35m-graph-pdl 90 "$BIN/advdmd" bench sample --device cuda --model sd3.5-medium --res 1024 --batch 1 --steps 4 --cfg 1 --iters 10 --graph --json
 ADVDMD_PDL=1 step step-sd35m-80g-graph-pdl 180 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 3 --bf16-moments --checkpoint-activations --graph --json
@@ -252,5 +254,5 @@ with open(f"{out}/report.md", "w") as f:
             f.write(f"| {r['op']} | {r['calls']} | {r['ms']:.3f} | {r['share']:.1f} | {'' if tf is None else f'{tf:.0f}'} |\n")
 print(open(f"{out}/report.md").read()[-8000:])
 PY
-for s in hopper tests model runtime tests-pdl ncu-attention mmdit-shapes mmdit-sd35m mmdit-sd35m-pdl mmdit-sd35m-1stream mmdit-sd35m-nohopper mmdit-sd35m-autotune mmdit-sd35m-profile mmdit-sd35m-base mmdit-sd35m-512 sample-sd35m sample-sd35m-graph sample-sd35m-graph-1stream sample-sd35m-graph-pdl sample-512 advdmd step-shapes step-shapes-graph distill step-sd35m step-sd35m-80g step-sd35m-80g-graph step-sd35m-80g-1024 step-sd35m-80g-profile step-sd35m-80g-graph-1stream step-sd35m-80g-graph-autotune step-sd35m-80g-graph-pdl mmdit-sd35l sample-sd35l torch bench bench-pdl attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
+for s in hopper tests model runtime tests-pdl ncu-attention mmdit-shapes mmdit-sd35m mmdit-sd35m-pdl mmdit-sd35m-persistent mmdit-sd35m-1stream mmdit-sd35m-nohopper mmdit-sd35m-autotune mmdit-sd35m-profile mmdit-sd35m-base mmdit-sd35m-512 sample-sd35m sample-sd35m-graph sample-sd35m-graph-1stream sample-sd35m-graph-pdl sample-512 advdmd step-shapes step-shapes-graph distill step-sd35m step-sd35m-80g step-sd35m-80g-graph step-sd35m-80g-1024 step-sd35m-80g-profile step-sd35m-80g-graph-1stream step-sd35m-80g-graph-autotune step-sd35m-80g-graph-pdl mmdit-sd35l sample-sd35l torch bench bench-pdl attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
 exit $status

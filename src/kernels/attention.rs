@@ -718,7 +718,22 @@ pub mod dev {
             }
         }
         check("ADVDMD_ATTN_FWD", &FwdVariant::ALL)?;
-        check("ADVDMD_ATTN_BWD", &BwdVariant::ALL)
+        check("ADVDMD_ATTN_BWD", &BwdVariant::ALL)?;
+        persistent_env().map(|_| ())
+    }
+
+    /// `ADVDMD_ATTN_PERSISTENT`: `1` runs the H3–H6 forward on one block an SM, each taking the
+    /// units in turns (`fwd_h3`: the next unit's loads overlap this one's last tiles and its
+    /// stores); `0` or unset: a block a unit.
+    pub fn persistent_env() -> Result<bool, String> {
+        match std::env::var("ADVDMD_ATTN_PERSISTENT") {
+            Err(_) => Ok(false),
+            Ok(v) => match v.trim() {
+                "0" => Ok(false),
+                "1" => Ok(true),
+                _ => Err(format!("ADVDMD_ATTN_PERSISTENT={v:?} is not 0 or 1")),
+            },
+        }
     }
 
     /// `all` less the variants `is_hopper` names when [`hopper_disabled`].
@@ -904,12 +919,13 @@ pub mod dev {
                 // Unpadded swizzled tiles, 1 KB to align them, 128-key tiles at d = 64; H3's
                 // mbarriers (Q, and full and empty per stage) after the tiles.
                 let keys = Self::key_rows(d);
-                let bars = if !matches!(self, FwdVariant::H1 | FwdVariant::H2) {
-                    8 * (1 + 2 * self.stages(d))
-                } else {
-                    0
-                };
-                return (1024 + (self.rows() + 2 * self.stages(d) * keys) * d * 2 + bars) as u32;
+                if self.splits_keys() {
+                    // H3–H6: two Q tiles; q_full, q_empty per Q tile and full, empty per stage
+                    let bars = 8 * (4 + 2 * self.stages(d));
+                    let tiles = 2 * self.rows() + 2 * self.stages(d) * keys;
+                    return (1024 + tiles * d * 2 + bars) as u32;
+                }
+                return (1024 + (self.rows() + 2 * self.stages(d) * keys) * d * 2) as u32;
             }
             ((self.rows() + 2 * self.stages(d) * TILE) * (d + 8) * 2) as u32
         }
@@ -1348,12 +1364,14 @@ pub mod dev {
     /// [`joint_attention_fwd_with`] under a chosen [`SplitPlan`] (`[qa, ka, va, qb, kb, vb]`; V
     /// rows `H·d` apart), for tests and the bench: `variant` must take one
     /// ([`FwdVariant::split_units`]).
+    /// `ctas`: the grid, which takes the plan's blocks in turns (`None`: a block each).
     pub fn joint_attention_fwd_split_with(
         dev: &KernelDevice,
         qkv: [&DevBuf<bf16>; 6],
         dims: AttnDims,
         variant: FwdVariant,
         plan: SplitPlan,
+        ctas: Option<u32>,
     ) -> KernelResult<(DevBuf<bf16>, DevBuf<bf16>, DevBuf<f32>)> {
         if variant.split_units(dims).is_none() {
             return Err(KernelError::Invalid(format!(
@@ -1361,7 +1379,23 @@ pub mod dev {
                 dims.d
             )));
         }
-        fwd_planned(dev, qkv, dims, variant, dims.h * dims.d, Some(plan))
+        if ctas == Some(0) {
+            return Err(KernelError::Invalid("joint attention: a grid of 0".into()));
+        }
+        let launch = FwdLaunch {
+            plan: Some(plan),
+            ctas,
+        };
+        fwd_planned(dev, qkv, dims, variant, dims.h * dims.d, launch)
+    }
+
+    /// How the H3–H6 forward is launched: its [`SplitPlan`] (`None`: [`SplitPlan::last_wave`] on
+    /// the device's SMs) and its grid (`None`: a block a planned block, or one an SM under
+    /// `ADVDMD_ATTN_PERSISTENT=1`).
+    #[derive(Clone, Copy, Debug, Default)]
+    struct FwdLaunch {
+        plan: Option<SplitPlan>,
+        ctas: Option<u32>,
     }
 
     fn fwd(
@@ -1371,18 +1405,17 @@ pub mod dev {
         variant: FwdVariant,
         v_ld: usize,
     ) -> KernelResult<(DevBuf<bf16>, DevBuf<bf16>, DevBuf<f32>)> {
-        fwd_planned(dev, qkv, dims, variant, v_ld, None)
+        fwd_planned(dev, qkv, dims, variant, v_ld, FwdLaunch::default())
     }
 
-    /// The forward; `plan` for the H3–H6 kernels (`None`: [`SplitPlan::last_wave`] on the
-    /// device's SMs), ignored by the others.
+    /// The forward; `launch` for the H3–H6 kernels, ignored by the others.
     fn fwd_planned(
         dev: &KernelDevice,
         [qa, ka, va, qb, kb, vb]: [&DevBuf<bf16>; 6],
         dims: AttnDims,
         variant: FwdVariant,
         v_ld: usize,
-        plan: Option<SplitPlan>,
+        launch: FwdLaunch,
     ) -> KernelResult<(DevBuf<bf16>, DevBuf<bf16>, DevBuf<f32>)> {
         let work = dims.validate()?;
         check_qkv(&dims, qa, ka, va, qb, kb, vb, v_ld)?;
@@ -1425,13 +1458,21 @@ pub mod dev {
             dev.launch(&name, grid.with_shared(shared), args.f32(scale_log2))?;
             return Ok((oa, ob, lse));
         };
-        let plan =
-            plan.unwrap_or_else(|| SplitPlan::last_wave(units, dev.sm_count() as u32, key_tiles));
+        let sms = dev.sm_count() as u32;
+        let plan = launch
+            .plan
+            .unwrap_or_else(|| SplitPlan::last_wave(units, sms, key_tiles));
         plan.check(units, key_tiles)?;
-        let grid = LaunchCfg::linear(plan.blocks(units), variant.threads()).with_shared(shared);
+        let blocks = plan.blocks(units);
+        let ctas = match launch.ctas {
+            Some(c) => c.min(blocks),
+            None if persistent_env().unwrap_or(false) => sms.min(blocks),
+            None => blocks,
+        };
+        let grid = LaunchCfg::linear(ctas, variant.threads()).with_shared(shared);
         let args = args.f32(scale_log2);
         if !plan.is_split(units) {
-            let args = args.null().i32(units as i32).i32(1);
+            let args = args.null().i32(units as i32).i32(1).i32(blocks as i32);
             dev.launch(&name, grid, args)?;
             return Ok((oa, ob, lse));
         }
@@ -1442,7 +1483,8 @@ pub mod dev {
         let args = args
             .buf(&opart)
             .i32(plan.split_from as i32)
-            .i32(plan.splits as i32);
+            .i32(plan.splits as i32)
+            .i32(blocks as i32);
         dev.launch(&name, grid, args)?;
         let combine = KernelArgs::new()
             .buf(&oa)

@@ -250,6 +250,7 @@ fn joint_attention_fwd_split_along_the_keys_matches_cpu() {
                     continue; // H4–H6 run H3 at d = 128
                 }
                 let plans = [
+                    gpu::SplitPlan::none(units),
                     gpu::SplitPlan {
                         split_from: 0,
                         splits: 2,
@@ -263,12 +264,14 @@ fn joint_attention_fwd_split_along_the_keys_matches_cpu() {
                         splits: key_tiles,
                     },
                 ];
-                for plan in plans {
+                // each plan on a block a planned block, and on 3 blocks taking them in turns
+                // (ADVDMD_ATTN_PERSISTENT's structure: Q tiles, ring and turns across units)
+                for (plan, ctas) in plans.into_iter().flat_map(|p| [(p, None), (p, Some(3))]) {
                     let (oa, ob, lse) =
-                        gpu::joint_attention_fwd_split_with(&dev, qkv, dims, variant, plan)
+                        gpu::joint_attention_fwd_split_with(&dev, qkv, dims, variant, plan, ctas)
                             .unwrap();
                     let tag = format!(
-                        "joint_attention_fwd[{variant:?} from {} x{}]",
+                        "joint_attention_fwd[{variant:?} from {} x{} on {ctas:?}]",
                         plan.split_from, plan.splits
                     );
                     let shape = inp.shape();
@@ -416,6 +419,7 @@ fn joint_attention_rejects_a_bad_split_plan() {
                 inp.dims,
                 gpu::FwdVariant::H3,
                 plan,
+                None,
             );
             assert!(r.is_err(), "{plan:?} was accepted");
         }
@@ -425,8 +429,18 @@ fn joint_attention_rejects_a_bad_split_plan() {
             inp.dims,
             gpu::FwdVariant::H1,
             gpu::SplitPlan::none(2),
+            None,
         );
         assert!(r.is_err(), "H1 took a split plan");
+        let r = gpu::joint_attention_fwd_split_with(
+            &dev,
+            bufs.each_ref(),
+            inp.dims,
+            gpu::FwdVariant::H3,
+            gpu::SplitPlan::none(units),
+            Some(0),
+        );
+        assert!(r.is_err(), "a grid of 0 was accepted");
     }
 }
 
