@@ -1287,27 +1287,16 @@ ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h3_d64_vfused, 384, 1, attn_h::fwd_h3<64, 12
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h3_d128, 384, 1, attn_h::fwd_h3<128, 64, 4, 1>)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h3_d128_vfused, 384, 1, attn_h::fwd_h3<128, 64, 4, 3>)
 // The split forward's combine, per head dim and query rows a unit (H3, H4: 128; H5, H6: 192).
-extern "C" __global__ void __launch_bounds__(256)
-    joint_attn_fwd_split_combine_d64_q128(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-                                          const float* __restrict__ opart, int La, int Lb, int H, int split_from,
-                                          int splits) {
-    kernel_prologue();
-    attn_h::fwd_split_combine<64, 128>(oa, ob, lse, opart, La, Lb, H, split_from, splits);
-}
-extern "C" __global__ void __launch_bounds__(256)
-    joint_attn_fwd_split_combine_d64_q192(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-                                          const float* __restrict__ opart, int La, int Lb, int H, int split_from,
-                                          int splits) {
-    kernel_prologue();
-    attn_h::fwd_split_combine<64, 192>(oa, ob, lse, opart, La, Lb, H, split_from, splits);
-}
-extern "C" __global__ void __launch_bounds__(256)
-    joint_attn_fwd_split_combine_d128_q128(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
-                                           const float* __restrict__ opart, int La, int Lb, int H, int split_from,
-                                           int splits) {
-    kernel_prologue();
-    attn_h::fwd_split_combine<128, 128>(oa, ob, lse, opart, La, Lb, H, split_from, splits);
-}
+#define FWD_SPLIT_COMBINE_ENTRY(name, D, QT)                                                    \
+    extern "C" __global__ void __launch_bounds__(256)                                           \
+        name(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,             \
+             const float* __restrict__ opart, int La, int Lb, int H, int split_from, int splits) { \
+        kernel_prologue();                                                                      \
+        attn_h::fwd_split_combine<D, QT>(oa, ob, lse, opart, La, Lb, H, split_from, splits);    \
+    }
+FWD_SPLIT_COMBINE_ENTRY(joint_attn_fwd_split_combine_d64_q128, 64, 128)
+FWD_SPLIT_COMBINE_ENTRY(joint_attn_fwd_split_combine_d64_q192, 64, 192)
+FWD_SPLIT_COMBINE_ENTRY(joint_attn_fwd_split_combine_d128_q128, 128, 128)
 // Forward H4 (D = 64): H3 with a quarter of the exponentials on the FMA pipes (poly_exp2).
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h4_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4>)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h4_d64_vfused, 384, 1, attn_h::fwd_h3<64, 128, 4, 3, 4>)
@@ -1334,17 +1323,14 @@ ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h3_d64_vfused, 384, 1, attn_h::bwd_h3<3>)
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h4_d64, 384, 1, attn_h::bwd_h3<1, true>)
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h4_d64_vfused, 384, 1, attn_h::bwd_h3<3, true>)
 // The split backward's combine (H3, H4: 128-key units at D = 64), V alone and inside a fused qkv.
-extern "C" __global__ void __launch_bounds__(256)
-    joint_attn_bwd_split_combine_d64(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
-                                     bf16* __restrict__ dvb, const float* __restrict__ kvpart, int La, int Lb, int H,
-                                     int split_from, int splits) {
-    kernel_prologue();
-    attn_h::bwd_split_combine<64, 128, 1>(dka, dva, dkb, dvb, kvpart, La, Lb, H, split_from, splits);
-}
-extern "C" __global__ void __launch_bounds__(256)
-    joint_attn_bwd_split_combine_d64_vfused(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
-                                            bf16* __restrict__ dvb, const float* __restrict__ kvpart, int La, int Lb,
-                                            int H, int split_from, int splits) {
-    kernel_prologue();
-    attn_h::bwd_split_combine<64, 128, 3>(dka, dva, dkb, dvb, kvpart, La, Lb, H, split_from, splits);
-}
+#define BWD_SPLIT_COMBINE_ENTRY(name, VMUL)                                                     \
+    extern "C" __global__ void __launch_bounds__(256)                                           \
+        name(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,            \
+             bf16* __restrict__ dvb, const float* __restrict__ kvpart, int La, int Lb, int H,   \
+             int split_from, int splits) {                                                      \
+        kernel_prologue();                                                                      \
+        attn_h::bwd_split_combine<64, 128, VMUL>(dka, dva, dkb, dvb, kvpart, La, Lb, H,         \
+                                                 split_from, splits);                           \
+    }
+BWD_SPLIT_COMBINE_ENTRY(joint_attn_bwd_split_combine_d64, 1)
+BWD_SPLIT_COMBINE_ENTRY(joint_attn_bwd_split_combine_d64_vfused, 3)

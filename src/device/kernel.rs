@@ -85,12 +85,17 @@ pub fn streams_env() -> Result<usize, String> {
 /// its stream (sm_90: it may be scheduled while that grid finishes, and waits in its
 /// `kernel_prologue`, cuda/common.cuh); `0` or unset: plain launches. Anything else is an error.
 pub fn pdl_env() -> Result<bool, String> {
-    match std::env::var("ADVDMD_PDL") {
+    env_flag("ADVDMD_PDL")
+}
+
+/// An on/off environment variable: `1` on, `0` or unset off, anything else an error naming it.
+pub fn env_flag(var: &str) -> Result<bool, String> {
+    match std::env::var(var) {
         Err(_) => Ok(false),
         Ok(v) => match v.trim() {
             "0" => Ok(false),
             "1" => Ok(true),
-            _ => Err(format!("ADVDMD_PDL={v:?} is not 0 or 1")),
+            _ => Err(format!("{var}={v:?} is not 0 or 1")),
         },
     }
 }

@@ -726,14 +726,7 @@ pub mod dev {
     /// units in turns (`fwd_h3`: the next unit's loads overlap this one's last tiles and its
     /// stores); `0` or unset: a block a unit.
     pub fn persistent_env() -> Result<bool, String> {
-        match std::env::var("ADVDMD_ATTN_PERSISTENT") {
-            Err(_) => Ok(false),
-            Ok(v) => match v.trim() {
-                "0" => Ok(false),
-                "1" => Ok(true),
-                _ => Err(format!("ADVDMD_ATTN_PERSISTENT={v:?} is not 0 or 1")),
-            },
-        }
+        crate::device::kernel::env_flag("ADVDMD_ATTN_PERSISTENT")
     }
 
     /// `all` less the variants `is_hopper` names when [`hopper_disabled`].

@@ -249,21 +249,7 @@ fn joint_attention_fwd_split_along_the_keys_matches_cpu() {
                 if variant.resolve(d) != variant {
                     continue; // H4–H6 run H3 at d = 128
                 }
-                let plans = [
-                    gpu::SplitPlan::none(units),
-                    gpu::SplitPlan {
-                        split_from: 0,
-                        splits: 2,
-                    },
-                    gpu::SplitPlan {
-                        split_from: units - 2,
-                        splits: 3,
-                    },
-                    gpu::SplitPlan {
-                        split_from: units - 1,
-                        splits: key_tiles,
-                    },
-                ];
+                let plans = split_plans(units, key_tiles, true);
                 // each plan on a block a planned block, and on 3 blocks taking them in turns
                 // (ADVDMD_ATTN_PERSISTENT's structure: Q tiles, ring and turns across units)
                 for (plan, ctas) in plans.into_iter().flat_map(|p| [(p, None), (p, Some(3))]) {
@@ -332,20 +318,7 @@ fn joint_attention_bwd_split_along_the_queries_matches_cpu() {
             let Some((units, query_tiles)) = variant.split_units(dims) else {
                 continue;
             };
-            let plans = [
-                gpu::SplitPlan {
-                    split_from: 0,
-                    splits: 2,
-                },
-                gpu::SplitPlan {
-                    split_from: units - 2,
-                    splits: 3,
-                },
-                gpu::SplitPlan {
-                    split_from: units - 1,
-                    splits: query_tiles,
-                },
-            ];
+            let plans = split_plans(units, query_tiles, false);
             for plan in plans {
                 let grads = gpu::joint_attention_bwd_split_with(
                     &dev,
@@ -369,6 +342,17 @@ fn joint_attention_bwd_split_along_the_queries_matches_cpu() {
             }
         }
     }
+}
+
+/// The split plans the split tests run over `units` units of `tiles` tiles: every unit split two
+/// ways, the last two three ways, the last one into single tiles (and none split, `whole`).
+fn split_plans(units: u32, tiles: u32, whole: bool) -> Vec<gpu::SplitPlan> {
+    let plan = |split_from, splits| gpu::SplitPlan { split_from, splits };
+    let mut plans = vec![plan(0, 2), plan(units - 2, 3), plan(units - 1, tiles)];
+    if whole {
+        plans.insert(0, gpu::SplitPlan::none(units));
+    }
+    plans
 }
 
 /// The split plan of the forward's last wave: none when the waves are full, the part-full
