@@ -188,11 +188,18 @@ __device__ __forceinline__ void rescale_o(float (&o)[D / 2], const float (&alpha
         }
 }
 
+__device__ __forceinline__ void store_pair(bf16* p, float a, float b) {
+    *reinterpret_cast<uint32_t*>(p) = pack_bf16x2(a, b);
+}
+__device__ __forceinline__ void store_pair(float* p, float a, float b) {
+    *reinterpret_cast<float2*>(p) = make_float2(a, b);
+}
+
 // The epilogue: this thread's rows row0 and row0 + 8 (of the block's `rows` valid ones) get their
-// lse (from the quad-summed l) and O / l in bf16.
-template <int D>
+// lse (from the quad-summed l) and O / l (bf16; f32 for a split unit's piece).
+template <int D, typename T>
 __device__ __forceinline__ void store_rows(const float (&o)[D / 2], const float (&ms)[2], float (&l)[2], float* lrow,
-                                           bf16* out, long long ld, int row0, int rows, int t) {
+                                           T* out, long long ld, int row0, int rows, int t) {
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         l[r] += __shfl_xor_sync(FULL_MASK, l[r], 1);
@@ -204,10 +211,9 @@ __device__ __forceinline__ void store_rows(const float (&o)[D / 2], const float 
         if (row >= rows) continue;
         if (t == 0) lrow[row] = ms[r] * kLn2 + logf(l[r]);
         const float f = 1.f / l[r];
-        bf16* dst = out + row * ld + 2 * t;
+        T* dst = out + row * ld + 2 * t;
 #pragma unroll
-        for (int j = 0; j < D / 8; j++)
-            *reinterpret_cast<uint32_t*>(dst + 8 * j) = pack_bf16x2(o[4 * j + 2 * r] * f, o[4 * j + 2 * r + 1] * f);
+        for (int j = 0; j < D / 8; j++) store_pair(dst + 8 * j, o[4 * j + 2 * r] * f, o[4 * j + 2 * r + 1] * f);
     }
 }
 
@@ -445,22 +451,7 @@ template <int D, int QT>
 __device__ __forceinline__ void fwd_store_piece(const float (&o)[D / 2], const float (&ms)[2], float (&l)[2],
                                                 float* __restrict__ opart, int slot, int row0, int rows, int t) {
     float* dst = piece_slot<D, QT>(opart, slot);
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        l[r] += __shfl_xor_sync(FULL_MASK, l[r], 1);
-        l[r] += __shfl_xor_sync(FULL_MASK, l[r], 2);
-    }
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        const int row = row0 + 8 * r;
-        if (row >= rows) continue;
-        if (t == 0) dst[QT * D + row] = ms[r] * kLn2 + logf(l[r]);
-        const float f = 1.f / l[r];
-        float* out = dst + row * D + 2 * t;
-#pragma unroll
-        for (int j = 0; j < D / 8; j++)
-            *reinterpret_cast<float2*>(out + 8 * j) = make_float2(o[4 * j + 2 * r] * f, o[4 * j + 2 * r + 1] * f);
-    }
+    store_rows<D>(o, ms, l, dst + QT * D, dst, D, row0, rows, t);
 }
 
 // O and lse of the split units from their pieces: lse = log Σ_p e^{lse_p}, O = Σ_p e^{lse_p − lse}·O_p
