@@ -984,10 +984,10 @@ pub mod dev {
             self.splits > 1 && self.split_from < units
         }
 
-        fn check(self, units: u32, key_tiles: u32) -> KernelResult<()> {
-            if self.splits == 0 || self.split_from > units || self.splits > key_tiles.max(1) {
+        fn check(self, units: u32, tiles: u32) -> KernelResult<()> {
+            if self.splits == 0 || self.split_from > units || self.splits > tiles.max(1) {
                 return Err(KernelError::Invalid(format!(
-                    "joint attention: {self:?} for {units} units of {key_tiles} key tiles"
+                    "joint attention: {self:?} for {units} units of {tiles} tiles each"
                 )));
             }
             Ok(())
@@ -1587,6 +1587,43 @@ pub mod dev {
     #[allow(clippy::too_many_arguments)]
     pub fn joint_attention_bwd_v_ld_with(
         dev: &KernelDevice,
+        qkv: [&DevBuf<bf16>; 6],
+        outs: [&DevBuf<bf16>; 4],
+        lse: &DevBuf<f32>,
+        dims: AttnDims,
+        v_ld: usize,
+        dv: [&DevBuf<bf16>; 2],
+        variant: BwdVariant,
+    ) -> KernelResult<[DevBuf<bf16>; 4]> {
+        bwd_v_ld(dev, qkv, outs, lse, dims, v_ld, dv, variant, None)
+    }
+
+    /// [`joint_attention_bwd_v_ld_with`] under a chosen [`SplitPlan`] (tests: the split
+    /// backward's dV written inside a fused qkv gradient); `variant` must take one.
+    #[allow(clippy::too_many_arguments)]
+    pub fn joint_attention_bwd_v_ld_split_with(
+        dev: &KernelDevice,
+        qkv: [&DevBuf<bf16>; 6],
+        outs: [&DevBuf<bf16>; 4],
+        lse: &DevBuf<f32>,
+        dims: AttnDims,
+        v_ld: usize,
+        dv: [&DevBuf<bf16>; 2],
+        variant: BwdVariant,
+        plan: SplitPlan,
+    ) -> KernelResult<[DevBuf<bf16>; 4]> {
+        if variant.split_units(dims).is_none() {
+            return Err(KernelError::Invalid(format!(
+                "joint attention: {variant:?} at d = {} takes no split plan",
+                dims.d
+            )));
+        }
+        bwd_v_ld(dev, qkv, outs, lse, dims, v_ld, dv, variant, Some(plan))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn bwd_v_ld(
+        dev: &KernelDevice,
         [qa, ka, va, qb, kb, vb]: [&DevBuf<bf16>; 6],
         [oa, ob, doa, dob]: [&DevBuf<bf16>; 4],
         lse: &DevBuf<f32>,
@@ -1594,6 +1631,7 @@ pub mod dev {
         v_ld: usize,
         [dva, dvb]: [&DevBuf<bf16>; 2],
         variant: BwdVariant,
+        plan: Option<SplitPlan>,
     ) -> KernelResult<[DevBuf<bf16>; 4]> {
         check_v(&dims, "dv_a", dva, dims.la, v_ld)?;
         check_v(&dims, "dv_b", dvb, dims.lb, v_ld)?;
@@ -1606,15 +1644,8 @@ pub mod dev {
         ];
         let [dqa, dka, dqb, dkb] = &grads;
         let operands = [qa, ka, va, qb, kb, vb, oa, ob, doa, dob];
-        bwd(
-            dev,
-            operands,
-            lse,
-            dims,
-            variant,
-            v_ld,
-            [dqa, dka, dva, dqb, dkb, dvb],
-        )?;
+        let outs = [dqa, dka, dva, dqb, dkb, dvb];
+        bwd_planned(dev, operands, lse, dims, variant, v_ld, outs, plan)?;
         Ok(grads)
     }
 

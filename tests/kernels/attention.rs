@@ -703,6 +703,68 @@ fn joint_attention_reads_v_inside_a_fused_qkv() {
                     }
                 }
             }
+            // The split backward's combine writes dV inside the fused gradient as the plain
+            // launch does (H3, H4: every unit split two ways where a unit has two query tiles;
+            // dK, dV bit for bit).
+            for variant in gpu::BwdVariant::enabled() {
+                let Some((units, tiles)) = variant.split_units(dims) else {
+                    continue;
+                };
+                if tiles < 2 {
+                    continue; // one query tile: nothing to split
+                }
+                let plan = gpu::SplitPlan {
+                    split_from: 0,
+                    splits: 2,
+                };
+                let run = |fused: bool| {
+                    let (ga, gb) = (up(&vec![7.0; fa.len()]), up(&vec![7.0; fb.len()]));
+                    let (dva, dvb) = (window(&ga, la, hd), window(&gb, lb, hd));
+                    let (va_, vb_, v_ld) = if fused {
+                        (&*vfa, &*vfb, 3 * hd)
+                    } else {
+                        (&va, &vb, hd)
+                    };
+                    let (pa, pb);
+                    let dv: [&DevBuf<bf16>; 2] = if fused {
+                        [&dva, &dvb]
+                    } else {
+                        pa = dev.alloc::<bf16>(va.len()).unwrap();
+                        pb = dev.alloc::<bf16>(vb.len()).unwrap();
+                        [&pa, &pb]
+                    };
+                    let [_, dka, _, dkb] = gpu::joint_attention_bwd_v_ld_split_with(
+                        &dev,
+                        [&qa, &ka, va_, &qb, &kb, vb_],
+                        [&oa, &ob, &doa, &dob],
+                        &lse,
+                        dims,
+                        v_ld,
+                        dv,
+                        variant,
+                        plan,
+                    )
+                    .unwrap();
+                    let dv_rows = |g: &DevBuf<bf16>, l: usize| -> Vec<f32> {
+                        let all = download_f32(&dev, g);
+                        (0..b * l)
+                            .flat_map(|r| all[r * v_ld..r * v_ld + hd].to_vec())
+                            .collect()
+                    };
+                    let (dva_rows, dvb_rows) = (dv_rows(dv[0], la), dv_rows(dv[1], lb));
+                    (
+                        download_f32(&dev, &dka),
+                        download_f32(&dev, &dkb),
+                        dva_rows,
+                        dvb_rows,
+                    )
+                };
+                assert!(units > 0);
+                assert!(
+                    run(true) == run(false),
+                    "{shape} {variant:?} split: the fused dK, dV differ from the plain ones"
+                );
+            }
             println!(
                 "kernel attention[v fused]           device {:<24} shape {shape:<18} identical",
                 dev.name()
