@@ -412,38 +412,87 @@ pub mod dev {
     pub fn adaln_modulate_bwd_ld(
         dev: &KernelDevice,
         x: &DevBuf<bf16>,
+        scale: (&DevBuf<bf16>, usize),
+        mean: &DevBuf<f32>,
+        rstd: &DevBuf<f32>,
+        dy: &DevBuf<bf16>,
+        dims: (usize, usize, usize),
+    ) -> KernelResult<(DevBuf<bf16>, DevBuf<f32>, DevBuf<f32>)> {
+        let dx = dev.alloc::<bf16>(dims.0 * dims.1 * dims.2)?;
+        let (dshift, dscale) = bwd(dev, x, scale, mean, rstd, dy, dims, DxOut::Bf16(&dx))?;
+        Ok((dx, dshift, dscale))
+    }
+
+    /// [`adaln_modulate_bwd_ld`] with dx added into the residual stream's f32 gradient instead of
+    /// returned: `out = a + dx` (dx rounded to bf16 first) and, with `out16`, its bf16 rounding
+    /// (`out` may be `a`). One pass where the vector kernel runs (`adaln_modulate_bwd_dx_acc`),
+    /// else dx and `residual_grad_add`: the same values either way. Returns `(dshift, dscale)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn adaln_modulate_bwd_acc_ld(
+        dev: &KernelDevice,
+        x: &DevBuf<bf16>,
+        scale: (&DevBuf<bf16>, usize),
+        mean: &DevBuf<f32>,
+        rstd: &DevBuf<f32>,
+        dy: &DevBuf<bf16>,
+        dims: (usize, usize, usize),
+        (out, out16, a): (&DevBuf<f32>, Option<&DevBuf<bf16>>, &DevBuf<f32>),
+    ) -> KernelResult<(DevBuf<f32>, DevBuf<f32>)> {
+        let n = dims.0 * dims.1 * dims.2;
+        for (what, len) in [("out", out.len()), ("a", a.len())]
+            .into_iter()
+            .chain(out16.map(|o| ("out16", o.len())))
+        {
+            if len != n {
+                return Err(crate::device::kernel::KernelError::Invalid(format!(
+                    "adaln_modulate_bwd_acc: {what} has {len} elements, the rows {n}"
+                )));
+            }
+        }
+        bwd(
+            dev,
+            x,
+            scale,
+            mean,
+            rstd,
+            dy,
+            dims,
+            DxOut::Acc { out, out16, a },
+        )
+    }
+
+    /// Where the adaLN backward puts dx.
+    enum DxOut<'a> {
+        Bf16(&'a DevBuf<bf16>),
+        Acc {
+            out: &'a DevBuf<f32>,
+            out16: Option<&'a DevBuf<bf16>>,
+            a: &'a DevBuf<f32>,
+        },
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn bwd(
+        dev: &KernelDevice,
+        x: &DevBuf<bf16>,
         (scale, ld): (&DevBuf<bf16>, usize),
         mean: &DevBuf<f32>,
         rstd: &DevBuf<f32>,
         dy: &DevBuf<bf16>,
         (b, l, d): (usize, usize, usize),
-    ) -> KernelResult<(DevBuf<bf16>, DevBuf<f32>, DevBuf<f32>)> {
+        dx_out: DxOut,
+    ) -> KernelResult<(DevBuf<f32>, DevBuf<f32>)> {
         let rows = b * l;
         if rows == 0 || d == 0 {
-            return Ok((
-                dev.alloc::<bf16>(rows * d)?,
-                dev.zeros::<f32>(b * d)?,
-                dev.zeros::<f32>(b * d)?,
-            ));
+            return Ok((dev.zeros::<f32>(b * d)?, dev.zeros::<f32>(b * d)?));
         }
-        let dx = dev.alloc::<bf16>(rows * d)?;
         // written whole by sum_splits
         let dshift = dev.alloc::<f32>(b * d)?;
         let dscale = dev.alloc::<f32>(b * d)?;
         let vec = mod_rows(scale, ld, (b, d), "adaln scale")?;
-        let (dx_kernel, dx_cfg) = match dx_threads(d).filter(|_| vec) {
-            Some(t) => ("adaln_modulate_bwd_dx", LaunchCfg::linear(rows as u32, t)),
-            None => (
-                "adaln_modulate_bwd_dx_rows",
-                LaunchCfg::linear(blocks_for(rows, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK),
-            ),
-        };
-        dev.launch(
-            dx_kernel,
-            dx_cfg,
-            KernelArgs::new()
-                .buf(&dx)
-                .buf(x)
+        // the dx kernels' operands after their outputs
+        let prepend = |head: KernelArgs| {
+            head.buf(x)
                 .buf(scale)
                 .buf(mean)
                 .buf(rstd)
@@ -451,8 +500,43 @@ pub mod dev {
                 .i32(rows as i32)
                 .i32(l as i32)
                 .i32(d as i32)
-                .i32(ld as i32),
-        )?;
+                .i32(ld as i32)
+        };
+        match (dx_threads(d).filter(|_| vec), dx_out) {
+            (Some(t), DxOut::Bf16(dx)) => dev.launch(
+                "adaln_modulate_bwd_dx",
+                LaunchCfg::linear(rows as u32, t),
+                prepend(KernelArgs::new().buf(dx)),
+            )?,
+            (Some(t), DxOut::Acc { out, out16, a }) => {
+                let head = KernelArgs::new().buf(out);
+                let head = match out16 {
+                    Some(o) => head.buf(o),
+                    None => head.null(),
+                };
+                dev.launch(
+                    "adaln_modulate_bwd_dx_acc",
+                    LaunchCfg::linear(rows as u32, t),
+                    prepend(head.buf(a)),
+                )?
+            }
+            (None, out) => {
+                let cfg = LaunchCfg::linear(blocks_for(rows, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK);
+                let tmp;
+                let dx = match out {
+                    DxOut::Bf16(dx) => dx,
+                    DxOut::Acc { .. } => {
+                        tmp = dev.alloc::<bf16>(rows * d)?;
+                        &tmp
+                    }
+                };
+                let args = prepend(KernelArgs::new().buf(dx));
+                dev.launch("adaln_modulate_bwd_dx_rows", cfg, args)?;
+                if let DxOut::Acc { out, out16, a } = out {
+                    crate::kernels::shape::dev::residual_grad_add(dev, out, out16, a, dx)?;
+                }
+            }
+        }
         let s = splits(b, l, d);
         let part_shift = dev.alloc::<f32>(s * b * d)?;
         let part_scale = dev.alloc::<f32>(s * b * d)?;
@@ -486,7 +570,7 @@ pub mod dev {
                 (&dscale, &part_scale, s, false),
             ],
         )?;
-        Ok((dx, dshift, dscale))
+        Ok((dshift, dscale))
     }
 
     /// Elements per thread of the gated-residual kernels: a 16-byte pack when rows allow it.

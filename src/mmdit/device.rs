@@ -748,6 +748,23 @@ impl DeviceMmdit {
         adaln::adaln_modulate_bwd_ld(&self.dev, x, m.at(scale), &ln.mean, &ln.rstd, dy, dims)
     }
 
+    /// [`Self::ln_bwd`] with dx added into the residual stream's f32 gradient:
+    /// `out = a + dx` and, with `out16`, its bf16 rounding (`out` may be `a`); one pass
+    /// (`adaln_modulate_bwd_acc_ld`). Returns `(dshift, dscale)`.
+    #[allow(clippy::too_many_arguments)]
+    fn ln_bwd_acc(
+        &self,
+        x: &DevBuf<bf16>,
+        (m, scale): (&Chunks, usize),
+        ln: &Ln,
+        dy: &DevBuf<bf16>,
+        dims: (usize, usize, usize),
+        acc: (&DevBuf<f32>, Option<&DevBuf<bf16>>, &DevBuf<f32>),
+    ) -> KernelResult<(DevBuf<f32>, DevBuf<f32>)> {
+        let (mean, rstd) = (&ln.mean, &ln.rstd);
+        adaln::adaln_modulate_bwd_acc_ld(&self.dev, x, m.at(scale), mean, rstd, dy, dims, acc)
+    }
+
     /// V of a stream as the attention reads it: its own tensor, or the V window of the fused
     /// projection (token stride 3·H·d).
     fn v_operand<'q>(&self, s: &'q Qkv) -> KernelResult<DevView<'q, bf16>> {
@@ -910,12 +927,12 @@ impl DeviceMmdit {
             self.linear_weight_grad(&t.ln_mlp.y, &dpre, rows, &fc1, false)?;
         }
         let dln = self.linear_input_grad(&dpre, rows, &fc1, None, params)?;
-        let (dmid, dshift, dscale) = self.ln_bwd(&t.mid, (chunks, 4), &t.ln_mlp, &dln, dims)?;
-        dchunks[3] = Some(dshift);
-        dchunks[4] = Some(dscale);
         let dmid32 = self.dev.alloc::<f32>(dout32.len())?;
         let dmid16 = self.dev.alloc::<bf16>(dout32.len())?;
-        layout::residual_grad_add(&self.dev, &dmid32, Some(&dmid16), dout32, &dmid)?;
+        let acc = (&dmid32, Some(&dmid16), dout32);
+        let (dshift, dscale) = self.ln_bwd_acc(&t.mid, (chunks, 4), &t.ln_mlp, &dln, dims, acc)?;
+        dchunks[3] = Some(dshift);
+        dchunks[4] = Some(dscale);
         Ok((dmid32, dmid16))
     }
 
@@ -1283,10 +1300,10 @@ impl DeviceMmdit {
                 dv,
                 params,
             )?;
-            let (dx, dshift, dscale) = self.ln_bwd(&s.x_in, (xc, 7), &du.ln, &dh, dx3)?;
+            let acc = (&dx_in, None, &dx_in);
+            let (dshift, dscale) = self.ln_bwd_acc(&s.x_in, (xc, 7), &du.ln, &dh, dx3, acc)?;
             dxc[6] = Some(dshift);
             dxc[7] = Some(dscale);
-            layout::accumulate_bf16(dev, &dx_in, &dx)?;
         }
         let name = format!("{xp}.attn.proj");
         let (dgate, dproj) = self.gated_linear_bwd(
@@ -1317,12 +1334,12 @@ impl DeviceMmdit {
                 dva,
                 params,
             )?;
-            let (dc, dshift, dscale) = self.ln_bwd(&s.ctx_in, (cc, 1), &s.c_ln, &dhc, dc3)?;
-            dcc[0] = Some(dshift);
-            dcc[1] = Some(dscale);
             // the block's context gradient, and its bf16 rounding for the block before
             let dctx_in16 = dev.alloc::<bf16>(dctx_in.len())?;
-            layout::residual_grad_add(dev, &dctx_in, Some(&dctx_in16), &dctx_in, &dc)?;
+            let acc = (&dctx_in, Some(&dctx_in16), &dctx_in);
+            let (dshift, dscale) = self.ln_bwd_acc(&s.ctx_in, (cc, 1), &s.c_ln, &dhc, dc3, acc)?;
+            dcc[0] = Some(dshift);
+            dcc[1] = Some(dscale);
             Ok(dctx_in16)
         })?;
         let dhx = self.qkv_bwd(
@@ -1335,11 +1352,11 @@ impl DeviceMmdit {
             dvb,
             params,
         )?;
-        let (dx, dshift, dscale) = self.ln_bwd(&s.x_in, (xc, 1), &s.x_ln, &dhx, dx3)?;
+        let dx_in16 = dev.alloc::<bf16>(dx_in.len())?;
+        let acc = (&dx_in, Some(&dx_in16), &dx_in);
+        let (dshift, dscale) = self.ln_bwd_acc(&s.x_in, (xc, 1), &s.x_ln, &dhx, dx3, acc)?;
         dxc[0] = Some(dshift);
         dxc[1] = Some(dscale);
-        let dx_in16 = dev.alloc::<bf16>(dx_in.len())?;
-        layout::residual_grad_add(dev, &dx_in, Some(&dx_in16), &dx_in, &dx)?;
         dev.join()?;
 
         // Both modulations' backward on the side stream, left running into the next block's

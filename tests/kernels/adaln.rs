@@ -356,3 +356,84 @@ fn column_sums_add_into_f32() {
         }
     }
 }
+
+/// The backward with dx added into the residual stream's f32 gradient (`adaln_modulate_bwd_acc_ld`,
+/// one pass where the vector kernel runs) equals dx from `adaln_modulate_bwd_ld` followed by
+/// `residual_grad_add`, bit for bit: into a new buffer with the bf16 rounding, in place without it,
+/// at widths that take the vector kernel and the row kernel (d = 37).
+#[test]
+fn adaln_backward_adds_into_the_residual_gradient() {
+    use advdmd::kernels::shape::dev::residual_grad_add;
+    for dev in devices() {
+        for &(b, l, d) in &[(2, 33, 1536), (1, 5, 37), (2, 7, 24)] {
+            let mut rng = Rng::new(23 + d as u64);
+            let n = b * l * d;
+            let up = |v: &[f32]| upload_bf16(&dev, v);
+            let (xd, shd, scd, dyd) = (
+                up(&randn_bf16(&mut rng, n, 1.5)),
+                up(&randn_bf16(&mut rng, b * d, 0.5)),
+                up(&randn_bf16(&mut rng, b * d, 0.5)),
+                up(&randn_bf16(&mut rng, n, 1.0)),
+            );
+            let acc: Vec<f32> = (0..n).map(|i| (i % 13) as f32 * 0.37 - 2.0).collect();
+            let (_, mean, rstd) =
+                gpu::adaln_modulate_fwd(&dev, &xd, &shd, &scd, (b, l, d), 1e-6).unwrap();
+            let sc = (&scd, d);
+            // the two-kernel reference
+            let (dx, dsh, dsc) =
+                gpu::adaln_modulate_bwd_ld(&dev, &xd, sc, &mean, &rstd, &dyd, (b, l, d)).unwrap();
+            let a = dev.upload(&acc).unwrap();
+            let (want, want16) = (dev.alloc::<f32>(n).unwrap(), dev.alloc::<bf16>(n).unwrap());
+            residual_grad_add(&dev, &want, Some(&want16), &a, &dx).unwrap();
+            let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let (want, want16) = (
+                bits(dev.download(&want).unwrap()),
+                bits(download_f32(&dev, &want16)),
+            );
+            let shape = format!("{b}x{l}x{d}");
+            // into a new buffer, with the bf16 rounding
+            let (out, out16) = (dev.alloc::<f32>(n).unwrap(), dev.alloc::<bf16>(n).unwrap());
+            let (gsh, gsc) = gpu::adaln_modulate_bwd_acc_ld(
+                &dev,
+                &xd,
+                sc,
+                &mean,
+                &rstd,
+                &dyd,
+                (b, l, d),
+                (&out, Some(&out16), &a),
+            )
+            .unwrap();
+            assert_eq!(bits(dev.download(&out).unwrap()), want, "{shape}: out");
+            assert_eq!(bits(download_f32(&dev, &out16)), want16, "{shape}: out16");
+            assert_eq!(dev.download(&gsh).unwrap(), dev.download(&dsh).unwrap());
+            assert_eq!(dev.download(&gsc).unwrap(), dev.download(&dsc).unwrap());
+            // in place, no rounding
+            gpu::adaln_modulate_bwd_acc_ld(
+                &dev,
+                &xd,
+                sc,
+                &mean,
+                &rstd,
+                &dyd,
+                (b, l, d),
+                (&a, None, &a),
+            )
+            .unwrap();
+            assert_eq!(bits(dev.download(&a).unwrap()), want, "{shape}: in place");
+            // a wrong length is refused
+            let short = dev.alloc::<f32>(n - 1).unwrap();
+            let r = gpu::adaln_modulate_bwd_acc_ld(
+                &dev,
+                &xd,
+                sc,
+                &mean,
+                &rstd,
+                &dyd,
+                (b, l, d),
+                (&short, None, &a),
+            );
+            assert!(r.is_err(), "{shape}: a short output was accepted");
+        }
+    }
+}
