@@ -5,6 +5,7 @@
 //   adaln_modulate_bwd:  dx per row; dshift, dscale as per-split column partials (then
 //                        sum_splits), so the reduction over a sample's tokens is deterministic;
 //                        `_dx_acc` adds dx into the residual stream's f32 gradient instead
+//   gated_residual_adaln_fwd: the two above in one pass (the residual, then adaLN of it)
 //   gated_residual_fwd:  out = x + gate[b]·y;  its backward reuses colsum_mul_partial, or
 //                        gated_residual_bwd_vec adds the producing layer's bias gradient in one pass
 //
@@ -71,22 +72,28 @@ __device__ __forceinline__ void load_pack(const bf16* row, int c, float f[8]) {
 
 // Vector path (D % 8 == 0, D/8 ≤ 2048): grid: rows, block: ceil(D/8 / PACKS) rounded up to a
 // multiple of 32. The modulation packs are loaded before the reductions so their latency hides
-// behind them.
-extern "C" __global__ void __launch_bounds__(1024)
-    adaln_modulate_fwd(bf16* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd,
-                       const bf16* __restrict__ x, const bf16* __restrict__ shift,
-                       const bf16* __restrict__ scale, int rows, int L, int D, float eps, int M) {
-    kernel_prologue();
+// behind them. RESID: the row normalised is mid = x + gate[b]·yres (rounded to bf16 and stored,
+// gated_residual_fwd's value), so a gated residual and the adaLN after it take one pass.
+template <bool RESID>
+__device__ __forceinline__ void adaln_fwd_vec(bf16* __restrict__ y, float* __restrict__ mean,
+                                              float* __restrict__ rstd, const bf16* __restrict__ x,
+                                              const bf16* __restrict__ shift, const bf16* __restrict__ scale, int L,
+                                              int D, float eps, int M, bf16* __restrict__ mid,
+                                              const bf16* __restrict__ gate, const bf16* __restrict__ yres) {
     __shared__ float scratch[32];
     const long long row = blockIdx.x;
     const int nvec = D / 8;
     const long long b = row / L;
-    pack16 px[PACKS], psh[PACKS], psc[PACKS];
+    pack16 px[PACKS], psh[PACKS], psc[PACKS], pg[PACKS], py[PACKS];
 #pragma unroll
     for (int p = 0; p < PACKS; p++) {
         const int c = threadIdx.x + p * blockDim.x;
         if (c < nvec) {
             px[p] = load16(x + row * D + 8 * c);
+            if constexpr (RESID) {
+                py[p] = load16(yres + row * D + 8 * c);
+                pg[p] = load16(gate + b * M + 8 * c);
+            }
             psh[p] = load16(shift + b * M + 8 * c);
             psc[p] = load16(scale + b * M + 8 * c);
         }
@@ -95,8 +102,19 @@ extern "C" __global__ void __launch_bounds__(1024)
     float sum = 0.f;
 #pragma unroll
     for (int p = 0; p < PACKS; p++) {
-        if (threadIdx.x + p * blockDim.x < nvec) {
+        const int c = threadIdx.x + p * blockDim.x;
+        if (c < nvec) {
             unpack_bf16x8(px[p], v[p]);
+            if constexpr (RESID) {
+                float fg[8], fy[8];
+                unpack_bf16x8(pg[p], fg);
+                unpack_bf16x8(py[p], fy);
+#pragma unroll
+                for (int k = 0; k < 8; k++) v[p][k] = v[p][k] + fg[k] * fy[k];
+                const pack16 m = pack_bf16x8(v[p]);
+                store16(mid + row * D + 8 * c, m);
+                unpack_bf16x8(m, v[p]);  // normalise the stored (rounded) values
+            }
 #pragma unroll
             for (int k = 0; k < 8; k++) sum += v[p][k];
         }
@@ -127,6 +145,25 @@ extern "C" __global__ void __launch_bounds__(1024)
         mean[row] = mu;
         rstd[row] = rs;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+    adaln_modulate_fwd(bf16* __restrict__ y, float* __restrict__ mean, float* __restrict__ rstd,
+                       const bf16* __restrict__ x, const bf16* __restrict__ shift,
+                       const bf16* __restrict__ scale, int rows, int L, int D, float eps, int M) {
+    kernel_prologue();
+    adaln_fwd_vec<false>(y, mean, rstd, x, shift, scale, L, D, eps, M, nullptr, nullptr, nullptr);
+}
+
+// gated_residual_fwd then adaln_modulate_fwd of its output in one pass (the vector path's
+// conditions, and every buffer 16-byte aligned): mid = x + gate[b]·yres, y = adaLN(mid).
+extern "C" __global__ void __launch_bounds__(1024)
+    gated_residual_adaln_fwd(bf16* __restrict__ mid, bf16* __restrict__ y, float* __restrict__ mean,
+                             float* __restrict__ rstd, const bf16* __restrict__ x, const bf16* __restrict__ gate,
+                             const bf16* __restrict__ yres, const bf16* __restrict__ shift,
+                             const bf16* __restrict__ scale, int rows, int L, int D, float eps, int M) {
+    kernel_prologue();
+    adaln_fwd_vec<true>(y, mean, rstd, x, shift, scale, L, D, eps, M, mid, gate, yres);
 }
 
 // dx of one row: dx̂ = dy·(1+scale); dx = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)).

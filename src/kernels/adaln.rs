@@ -361,6 +361,68 @@ pub mod dev {
         )
     }
 
+    /// [`gated_residual_fwd_ld`] then [`adaln_modulate_fwd_ld`] of its output:
+    /// `mid = x + gate·yres`, `(y, mean, rstd)` of `mid`; returns `(mid, y, mean, rstd)`. One
+    /// pass (`gated_residual_adaln_fwd`) where the vector kernels run and every buffer is 16-byte
+    /// aligned, the two launches otherwise; the same values either way. `(gate, shift, scale, ld)`:
+    /// the modulation chunks, rows at stride `ld`.
+    #[allow(clippy::type_complexity)]
+    pub fn gated_residual_adaln_fwd_ld(
+        dev: &KernelDevice,
+        x: &DevBuf<bf16>,
+        yres: &DevBuf<bf16>,
+        (gate, shift, scale, ld): (&DevBuf<bf16>, &DevBuf<bf16>, &DevBuf<bf16>, usize),
+        (b, l, d): (usize, usize, usize),
+        eps: f32,
+    ) -> KernelResult<(DevBuf<bf16>, DevBuf<bf16>, DevBuf<f32>, DevBuf<f32>)> {
+        let rows = b * l;
+        let vec = mod_rows(gate, ld, (b, d), "gate")?
+            & mod_rows(shift, ld, (b, d), "adaln shift")?
+            & mod_rows(scale, ld, (b, d), "adaln scale")?;
+        let aligned = [x.device_ptr(), yres.device_ptr()]
+            .iter()
+            .all(|p| p % 16 == 0);
+        let threads = row_threads(d).filter(|_| vec && aligned && rows > 0);
+        let Some(t) = threads else {
+            let mid = gated_residual_fwd_ld(dev, x, (gate, ld), yres, (b, l, d))?;
+            let (y, mean, rstd) =
+                adaln_modulate_fwd_ld(dev, &mid, (shift, scale, ld), (b, l, d), eps)?;
+            return Ok((mid, y, mean, rstd));
+        };
+        for (what, len) in [("x", x.len()), ("yres", yres.len())] {
+            if len != rows * d {
+                return Err(crate::device::kernel::KernelError::Invalid(format!(
+                    "gated_residual_adaln_fwd: {what} has {len} elements, the rows {}",
+                    rows * d
+                )));
+            }
+        }
+        let mid = dev.alloc::<bf16>(rows * d)?;
+        let y = dev.alloc::<bf16>(rows * d)?;
+        let mean = dev.alloc::<f32>(rows)?;
+        let rstd = dev.alloc::<f32>(rows)?;
+        dev.launch(
+            "gated_residual_adaln_fwd",
+            LaunchCfg::linear(rows as u32, t),
+            KernelArgs::new()
+                .buf(&mid)
+                .buf(&y)
+                .buf(&mean)
+                .buf(&rstd)
+                .buf(x)
+                .buf(gate)
+                .buf(yres)
+                .buf(shift)
+                .buf(scale)
+                .i32(rows as i32)
+                .i32(l as i32)
+                .i32(d as i32)
+                .f32(eps)
+                .i32(ld as i32),
+        )?;
+        Ok((mid, y, mean, rstd))
+    }
+
     /// `y = LN(x)·(1+scale)+shift`; returns (y, mean, rstd).
     pub fn adaln_modulate_fwd(
         dev: &KernelDevice,

@@ -736,6 +736,22 @@ impl DeviceMmdit {
         Ok(Ln { y, mean, rstd })
     }
 
+    /// The gated residual `mid = x + gate·y` (chunk `gate` of `m`) and [`Self::ln`] of `mid` with
+    /// chunks `shift`, `scale`, in one pass (`gated_residual_adaln_fwd_ld`): `(mid, Ln)`.
+    fn residual_ln(
+        &self,
+        x: &DevBuf<bf16>,
+        y: &DevBuf<bf16>,
+        m: &Chunks,
+        (gate, shift, scale): (usize, usize, usize),
+        dims: (usize, usize, usize),
+    ) -> KernelResult<(DevBuf<bf16>, Ln)> {
+        let mods = (m.at(gate).0, m.at(shift).0, m.at(scale).0, m.ld);
+        let (mid, y, mean, rstd) =
+            adaln::gated_residual_adaln_fwd_ld(&self.dev, x, y, mods, dims, LN_EPS)?;
+        Ok((mid, Ln { y, mean, rstd }))
+    }
+
     /// Backward of [`Self::ln`] (its `scale` chunk of `m` given): `(dx, dshift, dscale)`.
     fn ln_bwd(
         &self,
@@ -861,10 +877,15 @@ impl DeviceMmdit {
         })
     }
 
-    /// A stream's MLP half: `mid + gate·fc2(GELU(fc1(adaLN(mid))))` with chunks 3, 4, 5.
+    /// A stream's MLP half after its last attention residual: `mid = x + gate·y` (chunk `gate`;
+    /// `y` the attention's projection `proj` when `None`), then
+    /// `mid + gate·fc2(GELU(fc1(adaLN(mid))))` with chunks 3, 4, 5 (the residual and the adaLN in
+    /// one pass).
+    #[allow(clippy::too_many_arguments)]
     fn mlp_tail(
         &self,
-        mid: DevBuf<bf16>,
+        x: &DevBuf<bf16>,
+        (gate, y): (usize, Option<&DevBuf<bf16>>),
         proj: DevBuf<bf16>,
         chunks: &Chunks,
         prefix: &str,
@@ -872,7 +893,7 @@ impl DeviceMmdit {
         saving: bool,
     ) -> KernelResult<(DevBuf<bf16>, StreamTail)> {
         let dims = (b, l, self.config.hidden);
-        let ln_mlp = self.ln(&mid, chunks, (3, 4), dims)?;
+        let (mid, ln_mlp) = self.residual_ln(x, y.unwrap_or(&proj), chunks, (gate, 3, 4), dims)?;
         let fc1 = format!("{prefix}.mlp.fc1");
         let (fc1_out, fc1_pre) = self.linear_act(&ln_mlp.y, b * l, &fc1, true, saving)?;
         let (fc2_out, _) = self.linear(&fc1_out, b * l, &format!("{prefix}.mlp.fc2"), false)?;
@@ -1034,24 +1055,26 @@ impl DeviceMmdit {
                 return Ok((None, None, next));
             }
             let (proj, _) = self.linear(&attn.oa, b * lc, &format!("{cp}.attn.proj"), false)?;
-            let mid = adaln::gated_residual_fwd_ld(dev, &ctx, c_chunks.at(2), &proj, dc3)?;
-            let (out, tail) = self.mlp_tail(mid, proj, &c_chunks, &cp, (b, lc), saving)?;
+            let (out, tail) =
+                self.mlp_tail(&ctx, (2, None), proj, &c_chunks, &cp, (b, lc), saving)?;
             Ok((Some(out), Some(tail), next))
         })?;
         let (x_proj, _) = self.linear(&attn.ob, b * lx, &format!("{xp}.attn.proj"), false)?;
-        let mut x_mid = adaln::gated_residual_fwd_ld(dev, &x, x_chunks.at(2), &x_proj, dx3)?;
-        let dual = if dual {
+        let (x_out, x_tail, dual) = if dual {
+            // the first residual alone; the second (attn2's) goes with the MLP's adaLN
+            let x_mid = adaln::gated_residual_fwd_ld(dev, &x, x_chunks.at(2), &x_proj, dx3)?;
             let ln = self.ln(&x, &x_chunks, (6, 7), dx3)?;
             let q2 = self.qkv(&ln.y, b * lx, &format!("{xp}.attn2"))?;
             let dims2 = AttnDims { la: 0, ..dims };
             let attn = self.attention(self.empty_qkv()?, q2, dims2)?;
             let (proj, _) = self.linear(&attn.ob, b * lx, &format!("{xp}.attn2.proj"), false)?;
-            x_mid = adaln::gated_residual_fwd_ld(dev, &x_mid, x_chunks.at(8), &proj, dx3)?;
-            Some(Dual { ln, attn, proj })
+            let tail = (8, Some(&proj));
+            let (out, t) = self.mlp_tail(&x_mid, tail, x_proj, &x_chunks, &xp, (b, lx), saving)?;
+            (out, t, Some(Dual { ln, attn, proj }))
         } else {
-            None
+            let (out, t) = self.mlp_tail(&x, (2, None), x_proj, &x_chunks, &xp, (b, lx), saving)?;
+            (out, t, None)
         };
-        let (x_out, x_tail) = self.mlp_tail(x_mid, x_proj, &x_chunks, &xp, (b, lx), saving)?;
         dev.join()?;
         let saved = BlockSaved {
             x_in: x,

@@ -437,3 +437,57 @@ fn adaln_backward_adds_into_the_residual_gradient() {
         }
     }
 }
+
+/// A gated residual and the adaLN of its output in one pass (`gated_residual_adaln_fwd_ld`) equal
+/// the two kernels it replaces, bit for bit: the residual `mid`, y, mean and rstd, with the
+/// modulation chunks at a stride (the model's windows of one modulation row), at widths that take
+/// the vector kernels and one that does not (d = 37).
+#[test]
+fn gated_residual_then_adaln_in_one_pass_equals_the_two_kernels() {
+    for dev in devices() {
+        for &(b, l, d) in &[(2, 33, 1536), (1, 5, 4104), (2, 7, 24), (1, 5, 37)] {
+            let mut rng = Rng::new(31 + d as u64);
+            let n = b * l * d;
+            let ld = 6 * d;
+            let up = |v: &[f32]| upload_bf16(&dev, v);
+            let x = up(&randn_bf16(&mut rng, n, 1.0));
+            let yres = up(&randn_bf16(&mut rng, n, 1.0));
+            let mods = up(&randn_bf16(&mut rng, b * ld, 0.5));
+            // chunks 2 (gate), 3 (shift), 4 (scale) of each sample's modulation row
+            let chunk = |j: usize| mods.view(j * d, b * ld - j * d).unwrap();
+            let (gate, shift, scale) = (chunk(2), chunk(3), chunk(4));
+            let dims = (b, l, d);
+            let mid = gpu::gated_residual_fwd_ld(&dev, &x, (&gate, ld), &yres, dims).unwrap();
+            let (y, mean, rstd) =
+                gpu::adaln_modulate_fwd_ld(&dev, &mid, (&shift, &scale, ld), dims, 1e-6).unwrap();
+            let (mid2, y2, mean2, rstd2) = gpu::gated_residual_adaln_fwd_ld(
+                &dev,
+                &x,
+                &yres,
+                (&gate, &shift, &scale, ld),
+                dims,
+                1e-6,
+            )
+            .unwrap();
+            let shape = format!("{b}x{l}x{d}");
+            let bits16 = |v: &DevBuf<bf16>| -> Vec<u16> {
+                dev.download(v)
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
+            };
+            let bits32 = |v: &DevBuf<f32>| -> Vec<u32> {
+                dev.download(v)
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
+            };
+            assert_eq!(bits16(&mid2), bits16(&mid), "{shape}: mid");
+            assert_eq!(bits16(&y2), bits16(&y), "{shape}: y");
+            assert_eq!(bits32(&mean2), bits32(&mean), "{shape}: mean");
+            assert_eq!(bits32(&rstd2), bits32(&rstd), "{shape}: rstd");
+        }
+    }
+}
