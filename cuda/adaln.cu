@@ -199,52 +199,16 @@ extern "C" __global__ void __launch_bounds__(32 * ROWS_PER_BLOCK)
 }
 
 // Vector dx (D % 8 == 0, D/8 ≤ 1024): grid: rows, block: D/8 rounded up to a multiple of 32.
-extern "C" __global__ void __launch_bounds__(1024)
-    adaln_modulate_bwd_dx(bf16* __restrict__ dx, const bf16* __restrict__ x, const bf16* __restrict__ scale,
-                          const float* __restrict__ mean, const float* __restrict__ rstd,
-                          const bf16* __restrict__ dy, int rows, int L, int D, int M) {
-    kernel_prologue();
-    __shared__ float scratch[32];
-    const long long row = blockIdx.x;
-    const int c = threadIdx.x;
-    const bool mine = c < D / 8;
-    const float mu = mean[row], rs = rstd[row];
-    float xh[8], dxh[8];
-    float sg = 0.f, sgx = 0.f;
-    if (mine) {
-        float g[8], sc[8];
-        load_pack(x + row * D, c, xh);
-        load_pack(dy + row * D, c, g);
-        load_pack(scale + (row / L) * M, c, sc);
-#pragma unroll
-        for (int k = 0; k < 8; k++) {
-            xh[k] = (xh[k] - mu) * rs;
-            dxh[k] = g[k] * (1.f + sc[k]);
-            sg += dxh[k];
-            sgx += dxh[k] * xh[k];
-        }
-    }
-    const float mg = block_sum(sg, scratch) / D;
-    const float mgx = block_sum(sgx, scratch) / D;
-    if (mine) {
-        float o[8];
-#pragma unroll
-        for (int k = 0; k < 8; k++) o[k] = rs * (dxh[k] - mg - xh[k] * mgx);
-        store16(dx + row * D + 8 * c, pack_bf16x8(o));
-    }
-}
-
-// adaln_modulate_bwd_dx with the residual stream's gradient in the same pass: out = a + dx (f32,
-// dx rounded to bf16 first, as the two-kernel path adds it) and, when out16 is not null, out's
-// bf16 rounding; dx itself is not stored. `out` may be `a` (in-place accumulation). Saves the
-// bf16 dx's write and read and a launch (adaln_modulate_bwd_dx + residual_grad_add before).
-// grid: rows, block: as adaln_modulate_bwd_dx.
-extern "C" __global__ void __launch_bounds__(1024)
-    adaln_modulate_bwd_dx_acc(float* out, bf16* __restrict__ out16, const float* a, const bf16* __restrict__ x,
-                              const bf16* __restrict__ scale, const float* __restrict__ mean,
-                              const float* __restrict__ rstd, const bf16* __restrict__ dy, int rows, int L, int D,
-                              int M) {
-    kernel_prologue();
+// ACC: instead of dx (bf16), out = a + dx (f32, dx rounded to bf16 first, as the two-kernel path
+// adds it) and, when out16 is not null, out's bf16 rounding; `out` may be `a` (in-place
+// accumulation): the residual stream's gradient in the same pass, saving the bf16 dx's write and
+// read and a launch (adaln_modulate_bwd_dx + residual_grad_add before).
+template <bool ACC>
+__device__ __forceinline__ void adaln_bwd_dx_vec(bf16* __restrict__ dx, float* out, bf16* __restrict__ out16,
+                                                 const float* a, const bf16* __restrict__ x,
+                                                 const bf16* __restrict__ scale, const float* __restrict__ mean,
+                                                 const float* __restrict__ rstd, const bf16* __restrict__ dy, int L,
+                                                 int D, int M) {
     __shared__ float scratch[32];
     const long long row = blockIdx.x;
     const int c = threadIdx.x;
@@ -257,10 +221,12 @@ extern "C" __global__ void __launch_bounds__(1024)
         load_pack(x + row * D, c, xh);
         load_pack(dy + row * D, c, g);
         load_pack(scale + (row / L) * M, c, sc);
-        const float4 a0 = *reinterpret_cast<const float4*>(a + row * D + 8 * c);
-        const float4 a1 = *reinterpret_cast<const float4*>(a + row * D + 8 * c + 4);
-        acc[0] = a0.x, acc[1] = a0.y, acc[2] = a0.z, acc[3] = a0.w;
-        acc[4] = a1.x, acc[5] = a1.y, acc[6] = a1.z, acc[7] = a1.w;
+        if constexpr (ACC) {
+            const float4 a0 = *reinterpret_cast<const float4*>(a + row * D + 8 * c);
+            const float4 a1 = *reinterpret_cast<const float4*>(a + row * D + 8 * c + 4);
+            acc[0] = a0.x, acc[1] = a0.y, acc[2] = a0.z, acc[3] = a0.w;
+            acc[4] = a1.x, acc[5] = a1.y, acc[6] = a1.z, acc[7] = a1.w;
+        }
 #pragma unroll
         for (int k = 0; k < 8; k++) {
             xh[k] = (xh[k] - mu) * rs;
@@ -271,14 +237,39 @@ extern "C" __global__ void __launch_bounds__(1024)
     }
     const float mg = block_sum(sg, scratch) / D;
     const float mgx = block_sum(sgx, scratch) / D;
-    if (mine) {
+    if (!mine) return;
+    float o[8];
 #pragma unroll
-        for (int k = 0; k < 8; k++) acc[k] += bf2f(f2bf(rs * (dxh[k] - mg - xh[k] * mgx)));
-        float* o = out + row * D + 8 * c;
-        *reinterpret_cast<float4*>(o) = make_float4(acc[0], acc[1], acc[2], acc[3]);
-        *reinterpret_cast<float4*>(o + 4) = make_float4(acc[4], acc[5], acc[6], acc[7]);
+    for (int k = 0; k < 8; k++) o[k] = rs * (dxh[k] - mg - xh[k] * mgx);
+    if constexpr (!ACC) {
+        store16(dx + row * D + 8 * c, pack_bf16x8(o));
+    } else {
+#pragma unroll
+        for (int k = 0; k < 8; k++) acc[k] += bf2f(f2bf(o[k]));
+        float* dst = out + row * D + 8 * c;
+        *reinterpret_cast<float4*>(dst) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+        *reinterpret_cast<float4*>(dst + 4) = make_float4(acc[4], acc[5], acc[6], acc[7]);
         if (out16 != nullptr) store16(out16 + row * D + 8 * c, pack_bf16x8(acc));
     }
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+    adaln_modulate_bwd_dx(bf16* __restrict__ dx, const bf16* __restrict__ x, const bf16* __restrict__ scale,
+                          const float* __restrict__ mean, const float* __restrict__ rstd,
+                          const bf16* __restrict__ dy, int rows, int L, int D, int M) {
+    kernel_prologue();
+    adaln_bwd_dx_vec<false>(dx, nullptr, nullptr, nullptr, x, scale, mean, rstd, dy, L, D, M);
+}
+
+// adaln_modulate_bwd_dx adding dx into the residual stream's gradient (adaln_bwd_dx_vec's ACC).
+// grid: rows, block: as adaln_modulate_bwd_dx.
+extern "C" __global__ void __launch_bounds__(1024)
+    adaln_modulate_bwd_dx_acc(float* out, bf16* __restrict__ out16, const float* a, const bf16* __restrict__ x,
+                              const bf16* __restrict__ scale, const float* __restrict__ mean,
+                              const float* __restrict__ rstd, const bf16* __restrict__ dy, int rows, int L, int D,
+                              int M) {
+    kernel_prologue();
+    adaln_bwd_dx_vec<true>(nullptr, out, out16, a, x, scale, mean, rstd, dy, L, D, M);
 }
 
 // Vector column partials (D % 8 == 0): like adaln_modulate_bwd_params with 8 columns per thread
