@@ -785,20 +785,19 @@ __device__ __forceinline__ void bwd_ds(const float (&p)[32], const float (&dp)[3
 }
 
 // dK (times the softmax scale the scores carried) and dV of this thread's keys key0, key0 + 8
-// (those inside the tile), straight from the fragments.
-template <int D, int VMUL>
-__device__ __forceinline__ void bwd_store_kv(const float* dk, const float* dv, bf16* dkp, bf16* dvp, long long ld,
-                                             int key0, const bool (&key_ok)[2], float scale) {
+// (those inside the tile), straight from the fragments: bf16 into the gradients (key rows kld and
+// vld elements apart), or f32 into a split unit's partials.
+template <int D, typename T>
+__device__ __forceinline__ void bwd_store_kv(const float* dk, const float* dv, T* dkp, T* dvp, long long kld,
+                                             long long vld, int key0, const bool (&key_ok)[2], float scale) {
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         if (!key_ok[r]) continue;
         const int key = key0 + 8 * r;
 #pragma unroll
         for (int j = 0; j < D / 8; j++) {
-            *reinterpret_cast<uint32_t*>(dkp + key * ld + 8 * j) =
-                pack_bf16x2(dk[4 * j + 2 * r] * scale, dk[4 * j + 2 * r + 1] * scale);
-            *reinterpret_cast<uint32_t*>(dvp + key * VMUL * ld + 8 * j) =
-                pack_bf16x2(dv[4 * j + 2 * r], dv[4 * j + 2 * r + 1]);
+            store_pair(dkp + key * kld + 8 * j, dk[4 * j + 2 * r] * scale, dk[4 * j + 2 * r + 1] * scale);
+            store_pair(dvp + key * vld + 8 * j, dv[4 * j + 2 * r], dv[4 * j + 2 * r + 1]);
         }
     }
 }
@@ -949,9 +948,9 @@ __device__ __forceinline__ void bwd_h1(bf16* __restrict__ dka, bf16* __restrict_
     }
     cp_async_wait<0>();
 
-    bwd_store_kv<D, VMUL>(dk, dv, (kt.stream == 0 ? dka : dkb) + k_off + 2 * t,
-                          (kt.stream == 0 ? dva : dvb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld) + 2 * t, ld, key0,
-                          key_ok, scale);
+    bwd_store_kv<D>(dk, dv, (kt.stream == 0 ? dka : dkb) + k_off + 2 * t,
+                    (kt.stream == 0 ? dva : dvb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld) + 2 * t, ld, VMUL * ld,
+                    key0, key_ok, scale);
 }
 
 // bwd_store_kv for a piece of a split unit: this thread's keys key0 and key0 + 8 of dK (scaled)
@@ -960,17 +959,7 @@ template <int D, int KT>
 __device__ __forceinline__ void bwd_store_kv_piece(const float* dk, const float* dv, float* __restrict__ kvpart,
                                                    int slot, int key0, const bool (&key_ok)[2], int t, float scale) {
     float* dst = kvpart + (long long)slot * 2 * KT * D + 2 * t;
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        if (!key_ok[r]) continue;
-        const int key = key0 + 8 * r;
-#pragma unroll
-        for (int j = 0; j < D / 8; j++) {
-            *reinterpret_cast<float2*>(dst + key * D + 8 * j) =
-                make_float2(dk[4 * j + 2 * r] * scale, dk[4 * j + 2 * r + 1] * scale);
-            *reinterpret_cast<float2*>(dst + (KT + key) * D + 8 * j) = make_float2(dv[4 * j + 2 * r], dv[4 * j + 2 * r + 1]);
-        }
-    }
+    bwd_store_kv<D>(dk, dv, dst, dst + KT * D, D, D, key0, key_ok, scale);
 }
 
 // BwdVariant::H3 (D = 64): bwd_h1's consumers, warp-specialized. Warpgroup 0 (kBwdH3Producer
@@ -1219,9 +1208,9 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
     if (sp.slot >= 0)
         bwd_store_kv_piece<D, KT>(dk, dv, kvpart, sp.slot, key0, key_ok, t, scale);
     else
-        bwd_store_kv<D, VMUL>(dk, dv, (kt.stream == 0 ? dka : dkb) + k_off + 2 * t,
-                              (kt.stream == 0 ? dva : dvb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld) + 2 * t, ld,
-                              key0, key_ok, scale);
+        bwd_store_kv<D>(dk, dv, (kt.stream == 0 ? dka : dkb) + k_off + 2 * t,
+                        (kt.stream == 0 ? dva : dvb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld) + 2 * t, ld,
+                        VMUL * ld, key0, key_ok, scale);
 }
 
 // dK and dV of the split units from their pieces' partials (summed in piece order), in bf16 where

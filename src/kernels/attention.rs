@@ -1367,10 +1367,7 @@ pub mod dev {
         ctas: Option<u32>,
     ) -> KernelResult<(DevBuf<bf16>, DevBuf<bf16>, DevBuf<f32>)> {
         if variant.split_units(dims).is_none() {
-            return Err(KernelError::Invalid(format!(
-                "joint attention: {variant:?} at d = {} takes no split plan",
-                dims.d
-            )));
+            return Err(no_split_plan(variant, dims));
         }
         if ctas == Some(0) {
             return Err(KernelError::Invalid("joint attention: a grid of 0".into()));
@@ -1380,6 +1377,14 @@ pub mod dev {
             ctas,
         };
         fwd_planned(dev, qkv, dims, variant, dims.h * dims.d, launch)
+    }
+
+    /// The error for a split plan given to a variant that takes none.
+    fn no_split_plan(variant: impl std::fmt::Debug, dims: AttnDims) -> KernelError {
+        KernelError::Invalid(format!(
+            "joint attention: {variant:?} at d = {} takes no split plan",
+            dims.d
+        ))
     }
 
     /// How the H3–H6 forward is launched: its [`SplitPlan`] (`None`: [`SplitPlan::last_wave`] on
@@ -1553,16 +1558,8 @@ pub mod dev {
         dims: AttnDims,
         variant: BwdVariant,
     ) -> KernelResult<[DevBuf<bf16>; 6]> {
-        let (na, nb) = (dims.numel_a(), dims.numel_b());
-        let [dqa, dka, dva] = [0; 3].map(|_| dev.alloc::<bf16>(na));
-        let [dqb, dkb, dvb] = [0; 3].map(|_| dev.alloc::<bf16>(nb));
-        let grads = [dqa?, dka?, dva?, dqb?, dkb?, dvb?];
         let operands = [qa, ka, va, qb, kb, vb, oa, ob, doa, dob];
-        let outs = [
-            &grads[0], &grads[1], &grads[2], &grads[3], &grads[4], &grads[5],
-        ];
-        bwd(dev, operands, lse, dims, variant, dims.h * dims.d, outs)?;
-        Ok(grads)
+        bwd_new_grads(dev, operands, lse, dims, variant, None)
     }
 
     /// [`joint_attention_bwd`] for [`joint_attention_fwd_v_ld`]: V read with token stride
@@ -1613,10 +1610,7 @@ pub mod dev {
         plan: SplitPlan,
     ) -> KernelResult<[DevBuf<bf16>; 4]> {
         if variant.split_units(dims).is_none() {
-            return Err(KernelError::Invalid(format!(
-                "joint attention: {variant:?} at d = {} takes no split plan",
-                dims.d
-            )));
+            return Err(no_split_plan(variant, dims));
         }
         bwd_v_ld(dev, qkv, outs, lse, dims, v_ld, dv, variant, Some(plan))
     }
@@ -1664,32 +1658,37 @@ pub mod dev {
         plan: SplitPlan,
     ) -> KernelResult<[DevBuf<bf16>; 6]> {
         if variant.split_units(dims).is_none() {
-            return Err(KernelError::Invalid(format!(
-                "joint attention: {variant:?} at d = {} takes no split plan",
-                dims.d
-            )));
+            return Err(no_split_plan(variant, dims));
         }
-        let (na, nb) = (dims.numel_a(), dims.numel_b());
-        let [dqa, dka, dva] = [0; 3].map(|_| dev.alloc::<bf16>(na));
-        let [dqb, dkb, dvb] = [0; 3].map(|_| dev.alloc::<bf16>(nb));
-        let grads = [dqa?, dka?, dva?, dqb?, dkb?, dvb?];
         let operands = [qa, ka, va, qb, kb, vb, oa, ob, doa, dob];
-        let outs = grads.each_ref();
-        let v_ld = dims.h * dims.d;
-        bwd_planned(dev, operands, lse, dims, variant, v_ld, outs, Some(plan))?;
-        Ok(grads)
+        bwd_new_grads(dev, operands, lse, dims, variant, Some(plan))
     }
 
-    fn bwd(
+    /// The backward into six new gradient buffers (V rows `H·d` apart).
+    fn bwd_new_grads(
         dev: &KernelDevice,
         operands: [&DevBuf<bf16>; 10],
         lse: &DevBuf<f32>,
         dims: AttnDims,
         variant: BwdVariant,
-        v_ld: usize,
-        grads: [&DevBuf<bf16>; 6],
-    ) -> KernelResult<()> {
-        bwd_planned(dev, operands, lse, dims, variant, v_ld, grads, None)
+        plan: Option<SplitPlan>,
+    ) -> KernelResult<[DevBuf<bf16>; 6]> {
+        let (na, nb) = (dims.numel_a(), dims.numel_b());
+        let [dqa, dka, dva] = [0; 3].map(|_| dev.alloc::<bf16>(na));
+        let [dqb, dkb, dvb] = [0; 3].map(|_| dev.alloc::<bf16>(nb));
+        let grads = [dqa?, dka?, dva?, dqb?, dkb?, dvb?];
+        let v_ld = dims.h * dims.d;
+        bwd_planned(
+            dev,
+            operands,
+            lse,
+            dims,
+            variant,
+            v_ld,
+            grads.each_ref(),
+            plan,
+        )?;
+        Ok(grads)
     }
 
     /// The backward; `plan` for the H3, H4 kernels (`None`: [`SplitPlan::last_wave`] on the

@@ -391,48 +391,32 @@ fn adaln_backward_adds_into_the_residual_gradient() {
                 bits(download_f32(&dev, &want16)),
             );
             let shape = format!("{b}x{l}x{d}");
+            let acc = |out, out16, a| {
+                let dims = (b, l, d);
+                gpu::adaln_modulate_bwd_acc_ld(
+                    &dev,
+                    &xd,
+                    sc,
+                    &mean,
+                    &rstd,
+                    &dyd,
+                    dims,
+                    (out, out16, a),
+                )
+            };
             // into a new buffer, with the bf16 rounding
             let (out, out16) = (dev.alloc::<f32>(n).unwrap(), dev.alloc::<bf16>(n).unwrap());
-            let (gsh, gsc) = gpu::adaln_modulate_bwd_acc_ld(
-                &dev,
-                &xd,
-                sc,
-                &mean,
-                &rstd,
-                &dyd,
-                (b, l, d),
-                (&out, Some(&out16), &a),
-            )
-            .unwrap();
+            let (gsh, gsc) = acc(&out, Some(&out16), &a).unwrap();
             assert_eq!(bits(dev.download(&out).unwrap()), want, "{shape}: out");
             assert_eq!(bits(download_f32(&dev, &out16)), want16, "{shape}: out16");
             assert_eq!(dev.download(&gsh).unwrap(), dev.download(&dsh).unwrap());
             assert_eq!(dev.download(&gsc).unwrap(), dev.download(&dsc).unwrap());
             // in place, no rounding
-            gpu::adaln_modulate_bwd_acc_ld(
-                &dev,
-                &xd,
-                sc,
-                &mean,
-                &rstd,
-                &dyd,
-                (b, l, d),
-                (&a, None, &a),
-            )
-            .unwrap();
+            acc(&a, None, &a).unwrap();
             assert_eq!(bits(dev.download(&a).unwrap()), want, "{shape}: in place");
             // a wrong length is refused
             let short = dev.alloc::<f32>(n - 1).unwrap();
-            let r = gpu::adaln_modulate_bwd_acc_ld(
-                &dev,
-                &xd,
-                sc,
-                &mean,
-                &rstd,
-                &dyd,
-                (b, l, d),
-                (&short, None, &a),
-            );
+            let r = acc(&short, None, &a);
             assert!(r.is_err(), "{shape}: a short output was accepted");
         }
     }
