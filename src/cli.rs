@@ -152,7 +152,7 @@ pub fn sample(
 pub fn distill_device(
     device: &str,
     bf16_moments: bool,
-    checkpoint_activations: bool,
+    checkpoint_activations: Option<advdmd::mmdit::device::Checkpointing>,
     graph: bool,
 ) -> advdmd::Result<
     Option<(
@@ -161,9 +161,9 @@ pub fn distill_device(
     )>,
 > {
     use advdmd::device::kernel::KernelDevice;
-    use advdmd::mmdit::device::Keep;
+    use advdmd::mmdit::device::Checkpointing;
     let dev = match device {
-        "cpu" if bf16_moments || checkpoint_activations || graph => {
+        "cpu" if bf16_moments || checkpoint_activations.is_some() || graph => {
             return Err(advdmd::Error::Invalid(
                 "distill: --bf16-moments, --checkpoint-activations and --graph need --device \
                      cuda or emu"
@@ -179,11 +179,7 @@ pub fn distill_device(
             ))
         })?,
     };
-    let keep = if checkpoint_activations {
-        Keep::BlockInputs
-    } else {
-        Keep::All
-    };
+    let keep = Checkpointing::keep(checkpoint_activations);
     Ok(Some((
         dev,
         advdmd::train::advdmd_device::DeviceRunOptions {

@@ -128,9 +128,11 @@ enum Command {
         /// On a device: Adam's moments in bf16 with stochastic rounding (half the optimizer memory).
         #[arg(long)]
         bf16_moments: bool,
-        /// On a device: activation checkpointing of every differentiated forward.
-        #[arg(long)]
-        checkpoint_activations: bool,
+        /// On a device: activation checkpointing of every differentiated forward; without a
+        /// value or `=full` each block's inputs are kept and the block recomputed, `=selective`
+        /// also keeps the attention, projection and fc2 outputs (less recomputation, more memory).
+        #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "full", value_enum)]
+        checkpoint_activations: Option<advdmd::mmdit::device::Checkpointing>,
         /// On a device: replay each kind of iteration from a CUDA graph (recorded the second time
         /// the kind runs; the emulator records and replays too).
         #[arg(long)]

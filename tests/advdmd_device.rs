@@ -413,8 +413,9 @@ fn a_saved_and_resumed_device_run_continues_exactly() {
     }
 }
 
-/// Every kind of iteration replayed from a CUDA graph (`--graph`): a run recording each kind on
-/// its second occurrence and replaying it after gives a direct run's metrics, weights and EMA:
+/// Every kind of iteration replayed from a CUDA graph (`--graph`), with selective activation
+/// checkpointing: a run recording each kind on its second occurrence and replaying it after gives
+/// a direct run's (keeping every activation) metrics, weights and EMA:
 /// bit for bit on the emulator (the replay runs the recorded launches on each iteration's newly
 /// staged draws and conditioning), within bf16 noise on a GPU. (The freeze's new kinds take the
 /// same path; `a_frozen_discriminator_follows_the_cpu_trainer` covers the freeze itself.)
@@ -427,12 +428,16 @@ fn graph_replayed_iterations_equal_direct_ones() {
             ..config()
         };
         let host = AdvDmd::new(common::tiny_shapes_model(1, true), config);
-        let opts = |graph| DeviceRunOptions {
+        // the graphed run also checkpoints selectively: its recomputations read the records'
+        // buffers through aliases, inside the recorded graph
+        let opts = |graph, keep| DeviceRunOptions {
             graph,
+            keep,
             ..DeviceRunOptions::default()
         };
-        let mut direct = DeviceAdvDmd::from_host(&dev, &host, opts(false)).unwrap();
-        let mut graphed = DeviceAdvDmd::from_host(&dev, &host, opts(true)).unwrap();
+        let mut direct = DeviceAdvDmd::from_host(&dev, &host, opts(false, Keep::All)).unwrap();
+        let graphed_opts = opts(true, Keep::Selective);
+        let mut graphed = DeviceAdvDmd::from_host(&dev, &host, graphed_opts).unwrap();
         let mut rng = advdmd::Rng::new(9);
         let exact = dev.is_emulator();
         for it in 0..6 {

@@ -218,7 +218,8 @@ fn mmdit_json_on_the_emulator() {
         "emu",
         "--checkpoint-activations",
     ]);
-    assert_eq!(ck["parameters"]["checkpoint_activations"], true);
+    assert_eq!(ck["parameters"]["checkpoint_activations"], "full");
+    assert_eq!(r["parameters"]["checkpoint_activations"], "none");
     positive(&ck["results"], "forward_backward_ms");
     // checkpointing keeps less: its forward+backward peak is below the full record's
     let peak = |r: &Value| positive(&r["results"], "peak_memory_bytes");
@@ -347,10 +348,12 @@ fn step_json_on_the_emulator() {
         "--steps-per-sample",
         "2",
         "--bf16-moments",
+        "--checkpoint-activations=selective",
         // each kind's second run (a warm-up) records its graph; the timed third replays it
         "--graph",
     ]);
     assert_eq!(r["device"]["kind"], "emu");
+    assert_eq!(r["parameters"]["checkpoint_activations"], "selective");
     assert_eq!(
         r["results"]["graph_replays"].as_f64(),
         Some(3.0),
@@ -363,10 +366,14 @@ fn step_json_on_the_emulator() {
         "generator_iteration_ms",
         "generator_rl_iteration_ms",
         "iteration_flops",
+        "recomputed_flops",
         "resident_bytes",
     ] {
         positive(res, key);
     }
+    // the recomputation is counted apart from the model's FLOPs (graph replays included)
+    let recomputed = res["recomputed_flops"].as_f64().unwrap();
+    assert!(recomputed < res["iteration_flops"].as_f64().unwrap() / 3.0);
     assert_eq!(r["iterations"].as_array().unwrap().len(), 3);
 }
 
@@ -437,6 +444,16 @@ fn fails_cleanly(args: &[&str], expect: &str) {
 
 #[test]
 fn bad_input_is_a_clean_error() {
+    fails_cleanly(
+        &[
+            "bench",
+            "step",
+            "--device",
+            "emu",
+            "--checkpoint-activations=some",
+        ],
+        "invalid value 'some'",
+    );
     fails_cleanly(
         &["bench", "mmdit", "--model", "sd4-huge"],
         "unknown model `sd4-huge`",

@@ -500,8 +500,12 @@ fn the_euler_plan_replays_the_sampler() {
 }
 
 /// Activation checkpointing (only the blocks' inputs kept, each block recomputed in the backward)
-/// gives the same gradients: bit for bit on the emulator (every kernel deterministic there); on
-/// a GPU the attention backward's dQ sums in no fixed order, so within 1e-3.
+/// and selective checkpointing (the attention, projection and fc2 outputs kept too, the rest
+/// recomputed) give the same gradients: bit for bit on the emulator (every kernel deterministic
+/// there); on a GPU the attention backward's dQ sums in no fixed order, so within 1e-3. The
+/// device's FLOP counter sees the same model FLOPs in all three and the recomputed ones apart —
+/// a block's whole forward for each block, less under selective checkpointing — and the record a
+/// forward leaves is smallest with full checkpointing, largest with none.
 #[test]
 fn checkpointed_activations_give_the_same_gradients() {
     let model = random_model();
@@ -515,30 +519,66 @@ fn checkpointed_activations_give_the_same_gradients() {
         let dv = dev.upload(&seed).unwrap();
         let run = |keep: Keep| {
             m.zero_grad().unwrap();
+            let before = (dev.live_bytes(), dev.matmul_flops(), dev.recomputed_flops());
             let f = m.forward(&inputs, keep).unwrap();
+            let record = dev.live_bytes() - before.0;
             let g = m
                 .backward(&inputs, f.saved.as_ref().unwrap(), &dv, true)
                 .unwrap();
             let dx = dev.download(&g.x).unwrap();
+            let flops = (
+                dev.matmul_flops() - before.1,
+                dev.recomputed_flops() - before.2,
+            );
             (
-                dev.download(&f.velocity).unwrap(),
-                dx,
-                dev.download(m.grads().unwrap()).unwrap(),
+                (
+                    dev.download(&f.velocity).unwrap(),
+                    dx,
+                    dev.download(m.grads().unwrap()).unwrap(),
+                ),
+                flops,
+                record,
             )
         };
-        let (full, ckpt) = (run(Keep::All), run(Keep::BlockInputs));
-        if dev.is_emulator() {
-            assert!(full.0 == ckpt.0 && full.1 == ckpt.1, "outputs or dx differ");
-            assert!(full.2 == ckpt.2, "parameter gradients differ");
-        } else {
-            let t = |v: Vec<f32>| Tensor::from_vec(v.clone(), &[v.len()]);
-            let f32s = |v: &[bf16]| t(v.iter().map(|x| x.to_f32()).collect());
-            assert!(f32s(&ckpt.1).rel_l2(&f32s(&full.1)) < 1e-3);
-            assert!(t(ckpt.2.clone()).rel_l2(&t(full.2.clone())) < 1e-3);
+        let full = run(Keep::All);
+        for keep in [Keep::BlockInputs, Keep::Selective] {
+            let ckpt = run(keep);
+            let (a, b) = (&full.0, &ckpt.0);
+            if dev.is_emulator() {
+                assert!(a.0 == b.0 && a.1 == b.1, "{keep:?}: outputs or dx differ");
+                assert!(a.2 == b.2, "{keep:?}: parameter gradients differ");
+            } else {
+                let t = |v: Vec<f32>| Tensor::from_vec(v.clone(), &[v.len()]);
+                let f32s = |v: &[bf16]| t(v.iter().map(|x| x.to_f32()).collect());
+                assert!(f32s(&b.1).rel_l2(&f32s(&a.1)) < 1e-3, "{keep:?}");
+                assert!(t(b.2.clone()).rel_l2(&t(a.2.clone())) < 1e-3, "{keep:?}");
+            }
+            assert_eq!(ckpt.1 .0, full.1 .0, "{keep:?}: model FLOPs differ");
+            assert!(ckpt.2 < full.2, "{keep:?}: record {} ≥ {}", ckpt.2, full.2);
+            println!(
+                "{keep:?} on {}: gradients equal; {} of {} FLOPs recomputed; record {} of {} bytes",
+                dev.name(),
+                ckpt.1 .1,
+                ckpt.1 .0,
+                ckpt.2,
+                full.2
+            );
         }
-        println!(
-            "checkpointed activations on {}: gradients equal",
-            dev.name()
+        assert_eq!(full.1 .1, 0, "nothing recomputed without checkpointing");
+        let (inputs_only, selective) = (run(Keep::BlockInputs), run(Keep::Selective));
+        // one more forward of the blocks: all but the embedders' and final layer's products
+        let blocks = inputs_only.1 .1;
+        assert!(blocks > 0 && blocks < full.1 .0 / 3, "{blocks}");
+        let reused = selective.1 .1;
+        assert!(
+            reused > 0 && reused < blocks,
+            "selective {reused} vs {blocks}"
+        );
+        assert!(
+            inputs_only.2 < selective.2,
+            "{} vs {}",
+            inputs_only.2,
+            selective.2
         );
     }
 }

@@ -13,7 +13,7 @@ use super::{common_parameters, MmditArgs};
 use crate::autograd::no_grad;
 use crate::device::kernel::{KernelDevice, KernelResult};
 use crate::error::Result;
-use crate::mmdit::device::{DeviceMmdit, Keep};
+use crate::mmdit::device::{Checkpointing, DeviceMmdit, Keep};
 use crate::mmdit::{Mmdit, MmditInputs};
 use crate::Var;
 use std::hint::black_box;
@@ -22,11 +22,13 @@ use std::path::Path;
 pub fn run(a: &MmditArgs, teacher: &Path) -> Result<Report> {
     let spec = ModelSpec::new(a.model.model, a.model.res, teacher)?;
     match kernel_device(a.common.device, "mmdit")? {
-        None if a.checkpoint_activations || a.forward_only => Err(crate::error::Error::Invalid(
-            "bench mmdit --checkpoint-activations / --forward-only: only on the device path \
+        None if a.checkpoint_activations.is_some() || a.forward_only => {
+            Err(crate::error::Error::Invalid(
+                "bench mmdit --checkpoint-activations / --forward-only: only on the device path \
              (--device cuda|emu)"
-                .into(),
-        )),
+                    .into(),
+            ))
+        }
         None => {
             spec.check_fits(true)?;
             Ok(measure(&spec, a))
@@ -55,11 +57,7 @@ fn measure_device(
     let seed = vec![half::bf16::from_f32(1.0 / out_numel as f32); out_numel];
     let dv = dev.upload(&seed)?;
 
-    let keep = if a.checkpoint_activations {
-        Keep::BlockInputs
-    } else {
-        Keep::All
-    };
+    let keep = Checkpointing::keep(a.checkpoint_activations);
     let forward = || model.forward(&inputs, Keep::Nothing).map(|_| ());
     let training = || {
         model.zero_grad()?;
@@ -98,7 +96,10 @@ fn measure_device(
     };
     let extra = [
         ("precision", precision.into()),
-        ("checkpoint_activations", a.checkpoint_activations.into()),
+        (
+            "checkpoint_activations",
+            Checkpointing::name(a.checkpoint_activations).into(),
+        ),
         ("forward_only", a.forward_only.into()),
     ];
     let (mut r, fwd_tf, train_tf) =
@@ -328,7 +329,7 @@ mod tests {
                 res: Some(spec.resolution),
                 batch: 2,
             },
-            checkpoint_activations: false,
+            checkpoint_activations: None,
             forward_only: false,
         };
         let r = measure(&spec, &args);

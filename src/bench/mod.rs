@@ -25,6 +25,7 @@ mod sample;
 mod step;
 
 use crate::error::{Error, Result};
+use crate::mmdit::device::Checkpointing;
 use crate::train::advdmd::AdvDmdConfig;
 pub use presets::{ModelSpec, Preset};
 pub use report::Report;
@@ -217,10 +218,11 @@ pub struct MmditArgs {
     pub common: CommonArgs,
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Activation checkpointing in forward+backward: keep only each block's inputs and recompute
-    /// the block in the backward (device path only).
-    #[arg(long)]
-    pub checkpoint_activations: bool,
+    /// Activation checkpointing in forward+backward (device path only): without a value or `=full` keep
+    /// each block's inputs and recompute the block; `=selective` also keeps the attention,
+    /// projection and fc2 outputs, recomputing only the cheaper rest.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "full", value_enum)]
+    pub checkpoint_activations: Option<Checkpointing>,
     /// The forward alone, on a frozen bf16 model (2 bytes a parameter instead of 10: SD3.5-large
     /// fits an 80 GB card); device path only.
     #[arg(long, conflicts_with = "checkpoint_activations")]
@@ -266,9 +268,11 @@ pub struct StepArgs {
     /// Image side in pixels of the SD3 presets (default 512).
     #[arg(long)]
     pub res: Option<usize>,
-    /// Activation checkpointing of every differentiated forward (device path only).
-    #[arg(long)]
-    pub checkpoint_activations: bool,
+    /// Activation checkpointing of every differentiated forward (device path only): without a value or `=full` keep
+    /// each block's inputs and recompute the block; `=selective` also keeps the attention,
+    /// projection and fc2 outputs, recomputing only the cheaper rest.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "full", value_enum)]
+    pub checkpoint_activations: Option<Checkpointing>,
     /// Adam's moments in bf16 with stochastic rounding (device path only).
     #[arg(long)]
     pub bf16_moments: bool,

@@ -86,7 +86,7 @@ pub fn run(a: &StepArgs, teacher: &Path) -> Result<Report> {
     }
     if a.model != Preset::Shapes
         || a.res.is_some()
-        || a.checkpoint_activations
+        || a.checkpoint_activations.is_some()
         || a.bf16_moments
         || a.graph
     {
@@ -253,7 +253,7 @@ mod device {
     use crate::bench::presets::ModelSpec;
     use crate::bench::profile::profile_fallible;
     use crate::device::kernel::KernelDevice;
-    use crate::mmdit::device::Keep;
+    use crate::mmdit::device::Checkpointing;
     use crate::train::advdmd_device::{
         shapes_batch, Cond, DeviceAdvDmd, DeviceRunOptions, IterBatch,
     };
@@ -267,11 +267,7 @@ mod device {
         kind: &'static str,
     ) -> Result<Report> {
         let opts = DeviceRunOptions {
-            keep: if a.checkpoint_activations {
-                Keep::BlockInputs
-            } else {
-                Keep::All
-            },
+            keep: Checkpointing::keep(a.checkpoint_activations),
             bf16_moments: a.bf16_moments,
             graph: a.graph,
         };
@@ -312,7 +308,8 @@ mod device {
         let mut timings = Vec::new();
         let mut profiles = Vec::new();
         for &k in &kinds {
-            let flops_before = dev.matmul_flops();
+            let counts = || (dev.matmul_flops(), dev.recomputed_flops());
+            let flops_before = counts();
             let mut one = || {
                 (run.iteration, run.generator_steps) = k.counters(&run.config);
                 let m = run.step(&batch)?;
@@ -328,8 +325,12 @@ mod device {
                 Ok(())
             };
             let t = time_fallible(warmup, a.common.iters, &mut one)?;
-            let flops =
-                (dev.matmul_flops() - flops_before) as f64 / (warmup + a.common.iters) as f64;
+            let runs = (warmup + a.common.iters) as f64;
+            let after = counts();
+            let flops = (
+                (after.0 - flops_before.0) as f64 / runs,
+                (after.1 - flops_before.1) as f64 / runs,
+            );
             timings.push((k, t, flops));
             if a.common.profile {
                 profiles.push((k, profile_fallible(dev, &mut one)?));
@@ -351,11 +352,12 @@ mod device {
                 .find(|t| t.0 == k)
                 .map(|t| (t.1.median_ms(), t.2))
         };
-        let (critic_ms, critic_flops) = get(Kind::Critic).expect("always timed");
-        let (gen_ms, gen_flops) = get(generator_kind).expect("timed");
+        let (critic_ms, (critic_flops, critic_re)) = get(Kind::Critic).expect("always timed");
+        let (gen_ms, (gen_flops, gen_re)) = get(generator_kind).expect("timed");
         let w = (r_dmd - 1) as f64;
         let steady_ms = (w * critic_ms + gen_ms) / r_dmd as f64;
         let steady_flops = (w * critic_flops + gen_flops) / r_dmd as f64;
+        let steady_recomputed = (w * critic_re + gen_re) / r_dmd as f64;
 
         let mut params = vec![
             ("model", a.model.name().into()),
@@ -363,7 +365,10 @@ mod device {
             ("group", a.group.into()),
             ("steps_per_sample", a.steps_per_sample.into()),
             ("r_dmd", r_dmd.into()),
-            ("checkpoint_activations", a.checkpoint_activations.into()),
+            (
+                "checkpoint_activations",
+                Checkpointing::name(a.checkpoint_activations).into(),
+            ),
             ("bf16_moments", a.bf16_moments.into()),
             ("graph", a.graph.into()),
         ];
@@ -409,6 +414,12 @@ mod device {
             "iteration_flops",
             "matmul FLOPs per iteration, steady state",
             Cell::num(steady_flops, 0),
+            "FLOP",
+        );
+        r.figure(
+            "recomputed_flops",
+            "matmul FLOPs recomputed per iteration (activation checkpointing), steady state",
+            Cell::num(steady_recomputed, 0),
             "FLOP",
         );
         let tf = |flops: f64, ms: f64| flops / (ms * 1e-3) / 1e12;
@@ -460,6 +471,11 @@ mod device {
                     "MFU, generator iteration",
                     tf(gen_flops, gen_ms),
                 ),
+                (
+                    "hfu",
+                    "hardware FLOPs utilisation (recomputation counted), steady state",
+                    tf(steady_flops + steady_recomputed, steady_ms),
+                ),
             ],
         );
         let table_timings: Vec<(Kind, Timing)> =
@@ -478,7 +494,7 @@ mod device {
             "steady state = ((r_dmd − 1)·critic + generator{}) / r_dmd with r_dmd = {r_dmd}",
             if rl_possible { " with RL" } else { "" }
         ));
-        r.note("FLOPs: the matmuls the device was given (GEMMs at 2·M·N·K, attention in the FlashAttention convention, backward 2.5× forward), counted per iteration kind; with --checkpoint-activations the recomputation counts too");
+        r.note("FLOPs: the matmuls the device was given (GEMMs at 2·M·N·K, attention in the FlashAttention convention, backward 2.5× forward), counted per iteration kind; MFU counts each model FLOP once: the blocks recomputed by activation checkpointing are left out of it (`recomputed_flops`) and counted in HFU");
         r.note("memory: the engine's own device buffers (a counter in the kernel device); cuBLASLt's workspace and the pool's slack are not counted");
         if kind == "emu" {
             r.note("emu: the SIMT emulator, a functional check, not a speed figure");

@@ -263,7 +263,29 @@ pub struct KernelDevice {
     memory: Arc<MemoryCounter>,
     /// Matmul FLOPs queued so far (GEMMs at 2·M·N·K, attention in the FlashAttention
     /// convention): what the benchmarks' MFU divides by, counted where the work is issued.
-    matmul_flops: Arc<std::sync::atomic::AtomicU64>,
+    flops: Arc<FlopCounter>,
+}
+
+/// The matmul FLOPs a device queued: the model's, and those queued again by a recomputation
+/// (activation checkpointing's second forward of a block), which MFU leaves out — a model's
+/// FLOPs count once however the engine schedules them — and hardware FLOPs utilisation counts.
+#[derive(Default)]
+struct FlopCounter {
+    model: std::sync::atomic::AtomicU64,
+    recomputed: std::sync::atomic::AtomicU64,
+    /// Nesting depth of [`KernelDevice::recomputing`]: counts go to `recomputed` while > 0.
+    recomputing: AtomicUsize,
+}
+
+impl FlopCounter {
+    fn add(&self, flops: u64) {
+        let to = if self.recomputing.load(Ordering::Relaxed) > 0 {
+            &self.recomputed
+        } else {
+            &self.model
+        };
+        to.fetch_add(flops, Ordering::Relaxed);
+    }
 }
 
 /// Bytes of the buffers this device handed out and not yet dropped, and their high-water mark:
@@ -428,7 +450,7 @@ impl KernelDevice {
         let dev = KernelDevice {
             backend: Backend::Emulator,
             memory: Arc::default(),
-            matmul_flops: Arc::default(),
+            flops: Arc::default(),
         };
         let _ = dev.set_streams(streams_env().unwrap_or(2));
         dev
@@ -440,7 +462,7 @@ impl KernelDevice {
         let dev = KernelDevice {
             backend: Backend::Gpu(super::cuda::CudaRuntime::new(ordinal)?),
             memory: Arc::default(),
-            matmul_flops: Arc::default(),
+            flops: Arc::default(),
         };
         dev.set_streams(streams_env().map_err(KernelError::Invalid)?)?;
         dev.set_pdl(pdl_env().map_err(KernelError::Invalid)?);
@@ -519,7 +541,7 @@ impl KernelDevice {
     /// Adds to the matmul FLOP counter: the FLOPs of the next kernel launch (the attention
     /// launchers call this before launching; a profile credits them to that launch).
     pub fn count_matmul_flops(&self, flops: u64) {
-        self.matmul_flops.fetch_add(flops, Ordering::Relaxed);
+        self.flops.add(flops);
         self.memory
             .pending_flops
             .fetch_add(flops, Ordering::Relaxed);
@@ -527,12 +549,42 @@ impl KernelDevice {
 
     /// Adds a GEMM's FLOPs to the matmul FLOP counter (a profile takes them from its shape).
     pub(crate) fn count_gemm_flops(&self, flops: u64) {
-        self.matmul_flops.fetch_add(flops, Ordering::Relaxed);
+        self.flops.add(flops);
     }
 
-    /// Matmul FLOPs queued on this device (and its clones) since it was made.
+    /// Matmul FLOPs queued on this device (and its clones) since it was made, outside
+    /// [`Self::recomputing`]: the model's FLOPs, what MFU divides by.
     pub fn matmul_flops(&self) -> u64 {
-        self.matmul_flops.load(Ordering::Relaxed)
+        self.flops.model.load(Ordering::Relaxed)
+    }
+
+    /// Matmul FLOPs queued inside [`Self::recomputing`] since the device was made: work done
+    /// twice to save memory, which hardware FLOPs utilisation adds to [`Self::matmul_flops`].
+    pub fn recomputed_flops(&self) -> u64 {
+        self.flops.recomputed.load(Ordering::Relaxed)
+    }
+
+    /// Adds a graph replay's counts, as its capture measured them (a replay queues nothing
+    /// through the launchers).
+    pub fn count_replayed_flops(&self, model: u64, recomputed: u64) {
+        self.flops.model.fetch_add(model, Ordering::Relaxed);
+        self.flops
+            .recomputed
+            .fetch_add(recomputed, Ordering::Relaxed);
+    }
+
+    /// Runs `f` as a recomputation: the matmul FLOPs it queues (on either stream) count in
+    /// [`Self::recomputed_flops`] instead of [`Self::matmul_flops`]. Nests.
+    pub fn recomputing<T>(&self, f: impl FnOnce() -> T) -> T {
+        struct Depth<'a>(&'a AtomicUsize);
+        impl Drop for Depth<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.flops.recomputing.fetch_add(1, Ordering::Relaxed);
+        let _depth = Depth(&self.flops.recomputing);
+        f()
     }
 
     /// The most bytes alive at once since the device was made or [`Self::reset_peak`].

@@ -130,8 +130,8 @@ struct StepKind {
 struct KindGraph {
     runs: usize,
     graph: Option<DeviceGraph>,
-    /// Matmul FLOPs of one run, counted at the capture.
-    flops: u64,
+    /// Matmul FLOPs of one run, counted at the capture: the model's and the recomputed.
+    flops: (u64, u64),
 }
 
 /// How a device run holds its state.
@@ -961,13 +961,15 @@ impl DeviceAdvDmd {
         entry.runs += 1;
         let record = self.use_graphs && entry.runs >= 2 && entry.graph.is_none();
         if record {
-            let before = self.dev.matmul_flops();
+            let counts = |d: &KernelDevice| (d.matmul_flops(), d.recomputed_flops());
+            let before = counts(&self.dev);
             let graph = {
                 let this = &*self;
                 this.dev.capture(|| this.device_work(kind))?
             };
+            let after = counts(&self.dev);
             let entry = self.graphs.get_mut(&kind).expect("entry above");
-            entry.flops = self.dev.matmul_flops() - before;
+            entry.flops = (after.0 - before.0, after.1 - before.1);
             entry.graph = Some(graph);
             self.graphs[&kind].graph.as_ref().expect("set").launch()?;
             return Ok(());
@@ -975,7 +977,7 @@ impl DeviceAdvDmd {
         let entry = &self.graphs[&kind];
         match &entry.graph {
             Some(g) => {
-                self.dev.count_matmul_flops(entry.flops);
+                self.dev.count_replayed_flops(entry.flops.0, entry.flops.1);
                 g.launch()?;
                 self.replays += 1;
             }
