@@ -176,6 +176,11 @@ step step-sd35m-80g 150 "$BIN/advdmd" bench step --device cuda --model sd3.5-med
 step step-sd35m-80g-graph 180 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 3 --bf16-moments --checkpoint-activations --graph --json
 # the same configuration at 1024 px (bigger GEMMs, the attention's larger share): MFU and whether it fits
 step step-sd35m-80g-1024 180 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 1024 --prompts 1 --group 2 --iters 2 --bf16-moments --checkpoint-activations --graph --json
+# selective checkpointing (the attention, projection and fc2 outputs kept: ~0.5 GB a sample at
+# 512 px, ~1.6 GB at 1024 px, instead of ~0.1 / ~0.3): less recomputed, more memory — at 512 px
+# against step-sd35m-80g-graph, and at 1024 px whether it still fits
+step step-sd35m-80g-graph-selective 180 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 3 --bf16-moments --checkpoint-activations=selective --graph --json
+step step-sd35m-80g-1024-selective 180 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 1024 --prompts 1 --group 2 --iters 2 --bf16-moments --checkpoint-activations=selective --graph --json
 # where the iteration's time goes (no graphs: every op timed), per kind of iteration
 step step-sd35m-80g-profile 180 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 1 --bf16-moments --checkpoint-activations --profile --json
 ADVDMD_STREAMS=1 step step-sd35m-80g-graph-1stream 180 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 3 --bf16-moments --checkpoint-activations --graph --json
@@ -223,7 +228,7 @@ with open(f"{out}/report.md", "w") as f:
     # The headline figures of every `advdmd bench … --json` step (its log's JSON object): what
     # docs/perf-log.md records, side by side (the `-1stream` and `-nohopper` steps beside theirs).
     f.write("\n## Bench steps\n\n| step | streams | figures |\n|---|---|---|\n")
-    keep = re.compile(r"(_ms|mfu|tflops|replays|_bytes)$")
+    keep = re.compile(r"(_ms|mfu|hfu|tflops|_flops|replays|_bytes)$")
     profiles = []
     for step in sorted(os.listdir(out)):
         if not step.endswith(".log"):
@@ -254,5 +259,5 @@ with open(f"{out}/report.md", "w") as f:
             f.write(f"| {r['op']} | {r['calls']} | {r['ms']:.3f} | {r['share']:.1f} | {'' if tf is None else f'{tf:.0f}'} |\n")
 print(open(f"{out}/report.md").read()[-8000:])
 PY
-for s in hopper tests model runtime tests-pdl ncu-attention mmdit-shapes mmdit-sd35m mmdit-sd35m-pdl mmdit-sd35m-persistent mmdit-sd35m-1stream mmdit-sd35m-nohopper mmdit-sd35m-autotune mmdit-sd35m-profile mmdit-sd35m-base mmdit-sd35m-512 sample-sd35m sample-sd35m-graph sample-sd35m-graph-1stream sample-sd35m-graph-pdl sample-512 advdmd step-shapes step-shapes-graph distill step-sd35m step-sd35m-80g step-sd35m-80g-graph step-sd35m-80g-1024 step-sd35m-80g-profile step-sd35m-80g-graph-1stream step-sd35m-80g-graph-autotune step-sd35m-80g-graph-pdl mmdit-sd35l sample-sd35l torch bench bench-pdl attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
+for s in hopper tests model runtime tests-pdl ncu-attention mmdit-shapes mmdit-sd35m mmdit-sd35m-pdl mmdit-sd35m-persistent mmdit-sd35m-1stream mmdit-sd35m-nohopper mmdit-sd35m-autotune mmdit-sd35m-profile mmdit-sd35m-base mmdit-sd35m-512 sample-sd35m sample-sd35m-graph sample-sd35m-graph-1stream sample-sd35m-graph-pdl sample-512 advdmd step-shapes step-shapes-graph distill step-sd35m step-sd35m-80g step-sd35m-80g-graph step-sd35m-80g-1024 step-sd35m-80g-graph-selective step-sd35m-80g-1024-selective step-sd35m-80g-profile step-sd35m-80g-graph-1stream step-sd35m-80g-graph-autotune step-sd35m-80g-graph-pdl mmdit-sd35l sample-sd35l torch bench bench-pdl attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
 exit $status
