@@ -68,8 +68,10 @@ pub fn add_profile(
     r.note(format!(
         "profile of {what} ({families}, {ops}): {} ops timed ({} on the side stream), {total:.3} ms \
          of op time; an op's time is the gap between its end and the previous op's end on its \
-         stream (idle time before it included)",
-        profile.ops, profile.side_ops
+         stream; on a GPU the ops are held behind a gate until the host has queued the next few \
+         dozen, so they run back to back and that gap is the op's own time ({:.3} ms waited at \
+         the gates for the host, in no row)",
+        profile.ops, profile.side_ops, profile.host_wait_ms
     ));
 }
 

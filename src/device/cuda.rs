@@ -82,7 +82,41 @@ struct ProfileEvents {
     start: Vec<sys::CUevent>,
     marks: Vec<sys::CUevent>,
     spare: Vec<sys::CUevent>,
+    gate: ProfileGate,
 }
+
+/// The profiler's gate (cuda/profile.cu): a `profile_gate` kernel queued on the main stream
+/// ahead of the next ops holds the GPU until the host has queued them and writes the gate's
+/// epoch into `flag` (pinned host memory the kernel polls), so the ops run back to back and the
+/// gaps between their events are their own durations, whatever the host's launch rate. A call
+/// that waits for the GPU (a synchronisation, a copy) releases the gate first.
+struct ProfileGate {
+    /// Null until the first profile allocates it.
+    flag: *mut u32,
+    /// The epoch of the last gate queued and of the last released.
+    queued: u32,
+    released: u32,
+    /// Ops queued behind the held gate.
+    ops: usize,
+}
+
+impl Default for ProfileGate {
+    fn default() -> Self {
+        ProfileGate {
+            flag: std::ptr::null_mut(),
+            queued: 0,
+            released: 0,
+            ops: 0,
+        }
+    }
+}
+
+/// Ops a gate holds back: few enough that they and their events, allocations and frees stay well
+/// inside the driver's queue of pending work (a full queue would block the host behind a closed
+/// gate), many enough that a gate's own launch is a small share of the ops.
+const GATE_OPS: usize = 48;
+/// How long a gate holds the stream at most, in nanoseconds.
+const GATE_TIMEOUT_NS: u64 = 100_000_000;
 // SAFETY: events are driver handles, valid from any thread of the context.
 unsafe impl Send for ProfileEvents {}
 
@@ -260,6 +294,8 @@ impl CudaRuntime {
             ));
         }
         self.bind()?;
+        // (staging pageable memory may wait for the stream)
+        self.release_gate();
         // SAFETY: `dst` holds `src.len()` bytes. `src` is pageable (a Rust slice): the driver
         // stages it before returning, so it may be released as soon as this returns.
         unsafe { result::memcpy_htod_async(dst, src, self.stream.cu_stream()) }
@@ -268,6 +304,7 @@ impl CudaRuntime {
 
     pub fn dtoh(&self, src: u64, dst: &mut [u8]) -> KernelResult<()> {
         self.bind()?;
+        self.release_gate();
         let s = self.stream.cu_stream();
         // SAFETY: `src` holds `dst.len()` bytes; the stream is drained first (so an earlier
         // kernel's error is reported as such), and again after the copy queued on it.
@@ -281,6 +318,7 @@ impl CudaRuntime {
 
     pub fn synchronize(&self) -> KernelResult<()> {
         self.bind()?;
+        self.release_gate();
         // SAFETY: the stream is alive for `self`'s lifetime.
         unsafe { result::stream::synchronize(self.stream.cu_stream()) }
             .map_err(|e| cuda_err("synchronize", e))
@@ -533,7 +571,59 @@ impl CudaRuntime {
         Ok(event)
     }
 
-    /// Starts a profile: a timestamp on each stream.
+    /// Queues a gate holding the main stream (the previous one released), whose epoch the host
+    /// writes to let it pass.
+    fn queue_gate(&self, p: &mut ProfileEvents) -> KernelResult<()> {
+        let g = &mut p.gate;
+        if g.flag.is_null() {
+            // SAFETY: 4 bytes of pinned, device-mapped host memory, freed in Drop.
+            let flag = unsafe { result::malloc_host(4, sys::CU_MEMHOSTALLOC_DEVICEMAP) }
+                .map_err(|e| cuda_err("profile gate", e))?;
+            g.flag = flag as *mut u32;
+            // SAFETY: the allocation above, 4 bytes, not yet read by any kernel.
+            unsafe { std::ptr::write_volatile(g.flag, 0) };
+            (g.queued, g.released) = (0, 0);
+        }
+        let mut dflag: sys::CUdeviceptr = 0;
+        // SAFETY: a device-mapped allocation of this context.
+        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dflag, g.flag as *mut c_void, 0) }
+            .result()
+            .map_err(|e| cuda_err("profile gate's device pointer", e))?;
+        let f = self.function("profile_gate", 0)?;
+        let (mut epoch, mut timeout) = (g.queued + 1, GATE_TIMEOUT_NS);
+        let mut args = [
+            &mut dflag as *mut _ as *mut c_void,
+            &mut epoch as *mut _ as *mut c_void,
+            &mut timeout as *mut _ as *mut c_void,
+        ];
+        let s = self.stream.cu_stream();
+        // SAFETY: the kernel's three parameters, in order; the flag outlives the profile.
+        unsafe { result::launch_kernel(f, (1, 1, 1), (1, 1, 1), 0, s, &mut args) }
+            .map_err(|e| cuda_err("launching profile_gate", e))?;
+        g.queued = epoch;
+        g.ops = 0;
+        Self::release(g, epoch - 1);
+        Ok(())
+    }
+
+    /// Lets every gate up to `epoch` pass.
+    fn release(g: &mut ProfileGate, epoch: u32) {
+        if !g.flag.is_null() && g.released < epoch {
+            // SAFETY: the gate's pinned word; the kernel only reads it.
+            unsafe { std::ptr::write_volatile(g.flag, epoch) };
+            g.released = epoch;
+        }
+    }
+
+    /// Lets the held gate pass (before the host waits for the GPU).
+    fn release_gate(&self) {
+        let mut p = self.profile_events();
+        let queued = p.gate.queued;
+        Self::release(&mut p.gate, queued);
+    }
+
+    /// Starts a profile: a timestamp on each stream, then a gate with its timestamp (the first
+    /// mark: the caller names it `profile::GATE`).
     pub fn profile_begin(&self) -> KernelResult<()> {
         self.bind()?;
         let mut guard = self.profile_events();
@@ -544,15 +634,29 @@ impl CudaRuntime {
             let e = self.stamp(p, s)?;
             p.start.push(e);
         }
+        self.queue_gate(p)?;
+        let e = self.stamp(p, self.stream.cu_stream())?;
+        p.marks.push(e);
         Ok(())
     }
 
-    /// A timestamp after the op just queued, on its stream; returns whether that is the side.
-    pub fn profile_mark(&self) -> KernelResult<bool> {
-        let mut p = self.profile_events();
-        let e = self.stamp(&mut p, self.current())?;
+    /// A timestamp after the op just queued, on its stream; returns whether that is the side,
+    /// and whether a new gate (with its own timestamp, the next mark's start) followed it.
+    pub fn profile_mark(&self) -> KernelResult<(bool, bool)> {
+        let mut guard = self.profile_events();
+        let p = &mut *guard;
+        let e = self.stamp(p, self.current())?;
         p.marks.push(e);
-        Ok(self.side_now())
+        let side = self.side_now();
+        p.gate.ops += 1;
+        let held = p.gate.released < p.gate.queued;
+        let gated = !side && (!held || p.gate.ops >= GATE_OPS);
+        if gated {
+            self.queue_gate(p)?;
+            let e = self.stamp(p, self.stream.cu_stream())?;
+            p.marks.push(e);
+        }
+        Ok((side, gated))
     }
 
     /// Ends a profile (the caller synchronised both streams): every mark's time and each
@@ -560,6 +664,8 @@ impl CudaRuntime {
     pub fn profile_end(&self) -> KernelResult<(Vec<f64>, [f64; 2])> {
         self.bind()?;
         let mut p = self.profile_events();
+        let queued = p.gate.queued;
+        Self::release(&mut p.gate, queued);
         let (starts, marks) = (std::mem::take(&mut p.start), std::mem::take(&mut p.marks));
         let since = |e: sys::CUevent| -> KernelResult<f64> {
             // SAFETY: both events were recorded and have completed (the streams were drained).
@@ -644,6 +750,7 @@ impl CudaRuntime {
                 result::event::record(start, s).map_err(|e| cuda_err("record", e))?;
                 work()?;
                 result::event::record(end, s).map_err(|e| cuda_err("record", e))?;
+                self.release_gate();
                 result::event::synchronize(end).map_err(|e| cuda_err("event sync", e))?;
                 result::event::elapsed(start, end).map_err(|e| cuda_err("elapsed", e))
             })();
@@ -680,6 +787,9 @@ impl Drop for CudaRuntime {
                 for w in lt.workspaces() {
                     let _ = result::free_sync(w);
                 }
+            }
+            if !profile.gate.flag.is_null() {
+                let _ = result::free_host(profile.gate.flag as *mut c_void);
             }
         }
     }

@@ -851,11 +851,11 @@ impl KernelDevice {
         if self.capturing() {
             return Ok(());
         }
-        let side = match &self.backend {
+        let (side, gated) = match &self.backend {
             Backend::Emulator => {
                 let t = log.started.map_or(0.0, |s| s.elapsed().as_secs_f64() * 1e3);
                 log.host_s.push(t);
-                self.memory.lanes.is_side()
+                (self.memory.lanes.is_side(), false)
             }
             #[cfg(feature = "cuda")]
             Backend::Gpu(rt) => rt.profile_mark()?,
@@ -865,6 +865,13 @@ impl KernelDevice {
             flops,
             side,
         });
+        if gated {
+            log.marks.push(Mark {
+                name: super::profile::GATE.into(),
+                flops: 0,
+                side: false,
+            });
+        }
         Ok(())
     }
 
@@ -887,14 +894,20 @@ impl KernelDevice {
                     "profile: one is running already".into(),
                 ));
             }
+            let mut log = ProfileLog {
+                started: Some(std::time::Instant::now()),
+                ..Default::default()
+            };
             #[cfg(feature = "cuda")]
             if let Backend::Gpu(rt) = &self.backend {
                 rt.profile_begin()?;
+                log.marks.push(Mark {
+                    name: super::profile::GATE.into(),
+                    flops: 0,
+                    side: false,
+                });
             }
-            *guard = Some(ProfileLog {
-                started: Some(std::time::Instant::now()),
-                ..Default::default()
-            });
+            *guard = Some(log);
             self.memory.profiling.store(true, Ordering::Relaxed);
         }
         let ran = work().and_then(|_| self.synchronize());

@@ -4,14 +4,19 @@
 //! Every op queued while a profile runs (a kernel launch, a cuBLASLt GEMM, a memset, a graph
 //! replay) is followed by a timestamp on its stream: a CUDA event on a GPU, the host clock under
 //! the emulator. An op's time is the gap between its timestamp and the previous one on the same
-//! stream, so it includes any idle time before it on that stream (a launch gap when the host falls
-//! behind; on the side stream, waiting at a fork; before a copy, timed apart as "idle (host work
-//! before a copy)"); with one stream and a busy GPU the gaps are the kernels' durations, and they
-//! sum to the wall time. No replays, no serialisation: unlike Nsight Compute, the whole forward and
+//! stream, so it includes any idle time before it on that stream (on the side stream, waiting at a
+//! fork; before a copy, timed apart as "idle (host work before a copy)"). On a GPU the main
+//! stream's ops are held behind a gate kernel until the host has queued the next few dozen
+//! (`ProfileGate`, cuda/profile.cu), so a host slower than the GPU adds no launch gaps to the ops:
+//! the gaps are the kernels' durations, and the gates' waits are summed apart (`host_wait_ms`). No replays, no serialisation: unlike Nsight Compute, the whole forward and
 //! backward of a 2-billion-parameter model is profiled in the time it takes to run it. Ops recorded
 //! into a graph capture are not timed (the replay is, as one op).
 
 use std::collections::HashMap;
+
+/// The mark of the profiler's gate (src/device/cuda.rs): the time the GPU waited for the host to
+/// queue the ops behind it, which no op's row includes.
+pub(crate) const GATE: &str = "profile gate";
 
 /// What the device layer knows about a timed op when it is queued.
 #[derive(Clone, Debug)]
@@ -62,19 +67,27 @@ pub struct OpProfile {
     pub ops: u64,
     /// Ops on the side stream (their times include waits at forks).
     pub side_ops: u64,
+    /// Time the GPU waited at the profiler's gates for the host to queue the ops behind them
+    /// (on a GPU; in no row): how far the host's launches lag the GPU.
+    pub host_wait_ms: f64,
 }
 
 impl OpProfile {
     /// Aggregates per-op durations (`ms[i]` for `marks[i]`) by name.
     pub(crate) fn from_marks(marks: &[Mark], ms: &[f64]) -> OpProfile {
-        let ops = marks
-            .iter()
-            .zip(ms)
-            .map(|(m, &t)| (m.name.as_str(), 1, t, m.flops));
+        let is_gate = |m: &Mark| m.name == GATE;
+        let timed = || marks.iter().zip(ms).filter(|(m, _)| !is_gate(m));
+        let ops = timed().map(|(m, &t)| (m.name.as_str(), 1, t, m.flops));
         OpProfile {
             rows: sum_by_name(ops),
-            ops: marks.len() as u64,
-            side_ops: marks.iter().filter(|m| m.side).count() as u64,
+            ops: timed().count() as u64,
+            side_ops: timed().filter(|(m, _)| m.side).count() as u64,
+            host_wait_ms: marks
+                .iter()
+                .zip(ms)
+                .filter(|(m, _)| is_gate(m))
+                .map(|(_, t)| t)
+                .sum(),
         }
     }
 
@@ -146,6 +159,21 @@ mod tests {
             flops,
             side,
         }
+    }
+
+    #[test]
+    fn gate_waits_are_in_no_row() {
+        let marks = [
+            mark("a", 0, false),
+            mark(GATE, 0, false),
+            mark("b", 0, false),
+            mark(GATE, 0, false),
+            mark("a", 0, false),
+        ];
+        let p = OpProfile::from_marks(&marks, &[1.0, 5.0, 2.0, 0.5, 1.0]);
+        assert_eq!((p.ops, p.rows.len()), (3, 2));
+        assert_eq!(p.total_ms(), 4.0);
+        assert_eq!(p.host_wait_ms, 5.5);
     }
 
     #[test]

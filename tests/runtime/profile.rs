@@ -118,7 +118,8 @@ fn a_capture_is_not_timed_and_a_replay_is_one_op() {
 }
 
 /// On a GPU, the host's time before a copy (preparing its data while the stream has nothing to
-/// run) is a row of its own, so the copy's row is the transfer alone.
+/// run, or while the profiler's gate holds the ops queued so far) is in no op's row — timed as
+/// its own row or as the profile's wait at the gates — so the copy's row is the transfer alone.
 #[test]
 fn host_time_before_a_copy_is_timed_apart() {
     for dev in devices() {
@@ -138,7 +139,12 @@ fn host_time_before_a_copy_is_timed_apart() {
         let idle = row("idle (host work before a copy)");
         let upload = row("upload (host to device)");
         assert_eq!((idle.calls, upload.calls), (1, 1), "{:?}", p.rows);
-        assert!(idle.ms >= 25.0 && upload.ms < 20.0, "{:?}", p.rows);
+        let waited = idle.ms + p.host_wait_ms;
+        assert!(
+            waited >= 25.0 && upload.ms < 20.0,
+            "{:?}, {waited} ms",
+            p.rows
+        );
     }
 }
 
@@ -165,5 +171,49 @@ fn a_one_stream_profile_has_no_side_stream_ops() {
         assert_eq!((one.ops, one.side_ops), (2, 0), "{:?}", one.rows);
         assert_eq!(dev.streams(), 2, "the stream setting is restored");
         dev.set_streams(streams).unwrap();
+    }
+}
+
+/// On a GPU, a host slower than the GPU adds nothing to the ops' rows: the profiler's gate holds
+/// the ops until the host has queued the next few dozen, so each row is its op's own time and the
+/// host's lag is the profile's wait at the gates.
+#[test]
+fn a_slow_host_adds_nothing_to_the_ops_rows() {
+    for dev in devices() {
+        if dev.is_emulator() {
+            println!("skipped on the emulator: its profile times the host");
+            continue;
+        }
+        let (src, dst) = (
+            dev.zeros::<f32>(1 << 16).unwrap(),
+            dev.zeros::<f32>(1 << 16).unwrap(),
+        );
+        // more ops than one gate holds, so later gates are queued and released too
+        let n = 120;
+        let p = dev
+            .profile(|| {
+                for _ in 0..n {
+                    std::thread::sleep(std::time::Duration::from_micros(500));
+                    copy(&dev, &dst, &src)?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        let copies = p.rows.iter().find(|r| r.name == "copy_bytes").unwrap();
+        assert_eq!(p.ops, n as u64, "{:?}", p.rows);
+        // a 256 KB copy takes a few µs; unheld, each would show the host's 500 µs sleep
+        assert!(copies.ms < 0.1 * n as f64 * 0.5, "{:?}", p.rows);
+        assert!(
+            p.host_wait_ms > 0.5 * n as f64 * 0.5,
+            "{} ms",
+            p.host_wait_ms
+        );
+        println!(
+            "profile on {}: {} copies {:.3} ms, {:.1} ms waited at the gates",
+            dev.name(),
+            n,
+            copies.ms,
+            p.host_wait_ms
+        );
     }
 }
