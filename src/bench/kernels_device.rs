@@ -256,7 +256,7 @@ fn adaln(b: &mut Bench) -> KernelResult<()> {
 
 /// QK RMSNorm over SD3-medium's heads: [tokens·heads, 64].
 fn qk(b: &mut Bench) -> KernelResult<()> {
-    let (rows, d) = (b.size(4429 * 24, 300), 64);
+    let (rows, d) = (b.size(4429 * 24, 12 * 24), 64);
     let per_call = 2 * rows * d * 2 + rows * 4 + d * 2;
     let sets = b.sets(per_call);
     let s: Vec<_> = (0..sets)
@@ -294,6 +294,33 @@ fn qk(b: &mut Bench) -> KernelResult<()> {
             qknorm::dev::MAX_PARTS,
         )
     })?;
+    // the model's layout: q read from (and its gradient written into) the fused qkv tensor,
+    // [tokens, 3·heads·64], a token's heads 128-byte rows in a row of 3·heads·64
+    let heads = 24;
+    let fused = rows / heads * 3 * heads * d;
+    let layout = qknorm::dev::RowLayout {
+        heads,
+        ld: 3 * heads * d,
+        off: 0,
+    };
+    let laid: Vec<_> = (0..sets)
+        .map(|_| -> KernelResult<_> { Ok((b.bf(fused)?, b.bf(fused)?)) })
+        .collect::<KernelResult<Vec<_>>>()?;
+    let shape = format!("{rows}x{d} bf16 in qkv");
+    b.time("rms_norm_fwd (laid)", &shape, per_call, sets, |i| {
+        let ((x, _), (_, y, rstd, w, _, _)) = (&laid[i], &s[i]);
+        qknorm::dev::rms_norm_fwd_laid_into(&dev, y, rstd, x, layout, w, (rows, d), 1e-6)
+    })?;
+    b.time(
+        "rms_norm_bwd (laid, +sum_splits)",
+        &shape,
+        bytes,
+        sets,
+        |i| {
+            let ((x, dx), (_, _, rstd, w, dy, _)) = (&laid[i], &s[i]);
+            qknorm::dev::rms_norm_bwd_laid(&dev, dx, x, layout, w, rstd, dy, (rows, d)).map(|_| ())
+        },
+    )?;
     Ok(())
 }
 
