@@ -82,12 +82,9 @@ impl OpProfile {
             rows: sum_by_name(ops),
             ops: timed().count() as u64,
             side_ops: timed().filter(|(m, _)| m.side).count() as u64,
-            host_wait_ms: marks
-                .iter()
-                .zip(ms)
+            host_wait_ms: (marks.iter().zip(ms))
                 .filter(|(m, _)| is_gate(m))
-                .map(|(_, t)| t)
-                .sum(),
+                .fold(0.0, |a, (_, t)| a + t),
         }
     }
 
