@@ -154,6 +154,10 @@ step mmdit-sd35m-profile 90 "$BIN/advdmd" bench mmdit --device cuda --model sd3.
 # the same benchmark by an earlier build carried as .gpu/bin/advdmd-base (a before/after in one call)
 [ -x "$BIN/advdmd-base" ] && step mmdit-sd35m-base 120 "$BIN/advdmd-base" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
 step mmdit-sd35m-512 60 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 512 --batch 4 --iters 10 --json
+# forward+backward with full and with selective activation checkpointing: the recomputation's
+# cost per sample at 1024 px (against mmdit-sd35m, which keeps everything)
+step mmdit-sd35m-ckpt 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 5 --checkpoint-activations --json
+step mmdit-sd35m-ckpt-selective 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 5 --checkpoint-activations=selective --json
 step sample-sd35m 90 "$BIN/advdmd" bench sample --device cuda --model sd3.5-medium --res 1024 --batch 1 --steps 4 --cfg 1 --iters 10 --json
 # the same loop replayed from a CUDA graph, then at 512 px (where launch gaps weigh more) both ways
 step sample-sd35m-graph 90 "$BIN/advdmd" bench sample --device cuda --model sd3.5-medium --res 1024 --batch 1 --steps 4 --cfg 1 --iters 10 --graph --json
@@ -259,5 +263,5 @@ with open(f"{out}/report.md", "w") as f:
             f.write(f"| {r['op']} | {r['calls']} | {r['ms']:.3f} | {r['share']:.1f} | {'' if tf is None else f'{tf:.0f}'} |\n")
 print(open(f"{out}/report.md").read()[-8000:])
 PY
-for s in hopper tests model runtime tests-pdl ncu-attention mmdit-shapes mmdit-sd35m mmdit-sd35m-pdl mmdit-sd35m-persistent mmdit-sd35m-1stream mmdit-sd35m-nohopper mmdit-sd35m-autotune mmdit-sd35m-profile mmdit-sd35m-base mmdit-sd35m-512 sample-sd35m sample-sd35m-graph sample-sd35m-graph-1stream sample-sd35m-graph-pdl sample-512 advdmd step-shapes step-shapes-graph distill step-sd35m step-sd35m-80g step-sd35m-80g-graph step-sd35m-80g-1024 step-sd35m-80g-graph-selective step-sd35m-80g-1024-selective step-sd35m-80g-profile step-sd35m-80g-graph-1stream step-sd35m-80g-graph-autotune step-sd35m-80g-graph-pdl mmdit-sd35l sample-sd35l torch bench bench-pdl attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
+for s in hopper tests model runtime tests-pdl ncu-attention mmdit-shapes mmdit-sd35m mmdit-sd35m-pdl mmdit-sd35m-persistent mmdit-sd35m-1stream mmdit-sd35m-nohopper mmdit-sd35m-autotune mmdit-sd35m-profile mmdit-sd35m-base mmdit-sd35m-512 mmdit-sd35m-ckpt mmdit-sd35m-ckpt-selective sample-sd35m sample-sd35m-graph sample-sd35m-graph-1stream sample-sd35m-graph-pdl sample-512 advdmd step-shapes step-shapes-graph distill step-sd35m step-sd35m-80g step-sd35m-80g-graph step-sd35m-80g-1024 step-sd35m-80g-graph-selective step-sd35m-80g-1024-selective step-sd35m-80g-profile step-sd35m-80g-graph-1stream step-sd35m-80g-graph-autotune step-sd35m-80g-graph-pdl mmdit-sd35l sample-sd35l torch bench bench-pdl attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
 exit $status
