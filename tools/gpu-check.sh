@@ -123,7 +123,7 @@ fi
 # H4 once each, in the bench's order — each kernel's speed of light, pipe utilisation (tensor,
 # FMA, SFU), warp stalls and issue slots.
 if command -v ncu >/dev/null; then
-  step ncu-attention 120 ncu --kernel-name "regex:joint_attn_(fwd_h[3-6]|bwd_h[34])_d64$" --launch-count 8 \
+  step ncu-attention 120 ncu --clock-control none --kernel-name "regex:joint_attn_(fwd_h[3-6]|bwd_h[34])_d64$" --launch-count 8 \
     --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
     "$BIN/attention-bench"
 fi
