@@ -7,6 +7,7 @@
 //   rms_norm_bwd:  dx = rstd·(dy·w − x·rstd·mean(dy·w·x̂)) per row, and the weight gradient
 //                  Σ_rows dy·x̂ as one f32 partial row per block (fixed grid, fixed order, so the
 //                  result is deterministic), reduced by sum_splits (adaln.cu)
+//   rms_norm_fwd2, rms_norm_bwd2: two of the above of one shape in one launch (q's and k's)
 //
 // x (and in the backward dx) may be read and written in place inside a wider tensor: rows are
 // (token, head) pairs at x_row(row) = (row / H)·ld + (row % H)·D, so the MMDiT normalises q and k
@@ -221,11 +222,10 @@ __device__ __forceinline__ void bwd_rows_vec(bf16* __restrict__ dx, float* __res
 // grid: ceil(rows / (QK_ROWS·QK_THREADS / G)), block: QK_THREADS; G as chosen by the launcher (a
 // power of two ≤ 32; 32 when D % 8 != 0). Block b's group j takes rows b·QK_ROWS·groups + j +
 // k·groups, k < QK_ROWS (so each warp access covers consecutive rows).
-extern "C" __global__ void __launch_bounds__(QK_THREADS)
-    rms_norm_fwd(bf16* __restrict__ y, float* __restrict__ rstd, const bf16* __restrict__ x,
-                 const bf16* __restrict__ w, long long rows, int D, float eps, int G, int H, long long ld) {
-    kernel_prologue();
-    using namespace qknorm;
+namespace qknorm {
+__device__ __forceinline__ void rms_fwd(bf16* __restrict__ y, float* __restrict__ rstd, const bf16* __restrict__ x,
+                                        const bf16* __restrict__ w, long long rows, int D, float eps, int G, int H,
+                                        long long ld) {
     const int gl = threadIdx.x % G, groups = blockDim.x / G;
     const long long row0 = (long long)blockIdx.x * groups * QK_ROWS + threadIdx.x / G;
     // Past-the-end groups still join their warp's shuffles.
@@ -240,18 +240,39 @@ extern "C" __global__ void __launch_bounds__(QK_THREADS)
             fwd_row_scalar(y, rstd, x, w, row, row < rows, D, eps, G, gl, H, ld);
         }
 }
+}  // namespace qknorm
+
+extern "C" __global__ void __launch_bounds__(QK_THREADS)
+    rms_norm_fwd(bf16* __restrict__ y, float* __restrict__ rstd, const bf16* __restrict__ x,
+                 const bf16* __restrict__ w, long long rows, int D, float eps, int G, int H, long long ld) {
+    kernel_prologue();
+    qknorm::rms_fwd(y, rstd, x, w, rows, D, eps, G, H, ld);
+}
+
+// Two rms_norm_fwd of the same shape in one launch (q's and k's, each with its weight, read from
+// the fused qkv projection): blockIdx.y picks the pair. grid: (as rms_norm_fwd, 2).
+extern "C" __global__ void __launch_bounds__(QK_THREADS)
+    rms_norm_fwd2(bf16* __restrict__ y0, float* __restrict__ rstd0, const bf16* __restrict__ x0,
+                  const bf16* __restrict__ w0, bf16* __restrict__ y1, float* __restrict__ rstd1,
+                  const bf16* __restrict__ x1, const bf16* __restrict__ w1, long long rows, int D, float eps, int G,
+                  int H, long long ld) {
+    kernel_prologue();
+    if (blockIdx.y == 0)
+        qknorm::rms_fwd(y0, rstd0, x0, w0, rows, D, eps, G, H, ld);
+    else
+        qknorm::rms_fwd(y1, rstd1, x1, w1, rows, D, eps, G, H, ld);
+}
 
 // Fused backward: dx of every row and the per-block partial weight gradient.
 // grid: P blocks (the launcher picks P from the shape alone, so the reduction order never depends
 // on the GPU), block: QK_THREADS, dynamic shared memory (QK_THREADS / G)·D floats. Block p takes
 // the steps p, p + P, p + 2P, ... of QK_BWD_ROWS·QK_THREADS / G rows each; dw_part[p·D + j] = the
 // block's Σ dy·x̂ over column j.
-extern "C" __global__ void __launch_bounds__(QK_THREADS)
-    rms_norm_bwd(bf16* __restrict__ dx, float* __restrict__ dw_part, const bf16* __restrict__ x,
-                 const bf16* __restrict__ w, const float* __restrict__ rstd, const bf16* __restrict__ dy,
-                 long long rows, int D, int G, int H, long long ld) {
-    kernel_prologue();
-    using namespace qknorm;
+namespace qknorm {
+__device__ __forceinline__ void rms_bwd(bf16* __restrict__ dx, float* __restrict__ dw_part, const bf16* __restrict__ x,
+                                        const bf16* __restrict__ w, const float* __restrict__ rstd,
+                                        const bf16* __restrict__ dy, long long rows, int D, int G, int H,
+                                        long long ld) {
     DYNAMIC_SMEM(float, acc);  // [groups][D]: each group's running Σ dy·x̂
     const int groups = blockDim.x / G, grp = threadIdx.x / G, gl = threadIdx.x % G;
     float* my = acc + (long long)grp * D;
@@ -294,4 +315,29 @@ extern "C" __global__ void __launch_bounds__(QK_THREADS)
         for (int g = 0; g < groups; g++) s += acc[(long long)g * D + j];
         dw_part[(long long)blockIdx.x * D + j] = s;
     }
+}
+}  // namespace qknorm
+
+extern "C" __global__ void __launch_bounds__(QK_THREADS)
+    rms_norm_bwd(bf16* __restrict__ dx, float* __restrict__ dw_part, const bf16* __restrict__ x,
+                 const bf16* __restrict__ w, const float* __restrict__ rstd, const bf16* __restrict__ dy,
+                 long long rows, int D, int G, int H, long long ld) {
+    kernel_prologue();
+    qknorm::rms_bwd(dx, dw_part, x, w, rstd, dy, rows, D, G, H, ld);
+}
+
+// Two rms_norm_bwd of the same shape in one launch (q's and k's): blockIdx.y picks the pair; pair
+// y's partials go to dw_part + y·gridDim.x·D. grid: (P, 2).
+extern "C" __global__ void __launch_bounds__(QK_THREADS)
+    rms_norm_bwd2(bf16* __restrict__ dx0, const bf16* __restrict__ x0, const bf16* __restrict__ w0,
+                  const float* __restrict__ rstd0, const bf16* __restrict__ dy0, bf16* __restrict__ dx1,
+                  const bf16* __restrict__ x1, const bf16* __restrict__ w1, const float* __restrict__ rstd1,
+                  const bf16* __restrict__ dy1, float* __restrict__ dw_part, long long rows, int D, int G, int H,
+                  long long ld) {
+    kernel_prologue();
+    float* part = dw_part + (long long)blockIdx.y * gridDim.x * D;
+    if (blockIdx.y == 0)
+        qknorm::rms_bwd(dx0, part, x0, w0, rstd0, dy0, rows, D, G, H, ld);
+    else
+        qknorm::rms_bwd(dx1, part, x1, w1, rstd1, dy1, rows, D, G, H, ld);
 }

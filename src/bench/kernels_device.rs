@@ -304,11 +304,11 @@ fn qk(b: &mut Bench) -> KernelResult<()> {
         off: 0,
     };
     let laid: Vec<_> = (0..sets)
-        .map(|_| -> KernelResult<_> { Ok((b.bf(fused)?, b.bf(fused)?)) })
+        .map(|_| -> KernelResult<_> { Ok((b.bf(fused)?, b.bf(fused)?, b.dev.zeros::<f32>(d)?)) })
         .collect::<KernelResult<Vec<_>>>()?;
     let shape = format!("{rows}x{d} bf16 in qkv");
     b.time("rms_norm_fwd (laid)", &shape, per_call, sets, |i| {
-        let ((x, _), (_, y, rstd, w, _, _)) = (&laid[i], &s[i]);
+        let ((x, _, _), (_, y, rstd, w, _, _)) = (&laid[i], &s[i]);
         qknorm::dev::rms_norm_fwd_laid_into(&dev, y, rstd, x, layout, w, (rows, d), 1e-6)
     })?;
     b.time(
@@ -317,8 +317,36 @@ fn qk(b: &mut Bench) -> KernelResult<()> {
         bytes,
         sets,
         |i| {
-            let ((x, dx), (_, _, rstd, w, dy, _)) = (&laid[i], &s[i]);
+            let ((x, dx, _), (_, _, rstd, w, dy, _)) = (&laid[i], &s[i]);
             qknorm::dev::rms_norm_bwd_laid(&dev, dx, x, layout, w, rstd, dy, (rows, d)).map(|_| ())
+        },
+    )?;
+    // q's and k's in one launch each way, as the model runs them: twice the bytes of a row above
+    let k_layout = qknorm::dev::RowLayout {
+        off: heads * d,
+        ..layout
+    };
+    let pair = [layout, k_layout];
+    b.time(
+        "rms_norm_fwd2 (q and k, laid)",
+        &shape,
+        2 * per_call,
+        sets,
+        |i| {
+            let ((x, _, _), (_, _, _, w, _, _)) = (&laid[i], &s[i]);
+            qknorm::dev::rms_norm_fwd_laid_pair(&dev, x, pair, [w, w], (rows, d), 1e-6).map(|_| ())
+        },
+    )?;
+    b.time(
+        "rms_norm_bwd2 (q and k, laid, +sum_splits2)",
+        &shape,
+        2 * bytes,
+        sets,
+        |i| {
+            let ((x, dx, dk), (_, _, rstd, w, dy, dq)) = (&laid[i], &s[i]);
+            let dws = Some([(dq, false), (dk, true)]);
+            let (ws, rs, dys) = ([w, w], [rstd, rstd], [dy, dy]);
+            qknorm::dev::rms_norm_bwd_laid_pair(&dev, dx, x, pair, ws, rs, dys, (rows, d), dws)
         },
     )?;
     Ok(())

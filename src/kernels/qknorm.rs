@@ -80,7 +80,7 @@ pub mod dev {
     use crate::device::kernel::{
         blocks_for, DevBuf, KernelArgs, KernelDevice, KernelError, KernelResult, LaunchCfg,
     };
-    use crate::kernels::adaln::dev::sum_splits;
+    use crate::kernels::adaln::dev::{sum_splits, sum_splits_pair};
     use half::bf16;
 
     const THREADS: u32 = 256;
@@ -340,13 +340,7 @@ pub mod dev {
         let x = x.view(layout.off, x.len() - layout.off)?;
         let dx = dx.view(layout.off, dx.len() - layout.off)?;
         let g = group_lanes(d);
-        let groups = (THREADS / g) as usize;
-        // Depends on the shape only: the same partition, hence the same sums, on every GPU. As
-        // few steps per block as `max_parts` allows, then as few blocks as give every block
-        // that many steps (at 106296 rows of 64: 1661 steps, 416 blocks of 4, no ragged tail).
-        let steps = rows.div_ceil(groups * BWD_ROWS);
-        let per_block = steps.div_ceil(max_parts.max(1));
-        let parts = steps.div_ceil(per_block).max(1);
+        let (groups, parts) = bwd_partition(rows, d, max_parts);
         let part = dev.alloc::<f32>(parts * d)?;
         dev.launch(
             "rms_norm_bwd",
@@ -365,5 +359,149 @@ pub mod dev {
                 .i64(layout.ld as i64),
         )?;
         sum_splits(dev, dweight, &part, parts)
+    }
+
+    /// Partial rows of the backward's weight gradient for `rows` rows of `d`: (lane groups a
+    /// block, partials). Depends on the shape only: the same partition, hence the same sums, on
+    /// every GPU. As few steps per block as `max_parts` allows, then as few blocks as give every
+    /// block that many steps (at 106296 rows of 64: 1661 steps, 416 blocks of 4, no ragged tail).
+    fn bwd_partition(rows: usize, d: usize, max_parts: usize) -> (usize, usize) {
+        let groups = (THREADS / group_lanes(d)) as usize;
+        let steps = rows.div_ceil(groups * BWD_ROWS);
+        let per_block = steps.div_ceil(max_parts.max(1));
+        (groups, steps.div_ceil(per_block).max(1))
+    }
+
+    /// Two layouts of one buffer that one paired launch can take (the kernels read one head count
+    /// and row stride).
+    fn check_pair(layouts: &[RowLayout; 2]) -> KernelResult<()> {
+        if layouts[0].heads == layouts[1].heads && layouts[0].ld == layouts[1].ld {
+            return Ok(());
+        }
+        Err(KernelError::Invalid(format!(
+            "rms_norm pair: layouts {layouts:?} differ in heads or row stride"
+        )))
+    }
+
+    /// Two [`rms_norm_fwd_laid`] over the same buffer and shape in one launch
+    /// (`rms_norm_fwd2`): the MMDiT's q and k, each with its weight, out of the fused qkv
+    /// projection. Returns each one's (y, rstd).
+    pub fn rms_norm_fwd_laid_pair(
+        dev: &KernelDevice,
+        x: &DevBuf<bf16>,
+        layouts: [RowLayout; 2],
+        weights: [&DevBuf<bf16>; 2],
+        (rows, d): (usize, usize),
+        eps: f32,
+    ) -> KernelResult<[(DevBuf<bf16>, DevBuf<f32>); 2]> {
+        check_pair(&layouts)?;
+        for (l, w) in layouts.iter().zip(weights) {
+            l.check(rows, d, x.len(), "x")?;
+            check_len(w, d, "weight")?;
+        }
+        let alloc = || -> KernelResult<_> { Ok((dev.alloc(rows * d)?, dev.alloc(rows)?)) };
+        let out = [alloc()?, alloc()?];
+        if rows == 0 || d == 0 {
+            return Ok(out);
+        }
+        let view = |j: usize| x.view(layouts[j].off, x.len() - layouts[j].off);
+        let xs = [view(0)?, view(1)?];
+        let g = group_lanes(d);
+        let mut args = KernelArgs::new();
+        for j in 0..2 {
+            args = args
+                .buf(&out[j].0)
+                .buf(&out[j].1)
+                .buf(&xs[j])
+                .buf(weights[j]);
+        }
+        let blocks = blocks_for(rows, FWD_ROWS * THREADS / g);
+        dev.launch(
+            "rms_norm_fwd2",
+            LaunchCfg {
+                grid: [blocks, 2, 1],
+                block: [THREADS, 1, 1],
+                shared_bytes: 0,
+            },
+            args.i64(rows as i64)
+                .i32(d as i32)
+                .f32(eps)
+                .i32(g as i32)
+                .i32(layouts[0].heads as i32)
+                .i64(layouts[0].ld as i64),
+        )?;
+        Ok(out)
+    }
+
+    /// Gradients of [`rms_norm_fwd_laid_pair`] in one launch (`rms_norm_bwd2`): each dx written
+    /// at its layout into `dx`, and with `dweights` the two weight gradients summed into them
+    /// (each added to what it holds when its flag says so, else overwriting it) by one
+    /// `sum_splits2`; without, not formed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rms_norm_bwd_laid_pair(
+        dev: &KernelDevice,
+        dx: &DevBuf<bf16>,
+        x: &DevBuf<bf16>,
+        layouts: [RowLayout; 2],
+        weights: [&DevBuf<bf16>; 2],
+        rstd: [&DevBuf<f32>; 2],
+        dy: [&DevBuf<bf16>; 2],
+        (rows, d): (usize, usize),
+        dweights: Option<[(&DevBuf<f32>, bool); 2]>,
+    ) -> KernelResult<()> {
+        check_pair(&layouts)?;
+        check_len(dx, x.len(), "dx (shaped like x)")?;
+        for j in 0..2 {
+            layouts[j].check(rows, d, x.len(), "x")?;
+            check_len(dy[j], rows * d, "dy")?;
+            check_len(rstd[j], rows, "rstd")?;
+            check_len(weights[j], d, "weight")?;
+            if let Some(dw) = &dweights {
+                check_len(dw[j].0, d, "dweight")?;
+            }
+        }
+        if d == 0 {
+            return Ok(());
+        }
+        if rows == 0 {
+            let overwritten = dweights.into_iter().flatten().filter(|(_, acc)| !acc);
+            return overwritten
+                .into_iter()
+                .try_for_each(|(w, _)| dev.memset_zero(w));
+        }
+        let [o0, o1] = layouts.map(|l| l.off);
+        let (x0, x1) = (x.view(o0, x.len() - o0)?, x.view(o1, x.len() - o1)?);
+        let (dx0, dx1) = (dx.view(o0, dx.len() - o0)?, dx.view(o1, dx.len() - o1)?);
+        let g = group_lanes(d);
+        let (groups, parts) = bwd_partition(rows, d, MAX_PARTS);
+        let part = dev.alloc::<f32>(2 * parts * d)?;
+        let mut args = KernelArgs::new();
+        for (j, (dxj, xj)) in [(&dx0, &x0), (&dx1, &x1)].into_iter().enumerate() {
+            args = args
+                .buf(dxj)
+                .buf(xj)
+                .buf(weights[j])
+                .buf(rstd[j])
+                .buf(dy[j]);
+        }
+        dev.launch(
+            "rms_norm_bwd2",
+            LaunchCfg {
+                grid: [parts as u32, 2, 1],
+                block: [THREADS, 1, 1],
+                shared_bytes: (groups * d * 4) as u32,
+            },
+            args.buf(&part)
+                .i64(rows as i64)
+                .i32(d as i32)
+                .i32(g as i32)
+                .i32(layouts[0].heads as i32)
+                .i64(layouts[0].ld as i64),
+        )?;
+        let Some([(dw0, acc0), (dw1, acc1)]) = dweights else {
+            return Ok(());
+        };
+        let (p0, p1) = (part.view(0, parts * d)?, part.view(parts * d, parts * d)?);
+        sum_splits_pair(dev, [(dw0, &p0, parts, acc0), (dw1, &p1, parts, acc1)])
     }
 }

@@ -698,13 +698,21 @@ impl DeviceMmdit {
                 rstd: None,
             });
         }
-        let norm = |j: usize, which: &str| {
-            let w = self.weight(&format!("{prefix}.{which}.weight"))?;
-            let dims = (rows * c.heads, c.head_dim);
-            qknorm::rms_norm_fwd_laid(&self.dev, &fused, self.qkv_rows(j), &w, dims, QK_NORM_EPS)
-        };
-        let (q, rq) = norm(0, "ln_q")?;
-        let (k, rk) = norm(1, "ln_k")?;
+        // q's and k's norms in one launch
+        let (wq, wk) = (
+            self.weight(&format!("{prefix}.ln_q.weight"))?,
+            self.weight(&format!("{prefix}.ln_k.weight"))?,
+        );
+        let dims = (rows * c.heads, c.head_dim);
+        let layouts = [self.qkv_rows(0), self.qkv_rows(1)];
+        let [(q, rq), (k, rk)] = qknorm::rms_norm_fwd_laid_pair(
+            &self.dev,
+            &fused,
+            layouts,
+            [&wq, &wk],
+            dims,
+            QK_NORM_EPS,
+        )?;
         let v = if self.v_in_place() {
             None
         } else {
@@ -759,18 +767,32 @@ impl DeviceMmdit {
         };
         match (&s.rstd, &s.fused) {
             (Some([rq, rk]), Some(fused)) => {
-                for (j, which, rstd, dy) in [(0, "ln_q", rq, dq), (1, "ln_k", rk, dk)] {
-                    let name = format!("{prefix}.{which}.weight");
-                    let w = self.weight(&name)?;
-                    let dims = (rows * c.heads, c.head_dim);
-                    let rows_j = self.qkv_rows(j);
-                    let dw = qknorm::rms_norm_bwd_laid(
-                        &self.dev, &dfused, fused, rows_j, &w, rstd, dy, dims,
-                    )?;
-                    if params {
-                        layout::accumulate_f32(&self.dev, &*self.grad(&name)?, &dw)?;
-                    }
-                }
+                // q's and k's norms in one launch, their weight gradients added in one more
+                let names = ["ln_q", "ln_k"].map(|w| format!("{prefix}.{w}.weight"));
+                let (wq, wk) = (self.weight(&names[0])?, self.weight(&names[1])?);
+                let dims = (rows * c.heads, c.head_dim);
+                let layouts = [self.qkv_rows(0), self.qkv_rows(1)];
+                // a slot's first write since zero_grad overwrites it (no memset)
+                let grads = if params {
+                    let first = |n: &str| self.grad_first_write(n);
+                    Some([first(&names[0])?, first(&names[1])?])
+                } else {
+                    None
+                };
+                let dweights = grads
+                    .as_ref()
+                    .map(|[(gq, fq), (gk, fk)]| [(&**gq, !*fq), (&**gk, !*fk)]);
+                qknorm::rms_norm_bwd_laid_pair(
+                    &self.dev,
+                    &dfused,
+                    fused,
+                    layouts,
+                    [&wq, &wk],
+                    [rq, rk],
+                    [dq, dk],
+                    dims,
+                    dweights,
+                )?;
             }
             _ => {
                 copy_in(&dfused, 0, dq)?;

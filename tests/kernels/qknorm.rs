@@ -187,3 +187,88 @@ fn rms_norm_reads_and_writes_rows_inside_a_fused_qkv() {
         }
     }
 }
+
+/// q's and k's norms in one launch (`rms_norm_fwd_laid_pair`, `rms_norm_bwd_laid_pair`): the same
+/// bits as one launch each — y, rstd, both dx inside one fused gradient (the v columns left
+/// alone), and the weight gradients written over stale values or added to held ones; a pair of
+/// layouts with different strides is refused.
+#[test]
+fn rms_norm_pairs_give_the_bits_of_single_launches() {
+    for dev in devices() {
+        for &(tokens, heads, d) in &[(7, 3, 64), (5, 2, 128), (4, 3, 36)] {
+            let (rows, width) = (tokens * heads, 3 * heads * d);
+            let mut rng = Rng::new(91 + d as u64);
+            let fused = upload_bf16(&dev, &randn_bf16(&mut rng, tokens * width, 1.5));
+            let ws = [0, 1].map(|_| upload_bf16(&dev, &randn_bf16(&mut rng, d, 0.3)));
+            let dys = [0, 1].map(|_| upload_bf16(&dev, &randn_bf16(&mut rng, rows * d, 1.0)));
+            let layouts = [0, 1].map(|j| gpu::RowLayout {
+                heads,
+                ld: width,
+                off: j * heads * d,
+            });
+            let dims = (rows, d);
+            let single = [0, 1].map(|j| {
+                gpu::rms_norm_fwd_laid(&dev, &fused, layouts[j], &ws[j], dims, 1e-6).unwrap()
+            });
+            let pair =
+                gpu::rms_norm_fwd_laid_pair(&dev, &fused, layouts, [&ws[0], &ws[1]], dims, 1e-6)
+                    .unwrap();
+            for j in 0..2 {
+                assert_eq!(
+                    bits(&dev, &single[j].0),
+                    bits(&dev, &pair[j].0),
+                    "y {j}, d {d}"
+                );
+                let (a, b) = (dev.download(&single[j].1), dev.download(&pair[j].1));
+                assert_eq!(a.unwrap(), b.unwrap(), "rstd {j}, d {d}");
+            }
+            let sentinel = vec![7.0f32; tokens * width];
+            let (dx_single, dx_pair) = (upload_bf16(&dev, &sentinel), upload_bf16(&dev, &sentinel));
+            let dw_single = [0, 1].map(|j| {
+                let (rstd, dy) = (&single[j].1, &dys[j]);
+                gpu::rms_norm_bwd_laid(&dev, &dx_single, &fused, layouts[j], &ws[j], rstd, dy, dims)
+                    .unwrap()
+            });
+            // q's slot stale (overwritten), k's holding 1.5 (added to)
+            let held = [dev.upload(&vec![-3.0f32; d]), dev.upload(&vec![1.5f32; d])];
+            let held = held.map(|h| h.unwrap());
+            gpu::rms_norm_bwd_laid_pair(
+                &dev,
+                &dx_pair,
+                &fused,
+                layouts,
+                [&ws[0], &ws[1]],
+                [&single[0].1, &single[1].1],
+                [&dys[0], &dys[1]],
+                dims,
+                Some([(&held[0], false), (&held[1], true)]),
+            )
+            .unwrap();
+            assert_eq!(bits(&dev, &dx_single), bits(&dev, &dx_pair), "dx, d {d}");
+            let (q1, k1) = (
+                dev.download(&dw_single[0]).unwrap(),
+                dev.download(&dw_single[1]).unwrap(),
+            );
+            assert_eq!(dev.download(&held[0]).unwrap(), q1, "dweight q, d {d}");
+            let k_added: Vec<f32> = k1.iter().map(|v| 1.5 + v).collect();
+            assert_eq!(dev.download(&held[1]).unwrap(), k_added, "dweight k, d {d}");
+            let mut skew = layouts;
+            skew[1].ld += 8;
+            let refused =
+                gpu::rms_norm_fwd_laid_pair(&dev, &fused, skew, [&ws[0], &ws[1]], dims, 1e-6);
+            assert!(refused.is_err());
+            println!(
+                "rms_norm pairs on {}: d {d}, the bits of single launches",
+                dev.name()
+            );
+        }
+    }
+}
+
+fn bits(dev: &KernelDevice, b: &DevBuf<bf16>) -> Vec<u16> {
+    dev.download(b)
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
+}
