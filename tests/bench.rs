@@ -220,6 +220,10 @@ fn mmdit_json_on_the_emulator() {
     ]);
     assert_eq!(ck["parameters"]["checkpoint_activations"], "full");
     assert_eq!(r["parameters"]["checkpoint_activations"], "none");
+    // the recomputed blocks are counted apart, not in the model's FLOPs
+    assert_eq!(r["results"]["recomputed_flops"].as_f64(), Some(0.0));
+    let recomputed = positive(&ck["results"], "recomputed_flops");
+    assert!(recomputed < positive(&ck["results"], "forward_backward_flops") / 3.0);
     positive(&ck["results"], "forward_backward_ms");
     // checkpointing keeps less: its forward+backward peak is below the full record's
     let peak = |r: &Value| positive(&r["results"], "peak_memory_bytes");

@@ -83,11 +83,15 @@ fn measure_device(
         ))
     };
     let (fwd, fwd_peak) = time(&forward)?;
+    let recomputed_before = dev.recomputed_flops();
     let train = if a.forward_only {
         None
     } else {
         Some(time(&training)?)
     };
+    // per forward+backward: what checkpointing recomputed (0 without)
+    let recomputed =
+        (dev.recomputed_flops() - recomputed_before) as f64 / (WARMUP + a.common.iters) as f64;
 
     let precision = if a.forward_only {
         "bf16 weights and activations (a frozen model: no masters, no gradients)"
@@ -118,13 +122,20 @@ fn measure_device(
         "",
     );
     match (train, train_tf) {
-        (Some((_, train_peak)), Some(train_tf)) => {
+        (Some((train_timing, train_peak)), Some(train_tf)) => {
             r.figure(
                 "peak_memory_bytes",
                 "peak memory, forward+backward",
                 Cell::Bytes(train_peak as u64),
                 "",
             );
+            r.figure(
+                "recomputed_flops",
+                "matmul FLOPs recomputed per forward+backward (activation checkpointing)",
+                Cell::num(recomputed, 0),
+                "FLOP",
+            );
+            let hfu_tf = train_tf + tflops(recomputed, train_timing.median_ms());
             mfu_figures(
                 &mut r,
                 &dev.name(),
@@ -132,6 +143,11 @@ fn measure_device(
                 [
                     ("forward_mfu", "forward MFU", fwd_tf),
                     ("forward_backward_mfu", "forward+backward MFU", train_tf),
+                    (
+                        "forward_backward_hfu",
+                        "forward+backward hardware FLOPs utilisation (recomputation counted)",
+                        hfu_tf,
+                    ),
                 ],
             );
         }
