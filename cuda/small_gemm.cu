@@ -7,6 +7,8 @@
 //
 //   gemv_small_m         y = x·wᵀ (+ bias) for M ≤ 8 rows of x: one warp per output column
 //   weight_grad_small_k  g += aᵀ·b over K ≤ 8 rows, and the bias gradient
+//   gemv_small_m_nn_partial  split partials of x·w (w [K, N] read along its rows) for M ≤ 8 rows
+//                            of x: a modulation layer's input gradient, then sum_splits
 #include "common.cuh"
 
 // y[m, n] = Σ_k x[m, k]·w[n, k] + bias[n] (bias may be null), bf16 in and out, f32 sums, M ≤ 8,
@@ -112,4 +114,65 @@ extern "C" __global__ void weight_grad_small_k(float* __restrict__ g, float* __r
     g1.w += acc[7];
     gp[0] = g0;
     gp[1] = g1;
+}
+
+// The input gradient of a modulation layer: y[m, n] = Σ_k x[m, k]·w[k, n] for M ≤ 8 rows of x
+// (the output gradient) and w [K, N] row-major (the layer's weight, read along its rows), as
+// per-split f32 partial rows, summed (and added into an f32 gradient) by sum_splits. cuBLASLt ran
+// this skinny product through its general path. Block (t, s) takes columns 256·t + 8·lane of its
+// warps (one 16-byte pack of a row of w a lane) over rows k0 + warp + 8·j of split s (rows
+// [s·R, (s + 1)·R)), four rows' loads in flight a lane; the 8 warps' sums meet in shared memory,
+// added in warp order, so the result depends on the shape only. N % 8 == 0, w 16-byte aligned.
+// grid: (ceil(N / 256), S), block: 256, dynamic shared memory 8·M·256 floats.
+#define NN_UNROLL 4
+extern "C" __global__ void __launch_bounds__(256)
+    gemv_small_m_nn_partial(float* __restrict__ part, const bf16* __restrict__ x, const bf16* __restrict__ w,
+                            int M, int N, int K, int R) {
+    kernel_prologue();
+    DYNAMIC_SMEM(float, red);  // [8 warps][M][256 columns]
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int c = blockIdx.x * 256 + 8 * lane;  // this lane's first column
+    const bool mine = c < N;
+    const int k0 = blockIdx.y * R, k1 = min(K, k0 + R);
+    float acc[8][8];
+#pragma unroll
+    for (int m = 0; m < 8; m++)
+#pragma unroll
+        for (int j = 0; j < 8; j++) acc[m][j] = 0.f;
+    for (int k = k0 + warp; k < k1; k += 8 * NN_UNROLL) {
+        pack16 wp[NN_UNROLL];
+#pragma unroll
+        for (int u = 0; u < NN_UNROLL; u++) {
+            const int r = k + 8 * u;
+            if (mine && r < k1) wp[u] = load16(w + (long long)r * N + c);
+        }
+#pragma unroll
+        for (int u = 0; u < NN_UNROLL; u++) {
+            const int r = k + 8 * u;
+            if (!mine || r >= k1) continue;
+            float wv[8];
+            unpack_bf16x8(wp[u], wv);
+#pragma unroll
+            for (int m = 0; m < 8; m++) {
+                if (m < M) {
+                    const float xv = bf2f(x[(long long)m * K + r]);
+#pragma unroll
+                    for (int j = 0; j < 8; j++) acc[m][j] += xv * wv[j];
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < 8; m++)
+        if (m < M)
+#pragma unroll
+            for (int j = 0; j < 8; j++) red[(warp * M + m) * 256 + 8 * lane + j] = acc[m][j];
+    __syncthreads();
+    const int col = blockIdx.x * 256 + threadIdx.x;
+    if (col >= N) return;
+    for (int m = 0; m < M; m++) {
+        float s = 0.f;
+        for (int v = 0; v < 8; v++) s += red[(v * M + m) * 256 + threadIdx.x];
+        part[((long long)blockIdx.y * M + m) * N + col] = s;
+    }
 }

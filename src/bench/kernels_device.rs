@@ -518,6 +518,43 @@ fn modulation_products(b: &mut Bench) -> KernelResult<()> {
                 gemm_bf16_via(&dev, fwd, &x, &w[i], &y, ep, via)
             })?;
         }
+        // the input gradient added into the f32 gradient of the conditioning: ours, cuBLASLt
+        // with f32 output, and the path before ours (cuBLASLt in bf16, then accumulated)
+        let (dm, dx, dx16) = (b.bf(rows * out)?, b.f(rows * inp)?, b.bf(rows * inp)?);
+        let bwd = GemmSpec {
+            m: rows,
+            n: inp,
+            k: out,
+            trans_a: false,
+            trans_b: false,
+            epilogue: EpilogueKind::None,
+        };
+        let shape = format!("{rows}x{inp}x{out} f32+=");
+        for (name, via) in [
+            ("gemv_small_m_nn (+=f32)", SmallProducts::OwnKernels),
+            ("input grad: cuBLASLt (+=f32)", SmallProducts::Library),
+        ] {
+            b.time(name, &shape, out * inp * 2, wsets, |i| {
+                gemm_bf16_f32(&dev, bwd, &dm, &w[i], &dx, None, false, via)
+            })?;
+        }
+        b.time(
+            "input grad: cuBLASLt bf16 + accumulate",
+            &shape,
+            out * inp * 2,
+            wsets,
+            |i| {
+                crate::kernels::gemm::dev::gemm_bf16(
+                    &dev,
+                    bwd,
+                    &dm,
+                    &w[i],
+                    &dx16,
+                    EpilogueBufs::default(),
+                )?;
+                crate::kernels::shape::dev::accumulate_bf16(&dev, &dx, &dx16)
+            },
+        )?;
         drop(w);
         let bytes = out * inp * 8 + (out + inp) * rows * 2 + out * 8;
         let sets = b.sets(bytes);

@@ -326,6 +326,28 @@ pub mod dev {
             && b.device_ptr() % 16 == 0
     }
 
+    /// Whether [`gemm_bf16_acc_f32`] runs `spec` as `gemv_small_m_nn_partial` + `sum_splits`:
+    /// `a·b` (no transposes, no epilogue) over at most 8 rows of `a` — a modulation layer's
+    /// input gradient, bound by reading the weight `b` along its rows — with `n % 8 == 0` and `b`
+    /// 16-byte aligned.
+    fn small_m_nn(spec: &GemmSpec, b: &DevBuf<bf16>) -> bool {
+        !spec.trans_a
+            && !spec.trans_b
+            && (1..=8).contains(&spec.m)
+            && spec.n % 8 == 0
+            && spec.k > 0
+            && spec.epilogue == EpilogueKind::None
+            && b.device_ptr() % 16 == 0
+    }
+
+    /// Splits of `gemv_small_m_nn_partial` along K: about two blocks per SM of a 132-SM card
+    /// over the 256-column tiles, at least 8 rows a split — from the shape alone, so the sums
+    /// are the same on every card.
+    fn nn_splits(n: usize, k: usize) -> usize {
+        let tiles = n.div_ceil(256);
+        264usize.div_ceil(tiles).clamp(1, k.div_ceil(8).max(1))
+    }
+
     /// Whether [`gemm_bf16_acc_f32`] runs `spec` as `weight_grad_small_k`: a weight gradient
     /// (`aᵀ·b`) over at most 8 rows — an outer product, bound by reading and writing the f32
     /// gradient, where cuBLASLt ran at 40% of the copy rate — with `n % 8 == 0` and `b`, `c`
@@ -406,6 +428,31 @@ pub mod dev {
         }
         if m == 0 || n == 0 {
             return Ok(());
+        }
+        if via == SmallProducts::OwnKernels && small_m_nn(&spec, b) && !bias {
+            // a memory-bound read of the weight along its rows (a modulation layer's input
+            // gradient): split partials, summed into c
+            dev.count_matmul_flops(2 * (m * n * k) as u64);
+            let splits = nn_splits(n, k);
+            let rows = k.div_ceil(splits);
+            let part = dev.alloc::<f32>(splits * m * n)?;
+            dev.launch(
+                "gemv_small_m_nn_partial",
+                LaunchCfg {
+                    grid: [n.div_ceil(256) as u32, splits as u32, 1],
+                    block: [256, 1, 1],
+                    shared_bytes: (8 * m * 256 * 4) as u32,
+                },
+                KernelArgs::new()
+                    .buf(&part)
+                    .buf(a)
+                    .buf(b)
+                    .i32(m as i32)
+                    .i32(n as i32)
+                    .i32(k as i32)
+                    .i32(rows as i32),
+            )?;
+            return crate::kernels::adaln::dev::sum_splits_acc(dev, c, &part, splits, !overwrite);
         }
         if via == SmallProducts::OwnKernels && small_k_weight_grad(&spec, b, c) {
             // a memory-bound outer product: its own kernel (`weight_grad_small_k`), named as such

@@ -476,3 +476,78 @@ fn small_products_run_their_own_kernels() {
         }
     }
 }
+
+/// `c (+)= a·b` over at most 8 rows of `a` with `b` read along its rows (NN: a modulation layer's
+/// input gradient added into the f32 gradient of its input) runs `gemv_small_m_nn_partial` and
+/// `sum_splits`: against the f64 reference, accumulating and overwriting, with column counts past
+/// and short of a 256-column tile, K not a multiple of the splits' rows, and a K shorter than the
+/// 8 rows a split asks for; the profile names the kernel with the product's FLOPs.
+#[test]
+fn small_m_nn_products_add_into_f32() {
+    use advdmd::kernels::gemm::dev::{gemm_bf16_acc_f32, gemm_bf16_f32, SmallProducts};
+    for dev in devices() {
+        for &(m, n, k) in &[
+            (1, 64, 48),
+            (2, 264, 200),
+            (8, 520, 1000),
+            (3, 8, 5),
+            (5, 1536, 96),
+        ] {
+            let mut rng = Rng::new(31 + (m * n + k) as u64);
+            let (a, b) = (
+                randn_bf16(&mut rng, m * k, 1.0),
+                randn_bf16(&mut rng, k * n, 1.0),
+            );
+            let old: Vec<f32> = (0..m * n).map(|_| rng.normal()).collect();
+            let (ad, bd) = (upload_bf16(&dev, &a), upload_bf16(&dev, &b));
+            let spec = GemmSpec {
+                m,
+                n,
+                k,
+                trans_a: false,
+                trans_b: false,
+                epilogue: E::None,
+            };
+            let product = reference(&spec, &a, &b);
+            for overwrite in [false, true] {
+                let c = dev.upload(&old).unwrap();
+                let p = dev
+                    .profile(|| {
+                        if overwrite {
+                            gemm_bf16_f32(
+                                &dev,
+                                spec,
+                                &ad,
+                                &bd,
+                                &c,
+                                None,
+                                true,
+                                SmallProducts::OwnKernels,
+                            )
+                        } else {
+                            gemm_bf16_acc_f32(&dev, spec, &ad, &bd, &c, None)
+                        }
+                    })
+                    .unwrap();
+                let row = p.rows.iter().find(|r| r.name == "gemv_small_m_nn_partial");
+                let row = row.unwrap_or_else(|| panic!("{:?}", p.rows));
+                assert_eq!((row.calls, row.flops), (1, 2 * (m * n * k) as u64));
+                let want: Vec<f32> = product
+                    .iter()
+                    .zip(&old)
+                    .map(|(p, o)| if overwrite { *p } else { p + o })
+                    .collect();
+                let op = if overwrite { "=" } else { "+=" };
+                let shape = format!("nn{op} {m}x{n}x{k}");
+                check(
+                    "gemv_small_m_nn",
+                    &dev,
+                    &shape,
+                    &dev.download(&c).unwrap(),
+                    &want,
+                    1e-4,
+                );
+            }
+        }
+    }
+}
