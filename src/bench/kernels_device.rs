@@ -521,14 +521,7 @@ fn modulation_products(b: &mut Bench) -> KernelResult<()> {
         // the input gradient added into the f32 gradient of the conditioning: ours, cuBLASLt
         // with f32 output, and the path before ours (cuBLASLt in bf16, then accumulated)
         let (dm, dx, dx16) = (b.bf(rows * out)?, b.f(rows * inp)?, b.bf(rows * inp)?);
-        let bwd = GemmSpec {
-            m: rows,
-            n: inp,
-            k: out,
-            trans_a: false,
-            trans_b: false,
-            epilogue: EpilogueKind::None,
-        };
+        let bwd = GemmSpec::nn(rows, inp, out);
         let shape = format!("{rows}x{inp}x{out} f32+=");
         for (name, via) in [
             ("gemv_small_m_nn (+=f32)", SmallProducts::OwnKernels),

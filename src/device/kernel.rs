@@ -198,6 +198,18 @@ pub struct GemmSpec {
 }
 
 impl GemmSpec {
+    /// `C = A·B` with both stored as they are and no epilogue (a linear layer's input gradient).
+    pub fn nn(m: usize, n: usize, k: usize) -> GemmSpec {
+        GemmSpec {
+            m,
+            n,
+            k,
+            trans_a: false,
+            trans_b: false,
+            epilogue: EpilogueKind::None,
+        }
+    }
+
     /// 2·M·N·K.
     pub fn flops(&self) -> u64 {
         2 * (self.m * self.n * self.k) as u64

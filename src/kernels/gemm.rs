@@ -290,14 +290,7 @@ pub mod dev {
         bias_grad: Option<&DevBuf<f32>>,
     ) -> KernelResult<()> {
         use crate::kernels::elementwise::{dev as ew, Activation};
-        let spec = GemmSpec {
-            m,
-            n,
-            k,
-            trans_a: false,
-            trans_b: false,
-            epilogue: EpilogueKind::None,
-        };
+        let spec = GemmSpec::nn(m, n, k);
         if pre.len() != m * n || dh.len() != m * n || dpre.len() != m * n {
             return Err(KernelError::Invalid(format!(
                 "gemm_bf16_dgelu [{m} × {n} × {k}]: pre {}, dh {}, dpre {}",

@@ -555,14 +555,7 @@ impl DeviceMmdit {
                 )?;
             }
             None => {
-                let spec = GemmSpec {
-                    m: rows,
-                    n: inp,
-                    k: out,
-                    trans_a: false,
-                    trans_b: false,
-                    epilogue: EpilogueKind::None,
-                };
+                let spec = GemmSpec::nn(rows, inp, out);
                 gemm_bf16(&self.dev, spec, dy, &w, &dx, EpilogueBufs::default())?;
             }
         }
@@ -651,14 +644,7 @@ impl DeviceMmdit {
         // d silu(c) += dm·W in f32, in one product (for at most 8 samples the memory-bound
         // `gemv_small_m_nn_partial`), not a bf16 product then an accumulation
         let w = self.weight(&format!("{name}.weight"))?;
-        let spec = GemmSpec {
-            m: b,
-            n: d,
-            k: n * d,
-            trans_a: false,
-            trans_b: false,
-            epilogue: EpilogueKind::None,
-        };
+        let spec = GemmSpec::nn(b, d, n * d);
         gemm_bf16_acc_f32(&self.dev, spec, &dm, &w, d_silu_c, None)
     }
 

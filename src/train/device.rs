@@ -572,7 +572,7 @@ impl DeviceDiscHead {
         features: &crate::device::kernel::DevBuf<bf16>,
         (b, gh, gw): (usize, usize, usize),
     ) -> KernelResult<(crate::device::kernel::DevBuf<f32>, HeadSaved)> {
-        use crate::device::kernel::{EpilogueKind, GemmSpec};
+        use crate::device::kernel::GemmSpec;
         use crate::kernels::conv::tokens::{dev::im2col, ConvDims};
         use crate::kernels::disc_head::dev::{group_norm_fwd, head_logits_fwd, mean_pool_fwd};
         use crate::kernels::gemm::dev::{gemm_bf16, EpilogueBufs};
@@ -623,14 +623,7 @@ impl DeviceDiscHead {
         )?;
         let maps = dev.alloc::<bf16>(b * h * s)?;
         for i in 0..b {
-            let spec = GemmSpec {
-                m: h,
-                n: s,
-                k: rows,
-                trans_a: false,
-                trans_b: false,
-                epilogue: EpilogueKind::None,
-            };
+            let spec = GemmSpec::nn(h, s, rows);
             let (ci, mi) = (
                 cols.view(i * rows * s, rows * s)?,
                 maps.view(i * h * s, h * s)?,
