@@ -66,12 +66,12 @@ pub fn add_profile(
     }
     r.tables.push(table(ops, &rows, total));
     r.note(format!(
-        "profile of {what} ({families}, {ops}): {} ops timed ({} on the side stream), {total:.3} ms \
+        "profile of {what} ({families}, {ops}), on {} stream(s): {} ops timed ({} on the side stream), {total:.3} ms \
          of op time; an op's time is the gap between its end and the previous op's end on its \
          stream; on a GPU the ops are held behind a gate until the host has queued the next few \
          dozen, so they run back to back and that gap is the op's own time ({:.3} ms waited at \
          the gates for the host, in no row)",
-        profile.ops, profile.side_ops, profile.host_wait_ms
+        profile.streams, profile.ops, profile.side_ops, profile.host_wait_ms
     ));
 }
 

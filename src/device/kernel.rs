@@ -895,6 +895,7 @@ impl KernelDevice {
             return Err(KernelError::Invalid("profile: inside a capture".into()));
         }
         self.synchronize()?;
+        let streams = self.streams();
         {
             let mut guard = self
                 .memory
@@ -941,7 +942,10 @@ impl KernelDevice {
             }
         }?;
         let ms = gaps(&log.marks, &stamps.0, stamps.1);
-        Ok(OpProfile::from_marks(&log.marks, &ms))
+        Ok(OpProfile {
+            streams,
+            ..OpProfile::from_marks(&log.marks, &ms)
+        })
     }
 
     /// Launches kernels as programmatic dependents (`true`; see [`pdl_env`]) or plainly. The

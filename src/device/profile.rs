@@ -67,6 +67,8 @@ pub struct OpProfile {
     pub ops: u64,
     /// Ops on the side stream (their times include waits at forks).
     pub side_ops: u64,
+    /// The device's stream setting while it ran (1 or 2; 0 when not set).
+    pub streams: usize,
     /// Time the GPU waited at the profiler's gates for the host to queue the ops behind them
     /// (on a GPU; in no row): how far the host's launches lag the GPU.
     pub host_wait_ms: f64,
@@ -82,6 +84,7 @@ impl OpProfile {
             rows: sum_by_name(ops),
             ops: timed().count() as u64,
             side_ops: timed().filter(|(m, _)| m.side).count() as u64,
+            streams: 0,
             host_wait_ms: (marks.iter().zip(ms))
                 .filter(|(m, _)| is_gate(m))
                 .fold(0.0, |a, (_, t)| a + t),

@@ -166,9 +166,19 @@ fn a_one_stream_profile_has_no_side_stream_ops() {
             dev.join()
         };
         let two = dev.profile(work).unwrap();
-        assert_eq!((two.ops, two.side_ops), (2, 1), "{:?}", two.rows);
+        assert_eq!(
+            (two.ops, two.side_ops, two.streams),
+            (2, 1, 2),
+            "{:?}",
+            two.rows
+        );
         let one = profile_one_stream(&dev, work).unwrap();
-        assert_eq!((one.ops, one.side_ops), (2, 0), "{:?}", one.rows);
+        assert_eq!(
+            (one.ops, one.side_ops, one.streams),
+            (2, 0, 1),
+            "{:?}",
+            one.rows
+        );
         assert_eq!(dev.streams(), 2, "the stream setting is restored");
         dev.set_streams(streams).unwrap();
     }
