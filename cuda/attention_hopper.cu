@@ -4,8 +4,8 @@
 // (its top comment describes them), with every product on wgmma (common.cuh) instead of
 // mma.sync. CPU twin: src/kernels/attention.rs.
 //
-//   joint_attn_fwd_h{1,2,3}_d{64,128}[_vfused]  O (two buffers) and lse [B, H, La+Lb]
-//                                               (FwdVariant::H1, H2, H3)
+//   joint_attn_fwd_h{1..8}_d{64,128}[_vfused]   O (two buffers) and lse [B, H, La+Lb]
+//                                               (FwdVariant::H1 … H8; H4–H6, H8 at d = 64)
 //   joint_attn_bwd_h{1,2}_d{64,128}[_vfused],   dK, dV (bf16) per 128-key tile, dQ into the f32
 //   joint_attn_bwd_h3_d64[_vfused]              accumulators (BwdVariant::H1, H2, H3; the section
 //                                               "Backward" below)
@@ -21,7 +21,8 @@
 // attention.cu's fwd_v3 on S's fragments; P rounded to bf16 in registers as the A operand of
 // KN/16 register-sourced wgmma into O. H1 waits for each product before the next; H2 overlaps
 // one tile's P·V with the next tile's softmax; H3 adds FlashAttention-3's warp specialization
-// and ping-pong scheduling (fwd_h3's comment). None uses TMA yet.
+// and ping-pong scheduling (fwd_h3's comment); H7 lets its producer run ahead of its copies
+// (cp_async_mbar_arrive) with FlashAttention-3's larger key tiles. None uses TMA yet.
 #include "attention_common.cuh"
 
 namespace attn_h {
@@ -514,7 +515,7 @@ __device__ __forceinline__ void fwd_split_combine(bf16* __restrict__ oa, bf16* _
 // with fewer (persistent: one a SM) the producer loads a unit's Q and first key tiles while the
 // consumers still work on the previous unit and store its rows (Q double-buffered, the ring of
 // stages running on), where a new block would first wait for its launch and its loads.
-template <int D, int KN, int STAGES, int VMUL, int POLY = 0, int NC = 2>
+template <int D, int KN, int STAGES, int VMUL, int POLY = 0, int NC = 2, bool ASYNC = false>
 __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
                                        const bf16* __restrict__ qa, const bf16* __restrict__ ka,
                                        const bf16* __restrict__ va, const bf16* __restrict__ qb,
@@ -525,20 +526,25 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
     // A turn's named barrier: its group's 128 threads (bar.sync) and the previous group's (arrive).
     constexpr int TURN = 256;
     // Two P register sets (P_i written while P_{i−1}·V_{i−1} reads the other) fit beside two
-    // consumer groups' registers, one beside three's: then P_i is packed only after that product.
-    constexpr int PSETS = NC == 2 ? 2 : 1;
+    // consumer groups' S and O of 128-key tiles at d = 64 or 64-key ones at d = 128; one beside
+    // three groups' or larger tiles': then P_i is packed only after that product.
+    constexpr int PSETS = NC == 2 && KN / 2 + D / 2 + KN / 4 <= 128 ? 2 : 1;
     // setmaxnreg's split of the block's registers (168 a thread at entry with 384 threads, 128
-    // with 512: three groups need 160, so the producer copies with rolled loops in 32)
-    constexpr bool LEAN = NC == 3;
-    constexpr int PREGS = LEAN ? 32 : 72, CREGS = NC == 2 ? 216 : 160;
+    // with 512): three groups need 160, so the producer copies with rolled loops in 32; ASYNC's
+    // producer never waits for its copies and copies rolled in 40, leaving two groups 232.
+    constexpr bool LEAN = NC == 3 || ASYNC;
+    constexpr int PREGS = NC == 3 ? 32 : ASYNC ? 40 : 72, CREGS = NC == 3 ? 160 : ASYNC ? 232 : 216;
     static_assert(NC == 2 || NC == 3, "two or three consumer groups");
     constexpr int QBYTES = QT * D * 2, KVBYTES = KN * D * 2;
     // The producer marks tile i full once tile i + LAG is issued (LAG tiles' copies in flight
     // behind it). Issuing tile i + LAG waits for the stage of tile i + LAG − STAGES to be released,
     // which the consumers do after tile i + LAG − STAGES + 1 is full: so LAG ≤ STAGES − 2, or
-    // the two wait for each other (the emulator reports that deadlock at STAGES − 1).
-    constexpr int LAG = STAGES - 2;
-    static_assert(LAG >= 1, "at least one tile in flight behind the one being published");
+    // the two wait for each other (the emulator reports that deadlock at STAGES − 1). ASYNC
+    // (FwdVariant::H7, H8): each producer thread's cp_async_mbar_arrive marks a tile full once its
+    // copies have landed, without waiting for them: LAG 0, and two stages suffice.
+    constexpr int LAG = ASYNC ? 0 : STAGES - 2;
+    static_assert(ASYNC || LAG >= 1, "at least one tile in flight behind the one being published");
+    static_assert(STAGES >= 2, "a stage filling while another is read");
     DYNAMIC_SMEM(unsigned char, raw);
     // Two Q tiles (unit n uses tile n mod 2, so the next unit's Q loads while this one's is read),
     // the K/V ring, and the mbarriers: q_full, q_empty per Q tile, full and empty per stage.
@@ -590,20 +596,29 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
             // the unit loop's state in the producer's 72 registers)
             unsigned char* sQ = sQ0 + qs * QBYTES;
             load_tile_sw_lean<D, QT, PT>(sQ, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
-            cp_async_commit();
+            if constexpr (ASYNC)
+                cp_async_mbar_arrive(&q_full[qs]);
+            else
+                cp_async_commit();
             for (int i = 0; i < sp.nkt; i++) {
                 const int tg = g + i, st = tg % STAGES;
                 if (tg >= STAGES) mbar_wait(&empty[st], ((tg / STAGES) - 1) & 1);
                 load_kv_tile<D, KN, PT, VMUL, LEAN>(sK0 + st * KVBYTES, sV0 + st * KVBYTES, sp.k0 + i, ka, va, kb,
                                                     vb, La, Lb, b, H, h);
-                cp_async_commit();
-                if (i - LAG >= -1) {
-                    cp_async_wait<LAG>();
-                    publish(i - LAG);
+                if constexpr (ASYNC) {
+                    cp_async_mbar_arrive(&full[st]);
+                } else {
+                    cp_async_commit();
+                    if (i - LAG >= -1) {
+                        cp_async_wait<LAG>();
+                        publish(i - LAG);
+                    }
                 }
             }
-            cp_async_wait<0>();
-            for (int j = max(-1, sp.nkt - LAG); j < sp.nkt; j++) publish(j);
+            if constexpr (!ASYNC) {
+                cp_async_wait<0>();
+                for (int j = max(-1, sp.nkt - LAG); j < sp.nkt; j++) publish(j);
+            }
             g += sp.nkt;
         }
         return;
@@ -629,6 +644,9 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
         R.ms[0] = R.ms[1] = -INFINITY;
         R.l[0] = R.l[1] = 0.f;
         mbar_wait(&q_full[qs], (n / 2) & 1);
+        // ASYNC: the copies were not fenced for the async proxy by their issuer, which never
+        // waited for them; the reader fences after acquiring them.
+        if constexpr (ASYNC) fence_proxy_async();
         // One iteration, as fwd_h2's: tile i (ring position g + i), `pv` = P_{i−1}, `pn` = P_i;
         // i == nkt issues only the last tile's product. The stage of tile i − 1 is released once
         // P_{i−1}·V_{i−1} (its last reader) is complete; Q's once S of the last tile is.
@@ -647,6 +665,7 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
             }
             const int st = (g + i) % STAGES;
             mbar_wait(&full[st], ((g + i) / STAGES) & 1);
+            if constexpr (ASYNC) fence_proxy_async();
             const uint32_t k_st = opaque(k_addr + st * KVBYTES), q_at = opaque(q_addr);
             float s[KN / 2];
             named_bar_sync(1 + c, TURN);
@@ -983,6 +1002,12 @@ __device__ __forceinline__ void bwd_store_kv_piece(const float* dk, const float*
 // advdmd-entry-registers: joint_attn_fwd_h5_d64_vfused 128
 // advdmd-entry-registers: joint_attn_fwd_h6_d64 128
 // advdmd-entry-registers: joint_attn_fwd_h6_d64_vfused 128
+// advdmd-entry-registers: joint_attn_fwd_h7_d64 168
+// advdmd-entry-registers: joint_attn_fwd_h7_d64_vfused 168
+// advdmd-entry-registers: joint_attn_fwd_h7_d128 168
+// advdmd-entry-registers: joint_attn_fwd_h7_d128_vfused 168
+// advdmd-entry-registers: joint_attn_fwd_h8_d64 168
+// advdmd-entry-registers: joint_attn_fwd_h8_d64_vfused 168
 // advdmd-entry-registers: joint_attn_bwd_h3_d64 168
 // advdmd-entry-registers: joint_attn_bwd_h3_d64_vfused 168
 // advdmd-entry-registers: joint_attn_bwd_h4_d64 168
@@ -1286,6 +1311,15 @@ ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h5_d64, 512, 1, attn_h::fwd_h3<64, 128, 4, 1
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h5_d64_vfused, 512, 1, attn_h::fwd_h3<64, 128, 4, 3, 0, 3>)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h6_d64, 512, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 3>)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h6_d64_vfused, 512, 1, attn_h::fwd_h3<64, 128, 4, 3, 4, 3>)
+// Forward H7: H3's two consumer groups fed by a producer that never waits for its copies (ASYNC),
+// with larger key tiles in fewer stages: 192 keys in 3 stages at D = 64, 128 in 2 at D = 128.
+// H8 (D = 64): H7 with H4's polynomial exponentials.
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h7_d64, 384, 1, attn_h::fwd_h3<64, 192, 3, 1, 0, 2, true>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h7_d64_vfused, 384, 1, attn_h::fwd_h3<64, 192, 3, 3, 0, 2, true>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h7_d128, 384, 1, attn_h::fwd_h3<128, 128, 2, 1, 0, 2, true>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h7_d128_vfused, 384, 1, attn_h::fwd_h3<128, 128, 2, 3, 0, 2, true>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h8_d64, 384, 1, attn_h::fwd_h3<64, 192, 3, 1, 4, 2, true>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h8_d64_vfused, 384, 1, attn_h::fwd_h3<64, 192, 3, 3, 4, 2, true>)
 // Backward H1, H2 (bwd_h1 without and with PIPE): 2 groups of 64 keys, 64-query tiles in 2 stages,
 // one and two dSᵀ tiles.
 ATTN_BWD_ENTRY(joint_attn_bwd_h1_d64, 256, 1, attn_h::bwd_h1<64, 1, false>)

@@ -202,3 +202,33 @@ extern "C" __global__ void __launch_bounds__(128)
     wgmma_wait<0>();
     store_c<128>(c, d, w, g, q);
 }
+
+// N = 192, the key tile of the H7 forward at D = 64 (S = Q·Kᵀ: A and B both K-major in shared
+// memory, 24 KB of B per 64 k): the one form the attention uses at this width.
+// C[64×192]; b is 192 × K.
+extern "C" __global__ void __launch_bounds__(128)
+    wgmma_probe_m64n192(const bf16* a, const bf16* b, float* c, int k_len) {
+    kernel_prologue();
+    DYNAMIC_SMEM(unsigned char, raw);
+    unsigned char* sa = raw + ((1024 - (smem_addr(raw) & 1023)) & 1023);
+    unsigned char* sb = sa + 64 * k_len * 2;
+    const int tid = threadIdx.x;
+    stage_a(sa, a, k_len, false);
+    stage_b<192>(sb, b, k_len, false);
+    fence_proxy_async();
+    __syncthreads();
+
+    const int w = tid / 32, g = (tid % 32) / 4, q = tid % 4;
+    float d[96];
+    for (int i = 0; i < 96; i++) d[i] = 0.f;
+    const uint32_t a_base = smem_addr(sa), b_base = smem_addr(sb);
+    for (int s = 0; s < k_len / 16; s++) {
+        const uint64_t da = wgmma_desc(a_base + (s / 4) * 8192 + (s % 4) * 32, 16, 1024, kSwizzle128);
+        const uint64_t db = wgmma_desc(b_base + (s / 4) * 192 * 128 + (s % 4) * 32, 16, 1024, kSwizzle128);
+        wgmma_fence();
+        wgmma_ss<192, 0, 0>(d, da, db, s > 0);
+        wgmma_commit();
+    }
+    wgmma_wait<0>();
+    store_c<192>(c, d, w, g, q);
+}

@@ -608,6 +608,10 @@ template <int TRANS_A, int TRANS_B>
 inline void wgmma_m64n128k16_ss(float d[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
     ::emu::wgmma_bf16(d, 128, nullptr, desc_a, desc_b, scale_d, TRANS_A, TRANS_B, __FILE__, __LINE__);
 }
+template <int TRANS_A, int TRANS_B>
+inline void wgmma_m64n192k16_ss(float d[96], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+    ::emu::wgmma_bf16(d, 192, nullptr, desc_a, desc_b, scale_d, TRANS_A, TRANS_B, __FILE__, __LINE__);
+}
 template <int TRANS_B>
 inline void wgmma_m64n128k16_rs(float d[64], const uint32_t a[4], uint64_t desc_b, int scale_d) {
     ::emu::wgmma_bf16(d, 128, a, 0, desc_b, scale_d, 0, TRANS_B, __FILE__, __LINE__);
@@ -619,6 +623,8 @@ inline void wgmma_m64n128k16_rs(float d[64], const uint32_t a[4], uint64_t desc_
 #define mbar_init(bar, count) ::emu::mbarrier_init((bar), (count), __FILE__, __LINE__)
 #define mbar_arrive(bar) ::emu::mbarrier_arrive((bar), __FILE__, __LINE__)
 #define mbar_wait(bar, parity) ::emu::mbarrier_wait((bar), (parity), __FILE__, __LINE__)
+// The copies landed when issued, so the arrival is immediate.
+#define cp_async_mbar_arrive(bar) ::emu::mbarrier_arrive((bar), __FILE__, __LINE__)
 inline void fence_mbarrier_init() {}
 #define setmaxnreg_inc ::emu::AlignedAt{__FILE__, __LINE__}.inc
 #define setmaxnreg_dec ::emu::AlignedAt{__FILE__, __LINE__}.dec

@@ -722,7 +722,7 @@ pub mod dev {
         persistent_env().map(|_| ())
     }
 
-    /// `ADVDMD_ATTN_PERSISTENT`: `1` runs the H3–H6 forward on one block an SM, each taking the
+    /// `ADVDMD_ATTN_PERSISTENT`: `1` runs the H3–H8 forward on one block an SM, each taking the
     /// units in turns (`fwd_h3`: the next unit's loads overlap this one's last tiles and its
     /// stores); `0` or unset: a block a unit.
     pub fn persistent_env() -> Result<bool, String> {
@@ -765,7 +765,13 @@ pub mod dev {
     /// three consumer groups, 192-row blocks of 512 threads as FlashAttention-3 uses at d ≤ 64
     /// (each K/V tile feeds 1.5× the rows); one P register set (P_i packed once
     /// P_{i−1}·V_{i−1} has read it), consumers at 160 registers and a producer of rolled copies
-    /// at 32. `H6`: H5 with H4's polynomial exponentials.
+    /// at 32. `H6`: H5 with H4's polynomial exponentials. `H7`: H3's two consumer groups fed
+    /// by a producer that never waits for its copies (each thread's
+    /// `cp.async.mbarrier.arrive.noinc` marks a stage full once they land), so two or three
+    /// stages keep the ring full and the tiles grow as FlashAttention-3's: 192 keys in 3 stages at
+    /// d = 64, 128 keys in 2 stages at d = 128 (H3: 128 in 4, 64 in 4); one P register set, the
+    /// producer's rolled copies in 40 registers, the consumers at 232. `H8` (d = 64; at d = 128
+    /// it runs `H7`): H7 with H4's polynomial exponentials.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum FwdVariant {
         V3,
@@ -776,6 +782,8 @@ pub mod dev {
         H4,
         H5,
         H6,
+        H7,
+        H8,
     }
 
     impl FwdVariant {
@@ -815,12 +823,14 @@ pub mod dev {
                         | FwdVariant::H4
                         | FwdVariant::H5
                         | FwdVariant::H6
+                        | FwdVariant::H7
+                        | FwdVariant::H8
                 )
             })
         }
 
         /// Every variant, for tests and the bench.
-        pub const ALL: [FwdVariant; 8] = [
+        pub const ALL: [FwdVariant; 10] = [
             FwdVariant::V3,
             FwdVariant::V4,
             FwdVariant::H1,
@@ -829,11 +839,14 @@ pub mod dev {
             FwdVariant::H4,
             FwdVariant::H5,
             FwdVariant::H6,
+            FwdVariant::H7,
+            FwdVariant::H8,
         ];
         /// The variant actually launched at head dim `d`.
         pub fn resolve(self, d: usize) -> FwdVariant {
             match self {
                 FwdVariant::H4 | FwdVariant::H5 | FwdVariant::H6 if d != 64 => FwdVariant::H3,
+                FwdVariant::H8 if d != 64 => FwdVariant::H7,
                 v => v,
             }
         }
@@ -847,13 +860,15 @@ pub mod dev {
                 FwdVariant::H4 => format!("joint_attn_fwd_h4_d{d}"),
                 FwdVariant::H5 => format!("joint_attn_fwd_h5_d{d}"),
                 FwdVariant::H6 => format!("joint_attn_fwd_h6_d{d}"),
+                FwdVariant::H7 => format!("joint_attn_fwd_h7_d{d}"),
+                FwdVariant::H8 => format!("joint_attn_fwd_h8_d{d}"),
             }
         }
         fn threads(self) -> u32 {
             match self {
                 FwdVariant::V4 => 128,
                 FwdVariant::V3 | FwdVariant::H1 | FwdVariant::H2 => 256,
-                FwdVariant::H3 | FwdVariant::H4 => 384,
+                FwdVariant::H3 | FwdVariant::H4 | FwdVariant::H7 | FwdVariant::H8 => 384,
                 FwdVariant::H5 | FwdVariant::H6 => 512,
             }
         }
@@ -866,23 +881,31 @@ pub mod dev {
                 | FwdVariant::H1
                 | FwdVariant::H2
                 | FwdVariant::H3
-                | FwdVariant::H4 => 128,
+                | FwdVariant::H4
+                | FwdVariant::H7
+                | FwdVariant::H8 => 128,
             }
         }
-        /// Keys a tile of the wgmma forwards: 128 at d = 64, 64 at d = 128.
-        fn key_rows(d: usize) -> usize {
-            if d == 64 {
-                2 * TILE
-            } else {
-                TILE
+        /// Keys a tile of the wgmma forwards: 128 at d = 64, 64 at d = 128; H7, H8: 192 and 128.
+        fn key_rows(self, d: usize) -> usize {
+            match (self, d) {
+                (FwdVariant::H7 | FwdVariant::H8, 64) => 3 * TILE,
+                (FwdVariant::H7 | FwdVariant::H8, _) => 2 * TILE,
+                (_, 64) => 2 * TILE,
+                _ => TILE,
             }
         }
-        /// Whether the kernel takes a [`SplitPlan`] (H3–H6, the `fwd_h3` family: one block a
+        /// Whether the kernel takes a [`SplitPlan`] (H3–H8, the `fwd_h3` family: one block a
         /// unit on a 1-D grid, one block an SM).
         fn splits_keys(self) -> bool {
             matches!(
                 self,
-                FwdVariant::H3 | FwdVariant::H4 | FwdVariant::H5 | FwdVariant::H6
+                FwdVariant::H3
+                    | FwdVariant::H4
+                    | FwdVariant::H5
+                    | FwdVariant::H6
+                    | FwdVariant::H7
+                    | FwdVariant::H8
             )
         }
         /// The units (a block each: one query tile of one head of one sample) and key tiles of a
@@ -892,7 +915,7 @@ pub mod dev {
             let v = self.resolve(dims.d);
             (v.splits_keys() && has_fast_kernels(dims.d)).then(|| {
                 let units = dims.tiles(v.rows()) * (dims.b * dims.h) as u32;
-                (units, dims.tiles(Self::key_rows(dims.d)))
+                (units, dims.tiles(v.key_rows(dims.d)))
             })
         }
         /// cp.async stages of the K, V tiles.
@@ -900,6 +923,8 @@ pub mod dev {
             match self {
                 FwdVariant::H1 => 2,
                 FwdVariant::H3 | FwdVariant::H4 | FwdVariant::H5 | FwdVariant::H6 => 4,
+                FwdVariant::H7 | FwdVariant::H8 if d == 64 => 3,
+                FwdVariant::H7 | FwdVariant::H8 => 2,
                 FwdVariant::H2 => 3,
                 FwdVariant::V3 | FwdVariant::V4 if d == 64 => 3,
                 FwdVariant::V3 | FwdVariant::V4 => 2,
@@ -911,9 +936,9 @@ pub mod dev {
             if !matches!(self, FwdVariant::V3 | FwdVariant::V4) {
                 // Unpadded swizzled tiles, 1 KB to align them, 128-key tiles at d = 64; H3's
                 // mbarriers (Q, and full and empty per stage) after the tiles.
-                let keys = Self::key_rows(d);
+                let keys = self.key_rows(d);
                 if self.splits_keys() {
-                    // H3–H6: two Q tiles; q_full, q_empty per Q tile and full, empty per stage
+                    // H3–H8: two Q tiles; q_full, q_empty per Q tile and full, empty per stage
                     let bars = 8 * (4 + 2 * self.stages(d));
                     let tiles = 2 * self.rows() + 2 * self.stages(d) * keys;
                     return (1024 + tiles * d * 2 + bars) as u32;
@@ -924,7 +949,7 @@ pub mod dev {
         }
     }
 
-    /// How an H3–H6 forward splits its last wave along the keys (`fwd_h3` in
+    /// How an H3–H8 forward splits its last wave along the keys (`fwd_h3` in
     /// attention_hopper.cu), and the H3, H4 backward along the queries (`bwd_h3`: units of 128
     /// keys over the query tiles; partial dK, dV merged by `joint_attn_bwd_split_combine`). Its blocks are units of equal length — one query tile of one head,
     /// over every key tile — one resident an SM: when the unit count is not a multiple of the SM
@@ -1387,7 +1412,7 @@ pub mod dev {
         ))
     }
 
-    /// How the H3–H6 forward is launched: its [`SplitPlan`] (`None`: [`SplitPlan::last_wave`] on
+    /// How the H3–H8 forward is launched: its [`SplitPlan`] (`None`: [`SplitPlan::last_wave`] on
     /// the device's SMs) and its grid (`None`: a block a planned block, or one an SM under
     /// `ADVDMD_ATTN_PERSISTENT=1`).
     #[derive(Clone, Copy, Debug, Default)]
@@ -1406,7 +1431,7 @@ pub mod dev {
         fwd_planned(dev, qkv, dims, variant, v_ld, FwdLaunch::default())
     }
 
-    /// The forward; `launch` for the H3–H6 kernels, ignored by the others.
+    /// The forward; `launch` for the H3–H8 kernels, ignored by the others.
     fn fwd_planned(
         dev: &KernelDevice,
         [qa, ka, va, qb, kb, vb]: [&DevBuf<bf16>; 6],

@@ -1,7 +1,7 @@
-//! The Hopper warpgroup MMA wrappers of `cuda/common.cuh` (`cuda/wgmma.cu`): a 64×64 (and 64×128) tile through
-//! `wgmma.mma_async` with 128-byte-swizzled shared-memory operands (A K-major or MN-major, B
-//! K-major or MN-major) and with A from registers, as one N = 64 product or two N = 32 halves,
-//! against an f64 product. On the GPU this checks the
+//! The Hopper warpgroup MMA wrappers of `cuda/common.cuh` (`cuda/wgmma.cu`): a 64×64 (and
+//! 64×128, 64×192) tile through `wgmma.mma_async` with 128-byte-swizzled shared-memory operands
+//! (A K-major or MN-major, B K-major or MN-major) and with A from registers, as one N = 64
+//! product or two N = 32 halves, against an f64 product. On the GPU this checks the
 //! descriptor and layout formulas against the hardware; under the emulator, the twins.
 
 use super::*;
@@ -46,13 +46,17 @@ fn probe(
         block: [128, 1, 1],
         shared_bytes: (1024 + (64 + n) * k * 2) as u32,
     };
-    let args = KernelArgs::new()
-        .buf(&ad)
-        .buf(&bd)
-        .buf(&c)
-        .i32(k as i32)
-        .i32(b_mn_major as i32)
-        .i32(a_mode);
+    let args = KernelArgs::new().buf(&ad).buf(&bd).buf(&c).i32(k as i32);
+    // the N = 192 probe has one form: both operands K-major in shared memory
+    let args = if n == 192 {
+        assert!(
+            !b_mn_major && a_mode == 0,
+            "wgmma_probe_m64n192 takes no modes"
+        );
+        args
+    } else {
+        args.i32(b_mn_major as i32).i32(a_mode)
+    };
     let args = match n_halves {
         Some(h) => args.i32(h as i32),
         None => args,
@@ -105,6 +109,17 @@ fn wgmma_n128_tile_matches_reference() {
                     probe(&dev, (128, k), (b_mn_major, a_mode, None), seed);
                 }
             }
+        }
+    }
+}
+
+/// N = 192 (`wgmma_probe_m64n192`, the H7 forward's S at d = 64): both operands K-major in shared
+/// memory, B over three 8 KB row blocks per 64 k.
+#[test]
+fn wgmma_n192_tile_matches_reference() {
+    for dev in devices() {
+        for k in [64usize, 128] {
+            probe(&dev, (192, k), (false, 0, None), 2000 + k as u64);
         }
     }
 }
