@@ -4,8 +4,8 @@
 // (its top comment describes them), with every product on wgmma (common.cuh) instead of
 // mma.sync. CPU twin: src/kernels/attention.rs.
 //
-//   joint_attn_fwd_h{1..8}_d{64,128}[_vfused]   O (two buffers) and lse [B, H, La+Lb]
-//                                               (FwdVariant::H1 … H8; H4–H6, H8 at d = 64)
+//   joint_attn_fwd_h{1..9}_d{64,128}[_vfused]   O (two buffers) and lse [B, H, La+Lb]
+//                                               (FwdVariant::H1 … H9; H4–H6, H8, H9 at d = 64)
 //   joint_attn_bwd_h{1,2}_d{64,128}[_vfused],   dK, dV (bf16) per 128-key tile, dQ into the f32
 //   joint_attn_bwd_h3_d64[_vfused]              accumulators (BwdVariant::H1, H2, H3; the section
 //                                               "Backward" below)
@@ -21,8 +21,8 @@
 // attention.cu's fwd_v3 on S's fragments; P rounded to bf16 in registers as the A operand of
 // KN/16 register-sourced wgmma into O. H1 waits for each product before the next; H2 overlaps
 // one tile's P·V with the next tile's softmax; H3 adds FlashAttention-3's warp specialization
-// and ping-pong scheduling (fwd_h3's comment); H7 lets its producer run ahead of its copies
-// (cp_async_mbar_arrive) with FlashAttention-3's larger key tiles. None uses TMA yet.
+// and ping-pong scheduling (fwd_h3's comment); H7–H9 let its producer run ahead of its copies
+// (cp_async_mbar_arrive) in fewer stages. None uses TMA yet.
 #include "attention_common.cuh"
 
 namespace attn_h {
@@ -1008,6 +1008,8 @@ __device__ __forceinline__ void bwd_store_kv_piece(const float* dk, const float*
 // advdmd-entry-registers: joint_attn_fwd_h7_d128_vfused 168
 // advdmd-entry-registers: joint_attn_fwd_h8_d64 168
 // advdmd-entry-registers: joint_attn_fwd_h8_d64_vfused 168
+// advdmd-entry-registers: joint_attn_fwd_h9_d64 168
+// advdmd-entry-registers: joint_attn_fwd_h9_d64_vfused 168
 // advdmd-entry-registers: joint_attn_bwd_h3_d64 168
 // advdmd-entry-registers: joint_attn_bwd_h3_d64_vfused 168
 // advdmd-entry-registers: joint_attn_bwd_h4_d64 168
@@ -1312,14 +1314,17 @@ ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h5_d64_vfused, 512, 1, attn_h::fwd_h3<64, 12
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h6_d64, 512, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 3>)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h6_d64_vfused, 512, 1, attn_h::fwd_h3<64, 128, 4, 3, 4, 3>)
 // Forward H7: H3's two consumer groups fed by a producer that never waits for its copies (ASYNC),
-// with larger key tiles in fewer stages: 192 keys in 3 stages at D = 64, 128 in 2 at D = 128.
-// H8 (D = 64): H7 with H4's polynomial exponentials.
-ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h7_d64, 384, 1, attn_h::fwd_h3<64, 192, 3, 1, 0, 2, true>)
-ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h7_d64_vfused, 384, 1, attn_h::fwd_h3<64, 192, 3, 3, 0, 2, true>)
+// so fewer stages keep the ring full: 128-key tiles in 3 stages at D = 64, in 2 at D = 128 (H3:
+// 64 keys in 4). H8 (D = 64): H7 with H4's polynomial exponentials. H9 (D = 64): H8 with
+// 192-key tiles (FlashAttention-3's tile at this head dim).
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h7_d64, 384, 1, attn_h::fwd_h3<64, 128, 3, 1, 0, 2, true>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h7_d64_vfused, 384, 1, attn_h::fwd_h3<64, 128, 3, 3, 0, 2, true>)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h7_d128, 384, 1, attn_h::fwd_h3<128, 128, 2, 1, 0, 2, true>)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h7_d128_vfused, 384, 1, attn_h::fwd_h3<128, 128, 2, 3, 0, 2, true>)
-ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h8_d64, 384, 1, attn_h::fwd_h3<64, 192, 3, 1, 4, 2, true>)
-ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h8_d64_vfused, 384, 1, attn_h::fwd_h3<64, 192, 3, 3, 4, 2, true>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h8_d64, 384, 1, attn_h::fwd_h3<64, 128, 3, 1, 4, 2, true>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h8_d64_vfused, 384, 1, attn_h::fwd_h3<64, 128, 3, 3, 4, 2, true>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h9_d64, 384, 1, attn_h::fwd_h3<64, 192, 3, 1, 4, 2, true>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h9_d64_vfused, 384, 1, attn_h::fwd_h3<64, 192, 3, 3, 4, 2, true>)
 // Backward H1, H2 (bwd_h1 without and with PIPE): 2 groups of 64 keys, 64-query tiles in 2 stages,
 // one and two dSᵀ tiles.
 ATTN_BWD_ENTRY(joint_attn_bwd_h1_d64, 256, 1, attn_h::bwd_h1<64, 1, false>)

@@ -96,14 +96,14 @@ MMDIT_FIXTURES=$(ls -d .gpu/fixtures/*/ | tr '\n' ':') step model 60 "$BIN/mmdit
 step runtime 45 "$BIN/runtime-test" --test-threads=1 --nocapture
 # Every attention variant's TFLOP/s (the wgmma ones included): early, the budget cuts from the end.
 ADVDMD_ATTN_BENCH_JSON="$OUT/attention.json" step attention 60 "$BIN/attention-bench"
-# The d64 variants not yet timed when written (forward H4–H8, backward H4): one that beats the
+# The d64 variants not yet timed when written (forward H4–H9, backward H4): one that beats the
 # default H3 by 2% at the 1024 px shape in this run is used by the later steps (ADVDMD_ATTN_FWD,
 # ADVDMD_ATTN_BWD), said in steps.txt.
 if [ -f "$OUT/attention.json" ]; then
   picks=$(python3 - "$OUT/attention.json" <<'PY'
 import json, sys
 r = next((s for s in json.load(open(sys.argv[1])) if s.get("shape") == "sd35m-1024px-d64"), None)
-for way, env, cands in (("fwd", "ADVDMD_ATTN_FWD", ("h4", "h5", "h6", "h7", "h8")), ("bwd", "ADVDMD_ATTN_BWD", ("h4",))):
+for way, env, cands in (("fwd", "ADVDMD_ATTN_FWD", ("h4", "h5", "h6", "h7", "h8", "h9")), ("bwd", "ADVDMD_ATTN_BWD", ("h4",))):
     base = r and r.get(f"{way}_h3_ms")
     c = [(r[f"{way}_{v}_ms"], v) for v in cands if r and f"{way}_{v}_ms" in r]
     if base and c and min(c)[0] < 0.98 * base:
@@ -123,7 +123,7 @@ XX
 # H4 once each, in the bench's order — each kernel's speed of light, pipe utilisation (tensor,
 # FMA, SFU), warp stalls and issue slots.
 if command -v ncu >/dev/null; then
-  step ncu-attention 120 ncu --clock-control none --kernel-name "regex:joint_attn_(fwd_h[3-8]|bwd_h[34])_d64$" --launch-count 8 \
+  step ncu-attention 120 ncu --clock-control none --kernel-name "regex:joint_attn_(fwd_h[3-9]|bwd_h[34])_d64$" --launch-count 8 \
     --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
     "$BIN/attention-bench"
 fi
@@ -139,7 +139,7 @@ ADVDMD_ATTN_NO_HOPPER=1 step mmdit-sd35m-nohopper 120 "$BIN/advdmd" bench mmdit 
 # steps without (mmdit-sd35m, sample-sd35m-graph, step-sd35m-80g-graph)
 MMDIT_FIXTURES=$(ls -d .gpu/fixtures/*/ | tr '\n' ':') ADVDMD_PDL=1 step tests-pdl 150 bash -c \
   "$BIN/mmdit-device-test --test-threads=1 && $BIN/advdmd-device-test --test-threads=1 && $BIN/kernels-test attention --test-threads=1"
-# the H3-H8 forward on one block an SM taking the units in turns (ADVDMD_ATTN_PERSISTENT=1)
+# the H3-H9 forward on one block an SM taking the units in turns (ADVDMD_ATTN_PERSISTENT=1)
 ADVDMD_ATTN_PERSISTENT=1 step mmdit-sd35m-persistent 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
 ADVDMD_PDL=1 step mmdit-sd35m-pdl 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
 ADVDMD_PDL=1 step sample-sd35m-graph-pdl 90 "$BIN/advdmd" bench sample --device cuda --model sd3.5-medium --res 1024 --batch 1 --steps 4 --cfg 1 --iters 10 --graph --json

@@ -722,7 +722,7 @@ pub mod dev {
         persistent_env().map(|_| ())
     }
 
-    /// `ADVDMD_ATTN_PERSISTENT`: `1` runs the H3–H8 forward on one block an SM, each taking the
+    /// `ADVDMD_ATTN_PERSISTENT`: `1` runs the H3–H9 forward on one block an SM, each taking the
     /// units in turns (`fwd_h3`: the next unit's loads overlap this one's last tiles and its
     /// stores); `0` or unset: a block a unit.
     pub fn persistent_env() -> Result<bool, String> {
@@ -767,11 +767,12 @@ pub mod dev {
     /// P_{i−1}·V_{i−1} has read it), consumers at 160 registers and a producer of rolled copies
     /// at 32. `H6`: H5 with H4's polynomial exponentials. `H7`: H3's two consumer groups fed
     /// by a producer that never waits for its copies (each thread's
-    /// `cp.async.mbarrier.arrive.noinc` marks a stage full once they land), so two or three
-    /// stages keep the ring full and the tiles grow as FlashAttention-3's: 192 keys in 3 stages at
-    /// d = 64, 128 keys in 2 stages at d = 128 (H3: 128 in 4, 64 in 4); one P register set, the
-    /// producer's rolled copies in 40 registers, the consumers at 232. `H8` (d = 64; at d = 128
-    /// it runs `H7`): H7 with H4's polynomial exponentials.
+    /// `cp.async.mbarrier.arrive.noinc` marks a stage full once they land), so fewer stages keep
+    /// the ring full: 128-key tiles in 3 stages at d = 64 and in 2 at d = 128 (H3: 64-key tiles in
+    /// 4 there); the producer's rolled copies in 40 registers, the consumers at 232. `H8` (d = 64;
+    /// at d = 128 it runs `H7`): H7 with H4's polynomial exponentials. `H9` (d = 64; at d = 128
+    /// `H7`): H8 with 192-key tiles, FlashAttention-3's tile at this head dim (one P register
+    /// set; a 1024-token stream ends in a third of a tile, so more keys are masked).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum FwdVariant {
         V3,
@@ -784,6 +785,7 @@ pub mod dev {
         H6,
         H7,
         H8,
+        H9,
     }
 
     impl FwdVariant {
@@ -825,12 +827,13 @@ pub mod dev {
                         | FwdVariant::H6
                         | FwdVariant::H7
                         | FwdVariant::H8
+                        | FwdVariant::H9
                 )
             })
         }
 
         /// Every variant, for tests and the bench.
-        pub const ALL: [FwdVariant; 10] = [
+        pub const ALL: [FwdVariant; 11] = [
             FwdVariant::V3,
             FwdVariant::V4,
             FwdVariant::H1,
@@ -841,12 +844,13 @@ pub mod dev {
             FwdVariant::H6,
             FwdVariant::H7,
             FwdVariant::H8,
+            FwdVariant::H9,
         ];
         /// The variant actually launched at head dim `d`.
         pub fn resolve(self, d: usize) -> FwdVariant {
             match self {
                 FwdVariant::H4 | FwdVariant::H5 | FwdVariant::H6 if d != 64 => FwdVariant::H3,
-                FwdVariant::H8 if d != 64 => FwdVariant::H7,
+                FwdVariant::H8 | FwdVariant::H9 if d != 64 => FwdVariant::H7,
                 v => v,
             }
         }
@@ -862,13 +866,18 @@ pub mod dev {
                 FwdVariant::H6 => format!("joint_attn_fwd_h6_d{d}"),
                 FwdVariant::H7 => format!("joint_attn_fwd_h7_d{d}"),
                 FwdVariant::H8 => format!("joint_attn_fwd_h8_d{d}"),
+                FwdVariant::H9 => format!("joint_attn_fwd_h9_d{d}"),
             }
         }
         fn threads(self) -> u32 {
             match self {
                 FwdVariant::V4 => 128,
                 FwdVariant::V3 | FwdVariant::H1 | FwdVariant::H2 => 256,
-                FwdVariant::H3 | FwdVariant::H4 | FwdVariant::H7 | FwdVariant::H8 => 384,
+                FwdVariant::H3
+                | FwdVariant::H4
+                | FwdVariant::H7
+                | FwdVariant::H8
+                | FwdVariant::H9 => 384,
                 FwdVariant::H5 | FwdVariant::H6 => 512,
             }
         }
@@ -883,19 +892,21 @@ pub mod dev {
                 | FwdVariant::H3
                 | FwdVariant::H4
                 | FwdVariant::H7
-                | FwdVariant::H8 => 128,
+                | FwdVariant::H8
+                | FwdVariant::H9 => 128,
             }
         }
-        /// Keys a tile of the wgmma forwards: 128 at d = 64, 64 at d = 128; H7, H8: 192 and 128.
+        /// Keys a tile of the wgmma forwards: 128 at d = 64, 64 at d = 128; H7–H9 128 at both
+        /// but H9's 192 (d = 64).
         fn key_rows(self, d: usize) -> usize {
             match (self, d) {
-                (FwdVariant::H7 | FwdVariant::H8, 64) => 3 * TILE,
-                (FwdVariant::H7 | FwdVariant::H8, _) => 2 * TILE,
+                (FwdVariant::H9, 64) => 3 * TILE,
+                (FwdVariant::H7 | FwdVariant::H8 | FwdVariant::H9, _) => 2 * TILE,
                 (_, 64) => 2 * TILE,
                 _ => TILE,
             }
         }
-        /// Whether the kernel takes a [`SplitPlan`] (H3–H8, the `fwd_h3` family: one block a
+        /// Whether the kernel takes a [`SplitPlan`] (H3–H9, the `fwd_h3` family: one block a
         /// unit on a 1-D grid, one block an SM).
         fn splits_keys(self) -> bool {
             matches!(
@@ -906,6 +917,7 @@ pub mod dev {
                     | FwdVariant::H6
                     | FwdVariant::H7
                     | FwdVariant::H8
+                    | FwdVariant::H9
             )
         }
         /// The units (a block each: one query tile of one head of one sample) and key tiles of a
@@ -923,8 +935,8 @@ pub mod dev {
             match self {
                 FwdVariant::H1 => 2,
                 FwdVariant::H3 | FwdVariant::H4 | FwdVariant::H5 | FwdVariant::H6 => 4,
-                FwdVariant::H7 | FwdVariant::H8 if d == 64 => 3,
-                FwdVariant::H7 | FwdVariant::H8 => 2,
+                FwdVariant::H7 | FwdVariant::H8 | FwdVariant::H9 if d == 64 => 3,
+                FwdVariant::H7 | FwdVariant::H8 | FwdVariant::H9 => 2,
                 FwdVariant::H2 => 3,
                 FwdVariant::V3 | FwdVariant::V4 if d == 64 => 3,
                 FwdVariant::V3 | FwdVariant::V4 => 2,
@@ -938,7 +950,7 @@ pub mod dev {
                 // mbarriers (Q, and full and empty per stage) after the tiles.
                 let keys = self.key_rows(d);
                 if self.splits_keys() {
-                    // H3–H8: two Q tiles; q_full, q_empty per Q tile and full, empty per stage
+                    // H3–H9: two Q tiles; q_full, q_empty per Q tile and full, empty per stage
                     let bars = 8 * (4 + 2 * self.stages(d));
                     let tiles = 2 * self.rows() + 2 * self.stages(d) * keys;
                     return (1024 + tiles * d * 2 + bars) as u32;
@@ -949,7 +961,7 @@ pub mod dev {
         }
     }
 
-    /// How an H3–H8 forward splits its last wave along the keys (`fwd_h3` in
+    /// How an H3–H9 forward splits its last wave along the keys (`fwd_h3` in
     /// attention_hopper.cu), and the H3, H4 backward along the queries (`bwd_h3`: units of 128
     /// keys over the query tiles; partial dK, dV merged by `joint_attn_bwd_split_combine`). Its blocks are units of equal length — one query tile of one head,
     /// over every key tile — one resident an SM: when the unit count is not a multiple of the SM
@@ -1412,7 +1424,7 @@ pub mod dev {
         ))
     }
 
-    /// How the H3–H8 forward is launched: its [`SplitPlan`] (`None`: [`SplitPlan::last_wave`] on
+    /// How the H3–H9 forward is launched: its [`SplitPlan`] (`None`: [`SplitPlan::last_wave`] on
     /// the device's SMs) and its grid (`None`: a block a planned block, or one an SM under
     /// `ADVDMD_ATTN_PERSISTENT=1`).
     #[derive(Clone, Copy, Debug, Default)]
@@ -1431,7 +1443,7 @@ pub mod dev {
         fwd_planned(dev, qkv, dims, variant, v_ld, FwdLaunch::default())
     }
 
-    /// The forward; `launch` for the H3–H8 kernels, ignored by the others.
+    /// The forward; `launch` for the H3–H9 kernels, ignored by the others.
     fn fwd_planned(
         dev: &KernelDevice,
         [qa, ka, va, qb, kb, vb]: [&DevBuf<bf16>; 6],

@@ -10,7 +10,7 @@ use gpu::AttnDims;
 /// peaked (nearly one-hot) attention, where
 /// the backward's row term dO·O is most sensitive to O's bf16 rounding, and a long image stream:
 /// more key tiles than the Hopper kernels' 4 stages at d = 64 too (their ring of shared stages
-/// wraps, and H7's 3 stages of 192 keys), and three 192-row query tiles with a partial one (H5,
+/// wraps, and H9's 3 stages of 192 keys), and three 192-row query tiles with a partial one (H5,
 /// H6). Each runs at d = 64 and 128.
 const CASES: &[(usize, usize, usize, usize, f32)] = &[
     (2, 0, 16, 2, 1.0),
@@ -229,7 +229,7 @@ fn check_case(dev: &KernelDevice, inp: &Inputs, qk_std: f32) {
     }
 }
 
-/// The H3–H8 forwards with their units split along the keys (`SplitPlan`): every unit split
+/// The H3–H9 forwards with their units split along the keys (`SplitPlan`): every unit split
 /// two ways, the last units three ways, the last unit into single key tiles; against the CPU
 /// kernel with the unsplit launch's tolerances, on a case with several query and key tiles
 /// in both streams (at d = 64 and 128) and two heads.
@@ -248,7 +248,7 @@ fn joint_attention_fwd_split_along_the_keys_matches_cpu() {
                     continue;
                 };
                 if variant.resolve(d) != variant {
-                    continue; // H4–H6 run H3, H8 runs H7 at d = 128
+                    continue; // H4–H6 run H3, H8 and H9 run H7 at d = 128
                 }
                 let plans = split_plans(units, key_tiles, true);
                 // each plan on a block a planned block, and on 3 blocks taking them in turns
