@@ -1014,6 +1014,8 @@ __device__ __forceinline__ void bwd_store_kv_piece(const float* dk, const float*
 // advdmd-entry-registers: joint_attn_bwd_h3_d64_vfused 168
 // advdmd-entry-registers: joint_attn_bwd_h4_d64 168
 // advdmd-entry-registers: joint_attn_bwd_h4_d64_vfused 168
+// advdmd-entry-registers: joint_attn_bwd_h5_d64 168
+// advdmd-entry-registers: joint_attn_bwd_h5_d64_vfused 168
 // The H3 backward's register split of the 384-thread block's 168 registers a thread: 96/208 (the
 // first choice) does not fit (setmaxnreg_fits).
 constexpr int kBwdH3Producer = 104, kBwdH3Consumer = 200;
@@ -1022,7 +1024,11 @@ constexpr int kBwdH3Producer = 104, kBwdH3Consumer = 200;
 // product, so the tensor cores work on them while the consumers hand dQ_i over and release the
 // stage; the top of each tile then waits only for what is still running. (H3 waits for every
 // product of tile i before issuing tile i + 1's.)
-template <int VMUL, bool PIPE = false>
+// ASYNC (BwdVariant::H5, with PIPE): the loader never waits for its copies. Each loader thread
+// arrives on a stage's q_full twice — once for its ordinary stores (a padded row's lse and Drow)
+// and once, by cp_async_mbar_arrive, when its copies land — so it runs up to STAGES tiles ahead
+// of the consumers instead of LAG.
+template <int VMUL, bool PIPE = false, bool ASYNC = false>
 __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
                                        bf16* __restrict__ dvb, float* __restrict__ dqa_acc,
                                        float* __restrict__ dqb_acc, const bf16* __restrict__ qa,
@@ -1067,7 +1073,7 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
     if (tid == 0) {
         mbar_init(kv_full, LT);
         for (int s = 0; s < STAGES; s++) {
-            mbar_init(&q_full[s], LT);
+            mbar_init(&q_full[s], ASYNC ? 2 * LT : LT);
             mbar_init(&q_empty[s], CT);
         }
         for (int s = 0; s < 2; s++) {
@@ -1096,7 +1102,10 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
             const bf16* v_src = (kt.stream == 0 ? va : vb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld);
             load_tile_sw_lean<D, KT, LT>(sK, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
             load_tile_sw_lean<D, KT, LT>(sV, v_src, VMUL * ld, kt.rows);
-            cp_async_commit();
+            if constexpr (ASYNC)
+                cp_async_mbar_arrive(kv_full);
+            else
+                cp_async_commit();
             for (int i = 0; i < nqt; i++) {
                 const int st = i % STAGES;
                 if (i >= STAGES) mbar_wait(&q_empty[st], ((i / STAGES) - 1) & 1);
@@ -1121,14 +1130,21 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
                     sL0[st * QT + r] = INFINITY;
                     sDr0[st * QT + r] = 0.f;
                 }
-                cp_async_commit();
-                if (i - LAG >= -1) {
-                    cp_async_wait<LAG>();
-                    publish(i - LAG);
+                if constexpr (ASYNC) {
+                    cp_async_mbar_arrive(&q_full[st]);
+                    mbar_arrive(&q_full[st]);
+                } else {
+                    cp_async_commit();
+                    if (i - LAG >= -1) {
+                        cp_async_wait<LAG>();
+                        publish(i - LAG);
+                    }
                 }
             }
-            cp_async_wait<0>();
-            for (int j = max(-1, nqt - LAG); j < nqt; j++) publish(j);
+            if constexpr (!ASYNC) {
+                cp_async_wait<0>();
+                for (int j = max(-1, nqt - LAG); j < nqt; j++) publish(j);
+            }
         } else {
             // Flusher: each tile's dQ (64 queries × 64 columns, f32) from shared memory into the
             // accumulator, a row's 16 float4 by 16 consecutive threads.
@@ -1164,11 +1180,14 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
 #pragma unroll
     for (int i = 0; i < D / 2; i++) dk[i] = dv[i] = 0.f;
     mbar_wait(kv_full, 0);
+    // ASYNC: copies their issuer never waited for are fenced for the async proxy by their reader
+    if constexpr (ASYNC) fence_proxy_async();
     float s[32], dp[32];
     // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ of tile j (its stage full)
     auto issue_rows = [&](int j) {
         const int sj = j % STAGES;
         mbar_wait(&q_full[sj], (j / STAGES) & 1);
+        if constexpr (ASYNC) fence_proxy_async();
         wgmma_fence();
         bwd_issue_rows<D, KT>(s, opaque(k_wg0), opaque(q_addr + sj * QBYTES));
         bwd_issue_rows<D, KT>(dp, opaque(v_wg0), opaque(do_addr + sj * QBYTES));
@@ -1341,6 +1360,9 @@ ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h3_d64_vfused, 384, 1, attn_h::bwd_h3<3>)
 // Backward H4 (D = 64): H3 with the next tile's first products issued behind dQ.
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h4_d64, 384, 1, attn_h::bwd_h3<1, true>)
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h4_d64_vfused, 384, 1, attn_h::bwd_h3<3, true>)
+// Backward H5 (D = 64): H4 with a loader that never waits for its copies (ASYNC).
+ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h5_d64, 384, 1, attn_h::bwd_h3<1, true, true>)
+ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h5_d64_vfused, 384, 1, attn_h::bwd_h3<3, true, true>)
 // The split backward's combine (H3, H4: 128-key units at D = 64), V alone and inside a fused qkv.
 #define BWD_SPLIT_COMBINE_ENTRY(name, VMUL)                                                     \
     extern "C" __global__ void __launch_bounds__(256)                                           \

@@ -962,7 +962,7 @@ pub mod dev {
     }
 
     /// How an H3–H9 forward splits its last wave along the keys (`fwd_h3` in
-    /// attention_hopper.cu), and the H3, H4 backward along the queries (`bwd_h3`: units of 128
+    /// attention_hopper.cu), and the H3–H5 backward along the queries (`bwd_h3`: units of 128
     /// keys over the query tiles; partial dK, dV merged by `joint_attn_bwd_split_combine`). Its blocks are units of equal length — one query tile of one head,
     /// over every key tile — one resident an SM: when the unit count is not a multiple of the SM
     /// count, the last wave runs part-full for a whole unit's time (at SD3.5-medium 1024 px,
@@ -1048,7 +1048,9 @@ pub mod dev {
     /// dQ added into the accumulator by the producer's warps from shared memory, 384 threads).
     /// `H4` (d = 64; at d = 128 `H2`): H3 with the next query tile's Sᵀ and dPᵀ products issued
     /// behind this tile's dQ product, so the tensor cores run them while dQ is handed over
-    /// (consumers at 208 registers, a rolled-copy producer at 88).
+    /// (consumers at 208 registers, a rolled-copy producer at 88). `H5` (d = 64; at d = 128
+    /// `H2`): H4 with a loader that never waits for its copies (`cp.async.mbarrier.arrive.noinc`
+    /// marks a stage full once they land), so it runs up to 3 query tiles ahead instead of 1.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum BwdVariant {
         K128,
@@ -1057,6 +1059,7 @@ pub mod dev {
         H2,
         H3,
         H4,
+        H5,
     }
 
     impl BwdVariant {
@@ -1090,25 +1093,30 @@ pub mod dev {
             without_hopper(&Self::ALL, |v| {
                 matches!(
                     v,
-                    BwdVariant::H1 | BwdVariant::H2 | BwdVariant::H3 | BwdVariant::H4
+                    BwdVariant::H1
+                        | BwdVariant::H2
+                        | BwdVariant::H3
+                        | BwdVariant::H4
+                        | BwdVariant::H5
                 )
             })
         }
 
         /// Every variant, for tests and the bench.
-        pub const ALL: [BwdVariant; 6] = [
+        pub const ALL: [BwdVariant; 7] = [
             BwdVariant::K128,
             BwdVariant::V3,
             BwdVariant::H1,
             BwdVariant::H2,
             BwdVariant::H3,
             BwdVariant::H4,
+            BwdVariant::H5,
         ];
         /// The variant actually launched at head dim `d`.
         pub fn resolve(self, d: usize) -> BwdVariant {
             match self {
                 BwdVariant::V3 if d != 64 => BwdVariant::K128,
-                BwdVariant::H3 | BwdVariant::H4 if d != 64 => BwdVariant::H2,
+                BwdVariant::H3 | BwdVariant::H4 | BwdVariant::H5 if d != 64 => BwdVariant::H2,
                 v => v,
             }
         }
@@ -1120,6 +1128,7 @@ pub mod dev {
                 BwdVariant::H2 => format!("joint_attn_bwd_h2_d{d}"),
                 BwdVariant::H3 => format!("joint_attn_bwd_h3_d{d}"),
                 BwdVariant::H4 => format!("joint_attn_bwd_h4_d{d}"),
+                BwdVariant::H5 => format!("joint_attn_bwd_h5_d{d}"),
             }
         }
         /// Threads per block (warps of 16 keys; V3: warps of 32 keys).
@@ -1127,15 +1136,18 @@ pub mod dev {
             match self.resolve(d) {
                 BwdVariant::V3 => 128,
                 BwdVariant::K128 | BwdVariant::H1 | BwdVariant::H2 => 256,
-                BwdVariant::H3 | BwdVariant::H4 => 384,
+                BwdVariant::H3 | BwdVariant::H4 | BwdVariant::H5 => 384,
             }
         }
         /// The units (a block each: one 128-key tile of one head of one sample) and query tiles
-        /// of a call by a variant that takes a [`SplitPlan`] (H3, H4 at d = 64: `bwd_h3`, split
+        /// of a call by a variant that takes a [`SplitPlan`] (H3–H5 at d = 64: `bwd_h3`, split
         /// along the queries; its dQ is added into the accumulator either way); `None` for the
         /// others.
         pub fn split_units(self, dims: AttnDims) -> Option<(u32, u32)> {
-            let splits = matches!(self.resolve(dims.d), BwdVariant::H3 | BwdVariant::H4);
+            let splits = matches!(
+                self.resolve(dims.d),
+                BwdVariant::H3 | BwdVariant::H4 | BwdVariant::H5
+            );
             splits.then(|| {
                 let units = dims.tiles(BWD_KEYS) * (dims.b * dims.h) as u32;
                 (units, dims.tiles(TILE))
@@ -1157,7 +1169,7 @@ pub mod dev {
                 // stages of lse and Drow; rows padded to d+8.
                 // H3 (d = 64): K, V, 3 stages of Q, dO, lse and Drow, two dSᵀ tiles, two f32 dQ
                 // tiles (rows padded to d+4) and 11 mbarriers.
-                BwdVariant::H3 | BwdVariant::H4 => {
+                BwdVariant::H3 | BwdVariant::H4 | BwdVariant::H5 => {
                     (1024
                         + 2 * BWD_KEYS * d * 2
                         + 3 * 2 * TILE * d * 2
@@ -1728,7 +1740,7 @@ pub mod dev {
         Ok(grads)
     }
 
-    /// The backward; `plan` for the H3, H4 kernels (`None`: [`SplitPlan::last_wave`] on the
+    /// The backward; `plan` for the H3–H5 kernels (`None`: [`SplitPlan::last_wave`] on the
     /// device's SMs), ignored by the others.
     #[allow(clippy::too_many_arguments)]
     fn bwd_planned(
