@@ -526,9 +526,10 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
     // A turn's named barrier: its group's 128 threads (bar.sync) and the previous group's (arrive).
     constexpr int TURN = 256;
     // Two P register sets (P_i written while P_{i−1}·V_{i−1} reads the other) fit beside two
-    // consumer groups' S and O of 128-key tiles at d = 64 or 64-key ones at d = 128; one beside
-    // three groups' or larger tiles': then P_i is packed only after that product.
-    constexpr int PSETS = NC == 2 && KN / 2 + D / 2 + KN / 4 <= 128 ? 2 : 1;
+    // consumer groups' S and O of 128-key tiles at d = 64 or 64-key ones at d = 128 (and, in
+    // ASYNC's 232 registers, of 128-key ones at d = 128); one beside three groups' or larger
+    // tiles': then P_i is packed only after that product.
+    constexpr int PSETS = NC == 2 && KN / 2 + D / 2 + KN / 4 <= (ASYNC ? 160 : 128) ? 2 : 1;
     // setmaxnreg's split of the block's registers (168 a thread at entry with 384 threads, 128
     // with 512): three groups need 160, so the producer copies with rolled loops in 32; ASYNC's
     // producer never waits for its copies and copies rolled in 40, leaving two groups 232.

@@ -769,7 +769,8 @@ pub mod dev {
     /// by a producer that never waits for its copies (each thread's
     /// `cp.async.mbarrier.arrive.noinc` marks a stage full once they land), so fewer stages keep
     /// the ring full: 128-key tiles in 3 stages at d = 64 and in 2 at d = 128 (H3: 64-key tiles in
-    /// 4 there); the producer's rolled copies in 40 registers, the consumers at 232. `H8` (d = 64;
+    /// 4 there); the producer's rolled copies in 40 registers, the consumers at 232 (room for two
+    /// P register sets at d = 128 too). `H8` (d = 64;
     /// at d = 128 it runs `H7`): H7 with H4's polynomial exponentials. `H9` (d = 64; at d = 128
     /// `H7`): H8 with 192-key tiles, FlashAttention-3's tile at this head dim (one P register
     /// set; a 1024-token stream ends in a third of a tile, so more keys are masked).
