@@ -1238,6 +1238,8 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
         } else {
             wgmma_wait<0>();
         }
+        // (ptxas's C7517 note for H4, H5 is the full wait it adds after this loop, before dK and
+        // dV are read; in the loop, SASS keeps the wait<1>: WARPGROUP.DEPBAR.LE gsb0, 0x1)
         mbar_arrive(&q_empty[st]);  // every product reading this stage is done
 
         // dQ to the flushers through shared tile i mod 2, once they are done with tile i − 2.
