@@ -61,6 +61,33 @@ __device__ __forceinline__ void load_tile_sw_lean(unsigned char* s, const bf16* 
     }
 }
 
+// A producer thread's hand-over of tile i of its loop (its copies into the stage that `full`
+// guards just issued). ASYNC: the tile hands itself over — the copies arrive on `full` when they
+// land (cp_async_mbar_arrive) and, with STORES, the thread's plain stores by an ordinary arrive.
+// Otherwise the copies form a group, and tile i − LAG (−1: the one loaded before the loop) is
+// published (publish(j): fence, arrive) once its group has landed; tiles_done publishes the last
+// LAG after the loop's n tiles.
+template <bool ASYNC, int LAG, bool STORES = false, class Publish>
+__device__ __forceinline__ void tile_issued(int i, uint64_t* full, Publish&& publish) {
+    if constexpr (ASYNC) {
+        cp_async_mbar_arrive(full);
+        if constexpr (STORES) mbar_arrive(full);
+    } else {
+        cp_async_commit();
+        if (i - LAG >= -1) {
+            cp_async_wait<LAG>();
+            publish(i - LAG);
+        }
+    }
+}
+template <bool ASYNC, int LAG, class Publish>
+__device__ __forceinline__ void tiles_done(int n, Publish&& publish) {
+    if constexpr (!ASYNC) {
+        cp_async_wait<0>();
+        for (int j = max(-1, n - LAG); j < n; j++) publish(j);
+    }
+}
+
 // Key tile i (of KN rows, streams a then b) of K and V into the swizzled tiles sK, sV by NT
 // threads, asynchronously (the caller commits). LEAN: load_tile_sw_lean's rolled copies.
 template <int D, int KN, int NT, int VMUL, bool LEAN = false>
@@ -606,20 +633,9 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
                 if (tg >= STAGES) mbar_wait(&empty[st], ((tg / STAGES) - 1) & 1);
                 load_kv_tile<D, KN, PT, VMUL, LEAN>(sK0 + st * KVBYTES, sV0 + st * KVBYTES, sp.k0 + i, ka, va, kb,
                                                     vb, La, Lb, b, H, h);
-                if constexpr (ASYNC) {
-                    cp_async_mbar_arrive(&full[st]);
-                } else {
-                    cp_async_commit();
-                    if (i - LAG >= -1) {
-                        cp_async_wait<LAG>();
-                        publish(i - LAG);
-                    }
-                }
+                tile_issued<ASYNC, LAG>(i, &full[st], publish);
             }
-            if constexpr (!ASYNC) {
-                cp_async_wait<0>();
-                for (int j = max(-1, sp.nkt - LAG); j < sp.nkt; j++) publish(j);
-            }
+            tiles_done<ASYNC, LAG>(sp.nkt, publish);
             g += sp.nkt;
         }
         return;
@@ -1131,21 +1147,9 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
                     sL0[st * QT + r] = INFINITY;
                     sDr0[st * QT + r] = 0.f;
                 }
-                if constexpr (ASYNC) {
-                    cp_async_mbar_arrive(&q_full[st]);
-                    mbar_arrive(&q_full[st]);
-                } else {
-                    cp_async_commit();
-                    if (i - LAG >= -1) {
-                        cp_async_wait<LAG>();
-                        publish(i - LAG);
-                    }
-                }
+                tile_issued<ASYNC, LAG, true>(i, &q_full[st], publish);
             }
-            if constexpr (!ASYNC) {
-                cp_async_wait<0>();
-                for (int j = max(-1, nqt - LAG); j < nqt; j++) publish(j);
-            }
+            tiles_done<ASYNC, LAG>(nqt, publish);
         } else {
             // Flusher: each tile's dQ (64 queries × 64 columns, f32) from shared memory into the
             // accumulator, a row's 16 float4 by 16 consecutive threads.
