@@ -719,7 +719,49 @@ pub mod dev {
         }
         check("ADVDMD_ATTN_FWD", &FwdVariant::ALL)?;
         check("ADVDMD_ATTN_BWD", &BwdVariant::ALL)?;
+        let fwd_skip = skipped("ADVDMD_ATTN_FWD_SKIP", &FwdVariant::ALL)?;
+        let bwd_skip = skipped("ADVDMD_ATTN_BWD_SKIP", &BwdVariant::ALL)?;
+        if let Some(v) = env_variant("ADVDMD_ATTN_FWD", &FwdVariant::ALL) {
+            if fwd_skip.contains(&v) {
+                return Err(format!("ADVDMD_ATTN_FWD={v:?} is in ADVDMD_ATTN_FWD_SKIP"));
+            }
+        }
+        if let Some(v) = env_variant("ADVDMD_ATTN_BWD", &BwdVariant::ALL) {
+            if bwd_skip.contains(&v) {
+                return Err(format!("ADVDMD_ATTN_BWD={v:?} is in ADVDMD_ATTN_BWD_SKIP"));
+            }
+        }
         persistent_env().map(|_| ())
+    }
+
+    /// The variants environment variable `var` names, comma-separated (`ADVDMD_ATTN_FWD_SKIP`,
+    /// `ADVDMD_ATTN_BWD_SKIP`: left out of [`FwdVariant::enabled`] / [`BwdVariant::enabled`],
+    /// as `tools/gpu-check.sh` does when only the variants no card has run yet fail); an error
+    /// names a word that is not a variant.
+    fn skipped<V: Copy + std::fmt::Debug>(var: &str, all: &[V]) -> Result<Vec<V>, String> {
+        match std::env::var(var) {
+            Ok(list) => parse_variants(var, &list, all),
+            Err(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// The variants of `all` a comma-separated `list` names (case-insensitively; empty words
+    /// ignored), or an error naming `var` and the first word that is not one.
+    pub fn parse_variants<V: Copy + std::fmt::Debug>(
+        var: &str,
+        list: &str,
+        all: &[V],
+    ) -> Result<Vec<V>, String> {
+        list.split(',')
+            .map(str::trim)
+            .filter(|w| !w.is_empty())
+            .map(|w| {
+                all.iter()
+                    .copied()
+                    .find(|v| format!("{v:?}").eq_ignore_ascii_case(w))
+                    .ok_or_else(|| format!("{var}: {w:?} is not a variant"))
+            })
+            .collect()
     }
 
     /// `ADVDMD_ATTN_PERSISTENT`: `1` runs the H3–H9 forward on one block an SM, each taking the
@@ -729,12 +771,19 @@ pub mod dev {
         crate::device::kernel::env_flag("ADVDMD_ATTN_PERSISTENT")
     }
 
-    /// `all` less the variants `is_hopper` names when [`hopper_disabled`].
-    fn without_hopper<V: Copy>(all: &[V], is_hopper: impl Fn(V) -> bool) -> Vec<V> {
+    /// `all` less the variants `is_hopper` names when [`hopper_disabled`], and less those the
+    /// skip list `skip_var` names (see [`skipped`]; a malformed list skips nothing here, the CLI
+    /// refuses it at start).
+    fn without_hopper<V: Copy + PartialEq + std::fmt::Debug>(
+        all: &[V],
+        skip_var: &str,
+        is_hopper: impl Fn(V) -> bool,
+    ) -> Vec<V> {
         let drop = hopper_disabled();
+        let skip = skipped(skip_var, all).unwrap_or_default();
         all.iter()
             .copied()
-            .filter(|&v| !(drop && is_hopper(v)))
+            .filter(|&v| !(drop && is_hopper(v)) && !skip.contains(&v))
             .collect()
     }
 
@@ -815,9 +864,10 @@ pub mod dev {
         }
 
         /// [`Self::ALL`] less the wgmma variants under `ADVDMD_ATTN_NO_HOPPER=1` (see
-        /// [`hopper_disabled`]): what tests and the bench iterate.
+        /// [`hopper_disabled`]) and those `ADVDMD_ATTN_FWD_SKIP` names: what tests and the bench
+        /// iterate.
         pub fn enabled() -> Vec<FwdVariant> {
-            without_hopper(&Self::ALL, |v| {
+            without_hopper(&Self::ALL, "ADVDMD_ATTN_FWD_SKIP", |v| {
                 matches!(
                     v,
                     FwdVariant::H1
@@ -1089,9 +1139,10 @@ pub mod dev {
         }
 
         /// [`Self::ALL`] less the wgmma variants under `ADVDMD_ATTN_NO_HOPPER=1` (see
-        /// [`hopper_disabled`]): what tests and the bench iterate.
+        /// [`hopper_disabled`]) and those `ADVDMD_ATTN_BWD_SKIP` names: what tests and the bench
+        /// iterate.
         pub fn enabled() -> Vec<BwdVariant> {
-            without_hopper(&Self::ALL, |v| {
+            without_hopper(&Self::ALL, "ADVDMD_ATTN_BWD_SKIP", |v| {
                 matches!(
                     v,
                     BwdVariant::H1

@@ -356,6 +356,31 @@ fn split_plans(units: u32, tiles: u32, whole: bool) -> Vec<gpu::SplitPlan> {
     plans
 }
 
+/// The skip lists gpu-check sets when only the variants no card has run yet fail: names in any
+/// case, empty words ignored, and a word that is no variant refused by name.
+#[test]
+fn variant_skip_lists_parse() {
+    let got = gpu::parse_variants("X", "h7, H8,,h9", &gpu::FwdVariant::ALL).unwrap();
+    assert_eq!(
+        got,
+        [
+            gpu::FwdVariant::H7,
+            gpu::FwdVariant::H8,
+            gpu::FwdVariant::H9
+        ]
+    );
+    assert_eq!(
+        gpu::parse_variants("X", "", &gpu::BwdVariant::ALL).unwrap(),
+        []
+    );
+    let err =
+        gpu::parse_variants("ADVDMD_ATTN_BWD_SKIP", "h4,h12", &gpu::BwdVariant::ALL).unwrap_err();
+    assert!(
+        err.contains("ADVDMD_ATTN_BWD_SKIP") && err.contains("h12"),
+        "{err}"
+    );
+}
+
 /// The split plan of the forward's last wave: none when the waves are full, the part-full
 /// wave's units split as many ways as the SMs allow (at most 4, pieces of ≥ 4 key tiles).
 #[test]
