@@ -783,7 +783,7 @@ pub mod dev {
         let skip = skipped(skip_var, all).unwrap_or_default();
         all.iter()
             .copied()
-            .filter(|&v| !(drop && is_hopper(v)) && !skip.contains(&v))
+            .filter(|&v| !(skip.contains(&v) || (drop && is_hopper(v))))
             .collect()
     }
 
