@@ -753,22 +753,23 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
 // The backward's pieces, per warpgroup of 64 keys and a 64-query tile (bwd_h1, bwd_h3). Tiles
 // are the swizzled 128-byte-row tiles of load_tile_sw: K, V of KT rows, Q, dO of 64 rows.
 
-// acc (64 keys × 64 queries) = A·Bᵀ over D: A this group's 64 rows of a KT-row tile at `a_rows`
-// (K or V), B the 64-row tile at `b_rows` (Q or dO), both K-major.
-template <int D, int KT>
-__device__ __forceinline__ void bwd_issue_rows(float (&acc)[32], uint32_t a_rows, uint32_t b_rows) {
+// acc (64 keys × QT queries) = A·Bᵀ over D: A this group's 64 rows of a KT-row tile at `a_rows`
+// (K or V), B the QT-row tile at `b_rows` (Q or dO), both K-major.
+template <int D, int KT, int QT = 64>
+__device__ __forceinline__ void bwd_issue_rows(float (&acc)[QT / 2], uint32_t a_rows, uint32_t b_rows) {
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++)
-        wgmma_ss<64, 0, 0>(acc, wgmma_desc(a_rows + (kk / 4) * KT * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128),
-                           wgmma_desc(b_rows + (kk / 4) * 64 * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128), kk > 0);
+        wgmma_ss<QT, 0, 0>(acc, wgmma_desc(a_rows + (kk / 4) * KT * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128),
+                           wgmma_desc(b_rows + (kk / 4) * QT * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128), kk > 0);
 }
 
-// acc (64 keys × D) += A·B: A 64 keys × 64 queries in registers (Pᵀ or dSᵀ), B the 64-row tile
+// acc (64 keys × D) += A·B: A 64 keys × QT queries in registers (Pᵀ or dSᵀ), B the QT-row tile
 // at `b_rows` (dO or Q) read MN-major.
-template <int D>
-__device__ __forceinline__ void bwd_issue_acc(float* acc, const uint32_t (&a)[4][4], uint32_t b_rows) {
+template <int D, int QT = 64>
+__device__ __forceinline__ void bwd_issue_acc(float* acc, const uint32_t (&a)[QT / 16][4], uint32_t b_rows) {
 #pragma unroll
-    for (int c = 0; c < 4; c++) wgmma_rs<D, 1>(acc, a[c], wgmma_desc(b_rows + c * 16 * 128, 64 * 128, 1024, kSwizzle128), 1);
+    for (int c = 0; c < QT / 16; c++)
+        wgmma_rs<D, 1>(acc, a[c], wgmma_desc(b_rows + c * 16 * 128, QT * 128, 1024, kSwizzle128), 1);
 }
 
 // dq (64 queries × DN columns) = dS·K over KT keys: A the dSᵀ tile at `ds` read through its
@@ -784,10 +785,11 @@ __device__ __forceinline__ void bwd_issue_dq(float* dq, uint32_t ds, uint32_t k_
 // Pᵀ = 2^(Sᵀ·c − lse·log2 e) from the Sᵀ fragments into p (query column 8j + 2t + (e & 1); keys
 // past the tile 0; p may be s itself), kept in f32 for dSᵀ and packed to bf16 A fragments (k16
 // step c = fragments j = 2c, 2c + 1).
-__device__ __forceinline__ void bwd_p(const float (&s)[32], float (&p)[32], uint32_t (&pa)[4][4],
+template <int QT = 64>
+__device__ __forceinline__ void bwd_p(const float (&s)[QT / 2], float (&p)[QT / 2], uint32_t (&pa)[QT / 16][4],
                                       const bool (&key_ok)[2], const float* sL, int t, float scale_log2) {
 #pragma unroll
-    for (int j = 0; j < 8; j++)
+    for (int j = 0; j < QT / 8; j++)
 #pragma unroll
         for (int r = 0; r < 2; r++) {
 #pragma unroll
@@ -800,12 +802,14 @@ __device__ __forceinline__ void bwd_p(const float (&s)[32], float (&p)[32], uint
 }
 
 // dSᵀ = Pᵀ∘(dPᵀ − Drow), packed to bf16 A fragments and stored into the dSᵀ tile (row = key,
-// 4-byte pairs of queries) for dQ; dp is only read.
-template <int KT>
-__device__ __forceinline__ void bwd_ds(const float (&p)[32], const float (&dp)[32], uint32_t (&dsa)[4][4],
-                                       unsigned char* ds_tile, int key0, const float* sDr, int t) {
+// 4-byte pairs of queries: a QT-query row spans QT/64 of the tile's 128-byte column blocks) for
+// dQ; dp is only read.
+template <int KT, int QT = 64>
+__device__ __forceinline__ void bwd_ds(const float (&p)[QT / 2], const float (&dp)[QT / 2],
+                                       uint32_t (&dsa)[QT / 16][4], unsigned char* ds_tile, int key0,
+                                       const float* sDr, int t) {
 #pragma unroll
-    for (int j = 0; j < 8; j++)
+    for (int j = 0; j < QT / 8; j++)
 #pragma unroll
         for (int r = 0; r < 2; r++) {
             float d[2];
@@ -1033,6 +1037,8 @@ __device__ __forceinline__ void bwd_store_kv_piece(const float* dk, const float*
 // advdmd-entry-registers: joint_attn_bwd_h4_d64_vfused 168
 // advdmd-entry-registers: joint_attn_bwd_h5_d64 168
 // advdmd-entry-registers: joint_attn_bwd_h5_d64_vfused 168
+// advdmd-entry-registers: joint_attn_bwd_h6_d64 168
+// advdmd-entry-registers: joint_attn_bwd_h6_d64_vfused 168
 // The H3 backward's register split of the 384-thread block's 168 registers a thread: 96/208 (the
 // first choice) does not fit (setmaxnreg_fits).
 constexpr int kBwdH3Producer = 104, kBwdH3Consumer = 200;
@@ -1045,7 +1051,12 @@ constexpr int kBwdH3Producer = 104, kBwdH3Consumer = 200;
 // arrives on a stage's q_full twice — once for its ordinary stores (a padded row's lse and Drow)
 // and once, by cp_async_mbar_arrive, when its copies land — so it runs up to STAGES tiles ahead
 // of the consumers instead of LAG.
-template <int VMUL, bool PIPE = false, bool ASYNC = false>
+// QT = 128 (BwdVariant::H6, with ASYNC): 128-query tiles, FlashAttention-3's tile at d = 64: Sᵀ
+// and dPᵀ as m64n128 products (24 instead of 32 KB of shared reads per MFLOP), half the tiles and
+// barriers a block. dQ is then split by rows — group g takes queries 64g.. over every column and
+// key (A: its 64-query column block of the dSᵀ tile) — in 2 stages with one dQ tile (shared
+// memory), the producer at 24 registers and the consumers at 240.
+template <int VMUL, bool PIPE = false, bool ASYNC = false, int QT_ = 64>
 __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
                                        bf16* __restrict__ dvb, float* __restrict__ dqa_acc,
                                        float* __restrict__ dqb_acc, const bf16* __restrict__ qa,
@@ -1055,19 +1066,23 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
                                        const bf16* __restrict__ dob, const float* __restrict__ lse,
                                        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2,
                                        float scale, float* __restrict__ kvpart, int split_from, int splits) {
-    constexpr int D = 64, KT = 128, QT = 64, DN = D / 2, STAGES = 3, LAG = 1;
+    constexpr int D = 64, KT = 128, QT = QT_, DN = D / 2, LAG = 1;
+    static_assert(QT == 64 || (QT == 128 && ASYNC && !PIPE), "128-query tiles: ASYNC, without PIPE");
+    // dQ split by rows (each group: 64 queries × D) at QT = 128, by columns (64 queries × D/2)
+    // at 64; its shared tiles: 2, or 1 at QT = 128 (with 2 stages: 227 KB)
+    constexpr bool DQ_ROWS = QT == 128;
+    constexpr int STAGES = QT == 64 ? 3 : 2, DQBUF = QT == 64 ? 2 : 1;
     constexpr int LT = 64, FT = 64, CT = 256;  // loader, flusher and consumer threads
     constexpr int KVBYTES = KT * D * 2, QBYTES = QT * D * 2, DSBYTES = KT * QT * 2;
     constexpr int DQLD = D + 4;  // f32 row stride of the dQ tile: float2 stores of 8 rows hit 8 banks
-    constexpr int DQBYTES = QT * DQLD * 4;
     DYNAMIC_SMEM(unsigned char, raw);
     unsigned char* sK = raw + ((1024 - (smem_addr(raw) & 1023)) & 1023);
     unsigned char* sV = sK + KVBYTES;
     unsigned char* sQ0 = sV + KVBYTES;             // STAGES stages
     unsigned char* sdO0 = sQ0 + STAGES * QBYTES;   // STAGES stages
     unsigned char* sdS0 = sdO0 + STAGES * QBYTES;  // two tiles
-    float* sdQ0 = reinterpret_cast<float*>(sdS0 + 2 * DSBYTES);  // two tiles
-    float* sL0 = sdQ0 + 2 * QT * DQLD;                           // STAGES stages of lse
+    float* sdQ0 = reinterpret_cast<float*>(sdS0 + 2 * DSBYTES);  // DQBUF tiles
+    float* sL0 = sdQ0 + DQBUF * QT * DQLD;                       // STAGES stages of lse
     float* sDr0 = sL0 + STAGES * QT;                             // STAGES stages of Drow
     uint64_t* kv_full = reinterpret_cast<uint64_t*>(sDr0 + STAGES * QT);
     uint64_t* q_full = kv_full + 1;
@@ -1103,7 +1118,10 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
 
     // PIPE holds tile i + 1's Sᵀ, dPᵀ beside tile i's P, dS and dQ: its consumers take 208
     // (at 200 they spilled 64 bytes), the producer 88 (the whole pool: 128·88 + 256·208 = 384·168)
-    constexpr int PREGS = PIPE ? 88 : kBwdH3Producer, CREGS = PIPE ? 208 : kBwdH3Consumer;
+    // QT = 128 holds Sᵀ, dPᵀ of 128 queries (128 registers) beside dK, dV: the consumers take 240
+    // (at 232 they spilled 104 bytes), the producer (rolled copies, the flushers' loop) 24
+    constexpr int PREGS = QT == 128 ? 24 : PIPE ? 88 : kBwdH3Producer;
+    constexpr int CREGS = QT == 128 ? 240 : PIPE ? 208 : kBwdH3Consumer;
     static_assert(setmaxnreg_fits<384, PREGS, CREGS>(), "setmaxnreg over the block's registers");
     if (wg == 0) {
         setmaxnreg_dec<PREGS>();
@@ -1130,7 +1148,7 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
                 const int Lq = qt.stream == 0 ? La : Lb;
                 const long long q_off = row_offset(b, Lq, qt.row0, H, h, D);
                 const long long r_off = (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0;
-                if constexpr (PIPE) {  // rolled copies: the producer has 88 registers here
+                if constexpr (PIPE || QT == 128) {  // rolled copies: the producer has 88 or 32 registers
                     load_tile_sw_lean<D, QT, LT>(sQ0 + st * QBYTES, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
                     load_tile_sw_lean<D, QT, LT>(sdO0 + st * QBYTES, (qt.stream == 0 ? doa : dob) + q_off, ld,
                                                  qt.rows);
@@ -1139,34 +1157,36 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
                     load_tile_sw<D, QT, LT>(sdO0 + st * QBYTES, (qt.stream == 0 ? doa : dob) + q_off, ld, qt.rows);
                 }
                 // lse and Drow (padded query rows: lse = +inf, so P is exactly 0; Drow = 0)
-                const int r = tid;
-                if (r < qt.rows) {
-                    cp_async_4(sL0 + st * QT + r, lse + r_off + r);
-                    cp_async_4(sDr0 + st * QT + r, drow + r_off + r);
-                } else {
-                    sL0[st * QT + r] = INFINITY;
-                    sDr0[st * QT + r] = 0.f;
+#pragma unroll 1
+                for (int r = tid; r < QT; r += LT) {
+                    if (r < qt.rows) {
+                        cp_async_4(sL0 + st * QT + r, lse + r_off + r);
+                        cp_async_4(sDr0 + st * QT + r, drow + r_off + r);
+                    } else {
+                        sL0[st * QT + r] = INFINITY;
+                        sDr0[st * QT + r] = 0.f;
+                    }
                 }
                 tile_issued<ASYNC, LAG, true>(i, &q_full[st], publish);
             }
             tiles_done<ASYNC, LAG>(nqt, publish);
         } else {
-            // Flusher: each tile's dQ (64 queries × 64 columns, f32) from shared memory into the
+            // Flusher: each tile's dQ (QT queries × 64 columns, f32) from shared memory into the
             // accumulator, a row's 16 float4 by 16 consecutive threads.
             const int f = tid - LT;
             for (int j = 0; j < nqt; j++) {
-                mbar_wait(&dq_full[j & 1], (j / 2) & 1);
+                mbar_wait(&dq_full[j % DQBUF], (j / DQBUF) & 1);
                 const Tile qt = tile_of<QT>(q0 + j, La, Lb);
                 const int Lq = qt.stream == 0 ? La : Lb;
                 float* dq = (qt.stream == 0 ? dqa_acc : dqb_acc) + row_offset(b, Lq, qt.row0, H, h, D);
-                const float* src = sdQ0 + (j & 1) * QT * DQLD;
+                const float* src = sdQ0 + (j % DQBUF) * QT * DQLD;
 #pragma unroll 4
                 for (int it = 0; it < QT * D / 4 / FT; it++) {
                     const int idx = f + it * FT, row = idx / (D / 4), c4 = idx % (D / 4);
                     if (row < qt.rows)
                         red_add4(dq + row * ld + 4 * c4, *reinterpret_cast<const float4*>(src + row * DQLD + 4 * c4));
                 }
-                mbar_arrive(&dq_empty[j & 1]);
+                mbar_arrive(&dq_empty[j % DQBUF]);
             }
         }
         return;
@@ -1179,7 +1199,10 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
     const bool key_ok[2] = {key0 < kt.rows, key0 + 8 < kt.rows};
     const uint32_t k_wg0 = smem_addr(sK) + c * 64 * 128, v_wg0 = smem_addr(sV) + c * 64 * 128;
     const uint32_t q_addr = smem_addr(sQ0), do_addr = smem_addr(sdO0), ds_addr = smem_addr(sdS0);
-    const uint32_t k_cols = smem_addr(sK) + c * 64;  // this group's 32 columns of K, dQ's B
+    // dQ's B: this group's 32 columns of K (DQ_ROWS: all D); its A: the dSᵀ tile (DQ_ROWS: this
+    // group's 64-query column block of it)
+    const uint32_t k_cols = smem_addr(sK) + (DQ_ROWS ? 0 : c * 64);
+    const uint32_t ds_cols = DQ_ROWS ? c * KT * 128 : 0;
 
     float dk[D / 2], dv[D / 2];
 #pragma unroll
@@ -1187,15 +1210,15 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
     mbar_wait(kv_full, 0);
     // ASYNC: copies their issuer never waited for are fenced for the async proxy by their reader
     if constexpr (ASYNC) fence_proxy_async();
-    float s[32], dp[32];
+    float s[QT / 2], dp[QT / 2];
     // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ of tile j (its stage full)
     auto issue_rows = [&](int j) {
         const int sj = j % STAGES;
         mbar_wait(&q_full[sj], (j / STAGES) & 1);
         if constexpr (ASYNC) fence_proxy_async();
         wgmma_fence();
-        bwd_issue_rows<D, KT>(s, opaque(k_wg0), opaque(q_addr + sj * QBYTES));
-        bwd_issue_rows<D, KT>(dp, opaque(v_wg0), opaque(do_addr + sj * QBYTES));
+        bwd_issue_rows<D, KT, QT>(s, opaque(k_wg0), opaque(q_addr + sj * QBYTES));
+        bwd_issue_rows<D, KT, QT>(dp, opaque(v_wg0), opaque(do_addr + sj * QBYTES));
         wgmma_commit();
     };
     if (PIPE && nqt > 0) issue_rows(0);
@@ -1207,34 +1230,39 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
 
         if (!PIPE) issue_rows(i);
         wgmma_wait<0>();
-        uint32_t pa[4][4], dsa[4][4];
+        uint32_t pa[QT / 16][4], dsa[QT / 16][4];
         // Pᵀ (into p), dV += Pᵀ·dO, dSᵀ, dK += dSᵀ·Q
-        auto p_and_products = [&](float (&p)[32]) {
-            bwd_p(s, p, pa, key_ok, sL, t, scale_log2);
+        auto p_and_products = [&](float (&p)[QT / 2]) {
+            bwd_p<QT>(s, p, pa, key_ok, sL, t, scale_log2);
             wgmma_fence();
-            bwd_issue_acc<D>(dv, pa, do_st);
+            bwd_issue_acc<D, QT>(dv, pa, do_st);
             wgmma_commit();
-            bwd_ds<KT>(p, dp, dsa, sdS0 + (i & 1) * DSBYTES, key0, sDr, t);
+            // QT = 128: Pᵀ's fragments are read before dSᵀ's are formed, so that both never
+            // hold registers beside Sᵀ, dPᵀ, dK and dV (they did: the consumers spilled at 240)
+            if constexpr (QT == 128) wgmma_wait<0>();
+            bwd_ds<KT, QT>(p, dp, dsa, sdS0 + (i & 1) * DSBYTES, key0, sDr, t);
             wgmma_fence();
-            bwd_issue_acc<D>(dk, dsa, q_st);
+            bwd_issue_acc<D, QT>(dk, dsa, q_st);
             wgmma_commit();
         };
         if constexpr (PIPE) {
             // P in registers of its own: no ordinary instruction may write the Sᵀ registers,
             // which tile i + 1's product accumulates into, within this tile's span of products
             // (ptxas serializes every wgmma otherwise, C7515)
-            float p[32];
+            float p[QT / 2];
             p_and_products(p);
         } else {
             p_and_products(s);  // P in place of Sᵀ
         }
 
-        // dQ[:, this group's columns] = dS·K, once both groups' dSᵀ rows are in place.
+        // dQ[:, this group's columns] = dS·K (DQ_ROWS: dQ[this group's rows, :]), once both
+        // groups' dSᵀ rows are in place.
         fence_proxy_async();
         named_bar_sync(1, CT);
-        float dq[DN / 2];
+        constexpr int DQN = DQ_ROWS ? D : DN;  // dQ columns this group forms
+        float dq[DQN / 2];
         wgmma_fence();
-        bwd_issue_dq<DN, KT>(dq, opaque(ds_addr + (i & 1) * DSBYTES), opaque(k_cols));
+        bwd_issue_dq<DQN, KT>(dq, opaque(ds_addr + (i & 1) * DSBYTES + ds_cols), opaque(k_cols));
         wgmma_commit();
         if (PIPE && i + 1 < nqt) {
             issue_rows(i + 1);
@@ -1246,16 +1274,18 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
         // dV are read; in the loop, SASS keeps the wait<1>: WARPGROUP.DEPBAR.LE gsb0, 0x1)
         mbar_arrive(&q_empty[st]);  // every product reading this stage is done
 
-        // dQ to the flushers through shared tile i mod 2, once they are done with tile i − 2.
-        if (i >= 2) mbar_wait(&dq_empty[i & 1], ((i / 2) - 1) & 1);
-        float* dst = sdQ0 + (i & 1) * QT * DQLD + c * DN + 2 * t;
+        // dQ to the flushers through shared tile i mod DQBUF, once they are done with tile
+        // i − DQBUF.
+        const int qb = i % DQBUF;
+        if (i >= DQBUF) mbar_wait(&dq_empty[qb], ((i / DQBUF) - 1) & 1);
+        float* dst = sdQ0 + qb * QT * DQLD + (DQ_ROWS ? 64 * c * DQLD : c * DN) + 2 * t;
 #pragma unroll
-        for (int j = 0; j < DN / 8; j++) {
+        for (int j = 0; j < DQN / 8; j++) {
             *reinterpret_cast<float2*>(dst + (16 * w + g) * DQLD + 8 * j) = make_float2(dq[4 * j], dq[4 * j + 1]);
             *reinterpret_cast<float2*>(dst + (16 * w + g + 8) * DQLD + 8 * j) =
                 make_float2(dq[4 * j + 2], dq[4 * j + 3]);
         }
-        mbar_arrive(&dq_full[i & 1]);
+        mbar_arrive(&dq_full[qb]);
     }
 
     if (sp.slot >= 0)
@@ -1370,6 +1400,9 @@ ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h4_d64_vfused, 384, 1, attn_h::bwd_h3<3, tru
 // Backward H5 (D = 64): H4 with a loader that never waits for its copies (ASYNC).
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h5_d64, 384, 1, attn_h::bwd_h3<1, true, true>)
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h5_d64_vfused, 384, 1, attn_h::bwd_h3<3, true, true>)
+// Backward H6 (D = 64): H3 on 128-query tiles with H5's loader (QT = 128, ASYNC).
+ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h6_d64, 384, 1, attn_h::bwd_h3<1, false, true, 128>)
+ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h6_d64_vfused, 384, 1, attn_h::bwd_h3<3, false, true, 128>)
 // The split backward's combine (H3, H4: 128-key units at D = 64), V alone and inside a fused qkv.
 #define BWD_SPLIT_COMBINE_ENTRY(name, VMUL)                                                     \
     extern "C" __global__ void __launch_bounds__(256)                                           \

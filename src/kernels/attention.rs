@@ -1013,7 +1013,7 @@ pub mod dev {
     }
 
     /// How an H3–H9 forward splits its last wave along the keys (`fwd_h3` in
-    /// attention_hopper.cu), and the H3–H5 backward along the queries (`bwd_h3`: units of 128
+    /// attention_hopper.cu), and the H3–H6 backward along the queries (`bwd_h3`: units of 128
     /// keys over the query tiles; partial dK, dV merged by `joint_attn_bwd_split_combine`). Its blocks are units of equal length — one query tile of one head,
     /// over every key tile — one resident an SM: when the unit count is not a multiple of the SM
     /// count, the last wave runs part-full for a whole unit's time (at SD3.5-medium 1024 px,
@@ -1102,6 +1102,9 @@ pub mod dev {
     /// (consumers at 208 registers, a rolled-copy producer at 88). `H5` (d = 64; at d = 128
     /// `H2`): H4 with a loader that never waits for its copies (`cp.async.mbarrier.arrive.noinc`
     /// marks a stage full once they land), so it runs up to 3 query tiles ahead instead of 1.
+    /// `H6` (d = 64; at d = 128 `H2`): H3 on 128-query tiles with H5's loader — Sᵀ and dPᵀ as
+    /// m64n128 products (fewer shared-memory bytes per FLOP than m64n64), half the tiles a block;
+    /// dQ split between the groups by rows, 2 stages, consumers at 240 registers.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum BwdVariant {
         K128,
@@ -1111,6 +1114,7 @@ pub mod dev {
         H3,
         H4,
         H5,
+        H6,
     }
 
     impl BwdVariant {
@@ -1150,12 +1154,13 @@ pub mod dev {
                         | BwdVariant::H3
                         | BwdVariant::H4
                         | BwdVariant::H5
+                        | BwdVariant::H6
                 )
             })
         }
 
         /// Every variant, for tests and the bench.
-        pub const ALL: [BwdVariant; 7] = [
+        pub const ALL: [BwdVariant; 8] = [
             BwdVariant::K128,
             BwdVariant::V3,
             BwdVariant::H1,
@@ -1163,12 +1168,15 @@ pub mod dev {
             BwdVariant::H3,
             BwdVariant::H4,
             BwdVariant::H5,
+            BwdVariant::H6,
         ];
         /// The variant actually launched at head dim `d`.
         pub fn resolve(self, d: usize) -> BwdVariant {
             match self {
                 BwdVariant::V3 if d != 64 => BwdVariant::K128,
-                BwdVariant::H3 | BwdVariant::H4 | BwdVariant::H5 if d != 64 => BwdVariant::H2,
+                BwdVariant::H3 | BwdVariant::H4 | BwdVariant::H5 | BwdVariant::H6 if d != 64 => {
+                    BwdVariant::H2
+                }
                 v => v,
             }
         }
@@ -1181,6 +1189,7 @@ pub mod dev {
                 BwdVariant::H3 => format!("joint_attn_bwd_h3_d{d}"),
                 BwdVariant::H4 => format!("joint_attn_bwd_h4_d{d}"),
                 BwdVariant::H5 => format!("joint_attn_bwd_h5_d{d}"),
+                BwdVariant::H6 => format!("joint_attn_bwd_h6_d{d}"),
             }
         }
         /// Threads per block (warps of 16 keys; V3: warps of 32 keys).
@@ -1188,22 +1197,31 @@ pub mod dev {
             match self.resolve(d) {
                 BwdVariant::V3 => 128,
                 BwdVariant::K128 | BwdVariant::H1 | BwdVariant::H2 => 256,
-                BwdVariant::H3 | BwdVariant::H4 | BwdVariant::H5 => 384,
+                BwdVariant::H3 | BwdVariant::H4 | BwdVariant::H5 | BwdVariant::H6 => 384,
             }
         }
         /// The units (a block each: one 128-key tile of one head of one sample) and query tiles
-        /// of a call by a variant that takes a [`SplitPlan`] (H3–H5 at d = 64: `bwd_h3`, split
+        /// of a call by a variant that takes a [`SplitPlan`] (H3–H6 at d = 64: `bwd_h3`, split
         /// along the queries; its dQ is added into the accumulator either way); `None` for the
         /// others.
         pub fn split_units(self, dims: AttnDims) -> Option<(u32, u32)> {
+            let v = self.resolve(dims.d);
             let splits = matches!(
-                self.resolve(dims.d),
-                BwdVariant::H3 | BwdVariant::H4 | BwdVariant::H5
+                v,
+                BwdVariant::H3 | BwdVariant::H4 | BwdVariant::H5 | BwdVariant::H6
             );
             splits.then(|| {
                 let units = dims.tiles(BWD_KEYS) * (dims.b * dims.h) as u32;
-                (units, dims.tiles(TILE))
+                (units, dims.tiles(v.query_rows()))
             })
+        }
+        /// Queries a tile of the wgmma backwards: 64; H6 128.
+        fn query_rows(self) -> usize {
+            if self == BwdVariant::H6 {
+                2 * TILE
+            } else {
+                TILE
+            }
         }
         /// Dynamic shared memory at head dim `d`.
         fn shared_bytes(self, d: usize) -> u32 {
@@ -1229,6 +1247,18 @@ pub mod dev {
                         + 2 * TILE * (d + 4) * 4
                         + 3 * 2 * TILE * 4
                         + 8 * 11) as u32
+                }
+                // H6: K, V, 2 stages of 128-query Q, dO, lse and Drow, two dSᵀ tiles (keys × 128
+                // queries), one f32 dQ tile (rows padded to d+4) and 9 mbarriers.
+                BwdVariant::H6 => {
+                    let qt = 2 * TILE;
+                    (1024
+                        + 2 * BWD_KEYS * d * 2
+                        + 2 * 2 * qt * d * 2
+                        + 2 * BWD_KEYS * qt * 2
+                        + qt * (d + 4) * 4
+                        + 2 * 2 * qt * 4
+                        + 8 * 9) as u32
                 }
                 BwdVariant::K128 | BwdVariant::V3 => {
                     (((2 * BWD_KEYS + 4 * TILE) * (d + 8) + BWD_KEYS * (TILE + 8)) * 2
@@ -1792,7 +1822,7 @@ pub mod dev {
         Ok(grads)
     }
 
-    /// The backward; `plan` for the H3–H5 kernels (`None`: [`SplitPlan::last_wave`] on the
+    /// The backward; `plan` for the H3–H6 kernels (`None`: [`SplitPlan::last_wave`] on the
     /// device's SMs), ignored by the others.
     #[allow(clippy::too_many_arguments)]
     fn bwd_planned(
