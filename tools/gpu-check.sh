@@ -135,14 +135,15 @@ PY
     fi
   done
 fi
-# Nsight Compute on the d64 1024 px attention kernels (the first shape the bench runs): the
-# plain launchers' forward and backward, then the Hopper forward variants H3–H9 and backward
-# H3–H6 once each, in the bench's order — each kernel's speed of light, pipe utilisation (tensor,
-# FMA, SFU), shared-memory and L2 throughput, warp stalls and issue slots.
+# Nsight Compute on the d64 1024 px attention kernels (the first shape the bench runs), forward
+# and backward apart (the bench runs every forward variant, then the persistent ones, before any
+# backward): the plain launcher's, then the Hopper forward variants H3–H9 and backward H3–H6 once
+# each — each kernel's speed of light, pipe utilisation (tensor, FMA, SFU), shared-memory and L2
+# throughput, warp stalls and issue slots.
 if command -v ncu >/dev/null; then
-  step ncu-attention 120 ncu --clock-control none --kernel-name "regex:joint_attn_(fwd_h[3-9]|bwd_h[3-6])_d64$" --launch-count 13 \
-    --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
-    "$BIN/attention-bench"
+  NCU_SECTIONS="--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats"
+  step ncu-attention 150 bash -c "ncu --clock-control none --kernel-name 'regex:joint_attn_fwd_h[3-9]_d64\$' --launch-count 8 $NCU_SECTIONS '$BIN/attention-bench' \
+    && ncu --clock-control none --kernel-name 'regex:joint_attn_bwd_h[3-6]_d64\$' --launch-count 5 $NCU_SECTIONS '$BIN/attention-bench'"
 fi
 step mmdit-shapes 30 "$BIN/advdmd" bench mmdit --device cuda --model shapes --batch 128 --iters 10 --json
 step mmdit-sd35m 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
