@@ -50,16 +50,26 @@ fn unknown_subcommand_is_a_clean_error() {
 }
 
 /// `ADVDMD_ATTN_FWD` / `ADVDMD_ATTN_BWD` set to something other than a kernel variant is an
-/// error that names the accepted values, before any work.
+/// error that names the accepted values, before any work; so is a bad skip list.
 #[test]
 fn bad_attention_variant_env_is_an_error() {
-    let out = advdmd_env(&["info"], &[("ADVDMD_ATTN_FWD", "h9")]);
+    let out = advdmd_env(&["info"], &[("ADVDMD_ATTN_FWD", "h99")]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
         err.contains("ADVDMD_ATTN_FWD") && err.contains("h3"),
         "{err}"
     );
+    // a skip list naming no variant, or skipping the variant chosen, is refused too
+    for env in [
+        &[("ADVDMD_ATTN_BWD_SKIP", "h4,h12")][..],
+        &[("ADVDMD_ATTN_FWD", "h7"), ("ADVDMD_ATTN_FWD_SKIP", "h7,h8")][..],
+    ] {
+        let out = advdmd_env(&["info"], env);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{env:?}");
+        assert!(err.contains("_SKIP") && !err.contains("panicked"), "{err}");
+    }
     // a valid choice is what `info` reports the model path launches
     let out = advdmd_env(
         &["info", "--json"],
