@@ -1039,6 +1039,8 @@ __device__ __forceinline__ void bwd_store_kv_piece(const float* dk, const float*
 // advdmd-entry-registers: joint_attn_bwd_h5_d64_vfused 168
 // advdmd-entry-registers: joint_attn_bwd_h6_d64 168
 // advdmd-entry-registers: joint_attn_bwd_h6_d64_vfused 168
+// advdmd-entry-registers: joint_attn_bwd_h7_d64 168
+// advdmd-entry-registers: joint_attn_bwd_h7_d64_vfused 168
 // The H3 backward's register split of the 384-thread block's 168 registers a thread: 96/208 (the
 // first choice) does not fit (setmaxnreg_fits).
 constexpr int kBwdH3Producer = 104, kBwdH3Consumer = 200;
@@ -1056,7 +1058,14 @@ constexpr int kBwdH3Producer = 104, kBwdH3Consumer = 200;
 // barriers a block. dQ is then split by rows — group g takes queries 64g.. over every column and
 // key (A: its 64-query column block of the dSᵀ tile) — in 2 stages with one dQ tile (shared
 // memory), the producer at 24 registers and the consumers at 240.
-template <int VMUL, bool PIPE = false, bool ASYNC = false, int QT_ = 64>
+// DEFER (BwdVariant::H7, with QT = 128): the two groups run half a tile apart instead of in
+// step. In H3–H6 both groups wait for each other once a tile (dQ needs both halves of dSᵀ), so
+// their exponentials and dSᵀ — when the tensor cores have nothing queued — fall at the same time.
+// Here tile i's dQ product is issued during tile i + 1, once both halves of dSᵀ_i are in place
+// (mbarrier ds_full, by then long done), and the dSᵀ buffer is rewritten once both groups' dQ
+// products have read it (ds_empty); group 1 starts when group 0 has formed its first P, so one
+// group's softmax runs while the other's products occupy the tensor cores.
+template <int VMUL, bool PIPE = false, bool ASYNC = false, int QT_ = 64, bool DEFER = false>
 __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
                                        bf16* __restrict__ dvb, float* __restrict__ dqa_acc,
                                        float* __restrict__ dqb_acc, const bf16* __restrict__ qa,
@@ -1068,6 +1077,7 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
                                        float scale, float* __restrict__ kvpart, int split_from, int splits) {
     constexpr int D = 64, KT = 128, QT = QT_, DN = D / 2, LAG = 1;
     static_assert(QT == 64 || (QT == 128 && ASYNC && !PIPE), "128-query tiles: ASYNC, without PIPE");
+    static_assert(!DEFER || QT == 128, "the deferred dQ on 128-query tiles");
     // dQ split by rows (each group: 64 queries × D) at QT = 128, by columns (64 queries × D/2)
     // at 64; its shared tiles: 2, or 1 at QT = 128 (with 2 stages: 227 KB)
     constexpr bool DQ_ROWS = QT == 128;
@@ -1089,6 +1099,8 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
     uint64_t* q_empty = q_full + STAGES;
     uint64_t* dq_full = q_empty + STAGES;
     uint64_t* dq_empty = dq_full + 2;
+    uint64_t* ds_full = dq_empty + 2;  // DEFER: dSᵀ buffer b has both groups' rows
+    uint64_t* ds_empty = ds_full + 2;  // DEFER: both groups' dQ products have read buffer b
 
     const int tid = threadIdx.x, wg = tid / 128;
     // A 1-D grid of units (b·H + h, key tile), split along the query tiles from split_from on
@@ -1111,6 +1123,10 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
         for (int s = 0; s < 2; s++) {
             mbar_init(&dq_full[s], CT);
             mbar_init(&dq_empty[s], FT);
+            if constexpr (DEFER) {
+                mbar_init(&ds_full[s], CT);
+                mbar_init(&ds_empty[s], CT);
+            }
         }
         fence_mbarrier_init();
     }
@@ -1221,6 +1237,61 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
         bwd_issue_rows<D, KT, QT>(dp, opaque(v_wg0), opaque(do_addr + sj * QBYTES));
         wgmma_commit();
     };
+    // DEFER's tiles (see the template's comment): dQ_{i−1} issued in tile i, the last after the
+    // loop; this group's rows of it handed to the flushers as H6 does.
+    auto bwd_deferred_tiles = [&]() {
+        // dQ of tile j (its dSᵀ buffer complete) into the flushers' tile; releases the buffer
+        auto dq_tile = [&](int j) {
+            float dq[D / 2];
+            mbar_wait(&ds_full[j & 1], (j / 2) & 1);
+            fence_proxy_async();
+            wgmma_fence();
+            bwd_issue_dq<D, KT>(dq, opaque(ds_addr + (j & 1) * DSBYTES + ds_cols), opaque(k_cols));
+            wgmma_commit();
+            wgmma_wait<0>();
+            mbar_arrive(&ds_empty[j & 1]);
+            if (j >= 1) mbar_wait(&dq_empty[0], (j - 1) & 1);  // the flushers are done with dQ_{j−1}
+            float* dst = sdQ0 + 64 * c * DQLD + 2 * t;
+#pragma unroll
+            for (int e = 0; e < D / 8; e++) {
+                *reinterpret_cast<float2*>(dst + (16 * w + g) * DQLD + 8 * e) = make_float2(dq[4 * e], dq[4 * e + 1]);
+                *reinterpret_cast<float2*>(dst + (16 * w + g + 8) * DQLD + 8 * e) =
+                    make_float2(dq[4 * e + 2], dq[4 * e + 3]);
+            }
+            mbar_arrive(&dq_full[0]);
+        };
+        // group 1 starts once group 0 has formed its first P (named barrier 2)
+        if (c == 1) named_bar_sync(2, CT);
+        if (c == 0 && nqt == 0) named_bar_arrive(2, CT);
+        for (int i = 0; i < nqt; i++) {
+            const int st = i % STAGES;
+            const uint32_t q_st = opaque(q_addr + st * QBYTES), do_st = opaque(do_addr + st * QBYTES);
+            issue_rows(i);
+            wgmma_wait<0>();
+            uint32_t pa[QT / 16][4], dsa[QT / 16][4];
+            bwd_p<QT>(s, s, pa, key_ok, sL0 + st * QT, t, scale_log2);
+            if (c == 0 && i == 0) named_bar_arrive(2, CT);
+            wgmma_fence();
+            bwd_issue_acc<D, QT>(dv, pa, do_st);
+            wgmma_commit();
+            wgmma_wait<0>();  // Pᵀ's fragments read (registers, as H6)
+            // dSᵀ_i into buffer i mod 2 once both groups' dQ_{i−2} products have read it
+            if (i >= 2) mbar_wait(&ds_empty[i & 1], ((i / 2) - 1) & 1);
+            bwd_ds<KT, QT>(s, dp, dsa, sdS0 + (i & 1) * DSBYTES, key0, sDr0 + st * QT, t);
+            fence_proxy_async();
+            mbar_arrive(&ds_full[i & 1]);
+            wgmma_fence();
+            bwd_issue_acc<D, QT>(dk, dsa, q_st);
+            wgmma_commit();
+            wgmma_wait<0>();
+            mbar_arrive(&q_empty[st]);  // dV_i and dK_i, this stage's readers, are done
+            if (i >= 1) dq_tile(i - 1);
+        }
+        if (nqt >= 1) dq_tile(nqt - 1);
+    };
+    if constexpr (DEFER) {
+        bwd_deferred_tiles();
+    } else {
     if (PIPE && nqt > 0) issue_rows(0);
     for (int i = 0; i < nqt; i++) {
         const int st = i % STAGES;
@@ -1286,6 +1357,7 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
                 make_float2(dq[4 * j + 2], dq[4 * j + 3]);
         }
         mbar_arrive(&dq_full[qb]);
+    }
     }
 
     if (sp.slot >= 0)
@@ -1403,6 +1475,9 @@ ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h5_d64_vfused, 384, 1, attn_h::bwd_h3<3, tru
 // Backward H6 (D = 64): H3 on 128-query tiles with H5's loader (QT = 128, ASYNC).
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h6_d64, 384, 1, attn_h::bwd_h3<1, false, true, 128>)
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h6_d64_vfused, 384, 1, attn_h::bwd_h3<3, false, true, 128>)
+// Backward H7 (D = 64): H6 with the groups half a tile apart (DEFER: dQ a tile later).
+ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h7_d64, 384, 1, attn_h::bwd_h3<1, false, true, 128, true>)
+ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h7_d64_vfused, 384, 1, attn_h::bwd_h3<3, false, true, 128, true>)
 // The split backward's combine (H3, H4: 128-key units at D = 64), V alone and inside a fused qkv.
 #define BWD_SPLIT_COMBINE_ENTRY(name, VMUL)                                                     \
     extern "C" __global__ void __launch_bounds__(256)                                           \

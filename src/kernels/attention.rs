@@ -1013,7 +1013,7 @@ pub mod dev {
     }
 
     /// How an H3–H9 forward splits its last wave along the keys (`fwd_h3` in
-    /// attention_hopper.cu), and the H3–H6 backward along the queries (`bwd_h3`: units of 128
+    /// attention_hopper.cu), and the H3–H7 backward along the queries (`bwd_h3`: units of 128
     /// keys over the query tiles; partial dK, dV merged by `joint_attn_bwd_split_combine`). Its blocks are units of equal length — one query tile of one head,
     /// over every key tile — one resident an SM: when the unit count is not a multiple of the SM
     /// count, the last wave runs part-full for a whole unit's time (at SD3.5-medium 1024 px,
@@ -1104,7 +1104,11 @@ pub mod dev {
     /// marks a stage full once they land), so it runs up to 3 query tiles ahead instead of 1.
     /// `H6` (d = 64; at d = 128 `H2`): H3 on 128-query tiles with H5's loader — Sᵀ and dPᵀ as
     /// m64n128 products (fewer shared-memory bytes per FLOP than m64n64), half the tiles a block;
-    /// dQ split between the groups by rows, 2 stages, consumers at 240 registers.
+    /// dQ split between the groups by rows, 2 stages, consumers at 240 registers. `H7` (d = 64;
+    /// at d = 128 `H2`): H6 with the two groups half a tile apart — each tile's dQ product issued
+    /// in the next tile, once both halves of dSᵀ are in place — so one group's exponentials and
+    /// dSᵀ run while the other's products hold the tensor cores (in H3–H7 both groups meet once
+    /// a tile and do them at the same time).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum BwdVariant {
         K128,
@@ -1115,6 +1119,7 @@ pub mod dev {
         H4,
         H5,
         H6,
+        H7,
     }
 
     impl BwdVariant {
@@ -1155,12 +1160,13 @@ pub mod dev {
                         | BwdVariant::H4
                         | BwdVariant::H5
                         | BwdVariant::H6
+                        | BwdVariant::H7
                 )
             })
         }
 
         /// Every variant, for tests and the bench.
-        pub const ALL: [BwdVariant; 8] = [
+        pub const ALL: [BwdVariant; 9] = [
             BwdVariant::K128,
             BwdVariant::V3,
             BwdVariant::H1,
@@ -1169,12 +1175,19 @@ pub mod dev {
             BwdVariant::H4,
             BwdVariant::H5,
             BwdVariant::H6,
+            BwdVariant::H7,
         ];
         /// The variant actually launched at head dim `d`.
         pub fn resolve(self, d: usize) -> BwdVariant {
             match self {
                 BwdVariant::V3 if d != 64 => BwdVariant::K128,
-                BwdVariant::H3 | BwdVariant::H4 | BwdVariant::H5 | BwdVariant::H6 if d != 64 => {
+                BwdVariant::H3
+                | BwdVariant::H4
+                | BwdVariant::H5
+                | BwdVariant::H6
+                | BwdVariant::H7
+                    if d != 64 =>
+                {
                     BwdVariant::H2
                 }
                 v => v,
@@ -1190,6 +1203,7 @@ pub mod dev {
                 BwdVariant::H4 => format!("joint_attn_bwd_h4_d{d}"),
                 BwdVariant::H5 => format!("joint_attn_bwd_h5_d{d}"),
                 BwdVariant::H6 => format!("joint_attn_bwd_h6_d{d}"),
+                BwdVariant::H7 => format!("joint_attn_bwd_h7_d{d}"),
             }
         }
         /// Threads per block (warps of 16 keys; V3: warps of 32 keys).
@@ -1197,27 +1211,31 @@ pub mod dev {
             match self.resolve(d) {
                 BwdVariant::V3 => 128,
                 BwdVariant::K128 | BwdVariant::H1 | BwdVariant::H2 => 256,
-                BwdVariant::H3 | BwdVariant::H4 | BwdVariant::H5 | BwdVariant::H6 => 384,
+                BwdVariant::H3
+                | BwdVariant::H4
+                | BwdVariant::H5
+                | BwdVariant::H6
+                | BwdVariant::H7 => 384,
             }
         }
         /// The units (a block each: one 128-key tile of one head of one sample) and query tiles
-        /// of a call by a variant that takes a [`SplitPlan`] (H3–H6 at d = 64: `bwd_h3`, split
+        /// of a call by a variant that takes a [`SplitPlan`] (H3–H7 at d = 64: `bwd_h3`, split
         /// along the queries; its dQ is added into the accumulator either way); `None` for the
         /// others.
         pub fn split_units(self, dims: AttnDims) -> Option<(u32, u32)> {
             let v = self.resolve(dims.d);
             let splits = matches!(
                 v,
-                BwdVariant::H3 | BwdVariant::H4 | BwdVariant::H5 | BwdVariant::H6
+                BwdVariant::H3 | BwdVariant::H4 | BwdVariant::H5 | BwdVariant::H6 | BwdVariant::H7
             );
             splits.then(|| {
                 let units = dims.tiles(BWD_KEYS) * (dims.b * dims.h) as u32;
                 (units, dims.tiles(v.query_rows()))
             })
         }
-        /// Queries a tile of the wgmma backwards: 64; H6 128.
+        /// Queries a tile of the wgmma backwards: 64; H6, H7 128.
         fn query_rows(self) -> usize {
-            if self == BwdVariant::H6 {
+            if matches!(self, BwdVariant::H6 | BwdVariant::H7) {
                 2 * TILE
             } else {
                 TILE
@@ -1248,9 +1266,9 @@ pub mod dev {
                         + 3 * 2 * TILE * 4
                         + 8 * 11) as u32
                 }
-                // H6: K, V, 2 stages of 128-query Q, dO, lse and Drow, two dSᵀ tiles (keys × 128
-                // queries), one f32 dQ tile (rows padded to d+4) and 9 mbarriers.
-                BwdVariant::H6 => {
+                // H6, H7: K, V, 2 stages of 128-query Q, dO, lse and Drow, two dSᵀ tiles (keys ×
+                // 128 queries), one f32 dQ tile (rows padded to d+4) and 9 mbarriers (H7: 13).
+                BwdVariant::H6 | BwdVariant::H7 => {
                     let qt = 2 * TILE;
                     (1024
                         + 2 * BWD_KEYS * d * 2
@@ -1258,7 +1276,7 @@ pub mod dev {
                         + 2 * BWD_KEYS * qt * 2
                         + qt * (d + 4) * 4
                         + 2 * 2 * qt * 4
-                        + 8 * 9) as u32
+                        + 8 * 13) as u32
                 }
                 BwdVariant::K128 | BwdVariant::V3 => {
                     (((2 * BWD_KEYS + 4 * TILE) * (d + 8) + BWD_KEYS * (TILE + 8)) * 2
@@ -1822,7 +1840,7 @@ pub mod dev {
         Ok(grads)
     }
 
-    /// The backward; `plan` for the H3–H6 kernels (`None`: [`SplitPlan::last_wave`] on the
+    /// The backward; `plan` for the H3–H7 kernels (`None`: [`SplitPlan::last_wave`] on the
     /// device's SMs), ignored by the others.
     #[allow(clippy::too_many_arguments)]
     fn bwd_planned(
