@@ -66,6 +66,22 @@ __device__ __forceinline__ void stage_b(unsigned char* sb, const bf16* b, int k_
     }
 }
 
+// A and B staged in dynamic shared memory (swizzled tiles on a 1 KB boundary, B right after A) for
+// every warpgroup thread; returns their shared addresses.
+template <int N>
+__device__ __forceinline__ void stage_operands(const bf16* a, const bf16* b, int k_len, bool a_mn_major,
+                                               bool b_mn_major, uint32_t& a_base, uint32_t& b_base) {
+    DYNAMIC_SMEM(unsigned char, raw);
+    unsigned char* sa = raw + ((1024 - (smem_addr(raw) & 1023)) & 1023);
+    unsigned char* sb = sa + 64 * k_len * 2;
+    stage_a(sa, a, k_len, a_mn_major);
+    stage_b<N>(sb, b, k_len, b_mn_major);
+    fence_proxy_async();
+    __syncthreads();
+    a_base = smem_addr(sa);
+    b_base = smem_addr(sb);
+}
+
 // The accumulators d (m64nNk16 layout) into C (64 × N, row-major).
 template <int N>
 __device__ __forceinline__ void store_c(float* c, const float* d, int w, int g, int q) {
@@ -82,21 +98,13 @@ extern "C" __global__ void __launch_bounds__(128)
     wgmma_probe_m64n64(const bf16* a, const bf16* b, float* c, int k_len, int b_mn_major, int a_mode,
                        int n_halves) {
     kernel_prologue();
-    DYNAMIC_SMEM(unsigned char, raw);
-    // Swizzled tiles start on a 1 KB boundary of the shared address space.
-    unsigned char* sa = raw + ((1024 - (smem_addr(raw) & 1023)) & 1023);
-    unsigned char* sb = sa + 64 * k_len * 2;
-    const int tid = threadIdx.x;
-    stage_a(sa, a, k_len, a_mode == 2);
-    stage_b<64>(sb, b, k_len, b_mn_major);
-    fence_proxy_async();
-    __syncthreads();
+    uint32_t a_base, b_base;
+    stage_operands<64>(a, b, k_len, a_mode == 2, b_mn_major, a_base, b_base);
 
-    const int w = tid / 32, g = (tid % 32) / 4, q = tid % 4;
+    const int tid = threadIdx.x, w = tid / 32, g = (tid % 32) / 4, q = tid % 4;
     float d[32], h[2][16];
     for (int i = 0; i < 32; i++) d[i] = 0.f;
     for (int i = 0; i < 16; i++) h[0][i] = h[1][i] = 0.f;
-    const uint32_t a_base = smem_addr(sa), b_base = smem_addr(sb);
     for (int s = 0; s < k_len / 16; s++) {
         // K-major: step s is 32 bytes into atom s/4; MN-major: 16 rows of 128 bytes further.
         const uint64_t da = a_mode == 2 ? wgmma_desc(a_base + s * 2048, 8192, 1024, kSwizzle128)
@@ -165,19 +173,12 @@ extern "C" __global__ void __launch_bounds__(128)
 extern "C" __global__ void __launch_bounds__(128)
     wgmma_probe_m64n128(const bf16* a, const bf16* b, float* c, int k_len, int b_mn_major, int a_mode) {
     kernel_prologue();
-    DYNAMIC_SMEM(unsigned char, raw);
-    unsigned char* sa = raw + ((1024 - (smem_addr(raw) & 1023)) & 1023);
-    unsigned char* sb = sa + 64 * k_len * 2;
-    const int tid = threadIdx.x;
-    stage_a(sa, a, k_len, false);
-    stage_b<128>(sb, b, k_len, b_mn_major);
-    fence_proxy_async();
-    __syncthreads();
+    uint32_t a_base, b_base;
+    stage_operands<128>(a, b, k_len, false, b_mn_major, a_base, b_base);
 
-    const int w = tid / 32, g = (tid % 32) / 4, q = tid % 4;
+    const int tid = threadIdx.x, w = tid / 32, g = (tid % 32) / 4, q = tid % 4;
     float d[64];
     for (int i = 0; i < 64; i++) d[i] = 0.f;
-    const uint32_t a_base = smem_addr(sa), b_base = smem_addr(sb);
     for (int s = 0; s < k_len / 16; s++) {
         const uint64_t da = wgmma_desc(a_base + (s / 4) * 8192 + (s % 4) * 32, 16, 1024, kSwizzle128);
         const uint64_t db = b_mn_major ? wgmma_desc(b_base + s * 2048, k_len * 128, 1024, kSwizzle128)
@@ -203,25 +204,18 @@ extern "C" __global__ void __launch_bounds__(128)
     store_c<128>(c, d, w, g, q);
 }
 
-// N = 192, the key tile of the H7 forward at D = 64 (S = Q·Kᵀ: A and B both K-major in shared
+// N = 192, the key tile of the H9 forward at D = 64 (S = Q·Kᵀ: A and B both K-major in shared
 // memory, 24 KB of B per 64 k): the one form the attention uses at this width.
 // C[64×192]; b is 192 × K.
 extern "C" __global__ void __launch_bounds__(128)
     wgmma_probe_m64n192(const bf16* a, const bf16* b, float* c, int k_len) {
     kernel_prologue();
-    DYNAMIC_SMEM(unsigned char, raw);
-    unsigned char* sa = raw + ((1024 - (smem_addr(raw) & 1023)) & 1023);
-    unsigned char* sb = sa + 64 * k_len * 2;
-    const int tid = threadIdx.x;
-    stage_a(sa, a, k_len, false);
-    stage_b<192>(sb, b, k_len, false);
-    fence_proxy_async();
-    __syncthreads();
+    uint32_t a_base, b_base;
+    stage_operands<192>(a, b, k_len, false, false, a_base, b_base);
 
-    const int w = tid / 32, g = (tid % 32) / 4, q = tid % 4;
+    const int tid = threadIdx.x, w = tid / 32, g = (tid % 32) / 4, q = tid % 4;
     float d[96];
     for (int i = 0; i < 96; i++) d[i] = 0.f;
-    const uint32_t a_base = smem_addr(sa), b_base = smem_addr(sb);
     for (int s = 0; s < k_len / 16; s++) {
         const uint64_t da = wgmma_desc(a_base + (s / 4) * 8192 + (s % 4) * 32, 16, 1024, kSwizzle128);
         const uint64_t db = wgmma_desc(b_base + (s / 4) * 192 * 128 + (s % 4) * 32, 16, 1024, kSwizzle128);
