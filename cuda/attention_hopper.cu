@@ -1041,6 +1041,8 @@ __device__ __forceinline__ void bwd_store_kv_piece(const float* dk, const float*
 // advdmd-entry-registers: joint_attn_bwd_h6_d64_vfused 168
 // advdmd-entry-registers: joint_attn_bwd_h7_d64 168
 // advdmd-entry-registers: joint_attn_bwd_h7_d64_vfused 168
+// advdmd-entry-registers: joint_attn_bwd_h8_d64 168
+// advdmd-entry-registers: joint_attn_bwd_h8_d64_vfused 168
 // The H3 backward's register split of the 384-thread block's 168 registers a thread: 96/208 (the
 // first choice) does not fit (setmaxnreg_fits).
 constexpr int kBwdH3Producer = 104, kBwdH3Consumer = 200;
@@ -1058,7 +1060,7 @@ constexpr int kBwdH3Producer = 104, kBwdH3Consumer = 200;
 // barriers a block. dQ is then split by rows — group g takes queries 64g.. over every column and
 // key (A: its 64-query column block of the dSᵀ tile) — in 2 stages with one dQ tile (shared
 // memory), the producer at 24 registers and the consumers at 240.
-// DEFER (BwdVariant::H7, with QT = 128): the two groups run half a tile apart instead of in
+// DEFER (BwdVariant::H7 with QT = 128, H8 with 64): the two groups run half a tile apart instead of in
 // step. In H3–H6 both groups wait for each other once a tile (dQ needs both halves of dSᵀ), so
 // their exponentials and dSᵀ — when the tensor cores have nothing queued — fall at the same time.
 // Here tile i's dQ product is issued during tile i + 1, once both halves of dSᵀ_i are in place
@@ -1077,7 +1079,7 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
                                        float scale, float* __restrict__ kvpart, int split_from, int splits) {
     constexpr int D = 64, KT = 128, QT = QT_, DN = D / 2, LAG = 1;
     static_assert(QT == 64 || (QT == 128 && ASYNC && !PIPE), "128-query tiles: ASYNC, without PIPE");
-    static_assert(!DEFER || QT == 128, "the deferred dQ on 128-query tiles");
+    static_assert(!DEFER || (ASYNC && !PIPE), "the deferred dQ with the async loader, without PIPE");
     // dQ split by rows (each group: 64 queries × D) at QT = 128, by columns (64 queries × D/2)
     // at 64; its shared tiles: 2, or 1 at QT = 128 (with 2 stages: 227 KB)
     constexpr bool DQ_ROWS = QT == 128;
@@ -1242,23 +1244,26 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
     auto bwd_deferred_tiles = [&]() {
         // dQ of tile j (its dSᵀ buffer complete) into the flushers' tile; releases the buffer
         auto dq_tile = [&](int j) {
-            float dq[D / 2];
+            constexpr int DQN = DQ_ROWS ? D : DN;  // dQ columns this group forms
+            float dq[DQN / 2];
             mbar_wait(&ds_full[j & 1], (j / 2) & 1);
             fence_proxy_async();
             wgmma_fence();
-            bwd_issue_dq<D, KT>(dq, opaque(ds_addr + (j & 1) * DSBYTES + ds_cols), opaque(k_cols));
+            bwd_issue_dq<DQN, KT>(dq, opaque(ds_addr + (j & 1) * DSBYTES + ds_cols), opaque(k_cols));
             wgmma_commit();
             wgmma_wait<0>();
             mbar_arrive(&ds_empty[j & 1]);
-            if (j >= 1) mbar_wait(&dq_empty[0], (j - 1) & 1);  // the flushers are done with dQ_{j−1}
-            float* dst = sdQ0 + 64 * c * DQLD + 2 * t;
+            // the flushers are done with dQ_{j−DQBUF}, whose shared tile this one reuses
+            const int qb = j % DQBUF;
+            if (j >= DQBUF) mbar_wait(&dq_empty[qb], ((j / DQBUF) - 1) & 1);
+            float* dst = sdQ0 + qb * QT * DQLD + (DQ_ROWS ? 64 * c * DQLD : c * DN) + 2 * t;
 #pragma unroll
-            for (int e = 0; e < D / 8; e++) {
+            for (int e = 0; e < DQN / 8; e++) {
                 *reinterpret_cast<float2*>(dst + (16 * w + g) * DQLD + 8 * e) = make_float2(dq[4 * e], dq[4 * e + 1]);
                 *reinterpret_cast<float2*>(dst + (16 * w + g + 8) * DQLD + 8 * e) =
                     make_float2(dq[4 * e + 2], dq[4 * e + 3]);
             }
-            mbar_arrive(&dq_full[0]);
+            mbar_arrive(&dq_full[qb]);
         };
         // group 1 starts once group 0 has formed its first P (named barrier 2)
         if (c == 1) named_bar_sync(2, CT);
@@ -1274,7 +1279,7 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
             wgmma_fence();
             bwd_issue_acc<D, QT>(dv, pa, do_st);
             wgmma_commit();
-            wgmma_wait<0>();  // Pᵀ's fragments read (registers, as H6)
+            if constexpr (QT == 128) wgmma_wait<0>();  // Pᵀ's fragments read (registers, as H6)
             // dSᵀ_i into buffer i mod 2 once both groups' dQ_{i−2} products have read it
             if (i >= 2) mbar_wait(&ds_empty[i & 1], ((i / 2) - 1) & 1);
             bwd_ds<KT, QT>(s, dp, dsa, sdS0 + (i & 1) * DSBYTES, key0, sDr0 + st * QT, t);
@@ -1478,6 +1483,9 @@ ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h6_d64_vfused, 384, 1, attn_h::bwd_h3<3, fal
 // Backward H7 (D = 64): H6 with the groups half a tile apart (DEFER: dQ a tile later).
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h7_d64, 384, 1, attn_h::bwd_h3<1, false, true, 128, true>)
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h7_d64_vfused, 384, 1, attn_h::bwd_h3<3, false, true, 128, true>)
+// Backward H8 (D = 64): H7's deferred dQ on H3's 64-query tiles in 3 stages (async loader).
+ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h8_d64, 384, 1, attn_h::bwd_h3<1, false, true, 64, true>)
+ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h8_d64_vfused, 384, 1, attn_h::bwd_h3<3, false, true, 64, true>)
 // The split backward's combine (H3, H4: 128-key units at D = 64), V alone and inside a fused qkv.
 #define BWD_SPLIT_COMBINE_ENTRY(name, VMUL)                                                     \
     extern "C" __global__ void __launch_bounds__(256)                                           \

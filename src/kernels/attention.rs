@@ -1013,7 +1013,7 @@ pub mod dev {
     }
 
     /// How an H3–H9 forward splits its last wave along the keys (`fwd_h3` in
-    /// attention_hopper.cu), and the H3–H7 backward along the queries (`bwd_h3`: units of 128
+    /// attention_hopper.cu), and the H3–H8 backward along the queries (`bwd_h3`: units of 128
     /// keys over the query tiles; partial dK, dV merged by `joint_attn_bwd_split_combine`). Its blocks are units of equal length — one query tile of one head,
     /// over every key tile — one resident an SM: when the unit count is not a multiple of the SM
     /// count, the last wave runs part-full for a whole unit's time (at SD3.5-medium 1024 px,
@@ -1107,8 +1107,9 @@ pub mod dev {
     /// dQ split between the groups by rows, 2 stages, consumers at 240 registers. `H7` (d = 64;
     /// at d = 128 `H2`): H6 with the two groups half a tile apart — each tile's dQ product issued
     /// in the next tile, once both halves of dSᵀ are in place — so one group's exponentials and
-    /// dSᵀ run while the other's products hold the tensor cores (in H3–H7 both groups meet once
-    /// a tile and do them at the same time).
+    /// dSᵀ run while the other's products hold the tensor cores (in H3–H8 both groups meet once
+    /// a tile and do them at the same time). `H8` (d = 64; at d = 128 `H2`): H7's deferred dQ on
+    /// H3's 64-query tiles, 3 stages (H5's loader, no PIPE).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum BwdVariant {
         K128,
@@ -1120,6 +1121,7 @@ pub mod dev {
         H5,
         H6,
         H7,
+        H8,
     }
 
     impl BwdVariant {
@@ -1161,12 +1163,13 @@ pub mod dev {
                         | BwdVariant::H5
                         | BwdVariant::H6
                         | BwdVariant::H7
+                        | BwdVariant::H8
                 )
             })
         }
 
         /// Every variant, for tests and the bench.
-        pub const ALL: [BwdVariant; 9] = [
+        pub const ALL: [BwdVariant; 10] = [
             BwdVariant::K128,
             BwdVariant::V3,
             BwdVariant::H1,
@@ -1176,6 +1179,7 @@ pub mod dev {
             BwdVariant::H5,
             BwdVariant::H6,
             BwdVariant::H7,
+            BwdVariant::H8,
         ];
         /// The variant actually launched at head dim `d`.
         pub fn resolve(self, d: usize) -> BwdVariant {
@@ -1186,6 +1190,7 @@ pub mod dev {
                 | BwdVariant::H5
                 | BwdVariant::H6
                 | BwdVariant::H7
+                | BwdVariant::H8
                     if d != 64 =>
                 {
                     BwdVariant::H2
@@ -1204,6 +1209,7 @@ pub mod dev {
                 BwdVariant::H5 => format!("joint_attn_bwd_h5_d{d}"),
                 BwdVariant::H6 => format!("joint_attn_bwd_h6_d{d}"),
                 BwdVariant::H7 => format!("joint_attn_bwd_h7_d{d}"),
+                BwdVariant::H8 => format!("joint_attn_bwd_h8_d{d}"),
             }
         }
         /// Threads per block (warps of 16 keys; V3: warps of 32 keys).
@@ -1215,18 +1221,24 @@ pub mod dev {
                 | BwdVariant::H4
                 | BwdVariant::H5
                 | BwdVariant::H6
-                | BwdVariant::H7 => 384,
+                | BwdVariant::H7
+                | BwdVariant::H8 => 384,
             }
         }
         /// The units (a block each: one 128-key tile of one head of one sample) and query tiles
-        /// of a call by a variant that takes a [`SplitPlan`] (H3–H7 at d = 64: `bwd_h3`, split
+        /// of a call by a variant that takes a [`SplitPlan`] (H3–H8 at d = 64: `bwd_h3`, split
         /// along the queries; its dQ is added into the accumulator either way); `None` for the
         /// others.
         pub fn split_units(self, dims: AttnDims) -> Option<(u32, u32)> {
             let v = self.resolve(dims.d);
             let splits = matches!(
                 v,
-                BwdVariant::H3 | BwdVariant::H4 | BwdVariant::H5 | BwdVariant::H6 | BwdVariant::H7
+                BwdVariant::H3
+                    | BwdVariant::H4
+                    | BwdVariant::H5
+                    | BwdVariant::H6
+                    | BwdVariant::H7
+                    | BwdVariant::H8
             );
             splits.then(|| {
                 let units = dims.tiles(BWD_KEYS) * (dims.b * dims.h) as u32;
@@ -1256,15 +1268,15 @@ pub mod dev {
                 // K, V tiles, two stages of the Q and dO tiles, the dSᵀ tile (keys × 72) and two
                 // stages of lse and Drow; rows padded to d+8.
                 // H3 (d = 64): K, V, 3 stages of Q, dO, lse and Drow, two dSᵀ tiles, two f32 dQ
-                // tiles (rows padded to d+4) and 11 mbarriers.
-                BwdVariant::H3 | BwdVariant::H4 | BwdVariant::H5 => {
+                // tiles (rows padded to d+4) and 11 mbarriers (H8: 15).
+                BwdVariant::H3 | BwdVariant::H4 | BwdVariant::H5 | BwdVariant::H8 => {
                     (1024
                         + 2 * BWD_KEYS * d * 2
                         + 3 * 2 * TILE * d * 2
                         + 2 * BWD_KEYS * TILE * 2
                         + 2 * TILE * (d + 4) * 4
                         + 3 * 2 * TILE * 4
-                        + 8 * 11) as u32
+                        + 8 * 15) as u32
                 }
                 // H6, H7: K, V, 2 stages of 128-query Q, dO, lse and Drow, two dSᵀ tiles (keys ×
                 // 128 queries), one f32 dQ tile (rows padded to d+4) and 9 mbarriers (H7: 13).
@@ -1840,7 +1852,7 @@ pub mod dev {
         Ok(grads)
     }
 
-    /// The backward; `plan` for the H3–H7 kernels (`None`: [`SplitPlan::last_wave`] on the
+    /// The backward; `plan` for the H3–H8 kernels (`None`: [`SplitPlan::last_wave`] on the
     /// device's SMs), ignored by the others.
     #[allow(clippy::too_many_arguments)]
     fn bwd_planned(

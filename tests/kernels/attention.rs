@@ -283,7 +283,7 @@ fn joint_attention_fwd_split_along_the_keys_matches_cpu() {
     }
 }
 
-/// The H3–H7 backward with their 128-key units split along the queries (`SplitPlan`): every
+/// The H3–H8 backward with their 128-key units split along the queries (`SplitPlan`): every
 /// unit two ways, the last units three ways, the last unit into single query tiles; all six
 /// gradients against the CPU kernel with the unsplit launch's tolerance (dQ goes through the
 /// accumulator either way; dK, dV of a split unit are its pieces' sums).
@@ -730,7 +730,7 @@ fn joint_attention_reads_v_inside_a_fused_qkv() {
                 }
             }
             // The split backward's combine writes dV inside the fused gradient as the plain
-            // launch does (H3–H7: every unit split two ways where a unit has two query tiles;
+            // launch does (H3–H8: every unit split two ways where a unit has two query tiles;
             // dK, dV bit for bit).
             for variant in gpu::BwdVariant::enabled() {
                 let Some((units, tiles)) = variant.split_units(dims) else {
