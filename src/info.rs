@@ -40,7 +40,7 @@ fn attention_choice(d: usize, cuda: &CudaProbe) -> (usize, String, String) {
     };
     (
         d,
-        name(format!("{:?}", FwdVariant::choose(d, has_wgmma))),
+        name(format!("{:?}", FwdVariant::choose(d, has_wgmma).resolve(d))),
         name(format!("{:?}", BwdVariant::choose(d, has_wgmma).resolve(d))),
     )
 }
