@@ -1239,12 +1239,26 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
         bwd_issue_rows<D, KT, QT>(dp, opaque(v_wg0), opaque(do_addr + sj * QBYTES));
         wgmma_commit();
     };
+    // dQ of tile j (this group's DQN columns, or with DQ_ROWS its 64 rows) to the flushers through
+    // shared tile j mod DQBUF, once they are done with tile j − DQBUF.
+    constexpr int DQN = DQ_ROWS ? D : DN;  // dQ columns this group forms
+    auto hand_over_dq = [&](int j, const float (&dq)[DQN / 2]) {
+        const int qb = j % DQBUF;
+        if (j >= DQBUF) mbar_wait(&dq_empty[qb], ((j / DQBUF) - 1) & 1);
+        float* dst = sdQ0 + qb * QT * DQLD + (DQ_ROWS ? 64 * c * DQLD : c * DN) + 2 * t;
+#pragma unroll
+        for (int e = 0; e < DQN / 8; e++) {
+            *reinterpret_cast<float2*>(dst + (16 * w + g) * DQLD + 8 * e) = make_float2(dq[4 * e], dq[4 * e + 1]);
+            *reinterpret_cast<float2*>(dst + (16 * w + g + 8) * DQLD + 8 * e) =
+                make_float2(dq[4 * e + 2], dq[4 * e + 3]);
+        }
+        mbar_arrive(&dq_full[qb]);
+    };
     // DEFER's tiles (see the template's comment): dQ_{i−1} issued in tile i, the last after the
     // loop; this group's rows of it handed to the flushers as H6 does.
     auto bwd_deferred_tiles = [&]() {
         // dQ of tile j (its dSᵀ buffer complete) into the flushers' tile; releases the buffer
         auto dq_tile = [&](int j) {
-            constexpr int DQN = DQ_ROWS ? D : DN;  // dQ columns this group forms
             float dq[DQN / 2];
             mbar_wait(&ds_full[j & 1], (j / 2) & 1);
             fence_proxy_async();
@@ -1253,17 +1267,7 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
             wgmma_commit();
             wgmma_wait<0>();
             mbar_arrive(&ds_empty[j & 1]);
-            // the flushers are done with dQ_{j−DQBUF}, whose shared tile this one reuses
-            const int qb = j % DQBUF;
-            if (j >= DQBUF) mbar_wait(&dq_empty[qb], ((j / DQBUF) - 1) & 1);
-            float* dst = sdQ0 + qb * QT * DQLD + (DQ_ROWS ? 64 * c * DQLD : c * DN) + 2 * t;
-#pragma unroll
-            for (int e = 0; e < DQN / 8; e++) {
-                *reinterpret_cast<float2*>(dst + (16 * w + g) * DQLD + 8 * e) = make_float2(dq[4 * e], dq[4 * e + 1]);
-                *reinterpret_cast<float2*>(dst + (16 * w + g + 8) * DQLD + 8 * e) =
-                    make_float2(dq[4 * e + 2], dq[4 * e + 3]);
-            }
-            mbar_arrive(&dq_full[qb]);
+            hand_over_dq(j, dq);
         };
         // group 1 starts once group 0 has formed its first P (named barrier 2)
         if (c == 1) named_bar_sync(2, CT);
@@ -1335,7 +1339,6 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
         // groups' dSᵀ rows are in place.
         fence_proxy_async();
         named_bar_sync(1, CT);
-        constexpr int DQN = DQ_ROWS ? D : DN;  // dQ columns this group forms
         float dq[DQN / 2];
         wgmma_fence();
         bwd_issue_dq<DQN, KT>(dq, opaque(ds_addr + (i & 1) * DSBYTES + ds_cols), opaque(k_cols));
@@ -1350,18 +1353,7 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
         // dV are read; in the loop, SASS keeps the wait<1>: WARPGROUP.DEPBAR.LE gsb0, 0x1)
         mbar_arrive(&q_empty[st]);  // every product reading this stage is done
 
-        // dQ to the flushers through shared tile i mod DQBUF, once they are done with tile
-        // i − DQBUF.
-        const int qb = i % DQBUF;
-        if (i >= DQBUF) mbar_wait(&dq_empty[qb], ((i / DQBUF) - 1) & 1);
-        float* dst = sdQ0 + qb * QT * DQLD + (DQ_ROWS ? 64 * c * DQLD : c * DN) + 2 * t;
-#pragma unroll
-        for (int j = 0; j < DQN / 8; j++) {
-            *reinterpret_cast<float2*>(dst + (16 * w + g) * DQLD + 8 * j) = make_float2(dq[4 * j], dq[4 * j + 1]);
-            *reinterpret_cast<float2*>(dst + (16 * w + g + 8) * DQLD + 8 * j) =
-                make_float2(dq[4 * j + 2], dq[4 * j + 3]);
-        }
-        mbar_arrive(&dq_full[qb]);
+        hand_over_dq(i, dq);
     }
     }
 
