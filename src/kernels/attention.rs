@@ -690,6 +690,12 @@ pub mod dev {
         d == 64 || d == 128
     }
 
+    /// A variant's name as the kernels, the bench's JSON and the environment variables spell it
+    /// ("h3", "k128").
+    fn variant_name<V: std::fmt::Debug>(v: V) -> String {
+        format!("{v:?}").to_lowercase()
+    }
+
     /// The variant named (case-insensitively, as its `Debug` name: "h3") by environment
     /// variable `var`, among `all`; `None` when unset or not a name (which
     /// [`check_variant_env`] turns into an error up front).
@@ -708,29 +714,28 @@ pub mod dev {
         fn check<V: Copy + std::fmt::Debug>(var: &str, all: &[V]) -> Result<(), String> {
             match std::env::var(var) {
                 Ok(v) if env_variant(var, all).is_none() => {
-                    let names: Vec<String> = all
-                        .iter()
-                        .map(|x| format!("{x:?}").to_lowercase())
-                        .collect();
+                    let names: Vec<String> = all.iter().map(|&x| variant_name(x)).collect();
                     Err(format!("{var}={v:?} is not one of {}", names.join(", ")))
                 }
                 _ => Ok(()),
             }
         }
+        // the skip list parses, and leaves out no variant the same variable chooses
+        fn check_skip<V: Copy + PartialEq + std::fmt::Debug>(
+            var: &str,
+            all: &[V],
+        ) -> Result<(), String> {
+            let skip_var = format!("{var}_SKIP");
+            let skip = skipped(&skip_var, all)?;
+            match env_variant(var, all) {
+                Some(v) if skip.contains(&v) => Err(format!("{var}={v:?} is in {skip_var}")),
+                _ => Ok(()),
+            }
+        }
         check("ADVDMD_ATTN_FWD", &FwdVariant::ALL)?;
         check("ADVDMD_ATTN_BWD", &BwdVariant::ALL)?;
-        let fwd_skip = skipped("ADVDMD_ATTN_FWD_SKIP", &FwdVariant::ALL)?;
-        let bwd_skip = skipped("ADVDMD_ATTN_BWD_SKIP", &BwdVariant::ALL)?;
-        if let Some(v) = env_variant("ADVDMD_ATTN_FWD", &FwdVariant::ALL) {
-            if fwd_skip.contains(&v) {
-                return Err(format!("ADVDMD_ATTN_FWD={v:?} is in ADVDMD_ATTN_FWD_SKIP"));
-            }
-        }
-        if let Some(v) = env_variant("ADVDMD_ATTN_BWD", &BwdVariant::ALL) {
-            if bwd_skip.contains(&v) {
-                return Err(format!("ADVDMD_ATTN_BWD={v:?} is in ADVDMD_ATTN_BWD_SKIP"));
-            }
-        }
+        check_skip("ADVDMD_ATTN_FWD", &FwdVariant::ALL)?;
+        check_skip("ADVDMD_ATTN_BWD", &BwdVariant::ALL)?;
         persistent_env().map(|_| ())
     }
 
@@ -868,18 +873,7 @@ pub mod dev {
         /// iterate.
         pub fn enabled() -> Vec<FwdVariant> {
             without_hopper(&Self::ALL, "ADVDMD_ATTN_FWD_SKIP", |v| {
-                matches!(
-                    v,
-                    FwdVariant::H1
-                        | FwdVariant::H2
-                        | FwdVariant::H3
-                        | FwdVariant::H4
-                        | FwdVariant::H5
-                        | FwdVariant::H6
-                        | FwdVariant::H7
-                        | FwdVariant::H8
-                        | FwdVariant::H9
-                )
+                !matches!(v, FwdVariant::V3 | FwdVariant::V4)
             })
         }
 
@@ -905,20 +899,9 @@ pub mod dev {
                 v => v,
             }
         }
+        /// `joint_attn_fwd_<variant>_d<d>`: the kernels are named after the variants.
         fn kernel(self, d: usize) -> String {
-            match self.resolve(d) {
-                FwdVariant::V3 => format!("joint_attn_fwd_v3_d{d}"),
-                FwdVariant::V4 => format!("joint_attn_fwd_v4_d{d}"),
-                FwdVariant::H1 => format!("joint_attn_fwd_h1_d{d}"),
-                FwdVariant::H2 => format!("joint_attn_fwd_h2_d{d}"),
-                FwdVariant::H3 => format!("joint_attn_fwd_h3_d{d}"),
-                FwdVariant::H4 => format!("joint_attn_fwd_h4_d{d}"),
-                FwdVariant::H5 => format!("joint_attn_fwd_h5_d{d}"),
-                FwdVariant::H6 => format!("joint_attn_fwd_h6_d{d}"),
-                FwdVariant::H7 => format!("joint_attn_fwd_h7_d{d}"),
-                FwdVariant::H8 => format!("joint_attn_fwd_h8_d{d}"),
-                FwdVariant::H9 => format!("joint_attn_fwd_h9_d{d}"),
-            }
+            format!("joint_attn_fwd_{}_d{d}", variant_name(self.resolve(d)))
         }
         fn threads(self) -> u32 {
             match self {
@@ -960,15 +943,9 @@ pub mod dev {
         /// Whether the kernel takes a [`SplitPlan`] (H3–H9, the `fwd_h3` family: one block a
         /// unit on a 1-D grid, one block an SM).
         fn splits_keys(self) -> bool {
-            matches!(
+            !matches!(
                 self,
-                FwdVariant::H3
-                    | FwdVariant::H4
-                    | FwdVariant::H5
-                    | FwdVariant::H6
-                    | FwdVariant::H7
-                    | FwdVariant::H8
-                    | FwdVariant::H9
+                FwdVariant::V3 | FwdVariant::V4 | FwdVariant::H1 | FwdVariant::H2
             )
         }
         /// The units (a block each: one query tile of one head of one sample) and key tiles of a
@@ -1154,17 +1131,7 @@ pub mod dev {
         /// iterate.
         pub fn enabled() -> Vec<BwdVariant> {
             without_hopper(&Self::ALL, "ADVDMD_ATTN_BWD_SKIP", |v| {
-                matches!(
-                    v,
-                    BwdVariant::H1
-                        | BwdVariant::H2
-                        | BwdVariant::H3
-                        | BwdVariant::H4
-                        | BwdVariant::H5
-                        | BwdVariant::H6
-                        | BwdVariant::H7
-                        | BwdVariant::H8
-                )
+                !matches!(v, BwdVariant::K128 | BwdVariant::V3)
             })
         }
 
@@ -1185,44 +1152,28 @@ pub mod dev {
         pub fn resolve(self, d: usize) -> BwdVariant {
             match self {
                 BwdVariant::V3 if d != 64 => BwdVariant::K128,
-                BwdVariant::H3
-                | BwdVariant::H4
-                | BwdVariant::H5
-                | BwdVariant::H6
-                | BwdVariant::H7
-                | BwdVariant::H8
-                    if d != 64 =>
-                {
-                    BwdVariant::H2
-                }
+                v if v.warp_specialized() && d != 64 => BwdVariant::H2,
                 v => v,
             }
         }
+        /// The `bwd_h3` family (H3–H8, d = 64 only): a producer warpgroup and two consumer
+        /// groups, 384 threads, units split along the queries.
+        fn warp_specialized(self) -> bool {
+            !matches!(
+                self,
+                BwdVariant::K128 | BwdVariant::V3 | BwdVariant::H1 | BwdVariant::H2
+            )
+        }
+        /// `joint_attn_bwd_<variant>_d<d>`: the kernels are named after the variants.
         fn kernel(self, d: usize) -> String {
-            match self.resolve(d) {
-                BwdVariant::K128 => format!("joint_attn_bwd_k128_d{d}"),
-                BwdVariant::V3 => format!("joint_attn_bwd_v3_d{d}"),
-                BwdVariant::H1 => format!("joint_attn_bwd_h1_d{d}"),
-                BwdVariant::H2 => format!("joint_attn_bwd_h2_d{d}"),
-                BwdVariant::H3 => format!("joint_attn_bwd_h3_d{d}"),
-                BwdVariant::H4 => format!("joint_attn_bwd_h4_d{d}"),
-                BwdVariant::H5 => format!("joint_attn_bwd_h5_d{d}"),
-                BwdVariant::H6 => format!("joint_attn_bwd_h6_d{d}"),
-                BwdVariant::H7 => format!("joint_attn_bwd_h7_d{d}"),
-                BwdVariant::H8 => format!("joint_attn_bwd_h8_d{d}"),
-            }
+            format!("joint_attn_bwd_{}_d{d}", variant_name(self.resolve(d)))
         }
         /// Threads per block (warps of 16 keys; V3: warps of 32 keys).
         fn threads(self, d: usize) -> u32 {
             match self.resolve(d) {
                 BwdVariant::V3 => 128,
                 BwdVariant::K128 | BwdVariant::H1 | BwdVariant::H2 => 256,
-                BwdVariant::H3
-                | BwdVariant::H4
-                | BwdVariant::H5
-                | BwdVariant::H6
-                | BwdVariant::H7
-                | BwdVariant::H8 => 384,
+                _ => 384, // warp_specialized
             }
         }
         /// The units (a block each: one 128-key tile of one head of one sample) and query tiles
@@ -1231,16 +1182,7 @@ pub mod dev {
         /// others.
         pub fn split_units(self, dims: AttnDims) -> Option<(u32, u32)> {
             let v = self.resolve(dims.d);
-            let splits = matches!(
-                v,
-                BwdVariant::H3
-                    | BwdVariant::H4
-                    | BwdVariant::H5
-                    | BwdVariant::H6
-                    | BwdVariant::H7
-                    | BwdVariant::H8
-            );
-            splits.then(|| {
+            v.warp_specialized().then(|| {
                 let units = dims.tiles(BWD_KEYS) * (dims.b * dims.h) as u32;
                 (units, dims.tiles(v.query_rows()))
             })
