@@ -272,58 +272,114 @@ extern "C" __global__ void __launch_bounds__(1024)
     adaln_bwd_dx_vec<true>(nullptr, out, out16, a, x, scale, mean, rstd, dy, L, D, M);
 }
 
-// Vector column partials (D % 8 == 0): like adaln_modulate_bwd_params with 8 columns per thread
-// and 16-byte row loads. grid: (ceil(D / 8 / 128), B, S), block: 128.
+// The column kernels with 16-byte packs (D % 8 == 0) share one layout. Block (X, Y): threadIdx.x
+// a pack of 8 columns (blockIdx.x·X + x), threadIdx.y a row lane; grid (packs / X, B, S). Lane y
+// walks rows l0 + y, l0 + y + Y, … of split blockIdx.z of sample blockIdx.y, PARAM_ROWS of its
+// rows' loads in flight and summed in row order; then the Y lanes' sums are added in lane order
+// (write_lane_partials) and the block writes one partial row: deterministic for a given (S, Y).
+// Lanes let a split span ≥ 32 rows, so the f32 partials written and re-read by sum_splits stay a
+// few percent of the input, while as many threads as before keep loads in flight (with one lane
+// and 256 splits, at 2 × 1024 tokens the partials were as large as the bf16 input). Y = 1 is the
+// one-lane layout (`ColumnLayout::OneLane`, kept for the kernels bench's A/B).
 #define PARAM_ROWS 4
-extern "C" __global__ void adaln_modulate_bwd_params_vec(float* __restrict__ part_shift,
-                                                         float* __restrict__ part_scale,
-                                                         const bf16* __restrict__ x, const float* __restrict__ mean,
-                                                         const float* __restrict__ rstd, const bf16* __restrict__ dy,
-                                                         int B, int L, int D) {
+#define LANE_THREADS 256
+// Blocks an SM keeps resident (≤ 85 registers a thread); the launcher sizes grids to this many
+// blocks an SM: one wave, 24 warps an SM each with PARAM_ROWS × 16-byte loads per operand in flight.
+#define LANE_BLOCKS_PER_SM 3
+
+// The rows of this block's split that this lane walks: first, first + step, … < end.
+struct LaneRows {
+    int first, end, step;
+};
+
+__device__ __forceinline__ LaneRows lane_rows(int L) {
+    const int S = gridDim.z;
+    const int per = (L + S - 1) / S;
+    const int l0 = (int)blockIdx.z * per;
+    return {l0 + (int)threadIdx.y, min(L, l0 + per), (int)blockDim.y};
+}
+
+// Adds the lanes' sums acc[a][0..8) of pack c in lane order and writes them to
+// part[a][(s·B + b)·D + 8c + k]. Every thread of the block must call it (a barrier when Y > 1);
+// threads past the row (c ≥ D/8) bring zeros and write nothing.
+template <int NACC>
+__device__ __forceinline__ void write_lane_partials(float* const (&part)[NACC], const float (&acc)[NACC][8], int B,
+                                                    int D, int c) {
+    const long long o = ((long long)blockIdx.z * B + blockIdx.y) * D + 8 * c;
+    const bool mine = c < D / 8;
+    const int X = blockDim.x, Y = blockDim.y, x = threadIdx.x, y = threadIdx.y;
+    if (Y == 1) {
+        if (mine)
+#pragma unroll
+            for (int a = 0; a < NACC; a++)
+#pragma unroll
+                for (int k = 0; k < 8; k++) part[a][o + k] = acc[a][k];
+        return;
+    }
+    // [a][k][y][x]: a warp's 32 lanes touch 32 consecutive words
+    __shared__ float lanes[2 * 8 * LANE_THREADS];
+    const int n = X * Y;
+#pragma unroll
+    for (int a = 0; a < NACC; a++)
+#pragma unroll
+        for (int k = 0; k < 8; k++) lanes[(a * 8 + k) * n + y * X + x] = acc[a][k];
+    __syncthreads();
+    if (y != 0 || !mine) return;
+#pragma unroll
+    for (int a = 0; a < NACC; a++)
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            float t = 0.f;
+            for (int w = 0; w < Y; w++) t += lanes[(a * 8 + k) * n + w * X + x];
+            part[a][o + k] = t;
+        }
+}
+
+// adaLN's column partials, 8 columns a thread (the lane layout above):
+//   part_shift[s, b, j] = Σ dy,  part_scale[s, b, j] = Σ dy·x̂  over split s of sample b's rows.
+// Reduce with sum_splits.
+extern "C" __global__ void __launch_bounds__(LANE_THREADS, LANE_BLOCKS_PER_SM)
+    adaln_modulate_bwd_params_vec(float* __restrict__ part_shift, float* __restrict__ part_scale,
+                                  const bf16* __restrict__ x, const float* __restrict__ mean,
+                                  const float* __restrict__ rstd, const bf16* __restrict__ dy, int B, int L, int D) {
     kernel_prologue();
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    const int b = blockIdx.y, s = blockIdx.z, S = gridDim.z;
-    if (c >= D / 8) return;
-    const int per = (L + S - 1) / S;
-    const int l0 = s * per, l1 = min(L, l0 + per);
-    float a_sh[8], a_sc[8];
+    const int b = blockIdx.y;
+    const LaneRows rows = lane_rows(L);
+    float acc[2][8];
 #pragma unroll
-    for (int k = 0; k < 8; k++) a_sh[k] = a_sc[k] = 0.f;
-    // PARAM_ROWS rows' loads issued before the first is summed (the sums keep row order): a
-    // thread walks ~17 rows, and one row's latency at a time bounded the kernel.
-    for (int l = l0; l < l1; l += PARAM_ROWS) {
-        pack16 px[PARAM_ROWS], pg[PARAM_ROWS];
-        float mu[PARAM_ROWS], rs[PARAM_ROWS];
+    for (int k = 0; k < 8; k++) acc[0][k] = acc[1][k] = 0.f;
+    if (c < D / 8) {
+        for (int l = rows.first; l < rows.end; l += PARAM_ROWS * rows.step) {
+            pack16 px[PARAM_ROWS], pg[PARAM_ROWS];
+            float mu[PARAM_ROWS], rs[PARAM_ROWS];
 #pragma unroll
-        for (int r = 0; r < PARAM_ROWS; r++) {
-            if (l + r < l1) {
-                const long long row = (long long)b * L + l + r;
-                mu[r] = mean[row];
-                rs[r] = rstd[row];
-                px[r] = load16(x + row * D + 8 * c);
-                pg[r] = load16(dy + row * D + 8 * c);
+            for (int r = 0; r < PARAM_ROWS; r++) {
+                if (l + r * rows.step < rows.end) {
+                    const long long row = (long long)b * L + l + r * rows.step;
+                    mu[r] = mean[row];
+                    rs[r] = rstd[row];
+                    px[r] = load16(x + row * D + 8 * c);
+                    pg[r] = load16(dy + row * D + 8 * c);
+                }
             }
-        }
 #pragma unroll
-        for (int r = 0; r < PARAM_ROWS; r++) {
-            if (l + r < l1) {
-                float xv[8], g[8];
-                unpack_bf16x8(px[r], xv);
-                unpack_bf16x8(pg[r], g);
+            for (int r = 0; r < PARAM_ROWS; r++) {
+                if (l + r * rows.step < rows.end) {
+                    float xv[8], g[8];
+                    unpack_bf16x8(px[r], xv);
+                    unpack_bf16x8(pg[r], g);
 #pragma unroll
-                for (int k = 0; k < 8; k++) {
-                    a_sh[k] += g[k];
-                    a_sc[k] += g[k] * (xv[k] - mu[r]) * rs[r];
+                    for (int k = 0; k < 8; k++) {
+                        acc[0][k] += g[k];
+                        acc[1][k] += g[k] * (xv[k] - mu[r]) * rs[r];
+                    }
                 }
             }
         }
     }
-    const long long o = ((long long)s * B + b) * D + 8 * c;
-#pragma unroll
-    for (int k = 0; k < 8; k++) {
-        part_shift[o + k] = a_sh[k];
-        part_scale[o + k] = a_sc[k];
-    }
+    float* const part[2] = {part_shift, part_scale};
+    write_lane_partials<2>(part, acc, B, D, c);
 }
 
 // Column partial sums over the tokens of each sample, split S ways along L:
@@ -462,93 +518,89 @@ extern "C" __global__ void gated_residual_bwd_dy(bf16* __restrict__ dy, const bf
 //   part_gate[s, b, j] = Σ dz·y (the gate's gradient, summed as colsum_mul_partial does) and
 //   part_bias[s, b, j] = Σ dy as stored in bf16 (the bias gradient of the linear layer that made
 //   y, which its weight-gradient GEMM's BGRADB epilogue otherwise sums in a kernel of its own).
-// dz is read once (the two-kernel path reads it twice). grid: (ceil(D / 8 / 128), B, S), block:
-// 128. Reduce with sum_splits (part_bias over S·B rows).
-extern "C" __global__ void gated_residual_bwd_vec(bf16* __restrict__ dy, float* __restrict__ part_gate,
-                                                  float* __restrict__ part_bias, const bf16* __restrict__ gate,
-                                                  const bf16* __restrict__ y, const bf16* __restrict__ dz, int B,
-                                                  int L, int D, int M) {
+// dz is read once (the two-kernel path reads it twice). The lane layout of
+// adaln_modulate_bwd_params_vec. Reduce with sum_splits (part_bias over S·B rows).
+extern "C" __global__ void __launch_bounds__(LANE_THREADS, LANE_BLOCKS_PER_SM)
+    gated_residual_bwd_vec(bf16* __restrict__ dy, float* __restrict__ part_gate, float* __restrict__ part_bias,
+                           const bf16* __restrict__ gate, const bf16* __restrict__ y, const bf16* __restrict__ dz,
+                           int B, int L, int D, int M) {
     kernel_prologue();
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    const int b = blockIdx.y, s = blockIdx.z, S = gridDim.z;
-    if (c >= D / 8) return;
-    const int per = (L + S - 1) / S;
-    const int l0 = s * per, l1 = min(L, l0 + per);
-    float g[8], a_g[8], a_b[8];
-    unpack_bf16x8(load16(gate + (long long)b * M + 8 * c), g);
+    const int b = blockIdx.y;
+    const LaneRows rows = lane_rows(L);
+    float acc[2][8];
 #pragma unroll
-    for (int k = 0; k < 8; k++) a_g[k] = a_b[k] = 0.f;
-    for (int l = l0; l < l1; l += PARAM_ROWS) {
-        pack16 pz[PARAM_ROWS], py[PARAM_ROWS];
+    for (int k = 0; k < 8; k++) acc[0][k] = acc[1][k] = 0.f;
+    if (c < D / 8) {
+        float g[8];
+        unpack_bf16x8(load16(gate + (long long)b * M + 8 * c), g);
+        for (int l = rows.first; l < rows.end; l += PARAM_ROWS * rows.step) {
+            pack16 pz[PARAM_ROWS], py[PARAM_ROWS];
 #pragma unroll
-        for (int r = 0; r < PARAM_ROWS; r++) {
-            if (l + r < l1) {
-                const long long e = ((long long)b * L + l + r) * D + 8 * c;
-                pz[r] = load16(dz + e);
-                py[r] = load16(y + e);
-            }
-        }
-#pragma unroll
-        for (int r = 0; r < PARAM_ROWS; r++) {
-            if (l + r < l1) {
-                const long long e = ((long long)b * L + l + r) * D + 8 * c;
-                float z[8], yv[8], o[8], rounded[8];
-                unpack_bf16x8(pz[r], z);
-                unpack_bf16x8(py[r], yv);
-#pragma unroll
-                for (int k = 0; k < 8; k++) {
-                    o[k] = g[k] * z[k];
-                    a_g[k] += z[k] * yv[k];
+            for (int r = 0; r < PARAM_ROWS; r++) {
+                if (l + r * rows.step < rows.end) {
+                    const long long e = ((long long)b * L + l + r * rows.step) * D + 8 * c;
+                    pz[r] = load16(dz + e);
+                    py[r] = load16(y + e);
                 }
-                const pack16 p = pack_bf16x8(o);
-                store16(dy + e, p);
-                unpack_bf16x8(p, rounded);
+            }
 #pragma unroll
-                for (int k = 0; k < 8; k++) a_b[k] += rounded[k];
+            for (int r = 0; r < PARAM_ROWS; r++) {
+                if (l + r * rows.step < rows.end) {
+                    const long long e = ((long long)b * L + l + r * rows.step) * D + 8 * c;
+                    float z[8], yv[8], o[8], rounded[8];
+                    unpack_bf16x8(pz[r], z);
+                    unpack_bf16x8(py[r], yv);
+#pragma unroll
+                    for (int k = 0; k < 8; k++) {
+                        o[k] = g[k] * z[k];
+                        acc[0][k] += z[k] * yv[k];
+                    }
+                    const pack16 p = pack_bf16x8(o);
+                    store16(dy + e, p);
+                    unpack_bf16x8(p, rounded);
+#pragma unroll
+                    for (int k = 0; k < 8; k++) acc[1][k] += rounded[k];
+                }
             }
         }
     }
-    const long long o = ((long long)s * B + b) * D + 8 * c;
-#pragma unroll
-    for (int k = 0; k < 8; k++) {
-        part_gate[o + k] = a_g[k];
-        part_bias[o + k] = a_b[k];
-    }
+    float* const part[2] = {part_gate, part_bias};
+    write_lane_partials<2>(part, acc, B, D, c);
 }
 
 // part[s, b, j] = Σ_{l in split s} a[b, l, j]: colsum_mul_partial without c, 8 columns a thread
-// with 16-byte row loads (D % 8 == 0, a 16-byte aligned), PARAM_ROWS rows' loads in flight, summed
-// in row order. A bias gradient (Σ over tokens of a layer's output gradient). grid:
-// (ceil(D / 8 / 128), B, S), block: 128.
-extern "C" __global__ void colsum_partial_vec(float* __restrict__ part, const bf16* __restrict__ a, int B, int L,
-                                              int D) {
+// (D % 8 == 0, a 16-byte aligned) in the lane layout of adaln_modulate_bwd_params_vec. A bias
+// gradient (Σ over tokens of a layer's output gradient). Reduce with sum_splits.
+extern "C" __global__ void __launch_bounds__(LANE_THREADS, LANE_BLOCKS_PER_SM)
+    colsum_partial_vec(float* __restrict__ part, const bf16* __restrict__ a, int B, int L, int D) {
     kernel_prologue();
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    const int b = blockIdx.y, s = blockIdx.z, S = gridDim.z;
-    if (c >= D / 8) return;
-    const int per = (L + S - 1) / S;
-    const int l0 = s * per, l1 = min(L, l0 + per);
-    float acc[8];
+    const int b = blockIdx.y;
+    const LaneRows rows = lane_rows(L);
+    float acc[1][8];
 #pragma unroll
-    for (int k = 0; k < 8; k++) acc[k] = 0.f;
-    for (int l = l0; l < l1; l += PARAM_ROWS) {
-        pack16 pa[PARAM_ROWS];
+    for (int k = 0; k < 8; k++) acc[0][k] = 0.f;
+    if (c < D / 8) {
+        for (int l = rows.first; l < rows.end; l += PARAM_ROWS * rows.step) {
+            pack16 pa[PARAM_ROWS];
 #pragma unroll
-        for (int r = 0; r < PARAM_ROWS; r++)
-            if (l + r < l1) pa[r] = load16(a + ((long long)b * L + l + r) * D + 8 * c);
+            for (int r = 0; r < PARAM_ROWS; r++)
+                if (l + r * rows.step < rows.end)
+                    pa[r] = load16(a + ((long long)b * L + l + r * rows.step) * D + 8 * c);
 #pragma unroll
-        for (int r = 0; r < PARAM_ROWS; r++) {
-            if (l + r < l1) {
-                float v[8];
-                unpack_bf16x8(pa[r], v);
+            for (int r = 0; r < PARAM_ROWS; r++) {
+                if (l + r * rows.step < rows.end) {
+                    float v[8];
+                    unpack_bf16x8(pa[r], v);
 #pragma unroll
-                for (int k = 0; k < 8; k++) acc[k] += v[k];
+                    for (int k = 0; k < 8; k++) acc[0][k] += v[k];
+                }
             }
         }
     }
-    const long long o = ((long long)s * B + b) * D + 8 * c;
-#pragma unroll
-    for (int k = 0; k < 8; k++) part[o + k] = acc[k];
+    float* const out[1] = {part};
+    write_lane_partials<1>(out, acc, B, D, c);
 }
 
 // part[s, b, j] = Σ_{l in split s} a[b, l, j]·c[b, l, j]  (c may be null: Σ a). The gate

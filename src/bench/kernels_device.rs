@@ -211,46 +211,94 @@ fn adaln(b: &mut Bench) -> KernelResult<()> {
         crate::kernels::adaln::dev::gated_residual_bwd(&dev, &t.gate, &t.y, &t.x, (1, l, d))
             .map(|_| ())
     })?;
-    // The same in one pass that also sums the producing layer's bias gradient (what the model's
-    // backward runs in place of the above plus a BGRADB epilogue): dz and y read once.
-    let biases = (0..sets)
-        .map(|_| b.f(d))
-        .collect::<KernelResult<Vec<_>>>()?;
-    let bytes = 3 * rows * d * 2 + d * 2 + 3 * d * 4;
-    b.time(
-        "gated_residual_bwd_bias (1 pass + 2 sums)",
-        &shape,
-        bytes,
-        sets,
-        |i| {
-            let t = &s[i];
-            let g = &biases[i];
-            crate::kernels::adaln::dev::gated_residual_bwd_bias(
-                &dev,
-                (&t.gate, d),
-                &t.y,
-                &t.x,
-                (1, l, d),
-                g,
-            )
-            .map(|_| ())
-        },
-    )?;
-    // The backward through its public launcher (allocates its outputs and partials).
-    let bytes = 3 * rows * d * 2 + rows * 8 + d * 2 + 2 * d * 4;
-    b.time("adaln_modulate_bwd (4 kernels)", &shape, bytes, sets, |i| {
-        let t = &s[i];
-        crate::kernels::adaln::dev::adaln_modulate_bwd(
-            &dev,
-            &t.x,
-            &t.scale,
-            &t.mean,
-            &t.rstd,
-            &t.y,
-            (1, l, d),
-        )
-        .map(|_| ())
-    })?;
+    Ok(())
+}
+
+/// The backwards with column sums over tokens — the gated residual's one pass (dy, dgate and the
+/// producing layer's bias gradient: what the model runs) and adaLN's as the model runs it (dx added
+/// into the f32 residual gradient in place, dshift, dscale) — at the MMDiT's shapes: 4429 rows,
+/// SD3.5-medium's 1024 px image stream (1 × 4096), 512 px at batch 2 (2 × 1024) and a text stream
+/// (1 × 333), in both column layouts, so the row lanes' gain is a ratio measured in one run.
+fn column_backwards(b: &mut Bench) -> KernelResult<()> {
+    use crate::kernels::adaln::dev::{self as adaln_dev, ColumnLayout};
+    let timed = column_backward_rows(b);
+    adaln_dev::set_column_layout(ColumnLayout::RowLanes);
+    timed
+}
+
+fn column_backward_rows(b: &mut Bench) -> KernelResult<()> {
+    use crate::kernels::adaln::dev::{self as adaln_dev, ColumnLayout};
+    let d = b.size(1536, 64);
+    let shapes: &[(usize, usize)] = if b.gpu {
+        &[(1, 4429), (1, 4096), (2, 1024), (1, 333)]
+    } else {
+        &[(1, 33), (2, 40)]
+    };
+    struct Set {
+        x: DevBuf<bf16>,
+        dy: DevBuf<bf16>,
+        mean: DevBuf<f32>,
+        rstd: DevBuf<f32>,
+        modulation: DevBuf<bf16>,
+        grad: DevBuf<f32>,
+        bias: DevBuf<f32>,
+    }
+    for &(batch, l) in shapes {
+        let rows = batch * l;
+        // the adaLN backward's traffic, the larger of the two
+        let adaln_bytes = rows * d * (2 + 2 + 4 + 4) + rows * 8 + batch * d * (2 + 2 * 4);
+        let gated_bytes = 3 * rows * d * 2 + batch * d * (2 + 4) + 2 * d * 4;
+        let sets = b.sets(adaln_bytes);
+        let s: Vec<Set> = (0..sets)
+            .map(|_| -> KernelResult<_> {
+                Ok(Set {
+                    x: b.bf(rows * d)?,
+                    dy: b.bf(rows * d)?,
+                    mean: b.f(rows)?,
+                    rstd: b.f(rows)?,
+                    modulation: b.bf(batch * d)?,
+                    grad: b.f(rows * d)?,
+                    bias: b.f(d)?,
+                })
+            })
+            .collect::<KernelResult<Vec<_>>>()?;
+        let dev = b.dev.clone();
+        let shape = format!("{batch}x{l}x{d} bf16");
+        for (layout, tag) in [
+            (ColumnLayout::RowLanes, "row lanes"),
+            (ColumnLayout::OneLane, "one lane"),
+        ] {
+            adaln_dev::set_column_layout(layout);
+            let name = format!("gated_residual_bwd_bias, {tag}");
+            b.time(&name, &shape, gated_bytes, sets, |i| {
+                let t = &s[i];
+                adaln_dev::gated_residual_bwd_bias(
+                    &dev,
+                    (&t.modulation, d),
+                    &t.x,
+                    &t.dy,
+                    (batch, l, d),
+                    &t.bias,
+                )
+                .map(|_| ())
+            })?;
+            let name = format!("adaln_modulate_bwd_acc, {tag}");
+            b.time(&name, &shape, adaln_bytes, sets, |i| {
+                let t = &s[i];
+                adaln_dev::adaln_modulate_bwd_acc_ld(
+                    &dev,
+                    &t.x,
+                    (&t.modulation, d),
+                    &t.mean,
+                    &t.rstd,
+                    &t.dy,
+                    (batch, l, d),
+                    (&t.grad, None, &t.grad),
+                )
+                .map(|_| ())
+            })?;
+        }
+    }
     Ok(())
 }
 
@@ -847,6 +895,7 @@ pub fn measure(dev: &KernelDevice) -> KernelResult<Vec<KernelRow>> {
     };
     copy_baseline(&mut b)?;
     adaln(&mut b)?;
+    column_backwards(&mut b)?;
     qk(&mut b)?;
     elementwise(&mut b)?;
     mlp_backward(&mut b)?;

@@ -171,12 +171,76 @@ pub mod dev {
 
     const ROWS_PER_BLOCK: u32 = 4;
 
-    /// Splits of the token axis for the column reductions: enough blocks to fill a GPU, few
-    /// enough partial rows to keep the final sum cheap.
+    /// Splits of the token axis for the one-column-a-thread reductions (the scalar kernels and
+    /// [`ColumnLayout::OneLane`]): enough blocks to fill a GPU, few enough partial rows to keep
+    /// the final sum cheap.
     fn splits(b: usize, l: usize, d: usize) -> usize {
         let cols = if d % 8 == 0 { d / 8 } else { d };
         let col_blocks = cols.div_ceil(128).max(1);
         (1024 / (col_blocks * b.max(1))).clamp(1, l.max(1)).min(256)
+    }
+
+    /// How the 16-byte column kernels (`adaln_modulate_bwd_params_vec`, `gated_residual_bwd_vec`,
+    /// `colsum_partial_vec`) spread a `[B, L, D]` tensor over threads.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum ColumnLayout {
+        /// Blocks of 32 packs × 8 row lanes, each split ≥ 32 rows, one wave of
+        /// [`LANE_BLOCKS_PER_SM`] blocks an SM: the partials stay a few percent of the input (the
+        /// default).
+        RowLanes,
+        /// The first layout: 128 packs a block, one lane, up to 256 splits — at 2 × 1024 tokens
+        /// its f32 partials were as large as the bf16 input. Kept for the kernels bench's A/B.
+        OneLane,
+    }
+
+    static ONE_LANE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+    /// Sets the layout of every later column-kernel launch in this process (the kernels bench
+    /// times both; everything else keeps the default).
+    pub fn set_column_layout(layout: ColumnLayout) {
+        ONE_LANE.store(
+            layout == ColumnLayout::OneLane,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn column_layout() -> ColumnLayout {
+        if ONE_LANE.load(std::sync::atomic::Ordering::Relaxed) {
+            ColumnLayout::OneLane
+        } else {
+            ColumnLayout::RowLanes
+        }
+    }
+
+    /// Resident blocks an SM of the row-lane kernels (`LANE_BLOCKS_PER_SM` in adaln.cu, their
+    /// launch bound).
+    const LANE_BLOCKS_PER_SM: usize = 3;
+
+    /// Rows a split of [`ColumnLayout::RowLanes`] spans at least: 8 lanes × `PARAM_ROWS` (4),
+    /// one batch of loads a lane.
+    const MIN_SPLIT_ROWS: usize = 32;
+
+    /// The launch of the 16-byte column kernels over `b` samples of `l` rows of `d` (`d % 8 ==
+    /// 0`), and its number of splits a sample.
+    fn pack_cols_plan(dev: &KernelDevice, b: usize, l: usize, d: usize) -> (LaunchCfg, usize) {
+        let packs = d / 8;
+        let (x, y, s) = match column_layout() {
+            ColumnLayout::OneLane => (128, 1, splits(b, l, d)),
+            ColumnLayout::RowLanes => {
+                let col_blocks = packs.div_ceil(32).max(1);
+                let target = LANE_BLOCKS_PER_SM * dev.sm_count().max(1);
+                let s = target
+                    .div_ceil(col_blocks * b.max(1))
+                    .clamp(1, l.div_ceil(MIN_SPLIT_ROWS).max(1));
+                (32, 8, s)
+            }
+        };
+        let cfg = LaunchCfg {
+            grid: [packs.div_ceil(x).max(1) as u32, b as u32, s as u32],
+            block: [x as u32, y, 1],
+            shared_bytes: 0,
+        };
+        (cfg, s)
     }
 
     /// Sums `[S, n]` partial rows into `out [n]`: 32 columns per block, and up to 32 threads per
@@ -599,21 +663,27 @@ pub mod dev {
                 }
             }
         }
-        let s = splits(b, l, d);
+        let (cfg, s) = if d % 8 == 0 {
+            pack_cols_plan(dev, b, l, d)
+        } else {
+            let s = splits(b, l, d);
+            let cfg = LaunchCfg {
+                grid: [d.div_ceil(128) as u32, b as u32, s as u32],
+                block: [128, 1, 1],
+                shared_bytes: 0,
+            };
+            (cfg, s)
+        };
         let part_shift = dev.alloc::<f32>(s * b * d)?;
         let part_scale = dev.alloc::<f32>(s * b * d)?;
-        let (params_kernel, cols) = if d % 8 == 0 {
-            ("adaln_modulate_bwd_params_vec", d / 8)
+        let params_kernel = if d % 8 == 0 {
+            "adaln_modulate_bwd_params_vec"
         } else {
-            ("adaln_modulate_bwd_params", d)
+            "adaln_modulate_bwd_params"
         };
         dev.launch(
             params_kernel,
-            LaunchCfg {
-                grid: [cols.div_ceil(128) as u32, b as u32, s as u32],
-                block: [128, 1, 1],
-                shared_bytes: 0,
-            },
+            cfg,
             KernelArgs::new()
                 .buf(&part_shift)
                 .buf(&part_scale)
@@ -749,16 +819,6 @@ pub mod dev {
         sum_splits_acc(dev, out, &part, s, true)
     }
 
-    /// The launch of the column kernels with one 16-byte pack (8 columns) a thread: 128 threads
-    /// a block, blocks over the packs, the `b` samples and the `s` splits of their rows.
-    fn pack_cols_cfg(b: usize, d: usize, s: usize) -> LaunchCfg {
-        LaunchCfg {
-            grid: [(d / 8).div_ceil(128) as u32, b as u32, s as u32],
-            block: [128, 1, 1],
-            shared_bytes: 0,
-        }
-    }
-
     /// The column partials `part[s, b, j] = Σ_{l in split s} a·c` (or `Σ a` without `c`) over
     /// each sample's rows (`colsum_mul_partial`; without `c`, where rows allow 16-byte packs,
     /// `colsum_partial_vec`), and the number of splits.
@@ -768,12 +828,12 @@ pub mod dev {
         c: Option<&DevBuf<bf16>>,
         (b, l, d): (usize, usize, usize),
     ) -> KernelResult<(DevBuf<f32>, usize)> {
-        let s = splits(b, l, d);
-        let part = dev.alloc::<f32>(s * b * d)?;
         if c.is_none() && d % 8 == 0 && a.device_ptr() % 16 == 0 {
+            let (cfg, s) = pack_cols_plan(dev, b, l, d);
+            let part = dev.alloc::<f32>(s * b * d)?;
             dev.launch(
                 "colsum_partial_vec",
-                pack_cols_cfg(b, d, s),
+                cfg,
                 KernelArgs::new()
                     .buf(&part)
                     .buf(a)
@@ -783,6 +843,8 @@ pub mod dev {
             )?;
             return Ok((part, s));
         }
+        let s = splits(b, l, d);
+        let part = dev.alloc::<f32>(s * b * d)?;
         let args = KernelArgs::new().buf(&part).buf(a);
         let args = match c {
             Some(c) => args.buf(c),
@@ -827,7 +889,6 @@ pub mod dev {
                 dz.len()
             )));
         }
-        let s = splits(b, l, d);
         let aligned = vec
             && [y.device_ptr(), dz.device_ptr()]
                 .iter()
@@ -842,10 +903,11 @@ pub mod dev {
         }
         let dgate = dev.alloc::<f32>(b * d)?;
         let dy = dev.alloc::<bf16>(n)?;
+        let (cfg, s) = pack_cols_plan(dev, b, l, d);
         let (part_gate, part_bias) = (dev.alloc::<f32>(s * b * d)?, dev.alloc::<f32>(s * b * d)?);
         dev.launch(
             "gated_residual_bwd_vec",
-            pack_cols_cfg(b, d, s),
+            cfg,
             KernelArgs::new()
                 .buf(&dy)
                 .buf(&part_gate)

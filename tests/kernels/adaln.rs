@@ -11,6 +11,7 @@ const SHAPES: &[(usize, usize, usize)] = &[
     (1, 5, 37),
     (3, 4, 3072),
     (1, 3, 3080),
+    (1, 333, 24),
 ];
 
 #[test]
@@ -148,8 +149,8 @@ fn gated_residual_fwd_and_bwd_match_cpu() {
     }
 }
 
-/// `gated_residual_bwd_bias`: the same dgate and dy as `gated_residual_bwd` (bit for bit on the
-/// emulator), and `Σ_rows dy` (as stored) added into the bias gradient.
+/// `gated_residual_bwd_bias`: the same dgate and dy as `gated_residual_bwd` (dy bit for bit on
+/// the emulator), and `Σ_rows dy` (as stored) added into the bias gradient.
 fn check_bias_pass(
     dev: &KernelDevice,
     shape: &str,
@@ -173,12 +174,11 @@ fn check_bias_pass(
         1e-4,
     );
     if dev.is_emulator() {
-        assert_eq!(dev.download(&dg2).unwrap(), dev.download(dg).unwrap());
         assert_eq!(dev.download(&dy2).unwrap(), dev.download(dy).unwrap());
-    } else {
-        let (a, w) = (dev.download(&dg2).unwrap(), dev.download(dg).unwrap());
-        check("gated_residual_bwd_bias.dgate", dev, shape, &a, &w, 1e-5);
     }
+    // the one pass sums dgate over row lanes, the two-kernel path row by row: f32 rounding apart
+    let (a, w) = (dev.download(&dg2).unwrap(), dev.download(dg).unwrap());
+    check("gated_residual_bwd_bias.dgate", dev, shape, &a, &w, 1e-5);
     let short = dev.alloc::<f32>(d + 1).unwrap();
     assert!(gpu::gated_residual_bwd_bias(dev, (gate, d), y, dz, (b, l, d), &short).is_err());
 }
