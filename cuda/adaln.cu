@@ -17,7 +17,7 @@
 // per lane of a warp-per-row kernel and ran at 48% of the copy rate on an H200 for want of
 // occupancy). Other widths take the warp-per-row scalar kernels (`*_rows`), which re-read the
 // row from cache.
-#include "common.cuh"
+#include "column_lanes.cuh"
 
 #define ROWS_PER_BLOCK 4
 
@@ -272,70 +272,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     adaln_bwd_dx_vec<true>(nullptr, out, out16, a, x, scale, mean, rstd, dy, L, D, M);
 }
 
-// The column kernels with 16-byte packs (D % 8 == 0) share one layout. Block (X, Y): threadIdx.x
-// a pack of 8 columns (blockIdx.x·X + x), threadIdx.y a row lane; grid (packs / X, B, S). Lane y
-// walks rows l0 + y, l0 + y + Y, … of split blockIdx.z of sample blockIdx.y, PARAM_ROWS of its
-// rows' loads in flight and summed in row order; then the Y lanes' sums are added in lane order
-// (write_lane_partials) and the block writes one partial row: deterministic for a given (S, Y).
-// Lanes let a split span ≥ 32 rows, so the f32 partials written and re-read by sum_splits stay a
-// few percent of the input, while as many threads as before keep loads in flight (with one lane
-// and 256 splits, at 2 × 1024 tokens the partials were as large as the bf16 input). Y = 1 is the
-// one-lane layout (`ColumnLayout::OneLane`, kept for the kernels bench's A/B).
-#define PARAM_ROWS 4
-#define LANE_THREADS 256
-// Blocks an SM keeps resident (≤ 85 registers a thread); the launcher sizes grids to this many
-// blocks an SM: one wave, 24 warps an SM each with PARAM_ROWS × 16-byte loads per operand in flight.
-#define LANE_BLOCKS_PER_SM 3
-
-// The rows of this block's split that this lane walks: first, first + step, … < end.
-struct LaneRows {
-    int first, end, step;
-};
-
-__device__ __forceinline__ LaneRows lane_rows(int L) {
-    const int S = gridDim.z;
-    const int per = (L + S - 1) / S;
-    const int l0 = (int)blockIdx.z * per;
-    return {l0 + (int)threadIdx.y, min(L, l0 + per), (int)blockDim.y};
-}
-
-// Adds the lanes' sums acc[a][0..8) of pack c in lane order and writes them to
-// part[a][(s·B + b)·D + 8c + k]. Every thread of the block must call it (a barrier when Y > 1);
-// threads past the row (c ≥ D/8) bring zeros and write nothing.
-template <int NACC>
-__device__ __forceinline__ void write_lane_partials(float* const (&part)[NACC], const float (&acc)[NACC][8], int B,
-                                                    int D, int c) {
-    const long long o = ((long long)blockIdx.z * B + blockIdx.y) * D + 8 * c;
-    const bool mine = c < D / 8;
-    const int X = blockDim.x, Y = blockDim.y, x = threadIdx.x, y = threadIdx.y;
-    if (Y == 1) {
-        if (mine)
-#pragma unroll
-            for (int a = 0; a < NACC; a++)
-#pragma unroll
-                for (int k = 0; k < 8; k++) part[a][o + k] = acc[a][k];
-        return;
-    }
-    // [a][k][y][x]: a warp's 32 lanes touch 32 consecutive words
-    __shared__ float lanes[2 * 8 * LANE_THREADS];
-    const int n = X * Y;
-#pragma unroll
-    for (int a = 0; a < NACC; a++)
-#pragma unroll
-        for (int k = 0; k < 8; k++) lanes[(a * 8 + k) * n + y * X + x] = acc[a][k];
-    __syncthreads();
-    if (y != 0 || !mine) return;
-#pragma unroll
-    for (int a = 0; a < NACC; a++)
-#pragma unroll
-        for (int k = 0; k < 8; k++) {
-            float t = 0.f;
-            for (int w = 0; w < Y; w++) t += lanes[(a * 8 + k) * n + w * X + x];
-            part[a][o + k] = t;
-        }
-}
-
-// adaLN's column partials, 8 columns a thread (the lane layout above):
+// adaLN's column partials, 8 columns a thread in row lanes (column_lanes.cuh):
 //   part_shift[s, b, j] = Σ dy,  part_scale[s, b, j] = Σ dy·x̂  over split s of sample b's rows.
 // Reduce with sum_splits.
 extern "C" __global__ void __launch_bounds__(LANE_THREADS, LANE_BLOCKS_PER_SM)
@@ -350,11 +287,11 @@ extern "C" __global__ void __launch_bounds__(LANE_THREADS, LANE_BLOCKS_PER_SM)
 #pragma unroll
     for (int k = 0; k < 8; k++) acc[0][k] = acc[1][k] = 0.f;
     if (c < D / 8) {
-        for (int l = rows.first; l < rows.end; l += PARAM_ROWS * rows.step) {
-            pack16 px[PARAM_ROWS], pg[PARAM_ROWS];
-            float mu[PARAM_ROWS], rs[PARAM_ROWS];
+        for (int l = rows.first; l < rows.end; l += COLUMN_ROWS * rows.step) {
+            pack16 px[COLUMN_ROWS], pg[COLUMN_ROWS];
+            float mu[COLUMN_ROWS], rs[COLUMN_ROWS];
 #pragma unroll
-            for (int r = 0; r < PARAM_ROWS; r++) {
+            for (int r = 0; r < COLUMN_ROWS; r++) {
                 if (l + r * rows.step < rows.end) {
                     const long long row = (long long)b * L + l + r * rows.step;
                     mu[r] = mean[row];
@@ -364,7 +301,7 @@ extern "C" __global__ void __launch_bounds__(LANE_THREADS, LANE_BLOCKS_PER_SM)
                 }
             }
 #pragma unroll
-            for (int r = 0; r < PARAM_ROWS; r++) {
+            for (int r = 0; r < COLUMN_ROWS; r++) {
                 if (l + r * rows.step < rows.end) {
                     float xv[8], g[8];
                     unpack_bf16x8(px[r], xv);
@@ -518,8 +455,8 @@ extern "C" __global__ void gated_residual_bwd_dy(bf16* __restrict__ dy, const bf
 //   part_gate[s, b, j] = Σ dz·y (the gate's gradient, summed as colsum_mul_partial does) and
 //   part_bias[s, b, j] = Σ dy as stored in bf16 (the bias gradient of the linear layer that made
 //   y, which its weight-gradient GEMM's BGRADB epilogue otherwise sums in a kernel of its own).
-// dz is read once (the two-kernel path reads it twice). The lane layout of
-// adaln_modulate_bwd_params_vec. Reduce with sum_splits (part_bias over S·B rows).
+// dz is read once (the two-kernel path reads it twice). Row lanes (column_lanes.cuh). Reduce
+// with sum_splits (part_bias over S·B rows).
 extern "C" __global__ void __launch_bounds__(LANE_THREADS, LANE_BLOCKS_PER_SM)
     gated_residual_bwd_vec(bf16* __restrict__ dy, float* __restrict__ part_gate, float* __restrict__ part_bias,
                            const bf16* __restrict__ gate, const bf16* __restrict__ y, const bf16* __restrict__ dz,
@@ -534,10 +471,10 @@ extern "C" __global__ void __launch_bounds__(LANE_THREADS, LANE_BLOCKS_PER_SM)
     if (c < D / 8) {
         float g[8];
         unpack_bf16x8(load16(gate + (long long)b * M + 8 * c), g);
-        for (int l = rows.first; l < rows.end; l += PARAM_ROWS * rows.step) {
-            pack16 pz[PARAM_ROWS], py[PARAM_ROWS];
+        for (int l = rows.first; l < rows.end; l += COLUMN_ROWS * rows.step) {
+            pack16 pz[COLUMN_ROWS], py[COLUMN_ROWS];
 #pragma unroll
-            for (int r = 0; r < PARAM_ROWS; r++) {
+            for (int r = 0; r < COLUMN_ROWS; r++) {
                 if (l + r * rows.step < rows.end) {
                     const long long e = ((long long)b * L + l + r * rows.step) * D + 8 * c;
                     pz[r] = load16(dz + e);
@@ -545,7 +482,7 @@ extern "C" __global__ void __launch_bounds__(LANE_THREADS, LANE_BLOCKS_PER_SM)
                 }
             }
 #pragma unroll
-            for (int r = 0; r < PARAM_ROWS; r++) {
+            for (int r = 0; r < COLUMN_ROWS; r++) {
                 if (l + r * rows.step < rows.end) {
                     const long long e = ((long long)b * L + l + r * rows.step) * D + 8 * c;
                     float z[8], yv[8], o[8], rounded[8];
@@ -570,7 +507,7 @@ extern "C" __global__ void __launch_bounds__(LANE_THREADS, LANE_BLOCKS_PER_SM)
 }
 
 // part[s, b, j] = Σ_{l in split s} a[b, l, j]: colsum_mul_partial without c, 8 columns a thread
-// (D % 8 == 0, a 16-byte aligned) in the lane layout of adaln_modulate_bwd_params_vec. A bias
+// (D % 8 == 0, a 16-byte aligned) in row lanes (column_lanes.cuh). A bias
 // gradient (Σ over tokens of a layer's output gradient). Reduce with sum_splits.
 extern "C" __global__ void __launch_bounds__(LANE_THREADS, LANE_BLOCKS_PER_SM)
     colsum_partial_vec(float* __restrict__ part, const bf16* __restrict__ a, int B, int L, int D) {
@@ -582,14 +519,14 @@ extern "C" __global__ void __launch_bounds__(LANE_THREADS, LANE_BLOCKS_PER_SM)
 #pragma unroll
     for (int k = 0; k < 8; k++) acc[0][k] = 0.f;
     if (c < D / 8) {
-        for (int l = rows.first; l < rows.end; l += PARAM_ROWS * rows.step) {
-            pack16 pa[PARAM_ROWS];
+        for (int l = rows.first; l < rows.end; l += COLUMN_ROWS * rows.step) {
+            pack16 pa[COLUMN_ROWS];
 #pragma unroll
-            for (int r = 0; r < PARAM_ROWS; r++)
+            for (int r = 0; r < COLUMN_ROWS; r++)
                 if (l + r * rows.step < rows.end)
                     pa[r] = load16(a + ((long long)b * L + l + r * rows.step) * D + 8 * c);
 #pragma unroll
-            for (int r = 0; r < PARAM_ROWS; r++) {
+            for (int r = 0; r < COLUMN_ROWS; r++) {
                 if (l + r * rows.step < rows.end) {
                     float v[8];
                     unpack_bf16x8(pa[r], v);
@@ -614,19 +551,19 @@ extern "C" __global__ void colsum_mul_partial(float* __restrict__ part, const bf
     if (j >= D) return;
     const int per = (L + S - 1) / S;
     const int l0 = s * per, l1 = min(L, l0 + per);
-    // PARAM_ROWS rows' loads in flight at once, summed in row order (as adaln_modulate_bwd_params_vec).
+    // COLUMN_ROWS rows' loads in flight at once, summed in row order (as adaln_modulate_bwd_params_vec).
     float acc = 0.f;
-    for (int l = l0; l < l1; l += PARAM_ROWS) {
-        float va[PARAM_ROWS], vc[PARAM_ROWS];
+    for (int l = l0; l < l1; l += COLUMN_ROWS) {
+        float va[COLUMN_ROWS], vc[COLUMN_ROWS];
 #pragma unroll
-        for (int r = 0; r < PARAM_ROWS; r++) {
+        for (int r = 0; r < COLUMN_ROWS; r++) {
             const long long e = ((long long)b * L + l + r) * D + j;
             const bool ok = l + r < l1;
             va[r] = ok ? bf2f(a[e]) : 0.f;
             vc[r] = ok && c ? bf2f(c[e]) : 1.f;
         }
 #pragma unroll
-        for (int r = 0; r < PARAM_ROWS; r++)
+        for (int r = 0; r < COLUMN_ROWS; r++)
             if (l + r < l1) acc += c ? va[r] * vc[r] : va[r];
     }
     part[((long long)s * B + b) * D + j] = acc;

@@ -15,7 +15,7 @@
 // The activations use the sigmoid forms of the CPU twin's fast_tanh / fast_sigmoid formulas
 // (mathematically equal; through __expf / __fdividef, which saturate to 0 or inf without NaN),
 // so the two differ by a few f32 ulps, far inside one bf16 rounding.
-#include "common.cuh"
+#include "column_lanes.cuh"
 
 #define EW_THREADS 256
 #define EW_UNROLL 4  // 16-byte vectors per thread per step of the activations, all loaded first
@@ -159,47 +159,46 @@ extern "C" __global__ void __launch_bounds__(EW_THREADS) silu_bwd(bf16* __restri
 // The MLP's GELU backward with fc1's bias gradient, in one pass (N % 8 == 0, 16-byte aligned
 // buffers): dx = dy·GELU′(x) over the [M, N] rows and, per split s of the rows, the column partials
 // part[s, j] = Σ dx as stored in bf16 (then sum_splits). dy and x are read once and dx written
-// once; the separate column sum would read dx again. grid: (ceil(N / 8 / 128), S), block: 128.
-#define COLSUM_ROWS 4
-extern "C" __global__ void __launch_bounds__(128)
+// once; the separate column sum would read dx again. Row lanes (column_lanes.cuh) with one
+// sample: grid (ceil(N / 8 / X), 1, S), block (X, Y).
+extern "C" __global__ void __launch_bounds__(LANE_THREADS, LANE_BLOCKS_PER_SM)
     gelu_tanh_bwd_colsum(bf16* __restrict__ dx, float* __restrict__ part, const bf16* __restrict__ x,
                          const bf16* __restrict__ dy, int M, int N) {
     kernel_prologue();
     using namespace elementwise;
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    const int s = blockIdx.y, S = gridDim.y;
-    if (c >= N / 8) return;
-    const int per = (M + S - 1) / S;
-    const int r0 = s * per, r1 = min(M, r0 + per);
-    float acc[8];
+    const LaneRows rows = lane_rows(M);
+    float acc[1][8];
 #pragma unroll
-    for (int k = 0; k < 8; k++) acc[k] = 0.f;
-    for (int r = r0; r < r1; r += COLSUM_ROWS) {
-        pack16 px[COLSUM_ROWS], pg[COLSUM_ROWS];
+    for (int k = 0; k < 8; k++) acc[0][k] = 0.f;
+    if (c < N / 8) {
+        for (int r = rows.first; r < rows.end; r += COLUMN_ROWS * rows.step) {
+            pack16 px[COLUMN_ROWS], pg[COLUMN_ROWS];
 #pragma unroll
-        for (int u = 0; u < COLSUM_ROWS; u++)
-            if (r + u < r1) {
-                const long long e = (long long)(r + u) * N + 8 * c;
-                px[u] = load16(x + e);
-                pg[u] = load16(dy + e);
-            }
+            for (int u = 0; u < COLUMN_ROWS; u++)
+                if (r + u * rows.step < rows.end) {
+                    const long long e = (long long)(r + u * rows.step) * N + 8 * c;
+                    px[u] = load16(x + e);
+                    pg[u] = load16(dy + e);
+                }
 #pragma unroll
-        for (int u = 0; u < COLSUM_ROWS; u++)
-            if (r + u < r1) {
-                float f[8], g[8], rounded[8];
-                unpack_bf16x8(px[u], f);
-                unpack_bf16x8(pg[u], g);
+            for (int u = 0; u < COLUMN_ROWS; u++)
+                if (r + u * rows.step < rows.end) {
+                    float f[8], g[8], rounded[8];
+                    unpack_bf16x8(px[u], f);
+                    unpack_bf16x8(pg[u], g);
 #pragma unroll
-                for (int k = 0; k < 8; k++) f[k] = g[k] * Gelu::d(f[k]);
-                const pack16 p = pack8(f);
-                store16(dx + (long long)(r + u) * N + 8 * c, p);
-                unpack_bf16x8(p, rounded);
+                    for (int k = 0; k < 8; k++) f[k] = g[k] * Gelu::d(f[k]);
+                    const pack16 p = pack8(f);
+                    store16(dx + (long long)(r + u * rows.step) * N + 8 * c, p);
+                    unpack_bf16x8(p, rounded);
 #pragma unroll
-                for (int k = 0; k < 8; k++) acc[k] += rounded[k];
-            }
+                    for (int k = 0; k < 8; k++) acc[0][k] += rounded[k];
+                }
+        }
     }
-#pragma unroll
-    for (int k = 0; k < 8; k++) part[(long long)s * N + 8 * c + k] = acc[k];
+    float* const out[1] = {part};
+    write_lane_partials<1>(out, acc, 1, N, c);
 }
 
 // Casts — grid: ceil(n / 8 / EW_THREADS) (any grid is correct), block: EW_THREADS.

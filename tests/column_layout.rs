@@ -1,10 +1,11 @@
-//! The two thread layouts of adaln.cu's 16-byte column kernels (`ColumnLayout`: row lanes, the
+//! The two thread layouts of the 16-byte column kernels (cuda/column_lanes.cuh) (`ColumnLayout`: row lanes, the
 //! default, and one lane, kept for the kernels bench's A/B) give the same column sums up to f32
 //! rounding and the same elementwise outputs bit for bit. A test binary of its own because
 //! `set_column_layout` is process-wide and tests/kernels compares launches bit for bit.
 
 use advdmd::device::kernel::{DevBuf, KernelDevice};
 use advdmd::kernels::adaln::dev::{self as gpu, ColumnLayout};
+use advdmd::kernels::elementwise::dev as ew;
 use advdmd::Rng;
 use half::bf16;
 
@@ -17,6 +18,8 @@ struct Outputs {
     dshift: Vec<f32>,
     dscale: Vec<f32>,
     colsum: Vec<f32>,
+    gelu_dx: Vec<bf16>,
+    gelu_bias: Vec<f32>,
 }
 
 struct Inputs {
@@ -50,6 +53,11 @@ fn run(dev: &KernelDevice, t: &Inputs, dims: (usize, usize, usize)) -> Outputs {
         gpu::adaln_modulate_bwd(dev, &t.x, &t.modulation, &t.mean, &t.rstd, &t.dz, dims).unwrap();
     let colsum = dev.zeros::<f32>(d).unwrap();
     gpu::colsum_acc(dev, &t.dz, (b * l, d), &colsum).unwrap();
+    let (gelu_dx, gelu_bias) = (
+        dev.alloc::<bf16>(b * l * d).unwrap(),
+        dev.zeros::<f32>(d).unwrap(),
+    );
+    ew::gelu_tanh_bwd_colsum(dev, &gelu_dx, &t.x, &t.dz, (b * l, d), &gelu_bias).unwrap();
     Outputs {
         bias_grad: dev.download(&bias).unwrap(),
         dgate: dev.download(&dgate).unwrap(),
@@ -58,6 +66,8 @@ fn run(dev: &KernelDevice, t: &Inputs, dims: (usize, usize, usize)) -> Outputs {
         dshift: dev.download(&dshift).unwrap(),
         dscale: dev.download(&dscale).unwrap(),
         colsum: dev.download(&colsum).unwrap(),
+        gelu_dx: dev.download(&gelu_dx).unwrap(),
+        gelu_bias: dev.download(&gelu_bias).unwrap(),
     }
 }
 
@@ -88,12 +98,19 @@ fn one_lane_and_row_lane_layouts_agree() {
             let lanes = run(dev, &t, dims);
             assert_eq!(one.dy, lanes.dy, "dy at {dims:?} on {}", dev.name());
             assert_eq!(one.dx, lanes.dx, "dx at {dims:?} on {}", dev.name());
+            assert_eq!(
+                one.gelu_dx,
+                lanes.gelu_dx,
+                "GELU dx at {dims:?} on {}",
+                dev.name()
+            );
             for (what, a, b) in [
                 ("bias_grad", &one.bias_grad, &lanes.bias_grad),
                 ("dgate", &one.dgate, &lanes.dgate),
                 ("dshift", &one.dshift, &lanes.dshift),
                 ("dscale", &one.dscale, &lanes.dscale),
                 ("colsum", &one.colsum, &lanes.colsum),
+                ("gelu_bias", &one.gelu_bias, &lanes.gelu_bias),
             ] {
                 let err = rel_err(a, b);
                 println!(

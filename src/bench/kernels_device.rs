@@ -215,8 +215,9 @@ fn adaln(b: &mut Bench) -> KernelResult<()> {
 }
 
 /// The backwards with column sums over tokens — the gated residual's one pass (dy, dgate and the
-/// producing layer's bias gradient: what the model runs) and adaLN's as the model runs it (dx added
-/// into the f32 residual gradient in place, dshift, dscale) — at the MMDiT's shapes: 4429 rows,
+/// producing layer's bias gradient: what the model runs), the MLP's GELU backward with fc1's bias
+/// gradient at [tokens × 4·D], and adaLN's as the model runs it (dx added into the f32 residual
+/// gradient in place, dshift, dscale) — at the MMDiT's shapes: 4429 rows,
 /// SD3.5-medium's 1024 px image stream (1 × 4096), 512 px at batch 2 (2 × 1024) and a text stream
 /// (1 × 333), in both column layouts, so the row lanes' gain is a ratio measured in one run.
 fn column_backwards(b: &mut Bench) -> KernelResult<()> {
@@ -262,6 +263,19 @@ fn column_backward_rows(b: &mut Bench) -> KernelResult<()> {
                 })
             })
             .collect::<KernelResult<Vec<_>>>()?;
+        // the MLP's GELU backward with fc1's bias gradient, [rows, 4·D]
+        let gelu_bytes = 3 * rows * 4 * d * 2 + 2 * 4 * d * 4;
+        let gelu_sets = b.sets(gelu_bytes);
+        let g = (0..gelu_sets)
+            .map(|_| -> KernelResult<_> {
+                Ok((
+                    b.bf(rows * 4 * d)?,
+                    b.bf(rows * 4 * d)?,
+                    b.bf(rows * 4 * d)?,
+                    b.f(4 * d)?,
+                ))
+            })
+            .collect::<KernelResult<Vec<_>>>()?;
         let dev = b.dev.clone();
         let shape = format!("{batch}x{l}x{d} bf16");
         for (layout, tag) in [
@@ -281,6 +295,12 @@ fn column_backward_rows(b: &mut Bench) -> KernelResult<()> {
                     &t.bias,
                 )
                 .map(|_| ())
+            })?;
+            let name = format!("gelu_tanh_bwd_colsum, {tag}");
+            let wide = format!("{rows}x{} bf16", 4 * d);
+            b.time(&name, &wide, gelu_bytes, gelu_sets, |i| {
+                let (x, dy, dx, bias) = &g[i];
+                ew::gelu_tanh_bwd_colsum(&dev, dx, x, dy, (rows, 4 * d), bias)
             })?;
             let name = format!("adaln_modulate_bwd_acc, {tag}");
             b.time(&name, &shape, adaln_bytes, sets, |i| {

@@ -181,7 +181,7 @@ pub mod dev {
     }
 
     /// How the 16-byte column kernels (`adaln_modulate_bwd_params_vec`, `gated_residual_bwd_vec`,
-    /// `colsum_partial_vec`) spread a `[B, L, D]` tensor over threads.
+    /// `colsum_partial_vec`, `gelu_tanh_bwd_colsum`) spread a `[B, L, D]` tensor over threads.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum ColumnLayout {
         /// Blocks of 32 packs × 8 row lanes, each split ≥ 32 rows, one wave of
@@ -212,26 +212,32 @@ pub mod dev {
         }
     }
 
-    /// Resident blocks an SM of the row-lane kernels (`LANE_BLOCKS_PER_SM` in adaln.cu, their
-    /// launch bound).
+    /// Resident blocks an SM of the row-lane kernels (`LANE_BLOCKS_PER_SM` in column_lanes.cuh,
+    /// their launch bound).
     const LANE_BLOCKS_PER_SM: usize = 3;
 
-    /// Rows a split of [`ColumnLayout::RowLanes`] spans at least: 8 lanes × `PARAM_ROWS` (4),
+    /// Rows a split of [`ColumnLayout::RowLanes`] spans at least: 8 lanes × `COLUMN_ROWS` (4),
     /// one batch of loads a lane.
     const MIN_SPLIT_ROWS: usize = 32;
 
-    /// The launch of the 16-byte column kernels over `b` samples of `l` rows of `d` (`d % 8 ==
-    /// 0`), and its number of splits a sample.
-    fn pack_cols_plan(dev: &KernelDevice, b: usize, l: usize, d: usize) -> (LaunchCfg, usize) {
+    /// The launch of the 16-byte column kernels (cuda/column_lanes.cuh) over `b` samples of `l`
+    /// rows of `d` (`d % 8 == 0`), and its number of splits a sample. Row lanes: as many splits
+    /// as one wave of resident blocks holds (rounded down: a second wave of a few blocks would
+    /// double the time), none under [`MIN_SPLIT_ROWS`] rows.
+    pub(crate) fn pack_cols_plan(
+        dev: &KernelDevice,
+        b: usize,
+        l: usize,
+        d: usize,
+    ) -> (LaunchCfg, usize) {
         let packs = d / 8;
         let (x, y, s) = match column_layout() {
             ColumnLayout::OneLane => (128, 1, splits(b, l, d)),
             ColumnLayout::RowLanes => {
                 let col_blocks = packs.div_ceil(32).max(1);
-                let target = LANE_BLOCKS_PER_SM * dev.sm_count().max(1);
-                let s = target
-                    .div_ceil(col_blocks * b.max(1))
-                    .clamp(1, l.div_ceil(MIN_SPLIT_ROWS).max(1));
+                let wave = LANE_BLOCKS_PER_SM * dev.sm_count().max(1);
+                let s =
+                    (wave / (col_blocks * b.max(1))).clamp(1, l.div_ceil(MIN_SPLIT_ROWS).max(1));
                 (32, 8, s)
             }
         };

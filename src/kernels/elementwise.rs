@@ -414,17 +414,11 @@ pub mod dev {
             activation_bwd_into(dev, dx, x, dy, Activation::GeluTanh)?;
             return crate::kernels::adaln::dev::colsum_acc(dev, dx, (m, n), bias_grad);
         }
-        // ~1024 blocks of 128 threads (8 columns each), at most 256 partial rows to sum
-        let col_blocks = (n / 8).div_ceil(128);
-        let s = (1024 / col_blocks).clamp(1, m).min(256);
+        let (cfg, s) = crate::kernels::adaln::dev::pack_cols_plan(dev, 1, m, n);
         let part = dev.alloc::<f32>(s * n)?;
         dev.launch(
             what,
-            LaunchCfg {
-                grid: [col_blocks as u32, s as u32, 1],
-                block: [128, 1, 1],
-                shared_bytes: 0,
-            },
+            cfg,
             KernelArgs::new()
                 .buf(dx)
                 .buf(&part)
