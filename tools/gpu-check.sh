@@ -35,6 +35,7 @@ bundle() {
   cp "$(artifact test mmdit_device)" "$BIN/mmdit-device-test"
   cp "$(artifact test advdmd_device)" "$BIN/advdmd-device-test"
   cp "$(artifact test runtime)" "$BIN/runtime-test"
+  cp "$(artifact test column_layout)" "$BIN/column-layout-test"
   chmod -R u+w .gpu/fixtures 2>/dev/null || true; rm -rf .gpu/fixtures && mkdir -p .gpu/fixtures && cp -r ../shared/fixtures/mmdit/* .gpu/fixtures/
   cp "$(artifact bench kernels)" "$BIN/kernels-bench"
   cp "$(artifact bench attention)" "$BIN/attention-bench"
@@ -102,6 +103,8 @@ if ! step hopper 60 "$BIN/kernels-test" wgmma attention --test-threads=1 --nocap
   fi
 fi
 step tests 90 "$BIN/kernels-test" --test-threads=1 --nocapture
+# the column kernels' two thread layouts (the kernels bench times both) agree on the card
+step column-layout 20 "$BIN/column-layout-test" --nocapture
 # the device MMDiT against the fixtures and the CPU model, then its speed (issue 8)
 MMDIT_FIXTURES=$(ls -d .gpu/fixtures/*/ | tr '\n' ':') step model 60 "$BIN/mmdit-device-test" --test-threads=1 --nocapture
 # the runtime on the card: graphs (the driver's capture rules, replays), fork / side work / join
@@ -281,5 +284,5 @@ with open(f"{out}/report.md", "w") as f:
             f.write(f"| {r['op']} | {r['calls']} | {r['ms']:.3f} | {r['share']:.1f} | {'' if tf is None else f'{tf:.0f}'} |\n")
 print(open(f"{out}/report.md").read()[-8000:])
 PY
-for s in hopper tests model runtime tests-pdl ncu-attention mmdit-shapes mmdit-sd35m mmdit-sd35m-pdl mmdit-sd35m-persistent mmdit-sd35m-1stream mmdit-sd35m-nohopper mmdit-sd35m-autotune mmdit-sd35m-profile mmdit-sd35m-base mmdit-sd35m-512 mmdit-sd35m-ckpt mmdit-sd35m-ckpt-selective sample-sd35m sample-sd35m-graph sample-sd35m-graph-1stream sample-sd35m-graph-pdl sample-512 advdmd step-shapes step-shapes-graph distill step-sd35m step-sd35m-80g step-sd35m-80g-graph step-sd35m-80g-1024 step-sd35m-80g-graph-selective step-sd35m-80g-1024-selective step-sd35m-80g-profile step-sd35m-80g-graph-1stream step-sd35m-80g-graph-autotune step-sd35m-80g-graph-pdl mmdit-sd35l sample-sd35l torch bench bench-pdl attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
+for s in hopper tests column-layout model runtime tests-pdl ncu-attention mmdit-shapes mmdit-sd35m mmdit-sd35m-pdl mmdit-sd35m-persistent mmdit-sd35m-1stream mmdit-sd35m-nohopper mmdit-sd35m-autotune mmdit-sd35m-profile mmdit-sd35m-base mmdit-sd35m-512 mmdit-sd35m-ckpt mmdit-sd35m-ckpt-selective sample-sd35m sample-sd35m-graph sample-sd35m-graph-1stream sample-sd35m-graph-pdl sample-512 advdmd step-shapes step-shapes-graph distill step-sd35m step-sd35m-80g step-sd35m-80g-graph step-sd35m-80g-1024 step-sd35m-80g-graph-selective step-sd35m-80g-1024-selective step-sd35m-80g-profile step-sd35m-80g-graph-1stream step-sd35m-80g-graph-autotune step-sd35m-80g-graph-pdl mmdit-sd35l sample-sd35l torch bench bench-pdl attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
 exit $status
