@@ -310,9 +310,11 @@ mod device {
         for &k in &kinds {
             let counts = || (dev.matmul_flops(), dev.recomputed_flops());
             let flops_before = counts();
+            let mut leads = Vec::new();
             let mut one = || {
                 (run.iteration, run.generator_steps) = k.counters(&run.config);
                 let m = run.step(&batch)?;
+                leads.push(run.last_host_lead_ms);
                 dev.synchronize()?;
                 if !k.matches(m.generator_step, m.rl_step) {
                     return Err(Error::Invalid(format!(
@@ -331,10 +333,16 @@ mod device {
                 (after.0 - flops_before.0) as f64 / runs,
                 (after.1 - flops_before.1) as f64 / runs,
             );
-            timings.push((k, t, flops));
             if a.common.profile {
                 profiles.push((k, profile_fallible(dev, &mut one)?));
             }
+            // the timed runs' (a profile's run comes after them)
+            let timed = leads.iter().skip(warmup).take(a.common.iters);
+            let lead_ms = Timing {
+                runs_ms: timed.copied().collect(),
+            }
+            .median_ms();
+            timings.push((k, t, flops, lead_ms));
         }
         let peak = dev.peak_bytes().saturating_sub(resident);
         // with graphs, their temporaries come from the driver's graph memory, not the counter
@@ -354,8 +362,10 @@ mod device {
         };
         let (critic_ms, (critic_flops, critic_re)) = get(Kind::Critic).expect("always timed");
         let (gen_ms, (gen_flops, gen_re)) = get(generator_kind).expect("timed");
+        let lead = |k: Kind| timings.iter().find(|t| t.0 == k).map_or(0.0, |t| t.3);
         let w = (r_dmd - 1) as f64;
         let steady_ms = (w * critic_ms + gen_ms) / r_dmd as f64;
+        let steady_lead_ms = (w * lead(Kind::Critic) + lead(generator_kind)) / r_dmd as f64;
         let steady_flops = (w * critic_flops + gen_flops) / r_dmd as f64;
         let steady_recomputed = (w * critic_re + gen_re) / r_dmd as f64;
 
@@ -402,6 +412,13 @@ mod device {
             "generator_rl_iteration_ms",
             "generator iteration (DMD + GAN + RL)",
             get(Kind::GeneratorRl).map_or(Cell::NotAvailable, |v| Cell::num(v.0, 1)),
+            "ms",
+        );
+        r.figure(
+            "host_lead_ms",
+            "host time before an iteration's device work (draws, conversions, uploads), steady \
+             state: the device idles through it",
+            Cell::num(steady_lead_ms, 2),
             "ms",
         );
         r.figure(
@@ -479,7 +496,7 @@ mod device {
             ],
         );
         let table_timings: Vec<(Kind, Timing)> =
-            timings.iter().map(|(k, t, _)| (*k, t.clone())).collect();
+            timings.iter().map(|(k, t, _, _)| (*k, t.clone())).collect();
         r.tables.push(kinds_table(&table_timings));
         for (k, p) in &profiles {
             let names = match k {

@@ -186,6 +186,10 @@ pub struct DeviceAdvDmd {
     use_graphs: bool,
     replays: u64,
     predrawn: Option<Predrawn>,
+    /// Host milliseconds the last [`Self::step`] spent before queuing its device work (checks,
+    /// draws, conversions, uploads): with the previous iteration's metrics read back, the device
+    /// idles through it.
+    pub last_host_lead_ms: f64,
 }
 
 /// A flat vector over `p`'s trainable elements (its optimizer's layout) from per-name values;
@@ -822,6 +826,7 @@ impl DeviceAdvDmd {
             use_graphs: opts.graph,
             replays: 0,
             predrawn: None,
+            last_host_lead_ms: 0.0,
             config,
             dev: dev.clone(),
         })
@@ -840,6 +845,7 @@ impl DeviceAdvDmd {
     /// step's buffers, the device does the rest — run directly, or replayed from the kind's graph
     /// — and the metrics are read back at the end.
     pub fn step(&mut self, batch: &IterBatch) -> Result<IterMetrics> {
+        let lead = std::time::Instant::now();
         let c = self.config.clone();
         let (m, n) = (c.prompts, c.prompts * c.group);
         let rs = batch.real.shape();
@@ -895,6 +901,7 @@ impl DeviceAdvDmd {
             self.opt_generator
                 .stage(&self.dev, self.lr(c.lr_generator))?;
         }
+        self.last_host_lead_ms = lead.elapsed().as_secs_f64() * 1e3;
         self.run_kind(kind)?;
         // the host's share of the next iteration, while the device runs this one
         self.predraw(&shape);
