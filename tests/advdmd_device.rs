@@ -482,6 +482,66 @@ fn graph_replayed_iterations_equal_direct_ones() {
     }
 }
 
+/// Iterations queued one ahead (`step_queued`, each one's metrics read by `finish` after the
+/// next is queued; uploads through pinned memory, graphs recorded and replayed) give waited-for
+/// iterations' metrics and weights: bit for bit on the emulator, within bf16 noise on a GPU.
+#[test]
+fn iterations_queued_ahead_equal_waited_ones() {
+    for dev in devices() {
+        let config = AdvDmdConfig {
+            prompts: 1,
+            ..config()
+        };
+        let host = AdvDmd::new(common::tiny_shapes_model(1, true), config);
+        let opts = DeviceRunOptions {
+            graph: true,
+            ..DeviceRunOptions::default()
+        };
+        let mut waited = DeviceAdvDmd::from_host(&dev, &host, opts).unwrap();
+        let mut queued = DeviceAdvDmd::from_host(&dev, &host, opts).unwrap();
+        let mut rng = advdmd::Rng::new(11);
+        // kinds alternate: each recorded at its second run (iterations 2, 3), the first replayed
+        // at iteration 4
+        let batches: Vec<_> = (0..5)
+            .map(|_| shapes_batch(&host.teacher, 1, 2, &mut rng).unwrap())
+            .collect();
+        let a: Vec<IterMetrics> = batches.iter().map(|b| waited.step(b).unwrap()).collect();
+        dev.set_async_copies(true);
+        let mut b = Vec::new();
+        let mut in_flight = None;
+        for batch in &batches {
+            let q = queued.step_queued(batch).unwrap();
+            if let Some(prev) = in_flight.replace(q) {
+                b.push(queued.finish(prev).unwrap());
+            }
+        }
+        b.push(queued.finish(in_flight.unwrap()).unwrap());
+        dev.set_async_copies(false);
+        assert_eq!(queued.graph_replays(), 1);
+        for (it, (x, y)) in a.iter().zip(&b).enumerate() {
+            if dev.is_emulator() {
+                assert_eq!(format!("{x:?}"), format!("{y:?}"), "iteration {it}");
+            } else {
+                compare(it, y, x);
+            }
+        }
+        let flat = |r: &DeviceAdvDmd| {
+            let mut v = dev.download(&r.generator.master).unwrap();
+            v.extend(dev.download(&r.fake.master).unwrap());
+            v.extend(dev.download(&r.ema).unwrap());
+            v
+        };
+        let (x, y) = (flat(&waited), flat(&queued));
+        let worst = x
+            .iter()
+            .zip(&y)
+            .map(|(p, q)| (p - q).abs() / p.abs().max(1e-2))
+            .fold(0f32, f32::max);
+        let tol = if dev.is_emulator() { 0.0 } else { 5e-2 };
+        assert!(worst <= tol, "weights differ by {worst} on {}", dev.name());
+    }
+}
+
 /// The iteration with the text tokens' work on a second stream (every model call forks and
 /// joins, the emulator checking each) gives the one-stream iteration's metrics: exactly on the
 /// emulator, within bf16 noise on a GPU (its attention backward sums dQ in no fixed order).

@@ -355,8 +355,11 @@ fn step_json_on_the_emulator() {
         "--checkpoint-activations=selective",
         // each kind's second run (a warm-up) records its graph; the timed third replays it
         "--graph",
+        // the timed iterations queued one ahead (their metrics read after the next is queued)
+        "--pipeline",
     ]);
     assert_eq!(r["device"]["kind"], "emu");
+    assert_eq!(r["parameters"]["pipeline"], true);
     assert_eq!(r["parameters"]["checkpoint_activations"], "selective");
     assert_eq!(
         r["results"]["graph_replays"].as_f64(),
@@ -490,6 +493,7 @@ fn bad_input_is_a_clean_error() {
         &["bench", "step", "--bf16-moments"],
         "the Shapes teacher only",
     );
+    fails_cleanly(&["bench", "step", "--pipeline"], "the Shapes teacher only");
     if advdmd::device::kernel::KernelDevice::gpu_if_available().is_none() {
         fails_cleanly(
             &["bench", "kernels", "--device", "cuda"],

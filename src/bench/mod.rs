@@ -280,6 +280,11 @@ pub struct StepArgs {
     /// time the kind runs).
     #[arg(long)]
     pub graph: bool,
+    /// Time each kind as back-to-back iterations with the next one queued before this one's
+    /// metrics are read, uploads through pinned memory (device path only): the device does not
+    /// idle through the host's share of an iteration.
+    #[arg(long)]
+    pub pipeline: bool,
 }
 
 #[derive(Clone, Debug, clap::Subcommand)]

@@ -13,7 +13,7 @@ use super::measure::{time_fallible, PeakRss, Timing, WARMUP};
 use super::report::{Cell, Column, Report, Table};
 use super::{common_parameters, Preset, StepArgs};
 use crate::error::{Error, Result};
-use crate::train::advdmd::{AdvDmd, AdvDmdConfig};
+use crate::train::advdmd::{AdvDmd, AdvDmdConfig, IterMetrics};
 use crate::train::shapes_model::ShapesModel;
 use std::path::Path;
 
@@ -89,10 +89,12 @@ pub fn run(a: &StepArgs, teacher: &Path) -> Result<Report> {
         || a.checkpoint_activations.is_some()
         || a.bf16_moments
         || a.graph
+        || a.pipeline
     {
         return Err(Error::Invalid(
             "bench step on the CPU: the Shapes teacher only (--model, --res, \
-             --checkpoint-activations, --bf16-moments and --graph are for --device cuda|emu)"
+             --checkpoint-activations, --bf16-moments, --graph and --pipeline are for --device \
+             cuda|emu)"
                 .into(),
         ));
     }
@@ -311,22 +313,16 @@ mod device {
             let counts = || (dev.matmul_flops(), dev.recomputed_flops());
             let flops_before = counts();
             let mut leads = Vec::new();
-            let mut one = || {
-                (run.iteration, run.generator_steps) = k.counters(&run.config);
-                let m = run.step(&batch)?;
-                leads.push(run.last_host_lead_ms);
-                dev.synchronize()?;
-                if !k.matches(m.generator_step, m.rl_step) {
-                    return Err(Error::Invalid(format!(
-                        "bench step: an iteration meant as `{}` ran generator={} rl={}",
-                        k.name(),
-                        m.generator_step,
-                        m.rl_step
-                    )));
+            let t = if a.pipeline {
+                for _ in 0..warmup {
+                    one_iteration(&mut run, &batch, k, &mut leads)?;
                 }
-                Ok(())
+                pipelined(&mut run, &batch, k, a.common.iters, &mut leads)?
+            } else {
+                time_fallible(warmup, a.common.iters, || {
+                    one_iteration(&mut run, &batch, k, &mut leads)
+                })?
             };
-            let t = time_fallible(warmup, a.common.iters, &mut one)?;
             let runs = (warmup + a.common.iters) as f64;
             let after = counts();
             let flops = (
@@ -334,7 +330,8 @@ mod device {
                 (after.1 - flops_before.1) as f64 / runs,
             );
             if a.common.profile {
-                profiles.push((k, profile_fallible(dev, &mut one)?));
+                let one = || one_iteration(&mut run, &batch, k, &mut leads);
+                profiles.push((k, profile_fallible(dev, one)?));
             }
             // the timed runs' (a profile's run comes after them)
             let timed = leads.iter().skip(warmup).take(a.common.iters);
@@ -381,6 +378,7 @@ mod device {
             ),
             ("bf16_moments", a.bf16_moments.into()),
             ("graph", a.graph.into()),
+            ("pipeline", a.pipeline.into()),
         ];
         if let Some(spec) = &spec {
             params.push(("res", spec.resolution.into()));
@@ -517,5 +515,67 @@ mod device {
             r.note("emu: the SIMT emulator, a functional check, not a speed figure");
         }
         Ok(r)
+    }
+
+    /// One iteration of kind `k`, waited for; its host lead into `leads`.
+    fn one_iteration(
+        run: &mut DeviceAdvDmd,
+        batch: &IterBatch,
+        k: Kind,
+        leads: &mut Vec<f64>,
+    ) -> Result<()> {
+        (run.iteration, run.generator_steps) = k.counters(&run.config);
+        let m = run.step(batch)?;
+        leads.push(run.last_host_lead_ms);
+        run.dev.synchronize()?;
+        check_kind(k, &m)
+    }
+
+    fn check_kind(k: Kind, m: &IterMetrics) -> Result<()> {
+        if !k.matches(m.generator_step, m.rl_step) {
+            return Err(Error::Invalid(format!(
+                "bench step: an iteration meant as `{}` ran generator={} rl={}",
+                k.name(),
+                m.generator_step,
+                m.rl_step
+            )));
+        }
+        Ok(())
+    }
+
+    /// `iters` iterations of kind `k` back to back, each queued before the previous one's
+    /// metrics are read, uploads through pinned memory: the mean time an iteration (as each of
+    /// `iters` runs: they are not timed apart).
+    fn pipelined(
+        run: &mut DeviceAdvDmd,
+        batch: &IterBatch,
+        k: Kind,
+        iters: usize,
+        leads: &mut Vec<f64>,
+    ) -> Result<Timing> {
+        run.dev.synchronize()?;
+        run.dev.set_async_copies(true);
+        let start = std::time::Instant::now();
+        let timed = (|| {
+            let mut queued = None;
+            for _ in 0..iters {
+                (run.iteration, run.generator_steps) = k.counters(&run.config);
+                let q = run.step_queued(batch)?;
+                leads.push(run.last_host_lead_ms);
+                if let Some(prev) = queued.replace(q) {
+                    check_kind(k, &run.finish(prev)?)?;
+                }
+            }
+            if let Some(last) = queued {
+                check_kind(k, &run.finish(last)?)?;
+            }
+            run.dev.synchronize().map_err(Error::from)
+        })();
+        run.dev.set_async_copies(false);
+        timed?;
+        let each = start.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64;
+        Ok(Timing {
+            runs_ms: vec![each; iters],
+        })
     }
 }

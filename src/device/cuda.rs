@@ -73,6 +73,75 @@ pub struct CudaRuntime {
     graph_memory_mapped: std::sync::atomic::AtomicBool,
     /// The events of the op profile in progress (`KernelDevice::profile`).
     profile: Mutex<ProfileEvents>,
+    /// Uploads through pinned staging and downloads into pinned memory
+    /// (`KernelDevice::set_async_copies`, `download_later`).
+    async_copies: std::sync::atomic::AtomicBool,
+    staging: Mutex<Staging>,
+}
+
+/// Pinned host memory for copies that must not wait for the stream: the upload ring (allocated
+/// on first use) with one event a live region (oldest first), and free blocks for downloads
+/// queued for later, by size.
+struct Staging {
+    ring: super::staging::StagingRing,
+    base: *mut u8,
+    events: std::collections::VecDeque<sys::CUevent>,
+    spare: Vec<sys::CUevent>,
+    free_blocks: Vec<(usize, *mut u8)>,
+}
+
+// SAFETY: pinned host pointers and events are valid from any thread of the context; the mutex
+// around `Staging` serialises their use.
+unsafe impl Send for Staging {}
+
+/// Bytes of the upload ring: ~4 iterations of the SD3.5-medium AdvDMD step's inputs at 512 px.
+/// A larger upload takes the pageable path.
+const STAGING_BYTES: usize = 64 << 20;
+
+/// A copy from the device into pinned host memory queued on the main stream
+/// (`KernelDevice::download_later`): its bytes are read once its event has passed. Dropped
+/// unread, it still waits for the copy before giving the memory back.
+pub struct PendingCopy {
+    rt: Arc<CudaRuntime>,
+    block: (usize, *mut u8),
+    bytes: usize,
+    event: sys::CUevent,
+}
+
+// SAFETY: as `Staging`: the block and the event are only touched through `rt`'s methods.
+unsafe impl Send for PendingCopy {}
+
+impl PendingCopy {
+    /// Waits for the copy and returns its bytes.
+    pub fn wait(self, dst: &mut [u8]) -> KernelResult<()> {
+        if dst.len() != self.bytes {
+            return Err(KernelError::Invalid(format!(
+                "download_later: {} bytes read into {}",
+                self.bytes,
+                dst.len()
+            )));
+        }
+        self.rt.bind()?;
+        self.rt.release_gate();
+        // SAFETY: the event was recorded after the copy on the main stream.
+        unsafe { result::event::synchronize(self.event) }
+            .map_err(|e| cuda_err("download_later", e))?;
+        // SAFETY: the copy into the block's first `bytes` bytes has completed.
+        unsafe { std::ptr::copy_nonoverlapping(self.block.1, dst.as_mut_ptr(), self.bytes) };
+        Ok(())
+    }
+}
+
+impl Drop for PendingCopy {
+    fn drop(&mut self) {
+        let _ = self.rt.bind();
+        self.rt.release_gate();
+        // SAFETY: as in `wait`; the block goes back only once nothing writes to it.
+        let _ = unsafe { result::event::synchronize(self.event) };
+        let mut st = self.rt.staging();
+        st.free_blocks.push(self.block);
+        st.spare.push(self.event);
+    }
 }
 
 /// A profile's timing events: one per stream at its start, then one after each op, and the
@@ -174,7 +243,125 @@ impl CudaRuntime {
             direct_bytes: std::sync::atomic::AtomicUsize::new(0),
             graph_memory_mapped: std::sync::atomic::AtomicBool::new(false),
             profile: Mutex::new(ProfileEvents::default()),
+            async_copies: std::sync::atomic::AtomicBool::new(false),
+            staging: Mutex::new(Staging {
+                ring: super::staging::StagingRing::new(STAGING_BYTES),
+                base: std::ptr::null_mut(),
+                events: Default::default(),
+                spare: Vec::new(),
+                free_blocks: Vec::new(),
+            }),
         }))
+    }
+
+    fn staging(&self) -> std::sync::MutexGuard<'_, Staging> {
+        self.staging.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Uploads through the pinned ring from now on (`true`), or straight from the caller's
+    /// pageable memory (the default; the driver may then wait for the stream).
+    pub fn set_async_copies(&self, on: bool) {
+        self.async_copies
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn async_copies(&self) -> bool {
+        self.async_copies.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// An event from the spare ones (or a new one) recorded on the main stream.
+    fn record_on_main(&self, st: &mut Staging) -> KernelResult<sys::CUevent> {
+        let e = match st.spare.pop() {
+            Some(e) => e,
+            None => result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                .map_err(|e| cuda_err("event", e))?,
+        };
+        // SAFETY: the event and the stream belong to this context.
+        unsafe { result::event::record(e, self.stream.cu_stream()) }
+            .map_err(|e| cuda_err("record", e))?;
+        Ok(e)
+    }
+
+    /// [`Self::htod`] through the pinned ring: the bytes are copied there now, the copy to the
+    /// device is queued on the main stream reading them, and their region is reused only after
+    /// an event recorded behind that copy has passed.
+    fn htod_staged(&self, src: &[u8], dst: u64) -> KernelResult<()> {
+        if self.capturing.load(std::sync::atomic::Ordering::Relaxed) {
+            // a captured copy would replay whatever the ring holds by then
+            return Err(KernelError::Invalid(
+                "an upload inside a capture (stage inputs before it)".into(),
+            ));
+        }
+        let mut st = self.staging();
+        if st.base.is_null() {
+            // SAFETY: plain pinned host memory, freed in Drop.
+            st.base = unsafe { result::malloc_host(STAGING_BYTES, 0) }
+                .map_err(|e| cuda_err("pinned staging", e))? as *mut u8;
+        }
+        let (off, waits) = st
+            .ring
+            .place(src.len())
+            .ok_or_else(|| KernelError::Invalid("staged upload larger than the ring".into()))?;
+        for _ in 0..waits {
+            let e = st.events.pop_front().expect("one event a live region");
+            // SAFETY: an event recorded behind an earlier staged copy.
+            unsafe { result::event::synchronize(e) }.map_err(|e| cuda_err("staging", e))?;
+            st.spare.push(e);
+        }
+        // SAFETY: `[off, off + len)` lies in the ring and no queued copy reads it any more.
+        let staged = unsafe {
+            let p = st.base.add(off);
+            std::ptr::copy_nonoverlapping(src.as_ptr(), p, src.len());
+            std::slice::from_raw_parts(p as *const u8, src.len())
+        };
+        // SAFETY: `dst` holds `src.len()` bytes; the staged bytes stay untouched until the event
+        // recorded next has passed.
+        unsafe { result::memcpy_htod_async(dst, staged, self.stream.cu_stream()) }
+            .map_err(|e| cuda_err("upload", e))?;
+        let e = self.record_on_main(&mut st)?;
+        st.events.push_back(e);
+        Ok(())
+    }
+
+    /// Queues a copy of `bytes` bytes at `src` into pinned host memory on the main stream.
+    pub fn dtoh_later(self: &Arc<Self>, src: u64, bytes: usize) -> KernelResult<PendingCopy> {
+        if self.side_now() {
+            return Err(KernelError::Invalid(
+                "streams: a download inside on_side (download after the join)".into(),
+            ));
+        }
+        if self.capturing.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(KernelError::Invalid("a download inside a capture".into()));
+        }
+        self.bind()?;
+        let size = bytes.max(1).next_power_of_two().max(256);
+        let mut st = self.staging();
+        let block = match st.free_blocks.iter().position(|b| b.0 == size) {
+            Some(i) => st.free_blocks.swap_remove(i),
+            // SAFETY: plain pinned host memory, freed in Drop (or reused).
+            None => (
+                size,
+                unsafe { result::malloc_host(size, 0) }.map_err(|e| cuda_err("pinned block", e))?
+                    as *mut u8,
+            ),
+        };
+        if bytes > 0 {
+            // SAFETY: the block holds ≥ `bytes` bytes and nothing else uses it until the copy's
+            // event has passed; `src` holds `bytes` bytes.
+            let dst = unsafe { std::slice::from_raw_parts_mut(block.1, bytes) };
+            if let Err(e) = unsafe { result::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }
+            {
+                st.free_blocks.push(block);
+                return Err(cuda_err("download_later", e));
+            }
+        }
+        let event = self.record_on_main(&mut st)?;
+        Ok(PendingCopy {
+            rt: self.clone(),
+            block,
+            bytes,
+            event,
+        })
     }
 
     pub fn name(&self) -> String {
@@ -296,6 +483,9 @@ impl CudaRuntime {
         self.bind()?;
         // (staging pageable memory may wait for the stream)
         self.release_gate();
+        if self.async_copies() && !src.is_empty() && src.len() <= STAGING_BYTES {
+            return self.htod_staged(src, dst);
+        }
         // SAFETY: `dst` holds `src.len()` bytes. `src` is pageable (a Rust slice): the driver
         // stages it before returning, so it may be released as soon as this returns.
         unsafe { result::memcpy_htod_async(dst, src, self.stream.cu_stream()) }
@@ -790,6 +980,25 @@ impl Drop for CudaRuntime {
             }
             if !profile.gate.flag.is_null() {
                 let _ = result::free_host(profile.gate.flag as *mut c_void);
+            }
+            let st = std::mem::replace(
+                self.staging.get_mut().unwrap_or_else(|e| e.into_inner()),
+                Staging {
+                    ring: super::staging::StagingRing::new(0),
+                    base: std::ptr::null_mut(),
+                    events: Default::default(),
+                    spare: Vec::new(),
+                    free_blocks: Vec::new(),
+                },
+            );
+            for e in st.events.into_iter().chain(st.spare) {
+                let _ = result::event::destroy(e);
+            }
+            for (_, p) in st.free_blocks {
+                let _ = result::free_host(p as *mut c_void);
+            }
+            if !st.base.is_null() {
+                let _ = result::free_host(st.base as *mut c_void);
             }
         }
     }

@@ -260,6 +260,33 @@ pub struct GemmPtrs {
     pub bias_grad: u64,
 }
 
+/// A download queued by [`KernelDevice::download_later`].
+pub struct Later<T> {
+    len: usize,
+    pending: PendingBytes,
+    _t: std::marker::PhantomData<T>,
+}
+
+enum PendingBytes {
+    Ready(Vec<u8>),
+    #[cfg(feature = "cuda")]
+    Gpu(super::cuda::PendingCopy),
+}
+
+impl<T: Pod> Later<T> {
+    /// Waits for the copy (only it) and returns the values.
+    pub fn wait(self) -> KernelResult<Vec<T>> {
+        let mut host = vec![T::zeroed(); self.len];
+        let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut host);
+        match self.pending {
+            PendingBytes::Ready(b) => dst.copy_from_slice(&b),
+            #[cfg(feature = "cuda")]
+            PendingBytes::Gpu(p) => p.wait(dst)?,
+        }
+        Ok(host)
+    }
+}
+
 /// Which back end a [`KernelDevice`] drives.
 #[derive(Clone)]
 enum Backend {
@@ -713,6 +740,49 @@ impl KernelDevice {
             }
         }
         Ok(host)
+    }
+
+    /// Copies the buffer back later: the copy is queued on the main stream behind the work
+    /// queued so far, into pinned memory on a GPU, and [`Later::wait`] waits for it alone (not for
+    /// work queued after it) — how a host that keeps the next iteration queued reads this one's
+    /// figures. The emulator copies at once.
+    pub fn download_later<T: Pod>(&self, b: &DevBuf<T>) -> KernelResult<Later<T>> {
+        let bytes = b.bytes();
+        let pending = match &self.backend {
+            Backend::Emulator => {
+                self.memory.capture.forbid("a download")?;
+                self.memory.lanes.require_joined("a download")?;
+                let mut host = vec![0u8; bytes];
+                // SAFETY: `b` owns `bytes` bytes at `b.ptr`; the regions are disjoint.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(b.ptr as *const u8, host.as_mut_ptr(), bytes)
+                };
+                PendingBytes::Ready(host)
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(rt) => {
+                let p = rt.dtoh_later(b.ptr, bytes)?;
+                self.mark(|| "download (queued, device to host)".into(), 0)?;
+                PendingBytes::Gpu(p)
+            }
+        };
+        Ok(Later {
+            len: b.len,
+            pending,
+            _t: std::marker::PhantomData,
+        })
+    }
+
+    /// Uploads that must not wait for the GPU (`true`): on a GPU each upload is copied into a
+    /// ring of pinned host memory and the copy to the device reads it from there, so the host can
+    /// queue inputs behind running work (from pageable memory the driver may wait for the stream
+    /// first). Off by default; the emulator copies at once either way.
+    pub fn set_async_copies(&self, on: bool) {
+        match &self.backend {
+            Backend::Emulator => {}
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(rt) => rt.set_async_copies(on),
+        }
     }
 
     /// Launches `kernel` (an `extern "C" __global__` name from `cuda/*.cu`).

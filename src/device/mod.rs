@@ -14,6 +14,7 @@ pub mod emu_graph;
 pub mod emu_lanes;
 pub mod kernel;
 pub mod profile;
+pub mod staging;
 
 use std::fmt;
 

@@ -29,7 +29,7 @@ use super::device::{
 use super::disc_head::DiscHead;
 use super::rollout::few_step_sigmas;
 use super::shapes_model::ShapesModel;
-use crate::device::kernel::{DevBuf, DeviceGraph, KernelDevice, KernelError, KernelResult};
+use crate::device::kernel::{DevBuf, DeviceGraph, KernelDevice, KernelError, KernelResult, Later};
 use crate::error::{Error, Result};
 use crate::kernels::elementwise::dev::{cast_bf16_to_f32, cast_f32_to_bf16_into, copy};
 use crate::kernels::elementwise::sigmoid;
@@ -113,6 +113,24 @@ type StepPart<'a> = (
 struct LogitsSaved {
     saved: Saved,
     head: HeadSaved,
+}
+
+/// An iteration queued by [`DeviceAdvDmd::step_queued`]: its kind and the queued downloads its
+/// metrics are made of.
+pub struct QueuedIteration {
+    kind: StepKind,
+    iteration: u64,
+    /// Elements of one batch of states, generated and real samples.
+    len: usize,
+    n: usize,
+    m: usize,
+    fake_logits: Later<f32>,
+    real_logits: Later<f32>,
+    fm_parts: Later<f32>,
+    /// `dmd_norm`, `gan_logits` of a generator update.
+    generator: Option<(Later<f32>, Later<f32>)>,
+    /// `reward_logits`, `rl_loss` of an RL update.
+    rl: Option<(Later<f32>, Later<f64>)>,
 }
 
 /// Which work an iteration does: the generator update, the RL term, the discriminator's
@@ -845,6 +863,16 @@ impl DeviceAdvDmd {
     /// step's buffers, the device does the rest — run directly, or replayed from the kind's graph
     /// — and the metrics are read back at the end.
     pub fn step(&mut self, batch: &IterBatch) -> Result<IterMetrics> {
+        let queued = self.step_queued(batch)?;
+        self.finish(queued)
+    }
+
+    /// [`Self::step`] without waiting for it: the iteration is queued on the device and its
+    /// figures are queued downloads, read by [`Self::finish`] — in between the host can queue the
+    /// next iteration, so the device never idles through the host's share of it (its draws,
+    /// conversions and uploads; with [`KernelDevice::set_async_copies`] on, the uploads do not
+    /// wait for the device either). Any number may be in flight, finished in any order.
+    pub fn step_queued(&mut self, batch: &IterBatch) -> Result<QueuedIteration> {
         let lead = std::time::Instant::now();
         let c = self.config.clone();
         let (m, n) = (c.prompts, c.prompts * c.group);
@@ -905,12 +933,12 @@ impl DeviceAdvDmd {
         self.run_kind(kind)?;
         // the host's share of the next iteration, while the device runs this one
         self.predraw(&shape);
-        let metrics = self.read_metrics(kind)?;
+        let queued = self.queue_metrics(kind)?;
         if generator {
             self.generator_steps += 1;
         }
         self.iteration += 1;
-        Ok(metrics)
+        Ok(queued)
     }
 
     /// This iteration's random draws, in the CPU trainer's order: the ones the previous
@@ -1024,23 +1052,52 @@ impl DeviceAdvDmd {
         Ok(())
     }
 
-    /// The iteration's metrics from what the device left in the step's buffers.
-    fn read_metrics(&self, kind: StepKind) -> Result<IterMetrics> {
+    /// Queues the downloads of what the iteration's metrics are made of (behind its work: the
+    /// next iteration's work, queued after them, may overwrite the buffers).
+    fn queue_metrics(&self, kind: StepKind) -> Result<QueuedIteration> {
         let b = self.buffers.as_ref().expect("staged");
-        let c = &self.config;
         let dev = &self.dev;
+        Ok(QueuedIteration {
+            kind,
+            iteration: self.iteration + 1,
+            len: b.len(),
+            n: b.key.shape[0],
+            m: b.key.m,
+            fake_logits: dev.download_later(&b.fake_logits)?,
+            real_logits: dev.download_later(&b.real_logits)?,
+            fm_parts: dev.download_later(&b.fm_parts)?,
+            generator: match kind.generator {
+                true => Some((
+                    dev.download_later(&b.dmd_norm)?,
+                    dev.download_later(&b.gan_logits)?,
+                )),
+                false => None,
+            },
+            rl: match kind.rl {
+                true => Some((
+                    dev.download_later(&b.reward_logits)?,
+                    dev.download_later(&b.rl_loss)?,
+                )),
+                false => None,
+            },
+        })
+    }
+
+    /// A queued iteration's metrics: waits for its figures (not for anything queued after).
+    pub fn finish(&self, q: QueuedIteration) -> Result<IterMetrics> {
+        let c = &self.config;
         let sig = self.sigmas();
-        let (n, m) = (b.key.shape[0], b.key.m);
+        let (kind, n, m) = (q.kind, q.n, q.m);
         let states = disc_states(c);
         let ns = states.len();
         let (n_fake, n_real) = ((n * ns) as f32, (m * ns) as f32);
-        let (lf, lr) = (dev.download(&b.fake_logits)?, dev.download(&b.real_logits)?);
+        let (lf, lr) = (q.fake_logits.wait()?, q.real_logits.wait()?);
         let frac = |v: &[f32], pos: bool| {
             v.iter().filter(|&&x| (x > 0.0) == pos).count() as f32 / v.len().max(1) as f32
         };
         let mut metrics = IterMetrics {
-            iteration: self.iteration + 1,
-            fake_loss: mse_from_parts(&dev.download(&b.fm_parts)?, b.len()),
+            iteration: q.iteration,
+            fake_loss: mse_from_parts(&q.fm_parts.wait()?, q.len),
             d_loss: lf.iter().map(|&l| softplus(l)).sum::<f32>() / n_fake
                 + lr.iter().map(|&l| softplus(-l)).sum::<f32>() / n_real,
             d_acc_real: frac(&lr, true),
@@ -1057,23 +1114,19 @@ impl DeviceAdvDmd {
             rl_step: kind.rl,
             ..Default::default()
         };
-        if kind.generator {
-            let l2 = dev.download(&b.dmd_norm)?[0];
-            metrics.dmd_grad_norm = dmd_rms(l2, c.lambda_dmd, b.len(), n);
-            let l = dev.download(&b.gan_logits)?;
+        if let Some((dmd_norm, gan_logits)) = q.generator {
+            let l2 = dmd_norm.wait()?[0];
+            metrics.dmd_grad_norm = dmd_rms(l2, c.lambda_dmd, q.len, n);
+            let l = gan_logits.wait()?;
             metrics.gan_loss = l.iter().map(|&v| softplus(-v)).sum::<f32>() / n as f32;
         }
-        if kind.rl {
+        if let Some((reward_logits, rl_loss)) = q.rl {
             let k = sig.len() - 1;
-            let last = &dev.download(&b.reward_logits)?[(k - 1) * n..];
+            let last = &reward_logits.wait()?[(k - 1) * n..];
             let clip = c.reward_clip;
             metrics.mean_reward = last.iter().map(|l| l.clamp(-clip, clip)).sum::<f32>() / n as f32;
             let share = 1.0 / (k - 1) as f64;
-            metrics.rl_loss = dev
-                .download(&b.rl_loss)?
-                .iter()
-                .map(|&l| l * share)
-                .sum::<f64>() as f32;
+            metrics.rl_loss = rl_loss.wait()?.iter().map(|&l| l * share).sum::<f64>() as f32;
         }
         Ok(metrics)
     }
