@@ -81,8 +81,9 @@ if ls .gpu/whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu-check-site .gpu/whl/*.whl \
     && export PYTHONPATH=/tmp/gpu-check-site${PYTHONPATH:+:$PYTHONPATH}
 fi
-# Ordered by value: parity first, then speed against PyTorch/diffusers, the kernel benches, the
-# sanitizers, and torch.compile (minutes of compiling) last; the budget cuts from the end.
+# Ordered by value: parity first, the kernel benches (seconds), then the model's speed, against
+# PyTorch/diffusers, the sanitizers, and torch.compile (minutes of compiling) last; the budget
+# cuts from the end.
 # The wgmma (Hopper) kernels first, alone: the layout probe and the attention parity over every
 # variant. If they fail (a faulting kernel leaves a sticky error in its process's CUDA context),
 # the same tests run again without the variants no card has run yet (UNTIMED_FWD, UNTIMED_BWD,
@@ -110,6 +111,9 @@ MMDIT_FIXTURES=$(ls -d .gpu/fixtures/*/ | tr '\n' ':') step model 60 "$BIN/mmdit
 # the runtime on the card: graphs (the driver's capture rules, replays), fork / side work / join
 # on its two streams (directly and captured), the op profile's events
 step runtime 45 "$BIN/runtime-test" --test-threads=1 --nocapture
+# Every non-GEMM kernel's GB/s beside the copy rate (issue 6; the column layouts' A/B): cheap,
+# so early.
+ADVDMD_BENCH_JSON="$OUT/bench.json" step bench 60 "$BIN/kernels-bench"
 # Every attention variant's TFLOP/s (the wgmma ones included): early, the budget cuts from the end.
 ADVDMD_ATTN_BENCH_JSON="$OUT/attention.json" step attention 60 "$BIN/attention-bench"
 # The d64 variants not yet timed when written (forward H4–H9, backward H4–H8): one that beats the
@@ -217,7 +221,6 @@ ADVDMD_GEMM_AUTOTUNE=1 step step-sd35m-80g-graph-autotune 180 "$BIN/advdmd" benc
 step mmdit-sd35l 180 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-large --res 1024 --batch 1 --iters 5 --forward-only --json
 step sample-sd35l 180 "$BIN/advdmd" bench sample --device cuda --model sd3.5-large --res 1024 --batch 1 --steps 4 --cfg 1 --iters 5 --graph --json
 PYTHONUNBUFFERED=1 step torch 120 python3 tools/bench_vs_torch.py --json "$OUT/torch.json"
-ADVDMD_BENCH_JSON="$OUT/bench.json" step bench 60 "$BIN/kernels-bench"
 if command -v compute-sanitizer >/dev/null; then
   step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/kernels-test" --test-threads=1
   # Hazards count only in our kernels: on an H100 (2026-11-27) racecheck reported 13 inside
