@@ -133,6 +133,13 @@ pub struct QueuedIteration {
     rl: Option<(Later<f32>, Later<f64>)>,
 }
 
+impl QueuedIteration {
+    /// The iteration's number (1 for a run's first), as its metrics will say.
+    pub fn iteration(&self) -> u64 {
+        self.iteration
+    }
+}
+
 /// Which work an iteration does: the generator update, the RL term, the discriminator's
 /// training. Each kind is one CUDA graph.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -4,7 +4,7 @@
 //! evaluation of it beside the teacher.
 
 use super::advdmd::{AdvDmd, AdvDmdConfig, IterMetrics};
-use super::advdmd_device::{shapes_batch, DeviceAdvDmd, DeviceRunOptions};
+use super::advdmd_device::{shapes_batch, DeviceAdvDmd, DeviceRunOptions, QueuedIteration};
 use super::shapes_model::{sample_images, Sampler, ShapesModel};
 use crate::device::kernel::KernelDevice;
 use crate::error::{Error, Result};
@@ -104,21 +104,38 @@ pub fn distill(
         None => None,
     };
     let (prompts, group) = (run.config.prompts, run.config.group);
+    // The iterations after which the state is saved.
+    let saves_state = |it: u64| it % run.checkpoint_every.max(1) == 0 || it == run.iterations;
+    // On a device the next iteration is queued before this one's metrics are read (its batch
+    // drawn, converted and uploaded while the device runs this one), except after an iteration
+    // whose state is saved: that one is finished first, so the state saved is its own.
+    let mut in_flight = None;
     loop {
-        let done = on_device.as_ref().map_or(state.iteration, |d| d.iteration);
-        if done >= run.iterations {
-            break;
-        }
         let m = match on_device.as_mut() {
             Some(d) => {
-                let batch = shapes_batch(&state.teacher, prompts, group, &mut d.rng)?;
-                d.step(&batch)?
+                let saves = in_flight
+                    .as_ref()
+                    .is_some_and(|q: &QueuedIteration| saves_state(q.iteration()));
+                if d.iteration >= run.iterations || saves {
+                    match in_flight.take() {
+                        Some(q) => d.finish(q)?,
+                        None => break,
+                    }
+                } else {
+                    let batch = shapes_batch(&state.teacher, prompts, group, &mut d.rng)?;
+                    let q = d.step_queued(&batch)?;
+                    match in_flight.replace(q) {
+                        Some(prev) => d.finish(prev)?,
+                        None => continue,
+                    }
+                }
             }
+            None if state.iteration >= run.iterations => break,
             None => state.step()?,
         };
         writeln!(metrics, "{}", metrics_line(&m)).map_err(|e| Error::io(&metrics_path, e))?;
         on_iter(&m);
-        if m.iteration % run.checkpoint_every.max(1) == 0 || m.iteration == run.iterations {
+        if saves_state(m.iteration) {
             metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
             if let Some(d) = &on_device {
                 d.sync_to_host(&mut state)?;
