@@ -338,6 +338,32 @@ fn learning_rates_warm_up_linearly_then_stay_constant() {
     assert_eq!(at(&mut t, 1000), 2.0);
 }
 
+/// `advdmd distill` of one prompt, two samples of two steps, r_dmd 2, RL from the start, no
+/// evaluation, into `dir`, with `args`; asserts it succeeds.
+fn small_distill(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_advdmd"))
+        .args([
+            "distill",
+            "--prompts",
+            "1",
+            "--group",
+            "2",
+            "--steps-per-sample",
+            "2",
+        ])
+        .args(["--r-dmd", "2", "--rl-warmup", "0", "--eval-per-task", "0"])
+        .args(args)
+        .arg("--out")
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `advdmd distill --device emu`: the iterations on the kernel device (the emulator here),
 /// checkpointing through the CPU trainer's state and resuming; its first iteration's losses
 /// agree with the CPU trainer's from the same teacher and seed (bf16 tolerance).
@@ -347,27 +373,9 @@ fn distill_cli_on_a_device_checkpoints_resumes_and_follows_the_cpu() {
     let _ = std::fs::remove_dir_all(&base);
     let bin = env!("CARGO_BIN_EXE_advdmd");
     let run = |dir: &std::path::Path, iterations: &str, extra: &[&str]| {
-        let out = std::process::Command::new(bin)
-            .args(["distill", "--iterations", iterations, "--prompts", "1"])
-            .args(["--group", "2", "--steps-per-sample", "2", "--r-dmd", "2"])
-            .args([
-                "--rl-warmup",
-                "0",
-                "--eval-per-task",
-                "0",
-                "--checkpoint-every",
-                "1",
-            ])
-            .args(extra)
-            .arg("--out")
-            .arg(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut args = vec!["--iterations", iterations, "--checkpoint-every", "1"];
+        args.extend(extra);
+        small_distill(dir, &args);
     };
     let metrics = |dir: &std::path::Path| -> Vec<serde_json::Value> {
         std::fs::read_to_string(dir.join("metrics.jsonl"))
@@ -419,36 +427,16 @@ fn distill_cli_on_a_device_checkpoints_resumes_and_follows_the_cpu() {
 fn distill_on_a_device_queues_ahead_without_changing_the_run() {
     let base = std::env::temp_dir().join(format!("advdmd-distill-ahead-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
-    let bin = env!("CARGO_BIN_EXE_advdmd");
     let run = |dir: &std::path::Path, every: &str| {
-        let out = std::process::Command::new(bin)
-            .args([
-                "distill",
-                "--iterations",
-                "4",
-                "--prompts",
-                "1",
-                "--group",
-                "2",
-            ])
-            .args([
-                "--steps-per-sample",
-                "2",
-                "--r-dmd",
-                "2",
-                "--rl-warmup",
-                "0",
-            ])
-            .args(["--eval-per-task", "0", "--checkpoint-every", every])
-            .args(["--device", "emu", "--out"])
-            .arg(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let args = [
+            "--iterations",
+            "4",
+            "--checkpoint-every",
+            every,
+            "--device",
+            "emu",
+        ];
+        small_distill(dir, &args);
     };
     let (each, end) = (base.join("each"), base.join("end"));
     run(&each, "1");
