@@ -94,6 +94,19 @@ struct Staging {
 // around `Staging` serialises their use.
 unsafe impl Send for Staging {}
 
+impl Staging {
+    /// Nothing allocated yet: a ring of `cap` bytes to come, no events, no blocks.
+    fn empty(cap: usize) -> Staging {
+        Staging {
+            ring: super::staging::StagingRing::new(cap),
+            base: std::ptr::null_mut(),
+            events: Default::default(),
+            spare: Vec::new(),
+            free_blocks: Vec::new(),
+        }
+    }
+}
+
 /// Bytes of the upload ring: ~4 iterations of the SD3.5-medium AdvDMD step's inputs at 512 px.
 /// A larger upload takes the pageable path.
 const STAGING_BYTES: usize = 64 << 20;
@@ -244,13 +257,7 @@ impl CudaRuntime {
             graph_memory_mapped: std::sync::atomic::AtomicBool::new(false),
             profile: Mutex::new(ProfileEvents::default()),
             async_copies: std::sync::atomic::AtomicBool::new(false),
-            staging: Mutex::new(Staging {
-                ring: super::staging::StagingRing::new(STAGING_BYTES),
-                base: std::ptr::null_mut(),
-                events: Default::default(),
-                spare: Vec::new(),
-                free_blocks: Vec::new(),
-            }),
+            staging: Mutex::new(Staging::empty(STAGING_BYTES)),
         }))
     }
 
@@ -983,13 +990,7 @@ impl Drop for CudaRuntime {
             }
             let st = std::mem::replace(
                 self.staging.get_mut().unwrap_or_else(|e| e.into_inner()),
-                Staging {
-                    ring: super::staging::StagingRing::new(0),
-                    base: std::ptr::null_mut(),
-                    events: Default::default(),
-                    spare: Vec::new(),
-                    free_blocks: Vec::new(),
-                },
+                Staging::empty(0),
             );
             for e in st.events.into_iter().chain(st.spare) {
                 let _ = result::event::destroy(e);
