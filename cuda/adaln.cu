@@ -2,8 +2,9 @@
 // CPU twin: src/kernels/adaln.rs.
 //
 //   adaln_modulate_fwd:  y = (x − μ)·rstd·(1 + scale[b]) + shift[b], saving μ and rstd per row
-//   adaln_modulate_bwd:  dx per row; dshift, dscale as per-split column partials (then
-//                        sum_splits), so the reduction over a sample's tokens is deterministic;
+//   adaln_modulate_bwd:  dx per row; dshift, dscale as per-split column partials summed in a fixed
+//                        order (by the kernel's last block or sum_splits), so the reduction over a
+//                        sample's tokens is deterministic;
 //                        `_dx_acc` adds dx into the residual stream's f32 gradient instead
 //   gated_residual_adaln_fwd: the two above in one pass (the residual, then adaLN of it)
 //   gated_residual_fwd:  out = x + gate[b]·y;  its backward reuses colsum_mul_partial, or
@@ -273,12 +274,13 @@ extern "C" __global__ void __launch_bounds__(1024)
 }
 
 // adaLN's column partials, 8 columns a thread in row lanes (column_lanes.cuh):
-//   part_shift[s, b, j] = Σ dy,  part_scale[s, b, j] = Σ dy·x̂  over split s of sample b's rows.
-// Reduce with sum_splits.
+//   part_shift[s, b, j] = Σ dy,  part_scale[s, b, j] = Σ dy·x̂  over split s of sample b's rows,
+// summed into out_shift, out_scale by the kernel's tail (finish_columns) or by sum_splits.
 extern "C" __global__ void __launch_bounds__(LANE_THREADS, LANE_BLOCKS_PER_SM)
     adaln_modulate_bwd_params_vec(float* __restrict__ part_shift, float* __restrict__ part_scale,
                                   const bf16* __restrict__ x, const float* __restrict__ mean,
-                                  const float* __restrict__ rstd, const bf16* __restrict__ dy, int B, int L, int D) {
+                                  const float* __restrict__ rstd, const bf16* __restrict__ dy, int B, int L, int D,
+                                  float* out_shift, float* out_scale, unsigned* tickets, int flags) {
     kernel_prologue();
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     const int b = blockIdx.y;
@@ -316,7 +318,8 @@ extern "C" __global__ void __launch_bounds__(LANE_THREADS, LANE_BLOCKS_PER_SM)
         }
     }
     float* const part[2] = {part_shift, part_scale};
-    write_lane_partials<2>(part, acc, B, D, c);
+    float* const out[2] = {out_shift, out_scale};
+    finish_columns<2>(part, out, acc, B, D, c, tickets, flags);
 }
 
 // Column partial sums over the tokens of each sample, split S ways along L:
@@ -455,12 +458,13 @@ extern "C" __global__ void gated_residual_bwd_dy(bf16* __restrict__ dy, const bf
 //   part_gate[s, b, j] = Σ dz·y (the gate's gradient, summed as colsum_mul_partial does) and
 //   part_bias[s, b, j] = Σ dy as stored in bf16 (the bias gradient of the linear layer that made
 //   y, which its weight-gradient GEMM's BGRADB epilogue otherwise sums in a kernel of its own).
-// dz is read once (the two-kernel path reads it twice). Row lanes (column_lanes.cuh). Reduce
-// with sum_splits (part_bias over S·B rows).
+// dz is read once (the two-kernel path reads it twice). Row lanes (column_lanes.cuh). Summed into
+// out_gate ([B, D]) and out_bias (over S·B rows) as finish_columns says.
 extern "C" __global__ void __launch_bounds__(LANE_THREADS, LANE_BLOCKS_PER_SM)
     gated_residual_bwd_vec(bf16* __restrict__ dy, float* __restrict__ part_gate, float* __restrict__ part_bias,
                            const bf16* __restrict__ gate, const bf16* __restrict__ y, const bf16* __restrict__ dz,
-                           int B, int L, int D, int M) {
+                           int B, int L, int D, int M, float* out_gate, float* out_bias, unsigned* tickets,
+                           int flags) {
     kernel_prologue();
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     const int b = blockIdx.y;
@@ -503,14 +507,17 @@ extern "C" __global__ void __launch_bounds__(LANE_THREADS, LANE_BLOCKS_PER_SM)
         }
     }
     float* const part[2] = {part_gate, part_bias};
-    write_lane_partials<2>(part, acc, B, D, c);
+    float* const out[2] = {out_gate, out_bias};
+    finish_columns<2>(part, out, acc, B, D, c, tickets, flags);
 }
 
 // part[s, b, j] = Σ_{l in split s} a[b, l, j]: colsum_mul_partial without c, 8 columns a thread
 // (D % 8 == 0, a 16-byte aligned) in row lanes (column_lanes.cuh). A bias
-// gradient (Σ over tokens of a layer's output gradient). Reduce with sum_splits.
+// gradient (Σ over tokens of a layer's output gradient). Summed into out_sum as finish_columns
+// says.
 extern "C" __global__ void __launch_bounds__(LANE_THREADS, LANE_BLOCKS_PER_SM)
-    colsum_partial_vec(float* __restrict__ part, const bf16* __restrict__ a, int B, int L, int D) {
+    colsum_partial_vec(float* __restrict__ part, const bf16* __restrict__ a, int B, int L, int D, float* out_sum,
+                       unsigned* tickets, int flags) {
     kernel_prologue();
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     const int b = blockIdx.y;
@@ -536,8 +543,9 @@ extern "C" __global__ void __launch_bounds__(LANE_THREADS, LANE_BLOCKS_PER_SM)
             }
         }
     }
-    float* const out[1] = {part};
-    write_lane_partials<1>(out, acc, B, D, c);
+    float* const parts[1] = {part};
+    float* const out[1] = {out_sum};
+    finish_columns<1>(parts, out, acc, B, D, c, tickets, flags);
 }
 
 // part[s, b, j] = Σ_{l in split s} a[b, l, j]·c[b, l, j]  (c may be null: Σ a). The gate

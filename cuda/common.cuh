@@ -51,6 +51,29 @@ __device__ __forceinline__ float load_f(const bf16* p, long long i) { return bf2
 __device__ __forceinline__ void store_f(float* p, long long i, float v) { p[i] = v; }
 __device__ __forceinline__ void store_f(bf16* p, long long i, float v) { p[i] = f2bf(v); }
 
+// A value another block wrote in this launch, read from L2 rather than through this SM's L1
+// (the last-block reductions: disc_head.cu's param_grad_tail, column_lanes.cuh's column_tail).
+__device__ __forceinline__ float load_volatile(const float* p) { return *reinterpret_cast<const volatile float*>(p); }
+
+// Whether this block is the last of `blocks` blocks sharing *ticket to get here: the count
+// starts at zero and the last block sets it back to zero, so a launcher hands a launch tickets
+// that are zero and that no launch running beside it holds (a ring, `KernelDevice::column_tickets`).
+// The fences make each block's earlier writes visible before its count, and the counted blocks'
+// writes visible to the last one (the threadFenceReduction pattern). Every thread of the block
+// calls it.
+__device__ __forceinline__ bool last_block_to_finish(unsigned* ticket, unsigned blocks) {
+    __shared__ unsigned last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0) {
+        last = atomicAdd(ticket, 1u) == blocks - 1 ? 1u : 0u;
+        if (last) *ticket = 0u;
+    }
+    __syncthreads();
+    if (last) __threadfence();
+    return last != 0u;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);

@@ -21,7 +21,8 @@
 // registers, P 16-byte packs per thread, so x (and dy) are read from memory exactly once, every load
 // of a thread is issued before its first use, and each op is one launch (the backward's parameter
 // gradients are reduced over the batch by the last block to finish, in sample order, instead of
-// two sum_splits launches and two memsets).
+// two sum_splits launches and two memsets; its counter is a ticket of the device's ring, so no
+// memset either).
 #include "common.cuh"
 
 // Loop kernels (groups too large for registers, or S % 8 != 0): 32 warps per block keep loads in
@@ -33,20 +34,13 @@ namespace disc_head {
 
 __device__ __forceinline__ float leaky_relu(float v, float slope) { return v > 0.f ? v : slope * v; }
 
-// A value another block wrote in this launch (not through this SM's L1).
-__device__ __forceinline__ float load_volatile(const float* p) { return *reinterpret_cast<const volatile float*>(p); }
-
 // dw[c] = Σ_b dw_part[b·C + c] (and db) by the last block of the grid to finish, in sample order
-// (as sum_splits). `counter` is zero at launch; `flag` one shared word. Every thread calls it.
+// (as sum_splits), counted by `ticket` (last_block_to_finish: zero at launch and left at zero).
+// Every thread calls it.
 __device__ __forceinline__ void param_grad_tail(float* __restrict__ dw, float* __restrict__ db,
-                                                const float* dw_part, const float* db_part,
-                                                unsigned* __restrict__ counter, unsigned* flag, int B, int C) {
-    __threadfence();  // this block's partials are visible before the count says so
-    __syncthreads();
-    if (threadIdx.x == 0) *flag = atomicAdd(counter, 1u) == gridDim.x - 1 ? 1u : 0u;
-    __syncthreads();
-    if (*flag == 0u) return;
-    __threadfence();
+                                                const float* dw_part, const float* db_part, unsigned* ticket, int B,
+                                                int C) {
+    if (!last_block_to_finish(ticket, gridDim.x)) return;
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
         float sw = 0.f, sb = 0.f;
         for (int b = 0; b < B; b++) {
@@ -436,8 +430,9 @@ __device__ __forceinline__ void gn_bwd_regs(bf16* __restrict__ dx, float* __rest
 
 }  // namespace disc_head
 
-// grid: B·G, block: GN_THREADS, dynamic shared memory 2·(C/G) floats. `counter` (one word) is zero
-// at launch; dw, db [C] are written by the last block.
+// grid: B·G, block: GN_THREADS, dynamic shared memory 2·(C/G) floats. `counter`: one ticket
+// (`KernelDevice::column_tickets`), zero at launch and left at zero; dw, db [C] are written by the
+// last block.
 extern "C" __global__ void __launch_bounds__(GN_THREADS)
     group_norm_bwd(bf16* __restrict__ dx, float* __restrict__ dw, float* __restrict__ db, float* dw_part,
                    float* db_part, unsigned* __restrict__ counter, const bf16* __restrict__ x,
@@ -446,9 +441,8 @@ extern "C" __global__ void __launch_bounds__(GN_THREADS)
                    int leaky) {
     kernel_prologue();
     DYNAMIC_SMEM(float, sums);
-    __shared__ unsigned flag;
     disc_head::gn_bwd_loop(dx, dw_part, db_part, x, mean, rstd, weight, bias, dy, C, S, G, slope, leaky, sums);
-    disc_head::param_grad_tail(dw, db, dw_part, db_part, counter, &flag, B, C);
+    disc_head::param_grad_tail(dw, db, dw_part, db_part, counter, B, C);
 }
 
 // grid: B·G, block: ≤ 1024 threads with C/G·S/8 ≤ P·blockDim.x, S % 8 == 0; dynamic shared memory
@@ -462,7 +456,6 @@ extern "C" __global__ void __launch_bounds__(1024)
                       float slope, int leaky) {
     kernel_prologue();
     DYNAMIC_SMEM(float, part);
-    __shared__ unsigned flag;
     const int packs = C / G * S / 8;
     if (aligned16(x) && aligned16(dy) && aligned16(dx))
         disc_head::gn_bwd_regs<1>(dx, dw_part, db_part, x, mean, rstd, weight, bias, dy, C, S, G, slope, leaky,
@@ -470,7 +463,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     else
         disc_head::gn_bwd_loop(dx, dw_part, db_part, x, mean, rstd, weight, bias, dy, C, S, G, slope, leaky,
                                part + 2 * packs);
-    disc_head::param_grad_tail(dw, db, dw_part, db_part, counter, &flag, B, C);
+    disc_head::param_grad_tail(dw, db, dw_part, db_part, counter, B, C);
 }
 extern "C" __global__ void __launch_bounds__(1024)
     group_norm_bwd_r2(bf16* __restrict__ dx, float* __restrict__ dw, float* __restrict__ db, float* dw_part,
@@ -480,7 +473,6 @@ extern "C" __global__ void __launch_bounds__(1024)
                       float slope, int leaky) {
     kernel_prologue();
     DYNAMIC_SMEM(float, part);
-    __shared__ unsigned flag;
     const int packs = C / G * S / 8;
     if (aligned16(x) && aligned16(dy) && aligned16(dx))
         disc_head::gn_bwd_regs<2>(dx, dw_part, db_part, x, mean, rstd, weight, bias, dy, C, S, G, slope, leaky,
@@ -488,7 +480,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     else
         disc_head::gn_bwd_loop(dx, dw_part, db_part, x, mean, rstd, weight, bias, dy, C, S, G, slope, leaky,
                                part + 2 * packs);
-    disc_head::param_grad_tail(dw, db, dw_part, db_part, counter, &flag, B, C);
+    disc_head::param_grad_tail(dw, db, dw_part, db_part, counter, B, C);
 }
 extern "C" __global__ void __launch_bounds__(1024)
     group_norm_bwd_r4(bf16* __restrict__ dx, float* __restrict__ dw, float* __restrict__ db, float* dw_part,
@@ -498,7 +490,6 @@ extern "C" __global__ void __launch_bounds__(1024)
                       float slope, int leaky) {
     kernel_prologue();
     DYNAMIC_SMEM(float, part);
-    __shared__ unsigned flag;
     const int packs = C / G * S / 8;
     if (aligned16(x) && aligned16(dy) && aligned16(dx))
         disc_head::gn_bwd_regs<4>(dx, dw_part, db_part, x, mean, rstd, weight, bias, dy, C, S, G, slope, leaky,
@@ -506,7 +497,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     else
         disc_head::gn_bwd_loop(dx, dw_part, db_part, x, mean, rstd, weight, bias, dy, C, S, G, slope, leaky,
                                part + 2 * packs);
-    disc_head::param_grad_tail(dw, db, dw_part, db_part, counter, &flag, B, C);
+    disc_head::param_grad_tail(dw, db, dw_part, db_part, counter, B, C);
 }
 
 // ---- Mean pool ---------------------------------------------------------------------------------

@@ -158,12 +158,13 @@ extern "C" __global__ void __launch_bounds__(EW_THREADS) silu_bwd(bf16* __restri
 
 // The MLP's GELU backward with fc1's bias gradient, in one pass (N % 8 == 0, 16-byte aligned
 // buffers): dx = dy·GELU′(x) over the [M, N] rows and, per split s of the rows, the column partials
-// part[s, j] = Σ dx as stored in bf16 (then sum_splits). dy and x are read once and dx written
-// once; the separate column sum would read dx again. Row lanes (column_lanes.cuh) with one
-// sample: grid (ceil(N / 8 / X), 1, S), block (X, Y).
+// part[s, j] = Σ dx as stored in bf16, summed into out_sum as finish_columns says. dy and x are
+// read once and dx written once; the separate column sum would read dx again. Row lanes
+// (column_lanes.cuh) with one sample: grid (ceil(N / 8 / X), 1, S), block (X, Y).
 extern "C" __global__ void __launch_bounds__(LANE_THREADS, LANE_BLOCKS_PER_SM)
     gelu_tanh_bwd_colsum(bf16* __restrict__ dx, float* __restrict__ part, const bf16* __restrict__ x,
-                         const bf16* __restrict__ dy, int M, int N) {
+                         const bf16* __restrict__ dy, int M, int N, float* out_sum, unsigned* tickets,
+                         int flags) {
     kernel_prologue();
     using namespace elementwise;
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
@@ -197,8 +198,9 @@ extern "C" __global__ void __launch_bounds__(LANE_THREADS, LANE_BLOCKS_PER_SM)
                 }
         }
     }
-    float* const out[1] = {part};
-    write_lane_partials<1>(out, acc, 1, N, c);
+    float* const parts[1] = {part};
+    float* const out[1] = {out_sum};
+    finish_columns<1>(parts, out, acc, 1, N, c, tickets, flags);
 }
 
 // Casts — grid: ceil(n / 8 / EW_THREADS) (any grid is correct), block: EW_THREADS.

@@ -6,7 +6,8 @@
 //                  saving rstd per row
 //   rms_norm_bwd:  dx = rstd·(dy·w − x·rstd·mean(dy·w·x̂)) per row, and the weight gradient
 //                  Σ_rows dy·x̂ as one f32 partial row per block (fixed grid, fixed order, so the
-//                  result is deterministic), reduced by sum_splits (adaln.cu)
+//                  result is deterministic), summed by the launch's last block (rms_bwd_tail) or
+//                  by sum_splits (adaln.cu)
 //   rms_norm_fwd2, rms_norm_bwd2: two of the above of one shape in one launch (q's and k's)
 //
 // x (and in the backward dx) may be read and written in place inside a wider tensor: rows are
@@ -316,28 +317,60 @@ __device__ __forceinline__ void rms_bwd(bf16* __restrict__ dx, float* __restrict
         dw_part[(long long)blockIdx.x * D + j] = s;
     }
 }
+
+// With a ticket, the last of the launch's P = gridDim.x blocks (of this blockIdx.y) to finish sums
+// the partial rows into dw (added to it when accumulate), instead of a sum_splits launch after the
+// kernel: thread (j, y) of Y = max(1, blockDim.x / D) lanes adds rows y, y + Y, … of column j, then
+// the lanes' sums are added in lane order — a fixed order for a given (P, D). Every thread of the
+// block calls it.
+__device__ __forceinline__ void rms_bwd_tail(float* dw, const float* dw_part, int D, int accumulate,
+                                             unsigned* ticket) {
+    if (ticket == nullptr || !last_block_to_finish(ticket, gridDim.x)) return;
+    __shared__ float lanes[QK_THREADS];
+    const int P = gridDim.x, Y = max(1, (int)blockDim.x / D), cols = (int)blockDim.x / Y;
+    const int x = (int)threadIdx.x % cols, y = (int)threadIdx.x / cols;
+    for (int j0 = 0; j0 < D; j0 += cols) {
+        const int j = j0 + x;
+        float t = 0.f;
+        if (y < Y && j < D)
+            for (int p = y; p < P; p += Y) t += load_volatile(dw_part + (long long)p * D + j);
+        lanes[threadIdx.x] = t;
+        __syncthreads();
+        if (y == 0 && j < D) {
+            float s = 0.f;
+            for (int w = 0; w < Y; w++) s += lanes[w * cols + x];
+            dw[j] = accumulate ? dw[j] + s : s;
+        }
+        __syncthreads();
+    }
+}
 }  // namespace qknorm
 
 extern "C" __global__ void __launch_bounds__(QK_THREADS)
     rms_norm_bwd(bf16* __restrict__ dx, float* __restrict__ dw_part, const bf16* __restrict__ x,
                  const bf16* __restrict__ w, const float* __restrict__ rstd, const bf16* __restrict__ dy,
-                 long long rows, int D, int G, int H, long long ld) {
+                 long long rows, int D, int G, int H, long long ld, float* dw, int accumulate,
+                 unsigned* tickets) {
     kernel_prologue();
     qknorm::rms_bwd(dx, dw_part, x, w, rstd, dy, rows, D, G, H, ld);
+    qknorm::rms_bwd_tail(dw, dw_part, D, accumulate, tickets);
 }
 
 // Two rms_norm_bwd of the same shape in one launch (q's and k's): blockIdx.y picks the pair; pair
-// y's partials go to dw_part + y·gridDim.x·D. grid: (P, 2).
+// y's partials go to dw_part + y·gridDim.x·D, and with tickets (two) their sums to dw<y>.
+// grid: (P, 2).
 extern "C" __global__ void __launch_bounds__(QK_THREADS)
     rms_norm_bwd2(bf16* __restrict__ dx0, const bf16* __restrict__ x0, const bf16* __restrict__ w0,
                   const float* __restrict__ rstd0, const bf16* __restrict__ dy0, bf16* __restrict__ dx1,
                   const bf16* __restrict__ x1, const bf16* __restrict__ w1, const float* __restrict__ rstd1,
                   const bf16* __restrict__ dy1, float* __restrict__ dw_part, long long rows, int D, int G, int H,
-                  long long ld) {
+                  long long ld, float* dw0, int acc0, float* dw1, int acc1, unsigned* tickets) {
     kernel_prologue();
     float* part = dw_part + (long long)blockIdx.y * gridDim.x * D;
     if (blockIdx.y == 0)
         qknorm::rms_bwd(dx0, part, x0, w0, rstd0, dy0, rows, D, G, H, ld);
     else
         qknorm::rms_bwd(dx1, part, x1, w1, rstd1, dy1, rows, D, G, H, ld);
+    qknorm::rms_bwd_tail(blockIdx.y == 0 ? dw0 : dw1, part, D, blockIdx.y == 0 ? acc0 : acc1,
+                         tickets == nullptr ? nullptr : tickets + blockIdx.y);
 }

@@ -8,7 +8,8 @@
 //   gemv_small_m         y = x·wᵀ (+ bias) for M ≤ 8 rows of x: one warp per output column
 //   weight_grad_small_k  g += aᵀ·b over K ≤ 8 rows, and the bias gradient
 //   gemv_small_m_nn_partial  split partials of x·w (w [K, N] read along its rows) for M ≤ 8 rows
-//                            of x: a modulation layer's input gradient, then sum_splits
+//                            of x: a modulation layer's input gradient, summed by the launch's
+//                            last block of each column block (or by sum_splits)
 #include "common.cuh"
 
 // y[m, n] = Σ_k x[m, k]·w[n, k] + bias[n] (bias may be null), bf16 in and out, f32 sums, M ≤ 8,
@@ -127,7 +128,7 @@ extern "C" __global__ void weight_grad_small_k(float* __restrict__ g, float* __r
 #define NN_UNROLL 4
 extern "C" __global__ void __launch_bounds__(256)
     gemv_small_m_nn_partial(float* __restrict__ part, const bf16* __restrict__ x, const bf16* __restrict__ w,
-                            int M, int N, int K, int R) {
+                            int M, int N, int K, int R, float* out, int accumulate, unsigned* tickets) {
     kernel_prologue();
     DYNAMIC_SMEM(float, red);  // [8 warps][M][256 columns]
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -169,10 +170,19 @@ extern "C" __global__ void __launch_bounds__(256)
             for (int j = 0; j < 8; j++) red[(warp * M + m) * 256 + 8 * lane + j] = acc[m][j];
     __syncthreads();
     const int col = blockIdx.x * 256 + threadIdx.x;
-    if (col >= N) return;
+    if (col < N)
+        for (int m = 0; m < M; m++) {
+            float s = 0.f;
+            for (int v = 0; v < 8; v++) s += red[(v * M + m) * 256 + threadIdx.x];
+            part[((long long)blockIdx.y * M + m) * N + col] = s;
+        }
+    // With tickets, the last of the S blocks of this column block to finish sums their partials
+    // in split order into out (added to it when accumulate), instead of a sum_splits launch.
+    if (tickets == nullptr || !last_block_to_finish(tickets + blockIdx.x, gridDim.y) || col >= N) return;
     for (int m = 0; m < M; m++) {
         float s = 0.f;
-        for (int v = 0; v < 8; v++) s += red[(v * M + m) * 256 + threadIdx.x];
-        part[((long long)blockIdx.y * M + m) * N + col] = s;
+        for (int v = 0; v < (int)gridDim.y; v++) s += load_volatile(part + ((long long)v * M + m) * N + col);
+        float* o = out + (long long)m * N + col;
+        *o = accumulate ? *o + s : s;
     }
 }

@@ -219,16 +219,18 @@ fn adaln(b: &mut Bench) -> KernelResult<()> {
 /// gradient at [tokens × 4·D], and adaLN's as the model runs it (dx added into the f32 residual
 /// gradient in place, dshift, dscale) — at the MMDiT's shapes: 4429 rows,
 /// SD3.5-medium's 1024 px image stream (1 × 4096), 512 px at batch 2 (2 × 1024) and a text stream
-/// (1 × 333), in both column layouts, so the row lanes' gain is a ratio measured in one run.
+/// (1 × 333), in both column layouts and both ways of summing the partials, so each change's
+/// gain is a ratio measured in one run.
 fn column_backwards(b: &mut Bench) -> KernelResult<()> {
-    use crate::kernels::adaln::dev::{self as adaln_dev, ColumnLayout};
+    use crate::kernels::adaln::dev::{self as adaln_dev, ColumnLayout, ColumnSums};
     let timed = column_backward_rows(b);
     adaln_dev::set_column_layout(ColumnLayout::RowLanes);
+    adaln_dev::set_column_sums(ColumnSums::InKernel);
     timed
 }
 
 fn column_backward_rows(b: &mut Bench) -> KernelResult<()> {
-    use crate::kernels::adaln::dev::{self as adaln_dev, ColumnLayout};
+    use crate::kernels::adaln::dev::{self as adaln_dev, ColumnLayout, ColumnSums};
     let d = b.size(1536, 64);
     let shapes: &[(usize, usize)] = if b.gpu {
         &[(1, 4429), (1, 4096), (2, 1024), (1, 333)]
@@ -278,11 +280,19 @@ fn column_backward_rows(b: &mut Bench) -> KernelResult<()> {
             .collect::<KernelResult<Vec<_>>>()?;
         let dev = b.dev.clone();
         let shape = format!("{batch}x{l}x{d} bf16");
-        for (layout, tag) in [
-            (ColumnLayout::RowLanes, "row lanes"),
-            (ColumnLayout::OneLane, "one lane"),
+        // the defaults first; "row lanes" and "one lane" (each with a sum_splits launch after
+        // the kernel) are the sixteenth and the fifteenth sessions' ways
+        for (layout, sums, tag) in [
+            (
+                ColumnLayout::RowLanes,
+                ColumnSums::InKernel,
+                "row lanes, in-kernel sums",
+            ),
+            (ColumnLayout::RowLanes, ColumnSums::SumSplits, "row lanes"),
+            (ColumnLayout::OneLane, ColumnSums::SumSplits, "one lane"),
         ] {
             adaln_dev::set_column_layout(layout);
+            adaln_dev::set_column_sums(sums);
             let name = format!("gated_residual_bwd_bias, {tag}");
             b.time(&name, &shape, gated_bytes, sets, |i| {
                 let t = &s[i];
@@ -324,6 +334,7 @@ fn column_backward_rows(b: &mut Bench) -> KernelResult<()> {
 
 /// QK RMSNorm over SD3-medium's heads: [tokens·heads, 64].
 fn qk(b: &mut Bench) -> KernelResult<()> {
+    use crate::kernels::adaln::dev::{self as adaln_dev, ColumnSums};
     let (rows, d) = (b.size(4429 * 24, 12 * 24), 64);
     let per_call = 2 * rows * d * 2 + rows * 4 + d * 2;
     let sets = b.sets(per_call);
@@ -348,20 +359,25 @@ fn qk(b: &mut Bench) -> KernelResult<()> {
         qknorm::dev::rms_norm_fwd_into(&dev, y, rstd, x, w, (rows, d), 1e-6)
     })?;
     let bytes = 3 * rows * d * 2 + rows * 4 + d * 2 + d * 4;
-    b.time("rms_norm_bwd (+sum_splits)", &shape, bytes, sets, |i| {
-        let (x, dx, rstd, w, dy, dw) = &s[i];
-        qknorm::dev::rms_norm_bwd_into(
-            &dev,
-            dx,
-            dw,
-            x,
-            w,
-            rstd,
-            dy,
-            (rows, d),
-            qknorm::dev::MAX_PARTS,
-        )
-    })?;
+    // the weight gradient's partials summed by the kernel's last block (the default), then by a
+    // sum_splits launch (the first way)
+    for (sums, tag) in SUMS {
+        adaln_dev::set_column_sums(sums);
+        b.time(&format!("rms_norm_bwd ({tag})"), &shape, bytes, sets, |i| {
+            let (x, dx, rstd, w, dy, dw) = &s[i];
+            qknorm::dev::rms_norm_bwd_into(
+                &dev,
+                dx,
+                dw,
+                x,
+                w,
+                rstd,
+                dy,
+                (rows, d),
+                qknorm::dev::MAX_PARTS,
+            )
+        })?;
+    }
     // the model's layout: q read from (and its gradient written into) the fused qkv tensor,
     // [tokens, 3·heads·64], a token's heads 128-byte rows in a row of 3·heads·64
     let heads = 24;
@@ -379,16 +395,10 @@ fn qk(b: &mut Bench) -> KernelResult<()> {
         let ((x, _, _), (_, y, rstd, w, _, _)) = (&laid[i], &s[i]);
         qknorm::dev::rms_norm_fwd_laid_into(&dev, y, rstd, x, layout, w, (rows, d), 1e-6)
     })?;
-    b.time(
-        "rms_norm_bwd (laid, +sum_splits)",
-        &shape,
-        bytes,
-        sets,
-        |i| {
-            let ((x, dx, _), (_, _, rstd, w, dy, _)) = (&laid[i], &s[i]);
-            qknorm::dev::rms_norm_bwd_laid(&dev, dx, x, layout, w, rstd, dy, (rows, d)).map(|_| ())
-        },
-    )?;
+    b.time("rms_norm_bwd (laid)", &shape, bytes, sets, |i| {
+        let ((x, dx, _), (_, _, rstd, w, dy, _)) = (&laid[i], &s[i]);
+        qknorm::dev::rms_norm_bwd_laid(&dev, dx, x, layout, w, rstd, dy, (rows, d)).map(|_| ())
+    })?;
     // q's and k's in one launch each way, as the model runs them: twice the bytes of a row above
     let k_layout = qknorm::dev::RowLayout {
         off: heads * d,
@@ -405,20 +415,31 @@ fn qk(b: &mut Bench) -> KernelResult<()> {
             qknorm::dev::rms_norm_fwd_laid_pair(&dev, x, pair, [w, w], (rows, d), 1e-6).map(|_| ())
         },
     )?;
-    b.time(
-        "rms_norm_bwd2 (q and k, laid, +sum_splits2)",
-        &shape,
-        2 * bytes,
-        sets,
-        |i| {
+    for (sums, tag) in SUMS {
+        adaln_dev::set_column_sums(sums);
+        let name = format!("rms_norm_bwd2 (q and k, laid, {tag})");
+        b.time(&name, &shape, 2 * bytes, sets, |i| {
             let ((x, dx, dk), (_, _, rstd, w, dy, dq)) = (&laid[i], &s[i]);
             let dws = Some([(dq, false), (dk, true)]);
             let (ws, rs, dys) = ([w, w], [rstd, rstd], [dy, dy]);
             qknorm::dev::rms_norm_bwd_laid_pair(&dev, dx, x, pair, ws, rs, dys, (rows, d), dws)
-        },
-    )?;
+        })?;
+    }
+    adaln_dev::set_column_sums(ColumnSums::InKernel);
     Ok(())
 }
+
+/// Who sums a backward's partial rows, with the rows' tags: the default first.
+const SUMS: [(crate::kernels::adaln::dev::ColumnSums, &str); 2] = [
+    (
+        crate::kernels::adaln::dev::ColumnSums::InKernel,
+        "in-kernel sums",
+    ),
+    (
+        crate::kernels::adaln::dev::ColumnSums::SumSplits,
+        "+sum_splits",
+    ),
+];
 
 /// GELU and SiLU over an MLP hidden activation [tokens × 4·hidden]; the casts over 32 Mi values.
 fn elementwise(b: &mut Bench) -> KernelResult<()> {
@@ -591,14 +612,25 @@ fn modulation_products(b: &mut Bench) -> KernelResult<()> {
         let (dm, dx, dx16) = (b.bf(rows * out)?, b.f(rows * inp)?, b.bf(rows * inp)?);
         let bwd = GemmSpec::nn(rows, inp, out);
         let shape = format!("{rows}x{inp}x{out} f32+=");
-        for (name, via) in [
-            ("gemv_small_m_nn (+=f32)", SmallProducts::OwnKernels),
-            ("input grad: cuBLASLt (+=f32)", SmallProducts::Library),
-        ] {
-            b.time(name, &shape, out * inp * 2, wsets, |i| {
+        for (sums, tag) in SUMS {
+            crate::kernels::adaln::dev::set_column_sums(sums);
+            let name = format!("gemv_small_m_nn (+=f32, {tag})");
+            b.time(&name, &shape, out * inp * 2, wsets, |i| {
+                let via = SmallProducts::OwnKernels;
                 gemm_bf16_f32(&dev, bwd, &dm, &w[i], &dx, None, false, via)
             })?;
         }
+        crate::kernels::adaln::dev::set_column_sums(SUMS[0].0);
+        b.time(
+            "input grad: cuBLASLt (+=f32)",
+            &shape,
+            out * inp * 2,
+            wsets,
+            |i| {
+                let via = SmallProducts::Library;
+                gemm_bf16_f32(&dev, bwd, &dm, &w[i], &dx, None, false, via)
+            },
+        )?;
         b.time(
             "input grad: cuBLASLt bf16 + accumulate",
             &shape,
@@ -774,30 +806,25 @@ fn head_case(
             Some(0.2),
         )
     })?;
-    // The backward through its public launcher (allocates its outputs and partials; one memset
-    // of the last-block counter and one kernel).
-    b.time(
-        "group_norm_bwd+leaky (+memset)",
-        &shape,
-        3 * n * 2,
-        sets,
-        |i| {
-            let (x, _, dy, mean, rstd) = &s[i];
-            disc_head::dev::group_norm_bwd(
-                &dev,
-                x,
-                mean,
-                rstd,
-                &w,
-                &bias,
-                dy,
-                (bs, c, sp),
-                g,
-                Some(0.2),
-            )
-            .map(|_| ())
-        },
-    )?;
+    // The backward through its public launcher (allocates its outputs and partials; one kernel,
+    // its last block's counter a ticket of the device's ring: no memset since the seventeenth
+    // session).
+    b.time("group_norm_bwd+leaky", &shape, 3 * n * 2, sets, |i| {
+        let (x, _, dy, mean, rstd) = &s[i];
+        disc_head::dev::group_norm_bwd(
+            &dev,
+            x,
+            mean,
+            rstd,
+            &w,
+            &bias,
+            dy,
+            (bs, c, sp),
+            g,
+            Some(0.2),
+        )
+        .map(|_| ())
+    })?;
     // The head pools the 1-channel output of its Conv 1×1: [B, 1, S] (the first case); the
     // [B, C, S] pool of the second case only tracks the kernels' bandwidth at a larger size.
     let rows = if pool_realistic { bs } else { bs * c };

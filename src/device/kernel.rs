@@ -303,7 +303,23 @@ pub struct KernelDevice {
     /// Matmul FLOPs queued so far (GEMMs at 2·M·N·K, attention in the FlashAttention
     /// convention): what the benchmarks' MFU divides by, counted where the work is issued.
     flops: Arc<FlopCounter>,
+    /// The column kernels' tickets ([`KernelDevice::column_tickets`]).
+    tickets: Arc<std::sync::OnceLock<ColumnTickets>>,
 }
+
+/// Counters in device memory, all zero between launches, from which [`KernelDevice::column_tickets`]
+/// hands each launch of a column kernel that sums its own partial rows (cuda/column_lanes.cuh's
+/// `column_tail`) one per column slice; the last block of a slice sets its counter back to zero.
+/// Handed round a ring, so launches that may run at the same time (the two streams' work between
+/// a fork and its join, a few dozen column launches) never share one; allocated with the device,
+/// outside any capture, and left out of the memory figures (device plumbing, 64 KiB).
+struct ColumnTickets {
+    buf: DevBuf<u32>,
+    next: std::sync::Mutex<usize>,
+}
+
+/// Counters in the ring of [`ColumnTickets`].
+const COLUMN_TICKETS: usize = 16384;
 
 /// The matmul FLOPs a device queued: the model's, and those queued again by a recomputation
 /// (activation checkpointing's second forward of a block), which MFU leaves out — a model's
@@ -490,8 +506,12 @@ impl KernelDevice {
             backend: Backend::Emulator,
             memory: Arc::default(),
             flops: Arc::default(),
+            tickets: Arc::default(),
         };
         let _ = dev.set_streams(streams_env().unwrap_or(2));
+        // host memory: cannot fail short of an abort; a failure would surface at the first
+        // column launch as an error
+        let _ = dev.init_column_tickets();
         dev
     }
 
@@ -502,10 +522,58 @@ impl KernelDevice {
             backend: Backend::Gpu(super::cuda::CudaRuntime::new(ordinal)?),
             memory: Arc::default(),
             flops: Arc::default(),
+            tickets: Arc::default(),
         };
         dev.set_streams(streams_env().map_err(KernelError::Invalid)?)?;
         dev.set_pdl(pdl_env().map_err(KernelError::Invalid)?);
+        dev.init_column_tickets()?;
         Ok(dev)
+    }
+
+    fn init_column_tickets(&self) -> KernelResult<()> {
+        let mut buf = self.zeros::<u32>(COLUMN_TICKETS)?;
+        if let Some(counter) = buf.counted.take() {
+            counter.sub(buf.bytes());
+            counter
+                .peak
+                .store(counter.live.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        let ring = ColumnTickets {
+            buf,
+            next: std::sync::Mutex::new(0),
+        };
+        self.tickets
+            .set(ring)
+            .map_err(|_| KernelError::Invalid("the column tickets exist already".into()))
+    }
+
+    /// `n` zero counters for one launch of a column kernel that sums its own partials (one per
+    /// column slice, `grid.x`), the next `n` of a ring of 16384 ([`ColumnTickets`]).
+    pub(crate) fn column_tickets(&self, n: usize) -> KernelResult<DevBuf<u32>> {
+        let ring = self
+            .tickets
+            .get()
+            .ok_or_else(|| KernelError::Invalid("no column tickets on this device".into()))?;
+        if n == 0 || n > COLUMN_TICKETS / 16 {
+            return Err(KernelError::Invalid(format!(
+                "{n} column tickets for one launch (1 to {})",
+                COLUMN_TICKETS / 16
+            )));
+        }
+        let mut next = ring.next.lock().unwrap_or_else(|e| e.into_inner());
+        let start = if *next + n > COLUMN_TICKETS { 0 } else { *next };
+        *next = start + n;
+        Ok(ring.buf.view(start, n)?.alias())
+    }
+
+    /// Every counter of the ring [`Self::column_tickets`] hands out, as the device holds them
+    /// now (all zero once the launches that took them have run): for tests.
+    pub fn column_ticket_counts(&self) -> KernelResult<Vec<u32>> {
+        let ring = self
+            .tickets
+            .get()
+            .ok_or_else(|| KernelError::Invalid("no column tickets on this device".into()))?;
+        self.download(&ring.buf)
     }
 
     /// The first GPU when one is usable, else `None` (never panics; CUDA.md §2).

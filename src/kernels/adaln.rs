@@ -249,6 +249,101 @@ pub mod dev {
         (cfg, s)
     }
 
+    /// Who sums the partial rows of the row-lane column kernels (cuda/column_lanes.cuh) and of
+    /// the RMSNorm backward's weight gradient (cuda/qknorm.cu).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum ColumnSums {
+        /// The kernel's last block of each column slice, counted by tickets
+        /// ([`KernelDevice::column_tickets`]): no launch after it (the default).
+        InKernel,
+        /// A `sum_splits` launch after the kernel: the first way, kept for the kernels bench's A/B.
+        SumSplits,
+    }
+
+    static SUM_SPLITS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+    /// Sets who sums the column partials in every later launch in this process (the kernels
+    /// bench times both; everything else keeps the default).
+    pub fn set_column_sums(sums: ColumnSums) {
+        SUM_SPLITS.store(
+            sums == ColumnSums::SumSplits,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    pub(crate) fn column_sums() -> ColumnSums {
+        if SUM_SPLITS.load(std::sync::atomic::Ordering::Relaxed) {
+            ColumnSums::SumSplits
+        } else {
+            ColumnSums::InKernel
+        }
+    }
+
+    /// One accumulator's destination in a row-lane column kernel: `out` (f32) gets the column
+    /// sums, added to it when `accumulate`; `whole`: one row `[D]` over every sample's rows, else
+    /// `[B, D]`, each sample's own.
+    #[derive(Clone, Copy)]
+    pub(crate) struct ColumnOut<'a> {
+        pub out: &'a DevBuf<f32>,
+        pub accumulate: bool,
+        pub whole: bool,
+    }
+
+    /// Launches a row-lane column kernel (`args`: its operands up to its partials' shape) whose
+    /// accumulators' partial rows `parts` (`s` splits of `b` samples) go to `outs`: summed by the
+    /// kernel itself ([`ColumnSums::InKernel`]: the outputs, tickets and flags appended) or by a
+    /// `sum_splits` launch after it.
+    pub(crate) fn launch_column_kernel(
+        dev: &KernelDevice,
+        name: &str,
+        (cfg, s, b): (LaunchCfg, usize, usize),
+        args: KernelArgs,
+        parts: &[&DevBuf<f32>],
+        outs: &[ColumnOut],
+    ) -> KernelResult<()> {
+        for (part, o) in parts.iter().zip(outs) {
+            let rows = if o.whole { 1 } else { b };
+            if o.out.len() != rows * part.len() / (s * b).max(1) {
+                return Err(crate::device::kernel::KernelError::Invalid(format!(
+                    "{name}: {} sums for {} partials of {s} splits of {b} samples",
+                    o.out.len(),
+                    part.len()
+                )));
+            }
+        }
+        if column_sums() == ColumnSums::SumSplits {
+            let mut args = args;
+            for _ in outs {
+                args = args.null();
+            }
+            dev.launch(name, cfg, args.null().i32(0))?;
+            let s_of = |o: &ColumnOut| if o.whole { s * b } else { s };
+            return match (parts, outs) {
+                ([p], [o]) => sum_splits_acc(dev, o.out, p, s_of(o), o.accumulate),
+                ([p0, p1], [o0, o1]) => sum_splits_pair(
+                    dev,
+                    [
+                        (o0.out, p0, s_of(o0), o0.accumulate),
+                        (o1.out, p1, s_of(o1), o1.accumulate),
+                    ],
+                ),
+                _ => Err(crate::device::kernel::KernelError::Invalid(format!(
+                    "{name}: {} partials for {} outputs",
+                    parts.len(),
+                    outs.len()
+                ))),
+            };
+        }
+        let tickets = dev.column_tickets(cfg.grid[0] as usize)?;
+        let mut args = args;
+        let mut flags = 0;
+        for (a, o) in outs.iter().enumerate() {
+            args = args.buf(o.out);
+            flags |= i32::from(o.accumulate) << a | i32::from(o.whole) << (4 + a);
+        }
+        dev.launch(name, cfg, args.buf(&tickets).i32(flags))
+    }
+
     /// Sums `[S, n]` partial rows into `out [n]`: 32 columns per block, and up to 32 threads per
     /// column walking the splits (see `sum_splits` in adaln.cu).
     pub fn sum_splits(
@@ -618,7 +713,7 @@ pub mod dev {
         if rows == 0 || d == 0 {
             return Ok((dev.zeros::<f32>(b * d)?, dev.zeros::<f32>(b * d)?));
         }
-        // written whole by sum_splits
+        // written whole by the column sums
         let dshift = dev.alloc::<f32>(b * d)?;
         let dscale = dev.alloc::<f32>(b * d)?;
         let vec = mod_rows(scale, ld, (b, d), "adaln scale")?;
@@ -682,25 +777,33 @@ pub mod dev {
         };
         let part_shift = dev.alloc::<f32>(s * b * d)?;
         let part_scale = dev.alloc::<f32>(s * b * d)?;
-        let params_kernel = if d % 8 == 0 {
-            "adaln_modulate_bwd_params_vec"
-        } else {
-            "adaln_modulate_bwd_params"
-        };
-        dev.launch(
-            params_kernel,
-            cfg,
-            KernelArgs::new()
-                .buf(&part_shift)
-                .buf(&part_scale)
-                .buf(x)
-                .buf(mean)
-                .buf(rstd)
-                .buf(dy)
-                .i32(b as i32)
-                .i32(l as i32)
-                .i32(d as i32),
-        )?;
+        let args = KernelArgs::new()
+            .buf(&part_shift)
+            .buf(&part_scale)
+            .buf(x)
+            .buf(mean)
+            .buf(rstd)
+            .buf(dy)
+            .i32(b as i32)
+            .i32(l as i32)
+            .i32(d as i32);
+        if d % 8 == 0 {
+            let sums = |out| ColumnOut {
+                out,
+                accumulate: false,
+                whole: false,
+            };
+            launch_column_kernel(
+                dev,
+                "adaln_modulate_bwd_params_vec",
+                (cfg, s, b),
+                args,
+                &[&part_shift, &part_scale],
+                &[sums(&dshift), sums(&dscale)],
+            )?;
+            return Ok((dshift, dscale));
+        }
+        dev.launch("adaln_modulate_bwd_params", cfg, args)?;
         sum_splits_pair(
             dev,
             [
@@ -798,8 +901,12 @@ pub mod dev {
                 .i32(d as i32)
                 .i32(ld as i32),
         )?;
-        let (part, s) = colsum_partials(dev, dz, Some(y), (b, l, d))?;
-        sum_splits(dev, &dgate, &part, s)?;
+        let dgate_out = ColumnOut {
+            out: &dgate,
+            accumulate: false,
+            whole: false,
+        };
+        colsum(dev, dz, Some(y), (b, l, d), dgate_out)?;
         Ok((dgate, dy))
     }
 
@@ -821,33 +928,41 @@ pub mod dev {
         if rows == 0 || d == 0 {
             return Ok(());
         }
-        let (part, s) = colsum_partials(dev, a, None, (1, rows, d))?;
-        sum_splits_acc(dev, out, &part, s, true)
+        let sums = ColumnOut {
+            out,
+            accumulate: true,
+            whole: true,
+        };
+        colsum(dev, a, None, (1, rows, d), sums)
     }
 
-    /// The column partials `part[s, b, j] = Σ_{l in split s} a·c` (or `Σ a` without `c`) over
-    /// each sample's rows (`colsum_mul_partial`; without `c`, where rows allow 16-byte packs,
-    /// `colsum_partial_vec`), and the number of splits.
-    fn colsum_partials(
+    /// The column sums of `a·c` (or of `a` without `c`) over each sample's rows into `sums`:
+    /// per-split partials (`colsum_mul_partial`; without `c`, where rows allow 16-byte packs,
+    /// `colsum_partial_vec`, which may sum its own) and `sum_splits`.
+    fn colsum(
         dev: &KernelDevice,
         a: &DevBuf<bf16>,
         c: Option<&DevBuf<bf16>>,
         (b, l, d): (usize, usize, usize),
-    ) -> KernelResult<(DevBuf<f32>, usize)> {
+        sums: ColumnOut,
+    ) -> KernelResult<()> {
         if c.is_none() && d % 8 == 0 && a.device_ptr() % 16 == 0 {
             let (cfg, s) = pack_cols_plan(dev, b, l, d);
             let part = dev.alloc::<f32>(s * b * d)?;
-            dev.launch(
+            let args = KernelArgs::new()
+                .buf(&part)
+                .buf(a)
+                .i32(b as i32)
+                .i32(l as i32)
+                .i32(d as i32);
+            return launch_column_kernel(
+                dev,
                 "colsum_partial_vec",
-                cfg,
-                KernelArgs::new()
-                    .buf(&part)
-                    .buf(a)
-                    .i32(b as i32)
-                    .i32(l as i32)
-                    .i32(d as i32),
-            )?;
-            return Ok((part, s));
+                (cfg, s, b),
+                args,
+                &[&part],
+                &[sums],
+            );
         }
         let s = splits(b, l, d);
         let part = dev.alloc::<f32>(s * b * d)?;
@@ -865,7 +980,8 @@ pub mod dev {
             },
             args.i32(b as i32).i32(l as i32).i32(d as i32),
         )?;
-        Ok((part, s))
+        let rows = if sums.whole { s * b } else { s };
+        sum_splits_acc(dev, sums.out, &part, rows, sums.accumulate)
     }
 
     /// [`gated_residual_bwd_ld`], and the bias gradient of the linear layer that produced `y`
@@ -902,8 +1018,12 @@ pub mod dev {
         if n == 0 || d % 8 != 0 || !aligned {
             let (dgate, dy) = gated_residual_bwd_ld(dev, (gate, ld), y, dz, (b, l, d))?;
             if n > 0 {
-                let (part, s) = colsum_partials(dev, &dy, None, (b, l, d))?;
-                sum_splits_acc(dev, bias_grad, &part, s * b, true)?;
+                let sums = ColumnOut {
+                    out: bias_grad,
+                    accumulate: true,
+                    whole: true,
+                };
+                colsum(dev, &dy, None, (b, l, d), sums)?;
             }
             return Ok((dgate, dy));
         }
@@ -911,27 +1031,36 @@ pub mod dev {
         let dy = dev.alloc::<bf16>(n)?;
         let (cfg, s) = pack_cols_plan(dev, b, l, d);
         let (part_gate, part_bias) = (dev.alloc::<f32>(s * b * d)?, dev.alloc::<f32>(s * b * d)?);
-        dev.launch(
-            "gated_residual_bwd_vec",
-            cfg,
-            KernelArgs::new()
-                .buf(&dy)
-                .buf(&part_gate)
-                .buf(&part_bias)
-                .buf(gate)
-                .buf(y)
-                .buf(dz)
-                .i32(b as i32)
-                .i32(l as i32)
-                .i32(d as i32)
-                .i32(ld as i32),
-        )?;
-        sum_splits_pair(
+        let args = KernelArgs::new()
+            .buf(&dy)
+            .buf(&part_gate)
+            .buf(&part_bias)
+            .buf(gate)
+            .buf(y)
+            .buf(dz)
+            .i32(b as i32)
+            .i32(l as i32)
+            .i32(d as i32)
+            .i32(ld as i32);
+        let outs = [
+            ColumnOut {
+                out: &dgate,
+                accumulate: false,
+                whole: false,
+            },
+            ColumnOut {
+                out: bias_grad,
+                accumulate: true,
+                whole: true,
+            },
+        ];
+        launch_column_kernel(
             dev,
-            [
-                (&dgate, &part_gate, s, false),
-                (bias_grad, &part_bias, s * b, true),
-            ],
+            "gated_residual_bwd_vec",
+            (cfg, s, b),
+            args,
+            &[&part_gate, &part_bias],
+            &outs,
         )?;
         Ok((dgate, dy))
     }

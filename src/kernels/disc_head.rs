@@ -432,10 +432,11 @@ pub mod dev {
         let dx = dev.alloc::<bf16>(b * c * s)?;
         let dw = dev.alloc::<f32>(c)?;
         let db = dev.alloc::<f32>(c)?;
-        // Per-(b, c) partials, reduced over b by the kernel's last block, and its counter.
+        // Per-(b, c) partials, reduced over b by the kernel's last block, and its counter (a
+        // ticket: zero, and left at zero by the launch).
         let dw_part = dev.alloc::<f32>(b * c)?;
         let db_part = dev.alloc::<f32>(b * c)?;
-        let counter = dev.zeros::<u32>(1)?;
+        let counter = dev.column_tickets(1)?;
         let (slope, flag) = leaky_args(leaky);
         let (name, threads, shared) = bwd_kernel(c / groups, s);
         dev.launch(

@@ -414,20 +414,22 @@ pub mod dev {
             activation_bwd_into(dev, dx, x, dy, Activation::GeluTanh)?;
             return crate::kernels::adaln::dev::colsum_acc(dev, dx, (m, n), bias_grad);
         }
-        let (cfg, s) = crate::kernels::adaln::dev::pack_cols_plan(dev, 1, m, n);
+        use crate::kernels::adaln::dev::{launch_column_kernel, pack_cols_plan, ColumnOut};
+        let (cfg, s) = pack_cols_plan(dev, 1, m, n);
         let part = dev.alloc::<f32>(s * n)?;
-        dev.launch(
-            what,
-            cfg,
-            KernelArgs::new()
-                .buf(dx)
-                .buf(&part)
-                .buf(x)
-                .buf(dy)
-                .i32(m as i32)
-                .i32(n as i32),
-        )?;
-        crate::kernels::adaln::dev::sum_splits_acc(dev, bias_grad, &part, s, true)
+        let args = KernelArgs::new()
+            .buf(dx)
+            .buf(&part)
+            .buf(x)
+            .buf(dy)
+            .i32(m as i32)
+            .i32(n as i32);
+        let sums = ColumnOut {
+            out: bias_grad,
+            accumulate: true,
+            whole: true,
+        };
+        launch_column_kernel(dev, what, (cfg, s, 1), args, &[&part], &[sums])
     }
 
     /// `dy·act'(x)`.

@@ -319,7 +319,8 @@ pub mod dev {
             && b.device_ptr() % 16 == 0
     }
 
-    /// Whether [`gemm_bf16_acc_f32`] runs `spec` as `gemv_small_m_nn_partial` + `sum_splits`:
+    /// Whether [`gemm_bf16_acc_f32`] runs `spec` as `gemv_small_m_nn_partial` (which sums its
+    /// own splits, or `sum_splits` after it: `ColumnSums`):
     /// `a·b` (no transposes, no epilogue) over at most 8 rows of `a` — a modulation layer's
     /// input gradient, bound by reading the weight `b` along its rows — with `n % 8 == 0` and `b`
     /// 16-byte aligned.
@@ -429,23 +430,27 @@ pub mod dev {
             let splits = nn_splits(n, k);
             let rows = k.div_ceil(splits);
             let part = dev.alloc::<f32>(splits * m * n)?;
-            dev.launch(
-                "gemv_small_m_nn_partial",
-                LaunchCfg {
-                    grid: [n.div_ceil(256) as u32, splits as u32, 1],
-                    block: [256, 1, 1],
-                    shared_bytes: (8 * m * 256 * 4) as u32,
-                },
-                KernelArgs::new()
-                    .buf(&part)
-                    .buf(a)
-                    .buf(b)
-                    .i32(m as i32)
-                    .i32(n as i32)
-                    .i32(k as i32)
-                    .i32(rows as i32),
-            )?;
-            return crate::kernels::adaln::dev::sum_splits_acc(dev, c, &part, splits, !overwrite);
+            let cfg = LaunchCfg {
+                grid: [n.div_ceil(256) as u32, splits as u32, 1],
+                block: [256, 1, 1],
+                shared_bytes: (8 * m * 256 * 4) as u32,
+            };
+            let args = KernelArgs::new()
+                .buf(&part)
+                .buf(a)
+                .buf(b)
+                .i32(m as i32)
+                .i32(n as i32)
+                .i32(k as i32)
+                .i32(rows as i32);
+            use crate::kernels::adaln::dev::{column_sums, sum_splits_acc, ColumnSums};
+            if column_sums() == ColumnSums::InKernel {
+                let tickets = dev.column_tickets(cfg.grid[0] as usize)?;
+                let args = args.buf(c).i32(i32::from(!overwrite)).buf(&tickets);
+                return dev.launch("gemv_small_m_nn_partial", cfg, args);
+            }
+            dev.launch("gemv_small_m_nn_partial", cfg, args.null().i32(0).null())?;
+            return sum_splits_acc(dev, c, &part, splits, !overwrite);
         }
         if via == SmallProducts::OwnKernels && small_k_weight_grad(&spec, b, c) {
             // a memory-bound outer product: its own kernel (`weight_grad_small_k`), named as such

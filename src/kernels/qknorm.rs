@@ -80,7 +80,7 @@ pub mod dev {
     use crate::device::kernel::{
         blocks_for, DevBuf, KernelArgs, KernelDevice, KernelError, KernelResult, LaunchCfg,
     };
-    use crate::kernels::adaln::dev::{sum_splits, sum_splits_pair};
+    use crate::kernels::adaln::dev::{column_sums, sum_splits, sum_splits_pair, ColumnSums};
     use half::bf16;
 
     const THREADS: u32 = 256;
@@ -342,22 +342,25 @@ pub mod dev {
         let g = group_lanes(d);
         let (groups, parts) = bwd_partition(rows, d, max_parts);
         let part = dev.alloc::<f32>(parts * d)?;
-        dev.launch(
-            "rms_norm_bwd",
-            LaunchCfg::linear(parts as u32, THREADS).with_shared((groups * d * 4) as u32),
-            KernelArgs::new()
-                .buf(&dx)
-                .buf(&part)
-                .buf(&x)
-                .buf(weight)
-                .buf(rstd)
-                .buf(dy)
-                .i64(rows as i64)
-                .i32(d as i32)
-                .i32(g as i32)
-                .i32(layout.heads as i32)
-                .i64(layout.ld as i64),
-        )?;
+        let args = KernelArgs::new()
+            .buf(&dx)
+            .buf(&part)
+            .buf(&x)
+            .buf(weight)
+            .buf(rstd)
+            .buf(dy)
+            .i64(rows as i64)
+            .i32(d as i32)
+            .i32(g as i32)
+            .i32(layout.heads as i32)
+            .i64(layout.ld as i64);
+        let cfg = LaunchCfg::linear(parts as u32, THREADS).with_shared((groups * d * 4) as u32);
+        if column_sums() == ColumnSums::InKernel {
+            let tickets = dev.column_tickets(1)?;
+            let args = args.buf(dweight).i32(0).buf(&tickets);
+            return dev.launch("rms_norm_bwd", cfg, args);
+        }
+        dev.launch("rms_norm_bwd", cfg, args.null().i32(0).null())?;
         sum_splits(dev, dweight, &part, parts)
     }
 
@@ -435,8 +438,8 @@ pub mod dev {
 
     /// Gradients of [`rms_norm_fwd_laid_pair`] in one launch (`rms_norm_bwd2`): each dx written
     /// at its layout into `dx`, and with `dweights` the two weight gradients summed into them
-    /// (each added to what it holds when its flag says so, else overwriting it) by one
-    /// `sum_splits2`; without, not formed.
+    /// (each added to what it holds when its flag says so, else overwriting it) by the launch's
+    /// last block of each ([`ColumnSums::InKernel`]) or one `sum_splits2`; without, not formed.
     #[allow(clippy::too_many_arguments)]
     pub fn rms_norm_bwd_laid_pair(
         dev: &KernelDevice,
@@ -484,23 +487,40 @@ pub mod dev {
                 .buf(rstd[j])
                 .buf(dy[j]);
         }
+        let cfg = LaunchCfg {
+            grid: [parts as u32, 2, 1],
+            block: [THREADS, 1, 1],
+            shared_bytes: (groups * d * 4) as u32,
+        };
+        let args = args
+            .buf(&part)
+            .i64(rows as i64)
+            .i32(d as i32)
+            .i32(g as i32)
+            .i32(layouts[0].heads as i32)
+            .i64(layouts[0].ld as i64);
+        let Some([(dw0, acc0), (dw1, acc1)]) = dweights else {
+            return dev.launch(
+                "rms_norm_bwd2",
+                cfg,
+                args.null().i32(0).null().i32(0).null(),
+            );
+        };
+        if column_sums() == ColumnSums::InKernel {
+            let tickets = dev.column_tickets(2)?;
+            let args = args
+                .buf(dw0)
+                .i32(i32::from(acc0))
+                .buf(dw1)
+                .i32(i32::from(acc1))
+                .buf(&tickets);
+            return dev.launch("rms_norm_bwd2", cfg, args);
+        }
         dev.launch(
             "rms_norm_bwd2",
-            LaunchCfg {
-                grid: [parts as u32, 2, 1],
-                block: [THREADS, 1, 1],
-                shared_bytes: (groups * d * 4) as u32,
-            },
-            args.buf(&part)
-                .i64(rows as i64)
-                .i32(d as i32)
-                .i32(g as i32)
-                .i32(layouts[0].heads as i32)
-                .i64(layouts[0].ld as i64),
+            cfg,
+            args.null().i32(0).null().i32(0).null(),
         )?;
-        let Some([(dw0, acc0), (dw1, acc1)]) = dweights else {
-            return Ok(());
-        };
         let (p0, p1) = (part.view(0, parts * d)?, part.view(parts * d, parts * d)?);
         sum_splits_pair(dev, [(dw0, &p0, parts, acc0), (dw1, &p1, parts, acc1)])
     }
