@@ -455,7 +455,9 @@ fn the_device_euler_sampler_follows_the_reference_trajectory() {
 /// The reusable Euler plan — inputs overwritten in place, the loop replayed from a CUDA graph
 /// from the second sample on (recorded and replayed by the emulator too) — samples what
 /// `sample_euler` samples, for new noise and conditioning each time: bit for bit on the emulator
-/// (the replay runs the same launches), within 1e-3 on a GPU.
+/// (the replay runs the same launches), within 1e-3 on a GPU; and so does a plan whose steps
+/// compute their own modulations instead of taking them from one product before the first step,
+/// where that product has at most 8 rows (within bf16 rounding where it has more).
 #[test]
 fn the_euler_plan_replays_the_sampler() {
     use advdmd::flow::device::{sample_euler, EulerPlan, Guidance};
@@ -478,18 +480,43 @@ fn the_euler_plan_replays_the_sampler() {
             })
         };
         let mut plan = EulerPlan::new(&m, &sig, Some(2.5), true);
+        // each step computing its own modulations, the first way
+        let mut per_step = EulerPlan::new(&m, &sig, Some(2.5), true).modulate_ahead(false);
         for (i, (x, pooled, ctx)) in draws.iter().enumerate() {
             let want = sample_euler(&m, x, &sig, pooled, ctx, guide()).unwrap();
             let got = plan.sample(x, pooled, ctx, guide()).unwrap();
             let err = got.rel_l2(&want);
+            let own = per_step.sample(x, pooled, ctx, guide()).unwrap();
+            let err_own = own.rel_l2(&want);
             println!(
-                "Euler plan on {}, sample {i} (graph replay: {}): {err:.2e}",
+                "Euler plan on {}, sample {i} (graph replay: {}): {err:.2e}; modulations a step: {err_own:.2e}",
                 dev.name(),
                 plan.replayed()
             );
             let tol = if dev.is_emulator() { 0.0 } else { 1e-3 };
             assert!(err <= tol, "sample {i}: plan vs sampler {err:e} > {tol:e}");
+            // 3 steps of 4 calls: 12 rows, a GEMM's product rather than each step's
+            // `gemv_small_m` (at most 8 rows, each row summed alone): rounding apart
+            assert!(
+                err_own <= 1e-2,
+                "sample {i}: modulations a step {err_own:e}"
+            );
             assert_eq!(plan.replayed(), i >= 1);
+            assert_eq!(per_step.replayed(), i >= 1);
+        }
+        // unguided, 3 steps of 2 calls: 6 rows, `gemv_small_m` either way — the same samples
+        let mut ahead = EulerPlan::new(&m, &sig, None, true);
+        let mut own = EulerPlan::new(&m, &sig, None, true).modulate_ahead(false);
+        for (i, (x, pooled, ctx)) in draws.iter().enumerate() {
+            let a = ahead.sample(x, pooled, ctx, None).unwrap();
+            let b = own.sample(x, pooled, ctx, None).unwrap();
+            let err = a.rel_l2(&b);
+            println!(
+                "unguided sample {i} on {}: modulations ahead vs a step: {err:.2e}",
+                dev.name()
+            );
+            let tol = if dev.is_emulator() { 0.0 } else { 1e-3 };
+            assert!(err <= tol, "unguided sample {i}: {err:e} > {tol:e}");
         }
         assert!(
             plan.sample(&draws[0].0, &draws[0].1, &draws[0].2, None)

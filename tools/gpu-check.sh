@@ -186,6 +186,9 @@ step mmdit-sd35m-ckpt-selective 120 "$BIN/advdmd" bench mmdit --device cuda --mo
 step sample-sd35m 90 "$BIN/advdmd" bench sample --device cuda --model sd3.5-medium --res 1024 --batch 1 --steps 4 --cfg 1 --iters 10 --json
 # the same loop replayed from a CUDA graph, then at 512 px (where launch gaps weigh more) both ways
 step sample-sd35m-graph 90 "$BIN/advdmd" bench sample --device cuda --model sd3.5-medium --res 1024 --batch 1 --steps 4 --cfg 1 --iters 10 --graph --json
+# the same with each step computing its own modulations (the weights read once a step, not once
+# a sample): the A/B of the step modulations
+step sample-sd35m-graph-per-step 90 "$BIN/advdmd" bench sample --device cuda --model sd3.5-medium --res 1024 --batch 1 --steps 4 --cfg 1 --iters 10 --graph --modulation-per-step --json
 ADVDMD_STREAMS=1 step sample-sd35m-graph-1stream 90 "$BIN/advdmd" bench sample --device cuda --model sd3.5-medium --res 1024 --batch 1 --steps 4 --cfg 1 --iters 10 --graph --json
 step sample-512 90 bash -c "$BIN/advdmd bench sample --device cuda --model sd3.5-medium --res 512 --batch 1 --steps 4 --cfg 1 --iters 10 --json && \
   $BIN/advdmd bench sample --device cuda --model sd3.5-medium --res 512 --batch 1 --steps 4 --cfg 1 --iters 10 --graph --json"
@@ -290,5 +293,5 @@ with open(f"{out}/report.md", "w") as f:
             f.write(f"| {r['op']} | {r['calls']} | {r['ms']:.3f} | {r['share']:.1f} | {'' if tf is None else f'{tf:.0f}'} |\n")
 print(open(f"{out}/report.md").read()[-8000:])
 PY
-for s in hopper tests column-layout model runtime tests-pdl ncu-attention mmdit-shapes mmdit-sd35m mmdit-sd35m-pdl mmdit-sd35m-persistent mmdit-sd35m-1stream mmdit-sd35m-nohopper mmdit-sd35m-autotune mmdit-sd35m-profile mmdit-sd35m-base mmdit-sd35m-512 mmdit-sd35m-ckpt mmdit-sd35m-ckpt-selective sample-sd35m sample-sd35m-graph sample-sd35m-graph-1stream sample-sd35m-graph-pdl sample-512 advdmd step-shapes step-shapes-graph distill step-sd35m step-sd35m-80g step-sd35m-80g-graph step-sd35m-80g-graph-pipelined step-sd35m-80g-1024 step-sd35m-80g-graph-selective step-sd35m-80g-1024-selective step-sd35m-80g-profile step-sd35m-80g-graph-1stream step-sd35m-80g-graph-autotune step-sd35m-80g-graph-pdl mmdit-sd35l sample-sd35l torch bench bench-pdl attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
+for s in hopper tests column-layout model runtime tests-pdl ncu-attention mmdit-shapes mmdit-sd35m mmdit-sd35m-pdl mmdit-sd35m-persistent mmdit-sd35m-1stream mmdit-sd35m-nohopper mmdit-sd35m-autotune mmdit-sd35m-profile mmdit-sd35m-base mmdit-sd35m-512 mmdit-sd35m-ckpt mmdit-sd35m-ckpt-selective sample-sd35m sample-sd35m-graph sample-sd35m-graph-per-step sample-sd35m-graph-1stream sample-sd35m-graph-pdl sample-512 advdmd step-shapes step-shapes-graph distill step-sd35m step-sd35m-80g step-sd35m-80g-graph step-sd35m-80g-graph-pipelined step-sd35m-80g-1024 step-sd35m-80g-graph-selective step-sd35m-80g-1024-selective step-sd35m-80g-profile step-sd35m-80g-graph-1stream step-sd35m-80g-graph-autotune step-sd35m-80g-graph-pdl mmdit-sd35l sample-sd35l torch bench bench-pdl attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
 exit $status

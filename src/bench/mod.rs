@@ -246,6 +246,10 @@ pub struct SampleArgs {
     /// so the host's launch gaps leave the figure; the untimed warm-up records it.
     #[arg(long)]
     pub graph: bool,
+    /// On a device: each step computes its own modulations (the weights read once a step), not
+    /// every step's from one product a layer before the first step (the default): the A/B.
+    #[arg(long)]
+    pub modulation_per_step: bool,
 }
 
 #[derive(Clone, Debug, clap::Args)]

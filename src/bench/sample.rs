@@ -111,6 +111,7 @@ fn sample_report(a: &SampleArgs, (spec, timing, place): (ModelSpec, Timing, Wher
         ("cfg", a.cfg.into()),
         ("sampler", "euler".into()),
         ("graph", a.graph.into()),
+        ("modulation_per_step", a.modulation_per_step.into()),
         ("image_tokens", spec.image_tokens().into()),
         ("text_tokens", spec.text_tokens.into()),
     ];
@@ -197,7 +198,8 @@ fn time_device(
     let scale = (a.cfg != 1.0).then_some(a.cfg);
     // One plan for every run: its buffers (and with --graph its recorded graph) are reused, the
     // inputs uploaded into them each run. The second run records the graph: warm up past it.
-    let mut plan = EulerPlan::new(&model, &sigmas, scale, a.graph);
+    let mut plan =
+        EulerPlan::new(&model, &sigmas, scale, a.graph).modulate_ahead(!a.modulation_per_step);
     let mut one = || -> Result<()> {
         let guidance = scale.map(|scale| Guidance {
             pooled: &inputs.pooled,
@@ -327,6 +329,7 @@ mod tests {
             steps: 3,
             cfg,
             graph: false,
+            modulation_per_step: false,
         }
     }
 

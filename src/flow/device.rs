@@ -48,6 +48,9 @@ pub struct EulerPlan<'m> {
     /// The guidance scale when the plan samples with classifier-free guidance.
     scale: Option<f32>,
     graph: bool,
+    /// Every step's modulations from one product a layer before the first step
+    /// ([`DeviceMmdit::step_modulations`]), or each step's own (the first way, kept for A/B).
+    modulate_ahead: bool,
     state: Option<PlanState>,
 }
 
@@ -59,6 +62,9 @@ struct PlanState {
     x: DevBuf<f32>,
     /// Each step's timestep features, `[K, calls, freq_dim]`.
     t_features: DevBuf<bf16>,
+    /// The pooled conditioning once for each step, `[K, calls, pooled_dim]` (what the step
+    /// modulations read).
+    pooled_steps: DevBuf<bf16>,
     graph: Option<DeviceGraph>,
     samples: usize,
 }
@@ -77,8 +83,19 @@ impl<'m> EulerPlan<'m> {
             sigmas: sigmas.to_vec(),
             scale,
             graph,
+            modulate_ahead: true,
             state: None,
         }
+    }
+
+    /// Whether the model's modulations for every step come from one product a layer before
+    /// the first step (the default) or each step computes its own: the same values, the
+    /// modulation weights read once a sample or once a step (`bench sample
+    /// --modulation-per-step` times the second). Drops a recorded graph.
+    pub fn modulate_ahead(mut self, on: bool) -> Self {
+        self.modulate_ahead = on;
+        self.state = None;
+        self
     }
 
     /// Whether the last sample was a graph replay.
@@ -135,6 +152,7 @@ impl<'m> EulerPlan<'m> {
                 inputs,
                 x: dev.upload(noise.f32s())?,
                 t_features: dev.upload(&all)?,
+                pooled_steps: dev.upload(&repeated(&pooled_in, steps))?,
                 graph: None,
                 samples: 0,
             });
@@ -144,37 +162,58 @@ impl<'m> EulerPlan<'m> {
             let bf = |t: &Tensor| bf16_of(t.f32s());
             dev.copy_to_device(&bf(&x_in), &st.inputs.x)?;
             dev.copy_to_device(&bf(&pooled_in), &st.inputs.pooled)?;
+            dev.copy_to_device(&repeated(&pooled_in, steps), &st.pooled_steps)?;
             dev.copy_to_device(&bf(&ctx_in), &st.inputs.context)?;
             dev.copy_to_device(noise.f32s(), &st.x)?;
         }
         let (model, sigmas, w) = (self.model, &self.sigmas, self.scale);
+        let ahead = self.modulate_ahead;
         if self.graph && st.samples >= 1 && st.graph.is_none() {
-            st.graph = Some(dev.capture(|| euler_steps(model, st, sigmas, w))?);
+            st.graph = Some(dev.capture(|| euler_steps(model, st, sigmas, w, ahead))?);
         }
         match &st.graph {
             Some(g) => g.launch()?,
-            None => euler_steps(model, st, sigmas, w)?,
+            None => euler_steps(model, st, sigmas, w, ahead)?,
         }
         st.samples += 1;
         Ok(Tensor::from_vec(dev.download(&st.x)?, noise.shape()))
     }
 }
 
-/// The K-step loop over a plan's buffers: each step's timestep features copied into the model's
-/// input, one model call, the guided Euler step on the f32 state (which also writes the model's
-/// bf16 input for the next step). Device work only: it can be recorded into a graph.
+/// `pooled` rounded to bf16, `steps` times over: the step modulations' input.
+fn repeated(pooled: &Tensor, steps: usize) -> Vec<bf16> {
+    bf16_of(pooled.f32s()).repeat(steps)
+}
+
+/// The K-step loop over a plan's buffers: every step's modulations (or, the first way, each
+/// step's timestep features copied into the model's input), one model call a step, the guided
+/// Euler step on the f32 state (which also writes the model's bf16 input for the next step).
+/// Device work only: it can be recorded into a graph.
 fn euler_steps(
     model: &DeviceMmdit,
     st: &PlanState,
     sigmas: &[f32],
     scale: Option<f32>,
+    modulate_ahead: bool,
 ) -> KernelResult<()> {
     let dev = &model.dev;
+    let steps = sigmas.len().saturating_sub(1);
     let per_step = st.inputs.t_features.len();
-    for i in 0..sigmas.len().saturating_sub(1) {
-        let features = st.t_features.view(i * per_step, per_step)?;
-        copy(dev, &st.inputs.t_features, &features)?;
-        let v = model.forward(&st.inputs, Keep::Nothing)?.velocity;
+    let mods = if modulate_ahead && steps > 0 {
+        let shape = (steps, st.inputs.batch);
+        Some(model.step_modulations(&st.t_features, &st.pooled_steps, shape)?)
+    } else {
+        None
+    };
+    for i in 0..steps {
+        let v = match &mods {
+            Some(m) => model.forward_modulated(&st.inputs, m, i)?.velocity,
+            None => {
+                let features = st.t_features.view(i * per_step, per_step)?;
+                copy(dev, &st.inputs.t_features, &features)?;
+                model.forward(&st.inputs, Keep::Nothing)?.velocity
+            }
+        };
         euler_cfg_step(
             dev,
             &st.x,

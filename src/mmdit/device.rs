@@ -256,6 +256,29 @@ impl Chunks {
         self.parts.len()
     }
 
+    /// The windows over rows `first .. first + rows` of the product (`d` wide each), borrowing
+    /// nothing: one call's chunks out of a product over several calls' rows
+    /// ([`StepModulations`], which owns the memory).
+    fn rows(&self, first: usize, rows: usize, d: usize) -> KernelResult<Chunks> {
+        let span = if rows == 0 {
+            0
+        } else {
+            (rows - 1) * self.ld + d
+        };
+        let parts = (0..self.parts.len())
+            .map(|j| {
+                self._whole
+                    .view(first * self.ld + j * d, span)
+                    .map(|v| v.alias())
+            })
+            .collect::<KernelResult<Vec<_>>>()?;
+        Ok(Chunks {
+            _whole: self._whole.alias(),
+            parts,
+            ld: self.ld,
+        })
+    }
+
     /// The same windows, borrowing nothing (a recomputation's; the record owns the memory).
     fn alias(&self) -> Chunks {
         Chunks {
@@ -270,6 +293,48 @@ impl Chunks {
 struct BlockMods {
     x: Chunks,
     c: Chunks,
+}
+
+/// Every block's and the final layer's modulation for `steps` model calls of `batch` rows each,
+/// from one product a layer over all the calls' rows ([`DeviceMmdit::step_modulations`]): a
+/// K-step sampler knows its timesteps in advance, and the modulation weights (1.5 GB in
+/// SD3.5-medium, read at batch 1 by a memory-bound product) are then read once a sample instead
+/// of once a step. Call `k` takes rows `k·batch ..` ([`DeviceMmdit::forward_modulated`]).
+pub struct StepModulations {
+    blocks: Vec<BlockMods>,
+    final_layer: Chunks,
+    batch: usize,
+    steps: usize,
+}
+
+impl StepModulations {
+    /// Block `i`'s chunks for call `step`.
+    fn block(&self, i: usize, step: usize, d: usize) -> KernelResult<BlockMods> {
+        let m = self
+            .blocks
+            .get(i)
+            .ok_or_else(|| invalid(format!("no modulations for block {i}")))?;
+        let first = step * self.batch;
+        Ok(BlockMods {
+            x: m.x.rows(first, self.batch, d)?,
+            c: m.c.rows(first, self.batch, d)?,
+        })
+    }
+
+    /// The number of calls.
+    pub fn steps(&self) -> usize {
+        self.steps
+    }
+}
+
+/// The conditioning vectors of a forward and what their backward reads.
+struct Conditioning {
+    t_pre: DevBuf<bf16>,
+    t_act: DevBuf<bf16>,
+    y_pre: DevBuf<bf16>,
+    y_act: DevBuf<bf16>,
+    cond: DevBuf<bf16>,
+    silu_c: DevBuf<bf16>,
 }
 
 /// A residual stream's gradient in f32 (each block adds three or four terms into it) and
@@ -1244,11 +1309,23 @@ impl DeviceMmdit {
 
     /// The velocity `[B, C_out, H, W]`; `keep` says what it keeps for [`Self::backward`].
     pub fn forward(&self, inputs: &DeviceInputs, keep: Keep) -> KernelResult<Forward> {
+        self.forward_with(inputs, keep, None)
+    }
+
+    fn forward_with(
+        &self,
+        inputs: &DeviceInputs,
+        keep: Keep,
+        pre: Option<(&StepModulations, usize)>,
+    ) -> KernelResult<Forward> {
         let c = &self.config;
         let (b, h, w) = (inputs.batch, inputs.height, inputs.width);
         let lx = (h / c.patch) * (w / c.patch);
-        let (x, mut saved) = self.trunk(inputs, keep, c.depth)?;
-        let chunks = self.modulation(&saved.silu_c, b, "final_layer", 2)?;
+        let (x, mut saved) = self.trunk(inputs, keep, c.depth, pre)?;
+        let chunks = match pre {
+            Some((m, step)) => m.final_layer.rows(step * m.batch, m.batch, c.hidden)?,
+            None => self.modulation(&saved.silu_c, b, "final_layer", 2)?,
+        };
         let ln = self.ln(&x, &chunks, (0, 1), (b, lx, c.hidden))?;
         let (tokens, _) = self.linear(&ln.y, b * lx, "final_layer.linear", false)?;
         let velocity = self.dev.alloc::<bf16>(b * c.out_channels * h * w)?;
@@ -1280,7 +1357,7 @@ impl DeviceMmdit {
                 self.config.depth
             )));
         }
-        let (features, saved) = self.trunk(inputs, keep, block + 1)?;
+        let (features, saved) = self.trunk(inputs, keep, block + 1, None)?;
         Ok(Features {
             features,
             saved: (keep != Keep::Nothing).then_some(saved),
@@ -1294,6 +1371,7 @@ impl DeviceMmdit {
         inputs: &DeviceInputs,
         keep: Keep,
         upto: usize,
+        pre: Option<(&StepModulations, usize)>,
     ) -> KernelResult<(DevBuf<bf16>, Saved)> {
         let c = &self.config;
         let (b, h, w, lc) = (
@@ -1316,16 +1394,22 @@ impl DeviceMmdit {
             self.crop(b, gh, gw),
         )?;
 
-        let silu = |t: &DevBuf<bf16>| ew::activation_fwd(&self.dev, t, Activation::Silu);
-        let (t_pre, _) = self.linear(&inputs.t_features, b, "t_embedder.mlp.0", false)?;
-        let t_act = silu(&t_pre)?;
-        let (t_emb, _) = self.linear(&t_act, b, "t_embedder.mlp.2", false)?;
-        let (y_pre, _) = self.linear(&inputs.pooled, b, "y_embedder.mlp.0", false)?;
-        let y_act = silu(&y_pre)?;
-        let (y_emb, _) = self.linear(&y_act, b, "y_embedder.mlp.2", false)?;
-        layout::add(&self.dev, &t_emb, &t_emb, &y_emb)?;
-        let cond = t_emb;
-        let silu_c = silu(&cond)?;
+        // with the modulations given, the conditioning they came from is not needed here
+        let cond = match pre {
+            Some(_) => {
+                let none = || self.dev.alloc::<bf16>(0);
+                Conditioning {
+                    t_pre: none()?,
+                    t_act: none()?,
+                    y_pre: none()?,
+                    y_act: none()?,
+                    cond: none()?,
+                    silu_c: none()?,
+                }
+            }
+            None => self.conditioning(&inputs.t_features, &inputs.pooled, b)?,
+        };
+        let silu_c = cond.silu_c;
         let (mut ctx, _) = self.linear(&inputs.context, b * lc, "context_embedder", false)?;
 
         let mut blocks = Vec::new();
@@ -1333,7 +1417,10 @@ impl DeviceMmdit {
         for i in 0..upto {
             let saving = keep == Keep::All;
             let dims = (b, lx, lc);
-            let prefetch = i + 1 < upto;
+            if let Some((m, step)) = pre {
+                mods = Some(m.block(i, step, c.hidden)?);
+            }
+            let prefetch = i + 1 < upto && pre.is_none();
             let (nx, nctx, saved, next) = self.block(
                 i,
                 x,
@@ -1378,16 +1465,106 @@ impl DeviceMmdit {
             width: w,
             context_len: lc,
             x_tokens,
-            t_pre,
-            t_act,
-            y_pre,
-            y_act,
-            cond,
+            t_pre: cond.t_pre,
+            t_act: cond.t_act,
+            y_pre: cond.y_pre,
+            y_act: cond.y_act,
+            cond: cond.cond,
             silu_c,
             blocks,
             final_layer: None,
         };
         Ok((x, saved))
+    }
+
+    /// The conditioning of `rows` model calls: `c = t_embedder(t_features) +
+    /// y_embedder(pooled)` and `silu(c)`, which every modulation reads, with what its backward
+    /// reads.
+    fn conditioning(
+        &self,
+        t_features: &DevBuf<bf16>,
+        pooled: &DevBuf<bf16>,
+        rows: usize,
+    ) -> KernelResult<Conditioning> {
+        let silu = |t: &DevBuf<bf16>| ew::activation_fwd(&self.dev, t, Activation::Silu);
+        let (t_pre, _) = self.linear(t_features, rows, "t_embedder.mlp.0", false)?;
+        let t_act = silu(&t_pre)?;
+        let (t_emb, _) = self.linear(&t_act, rows, "t_embedder.mlp.2", false)?;
+        let (y_pre, _) = self.linear(pooled, rows, "y_embedder.mlp.0", false)?;
+        let y_act = silu(&y_pre)?;
+        let (y_emb, _) = self.linear(&y_act, rows, "y_embedder.mlp.2", false)?;
+        layout::add(&self.dev, &t_emb, &t_emb, &y_emb)?;
+        let silu_c = silu(&t_emb)?;
+        Ok(Conditioning {
+            t_pre,
+            t_act,
+            y_pre,
+            y_act,
+            cond: t_emb,
+            silu_c,
+        })
+    }
+
+    /// Every block's and the final layer's modulation for `steps` calls of `batch` rows each,
+    /// from `t_features [steps·batch, freq_dim]` (call k's rows at `k·batch`) and `pooled`
+    /// (the same layout, or `[batch, pooled_dim]`: every call's): one product a layer over all
+    /// the calls' rows (see [`StepModulations`]). Device work only: it can be recorded into a
+    /// graph.
+    pub fn step_modulations(
+        &self,
+        t_features: &DevBuf<bf16>,
+        pooled: &DevBuf<bf16>,
+        (steps, batch): (usize, usize),
+    ) -> KernelResult<StepModulations> {
+        let c = &self.config;
+        let rows = steps * batch;
+        let once = batch * c.pooled_dim;
+        let fits = pooled.len() == rows * c.pooled_dim || (pooled.len() == once && steps > 0);
+        if t_features.len() != rows * c.freq_dim || !fits {
+            return Err(invalid(format!(
+                "step modulations of {steps} calls of {batch}: timestep features of {}, pooled of {}",
+                t_features.len(),
+                pooled.len()
+            )));
+        }
+        let repeated;
+        let pooled = if pooled.len() == rows * c.pooled_dim {
+            pooled
+        } else {
+            repeated = self.dev.alloc::<bf16>(rows * c.pooled_dim)?;
+            for k in 0..steps {
+                ew::copy(&self.dev, &*repeated.view(k * once, once)?, pooled)?;
+            }
+            &repeated
+        };
+        let cond = self.conditioning(t_features, pooled, rows)?;
+        let blocks = (0..c.depth)
+            .map(|i| self.block_mods(i, &cond.silu_c, rows))
+            .collect::<KernelResult<Vec<_>>>()?;
+        let final_layer = self.modulation(&cond.silu_c, rows, "final_layer", 2)?;
+        Ok(StepModulations {
+            blocks,
+            final_layer,
+            batch,
+            steps,
+        })
+    }
+
+    /// [`Self::forward`] of call `step` of `mods` (its modulations, not `inputs.t_features` and
+    /// `inputs.pooled`, condition it): nothing is kept (a sampler's call).
+    pub fn forward_modulated(
+        &self,
+        inputs: &DeviceInputs,
+        mods: &StepModulations,
+        step: usize,
+    ) -> KernelResult<Forward> {
+        if step >= mods.steps || inputs.batch != mods.batch {
+            return Err(invalid(format!(
+                "call {step} of modulations for {} calls of {}, inputs of {}",
+                mods.steps, mods.batch, inputs.batch
+            )));
+        }
+        self.forward_with(inputs, Keep::Nothing, Some((mods, step)))
     }
 
     /// The centred crop of the position grid for a `gh × gw` patch grid.

@@ -357,9 +357,10 @@ pub struct RolloutInputs<'a> {
     pub sigma_next: &'a DevBuf<f32>,
 }
 
-/// The unified ρ-SDE rollout (ALGORITHM.md §3.2) from device buffers: K generator calls, each
+/// The unified ρ-SDE rollout (ALGORITHM.md §3.2) from device buffers: every step's modulations
+/// in one product a layer ([`DeviceMmdit::step_modulations`]), then K generator calls, each
 /// followed by the `sde_rho_step` kernel (host `sigmas` only decide which steps are stochastic).
-/// No host copies.
+/// No host copies; `r.inputs.t_features` is not read (the step features are).
 pub fn rollout_sde_dev(
     model: &DeviceMmdit,
     r: &RolloutInputs,
@@ -397,15 +398,16 @@ pub fn rollout_sde_dev(
     };
     copy(dev, &*out.state(0)?, r.noise)?;
     let scratch = dev.alloc::<f64>(n)?;
+    if k == 0 {
+        return Ok(out);
+    }
+    // every step's modulations in one product a layer (its timesteps are known in advance)
+    let mods = model.step_modulations(r.t_features, &r.inputs.pooled, (k, n))?;
     for step in 0..k {
         let x = out.state(step)?;
         cast_f32_to_bf16_into(dev, &r.inputs.x, &x)?;
-        copy(
-            dev,
-            &r.inputs.t_features,
-            &*r.t_features.view(step * tf, tf)?,
-        )?;
-        let v = cast_bf16_to_f32(dev, &model.forward(r.inputs, Keep::Nothing)?.velocity)?;
+        let v = model.forward_modulated(r.inputs, &mods, step)?.velocity;
+        let v = cast_bf16_to_f32(dev, &v)?;
         let lp = if stochastic_step(sigmas, rho, step) {
             Some(out.log_prob(step)?)
         } else {
