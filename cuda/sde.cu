@@ -55,18 +55,29 @@ __device__ __forceinline__ bool finite(float v) { return fabsf(v) <= 3.402823466
 // sums the same partials) gets the same value, bit for bit (f64 addition commutes). Each lane
 // loads 4 partials at once (0 past P, which adds nothing): one L2 round trip per 128 partials
 // instead of a serial loop's one per few.
-__device__ __forceinline__ double warp_sum_parts(const float* __restrict__ part, int P) {
+__device__ __forceinline__ double warp_sum_parts(const float* part, int P) {
     double s = 0.0;
     for (int p0 = threadIdx.x & 31; p0 < P; p0 += 128) {
         float q[4];
 #pragma unroll
-        for (int k = 0; k < 4; k++) q[k] = p0 + 32 * k < P ? part[p0 + 32 * k] : 0.f;
+        for (int k = 0; k < 4; k++) q[k] = p0 + 32 * k < P ? load_volatile(part + p0 + 32 * k) : 0.f;
 #pragma unroll
         for (int k = 0; k < 4; k++) s += (double)q[k];
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(FULL_MASK, s, o);
     return s;
+}
+
+// Sample b's log-probability from its P partial sums of squares (a warp: every lane calls it,
+// lane 0's value is the result): −Σ / (2s²D) − log s − ½ log 2π with s = σ'·ρ, in f64; NaN where
+// s ≤ 0 (no density).
+__device__ __forceinline__ double logprob_of(const float* part, int P, float sn, float rho, long long D) {
+    const double sq = warp_sum_parts(part, P);
+    const float stdf = sn > 0.f ? sn * rho : 0.f;
+    if (!(stdf > 0.f)) return (double)bits_to_float(0x7fc00000u);
+    const double s = (double)stdf;
+    return -sq / (2.0 * s * s * (double)D) - log(s) - 0.5 * log(2.0 * 3.14159265358979323846);
 }
 
 // The coefficients of one sample's transition.
@@ -105,14 +116,15 @@ __device__ __forceinline__ float rho_elem(const Rho& r, float x, float v, float 
 // grid: (P, B), block: SDE_THREADS. Rollout: z given, next_in null, x' = μ + s·z written to
 // next_out. Recompute (x' held fixed, as the policy gradient needs): next_in given, z and
 // next_out null. x0_out, mean_out, grad_v may be null (not written). σ, σ' per sample ([B]).
-// sq_part[b·P + p] = the block's Σ (x' − μ)². At most 64 registers (launch bounds): 4 blocks
+// sq_part[b·P + p] = the block's Σ (x' − μ)², and with tickets (`KernelDevice::column_tickets`,
+// one a sample) logp[b] from them by the sample's last block. At most 64 registers (launch bounds): 4 blocks
 // per SM, so the SD3 shape's 8 × 64 blocks are all resident on an H100's 132 SMs, one wave.
 extern "C" __global__ void __launch_bounds__(SDE_THREADS, 4)
     sde_rho_step(float* __restrict__ next_out, float* __restrict__ x0_out, float* __restrict__ mean_out,
                  float* __restrict__ grad_v, float* __restrict__ sq_part, const float* __restrict__ x,
                  const float* __restrict__ v, const float* __restrict__ z, const float* __restrict__ next_in,
                  const float* __restrict__ sigma, const float* __restrict__ sigma_next, float rho, long long D,
-                 long long per) {
+                 long long per, double* __restrict__ logp, unsigned* tickets) {
     kernel_prologue();
     using namespace sde;
     __shared__ float scratch[32];
@@ -175,6 +187,11 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS, 4)
     }
     sq = block_sum(sq, scratch);
     if (threadIdx.x == 0) sq_part[(long long)b * P + p] = sq;
+    // With tickets (one a sample), the last of sample b's P blocks to finish forms its
+    // log-probability (what sde_logprob_finalize does after the kernel otherwise).
+    if (tickets == nullptr || !last_block_to_finish(tickets + b, P) || threadIdx.x >= 32) return;
+    const double lp = logprob_of(sq_part + (long long)b * P, P, sigma_next[b], rho, D);
+    if (threadIdx.x == 0) logp[b] = lp;
 }
 
 // logp[b] = −Σ_p sq_part[b, p] / (2s²D) − log s − ½ log 2π with s = σ'_b·ρ, in f64 (the policy
@@ -186,16 +203,8 @@ extern "C" __global__ void __launch_bounds__(32)
     kernel_prologue();
     const int b = blockIdx.x;
     if (b >= B) return;
-    const float sn = sigma_next[b];  // loaded beside the partials
-    const double sq = sde::warp_sum_parts(sq_part + (long long)b * P, P);
-    if (threadIdx.x != 0) return;
-    const float stdf = sn > 0.f ? sn * rho : 0.f;
-    if (!(stdf > 0.f)) {
-        logp[b] = (double)bits_to_float(0x7fc00000u);
-        return;
-    }
-    const double s = (double)stdf;
-    logp[b] = -sq / (2.0 * s * s * (double)D) - log(s) - 0.5 * log(2.0 * 3.14159265358979323846);
+    const double lp = sde::logprob_of(sq_part + (long long)b * P, P, sigma_next[b], rho, D);
+    if (threadIdx.x == 0) logp[b] = lp;
 }
 
 // part[b·P + p] = Σ |x − x̂0_real| over block (p, b)'s elements. grid: (P, B), block: SDE_THREADS

@@ -4,7 +4,8 @@
 //! launch), both kept for the kernels bench's A/B, give the same column sums up to f32 rounding
 //! and the same elementwise outputs bit for bit, and the kernels leave every ticket they took at
 //! zero. The RMSNorm backward's weight gradient (cuda/qknorm.cu) and the modulation layers' input
-//! gradient (`gemv_small_m_nn_partial`, cuda/small_gemm.cu) follow `ColumnSums` too. A
+//! gradient (`gemv_small_m_nn_partial`, cuda/small_gemm.cu) follow `ColumnSums` too, and so
+//! does the ρ-step's per-sample log-probability (`sde_rho_step`, cuda/sde.cu). A
 //! test binary of its own because `set_column_layout` and `set_column_sums` are process-wide and
 //! tests/kernels compares launches bit for bit.
 
@@ -14,6 +15,7 @@ use advdmd::kernels::adaln::dev::{self as gpu, ColumnLayout, ColumnSums};
 use advdmd::kernels::elementwise::dev as ew;
 use advdmd::kernels::gemm::dev::gemm_bf16_acc_f32;
 use advdmd::kernels::qknorm::dev as qknorm;
+use advdmd::kernels::sde::dev as sde;
 use advdmd::Rng;
 use half::bf16;
 
@@ -37,6 +39,9 @@ struct Outputs {
     rms_pair_dw: Vec<f32>,
     /// A modulation layer's input gradient added into f32 (`gemv_small_m_nn_partial`).
     gemv_acc: Vec<f32>,
+    /// The ρ-step's next state and per-sample log-probabilities (`sde_rho_step`).
+    rho_next: Vec<f32>,
+    rho_log_prob: Vec<f64>,
 }
 
 struct Inputs {
@@ -47,12 +52,15 @@ struct Inputs {
     rstd: DevBuf<f32>,
     /// `[rows, 2·d]`: q and k side by side, as the paired RMSNorm reads them.
     qk: DevBuf<bf16>,
+    /// The ρ-step's state, velocity and noise, f32 `[b, l·d]`.
+    sde: [DevBuf<f32>; 3],
 }
 
 fn inputs(dev: &KernelDevice, rng: &mut Rng, (b, l, d): (usize, usize, usize)) -> Inputs {
     let mut bf = |n: usize| -> Vec<bf16> { (0..n).map(|_| bf16::from_f32(rng.normal())).collect() };
     let (x, dz, modulation) = (bf(b * l * d), bf(b * l * d), bf(b * d));
     let qk = bf(2 * b * l * d);
+    let sde = [0, 1, 2].map(|_| (0..b * l * d).map(|_| rng.normal()).collect::<Vec<f32>>());
     let mean: Vec<f32> = (0..b * l).map(|r| (r % 7) as f32 * 0.1 - 0.3).collect();
     let rstd: Vec<f32> = (0..b * l).map(|r| 0.5 + (r % 5) as f32 * 0.25).collect();
     Inputs {
@@ -62,6 +70,7 @@ fn inputs(dev: &KernelDevice, rng: &mut Rng, (b, l, d): (usize, usize, usize)) -
         mean: dev.upload(&mean).unwrap(),
         rstd: dev.upload(&rstd).unwrap(),
         qk: dev.upload(&qk).unwrap(),
+        sde: sde.map(|v| dev.upload(&v).unwrap()),
     }
 }
 
@@ -124,7 +133,25 @@ fn run(dev: &KernelDevice, t: &Inputs, dims: (usize, usize, usize)) -> Outputs {
         .unwrap();
     let (a, w) = (t.dz.view(0, 2 * l).unwrap(), t.x.view(0, l * d).unwrap());
     gemm_bf16_acc_f32(dev, GemmSpec::nn(2, d, l), &a, &w, &gemv_acc, None).unwrap();
+    let (sigma, sigma_next) = (
+        dev.upload(&vec![0.8f32; b]).unwrap(),
+        dev.upload(&vec![0.55f32; b]).unwrap(),
+    );
+    let [sx, sv, sz] = &t.sde;
+    let rho = sde::rho_step(
+        dev,
+        sx,
+        sv,
+        sde::NextState::Sample(sz),
+        &sigma,
+        &sigma_next,
+        0.7,
+        (b, l * d),
+    )
+    .unwrap();
     Outputs {
+        rho_next: dev.download(rho.next.as_ref().unwrap()).unwrap(),
+        rho_log_prob: dev.download(&rho.log_prob).unwrap(),
         bias_grad: dev.download(&bias).unwrap(),
         dgate: dev.download(&dgate).unwrap(),
         dy: dev.download(&dy).unwrap(),
@@ -181,6 +208,12 @@ fn column_layouts_and_column_sums_agree() {
                 assert_eq!(base.dx, got.dx, "dx, {mode}");
                 assert_eq!(base.gelu_dx, got.gelu_dx, "GELU dx, {mode}");
                 assert_eq!(base.rms_dx, got.rms_dx, "RMSNorm dx, {mode}");
+                assert_eq!(base.rho_next, got.rho_next, "ρ-step next state, {mode}");
+                // the same f64 sum of the same partials, in the kernel or after it
+                assert_eq!(
+                    base.rho_log_prob, got.rho_log_prob,
+                    "ρ-step log-probabilities, {mode}"
+                );
                 for (what, a, b) in [
                     ("bias_grad", &got.bias_grad, &base.bias_grad),
                     ("dgate", &got.dgate, &base.dgate),

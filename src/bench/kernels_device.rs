@@ -718,28 +718,38 @@ fn sde_kernels(b: &mut Bench) -> KernelResult<()> {
     let lp = b.dev.zeros::<f64>(bs)?;
     let dev = b.dev.clone();
     let shape = format!("{bs}x{d} f32");
-    // Reads x, v, z; writes x', x̂0, μ, ∂ℓ/∂v̂ (the log-prob itself is B values).
-    b.time("sde_rho_step (+finalize)", &shape, 7 * n * 4, sets, |i| {
-        let t = &s[i];
-        let out = sde::dev::RhoStepOutputs {
-            next: Some(&t[3]),
-            x0: Some(&t[4]),
-            mean: Some(&t[5]),
-            grad_v: Some(&t[6]),
-            log_prob: &lp,
-        };
-        sde::dev::rho_step_into(
-            &dev,
-            &out,
-            &t[0],
-            &t[1],
-            sde::dev::NextState::Sample(&t[2]),
-            &sig,
-            &sig_next,
-            0.9877,
-            (bs, d),
-        )
-    })?;
+    // Reads x, v, z; writes x', x̂0, μ, ∂ℓ/∂v̂ (the log-prob itself is B values): the
+    // log-probabilities formed by each sample's last block (the default), then by a
+    // sde_logprob_finalize launch after the kernel (the first way)
+    let names = [
+        "sde_rho_step (in-kernel log-prob)",
+        "sde_rho_step (+finalize)",
+    ];
+    for ((sums, _), name) in SUMS.into_iter().zip(names) {
+        crate::kernels::adaln::dev::set_column_sums(sums);
+        b.time(name, &shape, 7 * n * 4, sets, |i| {
+            let t = &s[i];
+            let out = sde::dev::RhoStepOutputs {
+                next: Some(&t[3]),
+                x0: Some(&t[4]),
+                mean: Some(&t[5]),
+                grad_v: Some(&t[6]),
+                log_prob: &lp,
+            };
+            sde::dev::rho_step_into(
+                &dev,
+                &out,
+                &t[0],
+                &t[1],
+                sde::dev::NextState::Sample(&t[2]),
+                &sig,
+                &sig_next,
+                0.9877,
+                (bs, d),
+            )
+        })?;
+    }
+    crate::kernels::adaln::dev::set_column_sums(SUMS[0].0);
     // Must move: x, x̂0_real, x̂0_fake in, g out (the kernel pair reads x̂0_real twice).
     b.time("dmd_gradient (2 kernels)", &shape, 4 * n * 4, sets, |i| {
         let t = &s[i];

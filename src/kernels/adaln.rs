@@ -249,8 +249,9 @@ pub mod dev {
         (cfg, s)
     }
 
-    /// Who sums the partial rows of the row-lane column kernels (cuda/column_lanes.cuh) and of
-    /// the RMSNorm backward's weight gradient (cuda/qknorm.cu).
+    /// Who sums the partial rows of the row-lane column kernels (cuda/column_lanes.cuh), of the
+    /// RMSNorm backward's weight gradient (cuda/qknorm.cu) and of `gemv_small_m_nn_partial`,
+    /// and the ρ-step's per-sample partials into its log-probabilities (cuda/sde.cu).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum ColumnSums {
         /// The kernel's last block of each column slice, counted by tickets

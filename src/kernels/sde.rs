@@ -342,7 +342,14 @@ pub mod dev {
             .f32(rho)
             .i64(d as i64)
             .i64(per as i64);
-        dev.launch("sde_rho_step", grid(p, b), args)?;
+        use crate::kernels::adaln::dev::{column_sums, ColumnSums};
+        if column_sums() == ColumnSums::InKernel {
+            // each sample's last block forms its log-probability
+            let tickets = dev.column_tickets(b)?;
+            let args = args.buf(out.log_prob).buf(&tickets);
+            return dev.launch("sde_rho_step", grid(p, b), args);
+        }
+        dev.launch("sde_rho_step", grid(p, b), args.null().null())?;
         // One warp per sample: its partials are loaded at once and summed in a fixed order.
         dev.launch(
             "sde_logprob_finalize",
