@@ -80,7 +80,8 @@ __device__ __forceinline__ void adaln_fwd_vec(bf16* __restrict__ y, float* __res
                                               float* __restrict__ rstd, const bf16* __restrict__ x,
                                               const bf16* __restrict__ shift, const bf16* __restrict__ scale, int L,
                                               int D, float eps, int M, bf16* __restrict__ mid,
-                                              const bf16* __restrict__ gate, const bf16* __restrict__ yres) {
+                                              const bf16* __restrict__ gate, const bf16* __restrict__ yres,
+                                              int GM) {
     __shared__ float scratch[32];
     const long long row = blockIdx.x;
     const int nvec = D / 8;
@@ -93,7 +94,7 @@ __device__ __forceinline__ void adaln_fwd_vec(bf16* __restrict__ y, float* __res
             px[p] = load16(x + row * D + 8 * c);
             if constexpr (RESID) {
                 py[p] = load16(yres + row * D + 8 * c);
-                pg[p] = load16(gate + b * M + 8 * c);
+                pg[p] = load16(gate + b * GM + 8 * c);
             }
             psh[p] = load16(shift + b * M + 8 * c);
             psc[p] = load16(scale + b * M + 8 * c);
@@ -153,18 +154,19 @@ extern "C" __global__ void __launch_bounds__(1024)
                        const bf16* __restrict__ x, const bf16* __restrict__ shift,
                        const bf16* __restrict__ scale, int rows, int L, int D, float eps, int M) {
     kernel_prologue();
-    adaln_fwd_vec<false>(y, mean, rstd, x, shift, scale, L, D, eps, M, nullptr, nullptr, nullptr);
+    adaln_fwd_vec<false>(y, mean, rstd, x, shift, scale, L, D, eps, M, nullptr, nullptr, nullptr, 0);
 }
 
 // gated_residual_fwd then adaln_modulate_fwd of its output in one pass (the vector path's
-// conditions, and every buffer 16-byte aligned): mid = x + gate[b]·yres, y = adaLN(mid).
+// conditions, and every buffer 16-byte aligned): mid = x + gate[b]·yres, y = adaLN(mid). The gate's
+// rows are GM apart, shift's and scale's M (one block's gate, the next block's adaLN).
 extern "C" __global__ void __launch_bounds__(1024)
     gated_residual_adaln_fwd(bf16* __restrict__ mid, bf16* __restrict__ y, float* __restrict__ mean,
                              float* __restrict__ rstd, const bf16* __restrict__ x, const bf16* __restrict__ gate,
                              const bf16* __restrict__ yres, const bf16* __restrict__ shift,
-                             const bf16* __restrict__ scale, int rows, int L, int D, float eps, int M) {
+                             const bf16* __restrict__ scale, int rows, int L, int D, float eps, int M, int GM) {
     kernel_prologue();
-    adaln_fwd_vec<true>(y, mean, rstd, x, shift, scale, L, D, eps, M, mid, gate, yres);
+    adaln_fwd_vec<true>(y, mean, rstd, x, shift, scale, L, D, eps, M, mid, gate, yres, GM);
 }
 
 // dx of one row: dx̂ = dy·(1+scale); dx = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)).

@@ -530,19 +530,21 @@ pub mod dev {
     /// [`gated_residual_fwd_ld`] then [`adaln_modulate_fwd_ld`] of its output:
     /// `mid = x + gate·yres`, `(y, mean, rstd)` of `mid`; returns `(mid, y, mean, rstd)`. One
     /// pass (`gated_residual_adaln_fwd`) where the vector kernels run and every buffer is 16-byte
-    /// aligned, the two launches otherwise; the same values either way. `(gate, shift, scale, ld)`:
-    /// the modulation chunks, rows at stride `ld`.
+    /// aligned, the two launches otherwise; the same values either way. `(gate, gate_ld)` and
+    /// `(shift, scale, ld)`: modulation chunks, rows at those strides (one block's gate and the
+    /// next block's adaLN may come from different products).
     #[allow(clippy::type_complexity)]
     pub fn gated_residual_adaln_fwd_ld(
         dev: &KernelDevice,
         x: &DevBuf<bf16>,
         yres: &DevBuf<bf16>,
-        (gate, shift, scale, ld): (&DevBuf<bf16>, &DevBuf<bf16>, &DevBuf<bf16>, usize),
+        (gate, gate_ld): (&DevBuf<bf16>, usize),
+        (shift, scale, ld): (&DevBuf<bf16>, &DevBuf<bf16>, usize),
         (b, l, d): (usize, usize, usize),
         eps: f32,
     ) -> KernelResult<(DevBuf<bf16>, DevBuf<bf16>, DevBuf<f32>, DevBuf<f32>)> {
         let rows = b * l;
-        let vec = mod_rows(gate, ld, (b, d), "gate")?
+        let vec = mod_rows(gate, gate_ld, (b, d), "gate")?
             & mod_rows(shift, ld, (b, d), "adaln shift")?
             & mod_rows(scale, ld, (b, d), "adaln scale")?;
         let aligned = [x.device_ptr(), yres.device_ptr()]
@@ -550,7 +552,7 @@ pub mod dev {
             .all(|p| p % 16 == 0);
         let threads = row_threads(d).filter(|_| vec && aligned && rows > 0);
         let Some(t) = threads else {
-            let mid = gated_residual_fwd_ld(dev, x, (gate, ld), yres, (b, l, d))?;
+            let mid = gated_residual_fwd_ld(dev, x, (gate, gate_ld), yres, (b, l, d))?;
             let (y, mean, rstd) =
                 adaln_modulate_fwd_ld(dev, &mid, (shift, scale, ld), (b, l, d), eps)?;
             return Ok((mid, y, mean, rstd));
@@ -584,7 +586,8 @@ pub mod dev {
                 .i32(l as i32)
                 .i32(d as i32)
                 .f32(eps)
-                .i32(ld as i32),
+                .i32(ld as i32)
+                .i32(gate_ld as i32),
         )?;
         Ok((mid, y, mean, rstd))
     }

@@ -295,6 +295,23 @@ struct BlockMods {
     c: Chunks,
 }
 
+/// A block's first adaLNs when the block before computed them (with its last residuals, in one
+/// pass each): the image stream's and the text stream's.
+#[derive(Default)]
+struct BlockLns {
+    x: Option<Ln>,
+    c: Option<Ln>,
+}
+
+/// What a block does about the next block's modulations: compute them ahead (on the side stream,
+/// beside its text tokens' work), take them as given, or neither (the last block computed, or a
+/// recomputation).
+enum NextMods {
+    None,
+    Compute,
+    Given(BlockMods),
+}
+
 /// Every block's and the final layer's modulation for `steps` model calls of `batch` rows each,
 /// from one product a layer over all the calls' rows ([`DeviceMmdit::step_modulations`]): a
 /// K-step sampler knows its timesteps in advance, and the modulation weights (1.5 GB in
@@ -880,19 +897,19 @@ impl DeviceMmdit {
         Ok(Ln { y, mean, rstd })
     }
 
-    /// The gated residual `mid = x + gate·y` (chunk `gate` of `m`) and [`Self::ln`] of `mid` with
-    /// chunks `shift`, `scale`, in one pass (`gated_residual_adaln_fwd_ld`): `(mid, Ln)`.
+    /// The gated residual `mid = x + gate·y` (chunk `gate` of `g`) and [`Self::ln`] of `mid` with
+    /// chunks `shift`, `scale` of `m` (the same block's, or the next block's), in one pass
+    /// (`gated_residual_adaln_fwd_ld`): `(mid, Ln)`.
     fn residual_ln(
         &self,
-        x: &DevBuf<bf16>,
-        y: &DevBuf<bf16>,
-        m: &Chunks,
-        (gate, shift, scale): (usize, usize, usize),
+        (x, y): (&DevBuf<bf16>, &DevBuf<bf16>),
+        (g, gate): (&Chunks, usize),
+        (m, shift, scale): (&Chunks, usize, usize),
         dims: (usize, usize, usize),
     ) -> KernelResult<(DevBuf<bf16>, Ln)> {
-        let mods = (m.at(gate).0, m.at(shift).0, m.at(scale).0, m.ld);
+        let mods = (m.at(shift).0, m.at(scale).0, m.ld);
         let (mid, y, mean, rstd) =
-            adaln::gated_residual_adaln_fwd_ld(&self.dev, x, y, mods, dims, LN_EPS)?;
+            adaln::gated_residual_adaln_fwd_ld(&self.dev, x, y, g.at(gate), mods, dims, LN_EPS)?;
         Ok((mid, Ln { y, mean, rstd }))
     }
 
@@ -1026,6 +1043,8 @@ impl DeviceMmdit {
     /// `mid + gate·fc2(GELU(fc1(adaLN(mid))))` with chunks 3, 4, 5 (the residual and the adaLN in
     /// one pass). With `kept_fc2` (a selective recomputation) fc2's output is that and the
     /// stream's output is not formed (an empty buffer: the record has the next block's input).
+    /// With `next` (the next block's chunks) the last residual and the next block's first adaLN
+    /// (chunks 0, 1 of `next`) run in one pass too, and that adaLN is returned.
     #[allow(clippy::too_many_arguments)]
     fn mlp_tail(
         &self,
@@ -1037,32 +1056,47 @@ impl DeviceMmdit {
         (b, l): (usize, usize),
         saving: bool,
         kept_fc2: Option<&DevBuf<bf16>>,
-    ) -> KernelResult<(DevBuf<bf16>, StreamTail)> {
+        next: Option<&Chunks>,
+    ) -> KernelResult<(DevBuf<bf16>, StreamTail, Option<Ln>)> {
         let dims = (b, l, self.config.hidden);
-        let (mid, ln_mlp) = self.residual_ln(x, y.unwrap_or(&proj), chunks, (gate, 3, 4), dims)?;
+        let xy = (x, y.unwrap_or(&proj));
+        let (mid, ln_mlp) = self.residual_ln(xy, (chunks, gate), (chunks, 3, 4), dims)?;
         let fc1 = format!("{prefix}.mlp.fc1");
         let (fc1_out, fc1_pre) = self.linear_act(&ln_mlp.y, b * l, &fc1, true, saving)?;
-        let (fc2_out, out) = match kept_fc2 {
-            Some(f) => (f.alias(), self.dev.alloc(0)?),
+        let (fc2_out, out, next_ln) = match kept_fc2 {
+            Some(f) => (f.alias(), self.dev.alloc(0)?, None),
             None => {
                 let fc2 = format!("{prefix}.mlp.fc2");
                 let (fc2_out, _) = self.linear(&fc1_out, b * l, &fc2, false)?;
-                let out =
-                    adaln::gated_residual_fwd_ld(&self.dev, &mid, chunks.at(5), &fc2_out, dims)?;
-                (fc2_out, out)
+                match next {
+                    // the residual and the next block's first adaLN in one pass
+                    Some(n) => {
+                        let tail = (&mid, &fc2_out);
+                        let (out, ln) = self.residual_ln(tail, (chunks, 5), (n, 0, 1), dims)?;
+                        (fc2_out, out, Some(ln))
+                    }
+                    None => {
+                        let out = adaln::gated_residual_fwd_ld(
+                            &self.dev,
+                            &mid,
+                            chunks.at(5),
+                            &fc2_out,
+                            dims,
+                        )?;
+                        (fc2_out, out, None)
+                    }
+                }
             }
         };
-        Ok((
-            out,
-            StreamTail {
-                proj,
-                mid,
-                ln_mlp,
-                fc1_pre,
-                fc1_out,
-                fc2_out,
-            },
-        ))
+        let tail = StreamTail {
+            proj,
+            mid,
+            ln_mlp,
+            fc1_pre,
+            fc1_out,
+            fc2_out,
+        };
+        Ok((out, tail, next_ln))
     }
 
     /// Backward of [`Self::mlp_tail`] from the stream's output gradient (bf16, and the f32 sum it
@@ -1151,14 +1185,14 @@ impl DeviceMmdit {
         silu_c: &DevBuf<bf16>,
         (b, lx, lc): (usize, usize, usize),
         saving: bool,
-        mods: Option<BlockMods>,
-        prefetch: bool,
+        (mods, lns): (Option<BlockMods>, BlockLns),
+        next: NextMods,
         kept: Option<&KeptOutputs>,
     ) -> KernelResult<(
         DevBuf<bf16>,
         Option<DevBuf<bf16>>,
         BlockSaved,
-        Option<BlockMods>,
+        Option<(BlockMods, BlockLns)>,
     )> {
         let c = &self.config;
         let d = c.hidden;
@@ -1182,21 +1216,34 @@ impl DeviceMmdit {
             Some(m) => (Some(m.x), Some(m.c)),
             None => (None, None),
         };
+        // the next block's modulations ahead, on the side stream: this block's MLP residuals
+        // then run with the next block's first adaLNs
         dev.fork(&[silu_c.span()])?;
-        let (c_chunks, c_ln, cq) = dev.on_side(|| {
+        let (c_chunks, c_ln, cq, next) = dev.on_side(|| {
             let chunks = match pre_c {
                 Some(chunks) => chunks,
                 None => self.modulation(silu_c, b, &cp, self.chunk_counts(i).1)?,
             };
-            let ln = self.ln(&ctx, &chunks, (0, 1), dc3)?;
+            let ln = match lns.c {
+                Some(ln) => ln,
+                None => self.ln(&ctx, &chunks, (0, 1), dc3)?,
+            };
             let q = self.qkv(&ln.y, b * lc, &format!("{cp}.attn"))?;
-            Ok((chunks, ln, q))
+            let next = match next {
+                NextMods::Compute => Some(self.block_mods(i + 1, silu_c, b)?),
+                NextMods::Given(m) => Some(m),
+                NextMods::None => None,
+            };
+            Ok((chunks, ln, q, next))
         })?;
         let x_chunks = match pre_x {
             Some(chunks) => chunks,
             None => self.modulation(silu_c, b, &xp, self.chunk_counts(i).0)?,
         };
-        let x_ln = self.ln(&x, &x_chunks, (0, 1), dx3)?;
+        let x_ln = match lns.x {
+            Some(ln) => ln,
+            None => self.ln(&x, &x_chunks, (0, 1), dx3)?,
+        };
         let xq = self.qkv(&x_ln.y, b * lx, &format!("{xp}.attn"))?;
         dev.join()?;
         let dims = AttnDims {
@@ -1232,28 +1279,34 @@ impl DeviceMmdit {
         };
 
         dev.fork(&[silu_c.span()])?;
-        let (ctx_out, c_tail, next) = dev.on_side(|| {
-            let next = if prefetch {
-                Some(self.block_mods(i + 1, silu_c, b)?)
-            } else {
-                None
-            };
+        let next_c = next.as_ref().map(|m| &m.c);
+        let (ctx_out, c_tail, next_c_ln) = dev.on_side(|| {
             if pre_only {
-                return Ok((None, None, next));
+                return Ok((None, None, None));
             }
             let proj = proj(&attn.oa, b * lc, &format!("{cp}.attn.proj"), kept_c)?;
             let fc2 = kept_c.map(|k| &k.1);
-            let (out, tail) =
-                self.mlp_tail(&ctx, (2, None), proj, &c_chunks, &cp, (b, lc), saving, fc2)?;
-            Ok((Some(out), Some(tail), next))
+            let (out, tail, ln) = self.mlp_tail(
+                &ctx,
+                (2, None),
+                proj,
+                &c_chunks,
+                &cp,
+                (b, lc),
+                saving,
+                fc2,
+                next_c,
+            )?;
+            Ok((Some(out), Some(tail), ln))
         })?;
+        let next_x = next.as_ref().map(|m| &m.x);
         let x_proj = proj(&attn.ob, b * lx, &format!("{xp}.attn.proj"), kept_x)?;
         let x_fc2 = kept_x.map(|k| &k.1);
         let (x_out, x_tail, dual) = if dual {
             // the first residual alone; the second (attn2's) goes with the MLP's adaLN
             let x_mid = adaln::gated_residual_fwd_ld(dev, &x, x_chunks.at(2), &x_proj, dx3)?;
-            let ln = self.ln(&x, &x_chunks, (6, 7), dx3)?;
-            let q2 = self.qkv(&ln.y, b * lx, &format!("{xp}.attn2"))?;
+            let dual_ln = self.ln(&x, &x_chunks, (6, 7), dx3)?;
+            let q2 = self.qkv(&dual_ln.y, b * lx, &format!("{xp}.attn2"))?;
             let dims2 = AttnDims { la: 0, ..dims };
             let name = format!("{xp}.attn2.proj");
             let (attn, proj) = match kept.and_then(|k| k.dual.as_ref()) {
@@ -1275,11 +1328,21 @@ impl DeviceMmdit {
                 }
             };
             let tail = (8, Some(&proj));
-            let (out, t) =
-                self.mlp_tail(&x_mid, tail, x_proj, &x_chunks, &xp, (b, lx), saving, x_fc2)?;
-            (out, t, Some(Dual { ln, attn, proj }))
+            let dims = (b, lx);
+            let (out, t, ln) = self.mlp_tail(
+                &x_mid, tail, x_proj, &x_chunks, &xp, dims, saving, x_fc2, next_x,
+            )?;
+            (
+                out,
+                (t, ln),
+                Some(Dual {
+                    ln: dual_ln,
+                    attn,
+                    proj,
+                }),
+            )
         } else {
-            let (out, t) = self.mlp_tail(
+            let (out, t, ln) = self.mlp_tail(
                 &x,
                 (2, None),
                 x_proj,
@@ -1288,9 +1351,11 @@ impl DeviceMmdit {
                 (b, lx),
                 saving,
                 x_fc2,
+                next_x,
             )?;
-            (out, t, None)
+            (out, (t, ln), None)
         };
+        let (x_tail, next_x_ln) = x_tail;
         dev.join()?;
         let saved = BlockSaved {
             x_in: x,
@@ -1304,6 +1369,13 @@ impl DeviceMmdit {
             x_tail,
             c_tail,
         };
+        let next = next.map(|m| {
+            let lns = BlockLns {
+                x: next_x_ln,
+                c: next_c_ln,
+            };
+            (m, lns)
+        });
         Ok((x_out, ctx_out, saved, next))
     }
 
@@ -1413,26 +1485,26 @@ impl DeviceMmdit {
         let (mut ctx, _) = self.linear(&inputs.context, b * lc, "context_embedder", false)?;
 
         let mut blocks = Vec::new();
-        let mut mods = None;
+        // each block's modulations (and first adaLNs) from the block before, the first's from here
+        let mut ahead: Option<(BlockMods, BlockLns)> = match pre {
+            Some((m, step)) => Some((m.block(0, step, c.hidden)?, BlockLns::default())),
+            None => None,
+        };
         for i in 0..upto {
             let saving = keep == Keep::All;
             let dims = (b, lx, lc);
-            if let Some((m, step)) = pre {
-                mods = Some(m.block(i, step, c.hidden)?);
-            }
-            let prefetch = i + 1 < upto && pre.is_none();
-            let (nx, nctx, saved, next) = self.block(
-                i,
-                x,
-                ctx,
-                &silu_c,
-                dims,
-                saving,
-                mods.take(),
-                prefetch,
-                None,
-            )?;
-            mods = next;
+            let next = match pre {
+                _ if i + 1 >= upto => NextMods::None,
+                Some((m, step)) => NextMods::Given(m.block(i + 1, step, c.hidden)?),
+                None => NextMods::Compute,
+            };
+            let (mods, lns) = match ahead.take() {
+                Some((m, lns)) => (Some(m), lns),
+                None => (None, BlockLns::default()),
+            };
+            let (nx, nctx, saved, next) =
+                self.block(i, x, ctx, &silu_c, dims, saving, (mods, lns), next, None)?;
+            ahead = next;
             x = nx;
             ctx = match nctx {
                 Some(n) => n,
@@ -1861,7 +1933,8 @@ impl DeviceMmdit {
             let recompute = |x: &DevBuf<bf16>, ctx: &DevBuf<bf16>, kept| {
                 self.dev.recomputing(|| {
                     let (x, ctx) = (x.alias(), ctx.alias());
-                    self.block(i, x, ctx, &s.silu_c, dims, true, None, false, kept)
+                    let none = (None, BlockLns::default());
+                    self.block(i, x, ctx, &s.silu_c, dims, true, none, NextMods::None, kept)
                 })
             };
             let block = match &s.blocks[i] {

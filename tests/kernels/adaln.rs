@@ -424,8 +424,9 @@ fn adaln_backward_adds_into_the_residual_gradient() {
 
 /// A gated residual and the adaLN of its output in one pass (`gated_residual_adaln_fwd_ld`) equal
 /// the two kernels it replaces, bit for bit: the residual `mid`, y, mean and rstd, with the
-/// modulation chunks at a stride (the model's windows of one modulation row), at widths that take
-/// the vector kernels and one that does not (d = 37).
+/// modulation chunks at a stride (the model's windows of modulation rows; the gate's from another
+/// product, at another stride), at widths that take the vector kernels and one that does not
+/// (d = 37).
 #[test]
 fn gated_residual_then_adaln_in_one_pass_equals_the_two_kernels() {
     for dev in devices() {
@@ -437,18 +438,23 @@ fn gated_residual_then_adaln_in_one_pass_equals_the_two_kernels() {
             let x = up(&randn_bf16(&mut rng, n, 1.0));
             let yres = up(&randn_bf16(&mut rng, n, 1.0));
             let mods = up(&randn_bf16(&mut rng, b * ld, 0.5));
-            // chunks 2 (gate), 3 (shift), 4 (scale) of each sample's modulation row
+            // chunks 3 (shift), 4 (scale) of each sample's modulation row; the gate, chunk 5 of
+            // another block's rows of 9 chunks (the MLP's residual fused with the next adaLN)
             let chunk = |j: usize| mods.view(j * d, b * ld - j * d).unwrap();
-            let (gate, shift, scale) = (chunk(2), chunk(3), chunk(4));
+            let (shift, scale) = (chunk(3), chunk(4));
+            let gate_ld = 9 * d;
+            let gate_mods = up(&randn_bf16(&mut rng, b * gate_ld, 0.5));
+            let gate = gate_mods.view(5 * d, b * gate_ld - 5 * d).unwrap();
             let dims = (b, l, d);
-            let mid = gpu::gated_residual_fwd_ld(&dev, &x, (&gate, ld), &yres, dims).unwrap();
+            let mid = gpu::gated_residual_fwd_ld(&dev, &x, (&gate, gate_ld), &yres, dims).unwrap();
             let (y, mean, rstd) =
                 gpu::adaln_modulate_fwd_ld(&dev, &mid, (&shift, &scale, ld), dims, 1e-6).unwrap();
             let (mid2, y2, mean2, rstd2) = gpu::gated_residual_adaln_fwd_ld(
                 &dev,
                 &x,
                 &yres,
-                (&gate, &shift, &scale, ld),
+                (&gate, gate_ld),
+                (&shift, &scale, ld),
                 dims,
                 1e-6,
             )
