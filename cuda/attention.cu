@@ -25,7 +25,8 @@
 //                                (zeroed by joint_attn_bwd_rowdot), unscaled
 //   joint_attn_bwd_v3_d64        the same with 128-key tiles and 4 warps of 32 keys (bwd_v3,
 //                                BwdVariant::V3)
-//   joint_attn_dq_convert        dQ = scale · accumulator, to bf16
+//   joint_attn_dq_convert        dQ = scale · accumulator, to bf16 (the MMDiT with QK norms skips
+//                                it: qknorm.cu's rms_norm_bwd2_dq32 reads the accumulator)
 //   joint_attn_fwd_naive         fallback for any other D ≤ 256 (section at the end): O and lse,
 //                                one warp per query row, online softmax over all keys
 //   joint_attn_bwd_naive_drow    fallback Drow = Σ_j P·dP, one warp per query row

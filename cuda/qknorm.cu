@@ -9,6 +9,9 @@
 //                  result is deterministic), summed by the launch's last block (rms_bwd_tail) or
 //                  by sum_splits (adaln.cu)
 //   rms_norm_fwd2, rms_norm_bwd2: two of the above of one shape in one launch (q's and k's)
+//   rms_norm_bwd2_dq32: rms_norm_bwd2 with q's dy read from the attention backward's f32 dQ
+//                  accumulator (× its scale, rounded to bf16 as joint_attn_dq_convert would):
+//                  the MMDiT's q gradient without that conversion pass
 //
 // x (and in the backward dx) may be read and written in place inside a wider tensor: rows are
 // (token, head) pairs at x_row(row) = (row / H)·ld + (row % H)·D, so the MMDiT normalises q and k
@@ -21,6 +24,8 @@
 // the row in registers (forward D ≤ 512, backward D ≤ 256); other widths (odd head dims) take a
 // scalar path that re-reads the row from cache.
 #include "common.cuh"
+
+#include <type_traits>
 
 #define QK_THREADS 256
 #define QK_MAX_VPL 2  // 16-byte vectors per lane kept in registers (forward): D ≤ 32·8·2 = 512
@@ -130,12 +135,46 @@ __device__ __forceinline__ int vectors_per_lane(int D, int G, bool aligned) {
 }
 
 
+// Where the backward's dy comes from: a bf16 tensor, or the attention backward's f32 dQ
+// accumulator (joint_attn_bwd_*: unscaled, [rows, D] like dy) times `scale`, rounded to bf16 as
+// joint_attn_dq_convert rounds it — the same dy values bit for bit, without that kernel's pass
+// (it read the accumulator and wrote a bf16 dQ that this kernel then read back).
+// `load` issues a row slice's loads; `settle`, called once every load of a step is issued,
+// turns what arrived into a bf16 pack (so the loads of all rows of a step are in flight together).
+struct DyBf16 {
+    const bf16* p;
+    using Raw = pack16;
+    __device__ __forceinline__ Raw load(long long e) const { return load16(p + e); }
+    __device__ __forceinline__ pack16 settle(const Raw& r) const { return r; }
+    __device__ __forceinline__ float at(long long e) const { return bf2f(p[e]); }
+    __device__ __forceinline__ bool aligned() const { return aligned16(p); }
+};
+struct DyScaledF32 {
+    const float* p;
+    float scale;
+    struct Raw {
+        pack16 lo, hi;
+    };
+    __device__ __forceinline__ Raw load(long long e) const { return {load16(p + e), load16(p + e + 4)}; }
+    __device__ __forceinline__ pack16 settle(const Raw& r) const {
+        float f[8];
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            f[k] = bits_to_float(r.lo.w[k]) * scale;
+            f[4 + k] = bits_to_float(r.hi.w[k]) * scale;
+        }
+        return pack_bf16x8(f);
+    }
+    __device__ __forceinline__ float at(long long e) const { return bf2f(f2bf(p[e] * scale)); }
+    __device__ __forceinline__ bool aligned() const { return aligned16(p); }
+};
+
 // The register path of rms_norm_bwd: columns 8·(gl + G·i) .. +8 of every row belong to this lane,
 // so its weight slice and its Σ dy·x̂ accumulators stay in registers for the whole loop.
-template <int VPL>
+template <int VPL, typename DY>
 __device__ __forceinline__ void bwd_rows_vec(bf16* __restrict__ dx, float* __restrict__ my,
                                              const bf16* __restrict__ x, const bf16* __restrict__ w,
-                                             const float* __restrict__ rstd, const bf16* __restrict__ dy,
+                                             const float* __restrict__ rstd, const DY dy,
                                              long long rows, int D, int G, int gl, int grp, int groups, int H,
                                              long long ld) {
     const int nvec = D / 8;
@@ -152,7 +191,10 @@ __device__ __forceinline__ void bwd_rows_vec(bf16* __restrict__ dx, float* __res
     // loaded before the first is used. The loop bound depends on the block only, so all groups
     // of a warp iterate together.
     for (long long r0 = (long long)blockIdx.x * groups * QK_BWD_ROWS; r0 < rows; r0 += stride) {
+        // a bf16 dy is loaded straight into pg (no copy for the compiler to keep apart)
+        constexpr bool settles = !std::is_same<typename DY::Raw, pack16>::value;
         pack16 px[QK_BWD_ROWS][VPL], pg[QK_BWD_ROWS][VPL];
+        typename DY::Raw raw[QK_BWD_ROWS][settles ? VPL : 1];
         float rs[QK_BWD_ROWS], dot[QK_BWD_ROWS];
 #pragma unroll
         for (int k = 0; k < QK_BWD_ROWS; k++) {
@@ -163,9 +205,20 @@ __device__ __forceinline__ void bwd_rows_vec(bf16* __restrict__ dx, float* __res
                 const int c = gl + G * i;
                 if (row < rows && c < nvec) {
                     px[k][i] = load16(x + x_row(row, H, ld, D) + 8 * c);
-                    pg[k][i] = load16(dy + row * D + 8 * c);
+                    if constexpr (settles)
+                        raw[k][i] = dy.load(row * D + 8 * c);
+                    else
+                        pg[k][i] = dy.settle(dy.load(row * D + 8 * c));
                 }
             }
+        }
+        if constexpr (settles) {
+#pragma unroll
+            for (int k = 0; k < QK_BWD_ROWS; k++)
+#pragma unroll
+                for (int i = 0; i < VPL; i++)
+                    if (r0 + grp + (long long)k * groups < rows && gl + G * i < nvec)
+                        pg[k][i] = dy.settle(raw[k][i]);
         }
 #pragma unroll
         for (int k = 0; k < QK_BWD_ROWS; k++) {
@@ -270,15 +323,15 @@ extern "C" __global__ void __launch_bounds__(QK_THREADS)
 // the steps p, p + P, p + 2P, ... of QK_BWD_ROWS·QK_THREADS / G rows each; dw_part[p·D + j] = the
 // block's Σ dy·x̂ over column j.
 namespace qknorm {
+template <typename DY>
 __device__ __forceinline__ void rms_bwd(bf16* __restrict__ dx, float* __restrict__ dw_part, const bf16* __restrict__ x,
-                                        const bf16* __restrict__ w, const float* __restrict__ rstd,
-                                        const bf16* __restrict__ dy, long long rows, int D, int G, int H,
-                                        long long ld) {
+                                        const bf16* __restrict__ w, const float* __restrict__ rstd, const DY dy,
+                                        long long rows, int D, int G, int H, long long ld) {
     DYNAMIC_SMEM(float, acc);  // [groups][D]: each group's running Σ dy·x̂
     const int groups = blockDim.x / G, grp = threadIdx.x / G, gl = threadIdx.x % G;
     float* my = acc + (long long)grp * D;
     const int vpl =
-        vectors_per_lane(D, G, aligned16(x) && aligned16(w) && aligned16(dy) && aligned16(dx) && ld % 8 == 0);
+        vectors_per_lane(D, G, aligned16(x) && aligned16(w) && dy.aligned() && aligned16(dx) && ld % 8 == 0);
     const long long stride = (long long)gridDim.x * groups * QK_BWD_ROWS;
 
     // Only one vector per lane in the backward (D ≤ 256, every head dim in use): the second
@@ -297,7 +350,7 @@ __device__ __forceinline__ void rms_bwd(bf16* __restrict__ dx, float* __restrict
             float dot = 0.f;
             if (valid)
                 for (int j = gl; j < D; j += G) {
-                    const float xh = bf2f(x[xo + j]) * rs, g = bf2f(dy[row * D + j]);
+                    const float xh = bf2f(x[xo + j]) * rs, g = dy.at(row * D + j);
                     my[j] += g * xh;
                     dot += g * bf2f(w[j]) * xh;
                 }
@@ -305,7 +358,7 @@ __device__ __forceinline__ void rms_bwd(bf16* __restrict__ dx, float* __restrict
             if (!valid) continue;
             for (int j = gl; j < D; j += G) {
                 const float xv = bf2f(x[xo + j]);
-                dx[xo + j] = f2bf(rs * (bf2f(dy[row * D + j]) * bf2f(w[j]) - xv * rs * m));
+                dx[xo + j] = f2bf(rs * (dy.at(row * D + j) * bf2f(w[j]) - xv * rs * m));
             }
         }
     }
@@ -352,7 +405,7 @@ extern "C" __global__ void __launch_bounds__(QK_THREADS)
                  long long rows, int D, int G, int H, long long ld, float* dw, int accumulate,
                  unsigned* tickets) {
     kernel_prologue();
-    qknorm::rms_bwd(dx, dw_part, x, w, rstd, dy, rows, D, G, H, ld);
+    qknorm::rms_bwd(dx, dw_part, x, w, rstd, qknorm::DyBf16{dy}, rows, D, G, H, ld);
     qknorm::rms_bwd_tail(dw, dw_part, D, accumulate, tickets);
 }
 
@@ -368,9 +421,29 @@ extern "C" __global__ void __launch_bounds__(QK_THREADS)
     kernel_prologue();
     float* part = dw_part + (long long)blockIdx.y * gridDim.x * D;
     if (blockIdx.y == 0)
-        qknorm::rms_bwd(dx0, part, x0, w0, rstd0, dy0, rows, D, G, H, ld);
+        qknorm::rms_bwd(dx0, part, x0, w0, rstd0, qknorm::DyBf16{dy0}, rows, D, G, H, ld);
     else
-        qknorm::rms_bwd(dx1, part, x1, w1, rstd1, dy1, rows, D, G, H, ld);
+        qknorm::rms_bwd(dx1, part, x1, w1, rstd1, qknorm::DyBf16{dy1}, rows, D, G, H, ld);
+    qknorm::rms_bwd_tail(blockIdx.y == 0 ? dw0 : dw1, part, D, blockIdx.y == 0 ? acc0 : acc1,
+                         tickets == nullptr ? nullptr : tickets + blockIdx.y);
+}
+
+// rms_norm_bwd2 with pair 0's dy the attention backward's f32 dQ accumulator `dq_acc` times
+// `dq_scale` (DyScaledF32): the MMDiT's q gradient straight from the attention, without
+// joint_attn_dq_convert. Same grid and results.
+extern "C" __global__ void __launch_bounds__(QK_THREADS)
+    rms_norm_bwd2_dq32(bf16* __restrict__ dx0, const bf16* __restrict__ x0, const bf16* __restrict__ w0,
+                       const float* __restrict__ rstd0, const float* __restrict__ dq_acc, float dq_scale,
+                       bf16* __restrict__ dx1, const bf16* __restrict__ x1, const bf16* __restrict__ w1,
+                       const float* __restrict__ rstd1, const bf16* __restrict__ dy1, float* __restrict__ dw_part,
+                       long long rows, int D, int G, int H, long long ld, float* dw0, int acc0, float* dw1, int acc1,
+                       unsigned* tickets) {
+    kernel_prologue();
+    float* part = dw_part + (long long)blockIdx.y * gridDim.x * D;
+    if (blockIdx.y == 0)
+        qknorm::rms_bwd(dx0, part, x0, w0, rstd0, qknorm::DyScaledF32{dq_acc, dq_scale}, rows, D, G, H, ld);
+    else
+        qknorm::rms_bwd(dx1, part, x1, w1, rstd1, qknorm::DyBf16{dy1}, rows, D, G, H, ld);
     qknorm::rms_bwd_tail(blockIdx.y == 0 ? dw0 : dw1, part, D, blockIdx.y == 0 ? acc0 : acc1,
                          tickets == nullptr ? nullptr : tickets + blockIdx.y);
 }

@@ -426,6 +426,30 @@ fn qk(b: &mut Bench) -> KernelResult<()> {
         })?;
     }
     adaln_dev::set_column_sums(ColumnSums::InKernel);
+    // q's gradient from the attention backward's f32 dQ accumulator: read by the pair's launch
+    // itself (the default), or first converted to bf16 by joint_attn_dq_convert (the first way)
+    let accs: Vec<_> = (0..sets)
+        .map(|_| b.f(rows * d))
+        .collect::<KernelResult<Vec<_>>>()?;
+    let none = (b.dev.alloc::<bf16>(0)?, b.dev.alloc::<f32>(0)?);
+    let scale = 0.125;
+    let name = "rms_norm_bwd2 (q from the f32 dQ accumulator, laid)";
+    b.time(name, &shape, 2 * bytes + rows * d * 2, sets, |i| {
+        let ((x, dx, dk), (_, _, rstd, w, dy, dq)) = (&laid[i], &s[i]);
+        let dws = Some([(dq, false), (dk, true)]);
+        let (ws, rs, acc) = ([w, w], [rstd, rstd], (&accs[i], scale));
+        qknorm::dev::rms_norm_bwd_laid_pair_dq32(&dev, dx, x, pair, ws, rs, acc, dy, (rows, d), dws)
+    })?;
+    let name = "joint_attn_dq_convert + rms_norm_bwd2 (laid)";
+    b.time(name, &shape, 2 * bytes + rows * d * 6, sets, |i| {
+        let ((x, dx, dk), (_, _, rstd, w, dy, dq)) = (&laid[i], &s[i]);
+        let q16 = &s[(i + 1) % sets].4;
+        let (acc, (none16, none32)) = (&accs[i], &none);
+        crate::kernels::attention::dev::dq_convert(&dev, [q16, none16], [acc, none32], scale)?;
+        let dws = Some([(dq, false), (dk, true)]);
+        let (ws, rs, dys) = ([w, w], [rstd, rstd], [q16, dy]);
+        qknorm::dev::rms_norm_bwd_laid_pair(&dev, dx, x, pair, ws, rs, dys, (rows, d), dws)
+    })?;
     Ok(())
 }
 

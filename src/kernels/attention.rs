@@ -1721,6 +1721,55 @@ pub mod dev {
     #[allow(clippy::too_many_arguments)]
     fn bwd_v_ld(
         dev: &KernelDevice,
+        qkv: [&DevBuf<bf16>; 6],
+        outs: [&DevBuf<bf16>; 4],
+        lse: &DevBuf<f32>,
+        dims: AttnDims,
+        v_ld: usize,
+        dv: [&DevBuf<bf16>; 2],
+        variant: BwdVariant,
+        plan: Option<SplitPlan>,
+    ) -> KernelResult<[DevBuf<bf16>; 4]> {
+        let (dq, [dka, dkb]) =
+            bwd_v_ld_dq(dev, qkv, outs, lse, dims, v_ld, dv, variant, plan, false)?;
+        match dq {
+            DqGrad::Bf16(dqa, dqb) => Ok([dqa, dka, dqb, dkb]),
+            DqGrad::Scaled { .. } => unreachable!("dQ was asked for in bf16"),
+        }
+    }
+
+    /// [`joint_attention_bwd_v_ld`] that leaves dQ in the kernels' unscaled f32 accumulators
+    /// where the fast kernels run ([`DqGrad::Scaled`]: for a consumer that reads them itself, as
+    /// [`crate::kernels::qknorm::dev::rms_norm_bwd_laid_pair_dq32`], instead of a conversion
+    /// pass); the fallback's dQ is bf16 ([`DqGrad::Bf16`]). Returns dQ and `[dk_a, dk_b]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn joint_attention_bwd_v_ld_dq32(
+        dev: &KernelDevice,
+        qkv: [&DevBuf<bf16>; 6],
+        outs: [&DevBuf<bf16>; 4],
+        lse: &DevBuf<f32>,
+        dims: AttnDims,
+        v_ld: usize,
+        dv: [&DevBuf<bf16>; 2],
+        variant: BwdVariant,
+    ) -> KernelResult<(DqGrad, [DevBuf<bf16>; 2])> {
+        bwd_v_ld_dq(dev, qkv, outs, lse, dims, v_ld, dv, variant, None, true)
+    }
+
+    /// A backward's dQ of both streams: bf16, or (`Scaled`) the f32 accumulators `a`, `b`
+    /// (`[B, L, H, D]`) that hold dQ / `scale`.
+    pub enum DqGrad {
+        Bf16(DevBuf<bf16>, DevBuf<bf16>),
+        Scaled {
+            a: DevBuf<f32>,
+            b: DevBuf<f32>,
+            scale: f32,
+        },
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn bwd_v_ld_dq(
+        dev: &KernelDevice,
         [qa, ka, va, qb, kb, vb]: [&DevBuf<bf16>; 6],
         [oa, ob, doa, dob]: [&DevBuf<bf16>; 4],
         lse: &DevBuf<f32>,
@@ -1729,21 +1778,34 @@ pub mod dev {
         [dva, dvb]: [&DevBuf<bf16>; 2],
         variant: BwdVariant,
         plan: Option<SplitPlan>,
-    ) -> KernelResult<[DevBuf<bf16>; 4]> {
+        dq32: bool,
+    ) -> KernelResult<(DqGrad, [DevBuf<bf16>; 2])> {
         check_v(&dims, "dv_a", dva, dims.la, v_ld)?;
         check_v(&dims, "dv_b", dvb, dims.lb, v_ld)?;
         let (na, nb) = (dims.numel_a(), dims.numel_b());
+        // the accumulators stand in for dQ only where the fast kernels run
+        let dq32 = dq32 && has_fast_kernels(dims.d);
+        let dq_len = |n| if dq32 { 0 } else { n };
         let grads = [
+            dev.alloc(dq_len(na))?,
             dev.alloc(na)?,
-            dev.alloc(na)?,
-            dev.alloc(nb)?,
+            dev.alloc(dq_len(nb))?,
             dev.alloc(nb)?,
         ];
         let [dqa, dka, dqb, dkb] = &grads;
         let operands = [qa, ka, va, qb, kb, vb, oa, ob, doa, dob];
         let outs = [dqa, dka, dva, dqb, dkb, dvb];
-        bwd_planned(dev, operands, lse, dims, variant, v_ld, outs, plan)?;
-        Ok(grads)
+        let acc = bwd_planned(dev, operands, lse, dims, variant, v_ld, outs, plan, dq32)?;
+        let [dqa, dka, dqb, dkb] = grads;
+        let dq = match acc {
+            Some((a, b)) => DqGrad::Scaled {
+                a,
+                b,
+                scale: dims.scale(),
+            },
+            None => DqGrad::Bf16(dqa, dqb),
+        };
+        Ok((dq, [dka, dkb]))
     }
 
     /// The backward into `grads` `[dq_a, dk_a, dv_a, dq_b, dk_b, dv_b]` (dV with token stride
@@ -1790,12 +1852,15 @@ pub mod dev {
             v_ld,
             grads.each_ref(),
             plan,
+            false,
         )?;
         Ok(grads)
     }
 
     /// The backward; `plan` for the H3–H8 kernels (`None`: [`SplitPlan::last_wave`] on the
-    /// device's SMs), ignored by the others.
+    /// device's SMs), ignored by the others. With `dq32` (fast kernels only) dQ stays in the f32
+    /// accumulators, which are returned (`grads`' dQ buffers are not written), else it is
+    /// converted into them.
     #[allow(clippy::too_many_arguments)]
     fn bwd_planned(
         dev: &KernelDevice,
@@ -1806,7 +1871,15 @@ pub mod dev {
         v_ld: usize,
         grads: [&DevBuf<bf16>; 6],
         plan: Option<SplitPlan>,
-    ) -> KernelResult<()> {
+        dq32: bool,
+    ) -> KernelResult<Option<(DevBuf<f32>, DevBuf<f32>)>> {
+        let fast = has_fast_kernels(dims.d);
+        if dq32 && !fast {
+            return Err(KernelError::Invalid(format!(
+                "joint attention: dQ in f32 accumulators needs the head dim 64 or 128 kernels, not {}",
+                dims.d
+            )));
+        }
         let work = dims.validate()?;
         check_qkv(&dims, qa, ka, va, qb, kb, vb, v_ld)?;
         for (name, buf) in [("o_a", oa), ("do_a", doa)] {
@@ -1818,21 +1891,27 @@ pub mod dev {
         check_len("lse", lse, dims.numel_rows())?;
         let (na, nb) = (dims.numel_a(), dims.numel_b());
         if !work {
-            return Ok(());
+            // no (batch, head) pairs: nothing to convert, empty accumulators
+            return Ok(if dq32 {
+                Some((dev.alloc(na)?, dev.alloc(nb)?))
+            } else {
+                None
+            });
         }
         let [dqa, dka, dva, dqb, dkb, dvb] = grads;
         // counted just before the launch that does the products (a profile credits it)
         let flops = joint_attention_flops(dims, true) as u64;
         if !has_fast_kernels(dims.d) {
             dev.count_matmul_flops(flops);
-            return bwd_naive(
+            bwd_naive(
                 dev,
                 [qa, ka, va, qb, kb, vb],
                 [oa, ob, doa, dob],
                 lse,
                 grads,
                 dims,
-            );
+            )?;
+            return Ok(None);
         }
 
         // Drow, and the dQ accumulators zeroed: 8 lanes per (batch, token, head) row, 32 rows
@@ -1928,15 +2007,41 @@ pub mod dev {
             }
         }
 
-        // dQ = scale · accumulator, 8 elements per thread (na, nb are multiples of d).
+        if dq32 {
+            return Ok(Some((dqa_acc, dqb_acc)));
+        }
+        dq_convert(dev, [dqa, dqb], [&dqa_acc, &dqb_acc], scale)?;
+        Ok(None)
+    }
+
+    /// `dq = bf16(scale · acc)` for both streams in one launch (`joint_attn_dq_convert`, 8
+    /// elements a thread): the backward's last step unless its dQ stays in the accumulators.
+    /// Each stream's length a multiple of 8 (the kernels' head dims are).
+    pub fn dq_convert(
+        dev: &KernelDevice,
+        [dqa, dqb]: [&DevBuf<bf16>; 2],
+        [acc_a, acc_b]: [&DevBuf<f32>; 2],
+        scale: f32,
+    ) -> KernelResult<()> {
+        let (na, nb) = (acc_a.len(), acc_b.len());
+        check_len("dq_a", dqa, na)?;
+        check_len("dq_b", dqb, nb)?;
+        if na % 8 != 0 || nb % 8 != 0 {
+            return Err(KernelError::Invalid(format!(
+                "dq_convert: lengths {na}, {nb} are not multiples of 8"
+            )));
+        }
+        if na + nb == 0 {
+            return Ok(());
+        }
         dev.launch(
             "joint_attn_dq_convert",
             LaunchCfg::linear(blocks_for((na + nb) / 8, 256), 256),
             KernelArgs::new()
                 .buf(dqa)
                 .buf(dqb)
-                .buf(&dqa_acc)
-                .buf(&dqb_acc)
+                .buf(acc_a)
+                .buf(acc_b)
                 .i64(na as i64)
                 .i64(nb as i64)
                 .f32(scale),

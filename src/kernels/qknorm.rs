@@ -449,14 +449,61 @@ pub mod dev {
         weights: [&DevBuf<bf16>; 2],
         rstd: [&DevBuf<f32>; 2],
         dy: [&DevBuf<bf16>; 2],
+        dims: (usize, usize),
+        dweights: Option<[(&DevBuf<f32>, bool); 2]>,
+    ) -> KernelResult<()> {
+        let dy = (FirstDy::Bf16(dy[0]), dy[1]);
+        bwd_pair(dev, dx, x, layouts, weights, rstd, dy, dims, dweights)
+    }
+
+    /// [`rms_norm_bwd_laid_pair`] with the first pair's output gradient (q's) given as the
+    /// attention backward's unscaled f32 dQ accumulator and its scale (`rms_norm_bwd2_dq32`):
+    /// dy = bf16(scale · acc), rounded as `joint_attn_dq_convert` rounds it — the same results bit
+    /// for bit, without that kernel's pass over dQ.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rms_norm_bwd_laid_pair_dq32(
+        dev: &KernelDevice,
+        dx: &DevBuf<bf16>,
+        x: &DevBuf<bf16>,
+        layouts: [RowLayout; 2],
+        weights: [&DevBuf<bf16>; 2],
+        rstd: [&DevBuf<f32>; 2],
+        (dq_acc, dq_scale): (&DevBuf<f32>, f32),
+        dk: &DevBuf<bf16>,
+        dims: (usize, usize),
+        dweights: Option<[(&DevBuf<f32>, bool); 2]>,
+    ) -> KernelResult<()> {
+        let dy = (FirstDy::ScaledF32(dq_acc, dq_scale), dk);
+        bwd_pair(dev, dx, x, layouts, weights, rstd, dy, dims, dweights)
+    }
+
+    /// The first pair's output gradient of [`bwd_pair`].
+    enum FirstDy<'a> {
+        Bf16(&'a DevBuf<bf16>),
+        ScaledF32(&'a DevBuf<f32>, f32),
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn bwd_pair(
+        dev: &KernelDevice,
+        dx: &DevBuf<bf16>,
+        x: &DevBuf<bf16>,
+        layouts: [RowLayout; 2],
+        weights: [&DevBuf<bf16>; 2],
+        rstd: [&DevBuf<f32>; 2],
+        (dy0, dy1): (FirstDy, &DevBuf<bf16>),
         (rows, d): (usize, usize),
         dweights: Option<[(&DevBuf<f32>, bool); 2]>,
     ) -> KernelResult<()> {
         check_pair(&layouts)?;
         check_len(dx, x.len(), "dx (shaped like x)")?;
+        match dy0 {
+            FirstDy::Bf16(dy) => check_len(dy, rows * d, "dy")?,
+            FirstDy::ScaledF32(acc, _) => check_len(acc, rows * d, "dq accumulator")?,
+        }
+        check_len(dy1, rows * d, "dy")?;
         for j in 0..2 {
             layouts[j].check(rows, d, x.len(), "x")?;
-            check_len(dy[j], rows * d, "dy")?;
             check_len(rstd[j], rows, "rstd")?;
             check_len(weights[j], d, "weight")?;
             if let Some(dw) = &dweights {
@@ -478,15 +525,21 @@ pub mod dev {
         let g = group_lanes(d);
         let (groups, parts) = bwd_partition(rows, d, MAX_PARTS);
         let part = dev.alloc::<f32>(2 * parts * d)?;
-        let mut args = KernelArgs::new();
-        for (j, (dxj, xj)) in [(&dx0, &x0), (&dx1, &x1)].into_iter().enumerate() {
-            args = args
-                .buf(dxj)
-                .buf(xj)
-                .buf(weights[j])
-                .buf(rstd[j])
-                .buf(dy[j]);
-        }
+        let args = KernelArgs::new()
+            .buf(&dx0)
+            .buf(&x0)
+            .buf(weights[0])
+            .buf(rstd[0]);
+        let (kernel, args) = match dy0 {
+            FirstDy::Bf16(dy) => ("rms_norm_bwd2", args.buf(dy)),
+            FirstDy::ScaledF32(acc, scale) => ("rms_norm_bwd2_dq32", args.buf(acc).f32(scale)),
+        };
+        let args = args
+            .buf(&dx1)
+            .buf(&x1)
+            .buf(weights[1])
+            .buf(rstd[1])
+            .buf(dy1);
         let cfg = LaunchCfg {
             grid: [parts as u32, 2, 1],
             block: [THREADS, 1, 1],
@@ -500,11 +553,7 @@ pub mod dev {
             .i32(layouts[0].heads as i32)
             .i64(layouts[0].ld as i64);
         let Some([(dw0, acc0), (dw1, acc1)]) = dweights else {
-            return dev.launch(
-                "rms_norm_bwd2",
-                cfg,
-                args.null().i32(0).null().i32(0).null(),
-            );
+            return dev.launch(kernel, cfg, args.null().i32(0).null().i32(0).null());
         };
         if column_sums() == ColumnSums::InKernel {
             let tickets = dev.column_tickets(2)?;
@@ -514,13 +563,9 @@ pub mod dev {
                 .buf(dw1)
                 .i32(i32::from(acc1))
                 .buf(&tickets);
-            return dev.launch("rms_norm_bwd2", cfg, args);
+            return dev.launch(kernel, cfg, args);
         }
-        dev.launch(
-            "rms_norm_bwd2",
-            cfg,
-            args.null().i32(0).null().i32(0).null(),
-        )?;
+        dev.launch(kernel, cfg, args.null().i32(0).null().i32(0).null())?;
         let (p0, p1) = (part.view(0, parts * d)?, part.view(parts * d, parts * d)?);
         sum_splits_pair(dev, [(dw0, &p0, parts, acc0), (dw1, &p1, parts, acc1)])
     }

@@ -101,6 +101,20 @@ enum DvGrad {
     InFused(DevBuf<bf16>),
 }
 
+/// Both streams' gradients from the attention backward.
+struct AttnGrads {
+    dq: [DqGrad; 2],
+    dk: [DevBuf<bf16>; 2],
+    dv: [DvGrad; 2],
+}
+
+/// A stream's dQ from the attention backward: bf16, or the kernels' f32 accumulator holding
+/// dQ / scale, which the QK norms' backward reads itself (no conversion pass).
+enum DqGrad {
+    Bf16(DevBuf<bf16>),
+    Scaled(DevBuf<f32>, f32),
+}
+
 /// One attention call: its inputs and outputs.
 struct Attn {
     a: Qkv,
@@ -814,7 +828,7 @@ impl DeviceMmdit {
         input: &DevBuf<bf16>,
         rows: usize,
         prefix: &str,
-        dq: &DevBuf<bf16>,
+        dq: &DqGrad,
         dk: &DevBuf<bf16>,
         dv: DvGrad,
         params: bool,
@@ -860,19 +874,39 @@ impl DeviceMmdit {
                 let dweights = grads
                     .as_ref()
                     .map(|[(gq, fq), (gk, fk)]| [(&**gq, !*fq), (&**gk, !*fk)]);
-                qknorm::rms_norm_bwd_laid_pair(
-                    &self.dev,
-                    &dfused,
-                    fused,
-                    layouts,
-                    [&wq, &wk],
-                    [rq, rk],
-                    [dq, dk],
-                    dims,
-                    dweights,
-                )?;
+                let (x, w, r) = (fused, [&*wq, &*wk], [rq, rk]);
+                match dq {
+                    DqGrad::Bf16(dq) => qknorm::rms_norm_bwd_laid_pair(
+                        &self.dev,
+                        &dfused,
+                        x,
+                        layouts,
+                        w,
+                        r,
+                        [dq, dk],
+                        dims,
+                        dweights,
+                    )?,
+                    DqGrad::Scaled(acc, scale) => qknorm::rms_norm_bwd_laid_pair_dq32(
+                        &self.dev,
+                        &dfused,
+                        x,
+                        layouts,
+                        w,
+                        r,
+                        (acc, *scale),
+                        dk,
+                        dims,
+                        dweights,
+                    )?,
+                }
             }
             _ => {
+                let DqGrad::Bf16(dq) = dq else {
+                    return Err(invalid(format!(
+                        "MMDiT backward: {prefix}'s dQ in f32 without the QK norms to read it"
+                    )));
+                };
                 copy_in(&dfused, 0, dq)?;
                 copy_in(&dfused, 1, dk)?;
             }
@@ -978,13 +1012,15 @@ impl DeviceMmdit {
         })
     }
 
-    /// The attention's input gradients `[dq_a, dk_a, dq_b, dk_b]` and both streams' dV.
+    /// The attention's input gradients: both streams' dQ, `[dk_a, dk_b]` and both streams' dV.
+    /// With V read in place (QK norms, the tensor-core kernels) dQ stays in the kernels' f32
+    /// accumulators for the norms' backward, and dV goes into the fused qkv gradients.
     fn attention_bwd(
         &self,
         s: &Attn,
         doa: &DevBuf<bf16>,
         dob: &DevBuf<bf16>,
-    ) -> KernelResult<([DevBuf<bf16>; 4], [DvGrad; 2])> {
+    ) -> KernelResult<AttnGrads> {
         let (a, b) = (&s.a, &s.b);
         let (va, vb) = (self.v_operand(a)?, self.v_operand(b)?);
         let outs = [&s.oa, &s.ob, doa, dob];
@@ -992,7 +1028,11 @@ impl DeviceMmdit {
             let [dqa, dka, dva, dqb, dkb, dvb] = attn::joint_attention_bwd(
                 &self.dev, &a.q, &a.k, &va, &b.q, &b.k, &vb, &s.oa, &s.ob, &s.lse, doa, dob, s.dims,
             )?;
-            return Ok(([dqa, dka, dqb, dkb], [DvGrad::Own(dva), DvGrad::Own(dvb)]));
+            return Ok(AttnGrads {
+                dq: [DqGrad::Bf16(dqa), DqGrad::Bf16(dqb)],
+                dk: [dka, dkb],
+                dv: [DvGrad::Own(dva), DvGrad::Own(dvb)],
+            });
         }
         // dV straight into the fused qkv gradients, which qkv_bwd completes
         let hd = s.dims.h * s.dims.d;
@@ -1003,18 +1043,28 @@ impl DeviceMmdit {
             self.dev.alloc::<bf16>(rows_b * 3 * hd)?,
         );
         let (dva, dvb) = (self.v_window(&fa)?, self.v_window(&fb)?);
-        let grads = attn::joint_attention_bwd_v_ld(
+        let (dq, dk) = attn::joint_attention_bwd_v_ld_dq32(
             &self.dev,
             [&a.q, &a.k, &va, &b.q, &b.k, &vb],
             outs,
             &s.lse,
             s.dims,
             3 * hd,
-            &dva,
-            &dvb,
+            [&dva, &dvb],
+            attn::BwdVariant::fastest(&self.dev, s.dims.d),
         )?;
         drop((dva, dvb));
-        Ok((grads, [DvGrad::InFused(fa), DvGrad::InFused(fb)]))
+        let dq = match dq {
+            attn::DqGrad::Bf16(qa, qb) => [DqGrad::Bf16(qa), DqGrad::Bf16(qb)],
+            attn::DqGrad::Scaled { a, b, scale } => {
+                [DqGrad::Scaled(a, scale), DqGrad::Scaled(b, scale)]
+            }
+        };
+        Ok(AttnGrads {
+            dq,
+            dk,
+            dv: [DvGrad::InFused(fa), DvGrad::InFused(fb)],
+        })
     }
 
     /// A zero-token stream (the missing context of an image-only attention), V laid out as the
@@ -1733,7 +1783,11 @@ impl DeviceMmdit {
             dxc[8] = Some(dgate);
             let dob = self.linear_input_grad(&dproj, b * lx, &name, None, params)?;
             let none = dev.alloc::<bf16>(0)?;
-            let ([_, _, dq, dk], [_, dv]) = self.attention_bwd(&du.attn, &none, &dob)?;
+            let AttnGrads {
+                dq: [_, dq],
+                dk: [_, dk],
+                dv: [_, dv],
+            } = self.attention_bwd(&du.attn, &none, &dob)?;
             let dh = self.qkv_bwd(
                 &du.attn.b,
                 &du.ln.y,
@@ -1765,7 +1819,11 @@ impl DeviceMmdit {
 
         // the joint attention, then each stream's qkv, first adaLN and modulation; the side
         // stream gathers its d silu(c) apart (both streams add theirs) and the main adds it
-        let ([dqa, dka, dqb, dkb], [dva, dvb]) = self.attention_bwd(&s.attn, &doc, &dox)?;
+        let AttnGrads {
+            dq: [dqa, dqb],
+            dk: [dka, dkb],
+            dv: [dva, dvb],
+        } = self.attention_bwd(&s.attn, &doc, &dox)?;
         dev.fork(&[])?;
         let dctx_in16 = dev.on_side(|| {
             let dhc = self.qkv_bwd(

@@ -711,6 +711,56 @@ fn joint_attention_reads_v_inside_a_fused_qkv() {
                         );
                     }
                 }
+                // dQ left in the f32 accumulators: bf16(scale · acc) is the converted dQ (the
+                // same bits on the emulator), dK the same bits
+                let (ga32, gb32) = (up(&vec![7.0; fa.len()]), up(&vec![7.0; fb.len()]));
+                let (dva32, dvb32) = (window(&ga32, la, hd), window(&gb32, lb, hd));
+                let (dq, [dka32, dkb32]) = gpu::joint_attention_bwd_v_ld_dq32(
+                    &dev,
+                    [&qa, &ka, &vfa, &qb, &kb, &vfb],
+                    [&oa, &ob, &doa, &dob],
+                    &lse,
+                    dims,
+                    3 * hd,
+                    [&dva32, &dvb32],
+                    variant,
+                )
+                .unwrap();
+                let gpu::DqGrad::Scaled { a, b: acc_b, scale } = dq else {
+                    panic!(
+                        "{shape} {variant:?}: dQ converted where the accumulators were asked for"
+                    );
+                };
+                assert_eq!(scale, dims.scale());
+                for (what, acc, want) in [("dq_a", &a, &dqa), ("dq_b", &acc_b, &dqb)] {
+                    let g: Vec<f32> = dev
+                        .download(acc)
+                        .unwrap()
+                        .iter()
+                        .map(|&v| bf16::from_f32(v * scale).to_f32())
+                        .collect();
+                    let w = download_f32(&dev, want);
+                    if exact_dq {
+                        assert_eq!(g, w, "{shape} {variant:?}: {what} from the accumulator");
+                    } else {
+                        let name = format!("attention[dq32, {variant:?}].{what}");
+                        check(&name, &dev, &shape, &g, &w, 1e-2);
+                    }
+                }
+                for (what, got, want) in [("dk_a", &dka32, &dka), ("dk_b", &dkb32, &dkb)] {
+                    let (g, w) = (download_f32(&dev, got), download_f32(&dev, want));
+                    assert_eq!(g, w, "{shape} {variant:?}: {what} beside the accumulators");
+                }
+                let (g32, g16) = (download_f32(&dev, &ga32), download_f32(&dev, &ga));
+                assert_eq!(
+                    g32, g16,
+                    "{shape} {variant:?}: dv_a beside the accumulators"
+                );
+                let (g32, g16) = (download_f32(&dev, &gb32), download_f32(&dev, &gb));
+                assert_eq!(
+                    g32, g16,
+                    "{shape} {variant:?}: dv_b beside the accumulators"
+                );
                 for (what, g, want, l) in
                     [("dv_a", &ga, &plain[2], la), ("dv_b", &gb, &plain[5], lb)]
                 {

@@ -265,6 +265,99 @@ fn rms_norm_pairs_give_the_bits_of_single_launches() {
     }
 }
 
+/// q's output gradient read from the attention's f32 dQ accumulator (`rms_norm_bwd2_dq32`): the
+/// bits of the bf16 launch fed bf16(scale · acc) — dx of both, and both weight gradients — on the
+/// register path (d 64, 128, several steps a block) and the scalar one (d 36).
+#[test]
+fn rms_norm_pair_reads_dq_from_the_attention_accumulator() {
+    for dev in devices() {
+        for &(tokens, heads, d) in &[(7, 3, 64), (300, 2, 64), (5, 2, 128), (4, 3, 36)] {
+            let (rows, width) = (tokens * heads, 3 * heads * d);
+            let mut rng = Rng::new(17 + d as u64);
+            let fused = upload_bf16(&dev, &randn_bf16(&mut rng, tokens * width, 1.5));
+            let ws = [0, 1].map(|_| upload_bf16(&dev, &randn_bf16(&mut rng, d, 0.3)));
+            // accumulator values in f32 (not bf16-representable), the attention's 1/√d scale
+            let acc: Vec<f32> = (0..rows * d).map(|_| rng.normal() * 3.0).collect();
+            let scale = 1.0 / (d as f32).sqrt();
+            let dq16: Vec<f32> = acc
+                .iter()
+                .map(|&v| bf16::from_f32(v * scale).to_f32())
+                .collect();
+            let (acc, dq16) = (dev.upload(&acc).unwrap(), upload_bf16(&dev, &dq16));
+            let dk = upload_bf16(&dev, &randn_bf16(&mut rng, rows * d, 1.0));
+            let layouts = [0, 1].map(|j| gpu::RowLayout {
+                heads,
+                ld: width,
+                off: j * heads * d,
+            });
+            let dims = (rows, d);
+            let w = [&ws[0], &ws[1]];
+            let [(_, rq), (_, rk)] =
+                gpu::rms_norm_fwd_laid_pair(&dev, &fused, layouts, w, dims, 1e-6).unwrap();
+            let sentinel = vec![7.0f32; tokens * width];
+            let dx = [0, 1].map(|_| upload_bf16(&dev, &sentinel));
+            let held = [0, 1].map(|_| [-3.0f32, 1.5].map(|v| dev.upload(&vec![v; d]).unwrap()));
+            fn dws(h: &[DevBuf<f32>; 2]) -> Option<[(&DevBuf<f32>, bool); 2]> {
+                Some([(&h[0], false), (&h[1], true)])
+            }
+            gpu::rms_norm_bwd_laid_pair(
+                &dev,
+                &dx[0],
+                &fused,
+                layouts,
+                w,
+                [&rq, &rk],
+                [&dq16, &dk],
+                dims,
+                dws(&held[0]),
+            )
+            .unwrap();
+            gpu::rms_norm_bwd_laid_pair_dq32(
+                &dev,
+                &dx[1],
+                &fused,
+                layouts,
+                w,
+                [&rq, &rk],
+                (&acc, scale),
+                &dk,
+                dims,
+                dws(&held[1]),
+            )
+            .unwrap();
+            assert_eq!(bits(&dev, &dx[0]), bits(&dev, &dx[1]), "dx, d {d}");
+            assert_ne!(
+                bits(&dev, &dx[1]),
+                bits(&dev, &upload_bf16(&dev, &sentinel)),
+                "dx written, d {d}"
+            );
+            for (j, (a, b)) in held[0].iter().zip(&held[1]).enumerate() {
+                let (a, b) = (dev.download(a).unwrap(), dev.download(b).unwrap());
+                assert_eq!(a, b, "dweight {j}, d {d}");
+            }
+            // a short accumulator is refused
+            let short = dev.alloc::<f32>(rows * d - 1).unwrap();
+            let refused = gpu::rms_norm_bwd_laid_pair_dq32(
+                &dev,
+                &dx[1],
+                &fused,
+                layouts,
+                w,
+                [&rq, &rk],
+                (&short, scale),
+                &dk,
+                dims,
+                None,
+            );
+            assert!(refused.is_err(), "short accumulator, d {d}");
+            println!(
+                "rms_norm pair from the dQ accumulator on {}: d {d}, the bits of the bf16 launch",
+                dev.name()
+            );
+        }
+    }
+}
+
 fn bits(dev: &KernelDevice, b: &DevBuf<bf16>) -> Vec<u16> {
     dev.download(b)
         .unwrap()
