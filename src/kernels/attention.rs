@@ -1734,7 +1734,9 @@ pub mod dev {
             bwd_v_ld_dq(dev, qkv, outs, lse, dims, v_ld, dv, variant, plan, false)?;
         match dq {
             DqGrad::Bf16(dqa, dqb) => Ok([dqa, dka, dqb, dkb]),
-            DqGrad::Scaled { .. } => unreachable!("dQ was asked for in bf16"),
+            DqGrad::Scaled { .. } => Err(KernelError::Invalid(
+                "joint attention backward: dQ left in f32 where bf16 was asked for".into(),
+            )),
         }
     }
 
