@@ -7,6 +7,7 @@
 //                        sample's tokens is deterministic;
 //                        `_dx_acc` adds dx into the residual stream's f32 gradient instead
 //   gated_residual_adaln_fwd: the two above in one pass (the residual, then adaLN of it)
+//   gated_residual_adaln_of_x_fwd: the residual and adaLN of its input x in one pass
 //   gated_residual_fwd:  out = x + gate[b]·y;  its backward reuses colsum_mul_partial, or
 //                        gated_residual_bwd_vec adds the producing layer's bias gradient in one pass
 //
@@ -73,9 +74,11 @@ __device__ __forceinline__ void load_pack(const bf16* row, int c, float f[8]) {
 
 // Vector path (D % 8 == 0, D/8 ≤ 2048): grid: rows, block: ceil(D/8 / PACKS) rounded up to a
 // multiple of 32. The modulation packs are loaded before the reductions so their latency hides
-// behind them. RESID: the row normalised is mid = x + gate[b]·yres (rounded to bf16 and stored,
-// gated_residual_fwd's value), so a gated residual and the adaLN after it take one pass.
-template <bool RESID>
+// behind them. RESID: mid = x + gate[b]·yres is formed (rounded to bf16 and stored,
+// gated_residual_fwd's value) and is the row normalised, so a gated residual and the adaLN after
+// it take one pass — or, with LN_OF_X, x itself is normalised beside it (an MMDiT-X block's second
+// attention normalises the block's input while its first attention's residual is added to it).
+template <bool RESID, bool LN_OF_X = false>
 __device__ __forceinline__ void adaln_fwd_vec(bf16* __restrict__ y, float* __restrict__ mean,
                                               float* __restrict__ rstd, const bf16* __restrict__ x,
                                               const bf16* __restrict__ shift, const bf16* __restrict__ scale, int L,
@@ -111,11 +114,12 @@ __device__ __forceinline__ void adaln_fwd_vec(bf16* __restrict__ y, float* __res
                 float fg[8], fy[8];
                 unpack_bf16x8(pg[p], fg);
                 unpack_bf16x8(py[p], fy);
+                float sum_row[8];
 #pragma unroll
-                for (int k = 0; k < 8; k++) v[p][k] = v[p][k] + fg[k] * fy[k];
-                const pack16 m = pack_bf16x8(v[p]);
+                for (int k = 0; k < 8; k++) sum_row[k] = v[p][k] + fg[k] * fy[k];
+                const pack16 m = pack_bf16x8(sum_row);
                 store16(mid + row * D + 8 * c, m);
-                unpack_bf16x8(m, v[p]);  // normalise the stored (rounded) values
+                if constexpr (!LN_OF_X) unpack_bf16x8(m, v[p]);  // normalise the stored (rounded) values
             }
 #pragma unroll
             for (int k = 0; k < 8; k++) sum += v[p][k];
@@ -167,6 +171,17 @@ extern "C" __global__ void __launch_bounds__(1024)
                              const bf16* __restrict__ scale, int rows, int L, int D, float eps, int M, int GM) {
     kernel_prologue();
     adaln_fwd_vec<true>(y, mean, rstd, x, shift, scale, L, D, eps, M, mid, gate, yres, GM);
+}
+
+// gated_residual_fwd and adaln_modulate_fwd of its *input* x in one pass (conditions as above):
+// mid = x + gate[b]·yres, y = adaLN(x) — one read of x instead of two.
+extern "C" __global__ void __launch_bounds__(1024)
+    gated_residual_adaln_of_x_fwd(bf16* __restrict__ mid, bf16* __restrict__ y, float* __restrict__ mean,
+                                  float* __restrict__ rstd, const bf16* __restrict__ x, const bf16* __restrict__ gate,
+                                  const bf16* __restrict__ yres, const bf16* __restrict__ shift,
+                                  const bf16* __restrict__ scale, int rows, int L, int D, float eps, int M, int GM) {
+    kernel_prologue();
+    adaln_fwd_vec<true, true>(y, mean, rstd, x, shift, scale, L, D, eps, M, mid, gate, yres, GM);
 }
 
 // dx of one row: dx̂ = dy·(1+scale); dx = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)).

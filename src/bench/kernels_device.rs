@@ -203,6 +203,42 @@ fn adaln(b: &mut Bench) -> KernelResult<()> {
                 .i32(d as i32),
         )
     })?;
+    // A gated residual with an adaLN in one pass — of its sum (a block's residual and the next
+    // adaLN) and of its input (an MMDiT-X block's first residual and attn2's adaLN) — beside the
+    // two kernels each replaces: x and y read, the sum and the adaLN written.
+    use crate::kernels::adaln::dev as adaln_dev;
+    let bytes = 4 * rows * d * 2 + 3 * d * 2 + 2 * rows * 4;
+    for of_x in [false, true] {
+        let (fused, two) = if of_x {
+            (
+                "gated_residual_adaln_of_x_fwd",
+                "gated_residual_fwd + adaln_modulate_fwd (of x)",
+            )
+        } else {
+            (
+                "gated_residual_adaln_fwd",
+                "gated_residual_fwd + adaln_modulate_fwd (of the sum)",
+            )
+        };
+        b.time(fused, &shape, bytes, sets, |i| {
+            let t = &s[i];
+            let (mods, dims) = ((&t.shift, &t.scale, d), (1, l, d));
+            let run = if of_x {
+                adaln_dev::gated_residual_adaln_of_x_fwd_ld
+            } else {
+                adaln_dev::gated_residual_adaln_fwd_ld
+            };
+            run(&dev, &t.x, &t.y, (&t.gate, d), mods, dims, 1e-6).map(|_| ())
+        })?;
+        b.time(two, &shape, bytes, sets, |i| {
+            let t = &s[i];
+            let dims = (1, l, d);
+            let mid = adaln_dev::gated_residual_fwd_ld(&dev, &t.x, (&t.gate, d), &t.y, dims)?;
+            let normalised = if of_x { &t.x } else { &mid };
+            let mods = (&t.shift, &t.scale, d);
+            adaln_dev::adaln_modulate_fwd_ld(&dev, normalised, mods, dims, 1e-6).map(|_| ())
+        })?;
+    }
     // The gated residual's backward (dy, the gate's column partials, sum_splits): reads gate, y
     // and dz, writes dy and the f32 gate gradient.
     let bytes = 3 * rows * d * 2 + d * 2 + d * 4;

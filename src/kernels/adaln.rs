@@ -538,10 +538,50 @@ pub mod dev {
         dev: &KernelDevice,
         x: &DevBuf<bf16>,
         yres: &DevBuf<bf16>,
+        gate: (&DevBuf<bf16>, usize),
+        mods: (&DevBuf<bf16>, &DevBuf<bf16>, usize),
+        dims: (usize, usize, usize),
+        eps: f32,
+    ) -> KernelResult<(DevBuf<bf16>, DevBuf<bf16>, DevBuf<f32>, DevBuf<f32>)> {
+        residual_with_adaln(dev, x, yres, gate, mods, dims, eps, LnOf::Sum)
+    }
+
+    /// [`gated_residual_fwd_ld`] and [`adaln_modulate_fwd_ld`] of its input `x` (not of the
+    /// sum): `mid = x + gate·yres`, `(y, mean, rstd)` of `x`; returns `(mid, y, mean, rstd)`. One
+    /// pass reading x once (`gated_residual_adaln_of_x_fwd`) under the conditions of
+    /// [`gated_residual_adaln_fwd_ld`], the two launches otherwise; the same values either way.
+    #[allow(clippy::type_complexity)]
+    pub fn gated_residual_adaln_of_x_fwd_ld(
+        dev: &KernelDevice,
+        x: &DevBuf<bf16>,
+        yres: &DevBuf<bf16>,
+        gate: (&DevBuf<bf16>, usize),
+        mods: (&DevBuf<bf16>, &DevBuf<bf16>, usize),
+        dims: (usize, usize, usize),
+        eps: f32,
+    ) -> KernelResult<(DevBuf<bf16>, DevBuf<bf16>, DevBuf<f32>, DevBuf<f32>)> {
+        residual_with_adaln(dev, x, yres, gate, mods, dims, eps, LnOf::X)
+    }
+
+    /// Which row the adaLN of [`residual_with_adaln`] normalises.
+    #[derive(Clone, Copy, PartialEq)]
+    enum LnOf {
+        /// `x + gate·yres`
+        Sum,
+        /// `x`
+        X,
+    }
+
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
+    fn residual_with_adaln(
+        dev: &KernelDevice,
+        x: &DevBuf<bf16>,
+        yres: &DevBuf<bf16>,
         (gate, gate_ld): (&DevBuf<bf16>, usize),
         (shift, scale, ld): (&DevBuf<bf16>, &DevBuf<bf16>, usize),
         (b, l, d): (usize, usize, usize),
         eps: f32,
+        of: LnOf,
     ) -> KernelResult<(DevBuf<bf16>, DevBuf<bf16>, DevBuf<f32>, DevBuf<f32>)> {
         let rows = b * l;
         let vec = mod_rows(gate, gate_ld, (b, d), "gate")?
@@ -551,16 +591,21 @@ pub mod dev {
             .iter()
             .all(|p| p % 16 == 0);
         let threads = row_threads(d).filter(|_| vec && aligned && rows > 0);
+        let kernel = match of {
+            LnOf::Sum => "gated_residual_adaln_fwd",
+            LnOf::X => "gated_residual_adaln_of_x_fwd",
+        };
         let Some(t) = threads else {
             let mid = gated_residual_fwd_ld(dev, x, (gate, gate_ld), yres, (b, l, d))?;
+            let normalised = if of == LnOf::Sum { &mid } else { x };
             let (y, mean, rstd) =
-                adaln_modulate_fwd_ld(dev, &mid, (shift, scale, ld), (b, l, d), eps)?;
+                adaln_modulate_fwd_ld(dev, normalised, (shift, scale, ld), (b, l, d), eps)?;
             return Ok((mid, y, mean, rstd));
         };
         for (what, len) in [("x", x.len()), ("yres", yres.len())] {
             if len != rows * d {
                 return Err(crate::device::kernel::KernelError::Invalid(format!(
-                    "gated_residual_adaln_fwd: {what} has {len} elements, the rows {}",
+                    "{kernel}: {what} has {len} elements, the rows {}",
                     rows * d
                 )));
             }
@@ -570,7 +615,7 @@ pub mod dev {
         let mean = dev.alloc::<f32>(rows)?;
         let rstd = dev.alloc::<f32>(rows)?;
         dev.launch(
-            "gated_residual_adaln_fwd",
+            kernel,
             LaunchCfg::linear(rows as u32, t),
             KernelArgs::new()
                 .buf(&mid)

@@ -1353,9 +1353,19 @@ impl DeviceMmdit {
         let x_proj = proj(&attn.ob, b * lx, &format!("{xp}.attn.proj"), kept_x)?;
         let x_fc2 = kept_x.map(|k| &k.1);
         let (x_out, x_tail, dual) = if dual {
-            // the first residual alone; the second (attn2's) goes with the MLP's adaLN
-            let x_mid = adaln::gated_residual_fwd_ld(dev, &x, x_chunks.at(2), &x_proj, dx3)?;
-            let dual_ln = self.ln(&x, &x_chunks, (6, 7), dx3)?;
+            // the first residual with attn2's adaLN of the block's input (one read of x); the
+            // second residual (attn2's) goes with the MLP's adaLN
+            let mods = (x_chunks.at(6).0, x_chunks.at(7).0, x_chunks.ld);
+            let (x_mid, y, mean, rstd) = adaln::gated_residual_adaln_of_x_fwd_ld(
+                dev,
+                &x,
+                &x_proj,
+                x_chunks.at(2),
+                mods,
+                dx3,
+                LN_EPS,
+            )?;
+            let dual_ln = Ln { y, mean, rstd };
             let q2 = self.qkv(&dual_ln.y, b * lx, &format!("{xp}.attn2"))?;
             let dims2 = AttnDims { la: 0, ..dims };
             let name = format!("{xp}.attn2.proj");

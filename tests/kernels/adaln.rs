@@ -422,8 +422,9 @@ fn adaln_backward_adds_into_the_residual_gradient() {
     }
 }
 
-/// A gated residual and the adaLN of its output in one pass (`gated_residual_adaln_fwd_ld`) equal
-/// the two kernels it replaces, bit for bit: the residual `mid`, y, mean and rstd, with the
+/// A gated residual and the adaLN of its output in one pass (`gated_residual_adaln_fwd_ld`) — or of
+/// its input (`gated_residual_adaln_of_x_fwd_ld`) — equal the two kernels each replaces, bit for
+/// bit: the residual `mid`, y, mean and rstd, with the
 /// modulation chunks at a stride (the model's windows of modulation rows; the gate's from another
 /// product, at another stride), at widths that take the vector kernels and one that does not
 /// (d = 37).
@@ -478,6 +479,26 @@ fn gated_residual_then_adaln_in_one_pass_equals_the_two_kernels() {
             assert_eq!(bits16(&y2), bits16(&y), "{shape}: y");
             assert_eq!(bits32(&mean2), bits32(&mean), "{shape}: mean");
             assert_eq!(bits32(&rstd2), bits32(&rstd), "{shape}: rstd");
+
+            // the adaLN of the residual's input instead (an MMDiT-X block's attn2 adaLN beside
+            // its first residual): the adaLN kernel run on x
+            let (y, mean, rstd) =
+                gpu::adaln_modulate_fwd_ld(&dev, &x, (&shift, &scale, ld), dims, 1e-6).unwrap();
+            let (mid3, y3, mean3, rstd3) = gpu::gated_residual_adaln_of_x_fwd_ld(
+                &dev,
+                &x,
+                &yres,
+                (&gate, gate_ld),
+                (&shift, &scale, ld),
+                dims,
+                1e-6,
+            )
+            .unwrap();
+            assert_eq!(bits16(&mid3), bits16(&mid), "{shape}: mid beside adaLN(x)");
+            assert_eq!(bits16(&y3), bits16(&y), "{shape}: adaLN(x)");
+            assert_ne!(bits16(&y3), bits16(&y2), "{shape}: adaLN(x) = adaLN(mid)?");
+            assert_eq!(bits32(&mean3), bits32(&mean), "{shape}: mean of x");
+            assert_eq!(bits32(&rstd3), bits32(&rstd), "{shape}: rstd of x");
         }
     }
 }
