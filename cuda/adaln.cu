@@ -216,29 +216,45 @@ extern "C" __global__ void __launch_bounds__(32 * ROWS_PER_BLOCK)
     }
 }
 
+// One adaLN's operands of the dx kernels: its scale chunk (rows M apart), its saved statistics
+// and its output gradient.
+struct LnGradIn {
+    const bf16* scale;
+    const float* mean;
+    const float* rstd;
+    const bf16* dy;
+    int M;
+};
+
 // Vector dx (D % 8 == 0, D/8 ≤ 1024): grid: rows, block: D/8 rounded up to a multiple of 32.
 // ACC: instead of dx (bf16), out = a + dx (f32, dx rounded to bf16 first, as the two-kernel path
 // adds it) and, when out16 is not null, out's bf16 rounding; `out` may be `a` (in-place
 // accumulation): the residual stream's gradient in the same pass, saving the bf16 dx's write and
 // read and a launch (adaln_modulate_bwd_dx + residual_grad_add before).
-template <bool ACC>
+// N = 2 (ACC only): two adaLNs of the same x (an MMDiT-X block's first and attn2's), their dx
+// added in order — out = (a + bf16(dx₀)) + bf16(dx₁), each dx's row sums as the N = 1 kernel forms
+// them: the bits of two N = 1 launches, with x read once and the f32 gradient once.
+template <bool ACC, int N>
 __device__ __forceinline__ void adaln_bwd_dx_vec(bf16* __restrict__ dx, float* out, bf16* __restrict__ out16,
-                                                 const float* a, const bf16* __restrict__ x,
-                                                 const bf16* __restrict__ scale, const float* __restrict__ mean,
-                                                 const float* __restrict__ rstd, const bf16* __restrict__ dy, int L,
-                                                 int D, int M) {
+                                                 const float* a, const bf16* __restrict__ x, const LnGradIn (&in)[N],
+                                                 int L, int D) {
+    static_assert(N == 1 || ACC, "two adaLNs only accumulate");
     __shared__ float scratch[32];
     const long long row = blockIdx.x;
     const int c = threadIdx.x;
     const bool mine = c < D / 8;
-    const float mu = mean[row], rs = rstd[row];
-    float xh[8], dxh[8], acc[8];
-    float sg = 0.f, sgx = 0.f;
+    float xv[8], xh[N][8], dxh[N][8], acc[8];
+    float sg[N], sgx[N], rs[N];
+#pragma unroll
+    for (int n = 0; n < N; n++) sg[n] = sgx[n] = 0.f;
     if (mine) {
-        float g[8], sc[8];
-        load_pack(x + row * D, c, xh);
-        load_pack(dy + row * D, c, g);
-        load_pack(scale + (row / L) * M, c, sc);
+        float g[N][8], sc[N][8];
+        load_pack(x + row * D, c, xv);
+#pragma unroll
+        for (int n = 0; n < N; n++) {
+            load_pack(in[n].dy + row * D, c, g[n]);
+            load_pack(in[n].scale + (row / L) * in[n].M, c, sc[n]);
+        }
         if constexpr (ACC) {
             const float4 a0 = *reinterpret_cast<const float4*>(a + row * D + 8 * c);
             const float4 a1 = *reinterpret_cast<const float4*>(a + row * D + 8 * c + 4);
@@ -246,24 +262,41 @@ __device__ __forceinline__ void adaln_bwd_dx_vec(bf16* __restrict__ dx, float* o
             acc[4] = a1.x, acc[5] = a1.y, acc[6] = a1.z, acc[7] = a1.w;
         }
 #pragma unroll
-        for (int k = 0; k < 8; k++) {
-            xh[k] = (xh[k] - mu) * rs;
-            dxh[k] = g[k] * (1.f + sc[k]);
-            sg += dxh[k];
-            sgx += dxh[k] * xh[k];
-        }
-    }
-    const float mg = block_sum(sg, scratch) / D;
-    const float mgx = block_sum(sgx, scratch) / D;
-    if (!mine) return;
-    float o[8];
+        for (int n = 0; n < N; n++) {
+            const float mu = in[n].mean[row];
+            rs[n] = in[n].rstd[row];
 #pragma unroll
-    for (int k = 0; k < 8; k++) o[k] = rs * (dxh[k] - mg - xh[k] * mgx);
-    if constexpr (!ACC) {
-        store16(dx + row * D + 8 * c, pack_bf16x8(o));
+            for (int k = 0; k < 8; k++) {
+                xh[n][k] = (xv[k] - mu) * rs[n];
+                dxh[n][k] = g[n][k] * (1.f + sc[n][k]);
+                sg[n] += dxh[n][k];
+                sgx[n] += dxh[n][k] * xh[n][k];
+            }
+        }
     } else {
 #pragma unroll
-        for (int k = 0; k < 8; k++) acc[k] += bf2f(f2bf(o[k]));
+        for (int n = 0; n < N; n++) rs[n] = 0.f;
+    }
+    float mg[N], mgx[N];
+#pragma unroll
+    for (int n = 0; n < N; n++) {
+        mg[n] = block_sum(sg[n], scratch) / D;
+        mgx[n] = block_sum(sgx[n], scratch) / D;
+    }
+    if (!mine) return;
+#pragma unroll
+    for (int n = 0; n < N; n++) {
+        float o[8];
+#pragma unroll
+        for (int k = 0; k < 8; k++) o[k] = rs[n] * (dxh[n][k] - mg[n] - xh[n][k] * mgx[n]);
+        if constexpr (!ACC) {
+            store16(dx + row * D + 8 * c, pack_bf16x8(o));
+        } else {
+#pragma unroll
+            for (int k = 0; k < 8; k++) acc[k] += bf2f(f2bf(o[k]));
+        }
+    }
+    if constexpr (ACC) {
         float* dst = out + row * D + 8 * c;
         *reinterpret_cast<float4*>(dst) = make_float4(acc[0], acc[1], acc[2], acc[3]);
         *reinterpret_cast<float4*>(dst + 4) = make_float4(acc[4], acc[5], acc[6], acc[7]);
@@ -276,7 +309,8 @@ extern "C" __global__ void __launch_bounds__(1024)
                           const float* __restrict__ mean, const float* __restrict__ rstd,
                           const bf16* __restrict__ dy, int rows, int L, int D, int M) {
     kernel_prologue();
-    adaln_bwd_dx_vec<false>(dx, nullptr, nullptr, nullptr, x, scale, mean, rstd, dy, L, D, M);
+    const LnGradIn in[1] = {{scale, mean, rstd, dy, M}};
+    adaln_bwd_dx_vec<false, 1>(dx, nullptr, nullptr, nullptr, x, in, L, D);
 }
 
 // adaln_modulate_bwd_dx adding dx into the residual stream's gradient (adaln_bwd_dx_vec's ACC).
@@ -287,7 +321,22 @@ extern "C" __global__ void __launch_bounds__(1024)
                               const float* __restrict__ rstd, const bf16* __restrict__ dy, int rows, int L, int D,
                               int M) {
     kernel_prologue();
-    adaln_bwd_dx_vec<true>(nullptr, out, out16, a, x, scale, mean, rstd, dy, L, D, M);
+    const LnGradIn in[1] = {{scale, mean, rstd, dy, M}};
+    adaln_bwd_dx_vec<true, 1>(nullptr, out, out16, a, x, in, L, D);
+}
+
+// Two adaLNs of the same x added into the residual stream's gradient in one pass
+// (adaln_bwd_dx_vec's N = 2): pair 0's dx first, then pair 1's. grid, block: as above.
+extern "C" __global__ void __launch_bounds__(1024)
+    adaln_modulate_bwd_dx_acc2(float* out, bf16* __restrict__ out16, const float* a, const bf16* __restrict__ x,
+                               const bf16* __restrict__ scale0, const float* __restrict__ mean0,
+                               const float* __restrict__ rstd0, const bf16* __restrict__ dy0, int M0,
+                               const bf16* __restrict__ scale1, const float* __restrict__ mean1,
+                               const float* __restrict__ rstd1, const bf16* __restrict__ dy1, int M1, int rows,
+                               int L, int D) {
+    kernel_prologue();
+    const LnGradIn in[2] = {{scale0, mean0, rstd0, dy0, M0}, {scale1, mean1, rstd1, dy1, M1}};
+    adaln_bwd_dx_vec<true, 2>(nullptr, out, out16, a, x, in, L, D);
 }
 
 // adaLN's column partials, 8 columns a thread in row lanes (column_lanes.cuh):

@@ -364,6 +364,46 @@ fn column_backward_rows(b: &mut Bench) -> KernelResult<()> {
                 .map(|_| ())
             })?;
         }
+        // An MMDiT-X block's two adaLNs of x (its first and attn2's) in one dx pass, beside two
+        // adaln_modulate_bwd_acc (the defaults: row lanes, in-kernel sums)
+        adaln_dev::set_column_layout(ColumnLayout::RowLanes);
+        adaln_dev::set_column_sums(ColumnSums::InKernel);
+        let pair_bytes = rows * d * (2 + 2 * 2 + 4 + 4) + rows * 16 + batch * d * 2 * (2 + 2 * 4);
+        let other = |i: usize| &s[(i + 1) % sets];
+        b.time(
+            "adaln_modulate_bwd_acc2 (two adaLNs of x)",
+            &shape,
+            pair_bytes,
+            sets,
+            |i| {
+                let (t, u) = (&s[i], other(i));
+                let pair = [t, u].map(|v| adaln_dev::LnBwdIn {
+                    scale: (&v.modulation, d),
+                    mean: &t.mean,
+                    rstd: &t.rstd,
+                    dy: &v.dy,
+                });
+                let acc = (&t.grad, None, &t.grad);
+                adaln_dev::adaln_modulate_bwd_acc2_ld(&dev, &t.x, pair, (batch, l, d), acc)
+                    .map(|_| ())
+            },
+        )?;
+        b.time("adaln_modulate_bwd_acc x2", &shape, pair_bytes, sets, |i| {
+            let (t, u) = (&s[i], other(i));
+            for v in [t, u] {
+                adaln_dev::adaln_modulate_bwd_acc_ld(
+                    &dev,
+                    &t.x,
+                    (&v.modulation, d),
+                    &t.mean,
+                    &t.rstd,
+                    &v.dy,
+                    (batch, l, d),
+                    (&t.grad, None, &t.grad),
+                )?;
+            }
+            Ok(())
+        })?;
     }
     Ok(())
 }

@@ -737,6 +737,83 @@ pub mod dev {
         )
     }
 
+    /// One adaLN's operands for [`adaln_modulate_bwd_acc2_ld`]: its scale chunk (rows `ld`
+    /// apart), its saved statistics and its output gradient.
+    pub struct LnBwdIn<'a> {
+        pub scale: (&'a DevBuf<bf16>, usize),
+        pub mean: &'a DevBuf<f32>,
+        pub rstd: &'a DevBuf<f32>,
+        pub dy: &'a DevBuf<bf16>,
+    }
+
+    /// Two adaLNs of the same `x` (an MMDiT-X block's first and its second attention's), both
+    /// dx added into the residual stream's f32 gradient in one pass where the vector kernel runs
+    /// (`adaln_modulate_bwd_dx_acc2`): `out = (a + bf16(dx₀)) + bf16(dx₁)` and, with `out16`, its
+    /// bf16 rounding — the bits of [`adaln_modulate_bwd_acc_ld`] for the first (`out16` none) and
+    /// then the second, which it runs otherwise. Returns each one's `(dshift, dscale)`.
+    pub fn adaln_modulate_bwd_acc2_ld(
+        dev: &KernelDevice,
+        x: &DevBuf<bf16>,
+        [p0, p1]: [LnBwdIn; 2],
+        dims: (usize, usize, usize),
+        (out, out16, a): (&DevBuf<f32>, Option<&DevBuf<bf16>>, &DevBuf<f32>),
+    ) -> KernelResult<[(DevBuf<f32>, DevBuf<f32>); 2]> {
+        let (b, l, d) = dims;
+        let rows = b * l;
+        let vec = mod_rows(p0.scale.0, p0.scale.1, (b, d), "adaln scale")?
+            & mod_rows(p1.scale.0, p1.scale.1, (b, d), "adaln scale")?;
+        let threads = dx_threads(d).filter(|_| vec && rows > 0);
+        let Some(t) = threads else {
+            let one = |p: &LnBwdIn, acc| {
+                adaln_modulate_bwd_acc_ld(dev, x, p.scale, p.mean, p.rstd, p.dy, dims, acc)
+            };
+            let first = one(&p0, (out, None, a))?;
+            return Ok([first, one(&p1, (out, out16, out))?]);
+        };
+        let n = rows * d;
+        let lens = [("out", out.len()), ("a", a.len()), ("x", x.len())];
+        for (what, len) in lens.into_iter().chain(out16.map(|o| ("out16", o.len()))) {
+            if len != n {
+                return Err(crate::device::kernel::KernelError::Invalid(format!(
+                    "adaln_modulate_bwd_acc2: {what} has {len} elements, the rows {n}"
+                )));
+            }
+        }
+        for p in [&p0, &p1] {
+            for (what, len, want) in [
+                ("dy", p.dy.len(), n),
+                ("mean", p.mean.len(), rows),
+                ("rstd", p.rstd.len(), rows),
+            ] {
+                if len != want {
+                    return Err(crate::device::kernel::KernelError::Invalid(format!(
+                        "adaln_modulate_bwd_acc2: {what} has {len} elements, not {want}"
+                    )));
+                }
+            }
+        }
+        let args = KernelArgs::new().buf(out);
+        let args = match out16 {
+            Some(o) => args.buf(o),
+            None => args.null(),
+        };
+        let args = [&p0, &p1].into_iter().fold(args.buf(a).buf(x), |args, p| {
+            args.buf(p.scale.0)
+                .buf(p.mean)
+                .buf(p.rstd)
+                .buf(p.dy)
+                .i32(p.scale.1 as i32)
+        });
+        let args = args.i32(rows as i32).i32(l as i32).i32(d as i32);
+        let cfg = LaunchCfg::linear(rows as u32, t);
+        dev.launch("adaln_modulate_bwd_dx_acc2", cfg, args)?;
+        let params = |p: &LnBwdIn| -> KernelResult<_> {
+            let sums = (dev.alloc::<f32>(b * d)?, dev.alloc::<f32>(b * d)?);
+            params_bwd(dev, x, p.mean, p.rstd, p.dy, dims, sums)
+        };
+        Ok([params(&p0)?, params(&p1)?])
+    }
+
     /// Where the adaLN backward puts dx.
     enum DxOut<'a> {
         Bf16(&'a DevBuf<bf16>),
@@ -813,6 +890,20 @@ pub mod dev {
                 }
             }
         }
+        params_bwd(dev, x, mean, rstd, dy, (b, l, d), (dshift, dscale))
+    }
+
+    /// The adaLN backward's parameter gradients (dshift, dscale per sample) into the given
+    /// buffers (written whole), returned.
+    fn params_bwd(
+        dev: &KernelDevice,
+        x: &DevBuf<bf16>,
+        mean: &DevBuf<f32>,
+        rstd: &DevBuf<f32>,
+        dy: &DevBuf<bf16>,
+        (b, l, d): (usize, usize, usize),
+        (dshift, dscale): (DevBuf<f32>, DevBuf<f32>),
+    ) -> KernelResult<(DevBuf<f32>, DevBuf<f32>)> {
         let (cfg, s) = if d % 8 == 0 {
             pack_cols_plan(dev, b, l, d)
         } else {

@@ -101,6 +101,20 @@ enum DvGrad {
     InFused(DevBuf<bf16>),
 }
 
+/// An adaLN's backward operands: its scale chunk, its saved statistics, its output gradient.
+fn ln_bwd_in<'a>(
+    scale: (&'a DevBuf<bf16>, usize),
+    ln: &'a Ln,
+    dy: &'a DevBuf<bf16>,
+) -> adaln::LnBwdIn<'a> {
+    adaln::LnBwdIn {
+        scale,
+        mean: &ln.mean,
+        rstd: &ln.rstd,
+        dy,
+    }
+}
+
 /// Both streams' gradients from the attention backward.
 struct AttnGrads {
     dq: [DqGrad; 2],
@@ -1779,6 +1793,8 @@ impl DeviceMmdit {
             &mut dxc,
             params,
         )?;
+        // attn2's input gradient, whose adaLN backward runs with the first adaLN's (same x)
+        let mut dual_dh = None;
         if let Some(du) = &s.dual {
             let name = format!("{xp}.attn2.proj");
             let (dgate, dproj) = self.gated_linear_bwd(
@@ -1808,10 +1824,7 @@ impl DeviceMmdit {
                 dv,
                 params,
             )?;
-            let acc = (&dx_in, None, &dx_in);
-            let (dshift, dscale) = self.ln_bwd_acc(&s.x_in, (xc, 7), &du.ln, &dh, dx3, acc)?;
-            dxc[6] = Some(dshift);
-            dxc[7] = Some(dscale);
+            dual_dh = Some((dh, &du.ln));
         }
         let name = format!("{xp}.attn.proj");
         let (dgate, dproj) = self.gated_linear_bwd(
@@ -1866,9 +1879,28 @@ impl DeviceMmdit {
         )?;
         let dx_in16 = dev.alloc::<bf16>(dx_in.len())?;
         let acc = (&dx_in, Some(&dx_in16), &dx_in);
-        let (dshift, dscale) = self.ln_bwd_acc(&s.x_in, (xc, 1), &s.x_ln, &dhx, dx3, acc)?;
-        dxc[0] = Some(dshift);
-        dxc[1] = Some(dscale);
+        match &dual_dh {
+            // both adaLNs of x (attn2's first, as the two passes ran) into dx_in in one pass
+            Some((dh, dual_ln)) => {
+                let pair = [
+                    ln_bwd_in(xc.at(7), dual_ln, dh),
+                    ln_bwd_in(xc.at(1), &s.x_ln, &dhx),
+                ];
+                let [(ds2, dsc2), (ds, dsc)] =
+                    adaln::adaln_modulate_bwd_acc2_ld(dev, &s.x_in, pair, dx3, acc)?;
+                dxc[6] = Some(ds2);
+                dxc[7] = Some(dsc2);
+                dxc[0] = Some(ds);
+                dxc[1] = Some(dsc);
+            }
+            None => {
+                let (dshift, dscale) =
+                    self.ln_bwd_acc(&s.x_in, (xc, 1), &s.x_ln, &dhx, dx3, acc)?;
+                dxc[0] = Some(dshift);
+                dxc[1] = Some(dscale);
+            }
+        }
+        drop(dual_dh);
         dev.join()?;
 
         // Both modulations' backward on the side stream, left running into the next block's

@@ -502,3 +502,98 @@ fn gated_residual_then_adaln_in_one_pass_equals_the_two_kernels() {
         }
     }
 }
+
+/// Two adaLNs of the same x with their dx added into the residual gradient in one pass
+/// (`adaln_modulate_bwd_acc2_ld`, an MMDiT-X block's first and attn2's) equal two
+/// `adaln_modulate_bwd_acc_ld` calls in order — the f32 gradient, its bf16 rounding and both
+/// parameter gradients bit for bit — with the scale chunks at strides (two chunks of one
+/// modulation row), at widths that take the vector kernel and ones that do not (37; 9000 > 8192
+/// columns).
+#[test]
+fn two_adalns_of_one_x_add_their_dx_in_one_pass() {
+    for dev in devices() {
+        for &(b, l, d) in &[
+            (2, 33, 1536),
+            (1, 5, 4104),
+            (2, 7, 24),
+            (1, 5, 37),
+            (1, 2, 9000),
+        ] {
+            let mut rng = Rng::new(47 + d as u64);
+            let (n, ld) = (b * l * d, 9 * d);
+            let up = |v: &[f32]| upload_bf16(&dev, v);
+            let x = up(&randn_bf16(&mut rng, n, 1.3));
+            let mods = up(&randn_bf16(&mut rng, b * ld, 0.5));
+            let dys = [0, 1].map(|_| up(&randn_bf16(&mut rng, n, 1.0)));
+            let chunk = |j: usize| mods.view(j * d, b * ld - j * d).unwrap();
+            let (shifts, scales) = ([chunk(6), chunk(0)], [chunk(7), chunk(1)]);
+            let dims = (b, l, d);
+            let stats = [0, 1].map(|j| {
+                let (_, mean, rstd) =
+                    gpu::adaln_modulate_fwd_ld(&dev, &x, (&shifts[j], &scales[j], ld), dims, 1e-6)
+                        .unwrap();
+                (mean, rstd)
+            });
+            let start: Vec<f32> = (0..n).map(|i| (i % 17) as f32 * 0.25 - 2.0).collect();
+            // two passes: the first adds into a, the second into that and rounds it
+            let (out1, out1_16) = (dev.upload(&start).unwrap(), dev.alloc::<bf16>(n).unwrap());
+            let mut want = Vec::new();
+            for j in 0..2 {
+                let out16 = (j == 1).then_some(&out1_16);
+                let (mean, rstd) = &stats[j];
+                want.push(
+                    gpu::adaln_modulate_bwd_acc_ld(
+                        &dev,
+                        &x,
+                        (&scales[j], ld),
+                        mean,
+                        rstd,
+                        &dys[j],
+                        dims,
+                        (&out1, out16, &out1),
+                    )
+                    .unwrap(),
+                );
+            }
+            let (out2, out2_16) = (dev.upload(&start).unwrap(), dev.alloc::<bf16>(n).unwrap());
+            let pair = [0, 1].map(|j| gpu::LnBwdIn {
+                scale: (&scales[j], ld),
+                mean: &stats[j].0,
+                rstd: &stats[j].1,
+                dy: &dys[j],
+            });
+            let got = gpu::adaln_modulate_bwd_acc2_ld(
+                &dev,
+                &x,
+                pair,
+                dims,
+                (&out2, Some(&out2_16), &out2),
+            )
+            .unwrap();
+            let shape = format!("{b}x{l}x{d}");
+            let f32s = |v: &DevBuf<f32>| dev.download(v).unwrap();
+            let bits16 = |v: &DevBuf<bf16>| -> Vec<u16> {
+                dev.download(v)
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
+            };
+            assert_eq!(f32s(&out2), f32s(&out1), "{shape}: the f32 gradient");
+            assert_ne!(f32s(&out2), start, "{shape}: nothing added");
+            assert_eq!(
+                bits16(&out2_16),
+                bits16(&out1_16),
+                "{shape}: its bf16 rounding"
+            );
+            for j in 0..2 {
+                assert_eq!(f32s(&got[j].0), f32s(&want[j].0), "{shape}: dshift {j}");
+                assert_eq!(f32s(&got[j].1), f32s(&want[j].1), "{shape}: dscale {j}");
+            }
+            println!(
+                "adaLN pair backward on {}: {shape}, the bits of two passes",
+                dev.name()
+            );
+        }
+    }
+}
