@@ -461,20 +461,8 @@ fn gated_residual_then_adaln_in_one_pass_equals_the_two_kernels() {
             )
             .unwrap();
             let shape = format!("{b}x{l}x{d}");
-            let bits16 = |v: &DevBuf<bf16>| -> Vec<u16> {
-                dev.download(v)
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.to_bits())
-                    .collect()
-            };
-            let bits32 = |v: &DevBuf<f32>| -> Vec<u32> {
-                dev.download(v)
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.to_bits())
-                    .collect()
-            };
+            let bits16 = |v: &DevBuf<bf16>| bits16(&dev, v);
+            let bits32 = |v: &DevBuf<f32>| bits32(&dev, v);
             assert_eq!(bits16(&mid2), bits16(&mid), "{shape}: mid");
             assert_eq!(bits16(&y2), bits16(&y), "{shape}: y");
             assert_eq!(bits32(&mean2), bits32(&mean), "{shape}: mean");
@@ -572,13 +560,7 @@ fn two_adalns_of_one_x_add_their_dx_in_one_pass() {
             .unwrap();
             let shape = format!("{b}x{l}x{d}");
             let f32s = |v: &DevBuf<f32>| dev.download(v).unwrap();
-            let bits16 = |v: &DevBuf<bf16>| -> Vec<u16> {
-                dev.download(v)
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.to_bits())
-                    .collect()
-            };
+            let bits16 = |v: &DevBuf<bf16>| bits16(&dev, v);
             assert_eq!(f32s(&out2), f32s(&out1), "{shape}: the f32 gradient");
             assert_ne!(f32s(&out2), start, "{shape}: nothing added");
             assert_eq!(
@@ -596,4 +578,20 @@ fn two_adalns_of_one_x_add_their_dx_in_one_pass() {
             );
         }
     }
+}
+
+fn bits16(dev: &KernelDevice, v: &DevBuf<bf16>) -> Vec<u16> {
+    dev.download(v)
+        .unwrap()
+        .iter()
+        .map(|x| x.to_bits())
+        .collect()
+}
+
+fn bits32(dev: &KernelDevice, v: &DevBuf<f32>) -> Vec<u32> {
+    dev.download(v)
+        .unwrap()
+        .iter()
+        .map(|x| x.to_bits())
+        .collect()
 }
