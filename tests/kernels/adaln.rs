@@ -448,45 +448,29 @@ fn gated_residual_then_adaln_in_one_pass_equals_the_two_kernels() {
             let gate = gate_mods.view(5 * d, b * gate_ld - 5 * d).unwrap();
             let dims = (b, l, d);
             let mid = gpu::gated_residual_fwd_ld(&dev, &x, (&gate, gate_ld), &yres, dims).unwrap();
-            let (y, mean, rstd) =
-                gpu::adaln_modulate_fwd_ld(&dev, &mid, (&shift, &scale, ld), dims, 1e-6).unwrap();
-            let (mid2, y2, mean2, rstd2) = gpu::gated_residual_adaln_fwd_ld(
-                &dev,
-                &x,
-                &yres,
-                (&gate, gate_ld),
-                (&shift, &scale, ld),
-                dims,
-                1e-6,
-            )
-            .unwrap();
             let shape = format!("{b}x{l}x{d}");
             let bits16 = |v: &DevBuf<bf16>| bits16(&dev, v);
             let bits32 = |v: &DevBuf<f32>| bits32(&dev, v);
-            assert_eq!(bits16(&mid2), bits16(&mid), "{shape}: mid");
-            assert_eq!(bits16(&y2), bits16(&y), "{shape}: y");
-            assert_eq!(bits32(&mean2), bits32(&mean), "{shape}: mean");
-            assert_eq!(bits32(&rstd2), bits32(&rstd), "{shape}: rstd");
-
-            // the adaLN of the residual's input instead (an MMDiT-X block's attn2 adaLN beside
-            // its first residual): the adaLN kernel run on x
-            let (y, mean, rstd) =
-                gpu::adaln_modulate_fwd_ld(&dev, &x, (&shift, &scale, ld), dims, 1e-6).unwrap();
-            let (mid3, y3, mean3, rstd3) = gpu::gated_residual_adaln_of_x_fwd_ld(
-                &dev,
-                &x,
-                &yres,
-                (&gate, gate_ld),
-                (&shift, &scale, ld),
-                dims,
-                1e-6,
-            )
-            .unwrap();
-            assert_eq!(bits16(&mid3), bits16(&mid), "{shape}: mid beside adaLN(x)");
-            assert_eq!(bits16(&y3), bits16(&y), "{shape}: adaLN(x)");
-            assert_ne!(bits16(&y3), bits16(&y2), "{shape}: adaLN(x) = adaLN(mid)?");
-            assert_eq!(bits32(&mean3), bits32(&mean), "{shape}: mean of x");
-            assert_eq!(bits32(&rstd3), bits32(&rstd), "{shape}: rstd of x");
+            // the adaLN of the sum (a block's residual with the next adaLN), then of the input x
+            // (an MMDiT-X block's first residual beside attn2's adaLN)
+            let mut ys = Vec::new();
+            for (fused, normalised, of) in [
+                (gpu::gated_residual_adaln_fwd_ld as Fused, &mid, "the sum"),
+                (gpu::gated_residual_adaln_of_x_fwd_ld, &x, "x"),
+            ] {
+                let (y, mean, rstd) =
+                    gpu::adaln_modulate_fwd_ld(&dev, normalised, (&shift, &scale, ld), dims, 1e-6)
+                        .unwrap();
+                let mods = (&*shift, &*scale, ld);
+                let (mid2, y2, mean2, rstd2) =
+                    fused(&dev, &x, &yres, (&gate, gate_ld), mods, dims, 1e-6).unwrap();
+                assert_eq!(bits16(&mid2), bits16(&mid), "{shape}: mid, adaLN of {of}");
+                assert_eq!(bits16(&y2), bits16(&y), "{shape}: y, adaLN of {of}");
+                assert_eq!(bits32(&mean2), bits32(&mean), "{shape}: mean of {of}");
+                assert_eq!(bits32(&rstd2), bits32(&rstd), "{shape}: rstd of {of}");
+                ys.push(bits16(&y2));
+            }
+            assert_ne!(ys[0], ys[1], "{shape}: the adaLN of x and of the sum agree");
         }
     }
 }
@@ -579,6 +563,22 @@ fn two_adalns_of_one_x_add_their_dx_in_one_pass() {
         }
     }
 }
+
+/// The launchers of a gated residual with an adaLN in one pass.
+type Fused = fn(
+    &KernelDevice,
+    &DevBuf<bf16>,
+    &DevBuf<bf16>,
+    (&DevBuf<bf16>, usize),
+    (&DevBuf<bf16>, &DevBuf<bf16>, usize),
+    (usize, usize, usize),
+    f32,
+) -> advdmd::device::kernel::KernelResult<(
+    DevBuf<bf16>,
+    DevBuf<bf16>,
+    DevBuf<f32>,
+    DevBuf<f32>,
+)>;
 
 fn bits16(dev: &KernelDevice, v: &DevBuf<bf16>) -> Vec<u16> {
     dev.download(v)
