@@ -819,7 +819,7 @@ __device__ __forceinline__ void bwd_ds(const float (&p)[QT / 2], const float (&d
                 d[c] = p[4 * j + e] * (dp[4 * j + e] - sDr[8 * j + 2 * t + c]);
             }
             const uint32_t v = pack_bf16x2(d[0], d[1]);
-            *reinterpret_cast<uint32_t*>(ds_tile + chunk_offset<KT>(key0 + 8 * r, j) + 4 * t) = v;
+            st_shared(reinterpret_cast<uint32_t*>(ds_tile + chunk_offset<KT>(key0 + 8 * r, j) + 4 * t), v);
             dsa[j / 2][2 * (j & 1) + r] = v;
         }
 }

@@ -284,6 +284,12 @@ __device__ __forceinline__ void wgmma_wait() {
 __device__ __forceinline__ void fence_proxy_async() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
+// A plain store into shared memory that a wgmma reads later: the emulator's twin checks it
+// against the products still reading those bytes and records it for the proxy-fence check.
+template <class T>
+__device__ __forceinline__ void st_shared(T* p, T v) {
+    *p = v;
+}
 
 // d (+)= A·B, 64×32×16, both operands in shared memory; scale_d = 0 ignores d's old value.
 template <int TRANS_A, int TRANS_B>

@@ -45,7 +45,7 @@ __device__ __forceinline__ void stage_a(unsigned char* sa, const bf16* a, int k_
     for (int e = threadIdx.x; e < 64 * k_len; e += blockDim.x) {
         const int i = e / k_len, k = e % k_len;
         const uint32_t o = mn_major ? sw128_mn_major(k, i) : (k / 64) * 8192 + sw128_k_major(i, k % 64);
-        *reinterpret_cast<bf16*>(sa + o) = a[e];
+        st_shared(reinterpret_cast<bf16*>(sa + o), a[e]);
     }
 }
 
@@ -62,7 +62,7 @@ __device__ __forceinline__ void stage_b(unsigned char* sb, const bf16* b, int k_
             const int n = e / k_len, k = e % k_len;
             o = (k / 64) * (N * 128) + sw128_k_major(n, k % 64);
         }
-        *reinterpret_cast<bf16*>(sb + o) = b[e];
+        st_shared(reinterpret_cast<bf16*>(sb + o), b[e]);
     }
 }
 

@@ -3,7 +3,7 @@
 //! tensor-core twins against plain loops, bf16/fp16 rounding, and the errors it must report
 //! instead of hanging or aborting.
 
-use advdmd::device::emu::{emu_kernel_names, emu_launch, EmuError};
+use advdmd::device::emu::{emu_kernel_names, emu_launch, set_schedule, EmuError, Schedule};
 use std::ffi::c_void;
 
 /// `&mut value` as the launch's untyped argument pointer.
@@ -433,4 +433,149 @@ fn wgmma_hazards_are_faults() {
         panic!("expected a fault, got {err}")
     };
     assert!(msg.contains("different sequences of .aligned"), "{msg}");
+    // Stores through the generic proxy reach a wgmma only across a proxy fence, by the writer
+    // after its stores or by the reader after the barrier.
+    for mode in [1, 2] {
+        out.fill(0.0);
+        run("emu_test_wgmma_proxy", &mut out, mode, 5 << 10).unwrap();
+        assert!(out.iter().all(|&v| v == 16.0), "mode {mode}: {out:?}");
+    }
+    for mode in [0, 3] {
+        let err = run("emu_test_wgmma_proxy", &mut out, mode, 5 << 10).unwrap_err();
+        let EmuError::Fault(msg) = err else {
+            panic!("mode {mode}: expected a fault, got {err}")
+        };
+        assert!(msg.contains("no fence_proxy_async"), "{msg}");
+    }
+}
+
+/// Runs `emu_test_race` (4 blocks of 64 threads) under `schedule`: what each thread read, and the
+/// order the blocks ran in.
+fn race_run(schedule: Schedule, sync: bool) -> (Vec<f32>, Vec<i32>) {
+    let (blocks, threads) = (4usize, 64usize);
+    let mut out = vec![0f32; blocks * threads];
+    let mut order = vec![-1i32; blocks];
+    let mut counter = 0i32;
+    let (mut po, mut pord, mut pc, mut s) = (
+        out.as_mut_ptr(),
+        order.as_mut_ptr(),
+        &mut counter as *mut i32,
+        sync as i32,
+    );
+    set_schedule(Some(schedule));
+    let r = emu_launch(
+        "emu_test_race",
+        [blocks as u32, 1, 1],
+        [threads as u32, 1, 1],
+        4,
+        &mut [arg(&mut po), arg(&mut pord), arg(&mut pc), arg(&mut s)],
+    );
+    set_schedule(None);
+    r.unwrap();
+    (out, order)
+}
+
+#[test]
+fn other_schedules_expose_a_missing_barrier() {
+    let wrote = |out: &[f32], b: usize| {
+        out[b * 64..(b + 1) * 64]
+            .iter()
+            .all(|&v| v == 1.0 + b as f32)
+    };
+    let schedules = [
+        Schedule::Forward,
+        Schedule::Reverse,
+        Schedule::Shuffle(1),
+        Schedule::Shuffle(7),
+    ];
+    // With the barrier every schedule reads thread 0's value.
+    for s in schedules {
+        let (out, _) = race_run(s, true);
+        assert!((0..4).all(|b| wrote(&out, b)), "{s:?}: {out:?}");
+    }
+    // Without it, forward runs thread 0 first and hides the race; reverse runs it last, so every
+    // other thread reads the poison; a shuffle puts some readers before it.
+    let (out, order) = race_run(Schedule::Forward, false);
+    assert!((0..4).all(|b| wrote(&out, b)));
+    assert_eq!(order, [0, 1, 2, 3]);
+    let (out, order) = race_run(Schedule::Reverse, false);
+    for b in 0..4 {
+        assert_eq!(out[b * 64], 1.0 + b as f32);
+        assert!(
+            out[b * 64 + 1..(b + 1) * 64].iter().all(|v| v.is_nan()),
+            "{out:?}"
+        );
+    }
+    assert_eq!(order, [3, 2, 1, 0]);
+    for seed in [1, 7] {
+        let (out, order) = race_run(Schedule::Shuffle(seed), false);
+        assert!(
+            (0..4).all(|b| out[b * 64..(b + 1) * 64].iter().any(|v| v.is_nan())),
+            "{out:?}"
+        );
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(sorted, [0, 1, 2, 3], "every block runs once");
+    }
+    // The same seed gives the same run; another seed another.
+    let bits = |(out, order): (Vec<f32>, Vec<i32>)| {
+        (out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), order)
+    };
+    let seven = bits(race_run(Schedule::Shuffle(7), false));
+    assert_eq!(seven, bits(race_run(Schedule::Shuffle(7), false)));
+    assert_ne!(seven, bits(race_run(Schedule::Shuffle(1), false)));
+}
+
+/// Row sums and sums of squares by `emu_test_two_sums` (8 rows of 1000, blocks of 256 threads)
+/// under `schedule`.
+fn two_sums(schedule: Schedule, racy: bool) -> Vec<f32> {
+    let (rows, n) = (8usize, 1000usize);
+    let x = values(rows * n, 5);
+    let mut out = vec![0f32; 2 * rows];
+    let (mut px, mut po, mut pn, mut pr) = (x.as_ptr(), out.as_mut_ptr(), n as i32, racy as i32);
+    set_schedule(Some(schedule));
+    let r = emu_launch(
+        "emu_test_two_sums",
+        [rows as u32, 1, 1],
+        [256, 1, 1],
+        32 * 4,
+        &mut [arg(&mut px), arg(&mut po), arg(&mut pn), arg(&mut pr)],
+    );
+    set_schedule(None);
+    r.unwrap();
+    out
+}
+
+#[test]
+fn slow_warps_expose_a_write_after_read_race() {
+    // Without its first barrier a second block_sum may overwrite the first one's partials before
+    // every warp has read them: every thread's reads and writes are five shuffles apart, so no
+    // order of one pass shows it, but a shuffle's slow warps read after the fast ones' next writes.
+    let safe = two_sums(Schedule::Forward, false);
+    for s in [
+        Schedule::Forward,
+        Schedule::Reverse,
+        Schedule::Shuffle(1),
+        Schedule::Shuffle(2),
+    ] {
+        assert_eq!(two_sums(s, false), safe, "{s:?}");
+    }
+    assert_eq!(two_sums(Schedule::Forward, true), safe);
+    assert_eq!(two_sums(Schedule::Reverse, true), safe);
+    for seed in [1, 2] {
+        assert_ne!(two_sums(Schedule::Shuffle(seed), true), safe, "seed {seed}");
+    }
+}
+
+#[test]
+fn schedules_parse_and_bad_ones_are_refused() {
+    assert_eq!(Schedule::parse("forward"), Ok(Schedule::Forward));
+    assert_eq!(Schedule::parse(""), Ok(Schedule::Forward));
+    assert_eq!(Schedule::parse("reverse"), Ok(Schedule::Reverse));
+    assert_eq!(Schedule::parse("shuffle"), Ok(Schedule::Shuffle(1)));
+    assert_eq!(Schedule::parse("shuffle:42"), Ok(Schedule::Shuffle(42)));
+    for bad in ["backward", "shuffle:", "shuffle:x", "shuffle:-1"] {
+        let e = Schedule::parse(bad).unwrap_err();
+        assert!(e.contains(bad) && e.contains("shuffle:SEED"), "{e}");
+    }
 }

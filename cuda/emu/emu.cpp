@@ -7,6 +7,13 @@
 // as fibers with their own stacks. A fiber runs until it reaches a collective it must wait at,
 // then switches back to the scheduler, which resumes the next runnable fiber. All state is per OS
 // thread, so launches from several threads (parallel tests) run side by side.
+//
+// The order in which a pass of the scheduler resumes the runnable fibers, and the order of the
+// blocks, is the launch's schedule: forward (thread and block index order, the default), reverse,
+// or a seeded shuffle drawn anew for every pass and block. A kernel is correct only if every
+// order gives the same result; one that reads shared memory another thread writes without a
+// barrier between them usually gives a different result (or reads the 0xFF poison) under another
+// order, which is how the emulator exposes the data races it cannot see directly.
 #include "emu.h"
 
 #include <sys/mman.h>
@@ -206,6 +213,11 @@ struct Launch {
     unsigned cur = 0;
     unsigned done = 0;
     Ctx sched;
+    // The schedule (advdmd_emu_launch's `order`: 0 forward, 1 reverse, 2 shuffled by `seed`) and
+    // the fiber order of the current pass.
+    int order = 0;
+    uint64_t seed = 0;
+    std::vector<unsigned> pass_order;
     // Block barrier.
     unsigned bar_arrived = 0;
     int bar_count = 0, bar_result = 0;
@@ -233,6 +245,15 @@ struct Launch {
         std::map<unsigned, Group> groups;
     };
     std::vector<WarpgroupReads> wg_reads;
+    // The proxy check: per 4-byte word of dynamic shared memory, when (an epoch of this block's
+    // clock, 0: not since the block began) and by which thread and line it was last written
+    // through the generic proxy; per thread, the epoch of its last fence_proxy_async.
+    uint64_t epoch = 0;
+    std::vector<uint64_t> word_epoch;
+    std::vector<uint32_t> word_writer;
+    std::vector<int> word_line;
+    std::vector<const char*> word_file;
+    std::vector<uint64_t> fence_epoch;
     // The first error.
     int code = kOk;
     std::string err;
@@ -391,12 +412,38 @@ bool warpgroups_aligned() {
     return true;
 }
 
-bool run_block() {
+// splitmix64: the shuffled schedule's random stream.
+uint64_t mix64(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+// 0..n−1 in the schedule's order; `salt` makes each shuffle (a pass of a block, or a grid) its own.
+void schedule_order(std::vector<unsigned>& out, unsigned n, int order, uint64_t seed, uint64_t salt) {
+    out.resize(n);
+    for (unsigned i = 0; i < n; ++i) out[i] = order == 1 ? n - 1 - i : i;
+    if (order != 2) return;
+    uint64_t state = mix64(seed ^ mix64(salt));
+    for (unsigned i = n; i > 1; --i) {
+        state = mix64(state);
+        std::swap(out[i - 1], out[state % i]);
+    }
+}
+
+bool run_block(uint64_t block_linear) {
     Launch& L = *g;
     if (L.smem_bytes) std::memset(L.smem, 0xFF, L.smem_bytes);
     L.chunk_readers.assign(L.smem_bytes / 16 + 1, 0);
     L.chunk_line.assign(L.smem_bytes / 16 + 1, 0);
     L.wg_reads.assign((L.nthreads + 127) / 128, Launch::WarpgroupReads{});
+    L.epoch = 0;
+    L.word_epoch.assign(L.smem_bytes / 4 + 1, 0);
+    L.word_writer.assign(L.smem_bytes / 4 + 1, 0);
+    L.word_line.assign(L.smem_bytes / 4 + 1, 0);
+    L.word_file.assign(L.smem_bytes / 4 + 1, nullptr);
+    L.fence_epoch.assign(L.nthreads, 0);
     for (auto& w : L.warps) {
         for (Rdv* r : w.live) L.free_rdvs.push_back(r);
         w.live.clear();
@@ -416,11 +463,25 @@ bool run_block() {
         f.aligned_count = 0;
         ctx_init(&f.ctx, t_stacks.get(i), kStackBytes, fiber_entry, nullptr);
     }
-    while (L.done < L.nthreads) {
-        bool ran = false, progress = false;
-        for (unsigned i = 0; i < L.nthreads; ++i) {
+    // Under a shuffle a random half of the block's warps is slow: a pass holds them back, so the
+    // others run ahead to wherever they must wait for them (a barrier, a collective, an mbarrier
+    // only they complete), and only a pass that changed nothing is followed by a full pass, which
+    // runs every runnable thread — and only a full pass can find a deadlock. A warp that reads
+    // shared memory after a barrier then runs after the other warps' next writes to it.
+    const uint64_t slow = L.order == 2 ? mix64(L.seed ^ mix64(~block_linear)) : 0;
+    bool full = L.order != 2;
+    for (uint64_t pass = 0; L.done < L.nthreads; ++pass) {
+        bool ran = false, progress = false, held = false;
+        const uint64_t salt = block_linear << 32 ^ pass;
+        if (L.order != 0 || pass == 0) schedule_order(L.pass_order, L.nthreads, L.order, L.seed, salt);
+        const uint64_t hold = full ? 0 : slow;
+        for (unsigned i : L.pass_order) {
             Fiber& f = L.fibers[i];
             if (f.st != St::Ready) continue;
+            if (hold >> (f.warp % 64) & 1) {
+                held = true;
+                continue;
+            }
             L.cur = i;
             threadIdx = f.tid;
             L.yield_was_spin = L.spin_done = false;
@@ -429,6 +490,11 @@ bool run_block() {
             progress |= !L.yield_was_spin || L.spin_done;
             if (L.code != kOk) return false;
         }
+        if (held) {
+            full = !ran || !progress;
+            continue;
+        }
+        if (L.order == 2) full = !progress;
         // A pass in which every thread that ran only re-tested an mbarrier that did not complete
         // changed nothing: the next one would repeat it forever.
         if (ran && !progress) {
@@ -790,16 +856,38 @@ void aligned_op(Aligned kind, int arg, const char* file, int line) {
     }
 }
 
-void cp_async_store(void* smem, unsigned bytes, const char* file, int line) {
+void shared_write(void* smem, unsigned bytes, bool async_copy, const char* file, int line) {
     const unsigned char* p = static_cast<unsigned char*>(smem);
     if (!g || p < g->smem || p + bytes > g->smem + g->smem_bytes) return;  // static shared memory
+    const char* what = async_copy ? "cp.async" : "st_shared";
     const size_t off = (size_t)(p - g->smem);
     for (size_t c = off / 16; c <= (off + bytes - 1) / 16; ++c)
         if (g->chunk_readers[c])
-            fault("cp.async (%s:%d) writes shared bytes %zu.. that a wgmma product (line %d) still reads: "
+            fault("%s (%s:%d) writes shared bytes %zu.. that a wgmma product (line %d) still reads: "
                   "no thread of its warpgroup has waited for it yet (a wgmma.wait_group orders only the "
                   "executing warpgroup's own products)",
-                  file, line, off, g->chunk_line[c]);
+                  what, file, line, off, g->chunk_line[c]);
+    const uint64_t now = ++g->epoch;
+    for (size_t w = off / 4; w <= (off + bytes - 1) / 4; ++w) {
+        g->word_epoch[w] = now;
+        g->word_writer[w] = g->cur;
+        g->word_line[w] = line;
+        g->word_file[w] = file;
+    }
+}
+
+void proxy_fence(const char*, int) { g->fence_epoch[g->cur] = ++g->epoch; }
+
+// Whether a wgmma of the running thread may read the shared word holding `e` (the proxy check).
+static void check_proxy(const unsigned char* e, const char* file, int line) {
+    const size_t w = (size_t)(e - g->smem) / 4;
+    const uint64_t written = g->word_epoch[w];
+    if (!written || g->fence_epoch[g->word_writer[w]] > written || g->fence_epoch[g->cur] > written) return;
+    const Fiber& wr = g->fibers[g->word_writer[w]];
+    fault("wgmma (%s:%d) reads shared byte %zu, written through the generic proxy by thread (%u,%u,%u) "
+          "(%s:%d) with no fence_proxy_async since, by the writer or by this thread (the async "
+          "proxy may read stale bytes)",
+          file, line, (size_t)(e - g->smem), wr.tid.x, wr.tid.y, wr.tid.z, g->word_file[w], g->word_line[w]);
 }
 
 void wgmma_bf16(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b, int scale_d,
@@ -812,6 +900,8 @@ void wgmma_bf16(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64
         unsigned short lo, hi;
         const unsigned char* e0 = wgmma_element(desc, mn, i, k, file, line);
         const unsigned char* e1 = wgmma_element(desc, mn, i, k + 1, file, line);
+        check_proxy(e0, file, line);
+        check_proxy(e1, file, line);
         std::memcpy(&lo, e0, 2);
         std::memcpy(&hi, e1, 2);
         chunks.push_back((uint32_t)((e0 - g->smem) / 16));
@@ -850,8 +940,8 @@ void wgmma_bf16(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64
 // Runs `tramp` (the generated trampoline of kernel `name`) over the grid. Returns 0, or an error
 // code (1 bad launch, 2 deadlock, 3 fault) with a message in `err`. Never aborts.
 extern "C" int advdmd_emu_launch(void (*tramp)(void**), const char* name, const unsigned grid[3],
-                                 const unsigned block[3], unsigned smem_bytes, void** args, char* err,
-                                 size_t err_len) {
+                                 const unsigned block[3], unsigned smem_bytes, void** args, int order,
+                                 uint64_t seed, char* err, size_t err_len) {
     using namespace emu;
     auto report = [&](int code, const std::string& msg) {
         if (err && err_len) std::snprintf(err, err_len, "%s", msg.c_str());
@@ -859,6 +949,7 @@ extern "C" int advdmd_emu_launch(void (*tramp)(void**), const char* name, const 
     };
     if (g) return report(kBadLaunch, "emulator launch from inside a running kernel");
     const unsigned long long nthreads = (unsigned long long)block[0] * block[1] * block[2];
+    if (order < 0 || order > 2) return report(kBadLaunch, fmt("schedule %d is not 0, 1 or 2", order));
     if (!grid[0] || !grid[1] || !grid[2] || !nthreads || nthreads > 1024)
         return report(kBadLaunch, fmt("grid (%u,%u,%u) block (%u,%u,%u): every dimension must be "
                                       "nonzero and a block at most 1024 threads",
@@ -868,6 +959,8 @@ extern "C" int advdmd_emu_launch(void (*tramp)(void**), const char* name, const 
     L.tramp = tramp;
     L.args = args;
     L.nthreads = (unsigned)nthreads;
+    L.order = order;
+    L.seed = seed;
     L.code = kOk;
     L.err.clear();
     if (L.smem_cap < smem_bytes) {
@@ -899,12 +992,23 @@ extern "C" int advdmd_emu_launch(void (*tramp)(void**), const char* name, const 
     blockDim = uint3{block[0], block[1], block[2]};
     g = &L;
     int code = kOk;
-    for (unsigned z = 0; z < grid[2] && code == kOk; ++z)
-        for (unsigned y = 0; y < grid[1] && code == kOk; ++y)
-            for (unsigned x = 0; x < grid[0] && code == kOk; ++x) {
-                blockIdx = uint3{x, y, z};
-                if (!run_block()) code = L.code;
-            }
+    const uint64_t blocks = (uint64_t)grid[0] * grid[1] * grid[2];
+    // Forward and reverse walk the blocks by index; a shuffle draws a permutation of them (of
+    // each window of 2^24 blocks in turn, for a larger grid).
+    const uint64_t window = 1ull << 24;
+    std::vector<unsigned> within;
+    for (uint64_t n = 0; n < blocks && code == kOk; ++n) {
+        uint64_t b = order == 1 ? blocks - 1 - n : n;
+        if (order == 2) {
+            const uint64_t start = n - n % window;
+            if (n == start)
+                schedule_order(within, (unsigned)std::min(window, blocks - start), order, seed, ~start);
+            b = start + within[n - start];
+        }
+        blockIdx = uint3{(unsigned)(b % grid[0]), (unsigned)(b / grid[0] % grid[1]),
+                         (unsigned)(b / ((uint64_t)grid[0] * grid[1]))};
+        if (!run_block(b)) code = L.code;
+    }
     g = nullptr;
     return code == kOk ? kOk : report(code, L.err);
 }

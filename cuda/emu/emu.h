@@ -557,8 +557,11 @@ void ldmatrix(Op op, uint32_t* r, const void* row, const char* file, int line);
 // through A's descriptor) and its B fragments through B's descriptor, then the warp runs the
 // mma.m16n8k16 twin once per 8 columns. What a GPU would still be doing is checked instead:
 // * the shared bytes a wgmma reads stay "in flight" until every thread of its warpgroup has
-//   passed a wgmma_wait that covers it (commit groups counted per thread); a cp.async writing
-//   them before that is a fault (on a GPU: the product may read the new bytes);
+//   passed a wgmma_wait that covers it (commit groups counted per thread); a cp.async or
+//   st_shared writing them before that is a fault (on a GPU: the product may read the new bytes);
+// * shared bytes written through the generic proxy (cp.async, st_shared) are read by a wgmma
+//   (the async proxy) only after a fence_proxy_async by the writer, after its write, or by the
+//   reading thread, after the write; else a fault (PTX: the product may read stale bytes);
 // * the .aligned instructions (wgmma, fence, commit, wait, setmaxnreg) must be executed alike by
 //   all 128 threads of a warpgroup: each thread's sequence (kind, argument, line) is hashed and a
 //   warpgroup whose warps differ is a fault at the block's end (PTX: undefined behaviour).
@@ -580,14 +583,24 @@ struct AlignedAt {
     template <int N>
     void dec() const { aligned_op(kSetmaxnregDec, N, file, line); }
 };
-// A cp.async of `bytes` into shared memory at `smem` (checked against in-flight wgmma reads).
-void cp_async_store(void* smem, unsigned bytes, const char* file, int line);
+// A write of `bytes` into shared memory at `smem` through the generic proxy — a cp.async
+// (`async_copy`) or a plain store (st_shared) — checked against in-flight wgmma reads and recorded
+// for the proxy check: a wgmma may read it only once the writer (after writing) or the reading
+// thread (after the write) has executed fence_proxy_async.
+void shared_write(void* smem, unsigned bytes, bool async_copy, const char* file, int line);
+void proxy_fence(const char* file, int line);
+template <class T>
+inline void st_shared_at(T* p, T v, const char* file, int line) {
+    shared_write(p, sizeof(T), false, file, line);
+    *p = v;
+}
 }  // namespace emu
+#define st_shared(p, v) ::emu::st_shared_at((p), (v), __FILE__, __LINE__)
+#define fence_proxy_async() ::emu::proxy_fence(__FILE__, __LINE__)
 #define smem_addr(p) ::emu::smem_offset(p, __FILE__, __LINE__)
 #define wgmma_fence() ::emu::aligned_op(::emu::kFence, 0, __FILE__, __LINE__)
 #define wgmma_commit() ::emu::aligned_op(::emu::kCommit, 0, __FILE__, __LINE__)
 #define wgmma_wait ::emu::AlignedAt{__FILE__, __LINE__}.wait
-inline void fence_proxy_async() {}
 template <int TRANS_A, int TRANS_B>
 inline void wgmma_m64n32k16_ss(float d[16], uint64_t desc_a, uint64_t desc_b, int scale_d) {
     ::emu::wgmma_bf16(d, 32, nullptr, desc_a, desc_b, scale_d, TRANS_A, TRANS_B, __FILE__, __LINE__);
@@ -654,18 +667,18 @@ constexpr std::size_t arity(void (*)(A...)) {
 // Each copy's destination is checked against the shared bytes in-flight wgmma products read.
 namespace emu {
 inline void cp_async_16_at(void* smem, const void* gmem, const char* file, int line) {
-    cp_async_store(smem, 16, file, line);
+    shared_write(smem, 16, true, file, line);
     std::memcpy(smem, gmem, 16);
 }
 inline void cp_async_16_zfill_at(void* smem, const void* gmem, bool valid, const char* file, int line) {
-    cp_async_store(smem, 16, file, line);
+    shared_write(smem, 16, true, file, line);
     if (valid)
         std::memcpy(smem, gmem, 16);
     else
         std::memset(smem, 0, 16);
 }
 inline void cp_async_4_at(void* smem, const void* gmem, const char* file, int line) {
-    cp_async_store(smem, 4, file, line);
+    shared_write(smem, 4, true, file, line);
     std::memcpy(smem, gmem, 4);
 }
 }  // namespace emu

@@ -13,8 +13,10 @@
 //! threads meeting at different `__syncthreads`, warp collectives waiting for lanes that never
 //! come), lanes calling a collective outside their own mask or mixing collectives, and it poisons
 //! dynamic shared memory (0xFF bytes, NaN) before every block and any shuffle read from a lane that
-//! did not take part. What it cannot: data races (fibers switch only at collectives, so a missing
-//! `__syncthreads` goes unnoticed), out-of-bounds accesses (they hit host memory), and speed.
+//! did not take part. What it cannot see directly: data races (fibers switch only at collectives,
+//! so a missing `__syncthreads` goes unnoticed in any one order); running under another
+//! [`Schedule`] (reverse or shuffled threads and blocks, `ADVDMD_EMU_SCHEDULE`) and comparing
+//! results exposes most of them. Nor out-of-bounds accesses (they hit host memory), nor speed.
 
 use std::ffi::{c_char, c_void, CString};
 
@@ -37,6 +39,8 @@ extern "C" {
         block: *const u32,
         shared_bytes: u32,
         args: *mut *mut c_void,
+        order: i32,
+        seed: u64,
         err: *mut c_char,
         err_len: usize,
     ) -> i32;
@@ -71,6 +75,72 @@ pub enum EmuError {
     Fault(String),
 }
 
+/// The order in which the emulator runs a launch's blocks, and within a block resumes its runnable
+/// threads at each scheduler pass (between collectives a thread runs alone). A correct kernel
+/// gives the same result under every schedule: a thread reading shared memory that another writes
+/// with no barrier between them reads the written value in one order and the old one (often the
+/// 0xFF poison) in another, so a test run under [`Schedule::Reverse`] and a few
+/// [`Schedule::Shuffle`]s finds the data races one order hides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// Threads and blocks in index order (x fastest): the default.
+    Forward,
+    /// Threads and blocks in reverse index order.
+    Reverse,
+    /// A seeded shuffle of the blocks, and of the threads anew at every pass of every block; a
+    /// random half of each block's warps is slow (held back while the other warps can make
+    /// progress), so a warp's reads after a barrier can come after the other warps' next writes.
+    Shuffle(u64),
+}
+
+impl Schedule {
+    /// Parses `forward`, `reverse`, `shuffle` (seed 1) or `shuffle:SEED`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "" | "forward" => Ok(Self::Forward),
+            "reverse" => Ok(Self::Reverse),
+            "shuffle" => Ok(Self::Shuffle(1)),
+            other => other
+                .strip_prefix("shuffle:")
+                .and_then(|seed| seed.parse().ok())
+                .map(Self::Shuffle)
+                .ok_or_else(|| {
+                    format!("emulator schedule {other:?}: want forward, reverse, shuffle or shuffle:SEED")
+                }),
+        }
+    }
+
+    fn code(self) -> (i32, u64) {
+        match self {
+            Self::Forward => (0, 0),
+            Self::Reverse => (1, 0),
+            Self::Shuffle(seed) => (2, seed),
+        }
+    }
+}
+
+thread_local! {
+    static SCHEDULE: std::cell::Cell<Option<Schedule>> = const { std::cell::Cell::new(None) };
+}
+
+/// The schedule of this thread's launches from now on (`None`: `ADVDMD_EMU_SCHEDULE`, else
+/// forward). Every launch runs on the thread that queued it — a side stream's deferred work on
+/// the thread that joins it — so a test sets this for its own launches only.
+pub fn set_schedule(schedule: Option<Schedule>) {
+    SCHEDULE.with(|s| s.set(schedule));
+}
+
+/// The schedule this thread's next launch runs under.
+pub fn schedule() -> Result<Schedule, String> {
+    if let Some(s) = SCHEDULE.with(|s| s.get()) {
+        return Ok(s);
+    }
+    match std::env::var("ADVDMD_EMU_SCHEDULE") {
+        Ok(v) => Schedule::parse(&v).map_err(|e| format!("ADVDMD_EMU_SCHEDULE: {e}")),
+        Err(_) => Ok(Schedule::Forward),
+    }
+}
+
 /// The names of every kernel the emulator can run: all `extern "C" __global__` functions of
 /// `cuda/*.cu`, plus the emulator's own test kernels (`emu_test_*`, from `cuda/emu/tests/`).
 pub fn emu_kernel_names() -> Vec<&'static str> {
@@ -80,8 +150,8 @@ pub fn emu_kernel_names() -> Vec<&'static str> {
 /// Runs kernel `name` on the CPU over `grid` × `block` threads with `shared_bytes` of dynamic
 /// shared memory, like `cuLaunchKernel`: `args[i]` points to the value of the kernel's i-th
 /// parameter (for a pointer parameter, to a host pointer variable). Returns when every block has
-/// finished. Blocks run one after another in linear order (x fastest) on the calling thread, so
-/// results, atomics included, are deterministic.
+/// finished. Blocks run one after another on the calling thread, in the order of this thread's
+/// [`schedule`] (by default linear, x fastest), so results, atomics included, are deterministic.
 ///
 /// Safety contract (not expressible in the types): each `args[i]` must point to a live value of
 /// exactly the parameter's type, and every pointer the kernel dereferences must be valid for
@@ -134,6 +204,7 @@ pub fn emu_launch(
     if let Some(i) = args.iter().position(|a| a.is_null()) {
         return Err(bad(format!("argument {i} is a null pointer to the value")));
     }
+    let (order, seed) = schedule().map_err(bad)?.code();
     let cname = CString::new(name).map_err(|_| EmuError::UnknownKernel(name.to_string()))?;
     let mut err = vec![0u8; 16 << 10];
     // SAFETY: the trampoline belongs to this kernel and takes exactly args.len() arguments
@@ -148,6 +219,8 @@ pub fn emu_launch(
             block.as_ptr(),
             shared_bytes,
             args.as_mut_ptr(),
+            order,
+            seed,
             err.as_mut_ptr().cast(),
             err.len(),
         )

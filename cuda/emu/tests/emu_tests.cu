@@ -268,3 +268,66 @@ extern "C" __global__ void emu_test_wgmma_divergent_wait(float* __restrict__ out
     if (!diverge || threadIdx.x < 64) wgmma_wait<0>();
     out[threadIdx.x] = 1.f;
 }
+
+// Thread 0 writes a value to dynamic shared memory that the other threads read; with `sync` a
+// __syncthreads separates the write from the reads, without it they race. out[b·n + t]: what
+// thread t of block b read; order[b]: the position at which block b ran (a shared counter).
+extern "C" __global__ void emu_test_race(float* __restrict__ out, int* __restrict__ order,
+                                         int* __restrict__ counter, int sync) {
+    DYNAMIC_SMEM(float, s);
+    if (threadIdx.x == 0) {
+        s[0] = 1.f + blockIdx.x;
+        order[blockIdx.x] = (*counter)++;  // blocks run one at a time here
+    }
+    if (sync) __syncthreads();
+    out[blockIdx.x * blockDim.x + threadIdx.x] = s[0];
+}
+
+// A wgmma reading operands written by st_shared (the generic proxy): `mode` 0 no fence_proxy_async
+// (a fault), 1 each writer fences after its stores, 2 each reader fences after the barrier, 3 the
+// writers fence before their stores (a fault). 128 threads, 5 KB of dynamic shared memory.
+extern "C" __global__ void emu_test_wgmma_proxy(float* __restrict__ out, int mode) {
+    DYNAMIC_SMEM(unsigned char, raw);
+    unsigned char* s = raw + ((1024 - (smem_addr(raw) & 1023)) & 1023);
+    if (mode == 3) fence_proxy_async();
+    for (int e = threadIdx.x; e < 2 * 64 * 16; e += 128) st_shared(reinterpret_cast<bf16*>(s) + e, f2bf(1.f));
+    if (mode == 1) fence_proxy_async();
+    __syncthreads();
+    if (mode == 2) fence_proxy_async();
+    const uint32_t base = smem_addr(s);
+    float d[32];
+    wgmma_fence();
+    wgmma_m64n64k16_ss<0, 0>(d, wgmma_desc(base, 128, 256, 0), wgmma_desc(base + 2048, 128, 256, 0), 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    out[threadIdx.x] = d[0];
+}
+
+// common.cuh's block_sum without its first barrier: a second call's partials may overwrite the
+// first call's before every warp has read them (a write-after-read race no single order shows).
+__device__ float block_sum_racy(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_sum(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < warps ? scratch[lane] : 0.f;
+    return warp_sum(v);
+}
+
+// out[2·row] = Σ x, out[2·row + 1] = Σ x² over row `row` of x (rows × n) by block_sum_racy
+// (`racy`) or block_sum.
+extern "C" __global__ void emu_test_two_sums(const float* __restrict__ x, float* __restrict__ out, int n, int racy) {
+    DYNAMIC_SMEM(float, scratch);
+    const float* r = x + (long long)blockIdx.x * n;
+    float s = 0.f, q = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        s += r[i];
+        q += r[i] * r[i];
+    }
+    const float a = racy ? block_sum_racy(s, scratch) : block_sum(s, scratch);
+    const float b = racy ? block_sum_racy(q, scratch) : block_sum(q, scratch);
+    if (threadIdx.x == 0) {
+        out[2 * blockIdx.x] = a;
+        out[2 * blockIdx.x + 1] = b;
+    }
+}
