@@ -211,7 +211,7 @@ __device__ __forceinline__ bool aligned16(const void* p) {
 // still be a mapped address); cp_async_4 copies 4 bytes (.ca, 4-byte aligned). Copies issued
 // since the last cp_async_commit() form a group; cp_async_wait<N>() returns once at most N of
 // this thread's groups are still pending (a __syncthreads after it makes every thread's copies
-// visible to the block). The emulator's twins (emu.h) copy synchronously.
+// visible to the block). The emulator's twins (emu.h) land a copy at the wait that covers it.
 #ifndef ADVDMD_EMU
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem) : "memory");
@@ -234,7 +234,7 @@ __device__ __forceinline__ void cp_async_wait() {
 // hardware once every cp.async this thread issued before it has landed (.noinc: the arrival
 // counts toward the barrier's initial count, so a barrier of n such threads is initialized with
 // n). The issuing thread never waits: a producer keeps issuing while its copies are in flight.
-// The emulator's copies land at once, so its twin arrives at once.
+// The emulator lands the thread's pending copies, then arrives.
 #ifndef ADVDMD_EMU
 __device__ __forceinline__ void cp_async_mbar_arrive(uint64_t* bar) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_addr(bar)) : "memory");

@@ -568,6 +568,38 @@ fn slow_warps_expose_a_write_after_read_race() {
 }
 
 #[test]
+fn cp_async_copies_land_at_the_wait_that_covers_them() {
+    let src: Vec<f32> = (0..384).map(|i| i as f32).collect();
+    let mut out = vec![0f32; 6 * 32];
+    let (mut po, mut ps) = (out.as_mut_ptr(), src.as_ptr());
+    emu_launch(
+        "emu_test_cp_async_late",
+        [1, 1, 1],
+        [32, 1, 1],
+        2048,
+        &mut [arg(&mut po), arg(&mut ps)],
+    )
+    .unwrap();
+    for t in 0..32 {
+        let o = &out[6 * t..6 * t + 6];
+        let v = |region: usize| src[128 * region + 4 * t];
+        assert!(o[0].is_nan(), "thread {t}: group 0 before any wait: {o:?}");
+        assert_eq!(o[1], v(0), "thread {t}: group 0 after wait<1>");
+        assert!(o[2].is_nan(), "thread {t}: group 1 after wait<1>: {o:?}");
+        assert_eq!(o[3], v(1), "thread {t}: group 1 after wait<0>");
+        assert!(
+            o[4].is_nan(),
+            "thread {t}: an uncommitted copy after wait<0>: {o:?}"
+        );
+        assert_eq!(
+            o[5],
+            v(2),
+            "thread {t}: the uncommitted copy after the mbarrier arrival"
+        );
+    }
+}
+
+#[test]
 fn schedules_parse_and_bad_ones_are_refused() {
     assert_eq!(Schedule::parse("forward"), Ok(Schedule::Forward));
     assert_eq!(Schedule::parse(""), Ok(Schedule::Forward));

@@ -157,8 +157,21 @@ constexpr int kNamedBarriers = 16;
 
 struct Rdv;
 
+// A cp.async not landed yet: its commit group is the number of groups its thread had committed
+// when it was issued.
+struct PendingCopy {
+    unsigned char* dst;
+    const unsigned char* src;
+    unsigned bytes, group;
+    bool valid;
+    const char* file;
+    int line;
+};
+
 struct Fiber {
     Ctx ctx;
+    std::vector<PendingCopy> copies;
+    unsigned groups;  // cp.async groups committed
     St st;
     uint3 tid;
     unsigned warp, lane;
@@ -459,6 +472,8 @@ bool run_block(uint64_t block_linear) {
         f.rdv = nullptr;
         f.spinning = false;
         f.commits = f.waited = 0;
+        f.copies.clear();
+        f.groups = 0;
         f.aligned_hash = 0;
         f.aligned_count = 0;
         ctx_init(&f.ctx, t_stacks.get(i), kStackBytes, fiber_entry, nullptr);
@@ -856,10 +871,8 @@ void aligned_op(Aligned kind, int arg, const char* file, int line) {
     }
 }
 
-void shared_write(void* smem, unsigned bytes, bool async_copy, const char* file, int line) {
-    const unsigned char* p = static_cast<unsigned char*>(smem);
-    if (!g || p < g->smem || p + bytes > g->smem + g->smem_bytes) return;  // static shared memory
-    const char* what = async_copy ? "cp.async" : "st_shared";
+// Whether shared bytes [p, p + bytes) may be written now: no wgmma product still reads them.
+static void check_inflight(const unsigned char* p, unsigned bytes, const char* what, const char* file, int line) {
     const size_t off = (size_t)(p - g->smem);
     for (size_t c = off / 16; c <= (off + bytes - 1) / 16; ++c)
         if (g->chunk_readers[c])
@@ -867,6 +880,11 @@ void shared_write(void* smem, unsigned bytes, bool async_copy, const char* file,
                   "no thread of its warpgroup has waited for it yet (a wgmma.wait_group orders only the "
                   "executing warpgroup's own products)",
                   what, file, line, off, g->chunk_line[c]);
+}
+
+// Records a generic-proxy write of shared bytes [p, p + bytes) by the running thread.
+static void record_write(const unsigned char* p, unsigned bytes, const char* file, int line) {
+    const size_t off = (size_t)(p - g->smem);
     const uint64_t now = ++g->epoch;
     for (size_t w = off / 4; w <= (off + bytes - 1) / 4; ++w) {
         g->word_epoch[w] = now;
@@ -874,6 +892,55 @@ void shared_write(void* smem, unsigned bytes, bool async_copy, const char* file,
         g->word_line[w] = line;
         g->word_file[w] = file;
     }
+}
+
+static bool in_dynamic_smem(const void* p, unsigned bytes) {
+    const unsigned char* c = static_cast<const unsigned char*>(p);
+    return g && c >= g->smem && c + bytes <= g->smem + g->smem_bytes;
+}
+
+void shared_write(void* smem, unsigned bytes, const char* file, int line) {
+    if (!in_dynamic_smem(smem, bytes)) return;  // static shared memory
+    const unsigned char* p = static_cast<unsigned char*>(smem);
+    check_inflight(p, bytes, "st_shared", file, line);
+    record_write(p, bytes, file, line);
+}
+
+void cp_async_issue(void* smem, const void* gmem, unsigned bytes, bool valid, const char* file, int line) {
+    if (in_dynamic_smem(smem, bytes)) check_inflight(static_cast<unsigned char*>(smem), bytes, "cp.async", file, line);
+    Fiber& f = cur_fiber();
+    f.copies.push_back(PendingCopy{static_cast<unsigned char*>(smem), static_cast<const unsigned char*>(gmem),
+                                   bytes, f.groups, valid, file, line});
+}
+
+void cp_async_commit_group() { ++cur_fiber().groups; }
+
+static void land(const PendingCopy& c) {
+    if (c.valid)
+        std::memcpy(c.dst, c.src, c.bytes);
+    else
+        std::memset(c.dst, 0, c.bytes);
+    if (in_dynamic_smem(c.dst, c.bytes)) record_write(c.dst, c.bytes, c.file, c.line);
+}
+
+// Lands the copies of every committed group but the `pending` newest (in issue order).
+void cp_async_wait_groups(int pending) {
+    Fiber& f = cur_fiber();
+    const unsigned keep_from = f.groups > (unsigned)pending ? f.groups - (unsigned)pending : 0;
+    size_t kept = 0;
+    for (size_t i = 0; i < f.copies.size(); ++i) {
+        if (f.copies[i].group < keep_from)
+            land(f.copies[i]);
+        else
+            f.copies[kept++] = f.copies[i];
+    }
+    f.copies.resize(kept);
+}
+
+void cp_async_land_all() {
+    Fiber& f = cur_fiber();
+    for (const PendingCopy& c : f.copies) land(c);
+    f.copies.clear();
 }
 
 void proxy_fence(const char*, int) { g->fence_epoch[g->cur] = ++g->epoch; }

@@ -583,15 +583,15 @@ struct AlignedAt {
     template <int N>
     void dec() const { aligned_op(kSetmaxnregDec, N, file, line); }
 };
-// A write of `bytes` into shared memory at `smem` through the generic proxy — a cp.async
-// (`async_copy`) or a plain store (st_shared) — checked against in-flight wgmma reads and recorded
-// for the proxy check: a wgmma may read it only once the writer (after writing) or the reading
+// A plain store of `bytes` into shared memory at `smem` (st_shared): checked against in-flight
+// wgmma reads and recorded for the proxy check — a wgmma may read shared bytes written through the
+// generic proxy (plain stores, cp.async) only once the writer (after writing) or the reading
 // thread (after the write) has executed fence_proxy_async.
-void shared_write(void* smem, unsigned bytes, bool async_copy, const char* file, int line);
+void shared_write(void* smem, unsigned bytes, const char* file, int line);
 void proxy_fence(const char* file, int line);
 template <class T>
 inline void st_shared_at(T* p, T v, const char* file, int line) {
-    shared_write(p, sizeof(T), false, file, line);
+    shared_write(p, sizeof(T), file, line);
     *p = v;
 }
 }  // namespace emu
@@ -636,8 +636,8 @@ inline void wgmma_m64n128k16_rs(float d[64], const uint32_t a[4], uint64_t desc_
 #define mbar_init(bar, count) ::emu::mbarrier_init((bar), (count), __FILE__, __LINE__)
 #define mbar_arrive(bar) ::emu::mbarrier_arrive((bar), __FILE__, __LINE__)
 #define mbar_wait(bar, parity) ::emu::mbarrier_wait((bar), (parity), __FILE__, __LINE__)
-// The copies landed when issued, so the arrival is immediate.
-#define cp_async_mbar_arrive(bar) ::emu::mbarrier_arrive((bar), __FILE__, __LINE__)
+// The thread's pending copies land, then the arrival (the hardware's: once they have landed).
+#define cp_async_mbar_arrive(bar) (::emu::cp_async_land_all(), ::emu::mbarrier_arrive((bar), __FILE__, __LINE__))
 inline void fence_mbarrier_init() {}
 #define setmaxnreg_inc ::emu::AlignedAt{__FILE__, __LINE__}.inc
 #define setmaxnreg_dec ::emu::AlignedAt{__FILE__, __LINE__}.dec
@@ -661,30 +661,24 @@ constexpr std::size_t arity(void (*)(A...)) {
 }  // namespace emu
 
 // ---- cp.async twins (common.cuh's cp_async_* wrappers) ------------------------------------------
-// On the GPU these are asynchronous global→shared copies completed by commit/wait groups; here
-// each copy happens at once, so commit and wait are no-ops. The zfill variant copies the 16 bytes
-// when `valid` and writes 16 zero bytes otherwise (the PTX src-size-0 form).
-// Each copy's destination is checked against the shared bytes in-flight wgmma products read.
+// As on the GPU, a copy lands late: it stays pending with the issuing thread until a
+// cp_async_wait<N>() covers its commit group (the N newest committed groups stay pending, copies
+// not yet committed too), or until the thread's cp_async_mbar_arrive (which lands them all, then
+// arrives). Until then its destination keeps its old bytes (for dynamic shared memory at first
+// the 0xFF poison), so a read before the wait reads them. The source is read when it lands; the
+// zfill form writes 16 zero bytes when !valid. The destination is checked against in-flight wgmma
+// reads when the copy is issued, and recorded for the proxy check when it lands.
 namespace emu {
-inline void cp_async_16_at(void* smem, const void* gmem, const char* file, int line) {
-    shared_write(smem, 16, true, file, line);
-    std::memcpy(smem, gmem, 16);
-}
-inline void cp_async_16_zfill_at(void* smem, const void* gmem, bool valid, const char* file, int line) {
-    shared_write(smem, 16, true, file, line);
-    if (valid)
-        std::memcpy(smem, gmem, 16);
-    else
-        std::memset(smem, 0, 16);
-}
-inline void cp_async_4_at(void* smem, const void* gmem, const char* file, int line) {
-    shared_write(smem, 4, true, file, line);
-    std::memcpy(smem, gmem, 4);
-}
+void cp_async_issue(void* smem, const void* gmem, unsigned bytes, bool valid, const char* file, int line);
+void cp_async_commit_group();
+void cp_async_wait_groups(int pending);
+void cp_async_land_all();
 }  // namespace emu
-#define cp_async_16(smem, gmem) ::emu::cp_async_16_at(smem, gmem, __FILE__, __LINE__)
-#define cp_async_16_zfill(smem, gmem, valid) ::emu::cp_async_16_zfill_at(smem, gmem, valid, __FILE__, __LINE__)
-#define cp_async_4(smem, gmem) ::emu::cp_async_4_at(smem, gmem, __FILE__, __LINE__)
-inline void cp_async_commit() {}
+#define cp_async_16(smem, gmem) ::emu::cp_async_issue((smem), (gmem), 16, true, __FILE__, __LINE__)
+#define cp_async_16_zfill(smem, gmem, valid) ::emu::cp_async_issue((smem), (gmem), 16, (valid), __FILE__, __LINE__)
+#define cp_async_4(smem, gmem) ::emu::cp_async_issue((smem), (gmem), 4, true, __FILE__, __LINE__)
+inline void cp_async_commit() { ::emu::cp_async_commit_group(); }
 template <int N>
-inline void cp_async_wait() {}
+inline void cp_async_wait() {
+    ::emu::cp_async_wait_groups(N);
+}

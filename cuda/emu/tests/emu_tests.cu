@@ -331,3 +331,32 @@ extern "C" __global__ void emu_test_two_sums(const float* __restrict__ x, float*
         out[2 * blockIdx.x + 1] = b;
     }
 }
+
+// When cp.async copies land: each of 32 threads copies 16 bytes (4 floats of `src`) into each of
+// three regions, group 0, group 1 and a copy it never commits, and reads its own destinations back
+// along the way: out[6t ..] = group 0 before any wait, group 0 and group 1 after wait<1>, group 1
+// and the uncommitted copy after wait<0>, the uncommitted copy after cp_async_mbar_arrive.
+// 2 KB of dynamic shared memory (the mbarrier at byte 1536).
+extern "C" __global__ void emu_test_cp_async_late(float* __restrict__ out, const float* __restrict__ src) {
+    DYNAMIC_SMEM(float, s);
+    uint64_t* bar = reinterpret_cast<uint64_t*>(s + 3 * 128);
+    const int t = threadIdx.x;
+    if (t == 0) mbar_init(bar, 32);
+    __syncthreads();
+    float* o = out + 6 * t;
+    cp_async_16(s + 4 * t, src + 4 * t);
+    cp_async_commit();
+    cp_async_16(s + 128 + 4 * t, src + 128 + 4 * t);
+    cp_async_commit();
+    o[0] = s[4 * t];
+    cp_async_wait<1>();
+    o[1] = s[4 * t];
+    o[2] = s[128 + 4 * t];
+    cp_async_16(s + 256 + 4 * t, src + 256 + 4 * t);
+    cp_async_wait<0>();
+    o[3] = s[128 + 4 * t];
+    o[4] = s[256 + 4 * t];
+    cp_async_mbar_arrive(bar);
+    o[5] = s[256 + 4 * t];
+    mbar_wait(bar, 0);
+}
