@@ -434,7 +434,8 @@ __device__ __forceinline__ void setmaxnreg_dec() {
 #endif
 
 // N-generic forms (N = 32, 64 or 128; 192 for the shared-operand form) for kernels templated on
-// a tile width.
+// a tile width. The emulator's (emu.h) are macros, so that its faults name the calling line.
+#ifndef ADVDMD_EMU
 template <int N, int TRANS_A, int TRANS_B>
 __device__ __forceinline__ void wgmma_ss(float* d, uint64_t desc_a, uint64_t desc_b, int scale_d) {
     static_assert(N == 32 || N == 64 || N == 128 || N == 192, "wgmma_ss wrappers exist for N = 32, 64, 128, 192");
@@ -457,3 +458,4 @@ __device__ __forceinline__ void wgmma_rs(float* d, const uint32_t a[4], uint64_t
     else
         wgmma_m64n128k16_rs<TRANS_B>(d, a, desc_b, scale_d);
 }
+#endif

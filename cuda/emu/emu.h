@@ -597,6 +597,26 @@ inline void st_shared_at(T* p, T v, const char* file, int line) {
 }  // namespace emu
 #define st_shared(p, v) ::emu::st_shared_at((p), (v), __FILE__, __LINE__)
 #define fence_proxy_async() ::emu::proxy_fence(__FILE__, __LINE__)
+// common.cuh's N-generic wgmma_ss / wgmma_rs, with the caller's line (a macro names this, then
+// the member template takes N and the transposes).
+namespace emu {
+struct WgmmaAt {
+    const char* file;
+    int line;
+    template <int N, int TRANS_A, int TRANS_B>
+    void ss(float* d, uint64_t desc_a, uint64_t desc_b, int scale_d) const {
+        static_assert(N == 32 || N == 64 || N == 128 || N == 192, "wgmma_ss wrappers exist for N = 32, 64, 128, 192");
+        wgmma_bf16(d, N, nullptr, desc_a, desc_b, scale_d, TRANS_A, TRANS_B, file, line);
+    }
+    template <int N, int TRANS_B>
+    void rs(float* d, const uint32_t a[4], uint64_t desc_b, int scale_d) const {
+        static_assert(N == 32 || N == 64 || N == 128, "wgmma wrappers exist for N = 32, 64 and 128");
+        wgmma_bf16(d, N, a, 0, desc_b, scale_d, 0, TRANS_B, file, line);
+    }
+};
+}  // namespace emu
+#define wgmma_ss ::emu::WgmmaAt{__FILE__, __LINE__}.ss
+#define wgmma_rs ::emu::WgmmaAt{__FILE__, __LINE__}.rs
 #define smem_addr(p) ::emu::smem_offset(p, __FILE__, __LINE__)
 #define wgmma_fence() ::emu::aligned_op(::emu::kFence, 0, __FILE__, __LINE__)
 #define wgmma_commit() ::emu::aligned_op(::emu::kCommit, 0, __FILE__, __LINE__)
