@@ -85,7 +85,7 @@ __device__ __forceinline__ void adaln_fwd_vec(bf16* __restrict__ y, float* __res
                                               int D, float eps, int M, bf16* __restrict__ mid,
                                               const bf16* __restrict__ gate, const bf16* __restrict__ yres,
                                               int GM) {
-    __shared__ float scratch[32];
+    STATIC_SMEM(float, scratch, [32]);
     const long long row = blockIdx.x;
     const int nvec = D / 8;
     const long long b = row / L;
@@ -239,7 +239,7 @@ __device__ __forceinline__ void adaln_bwd_dx_vec(bf16* __restrict__ dx, float* o
                                                  const float* a, const bf16* __restrict__ x, const LnGradIn (&in)[N],
                                                  int L, int D) {
     static_assert(N == 1 || ACC, "two adaLNs only accumulate");
-    __shared__ float scratch[32];
+    STATIC_SMEM(float, scratch, [32]);
     const long long row = blockIdx.x;
     const int c = threadIdx.x;
     const bool mine = c < D / 8;
@@ -440,7 +440,7 @@ __device__ __forceinline__ void sum_splits_cols(float* __restrict__ out, const f
 extern "C" __global__ void __launch_bounds__(1024)
     sum_splits(float* __restrict__ out, const float* __restrict__ part, int S, long long n, int accumulate) {
     kernel_prologue();
-    __shared__ float sums[32][32];
+    STATIC_SMEM(float, sums, [32][32]);
     sum_splits_cols(out, part, S, n, accumulate, sums);
 }
 
@@ -451,7 +451,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     sum_splits2(float* __restrict__ out0, const float* __restrict__ part0, int S0, long long n0, int acc0,
                 float* __restrict__ out1, const float* __restrict__ part1, int S1, long long n1, int acc1) {
     kernel_prologue();
-    __shared__ float sums[32][32];
+    STATIC_SMEM(float, sums, [32][32]);
     if (blockIdx.y == 0)
         sum_splits_cols(out0, part0, S0, n0, acc0, sums);
     else

@@ -56,7 +56,7 @@ __device__ __forceinline__ void write_lane_partials(float* const (&part)[NACC], 
         return;
     }
     // [a][k][y][x]: a warp's 32 lanes touch 32 consecutive words
-    __shared__ float lanes[2 * 8 * LANE_THREADS];
+    STATIC_SMEM(float, lanes, [2 * 8 * LANE_THREADS]);
     const int n = X * Y;
 #pragma unroll
     for (int a = 0; a < NACC; a++)
@@ -94,7 +94,7 @@ template <int NACC>
 __device__ __forceinline__ void column_tail(float* const (&out)[NACC], float* const (&part)[NACC], int flags,
                                             unsigned* tickets, int B, int D, int c) {
     if (!last_of_column_slice(tickets)) return;
-    __shared__ float lanes[8 * LANE_THREADS];
+    STATIC_SMEM(float, lanes, [8 * LANE_THREADS]);
     const int S = gridDim.z, X = blockDim.x, Y = blockDim.y, x = threadIdx.x, y = threadIdx.y, n = X * Y;
     const bool mine = c < D / 8;
 #pragma unroll

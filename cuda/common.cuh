@@ -25,6 +25,16 @@ typedef __nv_bfloat16 bf16;
     T* name = reinterpret_cast<T*>(advdmd_smem_)
 #endif
 
+// Static shared memory: `STATIC_SMEM(float, scratch, [32])` is `__shared__ float scratch[32]`
+// (`dims` may be empty for a scalar). The emulator's twin poisons it at each block's first use.
+#ifdef ADVDMD_EMU
+#define STATIC_SMEM(T, name, dims)                   \
+    static thread_local T name##_emu_storage_ dims; \
+    auto& name = *emu::static_smem(&name##_emu_storage_)
+#else
+#define STATIC_SMEM(T, name, dims) __shared__ T name dims
+#endif
+
 // Every kernel's first statement (build.rs fails the build on a kernel that does not begin with
 // it). Programmatic dependent launch (sm_90; `ADVDMD_PDL=1`, src/device/cuda.rs): a kernel
 // launched with the programmatic-serialization attribute may be scheduled while the grid before it
@@ -62,7 +72,7 @@ __device__ __forceinline__ float load_volatile(const float* p) { return *reinter
 // writes visible to the last one (the threadFenceReduction pattern). Every thread of the block
 // calls it.
 __device__ __forceinline__ bool last_block_to_finish(unsigned* ticket, unsigned blocks) {
-    __shared__ unsigned last;
+    STATIC_SMEM(unsigned, last, );
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0) {

@@ -190,7 +190,7 @@ extern "C" __global__ void __launch_bounds__(GN_THREADS)
                    const bf16* __restrict__ x, const bf16* __restrict__ weight, const bf16* __restrict__ bias, int C,
                    int S, int G, float eps, float slope, int leaky) {
     kernel_prologue();
-    __shared__ float scratch[32];
+    STATIC_SMEM(float, scratch, [32]);
     disc_head::gn_fwd_loop(y, mean, rstd, x, weight, bias, C, S, G, eps, slope, leaky, scratch);
 }
 
@@ -201,7 +201,7 @@ extern "C" __global__ void __launch_bounds__(1024)
                       const bf16* __restrict__ x, const bf16* __restrict__ weight, const bf16* __restrict__ bias,
                       int C, int S, int G, float eps, float slope, int leaky) {
     kernel_prologue();
-    __shared__ float scratch[32];
+    STATIC_SMEM(float, scratch, [32]);
     if (aligned16(x) && aligned16(y))
         disc_head::gn_fwd_regs<1>(y, mean, rstd, x, weight, bias, C, S, G, eps, slope, leaky, scratch);
     else
@@ -212,7 +212,7 @@ extern "C" __global__ void __launch_bounds__(1024)
                       const bf16* __restrict__ x, const bf16* __restrict__ weight, const bf16* __restrict__ bias,
                       int C, int S, int G, float eps, float slope, int leaky) {
     kernel_prologue();
-    __shared__ float scratch[32];
+    STATIC_SMEM(float, scratch, [32]);
     if (aligned16(x) && aligned16(y))
         disc_head::gn_fwd_regs<2>(y, mean, rstd, x, weight, bias, C, S, G, eps, slope, leaky, scratch);
     else
@@ -223,7 +223,7 @@ extern "C" __global__ void __launch_bounds__(1024)
                       const bf16* __restrict__ x, const bf16* __restrict__ weight, const bf16* __restrict__ bias,
                       int C, int S, int G, float eps, float slope, int leaky) {
     kernel_prologue();
-    __shared__ float scratch[32];
+    STATIC_SMEM(float, scratch, [32]);
     if (aligned16(x) && aligned16(y))
         disc_head::gn_fwd_regs<4>(y, mean, rstd, x, weight, bias, C, S, G, eps, slope, leaky, scratch);
     else
@@ -234,7 +234,7 @@ extern "C" __global__ void __launch_bounds__(1024)
                       const bf16* __restrict__ x, const bf16* __restrict__ weight, const bf16* __restrict__ bias,
                       int C, int S, int G, float eps, float slope, int leaky) {
     kernel_prologue();
-    __shared__ float scratch[32];
+    STATIC_SMEM(float, scratch, [32]);
     if (aligned16(x) && aligned16(y))
         disc_head::gn_fwd_regs<8>(y, mean, rstd, x, weight, bias, C, S, G, eps, slope, leaky, scratch);
     else

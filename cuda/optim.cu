@@ -76,7 +76,7 @@ extern "C" __global__ void __launch_bounds__(OPT_THREADS)
     grad_sq_partial(double* __restrict__ part, const float* __restrict__ g, long long n) {
     kernel_prologue();
     using namespace optim;
-    __shared__ double red[OPT_THREADS];
+    STATIC_SMEM(double, red, [OPT_THREADS]);
     const long long t0 = (long long)blockIdx.x * blockDim.x + threadIdx.x, step = (long long)gridDim.x * blockDim.x;
     double acc = 0.0;
     long long done = 0;
@@ -98,7 +98,7 @@ extern "C" __global__ void __launch_bounds__(OPT_THREADS)
     grad_norm_finalize(float* __restrict__ clip, const double* __restrict__ part, int P, float max_norm) {
     kernel_prologue();
     using namespace optim;
-    __shared__ double red[OPT_THREADS];
+    STATIC_SMEM(double, red, [OPT_THREADS]);
     double acc = 0.0;
     for (int p = threadIdx.x; p < P; p += blockDim.x) acc += part[p];
     acc = block_sum_f64(acc, red);

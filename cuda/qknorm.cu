@@ -379,7 +379,7 @@ __device__ __forceinline__ void rms_bwd(bf16* __restrict__ dx, float* __restrict
 __device__ __forceinline__ void rms_bwd_tail(float* dw, const float* dw_part, int D, int accumulate,
                                              unsigned* ticket) {
     if (ticket == nullptr || !last_block_to_finish(ticket, gridDim.x)) return;
-    __shared__ float lanes[QK_THREADS];
+    STATIC_SMEM(float, lanes, [QK_THREADS]);
     const int P = gridDim.x, Y = max(1, (int)blockDim.x / D), cols = (int)blockDim.x / Y;
     const int x = (int)threadIdx.x % cols, y = (int)threadIdx.x / cols;
     for (int j0 = 0; j0 < D; j0 += cols) {

@@ -127,7 +127,7 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS, 4)
                  long long per, double* __restrict__ logp, unsigned* tickets) {
     kernel_prologue();
     using namespace sde;
-    __shared__ float scratch[32];
+    STATIC_SMEM(float, scratch, [32]);
     const int b = blockIdx.y, p = blockIdx.x, P = gridDim.x;
     const bool given = next_in != nullptr;
     const float* __restrict__ third = given ? next_in : z;  // z, or the given x'
@@ -215,7 +215,7 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS, 4)
                     long long D, long long per) {
     kernel_prologue();
     using namespace sde;
-    __shared__ float scratch[32];
+    STATIC_SMEM(float, scratch, [32]);
     const int b = blockIdx.y, p = blockIdx.x, P = gridDim.x;
     const long long lo = (long long)p * per, hi = min(D, lo + per), base = (long long)b * D;
     float acc = 0.f;
@@ -252,7 +252,7 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS, 4)
                    const float* __restrict__ part, long long D, long long per, float scale) {
     kernel_prologue();
     using namespace sde;
-    __shared__ float norm_s;
+    STATIC_SMEM(float, norm_s, );
     const int b = blockIdx.y, p = blockIdx.x, P = gridDim.x;
     const long long lo = (long long)p * per, hi = min(D, lo + per), base = (long long)b * D;
     const bool vec = D % 4 == 0 && aligned16(g) && aligned16(x0_real) && aligned16(x0_fake);
@@ -385,7 +385,7 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS)
     velocity_mse_grad(bf16* __restrict__ dv, float* __restrict__ part, const bf16* __restrict__ v,
                       const float* __restrict__ target, long long n, float scale) {
     kernel_prologue();
-    __shared__ float scratch[32];
+    STATIC_SMEM(float, scratch, [32]);
     const long long step = (long long)gridDim.x * blockDim.x;
     float sq = 0.f;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {

@@ -449,18 +449,24 @@ fn wgmma_hazards_are_faults() {
     }
 }
 
-/// Runs `emu_test_race` (4 blocks of 64 threads) under `schedule`: what each thread read, and the
-/// order the blocks ran in.
+/// Runs `emu_test_race` (4 blocks of 64 threads, the value in dynamic shared memory) under
+/// `schedule`: what each thread read, and the order the blocks ran in.
 fn race_run(schedule: Schedule, sync: bool) -> (Vec<f32>, Vec<i32>) {
+    race_run_in(schedule, sync, false)
+}
+
+/// `race_run` with the value in dynamic or (`in_static`) static shared memory.
+fn race_run_in(schedule: Schedule, sync: bool, in_static: bool) -> (Vec<f32>, Vec<i32>) {
     let (blocks, threads) = (4usize, 64usize);
     let mut out = vec![0f32; blocks * threads];
     let mut order = vec![-1i32; blocks];
     let mut counter = 0i32;
-    let (mut po, mut pord, mut pc, mut s) = (
+    let (mut po, mut pord, mut pc, mut s, mut st) = (
         out.as_mut_ptr(),
         order.as_mut_ptr(),
         &mut counter as *mut i32,
         sync as i32,
+        in_static as i32,
     );
     set_schedule(Some(schedule));
     let r = emu_launch(
@@ -468,7 +474,13 @@ fn race_run(schedule: Schedule, sync: bool) -> (Vec<f32>, Vec<i32>) {
         [blocks as u32, 1, 1],
         [threads as u32, 1, 1],
         4,
-        &mut [arg(&mut po), arg(&mut pord), arg(&mut pc), arg(&mut s)],
+        &mut [
+            arg(&mut po),
+            arg(&mut pord),
+            arg(&mut pc),
+            arg(&mut s),
+            arg(&mut st),
+        ],
     );
     set_schedule(None);
     r.unwrap();
@@ -524,6 +536,32 @@ fn other_schedules_expose_a_missing_barrier() {
     let seven = bits(race_run(Schedule::Shuffle(7), false));
     assert_eq!(seven, bits(race_run(Schedule::Shuffle(7), false)));
     assert_ne!(seven, bits(race_run(Schedule::Shuffle(1), false)));
+}
+
+#[test]
+fn static_shared_memory_is_poisoned_in_every_block() {
+    // Thread 0 of each block writes the block's value last (reverse order) without a barrier:
+    // every other thread reads static shared memory before this block wrote it, so it must see the
+    // poison — in every block, not the block before's value — as in dynamic shared memory.
+    for in_static in [false, true] {
+        let (out, _) = race_run_in(Schedule::Reverse, false, in_static);
+        for b in 0..4 {
+            assert_eq!(out[b * 64], 1.0 + b as f32);
+            let early = &out[b * 64 + 1..(b + 1) * 64];
+            assert!(
+                early.iter().all(|v| v.to_bits() == u32::MAX),
+                "static {in_static}, block {b}: {early:?}"
+            );
+        }
+        // A second launch on this thread starts from the poison too.
+        let (again, _) = race_run_in(Schedule::Reverse, false, in_static);
+        assert_eq!(
+            out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            again.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        let (synced, _) = race_run_in(Schedule::Shuffle(3), true, in_static);
+        assert!((0..256).all(|i| synced[i] == 1.0 + (i / 64) as f32));
+    }
 }
 
 /// Row sums and sums of squares by `emu_test_two_sums` (8 rows of 1000, blocks of 256 threads)

@@ -24,6 +24,7 @@
 #include <map>
 #include <cstdlib>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #if !defined(__x86_64__)
@@ -445,8 +446,14 @@ void schedule_order(std::vector<unsigned>& out, unsigned n, int order, uint64_t 
     }
 }
 
+// Which block of this OS thread is running (counts every block of every launch), and the block
+// in which each static shared array was last poisoned.
+thread_local uint64_t t_block_serial = 0;
+thread_local std::unordered_map<void*, uint64_t> t_static_smem_block;
+
 bool run_block(uint64_t block_linear) {
     Launch& L = *g;
+    ++t_block_serial;
     if (L.smem_bytes) std::memset(L.smem, 0xFF, L.smem_bytes);
     L.chunk_readers.assign(L.smem_bytes / 16 + 1, 0);
     L.chunk_line.assign(L.smem_bytes / 16 + 1, 0);
@@ -812,6 +819,15 @@ void ldmatrix(Op op, uint32_t* r, const void* row, const char* file, int line) {
 }  // namespace emu
 
 unsigned char* emu_dynamic_smem() { return emu::g ? emu::g->smem : nullptr; }
+
+void* emu::static_smem_enter(void* storage, size_t bytes) {
+    uint64_t& poisoned_in = t_static_smem_block[storage];
+    if (poisoned_in != t_block_serial) {
+        std::memset(storage, 0xFF, bytes);
+        poisoned_in = t_block_serial;
+    }
+    return storage;
+}
 
 // ---- wgmma twins --------------------------------------------------------------------------------
 namespace emu {

@@ -34,10 +34,11 @@
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
-// Static shared memory is one copy per OS thread, shared by the fibers of the running block.
-// Blocks of one launch run one after another on one OS thread, so a block sees the previous
-// block's leftovers (zeros at first): unlike dynamic shared memory it is NOT poisoned.
-#define __shared__ static thread_local
+// Static shared memory is declared with common.cuh's STATIC_SMEM, never `__shared__` directly:
+// the emulator's twin keeps one copy per OS thread (the fibers of the running block share it) and
+// poisons it when the first thread of a block reaches the declaration, as it poisons dynamic
+// shared memory, so a read before any write of this block sees 0xFF bytes, not the last block's.
+#define __shared__ static_assert(false, "declare static shared memory with STATIC_SMEM (cuda/common.cuh)");
 #define warpSize 32
 
 // ---- Built-in variables ----------------------------------------------------------------------
@@ -135,6 +136,15 @@ unsigned lane_id();
 // The block's dynamic shared memory (the launch's shared bytes, filled with 0xFF before every
 // block so reads of unwritten data show up as NaN); nullptr when the launch asked for none.
 unsigned char* emu_dynamic_smem();
+namespace emu {
+// Fills `bytes` at `storage` with 0xFF when this is the first call for `storage` in the running
+// block (one launch's block, on this OS thread); returns `storage`.
+void* static_smem_enter(void* storage, size_t bytes);
+template <class A>
+A* static_smem(A* storage) {
+    return static_cast<A*>(static_smem_enter(storage, sizeof(A)));
+}
+}  // namespace emu
 
 // ---- Block collectives -------------------------------------------------------------------------
 #define __syncthreads() ((void)::emu::block_barrier(0, "__syncthreads", __FILE__, __LINE__))

@@ -7,7 +7,7 @@
 // a __syncthreads_count of the nonzero elements as a cross-check of the block barrier's reduction.
 extern "C" __global__ void emu_test_block_sum(const float* __restrict__ x, float* __restrict__ out,
                                               int* __restrict__ nonzero, int n) {
-    __shared__ float scratch[32];
+    STATIC_SMEM(float, scratch, [32]);
     const long long row = blockIdx.x;
     float v = 0.f;
     int nz = 0;
@@ -84,9 +84,9 @@ extern "C" __global__ void emu_test_matmul(const float* __restrict__ a, const fl
 // mode 0: ldmatrix_x4_trans of B, 1: ldmatrix_x2_trans per n-tile, 2: ldmatrix_x2 of Bᵀ (n×k).
 extern "C" __global__ void emu_test_mma(const bf16* __restrict__ a, const bf16* __restrict__ b,
                                         const float* __restrict__ c, float* __restrict__ d, int mode) {
-    __shared__ __align__(16) bf16 sA[16 * 16];
-    __shared__ __align__(16) bf16 sB[16 * 16];
-    __shared__ __align__(16) bf16 sBt[16 * 16];
+    STATIC_SMEM(__align__(16) bf16, sA, [16 * 16]);
+    STATIC_SMEM(__align__(16) bf16, sB, [16 * 16]);
+    STATIC_SMEM(__align__(16) bf16, sBt, [16 * 16]);
     const int lane = threadIdx.x;
     for (int i = lane; i < 256; i += 32) {
         sA[i] = a[i];
@@ -269,12 +269,15 @@ extern "C" __global__ void emu_test_wgmma_divergent_wait(float* __restrict__ out
     out[threadIdx.x] = 1.f;
 }
 
-// Thread 0 writes a value to dynamic shared memory that the other threads read; with `sync` a
-// __syncthreads separates the write from the reads, without it they race. out[b·n + t]: what
-// thread t of block b read; order[b]: the position at which block b ran (a shared counter).
+// Thread 0 writes a value to shared memory (dynamic, or static with `in_static`) that the other
+// threads read; with `sync` a __syncthreads separates the write from the reads, without it they
+// race. out[b·n + t]: what thread t of block b read; order[b]: the position at which block b ran
+// (a shared counter).
 extern "C" __global__ void emu_test_race(float* __restrict__ out, int* __restrict__ order,
-                                         int* __restrict__ counter, int sync) {
-    DYNAMIC_SMEM(float, s);
+                                         int* __restrict__ counter, int sync, int in_static) {
+    STATIC_SMEM(float, st, [1]);
+    DYNAMIC_SMEM(float, dyn);
+    float* s = in_static ? st : dyn;
     if (threadIdx.x == 0) {
         s[0] = 1.f + blockIdx.x;
         order[blockIdx.x] = (*counter)++;  // blocks run one at a time here
