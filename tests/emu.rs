@@ -4,6 +4,7 @@
 //! instead of hanging or aborting.
 
 use advdmd::device::emu::{emu_kernel_names, emu_launch, set_schedule, EmuError, Schedule};
+use advdmd::device::emu_memory::HostMemory;
 use std::ffi::c_void;
 
 /// `&mut value` as the launch's untyped argument pointer.
@@ -648,4 +649,69 @@ fn schedules_parse_and_bad_ones_are_refused() {
         let e = Schedule::parse(bad).unwrap_err();
         assert!(e.contains(bad) && e.contains("shuffle:SEED"), "{e}");
     }
+}
+
+/// Runs `emu_test_overrun` (one block of 64 threads) over a 100-float buffer of emulator memory,
+/// `extra` elements past its end; returns the buffer.
+fn overrun(extra: i32) -> Vec<f32> {
+    let n = 100usize;
+    let mem = HostMemory::filled(n * 4, 0xFF).unwrap();
+    let (mut po, mut pn, mut pe) = (mem.ptr() as *mut f32, n as i32, extra);
+    emu_launch(
+        "emu_test_overrun",
+        [1, 1, 1],
+        [64, 1, 1],
+        0,
+        &mut [arg(&mut po), arg(&mut pn), arg(&mut pe)],
+    )
+    .unwrap();
+    // SAFETY: `mem` holds n floats.
+    unsafe { std::slice::from_raw_parts(po, n) }.to_vec()
+}
+
+#[test]
+fn a_kernel_running_past_a_buffer_faults_and_is_named() {
+    const CHILD: &str = "ADVDMD_EMU_OVERRUN_CHILD";
+    if let Some(extra) = std::env::var_os(CHILD) {
+        // The child: write past the end; the guard page must end the process.
+        let extra: i32 = extra.to_str().unwrap().parse().unwrap();
+        overrun(extra);
+        println!("no fault");
+        return;
+    }
+    let written = overrun(0);
+    assert!((0..100).all(|i| written[i] == i as f32));
+    // 100 floats are 400 bytes, a whole number of 16-byte granules: the 101st float is the first
+    // byte of the guard page.
+    let child = |extra: &str| {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "a_kernel_running_past_a_buffer_faults_and_is_named",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, extra)
+            .output()
+            .unwrap()
+    };
+    let out = child("1");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGSEGV),
+        "{:?}: {stderr}",
+        out.status
+    );
+    assert!(
+        stderr.contains("emulator: SIGSEGV")
+            && stderr.contains("kernel emu_test_overrun, block (0,0,0), thread (36,0,0)"),
+        "{stderr}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("no fault"));
+    // The child itself runs to its end when nothing overruns.
+    let ok = child("0");
+    assert!(ok.status.success(), "{:?}", ok.status);
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("no fault"));
 }

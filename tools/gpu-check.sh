@@ -6,7 +6,9 @@
 # SDPA on the attention shapes for reference, and a markdown + JSON report in OUTDIR.
 #
 # The GPU machines have nvcc but no Rust toolchain, so the binaries are built here first:
-#   tools/gpu-check.sh --bundle          (on the dev machine: builds and strips into .gpu/bin)
+#   tools/gpu-check.sh --bundle [REV]    (on the dev machine: builds and strips into .gpu/bin;
+#                                         with REV, also that commit's `advdmd` as advdmd-base,
+#                                         for the same-call before/after steps)
 #   tools/gpu-check.sh OUTDIR            (on the GPU machine, with .gpu carried along)
 # Where cargo exists (a full CUDA dev box), OUTDIR mode builds the binaries itself.
 set -uo pipefail
@@ -22,6 +24,22 @@ for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
         print(m["executable"])' "$2" | tail -1
+}
+
+# `advdmd` of commit $1, built in a throwaway worktree (its own target folder, kept for the next
+# bundle), as $BIN/advdmd-base.
+bundle_base() {
+  local rev dir tgt="$PWD/target/base" rc=0
+  rev="$(git rev-parse --verify "$1^{commit}")"
+  dir="$(mktemp -d)/advdmd-base"
+  git worktree add --detach "$dir" "$rev" >/dev/null
+  if (cd "$dir" && CARGO_TARGET_DIR="$tgt" cargo build --release --bin advdmd); then
+    cp "$tgt/release/advdmd" "$BIN/advdmd-base" && echo "advdmd-base: $rev"
+  else
+    rc=1
+  fi
+  git worktree remove --force "$dir"
+  return $rc
 }
 
 bundle() {
@@ -44,11 +62,12 @@ bundle() {
   ls .gpu/whl/diffusers-*.whl >/dev/null 2>&1 || python3 -m pip download -q --no-deps --only-binary=:all: \
     --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 -d .gpu/whl diffusers importlib_metadata \
     || echo "diffusers wheels not fetched: bench_vs_torch.py will skip the MMDiT comparison"
+  if [ -n "${1:-}" ]; then bundle_base "$1"; fi
   strip "$BIN"/*
   ls -la "$BIN"
 }
 
-if [ "${1:-}" = "--bundle" ]; then bundle; exit $?; fi
+if [ "${1:-}" = "--bundle" ]; then bundle "${2:-}"; exit $?; fi
 OUT="${1:?usage: tools/gpu-check.sh OUTDIR | --bundle}"
 mkdir -p "$OUT"
 if command -v cargo >/dev/null && [ ! -x "$BIN/kernels-test" ]; then bundle >"$OUT/build.log" 2>&1 || { echo "build failed"; tail -30 "$OUT/build.log"; exit 1; }; fi

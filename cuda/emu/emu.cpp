@@ -16,6 +16,7 @@
 // order, which is how the emulator exposes the data races it cannot see directly.
 #include "emu.h"
 
+#include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -1022,6 +1023,63 @@ void wgmma_bf16(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64
 // ---- Launch entry point (src/device/emu.rs) -----------------------------------------------------
 // Runs `tramp` (the generated trampoline of kernel `name`) over the grid. Returns 0, or an error
 // code (1 bad launch, 2 deadlock, 3 fault) with a message in `err`. Never aborts.
+// ---- Faults -------------------------------------------------------------------------------------
+// A kernel touching memory outside every buffer (emulator buffers end against an inaccessible page,
+// src/device/emu_memory.rs) or overflowing a fiber's stack gets SIGSEGV. The handler says which
+// kernel, block and thread did it, then hands the signal on to the handler it replaced (Rust's,
+// which tells its own stack overflows apart and otherwise restores the default: the access runs
+// again and the process dies of it, as a test must).
+namespace emu {
+struct sigaction prev_segv, prev_bus;
+
+void on_fault(int sig, siginfo_t* info, void* uctx) {
+    if (g) {
+        char msg[640];
+        const int n = std::snprintf(
+            msg, sizeof msg,
+            "emulator: %s at address %p in kernel %s, block (%u,%u,%u), thread (%u,%u,%u): an "
+            "access outside every buffer (an emulator buffer's end meets an inaccessible page) "
+            "or a fiber stack overflow\n",
+            sig == SIGSEGV ? "SIGSEGV" : "SIGBUS", info ? info->si_addr : nullptr, g->name ? g->name : "?",
+            blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y, threadIdx.z);
+        if (n > 0) (void)!write(2, msg, (size_t)std::min(n, (int)sizeof msg - 1));
+    }
+    const struct sigaction& prev = sig == SIGSEGV ? prev_segv : prev_bus;
+    if ((prev.sa_flags & SA_SIGINFO) && prev.sa_sigaction) return prev.sa_sigaction(sig, info, uctx);
+    if (!(prev.sa_flags & SA_SIGINFO) && prev.sa_handler != SIG_DFL && prev.sa_handler != SIG_IGN)
+        return prev.sa_handler(sig);
+    signal(sig, SIG_DFL);  // returning re-runs the access under the default action
+}
+
+// Once per process: the handler, on the thread's alternate signal stack (a fiber stack overflow
+// leaves no room on the faulting stack). Once per OS thread: an alternate stack if it has none
+// (Rust gives its threads one; threads made elsewhere may not).
+void install_fault_report() {
+    static const bool installed = [] {
+        struct sigaction sa {};
+        sa.sa_sigaction = on_fault;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGSEGV, &sa, &prev_segv);
+        sigaction(SIGBUS, &sa, &prev_bus);
+        return true;
+    }();
+    (void)installed;
+    thread_local bool has_altstack = [] {
+        stack_t cur{};
+        if (sigaltstack(nullptr, &cur) == 0 && !(cur.ss_flags & SS_DISABLE)) return true;
+        const size_t bytes = 64 << 10;
+        void* m = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) return false;
+        stack_t alt{};
+        alt.ss_sp = m;
+        alt.ss_size = bytes;
+        return sigaltstack(&alt, nullptr) == 0;  // (kept for the thread's life)
+    }();
+    (void)has_altstack;
+}
+}  // namespace emu
+
 extern "C" int advdmd_emu_launch(void (*tramp)(void**), const char* name, const unsigned grid[3],
                                  const unsigned block[3], unsigned smem_bytes, void** args, int order,
                                  uint64_t seed, char* err, size_t err_len) {
@@ -1031,6 +1089,7 @@ extern "C" int advdmd_emu_launch(void (*tramp)(void**), const char* name, const 
         return code;
     };
     if (g) return report(kBadLaunch, "emulator launch from inside a running kernel");
+    install_fault_report();
     const unsigned long long nthreads = (unsigned long long)block[0] * block[1] * block[2];
     if (order < 0 || order > 2) return report(kBadLaunch, fmt("schedule %d is not 0, 1 or 2", order));
     if (!grid[0] || !grid[1] || !grid[2] || !nthreads || nthreads > 1024)

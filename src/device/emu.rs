@@ -17,7 +17,9 @@
 //! and a wgmma may read generic-proxy writes only across a proxy fence. What it cannot see directly: data races (fibers switch only at collectives,
 //! so a missing `__syncthreads` goes unnoticed in any one order); running under another
 //! [`Schedule`] (reverse or shuffled threads and blocks, `ADVDMD_EMU_SCHEDULE`) and comparing
-//! results exposes most of them. Nor out-of-bounds accesses (they hit host memory), nor speed.
+//! results exposes most of them. Out-of-bounds accesses past a buffer's end fault or are reported
+//! (`emu_memory`: each buffer ends against a guard page, canaries in its last granule's slack);
+//! accesses before a buffer's start are not caught, nor is speed.
 
 use std::ffi::{c_char, c_void, CString};
 

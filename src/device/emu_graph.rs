@@ -19,6 +19,7 @@
 use std::sync::Mutex;
 
 use super::emu;
+use super::emu_memory::HostMemory;
 use super::kernel::{KernelError, KernelResult, LaunchCfg};
 
 /// A host step recorded in place of device work the emulator does on the CPU (its GEMMs).
@@ -44,7 +45,7 @@ pub(crate) struct Recording {
     pub generation: u64,
     pub ops: Vec<Op>,
     /// Host memory of buffers allocated and freed inside the capture.
-    pub owned: Vec<Vec<u128>>,
+    pub owned: Vec<HostMemory>,
     /// Buffers allocated inside the capture and not yet freed.
     pub born_live: usize,
     pub violations: Vec<String>,
@@ -154,7 +155,7 @@ impl CaptureSlot {
 
     /// A buffer born in capture `born` (0: outside any) is freed; under a capture its host
     /// memory `host` is handed to the graph.
-    pub fn freed(&self, born: u64, host: Option<Vec<u128>>) {
+    pub fn freed(&self, born: u64, host: Option<HostMemory>) {
         let mut s = self.lock();
         let Some(r) = s.as_mut() else { return };
         if born == r.generation {
@@ -173,7 +174,7 @@ impl CaptureSlot {
 /// A recorded graph: its work in order, and the memory of the buffers it owns.
 pub struct EmuGraph {
     ops: Vec<Op>,
-    _owned: Vec<Vec<u128>>,
+    _owned: Vec<HostMemory>,
 }
 
 impl EmuGraph {
@@ -205,7 +206,8 @@ pub(crate) fn run(op: &Op) -> KernelResult<()> {
                 .map(|s| s as *mut u64 as *mut std::ffi::c_void)
                 .collect();
             emu::emu_launch(kernel, cfg.grid, cfg.block, cfg.shared_bytes, &mut ptrs)?;
-            Ok(())
+            super::emu_memory::check_slack(kernel, &slots)
+                .map_err(|e| emu::EmuError::Fault(e).into())
         }
         Op::Memset { ptr, bytes } => {
             // SAFETY: recorded from a live buffer of at least `bytes` bytes, which the graph

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use super::emu_graph::{self, Op};
+use super::emu_memory::HostMemory;
 use super::kernel::{KernelError, KernelResult};
 
 /// A byte range `[start, start + bytes)` of device memory some work touches.
@@ -48,7 +49,7 @@ struct LaneState {
     /// Declared read-only for both streams until the join.
     shared: Vec<Span>,
     /// Host memory of buffers freed while deferred work may still use it.
-    graveyard: Vec<Vec<u128>>,
+    graveyard: Vec<HostMemory>,
     hazards: Vec<String>,
 }
 
@@ -190,7 +191,7 @@ impl EmuLanes {
 
     /// A buffer `span` is freed: its host memory back to drop now, or `None` when deferred work
     /// may still use it (kept until the join).
-    pub fn freed(&self, span: Span, host: Vec<u128>) -> Option<Vec<u128>> {
+    pub fn freed(&self, span: Span, host: HostMemory) -> Option<HostMemory> {
         if !self.enabled() {
             return Some(host);
         }

@@ -375,8 +375,8 @@ impl MemoryCounter {
 
 /// Who frees a buffer's memory.
 enum Owner {
-    /// Emulator memory: a 16-byte aligned host allocation.
-    Host(#[allow(dead_code)] Vec<u128>),
+    /// Emulator memory: host memory ending against a guard page.
+    Host(super::emu_memory::HostMemory),
     /// A window into another buffer ([`DevBuf::view`]): frees nothing.
     View,
     #[cfg(feature = "cuda")]
@@ -709,10 +709,12 @@ impl KernelDevice {
         let bytes = len * std::mem::size_of::<T>();
         match &self.backend {
             Backend::Emulator => {
-                let mut host = vec![0u128; bytes.div_ceil(16).max(1)];
-                bytemuck::cast_slice_mut::<u128, u8>(&mut host).fill(POISON);
+                let host =
+                    super::emu_memory::HostMemory::filled(bytes, POISON).ok_or_else(|| {
+                        KernelError::Invalid(format!("emulator: cannot map {bytes} bytes"))
+                    })?;
                 Ok(DevBuf {
-                    ptr: host.as_ptr() as u64,
+                    ptr: host.ptr() as u64,
                     len,
                     owner: Owner::Host(host),
                     counted: Some(self.counted(bytes)),

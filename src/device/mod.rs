@@ -12,6 +12,7 @@ pub mod cuda;
 pub mod emu;
 pub mod emu_graph;
 pub mod emu_lanes;
+pub mod emu_memory;
 pub mod kernel;
 pub mod profile;
 pub mod staging;

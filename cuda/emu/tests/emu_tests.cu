@@ -363,3 +363,9 @@ extern "C" __global__ void emu_test_cp_async_late(float* __restrict__ out, const
     o[5] = s[256 + 4 * t];
     mbar_wait(bar, 0);
 }
+
+// out[i] = i for i < n + extra: with `extra` > 0 the block runs past the end of an n-element
+// buffer (tests/emu.rs expects the guard page to stop it).
+extern "C" __global__ void emu_test_overrun(float* __restrict__ out, int n, int extra) {
+    for (int i = threadIdx.x; i < n + extra; i += blockDim.x) out[i] = (float)i;
+}
