@@ -28,8 +28,15 @@ pub enum Error {
     },
     #[error("{0}")]
     Invalid(String),
+    // Shown inline and not a source, as `Io`'s error.
     #[error("device: {0}")]
-    Kernel(#[from] crate::device::kernel::KernelError),
+    Kernel(crate::device::kernel::KernelError),
+}
+
+impl From<crate::device::kernel::KernelError> for Error {
+    fn from(e: crate::device::kernel::KernelError) -> Error {
+        Error::Kernel(e)
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -40,5 +47,19 @@ impl Error {
             path: path.into(),
             err: source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{emu::EmuError, kernel::KernelError};
+
+    #[test]
+    fn a_device_error_chain_says_each_message_once() {
+        let e = anyhow::Error::from(Error::from(KernelError::from(EmuError::Fault("x".into()))));
+        assert_eq!(format!("{e:#}"), "device: emulator: fault: x");
+        let io = Error::io("f", std::io::Error::other("gone"));
+        assert_eq!(format!("{:#}", anyhow::Error::from(io)), "f: gone");
     }
 }

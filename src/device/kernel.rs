@@ -21,7 +21,8 @@ use super::profile::{gaps, Mark, OpProfile, ProfileLog};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
-    #[error("emulator: {0}")]
+    // (EmuError's messages begin with "emulator: "; transparent, so a `{:#}` chain says it once)
+    #[error(transparent)]
     Emu(#[from] emu::EmuError),
     #[error("CUDA: {0}")]
     Cuda(String),
