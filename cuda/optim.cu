@@ -40,6 +40,10 @@ namespace optim {
 
 __device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 __device__ __forceinline__ void st4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
+#ifdef ADVDMD_EMU
+#define ld4(p) (emu::check_aligned((p), 16, "ld4", __FILE__, __LINE__), ld4(p))
+#define st4(p, v) (emu::check_aligned((p), 16, "st4", __FILE__, __LINE__), st4((p), (v)))
+#endif
 __device__ __forceinline__ void to_array(float4 v, float* f) {
     f[0] = v.x, f[1] = v.y, f[2] = v.z, f[3] = v.w;
 }

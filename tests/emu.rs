@@ -715,3 +715,35 @@ fn a_kernel_running_past_a_buffer_faults_and_is_named() {
     assert!(ok.status.success(), "{:?}", ok.status);
     assert!(String::from_utf8_lossy(&ok.stdout).contains("no fault"));
 }
+
+#[test]
+fn misaligned_vector_accesses_are_faults() {
+    // 16 floats 0..16 in emulator memory (16-byte aligned).
+    let mem = HostMemory::filled(64, 0).unwrap();
+    let src = mem.ptr() as *mut f32;
+    for i in 0..16 {
+        // SAFETY: `mem` holds 16 floats.
+        unsafe { *src.add(i) = i as f32 };
+    }
+    let run = |offset: i32, how: i32| {
+        let mut out = vec![0f32; 4];
+        let (mut po, mut ps, mut off, mut h) = (out.as_mut_ptr(), src as *const f32, offset, how);
+        emu_launch(
+            "emu_test_misaligned",
+            [1, 1, 1],
+            [32, 1, 1],
+            16,
+            &mut [arg(&mut po), arg(&mut ps), arg(&mut off), arg(&mut h)],
+        )
+        .map(|()| out)
+    };
+    for how in 0..3 {
+        assert_eq!(run(16, how).unwrap(), [4.0, 5.0, 6.0, 7.0], "how {how}");
+        for offset in [4, 8, 12] {
+            let Err(EmuError::Fault(msg)) = run(offset, how) else {
+                panic!("how {how}, offset {offset}: expected a fault")
+            };
+            assert!(msg.contains("aligned"), "{msg}");
+        }
+    }
+}

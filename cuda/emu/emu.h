@@ -299,12 +299,32 @@ inline unsigned __brev(unsigned x) {
 inline int __mul24(int a, int b) { return a * b; }
 inline int __mulhi(int a, int b) { return (int)(((long long)a * b) >> 32); }
 inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((unsigned long long)a * b) >> 32); }
+// A GPU faults ("misaligned address") on an access not aligned to its size; x86 does not, so the
+// emulator checks where kernels load and store through helpers (these, common.cuh's
+// load16 / store16, cp.async).
+namespace emu {
+inline void check_aligned(const void* p, size_t align, const char* what, const char* file, int line) {
+    if ((uintptr_t)p % align) fault("%s (%s:%d): %p is not %zu-byte aligned", what, file, line, p, align);
+}
+}  // namespace emu
 template <class T>
-inline T __ldg(const T* p) { return *p; }
+inline T emu_ldg(const T* p, const char* file, int line) {
+    emu::check_aligned(p, alignof(T), "__ldg", file, line);
+    return *p;
+}
 template <class T>
-inline T __ldcs(const T* p) { return *p; }
+inline T emu_ldcs(const T* p, const char* file, int line) {
+    emu::check_aligned(p, alignof(T), "__ldcs", file, line);
+    return *p;
+}
 template <class T>
-inline void __stcs(T* p, T v) { *p = v; }
+inline void emu_stcs(T* p, T v, const char* file, int line) {
+    emu::check_aligned(p, alignof(T), "__stcs", file, line);
+    *p = v;
+}
+#define __ldg(p) emu_ldg((p), __FILE__, __LINE__)
+#define __ldcs(p) emu_ldcs((p), __FILE__, __LINE__)
+#define __stcs(p, v) emu_stcs((p), (v), __FILE__, __LINE__)
 
 // CUDA's device-side min/max overloads (the host has only std::min/std::max).
 #define ADVDMD_EMU_MINMAX(T)                               \

@@ -369,3 +369,25 @@ extern "C" __global__ void emu_test_cp_async_late(float* __restrict__ out, const
 extern "C" __global__ void emu_test_overrun(float* __restrict__ out, int n, int extra) {
     for (int i = threadIdx.x; i < n + extra; i += blockDim.x) out[i] = (float)i;
 }
+
+// One 16-byte access at `src` + `offset` bytes by thread 0: `how` 0 cp_async_16 (into 16 bytes of
+// dynamic shared memory, then out), 1 load16, 2 __ldg of a float4. A GPU faults on an offset
+// that is not a multiple of 16; so must the emulator.
+extern "C" __global__ void emu_test_misaligned(float* __restrict__ out, const unsigned char* __restrict__ src,
+                                               int offset, int how) {
+    DYNAMIC_SMEM(float, s);
+    if (threadIdx.x != 0) return;
+    const unsigned char* p = src + offset;
+    if (how == 0) {
+        cp_async_16(s, p);
+        cp_async_commit();
+        cp_async_wait<0>();
+        for (int i = 0; i < 4; i++) out[i] = s[i];
+    } else if (how == 1) {
+        const pack16 v = load16(p);
+        for (int i = 0; i < 4; i++) out[i] = __uint_as_float(v.w[i]);
+    } else {
+        const float4 v = __ldg(reinterpret_cast<const float4*>(p));
+        out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+    }
+}
