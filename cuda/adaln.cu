@@ -256,8 +256,8 @@ __device__ __forceinline__ void adaln_bwd_dx_vec(bf16* __restrict__ dx, float* o
             load_pack(in[n].scale + (row / L) * in[n].M, c, sc[n]);
         }
         if constexpr (ACC) {
-            const float4 a0 = *reinterpret_cast<const float4*>(a + row * D + 8 * c);
-            const float4 a1 = *reinterpret_cast<const float4*>(a + row * D + 8 * c + 4);
+            const float4 a0 = load_f4(a + row * D + 8 * c);
+            const float4 a1 = load_f4(a + row * D + 8 * c + 4);
             acc[0] = a0.x, acc[1] = a0.y, acc[2] = a0.z, acc[3] = a0.w;
             acc[4] = a1.x, acc[5] = a1.y, acc[6] = a1.z, acc[7] = a1.w;
         }
@@ -298,8 +298,8 @@ __device__ __forceinline__ void adaln_bwd_dx_vec(bf16* __restrict__ dx, float* o
     }
     if constexpr (ACC) {
         float* dst = out + row * D + 8 * c;
-        *reinterpret_cast<float4*>(dst) = make_float4(acc[0], acc[1], acc[2], acc[3]);
-        *reinterpret_cast<float4*>(dst + 4) = make_float4(acc[4], acc[5], acc[6], acc[7]);
+        store_f4(dst, make_float4(acc[0], acc[1], acc[2], acc[3]));
+        store_f4(dst + 4, make_float4(acc[4], acc[5], acc[6], acc[7]));
         if (out16 != nullptr) store16(out16 + row * D + 8 * c, pack_bf16x8(acc));
     }
 }

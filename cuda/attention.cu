@@ -901,7 +901,7 @@ extern "C" __global__ void __launch_bounds__(256)
         const bf16* d = (in_a ? doa : dob) + off;
         float* acc = (in_a ? dqa_acc : dqb_acc) + off;
         for (int c = sub; c < D / 4; c += 8)
-            *reinterpret_cast<float4*>(acc + 4 * c) = make_float4(0.f, 0.f, 0.f, 0.f);
+            store_f4(acc + 4 * c, make_float4(0.f, 0.f, 0.f, 0.f));
         for (int c = sub; c < D / 8; c += 8) {
             float fo[8], fd[8];
             unpack_bf16x8(load16(o + 8 * c), fo);

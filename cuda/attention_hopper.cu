@@ -506,8 +506,8 @@ __device__ __forceinline__ void fwd_split_combine(bf16* __restrict__ oa, bf16* _
         for (int p = 0; p < splits; p++) {
             const float* slot = first + (long long)p * QT * (D + 1);
             const float w = __expf(slot[QT * D + r] - m);
-            const float4 lo = *reinterpret_cast<const float4*>(slot + r * D + 8 * c);
-            const float4 hi = *reinterpret_cast<const float4*>(slot + r * D + 8 * c + 4);
+            const float4 lo = load_f4(slot + r * D + 8 * c);
+            const float4 hi = load_f4(slot + r * D + 8 * c + 4);
             const float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
 #pragma unroll
             for (int k = 0; k < 8; k++) acc[k] += w * v[k];
@@ -1387,8 +1387,8 @@ __device__ __forceinline__ void bwd_split_combine(bf16* __restrict__ dka, bf16* 
         float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
         for (int p = 0; p < splits; p++) {
             const float* src = first + (long long)p * 2 * KT * D + (half * KT + r) * D + 8 * c;
-            const float4 lo = *reinterpret_cast<const float4*>(src);
-            const float4 hi = *reinterpret_cast<const float4*>(src + 4);
+            const float4 lo = load_f4(src);
+            const float4 hi = load_f4(src + 4);
             acc[0] += lo.x, acc[1] += lo.y, acc[2] += lo.z, acc[3] += lo.w;
             acc[4] += hi.x, acc[5] += hi.y, acc[6] += hi.z, acc[7] += hi.w;
         }

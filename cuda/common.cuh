@@ -195,10 +195,15 @@ __device__ __forceinline__ pack16 pack_bf16x8(const float f[8]) {
 }
 __device__ __forceinline__ pack16 load16(const void* p) { return *reinterpret_cast<const pack16*>(p); }
 __device__ __forceinline__ void store16(void* p, const pack16& v) { *reinterpret_cast<pack16*>(p) = v; }
+// Four floats at a 16-byte aligned address.
+__device__ __forceinline__ float4 load_f4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ void store_f4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
 #ifdef ADVDMD_EMU
 // (the emulator's: the caller's line in the fault when the address is not 16-byte aligned)
 #define load16(p) (emu::check_aligned((p), 16, "load16", __FILE__, __LINE__), load16(p))
 #define store16(p, v) (emu::check_aligned((p), 16, "store16", __FILE__, __LINE__), store16((p), (v)))
+#define load_f4(p) (emu::check_aligned((p), 16, "load_f4", __FILE__, __LINE__), load_f4(p))
+#define store_f4(p, v) (emu::check_aligned((p), 16, "store_f4", __FILE__, __LINE__), store_f4((p), (v)))
 #endif
 
 // `x`, as a value the compiler cannot see through: it is recomputed where it is used instead of

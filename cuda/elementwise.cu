@@ -239,8 +239,8 @@ extern "C" __global__ void cast_bf16_to_f32(float* __restrict__ out, const bf16*
             float f[8];
             unpack_bf16x8(load16(in + 8 * i), f);
             float4 a = make_float4(f[0], f[1], f[2], f[3]), b = make_float4(f[4], f[5], f[6], f[7]);
-            *reinterpret_cast<float4*>(out + 8 * i) = a;
-            *reinterpret_cast<float4*>(out + 8 * i + 4) = b;
+            store_f4(out + 8 * i, a);
+            store_f4(out + 8 * i + 4, b);
         }
         done = nv * 8;
     }

@@ -38,12 +38,6 @@
 
 namespace optim {
 
-__device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
-__device__ __forceinline__ void st4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
-#ifdef ADVDMD_EMU
-#define ld4(p) (emu::check_aligned((p), 16, "ld4", __FILE__, __LINE__), ld4(p))
-#define st4(p, v) (emu::check_aligned((p), 16, "st4", __FILE__, __LINE__), st4((p), (v)))
-#endif
 __device__ __forceinline__ void to_array(float4 v, float* f) {
     f[0] = v.x, f[1] = v.y, f[2] = v.z, f[3] = v.w;
 }
@@ -87,7 +81,7 @@ extern "C" __global__ void __launch_bounds__(OPT_THREADS)
     if (aligned16(g)) {
         const long long nv = n / 4;
         for (long long k = t0; k < nv; k += step) {
-            const float4 a = ld4(g + 4 * k);
+            const float4 a = load_f4(g + 4 * k);
             acc += (double)a.x * a.x + (double)a.y * a.y + (double)a.z * a.z + (double)a.w * a.w;
         }
         done = nv * 4;
@@ -156,13 +150,13 @@ __device__ __forceinline__ uint32_t bf16_sr_bits(float x, uint32_t r) {
 }
 
 // Moments in f32: plain loads and stores.
-__device__ __forceinline__ void load8(const float* p, float f[8]) { to_array(ld4(p), f), to_array(ld4(p + 4), f + 4); }
+__device__ __forceinline__ void load8(const float* p, float f[8]) { to_array(load_f4(p), f), to_array(load_f4(p + 4), f + 4); }
 __device__ __forceinline__ void store_moments8(float* m, float* v, const float fm[8], const float fv[8], long long,
                                                uint32_t) {
-    st4(m, make_float4(fm[0], fm[1], fm[2], fm[3]));
-    st4(m + 4, make_float4(fm[4], fm[5], fm[6], fm[7]));
-    st4(v, make_float4(fv[0], fv[1], fv[2], fv[3]));
-    st4(v + 4, make_float4(fv[4], fv[5], fv[6], fv[7]));
+    store_f4(m, make_float4(fm[0], fm[1], fm[2], fm[3]));
+    store_f4(m + 4, make_float4(fm[4], fm[5], fm[6], fm[7]));
+    store_f4(v, make_float4(fv[0], fv[1], fv[2], fv[3]));
+    store_f4(v + 4, make_float4(fv[4], fv[5], fv[6], fv[7]));
 }
 __device__ __forceinline__ float load1(const float* p) { return *p; }
 __device__ __forceinline__ void store_moments1(float* m, float* v, float fm, float fv, long long, uint32_t) {
@@ -209,22 +203,22 @@ __device__ __forceinline__ void adamw_body(float* __restrict__ w, bf16* __restri
         for (long long k = t0; k < nv; k += step) {
             const long long i = 8 * k;
             float fw[8], fm[8], fv[8], fg[8];
-            to_array(ld4(w + i), fw), to_array(ld4(w + i + 4), fw + 4);
+            to_array(load_f4(w + i), fw), to_array(load_f4(w + i + 4), fw + 4);
             load8(m + i, fm), load8(v + i, fv);
-            to_array(ld4(g + i), fg), to_array(ld4(g + i + 4), fg + 4);
+            to_array(load_f4(g + i), fg), to_array(load_f4(g + i + 4), fg + 4);
 #pragma unroll
             for (int j = 0; j < 8; j++) adamw_elem(h, i + j < n_decay, fg[j], fw[j], fm[j], fv[j]);
-            st4(w + i, make_float4(fw[0], fw[1], fw[2], fw[3]));
-            st4(w + i + 4, make_float4(fw[4], fw[5], fw[6], fw[7]));
+            store_f4(w + i, make_float4(fw[0], fw[1], fw[2], fw[3]));
+            store_f4(w + i + 4, make_float4(fw[4], fw[5], fw[6], fw[7]));
             store_moments8(m + i, v + i, fm, fv, i, seed);
             if (w_bf16) store16(w_bf16 + i, pack_bf16x8(fw));
             if (ema) {
                 float fe[8];
-                to_array(ld4(ema + i), fe), to_array(ld4(ema + i + 4), fe + 4);
+                to_array(load_f4(ema + i), fe), to_array(load_f4(ema + i + 4), fe + 4);
 #pragma unroll
                 for (int j = 0; j < 8; j++) fe[j] = h.ema_decay * fe[j] + (1.f - h.ema_decay) * fw[j];
-                st4(ema + i, make_float4(fe[0], fe[1], fe[2], fe[3]));
-                st4(ema + i + 4, make_float4(fe[4], fe[5], fe[6], fe[7]));
+                store_f4(ema + i, make_float4(fe[0], fe[1], fe[2], fe[3]));
+                store_f4(ema + i + 4, make_float4(fe[4], fe[5], fe[6], fe[7]));
             }
         }
         done = nv * 8;

@@ -41,12 +41,6 @@
 
 namespace sde {
 
-__device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
-__device__ __forceinline__ void st4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
-#ifdef ADVDMD_EMU
-#define ld4(p) (emu::check_aligned((p), 16, "ld4", __FILE__, __LINE__), ld4(p))
-#define st4(p, v) (emu::check_aligned((p), 16, "st4", __FILE__, __LINE__), st4((p), (v)))
-#endif
 __device__ __forceinline__ float get(const float4& v, int k) {
     return k == 0 ? v.x : k == 1 ? v.y : k == 2 ? v.z : v.w;
 }
@@ -149,7 +143,7 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS, 4)
 #pragma unroll
         for (int u = 0; u < SDE_UNROLL; u++) {
             const long long i = s0 + u * T4;
-            if (i < end) xv[u] = ld4(x + i), vv[u] = ld4(v + i), zv[u] = ld4(third + i);
+            if (i < end) xv[u] = load_f4(x + i), vv[u] = load_f4(v + i), zv[u] = load_f4(third + i);
         }
     }
     const Rho r = rho_coeffs(sigma[b], sigma_next[b], rho, D);
@@ -166,17 +160,17 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS, 4)
                     sq += rho_elem(r, get(xv[u], k), get(vv[u], k), given ? 0.f : zk, given ? zk : 0.f, given,
                                    o0[k], om[k], on[k], og[k]);
                 }
-                if (next_out) st4(next_out + i, make_float4(on[0], on[1], on[2], on[3]));
-                if (x0_out) st4(x0_out + i, make_float4(o0[0], o0[1], o0[2], o0[3]));
-                if (mean_out) st4(mean_out + i, make_float4(om[0], om[1], om[2], om[3]));
-                if (grad_v) st4(grad_v + i, make_float4(og[0], og[1], og[2], og[3]));
+                if (next_out) store_f4(next_out + i, make_float4(on[0], on[1], on[2], on[3]));
+                if (x0_out) store_f4(x0_out + i, make_float4(o0[0], o0[1], o0[2], o0[3]));
+                if (mean_out) store_f4(mean_out + i, make_float4(om[0], om[1], om[2], om[3]));
+                if (grad_v) store_f4(grad_v + i, make_float4(og[0], og[1], og[2], og[3]));
             }
             s0 += T4 * SDE_UNROLL;
             if (s0 >= end) break;
 #pragma unroll
             for (int u = 0; u < SDE_UNROLL; u++) {
                 const long long i = s0 + u * T4;
-                if (i < end) xv[u] = ld4(x + i), vv[u] = ld4(v + i), zv[u] = ld4(third + i);
+                if (i < end) xv[u] = load_f4(x + i), vv[u] = load_f4(v + i), zv[u] = load_f4(third + i);
             }
         }
     } else {
@@ -231,7 +225,7 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS, 4)
             for (int u = 0; u < SDE_WIDE; u++)
                 if (s0 + u * T4 < end) {
                     a[u] = __ldcs(reinterpret_cast<const float4*>(x + s0 + u * T4));
-                    r[u] = ld4(x0_real + s0 + u * T4);
+                    r[u] = load_f4(x0_real + s0 + u * T4);
                 }
 #pragma unroll
             for (int u = 0; u < SDE_WIDE; u++)
@@ -289,7 +283,7 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS, 4)
                     const float q = (get(f[u], k) - get(r[u], k)) / norm;
                     o[k] = finite(q) ? scale * q : 0.f;
                 }
-                st4(g + i, make_float4(o[0], o[1], o[2], o[3]));
+                store_f4(g + i, make_float4(o[0], o[1], o[2], o[3]));
             }
             s0 += T4 * SDE_WIDE;
             if (s0 >= end) break;
@@ -330,24 +324,24 @@ extern "C" __global__ void __launch_bounds__(SDE_THREADS, 4)
         float4 a[SDE_WIDE], n[SDE_WIDE];
 #pragma unroll
         for (int u = 0; u < SDE_WIDE; u++)
-            if (s0 + u * T4 < end) a[u] = ld4(x0 + s0 + u * T4), n[u] = ld4(noise + s0 + u * T4);
+            if (s0 + u * T4 < end) a[u] = load_f4(x0 + s0 + u * T4), n[u] = load_f4(noise + s0 + u * T4);
         const float s = sigma[b], keep = 1.f - s;
         while (true) {
 #pragma unroll
             for (int u = 0; u < SDE_WIDE; u++) {
                 const long long i = s0 + u * T4;
                 if (i >= end) continue;
-                st4(xt + i, make_float4(keep * a[u].x + s * n[u].x, keep * a[u].y + s * n[u].y,
+                store_f4(xt + i, make_float4(keep * a[u].x + s * n[u].x, keep * a[u].y + s * n[u].y,
                                         keep * a[u].z + s * n[u].z, keep * a[u].w + s * n[u].w));
                 if (target)
-                    st4(target + i, make_float4(n[u].x - a[u].x, n[u].y - a[u].y, n[u].z - a[u].z, n[u].w - a[u].w));
+                    store_f4(target + i, make_float4(n[u].x - a[u].x, n[u].y - a[u].y, n[u].z - a[u].z, n[u].w - a[u].w));
             }
             // Only grids smaller than the launcher's (one step per thread) come round again.
             s0 += T4 * SDE_WIDE * gridDim.x;
             if (s0 >= end) break;
 #pragma unroll
             for (int u = 0; u < SDE_WIDE; u++)
-                if (s0 + u * T4 < end) a[u] = ld4(x0 + s0 + u * T4), n[u] = ld4(noise + s0 + u * T4);
+                if (s0 + u * T4 < end) a[u] = load_f4(x0 + s0 + u * T4), n[u] = load_f4(noise + s0 + u * T4);
         }
     } else {
         const float s = sigma[b], keep = 1.f - s;

@@ -44,8 +44,7 @@ extern "C" __global__ void copy_cols_bf16(bf16* __restrict__ dst, const bf16* __
         for (long long i = shape::thread_index(); i < n; i += shape::thread_count()) {
             const long long r = i / cv;
             const int c = (int)(i - r * cv) << 3;
-            *reinterpret_cast<uint4*>(dst + r * dst_ld + dst_off + c) =
-                *reinterpret_cast<const uint4*>(src + r * src_ld + src_off + c);
+            store16(dst + r * dst_ld + dst_off + c, load16(src + r * src_ld + src_off + c));
         }
         return;
     }
@@ -172,22 +171,16 @@ extern "C" __global__ void residual_grad_add(float* out, bf16* __restrict__ out1
                      (((uintptr_t)out | (uintptr_t)out16 | (uintptr_t)a | (uintptr_t)x) & 15) == 0;
     if (vec) {
         for (long long i = shape::thread_index(); i < n / 8; i += shape::thread_count()) {
-            const float4 a0 = reinterpret_cast<const float4*>(a)[2 * i];
-            const float4 a1 = reinterpret_cast<const float4*>(a)[2 * i + 1];
-            const uint4 xv = reinterpret_cast<const uint4*>(x)[i];
+            const float4 a0 = load_f4(a + 8 * i);
+            const float4 a1 = load_f4(a + 8 * i + 4);
+            const pack16 xv = load16(x + 8 * i);
             const bf16* xs = reinterpret_cast<const bf16*>(&xv);
             float o[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
 #pragma unroll
             for (int k = 0; k < 8; k++) o[k] += bf2f(xs[k]);
-            reinterpret_cast<float4*>(out)[2 * i] = make_float4(o[0], o[1], o[2], o[3]);
-            reinterpret_cast<float4*>(out)[2 * i + 1] = make_float4(o[4], o[5], o[6], o[7]);
-            if (out16) {
-                uint4 r;
-                bf16* rs = reinterpret_cast<bf16*>(&r);
-#pragma unroll
-                for (int k = 0; k < 8; k++) rs[k] = f2bf(o[k]);
-                reinterpret_cast<uint4*>(out16)[i] = r;
-            }
+            store_f4(out + 8 * i, make_float4(o[0], o[1], o[2], o[3]));
+            store_f4(out + 8 * i + 4, make_float4(o[4], o[5], o[6], o[7]));
+            if (out16) store16(out16 + 8 * i, pack_bf16x8(o));
         }
         return;
     }

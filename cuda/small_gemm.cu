@@ -99,11 +99,11 @@ extern "C" __global__ void weight_grad_small_k(float* __restrict__ g, float* __r
             for (int j = 0; j < 8; j++) acc[j] += av[k] * bv[j];
         }
     }
-    float4* gp = reinterpret_cast<float4*>(g + (long long)m * N + 8 * c);
+    float* gp = g + (long long)m * N + 8 * c;
     float4 g0 = make_float4(0.f, 0.f, 0.f, 0.f), g1 = g0;
     if (!overwrite) {  // the gradient's first write since it was zeroed reads nothing
-        g0 = gp[0];
-        g1 = gp[1];
+        g0 = load_f4(gp);
+        g1 = load_f4(gp + 4);
     }
     g0.x += acc[0];
     g0.y += acc[1];
@@ -113,8 +113,8 @@ extern "C" __global__ void weight_grad_small_k(float* __restrict__ g, float* __r
     g1.y += acc[5];
     g1.z += acc[6];
     g1.w += acc[7];
-    gp[0] = g0;
-    gp[1] = g1;
+    store_f4(gp, g0);
+    store_f4(gp + 4, g1);
 }
 
 // The input gradient of a modulation layer: y[m, n] = Σ_k x[m, k]·w[k, n] for M ≤ 8 rows of x
