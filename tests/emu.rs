@@ -652,11 +652,13 @@ fn schedules_parse_and_bad_ones_are_refused() {
 }
 
 /// Runs `emu_test_overrun` (one block of 64 threads) over a 100-float buffer of emulator memory,
-/// `extra` elements past its end; returns the buffer.
-fn overrun(extra: i32) -> Vec<f32> {
+/// `extra` elements past its end, starting `before` elements before its start; returns the
+/// buffer.
+fn overrun(extra: i32, before: usize) -> Vec<f32> {
     let n = 100usize;
     let mem = HostMemory::filled(n * 4, 0xFF).unwrap();
-    let (mut po, mut pn, mut pe) = (mem.ptr() as *mut f32, n as i32, extra);
+    let p = mem.ptr() as *mut f32;
+    let (mut po, mut pn, mut pe) = (p.wrapping_sub(before), (n + before) as i32, extra);
     emu_launch(
         "emu_test_overrun",
         [1, 1, 1],
@@ -666,24 +668,29 @@ fn overrun(extra: i32) -> Vec<f32> {
     )
     .unwrap();
     // SAFETY: `mem` holds n floats.
-    unsafe { std::slice::from_raw_parts(po, n) }.to_vec()
+    unsafe { std::slice::from_raw_parts(p, n) }.to_vec()
 }
 
 #[test]
 fn a_kernel_running_past_a_buffer_faults_and_is_named() {
     const CHILD: &str = "ADVDMD_EMU_OVERRUN_CHILD";
-    if let Some(extra) = std::env::var_os(CHILD) {
-        // The child: write past the end; the guard page must end the process.
-        let extra: i32 = extra.to_str().unwrap().parse().unwrap();
-        overrun(extra);
+    if let Ok(how) = std::env::var(CHILD) {
+        // The child: write past the end ("end") or before the start ("start", with the guard
+        // page there); it must die of it.
+        match how.as_str() {
+            "end" => overrun(1, 0),
+            "start" => overrun(0, 4),
+            _ => overrun(0, 0),
+        };
         println!("no fault");
         return;
     }
-    let written = overrun(0);
+    let written = overrun(0, 0);
     assert!((0..100).all(|i| written[i] == i as f32));
     // 100 floats are 400 bytes, a whole number of 16-byte granules: the 101st float is the first
-    // byte of the guard page.
-    let child = |extra: &str| {
+    // byte of the guard page (and with ADVDMD_EMU_GUARD=start the float before the first is the
+    // last of the guard page before it).
+    let child = |how: &str| {
         std::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
@@ -691,27 +698,33 @@ fn a_kernel_running_past_a_buffer_faults_and_is_named() {
                 "--nocapture",
                 "--test-threads=1",
             ])
-            .env(CHILD, extra)
+            .env(CHILD, how)
+            .env(
+                "ADVDMD_EMU_GUARD",
+                if how == "start" { "start" } else { "end" },
+            )
             .output()
             .unwrap()
     };
-    let out = child("1");
-    let stderr = String::from_utf8_lossy(&out.stderr);
     use std::os::unix::process::ExitStatusExt;
-    assert_eq!(
-        out.status.signal(),
-        Some(libc::SIGSEGV),
-        "{:?}: {stderr}",
-        out.status
-    );
-    assert!(
-        stderr.contains("emulator: SIGSEGV")
-            && stderr.contains("kernel emu_test_overrun, block (0,0,0), thread (36,0,0)"),
-        "{stderr}"
-    );
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("no fault"));
+    for (how, thread) in [("end", 36), ("start", 0)] {
+        let out = child(how);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGSEGV),
+            "{how}: {:?}: {stderr}",
+            out.status
+        );
+        let at = format!("kernel emu_test_overrun, block (0,0,0), thread ({thread},0,0)");
+        assert!(
+            stderr.contains("emulator: SIGSEGV") && stderr.contains(&at),
+            "{how}: {stderr}"
+        );
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("no fault"));
+    }
     // The child itself runs to its end when nothing overruns.
-    let ok = child("0");
+    let ok = child("none");
     assert!(ok.status.success(), "{:?}", ok.status);
     assert!(String::from_utf8_lossy(&ok.stdout).contains("no fault"));
 }
