@@ -678,10 +678,25 @@ fn a_kernel_running_past_a_buffer_faults_and_is_named() {
         // The child: write past the end ("end") or before the start ("start", with the guard
         // page there); it must die of it.
         match how.as_str() {
-            "end" => overrun(1, 0),
-            "start" => overrun(0, 4),
-            _ => overrun(0, 0),
-        };
+            "end" => drop(overrun(1, 0)),
+            "start" => drop(overrun(0, 4)),
+            "copy" => {
+                // a cp.async of the 16 bytes after a 64-byte buffer: it faults when it lands
+                let mem = HostMemory::filled(64, 0).unwrap();
+                let mut out = [0f32; 4];
+                let (mut po, mut ps, mut off, mut h) =
+                    (out.as_mut_ptr(), mem.ptr() as *const u8, 64i32, 0i32);
+                emu_launch(
+                    "emu_test_misaligned",
+                    [1, 1, 1],
+                    [32, 1, 1],
+                    16,
+                    &mut [arg(&mut po), arg(&mut ps), arg(&mut off), arg(&mut h)],
+                )
+                .unwrap();
+            }
+            _ => drop(overrun(0, 0)),
+        }
         println!("no fault");
         return;
     }
@@ -707,7 +722,11 @@ fn a_kernel_running_past_a_buffer_faults_and_is_named() {
             .unwrap()
     };
     use std::os::unix::process::ExitStatusExt;
-    for (how, thread) in [("end", 36), ("start", 0)] {
+    for (how, kernel, thread) in [
+        ("end", "emu_test_overrun", 36),
+        ("start", "emu_test_overrun", 0),
+        ("copy", "emu_test_misaligned", 0),
+    ] {
         let out = child(how);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(
@@ -716,12 +735,19 @@ fn a_kernel_running_past_a_buffer_faults_and_is_named() {
             "{how}: {:?}: {stderr}",
             out.status
         );
-        let at = format!("kernel emu_test_overrun, block (0,0,0), thread ({thread},0,0)");
+        let at = format!("kernel {kernel}, block (0,0,0), thread ({thread},0,0)");
         assert!(
             stderr.contains("emulator: SIGSEGV") && stderr.contains(&at),
             "{how}: {stderr}"
         );
         assert!(!String::from_utf8_lossy(&out.stdout).contains("no fault"));
+        if how == "copy" {
+            assert!(
+                stderr.contains("landing the cp.async of 16 bytes")
+                    && stderr.contains("emu_tests.cu:"),
+                "{stderr}"
+            );
+        }
     }
     // The child itself runs to its end when nothing overruns.
     let ok = child("none");

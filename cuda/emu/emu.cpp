@@ -936,10 +936,16 @@ void cp_async_issue(void* smem, const void* gmem, unsigned bytes, bool valid, co
 
 void cp_async_commit_group() { ++cur_fiber().groups; }
 
+// The copy being landed, for the fault report (a copy reads its source when it lands, in
+// whichever wait covers it, not where it was issued).
+thread_local const PendingCopy* volatile t_landing = nullptr;  // (volatile: kept across the copy)
+
 static void land(const PendingCopy& c) {
-    if (c.valid)
+    if (c.valid) {
+        t_landing = &c;
         std::memcpy(c.dst, c.src, c.bytes);
-    else
+        t_landing = nullptr;
+    } else
         std::memset(c.dst, 0, c.bytes);
     if (in_dynamic_smem(c.dst, c.bytes)) record_write(c.dst, c.bytes, c.file, c.line);
 }
@@ -1047,6 +1053,11 @@ void on_fault(int sig, siginfo_t* info, void* uctx) {
             sig == SIGSEGV ? "SIGSEGV" : "SIGBUS", info ? info->si_addr : nullptr, g->name ? g->name : "?",
             blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y, threadIdx.z);
         if (n > 0) (void)!write(2, msg, (size_t)std::min(n, (int)sizeof msg - 1));
+        if (const PendingCopy* c = t_landing) {
+            const int m = std::snprintf(msg, sizeof msg, "emulator: (landing the cp.async of %u bytes from %p issued at %s:%d)\n",
+                                        c->bytes, (const void*)c->src, c->file, c->line);
+            if (m > 0) (void)!write(2, msg, (size_t)std::min(m, (int)sizeof msg - 1));
+        }
     }
     const struct sigaction& prev = sig == SIGSEGV ? prev_segv : prev_bus;
     if ((prev.sa_flags & SA_SIGINFO) && prev.sa_sigaction) return prev.sa_sigaction(sig, info, uctx);
