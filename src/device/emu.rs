@@ -11,10 +11,12 @@
 //!
 //! What the emulator checks: barrier deadlocks (a `__syncthreads` that not every thread reaches,
 //! threads meeting at different `__syncthreads`, warp collectives waiting for lanes that never
-//! come), lanes calling a collective outside their own mask or mixing collectives, and it poisons
-//! dynamic shared memory (0xFF bytes, NaN) before every block and any shuffle read from a lane that
-//! did not take part; cp.async copies land only at the wait (or mbarrier arrival) that covers them,
-//! and a wgmma may read generic-proxy writes only across a proxy fence. What it cannot see directly: data races (fibers switch only at collectives,
+//! come), lanes calling a collective outside their own mask or mixing collectives, misaligned
+//! vector accesses through common.cuh's helpers and cp.async, and it poisons dynamic and static
+//! shared memory (0xFF bytes, NaN) before every block and any shuffle read from a lane that did
+//! not take part; cp.async copies land only at the wait (or mbarrier arrival) that covers them,
+//! and a wgmma may read generic-proxy writes only across a proxy fence. What it cannot see
+//! directly: data races (fibers switch only at collectives,
 //! so a missing `__syncthreads` goes unnoticed in any one order); running under another
 //! [`Schedule`] (reverse or shuffled threads and blocks, `ADVDMD_EMU_SCHEDULE`) and comparing
 //! results exposes most of them. Out-of-bounds accesses past a buffer's end fault or are reported
