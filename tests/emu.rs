@@ -683,17 +683,7 @@ fn a_kernel_running_past_a_buffer_faults_and_is_named() {
             "copy" => {
                 // a cp.async of the 16 bytes after a 64-byte buffer: it faults when it lands
                 let mem = HostMemory::filled(64, 0).unwrap();
-                let mut out = [0f32; 4];
-                let (mut po, mut ps, mut off, mut h) =
-                    (out.as_mut_ptr(), mem.ptr() as *const u8, 64i32, 0i32);
-                emu_launch(
-                    "emu_test_misaligned",
-                    [1, 1, 1],
-                    [32, 1, 1],
-                    16,
-                    &mut [arg(&mut po), arg(&mut ps), arg(&mut off), arg(&mut h)],
-                )
-                .unwrap();
+                one_vector_access(mem.ptr(), 64, 0).unwrap();
             }
             _ => drop(overrun(0, 0)),
         }
@@ -755,6 +745,21 @@ fn a_kernel_running_past_a_buffer_faults_and_is_named() {
     assert!(String::from_utf8_lossy(&ok.stdout).contains("no fault"));
 }
 
+/// `emu_test_misaligned`: one 16-byte access (`how`: 0 cp.async, 1 load16, 2 __ldg) at `src` +
+/// `offset` bytes; the four floats read.
+fn one_vector_access(src: *const u8, offset: i32, how: i32) -> Result<Vec<f32>, EmuError> {
+    let mut out = vec![0f32; 4];
+    let (mut po, mut ps, mut off, mut h) = (out.as_mut_ptr(), src, offset, how);
+    emu_launch(
+        "emu_test_misaligned",
+        [1, 1, 1],
+        [32, 1, 1],
+        16,
+        &mut [arg(&mut po), arg(&mut ps), arg(&mut off), arg(&mut h)],
+    )
+    .map(|()| out)
+}
+
 #[test]
 fn misaligned_vector_accesses_are_faults() {
     // 16 floats 0..16 in emulator memory (16-byte aligned).
@@ -764,18 +769,7 @@ fn misaligned_vector_accesses_are_faults() {
         // SAFETY: `mem` holds 16 floats.
         unsafe { *src.add(i) = i as f32 };
     }
-    let run = |offset: i32, how: i32| {
-        let mut out = vec![0f32; 4];
-        let (mut po, mut ps, mut off, mut h) = (out.as_mut_ptr(), src as *const f32, offset, how);
-        emu_launch(
-            "emu_test_misaligned",
-            [1, 1, 1],
-            [32, 1, 1],
-            16,
-            &mut [arg(&mut po), arg(&mut ps), arg(&mut off), arg(&mut h)],
-        )
-        .map(|()| out)
-    };
+    let run = |offset: i32, how: i32| one_vector_access(mem.ptr(), offset, how);
     for how in 0..3 {
         assert_eq!(run(16, how).unwrap(), [4.0, 5.0, 6.0, 7.0], "how {how}");
         for offset in [4, 8, 12] {
