@@ -1030,9 +1030,6 @@ void wgmma_bf16(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64
 }
 }  // namespace emu
 
-// ---- Launch entry point (src/device/emu.rs) -----------------------------------------------------
-// Runs `tramp` (the generated trampoline of kernel `name`) over the grid. Returns 0, or an error
-// code (1 bad launch, 2 deadlock, 3 fault) with a message in `err`. Never aborts.
 // ---- Faults -------------------------------------------------------------------------------------
 // A kernel touching memory outside every buffer (emulator buffers end against an inaccessible page,
 // src/device/emu_memory.rs) or overflowing a fiber's stack gets SIGSEGV. The handler says which
@@ -1095,6 +1092,9 @@ void install_fault_report() {
 }
 }  // namespace emu
 
+// ---- Launch entry point (src/device/emu.rs) -----------------------------------------------------
+// Runs `tramp` (the generated trampoline of kernel `name`) over the grid. Returns 0, or an error
+// code (1 bad launch, 2 deadlock, 3 fault) with a message in `err`. Never aborts.
 extern "C" int advdmd_emu_launch(void (*tramp)(void**), const char* name, const unsigned grid[3],
                                  const unsigned block[3], unsigned smem_bytes, void** args, int order,
                                  uint64_t seed, char* err, size_t err_len) {
