@@ -924,10 +924,8 @@ void shared_write(void* smem, unsigned bytes, const char* file, int line) {
 }
 
 void cp_async_issue(void* smem, const void* gmem, unsigned bytes, bool valid, const char* file, int line) {
-    // (the GPU: "misaligned address", a sticky error that ends the context)
-    if ((uintptr_t)smem % bytes || (valid && (uintptr_t)gmem % bytes))
-        fault("cp.async of %u bytes (%s:%d): shared %p / global %p not %u-byte aligned", bytes, file, line,
-              smem, gmem, bytes);
+    check_aligned(smem, bytes, "cp.async's shared address", file, line);
+    if (valid) check_aligned(gmem, bytes, "cp.async's global address", file, line);
     if (in_dynamic_smem(smem, bytes)) check_inflight(static_cast<unsigned char*>(smem), bytes, "cp.async", file, line);
     Fiber& f = cur_fiber();
     f.copies.push_back(PendingCopy{static_cast<unsigned char*>(smem), static_cast<const unsigned char*>(gmem),
