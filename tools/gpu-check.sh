@@ -161,16 +161,6 @@ PY
     fi
   done
 fi
-# Nsight Compute on the d64 1024 px attention kernels (the first shape the bench runs), forward
-# and backward apart (the bench runs every forward variant, then the persistent ones, before any
-# backward): the plain launcher's, then the Hopper forward variants H3–H9 and backward H3–H8 once
-# each — each kernel's speed of light, pipe utilisation (tensor, FMA, SFU), shared-memory and L2
-# throughput, warp stalls and issue slots.
-if command -v ncu >/dev/null; then
-  NCU_SECTIONS="--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats"
-  step ncu-attention 150 bash -c "ncu --clock-control none --kernel-name 'regex:joint_attn_fwd_h[3-9]_d64\$' --launch-count 8 $NCU_SECTIONS '$BIN/attention-bench' \
-    && ncu --clock-control none --kernel-name 'regex:joint_attn_bwd_h[3-8]_d64\$' --launch-count 7 $NCU_SECTIONS '$BIN/attention-bench'"
-fi
 step mmdit-shapes 30 "$BIN/advdmd" bench mmdit --device cuda --model shapes --batch 128 --iters 10 --json
 step mmdit-sd35m 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
 # the same on one stream (the default, 2, puts the text tokens' work on a second one)
@@ -242,6 +232,16 @@ ADVDMD_GEMM_AUTOTUNE=1 step step-sd35m-80g-graph-autotune 180 "$BIN/advdmd" benc
 # SD3.5-large (8.1 B parameters) as a frozen bf16 model: the forward and a 4-step sample in 80 GB
 step mmdit-sd35l 180 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-large --res 1024 --batch 1 --iters 5 --forward-only --json
 step sample-sd35l 180 "$BIN/advdmd" bench sample --device cuda --model sd3.5-large --res 1024 --batch 1 --steps 4 --cfg 1 --iters 5 --graph --json
+# Nsight Compute (late: a minute or more, and the budget cuts from the end) on the d64 1024 px attention kernels (the first shape the bench runs), forward
+# and backward apart (the bench runs every forward variant, then the persistent ones, before any
+# backward): the plain launcher's, then the Hopper forward variants H3–H9 and backward H3–H8 once
+# each — each kernel's speed of light, pipe utilisation (tensor, FMA, SFU), shared-memory and L2
+# throughput, warp stalls and issue slots.
+if command -v ncu >/dev/null; then
+  NCU_SECTIONS="--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats"
+  step ncu-attention 150 bash -c "ncu --clock-control none --kernel-name 'regex:joint_attn_fwd_h[3-9]_d64\$' --launch-count 8 $NCU_SECTIONS '$BIN/attention-bench' \
+    && ncu --clock-control none --kernel-name 'regex:joint_attn_bwd_h[3-8]_d64\$' --launch-count 7 $NCU_SECTIONS '$BIN/attention-bench'"
+fi
 PYTHONUNBUFFERED=1 step torch 120 python3 tools/bench_vs_torch.py --json "$OUT/torch.json"
 if command -v compute-sanitizer >/dev/null; then
   step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/kernels-test" --test-threads=1
