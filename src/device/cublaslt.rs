@@ -339,6 +339,12 @@ impl Cublaslt {
         Ok(())
     }
 
+    /// Whether `spec` with `out` has been planned (its kernels chosen and loaded) already.
+    pub fn has_plan(&self, spec: &GemmSpec, out: GemmOut) -> bool {
+        let plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        plans.contains_key(&(*spec, out))
+    }
+
     /// Queues `C = epilogue(op(A)·op(B))` (or `C += op(A)·op(B)`) on `stream`; `Ok(false)` when
     /// an `F32Accumulate` call has no algorithm.
     // `stream` is an opaque driver handle passed through to cuBLASLt, never dereferenced here

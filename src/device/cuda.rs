@@ -546,6 +546,22 @@ impl CudaRuntime {
     }
 
     fn function(&self, kernel: &str, shared_bytes: u32) -> KernelResult<sys::CUfunction> {
+        let known = |rt: &Self| {
+            let m = rt.modules.lock().unwrap_or_else(|p| p.into_inner());
+            m.functions.contains_key(kernel)
+        };
+        if !known(self) {
+            // Loading a module or a kernel (lazily, at cuModuleGetFunction) may wait for the
+            // context's work to finish: behind a profile gate that work waits for the host, so
+            // the host would stall until the gate's timeout. (`profile_begin` loads the gate's
+            // own kernel before queueing one.)
+            self.release_gate();
+        }
+        self.function_loaded(kernel, shared_bytes)
+    }
+
+    /// `function` without releasing a profile gate first: for the gate's own launch.
+    fn function_loaded(&self, kernel: &str, shared_bytes: u32) -> KernelResult<sys::CUfunction> {
         let mut guard = self.modules.lock().unwrap_or_else(|p| p.into_inner());
         let modules = &mut *guard;
         if !modules.functions.contains_key(kernel) {
@@ -738,6 +754,11 @@ impl CudaRuntime {
         out: super::kernel::GemmOut,
     ) -> KernelResult<bool> {
         self.bind()?;
+        if self.cublaslt.get().is_none_or(|lt| !lt.has_plan(spec, out)) {
+            // A new shape loads cuBLASLt's kernels (and may time candidates): as `function`,
+            // nothing that may wait for the GPU runs behind a held profile gate.
+            self.release_gate();
+        }
         self.cublaslt()?.matmul(
             spec,
             out,
@@ -786,7 +807,7 @@ impl CudaRuntime {
         unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dflag, g.flag as *mut c_void, 0) }
             .result()
             .map_err(|e| cuda_err("profile gate's device pointer", e))?;
-        let f = self.function("profile_gate", 0)?;
+        let f = self.function_loaded("profile_gate", 0)?;
         let (mut epoch, mut timeout) = (g.queued + 1, GATE_TIMEOUT_NS);
         let mut args = [
             &mut dflag as *mut _ as *mut c_void,
@@ -823,6 +844,7 @@ impl CudaRuntime {
     /// mark: the caller names it `profile::GATE`).
     pub fn profile_begin(&self) -> KernelResult<()> {
         self.bind()?;
+        self.function("profile_gate", 0)?;
         let mut guard = self.profile_events();
         let p = &mut *guard;
         let used: Vec<_> = p.start.drain(..).chain(p.marks.drain(..)).collect();

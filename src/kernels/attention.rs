@@ -769,11 +769,18 @@ pub mod dev {
             .collect()
     }
 
-    /// `ADVDMD_ATTN_PERSISTENT`: `1` runs the H3–H9 forward on one block an SM, each taking the
-    /// units in turns (`fwd_h3`: the next unit's loads overlap this one's last tiles and its
-    /// stores); `0` or unset: a block a unit.
+    /// `ADVDMD_ATTN_PERSISTENT`: `1` or unset runs the H3–H9 forward on one block an SM, each
+    /// taking the units in turns (`fwd_h3`: the next unit's loads overlap this one's last tiles
+    /// and its stores); `0`: a block a unit. The default since it was measured faster at every
+    /// shape (docs/perf-log.md, H100, 2026-11-28: H4 at d = 64 1024 px 324.4 against 315.2
+    /// TFLOP/s, 512 px 261.0 against 242.5; H3 at d = 128 384.0 against 372.9; the SD3.5-medium
+    /// 1024 px forward 27.15 against 27.64 ms).
     pub fn persistent_env() -> Result<bool, String> {
-        crate::device::kernel::env_flag("ADVDMD_ATTN_PERSISTENT")
+        const VAR: &str = "ADVDMD_ATTN_PERSISTENT";
+        match std::env::var_os(VAR) {
+            None => Ok(true),
+            Some(_) => crate::device::kernel::env_flag(VAR),
+        }
     }
 
     /// `all` less the variants `is_hopper` names when [`hopper_disabled`], and less those the
@@ -857,11 +864,13 @@ pub mod dev {
                 .unwrap_or_else(|| Self::measured_best(d, has_wgmma && !hopper_disabled()))
         }
 
-        /// The fastest measured at head dim `d` (docs/perf-log.md, H200, 2026-11-27, 1024 px:
-        /// with wgmma, H3 at 319 TFLOP/s at d = 64 and 363 at d = 128; without, V4 307 at
-        /// d = 64 and V3 281 at d = 128).
+        /// The fastest measured at head dim `d` (docs/perf-log.md, H100, 2026-11-28, 1024 px,
+        /// every variant in one run: with wgmma, H4 at 315.2 TFLOP/s at d = 64 (H3 307.9) and
+        /// H3 at 372.9 at d = 128 (H4–H6 resolve within 1.5% of it; H3 runs persistent at
+        /// 384.0); without, V4 at d = 64 and V3 at d = 128, H200, 2026-11-27).
         pub fn measured_best(d: usize, wgmma: bool) -> FwdVariant {
             match (wgmma, d) {
+                (true, 64) => FwdVariant::H4,
                 (true, _) => FwdVariant::H3,
                 (false, 64) => FwdVariant::V4,
                 (false, _) => FwdVariant::V3,
@@ -1115,12 +1124,18 @@ pub mod dev {
                 .unwrap_or_else(|| Self::measured_best(d, has_wgmma && !hopper_disabled()))
         }
 
-        /// The fastest measured (docs/perf-log.md, H200, 2026-11-27, 1024 px): with wgmma, H3
-        /// at 287 TFLOP/s at d = 64 (at d = 128 it resolves to H2, 306); without, V3 at 257
-        /// (at d = 128 it resolves to K128, 199).
-        pub fn measured_best(_d: usize, wgmma: bool) -> BwdVariant {
+        /// The fastest measured (docs/perf-log.md, H100, 2026-11-28, 1024 px, every variant in
+        /// one run): with wgmma, H6 at 317.0 TFLOP/s at d = 64 (H3 284.2; at batch 1 307.7
+        /// against 278.4, at 512 px 235.6 against 221.3) and H3 at d = 128 (it resolves to H2,
+        /// 302.8; every variant within 0.5%); without, V3 at d = 64 (at d = 128 it resolves to
+        /// K128; H200, 2026-11-27).
+        pub fn measured_best(d: usize, wgmma: bool) -> BwdVariant {
             if wgmma {
-                BwdVariant::H3
+                if d == 64 {
+                    BwdVariant::H6
+                } else {
+                    BwdVariant::H3
+                }
             } else {
                 BwdVariant::V3
             }
@@ -1567,7 +1582,7 @@ pub mod dev {
         let blocks = plan.blocks(units);
         let ctas = match launch.ctas {
             Some(c) => c.min(blocks),
-            None if persistent_env().unwrap_or(false) => sms.min(blocks),
+            None if persistent_env().unwrap_or(true) => sms.min(blocks),
             None => blocks,
         };
         let grid = LaunchCfg::linear(ctas, variant.threads()).with_shared(shared);

@@ -175,16 +175,35 @@ pub mod dev {
         c: &DevBuf<bf16>,
         ep: EpilogueBufs,
     ) -> KernelResult<()> {
-        gemm_bf16_via(dev, spec, a, b, c, ep, SmallProducts::OwnKernels)
+        gemm_bf16_via(dev, spec, a, b, c, ep, SmallProducts::Fastest)
     }
 
     /// Where the products over at most 8 rows go: our memory-bound kernels (`gemv_small_m`,
-    /// `weight_grad_small_k`, what the model uses) or the library (cuBLASLt; the CPU GEMM under
-    /// the emulator), the `kernels` bench's same-run reference for those kernels.
+    /// `gemv_small_m_nn_partial`, `weight_grad_small_k`) or the library (cuBLASLt; the CPU GEMM
+    /// under the emulator), the `kernels` bench's same-run reference for those kernels.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum SmallProducts {
+        /// What the model uses: each product where it was measured faster (docs/perf-log.md,
+        /// H100, 2026-11-28, `kernels` bench at 1–2 × 9216 × 1536): cuBLASLt for the gemv
+        /// (12.1 against 13.9–16.6 µs) and the input gradient (14.0 against 17.6–19.1 µs), ours
+        /// for the weight gradient (41.0 against 66.1–69.0 µs).
+        Fastest,
         OwnKernels,
         Library,
+    }
+
+    impl SmallProducts {
+        fn own_gemv(self) -> bool {
+            self == SmallProducts::OwnKernels
+        }
+
+        fn own_input_grad(self) -> bool {
+            self == SmallProducts::OwnKernels
+        }
+
+        fn own_weight_grad(self) -> bool {
+            self != SmallProducts::Library
+        }
     }
 
     /// [`gemm_bf16`] with the small products sent `via`.
@@ -206,7 +225,7 @@ pub mod dev {
                 c.len()
             )));
         }
-        if via == SmallProducts::OwnKernels && small_m_gemv(&spec, a, b) && m > 0 && n > 0 {
+        if via.own_gemv() && small_m_gemv(&spec, a, b) && m > 0 && n > 0 {
             let bias = match spec.epilogue {
                 EpilogueKind::Bias => Some(need(ep.bias, n, "bias")?),
                 _ => None,
@@ -370,16 +389,7 @@ pub mod dev {
         c: &DevBuf<f32>,
         bias_acc: Option<&DevBuf<f32>>,
     ) -> KernelResult<()> {
-        gemm_bf16_f32(
-            dev,
-            spec,
-            a,
-            b,
-            c,
-            bias_acc,
-            false,
-            SmallProducts::OwnKernels,
-        )
+        gemm_bf16_f32(dev, spec, a, b, c, bias_acc, false, SmallProducts::Fastest)
     }
 
     /// [`gemm_bf16_acc_f32`], or with `overwrite` `c = op(a)·op(b)` (β = 0: `c` is neither read
@@ -423,7 +433,7 @@ pub mod dev {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        if via == SmallProducts::OwnKernels && small_m_nn(&spec, b) && !bias {
+        if via.own_input_grad() && small_m_nn(&spec, b) && !bias {
             // a memory-bound read of the weight along its rows (a modulation layer's input
             // gradient): split partials, summed into c
             dev.count_matmul_flops(2 * (m * n * k) as u64);
@@ -452,7 +462,7 @@ pub mod dev {
             dev.launch("gemv_small_m_nn_partial", cfg, args.null().i32(0).null())?;
             return sum_splits_acc(dev, c, &part, splits, !overwrite);
         }
-        if via == SmallProducts::OwnKernels && small_k_weight_grad(&spec, b, c) {
+        if via.own_weight_grad() && small_k_weight_grad(&spec, b, c) {
             // a memory-bound outer product: its own kernel (`weight_grad_small_k`), named as such
             // in a profile, credited its FLOPs
             dev.count_matmul_flops(2 * (m * n * k) as u64);

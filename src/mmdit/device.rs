@@ -614,17 +614,17 @@ impl DeviceMmdit {
             },
         };
         // the first write since zero_grad overwrites (no memset of the gradients, no read of zeros)
-        const OWN: SmallProducts = SmallProducts::OwnKernels;
+        const VIA: SmallProducts = SmallProducts::Fastest;
         let (gw, first) = self.params.grad_first_write(&format!("{prefix}.weight"))?;
         match db.as_deref() {
             Some(db) if few_rows => {
-                gemm_bf16_f32(&self.dev, spec, dy, x, &gw, Some(db), first, OWN)
+                gemm_bf16_f32(&self.dev, spec, dy, x, &gw, Some(db), first, VIA)
             }
             Some(db) => {
-                gemm_bf16_f32(&self.dev, spec, dy, x, &gw, None, first, OWN)?;
+                gemm_bf16_f32(&self.dev, spec, dy, x, &gw, None, first, VIA)?;
                 adaln::colsum_acc(&self.dev, dy, (rows, out), db)
             }
-            None => gemm_bf16_f32(&self.dev, spec, dy, x, &gw, None, first, OWN),
+            None => gemm_bf16_f32(&self.dev, spec, dy, x, &gw, None, first, VIA),
         }
     }
 
