@@ -261,7 +261,7 @@ fn column_backwards(b: &mut Bench) -> KernelResult<()> {
     use crate::kernels::adaln::dev::{self as adaln_dev, ColumnLayout, ColumnSums};
     let timed = column_backward_rows(b);
     adaln_dev::set_column_layout(ColumnLayout::RowLanes);
-    adaln_dev::set_column_sums(ColumnSums::InKernel);
+    adaln_dev::set_column_sums(ColumnSums::SumSplits);
     timed
 }
 
@@ -316,8 +316,8 @@ fn column_backward_rows(b: &mut Bench) -> KernelResult<()> {
             .collect::<KernelResult<Vec<_>>>()?;
         let dev = b.dev.clone();
         let shape = format!("{batch}x{l}x{d} bf16");
-        // the defaults first; "row lanes" and "one lane" (each with a sum_splits launch after
-        // the kernel) are the sixteenth and the fifteenth sessions' ways
+        // in-kernel sums (measured slower: no longer the default), then the default "row lanes"
+        // and "one lane" (each with a sum_splits launch after the kernel)
         for (layout, sums, tag) in [
             (
                 ColumnLayout::RowLanes,
@@ -365,9 +365,9 @@ fn column_backward_rows(b: &mut Bench) -> KernelResult<()> {
             })?;
         }
         // An MMDiT-X block's two adaLNs of x (its first and attn2's) in one dx pass, beside two
-        // adaln_modulate_bwd_acc (the defaults: row lanes, in-kernel sums)
+        // adaln_modulate_bwd_acc (the defaults: row lanes, a sum_splits launch)
         adaln_dev::set_column_layout(ColumnLayout::RowLanes);
-        adaln_dev::set_column_sums(ColumnSums::InKernel);
+        adaln_dev::set_column_sums(ColumnSums::SumSplits);
         let pair_bytes = rows * d * (2 + 2 * 2 + 4 + 4) + rows * 16 + batch * d * 2 * (2 + 2 * 4);
         let other = |i: usize| &s[(i + 1) % sets];
         b.time(
@@ -435,8 +435,8 @@ fn qk(b: &mut Bench) -> KernelResult<()> {
         qknorm::dev::rms_norm_fwd_into(&dev, y, rstd, x, w, (rows, d), 1e-6)
     })?;
     let bytes = 3 * rows * d * 2 + rows * 4 + d * 2 + d * 4;
-    // the weight gradient's partials summed by the kernel's last block (the default), then by a
-    // sum_splits launch (the first way)
+    // the weight gradient's partials summed by the kernel's last block, then by a
+    // sum_splits launch (the default)
     for (sums, tag) in SUMS {
         adaln_dev::set_column_sums(sums);
         b.time(&format!("rms_norm_bwd ({tag})"), &shape, bytes, sets, |i| {
@@ -501,7 +501,7 @@ fn qk(b: &mut Bench) -> KernelResult<()> {
             qknorm::dev::rms_norm_bwd_laid_pair(&dev, dx, x, pair, ws, rs, dys, (rows, d), dws)
         })?;
     }
-    adaln_dev::set_column_sums(ColumnSums::InKernel);
+    adaln_dev::set_column_sums(ColumnSums::SumSplits);
     // q's gradient from the attention backward's f32 dQ accumulator: read by the pair's launch
     // itself (the default), or first converted to bf16 by joint_attn_dq_convert (the first way)
     let accs: Vec<_> = (0..sets)
@@ -529,7 +529,7 @@ fn qk(b: &mut Bench) -> KernelResult<()> {
     Ok(())
 }
 
-/// Who sums a backward's partial rows, with the rows' tags: the default first.
+/// Who sums a backward's partial rows, with the rows' tags: in-kernel, then the default.
 const SUMS: [(crate::kernels::adaln::dev::ColumnSums, &str); 2] = [
     (
         crate::kernels::adaln::dev::ColumnSums::InKernel,
@@ -720,7 +720,7 @@ fn modulation_products(b: &mut Bench) -> KernelResult<()> {
                 gemm_bf16_f32(&dev, bwd, &dm, &w[i], &dx, None, false, via)
             })?;
         }
-        crate::kernels::adaln::dev::set_column_sums(SUMS[0].0);
+        crate::kernels::adaln::dev::set_column_sums(SUMS[1].0);
         b.time(
             "input grad: cuBLASLt (+=f32)",
             &shape,
@@ -819,8 +819,8 @@ fn sde_kernels(b: &mut Bench) -> KernelResult<()> {
     let dev = b.dev.clone();
     let shape = format!("{bs}x{d} f32");
     // Reads x, v, z; writes x', x̂0, μ, ∂ℓ/∂v̂ (the log-prob itself is B values): the
-    // log-probabilities formed by each sample's last block (the default), then by a
-    // sde_logprob_finalize launch after the kernel (the first way)
+    // log-probabilities formed by each sample's last block, then by a
+    // sde_logprob_finalize launch after the kernel (the default)
     let names = [
         "sde_rho_step (in-kernel log-prob)",
         "sde_rho_step (+finalize)",
@@ -849,7 +849,7 @@ fn sde_kernels(b: &mut Bench) -> KernelResult<()> {
             )
         })?;
     }
-    crate::kernels::adaln::dev::set_column_sums(SUMS[0].0);
+    crate::kernels::adaln::dev::set_column_sums(SUMS[1].0);
     // Must move: x, x̂0_real, x̂0_fake in, g out (the kernel pair reads x̂0_real twice).
     b.time("dmd_gradient (2 kernels)", &shape, 4 * n * 4, sets, |i| {
         let t = &s[i];

@@ -255,28 +255,30 @@ pub mod dev {
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum ColumnSums {
         /// The kernel's last block of each column slice, counted by tickets
-        /// ([`KernelDevice::column_tickets`]): no launch after it (the default).
+        /// ([`KernelDevice::column_tickets`]): no launch after it, but 2–11 µs slower a call
+        /// than the launch it saves on the H100 (docs/perf-log.md, 2026-11-28), so not the
+        /// default.
         InKernel,
-        /// A `sum_splits` launch after the kernel: the first way, kept for the kernels bench's A/B.
+        /// A `sum_splits` launch after the kernel (the default).
         SumSplits,
     }
 
-    static SUM_SPLITS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    static IN_KERNEL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
     /// Sets who sums the column partials in every later launch in this process (the kernels
     /// bench times both; everything else keeps the default).
     pub fn set_column_sums(sums: ColumnSums) {
-        SUM_SPLITS.store(
-            sums == ColumnSums::SumSplits,
+        IN_KERNEL.store(
+            sums == ColumnSums::InKernel,
             std::sync::atomic::Ordering::Relaxed,
         );
     }
 
     pub(crate) fn column_sums() -> ColumnSums {
-        if SUM_SPLITS.load(std::sync::atomic::Ordering::Relaxed) {
-            ColumnSums::SumSplits
-        } else {
+        if IN_KERNEL.load(std::sync::atomic::Ordering::Relaxed) {
             ColumnSums::InKernel
+        } else {
+            ColumnSums::SumSplits
         }
     }
 

@@ -4,7 +4,8 @@
 use super::*;
 use advdmd::device::kernel::{EpilogueKind as E, GemmSpec};
 use advdmd::kernels::gemm::dev::{
-    gelu_tanh, gelu_tanh_grad, gemm_bf16, gemm_bf16_dgelu, EpilogueBufs,
+    gelu_tanh, gelu_tanh_grad, gemm_bf16, gemm_bf16_dgelu, gemm_bf16_via, EpilogueBufs,
+    SmallProducts,
 };
 
 fn reference(spec: &GemmSpec, a: &[f32], b: &[f32]) -> Vec<f32> {
@@ -32,7 +33,7 @@ fn reference(spec: &GemmSpec, a: &[f32], b: &[f32]) -> Vec<f32> {
     out
 }
 
-/// M ≤ 8 with K % 8 == 0 (NT, None or Bias) runs `gemv_small_m`: (8, 8, 8), (1, 96, 1536),
+/// M ≤ 8 with K % 8 == 0 (NT, None or Bias) runs `gemv_small_m` when asked: (8, 8, 8), (1, 96, 1536),
 /// (3, 40, 24), and (2, 16, 2600), whose rows are longer than one round of its packs (2048);
 /// (5, 24, 36) does not (K % 8 ≠ 0).
 const SHAPES: &[(usize, usize, usize)] = &[
@@ -72,38 +73,30 @@ fn gemm_with_every_epilogue_matches_reference() {
                 let shape = format!("{m}x{n}x{k} t{}{}", trans_a as u8, trans_b as u8);
                 let c = dev.alloc(m * n).unwrap();
 
-                gemm_bf16(&dev, base, &ad, &bd, &c, EpilogueBufs::default()).unwrap();
-                check("gemm", &dev, &shape, &download_f32(&dev, &c), &prod, 1e-2);
+                // the model's routing, and our small-M kernel by name (`gemv_small_m` where it
+                // applies: the default sends those products to the library)
+                for via in [SmallProducts::Fastest, SmallProducts::OwnKernels] {
+                    let none = EpilogueBufs::default();
+                    gemm_bf16_via(&dev, base, &ad, &bd, &c, none, via).unwrap();
+                    check("gemm", &dev, &shape, &download_f32(&dev, &c), &prod, 1e-2);
 
-                let spec = GemmSpec {
-                    epilogue: E::Bias,
-                    ..base
-                };
-                gemm_bf16(
-                    &dev,
-                    spec,
-                    &ad,
-                    &bd,
-                    &c,
-                    EpilogueBufs {
+                    let spec = GemmSpec {
+                        epilogue: E::Bias,
+                        ..base
+                    };
+                    let ep = EpilogueBufs {
                         bias: Some(&biasd),
                         ..Default::default()
-                    },
-                )
-                .unwrap();
-                let want: Vec<f32> = prod
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| v + bias[i % n])
-                    .collect();
-                check(
-                    "gemm+bias",
-                    &dev,
-                    &shape,
-                    &download_f32(&dev, &c),
-                    &want,
-                    1e-2,
-                );
+                    };
+                    gemm_bf16_via(&dev, spec, &ad, &bd, &c, ep, via).unwrap();
+                    let want: Vec<f32> = prod
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| v + bias[i % n])
+                        .collect();
+                    let c = download_f32(&dev, &c);
+                    check("gemm+bias", &dev, &shape, &c, &want, 1e-2);
+                }
 
                 let spec = GemmSpec {
                     epilogue: E::GeluBias,
@@ -305,7 +298,7 @@ fn gemm_with_every_epilogue_matches_reference() {
 /// (tighter than any bf16 output could be), with and without the bias epilogue.
 #[test]
 fn accumulating_weight_gradient_gemm_adds_in_f32() {
-    use advdmd::kernels::gemm::dev::{gemm_bf16_acc_f32, gemm_bf16_f32, SmallProducts};
+    use advdmd::kernels::gemm::dev::{gemm_bf16_acc_f32, gemm_bf16_f32};
     for dev in devices() {
         // K ≤ 8 with in_f % 8 == 0 runs `weight_grad_small_k` (the modulation layers' gradient:
         // one row per sample), the rest cuBLASLt (the CPU GEMM under the emulator)
@@ -397,7 +390,7 @@ fn accumulating_weight_gradient_gemm_adds_in_f32() {
 /// memory-bound kernels of small_gemm.cu (not cuBLASLt), credited their FLOPs in a profile.
 #[test]
 fn small_products_run_their_own_kernels() {
-    use advdmd::kernels::gemm::dev::{gemm_bf16_f32, gemm_bf16_via, SmallProducts};
+    use advdmd::kernels::gemm::dev::gemm_bf16_f32;
     for dev in devices() {
         let (m, n, k) = (2, 96, 64);
         let mut rng = Rng::new(5);
@@ -484,7 +477,7 @@ fn small_products_run_their_own_kernels() {
 /// 8 rows a split asks for; the profile names the kernel with the product's FLOPs.
 #[test]
 fn small_m_nn_products_add_into_f32() {
-    use advdmd::kernels::gemm::dev::{gemm_bf16_acc_f32, gemm_bf16_f32, SmallProducts};
+    use advdmd::kernels::gemm::dev::gemm_bf16_f32;
     for dev in devices() {
         for &(m, n, k) in &[
             (1, 64, 48),
@@ -513,20 +506,9 @@ fn small_m_nn_products_add_into_f32() {
                 let c = dev.upload(&old).unwrap();
                 let p = dev
                     .profile(|| {
-                        if overwrite {
-                            gemm_bf16_f32(
-                                &dev,
-                                spec,
-                                &ad,
-                                &bd,
-                                &c,
-                                None,
-                                true,
-                                SmallProducts::OwnKernels,
-                            )
-                        } else {
-                            gemm_bf16_acc_f32(&dev, spec, &ad, &bd, &c, None)
-                        }
+                        // (our kernel by name: the default sends these products to the library)
+                        let via = SmallProducts::OwnKernels;
+                        gemm_bf16_f32(&dev, spec, &ad, &bd, &c, None, overwrite, via)
                     })
                     .unwrap();
                 let row = p.rows.iter().find(|r| r.name == "gemv_small_m_nn_partial");
