@@ -345,12 +345,14 @@ impl CudaRuntime {
         let mut st = self.staging();
         let block = match st.free_blocks.iter().position(|b| b.0 == size) {
             Some(i) => st.free_blocks.swap_remove(i),
-            // SAFETY: plain pinned host memory, freed in Drop (or reused).
-            None => (
-                size,
-                unsafe { result::malloc_host(size, 0) }.map_err(|e| cuda_err("pinned block", e))?
-                    as *mut u8,
-            ),
+            None => {
+                // (pinning host memory is a driver call that may wait: not behind a held gate)
+                self.release_gate();
+                // SAFETY: plain pinned host memory, freed in Drop (or reused).
+                let p = unsafe { result::malloc_host(size, 0) }
+                    .map_err(|e| cuda_err("pinned block", e))?;
+                (size, p as *mut u8)
+            }
         };
         if bytes > 0 {
             // SAFETY: the block holds ≥ `bytes` bytes and nothing else uses it until the copy's
