@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# A kernel's SASS without a GPU: how many instructions of each kind its loops issue (design/CUDA.md
+# §1's wheels, plus cuobjdump and nvdisasm from PyPI, cached once). For the kernel-development
+# loop on a machine with no card: count what a change removes from a loop before a card times it.
+#
+# Usage: tools/sass-stats.sh KERNEL [--from HEX --to HEX] [--map] [--fatbin PATH]
+#   KERNEL           an entry point (e.g. joint_attn_fwd_h4_d64_vfused), from the fatbins the last
+#                    `cargo build --release` embedded (target/release/build/advdmd-*/out)
+#   --from/--to HEX  count only the instructions at these addresses (as printed), both included
+#   --map            also list the control, barrier and tensor-core instructions with addresses
+# Prints every loop (a backward branch and its target) with its instruction count and its ten
+# commonest opcodes, then the opcode counts of the whole kernel or of the range. Counts are
+# static: every instruction between two addresses, whether a branch skips it or not (the tail
+# tile's masking, a rare rescale), so pick the range of the path that runs (--map shows the
+# branches).
+set -euo pipefail
+CACHE="${ADVDMD_SASS_CACHE:-$HOME/.cache/advdmd/sass-tools-13.2}"
+if [ ! -f "$CACHE/.complete" ]; then
+  rm -rf "$CACHE"
+  python3 -m venv "$CACHE" >&2
+  "$CACHE/bin/pip" install --quiet --disable-pip-version-check \
+    nvidia-cuda-cuobjdump==13.2.86 nvidia-cuda-nvdisasm==13.2.86 >&2
+  touch "$CACHE/.complete"
+fi
+tools="$(dirname "$(find "$CACHE/lib" -path '*nvidia/cu13/bin/cuobjdump' | head -1)")"
+export PATH="$tools:$PATH" NVDISASM_PATH="$tools"
+
+kernel="${1:?usage: tools/sass-stats.sh KERNEL [--from HEX --to HEX] [--map] [--fatbin PATH]}"
+shift
+from="" to="" map=0 fatbin=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --from) from="$2"; shift 2 ;;
+    --to) to="$2"; shift 2 ;;
+    --map) map=1; shift ;;
+    --fatbin) fatbin="$2"; shift 2 ;;
+    *) echo "sass-stats: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+
+sass="$(mktemp)"
+trap 'rm -f "$sass"' EXIT
+if [ -n "$fatbin" ]; then
+  cuobjdump -sass -fun "$kernel" "$fatbin" >"$sass"
+else
+  out="$(ls -td target/release/build/advdmd-*/out 2>/dev/null | while read -r d; do
+    ls "$d"/*.fatbin >/dev/null 2>&1 && { echo "$d"; break; }; done)"
+  [ -n "$out" ] || { echo "sass-stats: no fatbins under target/release/build: cargo build --release first" >&2; exit 1; }
+  for f in "$out"/*.fatbin; do
+    if cuobjdump -sass -fun "$kernel" "$f" >"$sass" 2>/dev/null && grep -q "Function : $kernel\$" "$sass"; then
+      echo "$kernel in $f"
+      break
+    fi
+    : >"$sass"
+  done
+fi
+grep -q "Function : $kernel\$" "$sass" || { echo "sass-stats: $kernel not found" >&2; exit 1; }
+
+python3 - "$sass" "$kernel" "$from" "$to" "$map" <<'PY'
+import collections, re, sys
+path, kernel, lo, hi, show_map = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1"
+ins = []  # (address, opcode, text)
+inside = False
+for line in open(path):
+    if "Function :" in line:
+        inside = line.split("Function :")[1].strip() == kernel
+        continue
+    m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+([^;]+);", line)
+    if inside and m:
+        text = m[2].strip()
+        words = text.split()
+        op = words[1] if words[0].startswith("@") else words[0]
+        ins.append((int(m[1], 16), op, text))
+
+def top(body, n=10):
+    c = collections.Counter(op for _, op, _ in body)
+    return ", ".join(f"{op} {k}" for op, k in c.most_common(n))
+
+print(f"{kernel}: {len(ins)} instructions")
+for a, op, text in ins:
+    t = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
+    if op.startswith("BRA") and t and int(t[1], 16) <= a:
+        body = [i for i in ins if int(t[1], 16) <= i[0] <= a]
+        print(f"loop {int(t[1], 16):#x}..{a:#x}: {len(body)} instructions: {top(body)}")
+if show_map:
+    keep = re.compile(r"^(BRA|EXIT|BAR|SYNCS|WARPGROUP|HGMMA|WARPSYNC|VOTE|RET|CALL)")
+    for a, op, text in ins:
+        if keep.match(op):
+            print(f"  {a:#06x}  {text}")
+sel = ins
+if lo or hi:
+    a0 = int(lo, 16) if lo else 0
+    a1 = int(hi, 16) if hi else 1 << 62
+    sel = [i for i in ins if a0 <= i[0] <= a1]
+    print(f"range {a0:#x}..{a1:#x}: {len(sel)} instructions")
+for op, k in collections.Counter(op for _, op, _ in sel).most_common():
+    print(f"{k:6d}  {op}")
+PY
