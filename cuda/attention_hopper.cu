@@ -4,8 +4,8 @@
 // (its top comment describes them), with every product on wgmma (common.cuh) instead of
 // mma.sync. CPU twin: src/kernels/attention.rs.
 //
-//   joint_attn_fwd_h{1..9}_d{64,128}[_vfused]   O (two buffers) and lse [B, H, La+Lb]
-//                                               (FwdVariant::H1 … H9; H4–H6, H8, H9 at d = 64)
+//   joint_attn_fwd_h{1..10}_d{64,128}[_vfused]  O (two buffers) and lse [B, H, La+Lb]
+//                                               (FwdVariant::H1 … H10; H4–H6, H8–H10 at d = 64)
 //   joint_attn_bwd_h{1,2}_d{64,128}[_vfused],   dK, dV (bf16) per 128-key tile, dQ into the f32
 //   joint_attn_bwd_h3_d64[_vfused]              accumulators (BwdVariant::H1, H2, H3; the section
 //                                               "Backward" below)
@@ -135,7 +135,8 @@ __device__ __forceinline__ void fwd_issue_pv(float* o, const uint32_t (&p)[KN / 
 // whether the maximum moves differs from warp to warp.
 // POLY > 0: every POLY-th group of 4 scores (j ≡ POLY − 1 mod POLY) takes its exponentials from
 // poly_exp2 on the FMA pipes instead of the special-function unit (FwdVariant::H4: POLY = 4).
-template <int D, int KN, int POLY = 0>
+// SUMS = false (fwd_h3's ROWSUM): l is neither rescaled nor added to; the tensor cores sum P.
+template <int D, int KN, int POLY = 0, bool SUMS = true>
 __device__ __forceinline__ void softmax_exps(float (&s)[KN / 2], float (&alpha)[2], float (&ms)[2], float (&l)[2],
                                              int krows, int t, float scale_log2) {
     if (krows < KN) {
@@ -165,7 +166,7 @@ __device__ __forceinline__ void softmax_exps(float (&s)[KN / 2], float (&alpha)[
             const float mn = fmaxf(ms[r], mx[r] * scale_log2);
             alpha[r] = fast_exp2(ms[r] - mn);
             ms[r] = mn;
-            l[r] *= alpha[r];
+            if constexpr (SUMS) l[r] *= alpha[r];
         }
     }
     float rs[2] = {0.f, 0.f};
@@ -176,10 +177,12 @@ __device__ __forceinline__ void softmax_exps(float (&s)[KN / 2], float (&alpha)[
             const float x = fmaf(s[4 * j + e], scale_log2, -ms[e >> 1]);
             const float p = POLY > 0 && j % POLY == POLY - 1 ? poly_exp2(x) : fast_exp2(x);
             s[4 * j + e] = p;
-            rs[e >> 1] += p;
+            if constexpr (SUMS) rs[e >> 1] += p;
         }
-    l[0] += rs[0];
-    l[1] += rs[1];
+    if constexpr (SUMS) {
+        l[0] += rs[0];
+        l[1] += rs[1];
+    }
 }
 
 // P (softmax_exps' values in s) rounded to bf16 into the A fragments of the P·V wgmma.
@@ -195,10 +198,10 @@ __device__ __forceinline__ void pack_p(const float (&s)[KN / 2], uint32_t (&pa)[
 }
 
 // Tile i's softmax with P packed at once (the caller's P registers are free: two P sets).
-template <int D, int KN, int POLY = 0>
+template <int D, int KN, int POLY = 0, bool SUMS = true>
 __device__ __forceinline__ void softmax_to_p(float (&s)[KN / 2], float (&alpha)[2], float (&ms)[2], float (&l)[2],
                                              uint32_t (&pa)[KN / 16][4], int krows, int t, float scale_log2) {
-    softmax_exps<D, KN, POLY>(s, alpha, ms, l, krows, t, scale_log2);
+    softmax_exps<D, KN, POLY, SUMS>(s, alpha, ms, l, krows, t, scale_log2);
     pack_p<KN>(s, pa);
 }
 
@@ -214,6 +217,28 @@ __device__ __forceinline__ void rescale_o(float (&o)[D / 2], const float (&alpha
             o[4 * j + 2 * r] *= alpha[r];
             o[4 * j + 2 * r + 1] *= alpha[r];
         }
+}
+
+// Row sums of P on the tensor cores (fwd_h3's ROWSUM): lsum (+)= P·1 over KN/16 steps of k16, B a
+// 16 × 8 block of bf16 ones in shared memory (every step reads the same 256 bytes). lsum is an
+// m64n8 accumulator: this thread's rows g and g + 8 in [0, 1] and [2, 3], every column the sum.
+template <int KN>
+__device__ __forceinline__ void fwd_issue_rowsum(float (&lsum)[4], const uint32_t (&p)[KN / 16][4], uint64_t ones) {
+#pragma unroll
+    for (int c = 0; c < KN / 16; c++) wgmma_rs<8, 0>(lsum, p[c], ones, 1);
+}
+
+// The 256 bytes of bf16 ones fwd_issue_rowsum reads, and their descriptor (no swizzle: 8-row core
+// matrices of 16-byte rows, the second k8 half 128 bytes on).
+__device__ __forceinline__ uint64_t ones_desc(const unsigned char* ones) {
+    return wgmma_desc(smem_addr(ones), 128, 256, kSwizzleNone);
+}
+
+// lsum moved to the new maximum with O (rescale_o's alpha, the same warp-uniform skip).
+__device__ __forceinline__ void rescale_sum(float (&lsum)[4], const float (&alpha)[2]) {
+    if (!__any_sync(FULL_MASK, alpha[0] != 1.f || alpha[1] != 1.f)) return;
+#pragma unroll
+    for (int e = 0; e < 4; e++) lsum[e] *= alpha[e >> 1];
 }
 
 __device__ __forceinline__ void store_pair(bf16* p, float a, float b) {
@@ -542,7 +567,7 @@ __device__ __forceinline__ void fwd_split_combine(bf16* __restrict__ oa, bf16* _
 // with fewer (persistent: one a SM) the producer loads a unit's Q and first key tiles while the
 // consumers still work on the previous unit and store its rows (Q double-buffered, the ring of
 // stages running on), where a new block would first wait for its launch and its loads.
-template <int D, int KN, int STAGES, int VMUL, int POLY = 0, int NC = 2, bool ASYNC = false>
+template <int D, int KN, int STAGES, int VMUL, int POLY = 0, int NC = 2, bool ASYNC = false, bool ROWSUM = false>
 __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
                                        const bf16* __restrict__ qa, const bf16* __restrict__ ka,
                                        const bf16* __restrict__ va, const bf16* __restrict__ qb,
@@ -583,6 +608,8 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
     uint64_t* q_empty = q_full + 2;
     uint64_t* full = q_empty + 2;
     uint64_t* empty = full + STAGES;
+    // ROWSUM: 256 bytes of bf16 ones after the mbarriers (16-byte aligned: 8·(4 + 2·STAGES) bytes)
+    unsigned char* sOnes = reinterpret_cast<unsigned char*>(empty + STAGES);
 
     const int tid = threadIdx.x, wg = tid / 128;
     const int Lt = La + Lb;
@@ -598,6 +625,12 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
             mbar_init(&empty[s], CT);
         }
         fence_mbarrier_init();
+    }
+    if constexpr (ROWSUM) {
+        if (tid < 64) {
+            st_shared(reinterpret_cast<uint32_t*>(sOnes) + tid, 0x3F803F80u);  // two bf16 1.0
+            fence_proxy_async();  // for the wgmma that read them, after the barrier
+        }
     }
     __syncthreads();
 
@@ -647,6 +680,8 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
     const uint32_t k_addr = smem_addr(sK0), v_addr = smem_addr(sV0);
     H2Regs<D, KN> R;
     uint32_t p0[KN / 16][4], p1[KN / 16][4];
+    float lsum[4];  // ROWSUM: l on the tensor cores
+    const uint64_t ones = ROWSUM ? ones_desc(sOnes) : 0;
 
     const int next_turn = 1 + (c + 1) % NC;  // the named barrier of the group issuing after this one
     // The groups' turns alternate without a break from unit to unit (each takes nkt + 1 a unit).
@@ -660,6 +695,8 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
         for (int i = 0; i < D / 2; i++) R.o[i] = 0.f;
         R.ms[0] = R.ms[1] = -INFINITY;
         R.l[0] = R.l[1] = 0.f;
+#pragma unroll
+        for (int e = 0; e < 4; e++) lsum[e] = 0.f;
         mbar_wait(&q_full[qs], (n / 2) & 1);
         // ASYNC: the copies were not fenced for the async proxy by their issuer, which never
         // waited for them; the reader fences after acquiring them.
@@ -674,6 +711,7 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
                 named_bar_sync(1 + c, TURN);
                 wgmma_fence();
                 fwd_issue_pv<D, KN>(R.o, pv, v_prev);
+                if constexpr (ROWSUM) fwd_issue_rowsum<KN>(lsum, pv, ones);
                 wgmma_commit();
                 named_bar_arrive(next_turn, TURN);
                 wgmma_wait<0>();
@@ -689,7 +727,10 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
             wgmma_fence();
             fwd_issue_s<D, KN, QT>(s, q_at, k_st);
             wgmma_commit();
-            if (i > 0) fwd_issue_pv<D, KN>(R.o, pv, v_prev);
+            if (i > 0) {
+                fwd_issue_pv<D, KN>(R.o, pv, v_prev);
+                if constexpr (ROWSUM) fwd_issue_rowsum<KN>(lsum, pv, ones);
+            }
             wgmma_commit();
             named_bar_arrive(next_turn, TURN);
             wgmma_wait<1>();  // S_i complete; P_{i−1}·V_{i−1} may still run
@@ -698,15 +739,16 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
             const int krows = min(KN, kg < ntiles<KN>(La) ? La - kg * KN : Lb - (kg - ntiles<KN>(La)) * KN);
             float alpha[2];
             if constexpr (PSETS == 2) {
-                softmax_to_p<D, KN, POLY>(s, alpha, R.ms, R.l, pn, krows, t, scale_log2);
+                softmax_to_p<D, KN, POLY, !ROWSUM>(s, alpha, R.ms, R.l, pn, krows, t, scale_log2);
                 wgmma_wait<0>();
                 rescale_o<D>(R.o, alpha);
             } else {
-                softmax_exps<D, KN, POLY>(s, alpha, R.ms, R.l, krows, t, scale_log2);
+                softmax_exps<D, KN, POLY, !ROWSUM>(s, alpha, R.ms, R.l, krows, t, scale_log2);
                 wgmma_wait<0>();  // P_{i−1}·V_{i−1} has read the P registers
                 rescale_o<D>(R.o, alpha);
                 pack_p<KN>(s, pn);
             }
+            if constexpr (ROWSUM) rescale_sum(lsum, alpha);
             if (i > 0) mbar_arrive(&empty[prev]);  // P_{i−1}·V_{i−1}, the stage's last reader, is done
         };
         if constexpr (PSETS == 2) {
@@ -721,6 +763,11 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
         const int bh = sp.bh, b = bh / H, h = bh % H;
         const Tile qt = tile_of<QT>(sp.tile, La, Lb);
         const int row0 = 64 * c + 16 * w + gr;  // this thread's rows: row0 and row0 + 8
+        if constexpr (ROWSUM) {
+            // every column of lsum holds the row's sum; the epilogue adds the quad's four l (exact)
+            R.l[0] = 0.25f * lsum[0];
+            R.l[1] = 0.25f * lsum[2];
+        }
         if (sp.slot >= 0)
             fwd_store_piece<D, QT>(R.o, R.ms, R.l, opart, sp.slot, row0, qt.rows, t);
         else
@@ -1019,6 +1066,8 @@ __device__ __forceinline__ void bwd_store_kv_piece(const float* dk, const float*
 // advdmd-entry-registers: joint_attn_fwd_h3_d128_vfused 168
 // advdmd-entry-registers: joint_attn_fwd_h4_d64 168
 // advdmd-entry-registers: joint_attn_fwd_h4_d64_vfused 168
+// advdmd-entry-registers: joint_attn_fwd_h10_d64 168
+// advdmd-entry-registers: joint_attn_fwd_h10_d64_vfused 168
 // advdmd-entry-registers: joint_attn_fwd_h5_d64 128
 // advdmd-entry-registers: joint_attn_fwd_h5_d64_vfused 128
 // advdmd-entry-registers: joint_attn_fwd_h6_d64 128
@@ -1432,6 +1481,9 @@ FWD_SPLIT_COMBINE_ENTRY(joint_attn_fwd_split_combine_d128_q128, 128, 128)
 // Forward H4 (D = 64): H3 with a quarter of the exponentials on the FMA pipes (poly_exp2).
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h4_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4>)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h4_d64_vfused, 384, 1, attn_h::fwd_h3<64, 128, 4, 3, 4>)
+// Forward H10 (D = 64): H4 with the softmax's row sums on the tensor cores (P·1, ROWSUM).
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h10_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 2, false, true>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h10_d64_vfused, 384, 1, attn_h::fwd_h3<64, 128, 4, 3, 4, 2, false, true>)
 // Forward H5, H6 (D = 64): H3 with three consumer groups (192 query rows; one P register set),
 // without and with H4's polynomial exponentials.
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h5_d64, 512, 1, attn_h::fwd_h3<64, 128, 4, 1, 0, 3>)

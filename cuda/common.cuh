@@ -323,6 +323,18 @@ __device__ __forceinline__ void wgmma_m64n32k16_ss(float d[16], uint64_t desc_a,
         : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B));
 }
 
+// d (+)= A·B, 64×8×16, A from registers (this warp's 16 rows as an mma A fragment): the narrowest
+// product, for row sums of A against a B of ones.
+template <int TRANS_B>
+__device__ __forceinline__ void wgmma_m64n8k16_rs(float d[4], const uint32_t a[4], uint64_t desc_b, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1, %10;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(TRANS_B));
+}
+
 // d (+)= A·B, 64×32×16, A from registers (this warp's 16 rows as an mma A fragment).
 template <int TRANS_B>
 __device__ __forceinline__ void wgmma_m64n32k16_rs(float d[16], const uint32_t a[4], uint64_t desc_b,
@@ -453,8 +465,9 @@ __device__ __forceinline__ void setmaxnreg_dec() {
 }
 #endif
 
-// N-generic forms (N = 32, 64 or 128; 192 for the shared-operand form) for kernels templated on
-// a tile width. The emulator's (emu.h) are macros, so that its faults name the calling line.
+// N-generic forms (N = 32, 64 or 128; also 8 with A from registers, 192 with both operands in
+// shared memory) for kernels templated on a tile width. The emulator's (emu.h) are macros, so that
+// its faults name the calling line.
 #ifndef ADVDMD_EMU
 template <int N, int TRANS_A, int TRANS_B>
 __device__ __forceinline__ void wgmma_ss(float* d, uint64_t desc_a, uint64_t desc_b, int scale_d) {
@@ -470,8 +483,10 @@ __device__ __forceinline__ void wgmma_ss(float* d, uint64_t desc_a, uint64_t des
 }
 template <int N, int TRANS_B>
 __device__ __forceinline__ void wgmma_rs(float* d, const uint32_t a[4], uint64_t desc_b, int scale_d) {
-    static_assert(N == 32 || N == 64 || N == 128, "wgmma wrappers exist for N = 32, 64 and 128");
-    if constexpr (N == 32)
+    static_assert(N == 8 || N == 32 || N == 64 || N == 128, "wgmma wrappers exist for N = 8, 32, 64 and 128");
+    if constexpr (N == 8)
+        wgmma_m64n8k16_rs<TRANS_B>(d, a, desc_b, scale_d);
+    else if constexpr (N == 32)
         wgmma_m64n32k16_rs<TRANS_B>(d, a, desc_b, scale_d);
     else if constexpr (N == 64)
         wgmma_m64n64k16_rs<TRANS_B>(d, a, desc_b, scale_d);

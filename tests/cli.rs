@@ -88,12 +88,12 @@ fn bad_attention_variant_env_is_an_error() {
             "{d}"
         );
     }
-    // by default, the wgmma kernels where they run (here: the emulator, or an sm_90 GPU; H3's
-    // backward runs H2 at d = 128), and without them (ADVDMD_ATTN_NO_HOPPER=1) V4 / V3, whose
-    // backward runs K128 at d = 128
+    // by default, the wgmma kernels where they run (here: the emulator, or an sm_90 GPU): H4 / H6
+    // at d = 64, H3 / H3 at d = 128 (whose backward runs H2); without them
+    // (ADVDMD_ATTN_NO_HOPPER=1) V4 / V3, whose backward runs K128 at d = 128
     let gpu = std::process::Command::new("nvidia-smi").output().is_ok();
     for (env, want) in [
-        (None, [("h3", "h3"), ("h3", "h2")]),
+        (None, [("h4", "h6"), ("h3", "h2")]),
         (Some("1"), [("v4", "v3"), ("v3", "k128")]),
     ] {
         if gpu && env.is_none() {

@@ -640,7 +640,7 @@ struct WgmmaAt {
     }
     template <int N, int TRANS_B>
     void rs(float* d, const uint32_t a[4], uint64_t desc_b, int scale_d) const {
-        static_assert(N == 32 || N == 64 || N == 128, "wgmma wrappers exist for N = 32, 64 and 128");
+        static_assert(N == 8 || N == 32 || N == 64 || N == 128, "wgmma wrappers exist for N = 8, 32, 64 and 128");
         wgmma_bf16(d, N, a, 0, desc_b, scale_d, 0, TRANS_B, file, line);
     }
 };

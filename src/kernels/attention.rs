@@ -834,7 +834,11 @@ pub mod dev {
     /// P register sets at d = 128 too). `H8` (d = 64;
     /// at d = 128 it runs `H7`): H7 with H4's polynomial exponentials. `H9` (d = 64; at d = 128
     /// `H7`): H8 with 192-key tiles, FlashAttention-3's tile at this head dim (one P register
-    /// set; a 1024-token stream ends in a third of a tile, so more keys are masked).
+    /// set; a 1024-token stream ends in a third of a tile, so more keys are masked). `H10` (d = 64;
+    /// at d = 128 `H3`): H4 with the softmax's row sums on the tensor cores — P·1 by a
+    /// `wgmma m64n8k16` against 256 bytes of ones, issued with P·V and rescaled with O — instead
+    /// of 64 serial adds a thread a tile (a seventh of the softmax's instructions; the sums are
+    /// of the bf16 P that O sums).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum FwdVariant {
         V3,
@@ -848,6 +852,7 @@ pub mod dev {
         H7,
         H8,
         H9,
+        H10,
     }
 
     impl FwdVariant {
@@ -887,7 +892,7 @@ pub mod dev {
         }
 
         /// Every variant, for tests and the bench.
-        pub const ALL: [FwdVariant; 11] = [
+        pub const ALL: [FwdVariant; 12] = [
             FwdVariant::V3,
             FwdVariant::V4,
             FwdVariant::H1,
@@ -899,11 +904,14 @@ pub mod dev {
             FwdVariant::H7,
             FwdVariant::H8,
             FwdVariant::H9,
+            FwdVariant::H10,
         ];
         /// The variant actually launched at head dim `d`.
         pub fn resolve(self, d: usize) -> FwdVariant {
             match self {
-                FwdVariant::H4 | FwdVariant::H5 | FwdVariant::H6 if d != 64 => FwdVariant::H3,
+                FwdVariant::H4 | FwdVariant::H5 | FwdVariant::H6 | FwdVariant::H10 if d != 64 => {
+                    FwdVariant::H3
+                }
                 FwdVariant::H8 | FwdVariant::H9 if d != 64 => FwdVariant::H7,
                 v => v,
             }
@@ -920,7 +928,8 @@ pub mod dev {
                 | FwdVariant::H4
                 | FwdVariant::H7
                 | FwdVariant::H8
-                | FwdVariant::H9 => 384,
+                | FwdVariant::H9
+                | FwdVariant::H10 => 384,
                 FwdVariant::H5 | FwdVariant::H6 => 512,
             }
         }
@@ -936,7 +945,8 @@ pub mod dev {
                 | FwdVariant::H4
                 | FwdVariant::H7
                 | FwdVariant::H8
-                | FwdVariant::H9 => 128,
+                | FwdVariant::H9
+                | FwdVariant::H10 => 128,
             }
         }
         /// Keys a tile of the wgmma forwards: 128 at d = 64, 64 at d = 128; H7–H9 128 at both
@@ -971,7 +981,11 @@ pub mod dev {
         fn stages(self, d: usize) -> usize {
             match self {
                 FwdVariant::H1 => 2,
-                FwdVariant::H3 | FwdVariant::H4 | FwdVariant::H5 | FwdVariant::H6 => 4,
+                FwdVariant::H3
+                | FwdVariant::H4
+                | FwdVariant::H5
+                | FwdVariant::H6
+                | FwdVariant::H10 => 4,
                 FwdVariant::H7 | FwdVariant::H8 | FwdVariant::H9 if d == 64 => 3,
                 FwdVariant::H7 | FwdVariant::H8 | FwdVariant::H9 => 2,
                 FwdVariant::H2 => 3,
@@ -990,7 +1004,9 @@ pub mod dev {
                     // H3–H9: two Q tiles; q_full, q_empty per Q tile and full, empty per stage
                     let bars = 8 * (4 + 2 * self.stages(d));
                     let tiles = 2 * self.rows() + 2 * self.stages(d) * keys;
-                    return (1024 + tiles * d * 2 + bars) as u32;
+                    // H10: 256 bytes of bf16 ones after the mbarriers (its row sums' B)
+                    let ones = if self == FwdVariant::H10 { 256 } else { 0 };
+                    return (1024 + tiles * d * 2 + bars + ones) as u32;
                 }
                 return (1024 + (self.rows() + 2 * self.stages(d) * keys) * d * 2) as u32;
             }

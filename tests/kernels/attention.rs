@@ -63,6 +63,17 @@ impl Inputs {
     }
 }
 
+/// The forward's lse against the CPU's: 1e-5, but 5e-4 for H10, whose row sums add the
+/// bf16-rounded P that O sums (on the tensor cores) where the others add P in f32 — about one
+/// bf16 rounding (2⁻⁹) averaged over a row, ~1e-4 of the sum.
+fn lse_tolerance(variant: gpu::FwdVariant, d: usize) -> f32 {
+    if variant.resolve(d) == gpu::FwdVariant::H10 {
+        5e-4
+    } else {
+        1e-5
+    }
+}
+
 #[test]
 fn joint_attention_fwd_and_bwd_match_cpu() {
     for dev in devices() {
@@ -182,7 +193,7 @@ fn check_case(dev: &KernelDevice, inp: &Inputs, qk_std: f32) {
             &shape,
             &dev.download(&lsev).unwrap(),
             want.lse.f32s(),
-            1e-5,
+            lse_tolerance(variant, dims.d),
         );
     }
 
@@ -275,7 +286,7 @@ fn joint_attention_fwd_split_along_the_keys_matches_cpu() {
                         &shape,
                         &got,
                         want.lse.f32s(),
-                        1e-5,
+                        lse_tolerance(variant, d),
                     );
                 }
             }
