@@ -548,23 +548,27 @@ impl CudaRuntime {
     }
 
     fn function(&self, kernel: &str, shared_bytes: u32) -> KernelResult<sys::CUfunction> {
-        let known = |rt: &Self| {
-            let m = rt.modules.lock().unwrap_or_else(|p| p.into_inner());
-            m.functions.contains_key(kernel)
-        };
-        if !known(self) {
-            // Loading a module or a kernel (lazily, at cuModuleGetFunction) may wait for the
-            // context's work to finish: behind a profile gate that work waits for the host, so
-            // the host would stall until the gate's timeout. (`profile_begin` loads the gate's
-            // own kernel before queueing one.)
-            self.release_gate();
-        }
-        self.function_loaded(kernel, shared_bytes)
+        self.function_gated(kernel, shared_bytes, true)
     }
 
-    /// `function` without releasing a profile gate first: for the gate's own launch.
-    fn function_loaded(&self, kernel: &str, shared_bytes: u32) -> KernelResult<sys::CUfunction> {
-        let mut guard = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+    /// `function`; with `release`, a profile gate is released before a first lookup: loading a
+    /// module or a kernel (lazily, at cuModuleGetFunction) may wait for the context's work to
+    /// finish, which behind a held gate waits for the host, so the host would stall until the
+    /// gate's timeout. The gate's own launch passes `false` (`profile_begin` loads its kernel
+    /// before queueing one).
+    fn function_gated(
+        &self,
+        kernel: &str,
+        shared_bytes: u32,
+        release: bool,
+    ) -> KernelResult<sys::CUfunction> {
+        let lock = || self.modules.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = lock();
+        if release && !guard.functions.contains_key(kernel) {
+            drop(guard);
+            self.release_gate();
+            guard = lock();
+        }
         let modules = &mut *guard;
         if !modules.functions.contains_key(kernel) {
             let family = crate::info::KERNEL_MODULES
@@ -809,7 +813,7 @@ impl CudaRuntime {
         unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dflag, g.flag as *mut c_void, 0) }
             .result()
             .map_err(|e| cuda_err("profile gate's device pointer", e))?;
-        let f = self.function_loaded("profile_gate", 0)?;
+        let f = self.function_gated("profile_gate", 0, false)?;
         let (mut epoch, mut timeout) = (g.queued + 1, GATE_TIMEOUT_NS);
         let mut args = [
             &mut dflag as *mut _ as *mut c_void,
