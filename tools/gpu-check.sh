@@ -9,7 +9,10 @@
 #   tools/gpu-check.sh --bundle [REV]    (on the dev machine: builds and strips into .gpu/bin;
 #                                         with REV, also that commit's `advdmd` as advdmd-base,
 #                                         for the same-call before/after steps)
-#   tools/gpu-check.sh OUTDIR            (on the GPU machine, with .gpu carried along)
+#   tools/gpu-check.sh OUTDIR            (on the GPU machine, with .gpu-pack carried along)
+# The bundle is also packed as .gpu-pack/gpu.txz (xz: about 40 MB, where gzip's 59 MB beside the
+# tracked tree passed the 64 MiB a device call carries); OUTDIR mode unpacks it when .gpu/bin is
+# missing (with Python's tarfile: the GPU image may lack the xz program).
 # Where cargo exists (a full CUDA dev box), OUTDIR mode builds the binaries itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -65,11 +68,17 @@ bundle() {
   if [ -n "${1:-}" ]; then bundle_base "$1"; fi
   strip "$BIN"/*
   ls -la "$BIN"
+  mkdir -p .gpu-pack
+  tar cf - .gpu | xz -6 -T2 >.gpu-pack/gpu.txz.part && mv .gpu-pack/gpu.txz.part .gpu-pack/gpu.txz
+  ls -la .gpu-pack
 }
 
 if [ "${1:-}" = "--bundle" ]; then bundle "${2:-}"; exit $?; fi
 OUT="${1:?usage: tools/gpu-check.sh OUTDIR | --bundle}"
 mkdir -p "$OUT"
+if [ ! -x "$BIN/kernels-test" ] && [ -f .gpu-pack/gpu.txz ]; then
+  python3 -c "import tarfile; tarfile.open('.gpu-pack/gpu.txz').extractall()" || { echo "could not unpack .gpu-pack/gpu.txz"; exit 1; }
+fi
 if command -v cargo >/dev/null && [ ! -x "$BIN/kernels-test" ]; then bundle >"$OUT/build.log" 2>&1 || { echo "build failed"; tail -30 "$OUT/build.log"; exit 1; }; fi
 [ -x "$BIN/kernels-test" ] || { echo "no binaries in $BIN: run tools/gpu-check.sh --bundle where cargo is"; exit 1; }
 
