@@ -65,7 +65,8 @@ bundle() {
   ls .gpu/whl/diffusers-*.whl >/dev/null 2>&1 || python3 -m pip download -q --no-deps --only-binary=:all: \
     --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 -d .gpu/whl diffusers importlib_metadata \
     || echo "diffusers wheels not fetched: bench_vs_torch.py will skip the MMDiT comparison"
-  if [ -n "${1:-}" ]; then bundle_base "$1"; fi
+  # (without REV, an older bundle's advdmd-base would be timed as this one's base)
+  if [ -n "${1:-}" ]; then bundle_base "$1"; else rm -f "$BIN/advdmd-base"; fi
   strip "$BIN"/*
   ls -la "$BIN"
   mkdir -p .gpu-pack
