@@ -193,14 +193,12 @@ pub mod dev {
     }
 
     impl SmallProducts {
-        fn own_gemv(self) -> bool {
+        /// Our kernels for the products over few rows of M (the gemv, the NN input gradient).
+        fn own_small_m(self) -> bool {
             self == SmallProducts::OwnKernels
         }
 
-        fn own_input_grad(self) -> bool {
-            self == SmallProducts::OwnKernels
-        }
-
+        /// Ours for the weight gradient over few rows (K ≤ 8).
         fn own_weight_grad(self) -> bool {
             self != SmallProducts::Library
         }
@@ -225,7 +223,7 @@ pub mod dev {
                 c.len()
             )));
         }
-        if via.own_gemv() && small_m_gemv(&spec, a, b) && m > 0 && n > 0 {
+        if via.own_small_m() && small_m_gemv(&spec, a, b) && m > 0 && n > 0 {
             let bias = match spec.epilogue {
                 EpilogueKind::Bias => Some(need(ep.bias, n, "bias")?),
                 _ => None,
@@ -433,7 +431,7 @@ pub mod dev {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        if via.own_input_grad() && small_m_nn(&spec, b) && !bias {
+        if via.own_small_m() && small_m_nn(&spec, b) && !bias {
             // a memory-bound read of the weight along its rows (a modulation layer's input
             // gradient): split partials, summed into c
             dev.count_matmul_flops(2 * (m * n * k) as u64);
