@@ -112,19 +112,21 @@ __device__ __forceinline__ void load_kv_tile(unsigned char* sK, unsigned char* s
 // the key tile at `k_rows`, both K-major.
 template <int D, int KN, int QT>
 __device__ __forceinline__ void fwd_issue_s(float (&s)[KN / 2], uint32_t q_rows, uint32_t k_rows) {
+    const uint32_t q_lo = wgmma_desc_lo(q_rows, 16), k_lo = wgmma_desc_lo(k_rows, 16);
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++)
-        wgmma_ss<KN, 0, 0>(s, wgmma_desc(q_rows + (kk / 4) * QT * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128),
-                           wgmma_desc(k_rows + (kk / 4) * KN * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128), kk > 0);
+        wgmma_ss<KN, 0, 0>(s, wgmma_desc_step(q_lo, (kk / 4) * QT * 128 + (kk % 4) * 32, 1024, kSwizzle128),
+                           wgmma_desc_step(k_lo, (kk / 4) * KN * 128 + (kk % 4) * 32, 1024, kSwizzle128), kk > 0);
 }
 
 // O += P·V: KN/16 steps of k16 over the keys, P from registers, V's rows 16c.. MN-major (the D = 128
 // halves KN·128 bytes apart: the descriptor's leading-dimension offset).
 template <int D, int KN>
 __device__ __forceinline__ void fwd_issue_pv(float* o, const uint32_t (&p)[KN / 16][4], uint32_t v_rows) {
+    const uint32_t v_lo = wgmma_desc_lo(v_rows, KN * 128);
 #pragma unroll
     for (int c = 0; c < KN / 16; c++)
-        wgmma_rs<D, 1>(o, p[c], wgmma_desc(v_rows + c * 16 * 128, KN * 128, 1024, kSwizzle128), 1);
+        wgmma_rs<D, 1>(o, p[c], wgmma_desc_step(v_lo, c * 16 * 128, 1024, kSwizzle128), 1);
 }
 
 // Tile i's online softmax on S's accumulator fragments (rows g and g + 8 of this warp, as in
@@ -804,29 +806,32 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
 // (K or V), B the QT-row tile at `b_rows` (Q or dO), both K-major.
 template <int D, int KT, int QT = 64>
 __device__ __forceinline__ void bwd_issue_rows(float (&acc)[QT / 2], uint32_t a_rows, uint32_t b_rows) {
+    const uint32_t a_lo = wgmma_desc_lo(a_rows, 16), b_lo = wgmma_desc_lo(b_rows, 16);
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++)
-        wgmma_ss<QT, 0, 0>(acc, wgmma_desc(a_rows + (kk / 4) * KT * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128),
-                           wgmma_desc(b_rows + (kk / 4) * QT * 128 + (kk % 4) * 32, 16, 1024, kSwizzle128), kk > 0);
+        wgmma_ss<QT, 0, 0>(acc, wgmma_desc_step(a_lo, (kk / 4) * KT * 128 + (kk % 4) * 32, 1024, kSwizzle128),
+                           wgmma_desc_step(b_lo, (kk / 4) * QT * 128 + (kk % 4) * 32, 1024, kSwizzle128), kk > 0);
 }
 
 // acc (64 keys × D) += A·B: A 64 keys × QT queries in registers (Pᵀ or dSᵀ), B the QT-row tile
 // at `b_rows` (dO or Q) read MN-major.
 template <int D, int QT = 64>
 __device__ __forceinline__ void bwd_issue_acc(float* acc, const uint32_t (&a)[QT / 16][4], uint32_t b_rows) {
+    const uint32_t b_lo = wgmma_desc_lo(b_rows, QT * 128);
 #pragma unroll
     for (int c = 0; c < QT / 16; c++)
-        wgmma_rs<D, 1>(acc, a[c], wgmma_desc(b_rows + c * 16 * 128, QT * 128, 1024, kSwizzle128), 1);
+        wgmma_rs<D, 1>(acc, a[c], wgmma_desc_step(b_lo, c * 16 * 128, 1024, kSwizzle128), 1);
 }
 
 // dq (64 queries × DN columns) = dS·K over KT keys: A the dSᵀ tile at `ds` read through its
 // transpose, B the K tile's columns from `k_cols`, both MN-major.
 template <int DN, int KT>
 __device__ __forceinline__ void bwd_issue_dq(float* dq, uint32_t ds, uint32_t k_cols) {
+    const uint32_t ds_lo = wgmma_desc_lo(ds, KT * 128), k_lo = wgmma_desc_lo(k_cols, KT * 128);
 #pragma unroll
     for (int c = 0; c < KT / 16; c++)
-        wgmma_ss<DN, 1, 1>(dq, wgmma_desc(ds + c * 16 * 128, KT * 128, 1024, kSwizzle128),
-                           wgmma_desc(k_cols + c * 16 * 128, KT * 128, 1024, kSwizzle128), c > 0);
+        wgmma_ss<DN, 1, 1>(dq, wgmma_desc_step(ds_lo, c * 16 * 128, 1024, kSwizzle128),
+                           wgmma_desc_step(k_lo, c * 16 * 128, 1024, kSwizzle128), c > 0);
 }
 
 // Pᵀ = 2^(Sᵀ·c − lse·log2 e) from the Sᵀ fragments into p (query column 8j + 2t + (e & 1); keys
@@ -836,16 +841,19 @@ template <int QT = 64>
 __device__ __forceinline__ void bwd_p(const float (&s)[QT / 2], float (&p)[QT / 2], uint32_t (&pa)[QT / 16][4],
                                       const bool (&key_ok)[2], const float* sL, int t, float scale_log2) {
 #pragma unroll
-    for (int j = 0; j < QT / 8; j++)
+    for (int j = 0; j < QT / 8; j++) {
+        const float2 l2 = *reinterpret_cast<const float2*>(sL + 8 * j + 2 * t);
+        const float nl[2] = {-l2.x * kLog2e, -l2.y * kLog2e};
 #pragma unroll
         for (int r = 0; r < 2; r++) {
 #pragma unroll
             for (int c = 0; c < 2; c++) {
-                const int e = 2 * r + c, q = 8 * j + 2 * t + c;
-                p[4 * j + e] = key_ok[r] ? fast_exp2(fmaf(s[4 * j + e], scale_log2, -sL[q] * kLog2e)) : 0.f;
+                const int e = 2 * r + c;
+                p[4 * j + e] = key_ok[r] ? fast_exp2(fmaf(s[4 * j + e], scale_log2, nl[c])) : 0.f;
             }
             pa[j / 2][2 * (j & 1) + r] = pack_bf16x2(p[4 * j + 2 * r], p[4 * j + 2 * r + 1]);
         }
+    }
 }
 
 // dSᵀ = Pᵀ∘(dPᵀ − Drow), packed to bf16 A fragments and stored into the dSᵀ tile (row = key,

@@ -292,6 +292,19 @@ __device__ __forceinline__ uint64_t wgmma_desc(uint32_t smem_address, uint32_t l
            ((uint64_t)((sbo >> 4) & 0x3FFF) << 32) | ((uint64_t)(swizzle & 3) << 62);
 }
 
+// wgmma_desc's low word (start address and leading byte offset) of a tile's first k-step; a
+// later step's descriptor adds its byte offset / 16 (wgmma_desc_step). One add a product where
+// wgmma_desc takes four or five (the products of an attention tile spent ~10 instructions each
+// on their descriptors). Exact while the tile is 16-byte aligned and tile + offset < 256 KB:
+// the 14-bit address field never carries into the offset's (shared memory's window: 228 KB).
+__device__ __forceinline__ uint32_t wgmma_desc_lo(uint32_t smem_address, uint32_t lbo) {
+    return ((smem_address >> 4) & 0x3FFF) | (((lbo >> 4) & 0x3FFF) << 16);
+}
+__device__ __forceinline__ uint64_t wgmma_desc_step(uint32_t lo, uint32_t byte_offset, uint32_t sbo, int swizzle) {
+    return (uint64_t)(lo + (byte_offset >> 4)) | ((uint64_t)((sbo >> 4) & 0x3FFF) << 32) |
+           ((uint64_t)(swizzle & 3) << 62);
+}
+
 #ifndef ADVDMD_EMU
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() {
