@@ -864,19 +864,18 @@ __device__ __forceinline__ void bwd_ds(const float (&p)[QT / 2], const float (&d
                                        uint32_t (&dsa)[QT / 16][4], unsigned char* ds_tile, int key0,
                                        const float* sDr, int t) {
 #pragma unroll
-    for (int j = 0; j < QT / 8; j++)
+    for (int j = 0; j < QT / 8; j++) {
+        // the query pair's Drow once for both key rows (read per row, it was reloaded after each
+        // store into the dSᵀ tile, which the compiler cannot tell apart from it)
+        const float2 dr = *reinterpret_cast<const float2*>(sDr + 8 * j + 2 * t);
 #pragma unroll
         for (int r = 0; r < 2; r++) {
-            float d[2];
-#pragma unroll
-            for (int c = 0; c < 2; c++) {
-                const int e = 2 * r + c;
-                d[c] = p[4 * j + e] * (dp[4 * j + e] - sDr[8 * j + 2 * t + c]);
-            }
-            const uint32_t v = pack_bf16x2(d[0], d[1]);
+            const int e = 2 * r;
+            const uint32_t v = pack_bf16x2(p[4 * j + e] * (dp[4 * j + e] - dr.x), p[4 * j + e + 1] * (dp[4 * j + e + 1] - dr.y));
             st_shared(reinterpret_cast<uint32_t*>(ds_tile + chunk_offset<KT>(key0 + 8 * r, j) + 4 * t), v);
             dsa[j / 2][2 * (j & 1) + r] = v;
         }
+    }
 }
 
 // dK (times the softmax scale the scores carried) and dV of this thread's keys key0, key0 + 8
