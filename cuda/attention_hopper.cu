@@ -35,30 +35,57 @@ __device__ __forceinline__ uint32_t chunk_offset(int r, int c) {
 }
 
 // `rows` token rows from `g` (row stride `ld` elements) into a swizzled tile of ROWS rows, by NT
-// threads with cp.async; rows past `rows` are zero-filled (rows ≥ 1).
-template <int D, int ROWS, int NT>
-__device__ __forceinline__ void load_tile_sw(unsigned char* s, const bf16* __restrict__ g, long long ld, int rows) {
-    constexpr int CH = D / 8;
+// threads with cp.async; rows past `rows` are zero-filled (rows ≥ 1). Thread x copies 16-byte
+// chunk c = x mod CH of rows x / CH, x / CH + NT/CH, …: where NT/CH is a multiple of 8, the
+// chunk's swizzle (c ^ row mod 8) is the same in all its rows, so a full tile's copy k is the
+// first's addresses plus k·NT/CH rows — an add or two a copy, where clamping each row and
+// predicating its zero-fill took ~19 instructions (the producers' SASS: 302 a 128-key tile of K
+// and V, beside the consumers' ~520). A partial tile clamps and zero-fills as before. ROLLED keeps
+// the loop rolled: a few registers, for a producer left 32–40 by setmaxnreg. TIGHT: one rolled
+// loop clamping every row, for the backward's 24-register producer (the two paths spilled it).
+template <int D, int ROWS, int NT, bool ROLLED, bool TIGHT = false>
+__device__ __forceinline__ void load_tile_sw_by(unsigned char* s, const bf16* __restrict__ g, long long ld, int rows) {
+    constexpr int CH = D / 8, RSTEP = NT / CH;
     static_assert(ROWS * CH % NT == 0, "tile copy must divide evenly");
+    if constexpr (!TIGHT && NT % CH == 0 && RSTEP % 8 == 0) {
+        constexpr int N = ROWS / RSTEP;
+        const int c = threadIdx.x % CH, r0 = threadIdx.x / CH;
+        unsigned char* dst = s + chunk_offset<ROWS>(r0, c);
+        if (rows >= ROWS) {
+            if constexpr (ROLLED) {
+                // 32-bit element offsets from g (a tile spans < 2^32 elements): a running pointer
+                // and its 64-bit step spilled the 24-register producer of the 128-query backward
+                const uint32_t off0 = (uint32_t)(r0 * ld) + c * 8, step = (uint32_t)(RSTEP * ld);
+#pragma unroll 1
+                for (int k = 0; k < N; k++) cp_async_16(dst + k * RSTEP * 128, g + (off0 + k * step));
+            } else {
+                const bf16* src = g + r0 * ld + c * 8;
 #pragma unroll
-    for (int it = 0; it < ROWS * CH / NT; it++) {
-        const int i = threadIdx.x + it * NT, r = i / CH, c = i % CH;
-        cp_async_16_zfill(s + chunk_offset<ROWS>(r, c), g + min(r, rows - 1) * ld + c * 8, r < rows);
+                for (int k = 0; k < N; k++) cp_async_16(dst + k * RSTEP * 128, src + k * RSTEP * ld);
+            }
+        } else {
+#pragma unroll 1
+            for (int k = 0; k < N; k++) {
+                const int r = r0 + k * RSTEP;
+                cp_async_16_zfill(dst + k * RSTEP * 128, g + min(r, rows - 1) * ld + c * 8, r < rows);
+            }
+        }
+    } else {
+#pragma unroll 1
+        for (int i = threadIdx.x; i < ROWS * CH; i += NT) {
+            const int r = i / CH, c = i % CH;
+            cp_async_16_zfill(s + chunk_offset<ROWS>(r, c), g + min(r, rows - 1) * ld + c * 8, r < rows);
+        }
     }
 }
-
-// load_tile_sw with a rolled loop: a few registers, for a producer warpgroup left 32 by setmaxnreg
-// (the unrolled copy keeps every chunk's addresses live).
 template <int D, int ROWS, int NT>
+__device__ __forceinline__ void load_tile_sw(unsigned char* s, const bf16* __restrict__ g, long long ld, int rows) {
+    load_tile_sw_by<D, ROWS, NT, false>(s, g, ld, rows);
+}
+template <int D, int ROWS, int NT, bool TIGHT = false>
 __device__ __forceinline__ void load_tile_sw_lean(unsigned char* s, const bf16* __restrict__ g, long long ld,
                                                   int rows) {
-    constexpr int CH = D / 8;
-    static_assert(ROWS * CH % NT == 0, "tile copy must divide evenly");
-#pragma unroll 1
-    for (int i = threadIdx.x; i < ROWS * CH; i += NT) {
-        const int r = i / CH, c = i % CH;
-        cp_async_16_zfill(s + chunk_offset<ROWS>(r, c), g + min(r, rows - 1) * ld + c * 8, r < rows);
-    }
+    load_tile_sw_by<D, ROWS, NT, true, TIGHT>(s, g, ld, rows);
 }
 
 // A producer thread's hand-over of tile i of its loop (its copies into the stage that `full`
@@ -1209,8 +1236,8 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
             // K and V once, by rolled copies (unrolled, their 32 addresses spilled beside the
             // split's indices at 104 registers; a once-a-block copy loses nothing rolled)
             const bf16* v_src = (kt.stream == 0 ? va : vb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld);
-            load_tile_sw_lean<D, KT, LT>(sK, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
-            load_tile_sw_lean<D, KT, LT>(sV, v_src, VMUL * ld, kt.rows);
+            load_tile_sw_lean<D, KT, LT, QT == 128>(sK, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
+            load_tile_sw_lean<D, KT, LT, QT == 128>(sV, v_src, VMUL * ld, kt.rows);
             if constexpr (ASYNC)
                 cp_async_mbar_arrive(kv_full);
             else
@@ -1223,9 +1250,10 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
                 const long long q_off = row_offset(b, Lq, qt.row0, H, h, D);
                 const long long r_off = (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0;
                 if constexpr (PIPE || QT == 128) {  // rolled copies: the producer has 88 or 32 registers
-                    load_tile_sw_lean<D, QT, LT>(sQ0 + st * QBYTES, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
-                    load_tile_sw_lean<D, QT, LT>(sdO0 + st * QBYTES, (qt.stream == 0 ? doa : dob) + q_off, ld,
-                                                 qt.rows);
+                    load_tile_sw_lean<D, QT, LT, QT == 128>(sQ0 + st * QBYTES, (qt.stream == 0 ? qa : qb) + q_off, ld,
+                                                            qt.rows);
+                    load_tile_sw_lean<D, QT, LT, QT == 128>(sdO0 + st * QBYTES, (qt.stream == 0 ? doa : dob) + q_off,
+                                                            ld, qt.rows);
                 } else {
                     load_tile_sw<D, QT, LT>(sQ0 + st * QBYTES, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
                     load_tile_sw<D, QT, LT>(sdO0 + st * QBYTES, (qt.stream == 0 ? doa : dob) + q_off, ld, qt.rows);
