@@ -70,6 +70,18 @@ __device__ __forceinline__ void load_tile_sw_by(unsigned char* s, const bf16* __
                 cp_async_16_zfill(dst + k * RSTEP * 128, g + min(r, rows - 1) * ld + c * 8, r < rows);
             }
         }
+    } else if constexpr (NT % CH == 0 && RSTEP % 8 == 0) {
+        // TIGHT: one loop for every tile, 32-bit element offsets stepped by NT/CH rows; a row
+        // past `rows` zero-fills from row 0's address (rows ≥ 1)
+        const int c = threadIdx.x % CH, r0 = threadIdx.x / CH;
+        unsigned char* dst = s + chunk_offset<ROWS>(r0, c);
+        const uint32_t step = (uint32_t)(RSTEP * ld);
+        uint32_t off = (uint32_t)(r0 * ld) + c * 8;
+#pragma unroll 2
+        for (int k = 0; k < ROWS / RSTEP; k++, off += step) {
+            const bool ok = r0 + k * RSTEP < rows;
+            cp_async_16_zfill(dst + k * RSTEP * 128, g + (ok ? off : (uint32_t)(c * 8)), ok);
+        }
     } else {
 #pragma unroll 1
         for (int i = threadIdx.x; i < ROWS * CH; i += NT) {
@@ -1274,20 +1286,25 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
             tiles_done<ASYNC, LAG>(nqt, publish);
         } else {
             // Flusher: each tile's dQ (QT queries × 64 columns, f32) from shared memory into the
-            // accumulator, a row's 16 float4 by 16 consecutive threads.
-            const int f = tid - LT;
+            // accumulator, a row's 16 float4 by 16 consecutive threads: thread f keeps float4 column
+            // f mod 16 and steps FT/16 rows, its offsets 32-bit and stepped (dividing each index
+            // into row and column took ~27 instructions an add)
+            constexpr int C4 = D / 4, FSTEP = FT / C4;
+            const int f = tid - LT, c4 = f % C4, r0 = f / C4;
+            const uint32_t gstep = (uint32_t)(FSTEP * ld);
             for (int j = 0; j < nqt; j++) {
                 mbar_wait(&dq_full[j % DQBUF], (j / DQBUF) & 1);
                 const Tile qt = tile_of<QT>(q0 + j, La, Lb);
                 const int Lq = qt.stream == 0 ? La : Lb;
                 float* dq = (qt.stream == 0 ? dqa_acc : dqb_acc) + row_offset(b, Lq, qt.row0, H, h, D);
-                const float* src = sdQ0 + (j % DQBUF) * QT * DQLD;
-#pragma unroll 4
-                for (int it = 0; it < QT * D / 4 / FT; it++) {
-                    const int idx = f + it * FT, row = idx / (D / 4), c4 = idx % (D / 4);
-                    if (row < qt.rows)
-                        red_add4(dq + row * ld + 4 * c4, *reinterpret_cast<const float4*>(src + row * DQLD + 4 * c4));
-                }
+                const float* src = sdQ0 + (j % DQBUF) * QT * DQLD + r0 * DQLD + 4 * c4;
+                uint32_t off = (uint32_t)(r0 * ld) + 4 * c4;
+                // this thread's rows of the tile: r0, r0 + FSTEP, … < rows (a count, not a predicate
+                // an add: a branch around each made it a convergence region)
+                const int n = qt.rows >= QT ? QT / FSTEP : max(0, qt.rows - r0 + FSTEP - 1) / FSTEP;
+#pragma unroll 1
+                for (int it = 0; it < n; it++, off += gstep)
+                    red_add4(dq + off, *reinterpret_cast<const float4*>(src + it * FSTEP * DQLD));
                 mbar_arrive(&dq_empty[j % DQBUF]);
             }
         }
