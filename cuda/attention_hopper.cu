@@ -1173,6 +1173,11 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
                                        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2,
                                        float scale, float* __restrict__ kvpart, int split_from, int splits) {
     constexpr int D = 64, KT = 128, QT = QT_, DN = D / 2, LAG = 1;
+    // The softmax scale 1/√64 · log2 e as the launcher passes it in scale_log2 (it refuses any
+    // other scale for these kernels): an immediate operand where the parameter, at the consumers'
+    // register ceiling, was reloaded from the constant bank before each of a tile's 64 products.
+    constexpr float kScaleLog2 = 0.125f * kLog2e;
+    (void)scale_log2;
     static_assert(QT == 64 || (QT == 128 && ASYNC && !PIPE), "128-query tiles: ASYNC, without PIPE");
     static_assert(!DEFER || (ASYNC && !PIPE), "the deferred dQ with the async loader, without PIPE");
     // dQ split by rows (each group: 64 queries × D) at QT = 128, by columns (64 queries × D/2)
@@ -1379,7 +1384,7 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
             issue_rows(i);
             wgmma_wait<0>();
             uint32_t pa[QT / 16][4], dsa[QT / 16][4];
-            bwd_p<QT>(s, s, pa, key_ok, sL0 + st * QT, t, scale_log2);
+            bwd_p<QT>(s, s, pa, key_ok, sL0 + st * QT, t, kScaleLog2);
             if (c == 0 && i == 0) named_bar_arrive(2, CT);
             wgmma_fence();
             bwd_issue_acc<D, QT>(dv, pa, do_st);
@@ -1414,7 +1419,7 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
         uint32_t pa[QT / 16][4], dsa[QT / 16][4];
         // Pᵀ (into p), dV += Pᵀ·dO, dSᵀ, dK += dSᵀ·Q
         auto p_and_products = [&](float (&p)[QT / 2]) {
-            bwd_p<QT>(s, p, pa, key_ok, sL, t, scale_log2);
+            bwd_p<QT>(s, p, pa, key_ok, sL, t, kScaleLog2);
             wgmma_fence();
             bwd_issue_acc<D, QT>(dv, pa, do_st);
             wgmma_commit();

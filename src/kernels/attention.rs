@@ -1971,6 +1971,12 @@ pub mod dev {
         )?;
 
         let scale = dims.scale();
+        // `bwd_h3` (cuda/attention_hopper.cu) takes the softmax scale as the constant 1/√64
+        if variant.resolve(dims.d).warp_specialized() && scale != 0.125 {
+            return Err(KernelError::Invalid(format!(
+                "joint_attention_bwd: the {variant:?} kernel is built for the softmax scale 1/8, not {scale}"
+            )));
+        }
         dev.count_matmul_flops(flops);
         let name = variant.kernel(dims.d) + vfused(dims, v_ld);
         let threads = variant.threads(dims.d);
