@@ -878,12 +878,14 @@ ATTN_FWD_ENTRY(joint_attn_fwd_v4_d128_vfused, 128, 2, attn::fwd_v3<128, false, 4
 // Drow[b, h, i] = Σ_c dO[i, c]·O[i, c] over the concatenated rows i of [a; b], and the row's
 // dQ accumulator (same [B, L, H, D] layout as O) zeroed for the backward's reductions (in place of
 // two memsets). Eight lanes per (batch, token, head) row, 32 rows per 256-thread block; rows
-// enumerated (b, token, h) so that consecutive groups read consecutive memory.
+// enumerated (b, token, h) so that consecutive groups read consecutive memory. With `nlse` (else
+// null), also nlse = −lse·log2 e per row: the exponent's offset as attention_hopper.cu's bwd_h3
+// adds it, a multiply per query pair out of each of its consumers' tiles.
 extern "C" __global__ void __launch_bounds__(256)
     joint_attn_bwd_rowdot(float* __restrict__ drow, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,
                           const bf16* __restrict__ oa, const bf16* __restrict__ ob,
                           const bf16* __restrict__ doa, const bf16* __restrict__ dob, int B, int La, int Lb,
-                          int H, int D) {
+                          int H, int D, const float* __restrict__ lse, float* __restrict__ nlse) {
     kernel_prologue();
     const int Lt = La + Lb;
     const long long rows = (long long)B * Lt * H;
@@ -914,7 +916,11 @@ extern "C" __global__ void __launch_bounds__(256)
     sum += __shfl_xor_sync(FULL_MASK, sum, 4);
     sum += __shfl_xor_sync(FULL_MASK, sum, 2);
     sum += __shfl_xor_sync(FULL_MASK, sum, 1);
-    if (R < rows && sub == 0) drow[((long long)b * H + h) * Lt + tok] = sum;
+    if (R < rows && sub == 0) {
+        const long long at = ((long long)b * H + h) * Lt + tok;
+        drow[at] = sum;
+        if (nlse != nullptr) nlse[at] = -lse[at] * attn::kLog2e;
+    }
 }
 
 // The 8-warp variants: key tiles of 128 rows (grid: 128-row key tiles of a + of b, B·H), block

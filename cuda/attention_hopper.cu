@@ -876,13 +876,14 @@ __device__ __forceinline__ void bwd_issue_dq(float* dq, uint32_t ds, uint32_t k_
 // Pᵀ = 2^(Sᵀ·c − lse·log2 e) from the Sᵀ fragments into p (query column 8j + 2t + (e & 1); keys
 // past the tile 0; p may be s itself), kept in f32 for dSᵀ and packed to bf16 A fragments (k16
 // step c = fragments j = 2c, 2c + 1).
-template <int QT = 64>
+// NEG_LOG2: sL holds −lse·log2 e (joint_attn_bwd_rowdot's nlse) rather than lse.
+template <int QT = 64, bool NEG_LOG2 = false>
 __device__ __forceinline__ void bwd_p(const float (&s)[QT / 2], float (&p)[QT / 2], uint32_t (&pa)[QT / 16][4],
                                       const bool (&key_ok)[2], const float* sL, int t, float scale_log2) {
 #pragma unroll
     for (int j = 0; j < QT / 8; j++) {
         const float2 l2 = *reinterpret_cast<const float2*>(sL + 8 * j + 2 * t);
-        const float nl[2] = {-l2.x * kLog2e, -l2.y * kLog2e};
+        const float nl[2] = {NEG_LOG2 ? l2.x : -l2.x * kLog2e, NEG_LOG2 ? l2.y : -l2.y * kLog2e};
 #pragma unroll
         for (int r = 0; r < 2; r++) {
 #pragma unroll
@@ -1275,14 +1276,15 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
                     load_tile_sw<D, QT, LT>(sQ0 + st * QBYTES, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
                     load_tile_sw<D, QT, LT>(sdO0 + st * QBYTES, (qt.stream == 0 ? doa : dob) + q_off, ld, qt.rows);
                 }
-                // lse and Drow (padded query rows: lse = +inf, so P is exactly 0; Drow = 0)
+                // −lse·log2 e (`lse` holds joint_attn_bwd_rowdot's nlse) and Drow (padded query
+                // rows: −inf, so P is exactly 0; Drow = 0)
 #pragma unroll 1
                 for (int r = tid; r < QT; r += LT) {
                     if (r < qt.rows) {
                         cp_async_4(sL0 + st * QT + r, lse + r_off + r);
                         cp_async_4(sDr0 + st * QT + r, drow + r_off + r);
                     } else {
-                        sL0[st * QT + r] = INFINITY;
+                        sL0[st * QT + r] = -INFINITY;
                         sDr0[st * QT + r] = 0.f;
                     }
                 }
@@ -1384,7 +1386,7 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
             issue_rows(i);
             wgmma_wait<0>();
             uint32_t pa[QT / 16][4], dsa[QT / 16][4];
-            bwd_p<QT>(s, s, pa, key_ok, sL0 + st * QT, t, kScaleLog2);
+            bwd_p<QT, true>(s, s, pa, key_ok, sL0 + st * QT, t, kScaleLog2);
             if (c == 0 && i == 0) named_bar_arrive(2, CT);
             wgmma_fence();
             bwd_issue_acc<D, QT>(dv, pa, do_st);
@@ -1419,7 +1421,7 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
         uint32_t pa[QT / 16][4], dsa[QT / 16][4];
         // Pᵀ (into p), dV += Pᵀ·dO, dSᵀ, dK += dSᵀ·Q
         auto p_and_products = [&](float (&p)[QT / 2]) {
-            bwd_p<QT>(s, p, pa, key_ok, sL, t, kScaleLog2);
+            bwd_p<QT, true>(s, p, pa, key_ok, sL, t, kScaleLog2);
             wgmma_fence();
             bwd_issue_acc<D, QT>(dv, pa, do_st);
             wgmma_commit();

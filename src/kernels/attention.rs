@@ -1948,27 +1948,38 @@ pub mod dev {
         }
 
         // Drow, and the dQ accumulators zeroed: 8 lanes per (batch, token, head) row, 32 rows
-        // per block of 256 threads.
+        // per block of 256 threads. `bwd_h3` reads −lse·log2 e in place of lse (`nlse`).
         let drow = dev.alloc::<f32>(dims.numel_rows())?;
         let dqa_acc = dev.alloc::<f32>(na)?;
         let dqb_acc = dev.alloc::<f32>(nb)?;
+        let nlse = if variant.resolve(dims.d).warp_specialized() {
+            Some(dev.alloc::<f32>(dims.numel_rows())?)
+        } else {
+            None
+        };
+        let rowdot = KernelArgs::new()
+            .buf(&drow)
+            .buf(&dqa_acc)
+            .buf(&dqb_acc)
+            .buf(oa)
+            .buf(ob)
+            .buf(doa)
+            .buf(dob)
+            .i32(dims.b as i32)
+            .i32(dims.la as i32)
+            .i32(dims.lb as i32)
+            .i32(dims.h as i32)
+            .i32(dims.d as i32)
+            .buf(lse);
         dev.launch(
             "joint_attn_bwd_rowdot",
             LaunchCfg::linear(blocks_for(dims.numel_rows(), 32), 256),
-            KernelArgs::new()
-                .buf(&drow)
-                .buf(&dqa_acc)
-                .buf(&dqb_acc)
-                .buf(oa)
-                .buf(ob)
-                .buf(doa)
-                .buf(dob)
-                .i32(dims.b as i32)
-                .i32(dims.la as i32)
-                .i32(dims.lb as i32)
-                .i32(dims.h as i32)
-                .i32(dims.d as i32),
+            match &nlse {
+                Some(n) => rowdot.buf(n),
+                None => rowdot.null(),
+            },
         )?;
+        let lse = nlse.as_ref().unwrap_or(lse);
 
         let scale = dims.scale();
         // `bwd_h3` (cuda/attention_hopper.cu) takes the softmax scale as the constant 1/√64
