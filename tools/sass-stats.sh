@@ -3,10 +3,13 @@
 # §1's wheels, plus cuobjdump and nvdisasm from PyPI, cached once). For the kernel-development
 # loop on a machine with no card: count what a change removes from a loop before a card times it.
 #
-# Usage: tools/sass-stats.sh KERNEL [--from HEX --to HEX] [--map] [--fatbin PATH]
+# Usage: tools/sass-stats.sh KERNEL [--from HEX --to HEX | --ranges A-B,C-D,…] [--map] [--fatbin PATH]
 #   KERNEL           an entry point (e.g. joint_attn_fwd_h4_d64_vfused), from the fatbins the last
 #                    `cargo build --release` embedded (target/release/build/advdmd-*/out)
 #   --from/--to HEX  count only the instructions at these addresses (as printed), both included
+#   --ranges LIST    count the instructions in several half-open ranges HEX-HEX (a path through
+#                    the branches --map shows: e.g. a steady tile's taken blocks, skipping the rare
+#                    rescale and the partial tile's masking)
 #   --map            also list the control, barrier and tensor-core instructions with addresses
 # Prints every loop (a backward branch and its target) with its instruction count and its ten
 # commonest opcodes, then the opcode counts of the whole kernel or of the range. Counts are
@@ -25,13 +28,14 @@ fi
 tools="$(dirname "$(find "$CACHE/lib" -path '*nvidia/cu13/bin/cuobjdump' | head -1)")"
 export PATH="$tools:$PATH" NVDISASM_PATH="$tools"
 
-kernel="${1:?usage: tools/sass-stats.sh KERNEL [--from HEX --to HEX] [--map] [--fatbin PATH]}"
+kernel="${1:?usage: tools/sass-stats.sh KERNEL [--from HEX --to HEX | --ranges A-B,…] [--map] [--fatbin PATH]}"
 shift
-from="" to="" map=0 fatbin=""
+from="" to="" ranges="" map=0 fatbin=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --from) from="$2"; shift 2 ;;
     --to) to="$2"; shift 2 ;;
+    --ranges) ranges="$2"; shift 2 ;;
     --map) map=1; shift ;;
     --fatbin) fatbin="$2"; shift 2 ;;
     *) echo "sass-stats: unknown argument $1" >&2; exit 2 ;;
@@ -56,9 +60,9 @@ else
 fi
 grep -q "Function : $kernel\$" "$sass" || { echo "sass-stats: $kernel not found" >&2; exit 1; }
 
-python3 - "$sass" "$kernel" "$from" "$to" "$map" <<'PY'
+python3 - "$sass" "$kernel" "$from" "$to" "$map" "$ranges" <<'PY'
 import collections, re, sys
-path, kernel, lo, hi, show_map = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1"
+path, kernel, lo, hi, show_map, ranges = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1", sys.argv[6]
 ins = []  # (address, opcode, text)
 inside = False
 for line in open(path):
@@ -93,6 +97,16 @@ if lo or hi:
     a1 = int(hi, 16) if hi else 1 << 62
     sel = [i for i in ins if a0 <= i[0] <= a1]
     print(f"range {a0:#x}..{a1:#x}: {len(sel)} instructions")
+elif ranges:
+    spans = []
+    for r in ranges.split(","):
+        a, _, b = r.partition("-")
+        try:
+            spans.append((int(a, 16), int(b, 16)))
+        except ValueError:
+            sys.exit(f"sass-stats: --ranges wants HEX-HEX pairs, not {r!r}")
+    sel = [i for i in ins if any(a <= i[0] < b for a, b in spans)]
+    print(f"ranges {ranges}: {len(sel)} instructions")
 for op, k in collections.Counter(op for _, op, _ in sel).most_common():
     print(f"{k:6d}  {op}")
 PY
