@@ -877,7 +877,9 @@ __device__ __forceinline__ void bwd_issue_dq(float* dq, uint32_t ds, uint32_t k_
 // past the tile 0; p may be s itself), kept in f32 for dSᵀ and packed to bf16 A fragments (k16
 // step c = fragments j = 2c, 2c + 1).
 // NEG_LOG2: sL holds −lse·log2 e (joint_attn_bwd_rowdot's nlse) rather than lse.
-template <int QT = 64, bool NEG_LOG2 = false>
+// POLY > 0: every POLY-th 8-query column group's exponentials on the FMA pipes (poly_exp2, as the
+// forward's H4), the rest on the exponential unit.
+template <int QT = 64, bool NEG_LOG2 = false, int POLY = 0>
 __device__ __forceinline__ void bwd_p(const float (&s)[QT / 2], float (&p)[QT / 2], uint32_t (&pa)[QT / 16][4],
                                       const bool (&key_ok)[2], const float* sL, int t, float scale_log2) {
 #pragma unroll
@@ -889,7 +891,8 @@ __device__ __forceinline__ void bwd_p(const float (&s)[QT / 2], float (&p)[QT / 
 #pragma unroll
             for (int c = 0; c < 2; c++) {
                 const int e = 2 * r + c;
-                p[4 * j + e] = key_ok[r] ? fast_exp2(fmaf(s[4 * j + e], scale_log2, nl[c])) : 0.f;
+                const float x = fmaf(s[4 * j + e], scale_log2, nl[c]);
+                p[4 * j + e] = key_ok[r] ? (POLY > 0 && j % POLY == POLY - 1 ? poly_exp2(x) : fast_exp2(x)) : 0.f;
             }
             pa[j / 2][2 * (j & 1) + r] = pack_bf16x2(p[4 * j + 2 * r], p[4 * j + 2 * r + 1]);
         }
@@ -1139,6 +1142,8 @@ __device__ __forceinline__ void bwd_store_kv_piece(const float* dk, const float*
 // advdmd-entry-registers: joint_attn_bwd_h7_d64_vfused 168
 // advdmd-entry-registers: joint_attn_bwd_h8_d64 168
 // advdmd-entry-registers: joint_attn_bwd_h8_d64_vfused 168
+// advdmd-entry-registers: joint_attn_bwd_h9_d64 168
+// advdmd-entry-registers: joint_attn_bwd_h9_d64_vfused 168
 // The H3 backward's register split of the 384-thread block's 168 registers a thread: 96/208 (the
 // first choice) does not fit (setmaxnreg_fits).
 constexpr int kBwdH3Producer = 104, kBwdH3Consumer = 200;
@@ -1163,7 +1168,7 @@ constexpr int kBwdH3Producer = 104, kBwdH3Consumer = 200;
 // (mbarrier ds_full, by then long done), and the dSᵀ buffer is rewritten once both groups' dQ
 // products have read it (ds_empty); group 1 starts when group 0 has formed its first P, so one
 // group's softmax runs while the other's products occupy the tensor cores.
-template <int VMUL, bool PIPE = false, bool ASYNC = false, int QT_ = 64, bool DEFER = false>
+template <int VMUL, bool PIPE = false, bool ASYNC = false, int QT_ = 64, bool DEFER = false, int POLY = 0>
 __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
                                        bf16* __restrict__ dvb, float* __restrict__ dqa_acc,
                                        float* __restrict__ dqb_acc, const bf16* __restrict__ qa,
@@ -1386,7 +1391,7 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
             issue_rows(i);
             wgmma_wait<0>();
             uint32_t pa[QT / 16][4], dsa[QT / 16][4];
-            bwd_p<QT, true>(s, s, pa, key_ok, sL0 + st * QT, t, kScaleLog2);
+            bwd_p<QT, true, POLY>(s, s, pa, key_ok, sL0 + st * QT, t, kScaleLog2);
             if (c == 0 && i == 0) named_bar_arrive(2, CT);
             wgmma_fence();
             bwd_issue_acc<D, QT>(dv, pa, do_st);
@@ -1421,7 +1426,7 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
         uint32_t pa[QT / 16][4], dsa[QT / 16][4];
         // Pᵀ (into p), dV += Pᵀ·dO, dSᵀ, dK += dSᵀ·Q
         auto p_and_products = [&](float (&p)[QT / 2]) {
-            bwd_p<QT, true>(s, p, pa, key_ok, sL, t, kScaleLog2);
+            bwd_p<QT, true, POLY>(s, p, pa, key_ok, sL, t, kScaleLog2);
             wgmma_fence();
             bwd_issue_acc<D, QT>(dv, pa, do_st);
             wgmma_commit();
@@ -1583,6 +1588,9 @@ ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h5_d64_vfused, 384, 1, attn_h::bwd_h3<3, tru
 // Backward H6 (D = 64): H3 on 128-query tiles with H5's loader (QT = 128, ASYNC).
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h6_d64, 384, 1, attn_h::bwd_h3<1, false, true, 128>)
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h6_d64_vfused, 384, 1, attn_h::bwd_h3<3, false, true, 128>)
+// Backward H9 (D = 64): H6 with a quarter of the exponentials on the FMA pipes (POLY, as forward H4).
+ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h9_d64, 384, 1, attn_h::bwd_h3<1, false, true, 128, false, 4>)
+ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h9_d64_vfused, 384, 1, attn_h::bwd_h3<3, false, true, 128, false, 4>)
 // Backward H7 (D = 64): H6 with the groups half a tile apart (DEFER: dQ a tile later).
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h7_d64, 384, 1, attn_h::bwd_h3<1, false, true, 128, true>)
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h7_d64_vfused, 384, 1, attn_h::bwd_h3<3, false, true, 128, true>)

@@ -1111,7 +1111,11 @@ pub mod dev {
     /// in the next tile, once both halves of dSᵀ are in place — so one group's exponentials and
     /// dSᵀ run while the other's products hold the tensor cores (in H3–H8 both groups meet once
     /// a tile and do them at the same time). `H8` (d = 64; at d = 128 `H2`): H7's deferred dQ on
-    /// H3's 64-query tiles, 3 stages (H5's loader, no PIPE).
+    /// H3's 64-query tiles, 3 stages (H5's loader, no PIPE). `H9` (d = 64; at d = 128 `H2`): H6
+    /// with a quarter of Pᵀ's exponentials on the FMA pipes (the forward H4's `poly_exp2`): both
+    /// groups form Pᵀ at once, so the exponential unit is the tile's bottleneck while the tensor
+    /// cores wait (64 a thread: 1024 clocks a scheduler a tile for the two groups; 768 here, for
+    /// ~190 more instructions a warp).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum BwdVariant {
         K128,
@@ -1124,6 +1128,7 @@ pub mod dev {
         H6,
         H7,
         H8,
+        H9,
     }
 
     impl BwdVariant {
@@ -1167,7 +1172,7 @@ pub mod dev {
         }
 
         /// Every variant, for tests and the bench.
-        pub const ALL: [BwdVariant; 10] = [
+        pub const ALL: [BwdVariant; 11] = [
             BwdVariant::K128,
             BwdVariant::V3,
             BwdVariant::H1,
@@ -1178,6 +1183,7 @@ pub mod dev {
             BwdVariant::H6,
             BwdVariant::H7,
             BwdVariant::H8,
+            BwdVariant::H9,
         ];
         /// The variant actually launched at head dim `d`.
         pub fn resolve(self, d: usize) -> BwdVariant {
@@ -1218,9 +1224,9 @@ pub mod dev {
                 (units, dims.tiles(v.query_rows()))
             })
         }
-        /// Queries a tile of the wgmma backwards: 64; H6, H7 128.
+        /// Queries a tile of the wgmma backwards: 64; H6, H7, H9 128.
         fn query_rows(self) -> usize {
-            if matches!(self, BwdVariant::H6 | BwdVariant::H7) {
+            if matches!(self, BwdVariant::H6 | BwdVariant::H7 | BwdVariant::H9) {
                 2 * TILE
             } else {
                 TILE
@@ -1251,9 +1257,9 @@ pub mod dev {
                         + 3 * 2 * TILE * 4
                         + 8 * 15) as u32
                 }
-                // H6, H7: K, V, 2 stages of 128-query Q, dO, lse and Drow, two dSᵀ tiles (keys ×
+                // H6, H7, H9: K, V, 2 stages of 128-query Q, dO, lse and Drow, two dSᵀ tiles (keys ×
                 // 128 queries), one f32 dQ tile (rows padded to d+4) and 9 mbarriers (H7: 13).
-                BwdVariant::H6 | BwdVariant::H7 => {
+                BwdVariant::H6 | BwdVariant::H7 | BwdVariant::H9 => {
                     let qt = 2 * TILE;
                     (1024
                         + 2 * BWD_KEYS * d * 2
