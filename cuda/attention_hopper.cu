@@ -7,7 +7,7 @@
 //   joint_attn_fwd_h{1..10}_d{64,128}[_vfused]  O (two buffers) and lse [B, H, La+Lb]
 //                                               (FwdVariant::H1 … H10; H4–H6, H8–H10 at d = 64)
 //   joint_attn_bwd_h{1,2}_d{64,128}[_vfused],   dK, dV (bf16) per 128-key tile, dQ into the f32
-//   joint_attn_bwd_h3_d64[_vfused]              accumulators (BwdVariant::H1, H2, H3; the section
+//   joint_attn_bwd_h{3..9}_d64[_vfused]         accumulators (BwdVariant::H1 … H9; the section
 //                                               "Backward" below)
 //
 // Forward:
@@ -53,8 +53,8 @@ __device__ __forceinline__ void load_tile_sw_by(unsigned char* s, const bf16* __
         unsigned char* dst = s + chunk_offset<ROWS>(r0, c);
         if (rows >= ROWS) {
             if constexpr (ROLLED) {
-                // 32-bit element offsets from g (a tile spans < 2^32 elements): a running pointer
-                // and its 64-bit step spilled the 24-register producer of the 128-query backward
+                // 32-bit element offsets from g (a tile spans < 2^32 elements): fewer registers
+                // than a running 64-bit pointer and step
                 const uint32_t off0 = (uint32_t)(r0 * ld) + c * 8, step = (uint32_t)(RSTEP * ld);
 #pragma unroll 1
                 for (int k = 0; k < N; k++) cp_async_16(dst + k * RSTEP * 128, g + (off0 + k * step));
@@ -1161,6 +1161,9 @@ constexpr int kBwdH3Producer = 104, kBwdH3Consumer = 200;
 // barriers a block. dQ is then split by rows — group g takes queries 64g.. over every column and
 // key (A: its 64-query column block of the dSᵀ tile) — in 2 stages with one dQ tile (shared
 // memory), the producer at 24 registers and the consumers at 240.
+// POLY (BwdVariant::H9, H6 with POLY = 4): every POLY-th query column group's exponentials of Pᵀ
+// on the FMA pipes (poly_exp2), as the forward's H4: both groups form Pᵀ at once with no product
+// queued, so the exponential unit bounds that phase.
 // DEFER (BwdVariant::H7 with QT = 128, H8 with 64): the two groups run half a tile apart instead of in
 // step. In H3–H6 both groups wait for each other once a tile (dQ needs both halves of dSᵀ), so
 // their exponentials and dSᵀ — when the tensor cores have nothing queued — fall at the same time.
@@ -1272,7 +1275,7 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
                 const int Lq = qt.stream == 0 ? La : Lb;
                 const long long q_off = row_offset(b, Lq, qt.row0, H, h, D);
                 const long long r_off = (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0;
-                if constexpr (PIPE || QT == 128) {  // rolled copies: the producer has 88 or 32 registers
+                if constexpr (PIPE || QT == 128) {  // rolled copies: the producer has 88 or 24 registers
                     load_tile_sw_lean<D, QT, LT, QT == 128>(sQ0 + st * QBYTES, (qt.stream == 0 ? qa : qb) + q_off, ld,
                                                             qt.rows);
                     load_tile_sw_lean<D, QT, LT, QT == 128>(sdO0 + st * QBYTES, (qt.stream == 0 ? doa : dob) + q_off,
@@ -1311,8 +1314,8 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
                 float* dq = (qt.stream == 0 ? dqa_acc : dqb_acc) + row_offset(b, Lq, qt.row0, H, h, D);
                 const float* src = sdQ0 + (j % DQBUF) * QT * DQLD + r0 * DQLD + 4 * c4;
                 uint32_t off = (uint32_t)(r0 * ld) + 4 * c4;
-                // this thread's rows of the tile: r0, r0 + FSTEP, … < rows (a count, not a predicate
-                // an add: a branch around each made it a convergence region)
+                // this thread's rows of the tile, r0, r0 + FSTEP, … < rows, as a trip count (a test
+                // before each add made each a branch and a convergence region)
                 const int n = qt.rows >= QT ? QT / FSTEP : max(0, qt.rows - r0 + FSTEP - 1) / FSTEP;
 #pragma unroll 1
                 for (int it = 0; it < n; it++, off += gstep)
