@@ -1958,7 +1958,8 @@ pub mod dev {
         let drow = dev.alloc::<f32>(dims.numel_rows())?;
         let dqa_acc = dev.alloc::<f32>(na)?;
         let dqb_acc = dev.alloc::<f32>(nb)?;
-        let nlse = if variant.resolve(dims.d).warp_specialized() {
+        let bwd_h3 = variant.resolve(dims.d).warp_specialized();
+        let nlse = if bwd_h3 {
             Some(dev.alloc::<f32>(dims.numel_rows())?)
         } else {
             None
@@ -1989,7 +1990,7 @@ pub mod dev {
 
         let scale = dims.scale();
         // `bwd_h3` (cuda/attention_hopper.cu) takes the softmax scale as the constant 1/√64
-        if variant.resolve(dims.d).warp_specialized() && scale != 0.125 {
+        if bwd_h3 && scale != 0.125 {
             return Err(KernelError::Invalid(format!(
                 "joint_attention_bwd: the {variant:?} kernel is built for the softmax scale 1/8, not {scale}"
             )));
