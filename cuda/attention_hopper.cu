@@ -246,6 +246,72 @@ __device__ __forceinline__ void softmax_to_p(float (&s)[KN / 2], float (&alpha)[
     pack_p<KN>(s, pa);
 }
 
+// softmax_to_p with the exponentials taken speculatively (fwd_h3's SPEC, FwdVariant::H11): P
+// against the reference maximum as it stands, while the row maxima reduce beside them — the
+// exponentials and sums need only the reference, which the lazy rescale moves rarely (first at
+// a unit's first tile, where it is −∞). Where a row's maximum has passed it by 2^kLazyLog2 the
+// warp rescales as softmax_exps does and takes P again from the scores, kept for that. So the
+// exponentials (the special-function unit's 8 cycles a warp instruction) no longer wait for
+// the maximum's chain (64 half-rate FMNMX, two shuffle rounds, a vote: ~220 of a warp's ~1100
+// cycles a 64 × 128 tile by tools/sass-stats.sh --cycles), and P is bit for bit softmax_to_p's.
+template <int D, int KN, int POLY = 0, bool SUMS = true>
+__device__ __forceinline__ void softmax_to_p_spec(float (&s)[KN / 2], float (&alpha)[2], float (&ms)[2],
+                                                  float (&l)[2], uint32_t (&pa)[KN / 16][4], int krows, int t,
+                                                  float scale_log2) {
+    if (krows < KN) {
+#pragma unroll
+        for (int j = 0; j < KN / 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                if (8 * j + 2 * t + (e & 1) >= krows) s[4 * j + e] = -INFINITY;
+    }
+    alpha[0] = alpha[1] = 1.f;
+    float rs[2];
+    auto take_p = [&]() {
+        rs[0] = rs[1] = 0.f;
+#pragma unroll
+        for (int j = 0; j < KN / 8; j++) {
+            float p[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const float x = fmaf(s[4 * j + e], scale_log2, -ms[e >> 1]);
+                p[e] = POLY > 0 && j % POLY == POLY - 1 ? poly_exp2(x) : fast_exp2(x);
+                if constexpr (SUMS) rs[e >> 1] += p[e];
+            }
+            pa[j / 2][2 * (j % 2)] = pack_bf16x2(p[0], p[1]);
+            pa[j / 2][2 * (j % 2) + 1] = pack_bf16x2(p[2], p[3]);
+        }
+    };
+    take_p();  // against the reference as it stands
+    float mx[2] = {s[0], s[2]};
+#pragma unroll
+    for (int j = 0; j < KN / 8; j++) {
+        mx[0] = fmaxf(mx[0], fmaxf(s[4 * j], s[4 * j + 1]));
+        mx[1] = fmaxf(mx[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
+    }
+    bool need = false;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 2));
+        need |= fmaf(mx[r], scale_log2, -ms[r]) > kLazyLog2;
+    }
+    if (__any_sync(FULL_MASK, need)) {  // warp-uniform, rare: P again against the moved reference
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const float mn = fmaxf(ms[r], mx[r] * scale_log2);
+            alpha[r] = fast_exp2(ms[r] - mn);
+            ms[r] = mn;
+            if constexpr (SUMS) l[r] *= alpha[r];
+        }
+        take_p();
+    }
+    if constexpr (SUMS) {
+        l[0] += rs[0];
+        l[1] += rs[1];
+    }
+}
+
 // O's rows moved to softmax_to_p's new maximum (call once every product writing O is complete;
 // warp-uniform skip when the maximum stayed).
 template <int D>
@@ -608,7 +674,8 @@ __device__ __forceinline__ void fwd_split_combine(bf16* __restrict__ oa, bf16* _
 // with fewer (persistent: one a SM) the producer loads a unit's Q and first key tiles while the
 // consumers still work on the previous unit and store its rows (Q double-buffered, the ring of
 // stages running on), where a new block would first wait for its launch and its loads.
-template <int D, int KN, int STAGES, int VMUL, int POLY = 0, int NC = 2, bool ASYNC = false, bool ROWSUM = false>
+template <int D, int KN, int STAGES, int VMUL, int POLY = 0, int NC = 2, bool ASYNC = false, bool ROWSUM = false,
+          bool SPEC = false>
 __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
                                        const bf16* __restrict__ qa, const bf16* __restrict__ ka,
                                        const bf16* __restrict__ va, const bf16* __restrict__ qb,
@@ -629,6 +696,7 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
     constexpr bool LEAN = NC == 3 || ASYNC;
     constexpr int PREGS = NC == 3 ? 32 : ASYNC ? 40 : 72, CREGS = NC == 3 ? 160 : ASYNC ? 232 : 216;
     static_assert(NC == 2 || NC == 3, "two or three consumer groups");
+    static_assert(!SPEC || PSETS == 2, "the speculative softmax packs P as it goes: two P sets");
     constexpr int QBYTES = QT * D * 2, KVBYTES = KN * D * 2;
     // The producer marks tile i full once tile i + LAG is issued (LAG tiles' copies in flight
     // behind it). Issuing tile i + LAG waits for the stage of tile i + LAG − STAGES to be released,
@@ -779,7 +847,11 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
             const int kg = k0 + i;  // the key tile's index over both streams
             const int krows = min(KN, kg < ntiles<KN>(La) ? La - kg * KN : Lb - (kg - ntiles<KN>(La)) * KN);
             float alpha[2];
-            if constexpr (PSETS == 2) {
+            if constexpr (SPEC) {
+                softmax_to_p_spec<D, KN, POLY, !ROWSUM>(s, alpha, R.ms, R.l, pn, krows, t, scale_log2);
+                wgmma_wait<0>();
+                rescale_o<D>(R.o, alpha);
+            } else if constexpr (PSETS == 2) {
                 softmax_to_p<D, KN, POLY, !ROWSUM>(s, alpha, R.ms, R.l, pn, krows, t, scale_log2);
                 wgmma_wait<0>();
                 rescale_o<D>(R.o, alpha);
@@ -1551,6 +1623,11 @@ ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h4_d64_vfused, 384, 1, attn_h::fwd_h3<64, 12
 // Forward H10 (D = 64): H4 with the softmax's row sums on the tensor cores (P·1, ROWSUM).
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h10_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 2, false, true>)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h10_d64_vfused, 384, 1, attn_h::fwd_h3<64, 128, 4, 3, 4, 2, false, true>)
+// Forward H11: the speculative softmax (SPEC) on H4 at D = 64 and on H3 at D = 128.
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h11_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 2, false, false, true>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h11_d64_vfused, 384, 1, attn_h::fwd_h3<64, 128, 4, 3, 4, 2, false, false, true>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h11_d128, 384, 1, attn_h::fwd_h3<128, 64, 4, 1, 0, 2, false, false, true>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h11_d128_vfused, 384, 1, attn_h::fwd_h3<128, 64, 4, 3, 0, 2, false, false, true>)
 // Forward H5, H6 (D = 64): H3 with three consumer groups (192 query rows; one P register set),
 // without and with H4's polynomial exponentials.
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h5_d64, 512, 1, attn_h::fwd_h3<64, 128, 4, 1, 0, 3>)

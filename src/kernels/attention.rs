@@ -838,7 +838,11 @@ pub mod dev {
     /// at d = 128 `H3`): H4 with the softmax's row sums on the tensor cores — P·1 by a
     /// `wgmma m64n8k16` against 256 bytes of ones, issued with P·V and rescaled with O — instead
     /// of 64 serial adds a thread a tile (a seventh of the softmax's instructions; the sums are
-    /// of the bf16 P that O sums).
+    /// of the bf16 P that O sums). `H11` (H4 at d = 64, H3 at d = 128, each with it): the
+    /// speculative softmax — P's exponentials taken against the reference maximum as it stands
+    /// while the row maxima reduce beside them, and taken again in the rare tile whose maximum
+    /// moved the reference (`softmax_to_p_spec`); the same P bit for bit, without the
+    /// maximum's chain (FMNMX, shuffles, vote) ahead of the exponentials.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum FwdVariant {
         V3,
@@ -853,6 +857,7 @@ pub mod dev {
         H8,
         H9,
         H10,
+        H11,
     }
 
     impl FwdVariant {
@@ -892,7 +897,7 @@ pub mod dev {
         }
 
         /// Every variant, for tests and the bench.
-        pub const ALL: [FwdVariant; 12] = [
+        pub const ALL: [FwdVariant; 13] = [
             FwdVariant::V3,
             FwdVariant::V4,
             FwdVariant::H1,
@@ -905,6 +910,7 @@ pub mod dev {
             FwdVariant::H8,
             FwdVariant::H9,
             FwdVariant::H10,
+            FwdVariant::H11,
         ];
         /// The variant actually launched at head dim `d`.
         pub fn resolve(self, d: usize) -> FwdVariant {
@@ -929,7 +935,8 @@ pub mod dev {
                 | FwdVariant::H7
                 | FwdVariant::H8
                 | FwdVariant::H9
-                | FwdVariant::H10 => 384,
+                | FwdVariant::H10
+                | FwdVariant::H11 => 384,
                 FwdVariant::H5 | FwdVariant::H6 => 512,
             }
         }
@@ -946,7 +953,8 @@ pub mod dev {
                 | FwdVariant::H7
                 | FwdVariant::H8
                 | FwdVariant::H9
-                | FwdVariant::H10 => 128,
+                | FwdVariant::H10
+                | FwdVariant::H11 => 128,
             }
         }
         /// Keys a tile of the wgmma forwards: 128 at d = 64, 64 at d = 128; H7–H9 128 at both
@@ -985,7 +993,8 @@ pub mod dev {
                 | FwdVariant::H4
                 | FwdVariant::H5
                 | FwdVariant::H6
-                | FwdVariant::H10 => 4,
+                | FwdVariant::H10
+                | FwdVariant::H11 => 4,
                 FwdVariant::H7 | FwdVariant::H8 | FwdVariant::H9 if d == 64 => 3,
                 FwdVariant::H7 | FwdVariant::H8 | FwdVariant::H9 => 2,
                 FwdVariant::H2 => 3,

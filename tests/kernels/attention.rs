@@ -504,6 +504,81 @@ fn fwd_is_deterministic(dev: &KernelDevice, variant: gpu::FwdVariant, d: usize) 
     );
 }
 
+/// H11's speculative softmax takes P against the reference maximum before it knows the tile's
+/// maximum, and again where that moved the reference: the same P, l and O as its base (H4 at
+/// d = 64, H3 at d = 128) bit for bit. On keys whose later tiles score up to ~8× higher (the
+/// reference moves mid-unit, not only at a unit's first tile), and plain ones.
+#[test]
+fn speculative_softmax_matches_its_base_bit_for_bit() {
+    for dev in devices() {
+        if !dev.has_wgmma() {
+            eprintln!(
+                "speculative softmax: {} runs no wgmma; skipped there",
+                dev.name()
+            );
+            continue;
+        }
+        for d in [64, 128] {
+            let base = if d == 64 {
+                gpu::FwdVariant::H4
+            } else {
+                gpu::FwdVariant::H3
+            };
+            let enabled = gpu::FwdVariant::enabled();
+            if !enabled.contains(&gpu::FwdVariant::H11) || !enabled.contains(&base) {
+                eprintln!(
+                    "speculative softmax: H11 or {base:?} left out on {}; skipped",
+                    dev.name()
+                );
+                continue;
+            }
+            for rising in [false, true] {
+                let mut inp = Inputs::new(1, 77, 520, 2, d, 1.0, 8000 + d as u64);
+                if rising {
+                    // image keys past row 128 scaled by 1 + 7·r/520: scores rise along the keys
+                    let row = 2 * d; // H · d elements a token
+                    for (i, x) in inp.qkv[4].iter_mut().enumerate() {
+                        let r = i / row;
+                        if r >= 128 {
+                            *x = bf16::from_f32(*x * (1.0 + 7.0 * r as f32 / 520.0)).to_f32();
+                        }
+                    }
+                }
+                let bufs = inp.qkv.each_ref().map(|v| upload_bf16(&dev, v));
+                let [qa, ka, va, qb, kb, vb] = bufs.each_ref();
+                let run = |variant| {
+                    let (oa, ob, lse) = gpu::joint_attention_fwd_with(
+                        &dev, qa, ka, va, qb, kb, vb, inp.dims, variant,
+                    )
+                    .unwrap();
+                    let bits = |v: Vec<bf16>| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
+                    let lse: Vec<u32> = dev
+                        .download(&lse)
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.to_bits())
+                        .collect();
+                    (
+                        bits(dev.download(&oa).unwrap()),
+                        bits(dev.download(&ob).unwrap()),
+                        lse,
+                    )
+                };
+                assert!(
+                    run(gpu::FwdVariant::H11) == run(base),
+                    "H11 and {base:?} differ at d = {d} (rising keys: {rising}) on {}",
+                    dev.name()
+                );
+                println!(
+                    "kernel joint_attention_fwd[h11] = [{}] bit for bit, d = {d}, rising keys {rising}, device {}",
+                    format!("{base:?}").to_lowercase(),
+                    dev.name()
+                );
+            }
+        }
+    }
+}
+
 /// The fallback's backward has no atomics either (dQ per query row, dK and dV per key row): two
 /// runs agree bit for bit.
 #[test]
