@@ -254,7 +254,14 @@ __device__ __forceinline__ void softmax_to_p(float (&s)[KN / 2], float (&alpha)[
 // exponentials (the special-function unit's 8 cycles a warp instruction) no longer wait for
 // the maximum's chain (64 half-rate FMNMX, two shuffle rounds, a vote: ~220 of a warp's ~1100
 // cycles a 64 × 128 tile by tools/sass-stats.sh --cycles), and P is bit for bit softmax_to_p's.
-template <int D, int KN, int POLY = 0, bool SUMS = true>
+// BOUND (FwdVariant::H12): no maximum at all unless the warp rescales. The lazy rule's purpose
+// is that no P exceeds 2^kLazyLog2; a thread's partial row sum bounds each of its P, so the test
+// is that sum ≤ 2^kLazyLog2 (false for the ∞ and NaN of a first tile), and only a rescale
+// reduces the maximum it moves to. A sum can pass the bound with no P past it (many P near
+// it): a rescale not strictly needed, after which the reference is the row's maximum again.
+// P then differs from softmax_to_p's where the references differ (the same softmax, other
+// roundings); the 64 FMNMX and the shuffles leave the tile's common path.
+template <int D, int KN, int POLY = 0, bool SUMS = true, bool BOUND = false>
 __device__ __forceinline__ void softmax_to_p_spec(float (&s)[KN / 2], float (&alpha)[2], float (&ms)[2],
                                                   float (&l)[2], uint32_t (&pa)[KN / 16][4], int krows, int t,
                                                   float scale_log2) {
@@ -282,21 +289,35 @@ __device__ __forceinline__ void softmax_to_p_spec(float (&s)[KN / 2], float (&al
             pa[j / 2][2 * (j % 2) + 1] = pack_bf16x2(p[2], p[3]);
         }
     };
+    // the row maxima (this thread's 2 rows, over the quad)
+    float mx[2];
+    auto row_max = [&]() {
+        mx[0] = s[0];
+        mx[1] = s[2];
+#pragma unroll
+        for (int j = 0; j < KN / 8; j++) {
+            mx[0] = fmaxf(mx[0], fmaxf(s[4 * j], s[4 * j + 1]));
+            mx[1] = fmaxf(mx[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
+        }
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 2));
+        }
+    };
+    static_assert(!BOUND || SUMS, "the bound is on the row sums");
     take_p();  // against the reference as it stands
-    float mx[2] = {s[0], s[2]};
-#pragma unroll
-    for (int j = 0; j < KN / 8; j++) {
-        mx[0] = fmaxf(mx[0], fmaxf(s[4 * j], s[4 * j + 1]));
-        mx[1] = fmaxf(mx[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
-    }
     bool need = false;
+    if constexpr (BOUND) {
+        constexpr float kBound = 1 << (int)kLazyLog2;
+        need = !(rs[0] <= kBound) || !(rs[1] <= kBound);
+    } else {
+        row_max();
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 1));
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 2));
-        need |= fmaf(mx[r], scale_log2, -ms[r]) > kLazyLog2;
+        for (int r = 0; r < 2; r++) need |= fmaf(mx[r], scale_log2, -ms[r]) > kLazyLog2;
     }
     if (__any_sync(FULL_MASK, need)) {  // warp-uniform, rare: P again against the moved reference
+        if constexpr (BOUND) row_max();
 #pragma unroll
         for (int r = 0; r < 2; r++) {
             const float mn = fmaxf(ms[r], mx[r] * scale_log2);
@@ -675,7 +696,7 @@ __device__ __forceinline__ void fwd_split_combine(bf16* __restrict__ oa, bf16* _
 // consumers still work on the previous unit and store its rows (Q double-buffered, the ring of
 // stages running on), where a new block would first wait for its launch and its loads.
 template <int D, int KN, int STAGES, int VMUL, int POLY = 0, int NC = 2, bool ASYNC = false, bool ROWSUM = false,
-          bool SPEC = false>
+          int SPEC = 0>
 __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
                                        const bf16* __restrict__ qa, const bf16* __restrict__ ka,
                                        const bf16* __restrict__ va, const bf16* __restrict__ qb,
@@ -696,7 +717,7 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
     constexpr bool LEAN = NC == 3 || ASYNC;
     constexpr int PREGS = NC == 3 ? 32 : ASYNC ? 40 : 72, CREGS = NC == 3 ? 160 : ASYNC ? 232 : 216;
     static_assert(NC == 2 || NC == 3, "two or three consumer groups");
-    static_assert(!SPEC || PSETS == 2, "the speculative softmax packs P as it goes: two P sets");
+    static_assert(SPEC == 0 || PSETS == 2, "the speculative softmax packs P as it goes: two P sets");
     constexpr int QBYTES = QT * D * 2, KVBYTES = KN * D * 2;
     // The producer marks tile i full once tile i + LAG is issued (LAG tiles' copies in flight
     // behind it). Issuing tile i + LAG waits for the stage of tile i + LAG − STAGES to be released,
@@ -847,8 +868,8 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
             const int kg = k0 + i;  // the key tile's index over both streams
             const int krows = min(KN, kg < ntiles<KN>(La) ? La - kg * KN : Lb - (kg - ntiles<KN>(La)) * KN);
             float alpha[2];
-            if constexpr (SPEC) {
-                softmax_to_p_spec<D, KN, POLY, !ROWSUM>(s, alpha, R.ms, R.l, pn, krows, t, scale_log2);
+            if constexpr (SPEC > 0) {
+                softmax_to_p_spec<D, KN, POLY, !ROWSUM, SPEC == 2>(s, alpha, R.ms, R.l, pn, krows, t, scale_log2);
                 wgmma_wait<0>();
                 rescale_o<D>(R.o, alpha);
             } else if constexpr (PSETS == 2) {
@@ -1623,11 +1644,16 @@ ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h4_d64_vfused, 384, 1, attn_h::fwd_h3<64, 12
 // Forward H10 (D = 64): H4 with the softmax's row sums on the tensor cores (P·1, ROWSUM).
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h10_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 2, false, true>)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h10_d64_vfused, 384, 1, attn_h::fwd_h3<64, 128, 4, 3, 4, 2, false, true>)
-// Forward H11: the speculative softmax (SPEC) on H4 at D = 64 and on H3 at D = 128.
-ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h11_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 2, false, false, true>)
-ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h11_d64_vfused, 384, 1, attn_h::fwd_h3<64, 128, 4, 3, 4, 2, false, false, true>)
-ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h11_d128, 384, 1, attn_h::fwd_h3<128, 64, 4, 1, 0, 2, false, false, true>)
-ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h11_d128_vfused, 384, 1, attn_h::fwd_h3<128, 64, 4, 3, 0, 2, false, false, true>)
+// Forward H11: the speculative softmax (SPEC 1) on H4 at D = 64 and on H3 at D = 128; H12: the
+// same with the sum bound for the maximum (SPEC 2).
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h11_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 2, false, false, 1>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h11_d64_vfused, 384, 1, attn_h::fwd_h3<64, 128, 4, 3, 4, 2, false, false, 1>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h11_d128, 384, 1, attn_h::fwd_h3<128, 64, 4, 1, 0, 2, false, false, 1>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h11_d128_vfused, 384, 1, attn_h::fwd_h3<128, 64, 4, 3, 0, 2, false, false, 1>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h12_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 2, false, false, 2>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h12_d64_vfused, 384, 1, attn_h::fwd_h3<64, 128, 4, 3, 4, 2, false, false, 2>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h12_d128, 384, 1, attn_h::fwd_h3<128, 64, 4, 1, 0, 2, false, false, 2>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h12_d128_vfused, 384, 1, attn_h::fwd_h3<128, 64, 4, 3, 0, 2, false, false, 2>)
 // Forward H5, H6 (D = 64): H3 with three consumer groups (192 query rows; one P register set),
 // without and with H4's polynomial exponentials.
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h5_d64, 512, 1, attn_h::fwd_h3<64, 128, 4, 1, 0, 3>)

@@ -842,7 +842,11 @@ pub mod dev {
     /// speculative softmax — P's exponentials taken against the reference maximum as it stands
     /// while the row maxima reduce beside them, and taken again in the rare tile whose maximum
     /// moved the reference (`softmax_to_p_spec`); the same P bit for bit, without the
-    /// maximum's chain (FMNMX, shuffles, vote) ahead of the exponentials.
+    /// maximum's chain (FMNMX, shuffles, vote) ahead of the exponentials. `H12` (the same
+    /// bases): H11 with no maximum on a tile's common path — a thread's partial row sums bound
+    /// each of its P, so the lazy rescale's test (no P past 2^8) is made on them, and a rescale
+    /// alone reduces the maximum it moves to (P then against other references than H4's: the
+    /// same softmax, other roundings).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum FwdVariant {
         V3,
@@ -858,6 +862,7 @@ pub mod dev {
         H9,
         H10,
         H11,
+        H12,
     }
 
     impl FwdVariant {
@@ -897,7 +902,7 @@ pub mod dev {
         }
 
         /// Every variant, for tests and the bench.
-        pub const ALL: [FwdVariant; 13] = [
+        pub const ALL: [FwdVariant; 14] = [
             FwdVariant::V3,
             FwdVariant::V4,
             FwdVariant::H1,
@@ -911,6 +916,7 @@ pub mod dev {
             FwdVariant::H9,
             FwdVariant::H10,
             FwdVariant::H11,
+            FwdVariant::H12,
         ];
         /// The variant actually launched at head dim `d`.
         pub fn resolve(self, d: usize) -> FwdVariant {
@@ -936,7 +942,8 @@ pub mod dev {
                 | FwdVariant::H8
                 | FwdVariant::H9
                 | FwdVariant::H10
-                | FwdVariant::H11 => 384,
+                | FwdVariant::H11
+                | FwdVariant::H12 => 384,
                 FwdVariant::H5 | FwdVariant::H6 => 512,
             }
         }
@@ -954,7 +961,8 @@ pub mod dev {
                 | FwdVariant::H8
                 | FwdVariant::H9
                 | FwdVariant::H10
-                | FwdVariant::H11 => 128,
+                | FwdVariant::H11
+                | FwdVariant::H12 => 128,
             }
         }
         /// Keys a tile of the wgmma forwards: 128 at d = 64, 64 at d = 128; H7–H9 128 at both
@@ -994,7 +1002,8 @@ pub mod dev {
                 | FwdVariant::H5
                 | FwdVariant::H6
                 | FwdVariant::H10
-                | FwdVariant::H11 => 4,
+                | FwdVariant::H11
+                | FwdVariant::H12 => 4,
                 FwdVariant::H7 | FwdVariant::H8 | FwdVariant::H9 if d == 64 => 3,
                 FwdVariant::H7 | FwdVariant::H8 | FwdVariant::H9 => 2,
                 FwdVariant::H2 => 3,

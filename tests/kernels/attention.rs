@@ -507,9 +507,10 @@ fn fwd_is_deterministic(dev: &KernelDevice, variant: gpu::FwdVariant, d: usize) 
 /// H11's speculative softmax takes P against the reference maximum before it knows the tile's
 /// maximum, and again where that moved the reference: the same P, l and O as its base (H4 at
 /// d = 64, H3 at d = 128) bit for bit. On keys whose later tiles score up to ~8× higher (the
-/// reference moves mid-unit, not only at a unit's first tile), and plain ones.
+/// reference moves mid-unit, not only at a unit's first tile), and plain ones. H12, whose
+/// rescales follow its row sums, against the CPU on the same inputs.
 #[test]
-fn speculative_softmax_matches_its_base_bit_for_bit() {
+fn speculative_softmaxes_match_their_base_and_the_cpu() {
     for dev in devices() {
         if !dev.has_wgmma() {
             eprintln!(
@@ -564,6 +565,50 @@ fn speculative_softmax_matches_its_base_bit_for_bit() {
                         lse,
                     )
                 };
+                if enabled.contains(&gpu::FwdVariant::H12) {
+                    let [qat, kat, vat, qbt, kbt, vbt] = inp.tensors();
+                    let want = cpu::joint_attention_fwd(&qat, &kat, &vat, &qbt, &kbt, &vbt);
+                    let (oa, ob, lse) = gpu::joint_attention_fwd_with(
+                        &dev,
+                        qa,
+                        ka,
+                        va,
+                        qb,
+                        kb,
+                        vb,
+                        inp.dims,
+                        gpu::FwdVariant::H12,
+                    )
+                    .unwrap();
+                    let shape = format!("{} rising keys {rising}", inp.shape());
+                    let o_a = download_f32(&dev, &oa);
+                    let o_b = download_f32(&dev, &ob);
+                    check(
+                        "joint_attention_fwd[h12].o_a",
+                        &dev,
+                        &shape,
+                        &o_a,
+                        want.o_a.f32s(),
+                        1e-2,
+                    );
+                    check(
+                        "joint_attention_fwd[h12].o_b",
+                        &dev,
+                        &shape,
+                        &o_b,
+                        want.o_b.f32s(),
+                        1e-2,
+                    );
+                    let lse = dev.download(&lse).unwrap();
+                    check(
+                        "joint_attention_fwd[h12].lse",
+                        &dev,
+                        &shape,
+                        &lse,
+                        want.lse.f32s(),
+                        1e-5,
+                    );
+                }
                 assert!(
                     run(gpu::FwdVariant::H11) == run(base),
                     "H11 and {base:?} differ at d = {d} (rising keys: {rising}) on {}",
