@@ -1025,6 +1025,18 @@ __device__ __forceinline__ void bwd_ds(const float (&p)[QT / 2], const float (&d
     }
 }
 
+// acc (64 keys × D) += dSᵀ·Q with dSᵀ from the shared tile: A this group's 64 key rows at `ds_rows`
+// (K-major: the tile's 128-byte rows are keys, 64 queries a block of KT rows), B the QT-row Q tile
+// at `b_rows` read MN-major (as bwd_issue_acc's).
+template <int D, int KT, int QT>
+__device__ __forceinline__ void bwd_issue_dk_tile(float* acc, uint32_t ds_rows, uint32_t b_rows) {
+    const uint32_t a_lo = wgmma_desc_lo(ds_rows, 16), b_lo = wgmma_desc_lo(b_rows, QT * 128);
+#pragma unroll
+    for (int kk = 0; kk < QT / 16; kk++)
+        wgmma_ss<D, 0, 1>(acc, wgmma_desc_step(a_lo, (kk / 4) * KT * 128 + (kk % 4) * 32, 1024, kSwizzle128),
+                          wgmma_desc_step(b_lo, kk * 16 * 128, 1024, kSwizzle128), 1);
+}
+
 // dK (times the softmax scale the scores carried) and dV of this thread's keys key0, key0 + 8
 // (those inside the tile), straight from the fragments: bf16 into the gradients (key rows kld and
 // vld elements apart), or f32 into a split unit's partials.
@@ -1275,7 +1287,8 @@ constexpr int kBwdH3Producer = 104, kBwdH3Consumer = 200;
 // (mbarrier ds_full, by then long done), and the dSᵀ buffer is rewritten once both groups' dQ
 // products have read it (ds_empty); group 1 starts when group 0 has formed its first P, so one
 // group's softmax runs while the other's products occupy the tensor cores.
-template <int VMUL, bool PIPE = false, bool ASYNC = false, int QT_ = 64, bool DEFER = false, int POLY = 0>
+template <int VMUL, bool PIPE = false, bool ASYNC = false, int QT_ = 64, bool DEFER = false, int POLY = 0,
+          bool DKS = false>
 __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
                                        bf16* __restrict__ dvb, float* __restrict__ dqa_acc,
                                        float* __restrict__ dqb_acc, const bf16* __restrict__ qa,
@@ -1293,6 +1306,7 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
     (void)scale_log2;
     static_assert(QT == 64 || (QT == 128 && ASYNC && !PIPE), "128-query tiles: ASYNC, without PIPE");
     static_assert(!DEFER || (ASYNC && !PIPE), "the deferred dQ with the async loader, without PIPE");
+    static_assert(!DKS || (QT == 128 && !PIPE && !DEFER), "dK from the dSᵀ tile: H6's loop");
     // dQ split by rows (each group: 64 queries × D) at QT = 128, by columns (64 queries × D/2)
     // at 64; its shared tiles: 2, or 1 at QT = 128 (with 2 stages: 227 KB)
     constexpr bool DQ_ROWS = QT == 128;
@@ -1537,6 +1551,13 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
             wgmma_fence();
             bwd_issue_acc<D, QT>(dv, pa, do_st);
             wgmma_commit();
+            if constexpr (DKS) {
+                // dSᵀ to the shared tile only (its fragments, unused, are dead code), while dV
+                // runs: dK's product reads it there with dQ's, so no register set of dSᵀ stands
+                // beside Pᵀ's, which the dV product still reads, and dV is not waited for here
+                bwd_ds<KT, QT>(p, dp, dsa, sdS0 + (i & 1) * DSBYTES, key0, sDr, t);
+                return;
+            }
             // QT = 128: Pᵀ's fragments are read before dSᵀ's are formed, so that both never
             // hold registers beside Sᵀ, dPᵀ, dK and dV (they did: the consumers spilled at 240)
             if constexpr (QT == 128) wgmma_wait<0>();
@@ -1561,6 +1582,8 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
         named_bar_sync(1, CT);
         float dq[DQN / 2];
         wgmma_fence();
+        if constexpr (DKS)
+            bwd_issue_dk_tile<D, KT, QT>(dk, opaque(ds_addr + (i & 1) * DSBYTES + c * 64 * 128), q_st);
         bwd_issue_dq<DQN, KT>(dq, opaque(ds_addr + (i & 1) * DSBYTES + ds_cols), opaque(k_cols));
         wgmma_commit();
         if (PIPE && i + 1 < nqt) {
@@ -1708,6 +1731,9 @@ ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h6_d64_vfused, 384, 1, attn_h::bwd_h3<3, fal
 // Backward H9 (D = 64): H6 with a quarter of the exponentials on the FMA pipes (POLY, as forward H4).
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h9_d64, 384, 1, attn_h::bwd_h3<1, false, true, 128, false, 4>)
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h9_d64_vfused, 384, 1, attn_h::bwd_h3<3, false, true, 128, false, 4>)
+// Backward H10 (D = 64): H6 with dK's product reading dSᵀ from its shared tile (DKS).
+ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h10_d64, 384, 1, attn_h::bwd_h3<1, false, true, 128, false, 0, true>)
+ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h10_d64_vfused, 384, 1, attn_h::bwd_h3<3, false, true, 128, false, 0, true>)
 // Backward H7 (D = 64): H6 with the groups half a tile apart (DEFER: dQ a tile later).
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h7_d64, 384, 1, attn_h::bwd_h3<1, false, true, 128, true>)
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h7_d64_vfused, 384, 1, attn_h::bwd_h3<3, false, true, 128, true>)

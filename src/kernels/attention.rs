@@ -1133,7 +1133,10 @@ pub mod dev {
     /// with a quarter of Pᵀ's exponentials on the FMA pipes (the forward H4's `poly_exp2`): both
     /// groups form Pᵀ at once, so the exponential unit is the tile's bottleneck while the tensor
     /// cores wait (64 a thread: 1024 clocks a scheduler a tile for the two groups; 768 here, for
-    /// ~190 more instructions a warp).
+    /// ~190 more instructions a warp). `H10` (d = 64; at d = 128 `H2`): H6 with dK's product
+    /// reading dSᵀ from the shared tile dQ's reads (issued with dQ's, behind the groups'
+    /// barrier) instead of from registers, so dSᵀ needs no register set beside Pᵀ's and the dV
+    /// product runs on while dSᵀ is formed (H6 waits for it there, for registers).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum BwdVariant {
         K128,
@@ -1147,6 +1150,7 @@ pub mod dev {
         H7,
         H8,
         H9,
+        H10,
     }
 
     impl BwdVariant {
@@ -1190,7 +1194,7 @@ pub mod dev {
         }
 
         /// Every variant, for tests and the bench.
-        pub const ALL: [BwdVariant; 11] = [
+        pub const ALL: [BwdVariant; 12] = [
             BwdVariant::K128,
             BwdVariant::V3,
             BwdVariant::H1,
@@ -1202,6 +1206,7 @@ pub mod dev {
             BwdVariant::H7,
             BwdVariant::H8,
             BwdVariant::H9,
+            BwdVariant::H10,
         ];
         /// The variant actually launched at head dim `d`.
         pub fn resolve(self, d: usize) -> BwdVariant {
@@ -1242,9 +1247,12 @@ pub mod dev {
                 (units, dims.tiles(v.query_rows()))
             })
         }
-        /// Queries a tile of the wgmma backwards: 64; H6, H7, H9 128.
+        /// Queries a tile of the wgmma backwards: 64; H6, H7, H9, H10 128.
         fn query_rows(self) -> usize {
-            if matches!(self, BwdVariant::H6 | BwdVariant::H7 | BwdVariant::H9) {
+            if matches!(
+                self,
+                BwdVariant::H6 | BwdVariant::H7 | BwdVariant::H9 | BwdVariant::H10
+            ) {
                 2 * TILE
             } else {
                 TILE
@@ -1275,9 +1283,9 @@ pub mod dev {
                         + 3 * 2 * TILE * 4
                         + 8 * 15) as u32
                 }
-                // H6, H7, H9: K, V, 2 stages of 128-query Q, dO, lse and Drow, two dSᵀ tiles (keys ×
+                // H6, H7, H9, H10: K, V, 2 stages of 128-query Q, dO, lse and Drow, two dSᵀ tiles (keys ×
                 // 128 queries), one f32 dQ tile (rows padded to d+4) and 9 mbarriers (H7: 13).
-                BwdVariant::H6 | BwdVariant::H7 | BwdVariant::H9 => {
+                BwdVariant::H6 | BwdVariant::H7 | BwdVariant::H9 | BwdVariant::H10 => {
                     let qt = 2 * TILE;
                     (1024
                         + 2 * BWD_KEYS * d * 2
