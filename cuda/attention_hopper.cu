@@ -995,7 +995,10 @@ __device__ __forceinline__ void bwd_p(const float (&s)[QT / 2], float (&p)[QT / 
 // dSᵀ = Pᵀ∘(dPᵀ − Drow), packed to bf16 A fragments and stored into the dSᵀ tile (row = key,
 // 4-byte pairs of queries: a QT-query row spans QT/64 of the tile's 128-byte column blocks) for
 // dQ; dp is only read.
-template <int KT, int QT = 64>
+// STSM (BwdVariant::H10, whose dK reads dSᵀ from the tile): no A fragments, and the tile written
+// by stmatrix_x4 — four 8 × 8 blocks (two key rows' halves × two query chunks) an instruction,
+// 8 a tile where st.shared took 32, each lane addressing one 16-byte row of one block.
+template <int KT, int QT = 64, bool STSM = false>
 __device__ __forceinline__ void bwd_ds(const float (&p)[QT / 2], const float (&dp)[QT / 2],
                                        uint32_t (&dsa)[QT / 16][4], unsigned char* ds_tile, int key0,
                                        const float* sDr, int t) {
@@ -1010,16 +1013,31 @@ __device__ __forceinline__ void bwd_ds(const float (&p)[QT / 2], const float (&d
         float2 dr[DRB];
 #pragma unroll
         for (int b = 0; b < DRB; b++) dr[b] = *reinterpret_cast<const float2*>(sDr + 8 * (j0 + b) + 2 * t);
+        uint32_t v[DRB][2];
 #pragma unroll
         for (int b = 0; b < DRB; b++) {
             const int j = j0 + b;
 #pragma unroll
             for (int r = 0; r < 2; r++) {
                 const int e = 2 * r;
-                const uint32_t v = pack_bf16x2(p[4 * j + e] * (dp[4 * j + e] - dr[b].x),
-                                               p[4 * j + e + 1] * (dp[4 * j + e + 1] - dr[b].y));
-                st_shared(reinterpret_cast<uint32_t*>(ds_tile + chunk_offset<KT>(key0 + 8 * r, j) + 4 * t), v);
-                dsa[j / 2][2 * (j & 1) + r] = v;
+                v[b][r] = pack_bf16x2(p[4 * j + e] * (dp[4 * j + e] - dr[b].x),
+                                      p[4 * j + e + 1] * (dp[4 * j + e + 1] - dr[b].y));
+                if constexpr (!STSM) {
+                    st_shared(reinterpret_cast<uint32_t*>(ds_tile + chunk_offset<KT>(key0 + 8 * r, j) + 4 * t),
+                              v[b][r]);
+                    dsa[j / 2][2 * (j & 1) + r] = v[b][r];
+                }
+            }
+        }
+        if constexpr (STSM) {
+            // block m = lane / 8 of an x4: key rows +8(m & 1), query chunk +(m >> 1); this lane
+            // addresses its row lane % 8
+            const int g = key0 & 7, lane = 4 * g + t, m = lane / 8;
+            const int row = (key0 - g) + 8 * (m & 1) + lane % 8;
+#pragma unroll
+            for (int h = 0; h < DRB / 2; h++) {
+                const uint32_t r4[4] = {v[2 * h][0], v[2 * h][1], v[2 * h + 1][0], v[2 * h + 1][1]};
+                stmatrix_x4(ds_tile + chunk_offset<KT>(row, j0 + 2 * h + (m >> 1)), r4);
             }
         }
     }
@@ -1552,10 +1570,10 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
             bwd_issue_acc<D, QT>(dv, pa, do_st);
             wgmma_commit();
             if constexpr (DKS) {
-                // dSᵀ to the shared tile only (its fragments, unused, are dead code), while dV
-                // runs: dK's product reads it there with dQ's, so no register set of dSᵀ stands
+                // dSᵀ to the shared tile only (by stmatrix; no fragments), while dV runs: dK's
+                // product reads it there with dQ's, so no register set of dSᵀ stands
                 // beside Pᵀ's, which the dV product still reads, and dV is not waited for here
-                bwd_ds<KT, QT>(p, dp, dsa, sdS0 + (i & 1) * DSBYTES, key0, sDr, t);
+                bwd_ds<KT, QT, true>(p, dp, dsa, sdS0 + (i & 1) * DSBYTES, key0, sDr, t);
                 return;
             }
             // QT = 128: Pᵀ's fragments are read before dSᵀ's are formed, so that both never

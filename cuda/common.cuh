@@ -155,6 +155,15 @@ __device__ __forceinline__ void ldmatrix_x2_trans(uint32_t r[2], const void* row
                  : "=r"(r[0]), "=r"(r[1])
                  : "r"(smem_addr(row)));
 }
+// stmatrix .x4 (sm_90): ldmatrix_x4's inverse — lane l passes the address of row (l % 8) of
+// matrix (l / 8) and holds in r[j] the elements (row l/4, cols 2(l%4), 2(l%4)+1) of matrix j: an
+// mma or wgmma accumulator's bf16 fragments stored as 16-byte rows, one instruction for four
+// 8 × 8 blocks where st.shared takes one a lane and block.
+__device__ __forceinline__ void stmatrix_x4(void* row, const uint32_t r[4]) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(smem_addr(row)), "r"(r[0]),
+                 "r"(r[1]), "r"(r[2]), "r"(r[3])
+                 : "memory");
+}
 #endif
 
 // Two floats packed as bf16x2 (lo in the low half), the register format of the fragments above.

@@ -216,6 +216,42 @@ fn mma_and_ldmatrix_match_a_plain_product() {
     }
 }
 
+/// stmatrix_x4 writes each lane's fragments to the rows the lanes addressed (the PTX ISA
+/// layout: ldmatrix_x4's inverse), and ldmatrix_x4 of the same addresses gives them back.
+#[test]
+fn stmatrix_stores_fragments_as_ldmatrix_reads_them() {
+    let mut out = vec![0xFFFFu16; 32 * 8];
+    let mut out2 = vec![0u32; 32 * 4];
+    let (mut po, mut po2) = (out.as_mut_ptr(), out2.as_mut_ptr());
+    emu_launch(
+        "emu_test_stmatrix",
+        [1, 1, 1],
+        [32, 1, 1],
+        0,
+        &mut [arg(&mut po), arg(&mut po2)],
+    )
+    .unwrap();
+    for m in 0..4usize {
+        for q in 0..8usize {
+            let row = (8 * m + q) ^ 5;
+            for c in 0..8usize {
+                let want = (64 * m + 8 * q + c) as u16;
+                assert_eq!(out[row * 8 + c], want, "matrix {m} row {q} col {c}");
+            }
+        }
+    }
+    for lane in 0..32u32 {
+        for j in 0..4u32 {
+            let v = 64 * j + 8 * (lane / 4) + 2 * (lane % 4);
+            assert_eq!(
+                out2[(4 * lane + j) as usize],
+                v | (v + 1) << 16,
+                "lane {lane} reg {j}"
+            );
+        }
+    }
+}
+
 #[test]
 fn bf16_and_fp16_round_to_nearest_even() {
     let mut x: Vec<f32> = values(4096, 3).into_iter().map(|v| v * 70000.0).collect();

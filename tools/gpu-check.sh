@@ -184,7 +184,7 @@ ADVDMD_ATTN_NO_HOPPER=1 step mmdit-sd35m-nohopper 120 "$BIN/advdmd" bench mmdit 
 # steps without (mmdit-sd35m, sample-sd35m-graph, step-sd35m-80g-graph)
 MMDIT_FIXTURES=$(ls -d .gpu/fixtures/*/ | tr '\n' ':') ADVDMD_PDL=1 step tests-pdl 150 bash -c \
   "$BIN/mmdit-device-test --test-threads=1 && $BIN/advdmd-device-test --test-threads=1 && $BIN/kernels-test attention --test-threads=1"
-# the H3-H9 forward on one block an SM taking the units in turns (ADVDMD_ATTN_PERSISTENT=1)
+# the H3-H12 forward on one block an SM taking the units in turns (ADVDMD_ATTN_PERSISTENT=1)
 ADVDMD_ATTN_PERSISTENT=1 step mmdit-sd35m-persistent 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
 ADVDMD_PDL=1 step mmdit-sd35m-pdl 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json
 ADVDMD_PDL=1 step sample-sd35m-graph-pdl 90 "$BIN/advdmd" bench sample --device cuda --model sd3.5-medium --res 1024 --batch 1 --steps 4 --cfg 1 --iters 10 --graph --json
@@ -246,7 +246,7 @@ step mmdit-sd35l 180 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-large
 step sample-sd35l 180 "$BIN/advdmd" bench sample --device cuda --model sd3.5-large --res 1024 --batch 1 --steps 4 --cfg 1 --iters 5 --graph --json
 # Nsight Compute (late: a minute or more, and the budget cuts from the end) on the d64 1024 px attention kernels (the first shape the bench runs), forward
 # and backward apart (the bench runs every forward variant, then the persistent ones, before any
-# backward): the plain launcher's, then the Hopper forward variants H3–H9 and backward H3–H8 once
+# backward): the plain launcher's, then the Hopper forward variants H3–H12 and backward H3–H10 once
 # each — each kernel's speed of light, pipe utilisation (tensor, FMA, SFU), shared-memory and L2
 # throughput, warp stalls and issue slots.
 if command -v ncu >/dev/null; then

@@ -212,7 +212,7 @@ const char* const kOpNames[kOpCount] = {
     "__syncwarp",      "__shfl_sync",       "__shfl_xor_sync", "__shfl_up_sync",
     "__shfl_down_sync", "__ballot_sync",     "__any_sync",      "__all_sync",
     "__match_any_sync", "mma_m16n8k16_bf16", "ldmatrix_x4",     "ldmatrix_x4_trans",
-    "ldmatrix_x2",      "ldmatrix_x2_trans",
+    "ldmatrix_x2",      "ldmatrix_x2_trans", "stmatrix_x4",
 };
 
 enum Code : int { kOk = 0, kBadLaunch = 1, kDeadlock = 2, kFault = 3 };
@@ -815,6 +815,33 @@ void ldmatrix(Op op, uint32_t* r, const void* row, const char* file, int line) {
     }
     warp_release();
     std::memcpy(r, out, n * sizeof(uint32_t));
+}
+
+// Every lane publishes its row address and its four registers; lane l then writes the 16 bytes of
+// row l % 8 of matrix l / 8 (register l / 8 of lanes 4(l % 8) … 4(l % 8) + 3), through the
+// generic proxy as an st.shared would.
+void stmatrix(const uint32_t* r, void* row, const char* file, int line) {
+    struct Pub {
+        void* row;
+        uint32_t v[4];
+    } pub{row, {r[0], r[1], r[2], r[3]}};
+    static_assert(sizeof(Pub) <= kSlotBytes, "a lane's stmatrix operands fit its slot");
+    if ((uintptr_t)row & 15)
+        fault("stmatrix_x4 (%s:%d): row address %p is not 16-byte aligned", file, line, row);
+    unsigned arrived;
+    const unsigned char* s = warp_exchange(kStmatrixX4, 0xffffffffu, &pub, sizeof pub, &arrived, file, line);
+    if (arrived != 0xffffffffu)
+        fault("stmatrix_x4 (%s:%d) needs all 32 lanes; lanes 0x%08x took part", file, line, arrived);
+    const unsigned lane = lane_id(), m = lane / 8, q = lane % 8;
+    uint32_t bytes[4];
+    for (unsigned k = 0; k < 4; ++k) {
+        Pub o;
+        std::memcpy(&o, s + (4 * q + k) * kSlotBytes, sizeof o);
+        bytes[k] = o.v[m];
+    }
+    warp_release();
+    shared_write(row, 16, file, line);
+    std::memcpy(row, bytes, 16);
 }
 
 }  // namespace emu

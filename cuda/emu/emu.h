@@ -108,6 +108,7 @@ enum Op : int {
     kLdmatrixX4Trans,
     kLdmatrixX2,
     kLdmatrixX2Trans,
+    kStmatrixX4,
     kOpCount
 };
 // The block barrier; returns the number of threads whose `pred` was nonzero.
@@ -574,12 +575,14 @@ namespace emu {
 void mma_bf16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4],
                        const char* file, int line);
 void ldmatrix(Op op, uint32_t* r, const void* row, const char* file, int line);
+void stmatrix(const uint32_t* r, void* row, const char* file, int line);
 }  // namespace emu
 #define mma_m16n8k16_bf16(d, a, b, c) ::emu::mma_bf16(d, a, b, c, __FILE__, __LINE__)
 #define ldmatrix_x4(r, row) ::emu::ldmatrix(::emu::kLdmatrixX4, r, row, __FILE__, __LINE__)
 #define ldmatrix_x4_trans(r, row) ::emu::ldmatrix(::emu::kLdmatrixX4Trans, r, row, __FILE__, __LINE__)
 #define ldmatrix_x2(r, row) ::emu::ldmatrix(::emu::kLdmatrixX2, r, row, __FILE__, __LINE__)
 #define ldmatrix_x2_trans(r, row) ::emu::ldmatrix(::emu::kLdmatrixX2Trans, r, row, __FILE__, __LINE__)
+#define stmatrix_x4(row, r) ::emu::stmatrix(r, row, __FILE__, __LINE__)
 
 // ---- wgmma twins (common.cuh's Hopper warpgroup MMA wrappers) ------------------------------------
 // A shared address is an offset into the block's dynamic shared memory, where wgmma operands must

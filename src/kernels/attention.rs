@@ -769,7 +769,7 @@ pub mod dev {
             .collect()
     }
 
-    /// `ADVDMD_ATTN_PERSISTENT`: `1` or unset runs the H3–H9 forward on one block an SM, each
+    /// `ADVDMD_ATTN_PERSISTENT`: `1` or unset runs the H3–H12 forward on one block an SM, each
     /// taking the units in turns (`fwd_h3`: the next unit's loads overlap this one's last tiles
     /// and its stores); `0`: a block a unit. The default since it was measured faster at every
     /// shape (docs/perf-log.md, H100, 2026-11-28: H4 at d = 64 1024 px 324.4 against 315.2
@@ -975,7 +975,7 @@ pub mod dev {
                 _ => TILE,
             }
         }
-        /// Whether the kernel takes a [`SplitPlan`] (H3–H9, the `fwd_h3` family: one block a
+        /// Whether the kernel takes a [`SplitPlan`] (H3–H12, the `fwd_h3` family: one block a
         /// unit on a 1-D grid, one block an SM).
         fn splits_keys(self) -> bool {
             !matches!(
@@ -1019,7 +1019,7 @@ pub mod dev {
                 // mbarriers (Q, and full and empty per stage) after the tiles.
                 let keys = self.key_rows(d);
                 if self.splits_keys() {
-                    // H3–H9: two Q tiles; q_full, q_empty per Q tile and full, empty per stage
+                    // H3–H12: two Q tiles; q_full, q_empty per Q tile and full, empty per stage
                     let bars = 8 * (4 + 2 * self.stages(d));
                     let tiles = 2 * self.rows() + 2 * self.stages(d) * keys;
                     // H10: 256 bytes of bf16 ones after the mbarriers (its row sums' B)
@@ -1032,7 +1032,7 @@ pub mod dev {
         }
     }
 
-    /// How an H3–H9 forward splits its last wave along the keys (`fwd_h3` in
+    /// How an H3–H12 forward splits its last wave along the keys (`fwd_h3` in
     /// attention_hopper.cu), and the H3–H8 backward along the queries (`bwd_h3`: units of 128
     /// keys over the query tiles; partial dK, dV merged by `joint_attn_bwd_split_combine`). Its blocks are units of equal length — one query tile of one head,
     /// over every key tile — one resident an SM: when the unit count is not a multiple of the SM
@@ -1553,7 +1553,7 @@ pub mod dev {
         ))
     }
 
-    /// How the H3–H9 forward is launched: its [`SplitPlan`] (`None`: [`SplitPlan::last_wave`] on
+    /// How the H3–H12 forward is launched: its [`SplitPlan`] (`None`: [`SplitPlan::last_wave`] on
     /// the device's SMs) and its grid (`None`: a block a planned block, or one an SM under
     /// `ADVDMD_ATTN_PERSISTENT=1`).
     #[derive(Clone, Copy, Debug, Default)]
@@ -1572,7 +1572,7 @@ pub mod dev {
         fwd_planned(dev, qkv, dims, variant, v_ld, FwdLaunch::default())
     }
 
-    /// The forward; `launch` for the H3–H9 kernels, ignored by the others.
+    /// The forward; `launch` for the H3–H12 kernels, ignored by the others.
     fn fwd_planned(
         dev: &KernelDevice,
         [qa, ka, va, qb, kb, vb]: [&DevBuf<bf16>; 6],

@@ -123,6 +123,28 @@ extern "C" __global__ void emu_test_mma(const bf16* __restrict__ a, const bf16* 
     }
 }
 
+// stmatrix_x4 of a warp's fragments, read back as the rows they addressed: lane l holds in r[j]
+// the values 64j + 8(l/4) + 2(l%4) (+1) — matrix j's (row l/4, cols 2(l%4), 2(l%4)+1) — and gives
+// row (l%8) of matrix (l/8) the address of shared row ((8(l/8) + l%8) ^ 5) of a 32 × 8 bf16 block
+// (rows permuted, so addresses are not taken for granted); out gets the block, then ldmatrix_x4
+// of the same addresses back into lane order (out2: 32 lanes × 4 registers).
+extern "C" __global__ void emu_test_stmatrix(uint16_t* __restrict__ out, uint32_t* __restrict__ out2) {
+    STATIC_SMEM(__align__(16) uint16_t, sM, [32 * 8]);
+    const unsigned lane = threadIdx.x, g = lane / 4, t = lane % 4;
+    uint32_t r[4];
+    for (unsigned j = 0; j < 4; ++j) {
+        const unsigned v = 64 * j + 8 * g + 2 * t;
+        r[j] = v | (v + 1) << 16;
+    }
+    void* row = &sM[((8 * (lane / 8) + lane % 8) ^ 5) * 8];
+    stmatrix_x4(row, r);
+    __syncwarp();
+    for (unsigned i = lane; i < 32 * 8; i += 32) out[i] = sM[i];
+    uint32_t back[4];
+    ldmatrix_x4(back, row);
+    for (unsigned j = 0; j < 4; ++j) out2[4 * lane + j] = back[j];
+}
+
 // Reads dynamic shared memory before writing it: the poison (0xFF bytes) shows as NaN.
 extern "C" __global__ void emu_test_smem_poison(float* __restrict__ out) {
     DYNAMIC_SMEM(float, s);
