@@ -168,6 +168,49 @@ __device__ __forceinline__ void fwd_issue_pv(float* o, const uint32_t (&p)[KN / 
         wgmma_rs<D, 1>(o, p[c], wgmma_desc_step(v_lo, c * 16 * 128, 1024, kSwizzle128), 1);
 }
 
+// S's keys ≥ krows (past a partial tile's end) to −∞: column 8j + 2t + (e & 1) of fragment 4j + e.
+template <int KN>
+__device__ __forceinline__ void mask_keys(float (&s)[KN / 2], int krows, int t) {
+    if (krows < KN) {
+#pragma unroll
+        for (int j = 0; j < KN / 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                if (8 * j + 2 * t + (e & 1) >= krows) s[4 * j + e] = -INFINITY;
+    }
+}
+
+// The row maxima of this thread's two rows (fragments 4j + {0, 1} and 4j + {2, 3}) over the quad.
+template <int KN>
+__device__ __forceinline__ void row_max(const float (&s)[KN / 2], float (&mx)[2]) {
+    mx[0] = s[0];
+    mx[1] = s[2];
+#pragma unroll
+    for (int j = 0; j < KN / 8; j++) {
+        mx[0] = fmaxf(mx[0], fmaxf(s[4 * j], s[4 * j + 1]));
+        mx[1] = fmaxf(mx[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 2));
+    }
+}
+
+// The lazy rescale's move: each row's reference to its maximum where that is higher, alpha the
+// factor O (and, with SUMS, l here) moves by.
+template <bool SUMS>
+__device__ __forceinline__ void move_reference(const float (&mx)[2], float (&alpha)[2], float (&ms)[2], float (&l)[2],
+                                               float scale_log2) {
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const float mn = fmaxf(ms[r], mx[r] * scale_log2);
+        alpha[r] = fast_exp2(ms[r] - mn);
+        ms[r] = mn;
+        if constexpr (SUMS) l[r] *= alpha[r];
+    }
+}
+
 // Tile i's online softmax on S's accumulator fragments (rows g and g + 8 of this warp, as in
 // attention.cu's fwd_v3): keys ≥ krows masked, the reference maximum moved lazily (l rescaled
 // here; O's factor returned in alpha, for rescale_o once no product writes O any more), the row
@@ -180,36 +223,14 @@ __device__ __forceinline__ void fwd_issue_pv(float* o, const uint32_t (&p)[KN / 
 template <int D, int KN, int POLY = 0, bool SUMS = true>
 __device__ __forceinline__ void softmax_exps(float (&s)[KN / 2], float (&alpha)[2], float (&ms)[2], float (&l)[2],
                                              int krows, int t, float scale_log2) {
-    if (krows < KN) {
-#pragma unroll
-        for (int j = 0; j < KN / 8; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++)
-                if (8 * j + 2 * t + (e & 1) >= krows) s[4 * j + e] = -INFINITY;
-    }
-    float mx[2] = {s[0], s[2]};
-#pragma unroll
-    for (int j = 0; j < KN / 8; j++) {
-        mx[0] = fmaxf(mx[0], fmaxf(s[4 * j], s[4 * j + 1]));
-        mx[1] = fmaxf(mx[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
-    }
+    mask_keys<KN>(s, krows, t);
+    float mx[2];
+    row_max<KN>(s, mx);
     bool need = false;
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 1));
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 2));
-        need |= fmaf(mx[r], scale_log2, -ms[r]) > kLazyLog2;
-    }
+    for (int r = 0; r < 2; r++) need |= fmaf(mx[r], scale_log2, -ms[r]) > kLazyLog2;
     alpha[0] = alpha[1] = 1.f;
-    if (__any_sync(FULL_MASK, need)) {  // warp-uniform
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            const float mn = fmaxf(ms[r], mx[r] * scale_log2);
-            alpha[r] = fast_exp2(ms[r] - mn);
-            ms[r] = mn;
-            if constexpr (SUMS) l[r] *= alpha[r];
-        }
-    }
+    if (__any_sync(FULL_MASK, need)) move_reference<SUMS>(mx, alpha, ms, l, scale_log2);  // warp-uniform
     float rs[2] = {0.f, 0.f};
 #pragma unroll
     for (int j = 0; j < KN / 8; j++)
@@ -265,13 +286,7 @@ template <int D, int KN, int POLY = 0, bool SUMS = true, bool BOUND = false>
 __device__ __forceinline__ void softmax_to_p_spec(float (&s)[KN / 2], float (&alpha)[2], float (&ms)[2],
                                                   float (&l)[2], uint32_t (&pa)[KN / 16][4], int krows, int t,
                                                   float scale_log2) {
-    if (krows < KN) {
-#pragma unroll
-        for (int j = 0; j < KN / 8; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++)
-                if (8 * j + 2 * t + (e & 1) >= krows) s[4 * j + e] = -INFINITY;
-    }
+    mask_keys<KN>(s, krows, t);
     alpha[0] = alpha[1] = 1.f;
     float rs[2];
     auto take_p = [&]() {
@@ -289,22 +304,7 @@ __device__ __forceinline__ void softmax_to_p_spec(float (&s)[KN / 2], float (&al
             pa[j / 2][2 * (j % 2) + 1] = pack_bf16x2(p[2], p[3]);
         }
     };
-    // the row maxima (this thread's 2 rows, over the quad)
     float mx[2];
-    auto row_max = [&]() {
-        mx[0] = s[0];
-        mx[1] = s[2];
-#pragma unroll
-        for (int j = 0; j < KN / 8; j++) {
-            mx[0] = fmaxf(mx[0], fmaxf(s[4 * j], s[4 * j + 1]));
-            mx[1] = fmaxf(mx[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
-        }
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 2));
-        }
-    };
     static_assert(!BOUND || SUMS, "the bound is on the row sums");
     take_p();  // against the reference as it stands
     bool need = false;
@@ -312,19 +312,13 @@ __device__ __forceinline__ void softmax_to_p_spec(float (&s)[KN / 2], float (&al
         constexpr float kBound = 1 << (int)kLazyLog2;
         need = !(rs[0] <= kBound) || !(rs[1] <= kBound);
     } else {
-        row_max();
+        row_max<KN>(s, mx);
 #pragma unroll
         for (int r = 0; r < 2; r++) need |= fmaf(mx[r], scale_log2, -ms[r]) > kLazyLog2;
     }
     if (__any_sync(FULL_MASK, need)) {  // warp-uniform, rare: P again against the moved reference
-        if constexpr (BOUND) row_max();
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            const float mn = fmaxf(ms[r], mx[r] * scale_log2);
-            alpha[r] = fast_exp2(ms[r] - mn);
-            ms[r] = mn;
-            if constexpr (SUMS) l[r] *= alpha[r];
-        }
+        if constexpr (BOUND) row_max<KN>(s, mx);
+        move_reference<SUMS>(mx, alpha, ms, l, scale_log2);
         take_p();
     }
     if constexpr (SUMS) {

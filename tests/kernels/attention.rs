@@ -479,24 +479,8 @@ fn joint_attention_fwd_is_deterministic() {
 
 fn fwd_is_deterministic(dev: &KernelDevice, variant: gpu::FwdVariant, d: usize) {
     let inp = Inputs::new(1, 77, 130, 2, d, 1.0, 7);
-    let [qa, ka, va, qb, kb, vb] = inp.qkv.each_ref().map(|v| upload_bf16(dev, v));
-    let run = || {
-        let (oa, ob, lse) =
-            gpu::joint_attention_fwd_with(dev, &qa, &ka, &va, &qb, &kb, &vb, inp.dims, variant)
-                .unwrap();
-        let bits = |v: Vec<bf16>| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
-        let lse_bits: Vec<u32> = dev
-            .download(&lse)
-            .unwrap()
-            .iter()
-            .map(|x| x.to_bits())
-            .collect();
-        (
-            bits(dev.download(&oa).unwrap()),
-            bits(dev.download(&ob).unwrap()),
-            lse_bits,
-        )
-    };
+    let bufs = inp.qkv.each_ref().map(|v| upload_bf16(dev, v));
+    let run = || fwd_bits(dev, &bufs, inp.dims, variant);
     assert!(
         run() == run(),
         "joint_attention_fwd ({variant:?}, d = {d}) on {}: two runs differ",
@@ -547,24 +531,7 @@ fn speculative_softmaxes_match_their_base_and_the_cpu() {
                 }
                 let bufs = inp.qkv.each_ref().map(|v| upload_bf16(&dev, v));
                 let [qa, ka, va, qb, kb, vb] = bufs.each_ref();
-                let run = |variant| {
-                    let (oa, ob, lse) = gpu::joint_attention_fwd_with(
-                        &dev, qa, ka, va, qb, kb, vb, inp.dims, variant,
-                    )
-                    .unwrap();
-                    let bits = |v: Vec<bf16>| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
-                    let lse: Vec<u32> = dev
-                        .download(&lse)
-                        .unwrap()
-                        .iter()
-                        .map(|x| x.to_bits())
-                        .collect();
-                    (
-                        bits(dev.download(&oa).unwrap()),
-                        bits(dev.download(&ob).unwrap()),
-                        lse,
-                    )
-                };
+                let run = |variant| fwd_bits(&dev, &bufs, inp.dims, variant);
                 if enabled.contains(&gpu::FwdVariant::H12) {
                     let [qat, kat, vat, qbt, kbt, vbt] = inp.tensors();
                     let want = cpu::joint_attention_fwd(&qat, &kat, &vat, &qbt, &kbt, &vbt);
@@ -622,6 +589,30 @@ fn speculative_softmaxes_match_their_base_and_the_cpu() {
             }
         }
     }
+}
+
+/// The forward's O (both streams) and lse as bits, by `variant`, on q, k, v of both streams.
+fn fwd_bits(
+    dev: &KernelDevice,
+    qkv: &[DevBuf<bf16>; 6],
+    dims: AttnDims,
+    variant: gpu::FwdVariant,
+) -> (Vec<u16>, Vec<u16>, Vec<u32>) {
+    let [qa, ka, va, qb, kb, vb] = qkv.each_ref();
+    let (oa, ob, lse) =
+        gpu::joint_attention_fwd_with(dev, qa, ka, va, qb, kb, vb, dims, variant).unwrap();
+    let bits = |v: Vec<bf16>| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
+    let lse = dev
+        .download(&lse)
+        .unwrap()
+        .iter()
+        .map(|x| x.to_bits())
+        .collect();
+    (
+        bits(dev.download(&oa).unwrap()),
+        bits(dev.download(&ob).unwrap()),
+        lse,
+    )
 }
 
 /// The fallback's backward has no atomics either (dQ per query row, dK and dV per key row): two
