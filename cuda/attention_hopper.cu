@@ -4,10 +4,10 @@
 // (its top comment describes them), with every product on wgmma (common.cuh) instead of
 // mma.sync. CPU twin: src/kernels/attention.rs.
 //
-//   joint_attn_fwd_h{1..10}_d{64,128}[_vfused]  O (two buffers) and lse [B, H, La+Lb]
-//                                               (FwdVariant::H1 … H10; H4–H6, H8–H10 at d = 64)
+//   joint_attn_fwd_h{1..12}_d{64,128}[_vfused]  O (two buffers) and lse [B, H, La+Lb]
+//                                               (FwdVariant::H1 … H12; H4–H6, H8–H10 at d = 64)
 //   joint_attn_bwd_h{1,2}_d{64,128}[_vfused],   dK, dV (bf16) per 128-key tile, dQ into the f32
-//   joint_attn_bwd_h{3..9}_d64[_vfused]         accumulators (BwdVariant::H1 … H9; the section
+//   joint_attn_bwd_h{3..10}_d64[_vfused]        accumulators (BwdVariant::H1 … H10; the section
 //                                               "Backward" below)
 //
 // Forward:
@@ -22,7 +22,8 @@
 // KN/16 register-sourced wgmma into O. H1 waits for each product before the next; H2 overlaps
 // one tile's P·V with the next tile's softmax; H3 adds FlashAttention-3's warp specialization
 // and ping-pong scheduling (fwd_h3's comment); H7–H9 let its producer run ahead of its copies
-// (cp_async_mbar_arrive) in fewer stages. None uses TMA yet.
+// (cp_async_mbar_arrive) in fewer stages; H11, H12 take P speculatively (softmax_to_p_spec).
+// None uses TMA yet.
 #include "attention_common.cuh"
 
 namespace attn_h {
