@@ -530,51 +530,20 @@ fn speculative_softmaxes_match_their_base_and_the_cpu() {
                     }
                 }
                 let bufs = inp.qkv.each_ref().map(|v| upload_bf16(&dev, v));
-                let [qa, ka, va, qb, kb, vb] = bufs.each_ref();
                 let run = |variant| fwd_bits(&dev, &bufs, inp.dims, variant);
                 if enabled.contains(&gpu::FwdVariant::H12) {
                     let [qat, kat, vat, qbt, kbt, vbt] = inp.tensors();
                     let want = cpu::joint_attention_fwd(&qat, &kat, &vat, &qbt, &kbt, &vbt);
-                    let (oa, ob, lse) = gpu::joint_attention_fwd_with(
-                        &dev,
-                        qa,
-                        ka,
-                        va,
-                        qb,
-                        kb,
-                        vb,
-                        inp.dims,
-                        gpu::FwdVariant::H12,
-                    )
-                    .unwrap();
+                    let (oa, ob, lse) = fwd_run(&dev, &bufs, inp.dims, gpu::FwdVariant::H12);
                     let shape = format!("{} rising keys {rising}", inp.shape());
-                    let o_a = download_f32(&dev, &oa);
-                    let o_b = download_f32(&dev, &ob);
-                    check(
-                        "joint_attention_fwd[h12].o_a",
-                        &dev,
-                        &shape,
-                        &o_a,
-                        want.o_a.f32s(),
-                        1e-2,
-                    );
-                    check(
-                        "joint_attention_fwd[h12].o_b",
-                        &dev,
-                        &shape,
-                        &o_b,
-                        want.o_b.f32s(),
-                        1e-2,
-                    );
-                    let lse = dev.download(&lse).unwrap();
-                    check(
-                        "joint_attention_fwd[h12].lse",
-                        &dev,
-                        &shape,
-                        &lse,
-                        want.lse.f32s(),
-                        1e-5,
-                    );
+                    for (name, got, want, tol) in [
+                        ("o_a", download_f32(&dev, &oa), want.o_a.f32s(), 1e-2),
+                        ("o_b", download_f32(&dev, &ob), want.o_b.f32s(), 1e-2),
+                        ("lse", dev.download(&lse).unwrap(), want.lse.f32s(), 1e-5),
+                    ] {
+                        let kernel = format!("joint_attention_fwd[h12].{name}");
+                        check(&kernel, &dev, &shape, &got, want, tol);
+                    }
                 }
                 assert!(
                     run(gpu::FwdVariant::H11) == run(base),
@@ -591,16 +560,25 @@ fn speculative_softmaxes_match_their_base_and_the_cpu() {
     }
 }
 
-/// The forward's O (both streams) and lse as bits, by `variant`, on q, k, v of both streams.
+/// The forward by `variant` on q, k, v of both streams: O of each stream and lse.
+fn fwd_run(
+    dev: &KernelDevice,
+    qkv: &[DevBuf<bf16>; 6],
+    dims: AttnDims,
+    variant: gpu::FwdVariant,
+) -> (DevBuf<bf16>, DevBuf<bf16>, DevBuf<f32>) {
+    let [qa, ka, va, qb, kb, vb] = qkv.each_ref();
+    gpu::joint_attention_fwd_with(dev, qa, ka, va, qb, kb, vb, dims, variant).unwrap()
+}
+
+/// [`fwd_run`]'s outputs as bits.
 fn fwd_bits(
     dev: &KernelDevice,
     qkv: &[DevBuf<bf16>; 6],
     dims: AttnDims,
     variant: gpu::FwdVariant,
 ) -> (Vec<u16>, Vec<u16>, Vec<u32>) {
-    let [qa, ka, va, qb, kb, vb] = qkv.each_ref();
-    let (oa, ob, lse) =
-        gpu::joint_attention_fwd_with(dev, qa, ka, va, qb, kb, vb, dims, variant).unwrap();
+    let (oa, ob, lse) = fwd_run(dev, qkv, dims, variant);
     let bits = |v: Vec<bf16>| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
     let lse = dev
         .download(&lse)
