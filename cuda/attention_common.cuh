@@ -122,6 +122,28 @@ __device__ __forceinline__ void red_add4(float* p, float4 v) {
                     splits, blocks);                                                                    \
     }
 
+// The tensor maps of a forward whose producer copies by TMA (FwdVariant::H13): Q, K and V of
+// stream a then b, each [B, L, H, D] as a rank-4 map (D innermost) with a box of 64 columns, one
+// head and a tile's rows (src/kernels/attention.rs, fwd_maps). V's token stride is in its map, so
+// one kernel reads V alone or inside a fused qkv.
+struct AttnMaps {
+    TmaMap q[2], k[2], v[2];
+};
+
+// ATTN_FWD_SPLIT_ENTRY's forward with the maps last, by value in param space (the copy unit
+// reads them there); the producer passes their address to tma_load_4d.
+#define ATTN_FWD_TMA_ENTRY(name, threads, min_blocks, ...)                                              \
+    extern "C" __global__ void __launch_bounds__(threads, min_blocks)                                   \
+        name(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,                     \
+             const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,     \
+             const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,     \
+             int La, int Lb, int H, float scale_log2, float* __restrict__ opart, int split_from,        \
+             int splits, int blocks, const __grid_constant__ attn::AttnMaps maps) {                     \
+        kernel_prologue();                                                                              \
+        __VA_ARGS__(oa, ob, lse, qa, ka, va, qb, kb, vb, La, Lb, H, scale_log2, opart, split_from,      \
+                    splits, blocks, &maps);                                                             \
+    }
+
 #define ATTN_BWD_ENTRY(name, threads, min_blocks, ...)                                                  \
     extern "C" __global__ void __launch_bounds__(threads, min_blocks)                                   \
         name(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,                    \

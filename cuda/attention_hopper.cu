@@ -5,7 +5,8 @@
 // mma.sync. CPU twin: src/kernels/attention.rs.
 //
 //   joint_attn_fwd_h{1..12}_d{64,128}[_vfused]  O (two buffers) and lse [B, H, La+Lb]
-//                                               (FwdVariant::H1 … H12; H4–H6, H8–H10 at d = 64)
+//   joint_attn_fwd_h13_d{64,128}                (FwdVariant::H1 … H13; H4–H6, H8–H10 at d = 64;
+//                                               H13's tensor maps carry V's stride: no _vfused)
 //   joint_attn_bwd_h{1,2}_d{64,128}[_vfused],   dK, dV (bf16) per 128-key tile, dQ into the f32
 //   joint_attn_bwd_h{3..10}_d64[_vfused]        accumulators (BwdVariant::H1 … H10; the section
 //                                               "Backward" below)
@@ -22,8 +23,8 @@
 // KN/16 register-sourced wgmma into O. H1 waits for each product before the next; H2 overlaps
 // one tile's P·V with the next tile's softmax; H3 adds FlashAttention-3's warp specialization
 // and ping-pong scheduling (fwd_h3's comment); H7–H9 let its producer run ahead of its copies
-// (cp_async_mbar_arrive) in fewer stages; H11, H12 take P speculatively (softmax_to_p_spec).
-// None uses TMA yet.
+// (cp_async_mbar_arrive) in fewer stages; H11, H12 take P speculatively (softmax_to_p_spec);
+// H13's producer is one thread issuing TMA bulk tensor copies (fwd_tma_producer).
 #include "attention_common.cuh"
 
 namespace attn_h {
@@ -669,6 +670,46 @@ __device__ __forceinline__ void fwd_split_combine(bf16* __restrict__ oa, bf16* _
     }
 }
 
+// The ROWS × D tile of `map` whose first row is token `row0` of head h of sample b (rows past
+// the stream zero) into the swizzled tile at `dst` (1024-byte aligned): one box of 64 columns
+// (its 128-byte rows) per column block of chunk_offset, completing on `bar`.
+template <int D, int ROWS>
+__device__ __forceinline__ void tma_load_tile(unsigned char* dst, const TmaMap* map, int h, int row0, int b,
+                                              uint64_t* bar) {
+#pragma unroll
+    for (int j = 0; j < D / 64; j++) tma_load_4d(dst + j * ROWS * 128, map, 64 * j, h, row0, b, bar);
+}
+
+// fwd_h3's TMA producer (one thread): per unit its Q tile once the consumers are done with the
+// Q slot's previous unit, then its key tiles through the ring, as fwd_h3's copying producer
+// orders them; each `full` gets the one arrival and the bytes it waits for.
+template <int D, int KN, int QT, int STAGES>
+__device__ __forceinline__ void fwd_tma_producer(unsigned char* sQ0, unsigned char* sK0, unsigned char* sV0,
+                                                 uint64_t* q_full, uint64_t* q_empty, uint64_t* full,
+                                                 uint64_t* empty, const AttnMaps* maps, int La, int Lb, int H,
+                                                 int split_from, int splits, int blocks) {
+    constexpr int QBYTES = QT * D * 2, KVBYTES = KN * D * 2;
+    int g = 0, n = 0;
+    for (int v = blockIdx.x; v < blocks; v += gridDim.x, n++) {
+        const SplitPiece sp = split_piece<QT, KN>(v, split_from, splits, La, Lb);
+        const int b = sp.bh / H, h = sp.bh % H, qs = n & 1;
+        const Tile qt = tile_of<QT>(sp.tile, La, Lb);
+        if (n >= 2) mbar_wait(&q_empty[qs], ((n / 2) - 1) & 1);
+        mbar_arrive_expect_tx(&q_full[qs], QBYTES);
+        tma_load_tile<D, QT>(sQ0 + qs * QBYTES, &maps->q[qt.stream], h, qt.row0, b, &q_full[qs]);
+#pragma unroll 1
+        for (int i = 0; i < sp.nkt; i++) {
+            const int tg = g + i, st = tg % STAGES;
+            const Tile kt = tile_of<KN>(sp.k0 + i, La, Lb);
+            if (tg >= STAGES) mbar_wait(&empty[st], ((tg / STAGES) - 1) & 1);
+            mbar_arrive_expect_tx(&full[st], 2 * KVBYTES);
+            tma_load_tile<D, KN>(sK0 + st * KVBYTES, &maps->k[kt.stream], h, kt.row0, b, &full[st]);
+            tma_load_tile<D, KN>(sV0 + st * KVBYTES, &maps->v[kt.stream], h, kt.row0, b, &full[st]);
+        }
+        g += sp.nkt;
+    }
+}
+
 // FwdVariant::H3: fwd_h2's consumers fed by a producer warpgroup, FlashAttention-3's structure
 // (with cp.async where FA3 uses TMA). Warpgroup 0 produces: it loads Q once and streams the key
 // and value tiles through STAGES shared stages, each guarded by two mbarriers: `full` (the
@@ -690,14 +731,21 @@ __device__ __forceinline__ void fwd_split_combine(bf16* __restrict__ oa, bf16* _
 // with fewer (persistent: one a SM) the producer loads a unit's Q and first key tiles while the
 // consumers still work on the previous unit and store its rows (Q double-buffered, the ring of
 // stages running on), where a new block would first wait for its launch and its loads.
+//
+// TMA (FwdVariant::H13): the producer is one thread issuing bulk tensor copies (tma_load_4d) from
+// `maps` — a tile's Q, K or V is D/64 copies of a 64-column box, landed swizzled as
+// load_tile_sw's tiles, rows past the stream zero — each stage's `full` completing on one
+// arrival (with the tile's bytes expected) and the bytes landing; no producer thread waits for a
+// copy or fences one (the async proxy writes what wgmma reads). The other 127 producer threads
+// leave at once, and the producer's registers shrink to 24 (the consumers 240).
 template <int D, int KN, int STAGES, int VMUL, int POLY = 0, int NC = 2, bool ASYNC = false, bool ROWSUM = false,
-          int SPEC = 0>
+          int SPEC = 0, bool TMA = false>
 __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
                                        const bf16* __restrict__ qa, const bf16* __restrict__ ka,
                                        const bf16* __restrict__ va, const bf16* __restrict__ qb,
                                        const bf16* __restrict__ kb, const bf16* __restrict__ vb, int La, int Lb,
                                        int H, float scale_log2, float* __restrict__ opart, int split_from,
-                                       int splits, int blocks) {
+                                       int splits, int blocks, const AttnMaps* maps = nullptr) {
     constexpr int QT = 64 * NC, PT = 128, CT = 128 * NC;  // query rows, producer and consumer threads
     // A turn's named barrier: its group's 128 threads (bar.sync) and the previous group's (arrive).
     constexpr int TURN = 256;
@@ -710,8 +758,10 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
     // with 512): three groups need 160, so the producer copies with rolled loops in 32; ASYNC's
     // producer never waits for its copies and copies rolled in 40, leaving two groups 232.
     constexpr bool LEAN = NC == 3 || ASYNC;
-    constexpr int PREGS = NC == 3 ? 32 : ASYNC ? 40 : 72, CREGS = NC == 3 ? 160 : ASYNC ? 232 : 216;
+    constexpr int PREGS = NC == 3 ? 32 : TMA ? 24 : ASYNC ? 40 : 72;
+    constexpr int CREGS = NC == 3 ? 160 : TMA ? 240 : ASYNC ? 232 : 216;
     static_assert(NC == 2 || NC == 3, "two or three consumer groups");
+    static_assert(!TMA || (!ASYNC && NC == 2), "TMA's producer is its own kind");
     static_assert(SPEC == 0 || PSETS == 2, "the speculative softmax packs P as it goes: two P sets");
     constexpr int QBYTES = QT * D * 2, KVBYTES = KN * D * 2;
     // The producer marks tile i full once tile i + LAG is issued (LAG tiles' copies in flight
@@ -720,8 +770,8 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
     // the two wait for each other (the emulator reports that deadlock at STAGES − 1). ASYNC
     // (FwdVariant::H7, H8): each producer thread's cp_async_mbar_arrive marks a tile full once its
     // copies have landed, without waiting for them: LAG 0, and two stages suffice.
-    constexpr int LAG = ASYNC ? 0 : STAGES - 2;
-    static_assert(ASYNC || LAG >= 1, "at least one tile in flight behind the one being published");
+    constexpr int LAG = ASYNC || TMA ? 0 : STAGES - 2;
+    static_assert(ASYNC || TMA || LAG >= 1, "at least one tile in flight behind the one being published");
     static_assert(STAGES >= 2, "a stage filling while another is read");
     DYNAMIC_SMEM(unsigned char, raw);
     // Two Q tiles (unit n uses tile n mod 2, so the next unit's Q loads while this one's is read),
@@ -741,12 +791,14 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
     const long long ld = (long long)H * D;
 
     if (tid == 0) {
+        // full, q_full: every producer thread's arrival, or TMA's one with the tile's bytes
+        constexpr int FILLERS = TMA ? 1 : PT;
         for (int s = 0; s < 2; s++) {
-            mbar_init(&q_full[s], PT);
+            mbar_init(&q_full[s], FILLERS);
             mbar_init(&q_empty[s], CT);
         }
         for (int s = 0; s < STAGES; s++) {
-            mbar_init(&full[s], PT);
+            mbar_init(&full[s], FILLERS);
             mbar_init(&empty[s], CT);
         }
         fence_mbarrier_init();
@@ -762,6 +814,11 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
     static_assert(setmaxnreg_fits<PT + CT, PREGS, CREGS>(), "setmaxnreg over the block's registers");
     if (wg == 0) {
         setmaxnreg_dec<PREGS>();
+        if constexpr (TMA) {
+            if (tid == 0) fwd_tma_producer<D, KN, QT, STAGES>(sQ0, sK0, sV0, q_full, q_empty, full, empty, maps, La, Lb,
+                                                              H, split_from, splits, blocks);
+            return;
+        }
         // Unit n of this block (virtual block v = blockIdx.x + n·gridDim.x): its Q, once the
         // consumers are done with unit n − 2's (the same tile), then its key tiles through the
         // ring, whose position g (key tiles loaded before this unit) runs on across units.
@@ -1247,6 +1304,8 @@ __device__ __forceinline__ void bwd_store_kv_piece(const float* dk, const float*
 // advdmd-entry-registers: joint_attn_fwd_h4_d64_vfused 168
 // advdmd-entry-registers: joint_attn_fwd_h10_d64 168
 // advdmd-entry-registers: joint_attn_fwd_h10_d64_vfused 168
+// advdmd-entry-registers: joint_attn_fwd_h13_d64 168
+// advdmd-entry-registers: joint_attn_fwd_h13_d128 168
 // advdmd-entry-registers: joint_attn_fwd_h5_d64 128
 // advdmd-entry-registers: joint_attn_fwd_h5_d64_vfused 128
 // advdmd-entry-registers: joint_attn_fwd_h6_d64 128
@@ -1701,6 +1760,10 @@ ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h12_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h12_d64_vfused, 384, 1, attn_h::fwd_h3<64, 128, 4, 3, 4, 2, false, false, 2>)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h12_d128, 384, 1, attn_h::fwd_h3<128, 64, 4, 1, 0, 2, false, false, 2>)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h12_d128_vfused, 384, 1, attn_h::fwd_h3<128, 64, 4, 3, 0, 2, false, false, 2>)
+// Forward H13: H4 at D = 64 and H3 at D = 128 with the producer's copies by TMA (one thread;
+// V's token stride in its map, so no _vfused twin).
+ATTN_FWD_TMA_ENTRY(joint_attn_fwd_h13_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 2, false, false, 0, true>)
+ATTN_FWD_TMA_ENTRY(joint_attn_fwd_h13_d128, 384, 1, attn_h::fwd_h3<128, 64, 4, 1, 0, 2, false, false, 0, true>)
 // Forward H5, H6 (D = 64): H3 with three consumer groups (192 query rows; one P register set),
 // without and with H4's polynomial exponentials.
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h5_d64, 512, 1, attn_h::fwd_h3<64, 128, 4, 1, 0, 3>)

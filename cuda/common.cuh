@@ -471,6 +471,37 @@ __device__ __forceinline__ void setmaxnreg_inc() {
 }
 #endif
 
+// ---- TMA (sm_90): tensor maps and bulk tensor copies ---------------------------------------------
+// TmaMap: the 128 opaque bytes of a CUtensorMap, encoded on the host (src/device/tma.rs: by the
+// driver's cuTensorMapEncodeTiled on a GPU, in the emulator's own layout under it) and passed as a
+// `const __grid_constant__` kernel parameter, where the copy unit reads it (param space, no global
+// copy to upload or fence). A tensor of rank 4, bf16, 128-byte swizzle: box rows of 64 elements
+// land as the 128-byte rows of chunk_offset's swizzled tiles (16-byte chunk c of row r at
+// (c ^ r mod 8)·16, by the shared address's bits, so the destination is 1024-byte aligned).
+// mbar_arrive_expect_tx(bar, bytes): the thread's arrival on `bar`, adding `bytes` to the
+// transactions its phase waits for. tma_load_4d(dst, map, c0, c1, c2, c3, bar): the box at
+// coordinates (c0 innermost; elements outside the tensor read as zero) into shared `dst`, one
+// thread's instruction; it completes the box's bytes (all of them, zeros included) on `bar` once
+// they have landed — written through the async proxy, so a wgmma reads them with no fence.
+struct __align__(128) TmaMap {
+    unsigned long long opaque[16];
+};
+#ifndef ADVDMD_EMU
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.release.cta.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)),
+                 "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void tma_load_4d(void* dst, const TmaMap* map, int c0, int c1, int c2, int c3,
+                                            uint64_t* bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, "
+        "%5}], [%6];\n" ::"r"(smem_addr(dst)),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_addr(bar))
+        : "memory");
+}
+#endif
+
 // Whether a block of THREADS (one producer warpgroup, the rest consumers) may move to PRODUCER and
 // CONSUMER registers per thread: setmaxnreg.inc takes registers from the block's own pool and
 // blocks until there are enough, so the two budgets must fit what the block was launched with —

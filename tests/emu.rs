@@ -5,6 +5,7 @@
 
 use advdmd::device::emu::{emu_kernel_names, emu_launch, set_schedule, EmuError, Schedule};
 use advdmd::device::emu_memory::HostMemory;
+use advdmd::device::tma::{TileMap4, TmaMap};
 use std::ffi::c_void;
 
 /// `&mut value` as the launch's untyped argument pointer.
@@ -815,4 +816,66 @@ fn misaligned_vector_accesses_are_faults() {
             assert!(msg.contains("aligned"), "{msg}");
         }
     }
+}
+
+/// The TMA twin: a box lands swizzled as the 128-byte swizzle places it (chunk c of row r at
+/// c ^ r mod 8), rows past the tensor zero; only once a thread waits on its mbarrier (a read
+/// before sees the poison); a destination off the swizzle's 1024-byte pattern and a copy nobody
+/// waits for are faults.
+#[test]
+fn tma_copies_land_swizzled_late_and_zero_filled() {
+    // [B = 1, L = 20, H = 2, D = 64] bf16: element (l, h, d) holds l·1000 + h·100 + d.
+    let (l, h, d) = (20usize, 2usize, 64usize);
+    let x: Vec<u16> = (0..l * h * d)
+        .map(|i| ((i / (h * d)) * 1000 + (i / d % h) * 100 + i % d) as u16)
+        .collect();
+    let map = TileMap4 {
+        base: x.as_ptr() as u64,
+        dims: [d as u64, h as u64, l as u64, 1],
+        strides: [2 * d as u64, 2 * (h * d) as u64, 2 * (l * h * d) as u64],
+        boxes: [64, 1, 16, 1],
+    };
+    map.check().unwrap();
+    let run = |c2: i32, at: i32, wait: i32| {
+        let mut m: TmaMap = map.emulator_map();
+        let mut out = vec![0u16; 16 * 64 + 1];
+        let mut po = out.as_mut_ptr();
+        let (mut c2, mut at2, mut w) = (c2, at, wait);
+        let smem = (2048 + at + 16) as u32;
+        emu_launch(
+            "emu_test_tma",
+            [1, 1, 1],
+            [64, 1, 1],
+            smem,
+            &mut [
+                arg(&mut m),
+                arg(&mut po),
+                arg(&mut c2),
+                arg(&mut at2),
+                arg(&mut w),
+            ],
+        )
+        .map(|()| out)
+    };
+    // Rows 10..26 of head 1: rows 20.. are past the tensor.
+    let out = run(10, 1024, 1).unwrap();
+    assert_eq!(out[16 * 64], 0xFFFF, "read before the wait: the poison");
+    for r in 0..16usize {
+        for c in 0..8usize {
+            for e in 0..8usize {
+                let got = out[r * 64 + ((c ^ (r % 8)) * 8) + e];
+                let row = 10 + r;
+                let want = if row < l {
+                    (row * 1000 + 100 + c * 8 + e) as u16
+                } else {
+                    0
+                };
+                assert_eq!(got, want, "row {r} chunk {c} element {e}");
+            }
+        }
+    }
+    let err = run(0, 512, 1).unwrap_err().to_string();
+    assert!(err.contains("1024-byte aligned"), "{err}");
+    let err = run(0, 1024, 0).unwrap_err().to_string();
+    assert!(err.contains("bulk tensor copies pending"), "{err}");
 }

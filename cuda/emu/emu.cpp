@@ -170,6 +170,17 @@ struct PendingCopy {
     int line;
 };
 
+// A bulk tensor copy (TMA) not landed yet: the tensor map's bytes (its issuer's parameter copy
+// may be gone when it lands), its coordinates, destination and mbarrier.
+struct PendingBulk {
+    unsigned char map[128];
+    int coords[5];
+    unsigned char* dst;
+    void* bar;
+    const char* file;
+    int line;
+};
+
 struct Fiber {
     Ctx ctx;
     std::vector<PendingCopy> copies;
@@ -269,6 +280,10 @@ struct Launch {
     std::vector<int> word_line;
     std::vector<const char*> word_file;
     std::vector<uint64_t> fence_epoch;
+    // Bulk tensor copies pending (the block's, not a thread's: they land when a thread waits on
+    // their mbarrier), and each mbarrier's outstanding transaction bytes (by shared offset).
+    std::vector<PendingBulk> bulk;
+    std::unordered_map<size_t, int64_t> mbar_tx;
     // The first error.
     int code = kOk;
     std::string err;
@@ -465,6 +480,8 @@ bool run_block(uint64_t block_linear) {
     L.word_line.assign(L.smem_bytes / 4 + 1, 0);
     L.word_file.assign(L.smem_bytes / 4 + 1, nullptr);
     L.fence_epoch.assign(L.nthreads, 0);
+    L.bulk.clear();
+    L.mbar_tx.clear();
     for (auto& w : L.warps) {
         for (Rdv* r : w.live) L.free_rdvs.push_back(r);
         w.live.clear();
@@ -536,6 +553,14 @@ bool run_block(uint64_t block_linear) {
                          "threads that exit early make it undefined behaviour)";
             return false;
         }
+    }
+    if (!L.bulk.empty()) {
+        L.code = kFault;
+        L.err = where() + fmt(": the block ended with %zu bulk tensor copies pending, the first issued at %s:%d "
+                              "(no thread waited on its mbarrier: on a GPU it may land after the block's "
+                              "shared memory is gone)",
+                              L.bulk.size(), L.bulk[0].file, L.bulk[0].line);
+        return false;
     }
     for (int b = 0; b < kNamedBarriers; ++b)
         if (L.named_arrived[b]) {
@@ -627,22 +652,45 @@ static Mbar* mbar_at(void* bar, const char* what, const char* file, int line) {
     return static_cast<Mbar*>(bar);
 }
 
+static size_t mbar_offset(const void* bar) { return (size_t)(static_cast<const unsigned char*>(bar) - g->smem); }
+
 void mbarrier_init(void* bar, unsigned count, const char* file, int line) {
     if (count == 0 || count >= 0xFFFF) fault("mbarrier init (%s:%d): count %u", file, line, count);
     Mbar* m = mbar_at(bar, "mbarrier init", file, line);
     *m = Mbar{count, (uint16_t)count, 0};
+    g->mbar_tx.erase(mbar_offset(bar));
+}
+
+// The phase completes once its arrivals are in and no transaction bytes are outstanding.
+static void mbar_complete_if_done(Mbar* m, const void* bar) {
+    auto tx = g->mbar_tx.find(mbar_offset(bar));
+    if (m->pending != 0 || (tx != g->mbar_tx.end() && tx->second != 0)) return;
+    m->pending = m->expected;
+    m->phase++;
 }
 
 void mbarrier_arrive(void* bar, const char* file, int line) {
     Mbar* m = mbar_at(bar, "mbarrier arrive", file, line);
     if (m->expected == 0xFFFF || m->expected == 0)
         fault("mbarrier arrive (%s:%d): the mbarrier was not initialized", file, line);
-    if (--m->pending == 0) {
-        m->pending = m->expected;
-        m->phase++;
-    }
+    if (m->pending == 0)
+        fault("mbarrier arrive (%s:%d): the phase has all %u arrivals already and waits for its transaction "
+              "bytes: one arrival too many",
+              file, line, m->expected);
+    --m->pending;
+    mbar_complete_if_done(m, bar);
     g->spin_done = true;  // a state change: other threads' waits may now complete
 }
+
+void mbarrier_arrive_expect_tx(void* bar, unsigned bytes, const char* file, int line) {
+    mbar_at(bar, "mbarrier arrive.expect_tx", file, line);
+    if (bytes >= (1u << 20))
+        fault("mbarrier arrive.expect_tx (%s:%d): %u bytes, past the 2^20 - 1 a phase can count", file, line, bytes);
+    g->mbar_tx[mbar_offset(bar)] += bytes;
+    mbarrier_arrive(bar, file, line);
+}
+
+static bool land_bulk_for(const void* bar);
 
 void mbarrier_wait(void* bar, unsigned parity, const char* file, int line) {
     Fiber& f = cur_fiber();
@@ -651,6 +699,7 @@ void mbarrier_wait(void* bar, unsigned parity, const char* file, int line) {
         fault("mbarrier wait (%s:%d): the mbarrier was not initialized", file, line);
     // The phase of parity `parity` is complete once the current phase's parity differs from it.
     while ((m->phase & 1u) == (parity & 1u)) {
+        if (land_bulk_for(bar)) continue;  // the copies it waits for land now
         f.spinning = true;
         f.what = "mbarrier wait";
         f.file = file;
@@ -993,6 +1042,108 @@ void cp_async_land_all() {
     Fiber& f = cur_fiber();
     for (const PendingCopy& c : f.copies) land(c);
     f.copies.clear();
+}
+
+// src/device/tma.rs's emulator layout of a tensor map (its TmaMap's 128 bytes).
+struct EmuTensorMap {
+    uint64_t magic;
+    uint64_t base;        // the global address
+    uint64_t dims[5];     // elements, innermost first
+    uint64_t strides[5];  // bytes (strides[0]: the element size)
+    uint32_t box[5];
+    uint32_t rank, elem_bytes, swizzle;  // swizzle: 0 or 128 (bytes)
+};
+static_assert(sizeof(EmuTensorMap) == 128, "a tensor map is 128 bytes");
+constexpr uint64_t kTensorMapMagic = 0x50414d524f534e54ull;  // "TNSORMAP"
+
+static const EmuTensorMap& tensor_map(const void* p, int rank, const char* file, int line) {
+    const EmuTensorMap& m = *static_cast<const EmuTensorMap*>(p);
+    if (m.magic != kTensorMapMagic)
+        fault("tma load (%s:%d): the tensor map was not encoded for the emulator (src/device/tma.rs)", file, line);
+    if ((int)m.rank != rank)
+        fault("tma load (%s:%d): a rank-%d copy of a rank-%u tensor map", file, line, rank, m.rank);
+    return m;
+}
+
+static uint64_t box_bytes(const EmuTensorMap& m) {
+    uint64_t n = m.elem_bytes;
+    for (uint32_t k = 0; k < m.rank; ++k) n *= m.box[k];
+    return n;
+}
+
+void tma_load(void* dst, const void* map, int rank, const int* coords, void* bar, const char* file, int line) {
+    const EmuTensorMap& m = tensor_map(map, rank, file, line);
+    mbar_at(bar, "tma load's mbarrier", file, line);
+    const uint64_t bytes = box_bytes(m);
+    unsigned char* d = static_cast<unsigned char*>(dst);
+    if (!in_dynamic_smem(d, (unsigned)bytes))
+        fault("tma load (%s:%d): the %llu-byte box at %p is not inside the block's dynamic shared memory", file,
+              line, (unsigned long long)bytes, dst);
+    const size_t off = (size_t)(d - g->smem), align = m.swizzle == 128 ? 1024 : 128;
+    if (off % align)
+        fault("tma load (%s:%d): shared destination at byte %zu is not %zu-byte aligned%s", file, line, off, align,
+              m.swizzle == 128 ? " (the 128-byte swizzle's pattern)" : "");
+    check_inflight(d, (unsigned)bytes, "tma load", file, line);
+    PendingBulk p;
+    std::memcpy(p.map, map, sizeof p.map);
+    for (int k = 0; k < 5; ++k) p.coords[k] = k < rank ? coords[k] : 0;
+    p.dst = d;
+    p.bar = bar;
+    p.file = file;
+    p.line = line;
+    g->bulk.push_back(p);
+}
+
+// Lands a bulk copy: the box element by element (zeros outside the tensor), swizzled by the
+// shared address's bits as the 128-byte swizzle does, as async-proxy writes; then completes its
+// bytes on its mbarrier.
+static void land_bulk(const PendingBulk& p) {
+    const EmuTensorMap& m = *reinterpret_cast<const EmuTensorMap*>(p.map);
+    const uint32_t eb = m.elem_bytes, rows = (uint32_t)(box_bytes(m) / (eb * m.box[0]));
+    const size_t off0 = (size_t)(p.dst - g->smem);
+    for (uint32_t row = 0; row < rows; ++row) {
+        // The row's coordinates in dims 1.. (the box's row-major order, dim 1 fastest).
+        int64_t at[5] = {0, 0, 0, 0, 0};
+        bool inside = true;
+        uint32_t rest = row;
+        uint64_t src_off = 0;
+        for (uint32_t k = 1; k < m.rank; ++k) {
+            at[k] = (int64_t)p.coords[k] + rest % m.box[k];
+            rest /= m.box[k];
+            inside &= at[k] >= 0 && at[k] < (int64_t)m.dims[k];
+            src_off += (uint64_t)at[k] * m.strides[k];
+        }
+        for (uint32_t e = 0; e < m.box[0]; ++e) {
+            const int64_t x = (int64_t)p.coords[0] + e;
+            size_t addr = off0 + ((size_t)row * m.box[0] + e) * eb;
+            if (m.swizzle == 128) addr ^= ((addr >> 7) & 7) << 4;
+            unsigned char* to = g->smem + addr;
+            if (inside && x >= 0 && x < (int64_t)m.dims[0])
+                std::memcpy(to, reinterpret_cast<const unsigned char*>(m.base) + src_off + (uint64_t)x * eb, eb);
+            else
+                std::memset(to, 0, eb);
+            for (size_t w = addr / 4; w <= (addr + eb - 1) / 4; ++w) g->word_epoch[w] = 0;
+        }
+    }
+    Mbar* mb = static_cast<Mbar*>(p.bar);
+    g->mbar_tx[mbar_offset(p.bar)] -= (int64_t)box_bytes(m);
+    mbar_complete_if_done(mb, p.bar);
+    g->spin_done = true;
+}
+
+// Lands every pending bulk copy that completes on `bar` (in issue order); whether there was any.
+static bool land_bulk_for(const void* bar) {
+    std::vector<PendingBulk> mine;
+    size_t kept = 0;
+    for (size_t i = 0; i < g->bulk.size(); ++i) {
+        if (g->bulk[i].bar == bar)
+            mine.push_back(g->bulk[i]);
+        else
+            g->bulk[kept++] = g->bulk[i];
+    }
+    g->bulk.resize(kept);
+    for (const PendingBulk& p : mine) land_bulk(p);
+    return !mine.empty();
 }
 
 void proxy_fence(const char*, int) { g->fence_epoch[g->cur] = ++g->epoch; }

@@ -34,6 +34,7 @@
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
+#define __grid_constant__
 // Static shared memory is declared with common.cuh's STATIC_SMEM, never `__shared__` directly:
 // the emulator's twin keeps one copy per OS thread (the fibers of the running block share it) and
 // poisons it when the first thread of a block reaches the declaration, as it poisons dynamic
@@ -121,6 +122,17 @@ void named_barrier(int id, unsigned count, bool wait, const char* file, int line
 void mbarrier_init(void* bar, unsigned count, const char* file, int line);
 void mbarrier_arrive(void* bar, const char* file, int line);
 void mbarrier_wait(void* bar, unsigned parity, const char* file, int line);
+// An arrival that first adds `bytes` to the transactions the current phase waits for (a phase
+// completes once its arrivals are in and its transactions complete).
+void mbarrier_arrive_expect_tx(void* bar, unsigned bytes, const char* file, int line);
+// TMA: a bulk tensor copy of the box of tensor map `map` (src/device/tma.rs's emulator layout) at
+// `coords` (rank of them, innermost first) into shared `dst`, completing its bytes on mbarrier
+// `bar`. As on the GPU it lands late: the block keeps it pending until a thread waits on `bar`
+// in a phase it has not completed (then it lands, zeros outside the tensor, swizzled as the map
+// says, and completes its bytes), so a read of `dst` before that wait sees the old bytes. Its
+// destination is checked against in-flight wgmma reads when issued; its bytes are async-proxy
+// writes (a wgmma may read them unfenced). A copy still pending when the block ends is a fault.
+void tma_load(void* dst, const void* map, int rank, const int* coords, void* bar, const char* file, int line);
 // Publishes `bytes` (<= kSlotBytes) from `in` for this lane, waits until every non-exited lane in
 // `mask` has arrived at the same warp collective, and returns the rendezvous' 32 slots (lane j
 // at base + j * kSlotBytes). `*arrived` gets the lanes that published. Call warp_release()
@@ -692,14 +704,32 @@ inline void wgmma_m64n128k16_rs(float d[64], const uint32_t a[4], uint64_t desc_
 // The thread's pending copies land, then the arrival (the hardware's: once they have landed).
 #define cp_async_mbar_arrive(bar) (::emu::cp_async_land_all(), ::emu::mbarrier_arrive((bar), __FILE__, __LINE__))
 inline void fence_mbarrier_init() {}
+#define mbar_arrive_expect_tx(bar, bytes) ::emu::mbarrier_arrive_expect_tx((bar), (bytes), __FILE__, __LINE__)
+namespace emu {
+inline void tma_load_4d_at(void* dst, const void* map, int c0, int c1, int c2, int c3, void* bar, const char* file,
+                           int line) {
+    const int c[4] = {c0, c1, c2, c3};
+    tma_load(dst, map, 4, c, bar, file, line);
+}
+}  // namespace emu
+#define tma_load_4d(dst, map, c0, c1, c2, c3, bar) \
+    ::emu::tma_load_4d_at((dst), (map), (c0), (c1), (c2), (c3), (bar), __FILE__, __LINE__)
 #define setmaxnreg_inc ::emu::AlignedAt{__FILE__, __LINE__}.inc
 #define setmaxnreg_dec ::emu::AlignedAt{__FILE__, __LINE__}.dec
 
 // ---- Launch support for the generated trampolines (build.rs) -------------------------------------
 namespace emu {
+// An argument's value from its pointer, copied bytewise: the pointer need only be as aligned as
+// the launcher's 8-byte slots (a TmaMap asks 128).
+template <class T>
+T arg_value(const void* p) {
+    T v;
+    std::memcpy(static_cast<void*>(&v), p, sizeof(T));
+    return v;
+}
 template <class... A, std::size_t... I>
 void invoke_(void (*k)(A...), void** args, std::index_sequence<I...>) {
-    k(*static_cast<std::remove_cv_t<std::remove_reference_t<A>>*>(args[I])...);
+    k(arg_value<std::remove_cv_t<std::remove_reference_t<A>>>(args[I])...);
 }
 // Calls kernel `k` with each argument read from `args[i]` (a pointer to the value), exactly as
 // cuLaunchKernel reads its `kernelParams`.

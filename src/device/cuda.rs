@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{result, sys, CudaContext, CudaStream};
 
 use super::kernel::{KernelError, KernelResult, LaunchCfg};
+use super::tma::{TileMap4, TmaMap};
 
 fn cuda_err(what: &str, e: impl std::fmt::Debug) -> KernelError {
     KernelError::Cuda(format!("{what}: {e:?}"))
@@ -605,6 +606,39 @@ impl CudaRuntime {
             f.max_dynamic_shared = shared_bytes;
         }
         Ok(f.handle)
+    }
+
+    /// `m` encoded by the driver (`cuTensorMapEncodeTiled`: bf16, the 128-byte swizzle, zeros
+    /// outside the tensor, L2 lines fetched 256 bytes at a time); `m` already checked.
+    pub fn encode_tile_map(&self, m: &TileMap4) -> KernelResult<TmaMap> {
+        use sys::{
+            CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave,
+            CUtensorMapL2promotion, CUtensorMapSwizzle,
+        };
+        let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+        let element_strides = [1u32; 4];
+        // SAFETY: the arrays hold the rank's 4 (3 strides) entries and live across the call;
+        // the driver only writes `map`.
+        unsafe {
+            sys::cuTensorMapEncodeTiled(
+                map.as_mut_ptr(),
+                CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                4,
+                m.base as *mut c_void,
+                m.dims.as_ptr(),
+                m.strides.as_ptr(),
+                m.boxes.as_ptr(),
+                element_strides.as_ptr(),
+                CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+            .result()
+        }
+        .map_err(|e| cuda_err(&format!("tensor map {m:?}"), e))?;
+        // SAFETY: the call succeeded, so the driver wrote the map (zeroed before in any case).
+        Ok(TmaMap(unsafe { map.assume_init() }.opaque))
     }
 
     pub fn launch(

@@ -30,7 +30,9 @@ pub(crate) enum Op {
     Launch {
         kernel: String,
         cfg: LaunchCfg,
+        /// The arguments' slots and where each begins (`KernelArgs`).
         slots: Vec<u64>,
+        starts: Vec<usize>,
     },
     Memset {
         ptr: u64,
@@ -199,12 +201,14 @@ impl EmuGraph {
 /// Runs one piece of work now.
 pub(crate) fn run(op: &Op) -> KernelResult<()> {
     match op {
-        Op::Launch { kernel, cfg, slots } => {
+        Op::Launch {
+            kernel,
+            cfg,
+            slots,
+            starts,
+        } => {
             let mut slots = slots.clone();
-            let mut ptrs: Vec<*mut std::ffi::c_void> = slots
-                .iter_mut()
-                .map(|s| s as *mut u64 as *mut std::ffi::c_void)
-                .collect();
+            let mut ptrs = super::kernel::arg_pointers(&mut slots, starts);
             emu::emu_launch(kernel, cfg.grid, cfg.block, cfg.shared_bytes, &mut ptrs)?;
             super::emu_memory::check_slack(kernel, &slots)
                 .map_err(|e| emu::EmuError::Fault(e).into())

@@ -18,6 +18,7 @@ use super::emu;
 use super::emu_graph::{CaptureSlot, EmuGraph, Op};
 use super::emu_lanes::{EmuLanes, Span};
 use super::profile::{gaps, Mark, OpProfile, ProfileLog};
+use super::tma::{TileMap4, TmaMap};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -113,11 +114,13 @@ pub fn blocks_for(n: usize, threads: u32) -> u32 {
     n.div_ceil(threads as usize).max(1) as u32
 }
 
-/// The argument list of one launch. Every argument occupies an 8-byte slot; the kernel reads the
-/// first `sizeof(param)` bytes of its slot, which on a little-endian machine is the value itself.
+/// The argument list of one launch. An argument occupies one 8-byte slot (the kernel reads the
+/// first `sizeof(param)` bytes of it, on a little-endian machine the value itself) or, a
+/// [`TmaMap`] set, the slots of its bytes; `starts` says where each argument begins.
 #[derive(Default)]
 pub struct KernelArgs {
     slots: Vec<u64>,
+    starts: Vec<usize>,
     /// The byte ranges of the buffer arguments (the emulator's stream checker reads them).
     spans: Vec<Span>,
 }
@@ -126,44 +129,58 @@ impl KernelArgs {
     pub fn new() -> KernelArgs {
         KernelArgs::default()
     }
-    pub fn buf<T>(mut self, b: &DevBuf<T>) -> Self {
-        self.slots.push(b.ptr);
-        self.spans.push(b.span());
+    fn word(mut self, v: u64) -> Self {
+        self.starts.push(self.slots.len());
+        self.slots.push(v);
         self
+    }
+    pub fn buf<T>(mut self, b: &DevBuf<T>) -> Self {
+        self.spans.push(b.span());
+        self.word(b.ptr)
     }
     /// A null pointer argument (an optional input the kernel skips).
-    pub fn null(mut self) -> Self {
-        self.slots.push(0);
-        self
+    pub fn null(self) -> Self {
+        self.word(0)
     }
-    pub fn i32(mut self, v: i32) -> Self {
-        self.slots.push(v as u32 as u64);
-        self
+    pub fn i32(self, v: i32) -> Self {
+        self.word(v as u32 as u64)
     }
-    pub fn u32(mut self, v: u32) -> Self {
-        self.slots.push(v as u64);
-        self
+    pub fn u32(self, v: u32) -> Self {
+        self.word(v as u64)
     }
-    pub fn i64(mut self, v: i64) -> Self {
-        self.slots.push(v as u64);
-        self
+    pub fn i64(self, v: i64) -> Self {
+        self.word(v as u64)
     }
-    pub fn f32(mut self, v: f32) -> Self {
-        self.slots.push(v.to_bits() as u64);
-        self
+    pub fn f32(self, v: f32) -> Self {
+        self.word(v.to_bits() as u64)
     }
-    pub fn f64(mut self, v: f64) -> Self {
-        self.slots.push(v.to_bits());
+    pub fn f64(self, v: f64) -> Self {
+        self.word(v.to_bits())
+    }
+    /// One argument: a struct of tensor maps by value (`const __grid_constant__`), `maps` in order.
+    /// Its slots are only 8-byte aligned: the driver and the emulator copy a parameter's bytes.
+    pub fn maps(mut self, maps: &[TmaMap]) -> Self {
+        self.starts.push(self.slots.len());
+        for m in maps {
+            self.slots.extend_from_slice(&m.0);
+        }
         self
     }
     /// One pointer per argument, into this list's own slots (valid while `self` is borrowed).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     fn pointers(&mut self) -> Vec<*mut c_void> {
-        self.slots
-            .iter_mut()
-            .map(|s| s as *mut u64 as *mut c_void)
-            .collect()
+        arg_pointers(&mut self.slots, &self.starts)
     }
+}
+
+/// Each argument's pointer: `slots` at each of `starts`.
+pub(crate) fn arg_pointers(slots: &mut [u64], starts: &[usize]) -> Vec<*mut c_void> {
+    let base = slots.as_mut_ptr();
+    // SAFETY: every start indexes `slots` (the builder pushes it before the argument's slots).
+    starts
+        .iter()
+        .map(|&i| unsafe { base.add(i) } as *mut c_void)
+        .collect()
 }
 
 /// The epilogue kind, without its pointers (part of the cache key).
@@ -609,6 +626,17 @@ impl KernelDevice {
 
     /// Whether the Hopper-only kernels (attention_hopper.cu, wgmma.cu: built for sm_90a alone)
     /// run here: on an sm_90 GPU (H100, H200) and under the emulator, which models wgmma.
+    /// The tensor map of `m` for this device's bulk tensor copies (cuda/common.cuh's
+    /// `tma_load_4d`): the driver's encoding on a GPU, the emulator's layout under it.
+    pub fn tile_map(&self, m: &TileMap4) -> KernelResult<TmaMap> {
+        m.check().map_err(KernelError::Invalid)?;
+        match &self.backend {
+            Backend::Emulator => Ok(m.emulator_map()),
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(rt) => rt.encode_tile_map(m),
+        }
+    }
+
     pub fn has_wgmma(&self) -> bool {
         match &self.backend {
             Backend::Emulator => true,
@@ -870,6 +898,7 @@ impl KernelDevice {
                     kernel: kernel.to_string(),
                     cfg,
                     slots: std::mem::take(&mut args.slots),
+                    starts: std::mem::take(&mut args.starts),
                 },
                 std::mem::take(&mut args.spans),
             )?,

@@ -16,6 +16,7 @@ pub mod emu_memory;
 pub mod kernel;
 pub mod profile;
 pub mod staging;
+pub mod tma;
 
 use std::fmt;
 

@@ -674,6 +674,7 @@ pub mod dev {
     use crate::device::kernel::{
         blocks_for, DevBuf, KernelArgs, KernelDevice, KernelError, KernelResult, LaunchCfg,
     };
+    use crate::device::tma::{TileMap4, TmaMap};
     use half::bf16;
 
     /// Rows per tile: keys (both passes) and queries (backward).
@@ -769,7 +770,7 @@ pub mod dev {
             .collect()
     }
 
-    /// `ADVDMD_ATTN_PERSISTENT`: `1` or unset runs the H3–H12 forward on one block an SM, each
+    /// `ADVDMD_ATTN_PERSISTENT`: `1` or unset runs the H3–H13 forward on one block an SM, each
     /// taking the units in turns (`fwd_h3`: the next unit's loads overlap this one's last tiles
     /// and its stores); `0`: a block a unit. The default since it was measured faster at every
     /// shape (docs/perf-log.md, H100, 2026-11-28: H4 at d = 64 1024 px 324.4 against 315.2
@@ -846,7 +847,11 @@ pub mod dev {
     /// bases): H11 with no maximum on a tile's common path — a thread's partial row sums bound
     /// each of its P, so the lazy rescale's test (no P past 2^8) is made on them, and a rescale
     /// alone reduces the maximum it moves to (P then against other references than H4's: the
-    /// same softmax, other roundings).
+    /// same softmax, other roundings). `H13` (H4 at d = 64, H3 at d = 128, each with it): the
+    /// producer's copies by TMA — one thread issues a bulk tensor copy per 64-column box of a
+    /// tile (`tma_load_4d`, tensor maps from [`fwd_maps`]) where 128 threads issued cp.async
+    /// and arrived; the tiles land swizzled as before, rows past a stream zero; the producer
+    /// keeps 24 registers, the consumers 240. V's token stride is in its map: no `_vfused` twin.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum FwdVariant {
         V3,
@@ -863,6 +868,7 @@ pub mod dev {
         H10,
         H11,
         H12,
+        H13,
     }
 
     impl FwdVariant {
@@ -902,7 +908,7 @@ pub mod dev {
         }
 
         /// Every variant, for tests and the bench.
-        pub const ALL: [FwdVariant; 14] = [
+        pub const ALL: [FwdVariant; 15] = [
             FwdVariant::V3,
             FwdVariant::V4,
             FwdVariant::H1,
@@ -917,6 +923,7 @@ pub mod dev {
             FwdVariant::H10,
             FwdVariant::H11,
             FwdVariant::H12,
+            FwdVariant::H13,
         ];
         /// The variant actually launched at head dim `d`.
         pub fn resolve(self, d: usize) -> FwdVariant {
@@ -932,6 +939,10 @@ pub mod dev {
         fn kernel(self, d: usize) -> String {
             format!("joint_attn_fwd_{}_d{d}", variant_name(self.resolve(d)))
         }
+        /// Whether the producer copies by TMA (the kernel takes [`fwd_maps`] last).
+        fn copies_by_tma(self) -> bool {
+            self == FwdVariant::H13
+        }
         fn threads(self) -> u32 {
             match self {
                 FwdVariant::V4 => 128,
@@ -943,7 +954,8 @@ pub mod dev {
                 | FwdVariant::H9
                 | FwdVariant::H10
                 | FwdVariant::H11
-                | FwdVariant::H12 => 384,
+                | FwdVariant::H12
+                | FwdVariant::H13 => 384,
                 FwdVariant::H5 | FwdVariant::H6 => 512,
             }
         }
@@ -962,7 +974,8 @@ pub mod dev {
                 | FwdVariant::H9
                 | FwdVariant::H10
                 | FwdVariant::H11
-                | FwdVariant::H12 => 128,
+                | FwdVariant::H12
+                | FwdVariant::H13 => 128,
             }
         }
         /// Keys a tile of the wgmma forwards: 128 at d = 64, 64 at d = 128; H7–H9 128 at both
@@ -975,7 +988,7 @@ pub mod dev {
                 _ => TILE,
             }
         }
-        /// Whether the kernel takes a [`SplitPlan`] (H3–H12, the `fwd_h3` family: one block a
+        /// Whether the kernel takes a [`SplitPlan`] (H3–H13, the `fwd_h3` family: one block a
         /// unit on a 1-D grid, one block an SM).
         fn splits_keys(self) -> bool {
             !matches!(
@@ -1003,7 +1016,8 @@ pub mod dev {
                 | FwdVariant::H6
                 | FwdVariant::H10
                 | FwdVariant::H11
-                | FwdVariant::H12 => 4,
+                | FwdVariant::H12
+                | FwdVariant::H13 => 4,
                 FwdVariant::H7 | FwdVariant::H8 | FwdVariant::H9 if d == 64 => 3,
                 FwdVariant::H7 | FwdVariant::H8 | FwdVariant::H9 => 2,
                 FwdVariant::H2 => 3,
@@ -1019,7 +1033,7 @@ pub mod dev {
                 // mbarriers (Q, and full and empty per stage) after the tiles.
                 let keys = self.key_rows(d);
                 if self.splits_keys() {
-                    // H3–H12: two Q tiles; q_full, q_empty per Q tile and full, empty per stage
+                    // H3–H13: two Q tiles; q_full, q_empty per Q tile and full, empty per stage
                     let bars = 8 * (4 + 2 * self.stages(d));
                     let tiles = 2 * self.rows() + 2 * self.stages(d) * keys;
                     // H10: 256 bytes of bf16 ones after the mbarriers (its row sums' B)
@@ -1032,7 +1046,7 @@ pub mod dev {
         }
     }
 
-    /// How an H3–H12 forward splits its last wave along the keys (`fwd_h3` in
+    /// How an H3–H13 forward splits its last wave along the keys (`fwd_h3` in
     /// attention_hopper.cu), and the H3–H8 backward along the queries (`bwd_h3`: units of 128
     /// keys over the query tiles; partial dK, dV merged by `joint_attn_bwd_split_combine`). Its blocks are units of equal length — one query tile of one head,
     /// over every key tile — one resident an SM: when the unit count is not a multiple of the SM
@@ -1441,6 +1455,53 @@ pub mod dev {
         }
     }
 
+    /// The tensor maps of a TMA forward (cuda/attention_common.cuh's `AttnMaps`): Q, K, V of
+    /// stream a, then of stream b, each `[B, L, H, d]` (V's tokens `v_ld` elements apart) as a
+    /// rank-4 map with d innermost, its box 64 columns × one head × a tile's rows (the variant's
+    /// query or key tile). An empty stream's maps are the other's (its tiles are never loaded).
+    fn fwd_maps(
+        dev: &KernelDevice,
+        [qa, ka, va, qb, kb, vb]: [&DevBuf<bf16>; 6],
+        dims: AttnDims,
+        v_ld: usize,
+        variant: FwdVariant,
+    ) -> KernelResult<[TmaMap; 6]> {
+        let (h, d) = (dims.h as u64, dims.d as u64);
+        let map = |buf: &DevBuf<bf16>, l: usize, ld: u64, rows: usize| {
+            dev.tile_map(&TileMap4 {
+                base: buf.device_ptr(),
+                dims: [d, h, l as u64, dims.b as u64],
+                strides: [2 * d, 2 * ld, 2 * ld * l as u64],
+                boxes: [64, 1, rows as u32, 1],
+            })
+        };
+        let (qr, kr) = (variant.rows(), variant.key_rows(dims.d));
+        let stream = |q, k, v, l: usize| -> KernelResult<[TmaMap; 3]> {
+            Ok([
+                map(q, l, h * d, qr)?,
+                map(k, l, h * d, kr)?,
+                map(v, l, v_ld as u64, kr)?,
+            ])
+        };
+        let a = (dims.la > 0)
+            .then(|| stream(qa, ka, va, dims.la))
+            .transpose()?;
+        let b = (dims.lb > 0)
+            .then(|| stream(qb, kb, vb, dims.lb))
+            .transpose()?;
+        let (a, b) = match (a, b) {
+            (Some(a), Some(b)) => (a, b),
+            (Some(a), None) => (a, a),
+            (None, Some(b)) => (b, b),
+            (None, None) => {
+                return Err(KernelError::Invalid(
+                    "joint attention: tensor maps of two empty streams".into(),
+                ))
+            }
+        };
+        Ok([a[0], b[0], a[1], b[1], a[2], b[2]])
+    }
+
     /// Forward: `(o_a [B, La, H, d], o_b [B, Lb, H, d], lse [B, H, La+Lb])`, as
     /// [`super::joint_attention_fwd`].
     #[allow(clippy::too_many_arguments)]
@@ -1553,7 +1614,7 @@ pub mod dev {
         ))
     }
 
-    /// How the H3–H12 forward is launched: its [`SplitPlan`] (`None`: [`SplitPlan::last_wave`] on
+    /// How the H3–H13 forward is launched: its [`SplitPlan`] (`None`: [`SplitPlan::last_wave`] on
     /// the device's SMs) and its grid (`None`: a block a planned block, or one an SM under
     /// `ADVDMD_ATTN_PERSISTENT=1`).
     #[derive(Clone, Copy, Debug, Default)]
@@ -1572,7 +1633,7 @@ pub mod dev {
         fwd_planned(dev, qkv, dims, variant, v_ld, FwdLaunch::default())
     }
 
-    /// The forward; `launch` for the H3–H12 kernels, ignored by the others.
+    /// The forward; `launch` for the H3–H13 kernels, ignored by the others.
     fn fwd_planned(
         dev: &KernelDevice,
         [qa, ka, va, qb, kb, vb]: [&DevBuf<bf16>; 6],
@@ -1611,8 +1672,16 @@ pub mod dev {
             return Ok((oa, ob, lse));
         }
         let variant = variant.resolve(dims.d);
-        let name = variant.kernel(dims.d) + vfused(dims, v_ld);
+        let tma = variant.copies_by_tma();
+        let name = variant.kernel(dims.d) + if tma { "" } else { vfused(dims, v_ld) };
         let shared = variant.shared_bytes(dims.d);
+        let maps = if tma {
+            fwd_maps(dev, [qa, ka, va, qb, kb, vb], dims, v_ld, variant)?.to_vec()
+        } else {
+            Vec::new()
+        };
+        // TMA's kernels take the maps after the others' last argument
+        let with_maps = |args: KernelArgs| if tma { args.maps(&maps) } else { args };
         let Some((units, key_tiles)) = variant.split_units(dims) else {
             let grid = LaunchCfg::grid2(
                 dims.tiles(variant.rows()),
@@ -1637,7 +1706,7 @@ pub mod dev {
         let args = args.f32(scale_log2);
         if !plan.is_split(units) {
             let args = args.null().i32(units as i32).i32(1).i32(blocks as i32);
-            dev.launch(&name, grid, args)?;
+            dev.launch(&name, grid, with_maps(args))?;
             return Ok((oa, ob, lse));
         }
         // Each piece's rows: O/l (d columns, f32) and then the lse of each row.
@@ -1649,7 +1718,7 @@ pub mod dev {
             .i32(plan.split_from as i32)
             .i32(plan.splits as i32)
             .i32(blocks as i32);
-        dev.launch(&name, grid, args)?;
+        dev.launch(&name, grid, with_maps(args))?;
         let combine = KernelArgs::new()
             .buf(&oa)
             .buf(&ob)

@@ -413,3 +413,28 @@ extern "C" __global__ void emu_test_misaligned(float* __restrict__ out, const un
         out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
     }
 }
+
+// A bulk tensor copy (TMA) of the 64 × 16 box of `map` at rows c2.. of head 1 into a swizzled
+// tile at byte `at` of dynamic shared memory (1024 + `at` + 16 bytes: the mbarrier after the
+// tile). Thread 0 arms the mbarrier with the box's 2048 bytes and issues the copy, then reads
+// the tile's first element before waiting (out[16 · 64]: the poison while the copy is pending);
+// with `wait`, every thread waits and the block copies the tile's raw (swizzled) bytes to out.
+extern "C" __global__ void emu_test_tma(const __grid_constant__ TmaMap map, uint16_t* __restrict__ out, int c2,
+                                        int at, int wait) {
+    DYNAMIC_SMEM(unsigned char, raw);
+    uint16_t* tile = reinterpret_cast<uint16_t*>(raw + at);
+    uint64_t* bar = reinterpret_cast<uint64_t*>(raw + 1024 + at);
+    if (threadIdx.x == 0) {
+        mbar_init(bar, 1);
+        fence_mbarrier_init();
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        mbar_arrive_expect_tx(bar, 16 * 64 * 2);
+        tma_load_4d(tile, &map, 0, 1, c2, 0, bar);
+        out[16 * 64] = tile[0];
+    }
+    if (!wait) return;
+    mbar_wait(bar, 0);
+    for (int i = threadIdx.x; i < 16 * 64; i += blockDim.x) out[i] = tile[i];
+}
