@@ -5,8 +5,8 @@
 // mma.sync. CPU twin: src/kernels/attention.rs.
 //
 //   joint_attn_fwd_h{1..12}_d{64,128}[_vfused]  O (two buffers) and lse [B, H, La+Lb]
-//   joint_attn_fwd_h13_d{64,128}                (FwdVariant::H1 … H13; H4–H6, H8–H10 at d = 64;
-//                                               H13's tensor maps carry V's stride: no _vfused)
+//   joint_attn_fwd_h{13,14}_d{64,128}           (FwdVariant::H1 … H14; H4–H6, H8–H10 at d = 64;
+//                                               H13's, H14's maps carry V's stride: no _vfused)
 //   joint_attn_bwd_h{1,2}_d{64,128}[_vfused],   dK, dV (bf16) per 128-key tile, dQ into the f32
 //   joint_attn_bwd_h{3..10}_d64[_vfused]        accumulators (BwdVariant::H1 … H10; the section
 //                                               "Backward" below)
@@ -24,7 +24,7 @@
 // one tile's P·V with the next tile's softmax; H3 adds FlashAttention-3's warp specialization
 // and ping-pong scheduling (fwd_h3's comment); H7–H9 let its producer run ahead of its copies
 // (cp_async_mbar_arrive) in fewer stages; H11, H12 take P speculatively (softmax_to_p_spec);
-// H13's producer is one thread issuing TMA bulk tensor copies (fwd_tma_producer).
+// H13's producer is one thread issuing TMA bulk tensor copies (fwd_tma_producer), H14 both.
 #include "attention_common.cuh"
 
 namespace attn_h {
@@ -1306,6 +1306,8 @@ __device__ __forceinline__ void bwd_store_kv_piece(const float* dk, const float*
 // advdmd-entry-registers: joint_attn_fwd_h10_d64_vfused 168
 // advdmd-entry-registers: joint_attn_fwd_h13_d64 168
 // advdmd-entry-registers: joint_attn_fwd_h13_d128 168
+// advdmd-entry-registers: joint_attn_fwd_h14_d64 168
+// advdmd-entry-registers: joint_attn_fwd_h14_d128 168
 // advdmd-entry-registers: joint_attn_fwd_h5_d64 128
 // advdmd-entry-registers: joint_attn_fwd_h5_d64_vfused 128
 // advdmd-entry-registers: joint_attn_fwd_h6_d64 128
@@ -1764,6 +1766,9 @@ ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h12_d128_vfused, 384, 1, attn_h::fwd_h3<128,
 // V's token stride in its map, so no _vfused twin).
 ATTN_FWD_TMA_ENTRY(joint_attn_fwd_h13_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 2, false, false, 0, true>)
 ATTN_FWD_TMA_ENTRY(joint_attn_fwd_h13_d128, 384, 1, attn_h::fwd_h3<128, 64, 4, 1, 0, 2, false, false, 0, true>)
+// Forward H14: H11 (the speculative softmax) with H13's TMA producer.
+ATTN_FWD_TMA_ENTRY(joint_attn_fwd_h14_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 2, false, false, 1, true>)
+ATTN_FWD_TMA_ENTRY(joint_attn_fwd_h14_d128, 384, 1, attn_h::fwd_h3<128, 64, 4, 1, 0, 2, false, false, 1, true>)
 // Forward H5, H6 (D = 64): H3 with three consumer groups (192 query rows; one P register set),
 // without and with H4's polynomial exponentials.
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h5_d64, 512, 1, attn_h::fwd_h3<64, 128, 4, 1, 0, 3>)

@@ -120,7 +120,7 @@ fi
 # only the untimed ones are left out from here on (ADVDMD_ATTN_FWD_SKIP, ADVDMD_ATTN_BWD_SKIP);
 # else every wgmma variant is (ADVDMD_ATTN_NO_HOPPER=1), so the other variants' tests and
 # figures still come back.
-UNTIMED_FWD=h10,h11,h12,h13
+UNTIMED_FWD=h10,h11,h12,h13,h14
 UNTIMED_BWD=h9,h10
 if ! step hopper 60 "$BIN/kernels-test" wgmma attention --test-threads=1 --nocapture; then
   # (its own step list: it runs whenever `hopper` ran)
@@ -155,7 +155,7 @@ import json, sys
 rows = json.load(open(sys.argv[1]))
 r = next((s for s in rows if s.get("shape") == "sd35m-1024px-d64"), None)
 small = next((s for s in rows if s.get("shape") == "sd35m-512px-d64"), {})
-for way, env, default, cands in (("fwd", "ADVDMD_ATTN_FWD", "h4", ("h3", "h5", "h6", "h7", "h8", "h9", "h10", "h11", "h12", "h13")), ("bwd", "ADVDMD_ATTN_BWD", "h6", ("h3", "h4", "h5", "h7", "h8", "h9", "h10"))):
+for way, env, default, cands in (("fwd", "ADVDMD_ATTN_FWD", "h4", ("h3", "h5", "h6", "h7", "h8", "h9", "h10", "h11", "h12", "h13", "h14")), ("bwd", "ADVDMD_ATTN_BWD", "h6", ("h3", "h4", "h5", "h7", "h8", "h9", "h10"))):
     base = r and r.get(f"{way}_{default}_ms")
     # and not slower at 512 px (the iteration's size) by more than 1%, where that was timed
     ok = lambda v: small.get(f"{way}_{v}_ms", 0) <= 1.01 * small.get(f"{way}_{default}_ms", float("inf"))
@@ -251,7 +251,7 @@ step sample-sd35l 180 "$BIN/advdmd" bench sample --device cuda --model sd3.5-lar
 # throughput, warp stalls and issue slots.
 if command -v ncu >/dev/null; then
   NCU_SECTIONS="--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats"
-  step ncu-attention 150 bash -c "ncu --clock-control none --kernel-name 'regex:joint_attn_fwd_h([3-9]|1[0-3])_d64\$' --launch-count 12 $NCU_SECTIONS '$BIN/attention-bench' \
+  step ncu-attention 150 bash -c "ncu --clock-control none --kernel-name 'regex:joint_attn_fwd_h([3-9]|1[0-4])_d64\$' --launch-count 13 $NCU_SECTIONS '$BIN/attention-bench' \
     && ncu --clock-control none --kernel-name 'regex:joint_attn_bwd_h([3-9]|10)_d64\$' --launch-count 9 $NCU_SECTIONS '$BIN/attention-bench'"
 fi
 PYTHONUNBUFFERED=1 step torch 120 python3 tools/bench_vs_torch.py --json "$OUT/torch.json"

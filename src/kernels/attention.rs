@@ -770,7 +770,7 @@ pub mod dev {
             .collect()
     }
 
-    /// `ADVDMD_ATTN_PERSISTENT`: `1` or unset runs the H3–H13 forward on one block an SM, each
+    /// `ADVDMD_ATTN_PERSISTENT`: `1` or unset runs the H3–H14 forward on one block an SM, each
     /// taking the units in turns (`fwd_h3`: the next unit's loads overlap this one's last tiles
     /// and its stores); `0`: a block a unit. The default since it was measured faster at every
     /// shape (docs/perf-log.md, H100, 2026-11-28: H4 at d = 64 1024 px 324.4 against 315.2
@@ -852,6 +852,7 @@ pub mod dev {
     /// tile (`tma_load_4d`, tensor maps from [`fwd_maps`]) where 128 threads issued cp.async
     /// and arrived; the tiles land swizzled as before, rows past a stream zero; the producer
     /// keeps 24 registers, the consumers 240. V's token stride is in its map: no `_vfused` twin.
+    /// `H14` (the same bases): H11's speculative softmax fed by H13's TMA producer.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum FwdVariant {
         V3,
@@ -869,6 +870,7 @@ pub mod dev {
         H11,
         H12,
         H13,
+        H14,
     }
 
     impl FwdVariant {
@@ -908,7 +910,7 @@ pub mod dev {
         }
 
         /// Every variant, for tests and the bench.
-        pub const ALL: [FwdVariant; 15] = [
+        pub const ALL: [FwdVariant; 16] = [
             FwdVariant::V3,
             FwdVariant::V4,
             FwdVariant::H1,
@@ -924,6 +926,7 @@ pub mod dev {
             FwdVariant::H11,
             FwdVariant::H12,
             FwdVariant::H13,
+            FwdVariant::H14,
         ];
         /// The variant actually launched at head dim `d`.
         pub fn resolve(self, d: usize) -> FwdVariant {
@@ -941,7 +944,7 @@ pub mod dev {
         }
         /// Whether the producer copies by TMA (the kernel takes [`fwd_maps`] last).
         fn copies_by_tma(self) -> bool {
-            self == FwdVariant::H13
+            matches!(self, FwdVariant::H13 | FwdVariant::H14)
         }
         fn threads(self) -> u32 {
             match self {
@@ -955,7 +958,8 @@ pub mod dev {
                 | FwdVariant::H10
                 | FwdVariant::H11
                 | FwdVariant::H12
-                | FwdVariant::H13 => 384,
+                | FwdVariant::H13
+                | FwdVariant::H14 => 384,
                 FwdVariant::H5 | FwdVariant::H6 => 512,
             }
         }
@@ -975,7 +979,8 @@ pub mod dev {
                 | FwdVariant::H10
                 | FwdVariant::H11
                 | FwdVariant::H12
-                | FwdVariant::H13 => 128,
+                | FwdVariant::H13
+                | FwdVariant::H14 => 128,
             }
         }
         /// Keys a tile of the wgmma forwards: 128 at d = 64, 64 at d = 128; H7–H9 128 at both
@@ -988,7 +993,7 @@ pub mod dev {
                 _ => TILE,
             }
         }
-        /// Whether the kernel takes a [`SplitPlan`] (H3–H13, the `fwd_h3` family: one block a
+        /// Whether the kernel takes a [`SplitPlan`] (H3–H14, the `fwd_h3` family: one block a
         /// unit on a 1-D grid, one block an SM).
         fn splits_keys(self) -> bool {
             !matches!(
@@ -1017,7 +1022,8 @@ pub mod dev {
                 | FwdVariant::H10
                 | FwdVariant::H11
                 | FwdVariant::H12
-                | FwdVariant::H13 => 4,
+                | FwdVariant::H13
+                | FwdVariant::H14 => 4,
                 FwdVariant::H7 | FwdVariant::H8 | FwdVariant::H9 if d == 64 => 3,
                 FwdVariant::H7 | FwdVariant::H8 | FwdVariant::H9 => 2,
                 FwdVariant::H2 => 3,
@@ -1033,7 +1039,7 @@ pub mod dev {
                 // mbarriers (Q, and full and empty per stage) after the tiles.
                 let keys = self.key_rows(d);
                 if self.splits_keys() {
-                    // H3–H13: two Q tiles; q_full, q_empty per Q tile and full, empty per stage
+                    // H3–H14: two Q tiles; q_full, q_empty per Q tile and full, empty per stage
                     let bars = 8 * (4 + 2 * self.stages(d));
                     let tiles = 2 * self.rows() + 2 * self.stages(d) * keys;
                     // H10: 256 bytes of bf16 ones after the mbarriers (its row sums' B)
@@ -1046,7 +1052,7 @@ pub mod dev {
         }
     }
 
-    /// How an H3–H13 forward splits its last wave along the keys (`fwd_h3` in
+    /// How an H3–H14 forward splits its last wave along the keys (`fwd_h3` in
     /// attention_hopper.cu), and the H3–H8 backward along the queries (`bwd_h3`: units of 128
     /// keys over the query tiles; partial dK, dV merged by `joint_attn_bwd_split_combine`). Its blocks are units of equal length — one query tile of one head,
     /// over every key tile — one resident an SM: when the unit count is not a multiple of the SM
@@ -1614,7 +1620,7 @@ pub mod dev {
         ))
     }
 
-    /// How the H3–H13 forward is launched: its [`SplitPlan`] (`None`: [`SplitPlan::last_wave`] on
+    /// How the H3–H14 forward is launched: its [`SplitPlan`] (`None`: [`SplitPlan::last_wave`] on
     /// the device's SMs) and its grid (`None`: a block a planned block, or one an SM under
     /// `ADVDMD_ATTN_PERSISTENT=1`).
     #[derive(Clone, Copy, Debug, Default)]
@@ -1633,7 +1639,7 @@ pub mod dev {
         fwd_planned(dev, qkv, dims, variant, v_ld, FwdLaunch::default())
     }
 
-    /// The forward; `launch` for the H3–H13 kernels, ignored by the others.
+    /// The forward; `launch` for the H3–H14 kernels, ignored by the others.
     fn fwd_planned(
         dev: &KernelDevice,
         [qa, ka, va, qb, kb, vb]: [&DevBuf<bf16>; 6],
