@@ -504,11 +504,7 @@ fn speculative_softmaxes_match_their_base_and_the_cpu() {
             continue;
         }
         for d in [64, 128] {
-            let base = if d == 64 {
-                gpu::FwdVariant::H4
-            } else {
-                gpu::FwdVariant::H3
-            };
+            let base = schedule_base(d);
             let enabled = gpu::FwdVariant::enabled();
             if !enabled.contains(&gpu::FwdVariant::H11) || !enabled.contains(&base) {
                 eprintln!(
@@ -575,11 +571,7 @@ fn tma_forwards_match_their_base_bit_for_bit() {
             continue;
         }
         for d in [64, 128] {
-            let base = if d == 64 {
-                gpu::FwdVariant::H4
-            } else {
-                gpu::FwdVariant::H3
-            };
+            let base = schedule_base(d);
             if !enabled.contains(&base) {
                 eprintln!("tma forward: {base:?} left out on {}; skipped", dev.name());
                 continue;
@@ -623,6 +615,16 @@ fn tma_forwards_match_their_base_bit_for_bit() {
                 }
             }
         }
+    }
+}
+
+/// The forward H11–H14 build on at head dim `d` (H4 at 64, H3 at 128): the variants that change
+/// only a schedule (when P is taken, how tiles arrive) match its output bit for bit.
+fn schedule_base(d: usize) -> gpu::FwdVariant {
+    if d == 64 {
+        gpu::FwdVariant::H4
+    } else {
+        gpu::FwdVariant::H3
     }
 }
 
