@@ -173,6 +173,28 @@ struct AttnMaps {
                     La, Lb, H, scale_log2, scale, kvpart, split_from, splits);                          \
     }
 
+// The tensor maps of a backward whose loader copies Q, K, V and dO by TMA (BwdVariant::H11), of
+// stream a then b, as AttnMaps' (dO laid out as Q).
+struct AttnBwdMaps {
+    TmaMap q[2], k[2], v[2], dout[2];
+};
+
+// ATTN_BWD_SPLIT_ENTRY's backward with the maps last, by value in param space.
+#define ATTN_BWD_TMA_ENTRY(name, threads, min_blocks, ...)                                              \
+    extern "C" __global__ void __launch_bounds__(threads, min_blocks)                                   \
+        name(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,                    \
+             bf16* __restrict__ dvb, float* __restrict__ dqa_acc, float* __restrict__ dqb_acc,          \
+             const bf16* __restrict__ qa, const bf16* __restrict__ ka, const bf16* __restrict__ va,     \
+             const bf16* __restrict__ doa, const bf16* __restrict__ qb, const bf16* __restrict__ kb,    \
+             const bf16* __restrict__ vb, const bf16* __restrict__ dob, const float* __restrict__ lse,  \
+             const float* __restrict__ drow, int La, int Lb, int H, float scale_log2, float scale,      \
+             float* __restrict__ kvpart, int split_from, int splits,                                    \
+             const __grid_constant__ attn::AttnBwdMaps maps) {                                          \
+        kernel_prologue();                                                                              \
+        __VA_ARGS__(dka, dva, dkb, dvb, dqa_acc, dqb_acc, qa, ka, va, doa, qb, kb, vb, dob, lse, drow,  \
+                    La, Lb, H, scale_log2, scale, kvpart, split_from, splits, &maps);                   \
+    }
+
 // The lazy softmax rescale's threshold (attention.cu, fwd_v3): a row's reference maximum moves
 // only when a score's exponent would exceed 2^kLazyLog2 against it.
 constexpr float kLazyLog2 = 8.f;

@@ -8,7 +8,7 @@
 //   joint_attn_fwd_h{13,14}_d{64,128}           (FwdVariant::H1 … H14; H4–H6, H8–H10 at d = 64;
 //                                               H13's, H14's maps carry V's stride: no _vfused)
 //   joint_attn_bwd_h{1,2}_d{64,128}[_vfused],   dK, dV (bf16) per 128-key tile, dQ into the f32
-//   joint_attn_bwd_h{3..10}_d64[_vfused]        accumulators (BwdVariant::H1 … H10; the section
+//   joint_attn_bwd_h{3..11}_d64[_vfused]        accumulators (BwdVariant::H1 … H11; the section
 //                                               "Backward" below)
 //
 // Forward:
@@ -1334,6 +1334,8 @@ __device__ __forceinline__ void bwd_store_kv_piece(const float* dk, const float*
 // advdmd-entry-registers: joint_attn_bwd_h8_d64_vfused 168
 // advdmd-entry-registers: joint_attn_bwd_h9_d64 168
 // advdmd-entry-registers: joint_attn_bwd_h9_d64_vfused 168
+// advdmd-entry-registers: joint_attn_bwd_h11_d64 168
+// advdmd-entry-registers: joint_attn_bwd_h11_d64_vfused 168
 // The H3 backward's register split of the 384-thread block's 168 registers a thread: 96/208 (the
 // first choice) does not fit (setmaxnreg_fits).
 constexpr int kBwdH3Producer = 104, kBwdH3Consumer = 200;
@@ -1361,8 +1363,12 @@ constexpr int kBwdH3Producer = 104, kBwdH3Consumer = 200;
 // (mbarrier ds_full, by then long done), and the dSᵀ buffer is rewritten once both groups' dQ
 // products have read it (ds_empty); group 1 starts when group 0 has formed its first P, so one
 // group's softmax runs while the other's products occupy the tensor cores.
+// TMA (BwdVariant::H11, with H6's QT = 128 and ASYNC): thread 0 of the loader copies K, V and
+// each tile's Q and dO by TMA (tma_load_tile; kv_full completes on its one arrival and the tiles'
+// bytes, q_full on the loaders' arrivals, its own with the tile's bytes expected, and the bytes
+// landing); the loaders still copy lse and Drow and fill a padded row's (−∞, 0) themselves.
 template <int VMUL, bool PIPE = false, bool ASYNC = false, int QT_ = 64, bool DEFER = false, int POLY = 0,
-          bool DKS = false>
+          bool DKS = false, bool TMA = false>
 __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
                                        bf16* __restrict__ dvb, float* __restrict__ dqa_acc,
                                        float* __restrict__ dqb_acc, const bf16* __restrict__ qa,
@@ -1371,7 +1377,8 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
                                        const bf16* __restrict__ kb, const bf16* __restrict__ vb,
                                        const bf16* __restrict__ dob, const float* __restrict__ lse,
                                        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2,
-                                       float scale, float* __restrict__ kvpart, int split_from, int splits) {
+                                       float scale, float* __restrict__ kvpart, int split_from, int splits,
+                                       const AttnBwdMaps* maps = nullptr) {
     constexpr int D = 64, KT = 128, QT = QT_, DN = D / 2, LAG = 1;
     // The softmax scale 1/√64 · log2 e as the launcher passes it in scale_log2 (it refuses any
     // other scale for these kernels): an immediate operand where the parameter, at the consumers'
@@ -1381,6 +1388,7 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
     static_assert(QT == 64 || (QT == 128 && ASYNC && !PIPE), "128-query tiles: ASYNC, without PIPE");
     static_assert(!DEFER || (ASYNC && !PIPE), "the deferred dQ with the async loader, without PIPE");
     static_assert(!DKS || (QT == 128 && !PIPE && !DEFER), "dK from the dSᵀ tile: H6's loop");
+    static_assert(!TMA || (QT == 128 && ASYNC && !DEFER), "TMA: H6's loader");
     // dQ split by rows (each group: 64 queries × D) at QT = 128, by columns (64 queries × D/2)
     // at 64; its shared tiles: 2, or 1 at QT = 128 (with 2 stages: 227 KB)
     constexpr bool DQ_ROWS = QT == 128;
@@ -1418,9 +1426,9 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
     const int q0 = sp.k0, nqt = sp.nkt;
 
     if (tid == 0) {
-        mbar_init(kv_full, LT);
+        mbar_init(kv_full, TMA ? 1 : LT);
         for (int s = 0; s < STAGES; s++) {
-            mbar_init(&q_full[s], ASYNC ? 2 * LT : LT);
+            mbar_init(&q_full[s], ASYNC ? 2 * LT + (TMA ? 1 : 0) : LT);
             mbar_init(&q_empty[s], CT);
         }
         for (int s = 0; s < 2; s++) {
@@ -1453,13 +1461,21 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
             };
             // K and V once, by rolled copies (unrolled, their 32 addresses spilled beside the
             // split's indices at 104 registers; a once-a-block copy loses nothing rolled)
-            const bf16* v_src = (kt.stream == 0 ? va : vb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld);
-            load_tile_sw_lean<D, KT, LT, QT == 128>(sK, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
-            load_tile_sw_lean<D, KT, LT, QT == 128>(sV, v_src, VMUL * ld, kt.rows);
-            if constexpr (ASYNC)
-                cp_async_mbar_arrive(kv_full);
-            else
-                cp_async_commit();
+            if constexpr (TMA) {
+                if (tid == 0) {
+                    mbar_arrive_expect_tx(kv_full, 2 * KVBYTES);
+                    tma_load_tile<D, KT>(sK, &maps->k[kt.stream], h, kt.row0, b, kv_full);
+                    tma_load_tile<D, KT>(sV, &maps->v[kt.stream], h, kt.row0, b, kv_full);
+                }
+            } else {
+                const bf16* v_src = (kt.stream == 0 ? va : vb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld);
+                load_tile_sw_lean<D, KT, LT, QT == 128>(sK, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
+                load_tile_sw_lean<D, KT, LT, QT == 128>(sV, v_src, VMUL * ld, kt.rows);
+                if constexpr (ASYNC)
+                    cp_async_mbar_arrive(kv_full);
+                else
+                    cp_async_commit();
+            }
             for (int i = 0; i < nqt; i++) {
                 const int st = i % STAGES;
                 if (i >= STAGES) mbar_wait(&q_empty[st], ((i / STAGES) - 1) & 1);
@@ -1467,7 +1483,13 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
                 const int Lq = qt.stream == 0 ? La : Lb;
                 const long long q_off = row_offset(b, Lq, qt.row0, H, h, D);
                 const long long r_off = (long long)bh * Lt + (qt.stream == 0 ? 0 : La) + qt.row0;
-                if constexpr (PIPE || QT == 128) {  // rolled copies: the producer has 88 or 24 registers
+                if constexpr (TMA) {
+                    if (tid == 0) {
+                        mbar_arrive_expect_tx(&q_full[st], 2 * QBYTES);
+                        tma_load_tile<D, QT>(sQ0 + st * QBYTES, &maps->q[qt.stream], h, qt.row0, b, &q_full[st]);
+                        tma_load_tile<D, QT>(sdO0 + st * QBYTES, &maps->dout[qt.stream], h, qt.row0, b, &q_full[st]);
+                    }
+                } else if constexpr (PIPE || QT == 128) {  // rolled copies: the producer has 88 or 24 registers
                     load_tile_sw_lean<D, QT, LT, QT == 128>(sQ0 + st * QBYTES, (qt.stream == 0 ? qa : qb) + q_off, ld,
                                                             qt.rows);
                     load_tile_sw_lean<D, QT, LT, QT == 128>(sdO0 + st * QBYTES, (qt.stream == 0 ? doa : dob) + q_off,
@@ -1815,6 +1837,10 @@ ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h9_d64_vfused, 384, 1, attn_h::bwd_h3<3, fal
 // Backward H10 (D = 64): H6 with dK's product reading dSᵀ from its shared tile (DKS).
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h10_d64, 384, 1, attn_h::bwd_h3<1, false, true, 128, false, 0, true>)
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h10_d64_vfused, 384, 1, attn_h::bwd_h3<3, false, true, 128, false, 0, true>)
+// Backward H11 (D = 64): H6 with K, V, Q and dO copied by TMA (the _vfused twin still writes dV
+// inside the fused qkv).
+ATTN_BWD_TMA_ENTRY(joint_attn_bwd_h11_d64, 384, 1, attn_h::bwd_h3<1, false, true, 128, false, 0, false, true>)
+ATTN_BWD_TMA_ENTRY(joint_attn_bwd_h11_d64_vfused, 384, 1, attn_h::bwd_h3<3, false, true, 128, false, 0, false, true>)
 // Backward H7 (D = 64): H6 with the groups half a tile apart (DEFER: dQ a tile later).
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h7_d64, 384, 1, attn_h::bwd_h3<1, false, true, 128, true>)
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h7_d64_vfused, 384, 1, attn_h::bwd_h3<3, false, true, 128, true>)

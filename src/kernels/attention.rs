@@ -1156,7 +1156,10 @@ pub mod dev {
     /// ~190 more instructions a warp). `H10` (d = 64; at d = 128 `H2`): H6 with dK's product
     /// reading dSᵀ from the shared tile dQ's reads (issued with dQ's, behind the groups'
     /// barrier) instead of from registers, so dSᵀ needs no register set beside Pᵀ's and the dV
-    /// product runs on while dSᵀ is formed (H6 waits for it there, for registers).
+    /// product runs on while dSᵀ is formed (H6 waits for it there, for registers). `H11` (d = 64;
+    /// at d = 128 `H2`): H6 with K, V and each tile's Q and dO copied by TMA (one loader thread's
+    /// bulk tensor copies from [`bwd_maps`], where 64 threads issued cp.async: ~18% of the
+    /// block's issued instructions in H6's SASS); lse and Drow as before.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum BwdVariant {
         K128,
@@ -1171,6 +1174,7 @@ pub mod dev {
         H8,
         H9,
         H10,
+        H11,
     }
 
     impl BwdVariant {
@@ -1214,7 +1218,7 @@ pub mod dev {
         }
 
         /// Every variant, for tests and the bench.
-        pub const ALL: [BwdVariant; 12] = [
+        pub const ALL: [BwdVariant; 13] = [
             BwdVariant::K128,
             BwdVariant::V3,
             BwdVariant::H1,
@@ -1227,6 +1231,7 @@ pub mod dev {
             BwdVariant::H8,
             BwdVariant::H9,
             BwdVariant::H10,
+            BwdVariant::H11,
         ];
         /// The variant actually launched at head dim `d`.
         pub fn resolve(self, d: usize) -> BwdVariant {
@@ -1248,6 +1253,10 @@ pub mod dev {
         fn kernel(self, d: usize) -> String {
             format!("joint_attn_bwd_{}_d{d}", variant_name(self.resolve(d)))
         }
+        /// Whether the loader copies by TMA (the kernel takes [`bwd_maps`] last).
+        fn copies_by_tma(self) -> bool {
+            self == BwdVariant::H11
+        }
         /// Threads per block (warps of 16 keys; V3: warps of 32 keys).
         fn threads(self, d: usize) -> u32 {
             match self.resolve(d) {
@@ -1267,11 +1276,15 @@ pub mod dev {
                 (units, dims.tiles(v.query_rows()))
             })
         }
-        /// Queries a tile of the wgmma backwards: 64; H6, H7, H9, H10 128.
+        /// Queries a tile of the wgmma backwards: 64; H6, H7, H9–H11 128.
         fn query_rows(self) -> usize {
             if matches!(
                 self,
-                BwdVariant::H6 | BwdVariant::H7 | BwdVariant::H9 | BwdVariant::H10
+                BwdVariant::H6
+                    | BwdVariant::H7
+                    | BwdVariant::H9
+                    | BwdVariant::H10
+                    | BwdVariant::H11
             ) {
                 2 * TILE
             } else {
@@ -1305,7 +1318,11 @@ pub mod dev {
                 }
                 // H6, H7, H9, H10: K, V, 2 stages of 128-query Q, dO, lse and Drow, two dSᵀ tiles (keys ×
                 // 128 queries), one f32 dQ tile (rows padded to d+4) and 9 mbarriers (H7: 13).
-                BwdVariant::H6 | BwdVariant::H7 | BwdVariant::H9 | BwdVariant::H10 => {
+                BwdVariant::H6
+                | BwdVariant::H7
+                | BwdVariant::H9
+                | BwdVariant::H10
+                | BwdVariant::H11 => {
                     let qt = 2 * TILE;
                     (1024
                         + 2 * BWD_KEYS * d * 2
@@ -1461,19 +1478,19 @@ pub mod dev {
         }
     }
 
-    /// The tensor maps of a TMA forward (cuda/attention_common.cuh's `AttnMaps`): Q, K, V of
-    /// stream a, then of stream b, each `[B, L, H, d]` (V's tokens `v_ld` elements apart) as a
-    /// rank-4 map with d innermost, its box 64 columns × one head × a tile's rows (the variant's
-    /// query or key tile). An empty stream's maps are the other's (its tiles are never loaded).
-    fn fwd_maps(
+    /// The tensor maps of one operand of both streams (`[B, L, H, d]`, tokens `ld` elements
+    /// apart) for a TMA kernel: a rank-4 map each with d innermost, its box 64 columns × one head
+    /// × `rows` tokens (a tile). An empty stream's map is the other's (its tiles are never
+    /// loaded).
+    fn operand_maps(
         dev: &KernelDevice,
-        [qa, ka, va, qb, kb, vb]: [&DevBuf<bf16>; 6],
+        [a, b]: [&DevBuf<bf16>; 2],
         dims: AttnDims,
-        v_ld: usize,
-        variant: FwdVariant,
-    ) -> KernelResult<[TmaMap; 6]> {
-        let (h, d) = (dims.h as u64, dims.d as u64);
-        let map = |buf: &DevBuf<bf16>, l: usize, ld: u64, rows: usize| {
+        ld: usize,
+        rows: usize,
+    ) -> KernelResult<[TmaMap; 2]> {
+        let (h, d, ld) = (dims.h as u64, dims.d as u64, ld as u64);
+        let map = |buf: &DevBuf<bf16>, l: usize| {
             dev.tile_map(&TileMap4 {
                 base: buf.device_ptr(),
                 dims: [d, h, l as u64, dims.b as u64],
@@ -1481,31 +1498,51 @@ pub mod dev {
                 boxes: [64, 1, rows as u32, 1],
             })
         };
-        let (qr, kr) = (variant.rows(), variant.key_rows(dims.d));
-        let stream = |q, k, v, l: usize| -> KernelResult<[TmaMap; 3]> {
-            Ok([
-                map(q, l, h * d, qr)?,
-                map(k, l, h * d, kr)?,
-                map(v, l, v_ld as u64, kr)?,
-            ])
-        };
-        let a = (dims.la > 0)
-            .then(|| stream(qa, ka, va, dims.la))
-            .transpose()?;
-        let b = (dims.lb > 0)
-            .then(|| stream(qb, kb, vb, dims.lb))
-            .transpose()?;
-        let (a, b) = match (a, b) {
-            (Some(a), Some(b)) => (a, b),
-            (Some(a), None) => (a, a),
-            (None, Some(b)) => (b, b),
-            (None, None) => {
-                return Err(KernelError::Invalid(
-                    "joint attention: tensor maps of two empty streams".into(),
-                ))
-            }
-        };
-        Ok([a[0], b[0], a[1], b[1], a[2], b[2]])
+        match (dims.la > 0, dims.lb > 0) {
+            (true, true) => Ok([map(a, dims.la)?, map(b, dims.lb)?]),
+            (true, false) => map(a, dims.la).map(|m| [m, m]),
+            (false, true) => map(b, dims.lb).map(|m| [m, m]),
+            (false, false) => Err(KernelError::Invalid(
+                "joint attention: tensor maps of two empty streams".into(),
+            )),
+        }
+    }
+
+    /// The maps of a TMA forward (cuda/attention_common.cuh's `AttnMaps`): Q on query tiles, K
+    /// and V on key tiles (V's tokens `v_ld` elements apart), each of stream a then b.
+    fn fwd_maps(
+        dev: &KernelDevice,
+        [qa, ka, va, qb, kb, vb]: [&DevBuf<bf16>; 6],
+        dims: AttnDims,
+        v_ld: usize,
+        variant: FwdVariant,
+    ) -> KernelResult<Vec<TmaMap>> {
+        let (hd, qr, kr) = (dims.h * dims.d, variant.rows(), variant.key_rows(dims.d));
+        Ok([
+            operand_maps(dev, [qa, qb], dims, hd, qr)?,
+            operand_maps(dev, [ka, kb], dims, hd, kr)?,
+            operand_maps(dev, [va, vb], dims, v_ld, kr)?,
+        ]
+        .concat())
+    }
+
+    /// The maps of a TMA backward (`AttnBwdMaps`): Q, K, V and dO of stream a then b, K and V
+    /// on the unit's key tile, Q and dO on query tiles.
+    fn bwd_maps(
+        dev: &KernelDevice,
+        [qa, ka, va, doa, qb, kb, vb, dob]: [&DevBuf<bf16>; 8],
+        dims: AttnDims,
+        v_ld: usize,
+        variant: BwdVariant,
+    ) -> KernelResult<Vec<TmaMap>> {
+        let (hd, qr) = (dims.h * dims.d, variant.query_rows());
+        Ok([
+            operand_maps(dev, [qa, qb], dims, hd, qr)?,
+            operand_maps(dev, [ka, kb], dims, hd, BWD_KEYS)?,
+            operand_maps(dev, [va, vb], dims, v_ld, BWD_KEYS)?,
+            operand_maps(dev, [doa, dob], dims, hd, qr)?,
+        ]
+        .concat())
     }
 
     /// Forward: `(o_a [B, La, H, d], o_b [B, Lb, H, d], lse [B, H, La+Lb])`, as
@@ -1682,7 +1719,7 @@ pub mod dev {
         let name = variant.kernel(dims.d) + if tma { "" } else { vfused(dims, v_ld) };
         let shared = variant.shared_bytes(dims.d);
         let maps = if tma {
-            fwd_maps(dev, [qa, ka, va, qb, kb, vb], dims, v_ld, variant)?.to_vec()
+            fwd_maps(dev, [qa, ka, va, qb, kb, vb], dims, v_ld, variant)?
         } else {
             Vec::new()
         };
@@ -2098,6 +2135,21 @@ pub mod dev {
         }
         dev.count_matmul_flops(flops);
         let name = variant.kernel(dims.d) + vfused(dims, v_ld);
+        let resolved = variant.resolve(dims.d);
+        let maps = if resolved.copies_by_tma() {
+            let operands = [qa, ka, va, doa, qb, kb, vb, dob];
+            bwd_maps(dev, operands, dims, v_ld, resolved)?
+        } else {
+            Vec::new()
+        };
+        // TMA's kernels take the maps after the others' last argument
+        let with_maps = |args: KernelArgs| {
+            if maps.is_empty() {
+                args
+            } else {
+                args.maps(&maps)
+            }
+        };
         let threads = variant.threads(dims.d);
         let shared = variant.shared_bytes(dims.d);
         let args = bwd_operands(
@@ -2130,7 +2182,8 @@ pub mod dev {
                 plan.check(units, query_tiles)?;
                 let grid = LaunchCfg::linear(plan.blocks(units), threads).with_shared(shared);
                 if !plan.is_split(units) {
-                    dev.launch(&name, grid, args.null().i32(units as i32).i32(1))?;
+                    let args = args.null().i32(units as i32).i32(1);
+                    dev.launch(&name, grid, with_maps(args))?;
                 } else {
                     // Each piece's keys: dK (scaled) and then dV, d columns of f32.
                     let split_units = units - plan.split_from;
@@ -2141,7 +2194,7 @@ pub mod dev {
                         .buf(&kvpart)
                         .i32(plan.split_from as i32)
                         .i32(plan.splits as i32);
-                    dev.launch(&name, grid, args)?;
+                    dev.launch(&name, grid, with_maps(args))?;
                     dev.launch(
                         &format!(
                             "joint_attn_bwd_split_combine_d{}{}",
