@@ -121,6 +121,9 @@ pub fn blocks_for(n: usize, threads: u32) -> u32 {
 pub struct KernelArgs {
     slots: Vec<u64>,
     starts: Vec<usize>,
+    /// Each map set's argument index and an aligned copy of it (a GPU launch points there: the
+    /// slots are only 8-byte aligned, a CUtensorMap 128).
+    aligned: Vec<(usize, Box<[TmaMap]>)>,
     /// The byte ranges of the buffer arguments (the emulator's stream checker reads them).
     spans: Vec<Span>,
 }
@@ -158,18 +161,25 @@ impl KernelArgs {
         self.word(v.to_bits())
     }
     /// One argument: a struct of tensor maps by value (`const __grid_constant__`), `maps` in order.
-    /// Its slots are only 8-byte aligned: the driver and the emulator copy a parameter's bytes.
+    /// In the slots for the emulator (which copies an argument bytewise) and, aligned as the
+    /// type is, for the driver.
     pub fn maps(mut self, maps: &[TmaMap]) -> Self {
+        self.aligned.push((self.starts.len(), maps.into()));
         self.starts.push(self.slots.len());
         for m in maps {
             self.slots.extend_from_slice(&m.0);
         }
         self
     }
-    /// One pointer per argument, into this list's own slots (valid while `self` is borrowed).
+    /// One pointer per argument, into this list's own slots or aligned map copies (valid while
+    /// `self` is borrowed).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     fn pointers(&mut self) -> Vec<*mut c_void> {
-        arg_pointers(&mut self.slots, &self.starts)
+        let mut p = arg_pointers(&mut self.slots, &self.starts);
+        for (i, maps) in &mut self.aligned {
+            p[*i] = maps.as_mut_ptr().cast();
+        }
+        p
     }
 }
 
@@ -1274,6 +1284,30 @@ impl DeviceGraph {
             GraphInner::Emu(g) => Some(g.len()),
             #[cfg(feature = "cuda")]
             GraphInner::Gpu(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A map set is one argument: its pointer is 128-byte aligned (a CUtensorMap's alignment)
+    /// and reads the maps' bytes; the arguments around it keep their own slots.
+    #[test]
+    fn a_map_set_is_one_aligned_argument() {
+        let maps = [TmaMap([7; 16]), TmaMap([9; 16])];
+        let mut args = KernelArgs::new().i32(-1).maps(&maps).f32(2.0);
+        assert_eq!(args.starts, vec![0, 1, 33]);
+        let p = args.pointers();
+        assert_eq!(p.len(), 3);
+        assert_eq!(p[1] as usize % 128, 0);
+        // SAFETY: p[1] points at the two maps' 256 bytes, p[0] and p[2] at 8-byte slots.
+        unsafe {
+            let got = std::slice::from_raw_parts(p[1] as *const TmaMap, 2);
+            assert_eq!(got, &maps);
+            assert_eq!(*(p[0] as *const i32), -1);
+            assert_eq!(*(p[2] as *const f32), 2.0);
         }
     }
 }
