@@ -5,8 +5,8 @@
 // mma.sync. CPU twin: src/kernels/attention.rs.
 //
 //   joint_attn_fwd_h{1..12}_d{64,128}[_vfused]  O (two buffers) and lse [B, H, La+Lb]
-//   joint_attn_fwd_h{13,14}_d{64,128}           (FwdVariant::H1 … H14; H4–H6, H8–H10 at d = 64;
-//                                               H13's, H14's maps carry V's stride: no _vfused)
+//   joint_attn_fwd_h{13,14}_d{64,128},          (FwdVariant::H1 … H15; H4–H6, H8–H10 at d = 64,
+//   joint_attn_fwd_h15_d128                     H15 at 128; the maps carry V's stride: no _vfused)
 //   joint_attn_bwd_h{1,2}_d{64,128}[_vfused],   dK, dV (bf16) per 128-key tile, dQ into the f32
 //   joint_attn_bwd_h{3..11}_d64[_vfused]        accumulators (BwdVariant::H1 … H11; the section
 //                                               "Backward" below)
@@ -753,7 +753,7 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
     // consumer groups' S and O of 128-key tiles at d = 64 or 64-key ones at d = 128 (and, in
     // ASYNC's 232 registers, of 128-key ones at d = 128); one beside three groups' or larger
     // tiles': then P_i is packed only after that product.
-    constexpr int PSETS = NC == 2 && KN / 2 + D / 2 + KN / 4 <= (ASYNC ? 160 : 128) ? 2 : 1;
+    constexpr int PSETS = NC == 2 && KN / 2 + D / 2 + KN / 4 <= (ASYNC || TMA ? 160 : 128) ? 2 : 1;
     // setmaxnreg's split of the block's registers (168 a thread at entry with 384 threads, 128
     // with 512): three groups need 160, so the producer copies with rolled loops in 32; ASYNC's
     // producer never waits for its copies and copies rolled in 40, leaving two groups 232.
@@ -1308,6 +1308,7 @@ __device__ __forceinline__ void bwd_store_kv_piece(const float* dk, const float*
 // advdmd-entry-registers: joint_attn_fwd_h13_d128 168
 // advdmd-entry-registers: joint_attn_fwd_h14_d64 168
 // advdmd-entry-registers: joint_attn_fwd_h14_d128 168
+// advdmd-entry-registers: joint_attn_fwd_h15_d128 168
 // advdmd-entry-registers: joint_attn_fwd_h5_d64 128
 // advdmd-entry-registers: joint_attn_fwd_h5_d64_vfused 128
 // advdmd-entry-registers: joint_attn_fwd_h6_d64 128
@@ -1788,6 +1789,10 @@ ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h12_d128_vfused, 384, 1, attn_h::fwd_h3<128,
 // V's token stride in its map, so no _vfused twin).
 ATTN_FWD_TMA_ENTRY(joint_attn_fwd_h13_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 2, false, false, 0, true>)
 ATTN_FWD_TMA_ENTRY(joint_attn_fwd_h13_d128, 384, 1, attn_h::fwd_h3<128, 64, 4, 1, 0, 2, false, false, 0, true>)
+// Forward H15 (D = 128): H13 on 128-key tiles in 2 stages (the consumers' 240 registers hold two
+// P sets beside S and O; S's products read 48 KB of shared memory per 2 MFLOP where 64-key tiles
+// read 32 per 1).
+ATTN_FWD_TMA_ENTRY(joint_attn_fwd_h15_d128, 384, 1, attn_h::fwd_h3<128, 128, 2, 1, 0, 2, false, false, 0, true>)
 // Forward H14: H11 (the speculative softmax) with H13's TMA producer.
 ATTN_FWD_TMA_ENTRY(joint_attn_fwd_h14_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 2, false, false, 1, true>)
 ATTN_FWD_TMA_ENTRY(joint_attn_fwd_h14_d128, 384, 1, attn_h::fwd_h3<128, 64, 4, 1, 0, 2, false, false, 1, true>)

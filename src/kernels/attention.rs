@@ -770,7 +770,7 @@ pub mod dev {
             .collect()
     }
 
-    /// `ADVDMD_ATTN_PERSISTENT`: `1` or unset runs the H3–H14 forward on one block an SM, each
+    /// `ADVDMD_ATTN_PERSISTENT`: `1` or unset runs the H3–H15 forward on one block an SM, each
     /// taking the units in turns (`fwd_h3`: the next unit's loads overlap this one's last tiles
     /// and its stores); `0`: a block a unit. The default since it was measured faster at every
     /// shape (docs/perf-log.md, H100, 2026-11-28: H4 at d = 64 1024 px 324.4 against 315.2
@@ -852,7 +852,10 @@ pub mod dev {
     /// tile (`tma_load_4d`, tensor maps from [`fwd_maps`]) where 128 threads issued cp.async
     /// and arrived; the tiles land swizzled as before, rows past a stream zero; the producer
     /// keeps 24 registers, the consumers 240. V's token stride is in its map: no `_vfused` twin.
-    /// `H14` (the same bases): H11's speculative softmax fed by H13's TMA producer.
+    /// `H14` (the same bases): H11's speculative softmax fed by H13's TMA producer. `H15` (d = 128;
+    /// at d = 64 `H13`): H13 on 128-key tiles in 2 stages, two P register sets in the consumers'
+    /// 240 registers (S's products read a third less shared memory per FLOP than on 64-key
+    /// tiles; H7, which tried the tile with cp.async, measured 273 against H3's 373 TFLOP/s).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum FwdVariant {
         V3,
@@ -871,6 +874,7 @@ pub mod dev {
         H12,
         H13,
         H14,
+        H15,
     }
 
     impl FwdVariant {
@@ -910,7 +914,7 @@ pub mod dev {
         }
 
         /// Every variant, for tests and the bench.
-        pub const ALL: [FwdVariant; 16] = [
+        pub const ALL: [FwdVariant; 17] = [
             FwdVariant::V3,
             FwdVariant::V4,
             FwdVariant::H1,
@@ -927,6 +931,7 @@ pub mod dev {
             FwdVariant::H12,
             FwdVariant::H13,
             FwdVariant::H14,
+            FwdVariant::H15,
         ];
         /// The variant actually launched at head dim `d`.
         pub fn resolve(self, d: usize) -> FwdVariant {
@@ -935,6 +940,7 @@ pub mod dev {
                     FwdVariant::H3
                 }
                 FwdVariant::H8 | FwdVariant::H9 if d != 64 => FwdVariant::H7,
+                FwdVariant::H15 if d != 128 => FwdVariant::H13,
                 v => v,
             }
         }
@@ -944,7 +950,7 @@ pub mod dev {
         }
         /// Whether the producer copies by TMA (the kernel takes [`fwd_maps`] last).
         fn copies_by_tma(self) -> bool {
-            matches!(self, FwdVariant::H13 | FwdVariant::H14)
+            matches!(self, FwdVariant::H13 | FwdVariant::H14 | FwdVariant::H15)
         }
         fn threads(self) -> u32 {
             match self {
@@ -959,7 +965,8 @@ pub mod dev {
                 | FwdVariant::H11
                 | FwdVariant::H12
                 | FwdVariant::H13
-                | FwdVariant::H14 => 384,
+                | FwdVariant::H14
+                | FwdVariant::H15 => 384,
                 FwdVariant::H5 | FwdVariant::H6 => 512,
             }
         }
@@ -980,7 +987,8 @@ pub mod dev {
                 | FwdVariant::H11
                 | FwdVariant::H12
                 | FwdVariant::H13
-                | FwdVariant::H14 => 128,
+                | FwdVariant::H14
+                | FwdVariant::H15 => 128,
             }
         }
         /// Keys a tile of the wgmma forwards: 128 at d = 64, 64 at d = 128; H7–H9 128 at both
@@ -988,12 +996,12 @@ pub mod dev {
         fn key_rows(self, d: usize) -> usize {
             match (self, d) {
                 (FwdVariant::H9, 64) => 3 * TILE,
-                (FwdVariant::H7 | FwdVariant::H8 | FwdVariant::H9, _) => 2 * TILE,
+                (FwdVariant::H7 | FwdVariant::H8 | FwdVariant::H9 | FwdVariant::H15, _) => 2 * TILE,
                 (_, 64) => 2 * TILE,
                 _ => TILE,
             }
         }
-        /// Whether the kernel takes a [`SplitPlan`] (H3–H14, the `fwd_h3` family: one block a
+        /// Whether the kernel takes a [`SplitPlan`] (H3–H15, the `fwd_h3` family: one block a
         /// unit on a 1-D grid, one block an SM).
         fn splits_keys(self) -> bool {
             !matches!(
@@ -1024,6 +1032,7 @@ pub mod dev {
                 | FwdVariant::H12
                 | FwdVariant::H13
                 | FwdVariant::H14 => 4,
+                FwdVariant::H15 => 2,
                 FwdVariant::H7 | FwdVariant::H8 | FwdVariant::H9 if d == 64 => 3,
                 FwdVariant::H7 | FwdVariant::H8 | FwdVariant::H9 => 2,
                 FwdVariant::H2 => 3,
@@ -1039,7 +1048,7 @@ pub mod dev {
                 // mbarriers (Q, and full and empty per stage) after the tiles.
                 let keys = self.key_rows(d);
                 if self.splits_keys() {
-                    // H3–H14: two Q tiles; q_full, q_empty per Q tile and full, empty per stage
+                    // H3–H15: two Q tiles; q_full, q_empty per Q tile and full, empty per stage
                     let bars = 8 * (4 + 2 * self.stages(d));
                     let tiles = 2 * self.rows() + 2 * self.stages(d) * keys;
                     // H10: 256 bytes of bf16 ones after the mbarriers (its row sums' B)
@@ -1052,7 +1061,7 @@ pub mod dev {
         }
     }
 
-    /// How an H3–H14 forward splits its last wave along the keys (`fwd_h3` in
+    /// How an H3–H15 forward splits its last wave along the keys (`fwd_h3` in
     /// attention_hopper.cu), and the H3–H8 backward along the queries (`bwd_h3`: units of 128
     /// keys over the query tiles; partial dK, dV merged by `joint_attn_bwd_split_combine`). Its blocks are units of equal length — one query tile of one head,
     /// over every key tile — one resident an SM: when the unit count is not a multiple of the SM
@@ -1657,7 +1666,7 @@ pub mod dev {
         ))
     }
 
-    /// How the H3–H14 forward is launched: its [`SplitPlan`] (`None`: [`SplitPlan::last_wave`] on
+    /// How the H3–H15 forward is launched: its [`SplitPlan`] (`None`: [`SplitPlan::last_wave`] on
     /// the device's SMs) and its grid (`None`: a block a planned block, or one an SM under
     /// `ADVDMD_ATTN_PERSISTENT=1`).
     #[derive(Clone, Copy, Debug, Default)]
@@ -1676,7 +1685,7 @@ pub mod dev {
         fwd_planned(dev, qkv, dims, variant, v_ld, FwdLaunch::default())
     }
 
-    /// The forward; `launch` for the H3–H14 kernels, ignored by the others.
+    /// The forward; `launch` for the H3–H15 kernels, ignored by the others.
     fn fwd_planned(
         dev: &KernelDevice,
         [qa, ka, va, qb, kb, vb]: [&DevBuf<bf16>; 6],
