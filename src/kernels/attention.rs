@@ -991,8 +991,8 @@ pub mod dev {
                 | FwdVariant::H15 => 128,
             }
         }
-        /// Keys a tile of the wgmma forwards: 128 at d = 64, 64 at d = 128; H7–H9 128 at both
-        /// but H9's 192 (d = 64).
+        /// Keys a tile of the wgmma forwards: 128 at d = 64, 64 at d = 128; H7–H9 and H15 128 at
+        /// both but H9's 192 (d = 64).
         fn key_rows(self, d: usize) -> usize {
             match (self, d) {
                 (FwdVariant::H9, 64) => 3 * TILE,
