@@ -173,10 +173,11 @@ struct AttnMaps {
                     La, Lb, H, scale_log2, scale, kvpart, split_from, splits);                          \
     }
 
-// The tensor maps of a backward whose loader copies Q, K, V and dO by TMA (BwdVariant::H11), of
-// stream a then b, as AttnMaps' (dO laid out as Q).
+// The tensor maps of a backward whose loader copies Q, K, V and dO by TMA and whose flusher adds
+// dQ by TMA (BwdVariant::H11), of stream a then b, as AttnMaps' (dO laid out as Q; dQ the f32
+// accumulators, a box 32 columns wide).
 struct AttnBwdMaps {
-    TmaMap q[2], k[2], v[2], dout[2];
+    TmaMap q[2], k[2], v[2], dout[2], dq[2];
 };
 
 // ATTN_BWD_SPLIT_ENTRY's backward with the maps last, by value in param space.

@@ -1367,7 +1367,11 @@ constexpr int kBwdH3Producer = 104, kBwdH3Consumer = 200;
 // TMA (BwdVariant::H11, with H6's QT = 128 and ASYNC): thread 0 of the loader copies K, V and
 // each tile's Q and dO by TMA (tma_load_tile; kv_full completes on its one arrival and the tiles'
 // bytes, q_full on the loaders' arrivals, its own with the tile's bytes expected, and the bytes
-// landing); the loaders still copy lse and Drow and fill a padded row's (−∞, 0) themselves.
+// landing); the loaders still copy lse and Drow and fill a padded row's (−∞, 0) themselves. The
+// consumers write dQ's tile as two 128-byte-swizzled blocks of 32 columns (float2 stores free of
+// bank conflicts, as the padded rows were), and one flusher thread adds it into the accumulator
+// by two TMA reductions a tile (rows past the stream skipped by the copy unit), where two warps
+// issued 16 vector reductions a row.
 template <int VMUL, bool PIPE = false, bool ASYNC = false, int QT_ = 64, bool DEFER = false, int POLY = 0,
           bool DKS = false, bool TMA = false>
 __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
@@ -1434,7 +1438,7 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
         }
         for (int s = 0; s < 2; s++) {
             mbar_init(&dq_full[s], CT);
-            mbar_init(&dq_empty[s], FT);
+            mbar_init(&dq_empty[s], TMA ? 1 : FT);
             if constexpr (DEFER) {
                 mbar_init(&ds_full[s], CT);
                 mbar_init(&ds_empty[s], CT);
@@ -1514,6 +1518,24 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
                 tile_issued<ASYNC, LAG, true>(i, &q_full[st], publish);
             }
             tiles_done<ASYNC, LAG>(nqt, publish);
+        } else if constexpr (TMA) {
+            // Flusher (TMA): one thread adds each tile by two reductions (its 32-column halves),
+            // fenced for the async proxy that reads the consumers' stores, and releases the tile
+            // once they are read
+            if (tid != LT) return;
+#pragma unroll 1
+            for (int j = 0; j < nqt; j++) {
+                mbar_wait(&dq_full[j % DQBUF], (j / DQBUF) & 1);
+                fence_proxy_async();
+                const Tile qt = tile_of<QT>(q0 + j, La, Lb);
+                const unsigned char* src = reinterpret_cast<const unsigned char*>(sdQ0 + (j % DQBUF) * QT * DQLD);
+#pragma unroll
+                for (int half = 0; half < 2; half++)
+                    tma_reduce_add_4d(&maps->dq[qt.stream], 32 * half, h, qt.row0, b, src + half * QT * 128);
+                bulk_commit();
+                bulk_wait_read<0>();
+                mbar_arrive(&dq_empty[j % DQBUF]);
+            }
         } else {
             // Flusher: each tile's dQ (QT queries × 64 columns, f32) from shared memory into the
             // accumulator, a row's 16 float4 by 16 consecutive threads: thread f keeps float4 column
@@ -1576,6 +1598,23 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
     auto hand_over_dq = [&](int j, const float (&dq)[DQN / 2]) {
         const int qb = j % DQBUF;
         if (j >= DQBUF) mbar_wait(&dq_empty[qb], ((j / DQBUF) - 1) & 1);
+        if constexpr (TMA) {
+            // rows 64c + 16w + g (+ 8), columns 8e + 2t, 2t + 1: block e / 4 of QT 128-byte rows,
+            // 16-byte chunk 2(e mod 4) + t/2 of a row at (chunk ^ row mod 8) = (chunk ^ g): the
+            // thread's part (row, t/2 ^ g's low bit, the float's place) once, e's by an immediate
+            // XOR with g's other bits (the addresses ptxas would otherwise hoist spilled)
+            unsigned char* base = reinterpret_cast<unsigned char*>(sdQ0 + qb * QT * DQLD) +
+                                  (64 * c + 16 * w + g) * 128 + (((t >> 1) ^ g) & 1) * 16 + (2 * t % 4) * 4;
+            const int g6 = g & 6;
+#pragma unroll
+            for (int e = 0; e < DQN / 8; e++) {
+                unsigned char* at = base + (e / 4) * QT * 128 + ((2 * (e % 4)) ^ g6) * 16;
+                st_shared(reinterpret_cast<float2*>(at), make_float2(dq[4 * e], dq[4 * e + 1]));
+                st_shared(reinterpret_cast<float2*>(at + 8 * 128), make_float2(dq[4 * e + 2], dq[4 * e + 3]));
+            }
+            mbar_arrive(&dq_full[qb]);
+            return;
+        }
         float* dst = sdQ0 + qb * QT * DQLD + (DQ_ROWS ? 64 * c * DQLD : c * DN) + 2 * t;
 #pragma unroll
         for (int e = 0; e < DQN / 8; e++) {

@@ -502,6 +502,27 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const TmaMap* map, int c0
 }
 #endif
 
+// tma_reduce_add_4d(map, c0, c1, c2, c3, src): the box of an f32 `map` at the coordinates += the
+// tile at shared `src` (1024-byte aligned, swizzled as the map says), elements outside the tensor
+// skipped, each add atomic (made in L2); read through the async proxy, so the generic stores that
+// wrote src need a fence_proxy_async before the issue. One thread's instruction, in its bulk
+// group: bulk_commit() closes the group; bulk_wait_read<N>() returns once the shared reads of all
+// but the N newest groups are done (src may then be rewritten).
+#ifndef ADVDMD_EMU
+__device__ __forceinline__ void tma_reduce_add_4d(const TmaMap* map, int c0, int c1, int c2, int c3, const void* src) {
+    asm volatile(
+        "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group [%0, {%1, %2, %3, %4}], [%5];\n" ::"l"(
+            reinterpret_cast<uint64_t>(map)),
+        "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_addr(src))
+        : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+    asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+#endif
+
 // Whether a block of THREADS (one producer warpgroup, the rest consumers) may move to PRODUCER and
 // CONSUMER registers per thread: setmaxnreg.inc takes registers from the block's own pool and
 // blocks until there are enough, so the two budgets must fit what the block was launched with —

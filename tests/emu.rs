@@ -830,6 +830,7 @@ fn tma_copies_land_swizzled_late_and_zero_filled() {
         .map(|i| ((i / (h * d)) * 1000 + (i / d % h) * 100 + i % d) as u16)
         .collect();
     let map = TileMap4 {
+        elem_bytes: 2,
         base: x.as_ptr() as u64,
         dims: [d as u64, h as u64, l as u64, 1],
         strides: [2 * d as u64, 2 * (h * d) as u64, 2 * (l * h * d) as u64],

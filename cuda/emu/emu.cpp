@@ -181,10 +181,23 @@ struct PendingBulk {
     int line;
 };
 
+// A TMA reduction whose shared source is not read yet, in its thread's bulk group `group` (the
+// map's bytes copied, as PendingBulk's).
+struct PendingReduce {
+    unsigned char map[128];
+    int coords[5];
+    const unsigned char* src;
+    unsigned group;
+    const char* file;
+    int line;
+};
+
 struct Fiber {
     Ctx ctx;
     std::vector<PendingCopy> copies;
     unsigned groups;  // cp.async groups committed
+    std::vector<PendingReduce> reduces;
+    unsigned bulk_groups;  // bulk groups committed
     St st;
     uint3 tid;
     unsigned warp, lane;
@@ -352,6 +365,11 @@ bool try_complete(Warp& w, unsigned warp_index, Rdv* r) {
 void fiber_entry(void*) {
     g->tramp(g->args);
     Fiber& f = cur_fiber();
+    if (!f.reduces.empty())
+        fault("a thread ended with %zu TMA reductions whose shared source was not yet read, the first "
+              "issued at %s:%d (no bulk_wait_read covered it: the block's shared memory may be gone "
+              "before they read it)",
+              f.reduces.size(), f.reduces[0].file, f.reduces[0].line);
     f.st = St::Done;
     ++g->done;
     Warp& w = g->warps[f.warp];
@@ -499,6 +517,8 @@ bool run_block(uint64_t block_linear) {
         f.commits = f.waited = 0;
         f.copies.clear();
         f.groups = 0;
+        f.reduces.clear();
+        f.bulk_groups = 0;
         f.aligned_hash = 0;
         f.aligned_count = 0;
         ctx_init(&f.ctx, t_stacks.get(i), kStackBytes, fiber_entry, nullptr);
@@ -1131,6 +1151,75 @@ static void land_bulk(const PendingBulk& p) {
     g->spin_done = true;
 }
 
+static void check_proxy(const unsigned char* e, const char* file, int line, const char* what = "wgmma");
+
+void tma_reduce_add(const void* map, int rank, const int* coords, const void* src, const char* file, int line) {
+    const EmuTensorMap& m = tensor_map(map, rank, file, line);
+    if (m.elem_bytes != 4) fault("tma reduce (%s:%d): the emulator's reductions add f32 only", file, line);
+    const uint64_t bytes = box_bytes(m);
+    const unsigned char* s = static_cast<const unsigned char*>(src);
+    if (!in_dynamic_smem(s, (unsigned)bytes))
+        fault("tma reduce (%s:%d): the %llu-byte box at %p is not inside the block's dynamic shared memory", file,
+              line, (unsigned long long)bytes, src);
+    const size_t off = (size_t)(s - g->smem), align = m.swizzle == 128 ? 1024 : 128;
+    if (off % align)
+        fault("tma reduce (%s:%d): shared source at byte %zu is not %zu-byte aligned", file, line, off, align);
+    for (uint64_t w = 0; w < bytes; w += 4) check_proxy(s + w, file, line, "tma reduce");
+    Fiber& f = cur_fiber();
+    PendingReduce r;
+    std::memcpy(r.map, map, sizeof r.map);
+    for (int k = 0; k < 5; ++k) r.coords[k] = k < rank ? coords[k] : 0;
+    r.src = s;
+    r.group = f.bulk_groups;
+    r.file = file;
+    r.line = line;
+    f.reduces.push_back(r);
+}
+
+void bulk_commit_group() { ++cur_fiber().bulk_groups; }
+
+// A reduction's adds: each element of the box inside the tensor += its swizzled shared word.
+static void land_reduce(const PendingReduce& r) {
+    const EmuTensorMap& m = *reinterpret_cast<const EmuTensorMap*>(r.map);
+    const uint32_t rows = (uint32_t)(box_bytes(m) / (4 * m.box[0]));
+    const size_t off0 = (size_t)(r.src - g->smem);
+    for (uint32_t row = 0; row < rows; ++row) {
+        bool inside = true;
+        uint32_t rest = row;
+        uint64_t dst_off = 0;
+        for (uint32_t k = 1; k < m.rank; ++k) {
+            const int64_t at = (int64_t)r.coords[k] + rest % m.box[k];
+            rest /= m.box[k];
+            inside &= at >= 0 && at < (int64_t)m.dims[k];
+            dst_off += (uint64_t)at * m.strides[k];
+        }
+        if (!inside) continue;
+        for (uint32_t e = 0; e < m.box[0]; ++e) {
+            const int64_t x = (int64_t)r.coords[0] + e;
+            if (x < 0 || x >= (int64_t)m.dims[0]) continue;
+            size_t addr = off0 + ((size_t)row * m.box[0] + e) * 4;
+            if (m.swizzle == 128) addr ^= ((addr >> 7) & 7) << 4;
+            float v;
+            std::memcpy(&v, g->smem + addr, 4);
+            *reinterpret_cast<float*>(m.base + dst_off + (uint64_t)x * 4) += v;
+        }
+    }
+}
+
+// Reads the sources (and makes the adds) of every committed bulk group but the `pending` newest.
+void bulk_wait_read_groups(int pending, const char*, int) {
+    Fiber& f = cur_fiber();
+    const unsigned keep_from = f.bulk_groups > (unsigned)pending ? f.bulk_groups - (unsigned)pending : 0;
+    size_t kept = 0;
+    for (size_t i = 0; i < f.reduces.size(); ++i) {
+        if (f.reduces[i].group < keep_from)
+            land_reduce(f.reduces[i]);
+        else
+            f.reduces[kept++] = f.reduces[i];
+    }
+    f.reduces.resize(kept);
+}
+
 // Lands every pending bulk copy that completes on `bar` (in issue order); whether there was any.
 static bool land_bulk_for(const void* bar) {
     std::vector<PendingBulk> mine;
@@ -1149,15 +1238,15 @@ static bool land_bulk_for(const void* bar) {
 void proxy_fence(const char*, int) { g->fence_epoch[g->cur] = ++g->epoch; }
 
 // Whether a wgmma of the running thread may read the shared word holding `e` (the proxy check).
-static void check_proxy(const unsigned char* e, const char* file, int line) {
+static void check_proxy(const unsigned char* e, const char* file, int line, const char* what) {
     const size_t w = (size_t)(e - g->smem) / 4;
     const uint64_t written = g->word_epoch[w];
     if (!written || g->fence_epoch[g->word_writer[w]] > written || g->fence_epoch[g->cur] > written) return;
     const Fiber& wr = g->fibers[g->word_writer[w]];
-    fault("wgmma (%s:%d) reads shared byte %zu, written through the generic proxy by thread (%u,%u,%u) "
+    fault("%s (%s:%d) reads shared byte %zu, written through the generic proxy by thread (%u,%u,%u) "
           "(%s:%d) with no fence_proxy_async since, by the writer or by this thread (the async "
           "proxy may read stale bytes)",
-          file, line, (size_t)(e - g->smem), wr.tid.x, wr.tid.y, wr.tid.z, g->word_file[w], g->word_line[w]);
+          what, file, line, (size_t)(e - g->smem), wr.tid.x, wr.tid.y, wr.tid.z, g->word_file[w], g->word_line[w]);
 }
 
 void wgmma_bf16(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b, int scale_d,

@@ -133,6 +133,14 @@ void mbarrier_arrive_expect_tx(void* bar, unsigned bytes, const char* file, int 
 // destination is checked against in-flight wgmma reads when issued; its bytes are async-proxy
 // writes (a wgmma may read them unfenced). A copy still pending when the block ends is a fault.
 void tma_load(void* dst, const void* map, int rank, const int* coords, void* bar, const char* file, int line);
+// TMA's reduction: the box of f32 tensor map `map` at `coords` += the swizzled tile at shared
+// `src`, in the running thread's open bulk group. It reads src late — when a bulk_wait_read covers
+// its group (then the adds are made, elements outside the tensor skipped) — so a rewrite of src
+// before that wait shows in the result; src's words are checked for the proxy fence when it is
+// issued. One still pending when its thread ends is a fault.
+void tma_reduce_add(const void* map, int rank, const int* coords, const void* src, const char* file, int line);
+void bulk_commit_group();
+void bulk_wait_read_groups(int pending, const char* file, int line);
 // Publishes `bytes` (<= kSlotBytes) from `in` for this lane, waits until every non-exited lane in
 // `mask` has arrived at the same warp collective, and returns the rendezvous' 32 slots (lane j
 // at base + j * kSlotBytes). `*arrived` gets the lanes that published. Call warp_release()
@@ -712,6 +720,25 @@ inline void tma_load_4d_at(void* dst, const void* map, int c0, int c1, int c2, i
     tma_load(dst, map, 4, c, bar, file, line);
 }
 }  // namespace emu
+namespace emu {
+inline void tma_reduce_add_4d_at(const void* map, int c0, int c1, int c2, int c3, const void* src, const char* file,
+                                 int line) {
+    const int c[4] = {c0, c1, c2, c3};
+    tma_reduce_add(map, 4, c, src, file, line);
+}
+struct BulkWaitAt {
+    const char* file;
+    int line;
+    template <int N>
+    void wait() const {
+        bulk_wait_read_groups(N, file, line);
+    }
+};
+}  // namespace emu
+#define tma_reduce_add_4d(map, c0, c1, c2, c3, src) \
+    ::emu::tma_reduce_add_4d_at((map), (c0), (c1), (c2), (c3), (src), __FILE__, __LINE__)
+inline void bulk_commit() { ::emu::bulk_commit_group(); }
+#define bulk_wait_read ::emu::BulkWaitAt{__FILE__, __LINE__}.wait
 #define tma_load_4d(dst, map, c0, c1, c2, c3, bar) \
     ::emu::tma_load_4d_at((dst), (map), (c0), (c1), (c2), (c3), (bar), __FILE__, __LINE__)
 #define setmaxnreg_inc ::emu::AlignedAt{__FILE__, __LINE__}.inc

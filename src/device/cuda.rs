@@ -608,7 +608,7 @@ impl CudaRuntime {
         Ok(f.handle)
     }
 
-    /// `m` encoded by the driver (`cuTensorMapEncodeTiled`: bf16, the 128-byte swizzle, zeros
+    /// `m` encoded by the driver (`cuTensorMapEncodeTiled`: bf16 or f32, the 128-byte swizzle, zeros
     /// outside the tensor, L2 lines fetched 256 bytes at a time); `m` already checked.
     pub fn encode_tile_map(&self, m: &TileMap4) -> KernelResult<TmaMap> {
         use sys::{
@@ -622,7 +622,11 @@ impl CudaRuntime {
         unsafe {
             sys::cuTensorMapEncodeTiled(
                 map.as_mut_ptr(),
-                CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                if m.elem_bytes == 4 {
+                    CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32
+                } else {
+                    CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                },
                 4,
                 m.base as *mut c_void,
                 m.dims.as_ptr(),

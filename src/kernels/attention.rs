@@ -1168,7 +1168,9 @@ pub mod dev {
     /// product runs on while dSᵀ is formed (H6 waits for it there, for registers). `H11` (d = 64;
     /// at d = 128 `H2`): H6 with K, V and each tile's Q and dO copied by TMA (one loader thread's
     /// bulk tensor copies from [`bwd_maps`], where 64 threads issued cp.async: ~18% of the
-    /// block's issued instructions in H6's SASS); lse and Drow as before.
+    /// block's issued instructions in H6's SASS; lse and Drow as before) and dQ added into its
+    /// accumulator by TMA reductions (two a tile by one thread, from a swizzled f32 tile, where
+    /// two warps issued 16 vector reductions a row).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum BwdVariant {
         K128,
@@ -1487,24 +1489,26 @@ pub mod dev {
         }
     }
 
-    /// The tensor maps of one operand of both streams (`[B, L, H, d]`, tokens `ld` elements
-    /// apart) for a TMA kernel: a rank-4 map each with d innermost, its box 64 columns × one head
-    /// × `rows` tokens (a tile). An empty stream's map is the other's (its tiles are never
-    /// loaded).
-    fn operand_maps(
+    /// The tensor maps of one operand of both streams (`[B, L, H, d]` of bf16 or f32, tokens `ld`
+    /// elements apart) for a TMA kernel: a rank-4 map each with d innermost, its box 128 bytes of
+    /// columns × one head × `rows` tokens (a tile). An empty stream's map is the other's (its
+    /// tiles are never moved).
+    fn operand_maps<T>(
         dev: &KernelDevice,
-        [a, b]: [&DevBuf<bf16>; 2],
+        [a, b]: [&DevBuf<T>; 2],
         dims: AttnDims,
         ld: usize,
         rows: usize,
     ) -> KernelResult<[TmaMap; 2]> {
         let (h, d, ld) = (dims.h as u64, dims.d as u64, ld as u64);
-        let map = |buf: &DevBuf<bf16>, l: usize| {
+        let e = std::mem::size_of::<T>() as u64;
+        let map = |buf: &DevBuf<T>, l: usize| {
             dev.tile_map(&TileMap4 {
+                elem_bytes: e as u32,
                 base: buf.device_ptr(),
                 dims: [d, h, l as u64, dims.b as u64],
-                strides: [2 * d, 2 * ld, 2 * ld * l as u64],
-                boxes: [64, 1, rows as u32, 1],
+                strides: [e * d, e * ld, e * ld * l as u64],
+                boxes: [(128 / e) as u32, 1, rows as u32, 1],
             })
         };
         match (dims.la > 0, dims.lb > 0) {
@@ -1535,11 +1539,12 @@ pub mod dev {
         .concat())
     }
 
-    /// The maps of a TMA backward (`AttnBwdMaps`): Q, K, V and dO of stream a then b, K and V
-    /// on the unit's key tile, Q and dO on query tiles.
+    /// The maps of a TMA backward (`AttnBwdMaps`): Q, K, V, dO and the f32 dQ accumulators of
+    /// stream a then b, K and V on the unit's key tile, the others on query tiles.
     fn bwd_maps(
         dev: &KernelDevice,
         [qa, ka, va, doa, qb, kb, vb, dob]: [&DevBuf<bf16>; 8],
+        dq_acc: [&DevBuf<f32>; 2],
         dims: AttnDims,
         v_ld: usize,
         variant: BwdVariant,
@@ -1550,6 +1555,7 @@ pub mod dev {
             operand_maps(dev, [ka, kb], dims, hd, BWD_KEYS)?,
             operand_maps(dev, [va, vb], dims, v_ld, BWD_KEYS)?,
             operand_maps(dev, [doa, dob], dims, hd, qr)?,
+            operand_maps(dev, dq_acc, dims, hd, qr)?,
         ]
         .concat())
     }
@@ -2147,7 +2153,7 @@ pub mod dev {
         let resolved = variant.resolve(dims.d);
         let maps = if resolved.copies_by_tma() {
             let operands = [qa, ka, va, doa, qb, kb, vb, dob];
-            bwd_maps(dev, operands, dims, v_ld, resolved)?
+            bwd_maps(dev, operands, [&dqa_acc, &dqb_acc], dims, v_ld, resolved)?
         } else {
             Vec::new()
         };
