@@ -1044,18 +1044,25 @@ static void land(const PendingCopy& c) {
     if (in_dynamic_smem(c.dst, c.bytes)) record_write(c.dst, c.bytes, c.file, c.line);
 }
 
+// Lands (by `land_one`, in issue order) the items of every one of `committed` groups but the
+// `pending` newest, keeping the rest: cp.async's copies, the bulk group's reductions.
+template <class T, class Land>
+static void land_groups(std::vector<T>& items, unsigned committed, int pending, Land land_one) {
+    const unsigned keep_from = committed > (unsigned)pending ? committed - (unsigned)pending : 0;
+    size_t kept = 0;
+    for (size_t i = 0; i < items.size(); ++i) {
+        if (items[i].group < keep_from)
+            land_one(items[i]);
+        else
+            items[kept++] = items[i];
+    }
+    items.resize(kept);
+}
+
 // Lands the copies of every committed group but the `pending` newest (in issue order).
 void cp_async_wait_groups(int pending) {
     Fiber& f = cur_fiber();
-    const unsigned keep_from = f.groups > (unsigned)pending ? f.groups - (unsigned)pending : 0;
-    size_t kept = 0;
-    for (size_t i = 0; i < f.copies.size(); ++i) {
-        if (f.copies[i].group < keep_from)
-            land(f.copies[i]);
-        else
-            f.copies[kept++] = f.copies[i];
-    }
-    f.copies.resize(kept);
+    land_groups(f.copies, f.groups, pending, land);
 }
 
 void cp_async_land_all() {
@@ -1209,15 +1216,7 @@ static void land_reduce(const PendingReduce& r) {
 // Reads the sources (and makes the adds) of every committed bulk group but the `pending` newest.
 void bulk_wait_read_groups(int pending, const char*, int) {
     Fiber& f = cur_fiber();
-    const unsigned keep_from = f.bulk_groups > (unsigned)pending ? f.bulk_groups - (unsigned)pending : 0;
-    size_t kept = 0;
-    for (size_t i = 0; i < f.reduces.size(); ++i) {
-        if (f.reduces[i].group < keep_from)
-            land_reduce(f.reduces[i]);
-        else
-            f.reduces[kept++] = f.reduces[i];
-    }
-    f.reduces.resize(kept);
+    land_groups(f.reduces, f.bulk_groups, pending, land_reduce);
 }
 
 // Lands every pending bulk copy that completes on `bar` (in issue order); whether there was any.
