@@ -49,7 +49,13 @@ template <int D, int ROWS, int NT, bool ROLLED, bool TIGHT = false>
 __device__ __forceinline__ void load_tile_sw_by(unsigned char* s, const bf16* __restrict__ g, long long ld, int rows) {
     constexpr int CH = D / 8, RSTEP = NT / CH;
     static_assert(ROWS * CH % NT == 0, "tile copy must divide evenly");
-    if constexpr (!TIGHT && NT % CH == 0 && RSTEP % 8 == 0) {
+    if constexpr (D == 128 && RSTEP % 8 != 0 && (NT / 8) % 8 == 0) {
+        // NT/16 rows a step (64 threads: 4) would change a thread's chunk swizzle from copy to
+        // copy (clamped and recomputed each time: ~35 instructions a copy in the backward's
+        // loader at D = 128); each 64-column half-tile by the D = 64 path steps 8 rows instead
+        load_tile_sw_by<64, ROWS, NT, ROLLED, TIGHT>(s, g, ld, rows);
+        load_tile_sw_by<64, ROWS, NT, ROLLED, TIGHT>(s + ROWS * 128, g + 64, ld, rows);
+    } else if constexpr (!TIGHT && NT % CH == 0 && RSTEP % 8 == 0) {
         constexpr int N = ROWS / RSTEP;
         const int c = threadIdx.x % CH, r0 = threadIdx.x / CH;
         unsigned char* dst = s + chunk_offset<ROWS>(r0, c);
@@ -1337,6 +1343,8 @@ __device__ __forceinline__ void bwd_store_kv_piece(const float* dk, const float*
 // advdmd-entry-registers: joint_attn_bwd_h9_d64_vfused 168
 // advdmd-entry-registers: joint_attn_bwd_h11_d64 168
 // advdmd-entry-registers: joint_attn_bwd_h11_d64_vfused 168
+// advdmd-entry-registers: joint_attn_bwd_h12_d128 168
+// advdmd-entry-registers: joint_attn_bwd_h12_d128_vfused 168
 // The H3 backward's register split of the 384-thread block's 168 registers a thread: 96/208 (the
 // first choice) does not fit (setmaxnreg_fits).
 constexpr int kBwdH3Producer = 104, kBwdH3Consumer = 200;
@@ -1373,7 +1381,7 @@ constexpr int kBwdH3Producer = 104, kBwdH3Consumer = 200;
 // by two TMA reductions a tile (rows past the stream skipped by the copy unit), where two warps
 // issued 16 vector reductions a row.
 template <int VMUL, bool PIPE = false, bool ASYNC = false, int QT_ = 64, bool DEFER = false, int POLY = 0,
-          bool DKS = false, bool TMA = false>
+          bool DKS = false, bool TMA = false, int D_ = 64>
 __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
                                        bf16* __restrict__ dvb, float* __restrict__ dqa_acc,
                                        float* __restrict__ dqb_acc, const bf16* __restrict__ qa,
@@ -1384,12 +1392,20 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
                                        const float* __restrict__ drow, int La, int Lb, int H, float scale_log2,
                                        float scale, float* __restrict__ kvpart, int split_from, int splits,
                                        const AttnBwdMaps* maps = nullptr) {
-    constexpr int D = 64, KT = 128, QT = QT_, DN = D / 2, LAG = 1;
-    // The softmax scale 1/√64 · log2 e as the launcher passes it in scale_log2 (it refuses any
+    constexpr int D = D_, KT = 128, QT = QT_, DN = D / 2, LAG = 1;
+    // The softmax scale 1/√D · log2 e as the launcher passes it in scale_log2 (it refuses any
     // other scale for these kernels): an immediate operand where the parameter, at the consumers'
     // register ceiling, was reloaded from the constant bank before each of a tile's 64 products.
-    constexpr float kScaleLog2 = 0.125f * kLog2e;
+    constexpr float kScaleLog2 = (D == 64 ? 0.125f : 0.08838834764831845f) * kLog2e;
     (void)scale_log2;
+    // D = 128 (BwdVariant::H12): H5's loader on 64-query tiles without PIPE — dK and dV take 128
+    // registers a consumer thread, Sᵀ and dPᵀ 64 more, so nothing of a second tile fits beside
+    // them — in 2 stages with one dQ tile (3 stages, or two dQ tiles, pass the 227 KB of shared
+    // memory: K, V 64 KB, a stage of Q, dO 32 KB, dQ's f32 tile 33 KB)
+    static_assert(D == 64 || (D == 128 && QT == 64 && ASYNC && !PIPE && !DEFER && !DKS && !TMA),
+                  "D = 128: H5's loader on 64-query tiles, no PIPE, DEFER, DKS or TMA");
+    // LEAN: the consumers at 240 or 232 registers, the producer (rolled copies) at 24 or 40
+    constexpr bool LEAN = QT == 128 || D == 128;
     static_assert(QT == 64 || (QT == 128 && ASYNC && !PIPE), "128-query tiles: ASYNC, without PIPE");
     static_assert(!DEFER || (ASYNC && !PIPE), "the deferred dQ with the async loader, without PIPE");
     static_assert(!DKS || (QT == 128 && !PIPE && !DEFER), "dK from the dSᵀ tile: H6's loop");
@@ -1397,7 +1413,7 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
     // dQ split by rows (each group: 64 queries × D) at QT = 128, by columns (64 queries × D/2)
     // at 64; its shared tiles: 2, or 1 at QT = 128 (with 2 stages: 227 KB)
     constexpr bool DQ_ROWS = QT == 128;
-    constexpr int STAGES = QT == 64 ? 3 : 2, DQBUF = QT == 64 ? 2 : 1;
+    constexpr int STAGES = QT == 64 && D == 64 ? 3 : 2, DQBUF = QT == 64 && D == 64 ? 2 : 1;
     constexpr int LT = 64, FT = 64, CT = 256;  // loader, flusher and consumer threads
     constexpr int KVBYTES = KT * D * 2, QBYTES = QT * D * 2, DSBYTES = KT * QT * 2;
     constexpr int DQLD = D + 4;  // f32 row stride of the dQ tile: float2 stores of 8 rows hit 8 banks
@@ -1451,9 +1467,11 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
     // PIPE holds tile i + 1's Sᵀ, dPᵀ beside tile i's P, dS and dQ: its consumers take 208
     // (at 200 they spilled 64 bytes), the producer 88 (the whole pool: 128·88 + 256·208 = 384·168)
     // QT = 128 holds Sᵀ, dPᵀ of 128 queries (128 registers) beside dK, dV: the consumers take 240
-    // (at 232 they spilled 104 bytes), the producer (rolled copies, the flushers' loop) 24
-    constexpr int PREGS = QT == 128 ? 24 : PIPE ? 88 : kBwdH3Producer;
-    constexpr int CREGS = QT == 128 ? 240 : PIPE ? 208 : kBwdH3Consumer;
+    // (at 232 they spilled 104 bytes), the producer (rolled copies clamping every row, the
+    // flushers' loop) 24. D = 128 (dK, dV 128 registers beside Sᵀ, dPᵀ of 64 queries): 232 and
+    // 40 (at 24 its two half-tile copies spilled 12 bytes)
+    constexpr int PREGS = D == 128 ? 40 : LEAN ? 24 : PIPE ? 88 : kBwdH3Producer;
+    constexpr int CREGS = D == 128 ? 232 : LEAN ? 240 : PIPE ? 208 : kBwdH3Consumer;
     static_assert(setmaxnreg_fits<384, PREGS, CREGS>(), "setmaxnreg over the block's registers");
     if (wg == 0) {
         setmaxnreg_dec<PREGS>();
@@ -1494,11 +1512,11 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
                         tma_load_tile<D, QT>(sQ0 + st * QBYTES, &maps->q[qt.stream], h, qt.row0, b, &q_full[st]);
                         tma_load_tile<D, QT>(sdO0 + st * QBYTES, &maps->dout[qt.stream], h, qt.row0, b, &q_full[st]);
                     }
-                } else if constexpr (PIPE || QT == 128) {  // rolled copies: the producer has 88 or 24 registers
+                } else if constexpr (PIPE || LEAN) {  // rolled copies: the producer has 88 or 24 registers
                     load_tile_sw_lean<D, QT, LT, QT == 128>(sQ0 + st * QBYTES, (qt.stream == 0 ? qa : qb) + q_off, ld,
-                                                            qt.rows);
-                    load_tile_sw_lean<D, QT, LT, QT == 128>(sdO0 + st * QBYTES, (qt.stream == 0 ? doa : dob) + q_off,
-                                                            ld, qt.rows);
+                                                       qt.rows);
+                    load_tile_sw_lean<D, QT, LT, QT == 128>(sdO0 + st * QBYTES, (qt.stream == 0 ? doa : dob) + q_off, ld,
+                                                       qt.rows);
                 } else {
                     load_tile_sw<D, QT, LT>(sQ0 + st * QBYTES, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
                     load_tile_sw<D, QT, LT>(sdO0 + st * QBYTES, (qt.stream == 0 ? doa : dob) + q_off, ld, qt.rows);
@@ -1570,9 +1588,10 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
     const bool key_ok[2] = {key0 < kt.rows, key0 + 8 < kt.rows};
     const uint32_t k_wg0 = smem_addr(sK) + c * 64 * 128, v_wg0 = smem_addr(sV) + c * 64 * 128;
     const uint32_t q_addr = smem_addr(sQ0), do_addr = smem_addr(sdO0), ds_addr = smem_addr(sdS0);
-    // dQ's B: this group's 32 columns of K (DQ_ROWS: all D); its A: the dSᵀ tile (DQ_ROWS: this
-    // group's 64-query column block of it)
-    const uint32_t k_cols = smem_addr(sK) + (DQ_ROWS ? 0 : c * 64);
+    // dQ's B: this group's D/2 columns of K (64 bytes into each row at D = 64, the second
+    // half-tile at 128; DQ_ROWS: all D); its A: the dSᵀ tile (DQ_ROWS: this group's 64-query
+    // column block of it)
+    const uint32_t k_cols = smem_addr(sK) + (DQ_ROWS ? 0 : D == 64 ? c * 64 : c * KT * 128);
     const uint32_t ds_cols = DQ_ROWS ? c * KT * 128 : 0;
 
     float dk[D / 2], dv[D / 2];
@@ -1694,9 +1713,9 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
                 bwd_ds<KT, QT, true>(p, dp, dsa, sdS0 + (i & 1) * DSBYTES, key0, sDr, t);
                 return;
             }
-            // QT = 128: Pᵀ's fragments are read before dSᵀ's are formed, so that both never
-            // hold registers beside Sᵀ, dPᵀ, dK and dV (they did: the consumers spilled at 240)
-            if constexpr (QT == 128) wgmma_wait<0>();
+            // QT = 128, D = 128: Pᵀ's fragments are read before dSᵀ's are formed, so that both
+            // never hold registers beside Sᵀ, dPᵀ, dK and dV (they did: the consumers spilled at 240)
+            if constexpr (LEAN) wgmma_wait<0>();
             bwd_ds<KT, QT>(p, dp, dsa, sdS0 + (i & 1) * DSBYTES, key0, sDr, t);
             wgmma_fence();
             bwd_issue_acc<D, QT>(dk, dsa, q_st);
@@ -1885,21 +1904,28 @@ ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h10_d64_vfused, 384, 1, attn_h::bwd_h3<3, fa
 // inside the fused qkv).
 ATTN_BWD_TMA_ENTRY(joint_attn_bwd_h11_d64, 384, 1, attn_h::bwd_h3<1, false, true, 128, false, 0, false, true>)
 ATTN_BWD_TMA_ENTRY(joint_attn_bwd_h11_d64_vfused, 384, 1, attn_h::bwd_h3<3, false, true, 128, false, 0, false, true>)
+// Backward H12 (D = 128): H5's loader (ASYNC) on 64-query tiles without PIPE, 2 stages, one dQ tile.
+ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h12_d128, 384, 1, attn_h::bwd_h3<1, false, true, 64, false, 0, false, false, 128>)
+ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h12_d128_vfused, 384, 1,
+                     attn_h::bwd_h3<3, false, true, 64, false, 0, false, false, 128>)
 // Backward H7 (D = 64): H6 with the groups half a tile apart (DEFER: dQ a tile later).
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h7_d64, 384, 1, attn_h::bwd_h3<1, false, true, 128, true>)
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h7_d64_vfused, 384, 1, attn_h::bwd_h3<3, false, true, 128, true>)
 // Backward H8 (D = 64): H7's deferred dQ on H3's 64-query tiles in 3 stages (async loader).
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h8_d64, 384, 1, attn_h::bwd_h3<1, false, true, 64, true>)
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h8_d64_vfused, 384, 1, attn_h::bwd_h3<3, false, true, 64, true>)
-// The split backward's combine (H3, H4: 128-key units at D = 64), V alone and inside a fused qkv.
-#define BWD_SPLIT_COMBINE_ENTRY(name, VMUL)                                                     \
+// The split backward's combine (bwd_h3: 128-key units at D = 64 and 128), V alone and inside a
+// fused qkv.
+#define BWD_SPLIT_COMBINE_ENTRY(name, D, VMUL)                                                  \
     extern "C" __global__ void __launch_bounds__(256)                                           \
         name(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,            \
              bf16* __restrict__ dvb, const float* __restrict__ kvpart, int La, int Lb, int H,   \
              int split_from, int splits) {                                                      \
         kernel_prologue();                                                                      \
-        attn_h::bwd_split_combine<64, 128, VMUL>(dka, dva, dkb, dvb, kvpart, La, Lb, H,         \
-                                                 split_from, splits);                           \
+        attn_h::bwd_split_combine<D, 128, VMUL>(dka, dva, dkb, dvb, kvpart, La, Lb, H,          \
+                                                split_from, splits);                            \
     }
-BWD_SPLIT_COMBINE_ENTRY(joint_attn_bwd_split_combine_d64, 1)
-BWD_SPLIT_COMBINE_ENTRY(joint_attn_bwd_split_combine_d64_vfused, 3)
+BWD_SPLIT_COMBINE_ENTRY(joint_attn_bwd_split_combine_d64, 64, 1)
+BWD_SPLIT_COMBINE_ENTRY(joint_attn_bwd_split_combine_d64_vfused, 64, 3)
+BWD_SPLIT_COMBINE_ENTRY(joint_attn_bwd_split_combine_d128, 128, 1)
+BWD_SPLIT_COMBINE_ENTRY(joint_attn_bwd_split_combine_d128_vfused, 128, 3)

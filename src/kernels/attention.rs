@@ -1170,7 +1170,12 @@ pub mod dev {
     /// bulk tensor copies from [`bwd_maps`], where 64 threads issued cp.async: ~18% of the
     /// block's issued instructions in H6's SASS; lse and Drow as before) and dQ added into its
     /// accumulator by TMA reductions (two a tile by one thread, from a swizzled f32 tile, where
-    /// two warps issued 16 vector reductions a row).
+    /// two warps issued 16 vector reductions a row). `H12` (d = 128; at d = 64 `H6`): the
+    /// warp-specialized backward at d = 128, where H3–H11 run H2 — H5's loader on 64-query
+    /// tiles without H4's early products (dK and dV take 128 registers a consumer thread: no
+    /// second tile's Sᵀ fits beside them), 2 stages and one dQ tile (the 227 KB of shared
+    /// memory), consumers at 232 registers, the loader at 40 (its tiles copied as two 64-column
+    /// halves, 8 rows a step).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum BwdVariant {
         K128,
@@ -1186,6 +1191,7 @@ pub mod dev {
         H9,
         H10,
         H11,
+        H12,
     }
 
     impl BwdVariant {
@@ -1229,7 +1235,7 @@ pub mod dev {
         }
 
         /// Every variant, for tests and the bench.
-        pub const ALL: [BwdVariant; 13] = [
+        pub const ALL: [BwdVariant; 14] = [
             BwdVariant::K128,
             BwdVariant::V3,
             BwdVariant::H1,
@@ -1243,17 +1249,20 @@ pub mod dev {
             BwdVariant::H9,
             BwdVariant::H10,
             BwdVariant::H11,
+            BwdVariant::H12,
         ];
         /// The variant actually launched at head dim `d`.
         pub fn resolve(self, d: usize) -> BwdVariant {
             match self {
                 BwdVariant::V3 if d != 64 => BwdVariant::K128,
+                BwdVariant::H12 if d == 64 => BwdVariant::H6,
+                BwdVariant::H12 => BwdVariant::H12,
                 v if v.warp_specialized() && d != 64 => BwdVariant::H2,
                 v => v,
             }
         }
-        /// The `bwd_h3` family (H3–H8, d = 64 only): a producer warpgroup and two consumer
-        /// groups, 384 threads, units split along the queries.
+        /// The `bwd_h3` family (H3–H11 at d = 64, H12 at 128): a producer warpgroup and two
+        /// consumer groups, 384 threads, units split along the queries.
         fn warp_specialized(self) -> bool {
             !matches!(
                 self,
@@ -1277,7 +1286,7 @@ pub mod dev {
             }
         }
         /// The units (a block each: one 128-key tile of one head of one sample) and query tiles
-        /// of a call by a variant that takes a [`SplitPlan`] (H3–H8 at d = 64: `bwd_h3`, split
+        /// of a call by a variant that takes a [`SplitPlan`] (H3–H12: `bwd_h3`, split
         /// along the queries; its dQ is added into the accumulator either way); `None` for the
         /// others.
         pub fn split_units(self, dims: AttnDims) -> Option<(u32, u32)> {
@@ -1326,6 +1335,17 @@ pub mod dev {
                         + 2 * TILE * (d + 4) * 4
                         + 3 * 2 * TILE * 4
                         + 8 * 15) as u32
+                }
+                // H12 (d = 128): K, V, 2 stages of Q, dO, lse and Drow, two dSᵀ tiles, one f32 dQ
+                // tile (rows padded to d+4) and H6's 13 mbarrier slots.
+                BwdVariant::H12 => {
+                    (1024
+                        + 2 * BWD_KEYS * d * 2
+                        + 2 * 2 * TILE * d * 2
+                        + 2 * BWD_KEYS * TILE * 2
+                        + TILE * (d + 4) * 4
+                        + 2 * 2 * TILE * 4
+                        + 8 * 13) as u32
                 }
                 // H6, H7, H9, H10: K, V, 2 stages of 128-query Q, dO, lse and Drow, two dSᵀ tiles (keys ×
                 // 128 queries), one f32 dQ tile (rows padded to d+4) and 9 mbarriers (H7: 13).
@@ -2142,10 +2162,15 @@ pub mod dev {
         let lse = nlse.as_ref().unwrap_or(lse);
 
         let scale = dims.scale();
-        // `bwd_h3` (cuda/attention_hopper.cu) takes the softmax scale as the constant 1/√64
-        if bwd_h3 && scale != 0.125 {
+        // `bwd_h3` (cuda/attention_hopper.cu) takes the softmax scale as the constant 1/√d
+        let built = if dims.d == 64 {
+            0.125
+        } else {
+            1.0 / 128f32.sqrt()
+        };
+        if bwd_h3 && scale != built {
             return Err(KernelError::Invalid(format!(
-                "joint_attention_bwd: the {variant:?} kernel is built for the softmax scale 1/8, not {scale}"
+                "joint_attention_bwd: the {variant:?} kernel is built for the softmax scale {built}, not {scale}"
             )));
         }
         dev.count_matmul_flops(flops);

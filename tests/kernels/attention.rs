@@ -294,63 +294,71 @@ fn joint_attention_fwd_split_along_the_keys_matches_cpu() {
     }
 }
 
-/// The H3–H8 backward with their 128-key units split along the queries (`SplitPlan`): every
+/// The H3–H12 backward with their 128-key units split along the queries (`SplitPlan`): every
 /// unit two ways, the last units three ways, the last unit into single query tiles; all six
 /// gradients against the CPU kernel with the unsplit launch's tolerance (dQ goes through the
-/// accumulator either way; dK, dV of a split unit are its pieces' sums).
+/// accumulator either way; dK, dV of a split unit are its pieces' sums), at d = 64 and 128.
 #[test]
 fn joint_attention_bwd_split_along_the_queries_matches_cpu() {
     for dev in devices() {
-        let inp = Inputs::new(1, 77, 300, 2, 64, 1.0, 5100);
-        let dims = inp.dims;
-        let AttnDims { b, la, lb, h, d } = dims;
-        let [qat, kat, vat, qbt, kbt, vbt] = inp.tensors();
-        let fwd = cpu::joint_attention_fwd(&qat, &kat, &vat, &qbt, &kbt, &vbt);
-        let (doat, dobt) = (
-            tensor(inp.do_a.clone(), &[b, la, h, d]),
-            tensor(inp.do_b.clone(), &[b, lb, h, d]),
-        );
-        let want =
-            cpu::joint_attention_bwd(&qat, &kat, &vat, &qbt, &kbt, &vbt, &fwd.lse, &doat, &dobt);
-        let bufs = inp.qkv.each_ref().map(|v| upload_bf16(&dev, v));
-        let (oa, ob, lse) = gpu::joint_attention_fwd_with(
-            &dev,
-            &bufs[0],
-            &bufs[1],
-            &bufs[2],
-            &bufs[3],
-            &bufs[4],
-            &bufs[5],
-            dims,
-            gpu::FwdVariant::fastest(&dev, d),
-        )
-        .unwrap();
-        let (doa, dob) = (upload_bf16(&dev, &inp.do_a), upload_bf16(&dev, &inp.do_b));
-        for variant in gpu::BwdVariant::enabled() {
-            let Some((units, query_tiles)) = variant.split_units(dims) else {
-                continue;
-            };
-            let plans = split_plans(units, query_tiles, false);
-            for plan in plans {
-                let grads = gpu::joint_attention_bwd_split_with(
-                    &dev,
-                    bufs.each_ref(),
-                    [&oa, &ob, &doa, &dob],
-                    &lse,
-                    dims,
-                    variant,
-                    plan,
-                )
-                .unwrap();
-                let names = ["dq_a", "dk_a", "dv_a", "dq_b", "dk_b", "dv_b"];
-                for ((name, got), want) in names.iter().zip(&grads).zip(&want) {
-                    let kernel = format!(
-                        "joint_attention_bwd[{variant:?} from {} x{}].{name}",
-                        plan.split_from, plan.splits
-                    );
-                    let got = download_f32(&dev, got);
-                    check(&kernel, &dev, &inp.shape(), &got, want.f32s(), 1e-2);
-                }
+        for d in [64, 128] {
+            bwd_split_matches_cpu(&dev, d);
+        }
+    }
+}
+
+fn bwd_split_matches_cpu(dev: &KernelDevice, d: usize) {
+    let inp = Inputs::new(1, 77, 300, 2, d, 1.0, 5036 + d as u64);
+    let dims = inp.dims;
+    let AttnDims { b, la, lb, h, .. } = dims;
+    let [qat, kat, vat, qbt, kbt, vbt] = inp.tensors();
+    let fwd = cpu::joint_attention_fwd(&qat, &kat, &vat, &qbt, &kbt, &vbt);
+    let (doat, dobt) = (
+        tensor(inp.do_a.clone(), &[b, la, h, d]),
+        tensor(inp.do_b.clone(), &[b, lb, h, d]),
+    );
+    let want = cpu::joint_attention_bwd(&qat, &kat, &vat, &qbt, &kbt, &vbt, &fwd.lse, &doat, &dobt);
+    let bufs = inp.qkv.each_ref().map(|v| upload_bf16(dev, v));
+    let (oa, ob, lse) = gpu::joint_attention_fwd_with(
+        dev,
+        &bufs[0],
+        &bufs[1],
+        &bufs[2],
+        &bufs[3],
+        &bufs[4],
+        &bufs[5],
+        dims,
+        gpu::FwdVariant::fastest(dev, d),
+    )
+    .unwrap();
+    let (doa, dob) = (upload_bf16(dev, &inp.do_a), upload_bf16(dev, &inp.do_b));
+    for variant in gpu::BwdVariant::enabled() {
+        let Some((units, query_tiles)) = variant.split_units(dims) else {
+            continue;
+        };
+        if variant.resolve(d) != variant {
+            continue; // H12 runs H6 at d = 64
+        }
+        let plans = split_plans(units, query_tiles, false);
+        for plan in plans {
+            let grads = gpu::joint_attention_bwd_split_with(
+                dev,
+                bufs.each_ref(),
+                [&oa, &ob, &doa, &dob],
+                &lse,
+                dims,
+                variant,
+                plan,
+            )
+            .unwrap();
+            let names = ["dq_a", "dk_a", "dv_a", "dq_b", "dk_b", "dv_b"];
+            for ((name, got), want) in names.iter().zip(&grads).zip(&want) {
+                let kernel = format!(
+                    "joint_attention_bwd[{variant:?} from {} x{}].{name}",
+                    plan.split_from, plan.splits
+                );
+                let got = download_f32(dev, got);
+                check(&kernel, dev, &inp.shape(), &got, want.f32s(), 1e-2);
             }
         }
     }
@@ -385,9 +393,9 @@ fn variant_skip_lists_parse() {
         []
     );
     let err =
-        gpu::parse_variants("ADVDMD_ATTN_BWD_SKIP", "h4,h12", &gpu::BwdVariant::ALL).unwrap_err();
+        gpu::parse_variants("ADVDMD_ATTN_BWD_SKIP", "h4,h40", &gpu::BwdVariant::ALL).unwrap_err();
     assert!(
-        err.contains("ADVDMD_ATTN_BWD_SKIP") && err.contains("h12"),
+        err.contains("ADVDMD_ATTN_BWD_SKIP") && err.contains("h40"),
         "{err}"
     );
 }
