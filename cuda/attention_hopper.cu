@@ -1345,6 +1345,8 @@ __device__ __forceinline__ void bwd_store_kv_piece(const float* dk, const float*
 // advdmd-entry-registers: joint_attn_bwd_h11_d64_vfused 168
 // advdmd-entry-registers: joint_attn_bwd_h12_d128 168
 // advdmd-entry-registers: joint_attn_bwd_h12_d128_vfused 168
+// advdmd-entry-registers: joint_attn_bwd_h13_d128 168
+// advdmd-entry-registers: joint_attn_bwd_h13_d128_vfused 168
 // The H3 backward's register split of the 384-thread block's 168 registers a thread: 96/208 (the
 // first choice) does not fit (setmaxnreg_fits).
 constexpr int kBwdH3Producer = 104, kBwdH3Consumer = 200;
@@ -1402,14 +1404,14 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
     // registers a consumer thread, Sᵀ and dPᵀ 64 more, so nothing of a second tile fits beside
     // them — in 2 stages with one dQ tile (3 stages, or two dQ tiles, pass the 227 KB of shared
     // memory: K, V 64 KB, a stage of Q, dO 32 KB, dQ's f32 tile 33 KB)
-    static_assert(D == 64 || (D == 128 && QT == 64 && ASYNC && !PIPE && !DEFER && !DKS && !TMA),
-                  "D = 128: H5's loader on 64-query tiles, no PIPE, DEFER, DKS or TMA");
+    static_assert(D == 64 || (D == 128 && QT == 64 && ASYNC && !PIPE && !DEFER && !DKS),
+                  "D = 128: H5's loader on 64-query tiles, no PIPE, DEFER or DKS");
     // LEAN: the consumers at 240 or 232 registers, the producer (rolled copies) at 24 or 40
     constexpr bool LEAN = QT == 128 || D == 128;
     static_assert(QT == 64 || (QT == 128 && ASYNC && !PIPE), "128-query tiles: ASYNC, without PIPE");
     static_assert(!DEFER || (ASYNC && !PIPE), "the deferred dQ with the async loader, without PIPE");
     static_assert(!DKS || (QT == 128 && !PIPE && !DEFER), "dK from the dSᵀ tile: H6's loop");
-    static_assert(!TMA || (QT == 128 && ASYNC && !DEFER), "TMA: H6's loader");
+    static_assert(!TMA || ((QT == 128 || D == 128) && ASYNC && !DEFER), "TMA: H6's or H12's loader");
     // dQ split by rows (each group: 64 queries × D) at QT = 128, by columns (64 queries × D/2)
     // at 64; its shared tiles: 2, or 1 at QT = 128 (with 2 stages: 227 KB)
     constexpr bool DQ_ROWS = QT == 128;
@@ -1537,7 +1539,7 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
             }
             tiles_done<ASYNC, LAG>(nqt, publish);
         } else if constexpr (TMA) {
-            // Flusher (TMA): one thread adds each tile by two reductions (its 32-column halves),
+            // Flusher (TMA): one thread adds each tile by D/32 reductions (its 32-column blocks),
             // fenced for the async proxy that reads the consumers' stores, and releases the tile
             // once they are read
             if (tid != LT) return;
@@ -1548,8 +1550,8 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
                 const Tile qt = tile_of<QT>(q0 + j, La, Lb);
                 const unsigned char* src = reinterpret_cast<const unsigned char*>(sdQ0 + (j % DQBUF) * QT * DQLD);
 #pragma unroll
-                for (int half = 0; half < 2; half++)
-                    tma_reduce_add_4d(&maps->dq[qt.stream], 32 * half, h, qt.row0, b, src + half * QT * 128);
+                for (int blk = 0; blk < D / 32; blk++)
+                    tma_reduce_add_4d(&maps->dq[qt.stream], 32 * blk, h, qt.row0, b, src + blk * QT * 128);
                 bulk_commit();
                 bulk_wait_read<0>();
                 mbar_arrive(&dq_empty[j % DQBUF]);
@@ -1618,12 +1620,15 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
         const int qb = j % DQBUF;
         if (j >= DQBUF) mbar_wait(&dq_empty[qb], ((j / DQBUF) - 1) & 1);
         if constexpr (TMA) {
-            // rows 64c + 16w + g (+ 8), columns 8e + 2t, 2t + 1: block e / 4 of QT 128-byte rows,
+            // rows 64c + 16w + g (+ 8), columns 8e + 2t, 2t + 1 (DQ_ROWS; else rows 16w + g,
+            // columns DQN·c + 8e + 2t): 32-column block e / 4 (+ DQN·c / 32) of QT 128-byte rows,
             // 16-byte chunk 2(e mod 4) + t/2 of a row at (chunk ^ row mod 8) = (chunk ^ g): the
             // thread's part (row, t/2 ^ g's low bit, the float's place) once, e's by an immediate
             // XOR with g's other bits (the addresses ptxas would otherwise hoist spilled)
+            constexpr int ROWS_C = DQ_ROWS ? 64 : 0, BLOCKS_C = DQ_ROWS ? 0 : DQN / 32;
             unsigned char* base = reinterpret_cast<unsigned char*>(sdQ0 + qb * QT * DQLD) +
-                                  (64 * c + 16 * w + g) * 128 + (((t >> 1) ^ g) & 1) * 16 + (2 * t % 4) * 4;
+                                  BLOCKS_C * c * QT * 128 + (ROWS_C * c + 16 * w + g) * 128 +
+                                  (((t >> 1) ^ g) & 1) * 16 + (2 * t % 4) * 4;
             const int g6 = g & 6;
 #pragma unroll
             for (int e = 0; e < DQN / 8; e++) {
@@ -1908,6 +1913,10 @@ ATTN_BWD_TMA_ENTRY(joint_attn_bwd_h11_d64_vfused, 384, 1, attn_h::bwd_h3<3, fals
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h12_d128, 384, 1, attn_h::bwd_h3<1, false, true, 64, false, 0, false, false, 128>)
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h12_d128_vfused, 384, 1,
                      attn_h::bwd_h3<3, false, true, 64, false, 0, false, false, 128>)
+// Backward H13 (D = 128): H12 with H11's TMA copies of K, V, Q, dO and TMA reductions of dQ.
+ATTN_BWD_TMA_ENTRY(joint_attn_bwd_h13_d128, 384, 1, attn_h::bwd_h3<1, false, true, 64, false, 0, false, true, 128>)
+ATTN_BWD_TMA_ENTRY(joint_attn_bwd_h13_d128_vfused, 384, 1,
+                   attn_h::bwd_h3<3, false, true, 64, false, 0, false, true, 128>)
 // Backward H7 (D = 64): H6 with the groups half a tile apart (DEFER: dQ a tile later).
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h7_d64, 384, 1, attn_h::bwd_h3<1, false, true, 128, true>)
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h7_d64_vfused, 384, 1, attn_h::bwd_h3<3, false, true, 128, true>)

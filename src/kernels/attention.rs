@@ -1175,7 +1175,9 @@ pub mod dev {
     /// tiles without H4's early products (dK and dV take 128 registers a consumer thread: no
     /// second tile's Sᵀ fits beside them), 2 stages and one dQ tile (the 227 KB of shared
     /// memory), consumers at 232 registers, the loader at 40 (its tiles copied as two 64-column
-    /// halves, 8 rows a step).
+    /// halves, 8 rows a step). `H13` (d = 128; at d = 64 `H11`): H12 with H11's TMA copies and
+    /// dQ reductions (four 32-column blocks a tile) — at d = 128 the 64 copying threads issue
+    /// twice H6's copies per FLOP (~450 instructions a warp a tile beside the consumers' ~550).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum BwdVariant {
         K128,
@@ -1192,6 +1194,7 @@ pub mod dev {
         H10,
         H11,
         H12,
+        H13,
     }
 
     impl BwdVariant {
@@ -1235,7 +1238,7 @@ pub mod dev {
         }
 
         /// Every variant, for tests and the bench.
-        pub const ALL: [BwdVariant; 14] = [
+        pub const ALL: [BwdVariant; 15] = [
             BwdVariant::K128,
             BwdVariant::V3,
             BwdVariant::H1,
@@ -1250,18 +1253,20 @@ pub mod dev {
             BwdVariant::H10,
             BwdVariant::H11,
             BwdVariant::H12,
+            BwdVariant::H13,
         ];
         /// The variant actually launched at head dim `d`.
         pub fn resolve(self, d: usize) -> BwdVariant {
             match self {
                 BwdVariant::V3 if d != 64 => BwdVariant::K128,
                 BwdVariant::H12 if d == 64 => BwdVariant::H6,
-                BwdVariant::H12 => BwdVariant::H12,
+                BwdVariant::H13 if d == 64 => BwdVariant::H11,
+                v @ (BwdVariant::H12 | BwdVariant::H13) => v,
                 v if v.warp_specialized() && d != 64 => BwdVariant::H2,
                 v => v,
             }
         }
-        /// The `bwd_h3` family (H3–H11 at d = 64, H12 at 128): a producer warpgroup and two
+        /// The `bwd_h3` family (H3–H11 at d = 64, H12, H13 at 128): a producer warpgroup and two
         /// consumer groups, 384 threads, units split along the queries.
         fn warp_specialized(self) -> bool {
             !matches!(
@@ -1275,7 +1280,7 @@ pub mod dev {
         }
         /// Whether the loader copies by TMA (the kernel takes [`bwd_maps`] last).
         fn copies_by_tma(self) -> bool {
-            self == BwdVariant::H11
+            matches!(self, BwdVariant::H11 | BwdVariant::H13)
         }
         /// Threads per block (warps of 16 keys; V3: warps of 32 keys).
         fn threads(self, d: usize) -> u32 {
@@ -1286,7 +1291,7 @@ pub mod dev {
             }
         }
         /// The units (a block each: one 128-key tile of one head of one sample) and query tiles
-        /// of a call by a variant that takes a [`SplitPlan`] (H3–H12: `bwd_h3`, split
+        /// of a call by a variant that takes a [`SplitPlan`] (H3–H13: `bwd_h3`, split
         /// along the queries; its dQ is added into the accumulator either way); `None` for the
         /// others.
         pub fn split_units(self, dims: AttnDims) -> Option<(u32, u32)> {
@@ -1338,7 +1343,7 @@ pub mod dev {
                 }
                 // H12 (d = 128): K, V, 2 stages of Q, dO, lse and Drow, two dSᵀ tiles, one f32 dQ
                 // tile (rows padded to d+4) and H6's 13 mbarrier slots.
-                BwdVariant::H12 => {
+                BwdVariant::H12 | BwdVariant::H13 => {
                     (1024
                         + 2 * BWD_KEYS * d * 2
                         + 2 * 2 * TILE * d * 2

@@ -626,72 +626,88 @@ fn tma_forwards_match_their_base_bit_for_bit() {
     }
 }
 
-/// The backward H11 changes only how K, V, Q and dO reach shared memory (TMA): its gradients are
-/// H6's — dK and dV bit for bit (accumulated in one block's registers), dQ bit for bit where
-/// the reductions into its accumulator run in a fixed order (the emulator) and within the
-/// parity tolerance on a GPU (atomic adds) — with partial tiles in both streams, an empty text
-/// stream and two samples.
+/// The backward H11 (H13) changes only how K, V, Q and dO reach shared memory (TMA) and how dQ
+/// reaches its accumulator: its gradients are H6's at d = 64 (H12's at 128) — dK and dV bit for
+/// bit (accumulated in one block's registers), dQ bit for bit where the reductions into its
+/// accumulator run in a fixed order (the emulator) and within the parity tolerance on a GPU
+/// (atomic adds) — with partial tiles in both streams, an empty text stream and two samples.
 #[test]
 fn tma_backward_matches_h6() {
     for dev in devices() {
         let enabled = gpu::BwdVariant::enabled();
-        let (tma, base) = (gpu::BwdVariant::H11, gpu::BwdVariant::H6);
-        if !dev.has_wgmma() || !enabled.contains(&tma) || !enabled.contains(&base) {
-            eprintln!(
-                "tma backward: {} runs no wgmma, or H11 or H6 is left out; skipped",
-                dev.name()
-            );
-            continue;
-        }
-        let fixed_order = dev.name() == "emulator";
-        for (b, la, lb, h) in [
-            (2usize, 77usize, 130usize, 2usize),
-            (2, 0, 200, 1),
-            (1, 140, 300, 3),
+        for (tma, base, d) in [
+            (gpu::BwdVariant::H11, gpu::BwdVariant::H6, 64),
+            (gpu::BwdVariant::H13, gpu::BwdVariant::H12, 128),
         ] {
-            let inp = Inputs::new(b, la, lb, h, 64, 1.0, 9300 + la as u64);
-            let [qa, ka, va, qb, kb, vb] = inp.qkv.each_ref().map(|v| upload_bf16(&dev, v));
-            let (doa, dob) = (upload_bf16(&dev, &inp.do_a), upload_bf16(&dev, &inp.do_b));
-            let (oa, ob, lse) =
-                gpu::joint_attention_fwd(&dev, &qa, &ka, &va, &qb, &kb, &vb, inp.dims).unwrap();
-            let grads = |variant| {
-                gpu::joint_attention_bwd_with(
-                    &dev, &qa, &ka, &va, &qb, &kb, &vb, &oa, &ob, &lse, &doa, &dob, inp.dims,
-                    variant,
-                )
-                .unwrap()
-                .map(|g| download_f32(&dev, &g))
-            };
-            let (got, want) = (grads(tma), grads(base));
-            let names = ["dq_a", "dk_a", "dv_a", "dq_b", "dk_b", "dv_b"];
-            for ((name, got), want) in names.iter().zip(&got).zip(&want) {
-                if name.starts_with("dq") && !fixed_order {
-                    let kernel = format!("joint_attention_bwd[h11 vs h6].{name}");
-                    check(&kernel, &dev, &inp.shape(), got, want, 1e-2);
-                } else {
-                    let same = got
-                        .iter()
-                        .zip(want)
-                        .all(|(x, y)| x.to_bits() == y.to_bits());
-                    assert!(
-                        same,
-                        "H11 and H6 differ in {name} at {} on {}",
-                        inp.shape(),
-                        dev.name()
-                    );
-                }
+            if !dev.has_wgmma() || !enabled.contains(&tma) || !enabled.contains(&base) {
+                eprintln!(
+                    "tma backward: {} runs no wgmma, or {tma:?} or {base:?} is left out; skipped",
+                    dev.name()
+                );
+                continue;
             }
-            println!(
-                "kernel joint_attention_bwd[h11] = [h6]{}, {}, device {}",
-                if fixed_order {
-                    " bit for bit"
-                } else {
-                    " (dk, dv bit for bit)"
-                },
-                inp.shape(),
-                dev.name()
-            );
+            tma_backward_matches_its_base(&dev, tma, base, d);
         }
+    }
+}
+
+fn tma_backward_matches_its_base(
+    dev: &KernelDevice,
+    tma: gpu::BwdVariant,
+    base: gpu::BwdVariant,
+    d: usize,
+) {
+    let fixed_order = dev.name() == "emulator";
+    let (tn, bn) = (
+        format!("{tma:?}").to_lowercase(),
+        format!("{base:?}").to_lowercase(),
+    );
+    for (b, la, lb, h) in [
+        (2usize, 77usize, 130usize, 2usize),
+        (2, 0, 200, 1),
+        (1, 140, 300, 3),
+    ] {
+        let inp = Inputs::new(b, la, lb, h, d, 1.0, 9300 + la as u64 + d as u64 - 64);
+        let [qa, ka, va, qb, kb, vb] = inp.qkv.each_ref().map(|v| upload_bf16(dev, v));
+        let (doa, dob) = (upload_bf16(dev, &inp.do_a), upload_bf16(dev, &inp.do_b));
+        let (oa, ob, lse) =
+            gpu::joint_attention_fwd(dev, &qa, &ka, &va, &qb, &kb, &vb, inp.dims).unwrap();
+        let grads = |variant| {
+            gpu::joint_attention_bwd_with(
+                dev, &qa, &ka, &va, &qb, &kb, &vb, &oa, &ob, &lse, &doa, &dob, inp.dims, variant,
+            )
+            .unwrap()
+            .map(|g| download_f32(dev, &g))
+        };
+        let (got, want) = (grads(tma), grads(base));
+        let names = ["dq_a", "dk_a", "dv_a", "dq_b", "dk_b", "dv_b"];
+        for ((name, got), want) in names.iter().zip(&got).zip(&want) {
+            if name.starts_with("dq") && !fixed_order {
+                let kernel = format!("joint_attention_bwd[{tn} vs {bn}].{name}");
+                check(&kernel, dev, &inp.shape(), got, want, 1e-2);
+            } else {
+                let same = got
+                    .iter()
+                    .zip(want)
+                    .all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(
+                    same,
+                    "{tma:?} and {base:?} differ in {name} at {} on {}",
+                    inp.shape(),
+                    dev.name()
+                );
+            }
+        }
+        println!(
+            "kernel joint_attention_bwd[{tn}] = [{bn}]{}, {}, device {}",
+            if fixed_order {
+                " bit for bit"
+            } else {
+                " (dk, dv bit for bit)"
+            },
+            inp.shape(),
+            dev.name()
+        );
     }
 }
 
