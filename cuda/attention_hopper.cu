@@ -8,8 +8,8 @@
 //   joint_attn_fwd_h{13,14}_d{64,128},          (FwdVariant::H1 … H15; H4–H6, H8–H10 at d = 64,
 //   joint_attn_fwd_h15_d128                     H15 at 128; the maps carry V's stride: no _vfused)
 //   joint_attn_bwd_h{1,2}_d{64,128}[_vfused],   dK, dV (bf16) per 128-key tile, dQ into the f32
-//   joint_attn_bwd_h{3..11}_d64[_vfused]        accumulators (BwdVariant::H1 … H11; the section
-//                                               "Backward" below)
+//   joint_attn_bwd_h{3..11}_d64[_vfused],       accumulators (BwdVariant::H1 … H13; the section
+//   joint_attn_bwd_h{12,13}_d128[_vfused]       "Backward" below)
 //
 // Forward:
 // A block is NWG warpgroups of 64 query rows (warp w of a group owns rows 16w..16w+15); the key
@@ -1298,8 +1298,9 @@ __device__ __forceinline__ void bwd_store_kv_piece(const float* dk, const float*
 // shared memory (the consumers' products, written there and handed over through two more
 // mbarrier pairs, double-buffered) and add it into the f32 accumulator with 16-byte vector
 // reductions, so the consumers issue no reductions at all. The consumers meet once per tile on
-// named barrier 1, when both halves of dSᵀ are in place for dQ. (D = 128 has no room: its
-// consumers need 252 registers, more than a producer warpgroup leaves them.)
+// named barrier 1, when both halves of dSᵀ are in place for dQ. (H3's consumers at D = 128
+// needed 252 registers, more than a producer warpgroup leaves them; H12 fits them in 232 by
+// H6's early wait for dV's product, before dSᵀ is formed, and no PIPE.)
 // The H3 kernels' setmaxnreg splits assume 168 registers a thread at launch (384 threads; build.rs
 // checks the ptxas figure):
 // advdmd-entry-registers: joint_attn_fwd_h3_d64 168
