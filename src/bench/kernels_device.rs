@@ -876,6 +876,47 @@ fn head(b: &mut Bench) -> KernelResult<()> {
     Ok(())
 }
 
+/// The head's 4 × 4 stride-2 convolution's gather and its adjoint (`cuda/conv.cu`) on the
+/// MMDiT's image tokens — SD3.5-medium's 1536 channels at 512 px (32 × 32 tokens, the AdvDMD
+/// iteration's 2 samples) and 1024 px (64 × 64, 1 sample) — the tiled kernels (the launchers'
+/// choice) beside the plain ones they replace.
+fn head_conv(b: &mut Bench) -> KernelResult<()> {
+    use crate::kernels::conv::tokens::{dev as conv, ConvDims};
+    let c = b.size(1536, 16);
+    for (bs, side) in [(b.size(2, 1), b.size(32, 8)), (1, b.size(64, 12))] {
+        let d = ConvDims {
+            b: bs,
+            h: side,
+            w: side,
+            c,
+            kh: 4,
+            kw: 4,
+            stride: 2,
+            pad: 1,
+        };
+        let (nx, nc) = (bs * side * side * c, bs * d.rows() * d.spatial());
+        let bytes = (nx + nc) * 2;
+        let sets = b.sets(bytes);
+        let s: Vec<_> = (0..sets)
+            .map(|_| -> KernelResult<_> { Ok((b.bf(nx)?, b.bf(nc)?)) })
+            .collect::<KernelResult<Vec<_>>>()?;
+        let dev = b.dev.clone();
+        let shape = format!("{bs}x{side}x{side}x{c} k4s2");
+        for tiled in [true, false] {
+            let tag = if tiled { "" } else { ", plain" };
+            b.time(&format!("im2col_tokens{tag}"), &shape, bytes, sets, |i| {
+                conv::im2col_with(&dev, &s[i].1, &s[i].0, &d, tiled)
+            })?;
+            // the bias row is not read
+            let bytes = bytes - bs * d.spatial() * 2;
+            b.time(&format!("col2im_tokens{tag}"), &shape, bytes, sets, |i| {
+                conv::col2im_with(&dev, &s[i].0, &s[i].1, &d, tiled)
+            })?;
+        }
+    }
+    Ok(())
+}
+
 fn head_case(
     b: &mut Bench,
     bs: usize,
@@ -1059,6 +1100,7 @@ pub fn measure(dev: &KernelDevice) -> KernelResult<Vec<KernelRow>> {
     modulation_products(&mut b)?;
     sde_kernels(&mut b)?;
     head(&mut b)?;
+    head_conv(&mut b)?;
     optimiser(&mut b)?;
     Ok(b.rows)
 }

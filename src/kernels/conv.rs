@@ -463,32 +463,102 @@ pub mod tokens {
             LaunchCfg::linear(blocks_for(n, 256).min(65_535), 256)
         }
 
+        /// Channels a block of the tiled kernels takes (`kConvTileChannels`).
+        const TILE_CHANNELS: usize = 16;
+        /// The tiled kernels' shared memory bound: within the default 48 KB, so that any card
+        /// takes them without an opt-in.
+        const TILE_SMEM: usize = 48 * 1024;
+
+        /// The tiled kernel's launch over bands of `band` rows of `rows` (with `bytes(band)` of
+        /// shared memory), `band` the rows that give a block ~256 items of `per_row` each and fit
+        /// [`TILE_SMEM`]; `None` (the plain kernel) where C is not a multiple of 8 (16-byte packs
+        /// of a pixel), no band of one row fits, or a dimension passes the grid's limits.
+        fn tiled(
+            d: &ConvDims,
+            rows: usize,
+            per_row: usize,
+            bytes: impl Fn(usize) -> usize,
+        ) -> Option<(LaunchCfg, usize)> {
+            if d.c % 8 != 0 || rows == 0 || per_row == 0 {
+                return None;
+            }
+            let mut band = 256usize.div_ceil(per_row).clamp(1, rows);
+            while band > 1 && bytes(band) > TILE_SMEM {
+                band -= 1;
+            }
+            let grid = [d.c.div_ceil(TILE_CHANNELS), d.b, rows.div_ceil(band)];
+            (bytes(band) <= TILE_SMEM && grid[1] <= 65_535 && grid[2] <= 65_535).then(|| {
+                let cfg = LaunchCfg {
+                    grid: grid.map(|g| g as u32),
+                    block: [256, 1, 1],
+                    shared_bytes: bytes(band) as u32,
+                };
+                (cfg, band)
+            })
+        }
+
+        /// `im2col_tokens_tiled` where it applies, else `im2col_tokens`.
         pub fn im2col(
             dev: &KernelDevice,
             cols: &DevBuf<bf16>,
             x: &DevBuf<bf16>,
             d: &ConvDims,
         ) -> KernelResult<()> {
+            im2col_with(dev, cols, x, d, true)
+        }
+
+        /// [`im2col`], the tiled kernel allowed or not (`false`: the plain one; for the bench's
+        /// and the tests' A/B).
+        pub fn im2col_with(
+            dev: &KernelDevice,
+            cols: &DevBuf<bf16>,
+            x: &DevBuf<bf16>,
+            d: &ConvDims,
+            allow_tiled: bool,
+        ) -> KernelResult<()> {
             check(d, x.len(), cols.len())?;
             if cols.is_empty() {
                 return Ok(());
             }
             let a = KernelArgs::new().buf(cols).buf(x);
-            dev.launch("im2col_tokens", cfg(cols.len()), args(a, d))
+            let (oh, ow) = d.out();
+            // a band of R output rows reads (R − 1)·stride + KH input rows of 16 channels
+            let smem = |r: usize| TILE_CHANNELS * ((r - 1) * d.stride + d.kh) * d.w * 2;
+            match tiled(d, oh, ow, smem).filter(|_| allow_tiled) {
+                Some((cfg, r)) => dev.launch("im2col_tokens_tiled", cfg, args(a, d).i32(r as i32)),
+                None => dev.launch("im2col_tokens", cfg(cols.len()), args(a, d)),
+            }
         }
 
+        /// `col2im_tokens_tiled` where it applies, else `col2im_tokens`.
         pub fn col2im(
             dev: &KernelDevice,
             dx: &DevBuf<bf16>,
             dcols: &DevBuf<bf16>,
             d: &ConvDims,
         ) -> KernelResult<()> {
+            col2im_with(dev, dx, dcols, d, true)
+        }
+
+        /// [`col2im`], the tiled kernel allowed or not.
+        pub fn col2im_with(
+            dev: &KernelDevice,
+            dx: &DevBuf<bf16>,
+            dcols: &DevBuf<bf16>,
+            d: &ConvDims,
+            allow_tiled: bool,
+        ) -> KernelResult<()> {
             check(d, dx.len(), dcols.len())?;
             if dx.is_empty() {
                 return Ok(());
             }
             let a = KernelArgs::new().buf(dx).buf(dcols);
-            dev.launch("col2im_tokens", cfg(dx.len()), args(a, d))
+            // a band of RI input rows: 16 f32 sums a pixel
+            let smem = |r: usize| r * d.w * TILE_CHANNELS * 4;
+            match tiled(d, d.h, d.w, smem).filter(|_| allow_tiled) {
+                Some((cfg, r)) => dev.launch("col2im_tokens_tiled", cfg, args(a, d).i32(r as i32)),
+                None => dev.launch("col2im_tokens", cfg(dx.len()), args(a, d)),
+            }
         }
     }
 }

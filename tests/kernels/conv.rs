@@ -4,25 +4,38 @@
 use super::*;
 use advdmd::kernels::conv::tokens::{self, dev as gpu, ConvDims};
 
+/// Both kernels of each pair: the plain ones (C = 3, not a multiple of 8; and the im2col of a
+/// 400-pixel-wide image, whose one-row band passes the tiled kernel's shared memory) and the
+/// tiled ones (C = 16, 24: a last block of 8 channels, 32), over several bands of rows (40 × 40
+/// and 64 × 64 at stride 2, 9 × 7 at stride 1).
 #[test]
 fn token_im2col_and_col2im_match_cpu() {
     for dev in devices() {
-        for (h, w, k, stride, pad) in [(6, 4, 4, 2, 1), (5, 5, 3, 1, 1), (4, 4, 1, 1, 0)] {
+        for (h, w, k, stride, pad, c) in [
+            (6, 4, 4, 2, 1, 3),
+            (5, 5, 3, 1, 1, 3),
+            (4, 4, 1, 1, 0, 3),
+            (6, 4, 4, 2, 1, 16),
+            (40, 40, 4, 2, 1, 24),
+            (64, 64, 4, 2, 1, 8),
+            (9, 7, 3, 1, 1, 32),
+            (5, 400, 4, 2, 1, 8),
+        ] {
             let d = ConvDims {
                 b: 2,
                 h,
                 w,
-                c: 3,
+                c,
                 kh: k,
                 kw: k,
                 stride,
                 pad,
             };
-            let mut rng = Rng::new(h as u64 * 7 + k as u64);
+            let mut rng = Rng::new(h as u64 * 7 + k as u64 + c as u64 * 131);
             let x = randn_bf16(&mut rng, d.b * h * w * d.c, 1.0);
             let cols = dev.alloc::<bf16>(d.b * d.rows() * d.spatial()).unwrap();
             gpu::im2col(&dev, &cols, &upload_bf16(&dev, &x), &d).unwrap();
-            let shape = format!("{h}x{w} k{k} s{stride} p{pad}");
+            let shape = format!("{h}x{w}x{c} k{k} s{stride} p{pad}");
             assert_eq!(
                 download_f32(&dev, &cols),
                 tokens::im2col(&x, &d),
@@ -39,6 +52,21 @@ fn token_im2col_and_col2im_match_cpu() {
                 &download_f32(&dev, &dx),
                 &tokens::col2im(&dc, &d),
                 8e-3,
+            );
+            // the plain kernels give the same bits (the tiled col2im sums in their order)
+            let plain = dev.alloc::<bf16>(cols.len()).unwrap();
+            gpu::im2col_with(&dev, &plain, &upload_bf16(&dev, &x), &d, false).unwrap();
+            assert_eq!(
+                download_f32(&dev, &plain),
+                download_f32(&dev, &cols),
+                "im2col {shape}: tiled against plain"
+            );
+            let plain = dev.alloc::<bf16>(x.len()).unwrap();
+            gpu::col2im_with(&dev, &plain, &upload_bf16(&dev, &dc), &d, false).unwrap();
+            assert_eq!(
+                download_f32(&dev, &plain),
+                download_f32(&dev, &dx),
+                "col2im {shape}: tiled against plain"
             );
             assert!(gpu::im2col(&dev, &dx, &dx, &d).is_err());
         }
