@@ -48,6 +48,20 @@ extern "C" __global__ void copy_cols_bf16(bf16* __restrict__ dst, const bf16* __
         }
         return;
     }
+    if (cols >= 128) {
+        // a row's columns by consecutive threads, rows and column chunks by blocks: one division
+        // a block's turn, where the flat loop below divides a 64-bit index at every element (the
+        // discriminator head's [768, 24576] weight into its [768, 24577] bias-augmented copy
+        // took ~110 µs on an H100, a quarter of the copy rate)
+        const int chunks = (cols + blockDim.x - 1) / blockDim.x;
+        const long long n = rows * chunks;
+        for (long long t = blockIdx.x; t < n; t += gridDim.x) {
+            const long long r = t / chunks;
+            const int c = (int)(t - r * chunks) * blockDim.x + threadIdx.x;
+            if (c < cols) dst[r * dst_ld + dst_off + c] = src[r * src_ld + src_off + c];
+        }
+        return;
+    }
     const long long n = rows * cols;
     for (long long i = shape::thread_index(); i < n; i += shape::thread_count()) {
         const long long r = i / cols;

@@ -883,7 +883,8 @@ fn head(b: &mut Bench) -> KernelResult<()> {
 fn head_conv(b: &mut Bench) -> KernelResult<()> {
     use crate::kernels::conv::tokens::{dev as conv, ConvDims};
     let c = b.size(1536, 16);
-    for (bs, side) in [(b.size(2, 1), b.size(32, 8)), (1, b.size(64, 12))] {
+    let cases = [(b.size(2, 1), b.size(32, 8)), (1, b.size(64, 12))];
+    for (case, (bs, side)) in cases.into_iter().enumerate() {
         let d = ConvDims {
             b: bs,
             h: side,
@@ -902,6 +903,23 @@ fn head_conv(b: &mut Bench) -> KernelResult<()> {
             .collect::<KernelResult<Vec<_>>>()?;
         let dev = b.dev.clone();
         let shape = format!("{bs}x{side}x{side}x{c} k4s2");
+        // the forward's bias-augmented weight [h, K+1] (h = C/2) from conv1's [h, K]: an
+        // odd destination stride, so the element-wise path of copy_cols_bf16
+        if case == 1 {
+            let (h, k) = (c / 2, d.rows() - 1);
+            let (w, w_aug) = (b.bf(h * k)?, b.dev.zeros::<bf16>(h * (k + 1))?);
+            b.time(
+                "copy_cols_bf16 (odd stride)",
+                &format!("{h}x{k} bf16"),
+                2 * h * k * 2,
+                1,
+                |_| {
+                    use crate::kernels::shape::dev::{copy_cols, Cols};
+                    let (dst, src) = (Cols { ld: k + 1, off: 0 }, Cols { ld: k, off: 0 });
+                    copy_cols(&dev, &w_aug, dst, &w, src, h, k)
+                },
+            )?;
+        }
         for tiled in [true, false] {
             let tag = if tiled { "" } else { ", plain" };
             b.time(&format!("im2col_tokens{tag}"), &shape, bytes, sets, |i| {

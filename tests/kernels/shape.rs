@@ -9,8 +9,15 @@ fn copy_cols_moves_exactly_the_window() {
     for dev in devices() {
         let mut rng = Rng::new(3);
         // (rows, cols, dst (ld, off), src (ld, off)): element-wise, then the 16-byte path
-        // (every window 8-aligned), over a row count that is not a multiple of anything
-        for (rows, cols, dw, sw) in [(37, 5, (9, 3), (16, 10)), (37, 24, (40, 8), (72, 48))] {
+        // (every window 8-aligned), over a row count that is not a multiple of anything; then
+        // the element-wise rows of ≥ 128 columns in chunks (the head's bias-augmented weight:
+        // an odd destination stride; a chunk past the row's end)
+        for (rows, cols, dw, sw) in [
+            (37, 5, (9, 3), (16, 10)),
+            (37, 24, (40, 8), (72, 48)),
+            (37, 300, (301, 0), (300, 0)),
+            (5, 600, (603, 2), (611, 7)),
+        ] {
             let src = randn_bf16(&mut rng, rows * sw.0, 1.0);
             let dst0 = randn_bf16(&mut rng, rows * dw.0, 1.0);
             let (s, d) = (upload_bf16(&dev, &src), upload_bf16(&dev, &dst0));
