@@ -1328,52 +1328,39 @@ pub mod dev {
                         + ds_tiles * BWD_KEYS * TILE * 2
                         + 4 * TILE * 4) as u32
                 }
-                // K, V tiles, two stages of the Q and dO tiles, the dSᵀ tile (keys × 72) and two
-                // stages of lse and Drow; rows padded to d+8.
-                // H3 (d = 64): K, V, 3 stages of Q, dO, lse and Drow, two dSᵀ tiles, two f32 dQ
-                // tiles (rows padded to d+4) and 11 mbarriers (H8: 15).
+                // bwd_h3 ([`bwd_h3_shared`]): H3 (d = 64) 3 stages of 64-query tiles, two dQ
+                // tiles, 15 mbarrier slots (H8 uses them all); H12, H13 (d = 128) 2 stages, one
+                // dQ tile; H6, H7, H9–H11 2 stages of 128-query tiles, one dQ tile.
                 BwdVariant::H3 | BwdVariant::H4 | BwdVariant::H5 | BwdVariant::H8 => {
-                    (1024
-                        + 2 * BWD_KEYS * d * 2
-                        + 3 * 2 * TILE * d * 2
-                        + 2 * BWD_KEYS * TILE * 2
-                        + 2 * TILE * (d + 4) * 4
-                        + 3 * 2 * TILE * 4
-                        + 8 * 15) as u32
+                    bwd_h3_shared(d, TILE, 3, 2, 15)
                 }
-                // H12 (d = 128): K, V, 2 stages of Q, dO, lse and Drow, two dSᵀ tiles, one f32 dQ
-                // tile (rows padded to d+4) and H6's 13 mbarrier slots.
-                BwdVariant::H12 | BwdVariant::H13 => {
-                    (1024
-                        + 2 * BWD_KEYS * d * 2
-                        + 2 * 2 * TILE * d * 2
-                        + 2 * BWD_KEYS * TILE * 2
-                        + TILE * (d + 4) * 4
-                        + 2 * 2 * TILE * 4
-                        + 8 * 13) as u32
-                }
-                // H6, H7, H9, H10: K, V, 2 stages of 128-query Q, dO, lse and Drow, two dSᵀ tiles (keys ×
-                // 128 queries), one f32 dQ tile (rows padded to d+4) and 9 mbarriers (H7: 13).
+                BwdVariant::H12 | BwdVariant::H13 => bwd_h3_shared(d, TILE, 2, 1, 13),
                 BwdVariant::H6
                 | BwdVariant::H7
                 | BwdVariant::H9
                 | BwdVariant::H10
-                | BwdVariant::H11 => {
-                    let qt = 2 * TILE;
-                    (1024
-                        + 2 * BWD_KEYS * d * 2
-                        + 2 * 2 * qt * d * 2
-                        + 2 * BWD_KEYS * qt * 2
-                        + qt * (d + 4) * 4
-                        + 2 * 2 * qt * 4
-                        + 8 * 13) as u32
-                }
+                | BwdVariant::H11 => bwd_h3_shared(d, 2 * TILE, 2, 1, 13),
+                // K, V tiles, two stages of the Q and dO tiles, the dSᵀ tile (keys × 72) and two
+                // stages of lse and Drow; rows padded to d+8.
                 BwdVariant::K128 | BwdVariant::V3 => {
                     (((2 * BWD_KEYS + 4 * TILE) * (d + 8) + BWD_KEYS * (TILE + 8)) * 2
                         + 4 * TILE * 4) as u32
                 }
             }
         }
+    }
+
+    /// `bwd_h3`'s dynamic shared memory at head dim `d`: 1 KB to align the swizzled tiles, K and
+    /// V (128 keys), `stages` stages of the `qt`-query Q, dO, lse and Drow, two dSᵀ tiles (keys ×
+    /// `qt`), `dq_tiles` f32 dQ tiles (rows padded to d+4) and `bars` mbarrier slots.
+    fn bwd_h3_shared(d: usize, qt: usize, stages: usize, dq_tiles: usize, bars: usize) -> u32 {
+        (1024
+            + 2 * BWD_KEYS * d * 2
+            + stages * 2 * qt * d * 2
+            + 2 * BWD_KEYS * qt * 2
+            + dq_tiles * qt * (d + 4) * 4
+            + stages * 2 * qt * 4
+            + 8 * bars) as u32
     }
 
     /// Sizes of one joint-attention call: batch, tokens of stream a (may be 0) and b (may be 0 if
