@@ -8,8 +8,8 @@
 //   joint_attn_fwd_h{13,14}_d{64,128},          (FwdVariant::H1 … H15; H4–H6, H8–H10 at d = 64,
 //   joint_attn_fwd_h15_d128                     H15 at 128; the maps carry V's stride: no _vfused)
 //   joint_attn_bwd_h{1,2}_d{64,128}[_vfused],   dK, dV (bf16) per 128-key tile, dQ into the f32
-//   joint_attn_bwd_h{3..11}_d64[_vfused],       accumulators (BwdVariant::H1 … H13; the section
-//   joint_attn_bwd_h{12,13}_d128[_vfused]       "Backward" below)
+//   joint_attn_bwd_h{3..11}_d64[_vfused],       accumulators (BwdVariant::H1 … H14; the section
+//   joint_attn_bwd_h{12..14}_d128[_vfused]      "Backward" below)
 //
 // Forward:
 // A block is NWG warpgroups of 64 query rows (warp w of a group owns rows 16w..16w+15); the key
@@ -1348,6 +1348,8 @@ __device__ __forceinline__ void bwd_store_kv_piece(const float* dk, const float*
 // advdmd-entry-registers: joint_attn_bwd_h12_d128_vfused 168
 // advdmd-entry-registers: joint_attn_bwd_h13_d128 168
 // advdmd-entry-registers: joint_attn_bwd_h13_d128_vfused 168
+// advdmd-entry-registers: joint_attn_bwd_h14_d128 168
+// advdmd-entry-registers: joint_attn_bwd_h14_d128_vfused 168
 // The H3 backward's register split of the 384-thread block's 168 registers a thread: 96/208 (the
 // first choice) does not fit (setmaxnreg_fits).
 constexpr int kBwdH3Producer = 104, kBwdH3Consumer = 200;
@@ -1405,13 +1407,13 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
     // registers a consumer thread, Sᵀ and dPᵀ 64 more, so nothing of a second tile fits beside
     // them — in 2 stages with one dQ tile (3 stages, or two dQ tiles, pass the 227 KB of shared
     // memory: K, V 64 KB, a stage of Q, dO 32 KB, dQ's f32 tile 33 KB)
-    static_assert(D == 64 || (D == 128 && QT == 64 && ASYNC && !PIPE && !DEFER && !DKS),
-                  "D = 128: H5's loader on 64-query tiles, no PIPE, DEFER or DKS");
+    static_assert(D == 64 || (D == 128 && QT == 64 && ASYNC && !PIPE && !DEFER),
+                  "D = 128: H5's loader on 64-query tiles, no PIPE or DEFER");
     // LEAN: the consumers at 240 or 232 registers, the producer (rolled copies) at 24 or 40
     constexpr bool LEAN = QT == 128 || D == 128;
     static_assert(QT == 64 || (QT == 128 && ASYNC && !PIPE), "128-query tiles: ASYNC, without PIPE");
     static_assert(!DEFER || (ASYNC && !PIPE), "the deferred dQ with the async loader, without PIPE");
-    static_assert(!DKS || (QT == 128 && !PIPE && !DEFER), "dK from the dSᵀ tile: H6's loop");
+    static_assert(!DKS || ((QT == 128 || D == 128) && !PIPE && !DEFER), "dK from the dSᵀ tile: H6's or H12's loop");
     static_assert(!TMA || ((QT == 128 || D == 128) && ASYNC && !DEFER), "TMA: H6's or H12's loader");
     // dQ split by rows (each group: 64 queries × D) at QT = 128, by columns (64 queries × D/2)
     // at 64; its shared tiles: 2, or 1 at QT = 128 (with 2 stages: 227 KB)
@@ -1918,6 +1920,10 @@ ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h12_d128_vfused, 384, 1,
 ATTN_BWD_TMA_ENTRY(joint_attn_bwd_h13_d128, 384, 1, attn_h::bwd_h3<1, false, true, 64, false, 0, false, true, 128>)
 ATTN_BWD_TMA_ENTRY(joint_attn_bwd_h13_d128_vfused, 384, 1,
                    attn_h::bwd_h3<3, false, true, 64, false, 0, false, true, 128>)
+// Backward H14 (D = 128): H12 with dK's product reading dSᵀ from its shared tile (DKS, as H10).
+ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h14_d128, 384, 1, attn_h::bwd_h3<1, false, true, 64, false, 0, true, false, 128>)
+ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h14_d128_vfused, 384, 1,
+                     attn_h::bwd_h3<3, false, true, 64, false, 0, true, false, 128>)
 // Backward H7 (D = 64): H6 with the groups half a tile apart (DEFER: dQ a tile later).
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h7_d64, 384, 1, attn_h::bwd_h3<1, false, true, 128, true>)
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h7_d64_vfused, 384, 1, attn_h::bwd_h3<3, false, true, 128, true>)

@@ -121,7 +121,7 @@ fi
 # else every wgmma variant is (ADVDMD_ATTN_NO_HOPPER=1), so the other variants' tests and
 # figures still come back.
 UNTIMED_FWD=h10,h11,h12,h13,h14,h15
-UNTIMED_BWD=h9,h10,h11,h12,h13
+UNTIMED_BWD=h9,h10,h11,h12,h13,h14
 if ! step hopper 60 "$BIN/kernels-test" wgmma attention --test-threads=1 --nocapture; then
   # (its own step list: it runs whenever `hopper` ran)
   if [ -n "$UNTIMED_FWD$UNTIMED_BWD" ] && GPU_CHECK_STEPS=hopper-timed ADVDMD_ATTN_FWD_SKIP=$UNTIMED_FWD ADVDMD_ATTN_BWD_SKIP=$UNTIMED_BWD step hopper-timed 60 \

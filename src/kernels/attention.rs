@@ -1178,6 +1178,8 @@ pub mod dev {
     /// halves, 8 rows a step). `H13` (d = 128; at d = 64 `H11`): H12 with H11's TMA copies and
     /// dQ reductions (four 32-column blocks a tile) — at d = 128 the 64 copying threads issue
     /// twice H6's copies per FLOP (~450 instructions a warp a tile beside the consumers' ~550).
+    /// `H14` (d = 128; at d = 64 `H10`): H12 with H10's dK product from the dSᵀ tile, so the
+    /// consumers no longer wait mid-tile for dV's product before forming dSᵀ.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum BwdVariant {
         K128,
@@ -1195,6 +1197,7 @@ pub mod dev {
         H11,
         H12,
         H13,
+        H14,
     }
 
     impl BwdVariant {
@@ -1238,7 +1241,7 @@ pub mod dev {
         }
 
         /// Every variant, for tests and the bench.
-        pub const ALL: [BwdVariant; 15] = [
+        pub const ALL: [BwdVariant; 16] = [
             BwdVariant::K128,
             BwdVariant::V3,
             BwdVariant::H1,
@@ -1254,6 +1257,7 @@ pub mod dev {
             BwdVariant::H11,
             BwdVariant::H12,
             BwdVariant::H13,
+            BwdVariant::H14,
         ];
         /// The variant actually launched at head dim `d`.
         pub fn resolve(self, d: usize) -> BwdVariant {
@@ -1261,12 +1265,13 @@ pub mod dev {
                 BwdVariant::V3 if d != 64 => BwdVariant::K128,
                 BwdVariant::H12 if d == 64 => BwdVariant::H6,
                 BwdVariant::H13 if d == 64 => BwdVariant::H11,
-                v @ (BwdVariant::H12 | BwdVariant::H13) => v,
+                BwdVariant::H14 if d == 64 => BwdVariant::H10,
+                v @ (BwdVariant::H12 | BwdVariant::H13 | BwdVariant::H14) => v,
                 v if v.warp_specialized() && d != 64 => BwdVariant::H2,
                 v => v,
             }
         }
-        /// The `bwd_h3` family (H3–H11 at d = 64, H12, H13 at 128): a producer warpgroup and two
+        /// The `bwd_h3` family (H3–H11 at d = 64, H12–H14 at 128): a producer warpgroup and two
         /// consumer groups, 384 threads, units split along the queries.
         fn warp_specialized(self) -> bool {
             !matches!(
@@ -1291,7 +1296,7 @@ pub mod dev {
             }
         }
         /// The units (a block each: one 128-key tile of one head of one sample) and query tiles
-        /// of a call by a variant that takes a [`SplitPlan`] (H3–H13: `bwd_h3`, split
+        /// of a call by a variant that takes a [`SplitPlan`] (H3–H14: `bwd_h3`, split
         /// along the queries; its dQ is added into the accumulator either way); `None` for the
         /// others.
         pub fn split_units(self, dims: AttnDims) -> Option<(u32, u32)> {
@@ -1329,12 +1334,14 @@ pub mod dev {
                         + 4 * TILE * 4) as u32
                 }
                 // bwd_h3 ([`bwd_h3_shared`]): H3 (d = 64) 3 stages of 64-query tiles, two dQ
-                // tiles, 15 mbarrier slots (H8 uses them all); H12, H13 (d = 128) 2 stages, one
+                // tiles, 15 mbarrier slots (H8 uses them all); H12–H14 (d = 128) 2 stages, one
                 // dQ tile; H6, H7, H9–H11 2 stages of 128-query tiles, one dQ tile.
                 BwdVariant::H3 | BwdVariant::H4 | BwdVariant::H5 | BwdVariant::H8 => {
                     bwd_h3_shared(d, TILE, 3, 2, 15)
                 }
-                BwdVariant::H12 | BwdVariant::H13 => bwd_h3_shared(d, TILE, 2, 1, 13),
+                BwdVariant::H12 | BwdVariant::H13 | BwdVariant::H14 => {
+                    bwd_h3_shared(d, TILE, 2, 1, 13)
+                }
                 BwdVariant::H6
                 | BwdVariant::H7
                 | BwdVariant::H9
