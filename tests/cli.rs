@@ -62,7 +62,7 @@ fn bad_attention_variant_env_is_an_error() {
     );
     // a skip list naming no variant, or skipping the variant chosen, is refused too
     for env in [
-        &[("ADVDMD_ATTN_BWD_SKIP", "h4,h12")][..],
+        &[("ADVDMD_ATTN_BWD_SKIP", "h4,h40")][..],
         &[("ADVDMD_ATTN_FWD", "h7"), ("ADVDMD_ATTN_FWD_SKIP", "h7,h8")][..],
     ] {
         let out = advdmd_env(&["info"], env);
