@@ -6,9 +6,10 @@
 
 use advdmd::device::kernel::{DevBuf, KernelDevice, KernelResult};
 use advdmd::kernels::attention::dev::{
-    joint_attention_bwd, joint_attention_bwd_split_with, joint_attention_bwd_with,
-    joint_attention_flops, joint_attention_fwd, joint_attention_fwd_split_with,
-    joint_attention_fwd_with, AttnDims, BwdVariant, FwdVariant, SplitPlan,
+    joint_attention_bwd, joint_attention_bwd_ablated, joint_attention_bwd_split_with,
+    joint_attention_bwd_with, joint_attention_flops, joint_attention_fwd,
+    joint_attention_fwd_ablated, joint_attention_fwd_split_with, joint_attention_fwd_with,
+    AttnDims, BwdAblation, BwdVariant, FwdAblation, FwdVariant, SplitPlan,
 };
 use advdmd::Rng;
 use half::bf16;
@@ -87,6 +88,14 @@ fn run(
             (v.resolve(dims.d) == v).then(|| (v, SplitPlan::last_wave(units, sms, key_tiles)))
         })
         .collect();
+    // The default forward's kernel with parts of its work cut (FwdAblation), under its plain
+    // launch: rows `fwd_abl_<cut>` beside `fwd_<base>_persistent`, where one block an SM is
+    // the default (or the plain rows).
+    let ablations = FwdAblation::enabled(dev, d);
+    let mut fwd_abl: Vec<Vec<f32>> = ablations.iter().map(|_| Vec::new()).collect();
+    // ... and the default backward's (BwdAblation, d = 64): rows `bwd_abl_<cut>` beside `bwd_h6`
+    let bwd_ablations = BwdAblation::enabled(dev, d);
+    let mut bwd_abl: Vec<Vec<f32>> = bwd_ablations.iter().map(|_| Vec::new()).collect();
     let mut fwd: Vec<Vec<f32>> = fvars.iter().map(|_| Vec::new()).collect();
     let mut fwd_whole: Vec<Vec<f32>> = whole.iter().map(|_| Vec::new()).collect();
     let mut fwd_persistent: Vec<Vec<f32>> = persistent.iter().map(|_| Vec::new()).collect();
@@ -104,6 +113,11 @@ fn run(
                 joint_attention_fwd_split_with(dev, qkv, dims, v, plan, Some(sms)).map(|_| ())
             })?);
         }
+        for (i, &a) in ablations.iter().enumerate() {
+            fwd_abl[i].push(
+                dev.time_ms(|| joint_attention_fwd_ablated(dev, qkv, dims, a, None).map(|_| ()))?,
+            );
+        }
         for (i, &(v, plan)) in whole.iter().enumerate() {
             fwd_whole[i].push(dev.time_ms(|| {
                 joint_attention_fwd_split_with(dev, qkv, dims, v, plan, None).map(|_| ())
@@ -115,6 +129,12 @@ fn run(
                     dev, &qa, &ka, &va, &qb, &kb, &vb, &oa, &ob, &lse, &doa, &dob, dims, v,
                 )
                 .map(|_| ())
+            })?);
+        }
+        for (i, &a) in bwd_ablations.iter().enumerate() {
+            bwd_abl[i].push(dev.time_ms(|| {
+                let outs = [&oa, &ob, &doa, &dob];
+                joint_attention_bwd_ablated(dev, qkv, outs, &lse, dims, a, None).map(|_| ())
             })?);
         }
         for (i, &(v, plan)) in bwd_whole.iter().enumerate() {
@@ -167,6 +187,28 @@ fn run(
         println!("  {name:<20} fwd {tag:<5} {ms:8.3} ms {t:7.1} TFLOP/s (one block an SM)");
         json[format!("fwd_{tag}_ms")] = serde_json::json!(ms);
         json[format!("fwd_{tag}_tflops")] = serde_json::json!(t);
+    }
+    let base = format!("{:?}", FwdAblation::base(d)).to_lowercase();
+    for (a, ms) in ablations.iter().zip(fwd_abl.into_iter().map(median)) {
+        let t = ff / ms as f64 / 1e9;
+        let tag = format!("abl_{}", a.tag());
+        let what = match a {
+            FwdAblation::NoTurns => format!("{base} without turns"),
+            _ => format!("{base} cut: not attention"),
+        };
+        println!("  {name:<20} fwd {tag:<5} {ms:8.3} ms {t:7.1} TFLOP/s ({what})");
+        json[format!("fwd_{tag}_ms")] = serde_json::json!(ms);
+        json[format!("fwd_{tag}_tflops")] = serde_json::json!(t);
+    }
+    for (a, ms) in bwd_ablations.iter().zip(bwd_abl.into_iter().map(median)) {
+        let t = fb / ms as f64 / 1e9;
+        let tag = format!("abl_{}", a.tag());
+        let base = format!("{:?}", BwdAblation::BASE).to_lowercase();
+        println!(
+            "  {name:<20} bwd {tag:<5} {ms:8.3} ms {t:7.1} TFLOP/s ({base} cut: not the gradients)"
+        );
+        json[format!("bwd_{tag}_ms")] = serde_json::json!(ms);
+        json[format!("bwd_{tag}_tflops")] = serde_json::json!(t);
     }
     for ((v, _), ms) in bwd_whole.iter().zip(bwd_whole_ms.into_iter().map(median)) {
         let t = fb / ms as f64 / 1e9;

@@ -744,8 +744,11 @@ __device__ __forceinline__ void fwd_tma_producer(unsigned char* sQ0, unsigned ch
 // arrival (with the tile's bytes expected) and the bytes landing; no producer thread waits for a
 // copy or fences one (the async proxy writes what wgmma reads). The other 127 producer threads
 // leave at once, and the producer's registers shrink to 24 (the consumers 240).
+// ABL (FwdAblation, the bench's diagnostic cuts of the default forwards; 0 in every variant): bit 1
+// forms P as S in bf16 (no maximum, exponential, sum or rescale), bit 2 copies nothing (the tiles
+// stay as zeroed at entry), bit 4 drops the groups' turns (each issues its products when ready).
 template <int D, int KN, int STAGES, int VMUL, int POLY = 0, int NC = 2, bool ASYNC = false, bool ROWSUM = false,
-          int SPEC = 0, bool TMA = false>
+          int SPEC = 0, bool TMA = false, int ABL = 0>
 __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
                                        const bf16* __restrict__ qa, const bf16* __restrict__ ka,
                                        const bf16* __restrict__ va, const bf16* __restrict__ qb,
@@ -769,6 +772,9 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
     static_assert(NC == 2 || NC == 3, "two or three consumer groups");
     static_assert(!TMA || (!ASYNC && NC == 2), "TMA's producer is its own kind");
     static_assert(SPEC == 0 || PSETS == 2, "the speculative softmax packs P as it goes: two P sets");
+    constexpr bool NO_SOFTMAX = ABL & 1, NO_COPIES = ABL & 2, TURNS = !(ABL & 4);
+    static_assert(ABL == 0 || (PSETS == 2 && SPEC == 0 && !ROWSUM && !ASYNC && !TMA && NC == 2),
+                  "the ablations cut the cp.async forwards of two groups and two P sets (H3, H4)");
     constexpr int QBYTES = QT * D * 2, KVBYTES = KN * D * 2;
     // The producer marks tile i full once tile i + LAG is issued (LAG tiles' copies in flight
     // behind it). Issuing tile i + LAG waits for the stage of tile i + LAG − STAGES to be released,
@@ -815,6 +821,12 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
             fence_proxy_async();  // for the wgmma that read them, after the barrier
         }
     }
+    if constexpr (NO_COPIES) {
+        // the tiles nothing copies read as zeros (finite scores), fenced for the wgmma
+        for (int i = tid; i < (2 * QBYTES + 2 * STAGES * KVBYTES) / 4; i += PT + CT)
+            st_shared(reinterpret_cast<uint32_t*>(sQ0) + i, 0u);
+        fence_proxy_async();
+    }
     __syncthreads();
 
     static_assert(setmaxnreg_fits<PT + CT, PREGS, CREGS>(), "setmaxnreg over the block's registers");
@@ -844,7 +856,8 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
             // Q once a unit by a rolled copy (unrolled, its addresses spilled at d = 128 beside
             // the unit loop's state in the producer's 72 registers)
             unsigned char* sQ = sQ0 + qs * QBYTES;
-            load_tile_sw_lean<D, QT, PT>(sQ, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
+            if constexpr (!NO_COPIES)
+                load_tile_sw_lean<D, QT, PT>(sQ, (qt.stream == 0 ? qa : qb) + q_off, ld, qt.rows);
             if constexpr (ASYNC)
                 cp_async_mbar_arrive(&q_full[qs]);
             else
@@ -852,8 +865,9 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
             for (int i = 0; i < sp.nkt; i++) {
                 const int tg = g + i, st = tg % STAGES;
                 if (tg >= STAGES) mbar_wait(&empty[st], ((tg / STAGES) - 1) & 1);
-                load_kv_tile<D, KN, PT, VMUL, LEAN>(sK0 + st * KVBYTES, sV0 + st * KVBYTES, sp.k0 + i, ka, va, kb,
-                                                    vb, La, Lb, b, H, h);
+                if constexpr (!NO_COPIES)
+                    load_kv_tile<D, KN, PT, VMUL, LEAN>(sK0 + st * KVBYTES, sV0 + st * KVBYTES, sp.k0 + i, ka, va,
+                                                        kb, vb, La, Lb, b, H, h);
                 tile_issued<ASYNC, LAG>(i, &full[st], publish);
             }
             tiles_done<ASYNC, LAG>(sp.nkt, publish);
@@ -873,7 +887,13 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
 
     const int next_turn = 1 + (c + 1) % NC;  // the named barrier of the group issuing after this one
     // The groups' turns alternate without a break from unit to unit (each takes nkt + 1 a unit).
-    if (c == NC - 1) named_bar_arrive(1, TURN);  // group 0 issues first
+    auto take_turn = [&] {
+        if constexpr (TURNS) named_bar_sync(1 + c, TURN);
+    };
+    auto pass_turn = [&] {
+        if constexpr (TURNS) named_bar_arrive(next_turn, TURN);
+    };
+    if (TURNS && c == NC - 1) named_bar_arrive(1, TURN);  // group 0 issues first
     int g = 0, n = 0;
     for (int v = blockIdx.x; v < blocks; v += gridDim.x, n++) {
         const SplitPiece sp = split_piece<QT, KN>(v, split_from, splits, La, Lb);
@@ -896,12 +916,12 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
             const int prev = (g + i + STAGES - 1) % STAGES;
             const uint32_t v_prev = opaque(v_addr + prev * KVBYTES);
             if (i == nkt) {
-                named_bar_sync(1 + c, TURN);
+                take_turn();
                 wgmma_fence();
                 fwd_issue_pv<D, KN>(R.o, pv, v_prev);
                 if constexpr (ROWSUM) fwd_issue_rowsum<KN>(lsum, pv, ones);
                 wgmma_commit();
-                named_bar_arrive(next_turn, TURN);
+                pass_turn();
                 wgmma_wait<0>();
                 mbar_arrive(&empty[prev]);
                 return;
@@ -911,7 +931,7 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
             if constexpr (ASYNC) fence_proxy_async();
             const uint32_t k_st = opaque(k_addr + st * KVBYTES), q_at = opaque(q_addr);
             float s[KN / 2];
-            named_bar_sync(1 + c, TURN);
+            take_turn();
             wgmma_fence();
             fwd_issue_s<D, KN, QT>(s, q_at, k_st);
             wgmma_commit();
@@ -920,13 +940,17 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
                 if constexpr (ROWSUM) fwd_issue_rowsum<KN>(lsum, pv, ones);
             }
             wgmma_commit();
-            named_bar_arrive(next_turn, TURN);
+            pass_turn();
             wgmma_wait<1>();  // S_i complete; P_{i−1}·V_{i−1} may still run
             if (i == nkt - 1) mbar_arrive(&q_empty[qs]);  // Q's last reader is done
             const int kg = k0 + i;  // the key tile's index over both streams
             const int krows = min(KN, kg < ntiles<KN>(La) ? La - kg * KN : Lb - (kg - ntiles<KN>(La)) * KN);
             float alpha[2];
-            if constexpr (SPEC > 0) {
+            if constexpr (NO_SOFTMAX) {
+                pack_p<KN>(s, pn);
+                wgmma_wait<0>();
+                alpha[0] = alpha[1] = 1.f;
+            } else if constexpr (SPEC > 0) {
                 softmax_to_p_spec<D, KN, POLY, !ROWSUM, SPEC == 2>(s, alpha, R.ms, R.l, pn, krows, t, scale_log2);
                 wgmma_wait<0>();
                 rescale_o<D>(R.o, alpha);
@@ -955,6 +979,11 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
         const int bh = sp.bh, b = bh / H, h = bh % H;
         const Tile qt = tile_of<QT>(sp.tile, La, Lb);
         const int row0 = 64 * c + 16 * w + gr;  // this thread's rows: row0 and row0 + 8
+        if constexpr (NO_SOFTMAX) {
+            // O stored as it summed (the sums of bf16(S)·V), lse 0: a quad's four l add to 1
+            R.ms[0] = R.ms[1] = 0.f;
+            R.l[0] = R.l[1] = 0.25f;
+        }
         if constexpr (ROWSUM) {
             // every column of lsum holds the row's sum; the epilogue adds the quad's four l (exact)
             R.l[0] = 0.25f * lsum[0];
@@ -968,7 +997,7 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
                           ld, row0, qt.rows, t);
         g += nkt;
     }
-    if (c == 0) named_bar_sync(1, TURN);  // the last group's last arrive
+    if (TURNS && c == 0) named_bar_sync(1, TURN);  // the last group's last arrive
 }
 
 // ---- Backward (BwdVariant::H1) ---------------------------------------------------------------
@@ -1385,8 +1414,11 @@ constexpr int kBwdH3Producer = 104, kBwdH3Consumer = 200;
 // bank conflicts, as the padded rows were), and one flusher thread adds it into the accumulator
 // by two TMA reductions a tile (rows past the stream skipped by the copy unit), where two warps
 // issued 16 vector reductions a row.
+// ABL (BwdAblation, the bench's diagnostic cuts of the default backward H6; 0 in every variant):
+// bit 1 adds no dQ into its accumulator (the flushers take each tile and release it), bit 2
+// copies nothing (the tiles, lse and Drow stay as zeroed at entry).
 template <int VMUL, bool PIPE = false, bool ASYNC = false, int QT_ = 64, bool DEFER = false, int POLY = 0,
-          bool DKS = false, bool TMA = false, int D_ = 64>
+          bool DKS = false, bool TMA = false, int D_ = 64, int ABL = 0>
 __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
                                        bf16* __restrict__ dvb, float* __restrict__ dqa_acc,
                                        float* __restrict__ dqb_acc, const bf16* __restrict__ qa,
@@ -1415,6 +1447,9 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
     static_assert(!DEFER || (ASYNC && !PIPE), "the deferred dQ with the async loader, without PIPE");
     static_assert(!DKS || ((QT == 128 || D == 128) && !PIPE && !DEFER), "dK from the dSᵀ tile: H6's or H12's loop");
     static_assert(!TMA || ((QT == 128 || D == 128) && ASYNC && !DEFER), "TMA: H6's or H12's loader");
+    constexpr bool NO_REDUCTIONS = ABL & 1, NO_COPIES = ABL & 2;
+    static_assert(ABL == 0 || (D == 64 && QT == 128 && ASYNC && !PIPE && !DEFER && !DKS && !TMA && POLY == 0),
+                  "the ablations cut H6");
     // dQ split by rows (each group: 64 queries × D) at QT = 128, by columns (64 queries × D/2)
     // at 64; its shared tiles: 2, or 1 at QT = 128 (with 2 stages: 227 KB)
     constexpr bool DQ_ROWS = QT == 128;
@@ -1467,6 +1502,13 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
         }
         fence_mbarrier_init();
     }
+    if constexpr (NO_COPIES) {
+        // every tile, lse and Drow (all before the mbarriers) read as zeros, fenced for the wgmma
+        uint32_t* zero = reinterpret_cast<uint32_t*>(sK);
+        const int words = (int)((reinterpret_cast<unsigned char*>(kv_full) - sK) / 4);
+        for (int i = tid; i < words; i += 384) st_shared(zero + i, 0u);
+        fence_proxy_async();
+    }
     __syncthreads();
 
     // PIPE holds tile i + 1's Sᵀ, dPᵀ beside tile i's P, dS and dQ: its consumers take 208
@@ -1497,8 +1539,10 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
                 }
             } else {
                 const bf16* v_src = (kt.stream == 0 ? va : vb) + v_offset<VMUL>(k_off, b, Lk, kt.row0, ld);
-                load_tile_sw_lean<D, KT, LT, QT == 128>(sK, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
-                load_tile_sw_lean<D, KT, LT, QT == 128>(sV, v_src, VMUL * ld, kt.rows);
+                if constexpr (!NO_COPIES) {
+                    load_tile_sw_lean<D, KT, LT, QT == 128>(sK, (kt.stream == 0 ? ka : kb) + k_off, ld, kt.rows);
+                    load_tile_sw_lean<D, KT, LT, QT == 128>(sV, v_src, VMUL * ld, kt.rows);
+                }
                 if constexpr (ASYNC)
                     cp_async_mbar_arrive(kv_full);
                 else
@@ -1517,6 +1561,8 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
                         tma_load_tile<D, QT>(sQ0 + st * QBYTES, &maps->q[qt.stream], h, qt.row0, b, &q_full[st]);
                         tma_load_tile<D, QT>(sdO0 + st * QBYTES, &maps->dout[qt.stream], h, qt.row0, b, &q_full[st]);
                     }
+                } else if constexpr (NO_COPIES) {
+                    (void)q_off;
                 } else if constexpr (PIPE || LEAN) {  // rolled copies: the producer has 88 or 24 registers
                     load_tile_sw_lean<D, QT, LT, QT == 128>(sQ0 + st * QBYTES, (qt.stream == 0 ? qa : qb) + q_off, ld,
                                                        qt.rows);
@@ -1531,8 +1577,10 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
 #pragma unroll 1
                 for (int r = tid; r < QT; r += LT) {
                     if (r < qt.rows) {
-                        cp_async_4(sL0 + st * QT + r, lse + r_off + r);
-                        cp_async_4(sDr0 + st * QT + r, drow + r_off + r);
+                        if constexpr (!NO_COPIES) {
+                            cp_async_4(sL0 + st * QT + r, lse + r_off + r);
+                            cp_async_4(sDr0 + st * QT + r, drow + r_off + r);
+                        }
                     } else {
                         sL0[st * QT + r] = -INFINITY;
                         sDr0[st * QT + r] = 0.f;
@@ -1577,9 +1625,11 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
                 // this thread's rows of the tile, r0, r0 + FSTEP, … < rows, as a trip count (a test
                 // before each add made each a branch and a convergence region)
                 const int n = qt.rows >= QT ? QT / FSTEP : max(0, qt.rows - r0 + FSTEP - 1) / FSTEP;
+                if constexpr (!NO_REDUCTIONS) {
 #pragma unroll 1
-                for (int it = 0; it < n; it++, off += gstep)
-                    red_add4(dq + off, *reinterpret_cast<const float4*>(src + it * FSTEP * DQLD));
+                    for (int it = 0; it < n; it++, off += gstep)
+                        red_add4(dq + off, *reinterpret_cast<const float4*>(src + it * FSTEP * DQLD));
+                }
                 mbar_arrive(&dq_empty[j % DQBUF]);
             }
         }
@@ -1838,6 +1888,16 @@ FWD_SPLIT_COMBINE_ENTRY(joint_attn_fwd_split_combine_d128_q128, 128, 128)
 // Forward H4 (D = 64): H3 with a quarter of the exponentials on the FMA pipes (poly_exp2).
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h4_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4>)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h4_d64_vfused, 384, 1, attn_h::fwd_h3<64, 128, 4, 3, 4>)
+// The default forwards (H4 at D = 64, H3 at D = 128) cut for the bench (FwdAblation, ABL above):
+// 1 no softmax, 2 no copies, 3 both, 4 no turns. Their outputs are not attention (4's is).
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h4_d64_abl1, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 2, false, false, 0, false, 1>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h4_d64_abl2, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 2, false, false, 0, false, 2>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h4_d64_abl3, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 2, false, false, 0, false, 3>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h4_d64_abl4, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 2, false, false, 0, false, 4>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h3_d128_abl1, 384, 1, attn_h::fwd_h3<128, 64, 4, 1, 0, 2, false, false, 0, false, 1>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h3_d128_abl2, 384, 1, attn_h::fwd_h3<128, 64, 4, 1, 0, 2, false, false, 0, false, 2>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h3_d128_abl3, 384, 1, attn_h::fwd_h3<128, 64, 4, 1, 0, 2, false, false, 0, false, 3>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h3_d128_abl4, 384, 1, attn_h::fwd_h3<128, 64, 4, 1, 0, 2, false, false, 0, false, 4>)
 // Forward H10 (D = 64): H4 with the softmax's row sums on the tensor cores (P·1, ROWSUM).
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h10_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 2, false, true>)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h10_d64_vfused, 384, 1, attn_h::fwd_h3<64, 128, 4, 3, 4, 2, false, true>)
@@ -1902,6 +1962,14 @@ ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h5_d64_vfused, 384, 1, attn_h::bwd_h3<3, tru
 // Backward H6 (D = 64): H3 on 128-query tiles with H5's loader (QT = 128, ASYNC).
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h6_d64, 384, 1, attn_h::bwd_h3<1, false, true, 128>)
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h6_d64_vfused, 384, 1, attn_h::bwd_h3<3, false, true, 128>)
+// H6 cut for the bench (BwdAblation, ABL above): 1 no dQ reductions, 2 no copies, 3 both. Their
+// gradients are not the backward's.
+ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h6_d64_abl1, 384, 1,
+                     attn_h::bwd_h3<1, false, true, 128, false, 0, false, false, 64, 1>)
+ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h6_d64_abl2, 384, 1,
+                     attn_h::bwd_h3<1, false, true, 128, false, 0, false, false, 64, 2>)
+ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h6_d64_abl3, 384, 1,
+                     attn_h::bwd_h3<1, false, true, 128, false, 0, false, false, 64, 3>)
 // Backward H9 (D = 64): H6 with a quarter of the exponentials on the FMA pipes (POLY, as forward H4).
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h9_d64, 384, 1, attn_h::bwd_h3<1, false, true, 128, false, 4>)
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h9_d64_vfused, 384, 1, attn_h::bwd_h3<3, false, true, 128, false, 4>)

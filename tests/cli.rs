@@ -70,6 +70,14 @@ fn bad_attention_variant_env_is_an_error() {
         assert!(!out.status.success(), "{env:?}");
         assert!(err.contains("_SKIP") && !err.contains("panicked"), "{err}");
     }
+    // so is a bench-cut switch that is neither 0 nor 1
+    let out = advdmd_env(&["info"], &[("ADVDMD_ATTN_ABLATIONS", "off")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("ADVDMD_ATTN_ABLATIONS") && !err.contains("panicked"),
+        "{err}"
+    );
     // a valid choice is what `info` reports the model path launches
     let out = advdmd_env(
         &["info", "--json"],

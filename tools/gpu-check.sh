@@ -116,7 +116,8 @@ fi
 # The wgmma (Hopper) kernels first, alone: the layout probe and the attention parity over every
 # variant. If they fail (a faulting kernel leaves a sticky error in its process's CUDA context),
 # the same tests run again without the variants no card has run yet (UNTIMED_FWD, UNTIMED_BWD:
-# comma lists; every other variant passed on the H100 on 2026-11-28): if those pass,
+# comma lists; every other variant passed on the H100 on 2026-11-28) and without the bench's
+# cuts of the default forward (FwdAblation, ADVDMD_ATTN_ABLATIONS=0): if those pass,
 # only the untimed ones are left out from here on (ADVDMD_ATTN_FWD_SKIP, ADVDMD_ATTN_BWD_SKIP);
 # else every wgmma variant is (ADVDMD_ATTN_NO_HOPPER=1), so the other variants' tests and
 # figures still come back.
@@ -124,10 +125,10 @@ UNTIMED_FWD=h10,h11,h12,h13,h14,h15
 UNTIMED_BWD=h9,h10,h11,h12,h13,h14
 if ! step hopper 60 "$BIN/kernels-test" wgmma attention --test-threads=1 --nocapture; then
   # (its own step list: it runs whenever `hopper` ran)
-  if [ -n "$UNTIMED_FWD$UNTIMED_BWD" ] && GPU_CHECK_STEPS=hopper-timed ADVDMD_ATTN_FWD_SKIP=$UNTIMED_FWD ADVDMD_ATTN_BWD_SKIP=$UNTIMED_BWD step hopper-timed 60 \
+  if [ -n "$UNTIMED_FWD$UNTIMED_BWD" ] && GPU_CHECK_STEPS=hopper-timed ADVDMD_ATTN_FWD_SKIP=$UNTIMED_FWD ADVDMD_ATTN_BWD_SKIP=$UNTIMED_BWD ADVDMD_ATTN_ABLATIONS=0 step hopper-timed 60 \
     "$BIN/kernels-test" wgmma attention --test-threads=1 --nocapture; then
-    export ADVDMD_ATTN_FWD_SKIP=$UNTIMED_FWD ADVDMD_ATTN_BWD_SKIP=$UNTIMED_BWD
-    echo "hopper failed in the untimed variants only: forward $UNTIMED_FWD, backward $UNTIMED_BWD left out from here on" | tee -a "$OUT/steps.txt"
+    export ADVDMD_ATTN_FWD_SKIP=$UNTIMED_FWD ADVDMD_ATTN_BWD_SKIP=$UNTIMED_BWD ADVDMD_ATTN_ABLATIONS=0
+    echo "hopper failed in the untimed variants or the bench's forward cuts only: forward $UNTIMED_FWD, backward $UNTIMED_BWD and the cuts left out from here on" | tee -a "$OUT/steps.txt"
   else
     export ADVDMD_ATTN_NO_HOPPER=1
     echo "hopper failed: wgmma variants left out from here on" | tee -a "$OUT/steps.txt"
@@ -253,6 +254,10 @@ if command -v ncu >/dev/null; then
   NCU_SECTIONS="--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats"
   step ncu-attention 150 bash -c "ncu --clock-control none --kernel-name 'regex:joint_attn_fwd_h([3-9]|1[0-4])_d64\$' --launch-count 13 $NCU_SECTIONS '$BIN/attention-bench' \
     && ncu --clock-control none --kernel-name 'regex:joint_attn_bwd_h([3-9]|1[01])_d64\$' --launch-count 10 $NCU_SECTIONS '$BIN/attention-bench'"
+  # the default forward (H4) and backward (H6) at d64: every stall reason's share and the warp
+  # samples of each SASS instruction (which wait holds the consumers: a barrier, an mbarrier, a
+  # product, an exponential), reports kept in OUTDIR (tools/ncu-source.sh)
+  step ncu-source 120 tools/ncu-source.sh "$BIN/attention-bench" "$OUT"
 fi
 PYTHONUNBUFFERED=1 step torch 120 python3 tools/bench_vs_torch.py --json "$OUT/torch.json"
 if command -v compute-sanitizer >/dev/null; then
@@ -324,5 +329,5 @@ with open(f"{out}/report.md", "w") as f:
             f.write(f"| {r['op']} | {r['calls']} | {r['ms']:.3f} | {r['share']:.1f} | {'' if tf is None else f'{tf:.0f}'} |\n")
 print(open(f"{out}/report.md").read()[-8000:])
 PY
-for s in hopper tests column-layout model runtime tests-pdl ncu-attention mmdit-shapes mmdit-sd35m mmdit-sd35m-pdl mmdit-sd35m-persistent mmdit-sd35m-1stream mmdit-sd35m-nohopper mmdit-sd35m-autotune mmdit-sd35m-profile mmdit-sd35m-base mmdit-sd35m-512 mmdit-sd35m-ckpt mmdit-sd35m-ckpt-selective sample-sd35m sample-sd35m-graph sample-sd35m-graph-per-step sample-sd35m-graph-1stream sample-sd35m-graph-pdl sample-512 advdmd step-shapes step-shapes-graph distill step-sd35m step-sd35m-80g step-sd35m-80g-graph step-sd35m-80g-graph-pipelined step-sd35m-80g-1024 step-sd35m-80g-graph-selective step-sd35m-80g-1024-selective step-sd35m-80g-profile step-sd35m-80g-graph-1stream step-sd35m-80g-graph-autotune step-sd35m-80g-graph-pdl mmdit-sd35l sample-sd35l torch bench bench-pdl attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
+for s in hopper tests column-layout model runtime tests-pdl ncu-attention ncu-source mmdit-shapes mmdit-sd35m mmdit-sd35m-pdl mmdit-sd35m-persistent mmdit-sd35m-1stream mmdit-sd35m-nohopper mmdit-sd35m-autotune mmdit-sd35m-profile mmdit-sd35m-base mmdit-sd35m-512 mmdit-sd35m-ckpt mmdit-sd35m-ckpt-selective sample-sd35m sample-sd35m-graph sample-sd35m-graph-per-step sample-sd35m-graph-1stream sample-sd35m-graph-pdl sample-512 advdmd step-shapes step-shapes-graph distill step-sd35m step-sd35m-80g step-sd35m-80g-graph step-sd35m-80g-graph-pipelined step-sd35m-80g-1024 step-sd35m-80g-graph-selective step-sd35m-80g-1024-selective step-sd35m-80g-profile step-sd35m-80g-graph-1stream step-sd35m-80g-graph-autotune step-sd35m-80g-graph-pdl mmdit-sd35l sample-sd35l torch bench bench-pdl attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
 exit $status

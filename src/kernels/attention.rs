@@ -737,6 +737,7 @@ pub mod dev {
         check("ADVDMD_ATTN_BWD", &BwdVariant::ALL)?;
         check_skip("ADVDMD_ATTN_FWD", &FwdVariant::ALL)?;
         check_skip("ADVDMD_ATTN_BWD", &BwdVariant::ALL)?;
+        ablations_env()?;
         persistent_env().map(|_| ())
     }
 
@@ -778,6 +779,16 @@ pub mod dev {
     /// 1024 px forward 27.15 against 27.64 ms).
     pub fn persistent_env() -> Result<bool, String> {
         const VAR: &str = "ADVDMD_ATTN_PERSISTENT";
+        match std::env::var_os(VAR) {
+            None => Ok(true),
+            Some(_) => crate::device::kernel::env_flag(VAR),
+        }
+    }
+
+    /// `ADVDMD_ATTN_ABLATIONS`: whether tests and the bench run the default forward's cuts
+    /// ([`FwdAblation`]); default 1, `0` leaves them out (gpu-check, when a card faults in them).
+    pub fn ablations_env() -> Result<bool, String> {
+        const VAR: &str = "ADVDMD_ATTN_ABLATIONS";
         match std::env::var_os(VAR) {
             None => Ok(true),
             Some(_) => crate::device::kernel::env_flag(VAR),
@@ -1679,6 +1690,7 @@ pub mod dev {
         let launch = FwdLaunch {
             plan: Some(plan),
             ctas,
+            ablation: None,
         };
         fwd_planned(dev, qkv, dims, variant, dims.h * dims.d, launch)
     }
@@ -1692,12 +1704,105 @@ pub mod dev {
     }
 
     /// How the H3–H15 forward is launched: its [`SplitPlan`] (`None`: [`SplitPlan::last_wave`] on
-    /// the device's SMs) and its grid (`None`: a block a planned block, or one an SM under
-    /// `ADVDMD_ATTN_PERSISTENT=1`).
+    /// the device's SMs), its grid (`None`: a block a planned block, or one an SM under
+    /// `ADVDMD_ATTN_PERSISTENT=1`) and, for the bench, a cut of its work ([`FwdAblation`]).
     #[derive(Clone, Copy, Debug, Default)]
     struct FwdLaunch {
         plan: Option<SplitPlan>,
         ctas: Option<u32>,
+        ablation: Option<FwdAblation>,
+    }
+
+    /// A diagnostic cut of the default wgmma forward's work (H4 at d = 64, H3 at d = 128; their
+    /// kernels `…_abl<bits>`, attention_hopper.cu's `ABL`), for the bench: timed beside the whole
+    /// kernel, each says what one part of the kernel costs — the time left with no softmax is
+    /// the products' and the pipeline's, with no copies the consumers' alone, with neither the
+    /// tensor cores', barriers' and mbarriers' floor; without the groups' turns, what the
+    /// ping-pong costs or saves. Only [`FwdAblation::NoTurns`] still computes attention.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum FwdAblation {
+        /// P is S in bf16: no row maximum, exponential, sum or rescale (O = Σ bf16(S)·V, lse 0).
+        NoSoftmax,
+        /// The producer copies nothing: Q, K and V read as zeros.
+        NoCopies,
+        /// Both.
+        Bare,
+        /// Each consumer group issues its products as soon as it is ready (no named barriers).
+        NoTurns,
+    }
+
+    impl FwdAblation {
+        pub const ALL: [FwdAblation; 4] = [
+            FwdAblation::NoSoftmax,
+            FwdAblation::NoCopies,
+            FwdAblation::Bare,
+            FwdAblation::NoTurns,
+        ];
+
+        /// The kernel's `ABL` bits.
+        fn bits(self) -> u32 {
+            match self {
+                FwdAblation::NoSoftmax => 1,
+                FwdAblation::NoCopies => 2,
+                FwdAblation::Bare => 3,
+                FwdAblation::NoTurns => 4,
+            }
+        }
+
+        /// The name of a bench row.
+        pub fn tag(self) -> &'static str {
+            match self {
+                FwdAblation::NoSoftmax => "nosoftmax",
+                FwdAblation::NoCopies => "nocopies",
+                FwdAblation::Bare => "bare",
+                FwdAblation::NoTurns => "noturns",
+            }
+        }
+
+        /// The variant whose kernel is cut at head dim `d` (64 or 128).
+        pub fn base(d: usize) -> FwdVariant {
+            FwdVariant::H4.resolve(d)
+        }
+
+        /// What tests and the bench run on `dev` at head dim `d`: every cut where it runs wgmma
+        /// and [`Self::base`] is enabled ([`FwdVariant::enabled`]), none under
+        /// `ADVDMD_ATTN_ABLATIONS=0` ([`ablations_env`]; a malformed value, which the CLI
+        /// refuses at start, leaves them in).
+        pub fn enabled(dev: &KernelDevice, d: usize) -> Vec<FwdAblation> {
+            let on = dev.has_wgmma() && has_fast_kernels(d) && ablations_env().unwrap_or(true);
+            if on && FwdVariant::enabled().contains(&Self::base(d)) {
+                Self::ALL.to_vec()
+            } else {
+                Vec::new()
+            }
+        }
+    }
+
+    /// The forward at `dims` (V rows `H·d` apart) by [`FwdAblation::base`]'s kernel cut by
+    /// `ablation`, launched as the plain launcher launches that variant (one block an SM unless
+    /// `ADVDMD_ATTN_PERSISTENT=0`) under `plan` (`None`: its plan, [`SplitPlan::last_wave`]).
+    /// Head dims 64 and 128 only. A split plan combines the pieces of a cut softmax as if they
+    /// were a softmax's (under [`FwdAblation::NoSoftmax`], an average of the pieces' sums).
+    pub fn joint_attention_fwd_ablated(
+        dev: &KernelDevice,
+        qkv: [&DevBuf<bf16>; 6],
+        dims: AttnDims,
+        ablation: FwdAblation,
+        plan: Option<SplitPlan>,
+    ) -> KernelResult<(DevBuf<bf16>, DevBuf<bf16>, DevBuf<f32>)> {
+        if !has_fast_kernels(dims.d) {
+            return Err(KernelError::Invalid(format!(
+                "joint attention: no ablated forward at d = {}",
+                dims.d
+            )));
+        }
+        let launch = FwdLaunch {
+            plan,
+            ctas: None,
+            ablation: Some(ablation),
+        };
+        let v_ld = dims.h * dims.d;
+        fwd_planned(dev, qkv, dims, FwdAblation::base(dims.d), v_ld, launch)
     }
 
     fn fwd(
@@ -1750,7 +1855,10 @@ pub mod dev {
         }
         let variant = variant.resolve(dims.d);
         let tma = variant.copies_by_tma();
-        let name = variant.kernel(dims.d) + if tma { "" } else { vfused(dims, v_ld) };
+        let name = match launch.ablation {
+            Some(a) => format!("{}_abl{}", variant.kernel(dims.d), a.bits()),
+            None => variant.kernel(dims.d) + if tma { "" } else { vfused(dims, v_ld) },
+        };
         let shared = variant.shared_bytes(dims.d);
         let maps = if tma {
             fwd_maps(dev, [qa, ka, va, qb, kb, vb], dims, v_ld, variant)?
@@ -1871,7 +1979,7 @@ pub mod dev {
         variant: BwdVariant,
     ) -> KernelResult<[DevBuf<bf16>; 6]> {
         let operands = [qa, ka, va, qb, kb, vb, oa, ob, doa, dob];
-        bwd_new_grads(dev, operands, lse, dims, variant, None)
+        bwd_new_grads(dev, operands, lse, dims, variant, BwdLaunch::default())
     }
 
     /// [`joint_attention_bwd`] for [`joint_attention_fwd_v_ld`]: V read with token stride
@@ -2006,7 +2114,11 @@ pub mod dev {
         let [dqa, dka, dqb, dkb] = &grads;
         let operands = [qa, ka, va, qb, kb, vb, oa, ob, doa, dob];
         let outs = [dqa, dka, dva, dqb, dkb, dvb];
-        let acc = bwd_planned(dev, operands, lse, dims, variant, v_ld, outs, plan, dq32)?;
+        let launch = BwdLaunch {
+            plan,
+            ablation: None,
+        };
+        let acc = bwd_planned(dev, operands, lse, dims, variant, v_ld, outs, launch, dq32)?;
         let [dqa, dka, dqb, dkb] = grads;
         let dq = match acc {
             Some((a, b)) => DqGrad::Scaled {
@@ -2037,7 +2149,101 @@ pub mod dev {
             return Err(no_split_plan(variant, dims));
         }
         let operands = [qa, ka, va, qb, kb, vb, oa, ob, doa, dob];
-        bwd_new_grads(dev, operands, lse, dims, variant, Some(plan))
+        let launch = BwdLaunch {
+            plan: Some(plan),
+            ablation: None,
+        };
+        bwd_new_grads(dev, operands, lse, dims, variant, launch)
+    }
+
+    /// A diagnostic cut of the default wgmma backward's work at d = 64 (H6; its kernels
+    /// `joint_attn_bwd_h6_d64_abl<bits>`, attention_hopper.cu's `bwd_h3` `ABL`), for the bench:
+    /// timed beside H6, what the dQ reductions into the f32 accumulator and the copies cost.
+    /// The gradients are not the backward's: without reductions dQ stays 0 (dK, dV are H6's);
+    /// without copies every operand reads as 0, and so does every gradient.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum BwdAblation {
+        /// The flushers take each dQ tile and release it without adding it.
+        NoReductions,
+        /// The loaders copy nothing: K, V, Q, dO, lse and Drow read as zeros.
+        NoCopies,
+        /// Both.
+        Bare,
+    }
+
+    impl BwdAblation {
+        pub const ALL: [BwdAblation; 3] = [
+            BwdAblation::NoReductions,
+            BwdAblation::NoCopies,
+            BwdAblation::Bare,
+        ];
+
+        /// The kernel's `ABL` bits.
+        fn bits(self) -> u32 {
+            match self {
+                BwdAblation::NoReductions => 1,
+                BwdAblation::NoCopies => 2,
+                BwdAblation::Bare => 3,
+            }
+        }
+
+        /// The name of a bench row.
+        pub fn tag(self) -> &'static str {
+            match self {
+                BwdAblation::NoReductions => "noreductions",
+                BwdAblation::NoCopies => "nocopies",
+                BwdAblation::Bare => "bare",
+            }
+        }
+
+        /// The variant whose kernel is cut (d = 64 only).
+        pub const BASE: BwdVariant = BwdVariant::H6;
+
+        /// What tests and the bench run on `dev` at head dim `d`: every cut at d = 64 where it
+        /// runs wgmma and [`Self::BASE`] is enabled, none under `ADVDMD_ATTN_ABLATIONS=0`.
+        pub fn enabled(dev: &KernelDevice, d: usize) -> Vec<BwdAblation> {
+            let on = d == 64 && dev.has_wgmma() && ablations_env().unwrap_or(true);
+            if on && BwdVariant::enabled().contains(&Self::BASE) {
+                Self::ALL.to_vec()
+            } else {
+                Vec::new()
+            }
+        }
+    }
+
+    /// The backward at d = 64 (V rows `H·d` apart; `[qa, ka, va, qb, kb, vb]`, `[oa, ob, doa,
+    /// dob]`) by [`BwdAblation::BASE`]'s kernel cut by `ablation`, under `plan` (`None`: the plain
+    /// launcher's, [`SplitPlan::last_wave`]): the six gradients as
+    /// [`joint_attention_bwd_with`] returns them.
+    pub fn joint_attention_bwd_ablated(
+        dev: &KernelDevice,
+        [qa, ka, va, qb, kb, vb]: [&DevBuf<bf16>; 6],
+        [oa, ob, doa, dob]: [&DevBuf<bf16>; 4],
+        lse: &DevBuf<f32>,
+        dims: AttnDims,
+        ablation: BwdAblation,
+        plan: Option<SplitPlan>,
+    ) -> KernelResult<[DevBuf<bf16>; 6]> {
+        if dims.d != 64 {
+            return Err(KernelError::Invalid(format!(
+                "joint attention: no ablated backward at d = {}",
+                dims.d
+            )));
+        }
+        let operands = [qa, ka, va, qb, kb, vb, oa, ob, doa, dob];
+        let launch = BwdLaunch {
+            plan,
+            ablation: Some(ablation),
+        };
+        bwd_new_grads(dev, operands, lse, dims, BwdAblation::BASE, launch)
+    }
+
+    /// How the H3–H14 backward is launched: its [`SplitPlan`] (`None`: [`SplitPlan::last_wave`]
+    /// on the device's SMs) and, for the bench, a cut of its work ([`BwdAblation`]).
+    #[derive(Clone, Copy, Debug, Default)]
+    struct BwdLaunch {
+        plan: Option<SplitPlan>,
+        ablation: Option<BwdAblation>,
     }
 
     /// The backward into six new gradient buffers (V rows `H·d` apart).
@@ -2047,7 +2253,7 @@ pub mod dev {
         lse: &DevBuf<f32>,
         dims: AttnDims,
         variant: BwdVariant,
-        plan: Option<SplitPlan>,
+        launch: BwdLaunch,
     ) -> KernelResult<[DevBuf<bf16>; 6]> {
         let (na, nb) = (dims.numel_a(), dims.numel_b());
         let [dqa, dka, dva] = [0; 3].map(|_| dev.alloc::<bf16>(na));
@@ -2062,14 +2268,14 @@ pub mod dev {
             variant,
             v_ld,
             grads.each_ref(),
-            plan,
+            launch,
             false,
         )?;
         Ok(grads)
     }
 
-    /// The backward; `plan` for the H3–H8 kernels (`None`: [`SplitPlan::last_wave`] on the
-    /// device's SMs), ignored by the others. With `dq32` (fast kernels only) dQ stays in the f32
+    /// The backward; `launch` for the H3–H14 kernels (its plan, `None`: [`SplitPlan::last_wave`]
+    /// on the device's SMs; its cut, H6's), ignored by the others. With `dq32` (fast kernels only) dQ stays in the f32
     /// accumulators, which are returned (`grads`' dQ buffers are not written), else it is
     /// converted into them.
     #[allow(clippy::too_many_arguments)]
@@ -2081,9 +2287,10 @@ pub mod dev {
         variant: BwdVariant,
         v_ld: usize,
         grads: [&DevBuf<bf16>; 6],
-        plan: Option<SplitPlan>,
+        launch: BwdLaunch,
         dq32: bool,
     ) -> KernelResult<Option<(DevBuf<f32>, DevBuf<f32>)>> {
+        let plan = launch.plan;
         let fast = has_fast_kernels(dims.d);
         if dq32 && !fast {
             return Err(KernelError::Invalid(format!(
@@ -2173,7 +2380,10 @@ pub mod dev {
             )));
         }
         dev.count_matmul_flops(flops);
-        let name = variant.kernel(dims.d) + vfused(dims, v_ld);
+        let name = match launch.ablation {
+            Some(a) => format!("{}_abl{}", variant.kernel(dims.d), a.bits()),
+            None => variant.kernel(dims.d) + vfused(dims, v_ld),
+        };
         let resolved = variant.resolve(dims.d);
         let maps = if resolved.copies_by_tma() {
             let operands = [qa, ka, va, doa, qb, kb, vb, dob];

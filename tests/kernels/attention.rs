@@ -626,6 +626,239 @@ fn tma_forwards_match_their_base_bit_for_bit() {
     }
 }
 
+/// The bench's cuts of the default forward (`FwdAblation`) compute what each claims, unsplit:
+/// with no softmax O = Σ bf16(q·k)·v over the keys (the CPU's, f32) and lse 0; with no copies
+/// (zero tiles) O = 0 and lse = ln(keys); with neither, O = 0 and lse 0; without the groups'
+/// turns, the base's outputs bit for bit (under the plain launcher's plan too).
+#[test]
+fn forward_ablations_compute_what_they_claim() {
+    for dev in devices() {
+        for d in [64, 128] {
+            let base = gpu::FwdAblation::base(d);
+            let ablations = gpu::FwdAblation::enabled(&dev, d);
+            if ablations.is_empty() {
+                eprintln!(
+                    "forward ablations: none on {} at d = {d} (no {base:?}, or ADVDMD_ATTN_ABLATIONS=0); skipped",
+                    dev.name()
+                );
+                continue;
+            }
+            let inp = Inputs::new(1, 77, 200, 2, d, 1.0, 9500 + d as u64);
+            let dims = inp.dims;
+            let bufs = inp.qkv.each_ref().map(|v| upload_bf16(&dev, v));
+            let qkv = bufs.each_ref();
+            let units = gpu::FwdAblation::base(d).split_units(dims).unwrap().0;
+            let whole = Some(gpu::SplitPlan::none(units));
+            let keys = (dims.la + dims.lb) as f32;
+            let summed = sum_of_scores_times_v(&inp);
+            for ablation in ablations {
+                let run = |plan| {
+                    let (oa, ob, lse) =
+                        gpu::joint_attention_fwd_ablated(&dev, qkv, dims, ablation, plan).unwrap();
+                    let mut o = download_f32(&dev, &oa);
+                    o.extend(download_f32(&dev, &ob));
+                    (o, dev.download(&lse).unwrap())
+                };
+                let (o, lse) = run(whole);
+                let kernel = format!("joint_attention_fwd[{}]", ablation.tag());
+                let (want_o, want_lse) = match ablation {
+                    gpu::FwdAblation::NoSoftmax => (summed.clone(), 0.0),
+                    gpu::FwdAblation::NoCopies => (vec![0.0; o.len()], keys.ln()),
+                    gpu::FwdAblation::Bare => (vec![0.0; o.len()], 0.0),
+                    gpu::FwdAblation::NoTurns => {
+                        let want = fwd_bits(&dev, &bufs, dims, base);
+                        for (plan, tag) in [(whole, "unsplit"), (None, "planned")] {
+                            let (oa, ob, lse) =
+                                gpu::joint_attention_fwd_ablated(&dev, qkv, dims, ablation, plan)
+                                    .unwrap();
+                            let bits = |v: Vec<bf16>| v.iter().map(|x| x.to_bits()).collect();
+                            let got: (Vec<u16>, Vec<u16>, Vec<u32>) = (
+                                bits(dev.download(&oa).unwrap()),
+                                bits(dev.download(&ob).unwrap()),
+                                dev.download(&lse)
+                                    .unwrap()
+                                    .iter()
+                                    .map(|x| x.to_bits())
+                                    .collect(),
+                            );
+                            if plan.is_none() {
+                                assert!(got == want, "{kernel} and {base:?} differ ({tag})");
+                            } else {
+                                // the base ran planned; unsplit, within its own tolerance
+                                let o: Vec<f32> = got
+                                    .0
+                                    .iter()
+                                    .chain(&got.1)
+                                    .map(|&b| bf16::from_bits(b).to_f32())
+                                    .collect();
+                                let w: Vec<f32> = want
+                                    .0
+                                    .iter()
+                                    .chain(&want.1)
+                                    .map(|&b| bf16::from_bits(b).to_f32())
+                                    .collect();
+                                check(&kernel, &dev, &inp.shape(), &o, &w, 2e-2);
+                            }
+                        }
+                        println!(
+                            "kernel {kernel} = [{}] bit for bit, {}, device {}",
+                            format!("{base:?}").to_lowercase(),
+                            inp.shape(),
+                            dev.name()
+                        );
+                        continue;
+                    }
+                };
+                check(&kernel, &dev, &inp.shape(), &o, &want_o, 1e-2);
+                let lse_err = lse.iter().fold(0f32, |m, x| m.max((x - want_lse).abs()));
+                assert!(
+                    lse_err <= 1e-4,
+                    "{kernel} at {}: lse off {want_lse} by {lse_err}",
+                    inp.shape()
+                );
+            }
+        }
+    }
+}
+
+/// The bench's cuts of the default backward at d = 64 (`BwdAblation`, H6's kernel): without the
+/// dQ reductions, dK and dV are H6's bit for bit and dQ is 0; without copies (zero operands)
+/// every gradient is 0 — under the plain launcher's plan and unsplit.
+#[test]
+fn backward_ablations_compute_what_they_claim() {
+    for dev in devices() {
+        let ablations = gpu::BwdAblation::enabled(&dev, 64);
+        if ablations.is_empty() {
+            eprintln!(
+                "backward ablations: none on {} (no {:?}, or ADVDMD_ATTN_ABLATIONS=0); skipped",
+                dev.name(),
+                gpu::BwdAblation::BASE
+            );
+            continue;
+        }
+        let inp = Inputs::new(1, 77, 300, 2, 64, 1.0, 9600);
+        let dims = inp.dims;
+        let [qa, ka, va, qb, kb, vb] = inp.qkv.each_ref().map(|v| upload_bf16(&dev, v));
+        let (doa, dob) = (upload_bf16(&dev, &inp.do_a), upload_bf16(&dev, &inp.do_b));
+        let (oa, ob, lse) =
+            gpu::joint_attention_fwd(&dev, &qa, &ka, &va, &qb, &kb, &vb, dims).unwrap();
+        let qkv = [&qa, &ka, &va, &qb, &kb, &vb];
+        let outs = [&oa, &ob, &doa, &dob];
+        let bits = |g: &DevBuf<bf16>| -> Vec<u16> {
+            dev.download(g)
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
+        };
+        let units = gpu::BwdAblation::BASE.split_units(dims).unwrap().0;
+        let names = ["dq_a", "dk_a", "dv_a", "dq_b", "dk_b", "dv_b"];
+        for (plan, tag) in [
+            (None, "planned"),
+            (Some(gpu::SplitPlan::none(units)), "unsplit"),
+        ] {
+            let want = match plan {
+                None => gpu::joint_attention_bwd_with(
+                    &dev,
+                    &qa,
+                    &ka,
+                    &va,
+                    &qb,
+                    &kb,
+                    &vb,
+                    &oa,
+                    &ob,
+                    &lse,
+                    &doa,
+                    &dob,
+                    dims,
+                    gpu::BwdAblation::BASE,
+                ),
+                Some(p) => gpu::joint_attention_bwd_split_with(
+                    &dev,
+                    qkv,
+                    outs,
+                    &lse,
+                    dims,
+                    gpu::BwdAblation::BASE,
+                    p,
+                ),
+            }
+            .unwrap();
+            for &ablation in &ablations {
+                let got =
+                    gpu::joint_attention_bwd_ablated(&dev, qkv, outs, &lse, dims, ablation, plan)
+                        .unwrap();
+                for (i, name) in names.iter().enumerate() {
+                    let g = bits(&got[i]);
+                    let zero = g.iter().all(|&x| bf16::from_bits(x).to_f32() == 0.0);
+                    let ok = match ablation {
+                        gpu::BwdAblation::NoReductions if !name.starts_with("dq") => {
+                            g == bits(&want[i])
+                        }
+                        _ => zero,
+                    };
+                    assert!(
+                        ok,
+                        "{} {name} ({tag}) at {}: not what the cut claims",
+                        ablation.tag(),
+                        inp.shape()
+                    );
+                }
+                println!(
+                    "kernel joint_attention_bwd[{}] {tag}: as claimed, {}, device {}",
+                    ablation.tag(),
+                    inp.shape(),
+                    dev.name()
+                );
+            }
+        }
+    }
+}
+
+/// O of both streams (a's rows, then b's) with P = bf16(q·k) unscaled and no normalisation:
+/// what the forward computes with its softmax cut.
+fn sum_of_scores_times_v(inp: &Inputs) -> Vec<f32> {
+    let AttnDims { b, la, lb, h, d } = inp.dims;
+    let lt = la + lb;
+    // token t of sample s, head j: its row of stream a or b
+    let row = |x: usize, s: usize, t: usize, j: usize| -> &[f32] {
+        let (v, l, t) = if t < la {
+            (&inp.qkv[x], la, t)
+        } else {
+            (&inp.qkv[x + 3], lb, t - la)
+        };
+        let at = ((s * l + t) * h + j) * d;
+        &v[at..at + d]
+    };
+    let mut out = vec![0f32; b * lt * h * d];
+    let (mut oa, mut ob) = (Vec::new(), Vec::new());
+    for s in 0..b {
+        for t in 0..lt {
+            for j in 0..h {
+                let q = row(0, s, t, j);
+                let mut acc = vec![0f32; d];
+                for k in 0..lt {
+                    let dot: f32 = q.iter().zip(row(1, s, k, j)).map(|(x, y)| x * y).sum();
+                    let p = bf16::from_f32(dot).to_f32();
+                    for (a, v) in acc.iter_mut().zip(row(2, s, k, j)) {
+                        *a += p * v;
+                    }
+                }
+                let dst = if t < la { &mut oa } else { &mut ob };
+                dst.push((s, t, j, acc));
+            }
+        }
+    }
+    // [B, La, H, d] then [B, Lb, H, d]
+    let mut i = 0;
+    for (_, _, _, acc) in oa.into_iter().chain(ob) {
+        out[i..i + d].copy_from_slice(&acc);
+        i += d;
+    }
+    out
+}
+
 /// The backward H11 (H13) changes only how K, V, Q and dO reach shared memory (TMA) and how dQ
 /// reaches its accumulator: its gradients are H6's at d = 64 (H12's at 128) — dK and dV bit for
 /// bit (accumulated in one block's registers), dQ bit for bit where the reductions into its
