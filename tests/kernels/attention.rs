@@ -751,44 +751,27 @@ fn backward_ablations_compute_what_they_claim() {
                 .map(|x| x.to_bits())
                 .collect()
         };
-        let units = gpu::BwdAblation::BASE.split_units(dims).unwrap().0;
+        let (units, tiles) = gpu::BwdAblation::BASE.split_units(dims).unwrap();
         let names = ["dq_a", "dk_a", "dv_a", "dq_b", "dk_b", "dv_b"];
+        let planned = gpu::SplitPlan::last_wave(units, dev.sm_count() as u32, tiles);
         for (plan, tag) in [
-            (None, "planned"),
-            (Some(gpu::SplitPlan::none(units)), "unsplit"),
+            (planned, "planned"),
+            (gpu::SplitPlan::none(units), "unsplit"),
         ] {
-            let want = match plan {
-                None => gpu::joint_attention_bwd_with(
-                    &dev,
-                    &qa,
-                    &ka,
-                    &va,
-                    &qb,
-                    &kb,
-                    &vb,
-                    &oa,
-                    &ob,
-                    &lse,
-                    &doa,
-                    &dob,
-                    dims,
-                    gpu::BwdAblation::BASE,
-                ),
-                Some(p) => gpu::joint_attention_bwd_split_with(
+            let base = gpu::BwdAblation::BASE;
+            let want = gpu::joint_attention_bwd_split_with(&dev, qkv, outs, &lse, dims, base, plan)
+                .unwrap();
+            for &ablation in &ablations {
+                let got = gpu::joint_attention_bwd_ablated(
                     &dev,
                     qkv,
                     outs,
                     &lse,
                     dims,
-                    gpu::BwdAblation::BASE,
-                    p,
-                ),
-            }
-            .unwrap();
-            for &ablation in &ablations {
-                let got =
-                    gpu::joint_attention_bwd_ablated(&dev, qkv, outs, &lse, dims, ablation, plan)
-                        .unwrap();
+                    ablation,
+                    Some(plan),
+                )
+                .unwrap();
                 for (i, name) in names.iter().enumerate() {
                     let g = bits(&got[i]);
                     let zero = g.iter().all(|&x| bf16::from_bits(x).to_f32() == 0.0);
