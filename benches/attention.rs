@@ -192,11 +192,9 @@ fn run(
     for (a, ms) in ablations.iter().zip(fwd_abl.into_iter().map(median)) {
         let t = ff / ms as f64 / 1e9;
         let tag = format!("abl_{}", a.tag());
-        let what = match a {
-            FwdAblation::NoTurns => format!("{base} without turns"),
-            _ => format!("{base} cut: not attention"),
-        };
-        println!("  {name:<20} fwd {tag:<5} {ms:8.3} ms {t:7.1} TFLOP/s ({what})");
+        println!(
+            "  {name:<20} fwd {tag:<5} {ms:8.3} ms {t:7.1} TFLOP/s ({base} cut: not attention)"
+        );
         json[format!("fwd_{tag}_ms")] = serde_json::json!(ms);
         json[format!("fwd_{tag}_tflops")] = serde_json::json!(t);
     }

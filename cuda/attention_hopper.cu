@@ -744,9 +744,10 @@ __device__ __forceinline__ void fwd_tma_producer(unsigned char* sQ0, unsigned ch
 // arrival (with the tile's bytes expected) and the bytes landing; no producer thread waits for a
 // copy or fences one (the async proxy writes what wgmma reads). The other 127 producer threads
 // leave at once, and the producer's registers shrink to 24 (the consumers 240).
-// ABL (FwdAblation, the bench's diagnostic cuts of the default forwards; 0 in every variant): bit 1
-// forms P as S in bf16 (no maximum, exponential, sum or rescale), bit 2 copies nothing (the tiles
-// stay as zeroed at entry), bit 4 drops the groups' turns (each issues its products when ready).
+// ABL: bits 1 and 2 are FwdAblation's, the bench's diagnostic cuts of the default forwards — 1
+// forms P as S in bf16 (no maximum, exponential, sum or rescale), 2 copies nothing (the tiles stay
+// as zeroed at entry); bit 4 (FwdVariant::H16) drops the groups' turns: each issues its products
+// as soon as its softmax is done, not after the other group's (no named barriers).
 template <int D, int KN, int STAGES, int VMUL, int POLY = 0, int NC = 2, bool ASYNC = false, bool ROWSUM = false,
           int SPEC = 0, bool TMA = false, int ABL = 0>
 __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
@@ -774,7 +775,7 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
     static_assert(SPEC == 0 || PSETS == 2, "the speculative softmax packs P as it goes: two P sets");
     constexpr bool NO_SOFTMAX = ABL & 1, NO_COPIES = ABL & 2, TURNS = !(ABL & 4);
     static_assert(ABL == 0 || (PSETS == 2 && SPEC == 0 && !ROWSUM && !ASYNC && !TMA && NC == 2),
-                  "the ablations cut the cp.async forwards of two groups and two P sets (H3, H4)");
+                  "the cuts and H16 take the cp.async forwards of two groups and two P sets (H3, H4)");
     constexpr int QBYTES = QT * D * 2, KVBYTES = KN * D * 2;
     // The producer marks tile i full once tile i + LAG is issued (LAG tiles' copies in flight
     // behind it). Issuing tile i + LAG waits for the stage of tile i + LAG − STAGES to be released,
@@ -1889,15 +1890,20 @@ FWD_SPLIT_COMBINE_ENTRY(joint_attn_fwd_split_combine_d128_q128, 128, 128)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h4_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4>)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h4_d64_vfused, 384, 1, attn_h::fwd_h3<64, 128, 4, 3, 4>)
 // The default forwards (H4 at D = 64, H3 at D = 128) cut for the bench (FwdAblation, ABL above):
-// 1 no softmax, 2 no copies, 3 both, 4 no turns. Their outputs are not attention (4's is).
+// 1 no softmax, 2 no copies, 3 both. Their outputs are not attention.
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h4_d64_abl1, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 2, false, false, 0, false, 1>)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h4_d64_abl2, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 2, false, false, 0, false, 2>)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h4_d64_abl3, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 2, false, false, 0, false, 3>)
-ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h4_d64_abl4, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 2, false, false, 0, false, 4>)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h3_d128_abl1, 384, 1, attn_h::fwd_h3<128, 64, 4, 1, 0, 2, false, false, 0, false, 1>)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h3_d128_abl2, 384, 1, attn_h::fwd_h3<128, 64, 4, 1, 0, 2, false, false, 0, false, 2>)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h3_d128_abl3, 384, 1, attn_h::fwd_h3<128, 64, 4, 1, 0, 2, false, false, 0, false, 3>)
-ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h3_d128_abl4, 384, 1, attn_h::fwd_h3<128, 64, 4, 1, 0, 2, false, false, 0, false, 4>)
+// Forward H16: H4 at D = 64 and H3 at D = 128 without the groups' turns (ABL bit 4).
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h16_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 2, false, false, 0, false, 4>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h16_d64_vfused, 384, 1,
+                     attn_h::fwd_h3<64, 128, 4, 3, 4, 2, false, false, 0, false, 4>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h16_d128, 384, 1, attn_h::fwd_h3<128, 64, 4, 1, 0, 2, false, false, 0, false, 4>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h16_d128_vfused, 384, 1,
+                     attn_h::fwd_h3<128, 64, 4, 3, 0, 2, false, false, 0, false, 4>)
 // Forward H10 (D = 64): H4 with the softmax's row sums on the tensor cores (P·1, ROWSUM).
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h10_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 2, false, true>)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h10_d64_vfused, 384, 1, attn_h::fwd_h3<64, 128, 4, 3, 4, 2, false, true>)

@@ -771,7 +771,7 @@ pub mod dev {
             .collect()
     }
 
-    /// `ADVDMD_ATTN_PERSISTENT`: `1` or unset runs the H3–H15 forward on one block an SM, each
+    /// `ADVDMD_ATTN_PERSISTENT`: `1` or unset runs the H3–H16 forward on one block an SM, each
     /// taking the units in turns (`fwd_h3`: the next unit's loads overlap this one's last tiles
     /// and its stores); `0`: a block a unit. The default since it was measured faster at every
     /// shape (docs/perf-log.md, H100, 2026-11-28: H4 at d = 64 1024 px 324.4 against 315.2
@@ -867,6 +867,9 @@ pub mod dev {
     /// at d = 64 `H13`): H13 on 128-key tiles in 2 stages, two P register sets in the consumers'
     /// 240 registers (S's products read a third less shared memory per FLOP than on 64-key
     /// tiles; H7, which tried the tile with cp.async, measured 273 against H3's 373 TFLOP/s).
+    /// `H16` (H4 at d = 64, H3 at d = 128, each without): no turns — each consumer group issues
+    /// its products as soon as its softmax is done, instead of after the other group's (the
+    /// ping-pong's named barriers, fwd_h3's `ABL` bit 4); the same output bit for bit.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum FwdVariant {
         V3,
@@ -886,6 +889,7 @@ pub mod dev {
         H13,
         H14,
         H15,
+        H16,
     }
 
     impl FwdVariant {
@@ -925,7 +929,7 @@ pub mod dev {
         }
 
         /// Every variant, for tests and the bench.
-        pub const ALL: [FwdVariant; 17] = [
+        pub const ALL: [FwdVariant; 18] = [
             FwdVariant::V3,
             FwdVariant::V4,
             FwdVariant::H1,
@@ -943,6 +947,7 @@ pub mod dev {
             FwdVariant::H13,
             FwdVariant::H14,
             FwdVariant::H15,
+            FwdVariant::H16,
         ];
         /// The variant actually launched at head dim `d`.
         pub fn resolve(self, d: usize) -> FwdVariant {
@@ -977,7 +982,8 @@ pub mod dev {
                 | FwdVariant::H12
                 | FwdVariant::H13
                 | FwdVariant::H14
-                | FwdVariant::H15 => 384,
+                | FwdVariant::H15
+                | FwdVariant::H16 => 384,
                 FwdVariant::H5 | FwdVariant::H6 => 512,
             }
         }
@@ -999,7 +1005,8 @@ pub mod dev {
                 | FwdVariant::H12
                 | FwdVariant::H13
                 | FwdVariant::H14
-                | FwdVariant::H15 => 128,
+                | FwdVariant::H15
+                | FwdVariant::H16 => 128,
             }
         }
         /// Keys a tile of the wgmma forwards: 128 at d = 64, 64 at d = 128; H7–H9 and H15 128 at
@@ -1012,7 +1019,7 @@ pub mod dev {
                 _ => TILE,
             }
         }
-        /// Whether the kernel takes a [`SplitPlan`] (H3–H15, the `fwd_h3` family: one block a
+        /// Whether the kernel takes a [`SplitPlan`] (H3–H16, the `fwd_h3` family: one block a
         /// unit on a 1-D grid, one block an SM).
         fn splits_keys(self) -> bool {
             !matches!(
@@ -1042,7 +1049,8 @@ pub mod dev {
                 | FwdVariant::H11
                 | FwdVariant::H12
                 | FwdVariant::H13
-                | FwdVariant::H14 => 4,
+                | FwdVariant::H14
+                | FwdVariant::H16 => 4,
                 FwdVariant::H15 => 2,
                 FwdVariant::H7 | FwdVariant::H8 | FwdVariant::H9 if d == 64 => 3,
                 FwdVariant::H7 | FwdVariant::H8 | FwdVariant::H9 => 2,
@@ -1059,7 +1067,7 @@ pub mod dev {
                 // mbarriers (Q, and full and empty per stage) after the tiles.
                 let keys = self.key_rows(d);
                 if self.splits_keys() {
-                    // H3–H15: two Q tiles; q_full, q_empty per Q tile and full, empty per stage
+                    // H3–H16: two Q tiles; q_full, q_empty per Q tile and full, empty per stage
                     let bars = 8 * (4 + 2 * self.stages(d));
                     let tiles = 2 * self.rows() + 2 * self.stages(d) * keys;
                     // H10: 256 bytes of bf16 ones after the mbarriers (its row sums' B)
@@ -1072,7 +1080,7 @@ pub mod dev {
         }
     }
 
-    /// How an H3–H15 forward splits its last wave along the keys (`fwd_h3` in
+    /// How an H3–H16 forward splits its last wave along the keys (`fwd_h3` in
     /// attention_hopper.cu), and the H3–H8 backward along the queries (`bwd_h3`: units of 128
     /// keys over the query tiles; partial dK, dV merged by `joint_attn_bwd_split_combine`). Its blocks are units of equal length — one query tile of one head,
     /// over every key tile — one resident an SM: when the unit count is not a multiple of the SM
@@ -1703,7 +1711,7 @@ pub mod dev {
         ))
     }
 
-    /// How the H3–H15 forward is launched: its [`SplitPlan`] (`None`: [`SplitPlan::last_wave`] on
+    /// How the H3–H16 forward is launched: its [`SplitPlan`] (`None`: [`SplitPlan::last_wave`] on
     /// the device's SMs), its grid (`None`: a block a planned block, or one an SM under
     /// `ADVDMD_ATTN_PERSISTENT=1`) and, for the bench, a cut of its work ([`FwdAblation`]).
     #[derive(Clone, Copy, Debug, Default)]
@@ -1717,8 +1725,8 @@ pub mod dev {
     /// kernels `…_abl<bits>`, attention_hopper.cu's `ABL`), for the bench: timed beside the whole
     /// kernel, each says what one part of the kernel costs — the time left with no softmax is
     /// the products' and the pipeline's, with no copies the consumers' alone, with neither the
-    /// tensor cores', barriers' and mbarriers' floor; without the groups' turns, what the
-    /// ping-pong costs or saves. Only [`FwdAblation::NoTurns`] still computes attention.
+    /// tensor cores', barriers' and mbarriers' floor. (Without the groups' turns it still
+    /// computes attention: that is a variant, [`FwdVariant::H16`].) None computes attention.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum FwdAblation {
         /// P is S in bf16: no row maximum, exponential, sum or rescale (O = Σ bf16(S)·V, lse 0).
@@ -1727,16 +1735,13 @@ pub mod dev {
         NoCopies,
         /// Both.
         Bare,
-        /// Each consumer group issues its products as soon as it is ready (no named barriers).
-        NoTurns,
     }
 
     impl FwdAblation {
-        pub const ALL: [FwdAblation; 4] = [
+        pub const ALL: [FwdAblation; 3] = [
             FwdAblation::NoSoftmax,
             FwdAblation::NoCopies,
             FwdAblation::Bare,
-            FwdAblation::NoTurns,
         ];
 
         /// The kernel's `ABL` bits.
@@ -1745,7 +1750,6 @@ pub mod dev {
                 FwdAblation::NoSoftmax => 1,
                 FwdAblation::NoCopies => 2,
                 FwdAblation::Bare => 3,
-                FwdAblation::NoTurns => 4,
             }
         }
 
@@ -1755,7 +1759,6 @@ pub mod dev {
                 FwdAblation::NoSoftmax => "nosoftmax",
                 FwdAblation::NoCopies => "nocopies",
                 FwdAblation::Bare => "bare",
-                FwdAblation::NoTurns => "noturns",
             }
         }
 
@@ -1815,7 +1818,7 @@ pub mod dev {
         fwd_planned(dev, qkv, dims, variant, v_ld, FwdLaunch::default())
     }
 
-    /// The forward; `launch` for the H3–H15 kernels, ignored by the others.
+    /// The forward; `launch` for the H3–H16 kernels, ignored by the others.
     fn fwd_planned(
         dev: &KernelDevice,
         [qa, ka, va, qb, kb, vb]: [&DevBuf<bf16>; 6],

@@ -564,24 +564,28 @@ fn speculative_softmaxes_match_their_base_and_the_cpu() {
     }
 }
 
-/// H13 changes only how the producer fills the tiles (TMA's bulk tensor copies, rows past a
-/// stream zero-filled by the copy unit), and H14 is H11 (bit for bit its base) fed the same way:
-/// O and lse bit for bit their base's (H4 at d = 64, H3 at d = 128), with partial tiles in both
+/// The variants that change only a schedule: H13 how the producer fills the tiles (TMA's bulk
+/// tensor copies, rows past a stream zero-filled by the copy unit), H14 is H11 (bit for bit its
+/// base) fed the same way, and H16 when the consumer groups issue their products (no turns): O
+/// and lse bit for bit their base's (H4 at d = 64, H3 at d = 128), with partial tiles in both
 /// streams, an empty text stream, and two samples (a box must not read the next sample's rows
 /// past a stream's end), on keys whose scores rise along the image stream for H14 (its redone
 /// tiles).
 #[test]
-fn tma_forwards_match_their_base_bit_for_bit() {
+fn schedule_variants_match_their_base_bit_for_bit() {
     for dev in devices() {
         let enabled = gpu::FwdVariant::enabled();
         if !dev.has_wgmma() {
-            eprintln!("tma forward: {} runs no wgmma; skipped", dev.name());
+            eprintln!("schedule variants: {} runs no wgmma; skipped", dev.name());
             continue;
         }
         for d in [64, 128] {
             let base = schedule_base(d);
             if !enabled.contains(&base) {
-                eprintln!("tma forward: {base:?} left out on {}; skipped", dev.name());
+                eprintln!(
+                    "schedule variants: {base:?} left out on {}; skipped",
+                    dev.name()
+                );
                 continue;
             }
             for (b, la, lb, h) in [
@@ -599,10 +603,14 @@ fn tma_forwards_match_their_base_bit_for_bit() {
                 let bufs = inp.qkv.each_ref().map(|v| upload_bf16(&dev, v));
                 let run = |variant| fwd_bits(&dev, &bufs, inp.dims, variant);
                 let want = run(base);
-                for variant in [gpu::FwdVariant::H13, gpu::FwdVariant::H14] {
+                for variant in [
+                    gpu::FwdVariant::H13,
+                    gpu::FwdVariant::H14,
+                    gpu::FwdVariant::H16,
+                ] {
                     if !enabled.contains(&variant) {
                         eprintln!(
-                            "tma forward: {variant:?} left out on {}; skipped",
+                            "schedule variants: {variant:?} left out on {}; skipped",
                             dev.name()
                         );
                         continue;
@@ -628,8 +636,7 @@ fn tma_forwards_match_their_base_bit_for_bit() {
 
 /// The bench's cuts of the default forward (`FwdAblation`) compute what each claims, unsplit:
 /// with no softmax O = Σ bf16(q·k)·v over the keys (the CPU's, f32) and lse 0; with no copies
-/// (zero tiles) O = 0 and lse = ln(keys); with neither, O = 0 and lse 0; without the groups'
-/// turns, the base's outputs bit for bit (under the plain launcher's plan too).
+/// (zero tiles) O = 0 and lse = ln(keys); with neither, O = 0 and lse 0.
 #[test]
 fn forward_ablations_compute_what_they_claim() {
     for dev in devices() {
@@ -647,7 +654,7 @@ fn forward_ablations_compute_what_they_claim() {
             let dims = inp.dims;
             let bufs = inp.qkv.each_ref().map(|v| upload_bf16(&dev, v));
             let qkv = bufs.each_ref();
-            let units = gpu::FwdAblation::base(d).split_units(dims).unwrap().0;
+            let units = base.split_units(dims).unwrap().0;
             let whole = Some(gpu::SplitPlan::none(units));
             let keys = (dims.la + dims.lb) as f32;
             let summed = sum_of_scores_times_v(&inp);
@@ -665,49 +672,6 @@ fn forward_ablations_compute_what_they_claim() {
                     gpu::FwdAblation::NoSoftmax => (summed.clone(), 0.0),
                     gpu::FwdAblation::NoCopies => (vec![0.0; o.len()], keys.ln()),
                     gpu::FwdAblation::Bare => (vec![0.0; o.len()], 0.0),
-                    gpu::FwdAblation::NoTurns => {
-                        let want = fwd_bits(&dev, &bufs, dims, base);
-                        for (plan, tag) in [(whole, "unsplit"), (None, "planned")] {
-                            let (oa, ob, lse) =
-                                gpu::joint_attention_fwd_ablated(&dev, qkv, dims, ablation, plan)
-                                    .unwrap();
-                            let bits = |v: Vec<bf16>| v.iter().map(|x| x.to_bits()).collect();
-                            let got: (Vec<u16>, Vec<u16>, Vec<u32>) = (
-                                bits(dev.download(&oa).unwrap()),
-                                bits(dev.download(&ob).unwrap()),
-                                dev.download(&lse)
-                                    .unwrap()
-                                    .iter()
-                                    .map(|x| x.to_bits())
-                                    .collect(),
-                            );
-                            if plan.is_none() {
-                                assert!(got == want, "{kernel} and {base:?} differ ({tag})");
-                            } else {
-                                // the base ran planned; unsplit, within its own tolerance
-                                let o: Vec<f32> = got
-                                    .0
-                                    .iter()
-                                    .chain(&got.1)
-                                    .map(|&b| bf16::from_bits(b).to_f32())
-                                    .collect();
-                                let w: Vec<f32> = want
-                                    .0
-                                    .iter()
-                                    .chain(&want.1)
-                                    .map(|&b| bf16::from_bits(b).to_f32())
-                                    .collect();
-                                check(&kernel, &dev, &inp.shape(), &o, &w, 2e-2);
-                            }
-                        }
-                        println!(
-                            "kernel {kernel} = [{}] bit for bit, {}, device {}",
-                            format!("{base:?}").to_lowercase(),
-                            inp.shape(),
-                            dev.name()
-                        );
-                        continue;
-                    }
                 };
                 check(&kernel, &dev, &inp.shape(), &o, &want_o, 1e-2);
                 let lse_err = lse.iter().fold(0f32, |m, x| m.max((x - want_lse).abs()));
