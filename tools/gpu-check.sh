@@ -257,10 +257,15 @@ if command -v ncu >/dev/null; then
   NCU_SECTIONS="--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats"
   step ncu-attention 150 bash -c "ncu --clock-control none --kernel-name 'regex:joint_attn_fwd_h([3-9]|1[0-4])_d64\$' --launch-count 13 $NCU_SECTIONS '$BIN/attention-bench' \
     && ncu --clock-control none --kernel-name 'regex:joint_attn_bwd_h([3-9]|1[01])_d64\$' --launch-count 10 $NCU_SECTIONS '$BIN/attention-bench'"
-  # the default forward (H4) and backward (H6) at d64: every stall reason's share and the warp
-  # samples of each SASS instruction (which wait holds the consumers: a barrier, an mbarrier, a
-  # product, an exponential), reports kept in OUTDIR (tools/ncu-source.sh)
-  step ncu-source 120 tools/ncu-source.sh "$BIN/attention-bench" "$OUT"
+  # the default forward (H4) and backward (H6) at d64, and this run's picks where they differ:
+  # every stall reason's share and the warp samples of each SASS instruction (which wait holds
+  # the consumers: a barrier, an mbarrier, a product, an exponential), reports kept in OUTDIR
+  # (tools/ncu-source.sh)
+  ncu_kernels="joint_attn_fwd_h4_d64 joint_attn_bwd_h6_d64"
+  pf="${ADVDMD_ATTN_FWD:-h4}" pb="${ADVDMD_ATTN_BWD:-h6}"
+  [ "${pf,,}" != h4 ] && ncu_kernels="$ncu_kernels joint_attn_fwd_${pf,,}_d64"
+  [ "${pb,,}" != h6 ] && ncu_kernels="$ncu_kernels joint_attn_bwd_${pb,,}_d64"
+  step ncu-source 150 tools/ncu-source.sh "$BIN/attention-bench" "$OUT" $ncu_kernels
 fi
 PYTHONUNBUFFERED=1 step torch 120 python3 tools/bench_vs_torch.py --json "$OUT/torch.json"
 if command -v compute-sanitizer >/dev/null; then
