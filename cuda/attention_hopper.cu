@@ -1060,7 +1060,10 @@ __device__ __forceinline__ void bwd_issue_dq(float* dq, uint32_t ds, uint32_t k_
 // NEG_LOG2: sL holds −lse·log2 e (joint_attn_bwd_rowdot's nlse) rather than lse.
 // POLY > 0: every POLY-th 8-query column group's exponentials on the FMA pipes (poly_exp2, as the
 // forward's H4), the rest on the exponential unit.
-template <int QT = 64, bool NEG_LOG2 = false, int POLY = 0>
+// EXP = false (BwdAblation::NoExponentials, a bench cut): Pᵀ is the exponent floored at −126 (a
+// padded query row's −∞ kept finite), one FMNMX where the exponential was (the bare exponent made
+// ptxas spill 48 bytes and serialize the wgmmas).
+template <int QT = 64, bool NEG_LOG2 = false, int POLY = 0, bool EXP = true>
 __device__ __forceinline__ void bwd_p(const float (&s)[QT / 2], float (&p)[QT / 2], uint32_t (&pa)[QT / 16][4],
                                       const bool (&key_ok)[2], const float* sL, int t, float scale_log2) {
 #pragma unroll
@@ -1073,7 +1076,10 @@ __device__ __forceinline__ void bwd_p(const float (&s)[QT / 2], float (&p)[QT / 
             for (int c = 0; c < 2; c++) {
                 const int e = 2 * r + c;
                 const float x = fmaf(s[4 * j + e], scale_log2, nl[c]);
-                p[4 * j + e] = key_ok[r] ? (POLY > 0 && j % POLY == POLY - 1 ? poly_exp2(x) : fast_exp2(x)) : 0.f;
+                if constexpr (EXP)
+                    p[4 * j + e] = key_ok[r] ? (POLY > 0 && j % POLY == POLY - 1 ? poly_exp2(x) : fast_exp2(x)) : 0.f;
+                else
+                    p[4 * j + e] = key_ok[r] ? fmaxf(x, -126.f) : 0.f;
             }
             pa[j / 2][2 * (j & 1) + r] = pack_bf16x2(p[4 * j + 2 * r], p[4 * j + 2 * r + 1]);
         }
@@ -1417,7 +1423,8 @@ constexpr int kBwdH3Producer = 104, kBwdH3Consumer = 200;
 // issued 16 vector reductions a row.
 // ABL (BwdAblation, the bench's diagnostic cuts of the default backward H6; 0 in every variant):
 // bit 1 adds no dQ into its accumulator (the flushers take each tile and release it), bit 2
-// copies nothing (the tiles, lse and Drow stay as zeroed at entry).
+// copies nothing (the tiles, lse and Drow stay as zeroed at entry), bit 4 takes no exponentials
+// (Pᵀ is the exponent, floored: bwd_p's EXP).
 template <int VMUL, bool PIPE = false, bool ASYNC = false, int QT_ = 64, bool DEFER = false, int POLY = 0,
           bool DKS = false, bool TMA = false, int D_ = 64, int ABL = 0>
 __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict__ dva, bf16* __restrict__ dkb,
@@ -1448,7 +1455,7 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
     static_assert(!DEFER || (ASYNC && !PIPE), "the deferred dQ with the async loader, without PIPE");
     static_assert(!DKS || ((QT == 128 || D == 128) && !PIPE && !DEFER), "dK from the dSᵀ tile: H6's or H12's loop");
     static_assert(!TMA || ((QT == 128 || D == 128) && ASYNC && !DEFER), "TMA: H6's or H12's loader");
-    constexpr bool NO_REDUCTIONS = ABL & 1, NO_COPIES = ABL & 2;
+    constexpr bool NO_REDUCTIONS = ABL & 1, NO_COPIES = ABL & 2, EXPS = !(ABL & 4);
     static_assert(ABL == 0 || (D == 64 && QT == 128 && ASYNC && !PIPE && !DEFER && !DKS && !TMA && POLY == 0),
                   "the ablations cut H6");
     // dQ split by rows (each group: 64 queries × D) at QT = 128, by columns (64 queries × D/2)
@@ -1761,7 +1768,7 @@ __device__ __forceinline__ void bwd_h3(bf16* __restrict__ dka, bf16* __restrict_
         uint32_t pa[QT / 16][4], dsa[QT / 16][4];
         // Pᵀ (into p), dV += Pᵀ·dO, dSᵀ, dK += dSᵀ·Q
         auto p_and_products = [&](float (&p)[QT / 2]) {
-            bwd_p<QT, true, POLY>(s, p, pa, key_ok, sL, t, kScaleLog2);
+            bwd_p<QT, true, POLY, EXPS>(s, p, pa, key_ok, sL, t, kScaleLog2);
             wgmma_fence();
             bwd_issue_acc<D, QT>(dv, pa, do_st);
             wgmma_commit();
@@ -1968,14 +1975,16 @@ ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h5_d64_vfused, 384, 1, attn_h::bwd_h3<3, tru
 // Backward H6 (D = 64): H3 on 128-query tiles with H5's loader (QT = 128, ASYNC).
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h6_d64, 384, 1, attn_h::bwd_h3<1, false, true, 128>)
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h6_d64_vfused, 384, 1, attn_h::bwd_h3<3, false, true, 128>)
-// H6 cut for the bench (BwdAblation, ABL above): 1 no dQ reductions, 2 no copies, 3 both. Their
-// gradients are not the backward's.
+// H6 cut for the bench (BwdAblation, ABL above): 1 no dQ reductions, 2 no copies, 3 both, 4 no
+// exponentials. Their gradients are not the backward's.
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h6_d64_abl1, 384, 1,
                      attn_h::bwd_h3<1, false, true, 128, false, 0, false, false, 64, 1>)
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h6_d64_abl2, 384, 1,
                      attn_h::bwd_h3<1, false, true, 128, false, 0, false, false, 64, 2>)
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h6_d64_abl3, 384, 1,
                      attn_h::bwd_h3<1, false, true, 128, false, 0, false, false, 64, 3>)
+ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h6_d64_abl4, 384, 1,
+                     attn_h::bwd_h3<1, false, true, 128, false, 0, false, false, 64, 4>)
 // Backward H9 (D = 64): H6 with a quarter of the exponentials on the FMA pipes (POLY, as forward H4).
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h9_d64, 384, 1, attn_h::bwd_h3<1, false, true, 128, false, 4>)
 ATTN_BWD_SPLIT_ENTRY(joint_attn_bwd_h9_d64_vfused, 384, 1, attn_h::bwd_h3<3, false, true, 128, false, 4>)

@@ -2161,9 +2161,10 @@ pub mod dev {
 
     /// A diagnostic cut of the default wgmma backward's work at d = 64 (H6; its kernels
     /// `joint_attn_bwd_h6_d64_abl<bits>`, attention_hopper.cu's `bwd_h3` `ABL`), for the bench:
-    /// timed beside H6, what the dQ reductions into the f32 accumulator and the copies cost.
-    /// The gradients are not the backward's: without reductions dQ stays 0 (dK, dV are H6's);
-    /// without copies every operand reads as 0, and so does every gradient.
+    /// timed beside H6, what the dQ reductions into the f32 accumulator, the copies and the
+    /// exponentials cost. The gradients are not the backward's: without reductions dQ stays 0
+    /// (dK, dV are H6's); without copies every operand reads as 0, and so does every gradient;
+    /// without exponentials Pᵀ is the exponent, floored at −126 (finite, not H6's).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum BwdAblation {
         /// The flushers take each dQ tile and release it without adding it.
@@ -2172,13 +2173,17 @@ pub mod dev {
         NoCopies,
         /// Both.
         Bare,
+        /// Pᵀ = the exponent S·scale − lse·log2 e floored at −126, one FMNMX where 2 to it
+        /// was: no exponential unit or polynomial.
+        NoExponentials,
     }
 
     impl BwdAblation {
-        pub const ALL: [BwdAblation; 3] = [
+        pub const ALL: [BwdAblation; 4] = [
             BwdAblation::NoReductions,
             BwdAblation::NoCopies,
             BwdAblation::Bare,
+            BwdAblation::NoExponentials,
         ];
 
         /// The kernel's `ABL` bits.
@@ -2187,6 +2192,7 @@ pub mod dev {
                 BwdAblation::NoReductions => 1,
                 BwdAblation::NoCopies => 2,
                 BwdAblation::Bare => 3,
+                BwdAblation::NoExponentials => 4,
             }
         }
 
@@ -2196,6 +2202,7 @@ pub mod dev {
                 BwdAblation::NoReductions => "noreductions",
                 BwdAblation::NoCopies => "nocopies",
                 BwdAblation::Bare => "bare",
+                BwdAblation::NoExponentials => "noexps",
             }
         }
 

@@ -687,7 +687,8 @@ fn forward_ablations_compute_what_they_claim() {
 
 /// The bench's cuts of the default backward at d = 64 (`BwdAblation`, H6's kernel): without the
 /// dQ reductions, dK and dV are H6's bit for bit and dQ is 0; without copies (zero operands)
-/// every gradient is 0 — under the plain launcher's plan and unsplit.
+/// every gradient is 0; without exponentials every gradient is finite and not H6's — under the
+/// plain launcher's plan and unsplit.
 #[test]
 fn backward_ablations_compute_what_they_claim() {
     for dev in devices() {
@@ -742,6 +743,11 @@ fn backward_ablations_compute_what_they_claim() {
                     let ok = match ablation {
                         gpu::BwdAblation::NoReductions if !name.starts_with("dq") => {
                             g == bits(&want[i])
+                        }
+                        // the exponent for Pᵀ: finite, and not H6's gradients
+                        gpu::BwdAblation::NoExponentials => {
+                            g.iter().all(|&x| bf16::from_bits(x).to_f32().is_finite())
+                                && g != bits(&want[i])
                         }
                         _ => zero,
                     };
