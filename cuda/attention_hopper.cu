@@ -228,7 +228,9 @@ __device__ __forceinline__ void move_reference(const float (&mx)[2], float (&alp
 // POLY > 0: every POLY-th group of 4 scores (j ≡ POLY − 1 mod POLY) takes its exponentials from
 // poly_exp2 on the FMA pipes instead of the special-function unit (FwdVariant::H4: POLY = 4).
 // SUMS = false (fwd_h3's ROWSUM): l is neither rescaled nor added to; the tensor cores sum P.
-template <int D, int KN, int POLY = 0, bool SUMS = true>
+// EXP = false (FwdAblation::NoExponentials, a bench cut): P = |max(x, −126)| of the exponent x, an
+// FMNMX (the magnitude folds into its users) where the exponential was: positive and finite.
+template <int D, int KN, int POLY = 0, bool SUMS = true, bool EXP = true>
 __device__ __forceinline__ void softmax_exps(float (&s)[KN / 2], float (&alpha)[2], float (&ms)[2], float (&l)[2],
                                              int krows, int t, float scale_log2) {
     mask_keys<KN>(s, krows, t);
@@ -245,7 +247,11 @@ __device__ __forceinline__ void softmax_exps(float (&s)[KN / 2], float (&alpha)[
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             const float x = fmaf(s[4 * j + e], scale_log2, -ms[e >> 1]);
-            const float p = POLY > 0 && j % POLY == POLY - 1 ? poly_exp2(x) : fast_exp2(x);
+            float p;
+            if constexpr (EXP)
+                p = POLY > 0 && j % POLY == POLY - 1 ? poly_exp2(x) : fast_exp2(x);
+            else
+                p = fabsf(fmaxf(x, -126.f));
             s[4 * j + e] = p;
             if constexpr (SUMS) rs[e >> 1] += p;
         }
@@ -268,10 +274,10 @@ __device__ __forceinline__ void pack_p(const float (&s)[KN / 2], uint32_t (&pa)[
 }
 
 // Tile i's softmax with P packed at once (the caller's P registers are free: two P sets).
-template <int D, int KN, int POLY = 0, bool SUMS = true>
+template <int D, int KN, int POLY = 0, bool SUMS = true, bool EXP = true>
 __device__ __forceinline__ void softmax_to_p(float (&s)[KN / 2], float (&alpha)[2], float (&ms)[2], float (&l)[2],
                                              uint32_t (&pa)[KN / 16][4], int krows, int t, float scale_log2) {
-    softmax_exps<D, KN, POLY, SUMS>(s, alpha, ms, l, krows, t, scale_log2);
+    softmax_exps<D, KN, POLY, SUMS, EXP>(s, alpha, ms, l, krows, t, scale_log2);
     pack_p<KN>(s, pa);
 }
 
@@ -744,10 +750,11 @@ __device__ __forceinline__ void fwd_tma_producer(unsigned char* sQ0, unsigned ch
 // arrival (with the tile's bytes expected) and the bytes landing; no producer thread waits for a
 // copy or fences one (the async proxy writes what wgmma reads). The other 127 producer threads
 // leave at once, and the producer's registers shrink to 24 (the consumers 240).
-// ABL: bits 1 and 2 are FwdAblation's, the bench's diagnostic cuts of the default forwards — 1
+// ABL: bits 1, 2 and 8 are FwdAblation's, the bench's diagnostic cuts of the default forwards — 1
 // forms P as S in bf16 (no maximum, exponential, sum or rescale), 2 copies nothing (the tiles stay
-// as zeroed at entry); bit 4 (FwdVariant::H16) drops the groups' turns: each issues its products
-// as soon as its softmax is done, not after the other group's (no named barriers).
+// as zeroed at entry), 8 takes no exponentials (softmax_exps' EXP); bit 4 (FwdVariant::H16) drops
+// the groups' turns: each issues its products as soon as its softmax is done, not after the other
+// group's (no named barriers).
 template <int D, int KN, int STAGES, int VMUL, int POLY = 0, int NC = 2, bool ASYNC = false, bool ROWSUM = false,
           int SPEC = 0, bool TMA = false, int ABL = 0>
 __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__ ob, float* __restrict__ lse,
@@ -773,7 +780,7 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
     static_assert(NC == 2 || NC == 3, "two or three consumer groups");
     static_assert(!TMA || (!ASYNC && NC == 2), "TMA's producer is its own kind");
     static_assert(SPEC == 0 || PSETS == 2, "the speculative softmax packs P as it goes: two P sets");
-    constexpr bool NO_SOFTMAX = ABL & 1, NO_COPIES = ABL & 2, TURNS = !(ABL & 4);
+    constexpr bool NO_SOFTMAX = ABL & 1, NO_COPIES = ABL & 2, TURNS = !(ABL & 4), EXPS = !(ABL & 8);
     static_assert(ABL == 0 || (PSETS == 2 && SPEC == 0 && !ROWSUM && !ASYNC && !TMA && NC == 2),
                   "the cuts and H16 take the cp.async forwards of two groups and two P sets (H3, H4)");
     constexpr int QBYTES = QT * D * 2, KVBYTES = KN * D * 2;
@@ -956,7 +963,7 @@ __device__ __forceinline__ void fwd_h3(bf16* __restrict__ oa, bf16* __restrict__
                 wgmma_wait<0>();
                 rescale_o<D>(R.o, alpha);
             } else if constexpr (PSETS == 2) {
-                softmax_to_p<D, KN, POLY, !ROWSUM>(s, alpha, R.ms, R.l, pn, krows, t, scale_log2);
+                softmax_to_p<D, KN, POLY, !ROWSUM, EXPS>(s, alpha, R.ms, R.l, pn, krows, t, scale_log2);
                 wgmma_wait<0>();
                 rescale_o<D>(R.o, alpha);
             } else {
@@ -1897,13 +1904,15 @@ FWD_SPLIT_COMBINE_ENTRY(joint_attn_fwd_split_combine_d128_q128, 128, 128)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h4_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4>)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h4_d64_vfused, 384, 1, attn_h::fwd_h3<64, 128, 4, 3, 4>)
 // The default forwards (H4 at D = 64, H3 at D = 128) cut for the bench (FwdAblation, ABL above):
-// 1 no softmax, 2 no copies, 3 both. Their outputs are not attention.
+// 1 no softmax, 2 no copies, 3 both, 8 no exponentials. Their outputs are not attention.
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h4_d64_abl1, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 2, false, false, 0, false, 1>)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h4_d64_abl2, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 2, false, false, 0, false, 2>)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h4_d64_abl3, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 2, false, false, 0, false, 3>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h4_d64_abl8, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 2, false, false, 0, false, 8>)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h3_d128_abl1, 384, 1, attn_h::fwd_h3<128, 64, 4, 1, 0, 2, false, false, 0, false, 1>)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h3_d128_abl2, 384, 1, attn_h::fwd_h3<128, 64, 4, 1, 0, 2, false, false, 0, false, 2>)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h3_d128_abl3, 384, 1, attn_h::fwd_h3<128, 64, 4, 1, 0, 2, false, false, 0, false, 3>)
+ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h3_d128_abl8, 384, 1, attn_h::fwd_h3<128, 64, 4, 1, 0, 2, false, false, 0, false, 8>)
 // Forward H16: H4 at D = 64 and H3 at D = 128 without the groups' turns (ABL bit 4).
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h16_d64, 384, 1, attn_h::fwd_h3<64, 128, 4, 1, 4, 2, false, false, 0, false, 4>)
 ATTN_FWD_SPLIT_ENTRY(joint_attn_fwd_h16_d64_vfused, 384, 1,

@@ -1725,7 +1725,8 @@ pub mod dev {
     /// kernels `…_abl<bits>`, attention_hopper.cu's `ABL`), for the bench: timed beside the whole
     /// kernel, each says what one part of the kernel costs — the time left with no softmax is
     /// the products' and the pipeline's, with no copies the consumers' alone, with neither the
-    /// tensor cores', barriers' and mbarriers' floor. (Without the groups' turns it still
+    /// tensor cores', barriers' and mbarriers' floor, with no exponentials all but the
+    /// exponential unit's (and the polynomials'). (Without the groups' turns it still
     /// computes attention: that is a variant, [`FwdVariant::H16`].) None computes attention.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum FwdAblation {
@@ -1735,13 +1736,17 @@ pub mod dev {
         NoCopies,
         /// Both.
         Bare,
+        /// P = |max(x, −126)| of each exponent x, one FMNMX where 2^x was (the row maxima, sums
+        /// and rescales kept): what the exponentials (and H4's polynomials) cost.
+        NoExponentials,
     }
 
     impl FwdAblation {
-        pub const ALL: [FwdAblation; 3] = [
+        pub const ALL: [FwdAblation; 4] = [
             FwdAblation::NoSoftmax,
             FwdAblation::NoCopies,
             FwdAblation::Bare,
+            FwdAblation::NoExponentials,
         ];
 
         /// The kernel's `ABL` bits.
@@ -1750,6 +1755,7 @@ pub mod dev {
                 FwdAblation::NoSoftmax => 1,
                 FwdAblation::NoCopies => 2,
                 FwdAblation::Bare => 3,
+                FwdAblation::NoExponentials => 8,
             }
         }
 
@@ -1759,6 +1765,7 @@ pub mod dev {
                 FwdAblation::NoSoftmax => "nosoftmax",
                 FwdAblation::NoCopies => "nocopies",
                 FwdAblation::Bare => "bare",
+                FwdAblation::NoExponentials => "noexps",
             }
         }
 

@@ -636,7 +636,8 @@ fn schedule_variants_match_their_base_bit_for_bit() {
 
 /// The bench's cuts of the default forward (`FwdAblation`) compute what each claims, unsplit:
 /// with no softmax O = Σ bf16(q·k)·v over the keys (the CPU's, f32) and lse 0; with no copies
-/// (zero tiles) O = 0 and lse = ln(keys); with neither, O = 0 and lse 0.
+/// (zero tiles) O = 0 and lse = ln(keys); with neither, O = 0 and lse 0; with no exponentials
+/// O and lse finite and O not the base's.
 #[test]
 fn forward_ablations_compute_what_they_claim() {
     for dev in devices() {
@@ -669,6 +670,24 @@ fn forward_ablations_compute_what_they_claim() {
                 let (o, lse) = run(whole);
                 let kernel = format!("joint_attention_fwd[{}]", ablation.tag());
                 let (want_o, want_lse) = match ablation {
+                    gpu::FwdAblation::NoExponentials => {
+                        // P of the floored exponents: finite, positive sums, not the base's O
+                        let base_o = fwd_run(&dev, &bufs, dims, base);
+                        let mut w = download_f32(&dev, &base_o.0);
+                        w.extend(download_f32(&dev, &base_o.1));
+                        let finite = o.iter().chain(&lse).all(|x| x.is_finite());
+                        assert!(
+                            finite && o != w,
+                            "{kernel} at {}: not finite, or the base's O",
+                            inp.shape()
+                        );
+                        println!(
+                            "kernel {kernel} finite, not the base's, {}, device {}",
+                            inp.shape(),
+                            dev.name()
+                        );
+                        continue;
+                    }
                     gpu::FwdAblation::NoSoftmax => (summed.clone(), 0.0),
                     gpu::FwdAblation::NoCopies => (vec![0.0; o.len()], keys.ln()),
                     gpu::FwdAblation::Bare => (vec![0.0; o.len()], 0.0),
