@@ -2,9 +2,11 @@
 # Where the default attention kernels' warps stall, instruction by instruction (gpu-check's
 # `ncu-source` step; needs Nsight Compute's `ncu` and a card). For each kernel: one launch of the
 # attention bench's first shape (SD3.5-medium 1024 px, d64, batch 2) profiled with the source
-# counters (warp-state samples per SASS instruction) and every stall reason's share, kept as
-# OUTDIR/ncu-KERNEL.ncu-rep; its details page; and the SASS with its samples
-# (OUTDIR/ncu-KERNEL-sass.csv), summed by tools/ncu-sass-top.py.
+# counters (warp-state samples per SASS instruction) and every stall reason's share; its details
+# page; and the SASS with its samples (OUTDIR/ncu-KERNEL-sass.csv), summed by
+# tools/ncu-sass-top.py. The report itself (OUTDIR/ncu-KERNEL.ncu-rep, megabytes, for Nsight
+# Compute's GUI) is removed afterwards unless NCU_KEEP_REPORTS=1: what a device call brings back
+# is the text.
 #
 # Usage: tools/ncu-source.sh BENCH OUTDIR [KERNEL…]   (default kernels: the forward H4 and the
 #        backward H6, the defaults at d = 64)
@@ -34,5 +36,6 @@ for k in "$@"; do
   else
     echo "$k: no source page:"; tail -3 "$rep-sass.err"; rc=1
   fi
+  [ "${NCU_KEEP_REPORTS:-0}" = 1 ] || rm -f "$rep.ncu-rep"
 done
 exit $rc
