@@ -175,6 +175,18 @@ PY
       echo "attention: $p for the later steps (faster than the default at d64 1024 px)" | tee -a "$OUT/steps.txt"
     fi
   done
+  # the cuts of the default kernels (FwdAblation, BwdAblation) against them: the share of the
+  # kernel's time each cut part takes, per shape, into steps.txt
+  python3 - "$OUT/attention.json" <<'PY' | tee -a "$OUT/steps.txt"
+import json, sys
+for r in json.load(open(sys.argv[1])):
+    for way, base in (("fwd", "h4" if r.get("d") == 64 else "h3"), ("bwd", "h6")):
+        t = r.get(f"{way}_{base}_ms")
+        cuts = sorted(k[len(way) + 5:-3] for k in r if k.startswith(f"{way}_abl_") and k.endswith("_ms"))
+        if t and cuts:
+            parts = ", ".join(f"{c} {r[f'{way}_abl_{c}_ms']:.3f} ms ({100 * (1 - r[f'{way}_abl_{c}_ms'] / t):.0f}% less)" for c in cuts)
+            print(f"cuts {r['shape']} {way} {base} {t:.3f} ms: {parts}")
+PY
 fi
 step mmdit-shapes 30 "$BIN/advdmd" bench mmdit --device cuda --model shapes --batch 128 --iters 10 --json
 step mmdit-sd35m 120 "$BIN/advdmd" bench mmdit --device cuda --model sd3.5-medium --res 1024 --batch 1 --iters 10 --json

@@ -1800,10 +1800,11 @@ pub mod dev {
         ablation: FwdAblation,
         plan: Option<SplitPlan>,
     ) -> KernelResult<(DevBuf<bf16>, DevBuf<bf16>, DevBuf<f32>)> {
-        if !has_fast_kernels(dims.d) {
+        if !has_fast_kernels(dims.d) || !dev.has_wgmma() {
             return Err(KernelError::Invalid(format!(
-                "joint attention: no ablated forward at d = {}",
-                dims.d
+                "joint attention: the ablated forward needs wgmma and d = 64 or 128 (d = {} on {})",
+                dims.d,
+                dev.name()
             )));
         }
         let launch = FwdLaunch {
@@ -2241,10 +2242,11 @@ pub mod dev {
         ablation: BwdAblation,
         plan: Option<SplitPlan>,
     ) -> KernelResult<[DevBuf<bf16>; 6]> {
-        if dims.d != 64 {
+        if dims.d != 64 || !dev.has_wgmma() {
             return Err(KernelError::Invalid(format!(
-                "joint attention: no ablated backward at d = {}",
-                dims.d
+                "joint attention: the ablated backward needs wgmma and d = 64 (d = {} on {})",
+                dims.d,
+                dev.name()
             )));
         }
         let operands = [qa, ka, va, qb, kb, vb, oa, ob, doa, dob];
