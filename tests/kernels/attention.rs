@@ -655,9 +655,17 @@ fn forward_ablations_compute_what_they_claim() {
             let small = Inputs::new(1, 3, 8, 1, 32, 1.0, 9499);
             let small_bufs = small.qkv.each_ref().map(|v| upload_bf16(&dev, v));
             let cut = gpu::FwdAblation::Bare;
-            let refused =
-                gpu::joint_attention_fwd_ablated(&dev, small_bufs.each_ref(), small.dims, cut, None);
-            assert!(refused.is_err(), "an ablated forward at d = 32 was launched");
+            let refused = gpu::joint_attention_fwd_ablated(
+                &dev,
+                small_bufs.each_ref(),
+                small.dims,
+                cut,
+                None,
+            );
+            assert!(
+                refused.is_err(),
+                "an ablated forward at d = 32 was launched"
+            );
             let inp = Inputs::new(1, 77, 200, 2, d, 1.0, 9500 + d as u64);
             let dims = inp.dims;
             let bufs = inp.qkv.each_ref().map(|v| upload_bf16(&dev, v));
