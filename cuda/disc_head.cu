@@ -430,75 +430,58 @@ __device__ __forceinline__ void gn_bwd_regs(bf16* __restrict__ dx, float* __rest
 
 }  // namespace disc_head
 
-// grid: B·G, block: GN_THREADS, dynamic shared memory 2·(C/G) floats. `counter`: one ticket
-// (`KernelDevice::column_tickets`), zero at launch and left at zero; dw, db [C] are written by the
-// last block.
-extern "C" __global__ void __launch_bounds__(GN_THREADS)
-    group_norm_bwd(bf16* __restrict__ dx, float* __restrict__ dw, float* __restrict__ db, float* dw_part,
-                   float* db_part, unsigned* __restrict__ counter, const bf16* __restrict__ x,
-                   const float* __restrict__ mean, const float* __restrict__ rstd, const bf16* __restrict__ weight,
-                   const bf16* __restrict__ bias, const bf16* __restrict__ dy, int B, int C, int S, int G, float slope,
-                   int leaky) {
-    kernel_prologue();
+namespace disc_head {
+// group_norm_bwd's body: the loop path, its 2·C/G floats of shared memory.
+__device__ __forceinline__ void gn_bwd_loop_entry(bf16* dx, float* dw, float* db, float* dw_part, float* db_part,
+                                                  unsigned* counter, const bf16* x, const float* mean,
+                                                  const float* rstd, const bf16* weight, const bf16* bias,
+                                                  const bf16* dy, int B, int C, int S, int G, float slope, int leaky) {
     DYNAMIC_SMEM(float, sums);
-    disc_head::gn_bwd_loop(dx, dw_part, db_part, x, mean, rstd, weight, bias, dy, C, S, G, slope, leaky, sums);
-    disc_head::param_grad_tail(dw, db, dw_part, db_part, counter, B, C);
+    gn_bwd_loop(dx, dw_part, db_part, x, mean, rstd, weight, bias, dy, C, S, G, slope, leaky, sums);
+    param_grad_tail(dw, db, dw_part, db_part, counter, B, C);
 }
 
-// grid: B·G, block: ≤ 1024 threads with C/G·S/8 ≤ P·blockDim.x, S % 8 == 0; dynamic shared memory
-// (2·C/G·S/8 + 2·C/G) floats. Unaligned pointers take the loop path (which needs only the last
-// 2·C/G of them).
-extern "C" __global__ void __launch_bounds__(1024)
-    group_norm_bwd_r1(bf16* __restrict__ dx, float* __restrict__ dw, float* __restrict__ db, float* dw_part,
-                      float* db_part, unsigned* __restrict__ counter, const bf16* __restrict__ x,
-                      const float* __restrict__ mean, const float* __restrict__ rstd, const bf16* __restrict__ weight,
-                      const bf16* __restrict__ bias, const bf16* __restrict__ dy, int B, int C, int S, int G,
-                      float slope, int leaky) {
-    kernel_prologue();
+// group_norm_bwd_r<R>'s body: R packs a thread held in registers where the pointers allow (the loop
+// path otherwise, which needs only the last 2·C/G floats of shared memory).
+template <int R>
+__device__ __forceinline__ void gn_bwd_regs_entry(bf16* dx, float* dw, float* db, float* dw_part, float* db_part,
+                                                  unsigned* counter, const bf16* x, const float* mean,
+                                                  const float* rstd, const bf16* weight, const bf16* bias,
+                                                  const bf16* dy, int B, int C, int S, int G, float slope, int leaky) {
     DYNAMIC_SMEM(float, part);
     const int packs = C / G * S / 8;
     if (aligned16(x) && aligned16(dy) && aligned16(dx))
-        disc_head::gn_bwd_regs<1>(dx, dw_part, db_part, x, mean, rstd, weight, bias, dy, C, S, G, slope, leaky,
-                                  part, part + 2 * packs);
+        gn_bwd_regs<R>(dx, dw_part, db_part, x, mean, rstd, weight, bias, dy, C, S, G, slope, leaky, part,
+                       part + 2 * packs);
     else
-        disc_head::gn_bwd_loop(dx, dw_part, db_part, x, mean, rstd, weight, bias, dy, C, S, G, slope, leaky,
-                               part + 2 * packs);
-    disc_head::param_grad_tail(dw, db, dw_part, db_part, counter, B, C);
+        gn_bwd_loop(dx, dw_part, db_part, x, mean, rstd, weight, bias, dy, C, S, G, slope, leaky, part + 2 * packs);
+    param_grad_tail(dw, db, dw_part, db_part, counter, B, C);
 }
-extern "C" __global__ void __launch_bounds__(1024)
-    group_norm_bwd_r2(bf16* __restrict__ dx, float* __restrict__ dw, float* __restrict__ db, float* dw_part,
-                      float* db_part, unsigned* __restrict__ counter, const bf16* __restrict__ x,
-                      const float* __restrict__ mean, const float* __restrict__ rstd, const bf16* __restrict__ weight,
-                      const bf16* __restrict__ bias, const bf16* __restrict__ dy, int B, int C, int S, int G,
-                      float slope, int leaky) {
-    kernel_prologue();
-    DYNAMIC_SMEM(float, part);
-    const int packs = C / G * S / 8;
-    if (aligned16(x) && aligned16(dy) && aligned16(dx))
-        disc_head::gn_bwd_regs<2>(dx, dw_part, db_part, x, mean, rstd, weight, bias, dy, C, S, G, slope, leaky,
-                                  part, part + 2 * packs);
-    else
-        disc_head::gn_bwd_loop(dx, dw_part, db_part, x, mean, rstd, weight, bias, dy, C, S, G, slope, leaky,
-                               part + 2 * packs);
-    disc_head::param_grad_tail(dw, db, dw_part, db_part, counter, B, C);
-}
-extern "C" __global__ void __launch_bounds__(1024)
-    group_norm_bwd_r4(bf16* __restrict__ dx, float* __restrict__ dw, float* __restrict__ db, float* dw_part,
-                      float* db_part, unsigned* __restrict__ counter, const bf16* __restrict__ x,
-                      const float* __restrict__ mean, const float* __restrict__ rstd, const bf16* __restrict__ weight,
-                      const bf16* __restrict__ bias, const bf16* __restrict__ dy, int B, int C, int S, int G,
-                      float slope, int leaky) {
-    kernel_prologue();
-    DYNAMIC_SMEM(float, part);
-    const int packs = C / G * S / 8;
-    if (aligned16(x) && aligned16(dy) && aligned16(dx))
-        disc_head::gn_bwd_regs<4>(dx, dw_part, db_part, x, mean, rstd, weight, bias, dy, C, S, G, slope, leaky,
-                                  part, part + 2 * packs);
-    else
-        disc_head::gn_bwd_loop(dx, dw_part, db_part, x, mean, rstd, weight, bias, dy, C, S, G, slope, leaky,
-                               part + 2 * packs);
-    disc_head::param_grad_tail(dw, db, dw_part, db_part, counter, B, C);
-}
+}  // namespace disc_head
+
+// The group-norm backward's entry points, one line each: the kernel's name, its launch bound and the
+// body it runs (taking the entry's arguments in this order). build.rs reads the kernel names from
+// these invocations. `counter`: one ticket (`KernelDevice::column_tickets`), zero at launch and left
+// at zero; dw, db [C] are written by the last block.
+#define GN_BWD_ENTRY(name, threads, ...)                                                                   \
+    extern "C" __global__ void __launch_bounds__(threads)                                                  \
+        name(bf16* __restrict__ dx, float* __restrict__ dw, float* __restrict__ db, float* dw_part,        \
+             float* db_part, unsigned* __restrict__ counter, const bf16* __restrict__ x,                   \
+             const float* __restrict__ mean, const float* __restrict__ rstd,                               \
+             const bf16* __restrict__ weight, const bf16* __restrict__ bias, const bf16* __restrict__ dy, \
+             int B, int C, int S, int G, float slope, int leaky) {                                         \
+        kernel_prologue();                                                                                 \
+        __VA_ARGS__(dx, dw, db, dw_part, db_part, counter, x, mean, rstd, weight, bias, dy, B, C, S, G,    \
+                    slope, leaky);                                                                         \
+    }
+
+// grid: B·G, block: GN_THREADS, dynamic shared memory 2·(C/G) floats.
+GN_BWD_ENTRY(group_norm_bwd, GN_THREADS, disc_head::gn_bwd_loop_entry)
+// grid: B·G, block: ≤ 1024 threads with C/G·S/8 ≤ R·blockDim.x, S % 8 == 0; dynamic shared memory
+// (2·C/G·S/8 + 2·C/G) floats.
+GN_BWD_ENTRY(group_norm_bwd_r1, 1024, disc_head::gn_bwd_regs_entry<1>)
+GN_BWD_ENTRY(group_norm_bwd_r2, 1024, disc_head::gn_bwd_regs_entry<2>)
+GN_BWD_ENTRY(group_norm_bwd_r4, 1024, disc_head::gn_bwd_regs_entry<4>)
 
 // ---- Mean pool ---------------------------------------------------------------------------------
 

@@ -686,6 +686,54 @@ pub mod dev {
     /// Rows (one warp each) per block of the fallback kernels.
     const NAIVE_ROWS: usize = 4;
 
+    /// An enum of kernel variants (or cuts) and its `ALL`, every one of them in declaration order
+    /// (what tests and the bench iterate), from one list of names.
+    macro_rules! variant_enum {
+        ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $v:ident),+ $(,)? }) => {
+            $(#[$meta])*
+            #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+            pub enum $name {
+                $($(#[$vmeta])* $v),+
+            }
+
+            impl $name {
+                /// Every one, in declaration order.
+                pub const ALL: [$name; [$(stringify!($v)),+].len()] = [$($name::$v),+];
+            }
+        };
+        // Kernel variants: chosen by the environment variable `$env` (see [`check_variant_env`]),
+        // skipped by `${env}_SKIP`; those `portable` lists run without wgmma.
+        (env: $env:literal, portable: [$($p:ident),+], $($rest:tt)*) => {
+            variant_enum! { $($rest)* }
+            variant_enum!(@choice $env, [$($p),+], $($rest)*);
+        };
+        (@choice $env:literal, [$($p:ident),+], $(#[$meta:meta])* $name:ident $body:tt) => {
+            impl $name {
+                /// The variant the plain launcher (and so the model) uses on `dev`.
+                pub fn fastest(dev: &KernelDevice, d: usize) -> $name {
+                    Self::choose(d, dev.has_wgmma())
+                }
+
+                #[doc = concat!("`", $env, "` when set (see [`check_variant_env`]), else")]
+                /// [`Self::measured_best`] on a device that runs wgmma or not
+                /// (`ADVDMD_ATTN_NO_HOPPER=1`: not).
+                pub fn choose(d: usize, has_wgmma: bool) -> $name {
+                    env_variant($env, &Self::ALL)
+                        .unwrap_or_else(|| Self::measured_best(d, has_wgmma && !hopper_disabled()))
+                }
+
+                /// [`Self::ALL`] less the wgmma variants under `ADVDMD_ATTN_NO_HOPPER=1` (see
+                #[doc = concat!("[`hopper_disabled`]) and those `", $env, "_SKIP` names: what")]
+                /// tests and the bench iterate.
+                pub fn enabled() -> Vec<$name> {
+                    without_hopper(&Self::ALL, concat!($env, "_SKIP"), |v| {
+                        !matches!(v, $($name::$p)|+)
+                    })
+                }
+            }
+        };
+    }
+
     /// Whether head dim `d` runs the tensor-core kernels (else the fallback).
     pub fn has_fast_kernels(d: usize) -> bool {
         d == 64 || d == 128
@@ -819,93 +867,83 @@ pub mod dev {
         std::env::var("ADVDMD_ATTN_NO_HOPPER").is_ok_and(|v| v == "1")
     }
 
-    /// The forward kernels (attention.cu's `fwd_v3`): warps of 32 query rows with a lazy softmax
-    /// rescale (O and l rescaled only when a row's max grows past 2^8 of the reference) and a
-    /// deep K/V pipeline. `V3`: 8 warps, 256-row query blocks (half the K/V tile loads per FLOP),
-    /// 3 stages at d = 64 / 2 at d = 128, one block per SM (237/255 registers). `V4`: 4 warps,
-    /// 128-row blocks, 3 stages at d = 64 / 2 at d = 128, two blocks per SM (243/255 registers).
-    /// (W16 and W32, measured slower at every shape, were removed: docs/perf-log.md.)
-    /// `H1` (attention_hopper.cu, sm_90a): both products on the Hopper warpgroup MMA (wgmma)
-    /// from 128-byte-swizzled shared tiles, 2 warpgroups of 64 query rows (128-row blocks),
-    /// 128-key tiles at d = 64 and 64-key tiles at d = 128, 2 stages. `H2`: H1 with the P·V
-    /// product of one key tile overlapping the softmax of the next (3 stages). `H3`:
-    /// FlashAttention-3's structure — a producer warpgroup streams the tiles through 4 stages
-    /// guarded by mbarriers, and H2's two consumer warpgroups take turns to issue their products
-    /// (ping-pong), with no block barrier (384 threads). `H4` (d = 64; at d = 128 it runs
-    /// `H3`): H3 with a quarter of the softmax's exponentials on the FMA pipes (`poly_exp2`,
-    /// FlashAttention-4's split): at d = 64 the special-function unit's exponentials take as
-    /// long as the tensor cores' products. `H5` (d = 64; at d = 128 it runs `H3`): H3 with
-    /// three consumer groups, 192-row blocks of 512 threads as FlashAttention-3 uses at d ≤ 64
-    /// (each K/V tile feeds 1.5× the rows); one P register set (P_i packed once
-    /// P_{i−1}·V_{i−1} has read it), consumers at 160 registers and a producer of rolled copies
-    /// at 32. `H6`: H5 with H4's polynomial exponentials. `H7`: H3's two consumer groups fed
-    /// by a producer that never waits for its copies (each thread's
-    /// `cp.async.mbarrier.arrive.noinc` marks a stage full once they land), so fewer stages keep
-    /// the ring full: 128-key tiles in 3 stages at d = 64 and in 2 at d = 128 (H3: 64-key tiles in
-    /// 4 there); the producer's rolled copies in 40 registers, the consumers at 232 (room for two
-    /// P register sets at d = 128 too). `H8` (d = 64;
-    /// at d = 128 it runs `H7`): H7 with H4's polynomial exponentials. `H9` (d = 64; at d = 128
-    /// `H7`): H8 with 192-key tiles, FlashAttention-3's tile at this head dim (one P register
-    /// set; a 1024-token stream ends in a third of a tile, so more keys are masked). `H10` (d = 64;
-    /// at d = 128 `H3`): H4 with the softmax's row sums on the tensor cores — P·1 by a
-    /// `wgmma m64n8k16` against 256 bytes of ones, issued with P·V and rescaled with O — instead
-    /// of 64 serial adds a thread a tile (a seventh of the softmax's instructions; the sums are
-    /// of the bf16 P that O sums). `H11` (H4 at d = 64, H3 at d = 128, each with it): the
-    /// speculative softmax — P's exponentials taken against the reference maximum as it stands
-    /// while the row maxima reduce beside them, and taken again in the rare tile whose maximum
-    /// moved the reference (`softmax_to_p_spec`); the same P bit for bit, without the
-    /// maximum's chain (FMNMX, shuffles, vote) ahead of the exponentials. `H12` (the same
-    /// bases): H11 with no maximum on a tile's common path — a thread's partial row sums bound
-    /// each of its P, so the lazy rescale's test (no P past 2^8) is made on them, and a rescale
-    /// alone reduces the maximum it moves to (P then against other references than H4's: the
-    /// same softmax, other roundings). `H13` (H4 at d = 64, H3 at d = 128, each with it): the
-    /// producer's copies by TMA — one thread issues a bulk tensor copy per 64-column box of a
-    /// tile (`tma_load_4d`, tensor maps from [`fwd_maps`]) where 128 threads issued cp.async
-    /// and arrived; the tiles land swizzled as before, rows past a stream zero; the producer
-    /// keeps 24 registers, the consumers 240. V's token stride is in its map: no `_vfused` twin.
-    /// `H14` (the same bases): H11's speculative softmax fed by H13's TMA producer. `H15` (d = 128;
-    /// at d = 64 `H13`): H13 on 128-key tiles in 2 stages, two P register sets in the consumers'
-    /// 240 registers (S's products read a third less shared memory per FLOP than on 64-key
-    /// tiles; H7, which tried the tile with cp.async, measured 273 against H3's 373 TFLOP/s).
-    /// `H16` (H4 at d = 64, H3 at d = 128, each without): no turns — each consumer group issues
-    /// its products as soon as its softmax is done, instead of after the other group's (the
-    /// ping-pong's named barriers, fwd_h3's `ABL` bit 4); the same output bit for bit.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub enum FwdVariant {
-        V3,
-        V4,
-        H1,
-        H2,
-        H3,
-        H4,
-        H5,
-        H6,
-        H7,
-        H8,
-        H9,
-        H10,
-        H11,
-        H12,
-        H13,
-        H14,
-        H15,
-        H16,
+    variant_enum! {
+        env: "ADVDMD_ATTN_FWD",
+        portable: [V3, V4],
+        /// The forward kernels (attention.cu's `fwd_v3`): warps of 32 query rows with a lazy softmax
+        /// rescale (O and l rescaled only when a row's max grows past 2^8 of the reference) and a
+        /// deep K/V pipeline. `V3`: 8 warps, 256-row query blocks (half the K/V tile loads per FLOP),
+        /// 3 stages at d = 64 / 2 at d = 128, one block per SM (237/255 registers). `V4`: 4 warps,
+        /// 128-row blocks, 3 stages at d = 64 / 2 at d = 128, two blocks per SM (243/255 registers).
+        /// (W16 and W32, measured slower at every shape, were removed: docs/perf-log.md.)
+        /// `H1` (attention_hopper.cu, sm_90a): both products on the Hopper warpgroup MMA (wgmma)
+        /// from 128-byte-swizzled shared tiles, 2 warpgroups of 64 query rows (128-row blocks),
+        /// 128-key tiles at d = 64 and 64-key tiles at d = 128, 2 stages. `H2`: H1 with the P·V
+        /// product of one key tile overlapping the softmax of the next (3 stages). `H3`:
+        /// FlashAttention-3's structure — a producer warpgroup streams the tiles through 4 stages
+        /// guarded by mbarriers, and H2's two consumer warpgroups take turns to issue their products
+        /// (ping-pong), with no block barrier (384 threads). `H4` (d = 64; at d = 128 it runs
+        /// `H3`): H3 with a quarter of the softmax's exponentials on the FMA pipes (`poly_exp2`,
+        /// FlashAttention-4's split): at d = 64 the special-function unit's exponentials take as
+        /// long as the tensor cores' products. `H5` (d = 64; at d = 128 it runs `H3`): H3 with
+        /// three consumer groups, 192-row blocks of 512 threads as FlashAttention-3 uses at d ≤ 64
+        /// (each K/V tile feeds 1.5× the rows); one P register set (P_i packed once
+        /// P_{i−1}·V_{i−1} has read it), consumers at 160 registers and a producer of rolled copies
+        /// at 32. `H6`: H5 with H4's polynomial exponentials. `H7`: H3's two consumer groups fed
+        /// by a producer that never waits for its copies (each thread's
+        /// `cp.async.mbarrier.arrive.noinc` marks a stage full once they land), so fewer stages keep
+        /// the ring full: 128-key tiles in 3 stages at d = 64 and in 2 at d = 128 (H3: 64-key tiles in
+        /// 4 there); the producer's rolled copies in 40 registers, the consumers at 232 (room for two
+        /// P register sets at d = 128 too). `H8` (d = 64;
+        /// at d = 128 it runs `H7`): H7 with H4's polynomial exponentials. `H9` (d = 64; at d = 128
+        /// `H7`): H8 with 192-key tiles, FlashAttention-3's tile at this head dim (one P register
+        /// set; a 1024-token stream ends in a third of a tile, so more keys are masked). `H10` (d = 64;
+        /// at d = 128 `H3`): H4 with the softmax's row sums on the tensor cores — P·1 by a
+        /// `wgmma m64n8k16` against 256 bytes of ones, issued with P·V and rescaled with O — instead
+        /// of 64 serial adds a thread a tile (a seventh of the softmax's instructions; the sums are
+        /// of the bf16 P that O sums). `H11` (H4 at d = 64, H3 at d = 128, each with it): the
+        /// speculative softmax — P's exponentials taken against the reference maximum as it stands
+        /// while the row maxima reduce beside them, and taken again in the rare tile whose maximum
+        /// moved the reference (`softmax_to_p_spec`); the same P bit for bit, without the
+        /// maximum's chain (FMNMX, shuffles, vote) ahead of the exponentials. `H12` (the same
+        /// bases): H11 with no maximum on a tile's common path — a thread's partial row sums bound
+        /// each of its P, so the lazy rescale's test (no P past 2^8) is made on them, and a rescale
+        /// alone reduces the maximum it moves to (P then against other references than H4's: the
+        /// same softmax, other roundings). `H13` (H4 at d = 64, H3 at d = 128, each with it): the
+        /// producer's copies by TMA — one thread issues a bulk tensor copy per 64-column box of a
+        /// tile (`tma_load_4d`, tensor maps from [`fwd_maps`]) where 128 threads issued cp.async
+        /// and arrived; the tiles land swizzled as before, rows past a stream zero; the producer
+        /// keeps 24 registers, the consumers 240. V's token stride is in its map: no `_vfused` twin.
+        /// `H14` (the same bases): H11's speculative softmax fed by H13's TMA producer. `H15` (d = 128;
+        /// at d = 64 `H13`): H13 on 128-key tiles in 2 stages, two P register sets in the consumers'
+        /// 240 registers (S's products read a third less shared memory per FLOP than on 64-key
+        /// tiles; H7, which tried the tile with cp.async, measured 273 against H3's 373 TFLOP/s).
+        /// `H16` (H4 at d = 64, H3 at d = 128, each without): no turns — each consumer group issues
+        /// its products as soon as its softmax is done, instead of after the other group's (the
+        /// ping-pong's named barriers, fwd_h3's `ABL` bit 4); the same output bit for bit.
+        FwdVariant {
+            V3,
+            V4,
+            H1,
+            H2,
+            H3,
+            H4,
+            H5,
+            H6,
+            H7,
+            H8,
+            H9,
+            H10,
+            H11,
+            H12,
+            H13,
+            H14,
+            H15,
+            H16,
+        }
     }
 
     impl FwdVariant {
-        /// The variant the plain launcher (and so the model) uses on `dev`.
-        pub fn fastest(dev: &KernelDevice, d: usize) -> FwdVariant {
-            Self::choose(d, dev.has_wgmma())
-        }
-
-        /// `ADVDMD_ATTN_FWD` when set (see [`check_variant_env`]), else
-        /// [`Self::measured_best`] on a device that runs wgmma or not (`ADVDMD_ATTN_NO_HOPPER=1`:
-        /// not).
-        pub fn choose(d: usize, has_wgmma: bool) -> FwdVariant {
-            env_variant("ADVDMD_ATTN_FWD", &Self::ALL)
-                .unwrap_or_else(|| Self::measured_best(d, has_wgmma && !hopper_disabled()))
-        }
-
         /// The fastest measured at head dim `d` (docs/perf-log.md, H100, 2026-11-28, 1024 px,
         /// every variant in one run: with wgmma, H4 at 315.2 TFLOP/s at d = 64 (H3 307.9) and
         /// H3 at 372.9 at d = 128 (H4–H6 resolve within 1.5% of it; H3 runs persistent at
@@ -919,36 +957,6 @@ pub mod dev {
             }
         }
 
-        /// [`Self::ALL`] less the wgmma variants under `ADVDMD_ATTN_NO_HOPPER=1` (see
-        /// [`hopper_disabled`]) and those `ADVDMD_ATTN_FWD_SKIP` names: what tests and the bench
-        /// iterate.
-        pub fn enabled() -> Vec<FwdVariant> {
-            without_hopper(&Self::ALL, "ADVDMD_ATTN_FWD_SKIP", |v| {
-                !matches!(v, FwdVariant::V3 | FwdVariant::V4)
-            })
-        }
-
-        /// Every variant, for tests and the bench.
-        pub const ALL: [FwdVariant; 18] = [
-            FwdVariant::V3,
-            FwdVariant::V4,
-            FwdVariant::H1,
-            FwdVariant::H2,
-            FwdVariant::H3,
-            FwdVariant::H4,
-            FwdVariant::H5,
-            FwdVariant::H6,
-            FwdVariant::H7,
-            FwdVariant::H8,
-            FwdVariant::H9,
-            FwdVariant::H10,
-            FwdVariant::H11,
-            FwdVariant::H12,
-            FwdVariant::H13,
-            FwdVariant::H14,
-            FwdVariant::H15,
-            FwdVariant::H16,
-        ];
         /// The variant actually launched at head dim `d`.
         pub fn resolve(self, d: usize) -> FwdVariant {
             match self {
@@ -968,45 +976,22 @@ pub mod dev {
         fn copies_by_tma(self) -> bool {
             matches!(self, FwdVariant::H13 | FwdVariant::H14 | FwdVariant::H15)
         }
+        /// Threads per block: the `fwd_h3` family's a producer warpgroup and two consumer groups
+        /// but H5's and H6's three.
         fn threads(self) -> u32 {
             match self {
                 FwdVariant::V4 => 128,
                 FwdVariant::V3 | FwdVariant::H1 | FwdVariant::H2 => 256,
-                FwdVariant::H3
-                | FwdVariant::H4
-                | FwdVariant::H7
-                | FwdVariant::H8
-                | FwdVariant::H9
-                | FwdVariant::H10
-                | FwdVariant::H11
-                | FwdVariant::H12
-                | FwdVariant::H13
-                | FwdVariant::H14
-                | FwdVariant::H15
-                | FwdVariant::H16 => 384,
                 FwdVariant::H5 | FwdVariant::H6 => 512,
+                _ => 384,
             }
         }
-        /// Query rows per block.
+        /// Query rows per block: two groups' 64 rows but V3's 256 and H5's and H6's 192.
         fn rows(self) -> usize {
             match self {
                 FwdVariant::V3 => 256,
                 FwdVariant::H5 | FwdVariant::H6 => 192,
-                FwdVariant::V4
-                | FwdVariant::H1
-                | FwdVariant::H2
-                | FwdVariant::H3
-                | FwdVariant::H4
-                | FwdVariant::H7
-                | FwdVariant::H8
-                | FwdVariant::H9
-                | FwdVariant::H10
-                | FwdVariant::H11
-                | FwdVariant::H12
-                | FwdVariant::H13
-                | FwdVariant::H14
-                | FwdVariant::H15
-                | FwdVariant::H16 => 128,
+                _ => 128,
             }
         }
         /// Keys a tile of the wgmma forwards: 128 at d = 64, 64 at d = 128; H7–H9 and H15 128 at
@@ -1037,26 +1022,23 @@ pub mod dev {
                 (units, dims.tiles(v.key_rows(dims.d)))
             })
         }
-        /// cp.async stages of the K, V tiles.
+        /// Stages of the K, V tiles: 4 in the `fwd_h3` family but H7–H9's and H15's larger tiles.
         fn stages(self, d: usize) -> usize {
             match self {
-                FwdVariant::H1 => 2,
-                FwdVariant::H3
-                | FwdVariant::H4
-                | FwdVariant::H5
-                | FwdVariant::H6
-                | FwdVariant::H10
-                | FwdVariant::H11
-                | FwdVariant::H12
-                | FwdVariant::H13
-                | FwdVariant::H14
-                | FwdVariant::H16 => 4,
-                FwdVariant::H15 => 2,
-                FwdVariant::H7 | FwdVariant::H8 | FwdVariant::H9 if d == 64 => 3,
-                FwdVariant::H7 | FwdVariant::H8 | FwdVariant::H9 => 2,
+                FwdVariant::H1 | FwdVariant::H15 => 2,
                 FwdVariant::H2 => 3,
-                FwdVariant::V3 | FwdVariant::V4 if d == 64 => 3,
-                FwdVariant::V3 | FwdVariant::V4 => 2,
+                FwdVariant::V3
+                | FwdVariant::V4
+                | FwdVariant::H7
+                | FwdVariant::H8
+                | FwdVariant::H9 => {
+                    if d == 64 {
+                        3
+                    } else {
+                        2
+                    }
+                }
+                _ => 4,
             }
         }
         /// Dynamic shared memory: the Q tile and `stages` stages of the K and V tiles (64 rows
@@ -1150,89 +1132,79 @@ pub mod dev {
         }
     }
 
-    /// The backward kernels (same results up to the order of dQ's f32 reductions): `K128` has 8
-    /// warps of 16 keys in 128-key tiles (one block per SM; the 64-key K64, measured slower at
-    /// every shape, was removed).
-    ///
-    /// `V3` (attention.cu's `bwd_v3`, d = 64): 4 warps of 32 keys in 128-key blocks, two blocks
-    /// per SM (254 registers): every Q and dO fragment read from shared memory feeds two key
-    /// m-tiles. At d = 128 (no register room for 32 keys of dK, dV per warp) it runs `K128`.
-    ///
-    /// `H1` (attention_hopper.cu, sm_90a): every product on the Hopper warpgroup MMA (wgmma)
-    /// from 128-byte-swizzled shared tiles, 2 warpgroups of 64 keys (128-key blocks), 64-query
-    /// tiles in 2 stages, dQ from the dSᵀ tile with each group taking half of the columns. `H2`:
-    /// H1 with one query tile's dQ product running into the next tile's first products (the
-    /// dSᵀ tile double-buffered). `H3` (d = 64; at d = 128 it runs `H2`): H1's consumers fed by a
-    /// producer warpgroup (FlashAttention-3's structure: mbarrier-guarded query-tile stages, and
-    /// dQ added into the accumulator by the producer's warps from shared memory, 384 threads).
-    /// `H4` (d = 64; at d = 128 `H2`): H3 with the next query tile's Sᵀ and dPᵀ products issued
-    /// behind this tile's dQ product, so the tensor cores run them while dQ is handed over
-    /// (consumers at 208 registers, a rolled-copy producer at 88). `H5` (d = 64; at d = 128
-    /// `H2`): H4 with a loader that never waits for its copies (`cp.async.mbarrier.arrive.noinc`
-    /// marks a stage full once they land), so it runs up to 3 query tiles ahead instead of 1.
-    /// `H6` (d = 64; at d = 128 `H2`): H3 on 128-query tiles with H5's loader — Sᵀ and dPᵀ as
-    /// m64n128 products (fewer shared-memory bytes per FLOP than m64n64), half the tiles a block;
-    /// dQ split between the groups by rows, 2 stages, consumers at 240 registers. `H7` (d = 64;
-    /// at d = 128 `H2`): H6 with the two groups half a tile apart — each tile's dQ product issued
-    /// in the next tile, once both halves of dSᵀ are in place — so one group's exponentials and
-    /// dSᵀ run while the other's products hold the tensor cores (in H3–H8 both groups meet once
-    /// a tile and do them at the same time). `H8` (d = 64; at d = 128 `H2`): H7's deferred dQ on
-    /// H3's 64-query tiles, 3 stages (H5's loader, no PIPE). `H9` (d = 64; at d = 128 `H2`): H6
-    /// with a quarter of Pᵀ's exponentials on the FMA pipes (the forward H4's `poly_exp2`): both
-    /// groups form Pᵀ at once, so the exponential unit is the tile's bottleneck while the tensor
-    /// cores wait (64 a thread: 1024 clocks a scheduler a tile for the two groups; 768 here, for
-    /// ~190 more instructions a warp). `H10` (d = 64; at d = 128 `H2`): H6 with dK's product
-    /// reading dSᵀ from the shared tile dQ's reads (issued with dQ's, behind the groups'
-    /// barrier) instead of from registers, so dSᵀ needs no register set beside Pᵀ's and the dV
-    /// product runs on while dSᵀ is formed (H6 waits for it there, for registers). `H11` (d = 64;
-    /// at d = 128 `H2`): H6 with K, V and each tile's Q and dO copied by TMA (one loader thread's
-    /// bulk tensor copies from [`bwd_maps`], where 64 threads issued cp.async: ~18% of the
-    /// block's issued instructions in H6's SASS; lse and Drow as before) and dQ added into its
-    /// accumulator by TMA reductions (two a tile by one thread, from a swizzled f32 tile, where
-    /// two warps issued 16 vector reductions a row). `H12` (d = 128; at d = 64 `H6`): the
-    /// warp-specialized backward at d = 128, where H3–H11 run H2 — H5's loader on 64-query
-    /// tiles without H4's early products (dK and dV take 128 registers a consumer thread: no
-    /// second tile's Sᵀ fits beside them), 2 stages and one dQ tile (the 227 KB of shared
-    /// memory), consumers at 232 registers, the loader at 40 (its tiles copied as two 64-column
-    /// halves, 8 rows a step). `H13` (d = 128; at d = 64 `H11`): H12 with H11's TMA copies and
-    /// dQ reductions (four 32-column blocks a tile) — at d = 128 the 64 copying threads issue
-    /// twice H6's copies per FLOP (~450 instructions a warp a tile beside the consumers' ~550).
-    /// `H14` (d = 128; at d = 64 `H10`): H12 with H10's dK product from the dSᵀ tile, so the
-    /// consumers no longer wait mid-tile for dV's product before forming dSᵀ.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub enum BwdVariant {
-        K128,
-        V3,
-        H1,
-        H2,
-        H3,
-        H4,
-        H5,
-        H6,
-        H7,
-        H8,
-        H9,
-        H10,
-        H11,
-        H12,
-        H13,
-        H14,
+    variant_enum! {
+        env: "ADVDMD_ATTN_BWD",
+        portable: [K128, V3],
+        /// The backward kernels (same results up to the order of dQ's f32 reductions): `K128` has 8
+        /// warps of 16 keys in 128-key tiles (one block per SM; the 64-key K64, measured slower at
+        /// every shape, was removed).
+        ///
+        /// `V3` (attention.cu's `bwd_v3`, d = 64): 4 warps of 32 keys in 128-key blocks, two blocks
+        /// per SM (254 registers): every Q and dO fragment read from shared memory feeds two key
+        /// m-tiles. At d = 128 (no register room for 32 keys of dK, dV per warp) it runs `K128`.
+        ///
+        /// `H1` (attention_hopper.cu, sm_90a): every product on the Hopper warpgroup MMA (wgmma)
+        /// from 128-byte-swizzled shared tiles, 2 warpgroups of 64 keys (128-key blocks), 64-query
+        /// tiles in 2 stages, dQ from the dSᵀ tile with each group taking half of the columns. `H2`:
+        /// H1 with one query tile's dQ product running into the next tile's first products (the
+        /// dSᵀ tile double-buffered). `H3` (d = 64; at d = 128 it runs `H2`): H1's consumers fed by a
+        /// producer warpgroup (FlashAttention-3's structure: mbarrier-guarded query-tile stages, and
+        /// dQ added into the accumulator by the producer's warps from shared memory, 384 threads).
+        /// `H4` (d = 64; at d = 128 `H2`): H3 with the next query tile's Sᵀ and dPᵀ products issued
+        /// behind this tile's dQ product, so the tensor cores run them while dQ is handed over
+        /// (consumers at 208 registers, a rolled-copy producer at 88). `H5` (d = 64; at d = 128
+        /// `H2`): H4 with a loader that never waits for its copies (`cp.async.mbarrier.arrive.noinc`
+        /// marks a stage full once they land), so it runs up to 3 query tiles ahead instead of 1.
+        /// `H6` (d = 64; at d = 128 `H2`): H3 on 128-query tiles with H5's loader — Sᵀ and dPᵀ as
+        /// m64n128 products (fewer shared-memory bytes per FLOP than m64n64), half the tiles a block;
+        /// dQ split between the groups by rows, 2 stages, consumers at 240 registers. `H7` (d = 64;
+        /// at d = 128 `H2`): H6 with the two groups half a tile apart — each tile's dQ product issued
+        /// in the next tile, once both halves of dSᵀ are in place — so one group's exponentials and
+        /// dSᵀ run while the other's products hold the tensor cores (in H3–H8 both groups meet once
+        /// a tile and do them at the same time). `H8` (d = 64; at d = 128 `H2`): H7's deferred dQ on
+        /// H3's 64-query tiles, 3 stages (H5's loader, no PIPE). `H9` (d = 64; at d = 128 `H2`): H6
+        /// with a quarter of Pᵀ's exponentials on the FMA pipes (the forward H4's `poly_exp2`): both
+        /// groups form Pᵀ at once, so the exponential unit is the tile's bottleneck while the tensor
+        /// cores wait (64 a thread: 1024 clocks a scheduler a tile for the two groups; 768 here, for
+        /// ~190 more instructions a warp). `H10` (d = 64; at d = 128 `H2`): H6 with dK's product
+        /// reading dSᵀ from the shared tile dQ's reads (issued with dQ's, behind the groups'
+        /// barrier) instead of from registers, so dSᵀ needs no register set beside Pᵀ's and the dV
+        /// product runs on while dSᵀ is formed (H6 waits for it there, for registers). `H11` (d = 64;
+        /// at d = 128 `H2`): H6 with K, V and each tile's Q and dO copied by TMA (one loader thread's
+        /// bulk tensor copies from [`bwd_maps`], where 64 threads issued cp.async: ~18% of the
+        /// block's issued instructions in H6's SASS; lse and Drow as before) and dQ added into its
+        /// accumulator by TMA reductions (two a tile by one thread, from a swizzled f32 tile, where
+        /// two warps issued 16 vector reductions a row). `H12` (d = 128; at d = 64 `H6`): the
+        /// warp-specialized backward at d = 128, where H3–H11 run H2 — H5's loader on 64-query
+        /// tiles without H4's early products (dK and dV take 128 registers a consumer thread: no
+        /// second tile's Sᵀ fits beside them), 2 stages and one dQ tile (the 227 KB of shared
+        /// memory), consumers at 232 registers, the loader at 40 (its tiles copied as two 64-column
+        /// halves, 8 rows a step). `H13` (d = 128; at d = 64 `H11`): H12 with H11's TMA copies and
+        /// dQ reductions (four 32-column blocks a tile) — at d = 128 the 64 copying threads issue
+        /// twice H6's copies per FLOP (~450 instructions a warp a tile beside the consumers' ~550).
+        /// `H14` (d = 128; at d = 64 `H10`): H12 with H10's dK product from the dSᵀ tile, so the
+        /// consumers no longer wait mid-tile for dV's product before forming dSᵀ.
+        BwdVariant {
+            K128,
+            V3,
+            H1,
+            H2,
+            H3,
+            H4,
+            H5,
+            H6,
+            H7,
+            H8,
+            H9,
+            H10,
+            H11,
+            H12,
+            H13,
+            H14,
+        }
     }
 
     impl BwdVariant {
-        /// The variant the plain launcher (and so the model) uses on `dev`.
-        pub fn fastest(dev: &KernelDevice, d: usize) -> BwdVariant {
-            Self::choose(d, dev.has_wgmma())
-        }
-
-        /// `ADVDMD_ATTN_BWD` when set (see [`check_variant_env`]), else
-        /// [`Self::measured_best`] on a device that runs wgmma or not (`ADVDMD_ATTN_NO_HOPPER=1`:
-        /// not).
-        pub fn choose(d: usize, has_wgmma: bool) -> BwdVariant {
-            env_variant("ADVDMD_ATTN_BWD", &Self::ALL)
-                .unwrap_or_else(|| Self::measured_best(d, has_wgmma && !hopper_disabled()))
-        }
-
         /// The fastest measured (docs/perf-log.md, H100, 2026-11-28, 1024 px, every variant in
         /// one run): with wgmma, H6 at 317.0 TFLOP/s at d = 64 (H3 284.2; at batch 1 307.7
         /// against 278.4, at 512 px 235.6 against 221.3) and H3 at d = 128 (it resolves to H2,
@@ -1250,34 +1222,6 @@ pub mod dev {
             }
         }
 
-        /// [`Self::ALL`] less the wgmma variants under `ADVDMD_ATTN_NO_HOPPER=1` (see
-        /// [`hopper_disabled`]) and those `ADVDMD_ATTN_BWD_SKIP` names: what tests and the bench
-        /// iterate.
-        pub fn enabled() -> Vec<BwdVariant> {
-            without_hopper(&Self::ALL, "ADVDMD_ATTN_BWD_SKIP", |v| {
-                !matches!(v, BwdVariant::K128 | BwdVariant::V3)
-            })
-        }
-
-        /// Every variant, for tests and the bench.
-        pub const ALL: [BwdVariant; 16] = [
-            BwdVariant::K128,
-            BwdVariant::V3,
-            BwdVariant::H1,
-            BwdVariant::H2,
-            BwdVariant::H3,
-            BwdVariant::H4,
-            BwdVariant::H5,
-            BwdVariant::H6,
-            BwdVariant::H7,
-            BwdVariant::H8,
-            BwdVariant::H9,
-            BwdVariant::H10,
-            BwdVariant::H11,
-            BwdVariant::H12,
-            BwdVariant::H13,
-            BwdVariant::H14,
-        ];
         /// The variant actually launched at head dim `d`.
         pub fn resolve(self, d: usize) -> BwdVariant {
             match self {
@@ -1721,34 +1665,28 @@ pub mod dev {
         ablation: Option<FwdAblation>,
     }
 
-    /// A diagnostic cut of the default wgmma forward's work (H4 at d = 64, H3 at d = 128; their
-    /// kernels `…_abl<bits>`, attention_hopper.cu's `ABL`), for the bench: timed beside the whole
-    /// kernel, each says what one part of the kernel costs — the time left with no softmax is
-    /// the products' and the pipeline's, with no copies the consumers' alone, with neither the
-    /// tensor cores', barriers' and mbarriers' floor, with no exponentials all but the
-    /// exponential unit's (and the polynomials'). (Without the groups' turns it still
-    /// computes attention: that is a variant, [`FwdVariant::H16`].) None computes attention.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub enum FwdAblation {
-        /// P is S in bf16: no row maximum, exponential, sum or rescale (O = Σ bf16(S)·V, lse 0).
-        NoSoftmax,
-        /// The producer copies nothing: Q, K and V read as zeros.
-        NoCopies,
-        /// Both.
-        Bare,
-        /// P = |max(x, −126)| of each exponent x, one FMNMX where 2^x was (the row maxima, sums
-        /// and rescales kept): what the exponentials (and H4's polynomials) cost.
-        NoExponentials,
+    variant_enum! {
+        /// A diagnostic cut of the default wgmma forward's work (H4 at d = 64, H3 at d = 128; their
+        /// kernels `…_abl<bits>`, attention_hopper.cu's `ABL`), for the bench: timed beside the whole
+        /// kernel, each says what one part of the kernel costs — the time left with no softmax is
+        /// the products' and the pipeline's, with no copies the consumers' alone, with neither the
+        /// tensor cores', barriers' and mbarriers' floor, with no exponentials all but the
+        /// exponential unit's (and the polynomials'). (Without the groups' turns it still
+        /// computes attention: that is a variant, [`FwdVariant::H16`].) None computes attention.
+        FwdAblation {
+            /// P is S in bf16: no row maximum, exponential, sum or rescale (O = Σ bf16(S)·V, lse 0).
+            NoSoftmax,
+            /// The producer copies nothing: Q, K and V read as zeros.
+            NoCopies,
+            /// Both.
+            Bare,
+            /// P = |max(x, −126)| of each exponent x, one FMNMX where 2^x was (the row maxima, sums
+            /// and rescales kept): what the exponentials (and H4's polynomials) cost.
+            NoExponentials,
+        }
     }
 
     impl FwdAblation {
-        pub const ALL: [FwdAblation; 4] = [
-            FwdAblation::NoSoftmax,
-            FwdAblation::NoCopies,
-            FwdAblation::Bare,
-            FwdAblation::NoExponentials,
-        ];
-
         /// The kernel's `ABL` bits.
         fn bits(self) -> u32 {
             match self {
@@ -2167,33 +2105,27 @@ pub mod dev {
         bwd_new_grads(dev, operands, lse, dims, variant, launch)
     }
 
-    /// A diagnostic cut of the default wgmma backward's work at d = 64 (H6; its kernels
-    /// `joint_attn_bwd_h6_d64_abl<bits>`, attention_hopper.cu's `bwd_h3` `ABL`), for the bench:
-    /// timed beside H6, what the dQ reductions into the f32 accumulator, the copies and the
-    /// exponentials cost. The gradients are not the backward's: without reductions dQ stays 0
-    /// (dK, dV are H6's); without copies every operand reads as 0, and so does every gradient;
-    /// without exponentials Pᵀ is the exponent, floored at −126 (finite, not H6's).
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub enum BwdAblation {
-        /// The flushers take each dQ tile and release it without adding it.
-        NoReductions,
-        /// The loaders copy nothing: K, V, Q, dO, lse and Drow read as zeros.
-        NoCopies,
-        /// Both.
-        Bare,
-        /// Pᵀ = the exponent S·scale − lse·log2 e floored at −126, one FMNMX where 2 to it
-        /// was: no exponential unit or polynomial.
-        NoExponentials,
+    variant_enum! {
+        /// A diagnostic cut of the default wgmma backward's work at d = 64 (H6; its kernels
+        /// `joint_attn_bwd_h6_d64_abl<bits>`, attention_hopper.cu's `bwd_h3` `ABL`), for the bench:
+        /// timed beside H6, what the dQ reductions into the f32 accumulator, the copies and the
+        /// exponentials cost. The gradients are not the backward's: without reductions dQ stays 0
+        /// (dK, dV are H6's); without copies every operand reads as 0, and so does every gradient;
+        /// without exponentials Pᵀ is the exponent, floored at −126 (finite, not H6's).
+        BwdAblation {
+            /// The flushers take each dQ tile and release it without adding it.
+            NoReductions,
+            /// The loaders copy nothing: K, V, Q, dO, lse and Drow read as zeros.
+            NoCopies,
+            /// Both.
+            Bare,
+            /// Pᵀ = the exponent S·scale − lse·log2 e floored at −126, one FMNMX where 2 to it
+            /// was: no exponential unit or polynomial.
+            NoExponentials,
+        }
     }
 
     impl BwdAblation {
-        pub const ALL: [BwdAblation; 4] = [
-            BwdAblation::NoReductions,
-            BwdAblation::NoCopies,
-            BwdAblation::Bare,
-            BwdAblation::NoExponentials,
-        ];
-
         /// The kernel's `ABL` bits.
         fn bits(self) -> u32 {
             match self {
