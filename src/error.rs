@@ -26,6 +26,16 @@ pub enum Error {
         found: Vec<usize>,
         expected: Vec<usize>,
     },
+    #[error(
+        "{path}: tensor `{key}` holds {count} of {total} values not finite (NaN or infinite): \
+         a diverged or damaged checkpoint"
+    )]
+    NonFinite {
+        path: PathBuf,
+        key: String,
+        count: usize,
+        total: usize,
+    },
     #[error("{0}")]
     Invalid(String),
     // Shown inline and not a source, as `Io`'s error.

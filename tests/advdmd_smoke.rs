@@ -341,7 +341,17 @@ fn learning_rates_warm_up_linearly_then_stay_constant() {
 /// `advdmd distill` of one prompt, two samples of two steps, r_dmd 2, RL from the start, no
 /// evaluation, into `dir`, with `args`; asserts it succeeds.
 fn small_distill(dir: &std::path::Path, args: &[&str]) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_advdmd"))
+    let out = small_distill_output(dir, args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// [`small_distill`]'s command, whatever its outcome.
+fn small_distill_output(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_advdmd"))
         .args([
             "distill",
             "--prompts",
@@ -356,12 +366,69 @@ fn small_distill(dir: &std::path::Path, args: &[&str]) {
         .arg("--out")
         .arg(dir)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// A run whose losses turn NaN (a learning rate of 10⁴) stops with an error naming the loss and
+/// the iteration, without saving: the checkpoint it leaves is, byte for byte, the one a run
+/// stopped at the iteration before writes.
+#[test]
+fn a_run_whose_losses_turn_nan_stops_and_keeps_its_last_checkpoint() {
+    let base = std::env::temp_dir().join(format!("advdmd-distill-nan-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let args = |iterations: &'static str| {
+        [
+            "--lr",
+            "1e4",
+            "--checkpoint-every",
+            "1",
+            "--iterations",
+            iterations,
+        ]
+    };
+    let failed = base.join("failed");
+    let out = small_distill_output(&failed, &args("8"));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "the run did not fail: {err}");
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        err.contains("became NaN") || err.contains("became inf"),
+        "{err}"
     );
+    // "iteration K: <loss> became NaN; stopped without saving (<path> (iteration N) is kept)"
+    let number_after = |key: &str| -> u64 {
+        let at = err
+            .find(key)
+            .unwrap_or_else(|| panic!("no `{key}` in: {err}"))
+            + key.len();
+        err[at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .unwrap()
+    };
+    let (k, n) = (
+        number_after("error: iteration "),
+        number_after("(iteration "),
+    );
+    assert!(n >= 1 && n == k - 1, "{err}");
+    let lines = std::fs::read_to_string(failed.join("metrics.jsonl")).unwrap();
+    assert_eq!(
+        lines.lines().count() as u64,
+        k,
+        "one metrics line an iteration run"
+    );
+    assert!(!failed.join("model").exists(), "no generator is written");
+
+    let clean = base.join("clean");
+    let n = n.to_string().leak();
+    small_distill(&clean, &args(n));
+    assert!(
+        std::fs::read(failed.join("checkpoint.safetensors")).unwrap()
+            == std::fs::read(clean.join("checkpoint.safetensors")).unwrap(),
+        "the failed iteration changed the checkpoint"
+    );
+    std::fs::remove_dir_all(&base).ok();
 }
 
 /// `advdmd distill --device emu`: the iterations on the kernel device (the emulator here),

@@ -141,3 +141,85 @@ fn failed_save_leaves_nothing_behind() {
     assert!(save_safetensors(&target, &[("a".into(), Tensor::zeros(&[1]))], None).is_err());
     assert!(!target.exists());
 }
+
+/// `load_f32` (weights and optimizer states loaded for use) refuses a NaN or an infinity, naming
+/// the file, the tensor and the count; `load` returns the values as stored.
+#[test]
+fn non_finite_values_are_refused_where_loaded_for_use() {
+    let d = tmpdir("nonfinite");
+    let p = d.join("nan.safetensors");
+    let t = Tensor::from_vec(vec![1.0, f32::NAN, 2.0, f32::INFINITY, 0.5], &[5]);
+    save_safetensors(&p, &[("w".into(), t)], None).unwrap();
+    let f = SafetensorsFile::open(&p).unwrap();
+    assert!(f.load("w").unwrap().f32s()[1].is_nan());
+    let err = f.load_f32("w", None).unwrap_err();
+    assert!(
+        matches!(&err, Error::NonFinite { key, count: 2, total: 5, .. } if key == "w"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("nan.safetensors"), "{err}");
+
+    // A Shapes model with one NaN weight is refused, naming it.
+    let model = d.join("model");
+    let teacher = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/shapes-teacher");
+    for sub in ["", "transformer", "text_encoder"] {
+        std::fs::create_dir_all(model.join(sub)).unwrap();
+        for e in std::fs::read_dir(teacher.join(sub)).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() {
+                std::fs::copy(e.path(), model.join(sub).join(e.file_name())).unwrap();
+            }
+        }
+    }
+    let weights = model.join("transformer/diffusion_pytorch_model.safetensors");
+    let f = SafetensorsFile::open(&weights).unwrap();
+    let names = f.names();
+    let mut tensors: Vec<(String, Tensor)> = names
+        .iter()
+        .map(|n| (n.clone(), f.load(n).unwrap()))
+        .collect();
+    drop(f);
+    let (name, t) = &mut tensors[names.len() / 2];
+    let mut v = t.to_dtype(DType::F32).to_vec();
+    v[0] = f32::NAN;
+    *t = Tensor::from_vec(v, t.shape());
+    let name = name.clone();
+    save_safetensors(&weights, &tensors, None).unwrap();
+    let err = advdmd::train::shapes_model::ShapesModel::load(&model)
+        .err()
+        .expect("a NaN weight loaded");
+    assert!(err.to_string().contains(&format!("`{name}`")), "{err}");
+}
+
+/// A training state holding a NaN is not saved: the error names the tensor and the file already on
+/// disk stays byte for byte as it was.
+#[test]
+fn a_non_finite_training_state_is_not_saved_over_the_last_one() {
+    use advdmd::nn::ParamMap;
+    use advdmd::train::state::save_state;
+    let d = tmpdir("nonfinite-save");
+    let p = d.join("state.safetensors");
+    let mut params = ParamMap::new();
+    params.insert("w", randn(&[4, 3], 7));
+    let meta = serde_json::json!({ "kind": "test" });
+    save_state(&p, &[("g.", &params)], &[], meta.clone()).unwrap();
+    let before = std::fs::read(&p).unwrap();
+
+    let mut diverged = ParamMap::new();
+    diverged.insert("w", Tensor::from_vec(vec![0.0, f32::NAN, 1.0], &[3]));
+    let err = save_state(&p, &[("g.", &diverged)], &[], meta).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("`g.w` holds 1 of 3 values not finite"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read(&p).unwrap() == before,
+        "the saved state changed"
+    );
+    assert_eq!(
+        std::fs::read_dir(&d).unwrap().count(),
+        1,
+        "a temporary file was left"
+    );
+}

@@ -287,6 +287,69 @@ fn original_without(skip: &str, replace: Option<(&str, Tensor)>) -> Vec<(String,
         .collect()
 }
 
+/// A NaN or an infinity in a weight: loading the model for use refuses it, naming the tensor and
+/// the count; `inspect` and `convert` (a change of layout, not of values) pass it through.
+#[test]
+fn non_finite_weights_are_refused_for_use_and_converted_as_they_are() {
+    let d = tmpdir("nonfinite");
+    let key = "model.diffusion_model.joint_blocks.1.x_block.mlp.fc2.weight";
+    let mut t = all_tensors(&fixture().join("original.safetensors"))
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .unwrap()
+        .1
+        .to_dtype(DType::F32)
+        .to_vec();
+    t[3] = f32::NAN;
+    t[7] = f32::NEG_INFINITY;
+    let shape = SafetensorsFile::open(fixture().join("original.safetensors"))
+        .unwrap()
+        .shape(key)
+        .unwrap();
+    let p = d.join("nan.safetensors");
+    let poisoned = Tensor::from_vec(t, &shape);
+    save_safetensors(&p, &original_without("", Some((key, poisoned))), None).unwrap();
+
+    let err = MmditCheckpoint::open(&p)
+        .unwrap()
+        .load_params()
+        .err()
+        .expect("a NaN weight loaded");
+    let msg = err.to_string();
+    assert!(
+        matches!(err, advdmd::Error::NonFinite { count: 2, .. }),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("nan.safetensors") && msg.contains("joint_blocks.1.x_block.mlp.fc2.weight"),
+        "{msg}"
+    );
+
+    let (ok, err) = advdmd(&["inspect", p.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let out = d.join("diff");
+    let (ok, err) = advdmd(&[
+        "convert",
+        p.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--layout",
+        "diffusers",
+    ]);
+    assert!(ok, "{err}");
+    let converted = all_tensors(&out.join("diffusion_pytorch_model.safetensors"));
+    let bad: usize = converted
+        .iter()
+        .map(|(_, t)| {
+            t.to_dtype(DType::F32)
+                .to_vec()
+                .iter()
+                .filter(|v| !v.is_finite())
+                .count()
+        })
+        .sum();
+    assert_eq!(bad, 2, "the converted checkpoint keeps the two values");
+}
+
 #[test]
 fn truncated_checkpoint_is_rejected() {
     let d = tmpdir("bad-trunc");

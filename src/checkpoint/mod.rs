@@ -118,7 +118,8 @@ impl SafetensorsFile {
         Ok(Tensor::from_le_bytes(bytes, stored, &info.shape))
     }
 
-    /// Loads a tensor as f32, checking its shape when `expected` is given.
+    /// Loads a tensor as f32, checking its shape when `expected` is given and that every value
+    /// is finite (a weight or optimizer state with a NaN would poison every later step).
     pub fn load_f32(&self, name: &str, expected: Option<&[usize]>) -> Result<Tensor> {
         let t = self.load(name)?;
         if let Some(want) = expected {
@@ -131,8 +132,32 @@ impl SafetensorsFile {
                 });
             }
         }
-        Ok(t.to_dtype(DType::F32))
+        let t = t.to_dtype(DType::F32);
+        check_finite(&self.path, name, &t)?;
+        Ok(t)
     }
+}
+
+/// How many of `values` are NaN or infinite.
+pub fn count_non_finite(values: &[f32]) -> usize {
+    values.iter().filter(|v| !v.is_finite()).count()
+}
+
+/// An error naming `key` of `path` when f32 tensor `t` holds a NaN or an infinity: what a
+/// diverged run saves, refused where weights are loaded for use (a layout conversion passes them
+/// through).
+pub fn check_finite(path: &Path, key: &str, t: &Tensor) -> Result<()> {
+    let values = t.f32s();
+    let count = count_non_finite(values);
+    if count == 0 {
+        return Ok(());
+    }
+    Err(Error::NonFinite {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        count,
+        total: values.len(),
+    })
 }
 
 /// A tensor to be written: its name, shape and stored dtype are known up front (for the header),

@@ -250,14 +250,26 @@ impl MmditCheckpoint {
         Ok(ckpt)
     }
 
-    /// Loads parameter `name` (original name) as f32, assembled from its stored parts.
+    /// Loads parameter `name` (original name) as f32, assembled from its stored parts, values as
+    /// stored.
     pub fn load(&self, name: &str) -> Result<Tensor> {
+        self.load_checked(name, false)
+    }
+
+    /// [`Self::load`], with `finite`: an error naming the stored tensor when a part holds a NaN
+    /// or an infinity.
+    fn load_checked(&self, name: &str, finite: bool) -> Result<Tensor> {
         let parts = self.sources.get(name).ok_or_else(|| Error::MissingTensor {
             path: self.path.clone(),
             key: name.to_string(),
         })?;
         let load = |s: &Source| -> Result<Tensor> {
-            Ok(self.files[s.file].load(&s.key)?.to_dtype(crate::DType::F32))
+            let file = &self.files[s.file];
+            let t = file.load(&s.key)?.to_dtype(crate::DType::F32);
+            if finite {
+                crate::checkpoint::check_finite(file.path(), &s.key, &t)?;
+            }
+            Ok(t)
         };
         let t = match parts[0].part {
             Part::Whole => load(&parts[0])?,
@@ -270,11 +282,12 @@ impl MmditCheckpoint {
         Ok(t)
     }
 
-    /// Loads every parameter, one tensor at a time. `pos_embed` is a fixed buffer: frozen.
+    /// Loads every parameter, one tensor at a time, refusing a NaN or an infinity in any.
+    /// `pos_embed` is a fixed buffer: frozen.
     pub fn load_params(&self) -> Result<ParamMap> {
         let mut params = ParamMap::new();
         for name in self.config.param_shapes().keys() {
-            let p = params.insert(name.clone(), self.load(name)?);
+            let p = params.insert(name.clone(), self.load_checked(name, true)?);
             if name == "pos_embed" {
                 p.set_trainable(false);
             }

@@ -47,7 +47,24 @@ fn metrics_line(m: &IterMetrics) -> serde_json::Value {
     })
 }
 
-/// Runs (or resumes) a distillation of the teacher in `teacher_dir` into `out`.
+/// The first of an iteration's losses (and the DMD gradient's norm) that is not finite: its name
+/// and value.
+fn non_finite_loss(m: &IterMetrics) -> Option<(&'static str, f32)> {
+    [
+        ("fake_loss", m.fake_loss),
+        ("d_loss", m.d_loss),
+        ("dmd_grad_norm", m.dmd_grad_norm),
+        ("gan_loss", m.gan_loss),
+        ("rl_loss", m.rl_loss),
+        ("mean_reward", m.mean_reward),
+    ]
+    .into_iter()
+    .find(|(_, v)| !v.is_finite())
+}
+
+/// Runs (or resumes) a distillation of the teacher in `teacher_dir` into `out`. An iteration
+/// whose losses are not finite stops the run with an error before anything is saved: the last
+/// checkpoint stays as it was (its metrics line is written, for the diagnosis).
 pub fn distill(
     run: &DistillRun,
     teacher_dir: &Path,
@@ -106,6 +123,12 @@ pub fn distill(
     let (prompts, group) = (run.config.prompts, run.config.group);
     // The iterations after which the state is saved.
     let saves_state = |it: u64| it % run.checkpoint_every.max(1) == 0 || it == run.iterations;
+    // The iteration the checkpoint in `out` holds (0: none, or one this run will overwrite).
+    let mut saved = if matches!(start, Start::Resume) {
+        state.iteration
+    } else {
+        0
+    };
     // On a device the next iteration is queued before this one's metrics are read (its batch
     // drawn, converted and uploaded while the device runs this one), except after an iteration
     // whose state is saved: that one is finished first, so the state saved is its own.
@@ -134,6 +157,19 @@ pub fn distill(
             None => state.step()?,
         };
         writeln!(metrics, "{}", metrics_line(&m)).map_err(|e| Error::io(&metrics_path, e))?;
+        if let Some((name, value)) = non_finite_loss(&m) {
+            metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
+            let kept = if saved > 0 {
+                format!("{} (iteration {saved}) is kept", ckpt.display())
+            } else {
+                "no checkpoint was written".to_string()
+            };
+            return Err(Error::Invalid(format!(
+                "iteration {}: {name} became {value}; stopped without saving ({kept}): \
+                 a lower --lr or a longer --lr-warmup may help",
+                m.iteration
+            )));
+        }
         on_iter(&m);
         if saves_state(m.iteration) {
             metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
@@ -141,6 +177,7 @@ pub fn distill(
                 d.sync_to_host(&mut state)?;
             }
             state.save(&ckpt)?;
+            saved = m.iteration;
         }
     }
     if let Some(d) = &on_device {

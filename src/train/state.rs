@@ -1,17 +1,19 @@
 //! Training state on disk: groups of named parameters, AdamW moments and a JSON metadata record
 //! in one safetensors file, written atomically, so a resumed run continues bit for bit.
 
-use crate::checkpoint::{save_safetensors, SafetensorsFile};
+use crate::checkpoint::{count_non_finite, save_safetensors, SafetensorsFile};
 use crate::error::{Error, Result};
 use crate::nn::ParamMap;
 use crate::optim::AdamW;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
 const META_KEY: &str = "advdmd.state";
 
-/// Writes `groups` (prefix, parameters), `optimizers` (prefix, AdamW) and `meta` to `path`.
+/// Writes `groups` (prefix, parameters), `optimizers` (prefix, AdamW) and `meta` to `path`; a
+/// state holding a NaN or an infinity is refused, naming the tensor, and the file on disk is left
+/// as it was (a diverged run never overwrites its last good checkpoint).
 pub fn save_state(
     path: &Path,
     groups: &[(&str, &ParamMap)],
@@ -35,6 +37,18 @@ pub fn save_state(
             }
         }
         steps.insert(prefix.to_string(), opt.step.into());
+    }
+    for (name, t) in &tensors {
+        let t = t.to_dtype(DType::F32);
+        let count = count_non_finite(t.f32s());
+        if count > 0 {
+            return Err(Error::Invalid(format!(
+                "{}: not saved: tensor `{name}` holds {count} of {} values not finite (NaN or \
+                 infinite): the run diverged; the file on disk is left as it was",
+                path.display(),
+                t.numel()
+            )));
+        }
     }
     let record = serde_json::json!({ "meta": meta, "optimizer_steps": steps });
     let mut m = HashMap::new();
