@@ -101,6 +101,9 @@ pub fn sample(
     if steps == 0 {
         bail!("--steps must be at least 1");
     }
+    if !cfg.is_finite() {
+        bail!("--cfg must be a number, got {cfg}");
+    }
     let base = read_prompts(prompt, prompts)?;
     let mut list = Vec::new();
     for p in &base {

@@ -160,17 +160,7 @@ fn non_finite_values_are_refused_where_loaded_for_use() {
     assert!(err.to_string().contains("nan.safetensors"), "{err}");
 
     // A Shapes model with one NaN weight is refused, naming it.
-    let model = d.join("model");
-    let teacher = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/shapes-teacher");
-    for sub in ["", "transformer", "text_encoder"] {
-        std::fs::create_dir_all(model.join(sub)).unwrap();
-        for e in std::fs::read_dir(teacher.join(sub)).unwrap() {
-            let e = e.unwrap();
-            if e.file_type().unwrap().is_file() {
-                std::fs::copy(e.path(), model.join(sub).join(e.file_name())).unwrap();
-            }
-        }
-    }
+    let model = copy_teacher(&d.join("model"));
     let weights = model.join("transformer/diffusion_pytorch_model.safetensors");
     let f = SafetensorsFile::open(&weights).unwrap();
     let names = f.names();
@@ -222,4 +212,49 @@ fn a_non_finite_training_state_is_not_saved_over_the_last_one() {
         1,
         "a temporary file was left"
     );
+}
+
+/// A copy of the committed Shapes teacher's folder at `to`.
+fn copy_teacher(to: &std::path::Path) -> PathBuf {
+    let teacher = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/shapes-teacher");
+    for sub in ["", "transformer", "text_encoder"] {
+        std::fs::create_dir_all(to.join(sub)).unwrap();
+        for e in std::fs::read_dir(teacher.join(sub)).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() {
+                std::fs::copy(e.path(), to.join(sub).join(e.file_name())).unwrap();
+            }
+        }
+    }
+    to.to_path_buf()
+}
+
+/// A Shapes model's `shapes.json` that does not fit its weights (text heads that do not divide
+/// the width, a token count other than the encoder's positions, a shift ≤ 0, zero steps) is an
+/// error naming the field, not a panic in a reshape.
+#[test]
+fn a_shapes_json_that_does_not_fit_the_weights_is_an_error() {
+    let d = tmpdir("shapes-json");
+    for (i, (field, value, says)) in [
+        ("text_heads", 0, "heads"),
+        ("text_heads", 3, "heads"),
+        ("max_tokens", 0, "max_tokens"),
+        ("max_tokens", 5, "max_tokens"),
+        ("sample_shift", -1, "sample_shift"),
+        ("few_step", 0, "few_step"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let model = copy_teacher(&d.join(format!("m{i}")));
+        let meta_path = model.join("shapes.json");
+        let mut meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
+        meta[field] = value.into();
+        std::fs::write(&meta_path, meta.to_string()).unwrap();
+        let err = advdmd::train::shapes_model::ShapesModel::load(&model)
+            .err()
+            .unwrap_or_else(|| panic!("{field} = {value} loaded"));
+        assert!(err.to_string().contains(says), "{field} = {value}: {err}");
+    }
 }

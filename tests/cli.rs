@@ -163,3 +163,58 @@ fn bad_pdl_env_is_an_error() {
         assert_eq!(v["pdl"], want);
     }
 }
+
+/// Training and sampling flags out of their range are one clear error each, naming the flag,
+/// before any work (each of these once panicked in a kernel or a reshape, or trained on NaN).
+#[test]
+fn out_of_range_training_and_sampling_flags_are_errors() {
+    let dir = std::env::temp_dir().join(format!("advdmd-cli-flags-{}", std::process::id()));
+    let out_dir = dir.to_str().unwrap();
+    // a small distillation, where a case does not set these itself
+    let small = [
+        ("--prompts", "1"),
+        ("--group", "2"),
+        ("--eval-per-task", "0"),
+    ];
+    let cases: &[(&[&str], &str)] = &[
+        (&["pretrain", "--batch", "0"], "--batch"),
+        (
+            &["pretrain", "--checkpoint-every", "0"],
+            "--checkpoint-every",
+        ),
+        (&["pretrain", "--hidden", "7"], "--hidden"),
+        (&["pretrain", "--depth", "0"], "--depth"),
+        (&["pretrain", "--lr", "nan"], "--lr"),
+        (&["pretrain", "--ema-decay", "2"], "--ema-decay"),
+        (&["distill", "--prompts", "0"], "--prompts"),
+        (&["distill", "--group", "0"], "--group"),
+        (&["distill", "--lr", "inf"], "--lr"),
+        (&["distill", "--rho", "2"], "--rho"),
+        (&["distill", "--w-real", "nan"], "--w-real"),
+        (&["distill", "--lambda-d=-1"], "--lambda-d"),
+        (&["distill", "--r-dmd", "0"], "--r-dmd"),
+        (
+            &["sample", "--prompt", "a red circle", "--cfg", "nan"],
+            "--cfg",
+        ),
+    ];
+    for (args, flag) in cases {
+        let mut all: Vec<&str> = args.to_vec();
+        if args[0] == "distill" {
+            for (key, value) in small {
+                if !args.contains(&key) {
+                    all.extend([key, value]);
+                }
+            }
+        }
+        all.extend(["--out", out_dir]);
+        let out = advdmd(&all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{all:?} succeeded");
+        assert!(
+            err.contains(flag) && err.starts_with("error:") && !err.contains("panicked"),
+            "{all:?}: {err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -99,7 +99,7 @@ impl PromptTokenizer {
             return Err(Error::Invalid(format!(
                 "prompt `{prompt}` has {} words; at most {} fit",
                 enc.get_ids().len(),
-                self.max_len - 1
+                self.max_len.saturating_sub(1)
             )));
         }
         let mut ids = vec![self.cls_id];
@@ -176,6 +176,17 @@ impl TextEncoderConfig {
         let layers = (0..)
             .take_while(|i| params.contains(&format!("layers.{i}.attn.qkv.weight")))
             .count();
+        if tok.len() != 2 || pos.len() != 2 {
+            return Err(Error::Invalid(
+                "text encoder: the embeddings must be matrices".into(),
+            ));
+        }
+        if heads == 0 || tok[1] % heads != 0 {
+            return Err(Error::Invalid(format!(
+                "text encoder: its width {} does not split into {heads} heads",
+                tok[1]
+            )));
+        }
         let cfg = TextEncoderConfig {
             vocab: tok[0],
             max_len: pos[0],

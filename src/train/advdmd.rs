@@ -135,6 +135,60 @@ pub struct AdvDmd {
 }
 
 impl AdvDmdConfig {
+    /// An error naming the first setting out of its range (each named as its `distill` flag):
+    /// checked before a run starts, so a bad flag never reaches a kernel.
+    pub fn check(&self) -> Result<()> {
+        let bad = |what: String| Err(crate::error::Error::Invalid(what));
+        if self.prompts == 0 || self.group == 0 {
+            return bad("--prompts and --group must be at least 1".into());
+        }
+        if !(1..=8).contains(&self.steps_per_sample) {
+            return bad(format!(
+                "--steps-per-sample must be 1 to 8, got {}",
+                self.steps_per_sample
+            ));
+        }
+        if self.r_dmd == 0 || self.r_rl == 0 {
+            return bad("--r-dmd and --r-rl must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.rho) {
+            return bad(format!("--rho must be in [0, 1], got {}", self.rho));
+        }
+        for (flag, lr) in [("--lr", self.lr_generator), ("--lr", self.lr_fake)] {
+            if !(lr > 0.0 && lr.is_finite()) {
+                return bad(format!("{flag} must be a positive number, got {lr}"));
+            }
+        }
+        let weights = [
+            ("--w-real", self.w_real),
+            ("--lambda-dmd", self.lambda_dmd),
+            ("--lambda-gan", self.lambda_gan),
+            ("--lambda-d", self.lambda_d),
+            ("--lambda-rl", self.lambda_rl),
+        ];
+        for (flag, w) in weights {
+            if !(w >= 0.0 && w.is_finite()) {
+                return bad(format!("{flag} must be a number ≥ 0, got {w}"));
+            }
+        }
+        let (ema, shift) = (self.ema_decay, self.shift);
+        if !((0.0..=1.0).contains(&ema) && shift > 0.0 && shift.is_finite()) {
+            return bad(format!(
+                "EMA decay {ema} not in [0, 1] or shift {shift} not positive"
+            ));
+        }
+        let clips = [
+            self.grad_clip,
+            self.adv_clip,
+            self.reward_clip,
+            self.clip_eps as f32,
+        ];
+        if clips.iter().any(|c| !(*c > 0.0 && c.is_finite())) {
+            return bad(format!("clips must be positive numbers, got {clips:?}"));
+        }
+        Ok(())
+    }
+
     /// `(generator step, RL term)` of the iteration after `iteration` iterations and
     /// `generator_steps` generator updates: the generator updates every `r_dmd` iterations, and
     /// after the RL warm-up every `r_rl`-th of those carries the RL term, which needs a stochastic

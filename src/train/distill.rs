@@ -72,6 +72,7 @@ pub fn distill(
     start: &Start,
     mut on_iter: impl FnMut(&IterMetrics),
 ) -> Result<AdvDmd> {
+    run.config.check()?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let ckpt = out.join("checkpoint.safetensors");
     let metrics_path = out.join("metrics.jsonl");

@@ -36,6 +36,37 @@ pub struct PretrainConfig {
     pub size: ShapesModelSize,
 }
 
+impl PretrainConfig {
+    /// An error naming the first setting out of its range (each named as its `pretrain` flag).
+    pub fn check(&self) -> Result<()> {
+        let bad = |what: String| Err(Error::Invalid(what));
+        if self.batch == 0 || self.checkpoint_every == 0 {
+            return bad("--batch and --checkpoint-every must be at least 1".into());
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad(format!("--lr must be a positive number, got {}", self.lr));
+        }
+        if !(0.0..=1.0).contains(&self.ema_decay) {
+            return bad(format!(
+                "--ema-decay must be in [0, 1], got {}",
+                self.ema_decay
+            ));
+        }
+        let rest = [
+            self.final_lr_fraction,
+            self.weight_decay,
+            self.grad_clip,
+            self.prompt_dropout,
+        ];
+        if rest.iter().any(|v| !(*v >= 0.0 && v.is_finite())) || self.prompt_dropout > 1.0 {
+            return bad(format!(
+                "final lr fraction, weight decay, grad clip, prompt dropout out of range: {rest:?}"
+            ));
+        }
+        self.size.check()
+    }
+}
+
 impl Default for PretrainConfig {
     fn default() -> Self {
         PretrainConfig {
@@ -257,6 +288,7 @@ pub fn pretrain(
     resume: bool,
     mut on_step: impl FnMut(&StepMetrics),
 ) -> Result<PretrainState> {
+    config.check()?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let run = RunDir::new(out);
     let mut state = if resume && run.checkpoint.exists() {

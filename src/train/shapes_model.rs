@@ -35,6 +35,30 @@ pub struct ShapesModelSize {
     pub text_heads: usize,
 }
 
+impl ShapesModelSize {
+    /// An error naming the first size the model cannot take: at least one block, a hidden size a
+    /// positive multiple of the head size, text heads that divide the text width.
+    pub fn check(&self) -> Result<()> {
+        let bad = |what: String| Err(Error::Invalid(what));
+        if self.depth == 0 || self.text_layers == 0 {
+            return bad("the model needs at least one block (--depth)".into());
+        }
+        if self.head_dim == 0 || self.hidden == 0 || self.hidden % self.head_dim != 0 {
+            return bad(format!(
+                "--hidden must be a positive multiple of the head size {}, got {}",
+                self.head_dim, self.hidden
+            ));
+        }
+        if self.text_heads == 0 || self.text_dim == 0 || self.text_dim % self.text_heads != 0 {
+            return bad(format!(
+                "the text width {} must be a positive multiple of its {} heads",
+                self.text_dim, self.text_heads
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for ShapesModelSize {
     fn default() -> Self {
         ShapesModelSize {
@@ -201,6 +225,21 @@ impl ShapesModel {
         }
         let tconfig = TextEncoderConfig::detect(&tparams, heads)
             .map_err(|e| Error::Invalid(format!("{}: {e}", te_path.display())))?;
+        if tconfig.max_len != max_tokens {
+            return Err(Error::Invalid(format!(
+                "{}: `max_tokens` {max_tokens} is not the text encoder's {} positions",
+                meta_path.display(),
+                tconfig.max_len
+            )));
+        }
+        let sample_shift = meta["sample_shift"].as_f64().unwrap_or(1.0);
+        let few_step = meta["few_step"].as_u64().map(|k| k as usize);
+        if sample_shift.is_nan() || sample_shift <= 0.0 || few_step == Some(0) {
+            return Err(Error::Invalid(format!(
+                "{}: `sample_shift` must be positive and `few_step` at least 1",
+                meta_path.display()
+            )));
+        }
         let ckpt = MmditCheckpoint::open(dir.join("transformer"))?;
         let mmdit = Mmdit::new(ckpt.config.clone(), ckpt.load_params()?);
         Ok(ShapesModel {
@@ -210,8 +249,8 @@ impl ShapesModel {
                 params: tparams,
             },
             mmdit,
-            sample_shift: meta["sample_shift"].as_f64().unwrap_or(1.0),
-            few_step: meta["few_step"].as_u64().map(|k| k as usize),
+            sample_shift,
+            few_step,
         })
     }
 }
