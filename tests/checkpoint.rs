@@ -258,3 +258,65 @@ fn a_shapes_json_that_does_not_fit_the_weights_is_an_error() {
         assert!(err.to_string().contains(says), "{field} = {value}: {err}");
     }
 }
+
+/// A training state's optimizer moments come back exactly; one dropped from the file (both of
+/// its moments, or one of the pair) or renamed to another parameter is an error, not a moment
+/// silently restarted from zero.
+#[test]
+fn a_lost_or_foreign_optimizer_moment_is_an_error() {
+    use advdmd::nn::ParamMap;
+    use advdmd::optim::{AdamW, AdamWConfig};
+    use advdmd::train::state::{save_state, StateFile};
+    let d = tmpdir("moments");
+    let mut params = ParamMap::new();
+    params.insert("w", randn(&[4, 3], 7));
+    params.insert("b", randn(&[3], 8));
+    let mut opt = AdamW::new(AdamWConfig::default());
+    for (i, (n, p)) in params.iter().enumerate() {
+        let k = p.value().numel();
+        opt.m.insert(n.clone(), vec![0.25 + i as f32; k]);
+        opt.v.insert(n.clone(), vec![0.5 + i as f32; k]);
+    }
+    opt.step = 3;
+    let p = d.join("state.safetensors");
+    let meta = serde_json::json!({ "kind": "test" });
+    save_state(&p, &[("g.", &params)], &[("opt.", &opt)], meta).unwrap();
+    let load = |path: &std::path::Path| {
+        let mut back = AdamW::new(AdamWConfig::default());
+        StateFile::open(path)?.load_optimizer("opt.", &mut back, &[&params])?;
+        Ok::<AdamW, Error>(back)
+    };
+    let back = load(&p).unwrap();
+    assert_eq!(
+        (back.m, back.v, back.step),
+        (opt.m.clone(), opt.v.clone(), 3)
+    );
+
+    // the same file with `opt.` tensors dropped or renamed
+    let edited = |name: &str, edit: &dyn Fn(&str) -> Option<String>| {
+        let f = SafetensorsFile::open(&p).unwrap();
+        let tensors: Vec<(String, Tensor)> = f
+            .names()
+            .into_iter()
+            .filter_map(|n| edit(&n).map(|to| (to, f.load(&n).unwrap())))
+            .collect();
+        let out = d.join(name);
+        save_safetensors(&out, &tensors, Some(f.user_metadata())).unwrap();
+        load(&out).err().map(|e| e.to_string()).unwrap_or_default()
+    };
+    let err = edited("both.safetensors", &|n| {
+        (!n.starts_with("opt.") || !n.ends_with(".b")).then(|| n.to_string())
+    });
+    assert!(err.contains("1 moments of the 2 saved"), "{err}");
+    let err = edited("one.safetensors", &|n| {
+        (n != "opt.v.w").then(|| n.to_string())
+    });
+    assert!(err.contains("different parameters"), "{err}");
+    let err = edited("foreign.safetensors", &|n| {
+        Some(n.replace("opt.m.b", "opt.m.c").to_string())
+    });
+    assert!(
+        err.contains("`opt.m.c`") && err.contains("no parameter"),
+        "{err}"
+    );
+}

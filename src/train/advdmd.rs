@@ -730,8 +730,10 @@ impl AdvDmd {
         f.load_group("fake.", &run.fake.mmdit.params)?;
         f.load_group("head.", &run.head.params)?;
         f.load_group("ema.", &run.ema.shadow)?;
-        f.load_optimizer("adam_g.", &mut run.opt_generator)?;
-        f.load_optimizer("adam_f.", &mut run.opt_fake)?;
+        let generator = [&run.generator.mmdit.params];
+        f.load_optimizer("adam_g.", &mut run.opt_generator, &generator)?;
+        let critic = [&run.fake.mmdit.params, &run.head.params];
+        f.load_optimizer("adam_f.", &mut run.opt_fake, &critic)?;
         if meta["disc_frozen"].as_bool() == Some(true) {
             run.freeze_disc();
             let b = run.frozen_backbone.as_ref().expect("just frozen");

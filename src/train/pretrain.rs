@@ -241,7 +241,8 @@ impl PretrainState {
         f.load_group("text.", &st.model.text.params)?;
         f.load_group("ema.mmdit.", &st.ema_mmdit.shadow)?;
         f.load_group("ema.text.", &st.ema_text.shadow)?;
-        f.load_optimizer("adam.", &mut st.opt)?;
+        let trained = [&st.model.mmdit.params, &st.model.text.params];
+        f.load_optimizer("adam.", &mut st.opt, &trained)?;
         st.step = meta["step"]
             .as_u64()
             .ok_or_else(|| bad("bad `step`".into()))?;

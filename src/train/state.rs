@@ -26,7 +26,7 @@ pub fn save_state(
             tensors.push((format!("{prefix}{n}"), t));
         }
     }
-    let mut steps = serde_json::Map::new();
+    let (mut steps, mut moment_counts) = (serde_json::Map::new(), serde_json::Map::new());
     for (prefix, opt) in optimizers {
         for (kind, moments) in [("m.", &opt.m), ("v.", &opt.v)] {
             for (n, m) in moments {
@@ -37,6 +37,7 @@ pub fn save_state(
             }
         }
         steps.insert(prefix.to_string(), opt.step.into());
+        moment_counts.insert(prefix.to_string(), opt.m.len().into());
     }
     for (name, t) in &tensors {
         let t = t.to_dtype(DType::F32);
@@ -50,7 +51,9 @@ pub fn save_state(
             )));
         }
     }
-    let record = serde_json::json!({ "meta": meta, "optimizer_steps": steps });
+    let record = serde_json::json!({
+        "meta": meta, "optimizer_steps": steps, "optimizer_moments": moment_counts,
+    });
     let mut m = HashMap::new();
     m.insert(META_KEY.to_string(), record.to_string());
     save_safetensors(path, &tensors, Some(m))
@@ -97,16 +100,50 @@ impl StateFile {
         Ok(())
     }
 
-    pub fn load_optimizer(&self, prefix: &str, opt: &mut AdamW) -> Result<()> {
+    /// Loads the moments saved under `prefix` into `opt`, which steps `params`: each moment must
+    /// be of a parameter there, of its size, with its pair (m with v), and as many as were saved
+    /// (a moment lost would restart from zero: the run would not continue exactly).
+    pub fn load_optimizer(
+        &self,
+        prefix: &str,
+        opt: &mut AdamW,
+        params: &[&ParamMap],
+    ) -> Result<()> {
+        let bad = |why: String| Error::Invalid(format!("{}: {why}", self.path().display()));
         for n in self.file.names() {
-            if let Some(rest) = n.strip_prefix(prefix) {
-                if let Some(name) = rest.strip_prefix("m.") {
-                    opt.m
-                        .insert(name.to_string(), self.file.load_f32(&n, None)?.to_vec());
-                } else if let Some(name) = rest.strip_prefix("v.") {
-                    opt.v
-                        .insert(name.to_string(), self.file.load_f32(&n, None)?.to_vec());
-                }
+            let Some(rest) = n.strip_prefix(prefix) else {
+                continue;
+            };
+            let (moments, name) = match (rest.strip_prefix("m."), rest.strip_prefix("v.")) {
+                (Some(name), _) => (&mut opt.m, name),
+                (_, Some(name)) => (&mut opt.v, name),
+                _ => continue,
+            };
+            let size = params
+                .iter()
+                .find_map(|m| m.get(name))
+                .map(|p| p.value().numel());
+            let values = self.file.load_f32(&n, None)?.to_vec();
+            if size != Some(values.len()) {
+                return Err(bad(format!(
+                    "moment `{n}` ({} values) is of no parameter of that size",
+                    values.len()
+                )));
+            }
+            moments.insert(name.to_string(), values);
+        }
+        if !opt.m.keys().eq(opt.v.keys()) {
+            return Err(bad(format!(
+                "optimizer `{prefix}`: its first and second moments name different parameters"
+            )));
+        }
+        // (states written before the count was recorded carry none)
+        if let Some(saved) = self.record["optimizer_moments"][prefix].as_u64() {
+            if saved != opt.m.len() as u64 {
+                return Err(bad(format!(
+                    "optimizer `{prefix}`: {} moments of the {saved} saved",
+                    opt.m.len()
+                )));
             }
         }
         opt.step = self.record["optimizer_steps"][prefix]
