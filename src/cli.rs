@@ -120,7 +120,7 @@ pub fn sample(
         bar.inc(n as u64)
     })?;
     bar.finish();
-    std::fs::create_dir_all(out).with_context(|| format!("{}", out.display()))?;
+    advdmd::checkpoint::create_out_dir(out)?;
     let per = CHANNELS * RESOLUTION * RESOLUTION;
     let mut manifest = String::new();
     let mut tiles = Vec::new();

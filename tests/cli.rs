@@ -216,5 +216,29 @@ fn out_of_range_training_and_sampling_flags_are_errors() {
             "{all:?}: {err}"
         );
     }
+    // an --out that is a file
     let _ = std::fs::remove_dir_all(&dir);
+    std::fs::write(&dir, b"not a folder").unwrap();
+    for args in [
+        &["sample", "--prompt", "a red circle", "--steps", "1"][..],
+        &["dataset", "--n", "1"][..],
+        &[
+            "distill",
+            "--iterations",
+            "1",
+            "--prompts",
+            "1",
+            "--group",
+            "2",
+        ][..],
+    ] {
+        let out = advdmd(&[args, &["--out", out_dir]].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("exists and is not a folder"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(std::fs::read(&dir).unwrap(), b"not a folder");
+    std::fs::remove_file(&dir).unwrap();
 }

@@ -284,6 +284,18 @@ fn temp_path(path: &Path) -> Result<PathBuf> {
     )))
 }
 
+/// Creates the output folder `dir` (and its parents) unless it exists; a file in its place is an
+/// error saying so.
+pub fn create_out_dir(dir: &Path) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::Invalid(format!(
+            "{}: exists and is not a folder",
+            dir.display()
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = temp_path(path)?;

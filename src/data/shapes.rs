@@ -675,7 +675,7 @@ pub fn write_dataset(
     seed: u64,
 ) -> Result<usize> {
     let out = out.as_ref();
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    crate::checkpoint::create_out_dir(out)?;
     let tasks: Vec<Task> = match task {
         Some(t) => vec![t],
         None => Task::ALL.to_vec(),

@@ -922,24 +922,7 @@ pub mod dev {
         /// its products as soon as its softmax is done, instead of after the other group's (the
         /// ping-pong's named barriers, fwd_h3's `ABL` bit 4); the same output bit for bit.
         FwdVariant {
-            V3,
-            V4,
-            H1,
-            H2,
-            H3,
-            H4,
-            H5,
-            H6,
-            H7,
-            H8,
-            H9,
-            H10,
-            H11,
-            H12,
-            H13,
-            H14,
-            H15,
-            H16,
+            V3, V4, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14, H15, H16,
         }
     }
 
@@ -1185,22 +1168,7 @@ pub mod dev {
         /// `H14` (d = 128; at d = 64 `H10`): H12 with H10's dK product from the dSᵀ tile, so the
         /// consumers no longer wait mid-tile for dV's product before forming dSᵀ.
         BwdVariant {
-            K128,
-            V3,
-            H1,
-            H2,
-            H3,
-            H4,
-            H5,
-            H6,
-            H7,
-            H8,
-            H9,
-            H10,
-            H11,
-            H12,
-            H13,
-            H14,
+            K128, V3, H1, H2, H3, H4, H5, H6, H7, H8, H9, H10, H11, H12, H13, H14,
         }
     }
 

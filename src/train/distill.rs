@@ -73,7 +73,7 @@ pub fn distill(
     mut on_iter: impl FnMut(&IterMetrics),
 ) -> Result<AdvDmd> {
     run.config.check()?;
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    crate::checkpoint::create_out_dir(out)?;
     let ckpt = out.join("checkpoint.safetensors");
     let metrics_path = out.join("metrics.jsonl");
     let teacher = ShapesModel::load(teacher_dir)?;

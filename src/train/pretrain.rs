@@ -290,7 +290,7 @@ pub fn pretrain(
     mut on_step: impl FnMut(&StepMetrics),
 ) -> Result<PretrainState> {
     config.check()?;
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    crate::checkpoint::create_out_dir(out)?;
     let run = RunDir::new(out);
     let mut state = if resume && run.checkpoint.exists() {
         let st = PretrainState::load(&run.checkpoint, config)?;
