@@ -28,6 +28,10 @@ pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
     bar
 }
 
+/// Images one `sample` call writes at most (a million 16×16 images: ~0.8 GB of pixels held at
+/// once); a larger request is an error, not an allocation failure.
+const MAX_IMAGES: usize = 1_000_000;
+
 fn read_prompts(prompt: Option<String>, prompts: Option<String>) -> anyhow::Result<Vec<String>> {
     if let Some(p) = prompt {
         return Ok(vec![p]);
@@ -39,6 +43,9 @@ fn read_prompts(prompt: Option<String>, prompts: Option<String>) -> anyhow::Resu
         let n: usize = n
             .parse()
             .with_context(|| format!("--prompts {spec}: N must be a number"))?;
+        if !(1..=MAX_IMAGES / 5).contains(&n) {
+            bail!("--prompts {spec}: N must be 1 to {}", MAX_IMAGES / 5);
+        }
         return Ok(evaluation_prompts(n, 0)
             .into_iter()
             .map(|(_, p)| p)
@@ -105,6 +112,10 @@ pub fn sample(
         bail!("--cfg must be a number, got {cfg}");
     }
     let base = read_prompts(prompt, prompts)?;
+    let total = base.len().saturating_mul(per_prompt.max(1));
+    if total > MAX_IMAGES {
+        bail!("{total} images asked (prompts × --per-prompt); at most {MAX_IMAGES} a call");
+    }
     let mut list = Vec::new();
     for p in &base {
         let task: Task = Prompt::parse(p).map(|q| q.task())?;

@@ -149,9 +149,9 @@ enum Command {
         lr_warmup: u64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Evaluation prompts per task for the final table (0 skips it).
-        #[arg(long, default_value_t = 40)]
-        eval_per_task: usize,
+        /// Evaluation prompts per task for the final table (0 skips it; at most 100000).
+        #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+        eval_per_task: u64,
     },
     /// Samples images from a Shapes model (PNGs, manifest.jsonl, grid.png).
     Sample {
@@ -424,6 +424,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 out.join("model").display()
             );
             if eval_per_task > 0 {
+                let eval_per_task = eval_per_task as usize;
                 let student = distilled_model(&state);
                 let g = evaluate_model(&student, eval_per_task, None, None)?;
                 let t = evaluate_model(&state.teacher, eval_per_task, None, None)?;

@@ -197,6 +197,26 @@ fn out_of_range_training_and_sampling_flags_are_errors() {
             &["sample", "--prompt", "a red circle", "--cfg", "nan"],
             "--cfg",
         ),
+        (&["sample", "--prompts", "eval:0"], "eval:0"),
+        (
+            &["sample", "--prompts", "eval:99999999999"],
+            "N must be 1 to",
+        ),
+        (
+            &[
+                "sample",
+                "--prompt",
+                "a red circle",
+                "--per-prompt",
+                "99999999999",
+            ],
+            "--per-prompt",
+        ),
+        (&["sample", "--prompt", "A red circle"], "unknown word `A`"),
+        (
+            &["distill", "--eval-per-task", "99999999999"],
+            "--eval-per-task",
+        ),
     ];
     for (args, flag) in cases {
         let mut all: Vec<&str> = args.to_vec();

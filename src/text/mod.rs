@@ -90,9 +90,11 @@ impl PromptTokenizer {
             .map_err(|e| Error::Invalid(format!("prompt `{prompt}`: {e}")))?;
         let unk = self.inner.token_to_id(UNK);
         if let Some(pos) = enc.get_ids().iter().position(|&i| Some(i) == unk) {
+            // the word as the prompt spells it (the token is `[UNK]`)
+            let (a, b) = enc.get_offsets()[pos];
+            let word = prompt.get(a..b).unwrap_or(&enc.get_tokens()[pos]);
             return Err(Error::Invalid(format!(
-                "prompt `{prompt}`: unknown word `{}` (the Shapes vocabulary is closed)",
-                enc.get_tokens()[pos]
+                "prompt `{prompt}`: unknown word `{word}` (the Shapes vocabulary is closed)"
             )));
         }
         if enc.get_ids().len() + 1 > self.max_len {
