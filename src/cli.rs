@@ -111,6 +111,8 @@ pub fn sample(
     if !cfg.is_finite() {
         bail!("--cfg must be a number, got {cfg}");
     }
+    // a file in the way is said before the sampling, not after
+    advdmd::checkpoint::create_out_dir(out)?;
     let base = read_prompts(prompt, prompts)?;
     let total = base.len().saturating_mul(per_prompt.max(1));
     if total > MAX_IMAGES {
@@ -131,7 +133,6 @@ pub fn sample(
         bar.inc(n as u64)
     })?;
     bar.finish();
-    advdmd::checkpoint::create_out_dir(out)?;
     let per = CHANNELS * RESOLUTION * RESOLUTION;
     let mut manifest = String::new();
     let mut tiles = Vec::new();

@@ -138,17 +138,12 @@ impl SafetensorsFile {
     }
 }
 
-/// How many of `values` are NaN or infinite.
-pub fn count_non_finite(values: &[f32]) -> usize {
-    values.iter().filter(|v| !v.is_finite()).count()
-}
-
 /// An error naming `key` of `path` when f32 tensor `t` holds a NaN or an infinity: what a
 /// diverged run saves, refused where weights are loaded for use (a layout conversion passes them
 /// through).
 pub fn check_finite(path: &Path, key: &str, t: &Tensor) -> Result<()> {
     let values = t.f32s();
-    let count = count_non_finite(values);
+    let count = values.iter().filter(|v| !v.is_finite()).count();
     if count == 0 {
         return Ok(());
     }

@@ -1,7 +1,7 @@
 //! Training state on disk: groups of named parameters, AdamW moments and a JSON metadata record
 //! in one safetensors file, written atomically, so a resumed run continues bit for bit.
 
-use crate::checkpoint::{count_non_finite, save_safetensors, SafetensorsFile};
+use crate::checkpoint::{check_finite, save_safetensors, SafetensorsFile};
 use crate::error::{Error, Result};
 use crate::nn::ParamMap;
 use crate::optim::AdamW;
@@ -40,16 +40,11 @@ pub fn save_state(
         moment_counts.insert(prefix.to_string(), opt.m.len().into());
     }
     for (name, t) in &tensors {
-        let t = t.to_dtype(DType::F32);
-        let count = count_non_finite(t.f32s());
-        if count > 0 {
-            return Err(Error::Invalid(format!(
-                "{}: not saved: tensor `{name}` holds {count} of {} values not finite (NaN or \
-                 infinite): the run diverged; the file on disk is left as it was",
-                path.display(),
-                t.numel()
-            )));
-        }
+        check_finite(path, name, &t.to_dtype(DType::F32)).map_err(|e| {
+            Error::Invalid(format!(
+                "not saved: {e}; the file on disk is left as it was"
+            ))
+        })?;
     }
     let record = serde_json::json!({
         "meta": meta, "optimizer_steps": steps, "optimizer_moments": moment_counts,
