@@ -12,6 +12,7 @@ use advdmd::mmdit::device::Keep;
 use advdmd::train::advdmd::{AdvDmd, AdvDmdConfig, IterMetrics};
 use advdmd::train::advdmd_device::{shapes_batch, DeviceAdvDmd, DeviceRunOptions};
 use advdmd::Tensor;
+use common::ScratchDir;
 
 fn devices() -> Vec<KernelDevice> {
     common::kernel_devices("advdmd_device")
@@ -199,8 +200,7 @@ fn a_frozen_discriminator_follows_the_cpu_trainer() {
         }
         let mut host = AdvDmd::new(common::tiny_shapes_model(1, true), frozen_config.clone());
         gpu.sync_to_host(&mut host).unwrap();
-        let dir = std::env::temp_dir().join(format!("advdmd-device-frozen-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = ScratchDir::new("device-frozen");
         let path = dir.join("state.safetensors");
         host.save(&path).unwrap();
         let loaded = AdvDmd::load(
@@ -209,7 +209,6 @@ fn a_frozen_discriminator_follows_the_cpu_trainer() {
             frozen_config.clone(),
         )
         .unwrap();
-        std::fs::remove_dir_all(&dir).ok();
         assert!(loaded.disc_frozen());
         let resumed = DeviceAdvDmd::from_host(&dev, &loaded, DeviceRunOptions::default()).unwrap();
         let weights = |g: &DeviceAdvDmd| {
@@ -364,15 +363,13 @@ fn a_saved_and_resumed_device_run_continues_exactly() {
     step(&mut run, &host);
     step(&mut run, &host);
     run.sync_to_host(&mut host).unwrap();
-    let dir = std::env::temp_dir().join(format!("advdmd-device-resume-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = ScratchDir::new("device-resume");
     let path = dir.join("state.safetensors");
     host.save(&path).unwrap();
     drop(run);
     let loaded = AdvDmd::load(&path, common::tiny_shapes_model(1, true), config()).unwrap();
     let mut resumed = DeviceAdvDmd::from_host(&dev, &loaded, opts).unwrap();
     let m = step(&mut resumed, &loaded);
-    std::fs::remove_dir_all(&dir).ok();
 
     let last = last.unwrap();
     assert!(m.generator_step && m.rl_step, "{m:?}");

@@ -5,6 +5,7 @@ mod common;
 
 use advdmd::train::advdmd::{AdvDmd, AdvDmdConfig, DiscStates};
 use advdmd::train::shapes_model::ShapesModel;
+use common::ScratchDir;
 
 fn tiny_teacher() -> ShapesModel {
     common::tiny_shapes_model(1, true)
@@ -141,11 +142,7 @@ fn resume_equals_straight(frozen_disc_after: Option<u64>, what: &str) {
     for _ in 0..6 {
         straight.step().unwrap();
     }
-    let dir = std::env::temp_dir().join(format!(
-        "advdmd-distill-resume-{what}-{}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = ScratchDir::new(&format!("distill-resume-{what}"));
     let path = dir.join("checkpoint.safetensors");
     let mut first = AdvDmd::new(tiny_teacher(), config.clone());
     for _ in 0..3 {
@@ -164,8 +161,7 @@ fn resume_equals_straight(frozen_disc_after: Option<u64>, what: &str) {
 
 #[test]
 fn distill_cli_writes_a_generator_that_samples_on_its_own_schedule() {
-    let dir = std::env::temp_dir().join(format!("advdmd-distill-cli-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = ScratchDir::new("distill-cli");
     let bin = env!("CARGO_BIN_EXE_advdmd");
     let out = std::process::Command::new(bin)
         .args([
@@ -284,8 +280,7 @@ fn a_fork_before_the_late_switches_act_equals_the_straight_run() {
     for _ in 0..6 {
         straight.step().unwrap();
     }
-    let dir = std::env::temp_dir().join(format!("advdmd-distill-fork-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = ScratchDir::new("distill-fork");
     let path = dir.join("checkpoint.safetensors");
     // Iterations 0 and 2 are generator steps 0 and 1: RL (warm-up 2) has not run yet.
     let mut prefix = AdvDmd::new(tiny_teacher(), with_rl.clone());
@@ -318,7 +313,6 @@ fn a_fork_before_the_late_switches_act_equals_the_straight_run() {
     prefix.save(&path).unwrap();
     let err = AdvDmd::fork(&path, tiny_teacher(), branch).err().unwrap();
     assert!(err.to_string().contains("RL has started"), "{err}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -374,8 +368,7 @@ fn small_distill_output(dir: &std::path::Path, args: &[&str]) -> std::process::O
 /// stopped at the iteration before writes.
 #[test]
 fn a_run_whose_losses_turn_nan_stops_and_keeps_its_last_checkpoint() {
-    let base = std::env::temp_dir().join(format!("advdmd-distill-nan-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
+    let base = ScratchDir::new("distill-nan");
     let args = |iterations: &'static str| {
         [
             "--lr",
@@ -428,7 +421,6 @@ fn a_run_whose_losses_turn_nan_stops_and_keeps_its_last_checkpoint() {
             == std::fs::read(clean.join("checkpoint.safetensors")).unwrap(),
         "the failed iteration changed the checkpoint"
     );
-    std::fs::remove_dir_all(&base).ok();
 }
 
 /// `advdmd distill --device emu`: the iterations on the kernel device (the emulator here),
@@ -436,8 +428,7 @@ fn a_run_whose_losses_turn_nan_stops_and_keeps_its_last_checkpoint() {
 /// agree with the CPU trainer's from the same teacher and seed (bf16 tolerance).
 #[test]
 fn distill_cli_on_a_device_checkpoints_resumes_and_follows_the_cpu() {
-    let base = std::env::temp_dir().join(format!("advdmd-distill-dev-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
+    let base = ScratchDir::new("distill-dev");
     let bin = env!("CARGO_BIN_EXE_advdmd");
     let run = |dir: &std::path::Path, iterations: &str, extra: &[&str]| {
         let mut args = vec!["--iterations", iterations, "--checkpoint-every", "1"];
@@ -483,7 +474,6 @@ fn distill_cli_on_a_device_checkpoints_resumes_and_follows_the_cpu() {
         assert!(!bad.status.success());
         assert!(String::from_utf8_lossy(&bad.stderr).contains("need --device"));
     }
-    std::fs::remove_dir_all(&base).ok();
 }
 
 /// `advdmd distill --device emu` queues each iteration before the previous one's metrics are read,
@@ -492,8 +482,7 @@ fn distill_cli_on_a_device_checkpoints_resumes_and_follows_the_cpu() {
 /// checkpoint, bit for bit on the emulator.
 #[test]
 fn distill_on_a_device_queues_ahead_without_changing_the_run() {
-    let base = std::env::temp_dir().join(format!("advdmd-distill-ahead-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
+    let base = ScratchDir::new("distill-ahead");
     let run = |dir: &std::path::Path, every: &str| {
         let args = [
             "--iterations",
@@ -517,5 +506,4 @@ fn distill_on_a_device_queues_ahead_without_changing_the_run() {
         read(each.join("checkpoint.safetensors")) == read(end.join("checkpoint.safetensors")),
         "final checkpoints differ"
     );
-    std::fs::remove_dir_all(&base).ok();
 }

@@ -5,15 +5,12 @@ mod common;
 
 use advdmd::checkpoint::{save_safetensors, SafetensorsFile};
 use advdmd::{DType, Error, Tensor};
-use common::randn;
+use common::{randn, ScratchDir};
 use half::{bf16, f16};
 use std::path::PathBuf;
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("advdmd-ckpt-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmpdir(name: &str) -> ScratchDir {
+    ScratchDir::new(&format!("ckpt-{name}"))
 }
 
 /// Hand-assembled safetensors bytes for one tensor (to test dtypes the engine never writes).

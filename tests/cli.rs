@@ -1,6 +1,8 @@
 //! The binary on a machine without CUDA: `advdmd info` exits 0 and says what it found; bad
 //! subcommands and flags are clear errors, not panics.
+mod common;
 
+use common::ScratchDir;
 use std::process::Command;
 
 fn advdmd(args: &[&str]) -> std::process::Output {
@@ -168,8 +170,9 @@ fn bad_pdl_env_is_an_error() {
 /// before any work (each of these once panicked in a kernel or a reshape, or trained on NaN).
 #[test]
 fn out_of_range_training_and_sampling_flags_are_errors() {
-    let dir = std::env::temp_dir().join(format!("advdmd-cli-flags-{}", std::process::id()));
-    let out_dir = dir.to_str().unwrap();
+    let dir = ScratchDir::new("cli-flags");
+    let out_path = dir.join("out");
+    let out_dir = out_path.to_str().unwrap();
     // a small distillation, where a case does not set these itself
     let small = [
         ("--prompts", "1"),
@@ -237,8 +240,8 @@ fn out_of_range_training_and_sampling_flags_are_errors() {
         );
     }
     // an --out that is a file
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::write(&dir, b"not a folder").unwrap();
+    let file = dir.join("a-file");
+    std::fs::write(&file, b"not a folder").unwrap();
     for args in [
         &["sample", "--prompt", "a red circle", "--steps", "1"][..],
         &["dataset", "--n", "1"][..],
@@ -252,13 +255,12 @@ fn out_of_range_training_and_sampling_flags_are_errors() {
             "2",
         ][..],
     ] {
-        let out = advdmd(&[args, &["--out", out_dir]].concat());
+        let out = advdmd(&[args, &["--out", file.to_str().unwrap()]].concat());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
             !out.status.success() && err.contains("exists and is not a folder"),
             "{args:?}: {err}"
         );
     }
-    assert_eq!(std::fs::read(&dir).unwrap(), b"not a folder");
-    std::fs::remove_file(&dir).unwrap();
+    assert_eq!(std::fs::read(&file).unwrap(), b"not a folder");
 }

@@ -1,5 +1,6 @@
 //! Shapes evaluation: the checker (oracle score on rendered data, rejections, robustness to
 //! noise), Shapes-FD (against closed forms), PNG and grid IO, and scoring a folder end to end.
+mod common;
 
 use advdmd::data::shapes::{
     render, render_u8, sample_scene, scene_for_prompt, write_dataset, Color, Object, Prompt, Scene,
@@ -15,14 +16,11 @@ use advdmd::eval::image::{
 };
 use advdmd::eval::{evaluate_folder, evaluate_images, evaluation_prompts, read_manifest};
 use advdmd::Rng;
-use std::path::PathBuf;
+use common::ScratchDir;
 use std::time::Instant;
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("advdmd-eval-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmpdir(name: &str) -> ScratchDir {
+    ScratchDir::new(&format!("eval-{name}"))
 }
 
 fn obj(color: Color, shape: ShapeKind, x: usize, y: usize, size: usize) -> Object {
@@ -487,7 +485,6 @@ fn png_round_trip_and_conversions() {
     let (r, w, h) = decode_png(&encode_png(&rect, 5, 3).unwrap(), "mem").unwrap();
     assert_eq!((r, w, h), (rect, 5, 3));
     assert!(encode_png(&[0u8; 5], 2, 2).is_err());
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
@@ -527,7 +524,6 @@ fn read_png_converts_gray_and_rgba_and_names_bad_files() {
     assert!(e.contains("cut.png"), "{e}");
     let e = read_png(dir.join("missing.png")).unwrap_err().to_string();
     assert!(e.contains("missing.png"), "{e}");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
@@ -553,7 +549,6 @@ fn grid_tiles_images_with_gaps_and_upscaling() {
     assert_eq!((back, bw, bh), (g, w, h));
     assert!(grid::<Vec<u8>>(&[], 3, 1).is_err());
     assert!(grid(&[vec![0u8; 768], vec![0u8; 12]], 2, 1).is_err());
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
@@ -627,7 +622,6 @@ fn evaluate_folder_on_a_dataset_matches_the_oracle_and_the_fd_floor() {
     println!("{}", bad.to_text());
     assert!(bad.score < 0.3, "{}", bad.score);
     assert!(bad.fd > 2.0 * bad.fd_floor);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
@@ -638,7 +632,6 @@ fn evaluate_folder_scores_only_the_tasks_present() {
     assert_eq!(r.tasks.len(), 1);
     assert_eq!(r.tasks[0].task, Task::Relation);
     assert_eq!(r.score, r.tasks[0].accuracy);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
@@ -702,5 +695,4 @@ fn malformed_manifests_are_errors_not_panics() {
     assert_eq!(r.images, 1);
     assert_eq!(r.score, 1.0);
     assert!(evaluate_images(&["a red circle".into()], &[], 0).is_err());
-    let _ = std::fs::remove_dir_all(dir);
 }

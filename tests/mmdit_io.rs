@@ -1,6 +1,7 @@
 //! MMDiT checkpoint IO and model options: layout round trips (both directions, dtypes, sharded
 //! diffusers, prefixes), bad input through the CLI (non-zero exit, one message naming file and
 //! key, no panic, no output), frozen mode, the feature tap, non-square latents.
+mod common;
 
 use advdmd::autograd::backward;
 use advdmd::checkpoint::{save_safetensors, SafetensorsFile};
@@ -8,6 +9,7 @@ use advdmd::mmdit::checkpoint::{save_mmdit, Layout, MmditCheckpoint};
 use advdmd::mmdit::{Mmdit, MmditInputs};
 use advdmd::tensor::StoredDType;
 use advdmd::{DType, Rng, Tensor, Var};
+use common::ScratchDir;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -15,14 +17,8 @@ fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/mmdit/sd35m_tiny")
 }
 
-/// A fresh folder per call: tests run in parallel in one process, so the pid alone is not unique.
-fn tmpdir(name: &str) -> PathBuf {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let d = std::env::temp_dir().join(format!("advdmd-mmdit-{name}-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmpdir(name: &str) -> ScratchDir {
+    ScratchDir::new(&format!("mmdit-{name}"))
 }
 
 fn all_tensors(path: &Path) -> Vec<(String, Tensor)> {

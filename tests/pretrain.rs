@@ -8,13 +8,10 @@ use advdmd::data::shapes::{all_prompts, vocabulary, Task};
 use advdmd::text::PromptTokenizer;
 use advdmd::train::pretrain::{pretrain, PretrainConfig};
 use advdmd::train::shapes_model::{sample_images, Sampler, ShapesModel, MAX_TOKENS};
-use std::path::PathBuf;
+use common::ScratchDir;
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("advdmd-pretrain-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmpdir(name: &str) -> ScratchDir {
+    ScratchDir::new(&format!("pretrain-{name}"))
 }
 
 fn tiny(steps: u64) -> PretrainConfig {

@@ -1,5 +1,6 @@
 //! The Shapes world: prompt templates and parsing, scene sampling rules, the anti-aliased renderer,
 //! training batches and dataset folders.
+mod common;
 
 use advdmd::data::shapes::{
     all_prompts, coverage, dataset_scene, render, render_u8, sample_batch, sample_scene,
@@ -8,14 +9,11 @@ use advdmd::data::shapes::{
 };
 use advdmd::eval::image::{read_png, to_u8};
 use advdmd::Rng;
+use common::ScratchDir;
 use std::collections::HashSet;
-use std::path::PathBuf;
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("advdmd-shapes-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmpdir(name: &str) -> ScratchDir {
+    ScratchDir::new(&format!("shapes-{name}"))
 }
 
 fn scene(objects: Vec<Object>) -> Scene {
@@ -389,7 +387,4 @@ fn write_dataset_writes_n_per_task_and_rerenders_from_the_manifest_seed() {
     assert_eq!(write_dataset(&dir3, 4, Some(Task::Counting), 1).unwrap(), 4);
     let t3 = std::fs::read_to_string(dir3.join("manifest.jsonl")).unwrap();
     assert!(t3.lines().all(|l| l.contains("\"task\": \"counting\"")));
-    for d in [dir, dir2, dir3] {
-        let _ = std::fs::remove_dir_all(d);
-    }
 }
