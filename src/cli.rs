@@ -1,6 +1,7 @@
 //! Pieces of the command line that are more than a call: the progress bar style and `sample`.
 
 use advdmd::data::shapes::{Prompt, Task};
+use advdmd::device::host_memory::{product, Footprint};
 use advdmd::eval::evaluation_prompts;
 use advdmd::eval::image::{to_u8, write_grid, write_png};
 use advdmd::train::shapes_model::{sample_images, Sampler, ShapesModel, CHANNELS, RESOLUTION};
@@ -111,13 +112,27 @@ pub fn sample(
     if !cfg.is_finite() {
         bail!("--cfg must be a number, got {cfg}");
     }
-    // a file in the way is said before the sampling, not after
-    advdmd::checkpoint::create_out_dir(out)?;
     let base = read_prompts(prompt, prompts)?;
     let total = base.len().saturating_mul(per_prompt.max(1));
     if total > MAX_IMAGES {
         bail!("{total} images asked (prompts × --per-prompt); at most {MAX_IMAGES} a call");
     }
+    // a batch of the model's calls (twice the rows with CFG) and every image, held until written
+    let rows = batch.clamp(1, total.max(1)) as u64 * if cfg != 1.0 { 2 } else { 1 };
+    let per = CHANNELS * RESOLUTION * RESOLUTION;
+    Footprint::new()
+        .with("the images (f32)", product(&[total as u64, per as u64, 4]))
+        .with(
+            "activations",
+            model.mmdit.config.activation_floor_bytes(
+                rows,
+                model.tokens_per_sample() as u64,
+                false,
+            ),
+        )
+        .check("sample")?;
+    // a file in the way is said before the sampling, not after
+    advdmd::checkpoint::create_out_dir(out)?;
     let mut list = Vec::new();
     for p in &base {
         let task: Task = Prompt::parse(p).map(|q| q.task())?;
@@ -133,7 +148,6 @@ pub fn sample(
         bar.inc(n as u64)
     })?;
     bar.finish();
-    let per = CHANNELS * RESOLUTION * RESOLUTION;
     let mut manifest = String::new();
     let mut tiles = Vec::new();
     for (i, ((p, task), img)) in list.iter().zip(images.f32s().chunks(per)).enumerate() {

@@ -189,9 +189,9 @@ enum Command {
     Dataset {
         #[arg(long)]
         out: PathBuf,
-        /// Scenes per task.
-        #[arg(long)]
-        n: usize,
+        /// Scenes per task (at most 1,000,000).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+        n: u64,
         /// One task only (single, position, two, relation, counting).
         #[arg(long)]
         task: Option<String>,
@@ -440,7 +440,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let task = task
                 .map(|t| advdmd::data::shapes::Task::parse(&t))
                 .transpose()?;
-            let written = advdmd::data::shapes::write_dataset(&out, n, task, seed)?;
+            let written = advdmd::data::shapes::write_dataset(&out, n as usize, task, seed)?;
             eprintln!("wrote {written} scenes to {}", out.display());
         }
         Command::Eval { dir, json, seed } => {

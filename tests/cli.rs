@@ -220,6 +220,29 @@ fn out_of_range_training_and_sampling_flags_are_errors() {
             &["distill", "--eval-per-task", "99999999999"],
             "--eval-per-task",
         ),
+        (&["dataset", "--n", "99999999999"], "--n"),
+        // runs far past any machine's memory: refused before their first large allocation
+        // (these aborted the process on a failed allocation, or ran into the OOM killer)
+        (
+            &["pretrain", "--batch", "100000000"],
+            "pretrain needs at least",
+        ),
+        (
+            &["pretrain", "--hidden", "1048576"],
+            "pretrain needs at least",
+        ),
+        (
+            &["pretrain", "--depth", "100000000"],
+            "pretrain needs at least",
+        ),
+        (
+            &["distill", "--prompts", "100000000"],
+            "distill needs at least",
+        ),
+        (
+            &["sample", "--prompts", "eval:200000", "--batch", "1000000"],
+            "sample needs at least",
+        ),
     ];
     for (args, flag) in cases {
         let mut all: Vec<&str> = args.to_vec();
@@ -237,6 +260,38 @@ fn out_of_range_training_and_sampling_flags_are_errors() {
         assert!(
             err.contains(flag) && err.starts_with("error:") && !err.contains("panicked"),
             "{all:?}: {err}"
+        );
+    }
+    for (args, what) in [
+        (
+            &[
+                "bench",
+                "mmdit",
+                "--model",
+                "shapes",
+                "--batch",
+                "100000000",
+            ][..],
+            "bench mmdit needs at least",
+        ),
+        (
+            &["bench", "sample", "--batch", "100000000"][..],
+            "bench sample needs at least",
+        ),
+        (
+            &["bench", "step", "--prompts", "100000000"][..],
+            "bench step needs at least",
+        ),
+        (
+            &["bench", "step", "--device", "emu", "--prompts", "100000000"][..],
+            "bench step needs at least",
+        ),
+    ] {
+        let out = advdmd(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(what) && err.contains("GiB available"),
+            "{args:?}: {err}"
         );
     }
     // an --out that is a file

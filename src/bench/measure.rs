@@ -70,27 +70,9 @@ pub fn time_fallible(
     }
 }
 
-/// A `Name:   N kB` field of a /proc text file, in bytes (Linux only).
-fn proc_kb_field(path: &str, field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let line = text.lines().find(|l| l.starts_with(field))?;
-    let kb: u64 = line[field.len()..]
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
-}
-
 /// One `Vm*` field of `/proc/self/status`, in bytes (Linux only).
 fn proc_status_bytes(field: &str) -> Option<u64> {
-    proc_kb_field("/proc/self/status", field)
-}
-
-/// `MemAvailable` of `/proc/meminfo` in bytes (Linux only).
-pub fn mem_available_bytes() -> Option<u64> {
-    proc_kb_field("/proc/meminfo", "MemAvailable:")
+    crate::device::host_memory::proc_kb_field("/proc/self/status", field)
 }
 
 /// The peak resident memory a piece of work adds on top of what the process holds when it

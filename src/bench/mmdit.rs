@@ -15,6 +15,7 @@ use crate::device::kernel::{KernelDevice, KernelResult};
 use crate::error::Result;
 use crate::mmdit::device::{Checkpointing, DeviceMmdit, Keep};
 use crate::mmdit::{Mmdit, MmditInputs};
+use crate::nn::device::DeviceParams;
 use crate::Var;
 use std::hint::black_box;
 use std::path::Path;
@@ -30,7 +31,8 @@ pub fn run(a: &MmditArgs, teacher: &Path) -> Result<Report> {
             ))
         }
         None => {
-            spec.check_fits(true)?;
+            spec.cpu_footprint(a.model.batch, true)
+                .check("bench mmdit")?;
             Ok(measure(&spec, a))
         }
         Some((dev, kind)) => measure_device(&spec, a, &dev, kind),
@@ -46,6 +48,15 @@ fn measure_device(
     kind: &'static str,
 ) -> Result<Report> {
     let batch = a.model.batch;
+    if dev.is_emulator() {
+        let per_param = if a.forward_only {
+            DeviceParams::FROZEN_BYTES_PER_PARAM
+        } else {
+            DeviceParams::TRAINED_BYTES_PER_PARAM
+        };
+        spec.emulated_footprint(per_param)
+            .check("bench mmdit --device emu")?;
+    }
     let model = if a.forward_only {
         DeviceMmdit::frozen(dev, &spec.random_model(0))?
     } else {

@@ -3,8 +3,8 @@
 //! fresh random weights through `mmdit::init`. `benches/mmdit.rs` builds its models here too.
 
 use super::flops::CallShape;
-use super::measure::mem_available_bytes;
 use crate::autograd::Var;
+use crate::device::host_memory::Footprint;
 use crate::error::{Error, Result};
 use crate::mmdit::init::init_params;
 use crate::mmdit::{Mmdit, MmditConfig};
@@ -170,20 +170,34 @@ impl ModelSpec {
         4 * self.config.param_count() as u64
     }
 
-    /// Refuses a run whose weights (and, when `with_grads`, their gradients) alone exceed the
-    /// memory available, rather than letting the kernel kill the process half-way.
-    pub fn check_fits(&self, with_grads: bool) -> Result<()> {
-        let need = self.weight_bytes() * if with_grads { 2 } else { 1 };
-        match mem_available_bytes() {
-            Some(avail) if need > avail => Err(Error::Invalid(format!(
-                "{}: {:.1} GiB of f32 weights{} do not fit in the {:.1} GiB of memory available",
-                self.preset.name(),
-                need as f64 / GIB,
-                if with_grads { " and gradients" } else { "" },
-                avail as f64 / GIB
-            ))),
-            _ => Ok(()),
-        }
+    /// Tokens of one sample, both streams.
+    pub fn tokens(&self) -> usize {
+        self.image_tokens() + self.text_tokens
+    }
+
+    /// The least host memory a CPU run on `batch` samples allocates: the f32 weights, with a
+    /// `backward` their gradients, and the activations' floor.
+    pub fn cpu_footprint(&self, batch: usize, backward: bool) -> Footprint {
+        let weights = self.weight_bytes();
+        let activations =
+            self.config
+                .activation_floor_bytes(batch as u64, self.tokens() as u64, backward);
+        Footprint::new()
+            .with("f32 weights", weights)
+            .with("their gradients", if backward { weights } else { 0 })
+            .with("activations", activations)
+    }
+
+    /// On the emulator the device's buffers are host memory too: the host's f32 model and its
+    /// upload at `device_bytes_per_param` (`DeviceParams::*_BYTES_PER_PARAM`).
+    pub fn emulated_footprint(&self, device_bytes_per_param: u64) -> Footprint {
+        let p = self.config.param_count() as u64;
+        Footprint::new()
+            .with("f32 weights on the host", self.weight_bytes())
+            .with(
+                "their upload to the emulated device",
+                p.saturating_mul(device_bytes_per_param),
+            )
     }
 
     /// The MMDiT with fresh random weights (`mmdit::init`: Xavier linears, adaLN-Zero).

@@ -23,6 +23,7 @@ use crate::flow::{cfg, euler_step, reference_sigmas, timestep_of};
 use crate::kernels::shape::{concat, split};
 use crate::mmdit::device::DeviceMmdit;
 use crate::mmdit::{Mmdit, MmditInputs};
+use crate::nn::device::DeviceParams;
 use crate::tensor::Tensor;
 use crate::train::shapes_model::{sample_images, Sampler, ShapesModel, RESOLUTION};
 use crate::Var;
@@ -65,7 +66,8 @@ pub fn run(a: &SampleArgs, teacher: &Path) -> Result<Report> {
         time_teacher(a, teacher)?
     } else {
         let spec = ModelSpec::new(a.model.model, a.model.res, teacher)?;
-        spec.check_fits(false)?;
+        spec.cpu_footprint(a.model.batch, false)
+            .check("bench sample")?;
         time_random_preset(spec, a)?
     };
     Ok(cpu_report(a, timed, ceiling))
@@ -186,6 +188,10 @@ fn time_device(
     a: &SampleArgs,
     dev: &KernelDevice,
 ) -> Result<(Timing, Option<OpProfile>)> {
+    if dev.is_emulator() {
+        spec.emulated_footprint(DeviceParams::FROZEN_BYTES_PER_PARAM)
+            .check("bench sample --device emu")?;
+    }
     // sampling needs the bf16 weights only (2 bytes a parameter: SD3.5-large fits an 80 GB card)
     let model = DeviceMmdit::frozen(dev, &spec.random_model(0))?;
     let inputs = spec.random_inputs(a.model.batch, 1);
@@ -231,6 +237,7 @@ fn time_teacher(a: &SampleArgs, teacher: &Path) -> Result<Timed> {
         )));
     }
     let batch = a.model.batch;
+    spec.cpu_footprint(batch, false).check("bench sample")?;
     let prompts: Vec<String> = evaluation_prompts(batch.div_ceil(5), 0)
         .into_iter()
         .map(|(_, p)| p)

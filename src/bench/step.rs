@@ -98,7 +98,11 @@ pub fn run(a: &StepArgs, teacher: &Path) -> Result<Report> {
                 .into(),
         ));
     }
-    let mut trainer = AdvDmd::new(ShapesModel::load(teacher)?, config);
+    let teacher = ShapesModel::load(teacher)?;
+    config
+        .host_footprint(&teacher.mmdit.config, teacher.tokens_per_sample())
+        .check("bench step")?;
+    let mut trainer = AdvDmd::new(teacher, config);
     let (kinds, rl_possible) = kinds_to_time(&trainer.config)?;
 
     let memory = PeakRss::start();
@@ -254,6 +258,7 @@ mod device {
     use crate::bench::measure::time_fallible;
     use crate::bench::presets::ModelSpec;
     use crate::bench::profile::profile_fallible;
+    use crate::device::host_memory::Footprint;
     use crate::device::kernel::KernelDevice;
     use crate::mmdit::device::Checkpointing;
     use crate::train::advdmd_device::{
@@ -273,14 +278,36 @@ mod device {
             bf16_moments: a.bf16_moments,
             graph: a.graph,
         };
-        let (m, g, n) = (config.prompts, config.group, config.prompts * config.group);
+        let (m, g, n) = (
+            config.prompts,
+            config.group,
+            config.prompts.saturating_mul(config.group),
+        );
         let (mut run, batch, spec) = if a.model == Preset::Shapes {
-            let host = AdvDmd::new(ShapesModel::load(teacher)?, config);
+            let teacher = ShapesModel::load(teacher)?;
+            let mut need =
+                config.host_footprint(&teacher.mmdit.config, teacher.tokens_per_sample());
+            if dev.is_emulator() {
+                let state = config.device_state_bytes(&teacher.mmdit.config, a.bf16_moments);
+                need = need.with("the emulated device's state", state);
+            }
+            need.check("bench step")?;
+            let host = AdvDmd::new(teacher, config);
             let mut rng = Rng::new(1);
             let batch = shapes_batch(&host.teacher, m, g, &mut rng)?;
             (DeviceAdvDmd::from_host(dev, &host, opts)?, batch, None)
         } else {
             let spec = ModelSpec::new(a.model, a.res, teacher)?;
+            if dev.is_emulator() {
+                let state = config.device_state_bytes(&spec.config, a.bf16_moments);
+                Footprint::new()
+                    .with(
+                        "the f32 teacher, generator and fake score on the host",
+                        3 * spec.weight_bytes(),
+                    )
+                    .with("the emulated device's state", state)
+                    .check("bench step --device emu")?;
+            }
             let run = DeviceAdvDmd::new(dev, &spec.random_model(0), config, opts)?;
             let cond = |rows, seed| {
                 let r = spec.random_inputs(rows, seed);

@@ -13,6 +13,7 @@ pub mod emu;
 pub mod emu_graph;
 pub mod emu_lanes;
 pub mod emu_memory;
+pub mod host_memory;
 pub mod kernel;
 pub mod profile;
 pub mod staging;

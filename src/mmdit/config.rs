@@ -2,6 +2,7 @@
 //! any depth, width, head size, patch, channel count and conditioning size, with or without QK
 //! norm and MMDiT-X dual attention.
 
+use crate::device::host_memory::product;
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -250,6 +251,26 @@ impl MmditConfig {
             .values()
             .map(|s| s.iter().product::<usize>())
             .sum()
+    }
+
+    /// A lower bound on [`MmditConfig::param_count`] that allocates nothing and cannot overflow
+    /// (it saturates): every block's image-stream attention and MLP matrices. A configuration
+    /// made from flags may be far too large for the shape map `param_count` builds.
+    pub fn min_param_count(&self) -> u64 {
+        let (d, m) = (self.hidden as u64, self.mlp_hidden as u64);
+        let block = product(&[4, d, d]).saturating_add(product(&[2, d, m]));
+        product(&[self.depth as u64, block])
+    }
+
+    /// Host bytes a CPU call on `samples` sequences of `tokens` tokens (both streams) holds at
+    /// the least: with a backward to come, every block's f32 input kept on the tape; without,
+    /// one MLP's hidden activation.
+    pub fn activation_floor_bytes(&self, samples: u64, tokens: u64, backward: bool) -> u64 {
+        if backward {
+            product(&[samples, tokens, self.hidden as u64, self.depth as u64, 4])
+        } else {
+            product(&[samples, tokens, self.mlp_hidden as u64, 4])
+        }
     }
 
     /// A name for the published configurations, if this is one of them.

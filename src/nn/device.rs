@@ -58,6 +58,11 @@ fn invalid(msg: String) -> KernelError {
 }
 
 impl DeviceParams {
+    /// Device bytes a trainable upload holds a parameter: f32 master, bf16 copy, f32 gradient.
+    pub const TRAINED_BYTES_PER_PARAM: u64 = 10;
+    /// Device bytes a frozen upload holds a parameter: the bf16 copy.
+    pub const FROZEN_BYTES_PER_PARAM: u64 = 2;
+
     /// Uploads the current values of `params`: masters, bf16 copy and zero gradients when
     /// `trainable`, else the bf16 copy only (2 bytes a parameter).
     pub fn upload(

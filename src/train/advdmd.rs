@@ -14,11 +14,13 @@ use super::shapes_model::ShapesModel;
 use super::state::{rng_from_json, rng_to_json, save_state, StateFile};
 use crate::autograd::{backward, no_grad, Var};
 use crate::data::shapes::sample_batch;
+use crate::device::host_memory::{product, Footprint};
 use crate::error::Result;
 use crate::flow::sde::{log_prob, log_prob_grad_v, rho_step};
 use crate::flow::{cfg, shift_sigma};
 use crate::kernels::shape::concat;
-use crate::mmdit::MmditInputs;
+use crate::mmdit::{MmditConfig, MmditInputs};
+use crate::nn::device::DeviceParams;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, Ema};
 use crate::tensor::{Rng, Tensor};
 
@@ -135,6 +137,38 @@ pub struct AdvDmd {
 }
 
 impl AdvDmdConfig {
+    /// The least host memory the CPU trainer adds to a loaded teacher of configuration
+    /// `teacher`, `tokens` tokens a sample: the generator and the fake score (f32 weights,
+    /// gradients, AdamW's two moments), the EMA, and the generator's activations over the
+    /// iteration's prompts·group samples.
+    pub fn host_footprint(&self, teacher: &MmditConfig, tokens: usize) -> Footprint {
+        let weights = (teacher.param_count() as u64).saturating_mul(4);
+        let samples = product(&[self.prompts as u64, self.group as u64]);
+        Footprint::new()
+            .with(
+                "generator and fake score: f32 weights, gradients, AdamW moments",
+                product(&[weights, 2, 4]),
+            )
+            .with("the EMA", weights)
+            .with(
+                "activations",
+                teacher.activation_floor_bytes(samples, tokens as u64, true),
+            )
+    }
+
+    /// The bytes of a device run's state (`DeviceAdvDmd`; host memory on the emulator): the
+    /// trained generator, the fake score sharing its gradients, the frozen teacher, the EMA and
+    /// both models' AdamW moments (f32, or bf16 with `bf16_moments`).
+    pub fn device_state_bytes(&self, teacher: &MmditConfig, bf16_moments: bool) -> u64 {
+        let moments = if bf16_moments { 4 } else { 8 };
+        let per_param = DeviceParams::TRAINED_BYTES_PER_PARAM
+            + (DeviceParams::TRAINED_BYTES_PER_PARAM - 4)
+            + DeviceParams::FROZEN_BYTES_PER_PARAM
+            + 4
+            + 2 * moments;
+        (teacher.param_count() as u64).saturating_mul(per_param)
+    }
+
     /// An error naming the first setting out of its range (each named as its `distill` flag):
     /// checked before a run starts, so a bad flag never reaches a kernel.
     pub fn check(&self) -> Result<()> {

@@ -73,10 +73,20 @@ pub fn distill(
     mut on_iter: impl FnMut(&IterMetrics),
 ) -> Result<AdvDmd> {
     run.config.check()?;
+    let teacher = ShapesModel::load(teacher_dir)?;
+    let mut need = run
+        .config
+        .host_footprint(&teacher.mmdit.config, teacher.tokens_per_sample());
+    if let Some((_, opts)) = run.device.as_ref().filter(|(dev, _)| dev.is_emulator()) {
+        let state = run
+            .config
+            .device_state_bytes(&teacher.mmdit.config, opts.bf16_moments);
+        need = need.with("the emulated device's state", state);
+    }
+    need.check("distill")?;
     crate::checkpoint::create_out_dir(out)?;
     let ckpt = out.join("checkpoint.safetensors");
     let metrics_path = out.join("metrics.jsonl");
-    let teacher = ShapesModel::load(teacher_dir)?;
     let from = match start {
         Start::Fresh => None,
         Start::Resume => Some(out.to_path_buf()),

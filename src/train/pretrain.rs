@@ -12,6 +12,7 @@ use super::shapes_model::{ShapesModel, ShapesModelSize, CHANNELS, RESOLUTION};
 use super::state::{rng_from_json, rng_to_json, save_state, StateFile};
 use crate::autograd::Var;
 use crate::data::shapes::{sample_batch, vocabulary};
+use crate::device::host_memory::{product, Footprint};
 use crate::error::{Error, Result};
 use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig, Ema};
 use crate::tensor::{Rng, Tensor};
@@ -37,6 +38,20 @@ pub struct PretrainConfig {
 }
 
 impl PretrainConfig {
+    /// The least host memory a run allocates: the MMDiT's f32 weights five times over (weights,
+    /// gradients, AdamW's two moments, the EMA) and a batch's activations.
+    pub fn footprint(&self) -> Footprint {
+        let mmdit = self.size.mmdit_config();
+        let copies = product(&[mmdit.min_param_count(), 4, 5]);
+        let tokens = self.size.tokens_per_sample() as u64;
+        Footprint::new()
+            .with("f32 weights, gradients, AdamW moments and EMA", copies)
+            .with(
+                "activations",
+                mmdit.activation_floor_bytes(self.batch as u64, tokens, true),
+            )
+    }
+
     /// An error naming the first setting out of its range (each named as its `pretrain` flag).
     pub fn check(&self) -> Result<()> {
         let bad = |what: String| Err(Error::Invalid(what));
@@ -290,6 +305,7 @@ pub fn pretrain(
     mut on_step: impl FnMut(&StepMetrics),
 ) -> Result<PretrainState> {
     config.check()?;
+    config.footprint().check("pretrain")?;
     crate::checkpoint::create_out_dir(out)?;
     let run = RunDir::new(out);
     let mut state = if resume && run.checkpoint.exists() {

@@ -57,6 +57,31 @@ impl ShapesModelSize {
         }
         Ok(())
     }
+
+    /// The MMDiT of a Shapes model of this size (pixel space, patch 2, QK norm).
+    pub fn mmdit_config(&self) -> MmditConfig {
+        MmditConfig {
+            depth: self.depth,
+            hidden: self.hidden,
+            heads: self.hidden / self.head_dim,
+            head_dim: self.head_dim,
+            patch: 2,
+            in_channels: CHANNELS,
+            out_channels: CHANNELS,
+            pos_embed_max_size: RESOLUTION / 2,
+            context_dim: self.text_dim,
+            pooled_dim: self.text_dim,
+            freq_dim: 256,
+            mlp_hidden: 4 * self.hidden,
+            qk_norm: true,
+            dual_attention_blocks: Vec::new(),
+        }
+    }
+
+    /// Tokens of one sample, both streams: the image's patches and the prompt's positions.
+    pub fn tokens_per_sample(&self) -> usize {
+        (RESOLUTION / 2).pow(2) + MAX_TOKENS
+    }
 }
 
 impl Default for ShapesModelSize {
@@ -84,6 +109,11 @@ pub struct ShapesModel {
 }
 
 impl ShapesModel {
+    /// Tokens of one sample, both streams: the image's patches and the prompt's positions.
+    pub fn tokens_per_sample(&self) -> usize {
+        (RESOLUTION / self.mmdit.config.patch).pow(2) + self.text.config.max_len
+    }
+
     pub fn init(size: &ShapesModelSize, words: &[&str], rng: &mut Rng) -> Result<ShapesModel> {
         let tokenizer = PromptTokenizer::new(words, MAX_TOKENS)?;
         let text = TextEncoder::init(
@@ -96,22 +126,7 @@ impl ShapesModel {
             },
             rng,
         );
-        let config = MmditConfig {
-            depth: size.depth,
-            hidden: size.hidden,
-            heads: size.hidden / size.head_dim,
-            head_dim: size.head_dim,
-            patch: 2,
-            in_channels: CHANNELS,
-            out_channels: CHANNELS,
-            pos_embed_max_size: RESOLUTION / 2,
-            context_dim: size.text_dim,
-            pooled_dim: size.text_dim,
-            freq_dim: 256,
-            mlp_hidden: 4 * size.hidden,
-            qk_norm: true,
-            dual_attention_blocks: Vec::new(),
-        };
+        let config = size.mmdit_config();
         let params = init_params(&config, rng);
         Ok(ShapesModel {
             tokenizer,
