@@ -155,7 +155,7 @@ pub fn sample(
         let rgb = to_u8(img);
         write_png(out.join(&file), &rgb, RESOLUTION, RESOLUTION)?;
         let line = serde_json::json!({
-            "file": file, "prompt": p, "task": task.name(), "seed": seed + i as u64,
+            "file": file, "prompt": p, "task": task.name(), "seed": seed.wrapping_add(i as u64),
             "model": dir.display().to_string(), "steps": steps, "sampler": sampler.name(), "shift": model.sample_shift, "cfg": cfg,
         });
         manifest.push_str(&format!("{line}\n"));

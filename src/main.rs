@@ -240,6 +240,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     advdmd::kernels::attention::dev::check_variant_env().map_err(anyhow::Error::msg)?;
     advdmd::device::kernel::streams_env().map_err(anyhow::Error::msg)?;
     advdmd::device::kernel::pdl_env().map_err(anyhow::Error::msg)?;
+    for var in [
+        "ADVDMD_ATTN_NO_HOPPER",
+        "ADVDMD_GEMM_AUTOTUNE",
+        "ADVDMD_CUDA_SYNC",
+    ] {
+        advdmd::device::kernel::env_flag(var).map_err(anyhow::Error::msg)?;
+    }
+    advdmd::device::emu_memory::guard_env().map_err(anyhow::Error::msg)?;
     match cli.command {
         Command::Info { json } => {
             let info = advdmd::info::gather();

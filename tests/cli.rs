@@ -80,6 +80,21 @@ fn bad_attention_variant_env_is_an_error() {
         err.contains("ADVDMD_ATTN_ABLATIONS") && !err.contains("panicked"),
         "{err}"
     );
+    // and any other switch given a value it does not take (these were read as "off")
+    for (var, value) in [
+        ("ADVDMD_ATTN_NO_HOPPER", "yes"),
+        ("ADVDMD_GEMM_AUTOTUNE", "on"),
+        ("ADVDMD_CUDA_SYNC", "true"),
+        ("ADVDMD_EMU_GUARD", "strat"),
+    ] {
+        let out = advdmd_env(&["info"], &[(var, value)]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{var}={value} accepted");
+        assert!(
+            err.starts_with("error:") && err.contains(var) && err.contains(value),
+            "{err}"
+        );
+    }
     // a valid choice is what `info` reports the model path launches
     let out = advdmd_env(
         &["info", "--json"],

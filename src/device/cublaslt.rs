@@ -33,7 +33,7 @@ struct Plan {
 /// has timed it.
 fn autotune_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("ADVDMD_GEMM_AUTOTUNE").is_ok_and(|v| v == "1"))
+    *ON.get_or_init(|| crate::device::kernel::env_flag("ADVDMD_GEMM_AUTOTUNE").unwrap_or(false))
 }
 
 const AUTOTUNE_ALGOS: usize = 8;

@@ -45,7 +45,7 @@ unsafe impl Send for ModuleHandle {}
 /// kernel (debugging only). Read once: launches are on the hot path.
 fn sync_after_launch() -> bool {
     static SYNC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SYNC.get_or_init(|| std::env::var("ADVDMD_CUDA_SYNC").is_ok_and(|v| v == "1"))
+    *SYNC.get_or_init(|| crate::device::kernel::env_flag("ADVDMD_CUDA_SYNC").unwrap_or(false))
 }
 
 /// The two events of a fork (main → side) and a join (side → main).

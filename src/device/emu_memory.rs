@@ -58,14 +58,24 @@ pub fn check_slack(kernel: &str, slots: &[u64]) -> Result<(), String> {
 /// bytes past the end). CI runs the kernel tests both ways.
 pub fn guard_at_start() -> bool {
     static AT_START: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AT_START.get_or_init(|| match std::env::var("ADVDMD_EMU_GUARD").as_deref() {
-        Err(_) | Ok("") | Ok("end") => false,
-        Ok("start") => true,
-        Ok(other) => {
-            eprintln!("ADVDMD_EMU_GUARD={other:?} is not `end` or `start`: guarding buffer ends");
+    *AT_START.get_or_init(|| {
+        guard_env().unwrap_or_else(|e| {
+            eprintln!("{e}: guarding buffer ends");
             false
-        }
+        })
     })
+}
+
+/// `ADVDMD_EMU_GUARD` read: `Ok(true)` for `start`, `Ok(false)` for `end` or unset, an error
+/// naming any other value (the CLI refuses it when it starts).
+pub fn guard_env() -> Result<bool, String> {
+    match std::env::var("ADVDMD_EMU_GUARD").as_deref() {
+        Err(_) | Ok("") | Ok("end") => Ok(false),
+        Ok("start") => Ok(true),
+        Ok(other) => Err(format!(
+            "ADVDMD_EMU_GUARD={other:?} is not `end` or `start`"
+        )),
+    }
 }
 
 /// One buffer's memory: `bytes` (rounded up to 16, the vector width a kernel may load) right

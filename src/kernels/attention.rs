@@ -864,7 +864,7 @@ pub mod dev {
     /// its `hopper` step fails: a wgmma kernel that faults leaves a sticky error in the process's
     /// CUDA context, which would fail every later test and benchmark of that process too.
     pub fn hopper_disabled() -> bool {
-        std::env::var("ADVDMD_ATTN_NO_HOPPER").is_ok_and(|v| v == "1")
+        crate::device::kernel::env_flag("ADVDMD_ATTN_NO_HOPPER").unwrap_or(false)
     }
 
     variant_enum! {

@@ -317,7 +317,7 @@ pub fn sample_images(
     for (c, chunk) in prompts.chunks(batch.max(1)).enumerate() {
         let n = chunk.len();
         let mut rngs: Vec<Rng> = (0..n)
-            .map(|i| Rng::new(seed + (c * batch + i) as u64))
+            .map(|i| Rng::new(seed.wrapping_add((c * batch + i) as u64)))
             .collect();
         let mut x: Vec<f32> = rngs
             .iter_mut()
