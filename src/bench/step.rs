@@ -100,7 +100,7 @@ pub fn run(a: &StepArgs, teacher: &Path) -> Result<Report> {
     }
     let teacher = ShapesModel::load(teacher)?;
     config
-        .host_footprint(&teacher.mmdit.config, teacher.tokens_per_sample())
+        .host_footprint(&teacher.mmdit.config, teacher.tokens_per_sample(), None)
         .check("bench step")?;
     let mut trainer = AdvDmd::new(teacher, config);
     let (kinds, rl_possible) = kinds_to_time(&trainer.config)?;
@@ -285,13 +285,14 @@ mod device {
         );
         let (mut run, batch, spec) = if a.model == Preset::Shapes {
             let teacher = ShapesModel::load(teacher)?;
-            let mut need =
-                config.host_footprint(&teacher.mmdit.config, teacher.tokens_per_sample());
-            if dev.is_emulator() {
-                let state = config.device_state_bytes(&teacher.mmdit.config, a.bf16_moments);
-                need = need.with("the emulated device's state", state);
-            }
-            need.check("bench step")?;
+            let emulated_moments = dev.is_emulator().then_some(a.bf16_moments);
+            config
+                .host_footprint(
+                    &teacher.mmdit.config,
+                    teacher.tokens_per_sample(),
+                    emulated_moments,
+                )
+                .check("bench step")?;
             let host = AdvDmd::new(teacher, config);
             let mut rng = Rng::new(1);
             let batch = shapes_batch(&host.teacher, m, g, &mut rng)?;

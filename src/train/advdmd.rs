@@ -141,9 +141,17 @@ impl AdvDmdConfig {
     /// `teacher`, `tokens` tokens a sample: the generator and the fake score (f32 weights,
     /// gradients, AdamW's two moments), the EMA, and the generator's activations over the
     /// iteration's prompts·group samples.
-    pub fn host_footprint(&self, teacher: &MmditConfig, tokens: usize) -> Footprint {
+    /// With `emulated_moments` (`Some(bf16_moments)`: the iterations run on the emulator), the
+    /// device run's state as well, whose buffers are host memory there.
+    pub fn host_footprint(
+        &self,
+        teacher: &MmditConfig,
+        tokens: usize,
+        emulated_moments: Option<bool>,
+    ) -> Footprint {
         let weights = (teacher.param_count() as u64).saturating_mul(4);
         let samples = product(&[self.prompts as u64, self.group as u64]);
+        let emulated = emulated_moments.map_or(0, |bf16| self.device_state_bytes(teacher, bf16));
         Footprint::new()
             .with(
                 "generator and fake score: f32 weights, gradients, AdamW moments",
@@ -154,6 +162,7 @@ impl AdvDmdConfig {
                 "activations",
                 teacher.activation_floor_bytes(samples, tokens as u64, true),
             )
+            .with("the emulated device's state", emulated)
     }
 
     /// The bytes of a device run's state (`DeviceAdvDmd`; host memory on the emulator): the

@@ -74,16 +74,18 @@ pub fn distill(
 ) -> Result<AdvDmd> {
     run.config.check()?;
     let teacher = ShapesModel::load(teacher_dir)?;
-    let mut need = run
-        .config
-        .host_footprint(&teacher.mmdit.config, teacher.tokens_per_sample());
-    if let Some((_, opts)) = run.device.as_ref().filter(|(dev, _)| dev.is_emulator()) {
-        let state = run
-            .config
-            .device_state_bytes(&teacher.mmdit.config, opts.bf16_moments);
-        need = need.with("the emulated device's state", state);
-    }
-    need.check("distill")?;
+    let emulated_moments = run
+        .device
+        .as_ref()
+        .filter(|(dev, _)| dev.is_emulator())
+        .map(|(_, opts)| opts.bf16_moments);
+    run.config
+        .host_footprint(
+            &teacher.mmdit.config,
+            teacher.tokens_per_sample(),
+            emulated_moments,
+        )
+        .check("distill")?;
     crate::checkpoint::create_out_dir(out)?;
     let ckpt = out.join("checkpoint.safetensors");
     let metrics_path = out.join("metrics.jsonl");
