@@ -170,10 +170,11 @@ impl AdvDmdConfig {
     /// both models' AdamW moments (f32, or bf16 with `bf16_moments`).
     pub fn device_state_bytes(&self, teacher: &MmditConfig, bf16_moments: bool) -> u64 {
         let moments = if bf16_moments { 4 } else { 8 };
+        let (f32_grads, f32_ema) = (4, 4);
         let per_param = DeviceParams::TRAINED_BYTES_PER_PARAM
-            + (DeviceParams::TRAINED_BYTES_PER_PARAM - 4)
+            + (DeviceParams::TRAINED_BYTES_PER_PARAM - f32_grads)
             + DeviceParams::FROZEN_BYTES_PER_PARAM
-            + 4
+            + f32_ema
             + 2 * moments;
         (teacher.param_count() as u64).saturating_mul(per_param)
     }

@@ -80,7 +80,7 @@ impl ShapesModelSize {
 
     /// Tokens of one sample, both streams: the image's patches and the prompt's positions.
     pub fn tokens_per_sample(&self) -> usize {
-        (RESOLUTION / 2).pow(2) + MAX_TOKENS
+        (RESOLUTION / self.mmdit_config().patch).pow(2) + MAX_TOKENS
     }
 }
 
