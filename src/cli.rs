@@ -218,3 +218,132 @@ pub fn distill_device(
         },
     )))
 }
+
+/// `e` from distilling `teacher` as a Shapes model, with a pointer to `--data` when `teacher`
+/// is an SD3-family checkpoint instead.
+pub fn shapes_teacher_hint(e: advdmd::error::Error, teacher: &Path) -> anyhow::Error {
+    if teacher.join("shapes.json").exists() {
+        return e.into();
+    }
+    match advdmd::mmdit::MmditCheckpoint::open(teacher) {
+        Ok(c) => anyhow::anyhow!(
+            "{} is an MMDiT checkpoint ({}), not a Shapes model folder: distil it with --data DIR \
+             (its precomputed latents and prompt embeddings, written by tools/precompute.py) \
+             and --device cuda",
+            teacher.display(),
+            c.config.family()
+        ),
+        Err(_) => e.into(),
+    }
+}
+
+/// `advdmd sample --checkpoint CHECKPOINT --data DIR`: the first `count` prompts of `data`
+/// (`--per-prompt` samples each) through an SD3-family checkpoint on the CPU, written as
+/// `OUT/latents.safetensors` (`latents [n, C, H, W]`, the captions in its metadata as a data
+/// shard's) and `OUT/manifest.jsonl`; `tools/decode.py` decodes them with the VAE.
+pub fn sample_checkpoint(
+    checkpoint: &Path,
+    data: &Path,
+    count: usize,
+    opts: &SampleOptions,
+    out: &Path,
+) -> anyhow::Result<()> {
+    use advdmd::data::latents::LatentData;
+    use advdmd::train::checkpoint_sample::{sample_checkpoint_latents, SampleDefaults};
+    let sampler = Sampler::parse(&opts.sampler).expect("clap checked the sampler");
+    let ckpt = advdmd::mmdit::MmditCheckpoint::open(checkpoint)?;
+    let data = LatentData::open(data)?;
+    data.check_model(&ckpt.config)?;
+    let defaults = SampleDefaults::of(checkpoint)?;
+    let steps = opts.steps.unwrap_or(defaults.steps);
+    let cfg = opts.cfg.unwrap_or(defaults.cfg);
+    let shift = opts.shift.unwrap_or(defaults.shift);
+    if !(shift > 0.0 && shift.is_finite()) {
+        bail!("--shift must be a positive number, got {shift}");
+    }
+    if steps == 0 || (defaults.few_step.is_some() && steps > 8) {
+        bail!("--steps must be at least 1 (at most 8 on a distilled generator's schedule)");
+    }
+    if !cfg.is_finite() {
+        bail!("--cfg must be a number, got {cfg}");
+    }
+    if count == 0 || count > data.len() {
+        bail!(
+            "--count must be 1 to the {} samples of {}",
+            data.len(),
+            data.dir().display()
+        );
+    }
+    let indices: Vec<usize> = (0..count)
+        .flat_map(|i| std::iter::repeat_n(i, opts.per_prompt.max(1)))
+        .collect();
+    if indices.len() > MAX_IMAGES {
+        bail!(
+            "{} samples asked (--count × --per-prompt); at most {MAX_IMAGES} a call",
+            indices.len()
+        );
+    }
+    let c = &ckpt.config;
+    let [ch, h, w] = data.latent_shape;
+    let tokens = (h / c.patch) * (w / c.patch) + data.context_shape[0];
+    let rows = opts.batch.clamp(1, indices.len()) as u64 * if cfg != 1.0 { 2 } else { 1 };
+    Footprint::new()
+        .with("the model (f32)", product(&[c.param_count() as u64, 4]))
+        .with(
+            "the latents (f32)",
+            product(&[indices.len() as u64, (ch * h * w) as u64, 4]),
+        )
+        .with(
+            "activations",
+            c.activation_floor_bytes(rows, tokens as u64, false),
+        )
+        .check("sample")?;
+    advdmd::checkpoint::create_out_dir(out)?;
+    let model = advdmd::mmdit::Mmdit::new(c.clone(), ckpt.load_params()?);
+    let sigmas = defaults.schedule(steps, shift);
+    let bar = progress_bar((indices.len() * steps) as u64, "sample");
+    let start = std::time::Instant::now();
+    let latents = sample_checkpoint_latents(
+        &model,
+        &data,
+        &indices,
+        &sigmas,
+        cfg,
+        sampler,
+        opts.seed,
+        opts.batch,
+        |n| bar.inc(n as u64),
+    )?;
+    bar.finish();
+    let captions: Vec<String> = indices
+        .iter()
+        .map(|&i| data.caption(i).unwrap_or_default().to_string())
+        .collect();
+    let mut manifest = String::new();
+    for (k, (&i, caption)) in indices.iter().zip(&captions).enumerate() {
+        let line = serde_json::json!({
+            "index": k, "sample": i, "caption": caption, "seed": opts.seed.wrapping_add(k as u64),
+            "model": checkpoint.display().to_string(), "steps": steps, "sampler": sampler.name(),
+            "shift": shift, "cfg": cfg,
+        });
+        manifest.push_str(&format!("{line}\n"));
+    }
+    let meta = std::collections::HashMap::from([(
+        "advdmd.captions".to_string(),
+        serde_json::to_string(&captions)?,
+    )]);
+    advdmd::checkpoint::save_safetensors(
+        out.join("latents.safetensors"),
+        &[("latents".to_string(), latents)],
+        Some(meta),
+    )?;
+    advdmd::checkpoint::write_atomic(&out.join("manifest.jsonl"), manifest.as_bytes())?;
+    eprintln!(
+        "{} latents, {steps} steps, cfg {cfg}, {} in {:.1} s → {} (images: tools/decode.py)",
+        indices.len(),
+        sampler.name(),
+        start.elapsed().as_secs_f64(),
+        out.join("latents.safetensors").display()
+    );
+    Ok(())
+}

@@ -3,7 +3,9 @@
 use advdmd::mmdit::checkpoint::{convert, Layout, MmditCheckpoint};
 use advdmd::tensor::StoredDType;
 use advdmd::train::advdmd::{AdvDmdConfig, DiscStates};
-use advdmd::train::distill::{distill, distilled_model, evaluate_model, DistillRun, Start};
+use advdmd::train::distill::{
+    distill, distill_latents, distilled_model, evaluate_model, DistillRun, Start,
+};
 use advdmd::train::pretrain::{export_checkpoint, pretrain, PretrainConfig};
 use advdmd::train::shapes_model::ShapesModelSize;
 use clap::{Parser, Subcommand};
@@ -74,9 +76,15 @@ enum Command {
         /// Run folder: checkpoint.safetensors, metrics.jsonl, model/ (the EMA generator).
         #[arg(long)]
         out: PathBuf,
-        /// Teacher model folder (default: assets/shapes-teacher).
+        /// Teacher: a Shapes model folder (default: assets/shapes-teacher), or with --data an
+        /// SD3-family checkpoint (a file or a diffusers folder, either layout).
         #[arg(long)]
         teacher: Option<PathBuf>,
+        /// Precomputed latents and prompt embeddings (shard-*.safetensors + uncond.safetensors,
+        /// written by tools/precompute.py) to distil an SD3-family --teacher on; needs --device
+        /// cuda (or emu).
+        #[arg(long, requires = "teacher")]
+        data: Option<PathBuf>,
         #[arg(long)]
         resume: bool,
         /// Start from another run's folder at its last checkpoint, with flags that may differ in
@@ -103,8 +111,10 @@ enum Command {
         frozen_disc_after: Option<u64>,
         #[arg(long, default_value_t = AdvDmdConfig::default().rho)]
         rho: f32,
-        #[arg(long, default_value_t = AdvDmdConfig::default().w_real)]
-        w_real: f32,
+        /// The teacher's CFG weight in the DMD gradient (default: 3 for Shapes, 4.5 for an
+        /// SD3-family checkpoint).
+        #[arg(long)]
+        w_real: Option<f32>,
         #[arg(long, default_value_t = AdvDmdConfig::default().lambda_dmd)]
         lambda_dmd: f32,
         #[arg(long, default_value_t = AdvDmdConfig::default().lambda_gan)]
@@ -153,11 +163,19 @@ enum Command {
         #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(0..=100_000))]
         eval_per_task: u64,
     },
-    /// Samples images from a Shapes model (PNGs, manifest.jsonl, grid.png).
+    /// Samples images from a Shapes model (PNGs, manifest.jsonl, grid.png), or with --data the latents of an SD3-family checkpoint (latents.safetensors and manifest.jsonl, for tools/decode.py).
     Sample {
-        /// A model folder (default: the committed teacher, assets/shapes-teacher).
+        /// A model folder (default: the committed teacher, assets/shapes-teacher); with --data an
+        /// SD3-family checkpoint (a teacher, or the model/ of `distill --data`).
         #[arg(long)]
         checkpoint: Option<PathBuf>,
+        /// Precomputed prompt embeddings (a `distill --data` folder): the first --count samples'
+        /// prompts are sampled, on the CPU.
+        #[arg(long, requires = "checkpoint", conflicts_with_all = ["prompt", "prompts"])]
+        data: Option<PathBuf>,
+        /// With --data: how many of its prompts.
+        #[arg(long, default_value_t = 4, requires = "data")]
+        count: usize,
         /// One prompt ...
         #[arg(long, conflicts_with = "prompts")]
         prompt: Option<String>,
@@ -170,10 +188,11 @@ enum Command {
         /// Steps (default: 40 for a teacher, K for a distilled generator).
         #[arg(long)]
         steps: Option<usize>,
-        /// CFG weight (default: 1.5 for a teacher, 1 = none for a distilled generator).
+        /// CFG weight (default: 1.5 for a Shapes teacher, 4.5 for an SD3-family one, 1 = none for
+        /// a distilled generator).
         #[arg(long)]
         cfg: Option<f32>,
-        /// Sigma-schedule shift (default: the model's own, from shapes.json).
+        /// Sigma-schedule shift (default: the model's own: shapes.json, advdmd.json, else 3).
         #[arg(long)]
         shift: Option<f64>,
         #[arg(long, default_value = "euler", value_parser = ["euler", "sde"])]
@@ -318,6 +337,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Sample {
             checkpoint,
+            data,
+            count,
             prompt,
             prompts,
             per_prompt,
@@ -338,11 +359,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 seed,
                 batch,
             };
-            cli::sample(checkpoint, prompt, prompts, &opts, &out)?;
+            match (data, checkpoint) {
+                (Some(data), Some(checkpoint)) => {
+                    cli::sample_checkpoint(&checkpoint, &data, count, &opts, &out)?
+                }
+                (_, checkpoint) => cli::sample(checkpoint, prompt, prompts, &opts, &out)?,
+            }
         }
         Command::Distill {
             out,
             teacher,
+            data,
             resume,
             fork_from,
             iterations,
@@ -377,7 +404,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 rho,
                 prompts,
                 group,
-                w_real,
+                w_real: w_real.unwrap_or(if data.is_some() { 4.5 } else { 3.0 }),
                 lambda_dmd,
                 lambda_gan,
                 lambda_d,
@@ -412,7 +439,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 (false, Some(dir)) => Start::ForkFrom(dir),
                 (false, None) => Start::Fresh,
             };
-            let state = distill(&run, &teacher_dir, &out, &start_from, |m| {
+            let show = |m: &advdmd::train::advdmd::IterMetrics| {
                 bar.set_position(m.iteration);
                 bar.set_message(format!(
                     "fake {:.3} D {:.3} acc r/f {:.2}/{:.2} |g_dmd| {:.2} reward {:.2}",
@@ -423,7 +450,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     m.dmd_grad_norm,
                     m.mean_reward
                 ));
-            })?;
+            };
+            if let Some(data) = data {
+                let done = distill_latents(&run, &teacher_dir, &data, &out, &start_from, show)?;
+                bar.finish();
+                eprintln!(
+                    "done: {done} iterations in {:.1} min; EMA generator in {}",
+                    start.elapsed().as_secs_f64() / 60.0,
+                    out.join("model").display()
+                );
+                return Ok(());
+            }
+            let state = distill(&run, &teacher_dir, &out, &start_from, show)
+                .map_err(|e| cli::shapes_teacher_hint(e, &teacher_dir))?;
             bar.finish();
             eprintln!(
                 "done: {} iterations in {:.1} min; EMA generator in {}",

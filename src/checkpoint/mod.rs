@@ -118,6 +118,29 @@ impl SafetensorsFile {
         Ok(Tensor::from_le_bytes(bytes, stored, &info.shape))
     }
 
+    /// Rows `[start, start + count)` of tensor `name` along its first axis, as f32, every value
+    /// checked finite: a slice of a large data tensor read without reading the rest.
+    pub fn load_rows_f32(&self, name: &str, start: usize, count: usize) -> Result<Tensor> {
+        let stored = self.stored_dtype(name)?;
+        let info = self.info(name)?;
+        let rows = info.shape.first().copied().unwrap_or(0);
+        if start.checked_add(count).is_none_or(|end| end > rows) {
+            return Err(Error::Invalid(format!(
+                "{}: tensor `{name}`: rows {start}..{} asked of {rows}",
+                self.path.display(),
+                start.saturating_add(count)
+            )));
+        }
+        let row_bytes = numel(&info.shape[1..]) * stored.size_in_bytes();
+        let first = self.data_start + info.data_offsets.0 + start * row_bytes;
+        let bytes = &self.mmap[first..first + count * row_bytes];
+        let mut shape = info.shape.clone();
+        shape[0] = count;
+        let t = Tensor::from_le_bytes(bytes, stored, &shape).to_dtype(DType::F32);
+        check_finite(&self.path, name, &t)?;
+        Ok(t)
+    }
+
     /// Loads a tensor as f32, checking its shape when `expected` is given and that every value
     /// is finite (a weight or optimizer state with a NaN would poison every later step).
     pub fn load_f32(&self, name: &str, expected: Option<&[usize]>) -> Result<Tensor> {

@@ -1,6 +1,8 @@
-//! Training data. For now the procedural Shapes world (design/TOY.md): prompts, scene sampling,
-//! the renderer and dataset folders; the text encoder and trainers build on it.
+//! Training data: the procedural Shapes world (design/TOY.md: prompts, scene sampling, the
+//! renderer and dataset folders) and the precomputed latents and prompt embeddings of a real
+//! checkpoint's distillation (`latents`).
 
+pub mod latents;
 pub mod shapes;
 
 pub use shapes::{

@@ -3,6 +3,7 @@
 //! schedules and the trainer's use of the ρ-SDE (`sde`) come with the trainer.
 
 pub mod device;
+pub mod sample;
 pub mod sde;
 
 /// Training timesteps of the reference scheduler (σ·1000 is what the model is fed).

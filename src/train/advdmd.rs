@@ -655,21 +655,112 @@ impl AdvDmd {
     }
 }
 
+/// The metadata record of a distillation checkpoint (the CPU trainer's and the device's alike).
+pub(crate) fn checkpoint_meta(
+    config: &AdvDmdConfig,
+    iteration: u64,
+    generator_steps: u64,
+    rng: &Rng,
+    disc_frozen: bool,
+) -> serde_json::Value {
+    serde_json::json!({
+        "kind": "advdmd",
+        "iteration": iteration,
+        "generator_steps": generator_steps,
+        "rng": rng_to_json(rng),
+        "config": format!("{config:?}"),
+        "config_core": format!("{:?}", config.core()),
+        "rl": config.rl,
+        "rl_warmup": config.rl_warmup,
+        "disc_frozen": disc_frozen,
+    })
+}
+
+/// Whether the checkpoint `f` may continue under `config`: as a resumed run (`fork` false: the
+/// same configuration), or as a fork ([`AdvDmd::fork`]: the late switches may differ, and only
+/// where none of them has acted yet in either run).
+pub(crate) fn check_checkpoint(f: &StateFile, config: &AdvDmdConfig, fork: bool) -> Result<()> {
+    let path = f.path();
+    let bad = |why: String| {
+        let what = if fork {
+            format!("cannot fork from {}", path.display())
+        } else {
+            path.display().to_string()
+        };
+        crate::error::Error::Invalid(format!("{what}: {why}"))
+    };
+    let meta = f.meta();
+    if meta["kind"] != "advdmd" {
+        return Err(bad("not a distillation checkpoint".into()));
+    }
+    if !fork {
+        let now = format!("{config:?}");
+        if meta["config"].as_str() != Some(now.as_str()) {
+            return Err(bad(format!(
+                "was written with another configuration: {} (now {now})",
+                meta["config"]
+            )));
+        }
+        return Ok(());
+    }
+    let core = format!("{:?}", config.core());
+    if meta["config_core"].as_str() != Some(core.as_str()) {
+        return Err(bad(format!(
+            "it differs in more than the late switches (RL, frozen discriminator): {} (now {config:?})",
+            meta["config"]
+        )));
+    }
+    let (iteration, gen_steps) = checkpoint_counters(f)?;
+    // RL ran in a prefix iff some generator step had generator_steps >= rl_warmup.
+    let rl_ran = |rl: bool, warmup: u64| rl && gen_steps > warmup;
+    let old_rl = meta["rl"].as_bool().unwrap_or(true);
+    let old_warmup = meta["rl_warmup"].as_u64().unwrap_or(0);
+    if rl_ran(old_rl, old_warmup) || rl_ran(config.rl, config.rl_warmup) {
+        return Err(bad(format!(
+            "RL has started by generator step {gen_steps} (warm-up {old_warmup} there, {} here)",
+            config.rl_warmup
+        )));
+    }
+    if meta["disc_frozen"].as_bool() != Some(false)
+        || config.frozen_disc_after.is_some_and(|n| n < iteration)
+    {
+        return Err(bad(format!(
+            "the discriminator froze before iteration {iteration} in one of the two runs"
+        )));
+    }
+    Ok(())
+}
+
+/// A checkpoint's `(iteration, generator_steps)`.
+pub(crate) fn checkpoint_counters(f: &StateFile) -> Result<(u64, u64)> {
+    let bad =
+        |what: &str| crate::error::Error::Invalid(format!("{}: bad `{what}`", f.path().display()));
+    let meta = f.meta();
+    let iteration = meta["iteration"].as_u64().ok_or_else(|| bad("iteration"))?;
+    let gen_steps = meta["generator_steps"]
+        .as_u64()
+        .ok_or_else(|| bad("generator_steps"))?;
+    Ok((iteration, gen_steps))
+}
+
+/// A checkpoint's RNG state.
+pub(crate) fn checkpoint_rng(f: &StateFile) -> Result<Rng> {
+    rng_from_json(&f.meta()["rng"]).ok_or_else(|| {
+        crate::error::Error::Invalid(format!("{}: bad `rng` state", f.path().display()))
+    })
+}
+
 impl AdvDmd {
     /// Everything a resumed run needs except the teacher (reloaded from its folder): generator,
     /// fake score, head, EMA, both optimizers, RNG and counters, written atomically.
     pub fn save(&self, path: &std::path::Path) -> Result<()> {
-        let meta = serde_json::json!({
-            "kind": "advdmd",
-            "iteration": self.iteration,
-            "generator_steps": self.generator_steps,
-            "rng": rng_to_json(&self.rng),
-            "config": format!("{:?}", self.config),
-            "config_core": format!("{:?}", self.config.core()),
-            "rl": self.config.rl,
-            "rl_warmup": self.config.rl_warmup,
-            "disc_frozen": self.disc_frozen(),
-        });
+        let meta = checkpoint_meta(
+            &self.config,
+            self.iteration,
+            self.generator_steps,
+            &self.rng,
+            self.disc_frozen(),
+        );
         let mut groups = vec![
             ("generator.", &self.generator.mmdit.params),
             ("fake.", &self.fake.mmdit.params),
@@ -697,19 +788,8 @@ impl AdvDmd {
         config: AdvDmdConfig,
     ) -> Result<AdvDmd> {
         let f = StateFile::open(path)?;
-        let bad = |why: String| crate::error::Error::Invalid(format!("{}: {why}", path.display()));
-        let meta = f.meta();
-        if meta["kind"] != "advdmd" {
-            return Err(bad("not a distillation checkpoint".into()));
-        }
-        let now = format!("{config:?}");
-        if meta["config"].as_str() != Some(now.as_str()) {
-            return Err(bad(format!(
-                "was written with another configuration: {} (now {now})",
-                meta["config"]
-            )));
-        }
-        Self::restore(&f, path, teacher, config)
+        check_checkpoint(&f, &config, false)?;
+        Self::restore(&f, teacher, config)
     }
 
     /// Starts a new run from another run's checkpoint with a configuration that may differ in the
@@ -723,52 +803,11 @@ impl AdvDmd {
         config: AdvDmdConfig,
     ) -> Result<AdvDmd> {
         let f = StateFile::open(path)?;
-        let bad = |why: String| {
-            crate::error::Error::Invalid(format!("cannot fork from {}: {why}", path.display()))
-        };
-        let meta = f.meta();
-        if meta["kind"] != "advdmd" {
-            return Err(bad("not a distillation checkpoint".into()));
-        }
-        let core = format!("{:?}", config.core());
-        if meta["config_core"].as_str() != Some(core.as_str()) {
-            return Err(bad(format!(
-                "it differs in more than the late switches (RL, frozen discriminator): {} (now {config:?})",
-                meta["config"]
-            )));
-        }
-        let (iteration, gen_steps) = (meta["iteration"].as_u64(), meta["generator_steps"].as_u64());
-        let (Some(iteration), Some(gen_steps)) = (iteration, gen_steps) else {
-            return Err(bad("bad `iteration` / `generator_steps`".into()));
-        };
-        // RL ran in a prefix iff some generator step had generator_steps >= rl_warmup.
-        let rl_ran = |rl: bool, warmup: u64| rl && gen_steps > warmup;
-        let old_rl = meta["rl"].as_bool().unwrap_or(true);
-        let old_warmup = meta["rl_warmup"].as_u64().unwrap_or(0);
-        if rl_ran(old_rl, old_warmup) || rl_ran(config.rl, config.rl_warmup) {
-            return Err(bad(format!(
-                "RL has started by generator step {gen_steps} (warm-up {old_warmup} there, {} here)",
-                config.rl_warmup
-            )));
-        }
-        if meta["disc_frozen"].as_bool() != Some(false)
-            || config.frozen_disc_after.is_some_and(|n| n < iteration)
-        {
-            return Err(bad(format!(
-                "the discriminator froze before iteration {iteration} in one of the two runs"
-            )));
-        }
-        Self::restore(&f, path, teacher, config)
+        check_checkpoint(&f, &config, true)?;
+        Self::restore(&f, teacher, config)
     }
 
-    fn restore(
-        f: &StateFile,
-        path: &std::path::Path,
-        teacher: ShapesModel,
-        config: AdvDmdConfig,
-    ) -> Result<AdvDmd> {
-        let bad = |why: String| crate::error::Error::Invalid(format!("{}: {why}", path.display()));
-        let meta = f.meta();
+    fn restore(f: &StateFile, teacher: ShapesModel, config: AdvDmdConfig) -> Result<AdvDmd> {
         let mut run = AdvDmd::new(teacher, config);
         f.load_group("generator.", &run.generator.mmdit.params)?;
         f.load_group("fake.", &run.fake.mmdit.params)?;
@@ -778,18 +817,13 @@ impl AdvDmd {
         f.load_optimizer("adam_g.", &mut run.opt_generator, &generator)?;
         let critic = [&run.fake.mmdit.params, &run.head.params];
         f.load_optimizer("adam_f.", &mut run.opt_fake, &critic)?;
-        if meta["disc_frozen"].as_bool() == Some(true) {
+        if f.meta()["disc_frozen"].as_bool() == Some(true) {
             run.freeze_disc();
             let b = run.frozen_backbone.as_ref().expect("just frozen");
             f.load_group("frozen_fake.", &b.mmdit.params)?;
         }
-        run.iteration = meta["iteration"]
-            .as_u64()
-            .ok_or_else(|| bad("bad `iteration`".into()))?;
-        run.generator_steps = meta["generator_steps"]
-            .as_u64()
-            .ok_or_else(|| bad("bad `generator_steps`".into()))?;
-        run.rng = rng_from_json(&meta["rng"]).ok_or_else(|| bad("bad `rng` state".into()))?;
+        (run.iteration, run.generator_steps) = checkpoint_counters(f)?;
+        run.rng = checkpoint_rng(f)?;
         Ok(run)
     }
 }

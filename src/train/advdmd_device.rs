@@ -20,7 +20,10 @@
 
 use half::bf16;
 
-use super::advdmd::{AdvDmd, AdvDmdConfig, DiscStates, IterMetrics};
+use super::advdmd::{
+    check_checkpoint, checkpoint_counters, checkpoint_meta, checkpoint_rng, AdvDmd, AdvDmdConfig,
+    DiscStates, IterMetrics,
+};
 use super::device::{
     dmd_rms, dmd_seed_dev, flow_matching_grads_dev, generator_backward_from_x0, generator_x0,
     rollout_schedule, rollout_sde_dev, stochastic_step, DeviceDiscHead, DmdInputs, HeadSaved,
@@ -29,6 +32,8 @@ use super::device::{
 use super::disc_head::DiscHead;
 use super::rollout::few_step_sigmas;
 use super::shapes_model::ShapesModel;
+use super::state::{save_state, StateFile};
+use crate::data::latents::LatentData;
 use crate::device::kernel::{DevBuf, DeviceGraph, KernelDevice, KernelError, KernelResult, Later};
 use crate::error::{Error, Result};
 use crate::kernels::elementwise::dev::{cast_bf16_to_f32, cast_f32_to_bf16_into, copy};
@@ -44,7 +49,7 @@ use crate::mmdit::device::{DeviceInputs, DeviceMmdit, Keep, Saved};
 use crate::mmdit::Mmdit;
 use crate::nn::device::DeviceParams;
 use crate::optim::device::{DeviceAdamW, FlatParams};
-use crate::optim::AdamWConfig;
+use crate::optim::{AdamW, AdamWConfig};
 use crate::tensor::{Rng, Tensor};
 
 /// Context `[B, L, ctx_dim]` and pooled `[B, pooled_dim]` of B rows (host).
@@ -98,6 +103,45 @@ pub fn shapes_batch(
         real_cond: encode(&teacher.tokenizer.encode_batch(&real_prompts)?),
         cond: encode(&teacher.tokenizer.encode_batch(&repeated)?),
         uncond: encode(&empty.repeat(n)),
+    })
+}
+
+/// A batch of precomputed data: `prompts` samples drawn uniformly (with replacement) by `rng`,
+/// their latents the real side, their captions' embeddings the conditioning (each repeated
+/// `group` times for the generated side), and the folder's empty prompt the unconditional one.
+pub fn latents_batch(
+    data: &LatentData,
+    prompts: usize,
+    group: usize,
+    rng: &mut Rng,
+) -> Result<IterBatch> {
+    let picks: Vec<usize> = (0..prompts)
+        .map(|_| rng.below(data.len() as u64) as usize)
+        .collect();
+    let rows = data.rows(&picks)?;
+    let repeat_rows = |t: &Tensor| {
+        let per = t.numel() / prompts;
+        let values: Vec<f32> = t
+            .f32s()
+            .chunks(per)
+            .flat_map(|row| row.repeat(group))
+            .collect();
+        let mut shape = t.shape().to_vec();
+        shape[0] = prompts * group;
+        Tensor::from_vec(values, &shape)
+    };
+    let (context, pooled) = data.uncond(prompts * group);
+    Ok(IterBatch {
+        cond: Cond {
+            context: repeat_rows(&rows.context),
+            pooled: repeat_rows(&rows.pooled),
+        },
+        uncond: Cond { context, pooled },
+        real_cond: Cond {
+            context: rows.context,
+            pooled: rows.pooled,
+        },
+        real: rows.latents,
     })
 }
 
@@ -692,33 +736,44 @@ impl DeviceAdvDmd {
         }
         run.iteration = host.iteration;
         run.generator_steps = host.generator_steps;
-        let shadow = flat_trainable(&run.generator, |name| {
-            Some(host.ema.shadow.param(name).value().f32s().to_vec())
+        run.upload_host_state(&host.ema.shadow, &host.opt_generator, &host.opt_fake)?;
+        Ok(run)
+    }
+
+    /// Uploads the EMA (of the generator's trainable tensors, by name) and the optimizers'
+    /// moments and steps: the generator's, and the critic's over the fake score and the head.
+    fn upload_host_state(
+        &mut self,
+        ema: &crate::nn::ParamMap,
+        opt_generator: &AdamW,
+        opt_critic: &AdamW,
+    ) -> Result<()> {
+        let dev = self.dev.clone();
+        let shadow = flat_trainable(&self.generator, |name| {
+            ema.get(name).map(|p| p.value().f32s().to_vec())
         })?;
-        dev.copy_to_device(&shadow, &run.ema)?;
-        let opt_generator = &host.opt_generator;
-        let moments = |p: &DeviceParams, opt: &crate::optim::AdamW| {
+        dev.copy_to_device(&shadow, &self.ema)?;
+        let moments = |p: &DeviceParams, opt: &AdamW| {
             let get = |map: &std::collections::BTreeMap<String, Vec<f32>>| {
                 flat_trainable(p, |name| map.get(name).cloned())
             };
             Result::Ok((get(&opt.m)?, get(&opt.v)?))
         };
         for (dst, p, src) in [
-            (&mut run.opt_generator, &*run.generator, opt_generator),
-            (&mut run.opt_fake, &*run.fake, &host.opt_fake),
-            (&mut run.opt_head, &run.head.params, &host.opt_fake),
+            (&mut self.opt_generator, &*self.generator, opt_generator),
+            (&mut self.opt_fake, &*self.fake, opt_critic),
+            (&mut self.opt_head, &self.head.params, opt_critic),
         ] {
             let (m, v) = moments(p, src)?;
-            dst.upload_moments(dev, &m, &v, src.step)?;
+            dst.upload_moments(&dev, &m, &v, src.step)?;
         }
-        Ok(run)
+        Ok(())
     }
 
     /// Writes the run's state into `host` — weights (f32 masters), EMA, optimizer moments and
     /// steps, RNG and counters — for `AdvDmd::save` (the teacher and configuration are the
     /// host's own and stay).
     pub fn sync_to_host(&self, host: &mut AdvDmd) -> Result<()> {
-        let dev = &self.dev;
         let put = |p: &DeviceParams, map: &crate::nn::ParamMap| -> Result<()> {
             for (name, t) in p.download_named(&p.master)? {
                 map.param(&name).set_value(t);
@@ -731,31 +786,7 @@ impl DeviceAdvDmd {
         for (name, t) in self.ema_named()? {
             host.ema.shadow.param(&name).set_value(t);
         }
-        let split = |p: &DeviceParams,
-                     flat: &[f32],
-                     into: &mut std::collections::BTreeMap<String, Vec<f32>>| {
-            for (name, slot) in p.slots() {
-                if slot.trainable {
-                    into.insert(
-                        name.clone(),
-                        flat[slot.offset..slot.offset + slot.numel()].to_vec(),
-                    );
-                }
-            }
-        };
-        let (m, v) = self.opt_generator.download_moments(dev)?;
-        split(&self.generator, &m, &mut host.opt_generator.m);
-        split(&self.generator, &v, &mut host.opt_generator.v);
-        host.opt_generator.step = self.opt_generator.step;
-        for (opt, p) in [
-            (&self.opt_fake, &*self.fake),
-            (&self.opt_head, &self.head.params),
-        ] {
-            let (m, v) = opt.download_moments(dev)?;
-            split(p, &m, &mut host.opt_fake.m);
-            split(p, &v, &mut host.opt_fake.v);
-        }
-        host.opt_fake.step = self.opt_fake.step;
+        self.download_optimizers(&mut host.opt_generator, &mut host.opt_fake)?;
         host.frozen_backbone = match &self.frozen_backbone {
             Some(b) => {
                 // the snapshot as the device evaluates it: the fake score's bf16 weights at the
@@ -773,6 +804,121 @@ impl DeviceAdvDmd {
         host.iteration = self.iteration;
         host.generator_steps = self.generator_steps;
         Ok(())
+    }
+
+    /// The optimizers' moments (by name) and steps: the generator's into `generator`, the fake
+    /// score's and the head's into `critic` (the CPU trainer's one critic optimizer).
+    fn download_optimizers(&self, generator: &mut AdamW, critic: &mut AdamW) -> Result<()> {
+        let split = |opt: &DeviceAdamW, p: &DeviceParams, into: &mut AdamW| -> Result<()> {
+            let (m, v) = opt.download_moments(&self.dev)?;
+            for (name, slot) in p.slots() {
+                if slot.trainable {
+                    let range = slot.offset..slot.offset + slot.numel();
+                    into.m.insert(name.clone(), m[range.clone()].to_vec());
+                    into.v.insert(name.clone(), v[range].to_vec());
+                }
+            }
+            Ok(())
+        };
+        split(&self.opt_generator, &self.generator, generator)?;
+        generator.step = self.opt_generator.step;
+        split(&self.opt_fake, &self.fake, critic)?;
+        split(&self.opt_head, &self.head.params, critic)?;
+        critic.step = self.opt_fake.step;
+        Ok(())
+    }
+
+    /// Writes the run's checkpoint straight from the device, in the CPU trainer's format
+    /// (`AdvDmd::save`: the same groups, moments and record), atomically: how a run of a teacher
+    /// that is not a Shapes model saves. The EMA group is a whole model (its frozen tensors are
+    /// the generator's). A state holding a NaN or an infinity is refused (`save_state`).
+    pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        let named = |list: Vec<(String, Tensor)>| {
+            let mut map = crate::nn::ParamMap::new();
+            for (name, t) in list {
+                map.insert(name, t);
+            }
+            map
+        };
+        let generator = named(self.generator.download_named(&self.generator.master)?);
+        let fake = named(self.fake.download_named(&self.fake.master)?);
+        let head = named(self.head.params.download_named(&self.head.params.master)?);
+        let ema = generator.duplicate();
+        for (name, t) in self.ema_named()? {
+            ema.param(&name).set_value(t);
+        }
+        let frozen = match &self.frozen_backbone {
+            Some(b) => Some(named(b.params.download_weights_named()?)),
+            None => None,
+        };
+        let mut groups = vec![
+            ("generator.", &generator),
+            ("fake.", &fake),
+            ("head.", &head),
+            ("ema.", &ema),
+        ];
+        if let Some(f) = &frozen {
+            groups.push(("frozen_fake.", f));
+        }
+        let (mut opt_generator, mut opt_critic) = (
+            AdamW::new(AdamWConfig::default()),
+            AdamW::new(AdamWConfig::default()),
+        );
+        self.download_optimizers(&mut opt_generator, &mut opt_critic)?;
+        let meta = checkpoint_meta(
+            &self.config,
+            self.iteration,
+            self.generator_steps,
+            &self.rng,
+            self.frozen_backbone.is_some(),
+        );
+        save_state(
+            path,
+            &groups,
+            &[("adam_g.", &opt_generator), ("adam_f.", &opt_critic)],
+            meta,
+        )
+    }
+
+    /// Continues (`fork` false) or forks ([`AdvDmd::fork`]'s rules) the run saved in `path`
+    /// by [`Self::save`] (or `AdvDmd::save`) from the frozen `teacher` it distils.
+    pub fn resume(
+        dev: &KernelDevice,
+        teacher: &Mmdit,
+        config: AdvDmdConfig,
+        opts: DeviceRunOptions,
+        path: &std::path::Path,
+        fork: bool,
+    ) -> Result<DeviceAdvDmd> {
+        let f = StateFile::open(path)?;
+        check_checkpoint(&f, &config, fork)?;
+        let load_copy = |prefix: &str| -> Result<Mmdit> {
+            let p = teacher.params.duplicate();
+            p.set_trainable(true);
+            p.param("pos_embed").set_trainable(false);
+            f.load_group(prefix, &p)?;
+            Ok(Mmdit::new(teacher.config.clone(), p))
+        };
+        let (generator, fake) = (load_copy("generator.")?, load_copy("fake.")?);
+        let head = DiscHead::init(teacher.config.hidden, &mut Rng::new(0));
+        f.load_group("head.", &head.params)?;
+        let rng = checkpoint_rng(&f)?;
+        let mut run = Self::build(dev, config, (teacher, &generator, &fake), &head, opts, rng)?;
+        (run.iteration, run.generator_steps) = checkpoint_counters(&f)?;
+        if f.meta()["disc_frozen"].as_bool() == Some(true) {
+            let b = load_copy("frozen_fake.")?;
+            run.frozen_backbone = Some(DeviceMmdit::frozen(dev, &b)?);
+        }
+        let ema = teacher.params.duplicate();
+        f.load_group("ema.", &ema)?;
+        let (mut opt_generator, mut opt_critic) = (
+            AdamW::new(AdamWConfig::default()),
+            AdamW::new(AdamWConfig::default()),
+        );
+        f.load_optimizer("adam_g.", &mut opt_generator, &[&generator.params])?;
+        f.load_optimizer("adam_f.", &mut opt_critic, &[&fake.params, &head.params])?;
+        run.upload_host_state(&ema, &opt_generator, &opt_critic)?;
+        Ok(run)
     }
 
     /// A fresh run: generator and fake score start as the teacher (`teacher`'s trainable flags

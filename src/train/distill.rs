@@ -1,17 +1,25 @@
-//! `advdmd distill`: the AdvDMD run loop around [`AdvDmd::step`] — metrics (JSON lines), atomic
-//! checkpoints every `checkpoint_every` iterations with bit-exact `--resume`, and at the end the
-//! EMA generator as a model folder (`OUT/model`, sampled on its own K-step schedule) and an
-//! evaluation of it beside the teacher.
+//! `advdmd distill`: the AdvDMD run loop around [`AdvDmd::step`] or a device's iteration —
+//! metrics (JSON lines), atomic checkpoints every `checkpoint_every` iterations with bit-exact
+//! `--resume`, and at the end the EMA generator as a model folder (`OUT/model`, sampled on its own
+//! K-step schedule). A Shapes teacher trains on the CPU or a device and is evaluated beside its
+//! student; an SD3-family checkpoint trains on a device from precomputed data
+//! ([`distill_latents`]).
 
 use super::advdmd::{AdvDmd, AdvDmdConfig, IterMetrics};
-use super::advdmd_device::{shapes_batch, DeviceAdvDmd, DeviceRunOptions, QueuedIteration};
+use super::advdmd_device::{
+    latents_batch, shapes_batch, DeviceAdvDmd, DeviceRunOptions, IterBatch, QueuedIteration,
+};
 use super::shapes_model::{sample_images, Sampler, ShapesModel};
+use crate::data::latents::LatentData;
+use crate::device::host_memory::{product, Footprint};
 use crate::device::kernel::KernelDevice;
 use crate::error::{Error, Result};
 use crate::eval::image::to_u8;
 use crate::eval::{evaluate_images, evaluation_prompts, EvalReport};
+use crate::mmdit::{save_mmdit, Layout, Mmdit, MmditCheckpoint};
+use crate::tensor::Rng;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// How a run begins.
 #[derive(Clone, Debug)]
@@ -62,6 +70,164 @@ fn non_finite_loss(m: &IterMetrics) -> Option<(&'static str, f32)> {
     .find(|(_, v)| !v.is_finite())
 }
 
+/// What the run loop drives: the CPU trainer, or a device run with its batches.
+trait Iterations {
+    /// The next finished iteration's metrics; `None` once the run has done its iterations.
+    fn next(&mut self) -> Result<Option<IterMetrics>>;
+    /// Writes the checkpoint of the state after the last iteration `next` returned.
+    fn save(&mut self) -> Result<()>;
+}
+
+struct CpuIterations<'a> {
+    state: &'a mut AdvDmd,
+    iterations: u64,
+    ckpt: &'a Path,
+}
+
+impl Iterations for CpuIterations<'_> {
+    fn next(&mut self) -> Result<Option<IterMetrics>> {
+        if self.state.iteration >= self.iterations {
+            return Ok(None);
+        }
+        self.state.step().map(Some)
+    }
+
+    fn save(&mut self) -> Result<()> {
+        self.state.save(self.ckpt)
+    }
+}
+
+/// A device run: the next iteration is queued before this one's metrics are read (its batch
+/// drawn, converted and uploaded while the device runs this one), except after an iteration
+/// whose state is saved: that one is finished first, so the state saved is its own.
+struct DeviceIterations<'a, B, S> {
+    device: &'a mut DeviceAdvDmd,
+    in_flight: Option<QueuedIteration>,
+    iterations: u64,
+    checkpoint_every: u64,
+    /// The next iteration's batch, drawn from the run's RNG.
+    batch: B,
+    save: S,
+}
+
+impl<B, S> Iterations for DeviceIterations<'_, B, S>
+where
+    B: FnMut(&mut Rng) -> Result<IterBatch>,
+    S: FnMut(&DeviceAdvDmd) -> Result<()>,
+{
+    fn next(&mut self) -> Result<Option<IterMetrics>> {
+        let d = &mut *self.device;
+        loop {
+            let saves = self.in_flight.as_ref().is_some_and(|q| {
+                saves_state(q.iteration(), self.checkpoint_every, self.iterations)
+            });
+            if d.iteration >= self.iterations || saves {
+                return self.in_flight.take().map(|q| d.finish(q)).transpose();
+            }
+            let batch = (self.batch)(&mut d.rng)?;
+            let q = d.step_queued(&batch)?;
+            if let Some(prev) = self.in_flight.replace(q) {
+                return d.finish(prev).map(Some);
+            }
+        }
+    }
+
+    fn save(&mut self) -> Result<()> {
+        (self.save)(self.device)
+    }
+}
+
+/// Whether the state after iteration `it` is saved.
+fn saves_state(it: u64, checkpoint_every: u64, iterations: u64) -> bool {
+    it % checkpoint_every.max(1) == 0 || it == iterations
+}
+
+/// The run folder's checkpoint and metrics for `start`: a fresh run removes the old metrics; a
+/// resumed or forked one keeps (copies) the source's first `iteration` lines, so
+/// `OUT/metrics.jsonl` reads as one run.
+fn start_metrics(out: &Path, start: &Start, iteration: u64) -> Result<std::fs::File> {
+    let metrics_path = out.join("metrics.jsonl");
+    match start {
+        Start::Fresh => {
+            let _ = std::fs::remove_file(&metrics_path);
+        }
+        Start::Resume | Start::ForkFrom(_) => {
+            let dir = match start {
+                Start::ForkFrom(dir) => dir.as_path(),
+                _ => out,
+            };
+            let prefix = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap_or_default();
+            let kept: String = prefix
+                .lines()
+                .take(iteration as usize)
+                .map(|l| format!("{l}\n"))
+                .collect();
+            crate::checkpoint::write_atomic(&metrics_path, kept.as_bytes())?;
+        }
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| Error::io(&metrics_path, e))
+}
+
+/// The checkpoint a resumed or forked run starts from; an error naming it when absent.
+fn source_checkpoint(out: &Path, start: &Start) -> Result<Option<PathBuf>> {
+    let dir = match start {
+        Start::Fresh => return Ok(None),
+        Start::Resume => out,
+        Start::ForkFrom(dir) => dir.as_path(),
+    };
+    let src = dir.join("checkpoint.safetensors");
+    if !src.exists() {
+        return Err(Error::Invalid(format!(
+            "no checkpoint at {}",
+            src.display()
+        )));
+    }
+    Ok(Some(src))
+}
+
+/// The run loop: each iteration's metrics line, the stop on a non-finite loss (before anything
+/// is saved: the last checkpoint stays as it was, and its metrics line is written for the
+/// diagnosis), and the checkpoints. `saved`: the iteration the run folder's checkpoint holds
+/// (0: none, or one this run will overwrite).
+fn run_iterations(
+    run: &DistillRun,
+    it: &mut dyn Iterations,
+    out: &Path,
+    metrics: &mut std::fs::File,
+    mut saved: u64,
+    on_iter: &mut dyn FnMut(&IterMetrics),
+) -> Result<()> {
+    let ckpt = out.join("checkpoint.safetensors");
+    let metrics_path = out.join("metrics.jsonl");
+    while let Some(m) = it.next()? {
+        writeln!(metrics, "{}", metrics_line(&m)).map_err(|e| Error::io(&metrics_path, e))?;
+        if let Some((name, value)) = non_finite_loss(&m) {
+            metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
+            let kept = if saved > 0 {
+                format!("{} (iteration {saved}) is kept", ckpt.display())
+            } else {
+                "no checkpoint was written".to_string()
+            };
+            return Err(Error::Invalid(format!(
+                "iteration {}: {name} became {value}; stopped without saving ({kept}): \
+                 a lower --lr or a longer --lr-warmup may help",
+                m.iteration
+            )));
+        }
+        on_iter(&m);
+        if saves_state(m.iteration, run.checkpoint_every, run.iterations) {
+            metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
+            it.save()?;
+            saved = m.iteration;
+        }
+    }
+    Ok(())
+}
+
 /// Runs (or resumes) a distillation of the teacher in `teacher_dir` into `out`. An iteration
 /// whose losses are not finite stops the run with an error before anything is saved: the last
 /// checkpoint stays as it was (its metrics line is written, for the diagnosis).
@@ -88,113 +254,48 @@ pub fn distill(
         .check("distill")?;
     crate::checkpoint::create_out_dir(out)?;
     let ckpt = out.join("checkpoint.safetensors");
-    let metrics_path = out.join("metrics.jsonl");
-    let from = match start {
-        Start::Fresh => None,
-        Start::Resume => Some(out.to_path_buf()),
-        Start::ForkFrom(dir) => Some(dir.clone()),
+    let mut state = match source_checkpoint(out, start)? {
+        None => AdvDmd::new(teacher, run.config.clone()),
+        Some(src) if matches!(start, Start::Resume) => {
+            AdvDmd::load(&src, teacher, run.config.clone())?
+        }
+        Some(src) => AdvDmd::fork(&src, teacher, run.config.clone())?,
     };
-    let mut state = match &from {
+    let mut metrics = start_metrics(out, start, state.iteration)?;
+    let saved = match start {
+        Start::Resume => state.iteration,
+        _ => 0,
+    };
+    match &run.device {
         None => {
-            let _ = std::fs::remove_file(&metrics_path);
-            AdvDmd::new(teacher, run.config.clone())
-        }
-        Some(dir) => {
-            let src = dir.join("checkpoint.safetensors");
-            if !src.exists() {
-                return Err(Error::Invalid(format!(
-                    "no checkpoint at {}",
-                    src.display()
-                )));
-            }
-            let st = if matches!(start, Start::Resume) {
-                AdvDmd::load(&src, teacher, run.config.clone())?
-            } else {
-                AdvDmd::fork(&src, teacher, run.config.clone())?
+            let mut cpu = CpuIterations {
+                state: &mut state,
+                iterations: run.iterations,
+                ckpt: &ckpt,
             };
-            let prefix = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap_or_default();
-            let kept: String = prefix
-                .lines()
-                .take(st.iteration as usize)
-                .map(|l| format!("{l}\n"))
-                .collect();
-            crate::checkpoint::write_atomic(&metrics_path, kept.as_bytes())?;
-            st
+            run_iterations(run, &mut cpu, out, &mut metrics, saved, &mut on_iter)?;
         }
-    };
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .map_err(|e| Error::io(&metrics_path, e))?;
-    // On a kernel device the run's state lives there; the CPU trainer holds the teacher and
-    // receives the state at every checkpoint and at the end.
-    let mut on_device = match &run.device {
-        Some((dev, opts)) => Some(DeviceAdvDmd::from_host(dev, &state, *opts)?),
-        None => None,
-    };
-    let (prompts, group) = (run.config.prompts, run.config.group);
-    // The iterations after which the state is saved.
-    let saves_state = |it: u64| it % run.checkpoint_every.max(1) == 0 || it == run.iterations;
-    // The iteration the checkpoint in `out` holds (0: none, or one this run will overwrite).
-    let mut saved = if matches!(start, Start::Resume) {
-        state.iteration
-    } else {
-        0
-    };
-    // On a device the next iteration is queued before this one's metrics are read (its batch
-    // drawn, converted and uploaded while the device runs this one), except after an iteration
-    // whose state is saved: that one is finished first, so the state saved is its own.
-    let mut in_flight = None;
-    loop {
-        let m = match on_device.as_mut() {
-            Some(d) => {
-                let saves = in_flight
-                    .as_ref()
-                    .is_some_and(|q: &QueuedIteration| saves_state(q.iteration()));
-                if d.iteration >= run.iterations || saves {
-                    match in_flight.take() {
-                        Some(q) => d.finish(q)?,
-                        None => break,
-                    }
-                } else {
-                    let batch = shapes_batch(&state.teacher, prompts, group, &mut d.rng)?;
-                    let q = d.step_queued(&batch)?;
-                    match in_flight.replace(q) {
-                        Some(prev) => d.finish(prev)?,
-                        None => continue,
-                    }
-                }
-            }
-            None if state.iteration >= run.iterations => break,
-            None => state.step()?,
-        };
-        writeln!(metrics, "{}", metrics_line(&m)).map_err(|e| Error::io(&metrics_path, e))?;
-        if let Some((name, value)) = non_finite_loss(&m) {
-            metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
-            let kept = if saved > 0 {
-                format!("{} (iteration {saved}) is kept", ckpt.display())
-            } else {
-                "no checkpoint was written".to_string()
+        // On a kernel device the run's state lives there; the CPU trainer holds the teacher and
+        // receives the state at every checkpoint and at the end.
+        Some((dev, opts)) => {
+            let mut device = DeviceAdvDmd::from_host(dev, &state, *opts)?;
+            let text = ShapesModel::load(teacher_dir)?;
+            let (prompts, group) = (run.config.prompts, run.config.group);
+            let state = &mut state;
+            let mut it = DeviceIterations {
+                device: &mut device,
+                in_flight: None,
+                iterations: run.iterations,
+                checkpoint_every: run.checkpoint_every,
+                batch: |rng: &mut Rng| shapes_batch(&text, prompts, group, rng),
+                save: |d: &DeviceAdvDmd| {
+                    d.sync_to_host(state)?;
+                    state.save(&ckpt)
+                },
             };
-            return Err(Error::Invalid(format!(
-                "iteration {}: {name} became {value}; stopped without saving ({kept}): \
-                 a lower --lr or a longer --lr-warmup may help",
-                m.iteration
-            )));
+            run_iterations(run, &mut it, out, &mut metrics, saved, &mut on_iter)?;
+            device.sync_to_host(state)?;
         }
-        on_iter(&m);
-        if saves_state(m.iteration) {
-            metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
-            if let Some(d) = &on_device {
-                d.sync_to_host(&mut state)?;
-            }
-            state.save(&ckpt)?;
-            saved = m.iteration;
-        }
-    }
-    if let Some(d) = &on_device {
-        d.sync_to_host(&mut state)?;
     }
     let model = distilled_model(&state);
     let extra = serde_json::json!({ "distill": format!("{:?}", run.config), "iterations": state.iteration, "weights": "ema" });
@@ -205,6 +306,121 @@ pub fn distill(
         extra,
     )?;
     Ok(state)
+}
+
+/// Distils an SD3-family checkpoint (`teacher`: a file or a diffusers folder, either layout) on
+/// the precomputed latents and prompt embeddings in `data` ([`LatentData`]) into `out`, on a
+/// kernel device: checkpoints straight from the device ([`DeviceAdvDmd::save`]), and at the end
+/// the EMA generator in the teacher's layout and dtype as `OUT/model` with its few-step schedule
+/// (`OUT/model/advdmd.json`). Returns the iterations done.
+pub fn distill_latents(
+    run: &DistillRun,
+    teacher: &Path,
+    data: &Path,
+    out: &Path,
+    start: &Start,
+    mut on_iter: impl FnMut(&IterMetrics),
+) -> Result<u64> {
+    run.config.check()?;
+    let Some((dev, opts)) = &run.device else {
+        return Err(Error::Invalid(
+            "a checkpoint teacher is distilled on a kernel device (--device cuda, or emu for a \
+             functional check); the CPU trainer distils Shapes teachers"
+                .into(),
+        ));
+    };
+    let ckpt_in = MmditCheckpoint::open(teacher)?;
+    let data = LatentData::open(data)?;
+    data.check_model(&ckpt_in.config)?;
+    let config = ckpt_in.config.clone();
+    let params = config.param_count() as u64;
+    let emulated = if dev.is_emulator() {
+        run.config.device_state_bytes(&config, opts.bf16_moments)
+    } else {
+        0
+    };
+    Footprint::new()
+        .with(
+            "the teacher and the generator's and fake score's starting copies (f32, host)",
+            product(&[params, 3, 4]),
+        )
+        .with("the emulated device's state", emulated)
+        .check("distill")?;
+    crate::checkpoint::create_out_dir(out)?;
+    let ckpt = out.join("checkpoint.safetensors");
+    let source = source_checkpoint(out, start)?;
+    let mut device = {
+        let teacher = Mmdit::new(config.clone(), ckpt_in.load_params()?);
+        teacher.params.set_trainable(false);
+        let c = run.config.clone();
+        match &source {
+            None => DeviceAdvDmd::new(dev, &teacher, c, *opts)?,
+            Some(src) => {
+                let fork = matches!(start, Start::ForkFrom(_));
+                DeviceAdvDmd::resume(dev, &teacher, c, *opts, src, fork)?
+            }
+        }
+    };
+    let mut metrics = start_metrics(out, start, device.iteration)?;
+    let saved = match start {
+        Start::Resume => device.iteration,
+        _ => 0,
+    };
+    let (prompts, group) = (run.config.prompts, run.config.group);
+    let mut it = DeviceIterations {
+        device: &mut device,
+        in_flight: None,
+        iterations: run.iterations,
+        checkpoint_every: run.checkpoint_every,
+        batch: |rng: &mut Rng| latents_batch(&data, prompts, group, rng),
+        save: |d: &DeviceAdvDmd| d.save(&ckpt),
+    };
+    run_iterations(run, &mut it, out, &mut metrics, saved, &mut on_iter)?;
+    save_distilled_checkpoint(&device, &ckpt_in, &out.join("model"))?;
+    Ok(device.iteration)
+}
+
+/// The EMA generator of a checkpoint teacher's run as a model: `dir` in the teacher's layout
+/// (the original one as `dir/transformer.safetensors`) and main dtype, with `advdmd.json`: its
+/// K-step schedule, the iterations and the configuration it came from.
+fn save_distilled_checkpoint(
+    run: &DeviceAdvDmd,
+    teacher: &MmditCheckpoint,
+    dir: &Path,
+) -> Result<()> {
+    // the frozen tensors from the generator (the teacher's), the trained ones from the EMA
+    let mut weights = crate::nn::ParamMap::new();
+    for (name, t) in run.generator.download_named(&run.generator.master)? {
+        weights.insert(name, t);
+    }
+    for (name, t) in run.ema_named()? {
+        weights.param(&name).set_value(t);
+    }
+    crate::checkpoint::create_out_dir(dir)?;
+    let target = match teacher.layout {
+        Layout::Original => dir.join("transformer.safetensors"),
+        Layout::Diffusers => dir.to_path_buf(),
+    };
+    save_mmdit(
+        &weights,
+        &teacher.config,
+        teacher.layout,
+        &target,
+        teacher.main_dtype(),
+    )?;
+    let c = &run.config;
+    let info = serde_json::json!({
+        "weights": "ema",
+        "teacher": teacher.path.display().to_string(),
+        "iterations": run.iteration,
+        "steps": c.steps_per_sample,
+        "shift": c.shift,
+        "sigmas": run.sigmas(),
+        "rho": c.rho,
+        "distill": format!("{c:?}"),
+    });
+    let text = serde_json::to_string_pretty(&info).expect("JSON");
+    crate::checkpoint::write_atomic(&dir.join("advdmd.json"), text.as_bytes())
 }
 
 /// The EMA generator as a Shapes model (sharing the teacher's text encoder and tokenizer).

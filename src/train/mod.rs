@@ -1,7 +1,9 @@
-//! Training loops: the Shapes teacher's flow-matching pretraining (here), the AdvDMD step (later).
+//! Training and sampling: the Shapes teacher's flow-matching pretraining, the AdvDMD step on the
+//! CPU and on a kernel device, the distillation run, and sampling SD3-family checkpoints.
 
 pub mod advdmd;
 pub mod advdmd_device;
+pub mod checkpoint_sample;
 pub mod device;
 pub mod disc_head;
 pub mod distill;

@@ -8,8 +8,8 @@
 use crate::autograd::{no_grad, Var};
 use crate::checkpoint::{save_safetensors, write_atomic, SafetensorsFile};
 use crate::error::{Error, Result};
-use crate::flow::{cfg, reference_sigmas};
-use crate::kernels::shape::{concat, split};
+use crate::flow::reference_sigmas;
+use crate::flow::sample::sample_flow;
 use crate::mmdit::checkpoint::{save_mmdit, Layout, MmditCheckpoint};
 use crate::mmdit::init::init_params;
 use crate::mmdit::{Mmdit, MmditConfig, MmditInputs};
@@ -270,30 +270,7 @@ impl ShapesModel {
     }
 }
 
-/// How each sampling step moves from σ to σ'.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Sampler {
-    /// The Euler ODE step `x + (σ'−σ)·v`.
-    Euler,
-    /// Re-noising: `x̂0 = x − σ·v`, then `(1−σ')·x̂0 + σ'·ε` with fresh noise.
-    Sde,
-}
-
-impl Sampler {
-    pub fn parse(s: &str) -> Option<Sampler> {
-        match s {
-            "euler" => Some(Sampler::Euler),
-            "sde" => Some(Sampler::Sde),
-            _ => None,
-        }
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            Sampler::Euler => "euler",
-            Sampler::Sde => "sde",
-        }
-    }
-}
+pub use crate::flow::sample::Sampler;
 
 /// Samples one image per prompt: `steps` steps of the shifted reference schedule with CFG weight
 /// `w` (unconditional = empty prompt; `w = 1` skips it). Sample `i` draws its noise from
@@ -316,49 +293,25 @@ pub fn sample_images(
     let empty = model.tokenizer.encode("")?;
     for (c, chunk) in prompts.chunks(batch.max(1)).enumerate() {
         let n = chunk.len();
-        let mut rngs: Vec<Rng> = (0..n)
-            .map(|i| Rng::new(seed.wrapping_add((c * batch + i) as u64)))
-            .collect();
-        let mut x: Vec<f32> = rngs
-            .iter_mut()
-            .flat_map(|r| (0..per).map(|_| r.normal()).collect::<Vec<_>>())
+        let seeds: Vec<u64> = (0..n)
+            .map(|i| seed.wrapping_add((c * batch + i) as u64))
             .collect();
         let mut ids = model.tokenizer.encode_batch(chunk)?;
-        let guided = w != 1.0;
-        if guided {
+        if w != 1.0 {
             for _ in 0..n {
                 ids.extend_from_slice(&empty);
             }
         }
-        for i in 0..steps {
-            let (s, s_next) = (sigmas[i], sigmas[i + 1]);
-            let xt = Tensor::from_vec(x.clone(), &[n, CHANNELS, RESOLUTION, RESOLUTION]);
-            let input = if guided { concat(&[&xt, &xt], 0) } else { xt };
-            let m = if guided { 2 * n } else { n };
-            let v = model.velocity(&Var::constant(input), &vec![s; m], &ids);
-            let v = if guided {
-                let halves = split(v.value(), 0, &[n, n]);
-                cfg(halves[0].f32s(), halves[1].f32s(), w)
-            } else {
-                v.value().to_vec()
-            };
-            match sampler {
-                Sampler::Euler => crate::flow::euler_step(&mut x, &v, s, s_next),
-                Sampler::Sde => {
-                    for (j, (xv, vv)) in x.iter_mut().zip(&v).enumerate() {
-                        let x0 = *xv - s * vv;
-                        let eps = if s_next > 0.0 {
-                            rngs[j / per].normal()
-                        } else {
-                            0.0
-                        };
-                        *xv = (1.0 - s_next) * x0 + s_next * eps;
-                    }
-                }
-            }
-            progress(n);
-        }
-        out.extend_from_slice(&x);
+        let velocity = |x: &Tensor, s: f32| {
+            let rows = x.shape()[0];
+            Ok(model
+                .velocity(&Var::constant(x.clone()), &vec![s; rows], &ids)
+                .value()
+                .clone())
+        };
+        let shape = [CHANNELS, RESOLUTION, RESOLUTION];
+        let x = sample_flow(&seeds, &shape, &sigmas, w, sampler, velocity, &mut progress)?;
+        out.extend_from_slice(x.f32s());
     }
     Ok(Tensor::from_vec(
         out,

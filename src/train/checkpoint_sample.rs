@@ -1,0 +1,130 @@
+//! Sampling an SD3-family checkpoint on the CPU — a teacher, or the generator `advdmd distill
+//! --data` wrote — from precomputed prompt embeddings ([`LatentData`]): latents out, which
+//! `tools/decode.py` turns into images (no VAE or text encoder here).
+
+use crate::autograd::{no_grad, Var};
+use crate::data::latents::LatentData;
+use crate::error::{Error, Result};
+use crate::flow::sample::{sample_flow, Sampler};
+use crate::flow::{reference_sigmas, timestep_of};
+use crate::kernels::shape::concat;
+use crate::mmdit::{Mmdit, MmditInputs};
+use crate::tensor::Tensor;
+use crate::train::rollout::few_step_sigmas;
+use std::path::Path;
+
+/// SD3 / SD3.5's sampling defaults for a teacher: 40 steps, CFG 4.5, shift 3.
+pub const TEACHER_STEPS: usize = 40;
+pub const TEACHER_CFG: f32 = 4.5;
+pub const TEACHER_SHIFT: f64 = 3.0;
+
+/// How a checkpoint samples by default: a distilled generator on its K-step schedule without
+/// CFG (its `advdmd.json`), a teacher on the reference schedule with CFG.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SampleDefaults {
+    /// `Some(K)` for a distilled generator.
+    pub few_step: Option<usize>,
+    pub steps: usize,
+    pub cfg: f32,
+    pub shift: f64,
+}
+
+impl SampleDefaults {
+    /// Reads `advdmd.json` beside the weights of `checkpoint` (a folder, or a file in one).
+    pub fn of(checkpoint: &Path) -> Result<SampleDefaults> {
+        let dir = if checkpoint.is_dir() {
+            checkpoint
+        } else {
+            checkpoint.parent().unwrap_or(Path::new("."))
+        };
+        let path = dir.join("advdmd.json");
+        if !path.is_file() {
+            return Ok(SampleDefaults {
+                few_step: None,
+                steps: TEACHER_STEPS,
+                cfg: TEACHER_CFG,
+                shift: TEACHER_SHIFT,
+            });
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let bad = |why: String| Error::Invalid(format!("{}: {why}", path.display()));
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let steps = v["steps"]
+            .as_u64()
+            .filter(|k| (1..=8).contains(k))
+            .ok_or_else(|| bad("no `steps` of 1 to 8".into()))? as usize;
+        let shift = v["shift"]
+            .as_f64()
+            .filter(|s| *s > 0.0 && s.is_finite())
+            .ok_or_else(|| bad("no positive `shift`".into()))?;
+        Ok(SampleDefaults {
+            few_step: Some(steps),
+            steps,
+            cfg: 1.0,
+            shift,
+        })
+    }
+
+    /// The `steps`-step schedule (n + 1 sigmas ending in 0) at `shift`.
+    pub fn schedule(&self, steps: usize, shift: f64) -> Vec<f32> {
+        match self.few_step {
+            Some(_) => few_step_sigmas(steps, shift),
+            None => reference_sigmas(steps, shift),
+        }
+    }
+}
+
+/// Samples the latents of `data`'s samples `indices` (their prompts' embeddings; the folder's
+/// empty prompt for CFG), `batch` at a time: sample `i` from noise seeded `seed + i`, so a
+/// sample does not depend on its batch (up to the rounding of GEMMs of other row counts).
+/// Returns `[n, C, H, W]`.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_checkpoint_latents(
+    model: &Mmdit,
+    data: &LatentData,
+    indices: &[usize],
+    sigmas: &[f32],
+    w: f32,
+    sampler: Sampler,
+    seed: u64,
+    batch: usize,
+    mut progress: impl FnMut(usize),
+) -> Result<Tensor> {
+    let _ng = no_grad();
+    let shape = data.latent_shape;
+    let mut out = Vec::new();
+    for (c, chunk) in indices.chunks(batch.max(1)).enumerate() {
+        let n = chunk.len();
+        let seeds: Vec<u64> = (0..n)
+            .map(|i| seed.wrapping_add((c * batch.max(1) + i) as u64))
+            .collect();
+        let rows = data.rows(chunk)?;
+        let (context, pooled) = if w != 1.0 {
+            let (uc, up) = data.uncond(n);
+            (
+                concat(&[&rows.context, &uc], 0),
+                concat(&[&rows.pooled, &up], 0),
+            )
+        } else {
+            (rows.context, rows.pooled)
+        };
+        let (context, pooled) = (Var::constant(context), Var::constant(pooled));
+        let velocity = |x: &Tensor, s: f32| {
+            let t = vec![timestep_of(s); x.shape()[0]];
+            let v = model.forward(&MmditInputs {
+                x: &Var::constant(x.clone()),
+                timestep: &t,
+                pooled: &pooled,
+                context: &context,
+            });
+            Ok(v.value().clone())
+        };
+        let x = sample_flow(&seeds, &shape, sigmas, w, sampler, velocity, &mut progress)?;
+        out.extend_from_slice(x.f32s());
+    }
+    Ok(Tensor::from_vec(
+        out,
+        &[indices.len(), shape[0], shape[1], shape[2]],
+    ))
+}

@@ -1,0 +1,365 @@
+//! `advdmd distill --teacher CHECKPOINT --data DIR`: an SD3-family checkpoint (the tiny
+//! SD3.5-medium fixture: original layout, QK norm, MMDiT-X blocks) distilled on the emulator from
+//! precomputed latents and prompt embeddings. A run interrupted and resumed ends byte for byte as
+//! the uninterrupted one, its generator comes out in the teacher's layout, misuse is an error that
+//! says what to do, and the device's own checkpoint is the CPU trainer's format.
+
+mod common;
+
+use advdmd::data::latents::{write_shard, write_uncond, LatentData, LatentRows};
+use advdmd::device::kernel::KernelDevice;
+use advdmd::mmdit::MmditCheckpoint;
+use advdmd::tensor::{Rng, Tensor};
+use advdmd::train::advdmd::{AdvDmd, AdvDmdConfig};
+use advdmd::train::advdmd_device::{shapes_batch, DeviceAdvDmd, DeviceRunOptions};
+use common::ScratchDir;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixture_teacher() -> PathBuf {
+    common::fixture_dirs()[0].join("original.safetensors")
+}
+
+fn randn(shape: &[usize], rng: &mut Rng) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::from_vec((0..n).map(|_| rng.normal()).collect(), shape)
+}
+
+/// Five samples in two shards (the second stored bf16) for a model of `ctx`/`pooled` widths and
+/// `channels` latent channels, with the empty prompt's embeddings.
+fn write_data(dir: &Path, channels: usize, ctx: usize, pooled: usize) {
+    let mut rng = Rng::new(11);
+    for (i, rows) in [3usize, 2].into_iter().enumerate() {
+        let shard = LatentRows {
+            latents: randn(&[rows, channels, 8, 8], &mut rng),
+            context: randn(&[rows, 7, ctx], &mut rng),
+            pooled: randn(&[rows, pooled], &mut rng),
+        };
+        let shard = if i == 1 {
+            LatentRows {
+                context: shard.context.to_dtype(advdmd::tensor::DType::BF16),
+                ..shard
+            }
+        } else {
+            shard
+        };
+        let captions: Vec<String> = (0..rows).map(|r| format!("caption {i}.{r}")).collect();
+        let path = dir.join(format!("shard-{i:05}.safetensors"));
+        write_shard(&path, &shard, Some(&captions)).unwrap();
+    }
+    write_uncond(
+        dir,
+        &randn(&[1, 7, ctx], &mut rng),
+        &randn(&[1, pooled], &mut rng),
+    )
+    .unwrap();
+}
+
+fn distill(teacher: &Path, data: &Path, out: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_advdmd"))
+        .args(["distill", "--prompts", "2", "--group", "2"])
+        .args([
+            "--steps-per-sample",
+            "2",
+            "--r-dmd",
+            "2",
+            "--rl-warmup",
+            "0",
+        ])
+        .arg("--teacher")
+        .arg(teacher)
+        .arg("--data")
+        .arg(data)
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap()
+}
+
+fn succeeded(out: Output) -> Output {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn failed_with(out: Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "succeeded: {err}");
+    assert!(err.contains(needle), "no `{needle}` in: {err}");
+}
+
+fn read(p: PathBuf) -> Vec<u8> {
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+#[test]
+fn a_checkpoint_teacher_distils_resumes_exactly_and_exports_its_generator() {
+    let base = ScratchDir::new("distill-latents");
+    let teacher = fixture_teacher();
+    let config = MmditCheckpoint::open(&teacher).unwrap().config;
+    let data = base.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    write_data(
+        &data,
+        config.in_channels,
+        config.context_dim,
+        config.pooled_dim,
+    );
+    assert_eq!(LatentData::open(&data).unwrap().len(), 5);
+
+    let (whole, parts) = (base.join("whole"), base.join("parts"));
+    let emu = ["--device", "emu", "--checkpoint-every", "2"];
+    succeeded(distill(
+        &teacher,
+        &data,
+        &whole,
+        &[&emu[..], &["--iterations", "4"]].concat(),
+    ));
+    succeeded(distill(
+        &teacher,
+        &data,
+        &parts,
+        &[&emu[..], &["--iterations", "2"]].concat(),
+    ));
+    let resumed = [&emu[..], &["--iterations", "4", "--resume"]].concat();
+    succeeded(distill(&teacher, &data, &parts, &resumed));
+
+    let metrics = String::from_utf8(read(whole.join("metrics.jsonl"))).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    assert_eq!(lines[2]["generator_step"], true);
+    for key in ["fake_loss", "d_loss", "dmd_grad_norm", "gan_loss"] {
+        assert!(
+            lines[2][key].as_f64().unwrap().is_finite(),
+            "{key}: {}",
+            lines[2]
+        );
+    }
+    assert!(lines[2]["dmd_grad_norm"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        metrics,
+        String::from_utf8(read(parts.join("metrics.jsonl"))).unwrap()
+    );
+    assert!(
+        read(whole.join("checkpoint.safetensors")) == read(parts.join("checkpoint.safetensors")),
+        "the resumed run's checkpoint differs from the uninterrupted run's"
+    );
+
+    // the EMA generator, in the teacher's (original) layout, opens as the same architecture
+    // with trained weights, beside its schedule
+    let model = MmditCheckpoint::open(whole.join("model")).unwrap();
+    assert_eq!(model.layout, advdmd::mmdit::Layout::Original);
+    assert_eq!(model.config, config);
+    let name = "final_layer.linear.weight";
+    let (trained, original) = (
+        model.load(name).unwrap(),
+        MmditCheckpoint::open(&teacher).unwrap().load(name).unwrap(),
+    );
+    assert!(
+        trained.rel_l2(&original) > 0.0,
+        "the generator did not move"
+    );
+    let info: serde_json::Value =
+        serde_json::from_slice(&read(whole.join("model/advdmd.json"))).unwrap();
+    assert_eq!(info["steps"], 2);
+    assert_eq!(info["iterations"], 4);
+    assert_eq!(info["sigmas"].as_array().unwrap().len(), 3);
+
+    // the generator samples on its own 2-step schedule; batching does not change a sample
+    let sample = |checkpoint: &Path, out: &Path, args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_advdmd"))
+            .args([
+                "sample",
+                "--count",
+                "2",
+                "--per-prompt",
+                "2",
+                "--checkpoint",
+            ])
+            .arg(checkpoint)
+            .arg("--data")
+            .arg(&data)
+            .args(args)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap();
+        succeeded(o);
+        read(out.join("latents.safetensors"))
+    };
+    let (one, four) = (base.join("s1"), base.join("s4"));
+    let model_dir = whole.join("model");
+    sample(&model_dir, &one, &["--batch", "1"]);
+    sample(&model_dir, &four, &["--batch", "4"]);
+    let latents_in = |dir: &Path| {
+        let file = advdmd::checkpoint::SafetensorsFile::open(dir.join("latents.safetensors"));
+        file.unwrap()
+            .load_f32("latents", Some(&[4, config.in_channels, 8, 8]))
+            .unwrap()
+    };
+    let (latents, batched) = (latents_in(&one), latents_in(&four));
+    // (a GEMM's rounding may depend on its row count: equal up to that)
+    let diff = latents.rel_l2(&batched);
+    assert!(
+        diff < 1e-5,
+        "batching changed the samples: relative L2 {diff}"
+    );
+    let manifest = String::from_utf8(read(one.join("manifest.jsonl"))).unwrap();
+    let first: serde_json::Value = serde_json::from_str(manifest.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (first["steps"].clone(), first["cfg"].clone()),
+        (2.into(), 1.0.into())
+    );
+    assert_eq!(first["caption"], "caption 0.0");
+    let per = latents.numel() / 4;
+    assert!(
+        latents.f32s()[..per] != latents.f32s()[per..2 * per],
+        "seeds did not differ"
+    );
+    // the teacher, on the reference schedule with CFG
+    let teacher_out = base.join("teacher");
+    sample(&teacher, &teacher_out, &["--steps", "3"]);
+    let manifest = String::from_utf8(read(teacher_out.join("manifest.jsonl"))).unwrap();
+    assert!(manifest.contains("\"cfg\":4.5"), "{manifest}");
+}
+
+#[test]
+fn checkpoint_teacher_misuse_is_a_clear_error() {
+    let base = ScratchDir::new("distill-latents-misuse");
+    let teacher = fixture_teacher();
+    let data = base.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    // data for another model: 16 latent channels, SD3's context width
+    write_data(&data, 16, 4096, 20);
+    let out = base.join("run");
+    failed_with(
+        distill(&teacher, &data, &out, &["--device", "emu"]),
+        "not data for this model",
+    );
+    failed_with(distill(&teacher, &data, &out, &[]), "kernel device");
+    failed_with(
+        distill(&teacher, &base.join("none"), &out, &["--device", "emu"]),
+        "not a folder of precomputed shards",
+    );
+    // a checkpoint given where a Shapes teacher is expected points at --data
+    let shapes = Command::new(env!("CARGO_BIN_EXE_advdmd"))
+        .args(["distill", "--teacher"])
+        .arg(&teacher)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    failed_with(shapes, "--data DIR");
+    assert!(!out.join("checkpoint.safetensors").exists());
+}
+
+/// The device writes its checkpoint itself ([`DeviceAdvDmd::save`]) in the CPU trainer's format:
+/// after two iterations, byte for byte the file the CPU trainer writes from the device's state.
+#[test]
+fn a_device_checkpoint_is_the_cpu_trainers_format() {
+    let base = ScratchDir::new("device-checkpoint");
+    let teacher = common::tiny_shapes_model(1, true);
+    let config = AdvDmdConfig {
+        prompts: 1,
+        group: 2,
+        steps_per_sample: 2,
+        r_dmd: 1,
+        rl_warmup: 0,
+        ..Default::default()
+    };
+    let mut host = AdvDmd::new(teacher, config);
+    let dev = KernelDevice::emulator();
+    let mut run = DeviceAdvDmd::from_host(&dev, &host, DeviceRunOptions::default()).unwrap();
+    for _ in 0..2 {
+        let batch = shapes_batch(&host.teacher, 1, 2, &mut run.rng).unwrap();
+        run.step(&batch).unwrap();
+    }
+    run.save(&base.join("device.safetensors")).unwrap();
+    run.sync_to_host(&mut host).unwrap();
+    host.save(&base.join("host.safetensors")).unwrap();
+    assert!(
+        read(base.join("device.safetensors")) == read(base.join("host.safetensors")),
+        "the device's checkpoint differs from the CPU trainer's"
+    );
+}
+
+/// tools/precompute.py's shard writer and the reader agree: shapes, dtypes (f16 widened), values,
+/// captions; the writer refuses disagreeing row counts. Needs numpy and safetensors in
+/// `ADVDMD_PYTHON` (tools/install-python-tools.sh; CI sets ADVDMD_REQUIRE_PYTHON_TOOLS=1).
+#[test]
+fn precompute_py_shards_are_what_the_reader_reads() {
+    let python = std::env::var("ADVDMD_PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = Command::new(&python)
+        .args(["-c", "import numpy, safetensors"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        let required = std::env::var("ADVDMD_REQUIRE_PYTHON_TOOLS").is_ok_and(|v| v == "1");
+        assert!(!required, "{python} cannot import numpy and safetensors");
+        eprintln!(
+            "precompute.py's writer not tested: {python} lacks numpy or safetensors \
+             (tools/install-python-tools.sh prints a python that has them: set ADVDMD_PYTHON)"
+        );
+        return;
+    }
+    let dir = ScratchDir::new("precompute-py");
+    let script = r#"
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import precompute
+out = sys.argv[2]
+n, C, H, W, L, D, P = 3, 4, 8, 6, 5, 12, 7
+lat = (np.arange(n * C * H * W, dtype=np.float32) * 0.25).reshape(n, C, H, W)
+ctx = ((np.arange(n * L * D) % 97) * 0.5).astype(np.float16).reshape(n, L, D)
+pooled = -np.arange(n * P, dtype=np.float32).reshape(n, P)
+precompute.write_shard(f"{out}/shard-00000.safetensors", lat, ctx, pooled, ["a", "b", "c"])
+precompute.write_uncond(out, np.ones((1, L, D), np.float32), np.zeros((1, P), np.float32))
+try:
+    precompute.write_shard(f"{out}/shard-00001.safetensors", lat, ctx[:2], pooled, None)
+except ValueError:
+    print("refused")
+"#;
+    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools");
+    let out = Command::new(&python)
+        .args(["-c", script])
+        .arg(&tools)
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.trim() == "refused",
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let data = LatentData::open(dir.path()).unwrap();
+    assert_eq!(
+        (data.len(), data.latent_shape, data.context_shape),
+        (3, [4, 8, 6], [5, 12])
+    );
+    assert_eq!(data.caption(2), Some("c"));
+    let rows = data.rows(&[2]).unwrap();
+    let (per, ctx, pooled) = (4 * 8 * 6, 5 * 12, 7);
+    let want = |n: usize, f: &dyn Fn(usize) -> f32| (0..n).map(f).collect::<Vec<f32>>();
+    assert_eq!(
+        rows.latents.f32s(),
+        want(per, &|j| (2 * per + j) as f32 * 0.25)
+    );
+    assert_eq!(
+        rows.context.f32s(),
+        want(ctx, &|j| ((2 * ctx + j) % 97) as f32 * 0.5)
+    );
+    assert_eq!(
+        rows.pooled.f32s(),
+        want(pooled, &|j| -((2 * pooled + j) as f32))
+    );
+    let (uc, up) = data.uncond(1);
+    assert!(uc.f32s().iter().all(|&v| v == 1.0) && up.f32s().iter().all(|&v| v == 0.0));
+}
