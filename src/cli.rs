@@ -245,12 +245,29 @@ pub fn sample_checkpoint(
     checkpoint: &Path,
     data: &Path,
     count: usize,
+    device: &str,
     opts: &SampleOptions,
     out: &Path,
 ) -> anyhow::Result<()> {
     use advdmd::data::latents::LatentData;
-    use advdmd::train::checkpoint_sample::{sample_checkpoint_latents, SampleDefaults};
+    use advdmd::device::kernel::KernelDevice;
+    use advdmd::train::checkpoint_sample::{
+        sample_checkpoint_latents, sample_checkpoint_latents_device, SampleDefaults,
+    };
     let sampler = Sampler::parse(&opts.sampler).expect("clap checked the sampler");
+    let dev = match device {
+        "cpu" => None,
+        "emu" => Some(KernelDevice::emulator()),
+        _ => Some(KernelDevice::gpu_if_available().ok_or_else(|| {
+            anyhow::anyhow!(
+                "sample --device cuda: no usable CUDA GPU ({})",
+                advdmd::device::probe_cuda()
+            )
+        })?),
+    };
+    if dev.is_some() && sampler != Sampler::Euler {
+        bail!("sample --device {device}: the device sampler is Euler (--sampler euler)");
+    }
     let ckpt = advdmd::mmdit::MmditCheckpoint::open(checkpoint)?;
     let data = LatentData::open(data)?;
     data.check_model(&ckpt.config)?;
@@ -287,33 +304,35 @@ pub fn sample_checkpoint(
     let [ch, h, w] = data.latent_shape;
     let tokens = (h / c.patch) * (w / c.patch) + data.context_shape[0];
     let rows = opts.batch.clamp(1, indices.len()) as u64 * if cfg != 1.0 { 2 } else { 1 };
+    // a GPU holds the activations (and the bf16 model) itself
+    let on_host = dev.as_ref().is_none_or(|d| d.is_emulator());
+    let activations = c.activation_floor_bytes(rows, tokens as u64, false);
     Footprint::new()
         .with("the model (f32)", product(&[c.param_count() as u64, 4]))
         .with(
             "the latents (f32)",
             product(&[indices.len() as u64, (ch * h * w) as u64, 4]),
         )
-        .with(
-            "activations",
-            c.activation_floor_bytes(rows, tokens as u64, false),
-        )
+        .with("activations", if on_host { activations } else { 0 })
         .check("sample")?;
     advdmd::checkpoint::create_out_dir(out)?;
     let model = advdmd::mmdit::Mmdit::new(c.clone(), ckpt.load_params()?);
     let sigmas = defaults.schedule(steps, shift);
     let bar = progress_bar((indices.len() * steps) as u64, "sample");
     let start = std::time::Instant::now();
-    let latents = sample_checkpoint_latents(
-        &model,
-        &data,
-        &indices,
-        &sigmas,
-        cfg,
-        sampler,
-        opts.seed,
-        opts.batch,
-        |n| bar.inc(n as u64),
-    )?;
+    let progress = |n: usize| bar.inc(n as u64);
+    let latents = match &dev {
+        None => sample_checkpoint_latents(
+            &model, &data, &indices, &sigmas, cfg, sampler, opts.seed, opts.batch, progress,
+        )?,
+        Some(dev) => {
+            let on_device = advdmd::mmdit::device::DeviceMmdit::frozen(dev, &model)?;
+            drop(model);
+            sample_checkpoint_latents_device(
+                &on_device, &data, &indices, &sigmas, cfg, opts.seed, opts.batch, progress,
+            )?
+        }
+    };
     bar.finish();
     let captions: Vec<String> = indices
         .iter()
@@ -324,7 +343,7 @@ pub fn sample_checkpoint(
         let line = serde_json::json!({
             "index": k, "sample": i, "caption": caption, "seed": opts.seed.wrapping_add(k as u64),
             "model": checkpoint.display().to_string(), "steps": steps, "sampler": sampler.name(),
-            "shift": shift, "cfg": cfg,
+            "shift": shift, "cfg": cfg, "device": device,
         });
         manifest.push_str(&format!("{line}\n"));
     }

@@ -176,6 +176,10 @@ enum Command {
         /// With --data: how many of its prompts.
         #[arg(long, default_value_t = 4, requires = "data")]
         count: usize,
+        /// With --data: cpu, cuda (the Euler loop on the GPU, bf16), or emu (the same on the
+        /// emulator: slow, a functional check).
+        #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda", "emu"], requires = "data")]
+        device: String,
         /// One prompt ...
         #[arg(long, conflicts_with = "prompts")]
         prompt: Option<String>,
@@ -339,6 +343,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             checkpoint,
             data,
             count,
+            device,
             prompt,
             prompts,
             per_prompt,
@@ -361,7 +366,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             match (data, checkpoint) {
                 (Some(data), Some(checkpoint)) => {
-                    cli::sample_checkpoint(&checkpoint, &data, count, &opts, &out)?
+                    cli::sample_checkpoint(&checkpoint, &data, count, &device, &opts, &out)?
                 }
                 (_, checkpoint) => cli::sample(checkpoint, prompt, prompts, &opts, &out)?,
             }

@@ -228,6 +228,22 @@ fn a_checkpoint_teacher_distils_resumes_exactly_and_exports_its_generator() {
     sample(&teacher, &teacher_out, &["--steps", "3"]);
     let manifest = String::from_utf8(read(teacher_out.join("manifest.jsonl"))).unwrap();
     assert!(manifest.contains("\"cfg\":4.5"), "{manifest}");
+
+    // the Euler loop on the device (the emulator) follows the CPU's within bf16 rounding, with
+    // and without CFG
+    for (model, cpu, args) in [
+        (&model_dir, &four, &["--batch", "4"][..]),
+        (&teacher, &teacher_out, &["--steps", "3"][..]),
+    ] {
+        let on_device = base.join("device");
+        sample(model, &on_device, &[args, &["--device", "emu"]].concat());
+        let diff = latents_in(&on_device).rel_l2(&latents_in(cpu));
+        assert!(
+            diff < 2e-2,
+            "{}: device vs CPU relative L2 {diff}",
+            model.display()
+        );
+    }
 }
 
 #[test]
@@ -257,11 +273,31 @@ fn checkpoint_teacher_misuse_is_a_clear_error() {
         .output()
         .unwrap();
     failed_with(shapes, "--data DIR");
+    let sde = Command::new(env!("CARGO_BIN_EXE_advdmd"))
+        .args([
+            "sample",
+            "--device",
+            "emu",
+            "--sampler",
+            "sde",
+            "--checkpoint",
+        ])
+        .arg(&teacher)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    failed_with(sde, "the device sampler is Euler");
     assert!(!out.join("checkpoint.safetensors").exists());
 }
 
-/// The device writes its checkpoint itself ([`DeviceAdvDmd::save`]) in the CPU trainer's format:
-/// after two iterations, byte for byte the file the CPU trainer writes from the device's state.
+/// The device writes its checkpoint itself ([`DeviceAdvDmd::save`], streamed tensor by tensor)
+/// in the CPU trainer's format: after two iterations (the discriminator frozen after the first),
+/// byte for byte the file the CPU trainer writes from the device's state; read back by
+/// [`DeviceAdvDmd::resume`] and saved again, the same bytes; and a master weight turned NaN is
+/// refused, the file on disk left as it was.
 #[test]
 fn a_device_checkpoint_is_the_cpu_trainers_format() {
     let base = ScratchDir::new("device-checkpoint");
@@ -272,21 +308,55 @@ fn a_device_checkpoint_is_the_cpu_trainers_format() {
         steps_per_sample: 2,
         r_dmd: 1,
         rl_warmup: 0,
+        frozen_disc_after: Some(1),
         ..Default::default()
     };
-    let mut host = AdvDmd::new(teacher, config);
+    let mut host = AdvDmd::new(teacher, config.clone());
     let dev = KernelDevice::emulator();
-    let mut run = DeviceAdvDmd::from_host(&dev, &host, DeviceRunOptions::default()).unwrap();
+    let opts = DeviceRunOptions {
+        bf16_moments: true,
+        ..Default::default()
+    };
+    let mut run = DeviceAdvDmd::from_host(&dev, &host, opts).unwrap();
     for _ in 0..2 {
         let batch = shapes_batch(&host.teacher, 1, 2, &mut run.rng).unwrap();
         run.step(&batch).unwrap();
     }
-    run.save(&base.join("device.safetensors")).unwrap();
+    assert!(run.frozen_backbone.is_some());
+    let device_file = base.join("device.safetensors");
+    run.save(&device_file).unwrap();
     run.sync_to_host(&mut host).unwrap();
     host.save(&base.join("host.safetensors")).unwrap();
+    let saved = read(device_file.clone());
     assert!(
-        read(base.join("device.safetensors")) == read(base.join("host.safetensors")),
+        saved == read(base.join("host.safetensors")),
         "the device's checkpoint differs from the CPU trainer's"
+    );
+
+    let teacher = &host.teacher.mmdit;
+    let back = DeviceAdvDmd::resume(&dev, teacher, config, opts, &device_file, false).unwrap();
+    back.save(&base.join("again.safetensors")).unwrap();
+    assert!(
+        saved == read(base.join("again.safetensors")),
+        "resume + save changed the state"
+    );
+
+    let slot = run
+        .generator
+        .slot("final_layer.linear.weight")
+        .unwrap()
+        .clone();
+    let nan = [f32::NAN];
+    dev.copy_to_device(&nan, &*run.generator.master.view(slot.offset, 1).unwrap())
+        .unwrap();
+    let err = run.save(&device_file).unwrap_err().to_string();
+    assert!(
+        err.contains("not saved") && err.contains("generator.final_layer"),
+        "{err}"
+    );
+    assert!(
+        read(device_file) == saved,
+        "a refused save changed the file"
     );
 }
 

@@ -268,6 +268,18 @@ pub fn write_safetensors(
     tensors: &[PendingTensor],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
+    write_safetensors_verified(path, tensors, metadata, || Ok(()))
+}
+
+/// [`write_safetensors`], with `verify` asked once every tensor is written and before the
+/// rename: an error there (a value the producers found wrong, a read that failed) leaves the
+/// file on disk as it was.
+pub fn write_safetensors_verified(
+    path: &Path,
+    tensors: &[PendingTensor],
+    metadata: Option<HashMap<String, String>>,
+    verify: impl FnOnce() -> Result<()>,
+) -> Result<()> {
     let tmp = temp_path(path)?;
     let views = tensors.iter().map(|t| (t.name.as_str(), t));
     let result = safetensors::serialize_to_file(views, metadata, &tmp)
@@ -275,6 +287,7 @@ pub fn write_safetensors(
             path: path.to_path_buf(),
             reason: e.to_string(),
         })
+        .and_then(|()| verify())
         .and_then(|()| {
             File::open(&tmp)
                 .and_then(|f| f.sync_all())

@@ -33,6 +33,17 @@ impl Sampler {
     }
 }
 
+/// Each sample's starting noise, `per` standard normals from its own seed, concatenated; and
+/// the generators, to draw on from (the re-noising sampler does).
+pub fn seeded_noise(seeds: &[u64], per: usize) -> (Vec<Rng>, Vec<f32>) {
+    let mut rngs: Vec<Rng> = seeds.iter().map(|&s| Rng::new(s)).collect();
+    let x = rngs
+        .iter_mut()
+        .flat_map(|r| (0..per).map(|_| r.normal()).collect::<Vec<_>>())
+        .collect();
+    (rngs, x)
+}
+
 /// Samples `seeds.len()` images of shape `shape` (one sample's, e.g. `[C, H, W]`) over `sigmas`
 /// (ending in 0), sample `i` from noise drawn from `seeds[i]`. `velocity(x, σ)` returns the
 /// model's velocity for the rows of `x`: the n samples, or with CFG (`w ≠ 1`) 2n rows — the
@@ -49,11 +60,7 @@ pub fn sample_flow(
 ) -> Result<Tensor> {
     let n = seeds.len();
     let per: usize = shape.iter().product();
-    let mut rngs: Vec<Rng> = seeds.iter().map(|&s| Rng::new(s)).collect();
-    let mut x: Vec<f32> = rngs
-        .iter_mut()
-        .flat_map(|r| (0..per).map(|_| r.normal()).collect::<Vec<_>>())
-        .collect();
+    let (mut rngs, mut x) = seeded_noise(seeds, per);
     let full: Vec<usize> = std::iter::once(n).chain(shape.iter().copied()).collect();
     let guided = w != 1.0;
     for step in sigmas.windows(2) {

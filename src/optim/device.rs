@@ -125,6 +125,45 @@ impl DeviceAdamW {
         Ok(())
     }
 
+    /// Elements `[offset, offset + len)` of the first moment (`second`: the second), as f32: one
+    /// parameter's moments, for a checkpoint streamed tensor by tensor.
+    pub fn download_moment_range(
+        &self,
+        dev: &KernelDevice,
+        second: bool,
+        offset: usize,
+        len: usize,
+    ) -> KernelResult<Vec<f32>> {
+        match &self.moments {
+            Moments::F32(m, v) => dev.download(&*if second { v } else { m }.view(offset, len)?),
+            Moments::Bf16(m, v, _) => {
+                let b = dev.download(&*if second { v } else { m }.view(offset, len)?)?;
+                Ok(b.iter().map(|x| x.to_f32()).collect())
+            }
+        }
+    }
+
+    /// Writes `values` into elements `[offset, offset + len)` of the first moment (`second`: the
+    /// second); bf16 moments round to nearest, which keeps values that came from bf16 exact.
+    pub fn upload_moment_range(
+        &self,
+        dev: &KernelDevice,
+        second: bool,
+        offset: usize,
+        values: &[f32],
+    ) -> KernelResult<()> {
+        let len = values.len();
+        match &self.moments {
+            Moments::F32(m, v) => {
+                dev.copy_to_device(values, &*if second { v } else { m }.view(offset, len)?)
+            }
+            Moments::Bf16(m, v, _) => {
+                let narrow: Vec<bf16> = values.iter().map(|&f| bf16::from_f32(f)).collect();
+                dev.copy_to_device(&narrow, &*if second { v } else { m }.view(offset, len)?)
+            }
+        }
+    }
+
     /// Bytes of optimizer state on the device.
     pub fn state_bytes(&self) -> usize {
         match &self.moments {

@@ -13,9 +13,12 @@
 //! Conditioning comes in per iteration as host tensors ([`IterBatch`]): the Shapes world builds
 //! it from prompts with the teacher's frozen text encoder ([`shapes_batch`]); the SD3 benchmarks
 //! from random context and pooled vectors. Generator and fake score share one gradient buffer
-//! (their backward passes never overlap). A run saves through the CPU trainer's checkpoint
+//! (their backward passes never overlap). A Shapes run saves through the CPU trainer's checkpoint
 //! ([`DeviceAdvDmd::sync_to_host`] + `AdvDmd::save`) and resumes exactly from one
-//! (`AdvDmd::load` + [`DeviceAdvDmd::from_host`]). A frozen discriminator (`frozen_disc_after`)
+//! (`AdvDmd::load` + [`DeviceAdvDmd::from_host`]); a checkpoint teacher's run, which has no CPU
+//! trainer, writes and reads the same format itself, a tensor at a time
+//! ([`DeviceAdvDmd::save`], [`DeviceAdvDmd::resume`]); precomputed data makes its batches
+//! ([`latents_batch`]). A frozen discriminator (`frozen_disc_after`)
 //! is a bf16 snapshot of the fake score's backbone with the head held fixed, as on the CPU.
 
 use half::bf16;
@@ -32,7 +35,8 @@ use super::device::{
 use super::disc_head::DiscHead;
 use super::rollout::few_step_sigmas;
 use super::shapes_model::ShapesModel;
-use super::state::{save_state, StateFile};
+use super::state::{state_record, StateFile};
+use crate::checkpoint::{check_finite, write_safetensors_verified, PendingTensor};
 use crate::data::latents::LatentData;
 use crate::device::kernel::{DevBuf, DeviceGraph, KernelDevice, KernelError, KernelResult, Later};
 use crate::error::{Error, Result};
@@ -50,7 +54,9 @@ use crate::mmdit::Mmdit;
 use crate::nn::device::DeviceParams;
 use crate::optim::device::{DeviceAdamW, FlatParams};
 use crate::optim::{AdamW, AdamWConfig};
+use crate::tensor::StoredDType;
 use crate::tensor::{Rng, Tensor};
+use std::cell::RefCell;
 
 /// Context `[B, L, ctx_dim]` and pooled `[B, pooled_dim]` of B rows (host).
 #[derive(Clone, Debug)]
@@ -143,6 +149,31 @@ pub fn latents_batch(
         },
         real: rows.latents,
     })
+}
+
+/// Where one tensor of a checkpoint written from the device lives: an f32 or a bf16 flat buffer
+/// at an offset, or an optimizer's first or second moment (`true`) at an offset.
+enum StateSource<'a> {
+    F32(&'a DevBuf<f32>, usize),
+    Bf16(&'a DevBuf<bf16>, usize),
+    Moment(&'a DeviceAdamW, bool, usize),
+}
+
+impl StateSource<'_> {
+    /// Its `len` values, as f32.
+    fn read(&self, dev: &KernelDevice, len: usize) -> KernelResult<Vec<f32>> {
+        match *self {
+            StateSource::F32(b, offset) => dev.download(&*b.view(offset, len)?),
+            StateSource::Bf16(b, offset) => Ok(dev
+                .download(&*b.view(offset, len)?)?
+                .iter()
+                .map(|x| x.to_f32())
+                .collect()),
+            StateSource::Moment(opt, second, offset) => {
+                opt.download_moment_range(dev, second, offset, len)
+            }
+        }
+    }
 }
 
 /// One parameter set of a joint optimizer step: its optimizer, its buffers and (the generator)
@@ -829,42 +860,74 @@ impl DeviceAdvDmd {
     }
 
     /// Writes the run's checkpoint straight from the device, in the CPU trainer's format
-    /// (`AdvDmd::save`: the same groups, moments and record), atomically: how a run of a teacher
-    /// that is not a Shapes model saves. The EMA group is a whole model (its frozen tensors are
-    /// the generator's). A state holding a NaN or an infinity is refused (`save_state`).
+    /// (`AdvDmd::save`: the same groups, moments and record), atomically and streamed: one
+    /// tensor at a time goes through host memory, so a model of any size saves. The EMA group is
+    /// a whole model (its frozen tensors are the generator's). A NaN or an infinity anywhere
+    /// leaves the file on disk as it was.
     pub fn save(&self, path: &std::path::Path) -> Result<()> {
-        let named = |list: Vec<(String, Tensor)>| {
-            let mut map = crate::nn::ParamMap::new();
-            for (name, t) in list {
-                map.insert(name, t);
-            }
-            map
-        };
-        let generator = named(self.generator.download_named(&self.generator.master)?);
-        let fake = named(self.fake.download_named(&self.fake.master)?);
-        let head = named(self.head.params.download_named(&self.head.params.master)?);
-        let ema = generator.duplicate();
-        for (name, t) in self.ema_named()? {
-            ema.param(&name).set_value(t);
-        }
-        let frozen = match &self.frozen_backbone {
-            Some(b) => Some(named(b.params.download_weights_named()?)),
-            None => None,
-        };
-        let mut groups = vec![
-            ("generator.", &generator),
-            ("fake.", &fake),
-            ("head.", &head),
-            ("ema.", &ema),
+        let failure: RefCell<Option<Error>> = RefCell::new(None);
+        let mut sources: Vec<(String, Vec<usize>, StateSource)> = Vec::new();
+        let groups: [(&str, &DeviceParams); 3] = [
+            ("generator.", &self.generator),
+            ("fake.", &self.fake),
+            ("head.", &self.head.params),
         ];
-        if let Some(f) = &frozen {
-            groups.push(("frozen_fake.", f));
+        for (prefix, p) in groups {
+            for (name, slot) in p.slots() {
+                let src = StateSource::F32(&p.master, slot.offset);
+                sources.push((format!("{prefix}{name}"), slot.shape.clone(), src));
+            }
         }
-        let (mut opt_generator, mut opt_critic) = (
-            AdamW::new(AdamWConfig::default()),
-            AdamW::new(AdamWConfig::default()),
-        );
-        self.download_optimizers(&mut opt_generator, &mut opt_critic)?;
+        for (name, slot) in self.generator.slots() {
+            let buffer = if slot.trainable {
+                &self.ema
+            } else {
+                &self.generator.master
+            };
+            let src = StateSource::F32(buffer, slot.offset);
+            sources.push((format!("ema.{name}"), slot.shape.clone(), src));
+        }
+        if let Some(b) = &self.frozen_backbone {
+            for (name, slot) in b.slots() {
+                let src = StateSource::Bf16(&b.weights, slot.offset);
+                sources.push((format!("frozen_fake.{name}"), slot.shape.clone(), src));
+            }
+        }
+        let (mut steps, mut counts) = (serde_json::Map::new(), serde_json::Map::new());
+        for (prefix, parts) in self.optimizer_parts() {
+            let mut count = 0;
+            for &(opt, p) in &parts {
+                for (name, slot) in p.slots().iter().filter(|(_, s)| s.trainable) {
+                    for (kind, second) in [("m.", false), ("v.", true)] {
+                        let src = StateSource::Moment(opt, second, slot.offset);
+                        sources.push((format!("{prefix}{kind}{name}"), vec![slot.numel()], src));
+                    }
+                    count += 1;
+                }
+            }
+            steps.insert(prefix.to_string(), parts[0].0.step.into());
+            counts.insert(prefix.to_string(), count.into());
+        }
+        let failure = &failure;
+        let pending: Vec<PendingTensor> = sources
+            .into_iter()
+            .map(|(name, shape, src)| PendingTensor {
+                name: name.clone(),
+                shape: shape.clone(),
+                dtype: StoredDType::F32,
+                produce: Box::new(move || {
+                    let t = src
+                        .read(&self.dev, shape.iter().product())
+                        .map_err(Error::from)
+                        .map(|v| Tensor::from_vec(v, &shape))
+                        .and_then(|t| check_finite(path, &name, &t).map(|()| t));
+                    t.unwrap_or_else(|e| {
+                        failure.borrow_mut().get_or_insert(e);
+                        Tensor::zeros(&shape)
+                    })
+                }),
+            })
+            .collect();
         let meta = checkpoint_meta(
             &self.config,
             self.iteration,
@@ -872,16 +935,35 @@ impl DeviceAdvDmd {
             &self.rng,
             self.frozen_backbone.is_some(),
         );
-        save_state(
-            path,
-            &groups,
-            &[("adam_g.", &opt_generator), ("adam_f.", &opt_critic)],
-            meta,
-        )
+        let record = state_record(meta, steps, counts);
+        write_safetensors_verified(path, &pending, Some(record), || {
+            match failure.borrow_mut().take() {
+                None => Ok(()),
+                Some(e) => Err(Error::Invalid(format!(
+                    "not saved: {e}; the file on disk is left as it was"
+                ))),
+            }
+        })
+    }
+
+    /// Each optimizer's checkpoint prefix and the parameter sets it steps: the generator's, and
+    /// the critic's (the CPU trainer's one optimizer over the fake score and the head).
+    fn optimizer_parts(&self) -> [(&'static str, Vec<(&DeviceAdamW, &DeviceParams)>); 2] {
+        [
+            ("adam_g.", vec![(&self.opt_generator, &*self.generator)]),
+            (
+                "adam_f.",
+                vec![
+                    (&self.opt_fake, &*self.fake),
+                    (&self.opt_head, &self.head.params),
+                ],
+            ),
+        ]
     }
 
     /// Continues (`fork` false) or forks ([`AdvDmd::fork`]'s rules) the run saved in `path`
-    /// by [`Self::save`] (or `AdvDmd::save`) from the frozen `teacher` it distils.
+    /// by [`Self::save`] (or `AdvDmd::save`) from the frozen `teacher` it distils: a fresh run
+    /// whose state is then read from the file one tensor at a time.
     pub fn resume(
         dev: &KernelDevice,
         teacher: &Mmdit,
@@ -892,32 +974,50 @@ impl DeviceAdvDmd {
     ) -> Result<DeviceAdvDmd> {
         let f = StateFile::open(path)?;
         check_checkpoint(&f, &config, fork)?;
-        let load_copy = |prefix: &str| -> Result<Mmdit> {
-            let p = teacher.params.duplicate();
-            p.set_trainable(true);
-            p.param("pos_embed").set_trainable(false);
-            f.load_group(prefix, &p)?;
-            Ok(Mmdit::new(teacher.config.clone(), p))
-        };
-        let (generator, fake) = (load_copy("generator.")?, load_copy("fake.")?);
-        let head = DiscHead::init(teacher.config.hidden, &mut Rng::new(0));
-        f.load_group("head.", &head.params)?;
-        let rng = checkpoint_rng(&f)?;
-        let mut run = Self::build(dev, config, (teacher, &generator, &fake), &head, opts, rng)?;
-        (run.iteration, run.generator_steps) = checkpoint_counters(&f)?;
-        if f.meta()["disc_frozen"].as_bool() == Some(true) {
-            let b = load_copy("frozen_fake.")?;
-            run.frozen_backbone = Some(DeviceMmdit::frozen(dev, &b)?);
+        let mut run = Self::new(dev, teacher, config, opts)?;
+        let groups: [(&str, &DeviceParams); 3] = [
+            ("generator.", &run.generator),
+            ("fake.", &run.fake),
+            ("head.", &run.head.params),
+        ];
+        for (prefix, p) in groups {
+            for (name, slot) in p.slots() {
+                let t = f.load_f32(&format!("{prefix}{name}"), &slot.shape)?;
+                dev.copy_to_device(t.f32s(), &*p.master.view(slot.offset, slot.numel())?)?;
+            }
+            p.refresh_weights()?;
         }
-        let ema = teacher.params.duplicate();
-        f.load_group("ema.", &ema)?;
-        let (mut opt_generator, mut opt_critic) = (
-            AdamW::new(AdamWConfig::default()),
-            AdamW::new(AdamWConfig::default()),
-        );
-        f.load_optimizer("adam_g.", &mut opt_generator, &[&generator.params])?;
-        f.load_optimizer("adam_f.", &mut opt_critic, &[&fake.params, &head.params])?;
-        run.upload_host_state(&ema, &opt_generator, &opt_critic)?;
+        for (name, slot) in run.generator.slots().iter().filter(|(_, s)| s.trainable) {
+            let t = f.load_f32(&format!("ema.{name}"), &slot.shape)?;
+            dev.copy_to_device(t.f32s(), &*run.ema.view(slot.offset, slot.numel())?)?;
+        }
+        let mut steps = Vec::new();
+        for (prefix, parts) in run.optimizer_parts() {
+            let trained = |p: &DeviceParams| p.slots().values().filter(|s| s.trainable).count();
+            f.check_moment_count(prefix, parts.iter().map(|(_, p)| trained(p)).sum())?;
+            for (opt, p) in &parts {
+                for (name, slot) in p.slots().iter().filter(|(_, s)| s.trainable) {
+                    for (kind, second) in [("m.", false), ("v.", true)] {
+                        let t = f.load_f32(&format!("{prefix}{kind}{name}"), &[slot.numel()])?;
+                        opt.upload_moment_range(dev, second, slot.offset, t.f32s())?;
+                    }
+                }
+            }
+            steps.push(f.optimizer_step(prefix)?);
+        }
+        run.opt_generator.step = steps[0];
+        (run.opt_fake.step, run.opt_head.step) = (steps[1], steps[1]);
+        if f.meta()["disc_frozen"].as_bool() == Some(true) {
+            let b = run.fake.frozen_copy()?;
+            for (name, slot) in b.slots() {
+                let t = f.load_f32(&format!("frozen_fake.{name}"), &slot.shape)?;
+                let narrow: Vec<bf16> = t.f32s().iter().map(|&v| bf16::from_f32(v)).collect();
+                dev.copy_to_device(&narrow, &*b.weights.view(slot.offset, slot.numel())?)?;
+            }
+            run.frozen_backbone = Some(b);
+        }
+        (run.iteration, run.generator_steps) = checkpoint_counters(&f)?;
+        run.rng = checkpoint_rng(&f)?;
         Ok(run)
     }
 

@@ -1,13 +1,16 @@
-//! Sampling an SD3-family checkpoint on the CPU — a teacher, or the generator `advdmd distill
-//! --data` wrote — from precomputed prompt embeddings ([`LatentData`]): latents out, which
-//! `tools/decode.py` turns into images (no VAE or text encoder here).
+//! Sampling an SD3-family checkpoint — a teacher, or the generator `advdmd distill --data` wrote —
+//! from precomputed prompt embeddings ([`LatentData`]), on the CPU or a kernel device (Euler, the
+//! whole loop on the device): latents out, which `tools/decode.py` turns into images (no VAE or
+//! text encoder here).
 
 use crate::autograd::{no_grad, Var};
 use crate::data::latents::LatentData;
 use crate::error::{Error, Result};
-use crate::flow::sample::{sample_flow, Sampler};
+use crate::flow::device::{EulerPlan, Guidance};
+use crate::flow::sample::{sample_flow, seeded_noise, Sampler};
 use crate::flow::{reference_sigmas, timestep_of};
 use crate::kernels::shape::concat;
+use crate::mmdit::device::DeviceMmdit;
 use crate::mmdit::{Mmdit, MmditInputs};
 use crate::tensor::Tensor;
 use crate::train::rollout::few_step_sigmas;
@@ -127,4 +130,42 @@ pub fn sample_checkpoint_latents(
         out,
         &[indices.len(), shape[0], shape[1], shape[2]],
     ))
+}
+
+/// [`sample_checkpoint_latents`] on a kernel device with the Euler sampler: the same noise
+/// (sample `i` seeded `seed + i`), the K-step loop on the device (bf16 model, f32 state).
+#[allow(clippy::too_many_arguments)]
+pub fn sample_checkpoint_latents_device(
+    model: &DeviceMmdit,
+    data: &LatentData,
+    indices: &[usize],
+    sigmas: &[f32],
+    w: f32,
+    seed: u64,
+    batch: usize,
+    mut progress: impl FnMut(usize),
+) -> Result<Tensor> {
+    let [c, h, wd] = data.latent_shape;
+    let scale = (w != 1.0).then_some(w);
+    let mut plan = EulerPlan::new(model, sigmas, scale, false);
+    let mut out = Vec::new();
+    for (k, chunk) in indices.chunks(batch.max(1)).enumerate() {
+        let n = chunk.len();
+        let seeds: Vec<u64> = (0..n)
+            .map(|i| seed.wrapping_add((k * batch.max(1) + i) as u64))
+            .collect();
+        let (_, noise) = seeded_noise(&seeds, c * h * wd);
+        let noise = Tensor::from_vec(noise, &[n, c, h, wd]);
+        let rows = data.rows(chunk)?;
+        let (uc, up) = data.uncond(n);
+        let guidance = scale.map(|scale| Guidance {
+            pooled: &up,
+            context: &uc,
+            scale,
+        });
+        let x = plan.sample(&noise, &rows.pooled, &rows.context, guidance)?;
+        out.extend_from_slice(x.f32s());
+        progress(n * (sigmas.len() - 1));
+    }
+    Ok(Tensor::from_vec(out, &[indices.len(), c, h, wd]))
 }

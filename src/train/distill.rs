@@ -388,13 +388,18 @@ fn save_distilled_checkpoint(
     teacher: &MmditCheckpoint,
     dir: &Path,
 ) -> Result<()> {
-    // the frozen tensors from the generator (the teacher's), the trained ones from the EMA
+    // the trained tensors from the EMA, the frozen ones from the generator (the teacher's)
     let mut weights = crate::nn::ParamMap::new();
-    for (name, t) in run.generator.download_named(&run.generator.master)? {
+    for (name, t) in run.ema_named()? {
         weights.insert(name, t);
     }
-    for (name, t) in run.ema_named()? {
-        weights.param(&name).set_value(t);
+    for (name, slot) in run.generator.slots().iter().filter(|(_, s)| !s.trainable) {
+        let view = run.generator.master.view(slot.offset, slot.numel())?;
+        let values = run.dev.download(&*view)?;
+        weights.insert(
+            name.clone(),
+            crate::tensor::Tensor::from_vec(values, &slot.shape),
+        );
     }
     crate::checkpoint::create_out_dir(dir)?;
     let target = match teacher.layout {

@@ -46,12 +46,24 @@ pub fn save_state(
             ))
         })?;
     }
+    save_safetensors(
+        path,
+        &tensors,
+        Some(state_record(meta, steps, moment_counts)),
+    )
+}
+
+/// The metadata of a state file: `meta`, and per optimizer prefix its step count and how many
+/// parameters' moments it saved.
+pub fn state_record(
+    meta: serde_json::Value,
+    steps: serde_json::Map<String, serde_json::Value>,
+    moment_counts: serde_json::Map<String, serde_json::Value>,
+) -> HashMap<String, String> {
     let record = serde_json::json!({
         "meta": meta, "optimizer_steps": steps, "optimizer_moments": moment_counts,
     });
-    let mut m = HashMap::new();
-    m.insert(META_KEY.to_string(), record.to_string());
-    save_safetensors(path, &tensors, Some(m))
+    HashMap::from([(META_KEY.to_string(), record.to_string())])
 }
 
 /// An opened state file.
@@ -82,6 +94,43 @@ impl StateFile {
 
     pub fn path(&self) -> &Path {
         self.file.path()
+    }
+
+    /// Tensor `name` as f32, of shape `shape`, every value finite.
+    pub fn load_f32(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.file.load_f32(name, Some(shape))
+    }
+
+    /// The step count of optimizer `prefix`.
+    pub fn optimizer_step(&self, prefix: &str) -> Result<u64> {
+        self.record["optimizer_steps"][prefix]
+            .as_u64()
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: no step count for optimizer `{prefix}`",
+                    self.path().display()
+                ))
+            })
+    }
+
+    /// An error unless optimizer `prefix` saved the moments of exactly `count` parameters (both
+    /// moments of each; a moment lost would restart from zero).
+    pub fn check_moment_count(&self, prefix: &str, count: usize) -> Result<()> {
+        let names = self.file.names();
+        let of = |kind: &str| {
+            let start = format!("{prefix}{kind}");
+            names.iter().filter(|n| n.starts_with(&start)).count()
+        };
+        let recorded = self.record["optimizer_moments"][prefix].as_u64();
+        if of("m.") != count || of("v.") != count || recorded.is_some_and(|r| r != count as u64) {
+            return Err(Error::Invalid(format!(
+                "{}: optimizer `{prefix}` saved {} first and {} second moments (recorded {recorded:?}) for {count} trained parameters",
+                self.path().display(),
+                of("m."),
+                of("v.")
+            )));
+        }
+        Ok(())
     }
 
     /// Loads every parameter of `map` from `prefix` + name, checking shapes.
@@ -141,14 +190,7 @@ impl StateFile {
                 )));
             }
         }
-        opt.step = self.record["optimizer_steps"][prefix]
-            .as_u64()
-            .ok_or_else(|| {
-                Error::Invalid(format!(
-                    "{}: no step count for optimizer `{prefix}`",
-                    self.path().display()
-                ))
-            })?;
+        opt.step = self.optimizer_step(prefix)?;
         Ok(())
     }
 }
