@@ -240,6 +240,9 @@ step step-sd35m 150 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium 
 ADVDMD_TEACHER=assets/shapes-teacher step distill 90 bash -c "rm -rf /tmp/gc-distill && \
   $BIN/advdmd distill --device cuda --iterations 20 --checkpoint-every 10 --eval-per-task 0 --out /tmp/gc-distill && \
   $BIN/advdmd distill --device cuda --iterations 30 --checkpoint-every 10 --eval-per-task 10 --resume --out /tmp/gc-distill"
+# an SD3-family checkpoint teacher (the tiny SD3.5-medium fixture) distilled from precomputed
+# data on the GPU, resumed, and its generator sampled (tools/distill-latents-check.sh)
+step distill-latents 90 tools/distill-latents-check.sh cuda "$BIN/advdmd" "$(ls -d .gpu/fixtures/*/ | head -1)original.safetensors" /tmp/gc-latents
 # the memory plan's configuration (shared gradients, bf16 moments, checkpointing): ~72 GB + activations
 step step-sd35m-80g 150 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 2 --bf16-moments --checkpoint-activations --json
 step step-sd35m-80g-graph 180 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 3 --bf16-moments --checkpoint-activations --graph --json
@@ -349,5 +352,5 @@ with open(f"{out}/report.md", "w") as f:
             f.write(f"| {r['op']} | {r['calls']} | {r['ms']:.3f} | {r['share']:.1f} | {'' if tf is None else f'{tf:.0f}'} |\n")
 print(open(f"{out}/report.md").read()[-8000:])
 PY
-for s in hopper tests column-layout model runtime tests-pdl ncu-attention ncu-source mmdit-shapes mmdit-sd35m mmdit-sd35m-pdl mmdit-sd35m-persistent mmdit-sd35m-1stream mmdit-sd35m-nohopper mmdit-sd35m-autotune mmdit-sd35m-profile mmdit-sd35m-base mmdit-sd35m-512 mmdit-sd35m-ckpt mmdit-sd35m-ckpt-selective sample-sd35m sample-sd35m-graph sample-sd35m-graph-per-step sample-sd35m-graph-1stream sample-sd35m-graph-pdl sample-512 advdmd step-shapes step-shapes-graph distill step-sd35m step-sd35m-80g step-sd35m-80g-graph step-sd35m-80g-graph-pipelined step-sd35m-80g-1024 step-sd35m-80g-graph-selective step-sd35m-80g-1024-selective step-sd35m-80g-profile step-sd35m-80g-graph-1stream step-sd35m-80g-graph-autotune step-sd35m-80g-graph-pdl mmdit-sd35l sample-sd35l torch bench bench-pdl attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
+for s in hopper tests column-layout model runtime tests-pdl ncu-attention ncu-source mmdit-shapes mmdit-sd35m mmdit-sd35m-pdl mmdit-sd35m-persistent mmdit-sd35m-1stream mmdit-sd35m-nohopper mmdit-sd35m-autotune mmdit-sd35m-profile mmdit-sd35m-base mmdit-sd35m-512 mmdit-sd35m-ckpt mmdit-sd35m-ckpt-selective sample-sd35m sample-sd35m-graph sample-sd35m-graph-per-step sample-sd35m-graph-1stream sample-sd35m-graph-pdl sample-512 advdmd step-shapes step-shapes-graph distill distill-latents step-sd35m step-sd35m-80g step-sd35m-80g-graph step-sd35m-80g-graph-pipelined step-sd35m-80g-1024 step-sd35m-80g-graph-selective step-sd35m-80g-1024-selective step-sd35m-80g-profile step-sd35m-80g-graph-1stream step-sd35m-80g-graph-autotune step-sd35m-80g-graph-pdl mmdit-sd35l sample-sd35l torch bench bench-pdl attention memcheck racecheck torch-compile; do [ -f "$OUT/$s.log" ] && { echo "== tail $s"; tail -15 "$OUT/$s.log"; }; done
 exit $status
