@@ -152,6 +152,24 @@ fn a_checkpoint_teacher_distils_resumes_exactly_and_exports_its_generator() {
         "the resumed run's checkpoint differs from the uninterrupted run's"
     );
 
+    // a resume on other data is refused, the run folder left as it was
+    let other = base.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    write_data(
+        &other,
+        config.in_channels,
+        config.context_dim,
+        config.pooled_dim,
+    );
+    std::fs::remove_file(other.join("shard-00001.safetensors")).unwrap();
+    let before = read(parts.join("checkpoint.safetensors"));
+    let longer = [&emu[..], &["--iterations", "6", "--resume"]].concat();
+    failed_with(
+        distill(&teacher, &other, &parts, &longer),
+        "another teacher or on other data",
+    );
+    assert!(before == read(parts.join("checkpoint.safetensors")));
+
     // the EMA generator, in the teacher's (original) layout, opens as the same architecture
     // with trained weights, beside its schedule
     let model = MmditCheckpoint::open(whole.join("model")).unwrap();

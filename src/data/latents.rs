@@ -197,6 +197,26 @@ impl LatentData {
         self.len() == 0
     }
 
+    /// What identifies the folder's contents for a run that must continue on the same data:
+    /// sample count, shapes, and each shard's file name and rows.
+    pub fn describe(&self) -> serde_json::Value {
+        let shards: Vec<serde_json::Value> = self
+            .shards
+            .iter()
+            .map(|s| {
+                let name = s.file.path().file_name().map(|n| n.to_string_lossy());
+                serde_json::json!([name.unwrap_or_default(), s.rows])
+            })
+            .collect();
+        serde_json::json!({
+            "samples": self.len(),
+            "latent_shape": self.latent_shape,
+            "context_shape": self.context_shape,
+            "pooled_dim": self.pooled_dim,
+            "shards": shards,
+        })
+    }
+
     /// An error unless a transformer of configuration `c` takes these latents and embeddings:
     /// channels, context and pooled widths, and a token grid its position table covers.
     pub fn check_model(&self, c: &MmditConfig) -> Result<()> {

@@ -286,6 +286,10 @@ pub struct DeviceAdvDmd {
     use_graphs: bool,
     replays: u64,
     predrawn: Option<Predrawn>,
+    /// What a checkpoint teacher's run started from (the teacher's configuration, the data's
+    /// description), saved in its checkpoints under `run` and read back by [`Self::resume`], so
+    /// a resume on another teacher or data is caught.
+    pub run_record: Option<serde_json::Value>,
     /// Host milliseconds the last [`Self::step`] spent before queuing its device work (checks,
     /// draws, conversions, uploads): with the previous iteration's metrics read back, the device
     /// idles through it.
@@ -928,13 +932,16 @@ impl DeviceAdvDmd {
                 }),
             })
             .collect();
-        let meta = checkpoint_meta(
+        let mut meta = checkpoint_meta(
             &self.config,
             self.iteration,
             self.generator_steps,
             &self.rng,
             self.frozen_backbone.is_some(),
         );
+        if let Some(run) = &self.run_record {
+            meta["run"] = run.clone();
+        }
         let record = state_record(meta, steps, counts);
         write_safetensors_verified(path, &pending, Some(record), || {
             match failure.borrow_mut().take() {
@@ -1018,6 +1025,7 @@ impl DeviceAdvDmd {
         }
         (run.iteration, run.generator_steps) = checkpoint_counters(&f)?;
         run.rng = checkpoint_rng(&f)?;
+        run.run_record = Some(f.meta()["run"].clone()).filter(|r| !r.is_null());
         Ok(run)
     }
 
@@ -1097,6 +1105,7 @@ impl DeviceAdvDmd {
             use_graphs: opts.graph,
             replays: 0,
             predrawn: None,
+            run_record: None,
             last_host_lead_ms: 0.0,
             config,
             dev: dev.clone(),

@@ -349,6 +349,10 @@ pub fn distill_latents(
     crate::checkpoint::create_out_dir(out)?;
     let ckpt = out.join("checkpoint.safetensors");
     let source = source_checkpoint(out, start)?;
+    let record = serde_json::json!({
+        "teacher_config": format!("{config:?}"),
+        "data": data.describe(),
+    });
     let mut device = {
         let teacher = Mmdit::new(config.clone(), ckpt_in.load_params()?);
         teacher.params.set_trainable(false);
@@ -357,10 +361,20 @@ pub fn distill_latents(
             None => DeviceAdvDmd::new(dev, &teacher, c, *opts)?,
             Some(src) => {
                 let fork = matches!(start, Start::ForkFrom(_));
-                DeviceAdvDmd::resume(dev, &teacher, c, *opts, src, fork)?
+                let d = DeviceAdvDmd::resume(dev, &teacher, c, *opts, src, fork)?;
+                if d.run_record.as_ref() != Some(&record) {
+                    return Err(Error::Invalid(format!(
+                        "{}: its run distilled another teacher or on other data: {} (now {record}); \
+                         a run continues exactly only on the same",
+                        src.display(),
+                        d.run_record.as_ref().unwrap_or(&serde_json::Value::Null)
+                    )));
+                }
+                d
             }
         }
     };
+    device.run_record = Some(record);
     let mut metrics = start_metrics(out, start, device.iteration)?;
     let saved = match start {
         Start::Resume => device.iteration,
