@@ -364,6 +364,11 @@ mod tests {
         }
     }
 
+    /// The empty prompt's embeddings of [`rows`]' widths.
+    fn write_test_uncond(dir: &Path, rng: &mut Rng) {
+        write_uncond(dir, &random(&[1, 5, 12], rng), &random(&[1, 7], rng)).unwrap();
+    }
+
     fn folder(tag: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("advdmd-latents-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -387,12 +392,7 @@ mod tests {
         write_shard(&dir.join("shard-00001.safetensors"), &b16, None).unwrap();
         let missing = LatentData::open(&dir).err().unwrap().to_string();
         assert!(missing.contains(UNCOND_FILE), "{missing}");
-        write_uncond(
-            &dir,
-            &random(&[1, 5, 12], &mut rng),
-            &random(&[1, 7], &mut rng),
-        )
-        .unwrap();
+        write_test_uncond(&dir, &mut rng);
 
         let data = LatentData::open(&dir).unwrap();
         assert_eq!(
@@ -438,12 +438,7 @@ mod tests {
         let dir = folder("model");
         let mut rng = Rng::new(3);
         write_shard(&dir.join("shard-0.safetensors"), &rows(2, &mut rng), None).unwrap();
-        write_uncond(
-            &dir,
-            &random(&[1, 5, 12], &mut rng),
-            &random(&[1, 7], &mut rng),
-        )
-        .unwrap();
+        write_test_uncond(&dir, &mut rng);
         let data = LatentData::open(&dir).unwrap();
         let c = MmditConfig {
             depth: 1,
