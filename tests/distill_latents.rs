@@ -416,6 +416,7 @@ except ValueError:
 "#;
     let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools");
     let out = Command::new(&python)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
         .args(["-c", script])
         .arg(&tools)
         .arg(dir.path())
