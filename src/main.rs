@@ -71,7 +71,7 @@ enum Command {
         #[arg(long, default_value_t = ShapesModelSize::default().depth)]
         depth: usize,
     },
-    /// Distils the Shapes teacher into a K-step generator with AdvDMD (DMD2 + discriminator-reward RL).
+    /// Distils the Shapes teacher (or with --data an SD3-family checkpoint) into a K-step generator with AdvDMD (DMD2 + discriminator-reward RL).
     Distill {
         /// Run folder: checkpoint.safetensors, metrics.jsonl, model/ (the EMA generator).
         #[arg(long)]
@@ -159,7 +159,8 @@ enum Command {
         lr_warmup: u64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Evaluation prompts per task for the final table (0 skips it; at most 100000).
+        /// Evaluation prompts per task for the final table of a Shapes teacher (0 skips it; at
+        /// most 100000).
         #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(0..=100_000))]
         eval_per_task: u64,
     },

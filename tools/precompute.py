@@ -112,7 +112,12 @@ def load_image(path, resolution):
     import numpy as np
     from PIL import Image
 
-    with Image.open(path) as im:
+    try:
+        im = Image.open(path)
+        im.load()
+    except OSError as e:
+        sys.exit(f"{path}: not a readable image ({e}); nothing was written for its shard")
+    with im:
         im = im.convert("RGB")
         w, h = im.size
         s = resolution / min(w, h)

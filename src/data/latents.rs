@@ -16,7 +16,7 @@
 use crate::checkpoint::{save_safetensors, SafetensorsFile};
 use crate::error::{Error, Result};
 use crate::mmdit::MmditConfig;
-use crate::tensor::Tensor;
+use crate::tensor::{Rng, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -301,6 +301,42 @@ impl LatentData {
     }
 }
 
+/// The order a run reads a data folder in: epoch after epoch, each a permutation of every sample
+/// drawn from the run's seed and the epoch's number, so the sample at position `k` of the run is
+/// a function of `(seed, k)` alone — a resumed run reads on exactly where it stopped.
+pub struct EpochOrder {
+    seed: u64,
+    len: usize,
+    /// The current epoch's number and permutation.
+    epoch: Option<(u64, Vec<usize>)>,
+}
+
+impl EpochOrder {
+    pub fn new(seed: u64, len: usize) -> EpochOrder {
+        EpochOrder {
+            seed,
+            len,
+            epoch: None,
+        }
+    }
+
+    /// The sample at position `k` of the run.
+    pub fn at(&mut self, k: u64) -> usize {
+        let len = self.len.max(1) as u64;
+        let (epoch, pos) = (k / len, (k % len) as usize);
+        if self.epoch.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let mut rng =
+                Rng::new(self.seed ^ epoch.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut order: Vec<usize> = (0..self.len).collect();
+            for i in (1..order.len()).rev() {
+                order.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            self.epoch = Some((epoch, order));
+        }
+        self.epoch.as_ref().expect("just set").1[pos]
+    }
+}
+
 /// Writes one shard (atomically): `latents [n, C, H, W]`, `context [n, L, ctx_dim]`,
 /// `pooled [n, pooled_dim]` in their own dtypes, and `captions` (n of them) when given.
 pub fn write_shard(path: &Path, rows: &LatentRows, captions: Option<&[String]>) -> Result<()> {
@@ -349,7 +385,6 @@ pub fn write_uncond(dir: &Path, context: &Tensor, pooled: &Tensor) -> Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::Rng;
 
     fn random(shape: &[usize], rng: &mut Rng) -> Tensor {
         let n = shape.iter().product();
@@ -431,6 +466,25 @@ mod tests {
         std::fs::write(dir.join("shard-00002.safetensors"), b"not safetensors").unwrap();
         assert!(LatentData::open(&dir).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn each_epoch_reads_every_sample_once_in_an_order_of_its_own() {
+        let mut order = EpochOrder::new(5, 7);
+        let epoch = |o: &mut EpochOrder, e: u64| (7 * e..7 * e + 7).map(|k| o.at(k)).collect();
+        let (first, second): (Vec<usize>, Vec<usize>) =
+            (epoch(&mut order, 0), epoch(&mut order, 1));
+        for e in [&first, &second] {
+            let mut sorted = e.clone();
+            sorted.sort();
+            assert_eq!(sorted, (0..7).collect::<Vec<_>>());
+        }
+        assert_ne!(first, second);
+        // a fresh order (a resumed run) reads the same at any position, in any order of asking
+        let mut fresh = EpochOrder::new(5, 7);
+        assert_eq!(fresh.at(9), second[2]);
+        assert_eq!(fresh.at(3), first[3]);
+        assert_ne!(epoch(&mut EpochOrder::new(6, 7), 0), first);
     }
 
     #[test]

@@ -37,7 +37,7 @@ use super::rollout::few_step_sigmas;
 use super::shapes_model::ShapesModel;
 use super::state::{state_record, StateFile};
 use crate::checkpoint::{check_finite, write_safetensors_verified, PendingTensor};
-use crate::data::latents::LatentData;
+use crate::data::latents::{EpochOrder, LatentData};
 use crate::device::kernel::{DevBuf, DeviceGraph, KernelDevice, KernelError, KernelResult, Later};
 use crate::error::{Error, Result};
 use crate::kernels::elementwise::dev::{cast_bf16_to_f32, cast_f32_to_bf16_into, copy};
@@ -112,18 +112,18 @@ pub fn shapes_batch(
     })
 }
 
-/// A batch of precomputed data: `prompts` samples drawn uniformly (with replacement) by `rng`,
-/// their latents the real side, their captions' embeddings the conditioning (each repeated
-/// `group` times for the generated side), and the folder's empty prompt the unconditional one.
+/// A batch of precomputed data: the `prompts` samples at positions `first ..` of the run's
+/// `order`, their latents the real side, their captions' embeddings the conditioning (each
+/// repeated `group` times for the generated side), and the folder's empty prompt the
+/// unconditional one.
 pub fn latents_batch(
     data: &LatentData,
+    order: &mut EpochOrder,
+    first: u64,
     prompts: usize,
     group: usize,
-    rng: &mut Rng,
 ) -> Result<IterBatch> {
-    let picks: Vec<usize> = (0..prompts)
-        .map(|_| rng.below(data.len() as u64) as usize)
-        .collect();
+    let picks: Vec<usize> = (0..prompts as u64).map(|j| order.at(first + j)).collect();
     let rows = data.rows(&picks)?;
     let repeat_rows = |t: &Tensor| {
         let per = t.numel() / prompts;

@@ -10,7 +10,7 @@ use super::advdmd_device::{
     latents_batch, shapes_batch, DeviceAdvDmd, DeviceRunOptions, IterBatch, QueuedIteration,
 };
 use super::shapes_model::{sample_images, Sampler, ShapesModel};
-use crate::data::latents::LatentData;
+use crate::data::latents::{EpochOrder, LatentData};
 use crate::device::host_memory::{product, Footprint};
 use crate::device::kernel::KernelDevice;
 use crate::error::{Error, Result};
@@ -105,14 +105,15 @@ struct DeviceIterations<'a, B, S> {
     in_flight: Option<QueuedIteration>,
     iterations: u64,
     checkpoint_every: u64,
-    /// The next iteration's batch, drawn from the run's RNG.
+    /// The batch of the iteration of the given number (0-based), drawn from the run's RNG or
+    /// read from its data.
     batch: B,
     save: S,
 }
 
 impl<B, S> Iterations for DeviceIterations<'_, B, S>
 where
-    B: FnMut(&mut Rng) -> Result<IterBatch>,
+    B: FnMut(&mut Rng, u64) -> Result<IterBatch>,
     S: FnMut(&DeviceAdvDmd) -> Result<()>,
 {
     fn next(&mut self) -> Result<Option<IterMetrics>> {
@@ -124,7 +125,7 @@ where
             if d.iteration >= self.iterations || saves {
                 return self.in_flight.take().map(|q| d.finish(q)).transpose();
             }
-            let batch = (self.batch)(&mut d.rng)?;
+            let batch = (self.batch)(&mut d.rng, d.iteration)?;
             let q = d.step_queued(&batch)?;
             if let Some(prev) = self.in_flight.replace(q) {
                 return d.finish(prev).map(Some);
@@ -287,7 +288,7 @@ pub fn distill(
                 in_flight: None,
                 iterations: run.iterations,
                 checkpoint_every: run.checkpoint_every,
-                batch: |rng: &mut Rng| shapes_batch(&text, prompts, group, rng),
+                batch: |rng: &mut Rng, _| shapes_batch(&text, prompts, group, rng),
                 save: |d: &DeviceAdvDmd| {
                     d.sync_to_host(state)?;
                     state.save(&ckpt)
@@ -381,12 +382,16 @@ pub fn distill_latents(
         _ => 0,
     };
     let (prompts, group) = (run.config.prompts, run.config.group);
+    let mut order = EpochOrder::new(run.config.seed, data.len());
     let mut it = DeviceIterations {
         device: &mut device,
         in_flight: None,
         iterations: run.iterations,
         checkpoint_every: run.checkpoint_every,
-        batch: |rng: &mut Rng| latents_batch(&data, prompts, group, rng),
+        batch: |_: &mut Rng, iteration: u64| {
+            let first = iteration.saturating_mul(prompts as u64);
+            latents_batch(&data, &mut order, first, prompts, group)
+        },
         save: |d: &DeviceAdvDmd| d.save(&ckpt),
     };
     run_iterations(run, &mut it, out, &mut metrics, saved, &mut on_iter)?;
