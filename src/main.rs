@@ -32,9 +32,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Detected configuration, parameter count, layout and stored dtypes of an MMDiT checkpoint.
+    /// Detected configuration, parameter count, layout and stored dtypes of an MMDiT checkpoint; or a precomputed data folder's samples, shapes and first captions.
     Inspect {
-        /// A .safetensors file, a diffusers folder, or a sharded model's .index.json.
+        /// A .safetensors file, a diffusers folder, or a sharded model's .index.json; or a data
+        /// folder of `distill --data` (one with uncond.safetensors).
         checkpoint: PathBuf,
         #[arg(long)]
         json: bool,
@@ -278,6 +279,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             emit(json, &info.to_json(), || info.to_text())?;
         }
         Command::Inspect { checkpoint, json } => {
+            if checkpoint
+                .join(advdmd::data::latents::UNCOND_FILE)
+                .is_file()
+            {
+                let data = advdmd::data::latents::LatentData::open(&checkpoint)?;
+                return emit(json, &data.describe(), || data.describe_text());
+            }
             let ckpt = MmditCheckpoint::open(&checkpoint)?;
             if !json {
                 for n in &ckpt.notes {

@@ -110,6 +110,18 @@ fn a_checkpoint_teacher_distils_resumes_exactly_and_exports_its_generator() {
         config.pooled_dim,
     );
     assert_eq!(LatentData::open(&data).unwrap().len(), 5);
+    let inspect = succeeded(
+        Command::new(env!("CARGO_BIN_EXE_advdmd"))
+            .arg("inspect")
+            .arg(&data)
+            .output()
+            .unwrap(),
+    );
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(
+        text.contains("samples: 5 in 2 shards") && text.contains("caption: caption 0.0"),
+        "{text}"
+    );
 
     let (whole, parts) = (base.join("whole"), base.join("parts"));
     let emu = ["--device", "emu", "--checkpoint-every", "2"];

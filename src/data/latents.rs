@@ -217,6 +217,29 @@ impl LatentData {
         })
     }
 
+    /// [`Self::describe`] as lines, with the first captions.
+    pub fn describe_text(&self) -> String {
+        let [c, h, w] = self.latent_shape;
+        let [l, d] = self.context_shape;
+        let mut text = format!(
+            "data: {}\nsamples: {} in {} shards\nlatents: {c} × {h} × {w}\ncontext: {l} tokens × {d}\npooled: {}\n",
+            self.dir.display(),
+            self.len(),
+            self.shards.len(),
+            self.pooled_dim
+        );
+        let captions: Vec<&str> = (0..self.len().min(3))
+            .filter_map(|i| self.caption(i))
+            .collect();
+        if captions.is_empty() {
+            text.push_str("captions: none stored\n");
+        }
+        for caption in captions {
+            text.push_str(&format!("caption: {caption}\n"));
+        }
+        text
+    }
+
     /// An error unless a transformer of configuration `c` takes these latents and embeddings:
     /// channels, context and pooled widths, and a token grid its position table covers.
     pub fn check_model(&self, c: &MmditConfig) -> Result<()> {
