@@ -33,6 +33,12 @@ impl Sampler {
     }
 }
 
+/// The seeds of `n` samples asked with `seed`: sample `i` draws from `seed + i` (wrapping),
+/// whatever batch it falls in.
+pub fn sample_seeds(seed: u64, n: usize) -> Vec<u64> {
+    (0..n as u64).map(|i| seed.wrapping_add(i)).collect()
+}
+
 /// Each sample's starting noise, `per` standard normals from its own seed, concatenated; and
 /// the generators, to draw on from (the re-noising sampler does).
 pub fn seeded_noise(seeds: &[u64], per: usize) -> (Vec<Rng>, Vec<f32>) {

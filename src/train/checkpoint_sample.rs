@@ -7,7 +7,7 @@ use crate::autograd::{no_grad, Var};
 use crate::data::latents::LatentData;
 use crate::error::{Error, Result};
 use crate::flow::device::{EulerPlan, Guidance};
-use crate::flow::sample::{sample_flow, seeded_noise, Sampler};
+use crate::flow::sample::{sample_flow, sample_seeds, seeded_noise, Sampler};
 use crate::flow::{reference_sigmas, timestep_of};
 use crate::kernels::shape::concat;
 use crate::mmdit::device::DeviceMmdit;
@@ -97,11 +97,10 @@ pub fn sample_checkpoint_latents(
     let _ng = no_grad();
     let shape = data.latent_shape;
     let mut out = Vec::new();
-    for (c, chunk) in indices.chunks(batch.max(1)).enumerate() {
+    let seeds = sample_seeds(seed, indices.len());
+    let b = batch.max(1);
+    for (chunk, seeds) in indices.chunks(b).zip(seeds.chunks(b)) {
         let n = chunk.len();
-        let seeds: Vec<u64> = (0..n)
-            .map(|i| seed.wrapping_add((c * batch.max(1) + i) as u64))
-            .collect();
         let rows = data.rows(chunk)?;
         let (context, pooled) = if w != 1.0 {
             let (uc, up) = data.uncond(n);
@@ -123,7 +122,7 @@ pub fn sample_checkpoint_latents(
             });
             Ok(v.value().clone())
         };
-        let x = sample_flow(&seeds, &shape, sigmas, w, sampler, velocity, &mut progress)?;
+        let x = sample_flow(seeds, &shape, sigmas, w, sampler, velocity, &mut progress)?;
         out.extend_from_slice(x.f32s());
     }
     Ok(Tensor::from_vec(
@@ -149,12 +148,11 @@ pub fn sample_checkpoint_latents_device(
     let scale = (w != 1.0).then_some(w);
     let mut plan = EulerPlan::new(model, sigmas, scale, false);
     let mut out = Vec::new();
-    for (k, chunk) in indices.chunks(batch.max(1)).enumerate() {
+    let seeds = sample_seeds(seed, indices.len());
+    let b = batch.max(1);
+    for (chunk, seeds) in indices.chunks(b).zip(seeds.chunks(b)) {
         let n = chunk.len();
-        let seeds: Vec<u64> = (0..n)
-            .map(|i| seed.wrapping_add((k * batch.max(1) + i) as u64))
-            .collect();
-        let (_, noise) = seeded_noise(&seeds, c * h * wd);
+        let (_, noise) = seeded_noise(seeds, c * h * wd);
         let noise = Tensor::from_vec(noise, &[n, c, h, wd]);
         let rows = data.rows(chunk)?;
         let (uc, up) = data.uncond(n);

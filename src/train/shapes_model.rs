@@ -9,7 +9,7 @@ use crate::autograd::{no_grad, Var};
 use crate::checkpoint::{save_safetensors, write_atomic, SafetensorsFile};
 use crate::error::{Error, Result};
 use crate::flow::reference_sigmas;
-use crate::flow::sample::sample_flow;
+use crate::flow::sample::{sample_flow, sample_seeds};
 use crate::mmdit::checkpoint::{save_mmdit, Layout, MmditCheckpoint};
 use crate::mmdit::init::init_params;
 use crate::mmdit::{Mmdit, MmditConfig, MmditInputs};
@@ -291,11 +291,10 @@ pub fn sample_images(
     let sigmas = model.schedule(steps);
     let mut out = Vec::with_capacity(prompts.len() * per);
     let empty = model.tokenizer.encode("")?;
-    for (c, chunk) in prompts.chunks(batch.max(1)).enumerate() {
+    let seeds = sample_seeds(seed, prompts.len());
+    let b = batch.max(1);
+    for (chunk, seeds) in prompts.chunks(b).zip(seeds.chunks(b)) {
         let n = chunk.len();
-        let seeds: Vec<u64> = (0..n)
-            .map(|i| seed.wrapping_add((c * batch + i) as u64))
-            .collect();
         let mut ids = model.tokenizer.encode_batch(chunk)?;
         if w != 1.0 {
             for _ in 0..n {
@@ -310,7 +309,7 @@ pub fn sample_images(
                 .clone())
         };
         let shape = [CHANNELS, RESOLUTION, RESOLUTION];
-        let x = sample_flow(&seeds, &shape, &sigmas, w, sampler, velocity, &mut progress)?;
+        let x = sample_flow(seeds, &shape, &sigmas, w, sampler, velocity, &mut progress)?;
         out.extend_from_slice(x.f32s());
     }
     Ok(Tensor::from_vec(
