@@ -238,7 +238,8 @@ pub fn shapes_teacher_hint(e: advdmd::error::Error, teacher: &Path) -> anyhow::E
 }
 
 /// `advdmd sample --checkpoint CHECKPOINT --data DIR`: the first `count` prompts of `data`
-/// (`--per-prompt` samples each) through an SD3-family checkpoint on the CPU, written as
+/// (`--per-prompt` samples each) through an SD3-family checkpoint on the CPU or, with `device`
+/// cuda or emu, the Euler loop on a kernel device, written as
 /// `OUT/latents.safetensors` (`latents [n, C, H, W]`, the captions in its metadata as a data
 /// shard's) and `OUT/manifest.jsonl`; `tools/decode.py` decodes them with the VAE.
 pub fn sample_checkpoint(
