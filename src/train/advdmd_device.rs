@@ -871,12 +871,7 @@ impl DeviceAdvDmd {
     pub fn save(&self, path: &std::path::Path) -> Result<()> {
         let failure: RefCell<Option<Error>> = RefCell::new(None);
         let mut sources: Vec<(String, Vec<usize>, StateSource)> = Vec::new();
-        let groups: [(&str, &DeviceParams); 3] = [
-            ("generator.", &self.generator),
-            ("fake.", &self.fake),
-            ("head.", &self.head.params),
-        ];
-        for (prefix, p) in groups {
+        for (prefix, p) in self.weight_groups() {
             for (name, slot) in p.slots() {
                 let src = StateSource::F32(&p.master, slot.offset);
                 sources.push((format!("{prefix}{name}"), slot.shape.clone(), src));
@@ -953,6 +948,15 @@ impl DeviceAdvDmd {
         })
     }
 
+    /// The trained weights' checkpoint groups: prefix and parameter set.
+    fn weight_groups(&self) -> [(&'static str, &DeviceParams); 3] {
+        [
+            ("generator.", &self.generator),
+            ("fake.", &self.fake),
+            ("head.", &self.head.params),
+        ]
+    }
+
     /// Each optimizer's checkpoint prefix and the parameter sets it steps: the generator's, and
     /// the critic's (the CPU trainer's one optimizer over the fake score and the head).
     fn optimizer_parts(&self) -> [(&'static str, Vec<(&DeviceAdamW, &DeviceParams)>); 2] {
@@ -982,12 +986,7 @@ impl DeviceAdvDmd {
         let f = StateFile::open(path)?;
         check_checkpoint(&f, &config, fork)?;
         let mut run = Self::new(dev, teacher, config, opts)?;
-        let groups: [(&str, &DeviceParams); 3] = [
-            ("generator.", &run.generator),
-            ("fake.", &run.fake),
-            ("head.", &run.head.params),
-        ];
-        for (prefix, p) in groups {
+        for (prefix, p) in run.weight_groups() {
             for (name, slot) in p.slots() {
                 let t = f.load_f32(&format!("{prefix}{name}"), &slot.shape)?;
                 dev.copy_to_device(t.f32s(), &*p.master.view(slot.offset, slot.numel())?)?;
