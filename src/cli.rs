@@ -308,8 +308,17 @@ pub fn sample_checkpoint(
     // a GPU holds the activations (and the bf16 model) itself
     let on_host = dev.as_ref().is_none_or(|d| d.is_emulator());
     let activations = c.activation_floor_bytes(rows, tokens as u64, false);
+    // a device reads the model from the file one tensor at a time into its bf16 copy
+    let model_bytes_per_param = match &dev {
+        None => 4,
+        Some(_) if on_host => 2,
+        Some(_) => 0,
+    };
     Footprint::new()
-        .with("the model (f32)", product(&[c.param_count() as u64, 4]))
+        .with(
+            "the model (f32; bf16 on an emulated device)",
+            product(&[c.param_count() as u64, model_bytes_per_param]),
+        )
         .with(
             "the latents (f32)",
             product(&[indices.len() as u64, (ch * h * w) as u64, 4]),
@@ -317,18 +326,20 @@ pub fn sample_checkpoint(
         .with("activations", if on_host { activations } else { 0 })
         .check("sample")?;
     advdmd::checkpoint::create_out_dir(out)?;
-    let model = advdmd::mmdit::Mmdit::new(c.clone(), ckpt.load_params()?);
     let sigmas = defaults.schedule(steps, shift);
     let bar = progress_bar((indices.len() * steps) as u64, "sample");
     let start = std::time::Instant::now();
     let progress = |n: usize| bar.inc(n as u64);
     let latents = match &dev {
-        None => sample_checkpoint_latents(
-            &model, &data, &indices, &sigmas, cfg, sampler, opts.seed, opts.batch, progress,
-        )?,
+        None => {
+            let model = advdmd::mmdit::Mmdit::new(c.clone(), ckpt.load_params()?);
+            sample_checkpoint_latents(
+                &model, &data, &indices, &sigmas, cfg, sampler, opts.seed, opts.batch, progress,
+            )?
+        }
         Some(dev) => {
-            let on_device = advdmd::mmdit::device::DeviceMmdit::frozen(dev, &model)?;
-            drop(model);
+            let on_device =
+                advdmd::mmdit::device::DeviceMmdit::frozen_from(dev, c, &ckpt.finite())?;
             sample_checkpoint_latents_device(
                 &on_device, &data, &indices, &sigmas, cfg, opts.seed, opts.batch, progress,
             )?

@@ -261,7 +261,8 @@ fn fresh_run(dev: &KernelDevice) {
         bf16_moments: true,
         graph: true,
     };
-    let mut run = DeviceAdvDmd::new(&dev, teacher, config(), opts).unwrap();
+    let mut run =
+        DeviceAdvDmd::new(&dev, (&teacher.config, &teacher.params), config(), opts).unwrap();
     let n_g = run.generator.n_trainable + run.fake.n_trainable + run.head.params.n_trainable;
     assert_eq!(
         run.optimizer_bytes(),

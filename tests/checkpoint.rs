@@ -3,7 +3,8 @@
 
 mod common;
 
-use advdmd::checkpoint::{save_safetensors, SafetensorsFile};
+use advdmd::checkpoint::{save_safetensors, write_safetensors, PendingTensor, SafetensorsFile};
+use advdmd::tensor::StoredDType;
 use advdmd::{DType, Error, Tensor};
 use common::{randn, ScratchDir};
 use half::{bf16, f16};
@@ -137,6 +138,60 @@ fn failed_save_leaves_nothing_behind() {
     let target = d.join("no_such_dir").join("x.safetensors");
     assert!(save_safetensors(&target, &[("a".into(), Tensor::zeros(&[1]))], None).is_err());
     assert!(!target.exists());
+}
+
+/// A streamed write whose producer fails (a read, a download), or produces another shape than the
+/// header declared, is an error — not a panic, not a partial file: the file already there stays
+/// as it was, no temporary file is left, and no producer runs after the failure (the writer
+/// takes tensors of one dtype in name order).
+#[test]
+fn a_failed_producer_fails_the_write_and_keeps_the_old_file() {
+    let d = tmpdir("producer");
+    let target = d.join("x.safetensors");
+    save_safetensors(&target, &[("a".into(), Tensor::ones(&[2]))], None).unwrap();
+    let before = std::fs::read(&target).unwrap();
+    let after_failure = std::cell::Cell::new(0);
+    type Produce<'a> = Box<dyn Fn() -> advdmd::Result<Tensor> + 'a>;
+    fn pending<'a>(second: Produce<'a>, count: &'a std::cell::Cell<u32>) -> Vec<PendingTensor<'a>> {
+        let tensor = |name: &str, n, dtype, produce| PendingTensor {
+            name: name.into(),
+            shape: vec![n],
+            dtype,
+            produce,
+        };
+        let counted: Produce = Box::new(move || {
+            count.set(count.get() + 1);
+            Ok(Tensor::zeros(&[1]))
+        });
+        vec![
+            tensor(
+                "a",
+                2,
+                StoredDType::F32,
+                Box::new(|| Ok(Tensor::zeros(&[2]))),
+            ),
+            tensor("b", 3, StoredDType::F32, second),
+            tensor("c", 1, StoredDType::F32, counted),
+        ]
+    }
+    let failing = pending(
+        Box::new(|| Err(Error::Invalid("download failed".into()))),
+        &after_failure,
+    );
+    let err = write_safetensors(&target, &failing, None).unwrap_err();
+    assert!(err.to_string().contains("download failed"), "{err}");
+    let misshapen = pending(Box::new(|| Ok(Tensor::zeros(&[4]))), &after_failure);
+    let err = write_safetensors(&target, &misshapen, None).unwrap_err();
+    assert!(err.to_string().contains("`b`"), "{err}");
+    assert_eq!(after_failure.get(), 0, "a producer ran after a failure");
+    assert_eq!(std::fs::read(&target).unwrap(), before);
+    let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
+    assert_eq!(left.len(), 1, "a temporary file was left behind");
+    let fine = pending(Box::new(|| Ok(Tensor::ones(&[3]))), &after_failure);
+    write_safetensors(&target, &fine, None).unwrap();
+    assert_eq!(after_failure.get(), 1);
+    let f = SafetensorsFile::open(&target).unwrap();
+    assert_eq!(f.load("b").unwrap().to_vec(), vec![1.0; 3]);
 }
 
 /// `load_f32` (weights and optimizer states loaded for use) refuses a NaN or an infinity, naming

@@ -8,7 +8,8 @@ mod common;
 
 use advdmd::data::latents::{write_shard, write_uncond, LatentData, LatentRows};
 use advdmd::device::kernel::KernelDevice;
-use advdmd::mmdit::MmditCheckpoint;
+use advdmd::mmdit::{save_mmdit, Layout, MmditCheckpoint, ParamSource};
+use advdmd::tensor::StoredDType;
 use advdmd::tensor::{Rng, Tensor};
 use advdmd::train::advdmd::{AdvDmd, AdvDmdConfig};
 use advdmd::train::advdmd_device::{shapes_batch, DeviceAdvDmd, DeviceRunOptions};
@@ -363,7 +364,10 @@ fn a_device_checkpoint_is_the_cpu_trainers_format() {
         "the device's checkpoint differs from the CPU trainer's"
     );
 
-    let teacher = &host.teacher.mmdit;
+    let teacher = (
+        &host.teacher.mmdit.config,
+        &host.teacher.mmdit.params as &dyn ParamSource,
+    );
     let back = DeviceAdvDmd::resume(&dev, teacher, config, opts, &device_file, false).unwrap();
     back.save(&base.join("again.safetensors")).unwrap();
     assert!(
@@ -388,6 +392,81 @@ fn a_device_checkpoint_is_the_cpu_trainers_format() {
         read(device_file) == saved,
         "a refused save changed the file"
     );
+}
+
+/// A run started from a checkpoint file streams it to the device one tensor at a time (read once
+/// for the teacher, generator and fake score; no host copy of the model): it starts exactly as
+/// the CPU trainer's run of the same teacher (their checkpoints at iteration 0, byte for byte),
+/// its EMA model streamed back from the device holds the file's values, and a teacher holding a
+/// NaN is refused, naming the tensor.
+#[test]
+fn a_run_streams_its_teacher_from_the_file() {
+    let base = ScratchDir::new("streamed-teacher");
+    let teacher = common::tiny_shapes_model(1, true);
+    let (model, file) = (&teacher.mmdit, base.join("teacher.safetensors"));
+    save_mmdit(
+        &model.params,
+        &model.config,
+        Layout::Original,
+        &file,
+        StoredDType::F32,
+    )
+    .unwrap();
+    let config = AdvDmdConfig {
+        prompts: 1,
+        group: 2,
+        steps_per_sample: 2,
+        ..Default::default()
+    };
+    let (dev, opts) = (KernelDevice::emulator(), DeviceRunOptions::default());
+    let ckpt = MmditCheckpoint::open(&file).unwrap();
+    let streamed =
+        DeviceAdvDmd::new(&dev, (&ckpt.config, &ckpt.finite()), config.clone(), opts).unwrap();
+    streamed.save(&base.join("streamed.safetensors")).unwrap();
+    let mut poisoned = model.params.duplicate();
+    let host = DeviceAdvDmd::from_host(
+        &dev,
+        &AdvDmd::new(common::tiny_shapes_model(1, true), config.clone()),
+        opts,
+    );
+    host.unwrap().save(&base.join("host.safetensors")).unwrap();
+    assert!(
+        read(base.join("streamed.safetensors")) == read(base.join("host.safetensors")),
+        "a run streamed from the file starts otherwise than the CPU trainer's"
+    );
+
+    let export = base.join("export.safetensors");
+    let layout = Layout::Original;
+    save_mmdit(
+        &streamed.ema_model(),
+        &ckpt.config,
+        layout,
+        &export,
+        StoredDType::F32,
+    )
+    .unwrap();
+    let exported = MmditCheckpoint::open(&export).unwrap();
+    for name in ckpt.config.param_shapes().keys() {
+        let (a, b) = (exported.load(name).unwrap(), ckpt.load(name).unwrap());
+        assert!(
+            a.f32s() == b.f32s(),
+            "the EMA model at iteration 0 differs in {name}"
+        );
+    }
+
+    let name = "joint_blocks.0.x_block.mlp.fc1.weight";
+    let mut values = poisoned.param(name).value().to_vec();
+    values[3] = f32::NAN;
+    let shape = poisoned.param(name).value().shape().to_vec();
+    poisoned.insert(name, Tensor::from_vec(values, &shape));
+    let bad = base.join("bad.safetensors");
+    save_mmdit(&poisoned, &model.config, layout, &bad, StoredDType::F32).unwrap();
+    let ckpt = MmditCheckpoint::open(&bad).unwrap();
+    let err = DeviceAdvDmd::new(&dev, (&ckpt.config, &ckpt.finite()), config, opts)
+        .err()
+        .expect("a NaN teacher was accepted")
+        .to_string();
+    assert!(err.contains(name), "{err}");
 }
 
 /// tools/precompute.py's shard writer and the reader agree: shapes, dtypes (f16 widened), values,

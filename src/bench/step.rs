@@ -309,7 +309,8 @@ mod device {
                     .with("the emulated device's state", state)
                     .check("bench step --device emu")?;
             }
-            let run = DeviceAdvDmd::new(dev, &spec.random_model(0), config, opts)?;
+            let teacher = spec.random_model(0);
+            let run = DeviceAdvDmd::new(dev, (&teacher.config, &teacher.params), config, opts)?;
             let cond = |rows, seed| {
                 let r = spec.random_inputs(rows, seed);
                 (

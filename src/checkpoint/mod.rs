@@ -7,6 +7,7 @@ use crate::tensor::{numel, DType, StoredDType, Tensor};
 use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 use safetensors::SafeTensors;
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
@@ -180,12 +181,12 @@ pub fn check_finite(path: &Path, key: &str, t: &Tensor) -> Result<()> {
 
 /// A tensor to be written: its name, shape and stored dtype are known up front (for the header),
 /// its values are produced only when the writer reaches it, so a model is streamed to disk one
-/// tensor at a time.
+/// tensor at a time. A producer that fails (a read, a download, a NaN check) fails the write.
 pub struct PendingTensor<'a> {
     pub name: String,
     pub shape: Vec<usize>,
     pub dtype: StoredDType,
-    pub produce: Box<dyn Fn() -> Tensor + 'a>,
+    pub produce: Box<dyn Fn() -> Result<Tensor> + 'a>,
 }
 
 impl<'a> PendingTensor<'a> {
@@ -199,7 +200,7 @@ impl<'a> PendingTensor<'a> {
             name: name.into(),
             shape: t.shape().to_vec(),
             dtype,
-            produce: Box::new(move || t.clone()),
+            produce: Box::new(move || Ok(t.clone())),
         }
     }
 }
@@ -226,25 +227,49 @@ fn safetensors_dtype(d: StoredDType) -> Dtype {
     }
 }
 
-impl safetensors::View for &PendingTensor<'_> {
+/// A pending tensor as the safetensors writer sees it: the writer wants bytes and cannot take an
+/// error, so the first failure is kept in `failure` (zeros written in its place, and no producer
+/// runs after it) and [`write_safetensors`] returns it once the writer is done.
+struct Producing<'a, 'b> {
+    tensor: &'b PendingTensor<'a>,
+    failure: &'b RefCell<Option<Error>>,
+    path: &'b Path,
+}
+
+impl Producing<'_, '_> {
+    fn produce(&self) -> Result<Vec<u8>> {
+        let t = (self.tensor.produce)()?;
+        if t.shape() != self.tensor.shape.as_slice() {
+            return Err(Error::Invalid(format!(
+                "{}: tensor `{}` came out {:?}, declared {:?}",
+                self.path.display(),
+                self.tensor.name,
+                t.shape(),
+                self.tensor.shape
+            )));
+        }
+        Ok(encode(&t, self.tensor.dtype))
+    }
+}
+
+impl safetensors::View for &Producing<'_, '_> {
     fn dtype(&self) -> Dtype {
-        safetensors_dtype(self.dtype)
+        safetensors_dtype(self.tensor.dtype)
     }
     fn shape(&self) -> &[usize] {
-        &self.shape
+        &self.tensor.shape
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        let t = (self.produce)();
-        assert_eq!(
-            t.shape(),
-            self.shape.as_slice(),
-            "tensor `{}` produced a different shape than declared",
-            self.name
-        );
-        Cow::Owned(encode(&t, self.dtype))
+        if self.failure.borrow().is_none() {
+            match self.produce() {
+                Ok(bytes) => return Cow::Owned(bytes),
+                Err(e) => *self.failure.borrow_mut() = Some(e),
+            }
+        }
+        Cow::Owned(vec![0; self.data_len()])
     }
     fn data_len(&self) -> usize {
-        numel(&self.shape) * self.dtype.size_in_bytes()
+        numel(&self.tensor.shape) * self.tensor.dtype.size_in_bytes()
     }
 }
 
@@ -262,32 +287,30 @@ pub fn save_safetensors(
 }
 
 /// Streams tensors into a safetensors file atomically: a temporary file in the same folder is
-/// written tensor by tensor, synced, then renamed over `path`.
+/// written tensor by tensor, synced, then renamed over `path`. A producer's error (or a tensor
+/// of another shape than declared) fails the write and leaves the file on disk as it was.
 pub fn write_safetensors(
     path: &Path,
     tensors: &[PendingTensor],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
-    write_safetensors_verified(path, tensors, metadata, || Ok(()))
-}
-
-/// [`write_safetensors`], with `verify` asked once every tensor is written and before the
-/// rename: an error there (a value the producers found wrong, a read that failed) leaves the
-/// file on disk as it was.
-pub fn write_safetensors_verified(
-    path: &Path,
-    tensors: &[PendingTensor],
-    metadata: Option<HashMap<String, String>>,
-    verify: impl FnOnce() -> Result<()>,
-) -> Result<()> {
     let tmp = temp_path(path)?;
-    let views = tensors.iter().map(|t| (t.name.as_str(), t));
+    let failure = RefCell::new(None);
+    let producing: Vec<Producing> = tensors
+        .iter()
+        .map(|tensor| Producing {
+            tensor,
+            failure: &failure,
+            path,
+        })
+        .collect();
+    let views = producing.iter().map(|p| (p.tensor.name.as_str(), p));
     let result = safetensors::serialize_to_file(views, metadata, &tmp)
         .map_err(|e| Error::Safetensors {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })
-        .and_then(|()| verify())
+        .and_then(|()| failure.take().map_or(Ok(()), Err))
         .and_then(|()| {
             File::open(&tmp)
                 .and_then(|f| f.sync_all())

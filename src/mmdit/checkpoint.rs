@@ -12,6 +12,7 @@ use crate::checkpoint::{write_atomic, write_safetensors, PendingTensor, Safetens
 use crate::error::{Error, Result};
 use crate::kernels::shape::{concat, split};
 use crate::nn::ParamMap;
+pub use crate::nn::ParamSource;
 use crate::tensor::{StoredDType, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -282,6 +283,12 @@ impl MmditCheckpoint {
         Ok(t)
     }
 
+    /// The parameters as a [`ParamSource`] that refuses a NaN or an infinity (naming the stored
+    /// tensor), as [`Self::load_params`]: what a run that starts from this checkpoint streams.
+    pub fn finite(&self) -> FiniteParams<'_> {
+        FiniteParams(self)
+    }
+
     /// Loads every parameter, one tensor at a time, refusing a NaN or an infinity in any.
     /// `pos_embed` is a fixed buffer: frozen.
     pub fn load_params(&self) -> Result<ParamMap> {
@@ -428,23 +435,19 @@ pub fn diffusers_part(t: &Tensor, part: &Part) -> Tensor {
     }
 }
 
-/// Where tensors for saving come from: an opened checkpoint or a model in memory.
-pub trait ParamSource {
-    /// Parameter `name` (original name), f32.
-    fn param(&self, name: &str) -> Tensor;
-}
+/// [`MmditCheckpoint::finite`].
+pub struct FiniteParams<'a>(&'a MmditCheckpoint);
 
-impl ParamSource for MmditCheckpoint {
-    fn param(&self, name: &str) -> Tensor {
-        // Presence, shapes and dtypes were validated when the checkpoint was opened.
-        self.load(name)
-            .unwrap_or_else(|e| panic!("validated tensor failed to load: {e}"))
+impl ParamSource for FiniteParams<'_> {
+    fn param(&self, name: &str) -> Result<Tensor> {
+        self.0.load_checked(name, true)
     }
 }
 
-impl ParamSource for ParamMap {
-    fn param(&self, name: &str) -> Tensor {
-        self.param(name).value()
+impl ParamSource for MmditCheckpoint {
+    /// The values as stored (a conversion copies them, NaN or not).
+    fn param(&self, name: &str) -> Result<Tensor> {
+        self.load(name)
     }
 }
 
@@ -491,7 +494,7 @@ pub fn save_mmdit(
                         name: key,
                         shape,
                         dtype,
-                        produce: Box::new(move || diffusers_part(&source.param(name), &part)),
+                        produce: Box::new(move || Ok(diffusers_part(&source.param(name)?, &part))),
                     });
                 }
             }

@@ -17,6 +17,7 @@ use super::model::Mmdit;
 use crate::device::kernel::{
     DevBuf, DevView, EpilogueKind, GemmSpec, KernelDevice, KernelError, KernelResult,
 };
+use crate::error::Result;
 use crate::kernels::adaln::dev as adaln;
 use crate::kernels::attention::dev::{self as attn, AttnDims};
 use crate::kernels::elementwise::dev as ew;
@@ -28,6 +29,7 @@ use crate::kernels::qknorm::dev as qknorm;
 use crate::kernels::shape::dev::{self as layout, Cols, PosCrop};
 use crate::nn::device::DeviceParams;
 use crate::nn::timestep_features;
+use crate::nn::ParamSource;
 use crate::ops::norm::LN_EPS;
 use crate::tensor::Tensor;
 
@@ -432,6 +434,38 @@ impl DeviceMmdit {
             dev: self.dev.clone(),
             params: self.params.frozen_copy()?,
         })
+    }
+
+    /// Zeroed parameters for the model `config` describes, their values next from
+    /// [`DeviceParams::fill`]: trainable (masters and gradients; `trained(name)` says which
+    /// tensors the optimizer steps) or frozen (the bf16 weights only).
+    pub fn allocate(
+        dev: &KernelDevice,
+        config: &MmditConfig,
+        trainable: bool,
+        trained: impl Fn(&str) -> bool,
+    ) -> KernelResult<DeviceMmdit> {
+        let layout = config.param_shapes().into_iter().map(|(name, shape)| {
+            let t = trainable && trained(&name);
+            (name, shape, t)
+        });
+        Ok(DeviceMmdit {
+            config: config.clone(),
+            dev: dev.clone(),
+            params: DeviceParams::allocate(dev, layout, trainable)?,
+        })
+    }
+
+    /// [`Self::frozen`] of the model `config` describes, read from `source` one tensor at a time
+    /// (a checkpoint of any size: the host holds one tensor, not the model).
+    pub fn frozen_from(
+        dev: &KernelDevice,
+        config: &MmditConfig,
+        source: &dyn ParamSource,
+    ) -> Result<DeviceMmdit> {
+        let model = Self::allocate(dev, config, false, |_| false)?;
+        DeviceParams::fill(&[&model.params], |name| source.param(name))?;
+        Ok(model)
     }
 
     fn upload(dev: &KernelDevice, model: &Mmdit, trainable: bool) -> KernelResult<DeviceMmdit> {

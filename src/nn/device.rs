@@ -70,49 +70,57 @@ impl DeviceParams {
         params: &ParamMap,
         trainable: bool,
     ) -> KernelResult<DeviceParams> {
-        let mut tensors: Vec<(String, Tensor, bool)> = params
+        let layout = params
             .iter()
-            .map(|(name, p)| (name.clone(), p.value(), p.trainable()))
-            .collect();
-        let group = |t: &Tensor, trainable: bool| match (trainable, t.rank() >= 2) {
+            .map(|(name, p)| (name.clone(), p.value().shape().to_vec(), p.trainable()));
+        let up = Self::allocate(dev, layout, trainable)?;
+        Self::fill(&[&up], |name| KernelResult::Ok(params.param(name).value()))?;
+        Ok(up)
+    }
+
+    /// Zeroed buffers for the parameters `(name, shape, trained)` in the layout the AdamW kernel
+    /// wants: masters, bf16 copy and gradients when `trainable`, else the bf16 copy only. Their
+    /// values come next, from [`Self::fill`].
+    pub fn allocate(
+        dev: &KernelDevice,
+        layout: impl IntoIterator<Item = (String, Vec<usize>, bool)>,
+        trainable: bool,
+    ) -> KernelResult<DeviceParams> {
+        let mut tensors: Vec<(String, Vec<usize>, bool)> = layout.into_iter().collect();
+        let group = |shape: &[usize], trained: bool| match (trained, shape.len() >= 2) {
             (true, true) => 0,
             (true, false) => 1,
             (false, _) => 2,
         };
-        tensors.sort_by_key(|(name, t, tr)| (group(t, *tr), name.clone()));
+        tensors.sort_by_key(|(name, shape, tr)| (group(shape, *tr), name.clone()));
         let mut slots = BTreeMap::new();
         let (mut total, mut n_decay, mut n_trainable) = (0usize, 0usize, 0usize);
-        for (name, t, tr) in &tensors {
-            let g = group(t, *tr);
-            slots.insert(
-                name.clone(),
-                Slot {
-                    offset: total,
-                    shape: t.shape().to_vec(),
-                    trainable: *tr,
-                },
-            );
-            total += t.numel().div_ceil(ALIGN) * ALIGN;
+        for (name, shape, tr) in tensors {
+            let (g, offset) = (group(&shape, tr), total);
+            total += shape.iter().product::<usize>().div_ceil(ALIGN) * ALIGN;
             if g == 0 {
                 n_decay = total;
             }
             if g <= 1 {
                 n_trainable = total;
             }
+            let slot = Slot {
+                offset,
+                shape,
+                trainable: tr,
+            };
+            slots.insert(name, slot);
         }
         let n_decay = n_decay.min(n_trainable);
-        let mut host = vec![0f32; total.max(1)];
-        for (name, t, _) in &tensors {
-            let s = &slots[name];
-            host[s.offset..s.offset + s.numel()].copy_from_slice(t.f32s());
-        }
+        let len = total.max(1);
         let (master, weights, grads) = if trainable {
-            let master = dev.upload(&host)?;
-            let weights = ew::cast_f32_to_bf16(dev, &master)?;
-            (master, weights, Arc::new(dev.zeros::<f32>(host.len())?))
+            (
+                dev.zeros::<f32>(len)?,
+                dev.zeros::<bf16>(len)?,
+                dev.zeros::<f32>(len)?,
+            )
         } else {
-            let bf = crate::device::kernel::bf16_of(&host);
-            (dev.alloc(0)?, dev.upload(&bf)?, Arc::new(dev.alloc(0)?))
+            (dev.alloc(0)?, dev.zeros::<bf16>(len)?, dev.alloc(0)?)
         };
         Ok(DeviceParams {
             dev: dev.clone(),
@@ -121,9 +129,65 @@ impl DeviceParams {
             n_trainable,
             master,
             weights,
-            grads,
+            grads: Arc::new(grads),
             unwritten: Default::default(),
         })
+    }
+
+    /// Writes every parameter's value, read from `load` one tensor at a time, into each of
+    /// `targets` (allocated for the same names by [`Self::allocate`], trainable or frozen, in
+    /// any layout): the host holds one tensor, never a model, and a tensor read once starts
+    /// several models (the AdvDMD teacher, generator and fake score). A trainable target's bf16
+    /// copy is made from its masters at the end.
+    pub fn fill<E: From<KernelError>>(
+        targets: &[&DeviceParams],
+        mut load: impl FnMut(&str) -> Result<Tensor, E>,
+    ) -> Result<(), E> {
+        let Some(first) = targets.first() else {
+            return Ok(());
+        };
+        if targets.iter().any(|t| {
+            t.slots.len() != first.slots.len()
+                || t.slots
+                    .iter()
+                    .zip(&first.slots)
+                    .any(|(a, b)| a.0 != b.0 || a.1.shape != b.1.shape)
+        }) {
+            return Err(
+                invalid("uploads filled together must hold the same parameters".into()).into(),
+            );
+        }
+        for (name, slot) in &first.slots {
+            let t = load(name)?;
+            if t.shape() != slot.shape.as_slice() {
+                return Err(invalid(format!(
+                    "parameter `{name}`: {:?}, the model wants {:?}",
+                    t.shape(),
+                    slot.shape
+                ))
+                .into());
+            }
+            let values = t.f32s();
+            let narrow = targets
+                .iter()
+                .any(|t| !t.is_trainable())
+                .then(|| crate::device::kernel::bf16_of(values));
+            for target in targets {
+                let s = &target.slots[name];
+                match &narrow {
+                    Some(b) if !target.is_trainable() => target
+                        .dev
+                        .copy_to_device(b, &*target.weights.view(s.offset, s.numel())?)?,
+                    _ => target
+                        .dev
+                        .copy_to_device(values, &*target.master.view(s.offset, s.numel())?)?,
+                }
+            }
+        }
+        for target in targets.iter().filter(|t| t.is_trainable()) {
+            target.refresh_weights()?;
+        }
+        Ok(())
     }
 
     /// Whether there are masters and gradients (a trainable upload).

@@ -5,9 +5,26 @@
 pub mod device;
 
 use crate::autograd::{Param, Var};
+use crate::error::{Error, Result};
 use crate::ops::linear;
 use crate::tensor::Tensor;
 use std::collections::BTreeMap;
+
+/// Where a model's tensors come from, one at a time: an opened checkpoint, a model in memory, a
+/// device run's weights. Saving (`mmdit::save_mmdit`) and uploading
+/// ([`device::DeviceParams::fill`]) stream from it, so the host holds one tensor, not a model.
+pub trait ParamSource {
+    /// Parameter `name` (its checkpoint name), f32.
+    fn param(&self, name: &str) -> Result<Tensor>;
+}
+
+impl ParamSource for ParamMap {
+    fn param(&self, name: &str) -> Result<Tensor> {
+        self.get(name)
+            .map(|p| p.value())
+            .ok_or_else(|| Error::Invalid(format!("the model has no parameter `{name}`")))
+    }
+}
 
 /// Named parameters of a model, in name order.
 #[derive(Clone, Default)]

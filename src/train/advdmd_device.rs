@@ -36,7 +36,7 @@ use super::disc_head::DiscHead;
 use super::rollout::few_step_sigmas;
 use super::shapes_model::ShapesModel;
 use super::state::{state_record, StateFile};
-use crate::checkpoint::{check_finite, write_safetensors_verified, PendingTensor};
+use crate::checkpoint::{check_finite, write_safetensors, PendingTensor};
 use crate::data::latents::{EpochOrder, LatentData};
 use crate::device::kernel::{DevBuf, DeviceGraph, KernelDevice, KernelError, KernelResult, Later};
 use crate::error::{Error, Result};
@@ -50,13 +50,13 @@ use crate::kernels::sde::dev::{
 };
 use crate::kernels::shape::dev::select_block_f32;
 use crate::mmdit::device::{DeviceInputs, DeviceMmdit, Keep, Saved};
-use crate::mmdit::Mmdit;
-use crate::nn::device::DeviceParams;
+use crate::mmdit::MmditConfig;
+use crate::nn::device::{DeviceParams, Slot};
+use crate::nn::ParamSource;
 use crate::optim::device::{DeviceAdamW, FlatParams};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::tensor::StoredDType;
 use crate::tensor::{Rng, Tensor};
-use std::cell::RefCell;
 
 /// Context `[B, L, ctx_dim]` and pooled `[B, pooled_dim]` of B rows (host).
 #[derive(Clone, Debug)]
@@ -757,10 +757,15 @@ impl DeviceAdvDmd {
         host: &AdvDmd,
         opts: DeviceRunOptions,
     ) -> Result<DeviceAdvDmd> {
+        let models = (
+            DeviceMmdit::frozen(dev, &host.teacher.mmdit)?,
+            DeviceMmdit::new(dev, &host.generator.mmdit)?,
+            DeviceMmdit::new(dev, &host.fake.mmdit)?,
+        );
         let mut run = Self::build(
             dev,
             host.config.clone(),
-            (&host.teacher.mmdit, &host.generator.mmdit, &host.fake.mmdit),
+            models,
             &host.head,
             opts,
             host.rng.clone(),
@@ -869,7 +874,6 @@ impl DeviceAdvDmd {
     /// a whole model (its frozen tensors are the generator's). A NaN or an infinity anywhere
     /// leaves the file on disk as it was.
     pub fn save(&self, path: &std::path::Path) -> Result<()> {
-        let failure: RefCell<Option<Error>> = RefCell::new(None);
         let mut sources: Vec<(String, Vec<usize>, StateSource)> = Vec::new();
         for (prefix, p) in self.weight_groups() {
             for (name, slot) in p.slots() {
@@ -878,12 +882,7 @@ impl DeviceAdvDmd {
             }
         }
         for (name, slot) in self.generator.slots() {
-            let buffer = if slot.trainable {
-                &self.ema
-            } else {
-                &self.generator.master
-            };
-            let src = StateSource::F32(buffer, slot.offset);
+            let src = StateSource::F32(self.ema_buffer(slot), slot.offset);
             sources.push((format!("ema.{name}"), slot.shape.clone(), src));
         }
         if let Some(b) = &self.frozen_backbone {
@@ -907,7 +906,6 @@ impl DeviceAdvDmd {
             steps.insert(prefix.to_string(), parts[0].0.step.into());
             counts.insert(prefix.to_string(), count.into());
         }
-        let failure = &failure;
         let pending: Vec<PendingTensor> = sources
             .into_iter()
             .map(|(name, shape, src)| PendingTensor {
@@ -915,15 +913,10 @@ impl DeviceAdvDmd {
                 shape: shape.clone(),
                 dtype: StoredDType::F32,
                 produce: Box::new(move || {
-                    let t = src
-                        .read(&self.dev, shape.iter().product())
-                        .map_err(Error::from)
-                        .map(|v| Tensor::from_vec(v, &shape))
-                        .and_then(|t| check_finite(path, &name, &t).map(|()| t));
-                    t.unwrap_or_else(|e| {
-                        failure.borrow_mut().get_or_insert(e);
-                        Tensor::zeros(&shape)
-                    })
+                    let v = src.read(&self.dev, shape.iter().product())?;
+                    let t = Tensor::from_vec(v, &shape);
+                    check_finite(path, &name, &t)?;
+                    Ok(t)
                 }),
             })
             .collect();
@@ -938,13 +931,10 @@ impl DeviceAdvDmd {
             meta["run"] = run.clone();
         }
         let record = state_record(meta, steps, counts);
-        write_safetensors_verified(path, &pending, Some(record), || {
-            match failure.borrow_mut().take() {
-                None => Ok(()),
-                Some(e) => Err(Error::Invalid(format!(
-                    "not saved: {e}; the file on disk is left as it was"
-                ))),
-            }
+        write_safetensors(path, &pending, Some(record)).map_err(|e| {
+            Error::Invalid(format!(
+                "not saved: {e}; the file on disk is left as it was"
+            ))
         })
     }
 
@@ -973,11 +963,12 @@ impl DeviceAdvDmd {
     }
 
     /// Continues (`fork` false) or forks ([`AdvDmd::fork`]'s rules) the run saved in `path`
-    /// by [`Self::save`] (or `AdvDmd::save`) from the frozen `teacher` it distils: a fresh run
-    /// whose state is then read from the file one tensor at a time.
+    /// by [`Self::save`] (or `AdvDmd::save`) from the frozen teacher it distils (`teacher`
+    /// describes it, `weights` holds it): a fresh run whose state is then read from the file one
+    /// tensor at a time.
     pub fn resume(
         dev: &KernelDevice,
-        teacher: &Mmdit,
+        (teacher, weights): (&MmditConfig, &dyn ParamSource),
         config: AdvDmdConfig,
         opts: DeviceRunOptions,
         path: &std::path::Path,
@@ -985,7 +976,7 @@ impl DeviceAdvDmd {
     ) -> Result<DeviceAdvDmd> {
         let f = StateFile::open(path)?;
         check_checkpoint(&f, &config, fork)?;
-        let mut run = Self::new(dev, teacher, config, opts)?;
+        let mut run = Self::new(dev, (teacher, weights), config, opts)?;
         for (prefix, p) in run.weight_groups() {
             for (name, slot) in p.slots() {
                 let t = f.load_f32(&format!("{prefix}{name}"), &slot.shape)?;
@@ -1028,30 +1019,33 @@ impl DeviceAdvDmd {
         Ok(run)
     }
 
-    /// A fresh run: generator and fake score start as the teacher (`teacher`'s trainable flags
-    /// say which tensors train; `pos_embed` never does), a fresh head from `config.seed`.
+    /// A fresh run of the teacher `teacher` describes and `weights` holds: generator and fake
+    /// score start as the teacher (every tensor trains but `pos_embed`), a fresh head from
+    /// `config.seed`. The weights stream from `weights` one tensor at a time, each read once
+    /// for all three models: a checkpoint teacher of any size starts without a host copy.
     pub fn new(
         dev: &KernelDevice,
-        teacher: &Mmdit,
+        (teacher, weights): (&MmditConfig, &dyn ParamSource),
         config: AdvDmdConfig,
         opts: DeviceRunOptions,
     ) -> Result<DeviceAdvDmd> {
         let mut rng = Rng::new(config.seed);
-        let head = DiscHead::init(teacher.config.hidden, &mut rng);
-        let trainable_copy = || {
-            let p = teacher.params.duplicate();
-            p.set_trainable(true);
-            p.param("pos_embed").set_trainable(false);
-            Mmdit::new(teacher.config.clone(), p)
-        };
-        let (generator, fake) = (trainable_copy(), trainable_copy());
-        Self::build(dev, config, (teacher, &generator, &fake), &head, opts, rng)
+        let head = DiscHead::init(teacher.hidden, &mut rng);
+        let trained = |name: &str| name != "pos_embed";
+        let models = (
+            DeviceMmdit::allocate(dev, teacher, false, trained)?,
+            DeviceMmdit::allocate(dev, teacher, true, trained)?,
+            DeviceMmdit::allocate(dev, teacher, true, trained)?,
+        );
+        let targets = [&models.0.params, &models.1.params, &models.2.params];
+        DeviceParams::fill(&targets, |name| weights.param(name))?;
+        Self::build(dev, config, models, &head, opts, rng)
     }
 
     fn build(
         dev: &KernelDevice,
         config: AdvDmdConfig,
-        (teacher, generator, fake): (&Mmdit, &Mmdit, &Mmdit),
+        (teacher, generator, mut fake): (DeviceMmdit, DeviceMmdit, DeviceMmdit),
         head: &DiscHead,
         opts: DeviceRunOptions,
         rng: Rng,
@@ -1062,8 +1056,6 @@ impl DeviceAdvDmd {
                 "device AdvDMD: the differentiated forwards must keep activations".into(),
             ));
         }
-        let generator = DeviceMmdit::new(dev, generator)?;
-        let mut fake = DeviceMmdit::new(dev, fake)?;
         // the critic's backward and step finish before the generator's backward starts
         fake.params.share_grads_with(&generator)?;
         let head = DeviceDiscHead::new(dev, head, true)?;
@@ -1086,7 +1078,7 @@ impl DeviceAdvDmd {
         )?;
         Ok(DeviceAdvDmd {
             feature_block: teacher.config.depth / 2,
-            teacher: DeviceMmdit::frozen(dev, teacher)?,
+            teacher,
             opt_generator: adam(&generator, config.lr_generator, 0x6e6e_0001)?,
             opt_fake: adam(&fake, config.lr_fake, 0x6e6e_0002)?,
             opt_head: adam(&head.params, config.lr_fake, 0x6e6e_0003)?,
@@ -1681,18 +1673,40 @@ impl DeviceAdvDmd {
 
     /// The generator's EMA weights as named host tensors (its trainable tensors).
     pub fn ema_named(&self) -> KernelResult<Vec<(String, Tensor)>> {
-        let full = self.dev.zeros::<f32>(self.generator.master.len())?;
-        crate::kernels::shape::dev::accumulate_f32(
-            &self.dev,
-            &*full.view(0, self.ema.len())?,
-            &self.ema,
-        )?;
-        let named = self.generator.download_named(&full)?;
-        let slots = self.generator.slots();
-        Ok(named
-            .into_iter()
-            .filter(|(name, _)| slots.get(name).is_some_and(|s| s.trainable))
-            .collect())
+        let trained = self.generator.slots().iter().filter(|(_, s)| s.trainable);
+        trained
+            .map(|(name, slot)| Ok((name.clone(), self.ema_tensor(slot)?)))
+            .collect()
+    }
+
+    /// The EMA generator as a model ([`ParamSource`], one tensor downloaded at a time): what
+    /// the checkpoint's `ema.` group holds and a checkpoint teacher's run exports.
+    pub fn ema_model(&self) -> EmaModel<'_> {
+        EmaModel(self)
+    }
+
+    /// Where the EMA model's tensor in `slot` (of the generator's layout) is: a trained tensor
+    /// in the EMA, a frozen one (the teacher's, never stepped) in the generator's masters.
+    fn ema_buffer(&self, slot: &Slot) -> &DevBuf<f32> {
+        if slot.trainable {
+            &self.ema
+        } else {
+            &self.generator.master
+        }
+    }
+
+    fn ema_tensor(&self, slot: &Slot) -> KernelResult<Tensor> {
+        let view = self.ema_buffer(slot).view(slot.offset, slot.numel())?;
+        Ok(Tensor::from_vec(self.dev.download(&*view)?, &slot.shape))
+    }
+}
+
+/// [`DeviceAdvDmd::ema_model`].
+pub struct EmaModel<'a>(&'a DeviceAdvDmd);
+
+impl ParamSource for EmaModel<'_> {
+    fn param(&self, name: &str) -> Result<Tensor> {
+        Ok(self.0.ema_tensor(self.0.generator.slot(name)?)?)
     }
 }
 

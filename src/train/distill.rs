@@ -11,12 +11,13 @@ use super::advdmd_device::{
 };
 use super::shapes_model::{sample_images, Sampler, ShapesModel};
 use crate::data::latents::{EpochOrder, LatentData};
-use crate::device::host_memory::{product, Footprint};
+use crate::device::host_memory::Footprint;
 use crate::device::kernel::KernelDevice;
 use crate::error::{Error, Result};
 use crate::eval::image::to_u8;
 use crate::eval::{evaluate_images, evaluation_prompts, EvalReport};
-use crate::mmdit::{save_mmdit, Layout, Mmdit, MmditCheckpoint};
+use crate::mmdit::{save_mmdit, Layout, MmditCheckpoint};
+use crate::nn::ParamSource;
 use crate::tensor::Rng;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -334,19 +335,14 @@ pub fn distill_latents(
     let data = LatentData::open(data)?;
     data.check_model(&ckpt_in.config)?;
     let config = ckpt_in.config.clone();
-    let params = config.param_count() as u64;
-    let emulated = if dev.is_emulator() {
-        run.config.device_state_bytes(&config, opts.bf16_moments)
-    } else {
-        0
-    };
-    Footprint::new()
-        .with(
-            "the teacher and the generator's and fake score's starting copies (f32, host)",
-            product(&[params, 3, 4]),
-        )
-        .with("the emulated device's state", emulated)
-        .check("distill")?;
+    // the teacher streams from its file to the device one tensor at a time: on a GPU the host
+    // holds a tensor, on the emulator the device's state is host memory
+    if dev.is_emulator() {
+        let emulated = run.config.device_state_bytes(&config, opts.bf16_moments);
+        Footprint::new()
+            .with("the emulated device's state", emulated)
+            .check("distill")?;
+    }
     crate::checkpoint::create_out_dir(out)?;
     let ckpt = out.join("checkpoint.safetensors");
     let source = source_checkpoint(out, start)?;
@@ -355,14 +351,13 @@ pub fn distill_latents(
         "data": data.describe(),
     });
     let mut device = {
-        let teacher = Mmdit::new(config.clone(), ckpt_in.load_params()?);
-        teacher.params.set_trainable(false);
+        let teacher = (&config, &ckpt_in.finite() as &dyn ParamSource);
         let c = run.config.clone();
         match &source {
-            None => DeviceAdvDmd::new(dev, &teacher, c, *opts)?,
+            None => DeviceAdvDmd::new(dev, teacher, c, *opts)?,
             Some(src) => {
                 let fork = matches!(start, Start::ForkFrom(_));
-                let d = DeviceAdvDmd::resume(dev, &teacher, c, *opts, src, fork)?;
+                let d = DeviceAdvDmd::resume(dev, teacher, c, *opts, src, fork)?;
                 if d.run_record.as_ref() != Some(&record) {
                     return Err(Error::Invalid(format!(
                         "{}: its run distilled another teacher or on other data: {} (now {record}); \
@@ -399,34 +394,22 @@ pub fn distill_latents(
     Ok(device.iteration)
 }
 
-/// The EMA generator of a checkpoint teacher's run as a model: `dir` in the teacher's layout
-/// (the original one as `dir/transformer.safetensors`) and main dtype, with `advdmd.json`: its
-/// K-step schedule, the iterations and the configuration it came from.
+/// The EMA generator of a checkpoint teacher's run as a model, streamed from the device one
+/// tensor at a time: `dir` in the teacher's layout (the original one as
+/// `dir/transformer.safetensors`) and main dtype, with `advdmd.json`: its K-step schedule, the
+/// iterations and the configuration it came from.
 fn save_distilled_checkpoint(
     run: &DeviceAdvDmd,
     teacher: &MmditCheckpoint,
     dir: &Path,
 ) -> Result<()> {
-    // the trained tensors from the EMA, the frozen ones from the generator (the teacher's)
-    let mut weights = crate::nn::ParamMap::new();
-    for (name, t) in run.ema_named()? {
-        weights.insert(name, t);
-    }
-    for (name, slot) in run.generator.slots().iter().filter(|(_, s)| !s.trainable) {
-        let view = run.generator.master.view(slot.offset, slot.numel())?;
-        let values = run.dev.download(&*view)?;
-        weights.insert(
-            name.clone(),
-            crate::tensor::Tensor::from_vec(values, &slot.shape),
-        );
-    }
     crate::checkpoint::create_out_dir(dir)?;
     let target = match teacher.layout {
         Layout::Original => dir.join("transformer.safetensors"),
         Layout::Diffusers => dir.to_path_buf(),
     };
     save_mmdit(
-        &weights,
+        &run.ema_model(),
         &teacher.config,
         teacher.layout,
         &target,
