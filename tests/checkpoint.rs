@@ -140,6 +140,41 @@ fn failed_save_leaves_nothing_behind() {
     assert!(!target.exists());
 }
 
+/// The same tensors and metadata save to the same bytes (the metadata's hash-map order does not
+/// leak into the header), mixed dtypes included, and the safetensors crate reads the file back.
+#[test]
+fn a_save_is_a_function_of_its_contents() {
+    let d = tmpdir("deterministic");
+    let tensors = vec![
+        ("b.weight".to_string(), Tensor::ones(&[3, 2])),
+        (
+            "a \"quoted\"".to_string(),
+            Tensor::zeros(&[5]).to_dtype(DType::BF16),
+        ),
+        ("c".to_string(), Tensor::ones(&[1])),
+    ];
+    let metadata = || -> std::collections::HashMap<String, String> {
+        (0..8)
+            .map(|i| (format!("key{i}"), format!("value \"{i}\"")))
+            .collect()
+    };
+    let files: Vec<Vec<u8>> = (0..4)
+        .map(|i| {
+            let path = d.join(format!("{i}.safetensors"));
+            save_safetensors(&path, &tensors, Some(metadata())).unwrap();
+            std::fs::read(path).unwrap()
+        })
+        .collect();
+    assert!(files.iter().all(|f| f == &files[0]), "two saves differ");
+    let parsed = safetensors::SafeTensors::deserialize(&files[0]).unwrap();
+    assert_eq!(parsed.len(), 3);
+    assert_eq!(parsed.tensor("a \"quoted\"").unwrap().shape(), &[5]);
+    let (_, header) = safetensors::SafeTensors::read_metadata(&files[0]).unwrap();
+    assert_eq!(header.metadata().as_ref().unwrap()["key3"], "value \"3\"");
+    let f = SafetensorsFile::open(d.join("0.safetensors")).unwrap();
+    assert_eq!(f.load("b.weight").unwrap().to_vec(), vec![1.0; 6]);
+}
+
 /// A streamed write whose producer fails (a read, a download), or produces another shape than the
 /// header declared, is an error — not a panic, not a partial file: the file already there stays
 /// as it was, no temporary file is left, and no producer runs after the failure (the writer

@@ -6,8 +6,6 @@ use crate::error::{Error, Result};
 use crate::tensor::{numel, DType, StoredDType, Tensor};
 use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 use safetensors::SafeTensors;
-use std::borrow::Cow;
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
@@ -219,60 +217,6 @@ pub fn encode(t: &Tensor, dtype: StoredDType) -> Vec<u8> {
     }
 }
 
-fn safetensors_dtype(d: StoredDType) -> Dtype {
-    match d {
-        StoredDType::F32 => Dtype::F32,
-        StoredDType::F16 => Dtype::F16,
-        StoredDType::BF16 => Dtype::BF16,
-    }
-}
-
-/// A pending tensor as the safetensors writer sees it: the writer wants bytes and cannot take an
-/// error, so the first failure is kept in `failure` (zeros written in its place, and no producer
-/// runs after it) and [`write_safetensors`] returns it once the writer is done.
-struct Producing<'a, 'b> {
-    tensor: &'b PendingTensor<'a>,
-    failure: &'b RefCell<Option<Error>>,
-    path: &'b Path,
-}
-
-impl Producing<'_, '_> {
-    fn produce(&self) -> Result<Vec<u8>> {
-        let t = (self.tensor.produce)()?;
-        if t.shape() != self.tensor.shape.as_slice() {
-            return Err(Error::Invalid(format!(
-                "{}: tensor `{}` came out {:?}, declared {:?}",
-                self.path.display(),
-                self.tensor.name,
-                t.shape(),
-                self.tensor.shape
-            )));
-        }
-        Ok(encode(&t, self.tensor.dtype))
-    }
-}
-
-impl safetensors::View for &Producing<'_, '_> {
-    fn dtype(&self) -> Dtype {
-        safetensors_dtype(self.tensor.dtype)
-    }
-    fn shape(&self) -> &[usize] {
-        &self.tensor.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        if self.failure.borrow().is_none() {
-            match self.produce() {
-                Ok(bytes) => return Cow::Owned(bytes),
-                Err(e) => *self.failure.borrow_mut() = Some(e),
-            }
-        }
-        Cow::Owned(vec![0; self.data_len()])
-    }
-    fn data_len(&self) -> usize {
-        numel(&self.tensor.shape) * self.tensor.dtype.size_in_bytes()
-    }
-}
-
 /// Writes tensors (in their own dtype) to a safetensors file atomically.
 pub fn save_safetensors(
     path: impl AsRef<Path>,
@@ -288,39 +232,110 @@ pub fn save_safetensors(
 
 /// Streams tensors into a safetensors file atomically: a temporary file in the same folder is
 /// written tensor by tensor, synced, then renamed over `path`. A producer's error (or a tensor
-/// of another shape than declared) fails the write and leaves the file on disk as it was.
+/// of another shape than declared) fails the write and leaves the file on disk as it was; no
+/// producer runs after it. The bytes are a function of the tensors and metadata alone
+/// ([`safetensors_header`]): the same state saves to the same file.
 pub fn write_safetensors(
     path: &Path,
     tensors: &[PendingTensor],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
     let tmp = temp_path(path)?;
-    let failure = RefCell::new(None);
-    let producing: Vec<Producing> = tensors
-        .iter()
-        .map(|tensor| Producing {
-            tensor,
-            failure: &failure,
-            path,
-        })
-        .collect();
-    let views = producing.iter().map(|p| (p.tensor.name.as_str(), p));
-    let result = safetensors::serialize_to_file(views, metadata, &tmp)
-        .map_err(|e| Error::Safetensors {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })
-        .and_then(|()| failure.take().map_or(Ok(()), Err))
-        .and_then(|()| {
-            File::open(&tmp)
-                .and_then(|f| f.sync_all())
-                .and_then(|()| std::fs::rename(&tmp, path))
-                .map_err(|e| Error::io(path, e))
-        });
+    let result = write_tensors(&tmp, path, tensors, metadata.as_ref()).and_then(|()| {
+        File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|e| Error::io(path, e))
+    });
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// The header and then each tensor's bytes, produced one at a time, into `tmp`.
+fn write_tensors(
+    tmp: &Path,
+    path: &Path,
+    tensors: &[PendingTensor],
+    metadata: Option<&HashMap<String, String>>,
+) -> Result<()> {
+    let io = |e| Error::io(path, e);
+    let (header, order) = safetensors_header(path, tensors, metadata)?;
+    let mut out = std::io::BufWriter::new(File::create(tmp).map_err(io)?);
+    out.write_all(&(header.len() as u64).to_le_bytes())
+        .and_then(|()| out.write_all(header.as_bytes()))
+        .map_err(io)?;
+    for t in order {
+        let value = (t.produce)()?;
+        if value.shape() != t.shape.as_slice() {
+            return Err(Error::Invalid(format!(
+                "{}: tensor `{}` came out {:?}, declared {:?}",
+                path.display(),
+                t.name,
+                value.shape(),
+                t.shape
+            )));
+        }
+        out.write_all(&encode(&value, t.dtype)).map_err(io)?;
+    }
+    out.flush().map_err(io)
+}
+
+fn safetensors_dtype_name(d: StoredDType) -> &'static str {
+    match d {
+        StoredDType::F32 => "F32",
+        StoredDType::F16 => "F16",
+        StoredDType::BF16 => "BF16",
+    }
+}
+
+/// The JSON header (padded with spaces to 8 bytes) and the tensors in the order their data
+/// follows it: the safetensors crate's order (the wider dtype first, then by name), the metadata
+/// in key order — so a file's bytes never depend on a hash map's iteration order.
+fn safetensors_header<'a, 'b>(
+    path: &Path,
+    tensors: &'b [PendingTensor<'a>],
+    metadata: Option<&HashMap<String, String>>,
+) -> Result<(String, Vec<&'b PendingTensor<'a>>)> {
+    let rank = |d: StoredDType| match d {
+        StoredDType::F32 => 0,
+        StoredDType::BF16 => 1,
+        StoredDType::F16 => 2,
+    };
+    let mut order: Vec<&PendingTensor> = tensors.iter().collect();
+    order.sort_by(|a, b| (rank(a.dtype), &a.name).cmp(&(rank(b.dtype), &b.name)));
+    if let Some(w) = order.windows(2).find(|w| w[0].name == w[1].name) {
+        return Err(Error::Invalid(format!(
+            "{}: tensor `{}` written twice",
+            path.display(),
+            w[0].name
+        )));
+    }
+    let json = |s: &str| serde_json::Value::from(s).to_string();
+    let mut entries = Vec::new();
+    if let Some(m) = metadata {
+        let sorted: std::collections::BTreeMap<&String, &String> = m.iter().collect();
+        let pairs: Vec<String> = sorted
+            .into_iter()
+            .map(|(k, v)| format!("{}:{}", json(k), json(v)))
+            .collect();
+        entries.push(format!("\"__metadata__\":{{{}}}", pairs.join(",")));
+    }
+    let mut offset = 0;
+    for t in &order {
+        let end = offset + numel(&t.shape) * t.dtype.size_in_bytes();
+        entries.push(format!(
+            "{}:{{\"dtype\":\"{}\",\"shape\":{},\"data_offsets\":[{offset},{end}]}}",
+            json(&t.name),
+            safetensors_dtype_name(t.dtype),
+            serde_json::Value::from(t.shape.clone())
+        ));
+        offset = end;
+    }
+    let mut header = format!("{{{}}}", entries.join(","));
+    header.push_str(&" ".repeat(header.len().next_multiple_of(8) - header.len()));
+    Ok((header, order))
 }
 
 fn temp_path(path: &Path) -> Result<PathBuf> {
