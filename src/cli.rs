@@ -253,7 +253,8 @@ pub fn sample_checkpoint(
     use advdmd::data::latents::LatentData;
     use advdmd::device::kernel::KernelDevice;
     use advdmd::train::checkpoint_sample::{
-        sample_checkpoint_latents, sample_checkpoint_latents_device, SampleDefaults,
+        sample_checkpoint_latents, sample_checkpoint_latents_device, write_latent_samples,
+        SampleDefaults,
     };
     let sampler = Sampler::parse(&opts.sampler).expect("clap checked the sampler");
     let dev = match device {
@@ -346,29 +347,11 @@ pub fn sample_checkpoint(
         }
     };
     bar.finish();
-    let captions: Vec<String> = indices
-        .iter()
-        .map(|&i| data.caption(i).unwrap_or_default().to_string())
-        .collect();
-    let mut manifest = String::new();
-    for (k, (&i, caption)) in indices.iter().zip(&captions).enumerate() {
-        let line = serde_json::json!({
-            "index": k, "sample": i, "caption": caption, "seed": opts.seed.wrapping_add(k as u64),
-            "model": checkpoint.display().to_string(), "steps": steps, "sampler": sampler.name(),
-            "shift": shift, "cfg": cfg, "device": device,
-        });
-        manifest.push_str(&format!("{line}\n"));
-    }
-    let meta = std::collections::HashMap::from([(
-        "advdmd.captions".to_string(),
-        serde_json::to_string(&captions)?,
-    )]);
-    advdmd::checkpoint::save_safetensors(
-        out.join("latents.safetensors"),
-        &[("latents".to_string(), latents)],
-        Some(meta),
-    )?;
-    advdmd::checkpoint::write_atomic(&out.join("manifest.jsonl"), manifest.as_bytes())?;
+    let fields = serde_json::json!({
+        "model": checkpoint.display().to_string(), "steps": steps, "sampler": sampler.name(),
+        "shift": shift, "cfg": cfg, "device": device,
+    });
+    write_latent_samples(out, latents, &data, &indices, opts.seed, &fields)?;
     eprintln!(
         "{} latents, {steps} steps, cfg {cfg}, {} in {:.1} s → {} (images: tools/decode.py)",
         indices.len(),

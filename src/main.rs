@@ -98,6 +98,11 @@ enum Command {
         iterations: u64,
         #[arg(long, default_value_t = 100)]
         checkpoint_every: u64,
+        /// With --data: at each checkpoint the EMA generator samples the data's first N prompts
+        /// (seeds 0..N, its K-step schedule) into OUT/samples/iter-NNNNNNN/ (latents.safetensors
+        /// + manifest.jsonl, for tools/decode.py); 0: none.
+        #[arg(long, default_value_t = 4, requires = "data", value_parser = clap::value_parser!(u64).range(0..=64))]
+        samples: u64,
         /// Generator steps K (1–8).
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=8))]
         steps_per_sample: u64,
@@ -388,6 +393,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             fork_from,
             iterations,
             checkpoint_every,
+            samples,
             steps_per_sample,
             no_rl,
             disc_states,
@@ -444,6 +450,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 iterations,
                 checkpoint_every,
                 device,
+                samples: samples as usize,
             };
             let teacher_dir = teacher.unwrap_or_else(cli::default_teacher);
             let bar = cli::progress_bar(iterations, "distill");

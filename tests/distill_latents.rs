@@ -164,6 +164,30 @@ fn a_checkpoint_teacher_distils_resumes_exactly_and_exports_its_generator() {
         read(whole.join("checkpoint.safetensors")) == read(parts.join("checkpoint.safetensors")),
         "the resumed run's checkpoint differs from the uninterrupted run's"
     );
+    // each checkpoint sampled the EMA generator (4 prompts by default), the resumed run's samples
+    // the same; sampling leaves the run as it was (the same checkpoint without samples)
+    let samples = |run: &Path, it: u64| run.join(format!("samples/iter-{it:07}"));
+    for it in [2, 4] {
+        let manifest = String::from_utf8(read(samples(&whole, it).join("manifest.jsonl"))).unwrap();
+        assert_eq!(manifest.lines().count(), 4, "{manifest}");
+        assert!(
+            manifest.contains("\"caption\":\"caption 0.0\""),
+            "{manifest}"
+        );
+        let file = |run: &Path| read(samples(run, it).join("latents.safetensors"));
+        assert!(
+            file(&whole) == file(&parts),
+            "iteration {it}: the resumed run samples otherwise"
+        );
+    }
+    let quiet = base.join("quiet");
+    let no_samples = [&emu[..], &["--iterations", "4", "--samples", "0"]].concat();
+    succeeded(distill(&teacher, &data, &quiet, &no_samples));
+    assert!(!quiet.join("samples").exists());
+    assert!(
+        read(whole.join("checkpoint.safetensors")) == read(quiet.join("checkpoint.safetensors")),
+        "sampling at the checkpoints changed the run"
+    );
 
     // a resume on other data is refused, the run folder left as it was
     let other = base.join("other");
@@ -227,6 +251,32 @@ fn a_checkpoint_teacher_distils_resumes_exactly_and_exports_its_generator() {
     };
     let (one, four) = (base.join("s1"), base.join("s4"));
     let model_dir = whole.join("model");
+    // the last checkpoint's samples are what `sample` draws from the exported generator
+    let exported = base.join("exported");
+    let o = Command::new(env!("CARGO_BIN_EXE_advdmd"))
+        .args(["sample", "--count", "4", "--device", "emu", "--checkpoint"])
+        .arg(&model_dir)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&exported)
+        .output()
+        .unwrap();
+    succeeded(o);
+    let latents_of = |file: PathBuf| {
+        let f = advdmd::checkpoint::SafetensorsFile::open(file).unwrap();
+        f.load_f32("latents", Some(&[4, config.in_channels, 8, 8]))
+            .unwrap()
+    };
+    let (during, after) = (
+        latents_of(whole.join("samples/iter-0000004/latents.safetensors")),
+        latents_of(exported.join("latents.safetensors")),
+    );
+    assert!(
+        during.f32s() == after.f32s(),
+        "the run's last samples differ from the exported generator's (rel L2 {})",
+        during.rel_l2(&after)
+    );
     sample(&model_dir, &one, &["--batch", "1"]);
     sample(&model_dir, &four, &["--batch", "4"]);
     let latents_in = |dir: &Path| {
@@ -304,6 +354,13 @@ fn checkpoint_teacher_misuse_is_a_clear_error() {
         .output()
         .unwrap();
     failed_with(shapes, "--data DIR");
+    // a Shapes run is evaluated at its end: --samples is for checkpoint teachers' runs
+    let shapes_samples = Command::new(env!("CARGO_BIN_EXE_advdmd"))
+        .args(["distill", "--samples", "2", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    failed_with(shapes_samples, "--data");
     let sde = Command::new(env!("CARGO_BIN_EXE_advdmd"))
         .args([
             "sample",

@@ -27,6 +27,7 @@ use super::advdmd::{
     check_checkpoint, checkpoint_counters, checkpoint_meta, checkpoint_rng, AdvDmd, AdvDmdConfig,
     DiscStates, IterMetrics,
 };
+use super::checkpoint_sample::sample_checkpoint_latents_device;
 use super::device::{
     dmd_rms, dmd_seed_dev, flow_matching_grads_dev, generator_backward_from_x0, generator_x0,
     rollout_schedule, rollout_sde_dev, stochastic_step, DeviceDiscHead, DmdInputs, HeadSaved,
@@ -1669,6 +1670,34 @@ impl DeviceAdvDmd {
     /// Bytes of the three optimizers' moments on the device.
     pub fn optimizer_bytes(&self) -> usize {
         self.opt_generator.state_bytes() + self.opt_fake.state_bytes() + self.opt_head.state_bytes()
+    }
+
+    /// Latents of the EMA generator on its K-step schedule (Euler, no guidance) for `data`'s
+    /// rows `indices`, sample k seeded `seed + k`, in one batch: what `advdmd sample` draws from
+    /// the exported model (`OUT/model`). The EMA is rounded into the generator's bf16 weights
+    /// for the loop, and the weights are made from the masters again after (as every step
+    /// leaves them), so the run goes on exactly as it would have; no memory is added but the
+    /// loop's activations.
+    pub fn sample_ema_latents(
+        &self,
+        data: &LatentData,
+        indices: &[usize],
+        seed: u64,
+    ) -> Result<Tensor> {
+        let g = &self.generator;
+        cast_f32_to_bf16_into(&self.dev, &*g.weights.view(0, self.ema.len())?, &self.ema)?;
+        let latents = sample_checkpoint_latents_device(
+            g,
+            data,
+            indices,
+            &self.sigmas(),
+            1.0,
+            seed,
+            indices.len(),
+            |_| {},
+        );
+        g.refresh_weights()?;
+        latents
     }
 
     /// The generator's EMA weights as named host tensors (its trainable tensors).

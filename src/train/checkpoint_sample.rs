@@ -167,3 +167,40 @@ pub fn sample_checkpoint_latents_device(
     }
     Ok(Tensor::from_vec(out, &[indices.len(), c, h, wd]))
 }
+
+/// Writes sampled latents (`[N, C, H, W]`, the samples of `data`'s rows `indices`, sample k
+/// seeded `seed + k`) as `dir/latents.safetensors` (the captions in its metadata) and
+/// `dir/manifest.jsonl` (a line a sample: its index, data row, caption and seed, then `fields`):
+/// what `tools/decode.py` reads.
+pub fn write_latent_samples(
+    dir: &Path,
+    latents: Tensor,
+    data: &LatentData,
+    indices: &[usize],
+    seed: u64,
+    fields: &serde_json::Value,
+) -> Result<()> {
+    crate::checkpoint::create_out_dir(dir)?;
+    let captions: Vec<String> = indices
+        .iter()
+        .map(|&i| data.caption(i).unwrap_or_default().to_string())
+        .collect();
+    let mut manifest = String::new();
+    for (k, (&i, caption)) in indices.iter().zip(&captions).enumerate() {
+        let mut line = serde_json::json!({
+            "index": k, "sample": i, "caption": caption, "seed": seed.wrapping_add(k as u64),
+        });
+        if let (Some(line), Some(fields)) = (line.as_object_mut(), fields.as_object()) {
+            line.extend(fields.clone());
+        }
+        manifest.push_str(&format!("{line}\n"));
+    }
+    let captions = serde_json::to_string(&captions).expect("JSON of strings");
+    let meta = std::collections::HashMap::from([("advdmd.captions".to_string(), captions)]);
+    crate::checkpoint::save_safetensors(
+        dir.join("latents.safetensors"),
+        &[("latents".to_string(), latents)],
+        Some(meta),
+    )?;
+    crate::checkpoint::write_atomic(&dir.join("manifest.jsonl"), manifest.as_bytes())
+}

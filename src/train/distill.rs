@@ -9,6 +9,7 @@ use super::advdmd::{AdvDmd, AdvDmdConfig, IterMetrics};
 use super::advdmd_device::{
     latents_batch, shapes_batch, DeviceAdvDmd, DeviceRunOptions, IterBatch, QueuedIteration,
 };
+use super::checkpoint_sample::write_latent_samples;
 use super::shapes_model::{sample_images, Sampler, ShapesModel};
 use crate::data::latents::{EpochOrder, LatentData};
 use crate::device::host_memory::Footprint;
@@ -41,6 +42,9 @@ pub struct DistillRun {
     /// Where the iterations run: `None` the CPU trainer, else a kernel device (a GPU, or the
     /// emulator) through [`DeviceAdvDmd`], which checkpoints through the CPU trainer's state.
     pub device: Option<(KernelDevice, DeviceRunOptions)>,
+    /// A checkpoint teacher's run: at each checkpoint the EMA generator samples the data's first
+    /// this many prompts into `OUT/samples/iter-NNNNNNN/` (0: none).
+    pub samples: usize,
 }
 
 fn metrics_line(m: &IterMetrics) -> serde_json::Value {
@@ -387,11 +391,34 @@ pub fn distill_latents(
             let first = iteration.saturating_mul(prompts as u64);
             latents_batch(&data, &mut order, first, prompts, group)
         },
-        save: |d: &DeviceAdvDmd| d.save(&ckpt),
+        save: |d: &DeviceAdvDmd| {
+            d.save(&ckpt)?;
+            save_ema_samples(d, &data, run.samples, out)
+        },
     };
     run_iterations(run, &mut it, out, &mut metrics, saved, &mut on_iter)?;
     save_distilled_checkpoint(&device, &ckpt_in, &out.join("model"))?;
     Ok(device.iteration)
+}
+
+/// The EMA generator's latents of the data's first `count` prompts (seeds 0, 1, …; one batch)
+/// at the run's current iteration, as `out/samples/iter-NNNNNNN/` (`tools/decode.py` makes them
+/// images): the same samples at every checkpoint, so a run's progress can be seen.
+fn save_ema_samples(run: &DeviceAdvDmd, data: &LatentData, count: usize, out: &Path) -> Result<()> {
+    if count == 0 {
+        return Ok(());
+    }
+    let indices: Vec<usize> = (0..count.min(data.len())).collect();
+    let latents = run.sample_ema_latents(data, &indices, 0)?;
+    let c = &run.config;
+    let fields = serde_json::json!({
+        "model": format!("EMA generator, iteration {}", run.iteration), "steps": c.steps_per_sample,
+        "sampler": "euler", "shift": c.shift, "cfg": 1.0, "device": if run.dev.is_emulator() { "emu" } else { "cuda" },
+    });
+    let dir = out
+        .join("samples")
+        .join(format!("iter-{:07}", run.iteration));
+    write_latent_samples(&dir, latents, data, &indices, 0, &fields)
 }
 
 /// The EMA generator of a checkpoint teacher's run as a model, streamed from the device one
