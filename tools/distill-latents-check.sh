@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A checkpoint teacher's distillation end to end on one device, as a user runs it: random data
 # written by tools/precompute.py's writer (torch tensors where torch is installed, else numpy),
-# `advdmd distill --data` for 2 iterations, `--resume` to 4, then the EMA generator sampled.
+# `advdmd distill --data` for 2 iterations, `--resume` to 4 (the EMA generator sampled at each
+# checkpoint), then the exported generator sampled: the same latents as the last checkpoint's.
 # tools/gpu-check.sh runs it on the GPU (step distill-latents); here: emu.
 # Usage: tools/distill-latents-check.sh DEVICE ADVDMD_BIN TEACHER.safetensors WORKDIR
 # (the teacher: the tiny SD3.5-medium fixture's original.safetensors: 4 channels, context 24,
@@ -41,4 +42,20 @@ cat "$work/run/metrics.jsonl"
 "$bin" sample --device "$device" --checkpoint "$work/run/model" --data "$work/data" --count 4 --out "$work/samples"
 head -2 "$work/samples/manifest.jsonl"
 [ "$(wc -l < "$work/run/metrics.jsonl")" = 4 ] || { echo "expected 4 metrics lines" >&2; exit 1; }
+# each checkpoint's samples of the EMA generator; the last one's are what `sample` drew above
+for it in 0000002 0000004; do
+  [ "$(wc -l < "$work/run/samples/iter-$it/manifest.jsonl")" = 4 ] \
+    || { echo "expected 4 samples at iteration $it" >&2; exit 1; }
+done
+# (bit for bit on the emulator; a GPU's GEMM algorithms are chosen per process: within bf16)
+"${PYTHON:-python3}" - "$work/run/samples/iter-0000004/latents.safetensors" \
+    "$work/samples/latents.safetensors" <<'PY'
+import sys
+import numpy as np
+from safetensors.numpy import load_file
+a, b = (load_file(f)["latents"].astype(np.float64) for f in sys.argv[1:])
+rel = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+print(f"the last checkpoint's samples against sample's: relative L2 {rel:.3g}")
+sys.exit(0 if rel <= 2e-2 else "they differ")
+PY
 echo "distill-latents-check: ok"
