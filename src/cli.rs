@@ -267,9 +267,6 @@ pub fn sample_checkpoint(
             )
         })?),
     };
-    if dev.is_some() && sampler != Sampler::Euler {
-        bail!("sample --device {device}: the device sampler is Euler (--sampler euler)");
-    }
     let ckpt = advdmd::mmdit::MmditCheckpoint::open(checkpoint)?;
     let data = LatentData::open(data)?;
     data.check_model(&ckpt.config)?;
@@ -342,7 +339,7 @@ pub fn sample_checkpoint(
             let on_device =
                 advdmd::mmdit::device::DeviceMmdit::frozen_from(dev, c, &ckpt.finite())?;
             sample_checkpoint_latents_device(
-                &on_device, &data, &indices, &sigmas, cfg, opts.seed, opts.batch, progress,
+                &on_device, &data, &indices, &sigmas, cfg, sampler, opts.seed, opts.batch, progress,
             )?
         }
     };

@@ -183,8 +183,8 @@ enum Command {
         /// With --data: how many of its prompts.
         #[arg(long, default_value_t = 4, requires = "data")]
         count: usize,
-        /// With --data: cpu, cuda (the Euler loop on the GPU, bf16), or emu (the same on the
-        /// emulator: slow, a functional check).
+        /// With --data: cpu, cuda (the whole loop on the GPU, bf16; either sampler), or emu (the
+        /// same on the emulator: slow, a functional check).
         #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda", "emu"], requires = "data")]
         device: String,
         /// One prompt ...
@@ -206,6 +206,8 @@ enum Command {
         /// Sigma-schedule shift (default: the model's own: shapes.json, advdmd.json, else 3).
         #[arg(long)]
         shift: Option<f64>,
+        /// euler (the ODE step), or sde (DMD2's multistep sampler: each step's clean prediction
+        /// re-noised to the next σ with fresh noise).
         #[arg(long, default_value = "euler", value_parser = ["euler", "sde"])]
         sampler: String,
         #[arg(long, default_value_t = 0)]

@@ -310,19 +310,43 @@ fn a_checkpoint_teacher_distils_resumes_exactly_and_exports_its_generator() {
     let manifest = String::from_utf8(read(teacher_out.join("manifest.jsonl"))).unwrap();
     assert!(manifest.contains("\"cfg\":4.5"), "{manifest}");
 
-    // the Euler loop on the device (the emulator) follows the CPU's within bf16 rounding, with
-    // and without CFG
-    for (model, cpu, args) in [
-        (&model_dir, &four, &["--batch", "4"][..]),
-        (&teacher, &teacher_out, &["--steps", "3"][..]),
+    // the Euler loop and the re-noising one on the device (the emulator) follow the CPU's within
+    // bf16 rounding, with and without CFG (the re-noising draws as the CPU's)
+    for (model, args) in [
+        (&model_dir, &["--batch", "4"][..]),
+        (&teacher, &["--steps", "3"][..]),
     ] {
-        let on_device = base.join("device");
-        sample(model, &on_device, &[args, &["--device", "emu"]].concat());
-        let diff = latents_in(&on_device).rel_l2(&latents_in(cpu));
+        let (mut by_sampler, mut device_diffs) = (Vec::new(), Vec::new());
+        for sampler in ["euler", "sde"] {
+            let (cpu, on_device) = (base.join("cpu"), base.join("device"));
+            let args = [args, &["--sampler", sampler]].concat();
+            sample(model, &cpu, &args);
+            sample(
+                model,
+                &on_device,
+                &[&args[..], &["--device", "emu"]].concat(),
+            );
+            let (on_cpu, on_device) = (latents_in(&cpu), latents_in(&on_device));
+            let diff = on_device.rel_l2(&on_cpu);
+            eprintln!(
+                "{} ({sampler}): device vs CPU relative L2 {diff}",
+                model.display()
+            );
+            assert!(
+                diff < 2e-2,
+                "{} ({sampler}): device vs CPU relative L2 {diff}",
+                model.display()
+            );
+            by_sampler.push(on_cpu);
+            device_diffs.push(diff);
+        }
+        // the generator's re-noising (to σ = 0.75) moves its samples far more than bf16 does:
+        // the device drew the CPU's noise (measured: 0.148 apart, 0.009 device vs CPU)
+        let apart = by_sampler[0].rel_l2(&by_sampler[1]);
         assert!(
-            diff < 2e-2,
-            "{}: device vs CPU relative L2 {diff}",
-            model.display()
+            model != &model_dir || apart > 5.0 * device_diffs[1],
+            "re-noising vs Euler relative L2 {apart}, device vs CPU {}",
+            device_diffs[1]
         );
     }
 }
@@ -361,23 +385,6 @@ fn checkpoint_teacher_misuse_is_a_clear_error() {
         .output()
         .unwrap();
     failed_with(shapes_samples, "--data");
-    let sde = Command::new(env!("CARGO_BIN_EXE_advdmd"))
-        .args([
-            "sample",
-            "--device",
-            "emu",
-            "--sampler",
-            "sde",
-            "--checkpoint",
-        ])
-        .arg(&teacher)
-        .arg("--data")
-        .arg(&data)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    failed_with(sde, "the device sampler is Euler");
     assert!(!out.join("checkpoint.safetensors").exists());
 }
 

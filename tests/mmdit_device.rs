@@ -526,6 +526,65 @@ fn the_euler_plan_replays_the_sampler() {
     }
 }
 
+/// The re-noising plan (DMD2's multistep sampler) replays from its graph with each sample's own
+/// draws: every replayed sample equals a fresh plan's direct run (bit for bit on the emulator),
+/// and other draws give another sample; a plain `sample` or a wrong number of draws is refused.
+#[test]
+fn the_renoising_plan_replays_with_fresh_draws() {
+    use advdmd::flow::device::{EulerPlan, Guidance};
+    use advdmd::flow::reference_sigmas;
+    let model = random_model();
+    let mut rng = Rng::new(22);
+    let mut randn = |shape: &[usize]| Tensor::randn(shape, &mut rng);
+    let sig = reference_sigmas(3, 3.0);
+    let (up, uc) = (Tensor::zeros(&[2, 24]), Tensor::zeros(&[2, 5, 40]));
+    let draws: Vec<_> = (0..3)
+        .map(|_| {
+            let x = randn(&[2, 3, 8, 8]);
+            let z = randn(&[2, 2, 3, 8, 8]).to_vec();
+            (x, z, randn(&[2, 24]), randn(&[2, 5, 40]))
+        })
+        .collect();
+    for dev in devices() {
+        let m = DeviceMmdit::new(&dev, &model).unwrap();
+        let guide = || {
+            Some(Guidance {
+                pooled: &up,
+                context: &uc,
+                scale: 2.5,
+            })
+        };
+        let mut plan = EulerPlan::new(&m, &sig, Some(2.5), true).renoising();
+        assert_eq!(plan.noisy_steps(), 2);
+        let mut last = None;
+        for (i, (x, z, pooled, ctx)) in draws.iter().enumerate() {
+            let got = plan.sample_renoised(x, z, pooled, ctx, guide()).unwrap();
+            let mut direct = EulerPlan::new(&m, &sig, Some(2.5), false).renoising();
+            let want = direct.sample_renoised(x, z, pooled, ctx, guide()).unwrap();
+            let err = got.rel_l2(&want);
+            println!(
+                "re-noising plan on {}, sample {i} (graph replay: {}): {err:.2e}",
+                dev.name(),
+                plan.replayed()
+            );
+            let tol = if dev.is_emulator() { 0.0 } else { 1e-3 };
+            assert!(err <= tol, "sample {i}: replay vs direct {err:e} > {tol:e}");
+            assert_eq!(plan.replayed(), i >= 1);
+            last = Some(got);
+        }
+        // the last sample's start with the first sample's draws: another sample
+        let (x, _, pooled, ctx) = &draws[2];
+        let other = plan
+            .sample_renoised(x, &draws[0].1, pooled, ctx, guide())
+            .unwrap();
+        assert!(other.rel_l2(last.as_ref().unwrap()) > 1e-2);
+        assert!(plan.sample(x, pooled, ctx, guide()).is_err());
+        assert!(plan
+            .sample_renoised(x, &draws[0].1[1..], pooled, ctx, guide())
+            .is_err());
+    }
+}
+
 /// Activation checkpointing (only the blocks' inputs kept, each block recomputed in the backward)
 /// and selective checkpointing (the attention, projection and fc2 outputs kept too, the rest
 /// recomputed) give the same gradients: bit for bit on the emulator (every kernel deterministic

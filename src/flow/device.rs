@@ -1,13 +1,14 @@
-//! The Euler sampler on a kernel device: the whole K-step loop (model calls, classifier-free
-//! guidance, the step) stays on the device; the host uploads the inputs and every step's
-//! timestep features once and reads the final latents back. [`EulerPlan`] keeps the buffers for
-//! repeated samples and replays the loop from a CUDA graph.
+//! The few-step samplers on a kernel device — Euler, and the re-noising (DMD2 multistep) one:
+//! the whole K-step loop (model calls, classifier-free guidance, the step) stays on the device;
+//! the host uploads the inputs, every step's timestep features and the re-noising draws once and
+//! reads the final latents back. [`EulerPlan`] keeps the buffers for repeated samples and
+//! replays the loop from a CUDA graph.
 
 use half::bf16;
 
 use crate::device::kernel::{bf16_of, DevBuf, DeviceGraph, KernelError, KernelResult};
-use crate::kernels::elementwise::dev::copy;
-use crate::kernels::sde::dev::euler_cfg_step;
+use crate::kernels::elementwise::dev::{cast_f32_to_bf16_into, copy};
+use crate::kernels::sde::dev::{euler_cfg_step, flow_noise_into};
 use crate::kernels::shape::concat;
 use crate::mmdit::device::{DeviceInputs, DeviceMmdit, Keep};
 use crate::nn::timestep_features;
@@ -51,6 +52,8 @@ pub struct EulerPlan<'m> {
     /// Every step's modulations from one product a layer before the first step
     /// ([`DeviceMmdit::step_modulations`]), or each step's own (the first way, kept for A/B).
     modulate_ahead: bool,
+    /// The re-noising sampler ([`Self::renoising`]) instead of Euler's.
+    renoise: bool,
     state: Option<PlanState>,
 }
 
@@ -65,6 +68,10 @@ struct PlanState {
     /// The pooled conditioning once for each step, `[K, calls, pooled_dim]` (what the step
     /// modulations read).
     pooled_steps: DevBuf<bf16>,
+    /// The re-noising sampler's draws `[steps into σ' > 0, B, C, H, W]` and each step's σ'
+    /// for every sample `[K, B]` (empty for Euler).
+    step_noise: DevBuf<f32>,
+    sigma_next: DevBuf<f32>,
     graph: Option<DeviceGraph>,
     samples: usize,
 }
@@ -84,8 +91,24 @@ impl<'m> EulerPlan<'m> {
             scale,
             graph,
             modulate_ahead: true,
+            renoise: false,
             state: None,
         }
+    }
+
+    /// The re-noising sampler (`flow::sample::Sampler::Sde`, DMD2's multistep one) instead of
+    /// Euler's: each step goes to the clean prediction `x̂0 = x − σ·v` and noises it afresh to
+    /// the next level, `(1 − σ')·x̂0 + σ'·z`, with draws `z` given to [`Self::sample_renoised`].
+    pub fn renoising(mut self) -> Self {
+        self.renoise = true;
+        self.state = None;
+        self
+    }
+
+    /// How many steps draw noise (those into σ' > 0): `step_noise` holds that many `noise`-sized
+    /// draws for [`Self::sample_renoised`].
+    pub fn noisy_steps(&self) -> usize {
+        self.sigmas.iter().skip(1).filter(|&&s| s > 0.0).count()
     }
 
     /// Whether the model's modulations for every step come from one product a layer before
@@ -110,6 +133,44 @@ impl<'m> EulerPlan<'m> {
     pub fn sample(
         &mut self,
         noise: &Tensor,
+        pooled: &Tensor,
+        context: &Tensor,
+        guidance: Option<Guidance>,
+    ) -> KernelResult<Tensor> {
+        if self.renoise {
+            return Err(KernelError::Invalid(
+                "a re-noising plan samples with its draws (sample_renoised)".into(),
+            ));
+        }
+        self.sample_with(noise, &[], pooled, context, guidance)
+    }
+
+    /// One sample of a [`Self::renoising`] plan: `step_noise` holds the draws of each step into
+    /// σ' > 0 in turn ([`Self::noisy_steps`] of them), each the size of `noise`.
+    pub fn sample_renoised(
+        &mut self,
+        noise: &Tensor,
+        step_noise: &[f32],
+        pooled: &Tensor,
+        context: &Tensor,
+        guidance: Option<Guidance>,
+    ) -> KernelResult<Tensor> {
+        if !self.renoise || step_noise.len() != self.noisy_steps() * noise.numel() {
+            return Err(KernelError::Invalid(format!(
+                "re-noised sample: {} draws for {} steps of {} (a re-noising plan wants one \
+                 draw a step into σ' > 0)",
+                step_noise.len(),
+                self.noisy_steps(),
+                noise.numel()
+            )));
+        }
+        self.sample_with(noise, step_noise, pooled, context, guidance)
+    }
+
+    fn sample_with(
+        &mut self,
+        noise: &Tensor,
+        step_noise: &[f32],
         pooled: &Tensor,
         context: &Tensor,
         guidance: Option<Guidance>,
@@ -147,12 +208,22 @@ impl<'m> EulerPlan<'m> {
                 let f = timestep_features(&t_of(sigma), self.model.config.freq_dim);
                 all.extend(f.f32s().iter().map(|&v| bf16::from_f32(v)));
             }
+            let samples = noise.shape().first().copied().unwrap_or(0);
+            let sigma_next: Vec<f32> = match self.renoise {
+                true => self.sigmas[1..]
+                    .iter()
+                    .flat_map(|&s| vec![s; samples])
+                    .collect(),
+                false => Vec::new(),
+            };
             self.state = Some(PlanState {
                 shapes,
                 inputs,
                 x: dev.upload(noise.f32s())?,
                 t_features: dev.upload(&all)?,
                 pooled_steps: dev.upload(&repeated(&pooled_in, steps))?,
+                step_noise: dev.upload(step_noise)?,
+                sigma_next: dev.upload(&sigma_next)?,
                 graph: None,
                 samples: 0,
             });
@@ -165,15 +236,17 @@ impl<'m> EulerPlan<'m> {
             dev.copy_to_device(&repeated(&pooled_in, steps), &st.pooled_steps)?;
             dev.copy_to_device(&bf(&ctx_in), &st.inputs.context)?;
             dev.copy_to_device(noise.f32s(), &st.x)?;
+            dev.copy_to_device(step_noise, &st.step_noise)?;
         }
         let (model, sigmas, w) = (self.model, &self.sigmas, self.scale);
-        let ahead = self.modulate_ahead;
+        let (ahead, renoise) = (self.modulate_ahead, self.renoise);
+        let run = |st: &PlanState| euler_steps(model, st, sigmas, w, ahead, renoise);
         if self.graph && st.samples >= 1 && st.graph.is_none() {
-            st.graph = Some(dev.capture(|| euler_steps(model, st, sigmas, w, ahead))?);
+            st.graph = Some(dev.capture(|| run(st))?);
         }
         match &st.graph {
             Some(g) => g.launch()?,
-            None => euler_steps(model, st, sigmas, w, ahead)?,
+            None => run(st)?,
         }
         st.samples += 1;
         Ok(Tensor::from_vec(dev.download(&st.x)?, noise.shape()))
@@ -187,7 +260,8 @@ fn repeated(pooled: &Tensor, steps: usize) -> Vec<bf16> {
 
 /// The K-step loop over a plan's buffers: every step's modulations (or, the first way, each
 /// step's timestep features copied into the model's input), one model call a step, the guided
-/// Euler step on the f32 state (which also writes the model's bf16 input for the next step).
+/// Euler step on the f32 state (which also writes the model's bf16 input for the next step) —
+/// or with `renoise` the Euler step to σ = 0 (`x̂0`) and its noising to the next σ.
 /// Device work only: it can be recorded into a graph.
 fn euler_steps(
     model: &DeviceMmdit,
@@ -195,6 +269,7 @@ fn euler_steps(
     sigmas: &[f32],
     scale: Option<f32>,
     modulate_ahead: bool,
+    renoise: bool,
 ) -> KernelResult<()> {
     let dev = &model.dev;
     let steps = sigmas.len().saturating_sub(1);
@@ -205,6 +280,7 @@ fn euler_steps(
     } else {
         None
     };
+    let mut noisy = 0;
     for i in 0..steps {
         let v = match &mods {
             Some(m) => model.forward_modulated(&st.inputs, m, i)?.velocity,
@@ -214,15 +290,42 @@ fn euler_steps(
                 model.forward(&st.inputs, Keep::Nothing)?.velocity
             }
         };
+        let (sigma, next) = (sigmas[i], sigmas[i + 1]);
+        let dt = if renoise { -sigma } else { next - sigma };
+        let guided = scale.is_some();
         euler_cfg_step(
             dev,
             &st.x,
             &st.inputs.x,
             &v,
-            scale.is_some(),
+            guided,
             scale.unwrap_or(1.0),
-            sigmas[i + 1] - sigmas[i],
+            dt,
         )?;
+        if renoise && next > 0.0 {
+            renoise_step(dev, st, i, noisy)?;
+            noisy += 1;
+        }
+    }
+    Ok(())
+}
+
+/// `x = (1 − σ')·x + σ'·z` on the f32 state (`x̂0` there) with the `noisy`-th step's draws, and
+/// the model's bf16 input (both halves when guided) from it.
+fn renoise_step(
+    dev: &crate::device::kernel::KernelDevice,
+    st: &PlanState,
+    step: usize,
+    noisy: usize,
+) -> KernelResult<()> {
+    let n = st.x.len();
+    let d: usize = st.shapes[0][1..].iter().product();
+    let b = n / d.max(1);
+    let z = st.step_noise.view(noisy * n, n)?;
+    let sigma = st.sigma_next.view(step * b, b)?;
+    flow_noise_into(dev, &st.x, None, &st.x, &z, &sigma, (b, d))?;
+    for half in 0..st.inputs.x.len() / n.max(1) {
+        cast_f32_to_bf16_into(dev, &*st.inputs.x.view(half * n, n)?, &st.x)?;
     }
     Ok(())
 }

@@ -1692,6 +1692,7 @@ impl DeviceAdvDmd {
             indices,
             &self.sigmas(),
             1.0,
+            crate::flow::sample::Sampler::Euler,
             seed,
             indices.len(),
             |_| {},

@@ -131,8 +131,9 @@ pub fn sample_checkpoint_latents(
     ))
 }
 
-/// [`sample_checkpoint_latents`] on a kernel device with the Euler sampler: the same noise
-/// (sample `i` seeded `seed + i`), the K-step loop on the device (bf16 model, f32 state).
+/// [`sample_checkpoint_latents`] on a kernel device: the same noise (sample `i` seeded
+/// `seed + i`; the re-noising sampler's draws go on from each sample's generator as on the CPU),
+/// the K-step loop on the device (bf16 model, f32 state).
 #[allow(clippy::too_many_arguments)]
 pub fn sample_checkpoint_latents_device(
     model: &DeviceMmdit,
@@ -140,6 +141,7 @@ pub fn sample_checkpoint_latents_device(
     indices: &[usize],
     sigmas: &[f32],
     w: f32,
+    sampler: Sampler,
     seed: u64,
     batch: usize,
     mut progress: impl FnMut(usize),
@@ -147,13 +149,24 @@ pub fn sample_checkpoint_latents_device(
     let [c, h, wd] = data.latent_shape;
     let scale = (w != 1.0).then_some(w);
     let mut plan = EulerPlan::new(model, sigmas, scale, false);
+    if sampler == Sampler::Sde {
+        plan = plan.renoising();
+    }
     let mut out = Vec::new();
     let seeds = sample_seeds(seed, indices.len());
     let b = batch.max(1);
     for (chunk, seeds) in indices.chunks(b).zip(seeds.chunks(b)) {
         let n = chunk.len();
-        let (_, noise) = seeded_noise(seeds, c * h * wd);
+        let (mut rngs, noise) = seeded_noise(seeds, c * h * wd);
         let noise = Tensor::from_vec(noise, &[n, c, h, wd]);
+        let mut step_noise = Vec::new();
+        if sampler == Sampler::Sde {
+            for _ in 0..plan.noisy_steps() {
+                for rng in &mut rngs {
+                    step_noise.extend((0..c * h * wd).map(|_| rng.normal()));
+                }
+            }
+        }
         let rows = data.rows(chunk)?;
         let (uc, up) = data.uncond(n);
         let guidance = scale.map(|scale| Guidance {
@@ -161,7 +174,12 @@ pub fn sample_checkpoint_latents_device(
             context: &uc,
             scale,
         });
-        let x = plan.sample(&noise, &rows.pooled, &rows.context, guidance)?;
+        let x = match sampler {
+            Sampler::Euler => plan.sample(&noise, &rows.pooled, &rows.context, guidance)?,
+            Sampler::Sde => {
+                plan.sample_renoised(&noise, &step_noise, &rows.pooled, &rows.context, guidance)?
+            }
+        };
         out.extend_from_slice(x.f32s());
         progress(n * (sigmas.len() - 1));
     }
