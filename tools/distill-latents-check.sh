@@ -41,6 +41,9 @@ done
 cat "$work/run/metrics.jsonl"
 "$bin" sample --device "$device" --checkpoint "$work/run/model" --data "$work/data" --count 4 --out "$work/samples"
 head -2 "$work/samples/manifest.jsonl"
+"$bin" sample --device "$device" --sampler sde --checkpoint "$work/run/model" --data "$work/data" \
+  --count 4 --out "$work/samples-sde"
+grep -q '"sampler":"sde"' "$work/samples-sde/manifest.jsonl" || { echo "no re-noised samples" >&2; exit 1; }
 [ "$(wc -l < "$work/run/metrics.jsonl")" = 4 ] || { echo "expected 4 metrics lines" >&2; exit 1; }
 # each checkpoint's samples of the EMA generator; the last one's are what `sample` drew above
 for it in 0000002 0000004; do
