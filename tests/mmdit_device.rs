@@ -452,6 +452,34 @@ fn the_device_euler_sampler_follows_the_reference_trajectory() {
     }
 }
 
+/// What the sampler plans' tests share: 3 steps of the reference schedule and classifier-free
+/// guidance at 2.5 with zero unconditional inputs (2 samples).
+struct PlanCase {
+    sig: Vec<f32>,
+    up: Tensor,
+    uc: Tensor,
+}
+
+impl PlanCase {
+    const SCALE: f32 = 2.5;
+
+    fn new() -> PlanCase {
+        PlanCase {
+            sig: advdmd::flow::reference_sigmas(3, 3.0),
+            up: Tensor::zeros(&[2, 24]),
+            uc: Tensor::zeros(&[2, 5, 40]),
+        }
+    }
+
+    fn guide(&self) -> Option<advdmd::flow::device::Guidance<'_>> {
+        Some(advdmd::flow::device::Guidance {
+            pooled: &self.up,
+            context: &self.uc,
+            scale: Self::SCALE,
+        })
+    }
+}
+
 /// The reusable Euler plan — inputs overwritten in place, the loop replayed from a CUDA graph
 /// from the second sample on (recorded and replayed by the emulator too) — samples what
 /// `sample_euler` samples, for new noise and conditioning each time: bit for bit on the emulator
@@ -460,30 +488,23 @@ fn the_device_euler_sampler_follows_the_reference_trajectory() {
 /// where that product has at most 8 rows (within bf16 rounding where it has more).
 #[test]
 fn the_euler_plan_replays_the_sampler() {
-    use advdmd::flow::device::{sample_euler, EulerPlan, Guidance};
-    use advdmd::flow::reference_sigmas;
+    use advdmd::flow::device::{sample_euler, EulerPlan};
     let model = random_model();
     let mut rng = Rng::new(21);
     let mut randn = |shape: &[usize]| Tensor::randn(shape, &mut rng);
-    let sig = reference_sigmas(3, 3.0);
-    let (up, uc) = (Tensor::zeros(&[2, 24]), Tensor::zeros(&[2, 5, 40]));
+    let case = PlanCase::new();
+    let (sig, guide) = (&case.sig, || case.guide());
     let draws: Vec<_> = (0..3)
         .map(|_| (randn(&[2, 3, 8, 8]), randn(&[2, 24]), randn(&[2, 5, 40])))
         .collect();
     for dev in devices() {
         let m = DeviceMmdit::new(&dev, &model).unwrap();
-        let guide = || {
-            Some(Guidance {
-                pooled: &up,
-                context: &uc,
-                scale: 2.5,
-            })
-        };
-        let mut plan = EulerPlan::new(&m, &sig, Some(2.5), true);
+        let mut plan = EulerPlan::new(&m, sig, Some(PlanCase::SCALE), true);
         // each step computing its own modulations, the first way
-        let mut per_step = EulerPlan::new(&m, &sig, Some(2.5), true).modulate_ahead(false);
+        let mut per_step =
+            EulerPlan::new(&m, sig, Some(PlanCase::SCALE), true).modulate_ahead(false);
         for (i, (x, pooled, ctx)) in draws.iter().enumerate() {
-            let want = sample_euler(&m, x, &sig, pooled, ctx, guide()).unwrap();
+            let want = sample_euler(&m, x, sig, pooled, ctx, guide()).unwrap();
             let got = plan.sample(x, pooled, ctx, guide()).unwrap();
             let err = got.rel_l2(&want);
             let own = per_step.sample(x, pooled, ctx, guide()).unwrap();
@@ -505,8 +526,8 @@ fn the_euler_plan_replays_the_sampler() {
             assert_eq!(per_step.replayed(), i >= 1);
         }
         // unguided, 3 steps of 2 calls: 6 rows, `gemv_small_m` either way — the same samples
-        let mut ahead = EulerPlan::new(&m, &sig, None, true);
-        let mut own = EulerPlan::new(&m, &sig, None, true).modulate_ahead(false);
+        let mut ahead = EulerPlan::new(&m, sig, None, true);
+        let mut own = EulerPlan::new(&m, sig, None, true).modulate_ahead(false);
         for (i, (x, pooled, ctx)) in draws.iter().enumerate() {
             let a = ahead.sample(x, pooled, ctx, None).unwrap();
             let b = own.sample(x, pooled, ctx, None).unwrap();
@@ -531,13 +552,12 @@ fn the_euler_plan_replays_the_sampler() {
 /// and other draws give another sample; a plain `sample` or a wrong number of draws is refused.
 #[test]
 fn the_renoising_plan_replays_with_fresh_draws() {
-    use advdmd::flow::device::{EulerPlan, Guidance};
-    use advdmd::flow::reference_sigmas;
+    use advdmd::flow::device::EulerPlan;
     let model = random_model();
     let mut rng = Rng::new(22);
     let mut randn = |shape: &[usize]| Tensor::randn(shape, &mut rng);
-    let sig = reference_sigmas(3, 3.0);
-    let (up, uc) = (Tensor::zeros(&[2, 24]), Tensor::zeros(&[2, 5, 40]));
+    let case = PlanCase::new();
+    let (sig, guide) = (&case.sig, || case.guide());
     let draws: Vec<_> = (0..3)
         .map(|_| {
             let x = randn(&[2, 3, 8, 8]);
@@ -547,19 +567,12 @@ fn the_renoising_plan_replays_with_fresh_draws() {
         .collect();
     for dev in devices() {
         let m = DeviceMmdit::new(&dev, &model).unwrap();
-        let guide = || {
-            Some(Guidance {
-                pooled: &up,
-                context: &uc,
-                scale: 2.5,
-            })
-        };
-        let mut plan = EulerPlan::new(&m, &sig, Some(2.5), true).renoising();
+        let mut plan = EulerPlan::new(&m, sig, Some(PlanCase::SCALE), true).renoising();
         assert_eq!(plan.noisy_steps(), 2);
         let mut last = None;
         for (i, (x, z, pooled, ctx)) in draws.iter().enumerate() {
             let got = plan.sample_renoised(x, z, pooled, ctx, guide()).unwrap();
-            let mut direct = EulerPlan::new(&m, &sig, Some(2.5), false).renoising();
+            let mut direct = EulerPlan::new(&m, sig, Some(PlanCase::SCALE), false).renoising();
             let want = direct.sample_renoised(x, z, pooled, ctx, guide()).unwrap();
             let err = got.rel_l2(&want);
             println!(
