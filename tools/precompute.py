@@ -47,6 +47,10 @@ def _save(tensors, path, metadata=None):
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        # safetensors creates its files 0600; a data folder is read by other users' runs
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

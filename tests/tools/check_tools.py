@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Checks what tools/precompute.py and tools/decode.py wrote from tiny_sd3.py's pipeline and
+images (tests/python_tools.rs runs it), against the pipeline's own components called directly.
+
+    check_tools.py precompute PIPELINE_DIR IMAGES_DIR DATA_DIR
+        the latents are (VAE mean - shift) * scale of each image (the 96x64 one centre-cropped),
+        each row's context and pooled embedding are its caption's, encoded alone, in file order,
+        the context holds CLIP's tokens (zero-padded to T5's width) and then T5's, the empty
+        prompt's are in uncond.safetensors, files are readable as the umask allows
+    check_tools.py decode PIPELINE_DIR IMAGES_DIR PNG_DIR
+        decode.py's PNGs of the first shard are the VAE's reconstruction of the images, within one
+        level of 255: decode inverts precompute's shift and scale
+
+Prints one `ok` line a check; an assertion names what differs.
+"""
+
+import json
+import os
+import pathlib
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+
+def load(path):
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+
+
+def pixels(path):
+    """The image as precompute should see it at 64 px: [-1, 1], [3, 64, 64], centre-cropped."""
+    a = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+    left = (a.shape[1] - 64) // 2
+    return torch.from_numpy(a[:, left:left + 64] / 127.5 - 1.0).permute(2, 0, 1)
+
+
+def close(name, got, want, atol):
+    err = (got.float() - want.float()).abs().max().item()
+    assert err <= atol, f"{name}: max abs error {err} > {atol}"
+
+
+def main():
+    from diffusers import StableDiffusion3Pipeline
+
+    mode, pipe_dir, images, out = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3]), pathlib.Path(sys.argv[4])
+    pipe = StableDiffusion3Pipeline.from_pretrained(pipe_dir, transformer=None, torch_dtype=torch.float32)
+    vae = pipe.vae
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    files = sorted(images.glob("*.png"))
+    torch.set_grad_enabled(False)
+
+    if mode == "decode":
+        lines = [json.loads(l) for l in (out / "manifest.jsonl").read_text().splitlines()]
+        for i, record in enumerate(lines):
+            x = pixels(files[i])[None]
+            want = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+            want = ((want + 1) * 127.5)[0].permute(1, 2, 0).numpy()
+            got = np.asarray(Image.open(out / record["file"]), dtype=np.float32)
+            err = np.abs(got - want).max()
+            assert err <= 1.0, f"{record['file']}: {err} levels from the VAE's reconstruction of {files[i].name}"
+            assert record["caption"] == (images / f"img{i}.txt").read_text().strip(), record
+        print(f"ok: {len(lines)} decoded images are the VAE's reconstructions")
+        return
+
+    captions = [(images / f.with_suffix(".txt").name).read_text().strip() for f in files]
+    shards = sorted(out.glob("shard-*.safetensors"))
+    rows = [load(s) for s in shards]
+    latents = torch.cat([t["latents"] for t, _ in rows])
+    context = torch.cat([t["context"] for t, _ in rows])
+    pooled = torch.cat([t["pooled"] for t, _ in rows])
+    stored = [c for _, m in rows for c in json.loads(m["advdmd.captions"])]
+    assert stored == captions, f"captions {stored} != {captions}"
+    print(f"ok: {len(stored)} captions in file order over {len(shards)} shards")
+
+    for i, f in enumerate(files):
+        z = vae.encode(pixels(f)[None]).latent_dist.mode()
+        close(f"latents of {f.name}", latents[i], ((z - shift) * scale)[0], 1e-4)
+    print(f"ok: latents are (mean - {shift}) * {scale} of the centre-cropped images")
+
+    def encode(prompts):
+        c, _, p, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device="cpu",
+                                        do_classifier_free_guidance=False, max_sequence_length=8)
+        return c, p
+
+    for i, caption in enumerate(captions):
+        c, p = encode([caption])
+        close(f"context of {caption!r}", context[i], c[0], 1e-5)
+        close(f"pooled of {caption!r}", pooled[i], p[0], 1e-5)
+    print("ok: every row's context and pooled embedding are its caption's, encoded alone")
+
+    clip_tokens = pipe.tokenizer.model_max_length
+    clip_width = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+    assert context.shape[1:] == (clip_tokens + 8, pipe.text_encoder_3.config.d_model), context.shape
+    assert pooled.shape[1] == pipe.text_encoder.config.projection_dim + pipe.text_encoder_2.config.projection_dim
+    assert torch.all(context[:, :clip_tokens, clip_width:] == 0), "CLIP's tokens not zero-padded to T5's width"
+    assert torch.all(context[:, :clip_tokens, :clip_width].abs().sum(-1) > 0), "a CLIP token is empty"
+    assert torch.all(context[:, clip_tokens:].abs().sum(-1) > 0), "a T5 token is empty"
+    print(f"ok: context = {clip_tokens} CLIP tokens (width {clip_width}, zero-padded) then 8 T5 tokens")
+
+    uncond, _ = load(out / "uncond.safetensors")
+    c, p = encode([""])
+    close("uncond context", uncond["context"], c, 1e-5)
+    close("uncond pooled", uncond["pooled"], p, 1e-5)
+    print("ok: uncond.safetensors is the empty prompt's")
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in sorted(out.iterdir()):
+        mode = path.stat().st_mode & 0o777
+        assert mode == 0o666 & ~umask, f"{path.name}: mode {oct(mode)}, the umask allows {oct(0o666 & ~umask)}"
+    print("ok: every file's mode is the umask's")
+
+
+if __name__ == "__main__":
+    main()
