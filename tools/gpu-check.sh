@@ -61,6 +61,9 @@ bundle() {
   cp "$(artifact test runtime)" "$BIN/runtime-test"
   cp "$(artifact test column_layout)" "$BIN/column-layout-test"
   chmod -R u+w .gpu/fixtures 2>/dev/null || true; rm -rf .gpu/fixtures && mkdir -p .gpu/fixtures && cp -r ../shared/fixtures/mmdit/* .gpu/fixtures/
+  # beside it, diffusers' SD3-medium and SD3.5-large blocks (the device tests read every folder)
+  tools/diffusers-fixtures.sh .gpu/fixtures target/release/advdmd >/dev/null \
+    || echo "diffusers fixtures not written: the bundle carries the shared fixture alone"
   cp "$(artifact bench kernels)" "$BIN/kernels-bench"
   cp "$(artifact bench attention)" "$BIN/attention-bench"
   # diffusers (pure Python) and its one dependency the GPU image lacks, for bench_vs_torch.py
@@ -242,7 +245,7 @@ ADVDMD_TEACHER=assets/shapes-teacher step distill 90 bash -c "rm -rf /tmp/gc-dis
   $BIN/advdmd distill --device cuda --iterations 30 --checkpoint-every 10 --eval-per-task 10 --resume --out /tmp/gc-distill"
 # an SD3-family checkpoint teacher (the tiny SD3.5-medium fixture) distilled from precomputed
 # data on the GPU, resumed, and its generator sampled (tools/distill-latents-check.sh)
-step distill-latents 90 tools/distill-latents-check.sh cuda "$BIN/advdmd" "$(ls -d .gpu/fixtures/*/ | head -1)original.safetensors" /tmp/gc-latents
+step distill-latents 90 tools/distill-latents-check.sh cuda "$BIN/advdmd" .gpu/fixtures/sd35m_tiny/original.safetensors /tmp/gc-latents
 # the memory plan's configuration (shared gradients, bf16 moments, checkpointing): ~72 GB + activations
 step step-sd35m-80g 150 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 2 --bf16-moments --checkpoint-activations --json
 step step-sd35m-80g-graph 180 "$BIN/advdmd" bench step --device cuda --model sd3.5-medium --res 512 --prompts 1 --group 2 --iters 3 --bf16-moments --checkpoint-activations --graph --json

@@ -1,6 +1,8 @@
 //! Shared test helpers: the finite-difference gradient check and random inputs.
 #![allow(dead_code)]
 
+pub mod parity;
+
 use advdmd::autograd::{backward, no_grad};
 use advdmd::{Rng, Tensor, Var};
 use std::path::{Path, PathBuf};
