@@ -66,10 +66,11 @@ bundle() {
     || echo "diffusers fixtures not written: the bundle carries the shared fixture alone"
   cp "$(artifact bench kernels)" "$BIN/kernels-bench"
   cp "$(artifact bench attention)" "$BIN/attention-bench"
-  # diffusers (pure Python) and its one dependency the GPU image lacks, for bench_vs_torch.py
+  # diffusers (pure Python; the version CI tests on the CPU) and its one dependency the GPU image
+  # lacks, for bench_vs_torch.py
   mkdir -p .gpu/whl
-  ls .gpu/whl/diffusers-*.whl >/dev/null 2>&1 || python3 -m pip download -q --no-deps --only-binary=:all: \
-    --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 -d .gpu/whl diffusers importlib_metadata \
+  ls .gpu/whl/diffusers-0.42.1-*.whl >/dev/null 2>&1 || python3 -m pip download -q --no-deps --only-binary=:all: \
+    --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 -d .gpu/whl diffusers==0.42.1 importlib_metadata \
     || echo "diffusers wheels not fetched: bench_vs_torch.py will skip the MMDiT comparison"
   # (without REV, an older bundle's advdmd-base would be timed as this one's base)
   if [ -n "${1:-}" ]; then bundle_base "$1"; else rm -f "$BIN/advdmd-base"; fi

@@ -14,7 +14,8 @@ The folder it writes (src/data/latents.rs is the reader):
 
 Images come from --images (a folder) with captions from --captions (JSON lines
 {"file": "relative/path.jpg", "caption": "..."}), or else from a `.txt` beside each image. Each
-image is resized (shorter side to --resolution, Lanczos) and centre-cropped to a square.
+image is turned upright by its EXIF orientation, resized (shorter side to --resolution,
+Lanczos) and centre-cropped to a square.
 
 Shard i holds items [i*S, (i+1)*S) of the sorted list; a shard already written is skipped, so an
 interrupted run resumes where it stopped (every file is written to a temporary name and renamed).
@@ -114,7 +115,7 @@ def list_items(images, captions_file):
 def load_image(path, resolution):
     """RGB in [-1, 1] as a float32 array [3, R, R]: shorter side to R, centre crop."""
     import numpy as np
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     try:
         im = Image.open(path)
@@ -122,7 +123,8 @@ def load_image(path, resolution):
     except OSError as e:
         sys.exit(f"{path}: not a readable image ({e}); nothing was written for its shard")
     with im:
-        im = im.convert("RGB")
+        # upright as a viewer shows it: a camera's portrait photo is stored sideways + an EXIF tag
+        im = ImageOps.exif_transpose(im).convert("RGB")
         w, h = im.size
         s = resolution / min(w, h)
         im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.LANCZOS)

@@ -3,7 +3,8 @@
 images (tests/python_tools.rs runs it), against the pipeline's own components called directly.
 
     check_tools.py precompute PIPELINE_DIR IMAGES_DIR DATA_DIR
-        the latents are (VAE mean - shift) * scale of each image (the 96x64 one centre-cropped),
+        the latents are (VAE mean - shift) * scale of each image (upright by its EXIF orientation,
+        centre-cropped),
         each row's context and pooled embedding are its caption's, encoded alone, in file order,
         the context holds CLIP's tokens (zero-padded to T5's width) and then T5's, the empty
         prompt's are in uncond.safetensors, files are readable as the umask allows
@@ -31,8 +32,12 @@ def load(path):
 
 
 def pixels(path):
-    """The image as precompute should see it at 64 px: [-1, 1], [3, 64, 64], centre-cropped."""
-    a = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+    """The image as precompute should see it at 64 px: [-1, 1], [3, 64, 64], upright by its EXIF
+    orientation, centre-cropped."""
+    from PIL import ImageOps
+
+    a = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"), dtype=np.float32)
+    assert a.shape[0] == 64, f"{path}: not 64 px high upright"
     left = (a.shape[1] - 64) // 2
     return torch.from_numpy(a[:, left:left + 64] / 127.5 - 1.0).permute(2, 0, 1)
 
@@ -78,7 +83,7 @@ def main():
     for i, f in enumerate(files):
         z = vae.encode(pixels(f)[None]).latent_dist.mode()
         close(f"latents of {f.name}", latents[i], ((z - shift) * scale)[0], 1e-4)
-    print(f"ok: latents are (mean - {shift}) * {scale} of the centre-cropped images")
+    print(f"ok: latents are (mean - {shift}) * {scale} of the upright, centre-cropped images")
 
     def encode(prompts):
         c, _, p, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device="cpu",

@@ -13,8 +13,10 @@ up: CLIP hidden states 8 + 8 padded to T5's 24 (`joint_attention_dim`), pooled p
 
 CLIP's tokenizers stop at CLIP_TOKENS (77 in SD3's), so the context is [CLIP_TOKENS + T, 24].
 
-The images: five 64x64 PNGs with a caption in a .txt beside each, one 96x64 (its centre crop is
-what a precompute at 64 px encodes), and captions.jsonl listing the same pairs.
+The images: five PNGs with a caption in a .txt beside each — three 64x64, one 96x64 (its centre
+crop is what a precompute at 64 px encodes), one stored 64x96 with an EXIF orientation that shows
+it 96x64 (a camera's portrait photo: upright first, then cropped) — and captions.jsonl listing the
+same pairs.
 """
 
 import json
@@ -117,10 +119,13 @@ def main():
                 "an empty canvas", "three small dots, left"]
     records = []
     for i, caption in enumerate(captions):
-        size = (96, 64) if i == 4 else (64, 64)
+        size = {3: (64, 96), 4: (96, 64)}.get(i, (64, 64))
         pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
         name = f"img{i}.png"
-        Image.fromarray(pixels).save(images / name)
+        exif = Image.Exif()
+        if i == 3:
+            exif[0x0112] = 6  # orientation: stored sideways, shown turned 90° clockwise (96x64)
+        Image.fromarray(pixels).save(images / name, exif=exif)
         (images / f"img{i}.txt").write_text(caption + "\n")
         records.append({"file": name, "caption": caption})
     (images / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
