@@ -119,6 +119,56 @@ fn diffusers_to_original_to_diffusers_is_exact() {
     assert_same_params(&diff, &MmditCheckpoint::open(d.join("dd")).unwrap());
 }
 
+/// diffusers' `sample_size` (the default latent side: not in the weights) goes through
+/// `convert` both ways: read from a `config.json` beside diffusers weights, kept in an original
+/// file's metadata, written back; a checkpoint that does not say gets SD3's 128.
+#[test]
+fn convert_keeps_the_sample_size() {
+    use advdmd::mmdit::checkpoint::{convert, DEFAULT_SAMPLE_SIZE};
+    let d = tmpdir("sample-size");
+    let sample_size = |dir: &Path| {
+        let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["sample_size"].as_u64()
+    };
+    // the fixture's config.json (beside its weights) says 8
+    let diff = convert(
+        &fixture().join("diffusers.safetensors"),
+        &d.join("o.safetensors"),
+        Layout::Original,
+        None,
+    )
+    .unwrap();
+    assert_eq!(diff.sample_size, Some(8));
+    let orig = MmditCheckpoint::open(d.join("o.safetensors")).unwrap();
+    assert_eq!(orig.sample_size, Some(8));
+    convert(
+        &d.join("o.safetensors"),
+        &d.join("back"),
+        Layout::Diffusers,
+        None,
+    )
+    .unwrap();
+    assert_eq!(sample_size(&d.join("back")), Some(8));
+    // an original file alone says nothing
+    std::fs::copy(
+        fixture().join("original.safetensors"),
+        d.join("bare.safetensors"),
+    )
+    .unwrap();
+    let bare = convert(
+        &d.join("bare.safetensors"),
+        &d.join("bare"),
+        Layout::Diffusers,
+        None,
+    )
+    .unwrap();
+    assert_eq!(bare.sample_size, None);
+    assert_eq!(
+        sample_size(&d.join("bare")),
+        Some(DEFAULT_SAMPLE_SIZE as u64)
+    );
+}
+
 #[test]
 fn bf16_and_f16_storage_round_to_the_stored_dtype() {
     let d = tmpdir("dtype");

@@ -157,12 +157,15 @@ impl Tiny {
         );
     }
 
-    fn check(&self, mode: &str, folder: &Path) -> String {
+    /// check_tools.py MODE on `folders` (its `ok:` lines).
+    fn check(&self, mode: &str, folders: &[&Path]) -> String {
+        let mut args = vec![Path::new(mode), &self.pipe, &self.images];
+        args.extend_from_slice(folders);
         let said = python(
             &self.py,
             &self.dir,
             "tests/tools/check_tools.py",
-            &[Path::new(mode), &self.pipe, &self.images, folder],
+            &args,
             &[],
         );
         said.lines()
@@ -197,7 +200,7 @@ fn precompute_py_writes_the_pipelines_latents_and_embeddings() {
     let data = tiny.dir.join("data");
     let said = tiny.precompute(&data, &[]);
     assert!(said.contains("5 samples in 3 shards"), "{said}");
-    let checked = tiny.check("precompute", &data);
+    let checked = tiny.check("precompute", &[&data]);
     eprintln!("{checked}");
     assert_eq!(checked.lines().count(), 6, "{checked}");
 
@@ -233,7 +236,10 @@ fn precompute_py_writes_the_pipelines_latents_and_embeddings() {
 }
 
 /// The trainer's path: precompute, distil the pipeline's own transformer folder on the emulator,
-/// sample the exported generator, decode its latents to PNGs; and decode.py inverts
+/// load the exported generator in diffusers (every key, the teacher's configuration, the
+/// generator's sigmas through `diffusers_sigmas`), sample it, decode its latents to PNGs. The
+/// CPU samples of the generator and of the teacher (4 steps, CFG 4.5) are what diffusers'
+/// StableDiffusion3Pipeline samples from the same noise and embeddings; decode.py inverts
 /// precompute.py's normalisation (a data shard decodes to the VAE's reconstruction).
 #[test]
 fn precomputed_data_distils_and_decodes() {
@@ -244,7 +250,7 @@ fn precomputed_data_distils_and_decodes() {
     tiny.precompute(&data, &[]);
     let shard_png = tiny.dir.join("shard-png");
     tiny.decode(&data.join("shard-00000.safetensors"), &shard_png);
-    let checked = tiny.check("decode", &shard_png);
+    let checked = tiny.check("decode", &[&shard_png]);
     assert!(checked.contains("2 decoded images"), "{checked}");
 
     let run = tiny.dir.join("run");
@@ -276,6 +282,8 @@ fn precomputed_data_distils_and_decodes() {
             ("--out", &run),
         ],
     );
+    let checked = tiny.check("model", &[&run.join("model")]);
+    assert!(checked.contains("samples with it"), "{checked}");
     let samples = tiny.dir.join("samples");
     advdmd(
         &["sample", "--count", "3"],
@@ -285,6 +293,20 @@ fn precomputed_data_distils_and_decodes() {
             ("--out", &samples),
         ],
     );
+    let checked = tiny.check("replay", &[&samples, &data]);
+    assert!(checked.contains("3 samples of model (2 steps"), "{checked}");
+    let teacher_samples = tiny.dir.join("teacher-samples");
+    advdmd(
+        &["sample", "--count", "2", "--steps", "4"],
+        &[
+            ("--checkpoint", &tiny.pipe.join("transformer")),
+            ("--data", &data),
+            ("--out", &teacher_samples),
+        ],
+    );
+    let checked = tiny.check("replay", &[&teacher_samples, &data]);
+    assert!(checked.contains("(4 steps, cfg 4.5)"), "{checked}");
+    eprintln!("{checked}");
     let png = tiny.dir.join("png");
     tiny.decode(&samples.join("latents.safetensors"), &png);
     let manifest = std::fs::read_to_string(png.join("manifest.jsonl")).unwrap();

@@ -14,6 +14,13 @@ pub fn shift_sigma(sigma: f64, shift: f64) -> f64 {
     shift * sigma / (1.0 + (shift - 1.0) * sigma)
 }
 
+/// The σ that [`shift_sigma`] maps to `sigma`: `σ / (s − (s−1)·σ)`. diffusers'
+/// `FlowMatchEulerDiscreteScheduler` shifts the sigmas a pipeline is given, so a schedule of
+/// shifted sigmas is handed to it unshifted.
+pub fn unshift_sigma(sigma: f64, shift: f64) -> f64 {
+    sigma / (shift - (shift - 1.0) * sigma)
+}
+
 /// The multi-step (teacher) schedule of diffusers' `FlowMatchEulerDiscreteScheduler` with a
 /// constant shift: timesteps linear from σ_max·1000 to σ_min·1000, where σ_min is the *shifted*
 /// σ of training step 1, divided by 1000 and shifted again; then a final 0. Returns `n + 1`

@@ -24,6 +24,11 @@ pub const DIFFUSERS_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
 /// Metadata key recording the head size in files we write (the weights cannot tell it without
 /// QK norm).
 const HEAD_DIM_METADATA: &str = "advdmd.head_dim";
+/// The latent side a model samples at by default (diffusers' `sample_size`), kept through our
+/// exports and conversions: the weights do not hold it.
+const SAMPLE_SIZE_METADATA: &str = "advdmd.sample_size";
+/// `sample_size` where a checkpoint does not say (every SD3 release: 1024 px / the VAE's 8).
+pub const DEFAULT_SAMPLE_SIZE: usize = 128;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layout {
@@ -63,6 +68,9 @@ pub struct MmditCheckpoint {
     pub config: MmditConfig,
     /// Things worth one info line (skipped keys), for the caller to print.
     pub notes: Vec<String>,
+    /// diffusers' `sample_size` (the default latent side), where the checkpoint says: a
+    /// `config.json` beside diffusers weights, or our exports' metadata.
+    pub sample_size: Option<usize>,
     files: Vec<SafetensorsFile>,
     sources: BTreeMap<String, Vec<Source>>,
 }
@@ -130,11 +138,23 @@ fn resolve(path: &Path) -> Result<Vec<PathBuf>> {
     Ok(vec![path.to_path_buf()])
 }
 
-/// The head size a diffusers `config.json` beside the weights gives, if any.
-fn config_json_head_dim(weights: &Path) -> Option<usize> {
+/// A size a diffusers `config.json` beside the weights gives (`attention_head_dim`,
+/// `sample_size`), if any.
+fn config_json_size(weights: &Path, key: &str) -> Option<usize> {
     let text = std::fs::read_to_string(weights.parent()?.join("config.json")).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v["attention_head_dim"].as_u64().map(|h| h as usize)
+    v[key].as_u64().and_then(|h| usize::try_from(h).ok())
+}
+
+/// A size our metadata `key` or else the diffusers `config.json` key gives, from the first file
+/// that says.
+fn stored_size(files: &[SafetensorsFile], metadata: &str, json: &str) -> Option<usize> {
+    files.iter().find_map(|f| {
+        f.user_metadata()
+            .get(metadata)
+            .and_then(|v| v.parse().ok())
+            .or_else(|| config_json_size(f.path(), json))
+    })
 }
 
 impl MmditCheckpoint {
@@ -226,12 +246,9 @@ impl MmditCheckpoint {
         }
 
         let shapes = original_shapes(&files, &sources)?;
-        let hint = files.iter().find_map(|f| {
-            f.user_metadata()
-                .get(HEAD_DIM_METADATA)
-                .and_then(|v| v.parse().ok())
-                .or_else(|| config_json_head_dim(f.path()))
-        });
+        let hint = stored_size(&files, HEAD_DIM_METADATA, "attention_head_dim");
+        let sample_size =
+            stored_size(&files, SAMPLE_SIZE_METADATA, "sample_size").filter(|&s| s > 0);
         let config = MmditConfig::detect(&shapes, &path, hint)
             .map_err(|e| name_stored_key(e, layout, prefix.as_deref(), &sources, &files))?;
         let ckpt = MmditCheckpoint {
@@ -239,6 +256,7 @@ impl MmditCheckpoint {
             layout,
             config,
             notes,
+            sample_size,
             files,
             sources,
         };
@@ -462,10 +480,26 @@ pub fn save_mmdit(
     out: &Path,
     dtype: StoredDType,
 ) -> Result<()> {
+    save_mmdit_sized(source, config, None, layout, out, dtype)
+}
+
+/// [`save_mmdit`] of a model whose default latent side is known (`sample_size`: a teacher's, a
+/// converted checkpoint's), kept in the metadata and the diffusers `config.json`.
+pub fn save_mmdit_sized(
+    source: &dyn ParamSource,
+    config: &MmditConfig,
+    sample_size: Option<usize>,
+    layout: Layout,
+    out: &Path,
+    dtype: StoredDType,
+) -> Result<()> {
     let shapes = config.param_shapes();
     let mut metadata = HashMap::new();
     metadata.insert("format".to_string(), "pt".to_string());
     metadata.insert(HEAD_DIM_METADATA.to_string(), config.head_dim.to_string());
+    if let Some(size) = sample_size {
+        metadata.insert(SAMPLE_SIZE_METADATA.to_string(), size.to_string());
+    }
     match layout {
         Layout::Original => {
             let pending: Vec<PendingTensor> = shapes
@@ -480,7 +514,7 @@ pub fn save_mmdit(
             write_safetensors(out, &pending, Some(metadata))
         }
         Layout::Diffusers => {
-            let json = diffusers_config_json(config)?;
+            let json = diffusers_config_json(config, sample_size)?;
             std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
             let mut pending = Vec::new();
             for (name, shape) in &shapes {
@@ -505,8 +539,12 @@ pub fn save_mmdit(
     }
 }
 
-/// The `config.json` of diffusers' `SD3Transformer2DModel` for this configuration.
-pub fn diffusers_config_json(c: &MmditConfig) -> Result<serde_json::Value> {
+/// The `config.json` of diffusers' `SD3Transformer2DModel` for this configuration (its
+/// `sample_size`, diffusers' default latent side, [`DEFAULT_SAMPLE_SIZE`] unless given).
+pub fn diffusers_config_json(
+    c: &MmditConfig,
+    sample_size: Option<usize>,
+) -> Result<serde_json::Value> {
     if c.mlp_hidden != 4 * c.hidden || c.freq_dim != 256 {
         return Err(Error::Invalid(format!(
             "this MMDiT (MLP width {}, timestep features {}) cannot be described by diffusers' SD3Transformer2DModel, which fixes them to 4·D = {} and 256",
@@ -518,7 +556,7 @@ pub fn diffusers_config_json(c: &MmditConfig) -> Result<serde_json::Value> {
     Ok(serde_json::json!({
         "_class_name": "SD3Transformer2DModel",
         "_diffusers_version": "0.32.0",
-        "sample_size": 128,
+        "sample_size": sample_size.unwrap_or(DEFAULT_SAMPLE_SIZE),
         "patch_size": c.patch,
         "in_channels": c.in_channels,
         "num_layers": c.depth,
@@ -618,7 +656,7 @@ pub fn convert(
     let ckpt = MmditCheckpoint::open(input)?;
     let dtype = dtype.unwrap_or_else(|| ckpt.main_dtype());
     if layout == Layout::Diffusers {
-        diffusers_config_json(&ckpt.config)?;
+        diffusers_config_json(&ckpt.config, ckpt.sample_size)?;
         if out.is_file() {
             return Err(Error::Invalid(format!(
                 "{}: is a file; the diffusers layout is written as a folder",
@@ -631,7 +669,7 @@ pub fn convert(
             out.display()
         )));
     }
-    save_mmdit(&ckpt, &ckpt.config, layout, out, dtype)?;
+    save_mmdit_sized(&ckpt, &ckpt.config, ckpt.sample_size, layout, out, dtype)?;
     Ok(ckpt)
 }
 

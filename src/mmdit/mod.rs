@@ -8,6 +8,6 @@ pub mod init;
 pub mod layout;
 pub mod model;
 
-pub use checkpoint::{save_mmdit, Layout, MmditCheckpoint, ParamSource};
+pub use checkpoint::{save_mmdit, save_mmdit_sized, Layout, MmditCheckpoint, ParamSource};
 pub use config::MmditConfig;
 pub use model::{Mmdit, MmditInputs, MmditOutput};

@@ -187,7 +187,8 @@ pub fn sample_checkpoint_latents_device(
 }
 
 /// Writes sampled latents (`[N, C, H, W]`, the samples of `data`'s rows `indices`, sample k
-/// seeded `seed + k`) as `dir/latents.safetensors` (the captions in its metadata) and
+/// seeded `seed + k`) as `dir/latents.safetensors` (`latents`, the `noise` each started from, the
+/// captions in its metadata) and
 /// `dir/manifest.jsonl` (a line a sample: its index, data row, caption and seed, then `fields`):
 /// what `tools/decode.py` reads.
 pub fn write_latent_samples(
@@ -215,9 +216,17 @@ pub fn write_latent_samples(
     }
     let captions = serde_json::to_string(&captions).expect("JSON of strings");
     let meta = std::collections::HashMap::from([("advdmd.captions".to_string(), captions)]);
+    // each sample's starting noise (its manifest seed's draws, as the samplers draw it), so a
+    // sample can be replayed elsewhere: diffusers' pipelines take it as `latents=`
+    let per = latents.numel() / indices.len().max(1);
+    let (_, noise) = seeded_noise(&sample_seeds(seed, indices.len()), per);
+    let noise = Tensor::from_vec(noise, latents.shape());
     crate::checkpoint::save_safetensors(
         dir.join("latents.safetensors"),
-        &[("latents".to_string(), latents)],
+        &[
+            ("latents".to_string(), latents),
+            ("noise".to_string(), noise),
+        ],
         Some(meta),
     )?;
     crate::checkpoint::write_atomic(&dir.join("manifest.jsonl"), manifest.as_bytes())

@@ -17,7 +17,7 @@ use crate::device::kernel::KernelDevice;
 use crate::error::{Error, Result};
 use crate::eval::image::to_u8;
 use crate::eval::{evaluate_images, evaluation_prompts, EvalReport};
-use crate::mmdit::{save_mmdit, Layout, MmditCheckpoint};
+use crate::mmdit::{save_mmdit_sized, Layout, MmditCheckpoint};
 use crate::nn::ParamSource;
 use crate::tensor::Rng;
 use std::io::Write;
@@ -435,9 +435,10 @@ fn save_distilled_checkpoint(
         Layout::Original => dir.join("transformer.safetensors"),
         Layout::Diffusers => dir.to_path_buf(),
     };
-    save_mmdit(
+    save_mmdit_sized(
         &run.ema_model(),
         &teacher.config,
+        teacher.sample_size,
         teacher.layout,
         &target,
         teacher.main_dtype(),
@@ -450,11 +451,24 @@ fn save_distilled_checkpoint(
         "steps": c.steps_per_sample,
         "shift": c.shift,
         "sigmas": run.sigmas(),
+        // what to pass as `sigmas=` to diffusers' StableDiffusion3Pipeline, whose scheduler
+        // (shift `shift`) shifts them into `sigmas`; the last 0 is the scheduler's own
+        "diffusers_sigmas": diffusers_sigmas(&run.sigmas(), c.shift),
         "rho": c.rho,
         "distill": format!("{c:?}"),
     });
     let text = serde_json::to_string_pretty(&info).expect("JSON");
     crate::checkpoint::write_atomic(&dir.join("advdmd.json"), text.as_bytes())
+}
+
+/// A K-step schedule (K + 1 shifted sigmas, ending in 0) as diffusers' pipelines take it: the K
+/// noisy sigmas unshifted, rounded to f32's precision.
+fn diffusers_sigmas(sigmas: &[f32], shift: f64) -> Vec<f64> {
+    let noisy = &sigmas[..sigmas.len().saturating_sub(1)];
+    noisy
+        .iter()
+        .map(|&s| crate::flow::unshift_sigma(s as f64, shift) as f32 as f64)
+        .collect()
 }
 
 /// The EMA generator as a Shapes model (sharing the teacher's text encoder and tokenizer).

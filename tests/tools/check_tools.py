@@ -12,6 +12,20 @@ images (tests/python_tools.rs runs it), against the pipeline's own components ca
         decode.py's PNGs of the first shard are the VAE's reconstruction of the images, within one
         level of 255: decode inverts precompute's shift and scale
 
+    check_tools.py model PIPELINE_DIR IMAGES_DIR MODEL_DIR
+        a distilled generator (`distill --data`'s OUT/model, diffusers layout) loads into
+        diffusers' SD3Transformer2DModel with no key missing, unexpected or misshapen, with the
+        teacher's configuration (sample_size included), and samples in StableDiffusion3Pipeline
+        given advdmd.json's `diffusers_sigmas`, which its scheduler turns into the generator's
+        own sigmas, to finite latents
+
+    check_tools.py replay PIPELINE_DIR IMAGES_DIR SAMPLES_DIR DATA_DIR
+        `advdmd sample --data`'s latents (CPU, f32) are what StableDiffusion3Pipeline samples with
+        the same model (its manifest's: the teacher's folder or a distilled OUT/model), from the
+        same starting noise (latents.safetensors' `noise`) and the data's embeddings, with the
+        same steps and CFG weight (the empty prompt's embeddings as the negative ones): relative
+        L2 of every sample's latents below 1e-4
+
 Prints one `ok` line a check; an assertion names what differs.
 """
 
@@ -56,6 +70,60 @@ def main():
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
     files = sorted(images.glob("*.png"))
     torch.set_grad_enabled(False)
+
+    if mode == "model":
+        from diffusers import SD3Transformer2DModel
+
+        model, info = SD3Transformer2DModel.from_pretrained(out, output_loading_info=True)
+        for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+            assert not info[kind], f"{kind}: {info[kind]}"
+        teacher = json.loads((pathlib.Path(pipe_dir) / "transformer" / "config.json").read_text())
+        mine = json.loads((out / "config.json").read_text())
+        differ = {k: (mine.get(k), v) for k, v in teacher.items() if not k.startswith("_") and mine.get(k) != v}
+        assert not differ, f"config.json differs from the teacher's: {differ}"
+        print(f"ok: {out.name} loads in diffusers with every key, the teacher's configuration")
+        schedule = json.loads((out / "advdmd.json").read_text())
+        pipe.transformer = model
+        latents = pipe(prompt="a red circle", num_inference_steps=schedule["steps"],
+                       sigmas=schedule["diffusers_sigmas"], guidance_scale=1.0, max_sequence_length=8,
+                       height=64, width=64, output_type="latent",
+                       generator=torch.Generator().manual_seed(0)).images
+        assert latents.shape == (1, 4, 8, 8) and torch.isfinite(latents).all(), latents.shape
+        ran = pipe.scheduler.sigmas.tolist()
+        assert max(abs(a - b) for a, b in zip(ran, schedule["sigmas"])) < 1e-6 and len(ran) == len(schedule["sigmas"]), \
+            f"the pipeline ran sigmas {ran}, the generator's are {schedule['sigmas']}"
+        print(f"ok: StableDiffusion3Pipeline samples with it at the generator's sigmas {schedule['sigmas']}")
+        return
+
+    if mode == "replay":
+        from diffusers import SD3Transformer2DModel
+
+        data = pathlib.Path(sys.argv[5])
+        mine, _ = load(out / "latents.safetensors")
+        rows = [json.loads(l) for l in (out / "manifest.jsonl").read_text().splitlines()]
+        shards = [load(s)[0] for s in sorted(data.glob("shard-*.safetensors"))]
+        context = torch.cat([t["context"] for t in shards])
+        pooled = torch.cat([t["pooled"] for t in shards])
+        uncond, _ = load(data / "uncond.safetensors")
+        model_dir = pathlib.Path(rows[0]["model"])
+        pipe.transformer = SD3Transformer2DModel.from_pretrained(model_dir)
+        schedule = {}
+        if (model_dir / "advdmd.json").is_file():
+            schedule["sigmas"] = json.loads((model_dir / "advdmd.json").read_text())["diffusers_sigmas"]
+        worst = 0.0
+        for k, row in enumerate(rows):
+            assert row["sampler"] == "euler" and row["shift"] == pipe.scheduler.config.shift, row
+            cfg = row["cfg"]
+            extra = dict(negative_prompt_embeds=uncond["context"], negative_pooled_prompt_embeds=uncond["pooled"]) if cfg != 1 else {}
+            got = pipe(prompt_embeds=context[row["sample"]][None], pooled_prompt_embeds=pooled[row["sample"]][None],
+                       latents=mine["noise"][k][None], num_inference_steps=row["steps"], guidance_scale=cfg,
+                       output_type="latent", **schedule, **extra).images[0]
+            err = ((got - mine["latents"][k]).norm() / mine["latents"][k].norm()).item()
+            worst = max(worst, err)
+            assert err < 1e-4, f"sample {k}: relative L2 {err} between advdmd's and diffusers' latents"
+        print(f"ok: {len(rows)} samples of {model_dir.name} ({rows[0]['steps']} steps, cfg {rows[0]['cfg']}) "
+              f"are diffusers' from the same noise: worst relative L2 {worst:.1e}")
+        return
 
     if mode == "decode":
         lines = [json.loads(l) for l in (out / "manifest.jsonl").read_text().splitlines()]
