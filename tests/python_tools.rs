@@ -11,6 +11,7 @@
 mod common;
 
 use advdmd::data::latents::LatentData;
+use advdmd::mmdit::MmditCheckpoint;
 use common::ScratchDir;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -337,7 +338,8 @@ fn precomputed_data_distils_and_decodes() {
 /// The CPU MMDiT against diffusers (float64, the pinned version) on the SD3-family blocks the
 /// shared fixture does not hold: SD3-medium's (no q/k norm, no MMDiT-X block; a 6 × 10 latent
 /// cropped from a larger position table) and SD3.5-large's (RMS q/k norms, no MMDiT-X block),
-/// written by tests/tools/make_mmdit_fixture.py; each original layout is `advdmd convert`'s.
+/// written by tests/tools/make_mmdit_fixture.py; each original layout is `advdmd convert`'s. And
+/// diffusers' sharded save of each (shards + index, as large models ship) reads as the one file.
 #[test]
 fn the_mmdit_matches_diffusers_on_sd3_medium_and_sd35_large_blocks() {
     let Some(py) = torch_python("mmdit-diffusers-fixtures") else {
@@ -363,6 +365,27 @@ fn the_mmdit_matches_diffusers_on_sd3_medium_and_sd35_large_blocks() {
             &[("", &from), ("", &to)],
         );
         failures.extend(common::parity::check_fixture(&fixture));
+        // diffusers' own sharded save of the same weights reads as the single file
+        let sharded = MmditCheckpoint::open(fixture.join("sharded")).unwrap();
+        let single = MmditCheckpoint::open(&from).unwrap();
+        let shards = std::fs::read_dir(fixture.join("sharded"))
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().ends_with(".safetensors")
+            })
+            .count();
+        assert!(shards > 2, "{name}: {shards} shards");
+        assert_eq!(sharded.config, single.config);
+        assert_eq!(sharded.sample_size, Some(8));
+        for (param, shape) in single.config.param_shapes() {
+            let (a, b) = (sharded.load(&param).unwrap(), single.load(&param).unwrap());
+            assert_eq!(
+                (a.shape(), a.f32s()),
+                (&shape[..], b.f32s()),
+                "{name}: {param}"
+            );
+        }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

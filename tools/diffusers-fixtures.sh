@@ -10,11 +10,10 @@ OUT="$1"
 ADVDMD="${2:-${CARGO_TARGET_DIR:-target}/release/advdmd}"
 PY="${ADVDMD_TORCH_PYTHON:-$(tools/install-python-tools.sh --torch)}"
 mkdir -p "$OUT"
-HF_HUB_OFFLINE=1 DIFFUSERS_VERBOSITY=error PYTHONDONTWRITEBYTECODE=1 \
-  "$PY" tests/tools/make_mmdit_fixture.py "$OUT" >&2
+written="$(HF_HUB_OFFLINE=1 DIFFUSERS_VERBOSITY=error PYTHONDONTWRITEBYTECODE=1 \
+  "$PY" tests/tools/make_mmdit_fixture.py "$OUT")"
 list=""
-for dir in "$OUT"/*/; do
-  dir="${dir%/}"
+for dir in $written; do
   "$ADVDMD" convert "$dir/diffusers.safetensors" "$dir/original.safetensors" --layout original >&2
   list="${list:+$list:}$dir"
 done

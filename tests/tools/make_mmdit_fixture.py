@@ -8,10 +8,12 @@ SD3Transformer2DModel in float64 on the CPU, for the SD3-family configurations t
   sd35l_tiny   SD3.5-large's block: RMS q/k norms, no MMDiT-X block; an 8x8 latent filling
                the position table, batch 3, 5 text tokens
 
-    make_mmdit_fixture.py OUT_DIR [NAME ...]     (default: every name)
+    make_mmdit_fixture.py OUT_DIR [NAME ...]     (default: every name; prints each folder)
 
 Each OUT_DIR/NAME/ holds config.json, diffusers.safetensors, forward_backward.safetensors and
-sampling.safetensors (the original layout is for the test to write: `advdmd convert`). Every
+sampling.safetensors (the original layout is for the test to write: `advdmd convert`), and
+sharded/: the same weights as diffusers' save_pretrained writes a large model (shards of at most
+100 KB and their index). Every
 parameter and the position table are drawn at random (no zero-initialised part hides a term).
 """
 
@@ -71,6 +73,10 @@ def write(out, name, spec):
     model.load_state_dict({k: v.to(torch.float64) for k, v in weights.items()})
     save_file(weights, str(folder / "diffusers.safetensors"))
     (folder / "config.json").write_text(json.dumps(spec["config"], indent=1))
+    # the same weights as diffusers saves a large model: shards and their index
+    sharded = SD3Transformer2DModel(**spec["config"])
+    sharded.load_state_dict(weights)
+    sharded.save_pretrained(folder / "sharded", max_shard_size="100KB")
 
     b, c = spec["batch"], spec["config"]["in_channels"]
     h, w, L = spec["height"], spec["width"], spec["tokens"]
@@ -111,7 +117,8 @@ def write(out, name, spec):
             lat = lat + (sigmas[i + 1] - sigmas[i]) * guided
     sampling.update(cfg_init_latents=init, cfg_guidance_scale=torch.tensor([scale]), cfg_final_latents=lat)
     save_file(f32(sampling), str(folder / "sampling.safetensors"))
-    print(f"{folder}: {sum(p.numel() for p in model.parameters())} parameters")
+    print(f"{folder}: {sum(p.numel() for p in model.parameters())} parameters", file=sys.stderr)
+    print(folder)
 
 
 def main():
