@@ -236,7 +236,8 @@ fn precompute_py_writes_the_pipelines_latents_and_embeddings() {
     );
 }
 
-/// The trainer's path: precompute, distil the pipeline's own transformer folder on the emulator,
+/// The trainer's path: precompute, distil the pipeline's own transformer folder on the emulator
+/// (its original-layout conversion loads in diffusers' single-file loader too),
 /// load the exported generator in diffusers (every key, the teacher's configuration, the
 /// generator's sigmas through `diffusers_sigmas`), sample it, decode its latents to PNGs. The
 /// CPU samples of the generator and of the teacher (4 steps, CFG 4.5) are what diffusers'
@@ -253,6 +254,15 @@ fn precomputed_data_distils_and_decodes() {
     tiny.decode(&data.join("shard-00000.safetensors"), &shard_png);
     let checked = tiny.check("decode", &[&shard_png]);
     assert!(checked.contains("2 decoded images"), "{checked}");
+
+    let single = tiny.dir.join("transformer.safetensors");
+    let transformer = tiny.pipe.join("transformer");
+    advdmd(
+        &["convert", "--layout", "original"],
+        &[("", &transformer), ("", &single)],
+    );
+    let checked = tiny.check("single-file", &[&single]);
+    assert!(checked.contains("loads with from_single_file"), "{checked}");
 
     let run = tiny.dir.join("run");
     advdmd(

@@ -26,6 +26,10 @@ images (tests/python_tools.rs runs it), against the pipeline's own components ca
         same steps and CFG weight (the empty prompt's embeddings as the negative ones): relative
         L2 of every sample's latents below 1e-4
 
+    check_tools.py single-file PIPELINE_DIR IMAGES_DIR FILE
+        an original-layout file (`advdmd convert --layout original` of the pipeline's transformer)
+        loads with diffusers' single-file loader into exactly the pipeline's transformer weights
+
 Prints one `ok` line a check; an assertion names what differs.
 """
 
@@ -93,6 +97,17 @@ def main():
         assert max(abs(a - b) for a, b in zip(ran, schedule["sigmas"])) < 1e-6 and len(ran) == len(schedule["sigmas"]), \
             f"the pipeline ran sigmas {ran}, the generator's are {schedule['sigmas']}"
         print(f"ok: StableDiffusion3Pipeline samples with it at the generator's sigmas {schedule['sigmas']}")
+        return
+
+    if mode == "single-file":
+        from diffusers import SD3Transformer2DModel
+
+        want = SD3Transformer2DModel.from_pretrained(pathlib.Path(pipe_dir) / "transformer").state_dict()
+        got = SD3Transformer2DModel.from_single_file(str(out), config=pipe_dir, subfolder="transformer").state_dict()
+        assert set(got) == set(want), f"keys differ: {sorted(set(got) ^ set(want))}"
+        for key, value in want.items():
+            assert torch.equal(got[key], value), f"{key} differs"
+        print(f"ok: {out.name} loads with from_single_file into the pipeline's {len(want)} transformer tensors")
         return
 
     if mode == "replay":
