@@ -58,15 +58,8 @@ fn write_data(dir: &Path, channels: usize, ctx: usize, pooled: usize) {
 
 fn distill(teacher: &Path, data: &Path, out: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_advdmd"))
-        .args(["distill", "--prompts", "2", "--group", "2"])
-        .args([
-            "--steps-per-sample",
-            "2",
-            "--r-dmd",
-            "2",
-            "--rl-warmup",
-            "0",
-        ])
+        .arg("distill")
+        .args(common::TINY_RUN_FLAGS)
         .arg("--teacher")
         .arg(teacher)
         .arg("--data")

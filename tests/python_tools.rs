@@ -278,26 +278,18 @@ fn precomputed_data_distils_and_decodes() {
     let run = tiny.dir.join("run");
     advdmd(
         &[
-            "distill",
-            "--device",
-            "emu",
-            "--prompts",
-            "2",
-            "--group",
-            "2",
-            "--steps-per-sample",
-            "2",
-            "--r-dmd",
-            "2",
-            "--rl-warmup",
-            "0",
-            "--iterations",
-            "2",
-            "--checkpoint-every",
-            "2",
-            "--samples",
-            "2",
-        ],
+            &["distill", "--device", "emu"][..],
+            &common::TINY_RUN_FLAGS,
+            &[
+                "--iterations",
+                "2",
+                "--checkpoint-every",
+                "2",
+                "--samples",
+                "2",
+            ],
+        ]
+        .concat(),
         &[
             ("--teacher", &tiny.pipe.join("transformer")),
             ("--data", &data),

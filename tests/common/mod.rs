@@ -7,6 +7,21 @@ use advdmd::autograd::{backward, no_grad};
 use advdmd::{Rng, Tensor, Var};
 use std::path::{Path, PathBuf};
 
+/// The smallest AdvDMD run of the checkpoint-teacher tests: 2 prompts × group 2, K = 2, a
+/// generator update every other iteration, RL from the start.
+pub const TINY_RUN_FLAGS: [&str; 10] = [
+    "--prompts",
+    "2",
+    "--group",
+    "2",
+    "--steps-per-sample",
+    "2",
+    "--r-dmd",
+    "2",
+    "--rl-warmup",
+    "0",
+];
+
 /// Random normal tensor (deterministic per seed).
 pub fn randn(shape: &[usize], seed: u64) -> Tensor {
     Tensor::randn(shape, &mut Rng::new(seed))
