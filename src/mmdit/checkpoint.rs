@@ -591,8 +591,12 @@ impl MmditCheckpoint {
         } else {
             format!("{:?}", c.dual_attention_blocks)
         };
+        let sample_size = match self.sample_size {
+            Some(s) => s.to_string(),
+            None => format!("not stored (exports say {DEFAULT_SAMPLE_SIZE})"),
+        };
         format!(
-            "checkpoint: {}\nlayout: {}\nfiles: {}\nmodel: {}\ndepth: {}\nhidden: {}\nheads: {} × {}\npatch: {}\nchannels: {} in, {} out\npos_embed_max_size: {}\ncontext dim: {}\npooled dim: {}\ntimestep features: {}\nmlp hidden: {}\nqk norm: {}\ndual attention blocks: {dual}\nparameters: {} ({})\nstored dtypes: {}\n",
+            "checkpoint: {}\nlayout: {}\nfiles: {}\nmodel: {}\ndepth: {}\nhidden: {}\nheads: {} × {}\npatch: {}\nchannels: {} in, {} out\npos_embed_max_size: {}\nsample size: {sample_size}\ncontext dim: {}\npooled dim: {}\ntimestep features: {}\nmlp hidden: {}\nqk norm: {}\ndual attention blocks: {dual}\nparameters: {} ({})\nstored dtypes: {}\n",
             self.path.display(),
             self.layout.name(),
             files.join(", "),
@@ -632,6 +636,7 @@ impl MmditCheckpoint {
             "in_channels": c.in_channels,
             "out_channels": c.out_channels,
             "pos_embed_max_size": c.pos_embed_max_size,
+            "sample_size": self.sample_size,
             "context_dim": c.context_dim,
             "pooled_dim": c.pooled_dim,
             "freq_dim": c.freq_dim,
