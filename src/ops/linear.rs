@@ -1,7 +1,7 @@
 //! Linear layers (`x·Wᵀ + b` with checkpoint-layout weights `[out, in]`) and batched matmul.
 
 use crate::autograd::{record, Var};
-use crate::kernels::gemm::{sgemm, MatRef};
+use crate::kernels::gemm::{sgemm, sgemm_new, MatRef};
 use crate::tensor::Tensor;
 
 /// `x·Wᵀ + b`: `x [..., in]`, `weight [out, in]`, `bias [out]` → `[..., out]`.
@@ -18,17 +18,13 @@ pub fn linear(x: &Var, weight: &Var, bias: Option<&Var>) -> Var {
         wv.shape()
     );
     let m = xv.numel() / n_in;
-    let mut y = vec![0f32; m * n_out];
-    sgemm(
+    let mut y = sgemm_new(
         m,
         n_out,
         n_in,
         1.0,
         MatRef::rows(xv.f32s(), n_in),
         MatRef::rows_t(wv.f32s(), n_in),
-        &mut y,
-        n_out,
-        false,
         true,
     );
     if let Some(b) = bias {
@@ -57,33 +53,25 @@ pub fn linear(x: &Var, weight: &Var, bias: Option<&Var>) -> Var {
         move |g, need| {
             let gy = g.f32s();
             let dx = need[0].then(|| {
-                let mut dx = vec![0f32; m * n_in];
-                sgemm(
+                let dx = sgemm_new(
                     m,
                     n_in,
                     n_out,
                     1.0,
                     MatRef::rows(gy, n_out),
                     MatRef::rows(wv.f32s(), n_in),
-                    &mut dx,
-                    n_in,
-                    false,
                     true,
                 );
                 Tensor::from_vec(dx, xv.shape())
             });
             let dw = need[1].then(|| {
-                let mut dw = vec![0f32; n_out * n_in];
-                sgemm(
+                let dw = sgemm_new(
                     n_out,
                     n_in,
                     m,
                     1.0,
                     MatRef::rows_t(gy, n_out),
                     MatRef::rows(xv.f32s(), n_in),
-                    &mut dw,
-                    n_in,
-                    false,
                     true,
                 );
                 Tensor::from_vec(dw, &[n_out, n_in])
