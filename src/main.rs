@@ -93,7 +93,7 @@ enum Command {
         /// and only before any of them acted: the fork equals a fresh run with these flags.
         #[arg(long, conflicts_with = "resume")]
         fork_from: Option<PathBuf>,
-        /// Iterations (the default run takes about 25 minutes on 2 cores).
+        /// Iterations (the default run takes about 21 minutes on 2 cores, its evaluation included).
         #[arg(long, default_value_t = 1200)]
         iterations: u64,
         #[arg(long, default_value_t = 100)]

@@ -7,7 +7,7 @@
 
 mod common;
 
-use advdmd::kernels::gemm::{sgemm, sgemm_naive, MatRef};
+use advdmd::kernels::gemm::{sgemm, sgemm_naive, sgemm_new, MatRef};
 use advdmd::ops::norm::{adaln_modulate, gated_residual, rms_norm, LN_EPS};
 use advdmd::ops::{concat, linear, matmul, Activation, PatchOrder};
 use advdmd::{Tensor, Var};
@@ -312,7 +312,16 @@ fn matmul_grad() {
 
 #[test]
 fn sgemm_matches_naive_with_transposes_and_large_sizes() {
-    for &(m, n, k) in &[(1, 1, 1), (17, 29, 13), (129, 67, 255), (300, 257, 301)] {
+    // (40, 33, 1100): k spans several of gemm's k-panels, the later ones adding onto the first's
+    // output — which `sgemm_new` writes into unfilled memory.
+    for &(m, n, k) in &[
+        (1, 1, 1),
+        (5, 7, 0),
+        (17, 29, 13),
+        (129, 67, 255),
+        (300, 257, 301),
+        (40, 33, 1100),
+    ] {
         let a = randn(&[m * k], 35);
         let b = randn(&[k * n], 36);
         for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
@@ -335,6 +344,15 @@ fn sgemm_matches_naive_with_transposes_and_large_sizes() {
                 &want,
                 1e-3,
                 1e-4,
+            );
+            let fresh = sgemm_new(m, n, k, 1.0, am, bm, true);
+            assert!(
+                fresh.len() == c.len()
+                    && fresh
+                        .iter()
+                        .zip(&c)
+                        .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "sgemm_new {m}x{n}x{k} {ta} {tb} differs from sgemm into zeros"
             );
         }
     }
