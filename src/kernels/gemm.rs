@@ -102,9 +102,10 @@ pub fn sgemm_new(
         return vec![0f32; m * n];
     }
     let mut c = Vec::with_capacity(m * n);
-    // SAFETY: the capacity holds the m×n output at row stride n. Without `accumulate` the GEMM
-    // writes every element before any read (later k-panels add onto what the first wrote), so
-    // all m·n values are initialised when the length is set.
+    // SAFETY: the capacity holds the m×n output at row stride n. Without `accumulate` (gemm's
+    // `read_dst`) the GEMM writes every element before any read: its first k-panel stores
+    // beta·product, later ones add onto that (gemm 0.19's microkernel, gemv and gevv paths all
+    // branch on a zero dst factor), so all m·n values are initialised when the length is set.
     unsafe {
         gemm_into(m, n, k, alpha, a, b, c.as_mut_ptr(), n, false, parallel);
         c.set_len(m * n);
