@@ -10,7 +10,7 @@
 // causality; the concatenation is never built: the key (and query) tiles are enumerated stream
 // a first, then stream b, and each tile lies inside one stream (a stream's last tile is partial
 // and masked). D is 64 or 128 (template, one extern "C" entry per value); any other D up to 256
-// runs the simple fallback at the end of this file (joint_attn_*_naive: one warp per row, no
+// runs the simple fallback at the end of this file (joint_attn_*_naive: one thread per row, no
 // tensor cores, same results and lse).
 //
 //   joint_attn_fwd_v{3,4}_d{64,128} O (two buffers) and the row log-sum-exp lse [B, H, La+Lb]
@@ -28,10 +28,10 @@
 //   joint_attn_dq_convert        dQ = scale · accumulator, to bf16 (the MMDiT with QK norms skips
 //                                it: qknorm.cu's rms_norm_bwd2_dq32 reads the accumulator)
 //   joint_attn_fwd_naive         fallback for any other D ≤ 256 (section at the end): O and lse,
-//                                one warp per query row, online softmax over all keys
-//   joint_attn_bwd_naive_drow    fallback Drow = Σ_j P·dP, one warp per query row
-//   joint_attn_bwd_naive_dq      fallback dQ (bf16), one warp per query row over all keys
-//   joint_attn_bwd_naive_dkdv    fallback dK, dV (bf16), one warp per key row over all queries
+//                                one thread per query row, online softmax over all keys
+//   joint_attn_bwd_naive_drow    fallback Drow = Σ_j P·dP, one thread per query row
+//   joint_attn_bwd_naive_dq      fallback dQ (bf16), one thread per query row over all keys
+//   joint_attn_bwd_naive_dkdv    fallback dK, dV (bf16), one thread per key row over all queries
 //
 // Tiling: every warp owns 32 query rows of the forward's block (128 or 256 rows) or 16 or 32 keys of
 // the backward's 128-key block; the other operand streams through shared memory in tiles of 64
@@ -963,16 +963,18 @@ extern "C" __global__ void __launch_bounds__(256)
 // Any head dim 1 ≤ D ≤ 256 that the tensor-core kernels above do not take (the tiny test models
 // use 16 and 32; the Rust launcher sends every D other than 64 and 128 here). Same operands, the
 // same results (o_a, o_b bf16; lse [B, H, La+Lb] f32 in natural log, rows ordered a then b;
-// dQ, dK, dV bf16) and the same row term Drow = dO·O from the bf16 forward output; built for
-// simplicity, not speed: no shared memory, no tensor cores, no atomics, operands read straight
-// from global memory (L1/L2 serve the repeats).
+// dQ, dK, dV bf16) and the same row term Drow = Σ_j P_ij·dP_ij; built for simplicity, not speed:
+// no shared memory, no tensor cores, no atomics, no warp collectives, operands read straight from
+// global memory (every thread of a warp reads the same other-side row: one broadcast load).
 //
-// One warp per row (query row, or key row for dK, dV) of the concatenation [a; b], 4 warps per
-// 128-thread block, grid (⌈(La+Lb)/4⌉, B·H); a warp whose row is past La+Lb returns (there are no
-// block barriers). Lane l holds columns l, l+32, …, l+224 of its row's operands in registers (8
-// floats each, the ones past D zero and never read or written), so a dot product is 8 FMAs and a
-// warp_sum (butterfly: every lane gets the same bits, hence warp-uniform softmax state). All
-// arithmetic is f32; P and dS stay in f32 (the fast kernels round them to bf16 for the mma).
+// One thread per row (query row, or key row for dK, dV) of the concatenation [a; b], 128 rows per
+// block, grid (⌈(La+Lb)/128⌉, B·H); a thread whose row is past La+Lb returns. A thread keeps its
+// own row's operands and accumulators as D floats in local memory (≤ 1 KiB each, L1-resident);
+// a dot product runs over the columns in order, so every kernel forms the same score and dP bits
+// for a pair. No collectives also keeps the emulator quick here: the tiny models' device tests
+// spend most of their time in these kernels, and a warp collective costs the emulator 64 fiber
+// switches. All arithmetic is f32; P and dS stay in f32 (the fast kernels round them to bf16 for
+// the mma).
 //
 //   joint_attn_fwd_naive         per query row, one pass over all La+Lb keys with an online softmax
 //                                in log2 units (s·c, c = scale·log2 e; eager rescale whenever the
@@ -985,8 +987,8 @@ extern "C" __global__ void __launch_bounds__(256)
 //                                dV = Σ p·dO, dK = scale · Σ dS·q
 //
 // Every row's reductions run in a fixed order: bitwise reproducible, dQ included.
-#define ATTN_NAIVE_THREADS 128  // 4 warps = 4 rows per block
-#define ATTN_NAIVE_COLS 8       // columns per lane: D ≤ 32·8 = 256
+#define ATTN_NAIVE_THREADS 128  // rows per block
+#define ATTN_NAIVE_MAX_D 256
 
 namespace attn {
 
@@ -996,54 +998,35 @@ __device__ __forceinline__ long long naive_off(int b, int r, int La, int Lb, int
     return r < La ? row_offset(b, La, r, H, h, D) : row_offset(b, Lb, r - La, H, h, D);
 }
 
-// This lane's columns of the bf16 row at p, as f32 (0 past D).
-__device__ __forceinline__ void naive_load(float x[ATTN_NAIVE_COLS], const bf16* __restrict__ p, int D, int lane) {
-#pragma unroll
-    for (int u = 0; u < ATTN_NAIVE_COLS; u++) {
-        const int c = lane + 32 * u;
-        x[u] = c < D ? bf2f(p[c]) : 0.f;
-    }
+// The bf16 row at p as D floats.
+__device__ __forceinline__ void naive_load(float* x, const bf16* __restrict__ p, int D) {
+    for (int c = 0; c < D; c++) x[c] = bf2f(p[c]);
 }
 
-// Σ_c x[c]·p[c] over the whole row, the same value in every lane.
-__device__ __forceinline__ float naive_dot(const float x[ATTN_NAIVE_COLS], const bf16* __restrict__ p, int D,
-                                           int lane) {
+// Σ_c x[c]·p[c], columns in order.
+__device__ __forceinline__ float naive_dot(const float* x, const bf16* __restrict__ p, int D) {
     float s = 0.f;
-#pragma unroll
-    for (int u = 0; u < ATTN_NAIVE_COLS; u++) {
-        const int c = lane + 32 * u;
-        if (c < D) s = fmaf(x[u], bf2f(p[c]), s);
-    }
-    return warp_sum(s);
+    for (int c = 0; c < D; c++) s = fmaf(x[c], bf2f(p[c]), s);
+    return s;
 }
 
-// acc += w · p (this lane's columns of the bf16 row at p).
-__device__ __forceinline__ void naive_axpy(float acc[ATTN_NAIVE_COLS], float w, const bf16* __restrict__ p, int D,
-                                           int lane) {
-#pragma unroll
-    for (int u = 0; u < ATTN_NAIVE_COLS; u++) {
-        const int c = lane + 32 * u;
-        if (c < D) acc[u] = fmaf(w, bf2f(p[c]), acc[u]);
-    }
+// acc += w · p.
+__device__ __forceinline__ void naive_axpy(float* acc, float w, const bf16* __restrict__ p, int D) {
+    for (int c = 0; c < D; c++) acc[c] = fmaf(w, bf2f(p[c]), acc[c]);
 }
 
 // p = f · acc, rounded to bf16.
-__device__ __forceinline__ void naive_store(bf16* __restrict__ p, const float acc[ATTN_NAIVE_COLS], float f, int D,
-                                            int lane) {
-#pragma unroll
-    for (int u = 0; u < ATTN_NAIVE_COLS; u++) {
-        const int c = lane + 32 * u;
-        if (c < D) p[c] = f2bf(acc[u] * f);
-    }
+__device__ __forceinline__ void naive_store(bf16* __restrict__ p, const float* acc, float f, int D) {
+    for (int c = 0; c < D; c++) p[c] = f2bf(acc[c] * f);
 }
 
-// The warp's row of the concatenation (−1 past La+Lb) and its (batch, head).
+// The thread's row of the concatenation (−1 past La+Lb) and its (batch, head).
 struct NaiveRow {
     int row, b, h;
 };
 __device__ __forceinline__ NaiveRow naive_row(int La, int Lb, int H) {
     NaiveRow r;
-    r.row = blockIdx.x * (ATTN_NAIVE_THREADS / 32) + (threadIdx.x >> 5);
+    r.row = blockIdx.x * ATTN_NAIVE_THREADS + threadIdx.x;
     if (r.row >= La + Lb) r.row = -1;
     r.b = blockIdx.y / H;
     r.h = blockIdx.y % H;
@@ -1061,29 +1044,27 @@ extern "C" __global__ void __launch_bounds__(ATTN_NAIVE_THREADS)
     using namespace attn;
     const NaiveRow w = naive_row(La, Lb, H);
     if (w.row < 0) return;
-    const int lane = threadIdx.x & 31, Lt = La + Lb, i = w.row;
+    const int Lt = La + Lb, i = w.row;
     const long long qoff = naive_off(w.b, i, La, Lb, H, w.h, D);
-    float q[ATTN_NAIVE_COLS], acc[ATTN_NAIVE_COLS];
-    naive_load(q, (i < La ? qa : qb) + qoff, D, lane);
-#pragma unroll
-    for (int u = 0; u < ATTN_NAIVE_COLS; u++) acc[u] = 0.f;
+    float q[ATTN_NAIVE_MAX_D], acc[ATTN_NAIVE_MAX_D];
+    naive_load(q, (i < La ? qa : qb) + qoff, D);
+    for (int c = 0; c < D; c++) acc[c] = 0.f;
     float m = -INFINITY, l = 0.f;  // running max (log2 units) and Σ 2^(s − m)
     for (int j = 0; j < Lt; j++) {
         const long long koff = naive_off(w.b, j, La, Lb, H, w.h, D);
-        const float s = naive_dot(q, (j < La ? ka : kb) + koff, D, lane) * scale_log2;
-        if (s > m) {  // warp-uniform; the first key: 2^−inf = 0
+        const float s = naive_dot(q, (j < La ? ka : kb) + koff, D) * scale_log2;
+        if (s > m) {  // the first key: 2^−inf = 0
             const float alpha = fast_exp2(m - s);
             l *= alpha;
-#pragma unroll
-            for (int u = 0; u < ATTN_NAIVE_COLS; u++) acc[u] *= alpha;
+            for (int c = 0; c < D; c++) acc[c] *= alpha;
             m = s;
         }
         const float p = fast_exp2(s - m);
         l += p;
-        naive_axpy(acc, p, (j < La ? va : vb) + koff, D, lane);
+        naive_axpy(acc, p, (j < La ? va : vb) + koff, D);
     }
-    naive_store((i < La ? oa : ob) + qoff, acc, 1.f / l, D, lane);
-    if (lane == 0) lse[(long long)blockIdx.y * Lt + i] = m * kLn2 + logf(l);
+    naive_store((i < La ? oa : ob) + qoff, acc, 1.f / l, D);
+    lse[(long long)blockIdx.y * Lt + i] = m * kLn2 + logf(l);
 }
 
 // Drow = Σ_j P_ij·dP_ij over all keys (not dO·O): exact in f32 from the same P and dP the dQ and
@@ -1098,21 +1079,21 @@ extern "C" __global__ void __launch_bounds__(ATTN_NAIVE_THREADS)
     using namespace attn;
     const NaiveRow w = naive_row(La, Lb, H);
     if (w.row < 0) return;
-    const int lane = threadIdx.x & 31, Lt = La + Lb, i = w.row;
+    const int Lt = La + Lb, i = w.row;
     const long long qoff = naive_off(w.b, i, La, Lb, H, w.h, D);
-    float q[ATTN_NAIVE_COLS], dout[ATTN_NAIVE_COLS];
-    naive_load(q, (i < La ? qa : qb) + qoff, D, lane);
-    naive_load(dout, (i < La ? doa : dob) + qoff, D, lane);
+    float q[ATTN_NAIVE_MAX_D], dout[ATTN_NAIVE_MAX_D];
+    naive_load(q, (i < La ? qa : qb) + qoff, D);
+    naive_load(dout, (i < La ? doa : dob) + qoff, D);
     const long long r = (long long)blockIdx.y * Lt + i;
     const float lq = lse[r] * kLog2e;
     float s = 0.f;
     for (int j = 0; j < Lt; j++) {
         const long long koff = naive_off(w.b, j, La, Lb, H, w.h, D);
-        const float score = naive_dot(q, (j < La ? ka : kb) + koff, D, lane);
-        const float dp = naive_dot(dout, (j < La ? va : vb) + koff, D, lane);
+        const float score = naive_dot(q, (j < La ? ka : kb) + koff, D);
+        const float dp = naive_dot(dout, (j < La ? va : vb) + koff, D);
         s = fmaf(fast_exp2(score * scale_log2 - lq), dp, s);
     }
-    if (lane == 0) drow[r] = s;
+    drow[r] = s;
 }
 
 extern "C" __global__ void __launch_bounds__(ATTN_NAIVE_THREADS)
@@ -1126,23 +1107,22 @@ extern "C" __global__ void __launch_bounds__(ATTN_NAIVE_THREADS)
     using namespace attn;
     const NaiveRow w = naive_row(La, Lb, H);
     if (w.row < 0) return;
-    const int lane = threadIdx.x & 31, Lt = La + Lb, i = w.row;
+    const int Lt = La + Lb, i = w.row;
     const long long qoff = naive_off(w.b, i, La, Lb, H, w.h, D);
-    float q[ATTN_NAIVE_COLS], dout[ATTN_NAIVE_COLS], acc[ATTN_NAIVE_COLS];
-    naive_load(q, (i < La ? qa : qb) + qoff, D, lane);
-    naive_load(dout, (i < La ? doa : dob) + qoff, D, lane);
-#pragma unroll
-    for (int u = 0; u < ATTN_NAIVE_COLS; u++) acc[u] = 0.f;
+    float q[ATTN_NAIVE_MAX_D], dout[ATTN_NAIVE_MAX_D], acc[ATTN_NAIVE_MAX_D];
+    naive_load(q, (i < La ? qa : qb) + qoff, D);
+    naive_load(dout, (i < La ? doa : dob) + qoff, D);
+    for (int c = 0; c < D; c++) acc[c] = 0.f;
     const long long r = (long long)blockIdx.y * Lt + i;
     const float lq = lse[r] * kLog2e, dr = drow[r];
     for (int j = 0; j < Lt; j++) {
         const long long koff = naive_off(w.b, j, La, Lb, H, w.h, D);
         const bf16* k = (j < La ? ka : kb) + koff;
-        const float p = fast_exp2(naive_dot(q, k, D, lane) * scale_log2 - lq);
-        const float dp = naive_dot(dout, (j < La ? va : vb) + koff, D, lane);
-        naive_axpy(acc, p * (dp - dr), k, D, lane);
+        const float p = fast_exp2(naive_dot(q, k, D) * scale_log2 - lq);
+        const float dp = naive_dot(dout, (j < La ? va : vb) + koff, D);
+        naive_axpy(acc, p * (dp - dr), k, D);
     }
-    naive_store((i < La ? dqa : dqb) + qoff, acc, scale, D, lane);
+    naive_store((i < La ? dqa : dqb) + qoff, acc, scale, D);
 }
 
 extern "C" __global__ void __launch_bounds__(ATTN_NAIVE_THREADS)
@@ -1157,26 +1137,25 @@ extern "C" __global__ void __launch_bounds__(ATTN_NAIVE_THREADS)
     using namespace attn;
     const NaiveRow w = naive_row(La, Lb, H);
     if (w.row < 0) return;
-    const int lane = threadIdx.x & 31, Lt = La + Lb, j = w.row;
+    const int Lt = La + Lb, j = w.row;
     const long long koff = naive_off(w.b, j, La, Lb, H, w.h, D);
-    float k[ATTN_NAIVE_COLS], v[ATTN_NAIVE_COLS], dk[ATTN_NAIVE_COLS], dv[ATTN_NAIVE_COLS];
-    naive_load(k, (j < La ? ka : kb) + koff, D, lane);
-    naive_load(v, (j < La ? va : vb) + koff, D, lane);
-#pragma unroll
-    for (int u = 0; u < ATTN_NAIVE_COLS; u++) dk[u] = dv[u] = 0.f;
+    float k[ATTN_NAIVE_MAX_D], v[ATTN_NAIVE_MAX_D], dk[ATTN_NAIVE_MAX_D], dv[ATTN_NAIVE_MAX_D];
+    naive_load(k, (j < La ? ka : kb) + koff, D);
+    naive_load(v, (j < La ? va : vb) + koff, D);
+    for (int c = 0; c < D; c++) dk[c] = dv[c] = 0.f;
     const float* lrow = lse + (long long)blockIdx.y * Lt;
     const float* drow_bh = drow + (long long)blockIdx.y * Lt;
     for (int i = 0; i < Lt; i++) {
         const long long qoff = naive_off(w.b, i, La, Lb, H, w.h, D);
         const bf16* q = (i < La ? qa : qb) + qoff;
         const bf16* dout = (i < La ? doa : dob) + qoff;
-        const float p = fast_exp2(naive_dot(k, q, D, lane) * scale_log2 - lrow[i] * kLog2e);
-        const float dp = naive_dot(v, dout, D, lane);
-        naive_axpy(dv, p, dout, D, lane);
-        naive_axpy(dk, p * (dp - drow_bh[i]), q, D, lane);
+        const float p = fast_exp2(naive_dot(k, q, D) * scale_log2 - lrow[i] * kLog2e);
+        const float dp = naive_dot(v, dout, D);
+        naive_axpy(dv, p, dout, D);
+        naive_axpy(dk, p * (dp - drow_bh[i]), q, D);
     }
-    naive_store((j < La ? dka : dkb) + koff, dk, scale, D, lane);
-    naive_store((j < La ? dva : dvb) + koff, dv, 1.f, D, lane);
+    naive_store((j < La ? dka : dkb) + koff, dk, scale, D);
+    naive_store((j < La ? dva : dvb) + koff, dv, 1.f, D);
 }
 
 // poly_exp2 (attention_common.cuh, FwdVariant::H4 and H6) on n values, for its accuracy test.

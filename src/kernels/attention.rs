@@ -666,8 +666,8 @@ pub fn joint_attention_bwd_naive(
 ///
 /// The tensor-core kernels take head dim 64 or 128. Every other head dim (1 ≤ d ≤ 256, e.g. the
 /// tiny test models' 16 and 32) runs a simple fallback with the same operands and results
-/// (attention.cu's `joint_attn_*_naive`: one warp per query or key row over all rows of the other
-/// side, f32 throughout, no atomics, so the backward is bitwise reproducible too); the variant
+/// (attention.cu's `joint_attn_*_naive`: one thread per query or key row over all rows of the
+/// other side, f32 throughout, no atomics, so the backward is bitwise reproducible too); the variant
 /// arguments of the `_with` launchers are ignored there. It is meant for small shapes only: its
 /// cost is O((La+Lb)²·d) per head with every operand re-read from global memory.
 pub mod dev {
@@ -681,10 +681,10 @@ pub mod dev {
     const TILE: usize = 64;
     /// Keys per backward block (both variants).
     const BWD_KEYS: usize = 128;
-    /// The largest head dim the fallback takes (32 lanes × 8 columns in registers).
+    /// The largest head dim the fallback takes (a thread's row operands in local arrays).
     const NAIVE_MAX_D: usize = 256;
-    /// Rows (one warp each) per block of the fallback kernels.
-    const NAIVE_ROWS: usize = 4;
+    /// Rows (one thread each) per block of the fallback kernels.
+    const NAIVE_ROWS: usize = 128;
 
     /// An enum of kernel variants (or cuts) and its `ALL`, every one of them in declaration order
     /// (what tests and the bench iterate), from one list of names.
@@ -1343,7 +1343,7 @@ pub mod dev {
             LaunchCfg::grid2(
                 self.lt().div_ceil(NAIVE_ROWS) as u32,
                 (self.b * self.h) as u32,
-                (32 * NAIVE_ROWS) as u32,
+                NAIVE_ROWS as u32,
             )
         }
 
