@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include <cstdarg>
+#include <cstddef>
 #include <algorithm>
 #include <map>
 #include <cstdlib>
@@ -806,51 +807,80 @@ void fault(const char* f, ...) {
 }
 
 // ---- Tensor cores ------------------------------------------------------------------------------
-void mma_bf16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4],
-                       const char* file, int line) {
+// `nj` mma m16n8k16 tiles of one warp that share A (a wgmma's n/8 tiles, or one mma.sync): tile j's
+// B fragment b[j], its C c[4j..4j+3] and D d[4j..4j+3]. One warp collective for all of them.
+static void mma_tiles(float* d, int nj, const uint32_t a[4], const uint32_t (*b)[2], const float* c,
+                      const char* file, int line) {
+    constexpr int kMaxTiles = 32;
     struct In {
-        uint32_t a[4], b[2];
-        float c[4];
+        uint32_t a[4];
+        uint32_t nj;
+        uint32_t b[kMaxTiles][2];
     } in;
     static_assert(sizeof(In) <= kSlotBytes, "mma operands fit a slot");
+    if (nj < 1 || nj > kMaxTiles) fault("mma (%s:%d): %d tiles, not 1 to %d", file, line, nj, kMaxTiles);
     std::memcpy(in.a, a, sizeof in.a);
-    std::memcpy(in.b, b, sizeof in.b);
-    std::memcpy(in.c, c, sizeof in.c);
+    in.nj = (uint32_t)nj;
+    std::memcpy(in.b, b, sizeof(uint32_t[2]) * nj);
+    float out[4 * kMaxTiles];
+    std::memcpy(out, c, sizeof(float) * 4 * nj);  // c may be d
     unsigned arrived;
-    const unsigned char* s = warp_exchange(kMma, 0xffffffffu, &in, sizeof in, &arrived, file, line);
+    const unsigned char* s = warp_exchange(kMma, 0xffffffffu, &in, offsetof(In, b) + sizeof(uint32_t[2]) * nj,
+                                           &arrived, file, line);
     if (arrived != 0xffffffffu)
         fault("mma_m16n8k16_bf16 (%s:%d) needs all 32 lanes; lanes 0x%08x took part", file, line,
               arrived);
-    auto lane_in = [&](unsigned l) {
-        In x;
-        std::memcpy(&x, s + l * kSlotBytes, sizeof x);
-        return x;
-    };
-    // A is 16×16 row-major, B 16×8 (k × n); fragments as in common.cuh with g = lane/4, t = lane%4.
-    float A[16][16], B[16][8];
     for (unsigned l = 0; l < 32; ++l) {
-        const In x = lane_in(l);
-        const unsigned gr = l >> 2, t = l & 3;
-        auto lo = [](uint32_t w) { return bf_bits2f((unsigned short)(w & 0xffff)); };
-        auto hi = [](uint32_t w) { return bf_bits2f((unsigned short)(w >> 16)); };
-        A[gr][2 * t] = lo(x.a[0]), A[gr][2 * t + 1] = hi(x.a[0]);
-        A[gr + 8][2 * t] = lo(x.a[1]), A[gr + 8][2 * t + 1] = hi(x.a[1]);
-        A[gr][2 * t + 8] = lo(x.a[2]), A[gr][2 * t + 9] = hi(x.a[2]);
-        A[gr + 8][2 * t + 8] = lo(x.a[3]), A[gr + 8][2 * t + 9] = hi(x.a[3]);
-        B[2 * t][gr] = lo(x.b[0]), B[2 * t + 1][gr] = hi(x.b[0]);
-        B[2 * t + 8][gr] = lo(x.b[1]), B[2 * t + 9][gr] = hi(x.b[1]);
+        uint32_t n;
+        std::memcpy(&n, s + l * kSlotBytes + offsetof(In, nj), sizeof n);
+        if (n != in.nj)
+            fault("mma (%s:%d): lane %u multiplies %u tiles, lane %u %u", file, line, lane_id(), in.nj, l, n);
+    }
+    // A is 16×16 row-major, each B 16×8 (k × n); fragments as in common.cuh with g = lane/4,
+    // t = lane%4. This lane's outputs need rows g and g + 8 of A (held by lanes 4g..4g+3) and
+    // columns 2t and 2t + 1 of each B (column n held by lanes 4n..4n+3): only those are unpacked.
+    auto lo = [](uint32_t w) { return bf_bits2f((unsigned short)(w & 0xffff)); };
+    auto hi = [](uint32_t w) { return bf_bits2f((unsigned short)(w >> 16)); };
+    auto word = [&](unsigned l, size_t off) {
+        uint32_t w;
+        std::memcpy(&w, s + l * kSlotBytes + off, sizeof w);
+        return w;
+    };
+    const unsigned gr = lane_id() >> 2, t = lane_id() & 3;
+    float A[2][16];  // A[r][k]: row g + 8r
+    for (unsigned q = 0; q < 4; ++q) {
+        uint32_t x[4];
+        for (unsigned i = 0; i < 4; ++i) x[i] = word(4 * gr + q, offsetof(In, a) + 4 * i);
+        A[0][2 * q] = lo(x[0]), A[0][2 * q + 1] = hi(x[0]);
+        A[1][2 * q] = lo(x[1]), A[1][2 * q + 1] = hi(x[1]);
+        A[0][2 * q + 8] = lo(x[2]), A[0][2 * q + 9] = hi(x[2]);
+        A[1][2 * q + 8] = lo(x[3]), A[1][2 * q + 9] = hi(x[3]);
+    }
+    for (int j = 0; j < nj; ++j) {
+        float B[2][16];  // B[c][k]: column 2t + c of tile j
+        for (unsigned cc = 0; cc < 2; ++cc)
+            for (unsigned q = 0; q < 4; ++q) {
+                const unsigned l = 4 * (2 * t + cc) + q;
+                const uint32_t b0 = word(l, offsetof(In, b) + 8 * j), b1 = word(l, offsetof(In, b) + 8 * j + 4);
+                B[cc][2 * q] = lo(b0), B[cc][2 * q + 1] = hi(b0);
+                B[cc][2 * q + 8] = lo(b1), B[cc][2 * q + 9] = hi(b1);
+            }
+        for (int i = 0; i < 4; ++i) {
+            // d[i] is (row g + 8·(i / 2), column 2t + i % 2). Products of bf16 values are exact
+            // in f32; the sum runs in k order.
+            float acc = out[4 * j + i];
+            for (int k = 0; k < 16; ++k) acc += A[i >> 1][k] * B[i & 1][k];
+            out[4 * j + i] = acc;
+        }
     }
     warp_release();
-    const unsigned gr = lane_id() >> 2, t = lane_id() & 3;
-    const unsigned rows[4] = {gr, gr, gr + 8, gr + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
-    float out[4];
-    for (int i = 0; i < 4; ++i) {
-        // Products of bf16 values are exact in f32; the sum runs in k order.
-        float acc = in.c[i];
-        for (int k = 0; k < 16; ++k) acc += A[rows[i]][k] * B[k][cols[i]];
-        out[i] = acc;
-    }
-    std::memcpy(d, out, sizeof out);
+    std::memcpy(d, out, sizeof(float) * 4 * nj);
+}
+
+void mma_bf16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4],
+                       const char* file, int line) {
+    const uint32_t tile[1][2] = {{b[0], b[1]}};
+    mma_tiles(d, 1, a, tile, c, file, line);
 }
 
 void ldmatrix(Op op, uint32_t* r, const void* row, const char* file, int line) {
@@ -1254,6 +1284,7 @@ void wgmma_bf16(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64
     const unsigned linear = linear_tid();
     const unsigned w = (linear >> 5) & 3, lane = lane_id(), gr = lane >> 2, q = lane & 3;
     std::vector<uint32_t> chunks;  // the shared chunks this thread's part of the product reads
+    chunks.reserve(8 + n / 2);      // two element pairs a fragment word: A's 4 words, B's n/4
     auto pair = [&](uint64_t desc, bool mn, unsigned i, unsigned k) {
         unsigned short lo, hi;
         const unsigned char* e0 = wgmma_element(desc, mn, i, k, file, line);
@@ -1262,8 +1293,10 @@ void wgmma_bf16(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64
         check_proxy(e1, file, line);
         std::memcpy(&lo, e0, 2);
         std::memcpy(&hi, e1, 2);
-        chunks.push_back((uint32_t)((e0 - g->smem) / 16));
-        chunks.push_back((uint32_t)((e1 - g->smem) / 16));
+        // (a chunk once when both elements lie in it: the counts only need to stay positive)
+        const uint32_t c0 = (uint32_t)((e0 - g->smem) / 16), c1 = (uint32_t)((e1 - g->smem) / 16);
+        chunks.push_back(c0);
+        if (c1 != c0) chunks.push_back(c1);
         return (uint32_t)lo | ((uint32_t)hi << 16);
     };
     uint32_t a[4];
@@ -1276,13 +1309,18 @@ void wgmma_bf16(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64
         a[2] = pair(desc_a, trans_a, r, 2 * q + 8);
         a[3] = pair(desc_a, trans_a, r + 8, 2 * q + 8);
     }
+    if (n < 8 || n > 256 || n % 8) fault("wgmma (%s:%d): n = %d is not a multiple of 8 in 8..256", file, line, n);
+    uint32_t b[32][2];
+    float c[4 * 32];
     for (int j = 0; j < n / 8; ++j) {
         const unsigned col = 8 * j + gr;
-        const uint32_t b[2] = {pair(desc_b, trans_b, col, 2 * q), pair(desc_b, trans_b, col, 2 * q + 8)};
-        float c[4];
-        for (int i = 0; i < 4; ++i) c[i] = scale_d ? d[4 * j + i] : 0.f;
-        mma_bf16(d + 4 * j, a, b, c, file, line);
+        b[j][0] = pair(desc_b, trans_b, col, 2 * q);
+        b[j][1] = pair(desc_b, trans_b, col, 2 * q + 8);
+        for (int i = 0; i < 4; ++i) c[4 * j + i] = scale_d ? d[4 * j + i] : 0.f;
     }
+    // the n/8 tiles in one warp collective (their B fragments all read before it, as the
+    // product's reads are all in flight from its issue on)
+    mma_tiles(d, n / 8, a, b, c, file, line);
     // The reads stay in flight with this thread's next commit group until the whole warpgroup
     // has waited for it (see aligned_op).
     std::vector<uint32_t>& reads = g->wg_reads[linear / 128].groups[cur_fiber().commits].chunks;

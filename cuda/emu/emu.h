@@ -92,8 +92,9 @@ inline uint3 make_uint3(unsigned x, unsigned y, unsigned z) { return {x, y, z}; 
 
 // ---- Runtime entry points (emu.cpp) -------------------------------------------------------------
 namespace emu {
-// One lane's published bytes at a warp rendezvous; mma publishes the most (a[4], b[2], c[4]).
-constexpr unsigned kSlotBytes = 64;
+// One lane's published bytes at a warp rendezvous; the mma twin publishes the most: A's fragment,
+// a tile count and up to 32 B fragments (a wgmma's n = 256 as one collective).
+constexpr unsigned kSlotBytes = 288;
 enum Op : int {
     kSyncwarp,
     kShfl,
@@ -201,7 +202,7 @@ inline int shfl_src(Op op, int lane, int b, int width) {
 template <class T>
 T shfl(Op op, const char* file, int line, unsigned mask, T v, int b, int width) {
     static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= kSlotBytes,
-                  "shuffled type must be trivially copyable and at most 64 bytes");
+                  "shuffled type must be trivially copyable and fit a slot");
     unsigned arrived;
     const unsigned char* slots = warp_exchange(op, mask, &v, sizeof(T), &arrived, file, line);
     const int j = shfl_src(op, (int)lane_id(), b, width);
