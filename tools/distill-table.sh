@@ -27,9 +27,9 @@ branch() { # prefix, name, then distill flags
   "$B" sample --checkpoint "$R/$name/model" --prompts eval:100 --out "$R/ev/$name" > /dev/null 2>&1
   "$B" eval "$R/ev/$name" --json > "$R/ev/$name.json"
 }
-if [ "$s" = 0 ]; then # the teacher rows (sampling seed 0 like every row)
+if [ "$s" = 0 ]; then # the teacher rows (sampling seed 0 like every row; CFG 3 as in assets/README.md)
   for n in 40 4 2; do
-    "$B" sample --prompts eval:100 --steps $n --cfg 1.5 --out "$R/ev/teacher-$n" > /dev/null 2>&1
+    "$B" sample --prompts eval:100 --steps $n --cfg 3 --out "$R/ev/teacher-$n" > /dev/null 2>&1
     "$B" eval "$R/ev/teacher-$n" --json > "$R/ev/teacher-$n.json"
   done
 fi

@@ -24,9 +24,9 @@ def fmt(vals):
     return ' | '.join('%.3f' % v for v in vals)
 
 secs = lane_secs()
-rows = [('teacher, 40 steps (CFG 1.5)', None, f'{R}/ev/teacher-40.json', None),
-        ('teacher, 4 steps (CFG 1.5)', None, f'{R}/ev/teacher-4.json', None),
-        ('teacher, 2 steps (CFG 1.5)', None, f'{R}/ev/teacher-2.json', None)]
+rows = [('teacher, 40 steps (CFG 3)', None, f'{R}/ev/teacher-40.json', None),
+        ('teacher, 4 steps (CFG 3)', None, f'{R}/ev/teacher-4.json', None),
+        ('teacher, 2 steps (CFG 3)', None, f'{R}/ev/teacher-2.json', None)]
 runs = [('DMD2, 4 steps (`--no-rl`)', 'dmd2-4', 'k4'), ('AdvDMD, 4 steps', 'advdmd4', 'k4'),
         ('DMD2, 2 steps (`--no-rl`)', 'dmd2-2', 'k2'), ('AdvDMD, 2 steps', 'advdmd2', 'k2'),
         ('AdvDMD, 4 steps, D frozen at 500', 'frozen4', 'k4')]
