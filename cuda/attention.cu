@@ -969,8 +969,8 @@ extern "C" __global__ void __launch_bounds__(256)
 //
 // One thread per row (query row, or key row for dK, dV) of the concatenation [a; b], 128 rows per
 // block, grid (⌈(La+Lb)/128⌉, B·H); a thread whose row is past La+Lb returns. A thread keeps its
-// own row's operands and accumulators as D floats in local memory (≤ 1 KiB each, L1-resident);
-// a dot product runs over the columns in order, so every kernel forms the same score and dP bits
+// accumulators as D floats in local memory (≤ 1 KiB each, L1-resident) and reads every operand,
+// its own row's too, from global memory; a dot product runs over the columns in order, so every kernel forms the same score and dP bits
 // for a pair. No collectives also keeps the emulator quick here: the tiny models' device tests
 // spend most of their time in these kernels, and a warp collective costs the emulator 64 fiber
 // switches. All arithmetic is f32; P and dS stay in f32 (the fast kernels round them to bf16 for
@@ -998,15 +998,10 @@ __device__ __forceinline__ long long naive_off(int b, int r, int La, int Lb, int
     return r < La ? row_offset(b, La, r, H, h, D) : row_offset(b, Lb, r - La, H, h, D);
 }
 
-// The bf16 row at p as D floats.
-__device__ __forceinline__ void naive_load(float* x, const bf16* __restrict__ p, int D) {
-    for (int c = 0; c < D; c++) x[c] = bf2f(p[c]);
-}
-
-// Σ_c x[c]·p[c], columns in order.
-__device__ __forceinline__ float naive_dot(const float* x, const bf16* __restrict__ p, int D) {
+// Σ_c x[c]·p[c] of two bf16 rows, columns in order.
+__device__ __forceinline__ float naive_dot(const bf16* __restrict__ x, const bf16* __restrict__ p, int D) {
     float s = 0.f;
-    for (int c = 0; c < D; c++) s = fmaf(x[c], bf2f(p[c]), s);
+    for (int c = 0; c < D; c++) s = fmaf(bf2f(x[c]), bf2f(p[c]), s);
     return s;
 }
 
@@ -1046,13 +1041,16 @@ extern "C" __global__ void __launch_bounds__(ATTN_NAIVE_THREADS)
     if (w.row < 0) return;
     const int Lt = La + Lb, i = w.row;
     const long long qoff = naive_off(w.b, i, La, Lb, H, w.h, D);
+    // (q as floats in local memory too: with q read from global memory ptxas spills here)
     float q[ATTN_NAIVE_MAX_D], acc[ATTN_NAIVE_MAX_D];
-    naive_load(q, (i < La ? qa : qb) + qoff, D);
-    for (int c = 0; c < D; c++) acc[c] = 0.f;
+    for (int c = 0; c < D; c++) q[c] = bf2f(((i < La ? qa : qb) + qoff)[c]), acc[c] = 0.f;
     float m = -INFINITY, l = 0.f;  // running max (log2 units) and Σ 2^(s − m)
     for (int j = 0; j < Lt; j++) {
         const long long koff = naive_off(w.b, j, La, Lb, H, w.h, D);
-        const float s = naive_dot(q, (j < La ? ka : kb) + koff, D) * scale_log2;
+        const bf16* k = (j < La ? ka : kb) + koff;
+        float s = 0.f;
+        for (int c = 0; c < D; c++) s = fmaf(q[c], bf2f(k[c]), s);  // naive_dot's order
+        s *= scale_log2;
         if (s > m) {  // the first key: 2^−inf = 0
             const float alpha = fast_exp2(m - s);
             l *= alpha;
@@ -1081,9 +1079,8 @@ extern "C" __global__ void __launch_bounds__(ATTN_NAIVE_THREADS)
     if (w.row < 0) return;
     const int Lt = La + Lb, i = w.row;
     const long long qoff = naive_off(w.b, i, La, Lb, H, w.h, D);
-    float q[ATTN_NAIVE_MAX_D], dout[ATTN_NAIVE_MAX_D];
-    naive_load(q, (i < La ? qa : qb) + qoff, D);
-    naive_load(dout, (i < La ? doa : dob) + qoff, D);
+    const bf16* q = (i < La ? qa : qb) + qoff;
+    const bf16* dout = (i < La ? doa : dob) + qoff;
     const long long r = (long long)blockIdx.y * Lt + i;
     const float lq = lse[r] * kLog2e;
     float s = 0.f;
@@ -1109,9 +1106,9 @@ extern "C" __global__ void __launch_bounds__(ATTN_NAIVE_THREADS)
     if (w.row < 0) return;
     const int Lt = La + Lb, i = w.row;
     const long long qoff = naive_off(w.b, i, La, Lb, H, w.h, D);
-    float q[ATTN_NAIVE_MAX_D], dout[ATTN_NAIVE_MAX_D], acc[ATTN_NAIVE_MAX_D];
-    naive_load(q, (i < La ? qa : qb) + qoff, D);
-    naive_load(dout, (i < La ? doa : dob) + qoff, D);
+    const bf16* q = (i < La ? qa : qb) + qoff;
+    const bf16* dout = (i < La ? doa : dob) + qoff;
+    float acc[ATTN_NAIVE_MAX_D];
     for (int c = 0; c < D; c++) acc[c] = 0.f;
     const long long r = (long long)blockIdx.y * Lt + i;
     const float lq = lse[r] * kLog2e, dr = drow[r];
@@ -1139,9 +1136,9 @@ extern "C" __global__ void __launch_bounds__(ATTN_NAIVE_THREADS)
     if (w.row < 0) return;
     const int Lt = La + Lb, j = w.row;
     const long long koff = naive_off(w.b, j, La, Lb, H, w.h, D);
-    float k[ATTN_NAIVE_MAX_D], v[ATTN_NAIVE_MAX_D], dk[ATTN_NAIVE_MAX_D], dv[ATTN_NAIVE_MAX_D];
-    naive_load(k, (j < La ? ka : kb) + koff, D);
-    naive_load(v, (j < La ? va : vb) + koff, D);
+    const bf16* k = (j < La ? ka : kb) + koff;
+    const bf16* v = (j < La ? va : vb) + koff;
+    float dk[ATTN_NAIVE_MAX_D], dv[ATTN_NAIVE_MAX_D];
     for (int c = 0; c < D; c++) dk[c] = dv[c] = 0.f;
     const float* lrow = lse + (long long)blockIdx.y * Lt;
     const float* drow_bh = drow + (long long)blockIdx.y * Lt;
