@@ -809,9 +809,9 @@ void fault(const char* f, ...) {
 // ---- Tensor cores ------------------------------------------------------------------------------
 // `nj` mma m16n8k16 tiles of one warp that share A (a wgmma's n/8 tiles, or one mma.sync): tile j's
 // B fragment b[j], its C c[4j..4j+3] and D d[4j..4j+3]. One warp collective for all of them.
+constexpr int kMaxTiles = 32;  // a wgmma's n = 256
 static void mma_tiles(float* d, int nj, const uint32_t a[4], const uint32_t (*b)[2], const float* c,
                       const char* file, int line) {
-    constexpr int kMaxTiles = 32;
     struct In {
         uint32_t a[4];
         uint32_t nj;
@@ -1309,9 +1309,9 @@ void wgmma_bf16(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64
         a[2] = pair(desc_a, trans_a, r, 2 * q + 8);
         a[3] = pair(desc_a, trans_a, r + 8, 2 * q + 8);
     }
-    if (n < 8 || n > 256 || n % 8) fault("wgmma (%s:%d): n = %d is not a multiple of 8 in 8..256", file, line, n);
-    uint32_t b[32][2];
-    float c[4 * 32];
+    if (n < 8 || n > 8 * kMaxTiles || n % 8) fault("wgmma (%s:%d): n = %d is not a multiple of 8 in 8..256", file, line, n);
+    uint32_t b[kMaxTiles][2];
+    float c[4 * kMaxTiles];
     for (int j = 0; j < n / 8; ++j) {
         const unsigned col = 8 * j + gr;
         b[j][0] = pair(desc_b, trans_b, col, 2 * q);

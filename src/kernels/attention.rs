@@ -681,7 +681,7 @@ pub mod dev {
     const TILE: usize = 64;
     /// Keys per backward block (both variants).
     const BWD_KEYS: usize = 128;
-    /// The largest head dim the fallback takes (a thread's row operands in local arrays).
+    /// The largest head dim the fallback takes (its accumulators: local arrays of D floats).
     const NAIVE_MAX_D: usize = 256;
     /// Rows (one thread each) per block of the fallback kernels.
     const NAIVE_ROWS: usize = 128;
